@@ -1,0 +1,3 @@
+from ar_course.cli import main
+
+raise SystemExit(main())

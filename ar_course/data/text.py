@@ -1,0 +1,97 @@
+"""A text corpus every Python install has, and a character-level tokenizer for it.
+
+The corpus is the English help text in the standard library's ``pydoc_data.topics`` (what ``help("if")``
+prints): about 465,000 characters of prose and code. It is normalised to printable ASCII plus newline (the 96
+characters of ``TEXT_ALPHABET``), so the vocabulary, and with it any model trained on it, is the same on every
+Python version, even though the text itself changes a little between versions.
+"""
+
+from __future__ import annotations
+
+import functools
+import unicodedata
+from typing import Sequence
+
+import torch
+from pydoc_data.topics import topics
+
+# Printable ASCII (space to tilde) and newline: 96 characters, in code-point order.
+TEXT_ALPHABET = "\n" + "".join(chr(c) for c in range(32, 127))
+_ALPHABET_SET = frozenset(TEXT_ALPHABET)
+_TYPOGRAPHY = str.maketrans({"\u2018": "'", "\u2019": "'", "\u201c": '"', "\u201d": '"', "\u2013": "-",
+                             "\u2014": "--", "\u2026": "...", "\u00df": "ss", "\t": "    "})
+
+
+def normalise_text(text: str) -> str:
+    """Map ``text`` onto ``TEXT_ALPHABET``.
+
+    Typographic quotes become straight quotes, en and em dashes become ``-`` and ``--``, ``...`` replaces the
+    ellipsis, tabs become four spaces and ``\\r\\n`` becomes ``\\n``; accented letters lose their accents
+    (NFKD decomposition); any other character outside the alphabet is dropped."""
+    text = text.replace("\r\n", "\n").translate(_TYPOGRAPHY)
+    text = unicodedata.normalize("NFKD", text)
+    return "".join(ch for ch in text if ch in _ALPHABET_SET)
+
+
+@functools.lru_cache(maxsize=1)
+def load_text() -> str:
+    """The ``pydoc_data.topics`` help texts joined in sorted-topic order, normalised by ``normalise_text``."""
+    return normalise_text("".join(topics[key] for key in sorted(topics)))
+
+
+class CharTokenizer:
+    """Maps each character of a fixed alphabet to its index in that alphabet (sorted by code point)."""
+
+    def __init__(self, chars: str | Sequence[str]):
+        chars = "".join(sorted(set(chars)))
+        if not chars:
+            raise ValueError("a tokenizer needs at least one character")
+        self.chars = chars
+        self._index = {ch: i for i, ch in enumerate(chars)}
+
+    @classmethod
+    def from_text(cls, text: str) -> CharTokenizer:
+        """A tokenizer whose vocabulary is exactly the distinct characters of ``text``."""
+        return cls(text)
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.chars)
+
+    def encode(self, text: str) -> torch.Tensor:
+        """``text`` of length ``T`` -> int64 ids ``(T,)``; ValueError on a character not in the vocabulary."""
+        try:
+            ids = [self._index[ch] for ch in text]
+        except KeyError as err:
+            raise ValueError(f"character {err.args[0]!r} is not in the tokenizer's vocabulary "
+                             f"({self.vocab_size} characters)") from None
+        return torch.tensor(ids, dtype=torch.long)
+
+    def decode(self, ids: torch.Tensor | Sequence[int]) -> str:
+        """Ids ``(T,)`` (a tensor on any device, or a list of ints) -> a string of length ``T``."""
+        if isinstance(ids, torch.Tensor):
+            if ids.ndim != 1:
+                raise ValueError(f"decode expects a 1-D tensor of ids, got shape {tuple(ids.shape)}")
+            ids = ids.tolist()
+        out = []
+        for i in ids:
+            if not 0 <= i < self.vocab_size:
+                raise ValueError(f"id {i} is outside the vocabulary 0..{self.vocab_size - 1}")
+            out.append(self.chars[i])
+        return "".join(out)
+
+    def __repr__(self) -> str:
+        return f"CharTokenizer(vocab_size={self.vocab_size})"
+
+
+def load_text_dataset(val_fraction: float = 0.1) -> tuple[CharTokenizer, torch.Tensor, torch.Tensor]:
+    """The corpus tokenized with a ``TEXT_ALPHABET`` tokenizer and split in two without shuffling.
+
+    Returns ``(tokenizer, train_ids, val_ids)``: int64 tensors ``(T_train,)`` and ``(T_val,)``; the last
+    ``val_fraction`` of the characters is the validation part."""
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be strictly between 0 and 1, got {val_fraction}")
+    tokenizer = CharTokenizer(TEXT_ALPHABET)
+    ids = tokenizer.encode(load_text())  # (T,)
+    n_val = int(round(len(ids) * val_fraction))
+    return tokenizer, ids[: len(ids) - n_val], ids[len(ids) - n_val:]

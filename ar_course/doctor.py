@@ -1,0 +1,136 @@
+"""``python -m ar_course doctor``: check that this machine can run the course.
+
+Prints one line per requirement, ``OK``, ``WARN`` (optional, the course still runs) or ``FAIL`` (blocks the
+course), and exits 1 when any FAIL is found.
+"""
+
+from __future__ import annotations
+
+import importlib
+import platform
+import subprocess
+import sys
+from dataclasses import dataclass
+
+OK, WARN, FAIL = "OK", "WARN", "FAIL"
+
+_SIM_PROBE = """
+import os
+os.environ["NUMBA_ENABLE_CUDASIM"] = "1"
+import numpy as np
+from numba import cuda
+@cuda.jit
+def add(a, b, out):
+    i = cuda.grid(1)
+    if i < out.size:
+        out[i] = a[i] + b[i]
+a = np.arange(37, dtype=np.float32); out = np.zeros_like(a)
+add[2, 32](a, a, out)
+assert np.allclose(out, 2 * a)
+print("ok")
+"""
+
+_TRITON_PROBE = """
+import os
+import torch
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+import triton, triton.language as tl
+@triton.jit
+def add(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < n
+    tl.store(out_ptr + offs, tl.load(x_ptr + offs, mask=m) * 2, mask=m)
+dev = "cuda" if torch.cuda.is_available() else "cpu"
+x = torch.arange(37, dtype=torch.float32, device=dev); out = torch.empty_like(x)
+add[(2,)](x, out, 37, BLOCK=32)
+assert torch.allclose(out, 2 * x)
+print("ok", triton.__version__)
+"""
+
+
+@dataclass
+class Finding:
+    status: str
+    name: str
+    detail: str
+
+
+def _version(module: str) -> str | None:
+    try:
+        mod = importlib.import_module(module)
+    except Exception:  # noqa: BLE001 - any import failure means "not usable"
+        return None
+    return str(getattr(mod, "__version__", "installed"))
+
+
+def _probe(code: str, timeout: float = 120) -> tuple[bool, str]:
+    try:
+        res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return False, f"timed out after {timeout:.0f} s"
+    if res.returncode == 0:
+        return True, res.stdout.strip()
+    lines = (res.stderr or res.stdout).strip().splitlines()
+    return False, lines[-1] if lines else f"exit code {res.returncode}"
+
+
+def run_checks() -> list[Finding]:
+    """Every requirement of the course, checked in order."""
+    found: list[Finding] = []
+    py = sys.version_info
+    found.append(Finding(OK if py >= (3, 10) else FAIL, "python", platform.python_version() + ("" if py >= (3, 10) else " (need 3.10+)")))
+    for mod, blocking in [("numpy", True), ("torch", True), ("safetensors", True), ("matplotlib", True),
+                          ("tqdm", True), ("scipy", True), ("ipywidgets", False), ("nbclient", True)]:
+        v = _version(mod)
+        found.append(Finding(OK if v else (FAIL if blocking else WARN), mod, v or "not installed"))
+    torch_v = _version("torch")
+    if torch_v:
+        import torch
+
+        if torch.cuda.is_available():
+            found.append(Finding(OK, "CUDA", f"{torch.cuda.get_device_name(0)} (torch CUDA {torch.version.cuda})"))
+        else:
+            found.append(Finding(OK, "CUDA", "not available: the course runs on CPU; GPU kernels run in simulators"))
+    numba_v = _version("numba")
+    if numba_v:
+        ok, detail = _probe(_SIM_PROBE)
+        found.append(Finding(OK if ok else FAIL, "numba CUDA simulator", f"numba {numba_v}: " + ("works" if ok else detail)))
+    else:
+        found.append(Finding(FAIL, "numba", "not installed (chapter 06 needs it)"))
+    if _version("triton"):
+        ok, detail = _probe(_TRITON_PROBE)
+        found.append(Finding(OK if ok else WARN, "triton", detail if ok else f"installed but the probe failed: {detail}"))
+    else:
+        found.append(Finding(WARN, "triton", "not installed (optional: `pip install -e .[triton]` on Linux)"))
+    try:
+        from jupyter_client.kernelspec import KernelSpecManager
+
+        specs = KernelSpecManager().find_kernel_specs()
+        if "ar-course" in specs:
+            found.append(Finding(OK, "jupyter kernel", f"ar-course at {specs['ar-course']}"))
+        else:
+            found.append(Finding(WARN, "jupyter kernel", "ar-course not registered (run `make lab`)"))
+    except Exception as exc:  # noqa: BLE001
+        found.append(Finding(FAIL, "jupyter", f"jupyter_client unusable: {exc}"))
+    try:
+        from ar_course.data import load_mnist
+
+        imgs, _ = load_mnist("test")
+        found.append(Finding(OK, "data", f"MNIST subset loads ({imgs.shape[0]} test images)"))
+    except Exception as exc:  # noqa: BLE001
+        found.append(Finding(FAIL, "data", f"MNIST subset does not load: {exc}"))
+    return found
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    argparse.ArgumentParser(prog="python -m ar_course doctor", description=__doc__.split("\n\n")[0]).parse_args(argv)
+    findings = run_checks()
+    width = max(len(f.name) for f in findings)
+    for f in findings:
+        print(f"{f.status:<4}  {f.name:<{width}}  {f.detail}")
+    n_fail = sum(f.status == FAIL for f in findings)
+    print(f"\n{'all requirements met' if not n_fail else f'{n_fail} blocking problem(s)'}")
+    return 1 if n_fail else 0

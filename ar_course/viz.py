@@ -1,0 +1,72 @@
+"""Plotting helpers: image grids and loss curves (matplotlib; return the Figure so notebooks can save it)."""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+
+
+def to_grid(images: torch.Tensor, nrow: int = 8, pad: int = 2, pad_value: float = 1.0) -> np.ndarray:
+    """Tile ``images`` (N, C, H, W) with values in [0, 1] into one array (rows*(H+pad), cols*(W+pad), C)."""
+    if images.ndim != 4:
+        raise ValueError(f"images must be (N, C, H, W), got shape {tuple(images.shape)}")
+    x = images.detach().float().cpu().clamp(0, 1)
+    n, c, h, w = x.shape
+    ncol = min(nrow, n)
+    nrows = (n + ncol - 1) // ncol
+    grid = torch.full((c, nrows * (h + pad) + pad, ncol * (w + pad) + pad), pad_value)
+    for i in range(n):
+        r, col = divmod(i, ncol)
+        top, left = pad + r * (h + pad), pad + col * (w + pad)
+        grid[:, top : top + h, left : left + w] = x[i]
+    return grid.permute(1, 2, 0).numpy()  # (H', W', C)
+
+
+def show_images(
+    images: torch.Tensor, nrow: int = 8, title: str | None = None, ax: plt.Axes | None = None,
+    row_labels: Sequence[str] | None = None,
+) -> plt.Figure:
+    """Show a batch of images (N, C, H, W) in [0, 1] as a grid; grayscale when C == 1."""
+    grid = to_grid(images, nrow=nrow)
+    if ax is None:
+        rows = int(np.ceil(images.shape[0] / min(nrow, images.shape[0])))
+        fig, ax = plt.subplots(figsize=(min(12, 1.1 * min(nrow, images.shape[0])), 1.1 * rows + 0.4))
+    else:
+        fig = ax.figure
+    ax.imshow(grid[..., 0] if grid.shape[-1] == 1 else grid, cmap="gray" if grid.shape[-1] == 1 else None,
+              vmin=0, vmax=1, interpolation="nearest")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if row_labels is not None:
+        h = images.shape[-2] + 2
+        ax.set_yticks([2 + h * i + h / 2 - 1 for i in range(len(row_labels))])
+        ax.set_yticklabels(row_labels)
+    if title:
+        ax.set_title(title)
+    return fig
+
+
+def plot_losses(
+    curves: Mapping[str, Sequence[float]], title: str = "loss", xlabel: str = "step", ylabel: str = "loss",
+    logy: bool = False, ax: plt.Axes | None = None, steps: Mapping[str, Sequence[int]] | None = None,
+) -> plt.Figure:
+    """Plot named curves on one axis (e.g. ``{"train": history.smoothed(), "val": vals}``)."""
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+    else:
+        fig = ax.figure
+    for name, ys in curves.items():
+        xs = steps[name] if steps and name in steps else range(len(ys))
+        ax.plot(list(xs), list(ys), label=name, marker="o" if len(ys) < 20 else None)
+    if logy:
+        ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    return fig

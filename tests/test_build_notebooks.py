@@ -1,0 +1,70 @@
+"""The learner-notebook builder: solution regions become stubs, outputs are cleared, notebooks/ is in sync."""
+
+import nbformat
+import pytest
+
+from ar_course import build_notebooks as bn
+from fixtures.make_fixtures import solution_notebook
+
+ROOT = bn.ROOT
+
+
+def test_strip_solutions_keeps_indentation_and_code_outside():
+    src = "# Exercise 1.2: f\ndef f(x):\n    y = x\n    # BEGIN SOLUTION\n    return y + 1\n    # END SOLUTION\n"
+    out = bn.strip_solutions(src, "1.2: f")
+    assert out == '# Exercise 1.2: f\ndef f(x):\n    y = x\n    raise NotImplementedError("Exercise 1.2: f")'
+
+
+@pytest.mark.parametrize(
+    "src",
+    ["# BEGIN SOLUTION\nx = 1\n", "x = 1\n# END SOLUTION\n", "# BEGIN SOLUTION\n# BEGIN SOLUTION\n# END SOLUTION"],
+)
+def test_malformed_regions_are_errors(src):
+    with pytest.raises(bn.BuildError):
+        bn.strip_solutions(src, "1.1: f")
+
+
+def test_learner_notebook_from_fixture():
+    sol = solution_notebook()
+    sol.cells[3].outputs = [nbformat.v4.new_output("stream", text="Exercise 90.1 passed\n")]
+    sol.cells[3].execution_count = 3
+    learner = bn.learner_notebook(sol)
+    text = bn.render(learner)
+    assert "BEGIN SOLUTION" not in text and "return x * 2" not in text
+    assert 'raise NotImplementedError("Exercise 90.1: double")' in learner.cells[2].source
+    assert all(c.get("outputs", []) == [] for c in learner.cells if c.cell_type == "code")
+    assert learner.metadata["kernelspec"]["name"] == "ar-course"
+    assert sol.cells[2].source.count("BEGIN SOLUTION") == 1  # the input is untouched
+
+
+def test_exercise_cell_needs_a_label():
+    sol = solution_notebook()
+    sol.cells[2].source = sol.cells[2].source.replace("# Exercise 90.1: double\n", "")
+    with pytest.raises(bn.BuildError, match="must start with"):
+        bn.learner_notebook(sol)
+
+
+def test_duplicate_exercise_numbers_are_errors():
+    sol = solution_notebook()
+    sol.cells[5].source = sol.cells[5].source.replace("90.2", "90.1")
+    with pytest.raises(bn.BuildError, match="twice"):
+        bn.learner_notebook(sol)
+
+
+def test_build_and_check_round_trip(tmp_path):
+    sols, nbs = tmp_path / "solutions", tmp_path / "notebooks"
+    sols.mkdir()
+    nbformat.write(solution_notebook(), sols / "90_fixture.ipynb")
+    assert bn.build(sols, nbs, check=True) == ["90_fixture.ipynb"]
+    assert bn.build(sols, nbs) == ["90_fixture.ipynb"]
+    assert bn.build(sols, nbs, check=True) == []
+    (nbs / "stale.ipynb").write_text("{}")
+    assert bn.build(sols, nbs, check=True) == ["stale.ipynb"]
+
+
+def test_repository_notebooks_are_up_to_date():
+    """notebooks/ must be regenerated whenever solutions/ changes: `python -m ar_course.build_notebooks`."""
+    stale = bn.build(ROOT / "solutions", ROOT / "notebooks", check=True)
+    assert stale == [], f"notebooks/ is out of date for {stale}: run `python -m ar_course.build_notebooks`"
+    for nb in (ROOT / "notebooks").glob("*.ipynb"):
+        assert "BEGIN SOLUTION" not in nb.read_text(encoding="utf-8")
