@@ -15,6 +15,8 @@ TRAINERS: dict[str, tuple[str, str]] = {
     "tokenizer": ("ar_course.tokenizers.train", "VQ / residual VQ / multi-scale VQ tokenizer (chapter 01)"),
     "lm": ("ar_course.transformer.train", "character-level GPT on the offline text corpus (chapter 02)"),
     "classifier": ("ar_course.metrics", "the evaluation classifier for an image set (chapter 03)"),
+    "ar": ("ar_course.raster.train", "class-conditional raster-order AR over VQ tokens (chapter 03)"),
+    "var": ("ar_course.var.train", "VAR next-scale prediction over multi-scale VQ tokens (chapter 04)"),
 }
 
 COMMANDS = {

@@ -24,7 +24,7 @@ from pathlib import Path
 import ipykernel.kernelspec
 import nbformat
 from jupyter_client.kernelspec import KernelSpecManager
-from jupyter_client.manager import KernelManager
+from jupyter_client.manager import AsyncKernelManager
 from nbclient import NotebookClient
 from nbclient.exceptions import CellTimeoutError, DeadKernelError
 
@@ -103,7 +103,7 @@ def grade_notebook(path: str | Path, timeout: float = 600.0, cell_timeout: float
         old = os.environ.get(REPORT_ENV)
         os.environ[REPORT_ENV] = str(report)
         try:
-            km = KernelManager(kernel_name=CURRENT_ENV, kernel_spec_manager=_CurrentEnvSpecs())
+            km = AsyncKernelManager(kernel_name=CURRENT_ENV, kernel_spec_manager=_CurrentEnvSpecs())
             client = NotebookClient(
                 run_nb, km=km, timeout=int(cell_timeout), allow_errors=True, kernel_name=CURRENT_ENV,
                 resources={"metadata": {"path": str(path.parent.resolve())}},

@@ -1,0 +1,40 @@
+"""GPU kernels written in Python: numba.cuda and Triton, runnable without a GPU (chapter 06).
+
+Importing this package first decides where kernels run (:mod:`.env`): without a CUDA GPU it sets
+``NUMBA_ENABLE_CUDASIM=1`` and ``TRITON_INTERPRET=1`` unless you set them yourself, so ``@cuda.jit``
+kernels run in numba's CUDA simulator and ``@triton.jit`` kernels in Triton's interpreter. Import
+``ar_course.kernels`` (or set the variables) before importing ``numba.cuda`` or ``triton`` yourself.
+
+Entry points (torch tensors in, torch tensors out; ``backend=`` picks or forces an implementation):
+
+* :func:`vq_nearest` (z, codebook): nearest-code indices without an N x K distance matrix;
+* :func:`flash_attention` (q, k, v, mask): FlashAttention forward with causal and block-causal masks;
+* :func:`decode_attention` (q, k_cache, v_cache, length): one query per head over a KV cache, split-K;
+* :func:`softmax` (x): row-wise online softmax.
+
+Kernels: :mod:`.cuda_basic` (map, 2-D map, shared-memory reduction, tiled matmul), :mod:`.cuda_softmax`,
+:mod:`.cuda_vq`, :mod:`.cuda_attention` (numba.cuda); :mod:`.triton_kernels` (optional, needs Triton);
+:mod:`.cpu_vq` (numba CPU). Plain torch definitions: :mod:`.reference`. Simulator bug finder:
+:mod:`.sanitizer`.
+"""
+
+from . import env  # noqa: F401  (first: sets the simulator / interpreter defaults)
+from .env import describe
+from .masks import BlockCausal, MaskSpec
+from .ops import BACKENDS, decode_attention, flash_attention, select_backend, softmax, vq_nearest
+from .reference import attention_reference, decode_attention_reference, vq_nearest_reference
+
+__all__ = [
+    "BACKENDS",
+    "BlockCausal",
+    "MaskSpec",
+    "attention_reference",
+    "decode_attention",
+    "decode_attention_reference",
+    "describe",
+    "flash_attention",
+    "select_backend",
+    "softmax",
+    "vq_nearest",
+    "vq_nearest_reference",
+]

@@ -1,0 +1,235 @@
+"""Kernel benchmarks: writes benchmarks/results/kernels.json and kernels.png.
+
+CPU (always): nearest-code search at 65,536 vectors x 1,024 codes x 32 dims, numba's fused CPU search
+against ``torch.cdist`` + ``argmin``: time (median of repeats) and peak extra memory, measured in a fresh
+process per method as the rise of the resident-set high-water mark (Linux ``VmHWM``, reset just before
+the call), next to the size of the buffers each method must allocate.
+
+GPU (only when CUDA is present; device and date are recorded): Triton FlashAttention forward against
+``F.scaled_dot_product_attention`` at T = 1024-4096, d = 64; decode attention's achieved bandwidth against
+the measured copy bandwidth; the fused nearest-code search against cdist + argmin.
+
+    python benchmarks/bench_kernels.py [--repeats 5] [--out benchmarks/results]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+N, K, D = 65_536, 1_024, 32
+
+_MEMORY_PROBE = """
+import re, sys, torch
+from ar_course.kernels.cpu_vq import vq_nearest_cpu
+def hwm_kib():
+    return int(re.search(r"VmHWM:\\s+(\\d+)", open("/proc/self/status").read()).group(1))
+g = torch.Generator().manual_seed(0)
+z, c = torch.randn({n}, {d}, generator=g), torch.randn({k}, {d}, generator=g)
+run = {{"numba_cpu": lambda: vq_nearest_cpu(z, c),
+       "torch_cdist": lambda: torch.cdist(z, c).argmin(1)}}[sys.argv[1]]
+vq_nearest_cpu(z[:10], c[:10]); torch.cdist(z[:10], c[:10]).argmin(1)  # compile and warm up, small
+open("/proc/self/clear_refs", "w").write("5")  # reset the high-water mark
+before = hwm_kib()
+run()
+print(hwm_kib() - before)
+"""
+
+
+def _median_seconds(fn: Callable[[], object], repeats: int) -> float:
+    fn()  # warm-up (and numba compilation)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def _peak_extra_mib(method: str) -> float | None:
+    """Rise of peak RSS during one call, in a fresh process (None where /proc is unavailable)."""
+    if not Path("/proc/self/clear_refs").exists():
+        return None
+    code = _MEMORY_PROBE.format(n=N, k=K, d=D)
+    res = subprocess.run([sys.executable, "-c", code, method], capture_output=True, text=True, cwd=ROOT)
+    if res.returncode != 0:
+        print(res.stderr, file=sys.stderr)
+        return None
+    return int(res.stdout.strip().splitlines()[-1]) / 1024
+
+
+def bench_cpu(repeats: int) -> dict:
+    from ar_course.kernels.cpu_vq import vq_nearest_cpu
+
+    g = torch.Generator().manual_seed(0)
+    z, c = torch.randn(N, D, generator=g), torch.randn(K, D, generator=g)
+    ours, theirs = vq_nearest_cpu(z, c), torch.cdist(z, c).argmin(1)
+    out = {
+        "shape": {"N": N, "K": K, "D": D},
+        "threads": {"torch": torch.get_num_threads(), "numba": _numba_threads()},
+        "agreement": float((ours == theirs).double().mean()),
+        "numba_cpu": {"seconds": _median_seconds(lambda: vq_nearest_cpu(z, c), repeats),
+                      "peak_extra_mib": _peak_extra_mib("numba_cpu"),
+                      "buffers_mib": (K * 4 + N * 8) / 2**20},
+        "torch_cdist": {"seconds": _median_seconds(lambda: torch.cdist(z, c).argmin(1), repeats),
+                        "peak_extra_mib": _peak_extra_mib("torch_cdist"),
+                        "buffers_mib": (N * K * 4 + N * 8) / 2**20},
+    }
+    out["speedup"] = out["torch_cdist"]["seconds"] / out["numba_cpu"]["seconds"]
+    return out
+
+
+def _numba_threads() -> int:
+    import numba
+
+    return int(numba.config.NUMBA_NUM_THREADS)
+
+
+def _cpu_name() -> str:
+    info = Path("/proc/cpuinfo")
+    if info.exists():
+        for line in info.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+# GPU ----------------------------------------------------------------------------------------------------
+
+
+def _gpu_seconds(fn: Callable[[], object], repeats: int = 20) -> float:
+    for _ in range(3):
+        fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(repeats):
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1000)
+    return sorted(times)[len(times) // 2]
+
+
+def _copy_bandwidth() -> float:
+    """Measured device-memory bandwidth in bytes/s: read + write of a 1 GiB copy."""
+    src = torch.empty(2**28, dtype=torch.float32, device="cuda")
+    dst = torch.empty_like(src)
+    return 2 * src.numel() * 4 / _gpu_seconds(lambda: dst.copy_(src))
+
+
+def bench_gpu() -> dict:
+    import torch.nn.functional as F
+
+    import ar_course.kernels as K_
+
+    dev = torch.device("cuda")
+    out: dict = {"device": torch.cuda.get_device_name(0), "flash_attention": [], "decode_attention": [],
+                 "vq_nearest": []}
+    if K_.env.TRITON_INSTALLED:
+        b, h, d = 4, 16, 64
+        for t in (1024, 2048, 4096):
+            q, k, v = (torch.randn(b, h, t, d, device=dev, dtype=torch.bfloat16) for _ in range(3))
+            for causal in (False, True):
+                mask = "causal" if causal else None
+                ours = _gpu_seconds(lambda: K_.flash_attention(q, k, v, mask, backend="triton"))
+                sdpa = _gpu_seconds(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal))
+                flops = 4 * b * h * t * t * d * (0.5 if causal else 1.0)
+                out["flash_attention"].append({"T": t, "causal": causal, "triton_ms": ours * 1e3,
+                                               "sdpa_ms": sdpa * 1e3, "speed_vs_sdpa": sdpa / ours,
+                                               "triton_tflops": flops / ours / 1e12})
+    peak_bw = _copy_bandwidth()
+    out["copy_bandwidth_gbs"] = peak_bw / 1e9
+    backends = (["triton"] if K_.env.TRITON_INSTALLED else []) + ["numba", "torch"]
+    b, h, d = 8, 32, 128
+    for t in (4096, 16384):
+        q = torch.randn(b, h, d, device=dev, dtype=torch.bfloat16)
+        k_cache, v_cache = (torch.randn(b, h, t, d, device=dev, dtype=torch.bfloat16) for _ in range(2))
+        cache_bytes = 2 * k_cache.numel() * k_cache.element_size()
+        for backend in backends:
+            sec = _gpu_seconds(lambda: K_.decode_attention(q, k_cache, v_cache, t, backend=backend))
+            out["decode_attention"].append({"T": t, "backend": backend, "ms": sec * 1e3,
+                                            "bandwidth_gbs": cache_bytes / sec / 1e9,
+                                            "fraction_of_copy_bandwidth": cache_bytes / sec / peak_bw})
+    for n in (65_536, 1_048_576):
+        z, c = torch.randn(n, 32, device=dev), torch.randn(1024, 32, device=dev)
+        row = {"N": n, "K": 1024, "D": 32,
+               "cdist_ms": _gpu_seconds(lambda: torch.cdist(z, c).argmin(1)) * 1e3}
+        for backend in backends[:-1]:
+            row[f"{backend}_ms"] = _gpu_seconds(lambda: K_.vq_nearest(z, c, backend=backend)) * 1e3
+        out["vq_nearest"].append(row)
+    return out
+
+
+# report -------------------------------------------------------------------------------------------------
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    gpu = results.get("gpu")
+    fig, axes = plt.subplots(1, 4 if gpu else 2, figsize=(16 if gpu else 9, 3.6))
+    cpu = results["cpu"]
+    names = ["torch_cdist", "numba_cpu"]
+    labels = ["cdist + argmin", "numba fused"]
+    axes[0].bar(labels, [cpu[m]["seconds"] for m in names], color=["tab:gray", "tab:blue"])
+    axes[0].set(ylabel="seconds", title=f"CPU nearest code, {N}x{K}x{D}")
+    mem = [cpu[m]["peak_extra_mib"] or cpu[m]["buffers_mib"] for m in names]
+    axes[1].bar(labels, mem, color=["tab:gray", "tab:blue"])
+    axes[1].set(ylabel="MiB", title="peak extra memory", yscale="log")
+    if gpu:
+        fa = [r for r in gpu["flash_attention"] if r["causal"]]
+        axes[2].plot([r["T"] for r in fa], [r["speed_vs_sdpa"] for r in fa], "o-", label="causal")
+        fa = [r for r in gpu["flash_attention"] if not r["causal"]]
+        axes[2].plot([r["T"] for r in fa], [r["speed_vs_sdpa"] for r in fa], "s-", label="full")
+        axes[2].axhline(1.0, color="gray", lw=0.8)
+        axes[2].set(xlabel="T", ylabel="speed vs SDPA", title="Triton FlashAttention, d=64", xscale="log")
+        axes[2].legend()
+        dec = gpu["decode_attention"]
+        axes[3].bar([f"{r['backend']}\nT={r['T']}" for r in dec], [r["fraction_of_copy_bandwidth"] for r in dec])
+        axes[3].set(ylabel="fraction of copy bandwidth", title="decode attention")
+    fig.suptitle(f"{results['machine']} ({results['date']})", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=5, help="timed repeats per CPU measurement")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    args = parser.parse_args(argv)
+    results = {
+        "date": dt.date.today().isoformat(),
+        "machine": f"{_cpu_name()}, {torch.get_num_threads()} torch threads",
+        "cpu": bench_cpu(args.repeats),
+        "gpu": bench_gpu() if torch.cuda.is_available() else None,
+    }
+    cpu = results["cpu"]
+    print(f"CPU nearest code {N}x{K}x{D}: numba {cpu['numba_cpu']['seconds']:.3f} s, cdist+argmin "
+          f"{cpu['torch_cdist']['seconds']:.3f} s ({cpu['speedup']:.2f}x); peak extra memory "
+          f"{cpu['numba_cpu']['peak_extra_mib']} MiB vs {cpu['torch_cdist']['peak_extra_mib']} MiB; "
+          f"agreement {cpu['agreement']:.6f}")
+    if results["gpu"]:
+        print(json.dumps(results["gpu"], indent=1))
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "kernels.json").write_text(json.dumps(results, indent=2) + "\n")
+    plot(results, args.out / "kernels.png")
+    print(f"wrote {args.out / 'kernels.json'} and kernels.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,487 @@
+"""Chapter 06 checks: each accepts the reference kernel, reports a stub as not attempted, and rejects
+plausible wrong kernels (missing guards, missing or divergent barriers, broken online-softmax rescaling...)."""
+
+import math
+
+import pytest
+
+from ar_course.checks import ch06
+from ar_course.checks.ch06 import BLOCK_M, BLOCK_N, HEAD_DIM, LOWEST, THREADS, TILE
+from checks_helpers import assert_fails, assert_not_attempted, assert_passes
+from numba import cuda, float32  # after ar_course.kernels: the simulator is already chosen
+
+
+@cuda.jit
+def stub_kernel(*args):
+    raise NotImplementedError("Exercise stub")
+
+
+# 6.1 ------------------------------------------------------------------------------------------------------
+
+
+@cuda.jit
+def axpy_no_guard(alpha, x, y, out):
+    i = cuda.grid(1)
+    out[i] = alpha * x[i] + y[i]
+
+
+@cuda.jit
+def axpy_thread_index_only(alpha, x, y, out):
+    i = cuda.threadIdx.x  # forgets the block offset
+    if i < x.shape[0]:
+        out[i] = alpha * x[i] + y[i]
+
+
+@cuda.jit
+def axpy_wrong_formula(alpha, x, y, out):
+    i = cuda.grid(1)
+    if i < x.shape[0]:
+        out[i] = alpha * (x[i] + y[i])
+
+
+def axpy_plain_python(alpha, x, y, out):
+    out[:] = alpha * x + y
+
+
+# 6.2 ------------------------------------------------------------------------------------------------------
+
+
+@cuda.jit
+def sqdist_guard_one_axis(z, codebook, out):
+    k, n = cuda.grid(2)
+    if n < z.shape[0]:
+        acc = float32(0.0)
+        for d in range(z.shape[1]):
+            acc += (z[n, d] - codebook[k, d]) ** 2
+        out[n, k] = acc
+
+
+@cuda.jit
+def sqdist_with_sqrt(z, codebook, out):
+    k, n = cuda.grid(2)
+    if n < z.shape[0] and k < codebook.shape[0]:
+        acc = float32(0.0)
+        for d in range(z.shape[1]):
+            acc += (z[n, d] - codebook[k, d]) ** 2
+        out[n, k] = math.sqrt(acc)
+
+
+# 6.3 ------------------------------------------------------------------------------------------------------
+
+
+@cuda.jit
+def sum_missing_barrier(x, partial):
+    buf = cuda.shared.array(THREADS, float32)
+    t = cuda.threadIdx.x
+    i = cuda.grid(1)
+    buf[t] = x[i] if i < x.shape[0] else float32(0.0)
+    cuda.syncthreads()
+    stride = THREADS // 2
+    while stride > 0:
+        if t < stride:
+            buf[t] += buf[t + stride]
+        stride //= 2
+    if t == 0:
+        partial[cuda.blockIdx.x] = buf[0]
+
+
+@cuda.jit
+def sum_barrier_in_branch(x, partial):
+    buf = cuda.shared.array(THREADS, float32)
+    t = cuda.threadIdx.x
+    i = cuda.grid(1)
+    buf[t] = x[i] if i < x.shape[0] else float32(0.0)
+    cuda.syncthreads()
+    stride = THREADS // 2
+    while stride > 0:
+        if t < stride:
+            buf[t] += buf[t + stride]
+            cuda.syncthreads()
+        stride //= 2
+    if t == 0:
+        partial[cuda.blockIdx.x] = buf[0]
+
+
+@cuda.jit
+def sum_early_return(x, partial):
+    buf = cuda.shared.array(THREADS, float32)
+    t = cuda.threadIdx.x
+    i = cuda.grid(1)
+    if i >= x.shape[0]:
+        return
+    buf[t] = x[i]
+    cuda.syncthreads()
+    stride = THREADS // 2
+    while stride > 0:
+        if t < stride:
+            buf[t] += buf[t + stride]
+        cuda.syncthreads()
+        stride //= 2
+    if t == 0:
+        partial[cuda.blockIdx.x] = buf[0]
+
+
+@cuda.jit
+def sum_no_guard(x, partial):
+    buf = cuda.shared.array(THREADS, float32)
+    t = cuda.threadIdx.x
+    buf[t] = x[cuda.grid(1)]
+    cuda.syncthreads()
+    stride = THREADS // 2
+    while stride > 0:
+        if t < stride:
+            buf[t] += buf[t + stride]
+        cuda.syncthreads()
+        stride //= 2
+    if t == 0:
+        partial[cuda.blockIdx.x] = buf[0]
+
+
+# 6.4 ------------------------------------------------------------------------------------------------------
+
+
+def _matmul_variant(second_barrier: bool, zero_fill: bool):
+    @cuda.jit
+    def matmul_variant(a, b, c):
+        a_tile = cuda.shared.array((TILE, TILE), float32)
+        b_tile = cuda.shared.array((TILE, TILE), float32)
+        tx, ty = cuda.threadIdx.x, cuda.threadIdx.y
+        row = cuda.blockIdx.y * TILE + ty
+        col = cuda.blockIdx.x * TILE + tx
+        acc = float32(0.0)
+        for k0 in range(0, a.shape[1], TILE):
+            if zero_fill:
+                a_tile[ty, tx] = a[row, k0 + tx] if row < a.shape[0] and k0 + tx < a.shape[1] else float32(0.0)
+                b_tile[ty, tx] = b[k0 + ty, col] if k0 + ty < b.shape[0] and col < b.shape[1] else float32(0.0)
+            else:
+                a_tile[ty, tx] = a[row, k0 + tx]
+                b_tile[ty, tx] = b[k0 + ty, col]
+            cuda.syncthreads()
+            for kk in range(TILE):
+                acc += a_tile[ty, kk] * b_tile[kk, tx]
+            if second_barrier:
+                cuda.syncthreads()
+        if row < a.shape[0] and col < b.shape[1]:
+            c[row, col] = acc
+
+    return matmul_variant
+
+
+@cuda.jit
+def matmul_skips_last_k(a, b, c):
+    col, row = cuda.grid(2)
+    if row < a.shape[0] and col < b.shape[1]:
+        acc = float32(0.0)
+        for kk in range(a.shape[1] - 1):  # off by one
+            acc += a[row, kk] * b[kk, col]
+        c[row, col] = acc
+
+
+# 6.5 ------------------------------------------------------------------------------------------------------
+
+
+def _softmax_variant(subtract_max: bool, rescale_merge: bool):
+    @cuda.jit
+    def softmax_variant(x, out):
+        row_max = cuda.shared.array(THREADS, float32)
+        row_sum = cuda.shared.array(THREADS, float32)
+        t = cuda.threadIdx.x
+        row = cuda.blockIdx.x
+        m = float32(LOWEST) if subtract_max else float32(0.0)
+        s = float32(0.0)
+        for c in range(t, x.shape[1], THREADS):
+            xv = x[row, c]
+            if subtract_max and xv > m:
+                s = s * math.exp(m - xv)
+                m = xv
+            s += math.exp(xv - m)
+        row_max[t] = m
+        row_sum[t] = s
+        cuda.syncthreads()
+        stride = THREADS // 2
+        while stride > 0:
+            if t < stride:
+                m1, m2 = row_max[t], row_max[t + stride]
+                mm = max(m1, m2)
+                if rescale_merge:
+                    row_sum[t] = row_sum[t] * math.exp(m1 - mm) + row_sum[t + stride] * math.exp(m2 - mm)
+                else:
+                    row_sum[t] = row_sum[t] + row_sum[t + stride]
+                row_max[t] = mm
+            cuda.syncthreads()
+            stride //= 2
+        for c in range(t, x.shape[1], THREADS):
+            out[row, c] = math.exp(x[row, c] - row_max[0]) / row_sum[0]
+
+    return softmax_variant
+
+
+# 6.6 ------------------------------------------------------------------------------------------------------
+
+
+def _vq_variant(ties_to_last: bool, guard: bool):
+    @cuda.jit
+    def vq_variant(z, codebook, out):
+        n = cuda.grid(1)
+        if guard and n >= z.shape[0]:
+            return
+        best = float32(math.inf)
+        best_k = 0
+        for k in range(codebook.shape[0]):
+            dist = float32(0.0)
+            for d in range(z.shape[1]):
+                dist += (z[n, d] - codebook[k, d]) ** 2
+            if dist < best or (ties_to_last and dist == best):
+                best = dist
+                best_k = k
+        out[n] = best_k
+
+    return vq_variant
+
+
+@cuda.jit
+def vq_argmax(z, codebook, out):
+    n = cuda.grid(1)
+    if n < z.shape[0]:
+        best = float32(-1.0)
+        best_k = 0
+        for k in range(codebook.shape[0]):
+            dist = float32(0.0)
+            for d in range(z.shape[1]):
+                dist += (z[n, d] - codebook[k, d]) ** 2
+            if dist > best:
+                best = dist
+                best_k = k
+        out[n] = best_k
+
+
+# 6.7 ------------------------------------------------------------------------------------------------------
+
+
+def _flash_variant(rescale: bool = True, extra_key: int = 0, second_barrier: bool = True):
+    @cuda.jit
+    def flash_variant(q, k, v, kv_len, scale, out):
+        k_tile = cuda.shared.array((BLOCK_N, HEAD_DIM), float32)
+        v_tile = cuda.shared.array((BLOCK_N, HEAD_DIM), float32)
+        acc = cuda.local.array(HEAD_DIM, float32)
+        t = cuda.threadIdx.x
+        bh = cuda.blockIdx.y
+        row = cuda.blockIdx.x * BLOCK_M + t
+        visible = kv_len[row] + extra_key if row < q.shape[1] else 0
+        for d in range(HEAD_DIM):
+            acc[d] = 0.0
+        n_keys = 0
+        for r in range(cuda.blockIdx.x * BLOCK_M, min(cuda.blockIdx.x * BLOCK_M + BLOCK_M, q.shape[1])):
+            n_keys = max(n_keys, kv_len[r])
+        m = float32(LOWEST)
+        l = float32(0.0)
+        for start in range(0, n_keys, BLOCK_N):
+            for e in range(t, BLOCK_N * HEAD_DIM, BLOCK_M):
+                j, d = e // HEAD_DIM, e % HEAD_DIM
+                if start + j < k.shape[1]:
+                    k_tile[j, d] = k[bh, start + j, d]
+                    v_tile[j, d] = v[bh, start + j, d]
+            cuda.syncthreads()
+            for j in range(min(BLOCK_N, visible - start)):
+                s = float32(0.0)
+                for d in range(HEAD_DIM):
+                    s += q[bh, row, d] * scale * k_tile[j, d]
+                if s > m:
+                    if rescale:
+                        c = math.exp(m - s)
+                        l *= c
+                        for d in range(HEAD_DIM):
+                            acc[d] *= c
+                    m = s
+                p = math.exp(s - m)
+                l += p
+                for d in range(HEAD_DIM):
+                    acc[d] += p * v_tile[j, d]
+            if second_barrier:
+                cuda.syncthreads()
+        if row < q.shape[1]:
+            for d in range(HEAD_DIM):
+                out[bh, row, d] = acc[d] / l
+
+    return flash_variant
+
+
+# 6.8 ------------------------------------------------------------------------------------------------------
+
+
+def _partial_variant(respect_length: bool = True, rescale: bool = True):
+    @cuda.jit
+    def partial_variant(q, k_cache, v_cache, lengths, chunk, scale, m_out, l_out, acc_out):
+        split = cuda.grid(1)
+        bh = cuda.blockIdx.y
+        if split * chunk < k_cache.shape[1]:
+            acc = cuda.local.array(HEAD_DIM, float32)
+            for d in range(HEAD_DIM):
+                acc[d] = 0.0
+            m = float32(LOWEST)
+            l = float32(0.0)
+            stop = lengths[bh] if respect_length else k_cache.shape[1]
+            for j in range(split * chunk, min(split * chunk + chunk, stop)):
+                s = float32(0.0)
+                for d in range(HEAD_DIM):
+                    s += q[bh, d] * k_cache[bh, j, d] * scale
+                if s > m:
+                    c = math.exp(m - s) if rescale else 1.0
+                    l *= c
+                    for d in range(HEAD_DIM):
+                        acc[d] *= c
+                    m = s
+                p = math.exp(s - m)
+                l += p
+                for d in range(HEAD_DIM):
+                    acc[d] += p * v_cache[bh, j, d]
+            m_out[bh, split] = m
+            l_out[bh, split] = l
+            for d in range(HEAD_DIM):
+                acc_out[bh, split, d] = acc[d]
+
+    return partial_variant
+
+
+@cuda.jit
+def partial_skips_empty_splits(q, k_cache, v_cache, lengths, chunk, scale, m_out, l_out, acc_out):
+    split = cuda.grid(1)
+    bh = cuda.blockIdx.y
+    if split * chunk < lengths[bh]:  # empty splits are left unwritten
+        m = float32(LOWEST)
+        l = float32(0.0)
+        acc = cuda.local.array(HEAD_DIM, float32)
+        for d in range(HEAD_DIM):
+            acc[d] = 0.0
+        for j in range(split * chunk, min(split * chunk + chunk, lengths[bh])):
+            s = float32(0.0)
+            for d in range(HEAD_DIM):
+                s += q[bh, d] * k_cache[bh, j, d] * scale
+            m_new = max(m, s)
+            c = math.exp(m - m_new)
+            p = math.exp(s - m_new)
+            l = l * c + p
+            for d in range(HEAD_DIM):
+                acc[d] = acc[d] * c + p * v_cache[bh, j, d]
+            m = m_new
+        m_out[bh, split] = m
+        l_out[bh, split] = l
+        for d in range(HEAD_DIM):
+            acc_out[bh, split, d] = acc[d]
+
+
+# 6.9 ------------------------------------------------------------------------------------------------------
+
+
+def _combine_variant(reference_point: str):
+    @cuda.jit
+    def combine_variant(m_part, l_part, acc_part, out):
+        d, bh = cuda.grid(2)
+        if bh < acc_part.shape[0] and d < acc_part.shape[2]:
+            top = m_part[bh, 0]
+            if reference_point == "max":
+                for s in range(1, m_part.shape[1]):
+                    top = max(top, m_part[bh, s])
+            num = float32(0.0)
+            den = float32(0.0)
+            for s in range(m_part.shape[1]):
+                w = math.exp(m_part[bh, s] - top) if reference_point != "none" else 1.0
+                num += w * acc_part[bh, s, d]
+                den += w * l_part[bh, s]
+            out[bh, d] = num / den
+
+    return combine_variant
+
+
+@cuda.jit
+def combine_no_guard(m_part, l_part, acc_part, out):
+    d, bh = cuda.grid(2)
+    top = m_part[bh, 0]
+    for s in range(1, m_part.shape[1]):
+        top = max(top, m_part[bh, s])
+    num = float32(0.0)
+    den = float32(0.0)
+    for s in range(m_part.shape[1]):
+        w = math.exp(m_part[bh, s] - top)
+        num += w * acc_part[bh, s, d]
+        den += w * l_part[bh, s]
+    out[bh, d] = num / den
+
+
+# ----------------------------------------------------------------------------------------------------------
+
+CASES = {
+    "axpy_kernel": [
+        (axpy_no_guard, "out-of-bounds"),
+        (axpy_thread_index_only, "never written"),
+        (axpy_wrong_formula, "differs"),
+        (axpy_plain_python, "@cuda.jit"),
+    ],
+    "pairwise_sqdist_kernel": [(sqdist_guard_one_axis, "out-of-bounds"), (sqdist_with_sqrt, "differs")],
+    "block_sum_kernel": [
+        (sum_missing_barrier, "race"),
+        (sum_barrier_in_branch, "barrier divergence"),
+        (sum_early_return, "barrier"),
+        (sum_no_guard, "out-of-bounds"),
+    ],
+    "matmul_kernel": [
+        (_matmul_variant(second_barrier=False, zero_fill=True), "race"),
+        (_matmul_variant(second_barrier=True, zero_fill=False), "out-of-bounds"),
+        (matmul_skips_last_k, "differs"),
+    ],
+    "softmax_kernel": [
+        (_softmax_variant(subtract_max=False, rescale_merge=True), "scale 60"),
+        (_softmax_variant(subtract_max=True, rescale_merge=False), "differs"),
+    ],
+    "vq_nearest_kernel": [
+        (_vq_variant(ties_to_last=True, guard=True), "repeated"),
+        (_vq_variant(ties_to_last=False, guard=False), "out-of-bounds"),
+        (vq_argmax, "differs"),
+    ],
+    "flash_attention_kernel": [
+        (_flash_variant(rescale=False), "differs"),
+        (_flash_variant(extra_key=1), "out"),
+        (_flash_variant(second_barrier=False), "race"),
+    ],
+    "decode_partial_kernel": [
+        (_partial_variant(respect_length=False), "nan"),
+        (_partial_variant(rescale=False), "differs"),
+        (partial_skips_empty_splits, "never written"),
+    ],
+    "decode_combine_kernel": [
+        (_combine_variant("none"), "differs"),
+        (_combine_variant("first"), "spread"),
+        (combine_no_guard, "out-of-bounds"),
+    ],
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_reference_passes(name):
+    check = getattr(ch06, name)
+    assert_passes(check, check.exercise.reference)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_stub_is_not_attempted(name):
+    assert_not_attempted(getattr(ch06, name), stub_kernel)
+
+
+@pytest.mark.parametrize(
+    "name, wrong, fragment",
+    [(name, wrong, fragment) for name, wrongs in CASES.items() for wrong, fragment in wrongs],
+    ids=[f"{name}-{i}" for name, wrongs in CASES.items() for i in range(len(wrongs))],
+)
+def test_wrong_kernel_fails(name, wrong, fragment):
+    assert_fails(getattr(ch06, name), wrong, contains=fragment)
+
+
+def test_nine_exercises_and_use_falls_back_to_the_reference(capsys):
+    assert len(ch06.chapter.exercises) == 9
+
+    @cuda.jit
+    def axpy_kernel(alpha, x, y, out):  # never checked: `use` must hand back the reference
+        pass
+
+    assert ch06.use(axpy_kernel) is ch06.chapter.exercises["axpy_kernel"].reference
+    assert "using the reference" in capsys.readouterr().out

@@ -1,0 +1,354 @@
+"""ar_course.kernels on CPU: numba.cuda kernels in the CUDA simulator, the numba CPU search, the masks, the
+sanitizer and the torch-facing wrappers, each against plain torch on random inputs with odd sizes."""
+
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import ar_course.kernels as K
+from ar_course.kernels import cuda_attention as ka
+from ar_course.kernels import cuda_basic as kb
+from ar_course.kernels import cuda_softmax as ks
+from ar_course.kernels import cuda_vq as kv
+from ar_course.kernels import env
+from ar_course.kernels.cpu_vq import vq_nearest_cpu
+from ar_course.kernels.masks import BlockCausal, dense_mask, prefix_lengths
+from ar_course.kernels.sanitizer import SanitizerError, sanitize
+from numba import cuda, float32
+
+needs_sim = pytest.mark.skipif(not env.CUDA_SIMULATOR, reason="runs numba.cuda kernels in the CUDA simulator")
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def vq_data(n: int, k: int, d: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Vectors near random codes, with code 3 repeated as the last code so that some rows tie exactly."""
+    g = gen(seed)
+    c = torch.randn(k, d, generator=g)
+    c[-1] = c[3]
+    z = c[torch.randint(0, k, (n,), generator=g)] + 0.3 * torch.randn(n, d, generator=g)
+    z[::4] = c[3] + 0.01 * torch.randn(len(z[::4]), d, generator=g)
+    return z, c
+
+
+def exact_nearest(z: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    return ((z.double()[:, None] - c.double()[None]) ** 2).sum(-1).argmin(1)
+
+
+# environment --------------------------------------------------------------------------------------------
+
+
+def test_without_a_gpu_the_simulators_are_the_default():
+    if env.CUDA_AVAILABLE:
+        pytest.skip("a GPU is present")
+    assert env.CUDA_SIMULATOR and env.NUMBA_CUDA_USABLE
+    assert os.environ["NUMBA_ENABLE_CUDASIM"] == "1"
+    assert "simulator" in K.describe()
+
+
+def test_package_imports_and_falls_back_without_triton():
+    code = (
+        "import sys; sys.modules['triton'] = None\n"
+        "import torch, ar_course.kernels as K, ar_course.checks.ch06\n"
+        "assert not K.env.TRITON_INSTALLED and 'not installed' in K.describe()\n"
+        "z, c = torch.randn(9, 4), torch.randn(5, 4)\n"
+        "assert torch.equal(K.vq_nearest(z, c), torch.cdist(z, c).argmin(1))\n"
+        "try:\n    K.flash_attention(torch.randn(1, 1, 3, 4), torch.randn(1, 1, 3, 4), torch.randn(1, 1, 3, 4), "
+        "backend='triton')\nexcept RuntimeError as e:\n    assert 'not installed' in str(e); print('ok')\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr
+
+
+def test_a_user_setting_is_kept():
+    code = ("import os; os.environ['TRITON_INTERPRET'] = '0'\n"
+            "import ar_course.kernels as K; print(os.environ['TRITON_INTERPRET'], K.env.triton_interpreted())")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.stdout.split() == ["0", "False"], res.stderr
+
+
+# masks --------------------------------------------------------------------------------------------------
+
+
+def test_block_causal_mask():
+    m = BlockCausal((1, 2, 3))
+    assert m.kv_len().tolist() == [1, 3, 3, 6, 6, 6]
+    dense = m.dense()
+    assert dense.shape == (6, 6) and dense[1].tolist() == [True, True, True, False, False, False]
+    assert torch.equal(dense, dense_mask(m, 6, 6, "cpu"))
+
+
+def test_prefix_lengths_of_every_mask_kind():
+    assert prefix_lengths(None, 4, 4, "cpu") is None
+    assert prefix_lengths("causal", 4, 4, "cpu").tolist() == [1, 2, 3, 4]
+    assert torch.equal(dense_mask("causal", 5, 5, "cpu"), torch.ones(5, 5, dtype=torch.bool).tril())
+    dense = BlockCausal((2, 3)).dense()
+    assert prefix_lengths(dense, 5, 5, "cpu").tolist() == [2, 2, 5, 5, 5]  # a prefix-shaped bool tensor
+
+
+@pytest.mark.parametrize("mask, t_q, t_k, fragment", [
+    ("causal", 3, 5, "as many queries"),
+    ("diagonal", 3, 3, "unknown mask"),
+    (BlockCausal((2, 2)), 5, 5, "covers 4"),
+    (torch.ones(3, 3), 3, 3, "bool"),
+    (torch.ones(3, 4, dtype=torch.bool), 3, 3, "shape"),
+    (torch.eye(3, dtype=torch.bool), 3, 3, "not a prefix"),
+    (torch.tensor([[True, False], [False, False]]), 2, 2, "at least one key"),
+])
+def test_bad_masks_raise(mask, t_q, t_k, fragment):
+    with pytest.raises(ValueError, match=fragment):
+        prefix_lengths(mask, t_q, t_k, "cpu")
+
+
+def test_block_causal_needs_positive_lengths():
+    with pytest.raises(ValueError, match="positive"):
+        BlockCausal((2, 0))
+
+
+# numba.cuda kernels in the simulator --------------------------------------------------------------------
+
+
+@needs_sim
+def test_map_kernels():
+    g = gen(0)
+    x, y = torch.randn(301, generator=g), torch.randn(301, generator=g)
+    torch.testing.assert_close(kb.axpy(-1.5, x, y, threads=64), -1.5 * x + y)
+    z, c = torch.randn(37, 5, generator=g), torch.randn(19, 5, generator=g)
+    torch.testing.assert_close(kb.pairwise_sqdist(z, c, block=8), K.reference.pairwise_sqdist_reference(z, c))
+
+
+@needs_sim
+def test_block_sum_and_tiled_matmul():
+    g = gen(1)
+    x = torch.randn(333, generator=g)
+    torch.testing.assert_close(kb.block_sum(x, threads=32), x.sum(), atol=1e-4, rtol=1e-5)
+    a, b = torch.randn(21, 19, generator=g), torch.randn(19, 13, generator=g)
+    torch.testing.assert_close(kb.matmul(a, b, tile=8), a @ b, atol=1e-5, rtol=1e-5)
+
+
+@needs_sim
+@pytest.mark.parametrize("rows, cols, scale", [(5, 45, 3.0), (3, 7, 1.0), (2, 70, 80.0)])
+def test_online_softmax_kernel(rows, cols, scale):
+    x = torch.randn(rows, cols, generator=gen(2)) * scale
+    torch.testing.assert_close(ks.softmax(x, threads=16), torch.softmax(x, -1), atol=1e-6, rtol=1e-5)
+
+
+@needs_sim
+def test_vq_kernel_matches_exact_search_with_ties():
+    z, c = vq_data(70, 23, 6, seed=3)
+    got = kv.vq_nearest_numba(z, c, threads=32)
+    assert torch.equal(got, exact_nearest(z, c))
+    assert (got[::4] == 3).all()  # exact ties go to the lower index
+
+
+@needs_sim
+@pytest.mark.parametrize("mask", [None, "causal", BlockCausal((1, 4, 9, 16, 7))], ids=["none", "causal", "block"])
+def test_flash_attention_kernel(mask):
+    g = gen(4)
+    q, k, v = (torch.randn(1, 2, 37, 8, generator=g) for _ in range(3))
+    kv_len = prefix_lengths(mask, 37, 37, "cpu")
+    got = ka.flash_attention_numba(q, k, v, kv_len, 0.4, block_m=16, block_n=16)
+    torch.testing.assert_close(got, K.attention_reference(q, k, v, mask, scale=0.4), atol=1e-5, rtol=1e-5)
+
+
+@needs_sim
+def test_flash_attention_kernel_with_fewer_queries_than_keys():
+    g = gen(5)
+    q = torch.randn(1, 1, 7, 8, generator=g)
+    k, v = torch.randn(1, 1, 40, 8, generator=g), torch.randn(1, 1, 40, 8, generator=g)
+    kv_len = torch.arange(34, 41, dtype=torch.int32)  # the last 7 positions of a causal 40-token sequence
+    full = K.attention_reference(torch.cat([torch.zeros(1, 1, 33, 8), q], 2), k, v, "causal")
+    got = ka.flash_attention_numba(q, k, v, kv_len, 1 / math.sqrt(8), block_m=16, block_n=16)
+    torch.testing.assert_close(got, full[:, :, 33:], atol=1e-5, rtol=1e-5)
+
+
+@needs_sim
+def test_decode_kernels_ignore_the_cache_past_each_length():
+    g = gen(6)
+    q = torch.randn(2, 3, 8, generator=g)
+    k_cache, v_cache = torch.randn(2, 3, 50, 8, generator=g), torch.randn(2, 3, 50, 8, generator=g)
+    lengths = torch.tensor([50, 17])
+    k_cache[1, :, 17:] = float("nan")  # never written
+    v_cache[1, :, 17:] = float("nan")
+    got = ka.decode_attention_numba(q, k_cache, v_cache, lengths, 1 / math.sqrt(8), chunk=16)
+    torch.testing.assert_close(got, K.decode_attention_reference(q, k_cache, v_cache, lengths), atol=1e-5, rtol=1e-5)
+
+
+@needs_sim
+def test_decode_attention_is_the_last_row_of_causal_attention():
+    g = gen(7)
+    q, k, v = (torch.randn(1, 2, 29, 8, generator=g) for _ in range(3))
+    full = K.flash_attention(q, k, v, "causal", backend="numba")
+    last = K.decode_attention(q[:, :, -1], k, v, 29, backend="numba")
+    torch.testing.assert_close(last, full[:, :, -1], atol=1e-5, rtol=1e-5)
+
+
+# the sanitizer ------------------------------------------------------------------------------------------
+
+
+@cuda.jit
+def _shift_left(x, out):
+    buf = cuda.shared.array(16, float32)
+    t = cuda.threadIdx.x
+    buf[t] = x[t]
+    out[t] = buf[(t + 1) % 16]  # reads a neighbour's slot with no barrier in between
+
+
+@cuda.jit
+def _shared_past_the_end(x, out):
+    buf = cuda.shared.array(16, float32)
+    t = cuda.threadIdx.x
+    buf[t + 1] = x[t]
+
+
+@needs_sim
+@pytest.mark.parametrize("kernel, error, fragment", [
+    (_shift_left, SanitizerError, "missing cuda.syncthreads"),
+    (_shared_past_the_end, IndexError, "out of bounds"),
+])
+def test_sanitizer_finds_bugs_the_plain_simulator_lets_through(kernel, error, fragment):
+    x, out = np.arange(16, dtype=np.float32), np.zeros(16, dtype=np.float32)
+    with sanitize(), pytest.raises(error, match=fragment):
+        kernel[1, 16](x, out)
+    if kernel is _shift_left:  # without the sanitizer this race can go unnoticed
+        kernel[1, 16](x, out)
+
+
+@needs_sim
+def test_sanitizer_accepts_correct_kernels():
+    with sanitize():
+        x = torch.randn(100, generator=gen(8))
+        torch.testing.assert_close(kb.block_sum(x, threads=32), x.sum(), atol=1e-4, rtol=1e-5)
+
+
+# numba on the CPU ---------------------------------------------------------------------------------------
+
+
+def test_cpu_vq_matches_exact_search():
+    z, c = vq_data(2000, 300, 32, seed=9)
+    got = vq_nearest_cpu(z, c)
+    assert got.dtype == torch.int64 and (got[::4] == 3).all()
+    assert torch.equal(got, exact_nearest(z, c))
+
+
+def test_cpu_vq_rejects_bad_input():
+    with pytest.raises(ValueError, match="empty"):
+        vq_nearest_cpu(torch.randn(3, 2), torch.randn(0, 2))
+    with pytest.raises(ValueError, match="need z"):
+        vq_nearest_cpu(torch.randn(3, 2), torch.randn(4, 3))
+
+
+# the wrappers -------------------------------------------------------------------------------------------
+
+
+def test_auto_backend_on_cpu():
+    cpu = torch.device("cpu")
+    assert K.select_backend("flash_attention", cpu) == "torch"
+    assert K.select_backend("vq_nearest", cpu, large=True) == "numba_cpu"
+    assert K.select_backend("vq_nearest", cpu, large=False) == "torch"
+    with pytest.raises(ValueError, match="no backend"):
+        K.select_backend("flash_attention", cpu, "numba_cpu")
+    with pytest.raises(ValueError, match="unknown backend"):
+        K.select_backend("vq_nearest", cpu, "cuda")
+
+
+def test_vq_nearest_every_backend_agrees():
+    z, c = vq_data(60, 17, 5, seed=10)
+    expected = exact_nearest(z, c)
+    for backend in ("auto", "torch", "numba_cpu") + (("numba",) if env.CUDA_SIMULATOR else ()):
+        assert torch.equal(K.vq_nearest(z, c, backend=backend), expected), backend
+    batched = K.vq_nearest(z.reshape(3, 4, 5, 5), c)
+    assert batched.shape == (3, 4, 5) and torch.equal(batched.reshape(-1), expected)
+
+
+def test_vq_nearest_validates():
+    with pytest.raises(ValueError, match="end in D=4"):
+        K.vq_nearest(torch.randn(3, 5), torch.randn(2, 4))
+    with pytest.raises(ValueError, match="floating-point"):
+        K.vq_nearest(torch.ones(3, 4, dtype=torch.long), torch.randn(2, 4))
+
+
+@needs_sim
+@pytest.mark.parametrize("mask", [None, "causal", BlockCausal((1, 4, 9, 7))], ids=["none", "causal", "block"])
+def test_flash_attention_kernel_path_equals_torch_path(mask):
+    g = gen(11)
+    q, k, v = (torch.randn(2, 2, 21, 8, generator=g) for _ in range(3))
+    expected = K.flash_attention(q, k, v, mask, backend="torch")
+    torch.testing.assert_close(K.flash_attention(q, k, v, mask, backend="numba"), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(K.flash_attention(q, k, v, mask), expected)  # auto: torch on CPU
+    torch.testing.assert_close(expected, K.attention_reference(q, k, v, mask), atol=1e-5, rtol=1e-5)
+
+
+def test_flash_attention_arbitrary_mask_runs_on_torch():
+    g = gen(12)
+    q, k, v = (torch.randn(1, 2, 6, 4, generator=g) for _ in range(3))
+    mask = torch.rand(6, 6, generator=g) > 0.5
+    mask[:, 0] = True
+    mask[0, 1] = True  # row 0 is no prefix
+    torch.testing.assert_close(K.flash_attention(q, k, v, mask), K.attention_reference(q, k, v, mask))
+    with pytest.raises(ValueError, match="not a prefix"):
+        K.flash_attention(q, k, v, mask, backend="numba")
+
+
+def test_flash_attention_validates():
+    with pytest.raises(ValueError, match=r"\(B, H, T, D\)"):
+        K.flash_attention(torch.randn(2, 3, 4), torch.randn(2, 3, 4), torch.randn(2, 3, 4))
+    with pytest.raises(ValueError, match="need q"):
+        K.flash_attention(torch.randn(1, 2, 3, 4), torch.randn(1, 2, 3, 5), torch.randn(1, 2, 3, 5))
+
+
+@needs_sim
+def test_decode_attention_kernel_path_equals_torch_path():
+    g = gen(13)
+    q = torch.randn(3, 2, 8, generator=g)
+    k_cache, v_cache = torch.randn(3, 2, 40, 8, generator=g), torch.randn(3, 2, 40, 8, generator=g)
+    lengths = torch.tensor([40, 9, 1])
+    k_cache[2, :, 1:] = float("nan")
+    v_cache[2, :, 1:] = float("nan")
+    expected = K.decode_attention(q, k_cache, v_cache, lengths, backend="torch")
+    assert torch.isfinite(expected).all()
+    torch.testing.assert_close(K.decode_attention(q, k_cache, v_cache, lengths, backend="numba"), expected,
+                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(expected, K.decode_attention_reference(q, k_cache, v_cache, lengths),
+                               atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("length, fragment", [(0, "1..T_max"), (41, "1..T_max"), (torch.tensor([3, 4]), r"\(B,\)")])
+def test_decode_attention_validates(length, fragment):
+    q, cache = torch.randn(3, 2, 8), torch.randn(3, 2, 40, 8)
+    with pytest.raises(ValueError, match=fragment):
+        K.decode_attention(q, cache, cache, length)
+
+
+@needs_sim
+def test_softmax_wrapper_paths_agree():
+    x = torch.randn(2, 3, 37, generator=gen(14), dtype=torch.float64) * 5
+    expected = torch.softmax(x, -1)
+    torch.testing.assert_close(K.softmax(x), expected)
+    got = K.softmax(x, backend="numba")
+    assert got.dtype == torch.float64 and got.shape == x.shape
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
+
+
+def test_a_failing_kernel_falls_back_to_torch_under_auto(monkeypatch):
+    from ar_course.kernels import cpu_vq, ops
+
+    def broken(z, codebook):
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(cpu_vq, "vq_nearest_cpu", broken)
+    monkeypatch.setattr(ops, "_FAILED", set())
+    z, c = vq_data(400, 300, 4, seed=15)  # large enough for numba_cpu under "auto"
+    with pytest.raises(RuntimeError, match="no compiler"):
+        K.vq_nearest(z, c, backend="numba_cpu")
+    with pytest.warns(RuntimeWarning, match="numba_cpu kernel failed"):
+        got = K.vq_nearest(z, c)
+    assert torch.equal(got, exact_nearest(z, c))
+    assert K.select_backend("vq_nearest", torch.device("cpu"), large=True) == "torch"
