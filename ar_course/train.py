@@ -15,6 +15,8 @@ from typing import Any, Callable, Iterator
 import torch
 from tqdm.auto import tqdm
 
+from ar_course import distributed as ddp
+
 
 @dataclass
 class TrainConfig:
@@ -70,8 +72,17 @@ def train_loop(
 ) -> History:
     """Train ``model`` for ``config.steps`` steps on ``batches``; return the :class:`History`.
 
-    ``loss_fn(model, batch)`` returns a scalar loss. ``eval_fn(model)`` (called in eval mode under
-    ``torch.no_grad``) returns named metrics; it runs every ``eval_every`` steps and at the end."""
+    ``loss_fn(model, batch)`` returns a scalar loss (a mean over the batch). ``eval_fn(model)`` (called in
+    eval mode under ``torch.no_grad``) returns named metrics; it runs every ``eval_every`` steps and at
+    the end.
+
+    Inside a process group (``torchrun``, see :mod:`ar_course.distributed`) each process trains on its
+    slice of every global batch from ``batches`` through ``DistributedDataParallel``; the recorded loss
+    is averaged over processes and only rank 0 shows progress. ``model`` is updated in place either way."""
+    train_model: torch.nn.Module = model
+    if ddp.is_distributed():
+        train_model = torch.nn.parallel.DistributedDataParallel(model)
+        progress = progress and ddp.is_main_process()
     opt = optimizer or torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad],
         lr=config.lr, weight_decay=config.weight_decay, betas=config.betas,
@@ -82,14 +93,14 @@ def train_loop(
     for step in bar:
         for group in opt.param_groups:
             group["lr"] = lr_at(step, config)
-        loss = loss_fn(model, next(batches))
+        loss = loss_fn(train_model, ddp.shard_batch(next(batches)))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if config.grad_clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
         opt.step()
         history.steps.append(step)
-        history.loss.append(float(loss.detach()))
+        history.loss.append(ddp.mean_across_processes(float(loss.detach())))
         if step % config.log_every == 0:
             bar.set_postfix(loss=f"{history.smoothed()[-1]:.4f}")
         last = step == config.steps - 1
