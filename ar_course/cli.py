@@ -1,7 +1,7 @@
 """The ``python -m ar_course`` command line.
 
-Sub-commands: ``doctor`` (check the machine), ``grade`` (grade a notebook), ``train <what>`` (the
-chapters' trainers). ``python -m ar_course <command> --help`` describes each.
+Sub-commands: ``doctor`` (check the machine), ``grade`` (grade a notebook), ``bench`` (run the
+benchmarks), ``train <what>`` (the chapters' trainers). ``python -m ar_course <command> --help`` describes each.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ TRAINERS: dict[str, tuple[str, str]] = {
 COMMANDS = {
     "doctor": ("ar_course.doctor", "check that this machine can run the course"),
     "grade": ("ar_course.grade", "execute a notebook's exercises and print which pass"),
+    "bench": ("ar_course.bench", "run the benchmarks in benchmarks/ and print their summary table"),
 }
 
 

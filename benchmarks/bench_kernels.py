@@ -218,6 +218,14 @@ def main(argv: list[str] | None = None) -> int:
         "gpu": bench_gpu() if torch.cuda.is_available() else None,
     }
     cpu = results["cpu"]
+    results["summary"] = [{
+        "what": f"nearest-code search {N}x{K}x{D}: numba CPU vs torch.cdist+argmin",
+        "measured": f"{cpu['numba_cpu']['seconds']:.3f} s vs {cpu['torch_cdist']['seconds']:.3f} s "
+                    f"({cpu['speedup']:.1f}x); peak extra {cpu['numba_cpu']['peak_extra_mib']:.1f} vs "
+                    f"{cpu['torch_cdist']['peak_extra_mib']:.0f} MiB",
+        "target": "at least as fast, O(N+K) memory",
+        "met": bool(cpu["speedup"] >= 1.0),
+    }]
     print(f"CPU nearest code {N}x{K}x{D}: numba {cpu['numba_cpu']['seconds']:.3f} s, cdist+argmin "
           f"{cpu['torch_cdist']['seconds']:.3f} s ({cpu['speedup']:.2f}x); peak extra memory "
           f"{cpu['numba_cpu']['peak_extra_mib']} MiB vs {cpu['torch_cdist']['peak_extra_mib']} MiB; "

@@ -43,3 +43,10 @@ def test_doctor_reports_and_passes_here():
     res = run("doctor")
     assert "numba CUDA simulator" in res.stdout and "torch" in res.stdout
     assert res.returncode == 0, res.stdout
+
+
+def test_bench_table_and_bad_name():
+    res = run("bench", "--table")
+    assert res.returncode == 0
+    bad = run("bench", "no_such_benchmark")
+    assert bad.returncode == 2 and "unknown benchmark" in bad.stderr
