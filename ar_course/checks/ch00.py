@@ -1,0 +1,199 @@
+"""Checks for chapter 00, the tour: ``checks.ch00.stable_softmax(stable_softmax)`` etc.
+
+Softmax and cross-entropy are compared with the references in :mod:`ar_course.basics` on seeded inputs,
+including logits large enough to overflow ``exp`` and ``-inf`` entries. Sampling is random, so its check
+compares *distributions*: it draws thousands of tokens per row with the learner's function and runs a
+chi-square goodness-of-fit test against ``softmax(logits / temperature)``, at several temperatures. It also
+checks the exact cases: greedy decoding at temperature 0, reproducibility under a seeded generator, and a
+``ValueError`` for a negative temperature.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterator
+
+import torch
+from scipy.stats import chi2
+
+from ar_course import basics as ref
+from ar_course.checks.core import Case, Chapter, CheckFailure, call, compare, compare_cases, describe
+
+chapter = Chapter(0, "Tour")
+use = chapter.use
+
+NEG_INF = float("-inf")
+DRAWS = 4000  # tokens drawn per row and temperature in the distribution test
+P_MIN = 1e-6  # a chi-square p-value below this rejects the sampler (a correct one fails ~1e-5 of the time)
+
+
+# --------------------------------------------------------------------------------------------------------
+# 0.1 stable softmax
+
+
+def _softmax_cases() -> Iterator[tuple[Case, bool]]:
+    """(case, whether gradients are compared): finite inputs get a gradient check, ``-inf`` ones do not."""
+    g = torch.Generator().manual_seed(1)
+    yield Case("5x7 random logits", (torch.randn(5, 7, generator=g),)), True
+    yield Case("4x3x6 logits, dim=1", (torch.randn(4, 3, 6, generator=g), 1)), True
+    yield Case("6x4 logits, dim=0", (torch.randn(6, 4, generator=g),), {"dim": 0}), True
+    yield Case("3x5 logits of size ~1000 (exp overflows)", (torch.randn(3, 5, generator=g) * 1000,)), True
+    yield Case("2x9 float64 logits", (torch.randn(2, 9, generator=g, dtype=torch.float64),)), True
+    yield Case("4x1 logits (a single token)", (torch.randn(4, 1, generator=g),)), True
+    masked = torch.randn(3, 8, generator=g) * 2
+    masked[0, [1, 4, 5]] = NEG_INF
+    masked[2, :7] = NEG_INF
+    yield Case("3x8 logits with -inf entries", (masked,)), False
+    empty = torch.randn(3, 6, generator=g)
+    empty[1] = NEG_INF
+    yield Case("3x6 logits, row 1 all -inf (expect zeros there)", (empty,)), False
+
+
+@chapter.exercise("0.1", reference=ref.stable_softmax,
+                  hint="subtract the maximum along dim (keepdim=True) before exp; a slice that is all -inf "
+                  "has maximum -inf, so subtract 0 there and return zeros")
+def stable_softmax(fn: Callable, ref_fn: Callable) -> None:
+    for case, with_grad in _softmax_cases():
+        compare_cases(fn, ref_fn, [case], grad_wrt=(0,) if with_grad else ())
+
+
+# --------------------------------------------------------------------------------------------------------
+# 0.2 sampling with a temperature
+
+
+def _sampling_cases() -> Iterator[tuple[str, torch.Tensor, tuple[float, ...]]]:
+    """(name, logits (B, V), temperatures to test)."""
+    g = torch.Generator().manual_seed(2)
+    yield "3 rows x 9 tokens", torch.randn(3, 9, generator=g) * 1.5, (1.0, 0.5, 2.0)
+    masked = torch.randn(2, 13, generator=g) * 2
+    masked[0, [1, 4, 5]] = NEG_INF
+    masked[1, 7:] = NEG_INF
+    yield "2 rows x 13 tokens with -inf entries", masked, (1.0, 0.7)
+    yield "2 rows x 6 tokens, logits around 400", torch.randn(2, 6, generator=g) * 2 + 400, (1.0,)
+    yield "1 row x 5 tokens, low temperature", torch.tensor([[2.0, 1.5, 1.0, 0.0, -1.0]]), (0.25,)
+
+
+def _pooled(observed: torch.Tensor, expected: torch.Tensor,
+            min_expected: float = 5.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Counts (V,) with every token expected fewer than ``min_expected`` times merged into one bin (plus the
+    next least likely token when even that bin falls short), so the chi-square approximation holds."""
+    order = torch.argsort(expected)  # least likely first
+    obs, exp = observed[order], expected[order]
+    cut = int((exp < min_expected).sum())
+    if 0 < cut < len(exp) and exp[:cut].sum() < min_expected:
+        cut += 1
+    if cut <= 1:
+        return obs, exp
+    return torch.cat([obs[:cut].sum()[None], obs[cut:]]), torch.cat([exp[:cut].sum()[None], exp[cut:]])
+
+
+def _chi_square_p(observed: torch.Tensor, expected: torch.Tensor) -> float:
+    """p-value of Pearson's chi-square test of counts ``observed`` (V,) against ``expected`` (V,)."""
+    obs, exp = _pooled(observed.double(), expected.double())
+    if len(exp) < 2:
+        return 1.0
+    stat = float(((obs - exp) ** 2 / exp).sum())
+    return float(chi2.sf(stat, len(exp) - 1))
+
+
+def _check_draws(draws: object, n: int, vocab: int, where: str) -> torch.Tensor:
+    """The learner's tokens as a (n,) int64 tensor, after checking type, shape, dtype and range."""
+    if not isinstance(draws, torch.Tensor):
+        raise CheckFailure(f"output on input {where!r} should be a torch.Tensor, got {describe(draws)}")
+    if tuple(draws.shape) != (n,):
+        raise CheckFailure(f"output on input {where!r} has shape {tuple(draws.shape)}, expected ({n},): one token "
+                           "per row (torch.multinomial returns (B, 1); drop the last axis)")
+    if draws.dtype != torch.int64:
+        raise CheckFailure(f"output on input {where!r} has dtype {draws.dtype}, expected torch.int64")
+    draws = draws.cpu()
+    if bool(((draws < 0) | (draws >= vocab)).any()):
+        raise CheckFailure(f"output on input {where!r} holds token {int(draws.max())}, outside 0..{vocab - 1}")
+    return draws
+
+
+def _check_distribution(fn: Callable, name: str, logits: torch.Tensor, temperature: float, seed: int) -> None:
+    """Draw DRAWS tokens per row with ``fn`` and test them against ``softmax(logits / temperature)``."""
+    where = f"{name}, temperature {temperature:g}, {DRAWS} draws per row"
+    rows, vocab = logits.shape
+    batch = logits.repeat(DRAWS, 1)  # (DRAWS * B, V): row i is logits[i % B]
+    with torch.random.fork_rng(devices=[]):  # a sampler that ignores `generator` is still deterministic here
+        torch.manual_seed(seed)
+        draws = call(fn, batch, temperature, generator=torch.Generator().manual_seed(seed), where=where)
+    draws = _check_draws(draws, DRAWS * rows, vocab, where).view(DRAWS, rows)  # (DRAWS, B)
+    expected = torch.softmax(logits.double() / temperature, dim=-1)  # (B, V)
+    for r in range(rows):
+        counts = torch.bincount(draws[:, r], minlength=vocab).double()  # (V,)
+        impossible = (expected[r] == 0) & (counts > 0)
+        if bool(impossible.any()):
+            tok = int(impossible.nonzero()[0])
+            raise CheckFailure(f"on input {where!r} row {r} drew token {tok} {int(counts[tok])} times, but its "
+                               "logit is -inf (probability 0)")
+        p = _chi_square_p(counts, expected[r] * DRAWS)
+        if p < P_MIN:
+            freq, want = counts / DRAWS, expected[r]
+            tok = int((freq - want).abs().argmax())
+            raise CheckFailure(
+                f"token frequencies on input {where!r} do not follow softmax(logits / temperature): row {r} "
+                f"drew token {tok} {100 * float(freq[tok]):.1f}% of the time, expected "
+                f"{100 * float(want[tok]):.1f}% (chi-square p = {p:.1e})")
+
+
+@chapter.exercise("0.2", reference=ref.sample_categorical,
+                  hint="divide the logits (not the probabilities) by the temperature, then draw with "
+                  "torch.multinomial(probs, 1, generator=generator) or the Gumbel-max trick; temperature 0 is "
+                  "argmax, a negative one raises ValueError")
+def sample_categorical(fn: Callable, ref_fn: Callable) -> None:
+    g = torch.Generator().manual_seed(20)
+    logits = torch.randn(6, 10, generator=g)
+    where = "6x10 random logits, temperature 0"
+    compare(call(fn, logits.clone(), 0.0, where=where), ref_fn(logits, 0.0), where=where)
+    ties = torch.tensor([[1.0, 3.0, 3.0, 0.0], [2.0, 2.0, 2.0, 2.0]])
+    where = "tied maxima, temperature 0 (expect the first)"
+    compare(call(fn, ties.clone(), 0.0, where=where), ref_fn(ties, 0.0), where=where)
+
+    for i, (name, case_logits, temperatures) in enumerate(_sampling_cases()):
+        for j, temperature in enumerate(temperatures):
+            _check_distribution(fn, name, case_logits, temperature, seed=100 * i + j)
+
+    logits = torch.randn(500, 20, generator=g)
+    where = "500x20 logits, two generators seeded alike"
+    first = call(fn, logits.clone(), 1.0, generator=torch.Generator().manual_seed(7), where=where)
+    second = call(fn, logits.clone(), 1.0, generator=torch.Generator().manual_seed(7), where=where)
+    if not torch.equal(first, second):
+        raise CheckFailure(f"on input {where!r} the two calls drew different tokens: draw every random number "
+                           "with generator=generator")
+
+    try:
+        out = fn(logits[:2].clone(), -1.0)
+    except ValueError:
+        return
+    except NotImplementedError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any other error is the wrong kind
+        raise CheckFailure(f"temperature -1 should raise ValueError, got {type(exc).__name__}") from None
+    raise CheckFailure(f"temperature -1 should raise ValueError, but your function returned {describe(out)}")
+
+
+# --------------------------------------------------------------------------------------------------------
+# 0.3 cross-entropy from logits
+
+
+def _cross_entropy_cases() -> Iterator[Case]:
+    g = torch.Generator().manual_seed(3)
+    yield Case("37 rows x 11 classes", (torch.randn(37, 11, generator=g) * 2, torch.randint(0, 11, (37,), generator=g)))
+    yield Case("9x7 logits of size ~1000 (exp overflows)",
+               (torch.randn(9, 7, generator=g) * 1000, torch.randint(0, 7, (9,), generator=g)))
+    padded = torch.randint(0, 5, (12,), generator=g)
+    padded[[2, 3, 8, 11]] = -100
+    yield Case("12x5 with 4 targets = -100 (ignored)", (torch.randn(12, 5, generator=g), padded))
+    yield Case("10x4 with ignore_index=0 (class 0 does not count)",
+               (torch.randn(10, 4, generator=g), torch.tensor([0, 1, 2, 3, 0, 1, 0, 2, 3, 3])), {"ignore_index": 0})
+    yield Case("8x6 float64 logits",
+               (torch.randn(8, 6, generator=g, dtype=torch.float64), torch.randint(0, 6, (8,), generator=g)))
+    yield Case("a single row", (torch.randn(1, 30, generator=g), torch.tensor([17])))
+
+
+@chapter.exercise("0.3", reference=ref.cross_entropy_from_logits,
+                  hint="per row: logsumexp(logits) - logits[target], with logsumexp = max + log(sum(exp(x - max))); "
+                  "then average over the rows whose target is not ignore_index")
+def cross_entropy_from_logits(fn: Callable, ref_fn: Callable) -> None:
+    compare_cases(fn, ref_fn, _cross_entropy_cases(), grad_wrt=(0,))

@@ -1,0 +1,232 @@
+"""Chapter 00 checks: each accepts the reference, reports a stub as not attempted, and rejects plausible
+wrong answers (no max-subtraction, wrong axis, temperature ignored or applied to probabilities, always
+argmax, no log-sum-exp, ignored targets counted, a sum instead of a mean...)."""
+
+import pytest
+import torch
+
+from ar_course import basics
+from ar_course.checks import ch00
+from checks_helpers import assert_fails, assert_not_attempted, assert_passes, stub
+
+# 0.1 ------------------------------------------------------------------------------------------------------
+
+
+def softmax_naive(logits, dim=-1):
+    e = torch.exp(logits)
+    return e / e.sum(dim=dim, keepdim=True)
+
+
+def softmax_last_axis_always(logits, dim=-1):
+    return basics.stable_softmax(logits, dim=-1)
+
+
+def softmax_nan_on_empty_rows(logits, dim=-1):
+    e = torch.exp(logits - logits.amax(dim=dim, keepdim=True))
+    return e / e.sum(dim=dim, keepdim=True)
+
+
+def softmax_detached(logits, dim=-1):
+    return basics.stable_softmax(logits.detach(), dim)
+
+
+def softmax_float32_always(logits, dim=-1):
+    return basics.stable_softmax(logits.float(), dim)
+
+
+# 0.2 ------------------------------------------------------------------------------------------------------
+
+
+def sample_ignores_temperature(logits, temperature=1.0, generator=None):
+    if temperature < 0:
+        raise ValueError("negative temperature")
+    if temperature == 0:
+        return logits.argmax(-1)
+    return torch.multinomial(torch.softmax(logits, -1), 1, generator=generator).squeeze(1)
+
+
+def sample_divides_probabilities(logits, temperature=1.0, generator=None):
+    if temperature < 0:
+        raise ValueError("negative temperature")
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits, -1) / temperature
+    return torch.multinomial(probs / probs.sum(-1, keepdim=True), 1, generator=generator).squeeze(1)
+
+
+def sample_multiplies_by_temperature(logits, temperature=1.0, generator=None):
+    if temperature < 0:
+        raise ValueError("negative temperature")
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits * temperature, -1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
+def sample_always_argmax(logits, temperature=1.0, generator=None):
+    if temperature < 0:
+        raise ValueError("negative temperature")
+    return logits.argmax(-1)
+
+
+def sample_multinomial_right(logits, temperature=1.0, generator=None):
+    """A correct sampler that works differently from the reference (softmax + torch.multinomial)."""
+    if temperature < 0:
+        raise ValueError("negative temperature")
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = basics.stable_softmax(logits / temperature)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
+def sample_keeps_last_axis(logits, temperature=1.0, generator=None):
+    if temperature == 0:
+        return logits.argmax(-1)
+    return torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=generator)  # (B, 1)
+
+
+def sample_global_rng(logits, temperature=1.0, generator=None):
+    return basics.sample_categorical(logits, temperature, generator=None)
+
+
+def sample_no_sign_check(logits, temperature=1.0, generator=None):
+    return basics.sample_categorical(logits, abs(temperature), generator)
+
+
+def sample_naive_softmax(logits, temperature=1.0, generator=None):
+    if temperature < 0:
+        raise ValueError("negative temperature")
+    if temperature == 0:
+        return logits.argmax(-1)
+    return torch.multinomial(softmax_naive(logits / temperature), 1, generator=generator).squeeze(1)
+
+
+def sample_drops_one_token(logits, temperature=1.0, generator=None):
+    """Off by one: never draws the last token of the vocabulary."""
+    if temperature < 0:
+        raise ValueError("negative temperature")
+    return basics.sample_categorical(logits[:, :-1], temperature, generator)
+
+
+# 0.3 ------------------------------------------------------------------------------------------------------
+
+
+def _counted(targets, ignore_index):
+    return targets != ignore_index
+
+
+def ce_no_logsumexp(logits, targets, ignore_index=-100):
+    keep = _counted(targets, ignore_index)
+    log_norm = torch.log(torch.exp(logits).sum(-1))
+    picked = logits.gather(1, targets.clamp(min=0)[:, None]).squeeze(1)
+    return ((log_norm - picked) * keep).sum() / keep.sum()
+
+
+def ce_mean_over_all_rows(logits, targets, ignore_index=-100):
+    keep = _counted(targets, ignore_index)
+    picked = logits.gather(1, torch.where(keep, targets, 0)[:, None]).squeeze(1)
+    return ((torch.logsumexp(logits, -1) - picked) * keep).mean()
+
+
+def ce_sum(logits, targets, ignore_index=-100):
+    keep = _counted(targets, ignore_index)
+    picked = logits.gather(1, torch.where(keep, targets, 0)[:, None]).squeeze(1)
+    return ((torch.logsumexp(logits, -1) - picked) * keep).sum()
+
+
+def ce_hard_coded_ignore(logits, targets, ignore_index=-100):
+    return basics.cross_entropy_from_logits(logits, targets)
+
+
+def ce_returns_float(logits, targets, ignore_index=-100):
+    return basics.cross_entropy_from_logits(logits, targets, ignore_index).item()
+
+
+def ce_detached(logits, targets, ignore_index=-100):
+    return basics.cross_entropy_from_logits(logits.detach(), targets, ignore_index)
+
+
+def ce_torch(logits, targets, ignore_index=-100):
+    return torch.nn.functional.cross_entropy(logits, targets, ignore_index=ignore_index)
+
+
+# tests ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("check, reference", [
+    (ch00.stable_softmax, basics.stable_softmax),
+    (ch00.sample_categorical, basics.sample_categorical),
+    (ch00.cross_entropy_from_logits, basics.cross_entropy_from_logits),
+])
+def test_reference_passes_and_stub_is_not_attempted(check, reference):
+    assert_passes(check, reference)
+    assert_not_attempted(check, stub)
+
+
+@pytest.mark.parametrize("wrong, contains", [
+    (softmax_naive, "size ~1000"),
+    (softmax_last_axis_always, "dim=1"),
+    (softmax_nan_on_empty_rows, "all -inf"),
+    (softmax_detached, "no gradient"),
+    (softmax_float32_always, "dtype"),
+])
+def test_softmax_rejects(wrong, contains):
+    assert_fails(ch00.stable_softmax, wrong, contains=contains)
+
+
+def test_softmax_failure_carries_the_hint():
+    assert_fails(ch00.stable_softmax, softmax_naive, contains="Hint: subtract the maximum")
+
+
+def test_sampling_accepts_another_correct_sampler():
+    assert_passes(ch00.sample_categorical, sample_multinomial_right)
+
+
+@pytest.mark.parametrize("wrong, contains", [
+    (sample_ignores_temperature, "temperature 0.5"),
+    (sample_divides_probabilities, "temperature 0.5"),
+    (sample_multiplies_by_temperature, "temperature 0.5"),
+    (sample_always_argmax, "do not follow softmax"),
+    (sample_keeps_last_axis, "shape"),
+    (sample_global_rng, "generator=generator"),
+    (sample_no_sign_check, "ValueError"),
+    (sample_naive_softmax, "around 400"),
+    (sample_drops_one_token, "drew token 8 0.0%"),
+])
+def test_sampling_rejects(wrong, contains):
+    assert_fails(ch00.sample_categorical, wrong, contains=contains)
+
+
+def test_distribution_test_is_seeded_and_leaves_the_global_rng_alone():
+    logits = torch.tensor([[0.5, -1.0, 2.0, 0.0]])
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    ch00._check_distribution(sample_global_rng, "4 tokens", logits, 0.8, seed=5)  # draws from the global RNG
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_cross_entropy_accepts_torch():
+    assert_passes(ch00.cross_entropy_from_logits, ce_torch)
+
+
+@pytest.mark.parametrize("wrong, contains", [
+    (ce_no_logsumexp, "size ~1000"),
+    (ce_mean_over_all_rows, "ignored"),
+    (ce_sum, "37 rows"),
+    (ce_hard_coded_ignore, "ignore_index=0"),
+    (ce_returns_float, "torch.Tensor"),
+    (ce_detached, "no gradient"),
+])
+def test_cross_entropy_rejects(wrong, contains):
+    assert_fails(ch00.cross_entropy_from_logits, wrong, contains=contains)
+
+
+def test_use_returns_the_learner_function_only_after_it_passed(capsys):
+    def stable_softmax(logits, dim=-1):
+        return basics.stable_softmax(logits, dim)
+
+    assert ch00.use(stable_softmax) is basics.stable_softmax
+    assert "has not passed" in capsys.readouterr().out
+    ch00.stable_softmax(stable_softmax)
+    assert ch00.use(stable_softmax) is stable_softmax
