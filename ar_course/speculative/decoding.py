@@ -1,0 +1,223 @@
+"""Speculative sampling with a draft model, and Speculative Jacobi Decoding (optionally relaxed) without one.
+
+Both work on :class:`ar_course.transformer.GPT` models with their KV caches, batch size 1. The caches
+always hold every position of the sequence but the last one (the "pending" token, fed at the next call);
+after each round :func:`~.functional.rollback_caches` cuts away what was computed for rejected drafts.
+
+* :func:`speculative_generate` -- Leviathan et al. / Chen et al.: a draft proposes ``gamma`` tokens, one
+  target pass verifies them. Greedy (``temperature=0``) gives exactly the target's greedy tokens.
+* :func:`sjd_generate` -- Speculative Jacobi Decoding: a window of draft tokens, refined by the target
+  itself pass after pass, accepted with the same test; ``delta > 0`` adds LANTERN-style relaxation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ar_course import sampling
+from ar_course.speculative.functional import (
+    jacobi_verify,
+    relaxed_target,
+    rollback_caches,
+    speculative_round,
+)
+from ar_course.transformer.model import GPT, KVCache
+
+
+@dataclass
+class SpecStats:
+    """Counters of one generation. ``accepted_hist[k]``: rounds in which ``k`` drafts were accepted."""
+
+    target_calls: int = 0
+    draft_calls: int = 0
+    new_tokens: int = 0
+    proposed: int = 0  # draft tokens proposed (window tokens, for SJD)
+    accepted: int = 0  # draft tokens accepted
+    rejected: int = 0  # rounds that ended in a rejection (drafts after it are never tested)
+    accepted_hist: list[int] = field(default_factory=list)
+
+    @property
+    def acceptance_rate(self) -> float:
+        """The estimate of alpha: accepted / tested draft tokens, ``accepted / (accepted + rejected)``.
+
+        (Dividing by ``proposed`` would count the drafts after a rejection, which are never tested.)"""
+        tested = self.accepted + self.rejected
+        return self.accepted / tested if tested else float("nan")
+
+    @property
+    def tokens_per_call(self) -> float:
+        """New tokens per target forward pass."""
+        return self.new_tokens / self.target_calls if self.target_calls else float("nan")
+
+    def record(self, n_accepted: int, n_new: int, n_proposed: int) -> None:
+        self.target_calls += 1
+        self.new_tokens += n_new
+        self.proposed += n_proposed
+        self.accepted += n_accepted
+        self.rejected += int(n_accepted < n_proposed)
+        if len(self.accepted_hist) <= n_accepted:
+            self.accepted_hist.extend([0] * (n_accepted + 1 - len(self.accepted_hist)))
+        self.accepted_hist[n_accepted] += 1
+
+    def merge(self, other: "SpecStats") -> None:
+        """Add another run's counters to these (for statistics over many generations)."""
+        self.target_calls += other.target_calls
+        self.draft_calls += other.draft_calls
+        self.new_tokens += other.new_tokens
+        self.proposed += other.proposed
+        self.accepted += other.accepted
+        self.rejected += other.rejected
+        for k, n in enumerate(other.accepted_hist):
+            if len(self.accepted_hist) <= k:
+                self.accepted_hist.append(0)
+            self.accepted_hist[k] += n
+
+
+def _feed(model: GPT, cache: KVCache, seq: torch.Tensor, classes: torch.Tensor | None) -> torch.Tensor:
+    """Run ``model`` on the positions of ``seq`` ``(B, n)`` its cache does not hold yet; logits ``(B, T, V)``.
+
+    Cache positions count the class token (if any): position ``j`` holds token ``j - n_prefix``."""
+    start = cache.length - model.config.n_prefix
+    new = seq[:, max(start, 0):]  # (B, T_new)
+    logits, _ = model(new, classes=classes if cache.length == 0 else None, cache=cache)
+    return logits
+
+
+def _check_prefix(prefix: torch.Tensor, min_len: int) -> None:
+    if prefix.dim() != 2 or prefix.shape[0] != 1 or prefix.dtype != torch.long:
+        raise ValueError(f"prefix must be a (1, T) long tensor (batch size 1), "
+                         f"got {tuple(prefix.shape)} {prefix.dtype}")
+    if prefix.shape[1] < min_len:
+        raise ValueError(f"prefix needs at least {min_len} token(s), got {prefix.shape[1]}")
+
+
+@torch.no_grad()
+def speculative_generate(
+    target: GPT,
+    draft: GPT,
+    prefix: torch.Tensor,
+    max_new_tokens: int,
+    gamma: int = 4,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, SpecStats]:
+    """Sample ``max_new_tokens`` tokens after ``prefix`` ``(1, T)`` from ``target``, with ``draft`` proposing.
+
+    Each round: the draft samples ``gamma`` tokens from ``q`` (one draft call each); one target call over
+    the pending token and the drafts gives ``p``; :func:`~.functional.speculative_round` keeps the
+    accepted drafts and adds one corrected or bonus token; both caches roll back. ``p`` and ``q`` come from
+    :func:`ar_course.sampling.probs` with the same ``temperature``/``top_k``/``top_p``, so the output has
+    exactly the target's sampling distribution; ``temperature=0`` reproduces ``target.generate(...,
+    temperature=0)``. Near the end ``gamma`` shrinks so that no position past ``T + max_new_tokens - 1`` is
+    ever fed.
+
+    Returns:
+        ``(tokens (1, T + max_new_tokens), stats)``.
+    """
+    _check_prefix(prefix, 1)
+    if gamma < 0 or max_new_tokens < 0:
+        raise ValueError(f"gamma and max_new_tokens must be >= 0, got {gamma} and {max_new_tokens}")
+    if target.config.vocab_size != draft.config.vocab_size or target.config.n_classes or draft.config.n_classes:
+        raise ValueError("target and draft must be unconditional models over the same vocabulary")
+    total = prefix.shape[1] + max_new_tokens
+    if total - 1 > min(target.config.block_size, draft.config.block_size):
+        raise ValueError(f"{total - 1} positions exceed a model's block_size")
+    t_cache, d_cache = target.make_cache(1, max(total - 1, 1)), draft.make_cache(1, max(total - 1, 1))
+    seq, stats = prefix, SpecStats()
+    while seq.shape[1] < total:
+        g = min(gamma, total - seq.shape[1] - 1)
+        drafted, q_rows = seq, []
+        for _ in range(g):
+            q = sampling.probs(_feed(draft, d_cache, drafted, None)[:, -1], temperature, top_k, top_p)  # (1, V)
+            drafted = torch.cat([drafted, sampling.sample_from_probs(q, generator)[:, None]], dim=1)
+            q_rows.append(q)
+        stats.draft_calls += g
+        logits = _feed(target, t_cache, drafted, None)[0, -(g + 1):]  # (g + 1, V)
+        p = sampling.probs(logits, temperature, top_k, top_p)  # (g + 1, V)
+        q = torch.cat(q_rows) if q_rows else p.new_empty(0, p.shape[1])  # (g, V)
+        u = torch.rand(g, generator=generator, device=p.device)
+        new = speculative_round(p, q, drafted[0, seq.shape[1]:], u, generator)  # (n + 1,)
+        seq = torch.cat([seq, new[None]], dim=1)
+        stats.record(new.shape[0] - 1, new.shape[0], g)
+        rollback_caches([t_cache, d_cache], seq.shape[1])
+    return seq, stats
+
+
+@torch.no_grad()
+def sjd_generate(
+    model: GPT,
+    n_tokens: int,
+    prefix: torch.Tensor | None = None,
+    classes: torch.Tensor | None = None,
+    window: int = 8,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+    cfg_scale: float = 1.0,
+    delta: float = 0.0,
+    neighbors: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, SpecStats]:
+    """Speculative Jacobi Decoding: ``n_tokens`` new tokens from ``model`` with no draft model.
+
+    A window of ``window`` draft tokens follows the accepted sequence, each with the distribution ``q`` it
+    was drawn from (one-hot for fresh, uniformly random tokens). One forward pass over the pending token
+    and the window gives ``p`` for every window position (and the one after); :func:`~.functional.
+    jacobi_verify` accepts a prefix of the window, adds one token, and re-samples the positions after it
+    from this pass's ``p``, which become the next pass's drafts. Greedy (``temperature=0``) is plain greedy
+    decoding. ``delta > 0`` (with ``neighbors`` ``(V, k)`` from :func:`~.functional.codebook_neighbors`)
+    verifies against :func:`~.functional.relaxed_target` instead of ``p`` (LANTERN-style, not exact).
+
+    Args:
+        prefix: ``(1, T)`` long (``T >= 1`` for an unconditional model; may be ``None`` / empty with a
+            class-conditional one). classes: ``(1,)`` long for a class-conditional model.
+        cfg_scale: classifier-free guidance (runs the null class in the same batch), as ``GPT.generate``.
+
+    Returns:
+        ``(tokens (1, T + n_tokens), stats)`` with ``stats.target_calls`` the forward passes made.
+    """
+    conditional = model.config.n_classes > 0
+    if prefix is None:
+        prefix = torch.zeros(1, 0, dtype=torch.long, device=model.wte.weight.device)
+    _check_prefix(prefix, 0 if conditional else 1)
+    if conditional != (classes is not None) or (classes is not None and classes.shape != (1,)):
+        raise ValueError("pass classes of shape (1,) exactly when the model is class-conditional")
+    if cfg_scale != 1.0 and not conditional:
+        raise ValueError("classifier-free guidance (cfg_scale != 1) needs a class-conditional model")
+    if window < 0 or n_tokens < 0:
+        raise ValueError(f"window and n_tokens must be >= 0, got {window} and {n_tokens}")
+    if delta > 0 and neighbors is None:
+        raise ValueError("relaxed acceptance (delta > 0) needs neighbors (V, k)")
+    V, n_prefix = model.config.vocab_size, model.config.n_prefix
+    total = prefix.shape[1] + n_tokens
+    if n_prefix + total - 1 > model.config.block_size:
+        raise ValueError(f"{n_prefix + total - 1} positions exceed block_size {model.config.block_size}")
+    guided = cfg_scale != 1.0
+    batch = 2 if guided else 1
+    cls = torch.cat([classes, torch.full_like(classes, model.null_class)]) if guided else classes
+    cache = model.make_cache(batch, max(n_prefix + total - 1, 1))
+    seq, stats = prefix, SpecStats()
+    carry = prefix.new_empty(0)  # drafts for the positions after seq, with their distributions
+    carry_q = torch.empty(0, V, device=prefix.device)
+    while seq.shape[1] < total:
+        L = min(window, total - seq.shape[1] - 1)
+        fresh = torch.randint(V, (max(L - carry.shape[0], 0),), generator=generator, device=prefix.device)
+        draft = torch.cat([carry, fresh])[:L]  # (L,)
+        q = torch.cat([carry_q, torch.nn.functional.one_hot(fresh, V).to(carry_q.dtype)])[:L]  # (L, V)
+        inp = torch.cat([seq, draft[None]], dim=1).expand(batch, -1)  # (batch, n + L)
+        logits = _feed(model, cache, inp, cls)[:, -(L + 1):]  # (batch, L + 1, V)
+        if guided:
+            logits = sampling.cfg_mix(logits[:1], logits[1:], cfg_scale)
+        p = sampling.probs(logits[0], temperature, top_k, top_p)  # (L + 1, V)
+        if delta > 0:
+            p = torch.cat([relaxed_target(p[:L], draft, neighbors, delta), p[L:]])
+        u = torch.rand(L, generator=generator, device=p.device)
+        new, carry, carry_q = jacobi_verify(p, q, draft, u, generator)
+        seq = torch.cat([seq, new[None]], dim=1)
+        stats.record(new.shape[0] - 1, new.shape[0], L)
+        rollback_caches([cache], n_prefix + seq.shape[1])
+    return seq, stats

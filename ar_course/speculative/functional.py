@@ -1,0 +1,198 @@
+"""The small pieces of speculative decoding, one function each (the references of chapter 05's exercises).
+
+Notation: ``p`` is the target's next-token distribution, ``q`` the draft's, both ``(..., V)`` and both
+produced by :func:`ar_course.sampling.probs` with the same temperature / top-k / top-p. A round proposes
+``L`` draft tokens ``draft`` ``(L,)`` drawn from the rows of ``q`` ``(L, V)``; one target pass gives
+``p`` ``(L + 1, V)``: row ``i`` is the target's distribution for the position of ``draft[i]`` and row ``L``
+the one after the last draft token.
+
+* :func:`acceptance_probability` -- ``min(1, p(x) / q(x))``.
+* :func:`residual_distribution` -- ``normalize(max(0, p - q))``, where a rejected token is redrawn from.
+* :func:`speculative_round` -- verify a block of drafts: accepted prefix + one corrected or bonus token.
+* :func:`rollback_caches` -- cut KV caches back to what the accepted sequence needs.
+* :func:`expected_tokens_per_call`, :func:`expected_speedup` -- the analytic model of Leviathan et al.
+* :func:`jacobi_verify` -- the same verification for Speculative Jacobi Decoding, plus the samples that the
+  unaccepted positions carry into the next pass.
+* :func:`codebook_neighbors`, :func:`relaxed_target`, :func:`relaxed_acceptance_probability` -- the
+  LANTERN-style relaxation: a drafted image token may borrow up to ``delta`` probability from its nearest
+  codebook neighbours before the accept test.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ar_course import sampling
+from ar_course.transformer.model import KVCache
+
+
+def _check_dist(name: str, x: torch.Tensor) -> None:
+    if not torch.is_floating_point(x) or x.dim() < 1:
+        raise ValueError(f"{name} must be a floating-point tensor (..., V), got {x.dtype} {tuple(x.shape)}")
+
+
+def acceptance_probability(p: torch.Tensor, q: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Probability of accepting each drafted token: ``min(1, p[x] / q[x])``.
+
+    Args:
+        p: ``(..., V)`` target distributions. q: ``(..., V)`` draft distributions (``q[x] > 0`` for the
+            drafted token, since it was drawn from ``q``). tokens: ``(...)`` long, the drafted tokens.
+
+    Returns:
+        ``(...)`` in ``[0, 1]``, dtype of ``p``.
+    """
+    _check_dist("p", p)
+    if p.shape != q.shape or tokens.shape != p.shape[:-1]:
+        raise ValueError(f"shapes do not match: p {tuple(p.shape)}, q {tuple(q.shape)}, tokens {tuple(tokens.shape)}")
+    p_x = p.gather(-1, tokens[..., None]).squeeze(-1)  # (...)
+    q_x = q.gather(-1, tokens[..., None]).squeeze(-1)  # (...)
+    return torch.clamp(p_x / q_x, max=1.0)
+
+
+def residual_distribution(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """``normalize(max(0, p - q))`` row by row, ``(..., V)`` -> ``(..., V)``.
+
+    A row where ``p <= q`` everywhere (only when ``p == q``, in which case no draft is ever rejected) has
+    nothing left; it falls back to ``p``."""
+    _check_dist("p", p)
+    if p.shape != q.shape:
+        raise ValueError(f"p and q must have the same shape, got {tuple(p.shape)} and {tuple(q.shape)}")
+    r = (p - q).clamp(min=0)  # (..., V)
+    mass = r.sum(-1, keepdim=True)  # (..., 1)
+    return torch.where(mass > 0, r / mass.clamp(min=torch.finfo(r.dtype).tiny), p)
+
+
+def speculative_round(
+    p: torch.Tensor,
+    q: torch.Tensor,
+    draft: torch.Tensor,
+    u: torch.Tensor,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Verify ``L`` drafted tokens against the target; returns the tokens this round adds, ``(n + 1,)``.
+
+    Draft ``i`` is accepted while ``u[i] < min(1, p[i, x_i] / q[i, x_i])``. At the first rejection ``i`` the
+    round returns ``draft[:i]`` plus one token drawn from ``residual_distribution(p[i], q[i])``; when all
+    ``L`` are accepted it returns ``draft`` plus a bonus token drawn from ``p[L]``. Exactly one draw is
+    made, ``sampling.sample_from_probs(dist, generator)``.
+
+    Args:
+        p: ``(L + 1, V)`` target distributions. q: ``(L, V)`` draft distributions. draft: ``(L,)`` long.
+        u: ``(L,)`` uniform numbers in ``[0, 1)``. generator: for the one draw.
+    """
+    L = draft.shape[0]
+    if p.dim() != 2 or p.shape[0] != L + 1 or q.shape != (L, p.shape[1]) or u.shape != (L,):
+        raise ValueError(f"expected p (L+1, V), q (L, V), draft (L,), u (L,) with L = {L}; got "
+                         f"p {tuple(p.shape)}, q {tuple(q.shape)}, u {tuple(u.shape)}")
+    accept = u < acceptance_probability(p[:L], q, draft)  # (L,)
+    rejected = (~accept).nonzero()
+    if rejected.numel() == 0:
+        extra = sampling.sample_from_probs(p[L], generator)  # bonus token
+        return torch.cat([draft, extra.view(1)])
+    i = int(rejected[0])
+    extra = sampling.sample_from_probs(residual_distribution(p[i], q[i]), generator)
+    return torch.cat([draft[:i], extra.view(1)])
+
+
+def rollback_caches(caches: list[KVCache], seq_len: int) -> None:
+    """After a round the sequence has ``seq_len`` positions and its last one has not been fed to any model.
+
+    Each cache keeps at most ``seq_len - 1`` positions (what it computed for rejected drafts goes); a cache
+    that holds fewer stays as it is (it gets the missing tokens at its next call)."""
+    if seq_len < 1:
+        raise ValueError(f"seq_len must be >= 1, got {seq_len}")
+    for cache in caches:
+        cache.rollback(min(cache.length, seq_len - 1))
+
+
+def expected_tokens_per_call(alpha: float, gamma: int) -> float:
+    """Expected tokens one target call produces with ``gamma`` drafts accepted i.i.d. with prob ``alpha``:
+    ``(1 - alpha**(gamma + 1)) / (1 - alpha)``, and ``gamma + 1`` at ``alpha = 1``."""
+    if not 0 <= alpha <= 1:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    if gamma < 0:
+        raise ValueError(f"gamma must be >= 0, got {gamma}")
+    if alpha == 1:
+        return float(gamma + 1)
+    return (1 - alpha ** (gamma + 1)) / (1 - alpha)
+
+
+def expected_speedup(alpha: float, gamma: int, c: float) -> float:
+    """Wall-clock speedup over plain decoding when a draft call costs ``c`` target calls:
+    ``expected_tokens_per_call(alpha, gamma) / (gamma * c + 1)``."""
+    if c < 0:
+        raise ValueError(f"cost ratio c must be >= 0, got {c}")
+    return expected_tokens_per_call(alpha, gamma) / (gamma * c + 1)
+
+
+def jacobi_verify(
+    p: torch.Tensor,
+    q: torch.Tensor,
+    draft: torch.Tensor,
+    u: torch.Tensor,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One verification of Speculative Jacobi Decoding over a window of ``L`` draft tokens.
+
+    First exactly :func:`speculative_round` (same arguments, same single draw): ``accepted`` ``(m,)``,
+    ``1 <= m <= L + 1``. Then, when ``m <= L``, the positions after the new token get new drafts for the
+    next pass: one draw ``sampling.sample_from_probs(p[m:], generator)`` ``(L + 1 - m,)`` with ``p[m:]`` as
+    the distributions they were drawn from.
+
+    Returns:
+        ``(accepted (m,), carry (L + 1 - m,) long, carry_q (L + 1 - m, V))`` (carry empty when m = L + 1).
+    """
+    accepted = speculative_round(p, q, draft, u, generator)
+    m = accepted.shape[0]
+    carry_q = p[m:]  # (L + 1 - m, V)
+    if carry_q.shape[0] == 0:
+        return accepted, draft.new_empty(0), carry_q
+    return accepted, sampling.sample_from_probs(carry_q, generator), carry_q
+
+
+def codebook_neighbors(codebook: torch.Tensor, k: int) -> torch.Tensor:
+    """The ``k`` nearest other codes of every code by L2 distance: ``(V, D)`` -> ``(V, k)`` long,
+    nearest first (the code itself excluded; ties to the lower index)."""
+    if codebook.dim() != 2:
+        raise ValueError(f"codebook must be (V, D), got {tuple(codebook.shape)}")
+    V = codebook.shape[0]
+    if not 0 <= k < V:
+        raise ValueError(f"k must be in [0, {V - 1}], got {k}")
+    d = torch.cdist(codebook.double(), codebook.double())  # (V, V)
+    d.fill_diagonal_(float("inf"))
+    return torch.sort(d, dim=1, stable=True).indices[:, :k]  # (V, k)
+
+
+def relaxed_target(p: torch.Tensor, tokens: torch.Tensor, neighbors: torch.Tensor, delta: float) -> torch.Tensor:
+    """Move up to ``delta`` probability from each drafted token's neighbours onto the token itself.
+
+    For row ``x = tokens[...]`` with neighbour set ``N = neighbors[x]`` and neighbour mass ``S = p[N].sum()``
+    the moved mass is ``m = min(delta, S)``: ``p[x] += m`` and every neighbour is scaled by ``1 - m / S``.
+    The result is a distribution at total-variation distance ``m <= delta`` from ``p``; ``delta = 0``
+    returns ``p``.
+
+    Args:
+        p: ``(..., V)``. tokens: ``(...)`` long. neighbors: ``(V, k)`` long (no token its own neighbour).
+        delta: the budget, ``>= 0``.
+    """
+    _check_dist("p", p)
+    if delta < 0:
+        raise ValueError(f"delta must be >= 0, got {delta}")
+    if tokens.shape != p.shape[:-1] or neighbors.dim() != 2 or neighbors.shape[0] != p.shape[-1]:
+        raise ValueError(f"expected p (..., V), tokens (...), neighbors (V, k); got {tuple(p.shape)}, "
+                         f"{tuple(tokens.shape)}, {tuple(neighbors.shape)}")
+    nb = neighbors[tokens]  # (..., k)
+    S = p.gather(-1, nb).sum(-1, keepdim=True)  # (..., 1)
+    m = S.clamp(max=delta)  # (..., 1)
+    scale = torch.where(S > 0, 1 - m / S.clamp(min=torch.finfo(p.dtype).tiny), torch.ones_like(S))
+    out = p.scatter(-1, nb, p.gather(-1, nb) * scale)  # neighbours give ...
+    return out.scatter_add(-1, tokens[..., None], m)  # ... the token takes
+
+
+def relaxed_acceptance_probability(
+    p: torch.Tensor, q: torch.Tensor, tokens: torch.Tensor, neighbors: torch.Tensor, delta: float
+) -> torch.Tensor:
+    """``min(1, (p[x] + m) / q[x])`` with ``m = min(delta, sum of p over x's neighbours)``; ``(...)``.
+
+    Shapes as in :func:`acceptance_probability`, ``neighbors`` ``(V, k)``. ``delta = 0`` is exact."""
+    return acceptance_probability(relaxed_target(p, tokens, neighbors, delta), q, tokens)

@@ -1,0 +1,220 @@
+"""Chapter 05 checks: each accepts the reference, reports a stub as not attempted, and rejects plausible
+wrong answers (no min in the accept test, resampling from p instead of the residual, a forgotten bonus
+token, an off-by-one rollback, a carry taken from the wrong rows, an uncapped relaxation...)."""
+
+import torch
+
+from ar_course import sampling
+from ar_course.checks import ch05
+from ar_course.speculative import functional as F
+from checks_helpers import assert_fails, assert_not_attempted, assert_passes, stub
+
+# 5.1 ------------------------------------------------------------------------------------------------------
+
+
+def accept_no_min(p, q, tokens):
+    return p.gather(-1, tokens[..., None]).squeeze(-1) / q.gather(-1, tokens[..., None]).squeeze(-1)
+
+
+def accept_q_over_p(p, q, tokens):
+    return F.acceptance_probability(q, p, tokens).nan_to_num(1.0)
+
+
+def accept_difference(p, q, tokens):
+    d = p.gather(-1, tokens[..., None]) - q.gather(-1, tokens[..., None])
+    return (1 + d.squeeze(-1)).clamp(0, 1)
+
+
+def test_5_1():
+    check = ch05.acceptance_probability
+    assert_passes(check, F.acceptance_probability)
+    assert_not_attempted(check, stub)
+    for wrong in (accept_no_min, accept_q_over_p, accept_difference):
+        assert_fails(check, wrong)
+
+
+# 5.2 ------------------------------------------------------------------------------------------------------
+
+
+def residual_is_p(p, q):
+    return p
+
+
+def residual_unnormalised(p, q):
+    return (p - q).clamp(min=0)
+
+
+def residual_no_fallback(p, q):
+    r = (p - q).clamp(min=0)
+    return r / r.sum(-1, keepdim=True)
+
+
+def residual_q_minus_p(p, q):
+    return F.residual_distribution(q, p)
+
+
+def test_5_2():
+    check = ch05.residual_distribution
+    assert_passes(check, F.residual_distribution)
+    assert_not_attempted(check, stub)
+    for wrong in (residual_is_p, residual_unnormalised, residual_no_fallback, residual_q_minus_p):
+        assert_fails(check, wrong)
+
+
+# 5.3 ------------------------------------------------------------------------------------------------------
+
+
+def round_resample_from_p(p, q, draft, u, generator=None):
+    a = F.acceptance_probability(p[:-1], q, draft)
+    for i in range(len(draft)):
+        if u[i] >= a[i]:
+            return torch.cat([draft[:i], sampling.sample_from_probs(p[i], generator).view(1)])
+    return torch.cat([draft, sampling.sample_from_probs(p[-1], generator).view(1)])
+
+
+def round_no_bonus(p, q, draft, u, generator=None):
+    out = F.speculative_round(p, q, draft, u, generator)
+    return out[:-1] if len(out) == len(draft) + 1 else out
+
+
+def round_keeps_going(p, q, draft, u, generator=None):
+    """Accepts every draft that passes its own test, even after a rejection."""
+    a = F.acceptance_probability(p[:-1], q, draft)
+    keep = draft[u < a]
+    return torch.cat([keep, sampling.sample_from_probs(p[-1], generator).view(1)])
+
+
+def test_5_3():
+    check = ch05.speculative_round
+    assert_passes(check, F.speculative_round)
+    assert_not_attempted(check, stub)
+    for wrong in (round_resample_from_p, round_no_bonus, round_keeps_going):
+        assert_fails(check, wrong)
+
+
+# 5.4 ------------------------------------------------------------------------------------------------------
+
+
+def rollback_to_seq_len_minus_one(caches, seq_len):
+    for c in caches:
+        c.rollback(seq_len - 1)
+
+
+def rollback_off_by_one(caches, seq_len):
+    for c in caches:
+        c.rollback(min(c.length, seq_len))
+
+
+def rollback_nothing(caches, seq_len):
+    pass
+
+
+def test_5_4():
+    check = ch05.rollback_caches
+    assert_passes(check, F.rollback_caches)
+    assert_not_attempted(check, stub)
+    assert_fails(check, rollback_to_seq_len_minus_one, contains="raised ValueError")
+    for wrong in (rollback_off_by_one, rollback_nothing):
+        assert_fails(check, wrong, contains="cache lengths")
+
+
+# 5.5 ------------------------------------------------------------------------------------------------------
+
+
+def expected_missing_plus_one(alpha, gamma):
+    return 1.0 * gamma if alpha == 1 else (1 - alpha**gamma) / (1 - alpha)
+
+
+def expected_no_special_case(alpha, gamma):
+    return (1 - alpha ** (gamma + 1)) / (1 - alpha)
+
+
+def expected_drafts_only(alpha, gamma):
+    return sum(alpha**i for i in range(1, gamma + 1))
+
+
+def test_5_5():
+    check = ch05.expected_tokens_per_call
+    assert_passes(check, F.expected_tokens_per_call)
+    assert_not_attempted(check, stub)
+    assert_fails(check, expected_no_special_case, contains="ZeroDivisionError")
+    for wrong in (expected_missing_plus_one, expected_drafts_only):
+        assert_fails(check, wrong)
+
+
+# 5.6 ------------------------------------------------------------------------------------------------------
+
+
+def jacobi_carry_off_by_one(p, q, draft, u, generator=None):
+    acc = F.speculative_round(p, q, draft, u, generator)
+    m = len(acc)
+    cq = p[m - 1:] if m <= len(draft) else p[:0]
+    return acc, (sampling.sample_from_probs(cq, generator) if len(cq) else draft[:0]), cq
+
+
+def jacobi_carry_old_drafts(p, q, draft, u, generator=None):
+    """Keeps the old draft tokens and distributions instead of re-sampling them from this pass's p."""
+    acc = F.speculative_round(p, q, draft, u, generator)
+    m = len(acc)
+    return acc, draft[m:], q[m:]
+
+
+def jacobi_no_carry(p, q, draft, u, generator=None):
+    acc = F.speculative_round(p, q, draft, u, generator)
+    return acc, draft[:0], p[:0]
+
+
+def test_5_6():
+    check = ch05.jacobi_verify
+    assert_passes(check, F.jacobi_verify)
+    assert_not_attempted(check, stub)
+    for wrong in (jacobi_carry_off_by_one, jacobi_carry_old_drafts, jacobi_no_carry):
+        assert_fails(check, wrong)
+
+
+# 5.7 ------------------------------------------------------------------------------------------------------
+
+
+def _gather(x, idx):
+    return x.gather(-1, idx)
+
+
+def _ratio(p, q, tokens, extra):
+    """min(1, (p[x] + extra) / q[x])."""
+    p_x, q_x = _gather(p, tokens[..., None]).squeeze(-1), _gather(q, tokens[..., None]).squeeze(-1)
+    return ((p_x + extra) / q_x).clamp(max=1)
+
+
+def relaxed_uncapped(p, q, tokens, neighbors, delta):
+    """Adds all the neighbours' mass, ignoring delta (except delta = 0)."""
+    extra = _gather(p, neighbors[tokens]).sum(-1) if delta > 0 else 0.0
+    return _ratio(p, q, tokens, extra)
+
+
+def relaxed_always_delta(p, q, tokens, neighbors, delta):
+    """Adds delta even when the neighbours hold less."""
+    return _ratio(p, q, tokens, delta)
+
+
+def relaxed_neighbours_of_wrong_token(p, q, tokens, neighbors, delta):
+    """Indexes neighbours by row number instead of by the drafted token."""
+    rows = torch.arange(tokens.numel()).view(tokens.shape) % neighbors.shape[0]
+    extra = _gather(p, neighbors[rows]).sum(-1).clamp(max=delta)
+    return _ratio(p, q, tokens, extra)
+
+
+def test_5_7():
+    check = ch05.relaxed_acceptance_probability
+    assert_passes(check, F.relaxed_acceptance_probability)
+    assert_not_attempted(check, stub)
+    for wrong in (relaxed_uncapped, relaxed_always_delta, relaxed_neighbours_of_wrong_token):
+        assert_fails(check, wrong)
+
+
+def test_use_falls_back_to_the_reference():
+    def expected_tokens_per_call(alpha, gamma):
+        return F.expected_tokens_per_call(alpha, gamma)
+
+    assert ch05.use(expected_tokens_per_call) is F.expected_tokens_per_call
+    assert_passes(ch05.expected_tokens_per_call, expected_tokens_per_call)
+    assert ch05.use(expected_tokens_per_call) is expected_tokens_per_call
