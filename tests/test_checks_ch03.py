@@ -1,0 +1,155 @@
+"""Chapter 03 checks: each accepts the reference (and a hand-written solution), reports a stub as not
+attempted, and rejects plausible wrong answers."""
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+
+from ar_course import metrics, sampling
+from ar_course.checks import ch03
+from ar_course.raster import functional as ref
+from checks_helpers import assert_fails, assert_not_attempted, assert_passes, stub
+
+REFERENCES = {
+    "to_raster": ref.to_raster, "from_raster": ref.from_raster, "make_training_pairs": ref.make_training_pairs,
+    "condition_dropout": ref.condition_dropout, "cfg_logits": ref.cfg_logits, "sample_tokens": ref.sample_tokens,
+    "frechet_distance": metrics.frechet_distance_from_features,
+}
+
+
+@pytest.mark.parametrize("name", sorted(REFERENCES))
+def test_reference_passes_and_stub_not_attempted(name):
+    check = getattr(ch03, name)
+    assert_passes(check, REFERENCES[name])
+    assert_not_attempted(check, stub)
+
+
+def test_seven_exercises_registered():
+    assert sorted(ch03.chapter.exercises) == sorted(REFERENCES)
+
+
+# 3.1 / 3.2 ---------------------------------------------------------------------------------------------------
+
+
+def test_to_raster_rejects_column_major_and_float():
+    assert_fails(ch03.to_raster, lambda m: m.transpose(1, 2).reshape(m.shape[0], -1), contains="differs")
+    assert_fails(ch03.to_raster, lambda m: m.flatten(1).float(), contains="dtype")
+    assert_fails(ch03.to_raster, lambda m: m.flatten(), contains="shape")
+
+
+def test_from_raster_rejects_column_major_and_swapped_sides():
+    assert_fails(ch03.from_raster, lambda s, h, w: s.reshape(s.shape[0], w, h).transpose(1, 2), contains="differs")
+    assert_fails(ch03.from_raster, lambda s, h, w: s.reshape(s.shape[0], w, h), contains="shape")
+
+
+# 3.3 ----------------------------------------------------------------------------------------------------------
+
+
+def test_training_pairs_rejects_missing_offset_wrong_shift_and_class_target():
+    def no_offset(t, c, v):
+        return torch.cat([c[:, None], t[:, :-1]], 1), t
+
+    def no_shift(t, c, v):
+        return torch.cat([(c + v)[:, None], t[:, :-1]], 1), torch.cat([t[:, 1:], t[:, -1:]], 1)
+
+    def class_as_target(t, c, v):
+        return torch.cat([(c + v)[:, None], t[:, :-1]], 1), torch.cat([(c + v)[:, None], t[:, :-1]], 1)
+
+    assert_fails(ch03.make_training_pairs, no_offset, contains="output[0]")
+    assert_fails(ch03.make_training_pairs, no_shift, contains="output[1]")
+    assert_fails(ch03.make_training_pairs, class_as_target, contains="output[1]")
+
+
+# 3.4 ----------------------------------------------------------------------------------------------------------
+
+
+def test_condition_dropout_rejects_wrong_side_global_rng_in_place_and_zero():
+    def keep_with_p(c, p, null, g):
+        return torch.where(torch.rand(c.shape[0], generator=g) > p, torch.full_like(c, null), c)
+
+    def global_rng(c, p, null, g):
+        return torch.where(torch.rand(c.shape[0]) < p, torch.full_like(c, null), c)
+
+    def in_place(c, p, null, g):
+        c[torch.rand(c.shape[0], generator=g) < p] = null
+        return c
+
+    def zero_not_null(c, p, null, g):
+        return torch.where(torch.rand(c.shape[0], generator=g) < p, torch.zeros_like(c), c)
+
+    assert_fails(ch03.condition_dropout, keep_with_p, contains="differs")
+    assert_fails(ch03.condition_dropout, global_rng, contains="differs")
+    assert_fails(ch03.condition_dropout, in_place, contains="changed its input")
+    assert_fails(ch03.condition_dropout, zero_not_null, contains="differs")
+
+
+# 3.5 ----------------------------------------------------------------------------------------------------------
+
+
+def test_cfg_rejects_off_by_one_scale_probability_mix_and_swap():
+    assert_fails(ch03.cfg_logits, lambda c, u, s: c + s * (c - u), contains="scale 1.0")
+    assert_fails(ch03.cfg_logits,
+                 lambda c, u, s: torch.log((u.softmax(-1) + s * (c.softmax(-1) - u.softmax(-1))).clamp_min(1e-30)),
+                 contains="differs")
+    assert_fails(ch03.cfg_logits, lambda c, u, s: c + s * (u - c), contains="differs")
+
+
+# 3.6 ----------------------------------------------------------------------------------------------------------
+
+
+def make_sampler(mistake: str | None = None):
+    """A hand-written sampling loop; ``mistake`` is "no_cache", "no_null" or "unmixed" (each half sampled
+    from its own logits, no guidance mix)."""
+
+    @torch.no_grad()
+    def sample_tokens(model, classes, num_tokens, cfg_scale=1.0, temperature=1.0, top_k=None, generator=None):
+        B = classes.shape[0]
+        other = classes if mistake == "no_null" else torch.full_like(classes, model.null_class)
+        cls = torch.cat([classes, other])  # (2B,)
+        seq = torch.zeros(2 * B, 0, dtype=torch.long)  # (2B, 0)
+        cache = None if mistake == "no_cache" else model.make_cache(2 * B)
+        for t in range(num_tokens):
+            if cache is None:
+                logits, _ = model(seq, classes=cls)
+            else:
+                logits, _ = model(seq[:, -1:] if t else seq, classes=None if t else cls, cache=cache)
+            logits = logits[:, -1]  # (2B, V)
+            if mistake == "unmixed":
+                nxt = sampling.sample(logits, temperature, top_k, None, generator)  # (2B,)
+            else:
+                mixed = logits[B:] + cfg_scale * (logits[:B] - logits[B:])  # (B, V)
+                nxt = sampling.sample(mixed, temperature, top_k, None, generator).repeat(2)  # (2B,)
+            seq = torch.cat([seq, nxt[:, None]], 1)
+        return seq[:B]
+
+    return sample_tokens
+
+
+def test_hand_written_sampler_passes():
+    assert_passes(ch03.sample_tokens, make_sampler())
+
+
+def test_sampler_rejects_no_cache_no_null_and_unmixed_halves():
+    assert_fails(ch03.sample_tokens, make_sampler("no_cache"), contains="KV cache")
+    assert_fails(ch03.sample_tokens, make_sampler("no_null"), contains="sampled tokens")
+    assert_fails(ch03.sample_tokens, make_sampler("unmixed"), contains="sampled tokens")
+
+
+# 3.7 ----------------------------------------------------------------------------------------------------------
+
+
+def frechet(a, b, bias=False, mean_term=True, elementwise=False):
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    s_a, s_b = np.cov(a, rowvar=False, bias=bias), np.cov(b, rowvar=False, bias=bias)
+    root = np.sqrt(np.abs(s_a * s_b)) if elementwise else scipy.linalg.sqrtm(s_a @ s_b).real
+    d = ((mu_a - mu_b) ** 2).sum() if mean_term else 0.0
+    return float(d + np.trace(s_a) + np.trace(s_b) - 2 * np.trace(root))
+
+
+def test_frechet_hand_written_passes_and_mistakes_fail():
+    assert_passes(ch03.frechet_distance, frechet)
+    assert_fails(ch03.frechet_distance, lambda a, b: frechet(a, b, bias=True), contains="distance")
+    assert_fails(ch03.frechet_distance, lambda a, b: frechet(a, b, mean_term=False), contains="distance")
+    assert_fails(ch03.frechet_distance, lambda a, b: frechet(a, b, elementwise=True), contains="distance")
