@@ -1,0 +1,224 @@
+"""Checks for chapter 04, next-scale prediction: ``checks.ch04.block_causal_mask(block_causal_mask)`` etc.
+
+References live in :mod:`ar_course.var.functional` and :mod:`ar_course.var.model`. The checks that need a
+tokenizer or a transformer build tiny seeded ones (a :class:`~ar_course.tokenizers.MultiScaleVQ` with
+random codes and a :class:`~ar_course.var.VAR` with randomised adaptive norms), on schedules that are not
+the chapter's, so an answer that hard-codes ``(1, 2, 3, 4, 6, 8)`` is caught. The sampling check compares the
+learner's tokens with the reference under the same generator seed and records every forward pass.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterator
+
+import torch
+
+from ar_course.checks.core import Case, Chapter, CheckFailure, call, clone_args, compare, compare_cases
+from ar_course.tokenizers import MultiScaleVQ
+from ar_course.var import functional as ref
+from ar_course.var import model as var_model
+from ar_course.var.model import VAR, VARConfig
+
+chapter = Chapter(4, "Next-scale prediction")
+use = chapter.use
+
+SCHEDULES = [(1, 2, 3, 4, 6, 8), (1, 3), (2,), (1, 2, 4, 5)]
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _vq(scales: tuple[int, ...], dim: int = 5, vocab: int = 19, seed: int = 0) -> MultiScaleVQ:
+    """A small multi-scale quantizer with random (not tiny) codes and random refinements."""
+    torch.manual_seed(seed)
+    vq = MultiScaleVQ(vocab, dim, scales=scales, num_phi=2).eval()
+    with torch.no_grad():
+        vq.quantizer.codebook.normal_()
+    return vq
+
+
+def _pyramid(scales: tuple[int, ...], B: int, vocab: int = 19, seed: int = 1) -> list[torch.Tensor]:
+    g = _gen(seed)
+    return [torch.randint(0, vocab, (B, s, s), generator=g) for s in scales]
+
+
+# --------------------------------------------------------------------------------------------------------
+# 4.1 the block-causal mask
+
+
+@chapter.exercise("4.1", reference=ref.block_causal_mask,
+                  hint="give every position its scale index lvl (scale k repeated s_k^2 times); query i may "
+                       "attend to key j exactly when lvl[i] >= lvl[j]")
+def block_causal_mask(fn: Callable, ref_fn: Callable) -> None:
+    for scales in SCHEDULES:
+        where = f"scales {scales}"
+        got = call(fn, scales, where=where)
+        expected = ref_fn(scales)
+        if isinstance(got, torch.Tensor) and got.shape == expected.shape and got.dtype == torch.bool:
+            lvl = ref.level_ids(scales)
+            leak = got & ~expected
+            if bool(leak.any()):
+                i, j = leak.nonzero()[0].tolist()
+                raise CheckFailure(f"on {where}, a query of scale {int(lvl[i])} may attend to a key of the later "
+                                   f"scale {int(lvl[j])} (position {i} -> {j}): that leaks the future")
+            missing = expected & ~got
+            if bool(missing.any()):
+                i, j = missing.nonzero()[0].tolist()
+                raise CheckFailure(f"on {where}, a query of scale {int(lvl[i])} cannot attend to position {j} of "
+                                   f"scale {int(lvl[j])} (query position {i}); tokens of the same scale and of "
+                                   "earlier scales must all be visible")
+        compare(got, expected, where=where)
+
+
+# --------------------------------------------------------------------------------------------------------
+# 4.2 level and position embeddings
+
+
+def _embed_cases() -> Iterator[Case]:
+    g = _gen(2)
+    for scales, start, T in [((1, 2, 3, 4, 6, 8), 0, 130), ((1, 2, 3, 4, 6, 8), 14, 16), ((1, 3, 4), 1, 9),
+                             ((2, 3), 4, 9)]:
+        L = sum(s * s for s in scales)
+        C = 7
+        yield Case(f"scales {scales}, positions {start}..{start + T - 1}",
+                   (torch.randn(3, T, C, generator=g), torch.randn(len(scales), C, generator=g),
+                    torch.randn(L, C, generator=g), scales, start))
+
+
+@chapter.exercise("4.2", reference=ref.embed_levels_positions,
+                  hint="position p (counting from start) gets pos_table[p] and level_table[scale of p]; the scale "
+                       "index of a position is k for all s_k^2 positions of scale k, not the side s_k")
+def embed_levels_positions(fn: Callable, ref_fn: Callable) -> None:
+    compare_cases(fn, ref_fn, _embed_cases())
+
+
+# --------------------------------------------------------------------------------------------------------
+# 4.3 one scale step of the canvas
+
+
+def _scale_step_cases() -> Iterator[tuple[str, MultiScaleVQ, list[torch.Tensor]]]:
+    for scales, B in [((1, 2, 3, 4, 6, 8), 2), ((1, 3, 4), 3), ((2, 5), 1)]:
+        yield f"scales {scales}, batch {B}", _vq(scales), _pyramid(scales, B)
+
+
+@chapter.exercise("4.3", reference=ref.scale_step,
+                  hint="f_hat = vq.accumulate(f_hat, k, tokens as (B, s_k, s_k)); the next input is the whole "
+                       "canvas vq.next_input(f_hat, k) (B, D, s', s') flattened row-major to (B, s'^2, D) with "
+                       "flatten(2).transpose(1, 2); return None for it after the last scale")
+def scale_step(fn: Callable, ref_fn: Callable) -> None:
+    for name, vq, pyr in _scale_step_cases():
+        f_ref = f_fn = None
+        with torch.no_grad():
+            for k, idx in enumerate(pyr):
+                where = f"{name}, scale {k}"
+                tokens = idx.flatten(1)
+                f_exp, nxt_exp = ref_fn(vq, f_ref, k, tokens)
+                got = call(fn, vq, None if f_fn is None else f_fn.clone(), k, tokens.clone(), where=where)
+                if not isinstance(got, (tuple, list)) or len(got) != 2:
+                    raise CheckFailure(f"on {where}, return a pair (f_hat, next_input), got {type(got).__name__}")
+                compare(got[0], f_exp, where=where, name="f_hat (the canvas)")
+                if nxt_exp is None:
+                    if got[1] is not None:
+                        raise CheckFailure(f"on {where} (the last scale) the next input should be None")
+                else:
+                    compare(got[1], nxt_exp, where=where, name="next_input")
+                f_ref, f_fn = f_exp, got[0]
+
+
+# --------------------------------------------------------------------------------------------------------
+# 4.4 the teacher-forcing sequence
+
+
+@chapter.exercise("4.4", reference=ref.teacher_forcing_sequence,
+                  hint="run scale_step over the ground-truth scales and concatenate the next inputs of scales "
+                       "0 .. S-2 (S - 1 of them: the first scale is predicted from the start token); targets "
+                       "are every map flattened row-major and concatenated, coarse to fine")
+def teacher_forcing_sequence(fn: Callable, ref_fn: Callable) -> None:
+    for name, vq, pyr in _scale_step_cases():
+        with torch.no_grad():
+            expected = ref_fn(vq, pyr)
+            got = call(fn, vq, [p.clone() for p in pyr], where=name)
+        if not isinstance(got, (tuple, list)) or len(got) != 2:
+            raise CheckFailure(f"on {name}, return a pair (inputs, targets), got {type(got).__name__}")
+        compare(got[0], expected[0], where=name, name="inputs")
+        compare(got[1], expected[1], where=name, name="targets")
+
+
+# --------------------------------------------------------------------------------------------------------
+# 4.5 the loss over all scales
+
+
+def _loss_cases() -> Iterator[Case]:
+    g = _gen(5)
+    for scales, B, V in [((1, 2, 3, 4, 6, 8), 3, 17), ((1, 3), 2, 5), ((2, 3, 5), 1, 11)]:
+        L = sum(s * s for s in scales)
+        logits = torch.randn(B, L, V, generator=g) * 2
+        logits[:, :1] += 3 * torch.randn(B, 1, V, generator=g)  # make the first scale's loss stand out
+        yield Case(f"scales {scales}, batch {B}, vocab {V}",
+                   (logits, torch.randint(0, V, (B, L), generator=g), scales))
+
+
+@chapter.exercise("4.5", reference=ref.var_loss,
+                  hint="the total is the mean cross-entropy over all B * L tokens (not the mean of the per-scale "
+                       "means); per scale, average over positions begin_k .. end_k - 1 of that scale only")
+def var_loss(fn: Callable, ref_fn: Callable) -> None:
+    compare_cases(fn, ref_fn, _loss_cases(), atol=1e-5, rtol=1e-4, grad_wrt=(0,))
+
+
+# --------------------------------------------------------------------------------------------------------
+# 4.6 the K-step sampling loop
+
+
+def _tiny_var(scales: tuple[int, ...], seed: int = 0) -> VAR:
+    torch.manual_seed(seed)
+    model = VAR(VARConfig(vocab_size=19, latent_dim=5, scales=scales, n_classes=3, n_layer=2, n_head=2, n_embd=16))
+    with torch.no_grad():  # adaptive norms start at zero; randomise them so the class and guidance matter
+        for name, p in model.named_parameters():
+            if "ada" in name:
+                p.normal_(std=0.5)
+        model.head.weight.mul_(40)  # peaked distributions: a wrong guidance mix changes the samples
+    return model.eval()
+
+
+def _sampling_cases() -> Iterator[tuple[str, dict]]:
+    yield "cfg 0 (conditional), temperature 1", dict(cfg=0.0)
+    yield "cfg 3 with the ramp", dict(cfg=3.0, ramp=True)
+    yield "cfg 2 without the ramp, top_k 5", dict(cfg=2.0, ramp=False, top_k=5)
+    yield "cfg 1.5 with the ramp, temperature 0.7, top_p 0.9", dict(cfg=1.5, temperature=0.7, top_p=0.9)
+
+
+@chapter.exercise("4.6", reference=var_model.sample_pyramid,
+                  hint="one model.step per scale with one KV cache; with cfg != 0 run classes and the null class "
+                       "in one doubled batch (and double each next input), mix (1 + t) cond - t uncond with "
+                       "t = cfg * k / (S - 1) when ramp else cfg, then draw all tokens of the scale with one "
+                       "sampling.sample call on (B, s*s, V) logits and the given generator")
+def sample_pyramid(fn: Callable, ref_fn: Callable) -> None:
+    for scales in [(1, 2, 3, 5), (1, 3, 4)]:
+        vq, model = _vq(scales), _tiny_var(scales)
+        classes = torch.tensor([0, 1, 2, 1])
+        for name, kwargs in _sampling_cases():
+            where = f"scales {scales}, {name}"
+            expected = ref_fn(model, vq, classes, generator=_gen(11), **kwargs)
+            calls: list[str] = []
+            step, forward = model.step, model.forward
+
+            def counted_step(k, *args, **kw):
+                calls.append(f"step {k}")
+                return step(k, *args, **kw)
+
+            def counted_forward(*args, **kw):
+                calls.append("forward")
+                return forward(*args, **kw)
+
+            model.step, model.forward = counted_step, counted_forward  # type: ignore[method-assign]
+            try:
+                with torch.no_grad():
+                    got = call(fn, model, vq, *clone_args((classes,)), generator=_gen(11), where=where, **kwargs)
+            finally:
+                del model.step, model.forward
+            if calls != [f"step {k}" for k in range(len(scales))]:
+                raise CheckFailure(f"on {where}, expected one model.step per scale ({len(scales)} passes), "
+                                   f"got the calls {calls[:8]}{' ...' if len(calls) > 8 else ''}")
+            compare(got, expected, where=where, name="pyramid")
+

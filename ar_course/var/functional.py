@@ -1,0 +1,159 @@
+"""Plain reference functions of next-scale prediction (VAR); chapter 04's exercises are checked against them.
+
+A token pyramid is a list of ``S`` index maps ``(B, s_k, s_k)``, coarse to fine. VAR reads it as one
+sequence of ``L = sum_k s_k^2`` tokens, scale by scale and row-major inside a scale. Position ``p`` of the
+*input* sequence predicts token ``p`` of the *target* sequence: the inputs of scale ``k`` are the start token
+(``k = 0``) or the tokenizer's cumulative feature map after scale ``k - 1`` area-downsampled to side ``s_k``,
+so the whole of scale ``k`` is predicted in one forward pass.
+
+* :func:`scale_bounds`, :func:`level_ids`, :func:`block_causal_mask` -- the sequence layout.
+* :func:`embed_levels_positions` -- add level (scale) and position embeddings.
+* :func:`scale_step`, :func:`teacher_forcing_sequence` -- the canvas update and the training inputs.
+* :func:`var_loss` -- cross-entropy over all tokens, and per scale.
+* :func:`guidance_strength`, :func:`guided_logits` -- classifier-free guidance with VAR's linear ramp.
+* :func:`scale_masks` -- a known-region mask at every scale (zero-shot inpainting).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from ar_course.tokenizers import MultiScaleVQ
+from ar_course.tokenizers import functional as Fq
+
+
+def _check_scales(scales: Sequence[int]) -> tuple[int, ...]:
+    scales = tuple(int(s) for s in scales)
+    if not scales or any(s < 1 for s in scales):
+        raise ValueError(f"scales must be a non-empty sequence of sides >= 1, got {scales}")
+    return scales
+
+
+def scale_bounds(scales: Sequence[int]) -> list[tuple[int, int]]:
+    """``[(begin_k, end_k)]``: scale ``k`` occupies sequence positions ``begin_k .. end_k - 1``."""
+    bounds, begin = [], 0
+    for s in _check_scales(scales):
+        bounds.append((begin, begin + s * s))
+        begin += s * s
+    return bounds
+
+
+def level_ids(scales: Sequence[int], device: torch.device | str | None = None) -> torch.Tensor:
+    """The scale index of every sequence position: ``(L,)`` long, e.g. ``[0, 1, 1, 1, 1, 2, ...]``."""
+    scales = _check_scales(scales)
+    counts = torch.tensor([s * s for s in scales], device=device)
+    return torch.repeat_interleave(torch.arange(len(scales), device=device), counts)  # (L,)
+
+
+def block_causal_mask(scales: Sequence[int], device: torch.device | str | None = None) -> torch.Tensor:
+    """VAR's attention mask ``(L, L)`` bool, ``True`` = may attend.
+
+    A query of scale ``i`` sees every key of scales ``<= i`` (its own scale in both directions) and
+    nothing of later scales."""
+    lvl = level_ids(scales, device)  # (L,)
+    return lvl[:, None] >= lvl[None, :]  # (L, L)
+
+
+def embed_levels_positions(
+    x: torch.Tensor, level_table: torch.Tensor, pos_table: torch.Tensor, scales: Sequence[int], start: int = 0,
+) -> torch.Tensor:
+    """``x + level_table[level of each position] + pos_table[position]`` for positions ``start .. start+T-1``.
+
+    ``x``: ``(B, T, C)``; ``level_table``: ``(S, C)``, one row per scale; ``pos_table``: ``(L, C)``, one row per
+    sequence position. Returns ``(B, T, C)``. ``start`` lets a generation step embed one scale of a longer
+    sequence."""
+    if x.ndim != 3:
+        raise ValueError(f"x must be (B, T, C), got {tuple(x.shape)}")
+    lvl = level_ids(scales, x.device)  # (L,)
+    T = x.shape[1]
+    if not 0 <= start <= start + T <= lvl.numel():
+        raise ValueError(f"positions {start}..{start + T - 1} do not fit a sequence of {lvl.numel()} tokens")
+    if level_table.shape[0] != len(tuple(scales)) or pos_table.shape[0] != lvl.numel():
+        raise ValueError(f"need a level table of {len(tuple(scales))} rows and a position table of {lvl.numel()} "
+                         f"rows, got {tuple(level_table.shape)} and {tuple(pos_table.shape)}")
+    return x + level_table[lvl[start:start + T]] + pos_table[start:start + T]  # (B, T, C)
+
+
+def scale_step(
+    vq: MultiScaleVQ, f_hat: torch.Tensor | None, k: int, tokens: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Add the tokens of scale ``k`` to the canvas and compute what the transformer reads next.
+
+    ``tokens``: ``(B, s_k * s_k)`` long, row-major; ``f_hat``: the canvas ``(B, D, H, H)`` after scales
+    ``0 .. k-1`` (``None`` before the first scale). Returns the new canvas ``(B, D, H, H)`` and the input of
+    scale ``k + 1``: the new canvas area-downsampled to ``s_{k+1}`` and flattened row-major to
+    ``(B, s_{k+1}^2, D)`` (``None`` after the last scale)."""
+    s = vq.scales[k]
+    if tokens.ndim != 2 or tokens.shape[1] != s * s:
+        raise ValueError(f"scale {k} needs tokens (B, {s * s}), got {tuple(tokens.shape)}")
+    f_hat = vq.accumulate(f_hat, k, tokens.view(tokens.shape[0], s, s))  # (B, D, H, H)
+    if k == len(vq.scales) - 1:
+        return f_hat, None
+    nxt = vq.next_input(f_hat, k)  # (B, D, s', s')
+    return f_hat, nxt.flatten(2).transpose(1, 2)  # (B, s'^2, D)
+
+
+def teacher_forcing_sequence(vq: MultiScaleVQ, indices: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Training inputs and targets of a token pyramid (one ``(B, s_k, s_k)`` map per scale).
+
+    Returns ``inputs`` ``(B, L - 1, D)``: for ``k = 1 .. S-1`` the canvas after scales ``0 .. k-1``
+    area-downsampled to ``s_k``, row-major (the start token, position 0, comes from the class and is not
+    here); and ``targets`` ``(B, L)`` long: every scale's tokens, row-major, coarse to fine."""
+    if len(indices) != len(vq.scales):
+        raise ValueError(f"expected {len(vq.scales)} index maps, got {len(indices)}")
+    f_hat, inputs = None, []
+    for k, idx in enumerate(indices):
+        f_hat, nxt = scale_step(vq, f_hat, k, idx.flatten(1))
+        if nxt is not None:
+            inputs.append(nxt)
+    B = indices[0].shape[0]
+    inputs_t = torch.cat(inputs, dim=1) if inputs else f_hat.new_zeros(B, 0, vq.dim)  # (B, L - 1, D)
+    targets = torch.cat([idx.flatten(1) for idx in indices], dim=1)  # (B, L)
+    return inputs_t, targets
+
+
+def var_loss(logits: torch.Tensor, targets: torch.Tensor, scales: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy of VAR's predictions.
+
+    ``logits``: ``(B, L, V)``, ``targets``: ``(B, L)`` long. Returns the mean over all ``B * L`` tokens (every
+    token counts once, as in VAR's training, so the fine scales dominate) and the mean per scale ``(S,)``."""
+    bounds = scale_bounds(scales)
+    L = bounds[-1][1]
+    if logits.ndim != 3 or targets.shape != logits.shape[:2] or logits.shape[1] != L:
+        raise ValueError(f"need logits (B, {L}, V) and targets (B, {L}), got {tuple(logits.shape)} and "
+                         f"{tuple(targets.shape)}")
+    nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none")
+    nll = nll.view(targets.shape)  # (B, L)
+    per_scale = torch.stack([nll[:, b:e].mean() for b, e in bounds])  # (S,)
+    return nll.mean(), per_scale
+
+
+def guidance_strength(cfg: float, k: int, num_scales: int, ramp: bool = True) -> float:
+    """Guidance ``t`` at scale ``k``: ``cfg * k / (S - 1)`` with VAR's linear ramp (no guidance on the first
+    scale, full guidance on the last), else ``cfg`` at every scale."""
+    if not 0 <= k < num_scales:
+        raise ValueError(f"k must lie in [0, {num_scales - 1}], got {k}")
+    if not ramp or num_scales == 1:
+        return float(cfg)
+    return float(cfg) * k / (num_scales - 1)
+
+
+def guided_logits(cond: torch.Tensor, uncond: torch.Tensor, t: float) -> torch.Tensor:
+    """VAR's guidance ``(1 + t) * cond - t * uncond``; ``t = 0`` gives the conditional logits. Shapes ``(..., V)``."""
+    if cond.shape != uncond.shape:
+        raise ValueError(f"shapes differ: {tuple(cond.shape)} vs {tuple(uncond.shape)}")
+    return (1 + t) * cond - t * uncond
+
+
+def scale_masks(mask: torch.Tensor, scales: Sequence[int]) -> list[torch.Tensor]:
+    """A known-region mask at every scale from one at the finest scale.
+
+    ``mask``: ``(B, H, H)`` bool, ``True`` = known, ``H = scales[-1]``. A coarse token is known when at least
+    half of the finest-scale area it covers is known. Returns one ``(B, s_k, s_k)`` bool map per scale."""
+    scales = _check_scales(scales)
+    if mask.ndim != 3 or mask.dtype != torch.bool or tuple(mask.shape[1:]) != (scales[-1], scales[-1]):
+        raise ValueError(f"mask must be (B, {scales[-1]}, {scales[-1]}) bool, got {tuple(mask.shape)} {mask.dtype}")
+    m = mask[:, None].float()  # (B, 1, H, H)
+    return [(Fq.downsample_area(m, s) >= 0.5)[:, 0] for s in scales]  # (B, s, s) each

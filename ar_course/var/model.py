@@ -1,0 +1,373 @@
+"""VAR: a class-conditional transformer that predicts a multi-scale token pyramid one whole scale at a time.
+
+Follows "Visual Autoregressive Modeling: Scalable Image Generation via Next-Scale Prediction", scaled down::
+
+    model, tokenizer = load_pretrained()
+    images = generate_images(model, tokenizer, torch.arange(10), cfg=2.0, seed=0)   # (10, 1, 32, 32)
+
+* Sequence: a start token (the class embedding plus a learned vector) predicts scale 0; the tokenizer's
+  canvas after scales ``< k``, area-downsampled to ``s_k`` and linearly embedded, predicts scale ``k``. Every
+  position gets a level (scale) embedding and a learned position embedding.
+* Training uses the block-causal mask (:func:`~ar_course.var.functional.block_causal_mask`); generation runs
+  one forward pass per scale over that scale's ``s_k^2`` positions with a KV cache and no mask, which is the
+  same computation.
+* Class conditioning: ``cond="ada"`` (VAR) feeds the class embedding to adaptive RMSNorms in every block and
+  before the head; ``cond="token"`` is the simpler alternative where only the start token carries the class.
+  Class ``n_classes`` is the null class of classifier-free guidance.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ar_course import sampling
+from ar_course.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from ar_course.checkpoint import load_model as load_any_model
+from ar_course.tokenizers import PRETRAINED, VQVAE, MultiScaleVQ, VQVAEConfig
+from ar_course.tokenizers import load_pretrained as load_tokenizer
+from ar_course.transformer.model import Block, GPTConfig, KVCache, RMSNorm
+from ar_course.var import functional as ref
+
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
+PRETRAINED_PATH = ASSETS / "var_mnist.safetensors"
+CHECKPOINT_KIND = "var"
+
+
+@dataclass
+class VARConfig:
+    """Hyper-parameters of :class:`VAR`."""
+
+    vocab_size: int = 256  # codebook size of the tokenizer
+    latent_dim: int = 16  # channels of the tokenizer's latent map (the teacher-forcing inputs)
+    scales: tuple[int, ...] = (1, 2, 3, 4, 6, 8)
+    n_classes: int = 10  # class n_classes is the null class
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    mlp: str = "swiglu"
+    dropout: float = 0.0
+    cond: str = "ada"  # "ada" (adaptive norms, as VAR) or "token" (class only in the start token)
+    attn: str = "sdpa"  # "sdpa" or "plain" (reference attention)
+
+    def __post_init__(self) -> None:
+        self.scales = tuple(int(s) for s in self.scales)  # JSON gives lists back
+        if not self.scales or any(a >= b for a, b in zip(self.scales, self.scales[1:])) or self.scales[0] < 1:
+            raise ValueError(f"scales must be increasing sides >= 1, got {self.scales}")
+        if self.cond not in ("ada", "token"):
+            raise ValueError(f"cond must be 'ada' or 'token', got {self.cond!r}")
+        if self.n_classes < 1:
+            raise ValueError(f"VAR is class-conditional: n_classes must be >= 1, got {self.n_classes}")
+        self.gpt_config()  # validates n_embd / n_head / mlp / attn
+
+    @property
+    def num_tokens(self) -> int:
+        """``L = sum_k s_k^2``."""
+        return sum(s * s for s in self.scales)
+
+    @property
+    def num_scales(self) -> int:
+        return len(self.scales)
+
+    def gpt_config(self) -> GPTConfig:
+        """The :class:`GPTConfig` the transformer blocks are built from (no positional rotation: VAR adds
+        learned embeddings instead)."""
+        return GPTConfig(vocab_size=self.vocab_size, block_size=self.num_tokens, n_layer=self.n_layer,
+                         n_head=self.n_head, n_embd=self.n_embd, mlp=self.mlp, pos="none",
+                         dropout=self.dropout, attn=self.attn)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "VARConfig":
+        """Build from a dict such as a checkpoint's stored config (unknown keys are an error)."""
+        unknown = set(d) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown VARConfig fields: {sorted(unknown)}")
+        return cls(**d)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class HeadNorm(nn.Module):
+    """RMSNorm before the output head; adaptive (shift and scale from the condition) when ``cond_dim > 0``."""
+
+    def __init__(self, dim: int, cond_dim: int = 0, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.norm = RMSNorm(dim, eps, affine=cond_dim == 0)
+        self.ada = nn.Linear(cond_dim, 2 * dim) if cond_dim else None
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """``x`` ``(B, T, C)``, ``cond`` ``(B, cond_dim)`` -> ``(B, T, C)``."""
+        if self.ada is None:
+            return self.norm(x)
+        shift, scale = self.ada(F.silu(cond))[:, None, :].chunk(2, dim=-1)  # 2 x (B, 1, C)
+        return self.norm(x) * (1 + scale) + shift
+
+
+class VAR(nn.Module):
+    """Next-scale prediction over a token pyramid of ``config.scales``.
+
+    ``forward(inputs, classes)``: teacher-forced logits of every position, ``(B, L, V)``, under the
+    block-causal mask. ``step(k, x, classes, cache)``: logits of scale ``k`` alone, ``(B, s_k^2, V)``, reading
+    earlier scales from a :class:`KVCache`. ``generate(vq, classes, ...)``: a token pyramid in ``S`` passes."""
+
+    def __init__(self, config: VARConfig) -> None:
+        super().__init__()
+        self.config = config
+        C, gpt = config.n_embd, config.gpt_config()
+        cond_dim = C if config.cond == "ada" else 0
+        self.class_emb = nn.Embedding(config.n_classes + 1, C)
+        self.start = nn.Parameter(torch.zeros(C))  # added to the class embedding to form the start token
+        self.word_embed = nn.Linear(config.latent_dim, C)
+        self.level_emb = nn.Embedding(config.num_scales, C)
+        self.pos_emb = nn.Parameter(torch.zeros(config.num_tokens, C))
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList([Block(gpt, cond_dim=cond_dim) for _ in range(config.n_layer)])
+        self.head_norm = HeadNorm(C, cond_dim)
+        self.head = nn.Linear(C, config.vocab_size)
+        self.register_buffer("mask", ref.block_causal_mask(config.scales), persistent=False)  # (L, L)
+        self.bounds = ref.scale_bounds(config.scales)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        for name, p in self.named_parameters():
+            if name.endswith("bias"):
+                nn.init.zeros_(p)
+            elif ".ada." in name or name.startswith("head_norm.ada"):
+                nn.init.zeros_(p)  # adaptive norms start as the identity (adaLN-zero)
+            elif name.endswith("proj.weight"):  # residual projections, scaled by depth as in GPT-2
+                nn.init.normal_(p, std=0.02 / math.sqrt(2 * self.config.n_layer))
+            elif p.ndim >= 2 or name in ("start",):
+                nn.init.normal_(p, std=0.02)
+
+    @property
+    def null_class(self) -> int:
+        """Class index meaning "no class" (classifier-free guidance)."""
+        return self.config.n_classes
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def make_cache(self, batch_size: int) -> KVCache:
+        """An empty :class:`KVCache` for ``L`` positions on this model's device and dtype."""
+        c, p = self.config, self.pos_emb
+        return KVCache(c.n_layer, batch_size, c.n_head, c.num_tokens, c.n_embd // c.n_head, p.device, p.dtype)
+
+    def _check_classes(self, classes: torch.Tensor, B: int) -> None:
+        if not isinstance(classes, torch.Tensor) or classes.shape != (B,) or classes.dtype != torch.long:
+            raise ValueError(f"classes must be a ({B},) long tensor, got "
+                             f"{tuple(classes.shape) if isinstance(classes, torch.Tensor) else type(classes).__name__}")
+        if bool(((classes < 0) | (classes > self.null_class)).any()):
+            raise ValueError(f"classes must lie in [0, {self.null_class}] ({self.null_class} = null class)")
+
+    def _run(self, x: torch.Tensor, cond: torch.Tensor, start: int, mask: torch.Tensor | None,
+             cache: KVCache | None) -> torch.Tensor:
+        """Embeddings of positions ``start .. start+T-1`` ``(B, T, C)`` -> logits ``(B, T, V)``."""
+        x = ref.embed_levels_positions(x, self.level_emb.weight, self.pos_emb, self.config.scales, start)
+        x = self.drop(x)
+        block_cond = cond if self.config.cond == "ada" else None
+        for i, block in enumerate(self.blocks):
+            x = block(x, mask=mask, causal=False, cache=cache, layer=i, cond=block_cond)
+        return self.head(self.head_norm(x, cond))  # (B, T, V)
+
+    def start_token(self, classes: torch.Tensor) -> torch.Tensor:
+        """The start token ``(B, 1, C)`` of ``classes`` ``(B,)``."""
+        return (self.class_emb(classes) + self.start)[:, None, :]  # (B, 1, C)
+
+    def forward(self, inputs: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced logits ``(B, L, V)``.
+
+        ``inputs``: ``(B, L - 1, latent_dim)`` from :func:`~ar_course.var.functional.teacher_forcing_sequence`;
+        ``classes``: ``(B,)`` long (``n_classes`` = null)."""
+        c = self.config
+        if inputs.ndim != 3 or tuple(inputs.shape[1:]) != (c.num_tokens - 1, c.latent_dim):
+            raise ValueError(f"inputs must be (B, {c.num_tokens - 1}, {c.latent_dim}), got {tuple(inputs.shape)}")
+        self._check_classes(classes, inputs.shape[0])
+        x = torch.cat([self.start_token(classes), self.word_embed(inputs)], dim=1)  # (B, L, C)
+        return self._run(x, self.class_emb(classes), 0, self.mask, None)
+
+    def step(self, k: int, x: torch.Tensor | None, classes: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Logits of scale ``k`` ``(B, s_k^2, V)``: one forward pass over that scale's positions.
+
+        ``x``: ``None`` for ``k = 0`` (the start token is built from ``classes``), else the scale's input
+        ``(B, s_k^2, latent_dim)`` (see :func:`~ar_course.var.functional.scale_step`). ``cache`` must hold
+        exactly scales ``0 .. k-1``; it is advanced by ``s_k^2``. No mask: the cache holds only earlier scales."""
+        if not 0 <= k < self.config.num_scales:
+            raise ValueError(f"k must lie in [0, {self.config.num_scales - 1}], got {k}")
+        begin, end = self.bounds[k]
+        if cache.length != begin:
+            raise ValueError(f"scale {k} starts at position {begin} but the cache holds {cache.length}")
+        B = classes.shape[0]
+        self._check_classes(classes, B)
+        if k == 0:
+            h = self.start_token(classes)  # (B, 1, C)
+        else:
+            if x is None or x.ndim != 3 or tuple(x.shape) != (B, end - begin, self.config.latent_dim):
+                raise ValueError(f"scale {k} needs inputs ({B}, {end - begin}, {self.config.latent_dim}), got "
+                                 f"{None if x is None else tuple(x.shape)}")
+            h = self.word_embed(x)  # (B, s_k^2, C)
+        logits = self._run(h, self.class_emb(classes), begin, None, cache)
+        cache.advance(end - begin)
+        return logits
+
+    def loss(self, vq: MultiScaleVQ, indices: list[torch.Tensor], classes: torch.Tensor, p_uncond: float = 0.0,
+             generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean cross-entropy over all tokens of a pyramid and per scale ``(S,)``; with ``p_uncond > 0`` each
+        class is replaced by the null class with that probability (condition dropout, for guidance)."""
+        with torch.no_grad():
+            inputs, targets = ref.teacher_forcing_sequence(vq, indices)
+        if p_uncond > 0:
+            drop = torch.rand(classes.shape, generator=generator, device="cpu").to(classes.device) < p_uncond
+            classes = torch.where(drop, torch.full_like(classes, self.null_class), classes)
+        return ref.var_loss(self(inputs, classes), targets, self.config.scales)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        vq: MultiScaleVQ,
+        classes: torch.Tensor,
+        cfg: float = 0.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        temperature: float = 1.0,
+        generator: torch.Generator | None = None,
+        ramp: bool = True,
+        known: list[torch.Tensor] | None = None,
+        known_mask: torch.Tensor | list[torch.Tensor] | None = None,
+    ) -> list[torch.Tensor]:
+        """A token pyramid (one ``(B, s_k, s_k)`` map per scale) for ``classes`` ``(B,)``: :func:`sample_pyramid`."""
+        return sample_pyramid(self, vq, classes, cfg, top_k, top_p, temperature, generator, ramp, known,
+                              known_mask)
+
+
+@torch.no_grad()
+def sample_pyramid(
+    model: VAR,
+    vq: MultiScaleVQ,
+    classes: torch.Tensor,
+    cfg: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    temperature: float = 1.0,
+    generator: torch.Generator | None = None,
+    ramp: bool = True,
+    known: list[torch.Tensor] | None = None,
+    known_mask: torch.Tensor | list[torch.Tensor] | None = None,
+) -> list[torch.Tensor]:
+    """VAR's sampling loop: ``S`` forward passes, one per scale, with a KV cache.
+
+    Guidance: ``cfg = 0`` samples from the conditional model; otherwise the conditional rows and null-class
+    rows run in one doubled batch and scale ``k`` samples from ``(1 + t) cond - t uncond`` with
+    ``t = cfg * k / (S - 1)`` (``ramp=True``, VAR's schedule) or ``t = cfg``. Then temperature, top-k and
+    top-p (:func:`ar_course.sampling.sample`), all tokens of a scale drawn at once from ``generator``.
+
+    Zero-shot inpainting/outpainting: ``known`` is a pyramid (e.g. of a real image) and ``known_mask`` a
+    ``(B, H, H)`` bool map at the finest scale (``True`` = keep) or one ``(B, s_k, s_k)`` map per scale; the
+    kept tokens replace the sampled ones at every scale before the canvas is updated.
+
+    Returns one ``(B, s_k, s_k)`` long map per scale."""
+    c = model.config
+    B = classes.shape[0]
+    if tuple(vq.scales) != c.scales:
+        raise ValueError(f"the tokenizer's scales {tuple(vq.scales)} differ from the model's {c.scales}")
+    masks = None
+    if known is not None or known_mask is not None:
+        if known is None or known_mask is None:
+            raise ValueError("inpainting needs both known (a token pyramid) and known_mask")
+        masks = ref.scale_masks(known_mask, c.scales) if isinstance(known_mask, torch.Tensor) else list(known_mask)
+        if len(known) != c.num_scales or len(masks) != c.num_scales:
+            raise ValueError(f"known and known_mask need {c.num_scales} scales")
+    guided = cfg != 0
+    cls = torch.cat([classes, torch.full_like(classes, model.null_class)]) if guided else classes  # (B or 2B,)
+    cache = model.make_cache(cls.shape[0])
+    f_hat, x, pyramid = None, None, []
+    for k, s in enumerate(c.scales):
+        logits = model.step(k, x, cls, cache)  # (B or 2B, s*s, V)
+        if guided:
+            t = ref.guidance_strength(cfg, k, c.num_scales, ramp)
+            logits = ref.guided_logits(logits[:B], logits[B:], t)  # (B, s*s, V)
+        tokens = sampling.sample(logits, temperature, top_k, top_p, generator)  # (B, s*s)
+        if masks is not None:
+            tokens = torch.where(masks[k].flatten(1), known[k].flatten(1).to(tokens.device), tokens)
+        pyramid.append(tokens.view(B, s, s))
+        f_hat, x = ref.scale_step(vq, f_hat, k, tokens)
+        if guided and x is not None:
+            x = torch.cat([x, x])  # (2B, s'^2, D)
+    return pyramid
+
+
+@torch.no_grad()
+def generate_images(
+    model: VAR,
+    tokenizer: VQVAE,
+    classes: torch.Tensor,
+    cfg: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    temperature: float = 1.0,
+    seed: int | None = 0,
+    ramp: bool = True,
+    batch_size: int = 500,
+) -> torch.Tensor:
+    """Images ``(B, C, S, S)`` in [0, 1] for ``classes`` ``(B,)``: sample pyramids, decode.
+
+    ``seed`` seeds one generator for the whole call (``None``: torch's global one); work runs in chunks of
+    ``batch_size``, and samples depend on the chunking."""
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+    images = []
+    for chunk in classes.to(device).split(batch_size):
+        pyramid = sample_pyramid(model, tokenizer.quantizer, chunk, cfg, top_k, top_p, temperature, generator, ramp)
+        images.append(tokenizer.decode_from_indices(pyramid))
+    return torch.cat(images)  # (B, C, S, S)
+
+
+def save_pretrained(model: VAR, path: str | Path, **extra) -> Path:
+    """Write ``model`` as a float16 safetensors checkpoint with its config and ``extra`` metadata."""
+    state = {k: v.half() for k, v in model.state_dict().items()}
+    return save_checkpoint(path, state, model.config, kind=CHECKPOINT_KIND, **extra)
+
+
+def load_model(path: str | Path, device: torch.device | str = "cpu") -> VAR:
+    """A :class:`VAR` from a checkpoint written by :func:`save_pretrained` (float32, eval mode)."""
+    state, meta = load_checkpoint(path)
+    if meta["kind"] != CHECKPOINT_KIND:
+        raise CheckpointError(f"{path} holds a {meta['kind']!r} checkpoint, expected {CHECKPOINT_KIND!r}")
+    model = VAR(VARConfig.from_dict(meta["config"]))
+    try:
+        model.load_state_dict(state, strict=True)  # copies (and upcasts) into float32 parameters
+    except RuntimeError as exc:
+        raise CheckpointError(f"{path} does not match the model built from its config: {exc}") from None
+    return model.to(device).eval()
+
+
+def load_tokenizer_arg(name_or_path: str, device: torch.device | str = "cpu") -> VQVAE:
+    """A shipped tokenizer by name (``"mnist_msvq"``) or a multi-scale tokenizer checkpoint by path (eval mode)."""
+    if name_or_path in PRETRAINED:
+        return load_tokenizer(name_or_path, device=device)
+    model = load_any_model(name_or_path, lambda cfg: VQVAE(VQVAEConfig.from_dict(cfg)), kind="tokenizer",
+                           device=device)
+    if model.config.quantizer != "msvq":
+        raise ValueError(f"VAR needs a multi-scale (msvq) tokenizer; {name_or_path} holds a "
+                         f"{model.config.quantizer!r} one")
+    return model.eval()
+
+
+def load_pretrained(device: torch.device | str = "cpu", path: str | Path | None = None) -> tuple[VAR, VQVAE]:
+    """The shipped MNIST VAR and the tokenizer it was trained on (``mnist_msvq``): ``(model, tokenizer)``,
+    both in eval mode."""
+    path = Path(path) if path is not None else PRETRAINED_PATH
+    model = load_model(path, device)
+    _, meta = load_checkpoint(path)
+    return model, load_tokenizer_arg(meta["extra"].get("tokenizer", "mnist_msvq"), device=device)
+
+
+def pretrained_info(path: str | Path | None = None) -> dict:
+    """What the trainer recorded with the checkpoint: steps, seed, losses, accuracy per guidance scale..."""
+    _, meta = load_checkpoint(Path(path) if path is not None else PRETRAINED_PATH)
+    return {"config": meta["config"], **meta["extra"]}

@@ -1,0 +1,90 @@
+"""VAR (next-scale prediction) vs the chapter 03 raster-order model on MNIST, with the shipped checkpoints.
+
+Measures, in one run on one machine, for both models with KV caches and classifier-free guidance:
+forward passes per batch, CPU wall-clock per batch of mixed classes, class accuracy (shipped classifier) and
+Frechet distance against as many held-out test digits. Also VAR's class accuracy over guidance strengths.
+
+Writes ``benchmarks/results/var.json`` and ``var.png``::
+
+    python benchmarks/bench_var.py                 # --threads 1 by default: stable numbers on a busy CPU
+    python benchmarks/bench_var.py --per-class 100 --batch-size 100
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import torch  # noqa: E402
+
+from ar_course.var import load_pretrained  # noqa: E402
+from ar_course.var.compare import (  # noqa: E402
+    compare_generators, plot_comparison, raster_sampler, seconds_per_batch, var_sampler,
+)
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--per-class", type=int, default=50, help="samples per class for accuracy and distance")
+    parser.add_argument("--batch-size", type=int, default=100, help="chunk size when generating the samples")
+    parser.add_argument("--timing-batches", type=int, nargs="+", default=[1, 10, 100],
+                        help="batch sizes whose CPU wall-clock is measured")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--var-cfg", type=float, nargs="+", default=[0.0, 1.0, 2.0, 4.0],
+                        help="VAR guidance strengths to evaluate (0 = conditional); the best is compared")
+    parser.add_argument("--ar-cfg", type=float, default=None,
+                        help="raster guidance scale (1 = conditional); default: its best recorded scale")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    var_model, var_tok = load_pretrained()
+
+    sweep = compare_generators({f"VAR cfg {c:g}": var_sampler(var_model, var_tok, cfg=c) for c in args.var_cfg},
+                               per_class=args.per_class, batch_size=args.batch_size, timing_batch=10, repeats=1)
+    best = max(sweep, key=lambda r: r["class_accuracy"])
+    best_cfg = args.var_cfg[sweep.index(best)]
+    samplers = {"VAR": var_sampler(var_model, var_tok, cfg=best_cfg)}
+    ar_cfg = None
+    try:
+        from ar_course import raster
+
+        ar_model, ar_tok = raster.load_pretrained()
+        recorded = raster.pretrained_info().get("accuracy_by_scale", {})
+        ar_cfg = args.ar_cfg or (float(max(recorded, key=recorded.get)) if recorded else 3.0)
+        samplers["raster AR"] = raster_sampler(ar_model, ar_tok, cfg_scale=ar_cfg)
+    except Exception as exc:  # noqa: BLE001 - the raster checkpoint may not exist yet
+        print(f"raster AR model not available ({type(exc).__name__}: {exc}); measuring VAR alone")
+    rows = compare_generators(samplers, per_class=args.per_class, batch_size=args.batch_size,
+                              timing_batch=args.timing_batches[0], repeats=args.repeats)
+    timing = {}
+    for b in args.timing_batches:
+        timing[b] = {name: seconds_per_batch(lambda: s.sample(torch.arange(10).repeat(b)[:b], 0), args.repeats)
+                     for name, s in samplers.items()}
+    summary = {"var_cfg": best_cfg, "ar_cfg_scale": ar_cfg, "seconds_per_batch_by_size": timing}
+    if len(rows) == 2:
+        v, a = rows
+        summary.update(pass_ratio=a["forward_passes"] / v["forward_passes"],
+                       speedup_by_batch={b: t["raster AR"] / t["VAR"] for b, t in timing.items()},
+                       accuracy_gap_points=100 * (v["class_accuracy"] - a["class_accuracy"]))
+    result = {"machine": platform.processor() or platform.machine(), "threads": args.threads,
+              "torch": torch.__version__, "var_params": var_model.num_params(), "rows": rows,
+              "var_guidance_sweep": sweep, "summary": summary}
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "var.json").write_text(json.dumps(result, indent=2))
+    plot_comparison(rows).savefig(RESULTS / "var.png", dpi=120)
+    for r in sweep + rows:
+        print(f"{r['name']:<12} passes {r['forward_passes']:>3}  {r['seconds_per_batch']:.3f} s/batch  "
+              f"acc {r['class_accuracy']:.3f}  FD {r['frechet_distance']:.2f}")
+    print(summary)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
