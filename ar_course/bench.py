@@ -31,8 +31,13 @@ def summary_rows(names: list[str]) -> list[dict]:
         if not path.is_file():
             continue
         data = json.loads(path.read_text())
-        for row in data.get("summary", []):
-            rows.append({"bench": name, "date": data.get("date", ""), **row})
+        summary = data.get("summary", [])
+        if isinstance(summary, dict):  # {"what": "measured", ...}
+            summary = [{"what": k, "measured": v} for k, v in summary.items()]
+        for row in summary:
+            if not isinstance(row, dict):
+                row = {"what": str(row), "measured": ""}
+            rows.append({"bench": name, "date": data.get("date", ""), "what": "", "measured": "", **row})
     return rows
 
 

@@ -1,0 +1,323 @@
+"""Pure reference functions for vector quantization: the answers chapter 01's exercises are checked against.
+
+Every function here is stateless (it never modifies its inputs) and works on any device. The modules in
+:mod:`ar_course.tokenizers.quantizers` are built from them, so the package and the exercises cannot drift.
+
+Shapes use ``N`` for a number of vectors, ``D`` (or ``C``) for their dimension, ``K`` for the number of codes,
+``B`` for a batch of feature maps ``(B, C, H, W)`` and ``s`` for the side of one square scale.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+Refinement = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _check_vectors(z: torch.Tensor, codebook: torch.Tensor) -> None:
+    if z.ndim != 2 or codebook.ndim != 2:
+        raise ValueError(f"expected z (N, D) and codebook (K, D), got shapes {tuple(z.shape)} and "
+                         f"{tuple(codebook.shape)}")
+    if z.shape[1] != codebook.shape[1]:
+        raise ValueError(f"z has dimension {z.shape[1]} but the codes have dimension {codebook.shape[1]}")
+    if codebook.shape[0] == 0:
+        raise ValueError("the codebook is empty")
+
+
+# --------------------------------------------------------------------------------------------------------
+# single-codebook VQ (VQ-VAE)
+
+
+def vq_lookup(z: torch.Tensor, codebook: torch.Tensor, chunk_size: int = 4096) -> torch.Tensor:
+    """Index of the nearest code (squared Euclidean distance) for every row of ``z``.
+
+    ``z``: ``(N, D)``; ``codebook``: ``(K, D)``. Returns ``(N,)`` int64. Ties go to the lowest index. The
+    distances ``|z|^2 - 2 z.e + |e|^2`` are computed for ``chunk_size`` rows at a time, so memory stays at
+    ``chunk_size * K`` floats however large ``N`` is."""
+    _check_vectors(z, codebook)
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    e_sq = codebook.pow(2).sum(1)  # (K,)
+    out = []
+    for chunk in z.split(chunk_size):
+        d = chunk.pow(2).sum(1, keepdim=True) - 2 * chunk @ codebook.t() + e_sq  # (n, K)
+        out.append(d.argmin(dim=1))  # argmin returns the first minimum: ties go to the lowest index
+    if not out:
+        return torch.zeros(0, dtype=torch.long, device=z.device)
+    return torch.cat(out)
+
+
+def straight_through(z: torch.Tensor, z_q: torch.Tensor) -> torch.Tensor:
+    """Straight-through estimator: the value of ``z_q`` with the gradient of the identity to ``z``.
+
+    ``z``, ``z_q``: same shape. Returns ``z + (z_q - z).detach()``: the decoder sees the quantized vectors,
+    the encoder receives the decoder's gradient unchanged, and the codebook receives none from this path."""
+    if z.shape != z_q.shape:
+        raise ValueError(f"z and z_q must have the same shape, got {tuple(z.shape)} and {tuple(z_q.shape)}")
+    return z + (z_q - z).detach()
+
+
+def vq_loss(z: torch.Tensor, z_q: torch.Tensor, beta: float = 0.25) -> torch.Tensor:
+    """VQ-VAE's codebook + commitment loss, a scalar.
+
+    ``mean((z_q - sg[z])^2) + beta * mean((z - sg[z_q])^2)``: the first term moves the codes towards the
+    encoder outputs, the second (weighted by ``beta``) keeps the encoder close to its codes."""
+    if z.shape != z_q.shape:
+        raise ValueError(f"z and z_q must have the same shape, got {tuple(z.shape)} and {tuple(z_q.shape)}")
+    codebook_loss = F.mse_loss(z_q, z.detach())
+    commitment = F.mse_loss(z, z_q.detach())
+    return codebook_loss + beta * commitment
+
+
+def ema_update(
+    cluster_size: torch.Tensor,
+    embed_sum: torch.Tensor,
+    z: torch.Tensor,
+    indices: torch.Tensor,
+    decay: float = 0.99,
+    eps: float = 1e-5,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One exponential-moving-average codebook update (VQ-VAE, appendix A.1) with Laplace smoothing.
+
+    ``cluster_size``: ``(K,)`` running count per code; ``embed_sum``: ``(K, D)`` running sum of the vectors
+    assigned to each code; ``z``: ``(N, D)`` this batch's vectors; ``indices``: ``(N,)`` their codes.
+
+    ``N_k <- decay N_k + (1 - decay) n_k`` and ``m_k <- decay m_k + (1 - decay) sum_{i: idx_i = k} z_i``;
+    the smoothed counts ``(N_k + eps) / (n + K eps) * n`` (``n = sum_k N_k``) keep unused codes from dividing
+    by zero, and the new codebook is ``m_k / smoothed N_k``. Returns ``(cluster_size, embed_sum, codebook)``,
+    all new tensors. With ``decay = 0`` this is one k-means step."""
+    if cluster_size.ndim != 1 or embed_sum.ndim != 2 or embed_sum.shape[0] != cluster_size.shape[0]:
+        raise ValueError(f"expected cluster_size (K,) and embed_sum (K, D), got {tuple(cluster_size.shape)} "
+                         f"and {tuple(embed_sum.shape)}")
+    _check_vectors(z, embed_sum)
+    if indices.shape != (z.shape[0],):
+        raise ValueError(f"indices must have shape ({z.shape[0]},), got {tuple(indices.shape)}")
+    k = cluster_size.shape[0]
+    onehot = F.one_hot(indices.long(), k).to(z.dtype)  # (N, K)
+    new_size = decay * cluster_size + (1 - decay) * onehot.sum(0)  # (K,)
+    new_sum = decay * embed_sum + (1 - decay) * onehot.t() @ z  # (K, D)
+    n = new_size.sum()
+    smoothed = (new_size + eps) / (n + k * eps) * n  # (K,)
+    return new_size, new_sum, new_sum / smoothed[:, None]
+
+
+def dead_code_restart(
+    codebook: torch.Tensor, counts: torch.Tensor, candidates: torch.Tensor, threshold: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Replace the codes used fewer than ``threshold`` times by vectors from the data.
+
+    ``codebook``: ``(K, D)``; ``counts``: ``(K,)`` how often each code was picked over the last window;
+    ``candidates``: ``(M, D)`` data vectors in random order. The dead codes are those with
+    ``counts < threshold``; the j-th dead code (in increasing index order) becomes ``candidates[j % M]``.
+    Returns ``(new_codebook, dead)`` with ``dead`` a ``(K,)`` bool mask; the input is left unchanged."""
+    _check_vectors(candidates, codebook)
+    if counts.shape != (codebook.shape[0],):
+        raise ValueError(f"counts must have shape ({codebook.shape[0]},), got {tuple(counts.shape)}")
+    if candidates.shape[0] == 0:
+        raise ValueError("candidates is empty")
+    dead = counts < threshold  # (K,)
+    new = codebook.clone()
+    n_dead = int(dead.sum())
+    if n_dead:
+        pick = torch.arange(n_dead, device=codebook.device) % candidates.shape[0]
+        new[dead] = candidates[pick].to(new.dtype)
+    return new, dead
+
+
+def codebook_usage(indices: torch.Tensor, num_codes: int) -> tuple[float, float]:
+    """How much of a codebook ``indices`` (an integer tensor of any shape) uses.
+
+    Returns ``(fraction_used, perplexity)``: the fraction of the ``num_codes`` codes that appear at least
+    once, and ``exp(entropy)`` of the empirical code distribution (natural log), the effective number of
+    codes: 1 when a single code is used, ``num_codes`` when all are used equally often."""
+    if num_codes < 1:
+        raise ValueError(f"num_codes must be >= 1, got {num_codes}")
+    if indices.is_floating_point() or indices.dtype == torch.bool:
+        raise ValueError(f"indices must be an integer tensor, got {indices.dtype}")
+    if indices.numel() == 0:
+        raise ValueError("indices is empty")
+    flat = indices.flatten().long()
+    if int(flat.min()) < 0 or int(flat.max()) >= num_codes:
+        raise ValueError(f"indices must lie in [0, {num_codes}), got [{int(flat.min())}, {int(flat.max())}]")
+    return usage_from_counts(torch.bincount(flat, minlength=num_codes))
+
+
+def usage_from_counts(counts: torch.Tensor) -> tuple[float, float]:
+    """``(fraction_used, perplexity)`` from per-code counts ``(K,)``, as in :func:`codebook_usage`."""
+    if counts.ndim != 1 or counts.numel() == 0:
+        raise ValueError(f"counts must be a non-empty (K,) tensor, got shape {tuple(counts.shape)}")
+    total = counts.double().sum()
+    if total <= 0:
+        return 0.0, 0.0
+    p = counts.double() / total
+    p = p[p > 0]
+    entropy = -(p * p.log()).sum()
+    return float((counts > 0).sum()) / counts.numel(), float(entropy.exp())
+
+
+# --------------------------------------------------------------------------------------------------------
+# residual quantization (RQ-VAE)
+
+
+def residual_quantize(z: torch.Tensor, codebooks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize ``z`` with a stack of codebooks, each one coding what the previous ones left over.
+
+    ``z``: ``(N, D)``; ``codebooks``: ``(depth, K, D)`` (pass the same codebook ``depth`` times for a shared
+    one). Level ``d`` quantizes the residual ``z - z_hat_{d-1}`` and adds its code to ``z_hat``.
+    Returns ``(indices (N, depth) int64, z_hat (N, D))``."""
+    if codebooks.ndim != 3:
+        raise ValueError(f"codebooks must be (depth, K, D), got shape {tuple(codebooks.shape)}")
+    _check_vectors(z, codebooks[0])
+    z_hat = torch.zeros_like(z)
+    indices = []
+    for codebook in codebooks:
+        idx = vq_lookup(z - z_hat, codebook)  # (N,)
+        z_hat = z_hat + codebook[idx]
+        indices.append(idx)
+    return torch.stack(indices, dim=1), z_hat  # (N, depth), (N, D)
+
+
+def residual_decode(indices: torch.Tensor, codebooks: torch.Tensor) -> torch.Tensor:
+    """Sum of the codes ``indices`` ``(N, depth)`` picks from ``codebooks`` ``(depth, K, D)``: ``(N, D)``."""
+    if indices.ndim != 2 or codebooks.ndim != 3 or indices.shape[1] != codebooks.shape[0]:
+        raise ValueError(f"expected indices (N, depth) and codebooks (depth, K, D), got {tuple(indices.shape)} "
+                         f"and {tuple(codebooks.shape)}")
+    return sum(codebooks[d][indices[:, d]] for d in range(codebooks.shape[0]))
+
+
+# --------------------------------------------------------------------------------------------------------
+# multi-scale residual quantization (VAR)
+
+
+def token_count(scales: Sequence[int]) -> int:
+    """Tokens in a multi-scale pyramid: ``sum(s * s)`` (VAR's 1,2,3,4,5,6,8,10,13,16 gives 680)."""
+    return sum(int(s) ** 2 for s in scales)
+
+
+def phi_refine(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ratio: float = 0.5) -> torch.Tensor:
+    """VAR's refinement ``phi(h) = (1 - r) h + r conv3x3(h)`` of an upsampled code map.
+
+    ``h``: ``(B, C, H, W)``; ``weight``: ``(C, C, 3, 3)``; ``bias``: ``(C,)`` or None. Zero padding keeps the size."""
+    return h * (1 - ratio) + F.conv2d(h, weight, bias, padding=1) * ratio
+
+
+def phi_index(k: int, num_scales: int, num_phi: int) -> int:
+    """Which of ``num_phi`` shared refinements scale ``k`` (0-based, of ``num_scales``) uses.
+
+    The refinements sit at ticks ``linspace(1/(3n), 1 - 1/(3n), n)`` on [0, 1] and scale ``k`` sits at
+    ``k / (num_scales - 1)`` (0 when there is one scale); the nearest tick wins. For VAR's default ``n = 4``
+    these are VAR's ticks (its code uses ``1/(2n)`` margins for other ``n``). Distances are float64 as in
+    VAR's NumPy code, so its exact ties (scales 2 and 7 of its 10) fall the same way: 10 scales map to
+    ``0,0,1,1,1,2,2,3,3,3``."""
+    if num_phi < 1 or num_scales < 1 or not 0 <= k < num_scales:
+        raise ValueError(f"need num_phi >= 1, num_scales >= 1 and 0 <= k < num_scales, got k={k}, "
+                         f"num_scales={num_scales}, num_phi={num_phi}")
+    at = k / (num_scales - 1) if num_scales > 1 else 0.0
+    margin = 1 / (3 * num_phi)
+    ticks = torch.linspace(margin, 1 - margin, num_phi, dtype=torch.float64)
+    return int((ticks - at).abs().argmin())
+
+
+def _check_pyramid(f: torch.Tensor, codebook: torch.Tensor, scales: Sequence[int], phis: Sequence[Refinement]) -> int:
+    if f.ndim != 4:
+        raise ValueError(f"f must be a feature map (B, C, H, W), got shape {tuple(f.shape)}")
+    if f.shape[-1] != f.shape[-2]:
+        raise ValueError(f"multi-scale quantization needs a square map, got {f.shape[-2]}x{f.shape[-1]}")
+    if codebook.ndim != 2 or codebook.shape[1] != f.shape[1]:
+        raise ValueError(f"f has {f.shape[1]} channels but the codebook is {tuple(codebook.shape)}")
+    side = f.shape[-1]
+    check_scales(scales, side)
+    if len(phis) != len(scales):
+        raise ValueError(f"need one refinement per scale: {len(scales)} scales, {len(phis)} refinements")
+    return side
+
+
+def check_scales(scales: Sequence[int], side: int) -> None:
+    """Raise ``ValueError`` unless every scale lies in ``[1, side]`` and the last one equals ``side``."""
+    if len(scales) == 0:
+        raise ValueError("scales is empty")
+    for s in scales:
+        if not 1 <= int(s) <= side:
+            raise ValueError(f"scale {s} does not fit a {side}x{side} latent map (scales {tuple(scales)})")
+    if int(scales[-1]) != side:
+        raise ValueError(f"the last scale must be the full map side {side}, got scales {tuple(scales)}")
+
+
+def upsample_bicubic(h: torch.Tensor, side: int) -> torch.Tensor:
+    """Bicubic upsampling of a code map ``(B, C, s, s)`` to ``(B, C, side, side)``; identity when s == side."""
+    return h if h.shape[-1] == side else F.interpolate(h, size=(side, side), mode="bicubic")
+
+
+def downsample_area(f: torch.Tensor, s: int) -> torch.Tensor:
+    """Area (average-pooling) downsampling of ``(B, C, H, H)`` to ``(B, C, s, s)``; identity when s == H."""
+    return f if f.shape[-1] == s else F.interpolate(f, size=(s, s), mode="area")
+
+
+def _embed(indices: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    """Codes of an index map ``(B, s, s)`` as a feature map ``(B, C, s, s)``."""
+    return codebook[indices].permute(0, 3, 1, 2)  # (B, s, s, C) -> (B, C, s, s)
+
+
+def multiscale_encode(
+    f: torch.Tensor, codebook: torch.Tensor, scales: Sequence[int], phis: Sequence[Refinement]
+) -> list[torch.Tensor]:
+    """VAR's multi-scale residual quantization of a feature map ``f`` ``(B, C, H, H)``.
+
+    ``codebook``: ``(K, C)``, shared by every scale; ``scales``: sides ``s_1 < ... < s_S = H``; ``phis``: one
+    refinement per scale. At scale ``k`` the residual ``f - f_hat`` is area-downsampled to ``s_k``, each
+    vector is replaced by its nearest code, the code map is upsampled bicubically to ``H``, refined by
+    ``phis[k]`` and added to ``f_hat``. Returns one ``(B, s_k, s_k)`` int64 index map per scale."""
+    side = _check_pyramid(f, codebook, scales, phis)
+    b, c = f.shape[:2]
+    f_hat = torch.zeros_like(f)
+    out = []
+    for s, phi in zip(scales, phis):
+        rest = downsample_area(f - f_hat, s)  # (B, C, s, s)
+        idx = vq_lookup(rest.permute(0, 2, 3, 1).reshape(-1, c), codebook).view(b, s, s)  # (B, s, s)
+        f_hat = f_hat + phi(upsample_bicubic(_embed(idx, codebook), side))
+        out.append(idx)
+    return out
+
+
+def _check_indices(indices: Sequence[torch.Tensor], codebook: torch.Tensor, phis: Sequence[Refinement]) -> None:
+    if len(indices) == 0 or any(i.ndim != 3 or i.shape[-1] != i.shape[-2] for i in indices):
+        raise ValueError("indices must be a non-empty list of square (B, s, s) index maps")
+    if len(phis) != len(indices):
+        raise ValueError(f"need one refinement per scale: {len(indices)} scales, {len(phis)} refinements")
+    if codebook.ndim != 2:
+        raise ValueError(f"codebook must be (K, C), got shape {tuple(codebook.shape)}")
+
+
+def multiscale_decode(
+    indices: Sequence[torch.Tensor], codebook: torch.Tensor, phis: Sequence[Refinement]
+) -> torch.Tensor:
+    """Rebuild ``f_hat`` ``(B, C, H, H)`` from one index map per scale (``H`` is the last map's side).
+
+    ``f_hat = sum_k phis[k](upsample(codebook[indices[k]]))``: the decoder side of :func:`multiscale_encode`."""
+    _check_indices(indices, codebook, phis)
+    side = indices[-1].shape[-1]
+    f_hat = 0
+    for idx, phi in zip(indices, phis):
+        f_hat = f_hat + phi(upsample_bicubic(_embed(idx, codebook), side))
+    return f_hat
+
+
+def teacher_forcing_inputs(
+    indices: Sequence[torch.Tensor], codebook: torch.Tensor, phis: Sequence[Refinement]
+) -> list[torch.Tensor]:
+    """What VAR's transformer reads when predicting scale ``k + 1`` from the ground-truth scales ``<= k``.
+
+    For ``k = 0 .. S-2``: the cumulative ``f_hat`` after scale ``k`` (as in :func:`multiscale_decode`),
+    area-downsampled to the side of scale ``k + 1``. Returns ``S - 1`` maps ``(B, C, s_{k+1}, s_{k+1})``
+    (the first scale is predicted from the class token alone, so it has no entry)."""
+    _check_indices(indices, codebook, phis)
+    side = indices[-1].shape[-1]
+    f_hat = 0
+    out = []
+    for k in range(len(indices) - 1):
+        f_hat = f_hat + phis[k](upsample_bicubic(_embed(indices[k], codebook), side))
+        out.append(downsample_area(f_hat, indices[k + 1].shape[-1]))
+    return out

@@ -1,0 +1,442 @@
+"""Vector quantizers as ``nn.Module``s: plain VQ (VQ-VAE), residual VQ (RQ-VAE) and VAR's multi-scale
+residual VQ. Each takes a feature map ``(B, D, h, w)`` and returns a :class:`QuantizerOutput`.
+
+Built from the pure functions in :mod:`ar_course.tokenizers.functional`:
+
+* :class:`VectorQuantizer` -- nearest-code lookup, straight-through output, codebook + commitment loss or
+  EMA codebook updates, optional l2-normalised codes, dead-code restart and usage statistics over a window.
+* :class:`ResidualVQ` -- ``depth`` quantizers in a row, each coding the previous residual.
+* :class:`MultiScaleVQ` -- one shared codebook across scales ``1 .. h``; coarse scales code an
+  area-downsampled residual, their code maps are upsampled bicubically and refined by ``phi`` convs.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ar_course.tokenizers import functional as Fq
+
+
+class QuantizerOutput(NamedTuple):
+    """What every quantizer's ``forward`` returns."""
+
+    z_q: torch.Tensor  # (B, D, h, w) quantized map; its gradient flows straight through to the input
+    indices: torch.Tensor | list[torch.Tensor]  # (B, h, w), (B, depth, h, w) or one (B, s, s) per scale
+    loss: torch.Tensor  # scalar quantizer loss (codebook + commitment, or commitment only with EMA)
+
+
+def _check_map(z: torch.Tensor, dim: int, who: str) -> None:
+    if not isinstance(z, torch.Tensor) or z.ndim != 4:
+        raise ValueError(f"{who} expects a feature map (B, {dim}, h, w), got "
+                         f"{tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__}")
+    if z.shape[1] != dim:
+        raise ValueError(f"{who} expects {dim} channels, got {z.shape[1]} (input shape {tuple(z.shape)})")
+    if not z.is_floating_point():
+        raise ValueError(f"{who} expects a floating-point feature map, got {z.dtype}")
+
+
+def _flatten(z: torch.Tensor) -> torch.Tensor:
+    """``(B, D, h, w) -> (B*h*w, D)``."""
+    return z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])  # (B*h*w, D)
+
+
+def _unflatten(flat: torch.Tensor, b: int, h: int, w: int) -> torch.Tensor:
+    """``(B*h*w, D) -> (B, D, h, w)``."""
+    return flat.view(b, h, w, -1).permute(0, 3, 1, 2)  # (B, D, h, w)
+
+
+class VectorQuantizer(nn.Module):
+    """A codebook of ``num_codes`` vectors of size ``dim`` and the machinery to train and watch it.
+
+    * ``forward(z)``: ``z`` ``(B, dim, h, w)`` -> :class:`QuantizerOutput` with ``indices`` ``(B, h, w)``.
+      Loss: ``mean((z_q - sg[z])^2) + beta * mean((z - sg[z_q])^2)``, or only the commitment term with
+      ``ema=True`` (the codebook then follows running means of its assigned vectors, ``decay``/``eps``).
+    * ``l2_norm=True`` normalises vectors and codes to unit length before the lookup (LlamaGen/ViT-VQGAN).
+    * In training mode it counts code hits; every ``usage_window`` steps the counts of that window become
+      :meth:`usage`, and with ``dead_code_threshold > 0`` the codes hit fewer times than that are
+      replaced by random vectors of the current batch (dead-code restart).
+    """
+
+    def __init__(
+        self,
+        num_codes: int,
+        dim: int,
+        beta: float = 0.25,
+        ema: bool = False,
+        decay: float = 0.99,
+        eps: float = 1e-5,
+        l2_norm: bool = False,
+        dead_code_threshold: float = 0.0,
+        usage_window: int = 100,
+    ) -> None:
+        super().__init__()
+        if num_codes < 1 or dim < 1:
+            raise ValueError(f"num_codes and dim must be >= 1, got {num_codes} and {dim}")
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"decay must lie in [0, 1), got {decay}")
+        if usage_window < 1 or dead_code_threshold < 0:
+            raise ValueError(f"need usage_window >= 1 and dead_code_threshold >= 0, got {usage_window} "
+                             f"and {dead_code_threshold}")
+        self.num_codes, self.dim, self.beta = num_codes, dim, beta
+        self.ema, self.decay, self.eps, self.l2_norm = ema, decay, eps, l2_norm
+        self.dead_code_threshold, self.usage_window = dead_code_threshold, usage_window
+        init = torch.empty(num_codes, dim).uniform_(-1.0 / num_codes, 1.0 / num_codes)  # VQ-VAE's init
+        if ema:
+            self.register_buffer("codebook", init)
+            self.register_buffer("ema_cluster_size", torch.ones(num_codes))
+            self.register_buffer("ema_embed_sum", init.clone())
+        else:
+            self.codebook = nn.Parameter(init)
+        self.register_buffer("hits", torch.zeros(num_codes))  # code hits in the current window
+        self.register_buffer("last_hits", torch.zeros(num_codes))  # hits over the last complete window
+        self.register_buffer("window_steps", torch.zeros((), dtype=torch.long))
+        self.register_buffer("num_restarted", torch.zeros((), dtype=torch.long))  # codes restarted so far
+
+    def extra_repr(self) -> str:
+        return (f"num_codes={self.num_codes}, dim={self.dim}, beta={self.beta}, ema={self.ema}, "
+                f"l2_norm={self.l2_norm}, dead_code_threshold={self.dead_code_threshold}")
+
+    # -- lookup -------------------------------------------------------------------------------------------
+    def codes(self) -> torch.Tensor:
+        """The code vectors as the lookup sees them ``(K, D)`` (unit length with ``l2_norm``)."""
+        return F.normalize(self.codebook, dim=1) if self.l2_norm else self.codebook
+
+    def lookup(self, flat: torch.Tensor) -> torch.Tensor:
+        """Nearest-code indices ``(N,)`` of vectors ``(N, D)`` (normalised first with ``l2_norm``)."""
+        if self.l2_norm:
+            flat = F.normalize(flat, dim=1)
+        return Fq.vq_lookup(flat.detach(), self.codes().detach())
+
+    def encode(self, z: torch.Tensor) -> torch.Tensor:
+        """Index map ``(B, h, w)`` of a feature map ``(B, D, h, w)``."""
+        _check_map(z, self.dim, "VectorQuantizer")
+        b, _, h, w = z.shape
+        return self.lookup(_flatten(z)).view(b, h, w)
+
+    def decode(self, indices: torch.Tensor) -> torch.Tensor:
+        """Feature map ``(B, D, h, w)`` of an index map ``(B, h, w)``."""
+        if indices.ndim != 3 or indices.is_floating_point():
+            raise ValueError(f"indices must be an integer map (B, h, w), got {tuple(indices.shape)} {indices.dtype}")
+        return self.codes()[indices].permute(0, 3, 1, 2)  # (B, h, w, D) -> (B, D, h, w)
+
+    # -- training -----------------------------------------------------------------------------------------
+    def forward(self, z: torch.Tensor) -> QuantizerOutput:
+        _check_map(z, self.dim, "VectorQuantizer")
+        b, _, h, w = z.shape
+        flat = _flatten(z)  # (N, D)
+        if self.l2_norm:
+            flat = F.normalize(flat, dim=1)
+        codes = self.codes()  # (K, D)
+        idx = Fq.vq_lookup(flat.detach(), codes.detach())  # (N,)
+        z_q = codes[idx]  # (N, D); carries the codebook gradient unless EMA
+        if self.ema:
+            loss = self.beta * F.mse_loss(flat, z_q.detach())
+        else:
+            loss = Fq.vq_loss(flat, z_q, self.beta)
+        out = Fq.straight_through(flat, z_q)
+        if self.training:
+            if self.ema:
+                self.ema_step(flat.detach(), idx)
+            self.record(idx, flat.detach())
+        return QuantizerOutput(_unflatten(out, b, h, w), idx.view(b, h, w), loss)
+
+    @torch.no_grad()
+    def ema_step(self, flat: torch.Tensor, idx: torch.Tensor) -> None:
+        """Move the codebook to the running means of the vectors ``(N, D)`` assigned to it (``ema=True``)."""
+        if not self.ema:
+            raise RuntimeError("ema_step needs a quantizer built with ema=True")
+        size, total, codebook = Fq.ema_update(self.ema_cluster_size, self.ema_embed_sum, flat, idx,
+                                              self.decay, self.eps)
+        self.ema_cluster_size.copy_(size)
+        self.ema_embed_sum.copy_(total)
+        self.codebook.copy_(codebook)
+
+    @torch.no_grad()
+    def record(self, idx: torch.Tensor, candidates: torch.Tensor) -> None:
+        """Count the hits ``idx`` ``(N,)``; at the end of a window, publish usage and restart dead codes
+        from ``candidates`` ``(M, D)`` (data vectors of this batch)."""
+        self.hits += torch.bincount(idx, minlength=self.num_codes).to(self.hits.dtype)
+        self.window_steps += 1
+        if int(self.window_steps) < self.usage_window:
+            return
+        self.last_hits.copy_(self.hits)
+        if self.dead_code_threshold > 0:
+            self.restart_dead_codes(self.hits, candidates)
+        self.hits.zero_()
+        self.window_steps.zero_()
+
+    @torch.no_grad()
+    def restart_dead_codes(self, counts: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+        """Replace codes with ``counts < dead_code_threshold`` by randomly chosen ``candidates`` ``(M, D)``.
+
+        Returns the ``(K,)`` bool mask of restarted codes. Uses torch's global random generator."""
+        shuffled = candidates[torch.randperm(candidates.shape[0], device=candidates.device)]  # (M, D)
+        new, dead = Fq.dead_code_restart(self.codebook.detach(), counts, shuffled, self.dead_code_threshold)
+        self.codebook.data.copy_(new)
+        if self.ema:
+            self.ema_cluster_size[dead] = 1.0
+            self.ema_embed_sum[dead] = new[dead]
+        self.num_restarted += int(dead.sum())
+        return dead
+
+    def usage(self) -> dict[str, float]:
+        """``fraction_used`` and ``perplexity`` of the codes hit during the last complete training window
+        (the current, incomplete one before the first window closes)."""
+        counts = self.last_hits if bool(self.last_hits.any()) else self.hits
+        fraction, perplexity = Fq.usage_from_counts(counts)
+        return {"fraction_used": fraction, "perplexity": perplexity}
+
+
+class ResidualVQ(nn.Module):
+    """RQ-VAE's residual quantizer: ``depth`` codes per position, level ``d`` coding ``z - z_hat_{d-1}``.
+
+    ``forward(z)``: ``z`` ``(B, dim, h, w)`` -> :class:`QuantizerOutput` with ``indices`` ``(B, depth, h, w)``.
+    With ``shared_codebook=True`` every level uses one codebook. The loss averages over levels
+    ``beta * mean((z - sg[z_hat_d])^2) + mean((z_hat_d - sg[z])^2)`` (the second term only without EMA),
+    the cumulative form RQ-VAE and VAR use."""
+
+    def __init__(
+        self,
+        num_codes: int,
+        dim: int,
+        depth: int = 4,
+        shared_codebook: bool = False,
+        beta: float = 0.25,
+        ema: bool = False,
+        decay: float = 0.99,
+        dead_code_threshold: float = 0.0,
+        usage_window: int = 100,
+    ) -> None:
+        super().__init__()
+        if depth < 1:
+            raise ValueError(f"depth must be >= 1, got {depth}")
+        self.num_codes, self.dim, self.depth, self.beta, self.ema = num_codes, dim, depth, beta, ema
+        self.shared_codebook = shared_codebook
+        self.layers = nn.ModuleList(
+            VectorQuantizer(num_codes, dim, beta, ema=ema, decay=decay, dead_code_threshold=dead_code_threshold,
+                            usage_window=usage_window)
+            for _ in range(1 if shared_codebook else depth)
+        )
+
+    def layer(self, d: int) -> VectorQuantizer:
+        """The quantizer of level ``d``."""
+        return self.layers[0 if self.shared_codebook else d]
+
+    def codebooks(self) -> torch.Tensor:
+        """All levels' codebooks ``(depth, K, D)`` (the same one repeated when shared)."""
+        return torch.stack([self.layer(d).codes() for d in range(self.depth)])
+
+    def forward(self, z: torch.Tensor) -> QuantizerOutput:
+        _check_map(z, self.dim, "ResidualVQ")
+        b, _, h, w = z.shape
+        flat = _flatten(z)  # (N, D)
+        target = flat.detach()
+        z_hat = torch.zeros_like(target)
+        loss = flat.new_zeros(())
+        seen: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in self.layers]
+        indices = []
+        for d in range(self.depth):
+            layer = self.layer(d)
+            rest = target - z_hat.detach()  # (N, D)
+            idx = layer.lookup(rest)
+            z_hat = z_hat + layer.codes()[idx]
+            loss = loss + self.beta * F.mse_loss(z_hat.detach(), flat)
+            if not self.ema:
+                loss = loss + F.mse_loss(z_hat, target)
+            seen[0 if self.shared_codebook else d].append((idx, rest))
+            indices.append(idx.view(b, h, w))
+        if self.training:
+            for layer, pairs in zip(self.layers, seen):
+                idx, rest = torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])
+                if self.ema:
+                    layer.ema_step(rest, idx)
+                layer.record(idx, rest)
+        out = Fq.straight_through(flat, z_hat)
+        return QuantizerOutput(_unflatten(out, b, h, w), torch.stack(indices, dim=1), loss / self.depth)
+
+    def encode(self, z: torch.Tensor) -> torch.Tensor:
+        """Index maps ``(B, depth, h, w)`` of a feature map ``(B, D, h, w)``."""
+        _check_map(z, self.dim, "ResidualVQ")
+        b, _, h, w = z.shape
+        idx, _ = Fq.residual_quantize(_flatten(z), self.codebooks())  # (B*h*w, depth)
+        return idx.view(b, h, w, self.depth).permute(0, 3, 1, 2)  # (B, depth, h, w)
+
+    def decode(self, indices: torch.Tensor, depth: int | None = None) -> torch.Tensor:
+        """Feature map ``(B, D, h, w)`` from ``(B, depth, h, w)`` indices, using the first ``depth`` levels."""
+        if indices.ndim != 4 or indices.shape[1] != self.depth:
+            raise ValueError(f"indices must be (B, {self.depth}, h, w), got {tuple(indices.shape)}")
+        n = self.depth if depth is None else depth
+        if not 1 <= n <= self.depth:
+            raise ValueError(f"depth must lie in [1, {self.depth}], got {depth}")
+        return sum(self.layer(d).decode(indices[:, d]) for d in range(n))
+
+    def usage(self) -> dict[str, float]:
+        """Mean over levels of :meth:`VectorQuantizer.usage`."""
+        stats = [layer.usage() for layer in self.layers]
+        return {k: sum(s[k] for s in stats) / len(stats) for k in stats[0]}
+
+
+class Phi(nn.Conv2d):
+    """VAR's refinement of an upsampled code map: ``(1 - ratio) h + ratio conv3x3(h)``, same shape.
+
+    The conv starts as the identity (centre tap = identity matrix, zero bias), so ``phi(h) = h`` at
+    initialisation and training starts from plain residual quantization. (VAR keeps PyTorch's random conv
+    init; on our small models that makes every added code half the code plus noise, and the coarse scales
+    then barely reduce the error.)"""
+
+    def __init__(self, dim: int, ratio: float = 0.5) -> None:
+        super().__init__(dim, dim, kernel_size=3, padding=1)
+        self.ratio = ratio
+        with torch.no_grad():
+            self.weight.zero_()
+            self.weight[:, :, 1, 1] = torch.eye(dim)
+            self.bias.zero_()
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return Fq.phi_refine(h, self.weight, self.bias, self.ratio)
+
+
+class MultiScaleVQ(nn.Module):
+    """VAR's multi-scale residual quantizer (``VectorQuantizer2`` in the VAR code).
+
+    One codebook is shared by every scale. For scale ``k`` of side ``s_k``: the residual ``f - f_hat`` is
+    area-downsampled to ``s_k``, quantized, the code map upsampled bicubically back to the full side,
+    refined by ``phi`` and added to ``f_hat``. ``num_phi`` refinements are shared across scales (scale ``k``
+    picks one with :func:`~ar_course.tokenizers.functional.phi_index`); ``phi_ratio = 0`` turns them off.
+    The last scale is the full map and skips the resampling.
+
+    * ``forward(f)``: ``f`` ``(B, dim, H, H)`` with ``H == scales[-1]`` -> :class:`QuantizerOutput` whose
+      ``indices`` is a list of ``(B, s_k, s_k)``; loss ``mean_k beta*|sg[f_hat_k] - f|^2 + |f_hat_k - sg[f]|^2``.
+    * ``encode`` / ``decode`` / ``teacher_forcing_inputs``, and ``accumulate`` / ``next_input`` for
+      generating one scale at a time.
+    """
+
+    def __init__(
+        self,
+        num_codes: int,
+        dim: int,
+        scales: Sequence[int] = (1, 2, 3, 4, 6, 8),
+        beta: float = 0.25,
+        phi_ratio: float = 0.5,
+        num_phi: int = 4,
+        dead_code_threshold: float = 0.0,
+        usage_window: int = 100,
+    ) -> None:
+        super().__init__()
+        self.scales = tuple(int(s) for s in scales)
+        Fq.check_scales(self.scales, max(self.scales, default=0))
+        if num_phi < 1:
+            raise ValueError(f"num_phi must be >= 1, got {num_phi}")
+        self.num_codes, self.dim, self.beta = num_codes, dim, beta
+        self.phi_ratio, self.num_phi = phi_ratio, num_phi
+        self.quantizer = VectorQuantizer(num_codes, dim, beta, dead_code_threshold=dead_code_threshold,
+                                         usage_window=usage_window)
+        self.phis = nn.ModuleList(Phi(dim, phi_ratio) if phi_ratio != 0 else nn.Identity() for _ in range(num_phi))
+
+    def extra_repr(self) -> str:
+        return f"scales={self.scales}, phi_ratio={self.phi_ratio}, num_phi={self.num_phi}"
+
+    @property
+    def side(self) -> int:
+        """Side of the full latent map (the last scale)."""
+        return self.scales[-1]
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens per image, ``sum(s_k^2)``."""
+        return Fq.token_count(self.scales)
+
+    def phi(self, k: int) -> nn.Module:
+        """The refinement scale ``k`` uses."""
+        return self.phis[Fq.phi_index(k, len(self.scales), self.num_phi)]
+
+    def refinements(self) -> list[nn.Module]:
+        """One refinement per scale (shared modules repeat)."""
+        return [self.phi(k) for k in range(len(self.scales))]
+
+    def _check_input(self, f: torch.Tensor) -> None:
+        _check_map(f, self.dim, "MultiScaleVQ")
+        if f.shape[-1] != f.shape[-2]:
+            raise ValueError(f"MultiScaleVQ needs a square latent map, got {f.shape[-2]}x{f.shape[-1]}")
+        Fq.check_scales(self.scales, f.shape[-1])
+
+    def _check_indices(self, indices: Sequence[torch.Tensor], exact: bool) -> None:
+        n = len(indices)
+        if n == 0 or n > len(self.scales) or (exact and n != len(self.scales)):
+            raise ValueError(f"expected {'' if exact else 'up to '}{len(self.scales)} index maps, got {n}")
+        for k, idx in enumerate(indices):
+            if idx.ndim != 3 or tuple(idx.shape[1:]) != (self.scales[k], self.scales[k]):
+                raise ValueError(f"index map {k} must be (B, {self.scales[k]}, {self.scales[k]}), "
+                                 f"got {tuple(idx.shape)}")
+
+    def forward(self, f: torch.Tensor) -> QuantizerOutput:
+        self._check_input(f)
+        b, c, side, _ = f.shape
+        target = f.detach()
+        rest = target.clone()
+        f_hat = torch.zeros_like(target)
+        loss = f.new_zeros(())
+        indices, hits, candidates = [], [], []
+        for k, s in enumerate(self.scales):
+            r = _flatten(Fq.downsample_area(rest, s))  # (B*s*s, C)
+            idx = self.quantizer.lookup(r)  # (B*s*s,)
+            h = self.phi(k)(Fq.upsample_bicubic(_unflatten(self.quantizer.codebook[idx], b, s, s), side))  # (B, C, H, H)
+            f_hat = f_hat + h
+            rest = rest - h.detach()
+            loss = loss + self.beta * F.mse_loss(f_hat.detach(), f) + F.mse_loss(f_hat, target)
+            indices.append(idx.view(b, s, s))
+            hits.append(idx)
+            candidates.append(r)
+        if self.training:
+            self.quantizer.record(torch.cat(hits), torch.cat(candidates))
+        return QuantizerOutput(Fq.straight_through(f, f_hat), indices, loss / len(self.scales))
+
+    def encode(self, f: torch.Tensor) -> list[torch.Tensor]:
+        """One index map ``(B, s_k, s_k)`` per scale for a feature map ``(B, D, H, H)``."""
+        self._check_input(f)
+        return Fq.multiscale_encode(f, self.quantizer.codebook, self.scales, self.refinements())
+
+    def accumulate(self, f_hat: torch.Tensor | None, k: int, indices_k: torch.Tensor) -> torch.Tensor:
+        """``f_hat + phi_k(upsample(codes of indices_k))``: add scale ``k`` ``(B, s_k, s_k)`` to ``f_hat``
+        ``(B, D, H, H)`` (``None`` means zeros)."""
+        s = self.scales[k]
+        if indices_k.ndim != 3 or tuple(indices_k.shape[1:]) != (s, s):
+            raise ValueError(f"scale {k} needs indices (B, {s}, {s}), got {tuple(indices_k.shape)}")
+        h = self.phi(k)(Fq.upsample_bicubic(self.quantizer.decode(indices_k), self.side))  # (B, D, H, H)
+        return h if f_hat is None else f_hat + h
+
+    def next_input(self, f_hat: torch.Tensor, k: int) -> torch.Tensor:
+        """``f_hat`` ``(B, D, H, H)`` after scale ``k`` area-downsampled to scale ``k + 1``: what the VAR
+        transformer reads to predict scale ``k + 1``. Returns ``(B, D, s_{k+1}, s_{k+1})``."""
+        if not 0 <= k < len(self.scales) - 1:
+            raise ValueError(f"k must lie in [0, {len(self.scales) - 2}], got {k}")
+        return Fq.downsample_area(f_hat, self.scales[k + 1])
+
+    def decode(self, indices: Sequence[torch.Tensor]) -> torch.Tensor:
+        """``f_hat`` ``(B, D, H, H)`` from the index maps of the first ``n <= S`` scales (all of them
+        reconstructs the input; fewer gives the coarse-to-fine partial sums)."""
+        self._check_indices(indices, exact=False)
+        f_hat = None
+        for k, idx in enumerate(indices):
+            f_hat = self.accumulate(f_hat, k, idx)
+        return f_hat
+
+    def teacher_forcing_inputs(self, indices: Sequence[torch.Tensor], flatten: bool = False) -> list[torch.Tensor] | torch.Tensor:
+        """For ``k = 0 .. S-2`` the cumulative ``f_hat`` after scale ``k`` area-downsampled to scale ``k+1``:
+        a list of ``(B, D, s_{k+1}, s_{k+1})``, or with ``flatten=True`` one ``(B, num_tokens - 1, D)`` tensor
+        in VAR's token order (scale by scale, row-major)."""
+        self._check_indices(indices, exact=True)
+        maps = Fq.teacher_forcing_inputs(indices, self.quantizer.codebook, self.refinements())
+        if not flatten:
+            return maps
+        if not maps:  # a single scale: nothing to feed
+            return self.quantizer.codebook.new_zeros(indices[0].shape[0], 0, self.dim)
+        return torch.cat([m.flatten(2).transpose(1, 2) for m in maps], dim=1)  # (B, L - 1, D)
+
+    def usage(self) -> dict[str, float]:
+        """Usage of the shared codebook over the last training window, all scales together."""
+        return self.quantizer.usage()

@@ -1,0 +1,236 @@
+"""A small convolutional VQ-VAE around any of the three quantizers, and the shipped pretrained tokenizers.
+
+    config = VQVAEConfig(quantizer="msvq", num_codes=256, latent_dim=16)
+    model = VQVAE(config)
+    out = model(images)                   # images (B, 1, 32, 32) in [0, 1]
+    out.loss.backward()                   # reconstruction MSE + quantizer loss
+    tokens = model.encode_to_indices(images)
+    images_back = model.decode_from_indices(tokens)
+
+    tok = load_pretrained("mnist_vq")     # 8x8 = 64 tokens per MNIST digit (chapter 03)
+    tok = load_pretrained("mnist_msvq")   # scales 1,2,3,4,6,8 = 130 tokens in 6 steps (chapter 04)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ar_course.checkpoint import load_checkpoint, load_model
+from ar_course.tokenizers.quantizers import MultiScaleVQ, QuantizerOutput, ResidualVQ, VectorQuantizer
+
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
+QUANTIZERS = ("vq", "rvq", "msvq")
+PRETRAINED = ("mnist_vq", "mnist_msvq")
+CHECKPOINT_KIND = "tokenizer"
+
+
+@dataclass
+class VQVAEConfig:
+    in_channels: int = 1
+    image_size: int = 32
+    downsample: int = 4  # a power of two; the latent map is image_size / downsample on a side
+    width: int = 16  # channels at full resolution, doubled at every downsampling
+    num_res_blocks: int = 1
+    latent_dim: int = 16
+    quantizer: str = "vq"  # "vq", "rvq" or "msvq"
+    num_codes: int = 256
+    beta: float = 0.25
+    ema: bool = False  # vq / rvq only
+    decay: float = 0.99
+    l2_norm: bool = False  # vq only
+    dead_code_threshold: float = 0.0
+    usage_window: int = 100
+    depth: int = 4  # rvq
+    shared_codebook: bool = False  # rvq
+    scales: tuple[int, ...] = (1, 2, 3, 4, 6, 8)  # msvq
+    phi_ratio: float = 0.5  # msvq
+    num_phi: int = 4  # msvq
+
+    def __post_init__(self) -> None:
+        self.scales = tuple(int(s) for s in self.scales)  # JSON gives lists back
+        if self.quantizer not in QUANTIZERS:
+            raise ValueError(f"quantizer must be one of {QUANTIZERS}, got {self.quantizer!r}")
+        if self.downsample < 1 or self.downsample & (self.downsample - 1):
+            raise ValueError(f"downsample must be a power of two, got {self.downsample}")
+        if self.image_size % self.downsample:
+            raise ValueError(f"image_size {self.image_size} is not divisible by downsample {self.downsample}")
+        if self.quantizer == "msvq" and self.scales[-1] != self.latent_side:
+            raise ValueError(f"the last scale must equal the latent side {self.latent_side}, got scales {self.scales}")
+
+    @property
+    def latent_side(self) -> int:
+        return self.image_size // self.downsample
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "VQVAEConfig":
+        """Build from a dict such as a checkpoint's stored config (unknown keys are an error)."""
+        names = {f.name for f in fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown VQVAEConfig fields: {sorted(unknown)}")
+        return cls(**d)
+
+
+class ResBlock(nn.Module):
+    """``x + conv1x1(silu(conv3x3(silu(x))))``, same shape."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv2 = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.conv2(F.silu(self.conv1(F.silu(x))))
+
+
+class Encoder(nn.Module):
+    """Images ``(B, C, S, S)`` in [0, 1] -> continuous latents ``(B, latent_dim, S/f, S/f)``."""
+
+    def __init__(self, config: VQVAEConfig) -> None:
+        super().__init__()
+        n_down = int(math.log2(config.downsample))
+        widths = [config.width * 2**i for i in range(n_down + 1)]
+        layers: list[nn.Module] = [nn.Conv2d(config.in_channels, widths[0], 3, padding=1)]
+        for i in range(n_down):
+            layers += [nn.SiLU(), nn.Conv2d(widths[i], widths[i + 1], 4, stride=2, padding=1)]  # halves the side
+        layers += [ResBlock(widths[-1]) for _ in range(config.num_res_blocks)]
+        layers += [nn.SiLU(), nn.Conv2d(widths[-1], config.latent_dim, 1)]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x * 2 - 1)
+
+
+class Decoder(nn.Module):
+    """Quantized latents ``(B, latent_dim, s, s)`` -> images ``(B, C, s*f, s*f)``, trained towards [0, 1]
+    (a linear output: a sigmoid saturates on MNIST's black background and stalls training)."""
+
+    def __init__(self, config: VQVAEConfig) -> None:
+        super().__init__()
+        n_down = int(math.log2(config.downsample))
+        widths = [config.width * 2**i for i in range(n_down + 1)]
+        layers: list[nn.Module] = [nn.Conv2d(config.latent_dim, widths[-1], 3, padding=1)]
+        layers += [ResBlock(widths[-1]) for _ in range(config.num_res_blocks)]
+        for i in reversed(range(n_down)):
+            layers += [nn.SiLU(), nn.Upsample(scale_factor=2, mode="nearest"),  # doubles the side
+                       nn.Conv2d(widths[i + 1], widths[i], 3, padding=1)]
+        layers += [nn.SiLU(), nn.Conv2d(widths[0], config.in_channels, 3, padding=1)]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.net(z)
+
+
+def build_quantizer(config: VQVAEConfig) -> nn.Module:
+    """The quantizer a config names: :class:`VectorQuantizer`, :class:`ResidualVQ` or :class:`MultiScaleVQ`."""
+    common = dict(beta=config.beta, dead_code_threshold=config.dead_code_threshold, usage_window=config.usage_window)
+    if config.quantizer == "vq":
+        return VectorQuantizer(config.num_codes, config.latent_dim, ema=config.ema, decay=config.decay,
+                               l2_norm=config.l2_norm, **common)
+    if config.quantizer == "rvq":
+        return ResidualVQ(config.num_codes, config.latent_dim, depth=config.depth,
+                          shared_codebook=config.shared_codebook, ema=config.ema, decay=config.decay, **common)
+    return MultiScaleVQ(config.num_codes, config.latent_dim, scales=config.scales, phi_ratio=config.phi_ratio,
+                        num_phi=config.num_phi, **common)
+
+
+class VQVAEOutput(NamedTuple):
+    recon: torch.Tensor  # (B, C, S, S) clamped to [0, 1]
+    indices: torch.Tensor | list[torch.Tensor]  # the quantizer's indices
+    loss: torch.Tensor  # recon_loss + quant_loss
+    recon_loss: torch.Tensor  # mean squared error of the unclamped output
+    quant_loss: torch.Tensor
+
+
+class VQVAE(nn.Module):
+    """Conv encoder -> quantizer -> conv decoder. Images are ``(B, in_channels, image_size, image_size)``
+    with values in [0, 1]; tokens are what the quantizer's ``encode`` gives: ``(B, h, w)`` for ``vq``,
+    ``(B, depth, h, w)`` for ``rvq``, a list of ``(B, s_k, s_k)`` for ``msvq``."""
+
+    def __init__(self, config: VQVAEConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.encoder = Encoder(config)
+        self.quantizer = build_quantizer(config)
+        self.decoder = Decoder(config)
+
+    @property
+    def tokens_per_image(self) -> int:
+        c = self.config
+        if c.quantizer == "msvq":
+            return self.quantizer.num_tokens
+        return c.latent_side**2 * (c.depth if c.quantizer == "rvq" else 1)
+
+    def _check_images(self, x: torch.Tensor) -> None:
+        c = self.config
+        if not isinstance(x, torch.Tensor) or x.ndim != 4 or not x.is_floating_point():
+            raise ValueError(f"expected float images (B, {c.in_channels}, {c.image_size}, {c.image_size}), got "
+                             f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+        if x.shape[1] != c.in_channels:
+            raise ValueError(f"this VQ-VAE takes {c.in_channels}-channel images, got {x.shape[1]} channels")
+        if tuple(x.shape[2:]) != (c.image_size, c.image_size):
+            raise ValueError(f"this VQ-VAE takes {c.image_size}x{c.image_size} images, got "
+                             f"{x.shape[2]}x{x.shape[3]}")
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Continuous latents ``(B, latent_dim, h, w)`` of images ``(B, C, S, S)``."""
+        self._check_images(x)
+        return self.encoder(x)
+
+    def decode(self, z_q: torch.Tensor) -> torch.Tensor:
+        """Images ``(B, C, S, S)`` in [0, 1] from (quantized) latents ``(B, latent_dim, h, w)``."""
+        if z_q.ndim != 4 or z_q.shape[1] != self.config.latent_dim:
+            raise ValueError(f"expected latents (B, {self.config.latent_dim}, h, w), got {tuple(z_q.shape)}")
+        return self.decoder(z_q).clamp(0, 1)
+
+    def forward(self, x: torch.Tensor) -> VQVAEOutput:
+        q: QuantizerOutput = self.quantizer(self.encode(x))
+        out = self.decoder(q.z_q)  # (B, C, S, S), unclamped
+        recon_loss = F.mse_loss(out, x)
+        return VQVAEOutput(out.clamp(0, 1), q.indices, recon_loss + q.loss, recon_loss, q.loss)
+
+    @torch.no_grad()
+    def encode_to_indices(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+        """Tokens of images ``(B, C, S, S)`` (see the class docstring for their shape)."""
+        return self.quantizer.encode(self.encode(x))
+
+    @torch.no_grad()
+    def decode_from_indices(self, indices: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
+        """Images ``(B, C, S, S)`` in [0, 1] from tokens (for ``msvq`` the first ``n <= S`` scales suffice:
+        fewer scales give a coarser image)."""
+        return self.decode(self.quantizer.decode(indices))
+
+    @torch.no_grad()
+    def reconstruct(self, x: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
+        """Encode and decode images ``(N, C, S, S)`` in chunks; returns ``(N, C, S, S)``."""
+        return torch.cat([self.decode_from_indices(self.encode_to_indices(chunk)) for chunk in x.split(batch_size)])
+
+
+def pretrained_path(name: str) -> Path:
+    """Where the shipped tokenizer ``name`` (``"mnist_vq"`` or ``"mnist_msvq"``) lives."""
+    if name not in PRETRAINED:
+        raise ValueError(f"unknown pretrained tokenizer {name!r}; choose from {PRETRAINED}")
+    return ASSETS / f"tokenizer_{name}.safetensors"
+
+
+def load_pretrained(name: str, device: str | torch.device = "cpu") -> VQVAE:
+    """The shipped tokenizer ``name`` as a :class:`VQVAE` in eval mode.
+
+    ``"mnist_vq"``: single-scale VQ, 8x8 = 64 tokens per 32x32 digit. ``"mnist_msvq"``: VAR's multi-scale
+    VQ with scales 1,2,3,4,6,8 = 130 tokens in 6 steps. Both share the encoder/decoder configuration and
+    the codebook size. Build them again with ``python -m ar_course train tokenizer``."""
+    model = load_model(pretrained_path(name), lambda cfg: VQVAE(VQVAEConfig.from_dict(cfg)),
+                       kind=CHECKPOINT_KIND, device=device)
+    return model.eval()
+
+
+def pretrained_info(name: str) -> dict:
+    """What was recorded when the shipped tokenizer was trained (steps, seed, held-out PSNR, usage...)."""
+    return load_checkpoint(pretrained_path(name))[1]["extra"]

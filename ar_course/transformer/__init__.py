@@ -1,0 +1,13 @@
+"""The causal transformer of chapter 02: attention, rotary embeddings, blocks, a GPT with a KV cache.
+
+``functional`` holds the plain reference functions; ``model`` the modules built from them;
+``pretrained`` the shipped character-level target/draft pair (``load_pretrained("lm_target")``).
+"""
+
+from .model import GPT, MLP, Block, GPTConfig, KVCache, RMSNorm, Rotary, SelfAttention, SwiGLU
+from .pretrained import checkpoint_info, load_pretrained
+
+__all__ = [
+    "GPT", "GPTConfig", "KVCache", "Block", "SelfAttention", "MLP", "SwiGLU", "RMSNorm", "Rotary",
+    "load_pretrained", "checkpoint_info",
+]

@@ -1,0 +1,202 @@
+"""Pure reference functions for the causal transformer: no modules, no state, written to be read.
+
+The chapter 02 exercises are checked against these, and the modules in :mod:`.model` are tested against
+them (the modules use fused PyTorch kernels where they exist; these are the plain paths beside them).
+
+Conventions used everywhere in :mod:`ar_course.transformer`:
+
+* a boolean mask is ``True`` where a query **may** attend to a key;
+* heads live in dimension 1: ``(B, H, T, D)`` with ``D = C // H``;
+* rotary embeddings pair feature ``i`` with feature ``i + D/2`` (the "rotate half" layout).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+
+
+def check_mask(mask: torch.Tensor, t_q: int, t_k: int) -> None:
+    """Raise ``ValueError`` unless ``mask`` is a bool tensor whose last two dims are ``(t_q, t_k)``.
+
+    Allowed shapes: ``(t_q, t_k)`` or ``(B | 1, H | 1, t_q, t_k)``."""
+    if not isinstance(mask, torch.Tensor):
+        raise ValueError(f"mask must be a torch.Tensor of dtype bool, got {type(mask).__name__}")
+    if mask.dtype != torch.bool:
+        raise ValueError(
+            f"mask must have dtype torch.bool (True = may attend), got {mask.dtype}; "
+            "convert an additive float mask with `mask == 0` or build it with causal_mask()"
+        )
+    if mask.dim() not in (2, 4) or tuple(mask.shape[-2:]) != (t_q, t_k):
+        raise ValueError(
+            f"mask has shape {tuple(mask.shape)}, expected (T_q, T_k) = ({t_q}, {t_k}) "
+            f"or (B, H, {t_q}, {t_k}) with broadcastable B and H"
+        )
+
+
+def masked_softmax(scores: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Numerically stable softmax over the last dimension, ignoring masked-out entries.
+
+    Args:
+        scores: ``(..., N)`` float tensor.
+        mask: bool tensor broadcastable to ``scores``; ``True`` keeps an entry. ``None`` keeps all.
+
+    Returns:
+        ``(..., N)`` probabilities; masked entries are exactly 0 and a row with no kept entry is all 0
+        (rather than NaN). The row maximum over kept entries is subtracted before ``exp``.
+    """
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    row_max = scores.amax(dim=-1, keepdim=True)
+    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    e = torch.exp(scores - row_max)  # exp(-inf) = 0 for masked entries
+    total = e.sum(dim=-1, keepdim=True)
+    return e / torch.where(total > 0, total, torch.ones_like(total))
+
+
+def causal_mask(t_q: int, t_k: int | None = None, device: torch.device | str | None = None) -> torch.Tensor:
+    """Boolean causal mask of shape ``(t_q, t_k)``, ``True`` where attention is allowed.
+
+    The queries are the **last** ``t_q`` of ``t_k`` positions (``t_k`` defaults to ``t_q``): query ``i``
+    sits at absolute position ``t_k - t_q + i`` and may attend to keys ``0 .. t_k - t_q + i`` inclusive.
+    With ``t_q == t_k`` this is the lower triangle including the diagonal; with a KV cache holding
+    ``t_k - t_q`` earlier positions it is the same triangle shifted right.
+    """
+    t_k = t_q if t_k is None else t_k
+    if t_k < t_q:
+        raise ValueError(f"t_k ({t_k}) must be >= t_q ({t_q}): queries are the last t_q of t_k positions")
+    q_pos = torch.arange(t_q, device=device)[:, None] + (t_k - t_q)  # (t_q, 1)
+    k_pos = torch.arange(t_k, device=device)[None, :]  # (1, t_k)
+    return k_pos <= q_pos
+
+
+def scaled_dot_product_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``softmax(q k^T / sqrt(D)) v`` with an optional boolean mask (the plain path).
+
+    Args:
+        q: ``(..., T_q, D)``; k: ``(..., T_k, D)``; v: ``(..., T_k, D_v)``.
+        mask: bool ``(T_q, T_k)`` or ``(B, H, T_q, T_k)`` (broadcastable), ``True`` = may attend.
+
+    Returns:
+        ``(..., T_q, D_v)``. A query that may attend to nothing gets a zero vector.
+    """
+    if mask is not None:
+        check_mask(mask, q.shape[-2], k.shape[-2])
+    scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])  # (..., T_q, T_k)
+    return masked_softmax(scores, mask) @ v
+
+
+def split_heads(x: torch.Tensor, n_head: int) -> torch.Tensor:
+    """``(B, T, C)`` -> ``(B, H, T, C // H)``: channel block ``h`` becomes head ``h``."""
+    B, T, C = x.shape
+    if C % n_head:
+        raise ValueError(f"channels ({C}) must be divisible by the number of heads ({n_head})")
+    return x.view(B, T, n_head, C // n_head).transpose(1, 2)  # (B, H, T, D)
+
+
+def merge_heads(x: torch.Tensor) -> torch.Tensor:
+    """``(B, H, T, D)`` -> ``(B, T, H * D)``, the inverse of :func:`split_heads`."""
+    B, H, T, D = x.shape
+    return x.transpose(1, 2).reshape(B, T, H * D)  # (B, T, C)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None = None, eps: float = 1e-6) -> torch.Tensor:
+    """Root-mean-square normalisation over the last dim: ``x / sqrt(mean(x^2) + eps) * weight``.
+
+    ``x``: ``(..., C)``; ``weight``: ``(C,)`` or ``None``. Unlike LayerNorm there is no mean subtraction
+    and no bias."""
+    out = x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + eps)
+    return out if weight is None else out * weight
+
+
+def rope_angles(
+    positions: torch.Tensor, dim: int, base: float = 10000.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cosines and sines of the rotary angles ``pos * base^(-2i/dim)``, ``i = 0 .. dim/2 - 1``.
+
+    ``positions``: ``(T,)`` integer or float tensor. Returns ``(cos, sin)``, each ``(T, dim // 2)``."""
+    if dim % 2:
+        raise ValueError(f"rotary dimension must be even, got {dim}")
+    inv_freq = base ** (-torch.arange(0, dim, 2, dtype=torch.float64, device=positions.device) / dim)
+    angles = positions.to(torch.float64)[:, None] * inv_freq[None, :]  # (T, dim/2)
+    return torch.cos(angles).float(), torch.sin(angles).float()
+
+
+def rope_2d_angles(
+    rows: torch.Tensor, cols: torch.Tensor, dim: int, base: float = 10000.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """2D rotary angles for a token map: half the rotated pairs follow the row, half the column.
+
+    ``rows``, ``cols``: ``(T,)``. Returns ``(cos, sin)``, each ``(T, dim // 2)``: the first ``dim // 4``
+    pairs rotate with the row index, the rest with the column index (each axis uses the 1D frequencies of
+    a ``dim // 2``-dimensional rotary embedding)."""
+    if dim % 4:
+        raise ValueError(f"2D rotary dimension must be divisible by 4, got {dim}")
+    cos_r, sin_r = rope_angles(rows, dim // 2, base)  # (T, dim/4)
+    cos_c, sin_c = rope_angles(cols, dim // 2, base)  # (T, dim/4)
+    return torch.cat([cos_r, cos_c], dim=-1), torch.cat([sin_r, sin_c], dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate feature pairs ``(x_i, x_{i+D/2})`` of ``x`` ``(..., T, D)`` by the angles in ``cos, sin``.
+
+    ``cos``, ``sin``: ``(T, D // 2)`` (or broadcastable). Each pair is multiplied by the 2x2 rotation
+    ``[[cos, -sin], [sin, cos]]``, so a query at position m and a key at position n get a dot product that
+    depends only on ``m - n``."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
+
+
+def rotary_embedding(x: torch.Tensor, positions: torch.Tensor, base: float = 10000.0) -> torch.Tensor:
+    """1D rotary position embedding of ``x`` ``(..., T, D)`` at integer ``positions`` ``(T,)``."""
+    cos, sin = rope_angles(positions, x.shape[-1], base)
+    return apply_rope(x, cos, sin)
+
+
+def pre_norm_block(
+    x: torch.Tensor,
+    norm1: Callable[[torch.Tensor], torch.Tensor],
+    attn: Callable[[torch.Tensor], torch.Tensor],
+    norm2: Callable[[torch.Tensor], torch.Tensor],
+    mlp: Callable[[torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    """One pre-norm transformer block on ``x`` ``(B, T, C)``: normalise, transform, add back.
+
+    ``h = x + attn(norm1(x))`` then ``h + mlp(norm2(h))``. The residual stream itself is never
+    normalised, which keeps gradients well behaved in deep stacks."""
+    h = x + attn(norm1(x))
+    return h + mlp(norm2(h))
+
+
+def cached_attention(
+    q: torch.Tensor,
+    k_new: torch.Tensor,
+    v_new: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    pos: int,
+) -> torch.Tensor:
+    """Attention for ``T`` new tokens against a preallocated KV cache (one decode step when ``T = 1``).
+
+    Args:
+        q, k_new, v_new: ``(B, H, T, D)`` for the new tokens, which sit at positions ``pos .. pos+T-1``.
+        k_cache, v_cache: ``(B, H, L_max, D)`` buffers holding positions ``0 .. pos-1``; the new keys and
+            values are written **in place** at ``pos .. pos+T-1``.
+        pos: number of positions already in the cache.
+
+    Returns:
+        ``(B, H, T, D)``: each new token attends causally to positions ``0 .. its own position``.
+    """
+    T = q.shape[-2]
+    if pos + T > k_cache.shape[-2]:
+        raise ValueError(f"cache holds {k_cache.shape[-2]} positions, cannot write {T} at position {pos}")
+    k_cache[:, :, pos : pos + T] = k_new
+    v_cache[:, :, pos : pos + T] = v_new
+    k = k_cache[:, :, : pos + T]  # (B, H, pos+T, D)
+    v = v_cache[:, :, : pos + T]  # (B, H, pos+T, D)
+    return scaled_dot_product_attention(q, k, v, causal_mask(T, pos + T, device=q.device))

@@ -1,0 +1,490 @@
+"""A small GPT in the style of nanoGPT's ``model.py``, with the pieces later chapters reuse.
+
+Modules in dependency order: :class:`GPTConfig`, :class:`KVCache`, :class:`RMSNorm`, :class:`Rotary`,
+:class:`SelfAttention`, :class:`MLP`, :class:`SwiGLU`, :class:`Block`, :class:`GPT`.
+
+* Attention has a fused path (``F.scaled_dot_product_attention``) and the plain path of
+  :mod:`.functional` beside it (``GPTConfig.attn = "plain"``); tests check that they agree.
+* Masks are boolean, ``True`` = may attend. A block takes ``causal`` (the usual GPT mask, shifted for the
+  tokens already in a KV cache) and/or an explicit ``mask`` (e.g. VAR's block-causal mask); both are
+  combined with AND.
+* :class:`KVCache` is preallocated per layer and indexed by position; ``rollback(n)`` forgets everything
+  after position ``n`` (speculative decoding rejects drafted tokens that way).
+* Optional class conditioning: a class token is prepended to the sequence; class ``n_classes`` is the null
+  class used for classifier-free guidance.
+* :class:`Block` optionally takes a conditioning vector for adaptive normalisation (``cond_dim > 0``), the
+  way VAR conditions on the class.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ar_course import sampling
+from ar_course.transformer import functional as ref
+
+
+@dataclass
+class GPTConfig:
+    """Hyper-parameters of :class:`GPT` (and of :class:`Block` when used on its own)."""
+
+    vocab_size: int = 128
+    block_size: int = 256  # longest sequence, the class token included
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    mlp: str = "swiglu"  # "swiglu" (Llama-style gated) or "gelu" (GPT-2 style)
+    mlp_hidden: int = 0  # 0: 4 * n_embd for gelu, about 8/3 * n_embd (multiple of 16) for swiglu
+    pos: str = "rope"  # "rope" (1D rotary), "rope2d" (rotary over a token map), "learned", "none"
+    grid: tuple[int, int] | None = None  # (rows, cols) of the token map, for pos="rope2d"
+    rope_base: float = 10000.0
+    n_classes: int = 0  # > 0: a class token starts every sequence; class n_classes is the null class
+    dropout: float = 0.0
+    bias: bool = False
+    norm_eps: float = 1e-6
+    tie_weights: bool = True
+    attn: str = "sdpa"  # "sdpa" (fused) or "plain" (the reference path, for tests and teaching)
+
+    def __post_init__(self) -> None:
+        if self.grid is not None:
+            self.grid = (int(self.grid[0]), int(self.grid[1]))  # JSON gives a list back
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if self.mlp not in ("swiglu", "gelu"):
+            raise ValueError(f"mlp must be 'swiglu' or 'gelu', got {self.mlp!r}")
+        if self.pos not in ("rope", "rope2d", "learned", "none"):
+            raise ValueError(f"pos must be 'rope', 'rope2d', 'learned' or 'none', got {self.pos!r}")
+        if self.pos == "rope2d" and self.grid is None:
+            raise ValueError("pos='rope2d' needs grid=(rows, cols)")
+        if self.attn not in ("sdpa", "plain"):
+            raise ValueError(f"attn must be 'sdpa' or 'plain', got {self.attn!r}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def n_prefix(self) -> int:
+        """Tokens before the first predicted token: 1 (the class token) when class-conditional, else 0."""
+        return 1 if self.n_classes > 0 else 0
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "GPTConfig":
+        """Build from a dict (e.g. a checkpoint's JSON config), ignoring unknown keys."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class KVCache:
+    """Keys and values of every layer, preallocated: ``k[layer]`` is ``(B, H, max_len, D)``.
+
+    ``length`` positions are valid. A forward pass over ``T`` new tokens calls :meth:`append` once per layer
+    (writing positions ``length .. length+T-1``) and then :meth:`advance` ``(T)`` once. :meth:`rollback`
+    sets ``length`` back; later appends overwrite the forgotten positions.
+    """
+
+    def __init__(
+        self,
+        n_layer: int,
+        batch_size: int,
+        n_head: int,
+        max_len: int,
+        head_dim: int,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ):
+        shape = (batch_size, n_head, max_len, head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
+        self.length = 0
+
+    @property
+    def max_len(self) -> int:
+        return self.k[0].shape[2]
+
+    @property
+    def batch_size(self) -> int:
+        return self.k[0].shape[0]
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write ``k, v`` ``(B, H, T, D)`` at positions ``length .. length+T-1`` of ``layer``.
+
+        Returns the keys and values of positions ``0 .. length+T-1``, each ``(B, H, length+T, D)``."""
+        start, T = self.length, k.shape[2]
+        if start + T > self.max_len:
+            raise ValueError(f"KV cache is full: {start} + {T} new positions > max_len {self.max_len}")
+        self.k[layer][:, :, start : start + T] = k
+        self.v[layer][:, :, start : start + T] = v
+        return self.k[layer][:, :, : start + T], self.v[layer][:, :, : start + T]
+
+    def advance(self, n: int) -> None:
+        """Mark ``n`` more positions valid (after every layer has appended them)."""
+        if self.length + n > self.max_len:
+            raise ValueError(f"cannot advance past max_len {self.max_len}")
+        self.length += n
+
+    def rollback(self, length: int) -> None:
+        """Keep only the first ``length`` positions (``0 <= length <= self.length``)."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"rollback length must be in [0, {self.length}], got {length}")
+        self.length = length
+
+    def reset(self) -> None:
+        self.length = 0
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square normalisation over the channel dim; ``affine=False`` for adaptive conditioning."""
+
+    def __init__(self, dim: int, eps: float = 1e-6, affine: bool = True):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim)) if affine else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x``: ``(..., C)`` -> ``(..., C)`` (the plain formula: on CPU it beats ``F.rms_norm``)."""
+        return ref.rms_norm(x, self.weight, self.eps)
+
+
+class Rotary(nn.Module):
+    """Rotary-embedding tables for sequence positions ``0 .. max_len-1`` (not saved in checkpoints).
+
+    1D: position ``s`` rotates by ``s``. 2D (``grid=(rows, cols)``): the ``n_prefix`` leading tokens (the
+    class token) get angle 0; token ``p = s - n_prefix`` of the map sits at ``(p // cols, p % cols)``."""
+
+    def __init__(
+        self, head_dim: int, max_len: int, base: float = 10000.0,
+        grid: tuple[int, int] | None = None, n_prefix: int = 0,
+    ):
+        super().__init__()
+        s = torch.arange(max_len)
+        if grid is None:
+            cos, sin = ref.rope_angles(s, head_dim, base)
+        else:
+            p = (s - n_prefix).clamp(min=0)
+            cos, sin = ref.rope_2d_angles(p // grid[1], p % grid[1], head_dim, base)
+        self.register_buffer("cos", cos, persistent=False)  # (max_len, D/2)
+        self.register_buffer("sin", sin, persistent=False)  # (max_len, D/2)
+
+    def forward(self, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(cos, sin)`` for positions ``start .. start+length-1``, each ``(length, D/2)``."""
+        return self.cos[start : start + length], self.sin[start : start + length]
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention with optional rotary embedding, masks and a KV cache."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        C = config.n_embd
+        self.n_head = config.n_head
+        self.impl = config.attn
+        self.qkv = nn.Linear(C, 3 * C, bias=config.bias)
+        self.proj = nn.Linear(C, C, bias=config.bias)
+        self.dropout = config.dropout
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        mask: torch.Tensor | None = None,
+        causal: bool = True,
+        cache: KVCache | None = None,
+        layer: int = 0,
+    ) -> torch.Tensor:
+        """``x``: ``(B, T, C)`` -> ``(B, T, C)``.
+
+        ``rope``: ``(cos, sin)`` of the ``T`` new positions. ``mask``: bool ``(T, T_k)`` or
+        ``(B, H, T, T_k)`` with ``T_k`` = cached positions + ``T``. ``causal``: also apply the causal mask
+        (offset by what the cache holds). ``cache``/``layer``: append this layer's keys and values."""
+        q, k, v = self.heads(x, rope)  # 3 x (B, H, T, D)
+        past = 0
+        if cache is not None:
+            past = cache.length
+            k, v = cache.append(layer, k, v)  # (B, H, past+T, D)
+        y = self._attend(q, k, v, mask, causal, past)  # (B, H, T, D)
+        return self.proj(ref.merge_heads(y))  # (B, T, C)
+
+    def heads(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries, keys and values of ``x`` ``(B, T, C)``, split into heads, each ``(B, H, T, D)``.
+
+        Same layout as :func:`functional.split_heads` (head ``h`` owns channels ``h*D .. (h+1)*D-1``);
+        queries and keys are rotated together, which saves operations at decode time."""
+        B, T, C = x.shape
+        qkv = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head)  # (B, T, 3, H, D)
+        if rope is not None:
+            cos, sin = rope[0][:, None, None, :], rope[1][:, None, None, :]  # (T, 1, 1, D/2)
+            qk = ref.apply_rope(qkv[:, :, :2], cos, sin)  # (B, T, 2, H, D)
+            qkv = torch.cat([qk, qkv[:, :, 2:]], dim=2)  # (B, T, 3, H, D)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, H, T, D)
+        return q, k, v
+
+    def _attend(self, q, k, v, mask, causal, past) -> torch.Tensor:
+        T, T_k = q.shape[2], k.shape[2]
+        if mask is not None:
+            ref.check_mask(mask, T, T_k)
+        # one new token attends to everything before it: the causal mask is all True
+        need_causal = causal and T > 1
+        p = self.dropout if self.training else 0.0
+        if self.impl == "sdpa" and mask is None and (not need_causal or past == 0):
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=need_causal)
+        if need_causal:
+            cm = ref.causal_mask(T, T_k, device=q.device)
+            mask = cm if mask is None else mask & cm
+        if self.impl == "sdpa":
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+        scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])  # (B, H, T, T_k)
+        return F.dropout(ref.masked_softmax(scores, mask), p) @ v  # dropout on the weights, as SDPA does
+
+
+class MLP(nn.Module):
+    """GPT-2 feed-forward: ``Linear -> GELU -> Linear``. ``(..., C) -> (..., C)``."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        hidden = config.mlp_hidden or 4 * config.n_embd
+        self.fc = nn.Linear(config.n_embd, hidden, bias=config.bias)
+        self.proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(F.gelu(self.fc(x)))
+
+
+class SwiGLU(nn.Module):
+    """Gated feed-forward of Llama: ``proj(silu(gate(x)) * up(x))``. ``(..., C) -> (..., C)``."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        hidden = config.mlp_hidden or 16 * math.ceil(8 * config.n_embd / 3 / 16)
+        self.gate = nn.Linear(config.n_embd, hidden, bias=config.bias)
+        self.up = nn.Linear(config.n_embd, hidden, bias=config.bias)
+        self.proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(F.silu(self.gate(x)) * self.up(x))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: ``x + attn(norm(x))`` then ``+ mlp(norm(.))``.
+
+    With ``cond_dim > 0`` the norms lose their weights and a conditioning vector ``cond`` ``(B, cond_dim)``
+    produces a shift, scale and gate per sublayer (adaptive normalisation as in VAR/DiT). The projection
+    starts at zero, so a new conditioned block is the identity."""
+
+    def __init__(self, config: GPTConfig, cond_dim: int = 0):
+        super().__init__()
+        C = config.n_embd
+        self.norm1 = RMSNorm(C, config.norm_eps, affine=cond_dim == 0)
+        self.attn = SelfAttention(config)
+        self.norm2 = RMSNorm(C, config.norm_eps, affine=cond_dim == 0)
+        self.mlp = SwiGLU(config) if config.mlp == "swiglu" else MLP(config)
+        self.drop = nn.Dropout(config.dropout)
+        self.ada = nn.Linear(cond_dim, 6 * C) if cond_dim else None
+        if self.ada is not None:
+            nn.init.zeros_(self.ada.weight)
+            nn.init.zeros_(self.ada.bias)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        mask: torch.Tensor | None = None,
+        causal: bool = True,
+        cache: KVCache | None = None,
+        layer: int = 0,
+        cond: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``x``: ``(B, T, C)`` -> ``(B, T, C)``; the other arguments as in :meth:`SelfAttention.forward`."""
+        attn = lambda h: self.attn(h, rope, mask, causal, cache, layer)  # noqa: E731
+        if self.ada is None:
+            if cond is not None:
+                raise ValueError("this Block was built without cond_dim; it takes no cond")
+            x = x + self.drop(attn(self.norm1(x)))
+            return x + self.drop(self.mlp(self.norm2(x)))
+        if cond is None:
+            raise ValueError("this Block was built with cond_dim > 0; pass cond of shape (B, cond_dim)")
+        mod = self.ada(F.silu(cond))[:, None, :]  # (B, 1, 6C)
+        shift1, scale1, gate1, shift2, scale2, gate2 = mod.chunk(6, dim=-1)  # 6 x (B, 1, C)
+        x = x + gate1 * self.drop(attn(self.norm1(x) * (1 + scale1) + shift1))
+        return x + gate2 * self.drop(self.mlp(self.norm2(x) * (1 + scale2) + shift2))
+
+
+class GPT(nn.Module):
+    """Decoder-only transformer over token ids, optionally conditioned on a class token.
+
+    Unconditional: ``forward(idx)`` with ``idx`` ``(B, T)`` gives logits ``(B, T, V)`` where position ``t``
+    predicts token ``t + 1``. Class-conditional (``n_classes > 0``): the class token is prepended when a
+    sequence starts, so ``forward(idx, classes=y)`` gives ``(B, 1 + T, V)`` and position 0 predicts the
+    first token: train with ``forward(x[:, :-1], targets=x, classes=y)``."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        C = config.n_embd
+        self.wte = nn.Embedding(config.vocab_size, C)
+        self.wce = nn.Embedding(config.n_classes + 1, C) if config.n_classes else None
+        self.wpe = nn.Embedding(config.block_size, C) if config.pos == "learned" else None
+        self.rotary = None
+        if config.pos in ("rope", "rope2d"):
+            grid = config.grid if config.pos == "rope2d" else None
+            self.rotary = Rotary(config.head_dim, config.block_size, config.rope_base, grid, config.n_prefix)
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
+        self.norm_f = RMSNorm(C, config.norm_eps)
+        self.lm_head = nn.Linear(C, config.vocab_size, bias=False)
+        if config.tie_weights:
+            self.lm_head.weight = self.wte.weight
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # GPT-2: scale the residual projections by depth
+            if name.endswith("proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    @property
+    def null_class(self) -> int:
+        """Class index meaning "no class" (classifier-free guidance)."""
+        return self.config.n_classes
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def make_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
+        """An empty :class:`KVCache` for this model on its device and dtype (``max_len`` <= block_size)."""
+        c = self.config
+        p = self.wte.weight
+        return KVCache(c.n_layer, batch_size, c.n_head, max_len or c.block_size, c.head_dim, p.device, p.dtype)
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        classes: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits for every position and, given ``targets``, the mean cross-entropy.
+
+        Args:
+            idx: ``(B, T)`` long token ids (``T`` may be 0 when a class token starts the sequence).
+            targets: ``(B, T_out)`` long, ``T_out = T + 1`` with a class token else ``T``; -100 is ignored.
+            classes: ``(B,)`` long class ids (``n_classes`` = null); required exactly when a
+                class-conditional sequence starts (no cache, or an empty one).
+            cache: a :class:`KVCache`; the new positions are appended and the cache advanced.
+
+        Returns:
+            ``(logits (B, T_out, V), loss or None)``.
+        """
+        if idx.dim() != 2 or idx.dtype != torch.long:
+            raise ValueError(f"idx must be a (B, T) long tensor, got {tuple(idx.shape)} {idx.dtype}")
+        start = cache.length if cache is not None else 0
+        x = self.wte(idx)  # (B, T, C)
+        if self.wce is not None and start == 0:
+            if classes is None or classes.shape != (idx.shape[0],):
+                raise ValueError(f"this model is class-conditional: pass classes of shape ({idx.shape[0]},)")
+            x = torch.cat([self.wce(classes)[:, None, :], x], dim=1)  # (B, 1+T, C)
+        elif classes is not None:
+            raise ValueError("classes are only taken when a class-conditional sequence starts")
+        T = x.shape[1]
+        if start + T > self.config.block_size:
+            raise ValueError(f"sequence of {start + T} positions exceeds block_size {self.config.block_size}")
+        if self.wpe is not None:
+            x = x + self.wpe(torch.arange(start, start + T, device=x.device))
+        rope = self.rotary(start, T) if self.rotary is not None else None
+        mask, causal = None, True
+        if start > 0 and T > 1:  # several new tokens after cached ones: build the shifted mask once
+            mask, causal = ref.causal_mask(T, start + T, device=x.device), False
+        x = self.drop(x)
+        for i, block in enumerate(self.blocks):
+            x = block(x, rope=rope, mask=mask, causal=causal, cache=cache, layer=i)
+        if cache is not None:
+            cache.advance(T)
+        logits = self.lm_head(self.norm_f(x))  # (B, T, V)
+        loss = None
+        if targets is not None:
+            if targets.shape != logits.shape[:2]:
+                raise ValueError(f"targets have shape {tuple(targets.shape)}, expected {tuple(logits.shape[:2])}")
+            loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
+        return logits, loss
+
+    @torch.no_grad()
+    def attention_maps(self, idx: torch.Tensor, classes: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """Attention probabilities of every layer for a causal pass over ``idx`` ``(B, T)``.
+
+        Returns one ``(B, H, T_out, T_out)`` tensor per layer (rows sum to 1, zeros above the diagonal),
+        recomputed with the plain path from each attention layer's input."""
+        maps: list[torch.Tensor] = []
+
+        def capture(attn: SelfAttention, args: tuple) -> None:
+            x, rope = args[0], args[1]  # the block calls attn(h, rope, mask, causal, cache, layer)
+            q, k, _ = attn.heads(x, rope)  # (B, H, T, D)
+            scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])  # (B, H, T, T)
+            maps.append(ref.masked_softmax(scores, ref.causal_mask(x.shape[1], device=x.device)))
+
+        handles = [block.attn.register_forward_pre_hook(capture) for block in self.blocks]
+        try:
+            self(idx, classes=classes)
+        finally:
+            for h in handles:
+                h.remove()
+        return maps
+
+    @torch.no_grad()
+    def generate(
+        self,
+        idx: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        generator: torch.Generator | None = None,
+        classes: torch.Tensor | None = None,
+        cfg_scale: float = 1.0,
+        use_cache: bool = True,
+    ) -> torch.Tensor:
+        """Append ``max_new_tokens`` sampled tokens to ``idx`` ``(B, T)``; returns ``(B, T + max_new_tokens)``.
+
+        ``temperature=0`` is greedy. With a class-conditional model pass ``classes`` ``(B,)``; ``cfg_scale
+        != 1`` runs the conditional and null-class sequences in one doubled batch and samples from
+        ``uncond + cfg_scale * (cond - uncond)``. ``use_cache=False`` recomputes the whole prefix at every
+        step (the slow reference path; same tokens)."""
+        B = idx.shape[0]
+        guided = cfg_scale != 1.0
+        if guided and classes is None:
+            raise ValueError("classifier-free guidance (cfg_scale != 1) needs a class-conditional model and classes")
+        seq, cls = idx, classes
+        if guided:
+            seq = torch.cat([idx, idx])  # (2B, T)
+            cls = torch.cat([classes, torch.full_like(classes, self.null_class)])  # (2B,)
+        cache = self.make_cache(seq.shape[0]) if use_cache else None
+        step_input = seq
+        for _ in range(max_new_tokens):
+            if cache is None:
+                logits, _ = self(seq, classes=cls)
+            else:
+                logits, _ = self(step_input, classes=cls if cache.length == 0 else None, cache=cache)
+            logits = logits[:, -1, :]  # (2B or B, V)
+            if guided:
+                logits = sampling.cfg_mix(logits[:B], logits[B:], cfg_scale)  # (B, V)
+            nxt = sampling.sample(logits, temperature, top_k, top_p, generator)[:, None]  # (B, 1)
+            if guided:
+                nxt = torch.cat([nxt, nxt])  # (2B, 1)
+            seq = torch.cat([seq, nxt], dim=1)
+            step_input = nxt
+        return seq[:B]

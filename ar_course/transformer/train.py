@@ -1,0 +1,217 @@
+"""Train a character-level GPT on the offline text corpus: ``python -m ar_course train lm ...``.
+
+Presets:
+
+* ``target``: the model chapter 05 speeds up (12 layers, width 128, context 384). At batch 1 on a CPU the
+  cost of a token is mostly per-layer overhead, so depth, not width, sets the target's latency.
+* ``draft``: its 1-layer, width-128 draft, trained to match the target's next-character distributions
+  (distillation: the loss is the cross-entropy against the target's probabilities, as in "DistillSpec" and
+  "Direct Alignment of Draft Model"), which raises how often the target accepts its proposals.
+* ``tiny``: a 2-layer model small enough to train inside the chapter 02 notebook.
+
+The checkpoint (safetensors, weights rounded to float16 by default) stores the :class:`GPTConfig`, the
+vocabulary and the validation loss measured after rounding::
+
+    python -m ar_course train lm --dataset text --preset target --out ar_course/assets/lm_target.safetensors
+    python -m ar_course train lm --dataset text --preset draft --out ar_course/assets/lm_draft.safetensors
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+
+from ar_course.checkpoint import save_checkpoint
+from ar_course.train import TrainConfig, train_loop
+from ar_course.transformer.model import GPT, GPTConfig
+from ar_course.utils import count_parameters, get_device, seed_everything
+
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
+KIND = "lm"
+
+
+@dataclass
+class LMPreset:
+    """Model shape and training schedule of one preset."""
+
+    model: GPTConfig
+    seq_len: int
+    batch_size: int
+    steps: int
+    lr: float
+    teacher: str | None = None  # path of a checkpoint to distil from
+    train: dict = field(default_factory=dict)  # extra TrainConfig fields
+
+
+PRESETS: dict[str, LMPreset] = {
+    "target": LMPreset(GPTConfig(n_layer=12, n_head=4, n_embd=128, block_size=384),
+                       seq_len=384, batch_size=8, steps=820, lr=2e-3),
+    "draft": LMPreset(GPTConfig(n_layer=1, n_head=4, n_embd=128, block_size=384),
+                      seq_len=384, batch_size=8, steps=1000, lr=4e-3, teacher=str(ASSETS / "lm_target.safetensors")),
+    "tiny": LMPreset(GPTConfig(n_layer=2, n_head=4, n_embd=64, block_size=128),
+                     seq_len=128, batch_size=16, steps=400, lr=5e-3),
+}
+
+
+@torch.no_grad()
+def evaluate_lm(
+    model: GPT, ids: torch.Tensor, seq_len: int, batch_size: int = 16, max_windows: int | None = None
+) -> float:
+    """Mean next-token cross-entropy (nats/char) over non-overlapping windows of ``ids`` ``(N,)``.
+
+    Every window of ``seq_len + 1`` tokens is scored once (in batches); ``max_windows`` evaluates an
+    evenly spaced subset instead. Deterministic."""
+    n = (len(ids) - 1) // seq_len
+    if n < 1:
+        raise ValueError(f"{len(ids)} tokens are too few for windows of {seq_len + 1}")
+    starts = torch.arange(n) * seq_len
+    if max_windows is not None and max_windows < n:
+        starts = starts[torch.linspace(0, n - 1, max_windows).long()]
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for i in range(0, len(starts), batch_size):
+        s = starts[i : i + batch_size]
+        win = torch.stack([ids[j : j + seq_len + 1] for j in s.tolist()]).to(device)  # (b, seq_len+1)
+        _, loss = model(win[:, :-1], targets=win[:, 1:])
+        total += float(loss) * len(s)
+        count += len(s)
+    model.train(was_training)
+    return total / count
+
+
+def distill_loss(student: GPT, teacher: GPT, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of the student against the teacher's next-token probabilities on ``x`` ``(B, T)``.
+
+    Minimising it minimises KL(teacher || student) (the teacher's entropy is a constant)."""
+    with torch.no_grad():
+        p = torch.softmax(teacher(x)[0].float(), dim=-1)  # (B, T, V)
+    logits, _ = student(x)
+    return F.cross_entropy(logits.flatten(0, 1), p.flatten(0, 1))
+
+
+def round_to_half(model: torch.nn.Module) -> None:
+    """Round every parameter to float16 precision in place (what a float16 checkpoint will hold)."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(p.half().float())
+
+
+def train_lm(
+    preset: LMPreset,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    teacher: GPT | None = None,
+    progress: bool = True,
+    eval_every: int = 0,
+) -> tuple[GPT, dict]:
+    """Train a character-level GPT with ``preset`` on the text corpus; return ``(model, info)``.
+
+    ``info`` holds the tokenizer, the loss history and the validation loss (``val_loss``, nats/char)."""
+    from ar_course.data import load_text_dataset, text_batches
+
+    tokenizer, train_ids, val_ids = load_text_dataset()
+    seed_everything(seed)
+    config = replace(preset.model, vocab_size=tokenizer.vocab_size)
+    model = GPT(config).to(device)
+    gen = torch.Generator().manual_seed(seed + 1)
+    batches: Iterator = text_batches(train_ids, preset.seq_len, preset.batch_size, generator=gen, device=device)
+    if teacher is not None:
+        teacher = teacher.to(device).eval()
+        loss_fn = lambda m, b: distill_loss(m, teacher, *b)  # noqa: E731
+    else:
+        loss_fn = lambda m, b: m(b[0], targets=b[1])[1]  # noqa: E731
+    eval_fn = lambda m: {"val_loss": evaluate_lm(m, val_ids, preset.seq_len, max_windows=24)}  # noqa: E731
+    tc = TrainConfig(steps=preset.steps, lr=preset.lr, warmup=min(100, preset.steps // 10),
+                     eval_every=eval_every, **preset.train)
+    start = time.perf_counter()
+    history = train_loop(model, loss_fn, batches, tc, eval_fn=eval_fn if eval_every else None,
+                         progress=progress, desc="train lm")
+    seconds = time.perf_counter() - start
+    info = {
+        "tokenizer": tokenizer,
+        "history": history,
+        "train_seconds": seconds,
+        "tokens_seen": preset.steps * preset.batch_size * preset.seq_len,
+        "val_ids": val_ids,
+    }
+    return model, info
+
+
+def load_teacher(path: str | Path) -> GPT:
+    from ar_course.checkpoint import load_model
+
+    return load_model(path, lambda d: GPT(GPTConfig.from_dict(d)), kind=KIND)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m ar_course train lm",
+        description="Train a character-level GPT on the offline text corpus (pydoc_data.topics).",
+    )
+    parser.add_argument("--dataset", choices=["text"], default="text", help="training corpus (default: text)")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="target", help="model size and schedule")
+    parser.add_argument("--steps", type=int, default=None, help="optimisation steps (default: the preset's)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="checkpoint path (default: ar_course/assets/lm_<preset>.safetensors)")
+    parser.add_argument("--teacher", type=Path, default=None,
+                        help="checkpoint to distil from (default: the preset's; 'draft' uses lm_target)")
+    parser.add_argument("--no-distill", action="store_true", help="train on the data only, even for 'draft'")
+    parser.add_argument("--float32", action="store_true", help="store float32 weights (default: float16)")
+    parser.add_argument("--eval-every", type=int, default=0, help="validation loss every N steps (0: at the end)")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's choice; 1 is faster on a busy machine)")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    preset = PRESETS[args.preset]
+    if args.steps is not None:
+        preset = replace(preset, steps=args.steps)
+    device = get_device(args.device)
+    teacher_path = None if args.no_distill else (args.teacher or preset.teacher)
+    teacher = load_teacher(teacher_path) if teacher_path else None
+
+    model, info = train_lm(preset, args.seed, device, teacher, not args.no_progress, args.eval_every)
+    model = model.cpu()
+    if not args.float32:
+        round_to_half(model)
+    val_loss = evaluate_lm(model, info["val_ids"], preset.seq_len)
+    history = info["history"]
+    tail = history.loss[-50:]
+    extra = {
+        "vocab": info["tokenizer"].chars,
+        "preset": args.preset,
+        "seed": args.seed,
+        "steps": preset.steps,
+        "seq_len": preset.seq_len,
+        "batch_size": preset.batch_size,
+        "tokens_seen": info["tokens_seen"],
+        "train_seconds": round(info["train_seconds"], 1),
+        "train_loss_last50": round(sum(tail) / len(tail), 4),
+        "val_loss": round(val_loss, 4),
+        "distilled_from": str(Path(teacher_path).name) if teacher_path else None,
+        "params": count_parameters(model),
+        "evals": [{"step": s, **e} for s, e in zip(history.eval_steps, history.evals)],
+    }
+    out = args.out or ASSETS / f"lm_{args.preset}.safetensors"
+    state = {k: (v.half() if not args.float32 and v.is_floating_point() else v) for k, v in model.state_dict().items()}
+    save_checkpoint(out, state, model.config, kind=KIND, **extra)
+    summary = {k: v for k, v in extra.items() if k not in ("vocab", "evals")}
+    print(f"saved {out} ({out.stat().st_size / 1e6:.2f} MB): {json.dumps(summary)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

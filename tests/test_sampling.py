@@ -1,0 +1,146 @@
+"""Tests of ar_course.sampling: the filters keep exactly the right sets, sampling follows probs()."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from ar_course import sampling
+
+NEG_INF = float("-inf")
+
+
+def kept(logits: torch.Tensor) -> set[int]:
+    return set(torch.nonzero(torch.isfinite(logits)).flatten().tolist())
+
+
+def brute_force_top_p(probs: list[float], p: float) -> set[int]:
+    """Smallest-mass-first search: the smallest set of most likely tokens with mass >= p, plus ties."""
+    order = sorted(range(len(probs)), key=lambda i: -probs[i])
+    chosen, mass = [], 0.0
+    for i in order:
+        if mass >= p - 1e-12:
+            break
+        chosen.append(i)
+        mass += probs[i]
+    smallest = min(probs[i] for i in chosen)
+    return {i for i, q in enumerate(probs) if q >= smallest}
+
+
+def test_greedy_is_argmax_and_sample_at_temperature_zero_is_greedy():
+    logits = torch.randn(5, 11)
+    assert torch.equal(sampling.greedy(logits), logits.argmax(-1))
+    assert torch.equal(sampling.sample(logits, temperature=0.0), logits.argmax(-1))
+
+
+def test_top_k_keeps_the_k_largest():
+    logits = torch.tensor([[0.1, 2.0, -1.0, 3.0, 0.5]])
+    assert kept(sampling.top_k_filter(logits, 2)[0]) == {1, 3}
+    assert kept(sampling.top_k_filter(logits, 1)[0]) == {3}
+    out = sampling.top_k_filter(logits, 3)
+    assert torch.equal(out[0, [1, 3, 4]], logits[0, [1, 3, 4]])  # kept values untouched
+    assert torch.equal(sampling.top_k_filter(logits, 5), logits)
+    assert torch.equal(sampling.top_k_filter(logits, 50), logits)
+    with pytest.raises(ValueError, match="top_k"):
+        sampling.top_k_filter(logits, 0)
+
+
+def test_top_k_keeps_ties_with_the_kth_value():
+    logits = torch.tensor([[1.0, 3.0, 1.0, 2.0, 1.0, 0.0]])
+    assert kept(sampling.top_k_filter(logits, 3)[0]) == {0, 1, 2, 3, 4}
+    assert kept(sampling.top_k_filter(logits, 2)[0]) == {1, 3}
+
+
+def test_top_k_batched_rows_are_independent():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 3, 20, generator=g)
+    out = sampling.top_k_filter(logits, 6)
+    for i, j in itertools.product(range(4), range(3)):
+        assert kept(out[i, j]) == set(torch.topk(logits[i, j], 6).indices.tolist())
+
+
+def test_top_p_keeps_the_token_that_crosses_the_threshold():
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    logits = probs.log()[None]
+    assert kept(sampling.top_p_filter(logits, 0.6)[0]) == {0, 1}  # 0.5 < 0.6, the 0.3 token crosses
+    assert kept(sampling.top_p_filter(logits, 0.5)[0]) == {0}
+    assert kept(sampling.top_p_filter(logits, 0.81)[0]) == {0, 1, 2}
+    assert kept(sampling.top_p_filter(logits, 0.01)[0]) == {0}  # the top token is always kept
+    assert kept(sampling.top_p_filter(logits, 0.999)[0]) == {0, 1, 2, 3}
+
+
+def test_top_p_one_keeps_everything():
+    logits = torch.randn(3, 9)
+    assert torch.equal(sampling.top_p_filter(logits, 1.0), logits)
+    for bad in (0.0, -0.1, 1.5):
+        with pytest.raises(ValueError, match="top_p"):
+            sampling.top_p_filter(logits, bad)
+
+
+def test_top_p_keeps_ties_of_the_last_kept_token():
+    logits = torch.tensor([[2.0, 1.0, 1.0, 1.0, -3.0]])
+    probs = torch.softmax(logits, -1)[0].tolist()
+    out = sampling.top_p_filter(logits, probs[0] + 0.01)  # needs one more token: all three tied ones
+    assert kept(out[0]) == {0, 1, 2, 3}
+
+
+def test_top_p_matches_brute_force_on_random_rows():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(200, 13, generator=g) * 2
+    ps = torch.rand(200, generator=g).clamp(0.05, 0.99).tolist()
+    for row, p in zip(logits, ps):
+        probs = torch.softmax(row.double(), -1).tolist()
+        assert kept(sampling.top_p_filter(row[None], p)[0]) == brute_force_top_p(probs, p)
+
+
+def test_process_logits_order_and_greedy():
+    logits = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0]])
+    # top-p acts on the tempered distribution: a higher temperature flattens it, so more tokens are needed
+    assert kept(sampling.process_logits(logits, 1.0, top_p=0.5)[0]) == {0}
+    assert kept(sampling.process_logits(logits, 0.1, top_p=0.5)[0]) == {0}
+    assert len(kept(sampling.process_logits(logits, 10.0, top_p=0.5)[0])) == 3
+    assert kept(sampling.process_logits(logits, 1.0, top_k=4, top_p=0.99)[0]) == {0, 1, 2, 3}
+    greedy = sampling.process_logits(logits, 0.0)
+    assert kept(greedy[0]) == {0}
+    assert torch.equal(sampling.probs(logits, 0.0), torch.tensor([[1.0, 0, 0, 0, 0]]))
+    with pytest.raises(ValueError, match="temperature"):
+        sampling.process_logits(logits, -1.0)
+
+
+def test_probs_is_normalised_and_zero_outside_the_kept_set():
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(6, 30, generator=g)
+    p = sampling.probs(logits, 0.7, top_k=10, top_p=0.8)
+    assert torch.allclose(p.sum(-1), torch.ones(6))
+    filtered = sampling.process_logits(logits, 0.7, 10, 0.8)
+    assert torch.equal(p > 0, torch.isfinite(filtered))
+    assert ((p > 0).sum(-1) <= 10).all()
+
+
+def test_sample_is_reproducible_and_follows_probs():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(1, 8, generator=g)
+    a = sampling.sample(logits.expand(4000, 8), 0.9, 5, 0.9, torch.Generator().manual_seed(1))
+    b = sampling.sample(logits.expand(4000, 8), 0.9, 5, 0.9, torch.Generator().manual_seed(1))
+    assert a.shape == (4000,) and a.dtype == torch.long and torch.equal(a, b)
+    freq = torch.bincount(a, minlength=8).float() / 4000
+    expected = sampling.probs(logits, 0.9, 5, 0.9)[0]
+    assert (freq[expected == 0] == 0).all()
+    assert (freq - expected).abs().max() < 0.03  # ~4 standard errors at n=4000
+
+
+def test_sample_keeps_leading_dims():
+    logits = torch.randn(2, 3, 7)
+    assert sampling.sample(logits, generator=torch.Generator().manual_seed(0)).shape == (2, 3)
+    assert sampling.sample_from_probs(torch.softmax(logits, -1)).shape == (2, 3)
+
+
+def test_cfg_mix_limits():
+    cond, uncond = torch.randn(3, 10), torch.randn(3, 10)
+    assert torch.allclose(sampling.cfg_mix(cond, uncond, 1.0), cond, atol=1e-6)
+    assert torch.equal(sampling.cfg_mix(cond, uncond, 0.0), uncond)
+    assert torch.allclose(sampling.cfg_mix(cond, uncond, 3.0), uncond + 3 * (cond - uncond), atol=1e-6)
+    with pytest.raises(ValueError, match="shapes"):
+        sampling.cfg_mix(cond, uncond[:, :5], 2.0)

@@ -1,0 +1,59 @@
+"""The tokenizer trainer (``python -m ar_course train tokenizer``) and the shipped tokenizers."""
+
+import pytest
+import torch
+
+from ar_course.checkpoint import load_checkpoint
+from ar_course.tokenizers import PRETRAINED, VQVAE, load_pretrained, pretrained_info, pretrained_path
+from ar_course.tokenizers import train as tok_train
+
+
+def test_help_works(capsys):
+    with pytest.raises(SystemExit) as info:
+        tok_train.main(["--help"])
+    assert info.value.code == 0
+    assert "--quantizer" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("quantizer", ["vq", "rvq", "msvq"])
+def test_tiny_training_run_writes_a_loadable_checkpoint(quantizer, tmp_path, monkeypatch):
+    images = torch.rand(80, 1, 32, 32, generator=torch.Generator().manual_seed(0))
+    monkeypatch.setattr(tok_train, "load_images", lambda dataset, split: images[:64] if split == "train" else images[64:])
+    out = tmp_path / f"{quantizer}.safetensors"
+    assert tok_train.main(["--quantizer", quantizer, "--steps", "3", "--num-codes", "16", "--device", "cpu",
+                           "--out", str(out)]) == 0
+    state, meta = load_checkpoint(out)
+    assert meta["kind"] == "tokenizer" and meta["config"]["quantizer"] == quantizer
+    assert set(meta["extra"]["held_out"]) == {"psnr", "mse", "fraction_used", "perplexity"}
+
+
+def test_training_is_deterministic_under_its_seed():
+    images = torch.rand(40, 1, 32, 32, generator=torch.Generator().manual_seed(1))
+    config = tok_train.default_config("msvq", num_codes=16, width=8)
+    runs = [tok_train.train_tokenizer(config, steps=3, seed=5, batch_size=8, train_images=images,
+                                      test_images=images[:8], progress=False, device="cpu")[0] for _ in range(2)]
+    for (name, a), b in zip(runs[0].state_dict().items(), runs[1].state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("name, tokens", [("mnist_vq", 64), ("mnist_msvq", 130)])
+def test_shipped_tokenizers(name, tokens):
+    if not pretrained_path(name).is_file():
+        pytest.skip(f"{name} not built yet")
+    model = load_pretrained(name)
+    assert isinstance(model, VQVAE) and not model.training
+    assert model.tokens_per_image == tokens
+    assert model.config.num_codes == 256 and model.config.latent_dim == 16 and model.config.downsample == 4
+    assert pretrained_path(name).stat().st_size < 1_000_000
+    info = pretrained_info(name)
+    assert info["held_out"]["fraction_used"] >= 0.9 and info["held_out"]["psnr"] > 20
+    x = torch.zeros(2, 1, 32, 32)
+    x[:, :, 8:24, 14:18] = 1.0  # a crude "1"
+    tokens_out = model.encode_to_indices(x)
+    assert model.decode_from_indices(tokens_out).shape == x.shape
+
+
+def test_unknown_pretrained_name():
+    with pytest.raises(ValueError, match="mnist_vq"):
+        load_pretrained("imagenet")
+    assert PRETRAINED == ("mnist_vq", "mnist_msvq")

@@ -1,0 +1,413 @@
+"""Tests of ar_course.transformer: attention paths agree, masks, RoPE, blocks, the GPT and its KV cache."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ar_course.checkpoint import load_model, save_checkpoint
+from ar_course.transformer import GPT, Block, GPTConfig, KVCache, RMSNorm
+from ar_course.transformer import functional as ref
+
+
+def small_config(**kw) -> GPTConfig:
+    base = dict(vocab_size=37, block_size=48, n_layer=2, n_head=4, n_embd=32)
+    base.update(kw)
+    return GPTConfig(**base)
+
+
+def make_model(seed: int = 0, **kw) -> GPT:
+    torch.manual_seed(seed)
+    return GPT(small_config(**kw)).eval()
+
+
+# ----------------------------------------------------------------------------------------------------
+# functional pieces
+
+
+def test_masked_softmax_is_stable_and_handles_empty_rows():
+    scores = torch.tensor([[1000.0, 1001.0, -5.0], [3.0, 2.0, 1.0]])
+    mask = torch.tensor([[True, True, False], [False, False, False]])
+    p = ref.masked_softmax(scores, mask)
+    assert torch.isfinite(p).all()
+    assert torch.allclose(p[0], torch.tensor([1 / (1 + math.e), math.e / (1 + math.e), 0.0]))
+    assert torch.equal(p[1], torch.zeros(3))
+    assert torch.allclose(ref.masked_softmax(scores[1:]), torch.softmax(scores[1:], -1))
+
+
+def test_causal_mask_structure_and_offset():
+    m = ref.causal_mask(4)
+    assert m.dtype == torch.bool
+    assert torch.equal(m, torch.tril(torch.ones(4, 4, dtype=torch.bool)))
+    # 2 queries at absolute positions 3 and 4 of 5 keys
+    m = ref.causal_mask(2, 5)
+    assert torch.equal(m, torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]], dtype=torch.bool))
+    with pytest.raises(ValueError, match="t_k"):
+        ref.causal_mask(5, 3)
+
+
+def test_plain_attention_equals_sdpa():
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 7, 8, generator=g) for _ in range(3))
+    assert torch.allclose(ref.scaled_dot_product_attention(q, k, v), F.scaled_dot_product_attention(q, k, v), atol=1e-6)
+    causal = ref.causal_mask(7)
+    assert torch.allclose(
+        ref.scaled_dot_product_attention(q, k, v, causal),
+        F.scaled_dot_product_attention(q, k, v, is_causal=True), atol=1e-6,
+    )
+    rnd = torch.rand(2, 1, 7, 7, generator=g) > 0.5
+    rnd[..., 0] = True  # no empty rows (SDPA gives NaN there, the plain path zeros)
+    assert torch.allclose(
+        ref.scaled_dot_product_attention(q, k, v, rnd),
+        F.scaled_dot_product_attention(q, k, v, attn_mask=rnd),
+        atol=1e-6,
+    )
+
+
+@pytest.mark.parametrize(
+    "mask, match",
+    [
+        (torch.ones(5, 5), "dtype"),
+        (torch.ones(5, 5, dtype=torch.long), "dtype"),
+        (torch.ones(5, 4, dtype=torch.bool), "shape"),
+        (torch.ones(5, dtype=torch.bool), "shape"),
+        (torch.ones(1, 5, 5, dtype=torch.bool), "shape"),
+    ],
+)
+def test_bad_masks_raise_clear_errors(mask, match):
+    q = torch.randn(1, 2, 5, 4)
+    with pytest.raises(ValueError, match=match):
+        ref.scaled_dot_product_attention(q, q, q, mask)
+    block = Block(small_config()).eval()
+    with pytest.raises(ValueError, match=match):
+        block(torch.randn(1, 5, 32), mask=mask)
+
+
+def test_split_merge_heads_roundtrip_and_layout():
+    x = torch.arange(2 * 3 * 12, dtype=torch.float32).view(2, 3, 12)
+    h = ref.split_heads(x, 4)
+    assert h.shape == (2, 4, 3, 3)
+    assert torch.equal(h[1, 2, 0], x[1, 0, 6:9])  # head 2 holds channels 6..8
+    assert torch.equal(ref.merge_heads(h), x)
+    with pytest.raises(ValueError, match="divisible"):
+        ref.split_heads(x, 5)
+
+
+def test_rms_norm_matches_torch():
+    x = torch.randn(3, 5, 16)
+    w = torch.rand(16)
+    assert torch.allclose(ref.rms_norm(x, w, 1e-6), F.rms_norm(x, (16,), w, 1e-6), atol=1e-6)
+    assert torch.allclose(RMSNorm(16)(x), F.rms_norm(x, (16,), None, 1e-6), atol=1e-6)
+
+
+def test_rope_scores_depend_only_on_offsets():
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(16, generator=g), torch.randn(16, generator=g)
+
+    def score(m: int, n: int) -> float:
+        qm = ref.rotary_embedding(q[None], torch.tensor([m]))[0]
+        kn = ref.rotary_embedding(k[None], torch.tensor([n]))[0]
+        return float(qm @ kn)
+
+    for m, n in [(3, 1), (10, 2), (7, 7), (0, 5)]:
+        for shift in (1, 13, 100):
+            assert math.isclose(score(m, n), score(m + shift, n + shift), rel_tol=1e-4, abs_tol=1e-4)
+    assert not math.isclose(score(3, 1), score(4, 1), abs_tol=1e-3)
+    # rotation preserves norms, position 0 is the identity
+    assert torch.allclose(ref.rotary_embedding(q[None], torch.tensor([0]))[0], q)
+    rotated = ref.rotary_embedding(q[None], torch.tensor([9]))[0]
+    assert math.isclose(float(rotated.norm()), float(q.norm()), rel_tol=1e-5)
+
+
+def test_rope_2d_scores_depend_only_on_row_and_column_offsets():
+    g = torch.Generator().manual_seed(1)
+    q, k = torch.randn(16, generator=g), torch.randn(16, generator=g)
+
+    def score(a: tuple[int, int], b: tuple[int, int]) -> float:
+        cq, sq = ref.rope_2d_angles(torch.tensor([a[0]]), torch.tensor([a[1]]), 16)
+        ck, sk = ref.rope_2d_angles(torch.tensor([b[0]]), torch.tensor([b[1]]), 16)
+        return float(ref.apply_rope(q[None], cq, sq)[0] @ ref.apply_rope(k[None], ck, sk)[0])
+
+    assert math.isclose(score((2, 3), (1, 1)), score((5, 4), (4, 2)), rel_tol=1e-4, abs_tol=1e-4)
+    assert not math.isclose(score((2, 3), (1, 1)), score((3, 2), (1, 1)), abs_tol=1e-3)
+    with pytest.raises(ValueError, match="divisible by 4"):
+        ref.rope_2d_angles(torch.tensor([0]), torch.tensor([0]), 6)
+
+
+def test_cached_attention_writes_cache_and_matches_full_attention():
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 6, 4, generator=g) for _ in range(3))
+    full = ref.scaled_dot_product_attention(q, k, v, ref.causal_mask(6))
+    kc, vc = torch.zeros(1, 2, 10, 4), torch.zeros(1, 2, 10, 4)
+    out_a = ref.cached_attention(q[:, :, :4], k[:, :, :4], v[:, :, :4], kc, vc, 0)
+    out_b = ref.cached_attention(q[:, :, 4:5], k[:, :, 4:5], v[:, :, 4:5], kc, vc, 4)
+    out_c = ref.cached_attention(q[:, :, 5:], k[:, :, 5:], v[:, :, 5:], kc, vc, 5)
+    assert torch.allclose(torch.cat([out_a, out_b, out_c], dim=2), full, atol=1e-6)
+    assert torch.equal(kc[:, :, :6], k) and torch.equal(kc[:, :, 6:], torch.zeros(1, 2, 4, 4))
+
+
+def test_attention_heads_match_split_heads_and_rotary_embedding():
+    torch.manual_seed(0)
+    attn = Block(small_config()).attn
+    x = torch.randn(2, 7, 32)
+    q, k, v = attn.heads(x, ref.rope_angles(torch.arange(3, 10), 8))
+    q_ref, k_ref, v_ref = (ref.split_heads(t, 4) for t in attn.qkv(x).split(32, dim=2))
+    pos = torch.arange(3, 10)
+    assert torch.allclose(q, ref.rotary_embedding(q_ref, pos), atol=1e-6)
+    assert torch.allclose(k, ref.rotary_embedding(k_ref, pos), atol=1e-6)
+    assert torch.equal(v, v_ref)
+
+
+def test_pre_norm_block_function_matches_module():
+    block = Block(small_config()).eval()
+    x = torch.randn(2, 5, 32)
+    attn = lambda h: block.attn(h)  # noqa: E731
+    assert torch.allclose(ref.pre_norm_block(x, block.norm1, attn, block.norm2, block.mlp), block(x), atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------------
+# blocks
+
+
+def test_block_with_explicit_mask_and_no_causal_matches_reference():
+    """VAR's use: causal=False with a block-causal mask."""
+    torch.manual_seed(0)
+    cfg = small_config(attn="plain")
+    block = Block(cfg).eval()
+    fast = Block(small_config()).eval()
+    fast.load_state_dict(block.state_dict())
+    levels = torch.tensor([0, 1, 1, 1, 1, 2, 2])
+    mask = levels[None, :] <= levels[:, None]  # (7, 7) block-causal
+    x = torch.randn(2, 7, 32)
+    assert torch.allclose(block(x, mask=mask, causal=False), fast(x, mask=mask, causal=False), atol=1e-5)
+    # and it differs from the plain causal mask (tokens of one scale see each other)
+    assert not torch.allclose(block(x, mask=mask, causal=False), block(x), atol=1e-4)
+
+
+def test_adaptive_norm_block_starts_as_identity_and_uses_cond():
+    torch.manual_seed(0)
+    block = Block(small_config(), cond_dim=6).eval()
+    x, cond = torch.randn(2, 5, 32), torch.randn(2, 6)
+    assert torch.allclose(block(x, cond=cond), x)
+    torch.nn.init.normal_(block.ada.weight, std=0.5)
+    y1 = block(x, cond=cond)
+    y2 = block(x, cond=cond.flip(0))
+    assert not torch.allclose(y1[0], y2[0], atol=1e-4)
+    with pytest.raises(ValueError, match="cond"):
+        block(x)
+    with pytest.raises(ValueError, match="cond"):
+        Block(small_config())(x, cond=cond)
+
+
+# ----------------------------------------------------------------------------------------------------
+# the GPT
+
+
+@pytest.mark.parametrize("pos", ["rope", "learned", "none"])
+def test_sdpa_and_plain_gpt_agree(pos):
+    fast = make_model(pos=pos)
+    plain = GPT(small_config(pos=pos, attn="plain")).eval()
+    plain.load_state_dict(fast.state_dict())
+    idx = torch.randint(0, 37, (3, 20))
+    assert torch.allclose(fast(idx)[0], plain(idx)[0], atol=1e-5)
+    cf, cp = fast.make_cache(3), plain.make_cache(3)
+    for chunk in (idx[:, :7], idx[:, 7:8], idx[:, 8:]):
+        assert torch.allclose(fast(chunk, cache=cf)[0], plain(chunk, cache=cp)[0], atol=1e-5)
+
+
+def test_attention_maps_are_causal_distributions_that_reproduce_the_layer():
+    model = make_model()
+    idx = torch.randint(0, 37, (2, 9))
+    maps = model.attention_maps(idx)
+    assert len(maps) == 2 and maps[0].shape == (2, 4, 9, 9)
+    for m in maps:
+        assert torch.allclose(m.sum(-1), torch.ones(2, 4, 9), atol=1e-5)
+        assert torch.equal(m.triu(1), torch.zeros_like(m))
+    # layer 0's output equals maps @ v projected
+    attn = model.blocks[0].attn
+    h = model.blocks[0].norm1(model.wte(idx))
+    v = ref.split_heads(attn.qkv(h).split(32, dim=2)[2], 4)
+    expected = attn.proj(ref.merge_heads(maps[0] @ v))
+    assert torch.allclose(attn(h, model.rotary(0, 9)), expected, atol=1e-5)
+
+
+def test_loss_is_cross_entropy_of_logits():
+    model = make_model()
+    idx = torch.randint(0, 37, (2, 11))
+    logits, loss = model(idx[:, :-1], targets=idx[:, 1:])
+    assert logits.shape == (2, 10, 37)
+    assert torch.allclose(loss, F.cross_entropy(logits.reshape(-1, 37), idx[:, 1:].reshape(-1)))
+    assert model(idx)[1] is None
+    with pytest.raises(ValueError, match="targets"):
+        model(idx, targets=idx[:, 1:])
+
+
+def test_causal_property_future_tokens_do_not_change_past_logits():
+    model = make_model()
+    idx = torch.randint(0, 37, (1, 16))
+    changed = idx.clone()
+    changed[0, 9:] = (changed[0, 9:] + 5) % 37
+    a, b = model(idx)[0], model(changed)[0]
+    assert torch.allclose(a[0, :9], b[0, :9], atol=1e-6)
+    assert not torch.allclose(a[0, 9:], b[0, 9:], atol=1e-3)
+
+
+@pytest.mark.parametrize("pos", ["rope", "learned"])
+def test_cached_logits_equal_full_forward(pos):
+    model = make_model(pos=pos)
+    idx = torch.randint(0, 37, (2, 30))
+    full = model(idx)[0]
+    cache = model.make_cache(2)
+    pieces = [model(idx[:, :5], cache=cache)[0]]
+    for t in range(5, 30):
+        pieces.append(model(idx[:, t : t + 1], cache=cache)[0])
+    assert cache.length == 30
+    assert torch.allclose(torch.cat(pieces, dim=1), full, atol=1e-5)
+
+
+def test_kv_cache_rollback_then_continue_matches_fresh_forward():
+    model = make_model()
+    idx = torch.randint(0, 37, (1, 20))
+    other = torch.randint(0, 37, (1, 6))
+    cache = model.make_cache(1, max_len=20)
+    model(idx, cache=cache)
+    cache.rollback(12)
+    assert cache.length == 12
+    got = model(other, cache=cache)[0]
+    expected = model(torch.cat([idx[:, :12], other], dim=1))[0][:, 12:]
+    assert torch.allclose(got, expected, atol=1e-5)
+    with pytest.raises(ValueError, match="rollback"):
+        cache.rollback(19)
+    with pytest.raises(ValueError, match="full"):
+        model(torch.zeros(1, 3, dtype=torch.long), cache=cache)
+
+
+def test_kv_cache_shapes():
+    cache = KVCache(n_layer=3, batch_size=2, n_head=4, max_len=10, head_dim=8)
+    k = torch.randn(2, 4, 3, 8)
+    ka, va = cache.append(1, k, k)
+    assert ka.shape == (2, 4, 3, 8) and torch.equal(ka, k)
+    cache.advance(3)
+    ka, _ = cache.append(1, k[:, :, :1], k[:, :, :1])
+    assert ka.shape == (2, 4, 4, 8)
+    assert cache.max_len == 10 and cache.batch_size == 2
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p", [(0.0, None, None), (1.0, None, None), (0.8, 5, 0.9)])
+def test_generate_cached_equals_uncached(temperature, top_k, top_p):
+    model = make_model()
+    prompt = torch.randint(0, 37, (2, 4))
+    out = [
+        model.generate(prompt, 25, temperature, top_k, top_p, torch.Generator().manual_seed(3), use_cache=c)
+        for c in (True, False)
+    ]
+    assert out[0].shape == (2, 29)
+    assert torch.equal(out[0][:, :4], prompt)
+    assert torch.equal(out[0], out[1])
+
+
+def test_generate_is_reproducible_with_a_generator():
+    model = make_model()
+    prompt = torch.randint(0, 37, (1, 3))
+    a = model.generate(prompt, 20, generator=torch.Generator().manual_seed(7))
+    b = model.generate(prompt, 20, generator=torch.Generator().manual_seed(7))
+    c = model.generate(prompt, 20, generator=torch.Generator().manual_seed(8))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_block_size_is_enforced():
+    model = make_model()
+    with pytest.raises(ValueError, match="block_size"):
+        model(torch.zeros(1, 49, dtype=torch.long))
+    with pytest.raises(ValueError, match="long"):
+        model(torch.zeros(1, 4))
+
+
+# ----------------------------------------------------------------------------------------------------
+# class conditioning (chapter 03) and 2D rotary positions
+
+
+def test_class_conditional_shapes_and_loss():
+    model = make_model(n_classes=10, pos="rope2d", grid=(4, 4), block_size=17)
+    x = torch.randint(0, 37, (3, 16))
+    y = torch.tensor([1, 5, 9])
+    logits, loss = model(x[:, :-1], targets=x, classes=y)
+    assert logits.shape == (3, 16, 37) and loss.ndim == 0
+    first, _ = model(torch.zeros(3, 0, dtype=torch.long), classes=y)
+    assert torch.allclose(first[:, 0], logits[:, 0], atol=1e-6)
+    with pytest.raises(ValueError, match="class-conditional"):
+        model(x)
+    with pytest.raises(ValueError, match="classes"):
+        make_model()(x, classes=y)
+    assert model.null_class == 10
+
+
+def test_class_token_changes_predictions():
+    model = make_model(n_classes=3)
+    torch.nn.init.normal_(model.wce.weight, std=1.0)
+    x = torch.randint(0, 37, (1, 8))
+    a = model(x, classes=torch.tensor([0]))[0]
+    b = model(x, classes=torch.tensor([2]))[0]
+    assert not torch.allclose(a, b, atol=1e-4)
+
+
+@pytest.mark.parametrize("cfg_scale", [1.0, 3.0])
+def test_class_conditional_generation_cached_equals_uncached(cfg_scale):
+    model = make_model(n_classes=4, pos="rope2d", grid=(4, 5), block_size=21)
+    torch.nn.init.normal_(model.wce.weight, std=1.0)
+    empty = torch.zeros(2, 0, dtype=torch.long)
+    classes = torch.tensor([0, 3])
+    out = [
+        model.generate(empty, 20, 1.0, None, None, torch.Generator().manual_seed(0), classes, cfg_scale, c)
+        for c in (True, False)
+    ]
+    assert out[0].shape == (2, 20)
+    assert torch.equal(out[0], out[1])
+
+
+def test_cfg_scale_one_is_conditional_sampling():
+    model = make_model(n_classes=4)
+    empty = torch.zeros(1, 0, dtype=torch.long)
+    cls = torch.tensor([2])
+    a = model.generate(empty, 10, 0.0, classes=cls)
+    b = model.generate(empty, 10, 0.0, classes=cls, cfg_scale=1.0)
+    assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="guidance"):
+        make_model().generate(torch.zeros(1, 1, dtype=torch.long), 2, cfg_scale=2.0)
+
+
+def test_rope2d_class_token_and_map_positions():
+    model = make_model(n_classes=2, pos="rope2d", grid=(3, 4), block_size=13)
+    cos = model.rotary.cos
+    cos_expected, _ = ref.rope_2d_angles(torch.tensor([0, 0, 0, 1, 2]), torch.tensor([0, 0, 3, 0, 3]), 8)
+    assert torch.allclose(cos[[0, 1, 4, 5, 12]], cos_expected)
+
+
+# ----------------------------------------------------------------------------------------------------
+# configuration and checkpoints
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="divisible"):
+        GPTConfig(n_embd=30, n_head=4)
+    with pytest.raises(ValueError, match="grid"):
+        GPTConfig(pos="rope2d")
+    with pytest.raises(ValueError, match="mlp"):
+        GPTConfig(mlp="relu")
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(mlp="gelu", pos="learned", tie_weights=False),
+                                dict(n_classes=3, pos="rope2d", grid=(4, 4), block_size=17)])
+def test_checkpoint_round_trip(tmp_path, kw):
+    model = make_model(**kw)
+    path = save_checkpoint(tmp_path / "m.safetensors", model, model.config, kind="gpt")
+    loaded = load_model(path, lambda d: GPT(GPTConfig.from_dict(d)), kind="gpt").eval()
+    assert loaded.config == model.config
+    idx = torch.randint(0, 37, (2, 9))
+    classes = torch.tensor([0, 2]) if model.config.n_classes else None
+    assert torch.equal(loaded(idx, classes=classes)[0], model(idx, classes=classes)[0])
+    if model.config.tie_weights:
+        assert loaded.lm_head.weight is loaded.wte.weight
