@@ -38,8 +38,12 @@ def save_checkpoint(
     """Write ``model``'s weights (a module or a state dict) and ``config`` to ``path`` (safetensors).
 
     Shared storage (tied weights) is cloned so the file is self-contained. ``extra`` values must be
-    JSON-serialisable (e.g. training history summary)."""
+    JSON-serialisable (e.g. training history summary). Under ``torchrun`` only rank 0 writes."""
+    from ar_course.distributed import is_main_process
+
     path = Path(path)
+    if not is_main_process():
+        return path
     path.parent.mkdir(parents=True, exist_ok=True)
     state = model.state_dict() if isinstance(model, torch.nn.Module) else model
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}

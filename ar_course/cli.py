@@ -49,6 +49,9 @@ def _train(argv: list[str]) -> int:
     if what not in trainers:
         print(f"error: unknown trainer {what!r}; choose from: {', '.join(trainers)}", file=sys.stderr)
         return 2
+    from ar_course.distributed import init_distributed
+
+    init_distributed()  # joins the process group when launched by torchrun; no-op otherwise
     mod = importlib.import_module(trainers[what][0])
     entry = getattr(mod, "main", None) or getattr(mod, "train_main")
     return int(entry(rest) or 0)
