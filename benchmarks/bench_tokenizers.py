@@ -98,7 +98,7 @@ def plot(results: dict, path: Path) -> None:
     sw = results["scales_sweep"]
     ax.plot(sw["num_scales"], sw["psnr"], "o-")
     for k, t, p in zip(sw["num_scales"], sw["tokens"], sw["psnr"]):
-        ax.annotate(f"{t} tok", (k, p), textcoords="offset points", xytext=(0, -14), ha="center", fontsize=8)
+        ax.annotate(f"{t} tok", (k, p), textcoords="offset points", xytext=(-4, 6), ha="right", fontsize=8)
     ax.set_xlabel("scales decoded")
     ax.set_ylabel("held-out PSNR (dB)")
     ax.set_title("coarse to fine: first k scales")

@@ -281,20 +281,12 @@ class ResidualVQ(nn.Module):
 
 
 class Phi(nn.Conv2d):
-    """VAR's refinement of an upsampled code map: ``(1 - ratio) h + ratio conv3x3(h)``, same shape.
-
-    The conv starts as the identity (centre tap = identity matrix, zero bias), so ``phi(h) = h`` at
-    initialisation and training starts from plain residual quantization. (VAR keeps PyTorch's random conv
-    init; on our small models that makes every added code half the code plus noise, and the coarse scales
-    then barely reduce the error.)"""
+    """VAR's refinement of an upsampled code map: ``(1 - ratio) h + ratio conv3x3(h)``, same shape
+    (PyTorch's default conv initialisation, as in VAR)."""
 
     def __init__(self, dim: int, ratio: float = 0.5) -> None:
         super().__init__(dim, dim, kernel_size=3, padding=1)
         self.ratio = ratio
-        with torch.no_grad():
-            self.weight.zero_()
-            self.weight[:, :, 1, 1] = torch.eye(dim)
-            self.bias.zero_()
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return Fq.phi_refine(h, self.weight, self.bias, self.ratio)
