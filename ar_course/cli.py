@@ -1,7 +1,7 @@
 """The ``python -m ar_course`` command line.
 
-Sub-commands: ``doctor`` (check the machine), ``grade`` (grade a notebook), ``bench`` (run the
-benchmarks), ``train <what>`` (the chapters' trainers). ``python -m ar_course <command> --help`` describes each.
+Sub-commands: ``generate`` (images from the shipped models), ``doctor`` (check the machine), ``grade``
+(grade a notebook), ``bench`` (run the benchmarks), ``train <what>`` (the chapters' trainers). ``python -m ar_course <command> --help`` describes each.
 """
 
 from __future__ import annotations
@@ -20,10 +20,18 @@ TRAINERS: dict[str, tuple[str, str]] = {
 }
 
 COMMANDS = {
+    "generate": ("ar_course.generate", "generate images with the shipped models and write a PNG grid"),
     "doctor": ("ar_course.doctor", "check that this machine can run the course"),
     "grade": ("ar_course.grade", "execute a notebook's exercises and print which pass"),
     "bench": ("ar_course.bench", "run the benchmarks in benchmarks/ and print their summary table"),
 }
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """An argparse parser whose usage errors are one line: ``error: ... (see PROG --help)``, exit status 2."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
 def _available_trainers() -> dict[str, tuple[str, str]]:

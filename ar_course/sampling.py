@@ -91,9 +91,18 @@ def probs(
 
 
 def sample_from_probs(p: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """One draw per row of the (not necessarily normalised) distribution ``p`` ``(..., V)`` -> ``(...)`` long."""
-    flat = p.reshape(-1, p.shape[-1])  # (N, V)
-    return torch.multinomial(flat, 1, generator=generator).view(p.shape[:-1])  # (...)
+    """One draw per row of the (not necessarily normalised) distribution ``p`` ``(..., V)`` -> ``(...)`` long.
+
+    Inverse-CDF sampling: one uniform number per row, scaled by the row's total, located in the running sum
+    of ``p`` (``torch.multinomial`` draws ``V`` exponentials per row instead, ~30x slower on CPU for
+    ``V = 256``). Zero-probability tokens are never drawn; every row needs a positive total."""
+    flat = p.reshape(-1, p.shape[-1]).float()  # (N, V)
+    cdf = flat.cumsum(dim=-1)  # (N, V)
+    u = torch.rand(flat.shape[0], 1, generator=generator, device=p.device) * cdf[:, -1:]  # (N, 1)
+    idx = torch.searchsorted(cdf, u, right=True)  # (N, 1): first token whose running sum exceeds u
+    # rounding can put u at the very end of the last row; fall back to the last token with mass
+    last = flat.shape[-1] - 1 - (flat > 0).flip(-1).int().argmax(dim=-1, keepdim=True)  # (N, 1)
+    return torch.minimum(idx, last).view(p.shape[:-1])  # (...)
 
 
 def sample(

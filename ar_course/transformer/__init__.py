@@ -4,10 +4,12 @@
 ``pretrained`` the shipped character-level target/draft pair (``load_pretrained("lm_target")``).
 """
 
-from .model import GPT, MLP, Block, GPTConfig, KVCache, RMSNorm, Rotary, SelfAttention, SwiGLU
+from .model import (
+    ATTENTION_IMPLS, GPT, MLP, Block, GPTConfig, KVCache, RMSNorm, Rotary, SelfAttention, SwiGLU, set_attention,
+)
 from .pretrained import checkpoint_info, load_pretrained
 
 __all__ = [
     "GPT", "GPTConfig", "KVCache", "Block", "SelfAttention", "MLP", "SwiGLU", "RMSNorm", "Rotary",
-    "load_pretrained", "checkpoint_info",
+    "load_pretrained", "checkpoint_info", "ATTENTION_IMPLS", "set_attention",
 ]

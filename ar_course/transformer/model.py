@@ -28,6 +28,8 @@ import torch.nn.functional as F
 from ar_course import sampling
 from ar_course.transformer import functional as ref
 
+ATTENTION_IMPLS = ("sdpa", "plain", "kernels")
+
 
 @dataclass
 class GPTConfig:
@@ -48,7 +50,7 @@ class GPTConfig:
     bias: bool = False
     norm_eps: float = 1e-6
     tie_weights: bool = True
-    attn: str = "sdpa"  # "sdpa" (fused) or "plain" (the reference path, for tests and teaching)
+    attn: str = "sdpa"  # "sdpa" (fused), "plain" (the reference path) or "kernels" (chapter 06 kernels)
 
     def __post_init__(self) -> None:
         if self.grid is not None:
@@ -61,8 +63,8 @@ class GPTConfig:
             raise ValueError(f"pos must be 'rope', 'rope2d', 'learned' or 'none', got {self.pos!r}")
         if self.pos == "rope2d" and self.grid is None:
             raise ValueError("pos='rope2d' needs grid=(rows, cols)")
-        if self.attn not in ("sdpa", "plain"):
-            raise ValueError(f"attn must be 'sdpa' or 'plain', got {self.attn!r}")
+        if self.attn not in ATTENTION_IMPLS:
+            raise ValueError(f"attn must be one of {ATTENTION_IMPLS}, got {self.attn!r}")
 
     @property
     def head_dim(self) -> int:
@@ -187,6 +189,7 @@ class SelfAttention(nn.Module):
         C = config.n_embd
         self.n_head = config.n_head
         self.impl = config.attn
+        self.kernel_backend = "auto"  # for impl == "kernels": the ar_course.kernels backend to use
         self.qkv = nn.Linear(C, 3 * C, bias=config.bias)
         self.proj = nn.Linear(C, C, bias=config.bias)
         self.dropout = config.dropout
@@ -236,6 +239,8 @@ class SelfAttention(nn.Module):
         # one new token attends to everything before it: the causal mask is all True
         need_causal = causal and T > 1
         p = self.dropout if self.training else 0.0
+        if self.impl == "kernels" and p == 0.0 and (mask is None or mask.ndim == 2):
+            return self._attend_kernels(q, k, v, mask, need_causal)
         if self.impl == "sdpa" and mask is None and (not need_causal or past == 0):
             return F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=need_causal)
         if need_causal:
@@ -245,6 +250,20 @@ class SelfAttention(nn.Module):
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
         scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])  # (B, H, T, T_k)
         return F.dropout(ref.masked_softmax(scores, mask), p) @ v  # dropout on the weights, as SDPA does
+
+    def _attend_kernels(self, q, k, v, mask, causal) -> torch.Tensor:
+        """The chapter 06 kernels: split-K decode attention for one new query over the cache, else
+        FlashAttention with the mask as prefix lengths. Masks per batch or head (4-D) take the sdpa path."""
+        from ar_course import kernels  # imported on first use: it picks the simulator/interpreter defaults
+
+        T, T_k = q.shape[2], k.shape[2]
+        if T == 1 and mask is None:
+            out = kernels.decode_attention(q[:, :, 0], k, v, T_k, backend=self.kernel_backend)  # (B, H, D)
+            return out[:, :, None]  # (B, H, 1, D)
+        if causal:
+            cm = ref.causal_mask(T, T_k, device=q.device)
+            mask = cm if mask is None else mask & cm
+        return kernels.flash_attention(q, k, v, mask, backend=self.kernel_backend)
 
 
 class MLP(nn.Module):
@@ -317,6 +336,17 @@ class Block(nn.Module):
         shift1, scale1, gate1, shift2, scale2, gate2 = mod.chunk(6, dim=-1)  # 6 x (B, 1, C)
         x = x + gate1 * self.drop(attn(self.norm1(x) * (1 + scale1) + shift1))
         return x + gate2 * self.drop(self.mlp(self.norm2(x) * (1 + scale2) + shift2))
+
+
+def set_attention(model: nn.Module, impl: str, backend: str = "auto") -> None:
+    """Switch every attention layer of ``model`` (a GPT, a VAR, ...) to ``impl`` (one of
+    :data:`ATTENTION_IMPLS`); with ``"kernels"``, ``backend`` picks the :mod:`ar_course.kernels` backend
+    (``"auto"``, ``"torch"``, ``"triton"``, ``"numba"``). The weights are untouched."""
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
+    for module in model.modules():
+        if isinstance(module, SelfAttention):
+            module.impl, module.kernel_backend = impl, backend
 
 
 class GPT(nn.Module):

@@ -1,10 +1,11 @@
-"""Train VAR on MNIST token pyramids: ``python -m ar_course train var [--dataset mnist]``.
+"""Train VAR on token pyramids: ``python -m ar_course train var [--dataset mnist|shapes]``.
 
 Encodes the MNIST training split with the shipped ``mnist_msvq`` tokenizer (scales 1,2,3,4,6,8 = 130 tokens
 of 256 codes), trains a small class-conditional VAR with condition dropout from a fixed seed, measures the
 class accuracy of generated digits at a few guidance strengths with the shipped classifier, and writes a
 float16 safetensors checkpoint (the shipped one is ``ar_course/assets/var_mnist.safetensors``, made with
-the defaults).
+the defaults). ``--dataset shapes --tokenizer PATH`` trains on the coloured shapes (4 classes) with a
+multi-scale tokenizer you trained with ``python -m ar_course train tokenizer --quantizer msvq --dataset shapes``.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 import torch
 
 from ar_course import metrics
-from ar_course.data import image_batches, load_mnist
+from ar_course.data import image_batches, load_mnist, make_shapes
 from ar_course.tokenizers import VQVAE
 from ar_course.train import History, TrainConfig, train_loop
 from ar_course.utils import get_device, seed_everything
@@ -23,6 +24,18 @@ from ar_course.var.model import PRETRAINED_PATH, VAR, VARConfig, generate_images
 
 EVAL_CFGS = (0.0, 1.0, 2.0, 4.0)
 TOKENIZER = "mnist_msvq"
+
+
+def load_dataset(dataset: str, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images ``(N, C, 32, 32)`` in [0, 1] and labels ``(N,)``: MNIST or the coloured shapes, train or test."""
+    if dataset not in metrics.DATASETS or split not in ("train", "test"):
+        raise ValueError(f"unknown dataset/split {dataset!r}/{split!r}")
+    if dataset == "mnist":
+        return load_mnist(split, size=32)
+    if split == "test":
+        return metrics.held_out_set("shapes")
+    n, seed = metrics.SHAPES_TRAIN
+    return make_shapes(n, size=32, seed=seed)
 
 
 @torch.no_grad()
@@ -49,11 +62,11 @@ def unflatten_pyramids(tokens: torch.Tensor, scales: tuple[int, ...]) -> list[to
 
 @torch.no_grad()
 def class_accuracy_at(model: VAR, tokenizer: VQVAE, cfg: float, per_class: int = 20, seed: int = 0,
-                      n_classes: int = 10) -> float:
-    """Class accuracy (shipped classifier) of ``per_class`` samples per class at guidance ``cfg``."""
-    classes = torch.arange(n_classes).repeat_interleave(per_class)  # (n_classes * per_class,)
+                      dataset: str = "mnist") -> float:
+    """Class accuracy (shipped classifier of ``dataset``) of ``per_class`` samples per class at guidance ``cfg``."""
+    classes = torch.arange(model.config.n_classes).repeat_interleave(per_class)  # (n_classes * per_class,)
     images = generate_images(model, tokenizer, classes, cfg=cfg, seed=seed)
-    return metrics.class_accuracy(images.cpu(), classes)
+    return metrics.class_accuracy(images.cpu(), classes, dataset)
 
 
 def train_var(
@@ -90,11 +103,12 @@ def train_var(
 def main(argv: list[str] | None = None) -> int:
     """``python -m ar_course train var [--steps N] [--seed S] [--out PATH] ...``"""
     parser = argparse.ArgumentParser(prog="python -m ar_course train var",
-                                     description="Train VAR (next-scale prediction) on MNIST token pyramids of the "
-                                                 "shipped mnist_msvq tokenizer.")
-    parser.add_argument("--dataset", choices=("mnist",), default="mnist")
-    parser.add_argument("--tokenizer", default=TOKENIZER,
-                        help="shipped tokenizer name or path of a msvq tokenizer checkpoint (default: %(default)s)")
+                                     description="Train VAR (next-scale prediction) on token pyramids of a multi-scale "
+                                                 "tokenizer (default: MNIST with the shipped mnist_msvq).")
+    parser.add_argument("--dataset", choices=tuple(metrics.DATASETS), default="mnist")
+    parser.add_argument("--tokenizer", default=None,
+                        help=f"shipped tokenizer name or path of a msvq tokenizer checkpoint trained on the dataset "
+                             f"(default for mnist: {TOKENIZER}; required for shapes)")
     parser.add_argument("--steps", type=int, default=1200)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=48)
@@ -111,22 +125,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=PRETRAINED_PATH,
                         help=f"checkpoint path (default: the shipped {PRETRAINED_PATH.name})")
     args = parser.parse_args(argv)
+    if args.tokenizer is None:
+        if args.dataset != "mnist":
+            parser.error(f"--dataset {args.dataset} needs --tokenizer PATH (train one with: python -m ar_course "
+                         f"train tokenizer --quantizer msvq --dataset {args.dataset} --out PATH)")
+        args.tokenizer = TOKENIZER
     device = get_device(args.device)
     tokenizer = load_tokenizer_arg(args.tokenizer, device=device)
     tc = tokenizer.config
-    config = VARConfig(vocab_size=tc.num_codes, latent_dim=tc.latent_dim, scales=tc.scales, n_classes=10,
+    channels, n_classes = metrics.DATASETS[args.dataset]
+    if tc.in_channels != channels:
+        parser.error(f"the tokenizer takes {tc.in_channels}-channel images but {args.dataset} has {channels}")
+    config = VARConfig(vocab_size=tc.num_codes, latent_dim=tc.latent_dim, scales=tc.scales, n_classes=n_classes,
                        n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd, cond=args.cond)
-    images, labels = load_mnist("train", size=32)
+    images, labels = load_dataset(args.dataset, "train")
     tokens = flatten_pyramids(encode_pyramids(tokenizer, images))  # (N, L)
     model, history = train_var(tokenizer, tokens, labels, config, steps=args.steps, seed=args.seed,
                                batch_size=args.batch_size, lr=args.lr, p_uncond=args.p_uncond, device=device)
-    test_images, test_labels = load_mnist("test", size=32)
+    test_images, test_labels = load_dataset(args.dataset, "test")
     test_pyr = [p.to(device) for p in encode_pyramids(tokenizer, test_images[:1000])]
     with torch.no_grad():
         test_loss, per_scale = model.loss(tokenizer.quantizer, test_pyr, test_labels[:1000].to(device))
-    accuracy = {str(c): class_accuracy_at(model, tokenizer, c, args.eval_per_class, seed=args.seed) for c in EVAL_CFGS}
+    accuracy = {str(c): class_accuracy_at(model, tokenizer, c, args.eval_per_class, args.seed, args.dataset)
+                for c in EVAL_CFGS}
     tail = history.loss[-50:]
-    out = save_pretrained(model, args.out, tokenizer=args.tokenizer, steps=args.steps, seed=args.seed,
+    out = save_pretrained(model, args.out, tokenizer=args.tokenizer, dataset=args.dataset, steps=args.steps, seed=args.seed,
                           batch_size=args.batch_size, lr=args.lr, p_uncond=args.p_uncond,
                           final_train_loss=sum(tail) / len(tail), test_loss=float(test_loss),
                           test_loss_per_scale=[round(float(v), 4) for v in per_scale],

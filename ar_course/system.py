@@ -1,0 +1,385 @@
+"""Chapter 07: the full system -- one image generator assembled from every chapter's finished modules.
+
+    gen = Generator.from_pretrained("mnist")                    # tokenizers, VAR, raster AR, draft
+    out = gen.generate(torch.arange(10), method="var", seed=0)  # out.images (10, 1, 32, 32) in [0, 1]
+    print(out.stats.summary())                                  # forward passes, wall time, backends...
+
+Pipeline: class labels -> a transformer samples tokens (chapter 04's VAR scale by scale, or chapter 03's
+raster model token by token, optionally with chapter 05's speculative decoding) -> the chapter 01
+tokenizer's decoder turns tokens into pixels. Attention can run on the chapter 06 kernels.
+
+Guidance has one convention here for both methods: ``cfg = w`` samples from ``(1 + w) * cond - w * uncond``
+logits, so ``cfg = 0`` is plain conditional sampling. (Chapter 03's ``cfg_scale`` is ``1 + w``; VAR ramps
+``w`` from 0 at the first scale to ``cfg`` at the last, as the VAR paper does, unless ``ramp=False``.)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from ar_course import raster, var
+from ar_course.checkpoint import CheckpointError
+from ar_course.raster.functional import from_raster
+from ar_course.speculative import SpecStats, codebook_neighbors, sjd_generate, speculative_generate
+from ar_course.tokenizers import VQVAE
+from ar_course.transformer.model import GPT, set_attention
+from ar_course.utils import get_device
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+PRETRAINED = {
+    "mnist": {"var_path": ASSETS / "var_mnist.safetensors", "ar_path": ASSETS / "ar_mnist.safetensors",
+              "draft_path": ASSETS / "ar_mnist_draft.safetensors"},
+}
+"""Shipped model sets: name -> checkpoint paths (each checkpoint names the tokenizer it was trained on)."""
+
+METHODS = ("var", "ar")
+SPECULATIVE = (None, "draft", "jacobi")
+KERNELS = ("auto", "torch", "triton", "numba")
+PRECISIONS = ("auto", "float32", "bfloat16", "float16")
+DEFAULT_CFG = {"var": 2.0, "ar": 1.0}
+"""Guidance strength ``w`` each shipped model was best at (class accuracy 0.99 and 0.98 in their checkpoints'
+evaluations; the raster model's ``cfg_scale`` 2.0 is ``w = 1``)."""
+
+
+@dataclass
+class GenerationStats:
+    """What one :meth:`Generator.generate` call did.
+
+    ``forward_passes`` counts target-model passes (a batched pass counts once); ``passes_per_image`` is how
+    many passes each image waited for (a batch of 10 VAR images: 6; speculative decoding runs one image at
+    a time, so its passes add up). ``accepted_hist[k]``: speculative rounds that accepted ``k`` drafts."""
+
+    method: str
+    speculative: str | None
+    device: str
+    precision: str
+    backends: dict[str, str]
+    images: int
+    seconds: float
+    forward_passes: int
+    passes_per_image: float
+    draft_passes: int = 0
+    accepted_hist: list[int] = field(default_factory=list)
+    acceptance_rate: float = float("nan")
+
+    @property
+    def images_per_second(self) -> float:
+        return self.images / self.seconds if self.seconds > 0 else float("inf")
+
+    def as_dict(self) -> dict:
+        """A JSON-ready dict (the properties included)."""
+        return {**asdict(self), "images_per_second": self.images_per_second}
+
+    def summary(self) -> str:
+        """One line for logs and the CLI."""
+        spec = f" + {self.speculative}" if self.speculative else ""
+        extra = f", acceptance {self.acceptance_rate:.2f}" if self.speculative else ""
+        return (f"{self.images} images by {self.method}{spec} on {self.device} ({self.precision}, attention: "
+                f"{self.backends['attention']}): {self.seconds:.2f} s, {self.images_per_second:.1f} images/s, "
+                f"{self.passes_per_image:.1f} forward passes per image{extra}")
+
+
+@dataclass
+class Generation:
+    """Images ``(B, C, S, S)`` in [0, 1] (float32, on CPU), the ``classes`` ``(B,)`` they were asked for, and
+    the call's :class:`GenerationStats`."""
+
+    images: torch.Tensor
+    classes: torch.Tensor
+    stats: GenerationStats
+
+
+class _PassCounter:
+    """Counts forward passes through a transformer (a hook on its first block)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.count = 0
+        self._handle = model.blocks[0].register_forward_pre_hook(self._hook)
+
+    def _hook(self, module: nn.Module, args: tuple) -> None:
+        self.count += 1
+
+    def remove(self) -> None:
+        self._handle.remove()
+
+
+class Generator:
+    """Class-conditional image generation with the course's models.
+
+    Args:
+        var_model, var_tokenizer: a :class:`~ar_course.var.VAR` and its multi-scale tokenizer (optional).
+        ar_model, ar_tokenizer: a chapter 03 raster-order :class:`~ar_course.transformer.GPT` and its VQ
+            tokenizer (optional).
+        ar_draft: a smaller raster model over the same tokens, for ``speculative="draft"`` (optional).
+        dataset: what the models generate (``"mnist"``); names the evaluation classifier.
+    """
+
+    def __init__(
+        self,
+        var_model: var.VAR | None = None,
+        var_tokenizer: VQVAE | None = None,
+        ar_model: GPT | None = None,
+        ar_tokenizer: VQVAE | None = None,
+        ar_draft: GPT | None = None,
+        dataset: str = "mnist",
+    ) -> None:
+        if (var_model is None) != (var_tokenizer is None) or (ar_model is None) != (ar_tokenizer is None):
+            raise ValueError("pass each model together with its tokenizer")
+        if var_model is None and ar_model is None:
+            raise ValueError("a Generator needs a VAR model or a raster AR model")
+        if ar_draft is not None and (ar_model is None or ar_draft.config.vocab_size != ar_model.config.vocab_size
+                                     or ar_draft.config.n_classes != ar_model.config.n_classes):
+            raise ValueError("the draft must model the raster model's tokens and classes")
+        self.var, self.var_tokenizer = var_model, var_tokenizer
+        self.ar, self.ar_tokenizer, self.ar_draft = ar_model, ar_tokenizer, ar_draft
+        self.dataset = dataset
+        self._neighbors: dict[int, torch.Tensor] = {}
+
+    @classmethod
+    def from_pretrained(cls, name: str = "mnist", device: str | torch.device = "auto") -> "Generator":
+        """The shipped models of ``name`` (:data:`PRETRAINED`) on ``device`` (``"auto"``: CUDA if present)."""
+        if name not in PRETRAINED:
+            raise ValueError(f"unknown pretrained set {name!r}; choose from {sorted(PRETRAINED)}")
+        return cls.from_checkpoints(**{k: str(v) for k, v in PRETRAINED[name].items()}, device=device,
+                                    dataset=name)
+
+    @classmethod
+    def from_checkpoints(
+        cls,
+        var_path: str | Path | None = None,
+        ar_path: str | Path | None = None,
+        draft_path: str | Path | None = None,
+        device: str | torch.device = "auto",
+        dataset: str = "mnist",
+    ) -> "Generator":
+        """Models from checkpoint files (safetensors + JSON metadata; tokenizers are found by the name or path
+        each checkpoint records). A missing, corrupted or mismatched file raises
+        :class:`~ar_course.checkpoint.CheckpointError` naming it."""
+        dev = get_device(None if str(device) == "auto" else str(device))
+        var_model = var_tok = ar_model = ar_tok = draft = None
+        if var_path is not None:
+            var_model, var_tok = var.load_pretrained(dev, _existing(var_path))
+        if ar_path is not None:
+            ar_model, ar_tok = raster.load_pretrained(dev, _existing(ar_path))
+        if draft_path is not None:
+            draft, draft_tok = raster.load_pretrained(dev, _existing(draft_path))
+            if ar_tok is not None and draft_tok.config != ar_tok.config:
+                raise CheckpointError(f"{draft_path} was trained on a different tokenizer than {ar_path}")
+        return cls(var_model, var_tok, ar_model, ar_tok, draft, dataset)
+
+    @property
+    def device(self) -> torch.device:
+        model = self.var if self.var is not None else self.ar
+        return next(model.parameters()).device
+
+    @property
+    def num_classes(self) -> int:
+        return self.var.config.n_classes if self.var is not None else self.ar.config.n_classes
+
+    @torch.no_grad()
+    def generate(
+        self,
+        classes: torch.Tensor | list[int],
+        method: str = "var",
+        cfg: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        temperature: float = 1.0,
+        speculative: str | None = None,
+        relaxed_delta: float = 0.0,
+        kernels: str = "auto",
+        seed: int | None = 0,
+        batch_size: int = 500,
+        precision: str = "auto",
+        ramp: bool = True,
+        gamma: int = 4,
+        window: int = 8,
+        neighbors: int = 4,
+    ) -> Generation:
+        """Images of ``classes`` ``(B,)`` (ints in ``[0, num_classes)``).
+
+        Args:
+            method: ``"var"`` (next-scale prediction, S passes per batch) or ``"ar"`` (raster order, one pass
+                per token).
+            cfg: guidance strength ``w`` (see the module docstring); ``None``: :data:`DEFAULT_CFG`.
+            top_k, top_p, temperature: sampling filters (``temperature=0`` is greedy).
+            speculative: with ``method="ar"``: ``"draft"`` (speculative sampling with the draft model,
+                ``gamma`` drafts per round) or ``"jacobi"`` (Speculative Jacobi Decoding, a window of
+                ``window`` tokens). Both run one image at a time; both are exact unless ``relaxed_delta > 0``.
+            relaxed_delta: with ``"jacobi"``: LANTERN-style relaxed acceptance over each code's ``neighbors``
+                nearest codes, moving at most this much probability mass (0 = exact).
+            kernels: ``"auto"`` runs attention on the chapter 06 kernels where they are faster on this
+                device (compiled Triton or numba.cuda on a GPU; on a CPU torch's fused attention is faster
+                than the simulators, so torch); ``"torch"`` never uses them; ``"triton"`` / ``"numba"``
+                force one (on a CPU: the interpreter / simulator, slow, for checking agreement).
+            seed: seeds one generator for the call (``None``: torch's global generator).
+            batch_size: images per batched call; samples depend on it, so keep it fixed when comparing.
+            precision: ``"auto"`` (bfloat16 autocast on CUDA, float32 on CPU) or a dtype name for autocast.
+
+        Returns:
+            A :class:`Generation`: images ``(B, C, S, S)`` float32 on CPU, classes, stats.
+        """
+        classes = self._check_classes(classes)
+        model = self._check_method(method, speculative, relaxed_delta)
+        cfg = DEFAULT_CFG[method] if cfg is None else float(cfg)
+        if cfg < 0 or temperature < 0 or batch_size < 1:
+            raise ValueError(f"cfg and temperature must be >= 0 and batch_size >= 1, got {cfg}, {temperature}, "
+                             f"{batch_size}")
+        device = self.device
+        backends = self._set_kernels(kernels, device)
+        precision = _resolve_precision(precision, device)
+        generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+        counter = _PassCounter(model)
+        draft_counter = _PassCounter(self.ar_draft) if speculative == "draft" else None
+        spec = SpecStats()
+        weighted_passes = 0
+        images = []
+        _sync(device)
+        start = time.perf_counter()
+        try:
+            with _autocast(device, precision):
+                if speculative is None:
+                    for chunk in classes.to(device).split(batch_size):
+                        before = counter.count
+                        images.append(self._batched(method, chunk, cfg, top_k, top_p, temperature, generator,
+                                                    ramp))
+                        weighted_passes += (counter.count - before) * chunk.numel()
+                else:
+                    for c in classes.to(device).split(1):
+                        before = counter.count
+                        images.append(self._speculative(speculative, c, cfg, top_k, top_p, temperature,
+                                                        generator, relaxed_delta, gamma, window, neighbors, spec))
+                        weighted_passes += counter.count - before
+            _sync(device)
+        finally:
+            counter.remove()
+            if draft_counter is not None:
+                draft_counter.remove()
+        seconds = time.perf_counter() - start
+        stats = GenerationStats(
+            method=method, speculative=speculative, device=str(device), precision=precision, backends=backends,
+            images=int(classes.numel()), seconds=seconds, forward_passes=counter.count,
+            passes_per_image=weighted_passes / max(classes.numel(), 1),
+            draft_passes=draft_counter.count if draft_counter is not None else 0,
+            accepted_hist=list(spec.accepted_hist),
+            acceptance_rate=spec.acceptance_rate if speculative else float("nan"))
+        out = torch.cat(images).float().cpu() if images else torch.empty(0)
+        return Generation(out, classes.cpu(), stats)
+
+    # -- pieces of generate --------------------------------------------------------------------------------
+
+    def _check_classes(self, classes: torch.Tensor | list[int]) -> torch.Tensor:
+        classes = torch.as_tensor(classes)
+        if classes.ndim != 1 or classes.is_floating_point() or classes.is_complex():
+            raise ValueError(f"classes must be a 1-D sequence of ints, got shape {tuple(classes.shape)} "
+                             f"{classes.dtype}")
+        classes = classes.long()
+        n = self.num_classes
+        if classes.numel() and (int(classes.min()) < 0 or int(classes.max()) >= n):
+            raise ValueError(f"classes must lie in [0, {n - 1}], got {classes.tolist()}")
+        return classes
+
+    def _check_method(self, method: str, speculative: str | None, relaxed_delta: float) -> nn.Module:
+        """The target model of ``method``, after checking the combination of options."""
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        if speculative not in SPECULATIVE:
+            raise ValueError(f"speculative must be one of {SPECULATIVE}, got {speculative!r}")
+        if speculative is not None and method != "ar":
+            raise ValueError("speculative decoding applies to method='ar' (VAR already samples a whole "
+                             "scale per pass)")
+        if relaxed_delta < 0 or (relaxed_delta > 0 and speculative != "jacobi"):
+            raise ValueError(f"relaxed_delta must be >= 0, and > 0 only with speculative='jacobi'; got "
+                             f"{relaxed_delta} with speculative={speculative!r}")
+        model = self.var if method == "var" else self.ar
+        if model is None:
+            raise ValueError(f"this Generator has no {method!r} model")
+        if speculative == "draft" and self.ar_draft is None:
+            raise ValueError("speculative='draft' needs a draft model (ar_draft)")
+        return model
+
+    def _set_kernels(self, kernels: str, device: torch.device) -> dict[str, str]:
+        """Point every model's attention at the chosen implementation; returns ``{op: backend}``."""
+        from ar_course.kernels import select_backend  # imported on use: it sets the simulator defaults
+
+        if kernels not in KERNELS:
+            raise ValueError(f"kernels must be one of {KERNELS}, got {kernels!r}")
+        backends = {op: select_backend(op, device, kernels) for op in ("flash_attention", "decode_attention")}
+        impl = "sdpa" if set(backends.values()) == {"torch"} else "kernels"
+        for model in (self.var, self.ar, self.ar_draft):
+            if model is not None:
+                set_attention(model, impl, kernels)
+        return {"attention": backends["flash_attention"], "decode_attention": backends["decode_attention"]}
+
+    def _batched(self, method: str, classes: torch.Tensor, cfg: float, top_k: int | None, top_p: float | None,
+                 temperature: float, generator: torch.Generator | None, ramp: bool) -> torch.Tensor:
+        """One batch of images ``(b, C, S, S)`` without speculative decoding."""
+        if method == "var":
+            pyramid = var.sample_pyramid(self.var, self.var_tokenizer.quantizer, classes, cfg, top_k, top_p,
+                                         temperature, generator, ramp)
+            return self.var_tokenizer.decode_from_indices(pyramid)
+        side = self.ar_tokenizer.config.latent_side
+        maps = raster.generate_tokens(self.ar, classes, (side, side), 1.0 + cfg, temperature, top_k, top_p,
+                                      generator)
+        return self.ar_tokenizer.decode_from_indices(maps)
+
+    def _speculative(self, kind: str, cls: torch.Tensor, cfg: float, top_k: int | None, top_p: float | None,
+                     temperature: float, generator: torch.Generator | None, delta: float, gamma: int,
+                     window: int, neighbors: int, spec: SpecStats) -> torch.Tensor:
+        """One image ``(1, C, S, S)`` of class ``cls`` ``(1,)`` with speculative decoding; adds to ``spec``."""
+        side = self.ar_tokenizer.config.latent_side
+        n = side * side
+        if kind == "draft":
+            start = torch.zeros(1, 0, dtype=torch.long, device=cls.device)  # (1, 0): the class token starts
+            seq, stats = speculative_generate(self.ar, self.ar_draft, start, n, gamma, temperature, top_k, top_p,
+                                              generator, classes=cls, cfg_scale=1.0 + cfg)
+        else:
+            nbrs = self._codebook_neighbors(neighbors) if delta > 0 else None
+            seq, stats = sjd_generate(self.ar, n, classes=cls, window=window, temperature=temperature,
+                                      top_k=top_k, top_p=top_p, generator=generator, cfg_scale=1.0 + cfg,
+                                      delta=delta, neighbors=nbrs)
+        spec.merge(stats)
+        return self.ar_tokenizer.decode_from_indices(from_raster(seq, side, side))
+
+    def _codebook_neighbors(self, k: int) -> torch.Tensor:
+        """``(V, k)`` nearest codes of every code of the raster tokenizer (cached per ``k``)."""
+        if k not in self._neighbors:
+            self._neighbors[k] = codebook_neighbors(self.ar_tokenizer.quantizer.codebook.detach(), k)
+        return self._neighbors[k]
+
+
+def _existing(path: str | Path) -> Path:
+    """``path`` as a Path; a missing file is a :class:`CheckpointError` (not a bare FileNotFoundError)."""
+    if not Path(path).is_file():
+        raise CheckpointError(f"no checkpoint at {path}")
+    return Path(path)
+
+
+def _resolve_precision(precision: str, device: torch.device) -> str:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "auto":
+        return "bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+    return precision
+
+
+@contextlib.contextmanager
+def _autocast(device: torch.device, precision: str) -> Iterator[None]:
+    """Mixed precision for the matmuls (weights, KV caches and sampling stay float32)."""
+    if precision == "float32":
+        yield
+        return
+    with torch.autocast(device.type, dtype=getattr(torch, precision)):
+        yield
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

@@ -1,0 +1,171 @@
+"""The full system (chapter 07): Generator outputs, fast paths against plain paths, errors, the generate CLI."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from ar_course.checkpoint import CheckpointError
+from ar_course.raster import generate_tokens
+from ar_course.raster.functional import to_raster
+from ar_course.system import PRETRAINED, Generator
+
+
+@pytest.fixture(scope="module")
+def gen():
+    torch.set_num_threads(2)
+    return Generator.from_pretrained("mnist", device="cpu")
+
+
+def test_var_and_ar_generate_images_with_their_pass_counts(gen):
+    for method, passes in (("var", 6), ("ar", 64)):
+        out = gen.generate([0, 3, 9], method=method, seed=1)
+        assert out.images.shape == (3, 1, 32, 32) and out.images.dtype == torch.float32
+        assert 0 <= float(out.images.min()) and float(out.images.max()) <= 1
+        assert out.classes.tolist() == [0, 3, 9]
+        assert out.stats.forward_passes == passes and out.stats.passes_per_image == passes
+        assert out.stats.backends["attention"] == "torch" and out.stats.precision == "float32"
+        json.dumps(out.stats.as_dict())  # JSON-ready
+
+
+def test_passes_per_image_counts_batched_passes_once_per_chunk(gen):
+    out = gen.generate(list(range(10)), method="var", batch_size=4)  # chunks of 4, 4, 2
+    assert out.stats.forward_passes == 18 and out.stats.passes_per_image == 6
+
+
+def test_seeded_runs_reproduce_and_seeds_differ(gen):
+    a = gen.generate([1, 2, 3, 4], seed=5).images
+    b = gen.generate([1, 2, 3, 4], seed=5).images
+    c = gen.generate([1, 2, 3, 4], seed=6).images
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_kernels_auto_equals_torch_on_cpu(gen):
+    for method in ("var", "ar"):
+        auto = gen.generate([2, 7], method=method, kernels="auto", seed=3)
+        plain = gen.generate([2, 7], method=method, kernels="torch", seed=3)
+        torch.testing.assert_close(auto.images, plain.images, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("backend", ["triton", "numba"])
+def test_forced_kernel_backends_agree_with_torch(gen, backend):
+    """The chapter 06 kernels (Triton interpreter / numba CUDA simulator on CPU) inside the full VAR pipeline."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+    kern = gen.generate([4], method="var", kernels=backend, seed=0)
+    plain = gen.generate([4], method="var", kernels="torch", seed=0)
+    assert kern.stats.backends["attention"] == backend
+    torch.testing.assert_close(kern.images, plain.images, atol=1e-4, rtol=0)
+
+
+def test_jacobi_and_draft_greedy_equal_plain_greedy_raster(gen):
+    classes = [1, 8]
+    plain = gen.generate(classes, method="ar", temperature=0, seed=0)
+    for spec in ("jacobi", "draft"):
+        fast = gen.generate(classes, method="ar", temperature=0, speculative=spec, seed=0)
+        assert torch.equal(fast.images, plain.images), spec
+        assert fast.stats.passes_per_image < 64, spec
+    # the token maps themselves: greedy raster tokens decoded equal the generator's images
+    maps = generate_tokens(gen.ar, torch.tensor(classes), (8, 8), cfg_scale=2.0, temperature=0)
+    assert to_raster(maps).shape == (2, 64)
+    torch.testing.assert_close(gen.ar_tokenizer.decode_from_indices(maps), plain.images)
+
+
+def test_relaxed_jacobi_sampling_runs_and_reports_acceptance(gen):
+    out = gen.generate([5], method="ar", speculative="jacobi", relaxed_delta=0.2, seed=0)
+    exact = gen.generate([5], method="ar", speculative="jacobi", seed=0)
+    assert out.images.shape == (1, 1, 32, 32)
+    assert 0 <= out.stats.acceptance_rate <= 1 and sum(out.stats.accepted_hist) == out.stats.forward_passes
+    assert exact.stats.forward_passes <= 64
+
+
+def test_bfloat16_precision_runs_on_cpu(gen):
+    out = gen.generate([0, 1], method="var", precision="bfloat16", seed=0)
+    assert out.images.dtype == torch.float32 and out.stats.precision == "bfloat16"
+    assert torch.isfinite(out.images).all()
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"classes": [10]}, "classes must lie in [0, 9]"),
+    ({"classes": [[1, 2]]}, "1-D sequence of ints"),
+    ({"classes": [1.5]}, "1-D sequence of ints"),
+    ({"method": "diffusion"}, "method must be one of"),
+    ({"speculative": "draft"}, "applies to method='ar'"),
+    ({"method": "ar", "speculative": "medusa"}, "speculative must be one of"),
+    ({"method": "ar", "relaxed_delta": 0.1}, "only with speculative='jacobi'"),
+    ({"kernels": "cuda"}, "kernels must be one of"),
+    ({"precision": "int8"}, "precision must be one of"),
+    ({"cfg": -1.0}, "cfg and temperature must be >= 0"),
+])
+def test_bad_arguments_raise_clear_errors(gen, kwargs, message):
+    kwargs = {"classes": [0], **kwargs}
+    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]").replace("(", r"\(")
+                       .replace(")", r"\)")):
+        gen.generate(kwargs.pop("classes"), **kwargs)
+
+
+def test_missing_models_are_reported():
+    only_var = Generator.from_checkpoints(var_path=PRETRAINED["mnist"]["var_path"], device="cpu")
+    with pytest.raises(ValueError, match="no 'ar' model"):
+        only_var.generate([0], method="ar")
+    with pytest.raises(ValueError, match="needs a VAR model or a raster AR model"):
+        Generator()
+
+
+def test_corrupted_and_missing_checkpoints_are_rejected(tmp_path):
+    good = PRETRAINED["mnist"]["var_path"].read_bytes()
+    bad = tmp_path / "var.safetensors"
+    bad.write_bytes(good[: len(good) // 2])  # truncated
+    with pytest.raises(CheckpointError, match="corrupted or truncated"):
+        Generator.from_checkpoints(var_path=bad, device="cpu")
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"\x00" * 64)
+    with pytest.raises(CheckpointError):
+        Generator.from_checkpoints(var_path=garbage, device="cpu")
+    with pytest.raises(CheckpointError, match="no checkpoint at"):
+        Generator.from_checkpoints(var_path=tmp_path / "nope.safetensors", device="cpu")
+    with pytest.raises(CheckpointError, match="expected 'var'"):  # a raster checkpoint is not a VAR one
+        Generator.from_checkpoints(var_path=PRETRAINED["mnist"]["ar_path"], device="cpu")
+
+
+def _cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "ar_course", "generate", *args], capture_output=True, text=True,
+                          timeout=300, cwd=cwd)
+
+
+def test_cli_generate_writes_a_png_grid_of_the_requested_classes(tmp_path):
+    from PIL import Image
+
+    res = _cli("--out", str(tmp_path / "s.png"), "--classes", "0", "1", "2", "--per-class", "2",
+               "--stats-json", str(tmp_path / "stats.json"))
+    assert res.returncode == 0, res.stderr
+    with Image.open(tmp_path / "s.png") as img:
+        assert img.format == "PNG"
+        # 3 columns and 2 rows of 32-px digits with 2-px padding, zoomed 2x
+        assert img.size == (2 * (3 * 34 + 2), 2 * (2 * 34 + 2))
+    stats = json.loads((tmp_path / "stats.json").read_text())
+    assert stats["images"] == 6 and stats["method"] == "var"
+    assert "6 images by var" in res.stdout
+
+
+def test_cli_generate_default_needs_only_the_output_path(tmp_path):
+    res = _cli("--out", "samples.png", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert (tmp_path / "samples.png").stat().st_size > 0 and "10 images by var" in res.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    ((), "the following arguments are required: --out"),
+    (("--out", "x.png", "--method", "foo"), "invalid choice: 'foo'"),
+    (("--out", "x.png", "--classes", "12"), "classes must lie in [0, 9]"),
+    (("--out", "x.jpg"), "must name a .png file"),
+    (("--out", "x.png", "--speculative", "draft"), "applies to method='ar'"),
+    (("--out", "x.png", "--var-checkpoint", "missing.safetensors"), "no checkpoint at"),
+])
+def test_cli_generate_bad_arguments_fail_with_one_line(tmp_path, args, message):
+    res = _cli(*args, cwd=tmp_path)
+    assert res.returncode != 0
+    assert message in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert not list(tmp_path.glob("*.png"))
