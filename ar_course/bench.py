@@ -23,6 +23,62 @@ def available() -> dict[str, Path]:
     return {p.stem.removeprefix("bench_"): p for p in sorted(BENCH_DIR.glob("bench_*.py"))}
 
 
+def _row(what: str, measured: str, target: str = "-", met: bool | None = None) -> dict:
+    return {"what": what, "measured": measured, "target": target, "met": met}
+
+
+def _kv_cache(d: dict) -> list[dict]:
+    same = d["same_tokens_greedy"] and d["same_tokens_sampled"]
+    return [_row(f"KV-cached vs recomputing decoding, {d['model']}, {d['new_tokens']} new tokens",
+                 f"{d['speedup']:.2f}x ({d['ms_per_token_cached']:.1f} vs {d['ms_per_token_recompute']:.1f} ms/token), "
+                 f"same tokens: {same}", "faster, identical tokens", same and d["speedup"] > 1)]
+
+
+def _raster(d: dict) -> list[dict]:
+    best = max(d["quality_by_scale"], key=lambda r: r["accuracy"])
+    return [_row("raster AR class accuracy at the best guidance scale",
+                 f"{best['accuracy']:.3f} at cfg_scale {best['scale']} (Frechet {best['frechet']:.2f}; data vs data "
+                 f"{d['real_vs_real']['frechet']:.2f})", "-", None),
+            _row("raster AR forward passes per image", f"{d['forward_passes_per_image']['kv_cache']}", "-", None)]
+
+
+def _tokenizers(d: dict) -> list[dict]:
+    m, usage = d["msvq_vs_vq"], {r["name"]: r for r in d["usage"]}
+    psnr = d["scales_sweep"]["psnr"]
+    return [_row("multi-scale vs single-scale VQ, held-out PSNR", f"{m['msvq_psnr']:.2f} vs {m['vq_psnr']:.2f} dB "
+                 f"(gap {-m['gap_db']:.2f} dB, {d['setup']['steps']} steps)", "within 1 dB", -m["gap_db"] <= 1.0),
+            _row("codebook usage with / without dead-code restart", f"{usage['restart']['fraction_used']:.1%} / "
+                 f"{usage['no restart']['fraction_used']:.1%}", ">= 90% with restart",
+                 usage["restart"]["fraction_used"] >= 0.9),
+            _row("PSNR as scales are added", " -> ".join(f"{v:.1f}" for v in psnr), "monotone",
+                 all(a < b for a, b in zip(psnr, psnr[1:])))]
+
+
+def _var(d: dict) -> list[dict]:
+    s = d["summary"]
+    return [_row("VAR vs raster AR forward passes", f"{s['pass_ratio']:.1f}x fewer", ">= 8x", s["pass_ratio"] >= 8),
+            _row("VAR vs raster AR CPU wall-clock per batch", ", ".join(
+                f"batch {b}: {v:.1f}x" for b, v in s["speedup_by_batch"].items()), ">= 4x",
+                all(v >= 4 for v in s["speedup_by_batch"].values())),
+            _row("class accuracy, VAR minus raster AR", f"{s['accuracy_gap_points']:+.1f} points", ">= -5 points",
+                 s["accuracy_gap_points"] >= -5)]
+
+
+def _kernels(d: dict) -> list[dict]:
+    c = d["cpu"]
+    rows = [_row(f"numba CPU nearest-code search vs torch cdist, N={c['shape']['N']} K={c['shape']['K']}",
+                 f"{c['speedup']:.1f}x, {c['numba_cpu']['peak_extra_mib']:.1f} vs {c['torch_cdist']['peak_extra_mib']:.0f} "
+                 f"MiB extra", "faster, no N x K buffer", c["speedup"] > 1 and c["agreement"] == 1.0)]
+    if not d.get("gpu"):
+        rows.append(_row("GPU kernel targets", "not measured (no GPU on this machine)", "see bench_kernels.py", None))
+    return rows
+
+
+SUMMARIZERS = {"kv_cache": _kv_cache, "raster": _raster, "tokenizers": _tokenizers, "var": _var,
+               "kernels": _kernels}
+"""Summary rows derived from the measurements of results that do not store a ``summary`` list."""
+
+
 def summary_rows(names: list[str]) -> list[dict]:
     """The summary rows of the named benchmarks' latest results (missing results are skipped)."""
     rows = []
@@ -31,9 +87,9 @@ def summary_rows(names: list[str]) -> list[dict]:
         if not path.is_file():
             continue
         data = json.loads(path.read_text())
-        summary = data.get("summary", [])
-        if isinstance(summary, dict):  # {"what": "measured", ...}
-            summary = [{"what": k, "measured": v} for k, v in summary.items()]
+        summary = data.get("summary")
+        if not isinstance(summary, list):
+            summary = SUMMARIZERS[name](data) if name in SUMMARIZERS else []
         for row in summary:
             if not isinstance(row, dict):
                 row = {"what": str(row), "measured": ""}

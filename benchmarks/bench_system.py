@@ -1,0 +1,208 @@
+"""End-to-end benchmark of the full system (chapter 07): every generation configuration of
+:class:`ar_course.system.Generator`, measured in one run on one machine.
+
+For each configuration (raster AR; raster AR + draft speculative / Jacobi / relaxed Jacobi; VAR; VAR +
+kernels="auto"): images per second (best of ``--repeats`` timed calls after a warm-up, on a batch of
+``--timing-batch`` mixed classes; the speculative ones run one image at a time, as they must), target
+forward passes per image, class accuracy and Frechet distance of ``--per-class`` x 10 samples against as many
+held-out MNIST test digits. Then VAR vs raster AR images/second over batch sizes, the per-component ratios
+recorded by the chapters' own benchmarks (``benchmarks/results/*.json``), and on a CUDA machine batch-64
+VAR generation in bf16.
+
+Writes ``benchmarks/results/system.json`` and ``system.png``::
+
+    python benchmarks/bench_system.py                 # ~10 min on a 2-core CPU
+    python benchmarks/bench_system.py --per-class 5   # a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import time
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+from ar_course import metrics  # noqa: E402
+from ar_course.system import Generator  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+CONFIGS = {  # name -> Generator.generate keyword arguments
+    "raster AR": {"method": "ar"},
+    "raster AR + draft": {"method": "ar", "speculative": "draft"},
+    "raster AR + Jacobi": {"method": "ar", "speculative": "jacobi"},
+    "raster AR + relaxed Jacobi": {"method": "ar", "speculative": "jacobi", "relaxed_delta": 0.2},
+    "VAR": {"method": "var", "kernels": "torch"},
+    "VAR + kernels": {"method": "var", "kernels": "auto"},
+}
+COMPONENT_BENCHES = ("tokenizers", "kv_cache", "raster", "var", "speculative", "kernels")
+
+
+def images_per_second(gen: Generator, classes: torch.Tensor, repeats: int, **kwargs) -> tuple[float, dict]:
+    """Best-of-``repeats`` images/second of ``gen.generate(classes, **kwargs)`` after one warm-up call, and
+    the stats of the fastest call."""
+    gen.generate(classes, **kwargs)
+    best = None
+    for _ in range(repeats):
+        stats = gen.generate(classes, **kwargs).stats
+        if best is None or stats.seconds < best.seconds:
+            best = stats
+    return best.images_per_second, best.as_dict()
+
+
+def measure_configs(gen: Generator, per_class: int, timing_batch: int, repeats: int, seed: int) -> list[dict]:
+    n = per_class * 10
+    reference = metrics.held_out_set("mnist")[0][:n]
+    classes = torch.arange(10).repeat(per_class)  # (n,) mixed classes
+    rows = []
+    for name, kwargs in CONFIGS.items():
+        t0 = time.perf_counter()
+        ips, stats = images_per_second(gen, classes[:timing_batch], repeats, seed=seed, **kwargs)
+        out = gen.generate(classes, seed=seed + 1, batch_size=100, **kwargs)
+        rows.append({"name": name, **kwargs, "images_per_second": ips, "timing_batch": timing_batch,
+                     "passes_per_image": out.stats.passes_per_image,
+                     "acceptance_rate": out.stats.acceptance_rate, "backends": stats["backends"],
+                     "class_accuracy": metrics.class_accuracy(out.images, out.classes),
+                     "frechet_distance": metrics.frechet_distance(out.images, reference), "n": n})
+        r = rows[-1]
+        print(f"{name:<28} {ips:8.1f} img/s  {r['passes_per_image']:5.1f} passes/img  acc {r['class_accuracy']:.3f}"
+              f"  FD {r['frechet_distance']:.2f}  ({time.perf_counter() - t0:.0f} s)", flush=True)
+    return rows
+
+
+def batch_sweep(gen: Generator, sizes: list[int], repeats: int, seed: int) -> list[dict]:
+    rows = []
+    for b in sizes:
+        classes = torch.arange(b) % 10
+        var_ips, _ = images_per_second(gen, classes, repeats, method="var", seed=seed)
+        ar_ips, _ = images_per_second(gen, classes, repeats, method="ar", seed=seed)
+        rows.append({"batch": b, "var_images_per_second": var_ips, "ar_images_per_second": ar_ips,
+                     "ratio": var_ips / ar_ips})
+        print(f"batch {b:>3}: VAR {var_ips:8.1f} img/s, raster AR {ar_ips:8.1f} img/s, {var_ips / ar_ips:.1f}x",
+              flush=True)
+    return rows
+
+
+def component_rows() -> list[dict]:
+    """The summary rows the chapters' benchmarks recorded (whatever results exist)."""
+    rows = []
+    for name in COMPONENT_BENCHES:
+        path = RESULTS / f"{name}.json"
+        if path.is_file():
+            summary = json.loads(path.read_text()).get("summary")
+            if isinstance(summary, list):
+                rows += [{"bench": name, **row} for row in summary]
+    return rows
+
+
+def gpu_section(gen_cpu_rows: list[dict], repeats: int, seed: int) -> dict:
+    """Batch-64 VAR and raster AR on the GPU (bf16 autocast, kernels auto), when CUDA is present."""
+    if not torch.cuda.is_available():
+        return {"measured": False, "reason": "no CUDA device on this machine"}
+    gen = Generator.from_pretrained("mnist", device="cuda")
+    classes = torch.arange(64) % 10
+    out = {"measured": True, "device": torch.cuda.get_device_name(0)}
+    for name, kwargs in (("VAR bf16 + kernels", {"method": "var", "kernels": "auto"}),
+                         ("VAR bf16 torch", {"method": "var", "kernels": "torch"}),
+                         ("raster AR bf16", {"method": "ar", "kernels": "auto"})):
+        ips, stats = images_per_second(gen, classes, repeats, seed=seed, **kwargs)
+        out[name] = {"images_per_second": ips, "batch": 64, "backends": stats["backends"],
+                     "precision": stats["precision"]}
+    return out
+
+
+def plot(rows: list[dict], sweep: list[dict]) -> plt.Figure:
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    for r in rows:
+        a.scatter(r["images_per_second"], r["class_accuracy"], s=40)
+        a.annotate(r["name"], (r["images_per_second"], r["class_accuracy"]), fontsize=8,
+                   xytext=(4, 4), textcoords="offset points")
+    a.set_xscale("log")
+    a.set_xlabel("images / second (CPU, log)")
+    a.set_ylabel("class accuracy")
+    a.set_title("speed / quality of every configuration")
+    bs = [s["batch"] for s in sweep]
+    b.plot(bs, [s["var_images_per_second"] for s in sweep], "o-", label="VAR (6 passes)")
+    b.plot(bs, [s["ar_images_per_second"] for s in sweep], "s-", label="raster AR (64 passes)")
+    b.set_xscale("log")
+    b.set_yscale("log")
+    b.set_xlabel("batch size")
+    b.set_ylabel("images / second")
+    b.set_title("throughput vs batch size")
+    b.legend()
+    fig.tight_layout()
+    return fig
+
+
+def summarize(rows: list[dict], sweep: list[dict], gpu: dict) -> list[dict]:
+    by = {r["name"]: r for r in rows}
+    var, ar = by["VAR + kernels"], by["raster AR"]
+    fastest = max(rows, key=lambda r: r["images_per_second"])
+    equal_quality = [r for r in rows if r["class_accuracy"] >= var["class_accuracy"] - 0.05]
+    out = [
+        {"what": f"VAR + kernels vs raster AR, images/second at batch {var['timing_batch']} (CPU)",
+         "measured": f"{var['images_per_second'] / ar['images_per_second']:.1f}x "
+                     f"({var['images_per_second']:.0f} vs {ar['images_per_second']:.0f} img/s)",
+         "target": ">= 4x", "met": var["images_per_second"] >= 4 * ar["images_per_second"]},
+        {"what": "fastest configuration at equal quality (class accuracy within 5 points of VAR + kernels)",
+         "measured": f"{fastest['name']} ({fastest['images_per_second']:.0f} img/s, accuracy "
+                     f"{fastest['class_accuracy']:.3f}); VAR + kernels {var['images_per_second']:.0f} img/s",
+         "target": "VAR + kernels fastest",
+         "met": max(equal_quality, key=lambda r: r["images_per_second"])["name"] in ("VAR + kernels", "VAR")
+         and var["images_per_second"] >= 0.95 * fastest["images_per_second"]},
+        {"what": "VAR / raster AR images/second by batch size (CPU)",
+         "measured": ", ".join(f"batch {s['batch']}: {s['ratio']:.1f}x" for s in sweep),
+         "target": ">= 4x", "met": all(s["ratio"] >= 4 for s in sweep)},
+    ]
+    for name in ("raster AR + draft", "raster AR + Jacobi", "raster AR + relaxed Jacobi"):
+        r = by[name]
+        out.append({"what": f"{name}: passes per image and speed vs raster AR (one image at a time vs batch)",
+                    "measured": f"{r['passes_per_image']:.1f} passes (vs 64), {r['images_per_second']:.1f} img/s, "
+                                f"accuracy {r['class_accuracy']:.3f} vs {ar['class_accuracy']:.3f}",
+                    "target": "-", "met": None})
+    if gpu.get("measured"):
+        v = gpu["VAR bf16 + kernels"]
+        out.append({"what": f"batch-64 VAR generation on {gpu['device']}",
+                    "measured": f"{v['images_per_second']:.0f} img/s ({v['backends']['attention']})",
+                    "target": "stated", "met": True})
+    else:
+        out.append({"what": "GPU: batch-64 VAR generation", "measured": "not measured (no GPU on this machine)",
+                    "target": "stated images/second", "met": None})
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--per-class", type=int, default=30, help="samples per class for accuracy / Frechet [30]")
+    p.add_argument("--timing-batch", type=int, default=10, help="images per timed call [10]")
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 10, 64], help="batch sizes of the sweep")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads [2]")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    gen = Generator.from_pretrained("mnist", device="cpu")
+    rows = measure_configs(gen, args.per_class, args.timing_batch, args.repeats, args.seed)
+    sweep = batch_sweep(gen, args.batches, args.repeats, args.seed)
+    gpu = gpu_section(rows, args.repeats, args.seed)
+    result = {"date": datetime.date.today().isoformat(), "machine": platform.machine(),
+              "cpu": platform.processor() or platform.machine(), "threads": args.threads, "torch": torch.__version__,
+              "configs": rows, "batch_sweep": sweep, "gpu": gpu, "components": component_rows(),
+              "summary": summarize(rows, sweep, gpu)}
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "system.json").write_text(json.dumps(result, indent=2))
+    plot(rows, sweep).savefig(RESULTS / "system.png", dpi=120)
+    for row in result["summary"]:
+        print(f"- {row['what']}: {row['measured']} (target {row['target']}, met {row['met']})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
