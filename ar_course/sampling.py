@@ -98,11 +98,11 @@ def sample_from_probs(p: torch.Tensor, generator: torch.Generator | None = None)
     ``V = 256``). Zero-probability tokens are never drawn; every row needs a positive total."""
     flat = p.reshape(-1, p.shape[-1]).float()  # (N, V)
     cdf = flat.cumsum(dim=-1)  # (N, V)
-    u = torch.rand(flat.shape[0], 1, generator=generator, device=p.device) * cdf[:, -1:]  # (N, 1)
-    idx = torch.searchsorted(cdf, u, right=True)  # (N, 1): first token whose running sum exceeds u
-    # rounding can put u at the very end of the last row; fall back to the last token with mass
-    last = flat.shape[-1] - 1 - (flat > 0).flip(-1).int().argmax(dim=-1, keepdim=True)  # (N, 1)
-    return torch.minimum(idx, last).view(p.shape[:-1])  # (...)
+    total = cdf[:, -1:]  # (N, 1)
+    u = torch.rand(flat.shape[0], 1, generator=generator, device=p.device) * total  # (N, 1)
+    u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))  # u < total even after rounding
+    # the first token whose running sum exceeds u; a zero-probability token never raises the running sum
+    return torch.searchsorted(cdf, u, right=True).view(p.shape[:-1])  # (...)
 
 
 def sample(

@@ -206,6 +206,20 @@ def test_greedy_equals_target_greedy(gamma):
         assert 0 < st.acceptance_rate < 1  # a random draft agrees sometimes, not always
 
 
+def test_gamma_zero_is_plain_sampling():
+    """No drafts: every round is one target call and one draw from p, the draws ``generate`` makes."""
+    target, draft = tiny_gpt(1, vocab=11, n_layer=2, block_size=48), tiny_gpt(2, vocab=11, block_size=48)
+    prefix = torch.tensor([[3, 1, 4]])
+    for kw in ({"temperature": 1.0}, {"temperature": 0.7, "top_k": 4}, {"temperature": 0.0}):
+        expected = target.generate(prefix, 30, generator=torch.Generator().manual_seed(5), **kw)
+        got, st = speculative_generate(target, draft, prefix, 30, gamma=0,
+                                       generator=torch.Generator().manual_seed(5), **kw)
+        assert torch.equal(got, expected)
+        assert (st.target_calls, st.draft_calls) == (30, 0)
+    got, st = speculative_generate(target, draft, prefix, 0, gamma=3)
+    assert torch.equal(got, prefix) and st.target_calls == 0
+
+
 def test_identical_draft_is_always_accepted():
     target = tiny_gpt(1, vocab=11, n_layer=2, block_size=48)
     prefix = torch.tensor([[3, 1]])
@@ -245,6 +259,53 @@ def test_speculative_generate_rejects_bad_input():
         speculative_generate(m, tiny_gpt(0, vocab=6), torch.tensor([[1]]), 3)
     with pytest.raises(ValueError):
         speculative_generate(m, m, torch.tensor([[1]]), 40)  # past block_size
+
+
+@pytest.mark.parametrize("cfg_scale", [1.0, 2.5])
+def test_class_conditional_greedy_equals_target_greedy(cfg_scale):
+    """Image-style models: an empty prefix, a class token, guidance in a batch of 2 in both models."""
+    target = tiny_gpt(21, vocab=9, n_layer=2, n_classes=3, block_size=40)
+    draft = tiny_gpt(22, vocab=9, n_classes=3, block_size=40, scale=3.0)
+    empty = torch.zeros(1, 0, dtype=torch.long)
+    for c in range(3):
+        cls = torch.tensor([c])
+        expected = target.generate(empty, 30, temperature=0, classes=cls, cfg_scale=cfg_scale)
+        got, st = speculative_generate(target, draft, empty, 30, gamma=3, temperature=0, classes=cls,
+                                       cfg_scale=cfg_scale)
+        assert torch.equal(got, expected)
+        assert st.new_tokens == 30 and st.target_calls < 30
+
+
+def test_class_conditional_guided_sampling_is_exact():
+    """500 guided samples of 3 tokens against the enumerated guided target distribution."""
+    target = tiny_gpt(23, vocab=3, n_classes=2, block_size=16)
+    draft = tiny_gpt(24, vocab=3, n_classes=2, block_size=16, scale=3.0)
+    cls, scale = torch.tensor([1]), 2.0
+    seqs = torch.tensor(list(itertools.product(range(3), repeat=3)))  # (27, 3)
+    with torch.no_grad():
+        cond, _ = target(seqs[:, :-1], classes=cls.expand(len(seqs)))
+        uncond, _ = target(seqs[:, :-1], classes=torch.full((len(seqs),), target.null_class))
+    p = torch.softmax(sampling.cfg_mix(cond, uncond, scale), -1)  # (27, 3, V)
+    lik = p.gather(-1, seqs[..., None]).squeeze(-1).prod(-1)
+    exact = {tuple(q.tolist()): float(v) for q, v in zip(seqs, lik)}
+    g = torch.Generator().manual_seed(0)
+    samples = []
+    for _ in range(500):
+        out, _ = speculative_generate(target, draft, torch.zeros(1, 0, dtype=torch.long), 3, gamma=2,
+                                      generator=g, classes=cls, cfg_scale=scale)
+        samples.append(tuple(out[0].tolist()))
+    assert chi2_pvalue(samples, exact) > 1e-3
+
+
+def test_class_conditional_input_is_checked():
+    target = tiny_gpt(21, vocab=9, n_classes=3)
+    empty = torch.zeros(1, 0, dtype=torch.long)
+    with pytest.raises(ValueError, match="classes of shape"):
+        speculative_generate(target, target, empty, 3)  # no classes
+    with pytest.raises(ValueError, match="same vocabulary and classes"):
+        speculative_generate(target, tiny_gpt(0, vocab=9), empty, 3, classes=torch.tensor([0]))
+    with pytest.raises(ValueError, match="needs class-conditional"):
+        speculative_generate(tiny_gpt(0), tiny_gpt(0), torch.tensor([[1]]), 3, cfg_scale=2.0)
 
 
 # --- Speculative Jacobi Decoding and relaxed acceptance -------------------------------------------------------

@@ -65,7 +65,8 @@ def test_jacobi_and_draft_greedy_equal_plain_greedy_raster(gen):
     plain = gen.generate(classes, method="ar", temperature=0, seed=0)
     for spec in ("jacobi", "draft"):
         fast = gen.generate(classes, method="ar", temperature=0, speculative=spec, seed=0)
-        assert torch.equal(fast.images, plain.images), spec
+        # same tokens; decoding one image at a time vs a batch of 2 may differ in the last float bits
+        torch.testing.assert_close(fast.images, plain.images, atol=1e-5, rtol=0, msg=spec)
         assert fast.stats.passes_per_image < 64, spec
     # the token maps themselves: greedy raster tokens decoded equal the generator's images
     maps = generate_tokens(gen.ar, torch.tensor(classes), (8, 8), cfg_scale=2.0, temperature=0)

@@ -1,6 +1,7 @@
 """Speculative sampling with a draft model, and Speculative Jacobi Decoding (optionally relaxed) without one.
 
-Both work on :class:`ar_course.transformer.GPT` models with their KV caches, batch size 1. The caches
+Both work on :class:`ar_course.transformer.GPT` models with their KV caches, one sequence at a time
+(class-conditional models with guidance run it beside its null-class twin). The caches
 always hold every position of the sequence but the last one (the "pending" token, fed at the next call);
 after each round :func:`~.functional.rollback_caches` cuts away what was computed for rejected drafts.
 
@@ -104,6 +105,8 @@ def speculative_generate(
     top_k: int | None = None,
     top_p: float | None = None,
     generator: torch.Generator | None = None,
+    classes: torch.Tensor | None = None,
+    cfg_scale: float = 1.0,
 ) -> tuple[torch.Tensor, SpecStats]:
     """Sample ``max_new_tokens`` tokens after ``prefix`` ``(1, T)`` from ``target``, with ``draft`` proposing.
 
@@ -111,39 +114,78 @@ def speculative_generate(
     the pending token and the drafts gives ``p``; :func:`~.functional.speculative_round` keeps the
     accepted drafts and adds one corrected or bonus token; both caches roll back. ``p`` and ``q`` come from
     :func:`ar_course.sampling.probs` with the same ``temperature``/``top_k``/``top_p``, so the output has
-    exactly the target's sampling distribution; ``temperature=0`` reproduces ``target.generate(...,
-    temperature=0)``. Near the end ``gamma`` shrinks so that no position past ``T + max_new_tokens - 1`` is
-    ever fed.
+    exactly the target's sampling distribution. Near the end ``gamma`` shrinks so that no position past
+    ``T + max_new_tokens - 1`` is ever fed.
+
+    Greedy (``temperature=0``): ``p`` and ``q`` would be one-hot, and the round reduces to "keep drafts while
+    they equal the target's argmax, then add the target's argmax"; that is computed directly from the
+    logits (no distributions, no random numbers), and reproduces ``target.generate(..., temperature=0)``.
+
+    Class-conditional models (both with ``n_classes > 0``, e.g. chapter 03's image models): pass ``classes``
+    ``(1,)``; ``prefix`` may then be empty ``(1, 0)``. ``cfg_scale != 1`` runs the null class beside it in a
+    batch of 2 in both models and uses guided logits for ``p`` and ``q`` (as ``GPT.generate`` does), so
+    the output follows the target's guided distribution exactly.
+
+    The sequence lives in one preallocated buffer: a round writes its drafts after the accepted tokens,
+    where the accepted ones simply stay, so no round copies the sequence.
 
     Returns:
         ``(tokens (1, T + max_new_tokens), stats)``.
     """
-    _check_prefix(prefix, 1)
+    conditional = target.config.n_classes > 0
+    _check_prefix(prefix, 0 if conditional else 1)
     if gamma < 0 or max_new_tokens < 0:
         raise ValueError(f"gamma and max_new_tokens must be >= 0, got {gamma} and {max_new_tokens}")
-    if target.config.vocab_size != draft.config.vocab_size or target.config.n_classes or draft.config.n_classes:
-        raise ValueError("target and draft must be unconditional models over the same vocabulary")
-    total = prefix.shape[1] + max_new_tokens
-    if total - 1 > min(target.config.block_size, draft.config.block_size):
-        raise ValueError(f"{total - 1} positions exceed a model's block_size")
-    t_cache, d_cache = target.make_cache(1, max(total - 1, 1)), draft.make_cache(1, max(total - 1, 1))
-    seq, stats = prefix, SpecStats()
-    while seq.shape[1] < total:
-        g = min(gamma, total - seq.shape[1] - 1)
-        drafted, q_rows = seq, []
-        for _ in range(g):
-            q = sampling.probs(_feed(draft, d_cache, drafted, None)[:, -1], temperature, top_k, top_p)  # (1, V)
-            drafted = torch.cat([drafted, sampling.sample_from_probs(q, generator)[:, None]], dim=1)
-            q_rows.append(q)
+    if target.config.vocab_size != draft.config.vocab_size or target.config.n_classes != draft.config.n_classes:
+        raise ValueError("target and draft must model the same vocabulary and classes")
+    if conditional != (classes is not None) or (classes is not None and classes.shape != (1,)):
+        raise ValueError("pass classes of shape (1,) exactly when the models are class-conditional")
+    if cfg_scale != 1.0 and not conditional:
+        raise ValueError("classifier-free guidance (cfg_scale != 1) needs class-conditional models")
+    n_prefix = target.config.n_prefix
+    n, total = prefix.shape[1], prefix.shape[1] + max_new_tokens
+    if n_prefix + total - 1 > min(target.config.block_size, draft.config.block_size):
+        raise ValueError(f"{n_prefix + total - 1} positions exceed a model's block_size")
+    guided = cfg_scale != 1.0
+    cls = torch.cat([classes, torch.full_like(classes, target.null_class)]) if guided else classes
+    batch, length = 2 if guided else 1, max(n_prefix + total - 1, 1)
+    t_cache, d_cache = target.make_cache(batch, length), draft.make_cache(batch, length)
+    seq = prefix.new_empty(1, total)  # seq[:, :n] is the sequence so far, drafts go after it
+    seq[:, :n] = prefix
+
+    def logits_of(model: GPT, cache: KVCache, upto: int) -> torch.Tensor:
+        """Guided logits ``(T_new, V)`` of the positions of ``seq[:, :upto]`` the cache lacks."""
+        out = _feed(model, cache, seq[:, :upto].expand(batch, -1), cls)  # (batch, T_new, V)
+        return sampling.cfg_mix(out[:1], out[1:], cfg_scale)[0] if guided else out[0]
+
+    greedy, stats = temperature == 0, SpecStats()
+    while n < total:
+        g = min(gamma, total - n - 1)
+        q_rows = []  # the draft's distributions, g x (V,)
+        for i in range(g):
+            logits = logits_of(draft, d_cache, n + i)[-1]  # (V,)
+            if greedy:
+                seq[0, n + i] = sampling.greedy(logits)
+            else:
+                q_rows.append(sampling.probs(logits, temperature, top_k, top_p))
+                seq[0, n + i] = sampling.sample_from_probs(q_rows[-1], generator)
         stats.draft_calls += g
-        logits = _feed(target, t_cache, drafted, None)[0, -(g + 1):]  # (g + 1, V)
-        p = sampling.probs(logits, temperature, top_k, top_p)  # (g + 1, V)
-        q = torch.cat(q_rows) if q_rows else p.new_empty(0, p.shape[1])  # (g, V)
-        u = torch.rand(g, generator=generator, device=p.device)
-        new = speculative_round(p, q, drafted[0, seq.shape[1]:], u, generator)  # (n + 1,)
-        seq = torch.cat([seq, new[None]], dim=1)
-        stats.record(new.shape[0] - 1, new.shape[0], g)
-        rollback_caches([t_cache, d_cache], seq.shape[1])
+        logits = logits_of(target, t_cache, n + g)[-(g + 1):]  # (g + 1, V)
+        drafts = seq[0, n : n + g]  # (g,)
+        if greedy:
+            best = sampling.greedy(logits)  # (g + 1,)
+            m = int((drafts == best[:g]).cumprod(0).sum())  # accepted drafts: the leading matches
+            nxt = best[m]  # the target's own token after them
+        else:
+            p = sampling.probs(logits, temperature, top_k, top_p)  # (g + 1, V)
+            q = torch.stack(q_rows) if q_rows else p[:0]  # (g, V)
+            u = torch.rand(g, generator=generator, device=p.device)
+            new = speculative_round(p, q, drafts, u, generator)  # (m + 1,): m accepted drafts + 1
+            m, nxt = new.shape[0] - 1, new[-1]
+        seq[0, n + m] = nxt  # the accepted drafts are in place already
+        n += m + 1
+        stats.record(m, m + 1, g)
+        rollback_caches([t_cache, d_cache], n_prefix + n)
     return seq, stats
 
 
