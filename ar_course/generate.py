@@ -72,6 +72,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--per-class and --zoom must be >= 1")
     if args.out.suffix.lower() != ".png":
         parser.error(f"--out must name a .png file, got {str(args.out)!r}")
+    if args.dataset != "mnist" and not (args.var_checkpoint or args.ar_checkpoint):
+        parser.error(f"the shipped models generate mnist; --dataset {args.dataset} needs --var-checkpoint or "
+                     "--ar-checkpoint")
     try:
         if args.var_checkpoint or args.ar_checkpoint:
             gen = Generator.from_checkpoints(args.var_checkpoint, args.ar_checkpoint, device=args.device,

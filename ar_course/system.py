@@ -233,6 +233,7 @@ class Generator:
             raise ValueError(f"cfg and temperature must be >= 0 and batch_size >= 1, got {cfg}, {temperature}, "
                              f"{batch_size}")
         device = self.device
+        restore = self._attention_state()
         backends = self._set_kernels(kernels, device)
         precision = _resolve_precision(precision, device)
         generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
@@ -259,6 +260,7 @@ class Generator:
                         weighted_passes += counter.count - before
             _sync(device)
         finally:
+            restore()  # the models' attention as it was before this call
             counter.remove()
             if draft_counter is not None:
                 draft_counter.remove()
@@ -304,6 +306,20 @@ class Generator:
         if speculative == "draft" and self.ar_draft is None:
             raise ValueError("speculative='draft' needs a draft model (ar_draft)")
         return model
+
+    def _attention_state(self):
+        """A function that puts every attention layer's implementation back as it is now."""
+        from ar_course.transformer.model import SelfAttention
+
+        layers = [m for model in (self.var, self.ar, self.ar_draft) if model is not None
+                  for m in model.modules() if isinstance(m, SelfAttention)]
+        saved = [(m, m.impl, m.kernel_backend) for m in layers]
+
+        def restore() -> None:
+            for m, impl, backend in saved:
+                m.impl, m.kernel_backend = impl, backend
+
+        return restore
 
     def _set_kernels(self, kernels: str, device: torch.device) -> dict[str, str]:
         """Point every model's attention at the chosen implementation; returns ``{op: backend}``."""

@@ -1,0 +1,345 @@
+"""Checks for chapter 07, the full system: ``checks.ch07.var_pipeline(var_pipeline)`` etc.
+
+References live in :mod:`ar_course.system_functional`. The pipeline check runs the learner's function next
+to the reference under identically seeded generators, on the shipped MNIST models and on a tiny random
+tokenizer + VAR with another schedule and three colour channels, and counts the forward passes. The other
+checks are pure bookkeeping and run on hand-made tables whose answers differ between the right rule and
+the usual slips (a ragged last chunk, a tie, a "min" objective, a floor met exactly).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterator
+
+import torch
+
+from ar_course import system_functional as ref
+from ar_course.checks.core import Case, Chapter, CheckFailure, call, compare, describe
+from ar_course.tokenizers import VQVAE
+from ar_course.tokenizers.vqvae import VQVAEConfig
+from ar_course.var.model import VAR, VARConfig
+
+chapter = Chapter(7, "The full system")
+use = chapter.use
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+# --------------------------------------------------------------------------------------------------------
+# 7.1 the VAR pipeline
+
+
+def _tiny_models(seed: int = 0) -> tuple[VAR, VQVAE]:
+    """A random 3-channel 16x16 multi-scale tokenizer (scales 1, 2, 4; 13 codes) and a VAR over its tokens
+    with randomised adaptive norms and a sharp head, so that guidance and the class change the samples."""
+    torch.manual_seed(seed)
+    tok = VQVAE(VQVAEConfig(in_channels=3, image_size=16, downsample=4, width=8, latent_dim=4, quantizer="msvq",
+                            num_codes=13, scales=(1, 2, 4), num_phi=2)).eval()
+    model = VAR(VARConfig(vocab_size=13, latent_dim=4, scales=(1, 2, 4), n_classes=3, n_layer=2, n_head=2,
+                          n_embd=16)).eval()
+    with torch.no_grad():
+        tok.quantizer.quantizer.codebook.normal_()
+        for name, p in model.named_parameters():
+            if "ada" in name:
+                p.normal_(std=0.5)
+        model.head.weight.mul_(40)
+    return model, tok
+
+
+def _pipeline_cases() -> Iterator[tuple[str, VAR, VQVAE, torch.Tensor, float]]:
+    from ar_course import var
+
+    model, tok = _tiny_models()
+    yield "tiny random VAR, scales (1, 2, 4), 3 channels, cfg 0", model, tok, torch.tensor([0, 2, 1, 2, 0]), 0.0
+    yield "tiny random VAR, scales (1, 2, 4), 3 channels, cfg 1.5", model, tok, torch.tensor([1, 0, 2]), 1.5
+    model, tok = var.load_pretrained("cpu")
+    yield "shipped MNIST VAR, cfg 2", model, tok, torch.tensor([3, 1, 4, 1, 5, 9, 2]), 2.0
+
+
+@chapter.exercise("7.1", reference=ref.var_pipeline,
+                  hint="one call var.sample_pyramid(model, tokenizer.quantizer, classes, cfg, generator=generator) "
+                       "for the whole batch (cfg is already w: VAR's convention, ramp on), then "
+                       "tokenizer.decode_from_indices(pyramid) on the whole pyramid, .float().cpu()")
+def var_pipeline(fn: Callable, ref_fn: Callable) -> None:
+    for where, model, tok, classes, cfg in _pipeline_cases():
+        with torch.no_grad():
+            expected = ref_fn(model, tok, classes, cfg, generator=_gen(7))
+        steps: list[int] = []
+        step = model.step
+
+        def counted_step(k, *args, **kwargs):
+            steps.append(k)
+            return step(k, *args, **kwargs)
+
+        model.step = counted_step  # type: ignore[method-assign]
+        try:
+            with torch.no_grad():
+                got = call(fn, model, tok, classes.clone(), cfg, generator=_gen(7), where=where)
+        finally:
+            del model.step
+        S = model.config.num_scales
+        if len(steps) != S:
+            raise CheckFailure(f"on {where}, the model ran {len(steps)} scale steps for {classes.numel()} images; "
+                               f"one batched sampling loop takes exactly {S} (one per scale)")
+        compare(got, expected, where=where, name="images", atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------------------
+# 7.2 the guidance convention
+
+
+def _guidance_cases() -> Iterator[Case]:
+    yield Case("w=2, var, 6 scales", (2.0, "var", 6))
+    yield Case("w=1, ar, 64 tokens", (1.0, "ar", 64))
+    yield Case("w=1.5, var, 4 scales, ramp=False", (1.5, "var", 4), {"ramp": False})
+    yield Case("w=0.5, ar, 5 tokens, ramp=True (no ramp for raster order)", (0.5, "ar", 5), {"ramp": True})
+    yield Case("w=3, var, 1 scale", (3.0, "var", 1))
+    yield Case("w=0, var, 6 scales", (0.0, "var", 6))
+
+
+@chapter.exercise("7.2", reference=ref.guidance_weights,
+                  hint="strength t gives (1 + t, -t); raster order uses t = w at every token (chapter 03's "
+                       "cfg_scale is 1 + w), VAR ramps t_k = w * k / (S - 1) from 0 at the first scale to w at the "
+                       "last (t = w throughout when ramp=False or S == 1)")
+def guidance_weights(fn: Callable, ref_fn: Callable) -> None:
+    for case in _guidance_cases():
+        expected = torch.tensor(ref_fn(*case.args, **case.kwargs), dtype=torch.float64)  # (S, 2)
+        got = call(fn, *case.args, where=case.name, **case.kwargs)
+        try:
+            got_t = torch.as_tensor(got, dtype=torch.float64)
+        except (TypeError, ValueError, RuntimeError):
+            raise CheckFailure(f"on input {case.name!r}, return a list of (a_cond, a_uncond) pairs, got "
+                               f"{describe(got)}") from None
+        if tuple(got_t.shape) != tuple(expected.shape):
+            raise CheckFailure(f"on input {case.name!r}, expected {expected.shape[0]} pairs (one per step), got "
+                               f"shape {tuple(got_t.shape)}")
+        bad = ~torch.isclose(got_t, expected, atol=1e-9, rtol=1e-9)
+        if bool(bad.any()):
+            k = int(bad.any(dim=1).nonzero()[0])
+            raise CheckFailure(f"on input {case.name!r}, step {k} has (a_cond, a_uncond) = "
+                               f"({got_t[k, 0]:.4g}, {got_t[k, 1]:.4g}), expected ({expected[k, 0]:.4g}, "
+                               f"{expected[k, 1]:.4g})")
+    _expect_error(fn, (1.0, "raster", 4), {}, ValueError, "an unknown method 'raster'")
+
+
+# --------------------------------------------------------------------------------------------------------
+# 7.3 choosing a backend
+
+
+def _expect_error(fn: Callable, args: tuple, kwargs: dict, error: type, why: str) -> None:
+    """The learner's function must raise ``error`` on these arguments."""
+    shown = ", ".join([_show(a) for a in args] + [f"{k}={_show(v)}" for k, v in kwargs.items()])
+    try:
+        got = fn(*args, **kwargs)
+    except NotImplementedError:
+        raise
+    except error:
+        return
+    except Exception as exc:  # noqa: BLE001 - any other error is the wrong one
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise CheckFailure(f"your function raised {type(exc).__name__} on ({shown}): {msg}; expected "
+                           f"{error.__name__} for {why}") from None
+    raise CheckFailure(f"your function returned {_show(got)} on ({shown}); expected a {error.__name__} for {why}")
+
+
+def _show(x: Any) -> str:
+    """Short text for an argument or result: literals as written, anything else described."""
+    if isinstance(x, (str, int, float, bool, type(None))):
+        return repr(x)
+    if isinstance(x, (set, frozenset)):
+        return repr(set(x)) if x else "set()"
+    if isinstance(x, (list, tuple)) and len(repr(x)) < 80:
+        return repr(x)
+    return describe(x) if not callable(x) else "generate_fn"
+
+
+def _backend_cases() -> Iterator[tuple[str, frozenset, str]]:
+    subsets = [frozenset(), frozenset({"numba"}), frozenset({"triton"}), frozenset({"triton", "numba"})]
+    for device in ("cuda", "cpu", "mps"):
+        for available in subsets:
+            for requested in ("auto", "torch", "triton", "numba"):
+                yield device, available, requested
+
+
+@chapter.exercise("7.3", reference=ref.choose_backend,
+                  hint="'torch' is always allowed; a forced 'triton'/'numba' must be in available (else raise "
+                       "RuntimeError); 'auto' on 'cuda' takes triton, then numba, then torch, by availability, and on "
+                       "every other device torch (the CPU simulator and interpreter are far slower than torch)")
+def choose_backend(fn: Callable, ref_fn: Callable) -> None:
+    for device, available, requested in _backend_cases():
+        shown = f"choose_backend({device!r}, {set(available) or 'set()'}, {requested!r})"
+        try:
+            expected = ref_fn(device, set(available), requested)
+        except RuntimeError:
+            _expect_error(fn, (device, set(available), requested), {}, RuntimeError,
+                          f"a forced backend that is not available on {device}")
+            continue
+        got = call(fn, device, set(available), requested, where=shown)
+        if got != expected:
+            raise CheckFailure(f"{shown} returned {got!r}, expected {expected!r}")
+    _expect_error(fn, ("cuda", {"triton"}, "flash"), {}, ValueError, "an unknown request 'flash'")
+
+
+# --------------------------------------------------------------------------------------------------------
+# 7.4 batched generation
+
+
+class _Recorder:
+    """A stand-in generator: records every chunk and returns one (1, 1, 3) "image" per class holding
+    (class, call number, position in the chunk)."""
+
+    def __init__(self) -> None:
+        self.calls: list[torch.Tensor] = []
+
+    def __call__(self, chunk: torch.Tensor) -> torch.Tensor:
+        self.calls.append(chunk.detach().clone())
+        b = chunk.shape[0]
+        call_no = torch.full((b,), float(len(self.calls) - 1))
+        pos = torch.arange(b, dtype=torch.float32)
+        return torch.stack([chunk.float(), call_no, pos], dim=1).view(b, 1, 1, 3)  # (b, 1, 1, 3)
+
+
+def _batch_cases() -> Iterator[tuple[str, torch.Tensor, int]]:
+    g = _gen(74)
+    yield "23 classes, batch_size 5 (ragged last chunk)", torch.randint(0, 10, (23,), generator=g), 5
+    yield "20 classes, batch_size 5", torch.arange(10).repeat(2), 5
+    yield "7 classes, batch_size 10", torch.tensor([9, 8, 7, 6, 5, 4, 3]), 10
+    yield "1 class, batch_size 1", torch.tensor([4]), 1
+    yield "11 classes, batch_size 3", torch.randint(0, 10, (11,), generator=g), 3
+
+
+@chapter.exercise("7.4", reference=ref.generate_in_batches,
+                  hint="classes.split(batch_size) gives chunks of batch_size with a shorter last one (torch.chunk "
+                       "takes a number of chunks instead); call generate_fn on each in order and torch.cat the "
+                       "results along dim 0; raise ValueError when batch_size < 1")
+def generate_in_batches(fn: Callable, ref_fn: Callable) -> None:
+    for where, classes, bs in _batch_cases():
+        expected_rec, got_rec = _Recorder(), _Recorder()
+        expected = ref_fn(expected_rec, classes.clone(), bs)
+        got = call(fn, got_rec, classes.clone(), bs, where=where)
+        sizes = [c.numel() for c in got_rec.calls]
+        if any(s > bs for s in sizes):
+            raise CheckFailure(f"on {where}, generate_fn got a chunk of {max(sizes)} classes, more than batch_size "
+                               f"{bs} (chunk sizes {sizes})")
+        seen = torch.cat(got_rec.calls) if got_rec.calls else torch.empty(0, dtype=torch.long)
+        if not torch.equal(seen, classes):
+            raise CheckFailure(f"on {where}, the chunks passed to generate_fn (sizes {sizes}), concatenated, are not "
+                               f"the {classes.numel()} classes in order")
+        want = [c.numel() for c in expected_rec.calls]
+        if sizes != want:
+            raise CheckFailure(f"on {where}, generate_fn was called with chunks of {sizes}; expected full chunks "
+                               f"{want} (each call is one batched forward loop: fewer calls are faster)")
+        compare(got, expected, where=where, name="images")
+    _expect_error(fn, (_Recorder(), torch.arange(3), 0), {}, ValueError, "batch_size 0")
+
+
+# --------------------------------------------------------------------------------------------------------
+# 7.5 accounting
+
+
+def _accounting_cases() -> Iterator[Case]:
+    yield Case("VAR, 1037 images in chunks of 500", ([500, 500, 37], [6, 6, 6], [1.5, 1.25, 0.5]))
+    yield Case("two chunks with different pass counts", ([8, 2], [6, 12], [0.25, 0.5]))
+    yield Case("speculative, one image per chunk", ([1, 1, 1, 1, 1], [30, 25, 41, 28, 33], [0.1, 0.1, 0.2, 0.1, 0.5]))
+    yield Case("raster AR, one chunk", ([64], [64], [0.8]))
+    yield Case("raster AR, ragged chunks", ([10, 3], [64, 64], [0.5, 0.25]))
+
+
+@chapter.exercise("7.5", reference=ref.generation_accounting,
+                  hint="every image of a chunk waited for all of that chunk's passes: passes_per_image = "
+                       "sum(p_i * n_i) / sum(n_i), forward_passes = sum(p_i); images_per_second is total images "
+                       "over total seconds, not the mean of the chunks' rates")
+def generation_accounting(fn: Callable, ref_fn: Callable) -> None:
+    for case in _accounting_cases():
+        expected = ref_fn(*case.args)
+        got = call(fn, *[list(a) for a in case.args], where=case.name)
+        compare(got, expected, where=case.name, rtol=1e-6, atol=1e-9)
+
+
+# --------------------------------------------------------------------------------------------------------
+# 7.6 the Pareto front, 7.7 the fastest configuration meeting a quality floor
+
+
+def _rows(*specs: tuple) -> list[dict[str, Any]]:
+    """Rows ``{"name", "speed", "acc", "fd"}`` from tuples."""
+    return [{"name": n, "speed": s, "acc": a, "fd": f} for n, s, a, f in specs]
+
+
+TABLE = _rows(("A", 180.0, 0.96, 3.1), ("B", 175.0, 0.99, 2.4), ("C", 12.0, 0.97, 2.3), ("D", 16.0, 0.98, 2.2),
+              ("E", 19.0, 0.93, 2.9), ("F", 14.0, 0.94, 3.6), ("G", 70.0, 0.99, 2.8))
+
+
+def _front_cases() -> Iterator[Case]:
+    yield Case("speed and accuracy (both max)", (TABLE, {"speed": "max", "acc": "max"}))
+    yield Case("speed max, Frechet min", (TABLE, {"speed": "max", "fd": "min"}))
+    yield Case("accuracy max, Frechet min, speed max", (TABLE, {"acc": "max", "fd": "min", "speed": "max"}))
+    ties = _rows(("P", 10.0, 0.9, 1.0), ("Q", 10.0, 0.9, 1.0), ("R", 10.0, 0.8, 1.0), ("S", 5.0, 0.95, 1.0),
+                 ("T", 5.0, 0.95, 2.0))
+    yield Case("ties: equal rows, equal speed", (ties, {"speed": "max", "acc": "max"}))
+    yield Case("ties, three objectives", (ties, {"speed": "max", "acc": "max", "fd": "min"}))
+    yield Case("one row", (TABLE[:1], {"speed": "max", "fd": "min"}))
+    yield Case("no rows", ([], {"speed": "max"}))
+
+
+def _names(rows: Any, where: str) -> list:
+    if not isinstance(rows, (list, tuple)):
+        raise CheckFailure(f"on input {where!r}, return a list of rows, got {describe(rows)}")
+    try:
+        return [r["name"] for r in rows]
+    except (TypeError, KeyError, IndexError):
+        raise CheckFailure(f"on input {where!r}, return the rows themselves (dicts), got {describe(rows)}") from None
+
+
+@chapter.exercise("7.6", reference=ref.pareto_front,
+                  hint="drop row b only when some row a is at least as good on every objective and strictly "
+                       "better on at least one (flip the comparison for 'min'); keep rows equal on everything, and "
+                       "keep the input order")
+def pareto_front(fn: Callable, ref_fn: Callable) -> None:
+    for case in _front_cases():
+        rows, objectives = case.args
+        expected = _names(ref_fn([dict(r) for r in rows], dict(objectives)), case.name)
+        got = _names(call(fn, [dict(r) for r in rows], dict(objectives), where=case.name), case.name)
+        if got != expected:
+            extra = [n for n in got if n not in expected]
+            missing = [n for n in expected if n not in got]
+            why = (f"kept the dominated rows {extra}" if extra else "") + (" and " if extra and missing else "") + \
+                  (f"dropped the non-dominated rows {missing}" if missing else "")
+            raise CheckFailure(f"on input {case.name!r}, the front is {got}, expected {expected}"
+                               + (f": you {why}" if why else " (keep the input order)"))
+
+
+def _fastest_cases() -> Iterator[Case]:
+    yield Case("accuracy >= 0.97", (TABLE, "speed", "acc", 0.97))
+    yield Case("accuracy >= 0.99 (met exactly)", (TABLE, "speed", "acc", 0.99))
+    yield Case("Frechet <= 2.8 (lower is better)", (TABLE, "speed", "fd", 2.8), {"higher_is_better": False})
+    yield Case("Frechet <= 2.35 (lower is better)", (TABLE, "speed", "fd", 2.35), {"higher_is_better": False})
+    yield Case("accuracy >= 0.999 (nobody)", (TABLE, "speed", "acc", 0.999))
+    ties = _rows(("P", 10.0, 0.9, 1.0), ("Q", 12.0, 0.95, 1.0), ("R", 12.0, 0.97, 1.0), ("S", 12.0, 0.8, 1.0))
+    yield Case("a tie in speed: the earlier row", (ties, "speed", "acc", 0.9))
+    yield Case("no rows", ([], "speed", "acc", 0.5))
+
+
+@chapter.exercise("7.7", reference=ref.fastest_meeting,
+                  hint="keep the rows whose quality meets the floor (>= floor, or <= floor when lower is better; a "
+                       "row exactly at the floor meets it), then take the largest speed, the first one on a tie; "
+                       "None when no row qualifies")
+def fastest_meeting(fn: Callable, ref_fn: Callable) -> None:
+    for case in _fastest_cases():
+        rows = case.args[0]
+        expected = ref_fn([dict(r) for r in rows], *case.args[1:], **case.kwargs)
+        got = call(fn, [dict(r) for r in rows], *case.args[1:], where=case.name, **case.kwargs)
+        exp_name = None if expected is None else expected["name"]
+        if got is None or expected is None:
+            if (got is None) != (expected is None):
+                raise CheckFailure(f"on input {case.name!r}, returned {describe(got) if got is not None else None}, "
+                                   f"expected {'None' if expected is None else 'row ' + repr(exp_name)}")
+            continue
+        try:
+            got_name = got["name"]
+        except (TypeError, KeyError, IndexError):
+            raise CheckFailure(f"on input {case.name!r}, return the row itself (a dict), got {describe(got)}") from None
+        if got_name != exp_name:
+            raise CheckFailure(f"on input {case.name!r}, chose row {got_name!r} ({case.args[1]} {got[case.args[1]]:g}, "
+                               f"{case.args[2]} {got[case.args[2]]:g}), expected row {exp_name!r}")

@@ -1,0 +1,317 @@
+"""Chapter 07 checks: each accepts the reference, reports a stub as not attempted, and rejects plausible wrong
+answers (chapter 03's guidance scale passed as VAR's w, one image at a time, the simulator picked on a CPU,
+torch.chunk instead of split, a batched pass counted per image, dominated rows kept, a floor met exactly
+refused...)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ar_course import system_functional as ref
+from ar_course.checks import ch07
+from ar_course.var.model import sample_pyramid
+from checks_helpers import assert_fails, assert_not_attempted, assert_passes, stub
+
+REFERENCES = {
+    "var_pipeline": ref.var_pipeline,
+    "guidance_weights": ref.guidance_weights,
+    "choose_backend": ref.choose_backend,
+    "generate_in_batches": ref.generate_in_batches,
+    "generation_accounting": ref.generation_accounting,
+    "pareto_front": ref.pareto_front,
+    "fastest_meeting": ref.fastest_meeting,
+}
+
+
+@pytest.mark.parametrize("name", sorted(REFERENCES))
+def test_reference_passes_and_stub_is_not_attempted(name):
+    check = getattr(ch07, name)
+    assert_passes(check, REFERENCES[name])
+    assert_not_attempted(check, stub)
+
+
+def test_seven_exercises_registered():
+    assert sorted(ch07.chapter.exercises) == sorted(REFERENCES)
+    assert [e.number for e in ch07.chapter.exercises.values()] == ["7.1", "7.2", "7.3", "7.4", "7.5", "7.6", "7.7"]
+
+
+def test_use_falls_back_to_the_reference_until_passed():
+    def fastest_meeting(rows, speed, quality, floor, higher_is_better=True):
+        raise NotImplementedError
+
+    assert ch07.use(fastest_meeting) is ref.fastest_meeting
+    assert_passes(ch07.fastest_meeting, ref.fastest_meeting)
+    assert ch07.use(ref.fastest_meeting) is ref.fastest_meeting
+
+
+# 7.1 ------------------------------------------------------------------------------------------------------
+
+
+def _decode(tokenizer, pyramid):
+    return tokenizer.decode_from_indices(pyramid).float().cpu()
+
+
+def pipe_chapter03_scale(model, tokenizer, classes, cfg=0.0, generator=None):
+    return _decode(tokenizer, sample_pyramid(model, tokenizer.quantizer, classes, 1.0 + cfg, generator=generator))
+
+
+def pipe_no_ramp(model, tokenizer, classes, cfg=0.0, generator=None):
+    return _decode(tokenizer, sample_pyramid(model, tokenizer.quantizer, classes, cfg, generator=generator,
+                                             ramp=False))
+
+
+def pipe_ignores_generator(model, tokenizer, classes, cfg=0.0, generator=None):
+    return _decode(tokenizer, sample_pyramid(model, tokenizer.quantizer, classes, cfg))
+
+
+def pipe_one_image_at_a_time(model, tokenizer, classes, cfg=0.0, generator=None):
+    return torch.cat([ref.var_pipeline(model, tokenizer, c, cfg, generator) for c in classes.split(1)])
+
+
+def pipe_finest_scale_only(model, tokenizer, classes, cfg=0.0, generator=None):
+    pyramid = sample_pyramid(model, tokenizer.quantizer, classes, cfg, generator=generator)
+    return _decode(tokenizer, pyramid[-1:])
+
+
+def pipe_one_scale_short(model, tokenizer, classes, cfg=0.0, generator=None):
+    pyramid = sample_pyramid(model, tokenizer.quantizer, classes, cfg, generator=generator)
+    return _decode(tokenizer, pyramid[:-1])  # an off-by-one slice: the finest scale is never decoded
+
+
+def test_pipeline_rejects_wrong_answers():
+    assert_fails(ch07.var_pipeline, pipe_chapter03_scale, contains="images")
+    assert_fails(ch07.var_pipeline, pipe_no_ramp, contains="images")
+    assert_fails(ch07.var_pipeline, pipe_ignores_generator, contains="images")
+    assert_fails(ch07.var_pipeline, pipe_one_image_at_a_time, contains="scale steps")
+    assert_fails(ch07.var_pipeline, pipe_finest_scale_only)
+    assert_fails(ch07.var_pipeline, pipe_one_scale_short, contains="images")
+
+
+# 7.2 ------------------------------------------------------------------------------------------------------
+
+
+def weights_w_as_scale(w, method, num_steps, ramp=True):
+    # reads w as chapter 03's cfg_scale: uncond + w (cond - uncond)
+    return [(w, 1 - w) for _ in range(num_steps)] if method == "ar" else ref.guidance_weights(w, method, num_steps, ramp)
+
+
+def weights_ramp_everywhere(w, method, num_steps, ramp=True):
+    return ref.guidance_weights(w, "var" if method == "ar" else method, num_steps, ramp)
+
+
+def weights_ramp_from_first_step(w, method, num_steps, ramp=True):
+    if method != "var" or not ramp:
+        return ref.guidance_weights(w, method, num_steps, ramp)
+    return [(1 + w * (k + 1) / num_steps, -w * (k + 1) / num_steps) for k in range(num_steps)]
+
+
+def weights_sign_error(w, method, num_steps, ramp=True):
+    return [(a, -b) for a, b in ref.guidance_weights(w, method, num_steps, ramp)]
+
+
+def weights_accept_any_method(w, method, num_steps, ramp=True):
+    return ref.guidance_weights(w, "var" if method == "var" else "ar", num_steps, ramp)
+
+
+def test_guidance_rejects_wrong_answers():
+    assert_fails(ch07.guidance_weights, weights_w_as_scale, contains="ar, 64 tokens")
+    assert_fails(ch07.guidance_weights, weights_ramp_everywhere, contains="ar")
+    assert_fails(ch07.guidance_weights, weights_ramp_from_first_step, contains="step 0")
+    assert_fails(ch07.guidance_weights, weights_sign_error)
+    assert_fails(ch07.guidance_weights, weights_accept_any_method, contains="ValueError")
+
+
+# 7.3 ------------------------------------------------------------------------------------------------------
+
+
+def backend_simulator_on_cpu(device_type, available, requested="auto"):
+    if requested == "auto":
+        return next((b for b in ("triton", "numba") if b in available), "torch")
+    return ref.choose_backend(device_type, available, requested)
+
+
+def backend_ignores_availability(device_type, available, requested="auto"):
+    if requested == "auto" and device_type == "cuda":
+        return "triton"
+    return ref.choose_backend(device_type, available, requested)
+
+
+def backend_prefers_numba(device_type, available, requested="auto"):
+    if requested == "auto" and device_type == "cuda":
+        return next((b for b in ("numba", "triton") if b in available), "torch")
+    return ref.choose_backend(device_type, available, requested)
+
+
+def backend_silent_fallback(device_type, available, requested="auto"):
+    if requested in ("triton", "numba") and requested not in available:
+        return "torch"
+    return ref.choose_backend(device_type, available, requested)
+
+
+def backend_ignores_request(device_type, available, requested="auto"):
+    return ref.choose_backend(device_type, available, "auto")
+
+
+def test_backend_rejects_wrong_answers():
+    assert_fails(ch07.choose_backend, backend_simulator_on_cpu, contains="'cpu'")
+    assert_fails(ch07.choose_backend, backend_ignores_availability, contains="set()")
+    assert_fails(ch07.choose_backend, backend_prefers_numba, contains="expected 'triton'")
+    assert_fails(ch07.choose_backend, backend_silent_fallback, contains="RuntimeError")
+    assert_fails(ch07.choose_backend, backend_ignores_request)
+
+
+# 7.4 ------------------------------------------------------------------------------------------------------
+
+
+def batches_torch_chunk(generate_fn, classes, batch_size):
+    return torch.cat([generate_fn(c) for c in torch.chunk(classes, batch_size)])
+
+
+def batches_drop_ragged(generate_fn, classes, batch_size):
+    n = classes.shape[0]
+    return torch.cat([generate_fn(classes[i:i + batch_size]) for i in range(0, n - batch_size + 1, batch_size)])
+
+
+def batches_off_by_one(generate_fn, classes, batch_size):
+    return torch.cat([generate_fn(c) for c in classes.split(batch_size + 1)])
+
+
+def batches_one_at_a_time(generate_fn, classes, batch_size):
+    return torch.cat([generate_fn(c) for c in classes.split(1)])
+
+
+def batches_reversed(generate_fn, classes, batch_size):
+    return torch.cat([generate_fn(c) for c in classes.split(batch_size)][::-1])
+
+
+def batches_no_check(generate_fn, classes, batch_size):
+    return torch.cat([generate_fn(c) for c in classes.split(max(batch_size, 1))])
+
+
+def test_batches_reject_wrong_answers():
+    assert_fails(ch07.generate_in_batches, batches_torch_chunk)
+    assert_fails(ch07.generate_in_batches, batches_drop_ragged, contains="in order")
+    assert_fails(ch07.generate_in_batches, batches_off_by_one, contains="more than batch_size")
+    assert_fails(ch07.generate_in_batches, batches_one_at_a_time, contains="full chunks")
+    assert_fails(ch07.generate_in_batches, batches_reversed, contains="images")
+    assert_fails(ch07.generate_in_batches, batches_no_check, contains="ValueError")
+
+
+# 7.5 ------------------------------------------------------------------------------------------------------
+
+
+def accounting_shared_passes(chunk_images, chunk_passes, chunk_seconds):
+    out = ref.generation_accounting(chunk_images, chunk_passes, chunk_seconds)
+    return {**out, "passes_per_image": sum(chunk_passes) / sum(chunk_images)}
+
+
+def accounting_mean_over_chunks(chunk_images, chunk_passes, chunk_seconds):
+    out = ref.generation_accounting(chunk_images, chunk_passes, chunk_seconds)
+    return {**out, "passes_per_image": sum(chunk_passes) / len(chunk_passes)}
+
+
+def accounting_mean_rate(chunk_images, chunk_passes, chunk_seconds):
+    out = ref.generation_accounting(chunk_images, chunk_passes, chunk_seconds)
+    rates = [n / s for n, s in zip(chunk_images, chunk_seconds)]
+    return {**out, "images_per_second": sum(rates) / len(rates)}
+
+
+def accounting_passes_per_image_counted(chunk_images, chunk_passes, chunk_seconds):
+    out = ref.generation_accounting(chunk_images, chunk_passes, chunk_seconds)
+    return {**out, "forward_passes": sum(p * n for p, n in zip(chunk_passes, chunk_images))}
+
+
+def test_accounting_rejects_wrong_answers():
+    assert_fails(ch07.generation_accounting, accounting_shared_passes, contains="passes_per_image")
+    assert_fails(ch07.generation_accounting, accounting_mean_over_chunks, contains="passes_per_image")
+    assert_fails(ch07.generation_accounting, accounting_mean_rate, contains="images_per_second")
+    assert_fails(ch07.generation_accounting, accounting_passes_per_image_counted, contains="forward_passes")
+
+
+# 7.6 ------------------------------------------------------------------------------------------------------
+
+
+def _better(a, b, objectives):
+    return [(a[k] >= b[k]) if s == "max" else (a[k] <= b[k]) for k, s in objectives.items()], \
+           [(a[k] > b[k]) if s == "max" else (a[k] < b[k]) for k, s in objectives.items()]
+
+
+def front_drops_ties(rows, objectives):
+    out = []
+    for i, b in enumerate(rows):
+        if not any(all(_better(a, b, objectives)[0]) for j, a in enumerate(rows) if j != i):
+            out.append(b)
+    return out
+
+
+def front_ignores_min(rows, objectives):
+    return ref.pareto_front(rows, {k: "max" for k in objectives})
+
+
+def front_strict_in_all(rows, objectives):
+    return [b for b in rows if not any(all(_better(a, b, objectives)[1]) for a in rows)]
+
+
+def front_sweep_first_objective(rows, objectives):
+    (k0, s0), *rest = objectives.items()
+    order = sorted(rows, key=lambda r: -r[k0] if s0 == "max" else r[k0])
+    out, best = [], None
+    for r in order:  # keep rows that improve the remaining objectives' sum
+        score = sum(r[k] if s == "max" else -r[k] for k, s in rest)
+        if best is None or score > best:
+            out.append(r)
+            best = score
+    return [r for r in rows if any(r is o for o in out)]
+
+
+def front_sorted(rows, objectives):
+    k0, s0 = next(iter(objectives.items()))
+    return sorted(ref.pareto_front(rows, objectives), key=lambda r: -r[k0] if s0 == "max" else r[k0])
+
+
+def test_front_rejects_wrong_answers():
+    assert_fails(ch07.pareto_front, front_drops_ties, contains="dropped")
+    assert_fails(ch07.pareto_front, front_ignores_min)
+    assert_fails(ch07.pareto_front, front_strict_in_all, contains="kept the dominated")
+    assert_fails(ch07.pareto_front, front_sweep_first_objective)
+    assert_fails(ch07.pareto_front, front_sorted, contains="order")
+
+
+# 7.7 ------------------------------------------------------------------------------------------------------
+
+
+def fastest_strict_floor(rows, speed, quality, floor, higher_is_better=True):
+    ok = [r for r in rows if (r[quality] > floor if higher_is_better else r[quality] < floor)]
+    return max(ok, key=lambda r: r[speed]) if ok else None
+
+
+def fastest_ignores_direction(rows, speed, quality, floor, higher_is_better=True):
+    return ref.fastest_meeting(rows, speed, quality, floor, True)
+
+
+def fastest_best_quality(rows, speed, quality, floor, higher_is_better=True):
+    ok = [r for r in rows if (r[quality] >= floor if higher_is_better else r[quality] <= floor)]
+    sign = 1 if higher_is_better else -1
+    return max(ok, key=lambda r: sign * r[quality]) if ok else None
+
+
+def fastest_first_meeting(rows, speed, quality, floor, higher_is_better=True):
+    return next((r for r in rows if (r[quality] >= floor if higher_is_better else r[quality] <= floor)), None)
+
+
+def fastest_last_on_tie(rows, speed, quality, floor, higher_is_better=True):
+    best = None
+    for r in rows:
+        if (r[quality] >= floor if higher_is_better else r[quality] <= floor) and (
+                best is None or r[speed] >= best[speed]):
+            best = r
+    return best
+
+
+def test_fastest_rejects_wrong_answers():
+    assert_fails(ch07.fastest_meeting, fastest_strict_floor, contains="met exactly")
+    assert_fails(ch07.fastest_meeting, fastest_ignores_direction, contains="lower is better")
+    assert_fails(ch07.fastest_meeting, fastest_best_quality)
+    assert_fails(ch07.fastest_meeting, fastest_first_meeting)
+    assert_fails(ch07.fastest_meeting, fastest_last_on_tie, contains="tie")
