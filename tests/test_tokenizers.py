@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from ar_course.checkpoint import load_model, save_checkpoint
 from ar_course.tokenizers import (
@@ -242,13 +243,32 @@ def _equalise(rvq: ResidualVQ, msvq: MultiScaleVQ) -> None:
 def test_residual_vq_equals_multiscale_at_full_size_without_phi():
     torch.manual_seed(0)
     rvq = ResidualVQ(32, 6, depth=4, shared_codebook=True)
-    msvq = MultiScaleVQ(32, 6, scales=(5, 5, 5, 5), phi_ratio=0.0)
+    msvq = MultiScaleVQ(32, 6, scales=(5, 5, 5, 5), phi_ratio=0.0, loss="every_scale")
     _equalise(rvq, msvq)
     f = torch.randn(3, 6, 5, 5)
     a, b = rvq(f), msvq(f)
     assert torch.equal(a.indices, torch.stack(b.indices, dim=1))
     assert torch.allclose(a.z_q, b.z_q, atol=1e-6) and torch.allclose(a.loss, b.loss)
     assert torch.allclose(rvq.decode(a.indices), msvq.decode(b.indices), atol=1e-6)
+
+
+def test_multiscale_losses_final_and_every_scale():
+    """"final": beta*|sg[f_hat] - f|^2 + |f_hat - sg[f]|^2 of the complete sum; "every_scale": VAR's mean of that
+    term over the partial sums after each scale."""
+    torch.manual_seed(1)
+    f = torch.randn(2, 6, 8, 8)
+    final = MultiScaleVQ(32, 6, scales=(1, 2, 4, 8), beta=0.3)
+    every = MultiScaleVQ(32, 6, scales=(1, 2, 4, 8), beta=0.3, loss="every_scale")
+    every.load_state_dict(final.state_dict())
+    a, b = final(f), every(f)
+    assert torch.allclose(a.z_q, b.z_q) and all(torch.equal(x, y) for x, y in zip(a.indices, b.indices))
+    with torch.no_grad():
+        partial = [final.decode(a.indices[:k]) for k in range(1, 5)]  # f_hat after each scale
+    term = [1.3 * F.mse_loss(p, f) for p in partial]  # beta * commitment + codebook term, same value
+    assert torch.allclose(a.loss, term[-1], atol=1e-6)
+    assert torch.allclose(b.loss, torch.stack(term).mean(), atol=1e-6)
+    with pytest.raises(ValueError, match="loss must be one of"):
+        MultiScaleVQ(32, 6, loss="sum")
 
 
 def make_msvq(scales=(1, 2, 3, 4, 6, 8), dim=5, seed=0):

@@ -23,11 +23,9 @@ import warnings
 
 import torch
 
-CUDA_AVAILABLE: bool = torch.cuda.is_available()
+from ar_course._env import set_kernel_defaults
 
-if not CUDA_AVAILABLE:
-    os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+CUDA_AVAILABLE: bool = set_kernel_defaults()  # already applied when ar_course was imported
 
 from numba import cuda  # noqa: E402  (after the environment variables are set)
 from numba.cuda.core import config as _numba_cuda_config  # noqa: E402

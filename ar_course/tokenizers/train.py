@@ -119,6 +119,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--latent-dim", type=int, default=16)
     parser.add_argument("--depth", type=int, default=4, help="residual depth (rvq)")
     parser.add_argument("--scales", type=str, default="1,2,3,4,6,8", help="comma-separated sides (msvq)")
+    parser.add_argument("--msvq-loss", choices=("final", "every_scale"), default="final",
+                        help="msvq: quantizer loss on the complete reconstruction, or averaged over every scale's "
+                             "partial sum as in VAR [final]")
     parser.add_argument("--dead-code-threshold", type=float, default=1.0,
                         help="restart codes hit fewer times per window (0 disables)")
     parser.add_argument("--ema", action="store_true", help="EMA codebook updates (vq, rvq)")
@@ -132,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     config = default_config(
         args.quantizer, args.dataset, num_codes=args.num_codes, latent_dim=args.latent_dim, depth=args.depth,
         scales=tuple(int(s) for s in args.scales.split(",")), dead_code_threshold=args.dead_code_threshold,
-        ema=args.ema, l2_norm=args.l2_norm,
+        ema=args.ema, l2_norm=args.l2_norm, msvq_loss=args.msvq_loss,
     )
     model, result, history = train_tokenizer(config, args.dataset, args.steps, args.seed, args.batch_size, args.lr,
                                               device=args.device)

@@ -52,6 +52,7 @@ class VQVAEConfig:
     scales: tuple[int, ...] = (1, 2, 3, 4, 6, 8)  # msvq
     phi_ratio: float = 0.5  # msvq
     num_phi: int = 4  # msvq
+    msvq_loss: str = "final"  # msvq: "final" (the complete reconstruction) or "every_scale" (VAR's average)
 
     def __post_init__(self) -> None:
         self.scales = tuple(int(s) for s in self.scales)  # JSON gives lists back
@@ -138,7 +139,7 @@ def build_quantizer(config: VQVAEConfig) -> nn.Module:
         return ResidualVQ(config.num_codes, config.latent_dim, depth=config.depth,
                           shared_codebook=config.shared_codebook, ema=config.ema, decay=config.decay, **common)
     return MultiScaleVQ(config.num_codes, config.latent_dim, scales=config.scales, phi_ratio=config.phi_ratio,
-                        num_phi=config.num_phi, **common)
+                        num_phi=config.num_phi, loss=config.msvq_loss, **common)
 
 
 class VQVAEOutput(NamedTuple):
