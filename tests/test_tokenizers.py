@@ -243,7 +243,7 @@ def _equalise(rvq: ResidualVQ, msvq: MultiScaleVQ) -> None:
 def test_residual_vq_equals_multiscale_at_full_size_without_phi():
     torch.manual_seed(0)
     rvq = ResidualVQ(32, 6, depth=4, shared_codebook=True)
-    msvq = MultiScaleVQ(32, 6, scales=(5, 5, 5, 5), phi_ratio=0.0, loss="every_scale")
+    msvq = MultiScaleVQ(32, 6, scales=(5, 5, 5, 5), phi_ratio=0.0)
     _equalise(rvq, msvq)
     f = torch.randn(3, 6, 5, 5)
     a, b = rvq(f), msvq(f)
@@ -257,8 +257,8 @@ def test_multiscale_losses_final_and_every_scale():
     term over the partial sums after each scale."""
     torch.manual_seed(1)
     f = torch.randn(2, 6, 8, 8)
-    final = MultiScaleVQ(32, 6, scales=(1, 2, 4, 8), beta=0.3)
-    every = MultiScaleVQ(32, 6, scales=(1, 2, 4, 8), beta=0.3, loss="every_scale")
+    final = MultiScaleVQ(32, 6, scales=(1, 2, 4, 8), beta=0.3, loss="final")
+    every = MultiScaleVQ(32, 6, scales=(1, 2, 4, 8), beta=0.3)
     every.load_state_dict(final.state_dict())
     a, b = final(f), every(f)
     assert torch.allclose(a.z_q, b.z_q) and all(torch.equal(x, y) for x, y in zip(a.indices, b.indices))

@@ -119,9 +119,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--latent-dim", type=int, default=16)
     parser.add_argument("--depth", type=int, default=4, help="residual depth (rvq)")
     parser.add_argument("--scales", type=str, default="1,2,3,4,6,8", help="comma-separated sides (msvq)")
-    parser.add_argument("--msvq-loss", choices=("final", "every_scale"), default="final",
-                        help="msvq: quantizer loss on the complete reconstruction, or averaged over every scale's "
-                             "partial sum as in VAR [final]")
+    parser.add_argument("--msvq-loss", choices=("every_scale", "final"), default="every_scale",
+                        help="msvq: quantizer loss averaged over every scale's partial sum as in VAR, or on the "
+                             "complete reconstruction only [every_scale]")
     parser.add_argument("--dead-code-threshold", type=float, default=1.0,
                         help="restart codes hit fewer times per window (0 disables)")
     parser.add_argument("--ema", action="store_true", help="EMA codebook updates (vq, rvq)")

@@ -52,7 +52,7 @@ class VQVAEConfig:
     scales: tuple[int, ...] = (1, 2, 3, 4, 6, 8)  # msvq
     phi_ratio: float = 0.5  # msvq
     num_phi: int = 4  # msvq
-    msvq_loss: str = "final"  # msvq: "final" (the complete reconstruction) or "every_scale" (VAR's average)
+    msvq_loss: str = "every_scale"  # msvq: VAR's average over every scale's partial sum, or "final" only
 
     def __post_init__(self) -> None:
         self.scales = tuple(int(s) for s in self.scales)  # JSON gives lists back
