@@ -31,6 +31,7 @@ from ar_course.speculative import SpecStats, codebook_neighbors, sjd_generate, s
 from ar_course.tokenizers import VQVAE
 from ar_course.transformer.model import GPT, set_attention
 from ar_course.utils import get_device
+from ar_course.var.compare import PassCounter
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 PRETRAINED = {
@@ -94,20 +95,6 @@ class Generation:
     images: torch.Tensor
     classes: torch.Tensor
     stats: GenerationStats
-
-
-class _PassCounter:
-    """Counts forward passes through a transformer (a hook on its first block)."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.count = 0
-        self._handle = model.blocks[0].register_forward_pre_hook(self._hook)
-
-    def _hook(self, module: nn.Module, args: tuple) -> None:
-        self.count += 1
-
-    def remove(self) -> None:
-        self._handle.remove()
 
 
 class Generator:
@@ -237,8 +224,8 @@ class Generator:
         backends = self._set_kernels(kernels, device)
         precision = _resolve_precision(precision, device)
         generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
-        counter = _PassCounter(model)
-        draft_counter = _PassCounter(self.ar_draft) if speculative == "draft" else None
+        counter = PassCounter(model)
+        draft_counter = PassCounter(self.ar_draft) if speculative == "draft" else None
         spec = SpecStats()
         weighted_passes = 0
         images = []

@@ -43,19 +43,28 @@ def raster_sampler(model: nn.Module, tokenizer: VQVAE, cfg_scale: float = 1.0, *
                                                                 seed=seed, **kwargs))
 
 
+class PassCounter:
+    """Counts forward passes through a transformer (a pre-hook on its first block) until :meth:`remove`."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.count = 0
+        self._handle = model.blocks[0].register_forward_pre_hook(self._hook)
+
+    def _hook(self, module: nn.Module, args: tuple) -> None:
+        self.count += 1
+
+    def remove(self) -> None:
+        self._handle.remove()
+
+
 def count_forward_passes(model: nn.Module, fn: Callable[[], object]) -> int:
     """How many forward passes through ``model``'s transformer ``fn()`` makes (counted at its first block)."""
-    count = [0]
-
-    def hook(module: nn.Module, args: tuple) -> None:
-        count[0] += 1
-
-    handle = model.blocks[0].register_forward_pre_hook(hook)
+    counter = PassCounter(model)
     try:
         fn()
     finally:
-        handle.remove()
-    return count[0]
+        counter.remove()
+    return counter.count
 
 
 def seconds_per_batch(fn: Callable[[], object], repeats: int = 3) -> float:
