@@ -45,13 +45,22 @@ def _raster(d: dict) -> list[dict]:
 def _tokenizers(d: dict) -> list[dict]:
     m, usage = d["msvq_vs_vq"], {r["name"]: r for r in d["usage"]}
     psnr = d["scales_sweep"]["psnr"]
-    return [_row("multi-scale vs single-scale VQ, held-out PSNR", f"{m['msvq_psnr']:.2f} vs {m['vq_psnr']:.2f} dB "
-                 f"(gap {-m['gap_db']:.2f} dB, {d['setup']['steps']} steps)", "within 1 dB", -m["gap_db"] <= 1.0),
-            _row("codebook usage with / without dead-code restart", f"{usage['restart']['fraction_used']:.1%} / "
-                 f"{usage['no restart']['fraction_used']:.1%}", ">= 90% with restart",
-                 usage["restart"]["fraction_used"] >= 0.9),
-            _row("PSNR as scales are added", " -> ".join(f"{v:.1f}" for v in psnr), "monotone",
-                 all(a < b for a, b in zip(psnr, psnr[1:])))]
+    rows = [_row("multi-scale vs single-scale VQ, held-out PSNR", f"{m['msvq_psnr']:.2f} vs {m['vq_psnr']:.2f} dB "
+                 f"(gap {-m['gap_db']:.2f} dB, {d['setup']['steps']} steps)", "within 1 dB", -m["gap_db"] <= 1.0)]
+    if "shipped" in d:
+        sh = d["shipped"]
+        shipped_psnr = sh["scales_sweep"]["psnr"]
+        rows.append(_row("shipped multi-scale vs single-scale VQ, held-out PSNR",
+                         f"{sh['msvq_psnr']:.2f} vs {sh['vq_psnr']:.2f} dB (gap {-sh['gap_db']:.2f} dB, {sh['steps']} "
+                         f"steps); by scale " + " -> ".join(f"{v:.1f}" for v in shipped_psnr),
+                         "within 1 dB, monotone", -sh["gap_db"] <= 1.0
+                         and all(a < b for a, b in zip(shipped_psnr, shipped_psnr[1:]))))
+    return rows + [
+        _row("codebook usage with / without dead-code restart", f"{usage['restart']['fraction_used']:.1%} / "
+             f"{usage['no restart']['fraction_used']:.1%}", ">= 90% with restart",
+             usage["restart"]["fraction_used"] >= 0.9),
+        _row("PSNR as scales are added", " -> ".join(f"{v:.1f}" for v in psnr), "monotone",
+             all(a < b for a, b in zip(psnr, psnr[1:])))]
 
 
 def _var(d: dict) -> list[dict]:

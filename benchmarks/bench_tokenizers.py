@@ -6,7 +6,8 @@ for the same number of steps; only the quantizer changes. Measured on the 5,000 
 1. PSNR and codebook usage per codebook size (16 .. 1024 codes, dead-code restart on);
 2. codebook usage during training without restart, with restart, and with l2-normalised codes (256 codes);
 3. VAR's multi-scale quantizer (scales 1,2,3,4,6,8 = 130 tokens) against single-scale VQ at 256 codes;
-4. for the multi-scale model, PSNR and latent error when decoding from the first 1..6 scales.
+4. for the multi-scale model, PSNR and latent error when decoding from the first 1..6 scales;
+5. the shipped tokenizers (``mnist_vq`` and ``mnist_msvq``, 1,500 steps) on the same digits: 3 and 4 again.
 
 Usage::
 
@@ -31,6 +32,7 @@ import torch  # noqa: E402
 
 from ar_course import metrics  # noqa: E402
 from ar_course.data import load_mnist  # noqa: E402
+from ar_course.tokenizers import load_pretrained  # noqa: E402
 from ar_course.tokenizers.train import default_config, evaluate, train_tokenizer  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -93,7 +95,8 @@ def plot(results: dict, path: Path) -> None:
     ax.bar(["VQ (64 tokens)", "multi-scale (130 tokens)"], [pair["vq_psnr"], pair["msvq_psnr"]], color=["C0", "C1"])
     ax.set_ylim(min(pair["vq_psnr"], pair["msvq_psnr"]) - 3, max(pair["vq_psnr"], pair["msvq_psnr"]) + 1)
     ax.set_ylabel("held-out PSNR (dB)")
-    ax.set_title(f"multi-scale - VQ = {pair['gap_db']:+.2f} dB")
+    shipped = f"; shipped: {results['shipped']['gap_db']:+.2f} dB" if "shipped" in results else ""
+    ax.set_title(f"multi-scale - VQ = {pair['gap_db']:+.2f} dB ({results['setup']['steps']} steps{shipped})")
     ax = axes[3]
     sw = results["scales_sweep"]
     ax.plot(sw["num_scales"], sw["psnr"], "o-")
@@ -132,6 +135,12 @@ def main(argv: list[str] | None = None) -> int:
              run("l2-normalised, no restart", default_config("vq", l2_norm=True, dead_code_threshold=0.0), steps,
                  train, test, eval_every, curve)[0]]
     msvq, msvq_model = run("msvq K=256 restart", default_config("msvq"), steps, train, test)
+    shipped_vq, shipped_msvq = load_pretrained("mnist_vq"), load_pretrained("mnist_msvq")
+    shipped = {"vq_psnr": evaluate(shipped_vq, test)["psnr"], "msvq_psnr": evaluate(shipped_msvq, test)["psnr"],
+               "steps": 1500, "scales_sweep": scales_sweep(shipped_msvq, test)}
+    shipped["gap_db"] = shipped["msvq_psnr"] - shipped["vq_psnr"]
+    print(f"shipped (1,500 steps): multi-scale {shipped['msvq_psnr']:.2f} dB vs VQ {shipped['vq_psnr']:.2f} dB "
+          f"({shipped['gap_db']:+.2f} dB)", flush=True)
 
     results = {
         "setup": {"dataset": "MNIST 32x32 (20k train / 5k held-out test)", "steps": steps, "batch_size": 64,
@@ -143,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
                        "vq_tokens": 64, "msvq_tokens": 130, "vq_steps": 64, "msvq_steps": 6,
                        "msvq_fraction_used": msvq["fraction_used"]},
         "scales_sweep": scales_sweep(msvq_model, test),
+        "shipped": shipped,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")

@@ -254,7 +254,7 @@ def test_residual_vq_equals_multiscale_at_full_size_without_phi():
 
 def test_multiscale_losses_final_and_every_scale():
     """"final": beta*|sg[f_hat] - f|^2 + |f_hat - sg[f]|^2 of the complete sum; "every_scale": VAR's mean of that
-    term over the partial sums after each scale."""
+    term over the partial sums after each scale, plus final_weight times the complete sum's term."""
     torch.manual_seed(1)
     f = torch.randn(2, 6, 8, 8)
     final = MultiScaleVQ(32, 6, scales=(1, 2, 4, 8), beta=0.3, loss="final")
@@ -267,8 +267,15 @@ def test_multiscale_losses_final_and_every_scale():
     term = [1.3 * F.mse_loss(p, f) for p in partial]  # beta * commitment + codebook term, same value
     assert torch.allclose(a.loss, term[-1], atol=1e-6)
     assert torch.allclose(b.loss, torch.stack(term).mean(), atol=1e-6)
+    weighted = MultiScaleVQ(32, 6, scales=(1, 2, 4, 8), beta=0.3, final_weight=5.0)
+    weighted.load_state_dict(final.state_dict())
+    assert torch.allclose(weighted(f).loss, torch.stack(term).mean() + 5.0 * term[-1], atol=1e-6)
     with pytest.raises(ValueError, match="loss must be one of"):
         MultiScaleVQ(32, 6, loss="sum")
+    with pytest.raises(ValueError, match="final_weight must be >= 0"):
+        MultiScaleVQ(32, 6, final_weight=-1.0)
+    with pytest.raises(ValueError, match="only adds to loss='every_scale'"):
+        MultiScaleVQ(32, 6, loss="final", final_weight=2.0)
 
 
 def make_msvq(scales=(1, 2, 3, 4, 6, 8), dim=5, seed=0):

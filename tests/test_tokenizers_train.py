@@ -53,6 +53,24 @@ def test_shipped_tokenizers(name, tokens):
     assert model.decode_from_indices(tokens_out).shape == x.shape
 
 
+def test_shipped_multiscale_tokenizer_within_1db_of_vq_and_monotone():
+    """Chapter 01's target on 1,000 held-out digits: the shipped multi-scale tokenizer reconstructs within
+    1 dB PSNR of the shipped single-scale one, and its PSNR rises with every scale decoded."""
+    from ar_course.data import load_mnist
+    from ar_course.metrics import psnr
+
+    if not all(pretrained_path(n).is_file() for n in PRETRAINED):
+        pytest.skip("shipped tokenizers not built yet")
+    x = load_mnist("test", size=32)[0][:1000]
+    vq, ms = load_pretrained("mnist_vq"), load_pretrained("mnist_msvq")
+    with torch.no_grad():
+        vq_psnr = psnr(vq(x).recon, x)
+        pyramid = ms.encode_to_indices(x)
+        by_scale = [psnr(ms.decode_from_indices(pyramid[:k]), x) for k in range(1, len(pyramid) + 1)]
+    assert vq_psnr - 1.0 <= by_scale[-1] < vq_psnr, (by_scale, vq_psnr)
+    assert all(a < b for a, b in zip(by_scale, by_scale[1:])), by_scale
+
+
 def test_unknown_pretrained_name():
     with pytest.raises(ValueError, match="mnist_vq"):
         load_pretrained("imagenet")

@@ -122,6 +122,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--msvq-loss", choices=("every_scale", "final"), default="every_scale",
                         help="msvq: quantizer loss averaged over every scale's partial sum as in VAR, or on the "
                              "complete reconstruction only [every_scale]")
+    parser.add_argument("--msvq-final-weight", type=float, default=32.0,
+                        help="msvq, every_scale: extra weight on the complete reconstruction's term; 0 is VAR's "
+                             "plain average [32]")
     parser.add_argument("--dead-code-threshold", type=float, default=1.0,
                         help="restart codes hit fewer times per window (0 disables)")
     parser.add_argument("--ema", action="store_true", help="EMA codebook updates (vq, rvq)")
@@ -132,10 +135,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.steps < 1:
         parser.error("--steps must be >= 1")
+    if args.msvq_final_weight < 0:
+        parser.error("--msvq-final-weight must be >= 0")
     config = default_config(
         args.quantizer, args.dataset, num_codes=args.num_codes, latent_dim=args.latent_dim, depth=args.depth,
         scales=tuple(int(s) for s in args.scales.split(",")), dead_code_threshold=args.dead_code_threshold,
         ema=args.ema, l2_norm=args.l2_norm, msvq_loss=args.msvq_loss,
+        msvq_final_weight=args.msvq_final_weight,
     )
     model, result, history = train_tokenizer(config, args.dataset, args.steps, args.seed, args.batch_size, args.lr,
                                               device=args.device)
