@@ -7,7 +7,9 @@ course), and exits 1 when any FAIL is found.
 from __future__ import annotations
 
 import importlib
+import os
 import platform
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -92,6 +94,10 @@ def run_checks() -> list[Finding]:
             found.append(Finding(OK, "CUDA", f"{torch.cuda.get_device_name(0)} (torch CUDA {torch.version.cuda})"))
         else:
             found.append(Finding(OK, "CUDA", "not available: the course runs on CPU; GPU kernels run in simulators"))
+        compiler = next((c for c in (os.environ.get("CXX"), "g++", "clang++", "c++") if c and shutil.which(c)), None)
+        found.append(Finding(OK if compiler else WARN, "C++ compiler", f"{compiler} (torch.compile on CPU: "
+                             "`generate --compile`)" if compiler else "none found: `generate --compile` needs one "
+                             "on CPU (everything else runs without)"))
     numba_v = _version("numba")
     if numba_v:
         ok, detail = _probe(_SIM_PROBE)

@@ -41,6 +41,9 @@ def build_parser() -> ArgumentParser:
                    help="relaxed acceptance budget for --speculative jacobi (0 = exact) [0]")
     p.add_argument("--kernels", choices=KERNELS, default="auto", help="attention implementation [auto]")
     p.add_argument("--precision", choices=PRECISIONS, default="auto", help="[auto: bfloat16 on CUDA, else float32]")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the decode step (first call compiles for tens of seconds; needs torch "
+                        "attention: --kernels auto or torch)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="cpu, cuda or auto [auto]")
     p.add_argument("--var-checkpoint", type=Path, default=None, help="a VAR checkpoint instead of the shipped one")
@@ -85,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         out = gen.generate(torch.tensor(classes).repeat(args.per_class), method=args.method, cfg=args.cfg,
                            top_k=args.top_k, top_p=args.top_p, temperature=args.temperature,
                            speculative=args.speculative, relaxed_delta=args.relaxed_delta, kernels=args.kernels,
-                           seed=args.seed, precision=args.precision)
+                           seed=args.seed, precision=args.precision, compile=args.compile)
     except (ValueError, RuntimeError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -92,6 +92,23 @@ def test_relaxed_jacobi_sampling_runs_and_reports_acceptance(gen):
     assert exact.stats.forward_passes <= 64
 
 
+@pytest.mark.slow
+def test_compiled_decode_step_matches_eager_and_is_taken_off_after(gen):
+    """torch.compile of VAR's per-scale pass and the raster forward: the same images as eager (the first call
+    compiles, tens of seconds), the same pass counts, and the model is back to its eager step afterwards."""
+    for method, name, passes in (("var", "_run", 6), ("ar", "forward", 64)):
+        model = gen.var if method == "var" else gen.ar
+        eager = gen.generate(list(range(10)), method=method, seed=3)
+        compiled = gen.generate(list(range(10)), method=method, seed=3, compile=True)
+        torch.testing.assert_close(compiled.images, eager.images, atol=1e-4, rtol=0)
+        assert compiled.stats.forward_passes == passes and compiled.stats.backends["compiled"] == "torch.compile"
+        assert eager.stats.backends["compiled"] == "no"
+        assert name not in model.__dict__  # the compiled step is removed after the call
+        again = gen.generate([1, 2], method=method, seed=0, compile=True)  # reuses the compiled step
+        assert again.stats.forward_passes == passes and torch.isfinite(again.images).all()
+        assert gen.generate([1, 2], method=method, seed=0).stats.forward_passes == passes
+
+
 def test_bfloat16_precision_runs_on_cpu(gen):
     out = gen.generate([0, 1], method="var", precision="bfloat16", seed=0)
     assert out.images.dtype == torch.float32 and out.stats.precision == "bfloat16"
@@ -109,6 +126,8 @@ def test_bfloat16_precision_runs_on_cpu(gen):
     ({"kernels": "cuda"}, "kernels must be one of"),
     ({"precision": "int8"}, "precision must be one of"),
     ({"cfg": -1.0}, "cfg and temperature must be >= 0"),
+    ({"method": "ar", "speculative": "jacobi", "compile": True}, "compile=True applies to batched generation"),
+    ({"kernels": "triton", "compile": True}, "with torch attention"),
 ])
 def test_bad_arguments_raise_clear_errors(gen, kwargs, message):
     kwargs = {"classes": [0], **kwargs}
@@ -175,6 +194,7 @@ def test_cli_generate_default_needs_only_the_output_path(tmp_path):
     (("--out", "x.png", "--speculative", "draft"), "applies to method='ar'"),
     (("--out", "x.png", "--var-checkpoint", "missing.safetensors"), "no checkpoint at"),
     (("--out", "x.png", "--dataset", "shapes"), "needs --var-checkpoint or --ar-checkpoint"),
+    (("--out", "x.png", "--compile", "--kernels", "numba"), "compile=True applies to batched generation"),
 ])
 def test_cli_generate_bad_arguments_fail_with_one_line(tmp_path, args, message):
     res = _cli(*args, cwd=tmp_path)
