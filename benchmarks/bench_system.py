@@ -113,8 +113,29 @@ def component_rows() -> list[dict]:
     return rows
 
 
+ATTENTION_KERNEL_NAMES = ("flash", "fmha", "attention", "attn", "decode_partial", "decode_combine")
+"""Substrings of the CUDA kernel names that do attention: torch's SDPA kernels and chapter 06's."""
+
+
+def attention_gpu_ms(gen: Generator, classes: torch.Tensor, seed: int, **kwargs) -> dict:
+    """GPU time of one ``gen.generate`` call, in total and in attention kernels (CUDA profiler, after a
+    warm-up call): how the chapter 06 kernels do inside the system rather than on their own."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    gen.generate(classes, seed=seed, **kwargs)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        gen.generate(classes, seed=seed, **kwargs)
+    kernels = [e for e in prof.key_averages() if getattr(e, "device_type", None) == DeviceType.CUDA]
+    total = sum(e.device_time_total for e in kernels) / 1e3
+    attention = [e for e in kernels if any(n in e.key.lower() for n in ATTENTION_KERNEL_NAMES)]
+    return {"gpu_ms": total, "attention_ms": sum(e.device_time_total for e in attention) / 1e3,
+            "attention_kernels": sorted({e.key for e in attention})}
+
+
 def gpu_section(repeats: int, seed: int) -> dict:
-    """Batch-64 VAR and raster AR on the GPU (bf16 autocast, kernels auto), when CUDA is present."""
+    """Batch-64 VAR and raster AR on the GPU (bf16 autocast, kernels auto / torch / compiled), and the
+    attention kernels' GPU time inside batch-64 VAR generation, chapter 06's kernels against SDPA."""
     if not torch.cuda.is_available():
         return {"measured": False, "reason": "no CUDA device on this machine"}
     gen = Generator.from_pretrained("mnist", device="cuda")
@@ -122,11 +143,22 @@ def gpu_section(repeats: int, seed: int) -> dict:
     out = {"measured": True, "device": torch.cuda.get_device_name(0)}
     jobs = {"VAR bf16 + kernels": {"method": "var", "kernels": "auto"},
             "VAR bf16 torch": {"method": "var", "kernels": "torch"},
-            "raster AR bf16": {"method": "ar", "kernels": "auto"}}
+            "VAR bf16 compiled": {"method": "var", "compile": True},
+            "raster AR bf16": {"method": "ar", "kernels": "auto"},
+            "raster AR bf16 compiled": {"method": "ar", "compile": True}}
     timed = best_seconds(gen, {k: (classes, {"seed": seed, **v}) for k, v in jobs.items()}, repeats)
     for name, stats in timed.items():
         out[name] = {"images_per_second": stats["images_per_second"], "batch": 64, "backends": stats["backends"],
                      "precision": stats["precision"]}
+    try:  # the profiler's event fields vary across torch versions: report rather than lose the run
+        ours = attention_gpu_ms(gen, classes, seed, method="var", kernels="auto")
+        sdpa = attention_gpu_ms(gen, classes, seed, method="var", kernels="torch")
+        if not (ours["attention_ms"] > 0 and sdpa["attention_ms"] > 0):
+            raise RuntimeError(f"no attention kernels among the profiled names {ATTENTION_KERNEL_NAMES}")
+        out["attention_inside_var"] = {"kernels": ours, "sdpa": sdpa,
+                                       "speed_vs_sdpa": sdpa["attention_ms"] / ours["attention_ms"]}
+    except Exception as exc:  # noqa: BLE001
+        out["attention_inside_var"] = {"error": f"{type(exc).__name__}: {exc}"}
     return out
 
 
@@ -196,8 +228,15 @@ def summarize(rows: list[dict], sweep: list[dict], gpu: dict) -> list[dict]:
     if gpu.get("measured"):
         v = gpu["VAR bf16 + kernels"]
         out.append({"what": f"batch-64 VAR generation on {gpu['device']}",
-                    "measured": f"{v['images_per_second']:.0f} img/s ({v['backends']['attention']})",
+                    "measured": f"{v['images_per_second']:.0f} img/s ({v['backends']['attention']}); torch "
+                                f"{gpu['VAR bf16 torch']['images_per_second']:.0f}, compiled "
+                                f"{gpu['VAR bf16 compiled']['images_per_second']:.0f}",
                     "target": "stated", "met": True})
+        inside = gpu["attention_inside_var"]
+        out.append({"what": "attention kernels inside batch-64 VAR generation vs SDPA (GPU time)",
+                    "measured": inside.get("error") or f"{inside['speed_vs_sdpa']:.2f}x ("
+                    f"{inside['kernels']['attention_ms']:.2f} vs {inside['sdpa']['attention_ms']:.2f} ms)",
+                    "target": "chapter 06 targets", "met": None})
     else:
         out.append({"what": "GPU: batch-64 VAR generation", "measured": "not measured (no GPU on this machine)",
                     "target": "stated images/second", "met": None})
