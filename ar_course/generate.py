@@ -85,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             gen = Generator.from_pretrained("mnist", device=args.device)
         classes = list(range(gen.num_classes)) if args.classes is None else args.classes
+        if args.compile:
+            print("compiling the decode step with torch.compile (tens of seconds the first time)...", flush=True)
         out = gen.generate(torch.tensor(classes).repeat(args.per_class), method=args.method, cfg=args.cfg,
                            top_k=args.top_k, top_p=args.top_p, temperature=args.temperature,
                            speculative=args.speculative, relaxed_delta=args.relaxed_delta, kernels=args.kernels,
