@@ -84,8 +84,8 @@ class GenerationStats:
         extra = f", acceptance {self.acceptance_rate:.2f}" if self.speculative else ""
         compiled = ", compiled" if self.backends.get("compiled", "no") != "no" else ""
         return (f"{self.images} images by {self.method}{spec} on {self.device} ({self.precision}, attention: "
-                f"{self.backends['attention']}{compiled}): {self.seconds:.2f} s, {self.images_per_second:.1f} images/s, "
-                f"{self.passes_per_image:.1f} forward passes per image{extra}")
+                f"{self.backends['attention']}{compiled}): {self.seconds:.2f} s, "
+                f"{self.images_per_second:.1f} images/s, {self.passes_per_image:.1f} forward passes per image{extra}")
 
 
 @dataclass
