@@ -90,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
         out = gen.generate(torch.tensor(classes).repeat(args.per_class), method=args.method, cfg=args.cfg,
                            top_k=args.top_k, top_p=args.top_p, temperature=args.temperature,
                            speculative=args.speculative, relaxed_delta=args.relaxed_delta, kernels=args.kernels,
-                           seed=args.seed, precision=args.precision, compile=args.compile)
+                           seed=args.seed, precision=args.precision, compile=args.compile,
+                           progress=sys.stderr.isatty())
     except (ValueError, RuntimeError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -23,6 +23,7 @@ from typing import Callable, Iterator
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from ar_course import raster, var
 from ar_course.checkpoint import CheckpointError
@@ -192,6 +193,7 @@ class Generator:
         window: int = 8,
         neighbors: int = 4,
         compile: bool = False,
+        progress: bool = False,
     ) -> Generation:
         """Images of ``classes`` ``(B,)`` (ints in ``[0, num_classes)``).
 
@@ -218,6 +220,7 @@ class Generator:
                 first call compiles (tens of seconds on a CPU; needs a C++ compiler there), later calls reuse
                 it. Same tokens as eager up to float rounding; on a 2-core CPU the raster decode ran 1.5-1.9x
                 faster at batches 1-10, VAR's 1.15-1.25x (``benchmarks/bench_system.py``).
+            progress: a ``tqdm`` bar over the images (useful for speculative decoding, one image at a time).
 
         Returns:
             A :class:`Generation`: images ``(B, C, S, S)`` float32 on CPU, classes, stats.
@@ -243,6 +246,8 @@ class Generator:
         images = []
         _sync(device)
         start = time.perf_counter()
+        bar = tqdm(total=int(classes.numel()), desc=f"{method}{' + ' + speculative if speculative else ''}",
+                   unit="img", disable=not progress)
         try:
             with _autocast(device, precision):
                 if speculative is None:
@@ -251,14 +256,17 @@ class Generator:
                         images.append(self._batched(method, chunk, cfg, top_k, top_p, temperature, generator,
                                                     ramp))
                         weighted_passes += (counter.count - before) * chunk.numel()
+                        bar.update(chunk.numel())
                 else:
                     for c in classes.to(device).split(1):
                         before = counter.count
                         images.append(self._speculative(speculative, c, cfg, top_k, top_p, temperature,
                                                         generator, relaxed_delta, gamma, window, neighbors, spec))
                         weighted_passes += counter.count - before
+                        bar.update(1)
             _sync(device)
         finally:
+            bar.close()
             restore()  # the models' attention as it was before this call
             counter.remove()  # also takes a compiled step off the model
             if draft_counter is not None:

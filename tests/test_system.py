@@ -109,6 +109,15 @@ def test_compiled_decode_step_matches_eager_and_is_taken_off_after(gen):
         assert gen.generate([1, 2], method=method, seed=0).stats.forward_passes == passes
 
 
+def test_progress_bar_counts_every_image(gen, capsys):
+    gen.generate([0, 1, 2], method="var", batch_size=2, progress=True)
+    gen.generate([4, 5], method="ar", speculative="jacobi", progress=True)
+    err = capsys.readouterr().err
+    assert "3/3" in err and "2/2" in err and "var" in err and "ar + jacobi" in err
+    gen.generate([0], method="var")  # no bar by default
+    assert capsys.readouterr().err == ""
+
+
 def test_bfloat16_precision_runs_on_cpu(gen):
     out = gen.generate([0, 1], method="var", precision="bfloat16", seed=0)
     assert out.images.dtype == torch.float32 and out.stats.precision == "bfloat16"
