@@ -12,6 +12,8 @@ from ar_course.checkpoint import CheckpointError
 from ar_course.raster import generate_tokens
 from ar_course.raster.functional import to_raster
 from ar_course.system import PRETRAINED, Generator
+from ar_course.transformer.model import set_attention
+from ar_course.var import functional as var_ref
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +70,31 @@ def test_forced_kernel_backends_agree_with_torch(gen, backend):
     plain = gen.generate([4], method="var", kernels="torch", seed=0)
     assert kern.stats.backends["attention"] == backend
     torch.testing.assert_close(kern.images, plain.images, atol=1e-4, rtol=0)
+
+
+def var_logits_sdpa_and_kernels(model, inputs, classes, backend):
+    """Teacher-forced VAR logits ``(B, L, V)`` with SDPA, then with the kernels of ``backend`` (FlashAttention
+    under the block-causal mask); the model is left on SDPA. Shared with test_system_gpu.py."""
+    try:
+        set_attention(model, "sdpa")
+        expected = model(inputs, classes)
+        set_attention(model, "kernels", backend)
+        got = model(inputs, classes)
+    finally:
+        set_attention(model, "sdpa")
+    return expected, got
+
+
+def test_teacher_forced_var_logits_with_triton_interpreter_match_sdpa(gen):
+    if not _has_triton():
+        pytest.skip("triton is not installed")
+    model, vq = gen.var, gen.var_tokenizer.quantizer
+    classes = torch.tensor([3, 8])
+    pyramid = model.generate(vq, classes, cfg=2.0, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        inputs, _ = var_ref.teacher_forcing_sequence(vq, pyramid)
+        expected, got = var_logits_sdpa_and_kernels(model, inputs, classes, "triton")
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
 
 
 def test_jacobi_and_draft_greedy_equal_plain_greedy_raster(gen):

@@ -1,0 +1,45 @@
+"""The full system on a CUDA GPU: kernels inside the models, bf16 by default, compiled decode steps.
+Skipped without CUDA (the CPU versions of these checks are in test_system.py)."""
+
+import pytest
+import torch
+
+from test_system import var_logits_sdpa_and_kernels
+
+from ar_course.system import Generator
+from ar_course.var import functional as ref
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+
+@pytest.fixture(scope="module")
+def gen():
+    return Generator.from_pretrained("mnist", device="cuda")
+
+
+def test_defaults_on_cuda_use_kernels_and_bfloat16(gen):
+    for method, passes in (("var", 6), ("ar", 64)):
+        out = gen.generate(list(range(10)), method=method, seed=0)
+        assert out.stats.backends["attention"] in ("triton", "numba") and out.stats.precision == "bfloat16"
+        assert out.stats.forward_passes == passes and out.images.shape == (10, 1, 32, 32)
+        assert torch.isfinite(out.images).all() and 0 <= float(out.images.min()) <= float(out.images.max()) <= 1
+
+
+def test_var_logits_with_kernel_attention_match_sdpa(gen):
+    """Teacher-forced VAR logits (block-causal FlashAttention) with the chapter 06 kernels against torch's SDPA,
+    float32 (Triton's dot runs in TF32, hence the tolerance; test_system.py runs it with the interpreter)."""
+    model, vq = gen.var, gen.var_tokenizer.quantizer
+    classes = torch.arange(10, device="cuda")
+    pyramid = model.generate(vq, classes, cfg=2.0, generator=torch.Generator(device="cuda").manual_seed(0))
+    with torch.no_grad():
+        inputs, _ = ref.teacher_forcing_sequence(vq, pyramid)
+        expected, got = var_logits_sdpa_and_kernels(model, inputs, classes, "auto")
+    torch.testing.assert_close(got, expected, atol=5e-2, rtol=0)
+
+
+def test_compiled_generation_matches_eager_on_cuda(gen):
+    for method in ("var", "ar"):
+        eager = gen.generate(list(range(10)), method=method, seed=3, precision="float32", kernels="torch")
+        compiled = gen.generate(list(range(10)), method=method, seed=3, precision="float32", compile=True)
+        torch.testing.assert_close(compiled.images, eager.images, atol=1e-3, rtol=0)
+        assert compiled.stats.backends["compiled"] == "torch.compile"
