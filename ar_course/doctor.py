@@ -95,9 +95,11 @@ def run_checks() -> list[Finding]:
         else:
             found.append(Finding(OK, "CUDA", "not available: the course runs on CPU; GPU kernels run in simulators"))
         compiler = next((c for c in (os.environ.get("CXX"), "g++", "clang++", "c++") if c and shutil.which(c)), None)
-        found.append(Finding(OK if compiler else WARN, "C++ compiler", f"{compiler} (torch.compile on CPU: "
-                             "`generate --compile`)" if compiler else "none found: `generate --compile` needs one "
-                             "on CPU (everything else runs without)"))
+        if compiler:
+            found.append(Finding(OK, "C++ compiler", f"{compiler} (torch.compile on CPU: `generate --compile`)"))
+        else:
+            found.append(Finding(WARN, "C++ compiler", "none found: `generate --compile` needs one on CPU "
+                                 "(everything else runs without)"))
     numba_v = _version("numba")
     if numba_v:
         ok, detail = _probe(_SIM_PROBE)

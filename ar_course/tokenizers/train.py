@@ -17,6 +17,7 @@ import torch
 
 from ar_course import metrics
 from ar_course.checkpoint import save_checkpoint
+from ar_course.tokenizers.quantizers import MSVQ_LOSSES
 from ar_course.tokenizers.vqvae import ASSETS, CHECKPOINT_KIND, QUANTIZERS, VQVAE, VQVAEConfig
 from ar_course.train import History, TrainConfig, train_loop
 from ar_course.utils import get_device, seed_everything
@@ -119,12 +120,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--latent-dim", type=int, default=16)
     parser.add_argument("--depth", type=int, default=4, help="residual depth (rvq)")
     parser.add_argument("--scales", type=str, default="1,2,3,4,6,8", help="comma-separated sides (msvq)")
-    parser.add_argument("--msvq-loss", choices=("every_scale", "final"), default="every_scale",
+    parser.add_argument("--msvq-loss", choices=MSVQ_LOSSES, default=VQVAEConfig.msvq_loss,
                         help="msvq: quantizer loss averaged over every scale's partial sum as in VAR, or on the "
-                             "complete reconstruction only [every_scale]")
-    parser.add_argument("--msvq-final-weight", type=float, default=32.0,
+                             "complete reconstruction only [%(default)s]")
+    parser.add_argument("--msvq-final-weight", type=float, default=VQVAEConfig.msvq_final_weight,
                         help="msvq, every_scale: extra weight on the complete reconstruction's term; 0 is VAR's "
-                             "plain average [32]")
+                             "plain average [%(default)s]")
     parser.add_argument("--dead-code-threshold", type=float, default=1.0,
                         help="restart codes hit fewer times per window (0 disables)")
     parser.add_argument("--ema", action="store_true", help="EMA codebook updates (vq, rvq)")
