@@ -57,12 +57,15 @@ def _train(argv: list[str]) -> int:
     if what not in trainers:
         print(f"error: unknown trainer {what!r}; choose from: {', '.join(trainers)}", file=sys.stderr)
         return 2
-    from ar_course.distributed import init_distributed
+    from ar_course.distributed import close_distributed, init_distributed
 
     init_distributed()  # joins the process group when launched by torchrun; no-op otherwise
-    mod = importlib.import_module(trainers[what][0])
-    entry = getattr(mod, "main", None) or getattr(mod, "train_main")
-    return int(entry(rest) or 0)
+    try:
+        mod = importlib.import_module(trainers[what][0])
+        entry = getattr(mod, "main", None) or getattr(mod, "train_main")
+        return int(entry(rest) or 0)
+    finally:
+        close_distributed()
 
 
 def main(argv: list[str] | None = None) -> int:

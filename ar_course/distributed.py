@@ -4,7 +4,7 @@
 :func:`init_distributed` then joins the process group (NCCL on GPUs, gloo on CPU). Each process reads its
 own contiguous slice of every global batch (:func:`shard_batch`, the role a distributed sampler plays for a
 dataset), :class:`torch.nn.parallel.DistributedDataParallel` averages the gradients, and only rank 0 logs
-and writes checkpoints (:func:`is_main_process`). With equal slices, the averaged gradient equals the
+and writes checkpoints (:func:`is_main_process`); :func:`close_distributed` leaves the group at the end. With equal slices, the averaged gradient equals the
 gradient of the mean loss over the global batch, so N processes train exactly like one process on the
 same global batch (up to floating-point reduction order).
 """
@@ -47,6 +47,15 @@ def init_distributed() -> bool:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend=backend)
     return True
+
+
+def close_distributed() -> None:
+    """Leave the process group joined by :func:`init_distributed` (a no-op when none is initialised).
+
+    Call it before the process exits: a gloo process group still alive at interpreter shutdown can abort
+    the process (SIGABRT) while its worker threads release their last tensors."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def shard_batch(batch: Any) -> Any:

@@ -30,6 +30,7 @@ def main(out: str) -> None:
     history = train_loop(model, loss_fn, global_batches(), TrainConfig(steps=20, lr=1e-2, warmup=2), progress=False)
     if ddp.is_main_process():
         save_checkpoint(out, model, {"world_size": ddp.world_size()}, final_loss=history.loss[-1])
+    ddp.close_distributed()
 
 
 if __name__ == "__main__":

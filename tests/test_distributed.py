@@ -23,7 +23,9 @@ def test_two_gloo_processes_match_one_process(tmp_path):
          str(WORKER), str(double)],
         capture_output=True, text=True, timeout=240,
     )
-    assert res.returncode == 0, res.stderr[-2000:]
+    # on failure, show the lines that name the cause (C++ aborts print them well before the launcher's summary)
+    causes = [ln for ln in res.stderr.splitlines() if any(w in ln for w in ("terminate", "what()", "Error:"))]
+    assert res.returncode == 0, "\n".join(causes[:20]) + "\n...\n" + res.stderr[-1500:]
     s1, m1 = load_checkpoint(single)
     s2, m2 = load_checkpoint(double)
     assert m1["config"]["world_size"] == 1 and m2["config"]["world_size"] == 2
@@ -35,6 +37,11 @@ def test_two_gloo_processes_match_one_process(tmp_path):
 
     init = make_model().state_dict()
     assert any(not torch.allclose(init[k], s1[k]) for k in s1)
+
+
+def test_close_distributed_is_a_no_op_alone():
+    ddp.close_distributed()
+    assert not ddp.is_distributed()
 
 
 def test_shard_batch_is_identity_alone():

@@ -221,6 +221,44 @@ def test_sanitizer_finds_bugs_the_plain_simulator_lets_through(kernel, error, fr
         kernel[1, 16](x, out)
 
 
+@cuda.jit
+def _ordered_race(x, out, flag, reader_first, initialised):
+    """Thread 0 reads buf[1], thread 1 writes it, with no barrier between them; a spin on a global flag
+    forces which of the two goes first (bounded, since the sanitizer may stop the first one)."""
+    buf = cuda.shared.array(2, float32)
+    t = cuda.threadIdx.x
+    if initialised:
+        buf[t] = 0.0
+        cuda.syncthreads()
+    if t == 0:
+        if not reader_first:
+            for _ in range(1_000_000):
+                if flag[0] == 1:
+                    break
+        out[0] = buf[1]
+        flag[0] = 1
+    else:
+        if reader_first:
+            for _ in range(1_000_000):
+                if flag[0] == 1:
+                    break
+        buf[1] = x[0]
+        flag[0] = 1
+
+
+@needs_sim
+@pytest.mark.parametrize("initialised", [False, True])
+@pytest.mark.parametrize("reader_first", [False, True])
+def test_sanitizer_report_does_not_depend_on_which_thread_runs_first(reader_first, initialised):
+    x, out, flag = np.ones(1, np.float32), np.zeros(1, np.float32), np.zeros(1, np.int32)
+    with sanitize(), pytest.raises(SanitizerError, match="missing cuda.syncthreads") as err:
+        _ordered_race[1, 2](x, out, flag, reader_first, initialised)
+    # the message names the order it saw: a read of an unwritten slot, a read after the write, an overwrite
+    seen = {(False, False): "which thread (1, 0, 0) wrote", (False, True): "which thread (1, 0, 0) wrote",
+            (True, False): "before any thread", (True, True): "overwrote"}[reader_first, initialised]
+    assert seen in str(err.value)
+
+
 @needs_sim
 def test_sanitizer_accepts_correct_kernels():
     with sanitize():

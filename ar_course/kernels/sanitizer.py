@@ -105,9 +105,10 @@ class _Block:
                     for reader, r_epoch in self.reads.get(key, {}).items():
                         if reader != me and r_epoch == epoch:
                             self._race(me, reader, f"{self.who(me)} overwrote {where} while {self.who(reader)} "
-                                       "may still read it (add cuda.syncthreads() before overwriting)")
+                                       "may still read it (a missing cuda.syncthreads() before the overwrite)")
                     if last is not None and last[0] != me and last[1] == epoch:
-                        self._race(me, last[0], f"{self.who(me)} and {self.who(last[0])} both wrote {where}")
+                        self._race(me, last[0], f"{self.who(me)} and {self.who(last[0])} both wrote {where} (a missing "
+                                   "cuda.syncthreads() between the writes, or two threads given one index)")
                 self.writes[key] = (me, epoch)
                 self.reads[key] = {}
             else:
@@ -117,7 +118,7 @@ class _Block:
                         "shared memory, or a race: a missing cuda.syncthreads() between the write and this read)"))
                 if last[0] != me and last[1] == epoch and not atomic:
                     self._race(me, last[0], f"{self.who(me)} read {where}, which {self.who(last[0])} wrote "
-                               "(add cuda.syncthreads() between the write and the read)")
+                               "(a missing cuda.syncthreads() between the write and the read)")
                 self.reads.setdefault(key, {})[me] = epoch
 
     def _race(self, a: int, b: int, what: str) -> None:
