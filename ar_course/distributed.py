@@ -4,9 +4,9 @@
 :func:`init_distributed` then joins the process group (NCCL on GPUs, gloo on CPU). Each process reads its
 own contiguous slice of every global batch (:func:`shard_batch`, the role a distributed sampler plays for a
 dataset), :class:`torch.nn.parallel.DistributedDataParallel` averages the gradients, and only rank 0 logs
-and writes checkpoints (:func:`is_main_process`); :func:`close_distributed` leaves the group at the end. With equal slices, the averaged gradient equals the
-gradient of the mean loss over the global batch, so N processes train exactly like one process on the
-same global batch (up to floating-point reduction order).
+and writes checkpoints (:func:`is_main_process`); :func:`close_distributed` leaves the group at the end.
+With equal slices, the averaged gradient equals the gradient of the mean loss over the global batch, so N
+processes train exactly like one process on the same global batch (up to floating-point reduction order).
 """
 
 from __future__ import annotations
