@@ -8,12 +8,13 @@ ones run one image at a time, as they must), target
 forward passes per image, class accuracy and Frechet distance of ``--per-class`` x 10 samples against as many
 held-out MNIST test digits. Then VAR vs raster AR images/second over batch sizes, the per-component ratios
 recorded by the chapters' own benchmarks (``benchmarks/results/*.json``), and on a CUDA machine batch-64
-VAR generation in bf16.
+VAR generation in bf16 (``--gpu-only`` measures just that and merges it into an existing ``system.json``).
 
 Writes ``benchmarks/results/system.json`` and ``system.png``::
 
     python benchmarks/bench_system.py                 # ~10 min on a 2-core CPU
     python benchmarks/bench_system.py --per-class 5   # a quick look
+    python benchmarks/bench_system.py --gpu-only      # on a GPU machine: add the GPU half
 """
 
 from __future__ import annotations
@@ -114,45 +115,53 @@ def component_rows() -> list[dict]:
 
 
 ATTENTION_KERNEL_NAMES = ("flash", "fmha", "attention", "attn", "decode_partial", "decode_combine")
-"""Substrings of the CUDA kernel names that do attention: torch's SDPA kernels and chapter 06's."""
+"""Substrings of the names of the kernels (CUDA) or ops (CPU) that do attention: torch's SDPA and chapter 06's."""
 
 
-def attention_gpu_ms(gen: Generator, classes: torch.Tensor, seed: int, **kwargs) -> dict:
-    """GPU time of one ``gen.generate`` call, in total and in attention kernels (CUDA profiler, after a
-    warm-up call): how the chapter 06 kernels do inside the system rather than on their own."""
+def attention_time_ms(gen: Generator, classes: torch.Tensor, seed: int, device: str = "cuda", **kwargs) -> dict:
+    """Time of one ``gen.generate`` call (profiler, after a warm-up call), in total and in attention: on
+    ``"cuda"`` the GPU time of the kernels, on ``"cpu"`` the self time of the ops. It shows how the chapter
+    06 kernels do inside the system rather than on their own."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
+    on_gpu = device == "cuda"
     gen.generate(classes, seed=seed, **kwargs)
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CUDA if on_gpu else ProfilerActivity.CPU]) as prof:
         gen.generate(classes, seed=seed, **kwargs)
-    kernels = [e for e in prof.key_averages() if getattr(e, "device_type", None) == DeviceType.CUDA]
-    total = sum(e.device_time_total for e in kernels) / 1e3
-    attention = [e for e in kernels if any(n in e.key.lower() for n in ATTENTION_KERNEL_NAMES)]
-    return {"gpu_ms": total, "attention_ms": sum(e.device_time_total for e in attention) / 1e3,
-            "attention_kernels": sorted({e.key for e in attention})}
+    kind = DeviceType.CUDA if on_gpu else DeviceType.CPU
+    events = [e for e in prof.key_averages() if getattr(e, "device_type", None) == kind]
+
+    def ms(e) -> float:  # kernels are leaves; CPU ops nest, so count each op's own time once
+        return (e.device_time_total if on_gpu else e.self_cpu_time_total) / 1e3
+
+    attention = [e for e in events if any(n in e.key.lower() for n in ATTENTION_KERNEL_NAMES)]
+    return {"total_ms": sum(map(ms, events)), "attention_ms": sum(map(ms, attention)),
+            "attention_kernels": sorted(e.key for e in attention if ms(e) > 0)}
 
 
-def gpu_section(repeats: int, seed: int) -> dict:
+def gpu_section(repeats: int, seed: int, device: str = "cuda") -> dict:
     """Batch-64 VAR and raster AR on the GPU (bf16 autocast, kernels auto / torch / compiled), and the
     attention kernels' GPU time inside batch-64 VAR generation, chapter 06's kernels against SDPA."""
-    if not torch.cuda.is_available():
+    if device == "cuda" and not torch.cuda.is_available():
         return {"measured": False, "reason": "no CUDA device on this machine"}
-    gen = Generator.from_pretrained("mnist", device="cuda")
+    gen = Generator.from_pretrained("mnist", device=device)
     classes = torch.arange(64) % 10
-    out = {"measured": True, "device": torch.cuda.get_device_name(0)}
+    name = torch.cuda.get_device_name(0) if device == "cuda" else platform.processor() or platform.machine()
+    out = {"measured": True, "device": name, "date": datetime.date.today().isoformat()}
     jobs = {"VAR bf16 + kernels": {"method": "var", "kernels": "auto"},
             "VAR bf16 torch": {"method": "var", "kernels": "torch"},
             "VAR bf16 compiled": {"method": "var", "compile": True},
             "raster AR bf16": {"method": "ar", "kernels": "auto"},
             "raster AR bf16 compiled": {"method": "ar", "compile": True}}
     timed = best_seconds(gen, {k: (classes, {"seed": seed, **v}) for k, v in jobs.items()}, repeats)
-    for name, stats in timed.items():
-        out[name] = {"images_per_second": stats["images_per_second"], "batch": 64, "backends": stats["backends"],
-                     "precision": stats["precision"]}
+    for job, stats in timed.items():
+        out[job] = {"images_per_second": stats["images_per_second"], "batch": 64, "backends": stats["backends"],
+                    "precision": stats["precision"]}
+        print(f"{job:<28} {stats['images_per_second']:8.1f} img/s (batch 64, {stats['precision']})", flush=True)
     try:  # the profiler's event fields vary across torch versions: report rather than lose the run
-        ours = attention_gpu_ms(gen, classes, seed, method="var", kernels="auto")
-        sdpa = attention_gpu_ms(gen, classes, seed, method="var", kernels="torch")
+        ours = attention_time_ms(gen, classes, seed, device, method="var", kernels="auto")
+        sdpa = attention_time_ms(gen, classes, seed, device, method="var", kernels="torch")
         if not (ours["attention_ms"] > 0 and sdpa["attention_ms"] > 0):
             raise RuntimeError(f"no attention kernels among the profiled names {ATTENTION_KERNEL_NAMES}")
         out["attention_inside_var"] = {"kernels": ours, "sdpa": sdpa,
@@ -160,6 +169,12 @@ def gpu_section(repeats: int, seed: int) -> dict:
     except Exception as exc:  # noqa: BLE001
         out["attention_inside_var"] = {"error": f"{type(exc).__name__}: {exc}"}
     return out
+
+
+def merge_gpu(result: dict, gpu: dict) -> dict:
+    """``result`` (a ``system.json`` measured on a CPU machine) with its GPU section replaced by ``gpu`` and
+    its summary recomputed: a GPU machine's short runs add their half without re-measuring the CPU."""
+    return {**result, "gpu": gpu, "summary": summarize(result["configs"], result["batch_sweep"], gpu)}
 
 
 def plot(rows: list[dict], sweep: list[dict]) -> plt.Figure:
@@ -251,19 +266,30 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=5, help="timed calls per configuration [5]")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads [2]")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--gpu-only", action="store_true",
+                   help="measure only the GPU section and merge it into the existing results/system.json")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    gen = Generator.from_pretrained("mnist", device="cpu")
-    rows = measure_configs(gen, args.per_class, args.timing_batch, args.repeats, args.seed)
-    sweep = batch_sweep(gen, args.batches, args.repeats, args.seed)
-    gpu = gpu_section(args.repeats, args.seed)
-    result = {"date": datetime.date.today().isoformat(), "machine": platform.machine(),
-              "cpu": platform.processor() or platform.machine(), "threads": args.threads, "torch": torch.__version__,
-              "configs": rows, "batch_sweep": sweep, "gpu": gpu, "components": component_rows(),
-              "summary": summarize(rows, sweep, gpu)}
+    path = RESULTS / "system.json"
+    if args.gpu_only:
+        if not path.is_file():
+            p.error(f"--gpu-only merges into {path}, which does not exist: run without it first")
+        gpu = gpu_section(args.repeats, args.seed)
+        if not gpu["measured"]:
+            p.error(f"--gpu-only: {gpu['reason']}")
+        result = merge_gpu(json.loads(path.read_text()), gpu)
+    else:
+        gen = Generator.from_pretrained("mnist", device="cpu")
+        rows = measure_configs(gen, args.per_class, args.timing_batch, args.repeats, args.seed)
+        sweep = batch_sweep(gen, args.batches, args.repeats, args.seed)
+        gpu = gpu_section(args.repeats, args.seed)
+        result = {"date": datetime.date.today().isoformat(), "machine": platform.machine(),
+                  "cpu": platform.processor() or platform.machine(), "threads": args.threads,
+                  "torch": torch.__version__, "configs": rows, "batch_sweep": sweep, "gpu": gpu,
+                  "components": component_rows(), "summary": summarize(rows, sweep, gpu)}
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "system.json").write_text(json.dumps(result, indent=2))
-    plot(rows, sweep).savefig(RESULTS / "system.png", dpi=120)
+    path.write_text(json.dumps(result, indent=2))
+    plot(result["configs"], result["batch_sweep"]).savefig(RESULTS / "system.png", dpi=120)
     for row in result["summary"]:
         print(f"- {row['what']}: {row['measured']} (target {row['target']}, met {row['met']})")
     return 0
