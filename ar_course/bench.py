@@ -80,8 +80,31 @@ def _kernels(d: dict) -> list[dict]:
     rows = [_row(f"numba CPU nearest-code search vs torch cdist, N={c['shape']['N']} K={c['shape']['K']}",
                  f"{c['speedup']:.1f}x, {c['numba_cpu']['peak_extra_mib']:.1f} vs {c['torch_cdist']['peak_extra_mib']:.0f} "
                  f"MiB extra", "faster, no N x K buffer", c["speedup"] > 1 and c["agreement"] == 1.0)]
-    if not d.get("gpu"):
+    g = d.get("gpu")
+    if not g:
         rows.append(_row("GPU kernel targets", "not measured (no GPU on this machine)", "see bench_kernels.py", None))
+        return rows
+    on = f" ({g['device']})"
+    if g["flash_attention"]:
+        worst = min(g["flash_attention"], key=lambda r: r["speed_vs_sdpa"])
+        best = max(g["flash_attention"], key=lambda r: r["triton_tflops"])
+        peak = f" = {best['fraction_of_matmul_peak']:.0%} of measured bf16 matmul" if "fraction_of_matmul_peak" in best \
+            else ""
+        rows.append(_row(f"Triton FlashAttention vs SDPA, T = 1024-4096, d = 64{on}",
+                         f"worst {worst['speed_vs_sdpa']:.2f}x (T={worst['T']}, causal {worst['causal']}); "
+                         f"best {best['triton_tflops']:.0f} TFLOP/s{peak}", ">= 0.8x",
+                         worst["speed_vs_sdpa"] >= 0.8))
+    ours = [r for r in g["decode_attention"] if r["backend"] != "torch"]
+    if ours:
+        worst = min(ours, key=lambda r: r["fraction_of_copy_bandwidth"])
+        rows.append(_row(f"decode attention bandwidth vs measured copy bandwidth{on}",
+                         f"lowest {worst['fraction_of_copy_bandwidth']:.0%} ({worst['backend']}, T={worst['T']}, "
+                         f"{worst['bandwidth_gbs']:.0f} of {g['copy_bandwidth_gbs']:.0f} GB/s)", ">= 70%",
+                         worst["fraction_of_copy_bandwidth"] >= 0.7))
+    speedups = [r["cdist_ms"] / r[k] for r in g["vq_nearest"] for k in r if k.endswith("_ms") and k != "cdist_ms"]
+    if speedups:
+        rows.append(_row(f"fused nearest-code search vs cdist + argmin{on}",
+                         f"{min(speedups):.1f}x to {max(speedups):.1f}x", "faster", min(speedups) > 1))
     return rows
 
 

@@ -6,8 +6,9 @@ process per method as the rise of the resident-set high-water mark (Linux ``VmHW
 the call), next to the size of the buffers each method must allocate.
 
 GPU (only when CUDA is present; device and date are recorded): Triton FlashAttention forward against
-``F.scaled_dot_product_attention`` at T = 1024-4096, d = 64; decode attention's achieved bandwidth against
-the measured copy bandwidth; the fused nearest-code search against cdist + argmin.
+``F.scaled_dot_product_attention`` at T = 1024-4096, d = 64, and its TFLOP/s against a measured bf16 matmul
+ceiling; decode attention's achieved bandwidth against the measured copy bandwidth; the fused nearest-code
+search against cdist + argmin.
 
     python benchmarks/bench_kernels.py [--repeats 5] [--out benchmarks/results]
 """
@@ -128,6 +129,13 @@ def _copy_bandwidth() -> float:
     return 2 * src.numel() * 4 / _gpu_seconds(lambda: dst.copy_(src))
 
 
+def _matmul_flops() -> float:
+    """Measured bf16 matmul throughput in FLOP/s (8192^3 through cuBLAS): the ceiling that attention's
+    TFLOP/s are compared against."""
+    a, b = (torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    return 2 * 8192**3 / _gpu_seconds(lambda: a @ b, repeats=10)
+
+
 def bench_gpu() -> dict:
     import torch.nn.functional as F
 
@@ -136,6 +144,8 @@ def bench_gpu() -> dict:
     dev = torch.device("cuda")
     out: dict = {"device": torch.cuda.get_device_name(0), "flash_attention": [], "decode_attention": [],
                  "vq_nearest": []}
+    peak_flops = _matmul_flops()
+    out["matmul_bf16_tflops"] = peak_flops / 1e12
     if K_.env.TRITON_INSTALLED:
         b, h, d = 4, 16, 64
         for t in (1024, 2048, 4096):
@@ -147,7 +157,8 @@ def bench_gpu() -> dict:
                 flops = 4 * b * h * t * t * d * (0.5 if causal else 1.0)
                 out["flash_attention"].append({"T": t, "causal": causal, "triton_ms": ours * 1e3,
                                                "sdpa_ms": sdpa * 1e3, "speed_vs_sdpa": sdpa / ours,
-                                               "triton_tflops": flops / ours / 1e12})
+                                               "triton_tflops": flops / ours / 1e12,
+                                               "fraction_of_matmul_peak": flops / ours / peak_flops})
     peak_bw = _copy_bandwidth()
     out["copy_bandwidth_gbs"] = peak_bw / 1e9
     backends = (["triton"] if K_.env.TRITON_INSTALLED else []) + ["numba", "torch"]

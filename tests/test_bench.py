@@ -1,0 +1,45 @@
+"""Summary rows that ``python -m ar_course bench --table`` derives from the kernel benchmark's results, with
+and without a GPU section (synthetic measurements: the rows' wording and met flags, not speeds)."""
+
+import pytest
+
+from ar_course import bench
+
+CPU = {"shape": {"N": 65536, "K": 1024}, "speedup": 2.7, "agreement": 1.0,
+       "numba_cpu": {"peak_extra_mib": 0.5}, "torch_cdist": {"peak_extra_mib": 277.0}}
+
+
+def gpu(flash_speed: float, decode_fraction: float, vq_ms: float) -> dict:
+    return {
+        "device": "Some GPU", "matmul_bf16_tflops": 700.0, "copy_bandwidth_gbs": 3000.0,
+        "flash_attention": [
+            {"T": t, "causal": c, "speed_vs_sdpa": flash_speed + 0.1 * i, "triton_tflops": 300.0 + i,
+             "fraction_of_matmul_peak": (300.0 + i) / 700.0}
+            for i, (t, c) in enumerate([(1024, False), (1024, True), (4096, False)])],
+        "decode_attention": [
+            {"T": 4096, "backend": "triton", "fraction_of_copy_bandwidth": decode_fraction, "bandwidth_gbs": 2000.0},
+            {"T": 4096, "backend": "numba", "fraction_of_copy_bandwidth": decode_fraction + 0.1,
+             "bandwidth_gbs": 2300.0},
+            {"T": 4096, "backend": "torch", "fraction_of_copy_bandwidth": 0.1, "bandwidth_gbs": 300.0}],
+        "vq_nearest": [{"N": 65536, "cdist_ms": 1.0, "triton_ms": vq_ms, "numba_ms": vq_ms / 2}],
+    }
+
+
+def test_without_a_gpu_the_kernel_rows_say_so():
+    rows = bench._kernels({"cpu": CPU, "gpu": None})
+    assert rows[0]["met"] is True and rows[0]["measured"].startswith("2.7x")
+    assert rows[-1]["measured"].startswith("not measured")
+
+
+@pytest.mark.parametrize("flash, decode, vq, met", [
+    (0.9, 0.75, 0.5, [True, True, True]),
+    (0.7, 0.75, 0.5, [False, True, True]),   # the slowest shape decides
+    (0.9, 0.6, 0.5, [True, False, True]),    # the worst of our backends (torch's own is not ours)
+    (0.9, 0.75, 1.5, [True, True, False]),   # slower than cdist with one backend
+])
+def test_gpu_rows_check_chapter_06_targets_at_their_worst_case(flash, decode, vq, met):
+    rows = bench._kernels({"cpu": CPU, "gpu": gpu(flash, decode, vq)})[1:]
+    assert [r["met"] for r in rows] == met
+    assert all("(Some GPU)" in r["what"] for r in rows)
+    assert "of measured bf16 matmul" in rows[0]["measured"]
+    assert f"lowest {decode:.0%} (triton" in rows[1]["measured"]
