@@ -6,15 +6,17 @@ Frechet distance against as many held-out test digits. Also VAR's class accuracy
 
 Writes ``benchmarks/results/var.json`` and ``var.png``::
 
-    python benchmarks/bench_var.py                 # --threads 1 by default: stable numbers on a busy CPU
+    python benchmarks/bench_var.py                 # --threads 1 (stable on a busy CPU), timings again at 2
     python benchmarks/bench_var.py --per-class 100 --batch-size 100
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import platform
+from functools import partial
 from pathlib import Path
 
 import matplotlib
@@ -24,7 +26,7 @@ import torch  # noqa: E402
 
 from ar_course.var import load_pretrained  # noqa: E402
 from ar_course.var.compare import (  # noqa: E402
-    compare_generators, plot_comparison, raster_sampler, seconds_per_batch, var_sampler,
+    best_seconds_interleaved, compare_generators, plot_comparison, raster_sampler, var_sampler,
 )
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -36,12 +38,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=100, help="chunk size when generating the samples")
     parser.add_argument("--timing-batches", type=int, nargs="+", default=[1, 10, 100],
                         help="batch sizes whose CPU wall-clock is measured")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5, help="timed calls per model and batch size, "
+                        "interleaved; the best counts [5]")
     parser.add_argument("--var-cfg", type=float, nargs="+", default=[0.0, 1.0, 2.0, 4.0],
                         help="VAR guidance strengths to evaluate (0 = conditional); the best is compared")
     parser.add_argument("--ar-cfg", type=float, default=None,
                         help="raster guidance scale (1 = conditional); default: its best recorded scale")
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads for the quality runs and the "
+                        "main timings [1]")
+    parser.add_argument("--timing-threads", type=int, nargs="*", default=[2],
+                        help="further thread counts at which the batch sizes are timed again [2]")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     var_model, var_tok = load_pretrained()
@@ -63,17 +69,26 @@ def main(argv: list[str] | None = None) -> int:
         print(f"raster AR model not available ({type(exc).__name__}: {exc}); measuring VAR alone")
     rows = compare_generators(samplers, per_class=args.per_class, batch_size=args.batch_size,
                               timing_batch=args.timing_batches[0], repeats=args.repeats)
-    timing = {}
-    for b in args.timing_batches:
-        timing[b] = {name: seconds_per_batch(lambda: s.sample(torch.arange(10).repeat(b)[:b], 0), args.repeats)
-                     for name, s in samplers.items()}
-    summary = {"var_cfg": best_cfg, "ar_cfg_scale": ar_cfg, "seconds_per_batch_by_size": timing}
+    timing_by_threads = {}
+    for threads in [args.threads] + [t for t in args.timing_threads if t != args.threads]:
+        torch.set_num_threads(threads)
+        timing_by_threads[threads] = {
+            b: best_seconds_interleaved({name: partial(s.sample, torch.arange(10).repeat(b)[:b], 0)
+                                         for name, s in samplers.items()}, args.repeats)
+            for b in args.timing_batches}
+    torch.set_num_threads(args.threads)
+    timing = timing_by_threads[args.threads]
+    summary = {"var_cfg": best_cfg, "ar_cfg_scale": ar_cfg, "seconds_per_batch_by_size": timing,
+               "seconds_per_batch_by_threads": timing_by_threads}
     if len(rows) == 2:
         v, a = rows
         summary.update(pass_ratio=a["forward_passes"] / v["forward_passes"],
                        speedup_by_batch={b: t["raster AR"] / t["VAR"] for b, t in timing.items()},
+                       speedup_by_threads={n: {b: t["raster AR"] / t["VAR"] for b, t in by.items()}
+                                           for n, by in timing_by_threads.items()},
                        accuracy_gap_points=100 * (v["class_accuracy"] - a["class_accuracy"]))
-    result = {"machine": platform.processor() or platform.machine(), "threads": args.threads,
+    result = {"date": datetime.date.today().isoformat(), "machine": platform.processor() or platform.machine(),
+              "threads": args.threads,
               "torch": torch.__version__, "var_params": var_model.num_params(), "rows": rows,
               "var_guidance_sweep": sweep, "summary": summary}
     RESULTS.mkdir(exist_ok=True)

@@ -331,3 +331,12 @@ def test_compare_generators_counts_passes():
     (row,) = rows
     assert row["forward_passes"] == 4 and row["batch_size"] == 10 and 0 <= row["class_accuracy"] <= 1
     assert row["seconds_per_batch"] > 0 and math.isfinite(row["frechet_distance"])
+
+
+def test_interleaved_timing_calls_each_function_in_turn_and_keeps_the_best():
+    from ar_course.var.compare import best_seconds_interleaved
+
+    calls: list[str] = []
+    best = best_seconds_interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, repeats=3)
+    assert calls == ["a", "b"] * 4  # a warm-up call of each, then one of each per repeat
+    assert set(best) == {"a", "b"} and all(0 <= t < 1 for t in best.values())

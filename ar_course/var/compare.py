@@ -78,6 +78,20 @@ def seconds_per_batch(fn: Callable[[], object], repeats: int = 3) -> float:
     return best
 
 
+def best_seconds_interleaved(fns: dict[str, Callable[[], object]], repeats: int = 5) -> dict[str, float]:
+    """Best-of-``repeats`` wall-clock seconds of every ``fns[name]()``, after a warm-up call of each, timed in
+    turn (one call of each per repeat) so that a burst of load on a shared machine hits every one alike."""
+    for fn in fns.values():
+        fn()
+    best = {name: float("inf") for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - t0)
+    return best
+
+
 @torch.no_grad()
 def compare_generators(
     samplers: dict[str, Sampler],
