@@ -85,8 +85,9 @@ def _var(d: dict) -> list[dict]:
 def _kernels(d: dict) -> list[dict]:
     c = d["cpu"]
     rows = [_row(f"numba CPU nearest-code search vs torch cdist, N={c['shape']['N']} K={c['shape']['K']}",
-                 f"{c['speedup']:.1f}x, {c['numba_cpu']['peak_extra_mib']:.1f} vs {c['torch_cdist']['peak_extra_mib']:.0f} "
-                 f"MiB extra", "faster, no N x K buffer", c["speedup"] > 1 and c["agreement"] == 1.0)]
+                 f"{c['speedup']:.1f}x, {c['numba_cpu']['peak_extra_mib']:.1f} vs "
+                 f"{c['torch_cdist']['peak_extra_mib']:.0f} MiB extra", "faster, no N x K buffer",
+                 c["speedup"] > 1 and c["agreement"] == 1.0)]
     g = d.get("gpu")
     if not g:
         rows.append(_row("GPU kernel targets", "not measured (no GPU on this machine)", "see bench_kernels.py", None))
@@ -95,8 +96,8 @@ def _kernels(d: dict) -> list[dict]:
     if g["flash_attention"]:
         worst = min(g["flash_attention"], key=lambda r: r["speed_vs_sdpa"])
         best = max(g["flash_attention"], key=lambda r: r["triton_tflops"])
-        peak = f" = {best['fraction_of_matmul_peak']:.0%} of measured bf16 matmul" if "fraction_of_matmul_peak" in best \
-            else ""
+        fraction = best.get("fraction_of_matmul_peak")
+        peak = f" = {fraction:.0%} of measured bf16 matmul" if fraction is not None else ""
         rows.append(_row(f"Triton FlashAttention vs SDPA, T = 1024-4096, d = 64{on}",
                          f"worst {worst['speed_vs_sdpa']:.2f}x (T={worst['T']}, causal {worst['causal']}); "
                          f"best {best['triton_tflops']:.0f} TFLOP/s{peak}", ">= 0.8x",
@@ -151,8 +152,10 @@ def format_rows(rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     scripts = available()
-    parser = argparse.ArgumentParser(prog="python -m ar_course bench", description="Run the benchmarks in benchmarks/ and print their summary table.")
-    parser.add_argument("names", nargs="*", help=f"benchmarks to run (default: all): {', '.join(scripts) or 'none found'}")
+    parser = argparse.ArgumentParser(prog="python -m ar_course bench",
+                                     description="Run the benchmarks in benchmarks/ and print their summary table.")
+    parser.add_argument("names", nargs="*",
+                        help=f"benchmarks to run (default: all): {', '.join(scripts) or 'none found'}")
     parser.add_argument("--table", action="store_true", help="only print the latest results, run nothing")
     args = parser.parse_args(argv)
     if not BENCH_DIR.is_dir():

@@ -1,7 +1,8 @@
 """The ``python -m ar_course`` command line.
 
 Sub-commands: ``generate`` (images from the shipped models), ``doctor`` (check the machine), ``grade``
-(grade a notebook), ``bench`` (run the benchmarks), ``train <what>`` (the chapters' trainers). ``python -m ar_course <command> --help`` describes each.
+(grade a notebook), ``bench`` (run the benchmarks), ``train <what>`` (the chapters' trainers).
+``python -m ar_course <command> --help`` describes each.
 """
 
 from __future__ import annotations

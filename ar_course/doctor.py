@@ -81,7 +81,9 @@ def run_checks() -> list[Finding]:
     """Every requirement of the course, checked in order."""
     found: list[Finding] = []
     py = sys.version_info
-    found.append(Finding(OK if py >= (3, 10) else FAIL, "python", platform.python_version() + ("" if py >= (3, 10) else " (need 3.10+)")))
+    py_ok = py >= (3, 10)
+    found.append(Finding(OK if py_ok else FAIL, "python",
+                         platform.python_version() + ("" if py_ok else " (need 3.10+)")))
     for mod, blocking in [("numpy", True), ("torch", True), ("safetensors", True), ("matplotlib", True),
                           ("tqdm", True), ("scipy", True), ("ipywidgets", False), ("nbclient", True)]:
         v = _version(mod)
@@ -103,12 +105,14 @@ def run_checks() -> list[Finding]:
     numba_v = _version("numba")
     if numba_v:
         ok, detail = _probe(_SIM_PROBE)
-        found.append(Finding(OK if ok else FAIL, "numba CUDA simulator", f"numba {numba_v}: " + ("works" if ok else detail)))
+        found.append(Finding(OK if ok else FAIL, "numba CUDA simulator",
+                             f"numba {numba_v}: " + ("works" if ok else detail)))
     else:
         found.append(Finding(FAIL, "numba", "not installed (chapter 06 needs it)"))
     if _version("triton"):
         ok, detail = _probe(_TRITON_PROBE)
-        found.append(Finding(OK if ok else WARN, "triton", detail if ok else f"installed but the probe failed: {detail}"))
+        found.append(Finding(OK if ok else WARN, "triton",
+                             detail if ok else f"installed but the probe failed: {detail}"))
     else:
         found.append(Finding(WARN, "triton", "not installed (optional: `pip install -e .[triton]` on Linux)"))
     try:

@@ -248,7 +248,8 @@ def frechet_distance_from_features(feats_a: torch.Tensor | np.ndarray, feats_b: 
 def frechet_distance(images_a: torch.Tensor, images_b: torch.Tensor, dataset: str = "mnist") -> float:
     """FID-style distance between two image sets ``(N, C, H, W)`` and ``(M, C, H, W)`` in [0, 1], on the
     ``dataset`` classifier's features. Compare only at equal sizes and with :func:`data_baseline`."""
-    return frechet_distance_from_features(classifier_features(images_a, dataset), classifier_features(images_b, dataset))
+    return frechet_distance_from_features(classifier_features(images_a, dataset),
+                                          classifier_features(images_b, dataset))
 
 
 # ----------------------------------------------------------------------------------------------------

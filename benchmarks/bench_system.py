@@ -184,8 +184,8 @@ def plot(rows: list[dict], sweep: list[dict]) -> plt.Figure:
                   marker="os^Dv<>P"[i % 8], alpha=0.8)
     a.legend(fontsize=7, loc="lower right")
     a.set_xscale("log")
-    a.set_xticks([v for v in (3, 10, 30, 100, 300, 1000, 3000, 10000)
-                  if min(r["images_per_second"] for r in rows) / 3 <= v <= 3 * max(r["images_per_second"] for r in rows)])
+    speeds = [r["images_per_second"] for r in rows]
+    a.set_xticks([v for v in (3, 10, 30, 100, 300, 1000, 3000, 10000) if min(speeds) / 3 <= v <= 3 * max(speeds)])
     a.set_xlabel("images / second (CPU, log)")
     a.set_ylabel("class accuracy")
     a.set_title("speed / quality of every configuration")

@@ -97,7 +97,8 @@ def vq_loss(fn: Callable, reference: Callable) -> None:
 
 def _usage_cases() -> Iterator[Case]:
     g = _gen(3)
-    yield Case("index map 4x5x5, 40 codes (some unused, top ones too)", (torch.randint(0, 30, (4, 5, 5), generator=g), 40))
+    yield Case("index map 4x5x5, 40 codes (some unused, top ones too)",
+               (torch.randint(0, 30, (4, 5, 5), generator=g), 40))
     yield Case("skewed use of 16 codes", ((torch.rand(500, generator=g) ** 3 * 16).long(), 16))
     yield Case("one code used", (torch.full((7,), 3), 10))
     yield Case("every code equally", (torch.arange(12).repeat(5), 12))
@@ -117,12 +118,14 @@ def codebook_usage(fn: Callable, reference: Callable) -> None:
 def _restart_cases() -> Iterator[Case]:
     g = _gen(4)
     counts = torch.tensor([3.0, 0.0, 7.0, 1.0, 0.0, 2.0, 0.5, 9.0, 0.0, 1.0, 4.0])
-    yield Case("11 codes, 4 dead, threshold 1", (torch.randn(11, 3, generator=g), counts, torch.randn(6, 3, generator=g), 1.0))
+    yield Case("11 codes, 4 dead, threshold 1",
+               (torch.randn(11, 3, generator=g), counts, torch.randn(6, 3, generator=g), 1.0))
     yield Case("threshold 2 (codes hit exactly twice survive)",
                (torch.randn(11, 3, generator=g), counts, torch.randn(20, 3, generator=g), 2.0))
     yield Case("more dead codes than candidates",
                (torch.randn(8, 2, generator=g), torch.zeros(8), torch.randn(3, 2, generator=g), 1.0))
-    yield Case("no dead code", (torch.randn(5, 4, generator=g), torch.full((5,), 10.0), torch.randn(2, 4, generator=g), 1.0))
+    yield Case("no dead code",
+               (torch.randn(5, 4, generator=g), torch.full((5,), 10.0), torch.randn(2, 4, generator=g), 1.0))
 
 
 @chapter.exercise("1.5", reference=ref.dead_code_restart,
@@ -146,10 +149,10 @@ def _ema_cases() -> Iterator[Case]:
     g = _gen(5)
     k, d = 7, 3
     idx = torch.randint(0, 5, (40,), generator=g)  # codes 5 and 6 unused
-    yield Case("7 codes, 40 vectors, decay 0.99",
-               (torch.rand(k, generator=g) * 5, torch.randn(k, d, generator=g), torch.randn(40, d, generator=g), idx, 0.99, 1e-5))
-    yield Case("decay 0.5, eps 0.1",
-               (torch.rand(k, generator=g) * 5, torch.randn(k, d, generator=g), torch.randn(40, d, generator=g), idx, 0.5, 0.1))
+    yield Case("7 codes, 40 vectors, decay 0.99", (torch.rand(k, generator=g) * 5, torch.randn(k, d, generator=g),
+                                                   torch.randn(40, d, generator=g), idx, 0.99, 1e-5))
+    yield Case("decay 0.5, eps 0.1", (torch.rand(k, generator=g) * 5, torch.randn(k, d, generator=g),
+                                      torch.randn(40, d, generator=g), idx, 0.5, 0.1))
     yield Case("fresh statistics (all zeros) with unused codes",
                (torch.zeros(k), torch.zeros(k, d), torch.randn(40, d, generator=g), idx, 0.9, 1e-5))
 

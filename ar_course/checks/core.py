@@ -328,7 +328,8 @@ class Chapter:
         except NotImplementedError:
             self._record(ex, NOT_ATTEMPTED, "")
             print(f"{label} not attempted yet")
-            raise NotAttempted(f"{label} not attempted yet: replace the `raise NotImplementedError` in its cell") from None
+            raise NotAttempted(
+                f"{label} not attempted yet: replace the `raise NotImplementedError` in its cell") from None
         except CheckFailure as exc:
             reason = str(exc)
             if ex.hint:

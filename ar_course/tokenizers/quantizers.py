@@ -396,7 +396,8 @@ class MultiScaleVQ(nn.Module):
         for k, s in enumerate(self.scales):
             r = _flatten(Fq.downsample_area(rest, s))  # (B*s*s, C)
             idx = self.quantizer.lookup(r)  # (B*s*s,)
-            h = self.phi(k)(Fq.upsample_bicubic(_unflatten(self.quantizer.codebook[idx], b, s, s), side))  # (B, C, H, H)
+            z_k = _unflatten(self.quantizer.codebook[idx], b, s, s)  # (B, C, s, s)
+            h = self.phi(k)(Fq.upsample_bicubic(z_k, side))  # (B, C, H, H)
             f_hat = f_hat + h
             rest = rest - h.detach()
             if self.loss == "every_scale":
@@ -443,7 +444,8 @@ class MultiScaleVQ(nn.Module):
             f_hat = self.accumulate(f_hat, k, idx)
         return f_hat
 
-    def teacher_forcing_inputs(self, indices: Sequence[torch.Tensor], flatten: bool = False) -> list[torch.Tensor] | torch.Tensor:
+    def teacher_forcing_inputs(self, indices: Sequence[torch.Tensor],
+                               flatten: bool = False) -> list[torch.Tensor] | torch.Tensor:
         """For ``k = 0 .. S-2`` the cumulative ``f_hat`` after scale ``k`` area-downsampled to scale ``k+1``:
         a list of ``(B, D, s_{k+1}, s_{k+1})``, or with ``flatten=True`` one ``(B, num_tokens - 1, D)`` tensor
         in VAR's token order (scale by scale, row-major)."""

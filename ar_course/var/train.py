@@ -149,8 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     accuracy = {str(c): class_accuracy_at(model, tokenizer, c, args.eval_per_class, args.seed, args.dataset)
                 for c in EVAL_CFGS}
     tail = history.loss[-50:]
-    out = save_pretrained(model, args.out, tokenizer=args.tokenizer, dataset=args.dataset, steps=args.steps, seed=args.seed,
-                          batch_size=args.batch_size, lr=args.lr, p_uncond=args.p_uncond,
+    out = save_pretrained(model, args.out, tokenizer=args.tokenizer, dataset=args.dataset, steps=args.steps,
+                          seed=args.seed, batch_size=args.batch_size, lr=args.lr, p_uncond=args.p_uncond,
                           final_train_loss=sum(tail) / len(tail), test_loss=float(test_loss),
                           test_loss_per_scale=[round(float(v), 4) for v in per_scale],
                           accuracy_by_cfg=accuracy, eval_per_class=args.eval_per_class,
