@@ -1,0 +1,85 @@
+"""Writing result files safely: check an output path before any work, then write through a temporary file
+and rename it into place, so a failure (an exception, Ctrl-C, SIGTERM, a full disk) leaves the previous file
+or nothing -- never half a file.
+
+    out = check_output_path(args.out, suffix=".png")   # ValueError naming the problem, before any work
+    with atomic_path(out) as tmp:                       # write to tmp; renamed to out on success
+        image.save(tmp, format="PNG")
+    atomic_write_text(stats_path, json.dumps(stats))
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+
+def check_output_path(path: str | Path, suffix: str | tuple[str, ...] | None = None, what: str = "output") -> Path:
+    """``path`` as a :class:`Path` after checking that a file can be written there; raises ``ValueError``.
+
+    Missing parent folders are fine (writers create them) as long as the nearest existing ancestor is a
+    writable folder. Rejected: a path that names a folder, a parent that is a regular file, a place this
+    process cannot write to (probed by creating and removing a temporary file, which also catches read-only
+    file systems and root-owned folders), and -- with ``suffix`` -- a wrong file extension."""
+    path = Path(path)
+    if str(path) in ("", "."):
+        raise ValueError(f"{what} path is empty")
+    if path.is_dir():
+        raise ValueError(f"{what} {str(path)!r} is a folder; name a file inside it")
+    if suffix is not None:
+        suffixes = (suffix,) if isinstance(suffix, str) else suffix
+        if path.suffix.lower() not in suffixes:
+            raise ValueError(f"{what} must name a {' or '.join(suffixes)} file, got {str(path)!r}")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise ValueError(f"cannot write {what} {str(path)!r}: the file is read-only")
+    ancestor = path.absolute().parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise ValueError(f"cannot write {what} {str(path)!r}: {str(ancestor)!r} is a file, not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".ar-course-probe-", dir=ancestor)
+    except OSError as exc:
+        raise ValueError(f"cannot write {what} {str(path)!r}: {exc.strerror or exc} in {str(ancestor)!r}") from None
+    os.close(fd)
+    os.unlink(probe)
+    return path
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on normal exit it is renamed to ``path`` (atomic on POSIX and
+    Windows), on an exception it is removed and ``path`` is left as it was. Creates missing parent folders."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes it private; give it an ordinary file's mode
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    except BaseException:
+        tmp_path.unlink(missing_ok=True)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` through :func:`atomic_path`; returns ``path``."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` through :func:`atomic_path`; returns ``path``."""
+    return atomic_write_bytes(path, text.encode("utf-8"))

@@ -1,0 +1,65 @@
+"""ar_course.files: output paths are checked before work, and writes are all-or-nothing."""
+
+import os
+
+import pytest
+
+from ar_course.files import atomic_path, atomic_write_text, check_output_path
+
+
+def test_check_output_path_accepts_new_file_in_new_folder(tmp_path):
+    assert check_output_path(tmp_path / "a" / "b" / "out.png", suffix=".png") == tmp_path / "a" / "b" / "out.png"
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda d: d, "is a folder"),
+    (lambda d: (d / "f.txt").write_text("x") and d / "f.txt" / "out.png", "is a file, not a folder"),
+])
+def test_check_output_path_rejects(tmp_path, make, message):
+    with pytest.raises(ValueError, match=message):
+        check_output_path(make(tmp_path), suffix=".png")
+
+
+def test_check_output_path_suffix_and_empty(tmp_path):
+    with pytest.raises(ValueError, match=r"must name a \.png file"):
+        check_output_path(tmp_path / "out.jpg", suffix=".png")
+    with pytest.raises(ValueError, match="empty"):
+        check_output_path("")
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root can write into read-only folders")
+def test_check_output_path_read_only_folder(tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        with pytest.raises(ValueError, match="cannot write"):
+            check_output_path(ro / "out.png")
+    finally:
+        ro.chmod(0o755)
+
+
+def test_check_output_path_unwritable_for_everyone():
+    if not os.path.isdir("/proc/self"):
+        pytest.skip("no /proc")
+    with pytest.raises(ValueError, match="cannot write"):
+        check_output_path("/proc/self/out.json")
+
+
+def test_atomic_path_keeps_old_file_on_failure(tmp_path):
+    out = tmp_path / "out.txt"
+    out.write_text("old")
+    with pytest.raises(RuntimeError):
+        with atomic_path(out) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("boom")
+    assert out.read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.txt"]  # no temporary file left behind
+
+
+def test_atomic_write_text_replaces_with_ordinary_mode(tmp_path):
+    out = atomic_write_text(tmp_path / "sub" / "out.txt", "new")
+    assert out.read_text() == "new"
+    mask = os.umask(0)
+    os.umask(mask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~mask
