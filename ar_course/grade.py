@@ -189,7 +189,7 @@ def grade_notebook(path: str | Path, timeout: float = 600.0, cell_timeout: float
                 run_nb, km=_kernel_manager(), timeout=int(cell_timeout), allow_errors=True, kernel_name=CURRENT_ENV,
                 resources={"metadata": {"path": str(path.parent.resolve())}},
             )
-            with client.setup_kernel():
+            with client.setup_kernel(cleanup_kc=True):  # shut the kernel down when done (we own it)
                 for j, cell in enumerate(run_nb.cells):
                     orig = cells[j][0]
                     remaining = timeout - (time.perf_counter() - start)
