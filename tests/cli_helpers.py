@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator
+
 import pytest
+import torch
 
 from ar_course import cli
 from ar_course.system import Generator
@@ -28,10 +32,17 @@ def grid_size(n_classes: int, per_class: int, zoom: int) -> tuple[int, int]:
     return (n_classes * 34 + 2) * zoom, (per_class * 34 + 2) * zoom
 
 
-def patch_loading(monkeypatch: pytest.MonkeyPatch, generator: Generator) -> list[str]:
+class Calls(list):
+    """The names ``Generator.from_pretrained`` was called with (shown as a count in failure reports)."""
+
+    def __repr__(self) -> str:
+        return f"<{len(self)} calls of Generator.from_pretrained>"
+
+
+def patch_loading(monkeypatch: pytest.MonkeyPatch, generator: Generator) -> Calls:
     """Make ``Generator.from_pretrained`` return ``generator`` and record each call (so a test can see whether
     the models were loaded at all)."""
-    calls: list[str] = []
+    calls = Calls()
 
     def from_pretrained(name: str = "mnist", device: str = "auto") -> Generator:
         calls.append(name)
@@ -39,3 +50,15 @@ def patch_loading(monkeypatch: pytest.MonkeyPatch, generator: Generator) -> list
 
     monkeypatch.setattr(Generator, "from_pretrained", staticmethod(from_pretrained))
     return calls
+
+
+@contextlib.contextmanager
+def one_torch_thread() -> Iterator[None]:
+    """torch on one thread: as fast for the tests' tiny batches, and no slower when the shared CPU is busy (two
+    threads spin-waiting on each other then made single images take seconds)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

@@ -14,7 +14,7 @@ from PIL import Image
 
 from ar_course import cli, doctor
 from ar_course.system import Generator
-from cli_helpers import error_line, grid_size, patch_loading, run
+from cli_helpers import error_line, grid_size, one_torch_thread, patch_loading, run
 from fixtures.make_fixtures import solution_notebook
 
 GENERATE_HELP = "(see python -m ar_course generate --help)"
@@ -28,7 +28,8 @@ def run_process(*args, timeout=300, env=None):
 
 @pytest.fixture(scope="module")
 def shipped():
-    return Generator.from_pretrained("mnist", device="cpu")
+    with one_torch_thread():
+        yield Generator.from_pretrained("mnist", device="cpu")
 
 
 @pytest.fixture
