@@ -154,9 +154,10 @@ def _load(args: argparse.Namespace) -> Generator:
 
 def _check_against_models(args: argparse.Namespace, gen: Generator) -> list[int]:
     """The class ids to generate, after checking them and the method against the loaded models."""
-    if (gen.var if args.method == "var" else gen.ar) is None:
-        flag = "--var-checkpoint" if args.method == "var" else "--ar-checkpoint"
-        raise UsageError(f"--method {args.method} needs its model: pass {flag} too")
+    if args.method == "var" and gen.var is None:
+        raise UsageError("--method var (the default) needs a VAR model: add --var-checkpoint, or use --method ar")
+    if args.method == "ar" and gen.ar is None:
+        raise UsageError("--method ar needs a raster AR model: add --ar-checkpoint, or use --method var")
     if args.speculative == "draft" and gen.ar_draft is None:
         raise UsageError("--speculative draft needs a draft model, which only the shipped models have; use "
                          "--speculative jacobi with --ar-checkpoint")

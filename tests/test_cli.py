@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from ar_course import cli, doctor
-from ar_course.system import Generator
+from ar_course.system import PRETRAINED, Generator
 from cli_helpers import error_line, grid_size, one_torch_thread, patch_loading, run
 from fixtures.make_fixtures import solution_notebook
 
@@ -263,6 +263,18 @@ def test_generate_bad_checkpoint_is_a_usage_error(capsys, tmp_path):
     status, _, err = run(capsys, "generate", "--out", tmp_path / "x.png", "--ar-checkpoint", tmp_path / "no.st")
     assert status == 2 and error_line(err) == f"error: no checkpoint at {tmp_path}/no.st"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["var.safetensors"]
+
+
+@pytest.mark.parametrize("args, message", [
+    ([], "--method var (the default) needs a VAR model: add --var-checkpoint, or use --method ar"),
+    (["--method", "ar", "--speculative", "draft"],
+     "--speculative draft needs a draft model, which only the shipped models have; use --speculative jacobi with "
+     "--ar-checkpoint"),
+])
+def test_generate_custom_checkpoint_lacking_what_the_options_need(capsys, tmp_path, args, message):
+    ar_path = PRETRAINED["mnist"]["ar_path"]
+    status, _, err = run(capsys, "generate", "--out", tmp_path / "x.png", "--ar-checkpoint", ar_path, *args)
+    assert status == 2 and error_line(err) == f"error: {message}" and list(tmp_path.iterdir()) == []
 
 
 def test_generate_writes_png_and_strict_json_atomically(capsys, tmp_path, loads):
