@@ -64,26 +64,26 @@ class ArgumentParser(argparse.ArgumentParser):
 # -- type= helpers for numeric options ---------------------------------------------------------------------
 
 
-def _is_number(text: str) -> bool:
+def _number(text: str) -> float | None:
+    """``text`` as a float (``nan`` and ``inf`` included), or None when it is not a number."""
     try:
-        float(text)
+        return float(text)
     except ValueError:
-        return False
-    return True
+        return None
 
 
 def invalid(requirement: str, text: str) -> argparse.ArgumentTypeError:
     """The error a ``type=`` function raises for ``text``: ``must be <requirement>, got <text>`` (the value quoted
     unless it reads as a number, shortened when long)."""
-    shown = text.strip() if _is_number(text) else repr(text)
+    shown = text.strip() if _number(text) is not None else repr(text)
     shown = shown if len(shown) <= 40 else shown[:37] + "..."
     return argparse.ArgumentTypeError(f"must be {requirement}, got {shown}")
 
 
 def finite_float(text: str) -> float:
     """argparse ``type=``: a finite float (``nan``, ``inf`` and non-numbers are refused)."""
-    value = float(text) if _is_number(text) else math.nan
-    if not math.isfinite(value):
+    value = _number(text)
+    if value is None or not math.isfinite(value):
         raise invalid("a finite number", text)
     return value
 
@@ -100,8 +100,8 @@ def float_in(lo: float, hi: float = math.inf, *, lo_open: bool = False) -> Calla
     requirement = f"a finite number {_interval(lo, hi, lo_open)}"
 
     def parse(text: str) -> float:
-        value = float(text) if _is_number(text) else math.nan
-        if not math.isfinite(value) or not (lo < value <= hi if lo_open else lo <= value <= hi):
+        value = _number(text)
+        if value is None or not math.isfinite(value) or not (lo < value <= hi if lo_open else lo <= value <= hi):
             raise invalid(requirement, text)
         return value
 
@@ -127,7 +127,6 @@ def int_in(lo: int, hi: int | None = None) -> Callable[[str], int]:
 
 positive_int = int_in(1)
 nonnegative_int = int_in(0)
-nonnegative_float = float_in(0.0)
 positive_float = float_in(0.0, lo_open=True)
 
 

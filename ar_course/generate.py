@@ -29,10 +29,11 @@ from ar_course.utils import get_device
 from ar_course.viz import to_grid
 
 MIN_TEMPERATURE = 1e-6
-"""Smallest positive ``--temperature``: below it logits / temperature overflows float32 (NaN probabilities);
-such a temperature is greedy decoding anyway (``--temperature 0``)."""
+"""Smallest positive ``--temperature``: around 1e-38 and below, logits / temperature overflow float32 (NaN
+probabilities); anything this small is greedy decoding anyway (``--temperature 0``)."""
 MIN_TOP_P = 1e-6
-"""Smallest ``--top-p``: below float32's resolution it would keep no token at all; ``1e-6`` keeps the top one."""
+"""Smallest ``--top-p``: a p that rounds to 0 in float32 kept no token at all (NaN probabilities); any p below
+1 / vocabulary size keeps just the most likely token anyway."""
 MAX_CFG = 1000.0
 """Largest ``--cfg``: useful strengths are a few units, and near 1e38 the guided logits overflow float32."""
 MAX_SEED = 2**64 - 1
