@@ -410,3 +410,16 @@ def test_bench_table_and_bad_name(capsys):
     status, out, err = run(capsys, "bench", "no_such_benchmark")
     assert status == 2 and out == "" and error_line(err).startswith(
         "error: unknown benchmark(s) 'no_such_benchmark'; choose from: ")
+
+
+# -- make lab -----------------------------------------------------------------------------------------------
+
+
+def test_make_lab_serves_on_localhost_with_its_token():
+    from conftest import ROOT
+
+    make = (ROOT / "Makefile").read_text()
+    recipe = make.split("\nlab:", 1)[1].split("\n\n", 1)[0]
+    assert "jupyter lab" in recipe and "--ServerApp.ip=127.0.0.1" in recipe and "--allow-root" in recipe
+    assert "token" not in recipe and "0.0.0.0" not in recipe  # the token stays on; nothing opens it up
+    assert "ssh -L 8888:localhost:8888" in (ROOT / "README.md").read_text()
