@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import nbformat
 import pytest
@@ -17,6 +18,7 @@ from ar_course.system import PRETRAINED, Generator
 from cli_helpers import error_line, grid_size, one_torch_thread, patch_loading, run
 from fixtures.make_fixtures import solution_notebook
 
+ROOT = Path(__file__).resolve().parents[1]
 GENERATE_HELP = "(see python -m ar_course generate --help)"
 GRADE_HELP = "(see python -m ar_course grade --help)"
 
@@ -416,8 +418,6 @@ def test_bench_table_and_bad_name(capsys):
 
 
 def test_make_lab_serves_on_localhost_with_its_token():
-    from conftest import ROOT
-
     make = (ROOT / "Makefile").read_text()
     recipe = make.split("\nlab:", 1)[1].split("\n\n", 1)[0]
     assert "jupyter lab" in recipe and "--ServerApp.ip=127.0.0.1" in recipe and "--allow-root" in recipe
