@@ -46,8 +46,9 @@ kernel: $(STAMP)
 	$(PY) -m ipykernel install --user --name ar-course --display-name "Python (ar-course)" >/dev/null
 	@echo "Jupyter kernel 'ar-course' registered"
 
+# localhost only, with JupyterLab's token (from another machine: an SSH tunnel, see the README)
 lab: kernel
-	$(VENV)/bin/jupyter lab notebooks/ $$( [ "$$(id -u)" = 0 ] && echo --allow-root )
+	$(VENV)/bin/jupyter lab notebooks/ --ServerApp.ip=127.0.0.1 $$( [ "$$(id -u)" = 0 ] && echo --allow-root )
 
 test: $(STAMP)
 	$(PY) -m pytest tests $(PYTEST_FLAGS)

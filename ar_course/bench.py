@@ -7,11 +7,12 @@ measured inside one run on one machine; the JSON records the machine and date.
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
 from pathlib import Path
+
+from ar_course.cli import ArgumentParser, UsageError
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH_DIR = ROOT / "benchmarks"
@@ -128,7 +129,11 @@ def summary_rows(names: list[str]) -> list[dict]:
         path = RESULTS / f"{name}.json"
         if not path.is_file():
             continue
-        data = json.loads(path.read_text())
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ValueError(f"benchmark result {path} is not valid JSON ({exc}); rerun: python -m ar_course bench "
+                             f"{name}") from None
         summary = data.get("summary")
         if not isinstance(summary, list):
             summary = SUMMARIZERS[name](data) if name in SUMMARIZERS else []
@@ -152,20 +157,17 @@ def format_rows(rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     scripts = available()
-    parser = argparse.ArgumentParser(prog="python -m ar_course bench",
-                                     description="Run the benchmarks in benchmarks/ and print their summary table.")
+    parser = ArgumentParser(prog="python -m ar_course bench",
+                            description="Run the benchmarks in benchmarks/ and print their summary table.")
     parser.add_argument("names", nargs="*",
                         help=f"benchmarks to run (default: all): {', '.join(scripts) or 'none found'}")
     parser.add_argument("--table", action="store_true", help="only print the latest results, run nothing")
     args = parser.parse_args(argv)
     if not BENCH_DIR.is_dir():
-        print(f"error: no benchmarks/ folder next to the package ({BENCH_DIR}); run from a source checkout",
-              file=sys.stderr)
-        return 2
+        raise UsageError(f"no benchmarks/ folder next to the package ({BENCH_DIR}); run from a source checkout")
     unknown = [n for n in args.names if n not in scripts]
     if unknown:
-        print(f"error: unknown benchmark(s) {', '.join(unknown)}; choose from: {', '.join(scripts)}", file=sys.stderr)
-        return 2
+        raise UsageError(f"unknown benchmark(s) {', '.join(map(repr, unknown))}; choose from: {', '.join(scripts)}")
     names = args.names or list(scripts)
     failed = []
     if not args.table:
@@ -177,6 +179,6 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(format_rows(summary_rows(names)))
     if failed:
-        print(f"\nfailed: {', '.join(failed)}", file=sys.stderr)
+        print(f"error: benchmark(s) failed: {', '.join(failed)} (their output is above)", file=sys.stderr)
         return 1
     return 0

@@ -3,13 +3,25 @@
 Sub-commands: ``generate`` (images from the shipped models), ``doctor`` (check the machine), ``grade``
 (grade a notebook), ``bench`` (run the benchmarks), ``train <what>`` (the chapters' trainers).
 ``python -m ar_course <command> --help`` describes each.
+
+Errors: whatever goes wrong, the command prints one line ``error: ...`` on stderr and exits with 2 for bad
+input (arguments, input files: :class:`UsageError` and argparse errors) or 1 for a failure while working;
+Ctrl-C exits 130. ``--debug`` anywhere on the command line (or ``AR_COURSE_DEBUG=1``) shows the traceback
+instead. A command's parser is an :class:`ArgumentParser`; its options check their values with the ``type=``
+helpers here (:func:`finite_float`, :func:`float_in`, :func:`int_in`...), so a bad number is refused before any
+work with ``error: --cfg must be a finite number >= 0, got nan``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import math
+import os
+import re
 import sys
+from typing import Callable, Iterator
 
 # what -> (module with main(argv) -> int, one-line description)
 TRAINERS: dict[str, tuple[str, str]] = {
@@ -27,12 +39,98 @@ COMMANDS = {
     "bench": ("ar_course.bench", "run the benchmarks in benchmarks/ and print their summary table"),
 }
 
+PROG = "python -m ar_course"
+DEBUG_FLAG = "--debug"
+DEBUG_ENV = "AR_COURSE_DEBUG"
+EXIT_USAGE, EXIT_FAILURE, EXIT_INTERRUPTED = 2, 1, 130
+
+
+class UsageError(Exception):
+    """Bad arguments or a bad input file, found after parsing (a path, a class id, a notebook):
+    :func:`main` prints ``error: <message>`` and exits with status 2."""
+
 
 class ArgumentParser(argparse.ArgumentParser):
-    """An argparse parser whose usage errors are one line: ``error: ... (see PROG --help)``, exit status 2."""
+    """An argparse parser whose usage errors are one line: ``error: ... (see PROG --help)``, exit status 2.
+
+    A value refused by a ``type=`` helper of this module reads ``--cfg must be ...`` rather than argparse's
+    ``argument --cfg: must be ...``."""
 
     def error(self, message: str):  # type: ignore[override]
-        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+        message = re.sub(r"^argument (\S+): (must )", r"\1 \2", " ".join(message.splitlines()))
+        self.exit(EXIT_USAGE, f"error: {message} (see {self.prog} --help)\n")
+
+
+# -- type= helpers for numeric options ---------------------------------------------------------------------
+
+
+def _number(text: str) -> float | None:
+    """``text`` as a float (``nan`` and ``inf`` included), or None when it is not a number."""
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def invalid(requirement: str, text: str) -> argparse.ArgumentTypeError:
+    """The error a ``type=`` function raises for ``text``: ``must be <requirement>, got <text>`` (the value quoted
+    unless it reads as a number, shortened when long)."""
+    shown = text.strip() if _number(text) is not None else repr(text)
+    shown = shown if len(shown) <= 40 else shown[:37] + "..."
+    return argparse.ArgumentTypeError(f"must be {requirement}, got {shown}")
+
+
+def finite_float(text: str) -> float:
+    """argparse ``type=``: a finite float (``nan``, ``inf`` and non-numbers are refused)."""
+    value = _number(text)
+    if value is None or not math.isfinite(value):
+        raise invalid("a finite number", text)
+    return value
+
+
+def _interval(lo: float, hi: float, lo_open: bool) -> str:
+    if hi == math.inf:
+        return f"{'>' if lo_open else '>='} {lo:g}"
+    return f"in {'(' if lo_open else '['}{lo:g}, {hi:g}]"
+
+
+def float_in(lo: float, hi: float = math.inf, *, lo_open: bool = False) -> Callable[[str], float]:
+    """argparse ``type=``: a finite float in ``[lo, hi]`` (``(lo, hi]`` with ``lo_open``; ``hi`` may be inf):
+    ``--top-p must be a finite number in (0, 1], got 1.5``."""
+    requirement = f"a finite number {_interval(lo, hi, lo_open)}"
+
+    def parse(text: str) -> float:
+        value = _number(text)
+        if value is None or not math.isfinite(value) or not (lo < value <= hi if lo_open else lo <= value <= hi):
+            raise invalid(requirement, text)
+        return value
+
+    return parse
+
+
+def int_in(lo: int, hi: int | None = None) -> Callable[[str], int]:
+    """argparse ``type=``: an integer ``>= lo`` (and ``<= hi`` when given): ``--zoom must be an integer in [1,
+    64], got 0``."""
+    requirement = f"an integer >= {lo}" if hi is None else f"an integer in [{lo}, {hi}]"
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise invalid(requirement, text) from None
+        if value < lo or (hi is not None and value > hi):
+            raise invalid(requirement, text)
+        return value
+
+    return parse
+
+
+positive_int = int_in(1)
+nonnegative_int = int_in(0)
+positive_float = float_in(0.0, lo_open=True)
+
+
+# -- dispatch ----------------------------------------------------------------------------------------------
 
 
 def _available_trainers() -> dict[str, tuple[str, str]]:
@@ -51,13 +149,14 @@ def _train(argv: list[str]) -> int:
     trainers = _available_trainers()
     listing = "\n".join(f"  {k:<12} {d}" for k, (_, d) in trainers.items())
     if not argv or argv[0] in ("-h", "--help"):
-        print(f"usage: python -m ar_course train WHAT [options]\n\nWHAT is one of:\n{listing}\n\n"
-              "python -m ar_course train WHAT --help lists its options.")
-        return 0 if argv else 2
+        print(f"usage: {PROG} train WHAT [options]\n\nWHAT is one of:\n{listing}\n\n"
+              f"{PROG} train WHAT --help lists its options.")
+        if argv:
+            return 0
+        raise UsageError(f"train needs WHAT to train, one of: {', '.join(trainers)}")
     what, rest = argv[0], argv[1:]
     if what not in trainers:
-        print(f"error: unknown trainer {what!r}; choose from: {', '.join(trainers)}", file=sys.stderr)
-        return 2
+        raise UsageError(f"unknown trainer {what!r}; choose from: {', '.join(trainers)}")
     from ar_course.distributed import close_distributed, init_distributed
 
     init_distributed()  # joins the process group when launched by torchrun; no-op otherwise
@@ -69,12 +168,12 @@ def _train(argv: list[str]) -> int:
         close_distributed()
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(
-        prog="python -m ar_course",
+def _dispatch(argv: list[str]) -> int:
+    parser = ArgumentParser(
+        prog=PROG,
         description="Autoregressive generation from scratch: the course's command line.",
-        epilog="Run `python -m ar_course COMMAND --help` for a command's options.",
+        epilog=f"Run `{PROG} COMMAND --help` for a command's options; add {DEBUG_FLAG} to any command to see "
+               "the traceback of an error.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (_, desc) in COMMANDS.items():
@@ -82,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("train", help="train a model of the course from a fixed seed", add_help=False)
     if not argv:
         parser.print_help()
-        return 2
+        raise UsageError(f"no command given; choose from: {', '.join([*COMMANDS, 'train'])}")
     if argv[0] in ("-h", "--help"):
         parser.print_help()
         return 0
@@ -90,8 +189,64 @@ def main(argv: list[str] | None = None) -> int:
     if command == "train":
         return _train(rest)
     if command not in COMMANDS:
-        parser.print_usage(sys.stderr)
-        print(f"error: unknown command {command!r}; choose from: {', '.join([*COMMANDS, 'train'])}", file=sys.stderr)
-        return 2
+        raise UsageError(f"unknown command {command!r}; choose from: {', '.join([*COMMANDS, 'train'])} "
+                         f"(see {PROG} --help)")
     mod = importlib.import_module(COMMANDS[command][0])
     return int(mod.main(rest) or 0)
+
+
+@contextlib.contextmanager
+def _one_line_usage_errors() -> Iterator[None]:
+    """While a command runs, any argparse parser -- also one not built from :class:`ArgumentParser`, such as a
+    trainer's -- reports a usage error as one line."""
+    saved = argparse.ArgumentParser.error
+    argparse.ArgumentParser.error = ArgumentParser.error  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        argparse.ArgumentParser.error = saved  # type: ignore[method-assign]
+
+
+def first_line(text: str) -> str:
+    """The first non-blank line of ``text``, stripped ("" when there is none): an error message for one line."""
+    return next((line.strip() for line in text.splitlines() if line.strip()), "")
+
+
+def _describe(exc: BaseException) -> str:
+    """One line for an unexpected exception: its message, after its type's name unless that adds nothing."""
+    message = first_line(str(exc))
+    if isinstance(exc, (ValueError, RuntimeError, OSError)) and message:
+        return message
+    return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+
+
+def _error(message: str, status: int) -> int:
+    """Print ``error: <message>`` as one line on stderr (line breaks inside become spaces); return ``status``."""
+    print(f"error: {' '.join(message.splitlines())}", file=sys.stderr)
+    return status
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ``python -m ar_course ARGV`` and return its exit status (0 ok, 1 failure, 2 bad input, 130 Ctrl-C)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = DEBUG_FLAG in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    argv = [a for a in argv if a != DEBUG_FLAG]
+    try:
+        with _one_line_usage_errors():
+            return _dispatch(argv)
+    except SystemExit as exc:  # argparse (--help, usage errors) and sys.exit() inside a command
+        if exc.code is None or isinstance(exc.code, int):
+            return exc.code or 0
+        return _error(first_line(str(exc.code)), EXIT_FAILURE)
+    except UsageError as exc:
+        if debug:
+            raise
+        return _error(str(exc), EXIT_USAGE)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        return _error("interrupted", EXIT_INTERRUPTED)
+    except Exception as exc:  # noqa: BLE001 - the safety net: one line instead of a traceback
+        if debug:
+            raise
+        return _error(f"{_describe(exc)} (rerun with {DEBUG_FLAG} for the traceback)", EXIT_FAILURE)

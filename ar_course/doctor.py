@@ -136,9 +136,9 @@ def run_checks() -> list[Finding]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
+    from ar_course.cli import ArgumentParser
 
-    argparse.ArgumentParser(prog="python -m ar_course doctor", description=__doc__.split("\n\n")[0]).parse_args(argv)
+    ArgumentParser(prog="python -m ar_course doctor", description=__doc__.split("\n\n")[0]).parse_args(argv)
     findings = run_checks()
     width = max(len(f.name) for f in findings)
     for f in findings:

@@ -9,7 +9,11 @@ wall time, backends) is printed; ``--stats-json PATH`` writes the full stats.
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import io
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -17,9 +21,46 @@ import numpy as np
 import torch
 
 from ar_course.checkpoint import CheckpointError
-from ar_course.cli import ArgumentParser
+from ar_course.cli import (ArgumentParser, UsageError, finite_float, float_in, int_in, invalid, nonnegative_int,
+                           positive_int)
+from ar_course.files import atomic_path, check_output_path
 from ar_course.system import KERNELS, METHODS, PRECISIONS, Generator
+from ar_course.utils import get_device
 from ar_course.viz import to_grid
+
+MIN_TEMPERATURE = 1e-6
+"""Smallest positive ``--temperature``: around 1e-38 and below, logits / temperature overflow float32 (NaN
+probabilities); anything this small is greedy decoding anyway (``--temperature 0``)."""
+MIN_TOP_P = 1e-6
+"""Smallest ``--top-p``: a p that rounds to 0 in float32 kept no token at all (NaN probabilities); any p below
+1 / vocabulary size keeps just the most likely token anyway."""
+MAX_CFG = 1000.0
+"""Largest ``--cfg``: useful strengths are a few units, and near 1e38 the guided logits overflow float32."""
+MAX_SEED = 2**64 - 1
+"""torch seeds are unsigned 64-bit integers."""
+
+
+def _temperature(text: str) -> float:
+    """argparse ``type=``: 0 (greedy) or a finite number >= :data:`MIN_TEMPERATURE`."""
+    try:
+        value = finite_float(text)
+    except argparse.ArgumentTypeError:
+        value = math.nan
+    if value != 0 and not value >= MIN_TEMPERATURE:
+        raise invalid(f"0 (greedy) or a finite number >= {MIN_TEMPERATURE:g}", text)
+    return value
+
+
+def _device(text: str) -> str:
+    """argparse ``type=``: ``auto`` or a device torch knows of type cpu, cuda or mps (``cuda:1``...)."""
+    if text != "auto":
+        try:
+            kind = torch.device(text).type
+        except (RuntimeError, ValueError):
+            kind = None
+        if kind not in ("cpu", "cuda", "mps"):
+            raise invalid("auto, cpu, cuda, cuda:N or mps", text)
+    return text
 
 
 def build_parser() -> ArgumentParser:
@@ -28,79 +69,140 @@ def build_parser() -> ArgumentParser:
                                    "(one column per class).")
     p.add_argument("--out", type=Path, required=True, help="PNG file to write")
     p.add_argument("--method", choices=METHODS, default="var", help="next-scale (var) or raster-order (ar) [var]")
-    p.add_argument("--classes", type=int, nargs="+", default=None, help="class ids (default: every class)")
-    p.add_argument("--per-class", type=int, default=1, help="samples of each class: rows of the grid [1]")
-    p.add_argument("--cfg", type=float, default=None,
-                   help="guidance strength w, logits (1+w) cond - w uncond; 0 = conditional (default: per method)")
-    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy [1.0]")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--classes", type=nonnegative_int, nargs="+", default=None, help="class ids (default: every class)")
+    p.add_argument("--per-class", type=positive_int, default=1, help="samples of each class: rows of the grid [1]")
+    p.add_argument("--cfg", type=float_in(0.0, MAX_CFG), default=None,
+                   help="guidance strength w in [0, 1000], logits (1+w) cond - w uncond; 0 = conditional "
+                        "(default: per method)")
+    p.add_argument("--temperature", type=_temperature, default=1.0,
+                   help=f"0 = greedy, else >= {MIN_TEMPERATURE:g} [1.0]")
+    p.add_argument("--top-k", type=positive_int, default=None, help="keep the k most likely tokens (k >= 1)")
+    p.add_argument("--top-p", type=float_in(MIN_TOP_P, 1.0), default=None,
+                   help=f"nucleus sampling, p in [{MIN_TOP_P:g}, 1]")
     p.add_argument("--speculative", choices=("draft", "jacobi"), default=None,
                    help="speculative decoding for --method ar: a draft model, or Speculative Jacobi Decoding")
-    p.add_argument("--relaxed-delta", type=float, default=0.0,
-                   help="relaxed acceptance budget for --speculative jacobi (0 = exact) [0]")
+    p.add_argument("--relaxed-delta", type=float_in(0.0, 1.0), default=0.0,
+                   help="relaxed acceptance for --speculative jacobi: probability mass in [0, 1] that may move "
+                        "(0 = exact) [0]")
     p.add_argument("--kernels", choices=KERNELS, default="auto", help="attention implementation [auto]")
     p.add_argument("--precision", choices=PRECISIONS, default="auto", help="[auto: bfloat16 on CUDA, else float32]")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decode step (first call compiles for tens of seconds; needs torch "
                         "attention: --kernels auto or torch)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", help="cpu, cuda or auto [auto]")
+    p.add_argument("--seed", type=int_in(0, MAX_SEED), default=0)
+    p.add_argument("--device", type=_device, default="auto", help="cpu, cuda or auto [auto]")
     p.add_argument("--var-checkpoint", type=Path, default=None, help="a VAR checkpoint instead of the shipped one")
     p.add_argument("--ar-checkpoint", type=Path, default=None,
                    help="a raster AR checkpoint instead of the shipped one")
     p.add_argument("--dataset", choices=("mnist", "shapes"), default="mnist",
                    help="what custom checkpoints generate (names the classifier) [mnist]")
-    p.add_argument("--zoom", type=int, default=2, help="pixel repeat factor of the PNG [2]")
-    p.add_argument("--stats-json", type=Path, default=None, help="also write the generation stats as JSON")
+    p.add_argument("--zoom", type=int_in(1, 64), default=2, help="pixel repeat factor of the PNG, 1 to 64 [2]")
+    p.add_argument("--stats-json", type=Path, default=None, help="also write the generation stats to this .json file")
     return p
 
 
-def save_png(images: torch.Tensor, ncol: int, path: Path, zoom: int = 1) -> Path:
-    """Write ``images`` ``(N, C, S, S)`` in [0, 1] as a grid of ``ncol`` columns to ``path`` (PNG)."""
+def png_bytes(images: torch.Tensor, ncol: int, zoom: int = 1) -> bytes:
+    """``images`` ``(N, C, S, S)`` in [0, 1] as a PNG of a grid of ``ncol`` columns, each pixel ``zoom`` x
+    ``zoom``."""
     from PIL import Image
 
     grid = to_grid(images, nrow=ncol)  # (H, W, C) float in [0, 1]
     pixels = (grid * 255).round().astype(np.uint8).repeat(zoom, axis=0).repeat(zoom, axis=1)
     pixels = pixels[..., 0] if pixels.shape[-1] == 1 else pixels
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(pixels).save(path, format="PNG")
-    return path
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _check_options(args: argparse.Namespace) -> None:
+    """Combinations of options that cannot work (each option's own value was checked by the parser)."""
+    if args.speculative is not None and args.method != "ar":
+        raise UsageError("--speculative applies to --method ar (VAR already samples a whole scale per pass)")
+    if args.relaxed_delta > 0 and args.speculative != "jacobi":
+        raise UsageError(f"--relaxed-delta {args.relaxed_delta:g} applies to --speculative jacobi only")
+    if args.compile and (args.speculative is not None or args.kernels not in ("auto", "torch")):
+        raise UsageError("--compile applies to batched generation (no --speculative) with torch attention "
+                         "(--kernels auto or torch)")
+    if args.dataset != "mnist" and not (args.var_checkpoint or args.ar_checkpoint):
+        raise UsageError(f"the shipped models generate mnist; --dataset {args.dataset} needs --var-checkpoint or "
+                         "--ar-checkpoint")
+    try:
+        get_device(None if args.device == "auto" else args.device)
+    except RuntimeError as exc:
+        raise UsageError(f"--device {args.device}: {exc}") from None
+
+
+def _check_outputs(args: argparse.Namespace) -> None:
+    """Refuse ``--out`` and ``--stats-json`` paths that cannot be written, before any work."""
+    try:
+        check_output_path(args.out, suffix=".png", what="--out")
+        if args.stats_json is not None:
+            check_output_path(args.stats_json, suffix=".json", what="--stats-json")
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _load(args: argparse.Namespace) -> Generator:
+    """The shipped models, or the checkpoints given; a bad checkpoint file is a :class:`UsageError`."""
+    try:
+        if args.var_checkpoint or args.ar_checkpoint:
+            return Generator.from_checkpoints(args.var_checkpoint, args.ar_checkpoint, device=args.device,
+                                              dataset=args.dataset)
+        return Generator.from_pretrained("mnist", device=args.device)
+    except CheckpointError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _check_against_models(args: argparse.Namespace, gen: Generator) -> list[int]:
+    """The class ids to generate, after checking them and the method against the loaded models."""
+    if args.method == "var" and gen.var is None:
+        raise UsageError("--method var (the default) needs a VAR model: add --var-checkpoint, or use --method ar")
+    if args.method == "ar" and gen.ar is None:
+        raise UsageError("--method ar needs a raster AR model: add --ar-checkpoint, or use --method var")
+    if args.speculative == "draft" and gen.ar_draft is None:
+        raise UsageError("--speculative draft needs a draft model, which only the shipped models have; use "
+                         "--speculative jacobi with --ar-checkpoint")
+    n = gen.num_classes
+    if args.classes is None:
+        return list(range(n))
+    wrong = [c for c in args.classes if not 0 <= c < n]
+    if wrong:
+        raise UsageError(f"--classes must lie in [0, {n - 1}] for this model, got {' '.join(map(str, wrong))}")
+    return args.classes
+
+
+def _stats_json(stats: dict) -> str:
+    """``stats`` as JSON; a NaN (e.g. no acceptance rate without speculative decoding) becomes ``null``."""
+    clean = {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in stats.items()}
+    return json.dumps(clean, indent=2, allow_nan=False)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.per_class < 1 or args.zoom < 1:
-        parser.error("--per-class and --zoom must be >= 1")
-    if args.out.suffix.lower() != ".png":
-        parser.error(f"--out must name a .png file, got {str(args.out)!r}")
-    if args.dataset != "mnist" and not (args.var_checkpoint or args.ar_checkpoint):
-        parser.error(f"the shipped models generate mnist; --dataset {args.dataset} needs --var-checkpoint or "
-                     "--ar-checkpoint")
-    try:
-        if args.var_checkpoint or args.ar_checkpoint:
-            gen = Generator.from_checkpoints(args.var_checkpoint, args.ar_checkpoint, device=args.device,
-                                             dataset=args.dataset)
-        else:
-            gen = Generator.from_pretrained("mnist", device=args.device)
-        classes = list(range(gen.num_classes)) if args.classes is None else args.classes
-        if args.compile:
-            print("compiling the decode step with torch.compile (tens of seconds the first time)...", flush=True)
-        out = gen.generate(torch.tensor(classes).repeat(args.per_class), method=args.method, cfg=args.cfg,
-                           top_k=args.top_k, top_p=args.top_p, temperature=args.temperature,
-                           speculative=args.speculative, relaxed_delta=args.relaxed_delta, kernels=args.kernels,
-                           seed=args.seed, precision=args.precision, compile=args.compile,
-                           progress=sys.stderr.isatty())
-    except (ValueError, RuntimeError, CheckpointError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    save_png(out.images, len(classes), args.out, args.zoom)
-    if args.stats_json:
-        args.stats_json.write_text(json.dumps(out.stats.as_dict(), indent=2))
+    """``python -m ar_course generate``: checks every option and output path, loads the models, generates, and
+    writes the PNG (and the stats JSON) atomically."""
+    args = build_parser().parse_args(argv)
+    _check_options(args)
+    _check_outputs(args)
+    gen = _load(args)
+    classes = _check_against_models(args, gen)
+    if args.compile:
+        print("compiling the decode step with torch.compile (tens of seconds the first time)...", flush=True)
+    out = gen.generate(torch.tensor(classes).repeat(args.per_class), method=args.method, cfg=args.cfg,
+                       top_k=args.top_k, top_p=args.top_p, temperature=args.temperature,
+                       speculative=args.speculative, relaxed_delta=args.relaxed_delta, kernels=args.kernels,
+                       seed=args.seed, precision=args.precision, compile=args.compile,
+                       progress=sys.stderr.isatty())
+    png = png_bytes(out.images, len(classes), args.zoom)
+    with contextlib.ExitStack() as stack:  # both files appear, or neither
+        png_tmp = stack.enter_context(atomic_path(args.out))
+        png_tmp.write_bytes(png)
+        if args.stats_json is not None:
+            stack.enter_context(atomic_path(args.stats_json)).write_text(_stats_json(out.stats.as_dict()))
     print(f"{out.stats.summary()}\nwrote {args.out}")
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from ar_course.cli import main as cli_main
+
+    raise SystemExit(cli_main(["generate", *sys.argv[1:]]))

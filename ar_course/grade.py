@@ -7,22 +7,25 @@ limit), collects each check's verdict from the report the checks write (see
 not attempted, or not run (and why). The exit code is 0 only when every exercise passed.
 
 A notebook that crashes midway (kernel death, time-out) is still reported: the rows after the crash say
-where it happened.
+where it happened. A file the grader cannot use (not a notebook, or one without exercises) is refused before
+any kernel starts: :func:`read_notebook` and :func:`grade_notebook` raise ``ValueError`` naming the file and
+what is wrong, which the command prints as one ``error:`` line (exit status 2).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import sys
 import tempfile
+import textwrap
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import ipykernel.kernelspec
 import nbformat
+import zmq
 from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.manager import AsyncKernelManager
 from nbclient import NotebookClient
@@ -30,9 +33,15 @@ from nbclient.exceptions import CellTimeoutError, DeadKernelError
 
 from .build_notebooks import exercise_label
 from .checks.core import FAILED, NOT_ATTEMPTED, PASSED, REPORT_ENV
+from .cli import ArgumentParser, UsageError, first_line, float_in
+from .files import atomic_write_text, check_output_path
 
 GRADED_TAGS = ("setup", "exercise", "check")
 CURRENT_ENV = "ar-course-current-env"
+MAX_SECONDS = 86400.0
+"""Longest time limit (a day): larger ones would overflow the kernel client's timers."""
+TABLE_WIDTH = 100
+"""The table's width in characters: a longer result wraps onto lines under the result column."""
 
 
 class _CurrentEnvSpecs(KernelSpecManager):
@@ -44,6 +53,17 @@ class _CurrentEnvSpecs(KernelSpecManager):
                 resource_dir=ipykernel.kernelspec.RESOURCES, **ipykernel.kernelspec.get_kernel_dict()
             )
         return super().get_kernel_spec(kernel_name)
+
+
+def _kernel_manager() -> AsyncKernelManager:
+    """A manager for a kernel of this interpreter. Where pyzmq has CurveZMQ and this jupyter_client can
+    provision keys, the kernel's channels are encrypted with keys the manager makes, so ipykernel does not
+    warn "Kernel is running over TCP without encryption" on every run (the kernelspec of ipykernel 7 declares
+    curve support)."""
+    options = {}
+    if zmq.has("curve") and AsyncKernelManager.class_traits().get("transport_encryption") is not None:
+        options["transport_encryption"] = "auto"
+    return AsyncKernelManager(kernel_name=CURRENT_ENV, kernel_spec_manager=_CurrentEnvSpecs(), **options)
 
 
 @dataclass
@@ -82,17 +102,79 @@ def _error_line(cell: nbformat.NotebookNode) -> str | None:
     return None
 
 
-def grade_notebook(path: str | Path, timeout: float = 600.0, cell_timeout: float = 300.0) -> GradeResult:
-    """Execute the tagged cells of the notebook at ``path`` and return one row per exercise."""
+def _not_a_notebook(path: Path, why: str) -> ValueError:
+    return ValueError(f"{path} is not a Jupyter notebook ({why})")
+
+
+def read_notebook(path: str | Path) -> nbformat.NotebookNode:
+    """The notebook at ``path`` (any nbformat version, converted to 4). Raises ``ValueError`` naming the file
+    and what is wrong: missing, a folder, not ``.ipynb``, unreadable, empty, binary, not JSON, or JSON that is
+    not a valid notebook."""
     path = Path(path)
-    nb = nbformat.read(path, as_version=4)
-    cells = graded_cells(nb)
-    exercises: list[tuple[str, str]] = []
-    for _, cell in cells:
+    if not path.exists():
+        raise ValueError(f"no such notebook: {path}")
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder, not a notebook")
+    if path.suffix.lower() != ".ipynb":
+        raise _not_a_notebook(path, "expected a .ipynb file")
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ValueError(f"cannot read {path}: {exc.strerror or exc}") from None
+    if not data.strip():
+        raise _not_a_notebook(path, "the file is empty")
+    try:
+        text = data.decode("utf-8")
+        content = json.loads(text)
+    except UnicodeDecodeError:
+        raise _not_a_notebook(path, "a binary file, not UTF-8 text") from None
+    except json.JSONDecodeError as exc:
+        raise _not_a_notebook(path, f"not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+    if not isinstance(content, dict) or "nbformat" not in content:
+        raise _not_a_notebook(path, "JSON without an 'nbformat' version")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. missing cell ids: Jupyter adds them, the grader needs none
+            nb = nbformat.convert(nbformat.reader.reads(text), 4)  # reads without logging errors
+            nbformat.validate(nb, relax_add_props=True)  # extra fields other tools add are fine
+    except Exception as exc:  # noqa: BLE001 - nbformat raises many types (ValidationError, TypeError,
+        # AssertionError...) on malformed content; each is this one answer
+        why = first_line(str(exc)) or type(exc).__name__
+        raise _not_a_notebook(path, f"invalid notebook structure: {why}") from None
+    return nb
+
+
+def notebook_exercises(nb: nbformat.NotebookNode, path: str | Path) -> list[tuple[str, str]]:
+    """``(number, function name)`` of every exercise cell of ``nb``; ``ValueError`` when it has none."""
+    exercises = []
+    for _, cell in graded_cells(nb):
         if "exercise" in cell.metadata.get("tags", []):
             label = exercise_label(cell.source)
             if label:
                 exercises.append(label)
+    if not exercises:
+        raise ValueError(f"{path} has no exercises to grade (no code cell tagged 'exercise' starting with "
+                         "'# Exercise N.M: name')")
+    return exercises
+
+
+def _check_time_limits(timeout: float, cell_timeout: float) -> None:
+    for name, value in (("timeout", timeout), ("cell_timeout", cell_timeout)):
+        if not (isinstance(value, (int, float)) and 0 < value <= MAX_SECONDS):
+            raise ValueError(f"{name} must be a number of seconds in (0, {MAX_SECONDS:g}], got {value!r}")
+
+
+def grade_notebook(path: str | Path, timeout: float = 600.0, cell_timeout: float = 300.0) -> GradeResult:
+    """Execute the tagged cells of the notebook at ``path`` and return one row per exercise.
+
+    ``timeout`` limits the whole notebook and ``cell_timeout`` each cell (seconds, in ``(0, 86400]``). A file
+    that is not a notebook with exercises raises ``ValueError`` (see :func:`read_notebook`) before any kernel
+    starts."""
+    _check_time_limits(timeout, cell_timeout)
+    path = Path(path)
+    nb = read_notebook(path)
+    exercises = notebook_exercises(nb, path)
+    cells = graded_cells(nb)
 
     run_nb = nbformat.v4.new_notebook(metadata=nb.metadata, cells=[c for _, c in cells])
     start = time.perf_counter()
@@ -103,12 +185,11 @@ def grade_notebook(path: str | Path, timeout: float = 600.0, cell_timeout: float
         old = os.environ.get(REPORT_ENV)
         os.environ[REPORT_ENV] = str(report)
         try:
-            km = AsyncKernelManager(kernel_name=CURRENT_ENV, kernel_spec_manager=_CurrentEnvSpecs())
             client = NotebookClient(
-                run_nb, km=km, timeout=int(cell_timeout), allow_errors=True, kernel_name=CURRENT_ENV,
+                run_nb, km=_kernel_manager(), timeout=int(cell_timeout), allow_errors=True, kernel_name=CURRENT_ENV,
                 resources={"metadata": {"path": str(path.parent.resolve())}},
             )
-            with client.setup_kernel():
+            with client.setup_kernel(cleanup_kc=True):  # shut the kernel down when done (we own it)
                 for j, cell in enumerate(run_nb.cells):
                     orig = cells[j][0]
                     remaining = timeout - (time.perf_counter() - start)
@@ -159,19 +240,22 @@ def grade_notebook(path: str | Path, timeout: float = 600.0, cell_timeout: float
 
 
 def format_table(result: GradeResult, title: str = "") -> str:
-    """A plain-text table of the rows plus a summary line."""
+    """A plain-text table of the rows plus a summary line. A long result (a failure's reason and hint) is
+    wrapped onto continuation lines under the result column, so the table stays :data:`TABLE_WIDTH` wide."""
     header = ("exercise", "function", "result")
-    body = []
-    for r in result.rows:
-        status = r.status + (f": {r.detail}" if r.detail else "")
-        if len(status) > 110:
-            status = status[:107] + "..."
-        body.append((r.exercise, r.name, status))
-    widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(header)]
+    cells = [(r.exercise, r.name, r.status + (f": {r.detail}" if r.detail else "")) for r in result.rows]
+    widths = [max(len(h), *(len(c[i]) for c in cells)) if cells else len(h) for i, h in enumerate(header[:2])]
+    indent = sum(widths) + 2 * len(widths)  # where the result column starts
+    wrapped = [textwrap.wrap(c[2], width=max(40, TABLE_WIDTH - indent), break_on_hyphens=False) or [""]
+               for c in cells]
+    widths.append(max(len(header[2]), *(len(line) for lines in wrapped for line in lines)) if cells else
+                  len(header[2]))
     lines = [title] if title else []
-    lines.append("  ".join(h.ljust(w) for h, w in zip(header, widths)))
+    lines.append("  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip())
     lines.append("  ".join("-" * w for w in widths))
-    lines += ["  ".join(c.ljust(w) for c, w in zip(b, widths)) for b in body]
+    for c, result_lines in zip(cells, wrapped):
+        lines.append("  ".join(x.ljust(w) for x, w in zip(c[:2], widths)) + "  " + result_lines[0])
+        lines += [" " * indent + more for more in result_lines[1:]]
     n_pass = sum(r.status == PASSED for r in result.rows)
     lines.append(f"{n_pass}/{len(result.rows)} exercises passed ({result.seconds:.0f} s)")
     if result.crashed_at:
@@ -180,29 +264,39 @@ def format_table(result: GradeResult, title: str = "") -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    """``python -m ar_course grade``: every notebook and the ``--json`` path are checked before any is graded;
+    the JSON is written atomically. Exit status 0 when every exercise passed, 1 otherwise, 2 for bad input."""
+    seconds = float_in(0.0, MAX_SECONDS, lo_open=True)
+    parser = ArgumentParser(
         prog="python -m ar_course grade",
         description="Execute a notebook's setup/exercise/check cells and print which exercises pass.",
     )
     parser.add_argument("notebooks", nargs="+", type=Path, help="notebook(s) to grade")
-    parser.add_argument("--timeout", type=float, default=600.0, help="time limit per notebook in seconds")
-    parser.add_argument("--cell-timeout", type=float, default=300.0, help="time limit per cell in seconds")
-    parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
+    parser.add_argument("--timeout", type=seconds, default=600.0,
+                        help=f"time limit per notebook in seconds, at most {MAX_SECONDS:g} [600]")
+    parser.add_argument("--cell-timeout", type=seconds, default=300.0,
+                        help=f"time limit per cell in seconds, at most {MAX_SECONDS:g} [300]")
+    parser.add_argument("--json", type=Path, help="also write the results to this .json file")
     args = parser.parse_args(argv)
+    try:
+        if args.json is not None:
+            check_output_path(args.json, suffix=".json", what="--json")
+        for nb_path in args.notebooks:
+            notebook_exercises(read_notebook(nb_path), nb_path)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     ok = True
     results = {}
     for nb_path in args.notebooks:
-        if not nb_path.is_file():
-            print(f"error: no such notebook: {nb_path}", file=sys.stderr)
-            return 2
         res = grade_notebook(nb_path, timeout=args.timeout, cell_timeout=args.cell_timeout)
         print(format_table(res, title=str(nb_path)))
         print()
         ok = ok and res.all_passed
         results[str(nb_path)] = [r.__dict__ for r in res.rows]
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2), encoding="utf-8")
+    if args.json is not None:
+        atomic_write_text(args.json, json.dumps(results, indent=2))
     return 0 if ok else 1
 
 
-__all__ = ["grade_notebook", "format_table", "GradeResult", "Row", "PASSED", "FAILED", "NOT_ATTEMPTED"]
+__all__ = ["grade_notebook", "read_notebook", "notebook_exercises", "format_table", "GradeResult", "Row", "PASSED",
+           "FAILED", "NOT_ATTEMPTED"]

@@ -1,52 +1,425 @@
-"""The command line: help everywhere, one-line errors and non-zero exits on bad arguments."""
+"""The command line: help everywhere; every bad input is one ``error:`` line with exit status 2 (bad arguments
+or input file) or 1 (failure while working), never a traceback unless --debug; outputs are checked before any
+work and written atomically. The tests named after issue #15's table reproduce each of its rows."""
 
+import argparse
+import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
+import nbformat
 import pytest
+from PIL import Image
+
+from ar_course import cli, doctor
+from ar_course.system import PRETRAINED, Generator
+from cli_helpers import error_line, grid_size, one_torch_thread, patch_loading, run
+from fixtures.make_fixtures import solution_notebook
+
+ROOT = Path(__file__).resolve().parents[1]
+GENERATE_HELP = "(see python -m ar_course generate --help)"
+GRADE_HELP = "(see python -m ar_course grade --help)"
 
 
-def run(*args, timeout=300):
-    return subprocess.run([sys.executable, "-m", "ar_course", *args], capture_output=True, text=True, timeout=timeout)
+def run_process(*args, timeout=300, env=None):
+    return subprocess.run([sys.executable, "-m", "ar_course", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    with one_torch_thread():
+        yield Generator.from_pretrained("mnist", device="cpu")
+
+
+@pytest.fixture
+def loads(monkeypatch, shipped):
+    """Calls of Generator.from_pretrained, which returns the module's generator."""
+    return patch_loading(monkeypatch, shipped)
+
+
+# -- the top level ------------------------------------------------------------------------------------------
 
 
 def test_help():
-    res = run("--help")
+    res = run_process("--help")
     assert res.returncode == 0 and "doctor" in res.stdout and "grade" in res.stdout and "train" in res.stdout
 
 
-def test_no_arguments_prints_help_and_fails():
-    res = run()
-    assert res.returncode == 2 and "usage" in res.stdout
+def test_no_arguments_prints_help_and_fails(capsys):
+    status, out, err = run(capsys)
+    assert status == 2 and "usage" in out
+    assert error_line(err) == "error: no command given; choose from: generate, doctor, grade, bench, train"
 
 
-def test_unknown_command():
-    res = run("frobnicate")
-    assert res.returncode == 2
-    assert "unknown command 'frobnicate'" in res.stderr
+def test_unknown_command(capsys):
+    status, _, err = run(capsys, "frobnicate")
+    assert status == 2
+    assert error_line(err) == ("error: unknown command 'frobnicate'; choose from: generate, doctor, grade, bench, "
+                               "train (see python -m ar_course --help)")
 
 
-def test_train_lists_trainers_and_rejects_unknown():
-    res = run("train", "--help")
-    assert res.returncode == 0 and "classifier" in res.stdout
-    bad = run("train", "nothing")
-    assert bad.returncode == 2 and "unknown trainer 'nothing'" in bad.stderr
+def test_train_lists_trainers_and_rejects_unknown(capsys):
+    status, out, _ = run(capsys, "train", "--help")
+    assert status == 0 and "classifier" in out
+    status, _, err = run(capsys, "train", "nothing")
+    assert status == 2
+    assert error_line(err) == "error: unknown trainer 'nothing'; choose from: tokenizer, lm, classifier, ar, var"
+    status, out, err = run(capsys, "train")
+    assert status == 2 and "WHAT is one of" in out
+    assert error_line(err) == "error: train needs WHAT to train, one of: tokenizer, lm, classifier, ar, var"
 
 
-@pytest.mark.parametrize("command", ["grade", "doctor"])
-def test_subcommand_help(command):
-    res = run(command, "--help")
-    assert res.returncode == 0 and "usage" in res.stdout
+@pytest.mark.parametrize("what", ["tokenizer", "lm", "classifier", "ar", "var"])
+def test_train_bad_arguments_are_one_line_before_any_training(capsys, what):
+    # the trainers build plain argparse parsers: the dispatch still makes their usage errors one line
+    status, _, err = run(capsys, "train", what, "--steps", "many")
+    assert status == 2
+    assert error_line(err) == (f"error: argument --steps: invalid int value: 'many' "
+                               f"(see python -m ar_course train {what} --help)")
+
+
+@pytest.mark.parametrize("command", [*cli.COMMANDS, "train tokenizer"])
+def test_every_command_answers_an_unknown_option_with_one_line(capsys, command):
+    status, _, err = run(capsys, *command.split(), "--no-such-option")
+    assert status == 2  # unrecognized, or a required argument missing first
+    assert error_line(err).endswith(f"(see python -m ar_course {command} --help)")
+
+
+@pytest.mark.parametrize("command", ["grade", "doctor", "generate", "bench"])
+def test_subcommand_help(capsys, command):
+    status, out, err = run(capsys, command, "--help")
+    assert status == 0 and "usage" in out and err == ""
+
+
+# -- the safety net -----------------------------------------------------------------------------------------
+
+
+def _doctor_fails(monkeypatch, exc):
+    def run_checks():
+        raise exc
+
+    monkeypatch.setattr(doctor, "run_checks", run_checks)
+
+
+def test_an_unexpected_error_is_one_line_with_status_1(capsys, monkeypatch):
+    _doctor_fails(monkeypatch, RuntimeError("the disk is on fire\nsecond line"))
+    status, _, err = run(capsys, "doctor")
+    assert status == 1
+    assert error_line(err) == "error: the disk is on fire (rerun with --debug for the traceback)"
+    _doctor_fails(monkeypatch, KeyError("x"))  # a bare message gets its type's name
+    status, _, err = run(capsys, "doctor")
+    assert status == 1 and error_line(err) == "error: KeyError: 'x' (rerun with --debug for the traceback)"
+
+
+def test_ctrl_c_is_status_130(capsys, monkeypatch):
+    _doctor_fails(monkeypatch, KeyboardInterrupt())
+    status, _, err = run(capsys, "doctor")
+    assert status == 130 and error_line(err) == "error: interrupted"
+
+
+@pytest.mark.parametrize("where", ["end", "start", "env"])
+def test_debug_shows_the_traceback(capsys, monkeypatch, where):
+    _doctor_fails(monkeypatch, RuntimeError("the disk is on fire"))
+    argv = {"end": ["doctor", "--debug"], "start": ["--debug", "doctor"], "env": ["doctor"]}[where]
+    if where == "env":
+        monkeypatch.setenv("AR_COURSE_DEBUG", "1")
+    with pytest.raises(RuntimeError, match="the disk is on fire"):
+        cli.main(argv)
+
+
+def test_debug_in_a_real_process_prints_a_traceback(tmp_path):
+    res = run_process("generate", "--out", str(tmp_path / "x.jpg"), "--debug")
+    assert res.returncode == 1 and "Traceback" in res.stderr and "UsageError" in res.stderr
+
+
+def test_sys_exit_with_a_message_inside_a_command_is_one_line(capsys, monkeypatch):
+    _doctor_fails(monkeypatch, SystemExit("cannot go on\nreally"))
+    status, _, err = run(capsys, "doctor")
+    assert status == 1 and error_line(err) == "error: cannot go on"
+
+
+# -- type= helpers ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("parse, text, message", [
+    (cli.finite_float, "nan", "must be a finite number, got nan"),
+    (cli.finite_float, "x", "must be a finite number, got 'x'"),
+    (cli.float_in(0), "-inf", "must be a finite number >= 0, got -inf"),
+    (cli.float_in(0, 1, lo_open=True), "0", "must be a finite number in (0, 1], got 0"),
+    (cli.float_in(0, 1, lo_open=True), "1.5", "must be a finite number in (0, 1], got 1.5"),
+    (cli.positive_float, "1e400", "must be a finite number > 0, got 1e400"),
+    (cli.int_in(1, 64), "65", "must be an integer in [1, 64], got 65"),
+    (cli.positive_int, "1.5", "must be an integer >= 1, got 1.5"),
+    (cli.nonnegative_int, "", "must be an integer >= 0, got ''"),
+    (cli.nonnegative_int, "x" * 50, "must be an integer >= 0, got '" + "x" * 36 + "..."),
+])
+def test_type_helpers_refuse_with_the_requirement(parse, text, message):
+    with pytest.raises(argparse.ArgumentTypeError) as info:
+        parse(text)
+    assert str(info.value) == message
+
+
+def test_type_helpers_accept_the_bounds():
+    assert cli.float_in(0, 1, lo_open=True)("1") == 1.0 and cli.float_in(0)("0") == 0.0
+    assert cli.int_in(1, 64)("64") == 64 and cli.positive_int(" 3 ") == 3 and cli.finite_float("-2.5") == -2.5
+
+
+# -- generate: issue #15's rows -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--cfg", "nan", "--cfg must be a finite number in [0, 1000], got nan"),
+    ("--cfg", "inf", "--cfg must be a finite number in [0, 1000], got inf"),
+    ("--temperature", "nan", "--temperature must be 0 (greedy) or a finite number >= 1e-06, got nan"),
+    ("--temperature", "1e-40", "--temperature must be 0 (greedy) or a finite number >= 1e-06, got 1e-40"),
+    ("--top-p", "0", "--top-p must be a finite number in [1e-06, 1], got 0"),
+    ("--top-k", "0", "--top-k must be an integer >= 1, got 0"),
+    ("--relaxed-delta", "-0.5", "--relaxed-delta must be a finite number in [0, 1], got -0.5"),
+    ("--per-class", "0", "--per-class must be an integer >= 1, got 0"),
+    ("--zoom", "65", "--zoom must be an integer in [1, 64], got 65"),
+    ("--seed", "-1", "--seed must be an integer in [0, 18446744073709551615], got -1"),
+    ("--classes", "-1", "--classes must be an integer >= 0, got -1"),
+    ("--device", "gpu", "--device must be auto, cpu, cuda, cuda:N or mps, got 'gpu'"),
+])
+def test_issue15_generate_bad_numbers_are_refused_before_loading(capsys, tmp_path, loads, option, value, message):
+    status, _, err = run(capsys, "generate", "--out", tmp_path / "x.png", f"{option}={value}")
+    assert status == 2 and error_line(err) == f"error: {message} {GENERATE_HELP}"
+    assert loads == [] and list(tmp_path.iterdir()) == []
+
+
+def _read_only_folder(tmp_path):
+    """A folder this process cannot write to, and the reason check_output_path gives."""
+    if os.geteuid() != 0:
+        ro = tmp_path / "ro"
+        ro.mkdir()
+        ro.chmod(0o555)
+        return ro, f"Permission denied in {str(ro)!r}"
+    if not os.path.isdir("/proc/self"):
+        pytest.skip("root can write anywhere and there is no /proc")
+    return "/proc/self", None
+
+
+@pytest.mark.parametrize("case", ["under a file", "read-only", "a folder", "wrong suffix"])
+def test_issue15_generate_bad_out_is_refused_before_loading(capsys, tmp_path, loads, case):
+    (tmp_path / "file").write_text("x")
+    if case == "read-only":
+        folder, reason = _read_only_folder(tmp_path)
+        out = f"{folder}/x.png"
+        message = f"error: cannot write --out {out!r}: {reason}" if reason else f"error: cannot write --out {out!r}: "
+    else:
+        out, message = {
+            "under a file": (tmp_path / "file" / "x.png",
+                             f"error: cannot write --out '{tmp_path}/file/x.png': '{tmp_path}/file' is a file, "
+                             "not a folder"),
+            "a folder": (tmp_path, f"error: --out '{tmp_path}' is a folder; name a file inside it"),
+            "wrong suffix": (tmp_path / "x.jpg", f"error: --out must name a .png file, got '{tmp_path}/x.jpg'"),
+        }[case]
+    status, _, err = run(capsys, "generate", "--out", out, "--classes", "1")
+    assert status == 2 and error_line(err).startswith(message)
+    assert loads == []  # the path was checked before any model was loaded
+
+
+@pytest.mark.parametrize("case", ["unwritable", "a folder", "wrong suffix"])
+def test_issue15_generate_bad_stats_json_writes_nothing(capsys, tmp_path, loads, case):
+    stats = {"unwritable": tmp_path / "x.png" / "s.json", "a folder": tmp_path, "wrong suffix": tmp_path / "s.txt"}
+    (tmp_path / "x.png").write_bytes(b"an older file")  # also the --out of this run: it must stay as it was
+    message = {
+        "unwritable": f"error: cannot write --stats-json '{tmp_path}/x.png/s.json': '{tmp_path}/x.png' is a file, "
+                      "not a folder",
+        "a folder": f"error: --stats-json '{tmp_path}' is a folder; name a file inside it",
+        "wrong suffix": f"error: --stats-json must name a .json file, got '{tmp_path}/s.txt'",
+    }[case]
+    status, _, err = run(capsys, "generate", "--out", tmp_path / "x.png", "--stats-json", stats[case])
+    assert status == 2 and error_line(err) == message
+    assert loads == [] and (tmp_path / "x.png").read_bytes() == b"an older file"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.png"]
+
+
+def test_generate_class_out_of_range_for_the_model(capsys, tmp_path, loads):
+    status, _, err = run(capsys, "generate", "--out", tmp_path / "x.png", "--classes", "3", "10", "12")
+    assert status == 2 and error_line(err) == "error: --classes must lie in [0, 9] for this model, got 10 12"
+    assert loads == ["mnist"] and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--speculative", "jacobi"], "--speculative applies to --method ar (VAR already samples a whole scale per pass)"),
+    (["--method", "ar", "--relaxed-delta", "0.5"], "--relaxed-delta 0.5 applies to --speculative jacobi only"),
+    (["--compile", "--kernels", "numba"],
+     "--compile applies to batched generation (no --speculative) with torch attention (--kernels auto or torch)"),
+    (["--dataset", "shapes"],
+     "the shipped models generate mnist; --dataset shapes needs --var-checkpoint or --ar-checkpoint"),
+])
+def test_generate_option_combinations(capsys, tmp_path, loads, args, message):
+    status, _, err = run(capsys, "generate", "--out", tmp_path / "x.png", *args)
+    assert status == 2 and error_line(err) == f"error: {message}" and loads == []
+
+
+def test_generate_bad_checkpoint_is_a_usage_error(capsys, tmp_path):
+    bad = tmp_path / "var.safetensors"
+    bad.write_bytes(b"\0" * 64)
+    status, _, err = run(capsys, "generate", "--out", tmp_path / "x.png", "--var-checkpoint", bad)
+    assert status == 2 and error_line(err).startswith(f"error: {bad}")
+    status, _, err = run(capsys, "generate", "--out", tmp_path / "x.png", "--ar-checkpoint", tmp_path / "no.st")
+    assert status == 2 and error_line(err) == f"error: no checkpoint at {tmp_path}/no.st"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["var.safetensors"]
+
+
+@pytest.mark.parametrize("args, message", [
+    ([], "--method var (the default) needs a VAR model: add --var-checkpoint, or use --method ar"),
+    (["--method", "ar", "--speculative", "draft"],
+     "--speculative draft needs a draft model, which only the shipped models have; use --speculative jacobi with "
+     "--ar-checkpoint"),
+])
+def test_generate_custom_checkpoint_lacking_what_the_options_need(capsys, tmp_path, args, message):
+    ar_path = PRETRAINED["mnist"]["ar_path"]
+    status, _, err = run(capsys, "generate", "--out", tmp_path / "x.png", "--ar-checkpoint", ar_path, *args)
+    assert status == 2 and error_line(err) == f"error: {message}" and list(tmp_path.iterdir()) == []
+
+
+def test_generate_writes_png_and_strict_json_atomically(capsys, tmp_path, loads):
+    out, stats = tmp_path / "new" / "grid.png", tmp_path / "new" / "stats.json"
+    status, stdout, err = run(capsys, "generate", "--out", out, "--stats-json", stats, "--classes", "2", "5",
+                              "--per-class", "2", "--zoom", "1", "--method", "ar", "--cfg=0", "--top-k=5")
+    assert status == 0 and err == "" and f"wrote {out}" in stdout
+    with Image.open(out) as img:
+        assert img.format == "PNG" and img.size == grid_size(2, 2, 1)
+
+    def refuse(constant):
+        raise AssertionError(f"{constant} is not JSON")
+
+    data = json.loads(stats.read_text(), parse_constant=refuse)
+    assert data["images"] == 4 and data["method"] == "ar" and data["acceptance_rate"] is None
+    assert sorted(p.name for p in out.parent.iterdir()) == ["grid.png", "stats.json"]  # no temporary files
+
+
+def test_generate_failure_while_working_leaves_nothing(capsys, tmp_path, loads, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(Generator, "generate", broken)
+    status, _, err = run(capsys, "generate", "--out", tmp_path / "x.png", "--stats-json", tmp_path / "s.json")
+    assert status == 1 and error_line(err) == "error: out of memory (rerun with --debug for the traceback)"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_generate_interrupted_while_writing_leaves_nothing(capsys, tmp_path, loads, monkeypatch):
+    from ar_course import generate
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(generate, "_stats_json", interrupted)  # after the PNG's temporary file was written
+    status, _, err = run(capsys, "generate", "--out", tmp_path / "x.png", "--stats-json", tmp_path / "s.json",
+                         "--classes", "0")
+    assert status == 130 and error_line(err) == "error: interrupted"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_generate_in_a_real_process_has_no_traceback(tmp_path):
+    res = run_process("generate", "--cfg", "nan", "--out", str(tmp_path / "x.png"))
+    assert res.returncode == 2 and res.stderr == f"error: --cfg must be a finite number in [0, 1000], got nan " \
+                                                 f"{GENERATE_HELP}\n"
+
+
+# -- grade: issue #15's rows --------------------------------------------------------------------------------
+
+
+BAD_NOTEBOOKS = {
+    "x.py": (b"print('hello')\n", "{path} is not a Jupyter notebook (expected a .ipynb file)"),
+    "text.ipynb": (b"hello\n", "{path} is not a Jupyter notebook (not valid JSON: Expecting value at line 1 column 1)"),
+    "data.ipynb": (b'{"a": 1}', "{path} is not a Jupyter notebook (JSON without an 'nbformat' version)"),
+    "list.ipynb": (b"[1, 2]", "{path} is not a Jupyter notebook (JSON without an 'nbformat' version)"),
+    "empty.ipynb": (b"", "{path} is not a Jupyter notebook (the file is empty)"),
+    "binary.ipynb": (b"\x89PNG\r\n\x1a\n\x00\xff", "{path} is not a Jupyter notebook (a binary file, not UTF-8 text)"),
+    "v9.ipynb": (b'{"nbformat": 9, "cells": []}',
+                 "{path} is not a Jupyter notebook (invalid notebook structure: Unsupported nbformat version 9)"),
+    "cells.ipynb": (b'{"nbformat": 4, "nbformat_minor": 5, "metadata": {}, "cells": [1]}',
+                    "{path} is not a Jupyter notebook (invalid notebook structure: argument of type 'int' is not "
+                    "iterable)"),
+    "untagged.ipynb": (nbformat.writes(nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("1")])).encode(),
+                       "{path} has no exercises to grade (no code cell tagged 'exercise' starting with '# Exercise "
+                       "N.M: name')"),
+}
+
+
+@pytest.mark.parametrize("name", BAD_NOTEBOOKS)
+def test_issue15_grade_bad_files_are_one_line_naming_the_file(capsys, tmp_path, name):
+    content, message = BAD_NOTEBOOKS[name]
+    path = tmp_path / name
+    path.write_bytes(content)
+    status, out, err = run(capsys, "grade", path)
+    assert status == 2 and out == "" and error_line(err) == "error: " + message.format(path=path)
+
+
+def test_grade_missing_notebook_and_folder(capsys, tmp_path):
+    status, _, err = run(capsys, "grade", tmp_path / "nope.ipynb")
+    assert status == 2 and error_line(err) == f"error: no such notebook: {tmp_path}/nope.ipynb"
+    status, _, err = run(capsys, "grade", tmp_path)
+    assert status == 2 and error_line(err) == f"error: {tmp_path} is a folder, not a notebook"
+
+
+@pytest.mark.parametrize("option, value", [("--timeout", "-1"), ("--timeout", "nan"), ("--cell-timeout", "0"),
+                                           ("--timeout", "1e300")])
+def test_issue15_grade_time_limits_must_be_positive(capsys, tmp_path, option, value):
+    path = tmp_path / "nb.ipynb"
+    nbformat.write(solution_notebook(), path)
+    status, _, err = run(capsys, "grade", path, option, value)
+    assert status == 2
+    assert error_line(err) == f"error: {option} must be a finite number in (0, 86400], got {value} {GRADE_HELP}"
+
+
+def test_grade_checks_every_input_before_grading_any(capsys, tmp_path):
+    good = tmp_path / "good.ipynb"
+    nbformat.write(solution_notebook(), good)
+    (tmp_path / "bad.ipynb").write_text("{")
+    status, out, err = run(capsys, "grade", good, tmp_path / "bad.ipynb")
+    assert status == 2 and out == ""  # nothing graded: the bad second notebook was found first
+    assert error_line(err).startswith(f"error: {tmp_path}/bad.ipynb is not a Jupyter notebook (not valid JSON")
+    status, out, err = run(capsys, "grade", good, "--json", tmp_path)
+    assert status == 2 and out == "" and error_line(err) == f"error: --json '{tmp_path}' is a folder; name a file " \
+                                                            "inside it"
+
+
+@pytest.mark.timeout(300)
+def test_issue15_grade_prints_no_kernel_warning_and_writes_json(tmp_path):
+    path = tmp_path / "nb.ipynb"
+    nbformat.write(solution_notebook(), path)
+    res = run_process("grade", str(path), "--json", str(tmp_path / "out" / "result.json"))
+    assert res.returncode == 0, res.stdout + res.stderr
+    # no "[IPKernelApp] WARNING | Kernel is running over TCP without encryption" nor "| Parent appears to have
+    # exited, shutting down" (the kernel was left running)
+    assert res.stderr == ""
+    assert "3/3 exercises passed" in res.stdout
+    result = json.loads((tmp_path / "out" / "result.json").read_text())
+    assert [r["status"] for r in result[str(path)]] == ["passed"] * 3
+
+
+# -- bench and doctor ---------------------------------------------------------------------------------------
 
 
 def test_doctor_reports_and_passes_here():
-    res = run("doctor")
+    res = run_process("doctor")
     assert "numba CUDA simulator" in res.stdout and "torch" in res.stdout
     assert res.returncode == 0, res.stdout
 
 
-def test_bench_table_and_bad_name():
-    res = run("bench", "--table")
-    assert res.returncode == 0
-    bad = run("bench", "no_such_benchmark")
-    assert bad.returncode == 2 and "unknown benchmark" in bad.stderr
+def test_bench_table_and_bad_name(capsys):
+    status, _, err = run(capsys, "bench", "--table")
+    assert status == 0 and err == ""
+    status, out, err = run(capsys, "bench", "no_such_benchmark")
+    assert status == 2 and out == "" and error_line(err).startswith(
+        "error: unknown benchmark(s) 'no_such_benchmark'; choose from: ")
+
+
+# -- make lab -----------------------------------------------------------------------------------------------
+
+
+def test_make_lab_serves_on_localhost_with_its_token():
+    make = (ROOT / "Makefile").read_text()
+    recipe = make.split("\nlab:", 1)[1].split("\n\n", 1)[0]
+    assert "jupyter lab" in recipe and "--ServerApp.ip=127.0.0.1" in recipe and "--allow-root" in recipe
+    assert "token" not in recipe and "0.0.0.0" not in recipe  # the token stays on; nothing opens it up
+    assert "ssh -L 8888:localhost:8888" in (ROOT / "README.md").read_text()

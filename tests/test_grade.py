@@ -7,7 +7,7 @@ import nbformat
 import pytest
 
 from ar_course import build_notebooks as bn
-from ar_course.grade import format_table, grade_notebook
+from ar_course.grade import GradeResult, Row, format_table, grade_notebook
 from fixtures.make_fixtures import solution_notebook
 
 pytestmark = pytest.mark.timeout(300)
@@ -60,3 +60,38 @@ def test_grader_cli_exit_codes(tmp_path):
     missing = subprocess.run([sys.executable, "-m", "ar_course", "grade", str(tmp_path / "nope.ipynb")],
                              capture_output=True, text=True)
     assert missing.returncode == 2 and "no such notebook" in missing.stderr
+
+
+def test_format_table_wraps_a_long_reason_under_the_result_column():
+    reason = ("output on input 'ties' differs at 1 of 37 positions; first at index (3,): got 2, expected 1. "
+              "Hint: ties go to the lowest index, which is what torch.argmin returns on a tie")
+    res = GradeResult([Row("1.1", "vq_lookup", "failed", reason), Row("1.2", "ste", "passed")], None, 3.0)
+    lines = format_table(res).splitlines()
+    start = lines[0].index("result")
+    body = lines[2:-1]
+    assert body[0].startswith("1.1       vq_lookup  failed: output on input 'ties'")
+    assert len(body) > 2 and all(len(line) <= 100 for line in lines)  # wrapped, not cut
+    continued = body[1:-1]
+    assert all(line[:start].isspace() and line[start] != " " for line in continued)
+    assert " ".join(line.strip() for line in body[:-1]).endswith(reason)  # the whole reason, hint included
+    assert body[-1].startswith("1.2       ste        passed")
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"", "is not a Jupyter notebook (the file is empty)"),
+    (b"\xff\xfe\x00", "is not a Jupyter notebook (a binary file, not UTF-8 text)"),
+    (b'{"cells": []}', "is not a Jupyter notebook (JSON without an 'nbformat' version)"),
+])
+def test_grade_notebook_raises_value_error_for_bad_files(tmp_path, content, message):
+    path = tmp_path / "nb.ipynb"
+    path.write_bytes(content)
+    with pytest.raises(ValueError) as info:
+        grade_notebook(path)
+    assert str(info.value) == f"{path} {message}"
+
+
+@pytest.mark.parametrize("limits", [{"timeout": 0}, {"cell_timeout": -1.0}, {"timeout": float("nan")}])
+def test_grade_notebook_refuses_bad_time_limits(tmp_path, limits):
+    path = _write(tmp_path, solution_notebook())
+    with pytest.raises(ValueError, match="must be a number of seconds in"):
+        grade_notebook(path, **limits)
