@@ -115,21 +115,23 @@ class _LossModule(torch.nn.Module):
 
 
 class _StopSignals:
-    """While active, SIGTERM and SIGINT set :attr:`received` instead of stopping the process; a second
-    signal stops it at once (through the handler that was there before). A no-op outside the main thread."""
+    """While active, SIGTERM and SIGINT set :attr:`received` instead of stopping the process; the same signal
+    a second time stops it at once (through the handler that was there before: Ctrl-C twice). The other
+    signal is ignored then (torchrun answers a Ctrl-C by sending its workers SIGTERM). A no-op outside the
+    main thread."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self, enabled: bool) -> None:
         self.enabled = enabled and threading.current_thread() is threading.main_thread()
-        self.received = False
+        self.received: int | None = None  # the first signal that arrived
         self._previous: dict[int, Any] = {}
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
-        if self.received:  # asked twice: stop now, the last state written is intact
+        if self.received == signum:  # asked twice: stop now, the last state written is intact
             signal.signal(signum, self._previous[signum])
             signal.raise_signal(signum)
-        self.received = True
+        self.received = self.received or signum
 
     def __enter__(self) -> "_StopSignals":
         if self.enabled:
@@ -261,8 +263,8 @@ def train_loop(
                 torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
             opt.step()
             # one reduction: the mean loss over processes, and whether any process was asked to stop
-            flags = torch.stack([loss.detach().double(), loss.new_tensor(float(signals.received), dtype=torch.float64)])
-            loss_sum, stops = ddp.sum_across_processes(flags).tolist()
+            stop = loss.new_tensor(float(signals.received is not None), dtype=torch.float64)
+            loss_sum, stops = ddp.sum_across_processes(torch.stack([loss.detach().double(), stop])).tolist()
             history.steps.append(step)
             history.loss.append(loss_sum / ddp.world_size())
             if step % config.log_every == 0:
