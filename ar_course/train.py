@@ -207,6 +207,19 @@ def _restore(tensors: dict[str, torch.Tensor], meta: dict, model: torch.nn.Modul
     return History(**extra["history"])
 
 
+def _resume(state_path: str | Path | None, config: TrainConfig, batches: Iterator[Any], model: torch.nn.Module,
+            optimizer: torch.optim.Optimizer) -> tuple[History, int]:
+    """Load the state at ``state_path`` after replaying ``batches`` up to its step; return the history and
+    the step to continue from."""
+    if state_path is None:
+        raise TrainingError("resume=True needs a state_path")
+    tensors, meta = read_train_state(state_path, config)
+    start = int(meta["extra"]["step"])
+    for _ in range(start):  # the batch stream's random draws, up to the saved step (before torch's RNG is set)
+        next(batches)
+    return _restore(tensors, meta, model, optimizer, Path(state_path)), start
+
+
 def train_loop(
     model: torch.nn.Module,
     loss_fn: Callable[[torch.nn.Module, Any], torch.Tensor],
@@ -236,15 +249,7 @@ def train_loop(
         [p for p in model.parameters() if p.requires_grad],
         lr=config.lr, weight_decay=config.weight_decay, betas=config.betas,
     )
-    history, start = History(), 0
-    if resume:
-        if state_path is None:
-            raise TrainingError("resume=True needs a state_path")
-        tensors, meta = read_train_state(state_path, config)
-        start = int(meta["extra"]["step"])
-        for _ in range(start):  # replay the batch stream (and its random draws) up to the saved step
-            next(batches)
-        history = _restore(tensors, meta, model, opt, Path(state_path))
+    history, start = _resume(state_path, config, batches, model, opt) if resume else (History(), 0)
     train_model: torch.nn.Module = _LossModule(model, loss_fn)
     if ddp.is_distributed():
         train_model = torch.nn.parallel.DistributedDataParallel(train_model)
