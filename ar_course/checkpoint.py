@@ -3,7 +3,8 @@
 ``save_checkpoint(path, model, config)`` writes ``model.state_dict()`` and ``config`` (a dataclass or a
 dict); ``load_checkpoint(path)`` returns ``(state_dict, metadata)``; ``load_model(path, build)`` rebuilds a
 model from its stored config and loads the weights. A truncated or tampered file raises
-:class:`CheckpointError` with a clear message.
+:class:`CheckpointError` with a clear message. Writes are atomic (a temporary file renamed into place), so
+an interrupted save leaves the previous checkpoint, or none, never half of one.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from typing import Any, Callable
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+from ar_course.files import atomic_path
 
 
 class CheckpointError(RuntimeError):
@@ -38,17 +41,18 @@ def save_checkpoint(
     """Write ``model``'s weights (a module or a state dict) and ``config`` to ``path`` (safetensors).
 
     Shared storage (tied weights) is cloned so the file is self-contained. ``extra`` values must be
-    JSON-serialisable (e.g. training history summary). Under ``torchrun`` only rank 0 writes."""
+    JSON-serialisable (e.g. training history summary). The file appears complete or not at all (written to a
+    temporary file beside ``path``, then renamed). Under ``torchrun`` only rank 0 writes."""
     from ar_course.distributed import is_main_process
 
     path = Path(path)
     if not is_main_process():
         return path
-    path.parent.mkdir(parents=True, exist_ok=True)
     state = model.state_dict() if isinstance(model, torch.nn.Module) else model
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
     metadata = {"config": json.dumps(_to_dict(config)), "kind": kind, "extra": json.dumps(extra)}
-    save_file(tensors, str(path), metadata=metadata)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
     return path
 
 

@@ -7,6 +7,11 @@ dataset), :class:`torch.nn.parallel.DistributedDataParallel` averages the gradie
 and writes checkpoints (:func:`is_main_process`); :func:`close_distributed` leaves the group at the end.
 With equal slices, the averaged gradient equals the gradient of the mean loss over the global batch, so N
 processes train exactly like one process on the same global batch (up to floating-point reduction order).
+
+What a model computes from batch statistics outside autograd must see the global batch too: the VQ
+codebook's hit counts, EMA updates and dead-code restarts sum and gather across processes
+(:func:`sum_across_processes`, :func:`gather_in_rank_order`), and :class:`SyncBatchNorm2d` normalises with
+the global batch's mean and variance (on gloo as well as NCCL, unlike ``torch.nn.SyncBatchNorm``).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 
 def is_distributed() -> bool:
@@ -78,12 +84,74 @@ def shard_batch(batch: Any) -> Any:
     return batch
 
 
-def mean_across_processes(value: float) -> float:
-    """Average a Python number over all processes (identity when not distributed)."""
+def sum_across_processes(tensor: torch.Tensor) -> torch.Tensor:
+    """Elementwise sum of ``tensor`` (any shape) over all processes, as a new tensor (``tensor`` itself alone).
+
+    Every process must call it with the same shape; with NCCL the tensor must be on the process's GPU."""
     if not is_distributed():
-        return value
-    t = torch.tensor([value], dtype=torch.float64)
-    if dist.get_backend() == "nccl":
-        t = t.cuda()
-    dist.all_reduce(t)
-    return float(t.item()) / world_size()
+        return tensor
+    total = tensor.detach().clone()
+    dist.all_reduce(total)
+    return total
+
+
+def gather_in_rank_order(tensor: torch.Tensor) -> torch.Tensor:
+    """Every process's ``tensor`` ``(n, ...)`` concatenated along dim 0 in rank order: ``(world_size * n, ...)``.
+
+    With the contiguous slices of :func:`shard_batch` this puts a per-example tensor back in global batch
+    order. Every process must call it with the same shape (``tensor`` itself is returned alone)."""
+    if not is_distributed():
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(world_size())]
+    dist.all_gather(parts, tensor.detach().contiguous())
+    return torch.cat(parts)  # (world_size * n, ...)
+
+
+class _SumWithGradient(torch.autograd.Function):
+    """Sum over processes whose gradient is again the sum over processes (every process's loss depends on
+    the total, so each input receives the upstream gradients of all of them)."""
+
+    @staticmethod
+    def forward(ctx: Any, tensor: torch.Tensor) -> torch.Tensor:
+        total = tensor.clone()
+        dist.all_reduce(total)
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        total = grad.clone()
+        dist.all_reduce(total)
+        return total
+
+
+class SyncBatchNorm2d(nn.BatchNorm2d):
+    """``nn.BatchNorm2d`` that, in training mode inside a process group, normalises with the mean and
+    (biased) variance of the global batch and updates its running statistics from them, so N processes
+    compute what one process does on the whole batch. Gradients flow through the cross-process sums.
+
+    Alone, or in eval mode, it is exactly ``nn.BatchNorm2d`` (same parameters, buffers and state dict).
+    Input ``(N, C, H, W)``; every process must pass the same shape."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and is_distributed()):
+            return super().forward(x)
+        self._check_input_dim(x)
+        count = x.shape[0] * x.shape[2] * x.shape[3] * world_size()  # values per channel, all processes
+        mean = _SumWithGradient.apply(x.sum(dim=(0, 2, 3))) / count  # (C,)
+        centred = x - mean[None, :, None, None]  # (N, C, H, W)
+        var = _SumWithGradient.apply(centred.pow(2).sum(dim=(0, 2, 3))) / count  # (C,) biased
+        if self.track_running_stats:
+            self._update_running_stats(mean.detach(), var.detach() * count / max(count - 1, 1))
+        out = centred * torch.rsqrt(var + self.eps)[None, :, None, None]
+        if self.affine:
+            out = out * self.weight[None, :, None, None] + self.bias[None, :, None, None]
+        return out
+
+    @torch.no_grad()
+    def _update_running_stats(self, mean: torch.Tensor, unbiased_var: torch.Tensor) -> None:
+        """``nn.BatchNorm2d``'s update: an exponential average with ``momentum`` (a cumulative one when
+        ``momentum`` is None)."""
+        self.num_batches_tracked += 1
+        factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        self.running_mean.lerp_(mean, factor)
+        self.running_var.lerp_(unbiased_var, factor)

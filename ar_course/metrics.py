@@ -37,7 +37,6 @@ The classifiers are trained by ``python -m ar_course train classifier --dataset 
 
 from __future__ import annotations
 
-import argparse
 import functools
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,9 +47,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ar_course import distributed as ddp
 from ar_course.checkpoint import load_model, save_checkpoint
-from ar_course.train import TrainConfig, train_loop
-from ar_course.utils import seed_everything
+from ar_course.cli import ArgumentParser
+from ar_course.train import (
+    History, TrainConfig, add_run_options, finish_run, positive_float, positive_int, prepare_run, train_loop,
+    trainer_main,
+)
+from ar_course.utils import get_device, seed_everything
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 DATASETS = {"mnist": (1, 10), "shapes": (3, 4)}  # name -> (in_channels, num_classes)
@@ -73,7 +77,8 @@ class ClassifierConfig:
 class Classifier(nn.Module):
     """Four conv blocks at 32, 16, 8 and 4 pixels, then global average pooling (like Inception's pool3).
 
-    Takes images ``(N, C, 32, 32)`` in [0, 1]; 28x28 inputs are zero-padded to 32x32 first."""
+    Takes images ``(N, C, 32, 32)`` in [0, 1]; 28x28 inputs are zero-padded to 32x32 first. Its batch norms
+    use the global batch's statistics under ``torchrun`` (:class:`ar_course.distributed.SyncBatchNorm2d`)."""
 
     def __init__(self, config: ClassifierConfig) -> None:
         super().__init__()
@@ -81,7 +86,8 @@ class Classifier(nn.Module):
         w = config.width
 
         def block(c_in: int, c_out: int) -> nn.Sequential:
-            return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU())
+            return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), ddp.SyncBatchNorm2d(c_out),
+                                 nn.ReLU())
 
         self.body = nn.Sequential(
             block(config.in_channels, w), nn.MaxPool2d(2),  # (N, w, 16, 16)
@@ -394,10 +400,15 @@ def _random_shift(images: torch.Tensor, max_shift: int, generator: torch.Generat
 
 
 def train_classifier(dataset: str = "mnist", steps: int = 1500, seed: int = 0, batch_size: int = 128,
-                     progress: bool = True) -> tuple[Classifier, float]:
-    """Train a classifier for ``dataset`` from ``seed`` (MNIST: random +-2 pixel shifts as augmentation).
+                     progress: bool = True, lr: float = 3e-3, device: torch.device | str = "cpu",
+                     checkpoint_every: int = TrainConfig.checkpoint_every, state_path: Path | None = None,
+                     resume: bool = False) -> tuple[Classifier, float | None, History]:
+    """Train a classifier for ``dataset`` from ``seed`` (MNIST: random +-2 pixel shifts as augmentation, drawn
+    in the batch stream for the whole global batch; ``batch_size`` is split across processes under
+    ``torchrun``). ``checkpoint_every`` / ``state_path`` / ``resume``: see :func:`~ar_course.train.train_loop`.
 
-    Returns the model (eval mode) and its accuracy on :func:`held_out_set`."""
+    Returns the model (eval mode), its accuracy on :func:`held_out_set` (``None`` on processes other than
+    rank 0, which alone evaluates) and the training history."""
     from ar_course.data import image_batches, load_mnist, make_shapes
 
     channels, num_classes = _check_dataset(dataset)
@@ -407,39 +418,57 @@ def train_classifier(dataset: str = "mnist", steps: int = 1500, seed: int = 0, b
     else:
         images, labels = make_shapes(SHAPES_TRAIN[0], size=32, seed=SHAPES_TRAIN[1])
     config = ClassifierConfig(in_channels=channels, num_classes=num_classes)
-    model = Classifier(config)
+    model = Classifier(config).to(device)
+    shift = MAX_SHIFT[dataset]
+
+    def batches():
+        for x, y in image_batches(images, labels, batch_size, generator=g):
+            yield (_random_shift(x, shift, g) if shift else x), y
 
     def loss_fn(m: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         x, y = batch
-        if MAX_SHIFT[dataset]:
-            x = _random_shift(x, MAX_SHIFT[dataset], g)
-        return F.cross_entropy(m(x), y)
+        return F.cross_entropy(m(x.to(device)), y.to(device))
 
     def evaluate(m: nn.Module) -> dict[str, float]:
         x, y = held_out_set(dataset)
-        pred = torch.cat([m(chunk).argmax(1) for chunk in x.split(1000)])
+        pred = torch.cat([m(chunk.to(device)).argmax(1).cpu() for chunk in x.split(1000)])
         return {"accuracy": float((pred == y).float().mean())}
 
-    history = train_loop(model, loss_fn, image_batches(images, labels, batch_size, generator=g),
-                         TrainConfig(steps=steps, lr=3e-3, weight_decay=1e-4, warmup=50),
-                         eval_fn=evaluate, progress=progress, desc=f"classifier/{dataset}")
-    return model, history.evals[-1]["accuracy"]
+    history = train_loop(model, loss_fn, batches(),
+                         TrainConfig(steps=steps, lr=lr, weight_decay=1e-4, warmup=50,
+                                     checkpoint_every=checkpoint_every),
+                         eval_fn=evaluate, progress=progress, desc=f"classifier/{dataset}", state_path=state_path,
+                         resume=resume)
+    return model, history.evals[-1]["accuracy"] if history.evals else None, history
 
 
+@trainer_main
 def train_main(argv: list[str] | None = None) -> int:
-    """``python -m ar_course train classifier --dataset mnist|shapes [--steps N] [--seed S] [--out PATH]``."""
-    parser = argparse.ArgumentParser(prog="python -m ar_course train classifier",
-                                     description="Train the judge classifier used by ar_course.metrics.")
+    """``python -m ar_course train classifier --dataset mnist|shapes [--steps N] [--seed S] [--out PATH] ...``."""
+    parser = ArgumentParser(prog="python -m ar_course train classifier",
+                            description="Train the judge classifier used by ar_course.metrics.")
     parser.add_argument("--dataset", choices=sorted(DATASETS), default="mnist")
-    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--steps", type=positive_int, default=1500)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--batch-size", type=positive_int, default=128,
+                        help="global batch, split across processes under torchrun [%(default)s]")
+    parser.add_argument("--lr", type=positive_float, default=3e-3)
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     parser.add_argument("--out", type=Path, default=None,
                         help="checkpoint path (default: the shipped ar_course/assets/classifier_<dataset>.safetensors)")
+    add_run_options(parser)
     args = parser.parse_args(argv)
-    model, accuracy = train_classifier(args.dataset, args.steps, args.seed, args.batch_size)
-    out = save_checkpoint(args.out or checkpoint_path(args.dataset), model, model.config, kind="classifier",
-                          dataset=args.dataset, steps=args.steps, seed=args.seed, test_accuracy=accuracy)
+    out = args.out or checkpoint_path(args.dataset)
+    state_path = prepare_run(parser, out, args.resume, args.batch_size)
+    model, accuracy, history = train_classifier(args.dataset, args.steps, args.seed, args.batch_size, lr=args.lr,
+                                       device=get_device(args.device), checkpoint_every=args.checkpoint_every,
+                                       state_path=state_path, resume=args.resume)
+    if not ddp.is_main_process():
+        return 0
+    out = save_checkpoint(out, model, model.config, kind="classifier", dataset=args.dataset, steps=args.steps,
+                          seed=args.seed, batch_size=args.batch_size, lr=args.lr,
+                          final_train_loss=history.smoothed(50)[-1], test_accuracy=accuracy)
+    finish_run(state_path)
     _cached_classifier.cache_clear()
     print(f"{args.dataset}: held-out accuracy {accuracy:.4f}; saved {out} ({out.stat().st_size / 1024:.0f} KB)")
     return 0

@@ -1,21 +1,49 @@
 """A small, generic training loop: AdamW, warmup + cosine schedule, gradient clipping, ``tqdm`` progress,
-loss history and periodic evaluation. Chapters' trainers (``python -m ar_course train ...``) build on it.
+loss history, periodic evaluation, and a training state to resume from. Chapters' trainers
+(``python -m ar_course train ...``) build on it.
 
 Usage::
 
     history = train_loop(model, loss_fn=lambda m, b: m(*b)[1], batches=iter_batches(), config=TrainConfig(steps=500))
+
+Resuming: with ``state_path`` the loop writes a training state every ``config.checkpoint_every`` steps, at the
+end, and when SIGTERM or SIGINT arrives (it finishes the current step, writes the state and raises
+:class:`TrainingInterrupted`). The file (safetensors, written atomically) holds the float32 weights and
+buffers, the optimizer state, the step, the history and torch's random state; ``resume=True`` loads it and
+fast-forwards ``batches`` by drawing the batches already trained on, so every random draw of a run must come
+from the batch stream (rebuilt from its seed) or from torch's global generator: then a resumed run ends with
+the weights of an uninterrupted one.
+
+The second half of this module is the command-line contract the trainers share: argparse value types,
+``--resume`` / ``--checkpoint-every``, checking ``--out`` before any work, and :func:`trainer_main`.
 """
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
+import functools
+import json
 import math
+import signal
+import sys
+import threading
 from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
 from typing import Any, Callable, Iterator
 
 import torch
 from tqdm.auto import tqdm
 
 from ar_course import distributed as ddp
+from ar_course.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from ar_course.files import check_output_path
+
+STATE_KIND = "train-state"
+STATE_SUFFIX = ".train-state.safetensors"
+# TrainConfig fields a resumed run must share with the run that wrote the state (they shape the trajectory)
+_SCHEDULE_FIELDS = ("steps", "lr", "weight_decay", "warmup", "min_lr_ratio", "grad_clip", "betas")
 
 
 @dataclass
@@ -29,6 +57,7 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.99)
     eval_every: int = 0  # 0: evaluate only at the end (if an eval_fn is given)
     log_every: int = 10
+    checkpoint_every: int = 200  # training-state writes (with a state_path); 0: only when interrupted and at the end
 
 
 @dataclass
@@ -51,6 +80,18 @@ class History:
         return out
 
 
+class TrainingError(RuntimeError):
+    """A training run cannot start or go on; the message is one line for the user."""
+
+
+class TrainingInterrupted(TrainingError):
+    """SIGTERM or SIGINT stopped :func:`train_loop` after ``step`` completed steps, whose state is at ``path``."""
+
+    def __init__(self, step: int, path: Path) -> None:
+        super().__init__(f"interrupted at step {step}; the training state is in {path}")
+        self.step, self.path = step, path
+
+
 def lr_at(step: int, config: TrainConfig) -> float:
     """Linear warmup for ``warmup`` steps, then cosine decay to ``min_lr_ratio * lr``."""
     if step < config.warmup:
@@ -58,6 +99,125 @@ def lr_at(step: int, config: TrainConfig) -> float:
     progress = (step - config.warmup) / max(1, config.steps - config.warmup)
     cos = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
     return config.lr * (config.min_lr_ratio + (1 - config.min_lr_ratio) * cos)
+
+
+class _LossModule(torch.nn.Module):
+    """``forward(batch) = loss_fn(model, batch)``: what DistributedDataParallel wraps, so that the loss
+    function always receives the model itself (its attributes and methods) while the forward pass still
+    goes through DDP, which then averages the gradients of ``model``'s parameters."""
+
+    def __init__(self, model: torch.nn.Module, loss_fn: Callable[[torch.nn.Module, Any], torch.Tensor]) -> None:
+        super().__init__()
+        self.model, self.loss_fn = model, loss_fn
+
+    def forward(self, batch: Any) -> torch.Tensor:
+        return self.loss_fn(self.model, batch)
+
+
+class _StopSignals:
+    """While active, SIGTERM and SIGINT set :attr:`received` instead of stopping the process; the same signal
+    a second time stops it at once (through the handler that was there before: Ctrl-C twice). The other
+    signal is ignored then (torchrun answers a Ctrl-C by sending its workers SIGTERM). A no-op outside the
+    main thread."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled and threading.current_thread() is threading.main_thread()
+        self.received: int | None = None  # the first signal that arrived
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.received == signum:  # asked twice: stop now, the last state written is intact
+            signal.signal(signum, self._previous[signum])
+            signal.raise_signal(signum)
+        self.received = self.received or signum
+
+    def __enter__(self) -> "_StopSignals":
+        if self.enabled:
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+
+def save_train_state(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int,
+                     history: History, config: TrainConfig) -> Path:
+    """Write what :func:`train_loop` needs to continue after ``step`` completed steps (rank 0 only, atomic).
+
+    Tensors: ``model/<name>`` (weights and buffers as they are, float32), ``optimizer/<i>/<name>`` and
+    ``rng/cpu`` (``rng/cuda`` too when CUDA is in use); JSON metadata: the step, the history, the
+    optimizer's hyper-parameters and the :class:`TrainConfig`."""
+    tensors = {f"model/{k}": v for k, v in model.state_dict().items()}
+    opt = optimizer.state_dict()
+    scalars: dict[str, dict[str, Any]] = {}
+    for i, state in opt["state"].items():
+        for k, v in state.items():
+            if isinstance(v, torch.Tensor):
+                tensors[f"optimizer/{i}/{k}"] = v
+            else:
+                scalars.setdefault(str(i), {})[k] = v
+    tensors["rng/cpu"] = torch.get_rng_state()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        tensors["rng/cuda"] = torch.cuda.get_rng_state()
+    return save_checkpoint(path, tensors, config, kind=STATE_KIND, step=step, history=dataclasses.asdict(history),
+                           param_groups=opt["param_groups"], optimizer_scalars=scalars)
+
+
+def read_train_state(path: str | Path, config: TrainConfig) -> tuple[dict[str, torch.Tensor], dict]:
+    """The tensors and metadata of a state written by :func:`save_train_state`; :class:`TrainingError`
+    when it is missing, damaged, or was written with a different schedule than ``config``."""
+    path = Path(path)
+    if not path.is_file():
+        raise TrainingError(f"no training state at {path} to resume from")
+    try:
+        tensors, meta = load_checkpoint(path)
+    except CheckpointError as exc:
+        raise TrainingError(str(exc)) from None
+    if meta["kind"] != STATE_KIND:
+        raise TrainingError(f"{path} is not a training state (it holds a {meta['kind']!r} checkpoint)")
+    now = json.loads(json.dumps(dataclasses.asdict(config)))  # tuples as JSON lists, like the stored config
+    changed = [f"{k} {meta['config'].get(k)} -> {now[k]}" for k in _SCHEDULE_FIELDS if meta["config"].get(k) != now[k]]
+    if changed:
+        raise TrainingError(f"the training state at {path} comes from a run with other settings "
+                            f"({', '.join(changed)}); resume with the options of that run")
+    return tensors, meta
+
+
+def _restore(tensors: dict[str, torch.Tensor], meta: dict, model: torch.nn.Module,
+             optimizer: torch.optim.Optimizer, path: Path) -> History:
+    """Load a state read by :func:`read_train_state` into ``model``, ``optimizer`` and torch's generators."""
+    extra = meta["extra"]
+    weights = {k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")}
+    state: dict[int, dict[str, Any]] = {int(i): dict(v) for i, v in extra["optimizer_scalars"].items()}
+    for key, value in tensors.items():
+        if key.startswith("optimizer/"):
+            _, i, name = key.split("/", 2)
+            state.setdefault(int(i), {})[name] = value
+    try:
+        model.load_state_dict(weights, strict=True)
+        optimizer.load_state_dict({"state": state, "param_groups": extra["param_groups"]})
+    except (RuntimeError, ValueError, KeyError) as exc:
+        raise TrainingError(f"the training state at {path} does not fit this model: {exc}") from None
+    torch.set_rng_state(tensors["rng/cpu"])
+    if "rng/cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["rng/cuda"])
+    return History(**extra["history"])
+
+
+def _resume(state_path: str | Path | None, config: TrainConfig, batches: Iterator[Any], model: torch.nn.Module,
+            optimizer: torch.optim.Optimizer) -> tuple[History, int]:
+    """Load the state at ``state_path`` after replaying ``batches`` up to its step; return the history and
+    the step to continue from."""
+    if state_path is None:
+        raise TrainingError("resume=True needs a state_path")
+    tensors, meta = read_train_state(state_path, config)
+    start = int(meta["extra"]["step"])
+    for _ in range(start):  # the batch stream's random draws, up to the saved step (before torch's RNG is set)
+        next(batches)
+    return _restore(tensors, meta, model, optimizer, Path(state_path)), start
 
 
 def train_loop(
@@ -69,47 +229,165 @@ def train_loop(
     optimizer: torch.optim.Optimizer | None = None,
     progress: bool = True,
     desc: str = "train",
+    state_path: str | Path | None = None,
+    resume: bool = False,
 ) -> History:
     """Train ``model`` for ``config.steps`` steps on ``batches``; return the :class:`History`.
 
     ``loss_fn(model, batch)`` returns a scalar loss (a mean over the batch). ``eval_fn(model)`` (called in
     eval mode under ``torch.no_grad``) returns named metrics; it runs every ``eval_every`` steps and at
-    the end.
+    the end. ``state_path`` / ``resume``: see the module docstring (``resume`` without a state raises
+    :class:`TrainingError`).
 
     Inside a process group (``torchrun``, see :mod:`ar_course.distributed`) each process trains on its
-    slice of every global batch from ``batches`` through ``DistributedDataParallel``; the recorded loss
-    is averaged over processes and only rank 0 shows progress. ``model`` is updated in place either way."""
-    train_model: torch.nn.Module = model
-    if ddp.is_distributed():
-        train_model = torch.nn.parallel.DistributedDataParallel(model)
-        progress = progress and ddp.is_main_process()
+    contiguous slice of every global batch from ``batches`` (so the global batch size must divide by the
+    number of processes) through ``DistributedDataParallel``, which wraps ``loss_fn``: it still receives
+    ``model`` itself. The recorded loss is averaged over processes; only rank 0 shows progress, evaluates
+    (the other processes' history has no evals) and writes the state. All processes stop at the same step
+    when a signal reaches any of them. ``model`` is updated in place either way."""
     opt = optimizer or torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad],
         lr=config.lr, weight_decay=config.weight_decay, betas=config.betas,
     )
-    history = History()
+    history, start = _resume(state_path, config, batches, model, opt) if resume else (History(), 0)
+    train_model: torch.nn.Module = _LossModule(model, loss_fn)
+    if ddp.is_distributed():
+        train_model = torch.nn.parallel.DistributedDataParallel(train_model)
+        progress = progress and ddp.is_main_process()
     model.train()
-    bar = tqdm(range(config.steps), desc=desc, disable=not progress, mininterval=1.0)
-    for step in bar:
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, config)
-        loss = loss_fn(train_model, ddp.shard_batch(next(batches)))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if config.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-        opt.step()
-        history.steps.append(step)
-        history.loss.append(ddp.mean_across_processes(float(loss.detach())))
-        if step % config.log_every == 0:
-            bar.set_postfix(loss=f"{history.smoothed()[-1]:.4f}")
-        last = step == config.steps - 1
-        if eval_fn is not None and ((config.eval_every and (step + 1) % config.eval_every == 0) or last):
-            model.eval()
-            with torch.no_grad():
-                metrics = eval_fn(model)
-            model.train()
-            history.eval_steps.append(step + 1)
-            history.evals.append(metrics)
+    bar = tqdm(range(start, config.steps), desc=desc, disable=not progress, mininterval=1.0, initial=start,
+               total=config.steps)
+    with _StopSignals(enabled=state_path is not None) as signals:
+        for step in bar:
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, config)
+            loss = train_model(ddp.shard_batch(next(batches)))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if config.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            opt.step()
+            # one reduction: the mean loss over processes, and whether any process was asked to stop
+            stop = loss.new_tensor(float(signals.received is not None), dtype=torch.float64)
+            loss_sum, stops = ddp.sum_across_processes(torch.stack([loss.detach().double(), stop])).tolist()
+            history.steps.append(step)
+            history.loss.append(loss_sum / ddp.world_size())
+            if step % config.log_every == 0:
+                bar.set_postfix(loss=f"{history.smoothed()[-1]:.4f}")
+            done = step + 1
+            if eval_fn is not None and ddp.is_main_process() and (
+                    (config.eval_every and done % config.eval_every == 0) or done == config.steps):
+                model.eval()
+                with torch.no_grad():
+                    metrics = eval_fn(model)
+                model.train()
+                history.eval_steps.append(done)
+                history.evals.append(metrics)
+            periodic = config.checkpoint_every and done % config.checkpoint_every == 0
+            if state_path is not None and (stops or periodic or done == config.steps):
+                save_train_state(state_path, model, opt, done, history, config)
+            if stops:
+                raise TrainingInterrupted(done, Path(state_path))
     model.eval()
     return history
+
+
+# ----------------------------------------------------------------------------------------------------
+# The command-line contract of ``python -m ar_course train <what>``
+
+
+def int_at_least(low: int) -> Callable[[str], int]:
+    """An argparse ``type``: an integer ``>= low``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {text!r}")
+        return value
+
+    return parse
+
+
+def _number(accept: Callable[[float], bool], what: str) -> Callable[[str], float]:
+    """An argparse ``type``: a finite float for which ``accept`` holds (``what`` describes it)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not (math.isfinite(value) and accept(value)):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
+        return value
+
+    return parse
+
+
+positive_int = int_at_least(1)
+non_negative_int = int_at_least(0)
+positive_float = _number(lambda v: v > 0, "a finite number > 0")
+non_negative_float = _number(lambda v: v >= 0, "a finite number >= 0")
+probability = _number(lambda v: 0 <= v <= 1, "a probability in [0, 1]")
+
+
+def add_run_options(parser: argparse.ArgumentParser) -> None:
+    """``--resume`` and ``--checkpoint-every``, the options every trainer shares with :func:`train_loop`."""
+    parser.add_argument("--resume", action="store_true",
+                        help=f"continue an interrupted run from its training state (the --out path with "
+                             f"{STATE_SUFFIX!r} for '.safetensors'); use the options of that run")
+    parser.add_argument("--checkpoint-every", type=non_negative_int, default=TrainConfig.checkpoint_every,
+                        metavar="N", help="write the training state every N steps (0: only when interrupted and "
+                                          "at the end; it is removed once the checkpoint is written) [%(default)s]")
+
+
+def state_path_for(out: Path) -> Path:
+    """Where the training state of a run writing ``out`` lives: ``NAME.train-state.safetensors`` beside it."""
+    return out.with_name(out.name.removesuffix(".safetensors") + STATE_SUFFIX)
+
+
+def prepare_run(parser: argparse.ArgumentParser, out: Path, resume: bool, batch_size: int | None) -> Path:
+    """Check a trainer's arguments before any work: ``out`` must be a writable ``.safetensors`` path and
+    ``batch_size`` (the global batch) must divide by the number of processes (usage errors, exit 2); with
+    ``resume`` the training state must exist (:class:`TrainingError`). Returns the training state's path."""
+    try:
+        check_output_path(out, suffix=".safetensors")
+    except ValueError as exc:
+        parser.error(str(exc))
+    if batch_size is not None and batch_size % ddp.world_size():
+        parser.error(f"--batch-size {batch_size} (the global batch) must divide by the number of processes "
+                     f"({ddp.world_size()})")
+    state = state_path_for(out)
+    if resume and not state.is_file():
+        raise TrainingError(f"no training state at {state} to resume from")
+    if not resume and state.is_file() and ddp.is_main_process():
+        print(f"note: this run replaces the training state of an earlier, unfinished run at {state} "
+              "(--resume continues that run instead)", file=sys.stderr)
+    return state
+
+
+def finish_run(state: Path) -> None:
+    """Remove a run's training state once its final checkpoint is written (rank 0)."""
+    if ddp.is_main_process():
+        state.unlink(missing_ok=True)
+
+
+def trainer_main(main: Callable[[list[str] | None], int]) -> Callable[[list[str] | None], int]:
+    """Decorate a trainer's ``main(argv)``: a :class:`TrainingError` becomes one line ``error: ...`` on
+    stderr (from rank 0) and exit status 1; an interruption says how to continue."""
+
+    @functools.wraps(main)
+    def run(argv: list[str] | None = None) -> int:
+        try:
+            return main(argv)
+        except TrainingInterrupted as exc:
+            message = f"interrupted at step {exc.step}; continue with --resume"
+        except TrainingError as exc:
+            message = str(exc)
+        if ddp.is_main_process():
+            print(f"error: {message}", file=sys.stderr)
+        return 1
+
+    return run

@@ -1,36 +1,45 @@
-"""Train a tiny model with ar_course.train.train_loop; run alone or under torchrun (see test_distributed.py).
+"""Run the course's trainers tiny and fast, alone or under torchrun (see test_distributed.py), each through
+the ``main(argv)`` that ``python -m ar_course train WHAT`` calls (``ar_course.cli.TRAINERS``), in one process
+group joined once (a group cannot be joined again after leaving it under torchrun's rendezvous). Every run
+gets the same arguments either way: ``--batch-size`` is the global batch, so 2 processes take 2 examples per
+step each where one process takes 4.
 
-Usage: python ddp_worker.py OUT.safetensors"""
+Usage: python ddp_worker.py OUT_DIR  (writes OUT_DIR/<run>.safetensors for every run in RUNS)"""
 
+import importlib
 import sys
 
 import torch
 
 from ar_course import distributed as ddp
-from ar_course.checkpoint import save_checkpoint
-from ar_course.train import TrainConfig, train_loop
+from ar_course.cli import TRAINERS
+
+TINY_GPT = ["--n-layer", "1", "--n-embd", "16", "--n-head", "2", "--eval-per-class", "0", "--train-images", "64"]
+TINY_TOKENIZER = ["--num-codes", "16", "--usage-window", "2"]  # a window closes at step 2: dead codes restart
+RUNS: dict[str, list[str]] = {
+    "lm": ["lm", "--preset", "tiny", "--batch-size", "4", "--no-progress"],
+    "ar": ["ar", "--batch-size", "4", *TINY_GPT],
+    "var": ["var", "--batch-size", "4", *TINY_GPT],
+    "tokenizer_msvq": ["tokenizer", "--quantizer", "msvq", "--batch-size", "4", *TINY_TOKENIZER],
+    "tokenizer_rvq_ema": ["tokenizer", "--quantizer", "rvq", "--depth", "2", "--ema", "--batch-size", "4",
+                          *TINY_TOKENIZER],
+    "classifier": ["classifier", "--batch-size", "8"],
+}
+STEPS = 3
 
 
-def make_model() -> torch.nn.Module:
-    torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
-
-
-def global_batches():
-    g = torch.Generator().manual_seed(1)
-    while True:  # the same global batches in every process
-        yield torch.randn(8, 6, generator=g), torch.randint(0, 3, (8,), generator=g)
-
-
-def main(out: str) -> None:
+def main(out_dir: str) -> None:
     torch.set_num_threads(1)
     ddp.init_distributed()
-    model = make_model()
-    loss_fn = lambda m, b: torch.nn.functional.cross_entropy(m(b[0]), b[1])  # noqa: E731
-    history = train_loop(model, loss_fn, global_batches(), TrainConfig(steps=20, lr=1e-2, warmup=2), progress=False)
-    if ddp.is_main_process():
-        save_checkpoint(out, model, {"world_size": ddp.world_size()}, final_loss=history.loss[-1])
-    ddp.close_distributed()
+    try:
+        for name, (what, *argv) in RUNS.items():
+            module = importlib.import_module(TRAINERS[what][0])
+            entry = getattr(module, "main", None) or getattr(module, "train_main")
+            code = entry([*argv, "--steps", str(STEPS), "--seed", "0", "--out", f"{out_dir}/{name}.safetensors"])
+            if code != 0:
+                raise SystemExit(f"{name}: exit status {code}")
+    finally:
+        ddp.close_distributed()
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ one new token, in a batch of ``2B`` when guided.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -61,12 +62,28 @@ def raster_loss(
     """Mean next-token cross-entropy (nats per token) of token maps ``(B, h, w)`` given ``classes`` ``(B,)``.
 
     With ``p_uncond > 0`` each class is first replaced by the null class with that probability (condition
-    dropout, so the model also learns the unconditional distribution for guidance)."""
+    dropout, so the model also learns the unconditional distribution for guidance). The trainer draws the
+    dropout in its batch stream instead (:func:`condition_dropout_batches`), for the global batch."""
     seq = to_raster(token_maps)  # (B, L)
     if p_uncond > 0:
         classes = condition_dropout(classes, p_uncond, model.null_class, generator)
     _, loss = model(seq[:, :-1], targets=seq, classes=classes)
     return loss
+
+
+def condition_dropout_batches(
+    batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
+    p_uncond: float,
+    null_class: int,
+    generator: torch.Generator | None = None,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The ``(inputs, classes (B,))`` batches of ``batches`` with condition dropout applied to the classes.
+
+    Drawing the dropout with the batch (:func:`~ar_course.raster.functional.condition_dropout`, right after
+    the batch from the same ``generator``) keeps every random draw in the batch stream: under ``torchrun``
+    each process draws it for the global batch before taking its slice, and a resumed run replays it."""
+    for inputs, classes in batches:
+        yield inputs, (condition_dropout(classes, p_uncond, null_class, generator) if p_uncond > 0 else classes)
 
 
 @torch.no_grad()

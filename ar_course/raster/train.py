@@ -8,19 +8,24 @@ checkpoint (the shipped one is ``ar_course/assets/ar_mnist.safetensors``, made w
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import torch
 
+from ar_course import distributed as ddp
 from ar_course import metrics
 from ar_course.checkpoint import save_checkpoint
+from ar_course.cli import ArgumentParser
 from ar_course.data import image_batches, load_mnist
 from ar_course.raster.model import (
-    CHECKPOINT_KIND, PRETRAINED_PATH, generate_images, load_tokenizer, raster_config, raster_loss,
+    CHECKPOINT_KIND, PRETRAINED_PATH, condition_dropout_batches, generate_images, load_tokenizer, raster_config,
+    raster_loss,
 )
 from ar_course.tokenizers import VQVAE
-from ar_course.train import History, TrainConfig, train_loop
+from ar_course.train import (
+    History, TrainConfig, add_run_options, finish_run, non_negative_int, positive_float, positive_int, prepare_run,
+    probability, train_loop, trainer_main,
+)
 from ar_course.transformer.model import GPT
 from ar_course.utils import get_device, seed_everything
 
@@ -57,65 +62,88 @@ def train_ar(
     n_head: int = 4,
     device: torch.device | str = "cpu",
     progress: bool = True,
+    checkpoint_every: int = TrainConfig.checkpoint_every,
+    state_path: Path | None = None,
+    resume: bool = False,
 ) -> tuple[GPT, History]:
     """Train a class-conditional GPT on ``token_maps`` ``(N, h, w)`` with ``labels`` ``(N,)`` from ``seed``.
 
-    Returns the model (eval mode) and the loss history."""
+    ``batch_size`` is the global batch (split across processes under ``torchrun``); the condition dropout
+    is drawn in the batch stream. ``checkpoint_every`` / ``state_path`` / ``resume``: see
+    :func:`~ar_course.train.train_loop`. Returns the model (eval mode) and the loss history."""
     g = seed_everything(seed)
     h, w = token_maps.shape[1:]
     config = raster_config(tokenizer.config.num_codes, (h, w), n_classes=int(labels.max()) + 1,
                            n_layer=n_layer, n_head=n_head, n_embd=n_embd)
     model = GPT(config).to(device)
+    batches = condition_dropout_batches(image_batches(token_maps, labels, batch_size, generator=g), p_uncond,
+                                        model.null_class, g)
 
     def loss_fn(m: GPT, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         maps, ys = batch
-        return raster_loss(m, maps.to(device), ys.to(device), p_uncond, g)
+        return raster_loss(m, maps.to(device), ys.to(device))
 
-    history = train_loop(model, loss_fn, image_batches(token_maps, labels, batch_size, generator=g),
-                         TrainConfig(steps=steps, lr=lr, warmup=100, weight_decay=0.01),
-                         progress=progress, desc="raster AR")
+    history = train_loop(model, loss_fn, batches,
+                         TrainConfig(steps=steps, lr=lr, warmup=100, weight_decay=0.01,
+                                     checkpoint_every=checkpoint_every),
+                         progress=progress, desc="raster AR", state_path=state_path, resume=resume)
     return model, history
 
 
+@trainer_main
 def main(argv: list[str] | None = None) -> int:
-    """``python -m ar_course train ar [--steps N] [--seed S] [--out PATH] ...``"""
-    parser = argparse.ArgumentParser(prog="python -m ar_course train ar",
-                                     description="Train the class-conditional raster-order AR model on MNIST "
-                                                 "tokens of the shipped mnist_vq tokenizer.")
-    parser.add_argument("--steps", type=int, default=1500)
+    """``python -m ar_course train ar [--steps N] [--seed S] [--out PATH] [--resume] ...``"""
+    parser = ArgumentParser(prog="python -m ar_course train ar",
+                            description="Train the class-conditional raster-order AR model on MNIST tokens of the "
+                                        "shipped mnist_vq tokenizer.")
+    parser.add_argument("--steps", type=positive_int, default=1500)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--p-uncond", type=float, default=0.1, help="condition dropout probability")
-    parser.add_argument("--n-layer", type=int, default=4)
-    parser.add_argument("--n-embd", type=int, default=96)
-    parser.add_argument("--n-head", type=int, default=4)
-    parser.add_argument("--eval-per-class", type=int, default=20,
-                        help="samples per class for the accuracy recorded at each guidance scale")
+    parser.add_argument("--batch-size", type=positive_int, default=32,
+                        help="global batch, split across processes under torchrun [%(default)s]")
+    parser.add_argument("--lr", type=positive_float, default=3e-3)
+    parser.add_argument("--p-uncond", type=probability, default=0.1, help="condition dropout probability")
+    parser.add_argument("--n-layer", type=positive_int, default=4)
+    parser.add_argument("--n-embd", type=positive_int, default=96)
+    parser.add_argument("--n-head", type=positive_int, default=4)
+    parser.add_argument("--train-images", type=positive_int, default=None, metavar="N",
+                        help="train on the first N training digits only (default: all)")
+    parser.add_argument("--eval-per-class", type=non_negative_int, default=20,
+                        help="samples per class for the accuracy recorded at each guidance scale (0: skip)")
     parser.add_argument("--tokenizer", default="mnist_vq", help="a shipped tokenizer's name or a checkpoint path")
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--out", type=Path, default=PRETRAINED_PATH,
                         help=f"checkpoint path (default: the shipped {PRETRAINED_PATH.name})")
+    add_run_options(parser)
     args = parser.parse_args(argv)
+    if args.n_embd % args.n_head:
+        parser.error(f"--n-embd {args.n_embd} must divide by --n-head {args.n_head}")
+    if args.train_images is not None and args.train_images < args.batch_size:
+        parser.error(f"--train-images {args.train_images} is smaller than --batch-size {args.batch_size}")
+    state_path = prepare_run(parser, args.out, args.resume, args.batch_size)
     device = get_device(args.device)
     tokenizer = load_tokenizer(args.tokenizer, device=device)
     images, labels = load_mnist("train", size=32)
+    images, labels = images[:args.train_images], labels[:args.train_images]
     token_maps = encode_dataset(tokenizer, images)  # (N, 8, 8)
     model, history = train_ar(tokenizer, token_maps, labels, steps=args.steps, seed=args.seed,
                               batch_size=args.batch_size, lr=args.lr, p_uncond=args.p_uncond,
-                              n_layer=args.n_layer, n_embd=args.n_embd, n_head=args.n_head, device=device)
+                              n_layer=args.n_layer, n_embd=args.n_embd, n_head=args.n_head, device=device,
+                              checkpoint_every=args.checkpoint_every, state_path=state_path, resume=args.resume)
+    if not ddp.is_main_process():
+        return 0
     test_images, test_labels = load_mnist("test", size=32)
     test_maps = encode_dataset(tokenizer, test_images[:1000]).to(device)
     with torch.no_grad():
         test_loss = float(raster_loss(model, test_maps, test_labels[:1000].to(device)))
     accuracy = {str(s): class_accuracy_at(model, tokenizer, s, args.eval_per_class, seed=args.seed)
-                for s in EVAL_SCALES}
+                for s in EVAL_SCALES} if args.eval_per_class else {}
     state = {k: v.half() for k, v in model.state_dict().items()}
+    tail = history.loss[-50:]
     out = save_checkpoint(args.out, state, model.config, kind=CHECKPOINT_KIND, tokenizer=str(args.tokenizer),
                           steps=args.steps, seed=args.seed, batch_size=args.batch_size, lr=args.lr,
-                          p_uncond=args.p_uncond, final_train_loss=sum(history.loss[-50:]) / len(history.loss[-50:]),
-                          test_loss=test_loss, accuracy_by_scale=accuracy,
-                          eval_per_class=args.eval_per_class)
+                          p_uncond=args.p_uncond, train_images=len(labels), final_train_loss=sum(tail) / len(tail),
+                          test_loss=test_loss, accuracy_by_scale=accuracy, eval_per_class=args.eval_per_class)
+    finish_run(state_path)
     print(f"test loss {test_loss:.4f} nats/token; class accuracy by guidance scale {accuracy}")
     print(f"saved {out} ({out.stat().st_size / 1024:.0f} KB)")
     return 0

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ar_course import distributed as ddp
 from ar_course.tokenizers import functional as Fq
 
 
@@ -63,6 +64,9 @@ class VectorQuantizer(nn.Module):
     * In training mode it counts code hits; every ``usage_window`` steps the counts of that window become
       :meth:`usage`, and with ``dead_code_threshold > 0`` the codes hit fewer times than that are
       replaced by random vectors of the current batch (dead-code restart).
+    * Under ``torchrun`` these statistics are global: hit counts are summed over processes and EMA updates
+      and restarts use every process's vectors in rank order (:mod:`ar_course.distributed`), so each process
+      makes the update one process would make on the global batch.
     """
 
     def __init__(
@@ -150,9 +154,11 @@ class VectorQuantizer(nn.Module):
 
     @torch.no_grad()
     def ema_step(self, flat: torch.Tensor, idx: torch.Tensor) -> None:
-        """Move the codebook to the running means of the vectors ``(N, D)`` assigned to it (``ema=True``)."""
+        """Move the codebook to the running means of the vectors ``(N, D)`` assigned to it by ``idx`` ``(N,)``
+        (``ema=True``); under ``torchrun``, of every process's vectors."""
         if not self.ema:
             raise RuntimeError("ema_step needs a quantizer built with ema=True")
+        flat, idx = ddp.gather_in_rank_order(flat), ddp.gather_in_rank_order(idx)  # (world * N, D), (world * N,)
         size, total, codebook = Fq.ema_update(self.ema_cluster_size, self.ema_embed_sum, flat, idx,
                                               self.decay, self.eps)
         self.ema_cluster_size.copy_(size)
@@ -160,16 +166,21 @@ class VectorQuantizer(nn.Module):
         self.codebook.copy_(codebook)
 
     @torch.no_grad()
-    def record(self, idx: torch.Tensor, candidates: torch.Tensor) -> None:
+    def record(self, idx: torch.Tensor, candidates: torch.Tensor | Sequence[torch.Tensor]) -> None:
         """Count the hits ``idx`` ``(N,)``; at the end of a window, publish usage and restart dead codes
-        from ``candidates`` ``(M, D)`` (data vectors of this batch)."""
-        self.hits += torch.bincount(idx, minlength=self.num_codes).to(self.hits.dtype)
+        from ``candidates``: the data vectors of this batch, ``(M, D)`` or a list of ``(M_i, D)`` pieces.
+
+        Under ``torchrun`` the hits are summed over processes and each piece is gathered from every process
+        in rank order before the pieces are concatenated, so the candidates are those of the global batch in
+        the order one process would have them."""
+        self.hits += ddp.sum_across_processes(torch.bincount(idx, minlength=self.num_codes).to(self.hits.dtype))
         self.window_steps += 1
         if int(self.window_steps) < self.usage_window:
             return
         self.last_hits.copy_(self.hits)
         if self.dead_code_threshold > 0:
-            self.restart_dead_codes(self.hits, candidates)
+            pieces = [candidates] if isinstance(candidates, torch.Tensor) else candidates
+            self.restart_dead_codes(self.hits, torch.cat([ddp.gather_in_rank_order(p) for p in pieces]))
         self.hits.zero_()
         self.window_steps.zero_()
 
@@ -258,7 +269,7 @@ class ResidualVQ(nn.Module):
                 idx, rest = torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])
                 if self.ema:
                     layer.ema_step(rest, idx)
-                layer.record(idx, rest)
+                layer.record(idx, [p[1] for p in pairs])
         out = Fq.straight_through(flat, z_hat)
         return QuantizerOutput(_unflatten(out, b, h, w), torch.stack(indices, dim=1), loss / self.depth)
 
@@ -411,7 +422,7 @@ class MultiScaleVQ(nn.Module):
         elif self.final_weight:
             loss = loss + self.final_weight * final
         if self.training:
-            self.quantizer.record(torch.cat(hits), torch.cat(candidates))
+            self.quantizer.record(torch.cat(hits), candidates)
         return QuantizerOutput(Fq.straight_through(f, f_hat), indices, loss)
 
     def encode(self, f: torch.Tensor) -> list[torch.Tensor]:

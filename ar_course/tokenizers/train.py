@@ -15,11 +15,16 @@ from pathlib import Path
 
 import torch
 
+from ar_course import distributed as ddp
 from ar_course import metrics
 from ar_course.checkpoint import save_checkpoint
+from ar_course.cli import ArgumentParser
 from ar_course.tokenizers.quantizers import MSVQ_LOSSES
 from ar_course.tokenizers.vqvae import ASSETS, CHECKPOINT_KIND, QUANTIZERS, VQVAE, VQVAEConfig
-from ar_course.train import History, TrainConfig, train_loop
+from ar_course.train import (
+    History, TrainConfig, add_run_options, finish_run, non_negative_float, positive_float, positive_int, prepare_run,
+    train_loop, trainer_main,
+)
 from ar_course.utils import get_device, seed_everything
 
 DATASETS = ("mnist", "shapes")
@@ -81,11 +86,17 @@ def train_tokenizer(
     train_images: torch.Tensor | None = None,
     test_images: torch.Tensor | None = None,
     eval_every: int = 0,
+    checkpoint_every: int = TrainConfig.checkpoint_every,
+    state_path: Path | None = None,
+    resume: bool = False,
 ) -> tuple[VQVAE, dict[str, float], History]:
     """Train a :class:`VQVAE` from ``seed``; return it (eval mode), its held-out metrics and the history.
 
     ``train_images`` / ``test_images`` default to the ``dataset``'s train and test splits; ``eval_every``
-    adds held-out evaluations during training (``history.eval_steps`` / ``history.evals``)."""
+    adds held-out evaluations during training (``history.eval_steps`` / ``history.evals``). ``batch_size``
+    is the global batch (split across processes under ``torchrun``, where only rank 0 evaluates: the
+    metrics are ``{}`` elsewhere). ``checkpoint_every`` / ``state_path`` / ``resume``: see
+    :func:`~ar_course.train.train_loop`."""
     generator = seed_everything(seed)
     device = torch.device(device) if device is not None else get_device()
     train_images = load_images(dataset, "train") if train_images is None else train_images
@@ -100,56 +111,77 @@ def train_tokenizer(
 
     history = train_loop(
         model, lambda m, x: m(x).loss, batches(),
-        TrainConfig(steps=steps, lr=lr, warmup=min(50, steps // 10 + 1), grad_clip=1.0, eval_every=eval_every),
+        TrainConfig(steps=steps, lr=lr, warmup=min(50, steps // 10 + 1), grad_clip=1.0, eval_every=eval_every,
+                    checkpoint_every=checkpoint_every),
         eval_fn=lambda m: evaluate(m, test_images), progress=progress,
-        desc=f"tokenizer/{config.quantizer}/{dataset}",
+        desc=f"tokenizer/{config.quantizer}/{dataset}", state_path=state_path, resume=resume,
     )
-    return model.eval(), history.evals[-1], history
+    return model.eval(), history.evals[-1] if history.evals else {}, history
 
 
+def _scales(text: str) -> tuple[int, ...]:
+    """An argparse ``type``: comma-separated positive sides such as ``1,2,3,4,6,8``."""
+    try:
+        scales = tuple(int(s) for s in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 1,2,4,8, got {text!r}") from None
+    if min(scales) < 1:
+        raise argparse.ArgumentTypeError(f"sides must be >= 1, got {text!r}")
+    return scales
+
+
+@trainer_main
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ar_course train tokenizer",
-                                     description="Train a VQ / residual VQ / multi-scale VQ tokenizer (chapter 01).")
+    parser = ArgumentParser(prog="python -m ar_course train tokenizer",
+                            description="Train a VQ / residual VQ / multi-scale VQ tokenizer (chapter 01).")
     parser.add_argument("--quantizer", choices=QUANTIZERS, default="vq")
     parser.add_argument("--dataset", choices=DATASETS, default="mnist")
-    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--steps", type=positive_int, default=1500)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--num-codes", type=int, default=256)
-    parser.add_argument("--latent-dim", type=int, default=16)
-    parser.add_argument("--depth", type=int, default=4, help="residual depth (rvq)")
-    parser.add_argument("--scales", type=str, default="1,2,3,4,6,8", help="comma-separated sides (msvq)")
+    parser.add_argument("--batch-size", type=positive_int, default=64,
+                        help="global batch, split across processes under torchrun [%(default)s]")
+    parser.add_argument("--lr", type=positive_float, default=2e-3)
+    parser.add_argument("--num-codes", type=positive_int, default=256)
+    parser.add_argument("--latent-dim", type=positive_int, default=16)
+    parser.add_argument("--depth", type=positive_int, default=4, help="residual depth (rvq)")
+    parser.add_argument("--scales", type=_scales, default=(1, 2, 3, 4, 6, 8),
+                        help="comma-separated sides (msvq) [1,2,3,4,6,8]")
     parser.add_argument("--msvq-loss", choices=MSVQ_LOSSES, default=VQVAEConfig.msvq_loss,
                         help="msvq: quantizer loss averaged over every scale's partial sum as in VAR, or on the "
                              "complete reconstruction only [%(default)s]")
-    parser.add_argument("--msvq-final-weight", type=float, default=VQVAEConfig.msvq_final_weight,
+    parser.add_argument("--msvq-final-weight", type=non_negative_float, default=VQVAEConfig.msvq_final_weight,
                         help="msvq, every_scale: extra weight on the complete reconstruction's term; 0 is VAR's "
                              "plain average [%(default)s]")
-    parser.add_argument("--dead-code-threshold", type=float, default=1.0,
+    parser.add_argument("--dead-code-threshold", type=non_negative_float, default=1.0,
                         help="restart codes hit fewer times per window (0 disables)")
+    parser.add_argument("--usage-window", type=positive_int, default=default_config().usage_window,
+                        help="steps per codebook-usage window, at whose end dead codes restart [%(default)s]")
     parser.add_argument("--ema", action="store_true", help="EMA codebook updates (vq, rvq)")
     parser.add_argument("--l2-norm", action="store_true", help="l2-normalised codes (vq)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     parser.add_argument("--out", type=Path, default=None,
                         help="checkpoint path (default: ar_course/assets/tokenizer_<dataset>_<quantizer>.safetensors)")
+    add_run_options(parser)
     args = parser.parse_args(argv)
-    if args.steps < 1:
-        parser.error("--steps must be >= 1")
-    if args.msvq_final_weight < 0:
-        parser.error("--msvq-final-weight must be >= 0")
-    config = default_config(
-        args.quantizer, args.dataset, num_codes=args.num_codes, latent_dim=args.latent_dim, depth=args.depth,
-        scales=tuple(int(s) for s in args.scales.split(",")), dead_code_threshold=args.dead_code_threshold,
-        ema=args.ema, l2_norm=args.l2_norm, msvq_loss=args.msvq_loss,
-        msvq_final_weight=args.msvq_final_weight,
-    )
-    model, result, history = train_tokenizer(config, args.dataset, args.steps, args.seed, args.batch_size, args.lr,
-                                              device=args.device)
+    try:
+        config = default_config(
+            args.quantizer, args.dataset, num_codes=args.num_codes, latent_dim=args.latent_dim, depth=args.depth,
+            scales=args.scales, dead_code_threshold=args.dead_code_threshold, usage_window=args.usage_window,
+            ema=args.ema, l2_norm=args.l2_norm, msvq_loss=args.msvq_loss, msvq_final_weight=args.msvq_final_weight,
+        )
+    except ValueError as exc:
+        parser.error(str(exc))
     out = args.out or ASSETS / f"tokenizer_{args.dataset}_{args.quantizer}.safetensors"
+    state_path = prepare_run(parser, out, args.resume, args.batch_size)
+    model, result, history = train_tokenizer(config, args.dataset, args.steps, args.seed, args.batch_size, args.lr,
+                                              device=args.device, checkpoint_every=args.checkpoint_every,
+                                              state_path=state_path, resume=args.resume)
+    if not ddp.is_main_process():
+        return 0
     save_checkpoint(out, model, config, kind=CHECKPOINT_KIND, dataset=args.dataset, steps=args.steps,
                     seed=args.seed, batch_size=args.batch_size, lr=args.lr, final_loss=history.smoothed()[-1],
                     held_out=result)
+    finish_run(state_path)
     print(f"{args.dataset}/{args.quantizer}: held-out PSNR {result['psnr']:.2f} dB, codebook usage "
           f"{result['fraction_used']:.1%} (perplexity {result['perplexity']:.1f}); saved {out} "
           f"({Path(out).stat().st_size / 1024:.0f} KB)")

@@ -18,7 +18,6 @@ vocabulary and the validation loss measured after rounding::
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from dataclasses import dataclass, field, replace
@@ -28,8 +27,13 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
+from ar_course import distributed as ddp
 from ar_course.checkpoint import save_checkpoint
-from ar_course.train import TrainConfig, train_loop
+from ar_course.cli import ArgumentParser
+from ar_course.train import (
+    TrainConfig, add_run_options, finish_run, non_negative_int, positive_float, positive_int, prepare_run, train_loop,
+    trainer_main,
+)
 from ar_course.transformer.model import GPT, GPTConfig
 from ar_course.utils import count_parameters, get_device, seed_everything
 
@@ -112,10 +116,15 @@ def train_lm(
     teacher: GPT | None = None,
     progress: bool = True,
     eval_every: int = 0,
+    checkpoint_every: int = TrainConfig.checkpoint_every,
+    state_path: Path | None = None,
+    resume: bool = False,
 ) -> tuple[GPT, dict]:
     """Train a character-level GPT with ``preset`` on the text corpus; return ``(model, info)``.
 
-    ``info`` holds the tokenizer, the loss history and the validation loss (``val_loss``, nats/char)."""
+    ``preset.batch_size`` is the global batch (split across processes under ``torchrun``).
+    ``checkpoint_every`` / ``state_path`` / ``resume``: see :func:`~ar_course.train.train_loop`. ``info``
+    holds the tokenizer, the loss history, the training time and the validation token ids."""
     from ar_course.data import load_text_dataset, text_batches
 
     tokenizer, train_ids, val_ids = load_text_dataset()
@@ -131,10 +140,10 @@ def train_lm(
         loss_fn = lambda m, b: m(b[0], targets=b[1])[1]  # noqa: E731
     eval_fn = lambda m: {"val_loss": evaluate_lm(m, val_ids, preset.seq_len, max_windows=24)}  # noqa: E731
     tc = TrainConfig(steps=preset.steps, lr=preset.lr, warmup=min(100, preset.steps // 10),
-                     eval_every=eval_every, **preset.train)
+                     eval_every=eval_every, checkpoint_every=checkpoint_every, **preset.train)
     start = time.perf_counter()
     history = train_loop(model, loss_fn, batches, tc, eval_fn=eval_fn if eval_every else None,
-                         progress=progress, desc="train lm")
+                         progress=progress, desc="train lm", state_path=state_path, resume=resume)
     seconds = time.perf_counter() - start
     info = {
         "tokenizer": tokenizer,
@@ -152,14 +161,18 @@ def load_teacher(path: str | Path) -> GPT:
     return load_model(path, lambda d: GPT(GPTConfig.from_dict(d)), kind=KIND)
 
 
+@trainer_main
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m ar_course train lm",
         description="Train a character-level GPT on the offline text corpus (pydoc_data.topics).",
     )
     parser.add_argument("--dataset", choices=["text"], default="text", help="training corpus (default: text)")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="target", help="model size and schedule")
-    parser.add_argument("--steps", type=int, default=None, help="optimisation steps (default: the preset's)")
+    parser.add_argument("--steps", type=positive_int, default=None, help="optimisation steps (default: the preset's)")
+    parser.add_argument("--batch-size", type=positive_int, default=None,
+                        help="global batch of windows, split across processes under torchrun (default: the preset's)")
+    parser.add_argument("--lr", type=positive_float, default=None, help="peak learning rate (default: the preset's)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     parser.add_argument("--out", type=Path, default=None,
                         help="checkpoint path (default: ar_course/assets/lm_<preset>.safetensors)")
@@ -167,23 +180,30 @@ def main(argv: list[str] | None = None) -> int:
                         help="checkpoint to distil from (default: the preset's; 'draft' uses lm_target)")
     parser.add_argument("--no-distill", action="store_true", help="train on the data only, even for 'draft'")
     parser.add_argument("--float32", action="store_true", help="store float32 weights (default: float16)")
-    parser.add_argument("--eval-every", type=int, default=0, help="validation loss every N steps (0: at the end)")
+    parser.add_argument("--eval-every", type=non_negative_int, default=0,
+                        help="validation loss every N steps (0: at the end)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    parser.add_argument("--threads", type=int, default=None,
+    parser.add_argument("--threads", type=positive_int, default=None,
                         help="torch CPU threads (default: torch's choice; 1 is faster on a busy machine)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    add_run_options(parser)
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
 
     preset = PRESETS[args.preset]
-    if args.steps is not None:
-        preset = replace(preset, steps=args.steps)
+    overrides = {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr}
+    preset = replace(preset, **{k: v for k, v in overrides.items() if v is not None})
+    out = args.out or ASSETS / f"lm_{args.preset}.safetensors"
+    state_path = prepare_run(parser, out, args.resume, preset.batch_size)
     device = get_device(args.device)
     teacher_path = None if args.no_distill else (args.teacher or preset.teacher)
     teacher = load_teacher(teacher_path) if teacher_path else None
 
-    model, info = train_lm(preset, args.seed, device, teacher, not args.no_progress, args.eval_every)
+    model, info = train_lm(preset, args.seed, device, teacher, not args.no_progress, args.eval_every,
+                           checkpoint_every=args.checkpoint_every, state_path=state_path, resume=args.resume)
+    if not ddp.is_main_process():
+        return 0
     model = model.cpu()
     if not args.float32:
         round_to_half(model)
@@ -197,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         "steps": preset.steps,
         "seq_len": preset.seq_len,
         "batch_size": preset.batch_size,
+        "lr": preset.lr,
         "tokens_seen": info["tokens_seen"],
         "train_seconds": round(info["train_seconds"], 1),
         "train_loss_last50": round(sum(tail) / len(tail), 4),
@@ -205,9 +226,9 @@ def main(argv: list[str] | None = None) -> int:
         "params": count_parameters(model),
         "evals": [{"step": s, **e} for s, e in zip(history.eval_steps, history.evals)],
     }
-    out = args.out or ASSETS / f"lm_{args.preset}.safetensors"
     state = {k: (v.half() if not args.float32 and v.is_floating_point() else v) for k, v in model.state_dict().items()}
     save_checkpoint(out, state, model.config, kind=KIND, **extra)
+    finish_run(state_path)
     summary = {k: v for k, v in extra.items() if k not in ("vocab", "evals")}
     print(f"saved {out} ({out.stat().st_size / 1e6:.2f} MB): {json.dumps(summary)}")
     return 0

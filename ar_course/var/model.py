@@ -29,6 +29,7 @@ from torch import nn
 from ar_course import sampling
 from ar_course.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from ar_course.checkpoint import load_model as load_any_model
+from ar_course.raster.functional import condition_dropout
 from ar_course.tokenizers import PRETRAINED, VQVAE, MultiScaleVQ, VQVAEConfig
 from ar_course.tokenizers import load_pretrained as load_tokenizer
 from ar_course.transformer.model import Block, GPTConfig, KVCache, RMSNorm
@@ -218,12 +219,13 @@ class VAR(nn.Module):
     def loss(self, vq: MultiScaleVQ, indices: list[torch.Tensor], classes: torch.Tensor, p_uncond: float = 0.0,
              generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean cross-entropy over all tokens of a pyramid and per scale ``(S,)``; with ``p_uncond > 0`` each
-        class is replaced by the null class with that probability (condition dropout, for guidance)."""
+        class is replaced by the null class with that probability (condition dropout, for guidance). The
+        trainer draws the dropout in its batch stream instead, for the global batch
+        (:func:`ar_course.raster.model.condition_dropout_batches`)."""
         with torch.no_grad():
             inputs, targets = ref.teacher_forcing_sequence(vq, indices)
         if p_uncond > 0:
-            drop = torch.rand(classes.shape, generator=generator, device="cpu").to(classes.device) < p_uncond
-            classes = torch.where(drop, torch.full_like(classes, self.null_class), classes)
+            classes = condition_dropout(classes, p_uncond, self.null_class, generator)
         return ref.var_loss(self(inputs, classes), targets, self.config.scales)
 
     @torch.no_grad()

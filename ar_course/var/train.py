@@ -10,15 +10,20 @@ multi-scale tokenizer you trained with ``python -m ar_course train tokenizer --q
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import torch
 
+from ar_course import distributed as ddp
 from ar_course import metrics
+from ar_course.cli import ArgumentParser
 from ar_course.data import image_batches, load_mnist, make_shapes
+from ar_course.raster.model import condition_dropout_batches
 from ar_course.tokenizers import VQVAE
-from ar_course.train import History, TrainConfig, train_loop
+from ar_course.train import (
+    History, TrainConfig, add_run_options, finish_run, non_negative_int, positive_float, positive_int, prepare_run,
+    probability, train_loop, trainer_main,
+)
 from ar_course.utils import get_device, seed_everything
 from ar_course.var.model import PRETRAINED_PATH, VAR, VARConfig, generate_images, load_tokenizer_arg, save_pretrained
 
@@ -81,50 +86,68 @@ def train_var(
     p_uncond: float = 0.1,
     device: torch.device | str = "cpu",
     progress: bool = True,
+    checkpoint_every: int = TrainConfig.checkpoint_every,
+    state_path: Path | None = None,
+    resume: bool = False,
 ) -> tuple[VAR, History]:
     """Train a :class:`VAR` on flattened pyramids ``tokens`` ``(N, L)`` with ``labels`` ``(N,)`` from ``seed``.
 
-    Returns the model (eval mode) and the loss history."""
+    ``batch_size`` is the global batch (split across processes under ``torchrun``); the condition dropout
+    is drawn in the batch stream. ``checkpoint_every`` / ``state_path`` / ``resume``: see
+    :func:`~ar_course.train.train_loop`. Returns the model (eval mode) and the loss history."""
     g = seed_everything(seed)
     model = VAR(config).to(device)
     vq = tokenizer.quantizer
+    batches = condition_dropout_batches(image_batches(tokens, labels, batch_size, generator=g), p_uncond,
+                                        model.null_class, g)
 
     def loss_fn(m: VAR, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         flat, ys = batch
         pyramid = unflatten_pyramids(flat.to(device), config.scales)
-        return m.loss(vq, pyramid, ys.to(device), p_uncond, g)[0]
+        return m.loss(vq, pyramid, ys.to(device))[0]
 
-    history = train_loop(model, loss_fn, image_batches(tokens, labels, batch_size, generator=g),
-                         TrainConfig(steps=steps, lr=lr, warmup=100, weight_decay=0.01),
-                         progress=progress, desc="VAR")
+    history = train_loop(model, loss_fn, batches,
+                         TrainConfig(steps=steps, lr=lr, warmup=100, weight_decay=0.01,
+                                     checkpoint_every=checkpoint_every),
+                         progress=progress, desc="VAR", state_path=state_path, resume=resume)
     return model, history
 
 
+@trainer_main
 def main(argv: list[str] | None = None) -> int:
-    """``python -m ar_course train var [--steps N] [--seed S] [--out PATH] ...``"""
-    parser = argparse.ArgumentParser(prog="python -m ar_course train var",
-                                     description="Train VAR (next-scale prediction) on token pyramids of a multi-scale "
-                                                 "tokenizer (default: MNIST with the shipped mnist_msvq).")
+    """``python -m ar_course train var [--steps N] [--seed S] [--out PATH] [--resume] ...``"""
+    parser = ArgumentParser(prog="python -m ar_course train var",
+                            description="Train VAR (next-scale prediction) on token pyramids of a multi-scale "
+                                        "tokenizer (default: MNIST with the shipped mnist_msvq).")
     parser.add_argument("--dataset", choices=tuple(metrics.DATASETS), default="mnist")
     parser.add_argument("--tokenizer", default=None,
                         help=f"shipped tokenizer name or path of a msvq tokenizer checkpoint trained on the dataset "
                              f"(default for mnist: {TOKENIZER}; required for shapes)")
-    parser.add_argument("--steps", type=int, default=1200)
+    parser.add_argument("--steps", type=positive_int, default=1200)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-size", type=int, default=48)
-    parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--p-uncond", type=float, default=0.1, help="condition dropout probability")
-    parser.add_argument("--n-layer", type=int, default=4)
-    parser.add_argument("--n-embd", type=int, default=64)
-    parser.add_argument("--n-head", type=int, default=4)
+    parser.add_argument("--batch-size", type=positive_int, default=48,
+                        help="global batch, split across processes under torchrun [%(default)s]")
+    parser.add_argument("--lr", type=positive_float, default=3e-3)
+    parser.add_argument("--p-uncond", type=probability, default=0.1, help="condition dropout probability")
+    parser.add_argument("--n-layer", type=positive_int, default=4)
+    parser.add_argument("--n-embd", type=positive_int, default=64)
+    parser.add_argument("--n-head", type=positive_int, default=4)
     parser.add_argument("--cond", choices=("ada", "token"), default="ada",
                         help="class conditioning: adaptive norms (VAR) or the start token only")
-    parser.add_argument("--eval-per-class", type=int, default=20,
-                        help="samples per class for the accuracy recorded at each guidance strength")
+    parser.add_argument("--train-images", type=positive_int, default=None, metavar="N",
+                        help="train on the first N training images only (default: all)")
+    parser.add_argument("--eval-per-class", type=non_negative_int, default=20,
+                        help="samples per class for the accuracy recorded at each guidance strength (0: skip)")
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--out", type=Path, default=PRETRAINED_PATH,
                         help=f"checkpoint path (default: the shipped {PRETRAINED_PATH.name})")
+    add_run_options(parser)
     args = parser.parse_args(argv)
+    if args.n_embd % args.n_head:
+        parser.error(f"--n-embd {args.n_embd} must divide by --n-head {args.n_head}")
+    if args.train_images is not None and args.train_images < args.batch_size:
+        parser.error(f"--train-images {args.train_images} is smaller than --batch-size {args.batch_size}")
+    state_path = prepare_run(parser, args.out, args.resume, args.batch_size)
     if args.tokenizer is None:
         if args.dataset != "mnist":
             parser.error(f"--dataset {args.dataset} needs --tokenizer PATH (train one with: python -m ar_course "
@@ -139,22 +162,27 @@ def main(argv: list[str] | None = None) -> int:
     config = VARConfig(vocab_size=tc.num_codes, latent_dim=tc.latent_dim, scales=tc.scales, n_classes=n_classes,
                        n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd, cond=args.cond)
     images, labels = load_dataset(args.dataset, "train")
+    images, labels = images[:args.train_images], labels[:args.train_images]
     tokens = flatten_pyramids(encode_pyramids(tokenizer, images))  # (N, L)
     model, history = train_var(tokenizer, tokens, labels, config, steps=args.steps, seed=args.seed,
-                               batch_size=args.batch_size, lr=args.lr, p_uncond=args.p_uncond, device=device)
+                               batch_size=args.batch_size, lr=args.lr, p_uncond=args.p_uncond, device=device,
+                               checkpoint_every=args.checkpoint_every, state_path=state_path, resume=args.resume)
+    if not ddp.is_main_process():
+        return 0
     test_images, test_labels = load_dataset(args.dataset, "test")
     test_pyr = [p.to(device) for p in encode_pyramids(tokenizer, test_images[:1000])]
     with torch.no_grad():
         test_loss, per_scale = model.loss(tokenizer.quantizer, test_pyr, test_labels[:1000].to(device))
     accuracy = {str(c): class_accuracy_at(model, tokenizer, c, args.eval_per_class, args.seed, args.dataset)
-                for c in EVAL_CFGS}
+                for c in EVAL_CFGS} if args.eval_per_class else {}
     tail = history.loss[-50:]
     out = save_pretrained(model, args.out, tokenizer=args.tokenizer, dataset=args.dataset, steps=args.steps,
                           seed=args.seed, batch_size=args.batch_size, lr=args.lr, p_uncond=args.p_uncond,
-                          final_train_loss=sum(tail) / len(tail), test_loss=float(test_loss),
+                          train_images=len(labels), final_train_loss=sum(tail) / len(tail), test_loss=float(test_loss),
                           test_loss_per_scale=[round(float(v), 4) for v in per_scale],
                           accuracy_by_cfg=accuracy, eval_per_class=args.eval_per_class,
                           num_params=model.num_params())
+    finish_run(state_path)
     print(f"test loss {float(test_loss):.4f} nats/token (per scale {[round(float(v), 3) for v in per_scale]}); "
           f"class accuracy by guidance {accuracy}")
     print(f"saved {out} ({out.stat().st_size / 1024:.0f} KB)")

@@ -1,0 +1,182 @@
+"""Nothing lost: atomic checkpoint writes, trainers stopped by SIGTERM resume to the weights of an
+uninterrupted run, and the trainers' options are checked before any work."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from ar_course import checkpoint
+from ar_course.checkpoint import load_checkpoint, save_checkpoint
+from ar_course.cli import main as cli_main
+from ar_course.tokenizers import VQVAE
+from ar_course.tokenizers.train import default_config
+from ar_course.train import (
+    TrainConfig, TrainingError, TrainingInterrupted, read_train_state, state_path_for, train_loop,
+)
+from ar_course.utils import seed_everything
+
+# ---- (a) atomic checkpoint writes ----------------------------------------------------------------------------
+
+
+def test_a_failed_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "model.safetensors"
+    save_checkpoint(path, {"w": torch.ones(3)}, {"n": 1})
+
+    def dies_half_way(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"half a file")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(checkpoint, "save_file", dies_half_way)
+    with pytest.raises(OSError, match="No space"):
+        save_checkpoint(path, {"w": torch.zeros(3)}, {"n": 2})
+    state, meta = load_checkpoint(path)
+    assert torch.equal(state["w"], torch.ones(3)) and meta["config"] == {"n": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["model.safetensors"]  # no temporary file left behind
+
+
+# ---- (b) a real trainer stopped by SIGTERM, then resumed -----------------------------------------------------
+
+AR_ARGS = ["train", "ar", "--steps", "400", "--batch-size", "4", "--n-layer", "1", "--n-embd", "16", "--n-head", "2",
+           "--eval-per-class", "0", "--train-images", "64", "--checkpoint-every", "10", "--seed", "3"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def _trainer(out: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "ar_course", *AR_ARGS, *extra, "--out", str(out)], env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert proc.poll() is None, f"the trainer ended before writing {path}: {proc.communicate()[1][-2000:]}"
+        assert time.monotonic() < deadline, f"no {path} after {timeout} s"
+        time.sleep(0.02)
+
+
+@pytest.mark.timeout(240)
+def test_sigterm_keeps_the_last_checkpoint_and_resume_matches_an_uninterrupted_run(tmp_path):
+    out, reference = tmp_path / "ar.safetensors", tmp_path / "reference.safetensors"
+    save_checkpoint(out, {"w": torch.ones(2)}, {}, kind="earlier run")  # what an earlier run left there
+    uninterrupted = _trainer(reference)
+    state = state_path_for(out)
+    run = _trainer(out)
+    _wait_for(state, run)  # the first periodic state write (step 10)
+    run.send_signal(signal.SIGTERM)
+    _, err = run.communicate(timeout=120)
+    assert run.returncode == 1, err[-2000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: interrupted at step ") and last.endswith("; continue with --resume"), err[-2000:]
+    step = int(last.split()[4].rstrip(";"))
+    assert 10 <= step < 400
+    _, meta = load_checkpoint(state)
+    assert meta["kind"] == "train-state" and meta["extra"]["step"] == step
+    assert len(meta["extra"]["history"]["loss"]) == step
+    assert load_checkpoint(out)[1]["kind"] == "earlier run"  # the old checkpoint is intact
+
+    resumed = _trainer(out, "--resume")
+    _, err = resumed.communicate(timeout=120)
+    assert resumed.returncode == 0, err[-2000:]
+    _, err = uninterrupted.communicate(timeout=120)
+    assert uninterrupted.returncode == 0, err[-2000:]
+    assert not state.exists()  # removed once the checkpoint is written
+    got, got_meta = load_checkpoint(out)
+    want, want_meta = load_checkpoint(reference)
+    assert got.keys() == want.keys()
+    for key in want:
+        assert torch.equal(got[key], want[key]), key  # exactly the same weights
+    for key in ("final_train_loss", "test_loss"):
+        assert got_meta["extra"][key] == want_meta["extra"][key], key
+
+
+# ---- (c) train_loop resumes the tokenizer exactly: dead-code restarts, EMA and torch's RNG ---------------------
+
+
+def _train_tokenizer(state_path: Path, quantizer: str, resume: bool = False,
+                     interrupt_at: int | None = None) -> tuple[VQVAE, list[float]]:
+    """8 steps of a tiny tokenizer whose codebook restarts dead codes every 2 steps (with torch's global
+    generator); the batch stream sends this process SIGTERM while drawing batch ``interrupt_at``."""
+    seed_everything(0)
+    model = VQVAE(default_config(quantizer, num_codes=16, width=4, latent_dim=4, usage_window=2, scales=(1, 2, 4, 8),
+                                 ema=quantizer == "vq"))
+    images = torch.rand(40, 1, 32, 32, generator=torch.Generator().manual_seed(1))
+    g = torch.Generator().manual_seed(2)
+
+    def batches():
+        for i in range(10_000):
+            if i == interrupt_at:
+                os.kill(os.getpid(), signal.SIGTERM)
+            yield images[torch.randperm(40, generator=g)[:8]]  # (8, 1, 32, 32)
+
+    config = TrainConfig(steps=8, lr=1e-2, warmup=2, checkpoint_every=3)
+    history = train_loop(model, lambda m, x: m(x).loss, batches(), config, progress=False, state_path=state_path,
+                         resume=resume)
+    return model, history.loss
+
+
+def _restarts(model: VQVAE) -> int:
+    return sum(int(v) for k, v in model.state_dict().items() if k.endswith("num_restarted"))
+
+
+@pytest.mark.parametrize("quantizer", ["vq", "msvq"])  # vq: with EMA codebook updates
+def test_train_loop_resumes_a_tokenizer_exactly(tmp_path, quantizer):
+    state = tmp_path / "tok.train-state.safetensors"
+    want, want_loss = _train_tokenizer(tmp_path / "unused.safetensors", quantizer)
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(TrainingInterrupted) as info:
+        _train_tokenizer(state, quantizer, interrupt_at=4)
+    assert info.value.step == 5 and signal.getsignal(signal.SIGTERM) is before
+    stopped = VQVAE(want.config)
+    stopped.load_state_dict({k.removeprefix("model/"): v for k, v in load_checkpoint(state)[0].items()
+                             if k.startswith("model/")})
+    got, got_loss = _train_tokenizer(state, quantizer, resume=True)
+    assert _restarts(got) > _restarts(stopped) > 0  # codes restarted before and after the interruption
+    assert got_loss == want_loss
+    for (key, a), b in zip(want.state_dict().items(), got.state_dict().values()):
+        assert torch.equal(a, b), key
+
+
+def test_resume_needs_a_state_of_the_same_schedule(tmp_path):
+    state = tmp_path / "tok.train-state.safetensors"
+    with pytest.raises(TrainingError, match="no training state at"):
+        _train_tokenizer(state, "vq", resume=True)
+    _train_tokenizer(state, "vq")  # leaves its final state
+    with pytest.raises(TrainingError, match=r"other settings \(steps 8 -> 9\)"):
+        read_train_state(state, TrainConfig(steps=9, lr=1e-2, warmup=2))
+
+
+# ---- trainers' options: one-line usage errors before any work --------------------------------------------------
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["ar", "--steps", "0"], "argument --steps: must be an integer >= 1, got '0'"),
+    (["var", "--batch-size", "-4"], "argument --batch-size: must be an integer >= 1"),
+    (["lm", "--lr", "nan"], "argument --lr: must be a finite number > 0, got 'nan'"),
+    (["classifier", "--lr", "0"], "argument --lr: must be a finite number > 0"),
+    (["ar", "--p-uncond", "1.5"], "argument --p-uncond: must be a probability in [0, 1]"),
+    (["tokenizer", "--usage-window", "0"], "argument --usage-window: must be an integer >= 1"),
+    (["tokenizer", "--scales", "1,x"], "argument --scales: expected comma-separated integers"),
+    (["tokenizer", "--quantizer", "msvq", "--scales", "1,2,4"], "last scale must equal the latent side"),
+    (["var", "--checkpoint-every", "-1"], "argument --checkpoint-every: must be an integer >= 0"),
+    (["ar", "--n-embd", "10", "--n-head", "4"], "--n-embd 10 must divide by --n-head 4"),
+    (["lm", "--out", "model.pt"], "must name a .safetensors file"),
+])
+def test_trainer_options_are_checked(argv, message, capsys):
+    with pytest.raises(SystemExit) as info:
+        cli_main(["train", *argv])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and err.count("\n") == 1, err
+    assert err.startswith("error: ") and message in err and err.rstrip().endswith("--help)"), err
+
+
+@pytest.mark.parametrize("what", ["lm", "ar", "var", "tokenizer", "classifier"])
+def test_resume_without_a_state_fails_before_training(what, tmp_path, capsys):
+    out = tmp_path / "model.safetensors"
+    assert cli_main(["train", what, "--resume", "--out", str(out)]) == 1
+    assert capsys.readouterr().err == f"error: no training state at {state_path_for(out)} to resume from\n"
