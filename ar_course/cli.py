@@ -15,13 +15,12 @@ work with ``error: --cfg must be a finite number >= 0, got nan``.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib
 import math
 import os
 import re
 import sys
-from typing import Callable, Iterator
+from typing import Callable
 
 # what -> (module with main(argv) -> int, one-line description)
 TRAINERS: dict[str, tuple[str, str]] = {
@@ -57,6 +56,8 @@ class ArgumentParser(argparse.ArgumentParser):
     ``argument --cfg: must be ...``."""
 
     def error(self, message: str):  # type: ignore[override]
+        if os.environ.get("RANK", "0") != "0":  # under torchrun every process parses: rank 0 alone speaks
+            self.exit(EXIT_USAGE)
         message = re.sub(r"^argument (\S+): (must )", r"\1 \2", " ".join(message.splitlines()))
         self.exit(EXIT_USAGE, f"error: {message} (see {self.prog} --help)\n")
 
@@ -128,6 +129,8 @@ def int_in(lo: int, hi: int | None = None) -> Callable[[str], int]:
 positive_int = int_in(1)
 nonnegative_int = int_in(0)
 positive_float = float_in(0.0, lo_open=True)
+nonnegative_float = float_in(0.0)
+probability = float_in(0.0, 1.0)
 
 
 # -- dispatch ----------------------------------------------------------------------------------------------
@@ -195,18 +198,6 @@ def _dispatch(argv: list[str]) -> int:
     return int(mod.main(rest) or 0)
 
 
-@contextlib.contextmanager
-def _one_line_usage_errors() -> Iterator[None]:
-    """While a command runs, any argparse parser -- also one not built from :class:`ArgumentParser`, such as a
-    trainer's -- reports a usage error as one line."""
-    saved = argparse.ArgumentParser.error
-    argparse.ArgumentParser.error = ArgumentParser.error  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        argparse.ArgumentParser.error = saved  # type: ignore[method-assign]
-
-
 def first_line(text: str) -> str:
     """The first non-blank line of ``text``, stripped ("" when there is none): an error message for one line."""
     return next((line.strip() for line in text.splitlines() if line.strip()), "")
@@ -232,8 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     debug = DEBUG_FLAG in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
     argv = [a for a in argv if a != DEBUG_FLAG]
     try:
-        with _one_line_usage_errors():
-            return _dispatch(argv)
+        return _dispatch(argv)
     except SystemExit as exc:  # argparse (--help, usage errors) and sys.exit() inside a command
         if exc.code is None or isinstance(exc.code, int):
             return exc.code or 0

@@ -49,11 +49,8 @@ from torch import nn
 
 from ar_course import distributed as ddp
 from ar_course.checkpoint import load_model, save_checkpoint
-from ar_course.cli import ArgumentParser
-from ar_course.train import (
-    History, TrainConfig, add_run_options, finish_run, positive_float, positive_int, prepare_run, train_loop,
-    trainer_main,
-)
+from ar_course.cli import ArgumentParser, positive_float, positive_int
+from ar_course.train import History, TrainConfig, add_run_options, finish_run, prepare_run, train_loop, trainer_main
 from ar_course.utils import get_device, seed_everything
 
 ASSETS = Path(__file__).resolve().parent / "assets"

@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 
 from ar_course import distributed as ddp
 from ar_course.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from ar_course.cli import nonnegative_int
 from ar_course.files import check_output_path
 
 STATE_KIND = "train-state"
@@ -296,49 +297,12 @@ def train_loop(
 # The command-line contract of ``python -m ar_course train <what>``
 
 
-def int_at_least(low: int) -> Callable[[str], int]:
-    """An argparse ``type``: an integer ``>= low``."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {text!r}")
-        return value
-
-    return parse
-
-
-def _number(accept: Callable[[float], bool], what: str) -> Callable[[str], float]:
-    """An argparse ``type``: a finite float for which ``accept`` holds (``what`` describes it)."""
-
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-        if not (math.isfinite(value) and accept(value)):
-            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
-        return value
-
-    return parse
-
-
-positive_int = int_at_least(1)
-non_negative_int = int_at_least(0)
-positive_float = _number(lambda v: v > 0, "a finite number > 0")
-non_negative_float = _number(lambda v: v >= 0, "a finite number >= 0")
-probability = _number(lambda v: 0 <= v <= 1, "a probability in [0, 1]")
-
-
 def add_run_options(parser: argparse.ArgumentParser) -> None:
     """``--resume`` and ``--checkpoint-every``, the options every trainer shares with :func:`train_loop`."""
     parser.add_argument("--resume", action="store_true",
                         help=f"continue an interrupted run from its training state (the --out path with "
                              f"{STATE_SUFFIX!r} for '.safetensors'); use the options of that run")
-    parser.add_argument("--checkpoint-every", type=non_negative_int, default=TrainConfig.checkpoint_every,
+    parser.add_argument("--checkpoint-every", type=nonnegative_int, default=TrainConfig.checkpoint_every,
                         metavar="N", help="write the training state every N steps (0: only when interrupted and "
                                           "at the end; it is removed once the checkpoint is written) [%(default)s]")
 

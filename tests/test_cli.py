@@ -74,10 +74,9 @@ def test_train_lists_trainers_and_rejects_unknown(capsys):
 
 @pytest.mark.parametrize("what", ["tokenizer", "lm", "classifier", "ar", "var"])
 def test_train_bad_arguments_are_one_line_before_any_training(capsys, what):
-    # the trainers build plain argparse parsers: the dispatch still makes their usage errors one line
     status, _, err = run(capsys, "train", what, "--steps", "many")
     assert status == 2
-    assert error_line(err) == (f"error: argument --steps: invalid int value: 'many' "
+    assert error_line(err) == (f"error: --steps must be an integer >= 1, got 'many' "
                                f"(see python -m ar_course train {what} --help)")
 
 

@@ -155,23 +155,22 @@ def test_resume_needs_a_state_of_the_same_schedule(tmp_path):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["ar", "--steps", "0"], "argument --steps: must be an integer >= 1, got '0'"),
-    (["var", "--batch-size", "-4"], "argument --batch-size: must be an integer >= 1"),
-    (["lm", "--lr", "nan"], "argument --lr: must be a finite number > 0, got 'nan'"),
-    (["classifier", "--lr", "0"], "argument --lr: must be a finite number > 0"),
-    (["ar", "--p-uncond", "1.5"], "argument --p-uncond: must be a probability in [0, 1]"),
-    (["tokenizer", "--usage-window", "0"], "argument --usage-window: must be an integer >= 1"),
+    (["ar", "--steps", "0"], "--steps must be an integer >= 1, got 0"),
+    (["var", "--batch-size", "-4"], "--batch-size must be an integer >= 1"),
+    (["lm", "--lr", "nan"], "--lr must be a finite number > 0, got nan"),
+    (["classifier", "--lr", "0"], "--lr must be a finite number > 0"),
+    (["ar", "--p-uncond", "1.5"], "--p-uncond must be a finite number in [0, 1]"),
+    (["tokenizer", "--usage-window", "0"], "--usage-window must be an integer >= 1"),
     (["tokenizer", "--scales", "1,x"], "argument --scales: expected comma-separated integers"),
     (["tokenizer", "--quantizer", "msvq", "--scales", "1,2,4"], "last scale must equal the latent side"),
-    (["var", "--checkpoint-every", "-1"], "argument --checkpoint-every: must be an integer >= 0"),
+    (["var", "--checkpoint-every", "-1"], "--checkpoint-every must be an integer >= 0"),
     (["ar", "--n-embd", "10", "--n-head", "4"], "--n-embd 10 must divide by --n-head 4"),
     (["lm", "--out", "model.pt"], "must name a .safetensors file"),
 ])
 def test_trainer_options_are_checked(argv, message, capsys):
-    with pytest.raises(SystemExit) as info:
-        cli_main(["train", *argv])
+    assert cli_main(["train", *argv]) == 2
     err = capsys.readouterr().err
-    assert info.value.code == 2 and err.count("\n") == 1, err
+    assert err.count("\n") == 1, err
     assert err.startswith("error: ") and message in err and err.rstrip().endswith("--help)"), err
 
 

@@ -15,17 +15,14 @@ import torch
 from ar_course import distributed as ddp
 from ar_course import metrics
 from ar_course.checkpoint import save_checkpoint
-from ar_course.cli import ArgumentParser
+from ar_course.cli import ArgumentParser, nonnegative_int, positive_float, positive_int, probability
 from ar_course.data import image_batches, load_mnist
 from ar_course.raster.model import (
     CHECKPOINT_KIND, PRETRAINED_PATH, condition_dropout_batches, generate_images, load_tokenizer, raster_config,
     raster_loss,
 )
 from ar_course.tokenizers import VQVAE
-from ar_course.train import (
-    History, TrainConfig, add_run_options, finish_run, non_negative_int, positive_float, positive_int, prepare_run,
-    probability, train_loop, trainer_main,
-)
+from ar_course.train import History, TrainConfig, add_run_options, finish_run, prepare_run, train_loop, trainer_main
 from ar_course.transformer.model import GPT
 from ar_course.utils import get_device, seed_everything
 
@@ -107,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n-head", type=positive_int, default=4)
     parser.add_argument("--train-images", type=positive_int, default=None, metavar="N",
                         help="train on the first N training digits only (default: all)")
-    parser.add_argument("--eval-per-class", type=non_negative_int, default=20,
+    parser.add_argument("--eval-per-class", type=nonnegative_int, default=20,
                         help="samples per class for the accuracy recorded at each guidance scale (0: skip)")
     parser.add_argument("--tokenizer", default="mnist_vq", help="a shipped tokenizer's name or a checkpoint path")
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")

@@ -18,13 +18,10 @@ import torch
 from ar_course import distributed as ddp
 from ar_course import metrics
 from ar_course.checkpoint import save_checkpoint
-from ar_course.cli import ArgumentParser
+from ar_course.cli import ArgumentParser, nonnegative_float, positive_float, positive_int
 from ar_course.tokenizers.quantizers import MSVQ_LOSSES
 from ar_course.tokenizers.vqvae import ASSETS, CHECKPOINT_KIND, QUANTIZERS, VQVAE, VQVAEConfig
-from ar_course.train import (
-    History, TrainConfig, add_run_options, finish_run, non_negative_float, positive_float, positive_int, prepare_run,
-    train_loop, trainer_main,
-)
+from ar_course.train import History, TrainConfig, add_run_options, finish_run, prepare_run, train_loop, trainer_main
 from ar_course.utils import get_device, seed_everything
 
 DATASETS = ("mnist", "shapes")
@@ -149,10 +146,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--msvq-loss", choices=MSVQ_LOSSES, default=VQVAEConfig.msvq_loss,
                         help="msvq: quantizer loss averaged over every scale's partial sum as in VAR, or on the "
                              "complete reconstruction only [%(default)s]")
-    parser.add_argument("--msvq-final-weight", type=non_negative_float, default=VQVAEConfig.msvq_final_weight,
+    parser.add_argument("--msvq-final-weight", type=nonnegative_float, default=VQVAEConfig.msvq_final_weight,
                         help="msvq, every_scale: extra weight on the complete reconstruction's term; 0 is VAR's "
                              "plain average [%(default)s]")
-    parser.add_argument("--dead-code-threshold", type=non_negative_float, default=1.0,
+    parser.add_argument("--dead-code-threshold", type=nonnegative_float, default=1.0,
                         help="restart codes hit fewer times per window (0 disables)")
     parser.add_argument("--usage-window", type=positive_int, default=default_config().usage_window,
                         help="steps per codebook-usage window, at whose end dead codes restart [%(default)s]")

@@ -29,11 +29,8 @@ import torch.nn.functional as F
 
 from ar_course import distributed as ddp
 from ar_course.checkpoint import save_checkpoint
-from ar_course.cli import ArgumentParser
-from ar_course.train import (
-    TrainConfig, add_run_options, finish_run, non_negative_int, positive_float, positive_int, prepare_run, train_loop,
-    trainer_main,
-)
+from ar_course.cli import ArgumentParser, nonnegative_int, positive_float, positive_int
+from ar_course.train import TrainConfig, add_run_options, finish_run, prepare_run, train_loop, trainer_main
 from ar_course.transformer.model import GPT, GPTConfig
 from ar_course.utils import count_parameters, get_device, seed_everything
 
@@ -180,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="checkpoint to distil from (default: the preset's; 'draft' uses lm_target)")
     parser.add_argument("--no-distill", action="store_true", help="train on the data only, even for 'draft'")
     parser.add_argument("--float32", action="store_true", help="store float32 weights (default: float16)")
-    parser.add_argument("--eval-every", type=non_negative_int, default=0,
+    parser.add_argument("--eval-every", type=nonnegative_int, default=0,
                         help="validation loss every N steps (0: at the end)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--threads", type=positive_int, default=None,

@@ -16,14 +16,11 @@ import torch
 
 from ar_course import distributed as ddp
 from ar_course import metrics
-from ar_course.cli import ArgumentParser
+from ar_course.cli import ArgumentParser, nonnegative_int, positive_float, positive_int, probability
 from ar_course.data import image_batches, load_mnist, make_shapes
 from ar_course.raster.model import condition_dropout_batches
 from ar_course.tokenizers import VQVAE
-from ar_course.train import (
-    History, TrainConfig, add_run_options, finish_run, non_negative_int, positive_float, positive_int, prepare_run,
-    probability, train_loop, trainer_main,
-)
+from ar_course.train import History, TrainConfig, add_run_options, finish_run, prepare_run, train_loop, trainer_main
 from ar_course.utils import get_device, seed_everything
 from ar_course.var.model import PRETRAINED_PATH, VAR, VARConfig, generate_images, load_tokenizer_arg, save_pretrained
 
@@ -136,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="class conditioning: adaptive norms (VAR) or the start token only")
     parser.add_argument("--train-images", type=positive_int, default=None, metavar="N",
                         help="train on the first N training images only (default: all)")
-    parser.add_argument("--eval-per-class", type=non_negative_int, default=20,
+    parser.add_argument("--eval-per-class", type=nonnegative_int, default=20,
                         help="samples per class for the accuracy recorded at each guidance strength (0: skip)")
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--out", type=Path, default=PRETRAINED_PATH,
