@@ -69,15 +69,17 @@ def test_forced_kernel_backends_agree_with_torch(gen, backend):
 
 
 @pytest.mark.slow
-def test_raster_jacobi_pipeline_on_triton_kernels_matches_torch(gen):
-    """Raster generation with Speculative Jacobi Decoding feeds the pending token and the window after a KV cache:
-    FlashAttention under an offset causal mask, and single-token decode attention once the window is empty --
-    paths the VAR pipeline above never takes. Through the Triton interpreter (about 13 s on a 2-core CPU) the
-    same seed must give the same tokens, so the same passes and image, as torch attention."""
+@pytest.mark.parametrize("speculative", [None, "jacobi"])
+def test_raster_pipeline_on_triton_kernels_matches_torch(gen, speculative):
+    """Raster generation takes the attention paths the VAR pipeline above never does: plain decoding runs
+    single-token decode attention over a growing KV cache, Speculative Jacobi Decoding runs FlashAttention under
+    a causal mask offset by the cache. Through the Triton interpreter (7-13 s each on a 2-core CPU; cfg=0 keeps
+    the batch at 1) the same seed must give the same tokens -- the same speculative rounds and image -- as
+    torch attention."""
     if not _has_triton():
         pytest.skip("triton is not installed")
-    kern = gen.generate([6], method="ar", speculative="jacobi", kernels="triton", seed=0)
-    plain = gen.generate([6], method="ar", speculative="jacobi", kernels="torch", seed=0)
+    kern = gen.generate([6], method="ar", cfg=0, speculative=speculative, kernels="triton", seed=0)
+    plain = gen.generate([6], method="ar", cfg=0, speculative=speculative, kernels="torch", seed=0)
     assert kern.stats.backends["attention"] == "triton" and plain.stats.backends["attention"] == "torch"
     assert kern.stats.accepted_hist == plain.stats.accepted_hist
     torch.testing.assert_close(kern.images, plain.images, atol=1e-4, rtol=0)
