@@ -93,8 +93,6 @@ def _check_inputs(model: GPT, prefix: torch.Tensor, classes: torch.Tensor | None
     ``cfg_scale`` finite and ``!= 1`` only with classes. Returns ``cfg_scale`` as a float."""
     conditional = model.config.n_classes > 0
     check_ids("prefix", prefix, model.config.vocab_size, (1, "T"), allow_empty=True)
-    if not conditional and prefix.shape[1] == 0:
-        raise ValueError("prefix needs at least 1 token with an unconditional model, got (1, 0)")
     if conditional != (classes is not None):
         raise ValueError("pass classes of shape (1,) exactly when the models are class-conditional")
     if classes is not None:
@@ -158,8 +156,8 @@ def speculative_generate(
     cfg_scale = _check_inputs(target, prefix, classes, cfg_scale)
     n_prefix = target.config.n_prefix
     n, total = prefix.shape[1], prefix.shape[1] + max_new_tokens
-    if n_prefix + total - 1 > min(target.config.block_size, draft.config.block_size):
-        raise ValueError(f"{n_prefix + total - 1} positions exceed a model's block_size")
+    for model in (target, draft):
+        model.check_room(n, max_new_tokens)
     guided = cfg_scale != 1.0
     cls = torch.cat([classes, torch.full_like(classes, target.null_class)]) if guided else classes
     batch, length = 2 if guided else 1, max(n_prefix + total - 1, 1)
@@ -257,8 +255,7 @@ def sjd_generate(
                   allow_empty=True)
     V, n_prefix = model.config.vocab_size, model.config.n_prefix
     total = prefix.shape[1] + n_tokens
-    if n_prefix + total - 1 > model.config.block_size:
-        raise ValueError(f"{n_prefix + total - 1} positions exceed block_size {model.config.block_size}")
+    model.check_room(prefix.shape[1], n_tokens)
     guided = cfg_scale != 1.0
     batch = 2 if guided else 1
     cls = torch.cat([classes, torch.full_like(classes, model.null_class)]) if guided else classes

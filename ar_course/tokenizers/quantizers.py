@@ -122,12 +122,12 @@ class VectorQuantizer(nn.Module):
         return Fq.vq_lookup(flat.detach(), self.codes().detach())
 
     def encode(self, z: torch.Tensor) -> torch.Tensor:
-        """Index map ``(B, h, w)`` of a non-empty, finite feature map ``(B, D, h, w)`` (``ValueError`` otherwise;
-        ``TypeError`` for a non-tensor)."""
+        """Index map ``(B, h, w)`` of a non-empty, finite feature map ``(B, D, h, w)`` of any floating dtype (the
+        lookup runs in the codebook's); ``ValueError`` otherwise, ``TypeError`` for a non-tensor."""
         _check_map(z, self.dim, "VectorQuantizer")
         check_finite("z", z)
         b, _, h, w = z.shape
-        return self.lookup(_flatten(z)).view(b, h, w)
+        return self.lookup(_flatten(z.to(self.codebook.dtype))).view(b, h, w)
 
     def decode(self, indices: torch.Tensor) -> torch.Tensor:
         """Feature map ``(B, D, h, w)`` of a non-empty integer index map ``(B, h, w)`` of codes in
@@ -271,12 +271,13 @@ class ResidualVQ(nn.Module):
         return QuantizerOutput(_unflatten(out, b, h, w), torch.stack(indices, dim=1), loss / self.depth)
 
     def encode(self, z: torch.Tensor) -> torch.Tensor:
-        """Index maps ``(B, depth, h, w)`` of a non-empty, finite feature map ``(B, D, h, w)`` (``ValueError``
-        otherwise; ``TypeError`` for a non-tensor)."""
+        """Index maps ``(B, depth, h, w)`` of a non-empty, finite feature map ``(B, D, h, w)`` of any floating
+        dtype (the lookup runs in the codebooks'); ``ValueError`` otherwise, ``TypeError`` for a non-tensor."""
         _check_map(z, self.dim, "ResidualVQ")
         check_finite("z", z)
         b, _, h, w = z.shape
-        idx, _ = Fq.residual_quantize(_flatten(z), self.codebooks())  # (B*h*w, depth)
+        codebooks = self.codebooks()  # (depth, K, D)
+        idx, _ = Fq.residual_quantize(_flatten(z.to(codebooks.dtype)), codebooks)  # (B*h*w, depth)
         return idx.view(b, h, w, self.depth).permute(0, 3, 1, 2)  # (B, depth, h, w)
 
     def decode(self, indices: torch.Tensor, depth: int | None = None) -> torch.Tensor:
@@ -428,11 +429,13 @@ class MultiScaleVQ(nn.Module):
         return QuantizerOutput(Fq.straight_through(f, f_hat), indices, loss)
 
     def encode(self, f: torch.Tensor) -> list[torch.Tensor]:
-        """One index map ``(B, s_k, s_k)`` per scale for a non-empty, finite feature map ``(B, D, H, H)``
-        (``ValueError`` otherwise; ``TypeError`` for a non-tensor)."""
+        """One index map ``(B, s_k, s_k)`` per scale for a non-empty, finite feature map ``(B, D, H, H)`` of any
+        floating dtype (the lookup runs in the codebook's); ``ValueError`` otherwise, ``TypeError`` for a
+        non-tensor."""
         self._check_input(f)
         check_finite("f", f)
-        return Fq.multiscale_encode(f, self.quantizer.codebook, self.scales, self.refinements())
+        codebook = self.quantizer.codebook
+        return Fq.multiscale_encode(f.to(codebook.dtype), codebook, self.scales, self.refinements())
 
     def accumulate(self, f_hat: torch.Tensor | None, k: int, indices_k: torch.Tensor) -> torch.Tensor:
         """``f_hat + phi_k(upsample(codes of indices_k))``: add scale ``k`` ``(B, s_k, s_k)`` to ``f_hat``

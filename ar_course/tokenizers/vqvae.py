@@ -191,10 +191,15 @@ class VQVAE(nn.Module):
         if x.shape[0] == 0:
             raise ValueError(f"images is an empty batch {tuple(x.shape)}")
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The parameters' dtype; ``encode`` and ``decode`` cast their input to it."""
+        return next(self.parameters()).dtype
+
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """Continuous latents ``(B, latent_dim, h, w)`` of images ``(B, C, S, S)``."""
+        """Continuous latents ``(B, latent_dim, h, w)`` of images ``(B, C, S, S)`` of any floating dtype."""
         self._check_images(x)
-        return self.encoder(x)
+        return self.encoder(x.to(self.dtype))
 
     def decode(self, z_q: torch.Tensor) -> torch.Tensor:
         """Images ``(B, C, S, S)`` in [0, 1] from (quantized) latents ``(B, latent_dim, h, w)`` (non-empty, float;
@@ -203,7 +208,7 @@ class VQVAE(nn.Module):
                 or not z_q.is_floating_point() or z_q.numel() == 0):
             got = f"{tuple(z_q.shape)} {z_q.dtype}" if isinstance(z_q, torch.Tensor) else type(z_q).__name__
             raise ValueError(f"expected non-empty float latents (B, {self.config.latent_dim}, h, w), got {got}")
-        return self.decoder(z_q).clamp(0, 1)
+        return self.decoder(z_q.to(self.dtype)).clamp(0, 1)
 
     def forward(self, x: torch.Tensor) -> VQVAEOutput:
         q: QuantizerOutput = self.quantizer(self.encode(x))
@@ -218,7 +223,7 @@ class VQVAE(nn.Module):
         non-tensor."""
         self._check_images(x)
         check_finite("images", x)
-        return self.quantizer.encode(self.encoder(x))
+        return self.quantizer.encode(self.encoder(x.to(self.dtype)))
 
     @torch.no_grad()
     def decode_from_indices(self, indices: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:

@@ -415,6 +415,17 @@ class GPT(nn.Module):
             raise ValueError(f"this model is class-conditional: pass classes of shape ({B},)")
         check_ids("classes", classes, self.config.n_classes + 1, (B,))
 
+    def check_room(self, T: int, max_new_tokens: int) -> None:
+        """``ValueError`` unless a prompt of ``T`` tokens (the class token aside) can start a sequence, and it and
+        ``max_new_tokens`` new ones fit in ``block_size`` (the last new token is never fed)."""
+        n_prefix = self.config.n_prefix
+        if n_prefix + T == 0:
+            raise ValueError("the prompt has no tokens: an unconditional model needs at least one")
+        needed = n_prefix + T + max(max_new_tokens - 1, 0)
+        if needed > self.config.block_size:
+            raise ValueError(f"{T} prompt tokens and {max_new_tokens} new tokens need {needed} positions, more than "
+                             f"block_size {self.config.block_size}")
+
     def _check_forward(self, idx: torch.Tensor, targets: torch.Tensor | None, classes: torch.Tensor | None,
                        cache: KVCache | None) -> None:
         """The checks :meth:`forward` documents (one host sync per tensor of ids on CUDA)."""
@@ -547,13 +558,7 @@ class GPT(nn.Module):
             self._check_classes(classes, B)
         elif classes is not None:
             raise ValueError("classes are only taken by a class-conditional model (n_classes > 0)")
-        n_prefix = self.config.n_prefix
-        if n_prefix + T == 0:
-            raise ValueError("idx has no tokens: an unconditional model needs a prompt of at least one token")
-        needed = n_prefix + T + max(max_new_tokens - 1, 0)  # the last new token is never fed
-        if needed > self.config.block_size:
-            raise ValueError(f"{T} prompt tokens and max_new_tokens={max_new_tokens} need {needed} positions, more "
-                             f"than block_size {self.config.block_size}")
+        self.check_room(T, max_new_tokens)
         seq, cls = idx, classes
         if guided:
             seq = torch.cat([idx, idx])  # (2B, T)
