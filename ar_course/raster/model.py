@@ -133,7 +133,11 @@ def generate_images(
 
     ``seed`` seeds one generator (on the model's device) for the whole call; ``None`` uses torch's global
     generator. Work runs in chunks of ``batch_size`` classes, and the samples depend on the chunking, so
-    keep ``batch_size`` fixed when comparing runs."""
+    keep ``batch_size`` fixed when comparing runs. Raises as :func:`generate_tokens`, and for a ``seed`` or
+    ``batch_size`` that is not an integer (``TypeError``) or a ``batch_size < 1`` (``ValueError``)."""
+    check_ids("classes", classes, model.config.n_classes + 1, ("B",))
+    batch_size = check_int("batch_size", batch_size, lo=1)
+    seed = None if seed is None else check_int("seed", seed)
     device = next(model.parameters()).device
     side = tokenizer.config.latent_side
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None

@@ -32,7 +32,7 @@ from ar_course.checkpoint import load_model as load_any_model
 from ar_course.tokenizers import PRETRAINED, VQVAE, MultiScaleVQ, VQVAEConfig
 from ar_course.tokenizers import load_pretrained as load_tokenizer
 from ar_course.transformer.model import Block, GPTConfig, KVCache, RMSNorm
-from ar_course.utils import check_bool, check_ids, check_number
+from ar_course.utils import check_bool, check_ids, check_int, check_number
 from ar_course.var import functional as ref
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
@@ -343,7 +343,11 @@ def generate_images(
     """Images ``(B, C, S, S)`` in [0, 1] for ``classes`` ``(B,)``: sample pyramids, decode.
 
     ``seed`` seeds one generator for the whole call (``None``: torch's global one); work runs in chunks of
-    ``batch_size``, and samples depend on the chunking."""
+    ``batch_size``, and samples depend on the chunking. Raises as :func:`sample_pyramid`, and for a ``seed`` or
+    ``batch_size`` that is not an integer (``TypeError``) or a ``batch_size < 1`` (``ValueError``)."""
+    model._check_classes(classes)
+    batch_size = check_int("batch_size", batch_size, lo=1)
+    seed = None if seed is None else check_int("seed", seed)
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     images = []
