@@ -62,9 +62,13 @@ def _check_rows(logits: torch.Tensor, tempered: torch.Tensor | None = None, temp
 
     One host sync (on CUDA: per call, so per token in the decoding loops)."""
     x = logits if tempered is None else tempered
-    bad = (torch.isnan(x) | torch.isposinf(x)).any(dim=-1) | (x.amax(dim=-1) == NEG_INF)  # (...)
-    if not bool(bad.any()):
+    row_max = x.amax(dim=-1)  # (...): NaN if the row holds one, +inf if it holds one, -inf if nothing is above
+    if row_max.numel() == 0:
         return
+    lowest, highest = torch.stack(torch.aminmax(row_max)).tolist()
+    if lowest > NEG_INF and highest < float("inf"):  # False for NaN as well
+        return
+    bad = torch.isnan(row_max) | torch.isinf(row_max)
     row = int(bad.flatten().nonzero()[0])
     raw = logits.reshape(-1, logits.shape[-1])[row]  # (V,)
     where = f"logits row {row} (of {bad.numel()})"
@@ -179,20 +183,30 @@ def sample_from_probs(p: torch.Tensor, generator: torch.Generator | None = None)
     (one host sync on CUDA)."""
     _check_shape(p, "p")
     flat = p.reshape(-1, p.shape[-1]).float()  # (N, V)
-    total = flat.sum(dim=-1)  # (N,)
-    bad = (torch.isnan(flat) | (flat < 0)).any(dim=-1) | ~torch.isfinite(total) | (total <= 0)  # (N,)
-    if bool(bad.any()):
-        row = int(bad.nonzero()[0])
-        raise ValueError(f"p row {row} (of {flat.shape[0]}) is not a distribution: it needs finite values >= 0 "
-                         f"with a positive total, got {flat[row].tolist()[:8]}{' ...' if flat.shape[1] > 8 else ''}")
-    return _draw(flat, generator).view(p.shape[:-1])  # (...)
-
-
-def _draw(flat: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """Inverse-CDF draws from the valid float32 distributions ``flat`` ``(N, V)`` -> ``(N,)`` long."""
     cdf = flat.cumsum(dim=-1)  # (N, V)
+    _check_distributions(flat, cdf[:, -1])
+    return _draw(cdf, generator).view(p.shape[:-1])  # (...)
+
+
+def _check_distributions(flat: torch.Tensor, total: torch.Tensor) -> None:
+    """Rows of ``flat`` ``(N, V)`` hold finite numbers ``>= 0`` and their ``total`` ``(N,)`` is positive and finite;
+    otherwise ``ValueError`` naming the first bad row. One host sync (on CUDA)."""
+    if flat.shape[0] == 0:
+        return
+    least, low_total, high_total = torch.stack([flat.amin(), *torch.aminmax(total)]).tolist()  # NaN propagates
+    if least >= 0 and low_total > 0 and high_total < float("inf"):  # False for NaN as well
+        return
+    bad = (torch.isnan(flat) | (flat < 0)).any(dim=-1) | ~torch.isfinite(total) | (total <= 0)  # (N,)
+    row = int(bad.nonzero()[0])
+    shown = f"{flat[row].tolist()[:8]}{' ...' if flat.shape[1] > 8 else ''}"
+    raise ValueError(f"p row {row} (of {flat.shape[0]}) is not a distribution: it needs finite values >= 0 with a "
+                     f"positive total, got {shown}")
+
+
+def _draw(cdf: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """Inverse-CDF draws from the running sums ``cdf`` ``(N, V)`` of valid float32 distributions -> ``(N,)`` long."""
     total = cdf[:, -1:]  # (N, 1)
-    u = torch.rand(flat.shape[0], 1, generator=generator, device=flat.device) * total  # (N, 1)
+    u = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device) * total  # (N, 1)
     u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))  # u < total even after rounding
     # the first token whose running sum exceeds u; a zero-probability token never raises the running sum
     return torch.searchsorted(cdf, u, right=True)[:, 0]  # (N,)
@@ -214,7 +228,7 @@ def sample(
     if temperature == 0:
         return greedy(logits)
     dist = probs(logits, temperature, top_k, top_p)  # (..., V), checked by process_logits
-    return _draw(dist.reshape(-1, dist.shape[-1]), generator).view(dist.shape[:-1])  # (...)
+    return _draw(dist.reshape(-1, dist.shape[-1]).cumsum(dim=-1), generator).view(dist.shape[:-1])  # (...)
 
 
 def cfg_mix(cond_logits: torch.Tensor, uncond_logits: torch.Tensor, scale: float) -> torch.Tensor:

@@ -29,10 +29,10 @@ from tqdm.auto import tqdm
 from ar_course import raster, var
 from ar_course.checkpoint import CheckpointError
 from ar_course.raster.functional import from_raster
+from ar_course.sampling import check_sampling
 from ar_course.speculative import SpecStats, codebook_neighbors, sjd_generate, speculative_generate
 from ar_course.tokenizers import VQVAE
 from ar_course.transformer.model import GPT, set_attention
-from ar_course.sampling import check_sampling
 from ar_course.utils import check_bool, check_ids, check_int, check_number, get_device
 from ar_course.var.compare import PassCounter
 

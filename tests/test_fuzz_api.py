@@ -439,10 +439,12 @@ def test_fuzz_quantizer_decode(data):
         indices = _ids(data, clean, shape, 5, "indices")
         if name == "rvq":
             depth = pick(data, clean, ([None, 1, 2, np.int64(1)], [0, 3, 1.0]), "depth")
-            problems = [ids_problem(indices, 5, want, dtype=None), depth and int_problem(depth, lo=1, hi=2)]
+            problems = [ids_problem(indices, 5, want, dtype=None),
+                        None if depth is None else int_problem(depth, lo=1, hi=2)]
             out = judge("ResidualVQ.decode", lambda: q.decode(indices, depth), problems)
         else:
-            out = judge("VectorQuantizer.decode", lambda: q.decode(indices), [ids_problem(indices, 5, want, dtype=None)])
+            problems = [ids_problem(indices, 5, want, dtype=None)]
+            out = judge("VectorQuantizer.decode", lambda: q.decode(indices), problems)
     if out is not None:
         assert out.dtype == torch.float32 and out.ndim == 4 and out.shape[:2] == (B, 3)
         assert bool(torch.isfinite(out).all())
