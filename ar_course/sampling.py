@@ -7,22 +7,97 @@ The processing order is fixed: temperature, then top-k, then top-p (on the tempe
 
 :func:`probs` returns the exact distribution :func:`sample` draws from; speculative decoding uses it to get
 the target's ``p`` and the draft's ``q`` after identical processing.
+
+Input rules (checked; see :mod:`ar_course.utils` for which error is raised when):
+
+* ``logits``: a real tensor ``(..., V)`` with ``V >= 1``; leading dimensions may be empty (``(0, V)`` gives
+  ``(0,)`` tokens). A logit is a real number, or ``-inf`` for a token that must never be drawn. NaN and
+  ``+inf`` are refused, and so is a row with no token above ``-inf`` (nothing could be drawn from it), or a
+  row that overflows float32 once divided by a tiny temperature. These checks read the values: one host sync
+  per call on CUDA (per token in the decoding loops).
+* ``temperature``: a finite number ``>= 0`` (``0`` is greedy); ``top_k``: ``None`` or an integer ``>= 1``;
+  ``top_p``: ``None`` or a number in ``(0, 1]``; all checked even where greedy ignores them.
+* So the sampler never returns an id outside ``[0, V)``.
 """
 
 from __future__ import annotations
 
 import torch
 
+from ar_course.utils import check_int, check_number
+
+NEG_INF = float("-inf")
+
+
+def check_sampling(
+    temperature: float, top_k: int | None, top_p: float | None
+) -> tuple[float, int | None, float | None]:
+    """The sampling convention's arguments, checked and normalised (``float``, ``int``/``None``, ``float``/``None``).
+
+    Raises:
+        TypeError: a non-number, a bool, or a non-integer ``top_k``.
+        ValueError: ``temperature`` not finite or ``< 0``, ``top_k < 1``, ``top_p`` outside ``(0, 1]``.
+    """
+    temperature = check_number("temperature", temperature, lo=0)
+    if top_k is not None:
+        top_k = check_int("top_k", top_k, lo=1)
+    if top_p is not None:
+        top_p = check_number("top_p", top_p, lo=0, hi=1, lo_open=True)
+    return temperature, top_k, top_p
+
+
+def _check_shape(logits: torch.Tensor, name: str = "logits") -> None:
+    """A real tensor ``(..., V)`` with ``V >= 1`` (no values read)."""
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor (..., V), got {type(logits).__name__}")
+    if logits.ndim == 0 or logits.shape[-1] == 0:
+        raise ValueError(f"{name} must have shape (..., V) with V >= 1 tokens, got {tuple(logits.shape)}")
+    if logits.dtype == torch.bool or logits.is_complex():
+        raise ValueError(f"{name} must hold real numbers, got {logits.dtype}")
+
+
+def _check_rows(logits: torch.Tensor, tempered: torch.Tensor | None = None, temperature: float = 1.0) -> None:
+    """Every row of ``tempered`` (default: ``logits``) ``(..., V)`` has no NaN, no ``+inf`` and a token above
+    ``-inf``; otherwise a ``ValueError`` saying what is wrong with the first bad row of ``logits``.
+
+    One host sync (on CUDA: per call, so per token in the decoding loops)."""
+    x = logits if tempered is None else tempered
+    row_max = x.amax(dim=-1)  # (...): NaN if the row holds one, +inf if it holds one, -inf if nothing is above
+    if row_max.numel() == 0:
+        return
+    lowest, highest = torch.stack(torch.aminmax(row_max)).tolist()
+    if lowest > NEG_INF and highest < float("inf"):  # False for NaN as well
+        return
+    bad = torch.isnan(row_max) | torch.isinf(row_max)
+    row = int(bad.flatten().nonzero()[0])
+    raw = logits.reshape(-1, logits.shape[-1])[row]  # (V,)
+    where = f"logits row {row} (of {bad.numel()})"
+    if bool(torch.isnan(raw).any()):
+        raise ValueError(f"{where} contains NaN")
+    if bool(torch.isposinf(raw).any()):
+        raise ValueError(f"{where} contains +inf (a logit must be a real number, or -inf for an excluded token)")
+    if bool((raw == NEG_INF).all()):
+        raise ValueError(f"{where} is all -inf: no token can be drawn")
+    largest = float(raw[torch.isfinite(raw)].abs().max())
+    raise ValueError(f"{where} overflows float32 when divided by temperature={temperature} (largest |logit| "
+                     f"{largest:.3g}); use a larger temperature, or 0 for greedy")
+
 
 def greedy(logits: torch.Tensor) -> torch.Tensor:
-    """Index of the largest logit: ``(..., V)`` -> ``(...)`` long (the first one on ties)."""
+    """Index of the largest logit: ``(..., V)`` -> ``(...)`` long (the first one on ties).
+
+    Raises ``ValueError`` for logits breaking the module's input rules (NaN, ``+inf``, an all ``-inf`` row)."""
+    _check_shape(logits)
+    _check_rows(logits)
     return logits.argmax(dim=-1)
 
 
 def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """``logits / temperature`` (``temperature > 0``); below 1 sharpens, above 1 flattens."""
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0 here (use greedy for 0), got {temperature}")
+    """``logits / temperature`` (a finite ``temperature > 0``); below 1 sharpens, above 1 flattens.
+
+    Values are not checked here (:func:`process_logits` checks the result)."""
+    _check_shape(logits)
+    temperature = check_number("temperature", temperature, lo=0, lo_open=True)
     return logits / temperature
 
 
@@ -30,13 +105,14 @@ def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
     """Keep the ``k`` largest logits of each row, set the rest to ``-inf``. ``(..., V)`` -> ``(..., V)``.
 
     Ties with the k-th largest value are all kept (so a row can keep more than ``k`` tokens when values
-    tie): the result depends only on the values, never on the order of tied entries. ``k >= V`` keeps all."""
-    if k < 1:
-        raise ValueError(f"top_k must be >= 1, got {k}")
+    tie): the result depends only on the values, never on the order of tied entries. ``k >= V`` keeps all.
+    ``k``: an integer ``>= 1``. Values are not checked here (:func:`process_logits` checks them)."""
+    _check_shape(logits)
+    k = check_int("top_k", k, lo=1)
     if k >= logits.shape[-1]:
         return logits
     kth = torch.topk(logits, k, dim=-1).values[..., -1:]  # (..., 1)
-    return logits.masked_fill(logits < kth, float("-inf"))
+    return logits.masked_fill(logits < kth, NEG_INF)
 
 
 def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
@@ -44,9 +120,10 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
 
     Tokens are sorted by probability; a token is kept when the mass of the tokens before it is ``< p``, so
     the token that crosses the threshold is kept (the top token always is). Tokens tied with the least
-    likely kept token are kept too. ``p = 1`` keeps every token. ``(..., V)`` -> ``(..., V)``."""
-    if not 0 < p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {p}")
+    likely kept token are kept too. ``p = 1`` keeps every token. ``(..., V)`` -> ``(..., V)``.
+    ``p``: a number in ``(0, 1]``. Values are not checked here (:func:`process_logits` checks them)."""
+    _check_shape(logits)
+    p = check_number("top_p", p, lo=0, hi=1, lo_open=True)
     if p == 1:
         return logits
     probs = torch.softmax(logits.float(), dim=-1)
@@ -55,7 +132,7 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
     keep_sorted = mass_before < p
     # smallest kept probability per row; every token at least that likely stays
     threshold = torch.where(keep_sorted, sorted_probs, torch.ones_like(sorted_probs)).amin(dim=-1, keepdim=True)
-    return logits.masked_fill(probs < threshold, float("-inf"))
+    return logits.masked_fill(probs < threshold, NEG_INF)
 
 
 def process_logits(
@@ -65,14 +142,18 @@ def process_logits(
     top_p: float | None = None,
 ) -> torch.Tensor:
     """Temperature, then top-k, then top-p. ``temperature == 0`` means greedy: every logit but the argmax
-    becomes ``-inf``. ``(..., V)`` float -> ``(..., V)`` float."""
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    becomes ``-inf``. ``(..., V)`` real -> ``(..., V)`` float32.
+
+    Raises ``TypeError``/``ValueError`` for input breaking the module's rules (see its docstring)."""
+    temperature, top_k, top_p = check_sampling(temperature, top_k, top_p)
+    _check_shape(logits)
     logits = logits.float()
     if temperature == 0:
         best = greedy(logits)[..., None]  # (..., 1)
-        return torch.full_like(logits, float("-inf")).scatter(-1, best, 0.0)
-    logits = apply_temperature(logits, temperature)
+        return torch.full_like(logits, NEG_INF).scatter(-1, best, 0.0)
+    tempered = apply_temperature(logits, temperature)
+    _check_rows(logits, tempered, temperature)  # the filters below keep at least one token of a valid row
+    logits = tempered
     if top_k is not None:
         logits = top_k_filter(logits, top_k)
     if top_p is not None:
@@ -86,7 +167,8 @@ def probs(
     top_k: int | None = None,
     top_p: float | None = None,
 ) -> torch.Tensor:
-    """The distribution :func:`sample` draws from: ``softmax(process_logits(...))``, ``(..., V)``."""
+    """The distribution :func:`sample` draws from: ``softmax(process_logits(...))``, ``(..., V)`` float32.
+    Raises as :func:`process_logits`."""
     return torch.softmax(process_logits(logits, temperature, top_k, top_p), dim=-1)
 
 
@@ -95,14 +177,39 @@ def sample_from_probs(p: torch.Tensor, generator: torch.Generator | None = None)
 
     Inverse-CDF sampling: one uniform number per row, scaled by the row's total, located in the running sum
     of ``p`` (``torch.multinomial`` draws ``V`` exponentials per row instead, ~30x slower on CPU for
-    ``V = 256``). Zero-probability tokens are never drawn; every row needs a positive total."""
+    ``V = 256``). Zero-probability tokens are never drawn.
+
+    Raises ``ValueError`` unless every row holds finite numbers ``>= 0`` with a positive, finite total
+    (one host sync on CUDA)."""
+    _check_shape(p, "p")
     flat = p.reshape(-1, p.shape[-1]).float()  # (N, V)
     cdf = flat.cumsum(dim=-1)  # (N, V)
+    _check_distributions(flat, cdf[:, -1])
+    return _draw(cdf, generator).view(p.shape[:-1])  # (...)
+
+
+def _check_distributions(flat: torch.Tensor, total: torch.Tensor) -> None:
+    """Rows of ``flat`` ``(N, V)`` hold finite numbers ``>= 0`` and their ``total`` ``(N,)`` is positive and finite;
+    otherwise ``ValueError`` naming the first bad row. One host sync (on CUDA)."""
+    if flat.shape[0] == 0:
+        return
+    least, low_total, high_total = torch.stack([flat.amin(), *torch.aminmax(total)]).tolist()  # NaN propagates
+    if least >= 0 and low_total > 0 and high_total < float("inf"):  # False for NaN as well
+        return
+    bad = (torch.isnan(flat) | (flat < 0)).any(dim=-1) | ~torch.isfinite(total) | (total <= 0)  # (N,)
+    row = int(bad.nonzero()[0])
+    shown = f"{flat[row].tolist()[:8]}{' ...' if flat.shape[1] > 8 else ''}"
+    raise ValueError(f"p row {row} (of {flat.shape[0]}) is not a distribution: it needs finite values >= 0 with a "
+                     f"positive total, got {shown}")
+
+
+def _draw(cdf: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """Inverse-CDF draws from the running sums ``cdf`` ``(N, V)`` of valid float32 distributions -> ``(N,)`` long."""
     total = cdf[:, -1:]  # (N, 1)
-    u = torch.rand(flat.shape[0], 1, generator=generator, device=p.device) * total  # (N, 1)
+    u = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device) * total  # (N, 1)
     u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))  # u < total even after rounding
     # the first token whose running sum exceeds u; a zero-probability token never raises the running sum
-    return torch.searchsorted(cdf, u, right=True).view(p.shape[:-1])  # (...)
+    return torch.searchsorted(cdf, u, right=True)[:, 0]  # (N,)
 
 
 def sample(
@@ -115,17 +222,24 @@ def sample(
     """Draw one token per row of ``logits`` ``(..., V)`` -> ``(...)`` long.
 
     ``temperature == 0`` is greedy (no random numbers drawn); otherwise the distribution is
-    :func:`probs` ``(logits, temperature, top_k, top_p)``. ``generator`` makes draws reproducible."""
+    :func:`probs` ``(logits, temperature, top_k, top_p)``. ``generator`` makes draws reproducible.
+    Every id lies in ``[0, V)``: input breaking the module's rules raises ``TypeError``/``ValueError``."""
+    temperature, top_k, top_p = check_sampling(temperature, top_k, top_p)
     if temperature == 0:
         return greedy(logits)
-    return sample_from_probs(probs(logits, temperature, top_k, top_p), generator)
+    dist = probs(logits, temperature, top_k, top_p)  # (..., V), checked by process_logits
+    return _draw(dist.reshape(-1, dist.shape[-1]).cumsum(dim=-1), generator).view(dist.shape[:-1])  # (...)
 
 
 def cfg_mix(cond_logits: torch.Tensor, uncond_logits: torch.Tensor, scale: float) -> torch.Tensor:
     """Classifier-free guidance: ``uncond + scale * (cond - uncond)``.
 
     ``scale = 1`` gives the conditional logits, ``0`` the unconditional ones, ``> 1`` pushes away from
-    the unconditional prediction. Shapes ``(..., V)``."""
+    the unconditional prediction. Shapes ``(..., V)``; ``scale``: a finite number. Values are not checked
+    here (the sampler checks what it is given)."""
+    _check_shape(cond_logits, "cond_logits")
+    _check_shape(uncond_logits, "uncond_logits")
+    scale = check_number("scale", scale)
     if cond_logits.shape != uncond_logits.shape:
         raise ValueError(f"shapes differ: {tuple(cond_logits.shape)} vs {tuple(uncond_logits.shape)}")
     return uncond_logits + scale * (cond_logits - uncond_logits)

@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
+import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -28,10 +29,11 @@ from tqdm.auto import tqdm
 from ar_course import raster, var
 from ar_course.checkpoint import CheckpointError
 from ar_course.raster.functional import from_raster
+from ar_course.sampling import check_sampling
 from ar_course.speculative import SpecStats, codebook_neighbors, sjd_generate, speculative_generate
 from ar_course.tokenizers import VQVAE
 from ar_course.transformer.model import GPT, set_attention
-from ar_course.utils import get_device
+from ar_course.utils import check_bool, check_ids, check_int, check_number, get_device
 from ar_course.var.compare import PassCounter
 
 ASSETS = Path(__file__).resolve().parent / "assets"
@@ -224,16 +226,26 @@ class Generator:
 
         Returns:
             A :class:`Generation`: images ``(B, C, S, S)`` float32 on CPU, classes, stats.
+
+        Raises:
+            ValueError: before any work, for ``classes`` that are empty (``classes is empty: ask for at least
+                one class``), not 1-D, not ints (floats and bools are refused, even ``2.0``) or outside
+                ``[0, num_classes)``; a number that is not finite or out of range (``cfg must be a finite
+                number >= 0, got nan``); an unknown option name; or a combination of options that does not apply.
+            TypeError: an argument of the wrong type: a number that is a string, ``None`` or a bool, a float
+                where an integer is expected (``top_k``, ``batch_size``, ``seed``, ``gamma``, ``window``,
+                ``neighbors``), a non-bool flag (``ramp``, ``compile``, ``progress``), or ``classes`` that
+                torch cannot read as a sequence of numbers.
         """
         classes = self._check_classes(classes)
-        model = self._check_method(method, speculative, relaxed_delta)
-        cfg = DEFAULT_CFG[method] if cfg is None else float(cfg)
-        if cfg < 0 or temperature < 0 or batch_size < 1:
-            raise ValueError(f"cfg and temperature must be >= 0 and batch_size >= 1, got {cfg}, {temperature}, "
-                             f"{batch_size}")
-        if compile and (speculative is not None or kernels not in ("auto", "torch")):
-            raise ValueError("compile=True applies to batched generation (speculative=None) with torch attention "
-                             f"(kernels 'auto' or 'torch'); got speculative={speculative!r}, kernels={kernels!r}")
+        relaxed_delta, compile = check_number("relaxed_delta", relaxed_delta, lo=0), check_bool("compile", compile)
+        model = self._check_options(method, speculative, relaxed_delta, kernels, precision, compile, neighbors)
+        cfg = DEFAULT_CFG[method] if cfg is None else check_number("cfg", cfg, lo=0)
+        temperature, top_k, top_p = check_sampling(temperature, top_k, top_p)
+        batch_size = check_int("batch_size", batch_size, lo=1)
+        gamma, window = check_int("gamma", gamma, lo=0), check_int("window", window, lo=0)
+        seed = None if seed is None else check_int("seed", seed, lo=-(2**63), hi=2**64 - 1)
+        ramp, progress = check_bool("ramp", ramp), check_bool("progress", progress)
         device = self.device
         restore = self._attention_state()
         backends = self._set_kernels("torch" if compile else kernels, device)
@@ -276,43 +288,57 @@ class Generator:
             method=method, speculative=speculative, device=str(device), precision=precision,
             backends={**backends, "compiled": "torch.compile" if compile else "no"},
             images=int(classes.numel()), seconds=seconds, forward_passes=counter.count,
-            passes_per_image=weighted_passes / max(classes.numel(), 1),
+            passes_per_image=weighted_passes / classes.numel(),
             draft_passes=draft_counter.count if draft_counter is not None else 0,
             accepted_hist=list(spec.accepted_hist),
             acceptance_rate=spec.acceptance_rate if speculative else float("nan"))
-        out = torch.cat(images).float().cpu() if images else torch.empty(0)
-        return Generation(out, classes.cpu(), stats)
+        return Generation(torch.cat(images).float().cpu(), classes.cpu(), stats)
 
     # -- pieces of generate --------------------------------------------------------------------------------
 
     def _check_classes(self, classes: torch.Tensor | list[int]) -> torch.Tensor:
-        classes = torch.as_tensor(classes)
-        if classes.ndim != 1 or classes.is_floating_point() or classes.is_complex():
+        """``classes`` as a non-empty ``(B,)`` long tensor in ``[0, num_classes)`` (see :meth:`generate`)."""
+        if isinstance(classes, (list, tuple)) and any(isinstance(c, (bool, np.bool_)) for c in classes):
+            raise ValueError(f"classes must be a 1-D sequence of ints, got bools in {list(classes)}")
+        try:
+            classes = torch.as_tensor(classes)
+        except (TypeError, ValueError, RuntimeError) as exc:  # strings, None, ragged lists, huge ints
+            raise TypeError(f"classes must be a 1-D sequence of ints, got {classes!r} ({exc})") from None
+        if classes.ndim == 1 and classes.numel() == 0:
+            raise ValueError("classes is empty: ask for at least one class")
+        if classes.ndim != 1 or classes.is_floating_point() or classes.is_complex() or classes.dtype == torch.bool:
             raise ValueError(f"classes must be a 1-D sequence of ints, got shape {tuple(classes.shape)} "
                              f"{classes.dtype}")
-        classes = classes.long()
-        n = self.num_classes
-        if classes.numel() and (int(classes.min()) < 0 or int(classes.max()) >= n):
-            raise ValueError(f"classes must lie in [0, {n - 1}], got {classes.tolist()}")
-        return classes
+        return check_ids("classes", classes.long(), self.num_classes, ("B",))
 
-    def _check_method(self, method: str, speculative: str | None, relaxed_delta: float) -> nn.Module:
-        """The target model of ``method``, after checking the combination of options."""
+    def _check_options(self, method: str, speculative: str | None, relaxed_delta: float, kernels: str,
+                       precision: str, compile: bool, neighbors: int) -> nn.Module:
+        """The target model of ``method``, after checking the named options and their combination
+        (``relaxed_delta`` and ``compile`` are checked numbers already)."""
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
         if speculative not in SPECULATIVE:
             raise ValueError(f"speculative must be one of {SPECULATIVE}, got {speculative!r}")
+        if kernels not in KERNELS:
+            raise ValueError(f"kernels must be one of {KERNELS}, got {kernels!r}")
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         if speculative is not None and method != "ar":
             raise ValueError("speculative decoding applies to method='ar' (VAR already samples a whole "
                              "scale per pass)")
-        if relaxed_delta < 0 or (relaxed_delta > 0 and speculative != "jacobi"):
+        if relaxed_delta > 0 and speculative != "jacobi":
             raise ValueError(f"relaxed_delta must be >= 0, and > 0 only with speculative='jacobi'; got "
                              f"{relaxed_delta} with speculative={speculative!r}")
+        if compile and (speculative is not None or kernels not in ("auto", "torch")):
+            raise ValueError("compile=True applies to batched generation (speculative=None) with torch attention "
+                             f"(kernels 'auto' or 'torch'); got speculative={speculative!r}, kernels={kernels!r}")
         model = self.var if method == "var" else self.ar
         if model is None:
             raise ValueError(f"this Generator has no {method!r} model")
         if speculative == "draft" and self.ar_draft is None:
             raise ValueError("speculative='draft' needs a draft model (ar_draft)")
+        max_neighbors = self.ar.config.vocab_size - 1 if self.ar is not None else None
+        check_int("neighbors", neighbors, lo=0, hi=max_neighbors)
         return model
 
     def _attention_state(self):
@@ -333,8 +359,6 @@ class Generator:
         """Point every model's attention at the chosen implementation; returns ``{op: backend}``."""
         from ar_course.kernels import select_backend  # imported on use: it sets the simulator defaults
 
-        if kernels not in KERNELS:
-            raise ValueError(f"kernels must be one of {KERNELS}, got {kernels!r}")
         backends = {op: select_backend(op, device, kernels) for op in ("flash_attention", "decode_attention")}
         impl = "sdpa" if set(backends.values()) == {"torch"} else "kernels"
         for model in (self.var, self.ar, self.ar_draft):
@@ -412,8 +436,7 @@ def _existing(path: str | Path) -> Path:
 
 
 def _resolve_precision(precision: str, device: torch.device) -> str:
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    """The dtype name ``precision`` (one of :data:`PRECISIONS`, checked by the caller) means on ``device``."""
     if precision == "auto":
         return "bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
     return precision

@@ -1,12 +1,26 @@
-"""Seeding, device selection and small helpers shared by every chapter."""
+"""Seeding, device selection, argument checks and small helpers shared by every chapter.
+
+Argument checks: every public function of the library checks its input with the ``check_*`` functions below,
+so that bad input fails at once with one line naming the argument and the value
+(``ValueError: cfg must be a finite number >= 0, got nan``), never deep inside with an ``IndexError``.
+The rule they follow:
+
+* ``TypeError``: an argument that must be a Python number or bool is something else (a string, ``None``, a
+  bool where a number is expected, a float where an integer is expected -- ``top_k=5.0`` is refused).
+* ``ValueError``: everything else -- a number out of range or not finite, a tensor of the wrong shape, dtype
+  or device type, empty, holding NaN, or holding ids out of range.
+"""
 
 from __future__ import annotations
 
+import math
+import numbers
+import operator
 import os
 import random
 import time
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -51,3 +65,128 @@ def timer() -> Iterator[dict]:
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         out["seconds"] = time.perf_counter() - start
+
+
+# -- argument checks ---------------------------------------------------------------------------------------
+
+
+def _interval(lo: float | None, hi: float | None, lo_open: bool, hi_open: bool) -> str:
+    """``">= 0"``, ``"in (0, 1]"``... (empty when unbounded)."""
+    if lo is not None and hi is not None:
+        return f" in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+    if lo is not None:
+        return f" {'>' if lo_open else '>='} {lo}"
+    if hi is not None:
+        return f" {'<' if hi_open else '<='} {hi}"
+    return ""
+
+
+def _outside(x: float, lo: float | None, hi: float | None, lo_open: bool, hi_open: bool) -> bool:
+    below = lo is not None and (x <= lo if lo_open else x < lo)
+    above = hi is not None and (x >= hi if hi_open else x > hi)
+    return below or above
+
+
+def _is_bool(value: object) -> bool:
+    return isinstance(value, (bool, np.bool_)) or (isinstance(value, torch.Tensor) and value.dtype == torch.bool)
+
+
+def check_number(
+    name: str, value: object, lo: float | None = None, hi: float | None = None, *,
+    lo_open: bool = False, hi_open: bool = False,
+) -> float:
+    """``value`` as a finite ``float`` within the bounds (``lo_open``/``hi_open``: the bound itself excluded).
+
+    Accepts Python and NumPy ints and floats and 0-d real tensors (read with one host sync on CUDA).
+
+    Raises:
+        TypeError: ``value`` is not a real number (a bool, string, ``None``, complex, a tensor of several values).
+        ValueError: it is NaN, infinite or out of bounds: ``temperature must be a finite number >= 0, got nan``.
+    """
+    what = f"{name} must be a finite number{_interval(lo, hi, lo_open, hi_open)}"
+    is_scalar_tensor = isinstance(value, torch.Tensor) and value.ndim == 0 and not value.is_complex()
+    if _is_bool(value) or not (isinstance(value, numbers.Real) or is_scalar_tensor):
+        raise TypeError(f"{what}, got {value!r} ({type(value).__name__})")
+    x = float(value)
+    if not math.isfinite(x) or _outside(x, lo, hi, lo_open, hi_open):
+        raise ValueError(f"{what}, got {x}")
+    return x
+
+
+def check_int(name: str, value: object, lo: int | None = None, hi: int | None = None) -> int:
+    """``value`` as an ``int`` in ``[lo, hi]``. Accepts Python and NumPy integers (and 0-d integer tensors).
+
+    Raises:
+        TypeError: ``value`` is not an integer (a float, even ``5.0``; a bool; a string; ``None``).
+        ValueError: it lies outside ``[lo, hi]``: ``top_k must be an integer >= 1, got 0``.
+    """
+    what = f"{name} must be an integer{_interval(lo, hi, False, False)}"
+    if _is_bool(value):
+        raise TypeError(f"{what}, got {value!r} (bool)")
+    try:
+        n = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{what}, got {value!r} ({type(value).__name__})") from None
+    if _outside(n, lo, hi, False, False):
+        raise ValueError(f"{what}, got {n}")
+    return n
+
+
+def check_bool(name: str, value: object) -> bool:
+    """``value`` if it is a bool (Python or NumPy); else ``TypeError`` (``"yes"`` or ``1`` are refused)."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {value!r} ({type(value).__name__})")
+    return bool(value)
+
+
+def _shape_text(shape: Sequence[int | str]) -> str:
+    return "(" + ", ".join(str(d) for d in shape) + ("," if len(shape) == 1 else "") + ")"
+
+
+def check_ids(
+    name: str, x: object, high: int, shape: Sequence[int | str], *, dtype: torch.dtype | None = torch.long,
+    allow_empty: bool = False, ignore: int | None = None,
+) -> torch.Tensor:
+    """Check a tensor of ids (tokens, codes, classes): its shape, integer dtype and values in ``[0, high)``.
+
+    Args:
+        shape: the expected shape, an int where the size is fixed and a name where it is free, e.g.
+            ``("B", "T")`` or ``(3,)``; the message prints it.
+        dtype: the dtype required (``None``: any integer dtype but bool).
+        allow_empty: accept a tensor with no elements (else ``ValueError``).
+        ignore: one more value allowed outside the range (``-100``, the ignored target of cross-entropy).
+
+    Reading the values costs one host sync on CUDA. Returns ``x``.
+
+    Raises:
+        TypeError: ``x`` is not a tensor.
+        ValueError: wrong shape or dtype, empty, or an id outside ``[0, high)``:
+            ``idx must lie in [0, 255], got 256``.
+    """
+    kind = "long" if dtype == torch.long else "integer" if dtype is None else str(dtype)
+    what = f"{name} must be a {_shape_text(shape)} {kind} tensor"
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{what}, got {type(x).__name__}")
+    wrong_dtype = x.dtype != dtype if dtype is not None else (x.is_floating_point() or x.is_complex()
+                                                               or x.dtype == torch.bool)
+    wrong_shape = x.ndim != len(shape) or any(isinstance(d, int) and n != d for n, d in zip(x.shape, shape))
+    if wrong_dtype or wrong_shape:
+        raise ValueError(f"{what}, got {tuple(x.shape)} {x.dtype}")
+    if x.numel() == 0 and not allow_empty:
+        raise ValueError(f"{name} is empty (shape {tuple(x.shape)})")
+    bad = (x < 0) | (x >= high)
+    if ignore is not None:
+        bad &= x != ignore
+    if bool(bad.any()):
+        allowed = f" (or {ignore})" if ignore is not None else ""
+        raise ValueError(f"{name} must lie in [0, {high - 1}]{allowed}, got {int(x[bad][0])}")
+    return x
+
+
+def check_finite(name: str, x: torch.Tensor) -> torch.Tensor:
+    """``x`` if every element is finite, else ``ValueError: z must be finite, got nan`` (the first bad value).
+    One host sync on CUDA."""
+    finite = torch.isfinite(x)
+    if not bool(finite.all()):
+        raise ValueError(f"{name} must be finite, got {float(x[~finite][0])}")
+    return x

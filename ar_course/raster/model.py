@@ -25,6 +25,7 @@ from ar_course.raster.functional import condition_dropout, from_raster, to_raste
 from ar_course.tokenizers import PRETRAINED, VQVAE, VQVAEConfig
 from ar_course.tokenizers import load_pretrained as load_pretrained_tokenizer
 from ar_course.transformer.model import GPT, GPTConfig
+from ar_course.utils import check_ids, check_int
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 PRETRAINED_PATH = ASSETS / "ar_mnist.safetensors"
@@ -98,6 +99,13 @@ def token_losses(model: GPT, token_maps: torch.Tensor, classes: torch.Tensor) ->
     return nll.view(B, h, w)  # (B, h, w)
 
 
+def _check_grid(grid: tuple[int, int]) -> tuple[int, int]:
+    """``(rows, cols)`` as two ints ``>= 1`` (``TypeError``/``ValueError`` otherwise)."""
+    if not isinstance(grid, (tuple, list)) or len(grid) != 2:
+        raise TypeError(f"grid must be (rows, cols), got {grid!r}")
+    return check_int("grid rows", grid[0], lo=1), check_int("grid cols", grid[1], lo=1)
+
+
 @torch.no_grad()
 def generate_tokens(
     model: GPT,
@@ -113,10 +121,13 @@ def generate_tokens(
     """Sample token maps ``(B, rows, cols)`` for ``classes`` ``(B,)`` with classifier-free guidance.
 
     ``cfg_scale = 1`` is plain conditional sampling, ``0`` unconditional; ``use_cache=False`` recomputes the
-    whole prefix at every step (the slow reference path, same tokens)."""
-    if classes.ndim != 1 or classes.dtype != torch.long:
-        raise ValueError(f"classes must be a (B,) long tensor, got {tuple(classes.shape)} {classes.dtype}")
-    rows, cols = grid
+    whole prefix at every step (the slow reference path, same tokens).
+
+    Raises ``ValueError`` for ``classes`` that are not a non-empty ``(B,)`` long tensor in ``[0, n_classes]``,
+    a ``grid`` that is not two sides ``>= 1``, and as :meth:`GPT.generate` for the rest; ``TypeError`` for
+    arguments of the wrong type."""
+    check_ids("classes", classes, model.config.n_classes + 1, ("B",))
+    rows, cols = _check_grid(grid)
     start = torch.zeros(classes.shape[0], 0, dtype=torch.long, device=classes.device)  # (B, 0)
     seq = model.generate(start, rows * cols, temperature=temperature, top_k=top_k, top_p=top_p,
                          generator=generator, classes=classes, cfg_scale=cfg_scale, use_cache=use_cache)
@@ -139,7 +150,11 @@ def generate_images(
 
     ``seed`` seeds one generator (on the model's device) for the whole call; ``None`` uses torch's global
     generator. Work runs in chunks of ``batch_size`` classes, and the samples depend on the chunking, so
-    keep ``batch_size`` fixed when comparing runs."""
+    keep ``batch_size`` fixed when comparing runs. Raises as :func:`generate_tokens`, and for a ``seed`` or
+    ``batch_size`` that is not an integer (``TypeError``) or a ``batch_size < 1`` (``ValueError``)."""
+    check_ids("classes", classes, model.config.n_classes + 1, ("B",))
+    batch_size = check_int("batch_size", batch_size, lo=1)
+    seed = None if seed is None else check_int("seed", seed)
     device = next(model.parameters()).device
     side = tokenizer.config.latent_side
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None

@@ -25,6 +25,7 @@ from ar_course.speculative.functional import (
     speculative_round,
 )
 from ar_course.transformer.model import GPT, KVCache
+from ar_course.utils import check_ids, check_int, check_number
 
 
 @dataclass
@@ -86,12 +87,20 @@ def _feed(model: GPT, cache: KVCache, seq: torch.Tensor, classes: torch.Tensor |
     return logits
 
 
-def _check_prefix(prefix: torch.Tensor, min_len: int) -> None:
-    if prefix.dim() != 2 or prefix.shape[0] != 1 or prefix.dtype != torch.long:
-        raise ValueError(f"prefix must be a (1, T) long tensor (batch size 1), "
-                         f"got {tuple(prefix.shape)} {prefix.dtype}")
-    if prefix.shape[1] < min_len:
-        raise ValueError(f"prefix needs at least {min_len} token(s), got {prefix.shape[1]}")
+def _check_inputs(model: GPT, prefix: torch.Tensor, classes: torch.Tensor | None, cfg_scale: float) -> float:
+    """Checks shared by both decoders: ``prefix`` a ``(1, T)`` long tensor of the model's ids (``T >= 1``
+    unless class-conditional), ``classes`` ``(1,)`` in ``[0, n_classes]`` exactly when class-conditional,
+    ``cfg_scale`` finite and ``!= 1`` only with classes. Returns ``cfg_scale`` as a float."""
+    conditional = model.config.n_classes > 0
+    check_ids("prefix", prefix, model.config.vocab_size, (1, "T"), allow_empty=True)
+    if conditional != (classes is not None):
+        raise ValueError("pass classes of shape (1,) exactly when the models are class-conditional")
+    if classes is not None:
+        check_ids("classes", classes, model.config.n_classes + 1, (1,))
+    cfg_scale = check_number("cfg_scale", cfg_scale)
+    if cfg_scale != 1.0 and not conditional:
+        raise ValueError("classifier-free guidance (cfg_scale != 1) needs class-conditional models")
+    return cfg_scale
 
 
 @torch.no_grad()
@@ -131,21 +140,24 @@ def speculative_generate(
 
     Returns:
         ``(tokens (1, T + max_new_tokens), stats)``.
+
+    Raises:
+        TypeError: a number of the wrong type (``gamma=2.5``, ``temperature="1"``...) or a non-tensor prefix.
+        ValueError: ``prefix``/``classes`` of the wrong shape, dtype or range, ``gamma`` or ``max_new_tokens``
+            ``< 0``, sampling arguments outside the rules of :mod:`ar_course.sampling`, a non-finite
+            ``cfg_scale``, models of different vocabularies or classes, or more positions than a
+            ``block_size``.
     """
-    conditional = target.config.n_classes > 0
-    _check_prefix(prefix, 0 if conditional else 1)
-    if gamma < 0 or max_new_tokens < 0:
-        raise ValueError(f"gamma and max_new_tokens must be >= 0, got {gamma} and {max_new_tokens}")
+    max_new_tokens = check_int("max_new_tokens", max_new_tokens, lo=0)
+    gamma = check_int("gamma", gamma, lo=0)
+    temperature, top_k, top_p = sampling.check_sampling(temperature, top_k, top_p)
     if target.config.vocab_size != draft.config.vocab_size or target.config.n_classes != draft.config.n_classes:
         raise ValueError("target and draft must model the same vocabulary and classes")
-    if conditional != (classes is not None) or (classes is not None and classes.shape != (1,)):
-        raise ValueError("pass classes of shape (1,) exactly when the models are class-conditional")
-    if cfg_scale != 1.0 and not conditional:
-        raise ValueError("classifier-free guidance (cfg_scale != 1) needs class-conditional models")
+    cfg_scale = _check_inputs(target, prefix, classes, cfg_scale)
     n_prefix = target.config.n_prefix
     n, total = prefix.shape[1], prefix.shape[1] + max_new_tokens
-    if n_prefix + total - 1 > min(target.config.block_size, draft.config.block_size):
-        raise ValueError(f"{n_prefix + total - 1} positions exceed a model's block_size")
+    for model in (target, draft):
+        model.check_room(n, max_new_tokens)
     guided = cfg_scale != 1.0
     cls = torch.cat([classes, torch.full_like(classes, target.null_class)]) if guided else classes
     batch, length = 2 if guided else 1, max(n_prefix + total - 1, 1)
@@ -221,23 +233,29 @@ def sjd_generate(
 
     Returns:
         ``(tokens (1, T + n_tokens), stats)`` with ``stats.target_calls`` the forward passes made.
+
+    Raises:
+        TypeError: a number of the wrong type (``window=2.5``, ``delta="0.1"``...) or a non-tensor prefix.
+        ValueError: ``prefix``/``classes``/``neighbors`` of the wrong shape, dtype or range, ``n_tokens`` or
+            ``window`` ``< 0``, ``delta`` not finite or ``< 0`` (or ``> 0`` without ``neighbors``), sampling
+            arguments outside the rules of :mod:`ar_course.sampling`, a non-finite ``cfg_scale``, or more
+            positions than ``block_size``.
     """
-    conditional = model.config.n_classes > 0
     if prefix is None:
         prefix = torch.zeros(1, 0, dtype=torch.long, device=model.wte.weight.device)
-    _check_prefix(prefix, 0 if conditional else 1)
-    if conditional != (classes is not None) or (classes is not None and classes.shape != (1,)):
-        raise ValueError("pass classes of shape (1,) exactly when the model is class-conditional")
-    if cfg_scale != 1.0 and not conditional:
-        raise ValueError("classifier-free guidance (cfg_scale != 1) needs a class-conditional model")
-    if window < 0 or n_tokens < 0:
-        raise ValueError(f"window and n_tokens must be >= 0, got {window} and {n_tokens}")
-    if delta > 0 and neighbors is None:
-        raise ValueError("relaxed acceptance (delta > 0) needs neighbors (V, k)")
+    n_tokens = check_int("n_tokens", n_tokens, lo=0)
+    window = check_int("window", window, lo=0)
+    temperature, top_k, top_p = sampling.check_sampling(temperature, top_k, top_p)
+    delta = check_number("delta", delta, lo=0)
+    cfg_scale = _check_inputs(model, prefix, classes, cfg_scale)
+    if delta > 0:
+        if neighbors is None:
+            raise ValueError("relaxed acceptance (delta > 0) needs neighbors (V, k)")
+        check_ids("neighbors", neighbors, model.config.vocab_size, (model.config.vocab_size, "k"),
+                  allow_empty=True)
     V, n_prefix = model.config.vocab_size, model.config.n_prefix
     total = prefix.shape[1] + n_tokens
-    if n_prefix + total - 1 > model.config.block_size:
-        raise ValueError(f"{n_prefix + total - 1} positions exceed block_size {model.config.block_size}")
+    model.check_room(prefix.shape[1], n_tokens)
     guided = cfg_scale != 1.0
     batch = 2 if guided else 1
     cls = torch.cat([classes, torch.full_like(classes, model.null_class)]) if guided else classes

@@ -20,6 +20,7 @@ from torch import nn
 
 from ar_course import distributed as ddp
 from ar_course.tokenizers import functional as Fq
+from ar_course.utils import check_finite, check_ids, check_int
 
 
 MSVQ_LOSSES = ("final", "every_scale")
@@ -35,13 +36,18 @@ class QuantizerOutput(NamedTuple):
 
 
 def _check_map(z: torch.Tensor, dim: int, who: str) -> None:
-    if not isinstance(z, torch.Tensor) or z.ndim != 4:
-        raise ValueError(f"{who} expects a feature map (B, {dim}, h, w), got "
-                         f"{tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__}")
+    """A non-empty floating-point feature map ``(B, dim, h, w)`` (no values read); ``TypeError`` for a
+    non-tensor, else ``ValueError``."""
+    if not isinstance(z, torch.Tensor):
+        raise TypeError(f"{who} expects a feature map (B, {dim}, h, w) tensor, got {type(z).__name__}")
+    if z.ndim != 4:
+        raise ValueError(f"{who} expects a feature map (B, {dim}, h, w), got {tuple(z.shape)}")
     if z.shape[1] != dim:
         raise ValueError(f"{who} expects {dim} channels, got {z.shape[1]} (input shape {tuple(z.shape)})")
     if not z.is_floating_point():
         raise ValueError(f"{who} expects a floating-point feature map, got {z.dtype}")
+    if z.numel() == 0:
+        raise ValueError(f"{who} got an empty feature map {tuple(z.shape)}")
 
 
 def _flatten(z: torch.Tensor) -> torch.Tensor:
@@ -120,15 +126,17 @@ class VectorQuantizer(nn.Module):
         return Fq.vq_lookup(flat.detach(), self.codes().detach())
 
     def encode(self, z: torch.Tensor) -> torch.Tensor:
-        """Index map ``(B, h, w)`` of a feature map ``(B, D, h, w)``."""
+        """Index map ``(B, h, w)`` of a non-empty, finite feature map ``(B, D, h, w)`` of any floating dtype (the
+        lookup runs in the codebook's); ``ValueError`` otherwise, ``TypeError`` for a non-tensor."""
         _check_map(z, self.dim, "VectorQuantizer")
+        check_finite("z", z)
         b, _, h, w = z.shape
-        return self.lookup(_flatten(z)).view(b, h, w)
+        return self.lookup(_flatten(z.to(self.codebook.dtype))).view(b, h, w)
 
     def decode(self, indices: torch.Tensor) -> torch.Tensor:
-        """Feature map ``(B, D, h, w)`` of an index map ``(B, h, w)``."""
-        if indices.ndim != 3 or indices.is_floating_point():
-            raise ValueError(f"indices must be an integer map (B, h, w), got {tuple(indices.shape)} {indices.dtype}")
+        """Feature map ``(B, D, h, w)`` of a non-empty integer index map ``(B, h, w)`` of codes in
+        ``[0, num_codes)`` (``ValueError`` otherwise; ``TypeError`` for a non-tensor)."""
+        check_ids("indices", indices, self.num_codes, ("B", "h", "w"), dtype=None)
         return self.codes()[indices].permute(0, 3, 1, 2)  # (B, h, w, D) -> (B, D, h, w)
 
     # -- training -----------------------------------------------------------------------------------------
@@ -274,19 +282,21 @@ class ResidualVQ(nn.Module):
         return QuantizerOutput(_unflatten(out, b, h, w), torch.stack(indices, dim=1), loss / self.depth)
 
     def encode(self, z: torch.Tensor) -> torch.Tensor:
-        """Index maps ``(B, depth, h, w)`` of a feature map ``(B, D, h, w)``."""
+        """Index maps ``(B, depth, h, w)`` of a non-empty, finite feature map ``(B, D, h, w)`` of any floating
+        dtype (the lookup runs in the codebooks'); ``ValueError`` otherwise, ``TypeError`` for a non-tensor."""
         _check_map(z, self.dim, "ResidualVQ")
+        check_finite("z", z)
         b, _, h, w = z.shape
-        idx, _ = Fq.residual_quantize(_flatten(z), self.codebooks())  # (B*h*w, depth)
+        codebooks = self.codebooks()  # (depth, K, D)
+        idx, _ = Fq.residual_quantize(_flatten(z.to(codebooks.dtype)), codebooks)  # (B*h*w, depth)
         return idx.view(b, h, w, self.depth).permute(0, 3, 1, 2)  # (B, depth, h, w)
 
     def decode(self, indices: torch.Tensor, depth: int | None = None) -> torch.Tensor:
-        """Feature map ``(B, D, h, w)`` from ``(B, depth, h, w)`` indices, using the first ``depth`` levels."""
-        if indices.ndim != 4 or indices.shape[1] != self.depth:
-            raise ValueError(f"indices must be (B, {self.depth}, h, w), got {tuple(indices.shape)}")
-        n = self.depth if depth is None else depth
-        if not 1 <= n <= self.depth:
-            raise ValueError(f"depth must lie in [1, {self.depth}], got {depth}")
+        """Feature map ``(B, D, h, w)`` from ``(B, depth, h, w)`` integer indices in ``[0, num_codes)``, using the
+        first ``depth`` levels (an integer in ``[1, depth]``; ``None``: all). ``ValueError`` for bad indices or
+        ``depth``; ``TypeError`` for a non-tensor or a non-integer ``depth``."""
+        check_ids("indices", indices, self.num_codes, ("B", self.depth, "h", "w"), dtype=None)
+        n = self.depth if depth is None else check_int("depth", depth, lo=1, hi=self.depth)
         return sum(self.layer(d).decode(indices[:, d]) for d in range(n))
 
     def usage(self) -> dict[str, float]:
@@ -388,13 +398,17 @@ class MultiScaleVQ(nn.Module):
         Fq.check_scales(self.scales, f.shape[-1])
 
     def _check_indices(self, indices: Sequence[torch.Tensor], exact: bool) -> None:
+        """A list of ``n`` (``== S`` if ``exact``, else ``1 <= n <= S``) non-empty integer maps ``(B, s_k, s_k)``
+        with codes in ``[0, num_codes)`` and one batch size; ``TypeError`` for a non-sequence, else ``ValueError``."""
+        if not isinstance(indices, (list, tuple)):
+            raise TypeError(f"indices must be a list of index maps, one (B, s_k, s_k) per scale; got "
+                            f"{type(indices).__name__}")
         n = len(indices)
         if n == 0 or n > len(self.scales) or (exact and n != len(self.scales)):
             raise ValueError(f"expected {'' if exact else 'up to '}{len(self.scales)} index maps, got {n}")
+        B = indices[0].shape[0] if isinstance(indices[0], torch.Tensor) and indices[0].ndim else "B"
         for k, idx in enumerate(indices):
-            if idx.ndim != 3 or tuple(idx.shape[1:]) != (self.scales[k], self.scales[k]):
-                raise ValueError(f"index map {k} must be (B, {self.scales[k]}, {self.scales[k]}), "
-                                 f"got {tuple(idx.shape)}")
+            check_ids(f"index map {k}", idx, self.num_codes, (B, self.scales[k], self.scales[k]), dtype=None)
 
     def forward(self, f: torch.Tensor) -> QuantizerOutput:
         self._check_input(f)
@@ -426,17 +440,30 @@ class MultiScaleVQ(nn.Module):
         return QuantizerOutput(Fq.straight_through(f, f_hat), indices, loss)
 
     def encode(self, f: torch.Tensor) -> list[torch.Tensor]:
-        """One index map ``(B, s_k, s_k)`` per scale for a feature map ``(B, D, H, H)``."""
+        """One index map ``(B, s_k, s_k)`` per scale for a non-empty, finite feature map ``(B, D, H, H)`` of any
+        floating dtype (the lookup runs in the codebook's); ``ValueError`` otherwise, ``TypeError`` for a
+        non-tensor."""
         self._check_input(f)
-        return Fq.multiscale_encode(f, self.quantizer.codebook, self.scales, self.refinements())
+        check_finite("f", f)
+        codebook = self.quantizer.codebook
+        return Fq.multiscale_encode(f.to(codebook.dtype), codebook, self.scales, self.refinements())
 
     def accumulate(self, f_hat: torch.Tensor | None, k: int, indices_k: torch.Tensor) -> torch.Tensor:
         """``f_hat + phi_k(upsample(codes of indices_k))``: add scale ``k`` ``(B, s_k, s_k)`` to ``f_hat``
-        ``(B, D, H, H)`` (``None`` means zeros)."""
+        ``(B, D, H, H)`` (``None`` means zeros). ``ValueError`` for a bad ``k`` or indices."""
+        k = check_int("k", k, lo=0, hi=len(self.scales) - 1)
         s = self.scales[k]
-        if indices_k.ndim != 3 or tuple(indices_k.shape[1:]) != (s, s):
-            raise ValueError(f"scale {k} needs indices (B, {s}, {s}), got {tuple(indices_k.shape)}")
-        h = self.phi(k)(Fq.upsample_bicubic(self.quantizer.decode(indices_k), self.side))  # (B, D, H, H)
+        check_ids(f"indices of scale {k}", indices_k, self.num_codes, ("B", s, s), dtype=None)
+        want = (indices_k.shape[0], self.dim, self.side, self.side)
+        if f_hat is not None and (not isinstance(f_hat, torch.Tensor) or tuple(f_hat.shape) != want):
+            raise ValueError(f"f_hat must be None or a {want} tensor, got "
+                             f"{tuple(f_hat.shape) if isinstance(f_hat, torch.Tensor) else type(f_hat).__name__}")
+        return self._accumulate(f_hat, k, indices_k)
+
+    def _accumulate(self, f_hat: torch.Tensor | None, k: int, indices_k: torch.Tensor) -> torch.Tensor:
+        """:meth:`accumulate` on checked input."""
+        codes = self.quantizer.codes()[indices_k].permute(0, 3, 1, 2)  # (B, s, s, D) -> (B, D, s, s)
+        h = self.phi(k)(Fq.upsample_bicubic(codes, self.side))  # (B, D, H, H)
         return h if f_hat is None else f_hat + h
 
     def next_input(self, f_hat: torch.Tensor, k: int) -> torch.Tensor:
@@ -448,11 +475,12 @@ class MultiScaleVQ(nn.Module):
 
     def decode(self, indices: Sequence[torch.Tensor]) -> torch.Tensor:
         """``f_hat`` ``(B, D, H, H)`` from the index maps of the first ``n <= S`` scales (all of them
-        reconstructs the input; fewer gives the coarse-to-fine partial sums)."""
+        reconstructs the input; fewer gives the coarse-to-fine partial sums). ``ValueError`` for maps of the
+        wrong number, shape, dtype, batch size or codes; ``TypeError`` when ``indices`` is not a list."""
         self._check_indices(indices, exact=False)
         f_hat = None
         for k, idx in enumerate(indices):
-            f_hat = self.accumulate(f_hat, k, idx)
+            f_hat = self._accumulate(f_hat, k, idx)
         return f_hat
 
     def teacher_forcing_inputs(self, indices: Sequence[torch.Tensor],

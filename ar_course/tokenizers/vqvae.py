@@ -24,6 +24,7 @@ from torch import nn
 
 from ar_course.checkpoint import load_checkpoint, load_model
 from ar_course.tokenizers.quantizers import MultiScaleVQ, QuantizerOutput, ResidualVQ, VectorQuantizer
+from ar_course.utils import check_finite
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 QUANTIZERS = ("vq", "rvq", "msvq")
@@ -174,26 +175,40 @@ class VQVAE(nn.Module):
         return c.latent_side**2 * (c.depth if c.quantizer == "rvq" else 1)
 
     def _check_images(self, x: torch.Tensor) -> None:
+        """Non-empty float images ``(B, C, S, S)`` of this model's ``C`` and ``S`` (no values read)."""
         c = self.config
-        if not isinstance(x, torch.Tensor) or x.ndim != 4 or not x.is_floating_point():
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"expected float images (B, {c.in_channels}, {c.image_size}, {c.image_size}), got "
+                            f"{type(x).__name__}")
+        if x.ndim != 4 or not x.is_floating_point():
             raise ValueError(f"expected float images (B, {c.in_channels}, {c.image_size}, {c.image_size}), got "
-                             f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+                             f"{tuple(x.shape)} {x.dtype}")
         if x.shape[1] != c.in_channels:
             raise ValueError(f"this VQ-VAE takes {c.in_channels}-channel images, got {x.shape[1]} channels")
         if tuple(x.shape[2:]) != (c.image_size, c.image_size):
             raise ValueError(f"this VQ-VAE takes {c.image_size}x{c.image_size} images, got "
                              f"{x.shape[2]}x{x.shape[3]}")
+        if x.shape[0] == 0:
+            raise ValueError(f"images is an empty batch {tuple(x.shape)}")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The parameters' dtype; ``encode`` and ``decode`` cast their input to it."""
+        return next(self.parameters()).dtype
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """Continuous latents ``(B, latent_dim, h, w)`` of images ``(B, C, S, S)``."""
+        """Continuous latents ``(B, latent_dim, h, w)`` of images ``(B, C, S, S)`` of any floating dtype."""
         self._check_images(x)
-        return self.encoder(x)
+        return self.encoder(x.to(self.dtype))
 
     def decode(self, z_q: torch.Tensor) -> torch.Tensor:
-        """Images ``(B, C, S, S)`` in [0, 1] from (quantized) latents ``(B, latent_dim, h, w)``."""
-        if z_q.ndim != 4 or z_q.shape[1] != self.config.latent_dim:
-            raise ValueError(f"expected latents (B, {self.config.latent_dim}, h, w), got {tuple(z_q.shape)}")
-        return self.decoder(z_q).clamp(0, 1)
+        """Images ``(B, C, S, S)`` in [0, 1] from (quantized) latents ``(B, latent_dim, h, w)`` (non-empty, float;
+        ``ValueError`` otherwise)."""
+        if (not isinstance(z_q, torch.Tensor) or z_q.ndim != 4 or z_q.shape[1] != self.config.latent_dim
+                or not z_q.is_floating_point() or z_q.numel() == 0):
+            got = f"{tuple(z_q.shape)} {z_q.dtype}" if isinstance(z_q, torch.Tensor) else type(z_q).__name__
+            raise ValueError(f"expected non-empty float latents (B, {self.config.latent_dim}, h, w), got {got}")
+        return self.decoder(z_q.to(self.dtype)).clamp(0, 1)
 
     def forward(self, x: torch.Tensor) -> VQVAEOutput:
         q: QuantizerOutput = self.quantizer(self.encode(x))
@@ -203,13 +218,18 @@ class VQVAE(nn.Module):
 
     @torch.no_grad()
     def encode_to_indices(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
-        """Tokens of images ``(B, C, S, S)`` (see the class docstring for their shape)."""
-        return self.quantizer.encode(self.encode(x))
+        """Tokens of finite images ``(B, C, S, S)`` (see the class docstring for their shape). ``ValueError``
+        for images of the wrong shape, dtype or size, an empty batch or a non-finite value; ``TypeError`` for a
+        non-tensor."""
+        self._check_images(x)
+        check_finite("images", x)
+        return self.quantizer.encode(self.encoder(x.to(self.dtype)))
 
     @torch.no_grad()
     def decode_from_indices(self, indices: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
         """Images ``(B, C, S, S)`` in [0, 1] from tokens (for ``msvq`` the first ``n <= S`` scales suffice:
-        fewer scales give a coarser image)."""
+        fewer scales give a coarser image). Raises as the quantizer's ``decode`` (codes out of range,
+        wrong shapes or dtypes)."""
         return self.decode(self.quantizer.decode(indices))
 
     @torch.no_grad()

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from ar_course import sampling
 from ar_course.transformer import functional as ref
+from ar_course.utils import check_bool, check_ids, check_int, check_number
 
 ATTENTION_IMPLS = ("sdpa", "plain", "kernels")
 
@@ -402,6 +403,51 @@ class GPT(nn.Module):
         p = self.wte.weight
         return KVCache(c.n_layer, batch_size, c.n_head, max_len or c.block_size, c.head_dim, p.device, p.dtype)
 
+    def _check_idx(self, idx: torch.Tensor) -> None:
+        """``idx`` is a ``(B, T)`` long tensor of ids in ``[0, vocab_size)`` with ``B >= 1`` (``T`` may be 0)."""
+        check_ids("idx", idx, self.config.vocab_size, ("B", "T"), allow_empty=True)
+        if idx.shape[0] == 0:
+            raise ValueError(f"idx is an empty batch {tuple(idx.shape)}: pass at least one sequence")
+
+    def _check_classes(self, classes: torch.Tensor | None, B: int) -> None:
+        """``classes`` is a ``(B,)`` long tensor in ``[0, n_classes]`` (``n_classes`` = the null class)."""
+        if classes is None:
+            raise ValueError(f"this model is class-conditional: pass classes of shape ({B},)")
+        check_ids("classes", classes, self.config.n_classes + 1, (B,))
+
+    def check_room(self, T: int, max_new_tokens: int) -> None:
+        """``ValueError`` unless a prompt of ``T`` tokens (the class token aside) can start a sequence, and it and
+        ``max_new_tokens`` new ones fit in ``block_size`` (the last new token is never fed)."""
+        n_prefix = self.config.n_prefix
+        if n_prefix + T == 0:
+            raise ValueError("the prompt has no tokens: an unconditional model needs at least one")
+        needed = n_prefix + T + max(max_new_tokens - 1, 0)
+        if needed > self.config.block_size:
+            raise ValueError(f"{T} prompt tokens and {max_new_tokens} new tokens need {needed} positions, more than "
+                             f"block_size {self.config.block_size}")
+
+    def _check_forward(self, idx: torch.Tensor, targets: torch.Tensor | None, classes: torch.Tensor | None,
+                       cache: KVCache | None) -> None:
+        """The checks :meth:`forward` documents (one host sync per tensor of ids on CUDA)."""
+        self._check_idx(idx)
+        B, T = idx.shape
+        if cache is not None and (not isinstance(cache, KVCache) or cache.batch_size != B):
+            raise ValueError(f"cache must be a KVCache of batch size {B}, got "
+                             f"{cache.batch_size if isinstance(cache, KVCache) else type(cache).__name__}")
+        start = cache.length if cache is not None else 0
+        class_token = self.wce is not None and start == 0
+        if class_token:
+            self._check_classes(classes, B)
+        elif classes is not None:
+            raise ValueError("classes are only taken when a class-conditional sequence starts")
+        T_out = T + int(class_token)
+        if T_out == 0:
+            raise ValueError("idx has no tokens and no class token starts the sequence: nothing to run")
+        if start + T_out > self.config.block_size:
+            raise ValueError(f"sequence of {start + T_out} positions exceeds block_size {self.config.block_size}")
+        if targets is not None:
+            check_ids("targets", targets, self.config.vocab_size, (B, T_out), ignore=-100)
+
     def forward(
         self,
         idx: torch.Tensor,
@@ -420,20 +466,20 @@ class GPT(nn.Module):
 
         Returns:
             ``(logits (B, T_out, V), loss or None)``.
+
+        Raises:
+            TypeError: ``idx``, ``targets`` or ``classes`` is not a tensor.
+            ValueError: a wrong shape or dtype, an empty batch, ids outside ``[0, vocab_size)`` (targets: or
+                -100), classes outside ``[0, n_classes]``, classes where none are taken, nothing to run (no
+                token and no class token), a cache of another batch size, or more positions than ``block_size``.
         """
-        if idx.dim() != 2 or idx.dtype != torch.long:
-            raise ValueError(f"idx must be a (B, T) long tensor, got {tuple(idx.shape)} {idx.dtype}")
+        if not torch.compiler.is_compiling():  # a compiled step (Generator(compile=True)) was checked by its caller
+            self._check_forward(idx, targets, classes, cache)
         start = cache.length if cache is not None else 0
         x = self.wte(idx)  # (B, T, C)
         if self.wce is not None and start == 0:
-            if classes is None or classes.shape != (idx.shape[0],):
-                raise ValueError(f"this model is class-conditional: pass classes of shape ({idx.shape[0]},)")
             x = torch.cat([self.wce(classes)[:, None, :], x], dim=1)  # (B, 1+T, C)
-        elif classes is not None:
-            raise ValueError("classes are only taken when a class-conditional sequence starts")
         T = x.shape[1]
-        if start + T > self.config.block_size:
-            raise ValueError(f"sequence of {start + T} positions exceeds block_size {self.config.block_size}")
         if self.wpe is not None:
             x = x + self.wpe(torch.arange(start, start + T, device=x.device))
         rope = self.rotary(start, T) if self.rotary is not None else None
@@ -448,8 +494,6 @@ class GPT(nn.Module):
         logits = self.lm_head(self.norm_f(x))  # (B, T, V)
         loss = None
         if targets is not None:
-            if targets.shape != logits.shape[:2]:
-                raise ValueError(f"targets have shape {tuple(targets.shape)}, expected {tuple(logits.shape[:2])}")
             loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
         return logits, loss
 
@@ -493,11 +537,28 @@ class GPT(nn.Module):
         ``temperature=0`` is greedy. With a class-conditional model pass ``classes`` ``(B,)``; ``cfg_scale
         != 1`` runs the conditional and null-class sequences in one doubled batch and samples from
         ``uncond + cfg_scale * (cond - uncond)``. ``use_cache=False`` recomputes the whole prefix at every
-        step (the slow reference path; same tokens)."""
-        B = idx.shape[0]
+        step (the slow reference path; same tokens).
+
+        Raises:
+            TypeError: a number or flag of the wrong type (``max_new_tokens=2.0``, ``use_cache="yes"``...).
+            ValueError: bad ``idx``/``classes`` (as :meth:`forward`), ``max_new_tokens < 0``, a prompt and new
+                tokens needing more than ``block_size`` positions, sampling arguments outside the rules of
+                :mod:`ar_course.sampling`, a non-finite ``cfg_scale``, or guidance without classes.
+        """
+        temperature, top_k, top_p = sampling.check_sampling(temperature, top_k, top_p)
+        max_new_tokens = check_int("max_new_tokens", max_new_tokens, lo=0)
+        cfg_scale = check_number("cfg_scale", cfg_scale)
+        use_cache = check_bool("use_cache", use_cache)
+        self._check_idx(idx)
+        B, T = idx.shape
         guided = cfg_scale != 1.0
         if guided and classes is None:
             raise ValueError("classifier-free guidance (cfg_scale != 1) needs a class-conditional model and classes")
+        if self.wce is not None:
+            self._check_classes(classes, B)
+        elif classes is not None:
+            raise ValueError("classes are only taken by a class-conditional model (n_classes > 0)")
+        self.check_room(T, max_new_tokens)
         seq, cls = idx, classes
         if guided:
             seq = torch.cat([idx, idx])  # (2B, T)

@@ -33,6 +33,7 @@ from ar_course.raster.functional import condition_dropout
 from ar_course.tokenizers import PRETRAINED, VQVAE, MultiScaleVQ, VQVAEConfig
 from ar_course.tokenizers import load_pretrained as load_tokenizer
 from ar_course.transformer.model import Block, GPTConfig, KVCache, RMSNorm
+from ar_course.utils import check_bool, check_ids, check_int, check_number
 from ar_course.var import functional as ref
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
@@ -159,12 +160,9 @@ class VAR(nn.Module):
         c, p = self.config, self.pos_emb
         return KVCache(c.n_layer, batch_size, c.n_head, c.num_tokens, c.n_embd // c.n_head, p.device, p.dtype)
 
-    def _check_classes(self, classes: torch.Tensor, B: int) -> None:
-        if not isinstance(classes, torch.Tensor) or classes.shape != (B,) or classes.dtype != torch.long:
-            raise ValueError(f"classes must be a ({B},) long tensor, got "
-                             f"{tuple(classes.shape) if isinstance(classes, torch.Tensor) else type(classes).__name__}")
-        if bool(((classes < 0) | (classes > self.null_class)).any()):
-            raise ValueError(f"classes must lie in [0, {self.null_class}] ({self.null_class} = null class)")
+    def _check_classes(self, classes: torch.Tensor, B: int | str = "B") -> None:
+        """``classes``: a non-empty ``(B,)`` long tensor in ``[0, n_classes]`` (``n_classes`` = the null class)."""
+        check_ids("classes", classes, self.null_class + 1, (B,))
 
     def _run(self, x: torch.Tensor, cond: torch.Tensor, start: int, mask: torch.Tensor | None,
              cache: KVCache | None) -> torch.Tensor:
@@ -203,8 +201,8 @@ class VAR(nn.Module):
         begin, end = self.bounds[k]
         if cache.length != begin:
             raise ValueError(f"scale {k} starts at position {begin} but the cache holds {cache.length}")
+        self._check_classes(classes)
         B = classes.shape[0]
-        self._check_classes(classes, B)
         if k == 0:
             h = self.start_token(classes)  # (B, 1, C)
         else:
@@ -272,18 +270,26 @@ def sample_pyramid(
     ``(B, H, H)`` bool map at the finest scale (``True`` = keep) or one ``(B, s_k, s_k)`` map per scale; the
     kept tokens replace the sampled ones at every scale before the canvas is updated.
 
-    Returns one ``(B, s_k, s_k)`` long map per scale."""
+    Returns one ``(B, s_k, s_k)`` long map per scale.
+
+    Raises:
+        TypeError: ``vq`` is not a :class:`MultiScaleVQ`, or a number or flag of the wrong type.
+        ValueError: ``classes`` not a non-empty ``(B,)`` long tensor in ``[0, n_classes]``, a tokenizer whose
+            scales, codebook or latent size differ from the model's, a non-finite ``cfg``, sampling arguments
+            outside the rules of :mod:`ar_course.sampling`, or inpainting maps of the wrong number, shape,
+            dtype or range."""
     c = model.config
+    if not isinstance(vq, MultiScaleVQ):
+        raise TypeError(f"vq must be a MultiScaleVQ, got {type(vq).__name__}")
+    if (tuple(vq.scales), vq.num_codes, vq.dim) != (c.scales, c.vocab_size, c.latent_dim):
+        raise ValueError(f"the tokenizer (scales {tuple(vq.scales)}, {vq.num_codes} codes of size {vq.dim}) does "
+                         f"not match the model (scales {c.scales}, {c.vocab_size} codes of size {c.latent_dim})")
+    model._check_classes(classes)
     B = classes.shape[0]
-    if tuple(vq.scales) != c.scales:
-        raise ValueError(f"the tokenizer's scales {tuple(vq.scales)} differ from the model's {c.scales}")
-    masks = None
-    if known is not None or known_mask is not None:
-        if known is None or known_mask is None:
-            raise ValueError("inpainting needs both known (a token pyramid) and known_mask")
-        masks = ref.scale_masks(known_mask, c.scales) if isinstance(known_mask, torch.Tensor) else list(known_mask)
-        if len(known) != c.num_scales or len(masks) != c.num_scales:
-            raise ValueError(f"known and known_mask need {c.num_scales} scales")
+    cfg = check_number("cfg", cfg)
+    temperature, top_k, top_p = sampling.check_sampling(temperature, top_k, top_p)
+    ramp = check_bool("ramp", ramp)
+    masks = _check_inpainting(known, known_mask, B, c)
     guided = cfg != 0
     cls = torch.cat([classes, torch.full_like(classes, model.null_class)]) if guided else classes  # (B or 2B,)
     cache = model.make_cache(cls.shape[0])
@@ -303,6 +309,26 @@ def sample_pyramid(
     return pyramid
 
 
+def _check_inpainting(known: list[torch.Tensor] | None, known_mask: torch.Tensor | list[torch.Tensor] | None,
+                      B: int, c: VARConfig) -> list[torch.Tensor] | None:
+    """The per-scale ``(B, s_k, s_k)`` bool masks of :func:`sample_pyramid`'s inpainting input (``None``
+    without it), after checking ``known`` (``S`` maps of codes) and ``known_mask``."""
+    if known is None and known_mask is None:
+        return None
+    if known is None or known_mask is None:
+        raise ValueError("inpainting needs both known (a token pyramid) and known_mask")
+    masks = ref.scale_masks(known_mask, c.scales) if isinstance(known_mask, torch.Tensor) else list(known_mask)
+    if len(known) != c.num_scales or len(masks) != c.num_scales:
+        raise ValueError(f"known and known_mask need {c.num_scales} scales")
+    for k, (tokens, mask) in enumerate(zip(known, masks)):
+        s = c.scales[k]
+        check_ids(f"known[{k}]", tokens, c.vocab_size, (B, s, s), dtype=None)
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or tuple(mask.shape) != (B, s, s):
+            got = f"{tuple(mask.shape)} {mask.dtype}" if isinstance(mask, torch.Tensor) else type(mask).__name__
+            raise ValueError(f"known_mask at scale {k} must be a ({B}, {s}, {s}) bool tensor, got {got}")
+    return masks
+
+
 @torch.no_grad()
 def generate_images(
     model: VAR,
@@ -319,7 +345,11 @@ def generate_images(
     """Images ``(B, C, S, S)`` in [0, 1] for ``classes`` ``(B,)``: sample pyramids, decode.
 
     ``seed`` seeds one generator for the whole call (``None``: torch's global one); work runs in chunks of
-    ``batch_size``, and samples depend on the chunking."""
+    ``batch_size``, and samples depend on the chunking. Raises as :func:`sample_pyramid`, and for a ``seed`` or
+    ``batch_size`` that is not an integer (``TypeError``) or a ``batch_size < 1`` (``ValueError``)."""
+    model._check_classes(classes)
+    batch_size = check_int("batch_size", batch_size, lo=1)
+    seed = None if seed is None else check_int("seed", seed)
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     images = []
