@@ -19,6 +19,7 @@ from ar_course.kernels import env
 from ar_course.kernels.cpu_vq import vq_nearest_cpu
 from ar_course.kernels.masks import BlockCausal, dense_mask, prefix_lengths
 from ar_course.kernels.sanitizer import SanitizerError, sanitize
+from ar_course.transformer.functional import causal_mask
 from numba import cuda, float32
 
 needs_sim = pytest.mark.skipif(not env.CUDA_SIMULATOR, reason="runs numba.cuda kernels in the CUDA simulator")
@@ -88,13 +89,15 @@ def test_block_causal_mask():
 def test_prefix_lengths_of_every_mask_kind():
     assert prefix_lengths(None, 4, 4, "cpu") is None
     assert prefix_lengths("causal", 4, 4, "cpu").tolist() == [1, 2, 3, 4]
+    assert prefix_lengths("causal", 3, 5, "cpu").tolist() == [3, 4, 5]  # the last 3 of 5 positions (a KV cache)
+    assert torch.equal(dense_mask("causal", 3, 5, "cpu"), causal_mask(3, 5))
     assert torch.equal(dense_mask("causal", 5, 5, "cpu"), torch.ones(5, 5, dtype=torch.bool).tril())
     dense = BlockCausal((2, 3)).dense()
     assert prefix_lengths(dense, 5, 5, "cpu").tolist() == [2, 2, 5, 5, 5]  # a prefix-shaped bool tensor
 
 
 @pytest.mark.parametrize("mask, t_q, t_k, fragment", [
-    ("causal", 3, 5, "as many queries"),
+    ("causal", 5, 3, "no more queries than keys"),
     ("diagonal", 3, 3, "unknown mask"),
     (BlockCausal((2, 2)), 5, 5, "covers 4"),
     (torch.ones(3, 3), 3, 3, "bool"),

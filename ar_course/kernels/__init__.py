@@ -21,18 +21,21 @@ Kernels: :mod:`.cuda_basic` (map, 2-D map, shared-memory reduction, tiled matmul
 from . import env  # noqa: F401  (first: sets the simulator / interpreter defaults)
 from .env import describe
 from .masks import BlockCausal, MaskSpec
-from .ops import BACKENDS, decode_attention, flash_attention, select_backend, softmax, vq_nearest
+from .ops import (BACKENDS, DispatchRecord, decode_attention, flash_attention, record_dispatch, select_backend,
+                  softmax, vq_nearest)
 from .reference import attention_reference, decode_attention_reference, vq_nearest_reference
 
 __all__ = [
     "BACKENDS",
     "BlockCausal",
+    "DispatchRecord",
     "MaskSpec",
     "attention_reference",
     "decode_attention",
     "decode_attention_reference",
     "describe",
     "flash_attention",
+    "record_dispatch",
     "select_backend",
     "softmax",
     "vq_nearest",
