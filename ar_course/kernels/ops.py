@@ -43,6 +43,7 @@ from ar_course.utils import check_number
 
 from . import env
 from .calibrate import Calibrator, default_cache_path
+from .launch import pow2_at_least
 from .masks import MaskSpec, PrefixMask, dense_mask, prefix_mask
 from .precision import compute_dtype
 from .reference import vq_nearest_reference
@@ -173,21 +174,24 @@ def _device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
 
 
-def _bucket(n: int) -> int:
-    """The power of two >= n: sizes that cost about the same share one measurement."""
-    return 1 << max(0, n - 1).bit_length()
+class KernelError(RuntimeError):
+    """A kernel raised while it was being measured (the original exception is the ``__cause__``)."""
 
 
 def auto_choice(key: str, kernel: str, run_kernel: Callable[[], object], run_torch: Callable[[], object],
                 calibrator: Calibrator) -> str:
-    """``kernel`` or ``"torch"`` for the kind of call ``key``: remembered, or measured now by ``calibrator``.
-
-    Exceptions of ``run_kernel`` propagate (the caller falls back); ``run_torch`` is timed first."""
+    """``kernel`` or ``"torch"`` for the kind of call ``key``: remembered, or measured now by ``calibrator``
+    (torch first). Raises :class:`KernelError` if ``run_kernel`` raises; an error of ``run_torch`` is the
+    caller's own."""
     decided = calibrator.lookup(key)
     if decided is not None:
         return decided
     torch_seconds = calibrator.timer(run_torch)
-    return calibrator.decide(key, kernel, calibrator.timer(run_kernel), torch_seconds)
+    try:
+        kernel_seconds = calibrator.timer(run_kernel)
+    except Exception as exc:  # noqa: BLE001 - whatever the kernel raised, the caller falls back
+        raise KernelError(f"the {kernel} kernel failed while being measured") from exc
+    return calibrator.decide(key, kernel, kernel_seconds, torch_seconds)
 
 
 def _dispatch(op: str, backend: str, chosen: str, device: torch.device, kernels: dict[str, Callable[[], torch.Tensor]],
@@ -195,8 +199,9 @@ def _dispatch(op: str, backend: str, chosen: str, device: torch.device, kernels:
     """Run ``op`` on ``chosen`` (from :func:`select_backend`) or torch, and record what ran.
 
     Forced back-ends run or raise. Under ``"auto"`` a measured device runs the kernel only where it won its
-    measurement; a kernel that raises is reported once as a warning, answered by torch and remembered, so
-    that kind of call stays on torch in this process."""
+    measurement (inside a ``torch.compile`` trace or a CUDA-graph capture nothing is timed: an earlier
+    decision holds, else torch); a kernel that raises is reported once as a warning, answered by torch and
+    remembered, so that kind of call stays on torch in this process."""
     if chosen not in kernels:
         return _ran(op, "torch", plain())
     if backend != "auto":
@@ -204,21 +209,32 @@ def _dispatch(op: str, backend: str, chosen: str, device: torch.device, kernels:
     key = "|".join(map(str, (op, chosen, _device_name(device), *bucket)))
     if key in _FAILED:
         return _ran(op, "torch", plain(), _FAILED[key])
-    try:
-        if CALIBRATOR.measures(device):
-            if torch.compiler.is_compiling() or _capturing(device):  # no timing inside a trace or a graph
-                decided = CALIBRATOR.lookup(key) or "torch"
-            else:
+    decided = chosen
+    if CALIBRATOR.measures(device):
+        if torch.compiler.is_compiling() or _capturing(device):
+            decided = CALIBRATOR.lookup(key) or "torch"
+        else:
+            try:
                 decided = auto_choice(key, chosen, kernels[chosen], plain, CALIBRATOR)
-            if decided == "torch":
-                return _ran(op, "torch", plain())
-        return _ran(op, chosen, kernels[chosen]())
+            except KernelError as exc:
+                return _fall_back(op, chosen, key, exc.__cause__, plain)
+    if decided == "torch":
+        return _ran(op, "torch", plain())
+    try:
+        out = kernels[chosen]()
     except Exception as exc:  # noqa: BLE001 - any kernel failure: torch still gives the answer
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        _FAILED[key] = f"{chosen} {op}: {type(exc).__name__}: {message[:200]} (used torch)"
-        warnings.warn(f"{op}: the {chosen} kernel failed ({type(exc).__name__}: {message[:200]}); torch answers "
-                      "this kind of call from now on", RuntimeWarning, stacklevel=3)
-        return _ran(op, "torch", plain(), _FAILED[key])
+        return _fall_back(op, chosen, key, exc, plain)
+    return _ran(op, chosen, out)
+
+
+def _fall_back(op: str, kernel: str, key: str, exc: BaseException, plain: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """Answer with torch after ``kernel`` raised ``exc``; warn once and keep ``key`` on torch from now on."""
+    text = str(exc).strip()
+    what = f"{type(exc).__name__}: {text.splitlines()[0][:200] if text else ''}"
+    _FAILED[key] = f"{kernel} {op}: {what} (used torch)"
+    warnings.warn(f"{op}: the {kernel} kernel failed ({what}); torch answers this kind of call from now on",
+                  RuntimeWarning, stacklevel=4)
+    return _ran(op, "torch", plain(), _FAILED[key])
 
 
 def _capturing(device: torch.device) -> bool:
@@ -259,7 +275,7 @@ def vq_nearest(z: torch.Tensor, codebook: torch.Tensor, backend: str = "auto") -
         "numba": lambda: _module("cuda_vq").vq_nearest_numba(flat, codebook),
         "triton": lambda: _triton().vq_nearest_triton(flat, codebook),
     }, lambda: vq_nearest_reference(flat.float(), codebook.float()),
-        (_bucket(flat.shape[0]), _bucket(codebook.shape[0]), codebook.shape[1]))
+        (pow2_at_least(flat.shape[0]), pow2_at_least(codebook.shape[0]), codebook.shape[1]))
     return idx.reshape(z.shape[:-1])
 
 
@@ -332,8 +348,8 @@ def flash_attention(
             q, k, v, plan.kv_len(q.device), scale).to(q.dtype),
         "triton": lambda: _triton().flash_attention_triton(q, k, v, plan, scale, compute_dtype=compute_dtype(q, k, v)),
     }
-    bucket = (compute_dtype(q, k, v), q.shape[-1], "none" if plan is None else plan.kind, _bucket(t_q), _bucket(t_k),
-              _bucket(q.shape[0] * q.shape[1]))
+    bucket = (compute_dtype(q, k, v), q.shape[-1], "none" if plan is None else plan.kind, pow2_at_least(t_q),
+              pow2_at_least(t_k), pow2_at_least(q.shape[0] * q.shape[1]))
     return _dispatch("flash_attention", backend, chosen, q.device, kernels, plain, bucket)
 
 
@@ -394,8 +410,8 @@ def decode_attention(
         lengths = length if isinstance(length, torch.Tensor) else torch.full((b,), length, device=q.device)
         return _module("cuda_attention").decode_attention_numba(q, k_cache, v_cache, lengths, scale).to(q.dtype)
 
-    bucket = (k_cache.dtype, q.dtype, q.shape[-1], _bucket(length if isinstance(length, int) else t_max),
-              _bucket(b * q.shape[1]), "ragged" if isinstance(length, torch.Tensor) else "even")
+    bucket = (k_cache.dtype, q.dtype, q.shape[-1], pow2_at_least(length if isinstance(length, int) else t_max),
+              pow2_at_least(b * q.shape[1]), "ragged" if isinstance(length, torch.Tensor) else "even")
     return _dispatch("decode_attention", backend, chosen, q.device, {
         "numba": numba,
         "triton": lambda: _triton().decode_attention_triton(q, k_cache, v_cache, length, scale),
@@ -412,5 +428,5 @@ def softmax(x: torch.Tensor, backend: str = "auto") -> torch.Tensor:
     out = _dispatch("softmax", backend, chosen, x.device, {
         "numba": lambda: _module("cuda_softmax").softmax(rows).to(x.dtype),
         "triton": lambda: _triton().softmax_triton(rows),
-    }, lambda: torch.softmax(rows, dim=-1), (x.dtype, _bucket(rows.shape[0]), _bucket(rows.shape[1])))
+    }, lambda: torch.softmax(rows, dim=-1), (x.dtype, pow2_at_least(rows.shape[0]), pow2_at_least(rows.shape[1])))
     return out.reshape(x.shape)

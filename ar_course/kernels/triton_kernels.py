@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from . import env  # noqa: F401  (TRITON_INTERPRET must be decided before the kernels are decorated)
-from .launch import cdiv
+from .launch import cdiv, pow2_at_least
 from .masks import PrefixMask
 from .precision import compute_dtype as default_compute_dtype
 
@@ -25,7 +25,8 @@ LOG2E = 1.4426950408889634  # exp(x) = exp2(x * log2 e); exp2 is the cheaper ins
 
 
 def _pow2(n: int, least: int = 16) -> int:
-    return max(least, triton.next_power_of_2(n))
+    """A block size: the power of two >= n, at least ``least`` (``tl.dot`` needs 16)."""
+    return max(least, pow2_at_least(n))
 
 
 @triton.jit
@@ -83,11 +84,6 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     """``x`` with unit stride along its last axis, float64 read as float32."""
     x = x.float() if x.dtype == torch.float64 else x
     return x if x.stride(-1) == 1 else x.contiguous()
-
-
-def _bucket(n: int) -> int:
-    """A power of two >= n: an autotuning key that changes a few times as a sequence grows, not every step."""
-    return triton.next_power_of_2(max(1, n))
 
 
 def _configs(interpreted: list[triton.Config], gpu: list[triton.Config]) -> list[triton.Config]:
@@ -298,7 +294,7 @@ def flash_attention_triton(
     kind = {"none": MASK_NONE, "causal": MASK_CAUSAL, "lengths": MASK_LENGTHS}[mask.kind]
     kv_len = mask.lengths.to(device=q.device, dtype=torch.int32) if kind == MASK_LENGTHS else out
     args = (q, k, v, kv_len, out, scale * LOG2E, t_q, t_k, mask.causal_offset or 0, dim, h, *q.stride()[:3],
-            *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], _bucket(t_q), _bucket(t_k))
+            *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], pow2_at_least(t_q), pow2_at_least(t_k))
     meta = {"MASK": kind, "BLOCK_D": _pow2(dim), "EVEN_D": _pow2(dim) == dim, "DOT_DTYPE": dot_dtype}
     if block_m or block_n:
         bm, bn = block_m or 32, block_n or 32
@@ -384,7 +380,7 @@ def _decode_reduce_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, n_splits, dim, n_heads
 
 
 _decode_split_tuned = triton.autotune(
-    _configs([triton.Config({"BLOCK_N": 16})],
+    _configs([triton.Config({"BLOCK_N": 64})],
              [triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s)
               for bn, w, s in ((64, 4, 2), (64, 4, 3), (128, 8, 2), (128, 4, 3), (32, 4, 3))]),
     key=["chunk_bucket", "BLOCK_D", "FINAL", "HAS_LENGTHS"])(_decode_split_kernel)
@@ -392,16 +388,17 @@ _decode_split_tuned = triton.autotune(
 
 @lru_cache(maxsize=None)
 def _programs_wanted(device: torch.device) -> int:
-    """How many programs fill ``device``: a few per SM on a GPU, a small fixed number in the interpreter."""
+    """How many programs fill ``device``: a few per SM on a GPU, a small fixed number in the interpreter
+    (enough to exercise the split path; every program costs Python time there)."""
     if env.triton_interpreted() or device.type != "cuda":
-        return 32
+        return 8
     return _DECODE_PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def decode_splits(rows: int, keys: int, device: torch.device, splits: int | None = None) -> tuple[int, int]:
     """``(splits, chunk)``: how many chunks of ``chunk`` keys each of ``rows`` = B*H rows of ``keys`` keys is
     cut into, so that rows * splits programs fill the device; ``splits`` forces a count."""
-    grain = 16 if env.triton_interpreted() else 128  # chunks are whole multiples of the largest key tile
+    grain = 32 if env.triton_interpreted() else 128  # chunks are whole multiples of a key tile
     if splits is None:
         splits = min(cdiv(_programs_wanted(device), rows), cdiv(keys, 2 * grain), _DECODE_MAX_SPLITS)
     chunk = cdiv(cdiv(keys, max(1, splits)), grain) * grain
@@ -442,7 +439,7 @@ def decode_attention_triton(
         acc_part = torch.empty(b * h, n_splits, dim, device=q.device, dtype=torch.float32)
     args = (q, k_cache, v_cache, len_arg, 0 if has_lengths else lengths, out, m_part, l_part, acc_part,
             scale * LOG2E, chunk, n_splits, dim, h, *q.stride()[:2], *k_cache.stride()[:3], *v_cache.stride()[:3],
-            *out.stride()[:2], _bucket(chunk))
+            *out.stride()[:2], pow2_at_least(chunk))
     meta = {"HAS_LENGTHS": has_lengths, "FINAL": final, "BLOCK_D": _pow2(dim), "EVEN_D": _pow2(dim) == dim}
     if block_n:
         _decode_split_kernel[(b * h, n_splits)](*args, BLOCK_N=block_n, **meta)
