@@ -2,7 +2,11 @@
 tests/test_kernels_gpu.py), and "auto" dispatch to them. Skipped when Triton is not installed."""
 
 import math
+import os
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -226,3 +230,58 @@ def test_a_kernel_that_fails_under_auto_falls_back_and_says_why(measured_cpu, mo
     assert ran.summary() == {"flash_attention": "torch", "fallbacks": [reason]}
     with pytest.raises(RuntimeError, match="same dtype"):  # a forced backend never falls back
         K.flash_attention(q, k, v, backend="triton")
+
+
+# compiled for a GPU, without one ------------------------------------------------------------------------
+
+_COMPILE_FOR_SM90 = r'''
+import os
+os.environ["TRITON_INTERPRET"] = "0"  # before triton is imported: compile, do not interpret
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from ar_course.kernels import triton_kernels as tk
+
+def compile_(fn, types, constexprs, **options):
+    names = fn.arg_names
+    sig = {n: "constexpr" if n in constexprs else types.get(n, "i32") for n in names}
+    aligned = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
+               if sig[n].startswith("*") or n.startswith("stride")}  # as torch's allocations and strides are
+    src = triton.compiler.ASTSource(fn, sig, constexprs, aligned)
+    triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+    print("compiled", fn.__name__, flush=True)
+
+flash = {"kv_len_ptr": "*i32", "qk_scale": "fp32"}
+compile_(tk._flash_attention_kernel, {**flash, "q_ptr": "*bf16", "k_ptr": "*fp32", "v_ptr": "*fp32", "out_ptr": "*bf16"},
+         {"MASK": 1, "BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_D": 64, "EVEN_D": True, "DOT_DTYPE": tl.bfloat16},
+         num_warps=4, num_stages=3)
+compile_(tk._flash_attention_kernel, {**flash, "q_ptr": "*fp32", "k_ptr": "*bf16", "v_ptr": "*fp16", "out_ptr": "*fp32"},
+         {"MASK": 2, "BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_D": 32, "EVEN_D": False, "DOT_DTYPE": tl.float32},
+         num_warps=4, num_stages=2)
+compile_(tk._decode_split_kernel, {"q_ptr": "*bf16", "k_ptr": "*fp32", "v_ptr": "*fp32", "len_ptr": "*i32",
+         "out_ptr": "*bf16", "m_ptr": "*fp32", "l_ptr": "*fp32", "acc_ptr": "*fp32", "qk_scale": "fp32"},
+         {"HAS_LENGTHS": True, "FINAL": False, "BLOCK_N": 64, "BLOCK_D": 128, "EVEN_D": True}, num_warps=4, num_stages=2)
+compile_(tk._decode_reduce_kernel, {"m_ptr": "*fp32", "l_ptr": "*fp32", "acc_ptr": "*fp32", "out_ptr": "*bf16"},
+         {"BLOCK_S": 4, "BLOCK_D": 128})
+'''
+
+
+def _nvidia_compiler_here() -> bool:
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("triton")
+    return spec is not None and (Path(spec.origin).parent / "backends" / "nvidia" / "bin" / "ptxas").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _nvidia_compiler_here(), reason="Triton's NVIDIA backend (ptxas) is not installed")
+def test_kernels_compile_for_a_hopper_gpu_with_mixed_dtypes(tmp_path):
+    """The interpreter runs a kernel without type-checking it the way the compiler does (a bf16 x fp32
+    tl.dot runs there and fails to compile on a GPU), so compile the mixed-dtype variants for sm_90 here:
+    Triton's front end and ptxas run on any Linux machine."""
+    env_vars = {**os.environ, "TRITON_CACHE_DIR": str(tmp_path)}
+    res = subprocess.run([sys.executable, "-c", _COMPILE_FOR_SM90], capture_output=True, text=True, env=env_vars,
+                         cwd=Path(__file__).resolve().parents[1], timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.count("compiled") == 4

@@ -301,11 +301,14 @@ def _needs_grad(*xs: torch.Tensor) -> bool:
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs) -> torch.Tensor:
-    """torch's fused attention on inputs of mixed dtypes (cast to :func:`~.precision.compute_dtype`; under
-    autocast torch casts them itself), returned in q's dtype."""
-    dtype = compute_dtype(q, k, v)
-    out = F.scaled_dot_product_attention(q.to(dtype), k.to(dtype), v.to(dtype), **kwargs)
-    return out.to(q.dtype)
+    """torch's fused attention, also on inputs of mixed dtypes (cast to :func:`~.precision.compute_dtype`;
+    under autocast torch casts them itself), returned in q's dtype."""
+    q_in = q
+    if not q.dtype == k.dtype == v.dtype and not torch.is_autocast_enabled(q.device.type):
+        dtype = compute_dtype(q, k, v)
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    out = F.scaled_dot_product_attention(q, k, v, **kwargs)
+    return out if out.dtype == q_in.dtype else out.to(q_in.dtype)
 
 
 def flash_attention(
@@ -343,13 +346,14 @@ def flash_attention(
             return _sdpa(q, k, v, is_causal=mask is not None, scale=scale)
         return _sdpa(q, k, v, attn_mask=dense_mask(mask, t_q, t_k, q.device), scale=scale)
 
+    dtype = compute_dtype(q, k, v)
     kernels = {} if plan is None else {
         "numba": lambda: _module("cuda_attention").flash_attention_numba(
             q, k, v, plan.kv_len(q.device), scale).to(q.dtype),
-        "triton": lambda: _triton().flash_attention_triton(q, k, v, plan, scale, compute_dtype=compute_dtype(q, k, v)),
+        "triton": lambda: _triton().flash_attention_triton(q, k, v, plan, scale, compute_dtype=dtype),
     }
-    bucket = (compute_dtype(q, k, v), q.shape[-1], "none" if plan is None else plan.kind, pow2_at_least(t_q),
-              pow2_at_least(t_k), pow2_at_least(q.shape[0] * q.shape[1]))
+    bucket = (dtype, q.shape[-1], "none" if plan is None else plan.kind, pow2_at_least(t_q), pow2_at_least(t_k),
+              pow2_at_least(q.shape[0] * q.shape[1]))
     return _dispatch("flash_attention", backend, chosen, q.device, kernels, plain, bucket)
 
 

@@ -4,6 +4,11 @@ Triton programs work on blocks (tiles) rather than single threads: one *program*
 ``tl.load``, computes on it as a whole and stores the result; the compiler maps the tile onto the threads
 of a GPU block. Without a GPU, ``TRITON_INTERPRET=1`` (set by :mod:`.env`) runs each program with NumPy.
 
+The attention kernels here are the fast versions (chapter 06's notebook keeps the teaching ones simple):
+FlashAttention forward with autotuned tiles and a causal loop split into unmasked and masked tiles, and
+split-K decode attention sized to the GPU. They read any mix of float32 / float16 / bfloat16 inputs (what
+autocast produces) and multiply in one declared dtype with float32 accumulation (:mod:`.precision`).
+
 Triton is an optional dependency: :mod:`ar_course.kernels` imports this module only when it is asked for a
 Triton backend, and falls back to torch when Triton is missing.
 """
@@ -72,7 +77,7 @@ def _dot_operands(dtype: torch.dtype, *xs: torch.Tensor) -> tuple[tl.dtype, list
 
     The interpreter cannot multiply bfloat16 tiles (it multiplies their bit patterns, triton-lang/triton
     #11584), so there bfloat16 inputs are rounded on the host and multiplied in float32: the same products,
-    but for the rounding of the softmax weights, which a GPU also makes bfloat16."""
+    except that the softmax weights stay float32 where a GPU rounds them to bfloat16 too."""
     if dtype not in _TL_DTYPES:
         raise ValueError(f"the kernels compute in float16, bfloat16 or float32, got {dtype}")
     if dtype == torch.bfloat16 and env.triton_interpreted():
@@ -166,7 +171,7 @@ def vq_nearest_triton(z: torch.Tensor, codebook: torch.Tensor, block_n: int | No
 #   accumulate in fp32, so autocast's fp32 queries with bf16 keys, or the reverse, compile and agree;
 # * tile sizes, warps and pipeline stages are autotuned per kind of call (sizes bucketed to powers of two).
 
-MASK_NONE, MASK_CAUSAL, MASK_LENGTHS = 0, 1, 2
+_MASK_KINDS = {"none": 0, "causal": 1, "lengths": 2}  # PrefixMask.kind -> the kernel's MASK
 
 
 @triton.jit
@@ -213,7 +218,7 @@ def _flash_attention_kernel(q_ptr, k_ptr, v_ptr, kv_len_ptr, out_ptr, qk_scale, 
     # programs share a head's keys (cache reuse); with a mask the costliest tiles (most keys) start first.
     n_tiles = tl.cdiv(t_q, BLOCK_M)
     tile = tl.program_id(0) % n_tiles
-    if MASK != 0:
+    if MASK != 0:  # 0: no mask, 1: causal, 2: lengths
         tile = n_tiles - 1 - tile
     bh = tl.program_id(0) // n_tiles
     b = bh // n_heads
@@ -291,8 +296,8 @@ def flash_attention_triton(
     if out.numel() == 0:
         return out
     dot_dtype, (q, k, v) = _dot_operands(compute_dtype or default_compute_dtype(q, k, v), q, k, v)
-    kind = {"none": MASK_NONE, "causal": MASK_CAUSAL, "lengths": MASK_LENGTHS}[mask.kind]
-    kv_len = mask.lengths.to(device=q.device, dtype=torch.int32) if kind == MASK_LENGTHS else out
+    kind = _MASK_KINDS[mask.kind]
+    kv_len = mask.lengths.to(device=q.device, dtype=torch.int32) if mask.kind == "lengths" else out
     args = (q, k, v, kv_len, out, scale * LOG2E, t_q, t_k, mask.causal_offset or 0, dim, h, *q.stride()[:3],
             *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], pow2_at_least(t_q), pow2_at_least(t_k))
     meta = {"MASK": kind, "BLOCK_D": _pow2(dim), "EVEN_D": _pow2(dim) == dim, "DOT_DTYPE": dot_dtype}
