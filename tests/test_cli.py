@@ -195,7 +195,7 @@ def _read_only_folder(tmp_path):
         ro = tmp_path / "ro"
         ro.mkdir()
         ro.chmod(0o555)
-        return ro, f"Permission denied in {str(ro)!r}"
+        return ro, f"no file can be created in {str(ro)!r} (Permission denied)"
     if not os.path.isdir("/proc/self"):
         pytest.skip("root can write anywhere and there is no /proc")
     return "/proc/self", None
