@@ -1,8 +1,8 @@
-"""Reference versions of chapter 00's warm-ups: softmax, sampling with a temperature, cross-entropy.
+"""Chapter 00's warm-ups, written out: softmax, sampling with a temperature, cross-entropy.
 
-Every later chapter turns logits into probabilities, tokens or a loss with these three operations (through
-``torch.softmax``, :mod:`ar_course.sampling` and ``torch.nn.functional.cross_entropy``). The versions here
-spell out the numerics that make them safe:
+Every later chapter turns logits into probabilities, tokens or a loss through ``torch.softmax``,
+:mod:`ar_course.sampling` and ``torch.nn.functional.cross_entropy``; the library uses those. The versions
+here are the references of exercises 0.1-0.3 and spell out the numerics that make the operations safe:
 
 * :func:`stable_softmax` subtracts the row maximum before ``exp``, so logits of any size work, and accepts
   ``-inf`` for tokens that are ruled out (a row of nothing but ``-inf`` gives zeros, not NaN).
