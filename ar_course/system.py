@@ -33,7 +33,7 @@ from ar_course.sampling import check_sampling
 from ar_course.speculative import SpecStats, codebook_neighbors, sjd_generate, speculative_generate
 from ar_course.tokenizers import VQVAE
 from ar_course.transformer.model import GPT, set_attention
-from ar_course.utils import check_bool, check_ids, check_int, check_number, get_device
+from ar_course.utils import check_bool, check_ids, check_int, check_number, generate_in_batches, get_device
 from ar_course.var.compare import PassCounter
 
 ASSETS = Path(__file__).resolve().parent / "assets"
@@ -255,27 +255,27 @@ class Generator:
         draft_counter = PassCounter(self.ar_draft) if speculative == "draft" else None
         spec = SpecStats()
         weighted_passes = 0
-        images = []
-        _sync(device)
-        start = time.perf_counter()
         bar = tqdm(total=int(classes.numel()), desc=f"{method}{' + ' + speculative if speculative else ''}",
                    unit="img", disable=not progress)
+
+        def images_of(chunk: torch.Tensor) -> torch.Tensor:
+            """One chunk's images ``(b, C, S, S)``; every image of the chunk waits for all of its passes."""
+            nonlocal weighted_passes
+            before = counter.count
+            if speculative is None:
+                out = self._batched(method, chunk, cfg, top_k, top_p, temperature, generator, ramp)
+            else:
+                out = self._speculative(speculative, chunk, cfg, top_k, top_p, temperature, generator,
+                                        relaxed_delta, gamma, window, neighbors, spec)
+            weighted_passes += (counter.count - before) * chunk.numel()
+            bar.update(chunk.numel())
+            return out
+
+        _sync(device)
+        start = time.perf_counter()
         try:
-            with _autocast(device, precision):
-                if speculative is None:
-                    for chunk in classes.to(device).split(batch_size):
-                        before = counter.count
-                        images.append(self._batched(method, chunk, cfg, top_k, top_p, temperature, generator,
-                                                    ramp))
-                        weighted_passes += (counter.count - before) * chunk.numel()
-                        bar.update(chunk.numel())
-                else:
-                    for c in classes.to(device).split(1):
-                        before = counter.count
-                        images.append(self._speculative(speculative, c, cfg, top_k, top_p, temperature,
-                                                        generator, relaxed_delta, gamma, window, neighbors, spec))
-                        weighted_passes += counter.count - before
-                        bar.update(1)
+            with _autocast(device, precision):  # speculative decoding runs one image at a time
+                images = generate_in_batches(images_of, classes.to(device), 1 if speculative else batch_size)
             _sync(device)
         finally:
             bar.close()
@@ -292,7 +292,7 @@ class Generator:
             draft_passes=draft_counter.count if draft_counter is not None else 0,
             accepted_hist=list(spec.accepted_hist),
             acceptance_rate=spec.acceptance_rate if speculative else float("nan"))
-        return Generation(torch.cat(images).float().cpu(), classes.cpu(), stats)
+        return Generation(images.float().cpu(), classes.cpu(), stats)
 
     # -- pieces of generate --------------------------------------------------------------------------------
 

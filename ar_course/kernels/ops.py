@@ -21,7 +21,7 @@ import math
 import warnings
 from functools import lru_cache
 from types import ModuleType
-from typing import Callable
+from typing import Callable, Collection
 
 import torch
 import torch.nn.functional as F
@@ -74,19 +74,31 @@ def select_backend(op: str, device: torch.device, backend: str = "auto", large: 
 
     A forced backend that cannot run raises ``RuntimeError`` with the reason; ``"auto"`` never fails.
     """
+    return backend_rule(op, device.type, lambda b: _usable(b, device), backend, large, skip=_FAILED)
+
+
+def backend_rule(op: str, device_type: str, why_not: Callable[[str], str | None], backend: str = "auto",
+                 large: bool = False, skip: Collection[str] = frozenset()) -> str:
+    """:func:`select_backend`'s choice, given what can run: ``why_not(b)`` is None when backend ``b`` can run on
+    a ``device_type`` device here, else the reason it cannot; ``"auto"`` passes over the backends in ``skip``.
+
+    A forced backend is returned when it can run (``RuntimeError`` with the reason when not); ``"auto"`` takes,
+    on ``"cuda"``, Triton, else numba, else torch, and on any other device torch (``"numba_cpu"`` for a
+    ``large`` ``vq_nearest``). An unknown backend, or one ``op`` does not have, raises ``ValueError``.
+    """
     allowed = ("torch", "numba", "triton") + (("numba_cpu",) if op == "vq_nearest" else ())
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose from {BACKENDS}")
     if backend != "auto":
         if backend not in allowed:
             raise ValueError(f"{op} has no backend {backend!r}; choose from {('auto',) + allowed}")
-        reason = _usable(backend, device)
+        reason = why_not(backend)
         if reason:
             raise RuntimeError(f"{op}: backend {backend!r} is not available: {reason}")
         return backend
-    if device.type == "cuda":
-        return next(b for b in ("triton", "numba", "torch") if b not in _FAILED and _usable(b, device) is None)
-    return "numba_cpu" if op == "vq_nearest" and large and "numba_cpu" not in _FAILED else "torch"
+    if device_type == "cuda":
+        return next(b for b in ("triton", "numba", "torch") if b not in skip and why_not(b) is None)
+    return "numba_cpu" if op == "vq_nearest" and large and "numba_cpu" not in skip else "torch"
 
 
 def _run(op: str, chosen: str, backend: str, kernels: dict[str, Callable[[], torch.Tensor]],

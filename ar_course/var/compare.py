@@ -8,6 +8,7 @@ Frechet distance, measured the same way for both. Used by the chapter 04 noteboo
 
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -18,7 +19,9 @@ from torch import nn
 
 from ar_course import metrics
 from ar_course.tokenizers import VQVAE
+from ar_course.utils import generate_in_batches
 from ar_course.var.model import VAR, generate_images
+
 
 @dataclass
 class Sampler:
@@ -120,7 +123,8 @@ def compare_generators(
     for name, sampler in samplers.items():
         passes = count_forward_passes(sampler.model, lambda: sampler.sample(batch, seed))
         secs = seconds_per_batch(lambda: sampler.sample(batch, seed), repeats)
-        images = torch.cat([sampler.sample(chunk, seed + i) for i, chunk in enumerate(classes.split(batch_size))])
+        seeds = itertools.count(seed)  # chunk i is sampled with seed + i
+        images = generate_in_batches(lambda chunk: sampler.sample(chunk, next(seeds)), classes, batch_size)
         rows.append({"name": name, "forward_passes": passes, "batch_size": int(batch.numel()),
                      "seconds_per_batch": secs, "images_per_second": batch.numel() / secs,
                      "class_accuracy": metrics.class_accuracy(images.cpu(), classes),

@@ -33,7 +33,7 @@ from ar_course.raster.functional import condition_dropout
 from ar_course.tokenizers import PRETRAINED, VQVAE, MultiScaleVQ, VQVAEConfig
 from ar_course.tokenizers import load_pretrained as load_tokenizer
 from ar_course.transformer.model import Block, GPTConfig, KVCache, RMSNorm
-from ar_course.utils import check_bool, check_ids, check_int, check_number
+from ar_course.utils import check_bool, check_ids, check_int, check_number, generate_in_batches
 from ar_course.var import functional as ref
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
@@ -352,11 +352,12 @@ def generate_images(
     seed = None if seed is None else check_int("seed", seed)
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
-    images = []
-    for chunk in classes.to(device).split(batch_size):
+
+    def images_of(chunk: torch.Tensor) -> torch.Tensor:
         pyramid = sample_pyramid(model, tokenizer.quantizer, chunk, cfg, top_k, top_p, temperature, generator, ramp)
-        images.append(tokenizer.decode_from_indices(pyramid))
-    return torch.cat(images)  # (B, C, S, S)
+        return tokenizer.decode_from_indices(pyramid)  # (b, C, S, S)
+
+    return generate_in_batches(images_of, classes.to(device), batch_size)  # (B, C, S, S)
 
 
 def save_pretrained(model: VAR, path: str | Path, **extra) -> Path:
