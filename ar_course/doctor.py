@@ -109,6 +109,28 @@ def numpy_numba_cuda() -> Finding | None:
     return Finding(OK, "numpy + numba-cuda", f"numpy {numpy_v} with numba-cuda {numba_cuda}")
 
 
+def _kernel_checks() -> list[Finding]:
+    """numba's CUDA simulator, the numpy it runs with, and Triton (chapter 06)."""
+    found = []
+    numba_v = _version("numba")
+    if numba_v:
+        ok, detail = _probe(_SIM_PROBE)
+        found.append(Finding(OK if ok else FAIL, "numba CUDA simulator",
+                             f"numba {numba_v}: " + ("works" if ok else detail)))
+    else:
+        found.append(Finding(FAIL, "numba", "not installed (chapter 06 needs it: pip install -e '.[kernels]')"))
+    combination = numpy_numba_cuda()
+    if combination is not None:
+        found.append(combination)
+    if _version("triton"):
+        ok, detail = _probe(_TRITON_PROBE)
+        found.append(Finding(OK if ok else WARN, "triton",
+                             detail if ok else f"installed but the probe failed: {detail}"))
+    else:
+        found.append(Finding(WARN, "triton", "not installed (optional: pip install -e '.[triton]' on Linux)"))
+    return found
+
+
 def run_checks() -> list[Finding]:
     """Every requirement of the course, checked in order."""
     found: list[Finding] = []
@@ -136,22 +158,7 @@ def run_checks() -> list[Finding]:
         else:
             found.append(Finding(WARN, "C++ compiler", "none found: `generate --compile` needs one on CPU "
                                  "(everything else runs without)"))
-    numba_v = _version("numba")
-    if numba_v:
-        ok, detail = _probe(_SIM_PROBE)
-        found.append(Finding(OK if ok else FAIL, "numba CUDA simulator",
-                             f"numba {numba_v}: " + ("works" if ok else detail)))
-    else:
-        found.append(Finding(FAIL, "numba", "not installed (chapter 06 needs it: pip install -e '.[kernels]')"))
-    combination = numpy_numba_cuda()
-    if combination is not None:
-        found.append(combination)
-    if _version("triton"):
-        ok, detail = _probe(_TRITON_PROBE)
-        found.append(Finding(OK if ok else WARN, "triton",
-                             detail if ok else f"installed but the probe failed: {detail}"))
-    else:
-        found.append(Finding(WARN, "triton", "not installed (optional: `pip install -e .[triton]` on Linux)"))
+    found += _kernel_checks()
     try:
         from jupyter_client.kernelspec import KernelSpecManager
 
