@@ -14,8 +14,6 @@ from ar_course import checkpoint
 from ar_course.data import CharTokenizer
 from ar_course.transformer.model import GPT
 
-NAMES = ("lm_target", "lm_draft")
-
 
 def checkpoint_info(name: str | Path = "lm_target") -> dict:
     """What the trainer recorded with a checkpoint: preset, steps, validation loss (nats/char), ... (the
