@@ -26,22 +26,21 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ar_course import raster, var
+from ar_course import checkpoint, raster, var
 from ar_course.checkpoint import CheckpointError
 from ar_course.raster.functional import from_raster
 from ar_course.sampling import check_sampling
 from ar_course.speculative import SpecStats, codebook_neighbors, sjd_generate, speculative_generate
 from ar_course.tokenizers import VQVAE
+from ar_course.transformer.counting import PassCounter
 from ar_course.transformer.model import GPT, set_attention
 from ar_course.utils import check_bool, check_ids, check_int, check_number, generate_in_batches, get_device
-from ar_course.var.compare import PassCounter
 
-ASSETS = Path(__file__).resolve().parent / "assets"
 PRETRAINED = {
-    "mnist": {"var_path": ASSETS / "var_mnist.safetensors", "ar_path": ASSETS / "ar_mnist.safetensors",
-              "draft_path": ASSETS / "ar_mnist_draft.safetensors"},
+    "mnist": {"var_path": "var_mnist", "ar_path": "ar_mnist", "draft_path": "ar_mnist_draft"},
 }
-"""Shipped model sets: name -> checkpoint paths (each checkpoint names the tokenizer it was trained on)."""
+"""Shipped model sets: name -> the :func:`ar_course.checkpoint.available` names of their checkpoints (each
+checkpoint names the tokenizer it was trained on)."""
 
 METHODS = ("var", "ar")
 SPECULATIVE = (None, "draft", "jacobi")
@@ -139,8 +138,7 @@ class Generator:
         """The shipped models of ``name`` (:data:`PRETRAINED`) on ``device`` (``"auto"``: CUDA if present)."""
         if name not in PRETRAINED:
             raise ValueError(f"unknown pretrained set {name!r}; choose from {sorted(PRETRAINED)}")
-        return cls.from_checkpoints(**{k: str(v) for k, v in PRETRAINED[name].items()}, device=device,
-                                    dataset=name)
+        return cls.from_checkpoints(**PRETRAINED[name], device=device, dataset=name)
 
     @classmethod
     def from_checkpoints(
@@ -151,17 +149,17 @@ class Generator:
         device: str | torch.device = "auto",
         dataset: str = "mnist",
     ) -> "Generator":
-        """Models from checkpoint files (safetensors + JSON metadata; tokenizers are found by the name or path
-        each checkpoint records). A missing, corrupted or mismatched file raises
-        :class:`~ar_course.checkpoint.CheckpointError` naming it."""
+        """Models from checkpoints: shipped names (:func:`ar_course.checkpoint.available`) or files (safetensors +
+        JSON metadata; tokenizers are found by the name or path each checkpoint records). A missing, corrupted
+        or mismatched file raises :class:`~ar_course.checkpoint.CheckpointError` naming it."""
         dev = get_device(None if str(device) == "auto" else str(device))
         var_model = var_tok = ar_model = ar_tok = draft = None
         if var_path is not None:
-            var_model, var_tok = var.load_pretrained(dev, _existing(var_path))
+            var_model, var_tok = checkpoint.load_with_tokenizer(var_path, dev, kind=var.CHECKPOINT_KIND)
         if ar_path is not None:
-            ar_model, ar_tok = raster.load_pretrained(dev, _existing(ar_path))
+            ar_model, ar_tok = checkpoint.load_with_tokenizer(ar_path, dev, kind=raster.CHECKPOINT_KIND)
         if draft_path is not None:
-            draft, draft_tok = raster.load_pretrained(dev, _existing(draft_path))
+            draft, draft_tok = checkpoint.load_with_tokenizer(draft_path, dev, kind=raster.CHECKPOINT_KIND)
             if ar_tok is not None and draft_tok.config != ar_tok.config:
                 raise CheckpointError(f"{draft_path} was trained on a different tokenizer than {ar_path}")
         return cls(var_model, var_tok, ar_model, ar_tok, draft, dataset)
@@ -342,16 +340,20 @@ class Generator:
         return model
 
     def _attention_state(self):
-        """A function that puts every attention layer's implementation back as it is now."""
+        """A function that puts every attention layer's implementation (and the models' ``config.attn``) back
+        as it is now."""
         from ar_course.transformer.model import SelfAttention
 
-        layers = [m for model in (self.var, self.ar, self.ar_draft) if model is not None
-                  for m in model.modules() if isinstance(m, SelfAttention)]
+        models = [model for model in (self.var, self.ar, self.ar_draft) if model is not None]
+        layers = [m for model in models for m in model.modules() if isinstance(m, SelfAttention)]
         saved = [(m, m.impl, m.kernel_backend) for m in layers]
+        configs = [(model.config, model.config.attn) for model in models]
 
         def restore() -> None:
             for m, impl, backend in saved:
                 m.impl, m.kernel_backend = impl, backend
+            for config, attn in configs:
+                config.attn = attn
 
         return restore
 
@@ -426,13 +428,6 @@ class _CompiledStep:
 
     def remove(self) -> None:
         self._model.__dict__.pop(self._name, None)
-
-
-def _existing(path: str | Path) -> Path:
-    """``path`` as a Path; a missing file is a :class:`CheckpointError` (not a bare FileNotFoundError)."""
-    if not Path(path).is_file():
-        raise CheckpointError(f"no checkpoint at {path}")
-    return Path(path)
 
 
 def _resolve_precision(precision: str, device: torch.device) -> str:

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from ar_course import metrics, sampling
+from ar_course.checkpoint import load
 from ar_course.checks.reference.ch03 import sample_tokens
 from ar_course.raster import functional as F_r
 from ar_course.raster import model as M
@@ -271,6 +272,6 @@ def test_load_tokenizer_by_path(tmp_path):
 
     tok = tiny_tokenizer()
     path = save_checkpoint(tmp_path / "tok.safetensors", tok, tok.config, kind="tokenizer")
-    loaded = M.load_tokenizer(path)
+    loaded = load(path, kind="tokenizer")
     x = torch.rand(2, 1, 32, 32)
     assert torch.equal(loaded.encode_to_indices(x), tok.encode_to_indices(x))

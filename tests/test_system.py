@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from ar_course.checkpoint import CheckpointError
+from ar_course.checkpoint import CheckpointError, resolve
 from ar_course.raster import generate_tokens
 from ar_course.raster.functional import to_raster
 from ar_course.system import PRETRAINED, Generator
@@ -199,7 +199,7 @@ def test_missing_models_are_reported():
 
 
 def test_corrupted_and_missing_checkpoints_are_rejected(tmp_path):
-    good = PRETRAINED["mnist"]["var_path"].read_bytes()
+    good = resolve(PRETRAINED["mnist"]["var_path"]).read_bytes()
     bad = tmp_path / "var.safetensors"
     bad.write_bytes(good[: len(good) // 2])  # truncated
     with pytest.raises(CheckpointError, match="corrupted or truncated"):

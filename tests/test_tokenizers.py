@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ar_course.checkpoint import load_model, save_checkpoint
+from ar_course.checkpoint import load, save_checkpoint
 from ar_course.checks.reference.ch01 import multiscale_decode
 from ar_course.tokenizers import (
     VQVAE, MultiScaleVQ, Phi, ResidualVQ, VectorQuantizer, VQVAEConfig, functional as Fq, token_count,
@@ -377,7 +377,7 @@ def test_vqvae_round_trip_and_gradients(quantizer, tmp_path):
     expected_tokens = {"vq": 64, "rvq": 128, "msvq": 130}[quantizer]
     assert model.tokens_per_image == expected_tokens
     path = save_checkpoint(tmp_path / "tok.safetensors", model, config, kind="tokenizer")
-    loaded = load_model(path, lambda cfg: VQVAE(VQVAEConfig.from_dict(cfg)), kind="tokenizer").eval()
+    loaded = load(path, kind="tokenizer")
     assert torch.equal(loaded(x).recon, model(x).recon)
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ar_course.checkpoint import load_model, save_checkpoint
+from ar_course.checkpoint import load, save_checkpoint
 from ar_course.checks.reference import ch02 as answers
 from ar_course.transformer import GPT, Block, GPTConfig, KVCache, RMSNorm
 from ar_course.transformer import functional as ref
@@ -404,8 +404,8 @@ def test_config_validation():
                                 dict(n_classes=3, pos="rope2d", grid=(4, 4), block_size=17)])
 def test_checkpoint_round_trip(tmp_path, kw):
     model = make_model(**kw)
-    path = save_checkpoint(tmp_path / "m.safetensors", model, model.config, kind="gpt")
-    loaded = load_model(path, lambda d: GPT(GPTConfig.from_dict(d)), kind="gpt").eval()
+    path = save_checkpoint(tmp_path / "m.safetensors", model, model.config, kind="lm")
+    loaded = load(path, kind="lm")
     assert loaded.config == model.config
     idx = torch.randint(0, 37, (2, 9))
     classes = torch.tensor([0, 2]) if model.config.n_classes else None
