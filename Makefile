@@ -1,11 +1,13 @@
 # The two commands of the README: `make lab` (learn) and `make test` (the whole suite, what CI runs).
-# Both create .venv when missing and install the package with its dependencies.
+# Both create .venv when missing and install the package with every extra: the library's core (torch, numpy,
+# safetensors, tqdm) plus course (Jupyter, plots), kernels (numba), triton and dev (pytest...).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 TORCH_VERSION ?= 2.13.0
 STAMP := $(VENV)/.ar-course-installed
+EXTRAS ?= course,kernels,triton,dev
 PYTEST_FLAGS ?=
 
 .PHONY: lab test install kernel notebooks bench doctor clean-venv help
@@ -37,7 +39,7 @@ $(STAMP): pyproject.toml | $(PY)
 	else \
 		$(PIP) install "torch==$(TORCH_VERSION)"; \
 	fi
-	$(PIP) install --quiet -e ".[dev,triton]"
+	$(PIP) install --quiet -e ".[$(EXTRAS)]"
 	@touch $(STAMP)
 
 install: $(STAMP)

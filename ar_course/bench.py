@@ -1,5 +1,8 @@
 """``python -m ar_course bench``: run the scripts in ``benchmarks/`` and print their summary table.
 
+Works on a checkout of the repository (``--root PATH``, or found from the current folder upward): the
+installed package does not ship ``benchmarks/``.
+
 Each ``benchmarks/bench_NAME.py`` writes ``benchmarks/results/NAME.json`` (and a plot); a result's
 ``summary`` list holds rows ``{"what", "measured", "target", "met"}`` that this command prints. Ratios are
 measured inside one run on one machine; the JSON records the machine and date.
@@ -12,16 +15,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+from ar_course.checkout import CheckoutNotFound, find_root
 from ar_course.cli import ArgumentParser, UsageError
 
-ROOT = Path(__file__).resolve().parents[1]
-BENCH_DIR = ROOT / "benchmarks"
-RESULTS = BENCH_DIR / "results"
 
-
-def available() -> dict[str, Path]:
-    """Benchmark name -> script path."""
-    return {p.stem.removeprefix("bench_"): p for p in sorted(BENCH_DIR.glob("bench_*.py"))}
+def available(root: Path | None = None) -> dict[str, Path]:
+    """Benchmark name -> script path, in the checkout ``root`` (default: found from the current folder upward;
+    :class:`~ar_course.checkout.CheckoutNotFound` when there is none)."""
+    bench_dir = find_root("benchmarks", root) / "benchmarks"
+    return {p.stem.removeprefix("bench_"): p for p in sorted(bench_dir.glob("bench_*.py"))}
 
 
 def _row(what: str, measured: str, target: str = "-", met: bool | None = None) -> dict:
@@ -122,11 +124,12 @@ SUMMARIZERS = {"kv_cache": _kv_cache, "raster": _raster, "tokenizers": _tokenize
 """Summary rows derived from the measurements of results that do not store a ``summary`` list."""
 
 
-def summary_rows(names: list[str]) -> list[dict]:
-    """The summary rows of the named benchmarks' latest results (missing results are skipped)."""
+def summary_rows(names: list[str], root: Path) -> list[dict]:
+    """The summary rows of the named benchmarks' latest results in the checkout ``root`` (missing results are
+    skipped)."""
     rows = []
     for name in names:
-        path = RESULTS / f"{name}.json"
+        path = root / "benchmarks" / "results" / f"{name}.json"
         if not path.is_file():
             continue
         try:
@@ -156,15 +159,19 @@ def format_rows(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    scripts = available()
     parser = ArgumentParser(prog="python -m ar_course bench",
                             description="Run the benchmarks in benchmarks/ and print their summary table.")
-    parser.add_argument("names", nargs="*",
-                        help=f"benchmarks to run (default: all): {', '.join(scripts) or 'none found'}")
+    parser.add_argument("names", nargs="*", help="benchmarks to run (default: all): the NAME of each "
+                                                 "benchmarks/bench_NAME.py")
     parser.add_argument("--table", action="store_true", help="only print the latest results, run nothing")
+    parser.add_argument("--root", type=Path, default=None,
+                        help="the repository checkout (default: found from the current folder upward)")
     args = parser.parse_args(argv)
-    if not BENCH_DIR.is_dir():
-        raise UsageError(f"no benchmarks/ folder next to the package ({BENCH_DIR}); run from a source checkout")
+    try:
+        root = find_root("benchmarks", args.root)
+    except CheckoutNotFound as exc:
+        raise UsageError(str(exc)) from None
+    scripts = available(root)
     unknown = [n for n in args.names if n not in scripts]
     if unknown:
         raise UsageError(f"unknown benchmark(s) {', '.join(map(repr, unknown))}; choose from: {', '.join(scripts)}")
@@ -172,12 +179,12 @@ def main(argv: list[str] | None = None) -> int:
     failed = []
     if not args.table:
         for name in names:
-            print(f"== {name}: {scripts[name].relative_to(ROOT)}", flush=True)
-            res = subprocess.run([sys.executable, str(scripts[name])], cwd=ROOT)
+            print(f"== {name}: {scripts[name].relative_to(root)}", flush=True)
+            res = subprocess.run([sys.executable, str(scripts[name])], cwd=root)
             if res.returncode != 0:
                 failed.append(name)
     print()
-    print(format_rows(summary_rows(names)))
+    print(format_rows(summary_rows(names, root)))
     if failed:
         print(f"error: benchmark(s) failed: {', '.join(failed)} (their output is above)", file=sys.stderr)
         return 1

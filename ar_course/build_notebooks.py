@@ -8,7 +8,7 @@ For every ``solutions/NN_topic.ipynb``:
 * outputs and execution counts are cleared;
 * the kernel is set to ``ar-course``.
 
-Usage::
+Usage (from anywhere inside a checkout of the repository, or with ``--root PATH``)::
 
     python -m ar_course.build_notebooks            # write notebooks/
     python -m ar_course.build_notebooks --check    # exit 1 if notebooks/ is out of date
@@ -23,7 +23,8 @@ from pathlib import Path
 
 import nbformat
 
-ROOT = Path(__file__).resolve().parents[1]
+from ar_course.checkout import CheckoutNotFound, find_root
+
 EXERCISE_RE = re.compile(r"^#\s*Exercise\s+(\d+\.\d+)\s*:\s*(\w+)")
 BEGIN, END = "# BEGIN SOLUTION", "# END SOLUTION"
 KERNELSPEC = {"name": "ar-course", "display_name": "Python (ar-course)", "language": "python"}
@@ -96,7 +97,7 @@ def render(nb: nbformat.NotebookNode) -> str:
     return nbformat.writes(nb, version=4) + "\n"
 
 
-def build(solutions: Path = ROOT / "solutions", notebooks: Path = ROOT / "notebooks", check: bool = False) -> list[str]:
+def build(solutions: Path, notebooks: Path, check: bool = False) -> list[str]:
     """Write (or with ``check`` compare) every learner notebook; return the names that were stale."""
     stale: list[str] = []
     sources = sorted(solutions.glob("*.ipynb"))
@@ -121,12 +122,18 @@ def build(solutions: Path = ROOT / "solutions", notebooks: Path = ROOT / "notebo
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ar_course.build_notebooks", description=__doc__.split("\n\n")[0])
     parser.add_argument("--check", action="store_true", help="only report whether notebooks/ is out of date")
-    parser.add_argument("--solutions", type=Path, default=ROOT / "solutions")
-    parser.add_argument("--notebooks", type=Path, default=ROOT / "notebooks")
+    parser.add_argument("--root", type=Path, default=None,
+                        help="the repository checkout (default: found from the current folder upward)")
+    parser.add_argument("--solutions", type=Path, default=None, help="default: ROOT/solutions")
+    parser.add_argument("--notebooks", type=Path, default=None, help="default: ROOT/notebooks")
     args = parser.parse_args(argv)
     try:
+        if args.solutions is None or args.notebooks is None:
+            root = find_root("solutions", args.root)
+            args.solutions = args.solutions or root / "solutions"
+            args.notebooks = args.notebooks or root / "notebooks"
         stale = build(args.solutions, args.notebooks, check=args.check)
-    except BuildError as exc:
+    except (BuildError, CheckoutNotFound) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.check:

@@ -1,18 +1,36 @@
 """Checkpoints as safetensors files: tensors plus a JSON config in the metadata. No pickle is ever loaded.
 
-``save_checkpoint(path, model, config)`` writes ``model.state_dict()`` and ``config`` (a dataclass or a
-dict); ``load_checkpoint(path)`` returns ``(state_dict, metadata)``; ``load_model(path, build)`` rebuilds a
-model from its stored config and loads the weights. A truncated or tampered file raises
-:class:`CheckpointError` with a clear message. Writes are atomic (a temporary file renamed into place), so
-an interrupted save leaves the previous checkpoint, or none, never half of one.
+One loader for every model the library trains::
+
+    from ar_course import checkpoint
+    checkpoint.available()                          # the shipped names: ['ar_mnist', ..., 'var_mnist']
+    model = checkpoint.load("var_mnist")            # a shipped name or a path -> the model, in eval mode
+    model, tokenizer = checkpoint.load_with_tokenizer("var_mnist")   # with the tokenizer it was trained on
+    checkpoint.info("var_mnist")                    # {"kind", "config", ...what the trainer recorded}
+
+A checkpoint records its ``kind`` (``"tokenizer"``, ``"lm"``, ``"raster_ar"``, ``"var"``, ``"classifier"``),
+and :data:`KINDS` maps each kind to its model class and config dataclass; :func:`load` rebuilds the model with
+``Model(config_from_dict(Config, stored_config))`` and loads the weights strictly (float16 files load into
+float32 modules). :func:`register_kind` adds a kind of your own. Every config dataclass follows one rule,
+:func:`config_from_dict`: a missing key takes the field's default, an unknown key is a ``ValueError`` naming it.
+
+Shipped checkpoints live in :data:`ASSETS` (inside the installed package); their names are the file names
+without ``.safetensors``; the tokenizers are also known by the short names that checkpoints record
+(:data:`ALIASES`: ``"mnist_vq"``, ``"mnist_msvq"``).
+
+Lower level: ``save_checkpoint(path, model, config, kind=...)`` writes ``model.state_dict()`` and ``config`` (a
+dataclass or a dict); ``load_checkpoint(path)`` returns ``(state_dict, metadata)``. A missing, truncated or
+tampered file raises :class:`CheckpointError` with a clear message. Writes are atomic (a temporary file renamed
+into place), so an interrupted save leaves the previous checkpoint, or none, never half of one.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, TypeVar
 
 import torch
 from safetensors import SafetensorError
@@ -20,9 +38,39 @@ from safetensors.torch import load_file, save_file
 
 from ar_course.files import atomic_path
 
+ASSETS: Path = Path(__file__).resolve().parent / "assets"
+"""The folder of the shipped checkpoints, inside the package (installed with it)."""
+
+ALIASES: dict[str, str] = {"mnist_vq": "tokenizer_mnist_vq", "mnist_msvq": "tokenizer_mnist_msvq"}
+"""Short names of the shipped tokenizers, as the trainers' ``--tokenizer`` option and checkpoints record them."""
+
+KINDS: dict[str, tuple[type | str, type | str]] = {
+    "tokenizer": ("ar_course.tokenizers.vqvae:VQVAE", "ar_course.tokenizers.vqvae:VQVAEConfig"),
+    "lm": ("ar_course.transformer.model:GPT", "ar_course.transformer.model:GPTConfig"),
+    "raster_ar": ("ar_course.transformer.model:GPT", "ar_course.transformer.model:GPTConfig"),
+    "var": ("ar_course.var.model:VAR", "ar_course.var.model:VARConfig"),
+    "classifier": ("ar_course.metrics:Classifier", "ar_course.metrics:ClassifierConfig"),
+}
+"""Checkpoint kind -> (model class, config dataclass), as classes or ``"module:Name"`` strings imported on first
+use (so that this module imports none of the models). The model is built as ``Model(config)``."""
+
+T = TypeVar("T")
+
 
 class CheckpointError(RuntimeError):
     """A checkpoint file is missing, corrupted or of the wrong kind."""
+
+
+def config_from_dict(cls: type[T], d: dict) -> T:
+    """The config dataclass ``cls`` from a dict such as a checkpoint's stored config: a missing key takes the
+    field's default, an unknown key raises ``ValueError`` naming it (and the keys ``cls`` knows)."""
+    if not isinstance(d, dict):
+        raise TypeError(f"a {cls.__name__} is built from a dict, got {type(d).__name__}")
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(d) - set(names))
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} field(s) {unknown}; known: {names}")
+    return cls(**d)
 
 
 def _to_dict(config: Any) -> dict:
@@ -79,17 +127,101 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
     return state, meta
 
 
-def load_model(
-    path: str | Path, build: Callable[[dict], torch.nn.Module], kind: str | None = None,
-    device: str | torch.device = "cpu",
-) -> torch.nn.Module:
-    """Rebuild a model with ``build(config_dict)`` and load its weights strictly from ``path``."""
-    state, meta = load_checkpoint(path, device="cpu")
+def register_kind(kind: str, model: type | str, config: type | str) -> None:
+    """Let :func:`load` rebuild checkpoints of ``kind``: ``model(config_from_dict(config, stored_config))``.
+
+    ``model`` and ``config`` are classes or ``"module:Name"`` strings (imported when first needed)."""
+    if not isinstance(kind, str) or not kind:
+        raise ValueError(f"kind must be a non-empty string, got {kind!r}")
+    KINDS[kind] = (model, config)
+
+
+def available() -> list[str]:
+    """The names of the shipped checkpoints (files in :data:`ASSETS`), sorted."""
+    return sorted(p.stem for p in ASSETS.glob("*.safetensors"))
+
+
+def resolve(name_or_path: str | Path) -> Path:
+    """The file of a shipped checkpoint name (:func:`available`, or an alias in :data:`ALIASES`) or of a path.
+
+    Raises :class:`CheckpointError` when neither exists: ``no checkpoint at PATH`` for something that looks like
+    a path (a :class:`Path`, a folder separator, a suffix), else ``unknown checkpoint name ...``."""
+    text = str(name_or_path)
+    name = ALIASES.get(text, text)
+    if isinstance(name_or_path, str) and name in available():
+        return ASSETS / f"{name}.safetensors"
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    if isinstance(name_or_path, Path) or "/" in text or "\\" in text or path.suffix:
+        raise CheckpointError(f"no checkpoint at {path}")
+    raise CheckpointError(f"unknown checkpoint name {text!r}: not a file, and the shipped ones are "
+                          f"{', '.join(available())} (or {', '.join(ALIASES)})")
+
+
+def info(name_or_path: str | Path) -> dict:
+    """What a checkpoint records: ``{"kind": ..., "config": {...}, **extra}`` (the trainer's steps, seed, losses,
+    the tokenizer it used...)."""
+    _, meta = load_checkpoint(resolve(name_or_path))
+    return {"kind": meta["kind"], "config": meta["config"], **meta["extra"]}
+
+
+def _import(target: type | str) -> type:
+    """A class given as itself or as ``"module:Name"``."""
+    if not isinstance(target, str):
+        return target
+    module, _, name = target.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def _build(path: Path, meta: dict, kind: str | None) -> torch.nn.Module:
+    """The (untrained) model a checkpoint's metadata describes."""
     if kind is not None and meta["kind"] != kind:
         raise CheckpointError(f"{path} holds a {meta['kind']!r} checkpoint, expected {kind!r}")
-    model = build(meta["config"])
+    if meta["kind"] not in KINDS:
+        raise CheckpointError(f"{path} holds a {meta['kind']!r} checkpoint, which load() does not know; known "
+                              f"kinds: {sorted(KINDS)} (add one with register_kind)")
+    model_cls, config_cls = (_import(t) for t in KINDS[meta["kind"]])
     try:
-        model.load_state_dict(state, strict=True)
+        return model_cls(config_from_dict(config_cls, meta["config"]))
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: its {meta['kind']!r} config does not build a model: {exc}") from None
+
+
+def _load(path: Path, device: str | torch.device, kind: str | None) -> tuple[torch.nn.Module, dict]:
+    state, meta = load_checkpoint(path, device="cpu")
+    model = _build(path, meta, kind)
+    try:
+        model.load_state_dict(state, strict=True)  # copies (and upcasts float16) into the model's parameters
     except RuntimeError as exc:
         raise CheckpointError(f"{path} does not match the model built from its config: {exc}") from None
-    return model.to(device)
+    return model.to(device).eval(), meta
+
+
+def load(name_or_path: str | Path, device: str | torch.device = "cpu", *, kind: str | None = None) -> torch.nn.Module:
+    """The model of a shipped checkpoint name (:func:`available`) or of a checkpoint file, on ``device``, in
+    eval mode (call ``.train()`` to train it further). With ``kind``, a checkpoint of another kind is refused.
+
+    Raises :class:`CheckpointError` naming the file: missing, corrupted, of the wrong or an unknown kind, a
+    config with unknown keys, or weights that do not fit the model its config builds."""
+    return _load(resolve(name_or_path), device, kind)[0]
+
+
+def load_with_tokenizer(
+    name_or_path: str | Path, device: str | torch.device = "cpu", *, kind: str | None = None
+) -> tuple[torch.nn.Module, Any]:
+    """``(model, tokenizer)``: a model as :func:`load` gives it, with the tokenizer it was trained on.
+
+    Image models (``"var"``, ``"raster_ar"``) record their VQ tokenizer's name or path: it is loaded with
+    :func:`load` on ``device``. Language models (``"lm"``) record their vocabulary: a
+    :class:`~ar_course.data.CharTokenizer`. Other kinds raise :class:`CheckpointError`."""
+    path = resolve(name_or_path)
+    model, meta = _load(path, device, kind)
+    extra = meta["extra"]
+    if meta["kind"] == "lm" and "vocab" in extra:
+        from ar_course.data.text import CharTokenizer
+
+        return model, CharTokenizer(extra["vocab"])
+    if "tokenizer" not in extra:
+        raise CheckpointError(f"{path} holds a {meta['kind']!r} checkpoint that records no tokenizer")
+    return model, load(extra["tokenizer"], device, kind="tokenizer")

@@ -1,13 +1,17 @@
 """``python -m ar_course doctor``: check that this machine can run the course.
 
 Prints one line per requirement, ``OK``, ``WARN`` (optional, the course still runs) or ``FAIL`` (blocks the
-course), and exits 1 when any FAIL is found.
+course), and exits 1 when any FAIL is found. The library alone needs torch, numpy, safetensors and tqdm; the
+course also needs the ``course`` and ``kernels`` extras (``pip install -e '.[course,kernels]'``, which
+``make lab`` installs), and Triton (``triton`` extra) is optional.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 import os
+import re
 import platform
 import shutil
 import subprocess
@@ -77,6 +81,56 @@ def _probe(code: str, timeout: float = 120) -> tuple[bool, str]:
     return False, lines[-1] if lines else f"exit code {res.returncode}"
 
 
+NUMPY_MAX_FOR_NUMBA_CUDA = (2, 5)
+"""numba-cuda 0.30 calls ``numpy.row_stack``, removed in numpy 2.5: the ``kernels`` extra pins ``numpy<2.5``."""
+
+
+def _distribution_version(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _major_minor(version: str) -> tuple[int, int]:
+    m = re.match(r"(\d+)\.(\d+)", version)
+    return (int(m.group(1)), int(m.group(2))) if m else (0, 0)
+
+
+def numpy_numba_cuda() -> Finding | None:
+    """FAIL when numba-cuda is installed with a numpy it cannot compile kernels with; None without numba-cuda."""
+    numba_cuda, numpy_v = _distribution_version("numba-cuda"), _distribution_version("numpy")
+    if numba_cuda is None or numpy_v is None:
+        return None
+    if _major_minor(numpy_v) >= NUMPY_MAX_FOR_NUMBA_CUDA:
+        limit = ".".join(map(str, NUMPY_MAX_FOR_NUMBA_CUDA))
+        return Finding(FAIL, "numpy + numba-cuda", f"numba-cuda {numba_cuda} cannot compile kernels with numpy "
+                       f"{numpy_v} (numpy.row_stack was removed in {limit}); fix: pip install 'numpy<{limit}'")
+    return Finding(OK, "numpy + numba-cuda", f"numpy {numpy_v} with numba-cuda {numba_cuda}")
+
+
+def _kernel_checks() -> list[Finding]:
+    """numba's CUDA simulator, the numpy it runs with, and Triton (chapter 06)."""
+    found = []
+    numba_v = _version("numba")
+    if numba_v:
+        ok, detail = _probe(_SIM_PROBE)
+        found.append(Finding(OK if ok else FAIL, "numba CUDA simulator",
+                             f"numba {numba_v}: " + ("works" if ok else detail)))
+    else:
+        found.append(Finding(FAIL, "numba", "not installed (chapter 06 needs it: pip install -e '.[kernels]')"))
+    combination = numpy_numba_cuda()
+    if combination is not None:
+        found.append(combination)
+    if _version("triton"):
+        ok, detail = _probe(_TRITON_PROBE)
+        found.append(Finding(OK if ok else WARN, "triton",
+                             detail if ok else f"installed but the probe failed: {detail}"))
+    else:
+        found.append(Finding(WARN, "triton", "not installed (optional: pip install -e '.[triton]' on Linux)"))
+    return found
+
+
 def run_checks() -> list[Finding]:
     """Every requirement of the course, checked in order."""
     found: list[Finding] = []
@@ -84,10 +138,12 @@ def run_checks() -> list[Finding]:
     py_ok = py >= (3, 10)
     found.append(Finding(OK if py_ok else FAIL, "python",
                          platform.python_version() + ("" if py_ok else " (need 3.10+)")))
-    for mod, blocking in [("numpy", True), ("torch", True), ("safetensors", True), ("matplotlib", True),
-                          ("tqdm", True), ("scipy", True), ("ipywidgets", False), ("nbclient", True)]:
+    for mod, blocking, extra in [("numpy", True, ""), ("torch", True, ""), ("safetensors", True, ""),
+                                 ("tqdm", True, ""), ("matplotlib", True, "course"), ("scipy", True, "course"),
+                                 ("ipywidgets", False, "course"), ("nbclient", True, "course")]:
         v = _version(mod)
-        found.append(Finding(OK if v else (FAIL if blocking else WARN), mod, v or "not installed"))
+        missing = "not installed" + (f" (pip install -e '.[{extra}]')" if extra else "")
+        found.append(Finding(OK if v else (FAIL if blocking else WARN), mod, v or missing))
     torch_v = _version("torch")
     if torch_v:
         import torch
@@ -102,19 +158,7 @@ def run_checks() -> list[Finding]:
         else:
             found.append(Finding(WARN, "C++ compiler", "none found: `generate --compile` needs one on CPU "
                                  "(everything else runs without)"))
-    numba_v = _version("numba")
-    if numba_v:
-        ok, detail = _probe(_SIM_PROBE)
-        found.append(Finding(OK if ok else FAIL, "numba CUDA simulator",
-                             f"numba {numba_v}: " + ("works" if ok else detail)))
-    else:
-        found.append(Finding(FAIL, "numba", "not installed (chapter 06 needs it)"))
-    if _version("triton"):
-        ok, detail = _probe(_TRITON_PROBE)
-        found.append(Finding(OK if ok else WARN, "triton",
-                             detail if ok else f"installed but the probe failed: {detail}"))
-    else:
-        found.append(Finding(WARN, "triton", "not installed (optional: `pip install -e .[triton]` on Linux)"))
+    found += _kernel_checks()
     try:
         from jupyter_client.kernelspec import KernelSpecManager
 

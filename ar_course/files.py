@@ -43,7 +43,8 @@ def check_output_path(path: str | Path, suffix: str | tuple[str, ...] | None = N
     try:
         fd, probe = tempfile.mkstemp(prefix=".ar-course-probe-", dir=ancestor)
     except OSError as exc:
-        raise ValueError(f"cannot write {what} {str(path)!r}: {exc.strerror or exc} in {str(ancestor)!r}") from None
+        raise ValueError(f"cannot write {what} {str(path)!r}: no file can be created in {str(ancestor)!r} "
+                         f"({exc.strerror or exc})") from None
     os.close(fd)
     os.unlink(probe)
     return path

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import io
 import json
 import math
 import sys
@@ -24,9 +23,9 @@ from ar_course.checkpoint import CheckpointError
 from ar_course.cli import (ArgumentParser, UsageError, finite_float, float_in, int_in, invalid, nonnegative_int,
                            positive_int)
 from ar_course.files import atomic_path, check_output_path
+from ar_course.images import encode_png, to_grid
 from ar_course.system import KERNELS, METHODS, PRECISIONS, Generator
 from ar_course.utils import get_device
-from ar_course.viz import to_grid
 
 MIN_TEMPERATURE = 1e-6
 """Smallest positive ``--temperature``: around 1e-38 and below, logits / temperature overflow float32 (NaN
@@ -103,15 +102,9 @@ def build_parser() -> ArgumentParser:
 
 def png_bytes(images: torch.Tensor, ncol: int, zoom: int = 1) -> bytes:
     """``images`` ``(N, C, S, S)`` in [0, 1] as a PNG of a grid of ``ncol`` columns, each pixel ``zoom`` x
-    ``zoom``."""
-    from PIL import Image
-
+    ``zoom`` (written by :func:`ar_course.images.encode_png`: no Pillow needed)."""
     grid = to_grid(images, nrow=ncol)  # (H, W, C) float in [0, 1]
-    pixels = (grid * 255).round().astype(np.uint8).repeat(zoom, axis=0).repeat(zoom, axis=1)
-    pixels = pixels[..., 0] if pixels.shape[-1] == 1 else pixels
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG")
-    return buffer.getvalue()
+    return encode_png((grid * 255).round().astype(np.uint8).repeat(zoom, axis=0).repeat(zoom, axis=1))
 
 
 def _check_options(args: argparse.Namespace) -> None:

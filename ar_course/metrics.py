@@ -42,18 +42,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import scipy.linalg
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ar_course import checkpoint
 from ar_course import distributed as ddp
-from ar_course.checkpoint import load_model, save_checkpoint
+from ar_course.checkpoint import save_checkpoint
 from ar_course.cli import ArgumentParser, positive_float, positive_int
 from ar_course.train import History, TrainConfig, add_run_options, finish_run, prepare_run, train_loop, trainer_main
 from ar_course.utils import get_device, seed_everything
 
-ASSETS = Path(__file__).resolve().parent / "assets"
 DATASETS = {"mnist": (1, 10), "shapes": (3, 4)}  # name -> (in_channels, num_classes)
 SHAPES_TRAIN = (20_000, 0)  # (n, seed) of the procedural training set
 SHAPES_TEST = (5_000, 1)  # (n, seed) of the held-out set, a different seed from training
@@ -126,17 +125,15 @@ def _check_dataset(dataset: str) -> tuple[int, int]:
 
 
 def checkpoint_path(dataset: str) -> Path:
-    """Where the shipped classifier for ``dataset`` lives."""
+    """Where the shipped classifier for ``dataset`` lives (``classifier_<dataset>`` in
+    :data:`ar_course.checkpoint.ASSETS`)."""
     _check_dataset(dataset)
-    return ASSETS / f"classifier_{dataset}.safetensors"
+    return checkpoint.ASSETS / f"classifier_{dataset}.safetensors"
 
 
 @functools.lru_cache(maxsize=8)
 def _cached_classifier(dataset: str, device: str) -> Classifier:
-    model = load_model(checkpoint_path(dataset), lambda cfg: Classifier(ClassifierConfig(**cfg)),
-                       kind="classifier", device=device)
-    model.eval().requires_grad_(False)
-    return model
+    return checkpoint.load(checkpoint_path(dataset), device, kind="classifier").requires_grad_(False)
 
 
 def load_classifier(dataset: str = "mnist", device: str | torch.device = "cpu") -> Classifier:
@@ -202,7 +199,8 @@ def frechet_distance_gaussians(mu1: torch.Tensor | np.ndarray, cov1: torch.Tenso
     trace term as the sum of square roots of the eigenvalues of the symmetric PSD matrix
     ``cov1^(1/2) cov2 cov1^(1/2)`` (same eigenvalues as ``cov1 cov2``), which stays real and handles singular
     covariances. ``method="sqrtm"`` is the usual FID code path: ``scipy.linalg.sqrtm(cov1 @ cov2)``, retried
-    with ``1e-6`` added to the diagonals when not finite, and its small imaginary part dropped."""
+    with ``1e-6`` added to the diagonals when not finite, and its small imaginary part dropped (it needs SciPy,
+    ``pip install ar-course[course]``; ``"eigh"`` needs only NumPy)."""
     mu1, mu2, cov1, cov2 = map(_as_float64, (mu1, mu2, cov1, cov2))
     if mu1.ndim != 1 or mu1.shape != mu2.shape or cov1.shape != (mu1.size,) * 2 or cov2.shape != cov1.shape:
         raise ValueError(f"expected means (F,) and covariances (F, F) of one size F, got {mu1.shape}, "
@@ -212,6 +210,8 @@ def frechet_distance_gaussians(mu1: torch.Tensor | np.ndarray, cov1: torch.Tenso
         eig = np.linalg.eigvalsh(root1 @ cov2 @ root1)
         trace_sqrt = float(np.sqrt(np.clip(eig, 0, None)).sum())
     elif method == "sqrtm":
+        import scipy.linalg  # imported here: the library's core does not depend on SciPy
+
         covmean = scipy.linalg.sqrtm(cov1 @ cov2)
         if not np.isfinite(covmean).all():
             offset = np.eye(cov1.shape[0]) * 1e-6

@@ -26,25 +26,24 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ar_course import raster, var
+from ar_course import checkpoint, raster, var
 from ar_course.checkpoint import CheckpointError
 from ar_course.raster.functional import from_raster
 from ar_course.sampling import check_sampling
 from ar_course.speculative import SpecStats, codebook_neighbors, sjd_generate, speculative_generate
 from ar_course.tokenizers import VQVAE
+from ar_course.transformer.counting import PassCounter
 from ar_course.transformer.model import GPT, set_attention
-from ar_course.utils import check_bool, check_ids, check_int, check_number, get_device
-from ar_course.var.compare import PassCounter
+from ar_course.utils import check_bool, check_ids, check_int, check_number, generate_in_batches, get_device
 
 if TYPE_CHECKING:
     from ar_course.kernels import DispatchRecord
 
-ASSETS = Path(__file__).resolve().parent / "assets"
 PRETRAINED = {
-    "mnist": {"var_path": ASSETS / "var_mnist.safetensors", "ar_path": ASSETS / "ar_mnist.safetensors",
-              "draft_path": ASSETS / "ar_mnist_draft.safetensors"},
+    "mnist": {"var_path": "var_mnist", "ar_path": "ar_mnist", "draft_path": "ar_mnist_draft"},
 }
-"""Shipped model sets: name -> checkpoint paths (each checkpoint names the tokenizer it was trained on)."""
+"""Shipped model sets: name -> the :func:`ar_course.checkpoint.available` names of their checkpoints (each
+checkpoint names the tokenizer it was trained on)."""
 
 METHODS = ("var", "ar")
 SPECULATIVE = (None, "draft", "jacobi")
@@ -151,8 +150,7 @@ class Generator:
         """The shipped models of ``name`` (:data:`PRETRAINED`) on ``device`` (``"auto"``: CUDA if present)."""
         if name not in PRETRAINED:
             raise ValueError(f"unknown pretrained set {name!r}; choose from {sorted(PRETRAINED)}")
-        return cls.from_checkpoints(**{k: str(v) for k, v in PRETRAINED[name].items()}, device=device,
-                                    dataset=name)
+        return cls.from_checkpoints(**PRETRAINED[name], device=device, dataset=name)
 
     @classmethod
     def from_checkpoints(
@@ -163,17 +161,17 @@ class Generator:
         device: str | torch.device = "auto",
         dataset: str = "mnist",
     ) -> "Generator":
-        """Models from checkpoint files (safetensors + JSON metadata; tokenizers are found by the name or path
-        each checkpoint records). A missing, corrupted or mismatched file raises
-        :class:`~ar_course.checkpoint.CheckpointError` naming it."""
+        """Models from checkpoints: shipped names (:func:`ar_course.checkpoint.available`) or files (safetensors +
+        JSON metadata; tokenizers are found by the name or path each checkpoint records). A missing, corrupted
+        or mismatched file raises :class:`~ar_course.checkpoint.CheckpointError` naming it."""
         dev = get_device(None if str(device) == "auto" else str(device))
         var_model = var_tok = ar_model = ar_tok = draft = None
         if var_path is not None:
-            var_model, var_tok = var.load_pretrained(dev, _existing(var_path))
+            var_model, var_tok = checkpoint.load_with_tokenizer(var_path, dev, kind=var.CHECKPOINT_KIND)
         if ar_path is not None:
-            ar_model, ar_tok = raster.load_pretrained(dev, _existing(ar_path))
+            ar_model, ar_tok = checkpoint.load_with_tokenizer(ar_path, dev, kind=raster.CHECKPOINT_KIND)
         if draft_path is not None:
-            draft, draft_tok = raster.load_pretrained(dev, _existing(draft_path))
+            draft, draft_tok = checkpoint.load_with_tokenizer(draft_path, dev, kind=raster.CHECKPOINT_KIND)
             if ar_tok is not None and draft_tok.config != ar_tok.config:
                 raise CheckpointError(f"{draft_path} was trained on a different tokenizer than {ar_path}")
         return cls(var_model, var_tok, ar_model, ar_tok, draft, dataset)
@@ -269,27 +267,28 @@ class Generator:
         draft_counter = PassCounter(self.ar_draft) if speculative == "draft" else None
         spec = SpecStats()
         weighted_passes = 0
-        images = []
-        _sync(device)
-        start = time.perf_counter()
         bar = tqdm(total=int(classes.numel()), desc=f"{method}{' + ' + speculative if speculative else ''}",
                    unit="img", disable=not progress)
+
+        def images_of(chunk: torch.Tensor) -> torch.Tensor:
+            """One chunk's images ``(b, C, S, S)``; every image of the chunk waits for all of its passes."""
+            nonlocal weighted_passes
+            before = counter.count
+            if speculative is None:
+                out = self._batched(method, chunk, cfg, top_k, top_p, temperature, generator, ramp)
+            else:
+                out = self._speculative(speculative, chunk, cfg, top_k, top_p, temperature, generator,
+                                        relaxed_delta, gamma, window, neighbors, spec)
+            weighted_passes += (counter.count - before) * chunk.numel()
+            bar.update(chunk.numel())
+            return out
+
+        _sync(device)
+        start = time.perf_counter()
         try:
             with _autocast(device, precision), record_dispatch() as dispatched:
-                if speculative is None:
-                    for chunk in classes.to(device).split(batch_size):
-                        before = counter.count
-                        images.append(self._batched(method, chunk, cfg, top_k, top_p, temperature, generator,
-                                                    ramp))
-                        weighted_passes += (counter.count - before) * chunk.numel()
-                        bar.update(chunk.numel())
-                else:
-                    for c in classes.to(device).split(1):
-                        before = counter.count
-                        images.append(self._speculative(speculative, c, cfg, top_k, top_p, temperature,
-                                                        generator, relaxed_delta, gamma, window, neighbors, spec))
-                        weighted_passes += counter.count - before
-                        bar.update(1)
+                # speculative decoding runs one image at a time
+                images = generate_in_batches(images_of, classes.to(device), 1 if speculative else batch_size)
             _sync(device)
         finally:
             bar.close()
@@ -306,7 +305,7 @@ class Generator:
             draft_passes=draft_counter.count if draft_counter is not None else 0,
             accepted_hist=list(spec.accepted_hist),
             acceptance_rate=spec.acceptance_rate if speculative else float("nan"))
-        return Generation(torch.cat(images).float().cpu(), classes.cpu(), stats)
+        return Generation(images.float().cpu(), classes.cpu(), stats)
 
     # -- pieces of generate --------------------------------------------------------------------------------
 
@@ -356,16 +355,20 @@ class Generator:
         return model
 
     def _attention_state(self):
-        """A function that puts every attention layer's implementation back as it is now."""
+        """A function that puts every attention layer's implementation (and the models' ``config.attn``) back
+        as it is now."""
         from ar_course.transformer.model import SelfAttention
 
-        layers = [m for model in (self.var, self.ar, self.ar_draft) if model is not None
-                  for m in model.modules() if isinstance(m, SelfAttention)]
+        models = [model for model in (self.var, self.ar, self.ar_draft) if model is not None]
+        layers = [m for model in models for m in model.modules() if isinstance(m, SelfAttention)]
         saved = [(m, m.impl, m.kernel_backend) for m in layers]
+        configs = [(model.config, model.config.attn) for model in models]
 
         def restore() -> None:
             for m, impl, backend in saved:
                 m.impl, m.kernel_backend = impl, backend
+            for config, attn in configs:
+                config.attn = attn
 
         return restore
 
@@ -452,13 +455,6 @@ def _attention_report(impl: str, dispatched: DispatchRecord) -> dict[str, str | 
     ran = dispatched.summary("flash_attention", "decode_attention")
     return {"attention": ran["flash_attention"], "decode_attention": ran["decode_attention"],
             "fallbacks": ran["fallbacks"]}
-
-
-def _existing(path: str | Path) -> Path:
-    """``path`` as a Path; a missing file is a :class:`CheckpointError` (not a bare FileNotFoundError)."""
-    if not Path(path).is_file():
-        raise CheckpointError(f"no checkpoint at {path}")
-    return Path(path)
 
 
 def _resolve_precision(precision: str, device: torch.device) -> str:

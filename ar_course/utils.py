@@ -20,7 +20,7 @@ import os
 import random
 import time
 from contextlib import contextmanager
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -65,6 +65,30 @@ def timer() -> Iterator[dict]:
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         out["seconds"] = time.perf_counter() - start
+
+
+def generate_in_batches(
+    generate_fn: Callable[[torch.Tensor], torch.Tensor],
+    classes: torch.Tensor,
+    batch_size: int,
+) -> torch.Tensor:
+    """Call ``generate_fn`` on consecutive chunks of ``classes`` ``(B,)``, ``batch_size`` classes each (the
+    last chunk may be shorter), in order, and concatenate what it returns, ``(b, ...)`` per chunk: ``(B, ...)``.
+
+    Every generator of the package splits a request this way: a chunk is one batched sampling loop, whose
+    memory (the KV caches) grows with it. When one random generator runs through all chunks, the samples
+    depend on ``batch_size``.
+
+    Raises:
+        TypeError: ``classes`` is not a tensor, or ``batch_size`` is not an integer.
+        ValueError: ``classes`` is 0-d or empty, or ``batch_size < 1``.
+    """
+    if not isinstance(classes, torch.Tensor):
+        raise TypeError(f"classes must be a (B,) tensor, got {type(classes).__name__}")
+    if classes.ndim == 0 or classes.shape[0] == 0:
+        raise ValueError(f"classes must be a non-empty (B,) tensor, got shape {tuple(classes.shape)}")
+    batch_size = check_int("batch_size", batch_size, lo=1)
+    return torch.cat([generate_fn(chunk) for chunk in classes.split(batch_size)])  # (B, ...)
 
 
 # -- argument checks ---------------------------------------------------------------------------------------

@@ -1,4 +1,6 @@
-"""Plotting helpers: image grids and loss curves (matplotlib; return the Figure so notebooks can save it)."""
+"""Plotting helpers: image grids and loss curves (matplotlib; return the Figure so notebooks can save it).
+
+Course layer: the library never imports this module (its grids come from :mod:`ar_course.images`)."""
 
 from __future__ import annotations
 
@@ -8,21 +10,9 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
+from ar_course.images import to_grid
 
-def to_grid(images: torch.Tensor, nrow: int = 8, pad: int = 2, pad_value: float = 1.0) -> np.ndarray:
-    """Tile ``images`` (N, C, H, W) with values in [0, 1] into one array (rows*(H+pad), cols*(W+pad), C)."""
-    if images.ndim != 4:
-        raise ValueError(f"images must be (N, C, H, W), got shape {tuple(images.shape)}")
-    x = images.detach().float().cpu().clamp(0, 1)
-    n, c, h, w = x.shape
-    ncol = min(nrow, n)
-    nrows = (n + ncol - 1) // ncol
-    grid = torch.full((c, nrows * (h + pad) + pad, ncol * (w + pad) + pad), pad_value)
-    for i in range(n):
-        r, col = divmod(i, ncol)
-        top, left = pad + r * (h + pad), pad + col * (w + pad)
-        grid[:, top : top + h, left : left + w] = x[i]
-    return grid.permute(1, 2, 0).numpy()  # (H', W', C)
+__all__ = ["plot_losses", "show_images", "to_grid"]
 
 
 def show_images(

@@ -1,12 +1,14 @@
 """The learner-notebook builder: solution regions become stubs, outputs are cleared, notebooks/ is in sync."""
 
+from pathlib import Path
+
 import nbformat
 import pytest
 
 from ar_course import build_notebooks as bn
 from fixtures.make_fixtures import solution_notebook
 
-ROOT = bn.ROOT
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_strip_solutions_keeps_indentation_and_code_outside():

@@ -10,6 +10,7 @@ import torch
 
 from ar_course import sampling
 from ar_course.checks import ch02
+from ar_course.checks.reference import ch02 as answers
 from ar_course.transformer import functional as ref
 from checks_helpers import assert_fails, assert_not_attempted, assert_passes, stub
 
@@ -215,9 +216,9 @@ CASES = {
     "split_heads": (ref.split_heads, [split_no_transpose, split_interleaved]),
     "merge_heads": (ref.merge_heads, [merge_no_transpose, merge_interleaved]),
     "rms_norm": (ref.rms_norm, [layer_norm_instead, rms_eps_outside, rms_no_weight]),
-    "rotary_embedding": (ref.rotary_embedding, [rope_interleaved, rope_wrong_frequencies, rope_wrong_direction]),
-    "transformer_block": (ref.pre_norm_block, [block_post_norm, block_missing_mlp_residual, block_parallel]),
-    "cached_attention": (ref.cached_attention,
+    "rotary_embedding": (answers.rotary_embedding, [rope_interleaved, rope_wrong_frequencies, rope_wrong_direction]),
+    "transformer_block": (answers.pre_norm_block, [block_post_norm, block_missing_mlp_residual, block_parallel]),
+    "cached_attention": (answers.cached_attention,
                          [cache_whole_buffer, cache_excludes_current, cache_not_written, cache_no_causal_within_chunk]),
     "top_k_filter": (sampling.top_k_filter, [top_k_off_by_one, top_k_by_indices, top_k_zero_fill]),
     "top_p_filter": (sampling.top_p_filter, [top_p_drops_crossing_token, top_p_on_logits, top_p_ignores_ties]),

@@ -8,12 +8,13 @@ import torch
 
 from ar_course import metrics, sampling
 from ar_course.checks import ch03
+from ar_course.checks.reference import ch03 as answers
 from ar_course.raster import functional as ref
 from checks_helpers import assert_fails, assert_not_attempted, assert_passes, stub
 
 REFERENCES = {
     "to_raster": ref.to_raster, "from_raster": ref.from_raster, "make_training_pairs": ref.make_training_pairs,
-    "condition_dropout": ref.condition_dropout, "cfg_logits": ref.cfg_logits, "sample_tokens": ref.sample_tokens,
+    "condition_dropout": ref.condition_dropout, "cfg_logits": sampling.cfg_mix, "sample_tokens": answers.sample_tokens,
     "frechet_distance": metrics.frechet_distance_from_features,
 }
 
@@ -46,19 +47,23 @@ def test_from_raster_rejects_column_major_and_swapped_sides():
 # 3.3 ----------------------------------------------------------------------------------------------------------
 
 
-def test_training_pairs_rejects_missing_offset_wrong_shift_and_class_target():
-    def no_offset(t, c, v):
-        return torch.cat([c[:, None], t[:, :-1]], 1), t
+def test_training_pairs_rejects_text_lm_shift_no_shift_and_dropped_first_token():
+    def text_lm_shift(t):  # the pairs of a model without a class position: token 0 is never a target
+        return t[:, :-1], t[:, 1:]
 
-    def no_shift(t, c, v):
-        return torch.cat([(c + v)[:, None], t[:, :-1]], 1), torch.cat([t[:, 1:], t[:, -1:]], 1)
+    def no_shift(t):  # the last token is read, and every position predicts the token it reads
+        return t, t
 
-    def class_as_target(t, c, v):
-        return torch.cat([(c + v)[:, None], t[:, :-1]], 1), torch.cat([(c + v)[:, None], t[:, :-1]], 1)
+    def drops_first(t):  # inputs shifted the wrong way
+        return t[:, 1:], t
 
-    assert_fails(ch03.make_training_pairs, no_offset, contains="output[0]")
-    assert_fails(ch03.make_training_pairs, no_shift, contains="output[1]")
-    assert_fails(ch03.make_training_pairs, class_as_target, contains="output[1]")
+    def rolled(t):  # inputs of the right length that wrap the last token round to the front
+        return t.roll(1, dims=1)[:, :-1], t
+
+    assert_fails(ch03.make_training_pairs, text_lm_shift, contains="output[1]")
+    assert_fails(ch03.make_training_pairs, no_shift, contains="output[0]")
+    assert_fails(ch03.make_training_pairs, drops_first, contains="output[0]")
+    assert_fails(ch03.make_training_pairs, rolled, contains="output[0]")
 
 
 # 3.4 ----------------------------------------------------------------------------------------------------------

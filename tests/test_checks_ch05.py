@@ -6,6 +6,8 @@ import torch
 
 from ar_course import sampling
 from ar_course.checks import ch05
+from ar_course.checks.reference import ch05 as answers
+from ar_course.speculative import analysis
 from ar_course.speculative import functional as F
 from checks_helpers import assert_fails, assert_not_attempted, assert_passes, stub
 
@@ -135,7 +137,7 @@ def expected_drafts_only(alpha, gamma):
 
 def test_5_5():
     check = ch05.expected_tokens_per_call
-    assert_passes(check, F.expected_tokens_per_call)
+    assert_passes(check, analysis.expected_tokens_per_call)
     assert_not_attempted(check, stub)
     assert_fails(check, expected_no_special_case, contains="ZeroDivisionError")
     for wrong in (expected_missing_plus_one, expected_drafts_only):
@@ -205,7 +207,7 @@ def relaxed_neighbours_of_wrong_token(p, q, tokens, neighbors, delta):
 
 def test_5_7():
     check = ch05.relaxed_acceptance_probability
-    assert_passes(check, F.relaxed_acceptance_probability)
+    assert_passes(check, answers.relaxed_acceptance_probability)
     assert_not_attempted(check, stub)
     for wrong in (relaxed_uncapped, relaxed_always_delta, relaxed_neighbours_of_wrong_token):
         assert_fails(check, wrong)
@@ -213,8 +215,8 @@ def test_5_7():
 
 def test_use_falls_back_to_the_reference():
     def expected_tokens_per_call(alpha, gamma):
-        return F.expected_tokens_per_call(alpha, gamma)
+        return analysis.expected_tokens_per_call(alpha, gamma)
 
-    assert ch05.use(expected_tokens_per_call) is F.expected_tokens_per_call
+    assert ch05.use(expected_tokens_per_call) is analysis.expected_tokens_per_call
     assert_passes(ch05.expected_tokens_per_call, expected_tokens_per_call)
     assert ch05.use(expected_tokens_per_call) is expected_tokens_per_call

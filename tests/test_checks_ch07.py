@@ -8,8 +8,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ar_course import system_functional as ref
+from ar_course import kernels, utils
 from ar_course.checks import ch07
+from ar_course.checks.reference import ch07 as ref
 from ar_course.var.model import sample_pyramid
 from checks_helpers import assert_fails, assert_not_attempted, assert_passes, stub
 
@@ -17,7 +18,7 @@ REFERENCES = {
     "var_pipeline": ref.var_pipeline,
     "guidance_weights": ref.guidance_weights,
     "choose_backend": ref.choose_backend,
-    "generate_in_batches": ref.generate_in_batches,
+    "generate_in_batches": utils.generate_in_batches,
     "generation_accounting": ref.generation_accounting,
     "pareto_front": ref.pareto_front,
     "fastest_meeting": ref.fastest_meeting,
@@ -151,6 +152,24 @@ def backend_silent_fallback(device_type, available, requested="auto"):
 
 def backend_ignores_request(device_type, available, requested="auto"):
     return ref.choose_backend(device_type, available, "auto")
+
+
+def _outcome(fn, *args):
+    """What ``fn(*args)`` returns, or the type of the error it raises."""
+    try:
+        return fn(*args)
+    except (RuntimeError, ValueError) as exc:
+        return type(exc)
+
+
+def test_backend_reference_is_the_library_choice_here():
+    """Fed what this machine can run on its CPU, the reference decides as select_backend does."""
+    cpu = torch.device("cpu")
+    runs = {b: _outcome(kernels.select_backend, "flash_attention", cpu, b) == b for b in ("triton", "numba")}
+    available = {b for b, ok in runs.items() if ok}
+    for requested in ("auto", "torch", "triton", "numba", "numba_cpu", "flash"):
+        assert _outcome(ref.choose_backend, "cpu", available, requested) == \
+            _outcome(kernels.select_backend, "flash_attention", cpu, requested)
 
 
 def test_backend_rejects_wrong_answers():

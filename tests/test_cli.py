@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 from ar_course import cli, doctor
+from ar_course.checkpoint import resolve
 from ar_course.system import PRETRAINED, Generator
 from cli_helpers import error_line, grid_size, one_torch_thread, patch_loading, run
 from fixtures.make_fixtures import solution_notebook
@@ -195,7 +196,7 @@ def _read_only_folder(tmp_path):
         ro = tmp_path / "ro"
         ro.mkdir()
         ro.chmod(0o555)
-        return ro, f"Permission denied in {str(ro)!r}"
+        return ro, f"no file can be created in {str(ro)!r} (Permission denied)"
     if not os.path.isdir("/proc/self"):
         pytest.skip("root can write anywhere and there is no /proc")
     return "/proc/self", None
@@ -273,7 +274,7 @@ def test_generate_bad_checkpoint_is_a_usage_error(capsys, tmp_path):
      "--ar-checkpoint"),
 ])
 def test_generate_custom_checkpoint_lacking_what_the_options_need(capsys, tmp_path, args, message):
-    ar_path = PRETRAINED["mnist"]["ar_path"]
+    ar_path = resolve(PRETRAINED["mnist"]["ar_path"])
     status, _, err = run(capsys, "generate", "--out", tmp_path / "x.png", "--ar-checkpoint", ar_path, *args)
     assert status == 2 and error_line(err) == f"error: {message}" and list(tmp_path.iterdir()) == []
 

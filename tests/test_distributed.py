@@ -10,12 +10,7 @@ import pytest
 import torch
 
 from ar_course import distributed as ddp
-from ar_course.checkpoint import load_checkpoint, load_model
-from ar_course.metrics import Classifier, ClassifierConfig
-from ar_course.raster.model import load_pretrained as load_raster
-from ar_course.raster.model import load_tokenizer
-from ar_course.transformer.pretrained import load_pretrained as load_lm
-from ar_course.var.model import load_model as load_var
+from ar_course.checkpoint import load, load_checkpoint
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
 sys.path.insert(0, str(WORKER.parent))
@@ -25,9 +20,8 @@ from ddp_worker import RUNS  # noqa: E402
 LOSSES = {"lm": ("train_loss_last50", "val_loss"), "ar": ("final_train_loss", "test_loss"),
           "var": ("final_train_loss", "test_loss"), "tokenizer_msvq": ("final_loss",),
           "tokenizer_rvq_ema": ("final_loss",), "classifier": ("final_train_loss",)}
-LOADERS = {"lm": load_lm, "ar": lambda p: load_raster(path=p), "var": load_var, "tokenizer_msvq": load_tokenizer,
-           "tokenizer_rvq_ema": load_tokenizer,
-           "classifier": lambda p: load_model(p, lambda c: Classifier(ClassifierConfig(**c)), kind="classifier")}
+KINDS = {"lm": "lm", "ar": "raster_ar", "var": "var", "tokenizer_msvq": "tokenizer", "tokenizer_rvq_ema": "tokenizer",
+         "classifier": "classifier"}
 
 
 def _run(command: list[str], timeout: int) -> subprocess.CompletedProcess:
@@ -76,7 +70,7 @@ def test_every_trainer_on_two_gloo_processes_matches_one_process(tmp_path):
         for key in LOSSES[name]:  # the lm trainer rounds its losses to 4 places
             if abs(m2["extra"][key] - m1["extra"][key]) > (1e-5 if name != "lm" else 1.01e-4):
                 failures.append(f"{name} {key}: {m1['extra'][key]} (1 process) vs {m2['extra'][key]} (2 processes)")
-        LOADERS[name](two / f"{name}.safetensors")
+        load(two / f"{name}.safetensors", kind=KINDS[name])
     assert not failures, "\n".join(failures)
     # the tokenizers restarted dead codes (identically in both runs, as the weights show)
     for name in ("tokenizer_msvq", "tokenizer_rvq_ema"):

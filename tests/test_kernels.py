@@ -420,7 +420,9 @@ def test_the_record_names_what_ran_per_op_with_call_counts():
 def test_kernels_are_forward_only_so_auto_takes_torch_for_gradients(monkeypatch):
     from ar_course.kernels import ops
 
-    monkeypatch.setattr(ops, "_auto_kernel", lambda op, device, large: "numba")  # as if numba could win here
+    rule = ops.backend_rule  # as if numba could win here
+    monkeypatch.setattr(ops, "backend_rule", lambda op, device_type, why_not, backend="auto", large=False:
+                        "numba" if backend == "auto" else rule(op, device_type, why_not, backend, large))
     q = torch.randn(1, 2, 5, 8, requires_grad=True)
     with K.record_dispatch() as ran:
         K.flash_attention(q, q, q, "causal").sum().backward()

@@ -183,7 +183,9 @@ def test_wrappers_triton_path_equals_torch_path():
 def measured_cpu(monkeypatch):
     """"auto" treats this CPU like a GPU: Triton is its candidate and a fake timer decides. Returns a function
     that installs the times (torch is timed first, then the kernel) and the calibrator."""
-    monkeypatch.setattr(ops, "_auto_kernel", lambda op, device, large: "triton")
+    rule = ops.backend_rule
+    monkeypatch.setattr(ops, "backend_rule", lambda op, device_type, why_not, backend="auto", large=False:
+                        "triton" if backend == "auto" else rule(op, device_type, why_not, backend, large))
     monkeypatch.setattr(ops, "_FAILED", {})
 
     def install(torch_seconds: float, kernel_seconds: float, run: bool = False) -> Calibrator:

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from ar_course import metrics
-from ar_course.checkpoint import load_checkpoint, load_model, save_checkpoint
+from ar_course.checkpoint import load, load_checkpoint, save_checkpoint
 from ar_course.metrics import (
     Classifier,
     ClassifierConfig,
@@ -175,7 +175,7 @@ def test_classifier_checkpoint_round_trip(tmp_path):
     torch.manual_seed(0)
     model = Classifier(ClassifierConfig(in_channels=3, num_classes=4, width=8)).eval()
     path = save_checkpoint(tmp_path / "clf.safetensors", model, model.config, kind="classifier")
-    loaded = load_model(path, lambda cfg: Classifier(ClassifierConfig(**cfg)), kind="classifier").eval()
+    loaded = load(path, kind="classifier")
     x = torch.rand(5, 3, 32, 32)
     assert loaded.config == model.config
     assert torch.equal(loaded(x), model(x))

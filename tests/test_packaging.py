@@ -1,9 +1,14 @@
 """Set-up files agree with each other: environment.yml lists pyproject's dependencies, CI runs the README's
-test command, and the Makefile provides both README commands."""
+test command, and the Makefile provides both README commands (installing every extra); the library's core
+dependencies are the four it needs, and ``doctor`` catches a numpy that numba-cuda cannot compile with."""
 
 import re
 import tomllib
 from pathlib import Path
+
+import pytest
+
+from ar_course import doctor
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,3 +50,26 @@ def test_ci_runs_the_readme_test_command():
 def test_makefile_has_both_commands():
     make = (ROOT / "Makefile").read_text()
     assert re.search(r"^lab:", make, re.M) and re.search(r"^test:", make, re.M)
+
+
+def test_core_dependencies_and_extras():
+    meta = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    names = lambda reqs: {re.split(r"[<>=;\s]", r, maxsplit=1)[0].lower() for r in reqs}  # noqa: E731
+    assert names(meta["dependencies"]) == {"torch", "numpy", "safetensors", "tqdm"}
+    extras = meta["optional-dependencies"]
+    assert names(extras["kernels"]) == {"numba", "numba-cuda", "numpy"} and "numpy<2.5" in extras["kernels"]
+    assert names(extras["course"]) == {"jupyterlab", "ipykernel", "ipywidgets", "nbclient", "nbformat", "matplotlib",
+                                       "scipy"}
+    assert names(extras["triton"]) == {"triton"}
+    assert '".[$(EXTRAS)]"' in (ROOT / "Makefile").read_text()
+    assert re.search(r"^EXTRAS \?= course,kernels,triton,dev$", (ROOT / "Makefile").read_text(), re.M)
+
+
+@pytest.mark.parametrize("numpy_version, status", [("2.4.3", "OK"), ("2.5.0", "FAIL"), ("3.0.1", "FAIL"), (None, None)])
+def test_doctor_reports_the_numpy_numba_cuda_combination(monkeypatch, numpy_version, status):
+    versions = {"numba-cuda": "0.30.4", "numpy": numpy_version}
+    monkeypatch.setattr(doctor, "_distribution_version", versions.get)
+    finding = doctor.numpy_numba_cuda()
+    assert (finding and finding.status) == status
+    if status == "FAIL":
+        assert "fix: pip install 'numpy<2.5'" in finding.detail and "row_stack" in finding.detail

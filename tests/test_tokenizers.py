@@ -1,4 +1,4 @@
-"""Unit tests of ar_course.tokenizers: the reference functions, the three quantizers and the VQ-VAE."""
+"""Unit tests of ar_course.tokenizers: the pure functions, the three quantizers and the VQ-VAE."""
 
 import math
 
@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ar_course.checkpoint import load_model, save_checkpoint
+from ar_course.checkpoint import load, save_checkpoint
+from ar_course.checks.reference.ch01 import multiscale_decode
 from ar_course.tokenizers import (
     VQVAE, MultiScaleVQ, Phi, ResidualVQ, VectorQuantizer, VQVAEConfig, functional as Fq, token_count,
 )
@@ -101,15 +102,14 @@ def test_dead_code_restart_replaces_exactly_the_dead_codes():
     assert torch.equal(cb, torch.arange(12.0).view(6, 2))
 
 
-def test_codebook_usage():
-    assert Fq.codebook_usage(torch.arange(8).repeat(3), 8) == pytest.approx((1.0, 8.0))
-    assert Fq.codebook_usage(torch.full((2, 3), 5), 16) == pytest.approx((1 / 16, 1.0))
-    frac, ppl = Fq.codebook_usage(torch.tensor([0, 0, 0, 1]), 4)
+def test_usage_from_counts():
+    assert Fq.usage_from_counts(torch.full((8,), 3)) == pytest.approx((1.0, 8.0))
+    assert Fq.usage_from_counts(torch.eye(16)[5] * 6) == pytest.approx((1 / 16, 1.0))
+    frac, ppl = Fq.usage_from_counts(torch.tensor([3, 1, 0, 0]))
     assert frac == 0.5 and ppl == pytest.approx(math.exp(-(0.75 * math.log(0.75) + 0.25 * math.log(0.25))))
-    with pytest.raises(ValueError, match="integer"):
-        Fq.codebook_usage(torch.zeros(3), 4)
-    with pytest.raises(ValueError, match="lie in"):
-        Fq.codebook_usage(torch.tensor([4]), 4)
+    assert Fq.usage_from_counts(torch.zeros(4)) == (0.0, 0.0)
+    with pytest.raises(ValueError, match="non-empty"):
+        Fq.usage_from_counts(torch.zeros(2, 3))
 
 
 def test_residual_quantize_round_trip_and_error_falls_with_depth():
@@ -119,9 +119,10 @@ def test_residual_quantize_round_trip_and_error_falls_with_depth():
     cbs[:, 0] = 0  # a zero code: a level can always keep the error as it is
     idx, z_hat = Fq.residual_quantize(z, cbs)
     assert idx.shape == (64, 5) and idx.dtype == torch.int64
-    assert torch.allclose(Fq.residual_decode(idx, cbs), z_hat)
+    decode = lambda d: sum(cbs[level][idx[:, level]] for level in range(d))  # noqa: E731  (first d levels)
+    assert torch.allclose(decode(5), z_hat)
     assert torch.equal(idx[:, 0], Fq.vq_lookup(z, cbs[0]))
-    errors = [(z - Fq.residual_decode(idx[:, :d], cbs[:d])).pow(2).sum().item() for d in range(1, 6)]
+    errors = [(z - decode(d)).pow(2).sum().item() for d in range(1, 6)]
     assert all(a >= b for a, b in zip(errors, errors[1:])) and errors[-1] < errors[0]
 
 
@@ -295,7 +296,7 @@ def test_multiscale_encode_decode_agree_with_reference_and_forward():
     assert all(torch.equal(a, b) for a, b in zip(idx, out.indices))
     f_hat = m.decode(idx)
     assert torch.allclose(f_hat, out.z_q, atol=1e-5)
-    assert torch.allclose(f_hat, Fq.multiscale_decode(idx, m.quantizer.codebook, m.refinements()), atol=1e-6)
+    assert torch.allclose(f_hat, multiscale_decode(idx, m.quantizer.codebook, m.refinements()), atol=1e-6)
     assert m.num_tokens == 130 and len(m.phis) == 4
 
 
@@ -376,7 +377,7 @@ def test_vqvae_round_trip_and_gradients(quantizer, tmp_path):
     expected_tokens = {"vq": 64, "rvq": 128, "msvq": 130}[quantizer]
     assert model.tokens_per_image == expected_tokens
     path = save_checkpoint(tmp_path / "tok.safetensors", model, config, kind="tokenizer")
-    loaded = load_model(path, lambda cfg: VQVAE(VQVAEConfig.from_dict(cfg)), kind="tokenizer").eval()
+    loaded = load(path, kind="tokenizer")
     assert torch.equal(loaded(x).recon, model(x).recon)
 
 

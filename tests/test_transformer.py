@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ar_course.checkpoint import load_model, save_checkpoint
+from ar_course.checkpoint import load, save_checkpoint
+from ar_course.checks.reference import ch02 as answers
 from ar_course.transformer import GPT, Block, GPTConfig, KVCache, RMSNorm
 from ar_course.transformer import functional as ref
 
@@ -108,8 +109,8 @@ def test_rope_scores_depend_only_on_offsets():
     q, k = torch.randn(16, generator=g), torch.randn(16, generator=g)
 
     def score(m: int, n: int) -> float:
-        qm = ref.rotary_embedding(q[None], torch.tensor([m]))[0]
-        kn = ref.rotary_embedding(k[None], torch.tensor([n]))[0]
+        qm = answers.rotary_embedding(q[None], torch.tensor([m]))[0]
+        kn = answers.rotary_embedding(k[None], torch.tensor([n]))[0]
         return float(qm @ kn)
 
     for m, n in [(3, 1), (10, 2), (7, 7), (0, 5)]:
@@ -117,8 +118,8 @@ def test_rope_scores_depend_only_on_offsets():
             assert math.isclose(score(m, n), score(m + shift, n + shift), rel_tol=1e-4, abs_tol=1e-4)
     assert not math.isclose(score(3, 1), score(4, 1), abs_tol=1e-3)
     # rotation preserves norms, position 0 is the identity
-    assert torch.allclose(ref.rotary_embedding(q[None], torch.tensor([0]))[0], q)
-    rotated = ref.rotary_embedding(q[None], torch.tensor([9]))[0]
+    assert torch.allclose(answers.rotary_embedding(q[None], torch.tensor([0]))[0], q)
+    rotated = answers.rotary_embedding(q[None], torch.tensor([9]))[0]
     assert math.isclose(float(rotated.norm()), float(q.norm()), rel_tol=1e-5)
 
 
@@ -142,9 +143,9 @@ def test_cached_attention_writes_cache_and_matches_full_attention():
     q, k, v = (torch.randn(1, 2, 6, 4, generator=g) for _ in range(3))
     full = ref.scaled_dot_product_attention(q, k, v, ref.causal_mask(6))
     kc, vc = torch.zeros(1, 2, 10, 4), torch.zeros(1, 2, 10, 4)
-    out_a = ref.cached_attention(q[:, :, :4], k[:, :, :4], v[:, :, :4], kc, vc, 0)
-    out_b = ref.cached_attention(q[:, :, 4:5], k[:, :, 4:5], v[:, :, 4:5], kc, vc, 4)
-    out_c = ref.cached_attention(q[:, :, 5:], k[:, :, 5:], v[:, :, 5:], kc, vc, 5)
+    out_a = answers.cached_attention(q[:, :, :4], k[:, :, :4], v[:, :, :4], kc, vc, 0)
+    out_b = answers.cached_attention(q[:, :, 4:5], k[:, :, 4:5], v[:, :, 4:5], kc, vc, 4)
+    out_c = answers.cached_attention(q[:, :, 5:], k[:, :, 5:], v[:, :, 5:], kc, vc, 5)
     assert torch.allclose(torch.cat([out_a, out_b, out_c], dim=2), full, atol=1e-6)
     assert torch.equal(kc[:, :, :6], k) and torch.equal(kc[:, :, 6:], torch.zeros(1, 2, 4, 4))
 
@@ -156,8 +157,8 @@ def test_attention_heads_match_split_heads_and_rotary_embedding():
     q, k, v = attn.heads(x, ref.rope_angles(torch.arange(3, 10), 8))
     q_ref, k_ref, v_ref = (ref.split_heads(t, 4) for t in attn.qkv(x).split(32, dim=2))
     pos = torch.arange(3, 10)
-    assert torch.allclose(q, ref.rotary_embedding(q_ref, pos), atol=1e-6)
-    assert torch.allclose(k, ref.rotary_embedding(k_ref, pos), atol=1e-6)
+    assert torch.allclose(q, answers.rotary_embedding(q_ref, pos), atol=1e-6)
+    assert torch.allclose(k, answers.rotary_embedding(k_ref, pos), atol=1e-6)
     assert torch.equal(v, v_ref)
 
 
@@ -165,7 +166,7 @@ def test_pre_norm_block_function_matches_module():
     block = Block(small_config()).eval()
     x = torch.randn(2, 5, 32)
     attn = lambda h: block.attn(h)  # noqa: E731
-    assert torch.allclose(ref.pre_norm_block(x, block.norm1, attn, block.norm2, block.mlp), block(x), atol=1e-6)
+    assert torch.allclose(answers.pre_norm_block(x, block.norm1, attn, block.norm2, block.mlp), block(x), atol=1e-6)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -403,8 +404,8 @@ def test_config_validation():
                                 dict(n_classes=3, pos="rope2d", grid=(4, 4), block_size=17)])
 def test_checkpoint_round_trip(tmp_path, kw):
     model = make_model(**kw)
-    path = save_checkpoint(tmp_path / "m.safetensors", model, model.config, kind="gpt")
-    loaded = load_model(path, lambda d: GPT(GPTConfig.from_dict(d)), kind="gpt").eval()
+    path = save_checkpoint(tmp_path / "m.safetensors", model, model.config, kind="lm")
+    loaded = load(path, kind="lm")
     assert loaded.config == model.config
     idx = torch.randint(0, 37, (2, 9))
     classes = torch.tensor([0, 2]) if model.config.n_classes else None

@@ -8,11 +8,11 @@ import math
 import pytest
 import torch
 
-from ar_course.checkpoint import CheckpointError
+from ar_course.checkpoint import CheckpointError, load
 from ar_course.tokenizers import MultiScaleVQ
 from ar_course.var import (
     VAR, VARConfig, block_causal_mask, embed_levels_positions, guidance_strength, guided_logits, level_ids,
-    load_model, sample_pyramid, save_pretrained, scale_bounds, scale_masks, scale_step, teacher_forcing_sequence,
+    sample_pyramid, save_pretrained, scale_bounds, scale_masks, scale_step, teacher_forcing_sequence,
     var_loss,
 )
 
@@ -277,7 +277,7 @@ def test_scale_masks_threshold():
 def test_checkpoint_round_trip(tmp_path):
     vq, model = _vq(), _model("token")
     path = save_pretrained(model, tmp_path / "var.safetensors", tokenizer="test", steps=0)
-    loaded = load_model(path)
+    loaded = load(path, kind="var")
     assert loaded.config == model.config
     inputs, _ = teacher_forcing_sequence(vq, _pyramid(2))
     classes = torch.tensor([0, 1])
@@ -286,7 +286,7 @@ def test_checkpoint_round_trip(tmp_path):
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(path.read_bytes()[:100])
     with pytest.raises(CheckpointError):
-        load_model(bad)
+        load(bad)
 
 
 # -- trainer and comparison --------------------------------------------------------------------------------

@@ -1,4 +1,6 @@
-"""Exercise checks, one module per chapter (``checks.ch01.vq_lookup(fn)``), built on :mod:`.core`."""
+"""Exercise checks, one module per chapter (``checks.ch01.vq_lookup(fn)``), built on :mod:`.core`; the
+reference answers the library does not use live in :mod:`.reference`. This package is the course layer: it
+imports the library, and no library module imports it."""
 
 from .core import Case, Chapter, CheckFailure, NotAttempted, call, compare, compare_cases
 

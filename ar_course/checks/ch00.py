@@ -1,6 +1,6 @@
 """Checks for chapter 00, the tour: ``checks.ch00.stable_softmax(stable_softmax)`` etc.
 
-Softmax and cross-entropy are compared with the references in :mod:`ar_course.basics` on seeded inputs,
+Softmax and cross-entropy are compared with the references in :mod:`ar_course.checks.reference.ch00` on seeded inputs,
 including logits large enough to overflow ``exp`` and ``-inf`` entries. Sampling is random, so its check
 compares *distributions*: it draws thousands of tokens per row with the learner's function and runs a
 chi-square goodness-of-fit test against ``softmax(logits / temperature)``, at several temperatures. It also
@@ -15,8 +15,8 @@ from typing import Callable, Iterator
 import torch
 from scipy.stats import chi2
 
-from ar_course import basics as ref
 from ar_course.checks.core import Case, Chapter, CheckFailure, call, compare, compare_cases, describe
+from ar_course.checks.reference import ch00 as ref
 
 chapter = Chapter(0, "Tour")
 use = chapter.use

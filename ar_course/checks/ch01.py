@@ -1,6 +1,7 @@
 """Checks of chapter 01, vector quantization: ``checks.ch01.vq_lookup(vq_lookup)`` and so on.
 
-Each check runs the learner's function and the reference in :mod:`ar_course.tokenizers.functional` on
+Each check runs the learner's function and the reference (from :mod:`ar_course.tokenizers.functional`, or
+:mod:`ar_course.checks.reference.ch01` for what the quantizers do not call) on
 seeded random inputs of awkward sizes and on edge cases (ties, unused codes, more dead codes than
 candidates...), and compares values, shapes, dtypes and, where it matters, gradients.
 """
@@ -14,6 +15,7 @@ from typing import Callable, Iterator
 import torch
 
 from ar_course.checks.core import Case, Chapter, CheckFailure, call, compare, compare_cases
+from ar_course.checks.reference import ch01 as answers
 from ar_course.tokenizers import functional as ref
 
 chapter = Chapter(1, "Vector quantization")
@@ -104,7 +106,7 @@ def _usage_cases() -> Iterator[Case]:
     yield Case("every code equally", (torch.arange(12).repeat(5), 12))
 
 
-@chapter.exercise("1.4", reference=ref.codebook_usage,
+@chapter.exercise("1.4", reference=answers.codebook_usage,
                   hint="counts = torch.bincount(indices.flatten(), minlength=num_codes); fraction = (counts > 0) / "
                        "num_codes; perplexity = exp(-sum p log p) over the codes with p > 0")
 def codebook_usage(fn: Callable, reference: Callable) -> None:
@@ -249,7 +251,7 @@ def _decode_cases() -> Iterator[Case]:
         yield Case(name, (ref.multiscale_encode(f, cb, scales, phis), cb, phis))
 
 
-@chapter.exercise("1.10", reference=ref.multiscale_decode,
+@chapter.exercise("1.10", reference=answers.multiscale_decode,
                   hint="f_hat = sum over scales of phis[k](bicubic upsample of codebook[indices[k]] to the last "
                        "scale's side), codes laid out as (B, C, s, s)")
 def multiscale_decode(fn: Callable, reference: Callable) -> None:

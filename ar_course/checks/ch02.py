@@ -2,7 +2,8 @@
 
 Each check runs the learner's function on seeded random inputs and edge cases (sizes that are not
 "nice", fully masked rows, huge scores, ties) and compares it with the reference in
-:mod:`ar_course.transformer.functional` or :mod:`ar_course.sampling`.
+:mod:`ar_course.transformer.functional`, :mod:`ar_course.sampling` or, for what the modules do not call,
+:mod:`ar_course.checks.reference.ch02`.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import torch
 
 from ar_course import sampling
 from ar_course.checks.core import Case, Chapter, call, clone_args, compare, compare_cases
+from ar_course.checks.reference import ch02 as answers
 from ar_course.transformer import functional as ref
 from ar_course.transformer.model import GPTConfig, RMSNorm, SelfAttention, SwiGLU
 
@@ -157,7 +159,7 @@ def _rope_cases() -> Iterator[Case]:
 
 
 @chapter.exercise(
-    "2.7", reference=ref.rotary_embedding,
+    "2.7", reference=answers.rotary_embedding,
     hint="pair feature i with feature i + D/2 (not 2i with 2i+1); angle = position * base**(-2i/D); "
     "out = cat(x1*cos - x2*sin, x1*sin + x2*cos)",
 )
@@ -183,7 +185,7 @@ def _block_cases() -> Iterator[Case]:
 
 
 @chapter.exercise(
-    "2.8", reference=ref.pre_norm_block,
+    "2.8", reference=answers.pre_norm_block,
     hint="normalise the input of each sublayer, never the residual stream: h = x + attn(norm1(x)); "
     "out = h + mlp(norm2(h))",
 )
@@ -212,7 +214,7 @@ def _cache_cases() -> Iterator[Case]:
 
 
 @chapter.exercise(
-    "2.9", reference=ref.cached_attention,
+    "2.9", reference=answers.cached_attention,
     hint="write k_new/v_new into the caches at [pos : pos+T], attend over positions [0 : pos+T] only (the "
     "rest of the buffer is empty), with causal_mask(T, pos+T) so new tokens do not see later new tokens",
 )

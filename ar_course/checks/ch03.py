@@ -1,8 +1,10 @@
 """Checks for chapter 03, autoregressive images: ``checks.ch03.to_raster(to_raster)`` etc.
 
-References live in :mod:`ar_course.raster.functional` and :mod:`ar_course.metrics`. The sampling check
-runs the learner's loop on a tiny seeded GPT and compares the sampled tokens with the reference under the
-same generator seed; it also records every forward pass, so a loop that ignores the KV cache is named.
+References live in :mod:`ar_course.raster.functional`, :mod:`ar_course.sampling`, :mod:`ar_course.metrics`
+and, for the sampling loop the library runs inside ``GPT.generate``, :mod:`ar_course.checks.reference.ch03`.
+The sampling check runs the learner's loop on a tiny seeded GPT and compares the sampled tokens with the
+reference under the same generator seed; it also records every forward pass, so a loop that ignores the KV
+cache is named.
 """
 
 from __future__ import annotations
@@ -11,8 +13,9 @@ from typing import Iterator
 
 import torch
 
-from ar_course import metrics
+from ar_course import metrics, sampling
 from ar_course.checks.core import Case, Chapter, CheckFailure, call, clone_args, compare, compare_cases
+from ar_course.checks.reference import ch03 as answers
 from ar_course.raster import functional as ref
 from ar_course.raster.model import raster_config
 from ar_course.transformer.model import GPT
@@ -67,16 +70,16 @@ def from_raster(fn, ref_fn):
 
 def _pairs_cases() -> Iterator[Case]:
     g = _gen(2)
-    yield Case("4 sequences of 9 tokens, vocab 20, classes 0..3",
-               (torch.randint(0, 20, (4, 9), generator=g), torch.tensor([0, 1, 2, 3]), 20))
-    yield Case("3 sequences of 64 tokens, vocab 256, null class 10",
-               (torch.randint(0, 256, (3, 64), generator=g), torch.tensor([7, 10, 0]), 256))
-    yield Case("1 sequence of 2 tokens", (torch.tensor([[5, 6]]), torch.tensor([2]), 8))
+    yield Case("4 sequences of 9 tokens", (torch.randint(0, 20, (4, 9), generator=g),))
+    yield Case("3 sequences of 64 tokens (8x8 maps)", (torch.randint(0, 256, (3, 64), generator=g),))
+    yield Case("2 sequences of 2 tokens", (torch.tensor([[5, 6], [7, 5]]),))
+    yield Case("1 sequence of 1 token (the model reads only the class)", (torch.tensor([[3]]),))
 
 
 @chapter.exercise("3.3", reference=ref.make_training_pairs,
-                  hint="inputs = [vocab_size + class, t_0, ..., t_{L-2}] and targets = [t_0, ..., t_{L-1}]: the "
-                       "class token predicts the first image token, and the last token is never an input")
+                  hint="the class embedding fills position 0 and predicts t_0, so the targets are all L tokens "
+                       "[t_0, ..., t_{L-1}] (no shift) and the inputs are the L - 1 tokens [t_0, ..., t_{L-2}]: the "
+                       "last token is never read")
 def make_training_pairs(fn, ref_fn):
     compare_cases(fn, ref_fn, _pairs_cases())
 
@@ -117,7 +120,7 @@ def _cfg_cases() -> Iterator[Case]:
     yield Case("2x3x7 logits, scale 4", (torch.randn(2, 3, 7, generator=g), torch.randn(2, 3, 7, generator=g), 4.0))
 
 
-@chapter.exercise("3.5", reference=ref.cfg_logits,
+@chapter.exercise("3.5", reference=sampling.cfg_mix,
                   hint="mix the logits, not the probabilities: uncond + scale * (cond - uncond), so that "
                        "scale 1 gives cond and scale 0 gives uncond")
 def cfg_logits(fn, ref_fn):
@@ -145,7 +148,7 @@ def _sampling_cases() -> Iterator[tuple[str, dict]]:
     yield "8 classes, 12 tokens, cfg 2, greedy", dict(classes=classes, num_tokens=12, cfg_scale=2.0, temperature=0.0)
 
 
-@chapter.exercise("3.6", reference=ref.sample_tokens,
+@chapter.exercise("3.6", reference=answers.sample_tokens,
                   hint="run [classes; null classes] as one batch of 2B with model.make_cache(2B); the first "
                        "pass takes an empty (2B, 0) input, every later pass the last sampled token (repeated for "
                        "both halves); mix logits[:B] and logits[B:] with uncond + s * (cond - uncond)")

@@ -13,6 +13,8 @@ import torch
 
 from ar_course import sampling
 from ar_course.checks.core import Case, Chapter, call, compare, compare_cases
+from ar_course.checks.reference import ch05 as answers
+from ar_course.speculative import analysis
 from ar_course.speculative import functional as ref
 from ar_course.transformer.model import KVCache
 
@@ -133,7 +135,7 @@ def rollback_caches(fn: Callable, ref_fn: Callable) -> None:
 # 5.5 the expected number of tokens per target call
 
 
-@chapter.exercise("5.5", reference=ref.expected_tokens_per_call,
+@chapter.exercise("5.5", reference=analysis.expected_tokens_per_call,
                   hint="(1 - alpha**(gamma + 1)) / (1 - alpha); at alpha = 1 every draft and the bonus come: gamma + 1")
 def expected_tokens_per_call(fn: Callable, ref_fn: Callable) -> None:
     cases = [(0.0, 3), (0.5, 2), (0.8, 5), (0.37, 1), (0.9, 0), (1.0, 4), (0.99, 7)]
@@ -160,7 +162,7 @@ def _relaxed_cases() -> Iterator[Case]:
     yield Case("neighbour mass 0.1 below delta 0.3", (p1, q1, torch.tensor([0]), nb, 0.3))
 
 
-@chapter.exercise("5.7", reference=ref.relaxed_acceptance_probability,
+@chapter.exercise("5.7", reference=answers.relaxed_acceptance_probability,
                   hint="m = min(delta, p[neighbors[x]].sum()); accept with min(1, (p[x] + m) / q[x])")
 def relaxed_acceptance_probability(fn: Callable, ref_fn: Callable) -> None:
     compare_cases(fn, ref_fn, _relaxed_cases())

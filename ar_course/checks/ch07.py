@@ -1,9 +1,10 @@
 """Checks for chapter 07, the full system: ``checks.ch07.var_pipeline(var_pipeline)`` etc.
 
-References live in :mod:`ar_course.system_functional`. The pipeline check runs the learner's function next
-to the reference under identically seeded generators, on the shipped MNIST models and on a tiny random
-tokenizer + VAR with another schedule and three colour channels, and counts the forward passes. The other
-checks are pure bookkeeping and run on hand-made tables whose answers differ between the right rule and
+References live in :mod:`ar_course.checks.reference.ch07`, except 7.4's, which is the library's own
+:func:`ar_course.utils.generate_in_batches`. The pipeline check runs the learner's function next to the
+reference under identically seeded generators, on the shipped MNIST models and on a tiny random tokenizer +
+VAR with another schedule and three colour channels, and counts the forward passes. The other checks are
+pure bookkeeping and run on hand-made tables whose answers differ between the right rule and
 the usual slips (a ragged last chunk, a tie, a "min" objective, a floor met exactly).
 """
 
@@ -13,8 +14,9 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from ar_course import system_functional as ref
+from ar_course import utils
 from ar_course.checks.core import Case, Chapter, CheckFailure, call, compare, describe
+from ar_course.checks.reference import ch07 as ref
 from ar_course.tokenizers import VQVAE
 from ar_course.tokenizers.vqvae import VQVAEConfig
 from ar_course.var.model import VAR, VARConfig
@@ -210,7 +212,7 @@ def _batch_cases() -> Iterator[tuple[str, torch.Tensor, int]]:
     yield "11 classes, batch_size 3", torch.randint(0, 10, (11,), generator=g), 3
 
 
-@chapter.exercise("7.4", reference=ref.generate_in_batches,
+@chapter.exercise("7.4", reference=utils.generate_in_batches,
                   hint="classes.split(batch_size) gives chunks of batch_size with a shorter last one (torch.chunk "
                        "takes a number of chunks instead); call generate_fn on each in order and torch.cat the "
                        "results along dim 0; raise ValueError when batch_size < 1")

@@ -1,9 +1,12 @@
 """GPU kernels written in Python: numba.cuda and Triton, runnable without a GPU (chapter 06).
 
-Importing this package first decides where kernels run (:mod:`.env`): without a CUDA GPU it sets
-``NUMBA_ENABLE_CUDASIM=1`` and ``TRITON_INTERPRET=1`` unless you set them yourself, so ``@cuda.jit``
-kernels run in numba's CUDA simulator and ``@triton.jit`` kernels in Triton's interpreter. Import
-``ar_course.kernels`` (or set the variables) before importing ``numba.cuda`` or ``triton`` yourself.
+Importing this package first decides where kernels run (:mod:`.env`; importing the rest of ``ar_course``
+does not): without a CUDA GPU it sets ``NUMBA_ENABLE_CUDASIM=1`` and ``TRITON_INTERPRET=1`` for the process
+unless you set them yourself, so ``@cuda.jit`` kernels run in numba's CUDA simulator and ``@triton.jit``
+kernels in Triton's interpreter. Import ``ar_course.kernels`` (or call
+:func:`ar_course.kernels.env.set_kernel_defaults`, or set the variables) before importing ``numba.cuda``
+yourself. numba and Triton are optional extras (``ar-course[kernels]``, ``ar-course[triton]``); without them
+the entry points below answer with torch.
 
 Entry points (torch tensors in, torch tensors out; ``backend=`` picks or forces an implementation):
 

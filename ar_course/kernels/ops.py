@@ -142,13 +142,6 @@ def _usable(backend: str, device: torch.device) -> str | None:
     return None
 
 
-def _auto_kernel(op: str, device: torch.device, large: bool) -> str | None:
-    """The kernel ``"auto"`` may use for ``op`` on ``device`` (subject to measurement on a GPU), or None."""
-    if device.type == "cuda":
-        return next((b for b in ("triton", "numba") if _usable(b, device) is None), None)
-    return "numba_cpu" if op == "vq_nearest" and large else None
-
-
 def select_backend(op: str, device: torch.device, backend: str = "auto", large: bool = False) -> str:
     """The backend ``op`` (``"vq_nearest"``, ``"flash_attention"``, ``"decode_attention"``, ``"softmax"``) uses.
 
@@ -156,17 +149,32 @@ def select_backend(op: str, device: torch.device, backend: str = "auto", large: 
     ``"auto"`` never fails: it returns the kernel it may use on this device, or ``"torch"``. On a GPU that
     kernel still has to win its measurement for each kind of call (the calls record what really ran).
     """
+    return backend_rule(op, device.type, lambda b: _usable(b, device), backend, large)
+
+
+def backend_rule(op: str, device_type: str, why_not: Callable[[str], str | None], backend: str = "auto",
+                 large: bool = False) -> str:
+    """:func:`select_backend`'s choice, given what can run: ``why_not(b)`` is None when backend ``b`` can run on
+    a ``device_type`` device here, else the reason it cannot.
+
+    A forced backend is returned when it can run (``RuntimeError`` with the reason when not); ``"auto"`` takes,
+    on ``"cuda"``, Triton, else numba, else torch, and on any other device torch (``"numba_cpu"`` for a
+    ``large`` ``vq_nearest``): the candidate, which on a GPU must still win its measurement per kind of call.
+    An unknown backend, or one ``op`` does not have, raises ``ValueError``.
+    """
     allowed = ("torch", "numba", "triton") + (("numba_cpu",) if op == "vq_nearest" else ())
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose from {BACKENDS}")
     if backend != "auto":
         if backend not in allowed:
             raise ValueError(f"{op} has no backend {backend!r}; choose from {('auto',) + allowed}")
-        reason = _usable(backend, device)
+        reason = why_not(backend)
         if reason:
             raise RuntimeError(f"{op}: backend {backend!r} is not available: {reason}")
         return backend
-    return _auto_kernel(op, device, large) or "torch"
+    if device_type == "cuda":
+        return next(b for b in ("triton", "numba", "torch") if why_not(b) is None)
+    return "numba_cpu" if op == "vq_nearest" and large else "torch"
 
 
 @lru_cache(maxsize=None)

@@ -20,15 +20,13 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
-from ar_course.checkpoint import CheckpointError, load_checkpoint, load_model
-from ar_course.raster.functional import condition_dropout, from_raster, to_raster
-from ar_course.tokenizers import PRETRAINED, VQVAE, VQVAEConfig
-from ar_course.tokenizers import load_pretrained as load_pretrained_tokenizer
+from ar_course import checkpoint
+from ar_course.raster.functional import condition_dropout, from_raster, make_training_pairs, to_raster
+from ar_course.tokenizers import VQVAE
 from ar_course.transformer.model import GPT, GPTConfig
-from ar_course.utils import check_ids, check_int
+from ar_course.utils import check_ids, check_int, generate_in_batches
 
-ASSETS = Path(__file__).resolve().parents[1] / "assets"
-PRETRAINED_PATH = ASSETS / "ar_mnist.safetensors"
+PRETRAINED_PATH = checkpoint.ASSETS / "ar_mnist.safetensors"
 CHECKPOINT_KIND = "raster_ar"
 
 
@@ -65,10 +63,10 @@ def raster_loss(
     With ``p_uncond > 0`` each class is first replaced by the null class with that probability (condition
     dropout, so the model also learns the unconditional distribution for guidance). The trainer draws the
     dropout in its batch stream instead (:func:`condition_dropout_batches`), for the global batch."""
-    seq = to_raster(token_maps)  # (B, L)
+    inputs, targets = make_training_pairs(to_raster(token_maps))  # (B, L - 1), (B, L)
     if p_uncond > 0:
         classes = condition_dropout(classes, p_uncond, model.null_class, generator)
-    _, loss = model(seq[:, :-1], targets=seq, classes=classes)
+    _, loss = model(inputs, targets=targets, classes=classes)
     return loss
 
 
@@ -93,9 +91,9 @@ def token_losses(model: GPT, token_maps: torch.Tensor, classes: torch.Tensor) ->
 
     Shows where in the image the model is unsure (the first rows are the blank border of MNIST)."""
     B, h, w = token_maps.shape
-    seq = to_raster(token_maps)  # (B, L)
-    logits, _ = model(seq[:, :-1], classes=classes)  # (B, L, V)
-    nll = F.cross_entropy(logits.flatten(0, 1), seq.flatten(), reduction="none")  # (B*L,)
+    inputs, targets = make_training_pairs(to_raster(token_maps))  # (B, L - 1), (B, L)
+    logits, _ = model(inputs, classes=classes)  # (B, L, V)
+    nll = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")  # (B*L,)
     return nll.view(B, h, w)  # (B, h, w)
 
 
@@ -158,39 +156,24 @@ def generate_images(
     device = next(model.parameters()).device
     side = tokenizer.config.latent_side
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
-    images = []
-    for chunk in classes.to(device).split(batch_size):
+
+    def images_of(chunk: torch.Tensor) -> torch.Tensor:
         maps = generate_tokens(model, chunk, (side, side), cfg_scale, temperature, top_k, top_p, generator)
-        images.append(tokenizer.decode_from_indices(maps))
-    return torch.cat(images)  # (B, C, S, S)
+        return tokenizer.decode_from_indices(maps)  # (b, C, S, S)
 
-
-def load_tokenizer(name: str | Path = "mnist_vq", device: torch.device | str = "cpu") -> VQVAE:
-    """A shipped tokenizer by name (``"mnist_vq"``) or any tokenizer checkpoint by path, in eval mode."""
-    if str(name) in PRETRAINED:
-        return load_pretrained_tokenizer(str(name), device=device)
-    model = load_model(name, lambda cfg: VQVAE(VQVAEConfig.from_dict(cfg)), kind="tokenizer", device=device)
-    return model.eval()
+    return generate_in_batches(images_of, classes.to(device), batch_size)  # (B, C, S, S)
 
 
 def load_pretrained(device: torch.device | str = "cpu", path: str | Path | None = None) -> tuple[GPT, VQVAE]:
-    """The shipped MNIST model and the tokenizer it was trained on: ``(model, tokenizer)``, both in eval mode.
+    """The shipped MNIST model (or the checkpoint at ``path``) and the tokenizer it was trained on:
+    ``(model, tokenizer)``, both in eval mode (:func:`ar_course.checkpoint.load_with_tokenizer`).
 
     Weights are stored in float16 and loaded into float32 modules."""
-    path = Path(path) if path is not None else PRETRAINED_PATH
-    state, meta = load_checkpoint(path)
-    if meta["kind"] != CHECKPOINT_KIND:
-        raise CheckpointError(f"{path} holds a {meta['kind']!r} checkpoint, expected {CHECKPOINT_KIND!r}")
-    model = GPT(GPTConfig.from_dict(meta["config"]))
-    try:
-        model.load_state_dict(state, strict=True)  # copies (and upcasts) into the float32 parameters
-    except RuntimeError as exc:
-        raise CheckpointError(f"{path} does not match the model built from its config: {exc}") from None
-    tokenizer = load_tokenizer(meta["extra"].get("tokenizer", "mnist_vq"), device=device)
-    return model.to(device).eval(), tokenizer
+    return checkpoint.load_with_tokenizer(PRETRAINED_PATH if path is None else Path(path), device,
+                                          kind=CHECKPOINT_KIND)
 
 
 def pretrained_info(path: str | Path | None = None) -> dict:
-    """What the trainer recorded with the checkpoint: steps, seed, losses, accuracy per guidance scale..."""
-    _, meta = load_checkpoint(Path(path) if path is not None else PRETRAINED_PATH)
-    return {"config": meta["config"], **meta["extra"]}
+    """What the trainer recorded with the checkpoint: steps, seed, losses, accuracy per guidance scale...
+    (:func:`ar_course.checkpoint.info`)."""
+    return checkpoint.info(PRETRAINED_PATH if path is None else Path(path))

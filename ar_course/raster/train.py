@@ -14,11 +14,12 @@ import torch
 
 from ar_course import distributed as ddp
 from ar_course import metrics
+from ar_course import checkpoint
 from ar_course.checkpoint import save_checkpoint
 from ar_course.cli import ArgumentParser, nonnegative_int, positive_float, positive_int, probability
 from ar_course.data import image_batches, load_mnist
 from ar_course.raster.model import (
-    CHECKPOINT_KIND, PRETRAINED_PATH, condition_dropout_batches, generate_images, load_tokenizer, raster_config,
+    CHECKPOINT_KIND, PRETRAINED_PATH, condition_dropout_batches, generate_images, raster_config,
     raster_loss,
 )
 from ar_course.tokenizers import VQVAE
@@ -118,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--train-images {args.train_images} is smaller than --batch-size {args.batch_size}")
     state_path = prepare_run(parser, args.out, args.resume, args.batch_size)
     device = get_device(args.device)
-    tokenizer = load_tokenizer(args.tokenizer, device=device)
+    tokenizer = checkpoint.load(args.tokenizer, device, kind="tokenizer")
     images, labels = load_mnist("train", size=32)
     images, labels = images[:args.train_images], labels[:args.train_images]
     token_maps = encode_dataset(tokenizer, images)  # (N, 8, 8)

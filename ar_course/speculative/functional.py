@@ -1,4 +1,5 @@
-"""The small pieces of speculative decoding, one function each (the references of chapter 05's exercises).
+"""The small pieces of speculative decoding that :mod:`.decoding` is built from, one function each; chapter 05's
+exercises are checked against them.
 
 Notation: ``p`` is the target's next-token distribution, ``q`` the draft's, both ``(..., V)`` and both
 produced by :func:`ar_course.sampling.probs` with the same temperature / top-k / top-p. A round proposes
@@ -10,12 +11,10 @@ the one after the last draft token.
 * :func:`residual_distribution` -- ``normalize(max(0, p - q))``, where a rejected token is redrawn from.
 * :func:`speculative_round` -- verify a block of drafts: accepted prefix + one corrected or bonus token.
 * :func:`rollback_caches` -- cut KV caches back to what the accepted sequence needs.
-* :func:`expected_tokens_per_call`, :func:`expected_speedup` -- the analytic model of Leviathan et al.
 * :func:`jacobi_verify` -- the same verification for Speculative Jacobi Decoding, plus the samples that the
   unaccepted positions carry into the next pass.
-* :func:`codebook_neighbors`, :func:`relaxed_target`, :func:`relaxed_acceptance_probability` -- the
-  LANTERN-style relaxation: a drafted image token may borrow up to ``delta`` probability from its nearest
-  codebook neighbours before the accept test.
+* :func:`codebook_neighbors`, :func:`relaxed_target` -- the LANTERN-style relaxation: a drafted image token
+  may borrow up to ``delta`` probability from its nearest codebook neighbours before the accept test.
 """
 
 from __future__ import annotations
@@ -105,26 +104,6 @@ def rollback_caches(caches: list[KVCache], seq_len: int) -> None:
         cache.rollback(min(cache.length, seq_len - 1))
 
 
-def expected_tokens_per_call(alpha: float, gamma: int) -> float:
-    """Expected tokens one target call produces with ``gamma`` drafts accepted i.i.d. with prob ``alpha``:
-    ``(1 - alpha**(gamma + 1)) / (1 - alpha)``, and ``gamma + 1`` at ``alpha = 1``."""
-    if not 0 <= alpha <= 1:
-        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-    if gamma < 0:
-        raise ValueError(f"gamma must be >= 0, got {gamma}")
-    if alpha == 1:
-        return float(gamma + 1)
-    return (1 - alpha ** (gamma + 1)) / (1 - alpha)
-
-
-def expected_speedup(alpha: float, gamma: int, c: float) -> float:
-    """Wall-clock speedup over plain decoding when a draft call costs ``c`` target calls:
-    ``expected_tokens_per_call(alpha, gamma) / (gamma * c + 1)``."""
-    if c < 0:
-        raise ValueError(f"cost ratio c must be >= 0, got {c}")
-    return expected_tokens_per_call(alpha, gamma) / (gamma * c + 1)
-
-
 def jacobi_verify(
     p: torch.Tensor,
     q: torch.Tensor,
@@ -187,12 +166,3 @@ def relaxed_target(p: torch.Tensor, tokens: torch.Tensor, neighbors: torch.Tenso
     scale = torch.where(S > 0, 1 - m / S.clamp(min=torch.finfo(p.dtype).tiny), torch.ones_like(S))
     out = p.scatter(-1, nb, p.gather(-1, nb) * scale)  # neighbours give ...
     return out.scatter_add(-1, tokens[..., None], m)  # ... the token takes
-
-
-def relaxed_acceptance_probability(
-    p: torch.Tensor, q: torch.Tensor, tokens: torch.Tensor, neighbors: torch.Tensor, delta: float
-) -> torch.Tensor:
-    """``min(1, (p[x] + m) / q[x])`` with ``m = min(delta, sum of p over x's neighbours)``; ``(...)``.
-
-    Shapes as in :func:`acceptance_probability`, ``neighbors`` ``(V, k)``. ``delta = 0`` is exact."""
-    return acceptance_probability(relaxed_target(p, tokens, neighbors, delta), q, tokens)

@@ -1,7 +1,7 @@
 """Image tokenizers: vector quantizers (VQ-VAE, RQ-VAE, VAR's multi-scale VQ) and a small conv VQ-VAE.
 
-* :mod:`.functional` -- pure reference functions (lookup, straight-through, losses, EMA, restart, usage,
-  residual and multi-scale quantization); chapter 01's exercises are checked against them.
+* :mod:`.functional` -- the pure functions the quantizers are built from (lookup, straight-through, losses,
+  EMA, restart, usage, residual and multi-scale quantization); chapter 01's exercises are checked against them.
 * :class:`VectorQuantizer`, :class:`ResidualVQ`, :class:`MultiScaleVQ` -- the quantizers as modules.
 * :class:`VQVAE` / :class:`VQVAEConfig` -- encoder + quantizer + decoder; :func:`load_pretrained` gives the
   shipped MNIST tokenizers (``"mnist_vq"``, ``"mnist_msvq"``).

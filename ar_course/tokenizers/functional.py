@@ -1,7 +1,7 @@
-"""Pure reference functions for vector quantization: the answers chapter 01's exercises are checked against.
+"""Pure functions of vector quantization that the modules in :mod:`ar_course.tokenizers.quantizers` are built
+from; most of chapter 01's exercises are checked against them, so the package and the exercises cannot drift.
 
-Every function here is stateless (it never modifies its inputs) and works on any device. The modules in
-:mod:`ar_course.tokenizers.quantizers` are built from them, so the package and the exercises cannot drift.
+Every function here is stateless (it never modifies its inputs) and works on any device.
 
 Shapes use ``N`` for a number of vectors, ``D`` (or ``C``) for their dimension, ``K`` for the number of codes,
 ``B`` for a batch of feature maps ``(B, C, H, W)`` and ``s`` for the side of one square scale.
@@ -127,26 +127,12 @@ def dead_code_restart(
     return new, dead
 
 
-def codebook_usage(indices: torch.Tensor, num_codes: int) -> tuple[float, float]:
-    """How much of a codebook ``indices`` (an integer tensor of any shape) uses.
-
-    Returns ``(fraction_used, perplexity)``: the fraction of the ``num_codes`` codes that appear at least
-    once, and ``exp(entropy)`` of the empirical code distribution (natural log), the effective number of
-    codes: 1 when a single code is used, ``num_codes`` when all are used equally often."""
-    if num_codes < 1:
-        raise ValueError(f"num_codes must be >= 1, got {num_codes}")
-    if indices.is_floating_point() or indices.dtype == torch.bool:
-        raise ValueError(f"indices must be an integer tensor, got {indices.dtype}")
-    if indices.numel() == 0:
-        raise ValueError("indices is empty")
-    flat = indices.flatten().long()
-    if int(flat.min()) < 0 or int(flat.max()) >= num_codes:
-        raise ValueError(f"indices must lie in [0, {num_codes}), got [{int(flat.min())}, {int(flat.max())}]")
-    return usage_from_counts(torch.bincount(flat, minlength=num_codes))
-
-
 def usage_from_counts(counts: torch.Tensor) -> tuple[float, float]:
-    """``(fraction_used, perplexity)`` from per-code counts ``(K,)``, as in :func:`codebook_usage`."""
+    """How much of a codebook per-code counts ``(K,)`` show in use: ``(fraction_used, perplexity)``.
+
+    ``fraction_used`` is the fraction of the ``K`` codes counted at least once; ``perplexity`` is
+    ``exp(entropy)`` of the empirical code distribution (natural log), the effective number of codes: 1 when
+    a single code is used, ``K`` when all are used equally often. All-zero counts give ``(0.0, 0.0)``."""
     if counts.ndim != 1 or counts.numel() == 0:
         raise ValueError(f"counts must be a non-empty (K,) tensor, got shape {tuple(counts.shape)}")
     total = counts.double().sum()
@@ -178,14 +164,6 @@ def residual_quantize(z: torch.Tensor, codebooks: torch.Tensor) -> tuple[torch.T
         z_hat = z_hat + codebook[idx]
         indices.append(idx)
     return torch.stack(indices, dim=1), z_hat  # (N, depth), (N, D)
-
-
-def residual_decode(indices: torch.Tensor, codebooks: torch.Tensor) -> torch.Tensor:
-    """Sum of the codes ``indices`` ``(N, depth)`` picks from ``codebooks`` ``(depth, K, D)``: ``(N, D)``."""
-    if indices.ndim != 2 or codebooks.ndim != 3 or indices.shape[1] != codebooks.shape[0]:
-        raise ValueError(f"expected indices (N, depth) and codebooks (depth, K, D), got {tuple(indices.shape)} "
-                         f"and {tuple(codebooks.shape)}")
-    return sum(codebooks[d][indices[:, d]] for d in range(codebooks.shape[0]))
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -256,8 +234,8 @@ def downsample_area(f: torch.Tensor, s: int) -> torch.Tensor:
     return f if f.shape[-1] == s else F.interpolate(f, size=(s, s), mode="area")
 
 
-def _embed(indices: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
-    """Codes of an index map ``(B, s, s)`` as a feature map ``(B, C, s, s)``."""
+def embed_indices(indices: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    """The codes ``codebook`` ``(K, C)`` of an index map ``(B, s, s)`` as a feature map ``(B, C, s, s)``."""
     return codebook[indices].permute(0, 3, 1, 2)  # (B, s, s, C) -> (B, C, s, s)
 
 
@@ -277,12 +255,14 @@ def multiscale_encode(
     for s, phi in zip(scales, phis):
         rest = downsample_area(f - f_hat, s)  # (B, C, s, s)
         idx = vq_lookup(rest.permute(0, 2, 3, 1).reshape(-1, c), codebook).view(b, s, s)  # (B, s, s)
-        f_hat = f_hat + phi(upsample_bicubic(_embed(idx, codebook), side))
+        f_hat = f_hat + phi(upsample_bicubic(embed_indices(idx, codebook), side))
         out.append(idx)
     return out
 
 
-def _check_indices(indices: Sequence[torch.Tensor], codebook: torch.Tensor, phis: Sequence[Refinement]) -> None:
+def check_index_maps(indices: Sequence[torch.Tensor], codebook: torch.Tensor, phis: Sequence[Refinement]) -> None:
+    """Raise ``ValueError`` unless ``indices`` is a non-empty list of square ``(B, s, s)`` maps, one refinement
+    per map in ``phis``, and ``codebook`` is ``(K, C)``."""
     if len(indices) == 0 or any(i.ndim != 3 or i.shape[-1] != i.shape[-2] for i in indices):
         raise ValueError("indices must be a non-empty list of square (B, s, s) index maps")
     if len(phis) != len(indices):
@@ -291,33 +271,19 @@ def _check_indices(indices: Sequence[torch.Tensor], codebook: torch.Tensor, phis
         raise ValueError(f"codebook must be (K, C), got shape {tuple(codebook.shape)}")
 
 
-def multiscale_decode(
-    indices: Sequence[torch.Tensor], codebook: torch.Tensor, phis: Sequence[Refinement]
-) -> torch.Tensor:
-    """Rebuild ``f_hat`` ``(B, C, H, H)`` from one index map per scale (``H`` is the last map's side).
-
-    ``f_hat = sum_k phis[k](upsample(codebook[indices[k]]))``: the decoder side of :func:`multiscale_encode`."""
-    _check_indices(indices, codebook, phis)
-    side = indices[-1].shape[-1]
-    f_hat = 0
-    for idx, phi in zip(indices, phis):
-        f_hat = f_hat + phi(upsample_bicubic(_embed(idx, codebook), side))
-    return f_hat
-
-
 def teacher_forcing_inputs(
     indices: Sequence[torch.Tensor], codebook: torch.Tensor, phis: Sequence[Refinement]
 ) -> list[torch.Tensor]:
     """What VAR's transformer reads when predicting scale ``k + 1`` from the ground-truth scales ``<= k``.
 
-    For ``k = 0 .. S-2``: the cumulative ``f_hat`` after scale ``k`` (as in :func:`multiscale_decode`),
-    area-downsampled to the side of scale ``k + 1``. Returns ``S - 1`` maps ``(B, C, s_{k+1}, s_{k+1})``
-    (the first scale is predicted from the class token alone, so it has no entry)."""
-    _check_indices(indices, codebook, phis)
+    For ``k = 0 .. S-2``: the cumulative ``f_hat`` after scale ``k`` (the sum of the refined, upsampled codes
+    of scales ``0 .. k``), area-downsampled to the side of scale ``k + 1``. Returns ``S - 1`` maps
+    ``(B, C, s_{k+1}, s_{k+1})`` (the first scale is predicted from the class token alone, so it has no entry)."""
+    check_index_maps(indices, codebook, phis)
     side = indices[-1].shape[-1]
     f_hat = 0
     out = []
     for k in range(len(indices) - 1):
-        f_hat = f_hat + phis[k](upsample_bicubic(_embed(indices[k], codebook), side))
+        f_hat = f_hat + phis[k](upsample_bicubic(embed_indices(indices[k], codebook), side))
         out.append(downsample_area(f_hat, indices[k + 1].shape[-1]))
     return out

@@ -462,7 +462,7 @@ class MultiScaleVQ(nn.Module):
 
     def _accumulate(self, f_hat: torch.Tensor | None, k: int, indices_k: torch.Tensor) -> torch.Tensor:
         """:meth:`accumulate` on checked input."""
-        codes = self.quantizer.codes()[indices_k].permute(0, 3, 1, 2)  # (B, s, s, D) -> (B, D, s, s)
+        codes = Fq.embed_indices(indices_k, self.quantizer.codes())  # (B, D, s, s)
         h = self.phi(k)(Fq.upsample_bicubic(codes, self.side))  # (B, D, H, H)
         return h if f_hat is None else f_hat + h
 

@@ -17,10 +17,10 @@ import torch
 
 from ar_course import distributed as ddp
 from ar_course import metrics
-from ar_course.checkpoint import save_checkpoint
+from ar_course.checkpoint import ASSETS, save_checkpoint
 from ar_course.cli import ArgumentParser, nonnegative_float, positive_float, positive_int
 from ar_course.tokenizers.quantizers import MSVQ_LOSSES
-from ar_course.tokenizers.vqvae import ASSETS, CHECKPOINT_KIND, QUANTIZERS, VQVAE, VQVAEConfig
+from ar_course.tokenizers.vqvae import CHECKPOINT_KIND, QUANTIZERS, VQVAE, VQVAEConfig
 from ar_course.train import History, TrainConfig, add_run_options, finish_run, prepare_run, train_loop, trainer_main
 from ar_course.utils import get_device, seed_everything
 

@@ -9,12 +9,15 @@
 
     tok = load_pretrained("mnist_vq")     # 8x8 = 64 tokens per MNIST digit (chapter 03)
     tok = load_pretrained("mnist_msvq")   # scales 1,2,3,4,6,8 = 130 tokens in 6 steps (chapter 04)
+
+``load_pretrained(name)`` is ``ar_course.checkpoint.load(name, kind="tokenizer")``; the shipped files are
+``tokenizer_mnist_vq`` and ``tokenizer_mnist_msvq`` in :data:`ar_course.checkpoint.ASSETS`.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
@@ -22,11 +25,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ar_course.checkpoint import load_checkpoint, load_model
+from ar_course import checkpoint
 from ar_course.tokenizers.quantizers import MultiScaleVQ, QuantizerOutput, ResidualVQ, VectorQuantizer
 from ar_course.utils import check_finite
 
-ASSETS = Path(__file__).resolve().parents[1] / "assets"
 QUANTIZERS = ("vq", "rvq", "msvq")
 PRETRAINED = ("mnist_vq", "mnist_msvq")
 CHECKPOINT_KIND = "tokenizer"
@@ -75,12 +77,9 @@ class VQVAEConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "VQVAEConfig":
-        """Build from a dict such as a checkpoint's stored config (unknown keys are an error)."""
-        names = {f.name for f in fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ValueError(f"unknown VQVAEConfig fields: {sorted(unknown)}")
-        return cls(**d)
+        """Build from a dict such as a checkpoint's stored config: :func:`~ar_course.checkpoint.config_from_dict`
+        (missing keys take their defaults, an unknown key is a ``ValueError``)."""
+        return checkpoint.config_from_dict(cls, d)
 
 
 class ResBlock(nn.Module):
@@ -242,7 +241,7 @@ def pretrained_path(name: str) -> Path:
     """Where the shipped tokenizer ``name`` (``"mnist_vq"`` or ``"mnist_msvq"``) lives."""
     if name not in PRETRAINED:
         raise ValueError(f"unknown pretrained tokenizer {name!r}; choose from {PRETRAINED}")
-    return ASSETS / f"tokenizer_{name}.safetensors"
+    return checkpoint.ASSETS / f"{checkpoint.ALIASES[name]}.safetensors"
 
 
 def load_pretrained(name: str, device: str | torch.device = "cpu") -> VQVAE:
@@ -251,11 +250,10 @@ def load_pretrained(name: str, device: str | torch.device = "cpu") -> VQVAE:
     ``"mnist_vq"``: single-scale VQ, 8x8 = 64 tokens per 32x32 digit. ``"mnist_msvq"``: VAR's multi-scale
     VQ with scales 1,2,3,4,6,8 = 130 tokens in 6 steps. Both share the encoder/decoder configuration and
     the codebook size. Build them again with ``python -m ar_course train tokenizer``."""
-    model = load_model(pretrained_path(name), lambda cfg: VQVAE(VQVAEConfig.from_dict(cfg)),
-                       kind=CHECKPOINT_KIND, device=device)
-    return model.eval()
+    return checkpoint.load(pretrained_path(name), device, kind=CHECKPOINT_KIND)
 
 
 def pretrained_info(name: str) -> dict:
-    """What was recorded when the shipped tokenizer was trained (steps, seed, held-out PSNR, usage...)."""
-    return load_checkpoint(pretrained_path(name))[1]["extra"]
+    """What was recorded when the shipped tokenizer was trained (steps, seed, held-out PSNR, usage...):
+    :func:`ar_course.checkpoint.info`."""
+    return checkpoint.info(pretrained_path(name))

@@ -1,7 +1,8 @@
-"""Pure reference functions for the causal transformer: no modules, no state, written to be read.
+"""Pure functions of the causal transformer that the modules in :mod:`.model` are built from: no modules, no
+state, written to be read.
 
-The chapter 02 exercises are checked against these, and the modules in :mod:`.model` are tested against
-them (the modules use fused PyTorch kernels where they exist; these are the plain paths beside them).
+They are the plain paths beside the fused PyTorch kernels the modules use where those exist (tests check
+that both agree), and most of chapter 02's exercises are checked against them.
 
 Conventions used everywhere in :mod:`ar_course.transformer`:
 
@@ -13,7 +14,6 @@ Conventions used everywhere in :mod:`ar_course.transformer`:
 from __future__ import annotations
 
 import math
-from typing import Callable
 
 import torch
 
@@ -150,53 +150,3 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     half = x.shape[-1] // 2
     x1, x2 = x[..., :half], x[..., half:]
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
-
-
-def rotary_embedding(x: torch.Tensor, positions: torch.Tensor, base: float = 10000.0) -> torch.Tensor:
-    """1D rotary position embedding of ``x`` ``(..., T, D)`` at integer ``positions`` ``(T,)``."""
-    cos, sin = rope_angles(positions, x.shape[-1], base)
-    return apply_rope(x, cos, sin)
-
-
-def pre_norm_block(
-    x: torch.Tensor,
-    norm1: Callable[[torch.Tensor], torch.Tensor],
-    attn: Callable[[torch.Tensor], torch.Tensor],
-    norm2: Callable[[torch.Tensor], torch.Tensor],
-    mlp: Callable[[torch.Tensor], torch.Tensor],
-) -> torch.Tensor:
-    """One pre-norm transformer block on ``x`` ``(B, T, C)``: normalise, transform, add back.
-
-    ``h = x + attn(norm1(x))`` then ``h + mlp(norm2(h))``. The residual stream itself is never
-    normalised, which keeps gradients well behaved in deep stacks."""
-    h = x + attn(norm1(x))
-    return h + mlp(norm2(h))
-
-
-def cached_attention(
-    q: torch.Tensor,
-    k_new: torch.Tensor,
-    v_new: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    pos: int,
-) -> torch.Tensor:
-    """Attention for ``T`` new tokens against a preallocated KV cache (one decode step when ``T = 1``).
-
-    Args:
-        q, k_new, v_new: ``(B, H, T, D)`` for the new tokens, which sit at positions ``pos .. pos+T-1``.
-        k_cache, v_cache: ``(B, H, L_max, D)`` buffers holding positions ``0 .. pos-1``; the new keys and
-            values are written **in place** at ``pos .. pos+T-1``.
-        pos: number of positions already in the cache.
-
-    Returns:
-        ``(B, H, T, D)``: each new token attends causally to positions ``0 .. its own position``.
-    """
-    T = q.shape[-2]
-    if pos + T > k_cache.shape[-2]:
-        raise ValueError(f"cache holds {k_cache.shape[-2]} positions, cannot write {T} at position {pos}")
-    k_cache[:, :, pos : pos + T] = k_new
-    v_cache[:, :, pos : pos + T] = v_new
-    k = k_cache[:, :, : pos + T]  # (B, H, pos+T, D)
-    v = v_cache[:, :, : pos + T]  # (B, H, pos+T, D)
-    return scaled_dot_product_attention(q, k, v, causal_mask(T, pos + T, device=q.device))

@@ -19,13 +19,14 @@ Modules in dependency order: :class:`GPTConfig`, :class:`KVCache`, :class:`RMSNo
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ar_course import sampling
+from ar_course.checkpoint import config_from_dict
 from ar_course.transformer import functional as ref
 from ar_course.utils import check_bool, check_ids, check_int, check_number
 
@@ -78,9 +79,9 @@ class GPTConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "GPTConfig":
-        """Build from a dict (e.g. a checkpoint's JSON config), ignoring unknown keys."""
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        """Build from a dict (e.g. a checkpoint's JSON config): :func:`~ar_course.checkpoint.config_from_dict`
+        (missing keys take their defaults, an unknown key is a ``ValueError``)."""
+        return config_from_dict(cls, d)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -345,12 +346,16 @@ class Block(nn.Module):
 def set_attention(model: nn.Module, impl: str, backend: str = "auto") -> None:
     """Switch every attention layer of ``model`` (a GPT, a VAR, ...) to ``impl`` (one of
     :data:`ATTENTION_IMPLS`); with ``"kernels"``, ``backend`` picks the :mod:`ar_course.kernels` backend
-    (``"auto"``, ``"torch"``, ``"triton"``, ``"numba"``). The weights are untouched."""
+    (``"auto"``, ``"torch"``, ``"triton"``, ``"numba"``). The weights are untouched; ``model.config.attn`` (when
+    the model has a config with that field) becomes ``impl`` too, so a saved checkpoint records the setting."""
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
     for module in model.modules():
         if isinstance(module, SelfAttention):
             module.impl, module.kernel_backend = impl, backend
+    config = getattr(model, "config", None)
+    if hasattr(config, "attn"):
+        config.attn = impl
 
 
 class GPT(nn.Module):

@@ -28,13 +28,13 @@ import torch
 import torch.nn.functional as F
 
 from ar_course import distributed as ddp
-from ar_course.checkpoint import save_checkpoint
+from ar_course import checkpoint
+from ar_course.checkpoint import ASSETS, save_checkpoint
 from ar_course.cli import ArgumentParser, nonnegative_int, positive_float, positive_int
 from ar_course.train import TrainConfig, add_run_options, finish_run, prepare_run, train_loop, trainer_main
 from ar_course.transformer.model import GPT, GPTConfig
 from ar_course.utils import count_parameters, get_device, seed_everything
 
-ASSETS = Path(__file__).resolve().parents[1] / "assets"
 KIND = "lm"
 
 
@@ -152,12 +152,6 @@ def train_lm(
     return model, info
 
 
-def load_teacher(path: str | Path) -> GPT:
-    from ar_course.checkpoint import load_model
-
-    return load_model(path, lambda d: GPT(GPTConfig.from_dict(d)), kind=KIND)
-
-
 @trainer_main
 def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(
@@ -195,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     state_path = prepare_run(parser, out, args.resume, preset.batch_size)
     device = get_device(args.device)
     teacher_path = None if args.no_distill else (args.teacher or preset.teacher)
-    teacher = load_teacher(teacher_path) if teacher_path else None
+    teacher = checkpoint.load(teacher_path, kind=KIND) if teacher_path else None
 
     model, info = train_lm(preset, args.seed, device, teacher, not args.no_progress, args.eval_every,
                            checkpoint_every=args.checkpoint_every, state_path=state_path, resume=args.resume)

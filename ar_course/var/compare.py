@@ -8,6 +8,7 @@ Frechet distance, measured the same way for both. Used by the chapter 04 noteboo
 
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -18,7 +19,10 @@ from torch import nn
 
 from ar_course import metrics
 from ar_course.tokenizers import VQVAE
+from ar_course.utils import generate_in_batches
+from ar_course.transformer.counting import count_forward_passes
 from ar_course.var.model import VAR, generate_images
+
 
 @dataclass
 class Sampler:
@@ -41,30 +45,6 @@ def raster_sampler(model: nn.Module, tokenizer: VQVAE, cfg_scale: float = 1.0, *
 
     return Sampler(model, lambda classes, seed: raster_generate(model, tokenizer, classes, cfg_scale=cfg_scale,
                                                                 seed=seed, **kwargs))
-
-
-class PassCounter:
-    """Counts forward passes through a transformer (a pre-hook on its first block) until :meth:`remove`."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.count = 0
-        self._handle = model.blocks[0].register_forward_pre_hook(self._hook)
-
-    def _hook(self, module: nn.Module, args: tuple) -> None:
-        self.count += 1
-
-    def remove(self) -> None:
-        self._handle.remove()
-
-
-def count_forward_passes(model: nn.Module, fn: Callable[[], object]) -> int:
-    """How many forward passes through ``model``'s transformer ``fn()`` makes (counted at its first block)."""
-    counter = PassCounter(model)
-    try:
-        fn()
-    finally:
-        counter.remove()
-    return counter.count
 
 
 def seconds_per_batch(fn: Callable[[], object], repeats: int = 3) -> float:
@@ -120,7 +100,8 @@ def compare_generators(
     for name, sampler in samplers.items():
         passes = count_forward_passes(sampler.model, lambda: sampler.sample(batch, seed))
         secs = seconds_per_batch(lambda: sampler.sample(batch, seed), repeats)
-        images = torch.cat([sampler.sample(chunk, seed + i) for i, chunk in enumerate(classes.split(batch_size))])
+        seeds = itertools.count(seed)  # chunk i is sampled with seed + i
+        images = generate_in_batches(lambda chunk: sampler.sample(chunk, next(seeds)), classes, batch_size)
         rows.append({"name": name, "forward_passes": passes, "batch_size": int(batch.numel()),
                      "seconds_per_batch": secs, "images_per_second": batch.numel() / secs,
                      "class_accuracy": metrics.class_accuracy(images.cpu(), classes),

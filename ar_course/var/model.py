@@ -19,25 +19,21 @@ Follows "Visual Autoregressive Modeling: Scalable Image Generation via Next-Scal
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ar_course import sampling
-from ar_course.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from ar_course.checkpoint import load_model as load_any_model
+from ar_course import checkpoint, sampling
 from ar_course.raster.functional import condition_dropout
-from ar_course.tokenizers import PRETRAINED, VQVAE, MultiScaleVQ, VQVAEConfig
-from ar_course.tokenizers import load_pretrained as load_tokenizer
+from ar_course.tokenizers import VQVAE, MultiScaleVQ
 from ar_course.transformer.model import Block, GPTConfig, KVCache, RMSNorm
-from ar_course.utils import check_bool, check_ids, check_int, check_number
+from ar_course.utils import check_bool, check_ids, check_int, check_number, generate_in_batches
 from ar_course.var import functional as ref
 
-ASSETS = Path(__file__).resolve().parents[1] / "assets"
-PRETRAINED_PATH = ASSETS / "var_mnist.safetensors"
+PRETRAINED_PATH = checkpoint.ASSETS / "var_mnist.safetensors"
 CHECKPOINT_KIND = "var"
 
 
@@ -85,11 +81,9 @@ class VARConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "VARConfig":
-        """Build from a dict such as a checkpoint's stored config (unknown keys are an error)."""
-        unknown = set(d) - {f.name for f in fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown VARConfig fields: {sorted(unknown)}")
-        return cls(**d)
+        """Build from a dict such as a checkpoint's stored config: :func:`~ar_course.checkpoint.config_from_dict`
+        (missing keys take their defaults, an unknown key is a ``ValueError``)."""
+        return checkpoint.config_from_dict(cls, d)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -352,54 +346,29 @@ def generate_images(
     seed = None if seed is None else check_int("seed", seed)
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
-    images = []
-    for chunk in classes.to(device).split(batch_size):
+
+    def images_of(chunk: torch.Tensor) -> torch.Tensor:
         pyramid = sample_pyramid(model, tokenizer.quantizer, chunk, cfg, top_k, top_p, temperature, generator, ramp)
-        images.append(tokenizer.decode_from_indices(pyramid))
-    return torch.cat(images)  # (B, C, S, S)
+        return tokenizer.decode_from_indices(pyramid)  # (b, C, S, S)
+
+    return generate_in_batches(images_of, classes.to(device), batch_size)  # (B, C, S, S)
 
 
 def save_pretrained(model: VAR, path: str | Path, **extra) -> Path:
-    """Write ``model`` as a float16 safetensors checkpoint with its config and ``extra`` metadata."""
+    """Write ``model`` as a float16 safetensors checkpoint with its config and ``extra`` metadata (load it with
+    :func:`ar_course.checkpoint.load`)."""
     state = {k: v.half() for k, v in model.state_dict().items()}
-    return save_checkpoint(path, state, model.config, kind=CHECKPOINT_KIND, **extra)
-
-
-def load_model(path: str | Path, device: torch.device | str = "cpu") -> VAR:
-    """A :class:`VAR` from a checkpoint written by :func:`save_pretrained` (float32, eval mode)."""
-    state, meta = load_checkpoint(path)
-    if meta["kind"] != CHECKPOINT_KIND:
-        raise CheckpointError(f"{path} holds a {meta['kind']!r} checkpoint, expected {CHECKPOINT_KIND!r}")
-    model = VAR(VARConfig.from_dict(meta["config"]))
-    try:
-        model.load_state_dict(state, strict=True)  # copies (and upcasts) into float32 parameters
-    except RuntimeError as exc:
-        raise CheckpointError(f"{path} does not match the model built from its config: {exc}") from None
-    return model.to(device).eval()
-
-
-def load_tokenizer_arg(name_or_path: str, device: torch.device | str = "cpu") -> VQVAE:
-    """A shipped tokenizer by name (``"mnist_msvq"``) or a multi-scale tokenizer checkpoint by path (eval mode)."""
-    if name_or_path in PRETRAINED:
-        return load_tokenizer(name_or_path, device=device)
-    model = load_any_model(name_or_path, lambda cfg: VQVAE(VQVAEConfig.from_dict(cfg)), kind="tokenizer",
-                           device=device)
-    if model.config.quantizer != "msvq":
-        raise ValueError(f"VAR needs a multi-scale (msvq) tokenizer; {name_or_path} holds a "
-                         f"{model.config.quantizer!r} one")
-    return model.eval()
+    return checkpoint.save_checkpoint(path, state, model.config, kind=CHECKPOINT_KIND, **extra)
 
 
 def load_pretrained(device: torch.device | str = "cpu", path: str | Path | None = None) -> tuple[VAR, VQVAE]:
-    """The shipped MNIST VAR and the tokenizer it was trained on (``mnist_msvq``): ``(model, tokenizer)``,
-    both in eval mode."""
-    path = Path(path) if path is not None else PRETRAINED_PATH
-    model = load_model(path, device)
-    _, meta = load_checkpoint(path)
-    return model, load_tokenizer_arg(meta["extra"].get("tokenizer", "mnist_msvq"), device=device)
+    """The shipped MNIST VAR (or the checkpoint at ``path``) and the tokenizer it was trained on
+    (``mnist_msvq``): ``(model, tokenizer)``, both in eval mode (:func:`ar_course.checkpoint.load_with_tokenizer`)."""
+    return checkpoint.load_with_tokenizer(PRETRAINED_PATH if path is None else Path(path), device,
+                                          kind=CHECKPOINT_KIND)
 
 
 def pretrained_info(path: str | Path | None = None) -> dict:
-    """What the trainer recorded with the checkpoint: steps, seed, losses, accuracy per guidance scale..."""
-    _, meta = load_checkpoint(Path(path) if path is not None else PRETRAINED_PATH)
-    return {"config": meta["config"], **meta["extra"]}
+    """What the trainer recorded with the checkpoint: steps, seed, losses, accuracy per guidance scale...
+    (:func:`ar_course.checkpoint.info`)."""
+    return checkpoint.info(PRETRAINED_PATH if path is None else Path(path))

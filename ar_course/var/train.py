@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from ar_course import checkpoint
 from ar_course import distributed as ddp
 from ar_course import metrics
 from ar_course.cli import ArgumentParser, nonnegative_int, positive_float, positive_int, probability
@@ -22,7 +23,7 @@ from ar_course.raster.model import condition_dropout_batches
 from ar_course.tokenizers import VQVAE
 from ar_course.train import History, TrainConfig, add_run_options, finish_run, prepare_run, train_loop, trainer_main
 from ar_course.utils import get_device, seed_everything
-from ar_course.var.model import PRETRAINED_PATH, VAR, VARConfig, generate_images, load_tokenizer_arg, save_pretrained
+from ar_course.var.model import PRETRAINED_PATH, VAR, VARConfig, generate_images, save_pretrained
 
 EVAL_CFGS = (0.0, 1.0, 2.0, 4.0)
 TOKENIZER = "mnist_msvq"
@@ -151,8 +152,10 @@ def main(argv: list[str] | None = None) -> int:
                          f"train tokenizer --quantizer msvq --dataset {args.dataset} --out PATH)")
         args.tokenizer = TOKENIZER
     device = get_device(args.device)
-    tokenizer = load_tokenizer_arg(args.tokenizer, device=device)
+    tokenizer = checkpoint.load(args.tokenizer, device, kind="tokenizer")
     tc = tokenizer.config
+    if tc.quantizer != "msvq":
+        parser.error(f"VAR needs a multi-scale (msvq) tokenizer; {args.tokenizer} holds a {tc.quantizer!r} one")
     channels, n_classes = metrics.DATASETS[args.dataset]
     if tc.in_channels != channels:
         parser.error(f"the tokenizer takes {tc.in_channels}-channel images but {args.dataset} has {channels}")

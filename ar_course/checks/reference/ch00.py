@@ -1,19 +1,24 @@
-"""Reference versions of chapter 00's warm-ups: softmax, sampling with a temperature, cross-entropy.
+"""Chapter 00's warm-ups: the references of exercises 0.1-0.3.
 
-Every later chapter turns logits into probabilities, tokens or a loss with these three operations (through
-``torch.softmax``, :mod:`ar_course.sampling` and ``torch.nn.functional.cross_entropy``). The versions here
-spell out the numerics that make them safe:
+The library turns logits into probabilities with :func:`ar_course.transformer.functional.masked_softmax`,
+into tokens with :mod:`ar_course.sampling` (inverse-CDF draws) and into a loss with
+``torch.nn.functional.cross_entropy``. The exercises write the three operations out, with the numerics that
+make them safe:
 
-* :func:`stable_softmax` subtracts the row maximum before ``exp``, so logits of any size work, and accepts
-  ``-inf`` for tokens that are ruled out (a row of nothing but ``-inf`` gives zeros, not NaN).
-* :func:`sample_categorical` draws one token per row with the Gumbel-max trick; temperature 0 is greedy.
-* :func:`cross_entropy_from_logits` computes ``logsumexp - logit of the target`` per row and averages over
-  the rows whose target is not ``ignore_index``.
+* :func:`stable_softmax` -- the library's masked softmax along any ``dim``: the maximum is subtracted before
+  ``exp``, so logits of any size work, and ``-inf`` rules a token out (a slice of nothing but ``-inf`` gives
+  zeros, not NaN).
+* :func:`sample_categorical` -- one token per row by the Gumbel-max trick, one of the two methods the exercise
+  describes (its check accepts any exact sampler); temperature 0 is greedy.
+* :func:`cross_entropy_from_logits` -- ``logsumexp - logit of the target`` per row, averaged over the rows
+  whose target is not ``ignore_index``.
 """
 
 from __future__ import annotations
 
 import torch
+
+from ar_course.transformer.functional import masked_softmax
 
 
 def stable_softmax(logits: torch.Tensor, dim: int = -1) -> torch.Tensor:
@@ -22,16 +27,13 @@ def stable_softmax(logits: torch.Tensor, dim: int = -1) -> torch.Tensor:
     ``logits``: a floating-point tensor of any shape; entries may be ``-inf`` (probability exactly 0).
     A slice along ``dim`` whose entries are all ``-inf`` has no probability mass to share and gives all
     zeros. Returns a tensor of the same shape, dtype and device whose slices along ``dim`` sum to 1 (or 0).
+    The numerics are those of :func:`ar_course.transformer.functional.masked_softmax`, which attention uses.
     """
     if not isinstance(logits, torch.Tensor) or not logits.is_floating_point():
         raise ValueError(f"logits must be a floating-point tensor, got {_describe(logits)}")
     if logits.ndim == 0:
         raise ValueError("logits must have at least one dimension to normalise over")
-    top = logits.amax(dim=dim, keepdim=True).detach()  # size 1 along dim; a constant shift cancels out
-    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))  # an all -inf slice subtracts 0
-    weights = torch.exp(logits - top)  # in [0, 1], and exactly 1 at the maximum
-    total = weights.sum(dim=dim, keepdim=True)
-    return weights / torch.where(total > 0, total, torch.ones_like(total))  # an all -inf slice: 0 / 1
+    return masked_softmax(logits.movedim(dim, -1)).movedim(-1, dim)  # the library's max-subtracted softmax
 
 
 def sample_categorical(

@@ -1,13 +1,12 @@
-"""Chapter 07 in plain functions: the pieces :class:`ar_course.system.Generator` is assembled from.
+"""Chapter 07 references that the library does not call: the system's pieces as plain functions, small
+enough to read in one sitting. (Exercise 7.4's reference is the library's own
+:func:`ar_course.utils.generate_in_batches`.)
 
-These are the references of the chapter 07 exercises (:mod:`ar_course.checks.ch07`), small enough to read
-in one sitting:
-
-* :func:`var_pipeline` -- classes -> VAR token pyramid -> tokenizer decoder -> images;
+* :func:`var_pipeline` -- classes -> VAR token pyramid -> tokenizer decoder -> images, in one batch (what
+  :func:`ar_course.var.generate_images` does per chunk);
 * :func:`guidance_weights` -- the system's one guidance convention, ``(1 + t) cond - t uncond``, per step;
-* :func:`choose_backend` -- which attention implementation a device gets (the rules of
-  :func:`ar_course.kernels.select_backend`, on a plain set of what can run);
-* :func:`generate_in_batches` -- chunk a request, generate each chunk, concatenate in order;
+* :func:`choose_backend` -- which attention implementation a device gets: the library's rule
+  (:func:`ar_course.kernels.ops.backend_rule`) on a plain set of what can run;
 * :func:`generation_accounting` -- forward passes per image and images per second from per-chunk counts;
 * :func:`pareto_front` and :func:`fastest_meeting` -- reading a speed/quality table.
 """
@@ -15,18 +14,15 @@ in one sitting:
 from __future__ import annotations
 
 import math
-from typing import Callable, Mapping, Sequence
+from typing import Collection, Mapping, Sequence
 
 import torch
 
 from ar_course.tokenizers import VQVAE
-from ar_course.var import functional as var_functional
+from ar_course.var.functional import guidance_strength
 from ar_course.var.model import VAR, sample_pyramid
 
 GUIDANCE_METHODS = ("var", "ar")
-KERNEL_BACKENDS = ("triton", "numba")
-"""The chapter 06 kernel families, in the order ``"auto"`` prefers them on a GPU."""
-REQUESTS = ("auto", "torch") + KERNEL_BACKENDS
 
 
 @torch.no_grad()
@@ -62,44 +58,29 @@ def guidance_weights(w: float, method: str, num_steps: int, ramp: bool = True) -
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
     out = []
     for k in range(num_steps):
-        t = var_functional.guidance_strength(w, k, num_steps, ramp) if method == "var" else float(w)
+        t = guidance_strength(w, k, num_steps, ramp) if method == "var" else float(w)
         out.append((1.0 + t, -t))
     return out
 
 
-def choose_backend(device_type: str, available: set[str] | frozenset[str], requested: str = "auto") -> str:
+def choose_backend(device_type: str, available: Collection[str], requested: str = "auto") -> str:
     """The attention implementation for a device: ``"torch"``, ``"triton"`` or ``"numba"``.
 
     ``available`` holds the kernel families that can run on this device here (``"triton"``, ``"numba"``; on a
     CPU these are the interpreter and the simulator). ``requested="auto"``: on ``"cuda"``, Triton if
     available, else numba, else torch; on any other device torch (the CPU stand-ins are teaching tools, far
     slower than torch). ``"torch"`` is always possible; a forced ``"triton"`` / ``"numba"`` is returned
-    when available and raises ``RuntimeError`` when not. Any other request raises ``ValueError``."""
-    if requested not in REQUESTS:
-        raise ValueError(f"requested must be one of {REQUESTS}, got {requested!r}")
-    if requested == "torch":
-        return "torch"
-    if requested != "auto":
-        if requested not in available:
-            raise RuntimeError(f"backend {requested!r} is not available on {device_type}")
-        return requested
-    if device_type == "cuda":
-        return next((b for b in KERNEL_BACKENDS if b in available), "torch")
-    return "torch"
+    when available and raises ``RuntimeError`` when not. Any other request raises ``ValueError``.
 
+    This is the library's own rule (:func:`ar_course.kernels.ops.backend_rule`, which
+    :func:`~ar_course.kernels.select_backend` applies to what this machine can run) for attention, on a
+    plain set of what can run."""
+    from ar_course.kernels.ops import backend_rule  # on use: importing the kernels sets the simulator defaults
 
-def generate_in_batches(
-    generate_fn: Callable[[torch.Tensor], torch.Tensor],
-    classes: torch.Tensor,
-    batch_size: int,
-) -> torch.Tensor:
-    """Call ``generate_fn`` on consecutive chunks of ``classes`` ``(B,)``, each of ``batch_size`` classes
-    (the last one may be shorter), and concatenate the images it returns ``(b, ...)`` in order.
+    def why_not(backend: str) -> str | None:
+        return None if backend == "torch" or backend in available else f"not in available {set(available)}"
 
-    Returns ``(B, ...)``. ``batch_size < 1`` raises ``ValueError``."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    return torch.cat([generate_fn(chunk) for chunk in classes.split(batch_size)])  # (B, ...)
+    return backend_rule("flash_attention", device_type, why_not, requested)
 
 
 def generation_accounting(

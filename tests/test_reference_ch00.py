@@ -1,4 +1,5 @@
-"""Tests of ar_course.basics against torch's own softmax, sampling and cross-entropy."""
+"""Tests of the chapter 00 references (ar_course.checks.reference.ch00) against torch's own softmax, sampling
+and cross-entropy."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from scipy.stats import chisquare
 
-from ar_course.basics import cross_entropy_from_logits, sample_categorical, stable_softmax
+from ar_course.checks.reference.ch00 import cross_entropy_from_logits, sample_categorical, stable_softmax
 
 NEG_INF = float("-inf")
 

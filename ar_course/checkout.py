@@ -1,0 +1,41 @@
+"""Finding the ar-course source checkout for the course tools that work on it (``build_notebooks``, ``bench``).
+
+The installed package holds the library and the shipped checkpoints, not ``solutions/``, ``notebooks/`` or
+``benchmarks/``: those live only in a checkout of the repository. The tools take ``--root`` or search upward
+from the current folder, and say so in one line when there is no checkout to find.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+_PROJECT_NAME = re.compile(r'^name\s*=\s*"ar-course"\s*$', re.MULTILINE)
+
+
+class CheckoutNotFound(Exception):
+    """No ar-course checkout where one was needed."""
+
+
+def is_checkout(folder: Path, marker: str) -> bool:
+    """Whether ``folder`` holds the ar-course ``pyproject.toml`` and a ``marker`` folder (``"solutions"``...)."""
+    pyproject = folder / "pyproject.toml"
+    return (folder / marker).is_dir() and pyproject.is_file() and bool(
+        _PROJECT_NAME.search(pyproject.read_text(encoding="utf-8", errors="replace")))
+
+
+def find_root(marker: str, root: str | Path | None = None) -> Path:
+    """The checkout to work on: ``root`` when given (checked), else the first folder from the current one upward
+    that :func:`is_checkout`. Raises :class:`CheckoutNotFound` with a one-line message otherwise."""
+    if root is not None:
+        folder = Path(root).resolve()
+        if not is_checkout(folder, marker):
+            raise CheckoutNotFound(f"--root {root} is not an ar-course checkout (looked for pyproject.toml with "
+                                   f"{marker}/)")
+        return folder
+    here = Path.cwd().resolve()
+    for folder in (here, *here.parents):
+        if is_checkout(folder, marker):
+            return folder
+    raise CheckoutNotFound(f"no ar-course checkout found from {here} upward (looked for pyproject.toml with "
+                           f"{marker}/); pass --root")

@@ -1,0 +1,53 @@
+"""Image grids and PNG files with NumPy alone (no matplotlib or Pillow), for the library and its CLI.
+
+    grid = to_grid(images, nrow=10)              # (N, C, H, W) in [0, 1] -> (H', W', C) float array
+    Path("grid.png").write_bytes(encode_png((grid * 255).round().astype(np.uint8)))
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+
+import numpy as np
+import torch
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_COLOR_TYPES = {1: 0, 3: 2, 4: 6}  # channels -> PNG colour type: grey, RGB, RGBA
+
+
+def to_grid(images: torch.Tensor, nrow: int = 8, pad: int = 2, pad_value: float = 1.0) -> np.ndarray:
+    """Tile ``images`` (N, C, H, W) with values in [0, 1] into one array (rows*(H+pad), cols*(W+pad), C)."""
+    if images.ndim != 4:
+        raise ValueError(f"images must be (N, C, H, W), got shape {tuple(images.shape)}")
+    x = images.detach().float().cpu().clamp(0, 1)
+    n, c, h, w = x.shape
+    ncol = min(nrow, n)
+    nrows = (n + ncol - 1) // ncol
+    grid = torch.full((c, nrows * (h + pad) + pad, ncol * (w + pad) + pad), pad_value)
+    for i in range(n):
+        r, col = divmod(i, ncol)
+        top, left = pad + r * (h + pad), pad + col * (w + pad)
+        grid[:, top : top + h, left : left + w] = x[i]
+    return grid.permute(1, 2, 0).numpy()  # (H', W', C)
+
+
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    """One PNG chunk: length, type, data, CRC-32 of type + data."""
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def encode_png(pixels: np.ndarray) -> bytes:
+    """A PNG file (8 bits per sample, no interlacing) of ``pixels``: a uint8 array ``(H, W)`` (grey) or
+    ``(H, W, C)`` with C = 1 (grey), 3 (RGB) or 4 (RGBA). Raises ``ValueError`` for another dtype or shape."""
+    if not isinstance(pixels, np.ndarray) or pixels.dtype != np.uint8:
+        raise ValueError(f"pixels must be a uint8 numpy array, got {getattr(pixels, 'dtype', type(pixels))}")
+    if pixels.ndim == 2:
+        pixels = pixels[..., None]  # (H, W, 1)
+    if pixels.ndim != 3 or pixels.shape[2] not in _COLOR_TYPES or 0 in pixels.shape[:2]:
+        raise ValueError(f"pixels must be (H, W) or (H, W, 1 | 3 | 4) with H, W >= 1, got {pixels.shape}")
+    h, w, c = pixels.shape
+    rows = np.concatenate([np.zeros((h, 1), np.uint8), pixels.reshape(h, w * c)], axis=1)  # filter byte 0 per row
+    header = struct.pack(">IIBBBBB", w, h, 8, _COLOR_TYPES[c], 0, 0, 0)
+    return (_PNG_SIGNATURE + _chunk(b"IHDR", header) + _chunk(b"IDAT", zlib.compress(rows.tobytes(), 6))
+            + _chunk(b"IEND", b""))

@@ -1,0 +1,31 @@
+"""Counting forward passes through a transformer (a GPT, a VAR: any module with ``blocks``)."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from torch import nn
+
+
+class PassCounter:
+    """Counts forward passes through a transformer (a pre-hook on its first block) until :meth:`remove`."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.count = 0
+        self._handle = model.blocks[0].register_forward_pre_hook(self._hook)
+
+    def _hook(self, module: nn.Module, args: tuple) -> None:
+        self.count += 1
+
+    def remove(self) -> None:
+        self._handle.remove()
+
+
+def count_forward_passes(model: nn.Module, fn: Callable[[], object]) -> int:
+    """How many forward passes through ``model``'s transformer ``fn()`` makes (counted at its first block)."""
+    counter = PassCounter(model)
+    try:
+        fn()
+    finally:
+        counter.remove()
+    return counter.count

@@ -1,0 +1,52 @@
+"""The course tools that work on a checkout (build_notebooks, bench) find it upward from the current folder or
+take --root, and say in one line when there is none (as from an installed copy)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ar_course import bench
+from ar_course.checkout import CheckoutNotFound, find_root
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _tool(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run([sys.executable, "-m", *args], cwd=cwd, capture_output=True, text=True, timeout=300,
+                          env=env)
+
+
+def test_find_root_searches_upward_and_checks_an_explicit_root(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT / "ar_course" / "data")
+    assert find_root("solutions") == ROOT and find_root("benchmarks") == ROOT
+    assert find_root("solutions", ROOT) == ROOT
+    with pytest.raises(CheckoutNotFound, match=f"--root {tmp_path} is not an ar-course checkout"):
+        find_root("solutions", tmp_path)
+    (tmp_path / "solutions").mkdir()
+    (tmp_path / "pyproject.toml").write_text('[project]\nname = "another-project"\n')
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(CheckoutNotFound) as exc:
+        find_root("solutions")
+    assert str(exc.value) == (f"no ar-course checkout found from {tmp_path.resolve()} upward (looked for "
+                              "pyproject.toml with solutions/); pass --root")
+
+
+@pytest.mark.parametrize("args, marker", [(["ar_course.build_notebooks", "--check"], "solutions"),
+                                          (["ar_course", "bench", "--table"], "benchmarks")])
+def test_tools_outside_a_checkout_fail_in_one_line_and_work_with_root(tmp_path, args, marker):
+    res = _tool(args, tmp_path)
+    assert res.returncode == 2 and res.stderr.strip() == (
+        f"error: no ar-course checkout found from {tmp_path.resolve()} upward (looked for pyproject.toml with "
+        f"{marker}/); pass --root")
+    res = _tool([*args, "--root", str(ROOT)], tmp_path)
+    assert res.returncode == 0, res.stderr
+
+
+def test_bench_lists_the_checkouts_benchmarks():
+    assert {"kernels", "var", "system"} <= set(bench.available(ROOT))
