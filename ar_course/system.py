@@ -19,7 +19,7 @@ import contextlib
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import numpy as np
 import torch
@@ -35,6 +35,9 @@ from ar_course.tokenizers import VQVAE
 from ar_course.transformer.counting import PassCounter
 from ar_course.transformer.model import GPT, set_attention
 from ar_course.utils import check_bool, check_ids, check_int, check_number, generate_in_batches, get_device
+
+if TYPE_CHECKING:
+    from ar_course.kernels import DispatchRecord
 
 PRETRAINED = {
     "mnist": {"var_path": "var_mnist", "ar_path": "ar_mnist", "draft_path": "ar_mnist_draft"},
@@ -57,13 +60,20 @@ class GenerationStats:
 
     ``forward_passes`` counts target-model passes (a batched pass counts once); ``passes_per_image`` is how
     many passes each image waited for (a batch of 10 VAR images: 6; speculative decoding runs one image at
-    a time, so its passes add up). ``accepted_hist[k]``: speculative rounds that accepted ``k`` drafts."""
+    a time, so its passes add up). ``accepted_hist[k]``: speculative rounds that accepted ``k`` drafts.
+
+    ``backends`` says what actually computed attention, never what was merely asked for: ``"attention"``
+    (multi-token passes) and ``"decode_attention"`` (one-token steps over the KV cache) are ``"torch"``,
+    ``"triton"`` or ``"numba"``, several with their call counts (``"triton x30, torch x6"``) when the
+    choice differed by kind of call, or ``"none"`` when the kernel path made no such call; ``"fallbacks"``
+    lists every kernel that failed and was answered by torch, with the reason; ``"compiled"`` is
+    ``"torch.compile"`` or ``"no"``."""
 
     method: str
     speculative: str | None
     device: str
     precision: str
-    backends: dict[str, str]
+    backends: dict[str, str | list[str]]
     images: int
     seconds: float
     forward_passes: int
@@ -85,6 +95,8 @@ class GenerationStats:
         spec = f" + {self.speculative}" if self.speculative else ""
         extra = f", acceptance {self.acceptance_rate:.2f}" if self.speculative else ""
         compiled = ", compiled" if self.backends.get("compiled", "no") != "no" else ""
+        fallbacks = len(self.backends.get("fallbacks", []))
+        compiled += f", {fallbacks} kernel fallback{'s' * (fallbacks > 1)}" if fallbacks else ""
         return (f"{self.images} images by {self.method}{spec} on {self.device} ({self.precision}, attention: "
                 f"{self.backends['attention']}{compiled}): {self.seconds:.2f} s, "
                 f"{self.images_per_second:.1f} images/s, {self.passes_per_image:.1f} forward passes per image{extra}")
@@ -208,9 +220,10 @@ class Generator:
             relaxed_delta: with ``"jacobi"``: LANTERN-style relaxed acceptance over each code's ``neighbors``
                 nearest codes, moving at most this much probability mass (0 = exact).
             kernels: ``"auto"`` runs attention on the chapter 06 kernels where they are faster on this
-                device (compiled Triton or numba.cuda on a GPU; on a CPU torch's fused attention is faster
-                than the simulators, so torch); ``"torch"`` never uses them; ``"triton"`` / ``"numba"``
-                force one (on a CPU: the interpreter / simulator, slow, for checking agreement).
+                device (on a GPU each kind of call is timed once, compiled Triton or numba.cuda against
+                torch; on a CPU torch's fused attention is faster than the simulators, so torch);
+                ``"torch"`` never uses them; ``"triton"`` / ``"numba"`` force one (on a CPU: the interpreter
+                / simulator, slow, for checking agreement). ``stats.backends`` reports what really ran.
             seed: seeds one generator for the call (``None``: torch's global generator).
             batch_size: images per batched call; samples depend on it, so keep it fixed when comparing.
             precision: ``"auto"`` (bfloat16 autocast on CUDA, float32 on CPU) or a dtype name for autocast.
@@ -246,7 +259,8 @@ class Generator:
         ramp, progress = check_bool("ramp", ramp), check_bool("progress", progress)
         device = self.device
         restore = self._attention_state()
-        backends = self._set_kernels("torch" if compile else kernels, device)
+        impl = self._set_kernels("torch" if compile else kernels, device)
+        from ar_course.kernels import record_dispatch  # ar_course.kernels is imported by now (_set_kernels)
         precision = _resolve_precision(precision, device)
         generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
         counter = self._install_compiled(method) if compile else PassCounter(model)
@@ -272,7 +286,8 @@ class Generator:
         _sync(device)
         start = time.perf_counter()
         try:
-            with _autocast(device, precision):  # speculative decoding runs one image at a time
+            with _autocast(device, precision), record_dispatch() as dispatched:
+                # speculative decoding runs one image at a time
                 images = generate_in_batches(images_of, classes.to(device), 1 if speculative else batch_size)
             _sync(device)
         finally:
@@ -284,7 +299,7 @@ class Generator:
         seconds = time.perf_counter() - start
         stats = GenerationStats(
             method=method, speculative=speculative, device=str(device), precision=precision,
-            backends={**backends, "compiled": "torch.compile" if compile else "no"},
+            backends={**_attention_report(impl, dispatched), "compiled": "torch.compile" if compile else "no"},
             images=int(classes.numel()), seconds=seconds, forward_passes=counter.count,
             passes_per_image=weighted_passes / classes.numel(),
             draft_passes=draft_counter.count if draft_counter is not None else 0,
@@ -357,16 +372,17 @@ class Generator:
 
         return restore
 
-    def _set_kernels(self, kernels: str, device: torch.device) -> dict[str, str]:
-        """Point every model's attention at the chosen implementation; returns ``{op: backend}``."""
+    def _set_kernels(self, kernels: str, device: torch.device) -> str:
+        """Point every model's attention at torch's SDPA (``"sdpa"``) or at the kernel entry points with
+        ``kernels`` as their backend (``"kernels"``: where some kernel may run here); returns which."""
         from ar_course.kernels import select_backend  # imported on use: it sets the simulator defaults
 
-        backends = {op: select_backend(op, device, kernels) for op in ("flash_attention", "decode_attention")}
-        impl = "sdpa" if set(backends.values()) == {"torch"} else "kernels"
+        may_run = {select_backend(op, device, kernels) for op in ("flash_attention", "decode_attention")}
+        impl = "sdpa" if may_run == {"torch"} else "kernels"
         for model in (self.var, self.ar, self.ar_draft):
             if model is not None:
                 set_attention(model, impl, kernels)
-        return {"attention": backends["flash_attention"], "decode_attention": backends["decode_attention"]}
+        return impl
 
     def _install_compiled(self, method: str) -> "_CompiledStep":
         """Route ``method``'s decode step through its ``torch.compile``d version (built once per Generator)."""
@@ -428,6 +444,17 @@ class _CompiledStep:
 
     def remove(self) -> None:
         self._model.__dict__.pop(self._name, None)
+
+
+def _attention_report(impl: str, dispatched: DispatchRecord) -> dict[str, str | list[str]]:
+    """What computed attention in one call: torch's SDPA for every call when the models ran ``impl="sdpa"``,
+    else what the kernel entry points recorded they ran (``"none"`` for an op never called), and why any
+    kernel fell back to torch."""
+    if impl == "sdpa":
+        return {"attention": "torch", "decode_attention": "torch", "fallbacks": []}
+    ran = dispatched.summary("flash_attention", "decode_attention")
+    return {"attention": ran["flash_attention"], "decode_attention": ran["decode_attention"],
+            "fallbacks": ran["fallbacks"]}
 
 
 def _resolve_precision(precision: str, device: torch.device) -> str:

@@ -8,7 +8,7 @@ the call), next to the size of the buffers each method must allocate.
 GPU (only when CUDA is present; device and date are recorded): Triton FlashAttention forward against
 ``F.scaled_dot_product_attention`` at T = 1024-4096, d = 64, and its TFLOP/s against a measured bf16 matmul
 ceiling; decode attention's achieved bandwidth against the measured copy bandwidth; the fused nearest-code
-search against cdist + argmin.
+search against cdist + argmin; and for each, what ``backend="auto"`` runs after its one-time measurement.
 
     python benchmarks/bench_kernels.py [--repeats 5] [--out benchmarks/results]
 """
@@ -136,6 +136,17 @@ def _matmul_flops() -> float:
     return 2 * 8192**3 / _gpu_seconds(lambda: a @ b, repeats=10)
 
 
+def _auto_ran(call: Callable[[], object]) -> str:
+    """What ``backend="auto"`` runs for this call after its one-time measurement (``ar_course.kernels.ops``)."""
+    import ar_course.kernels as K_
+
+    call()  # the first call of a kind measures the kernel against torch
+    with K_.record_dispatch() as ran:
+        call()
+    (op,) = ran.calls
+    return ran.backend(op)
+
+
 def bench_gpu() -> dict:
     import torch.nn.functional as F
 
@@ -158,7 +169,8 @@ def bench_gpu() -> dict:
                 out["flash_attention"].append({"T": t, "causal": causal, "triton_ms": ours * 1e3,
                                                "sdpa_ms": sdpa * 1e3, "speed_vs_sdpa": sdpa / ours,
                                                "triton_tflops": flops / ours / 1e12,
-                                               "fraction_of_matmul_peak": flops / ours / peak_flops})
+                                               "fraction_of_matmul_peak": flops / ours / peak_flops,
+                                               "auto_runs": _auto_ran(lambda: K_.flash_attention(q, k, v, mask))})
     peak_bw = _copy_bandwidth()
     out["copy_bandwidth_gbs"] = peak_bw / 1e9
     backends = (["triton"] if K_.env.TRITON_INSTALLED else []) + ["numba", "torch"]
@@ -167,17 +179,20 @@ def bench_gpu() -> dict:
         q = torch.randn(b, h, d, device=dev, dtype=torch.bfloat16)
         k_cache, v_cache = (torch.randn(b, h, t, d, device=dev, dtype=torch.bfloat16) for _ in range(2))
         cache_bytes = 2 * k_cache.numel() * k_cache.element_size()
+        auto = _auto_ran(lambda: K_.decode_attention(q, k_cache, v_cache, t))
         for backend in backends:
             sec = _gpu_seconds(lambda: K_.decode_attention(q, k_cache, v_cache, t, backend=backend))
             out["decode_attention"].append({"T": t, "backend": backend, "ms": sec * 1e3,
                                             "bandwidth_gbs": cache_bytes / sec / 1e9,
-                                            "fraction_of_copy_bandwidth": cache_bytes / sec / peak_bw})
+                                            "fraction_of_copy_bandwidth": cache_bytes / sec / peak_bw,
+                                            "auto_runs": auto})
     for n in (65_536, 1_048_576):
         z, c = torch.randn(n, 32, device=dev), torch.randn(1024, 32, device=dev)
         row = {"N": n, "K": 1024, "D": 32,
                "cdist_ms": _gpu_seconds(lambda: torch.cdist(z, c).argmin(1)) * 1e3}
         for backend in backends[:-1]:
             row[f"{backend}_ms"] = _gpu_seconds(lambda: K_.vq_nearest(z, c, backend=backend)) * 1e3
+        row["auto_runs"] = _auto_ran(lambda: K_.vq_nearest(z, c))
         out["vq_nearest"].append(row)
     return out
 

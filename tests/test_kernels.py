@@ -1,6 +1,7 @@
 """ar_course.kernels on CPU: numba.cuda kernels in the CUDA simulator, the numba CPU search, the masks, the
 sanitizer and the torch-facing wrappers, each against plain torch on random inputs with odd sizes."""
 
+import json
 import math
 import os
 import subprocess
@@ -16,9 +17,11 @@ from ar_course.kernels import cuda_basic as kb
 from ar_course.kernels import cuda_softmax as ks
 from ar_course.kernels import cuda_vq as kv
 from ar_course.kernels import env
+from ar_course.kernels.calibrate import software_section
 from ar_course.kernels.cpu_vq import vq_nearest_cpu
 from ar_course.kernels.masks import BlockCausal, dense_mask, prefix_lengths
 from ar_course.kernels.sanitizer import SanitizerError, sanitize
+from ar_course.transformer.functional import causal_mask
 from numba import cuda, float32
 
 needs_sim = pytest.mark.skipif(not env.CUDA_SIMULATOR, reason="runs numba.cuda kernels in the CUDA simulator")
@@ -88,13 +91,15 @@ def test_block_causal_mask():
 def test_prefix_lengths_of_every_mask_kind():
     assert prefix_lengths(None, 4, 4, "cpu") is None
     assert prefix_lengths("causal", 4, 4, "cpu").tolist() == [1, 2, 3, 4]
+    assert prefix_lengths("causal", 3, 5, "cpu").tolist() == [3, 4, 5]  # the last 3 of 5 positions (a KV cache)
+    assert torch.equal(dense_mask("causal", 3, 5, "cpu"), causal_mask(3, 5))
     assert torch.equal(dense_mask("causal", 5, 5, "cpu"), torch.ones(5, 5, dtype=torch.bool).tril())
     dense = BlockCausal((2, 3)).dense()
     assert prefix_lengths(dense, 5, 5, "cpu").tolist() == [2, 2, 5, 5, 5]  # a prefix-shaped bool tensor
 
 
 @pytest.mark.parametrize("mask, t_q, t_k, fragment", [
-    ("causal", 3, 5, "as many queries"),
+    ("causal", 5, 3, "no more queries than keys"),
     ("diagonal", 3, 3, "unknown mask"),
     (BlockCausal((2, 2)), 5, 5, "covers 4"),
     (torch.ones(3, 3), 3, 3, "bool"),
@@ -382,11 +387,87 @@ def test_a_failing_kernel_falls_back_to_torch_under_auto(monkeypatch):
         raise RuntimeError("no compiler here")
 
     monkeypatch.setattr(cpu_vq, "vq_nearest_cpu", broken)
-    monkeypatch.setattr(ops, "_FAILED", set())
+    monkeypatch.setattr(ops, "_FAILED", {})
     z, c = vq_data(400, 300, 4, seed=15)  # large enough for numba_cpu under "auto"
     with pytest.raises(RuntimeError, match="no compiler"):
         K.vq_nearest(z, c, backend="numba_cpu")
-    with pytest.warns(RuntimeWarning, match="numba_cpu kernel failed"):
+    with K.record_dispatch() as ran, pytest.warns(RuntimeWarning, match="numba_cpu kernel failed"):
         got = K.vq_nearest(z, c)
     assert torch.equal(got, exact_nearest(z, c))
-    assert K.select_backend("vq_nearest", torch.device("cpu"), large=True) == "torch"
+    assert ran.summary() == {"vq_nearest": "torch",
+                             "fallbacks": ["numba_cpu vq_nearest: RuntimeError: no compiler here (used torch)"]}
+    with K.record_dispatch() as again:
+        K.vq_nearest(z, c)  # that kind of call stays on torch, and says why every time
+    assert again.summary() == ran.summary()
+
+
+def test_the_record_names_what_ran_per_op_with_call_counts():
+    z, c = vq_data(400, 300, 4, seed=16)
+    q = torch.randn(1, 2, 5, 8)
+    with K.record_dispatch() as ran:
+        K.vq_nearest(z, c)  # large: numba_cpu
+        K.vq_nearest(z[:3], c[:3])  # small: torch
+        K.vq_nearest(z[:3], c[:3])
+        K.flash_attention(q, q, q, "causal")
+        with K.record_dispatch() as inner:  # an inner block collects for itself
+            K.decode_attention(q[:, :, 0], q, q, 5)
+    assert ran.summary() == {"vq_nearest": "torch x2, numba_cpu x1", "flash_attention": "torch", "fallbacks": []}
+    assert ran.backend("decode_attention") == "none" and inner.summary("decode_attention", "softmax") == {
+        "decode_attention": "torch", "softmax": "none", "fallbacks": []}
+    K.softmax(q)  # outside any block: nothing is recorded, nothing fails
+
+
+def test_kernels_are_forward_only_so_auto_takes_torch_for_gradients(monkeypatch):
+    from ar_course.kernels import ops
+
+    rule = ops.backend_rule  # as if numba could win here
+    monkeypatch.setattr(ops, "backend_rule", lambda op, device_type, why_not, backend="auto", large=False:
+                        "numba" if backend == "auto" else rule(op, device_type, why_not, backend, large))
+    q = torch.randn(1, 2, 5, 8, requires_grad=True)
+    with K.record_dispatch() as ran:
+        K.flash_attention(q, q, q, "causal").sum().backward()
+        K.decode_attention(q[:, :, 0], q, q, 5)
+    assert ran.summary() == {"flash_attention": "torch", "decode_attention": "torch", "fallbacks": []}
+    assert q.grad is not None
+
+
+# measured dispatch ---------------------------------------------------------------------------------------
+
+
+def fake_timer(*seconds: float):
+    """A timer that hands out ``seconds`` in order (auto_choice times torch first, then the kernel)."""
+    times = iter(seconds)
+    return lambda fn: next(times)
+
+
+def test_calibration_keeps_a_kernel_only_when_it_is_faster_by_the_margin(tmp_path):
+    from ar_course.kernels.calibrate import Calibrator
+    from ar_course.kernels.ops import auto_choice
+
+    def choose(key, torch_s, kernel_s, calibrator=None):
+        calibrator = calibrator or Calibrator(timer=fake_timer(torch_s, kernel_s), path=None)
+        return auto_choice(key, "triton", lambda: None, lambda: None, calibrator)
+
+    assert choose("a", 1.0, 0.5) == "triton"
+    assert choose("a", 1.0, 2.0) == "torch"
+    assert choose("a", 1.0, 0.96) == "torch"  # within 5% of torch: not clearly faster
+    assert choose("a", 1.0, 0.95) == "triton"
+    path = tmp_path / "choices.json"
+    first = Calibrator(timer=fake_timer(1.0, 0.5, 1.0, 3.0), path=path)
+    assert choose("small", 0, 0, first) == "triton" and choose("large", 0, 0, first) == "torch"
+    second = Calibrator(timer=fake_timer(), path=path)  # a new process: decided without timing anything
+    assert choose("small", 0, 0, second) == "triton" and choose("large", 0, 0, second) == "torch"
+    assert second.choices()["small"] == {"backend": "triton", "seconds": {"triton": 0.5, "torch": 1.0}}
+    sections = json.loads(path.read_text())
+    assert list(sections) == [software_section()] and "torch " in software_section()
+
+
+def test_calibration_without_a_writable_cache_keeps_its_decisions_in_memory(tmp_path):
+    from ar_course.kernels.calibrate import Calibrator
+
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    calibrator = Calibrator(timer=fake_timer(), path=blocker / "choices.json")  # a file where a folder must be
+    with pytest.warns(RuntimeWarning, match="for this process only"):
+        assert calibrator.decide("k", "triton", 1.0, 2.0) == "triton"
+    assert calibrator.lookup("k") == "triton" and calibrator.path is None

@@ -16,8 +16,26 @@ def rand(*shape: int, dtype: torch.dtype = torch.float32, seed: int = 0) -> torc
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(CUDA, dtype)
 
 
-def test_auto_prefers_a_kernel_on_cuda():
+def test_auto_considers_the_best_installed_kernel_on_cuda():
+    """The candidate; whether it runs is measured per kind of call (test_auto_measures_and_records_on_cuda)."""
     assert K.select_backend("flash_attention", CUDA) == KERNEL_BACKENDS[-1]
+
+
+def test_auto_measures_and_records_on_cuda(tmp_path, monkeypatch):
+    from ar_course.kernels import ops
+    from ar_course.kernels.calibrate import Calibrator
+
+    calibrator = Calibrator(path=tmp_path / "choices.json")
+    monkeypatch.setattr(ops, "CALIBRATOR", calibrator)
+    q, k, v = (rand(4, 16, 1024, 64, dtype=torch.bfloat16, seed=s) for s in (20, 21, 22))
+    for _ in range(2):
+        with K.record_dispatch() as ran:
+            got = K.flash_attention(q, k, v, "causal")
+        assert ran.backend("flash_attention") in ("triton", "numba", "torch") and ran.fallbacks == []
+    (choice,) = calibrator.choices().values()  # measured once, on the first call
+    assert choice["backend"] == ran.backend("flash_attention") and min(choice["seconds"].values()) > 0
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    torch.testing.assert_close(got, expected, atol=2e-2, rtol=2e-2)
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
@@ -49,6 +67,25 @@ def test_triton_flash_attention_half_precision(dtype):
     assert got.dtype == dtype
     expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
     torch.testing.assert_close(got, expected, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.skipif(not env.TRITON_INSTALLED, reason="needs Triton")
+@pytest.mark.parametrize("mask", [None, "causal", BlockCausal((1, 4, 9, 16, 25, 36, 64, 100, 169, 256))],
+                         ids=["none", "causal", "var-scales"])
+def test_triton_kernels_take_autocast_and_mixed_dtypes(mask):
+    """What the bf16 system hands attention: bf16 queries with the float32 KV cache, and the reverse."""
+    t = 680
+    q32, k32, v32 = rand(2, 3, t, 64, seed=13), rand(2, 3, t, 64, seed=14), rand(2, 3, t, 64, seed=15)
+    expected = K.attention_reference(*(x.bfloat16().double() for x in (q32, k32, v32)), mask).float()
+    for q, k, v in ((q32.bfloat16(), k32, v32), (q32, k32.bfloat16(), v32.bfloat16())):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            got = K.flash_attention(q, k, v, mask, backend="triton")
+        assert got.dtype == q.dtype
+        torch.testing.assert_close(got.float(), expected, atol=2e-2, rtol=2e-2)
+    lengths = torch.tensor([t, 77], device=CUDA)
+    dec = K.decode_attention(q32[:, :, -1].bfloat16(), k32, v32, lengths, backend="triton")
+    torch.testing.assert_close(dec.float(), K.decode_attention_reference(q32[:, :, -1].bfloat16().double(),
+                               k32.double(), v32.double(), lengths).float(), atol=2e-2, rtol=2e-2)
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)

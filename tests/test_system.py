@@ -1,6 +1,7 @@
 """The full system (chapter 07): Generator outputs, fast paths against plain paths, errors, the generate CLI."""
 
 import importlib.util
+import itertools
 import json
 import subprocess
 import sys
@@ -30,6 +31,7 @@ def test_var_and_ar_generate_images_with_their_pass_counts(gen):
         assert out.classes.tolist() == [0, 3, 9]
         assert out.stats.forward_passes == passes and out.stats.passes_per_image == passes
         assert out.stats.backends["attention"] == "torch" and out.stats.precision == "float32"
+        assert out.stats.backends["fallbacks"] == []
         json.dumps(out.stats.as_dict())  # JSON-ready
 
 
@@ -64,8 +66,66 @@ def test_forced_kernel_backends_agree_with_torch(gen, backend):
         pytest.skip("triton is not installed")
     kern = gen.generate([4], method="var", kernels=backend, seed=0)
     plain = gen.generate([4], method="var", kernels="torch", seed=0)
-    assert kern.stats.backends["attention"] == backend
+    assert kern.stats.backends["attention"] == backend and kern.stats.backends["fallbacks"] == []
+    assert kern.stats.backends["decode_attention"] == backend  # VAR's first scale is a single token
     torch.testing.assert_close(kern.images, plain.images, atol=1e-4, rtol=0)
+
+
+@pytest.fixture
+def auto_tries_triton(monkeypatch):
+    """"auto" on this CPU as on a GPU: Triton is the candidate for FlashAttention and a fake timer decides
+    (torch is timed first, then the kernel). The Triton function is replaced by torch's attention: what is
+    under test is the accounting. Returns a function installing the two times."""
+    if not _has_triton():
+        pytest.skip("triton is not installed")
+    from ar_course.kernels import ops, triton_kernels
+    from ar_course.kernels.calibrate import Calibrator
+    from ar_course.kernels.masks import prefix_to_dense
+
+    def stand_in(q, k, v, mask, scale, **kwargs):
+        kv_len = mask.kv_len(q.device)
+        allowed = None if kv_len is None else prefix_to_dense(kv_len, k.shape[2])
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale)
+
+    rule = ops.backend_rule
+    monkeypatch.setattr(ops, "backend_rule", lambda op, device_type, why_not, backend="auto", large=False:
+                        "triton" if backend == "auto" and op == "flash_attention"
+                        else rule(op, device_type, why_not, backend, large))
+    monkeypatch.setattr(ops, "_FAILED", {})
+    monkeypatch.setattr(triton_kernels, "flash_attention_triton", stand_in)
+
+    def install(torch_seconds: float, kernel_seconds: float) -> None:
+        times = itertools.cycle([torch_seconds, kernel_seconds])
+        monkeypatch.setattr(ops, "CALIBRATOR", Calibrator(timer=lambda fn: next(times), path=None,
+                                                          device_types=("cpu",)))
+
+    return install
+
+
+def test_auto_stats_name_the_backend_that_ran_and_every_fallback(gen, auto_tries_triton, monkeypatch):
+    plain = gen.generate([4], method="var", kernels="torch", seed=0)
+    auto_tries_triton(torch_seconds=1.0, kernel_seconds=0.5)
+    fast = gen.generate([4], method="var", seed=0)
+    assert fast.stats.backends == {"attention": "triton", "decode_attention": "torch", "fallbacks": [],
+                                   "compiled": "no"}
+    torch.testing.assert_close(fast.images, plain.images, atol=1e-5, rtol=0)
+    auto_tries_triton(torch_seconds=1.0, kernel_seconds=2.0)
+    assert gen.generate([4], method="var", seed=0).stats.backends["attention"] == "torch"
+
+    from ar_course.kernels import triton_kernels
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("Both operands must be same dtype")
+
+    monkeypatch.setattr(triton_kernels, "flash_attention_triton", broken)
+    auto_tries_triton(torch_seconds=1.0, kernel_seconds=0.5)
+    with pytest.warns(RuntimeWarning, match="triton kernel failed"):
+        failed = gen.generate([4], method="var", seed=0)
+    assert failed.stats.backends["attention"] == "torch"
+    assert failed.stats.backends["fallbacks"] == [
+        "triton flash_attention: RuntimeError: Both operands must be same dtype (used torch)"]
+    assert "1 kernel fallback" in failed.stats.summary()
+    torch.testing.assert_close(failed.images, plain.images, atol=1e-5, rtol=0)
 
 
 @pytest.mark.slow
@@ -80,7 +140,10 @@ def test_raster_pipeline_on_triton_kernels_matches_torch(gen, speculative):
         pytest.skip("triton is not installed")
     kern = gen.generate([6], method="ar", cfg=0, speculative=speculative, kernels="triton", seed=0)
     plain = gen.generate([6], method="ar", cfg=0, speculative=speculative, kernels="torch", seed=0)
-    assert kern.stats.backends["attention"] == "triton" and plain.stats.backends["attention"] == "torch"
+    ran = {op: kern.stats.backends[op] for op in ("attention", "decode_attention")}
+    main_op = "decode_attention" if speculative is None else "attention"  # one token a step / a window a step
+    assert ran[main_op] == "triton" and set(ran.values()) <= {"triton", "none"}, ran
+    assert plain.stats.backends["attention"] == "torch"
     assert kern.stats.accepted_hist == plain.stats.accepted_hist
     torch.testing.assert_close(kern.images, plain.images, atol=1e-4, rtol=0)
 

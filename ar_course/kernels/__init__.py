@@ -15,27 +15,34 @@ Entry points (torch tensors in, torch tensors out; ``backend=`` picks or forces 
 * :func:`decode_attention` (q, k_cache, v_cache, length): one query per head over a KV cache, split-K;
 * :func:`softmax` (x): row-wise online softmax.
 
+``backend="auto"`` runs a kernel only where it measured faster than torch on this GPU, per kind of call
+(:mod:`.calibrate`); inside ``with record_dispatch() as rec:`` every call records the back-end that really
+ran and any fallback with its reason.
+
 Kernels: :mod:`.cuda_basic` (map, 2-D map, shared-memory reduction, tiled matmul), :mod:`.cuda_softmax`,
 :mod:`.cuda_vq`, :mod:`.cuda_attention` (numba.cuda); :mod:`.triton_kernels` (optional, needs Triton);
-:mod:`.cpu_vq` (numba CPU). Plain torch definitions: :mod:`.reference`. Simulator bug finder:
-:mod:`.sanitizer`.
+:mod:`.cpu_vq` (numba CPU). Masks as the kernels take them: :mod:`.masks`; the dtype they multiply in:
+:mod:`.precision`. Plain torch definitions: :mod:`.reference`. Simulator bug finder: :mod:`.sanitizer`.
 """
 
 from . import env  # noqa: F401  (first: sets the simulator / interpreter defaults)
 from .env import describe
 from .masks import BlockCausal, MaskSpec
-from .ops import BACKENDS, decode_attention, flash_attention, select_backend, softmax, vq_nearest
+from .ops import (BACKENDS, DispatchRecord, decode_attention, flash_attention, record_dispatch, select_backend,
+                  softmax, vq_nearest)
 from .reference import attention_reference, decode_attention_reference, vq_nearest_reference
 
 __all__ = [
     "BACKENDS",
     "BlockCausal",
+    "DispatchRecord",
     "MaskSpec",
     "attention_reference",
     "decode_attention",
     "decode_attention_reference",
     "describe",
     "flash_attention",
+    "record_dispatch",
     "select_backend",
     "softmax",
     "vq_nearest",

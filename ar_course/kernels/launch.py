@@ -14,6 +14,12 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def pow2_at_least(n: int) -> int:
+    """The smallest power of two >= ``n`` (1 for ``n <= 1``): block sizes, and size buckets that share one
+    autotuning or one measurement."""
+    return 1 << max(0, n - 1).bit_length()
+
+
 def float32_input(x: torch.Tensor, ndim: int, name: str) -> torch.Tensor:
     """``x`` as a contiguous float32 tensor, after checking that it has ``ndim`` axes."""
     if not isinstance(x, torch.Tensor):

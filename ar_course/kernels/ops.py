@@ -7,33 +7,106 @@ Backends (``backend=`` forces one; ``"auto"`` picks):
 * ``"numba_cpu"``: the numba CPU nearest-code search (``vq_nearest`` only);
 * ``"torch"``: plain torch (``cdist`` + ``argmin``, ``scaled_dot_product_attention``, ``softmax``).
 
-``"auto"`` on a CUDA tensor takes Triton when it is installed, else numba.cuda, else torch. On a CPU tensor
-the simulator and interpreter are teaching tools, far slower than torch, so ``"auto"`` takes torch, except
-for ``vq_nearest`` on large inputs, where the numba CPU search is faster and needs no N x K buffer. If a
-kernel picked by ``"auto"`` fails (say numba cannot find the CUDA toolkit to compile), a warning says so,
-torch answers, and that backend is skipped from then on; a forced backend raises instead.
+``"auto"`` takes a kernel only where it is faster. On a CUDA tensor the candidate is Triton when it is
+installed, else numba.cuda; the first call of each kind (op, device, a bucket of sizes and dtypes) times
+the candidate against torch on that call's inputs and keeps whichever won (:mod:`.calibrate`; decisions
+persist in a cache file). On a CPU tensor the simulator and interpreter are teaching tools, far slower
+than torch, so ``"auto"`` takes torch, except for ``vq_nearest`` on large inputs, where the numba CPU search
+is faster and needs no N x K buffer (``benchmarks/bench_kernels.py`` measures it). Kernels have no
+backward pass, so ``"auto"`` takes torch when a gradient is needed. If a kernel that ``"auto"`` tries fails
+(say it cannot compile), a warning says so, torch answers, and that kind of call stays on torch in this
+process; a forced backend raises instead.
+
+What ran is recorded: inside ``with record_dispatch() as rec:`` every call notes the back-end that
+actually executed and any fallback with its reason (``rec.summary()``), which is how
+:class:`~ar_course.system.Generator` reports its back-ends.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import importlib
 import math
+import numbers
 import warnings
+from collections import Counter
+from dataclasses import dataclass, field
 from functools import lru_cache
 from types import ModuleType
-from typing import Callable, Collection
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 
+from ar_course.utils import check_number
+
 from . import env
-from .masks import MaskSpec, dense_mask, prefix_lengths
+from .calibrate import Calibrator, default_cache_path
+from .launch import pow2_at_least
+from .masks import MaskSpec, PrefixMask, dense_mask, prefix_mask
+from .precision import compute_dtype
 from .reference import vq_nearest_reference
 
 BACKENDS = ("auto", "torch", "numba", "numba_cpu", "triton")
 CPU_VQ_MIN_PAIRS = 1 << 16
 """``vq_nearest`` on CPU uses numba from this many (vector, code) pairs on; torch below."""
-_FAILED: set[str] = set()  # backends that failed under "auto" in this process
+CALIBRATOR = Calibrator(path=default_cache_path())
+"""Decides kernel or torch for ``"auto"`` on a GPU (replace it to change the timer, the file or the margin)."""
+_FAILED: dict[str, str] = {}  # kind of call -> why its kernel failed under "auto" (it stays on torch)
+
+
+# -- what ran ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DispatchRecord:
+    """The back-ends that executed inside one :func:`record_dispatch` block, and the fallbacks."""
+
+    calls: dict[str, Counter] = field(default_factory=dict)  # op -> Counter({backend: calls})
+    fallbacks: list[str] = field(default_factory=list)  # "triton flash_attention: <error> (used torch)", once each
+
+    def backend(self, op: str) -> str:
+        """What ran ``op``: one name (``"triton"``), several with their call counts (``"triton x30, torch x6"``,
+        most calls first) or ``"none"`` when ``op`` was never called."""
+        counts = self.calls.get(op)
+        if not counts:
+            return "none"
+        if len(counts) == 1:
+            return next(iter(counts))
+        return ", ".join(f"{name} x{n}" for name, n in counts.most_common())
+
+    def summary(self, *ops: str) -> dict[str, str | list[str]]:
+        """``{op: self.backend(op), ..., "fallbacks": [...]}`` for ``ops`` (default: every op called)."""
+        return {**{op: self.backend(op) for op in ops or tuple(self.calls)}, "fallbacks": list(self.fallbacks)}
+
+
+_RECORD: contextvars.ContextVar[DispatchRecord | None] = contextvars.ContextVar("ar_course_dispatch", default=None)
+
+
+@contextlib.contextmanager
+def record_dispatch() -> Iterator[DispatchRecord]:
+    """Collect what every kernel entry point runs inside the block (this thread / task only; an inner block
+    collects for itself)."""
+    record = DispatchRecord()
+    token = _RECORD.set(record)
+    try:
+        yield record
+    finally:
+        _RECORD.reset(token)
+
+
+def _ran(op: str, backend: str, out: torch.Tensor, fallback: str | None = None) -> torch.Tensor:
+    """Note that ``backend`` computed ``op`` (and why a kernel did not, if one was meant to); returns ``out``."""
+    record = _RECORD.get()
+    if record is not None:
+        record.calls.setdefault(op, Counter())[backend] += 1
+        if fallback is not None and fallback not in record.fallbacks:
+            record.fallbacks.append(fallback)
+    return out
+
+
+# -- choosing ----------------------------------------------------------------------------------------------
 
 
 @lru_cache(maxsize=None)
@@ -72,19 +145,22 @@ def _usable(backend: str, device: torch.device) -> str | None:
 def select_backend(op: str, device: torch.device, backend: str = "auto", large: bool = False) -> str:
     """The backend ``op`` (``"vq_nearest"``, ``"flash_attention"``, ``"decode_attention"``, ``"softmax"``) uses.
 
-    A forced backend that cannot run raises ``RuntimeError`` with the reason; ``"auto"`` never fails.
+    A forced backend is returned if it can run here and raises ``RuntimeError`` with the reason if not;
+    ``"auto"`` never fails: it returns the kernel it may use on this device, or ``"torch"``. On a GPU that
+    kernel still has to win its measurement for each kind of call (the calls record what really ran).
     """
-    return backend_rule(op, device.type, lambda b: _usable(b, device), backend, large, skip=_FAILED)
+    return backend_rule(op, device.type, lambda b: _usable(b, device), backend, large)
 
 
 def backend_rule(op: str, device_type: str, why_not: Callable[[str], str | None], backend: str = "auto",
-                 large: bool = False, skip: Collection[str] = frozenset()) -> str:
+                 large: bool = False) -> str:
     """:func:`select_backend`'s choice, given what can run: ``why_not(b)`` is None when backend ``b`` can run on
-    a ``device_type`` device here, else the reason it cannot; ``"auto"`` passes over the backends in ``skip``.
+    a ``device_type`` device here, else the reason it cannot.
 
     A forced backend is returned when it can run (``RuntimeError`` with the reason when not); ``"auto"`` takes,
     on ``"cuda"``, Triton, else numba, else torch, and on any other device torch (``"numba_cpu"`` for a
-    ``large`` ``vq_nearest``). An unknown backend, or one ``op`` does not have, raises ``ValueError``.
+    ``large`` ``vq_nearest``): the candidate, which on a GPU must still win its measurement per kind of call.
+    An unknown backend, or one ``op`` does not have, raises ``ValueError``.
     """
     allowed = ("torch", "numba", "triton") + (("numba_cpu",) if op == "vq_nearest" else ())
     if backend not in BACKENDS:
@@ -97,29 +173,88 @@ def backend_rule(op: str, device_type: str, why_not: Callable[[str], str | None]
             raise RuntimeError(f"{op}: backend {backend!r} is not available: {reason}")
         return backend
     if device_type == "cuda":
-        return next(b for b in ("triton", "numba", "torch") if b not in skip and why_not(b) is None)
-    return "numba_cpu" if op == "vq_nearest" and large and "numba_cpu" not in skip else "torch"
+        return next(b for b in ("triton", "numba", "torch") if why_not(b) is None)
+    return "numba_cpu" if op == "vq_nearest" and large else "torch"
 
 
-def _run(op: str, chosen: str, backend: str, kernels: dict[str, Callable[[], torch.Tensor]],
-         plain: Callable[[], torch.Tensor]) -> torch.Tensor:
-    """Run the chosen kernel, or ``plain`` (torch); under ``"auto"`` a failing kernel falls back to torch."""
-    if chosen == "torch":
-        return plain()
+@lru_cache(maxsize=None)
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+
+
+class KernelError(RuntimeError):
+    """A kernel raised while it was being measured (the original exception is the ``__cause__``)."""
+
+
+def auto_choice(key: str, kernel: str, run_kernel: Callable[[], object], run_torch: Callable[[], object],
+                calibrator: Calibrator) -> str:
+    """``kernel`` or ``"torch"`` for the kind of call ``key``: remembered, or measured now by ``calibrator``
+    (torch first). Raises :class:`KernelError` if ``run_kernel`` raises; an error of ``run_torch`` is the
+    caller's own."""
+    decided = calibrator.lookup(key)
+    if decided is not None:
+        return decided
+    torch_seconds = calibrator.timer(run_torch)
     try:
-        return kernels[chosen]()
+        kernel_seconds = calibrator.timer(run_kernel)
+    except Exception as exc:  # noqa: BLE001 - whatever the kernel raised, the caller falls back
+        raise KernelError(f"the {kernel} kernel failed while being measured") from exc
+    return calibrator.decide(key, kernel, kernel_seconds, torch_seconds)
+
+
+def _dispatch(op: str, backend: str, chosen: str, device: torch.device, kernels: dict[str, Callable[[], torch.Tensor]],
+              plain: Callable[[], torch.Tensor], bucket: tuple) -> torch.Tensor:
+    """Run ``op`` on ``chosen`` (from :func:`select_backend`) or torch, and record what ran.
+
+    Forced back-ends run or raise. Under ``"auto"`` a measured device runs the kernel only where it won its
+    measurement (inside a ``torch.compile`` trace or a CUDA-graph capture nothing is timed: an earlier
+    decision holds, else torch); a kernel that raises is reported once as a warning, answered by torch and
+    remembered, so that kind of call stays on torch in this process."""
+    if chosen not in kernels:
+        return _ran(op, "torch", plain())
+    if backend != "auto":
+        return _ran(op, chosen, kernels[chosen]())
+    key = "|".join(map(str, (op, chosen, _device_name(device), *bucket)))
+    if key in _FAILED:
+        return _ran(op, "torch", plain(), _FAILED[key])
+    decided = chosen
+    if CALIBRATOR.measures(device):
+        if torch.compiler.is_compiling() or _capturing(device):
+            decided = CALIBRATOR.lookup(key) or "torch"
+        else:
+            try:
+                decided = auto_choice(key, chosen, kernels[chosen], plain, CALIBRATOR)
+            except KernelError as exc:
+                return _fall_back(op, chosen, key, exc.__cause__, plain)
+    if decided == "torch":
+        return _ran(op, "torch", plain())
+    try:
+        out = kernels[chosen]()
     except Exception as exc:  # noqa: BLE001 - any kernel failure: torch still gives the answer
-        if backend != "auto":
-            raise
-        _FAILED.add(chosen)
-        warnings.warn(f"{op}: the {chosen} kernel failed ({type(exc).__name__}: {exc}); using torch instead "
-                      "from now on", RuntimeWarning, stacklevel=3)
-        return plain()
+        return _fall_back(op, chosen, key, exc, plain)
+    return _ran(op, chosen, out)
+
+
+def _fall_back(op: str, kernel: str, key: str, exc: BaseException, plain: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """Answer with torch after ``kernel`` raised ``exc``; warn once and keep ``key`` on torch from now on."""
+    text = str(exc).strip()
+    what = f"{type(exc).__name__}: {text.splitlines()[0][:200] if text else ''}"
+    _FAILED[key] = f"{kernel} {op}: {what} (used torch)"
+    warnings.warn(f"{op}: the {kernel} kernel failed ({what}); torch answers this kind of call from now on",
+                  RuntimeWarning, stacklevel=4)
+    return _ran(op, "torch", plain(), _FAILED[key])
+
+
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 def _module(name: str) -> ModuleType:
     """A kernel module of this package, imported on first use."""
     return importlib.import_module(f"{__package__}.{name}")
+
+
+# -- the entry points --------------------------------------------------------------------------------------
 
 
 def _check_float(name: str, x: torch.Tensor) -> None:
@@ -143,11 +278,12 @@ def vq_nearest(z: torch.Tensor, codebook: torch.Tensor, backend: str = "auto") -
     flat = z.reshape(-1, z.shape[-1])  # (N, D)
     large = flat.shape[0] * codebook.shape[0] >= CPU_VQ_MIN_PAIRS
     chosen = select_backend("vq_nearest", z.device, backend, large)
-    idx = _run("vq_nearest", chosen, backend, {
+    idx = _dispatch("vq_nearest", backend, chosen, z.device, {
         "numba_cpu": lambda: _module("cpu_vq").vq_nearest_cpu(flat, codebook),
         "numba": lambda: _module("cuda_vq").vq_nearest_numba(flat, codebook),
         "triton": lambda: _triton().vq_nearest_triton(flat, codebook),
-    }, lambda: vq_nearest_reference(flat.float(), codebook.float()))
+    }, lambda: vq_nearest_reference(flat.float(), codebook.float()),
+        (pow2_at_least(flat.shape[0]), pow2_at_least(codebook.shape[0]), codebook.shape[1]))
     return idx.reshape(z.shape[:-1])
 
 
@@ -163,6 +299,26 @@ def _check_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
                          f"{tuple(k.shape)}, {tuple(v.shape)}")
 
 
+def _scale(scale: float | None, dim: int) -> float:
+    return 1.0 / math.sqrt(dim) if scale is None else check_number("scale", scale, lo=0, lo_open=True)
+
+
+def _needs_grad(*xs: torch.Tensor) -> bool:
+    """True when autograd would need a backward pass through these inputs (the kernels have none)."""
+    return torch.is_grad_enabled() and any(x.requires_grad for x in xs)
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs) -> torch.Tensor:
+    """torch's fused attention, also on inputs of mixed dtypes (cast to :func:`~.precision.compute_dtype`;
+    under autocast torch casts them itself), returned in q's dtype."""
+    q_in = q
+    if not q.dtype == k.dtype == v.dtype and not torch.is_autocast_enabled(q.device.type):
+        dtype = compute_dtype(q, k, v)
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    out = F.scaled_dot_product_attention(q, k, v, **kwargs)
+    return out if out.dtype == q_in.dtype else out.to(q_in.dtype)
+
+
 def flash_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -174,33 +330,56 @@ def flash_attention(
 ) -> torch.Tensor:
     """Softmax attention without the T_q x T_k matrix (on the kernel backends).
 
-    q (B, H, T_q, D), k and v (B, H, T_k, D) -> (B, H, T_q, D) in q's dtype. ``mask``: None, ``"causal"``,
-    a :class:`~ar_course.kernels.masks.BlockCausal` (VAR), or a (T_q, T_k) bool tensor (True = may attend).
-    Kernels handle masks whose rows are prefixes (all of the above but an arbitrary bool tensor); with
-    ``backend="auto"`` any other mask runs on torch. ``scale`` defaults to 1/sqrt(D).
+    q (B, H, T_q, D), k and v (B, H, T_k, D), in any mix of float32 / float16 / bfloat16 -> (B, H, T_q, D) in
+    q's dtype, the products in :func:`~.precision.compute_dtype`. ``mask``: None, ``"causal"`` (the queries
+    are the last T_q of T_k positions), a :class:`~ar_course.kernels.masks.BlockCausal` (VAR), or a
+    (T_q, T_k) bool tensor (True = may attend). Kernels handle masks whose rows are prefixes (all of the
+    above but an arbitrary bool tensor); with ``backend="auto"`` any other mask runs on torch. ``scale``
+    defaults to 1/sqrt(D). Raises ``ValueError`` for bad shapes, dtypes, masks or scale.
     """
     _check_attention(q, k, v)
     t_q, t_k = q.shape[2], k.shape[2]
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    scale = _scale(scale, q.shape[-1])
     chosen = select_backend("flash_attention", q.device, backend)
-    if chosen != "torch":
+    plan: PrefixMask | None = None
+    if chosen != "torch" and not (backend == "auto" and _needs_grad(q, k, v)):
         try:
-            kv_len = prefix_lengths(mask, t_q, t_k, q.device)
+            plan = prefix_mask(mask, t_q, t_k, q.device)
         except ValueError:
             if backend != "auto":
-                raise
-            chosen = "torch"  # not a prefix mask (or a bad one: torch's path names the problem)
+                raise  # not a prefix mask, or a bad one: auto's torch path names the problem
 
     def plain() -> torch.Tensor:
-        if isinstance(mask, str):
-            prefix_lengths(mask, t_q, t_k, q.device)  # validates the name and the shape
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=dense_mask(mask, t_q, t_k, q.device), scale=scale)
+        if mask is None or (isinstance(mask, str) and mask == "causal" and t_q == t_k):
+            return _sdpa(q, k, v, is_causal=mask is not None, scale=scale)
+        return _sdpa(q, k, v, attn_mask=dense_mask(mask, t_q, t_k, q.device), scale=scale)
 
-    return _run("flash_attention", chosen, backend, {
-        "numba": lambda: _module("cuda_attention").flash_attention_numba(q, k, v, kv_len, scale).to(q.dtype),
-        "triton": lambda: _triton().flash_attention_triton(q, k, v, kv_len, scale),
-    }, plain)
+    dtype = compute_dtype(q, k, v)
+    kernels = {} if plan is None else {
+        "numba": lambda: _module("cuda_attention").flash_attention_numba(
+            q, k, v, plan.kv_len(q.device), scale).to(q.dtype),
+        "triton": lambda: _triton().flash_attention_triton(q, k, v, plan, scale, compute_dtype=dtype),
+    }
+    bucket = (dtype, q.shape[-1], "none" if plan is None else plan.kind, pow2_at_least(t_q), pow2_at_least(t_k),
+              pow2_at_least(q.shape[0] * q.shape[1]))
+    return _dispatch("flash_attention", backend, chosen, q.device, kernels, plain, bucket)
+
+
+def _check_length(length: int | torch.Tensor, b: int, t_max: int, device: torch.device) -> int | torch.Tensor:
+    """``length`` as an int in 1..T_max, or a (B,) integer tensor on ``device`` whose values are checked
+    with one host sync (pass an int to avoid it)."""
+    if isinstance(length, numbers.Integral) and not isinstance(length, bool):
+        if not 1 <= int(length) <= t_max:
+            raise ValueError(f"every length must be in 1..T_max={t_max}, got {int(length)}")
+        return int(length)
+    if (not isinstance(length, torch.Tensor) or length.is_floating_point() or length.dtype == torch.bool
+            or length.ndim > 1 or (length.ndim == 1 and length.shape[0] != b)):
+        raise ValueError(f"length must be an int or a (B,) = ({b},) integer tensor, got {length!r}")
+    lengths = length.to(device).expand(b)  # (B,)
+    low, high = lengths.aminmax()
+    if int(low) < 1 or int(high) > t_max:
+        raise ValueError(f"every length must be in 1..T_max={t_max}, got {lengths.tolist()}")
+    return lengths
 
 
 def decode_attention(
@@ -214,39 +393,41 @@ def decode_attention(
 ) -> torch.Tensor:
     """Attention of one new query per head over the first ``length`` entries of a KV cache.
 
-    q (B, H, D); k_cache, v_cache (B, H, T_max, D); ``length`` an int or a (B,) integer tensor with
-    1 <= length <= T_max. Returns (B, H, D) in q's dtype. The kernels split the keys into chunks, summarise
-    each chunk in parallel and combine the summaries (split-K / flash decoding).
+    q (B, H, D); k_cache, v_cache (B, H, T_max, D), any mix of float32 / float16 / bfloat16; ``length`` an
+    int or a (B,) integer tensor with 1 <= length <= T_max (an int costs no host sync). Returns (B, H, D) in
+    q's dtype. The kernels split the keys into chunks, summarise each chunk in parallel and combine the
+    summaries (split-K / flash decoding). Raises ``ValueError`` for bad shapes, dtypes, lengths or scale.
     """
     _check_float("q", q)
     if q.ndim != 3:
         raise ValueError(f"q must be (B, H, D), got shape {tuple(q.shape)}")
     _check_attention(q[:, :, None, :], k_cache, v_cache)
     b, _, t_max, _ = k_cache.shape
-    lengths = torch.as_tensor(length, device=q.device)
-    if lengths.is_floating_point() or lengths.ndim > 1 or (lengths.ndim == 1 and lengths.shape[0] != b):
-        raise ValueError(f"length must be an int or a (B,) = ({b},) integer tensor, got {length!r}")
-    lengths = lengths.expand(b)  # (B,)
-    if int(lengths.min()) < 1 or int(lengths.max()) > t_max:
-        raise ValueError(f"every length must be in 1..T_max={t_max}, got {lengths.tolist()}")
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    length = _check_length(length, b, t_max, q.device)
+    scale = _scale(scale, q.shape[-1])
     chosen = select_backend("decode_attention", q.device, backend)
+    if backend == "auto" and _needs_grad(q, k_cache, v_cache):
+        chosen = "torch"
 
     def plain() -> torch.Tensor:
-        t_used = int(lengths.max())
-        k_used, v_used = k_cache[:, :, :t_used], v_cache[:, :, :t_used]  # (B, H, T_used, D)
-        visible = (torch.arange(t_used, device=q.device)[None, :] < lengths[:, None])[:, None, :, None]  # (B,1,T,1)
-        if not bool(visible.all()):  # ragged batch: never let unwritten cache entries (maybe NaN) in
-            k_used, v_used = torch.where(visible, k_used, 0.0), torch.where(visible, v_used, 0.0)
-        out = F.scaled_dot_product_attention(q[:, :, None, :], k_used, v_used,
-                                             attn_mask=visible.transpose(-2, -1), scale=scale)  # (B, H, 1, D)
+        if isinstance(length, int):
+            out = _sdpa(q[:, :, None, :], k_cache[:, :, :length], v_cache[:, :, :length], scale=scale)
+            return out.squeeze(2)
+        visible = (torch.arange(t_max, device=q.device)[None, :] < length[:, None])[:, None, :, None]  # (B,1,T,1)
+        k_used, v_used = torch.where(visible, k_cache, 0.0), torch.where(visible, v_cache, 0.0)  # unwritten: NaN?
+        out = _sdpa(q[:, :, None, :], k_used, v_used, attn_mask=visible.transpose(-2, -1), scale=scale)  # (B,H,1,D)
         return out.squeeze(2)
 
-    return _run("decode_attention", chosen, backend, {
-        "numba": lambda: _module("cuda_attention").decode_attention_numba(
-            q, k_cache, v_cache, lengths, scale).to(q.dtype),
-        "triton": lambda: _triton().decode_attention_triton(q, k_cache, v_cache, lengths, scale),
-    }, plain)
+    def numba() -> torch.Tensor:
+        lengths = length if isinstance(length, torch.Tensor) else torch.full((b,), length, device=q.device)
+        return _module("cuda_attention").decode_attention_numba(q, k_cache, v_cache, lengths, scale).to(q.dtype)
+
+    bucket = (k_cache.dtype, q.dtype, q.shape[-1], pow2_at_least(length if isinstance(length, int) else t_max),
+              pow2_at_least(b * q.shape[1]), "ragged" if isinstance(length, torch.Tensor) else "even")
+    return _dispatch("decode_attention", backend, chosen, q.device, {
+        "numba": numba,
+        "triton": lambda: _triton().decode_attention_triton(q, k_cache, v_cache, length, scale),
+    }, plain, bucket)
 
 
 def softmax(x: torch.Tensor, backend: str = "auto") -> torch.Tensor:
@@ -256,8 +437,8 @@ def softmax(x: torch.Tensor, backend: str = "auto") -> torch.Tensor:
         raise ValueError("x must have at least one axis")
     rows = x.reshape(-1, x.shape[-1])  # (R, C)
     chosen = select_backend("softmax", x.device, backend)
-    out = _run("softmax", chosen, backend, {
+    out = _dispatch("softmax", backend, chosen, x.device, {
         "numba": lambda: _module("cuda_softmax").softmax(rows).to(x.dtype),
         "triton": lambda: _triton().softmax_triton(rows),
-    }, lambda: torch.softmax(rows, dim=-1))
+    }, lambda: torch.softmax(rows, dim=-1), (x.dtype, pow2_at_least(rows.shape[0]), pow2_at_least(rows.shape[1])))
     return out.reshape(x.shape)

@@ -254,17 +254,20 @@ class SelfAttention(nn.Module):
         return F.dropout(ref.masked_softmax(scores, mask), p) @ v  # dropout on the weights, as SDPA does
 
     def _attend_kernels(self, q, k, v, mask, causal) -> torch.Tensor:
-        """The chapter 06 kernels: split-K decode attention for one new query over the cache, else
-        FlashAttention with the mask as prefix lengths. Masks per batch or head (4-D) take the sdpa path."""
+        """The chapter 06 kernels: split-K decode attention for one new query over the cache (its length a
+        Python int: no host sync), else FlashAttention. A causal mask goes as ``"causal"`` (the queries are
+        the last T of T_k positions), which the kernels evaluate without reading a mask; only a dense mask
+        (VAR's teacher forcing) is read. Masks per batch or head (4-D) take the sdpa path."""
         from ar_course import kernels  # imported on first use: it picks the simulator/interpreter defaults
 
         T, T_k = q.shape[2], k.shape[2]
         if T == 1 and mask is None:
             out = kernels.decode_attention(q[:, :, 0], k, v, T_k, backend=self.kernel_backend)  # (B, H, D)
             return out[:, :, None]  # (B, H, 1, D)
+        if causal and mask is None:
+            return kernels.flash_attention(q, k, v, "causal", backend=self.kernel_backend)
         if causal:
-            cm = ref.causal_mask(T, T_k, device=q.device)
-            mask = cm if mask is None else mask & cm
+            mask = mask & ref.causal_mask(T, T_k, device=q.device)
         return kernels.flash_attention(q, k, v, mask, backend=self.kernel_backend)
 
 
