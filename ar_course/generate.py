@@ -24,7 +24,8 @@ from ar_course.cli import (ArgumentParser, UsageError, finite_float, float_in, i
                            positive_int)
 from ar_course.files import atomic_path, check_output_path
 from ar_course.images import encode_png, to_grid
-from ar_course.system import KERNELS, METHODS, PRECISIONS, Generator
+from ar_course.sampling import SamplingConfig
+from ar_course.system import KERNELS, METHODS, PRECISIONS, GenerationRequest, Generator
 from ar_course.utils import get_device
 
 MIN_TEMPERATURE = 1e-6
@@ -170,6 +171,15 @@ def _stats_json(stats: dict) -> str:
     return json.dumps(clean, indent=2, allow_nan=False)
 
 
+def _request(args: argparse.Namespace, classes: list[int]) -> GenerationRequest:
+    """The :class:`GenerationRequest` of the command line: ``--per-class`` rows of ``classes``."""
+    sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    return GenerationRequest(torch.tensor(classes).repeat(args.per_class), method=args.method, sampling=sampling,
+                             cfg=args.cfg, speculative=args.speculative, relaxed_delta=args.relaxed_delta,
+                             kernels=args.kernels, seed=args.seed, precision=args.precision, compile=args.compile,
+                             progress=sys.stderr.isatty())
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m ar_course generate``: checks every option and output path, loads the models, generates, and
     writes the PNG (and the stats JSON) atomically."""
@@ -180,11 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     classes = _check_against_models(args, gen)
     if args.compile:
         print("compiling the decode step with torch.compile (tens of seconds the first time)...", flush=True)
-    out = gen.generate(torch.tensor(classes).repeat(args.per_class), method=args.method, cfg=args.cfg,
-                       top_k=args.top_k, top_p=args.top_p, temperature=args.temperature,
-                       speculative=args.speculative, relaxed_delta=args.relaxed_delta, kernels=args.kernels,
-                       seed=args.seed, precision=args.precision, compile=args.compile,
-                       progress=sys.stderr.isatty())
+    out = gen.run(_request(args, classes))
     png = png_bytes(out.images, len(classes), args.zoom)
     with contextlib.ExitStack() as stack:  # both files appear, or neither
         png_tmp = stack.enter_context(atomic_path(args.out))

@@ -1,6 +1,10 @@
 """Turning logits into tokens: greedy, temperature, top-k, top-p (nucleus), their composition, and
 classifier-free guidance.
 
+One sampling convention everywhere: a :class:`SamplingConfig` ``(temperature, top_k, top_p)``, passed
+keyword-only as ``sampling=``. One guidance convention everywhere: a strength ``w`` (``cfg=`` in the samplers),
+neutral at 0, mixing the logits as ``(1 + w) * cond - w * uncond`` (:func:`cfg_mix`).
+
 Every function works on batched logits ``(..., V)`` (usually ``(B, V)``). Filters return logits with
 ``-inf`` at excluded tokens, so they compose and a softmax afterwards gives the renormalised distribution.
 The processing order is fixed: temperature, then top-k, then top-p (on the tempered distribution).
@@ -16,11 +20,14 @@ Input rules (checked; see :mod:`ar_course.utils` for which error is raised when)
   row that overflows float32 once divided by a tiny temperature. These checks read the values: one host sync
   per call on CUDA (per token in the decoding loops).
 * ``temperature``: a finite number ``>= 0`` (``0`` is greedy); ``top_k``: ``None`` or an integer ``>= 1``;
-  ``top_p``: ``None`` or a number in ``(0, 1]``; all checked even where greedy ignores them.
+  ``top_p``: ``None`` or a number in ``(0, 1]``; all checked when a :class:`SamplingConfig` is made, even
+  where greedy ignores them.
 * So the sampler never returns an id outside ``[0, V)``.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -29,21 +36,51 @@ from ar_course.utils import check_int, check_number
 NEG_INF = float("-inf")
 
 
-def check_sampling(
-    temperature: float, top_k: int | None, top_p: float | None
-) -> tuple[float, int | None, float | None]:
-    """The sampling convention's arguments, checked and normalised (``float``, ``int``/``None``, ``float``/``None``).
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How logits become a token: divide by ``temperature`` (``0``: greedy, the argmax), keep the ``top_k``
+    most likely tokens (``None``: all), then the nucleus of probability ``top_p`` (``None``: all).
+
+    Checked and normalised when made (``float``, ``int``/``None``, ``float``/``None``).
 
     Raises:
-        TypeError: a non-number, a bool, or a non-integer ``top_k``.
+        TypeError: a non-number, a bool, or a non-integer ``top_k`` (``2.0`` included).
         ValueError: ``temperature`` not finite or ``< 0``, ``top_k < 1``, ``top_p`` outside ``(0, 1]``.
     """
-    temperature = check_number("temperature", temperature, lo=0)
-    if top_k is not None:
-        top_k = check_int("top_k", top_k, lo=1)
-    if top_p is not None:
-        top_p = check_number("top_p", top_p, lo=0, hi=1, lo_open=True)
-    return temperature, top_k, top_p
+
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "temperature", check_number("temperature", self.temperature, lo=0))
+        if self.top_k is not None:
+            object.__setattr__(self, "top_k", check_int("top_k", self.top_k, lo=1))
+        if self.top_p is not None:
+            object.__setattr__(self, "top_p", check_number("top_p", self.top_p, lo=0, hi=1, lo_open=True))
+
+    @property
+    def greedy(self) -> bool:
+        """``temperature == 0``: the most likely token, no random numbers drawn."""
+        return self.temperature == 0
+
+
+GREEDY = SamplingConfig(temperature=0.0)
+"""Greedy decoding: always the most likely token."""
+
+
+def check_sampling(sampling: SamplingConfig) -> SamplingConfig:
+    """``sampling`` itself, after checking that it is a :class:`SamplingConfig` (whose values were checked when
+    it was made); ``TypeError`` otherwise (``sampling must be a SamplingConfig(temperature, top_k, top_p)``)."""
+    if not isinstance(sampling, SamplingConfig):
+        raise TypeError(f"sampling must be a SamplingConfig(temperature, top_k, top_p), got {sampling!r}")
+    return sampling
+
+
+def check_cfg(cfg: float) -> float:
+    """The guidance strength ``w`` as a float: any finite number (``0``: no guidance, ``-1``: the unconditional
+    model). Raises ``TypeError`` for a non-number or a bool, ``ValueError`` for NaN or an infinity."""
+    return check_number("cfg", cfg)
 
 
 def _check_shape(logits: torch.Tensor, name: str = "logits") -> None:
@@ -135,41 +172,31 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
     return logits.masked_fill(probs < threshold, NEG_INF)
 
 
-def process_logits(
-    logits: torch.Tensor,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-) -> torch.Tensor:
-    """Temperature, then top-k, then top-p. ``temperature == 0`` means greedy: every logit but the argmax
-    becomes ``-inf``. ``(..., V)`` real -> ``(..., V)`` float32.
+def process_logits(logits: torch.Tensor, *, sampling: SamplingConfig = SamplingConfig()) -> torch.Tensor:
+    """Temperature, then top-k, then top-p. Greedy (``temperature == 0``): every logit but the argmax becomes
+    ``-inf``. ``(..., V)`` real -> ``(..., V)`` float32.
 
     Raises ``TypeError``/``ValueError`` for input breaking the module's rules (see its docstring)."""
-    temperature, top_k, top_p = check_sampling(temperature, top_k, top_p)
+    sampling = check_sampling(sampling)
     _check_shape(logits)
     logits = logits.float()
-    if temperature == 0:
+    if sampling.greedy:
         best = greedy(logits)[..., None]  # (..., 1)
         return torch.full_like(logits, NEG_INF).scatter(-1, best, 0.0)
-    tempered = apply_temperature(logits, temperature)
-    _check_rows(logits, tempered, temperature)  # the filters below keep at least one token of a valid row
+    tempered = apply_temperature(logits, sampling.temperature)
+    _check_rows(logits, tempered, sampling.temperature)  # the filters below keep at least one token of a valid row
     logits = tempered
-    if top_k is not None:
-        logits = top_k_filter(logits, top_k)
-    if top_p is not None:
-        logits = top_p_filter(logits, top_p)
+    if sampling.top_k is not None:
+        logits = top_k_filter(logits, sampling.top_k)
+    if sampling.top_p is not None:
+        logits = top_p_filter(logits, sampling.top_p)
     return logits
 
 
-def probs(
-    logits: torch.Tensor,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-) -> torch.Tensor:
-    """The distribution :func:`sample` draws from: ``softmax(process_logits(...))``, ``(..., V)`` float32.
-    Raises as :func:`process_logits`."""
-    return torch.softmax(process_logits(logits, temperature, top_k, top_p), dim=-1)
+def probs(logits: torch.Tensor, *, sampling: SamplingConfig = SamplingConfig()) -> torch.Tensor:
+    """The distribution :func:`sample` draws from: ``softmax(process_logits(logits, sampling=sampling))``,
+    ``(..., V)`` float32. Raises as :func:`process_logits`."""
+    return torch.softmax(process_logits(logits, sampling=sampling), dim=-1)
 
 
 def sample_from_probs(p: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -214,32 +241,32 @@ def _draw(cdf: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
 
 def sample(
     logits: torch.Tensor,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
+    *,
+    sampling: SamplingConfig = SamplingConfig(),
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Draw one token per row of ``logits`` ``(..., V)`` -> ``(...)`` long.
 
-    ``temperature == 0`` is greedy (no random numbers drawn); otherwise the distribution is
-    :func:`probs` ``(logits, temperature, top_k, top_p)``. ``generator`` makes draws reproducible.
+    Greedy (``temperature == 0``) draws no random numbers; otherwise the distribution is
+    :func:`probs` ``(logits, sampling=sampling)``. ``generator`` makes draws reproducible.
     Every id lies in ``[0, V)``: input breaking the module's rules raises ``TypeError``/``ValueError``."""
-    temperature, top_k, top_p = check_sampling(temperature, top_k, top_p)
-    if temperature == 0:
+    if check_sampling(sampling).greedy:
         return greedy(logits)
-    dist = probs(logits, temperature, top_k, top_p)  # (..., V), checked by process_logits
+    dist = probs(logits, sampling=sampling)  # (..., V), checked by process_logits
     return _draw(dist.reshape(-1, dist.shape[-1]).cumsum(dim=-1), generator).view(dist.shape[:-1])  # (...)
 
 
-def cfg_mix(cond_logits: torch.Tensor, uncond_logits: torch.Tensor, scale: float) -> torch.Tensor:
-    """Classifier-free guidance: ``uncond + scale * (cond - uncond)``.
+def cfg_mix(cond_logits: torch.Tensor, uncond_logits: torch.Tensor, w: float) -> torch.Tensor:
+    """Classifier-free guidance of strength ``w``: ``(1 + w) * cond - w * uncond``.
 
-    ``scale = 1`` gives the conditional logits, ``0`` the unconditional ones, ``> 1`` pushes away from
-    the unconditional prediction. Shapes ``(..., V)``; ``scale``: a finite number. Values are not checked
-    here (the sampler checks what it is given)."""
+    ``w = 0`` gives the conditional logits exactly, ``w > 0`` moves away from the unconditional prediction
+    (``cond + w * (cond - uncond)``), ``w = -1`` gives the unconditional logits. In the "guidance scale"
+    convention of the classifier-free guidance paper and LlamaGen, ``uncond + s * (cond - uncond)``, this is
+    ``s = 1 + w``. Shapes ``(..., V)``; ``w``: a finite number. Values are not checked here (the sampler
+    checks what it is given)."""
     _check_shape(cond_logits, "cond_logits")
     _check_shape(uncond_logits, "uncond_logits")
-    scale = check_number("scale", scale)
+    w = check_number("w", w)
     if cond_logits.shape != uncond_logits.shape:
         raise ValueError(f"shapes differ: {tuple(cond_logits.shape)} vs {tuple(uncond_logits.shape)}")
-    return uncond_logits + scale * (cond_logits - uncond_logits)
+    return (1 + w) * cond_logits - w * uncond_logits

@@ -8,32 +8,38 @@ Pipeline: class labels -> a transformer samples tokens (chapter 04's VAR scale b
 raster model token by token, optionally with chapter 05's speculative decoding) -> the chapter 01
 tokenizer's decoder turns tokens into pixels. Attention can run on the chapter 06 kernels.
 
-Guidance has one convention here for both methods: ``cfg = w`` samples from ``(1 + w) * cond - w * uncond``
-logits, so ``cfg = 0`` is plain conditional sampling. (Chapter 03's ``cfg_scale`` is ``1 + w``; VAR ramps
-``w`` from 0 at the first scale to ``cfg`` at the last, as the VAR paper does, unless ``ramp=False``.)
+A call is a :class:`GenerationRequest` (checked when made); each way of generating is a strategy object
+(:class:`VARStrategy`, :class:`RasterStrategy`, :class:`DraftSpeculativeStrategy`, :class:`JacobiStrategy`)
+holding the models it needs. A call never changes the models: the attention function is chosen for the call
+with :func:`ar_course.transformer.model.use_attention` (this thread only), a compiled decode step is passed to
+the sampling loop rather than installed on the model, and the passes are counted by the call itself. So two
+threads, or two Generators sharing models, can generate at once with different options.
+
+Sampling and guidance follow the package's conventions (:mod:`ar_course.sampling`): ``sampling=``
+:class:`~ar_course.sampling.SamplingConfig`, and ``cfg = w`` samples from ``(1 + w) * cond - w * uncond``
+logits, so ``cfg = 0`` is plain conditional sampling; VAR ramps ``w`` from 0 at the first scale to ``cfg`` at
+the last, as the VAR paper does, unless ``ramp=False``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator, Protocol, Sequence
 
 import numpy as np
 import torch
-from torch import nn
 from tqdm.auto import tqdm
 
 from ar_course import checkpoint, raster, var
 from ar_course.checkpoint import CheckpointError
 from ar_course.raster.functional import from_raster
-from ar_course.sampling import check_sampling
+from ar_course.sampling import SamplingConfig, check_sampling
 from ar_course.speculative import SpecStats, codebook_neighbors, sjd_generate, speculative_generate
 from ar_course.tokenizers import VQVAE
-from ar_course.transformer.counting import PassCounter
-from ar_course.transformer.model import GPT, set_attention
+from ar_course.transformer.model import GPT, AttentionFn, KernelAttention, sdpa_attention, use_attention
 from ar_course.utils import check_bool, check_ids, check_int, check_number, generate_in_batches, get_device
 
 if TYPE_CHECKING:
@@ -51,7 +57,7 @@ KERNELS = ("auto", "torch", "triton", "numba")
 PRECISIONS = ("auto", "float32", "bfloat16", "float16")
 DEFAULT_CFG = {"var": 2.0, "ar": 1.0}
 """Guidance strength ``w`` each shipped model was best at (class accuracy 0.99 and 0.98 in their checkpoints'
-evaluations; the raster model's ``cfg_scale`` 2.0 is ``w = 1``)."""
+evaluations; the raster checkpoint recorded its accuracy by the scale ``s = 1 + w``, best at ``s = 2``)."""
 
 
 @dataclass
@@ -112,6 +118,261 @@ class Generation:
     stats: GenerationStats
 
 
+@dataclass(frozen=True, eq=False)
+class GenerationRequest:
+    """One generation call, checked when made: every option alone and in combination (the
+    :class:`Generator` then checks it against its models). :meth:`Generator.generate` takes the same options as
+    keywords.
+
+    Attributes:
+        classes: the class of each image, ``(B,)`` ints (a tensor or a sequence); stored as a long tensor.
+        method: ``"var"`` (next-scale prediction, S passes per batch) or ``"ar"`` (raster order, one pass per
+            token).
+        sampling: temperature, top-k, top-p (:class:`~ar_course.sampling.SamplingConfig`; temperature 0 is greedy).
+        cfg: guidance strength ``w >= 0`` (logits ``(1 + w) cond - w uncond``); ``None``: :data:`DEFAULT_CFG`
+            of the method (the stored request holds the number).
+        ramp: with ``"var"``, VAR's ramp of the strength from 0 at the first scale to ``cfg`` at the last.
+        speculative: with ``method="ar"``: ``"draft"`` (speculative sampling with the draft model, ``gamma``
+            drafts per round) or ``"jacobi"`` (Speculative Jacobi Decoding, a window of ``window`` tokens). Both
+            run one image at a time; both are exact unless ``relaxed_delta > 0``.
+        relaxed_delta: with ``"jacobi"``: LANTERN-style relaxed acceptance over each code's ``neighbors``
+            nearest codes, moving at most this much probability mass (0 = exact).
+        kernels: ``"auto"`` runs attention on the chapter 06 kernels where they are faster on this device (on a
+            GPU each kind of call is timed once, compiled Triton or numba.cuda against torch; on a CPU torch's
+            fused attention is faster than the simulators, so torch); ``"torch"`` never uses them;
+            ``"triton"`` / ``"numba"`` force one (on a CPU: the interpreter / simulator, slow, for checking
+            agreement). ``stats.backends`` reports what really ran.
+        precision: ``"auto"`` (bfloat16 autocast on CUDA, float32 on CPU) or a dtype name for autocast.
+        compile: run the decode step (VAR's per-scale pass, the raster model's forward) through
+            ``torch.compile(dynamic=True)``; attention then runs in torch (``kernels`` must be ``"auto"`` or
+            ``"torch"``) and inductor fuses around it. Batched generation only (``speculative=None``). The first
+            call compiles (tens of seconds on a CPU; needs a C++ compiler there), later calls reuse it. Same
+            tokens as eager up to float rounding; on a 2-core CPU the raster decode ran 1.5-1.9x faster at
+            batches 1-10, VAR's 1.15-1.25x (``benchmarks/bench_system.py``).
+        seed: seeds one generator for the call (``None``: torch's global generator).
+        batch_size: images per batched call; samples depend on it, so keep it fixed when comparing.
+        progress: a ``tqdm`` bar over the images (useful for speculative decoding, one image at a time).
+
+    Raises:
+        ValueError: ``classes`` that are empty (``classes is empty: ask for at least one class``), not 1-D or
+            not ints (floats and bools are refused, even ``2.0``); a number that is not finite or out of range
+            (``cfg must be a finite number >= 0, got nan``); an unknown method, speculative kind, kernels or
+            precision; or a combination of options that does not apply.
+        TypeError: an argument of the wrong type: a number that is a string, ``None`` or a bool, a float where
+            an integer is expected (``batch_size``, ``seed``, ``gamma``, ``window``, ``neighbors``), ``sampling``
+            that is not a ``SamplingConfig``, a non-bool flag (``ramp``, ``compile``, ``progress``), or
+            ``classes`` that torch cannot read as a sequence of numbers.
+    """
+
+    classes: torch.Tensor | Sequence[int]
+    method: str = "var"
+    sampling: SamplingConfig = SamplingConfig()
+    cfg: float | None = None
+    ramp: bool = True
+    speculative: str | None = None
+    relaxed_delta: float = 0.0
+    gamma: int = 4
+    window: int = 8
+    neighbors: int = 4
+    kernels: str = "auto"
+    precision: str = "auto"
+    compile: bool = False
+    seed: int | None = 0
+    batch_size: int = 500
+    progress: bool = False
+
+    def __post_init__(self) -> None:
+        checked = {
+            "classes": _as_classes(self.classes),
+            "sampling": check_sampling(self.sampling),
+            "relaxed_delta": check_number("relaxed_delta", self.relaxed_delta, lo=0),
+            **{name: check_int(name, getattr(self, name), lo=0) for name in ("gamma", "window", "neighbors")},
+            "batch_size": check_int("batch_size", self.batch_size, lo=1),
+            "seed": None if self.seed is None else check_int("seed", self.seed, lo=-(2**63), hi=2**64 - 1),
+            **{name: check_bool(name, getattr(self, name)) for name in ("ramp", "compile", "progress")},
+        }
+        for name, value in checked.items():
+            object.__setattr__(self, name, value)
+        self._check_choices()
+        cfg = DEFAULT_CFG[self.method] if self.cfg is None else check_number("cfg", self.cfg, lo=0)
+        object.__setattr__(self, "cfg", cfg)
+
+    def _check_choices(self) -> None:
+        """The named options and the combinations that cannot work (the numbers are checked already)."""
+        for name, allowed in (("method", METHODS), ("speculative", SPECULATIVE), ("kernels", KERNELS),
+                              ("precision", PRECISIONS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.speculative is not None and self.method != "ar":
+            raise ValueError("speculative decoding applies to method='ar' (VAR already samples a whole "
+                             "scale per pass)")
+        if self.relaxed_delta > 0 and self.speculative != "jacobi":
+            raise ValueError(f"relaxed_delta must be >= 0, and > 0 only with speculative='jacobi'; got "
+                             f"{self.relaxed_delta} with speculative={self.speculative!r}")
+        if self.compile and (self.speculative is not None or self.kernels not in ("auto", "torch")):
+            raise ValueError("compile=True applies to batched generation (speculative=None) with torch attention "
+                             f"(kernels 'auto' or 'torch'); got speculative={self.speculative!r}, "
+                             f"kernels={self.kernels!r}")
+
+
+REQUEST_OPTIONS = tuple(f.name for f in fields(GenerationRequest) if f.name != "classes")
+"""The keyword options of :meth:`Generator.generate` (the fields of :class:`GenerationRequest`)."""
+
+
+def _as_classes(classes: torch.Tensor | Sequence[int]) -> torch.Tensor:
+    """``classes`` as a non-empty ``(B,)`` long tensor (range not checked: see :class:`GenerationRequest`)."""
+    if isinstance(classes, (list, tuple)) and any(isinstance(c, (bool, np.bool_)) for c in classes):
+        raise ValueError(f"classes must be a 1-D sequence of ints, got bools in {list(classes)}")
+    try:
+        classes = torch.as_tensor(classes)
+    except (TypeError, ValueError, RuntimeError) as exc:  # strings, None, ragged lists, huge ints
+        raise TypeError(f"classes must be a 1-D sequence of ints, got {classes!r} ({exc})") from None
+    if classes.ndim == 1 and classes.numel() == 0:
+        raise ValueError("classes is empty: ask for at least one class")
+    if classes.ndim != 1 or classes.is_floating_point() or classes.is_complex() or classes.dtype == torch.bool:
+        raise ValueError(f"classes must be a 1-D sequence of ints, got shape {tuple(classes.shape)} "
+                         f"{classes.dtype}")
+    return classes.long()
+
+
+# -- strategies: one per way of generating ------------------------------------------------------------------
+
+
+@dataclass
+class Tally:
+    """The counters of one call, filled in chunk by chunk by its strategy: target forward passes, the passes
+    each image waited for (summed over images), draft passes, and speculative rounds."""
+
+    forward_passes: int = 0
+    waited: int = 0
+    draft_passes: int = 0
+    spec: SpecStats = field(default_factory=SpecStats)
+
+    def add_speculative(self, stats: SpecStats) -> None:
+        """Count one speculative generation: a target pass per round, a draft pass per drafted token."""
+        self.forward_passes += stats.target_calls
+        self.draft_passes += stats.draft_calls
+        self.spec.merge(stats)
+
+
+class Strategy(Protocol):
+    """How one method turns a chunk of classes ``(b,)`` into images ``(b, C, S, S)``.
+
+    ``label`` names it (the progress bar); ``one_at_a_time``: it takes chunks of one image (speculative
+    decoding), else chunks of ``request.batch_size``. :meth:`run` adds what it did to ``tally``."""
+
+    label: str
+    one_at_a_time: bool
+
+    def run(self, chunk: torch.Tensor, request: GenerationRequest, generator: torch.Generator | None,
+            tally: Tally) -> torch.Tensor: ...
+
+
+class _DecodeStep:
+    """A model's decode step for the batched strategies: eager, or ``torch.compile``d (on first use, then
+    reused), wrapped per call so that the call counts its own passes. Nothing is installed on the model."""
+
+    def __init__(self, eager: Callable, compilable: Callable) -> None:
+        self.eager, self.compilable = eager, compilable
+        self._compiled: Callable | None = None
+
+    def __call__(self, compile: bool, tally: Tally) -> Callable:
+        """The step to run, adding one to ``tally.forward_passes`` per call (one call = one forward pass; a
+        hook on a block would sit inside the compiled region)."""
+        fn = self.eager
+        if compile:
+            if self._compiled is None:
+                self._compiled = torch.compile(self.compilable, dynamic=True)
+            fn = self._compiled
+
+        def step(*args, **kwargs):
+            tally.forward_passes += 1
+            return fn(*args, **kwargs)
+
+        return step
+
+
+class VARStrategy:
+    """Next-scale prediction (chapter 04): :func:`ar_course.var.sample_pyramid`, ``S`` passes per chunk."""
+
+    label, one_at_a_time = "var", False
+
+    def __init__(self, model: var.VAR, tokenizer: VQVAE) -> None:
+        self.model, self.tokenizer = model, tokenizer
+        self._step = _DecodeStep(model._run, model._run)  # VAR.step calls it once per scale
+
+    def run(self, chunk: torch.Tensor, request: GenerationRequest, generator: torch.Generator | None,
+            tally: Tally) -> torch.Tensor:
+        pyramid = var.sample_pyramid(self.model, self.tokenizer.quantizer, chunk, sampling=request.sampling,
+                                     cfg=request.cfg, ramp=request.ramp, generator=generator,
+                                     run=self._step(request.compile, tally))
+        return self.tokenizer.decode_from_indices(pyramid)  # (b, C, S, S)
+
+
+class RasterStrategy:
+    """Raster order (chapter 03): :func:`ar_course.raster.generate_tokens`, one pass per token per chunk."""
+
+    label, one_at_a_time = "ar", False
+
+    def __init__(self, model: GPT, tokenizer: VQVAE) -> None:
+        self.model, self.tokenizer = model, tokenizer
+        self._step = _DecodeStep(model, model.forward)
+
+    def run(self, chunk: torch.Tensor, request: GenerationRequest, generator: torch.Generator | None,
+            tally: Tally) -> torch.Tensor:
+        side = self.tokenizer.config.latent_side
+        maps = raster.generate_tokens(self.model, chunk, (side, side), sampling=request.sampling, cfg=request.cfg,
+                                      generator=generator, forward=self._step(request.compile, tally))
+        return self.tokenizer.decode_from_indices(maps)  # (b, C, S, S)
+
+
+class DraftSpeculativeStrategy:
+    """Raster order with speculative sampling (chapter 05): the draft proposes ``request.gamma`` tokens per
+    round, the target verifies them; one image at a time."""
+
+    label, one_at_a_time = "ar + draft", True
+
+    def __init__(self, target: GPT, draft: GPT, tokenizer: VQVAE) -> None:
+        self.target, self.draft, self.tokenizer = target, draft, tokenizer
+
+    def run(self, chunk: torch.Tensor, request: GenerationRequest, generator: torch.Generator | None,
+            tally: Tally) -> torch.Tensor:
+        side = self.tokenizer.config.latent_side
+        start = torch.zeros(1, 0, dtype=torch.long, device=chunk.device)  # (1, 0): the class token starts
+        seq, stats = speculative_generate(self.target, self.draft, start, side * side, gamma=request.gamma,
+                                          sampling=request.sampling, cfg=request.cfg, classes=chunk,
+                                          generator=generator)
+        tally.add_speculative(stats)
+        return self.tokenizer.decode_from_indices(from_raster(seq, side, side))  # (1, C, S, S)
+
+
+class JacobiStrategy:
+    """Raster order with Speculative Jacobi Decoding (chapter 05): a window of ``request.window`` tokens refined
+    by the model itself, optionally with relaxed acceptance; one image at a time."""
+
+    label, one_at_a_time = "ar + jacobi", True
+
+    def __init__(self, model: GPT, tokenizer: VQVAE) -> None:
+        self.model, self.tokenizer = model, tokenizer
+        self._neighbors: dict[int, torch.Tensor] = {}
+
+    def run(self, chunk: torch.Tensor, request: GenerationRequest, generator: torch.Generator | None,
+            tally: Tally) -> torch.Tensor:
+        side = self.tokenizer.config.latent_side
+        nbrs = self.codebook_neighbors(request.neighbors) if request.relaxed_delta > 0 else None
+        seq, stats = sjd_generate(self.model, side * side, classes=chunk, window=request.window,
+                                  sampling=request.sampling, cfg=request.cfg, generator=generator,
+                                  delta=request.relaxed_delta, neighbors=nbrs)
+        tally.add_speculative(stats)
+        return self.tokenizer.decode_from_indices(from_raster(seq, side, side))  # (1, C, S, S)
+
+    def codebook_neighbors(self, k: int) -> torch.Tensor:
+        """``(V, k)`` nearest codes of every code of the tokenizer (computed once per ``k``)."""
+        if k not in self._neighbors:
+            self._neighbors[k] = codebook_neighbors(self.tokenizer.quantizer.codebook.detach(), k)
+        return self._neighbors[k]
+
+
 class Generator:
     """Class-conditional image generation with the course's models.
 
@@ -121,6 +382,9 @@ class Generator:
             tokenizer (optional).
         ar_draft: a smaller raster model over the same tokens, for ``speculative="draft"`` (optional).
         dataset: what the models generate (``"mnist"``); names the evaluation classifier.
+
+    ``strategies`` maps ``(method, speculative)`` to the strategy that generates that way with these models.
+    Generating never changes the models, so Generators may share them, and threads may share a Generator.
     """
 
     def __init__(
@@ -142,8 +406,14 @@ class Generator:
         self.var, self.var_tokenizer = var_model, var_tokenizer
         self.ar, self.ar_tokenizer, self.ar_draft = ar_model, ar_tokenizer, ar_draft
         self.dataset = dataset
-        self._neighbors: dict[int, torch.Tensor] = {}
-        self._compiled: dict[str, Callable] = {}
+        self.strategies: dict[tuple[str, str | None], Strategy] = {}
+        if var_model is not None:
+            self.strategies["var", None] = VARStrategy(var_model, var_tokenizer)
+        if ar_model is not None:
+            self.strategies["ar", None] = RasterStrategy(ar_model, ar_tokenizer)
+            self.strategies["ar", "jacobi"] = JacobiStrategy(ar_model, ar_tokenizer)
+        if ar_draft is not None:
+            self.strategies["ar", "draft"] = DraftSpeculativeStrategy(ar_model, ar_draft, ar_tokenizer)
 
     @classmethod
     def from_pretrained(cls, name: str = "mnist", device: str | torch.device = "auto") -> "Generator":
@@ -185,272 +455,108 @@ class Generator:
     def num_classes(self) -> int:
         return self.var.config.n_classes if self.var is not None else self.ar.config.n_classes
 
-    @torch.no_grad()
-    def generate(
-        self,
-        classes: torch.Tensor | list[int],
-        method: str = "var",
-        cfg: float | None = None,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        temperature: float = 1.0,
-        speculative: str | None = None,
-        relaxed_delta: float = 0.0,
-        kernels: str = "auto",
-        seed: int | None = 0,
-        batch_size: int = 500,
-        precision: str = "auto",
-        ramp: bool = True,
-        gamma: int = 4,
-        window: int = 8,
-        neighbors: int = 4,
-        compile: bool = False,
-        progress: bool = False,
-    ) -> Generation:
-        """Images of ``classes`` ``(B,)`` (ints in ``[0, num_classes)``).
+    def generate(self, classes: torch.Tensor | Sequence[int], **options) -> Generation:
+        """Images of ``classes`` ``(B,)`` (ints in ``[0, num_classes)``): :meth:`run` of
+        ``GenerationRequest(classes, **options)``.
 
-        Args:
-            method: ``"var"`` (next-scale prediction, S passes per batch) or ``"ar"`` (raster order, one pass
-                per token).
-            cfg: guidance strength ``w`` (see the module docstring); ``None``: :data:`DEFAULT_CFG`.
-            top_k, top_p, temperature: sampling filters (``temperature=0`` is greedy).
-            speculative: with ``method="ar"``: ``"draft"`` (speculative sampling with the draft model,
-                ``gamma`` drafts per round) or ``"jacobi"`` (Speculative Jacobi Decoding, a window of
-                ``window`` tokens). Both run one image at a time; both are exact unless ``relaxed_delta > 0``.
-            relaxed_delta: with ``"jacobi"``: LANTERN-style relaxed acceptance over each code's ``neighbors``
-                nearest codes, moving at most this much probability mass (0 = exact).
-            kernels: ``"auto"`` runs attention on the chapter 06 kernels where they are faster on this
-                device (on a GPU each kind of call is timed once, compiled Triton or numba.cuda against
-                torch; on a CPU torch's fused attention is faster than the simulators, so torch);
-                ``"torch"`` never uses them; ``"triton"`` / ``"numba"`` force one (on a CPU: the interpreter
-                / simulator, slow, for checking agreement). ``stats.backends`` reports what really ran.
-            seed: seeds one generator for the call (``None``: torch's global generator).
-            batch_size: images per batched call; samples depend on it, so keep it fixed when comparing.
-            precision: ``"auto"`` (bfloat16 autocast on CUDA, float32 on CPU) or a dtype name for autocast.
-            compile: run the decode step (VAR's per-scale pass, the raster model's forward) through
-                ``torch.compile(dynamic=True)``; attention then runs in torch (``kernels`` must be ``"auto"`` or
-                ``"torch"``) and inductor fuses around it. Batched generation only (``speculative=None``). The
-                first call compiles (tens of seconds on a CPU; needs a C++ compiler there), later calls reuse
-                it. Same tokens as eager up to float rounding; on a 2-core CPU the raster decode ran 1.5-1.9x
-                faster at batches 1-10, VAR's 1.15-1.25x (``benchmarks/bench_system.py``).
-            progress: a ``tqdm`` bar over the images (useful for speculative decoding, one image at a time).
+        ``options`` are keywords, all optional: ``method`` (``"var"`` or ``"ar"``), ``sampling``
+        (a :class:`~ar_course.sampling.SamplingConfig`), ``cfg`` (guidance strength ``w``), ``ramp``,
+        ``speculative`` (``"draft"``, ``"jacobi"``), ``relaxed_delta``, ``gamma``, ``window``, ``neighbors``,
+        ``kernels``, ``precision``, ``compile``, ``seed``, ``batch_size``, ``progress``: see
+        :class:`GenerationRequest`.
 
         Returns:
             A :class:`Generation`: images ``(B, C, S, S)`` float32 on CPU, classes, stats.
 
         Raises:
-            ValueError: before any work, for ``classes`` that are empty (``classes is empty: ask for at least
-                one class``), not 1-D, not ints (floats and bools are refused, even ``2.0``) or outside
-                ``[0, num_classes)``; a number that is not finite or out of range (``cfg must be a finite
-                number >= 0, got nan``); an unknown option name; or a combination of options that does not apply.
-            TypeError: an argument of the wrong type: a number that is a string, ``None`` or a bool, a float
-                where an integer is expected (``top_k``, ``batch_size``, ``seed``, ``gamma``, ``window``,
-                ``neighbors``), a non-bool flag (``ramp``, ``compile``, ``progress``), or ``classes`` that
-                torch cannot read as a sequence of numbers.
+            TypeError: an unknown option name, or as :class:`GenerationRequest` for an option of the wrong type.
+            ValueError: as :class:`GenerationRequest` and :meth:`run`, before any work.
         """
-        classes = self._check_classes(classes)
-        relaxed_delta, compile = check_number("relaxed_delta", relaxed_delta, lo=0), check_bool("compile", compile)
-        model = self._check_options(method, speculative, relaxed_delta, kernels, precision, compile, neighbors)
-        cfg = DEFAULT_CFG[method] if cfg is None else check_number("cfg", cfg, lo=0)
-        temperature, top_k, top_p = check_sampling(temperature, top_k, top_p)
-        batch_size = check_int("batch_size", batch_size, lo=1)
-        gamma, window = check_int("gamma", gamma, lo=0), check_int("window", window, lo=0)
-        seed = None if seed is None else check_int("seed", seed, lo=-(2**63), hi=2**64 - 1)
-        ramp, progress = check_bool("ramp", ramp), check_bool("progress", progress)
-        device = self.device
-        restore = self._attention_state()
-        impl = self._set_kernels("torch" if compile else kernels, device)
-        from ar_course.kernels import record_dispatch  # ar_course.kernels is imported by now (_set_kernels)
-        precision = _resolve_precision(precision, device)
-        generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
-        counter = self._install_compiled(method) if compile else PassCounter(model)
-        draft_counter = PassCounter(self.ar_draft) if speculative == "draft" else None
-        spec = SpecStats()
-        weighted_passes = 0
-        bar = tqdm(total=int(classes.numel()), desc=f"{method}{' + ' + speculative if speculative else ''}",
-                   unit="img", disable=not progress)
+        unknown = sorted(set(options) - set(REQUEST_OPTIONS))
+        if unknown:
+            hint = (" (temperature, top_k and top_p go in sampling=SamplingConfig(...))"
+                    if set(unknown) & {"temperature", "top_k", "top_p"} else "")
+            raise TypeError(f"unknown option(s) {', '.join(unknown)}{hint}; the options are "
+                            f"{', '.join(REQUEST_OPTIONS)}")
+        return self.run(GenerationRequest(classes, **options))
+
+    @torch.no_grad()
+    def run(self, request: GenerationRequest) -> Generation:
+        """Carry out ``request``: its strategy generates the images chunk by chunk, with the call's attention
+        function (:func:`~ar_course.transformer.model.use_attention`), autocast and seeded generator.
+
+        Raises ``ValueError`` before any work for classes outside ``[0, num_classes)``, a method or
+        speculative kind whose models this Generator lacks, or more ``neighbors`` than the codebook has."""
+        strategy = self._strategy(request)
+        device, n = self.device, int(request.classes.numel())
+        attention = _attention_for("torch" if request.compile else request.kernels, device)
+        from ar_course.kernels import record_dispatch  # ar_course.kernels is imported by now (_attention_for)
+
+        precision = _resolve_precision(request.precision, device)
+        generator = torch.Generator(device=device).manual_seed(request.seed) if request.seed is not None else None
+        tally = Tally()
+        bar = tqdm(total=n, desc=strategy.label, unit="img", disable=not request.progress)
 
         def images_of(chunk: torch.Tensor) -> torch.Tensor:
             """One chunk's images ``(b, C, S, S)``; every image of the chunk waits for all of its passes."""
-            nonlocal weighted_passes
-            before = counter.count
-            if speculative is None:
-                out = self._batched(method, chunk, cfg, top_k, top_p, temperature, generator, ramp)
-            else:
-                out = self._speculative(speculative, chunk, cfg, top_k, top_p, temperature, generator,
-                                        relaxed_delta, gamma, window, neighbors, spec)
-            weighted_passes += (counter.count - before) * chunk.numel()
+            before = tally.forward_passes
+            out = strategy.run(chunk, request, generator, tally)
+            tally.waited += (tally.forward_passes - before) * chunk.numel()
             bar.update(chunk.numel())
             return out
 
-        _sync(device)
-        start = time.perf_counter()
-        try:
-            with _autocast(device, precision), record_dispatch() as dispatched:
-                # speculative decoding runs one image at a time
-                images = generate_in_batches(images_of, classes.to(device), 1 if speculative else batch_size)
+        with bar, use_attention(attention), _autocast(device, precision), record_dispatch() as dispatched:
             _sync(device)
-        finally:
-            bar.close()
-            restore()  # the models' attention as it was before this call
-            counter.remove()  # also takes a compiled step off the model
-            if draft_counter is not None:
-                draft_counter.remove()
-        seconds = time.perf_counter() - start
-        stats = GenerationStats(
-            method=method, speculative=speculative, device=str(device), precision=precision,
-            backends={**_attention_report(impl, dispatched), "compiled": "torch.compile" if compile else "no"},
-            images=int(classes.numel()), seconds=seconds, forward_passes=counter.count,
-            passes_per_image=weighted_passes / classes.numel(),
-            draft_passes=draft_counter.count if draft_counter is not None else 0,
-            accepted_hist=list(spec.accepted_hist),
-            acceptance_rate=spec.acceptance_rate if speculative else float("nan"))
-        return Generation(images.float().cpu(), classes.cpu(), stats)
+            start = time.perf_counter()
+            # speculative decoding runs one image at a time
+            images = generate_in_batches(images_of, request.classes.to(device),
+                                         1 if strategy.one_at_a_time else request.batch_size)
+            _sync(device)
+            seconds = time.perf_counter() - start
+        backends = {**_attention_report(attention, dispatched),
+                    "compiled": "torch.compile" if request.compile else "no"}
+        stats = _stats(request, str(device), precision, backends, tally, seconds)
+        return Generation(images.float().cpu(), request.classes.cpu(), stats)
 
-    # -- pieces of generate --------------------------------------------------------------------------------
-
-    def _check_classes(self, classes: torch.Tensor | list[int]) -> torch.Tensor:
-        """``classes`` as a non-empty ``(B,)`` long tensor in ``[0, num_classes)`` (see :meth:`generate`)."""
-        if isinstance(classes, (list, tuple)) and any(isinstance(c, (bool, np.bool_)) for c in classes):
-            raise ValueError(f"classes must be a 1-D sequence of ints, got bools in {list(classes)}")
-        try:
-            classes = torch.as_tensor(classes)
-        except (TypeError, ValueError, RuntimeError) as exc:  # strings, None, ragged lists, huge ints
-            raise TypeError(f"classes must be a 1-D sequence of ints, got {classes!r} ({exc})") from None
-        if classes.ndim == 1 and classes.numel() == 0:
-            raise ValueError("classes is empty: ask for at least one class")
-        if classes.ndim != 1 or classes.is_floating_point() or classes.is_complex() or classes.dtype == torch.bool:
-            raise ValueError(f"classes must be a 1-D sequence of ints, got shape {tuple(classes.shape)} "
-                             f"{classes.dtype}")
-        return check_ids("classes", classes.long(), self.num_classes, ("B",))
-
-    def _check_options(self, method: str, speculative: str | None, relaxed_delta: float, kernels: str,
-                       precision: str, compile: bool, neighbors: int) -> nn.Module:
-        """The target model of ``method``, after checking the named options and their combination
-        (``relaxed_delta`` and ``compile`` are checked numbers already)."""
-        if method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-        if speculative not in SPECULATIVE:
-            raise ValueError(f"speculative must be one of {SPECULATIVE}, got {speculative!r}")
-        if kernels not in KERNELS:
-            raise ValueError(f"kernels must be one of {KERNELS}, got {kernels!r}")
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-        if speculative is not None and method != "ar":
-            raise ValueError("speculative decoding applies to method='ar' (VAR already samples a whole "
-                             "scale per pass)")
-        if relaxed_delta > 0 and speculative != "jacobi":
-            raise ValueError(f"relaxed_delta must be >= 0, and > 0 only with speculative='jacobi'; got "
-                             f"{relaxed_delta} with speculative={speculative!r}")
-        if compile and (speculative is not None or kernels not in ("auto", "torch")):
-            raise ValueError("compile=True applies to batched generation (speculative=None) with torch attention "
-                             f"(kernels 'auto' or 'torch'); got speculative={speculative!r}, kernels={kernels!r}")
-        model = self.var if method == "var" else self.ar
-        if model is None:
-            raise ValueError(f"this Generator has no {method!r} model")
-        if speculative == "draft" and self.ar_draft is None:
+    def _strategy(self, request: GenerationRequest) -> Strategy:
+        """The strategy of ``request``, after checking it against this Generator's models."""
+        check_ids("classes", request.classes, self.num_classes, ("B",))
+        strategy = self.strategies.get((request.method, request.speculative))
+        if strategy is None:
+            if (request.method, None) not in self.strategies:
+                raise ValueError(f"this Generator has no {request.method!r} model")
             raise ValueError("speculative='draft' needs a draft model (ar_draft)")
         max_neighbors = self.ar.config.vocab_size - 1 if self.ar is not None else None
-        check_int("neighbors", neighbors, lo=0, hi=max_neighbors)
-        return model
-
-    def _attention_state(self):
-        """A function that puts every attention layer's implementation (and the models' ``config.attn``) back
-        as it is now."""
-        from ar_course.transformer.model import SelfAttention
-
-        models = [model for model in (self.var, self.ar, self.ar_draft) if model is not None]
-        layers = [m for model in models for m in model.modules() if isinstance(m, SelfAttention)]
-        saved = [(m, m.impl, m.kernel_backend) for m in layers]
-        configs = [(model.config, model.config.attn) for model in models]
-
-        def restore() -> None:
-            for m, impl, backend in saved:
-                m.impl, m.kernel_backend = impl, backend
-            for config, attn in configs:
-                config.attn = attn
-
-        return restore
-
-    def _set_kernels(self, kernels: str, device: torch.device) -> str:
-        """Point every model's attention at torch's SDPA (``"sdpa"``) or at the kernel entry points with
-        ``kernels`` as their backend (``"kernels"``: where some kernel may run here); returns which."""
-        from ar_course.kernels import select_backend  # imported on use: it sets the simulator defaults
-
-        may_run = {select_backend(op, device, kernels) for op in ("flash_attention", "decode_attention")}
-        impl = "sdpa" if may_run == {"torch"} else "kernels"
-        for model in (self.var, self.ar, self.ar_draft):
-            if model is not None:
-                set_attention(model, impl, kernels)
-        return impl
-
-    def _install_compiled(self, method: str) -> "_CompiledStep":
-        """Route ``method``'s decode step through its ``torch.compile``d version (built once per Generator)."""
-        model = self.var if method == "var" else self.ar
-        name = "_run" if method == "var" else "forward"  # VAR.step calls _run once per scale
-        if method not in self._compiled:
-            self._compiled[method] = torch.compile(getattr(type(model), name).__get__(model), dynamic=True)
-        return _CompiledStep(model, name, self._compiled[method])
-
-    def _batched(self, method: str, classes: torch.Tensor, cfg: float, top_k: int | None, top_p: float | None,
-                 temperature: float, generator: torch.Generator | None, ramp: bool) -> torch.Tensor:
-        """One batch of images ``(b, C, S, S)`` without speculative decoding."""
-        if method == "var":
-            pyramid = var.sample_pyramid(self.var, self.var_tokenizer.quantizer, classes, cfg, top_k, top_p,
-                                         temperature, generator, ramp)
-            return self.var_tokenizer.decode_from_indices(pyramid)
-        side = self.ar_tokenizer.config.latent_side
-        maps = raster.generate_tokens(self.ar, classes, (side, side), 1.0 + cfg, temperature, top_k, top_p,
-                                      generator)
-        return self.ar_tokenizer.decode_from_indices(maps)
-
-    def _speculative(self, kind: str, cls: torch.Tensor, cfg: float, top_k: int | None, top_p: float | None,
-                     temperature: float, generator: torch.Generator | None, delta: float, gamma: int,
-                     window: int, neighbors: int, spec: SpecStats) -> torch.Tensor:
-        """One image ``(1, C, S, S)`` of class ``cls`` ``(1,)`` with speculative decoding; adds to ``spec``."""
-        side = self.ar_tokenizer.config.latent_side
-        n = side * side
-        if kind == "draft":
-            start = torch.zeros(1, 0, dtype=torch.long, device=cls.device)  # (1, 0): the class token starts
-            seq, stats = speculative_generate(self.ar, self.ar_draft, start, n, gamma, temperature, top_k, top_p,
-                                              generator, classes=cls, cfg_scale=1.0 + cfg)
-        else:
-            nbrs = self._codebook_neighbors(neighbors) if delta > 0 else None
-            seq, stats = sjd_generate(self.ar, n, classes=cls, window=window, temperature=temperature,
-                                      top_k=top_k, top_p=top_p, generator=generator, cfg_scale=1.0 + cfg,
-                                      delta=delta, neighbors=nbrs)
-        spec.merge(stats)
-        return self.ar_tokenizer.decode_from_indices(from_raster(seq, side, side))
-
-    def _codebook_neighbors(self, k: int) -> torch.Tensor:
-        """``(V, k)`` nearest codes of every code of the raster tokenizer (cached per ``k``)."""
-        if k not in self._neighbors:
-            self._neighbors[k] = codebook_neighbors(self.ar_tokenizer.quantizer.codebook.detach(), k)
-        return self._neighbors[k]
+        check_int("neighbors", request.neighbors, lo=0, hi=max_neighbors)
+        return strategy
 
 
-class _CompiledStep:
-    """Shadows ``model.<name>`` with a compiled function and counts its calls (one per forward pass) until
-    :meth:`remove`. A counting hook on a block would sit inside the compiled region and be traced."""
-
-    def __init__(self, model: nn.Module, name: str, compiled: Callable) -> None:
-        self.count, self._model, self._name = 0, model, name
-
-        def step(*args, **kwargs):
-            self.count += 1
-            return compiled(*args, **kwargs)
-
-        setattr(model, name, step)  # an instance attribute: found before the class's method
-
-    def remove(self) -> None:
-        self._model.__dict__.pop(self._name, None)
+def _stats(request: GenerationRequest, device: str, precision: str, backends: dict, tally: Tally,
+           seconds: float) -> GenerationStats:
+    """The :class:`GenerationStats` of a finished call."""
+    n = int(request.classes.numel())
+    return GenerationStats(
+        method=request.method, speculative=request.speculative, device=device, precision=precision,
+        backends=backends, images=n, seconds=seconds, forward_passes=tally.forward_passes,
+        passes_per_image=tally.waited / n, draft_passes=tally.draft_passes,
+        accepted_hist=list(tally.spec.accepted_hist),
+        acceptance_rate=tally.spec.acceptance_rate if request.speculative else float("nan"))
 
 
-def _attention_report(impl: str, dispatched: DispatchRecord) -> dict[str, str | list[str]]:
-    """What computed attention in one call: torch's SDPA for every call when the models ran ``impl="sdpa"``,
-    else what the kernel entry points recorded they ran (``"none"`` for an op never called), and why any
-    kernel fell back to torch."""
-    if impl == "sdpa":
+def _attention_for(kernels: str, device: torch.device) -> AttentionFn:
+    """The attention function of a call: torch's SDPA where no kernel may run on ``device`` for ``kernels``,
+    else the kernel entry points with ``kernels`` as their backend (they record what really ran)."""
+    from ar_course.kernels import select_backend  # imported on use: it sets the simulator defaults
+
+    may_run = {select_backend(op, device, kernels) for op in ("flash_attention", "decode_attention")}
+    return sdpa_attention if may_run == {"torch"} else KernelAttention(kernels)
+
+
+def _attention_report(attention: AttentionFn, dispatched: DispatchRecord) -> dict[str, str | list[str]]:
+    """What computed attention in one call: torch's SDPA for every call when the models ran
+    :func:`~ar_course.transformer.model.sdpa_attention`, else what the kernel entry points recorded they ran
+    (``"none"`` for an op never called), and why any kernel fell back to torch."""
+    if attention is sdpa_attention:
         return {"attention": "torch", "decode_attention": "torch", "fallbacks": []}
     ran = dispatched.summary("flash_attention", "decode_attention")
     return {"attention": ran["flash_attention"], "decode_attention": ran["decode_attention"],

@@ -6,7 +6,7 @@ Condition dropout during training teaches the same network the unconditional dis
 so at sampling time classifier-free guidance needs no second model::
 
     model, tokenizer = load_pretrained()
-    images = generate_images(model, tokenizer, torch.arange(10), cfg_scale=3.0, seed=0)   # (10, 1, 32, 32)
+    images = generate_images(model, tokenizer, torch.arange(10), cfg=1.0, seed=0)   # (10, 1, 32, 32)
 
 Generating one image costs ``h * w`` forward passes (64 for the 8x8 MNIST maps) with a KV cache, each over
 one new token, in a batch of ``2B`` when guided.
@@ -15,13 +15,14 @@ one new token, in a batch of ``2B`` when guided.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 
 from ar_course import checkpoint
 from ar_course.raster.functional import condition_dropout, from_raster, make_training_pairs, to_raster
+from ar_course.sampling import SamplingConfig
 from ar_course.tokenizers import VQVAE
 from ar_course.transformer.model import GPT, GPTConfig
 from ar_course.utils import check_ids, check_int, generate_in_batches
@@ -109,17 +110,18 @@ def generate_tokens(
     model: GPT,
     classes: torch.Tensor,
     grid: tuple[int, int],
-    cfg_scale: float = 1.0,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
+    *,
+    sampling: SamplingConfig = SamplingConfig(),
+    cfg: float = 0.0,
     generator: torch.Generator | None = None,
     use_cache: bool = True,
+    forward: Callable[..., tuple[torch.Tensor, torch.Tensor | None]] | None = None,
 ) -> torch.Tensor:
-    """Sample token maps ``(B, rows, cols)`` for ``classes`` ``(B,)`` with classifier-free guidance.
+    """Sample token maps ``(B, rows, cols)`` for ``classes`` ``(B,)`` with classifier-free guidance of strength
+    ``cfg = w`` (``0``: plain conditional sampling; see :func:`~ar_course.sampling.cfg_mix`).
 
-    ``cfg_scale = 1`` is plain conditional sampling, ``0`` unconditional; ``use_cache=False`` recomputes the
-    whole prefix at every step (the slow reference path, same tokens).
+    ``use_cache=False`` recomputes the whole prefix at every step (the slow reference path, same tokens);
+    ``forward`` replaces the model's forward pass at every step (as in :meth:`GPT.generate`).
 
     Raises ``ValueError`` for ``classes`` that are not a non-empty ``(B,)`` long tensor in ``[0, n_classes]``,
     a ``grid`` that is not two sides ``>= 1``, and as :meth:`GPT.generate` for the rest; ``TypeError`` for
@@ -127,8 +129,8 @@ def generate_tokens(
     check_ids("classes", classes, model.config.n_classes + 1, ("B",))
     rows, cols = _check_grid(grid)
     start = torch.zeros(classes.shape[0], 0, dtype=torch.long, device=classes.device)  # (B, 0)
-    seq = model.generate(start, rows * cols, temperature=temperature, top_k=top_k, top_p=top_p,
-                         generator=generator, classes=classes, cfg_scale=cfg_scale, use_cache=use_cache)
+    seq = model.generate(start, rows * cols, sampling=sampling, cfg=cfg, classes=classes, generator=generator,
+                         use_cache=use_cache, forward=forward)
     return from_raster(seq, rows, cols)  # (B, rows, cols)
 
 
@@ -137,14 +139,14 @@ def generate_images(
     model: GPT,
     tokenizer: VQVAE,
     classes: torch.Tensor,
-    cfg_scale: float = 1.0,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
+    *,
+    sampling: SamplingConfig = SamplingConfig(),
+    cfg: float = 0.0,
     seed: int | None = 0,
     batch_size: int = 500,
 ) -> torch.Tensor:
-    """Images ``(B, C, S, S)`` in [0, 1] of the requested ``classes`` ``(B,)``: sample token maps, decode.
+    """Images ``(B, C, S, S)`` in [0, 1] of the requested ``classes`` ``(B,)``: sample token maps (guidance
+    ``cfg = w``, ``sampling``), decode.
 
     ``seed`` seeds one generator (on the model's device) for the whole call; ``None`` uses torch's global
     generator. Work runs in chunks of ``batch_size`` classes, and the samples depend on the chunking, so
@@ -158,7 +160,7 @@ def generate_images(
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
 
     def images_of(chunk: torch.Tensor) -> torch.Tensor:
-        maps = generate_tokens(model, chunk, (side, side), cfg_scale, temperature, top_k, top_p, generator)
+        maps = generate_tokens(model, chunk, (side, side), sampling=sampling, cfg=cfg, generator=generator)
         return tokenizer.decode_from_indices(maps)  # (b, C, S, S)
 
     return generate_in_batches(images_of, classes.to(device), batch_size)  # (B, C, S, S)
@@ -174,6 +176,13 @@ def load_pretrained(device: torch.device | str = "cpu", path: str | Path | None 
 
 
 def pretrained_info(path: str | Path | None = None) -> dict:
-    """What the trainer recorded with the checkpoint: steps, seed, losses, accuracy per guidance scale...
-    (:func:`ar_course.checkpoint.info`)."""
-    return checkpoint.info(PRETRAINED_PATH if path is None else Path(path))
+    """What the trainer recorded with the checkpoint: steps, seed, losses, ``accuracy_by_cfg`` (class accuracy
+    by guidance strength ``w``)... (:func:`ar_course.checkpoint.info`).
+
+    Checkpoints trained before the guidance convention was ``w`` (the shipped ``ar_mnist`` among them) recorded
+    ``accuracy_by_scale`` by the scale ``s = 1 + w``; their ``accuracy_by_cfg`` is derived from it (the recorded
+    field stays as it was)."""
+    info = checkpoint.info(PRETRAINED_PATH if path is None else Path(path))
+    if "accuracy_by_cfg" not in info and "accuracy_by_scale" in info:
+        info["accuracy_by_cfg"] = {str(float(s) - 1): acc for s, acc in info["accuracy_by_scale"].items()}
+    return info

@@ -2,7 +2,7 @@
 
 Encodes the MNIST training split with the shipped ``mnist_vq`` tokenizer (8x8 maps of 256 codes), trains a
 small GPT with a class token and condition dropout from a fixed seed, measures the class accuracy of
-generated digits at a few guidance scales with the shipped classifier, and writes a float16 safetensors
+generated digits at a few guidance strengths with the shipped classifier, and writes a float16 safetensors
 checkpoint (the shipped one is ``ar_course/assets/ar_mnist.safetensors``, made with the defaults).
 """
 
@@ -27,7 +27,8 @@ from ar_course.train import History, TrainConfig, add_run_options, finish_run, p
 from ar_course.transformer.model import GPT
 from ar_course.utils import get_device, seed_everything
 
-EVAL_SCALES = (1.0, 2.0, 3.0, 4.0)
+EVAL_CFGS = (0.0, 1.0, 2.0, 3.0)
+"""Guidance strengths ``w`` at which the trainer records the class accuracy (``accuracy_by_cfg``)."""
 
 
 @torch.no_grad()
@@ -38,11 +39,11 @@ def encode_dataset(tokenizer: VQVAE, images: torch.Tensor, batch_size: int = 100
 
 
 @torch.no_grad()
-def class_accuracy_at(model: GPT, tokenizer: VQVAE, scale: float, per_class: int = 20, seed: int = 0,
+def class_accuracy_at(model: GPT, tokenizer: VQVAE, cfg: float, per_class: int = 20, seed: int = 0,
                       n_classes: int = 10) -> float:
-    """Class accuracy (shipped classifier) of ``per_class`` samples per class at guidance ``scale``."""
+    """Class accuracy (shipped classifier) of ``per_class`` samples per class at guidance strength ``cfg = w``."""
     classes = torch.arange(n_classes).repeat_interleave(per_class)  # (n_classes * per_class,)
-    images = generate_images(model, tokenizer, classes, cfg_scale=scale, seed=seed)
+    images = generate_images(model, tokenizer, classes, cfg=cfg, seed=seed)
     return metrics.class_accuracy(images.cpu(), classes)
 
 
@@ -106,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-images", type=positive_int, default=None, metavar="N",
                         help="train on the first N training digits only (default: all)")
     parser.add_argument("--eval-per-class", type=nonnegative_int, default=20,
-                        help="samples per class for the accuracy recorded at each guidance scale (0: skip)")
+                        help="samples per class for the accuracy recorded at each guidance strength (0: skip)")
     parser.add_argument("--tokenizer", default="mnist_vq", help="a shipped tokenizer's name or a checkpoint path")
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--out", type=Path, default=PRETRAINED_PATH,
@@ -133,15 +134,15 @@ def main(argv: list[str] | None = None) -> int:
     test_maps = encode_dataset(tokenizer, test_images[:1000]).to(device)
     with torch.no_grad():
         test_loss = float(raster_loss(model, test_maps, test_labels[:1000].to(device)))
-    accuracy = {str(s): class_accuracy_at(model, tokenizer, s, args.eval_per_class, seed=args.seed)
-                for s in EVAL_SCALES} if args.eval_per_class else {}
+    accuracy = {str(w): class_accuracy_at(model, tokenizer, w, args.eval_per_class, seed=args.seed)
+                for w in EVAL_CFGS} if args.eval_per_class else {}
     state = {k: v.half() for k, v in model.state_dict().items()}
     tail = history.loss[-50:]
     out = save_checkpoint(args.out, state, model.config, kind=CHECKPOINT_KIND, tokenizer=str(args.tokenizer),
                           steps=args.steps, seed=args.seed, batch_size=args.batch_size, lr=args.lr,
                           p_uncond=args.p_uncond, train_images=len(labels), final_train_loss=sum(tail) / len(tail),
-                          test_loss=test_loss, accuracy_by_scale=accuracy, eval_per_class=args.eval_per_class)
+                          test_loss=test_loss, accuracy_by_cfg=accuracy, eval_per_class=args.eval_per_class)
     finish_run(state_path)
-    print(f"test loss {test_loss:.4f} nats/token; class accuracy by guidance scale {accuracy}")
+    print(f"test loss {test_loss:.4f} nats/token; class accuracy by guidance strength w {accuracy}")
     print(f"saved {out} ({out.stat().st_size / 1024:.0f} KB)")
     return 0

@@ -17,7 +17,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ar_course import sampling
+from ar_course.sampling import (
+    SamplingConfig, cfg_mix, check_cfg, check_sampling, greedy, probs, sample_from_probs,
+)
 from ar_course.speculative.functional import (
     jacobi_verify,
     relaxed_target,
@@ -87,20 +89,35 @@ def _feed(model: GPT, cache: KVCache, seq: torch.Tensor, classes: torch.Tensor |
     return logits
 
 
-def _check_inputs(model: GPT, prefix: torch.Tensor, classes: torch.Tensor | None, cfg_scale: float) -> float:
+class _Guided:
+    """A model with its KV cache over one sequence, and, with guidance ``cfg = w != 0``, the null-class copy of
+    the sequence beside it in the same batch (rows: conditional, unconditional)."""
+
+    def __init__(self, model: GPT, classes: torch.Tensor | None, cfg: float, length: int) -> None:
+        self.model, self.cfg = model, cfg
+        self.classes = classes if cfg == 0 else torch.cat([classes, torch.full_like(classes, model.null_class)])
+        self.cache = model.make_cache(1 if cfg == 0 else 2, length)
+
+    def logits(self, seq: torch.Tensor) -> torch.Tensor:
+        """Guided logits ``(T_new, V)`` of the positions of ``seq`` ``(1, n)`` that the cache does not hold yet."""
+        out = _feed(self.model, self.cache, seq.expand(self.cache.batch_size, -1), self.classes)  # (1 or 2, T_new, V)
+        return out[0] if self.cfg == 0 else cfg_mix(out[:1], out[1:], self.cfg)[0]
+
+
+def _check_inputs(model: GPT, prefix: torch.Tensor, classes: torch.Tensor | None, cfg: float) -> float:
     """Checks shared by both decoders: ``prefix`` a ``(1, T)`` long tensor of the model's ids (``T >= 1``
     unless class-conditional), ``classes`` ``(1,)`` in ``[0, n_classes]`` exactly when class-conditional,
-    ``cfg_scale`` finite and ``!= 1`` only with classes. Returns ``cfg_scale`` as a float."""
+    ``cfg`` finite and ``!= 0`` only with classes. Returns ``cfg`` as a float."""
     conditional = model.config.n_classes > 0
     check_ids("prefix", prefix, model.config.vocab_size, (1, "T"), allow_empty=True)
     if conditional != (classes is not None):
         raise ValueError("pass classes of shape (1,) exactly when the models are class-conditional")
     if classes is not None:
         check_ids("classes", classes, model.config.n_classes + 1, (1,))
-    cfg_scale = check_number("cfg_scale", cfg_scale)
-    if cfg_scale != 1.0 and not conditional:
-        raise ValueError("classifier-free guidance (cfg_scale != 1) needs class-conditional models")
-    return cfg_scale
+    cfg = check_cfg(cfg)
+    if cfg != 0 and not conditional:
+        raise ValueError("classifier-free guidance (cfg != 0) needs class-conditional models")
+    return cfg
 
 
 @torch.no_grad()
@@ -109,31 +126,29 @@ def speculative_generate(
     draft: GPT,
     prefix: torch.Tensor,
     max_new_tokens: int,
+    *,
     gamma: int = 4,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    generator: torch.Generator | None = None,
+    sampling: SamplingConfig = SamplingConfig(),
+    cfg: float = 0.0,
     classes: torch.Tensor | None = None,
-    cfg_scale: float = 1.0,
+    generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, SpecStats]:
     """Sample ``max_new_tokens`` tokens after ``prefix`` ``(1, T)`` from ``target``, with ``draft`` proposing.
 
     Each round: the draft samples ``gamma`` tokens from ``q`` (one draft call each); one target call over
     the pending token and the drafts gives ``p``; :func:`~.functional.speculative_round` keeps the
     accepted drafts and adds one corrected or bonus token; both caches roll back. ``p`` and ``q`` come from
-    :func:`ar_course.sampling.probs` with the same ``temperature``/``top_k``/``top_p``, so the output has
-    exactly the target's sampling distribution. Near the end ``gamma`` shrinks so that no position past
-    ``T + max_new_tokens - 1`` is ever fed.
+    :func:`ar_course.sampling.probs` with the same ``sampling``, so the output has exactly the target's sampling
+    distribution. Near the end ``gamma`` shrinks so that no position past ``T + max_new_tokens - 1`` is ever fed.
 
-    Greedy (``temperature=0``): ``p`` and ``q`` would be one-hot, and the round reduces to "keep drafts while
+    Greedy (temperature 0): ``p`` and ``q`` would be one-hot, and the round reduces to "keep drafts while
     they equal the target's argmax, then add the target's argmax"; that is computed directly from the
-    logits (no distributions, no random numbers), and reproduces ``target.generate(..., temperature=0)``.
+    logits (no distributions, no random numbers), and reproduces ``target.generate(..., sampling=GREEDY)``.
 
     Class-conditional models (both with ``n_classes > 0``, e.g. chapter 03's image models): pass ``classes``
-    ``(1,)``; ``prefix`` may then be empty ``(1, 0)``. ``cfg_scale != 1`` runs the null class beside it in a
-    batch of 2 in both models and uses guided logits for ``p`` and ``q`` (as ``GPT.generate`` does), so
-    the output follows the target's guided distribution exactly.
+    ``(1,)``; ``prefix`` may then be empty ``(1, 0)``. Guidance ``cfg = w != 0`` runs the null class beside it in
+    a batch of 2 in both models and uses guided logits ``(1 + w) cond - w uncond`` for ``p`` and ``q`` (as
+    ``GPT.generate`` does), so the output follows the target's guided distribution exactly.
 
     The sequence lives in one preallocated buffer: a round writes its drafts after the accepted tokens,
     where the accepted ones simply stay, so no round copies the sequence.
@@ -142,77 +157,80 @@ def speculative_generate(
         ``(tokens (1, T + max_new_tokens), stats)``.
 
     Raises:
-        TypeError: a number of the wrong type (``gamma=2.5``, ``temperature="1"``...) or a non-tensor prefix.
+        TypeError: a number of the wrong type (``gamma=2.5``...), ``sampling`` not a ``SamplingConfig``, or a
+            non-tensor prefix.
         ValueError: ``prefix``/``classes`` of the wrong shape, dtype or range, ``gamma`` or ``max_new_tokens``
-            ``< 0``, sampling arguments outside the rules of :mod:`ar_course.sampling`, a non-finite
-            ``cfg_scale``, models of different vocabularies or classes, or more positions than a
+            ``< 0``, a non-finite ``cfg``, models of different vocabularies or classes, or more positions than a
             ``block_size``.
     """
-    max_new_tokens = check_int("max_new_tokens", max_new_tokens, lo=0)
-    gamma = check_int("gamma", gamma, lo=0)
-    temperature, top_k, top_p = sampling.check_sampling(temperature, top_k, top_p)
+    max_new_tokens, gamma = check_int("max_new_tokens", max_new_tokens, lo=0), check_int("gamma", gamma, lo=0)
+    sampling = check_sampling(sampling)
     if target.config.vocab_size != draft.config.vocab_size or target.config.n_classes != draft.config.n_classes:
         raise ValueError("target and draft must model the same vocabulary and classes")
-    cfg_scale = _check_inputs(target, prefix, classes, cfg_scale)
-    n_prefix = target.config.n_prefix
+    cfg = _check_inputs(target, prefix, classes, cfg)
     n, total = prefix.shape[1], prefix.shape[1] + max_new_tokens
     for model in (target, draft):
         model.check_room(n, max_new_tokens)
-    guided = cfg_scale != 1.0
-    cls = torch.cat([classes, torch.full_like(classes, target.null_class)]) if guided else classes
-    batch, length = 2 if guided else 1, max(n_prefix + total - 1, 1)
-    t_cache, d_cache = target.make_cache(batch, length), draft.make_cache(batch, length)
+    length = max(target.config.n_prefix + total - 1, 1)
+    t, d = _Guided(target, classes, cfg, length), _Guided(draft, classes, cfg, length)
     seq = prefix.new_empty(1, total)  # seq[:, :n] is the sequence so far, drafts go after it
     seq[:, :n] = prefix
-
-    def logits_of(model: GPT, cache: KVCache, upto: int) -> torch.Tensor:
-        """Guided logits ``(T_new, V)`` of the positions of ``seq[:, :upto]`` the cache lacks."""
-        out = _feed(model, cache, seq[:, :upto].expand(batch, -1), cls)  # (batch, T_new, V)
-        return sampling.cfg_mix(out[:1], out[1:], cfg_scale)[0] if guided else out[0]
-
-    greedy, stats = temperature == 0, SpecStats()
+    stats = SpecStats()
     while n < total:
         g = min(gamma, total - n - 1)
-        q_rows = []  # the draft's distributions, g x (V,)
-        for i in range(g):
-            logits = logits_of(draft, d_cache, n + i)[-1]  # (V,)
-            if greedy:
-                seq[0, n + i] = sampling.greedy(logits)
-            else:
-                q_rows.append(sampling.probs(logits, temperature, top_k, top_p))
-                seq[0, n + i] = sampling.sample_from_probs(q_rows[-1], generator)
+        q_rows = _propose(d, seq, n, g, sampling, generator)  # drafts written to seq[0, n : n + g]
         stats.draft_calls += g
-        logits = logits_of(target, t_cache, n + g)[-(g + 1):]  # (g + 1, V)
-        drafts = seq[0, n : n + g]  # (g,)
-        if greedy:
-            best = sampling.greedy(logits)  # (g + 1,)
-            m = int((drafts == best[:g]).cumprod(0).sum())  # accepted drafts: the leading matches
-            nxt = best[m]  # the target's own token after them
-        else:
-            p = sampling.probs(logits, temperature, top_k, top_p)  # (g + 1, V)
-            q = torch.stack(q_rows) if q_rows else p[:0]  # (g, V)
-            u = torch.rand(g, generator=generator, device=p.device)
-            new = speculative_round(p, q, drafts, u, generator)  # (m + 1,): m accepted drafts + 1
-            m, nxt = new.shape[0] - 1, new[-1]
+        logits = t.logits(seq[:, : n + g])[-(g + 1):]  # (g + 1, V)
+        m, nxt = _verify(logits, q_rows, seq[0, n : n + g], sampling, generator)
         seq[0, n + m] = nxt  # the accepted drafts are in place already
         n += m + 1
         stats.record(m, m + 1, g)
-        rollback_caches([t_cache, d_cache], n_prefix + n)
+        rollback_caches([t.cache, d.cache], target.config.n_prefix + n)
     return seq, stats
+
+
+def _propose(draft: _Guided, seq: torch.Tensor, n: int, g: int, sampling: SamplingConfig,
+             generator: torch.Generator | None) -> list[torch.Tensor]:
+    """The draft's ``g`` tokens after ``seq[:, :n]``, written into ``seq[0, n : n + g]``, one draft pass each.
+    Returns the ``g`` distributions ``(V,)`` they were drawn from (none when greedy)."""
+    q_rows = []
+    for i in range(g):
+        logits = draft.logits(seq[:, : n + i])[-1]  # (V,)
+        if sampling.greedy:
+            seq[0, n + i] = greedy(logits)
+        else:
+            q_rows.append(probs(logits, sampling=sampling))
+            seq[0, n + i] = sample_from_probs(q_rows[-1], generator)
+    return q_rows
+
+
+def _verify(logits: torch.Tensor, q_rows: list[torch.Tensor], drafts: torch.Tensor, sampling: SamplingConfig,
+            generator: torch.Generator | None) -> tuple[int, torch.Tensor]:
+    """One round's verdict on ``drafts`` ``(g,)`` from the target's logits ``(g + 1, V)``: how many drafts are
+    accepted, ``m``, and the token after them (a corrected or bonus token; greedy: the target's argmax)."""
+    g = drafts.shape[0]
+    if sampling.greedy:
+        best = greedy(logits)  # (g + 1,)
+        m = int((drafts == best[:g]).cumprod(0).sum())  # accepted drafts: the leading matches
+        return m, best[m]
+    p = probs(logits, sampling=sampling)  # (g + 1, V)
+    q = torch.stack(q_rows) if q_rows else p[:0]  # (g, V)
+    u = torch.rand(g, generator=generator, device=p.device)
+    new = speculative_round(p, q, drafts, u, generator)  # (m + 1,): m accepted drafts + 1
+    return new.shape[0] - 1, new[-1]
 
 
 @torch.no_grad()
 def sjd_generate(
     model: GPT,
     n_tokens: int,
+    *,
     prefix: torch.Tensor | None = None,
     classes: torch.Tensor | None = None,
     window: int = 8,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
+    sampling: SamplingConfig = SamplingConfig(),
+    cfg: float = 0.0,
     generator: torch.Generator | None = None,
-    cfg_scale: float = 1.0,
     delta: float = 0.0,
     neighbors: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, SpecStats]:
@@ -222,62 +240,67 @@ def sjd_generate(
     was drawn from (one-hot for fresh, uniformly random tokens). One forward pass over the pending token
     and the window gives ``p`` for every window position (and the one after); :func:`~.functional.
     jacobi_verify` accepts a prefix of the window, adds one token, and re-samples the positions after it
-    from this pass's ``p``, which become the next pass's drafts. Greedy (``temperature=0``) is plain greedy
+    from this pass's ``p``, which become the next pass's drafts. Greedy (temperature 0) is plain greedy
     decoding. ``delta > 0`` (with ``neighbors`` ``(V, k)`` from :func:`~.functional.codebook_neighbors`)
     verifies against :func:`~.functional.relaxed_target` instead of ``p`` (LANTERN-style, not exact).
 
     Args:
         prefix: ``(1, T)`` long (``T >= 1`` for an unconditional model; may be ``None`` / empty with a
             class-conditional one). classes: ``(1,)`` long for a class-conditional model.
-        cfg_scale: classifier-free guidance (runs the null class in the same batch), as ``GPT.generate``.
+        sampling, cfg: as :meth:`GPT.generate` (guidance runs the null class in the same batch).
 
     Returns:
         ``(tokens (1, T + n_tokens), stats)`` with ``stats.target_calls`` the forward passes made.
 
     Raises:
-        TypeError: a number of the wrong type (``window=2.5``, ``delta="0.1"``...) or a non-tensor prefix.
+        TypeError: a number of the wrong type (``window=2.5``, ``delta="0.1"``...), ``sampling`` not a
+            ``SamplingConfig``, or a non-tensor prefix.
         ValueError: ``prefix``/``classes``/``neighbors`` of the wrong shape, dtype or range, ``n_tokens`` or
-            ``window`` ``< 0``, ``delta`` not finite or ``< 0`` (or ``> 0`` without ``neighbors``), sampling
-            arguments outside the rules of :mod:`ar_course.sampling`, a non-finite ``cfg_scale``, or more
-            positions than ``block_size``.
+            ``window`` ``< 0``, ``delta`` not finite or ``< 0`` (or ``> 0`` without ``neighbors``), a non-finite
+            ``cfg``, or more positions than ``block_size``.
     """
     if prefix is None:
         prefix = torch.zeros(1, 0, dtype=torch.long, device=model.wte.weight.device)
-    n_tokens = check_int("n_tokens", n_tokens, lo=0)
-    window = check_int("window", window, lo=0)
-    temperature, top_k, top_p = sampling.check_sampling(temperature, top_k, top_p)
-    delta = check_number("delta", delta, lo=0)
-    cfg_scale = _check_inputs(model, prefix, classes, cfg_scale)
-    if delta > 0:
-        if neighbors is None:
-            raise ValueError("relaxed acceptance (delta > 0) needs neighbors (V, k)")
-        check_ids("neighbors", neighbors, model.config.vocab_size, (model.config.vocab_size, "k"),
-                  allow_empty=True)
-    V, n_prefix = model.config.vocab_size, model.config.n_prefix
+    n_tokens, window = check_int("n_tokens", n_tokens, lo=0), check_int("window", window, lo=0)
+    sampling, delta = check_sampling(sampling), check_number("delta", delta, lo=0)
+    cfg = _check_inputs(model, prefix, classes, cfg)
+    _check_relaxation(model, delta, neighbors)
     total = prefix.shape[1] + n_tokens
     model.check_room(prefix.shape[1], n_tokens)
-    guided = cfg_scale != 1.0
-    batch = 2 if guided else 1
-    cls = torch.cat([classes, torch.full_like(classes, model.null_class)]) if guided else classes
-    cache = model.make_cache(batch, max(n_prefix + total - 1, 1))
+    guided = _Guided(model, classes, cfg, max(model.config.n_prefix + total - 1, 1))
     seq, stats = prefix, SpecStats()
     carry = prefix.new_empty(0)  # drafts for the positions after seq, with their distributions
-    carry_q = torch.empty(0, V, device=prefix.device)
+    carry_q = torch.empty(0, model.config.vocab_size, device=prefix.device)
     while seq.shape[1] < total:
         L = min(window, total - seq.shape[1] - 1)
-        fresh = torch.randint(V, (max(L - carry.shape[0], 0),), generator=generator, device=prefix.device)
-        draft = torch.cat([carry, fresh])[:L]  # (L,)
-        q = torch.cat([carry_q, torch.nn.functional.one_hot(fresh, V).to(carry_q.dtype)])[:L]  # (L, V)
-        inp = torch.cat([seq, draft[None]], dim=1).expand(batch, -1)  # (batch, n + L)
-        logits = _feed(model, cache, inp, cls)[:, -(L + 1):]  # (batch, L + 1, V)
-        if guided:
-            logits = sampling.cfg_mix(logits[:1], logits[1:], cfg_scale)
-        p = sampling.probs(logits[0], temperature, top_k, top_p)  # (L + 1, V)
+        draft, q = _jacobi_window(carry, carry_q, L, generator)  # (L,), (L, V)
+        logits = guided.logits(torch.cat([seq, draft[None]], dim=1))[-(L + 1):]  # (L + 1, V)
+        p = probs(logits, sampling=sampling)  # (L + 1, V)
         if delta > 0:
             p = torch.cat([relaxed_target(p[:L], draft, neighbors, delta), p[L:]])
         u = torch.rand(L, generator=generator, device=p.device)
         new, carry, carry_q = jacobi_verify(p, q, draft, u, generator)
         seq = torch.cat([seq, new[None]], dim=1)
         stats.record(new.shape[0] - 1, new.shape[0], L)
-        rollback_caches([cache], n_prefix + seq.shape[1])
+        rollback_caches([guided.cache], model.config.n_prefix + seq.shape[1])
     return seq, stats
+
+
+def _check_relaxation(model: GPT, delta: float, neighbors: torch.Tensor | None) -> None:
+    """Relaxed acceptance (``delta > 0``) needs ``neighbors``: a ``(V, k)`` tensor of the model's ids."""
+    if delta > 0:
+        if neighbors is None:
+            raise ValueError("relaxed acceptance (delta > 0) needs neighbors (V, k)")
+        check_ids("neighbors", neighbors, model.config.vocab_size, (model.config.vocab_size, "k"),
+                  allow_empty=True)
+
+
+def _jacobi_window(carry: torch.Tensor, carry_q: torch.Tensor, L: int, generator: torch.Generator | None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``L`` drafts of the next pass ``(L,)`` and their distributions ``(L, V)``: the tokens carried over
+    from the last pass, then fresh uniformly random ones (one-hot ``q``)."""
+    V = carry_q.shape[1]
+    fresh = torch.randint(V, (max(L - carry.shape[0], 0),), generator=generator, device=carry.device)
+    draft = torch.cat([carry, fresh])[:L]  # (L,)
+    q = torch.cat([carry_q, torch.nn.functional.one_hot(fresh, V).to(carry_q.dtype)])[:L]  # (L, V)
+    return draft, q

@@ -1,12 +1,15 @@
 """The causal transformer of chapter 02: attention, rotary embeddings, blocks, a GPT with a KV cache.
 
-``functional`` holds the plain reference functions; ``model`` the modules built from them;
+``functional`` holds the plain reference functions; ``model`` the modules built from them (and the attention
+functions a layer may use: :func:`sdpa_attention`, :func:`plain_attention`, :class:`KernelAttention`, chosen per
+call with :func:`use_attention`);
 ``pretrained`` the shipped character-level target/draft pair (``load_pretrained("lm_target")``);
 ``counting`` counts forward passes (:class:`PassCounter`).
 """
 
 from .model import (
-    ATTENTION_IMPLS, GPT, MLP, Block, GPTConfig, KVCache, RMSNorm, Rotary, SelfAttention, SwiGLU, set_attention,
+    ATTENTION_IMPLS, GPT, MLP, AttentionFn, Block, GPTConfig, KernelAttention, KVCache, RMSNorm, Rotary,
+    SelfAttention, SwiGLU, attention_function, plain_attention, sdpa_attention, set_attention, use_attention,
 )
 from .counting import PassCounter, count_forward_passes
 from .pretrained import checkpoint_info, load_pretrained
@@ -14,4 +17,5 @@ from .pretrained import checkpoint_info, load_pretrained
 __all__ = [
     "GPT", "GPTConfig", "KVCache", "Block", "SelfAttention", "MLP", "SwiGLU", "RMSNorm", "Rotary",
     "load_pretrained", "checkpoint_info", "ATTENTION_IMPLS", "set_attention", "PassCounter", "count_forward_passes",
+    "AttentionFn", "attention_function", "sdpa_attention", "plain_attention", "KernelAttention", "use_attention",
 ]

@@ -3,11 +3,14 @@
 Modules in dependency order: :class:`GPTConfig`, :class:`KVCache`, :class:`RMSNorm`, :class:`Rotary`,
 :class:`SelfAttention`, :class:`MLP`, :class:`SwiGLU`, :class:`Block`, :class:`GPT`.
 
-* Attention has a fused path (``F.scaled_dot_product_attention``) and the plain path of
-  :mod:`.functional` beside it (``GPTConfig.attn = "plain"``); tests check that they agree.
+* Attention is a function each :class:`SelfAttention` layer holds (:data:`AttentionFn`): the fused path
+  :func:`sdpa_attention` (``F.scaled_dot_product_attention``), the plain path :func:`plain_attention` of
+  :mod:`.functional` beside it (``GPTConfig.attn = "plain"``; tests check that they agree), or the chapter 06
+  kernels, :class:`KernelAttention`. ``with use_attention(fn):`` overrides it for every layer run in that
+  block, in that thread only (the models are not touched).
 * Masks are boolean, ``True`` = may attend. A block takes ``causal`` (the usual GPT mask, shifted for the
   tokens already in a KV cache) and/or an explicit ``mask`` (e.g. VAR's block-causal mask); both are
-  combined with AND.
+  combined with AND. The kernels get the causal mask as ``"causal"``, never as a matrix.
 * :class:`KVCache` is preallocated per layer and indexed by position; ``rollback(n)`` forgets everything
   after position ``n`` (speculative decoding rejects drafted tokens that way).
 * Optional class conditioning: a class token is prepended to the sequence; class ``n_classes`` is the null
@@ -18,17 +21,20 @@ Modules in dependency order: :class:`GPTConfig`, :class:`KVCache`, :class:`RMSNo
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 from dataclasses import asdict, dataclass
+from typing import Callable, Iterator
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ar_course import sampling
 from ar_course.checkpoint import config_from_dict
+from ar_course.sampling import SamplingConfig, cfg_mix, check_cfg, check_sampling, sample
 from ar_course.transformer import functional as ref
-from ar_course.utils import check_bool, check_ids, check_int, check_number
+from ar_course.utils import check_bool, check_ids, check_int
 
 ATTENTION_IMPLS = ("sdpa", "plain", "kernels")
 
@@ -183,15 +189,103 @@ class Rotary(nn.Module):
         return self.cos[start : start + length], self.sin[start : start + length]
 
 
+AttentionFn = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None", bool, float], torch.Tensor]
+"""``attend(q, k, v, mask, causal, dropout_p) -> y``: queries ``(B, H, T, D)`` over keys and values
+``(B, H, T_k, D)`` (the queries are the last ``T`` of the ``T_k`` positions); ``mask`` None or bool ``(T, T_k)``
+/ ``(B, H, T, T_k)``, ``True`` = may attend; ``causal``: also apply the causal mask (shifted by the ``T_k - T``
+cached positions); ``dropout_p`` on the attention weights. Returns ``y`` ``(B, H, T, D)``."""
+
+
+def _with_causal(mask: torch.Tensor | None, causal: bool, t_q: int, t_k: int, device: torch.device
+                 ) -> torch.Tensor | None:
+    """``mask`` AND the causal mask of the last ``t_q`` of ``t_k`` positions when ``causal``."""
+    if not causal:
+        return mask
+    cm = ref.causal_mask(t_q, t_k, device=device)  # (T, T_k)
+    return cm if mask is None else mask & cm
+
+
+def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, causal: bool,
+                   dropout_p: float = 0.0) -> torch.Tensor:
+    """:data:`AttentionFn` on torch's fused ``F.scaled_dot_product_attention``. A causal pass without cached
+    positions uses its ``is_causal`` flag (no mask built); a causal pass after cached ones builds the shifted
+    mask (SDPA's flag assumes the queries start at position 0)."""
+    T, T_k = q.shape[2], k.shape[2]
+    if mask is None and (not causal or T == T_k):
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=causal)
+    mask = _with_causal(mask, causal, T, T_k, q.device)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+
+
+def plain_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, causal: bool,
+                    dropout_p: float = 0.0) -> torch.Tensor:
+    """:data:`AttentionFn` written out: ``softmax(q k^T / sqrt(D))`` under the mask, dropout on the weights (as
+    SDPA does), times ``v``. The reference the fused paths are tested against."""
+    mask = _with_causal(mask, causal, q.shape[2], k.shape[2], q.device)
+    scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])  # (B, H, T, T_k)
+    return F.dropout(ref.masked_softmax(scores, mask), dropout_p) @ v
+
+
+@dataclass(frozen=True)
+class KernelAttention:
+    """:data:`AttentionFn` on the chapter 06 kernel entry points with ``backend`` (``"auto"``, ``"torch"``,
+    ``"triton"``, ``"numba"``): split-K decode attention for one new query over the cache (its length a Python
+    int: no host sync), else FlashAttention. The causal mask goes as ``"causal"``, which the kernels evaluate
+    without reading a mask; only an explicit 2-D mask (VAR's teacher forcing) is read. Dropout and masks per
+    batch or head (4-D) take :func:`plain_attention`."""
+
+    backend: str = "auto"
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, causal: bool,
+                 dropout_p: float = 0.0) -> torch.Tensor:
+        if dropout_p > 0 or (mask is not None and mask.ndim != 2):
+            return plain_attention(q, k, v, mask, causal, dropout_p)
+        from ar_course import kernels  # imported on first use: it picks the simulator/interpreter defaults
+
+        T, T_k = q.shape[2], k.shape[2]
+        if T == 1 and mask is None:
+            out = kernels.decode_attention(q[:, :, 0], k, v, T_k, backend=self.backend)  # (B, H, D)
+            return out[:, :, None]  # (B, H, 1, D)
+        if mask is None:
+            return kernels.flash_attention(q, k, v, "causal" if causal else None, backend=self.backend)
+        return kernels.flash_attention(q, k, v, _with_causal(mask, causal, T, T_k, q.device), backend=self.backend)
+
+
+def attention_function(impl: str, backend: str = "auto") -> AttentionFn:
+    """The :data:`AttentionFn` of ``impl`` (one of :data:`ATTENTION_IMPLS`): :func:`sdpa_attention`,
+    :func:`plain_attention`, or :class:`KernelAttention` ``(backend)`` for ``"kernels"``."""
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
+    return {"sdpa": sdpa_attention, "plain": plain_attention}.get(impl) or KernelAttention(backend)
+
+
+_ATTENTION: contextvars.ContextVar[AttentionFn | None] = contextvars.ContextVar("ar_course_attention", default=None)
+
+
+@contextlib.contextmanager
+def use_attention(attend: AttentionFn) -> Iterator[None]:
+    """Inside the block, every :class:`SelfAttention` run in this thread (or task) computes attention with
+    ``attend`` instead of its own function; other threads, and the models themselves, are unaffected. An inner
+    block overrides an outer one."""
+    token = _ATTENTION.set(attend)
+    try:
+        yield
+    finally:
+        _ATTENTION.reset(token)
+
+
 class SelfAttention(nn.Module):
-    """Multi-head self-attention with optional rotary embedding, masks and a KV cache."""
+    """Multi-head self-attention with optional rotary embedding, masks and a KV cache.
+
+    ``attention`` is the layer's :data:`AttentionFn` (from ``config.attn``; :func:`set_attention` changes it,
+    :func:`use_attention` overrides it for a call)."""
 
     def __init__(self, config: GPTConfig):
         super().__init__()
         C = config.n_embd
         self.n_head = config.n_head
-        self.impl = config.attn
-        self.kernel_backend = "auto"  # for impl == "kernels": the ar_course.kernels backend to use
+        self.attention: AttentionFn = attention_function(config.attn)
         self.qkv = nn.Linear(C, 3 * C, bias=config.bias)
         self.proj = nn.Linear(C, C, bias=config.bias)
         self.dropout = config.dropout
@@ -211,11 +305,13 @@ class SelfAttention(nn.Module):
         ``(B, H, T, T_k)`` with ``T_k`` = cached positions + ``T``. ``causal``: also apply the causal mask
         (offset by what the cache holds). ``cache``/``layer``: append this layer's keys and values."""
         q, k, v = self.heads(x, rope)  # 3 x (B, H, T, D)
-        past = 0
         if cache is not None:
-            past = cache.length
             k, v = cache.append(layer, k, v)  # (B, H, past+T, D)
-        y = self._attend(q, k, v, mask, causal, past)  # (B, H, T, D)
+        if mask is not None:
+            ref.check_mask(mask, q.shape[2], k.shape[2])
+        attend = _ATTENTION.get() or self.attention
+        # one new token attends to everything before it: the causal mask is all True
+        y = attend(q, k, v, mask, causal and q.shape[2] > 1, self.dropout if self.training else 0.0)  # (B, H, T, D)
         return self.proj(ref.merge_heads(y))  # (B, T, C)
 
     def heads(
@@ -233,42 +329,6 @@ class SelfAttention(nn.Module):
             qkv = torch.cat([qk, qkv[:, :, 2:]], dim=2)  # (B, T, 3, H, D)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, H, T, D)
         return q, k, v
-
-    def _attend(self, q, k, v, mask, causal, past) -> torch.Tensor:
-        T, T_k = q.shape[2], k.shape[2]
-        if mask is not None:
-            ref.check_mask(mask, T, T_k)
-        # one new token attends to everything before it: the causal mask is all True
-        need_causal = causal and T > 1
-        p = self.dropout if self.training else 0.0
-        if self.impl == "kernels" and p == 0.0 and (mask is None or mask.ndim == 2):
-            return self._attend_kernels(q, k, v, mask, need_causal)
-        if self.impl == "sdpa" and mask is None and (not need_causal or past == 0):
-            return F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=need_causal)
-        if need_causal:
-            cm = ref.causal_mask(T, T_k, device=q.device)
-            mask = cm if mask is None else mask & cm
-        if self.impl == "sdpa":
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
-        scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])  # (B, H, T, T_k)
-        return F.dropout(ref.masked_softmax(scores, mask), p) @ v  # dropout on the weights, as SDPA does
-
-    def _attend_kernels(self, q, k, v, mask, causal) -> torch.Tensor:
-        """The chapter 06 kernels: split-K decode attention for one new query over the cache (its length a
-        Python int: no host sync), else FlashAttention. A causal mask goes as ``"causal"`` (the queries are
-        the last T of T_k positions), which the kernels evaluate without reading a mask; only a dense mask
-        (VAR's teacher forcing) is read. Masks per batch or head (4-D) take the sdpa path."""
-        from ar_course import kernels  # imported on first use: it picks the simulator/interpreter defaults
-
-        T, T_k = q.shape[2], k.shape[2]
-        if T == 1 and mask is None:
-            out = kernels.decode_attention(q[:, :, 0], k, v, T_k, backend=self.kernel_backend)  # (B, H, D)
-            return out[:, :, None]  # (B, H, 1, D)
-        if causal and mask is None:
-            return kernels.flash_attention(q, k, v, "causal", backend=self.kernel_backend)
-        if causal:
-            mask = mask & ref.causal_mask(T, T_k, device=q.device)
-        return kernels.flash_attention(q, k, v, mask, backend=self.kernel_backend)
 
 
 class MLP(nn.Module):
@@ -345,14 +405,15 @@ class Block(nn.Module):
 
 def set_attention(model: nn.Module, impl: str, backend: str = "auto") -> None:
     """Switch every attention layer of ``model`` (a GPT, a VAR, ...) to ``impl`` (one of
-    :data:`ATTENTION_IMPLS`); with ``"kernels"``, ``backend`` picks the :mod:`ar_course.kernels` backend
+    :data:`ATTENTION_IMPLS`) for good; with ``"kernels"``, ``backend`` picks the :mod:`ar_course.kernels` backend
     (``"auto"``, ``"torch"``, ``"triton"``, ``"numba"``). The weights are untouched; ``model.config.attn`` (when
-    the model has a config with that field) becomes ``impl`` too, so a saved checkpoint records the setting."""
-    if impl not in ATTENTION_IMPLS:
-        raise ValueError(f"impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
+    the model has a config with that field) becomes ``impl`` too, so a saved checkpoint records the setting.
+    To change attention for one call only, without touching a model that others may be using, use
+    :func:`use_attention`."""
+    attend = attention_function(impl, backend)
     for module in model.modules():
         if isinstance(module, SelfAttention):
-            module.impl, module.kernel_backend = impl, backend
+            module.attention = attend
     config = getattr(model, "config", None)
     if hasattr(config, "attn"):
         config.attn = impl
@@ -491,12 +552,9 @@ class GPT(nn.Module):
         if self.wpe is not None:
             x = x + self.wpe(torch.arange(start, start + T, device=x.device))
         rope = self.rotary(start, T) if self.rotary is not None else None
-        mask, causal = None, True
-        if start > 0 and T > 1:  # several new tokens after cached ones: build the shifted mask once
-            mask, causal = ref.causal_mask(T, start + T, device=x.device), False
         x = self.drop(x)
-        for i, block in enumerate(self.blocks):
-            x = block(x, rope=rope, mask=mask, causal=causal, cache=cache, layer=i)
+        for i, block in enumerate(self.blocks):  # causal, shifted by the cached positions: no mask is built here
+            x = block(x, rope=rope, causal=True, cache=cache, layer=i)
         if cache is not None:
             cache.advance(T)
         logits = self.lm_head(self.norm_f(x))  # (B, T, V)
@@ -532,41 +590,50 @@ class GPT(nn.Module):
         self,
         idx: torch.Tensor,
         max_new_tokens: int,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        generator: torch.Generator | None = None,
+        *,
+        sampling: SamplingConfig = SamplingConfig(),
+        cfg: float = 0.0,
         classes: torch.Tensor | None = None,
-        cfg_scale: float = 1.0,
+        generator: torch.Generator | None = None,
         use_cache: bool = True,
+        forward: Callable[..., tuple[torch.Tensor, torch.Tensor | None]] | None = None,
     ) -> torch.Tensor:
         """Append ``max_new_tokens`` sampled tokens to ``idx`` ``(B, T)``; returns ``(B, T + max_new_tokens)``.
 
-        ``temperature=0`` is greedy. With a class-conditional model pass ``classes`` ``(B,)``; ``cfg_scale
-        != 1`` runs the conditional and null-class sequences in one doubled batch and samples from
-        ``uncond + cfg_scale * (cond - uncond)``. ``use_cache=False`` recomputes the whole prefix at every
-        step (the slow reference path; same tokens).
+        ``sampling``: temperature / top-k / top-p (:class:`~ar_course.sampling.SamplingConfig`; temperature 0 is
+        greedy). With a class-conditional model pass ``classes`` ``(B,)``; guidance ``cfg = w != 0`` runs the
+        conditional and null-class sequences in one doubled batch and samples from ``(1 + w) * cond - w * uncond``
+        (:func:`~ar_course.sampling.cfg_mix`; ``w = 0`` is plain conditional sampling). ``use_cache=False``
+        recomputes the whole prefix at every step (the slow reference path; same tokens). ``forward``: what
+        computes each step's logits, called like :meth:`forward` (default: the model itself; e.g. a
+        ``torch.compile``d forward, or a wrapper that counts the passes).
 
         Raises:
-            TypeError: a number or flag of the wrong type (``max_new_tokens=2.0``, ``use_cache="yes"``...).
+            TypeError: a number or flag of the wrong type (``max_new_tokens=2.0``, ``use_cache="yes"``...), or
+                ``sampling`` that is not a ``SamplingConfig``.
             ValueError: bad ``idx``/``classes`` (as :meth:`forward`), ``max_new_tokens < 0``, a prompt and new
-                tokens needing more than ``block_size`` positions, sampling arguments outside the rules of
-                :mod:`ar_course.sampling`, a non-finite ``cfg_scale``, or guidance without classes.
+                tokens needing more than ``block_size`` positions, a non-finite ``cfg``, or guidance without
+                classes.
         """
-        temperature, top_k, top_p = sampling.check_sampling(temperature, top_k, top_p)
+        sampling, cfg = check_sampling(sampling), check_cfg(cfg)
         max_new_tokens = check_int("max_new_tokens", max_new_tokens, lo=0)
-        cfg_scale = check_number("cfg_scale", cfg_scale)
         use_cache = check_bool("use_cache", use_cache)
         self._check_idx(idx)
         B, T = idx.shape
-        guided = cfg_scale != 1.0
-        if guided and classes is None:
-            raise ValueError("classifier-free guidance (cfg_scale != 1) needs a class-conditional model and classes")
+        if cfg != 0 and classes is None:
+            raise ValueError("classifier-free guidance (cfg != 0) needs a class-conditional model and classes")
         if self.wce is not None:
             self._check_classes(classes, B)
         elif classes is not None:
             raise ValueError("classes are only taken by a class-conditional model (n_classes > 0)")
         self.check_room(T, max_new_tokens)
+        return self._decode(idx, max_new_tokens, sampling, cfg, classes, generator, use_cache, forward or self)
+
+    def _decode(self, idx: torch.Tensor, max_new_tokens: int, sampling: SamplingConfig, cfg: float,
+                classes: torch.Tensor | None, generator: torch.Generator | None, use_cache: bool,
+                forward: Callable[..., tuple[torch.Tensor, torch.Tensor | None]]) -> torch.Tensor:
+        """The sampling loop of :meth:`generate` (arguments checked): ``(B, T)`` -> ``(B, T + max_new_tokens)``."""
+        B, guided = idx.shape[0], cfg != 0
         seq, cls = idx, classes
         if guided:
             seq = torch.cat([idx, idx])  # (2B, T)
@@ -575,13 +642,13 @@ class GPT(nn.Module):
         step_input = seq
         for _ in range(max_new_tokens):
             if cache is None:
-                logits, _ = self(seq, classes=cls)
+                logits, _ = forward(seq, classes=cls)
             else:
-                logits, _ = self(step_input, classes=cls if cache.length == 0 else None, cache=cache)
+                logits, _ = forward(step_input, classes=cls if cache.length == 0 else None, cache=cache)
             logits = logits[:, -1, :]  # (2B or B, V)
             if guided:
-                logits = sampling.cfg_mix(logits[:B], logits[B:], cfg_scale)  # (B, V)
-            nxt = sampling.sample(logits, temperature, top_k, top_p, generator)[:, None]  # (B, 1)
+                logits = cfg_mix(logits[:B], logits[B:], cfg)  # (B, V)
+            nxt = sample(logits, sampling=sampling, generator=generator)[:, None]  # (B, 1)
             if guided:
                 nxt = torch.cat([nxt, nxt])  # (2B, 1)
             seq = torch.cat([seq, nxt], dim=1)

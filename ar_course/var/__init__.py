@@ -9,8 +9,8 @@
 
 from ar_course.var import functional
 from ar_course.var.functional import (
-    block_causal_mask, embed_levels_positions, guidance_strength, guided_logits, level_ids, scale_bounds,
-    scale_masks, scale_step, teacher_forcing_sequence, var_loss,
+    block_causal_mask, embed_levels_positions, guidance_strength, level_ids, scale_bounds, scale_masks, scale_step,
+    teacher_forcing_sequence, var_loss,
 )
 from ar_course.var.model import (
     CHECKPOINT_KIND, PRETRAINED_PATH, VAR, VARConfig, generate_images, load_pretrained,
@@ -18,8 +18,8 @@ from ar_course.var.model import (
 )
 
 __all__ = [
-    "functional", "block_causal_mask", "embed_levels_positions", "guidance_strength", "guided_logits",
-    "level_ids", "scale_bounds", "scale_masks", "scale_step", "teacher_forcing_sequence", "var_loss",
+    "functional", "block_causal_mask", "embed_levels_positions", "guidance_strength", "level_ids", "scale_bounds",
+    "scale_masks", "scale_step", "teacher_forcing_sequence", "var_loss",
     "VAR", "VARConfig", "sample_pyramid", "generate_images", "load_pretrained", "pretrained_info",
     "save_pretrained", "CHECKPOINT_KIND", "PRETRAINED_PATH",
 ]

@@ -2,7 +2,7 @@
 Frechet distance, measured the same way for both. Used by the chapter 04 notebook and ``benchmarks/bench_var.py``.
 
     rows = compare_generators({"VAR": var_sampler(model, tok, cfg=2.0),
-                               "raster AR": raster_sampler(ar, ar_tok, cfg_scale=3.0)}, per_class=50)
+                               "raster AR": raster_sampler(ar, ar_tok, cfg=1.0)}, per_class=50)
     fig = plot_comparison(rows)
 """
 
@@ -39,12 +39,13 @@ def var_sampler(model: VAR, tokenizer: VQVAE, cfg: float = 0.0, **kwargs) -> Sam
                                                                 **kwargs))
 
 
-def raster_sampler(model: nn.Module, tokenizer: VQVAE, cfg_scale: float = 1.0, **kwargs) -> Sampler:
-    """The chapter 03 raster model at guidance ``cfg_scale`` (1 = conditional)."""
+def raster_sampler(model: nn.Module, tokenizer: VQVAE, cfg: float = 0.0, **kwargs) -> Sampler:
+    """The chapter 03 raster model at guidance ``cfg`` (0 = conditional); ``kwargs`` go to
+    :func:`~ar_course.raster.generate_images`."""
     from ar_course.raster import generate_images as raster_generate
 
-    return Sampler(model, lambda classes, seed: raster_generate(model, tokenizer, classes, cfg_scale=cfg_scale,
-                                                                seed=seed, **kwargs))
+    return Sampler(model, lambda classes, seed: raster_generate(model, tokenizer, classes, cfg=cfg, seed=seed,
+                                                                **kwargs))
 
 
 def seconds_per_batch(fn: Callable[[], object], repeats: int = 3) -> float:

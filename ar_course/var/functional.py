@@ -10,7 +10,8 @@ so the whole of scale ``k`` is predicted in one forward pass.
 * :func:`embed_levels_positions` -- add level (scale) and position embeddings.
 * :func:`scale_step`, :func:`teacher_forcing_sequence` -- the canvas update and the training inputs.
 * :func:`var_loss` -- cross-entropy over all tokens, and per scale.
-* :func:`guidance_strength`, :func:`guided_logits` -- classifier-free guidance with VAR's linear ramp.
+* :func:`guidance_strength` -- VAR's linear ramp of the guidance strength over the scales (the mix itself is
+  :func:`ar_course.sampling.cfg_mix`).
 * :func:`scale_masks` -- a known-region mask at every scale (zero-shot inpainting).
 """
 
@@ -130,21 +131,15 @@ def var_loss(logits: torch.Tensor, targets: torch.Tensor, scales: Sequence[int])
     return nll.mean(), per_scale
 
 
-def guidance_strength(cfg: float, k: int, num_scales: int, ramp: bool = True) -> float:
-    """Guidance ``t`` at scale ``k``: ``cfg * k / (S - 1)`` with VAR's linear ramp (no guidance on the first
-    scale, full guidance on the last), else ``cfg`` at every scale."""
+def guidance_strength(w: float, k: int, num_scales: int, *, ramp: bool = True) -> float:
+    """Guidance strength ``t`` at scale ``k`` for the strength ``w`` (the convention of
+    :func:`ar_course.sampling.cfg_mix`: logits ``(1 + t) * cond - t * uncond``): ``w * k / (S - 1)`` with VAR's
+    linear ramp (no guidance on the first scale, full guidance on the last), else ``w`` at every scale."""
     if not 0 <= k < num_scales:
         raise ValueError(f"k must lie in [0, {num_scales - 1}], got {k}")
     if not ramp or num_scales == 1:
-        return float(cfg)
-    return float(cfg) * k / (num_scales - 1)
-
-
-def guided_logits(cond: torch.Tensor, uncond: torch.Tensor, t: float) -> torch.Tensor:
-    """VAR's guidance ``(1 + t) * cond - t * uncond``; ``t = 0`` gives the conditional logits. Shapes ``(..., V)``."""
-    if cond.shape != uncond.shape:
-        raise ValueError(f"shapes differ: {tuple(cond.shape)} vs {tuple(uncond.shape)}")
-    return (1 + t) * cond - t * uncond
+        return float(w)
+    return float(w) * k / (num_scales - 1)
 
 
 def scale_masks(mask: torch.Tensor, scales: Sequence[int]) -> list[torch.Tensor]:

@@ -21,16 +21,18 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ar_course import checkpoint, sampling
+from ar_course import checkpoint
 from ar_course.raster.functional import condition_dropout
+from ar_course.sampling import SamplingConfig, cfg_mix, check_cfg, check_sampling, sample
 from ar_course.tokenizers import VQVAE, MultiScaleVQ
 from ar_course.transformer.model import Block, GPTConfig, KVCache, RMSNorm
-from ar_course.utils import check_bool, check_ids, check_int, check_number, generate_in_batches
+from ar_course.utils import check_bool, check_ids, check_int, generate_in_batches
 from ar_course.var import functional as ref
 
 PRETRAINED_PATH = checkpoint.ASSETS / "var_mnist.safetensors"
@@ -184,12 +186,15 @@ class VAR(nn.Module):
         x = torch.cat([self.start_token(classes), self.word_embed(inputs)], dim=1)  # (B, L, C)
         return self._run(x, self.class_emb(classes), 0, self.mask, None)
 
-    def step(self, k: int, x: torch.Tensor | None, classes: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    def step(self, k: int, x: torch.Tensor | None, classes: torch.Tensor, cache: KVCache, *,
+             run: Callable[..., torch.Tensor] | None = None) -> torch.Tensor:
         """Logits of scale ``k`` ``(B, s_k^2, V)``: one forward pass over that scale's positions.
 
         ``x``: ``None`` for ``k = 0`` (the start token is built from ``classes``), else the scale's input
         ``(B, s_k^2, latent_dim)`` (see :func:`~ar_course.var.functional.scale_step`). ``cache`` must hold
-        exactly scales ``0 .. k-1``; it is advanced by ``s_k^2``. No mask: the cache holds only earlier scales."""
+        exactly scales ``0 .. k-1``; it is advanced by ``s_k^2``. No mask: the cache holds only earlier scales.
+        ``run``: what computes the pass, called like ``self._run`` (default; e.g. its ``torch.compile``d version,
+        or a wrapper that counts the passes)."""
         if not 0 <= k < self.config.num_scales:
             raise ValueError(f"k must lie in [0, {self.config.num_scales - 1}], got {k}")
         begin, end = self.bounds[k]
@@ -204,7 +209,7 @@ class VAR(nn.Module):
                 raise ValueError(f"scale {k} needs inputs ({B}, {end - begin}, {self.config.latent_dim}), got "
                                  f"{None if x is None else tuple(x.shape)}")
             h = self.word_embed(x)  # (B, s_k^2, C)
-        logits = self._run(h, self.class_emb(classes), begin, None, cache)
+        logits = (run or self._run)(h, self.class_emb(classes), begin, None, cache)
         cache.advance(end - begin)
         return logits
 
@@ -221,22 +226,10 @@ class VAR(nn.Module):
         return ref.var_loss(self(inputs, classes), targets, self.config.scales)
 
     @torch.no_grad()
-    def generate(
-        self,
-        vq: MultiScaleVQ,
-        classes: torch.Tensor,
-        cfg: float = 0.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        temperature: float = 1.0,
-        generator: torch.Generator | None = None,
-        ramp: bool = True,
-        known: list[torch.Tensor] | None = None,
-        known_mask: torch.Tensor | list[torch.Tensor] | None = None,
-    ) -> list[torch.Tensor]:
-        """A token pyramid (one ``(B, s_k, s_k)`` map per scale) for ``classes`` ``(B,)``: :func:`sample_pyramid`."""
-        return sample_pyramid(self, vq, classes, cfg, top_k, top_p, temperature, generator, ramp, known,
-                              known_mask)
+    def generate(self, vq: MultiScaleVQ, classes: torch.Tensor, **options) -> list[torch.Tensor]:
+        """A token pyramid (one ``(B, s_k, s_k)`` map per scale) for ``classes`` ``(B,)``: :func:`sample_pyramid`
+        with the same keyword ``options`` (``sampling``, ``cfg``, ``ramp``, ``generator``, ``known``...)."""
+        return sample_pyramid(self, vq, classes, **options)
 
 
 @torch.no_grad()
@@ -244,21 +237,22 @@ def sample_pyramid(
     model: VAR,
     vq: MultiScaleVQ,
     classes: torch.Tensor,
+    *,
+    sampling: SamplingConfig = SamplingConfig(),
     cfg: float = 0.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    temperature: float = 1.0,
-    generator: torch.Generator | None = None,
     ramp: bool = True,
+    generator: torch.Generator | None = None,
     known: list[torch.Tensor] | None = None,
     known_mask: torch.Tensor | list[torch.Tensor] | None = None,
+    run: Callable[..., torch.Tensor] | None = None,
 ) -> list[torch.Tensor]:
     """VAR's sampling loop: ``S`` forward passes, one per scale, with a KV cache.
 
-    Guidance: ``cfg = 0`` samples from the conditional model; otherwise the conditional rows and null-class
-    rows run in one doubled batch and scale ``k`` samples from ``(1 + t) cond - t uncond`` with
-    ``t = cfg * k / (S - 1)`` (``ramp=True``, VAR's schedule) or ``t = cfg``. Then temperature, top-k and
-    top-p (:func:`ar_course.sampling.sample`), all tokens of a scale drawn at once from ``generator``.
+    Guidance of strength ``cfg = w`` (``0``: the conditional model): the conditional rows and null-class rows
+    run in one doubled batch and scale ``k`` samples from ``(1 + t) cond - t uncond``
+    (:func:`~ar_course.sampling.cfg_mix`) with ``t = w * k / (S - 1)`` (``ramp=True``, VAR's schedule) or
+    ``t = w``. Then ``sampling`` (temperature, top-k, top-p: :func:`ar_course.sampling.sample`), all tokens
+    of a scale drawn at once from ``generator``. ``run`` replaces the model's pass (as in :meth:`VAR.step`).
 
     Zero-shot inpainting/outpainting: ``known`` is a pyramid (e.g. of a real image) and ``known_mask`` a
     ``(B, H, H)`` bool map at the finest scale (``True`` = keep) or one ``(B, s_k, s_k)`` map per scale; the
@@ -267,33 +261,27 @@ def sample_pyramid(
     Returns one ``(B, s_k, s_k)`` long map per scale.
 
     Raises:
-        TypeError: ``vq`` is not a :class:`MultiScaleVQ`, or a number or flag of the wrong type.
+        TypeError: ``vq`` is not a :class:`MultiScaleVQ`, ``sampling`` not a ``SamplingConfig``, or a number or
+            flag of the wrong type.
         ValueError: ``classes`` not a non-empty ``(B,)`` long tensor in ``[0, n_classes]``, a tokenizer whose
-            scales, codebook or latent size differ from the model's, a non-finite ``cfg``, sampling arguments
-            outside the rules of :mod:`ar_course.sampling`, or inpainting maps of the wrong number, shape,
-            dtype or range."""
+            scales, codebook or latent size differ from the model's, a non-finite ``cfg``, or inpainting maps of
+            the wrong number, shape, dtype or range."""
     c = model.config
-    if not isinstance(vq, MultiScaleVQ):
-        raise TypeError(f"vq must be a MultiScaleVQ, got {type(vq).__name__}")
-    if (tuple(vq.scales), vq.num_codes, vq.dim) != (c.scales, c.vocab_size, c.latent_dim):
-        raise ValueError(f"the tokenizer (scales {tuple(vq.scales)}, {vq.num_codes} codes of size {vq.dim}) does "
-                         f"not match the model (scales {c.scales}, {c.vocab_size} codes of size {c.latent_dim})")
+    _check_tokenizer(vq, c)
     model._check_classes(classes)
     B = classes.shape[0]
-    cfg = check_number("cfg", cfg)
-    temperature, top_k, top_p = sampling.check_sampling(temperature, top_k, top_p)
-    ramp = check_bool("ramp", ramp)
+    sampling, cfg, ramp = check_sampling(sampling), check_cfg(cfg), check_bool("ramp", ramp)
     masks = _check_inpainting(known, known_mask, B, c)
     guided = cfg != 0
     cls = torch.cat([classes, torch.full_like(classes, model.null_class)]) if guided else classes  # (B or 2B,)
     cache = model.make_cache(cls.shape[0])
     f_hat, x, pyramid = None, None, []
     for k, s in enumerate(c.scales):
-        logits = model.step(k, x, cls, cache)  # (B or 2B, s*s, V)
+        logits = model.step(k, x, cls, cache, run=run)  # (B or 2B, s*s, V)
         if guided:
-            t = ref.guidance_strength(cfg, k, c.num_scales, ramp)
-            logits = ref.guided_logits(logits[:B], logits[B:], t)  # (B, s*s, V)
-        tokens = sampling.sample(logits, temperature, top_k, top_p, generator)  # (B, s*s)
+            t = ref.guidance_strength(cfg, k, c.num_scales, ramp=ramp)
+            logits = cfg_mix(logits[:B], logits[B:], t)  # (B, s*s, V)
+        tokens = sample(logits, sampling=sampling, generator=generator)  # (B, s*s)
         if masks is not None:
             tokens = torch.where(masks[k].flatten(1), known[k].flatten(1).to(tokens.device), tokens)
         pyramid.append(tokens.view(B, s, s))
@@ -301,6 +289,15 @@ def sample_pyramid(
         if guided and x is not None:
             x = torch.cat([x, x])  # (2B, s'^2, D)
     return pyramid
+
+
+def _check_tokenizer(vq: MultiScaleVQ, c: VARConfig) -> None:
+    """``vq`` is a :class:`MultiScaleVQ` with the model's scales, codebook size and latent size."""
+    if not isinstance(vq, MultiScaleVQ):
+        raise TypeError(f"vq must be a MultiScaleVQ, got {type(vq).__name__}")
+    if (tuple(vq.scales), vq.num_codes, vq.dim) != (c.scales, c.vocab_size, c.latent_dim):
+        raise ValueError(f"the tokenizer (scales {tuple(vq.scales)}, {vq.num_codes} codes of size {vq.dim}) does "
+                         f"not match the model (scales {c.scales}, {c.vocab_size} codes of size {c.latent_dim})")
 
 
 def _check_inpainting(known: list[torch.Tensor] | None, known_mask: torch.Tensor | list[torch.Tensor] | None,
@@ -328,15 +325,15 @@ def generate_images(
     model: VAR,
     tokenizer: VQVAE,
     classes: torch.Tensor,
+    *,
+    sampling: SamplingConfig = SamplingConfig(),
     cfg: float = 0.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    temperature: float = 1.0,
-    seed: int | None = 0,
     ramp: bool = True,
+    seed: int | None = 0,
     batch_size: int = 500,
 ) -> torch.Tensor:
-    """Images ``(B, C, S, S)`` in [0, 1] for ``classes`` ``(B,)``: sample pyramids, decode.
+    """Images ``(B, C, S, S)`` in [0, 1] for ``classes`` ``(B,)``: sample pyramids (``sampling``, guidance
+    ``cfg = w`` with or without the ``ramp``), decode.
 
     ``seed`` seeds one generator for the whole call (``None``: torch's global one); work runs in chunks of
     ``batch_size``, and samples depend on the chunking. Raises as :func:`sample_pyramid`, and for a ``seed`` or
@@ -348,7 +345,8 @@ def generate_images(
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
 
     def images_of(chunk: torch.Tensor) -> torch.Tensor:
-        pyramid = sample_pyramid(model, tokenizer.quantizer, chunk, cfg, top_k, top_p, temperature, generator, ramp)
+        pyramid = sample_pyramid(model, tokenizer.quantizer, chunk, sampling=sampling, cfg=cfg, ramp=ramp,
+                                 generator=generator)
         return tokenizer.decode_from_indices(pyramid)  # (b, C, S, S)
 
     return generate_in_batches(images_of, classes.to(device), batch_size)  # (B, C, S, S)
