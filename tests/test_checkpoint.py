@@ -16,7 +16,7 @@ from ar_course.checkpoint import CheckpointError, config_from_dict, load, load_w
 from ar_course.data import CharTokenizer
 from ar_course.metrics import Classifier, ClassifierConfig
 from ar_course.tokenizers import VQVAE, VQVAEConfig
-from ar_course.transformer import GPT, GPTConfig, set_attention
+from ar_course.transformer import GPT, GPTConfig, SelfAttention, plain_attention, set_attention
 from ar_course.var import VAR, VARConfig
 
 SHIPPED = {"ar_mnist": ("raster_ar", GPT), "ar_mnist_draft": ("raster_ar", GPT),
@@ -125,5 +125,5 @@ def test_set_attention_is_recorded_in_a_saved_checkpoint(tmp_path, make):
     assert model.config.attn == "plain"
     kind = "var" if isinstance(model, VAR) else "lm"
     loaded = load(save_checkpoint(tmp_path / "m.safetensors", model, model.config, kind=kind))
-    impls = {m.impl for m in loaded.modules() if hasattr(m, "kernel_backend")}
-    assert loaded.config.attn == "plain" and impls == {"plain"}
+    impls = {m.attention for m in loaded.modules() if isinstance(m, SelfAttention)}
+    assert loaded.config.attn == "plain" and impls == {plain_attention}

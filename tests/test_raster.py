@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from ar_course import metrics, sampling
+from ar_course.sampling import GREEDY, SamplingConfig
 from ar_course.checkpoint import load
 from ar_course.checks.reference.ch03 import sample_tokens
 from ar_course.raster import functional as F_r
@@ -104,31 +105,31 @@ def test_condition_dropout():
 # ---- guidance and sampling --------------------------------------------------------------------------------
 
 
-def test_guidance_scale_one_is_conditional_zero_is_unconditional():
+def test_guidance_strength_zero_is_conditional_minus_one_is_unconditional():
     model = tiny_model()
     classes = torch.tensor([0, 2, 4])
     null = torch.full_like(classes, model.null_class)
     tokens = torch.randint(0, 11, (3, 5))
     cond, _ = model(tokens, classes=classes)
     uncond, _ = model(tokens, classes=null)
-    torch.testing.assert_close(sampling.cfg_mix(cond, uncond, 1.0), cond)
-    torch.testing.assert_close(sampling.cfg_mix(cond, uncond, 0.0), uncond)
-    assert not torch.allclose(sampling.cfg_mix(cond, uncond, 3.0), cond)
-    # end to end: s = 0 samples what the null class samples, s = 1 (greedy) what the class does
+    torch.testing.assert_close(sampling.cfg_mix(cond, uncond, 0.0), cond)
+    torch.testing.assert_close(sampling.cfg_mix(cond, uncond, -1.0), uncond)
+    assert not torch.allclose(sampling.cfg_mix(cond, uncond, 2.0), cond)
+    # end to end: w = -1 samples what the null class samples, a tiny w (greedy) what the class does
     g = lambda: torch.Generator().manual_seed(5)  # noqa: E731
-    s0 = M.generate_tokens(model, classes, (3, 4), cfg_scale=0.0, generator=g())
-    un = M.generate_tokens(model, null, (3, 4), cfg_scale=1.0, generator=g())
-    assert torch.equal(s0, un)
-    s1 = M.generate_tokens(model, classes, (3, 4), cfg_scale=1.0 + 1e-9, temperature=0)
-    c1 = M.generate_tokens(model, classes, (3, 4), cfg_scale=1.0, temperature=0)
-    assert torch.equal(s1, c1)
+    w_minus_one = M.generate_tokens(model, classes, (3, 4), cfg=-1.0, generator=g())
+    un = M.generate_tokens(model, null, (3, 4), generator=g())
+    assert torch.equal(w_minus_one, un)
+    tiny = M.generate_tokens(model, classes, (3, 4), cfg=1e-9, sampling=GREEDY)
+    c0 = M.generate_tokens(model, classes, (3, 4), sampling=GREEDY)
+    assert torch.equal(tiny, c0)
 
 
 def test_guidance_changes_samples():
     model = tiny_model()
     classes = torch.tensor([0, 1, 2, 3, 4] * 4)
-    a = M.generate_tokens(model, classes, (3, 4), 1.0, generator=torch.Generator().manual_seed(0))
-    b = M.generate_tokens(model, classes, (3, 4), 4.0, generator=torch.Generator().manual_seed(0))
+    a = M.generate_tokens(model, classes, (3, 4), cfg=0.0, generator=torch.Generator().manual_seed(0))
+    b = M.generate_tokens(model, classes, (3, 4), cfg=3.0, generator=torch.Generator().manual_seed(0))
     assert not torch.equal(a, b)
 
 
@@ -136,7 +137,7 @@ def test_guidance_changes_samples():
 def test_seeded_sampling_reproducible_and_cache_equals_no_cache(pos):
     model = tiny_model(pos=pos)
     classes = torch.tensor([3, 1, 0, 4])
-    kw = dict(cfg_scale=2.5, temperature=1.0, top_k=6)
+    kw = dict(cfg=1.5, sampling=SamplingConfig(temperature=1.0, top_k=6))
     a = M.generate_tokens(model, classes, (3, 4), generator=torch.Generator().manual_seed(7), **kw)
     b = M.generate_tokens(model, classes, (3, 4), generator=torch.Generator().manual_seed(7), **kw)
     c = M.generate_tokens(model, classes, (3, 4), generator=torch.Generator().manual_seed(7), use_cache=False, **kw)
@@ -150,8 +151,9 @@ def test_seeded_sampling_reproducible_and_cache_equals_no_cache(pos):
 def test_sample_tokens_is_generate_tokens_in_raster_order():
     model = tiny_model()
     classes = torch.tensor([2, 2, 1])
-    seq = sample_tokens(model, classes, 12, cfg_scale=2.0, top_k=5, generator=torch.Generator().manual_seed(1))
-    maps = M.generate_tokens(model, classes, (3, 4), 2.0, top_k=5, generator=torch.Generator().manual_seed(1))
+    top5 = SamplingConfig(top_k=5)
+    seq = sample_tokens(model, classes, 12, cfg=1.0, sampling=top5, generator=torch.Generator().manual_seed(1))
+    maps = M.generate_tokens(model, classes, (3, 4), cfg=1.0, sampling=top5, generator=torch.Generator().manual_seed(1))
     assert torch.equal(F_r.to_raster(maps), seq)
 
 
@@ -160,7 +162,7 @@ def test_one_forward_pass_per_token_with_cache():
     lengths = []
     hook = model.register_forward_pre_hook(lambda m, args, kw: lengths.append(args[0].shape[1]), with_kwargs=True)
     try:
-        M.generate_tokens(model, torch.tensor([0, 1]), (3, 4), cfg_scale=3.0)
+        M.generate_tokens(model, torch.tensor([0, 1]), (3, 4), cfg=2.0)
     finally:
         hook.remove()
     assert len(lengths) == 12  # one pass per token of the 3x4 map
@@ -231,9 +233,9 @@ def test_train_generate_save_load(tmp_path):
     model, history = train_ar(tok, maps, labels, steps=3, batch_size=8, n_layer=1, n_embd=16, n_head=2,
                               progress=False)
     assert len(history.loss) == 3 and model.config.vocab_size == 16 and model.config.block_size == 65
-    out = M.generate_images(model, tok, torch.tensor([0, 3, 9]), cfg_scale=2.0, seed=0)
+    out = M.generate_images(model, tok, torch.tensor([0, 3, 9]), cfg=1.0, seed=0)
     assert out.shape == (3, 1, 32, 32) and 0 <= out.min() and out.max() <= 1
-    assert torch.equal(out, M.generate_images(model, tok, torch.tensor([0, 3, 9]), cfg_scale=2.0, seed=0))
+    assert torch.equal(out, M.generate_images(model, tok, torch.tensor([0, 3, 9]), cfg=1.0, seed=0))
     path = save_checkpoint(tmp_path / "ar.safetensors", {k: v.half() for k, v in model.state_dict().items()},
                            model.config, kind=M.CHECKPOINT_KIND, tokenizer="mnist_vq", steps=3)
     state, _ = load_checkpoint(path)
@@ -262,9 +264,19 @@ def test_shipped_model_class_accuracy():
     assert M.PRETRAINED_PATH.stat().st_size < 2.5e6
     assert model.config.n_classes == 10 and model.config.block_size == 65
     classes = torch.arange(10).repeat_interleave(10)  # 100 digits
-    images = M.generate_images(model, tokenizer, classes, cfg_scale=2.0, seed=0)
+    images = M.generate_images(model, tokenizer, classes, cfg=1.0, seed=0)
     acc = metrics.class_accuracy(images, classes)
-    assert acc >= 0.9, (acc, info["accuracy_by_scale"])  # 0.98 on 200 samples when it was trained
+    assert acc >= 0.9, (acc, info["accuracy_by_cfg"])  # 0.98 on 200 samples when it was trained
+
+
+@shipped
+def test_shipped_accuracy_by_scale_reads_as_accuracy_by_strength():
+    """The shipped checkpoint recorded its accuracy by the scale s = 1 + w; the metadata stays as it was, and
+    pretrained_info gives it by the strength w as well."""
+    info = M.pretrained_info()
+    assert info["accuracy_by_cfg"] == {str(float(s) - 1): acc for s, acc in info["accuracy_by_scale"].items()}
+    best_w = max(info["accuracy_by_cfg"], key=info["accuracy_by_cfg"].get)
+    assert float(best_w) == 1.0  # s = 2
 
 
 def test_load_tokenizer_by_path(tmp_path):

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from ar_course import sampling
+from ar_course.sampling import GREEDY, SamplingConfig
 
 NEG_INF = float("-inf")
 
@@ -32,7 +33,7 @@ def brute_force_top_p(probs: list[float], p: float) -> set[int]:
 def test_greedy_is_argmax_and_sample_at_temperature_zero_is_greedy():
     logits = torch.randn(5, 11)
     assert torch.equal(sampling.greedy(logits), logits.argmax(-1))
-    assert torch.equal(sampling.sample(logits, temperature=0.0), logits.argmax(-1))
+    assert torch.equal(sampling.sample(logits, sampling=GREEDY), logits.argmax(-1))
 
 
 def test_top_k_keeps_the_k_largest():
@@ -97,24 +98,42 @@ def test_top_p_matches_brute_force_on_random_rows():
 
 def test_process_logits_order_and_greedy():
     logits = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0]])
+
+    def process(**kw):
+        return sampling.process_logits(logits, sampling=SamplingConfig(**kw))
+
     # top-p acts on the tempered distribution: a higher temperature flattens it, so more tokens are needed
-    assert kept(sampling.process_logits(logits, 1.0, top_p=0.5)[0]) == {0}
-    assert kept(sampling.process_logits(logits, 0.1, top_p=0.5)[0]) == {0}
-    assert len(kept(sampling.process_logits(logits, 10.0, top_p=0.5)[0])) == 3
-    assert kept(sampling.process_logits(logits, 1.0, top_k=4, top_p=0.99)[0]) == {0, 1, 2, 3}
-    greedy = sampling.process_logits(logits, 0.0)
-    assert kept(greedy[0]) == {0}
-    assert torch.equal(sampling.probs(logits, 0.0), torch.tensor([[1.0, 0, 0, 0, 0]]))
-    with pytest.raises(ValueError, match="temperature"):
-        sampling.process_logits(logits, -1.0)
+    assert kept(process(temperature=1.0, top_p=0.5)[0]) == {0}
+    assert kept(process(temperature=0.1, top_p=0.5)[0]) == {0}
+    assert len(kept(process(temperature=10.0, top_p=0.5)[0])) == 3
+    assert kept(process(temperature=1.0, top_k=4, top_p=0.99)[0]) == {0, 1, 2, 3}
+    assert kept(process(temperature=0.0)[0]) == {0}
+    assert torch.equal(sampling.probs(logits, sampling=GREEDY), torch.tensor([[1.0, 0, 0, 0, 0]]))
+
+
+def test_sampling_config_checks_and_normalises_its_values():
+    config = SamplingConfig(temperature=1, top_k=3, top_p=1)
+    assert (config.temperature, config.top_k, config.top_p) == (1.0, 3, 1.0)
+    assert type(config.temperature) is float and type(config.top_p) is float
+    assert GREEDY.greedy and not config.greedy and SamplingConfig() == SamplingConfig(1.0, None, None)
+    for kw, error, match in [({"temperature": -1.0}, ValueError, "temperature"), ({"top_k": 0}, ValueError, "top_k"),
+                             ({"top_k": 2.0}, TypeError, "top_k"), ({"top_p": 0.0}, ValueError, "top_p"),
+                             ({"temperature": "1"}, TypeError, "temperature"), ({"top_p": True}, TypeError, "top_p")]:
+        with pytest.raises(error, match=match):
+            SamplingConfig(**kw)
+    with pytest.raises(Exception):
+        config.temperature = 2.0  # frozen
+    with pytest.raises(TypeError, match="sampling must be a SamplingConfig"):
+        sampling.sample(torch.zeros(1, 3), sampling={"temperature": 0})
 
 
 def test_probs_is_normalised_and_zero_outside_the_kept_set():
     g = torch.Generator().manual_seed(1)
     logits = torch.randn(6, 30, generator=g)
-    p = sampling.probs(logits, 0.7, top_k=10, top_p=0.8)
+    config = SamplingConfig(temperature=0.7, top_k=10, top_p=0.8)
+    p = sampling.probs(logits, sampling=config)
     assert torch.allclose(p.sum(-1), torch.ones(6))
-    filtered = sampling.process_logits(logits, 0.7, 10, 0.8)
+    filtered = sampling.process_logits(logits, sampling=config)
     assert torch.equal(p > 0, torch.isfinite(filtered))
     assert ((p > 0).sum(-1) <= 10).all()
 
@@ -122,11 +141,12 @@ def test_probs_is_normalised_and_zero_outside_the_kept_set():
 def test_sample_is_reproducible_and_follows_probs():
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(1, 8, generator=g)
-    a = sampling.sample(logits.expand(4000, 8), 0.9, 5, 0.9, torch.Generator().manual_seed(1))
-    b = sampling.sample(logits.expand(4000, 8), 0.9, 5, 0.9, torch.Generator().manual_seed(1))
+    config = SamplingConfig(temperature=0.9, top_k=5, top_p=0.9)
+    a = sampling.sample(logits.expand(4000, 8), sampling=config, generator=torch.Generator().manual_seed(1))
+    b = sampling.sample(logits.expand(4000, 8), sampling=config, generator=torch.Generator().manual_seed(1))
     assert a.shape == (4000,) and a.dtype == torch.long and torch.equal(a, b)
     freq = torch.bincount(a, minlength=8).float() / 4000
-    expected = sampling.probs(logits, 0.9, 5, 0.9)[0]
+    expected = sampling.probs(logits, sampling=config)[0]
     assert (freq[expected == 0] == 0).all()
     assert (freq - expected).abs().max() < 0.03  # ~4 standard errors at n=4000
 
@@ -138,9 +158,12 @@ def test_sample_keeps_leading_dims():
 
 
 def test_cfg_mix_limits():
+    """Strength w: 0 is the conditional prediction exactly, -1 the unconditional one, and w > 0 extrapolates
+    from the unconditional through the conditional (the guidance scale s = 1 + w of the CFG paper)."""
     cond, uncond = torch.randn(3, 10), torch.randn(3, 10)
-    assert torch.allclose(sampling.cfg_mix(cond, uncond, 1.0), cond, atol=1e-6)
-    assert torch.equal(sampling.cfg_mix(cond, uncond, 0.0), uncond)
-    assert torch.allclose(sampling.cfg_mix(cond, uncond, 3.0), uncond + 3 * (cond - uncond), atol=1e-6)
+    assert torch.equal(sampling.cfg_mix(cond, uncond, 0.0), cond)
+    assert torch.allclose(sampling.cfg_mix(cond, uncond, -1.0), uncond, atol=1e-6)
+    assert torch.allclose(sampling.cfg_mix(cond, uncond, 2.0), cond + 2 * (cond - uncond), atol=1e-6)
+    assert torch.allclose(sampling.cfg_mix(cond, uncond, 2.0), uncond + 3 * (cond - uncond), atol=1e-5)
     with pytest.raises(ValueError, match="shapes"):
         sampling.cfg_mix(cond, uncond[:, :5], 2.0)

@@ -9,6 +9,7 @@ import torch
 from scipy import stats as sps
 
 from ar_course import sampling
+from ar_course.sampling import GREEDY, SamplingConfig
 from ar_course.checks.reference.ch05 import relaxed_acceptance_probability
 from ar_course.speculative import (
     acceptance_probability,
@@ -63,14 +64,14 @@ def chi2_pvalue(samples: list[tuple], probs: dict[tuple, float]) -> float:
     return float(sps.chisquare(obs, exp).pvalue)
 
 
-def exact_continuations(model: GPT, prefix: torch.Tensor, n: int, **kw) -> dict[tuple, float]:
+def exact_continuations(model: GPT, prefix: torch.Tensor, n: int, config: SamplingConfig) -> dict[tuple, float]:
     """Probability of every continuation of ``n`` tokens under ``sampling.probs`` (enumerated)."""
     V = model.config.vocab_size
     seqs = torch.tensor(list(itertools.product(range(V), repeat=n)))  # (V**n, n)
     full = torch.cat([prefix.expand(len(seqs), -1), seqs], dim=1)
     with torch.no_grad():
         logits, _ = model(full[:, :-1])
-    p = sampling.probs(logits[:, prefix.shape[1] - 1:], **kw).double()  # (V**n, n, V)
+    p = sampling.probs(logits[:, prefix.shape[1] - 1:], sampling=config).double()  # (V**n, n, V)
     lik = p.gather(-1, seqs[..., None]).squeeze(-1).prod(-1)
     return {tuple(s.tolist()): float(v) for s, v in zip(seqs, lik)}
 
@@ -198,8 +199,8 @@ def test_greedy_equals_target_greedy(gamma):
     target, draft = tiny_gpt(1, vocab=11, n_layer=2, block_size=48), tiny_gpt(2, vocab=11, block_size=48)
     for seed in range(3):
         prefix = torch.randint(11, (1, 1 + seed * 3), generator=torch.Generator().manual_seed(seed))
-        expected = target.generate(prefix, 30, temperature=0)
-        got, st = speculative_generate(target, draft, prefix, 30, gamma=gamma, temperature=0,
+        expected = target.generate(prefix, 30, sampling=GREEDY)
+        got, st = speculative_generate(target, draft, prefix, 30, gamma=gamma, sampling=GREEDY,
                                        generator=torch.Generator().manual_seed(seed))
         assert torch.equal(got, expected)
         assert st.new_tokens == 30 and st.target_calls < 30 + 1
@@ -210,10 +211,10 @@ def test_gamma_zero_is_plain_sampling():
     """No drafts: every round is one target call and one draw from p, the draws ``generate`` makes."""
     target, draft = tiny_gpt(1, vocab=11, n_layer=2, block_size=48), tiny_gpt(2, vocab=11, block_size=48)
     prefix = torch.tensor([[3, 1, 4]])
-    for kw in ({"temperature": 1.0}, {"temperature": 0.7, "top_k": 4}, {"temperature": 0.0}):
-        expected = target.generate(prefix, 30, generator=torch.Generator().manual_seed(5), **kw)
-        got, st = speculative_generate(target, draft, prefix, 30, gamma=0,
-                                       generator=torch.Generator().manual_seed(5), **kw)
+    for config in (SamplingConfig(), SamplingConfig(temperature=0.7, top_k=4), GREEDY):
+        expected = target.generate(prefix, 30, sampling=config, generator=torch.Generator().manual_seed(5))
+        got, st = speculative_generate(target, draft, prefix, 30, gamma=0, sampling=config,
+                                       generator=torch.Generator().manual_seed(5))
         assert torch.equal(got, expected)
         assert (st.target_calls, st.draft_calls) == (30, 0)
     got, st = speculative_generate(target, draft, prefix, 0, gamma=3)
@@ -223,9 +224,10 @@ def test_gamma_zero_is_plain_sampling():
 def test_identical_draft_is_always_accepted():
     target = tiny_gpt(1, vocab=11, n_layer=2, block_size=48)
     prefix = torch.tensor([[3, 1]])
-    for kw in ({"temperature": 1.0}, {"temperature": 0.7, "top_k": 4}, {"temperature": 1.3, "top_p": 0.8}):
+    for config in (SamplingConfig(), SamplingConfig(temperature=0.7, top_k=4),
+                   SamplingConfig(temperature=1.3, top_p=0.8)):
         g = torch.Generator().manual_seed(0)
-        _, st = speculative_generate(target, target, prefix, 40, gamma=4, generator=g, **kw)
+        _, st = speculative_generate(target, target, prefix, 40, gamma=4, sampling=config, generator=g)
         assert st.acceptance_rate == 1.0
         assert st.accepted_hist == [0, 0, 0, 0, 8] and st.target_calls == 8  # 40 tokens = 8 rounds of 4 + bonus
         assert st.draft_calls == st.proposed
@@ -235,16 +237,16 @@ def test_speculative_generate_samples_the_target_distribution():
     """End to end (caches, rollback, temperature and top-k): 500 samples of 3 tokens over a 3-token vocabulary
     against the enumerated target distribution. (The power against a wrong residual or a missing bonus
     token is shown on single rounds above, where many more samples are cheap.)"""
-    kw = {"temperature": 0.8, "top_k": 2}
+    config = SamplingConfig(temperature=0.8, top_k=2)
     target, draft = tiny_gpt(11, vocab=3, block_size=16), tiny_gpt(12, vocab=3, block_size=16, scale=3.0)
     prefix = torch.tensor([[1, 2]])
-    exact = exact_continuations(target, prefix, 3, **kw)
-    draft_dist = exact_continuations(draft, prefix, 3, **kw)
+    exact = exact_continuations(target, prefix, 3, config)
+    draft_dist = exact_continuations(draft, prefix, 3, config)
     assert 0.5 * sum(abs(exact[k] - draft_dist[k]) for k in exact) > 0.1  # the draft alone would be off
     g = torch.Generator().manual_seed(0)
     samples, total = [], decoding.SpecStats()
     for _ in range(500):
-        out, st = speculative_generate(target, draft, prefix, 3, gamma=2, generator=g, **kw)
+        out, st = speculative_generate(target, draft, prefix, 3, gamma=2, sampling=config, generator=g)
         samples.append(tuple(out[0, 2:].tolist()))
         total.merge(st)
     assert chi2_pvalue(samples, exact) > 1e-3
@@ -261,17 +263,16 @@ def test_speculative_generate_rejects_bad_input():
         speculative_generate(m, m, torch.tensor([[1]]), 40)  # past block_size
 
 
-@pytest.mark.parametrize("cfg_scale", [1.0, 2.5])
-def test_class_conditional_greedy_equals_target_greedy(cfg_scale):
+@pytest.mark.parametrize("cfg", [0.0, 1.5])
+def test_class_conditional_greedy_equals_target_greedy(cfg):
     """Image-style models: an empty prefix, a class token, guidance in a batch of 2 in both models."""
     target = tiny_gpt(21, vocab=9, n_layer=2, n_classes=3, block_size=40)
     draft = tiny_gpt(22, vocab=9, n_classes=3, block_size=40, scale=3.0)
     empty = torch.zeros(1, 0, dtype=torch.long)
     for c in range(3):
         cls = torch.tensor([c])
-        expected = target.generate(empty, 30, temperature=0, classes=cls, cfg_scale=cfg_scale)
-        got, st = speculative_generate(target, draft, empty, 30, gamma=3, temperature=0, classes=cls,
-                                       cfg_scale=cfg_scale)
+        expected = target.generate(empty, 30, sampling=GREEDY, classes=cls, cfg=cfg)
+        got, st = speculative_generate(target, draft, empty, 30, gamma=3, sampling=GREEDY, classes=cls, cfg=cfg)
         assert torch.equal(got, expected)
         assert st.new_tokens == 30 and st.target_calls < 30
 
@@ -280,19 +281,19 @@ def test_class_conditional_guided_sampling_is_exact():
     """500 guided samples of 3 tokens against the enumerated guided target distribution."""
     target = tiny_gpt(23, vocab=3, n_classes=2, block_size=16)
     draft = tiny_gpt(24, vocab=3, n_classes=2, block_size=16, scale=3.0)
-    cls, scale = torch.tensor([1]), 2.0
+    cls, w = torch.tensor([1]), 1.0
     seqs = torch.tensor(list(itertools.product(range(3), repeat=3)))  # (27, 3)
     with torch.no_grad():
         cond, _ = target(seqs[:, :-1], classes=cls.expand(len(seqs)))
         uncond, _ = target(seqs[:, :-1], classes=torch.full((len(seqs),), target.null_class))
-    p = torch.softmax(sampling.cfg_mix(cond, uncond, scale), -1)  # (27, 3, V)
+    p = torch.softmax(sampling.cfg_mix(cond, uncond, w), -1)  # (27, 3, V)
     lik = p.gather(-1, seqs[..., None]).squeeze(-1).prod(-1)
     exact = {tuple(q.tolist()): float(v) for q, v in zip(seqs, lik)}
     g = torch.Generator().manual_seed(0)
     samples = []
     for _ in range(500):
         out, _ = speculative_generate(target, draft, torch.zeros(1, 0, dtype=torch.long), 3, gamma=2,
-                                      generator=g, classes=cls, cfg_scale=scale)
+                                      generator=g, classes=cls, cfg=w)
         samples.append(tuple(out[0].tolist()))
     assert chi2_pvalue(samples, exact) > 1e-3
 
@@ -305,19 +306,21 @@ def test_class_conditional_input_is_checked():
     with pytest.raises(ValueError, match="same vocabulary and classes"):
         speculative_generate(target, tiny_gpt(0, vocab=9), empty, 3, classes=torch.tensor([0]))
     with pytest.raises(ValueError, match="needs class-conditional"):
-        speculative_generate(tiny_gpt(0), tiny_gpt(0), torch.tensor([[1]]), 3, cfg_scale=2.0)
+        speculative_generate(tiny_gpt(0), tiny_gpt(0), torch.tensor([[1]]), 3, cfg=1.0)
+    with pytest.raises(TypeError):
+        speculative_generate(target, target, empty, 3, 2, classes=torch.tensor([0]))  # gamma is keyword-only
 
 
 # --- Speculative Jacobi Decoding and relaxed acceptance -------------------------------------------------------
 
 
-@pytest.mark.parametrize("cfg_scale", [1.0, 2.5])
-def test_sjd_greedy_equals_plain_greedy(cfg_scale):
+@pytest.mark.parametrize("cfg", [0.0, 1.5])
+def test_sjd_greedy_equals_plain_greedy(cfg):
     m = tiny_gpt(7, vocab=9, n_layer=2, n_classes=3, block_size=40)
     for c in range(3):
         cls = torch.tensor([c])
-        expected = m.generate(torch.zeros(1, 0, dtype=torch.long), 30, temperature=0, classes=cls, cfg_scale=cfg_scale)
-        got, st = sjd_generate(m, 30, classes=cls, window=5, temperature=0, cfg_scale=cfg_scale,
+        expected = m.generate(torch.zeros(1, 0, dtype=torch.long), 30, sampling=GREEDY, classes=cls, cfg=cfg)
+        got, st = sjd_generate(m, 30, classes=cls, window=5, sampling=GREEDY, cfg=cfg,
                                generator=torch.Generator().manual_seed(c))
         assert torch.equal(got, expected)
         assert st.target_calls <= 30 and st.new_tokens == 30
@@ -326,8 +329,8 @@ def test_sjd_greedy_equals_plain_greedy(cfg_scale):
 def test_sjd_unconditional_prefix_greedy():
     m = tiny_gpt(8, vocab=5, block_size=40, scale=3.0)
     prefix = torch.tensor([[2, 4, 1]])
-    got, st = sjd_generate(m, 25, prefix=prefix, window=6, temperature=0)
-    assert torch.equal(got, m.generate(prefix, 25, temperature=0))
+    got, st = sjd_generate(m, 25, prefix=prefix, window=6, sampling=GREEDY)
+    assert torch.equal(got, m.generate(prefix, 25, sampling=GREEDY))
     assert st.new_tokens == 25
 
 

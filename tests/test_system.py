@@ -5,6 +5,7 @@ import itertools
 import json
 import subprocess
 import sys
+import threading
 
 import pytest
 import torch
@@ -12,8 +13,9 @@ import torch
 from ar_course.checkpoint import CheckpointError, resolve
 from ar_course.raster import generate_tokens
 from ar_course.raster.functional import to_raster
-from ar_course.system import PRETRAINED, Generator
-from ar_course.transformer.model import set_attention
+from ar_course.sampling import GREEDY, SamplingConfig
+from ar_course.system import PRETRAINED, GenerationRequest, Generator
+from ar_course.transformer.model import SelfAttention, attention_function, sdpa_attention, use_attention
 from ar_course.var import functional as var_ref
 
 
@@ -47,12 +49,41 @@ def test_seeded_runs_reproduce_and_seeds_differ(gen):
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
-def test_generate_leaves_the_models_attention_as_it_was(gen):
+def model_state(gen: Generator) -> list:
+    """What a generation call must leave as it found it on every model: the attention function of every layer,
+    ``config.attn``, the hooks, and the instance attributes (a compiled step installed on the model would be
+    one)."""
+    state = []
+    for model in (gen.var, gen.ar, gen.ar_draft):
+        modules = list(model.modules())
+        state.append(([m.attention for m in modules if isinstance(m, SelfAttention)], model.config.attn,
+                      sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in modules),
+                      sorted(model.__dict__)))
+    return state
+
+
+def test_generate_leaves_the_models_as_they_were(gen):
+    before = model_state(gen)
+    assert {fn for fns, *_ in before for fn in fns} == {sdpa_attention}
     gen.generate([0], method="var", kernels="triton" if _has_triton() else "numba", seed=0)
-    assert {m.impl for m in gen.var.modules() if hasattr(m, "kernel_backend")} == {"sdpa"}
-    with pytest.raises(ValueError, match="precision must be one of"):  # checked before attention is switched
+    gen.generate([0], method="ar", speculative="draft", seed=0)
+    assert model_state(gen) == before
+    with pytest.raises(ValueError, match="precision must be one of"):
         gen.generate([0], method="var", kernels="triton", precision="int8")
-    assert {m.impl for m in gen.var.modules() if hasattr(m, "kernel_backend")} == {"sdpa"}
+    assert model_state(gen) == before
+
+
+def test_a_request_is_checked_once_and_runs_like_generate(gen):
+    request = GenerationRequest([3, 1], method="ar", sampling=SamplingConfig(top_k=20), cfg=None, seed=4)
+    assert request.cfg == 1.0 and request.classes.dtype == torch.long  # the method's default strength
+    out = gen.run(request)
+    assert torch.equal(out.images, gen.generate([3, 1], method="ar", sampling=SamplingConfig(top_k=20), seed=4).images)
+    with pytest.raises(TypeError, match="go in sampling=SamplingConfig"):
+        gen.generate([0], temperature=0.5)
+    with pytest.raises(TypeError, match="sampling must be a SamplingConfig"):
+        GenerationRequest([0], sampling={"top_k": 3})
+    with pytest.raises(Exception):
+        request.cfg = 3.0  # frozen: a request cannot change between its check and its run
 
 
 def _has_triton() -> bool:
@@ -128,6 +159,90 @@ def test_auto_stats_name_the_backend_that_ran_and_every_fallback(gen, auto_tries
     torch.testing.assert_close(failed.images, plain.images, atol=1e-5, rtol=0)
 
 
+def run_concurrently(jobs: dict[str, object]) -> dict[str, list]:
+    """Run every job ``name -> fn`` in its own thread, started together; the first job runs once, the others
+    again and again until it is done (so they overlap it whatever the timing). Returns each job's results."""
+    results: dict[str, list] = {name: [] for name in jobs}
+    errors: list[BaseException] = []
+    first_done = threading.Event()
+    barrier = threading.Barrier(len(jobs))
+
+    def work(name: str, fn, repeat: bool) -> None:
+        try:
+            barrier.wait()
+            results[name].append(fn())
+            while repeat and not first_done.is_set():
+                results[name].append(fn())
+        except BaseException as exc:  # noqa: BLE001 - reported by the test below
+            errors.append(exc)
+        finally:
+            if not repeat:
+                first_done.set()
+
+    threads = [threading.Thread(target=work, args=(name, fn, i > 0)) for i, (name, fn) in enumerate(jobs.items())]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    return results
+
+
+@pytest.mark.parametrize("sharing", ["one Generator", "two Generators sharing the models"])
+def test_threads_generating_with_different_kernels_do_not_interfere(gen, sharing):
+    """One thread on the Triton interpreter, another on torch, on the same models at once: each thread's images
+    and stats are exactly those it gets alone, and the models are untouched afterwards. (Were the attention
+    switched by setting it on the shared models, the torch thread would run on Triton part of the time.)"""
+    if not _has_triton():
+        pytest.skip("triton is not installed")
+    other = gen if sharing == "one Generator" else Generator(gen.var, gen.var_tokenizer, gen.ar, gen.ar_tokenizer,
+                                                             gen.ar_draft)
+    jobs = {"triton": lambda: gen.generate([4], method="var", kernels="triton", seed=0),
+            "torch": lambda: other.generate([4, 7], method="var", kernels="torch", seed=1)}
+    alone = {name: job() for name, job in jobs.items()}
+    before = model_state(gen)
+    results = run_concurrently(jobs)
+    assert len(results["triton"]) == 1 and results["torch"]
+    for name, outs in results.items():
+        for out in outs:
+            assert torch.equal(out.images, alone[name].images), name
+            assert out.stats.backends == alone[name].stats.backends, name
+            assert out.stats.forward_passes == alone[name].stats.forward_passes == 6, name
+    assert results["triton"][0].stats.backends["attention"] == "triton"
+    assert model_state(gen) == before
+
+
+def test_a_compiled_step_is_seen_only_by_its_own_call(gen, monkeypatch):
+    """A compile=True call hands its compiled step to its own sampling loop: a call without it, in another
+    thread at the same time on the same models, never runs it. (torch.compile is replaced by a wrapper that
+    records which thread runs the "compiled" step: what is under test is who gets it, not inductor.)"""
+    ran_by: set[str] = set()
+
+    def fake_compile(fn, dynamic=False):
+        def compiled(*args, **kwargs):
+            ran_by.add(threading.current_thread().name)
+            return fn(*args, **kwargs)
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    mine = Generator(gen.var, gen.var_tokenizer, gen.ar, gen.ar_tokenizer)  # its own cache of compiled steps
+    eager = {m: gen.generate([2, 5], method=m, seed=0) for m in ("var", "ar")}
+    before = model_state(gen)
+    for method in ("var", "ar"):
+        def job(g: Generator, compile: bool):
+            return lambda: (threading.current_thread().name, g.generate([2, 5], method=method, seed=0, compile=compile))
+
+        results = run_concurrently({"compiled": job(mine, True), "eager": job(gen, False)})
+        for outs in results.values():
+            for _, out in outs:
+                assert torch.equal(out.images, eager[method].images), method
+                assert out.stats.forward_passes == {"var": 6, "ar": 64}[method]
+        compiled_thread = {thread for thread, _ in results["compiled"]}
+        assert ran_by and ran_by <= compiled_thread, (method, ran_by, compiled_thread)
+        ran_by.clear()
+    assert model_state(gen) == before
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("speculative", [None, "jacobi"])
 def test_raster_pipeline_on_triton_kernels_matches_torch(gen, speculative):
@@ -150,14 +265,11 @@ def test_raster_pipeline_on_triton_kernels_matches_torch(gen, speculative):
 
 def var_logits_sdpa_and_kernels(model, inputs, classes, backend):
     """Teacher-forced VAR logits ``(B, L, V)`` with SDPA, then with the kernels of ``backend`` (FlashAttention
-    under the block-causal mask); the model is left on SDPA. Shared with test_system_gpu.py."""
-    try:
-        set_attention(model, "sdpa")
+    under the block-causal mask), the model untouched. Shared with test_system_gpu.py."""
+    with use_attention(sdpa_attention):
         expected = model(inputs, classes)
-        set_attention(model, "kernels", backend)
+    with use_attention(attention_function("kernels", backend)):
         got = model(inputs, classes)
-    finally:
-        set_attention(model, "sdpa")
     return expected, got
 
 
@@ -175,14 +287,14 @@ def test_teacher_forced_var_logits_with_triton_interpreter_match_sdpa(gen):
 
 def test_jacobi_and_draft_greedy_equal_plain_greedy_raster(gen):
     classes = [1, 8]
-    plain = gen.generate(classes, method="ar", temperature=0, seed=0)
+    plain = gen.generate(classes, method="ar", sampling=GREEDY, seed=0)
     for spec in ("jacobi", "draft"):
-        fast = gen.generate(classes, method="ar", temperature=0, speculative=spec, seed=0)
+        fast = gen.generate(classes, method="ar", sampling=GREEDY, speculative=spec, seed=0)
         # same tokens; decoding one image at a time vs a batch of 2 may differ in the last float bits
         torch.testing.assert_close(fast.images, plain.images, atol=1e-5, rtol=0, msg=spec)
         assert fast.stats.passes_per_image < 64, spec
     # the token maps themselves: greedy raster tokens decoded equal the generator's images
-    maps = generate_tokens(gen.ar, torch.tensor(classes), (8, 8), cfg_scale=2.0, temperature=0)
+    maps = generate_tokens(gen.ar, torch.tensor(classes), (8, 8), cfg=1.0, sampling=GREEDY)
     assert to_raster(maps).shape == (2, 64)
     torch.testing.assert_close(gen.ar_tokenizer.decode_from_indices(maps), plain.images)
 
@@ -196,9 +308,9 @@ def test_relaxed_jacobi_sampling_runs_and_reports_acceptance(gen):
 
 
 @pytest.mark.slow
-def test_compiled_decode_step_matches_eager_and_is_taken_off_after(gen):
+def test_compiled_decode_step_matches_eager_and_leaves_the_model_alone(gen):
     """torch.compile of VAR's per-scale pass and the raster forward: the same images as eager (the first call
-    compiles, tens of seconds), the same pass counts, and the model is back to its eager step afterwards."""
+    compiles, tens of seconds), the same pass counts, and nothing installed on the model."""
     for method, name, passes in (("var", "_run", 6), ("ar", "forward", 64)):
         model = gen.var if method == "var" else gen.ar
         eager = gen.generate(list(range(10)), method=method, seed=3)
@@ -206,7 +318,7 @@ def test_compiled_decode_step_matches_eager_and_is_taken_off_after(gen):
         torch.testing.assert_close(compiled.images, eager.images, atol=1e-4, rtol=0)
         assert compiled.stats.forward_passes == passes and compiled.stats.backends["compiled"] == "torch.compile"
         assert eager.stats.backends["compiled"] == "no"
-        assert name not in model.__dict__  # the compiled step is removed after the call
+        assert name not in model.__dict__  # the compiled step went to the sampling loop, not onto the model
         again = gen.generate([1, 2], method=method, seed=0, compile=True)  # reuses the compiled step
         assert again.stats.forward_passes == passes and torch.isfinite(again.images).all()
         assert gen.generate([1, 2], method=method, seed=0).stats.forward_passes == passes
@@ -239,7 +351,7 @@ def test_bfloat16_precision_runs_on_cpu(gen):
     ({"precision": "int8"}, "precision must be one of"),
     ({"cfg": -1.0}, "cfg must be a finite number >= 0, got -1.0"),
     ({"cfg": float("nan")}, "cfg must be a finite number >= 0, got nan"),
-    ({"temperature": float("inf")}, "temperature must be a finite number >= 0, got inf"),
+
     ({"classes": []}, "classes is empty: ask for at least one class"),
     ({"classes": [True]}, "1-D sequence of ints, got bools"),
     ({"classes": [2.0]}, "1-D sequence of ints"),

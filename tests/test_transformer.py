@@ -10,8 +10,10 @@ import torch.nn.functional as F
 
 from ar_course.checkpoint import load, save_checkpoint
 from ar_course.checks.reference import ch02 as answers
+from ar_course.sampling import GREEDY, SamplingConfig
 from ar_course.transformer import GPT, Block, GPTConfig, KVCache, RMSNorm
 from ar_course.transformer import functional as ref
+from ar_course.transformer import model as M
 
 
 def small_config(**kw) -> GPTConfig:
@@ -219,6 +221,79 @@ def test_sdpa_and_plain_gpt_agree(pos):
         assert torch.allclose(fast(chunk, cache=cf)[0], plain(chunk, cache=cp)[0], atol=1e-5)
 
 
+def test_use_attention_overrides_every_layer_for_the_block_only():
+    """The override reaches every layer, gives the same numbers as set_attention, and leaves the model as it was."""
+    model = make_model()
+    plain = make_model()
+    M.set_attention(plain, "plain")
+    idx = torch.randint(0, 37, (2, 11))
+    calls = []
+
+    def spy(q, k, v, mask, causal, dropout_p=0.0):
+        calls.append((q.shape[2], k.shape[2], mask, causal))
+        return M.plain_attention(q, k, v, mask, causal, dropout_p)
+
+    with M.use_attention(spy):
+        got = model(idx)[0]
+    assert len(calls) == 2 and calls[0] == (11, 11, None, True)  # one call per layer
+    torch.testing.assert_close(got, plain(idx)[0], atol=0, rtol=0)
+    assert {m.attention for m in model.modules() if isinstance(m, M.SelfAttention)} == {M.sdpa_attention}
+    assert plain.config.attn == "plain" and model.config.attn == "sdpa"
+    model(idx)
+    assert len(calls) == 2  # the override ended with the block
+
+
+def test_cached_passes_hand_the_causal_mask_to_the_kernels_as_causal(monkeypatch):
+    """A pass over several new tokens after cached ones (speculative decoding's verification) builds no dense
+    mask for the kernels: they get "causal" (queries are the last T of T_k), and agree with SDPA."""
+    from ar_course import kernels
+
+    seen = []
+    flash = kernels.flash_attention
+
+    def recording(q, k, v, mask=None, **kw):
+        seen.append(mask)
+        return flash(q, k, v, mask, **kw)
+
+    monkeypatch.setattr(kernels, "flash_attention", recording)
+    model = make_model()
+    idx = torch.randint(0, 37, (2, 12))
+    expected = [model(c, cache=cache)[0] for cache in [model.make_cache(2)] for c in (idx[:, :5], idx[:, 5:])]
+    with M.use_attention(M.KernelAttention("torch")):
+        cache = model.make_cache(2)
+        got = [model(c, cache=cache)[0] for c in (idx[:, :5], idx[:, 5:])]
+    assert seen == ["causal"] * 4  # 2 layers x 2 passes, none of them a matrix
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, atol=1e-5, rtol=0)
+
+
+def test_attention_overrides_in_two_threads_do_not_mix():
+    """Each thread's override is its own: the other thread's layers never call it."""
+    import threading
+
+    model = make_model()
+    idx = torch.randint(0, 37, (1, 9))
+    seen: dict[str, list[str]] = {"a": [], "b": []}
+    barrier = threading.Barrier(2)
+
+    def worker(name: str) -> None:
+        def attend(q, k, v, mask, causal, dropout_p=0.0):
+            seen[name].append(threading.current_thread().name)
+            return M.sdpa_attention(q, k, v, mask, causal, dropout_p)
+
+        with M.use_attention(attend):
+            barrier.wait()
+            for _ in range(20):
+                model(idx)
+
+    threads = [threading.Thread(target=worker, args=(n,), name=n) for n in ("a", "b")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert seen == {"a": ["a"] * 40, "b": ["b"] * 40}
+
+
 def test_attention_maps_are_causal_distributions_that_reproduce_the_layer():
     model = make_model()
     idx = torch.randint(0, 37, (2, 9))
@@ -297,12 +372,12 @@ def test_kv_cache_shapes():
     assert cache.max_len == 10 and cache.batch_size == 2
 
 
-@pytest.mark.parametrize("temperature, top_k, top_p", [(0.0, None, None), (1.0, None, None), (0.8, 5, 0.9)])
-def test_generate_cached_equals_uncached(temperature, top_k, top_p):
+@pytest.mark.parametrize("sampling", [GREEDY, SamplingConfig(), SamplingConfig(temperature=0.8, top_k=5, top_p=0.9)])
+def test_generate_cached_equals_uncached(sampling):
     model = make_model()
     prompt = torch.randint(0, 37, (2, 4))
     out = [
-        model.generate(prompt, 25, temperature, top_k, top_p, torch.Generator().manual_seed(3), use_cache=c)
+        model.generate(prompt, 25, sampling=sampling, generator=torch.Generator().manual_seed(3), use_cache=c)
         for c in (True, False)
     ]
     assert out[0].shape == (2, 29)
@@ -355,29 +430,33 @@ def test_class_token_changes_predictions():
     assert not torch.allclose(a, b, atol=1e-4)
 
 
-@pytest.mark.parametrize("cfg_scale", [1.0, 3.0])
-def test_class_conditional_generation_cached_equals_uncached(cfg_scale):
+@pytest.mark.parametrize("cfg", [0.0, 2.0])
+def test_class_conditional_generation_cached_equals_uncached(cfg):
     model = make_model(n_classes=4, pos="rope2d", grid=(4, 5), block_size=21)
     torch.nn.init.normal_(model.wce.weight, std=1.0)
     empty = torch.zeros(2, 0, dtype=torch.long)
     classes = torch.tensor([0, 3])
     out = [
-        model.generate(empty, 20, 1.0, None, None, torch.Generator().manual_seed(0), classes, cfg_scale, c)
+        model.generate(empty, 20, cfg=cfg, classes=classes, generator=torch.Generator().manual_seed(0), use_cache=c)
         for c in (True, False)
     ]
     assert out[0].shape == (2, 20)
     assert torch.equal(out[0], out[1])
 
 
-def test_cfg_scale_one_is_conditional_sampling():
+def test_guidance_strength_minus_one_is_the_unconditional_model():
+    """w = 0 is the conditional model (no second batch half at all), w = -1 the null class's."""
     model = make_model(n_classes=4)
+    torch.nn.init.normal_(model.wce.weight, std=1.0)
     empty = torch.zeros(1, 0, dtype=torch.long)
-    cls = torch.tensor([2])
-    a = model.generate(empty, 10, 0.0, classes=cls)
-    b = model.generate(empty, 10, 0.0, classes=cls, cfg_scale=1.0)
-    assert torch.equal(a, b)
+    cls, null = torch.tensor([2]), torch.tensor([model.null_class])
+    unconditional = model.generate(empty, 10, sampling=GREEDY, classes=null)
+    assert torch.equal(model.generate(empty, 10, sampling=GREEDY, classes=cls, cfg=-1.0), unconditional)
+    assert not torch.equal(model.generate(empty, 10, sampling=GREEDY, classes=cls), unconditional)
     with pytest.raises(ValueError, match="guidance"):
-        make_model().generate(torch.zeros(1, 1, dtype=torch.long), 2, cfg_scale=2.0)
+        make_model().generate(torch.zeros(1, 1, dtype=torch.long), 2, cfg=1.0)
+    with pytest.raises(TypeError):
+        model.generate(empty, 2, 0.0)  # sampling options are keyword-only
 
 
 def test_rope2d_class_token_and_map_positions():

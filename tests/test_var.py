@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from ar_course.checkpoint import CheckpointError, load
+from ar_course.sampling import GREEDY, SamplingConfig, cfg_mix
 from ar_course.tokenizers import MultiScaleVQ
 from ar_course.var import (
-    VAR, VARConfig, block_causal_mask, embed_levels_positions, guidance_strength, guided_logits, level_ids,
+    VAR, VARConfig, block_causal_mask, embed_levels_positions, guidance_strength, level_ids,
     sample_pyramid, save_pretrained, scale_bounds, scale_masks, scale_step, teacher_forcing_sequence,
     var_loss,
 )
@@ -205,19 +206,20 @@ def test_generation_takes_one_pass_per_scale_and_is_reproducible():
     vq, model = _vq(), _model()
     calls = _count_steps(model)
     classes = torch.tensor([0, 1, 2])
-    a = model.generate(vq, classes, cfg=1.5, top_k=10, generator=torch.Generator().manual_seed(7))
+    kw = dict(cfg=1.5, sampling=SamplingConfig(top_k=10))
+    a = model.generate(vq, classes, generator=torch.Generator().manual_seed(7), **kw)
     assert calls == [0, 1, 2, 3]
-    b = model.generate(vq, classes, cfg=1.5, top_k=10, generator=torch.Generator().manual_seed(7))
+    b = model.generate(vq, classes, generator=torch.Generator().manual_seed(7), **kw)
     assert [p.shape for p in a] == [(3, s, s) for s in SCALES]
     assert all(torch.equal(x, y) for x, y in zip(a, b))
-    c = model.generate(vq, classes, cfg=1.5, top_k=10, generator=torch.Generator().manual_seed(8))
+    c = model.generate(vq, classes, generator=torch.Generator().manual_seed(8), **kw)
     assert not all(torch.equal(x, y) for x, y in zip(a, c))
 
 
 def test_greedy_generation_follows_teacher_forced_argmax():
     vq, model = _vq(), _model()
     classes = torch.tensor([1, 2])
-    pyr = model.generate(vq, classes, temperature=0.0)
+    pyr = model.generate(vq, classes, sampling=GREEDY)
     inputs, targets = teacher_forcing_sequence(vq, pyr)
     assert torch.equal(model(inputs, classes).argmax(-1), targets)
 
@@ -230,15 +232,15 @@ def test_guidance_zero_is_conditional_sampling():
     cond = sample_pyramid(model, vq, classes, cfg=0.0, generator=torch.Generator().manual_seed(3))
     assert len(calls) == 4 and all(torch.equal(x, y) for x, y in zip(guided, cond))
     # with the ramp, the first scale is unguided whatever cfg is
-    ramped = model.generate(vq, classes, cfg=5.0, temperature=0.0, ramp=True)
-    plain = model.generate(vq, classes, cfg=0.0, temperature=0.0)
+    ramped = model.generate(vq, classes, cfg=5.0, sampling=GREEDY, ramp=True)
+    plain = model.generate(vq, classes, cfg=0.0, sampling=GREEDY)
     assert torch.equal(ramped[0], plain[0])
 
 
 def test_guidance_formula_and_ramp():
     cond, uncond = torch.randn(3, 7), torch.randn(3, 7)
-    torch.testing.assert_close(guided_logits(cond, uncond, 0.0), cond)
-    torch.testing.assert_close(guided_logits(cond, uncond, 2.0), 3 * cond - 2 * uncond)
+    torch.testing.assert_close(cfg_mix(cond, uncond, 0.0), cond)
+    torch.testing.assert_close(cfg_mix(cond, uncond, 2.0), 3 * cond - 2 * uncond)
     assert [guidance_strength(3.0, k, 4) for k in range(4)] == [0.0, 1.0, 2.0, 3.0]
     assert [guidance_strength(3.0, k, 4, ramp=False) for k in range(4)] == [3.0] * 4
     with pytest.raises(ValueError):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from ar_course.sampling import SamplingConfig
 from ar_course.transformer.model import GPT
 
 
@@ -17,23 +18,25 @@ def sample_tokens(
     model: GPT,
     classes: torch.Tensor,
     num_tokens: int,
-    cfg_scale: float = 1.0,
-    temperature: float = 1.0,
-    top_k: int | None = None,
+    *,
+    cfg: float = 0.0,
+    sampling: SamplingConfig = SamplingConfig(),
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Sample ``num_tokens`` image tokens per class ``(B,)`` with a KV cache and classifier-free guidance.
+    """Sample ``num_tokens`` image tokens per class ``(B,)`` with a KV cache and classifier-free guidance of
+    strength ``cfg = w``.
 
     The conditional and the null-class sequences run in one doubled batch of ``2B`` rows (rows ``B..2B-1``
     get ``model.null_class``): the first forward pass takes only the class token, every later pass only the
     token sampled last, so there are exactly ``num_tokens`` forward passes. At each step the last logits are
-    mixed with :func:`ar_course.sampling.cfg_mix`, one token per class is drawn with
-    ``sampling.sample(logits, temperature, top_k, None, generator)`` and fed to both halves.
+    mixed with :func:`ar_course.sampling.cfg_mix` (``(1 + w) cond - w uncond``), one token per class is drawn
+    with ``sample(logits, sampling=sampling, generator=generator)`` and fed to both halves. (``w = 0`` needs
+    no second half: the library skips it, and the tokens are the same.)
 
     Returns ``(B, num_tokens)`` long tokens in raster order. Raises ``ValueError`` for a GPT without classes
     and as :meth:`~ar_course.transformer.GPT.generate` for the rest."""
     if model.config.n_classes == 0:
         raise ValueError("sample_tokens needs a class-conditional GPT (n_classes > 0)")
     start = torch.zeros(classes.shape[0], 0, dtype=torch.long, device=classes.device)  # (B, 0)
-    return model.generate(start, num_tokens, temperature=temperature, top_k=top_k, generator=generator,
-                          classes=classes, cfg_scale=cfg_scale, use_cache=True)  # (B, num_tokens)
+    return model.generate(start, num_tokens, sampling=sampling, cfg=cfg, classes=classes, generator=generator,
+                          use_cache=True)  # (B, num_tokens)
