@@ -7,6 +7,7 @@ import scipy.linalg
 import torch
 
 from ar_course import metrics, sampling
+from ar_course.sampling import SamplingConfig, sample
 from ar_course.checks import ch03
 from ar_course.checks.reference import ch03 as answers
 from ar_course.raster import functional as ref
@@ -92,23 +93,27 @@ def test_condition_dropout_rejects_wrong_side_global_rng_in_place_and_zero():
 # 3.5 ----------------------------------------------------------------------------------------------------------
 
 
-def test_cfg_rejects_off_by_one_scale_probability_mix_and_swap():
-    assert_fails(ch03.cfg_logits, lambda c, u, s: c + s * (c - u), contains="scale 1.0")
+def test_cfg_accepts_the_same_mix_written_otherwise():
+    assert_passes(ch03.cfg_logits, lambda c, u, w: c + w * (c - u))
+
+
+def test_cfg_rejects_the_scale_convention_probability_mix_and_swap():
+    assert_fails(ch03.cfg_logits, lambda c, u, w: u + w * (c - u), contains="w 0.0")  # s, not w = s - 1
     assert_fails(ch03.cfg_logits,
-                 lambda c, u, s: torch.log((u.softmax(-1) + s * (c.softmax(-1) - u.softmax(-1))).clamp_min(1e-30)),
+                 lambda c, u, w: torch.log(((1 + w) * c.softmax(-1) - w * u.softmax(-1)).clamp_min(1e-30)),
                  contains="differs")
-    assert_fails(ch03.cfg_logits, lambda c, u, s: c + s * (u - c), contains="differs")
+    assert_fails(ch03.cfg_logits, lambda c, u, w: (1 + w) * u - w * c, contains="differs")
 
 
 # 3.6 ----------------------------------------------------------------------------------------------------------
 
 
 def make_sampler(mistake: str | None = None):
-    """A hand-written sampling loop; ``mistake`` is "no_cache", "no_null" or "unmixed" (each half sampled
-    from its own logits, no guidance mix)."""
+    """A hand-written sampling loop; ``mistake`` is "no_cache", "no_null", "unmixed" (each half sampled
+    from its own logits, no guidance mix) or "scale" (w read as the scale s = 1 + w)."""
 
     @torch.no_grad()
-    def sample_tokens(model, classes, num_tokens, cfg_scale=1.0, temperature=1.0, top_k=None, generator=None):
+    def sample_tokens(model, classes, num_tokens, *, cfg=0.0, sampling=SamplingConfig(), generator=None):
         B = classes.shape[0]
         other = classes if mistake == "no_null" else torch.full_like(classes, model.null_class)
         cls = torch.cat([classes, other])  # (2B,)
@@ -121,10 +126,11 @@ def make_sampler(mistake: str | None = None):
                 logits, _ = model(seq[:, -1:] if t else seq, classes=None if t else cls, cache=cache)
             logits = logits[:, -1]  # (2B, V)
             if mistake == "unmixed":
-                nxt = sampling.sample(logits, temperature, top_k, None, generator)  # (2B,)
+                nxt = sample(logits, sampling=sampling, generator=generator)  # (2B,)
             else:
-                mixed = logits[B:] + cfg_scale * (logits[:B] - logits[B:])  # (B, V)
-                nxt = sampling.sample(mixed, temperature, top_k, None, generator).repeat(2)  # (2B,)
+                cond, uncond = logits[:B], logits[B:]  # (B, V) each
+                mixed = uncond + cfg * (cond - uncond) if mistake == "scale" else (1 + cfg) * cond - cfg * uncond
+                nxt = sample(mixed, sampling=sampling, generator=generator).repeat(2)  # (2B,)
             seq = torch.cat([seq, nxt[:, None]], 1)
         return seq[:B]
 
@@ -135,10 +141,11 @@ def test_hand_written_sampler_passes():
     assert_passes(ch03.sample_tokens, make_sampler())
 
 
-def test_sampler_rejects_no_cache_no_null_and_unmixed_halves():
+def test_sampler_rejects_no_cache_no_null_unmixed_halves_and_the_scale_convention():
     assert_fails(ch03.sample_tokens, make_sampler("no_cache"), contains="KV cache")
     assert_fails(ch03.sample_tokens, make_sampler("no_null"), contains="sampled tokens")
     assert_fails(ch03.sample_tokens, make_sampler("unmixed"), contains="sampled tokens")
+    assert_fails(ch03.sample_tokens, make_sampler("scale"), contains="sampled tokens")
 
 
 # 3.7 ----------------------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ar_course import sampling
+from ar_course.sampling import SamplingConfig, cfg_mix, sample
 from ar_course.checks import ch04
 from ar_course.var import functional as ref
 from ar_course.var.model import sample_pyramid
@@ -186,8 +186,8 @@ def test_loss_rejects_wrong_answers():
 # 4.6 ------------------------------------------------------------------------------------------------------
 
 
-def _loop(model, vq, classes, cfg=0.0, top_k=None, top_p=None, temperature=1.0, generator=None, ramp=True,
-          mix=None, per_row=False, recompute=False):
+def _loop(model, vq, classes, *, cfg=0.0, sampling=SamplingConfig(), generator=None, ramp=True, mix=None,
+          per_row=False, recompute=False):
     """A sampling loop with switchable mistakes."""
     c, B = model.config, classes.shape[0]
     guided = cfg != 0
@@ -199,13 +199,13 @@ def _loop(model, vq, classes, cfg=0.0, top_k=None, top_p=None, temperature=1.0, 
         if recompute and k > 0:  # an extra pass per scale
             model(torch.zeros(cls.shape[0], c.num_tokens - 1, c.latent_dim), cls)
         if guided:
-            t = ref.guidance_strength(cfg, k, c.num_scales, ramp)
-            logits = mix(logits[:B], logits[B:], cfg, t) if mix else ref.guided_logits(logits[:B], logits[B:], t)
+            t = ref.guidance_strength(cfg, k, c.num_scales, ramp=ramp)
+            logits = mix(logits[:B], logits[B:], t) if mix else cfg_mix(logits[:B], logits[B:], t)
         if per_row:
-            tokens = torch.stack([sampling.sample(logits[:, i], temperature, top_k, top_p, generator)
+            tokens = torch.stack([sample(logits[:, i], sampling=sampling, generator=generator)
                                   for i in range(s * s)], dim=1)
         else:
-            tokens = sampling.sample(logits, temperature, top_k, top_p, generator)
+            tokens = sample(logits, sampling=sampling, generator=generator)
         out.append(tokens.view(B, s, s))
         f_hat, x = ref.scale_step(vq, f_hat, k, tokens)
         if guided and x is not None:
@@ -213,31 +213,30 @@ def _loop(model, vq, classes, cfg=0.0, top_k=None, top_p=None, temperature=1.0, 
     return out
 
 
-def loop_no_ramp(model, vq, classes, cfg=0.0, top_k=None, top_p=None, temperature=1.0, generator=None, ramp=True):
-    return _loop(model, vq, classes, cfg, top_k, top_p, temperature, generator, ramp=False)
+def loop_no_ramp(model, vq, classes, **kw):
+    return _loop(model, vq, classes, **{**kw, "ramp": False})
 
 
-def loop_cfg_mix_convention(model, vq, classes, cfg=0.0, top_k=None, top_p=None, temperature=1.0, generator=None,
-                            ramp=True):
+def loop_scale_convention(model, vq, classes, **kw):
     # uses uncond + t * (cond - uncond): t = 0 would then be the unconditional model
-    return _loop(model, vq, classes, cfg, top_k, top_p, temperature, generator, ramp,
-                 mix=lambda c, u, cfg, t: sampling.cfg_mix(c, u, t))
+    return _loop(model, vq, classes, mix=lambda c, u, t: u + t * (c - u), **kw)
 
 
-def loop_extra_passes(model, vq, classes, cfg=0.0, top_k=None, top_p=None, temperature=1.0, generator=None,
-                      ramp=True):
-    return _loop(model, vq, classes, cfg, top_k, top_p, temperature, generator, ramp, recompute=True)
+def loop_extra_passes(model, vq, classes, **kw):
+    return _loop(model, vq, classes, recompute=True, **kw)
 
 
 def test_sampling_rejects_wrong_answers():
     assert_fails(ch04.sample_pyramid, loop_no_ramp, contains="pyramid")
-    assert_fails(ch04.sample_pyramid, loop_cfg_mix_convention, contains="pyramid")
+    assert_fails(ch04.sample_pyramid, loop_scale_convention, contains="pyramid")
     assert_fails(ch04.sample_pyramid, loop_extra_passes, contains="one model.step per scale")
+
+
+def test_hand_written_loop_passes():
+    assert_passes(ch04.sample_pyramid, _loop)
 
 
 def test_per_row_sampling_changes_the_random_stream():
     # drawing each position separately consumes the generator in another order: different tokens
-    assert_fails(ch04.sample_pyramid,
-                 lambda model, vq, classes, cfg=0.0, top_k=None, top_p=None, temperature=1.0, generator=None,
-                 ramp=True: _loop(model, vq, classes, cfg, top_k, top_p, temperature, generator, ramp, per_row=True),
+    assert_fails(ch04.sample_pyramid, lambda model, vq, classes, **kw: _loop(model, vq, classes, per_row=True, **kw),
                  contains="pyramid")

@@ -1,5 +1,5 @@
 """Chapter 07 checks: each accepts the reference, reports a stub as not attempted, and rejects plausible wrong
-answers (chapter 03's guidance scale passed as VAR's w, one image at a time, the simulator picked on a CPU,
+answers (the guidance scale s = 1 + w passed as w, one image at a time, the simulator picked on a CPU,
 torch.chunk instead of split, a batched pass counted per image, dominated rows kept, a floor met exactly
 refused...)."""
 
@@ -53,35 +53,37 @@ def _decode(tokenizer, pyramid):
     return tokenizer.decode_from_indices(pyramid).float().cpu()
 
 
-def pipe_chapter03_scale(model, tokenizer, classes, cfg=0.0, generator=None):
-    return _decode(tokenizer, sample_pyramid(model, tokenizer.quantizer, classes, 1.0 + cfg, generator=generator))
+def pipe_scale_as_w(model, tokenizer, classes, *, cfg=0.0, generator=None):
+    # the LlamaGen / CFG-paper scale s = 1 + w where the strength w belongs
+    return _decode(tokenizer, sample_pyramid(model, tokenizer.quantizer, classes, cfg=1.0 + cfg, generator=generator))
 
 
-def pipe_no_ramp(model, tokenizer, classes, cfg=0.0, generator=None):
-    return _decode(tokenizer, sample_pyramid(model, tokenizer.quantizer, classes, cfg, generator=generator,
+def pipe_no_ramp(model, tokenizer, classes, *, cfg=0.0, generator=None):
+    return _decode(tokenizer, sample_pyramid(model, tokenizer.quantizer, classes, cfg=cfg, generator=generator,
                                              ramp=False))
 
 
-def pipe_ignores_generator(model, tokenizer, classes, cfg=0.0, generator=None):
-    return _decode(tokenizer, sample_pyramid(model, tokenizer.quantizer, classes, cfg))
+def pipe_ignores_generator(model, tokenizer, classes, *, cfg=0.0, generator=None):
+    return _decode(tokenizer, sample_pyramid(model, tokenizer.quantizer, classes, cfg=cfg))
 
 
-def pipe_one_image_at_a_time(model, tokenizer, classes, cfg=0.0, generator=None):
-    return torch.cat([ref.var_pipeline(model, tokenizer, c, cfg, generator) for c in classes.split(1)])
+def pipe_one_image_at_a_time(model, tokenizer, classes, *, cfg=0.0, generator=None):
+    return torch.cat([ref.var_pipeline(model, tokenizer, c, cfg=cfg, generator=generator)
+                      for c in classes.split(1)])
 
 
-def pipe_finest_scale_only(model, tokenizer, classes, cfg=0.0, generator=None):
-    pyramid = sample_pyramid(model, tokenizer.quantizer, classes, cfg, generator=generator)
+def pipe_finest_scale_only(model, tokenizer, classes, *, cfg=0.0, generator=None):
+    pyramid = sample_pyramid(model, tokenizer.quantizer, classes, cfg=cfg, generator=generator)
     return _decode(tokenizer, pyramid[-1:])
 
 
-def pipe_one_scale_short(model, tokenizer, classes, cfg=0.0, generator=None):
-    pyramid = sample_pyramid(model, tokenizer.quantizer, classes, cfg, generator=generator)
+def pipe_one_scale_short(model, tokenizer, classes, *, cfg=0.0, generator=None):
+    pyramid = sample_pyramid(model, tokenizer.quantizer, classes, cfg=cfg, generator=generator)
     return _decode(tokenizer, pyramid[:-1])  # an off-by-one slice: the finest scale is never decoded
 
 
 def test_pipeline_rejects_wrong_answers():
-    assert_fails(ch07.var_pipeline, pipe_chapter03_scale, contains="images")
+    assert_fails(ch07.var_pipeline, pipe_scale_as_w, contains="images")
     assert_fails(ch07.var_pipeline, pipe_no_ramp, contains="images")
     assert_fails(ch07.var_pipeline, pipe_ignores_generator, contains="images")
     assert_fails(ch07.var_pipeline, pipe_one_image_at_a_time, contains="scale steps")
@@ -93,7 +95,7 @@ def test_pipeline_rejects_wrong_answers():
 
 
 def weights_w_as_scale(w, method, num_steps, ramp=True):
-    # reads w as chapter 03's cfg_scale: uncond + w (cond - uncond)
+    # reads w as the guidance scale s of the CFG paper: uncond + w (cond - uncond)
     return [(w, 1 - w) for _ in range(num_steps)] if method == "ar" else ref.guidance_weights(w, method, num_steps, ramp)
 
 

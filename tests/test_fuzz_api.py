@@ -24,7 +24,7 @@ from ar_course import raster, sampling
 from ar_course.speculative import sjd_generate, speculative_generate
 from ar_course.system import Generator
 from ar_course.tokenizers import VQVAE, MultiScaleVQ, ResidualVQ, VectorQuantizer, VQVAEConfig
-from ar_course.transformer.model import GPT, GPTConfig, SelfAttention
+from ar_course.transformer.model import GPT, GPTConfig, SelfAttention, sdpa_attention
 from ar_course.var import VAR, VARConfig, sample_pyramid
 from ar_course.var import functional as var_ref
 
@@ -63,6 +63,11 @@ def pick(data, clean: bool, options: tuple[list, list], label: str):
 def draw_sampling(data, clean: bool) -> tuple:
     return (pick(data, clean, TEMPERATURES, "temperature"), pick(data, clean, TOP_KS, "top_k"),
             pick(data, clean, TOP_PS, "top_p"))
+
+
+def config(temperature, top_k, top_p) -> sampling.SamplingConfig:
+    """The drawn values as a SamplingConfig (made inside the judged call: a bad value raises there)."""
+    return sampling.SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p)
 
 
 # -- the oracle ----------------------------------------------------------------------------------------------
@@ -161,13 +166,13 @@ def test_fuzz_sample_probs_and_cfg_mix(data):
     temperature, top_k, top_p = draw_sampling(data, clean)
     problems = sampling_problems(temperature, top_k, top_p)
     if data.draw(st.booleans(), label="guided"):
-        scale = pick(data, clean, ([1.0, 0, 2.5, -1.0, np.float64(3)], [NAN, INF, True, "2"]), "scale")
+        w = pick(data, clean, ([0.0, 0, 1.5, -1.0, np.float64(2)], [NAN, INF, True, "2"]), "w")
         uncond = _tensor(data, shape, pick(data, clean, (["plain"], ["masked"]), "uncond kind"))
-        mixed = judge("sampling.cfg_mix", lambda: sampling.cfg_mix(logits, uncond, scale),
-                      [number_problem(scale), "value" if shape[-1] == 0 else None])
+        mixed = judge("sampling.cfg_mix", lambda: sampling.cfg_mix(logits, uncond, w),
+                      [number_problem(w), "value" if shape[-1] == 0 else None])
         if mixed is None:
             return
-        torch.testing.assert_close(mixed, uncond + float(scale) * (logits - uncond), equal_nan=True)
+        torch.testing.assert_close(mixed, (1 + float(w)) * logits - float(w) * uncond, equal_nan=True)
         logits = mixed
     V = shape[-1]
     if V == 0:
@@ -177,9 +182,10 @@ def test_fuzz_sample_probs_and_cfg_mix(data):
         if bad_rows(rows) or (float(temperature) > 0 and bad_rows(rows / float(temperature))):
             problems.append("value")
     gen = torch.Generator().manual_seed(0)
-    out = judge("sampling.sample", lambda: sampling.sample(logits, temperature, top_k, top_p, generator=gen),
-                problems)
-    dist = judge("sampling.probs", lambda: sampling.probs(logits, temperature, top_k, top_p), problems)
+    out = judge("sampling.sample", lambda: sampling.sample(logits, sampling=config(temperature, top_k, top_p),
+                                                           generator=gen), problems)
+    dist = judge("sampling.probs", lambda: sampling.probs(logits, sampling=config(temperature, top_k, top_p)),
+                 problems)
     if out is None:
         return
     assert out.shape == logits.shape[:-1] and out.dtype == torch.long
@@ -262,7 +268,7 @@ def _room_problem(model: GPT, T: int, max_new: object) -> str | None:
 
 
 MAX_NEW = ([0, 1, 2, 3, 5], [9, 10, -1, 2.0, True, None])
-CFG_SCALES = ([1.0, 1, 0.0, 2.0, -0.5], [NAN, INF, "1"])
+CFGS = ([0.0, 0, 1.0, 1.5, -1.5], [NAN, INF, "1"])
 
 
 def _draw_sequence(data, clean: bool, conditional: bool, rows: int) -> tuple[int, torch.Tensor]:
@@ -279,19 +285,20 @@ def test_fuzz_gpt_generate(data):
     B = data.draw(st.integers(1 if clean else 0, 2), label="B")
     T, idx = _draw_sequence(data, clean, conditional, B)
     classes = _classes(data, clean, conditional, B)
-    max_new, cfg_scale = pick(data, clean, MAX_NEW, "max_new_tokens"), pick(data, clean, CFG_SCALES, "cfg_scale")
+    max_new, cfg = pick(data, clean, MAX_NEW, "max_new_tokens"), pick(data, clean, CFGS, "cfg")
     if clean and not conditional:
-        cfg_scale = 1.0
+        cfg = 0.0
     temperature, top_k, top_p = draw_sampling(data, clean)
     use_cache = pick(data, clean, ([True, False, np.bool_(True)], [1, "yes", None]), "use_cache")
-    guided = number_problem(cfg_scale) is None and float(cfg_scale) != 1.0
-    problems = [*sampling_problems(temperature, top_k, top_p), int_problem(max_new, lo=0), number_problem(cfg_scale),
+    guided = number_problem(cfg) is None and float(cfg) != 0.0
+    problems = [*sampling_problems(temperature, top_k, top_p), int_problem(max_new, lo=0), number_problem(cfg),
                 bool_problem(use_cache), ids_problem(idx, 7, ("B", "T"), allow_empty=True),
                 "value" if B == 0 else None, _classes_problem(classes, conditional, B),
                 "value" if guided and classes is None else None, _room_problem(model, T, max_new)]
-    out = judge("GPT.generate", lambda: model.generate(idx, max_new, temperature, top_k, top_p,
-                                                       torch.Generator().manual_seed(0), classes=classes,
-                                                       cfg_scale=cfg_scale, use_cache=use_cache), problems)
+    out = judge("GPT.generate", lambda: model.generate(idx, max_new, sampling=config(temperature, top_k, top_p),
+                                                       cfg=cfg, classes=classes,
+                                                       generator=torch.Generator().manual_seed(0),
+                                                       use_cache=use_cache), problems)
     if out is not None:
         assert out.shape == (B, T + max_new) and out.dtype == torch.long and torch.equal(out[:, :T], idx)
         assert bool(((out >= 0) & (out < 7)).all())
@@ -329,20 +336,20 @@ def test_fuzz_gpt_forward(data):
 
 def _draw_decoding(data) -> tuple:
     """What both speculative decoders take: (clean, conditional, target, draft, T, prefix, classes, new tokens,
-    cfg_scale, temperature, top_k, top_p) and the problems the oracle sees in them."""
+    cfg, temperature, top_k, top_p) and the problems the oracle sees in them."""
     clean, conditional = data.draw(st.booleans(), label="clean"), data.draw(st.booleans(), label="conditional")
     target, draft = MODELS[conditional]
     T, prefix = _draw_sequence(data, clean, conditional, pick(data, clean, ([1], [2]), "rows"))
     classes = _classes(data, clean, conditional, 1)
-    n_new, cfg_scale = pick(data, clean, MAX_NEW, "new tokens"), pick(data, clean, CFG_SCALES, "cfg_scale")
+    n_new, cfg = pick(data, clean, MAX_NEW, "new tokens"), pick(data, clean, CFGS, "cfg")
     if clean and not conditional:
-        cfg_scale = 1.0
+        cfg = 0.0
     temperature, top_k, top_p = draw_sampling(data, clean)
-    guided = number_problem(cfg_scale) is None and float(cfg_scale) != 1.0
-    problems = [*sampling_problems(temperature, top_k, top_p), int_problem(n_new, lo=0), number_problem(cfg_scale),
+    guided = number_problem(cfg) is None and float(cfg) != 0.0
+    problems = [*sampling_problems(temperature, top_k, top_p), int_problem(n_new, lo=0), number_problem(cfg),
                 ids_problem(prefix, 7, (1, "T"), allow_empty=True), _classes_problem(classes, conditional, 1),
                 "value" if guided and not conditional else None, _room_problem(target, T, n_new)]
-    return clean, target, draft, T, prefix, classes, n_new, cfg_scale, temperature, top_k, top_p, problems
+    return clean, target, draft, T, prefix, classes, n_new, cfg, temperature, top_k, top_p, problems
 
 
 def _check_decoded(out, T: int, n_new: int, prefix: torch.Tensor) -> None:
@@ -355,19 +362,19 @@ def _check_decoded(out, T: int, n_new: int, prefix: torch.Tensor) -> None:
 @fuzz(150)
 @given(data=st.data())
 def test_fuzz_speculative_generate(data):
-    clean, target, draft, T, prefix, classes, n_new, cfg_scale, temperature, top_k, top_p, problems = \
+    clean, target, draft, T, prefix, classes, n_new, cfg, temperature, top_k, top_p, problems = \
         _draw_decoding(data)
     gamma = pick(data, clean, ([3, 0, 1, 8], [-1, 2.0, True]), "gamma")
     out = judge("speculative.speculative_generate", lambda: speculative_generate(
-        target, draft, prefix, n_new, gamma, temperature, top_k, top_p, torch.Generator().manual_seed(0), classes,
-        cfg_scale), [*problems, int_problem(gamma, lo=0)])
+        target, draft, prefix, n_new, gamma=gamma, sampling=config(temperature, top_k, top_p), cfg=cfg,
+        classes=classes, generator=torch.Generator().manual_seed(0)), [*problems, int_problem(gamma, lo=0)])
     _check_decoded(out, T, n_new, prefix)
 
 
 @fuzz(150)
 @given(data=st.data())
 def test_fuzz_sjd_generate(data):
-    clean, target, _, T, prefix, classes, n_new, cfg_scale, temperature, top_k, top_p, problems = _draw_decoding(data)
+    clean, target, _, T, prefix, classes, n_new, cfg, temperature, top_k, top_p, problems = _draw_decoding(data)
     window = pick(data, clean, ([3, 0, 1, 8], [-1, 2.0, True]), "window")
     delta = pick(data, clean, ([0.0, 0, 0.3, 5], [-0.1, NAN, "0.1"]), "delta")
     neighbors = pick(data, clean, (["good"], [None, "bad"]), "neighbors")
@@ -377,8 +384,8 @@ def test_fuzz_sjd_generate(data):
     problems += [int_problem(window, lo=0), number_problem(delta, lo=0),
                  "value" if relaxed and neighbors != "good" else None]
     out = judge("speculative.sjd_generate", lambda: sjd_generate(
-        target, n_new, prefix, classes, window, temperature, top_k, top_p, torch.Generator().manual_seed(0),
-        cfg_scale, delta, nbrs), problems)
+        target, n_new, prefix=prefix, classes=classes, window=window, sampling=config(temperature, top_k, top_p),
+        cfg=cfg, generator=torch.Generator().manual_seed(0), delta=delta, neighbors=nbrs), problems)
     _check_decoded(out, T, n_new, prefix)
 
 
@@ -511,8 +518,8 @@ def test_fuzz_var_sample_pyramid(data):
         problems += [ids_problem(k, 5, tuple(k.shape), dtype=None) for k in known]
         problems.append(None if known_mask.shape == (B, 4, 4) else "value")
     out = judge("var.sample_pyramid", lambda: sample_pyramid(
-        TINY_VAR, QUANTIZERS["msvq"], classes, cfg, top_k, top_p, temperature, torch.Generator().manual_seed(0),
-        ramp, known, known_mask), problems)
+        TINY_VAR, QUANTIZERS["msvq"], classes, sampling=config(temperature, top_k, top_p), cfg=cfg, ramp=ramp,
+        generator=torch.Generator().manual_seed(0), known=known, known_mask=known_mask), problems)
     if out is not None:
         assert [tuple(m.shape) for m in out] == [(B, 1, 1), (B, 2, 2), (B, 4, 4)]
         assert all(m.dtype == torch.long and bool(((m >= 0) & (m < 5)).all()) for m in out)
@@ -528,10 +535,10 @@ def test_fuzz_raster_generate_tokens(data):
     grid = pick(data, clean, ([(2, 3), (1, 1), [3, 2]], [(3, 3), (0, 2), (2.0, 3), (2,)]), "grid")
     grid_problem = "type" if len(grid) != 2 or any(int_problem(g) for g in grid) else (
         "value" if min(grid) < 1 or grid[0] * grid[1] > 6 else None)
-    cfg_scale = 1.0 + cfg if number_problem(cfg) is None else cfg
-    problems += [number_problem(cfg_scale), grid_problem]
+    problems += [number_problem(cfg), grid_problem]
     out = judge("raster.generate_tokens", lambda: raster.generate_tokens(
-        TINY_RASTER, classes, grid, cfg_scale, temperature, top_k, top_p, torch.Generator().manual_seed(0)), problems)
+        TINY_RASTER, classes, grid, sampling=config(temperature, top_k, top_p), cfg=cfg,
+        generator=torch.Generator().manual_seed(0)), problems)
     if out is not None:
         assert out.shape == (B, *grid) and out.dtype == torch.long and bool(((out >= 0) & (out < 5)).all())
 
@@ -567,11 +574,11 @@ def test_fuzz_generator_generate(gen, data):
     good_spec = [None, None, None, "draft", "jacobi"] if method == "ar" else [None]
     speculative = pick(data, clean, (good_spec, ["draft", "medusa"]), "speculative")
     good_delta = [0.0, 0, 0.2] if speculative == "jacobi" else [0.0, 0]
+    temperature = pick(data, clean, ([1.0, 0, 0.7], [-0.1, NAN, INF, True]), "temperature")
+    top_k = pick(data, clean, ([None, 4, 1, 300], [0, 2.5]), "top_k")
+    top_p = pick(data, clean, ([None, 0.9, 1.0], [0, 1.2, NAN]), "top_p")
     kw = {
         "cfg": pick(data, clean, ([None, 0, 1.5, 3], [-1.0, NAN, INF, "2"]), "cfg"),
-        "temperature": pick(data, clean, ([1.0, 0, 0.7], [-0.1, NAN, INF, True]), "temperature"),
-        "top_k": pick(data, clean, ([None, 4, 1, 300], [0, 2.5]), "top_k"),
-        "top_p": pick(data, clean, ([None, 0.9, 1.0], [0, 1.2, NAN]), "top_p"),
         "relaxed_delta": pick(data, clean, (good_delta, [0.2, -0.1, NAN]), "relaxed_delta"),
         "kernels": pick(data, clean, (["auto", "torch"], ["cuda"]), "kernels"),
         "batch_size": pick(data, clean, ([500, 1, 2], [0, 1.5]), "batch_size"),
@@ -584,16 +591,18 @@ def test_fuzz_generator_generate(gen, data):
         None if speculative in (None, "draft", "jacobi") else "value",
         "value" if speculative in ("draft", "jacobi") and method != "ar" else None,
         None if kw["cfg"] is None else number_problem(kw["cfg"], lo=0),
-        *sampling_problems(kw["temperature"], kw["top_k"], kw["top_p"]),
+        *sampling_problems(temperature, top_k, top_p),
         delta_problem or ("value" if float(kw["relaxed_delta"]) > 0 and speculative != "jacobi" else None),
         None if kw["kernels"] in ("auto", "torch") else "value",
         int_problem(kw["batch_size"], lo=1),
         None if kw["seed"] is None else int_problem(kw["seed"]),
     ]
-    out = judge("Generator.generate", lambda: gen.generate(classes, method=method, speculative=speculative, **kw),
+    out = judge("Generator.generate", lambda: gen.generate(classes, method=method, speculative=speculative,
+                                                           sampling=config(temperature, top_k, top_p), **kw),
                 problems)
     models = (gen.var, gen.ar, gen.ar_draft)
-    assert {m.impl for model in models for m in model.modules() if isinstance(m, SelfAttention)} == {"sdpa"}
+    assert {m.attention for model in models for m in model.modules() if isinstance(m, SelfAttention)} == \
+        {sdpa_attention}
     if out is not None:
         n = len(torch.as_tensor(classes))
         assert out.images.shape == (n, 1, 32, 32) and out.images.dtype == torch.float32

@@ -18,6 +18,7 @@ from ar_course.checks.core import Case, Chapter, CheckFailure, call, clone_args,
 from ar_course.checks.reference import ch03 as answers
 from ar_course.raster import functional as ref
 from ar_course.raster.model import raster_config
+from ar_course.sampling import GREEDY, SamplingConfig
 from ar_course.transformer.model import GPT
 
 chapter = Chapter(3, "Autoregressive images")
@@ -115,14 +116,14 @@ def condition_dropout(fn, ref_fn):
 def _cfg_cases() -> Iterator[Case]:
     g = _gen(4)
     cond, uncond = torch.randn(4, 11, generator=g), torch.randn(4, 11, generator=g)
-    for s in (1.0, 0.0, 3.0, 1.5):
-        yield Case(f"4x11 logits, scale {s}", (cond, uncond, s))
-    yield Case("2x3x7 logits, scale 4", (torch.randn(2, 3, 7, generator=g), torch.randn(2, 3, 7, generator=g), 4.0))
+    for w in (0.0, 1.0, 3.0, 0.5):
+        yield Case(f"4x11 logits, w {w}", (cond, uncond, w))
+    yield Case("2x3x7 logits, w 2", (torch.randn(2, 3, 7, generator=g), torch.randn(2, 3, 7, generator=g), 2.0))
 
 
 @chapter.exercise("3.5", reference=sampling.cfg_mix,
-                  hint="mix the logits, not the probabilities: uncond + scale * (cond - uncond), so that "
-                       "scale 1 gives cond and scale 0 gives uncond")
+                  hint="mix the logits, not the probabilities: (1 + w) * cond - w * uncond, so that w = 0 gives "
+                       "cond exactly and a larger w moves further away from uncond")
 def cfg_logits(fn, ref_fn):
     compare_cases(fn, ref_fn, _cfg_cases())
 
@@ -142,16 +143,17 @@ def tiny_model(seed: int = 0) -> GPT:
 
 def _sampling_cases() -> Iterator[tuple[str, dict]]:
     classes = torch.tensor([0, 1, 2, 3, 4, 0, 2, 4])
-    yield "8 classes, 12 tokens, cfg 3, top_k 6", dict(classes=classes, num_tokens=12, cfg_scale=3.0, top_k=6)
-    yield "8 classes, 12 tokens, cfg 0 (unconditional)", dict(classes=classes, num_tokens=12, cfg_scale=0.0)
-    yield "3 classes, 7 tokens, cfg 1 (conditional)", dict(classes=classes[:3], num_tokens=7, cfg_scale=1.0)
-    yield "8 classes, 12 tokens, cfg 2, greedy", dict(classes=classes, num_tokens=12, cfg_scale=2.0, temperature=0.0)
+    yield "8 classes, 12 tokens, w 2, top_k 6", dict(classes=classes, num_tokens=12, cfg=2.0,
+                                                     sampling=SamplingConfig(top_k=6))
+    yield "8 classes, 12 tokens, w -1 (unconditional)", dict(classes=classes, num_tokens=12, cfg=-1.0)
+    yield "3 classes, 7 tokens, w 0 (conditional)", dict(classes=classes[:3], num_tokens=7, cfg=0.0)
+    yield "8 classes, 12 tokens, w 1, greedy", dict(classes=classes, num_tokens=12, cfg=1.0, sampling=GREEDY)
 
 
 @chapter.exercise("3.6", reference=answers.sample_tokens,
                   hint="run [classes; null classes] as one batch of 2B with model.make_cache(2B); the first "
                        "pass takes an empty (2B, 0) input, every later pass the last sampled token (repeated for "
-                       "both halves); mix logits[:B] and logits[B:] with uncond + s * (cond - uncond)")
+                       "both halves); mix logits[:B] and logits[B:] with (1 + w) * cond - w * uncond")
 def sample_tokens(fn, ref_fn):
     model = tiny_model()
     for name, kw in _sampling_cases():

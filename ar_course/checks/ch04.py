@@ -14,6 +14,7 @@ from typing import Callable, Iterator
 import torch
 
 from ar_course.checks.core import Case, Chapter, CheckFailure, call, clone_args, compare, compare_cases
+from ar_course.sampling import SamplingConfig
 from ar_course.tokenizers import MultiScaleVQ
 from ar_course.var import functional as ref
 from ar_course.var import model as var_model
@@ -184,8 +185,9 @@ def _tiny_var(scales: tuple[int, ...], seed: int = 0) -> VAR:
 def _sampling_cases() -> Iterator[tuple[str, dict]]:
     yield "cfg 0 (conditional), temperature 1", dict(cfg=0.0)
     yield "cfg 3 with the ramp", dict(cfg=3.0, ramp=True)
-    yield "cfg 2 without the ramp, top_k 5", dict(cfg=2.0, ramp=False, top_k=5)
-    yield "cfg 1.5 with the ramp, temperature 0.7, top_p 0.9", dict(cfg=1.5, temperature=0.7, top_p=0.9)
+    yield "cfg 2 without the ramp, top_k 5", dict(cfg=2.0, ramp=False, sampling=SamplingConfig(top_k=5))
+    yield "cfg 1.5 with the ramp, temperature 0.7, top_p 0.9", dict(
+        cfg=1.5, sampling=SamplingConfig(temperature=0.7, top_p=0.9))
 
 
 @chapter.exercise("4.6", reference=var_model.sample_pyramid,

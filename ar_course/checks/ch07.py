@@ -61,13 +61,13 @@ def _pipeline_cases() -> Iterator[tuple[str, VAR, VQVAE, torch.Tensor, float]]:
 
 
 @chapter.exercise("7.1", reference=ref.var_pipeline,
-                  hint="one call var.sample_pyramid(model, tokenizer.quantizer, classes, cfg, generator=generator) "
-                       "for the whole batch (cfg is already w: VAR's convention, ramp on), then "
+                  hint="one call var.sample_pyramid(model, tokenizer.quantizer, classes, cfg=cfg, "
+                       "generator=generator) for the whole batch (cfg is the strength w, with VAR's ramp on), then "
                        "tokenizer.decode_from_indices(pyramid) on the whole pyramid, .float().cpu()")
 def var_pipeline(fn: Callable, ref_fn: Callable) -> None:
     for where, model, tok, classes, cfg in _pipeline_cases():
         with torch.no_grad():
-            expected = ref_fn(model, tok, classes, cfg, generator=_gen(7))
+            expected = ref_fn(model, tok, classes, cfg=cfg, generator=_gen(7))
         steps: list[int] = []
         step = model.step
 
@@ -78,7 +78,7 @@ def var_pipeline(fn: Callable, ref_fn: Callable) -> None:
         model.step = counted_step  # type: ignore[method-assign]
         try:
             with torch.no_grad():
-                got = call(fn, model, tok, classes.clone(), cfg, generator=_gen(7), where=where)
+                got = call(fn, model, tok, classes.clone(), cfg=cfg, generator=_gen(7), where=where)
         finally:
             del model.step
         S = model.config.num_scales
@@ -102,9 +102,9 @@ def _guidance_cases() -> Iterator[Case]:
 
 
 @chapter.exercise("7.2", reference=ref.guidance_weights,
-                  hint="strength t gives (1 + t, -t); raster order uses t = w at every token (chapter 03's "
-                       "cfg_scale is 1 + w), VAR ramps t_k = w * k / (S - 1) from 0 at the first scale to w at the "
-                       "last (t = w throughout when ramp=False or S == 1)")
+                  hint="strength t gives (1 + t, -t); raster order uses t = w at every token, VAR ramps "
+                       "t_k = w * k / (S - 1) from 0 at the first scale to w at the last (t = w throughout when "
+                       "ramp=False or S == 1)")
 def guidance_weights(fn: Callable, ref_fn: Callable) -> None:
     for case in _guidance_cases():
         expected = torch.tensor(ref_fn(*case.args, **case.kwargs), dtype=torch.float64)  # (S, 2)

@@ -4,7 +4,7 @@ enough to read in one sitting. (Exercise 7.4's reference is the library's own
 
 * :func:`var_pipeline` -- classes -> VAR token pyramid -> tokenizer decoder -> images, in one batch (what
   :func:`ar_course.var.generate_images` does per chunk);
-* :func:`guidance_weights` -- the system's one guidance convention, ``(1 + t) cond - t uncond``, per step;
+* :func:`guidance_weights` -- the package's one guidance convention, ``(1 + t) cond - t uncond``, per step;
 * :func:`choose_backend` -- which attention implementation a device gets: the library's rule
   (:func:`ar_course.kernels.ops.backend_rule`) on a plain set of what can run;
 * :func:`generation_accounting` -- forward passes per image and images per second from per-chunk counts;
@@ -30,6 +30,7 @@ def var_pipeline(
     model: VAR,
     tokenizer: VQVAE,
     classes: torch.Tensor,
+    *,
     cfg: float = 0.0,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
@@ -39,7 +40,7 @@ def var_pipeline(
 
     Returns float32 images ``(B, C, H, W)`` in [0, 1] on the CPU."""
     device = next(model.parameters()).device
-    pyramid = sample_pyramid(model, tokenizer.quantizer, classes.to(device), cfg, generator=generator)
+    pyramid = sample_pyramid(model, tokenizer.quantizer, classes.to(device), cfg=cfg, generator=generator)
     return tokenizer.decode_from_indices(pyramid).float().cpu()  # (B, C, H, W)
 
 
@@ -47,9 +48,9 @@ def guidance_weights(w: float, method: str, num_steps: int, ramp: bool = True) -
     """The coefficients ``(a_cond, a_uncond)`` of each sampling step's logits ``a_cond * cond + a_uncond *
     uncond`` under the system's convention: strength ``t`` gives ``(1 + t, -t)``.
 
-    ``method="ar"`` (raster order, ``num_steps`` tokens): ``t = w`` at every step, which is chapter 03's
-    ``cfg_scale = 1 + w``. ``method="var"`` (``num_steps`` scales): VAR's ramp ``t_k = w * k / (S - 1)``
-    (``t = w`` throughout when ``ramp=False`` or ``S = 1``).
+    ``method="ar"`` (raster order, ``num_steps`` tokens): ``t = w`` at every step.
+    ``method="var"`` (``num_steps`` scales): VAR's ramp ``t_k = w * k / (S - 1)``
+    (``t = w`` throughout when ``ramp=False`` or ``S = 1``), :func:`~ar_course.var.functional.guidance_strength`.
 
     Returns a list of ``num_steps`` pairs of floats."""
     if method not in GUIDANCE_METHODS:
@@ -58,7 +59,7 @@ def guidance_weights(w: float, method: str, num_steps: int, ramp: bool = True) -
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
     out = []
     for k in range(num_steps):
-        t = guidance_strength(w, k, num_steps, ramp) if method == "var" else float(w)
+        t = guidance_strength(w, k, num_steps, ramp=ramp) if method == "var" else float(w)
         out.append((1.0 + t, -t))
     return out
 
