@@ -25,6 +25,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
+from ar_course.sampling import GREEDY, SamplingConfig  # noqa: E402
 from ar_course.transformer import load_pretrained  # noqa: E402
 from ar_course.utils import get_device  # noqa: E402
 
@@ -46,7 +47,7 @@ def time_generate(model, prompt: torch.Tensor, new_tokens: int, repeats: int) ->
         for use_cache in (True, False):
             sync(prompt.device)
             t0 = time.perf_counter()
-            out = model.generate(prompt, new_tokens, temperature=0.0, use_cache=use_cache)
+            out = model.generate(prompt, new_tokens, sampling=GREEDY, use_cache=use_cache)
             sync(prompt.device)
             best[use_cache] = min(best[use_cache], (time.perf_counter() - t0, out), key=lambda r: r[0])
     return best
@@ -93,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     (t_cache, out_cache), (t_full, out_full) = timed[True], timed[False]
     same_greedy = bool(torch.equal(out_cache, out_full))
     sampled = [
-        model.generate(prompt, args.new_tokens, temperature=0.8, top_k=20, top_p=0.95,
+        model.generate(prompt, args.new_tokens, sampling=SamplingConfig(temperature=0.8, top_k=20, top_p=0.95),
                        generator=torch.Generator(device=device).manual_seed(0), use_cache=c)
         for c in (True, False)
     ]

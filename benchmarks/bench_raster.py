@@ -1,4 +1,4 @@
-"""Raster-order AR image generation with the shipped MNIST model: cost per image and quality per scale.
+"""Raster-order AR image generation with the shipped MNIST model: cost per image and quality per guidance strength.
 
 Measures, in one run on one machine:
 
@@ -6,8 +6,9 @@ Measures, in one run on one machine:
   with and without the KV cache;
 * seconds per image at several batch sizes, guided (doubled batch) and unguided, with and without the KV
   cache, and that the cache does not change the tokens;
-* class accuracy (shipped classifier) and Frechet distance to real test digits at several guidance scales,
-  next to the real-vs-real baseline at the same n.
+* class accuracy (shipped classifier) and Frechet distance to real test digits at several guidance strengths
+  w (``quality_by_cfg``; results before the package's convention was w recorded ``quality_by_scale`` by the
+  scale s = 1 + w), next to the real-vs-real baseline at the same n.
 
 Writes ``benchmarks/results/raster.json`` and ``raster.png``::
 
@@ -40,7 +41,7 @@ def sync(device: torch.device) -> None:
 
 
 @torch.no_grad()
-def timed_tokens(model, batch: int, scale: float, use_cache: bool, repeats: int) -> tuple[float, torch.Tensor]:
+def timed_tokens(model, batch: int, cfg: float, use_cache: bool, repeats: int) -> tuple[float, torch.Tensor]:
     """Best-of-``repeats`` seconds to sample ``batch`` token maps; returns ``(seconds, maps)``."""
     device = next(model.parameters()).device
     classes = torch.arange(batch, device=device) % 10
@@ -48,7 +49,7 @@ def timed_tokens(model, batch: int, scale: float, use_cache: bool, repeats: int)
     for _ in range(repeats):
         sync(device)
         t0 = time.perf_counter()
-        out = raster.generate_tokens(model, classes, (8, 8), cfg_scale=scale, use_cache=use_cache,
+        out = raster.generate_tokens(model, classes, (8, 8), cfg=cfg, use_cache=use_cache,
                                      generator=torch.Generator(device=device).manual_seed(0))
         sync(device)
         best = min(best, time.perf_counter() - t0)
@@ -60,7 +61,7 @@ def count_passes(model, use_cache: bool) -> tuple[int, int]:
     shapes: list[int] = []
     hook = model.register_forward_pre_hook(lambda m, a, kw: shapes.append(a[0].shape[1]), with_kwargs=True)
     try:
-        timed_tokens(model, 1, 3.0, use_cache, 1)
+        timed_tokens(model, 1, 2.0, use_cache, 1)
     finally:
         hook.remove()
     class_positions = 1 if use_cache else len(shapes)  # the class token: computed once, or in every pass
@@ -70,8 +71,9 @@ def count_passes(model, use_cache: bool) -> tuple[int, int]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batches", default="1,10,50", help="batch sizes to time")
-    parser.add_argument("--scales", default="0,1,1.5,2,3,4", help="guidance scales to evaluate")
-    parser.add_argument("--n-eval", type=int, default=500, help="samples per guidance scale (and real baseline n)")
+    parser.add_argument("--cfgs", default="-1,0,0.5,1,2,3",
+                        help="guidance strengths w to evaluate (0: conditional, -1: unconditional)")
+    parser.add_argument("--n-eval", type=int, default=500, help="samples per guidance strength (and real baseline n)")
     parser.add_argument("--repeats", type=int, default=2, help="best of N timings")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     parser.add_argument("--device", default=None)
@@ -87,9 +89,9 @@ def main(argv: list[str] | None = None) -> int:
     timing = []
     for b in (int(x) for x in args.batches.split(",")):
         row = {"batch": b}
-        for scale, tag in ((1.0, "unguided"), (3.0, "guided")):
-            t_c, maps_c = timed_tokens(model, b, scale, True, args.repeats)
-            t_p, maps_p = timed_tokens(model, b, scale, False, args.repeats)
+        for cfg, tag in ((0.0, "unguided"), (2.0, "guided")):
+            t_c, maps_c = timed_tokens(model, b, cfg, True, args.repeats)
+            t_p, maps_p = timed_tokens(model, b, cfg, False, args.repeats)
             row[f"ms_per_image_{tag}_cached"] = round(1e3 * t_c / b, 3)
             row[f"ms_per_image_{tag}_recompute"] = round(1e3 * t_p / b, 3)
             row[f"same_tokens_{tag}"] = bool(torch.equal(maps_c, maps_p))
@@ -102,9 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     real = test_images[torch.randperm(test_images.shape[0], generator=torch.Generator().manual_seed(1))[:n]]
     classes = torch.arange(10).repeat_interleave(n // 10)
     quality = []
-    for s in (float(x) for x in args.scales.split(",")):
-        images = raster.generate_images(model, tokenizer, classes, cfg_scale=s, seed=0).cpu()
-        quality.append({"scale": s, "accuracy": metrics.class_accuracy(images, classes),
+    for w in (float(x) for x in args.cfgs.split(",")):
+        images = raster.generate_images(model, tokenizer, classes, cfg=w, seed=0).cpu()
+        quality.append({"cfg": w, "accuracy": metrics.class_accuracy(images, classes),
                         "frechet": metrics.frechet_distance(images, real)})
         print(quality[-1])
 
@@ -115,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         "forward_passes_per_image": {"kv_cache": passes_cached, "recompute": passes_plain},
         "positions_computed_per_sequence": {"kv_cache": positions_cached, "recompute": positions_plain},
         "timing": timing,
-        "n_eval": n, "real_vs_real": baseline, "quality_by_scale": quality,
+        "n_eval": n, "real_vs_real": baseline, "quality_by_cfg": quality,
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "raster.json").write_text(json.dumps(result, indent=2))
@@ -128,12 +130,13 @@ def main(argv: list[str] | None = None) -> int:
     axes[0].set(xscale="log", yscale="log", xlabel="batch size", ylabel="ms per image",
                 title=f"64 forward passes per image ({device}, {args.threads} thread(s))")
     axes[0].legend(fontsize=8)
-    scales = [q["scale"] for q in quality]
-    axes[1].plot(scales, [q["accuracy"] for q in quality], "o-")
-    axes[1].set(xlabel="guidance scale", ylabel="class accuracy", title=f"class accuracy, n = {n}")
-    axes[2].plot(scales, [q["frechet"] for q in quality], "o-", label="samples vs real")
+    cfgs = [q["cfg"] for q in quality]
+    axes[1].plot(cfgs, [q["accuracy"] for q in quality], "o-")
+    axes[1].set(xlabel="guidance strength w", ylabel="class accuracy", title=f"class accuracy, n = {n}")
+    axes[2].plot(cfgs, [q["frechet"] for q in quality], "o-", label="samples vs real")
     axes[2].axhline(baseline["frechet"], color="green", ls="--", label="real vs real")
-    axes[2].set(xlabel="guidance scale", ylabel="Frechet distance", yscale="log", title=f"Frechet distance, n = {n}")
+    axes[2].set(xlabel="guidance strength w", ylabel="Frechet distance", yscale="log",
+                title=f"Frechet distance, n = {n}")
     axes[2].legend()
     plt.tight_layout()
     fig.savefig(args.out / "raster.png", dpi=120)

@@ -39,6 +39,7 @@ from ar_course import metrics  # noqa: E402
 from ar_course.data.mnist import load_mnist  # noqa: E402
 from ar_course.raster import PRETRAINED_PATH  # noqa: E402
 from ar_course.raster import load_pretrained as load_raster  # noqa: E402
+from ar_course.sampling import SamplingConfig  # noqa: E402
 from ar_course.speculative import (  # noqa: E402
     SpecStats,
     codebook_neighbors,
@@ -91,11 +92,12 @@ def bench_text(new_tokens: int, gammas: list[int], temperatures: list[float], se
             t_plain, t_spec, stats = 0.0, 0.0, SpecStats()
             for seed in range(seeds):
                 def plain():
-                    return target.generate(prompt, new_tokens, temperature=temperature,
+                    return target.generate(prompt, new_tokens, sampling=SamplingConfig(temperature=temperature),
                                            generator=torch.Generator().manual_seed(seed))
 
                 def spec():
-                    return speculative_generate(target, draft, prompt, new_tokens, gamma=gamma, temperature=temperature,
+                    return speculative_generate(target, draft, prompt, new_tokens, gamma=gamma,
+                                                sampling=SamplingConfig(temperature=temperature),
                                                 generator=torch.Generator().manual_seed(seed))
 
                 best_plain, best_spec = float("inf"), float("inf")

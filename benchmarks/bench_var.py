@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--var-cfg", type=float, nargs="+", default=[0.0, 1.0, 2.0, 4.0],
                         help="VAR guidance strengths to evaluate (0 = conditional); the best is compared")
     parser.add_argument("--ar-cfg", type=float, default=None,
-                        help="raster guidance scale (1 = conditional); default: its best recorded scale")
+                        help="raster guidance strength (0 = conditional); default: its best recorded strength")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads for the quality runs and the "
                         "main timings [1]")
     parser.add_argument("--timing-threads", type=int, nargs="*", default=[2],
@@ -62,9 +62,10 @@ def main(argv: list[str] | None = None) -> int:
         from ar_course import raster
 
         ar_model, ar_tok = raster.load_pretrained()
-        recorded = raster.pretrained_info().get("accuracy_by_scale", {})
-        ar_cfg = args.ar_cfg or (float(max(recorded, key=recorded.get)) if recorded else 3.0)
-        samplers["raster AR"] = raster_sampler(ar_model, ar_tok, cfg_scale=ar_cfg)
+        recorded = raster.pretrained_info().get("accuracy_by_cfg", {})
+        ar_cfg = args.ar_cfg if args.ar_cfg is not None else (
+            float(max(recorded, key=recorded.get)) if recorded else 1.0)
+        samplers["raster AR"] = raster_sampler(ar_model, ar_tok, cfg=ar_cfg)
     except Exception as exc:  # noqa: BLE001 - the raster checkpoint may not exist yet
         print(f"raster AR model not available ({type(exc).__name__}: {exc}); measuring VAR alone")
     rows = compare_generators(samplers, per_class=args.per_class, batch_size=args.batch_size,
@@ -78,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
             for b in args.timing_batches}
     torch.set_num_threads(args.threads)
     timing = timing_by_threads[args.threads]
-    summary = {"var_cfg": best_cfg, "ar_cfg_scale": ar_cfg, "seconds_per_batch_by_size": timing,
+    summary = {"var_cfg": best_cfg, "ar_cfg": ar_cfg, "seconds_per_batch_by_size": timing,
                "seconds_per_batch_by_threads": timing_by_threads}
     if len(rows) == 2:
         v, a = rows

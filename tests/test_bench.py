@@ -43,3 +43,13 @@ def test_gpu_rows_check_chapter_06_targets_at_their_worst_case(flash, decode, vq
     assert all("(Some GPU)" in r["what"] for r in rows)
     assert "of measured bf16 matmul" in rows[0]["measured"]
     assert f"lowest {decode:.0%} (triton" in rows[1]["measured"]
+
+
+@pytest.mark.parametrize("key, field, best", [("quality_by_scale", "scale", 2.0), ("quality_by_cfg", "cfg", 1.0)])
+def test_raster_rows_name_the_guidance_strength_w_whichever_convention_the_result_recorded(key, field, best):
+    """Results written before the guidance convention was w recorded the scale s = 1 + w; both read as w."""
+    quality = [{field: best + d, "accuracy": 0.9 - abs(d), "frechet": 2.0 + abs(d)} for d in (-1.0, 0.0, 1.0)]
+    rows = bench._raster({key: quality, "real_vs_real": {"frechet": 1.0},
+                          "forward_passes_per_image": {"kv_cache": 64}})
+    assert rows[0]["what"] == "raster AR class accuracy at the best guidance strength"
+    assert rows[0]["measured"].startswith("0.900 at w = 1 (s = 2) (Frechet 2.00")
