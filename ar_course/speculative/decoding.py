@@ -104,10 +104,16 @@ class _Guided:
         return out[0] if self.cfg == 0 else cfg_mix(out[:1], out[1:], self.cfg)[0]
 
 
-def _check_inputs(model: GPT, prefix: torch.Tensor, classes: torch.Tensor | None, cfg: float) -> float:
-    """Checks shared by both decoders: ``prefix`` a ``(1, T)`` long tensor of the model's ids (``T >= 1``
-    unless class-conditional), ``classes`` ``(1,)`` in ``[0, n_classes]`` exactly when class-conditional,
-    ``cfg`` finite and ``!= 0`` only with classes. Returns ``cfg`` as a float."""
+def _check_inputs(models: tuple[GPT, ...], prefix: torch.Tensor, classes: torch.Tensor | None, cfg: float,
+                  new_tokens: int) -> float:
+    """Checks shared by both decoders: the models (target first, then the draft if any) model the same
+    vocabulary and classes, ``prefix`` is a ``(1, T)`` long tensor of their ids (``T >= 1`` unless
+    class-conditional), ``classes`` ``(1,)`` in ``[0, n_classes]`` exactly when class-conditional, ``cfg``
+    finite and ``!= 0`` only with classes, and ``T + new_tokens`` positions fit every model. Returns ``cfg``."""
+    model = models[0]
+    if any((m.config.vocab_size, m.config.n_classes) != (model.config.vocab_size, model.config.n_classes)
+           for m in models):
+        raise ValueError("target and draft must model the same vocabulary and classes")
     conditional = model.config.n_classes > 0
     check_ids("prefix", prefix, model.config.vocab_size, (1, "T"), allow_empty=True)
     if conditional != (classes is not None):
@@ -117,6 +123,8 @@ def _check_inputs(model: GPT, prefix: torch.Tensor, classes: torch.Tensor | None
     cfg = check_cfg(cfg)
     if cfg != 0 and not conditional:
         raise ValueError("classifier-free guidance (cfg != 0) needs class-conditional models")
+    for m in models:
+        m.check_room(prefix.shape[1], new_tokens)
     return cfg
 
 
@@ -150,11 +158,7 @@ def speculative_generate(
     a batch of 2 in both models and uses guided logits ``(1 + w) cond - w uncond`` for ``p`` and ``q`` (as
     ``GPT.generate`` does), so the output follows the target's guided distribution exactly.
 
-    The sequence lives in one preallocated buffer: a round writes its drafts after the accepted tokens,
-    where the accepted ones simply stay, so no round copies the sequence.
-
-    Returns:
-        ``(tokens (1, T + max_new_tokens), stats)``.
+    Returns ``(tokens (1, T + max_new_tokens), stats)``.
 
     Raises:
         TypeError: a number of the wrong type (``gamma=2.5``...), ``sampling`` not a ``SamplingConfig``, or a
@@ -165,15 +169,11 @@ def speculative_generate(
     """
     max_new_tokens, gamma = check_int("max_new_tokens", max_new_tokens, lo=0), check_int("gamma", gamma, lo=0)
     sampling = check_sampling(sampling)
-    if target.config.vocab_size != draft.config.vocab_size or target.config.n_classes != draft.config.n_classes:
-        raise ValueError("target and draft must model the same vocabulary and classes")
-    cfg = _check_inputs(target, prefix, classes, cfg)
+    cfg = _check_inputs((target, draft), prefix, classes, cfg, max_new_tokens)
     n, total = prefix.shape[1], prefix.shape[1] + max_new_tokens
-    for model in (target, draft):
-        model.check_room(n, max_new_tokens)
     length = max(target.config.n_prefix + total - 1, 1)
     t, d = _Guided(target, classes, cfg, length), _Guided(draft, classes, cfg, length)
-    seq = prefix.new_empty(1, total)  # seq[:, :n] is the sequence so far, drafts go after it
+    seq = prefix.new_empty(1, total)  # seq[:, :n]: the sequence so far; drafts go after it, accepted ones stay
     seq[:, :n] = prefix
     stats = SpecStats()
     while n < total:
@@ -244,13 +244,9 @@ def sjd_generate(
     decoding. ``delta > 0`` (with ``neighbors`` ``(V, k)`` from :func:`~.functional.codebook_neighbors`)
     verifies against :func:`~.functional.relaxed_target` instead of ``p`` (LANTERN-style, not exact).
 
-    Args:
-        prefix: ``(1, T)`` long (``T >= 1`` for an unconditional model; may be ``None`` / empty with a
-            class-conditional one). classes: ``(1,)`` long for a class-conditional model.
-        sampling, cfg: as :meth:`GPT.generate` (guidance runs the null class in the same batch).
-
-    Returns:
-        ``(tokens (1, T + n_tokens), stats)`` with ``stats.target_calls`` the forward passes made.
+    ``prefix``: ``(1, T)`` long (``T >= 1`` for an unconditional model; may be ``None`` / empty with a
+    class-conditional one, which takes ``classes`` ``(1,)``). ``sampling``, ``cfg``: as :meth:`GPT.generate`.
+    Returns ``(tokens (1, T + n_tokens), stats)`` with ``stats.target_calls`` the forward passes made.
 
     Raises:
         TypeError: a number of the wrong type (``window=2.5``, ``delta="0.1"``...), ``sampling`` not a
@@ -263,10 +259,9 @@ def sjd_generate(
         prefix = torch.zeros(1, 0, dtype=torch.long, device=model.wte.weight.device)
     n_tokens, window = check_int("n_tokens", n_tokens, lo=0), check_int("window", window, lo=0)
     sampling, delta = check_sampling(sampling), check_number("delta", delta, lo=0)
-    cfg = _check_inputs(model, prefix, classes, cfg)
+    cfg = _check_inputs((model,), prefix, classes, cfg, n_tokens)
     _check_relaxation(model, delta, neighbors)
     total = prefix.shape[1] + n_tokens
-    model.check_room(prefix.shape[1], n_tokens)
     guided = _Guided(model, classes, cfg, max(model.config.n_prefix + total - 1, 1))
     seq, stats = prefix, SpecStats()
     carry = prefix.new_empty(0)  # drafts for the positions after seq, with their distributions
