@@ -121,7 +121,7 @@ def test_sampling_config_checks_and_normalises_its_values():
                              ({"temperature": "1"}, TypeError, "temperature"), ({"top_p": True}, TypeError, "top_p")]:
         with pytest.raises(error, match=match):
             SamplingConfig(**kw)
-    with pytest.raises(Exception):
+    with pytest.raises(AttributeError):
         config.temperature = 2.0  # frozen
     with pytest.raises(TypeError, match="sampling must be a SamplingConfig"):
         sampling.sample(torch.zeros(1, 3), sampling={"temperature": 0})

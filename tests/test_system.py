@@ -82,7 +82,7 @@ def test_a_request_is_checked_once_and_runs_like_generate(gen):
         gen.generate([0], temperature=0.5)
     with pytest.raises(TypeError, match="sampling must be a SamplingConfig"):
         GenerationRequest([0], sampling={"top_k": 3})
-    with pytest.raises(Exception):
+    with pytest.raises(AttributeError):
         request.cfg = 3.0  # frozen: a request cannot change between its check and its run
 
 
