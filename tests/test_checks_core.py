@@ -236,3 +236,16 @@ def test_call_passes_through_not_implemented():
 
     with pytest.raises(NotImplementedError):
         call(stub)
+
+
+def test_every_course_exercise_has_tiered_hints():
+    """61 exercises, each with two or more distinct hint levels and a `hint` entry point in its chapter."""
+    import importlib
+
+    modules = [importlib.import_module(f"ar_course.checks.ch{n:02d}") for n in range(8)]
+    exercises = [ex for m in modules for ex in m.chapter.exercises.values()]
+    assert len(exercises) == 61
+    for m in modules:
+        assert m.hint == m.chapter.hint
+    for ex in exercises:
+        assert len(ex.hints) >= 2 and len(set(ex.hints)) == len(ex.hints), ex.number

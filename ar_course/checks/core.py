@@ -282,12 +282,15 @@ def _behaves_like(mistake: Mistake, case: Case, got: Any, got_args: tuple, grad_
     return True
 
 
-def explain(failure: CheckFailure, mistakes: Sequence[Mistake], case: Case, got: Any, *,
-            atol: float = 1e-5, rtol: float = 1e-4, check_dtype: bool = True) -> CheckFailure:
-    """``failure`` with the diagnosis of the first of ``mistakes`` whose output on ``case`` is ``got``
-    (values only); ``failure`` itself when none is. For checks that compare outside :func:`compare_cases`."""
+def explain(failure: CheckFailure, mistakes: Sequence[Mistake], case: Case, got: Any, *, atol: float = 1e-5,
+            rtol: float = 1e-4, check_dtype: bool = True, got_args: tuple = (), grad_wrt: Sequence[int] = (),
+            weights: torch.Tensor | None = None) -> CheckFailure:
+    """``failure`` completed with the diagnosis of the first of ``mistakes`` that gives ``got`` on ``case``, or
+    ``failure`` itself when none does. With ``weights`` (the values agreed with the reference and the gradients
+    did not) the mistake must also give the gradients the learner's arguments ``got_args`` hold at ``grad_wrt``.
+    :func:`compare_cases` calls it; a check that compares by hand calls it with the values only."""
     for mistake in mistakes:
-        if _behaves_like(mistake, case, got, (), (), None, atol, rtol, check_dtype):
+        if _behaves_like(mistake, case, got, got_args, grad_wrt, weights, atol, rtol, check_dtype):
             return CheckFailure(f"{failure}; {mistake.says}")
     return failure
 
@@ -321,10 +324,8 @@ def compare_cases(
                 weights = _output_weights(_first_tensor(expected))
                 _compare_grads(got, expected, a_fn, a_ref, grad_wrt, weights, case.name, atol, rtol)
         except CheckFailure as exc:
-            for mistake in mistakes:
-                if _behaves_like(mistake, case, got, a_fn, grad_wrt, weights, atol, rtol, check_dtype):
-                    raise CheckFailure(f"{exc}; {mistake.says}") from None
-            raise
+            raise explain(exc, mistakes, case, got, atol=atol, rtol=rtol, check_dtype=check_dtype, got_args=a_fn,
+                          grad_wrt=grad_wrt, weights=weights) from None
 
 
 def _first_tensor(x: Any) -> torch.Tensor:
