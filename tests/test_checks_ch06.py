@@ -727,7 +727,7 @@ TRAFFIC = {
         (sum_serial_in_shared, "read 32 values from shared memory"),
     ],
     "matmul_kernel": [
-        (matmul_untiled, "read a 19 times from global memory"),
+        (matmul_untiled, "allocates 0 shared-memory elements per block"),
         (_matmul_reading_global(a_from_tile=False), "read a 22 times from global memory"),
         (_matmul_reading_global(a_from_tile=True), "read b 22 times from global memory"),
     ],
@@ -740,7 +740,7 @@ TRAFFIC = {
         (vq_writes_every_improvement, "wrote out"),
     ],
     "flash_attention_kernel": [
-        (flash_untiled, "read k 296 times from global memory"),
+        (flash_untiled, "allocates 0 shared-memory elements per block"),
         (_flash_loads(v_from_global=True), "read v"),
         (_flash_loads(thread_zero_loads=True), "thread (0,) of block (2, 0) read k 296 times"),
     ],
@@ -783,9 +783,11 @@ def test_kernel_without_the_lesson_fails(name, wrong, fragment):
 
 @pytest.mark.skipif(not CUDA_SIMULATOR, reason="memory traffic is counted in the CUDA simulator")
 def test_memory_rules_name_the_thread_the_count_and_the_lesson():
-    msg = assert_fails(ch06.matmul_kernel, matmul_untiled)
-    assert "thread (0, 0) of block (0, 0) read a 19 times from global memory on input 'a 21x19 @ b 19x13" in msg
+    msg = assert_fails(ch06.matmul_kernel, _matmul_reading_global(a_from_tile=False))
+    assert "thread (0, 0) of block (0, 0) read a 22 times from global memory on input 'a 21x19 @ b 19x13" in msg
     assert "; at most 3 will do: a tiled kernel reads each input element once per tile" in msg
+    assert "fewer than the 128 of a TILE x TILE tile of a and one of b" in assert_fails(ch06.matmul_kernel,
+                                                                                     matmul_untiled)
     assert "cuda.shared.array" in msg
     assert "a_tile[ty, tx]" not in msg  # the lesson, not the code
 

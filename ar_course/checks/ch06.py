@@ -13,15 +13,17 @@ MemoryTraffic`, as GPU-Puzzles counts reads) and hold it to what the lesson need
 
 * 6.3 block sum: each thread reads at most one element of ``x``, and at most ``2 log2(THREADS) + 1`` shared
   values (a tree, not one thread adding the block's values one by one);
-* 6.4 tiled matmul: each thread reads at most ``ceil(K / TILE)`` elements of ``a`` and as many of ``b`` (one per
-  tile step; an untiled kernel reads ``K`` of each);
+* 6.4 tiled matmul: the blocks allocate shared memory for a TILE x TILE tile of ``a`` and one of ``b``, and each
+  thread reads at most ``ceil(K / TILE)`` elements of ``a`` and as many of ``b`` (one per tile step; an untiled
+  kernel reads ``K`` of each);
 * 6.5 online softmax: each thread reads each element of its slice of the row twice at most, once for the
   running (max, sum) and once to write (``2 ceil(C / THREADS)``; three passes read it three times);
 * 6.6 fused nearest code: each thread writes ``out`` once and keeps no local array as long as the codebook
   (no distance per code: N x K numbers in all);
-* 6.7 FlashAttention: each thread reads at most ``ceil(T_k / BLOCK_N) * ceil(BLOCK_N * D / BLOCK_M)`` elements
-  of ``k`` and as many of ``v``: its share of loading each tile into shared memory once per block (a thread
-  that reads its row's keys itself reads up to ``T_k * D``);
+* 6.7 FlashAttention: the blocks allocate shared memory for a BLOCK_N x D tile of ``k`` and one of ``v``, and
+  each thread reads at most ``ceil(T_k / BLOCK_N) * ceil(BLOCK_N * D / BLOCK_M)`` elements of ``k`` and as many
+  of ``v``: its share of loading each tile once per block (a thread that reads its row's keys itself reads up
+  to ``T_k * D``);
 * 6.8 decode partial: each thread reads each key and value of its split once (``chunk * D`` of each).
 
 On a GPU these counts are not available and only the numbers are checked.
@@ -114,6 +116,15 @@ def _at_most(traffic: MemoryTraffic, kind: str, arg: int | None, bound: int, whe
            SHARED_READ: f"read {n} values from shared memory",
            LOCAL: f"allocated local arrays of {n} elements"}[kind]
     raise CheckFailure(f"{traffic.describe(who)} {did} on input {where!r}; at most {bound} will do: {lesson}")
+
+
+def _needs_shared(traffic: MemoryTraffic, elements: int, where: str, what: str) -> None:
+    """Raise CheckFailure when the blocks allocate fewer than ``elements`` shared-memory elements, the size of
+    ``what``; nothing outside the simulator."""
+    if traffic.measured and traffic.shared_elements() < elements:
+        raise CheckFailure(f"your kernel allocates {traffic.shared_elements()} shared-memory elements per block on "
+                           f"input {where!r}, fewer than the {elements} of {what}: a tiled kernel stages its tiles "
+                           "in cuda.shared.array, loaded once per block and read there by all its threads")
 
 
 def _buffer(shape: tuple[int, ...], dtype: Any = np.float32) -> np.ndarray:
@@ -250,6 +261,7 @@ def matmul_kernel(fn: Callable, ref: Callable) -> None:
         traffic = _launch(fn, (cdiv(n, TILE), cdiv(m, TILE)), (TILE, TILE), (a, b, c), where)
         expected = _expect(torch.from_numpy(a).double() @ torch.from_numpy(b).double())
         compare(_result(c, (m, n), "c", where), expected, where=where, name="c", atol=1e-4)
+        _needs_shared(traffic, 2 * TILE * TILE, where, "a TILE x TILE tile of a and one of b")
         steps = cdiv(inner, TILE)
         for arg in (0, 1):
             _at_most(traffic, READ, arg, steps, where, "a tiled kernel reads each input element once per tile: "
@@ -361,6 +373,7 @@ def flash_attention_kernel(fn: Callable, ref: Callable) -> None:
         traffic = _launch(fn, (cdiv(t_q, BLOCK_M), bh), (BLOCK_M,), (q, k, v, kv_len, scale, out), where)
         expected = _expect(_attention64(q, k, v, kv_len, scale))
         compare(_result(out, (bh, t_q, HEAD_DIM), "out", where), expected, where=where, name="out", atol=1e-5)
+        _needs_shared(traffic, 2 * BLOCK_N * HEAD_DIM, where, "a BLOCK_N x HEAD_DIM tile of k and one of v")
         share = cdiv(t_k, BLOCK_N) * cdiv(BLOCK_N * HEAD_DIM, BLOCK_M)  # its part of loading every tile once
         for arg in (1, 2):
             _at_most(traffic, READ, arg, share, where, "the block loads each tile of keys and values once into "
