@@ -2,15 +2,18 @@
 All); every solution notebook passes each of its checks. (The full solution notebooks also run top to bottom
 under nbval in `make test`.)"""
 
+import os
 from pathlib import Path
 
 import nbformat
 import pytest
 from nbclient import NotebookClient
+from nbclient.exceptions import CellExecutionError
 
 from ar_course.build_notebooks import KERNELSPEC, exercise_label
 from ar_course.checks.core import STRICT_ENV
 from ar_course.grade import format_table, grade_notebook, kernel_manager
+from fixtures.make_fixtures import solution_notebook
 
 ROOT = Path(__file__).resolve().parents[1]
 LEARNER = sorted((ROOT / "notebooks").glob("*.ipynb"))
@@ -29,6 +32,17 @@ def test_learner_notebook_as_shipped(path):
     assert res.rows, f"{path.name} has no exercises"
     assert res.crashed_at is None, format_table(res)
     assert all(r.status == "not attempted" for r in res.rows), format_table(res)
+
+
+@pytest.mark.timeout(300)
+def test_a_failing_check_stops_a_solution_run():
+    """pytest runs checks strictly (the repository's conftest.py), so a solution notebook whose check fails
+    stops at that check: nbval fails it in `make test`."""
+    assert os.environ[STRICT_ENV] == "1"
+    nb = solution_notebook(double_body="return x * 3", untagged_error=False)
+    client = NotebookClient(nb, km=kernel_manager(), timeout=120, allow_errors=False)
+    with pytest.raises(CellExecutionError, match="Exercise 90.1 failed"):
+        client.execute()
 
 
 @pytest.mark.slow
