@@ -46,7 +46,7 @@ def test_a_failing_check_stops_a_solution_run():
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(1800)
 @pytest.mark.parametrize("path", LEARNER, ids=[p.name for p in LEARNER])
 def test_learner_notebook_runs_all(path, monkeypatch):
     """Run All on a fresh learner notebook, every cell, in its own python3 kernel, with the learner's lenient
@@ -55,7 +55,7 @@ def test_learner_notebook_runs_all(path, monkeypatch):
     monkeypatch.setenv("JUPYTER_PREFER_ENV_PATH", "1")  # python3 = this environment's, as under `make lab`
     monkeypatch.setenv("MPLBACKEND", "Agg")
     nb = nbformat.read(path, as_version=4)
-    client = NotebookClient(nb, km=kernel_manager(KERNELSPEC["name"]), kernel_name=KERNELSPEC["name"], timeout=600,
+    client = NotebookClient(nb, km=kernel_manager(KERNELSPEC["name"]), kernel_name=KERNELSPEC["name"], timeout=900,
                             allow_errors=False, resources={"metadata": {"path": str(path.parent)}})
     client.execute()  # raises CellExecutionError, naming the cell, if any cell fails
     exercises = [exercise_label(c.source)[0] for c in nb.cells if "exercise" in c.metadata.get("tags", [])]

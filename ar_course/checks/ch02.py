@@ -14,7 +14,8 @@ from typing import Iterator
 import torch
 
 from ar_course import sampling
-from ar_course.checks.core import Case, Chapter, CheckFailure, Mistake, call, clone_args, compare, compare_cases, explain
+from ar_course.checks.core import (Case, Chapter, CheckFailure, Mistake, call, clone_args, compare, compare_cases,
+                                   explain)
 from ar_course.checks.reference import ch02 as answers
 from ar_course.transformer import functional as ref
 from ar_course.transformer.model import GPTConfig, RMSNorm, SelfAttention, SwiGLU

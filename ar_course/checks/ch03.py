@@ -16,7 +16,8 @@ import torch
 from scipy import linalg
 
 from ar_course import metrics, sampling
-from ar_course.checks.core import Case, Chapter, CheckFailure, Mistake, call, clone_args, compare, compare_cases, explain
+from ar_course.checks.core import (Case, Chapter, CheckFailure, Mistake, call, clone_args, compare, compare_cases,
+                                   explain)
 from ar_course.checks.reference import ch03 as answers
 from ar_course.raster import functional as ref
 from ar_course.raster.model import raster_config

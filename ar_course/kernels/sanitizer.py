@@ -341,7 +341,8 @@ def sanitize() -> Iterator[MemoryTraffic]:
 
     simk.BlockManager.run, simk.BlockThread.run = block_run, thread_start
     simk.BlockThread.syncthreads, api.FakeCUDAShared.array = barrier, allocate
-    api.FakeCUDALocal.array, GlobalArray.__getitem__, GlobalArray.__setitem__ = allocate_local, read_global, write_global
+    api.FakeCUDALocal.array = allocate_local
+    GlobalArray.__getitem__, GlobalArray.__setitem__ = read_global, write_global
     try:
         yield traffic
     finally:
