@@ -10,7 +10,7 @@ STAMP := $(VENV)/.ar-course-installed
 EXTRAS ?= course,kernels,triton,dev
 PYTEST_FLAGS ?=
 
-.PHONY: lab test install kernel notebooks bench doctor clean-venv help
+.PHONY: lab test install notebooks bench doctor clean-venv help
 
 help:
 	@echo "make lab    - set up .venv (first time only) and open JupyterLab on notebooks/"
@@ -44,13 +44,12 @@ $(STAMP): pyproject.toml | $(PY)
 
 install: $(STAMP)
 
-kernel: $(STAMP)
-	$(PY) -m ipykernel install --user --name ar-course --display-name "Python (ar-course)" >/dev/null
-	@echo "Jupyter kernel 'ar-course' registered"
-
-# localhost only, with JupyterLab's token (from another machine: an SSH tunnel, see the README)
-lab: kernel
-	$(VENV)/bin/jupyter lab notebooks/ --ServerApp.ip=127.0.0.1 $$( [ "$$(id -u)" = 0 ] && echo --allow-root )
+# The venv's own JupyterLab: the notebooks' default python3 kernel is then the venv's Python (no kernel to
+# register; JUPYTER_PREFER_ENV_PATH puts the venv's kernels before any in the user's home).
+# Localhost only, with JupyterLab's token (from another machine: an SSH tunnel, see the README).
+lab: $(STAMP)
+	JUPYTER_PREFER_ENV_PATH=1 $(VENV)/bin/jupyter lab notebooks/ --ServerApp.ip=127.0.0.1 \
+		$$( [ "$$(id -u)" = 0 ] && echo --allow-root )
 
 test: $(STAMP)
 	$(PY) -m pytest tests $(PYTEST_FLAGS)

@@ -6,7 +6,8 @@ For every ``solutions/NN_topic.ipynb``:
   ``raise NotImplementedError("Exercise N.M: name")`` at the indentation of the ``BEGIN`` line, where
   ``N.M: name`` comes from the cell's first line, ``# Exercise N.M: name``;
 * outputs and execution counts are cleared;
-* the kernel is set to ``ar-course``.
+* the kernel is set to :data:`KERNELSPEC`, the default ``python3`` kernel that ipykernel gives every Jupyter
+  (the Python that Jupyter itself runs in), so a notebook opens without registering a kernel of its own.
 
 Usage (from anywhere inside a checkout of the repository, or with ``--root PATH``)::
 
@@ -27,7 +28,7 @@ from ar_course.checkout import CheckoutNotFound, find_root
 
 EXERCISE_RE = re.compile(r"^#\s*Exercise\s+(\d+\.\d+)\s*:\s*(\w+)")
 BEGIN, END = "# BEGIN SOLUTION", "# END SOLUTION"
-KERNELSPEC = {"name": "ar-course", "display_name": "Python (ar-course)", "language": "python"}
+KERNELSPEC = {"name": "python3", "display_name": "Python 3 (ipykernel)", "language": "python"}
 
 
 class BuildError(ValueError):

@@ -162,11 +162,12 @@ def run_checks() -> list[Finding]:
     try:
         from jupyter_client.kernelspec import KernelSpecManager
 
-        specs = KernelSpecManager().find_kernel_specs()
-        if "ar-course" in specs:
-            found.append(Finding(OK, "jupyter kernel", f"ar-course at {specs['ar-course']}"))
+        specs = KernelSpecManager().find_kernel_specs()  # the notebooks use the default python3 kernel
+        if "python3" in specs:
+            found.append(Finding(OK, "jupyter kernel", f"python3 at {specs['python3']}"))
         else:
-            found.append(Finding(WARN, "jupyter kernel", "ar-course not registered (run `make lab`)"))
+            found.append(Finding(WARN, "jupyter kernel", "no python3 kernel: install ipykernel (pip install -e "
+                                 "'.[course]')"))
     except Exception as exc:  # noqa: BLE001
         found.append(Finding(FAIL, "jupyter", f"jupyter_client unusable: {exc}"))
     try:

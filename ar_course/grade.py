@@ -55,15 +55,16 @@ class _CurrentEnvSpecs(KernelSpecManager):
         return super().get_kernel_spec(kernel_name)
 
 
-def _kernel_manager() -> AsyncKernelManager:
-    """A manager for a kernel of this interpreter. Where pyzmq has CurveZMQ and this jupyter_client can
-    provision keys, the kernel's channels are encrypted with keys the manager makes, so ipykernel does not
-    warn "Kernel is running over TCP without encryption" on every run (the kernelspec of ipykernel 7 declares
-    curve support)."""
+def kernel_manager(kernel_name: str = CURRENT_ENV) -> AsyncKernelManager:
+    """A manager for the kernel ``kernel_name``: by default ipykernel in this interpreter, whatever kernels are
+    installed; any installed kernel by name (``"python3"``, the notebooks' own). Where pyzmq has CurveZMQ and
+    this jupyter_client can provision keys, the kernel's channels are encrypted with keys the manager makes, so
+    ipykernel does not warn "Kernel is running over TCP without encryption" on every run (the kernelspec of
+    ipykernel 7 declares curve support)."""
     options = {}
     if zmq.has("curve") and AsyncKernelManager.class_traits().get("transport_encryption") is not None:
         options["transport_encryption"] = "auto"
-    return AsyncKernelManager(kernel_name=CURRENT_ENV, kernel_spec_manager=_CurrentEnvSpecs(), **options)
+    return AsyncKernelManager(kernel_name=kernel_name, kernel_spec_manager=_CurrentEnvSpecs(), **options)
 
 
 @dataclass
@@ -186,7 +187,7 @@ def grade_notebook(path: str | Path, timeout: float = 600.0, cell_timeout: float
         os.environ[REPORT_ENV] = str(report)
         try:
             client = NotebookClient(
-                run_nb, km=_kernel_manager(), timeout=int(cell_timeout), allow_errors=True, kernel_name=CURRENT_ENV,
+                run_nb, km=kernel_manager(), timeout=int(cell_timeout), allow_errors=True, kernel_name=CURRENT_ENV,
                 resources={"metadata": {"path": str(path.parent.resolve())}},
             )
             with client.setup_kernel(cleanup_kc=True):  # shut the kernel down when done (we own it)

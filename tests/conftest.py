@@ -2,6 +2,8 @@ import os
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("MPLBACKEND", "Agg")
@@ -14,3 +16,13 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.section("fuzz cases")
         for name, n in sorted(COUNTS.items()):
             terminalreporter.write_line(f"fuzz: {name}: {n} cases")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_check_history():
+    """Each test starts from a fresh session's check history (hint levels shown, exercises passed), as a new
+    kernel would: the chapters' registries are module globals shared by all tests."""
+    yield
+    for name, module in list(sys.modules.items()):
+        if name.startswith("ar_course.checks.ch"):
+            module.chapter.reset()

@@ -35,7 +35,7 @@ def test_learner_notebook_from_fixture():
     assert "BEGIN SOLUTION" not in text and "return x * 2" not in text
     assert 'raise NotImplementedError("Exercise 90.1: double")' in learner.cells[2].source
     assert all(c.get("outputs", []) == [] for c in learner.cells if c.cell_type == "code")
-    assert learner.metadata["kernelspec"]["name"] == "ar-course"
+    assert learner.metadata["kernelspec"] == bn.KERNELSPEC
     assert sol.cells[2].source.count("BEGIN SOLUTION") == 1  # the input is untouched
 
 
@@ -62,6 +62,14 @@ def test_build_and_check_round_trip(tmp_path):
     assert bn.build(sols, nbs, check=True) == []
     (nbs / "stale.ipynb").write_text("{}")
     assert bn.build(sols, nbs, check=True) == ["stale.ipynb"]
+
+
+def test_notebooks_use_the_default_python3_kernel():
+    """Any Jupyter with ipykernel opens them: no kernel to register (`make lab` starts the venv's Jupyter, whose
+    python3 kernel is the venv's Python)."""
+    assert bn.KERNELSPEC["name"] == "python3"
+    for path in sorted((ROOT / "solutions").glob("*.ipynb")) + sorted((ROOT / "notebooks").glob("*.ipynb")):
+        assert nbformat.read(path, as_version=4).metadata["kernelspec"] == bn.KERNELSPEC, path.name
 
 
 def test_repository_notebooks_are_up_to_date():

@@ -174,8 +174,19 @@ def test_softmax_rejects(wrong, contains):
     assert_fails(ch00.stable_softmax, wrong, contains=contains)
 
 
-def test_softmax_failure_carries_the_hint():
-    assert_fails(ch00.stable_softmax, softmax_naive, contains="Hint: subtract the maximum")
+def test_a_first_failure_nudges_without_giving_the_answer():
+    msg = assert_fails(ch00.stable_softmax, softmax_naive, contains="Hint: softmax does not change")
+    assert "amax" not in msg and "more: checks.ch00.hint('0.1')" in msg
+
+
+@pytest.mark.parametrize("check, wrong, diagnosis", [
+    (ch00.stable_softmax, softmax_naive, "without a shift: exp overflows"),
+    (ch00.stable_softmax, softmax_nan_on_empty_rows, "all -inf came out NaN"),
+    (ch00.cross_entropy_from_logits, ce_no_logsumexp, "without a shift: exp overflows"),
+    (ch00.cross_entropy_from_logits, ce_mean_over_all_rows, "divides by every row"),
+], ids=["softmax-overflow", "softmax-empty-slice", "ce-overflow", "ce-ignored-rows"])
+def test_common_mistakes_get_their_own_diagnosis(check, wrong, diagnosis):
+    assert_fails(check, wrong, contains=diagnosis)
 
 
 def test_sampling_accepts_another_correct_sampler():

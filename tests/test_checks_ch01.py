@@ -47,7 +47,9 @@ def test_use_falls_back_to_reference(capsys):
 
 
 def test_vq_lookup_mistakes():
-    assert_fails(ch01.vq_lookup, lambda z, cb: (z @ cb.t()).argmax(1))  # dot product
+    assert_fails(ch01.vq_lookup, lambda z, cb: (z @ cb.t()).argmax(1), contains="largest dot product")
+    assert_fails(ch01.vq_lookup, lambda z, cb: ((z[:, None] - cb[None]) ** 2).sum(-1).argmax(1),
+                 contains="farthest code")
     assert_fails(ch01.vq_lookup, lambda z, cb: (z[:, None] - cb[None]).abs().sum(-1).argmin(1))  # L1 distance
     last = lambda z, cb: cb.shape[0] - 1 - torch.cdist(z, cb).flip(1).argmin(1)  # ties to the highest index
     assert_fails(ch01.vq_lookup, last, contains="ties")
@@ -55,20 +57,24 @@ def test_vq_lookup_mistakes():
 
 
 def test_straight_through_mistakes():
-    assert_fails(ch01.straight_through, lambda z, z_q: z_q, contains="encoder")  # no gradient to z
+    assert_fails(ch01.straight_through, lambda z, z_q: z_q, contains="no gradient reaches z (the encoder)")
     assert_fails(ch01.straight_through, lambda z, z_q: z_q + (z - z_q).detach())  # value of z
-    assert_fails(ch01.straight_through, lambda z, z_q: z + z_q - z)  # zero gradient to z
+    assert_fails(ch01.straight_through, lambda z, z_q: z + z_q - z, contains="no gradient reaches z")  # cancels
+    assert_fails(ch01.straight_through, lambda z, z_q: z.detach() + (z_q - z), contains="sign flipped")
+    msg = assert_fails(ch01.straight_through, lambda z, z_q: z * (z_q / z).detach(),
+                       contains="gradient reaching z (the encoder) on input")
+    assert "passed through unchanged" in msg and "no gradient reaches" not in msg  # a wrong, not a zero, gradient
     assert_fails(ch01.straight_through, lambda z, z_q: z + z_q - z.detach(), contains="codebook")  # z_q not detached
     assert_fails(ch01.straight_through, lambda z, z_q: z_q.detach(), contains="no gradient")
     assert_fails(ch01.straight_through, lambda z, z_q: z + (z - z_q).detach())  # wrong value
 
 
 def test_vq_loss_mistakes():
-    assert_fails(ch01.vq_loss, lambda z, z_q, beta: (1 + beta) * F.mse_loss(z, z_q), contains="gradient")
+    assert_fails(ch01.vq_loss, lambda z, z_q, beta: (1 + beta) * F.mse_loss(z, z_q), contains="without stop-gradients")
     swapped = lambda z, z_q, beta: beta * F.mse_loss(z_q, z.detach()) + F.mse_loss(z, z_q.detach())
-    assert_fails(ch01.vq_loss, swapped, contains="gradient")
+    assert_fails(ch01.vq_loss, swapped, contains="beta weighs the codebook term")
     summed = lambda z, z_q, beta: ((z_q - z.detach()) ** 2).sum() + beta * ((z - z_q.detach()) ** 2).sum()
-    assert_fails(ch01.vq_loss, summed)
+    assert_fails(ch01.vq_loss, summed, contains="sums the squared errors")
 
 
 def test_codebook_usage_mistakes():
@@ -85,7 +91,13 @@ def test_codebook_usage_mistakes():
     def unique_over_tokens(indices, num_codes):
         return indices.unique().numel() / indices.numel(), answers.codebook_usage(indices, num_codes)[1]
 
-    assert_fails(ch01.codebook_usage, no_minlength, contains="unused")
+    def zero_terms(indices, num_codes):
+        counts = torch.bincount(indices.flatten(), minlength=num_codes).double()
+        p = counts / counts.sum()
+        return float((counts > 0).sum()) / num_codes, float((-(p * p.log()).sum()).exp())
+
+    assert_fails(ch01.codebook_usage, no_minlength, contains="largest index seen + 1")
+    assert_fails(ch01.codebook_usage, zero_terms, contains="0 * log 0")
     assert_fails(ch01.codebook_usage, base_two)
     assert_fails(ch01.codebook_usage, unique_over_tokens)
 
@@ -115,7 +127,7 @@ def test_dead_code_restart_mistakes():
         new[where] = candidates[where % len(candidates)]
         return new, dead
 
-    assert_fails(ch01.dead_code_restart, at_most)
+    assert_fails(ch01.dead_code_restart, at_most, contains="dead only below the threshold")
     assert_fails(ch01.dead_code_restart, no_wrap, contains="more dead codes")
     assert_fails(ch01.dead_code_restart, in_place, contains="changed the codebook")
     assert_fails(ch01.dead_code_restart, by_code_index)

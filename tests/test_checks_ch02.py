@@ -23,6 +23,11 @@ def softmax_no_max_subtraction(scores, mask):
     return e / e.sum(-1, keepdim=True).clamp_min(1e-30)
 
 
+def softmax_overflowing(scores, mask):
+    e = torch.exp(scores.masked_fill(~mask, float("-inf")))
+    return e / e.sum(-1, keepdim=True)
+
+
 def softmax_fill_zero(scores, mask):
     s = scores.masked_fill(~mask, 0.0)
     return torch.softmax(s, -1)
@@ -249,6 +254,54 @@ def test_stub_is_not_attempted(name, capsys):
 def test_wrong_implementation_fails(name, mutant):
     msg = assert_fails(getattr(ch02, name), mutant)
     assert "Hint:" in msg
+
+
+DIAGNOSES = [
+    ("masked_softmax", softmax_overflowing, "exp overflowed"),
+    ("masked_softmax", softmax_nan_on_empty_rows, "fully masked row came out NaN"),
+    ("masked_softmax", softmax_fill_zero, "set to 0 before the softmax"),
+    ("causal_mask", mask_strict, "off by one"),
+    ("causal_mask", mask_top_left, "LAST t_q positions"),
+    ("attention", attention_softmax_over_queries, "softmax over the queries"),
+    ("attention", attention_no_scale, "without the scale"),
+    ("attention", attention_scale_by_d, "the scale is 1/D"),
+    ("attention", attention_ignores_mask, "the mask is not applied"),
+    ("split_heads", split_no_transpose, "straight to (B, H, T, D)"),
+    ("split_heads", split_interleaved, "h + H"),
+    ("merge_heads", merge_no_transpose, "straight to (B, T, H*D)"),
+    ("merge_heads", merge_interleaved, "interleaves"),
+    ("rms_norm", layer_norm_instead, "that is LayerNorm"),
+    ("rms_norm", rms_eps_outside, "outside the square root"),
+    ("rms_norm", rms_no_weight, "weight is not applied"),
+    ("rotary_embedding", rope_interleaved, "(2i, 2i+1)"),
+    ("rotary_embedding", rope_wrong_frequencies, "base**(-i/D)"),
+    ("rotary_embedding", rope_wrong_direction, "wrong way"),
+    ("transformer_block", block_post_norm, "post-norm"),
+    ("transformer_block", block_missing_mlp_residual, "replaces the residual stream"),
+    ("transformer_block", block_parallel, "parallel block"),
+    ("cached_attention", cache_whole_buffer, "whole cache buffer"),
+    ("cached_attention", cache_excludes_current, "cannot see their own positions"),
+    ("cached_attention", cache_no_causal_within_chunk, "both directions"),
+    ("top_k_filter", top_k_by_indices, "tied with the k-th largest"),
+    ("top_k_filter", top_k_zero_fill, "needs -inf"),
+    ("top_p_filter", top_p_drops_crossing_token, "one token too few"),
+    ("top_p_filter", top_p_on_logits, "accumulates logits"),
+    ("top_p_filter", top_p_ignores_ties, "tied with the least likely kept"),
+]
+
+
+@pytest.mark.parametrize("name, mutant, diagnosis", DIAGNOSES, ids=[f"{n}-{m.__name__}" for n, m, _ in DIAGNOSES])
+def test_common_mistakes_get_their_own_diagnosis(name, mutant, diagnosis):
+    msg = assert_fails(getattr(ch02, name), mutant, contains=diagnosis)
+    others = [d for n, _, d in DIAGNOSES if n == name and d != diagnosis]
+    assert not any(d.lower() in msg.lower() for d in others), msg  # one diagnosis, the right one
+
+
+def test_attention_mistakes_that_differ_everywhere_are_told_apart():
+    """The issue's example: softmax over the wrong axis and a wrong scale both differ at every position."""
+    msgs = [assert_fails(ch02.attention, m) for m in (attention_softmax_over_queries, attention_no_scale)]
+    assert all("differs at 240 of 240 positions" in m for m in msgs)
+    assert msgs[0].split("; ")[1] != msgs[1].split("; ")[1]
 
 
 def test_cache_check_names_the_unwritten_cache():

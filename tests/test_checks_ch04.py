@@ -83,9 +83,15 @@ def embed_no_level(x, level_table, pos_table, scales, start=0):
     return x + pos_table[start:start + x.shape[1]]
 
 
+def embed_from_zero(x, level_table, pos_table, scales, start=0):
+    T = x.shape[1]
+    return x + level_table[ref.level_ids(scales)[:T]] + pos_table[:T]
+
+
 def test_embed_rejects_wrong_answers():
-    assert_fails(ch04.embed_levels_positions, embed_level_by_position)
-    assert_fails(ch04.embed_levels_positions, embed_ignores_start)
+    assert_fails(ch04.embed_levels_positions, embed_level_by_position, contains="indexed by the position")
+    assert_fails(ch04.embed_levels_positions, embed_ignores_start, contains="counted from 0")
+    assert_fails(ch04.embed_levels_positions, embed_from_zero, contains="counted from 0")
     assert_fails(ch04.embed_levels_positions, embed_no_level)
 
 
@@ -178,7 +184,7 @@ def loss_summed(logits, targets, scales):
 
 
 def test_loss_rejects_wrong_answers():
-    assert_fails(ch04.var_loss, loss_mean_of_scales)
+    assert_fails(ch04.var_loss, loss_mean_of_scales, contains="mean of the per-scale means")
     assert_fails(ch04.var_loss, loss_off_by_one_bounds)
     assert_fails(ch04.var_loss, loss_summed)
 

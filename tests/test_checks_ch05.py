@@ -33,6 +33,8 @@ def test_5_1():
     assert_not_attempted(check, stub)
     for wrong in (accept_no_min, accept_q_over_p, accept_difference):
         assert_fails(check, wrong)
+    assert_fails(check, accept_no_min, contains="capped at 1")
+    assert_fails(check, accept_q_over_p, contains="that is q/p")
 
 
 # 5.2 ------------------------------------------------------------------------------------------------------
@@ -61,6 +63,8 @@ def test_5_2():
     assert_not_attempted(check, stub)
     for wrong in (residual_is_p, residual_unnormalised, residual_no_fallback, residual_q_minus_p):
         assert_fails(check, wrong)
+    assert_fails(check, residual_unnormalised, contains="normalise the clamped difference")
+    assert_fails(check, residual_q_minus_p, contains="what q has more of than p")
 
 
 # 5.3 ------------------------------------------------------------------------------------------------------
@@ -142,6 +146,8 @@ def test_5_5():
     assert_fails(check, expected_no_special_case, contains="ZeroDivisionError")
     for wrong in (expected_missing_plus_one, expected_drafts_only):
         assert_fails(check, wrong)
+    assert_fails(check, expected_missing_plus_one, contains="off by one")
+    assert_fails(check, expected_drafts_only, contains="accepted drafts only")
 
 
 # 5.6 ------------------------------------------------------------------------------------------------------
@@ -211,6 +217,8 @@ def test_5_7():
     assert_not_attempted(check, stub)
     for wrong in (relaxed_uncapped, relaxed_always_delta, relaxed_neighbours_of_wrong_token):
         assert_fails(check, wrong)
+    assert_fails(check, relaxed_uncapped, contains="not capped at delta")
+    assert_fails(check, relaxed_always_delta, contains="adds delta even")
 
 
 def test_use_falls_back_to_the_reference():

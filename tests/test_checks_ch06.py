@@ -1,5 +1,7 @@
 """Chapter 06 checks: each accepts the reference kernel, reports a stub as not attempted, and rejects
-plausible wrong kernels (missing guards, missing or divergent barriers, broken online-softmax rescaling...)."""
+plausible wrong kernels (missing guards, missing or divergent barriers, broken online-softmax rescaling...),
+including kernels that compute the right numbers without what the exercise teaches (no tiles, extra passes,
+a distance per code), which the simulator's per-thread memory counts catch."""
 
 import math
 
@@ -7,6 +9,7 @@ import pytest
 
 from ar_course.checks import ch06
 from ar_course.checks.ch06 import BLOCK_M, BLOCK_N, HEAD_DIM, LOWEST, THREADS, TILE
+from ar_course.kernels.env import CUDA_SIMULATOR
 from checks_helpers import assert_fails, assert_not_attempted, assert_passes
 from numba import cuda, float32  # after ar_course.kernels: the simulator is already chosen
 
@@ -137,6 +140,30 @@ def sum_no_guard(x, partial):
         partial[cuda.blockIdx.x] = buf[0]
 
 
+@cuda.jit
+def sum_one_thread_reads_all(x, partial):  # right numbers, no cooperation: thread 0 reads the block's slice
+    if cuda.threadIdx.x == 0:
+        acc = float32(0.0)
+        start = cuda.blockIdx.x * THREADS
+        for i in range(start, min(start + THREADS, x.shape[0])):
+            acc += x[i]
+        partial[cuda.blockIdx.x] = acc
+
+
+@cuda.jit
+def sum_serial_in_shared(x, partial):  # loads cooperatively, then thread 0 adds the values one by one
+    buf = cuda.shared.array(THREADS, float32)
+    t = cuda.threadIdx.x
+    i = cuda.grid(1)
+    buf[t] = x[i] if i < x.shape[0] else float32(0.0)
+    cuda.syncthreads()
+    if t == 0:
+        acc = float32(0.0)
+        for j in range(THREADS):
+            acc += buf[j]
+        partial[cuda.blockIdx.x] = acc
+
+
 # 6.4 ------------------------------------------------------------------------------------------------------
 
 
@@ -175,6 +202,41 @@ def matmul_skips_last_k(a, b, c):
         for kk in range(a.shape[1] - 1):  # off by one
             acc += a[row, kk] * b[kk, col]
         c[row, col] = acc
+
+
+@cuda.jit
+def matmul_untiled(a, b, c):  # right numbers, every operand read from global memory
+    col, row = cuda.grid(2)
+    if row < a.shape[0] and col < b.shape[1]:
+        acc = float32(0.0)
+        for kk in range(a.shape[1]):
+            acc += a[row, kk] * b[kk, col]
+        c[row, col] = acc
+
+
+def _matmul_reading_global(a_from_tile: bool):
+    """Loads both tiles into shared memory, then reads b (and, unless ``a_from_tile``, a) from global memory."""
+
+    @cuda.jit
+    def matmul_reading_global(a, b, c):
+        a_tile = cuda.shared.array((TILE, TILE), float32)
+        b_tile = cuda.shared.array((TILE, TILE), float32)
+        tx, ty = cuda.threadIdx.x, cuda.threadIdx.y
+        row = cuda.blockIdx.y * TILE + ty
+        col = cuda.blockIdx.x * TILE + tx
+        acc = float32(0.0)
+        for k0 in range(0, a.shape[1], TILE):
+            a_tile[ty, tx] = a[row, k0 + tx] if row < a.shape[0] and k0 + tx < a.shape[1] else float32(0.0)
+            b_tile[ty, tx] = b[k0 + ty, col] if k0 + ty < b.shape[0] and col < b.shape[1] else float32(0.0)
+            cuda.syncthreads()
+            for kk in range(min(TILE, a.shape[1] - k0)):
+                left = a_tile[ty, kk] if a_from_tile else (a[row, k0 + kk] if row < a.shape[0] else float32(0.0))
+                acc += left * (b[k0 + kk, col] if col < b.shape[1] else float32(0.0))
+            cuda.syncthreads()
+        if row < a.shape[0] and col < b.shape[1]:
+            c[row, col] = acc
+
+    return matmul_reading_global
 
 
 # 6.5 ------------------------------------------------------------------------------------------------------
@@ -216,6 +278,55 @@ def _softmax_variant(subtract_max: bool, rescale_merge: bool):
     return softmax_variant
 
 
+@cuda.jit
+def softmax_three_passes(x, out):  # right numbers: a pass for the max, one for the sum, one to write
+    row_max = cuda.shared.array(THREADS, float32)
+    row_sum = cuda.shared.array(THREADS, float32)
+    t = cuda.threadIdx.x
+    row = cuda.blockIdx.x
+    m = float32(LOWEST)
+    for c in range(t, x.shape[1], THREADS):
+        m = max(m, x[row, c])
+    row_max[t] = m
+    cuda.syncthreads()
+    stride = THREADS // 2
+    while stride > 0:
+        if t < stride:
+            row_max[t] = max(row_max[t], row_max[t + stride])
+        cuda.syncthreads()
+        stride //= 2
+    m = row_max[0]
+    s = float32(0.0)
+    for c in range(t, x.shape[1], THREADS):
+        s += math.exp(x[row, c] - m)
+    row_sum[t] = s
+    cuda.syncthreads()
+    stride = THREADS // 2
+    while stride > 0:
+        if t < stride:
+            row_sum[t] += row_sum[t + stride]
+        cuda.syncthreads()
+        stride //= 2
+    for c in range(t, x.shape[1], THREADS):
+        out[row, c] = math.exp(x[row, c] - m) / row_sum[0]
+
+
+@cuda.jit
+def softmax_whole_row_per_thread(x, out):  # right numbers, but every thread reads the whole row
+    t = cuda.threadIdx.x
+    row = cuda.blockIdx.x
+    m = float32(LOWEST)
+    s = float32(0.0)
+    for c in range(x.shape[1]):
+        xv = x[row, c]
+        if xv > m:
+            s = s * math.exp(m - xv)
+            m = xv
+        s += math.exp(xv - m)
+    for c in range(t, x.shape[1], THREADS):
+        out[row, c] = math.exp(x[row, c] - m) / s
+
+
 # 6.6 ------------------------------------------------------------------------------------------------------
 
 
@@ -253,6 +364,37 @@ def vq_argmax(z, codebook, out):
                 best = dist
                 best_k = k
         out[n] = best_k
+
+
+@cuda.jit
+def vq_distance_per_code(z, codebook, out):  # right numbers, but a distance per code: N x K in all
+    n = cuda.grid(1)
+    if n < z.shape[0]:
+        dist = cuda.local.array(64, float32)
+        for k in range(codebook.shape[0]):
+            acc = float32(0.0)
+            for d in range(z.shape[1]):
+                acc += (z[n, d] - codebook[k, d]) ** 2
+            dist[k] = acc
+        best_k = 0
+        for k in range(1, codebook.shape[0]):
+            if dist[k] < dist[best_k]:
+                best_k = k
+        out[n] = best_k
+
+
+@cuda.jit
+def vq_writes_every_improvement(z, codebook, out):  # right numbers, a global write per improvement
+    n = cuda.grid(1)
+    if n < z.shape[0]:
+        best = float32(math.inf)
+        for k in range(codebook.shape[0]):
+            dist = float32(0.0)
+            for d in range(z.shape[1]):
+                dist += (z[n, d] - codebook[k, d]) ** 2
+            if dist < best:
+                best = dist
+                out[n] = k
 
 
 # 6.7 ------------------------------------------------------------------------------------------------------
@@ -304,6 +446,91 @@ def _flash_variant(rescale: bool = True, extra_key: int = 0, second_barrier: boo
                 out[bh, row, d] = acc[d] / l
 
     return flash_variant
+
+
+@cuda.jit
+def flash_untiled(q, k, v, kv_len, scale, out):  # right numbers: per-thread online softmax, no shared tiles
+    row = cuda.blockIdx.x * BLOCK_M + cuda.threadIdx.x
+    bh = cuda.blockIdx.y
+    if row < q.shape[1]:
+        acc = cuda.local.array(HEAD_DIM, float32)
+        for d in range(HEAD_DIM):
+            acc[d] = 0.0
+        m = float32(LOWEST)
+        l = float32(0.0)
+        for j in range(kv_len[row]):
+            s = float32(0.0)
+            for d in range(HEAD_DIM):
+                s += q[bh, row, d] * scale * k[bh, j, d]
+            if s > m:
+                c = math.exp(m - s)
+                l *= c
+                for d in range(HEAD_DIM):
+                    acc[d] *= c
+                m = s
+            p = math.exp(s - m)
+            l += p
+            for d in range(HEAD_DIM):
+                acc[d] += p * v[bh, j, d]
+        for d in range(HEAD_DIM):
+            out[bh, row, d] = acc[d] / l
+
+
+def _flash_loads(v_from_global: bool = False, thread_zero_loads: bool = False):
+    """Tiled FlashAttention that reads v from global memory instead of a tile, or whose tiles thread 0 loads
+    alone."""
+
+    @cuda.jit
+    def flash_loads(q, k, v, kv_len, scale, out):
+        k_tile = cuda.shared.array((BLOCK_N, HEAD_DIM), float32)
+        v_tile = cuda.shared.array((BLOCK_N, HEAD_DIM), float32)
+        acc = cuda.local.array(HEAD_DIM, float32)
+        t = cuda.threadIdx.x
+        bh = cuda.blockIdx.y
+        first = cuda.blockIdx.x * BLOCK_M
+        row = first + t
+        visible = kv_len[row] if row < q.shape[1] else 0
+        for d in range(HEAD_DIM):
+            acc[d] = 0.0
+        n_keys = 0
+        for r in range(first, min(first + BLOCK_M, q.shape[1])):
+            n_keys = max(n_keys, kv_len[r])
+        m = float32(LOWEST)
+        l = float32(0.0)
+        for start in range(0, n_keys, BLOCK_N):
+            if thread_zero_loads:
+                if t == 0:
+                    for j in range(min(BLOCK_N, k.shape[1] - start)):
+                        for d in range(HEAD_DIM):
+                            k_tile[j, d] = k[bh, start + j, d]
+                            v_tile[j, d] = v[bh, start + j, d]
+            else:
+                for e in range(t, BLOCK_N * HEAD_DIM, BLOCK_M):
+                    j, d = e // HEAD_DIM, e % HEAD_DIM
+                    if start + j < k.shape[1]:
+                        k_tile[j, d] = k[bh, start + j, d]
+                        v_tile[j, d] = v[bh, start + j, d]
+            cuda.syncthreads()
+            for j in range(min(BLOCK_N, visible - start)):
+                s = float32(0.0)
+                for d in range(HEAD_DIM):
+                    s += q[bh, row, d] * scale * k_tile[j, d]
+                if s > m:
+                    c = math.exp(m - s)
+                    l *= c
+                    for d in range(HEAD_DIM):
+                        acc[d] *= c
+                    m = s
+                p = math.exp(s - m)
+                l += p
+                for d in range(HEAD_DIM):
+                    acc[d] += p * (v[bh, start + j, d] if v_from_global else v_tile[j, d])
+            cuda.syncthreads()
+        if row < q.shape[1]:
+            for d in range(HEAD_DIM):
+                out[bh, row, d] = acc[d] / l
+
+    return flash_loads
 
 
 # 6.8 ------------------------------------------------------------------------------------------------------
@@ -368,6 +595,42 @@ def partial_skips_empty_splits(q, k_cache, v_cache, lengths, chunk, scale, m_out
         l_out[bh, split] = l
         for d in range(HEAD_DIM):
             acc_out[bh, split, d] = acc[d]
+
+
+def _partial_two_passes(max_over_sequence: bool):
+    """Right numbers in two passes over the keys: one for the max (of the split, or of the whole sequence),
+    one for the sums."""
+
+    @cuda.jit
+    def partial_two_passes(q, k_cache, v_cache, lengths, chunk, scale, m_out, l_out, acc_out):
+        split = cuda.grid(1)
+        bh = cuda.blockIdx.y
+        if split * chunk < k_cache.shape[1]:
+            lo, hi = split * chunk, min(split * chunk + chunk, lengths[bh])
+            m = float32(LOWEST)
+            for j in range(0 if max_over_sequence else lo, lengths[bh] if max_over_sequence else hi):
+                s = float32(0.0)
+                for d in range(HEAD_DIM):
+                    s += q[bh, d] * k_cache[bh, j, d] * scale
+                m = max(m, s)
+            acc = cuda.local.array(HEAD_DIM, float32)
+            for d in range(HEAD_DIM):
+                acc[d] = 0.0
+            l = float32(0.0)
+            for j in range(lo, hi):
+                s = float32(0.0)
+                for d in range(HEAD_DIM):
+                    s += q[bh, d] * k_cache[bh, j, d] * scale
+                p = math.exp(s - m)
+                l += p
+                for d in range(HEAD_DIM):
+                    acc[d] += p * v_cache[bh, j, d]
+            m_out[bh, split] = m if hi > lo else LOWEST
+            l_out[bh, split] = l
+            for d in range(HEAD_DIM):
+                acc_out[bh, split, d] = acc[d]
+
+    return partial_two_passes
 
 
 # 6.9 ------------------------------------------------------------------------------------------------------
@@ -456,6 +719,38 @@ CASES = {
 }
 
 
+# Kernels that compute the right numbers without what the exercise teaches: only the simulator's memory
+# counts reject them (on a GPU the checks compare the numbers only).
+TRAFFIC = {
+    "block_sum_kernel": [
+        (sum_one_thread_reads_all, "thread (0,) of block (0,) read x 32 times from global memory"),
+        (sum_serial_in_shared, "read 32 values from shared memory"),
+    ],
+    "matmul_kernel": [
+        (matmul_untiled, "allocates 0 shared-memory elements per block"),
+        (_matmul_reading_global(a_from_tile=False), "read a 22 times from global memory"),
+        (_matmul_reading_global(a_from_tile=True), "read b 22 times from global memory"),
+    ],
+    "softmax_kernel": [
+        (softmax_three_passes, "read x 6 times from global memory"),
+        (softmax_whole_row_per_thread, "read x 47 times from global memory"),
+    ],
+    "vq_nearest_kernel": [
+        (vq_distance_per_code, "allocated local arrays of 64 elements"),
+        (vq_writes_every_improvement, "wrote out"),
+    ],
+    "flash_attention_kernel": [
+        (flash_untiled, "allocates 0 shared-memory elements per block"),
+        (_flash_loads(v_from_global=True), "read v"),
+        (_flash_loads(thread_zero_loads=True), "thread (0,) of block (2, 0) read k 296 times"),
+    ],
+    "decode_partial_kernel": [
+        (_partial_two_passes(max_over_sequence=False), "read k_cache 128 times"),
+        (_partial_two_passes(max_over_sequence=True), "read k_cache"),
+    ],
+}
+
+
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_reference_passes(name):
     check = getattr(ch06, name)
@@ -474,6 +769,27 @@ def test_stub_is_not_attempted(name):
 )
 def test_wrong_kernel_fails(name, wrong, fragment):
     assert_fails(getattr(ch06, name), wrong, contains=fragment)
+
+
+@pytest.mark.skipif(not CUDA_SIMULATOR, reason="memory traffic is counted in the CUDA simulator")
+@pytest.mark.parametrize(
+    "name, wrong, fragment",
+    [(name, wrong, fragment) for name, wrongs in TRAFFIC.items() for wrong, fragment in wrongs],
+    ids=[f"{name}-{wrong.__name__}-{i}" for name, wrongs in TRAFFIC.items() for i, (wrong, _) in enumerate(wrongs)],
+)
+def test_kernel_without_the_lesson_fails(name, wrong, fragment):
+    assert_fails(getattr(ch06, name), wrong, contains=fragment)
+
+
+@pytest.mark.skipif(not CUDA_SIMULATOR, reason="memory traffic is counted in the CUDA simulator")
+def test_memory_rules_name_the_thread_the_count_and_the_lesson():
+    msg = assert_fails(ch06.matmul_kernel, _matmul_reading_global(a_from_tile=False))
+    assert "thread (0, 0) of block (0, 0) read a 22 times from global memory on input 'a 21x19 @ b 19x13" in msg
+    assert "; at most 3 will do: a tiled kernel reads each input element once per tile" in msg
+    assert "fewer than the 128 of a TILE x TILE tile of a and one of b" in assert_fails(ch06.matmul_kernel,
+                                                                                     matmul_untiled)
+    assert "cuda.shared.array" in msg
+    assert "a_tile[ty, tx]" not in msg  # the lesson, not the code
 
 
 def test_nine_exercises_and_use_falls_back_to_the_reference(capsys):

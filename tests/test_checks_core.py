@@ -1,5 +1,6 @@
 """The check framework itself: it passes right answers, fails wrong ones with a one-line reason, reports
-stubs as not attempted, and `use` falls back to the reference."""
+stubs as not attempted, and `use` falls back to the reference; hints come in levels, diagnoses name known
+mistakes, and outside strict mode a check only prints (Run All)."""
 
 import json
 
@@ -7,7 +8,8 @@ import pytest
 import torch
 
 from ar_course.checks.core import (
-    REPORT_ENV, Case, Chapter, CheckFailure, NotAttempted, call, compare, compare_cases,
+    REPORT_ENV, STRICT_ENV, Case, Chapter, CheckFailure, Mistake, NotAttempted, call, compare, compare_cases,
+    explain,
 )
 from checks_helpers import assert_fails, assert_not_attempted, assert_passes
 
@@ -19,11 +21,13 @@ def ref_softmax(x: torch.Tensor) -> torch.Tensor:
 def make_chapter():
     chapter = Chapter(99, "test chapter")
 
-    @chapter.exercise("99.1", reference=ref_softmax, hint="subtract the row max first")
+    @chapter.exercise("99.1", reference=ref_softmax, hints=("nudge: think about overflow",
+                                                            "subtract the row max first", "the key line"))
     def softmax(fn, ref):
         g = torch.Generator().manual_seed(0)
         compare_cases(fn, ref, [Case("random 3x5", (torch.randn(3, 5, generator=g),)),
-                                Case("large logits", (torch.tensor([[1000.0, 1001.0, 999.0]]),))])
+                                Case("large logits", (torch.tensor([[1000.0, 1001.0, 999.0]]),))],
+                      mistakes=[Mistake(lambda x: torch.softmax(x, dim=0), "that normalises over dim 0")])
 
     return chapter, softmax
 
@@ -34,12 +38,65 @@ def test_reference_passes(capsys):
     assert capsys.readouterr().out.strip() == "Exercise 99.1 passed"
 
 
-def test_naive_softmax_fails_with_reason_and_hint(capsys):
+def naive_softmax(x):
+    return x.exp() / x.exp().sum(-1, keepdim=True)
+
+
+def test_naive_softmax_fails_with_reason_and_the_first_hint(capsys):
     _, check = make_chapter()
-    msg = assert_fails(check, lambda x: x.exp() / x.exp().sum(-1, keepdim=True), contains="large logits")
-    assert "Hint: subtract the row max first" in msg
+    msg = assert_fails(check, naive_softmax, contains="large logits")
+    assert msg.endswith("Hint: nudge: think about overflow (more: checks.ch99.hint('99.1'))")
     out = capsys.readouterr().out.strip()
     assert out.startswith("Exercise 99.1 failed:") and "\n" not in out
+
+
+def test_hint_levels_escalate_but_the_last_one_only_when_asked(capsys):
+    chapter, check = make_chapter()
+    assert "Hint: nudge" in assert_fails(check, naive_softmax)
+    assert "Hint: subtract the row max first (more:" in assert_fails(check, naive_softmax)
+    assert "Hint: subtract the row max first (more:" in assert_fails(check, naive_softmax)  # never the key line
+    capsys.readouterr()
+    chapter.hint("99.1")
+    assert capsys.readouterr().out.strip() == "Exercise 99.1, hint 3 of 3: the key line"
+    def softmax(x):
+        raise NotImplementedError
+
+    chapter.hint(softmax)  # by the learner function's name; stays at the last level
+    assert capsys.readouterr().out.strip() == "Exercise 99.1, hint 3 of 3: the key line"
+
+
+def test_hint_asked_first_starts_at_the_first_level(capsys):
+    chapter, check = make_chapter()
+    chapter.hint("99.1")
+    assert capsys.readouterr().out.strip() == ("Exercise 99.1, hint 1 of 3: nudge: think about overflow "
+                                               "(more: checks.ch99.hint('99.1'))")
+    assert "Hint: nudge" in assert_fails(check, naive_softmax)
+    chapter.reset()
+    chapter.hint("99.1")
+    assert "hint 1 of 3" in capsys.readouterr().out
+    with pytest.raises(KeyError, match="99.1 \\(softmax\\)"):
+        chapter.hint("99.2")
+
+
+@pytest.mark.parametrize("hints", ["a single string", (), ("ok", "")])
+def test_hints_must_be_levels(hints):
+    with pytest.raises(ValueError, match="hints"):
+        Chapter(97, "bad").exercise("97.1", reference=ref_softmax, hints=hints)
+
+
+def test_a_known_mistake_is_named():
+    _, check = make_chapter()
+    msg = assert_fails(check, lambda x: torch.softmax(x, dim=0), contains="that normalises over dim 0")
+    assert "differs at" in msg  # what differed still comes first
+    assert "normalises over dim 0" not in assert_fails(check, naive_softmax)
+
+
+def test_explain_names_a_mistake_for_custom_checks():
+    case = Case("2 values", (torch.tensor([1.0, 2.0]),))
+    failure = CheckFailure("output differs")
+    mistakes = [Mistake(lambda x: x * 3, "tripled"), Mistake(lambda x: x + 1, "shifted")]
+    assert str(explain(failure, mistakes, case, torch.tensor([2.0, 3.0]))) == "output differs; shifted"
+    assert explain(failure, mistakes, case, torch.tensor([0.0, 0.0])) is failure
 
 
 def test_stub_is_not_attempted(capsys):
@@ -91,6 +148,28 @@ def test_use_unknown_name():
         chapter.use(lambda x: x)
 
 
+def test_outside_strict_mode_a_check_prints_records_and_returns(tmp_path, monkeypatch, capsys):
+    """Run All: in a learner's kernel a failing or unattempted check prints its line and the notebook goes on."""
+    report = tmp_path / "r.jsonl"
+    monkeypatch.setenv(REPORT_ENV, str(report))
+    monkeypatch.setenv(STRICT_ENV, "0")
+    chapter, check = make_chapter()
+
+    def softmax(x):
+        raise NotImplementedError("Exercise 99.1")
+
+    assert check(softmax) is False
+    assert capsys.readouterr().out.strip() == "Exercise 99.1 not attempted yet"
+    assert chapter.use(softmax) is ref_softmax
+    assert "using the reference" in capsys.readouterr().out
+    assert check(naive_softmax) is False
+    assert capsys.readouterr().out.strip().startswith("Exercise 99.1 failed: output on input 'large logits'")
+    assert check(5) is False
+    assert check(ref_softmax) is True
+    recs = [json.loads(line) for line in report.read_text().splitlines()]
+    assert [r["status"] for r in recs] == ["not attempted", "failed", "failed", "passed"]
+
+
 def test_report_file(tmp_path, monkeypatch):
     report = tmp_path / "r.jsonl"
     monkeypatch.setenv(REPORT_ENV, str(report))
@@ -111,7 +190,7 @@ def test_gradient_comparison_catches_detached_output():
     def ref(z, c):
         return z + (c - z).detach()  # straight-through
 
-    @chapter.exercise("98.1", reference=ref)
+    @chapter.exercise("98.1", reference=ref, hints=("gradients",))
     def ste(fn, ref):
         g = torch.Generator().manual_seed(0)
         compare_cases(fn, ref, [Case("4x3", (torch.randn(4, 3, generator=g), torch.randn(4, 3, generator=g)))],
@@ -120,6 +199,23 @@ def test_gradient_comparison_catches_detached_output():
     assert_passes(ste, ref)
     assert_fails(ste, lambda z, c: c.clone(), contains="gradient")
     assert_fails(ste, lambda z, c: z + (c - z), contains="gradient")
+
+
+def test_a_mistake_is_recognised_by_its_gradients():
+    chapter = Chapter(98, "grads")
+    mistakes = [Mistake(lambda z, c: 2 * z - z.detach() + (c - z).detach(), "doubled the gradient"),
+                Mistake(lambda z, c: z.detach() + (c - z), "flipped the gradient")]
+
+    @chapter.exercise("98.1", reference=lambda z, c: z + (c - z).detach(), hints=("gradients",))
+    def ste(fn, ref):
+        g = torch.Generator().manual_seed(0)
+        compare_cases(fn, ref, [Case("4x3", (torch.randn(4, 3, generator=g), torch.randn(4, 3, generator=g)))],
+                      grad_wrt=(0,), mistakes=mistakes)
+
+    assert_fails(ste, lambda z, c: z.detach() + c - z, contains="gradient of argument 0")
+    assert_fails(ste, lambda z, c: z.detach() + c - z, contains="flipped the gradient")
+    msg = assert_fails(ste, lambda z, c: c + 0 * z, contains="gradient of argument 0")
+    assert "flipped" not in msg and "doubled" not in msg
 
 
 def test_compare_structures():
@@ -140,3 +236,16 @@ def test_call_passes_through_not_implemented():
 
     with pytest.raises(NotImplementedError):
         call(stub)
+
+
+def test_every_course_exercise_has_tiered_hints():
+    """61 exercises, each with two or more distinct hint levels and a `hint` entry point in its chapter."""
+    import importlib
+
+    modules = [importlib.import_module(f"ar_course.checks.ch{n:02d}") for n in range(8)]
+    exercises = [ex for m in modules for ex in m.chapter.exercises.values()]
+    assert len(exercises) == 61
+    for m in modules:
+        assert m.hint == m.chapter.hint
+    for ex in exercises:
+        assert len(ex.hints) >= 2 and len(set(ex.hints)) == len(ex.hints), ex.number

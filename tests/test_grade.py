@@ -7,6 +7,7 @@ import nbformat
 import pytest
 
 from ar_course import build_notebooks as bn
+from ar_course.checks.core import STRICT_ENV
 from ar_course.grade import GradeResult, Row, format_table, grade_notebook
 from fixtures.make_fixtures import solution_notebook
 
@@ -19,7 +20,10 @@ def _write(tmp_path, nb, name="nb.ipynb"):
     return path
 
 
-def test_grader_reports_each_state(tmp_path):
+@pytest.mark.parametrize("strict", ["0", "1"], ids=["learner", "strict"])
+def test_grader_reports_each_state(tmp_path, monkeypatch, strict):
+    """The grader reads the verdicts the checks report, whether or not a failing check raises."""
+    monkeypatch.setenv(STRICT_ENV, strict)
     nb = bn.learner_notebook(solution_notebook())
     # exercise 90.1 right, 90.2 wrong, 90.3 left as the stub
     nb.cells[2].source = "# Exercise 90.1: double\ndef double(x):\n    return 2 * x"

@@ -1,7 +1,8 @@
-"""Exercise checks, one module per chapter (``checks.ch01.vq_lookup(fn)``), built on :mod:`.core`; the
-reference answers the library does not use live in :mod:`.reference`. This package is the course layer: it
-imports the library, and no library module imports it."""
+"""Exercise checks, one module per chapter (``checks.ch01.vq_lookup(fn)``, ``checks.ch01.hint("1.1")``), built
+on :mod:`.core`; the reference answers the library does not use live in :mod:`.reference`. This package is the
+course layer: it imports the library, and no library module imports it."""
 
-from .core import Case, Chapter, CheckFailure, NotAttempted, call, compare, compare_cases
+from .core import Case, Chapter, CheckFailure, Mistake, NotAttempted, call, compare, compare_cases, explain
 
-__all__ = ["Case", "Chapter", "CheckFailure", "NotAttempted", "call", "compare", "compare_cases"]
+__all__ = ["Case", "Chapter", "CheckFailure", "Mistake", "NotAttempted", "call", "compare", "compare_cases",
+           "explain"]

@@ -15,11 +15,12 @@ from typing import Callable, Iterator
 import torch
 from scipy.stats import chi2
 
-from ar_course.checks.core import Case, Chapter, CheckFailure, call, compare, compare_cases, describe
+from ar_course.checks.core import Case, Chapter, CheckFailure, Mistake, call, compare, compare_cases, describe
 from ar_course.checks.reference import ch00 as ref
 
 chapter = Chapter(0, "Tour")
 use = chapter.use
+hint = chapter.hint
 
 NEG_INF = float("-inf")
 DRAWS = 4000  # tokens drawn per row and temperature in the distribution test
@@ -48,12 +49,31 @@ def _softmax_cases() -> Iterator[tuple[Case, bool]]:
     yield Case("3x6 logits, row 1 all -inf (expect zeros there)", (empty,)), False
 
 
-@chapter.exercise("0.1", reference=ref.stable_softmax,
-                  hint="subtract the maximum along dim (keepdim=True) before exp; a slice that is all -inf "
-                  "has maximum -inf, so subtract 0 there and return zeros")
+def _softmax_overflowing(logits: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    e = logits.exp()
+    return e / e.sum(dim, keepdim=True)
+
+
+SOFTMAX_MISTAKES = [  # the first that matches is named: a slice of -inf is NaN for both
+    Mistake(lambda logits, dim=-1: torch.softmax(logits, dim),
+            "a slice that is all -inf came out NaN (its maximum is -inf, and -inf - (-inf) is NaN); it should be "
+            "all zeros"),
+    Mistake(_softmax_overflowing, "that is exp(x) / sum(exp(x)) without a shift: exp overflows to inf for large "
+            "logits and inf / inf is NaN"),
+]
+
+
+@chapter.exercise("0.1", reference=ref.stable_softmax, hints=(
+    "softmax does not change when the same number is subtracted from every entry of a slice; choose that "
+    "number so that no exp can overflow",
+    "subtract the maximum along dim (keepdim=True so it broadcasts) before exp; a slice of nothing but -inf has "
+    "maximum -inf, so subtract 0 there, and give a slice whose exps sum to 0 zeros instead of 0 / 0",
+    "m = logits.amax(dim, keepdim=True); m = torch.where(torch.isfinite(m), m, torch.zeros_like(m)); "
+    "e = (logits - m).exp(); s = e.sum(dim, keepdim=True); return e / torch.where(s > 0, s, torch.ones_like(s))",
+))
 def stable_softmax(fn: Callable, ref_fn: Callable) -> None:
     for case, with_grad in _softmax_cases():
-        compare_cases(fn, ref_fn, [case], grad_wrt=(0,) if with_grad else ())
+        compare_cases(fn, ref_fn, [case], grad_wrt=(0,) if with_grad else (), mistakes=SOFTMAX_MISTAKES)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -137,10 +157,15 @@ def _check_distribution(fn: Callable, name: str, logits: torch.Tensor, temperatu
                 f"{100 * float(want[tok]):.1f}% (chi-square p = {p:.1e})")
 
 
-@chapter.exercise("0.2", reference=ref.sample_categorical,
-                  hint="divide the logits (not the probabilities) by the temperature, then draw with "
-                  "torch.multinomial(probs, 1, generator=generator) or the Gumbel-max trick; temperature 0 is "
-                  "argmax, a negative one raises ValueError")
+@chapter.exercise("0.2", reference=ref.sample_categorical, hints=(
+    "the temperature reshapes the distribution before the draw: which quantity does it divide, and what "
+    "should happen as it goes to 0?",
+    "divide the logits (not the probabilities) by the temperature, take their softmax and draw one token per "
+    "row with the generator you were given; temperature 0 is the argmax (no draw); a negative one is a "
+    "ValueError",
+    "probs = torch.softmax(logits / temperature, -1); return torch.multinomial(probs, 1, "
+    "generator=generator).squeeze(-1) (or the Gumbel-max trick), after the temperature == 0 and < 0 cases",
+))
 def sample_categorical(fn: Callable, ref_fn: Callable) -> None:
     g = torch.Generator().manual_seed(20)
     logits = torch.randn(6, 10, generator=g)
@@ -192,8 +217,37 @@ def _cross_entropy_cases() -> Iterator[Case]:
     yield Case("a single row", (torch.randn(1, 30, generator=g), torch.tensor([17])))
 
 
-@chapter.exercise("0.3", reference=ref.cross_entropy_from_logits,
-                  hint="per row: logsumexp(logits) - logits[target], with logsumexp = max + log(sum(exp(x - max))); "
-                  "then average over the rows whose target is not ignore_index")
+def _cross_entropy_overflowing(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    keep = targets != ignore_index
+    picked = logits.gather(1, targets.clamp_min(0)[:, None]).squeeze(1)
+    per_row = logits.exp().sum(-1).log() - picked
+    return per_row[keep].mean()
+
+
+def _cross_entropy_over_all_rows(logits: torch.Tensor, targets: torch.Tensor,
+                                 ignore_index: int = -100) -> torch.Tensor:
+    keep = targets != ignore_index
+    picked = logits.gather(1, targets.clamp_min(0)[:, None]).squeeze(1)
+    per_row = torch.logsumexp(logits, -1) - picked
+    return torch.where(keep, per_row, torch.zeros_like(per_row)).sum() / len(targets)
+
+
+CROSS_ENTROPY_MISTAKES = [
+    Mistake(_cross_entropy_overflowing, "that is log(sum(exp(x))) without a shift: exp overflows to inf for large "
+            "logits"),
+    Mistake(_cross_entropy_over_all_rows, "that divides by every row, ignored ones included: the mean is over "
+            "the rows that count"),
+]
+
+
+@chapter.exercise("0.3", reference=ref.cross_entropy_from_logits, hints=(
+    "the loss of a row is minus the log of the probability its target gets; compute that log directly from the "
+    "logits, without forming probabilities that can overflow or underflow",
+    "log softmax(x)[t] = x[t] - logsumexp(x), and logsumexp(x) = m + log(sum(exp(x - m))) with m the row "
+    "maximum; rows whose target is ignore_index count neither in the sum nor in the number you divide by",
+    "m = logits.amax(-1, keepdim=True); lse = m.squeeze(-1) + (logits - m).exp().sum(-1).log(); keep = targets "
+    "!= ignore_index; return (lse - logits.gather(1, t[:, None]).squeeze(1))[keep].mean() with t the targets, "
+    "ignored ones replaced by 0",
+))
 def cross_entropy_from_logits(fn: Callable, ref_fn: Callable) -> None:
-    compare_cases(fn, ref_fn, _cross_entropy_cases(), grad_wrt=(0,))
+    compare_cases(fn, ref_fn, _cross_entropy_cases(), grad_wrt=(0,), mistakes=CROSS_ENTROPY_MISTAKES)

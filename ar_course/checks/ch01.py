@@ -14,12 +14,13 @@ from typing import Callable, Iterator
 
 import torch
 
-from ar_course.checks.core import Case, Chapter, CheckFailure, call, compare, compare_cases
+from ar_course.checks.core import Case, Chapter, CheckFailure, Mistake, call, compare, compare_cases, explain
 from ar_course.checks.reference import ch01 as answers
 from ar_course.tokenizers import functional as ref
 
 chapter = Chapter(1, "Vector quantization")
 use = chapter.use
+hint = chapter.hint
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -42,19 +43,36 @@ def _lookup_cases() -> Iterator[Case]:
     yield Case("1000 vectors, 300 codes", (torch.randn(1000, 5, generator=g), torch.randn(300, 5, generator=g)))
 
 
-@chapter.exercise("1.1", reference=ref.vq_lookup,
-                  hint="argmin over codes of the squared distance |z|^2 - 2 z.e + |e|^2; torch.argmin breaks ties "
-                       "towards the lowest index and returns int64")
+LOOKUP_MISTAKES = [
+    Mistake(lambda z, codebook: (z @ codebook.t()).argmax(1),
+            "that is the code with the largest dot product z.e, which ignores how long each code is (the |e|^2 "
+            "term of the distance)"),
+    Mistake(lambda z, codebook: torch.cdist(z, codebook).argmax(1), "that is the farthest code, not the nearest"),
+]
+
+
+@chapter.exercise("1.1", reference=ref.vq_lookup, hints=(
+    "for every vector, measure how far each code is and keep the position of the closest; broadcasting gives "
+    "all N x K distances at once",
+    "use squared Euclidean distances, |z|^2 - 2 z.e + |e|^2 (or ((z[:, None] - codebook[None]) ** 2).sum(-1)), "
+    "and an argmin over the codes; on a tie the lowest index wins, which is what torch.argmin does",
+    "d = z.pow(2).sum(1, keepdim=True) - 2 * z @ codebook.t() + codebook.pow(2).sum(1); return d.argmin(1)",
+))
 def vq_lookup(fn: Callable, reference: Callable) -> None:
-    compare_cases(fn, reference, _lookup_cases())
+    compare_cases(fn, reference, _lookup_cases(), mistakes=LOOKUP_MISTAKES)
 
 
 # --------------------------------------------------------------------------------------------------------
 # 1.2 straight-through estimator
 
 
-@chapter.exercise("1.2", reference=ref.straight_through,
-                  hint="return z + (z_q - z).detach(): the value of z_q, the gradient of the identity to z")
+@chapter.exercise("1.2", reference=ref.straight_through, hints=(
+    "the forward value must be z_q, but the backward pass should treat quantization as the identity: the "
+    "gradient arriving at the output goes to z as it is",
+    "build the output from z plus a correction whose value turns it into z_q; stop autograd from seeing the "
+    "correction (.detach()), so that only the z term carries a gradient",
+    "return z + (z_q - z).detach()",
+))
 def straight_through(fn: Callable, reference: Callable) -> None:
     g = _gen(1)
     for name, shape in [("vectors 13x6", (13, 6)), ("feature map 2x4x3x5", (2, 4, 3, 5))]:
@@ -67,9 +85,18 @@ def straight_through(fn: Callable, reference: Callable) -> None:
         if not out.requires_grad:
             raise CheckFailure(f"no gradient can flow through your output on input {name!r} (is everything detached?)")
         (out * w).sum().backward()
-        if z_in.grad is None or not torch.allclose(z_in.grad, w, atol=1e-6):
-            raise CheckFailure(f"the gradient reaching z (the encoder) on input {name!r} is not the output's "
-                               "gradient passed through unchanged")
+        grad = z_in.grad
+        if grad is None or not bool(grad.any()):
+            raise CheckFailure(f"no gradient reaches z (the encoder) on input {name!r}: your output has the right "
+                               "value, but its gradient path to z is cut or cancels out, so the encoder would "
+                               "never learn")
+        if torch.allclose(grad, -w, atol=1e-6):
+            raise CheckFailure(f"the gradient reaching z on input {name!r} is the output's gradient with its sign "
+                               "flipped: the encoder would move the wrong way")
+        try:
+            compare(grad, w, where=name, atol=1e-6, name="the gradient reaching z (the encoder)")
+        except CheckFailure as exc:
+            raise CheckFailure(f"{exc}; it should be the output's gradient passed through unchanged") from None
         if zq_in.grad is not None and zq_in.grad.abs().max() > 0:
             raise CheckFailure(f"z_q (the codebook) receives a gradient through your output on input {name!r}; "
                                "only z should")
@@ -86,11 +113,29 @@ def _loss_cases() -> Iterator[Case]:
                (torch.randn(2, 3, 4, 4, generator=g), torch.randn(2, 3, 4, 4, generator=g), 0.5))
 
 
-@chapter.exercise("1.3", reference=ref.vq_loss,
-                  hint="mean((z_q - z.detach())**2) + beta * mean((z - z_q.detach())**2): the codebook term moves "
-                       "z_q only, the commitment term (weighted by beta) moves z only")
+def _mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return ((a - b) ** 2).mean()
+
+
+LOSS_MISTAKES = [
+    Mistake(lambda z, z_q, beta: beta * _mse(z_q, z.detach()) + _mse(z, z_q.detach()),
+            "beta weighs the codebook term there; it belongs to the commitment term, the one that moves z"),
+    Mistake(lambda z, z_q, beta: (1 + beta) * _mse(z, z_q),
+            "without stop-gradients both terms move both z and z_q; each term should move only one of them"),
+    Mistake(lambda z, z_q, beta: ((z_q - z.detach()) ** 2).sum() + beta * ((z - z_q.detach()) ** 2).sum(),
+            "that sums the squared errors; both terms are means over all elements"),
+]
+
+
+@chapter.exercise("1.3", reference=ref.vq_loss, hints=(
+    "two squared-error terms pull z and z_q towards each other; in each, one side is held fixed, and "
+    "which side decides what the term trains",
+    "the codebook term moves z_q only (hold z fixed with .detach()), the commitment term moves z only (hold "
+    "z_q fixed) and is the one weighted by beta; both are means over all elements",
+    "return ((z_q - z.detach()) ** 2).mean() + beta * ((z - z_q.detach()) ** 2).mean()",
+))
 def vq_loss(fn: Callable, reference: Callable) -> None:
-    compare_cases(fn, reference, _loss_cases(), grad_wrt=(0, 1))
+    compare_cases(fn, reference, _loss_cases(), grad_wrt=(0, 1), mistakes=LOSS_MISTAKES)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -106,11 +151,36 @@ def _usage_cases() -> Iterator[Case]:
     yield Case("every code equally", (torch.arange(12).repeat(5), 12))
 
 
-@chapter.exercise("1.4", reference=answers.codebook_usage,
-                  hint="counts = torch.bincount(indices.flatten(), minlength=num_codes); fraction = (counts > 0) / "
-                       "num_codes; perplexity = exp(-sum p log p) over the codes with p > 0")
+def _usage_with_zero_terms(indices: torch.Tensor, num_codes: int) -> tuple[float, float]:
+    counts = torch.bincount(indices.flatten(), minlength=num_codes).double()
+    p = counts / counts.sum()
+    return float((counts > 0).sum()) / num_codes, float((-(p * p.log()).sum()).exp())
+
+
+def _usage_over_seen_range(indices: torch.Tensor, num_codes: int) -> tuple[float, float]:
+    counts = torch.bincount(indices.flatten()).double()
+    p = counts[counts > 0] / counts.sum()
+    return float((counts > 0).sum()) / len(counts), float((-(p * p.log()).sum()).exp())
+
+
+USAGE_MISTAKES = [
+    Mistake(_usage_with_zero_terms, "the perplexity is NaN: an unused code adds 0 * log 0 = NaN to the entropy; "
+            "its term is 0"),
+    Mistake(_usage_over_seen_range, "the fraction divides by the largest index seen + 1 (bincount's length), "
+            "not by num_codes: unused codes at the top are missed"),
+]
+
+
+@chapter.exercise("1.4", reference=answers.codebook_usage, hints=(
+    "count how often each of the num_codes codes appears; both numbers follow from those counts",
+    "the fraction is (codes counted at least once) / num_codes, with bincount's minlength so that unused top "
+    "codes are counted as 0; the perplexity is exp of the entropy of the counts normalised to probabilities, "
+    "leaving out the codes with probability 0",
+    "counts = torch.bincount(indices.flatten(), minlength=num_codes); p = counts[counts > 0] / counts.sum(); "
+    "return (counts > 0).sum().item() / num_codes, torch.exp(-(p * p.log()).sum()).item()",
+))
 def codebook_usage(fn: Callable, reference: Callable) -> None:
-    compare_cases(fn, reference, _usage_cases())
+    compare_cases(fn, reference, _usage_cases(), mistakes=USAGE_MISTAKES)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -130,14 +200,30 @@ def _restart_cases() -> Iterator[Case]:
                (torch.randn(5, 4, generator=g), torch.full((5,), 10.0), torch.randn(2, 4, generator=g), 1.0))
 
 
-@chapter.exercise("1.5", reference=ref.dead_code_restart,
-                  hint="dead = counts < threshold; copy the codebook (clone) and give the j-th dead code "
-                       "candidates[j % len(candidates)]")
+RESTART_MISTAKES = [
+    Mistake(lambda codebook, counts, candidates, threshold: ref.dead_code_restart(codebook, counts, candidates,
+                                                                                  threshold + 1e-6),
+            "codes hit exactly threshold times were restarted too; a code is dead only below the threshold"),
+]
+
+
+@chapter.exercise("1.5", reference=ref.dead_code_restart, hints=(
+    "a code is dead when it was picked fewer than threshold times; each dead code gets a vector from the data "
+    "(the candidates), and the codebook passed in must stay as it was",
+    "dead = counts < threshold (strictly: a code hit exactly threshold times survives); work on a copy of the "
+    "codebook and give the j-th dead code, in index order, candidates[j], wrapping around when there are more "
+    "dead codes than candidates; return the copy and the dead mask",
+    "new = codebook.clone(); dead = counts < threshold; new[dead] = candidates[torch.arange(int(dead.sum())) % "
+    "len(candidates)]; return new, dead",
+))
 def dead_code_restart(fn: Callable, reference: Callable) -> None:
     for case in _restart_cases():
         args = tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in case.args)
         got = call(fn, *args, where=case.name)
-        compare(got, reference(*case.args), where=case.name)
+        try:
+            compare(got, reference(*case.args), where=case.name)
+        except CheckFailure as exc:
+            raise explain(exc, RESTART_MISTAKES, case, got) from None
         if not torch.equal(args[0], case.args[0]):
             raise CheckFailure(f"your function changed the codebook passed in on input {case.name!r}; "
                                "return a new tensor (codebook.clone()) instead")
@@ -159,9 +245,15 @@ def _ema_cases() -> Iterator[Case]:
                (torch.zeros(k), torch.zeros(k, d), torch.randn(40, d, generator=g), idx, 0.9, 1e-5))
 
 
-@chapter.exercise("1.6", reference=ref.ema_update,
-                  hint="N = decay*N + (1-decay)*counts; m = decay*m + (1-decay)*(sum of assigned z); smoothed "
-                       "N' = (N + eps) / (sum(N) + K*eps) * sum(N); codebook = m / N'")
+@chapter.exercise("1.6", reference=ref.ema_update, hints=(
+    "keep two running averages per code, how many vectors it was given and their sum; the code is their "
+    "ratio, with a little smoothing so that an unused code does not divide by zero",
+    "counts n_k and sums s_k of this batch come from indices (bincount, index_add_); blend them into the "
+    "running N and m with weight decay on the old value; smooth N as (N + eps) / (n + K eps) * n with n = "
+    "sum(N); the codebook is m / smoothed N; return (N, m, codebook)",
+    "N = decay * N + (1 - decay) * counts; m = decay * m + (1 - decay) * torch.zeros_like(m).index_add_(0, "
+    "indices, z); n = N.sum(); codebook = m / ((N + eps) / (n + K * eps) * n)[:, None]",
+))
 def ema_update(fn: Callable, reference: Callable) -> None:
     compare_cases(fn, reference, _ema_cases(), atol=1e-5, rtol=1e-4)
 
@@ -179,9 +271,13 @@ def _residual_cases() -> Iterator[Case]:
     yield Case("depth 1", (torch.randn(10, 3, generator=g), torch.randn(1, 5, 3, generator=g)))
 
 
-@chapter.exercise("1.7", reference=ref.residual_quantize,
-                  hint="keep a running z_hat; level d looks up z - z_hat in codebooks[d] and adds the chosen code; "
-                       "stack the indices as (N, depth)")
+@chapter.exercise("1.7", reference=ref.residual_quantize, hints=(
+    "each level codes what the levels before it left over, so keep the running reconstruction z_hat",
+    "start from z_hat = 0; level d looks up the residual z - z_hat in codebooks[d] with vq_lookup and adds the "
+    "chosen codes to z_hat; return the indices stacked as (N, depth) and the final z_hat",
+    "for codebook in codebooks: idx = vq_lookup(z - z_hat, codebook); z_hat = z_hat + codebook[idx]; "
+    "indices.append(idx); return torch.stack(indices, 1), z_hat",
+))
 def residual_quantize(fn: Callable, reference: Callable) -> None:
     compare_cases(fn, reference, _residual_cases())
 
@@ -200,9 +296,13 @@ def _has_exact_tie(k: int, num_scales: int, num_phi: int) -> bool:
     return dists[0] == dists[1]
 
 
-@chapter.exercise("1.8", reference=ref.phi_index,
-                  hint="ticks = torch.linspace(1/(3n), 1 - 1/(3n), n); at = k / (num_scales - 1) (0 for one scale); "
-                       "return the index of the nearest tick as a Python int")
+@chapter.exercise("1.8", reference=ref.phi_index, hints=(
+    "place the num_phi refinements and the scale on the same axis [0, 1] and pick the nearest refinement",
+    "the refinements sit at num_phi evenly spaced ticks from 1/(3 num_phi) to 1 - 1/(3 num_phi); scale k sits at "
+    "k / (num_scales - 1), or 0 when there is a single scale; return the nearest tick's index as an int",
+    "ticks = torch.linspace(1 / (3 * n), 1 - 1 / (3 * n), n, dtype=torch.float64); at = k / (num_scales - 1) "
+    "if num_scales > 1 else 0.0; return int((ticks - at).abs().argmin())",
+))
 def phi_index(fn: Callable, reference: Callable) -> None:
     for num_scales, num_phi in [(6, 4), (10, 4), (5, 4), (13, 4), (8, 8), (7, 3), (4, 2), (6, 1), (1, 4)]:
         for k in range(num_scales):
@@ -238,9 +338,16 @@ def _pyramid_settings() -> Iterator[tuple[str, torch.Tensor, torch.Tensor, tuple
            torch.randn(9, 2, generator=g), (2, 4, 7), [lambda h: h] * 3)
 
 
-@chapter.exercise("1.9", reference=ref.multiscale_encode,
-                  hint="per scale: rest = f - f_hat; area-downsample it (F.interpolate(..., mode='area')) unless "
-                       "s == H; look up codes; upsample the code map with mode='bicubic'; f_hat += phis[k](that)")
+@chapter.exercise("1.9", reference=ref.multiscale_encode, hints=(
+    "go from the coarsest scale to the finest; each scale codes what the coarser ones have not explained yet, "
+    "so keep a running reconstruction f_hat at full size",
+    "per scale: shrink the residual f - f_hat to s x s with area averaging, look up the nearest code of every "
+    "position (as (B*s*s, C) vectors), turn the code map back to (B, C, s, s), upsample it bicubically to full "
+    "size, refine it with phis[k] and add it to f_hat",
+    "rest = F.interpolate(f - f_hat, size=(s, s), mode='area'); idx = vq_lookup(rest.permute(0, 2, 3, "
+    "1).reshape(-1, C), codebook).view(B, s, s); up = F.interpolate(codebook[idx].permute(0, 3, 1, 2), size=(H, "
+    "H), mode='bicubic'); f_hat = f_hat + phis[k](up)",
+))
 def multiscale_encode(fn: Callable, reference: Callable) -> None:
     cases = [Case(name, (f, cb, scales, phis)) for name, f, cb, scales, phis in _pyramid_settings()]
     compare_cases(fn, reference, cases)
@@ -251,15 +358,24 @@ def _decode_cases() -> Iterator[Case]:
         yield Case(name, (ref.multiscale_encode(f, cb, scales, phis), cb, phis))
 
 
-@chapter.exercise("1.10", reference=answers.multiscale_decode,
-                  hint="f_hat = sum over scales of phis[k](bicubic upsample of codebook[indices[k]] to the last "
-                       "scale's side), codes laid out as (B, C, s, s)")
+@chapter.exercise("1.10", reference=answers.multiscale_decode, hints=(
+    "decoding replays the encoder's additions: every scale contributes one refined, upsampled code map",
+    "the output side is the last index map's side; for each scale, look up the codes, lay them out as "
+    "(B, C, s, s), upsample bicubically to that side, apply phis[k], and sum the contributions",
+    "f_hat = sum(phis[k](F.interpolate(codebook[idx].permute(0, 3, 1, 2), size=(H, H), mode='bicubic')) for "
+    "k, idx in enumerate(indices))",
+))
 def multiscale_decode(fn: Callable, reference: Callable) -> None:
     compare_cases(fn, reference, _decode_cases())
 
 
-@chapter.exercise("1.11", reference=ref.teacher_forcing_inputs,
-                  hint="accumulate f_hat scale by scale as in the decoder; after scale k (k < S-1) append "
-                       "f_hat area-downsampled to the side of scale k+1: S-1 maps in all")
+@chapter.exercise("1.11", reference=ref.teacher_forcing_inputs, hints=(
+    "the transformer predicts scale k+1 from everything scales 0..k have built, seen at the resolution of "
+    "scale k+1",
+    "accumulate f_hat scale by scale as the decoder does; after adding scale k (for k < S-1) append f_hat "
+    "area-downsampled to the side of scale k+1, so S-1 maps in all (the first scale has no input)",
+    "for k in range(S - 1): f_hat = f_hat + phis[k](upsample(codebook[indices[k]])); out.append(F.interpolate("
+    "f_hat, size=(s_next, s_next), mode='area')) with s_next = indices[k + 1].shape[-1]",
+))
 def teacher_forcing_inputs(fn: Callable, reference: Callable) -> None:
     compare_cases(fn, reference, _decode_cases())

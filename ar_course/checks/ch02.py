@@ -8,18 +8,21 @@ Each check runs the learner's function on seeded random inputs and edge cases (s
 
 from __future__ import annotations
 
+import math
 from typing import Iterator
 
 import torch
 
 from ar_course import sampling
-from ar_course.checks.core import Case, Chapter, call, clone_args, compare, compare_cases
+from ar_course.checks.core import (Case, Chapter, CheckFailure, Mistake, call, clone_args, compare, compare_cases,
+                                   explain)
 from ar_course.checks.reference import ch02 as answers
 from ar_course.transformer import functional as ref
 from ar_course.transformer.model import GPTConfig, RMSNorm, SelfAttention, SwiGLU
 
 chapter = Chapter(2, "The causal transformer")
 use = chapter.use
+hint = chapter.hint
 
 
 def _gen(seed: int = 0) -> torch.Generator:
@@ -45,27 +48,61 @@ def _softmax_cases() -> Iterator[Case]:
     yield Case("row 1 fully masked (expect zeros)", (torch.randn(3, 5, generator=g), empty))
 
 
-@chapter.exercise(
-    "2.1", reference=ref.masked_softmax,
-    hint="fill masked scores with -inf, subtract the row max over kept entries, and give a fully masked "
-    "row zeros instead of 0/0 = NaN",
-)
+def _softmax_unshifted(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    e = scores.masked_fill(~mask, float("-inf")).exp()
+    return e / e.sum(-1, keepdim=True)
+
+
+SOFTMAX_MISTAKES = [
+    Mistake(lambda scores, mask: torch.softmax(scores.masked_fill(~mask, float("-inf")), -1),
+            "a fully masked row came out NaN (0 / 0); it should be all zeros"),
+    Mistake(_softmax_unshifted, "exp overflowed: without subtracting the row maximum, exp(1000) is inf and inf / "
+            "inf is NaN"),
+    Mistake(lambda scores, mask: torch.softmax(scores.masked_fill(~mask, 0.0), -1),
+            "masked entries were set to 0 before the softmax, and exp(0) still gives them weight; a masked entry "
+            "must get none"),
+]
+
+
+@chapter.exercise("2.1", reference=ref.masked_softmax, hints=(
+    "a masked entry must end with weight exactly 0, and the softmax must survive scores of any size and rows "
+    "with nothing kept",
+    "fill the masked scores with -inf (exp(-inf) = 0), subtract the row maximum over the kept entries before "
+    "exp, and for a row with nothing kept (its maximum is -inf) avoid -inf - (-inf) and 0 / 0: it gets zeros",
+    "s = scores.masked_fill(~mask, -inf); m = s.amax(-1, keepdim=True); m = torch.where(torch.isfinite(m), m, "
+    "0); e = (s - m).exp(); t = e.sum(-1, keepdim=True); return e / torch.where(t > 0, t, 1)",
+))
 def masked_softmax(fn, ref_fn):
-    compare_cases(fn, ref_fn, _softmax_cases(), atol=1e-6)
+    compare_cases(fn, ref_fn, _softmax_cases(), atol=1e-6, mistakes=SOFTMAX_MISTAKES)
 
 
 # --------------------------------------------------------------------------------------------------------
 # 2.2 causal mask
 
 
-@chapter.exercise(
-    "2.2", reference=ref.causal_mask,
-    hint="query i sits at absolute position t_k - t_q + i and sees keys up to and including that position; "
-    "return dtype torch.bool",
-)
+CAUSAL_MISTAKES = [
+    Mistake(lambda t_q, t_k: torch.ones(t_q, t_k, dtype=torch.bool).tril(t_k - t_q - 1),
+            "off by one: a query cannot see its own position there, but a token attends to itself (the diagonal "
+            "is allowed)"),
+    Mistake(lambda t_q, t_k: torch.ones(t_q, t_k, dtype=torch.bool).tril(),
+            "the triangle starts at the top-left corner; with t_q < t_k the queries are the LAST t_q positions, so "
+            "it is shifted right by t_k - t_q"),
+    Mistake(lambda t_q, t_k: torch.ones(t_q, t_k, dtype=torch.bool).triu(t_k - t_q),
+            "that lets a query see the keys after it (the upper triangle); it may see only the keys up to its "
+            "own position"),
+]
+
+
+@chapter.exercise("2.2", reference=ref.causal_mask, hints=(
+    "write down, for query i, its absolute position among the t_k positions, then which keys it may see",
+    "the queries are the last t_q of the t_k positions: query i sits at position t_k - t_q + i and sees keys "
+    "0 up to and including that position; return a bool tensor (t_q, t_k)",
+    "return torch.ones(t_q, t_k, dtype=torch.bool).tril(t_k - t_q), or compare arange(t_k)[None, :] <= "
+    "arange(t_q)[:, None] + t_k - t_q",
+))
 def causal_mask(fn, ref_fn):
     cases = [Case(f"t_q={a}, t_k={b}", (a, b)) for a, b in [(1, 1), (5, 5), (7, 7), (3, 8), (1, 9), (4, 6)]]
-    compare_cases(fn, ref_fn, cases)
+    compare_cases(fn, ref_fn, cases, mistakes=CAUSAL_MISTAKES)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -86,23 +123,68 @@ def _attention_cases() -> Iterator[Case]:
     yield Case("B=3 T=9 D=16, random (B,1,T,T) mask", (q, k, v, rnd))
 
 
-@chapter.exercise(
-    "2.3", reference=ref.scaled_dot_product_attention,
-    hint="scores = q @ k.transpose(-2, -1) / sqrt(D) with D = q.shape[-1]; softmax over the keys (last dim) "
-    "with your masked_softmax; then @ v",
-)
+def _attention_variant(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, *,
+                       scale: float, over_queries: bool = False, use_mask: bool = True) -> torch.Tensor:
+    """Attention with one thing changed: the scale of the scores, the softmax axis, or the mask ignored."""
+    scores = q @ k.transpose(-2, -1) * scale  # (..., T_q, T_k)
+    keep = mask if use_mask and mask is not None else torch.ones_like(scores, dtype=torch.bool)
+    if over_queries:
+        return ref.masked_softmax(scores.transpose(-2, -1), keep.transpose(-2, -1)).transpose(-2, -1) @ v
+    return ref.masked_softmax(scores, keep) @ v
+
+
+ATTENTION_MISTAKES = [
+    Mistake(lambda q, k, v, mask=None: _attention_variant(q, k, v, mask, scale=q.shape[-1] ** -0.5,
+                                                          over_queries=True),
+            "that is a softmax over the queries (dim -2): the weights of each query must sum to 1 over the keys"),
+    Mistake(lambda q, k, v, mask=None: _attention_variant(q, k, v, mask, scale=1.0),
+            "that is attention without the scale: the scores must be divided by sqrt(D) so their size does not "
+            "grow with the head size"),
+    Mistake(lambda q, k, v, mask=None: _attention_variant(q, k, v, mask, scale=1.0 / q.shape[-1]),
+            "the scale is 1/D; it should be 1/sqrt(D), the standard deviation of a dot product of D unit-variance "
+            "terms"),
+    Mistake(lambda q, k, v, mask=None: _attention_variant(q, k, v, mask, scale=math.sqrt(q.shape[-1])),
+            "the scores are multiplied by sqrt(D); they should be divided by it"),
+    Mistake(lambda q, k, v, mask=None: _attention_variant(q, k, v, mask, scale=q.shape[-1] ** -0.5, use_mask=False),
+            "the mask is not applied: masked keys still get weight"),
+    Mistake(lambda q, k, v, mask=None: _attention_variant(q, k, v, None if mask is None else ~mask,
+                                                          scale=q.shape[-1] ** -0.5),
+            "the mask is inverted: True means the query may attend to that key"),
+]
+
+
+@chapter.exercise("2.3", reference=ref.scaled_dot_product_attention, hints=(
+    "three steps: score every query against every key, turn each query's scores into weights that sum to 1, "
+    "and average the values with those weights; check the size of the scores and which axis is normalised",
+    "scores = q @ k^T (shape (..., T_q, T_k)) divided by sqrt(D) with D = q.shape[-1]; normalise each query's "
+    "row over the keys (the last axis) with your masked_softmax, which also applies the mask; multiply by v",
+    "return masked_softmax(q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1]), mask) @ v (with an all-True mask "
+    "when mask is None)",
+))
 def attention(fn, ref_fn):
-    compare_cases(fn, ref_fn, _attention_cases(), atol=1e-5, grad_wrt=(0, 1, 2))
+    compare_cases(fn, ref_fn, _attention_cases(), atol=1e-5, grad_wrt=(0, 1, 2), mistakes=ATTENTION_MISTAKES)
 
 
 # --------------------------------------------------------------------------------------------------------
 # 2.4 / 2.5 heads
 
 
-@chapter.exercise(
-    "2.4", reference=ref.split_heads,
-    hint="view as (B, T, H, D) so each head owns a contiguous block of D channels, then transpose(1, 2)",
-)
+SPLIT_MISTAKES = [
+    Mistake(lambda x, n_head: x.reshape(x.shape[0], n_head, x.shape[1], x.shape[2] // n_head),
+            "that reshapes (B, T, C) straight to (B, H, T, D): the memory is read in the wrong order, so a head "
+            "mixes channels of different time steps"),
+    Mistake(lambda x, n_head: x.view(x.shape[0], x.shape[1], x.shape[2] // n_head, n_head).permute(0, 3, 1, 2),
+            "that gives head h the channels h, h + H, h + 2H...; each head owns a contiguous block of D channels"),
+]
+
+
+@chapter.exercise("2.4", reference=ref.split_heads, hints=(
+    "each head owns a contiguous block of D = C / H channels; first expose the heads as their own axis, then "
+    "move that axis in front of time",
+    "view (B, T, C) as (B, T, H, D), so the last axis splits into blocks, then swap the T and H axes; a single "
+    "reshape to (B, H, T, D) reads memory in the wrong order",
+    "return x.view(B, T, n_head, C // n_head).transpose(1, 2)",
+))
 def split_heads(fn, ref_fn):
     g = _gen(2)
     cases = [
@@ -110,14 +192,23 @@ def split_heads(fn, ref_fn):
         Case("B=1 T=7 C=16, 4 heads", (torch.arange(112.0).view(1, 7, 16), 4)),
         Case("B=3 T=1 C=10, 1 head", (torch.randn(3, 1, 10, generator=g), 1)),
     ]
-    compare_cases(fn, ref_fn, cases)
+    compare_cases(fn, ref_fn, cases, mistakes=SPLIT_MISTAKES)
 
 
-@chapter.exercise(
-    "2.5", reference=ref.merge_heads,
-    hint="transpose(1, 2) back to (B, T, H, D) before reshaping to (B, T, H*D) (reshape, not view: the "
-    "transposed tensor is not contiguous)",
-)
+MERGE_MISTAKES = [
+    Mistake(lambda x: x.reshape(x.shape[0], x.shape[2], x.shape[1] * x.shape[3]),
+            "that reshapes (B, H, T, D) straight to (B, T, H*D), mixing time steps; bring T in front of H first"),
+    Mistake(lambda x: x.permute(0, 2, 3, 1).reshape(x.shape[0], x.shape[2], x.shape[1] * x.shape[3]),
+            "that interleaves the heads' channels; head h's D channels must stay one contiguous block"),
+]
+
+
+@chapter.exercise("2.5", reference=ref.merge_heads, hints=(
+    "undo split_heads step by step, in the opposite order",
+    "swap the H and T axes back to (B, T, H, D), then join the last two axes into H*D channels (reshape: the "
+    "swapped tensor is not contiguous, so view fails)",
+    "return x.transpose(1, 2).reshape(B, T, H * D)",
+))
 def merge_heads(fn, ref_fn):
     g = _gen(3)
     cases = [
@@ -125,17 +216,29 @@ def merge_heads(fn, ref_fn):
         Case("B=1 H=4 T=7 D=4 (arange)", (torch.arange(112.0).view(1, 4, 7, 4),)),
         Case("split_heads output, B=2 T=6 C=15, 5 heads", (ref.split_heads(torch.randn(2, 6, 15, generator=g), 5),)),
     ]
-    compare_cases(fn, ref_fn, cases)
+    compare_cases(fn, ref_fn, cases, mistakes=MERGE_MISTAKES)
 
 
 # --------------------------------------------------------------------------------------------------------
 # 2.6 RMSNorm
 
 
-@chapter.exercise(
-    "2.6", reference=ref.rms_norm,
-    hint="x * rsqrt(mean(x**2, last dim) + eps) * weight: no mean subtraction, eps inside the square root",
-)
+RMS_MISTAKES = [
+    Mistake(lambda x, weight, eps=1e-6: torch.nn.functional.layer_norm(x, x.shape[-1:], weight, None, eps),
+            "that is LayerNorm: it subtracts the mean; RMSNorm only divides by the root mean square"),
+    Mistake(lambda x, weight, eps=1e-6: x / (x.pow(2).mean(-1, keepdim=True).sqrt() + eps) * weight,
+            "eps is added outside the square root; it goes inside, next to the mean of squares"),
+    Mistake(lambda x, weight, eps=1e-6: ref.rms_norm(x, None, eps), "the weight is not applied"),
+]
+
+
+@chapter.exercise("2.6", reference=ref.rms_norm, hints=(
+    "RMSNorm rescales each vector (the last axis) to unit root mean square and then applies a learned "
+    "per-channel gain; unlike LayerNorm it does not centre the vector",
+    "divide x by sqrt(mean(x^2 over the last axis) + eps), with eps inside the square root and keepdim=True, "
+    "then multiply by weight",
+    "return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight",
+))
 def rms_norm(fn, ref_fn):
     g = _gen(4)
     cases = [
@@ -143,7 +246,7 @@ def rms_norm(fn, ref_fn):
         Case("shifted input (mean 3)", (torch.randn(4, 9, generator=g) + 3.0, torch.ones(9), 1e-6)),
         Case("tiny input (~1e-3), eps=1e-5", (torch.randn(3, 7, generator=g) * 1e-3, torch.rand(7, generator=g), 1e-5)),
     ]
-    compare_cases(fn, ref_fn, cases, atol=1e-5, grad_wrt=(0,))
+    compare_cases(fn, ref_fn, cases, atol=1e-5, grad_wrt=(0,), mistakes=RMS_MISTAKES)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -158,13 +261,40 @@ def _rope_cases() -> Iterator[Case]:
     yield Case("T=3 D=8, base=100", (torch.randn(2, 1, 3, 8, generator=g), torch.tensor([1, 4, 7]), 100.0))
 
 
-@chapter.exercise(
-    "2.7", reference=answers.rotary_embedding,
-    hint="pair feature i with feature i + D/2 (not 2i with 2i+1); angle = position * base**(-2i/D); "
-    "out = cat(x1*cos - x2*sin, x1*sin + x2*cos)",
-)
+def _rope_variant(x: torch.Tensor, positions: torch.Tensor, base: float = 10000.0, *, exponent: float = 2.0,
+                  sign: float = 1.0, interleaved: bool = False) -> torch.Tensor:
+    """Rotary embedding with one thing changed: the frequencies, the direction, or the pairing."""
+    D = x.shape[-1]
+    i = torch.arange(D // 2, dtype=torch.float64)
+    angle = positions.double()[:, None] * base ** (-exponent * i / D)  # (T, D/2)
+    cos, sin = angle.cos().to(x.dtype), (sign * angle.sin()).to(x.dtype)
+    if interleaved:
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+        return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2)
+    x1, x2 = x[..., : D // 2], x[..., D // 2:]
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
+ROPE_MISTAKES = [
+    Mistake(lambda x, positions, base=10000.0: _rope_variant(x, positions, base, interleaved=True),
+            "that rotates the pairs (2i, 2i+1); this course pairs feature i with feature i + D/2"),
+    Mistake(lambda x, positions, base=10000.0: _rope_variant(x, positions, base, exponent=1.0),
+            "the frequencies are base**(-i/D); pair i turns at base**(-2i/D)"),
+    Mistake(lambda x, positions, base=10000.0: _rope_variant(x, positions, base, sign=-1.0),
+            "the rotation goes the wrong way (the sines have the wrong sign)"),
+]
+
+
+@chapter.exercise("2.7", reference=answers.rotary_embedding, hints=(
+    "rotary embedding turns pairs of features by an angle that grows with the position, each pair at its own "
+    "frequency; find which features form a pair and how fast pair i turns",
+    "pair feature i with feature i + D/2 (the two halves of the vector); pair i turns by position * base**(-2i/D); "
+    "rotate each pair (x1, x2) by that angle the usual way",
+    "angle = positions[:, None] * base ** (-2 * torch.arange(D // 2) / D); x1, x2 = x[..., :D//2], x[..., D//2:]; "
+    "return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1)",
+))
 def rotary_embedding(fn, ref_fn):
-    compare_cases(fn, ref_fn, _rope_cases(), atol=1e-4)
+    compare_cases(fn, ref_fn, _rope_cases(), atol=1e-4, mistakes=ROPE_MISTAKES)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -184,14 +314,27 @@ def _block_cases() -> Iterator[Case]:
         yield Case(f"B={B} T={T} C={C}", (x, norm1, attn, norm2, mlp))
 
 
-@chapter.exercise(
-    "2.8", reference=answers.pre_norm_block,
-    hint="normalise the input of each sublayer, never the residual stream: h = x + attn(norm1(x)); "
-    "out = h + mlp(norm2(h))",
-)
+BLOCK_MISTAKES = [
+    Mistake(lambda x, norm1, attn, norm2, mlp: norm2((h := norm1(x + attn(x))) + mlp(h)),
+            "that is a post-norm block (normalise after adding); a pre-norm block normalises each sublayer's "
+            "input and leaves the residual stream alone"),
+    Mistake(lambda x, norm1, attn, norm2, mlp: mlp(norm2(x + attn(norm1(x)))),
+            "the MLP's output replaces the residual stream; it should be added to it"),
+    Mistake(lambda x, norm1, attn, norm2, mlp: x + attn(norm1(x)) + mlp(norm2(x)),
+            "attention and the MLP both read x (a parallel block); the MLP reads the stream after attention"),
+]
+
+
+@chapter.exercise("2.8", reference=answers.pre_norm_block, hints=(
+    "a pre-norm block has two sublayers; each one reads a normalised copy of the residual stream and adds its "
+    "output back to the stream",
+    "first attention on norm1 of the input, added to the input; then the MLP on norm2 of that sum, added to "
+    "the sum; the stream itself is never normalised inside the block",
+    "h = x + attn(norm1(x)); return h + mlp(norm2(h))",
+))
 def transformer_block(fn, ref_fn):
     with torch.no_grad():
-        compare_cases(fn, ref_fn, _block_cases(), atol=1e-5)
+        compare_cases(fn, ref_fn, _block_cases(), atol=1e-5, mistakes=BLOCK_MISTAKES)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -213,17 +356,47 @@ def _cache_cases() -> Iterator[Case]:
         yield Case(name, (q, k, v, kc, vc, pos))
 
 
-@chapter.exercise(
-    "2.9", reference=answers.cached_attention,
-    hint="write k_new/v_new into the caches at [pos : pos+T], attend over positions [0 : pos+T] only (the "
-    "rest of the buffer is empty), with causal_mask(T, pos+T) so new tokens do not see later new tokens",
-)
+def _cache_variant(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor,
+                   v_cache: torch.Tensor, pos: int, *, whole_buffer: bool = False, diagonal: int = 0,
+                   causal: bool = True) -> torch.Tensor:
+    """Cached attention with one thing changed: the keys attended to, or the mask within the new tokens."""
+    T = q.shape[-2]
+    k_cache[:, :, pos:pos + T] = k_new
+    v_cache[:, :, pos:pos + T] = v_new
+    if whole_buffer:
+        return ref.scaled_dot_product_attention(q, k_cache, v_cache)
+    mask = ref.causal_mask(T, pos + T).tril(pos + diagonal) if causal else None
+    return ref.scaled_dot_product_attention(q, k_cache[:, :, :pos + T], v_cache[:, :, :pos + T], mask)
+
+
+CACHE_MISTAKES = [
+    Mistake(lambda *args: _cache_variant(*args, whole_buffer=True),
+            "that attends over the whole cache buffer, empty slots after pos + T included; only positions "
+            "0 .. pos + T - 1 hold keys"),
+    Mistake(lambda *args: _cache_variant(*args, diagonal=-1),
+            "off by one: the new tokens cannot see their own positions; a token attends to itself"),
+    Mistake(lambda *args: _cache_variant(*args, causal=False),
+            "the new tokens see each other in both directions; a new token may not see the new tokens after it"),
+]
+
+
+@chapter.exercise("2.9", reference=answers.cached_attention, hints=(
+    "the cache holds the keys and values of the first pos positions; the new tokens add theirs, and then "
+    "attend like any causal attention over everything written so far",
+    "write k_new and v_new into the caches at [pos : pos + T]; attend over positions [0 : pos + T] only (the "
+    "rest of the buffer is empty) with the causal mask for T queries over pos + T keys",
+    "k_cache[:, :, pos:pos+T] = k_new; v_cache[:, :, pos:pos+T] = v_new; return attention(q, k_cache[:, :, "
+    ":pos+T], v_cache[:, :, :pos+T], causal_mask(T, pos + T))",
+))
 def cached_attention(fn, ref_fn):
     for case in _cache_cases():
         a_ref, a_fn = clone_args(case.args), clone_args(case.args)
         expected = ref_fn(*a_ref)
         got = call(fn, *a_fn, where=case.name)
-        compare(got, expected, where=case.name, atol=1e-5)
+        try:
+            compare(got, expected, where=case.name, atol=1e-5)
+        except CheckFailure as exc:
+            raise explain(exc, CACHE_MISTAKES, case, got, atol=1e-5) from None
         compare(a_fn[3], a_ref[3], where=case.name, name="k_cache after the call")
         compare(a_fn[4], a_ref[4], where=case.name, name="v_cache after the call")
 
@@ -242,13 +415,35 @@ def _top_k_cases() -> Iterator[Case]:
     yield Case("batched (2, 3, 13), k=4", (torch.randn(2, 3, 13, generator=g), 4))
 
 
-@chapter.exercise(
-    "2.10", reference=sampling.top_k_filter,
-    hint="find the k-th largest value per row (torch.topk(...).values[..., -1:]) and set every logit "
-    "strictly below it to -inf; ties with it stay; k >= V keeps everything",
-)
+def _top_k_by_position(logits: torch.Tensor, k: int) -> torch.Tensor:
+    idx = torch.topk(logits, min(k, logits.shape[-1]), dim=-1).indices
+    keep = torch.zeros_like(logits, dtype=torch.bool).scatter(-1, idx, True)
+    return logits.masked_fill(~keep, float("-inf"))
+
+
+def _top_k_zero_fill(logits: torch.Tensor, k: int) -> torch.Tensor:
+    kth = torch.topk(logits, min(k, logits.shape[-1]), dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < kth, 0.0)
+
+
+TOP_K_MISTAKES = [
+    Mistake(_top_k_by_position, "exactly k tokens were kept, so tokens tied with the k-th largest logit were "
+            "dropped; the filter must depend on the values only, so every tie stays"),
+    Mistake(_top_k_zero_fill, "the removed logits were set to 0, which still has probability; a removed token "
+            "needs -inf"),
+]
+
+
+@chapter.exercise("2.10", reference=sampling.top_k_filter, hints=(
+    "the filter keeps the tokens whose logit is among the k largest of their row and removes the rest; "
+    "decide by value, so tied logits are treated alike",
+    "find each row's k-th largest logit (torch.topk(...).values, the last one, kept as a column) and set every "
+    "logit strictly below it to -inf; ties with it stay; k >= V keeps everything",
+    "kth = torch.topk(logits, k, dim=-1).values[..., -1:]; return logits.masked_fill(logits < kth, "
+    "float('-inf')) (after returning logits unchanged when k >= V)",
+))
 def top_k_filter(fn, ref_fn):
-    compare_cases(fn, ref_fn, _top_k_cases())
+    compare_cases(fn, ref_fn, _top_k_cases(), mistakes=TOP_K_MISTAKES)
 
 
 def _top_p_cases() -> Iterator[Case]:
@@ -262,17 +457,48 @@ def _top_p_cases() -> Iterator[Case]:
     yield Case("three tokens tied at the threshold", (torch.tensor([[2.0, 1.0, 1.0, 1.0, -3.0]]), 0.5))
 
 
-@chapter.exercise(
-    "2.11", reference=sampling.top_p_filter,
-    hint="sort the probabilities (softmax, not logits) in descending order; keep a token when the mass "
-    "BEFORE it is < p, so the token crossing p stays; then keep every token at least as likely as the "
-    "least likely kept one (ties)",
-)
+def _top_p_variant(logits: torch.Tensor, p: float, *, mass_including: bool = False, on_logits: bool = False,
+                   keep_ties: bool = True) -> torch.Tensor:
+    """Top-p with one thing changed: the crossing token dropped, logits summed, or ties cut."""
+    if p >= 1:
+        return logits
+    probs = logits.float() if on_logits else torch.softmax(logits.float(), dim=-1)
+    sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
+    mass = torch.cumsum(sorted_probs, dim=-1) - (0 if mass_including else sorted_probs)
+    keep_sorted = mass < p
+    keep_sorted[..., 0] = True
+    if keep_ties:
+        least = torch.where(keep_sorted, sorted_probs, torch.full_like(sorted_probs, float("inf"))).amin(-1, True)
+        return logits.masked_fill(probs < least, float("-inf"))
+    keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+    return logits.masked_fill(~keep, float("-inf"))
+
+
+TOP_P_MISTAKES = [
+    Mistake(lambda logits, p: _top_p_variant(logits, p, mass_including=True),
+            "one token too few: the token whose probability carries the mass past p was dropped; keep a token "
+            "when the mass BEFORE it is below p, so the kept mass reaches p"),
+    Mistake(lambda logits, p: _top_p_variant(logits, p, on_logits=True),
+            "that accumulates logits; p is a probability mass, so sum the softmax probabilities"),
+    Mistake(lambda logits, p: _top_p_variant(logits, p, keep_ties=False),
+            "a token tied with the least likely kept token was dropped; tied tokens must be treated alike"),
+]
+
+
+@chapter.exercise("2.11", reference=sampling.top_p_filter, hints=(
+    "keep the most likely tokens, in order of probability, until together they hold at least p of the "
+    "probability mass; check the token that crosses p and tokens tied with the last one kept",
+    "sort the probabilities (the softmax, not the logits) in descending order; keep a token when the mass "
+    "BEFORE it is < p, so the token that crosses p stays; then keep every token at least as likely as the "
+    "least likely kept one, and set the others to -inf; p = 1 keeps everything",
+    "sp, _ = probs.sort(-1, descending=True); keep = (sp.cumsum(-1) - sp) < p; least = torch.where(keep, sp, "
+    "1.0).amin(-1, keepdim=True); return logits.masked_fill(probs < least, float('-inf'))",
+))
 def top_p_filter(fn, ref_fn):
-    compare_cases(fn, ref_fn, _top_p_cases())
+    compare_cases(fn, ref_fn, _top_p_cases(), mistakes=TOP_P_MISTAKES)
 
 
 __all__ = [
-    "chapter", "use", "masked_softmax", "causal_mask", "attention", "split_heads", "merge_heads", "rms_norm",
+    "chapter", "use", "hint", "masked_softmax", "causal_mask", "attention", "split_heads", "merge_heads", "rms_norm",
     "rotary_embedding", "transformer_block", "cached_attention", "top_k_filter", "top_p_filter",
 ]

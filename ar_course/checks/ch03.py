@@ -11,10 +11,13 @@ from __future__ import annotations
 
 from typing import Iterator
 
+import numpy as np
 import torch
+from scipy import linalg
 
 from ar_course import metrics, sampling
-from ar_course.checks.core import Case, Chapter, CheckFailure, call, clone_args, compare, compare_cases
+from ar_course.checks.core import (Case, Chapter, CheckFailure, Mistake, call, clone_args, compare, compare_cases,
+                                   explain)
 from ar_course.checks.reference import ch03 as answers
 from ar_course.raster import functional as ref
 from ar_course.raster.model import raster_config
@@ -23,6 +26,7 @@ from ar_course.transformer.model import GPT
 
 chapter = Chapter(3, "Autoregressive images")
 use = chapter.use
+hint = chapter.hint
 
 
 def _gen(seed: int = 0) -> torch.Generator:
@@ -44,11 +48,16 @@ def _to_raster_cases() -> Iterator[Case]:
     yield Case("4x6x1 map (one column)", (_maps(g, 4, 6, 1),))
 
 
-@chapter.exercise("3.1", reference=ref.to_raster,
-                  hint="raster order reads row 0 left to right, then row 1...: token (i, j) goes to i * w + j, "
-                       "which is what reshape(B, h * w) does on a (B, h, w) tensor")
+@chapter.exercise("3.1", reference=ref.to_raster, hints=(
+    "raster order reads a map the way you read a page: along the first row, then along the next one",
+    "token (i, j) of an h x w map goes to position i * w + j; a (B, h, w) tensor is stored row by row, so no "
+    "element has to move",
+    "return maps.reshape(B, h * w)",
+))
 def to_raster(fn, ref_fn):
-    compare_cases(fn, ref_fn, _to_raster_cases())
+    compare_cases(fn, ref_fn, _to_raster_cases(), mistakes=[
+        Mistake(lambda maps: maps.transpose(1, 2).reshape(maps.shape[0], -1),
+                "that reads the map column by column; raster order reads it row by row")])
 
 
 def _from_raster_cases() -> Iterator[Case]:
@@ -58,11 +67,16 @@ def _from_raster_cases() -> Iterator[Case]:
     yield Case("(3, 64) -> 8x8", (torch.randint(0, 50, (3, 64), generator=g), 8, 8))
 
 
-@chapter.exercise("3.2", reference=ref.from_raster,
-                  hint="position p of the sequence is row p // w, column p % w; reshape to (B, h, w), "
-                       "in that order of h and w")
+@chapter.exercise("3.2", reference=ref.from_raster, hints=(
+    "undo to_raster: find the row and the column that sequence position p came from",
+    "position p is row p // w, column p % w, which is how a (B, h, w) tensor is laid out in memory: h rows "
+    "of w tokens",
+    "return seq.reshape(B, h, w)",
+))
 def from_raster(fn, ref_fn):
-    compare_cases(fn, ref_fn, _from_raster_cases())
+    compare_cases(fn, ref_fn, _from_raster_cases(), mistakes=[
+        Mistake(lambda seq, h, w: seq.reshape(seq.shape[0], w, h).transpose(1, 2),
+                "that fills the map column by column; the sequence holds it row by row")])
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -77,12 +91,18 @@ def _pairs_cases() -> Iterator[Case]:
     yield Case("1 sequence of 1 token (the model reads only the class)", (torch.tensor([[3]]),))
 
 
-@chapter.exercise("3.3", reference=ref.make_training_pairs,
-                  hint="the class embedding fills position 0 and predicts t_0, so the targets are all L tokens "
-                       "[t_0, ..., t_{L-1}] (no shift) and the inputs are the L - 1 tokens [t_0, ..., t_{L-2}]: the "
-                       "last token is never read")
+@chapter.exercise("3.3", reference=ref.make_training_pairs, hints=(
+    "write down what the model reads at each position and what it must predict there; position 0 holds the "
+    "class, not a token",
+    "the class embedding fills position 0 and predicts t_0, so the targets are all L tokens (no shift); the "
+    "inputs are the tokens read after the class, t_0 .. t_{L-2}: the last token is never read",
+    "return tokens[:, :-1], tokens",
+))
 def make_training_pairs(fn, ref_fn):
-    compare_cases(fn, ref_fn, _pairs_cases())
+    compare_cases(fn, ref_fn, _pairs_cases(), mistakes=[
+        Mistake(lambda tokens: (tokens[:, :-1], tokens[:, 1:]),
+                "that is a text model's shift (targets t_1 .. t_{L-1}); here the class position predicts t_0, so "
+                "the targets are all L tokens")])
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -96,9 +116,19 @@ def _dropout_cases() -> Iterator[tuple[str, torch.Tensor, float, int, int]]:
     yield "50 classes, p = 1 (everything dropped)", torch.arange(50) % 10, 1.0, 10, 3
 
 
-@chapter.exercise("3.4", reference=ref.condition_dropout,
-                  hint="draw u = torch.rand(B, generator=generator) once, drop where u < p, and build a new "
-                       "tensor (torch.where) instead of writing into classes")
+def _dropout_where_above(classes: torch.Tensor, p: float, null: int, generator: torch.Generator) -> torch.Tensor:
+    u = torch.rand(classes.shape, generator=generator, device=classes.device)
+    return torch.where(u >= p, torch.full_like(classes, null), classes)
+
+
+@chapter.exercise("3.4", reference=ref.condition_dropout, hints=(
+    "each class is replaced by the null class with probability p, independently, using random numbers from "
+    "the generator you are given",
+    "draw one uniform number per class with a single torch.rand call on the generator, replace the class where "
+    "the number is below p, and build a new tensor instead of writing into classes",
+    "u = torch.rand(classes.shape, generator=generator); return torch.where(u < p, torch.full_like(classes, "
+    "null), classes)",
+))
 def condition_dropout(fn, ref_fn):
     for name, classes, p, null, seed in _dropout_cases():
         original = classes.clone()
@@ -106,7 +136,12 @@ def condition_dropout(fn, ref_fn):
         if not torch.equal(classes, original):
             raise CheckFailure(f"your function changed its input classes on input {name!r}; return a new tensor")
         expected = ref_fn(original, p, null, _gen(seed))
-        compare(got, expected, where=name)
+        try:
+            compare(got, expected, where=name)
+        except CheckFailure as exc:
+            upside_down = Mistake(_dropout_where_above, "that drops where the number is at least p, i.e. with "
+                                  "probability 1 - p")
+            raise explain(exc, [upside_down], Case(name, (original, p, null, _gen(seed))), got) from None
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -121,9 +156,13 @@ def _cfg_cases() -> Iterator[Case]:
     yield Case("2x3x7 logits, w 2", (torch.randn(2, 3, 7, generator=g), torch.randn(2, 3, 7, generator=g), 2.0))
 
 
-@chapter.exercise("3.5", reference=sampling.cfg_mix,
-                  hint="mix the logits, not the probabilities: (1 + w) * cond - w * uncond, so that w = 0 gives "
-                       "cond exactly and a larger w moves further away from uncond")
+@chapter.exercise("3.5", reference=sampling.cfg_mix, hints=(
+    "guidance moves from the unconditional prediction through the conditional one and past it; it mixes "
+    "logits, not probabilities",
+    "start at cond and move w times the difference cond - uncond further, so that w = 0 gives cond exactly and "
+    "w = -1 gives uncond",
+    "return (1 + w) * cond - w * uncond",
+))
 def cfg_logits(fn, ref_fn):
     compare_cases(fn, ref_fn, _cfg_cases())
 
@@ -150,10 +189,16 @@ def _sampling_cases() -> Iterator[tuple[str, dict]]:
     yield "8 classes, 12 tokens, w 1, greedy", dict(classes=classes, num_tokens=12, cfg=1.0, sampling=GREEDY)
 
 
-@chapter.exercise("3.6", reference=answers.sample_tokens,
-                  hint="run [classes; null classes] as one batch of 2B with model.make_cache(2B); the first "
-                       "pass takes an empty (2B, 0) input, every later pass the last sampled token (repeated for "
-                       "both halves); mix logits[:B] and logits[B:] with (1 + w) * cond - w * uncond")
+@chapter.exercise("3.6", reference=answers.sample_tokens, hints=(
+    "one forward pass per token, each over the new token only (the KV cache remembers the rest), on one batch "
+    "that holds both the conditional and the unconditional half",
+    "run [classes; null classes] as one batch of 2B with model.make_cache(2B); the first pass takes an empty "
+    "(2B, 0) input, every later pass the last sampled token repeated for both halves; mix the two halves' "
+    "logits as in exercise 3.5 before sampling",
+    "per step: logits = last-position logits of the 2B rows; mixed = sampling.cfg_mix(logits[:B], logits[B:], "
+    "cfg); tok = sampling.sample(mixed, sampling=sampling, generator=generator); feed tok.repeat(2)[:, None] "
+    "next",
+))
 def sample_tokens(fn, ref_fn):
     model = tiny_model()
     for name, kw in _sampling_cases():
@@ -191,12 +236,37 @@ def _frechet_cases() -> Iterator[Case]:
                                                 torch.randn(40, 3, generator=g, dtype=torch.float64) * 2))
 
 
-@chapter.exercise("3.7", reference=metrics.frechet_distance_from_features,
-                  hint="||mu_a - mu_b||^2 + tr(S_a) + tr(S_b) - 2 tr(sqrtm(S_a @ S_b)) with the unbiased "
-                       "covariances (divide by N - 1, as np.cov does) and a matrix square root "
-                       "(scipy.linalg.sqrtm, real part), not an elementwise one")
+def _frechet_variant(a: torch.Tensor, b: torch.Tensor, *, ddof: int = 1, elementwise: bool = False) -> float:
+    """The Frechet distance with one thing changed: biased covariances or an elementwise square root."""
+    x, y = a.double().numpy(), b.double().numpy()
+    s_a, s_b = np.cov(x, rowvar=False, ddof=ddof), np.cov(y, rowvar=False, ddof=ddof)
+    prod = s_a @ s_b
+    with np.errstate(invalid="ignore"):  # an entry-wise root of a negative entry is NaN, as the learner's is
+        root = np.sqrt(prod) if elementwise else linalg.sqrtm(prod).real
+    return float(((x.mean(0) - y.mean(0)) ** 2).sum() + np.trace(s_a) + np.trace(s_b) - 2 * np.trace(root))
+
+
+FRECHET_MISTAKES = [
+    Mistake(lambda a, b: _frechet_variant(a, b, ddof=0),
+            "those covariances divide by N; the unbiased ones divide by N - 1"),
+    Mistake(lambda a, b: _frechet_variant(a, b, elementwise=True),
+            "that takes the square root of each entry of S_a S_b; the formula needs the matrix square root"),
+]
+
+
+@chapter.exercise("3.7", reference=metrics.frechet_distance_from_features, hints=(
+    "fit a Gaussian (a mean and a covariance) to each set of features and measure how far apart the two "
+    "Gaussians are",
+    "||mu_a - mu_b||^2 + tr(S_a) + tr(S_b) - 2 tr(sqrtm(S_a S_b)), with unbiased covariances (divide by N - 1, "
+    "as np.cov does) and a matrix square root, not an elementwise one",
+    "s_a, s_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False); root = scipy.linalg.sqrtm(s_a @ s_b).real; "
+    "return float(((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(s_a + s_b - 2 * root))",
+))
 def frechet_distance(fn, ref_fn):
     for case in _frechet_cases():
         expected = ref_fn(*clone_args(case.args))
         got = call(fn, *clone_args(case.args), where=case.name)
-        compare(got, expected, where=case.name, name="distance", atol=1e-6, rtol=1e-5)
+        try:
+            compare(got, expected, where=case.name, name="distance", atol=1e-6, rtol=1e-5)
+        except CheckFailure as exc:
+            raise explain(exc, FRECHET_MISTAKES, case, got, atol=1e-6, rtol=1e-5) from None

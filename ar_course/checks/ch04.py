@@ -13,7 +13,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from ar_course.checks.core import Case, Chapter, CheckFailure, call, clone_args, compare, compare_cases
+from ar_course.checks.core import Case, Chapter, CheckFailure, Mistake, call, clone_args, compare, compare_cases
 from ar_course.sampling import SamplingConfig
 from ar_course.tokenizers import MultiScaleVQ
 from ar_course.var import functional as ref
@@ -22,6 +22,7 @@ from ar_course.var.model import VAR, VARConfig
 
 chapter = Chapter(4, "Next-scale prediction")
 use = chapter.use
+hint = chapter.hint
 
 SCHEDULES = [(1, 2, 3, 4, 6, 8), (1, 3), (2,), (1, 2, 4, 5)]
 
@@ -48,9 +49,14 @@ def _pyramid(scales: tuple[int, ...], B: int, vocab: int = 19, seed: int = 1) ->
 # 4.1 the block-causal mask
 
 
-@chapter.exercise("4.1", reference=ref.block_causal_mask,
-                  hint="give every position its scale index lvl (scale k repeated s_k^2 times); query i may "
-                       "attend to key j exactly when lvl[i] >= lvl[j]")
+@chapter.exercise("4.1", reference=ref.block_causal_mask, hints=(
+    "all tokens of a scale are predicted together, from the scales before it; decide which scales a token may "
+    "look at, then turn that into a mask over positions",
+    "give every position its scale index (scale k repeated s_k^2 times); a query may attend to every key of "
+    "its own scale and of earlier scales, and to nothing of later ones",
+    "lvl = torch.repeat_interleave(torch.arange(S), torch.tensor([s * s for s in scales])); return "
+    "lvl[:, None] >= lvl[None, :]",
+))
 def block_causal_mask(fn: Callable, ref_fn: Callable) -> None:
     for scales in SCHEDULES:
         where = f"scales {scales}"
@@ -87,11 +93,38 @@ def _embed_cases() -> Iterator[Case]:
                     torch.randn(L, C, generator=g), scales, start))
 
 
-@chapter.exercise("4.2", reference=ref.embed_levels_positions,
-                  hint="position p (counting from start) gets pos_table[p] and level_table[scale of p]; the scale "
-                       "index of a position is k for all s_k^2 positions of scale k, not the side s_k")
+def _embed_from_zero(x: torch.Tensor, level_table: torch.Tensor, pos_table: torch.Tensor, scales: tuple[int, ...],
+                     start: int = 0, *, levels_too: bool = True) -> torch.Tensor:
+    lvl = ref.level_ids(scales)
+    first = 0 if levels_too else start
+    return x + level_table[lvl[first:first + x.shape[1]]] + pos_table[:x.shape[1]]
+
+
+def _embed_level_by_position(x: torch.Tensor, level_table: torch.Tensor, pos_table: torch.Tensor,
+                             scales: tuple[int, ...], start: int = 0) -> torch.Tensor:
+    p = torch.arange(start, start + x.shape[1])
+    return x + level_table[p.clamp(max=level_table.shape[0] - 1)] + pos_table[p]
+
+
+FROM_ZERO = "the positions are counted from 0; they start at `start` (a generation step embeds one scale of a longer " \
+            "sequence)"
+EMBED_MISTAKES = [
+    Mistake(_embed_from_zero, FROM_ZERO),
+    Mistake(lambda *args: _embed_from_zero(*args, levels_too=False), FROM_ZERO),
+    Mistake(_embed_level_by_position, "the level table is indexed by the position; it is indexed by the scale the "
+            "position belongs to"),
+]
+
+
+@chapter.exercise("4.2", reference=ref.embed_levels_positions, hints=(
+    "every position gets two embeddings added to it: one for where it is in the whole sequence, one for the "
+    "scale it belongs to",
+    "position p (counting from start) gets pos_table[p] and level_table[scale index of p]; the scale index is k "
+    "for all s_k^2 positions of scale k, not the side s_k",
+    "p = torch.arange(start, start + T); return x + pos_table[p] + level_table[level_ids(scales)[p]]",
+))
 def embed_levels_positions(fn: Callable, ref_fn: Callable) -> None:
-    compare_cases(fn, ref_fn, _embed_cases())
+    compare_cases(fn, ref_fn, _embed_cases(), mistakes=EMBED_MISTAKES)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -103,10 +136,15 @@ def _scale_step_cases() -> Iterator[tuple[str, MultiScaleVQ, list[torch.Tensor]]
         yield f"scales {scales}, batch {B}", _vq(scales), _pyramid(scales, B)
 
 
-@chapter.exercise("4.3", reference=ref.scale_step,
-                  hint="f_hat = vq.accumulate(f_hat, k, tokens as (B, s_k, s_k)); the next input is the whole "
-                       "canvas vq.next_input(f_hat, k) (B, D, s', s') flattened row-major to (B, s'^2, D) with "
-                       "flatten(2).transpose(1, 2); return None for it after the last scale")
+@chapter.exercise("4.3", reference=ref.scale_step, hints=(
+    "one step does two things: add scale k's codes to the canvas, then prepare what the transformer reads to "
+    "predict scale k + 1",
+    "reshape the tokens to (B, s_k, s_k) and add them with vq.accumulate; the next input is the whole canvas "
+    "resized by vq.next_input(f_hat, k) to (B, D, s', s'), flattened row-major to (B, s'^2, D); after the last "
+    "scale it is None",
+    "f_hat = vq.accumulate(f_hat, k, tokens.view(B, s, s)); return f_hat, (None if k == S - 1 else "
+    "vq.next_input(f_hat, k).flatten(2).transpose(1, 2))",
+))
 def scale_step(fn: Callable, ref_fn: Callable) -> None:
     for name, vq, pyr in _scale_step_cases():
         f_ref = f_fn = None
@@ -131,10 +169,15 @@ def scale_step(fn: Callable, ref_fn: Callable) -> None:
 # 4.4 the teacher-forcing sequence
 
 
-@chapter.exercise("4.4", reference=ref.teacher_forcing_sequence,
-                  hint="run scale_step over the ground-truth scales and concatenate the next inputs of scales "
-                       "0 .. S-2 (S - 1 of them: the first scale is predicted from the start token); targets "
-                       "are every map flattened row-major and concatenated, coarse to fine")
+@chapter.exercise("4.4", reference=ref.teacher_forcing_sequence, hints=(
+    "teacher forcing feeds the ground-truth scales: run your scale step over them and collect what the "
+    "transformer would read before each scale after the first",
+    "the inputs are the next inputs of scales 0 .. S-2 concatenated along the sequence (S - 1 of them: the first "
+    "scale is predicted from the start token); the targets are every map flattened row-major and "
+    "concatenated, coarse to fine",
+    "for k, idx in enumerate(indices): f_hat, nxt = scale_step(vq, f_hat, k, idx.flatten(1)); collect nxt when "
+    "not None; return torch.cat(inputs, 1), torch.cat([i.flatten(1) for i in indices], 1)",
+))
 def teacher_forcing_sequence(fn: Callable, ref_fn: Callable) -> None:
     for name, vq, pyr in _scale_step_cases():
         with torch.no_grad():
@@ -160,11 +203,24 @@ def _loss_cases() -> Iterator[Case]:
                    (logits, torch.randint(0, V, (B, L), generator=g), scales))
 
 
-@chapter.exercise("4.5", reference=ref.var_loss,
-                  hint="the total is the mean cross-entropy over all B * L tokens (not the mean of the per-scale "
-                       "means); per scale, average over positions begin_k .. end_k - 1 of that scale only")
+def _loss_mean_of_means(logits: torch.Tensor, targets: torch.Tensor,
+                        scales: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    per_scale = ref.var_loss(logits, targets, scales)[1]
+    return per_scale.mean(), per_scale
+
+
+@chapter.exercise("4.5", reference=ref.var_loss, hints=(
+    "every token of every scale is one prediction; the total and the per-scale numbers are averages of the same "
+    "per-token cross-entropies over different sets of tokens",
+    "the total is the mean over all B * L tokens, so a scale with more tokens weighs more (not the mean of the "
+    "per-scale means); scale k's number averages its own positions begin_k .. end_k - 1",
+    "nll = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction='none').view(B, L); return "
+    "nll.mean(), torch.stack([nll[:, b:e].mean() for b, e in bounds])",
+))
 def var_loss(fn: Callable, ref_fn: Callable) -> None:
-    compare_cases(fn, ref_fn, _loss_cases(), atol=1e-5, rtol=1e-4, grad_wrt=(0,))
+    compare_cases(fn, ref_fn, _loss_cases(), atol=1e-5, rtol=1e-4, grad_wrt=(0,), mistakes=[
+        Mistake(_loss_mean_of_means, "the total is the mean of the per-scale means; it is the mean over all "
+                "tokens, so each token counts once")])
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -190,11 +246,16 @@ def _sampling_cases() -> Iterator[tuple[str, dict]]:
         cfg=1.5, sampling=SamplingConfig(temperature=0.7, top_p=0.9))
 
 
-@chapter.exercise("4.6", reference=var_model.sample_pyramid,
-                  hint="one model.step per scale with one KV cache; with cfg != 0 run classes and the null class "
-                       "in one doubled batch (and double each next input), mix (1 + t) cond - t uncond with "
-                       "t = cfg * k / (S - 1) when ramp else cfg, then draw all tokens of the scale with one "
-                       "sampling.sample call on (B, s*s, V) logits and the given generator")
+@chapter.exercise("4.6", reference=var_model.sample_pyramid, hints=(
+    "one forward pass per scale, with one KV cache for the whole pyramid: each scale's tokens are drawn "
+    "together, added to the canvas, and the canvas gives the next scale's input",
+    "with cfg != 0 run classes and the null class in one doubled batch (and double each next input); mix the "
+    "halves with a guidance strength that ramps from 0 at the first scale to cfg at the last (cfg throughout "
+    "without the ramp); draw all s*s tokens of a scale with one sampling.sample call and the given generator",
+    "per scale k: logits = model.step(k, ...); t = cfg * k / (S - 1) if ramp else cfg; mixed = (1 + t) * "
+    "logits[:B] - t * logits[B:]; tokens = sampling.sample(mixed, sampling=sampling, generator=generator); "
+    "f_hat, nxt = scale_step(vq, f_hat, k, tokens)",
+))
 def sample_pyramid(fn: Callable, ref_fn: Callable) -> None:
     for scales in [(1, 2, 3, 5), (1, 3, 4)]:
         vq, model = _vq(scales), _tiny_var(scales)

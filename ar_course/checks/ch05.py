@@ -12,7 +12,7 @@ from typing import Callable, Iterator
 import torch
 
 from ar_course import sampling
-from ar_course.checks.core import Case, Chapter, call, compare, compare_cases
+from ar_course.checks.core import Case, Chapter, CheckFailure, Mistake, call, compare, compare_cases, explain
 from ar_course.checks.reference import ch05 as answers
 from ar_course.speculative import analysis
 from ar_course.speculative import functional as ref
@@ -20,6 +20,7 @@ from ar_course.transformer.model import KVCache
 
 chapter = Chapter(5, "Speculative decoding")
 use = chapter.use
+hint = chapter.hint
 
 
 def _dists(g: torch.Generator, *shape: int, sharp: float = 1.5, zeros: bool = False) -> torch.Tensor:
@@ -46,10 +47,27 @@ def _accept_cases() -> Iterator[Case]:
     yield Case("hand-made: p > q, p == q, p < q, p = 0", (p[[0, 1, 2, 0]], q[[0, 1, 2, 0]], torch.tensor([0, 2, 1, 2])))
 
 
-@chapter.exercise("5.1", reference=ref.acceptance_probability,
-                  hint="gather p and q at the drafted token and take min(1, p / q): a probability never exceeds 1")
+def _at(dist: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """``dist[..., tokens]``: the probability of each drafted token."""
+    return dist.gather(-1, tokens[..., None]).squeeze(-1)
+
+
+ACCEPT_MISTAKES = [
+    Mistake(lambda p, q, tokens: _at(p, tokens) / _at(q, tokens),
+            "some of those are above 1: p/q is a probability only once it is capped at 1"),
+    Mistake(lambda p, q, tokens: (_at(q, tokens) / _at(p, tokens)).clamp(max=1).nan_to_num(1.0),
+            "that is q/p; the ratio is the target's probability over the draft's"),
+]
+
+
+@chapter.exercise("5.1", reference=ref.acceptance_probability, hints=(
+    "the draft proposed a token it drew from q; accept it with the probability that turns q's proposals into "
+    "samples of p: a token p likes more than q is always kept",
+    "read p and q at the drafted token (gather on the last axis) and accept with probability p/q, capped at 1",
+    "return (p.gather(-1, tokens[..., None]) / q.gather(-1, tokens[..., None])).squeeze(-1).clamp(max=1)",
+))
 def acceptance_probability(fn: Callable, ref_fn: Callable) -> None:
-    compare_cases(fn, ref_fn, _accept_cases())
+    compare_cases(fn, ref_fn, _accept_cases(), mistakes=ACCEPT_MISTAKES)
 
 
 def _residual_cases() -> Iterator[Case]:
@@ -61,10 +79,21 @@ def _residual_cases() -> Iterator[Case]:
     yield Case("disjoint supports, p == q, overlapping", (p, q))
 
 
-@chapter.exercise("5.2", reference=ref.residual_distribution,
-                  hint="clamp p - q at 0 and divide by its row sum; where that sum is 0 (p == q) return p")
+RESIDUAL_MISTAKES = [
+    Mistake(lambda p, q: (p - q).clamp(min=0), "those rows do not sum to 1: normalise the clamped difference"),
+    Mistake(lambda p, q: ref.residual_distribution(q, p), "that is what q has more of than p; after a rejection "
+            "the token comes from what p has more of than q"),
+]
+
+
+@chapter.exercise("5.2", reference=ref.residual_distribution, hints=(
+    "after a rejection, the replacement must come from the probability mass p has and q under-covers",
+    "clamp p - q at 0 and normalise it to sum 1 along the last axis; where the clamped difference sums to 0 "
+    "(p == q) there is nothing to correct: return p there",
+    "r = (p - q).clamp(min=0); z = r.sum(-1, keepdim=True); return torch.where(z > 0, r / z.clamp_min(tiny), p)",
+))
 def residual_distribution(fn: Callable, ref_fn: Callable) -> None:
-    compare_cases(fn, ref_fn, _residual_cases())
+    compare_cases(fn, ref_fn, _residual_cases(), mistakes=RESIDUAL_MISTAKES)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -97,16 +126,28 @@ def _compare_random(fn: Callable, ref_fn: Callable) -> None:
         compare(got, expected, where=name)
 
 
-@chapter.exercise("5.3", reference=ref.speculative_round,
-                  hint="stop at the FIRST i with u[i] >= min(1, p/q); redraw it from the residual of row i; "
-                       "if nothing is rejected, add a bonus token from p[L]; one sample_from_probs call")
+@chapter.exercise("5.3", reference=ref.speculative_round, hints=(
+    "go through the drafts in order; each is accepted or not with the probability of exercise 5.1, and the "
+    "first rejection ends the round with one corrected token",
+    "accept draft i while u[i] < min(1, p/q); at the first rejection draw the replacement from the residual of "
+    "row i (exercise 5.2) and stop; if all L drafts are accepted, add a bonus token drawn from p[L]; make that "
+    "one draw with sampling.sample_from_probs and the generator",
+    "n = number of leading accepted drafts; dist = residual_distribution(p[n], q[n]) if n < L else p[L]; "
+    "return torch.cat([draft[:n], sampling.sample_from_probs(dist, generator).view(1)])",
+))
 def speculative_round(fn: Callable, ref_fn: Callable) -> None:
     _compare_random(fn, ref_fn)
 
 
-@chapter.exercise("5.6", reference=ref.jacobi_verify,
-                  hint="first the speculative round (m tokens); then carry = one sample_from_probs(p[m:]) "
-                       "draw, with carry_q = p[m:] (empty when m = L + 1)")
+@chapter.exercise("5.6", reference=ref.jacobi_verify, hints=(
+    "Jacobi decoding verifies like a speculative round, then reuses the target's rows it has not consumed as "
+    "the next round's draft",
+    "run the speculative round (it returns m tokens); the rows p[m:] the round did not use become the next "
+    "draft's distributions, and one sample_from_probs draw from them its tokens (nothing is carried when m = L + 1)",
+    "accepted = speculative_round(p, q, draft, u, generator); m = len(accepted); carry_q = p[m:]; carry = "
+    "sampling.sample_from_probs(carry_q, generator) if len(carry_q) else draft[:0]; return accepted, carry, "
+    "carry_q",
+))
 def jacobi_verify(fn: Callable, ref_fn: Callable) -> None:
     _compare_random(fn, ref_fn)
 
@@ -115,8 +156,13 @@ def jacobi_verify(fn: Callable, ref_fn: Callable) -> None:
 # 5.4 cache rollback
 
 
-@chapter.exercise("5.4", reference=ref.rollback_caches,
-                  hint="each cache keeps min(its length, seq_len - 1) positions: the last token is fed next time")
+@chapter.exercise("5.4", reference=ref.rollback_caches, hints=(
+    "after a round a cache may hold positions of rejected drafts, and the sequence's last token has not been "
+    "fed to any model yet",
+    "each cache keeps min(its length, seq_len - 1) positions: what it computed for rejected drafts goes, and "
+    "the last token is fed at the next call; a shorter cache stays as it is",
+    "for cache in caches: cache.rollback(min(cache.length, seq_len - 1))",
+))
 def rollback_caches(fn: Callable, ref_fn: Callable) -> None:
     for lengths, seq_len in [((12, 7), 9), ((5, 5), 6), ((20, 3), 4), ((9,), 3), ((4, 10), 11)]:
         where = f"caches of lengths {list(lengths)}, sequence of {seq_len} tokens"
@@ -135,13 +181,30 @@ def rollback_caches(fn: Callable, ref_fn: Callable) -> None:
 # 5.5 the expected number of tokens per target call
 
 
-@chapter.exercise("5.5", reference=analysis.expected_tokens_per_call,
-                  hint="(1 - alpha**(gamma + 1)) / (1 - alpha); at alpha = 1 every draft and the bonus come: gamma + 1")
+EXPECTED_MISTAKES = [
+    Mistake(lambda alpha, gamma: sum(alpha ** i for i in range(1, gamma + 1)),
+            "that counts the accepted drafts only; the target call always adds one token of its own"),
+    Mistake(lambda alpha, gamma: sum(alpha ** i for i in range(gamma)),
+            "off by one: the series has gamma + 1 terms, alpha^0 .. alpha^gamma"),
+]
+
+
+@chapter.exercise("5.5", reference=analysis.expected_tokens_per_call, hints=(
+    "count the tokens one target call yields on average: the accepted drafts, plus the one token the target "
+    "always adds (a correction or a bonus)",
+    "draft i (i = 1..gamma) survives when it and every draft before it are accepted, with probability "
+    "alpha^i; add the target's own token and sum the geometric series; alpha = 1 needs its own case",
+    "return gamma + 1 if alpha == 1 else (1 - alpha ** (gamma + 1)) / (1 - alpha)",
+))
 def expected_tokens_per_call(fn: Callable, ref_fn: Callable) -> None:
     cases = [(0.0, 3), (0.5, 2), (0.8, 5), (0.37, 1), (0.9, 0), (1.0, 4), (0.99, 7)]
     for alpha, gamma in cases:
         where = f"alpha={alpha}, gamma={gamma}"
-        compare(call(fn, alpha, gamma, where=where), ref_fn(alpha, gamma), where=where)
+        got = call(fn, alpha, gamma, where=where)
+        try:
+            compare(got, ref_fn(alpha, gamma), where=where)
+        except CheckFailure as exc:
+            raise explain(exc, EXPECTED_MISTAKES, Case(where, (alpha, gamma)), got) from None
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -162,7 +225,26 @@ def _relaxed_cases() -> Iterator[Case]:
     yield Case("neighbour mass 0.1 below delta 0.3", (p1, q1, torch.tensor([0]), nb, 0.3))
 
 
-@chapter.exercise("5.7", reference=answers.relaxed_acceptance_probability,
-                  hint="m = min(delta, p[neighbors[x]].sum()); accept with min(1, (p[x] + m) / q[x])")
+def _relaxed_with(p: torch.Tensor, q: torch.Tensor, tokens: torch.Tensor, extra: torch.Tensor | float) -> torch.Tensor:
+    return ((_at(p, tokens) + extra) / _at(q, tokens)).clamp(max=1)
+
+
+RELAXED_MISTAKES = [
+    Mistake(lambda p, q, tokens, neighbors, delta: _relaxed_with(
+        p, q, tokens, p.gather(-1, neighbors[tokens]).sum(-1) if delta > 0 else 0.0),
+        "the neighbours' mass is not capped at delta: delta bounds how far the test may be relaxed"),
+    Mistake(lambda p, q, tokens, neighbors, delta: _relaxed_with(p, q, tokens, delta),
+            "that adds delta even where the neighbours hold less; the extra mass is the smaller of the two"),
+]
+
+
+@chapter.exercise("5.7", reference=answers.relaxed_acceptance_probability, hints=(
+    "relaxed acceptance lets the drafted token borrow a little target probability from its neighbours in the "
+    "codebook, at most delta of it",
+    "the extra mass is the smaller of delta and the target's probability summed over the drafted token's "
+    "neighbours; accept with min(1, (p[x] + extra) / q[x])",
+    "m = p.gather(-1, neighbors[tokens]).sum(-1).clamp(max=delta); return ((p_x + m) / q_x).clamp(max=1) with "
+    "p_x, q_x the probabilities of the drafted tokens",
+))
 def relaxed_acceptance_probability(fn: Callable, ref_fn: Callable) -> None:
-    compare_cases(fn, ref_fn, _relaxed_cases())
+    compare_cases(fn, ref_fn, _relaxed_cases(), mistakes=RELAXED_MISTAKES)

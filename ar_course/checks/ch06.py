@@ -6,6 +6,27 @@ Without a GPU the launch runs in numba's CUDA simulator under :func:`ar_course.k
 so out-of-range indices, missing barriers, barriers some threads skip and reads of unwritten shared memory
 are reported on every run. Every output buffer is larger than the data and pre-filled with a sentinel, so
 a stray write past the end, or an element never written, is named as such (also on a real GPU).
+
+A kernel exercise is about memory traffic as much as about the numbers, so once the numbers are right the
+checks count, in the simulator, what each thread did with memory (:class:`~ar_course.kernels.sanitizer.
+MemoryTraffic`, as GPU-Puzzles counts reads) and hold it to what the lesson needs:
+
+* 6.3 block sum: each thread reads at most one element of ``x``, and at most ``2 log2(THREADS) + 1`` shared
+  values (a tree, not one thread adding the block's values one by one);
+* 6.4 tiled matmul: the blocks allocate shared memory for a TILE x TILE tile of ``a`` and one of ``b``, and each
+  thread reads at most ``ceil(K / TILE)`` elements of ``a`` and as many of ``b`` (one per tile step; an untiled
+  kernel reads ``K`` of each);
+* 6.5 online softmax: each thread reads each element of its slice of the row twice at most, once for the
+  running (max, sum) and once to write (``2 ceil(C / THREADS)``; three passes read it three times);
+* 6.6 fused nearest code: each thread writes ``out`` once and keeps no local array as long as the codebook
+  (no distance per code: N x K numbers in all);
+* 6.7 FlashAttention: the blocks allocate shared memory for a BLOCK_N x D tile of ``k`` and one of ``v``, and
+  each thread reads at most ``ceil(T_k / BLOCK_N) * ceil(BLOCK_N * D / BLOCK_M)`` elements of ``k`` and as many
+  of ``v``: its share of loading each tile once per block (a thread that reads its row's keys itself reads up
+  to ``T_k * D``);
+* 6.8 decode partial: each thread reads each key and value of its split once (``chunk * D`` of each).
+
+On a GPU these counts are not available and only the numbers are checked.
 """
 
 from __future__ import annotations
@@ -26,10 +47,11 @@ from ar_course.kernels import cuda_vq as kv
 from ar_course.kernels.cuda_softmax import LOWEST  # noqa: F401  (the notebook imports it from here)
 from ar_course.kernels.launch import cdiv
 from ar_course.kernels.masks import BlockCausal
-from ar_course.kernels.sanitizer import SanitizerError, sanitize
+from ar_course.kernels.sanitizer import LOCAL, READ, SHARED_READ, WRITE, MemoryTraffic, SanitizerError, sanitize
 
 chapter = Chapter(6, "GPU kernels")
 use = chapter.use
+hint = chapter.hint
 
 THREADS = 32  # threads per block for the 1-D exercises (the shared arrays of 6.3 and 6.5 have this size)
 TILE = 8  # tile side of the matmul (blocks of TILE x TILE threads)
@@ -56,13 +78,15 @@ def _require_kernel(fn: Any) -> None:
         raise CheckFailure("expected a kernel: decorate your function with @cuda.jit and pass the kernel itself")
 
 
-def _launch(fn: Any, grid: tuple, block: tuple, args: tuple, where: str) -> None:
-    """``fn[grid, block](*args)`` under the sanitizer; every crash becomes a one-line CheckFailure."""
+def _launch(fn: Any, grid: tuple, block: tuple, args: tuple, where: str) -> MemoryTraffic:
+    """``fn[grid, block](*args)`` under the sanitizer; every crash becomes a one-line CheckFailure. Returns what
+    each thread did with memory (empty outside the simulator)."""
     _require_kernel(fn)
     try:
-        with sanitize(), warnings.catch_warnings():
+        with sanitize() as traffic, warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # overflow in a wrong kernel shows up as a value
             fn[grid, block](*args)
+        return traffic
     except NotImplementedError:
         raise
     except Exception as exc:  # noqa: BLE001 - any kernel error becomes a readable message
@@ -77,6 +101,30 @@ def _launch(fn: Any, grid: tuple, block: tuple, args: tuple, where: str) -> None
             raise CheckFailure(f"out-of-bounds access{on}: {who} used an index past the end of an array "
                                f"({text}); guard every access with the sizes of the inputs") from None
         raise CheckFailure(f"your kernel raised {type(exc).__name__}{on} ({who}): {text}") from None
+
+
+def _at_most(traffic: MemoryTraffic, kind: str, arg: int | None, bound: int, where: str, lesson: str) -> None:
+    """Raise CheckFailure when some thread's count of ``(kind, arg)`` exceeds ``bound``, naming the thread, the
+    count and the ``lesson``; nothing outside the simulator."""
+    if not traffic.measured:
+        return
+    n, who = traffic.most(kind, arg)
+    if n <= bound:
+        return
+    did = {READ: f"read {traffic.name(arg) if arg is not None else ''} {n} times from global memory",
+           WRITE: f"wrote {traffic.name(arg) if arg is not None else ''} {n} times",
+           SHARED_READ: f"read {n} values from shared memory",
+           LOCAL: f"allocated local arrays of {n} elements"}[kind]
+    raise CheckFailure(f"{traffic.describe(who)} {did} on input {where!r}; at most {bound} will do: {lesson}")
+
+
+def _needs_shared(traffic: MemoryTraffic, elements: int, where: str, what: str) -> None:
+    """Raise CheckFailure when the blocks allocate fewer than ``elements`` shared-memory elements, the size of
+    ``what``; nothing outside the simulator."""
+    if traffic.measured and traffic.shared_elements() < elements:
+        raise CheckFailure(f"your kernel allocates {traffic.shared_elements()} shared-memory elements per block on "
+                           f"input {where!r}, fewer than the {elements} of {what}: a tiled kernel stages its tiles "
+                           "in cuda.shared.array, loaded once per block and read there by all its threads")
 
 
 def _buffer(shape: tuple[int, ...], dtype: Any = np.float32) -> np.ndarray:
@@ -116,8 +164,12 @@ def _expect(t: torch.Tensor) -> torch.Tensor:
 # 6.1 map with a guard
 
 
-@chapter.exercise("6.1", reference=kb.axpy_kernel,
-                  hint="i = cuda.grid(1); only threads with i < x.shape[0] may touch memory")
+@chapter.exercise("6.1", reference=kb.axpy_kernel, hints=(
+    "each thread handles one element, and the grid may hold more threads than there are elements",
+    "cuda.grid(1) is this thread's element (block offset included); only threads whose index is inside x may "
+    "read or write",
+    "i = cuda.grid(1); if i < x.shape[0]: out[i] = alpha * x[i] + y[i]",
+))
 def axpy_kernel(fn: Callable, ref: Callable) -> None:
     rng = np.random.default_rng(61)
     for n, alpha in [(300, 2.5), (77, -0.75), (1, 3.0)]:
@@ -133,8 +185,14 @@ def axpy_kernel(fn: Callable, ref: Callable) -> None:
 # 6.2 a 2-D map: all pairwise squared distances
 
 
-@chapter.exercise("6.2", reference=kb.pairwise_sqdist_kernel,
-                  hint="k, n = cuda.grid(2) (x runs over codes, y over vectors); guard both indices")
+@chapter.exercise("6.2", reference=kb.pairwise_sqdist_kernel, hints=(
+    "a 2-D grid: each thread computes one (vector, code) pair; work out which thread axis runs along which "
+    "array axis, and guard both",
+    "k, n = cuda.grid(2) (x runs over the codes, y over the vectors); when both are in range, add up the "
+    "squared differences over d in a float32 accumulator and write out[n, k]",
+    "k, n = cuda.grid(2); if n < z.shape[0] and k < codebook.shape[0]: acc = float32(0.0); for d in "
+    "range(z.shape[1]): acc += (z[n, d] - codebook[k, d]) ** 2; out[n, k] = acc",
+))
 def pairwise_sqdist_kernel(fn: Callable, ref: Callable) -> None:
     rng = np.random.default_rng(62)
     for n, k, d in [(37, 19, 5), (9, 45, 3)]:
@@ -151,57 +209,91 @@ def pairwise_sqdist_kernel(fn: Callable, ref: Callable) -> None:
 # 6.3 block reduction in shared memory
 
 
-@chapter.exercise("6.3", reference=kb.make_block_sum_kernel(THREADS),
-                  hint="load 0 past the end, then halve the active threads each step with a "
-                  "cuda.syncthreads() that every thread of the block reaches (not inside the `if`)")
+@chapter.exercise("6.3", reference=kb.make_block_sum_kernel(THREADS), hints=(
+    "the threads of a block cooperate through shared memory: each loads one value, then values are added in "
+    "pairs, round after round, with half as many threads busy each round",
+    "load 0 for threads past the end of x; in each round the threads t < stride add buf[t + stride] into "
+    "buf[t]; separate the rounds with a cuda.syncthreads() that every thread reaches (outside the `if`); thread "
+    "0 writes buf[0]",
+    "buf[t] = x[i] if i < x.shape[0] else 0; cuda.syncthreads(); stride = THREADS // 2; while stride > 0: (if t "
+    "< stride: buf[t] += buf[t + stride]); cuda.syncthreads(); stride //= 2",
+))
 def block_sum_kernel(fn: Callable, ref: Callable) -> None:
     rng = np.random.default_rng(63)
+    tree = 2 * int(math.log2(THREADS)) + 1  # two reads per halving step, one for the result
     for n in (200, 45, 5):
         blocks = cdiv(n, THREADS)
         where = f"N={n}, {blocks} blocks of {THREADS}"
         x = _rand(rng, n)
         partial = _buffer((blocks,))
-        _launch(fn, (blocks,), (THREADS,), (x, partial), where)
+        traffic = _launch(fn, (blocks,), (THREADS,), (x, partial), where)
         padded = np.zeros(blocks * THREADS)
         padded[:n] = x
         expected = _expect(torch.from_numpy(padded.reshape(blocks, THREADS)).sum(1))
         compare(_result(partial, (blocks,), "partial", where), expected, where=where, name="partial", atol=1e-5)
+        _at_most(traffic, READ, 0, 1, where, "each thread loads one element of x into shared memory, and the "
+                 "block adds the values there together")
+        _at_most(traffic, SHARED_READ, None, tree, where, "one thread adding the block's values one after "
+                 "another leaves the others idle; a tree adds pairs in parallel, so each thread reads two values "
+                 "per round")
 
 
 # --------------------------------------------------------------------------------------------------------
 # 6.4 tiled matmul
 
 
-@chapter.exercise("6.4", reference=kb.make_matmul_kernel(TILE),
-                  hint="load zeros for tile elements outside a or b, and put a cuda.syncthreads() both after "
-                  "loading the tiles and after using them")
+@chapter.exercise("6.4", reference=kb.make_matmul_kernel(TILE), hints=(
+    "the block computes a TILE x TILE piece of c; it walks along K one tile at a time, and its threads load each "
+    "tile of a and of b once into shared memory and all read it from there",
+    "per step each thread loads one element of a's tile and one of b's (0 outside the matrices) into "
+    "cuda.shared.array((TILE, TILE), float32) arrays, then a barrier, then TILE multiply-adds from shared memory, "
+    "then a barrier again before the next step overwrites the tiles",
+    "for k0 in range(0, K, TILE): a_tile[ty, tx] = a[row, k0 + tx] (guarded, else 0); b_tile[ty, tx] = b[k0 + ty, "
+    "col] (guarded); cuda.syncthreads(); for kk in range(TILE): acc += a_tile[ty, kk] * b_tile[kk, tx]; "
+    "cuda.syncthreads()",
+))
 def matmul_kernel(fn: Callable, ref: Callable) -> None:
     rng = np.random.default_rng(64)
     for m, inner, n in [(21, 19, 13), (9, 30, 7)]:
         where = f"a {m}x{inner} @ b {inner}x{n}, tiles of {TILE}x{TILE}"
         a, b = _rand(rng, m, inner), _rand(rng, inner, n)
         c = _buffer((m, n))
-        _launch(fn, (cdiv(n, TILE), cdiv(m, TILE)), (TILE, TILE), (a, b, c), where)
+        traffic = _launch(fn, (cdiv(n, TILE), cdiv(m, TILE)), (TILE, TILE), (a, b, c), where)
         expected = _expect(torch.from_numpy(a).double() @ torch.from_numpy(b).double())
         compare(_result(c, (m, n), "c", where), expected, where=where, name="c", atol=1e-4)
+        _needs_shared(traffic, 2 * TILE * TILE, where, "a TILE x TILE tile of a and one of b")
+        steps = cdiv(inner, TILE)
+        for arg in (0, 1):
+            _at_most(traffic, READ, arg, steps, where, "a tiled kernel reads each input element once per tile: "
+                     "each thread loads one element per step into a TILE x TILE cuda.shared.array, and the "
+                     "block's threads read the tile from there")
 
 
 # --------------------------------------------------------------------------------------------------------
 # 6.5 online softmax, one block per row
 
 
-@chapter.exercise("6.5", reference=ks.make_softmax_kernel(THREADS),
-                  hint="keep a running (max, sum) per thread and rescale the sum by exp(old max - new max); "
-                  "merge two pairs with the same rule; start the max at LOWEST, not at 0")
+@chapter.exercise("6.5", reference=ks.make_softmax_kernel(THREADS), hints=(
+    "each thread summarises its strided slice of the row in a single pass as a (max, sum) pair, and the "
+    "block merges the pairs; the max can change while the sum is being built",
+    "when a value beats the running max, first rescale the running sum by exp(old max - new max); merge two "
+    "pairs with the same rule in a shared-memory tree; start the max at LOWEST, not 0; a second pass writes "
+    "exp(x - m) / s",
+    "for c in range(t, C, THREADS): v = x[row, c]; if v > m: s *= math.exp(m - v); m = v; s += math.exp(v - m); "
+    "then merge (m1, s1), (m2, s2) as mm = max(m1, m2), s = s1 * exp(m1 - mm) + s2 * exp(m2 - mm)",
+))
 def softmax_kernel(fn: Callable, ref: Callable) -> None:
     rng = np.random.default_rng(65)
     for rows, cols, scale in [(7, 45, 3.0), (4, 5, 1.0), (3, 70, 60.0)]:
         where = f"{rows}x{cols} logits of scale {scale:g}, one block of {THREADS} per row"
         x = _rand(rng, rows, cols, scale=scale)
         out = _buffer((rows, cols))
-        _launch(fn, (rows,), (THREADS,), (x, out), where)
+        traffic = _launch(fn, (rows,), (THREADS,), (x, out), where)
         expected = _expect(torch.softmax(torch.from_numpy(x).double(), dim=-1))
         compare(_result(out, (rows, cols), "out", where), expected, where=where, name="out", atol=1e-6)
+        _at_most(traffic, READ, 0, 2 * cdiv(cols, THREADS), where, "the online softmax reads each element of "
+                 "its slice twice: once to update the running (max, sum) together, once to write the output; a "
+                 "separate pass for the max, or a thread reading the whole row, reads more")
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -219,18 +311,28 @@ def _vq_case(rng: np.random.Generator, n: int, k: int, d: int, dup: bool) -> tup
     return z, c
 
 
-@chapter.exercise("6.6", reference=kv.vq_nearest_kernel,
-                  hint="keep (best distance, best index) in registers; replace only when strictly smaller, so "
-                  "ties keep the lowest index")
+@chapter.exercise("6.6", reference=kv.vq_nearest_kernel, hints=(
+    "one thread per vector: it walks the codebook once and remembers only the best code so far, never a "
+    "distance per code",
+    "keep (best distance, best index) in two local variables, replace them only when a distance is strictly "
+    "smaller (so a tie keeps the lower index), and write out[n] once, after the loop",
+    "best = float32(math.inf); best_k = 0; for k in range(K): dist = sum over d of (z[n, d] - codebook[k, d]) ** "
+    "2; if dist < best: best, best_k = dist, k; then out[n] = best_k",
+))
 def vq_nearest_kernel(fn: Callable, ref: Callable) -> None:
     rng = np.random.default_rng(66)
     for n, k, d, dup in [(100, 37, 6, True), (45, 1, 3, False), (70, 50, 5, False)]:
         where = f"z {n}x{d}, codebook {k}x{d}" + (" (code 4 repeated as the last code)" if dup else "")
         z, c = _vq_case(rng, n, k, d, dup)
         out = _buffer((n,), np.int64)
-        _launch(fn, (cdiv(n, THREADS),), (THREADS,), (z, c, out), where)
+        traffic = _launch(fn, (cdiv(n, THREADS),), (THREADS,), (z, c, out), where)
         dist = ((torch.from_numpy(z).double()[:, None] - torch.from_numpy(c).double()[None]) ** 2).sum(-1)
         compare(_result(out, (n,), "out", where), dist.argmin(1), where=where, name="out")
+        _at_most(traffic, WRITE, 2, 1, where, "keep the best index in a local variable and write it to global "
+                 "memory once, after the loop")
+        if k > 32:  # a local array as long as this codebook holds a distance per code
+            _at_most(traffic, LOCAL, None, k - 1, where, f"that is room for a distance per code ({k} codes), N x K "
+                     "numbers over all threads; the fused search keeps only the best distance and its index")
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -244,9 +346,16 @@ def _attention64(q: np.ndarray, k: np.ndarray, v: np.ndarray, kv_len: np.ndarray
     return torch.softmax(scores.masked_fill(~visible, float("-inf")), -1) @ vt
 
 
-@chapter.exercise("6.7", reference=ka.make_flash_attention_kernel(BLOCK_M, BLOCK_N, HEAD_DIM),
-                  hint="per row keep (m, l, acc); when a score beats m multiply l and acc by exp(m - s) first; "
-                  "use only keys j < kv_len[row]; barriers after loading a tile and after using it")
+@chapter.exercise("6.7", reference=ka.make_flash_attention_kernel(BLOCK_M, BLOCK_N, HEAD_DIM), hints=(
+    "a block of BLOCK_M threads owns BLOCK_M query rows; together they stream K and V through shared memory, "
+    "one tile of BLOCK_N keys at a time, and each thread keeps its row's online-softmax state",
+    "per row keep (m, l, acc); when a score beats m, multiply l and acc by exp(m - s) first; all threads load "
+    "a tile of k and v together (each a share), barrier, use it for the keys j < kv_len[row], barrier again "
+    "before the next tile",
+    "for e in range(t, BLOCK_N * D, BLOCK_M): k_tile[e // D, e % D] = k[bh, start + e // D, e % D] (and v; "
+    "guarded); cuda.syncthreads(); for j in range(min(BLOCK_N, visible - start)): online-softmax update with "
+    "k_tile[j], v_tile[j]; cuda.syncthreads()",
+))
 def flash_attention_kernel(fn: Callable, ref: Callable) -> None:
     rng = np.random.default_rng(67)
     cases = [
@@ -261,9 +370,16 @@ def flash_attention_kernel(fn: Callable, ref: Callable) -> None:
         kv_len = np.ascontiguousarray(kv_len, dtype=np.int32)
         scale = 1.5 / math.sqrt(HEAD_DIM)
         out = _buffer((bh, t_q, HEAD_DIM))
-        _launch(fn, (cdiv(t_q, BLOCK_M), bh), (BLOCK_M,), (q, k, v, kv_len, scale, out), where)
+        traffic = _launch(fn, (cdiv(t_q, BLOCK_M), bh), (BLOCK_M,), (q, k, v, kv_len, scale, out), where)
         expected = _expect(_attention64(q, k, v, kv_len, scale))
         compare(_result(out, (bh, t_q, HEAD_DIM), "out", where), expected, where=where, name="out", atol=1e-5)
+        _needs_shared(traffic, 2 * BLOCK_N * HEAD_DIM, where, "a BLOCK_N x HEAD_DIM tile of k and one of v")
+        share = cdiv(t_k, BLOCK_N) * cdiv(BLOCK_N * HEAD_DIM, BLOCK_M)  # its part of loading every tile once
+        for arg in (1, 2):
+            _at_most(traffic, READ, arg, share, where, "the block loads each tile of keys and values once into "
+                     "cuda.shared.array tiles, every thread a share of it, and each row reads the keys from shared "
+                     "memory; when every thread reads its row's keys from global memory, the block reads each key "
+                     "BLOCK_M times")
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -277,9 +393,15 @@ def _combine64(m: torch.Tensor, l: torch.Tensor, acc: torch.Tensor) -> torch.Ten
     return (w[:, :, None] * acc).sum(1) / (w * l).sum(1)[:, None]
 
 
-@chapter.exercise("6.8", reference=ka.make_decode_partial_kernel(HEAD_DIM),
-                  hint="thread (split, bh) reads only keys split*chunk <= j < min((split+1)*chunk, lengths[bh]) "
-                  "with the online-softmax update; an empty split writes (LOWEST, 0, 0)")
+@chapter.exercise("6.8", reference=ka.make_decode_partial_kernel(HEAD_DIM), hints=(
+    "each thread summarises one chunk of one sequence's keys as (max, sum, weighted values), reading each key "
+    "once, and only the keys the sequence has",
+    "thread (split, bh) reads the keys split*chunk <= j < min((split+1)*chunk, lengths[bh]) with the "
+    "online-softmax update (rescale l and acc when the max grows) and writes (m, l, acc); an empty split writes "
+    "(LOWEST, 0, 0)",
+    "for j in range(split * chunk, min((split + 1) * chunk, lengths[bh])): s = scale * dot(q[bh], k_cache[bh, j]); "
+    "if s > m: c = exp(m - s); l *= c; acc *= c; m = s; p = exp(s - m); l += p; acc += p * v_cache[bh, j]",
+))
 def decode_partial_kernel(fn: Callable, ref: Callable) -> None:
     rng = np.random.default_rng(68)
     for lengths, t_max, chunk in [([50, 23, 1], 50, 8), ([33, 17], 33, 16)]:
@@ -293,8 +415,8 @@ def decode_partial_kernel(fn: Callable, ref: Callable) -> None:
         lens = np.asarray(lengths, dtype=np.int32)
         scale = 1.0 / math.sqrt(HEAD_DIM)
         m_out, l_out, acc_out = _buffer((bh, splits)), _buffer((bh, splits)), _buffer((bh, splits, HEAD_DIM))
-        _launch(fn, (cdiv(splits, 8), bh), (8,), (q, k_cache, v_cache, lens, chunk, scale, m_out, l_out, acc_out),
-                where)
+        traffic = _launch(fn, (cdiv(splits, 8), bh), (8,),
+                          (q, k_cache, v_cache, lens, chunk, scale, m_out, l_out, acc_out), where)
         m = _result(m_out, (bh, splits), "m_out", where)
         l = _result(l_out, (bh, splits), "l_out", where)
         acc = _result(acc_out, (bh, splits, HEAD_DIM), "acc_out", where)
@@ -304,6 +426,10 @@ def decode_partial_kernel(fn: Callable, ref: Callable) -> None:
         expected = _expect(torch.softmax(scores.masked_fill(~visible, float("-inf")), -1)[:, None, :] @ vt).squeeze(1)
         compare(_expect(_combine64(m, l, acc)), expected, where=where, atol=1e-5,
                 name="attention combined from your (m_out, l_out, acc_out)")
+        for arg in (1, 2):
+            _at_most(traffic, READ, arg, chunk * HEAD_DIM, where, "the online-softmax update reads each key and value "
+                     "of the split once; a pass for the max and another for the sum read them twice, and keys "
+                     "outside the split belong to other threads")
 
 
 def _combine_cases(rng: np.random.Generator):
@@ -323,9 +449,14 @@ def _combine_cases(rng: np.random.Generator):
         np.float32), _rand(rng, bh, splits, d)
 
 
-@chapter.exercise("6.9", reference=ka.decode_combine_kernel,
-                  hint="weight split s by exp(m_s - M) with M the largest m of the row, for both the numerator "
-                  "(acc) and the denominator (l)")
+@chapter.exercise("6.9", reference=ka.decode_combine_kernel, hints=(
+    "each split's (l, acc) was computed against its own maximum m_s; bring all splits to one common reference "
+    "before adding them, one that cannot overflow",
+    "weight split s by exp(m_s - M) with M the largest m_s of the row, in both the numerator (the acc values) "
+    "and the denominator (the l values); an empty split (m_s = -inf or LOWEST) then weighs 0",
+    "top = max over s of m_part[bh, s]; num = sum_s exp(m_part[bh, s] - top) * acc_part[bh, s, d]; den = "
+    "sum_s exp(m_part[bh, s] - top) * l_part[bh, s]; out[bh, d] = num / den",
+))
 def decode_combine_kernel(fn: Callable, ref: Callable) -> None:
     rng = np.random.default_rng(69)
     for label, m, l, acc in _combine_cases(rng):

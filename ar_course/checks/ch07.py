@@ -23,6 +23,7 @@ from ar_course.var.model import VAR, VARConfig
 
 chapter = Chapter(7, "The full system")
 use = chapter.use
+hint = chapter.hint
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -60,10 +61,14 @@ def _pipeline_cases() -> Iterator[tuple[str, VAR, VQVAE, torch.Tensor, float]]:
     yield "shipped MNIST VAR, cfg 2", model, tok, torch.tensor([3, 1, 4, 1, 5, 9, 2]), 2.0
 
 
-@chapter.exercise("7.1", reference=ref.var_pipeline,
-                  hint="one call var.sample_pyramid(model, tokenizer.quantizer, classes, cfg=cfg, "
-                       "generator=generator) for the whole batch (cfg is the strength w, with VAR's ramp on), then "
-                       "tokenizer.decode_from_indices(pyramid) on the whole pyramid, .float().cpu()")
+@chapter.exercise("7.1", reference=ref.var_pipeline, hints=(
+    "two library calls make an image batch: sample the token pyramid for all classes at once, then decode the "
+    "whole pyramid with the tokenizer",
+    "var.sample_pyramid on the tokenizer's quantizer for the whole batch (cfg is the strength w, with VAR's "
+    "ramp on), then tokenizer.decode_from_indices on the pyramid; return float images on the CPU",
+    "one call var.sample_pyramid(model, tokenizer.quantizer, classes, cfg=cfg, generator=generator) for the "
+    "whole batch, then tokenizer.decode_from_indices(pyramid) on the whole pyramid, .float().cpu()",
+))
 def var_pipeline(fn: Callable, ref_fn: Callable) -> None:
     for where, model, tok, classes, cfg in _pipeline_cases():
         with torch.no_grad():
@@ -101,10 +106,14 @@ def _guidance_cases() -> Iterator[Case]:
     yield Case("w=0, var, 6 scales", (0.0, "var", 6))
 
 
-@chapter.exercise("7.2", reference=ref.guidance_weights,
-                  hint="strength t gives (1 + t, -t); raster order uses t = w at every token, VAR ramps "
-                       "t_k = w * k / (S - 1) from 0 at the first scale to w at the last (t = w throughout when "
-                       "ramp=False or S == 1)")
+@chapter.exercise("7.2", reference=ref.guidance_weights, hints=(
+    "every step mixes a_cond * cond + a_uncond * uncond; write both methods' mixes in one convention, a "
+    "guidance strength t, and see how t changes from step to step",
+    "strength t gives the pair (1 + t, -t); raster order uses t = w at every token; VAR ramps t from 0 at the "
+    "first scale to w at the last (t = w throughout when ramp=False or S == 1); an unknown method is a "
+    "ValueError",
+    "t_k = w * k / (S - 1) for VAR with the ramp (S > 1), else w; return [(1 + t_k, -t_k) for each step]",
+))
 def guidance_weights(fn: Callable, ref_fn: Callable) -> None:
     for case in _guidance_cases():
         expected = torch.tensor(ref_fn(*case.args, **case.kwargs), dtype=torch.float64)  # (S, 2)
@@ -165,10 +174,15 @@ def _backend_cases() -> Iterator[tuple[str, frozenset, str]]:
                 yield device, available, requested
 
 
-@chapter.exercise("7.3", reference=ref.choose_backend,
-                  hint="'torch' is always allowed; a forced 'triton'/'numba' must be in available (else raise "
-                       "RuntimeError); 'auto' on 'cuda' takes triton, then numba, then torch, by availability, and on "
-                       "every other device torch (the CPU simulator and interpreter are far slower than torch)")
+@chapter.exercise("7.3", reference=ref.choose_backend, hints=(
+    "separate the two kinds of request: a forced backend must run or fail loudly, while 'auto' picks the "
+    "fastest backend that can run on this device",
+    "'torch' is always allowed; a forced 'triton' or 'numba' must be in available, else RuntimeError; 'auto' "
+    "on 'cuda' prefers triton, then numba, then torch, and on every other device takes torch (the CPU "
+    "simulator and interpreter are far slower than torch); an unknown request is a ValueError",
+    "if requested == 'auto': return next((b for b in ('triton', 'numba') if b in available), 'torch') if "
+    "device == 'cuda' else 'torch'; a forced backend is returned when it is 'torch' or in available",
+))
 def choose_backend(fn: Callable, ref_fn: Callable) -> None:
     for device, available, requested in _backend_cases():
         shown = f"choose_backend({device!r}, {set(available) or 'set()'}, {requested!r})"
@@ -212,10 +226,13 @@ def _batch_cases() -> Iterator[tuple[str, torch.Tensor, int]]:
     yield "11 classes, batch_size 3", torch.randint(0, 10, (11,), generator=g), 3
 
 
-@chapter.exercise("7.4", reference=utils.generate_in_batches,
-                  hint="classes.split(batch_size) gives chunks of batch_size with a shorter last one (torch.chunk "
-                       "takes a number of chunks instead); call generate_fn on each in order and torch.cat the "
-                       "results along dim 0; raise ValueError when batch_size < 1")
+@chapter.exercise("7.4", reference=utils.generate_in_batches, hints=(
+    "cut the classes into consecutive chunks of at most batch_size, generate each chunk with one call, and put "
+    "the images back together in order",
+    "classes.split(batch_size) gives full chunks with a shorter last one (torch.chunk takes a number of chunks "
+    "instead); call generate_fn on each in order and concatenate along dim 0; batch_size < 1 is a ValueError",
+    "return torch.cat([generate_fn(chunk) for chunk in classes.split(batch_size)], dim=0)",
+))
 def generate_in_batches(fn: Callable, ref_fn: Callable) -> None:
     for where, classes, bs in _batch_cases():
         expected_rec, got_rec = _Recorder(), _Recorder()
@@ -249,10 +266,14 @@ def _accounting_cases() -> Iterator[Case]:
     yield Case("raster AR, ragged chunks", ([10, 3], [64, 64], [0.5, 0.25]))
 
 
-@chapter.exercise("7.5", reference=ref.generation_accounting,
-                  hint="every image of a chunk waited for all of that chunk's passes: passes_per_image = "
-                       "sum(p_i * n_i) / sum(n_i), forward_passes = sum(p_i); images_per_second is total images "
-                       "over total seconds, not the mean of the chunks' rates")
+@chapter.exercise("7.5", reference=ref.generation_accounting, hints=(
+    "add up totals first (images, passes, seconds) and divide at the end; an average of per-chunk rates "
+    "weighs a small chunk like a big one",
+    "each image of a chunk waited for all of that chunk's passes, so passes per image is a size-weighted "
+    "average; the model ran each chunk's passes once, so forward passes are a plain sum; images per second is "
+    "total images over total seconds",
+    "passes_per_image = sum(p * n) / sum(n); forward_passes = sum(p); images_per_second = sum(n) / sum(seconds)",
+))
 def generation_accounting(fn: Callable, ref_fn: Callable) -> None:
     for case in _accounting_cases():
         expected = ref_fn(*case.args)
@@ -294,10 +315,14 @@ def _names(rows: Any, where: str) -> list:
         raise CheckFailure(f"on input {where!r}, return the rows themselves (dicts), got {describe(rows)}") from None
 
 
-@chapter.exercise("7.6", reference=ref.pareto_front,
-                  hint="drop row b only when some row a is at least as good on every objective and strictly "
-                       "better on at least one (flip the comparison for 'min'); keep rows equal on everything, and "
-                       "keep the input order")
+@chapter.exercise("7.6", reference=ref.pareto_front, hints=(
+    "a row belongs to the front unless another row beats it; be precise about what 'beats' means when some "
+    "objectives tie",
+    "drop row b only when some row a is at least as good on every objective and strictly better on at least "
+    "one (flip the comparison for 'min'); rows equal on everything stay; keep the input order",
+    "keep b unless any(all(better_or_equal(a, b, k)) and any(strictly_better(a, b, k)) for a in rows), with "
+    "the comparisons flipped for 'min' objectives",
+))
 def pareto_front(fn: Callable, ref_fn: Callable) -> None:
     for case in _front_cases():
         rows, objectives = case.args
@@ -323,10 +348,13 @@ def _fastest_cases() -> Iterator[Case]:
     yield Case("no rows", ([], "speed", "acc", 0.5))
 
 
-@chapter.exercise("7.7", reference=ref.fastest_meeting,
-                  hint="keep the rows whose quality meets the floor (>= floor, or <= floor when lower is better; a "
-                       "row exactly at the floor meets it), then take the largest speed, the first one on a tie; "
-                       "None when no row qualifies")
+@chapter.exercise("7.7", reference=ref.fastest_meeting, hints=(
+    "two steps: keep the rows good enough, then take the fastest of them",
+    "a row meets the floor when its quality is >= floor, or <= floor when lower is better (a row exactly at "
+    "the floor meets it); of those, take the largest speed, the first one on a tie; None when no row qualifies",
+    "ok = [r for r in rows if (r[quality] >= floor if higher_is_better else r[quality] <= floor)]; return "
+    "max(ok, key=lambda r: r[speed]) if ok else None (max keeps the first on a tie)",
+))
 def fastest_meeting(fn: Callable, ref_fn: Callable) -> None:
     for case in _fastest_cases():
         rows = case.args[0]

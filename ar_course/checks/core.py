@@ -4,19 +4,33 @@ A chapter module creates one :class:`Chapter` and registers one check per exerci
 
     chapter = Chapter(1, "Vector quantization")
 
-    @chapter.exercise("1.1", reference=ref.vq_lookup, hint="ties go to the lowest index")
+    @chapter.exercise("1.1", reference=ref.vq_lookup,
+                      hints=("what does 'nearest' mean for two vectors?", "...", "the key line"))
     def vq_lookup(fn, ref):
-        for case in cases():
-            compare(call(fn, *case.args, where=case.name), ref(*case.args), where=case.name)
+        compare_cases(fn, ref, cases(), mistakes=[Mistake(dot_product_argmax, "that is the largest dot product")])
 
 Calling the registered check with the learner's function prints exactly one line:
 
 * ``Exercise 1.1 passed``
-* ``Exercise 1.1 failed: <what differed, on which input> Hint: <hint>`` and raises ``AssertionError``
-* ``Exercise 1.1 not attempted yet`` and re-raises ``NotImplementedError`` (a stub).
+* ``Exercise 1.1 failed: <what differed, on which input>[; <diagnosis>]. Hint: <hint>``
+* ``Exercise 1.1 not attempted yet`` (the function is still a ``raise NotImplementedError`` stub).
 
-``chapter.use(fn)`` returns the learner's function once its check has passed, else the reference with a
-one-line note, so later experiments run either way.
+**Run All.** By default a check only prints its line, records its verdict and returns whether it passed, so a
+learner notebook runs to its end: ``chapter.use(fn)`` hands the cells after a check the learner's function
+once its check has passed, else the reference with a one-line note. With the environment variable
+``AR_COURSE_STRICT_CHECKS=1`` (:data:`STRICT_ENV`) a check also raises: :class:`CheckFailure` (an
+``AssertionError``) on a wrong answer and :class:`NotAttempted` on a stub. Every pytest run of the repository
+is strict (its ``conftest.py``), so a solution notebook whose check fails fails under nbval, and the checks'
+own tests see the exceptions. The grader needs neither: it reads the verdicts from the report below.
+
+**Hints** come in levels, from a nudge to the key line. A failure prints the first level; a repeated failure
+of the same exercise prints the next one, up to the last but one; ``chapter.hint("1.2")`` (in a notebook,
+``checks.ch01.hint("1.2")``) prints the next level not shown yet, the last included. So the answer never
+comes first and never unasked.
+
+**Diagnoses.** A check may list :class:`Mistake` s, plausible wrong answers with the reference's signature.
+When the learner's output differs from the reference but matches a mistake's on the failing input (values,
+and gradients when they are compared), the failure line says which mistake it is.
 
 When the environment variable ``AR_COURSE_GRADE_REPORT`` names a file, each result is also appended to it
 as one JSON line; the grader (:mod:`ar_course.grade`) reads that file.
@@ -35,6 +49,7 @@ import numpy as np
 import torch
 
 REPORT_ENV = "AR_COURSE_GRADE_REPORT"
+STRICT_ENV = "AR_COURSE_STRICT_CHECKS"
 
 PASSED, FAILED, NOT_ATTEMPTED = "passed", "failed", "not attempted"
 
@@ -211,6 +226,75 @@ def call(fn: Callable, *args: Any, where: str = "", **kwargs: Any) -> Any:
         ) from None
 
 
+@dataclass(frozen=True)
+class Mistake:
+    """A plausible wrong answer and what to tell a learner whose function behaves like it.
+
+    ``fn`` takes the reference's arguments; ``says`` completes the failure line after a semicolon, naming the
+    mistake and why it is one (not the fix: that is what the hints are for)."""
+
+    fn: Callable
+    says: str
+
+
+def _output_weights(expected: torch.Tensor) -> torch.Tensor:
+    """The fixed random weighting whose sum is back-propagated to compare gradients."""
+    gen = torch.Generator().manual_seed(1234)
+    return torch.randn(expected.shape, generator=gen, dtype=torch.float64).to(expected.dtype)
+
+
+def _backward(out: Any, weights: torch.Tensor) -> bool:
+    """Back-propagate ``sum(out * weights)``; False when ``out`` carries no gradient."""
+    out = _first_tensor(out)
+    if not out.requires_grad:
+        return False
+    (out * weights.to(out.dtype)).sum().backward()
+    return True
+
+
+def _prepared(args: Sequence[Any], grad_wrt: Sequence[int]) -> tuple:
+    """A fresh copy of ``args`` with gradients required at ``grad_wrt``."""
+    copy = clone_args(args)
+    for i in grad_wrt:
+        copy[i].requires_grad_(True)
+    return copy
+
+
+def _behaves_like(mistake: Mistake, case: Case, got: Any, got_args: tuple, grad_wrt: Sequence[int],
+                  weights: torch.Tensor | None, atol: float, rtol: float, check_dtype: bool) -> bool:
+    """Whether ``mistake`` gives ``got`` on ``case`` and, when ``weights`` is given (the values agreed with the
+    reference and the gradients did not), the same gradients as the learner's ``got_args``."""
+    args = _prepared(case.args, grad_wrt if weights is not None else ())
+    try:
+        out = mistake.fn(*args, **case.kwargs)
+        compare(got, out, atol=atol, rtol=rtol, check_dtype=check_dtype)
+        if weights is None:
+            return True
+        if not _backward(out, weights):
+            return all(got_args[i].grad is None or not bool(got_args[i].grad.any()) for i in grad_wrt)
+        for i in grad_wrt:
+            if (got_args[i].grad is None) != (args[i].grad is None):
+                return False
+            if args[i].grad is not None:
+                compare(got_args[i].grad, args[i].grad, atol=atol, rtol=rtol)
+    except Exception:  # noqa: BLE001 - a mistake that does not apply to this input is simply not the one
+        return False
+    return True
+
+
+def explain(failure: CheckFailure, mistakes: Sequence[Mistake], case: Case, got: Any, *, atol: float = 1e-5,
+            rtol: float = 1e-4, check_dtype: bool = True, got_args: tuple = (), grad_wrt: Sequence[int] = (),
+            weights: torch.Tensor | None = None) -> CheckFailure:
+    """``failure`` completed with the diagnosis of the first of ``mistakes`` that gives ``got`` on ``case``, or
+    ``failure`` itself when none does. With ``weights`` (the values agreed with the reference and the gradients
+    did not) the mistake must also give the gradients the learner's arguments ``got_args`` hold at ``grad_wrt``.
+    :func:`compare_cases` calls it; a check that compares by hand calls it with the values only."""
+    for mistake in mistakes:
+        if _behaves_like(mistake, case, got, got_args, grad_wrt, weights, atol, rtol, check_dtype):
+            return CheckFailure(f"{failure}; {mistake.says}")
+    return failure
+
+
 def compare_cases(
     fn: Callable,
     ref: Callable,
@@ -220,24 +304,28 @@ def compare_cases(
     rtol: float = 1e-4,
     check_dtype: bool = True,
     grad_wrt: Sequence[int] = (),
+    mistakes: Sequence[Mistake] = (),
 ) -> None:
     """Run ``fn`` and ``ref`` on every case and :func:`compare` their outputs.
 
     ``grad_wrt`` lists positional-argument indices whose gradients must also agree: the outputs are
     reduced with a fixed random weighting, back-propagated through both functions, and the gradients
-    compared (this catches e.g. a missing straight-through estimator).
+    compared (this catches e.g. a missing straight-through estimator). When the learner's output (or its
+    gradients) differs and matches one of ``mistakes`` on that case, the failure names the mistake.
     """
     for case in cases:
-        a_ref = clone_args(case.args)
-        a_fn = clone_args(case.args)
-        for i in grad_wrt:
-            a_ref[i].requires_grad_(True)
-            a_fn[i].requires_grad_(True)
+        a_ref, a_fn = _prepared(case.args, grad_wrt), _prepared(case.args, grad_wrt)
         expected = ref(*a_ref, **case.kwargs)
         got = call(fn, *a_fn, where=case.name, **case.kwargs)
-        compare(got, expected, where=case.name, atol=atol, rtol=rtol, check_dtype=check_dtype)
-        if grad_wrt:
-            _compare_grads(got, expected, a_fn, a_ref, grad_wrt, case.name, atol, rtol)
+        weights = None
+        try:
+            compare(got, expected, where=case.name, atol=atol, rtol=rtol, check_dtype=check_dtype)
+            if grad_wrt:
+                weights = _output_weights(_first_tensor(expected))
+                _compare_grads(got, expected, a_fn, a_ref, grad_wrt, weights, case.name, atol, rtol)
+        except CheckFailure as exc:
+            raise explain(exc, mistakes, case, got, atol=atol, rtol=rtol, check_dtype=check_dtype, got_args=a_fn,
+                          grad_wrt=grad_wrt, weights=weights) from None
 
 
 def _first_tensor(x: Any) -> torch.Tensor:
@@ -248,17 +336,13 @@ def _first_tensor(x: Any) -> torch.Tensor:
     raise CheckFailure("expected a tensor output to take gradients through")
 
 
-def _compare_grads(got, expected, a_fn, a_ref, grad_wrt, where, atol, rtol) -> None:
-    g_out, e_out = _first_tensor(got), _first_tensor(expected)
-    gen = torch.Generator().manual_seed(1234)
-    w = torch.randn(e_out.shape, generator=gen, dtype=torch.float64).to(e_out.dtype)
-    (e_out * w).sum().backward()
-    if not g_out.requires_grad:
+def _compare_grads(got, expected, a_fn, a_ref, grad_wrt, weights, where, atol, rtol) -> None:
+    _backward(expected, weights)
+    if not _backward(got, weights):
         raise CheckFailure(
             f"no gradient flows through your output on input {where!r} (was it detached, or built from "
             "integer indices only?)"
         )
-    (g_out * w.to(g_out.dtype)).sum().backward()
     for i in grad_wrt:
         if a_fn[i].grad is None:
             raise CheckFailure(f"argument {i} receives no gradient on input {where!r}")
@@ -267,6 +351,11 @@ def _compare_grads(got, expected, a_fn, a_ref, grad_wrt, where, atol, rtol) -> N
 
 # --------------------------------------------------------------------------------------------------------
 # chapters, exercises, reporting
+
+
+def strict_checks() -> bool:
+    """Whether checks raise on a failure or a stub (``AR_COURSE_STRICT_CHECKS=1``) instead of only printing."""
+    return os.environ.get(STRICT_ENV, "").strip() not in ("", "0")
 
 
 def _report(exercise: str, status: str, message: str) -> None:
@@ -279,15 +368,17 @@ def _report(exercise: str, status: str, message: str) -> None:
 
 @dataclass
 class Exercise:
+    """One registered exercise: its number, function name, reference answer, hint levels and check body."""
+
     number: str
     name: str
     reference: Callable
-    hint: str
+    hints: tuple[str, ...]
     check: Callable[[Callable, Callable], None]
 
 
 class Chapter:
-    """Registry of a chapter's exercises, their checks and references."""
+    """Registry of a chapter's exercises, their checks and references, and what this session has shown."""
 
     def __init__(self, number: int, title: str):
         self.number = number
@@ -295,16 +386,27 @@ class Chapter:
         self.exercises: dict[str, Exercise] = {}
         self._passed: dict[str, Callable] = {}
         self.results: dict[str, str] = {}
+        self._failures: dict[str, int] = {}  # exercise number -> failed runs so far
+        self._hints_shown: dict[str, int] = {}  # exercise number -> hint levels shown so far
 
-    def exercise(self, number: str, reference: Callable, hint: str = "", name: str | None = None):
+    @property
+    def module(self) -> str:
+        """How a notebook reaches this chapter's checks: ``checks.ch01``."""
+        return f"checks.ch{self.number:02d}"
+
+    def exercise(self, number: str, reference: Callable, hints: Sequence[str], name: str | None = None):
         """Register ``body(fn, ref)`` as the check of exercise ``number``.
 
-        The body raises :class:`CheckFailure` with a one-line reason when ``fn`` is wrong. The returned
-        callable takes the learner's function, prints one line and raises on failure."""
+        ``hints`` go from a nudge to the key line (at least one; see the module docstring for when each is
+        shown). The body raises :class:`CheckFailure` with a one-line reason when ``fn`` is wrong. The returned
+        callable takes the learner's function, prints one line and returns whether it passed (raising in
+        strict mode)."""
+        if isinstance(hints, str) or not hints or not all(isinstance(h, str) and h for h in hints):
+            raise ValueError(f"exercise {number}: hints must be a non-empty sequence of non-empty strings")
 
         def decorator(body: Callable[[Callable, Callable], None]) -> Callable[[Callable], bool]:
             ex_name = name or body.__name__
-            ex = Exercise(number, ex_name, reference, hint, body)
+            ex = Exercise(number, ex_name, reference, tuple(hints), body)
             self.exercises[ex_name] = ex
 
             @functools.wraps(body)
@@ -316,37 +418,74 @@ class Chapter:
 
         return decorator
 
+    def _find(self, exercise: str | Callable) -> Exercise:
+        """The exercise with this number (``"1.2"``) or of this function (by name)."""
+        key = exercise if isinstance(exercise, str) else getattr(exercise, "__name__", None)
+        for ex in self.exercises.values():
+            if key in (ex.number, ex.name):
+                return ex
+        known = ", ".join(f"{ex.number} ({ex.name})" for ex in self.exercises.values())
+        raise KeyError(f"{key!r} is not an exercise of chapter {self.number}; known: {known}")
+
+    def _next_hint(self, ex: Exercise, limit: int) -> str:
+        """Show one more hint level, at most ``limit`` levels in all; return its text with its place."""
+        shown = min(self._hints_shown.get(ex.number, 0) + 1, limit, len(ex.hints))
+        self._hints_shown[ex.number] = max(shown, self._hints_shown.get(ex.number, 0))
+        text = ex.hints[shown - 1]
+        if shown < len(ex.hints):
+            return f"{text} (more: {self.module}.hint({ex.number!r}))"
+        return text
+
+    def hint(self, exercise: str | Callable) -> None:
+        """Print the next hint level of ``exercise`` (``"1.2"`` or the function) not shown yet; the last level,
+        the key line, once every other one has been shown."""
+        ex = self._find(exercise)
+        level = min(self._hints_shown.get(ex.number, 0) + 1, len(ex.hints))
+        text = self._next_hint(ex, len(ex.hints))
+        print(f"Exercise {ex.number}, hint {level} of {len(ex.hints)}: {text}")
+
     def _run(self, ex: Exercise, fn: Callable) -> bool:
         label = f"Exercise {ex.number}"
         if not callable(fn):
-            msg = f"expected a function, got {type(fn).__name__}"
-            self._record(ex, FAILED, msg)
-            print(f"{label} failed: {msg}")
-            raise CheckFailure(f"{label} failed: {msg}")
+            return self._fail(ex, f"expected a function, got {type(fn).__name__}")
         try:
             ex.check(fn, ex.reference)
         except NotImplementedError:
             self._record(ex, NOT_ATTEMPTED, "")
             print(f"{label} not attempted yet")
-            raise NotAttempted(
-                f"{label} not attempted yet: replace the `raise NotImplementedError` in its cell") from None
+            if strict_checks():
+                raise NotAttempted(
+                    f"{label} not attempted yet: replace the `raise NotImplementedError` in its cell") from None
+            return False
         except CheckFailure as exc:
-            reason = str(exc)
-            if ex.hint:
-                reason = f"{reason}. Hint: {ex.hint}"
-            self._record(ex, FAILED, reason)
-            print(f"{label} failed: {reason}")
-            raise CheckFailure(f"{label} failed: {reason}") from None
+            self._failures[ex.number] = self._failures.get(ex.number, 0) + 1
+            limit = min(self._failures[ex.number], max(1, len(ex.hints) - 1))  # never the key line unasked
+            return self._fail(ex, f"{exc}. Hint: {self._next_hint(ex, limit)}")
         self._record(ex, PASSED, "")
         self._passed[ex.name] = fn
         print(f"{label} passed")
         return True
+
+    def _fail(self, ex: Exercise, reason: str) -> bool:
+        """Record, print and (in strict mode) raise the failure ``reason``; return False."""
+        self._record(ex, FAILED, reason)
+        print(f"Exercise {ex.number} failed: {reason}")
+        if strict_checks():
+            raise CheckFailure(f"Exercise {ex.number} failed: {reason}")
+        return False
 
     def _record(self, ex: Exercise, status: str, message: str) -> None:
         self.results[ex.number] = status
         if status != PASSED:
             self._passed.pop(ex.name, None)
         _report(ex.number, status, message)
+
+    def reset(self) -> None:
+        """Forget this session's results, passed functions and hints shown (a fresh kernel's state)."""
+        self._passed.clear()
+        self.results.clear()
+        self._failures.clear()
+        self._hints_shown.clear()
 
     def use(self, fn: Callable) -> Callable:
         """Return ``fn`` if its exercise's check passed with this very function, else the reference."""

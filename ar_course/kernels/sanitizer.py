@@ -17,15 +17,25 @@ whatever order the threads happen to run in (in the spirit of NVIDIA's ``compute
 * **out-of-bounds shared-memory indices**, negative ones included.
 
 Out-of-range reads and writes of global (device) arrays already raise ``IndexError`` in the simulator.
-Problems are raised as :class:`SanitizerError`. Outside the simulator :func:`sanitize` does nothing.
+Problems are raised as :class:`SanitizerError`.
+
+:func:`sanitize` also yields a :class:`MemoryTraffic` that counts, for every thread, what the kernel did with
+memory, in the spirit of GPU-Puzzles' read counters: the elements it read from and wrote to each global array
+argument, the shared-memory elements it read, and the local-array elements it allocated, plus the shared
+memory each block allocated. The course's checks use it to tell a tiled kernel from an untiled one that
+computes the same numbers. Outside the simulator :func:`sanitize` checks nothing and its traffic is empty
+(``measured`` is False).
 """
 
 from __future__ import annotations
 
+import inspect
 import os
 import sys
 import threading
+from collections import Counter
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 import numpy as np
@@ -35,6 +45,57 @@ from .env import CUDA_SIMULATOR
 
 class SanitizerError(Exception):
     """A synchronisation or shared-memory bug found while a kernel ran in the simulator."""
+
+
+READ, WRITE, SHARED_READ, LOCAL = "read", "write", "shared read", "local"
+"""What a thread's counters count: global elements read and written (per argument), shared elements read,
+local-array elements allocated."""
+
+Where = tuple[tuple[int, ...], tuple[int, ...]]
+"""(block index, thread index) of one simulated thread."""
+
+
+@dataclass
+class MemoryTraffic:
+    """Per-thread memory traffic of the kernels launched inside one :func:`sanitize` block.
+
+    ``threads`` maps (block index, thread index) to a counter keyed by ``(READ, argument position)``,
+    ``(WRITE, argument position)``, ``(SHARED_READ, None)`` and ``(LOCAL, None)``; a thread launched twice
+    adds up. ``shared`` maps a block index to the shared-memory elements its static allocations hold.
+    ``names`` are the kernel's argument names (``argument i`` when it takes ``*args``)."""
+
+    measured: bool
+    threads: dict[Where, Counter] = field(default_factory=dict)
+    shared: dict[tuple[int, ...], int] = field(default_factory=dict)
+    names: list[str] = field(default_factory=list)
+    grid: tuple[int, ...] = (1, 1, 1)
+    block: tuple[int, ...] = (1, 1, 1)
+
+    def describe(self, who: Where) -> str:
+        """``thread (3, 1) of block (0, 2)``, with as many axes as the launch used."""
+
+        def axes(index: tuple[int, ...], shape: tuple[int, ...]) -> str:
+            n = max([1] + [i + 1 for i, size in enumerate(shape) if size > 1])
+            return str(tuple(index[:n]))
+
+        return f"thread {axes(who[1], self.block)} of block {axes(who[0], self.grid)}"
+
+    def name(self, arg: int) -> str:
+        """The kernel's name for argument ``arg``."""
+        return self.names[arg] if arg < len(self.names) else f"argument {arg}"
+
+    def most(self, kind: str, arg: int | None = None) -> tuple[int, Where | None]:
+        """The largest count of ``(kind, arg)`` over all threads and the first thread that reached it."""
+        best, where = 0, None
+        for who in sorted(self.threads):
+            n = self.threads[who][(kind, arg)]
+            if n > best:
+                best, where = n, who
+        return best, where
+
+    def shared_elements(self) -> int:
+        """The most shared-memory elements any block allocated (0: no shared memory)."""
+        return max(self.shared.values(), default=0)
 
 
 def _kernel_line(skip_dirs: tuple[str, ...]) -> tuple[str, int]:
@@ -54,6 +115,7 @@ class _Block:
         self.barriers: dict[int, list[int]] = {}  # thread id -> line of each syncthreads passed
         self.thread_idx: dict[int, tuple[int, ...]] = {}
         self.finished: set[int] = set()
+        self.shared: list[TrackedShared] = []  # the block's static shared arrays
         self.writes: dict[tuple, tuple[int, int]] = {}  # (array, element) -> (thread id, epoch)
         self.reads: dict[tuple, dict[int, int]] = {}  # (array, element) -> {thread id: epoch}
 
@@ -158,9 +220,12 @@ class TrackedShared:
 
     def _record(self, key: Any, write: bool) -> None:
         atomic = sys._getframe(2).f_code.co_filename == self._atomic_file
-        block = threading.current_thread().sanitizer_block
-        for element in self._elements(key):
-            block.access(self, element, write, atomic)
+        thread = threading.current_thread()
+        elements = self._elements(key)
+        for element in elements:
+            thread.sanitizer_block.access(self, element, write, atomic)
+        if not write:
+            thread.traffic[(SHARED_READ, None)] += len(elements)
 
     def __getitem__(self, key: Any) -> Any:
         self._record(key, write=False)
@@ -171,30 +236,52 @@ class TrackedShared:
         self._a[key] = value
 
 
+def _argument_names(kernel: Any) -> list[str]:
+    """The positional parameter names of a kernel's Python function ([] when it takes ``*args``)."""
+    try:
+        params = inspect.signature(kernel).parameters.values()
+    except (TypeError, ValueError):
+        return []
+    return [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+
+
 @contextmanager
-def sanitize() -> Iterator[None]:
-    """Check every simulated kernel launched inside the ``with`` block (a no-op outside the simulator)."""
+def sanitize() -> Iterator[MemoryTraffic]:
+    """Check every simulated kernel launched inside the ``with`` block and count its memory traffic (see the
+    module docstring); outside the simulator nothing is checked or counted."""
+    traffic = MemoryTraffic(measured=CUDA_SIMULATOR)
     if not CUDA_SIMULATOR:
-        yield
+        yield traffic
         return
     from numba.cuda.simulator import kernel as simk
     from numba.cuda.simulator import kernelapi as api
+    from numba.cuda.simulator.cudadrv.devicearray import FakeWithinKernelCUDAArray as GlobalArray
 
     skip = (os.path.dirname(simk.__file__), __file__)
-    saved = (simk.BlockManager.run, simk.BlockThread.run, simk.BlockThread.syncthreads, api.FakeCUDAShared.array)
-    manager_run, thread_run, syncthreads, shared_array = saved
+    saved = (simk.BlockManager.run, simk.BlockThread.run, simk.BlockThread.syncthreads, api.FakeCUDAShared.array,
+             api.FakeCUDALocal.array, GlobalArray.__getitem__, GlobalArray.__setitem__)
+    manager_run, thread_run, syncthreads, shared_array, local_array, global_get, global_set = saved
+    argument_of: dict[int, int] = {}  # id of a global array (or a view of one) -> its argument position
+    views: list[Any] = []  # keeps the views registered in argument_of alive, so their ids stay unique
 
     def block_run(self, grid_point, *args):
         global _block
-        _block = _Block(tuple(int(i) for i in grid_point))
+        _block = block = _Block(tuple(int(i) for i in grid_point))
+        traffic.names = _argument_names(self._f)
+        traffic.grid, traffic.block = tuple(self._grid_dim), tuple(self._block_dim)
+        for i, a in enumerate(args):
+            if isinstance(a, GlobalArray):
+                argument_of[id(a._item)] = i
         try:
             manager_run(self, grid_point, *args)
             _block.check_barriers()
         finally:
             _block = None
+            traffic.shared[block.block_idx] = sum(a.size for a in block.shared)
 
     def thread_start(self):
         self.sanitizer_block = block = _block  # threads of an aborted block may outlive `_block`
+        self.traffic = Counter()
         with block.lock:
             block.barriers[self.thread_id] = []
             block.thread_idx[self.thread_id] = tuple(int(i) for i in self.threadIdx)
@@ -202,6 +289,36 @@ def sanitize() -> Iterator[None]:
             thread_run(self)
         finally:
             block.finished.add(self.thread_id)
+            where = (block.block_idx, block.thread_idx[self.thread_id])
+            with block.lock:
+                traffic.threads.setdefault(where, Counter()).update(self.traffic)
+
+    def count(array: Any, kind: str, n: int) -> None:
+        thread = threading.current_thread()
+        arg = argument_of.get(id(array._item))
+        if arg is not None and hasattr(thread, "traffic"):
+            thread.traffic[(kind, arg)] += n
+
+    def read_global(self, idx):
+        value = global_get(self, idx)
+        if isinstance(value, GlobalArray):  # a view: its elements count when they are read
+            if id(self._item) in argument_of:
+                argument_of[id(value._item)] = argument_of[id(self._item)]
+                views.append(value)
+        else:
+            count(self, READ, 1)
+        return value
+
+    def write_global(self, idx, value):
+        global_set(self, idx, value)
+        count(self, WRITE, int(np.size(self._item._ary[idx])))
+
+    def allocate_local(self, shape, dtype, alignment=None):
+        out = local_array(self, shape, dtype, alignment)
+        thread = threading.current_thread()
+        if hasattr(thread, "traffic"):
+            thread.traffic[(LOCAL, None)] += out.size
+        return out
 
     def barrier(self):
         self.sanitizer_block.barriers[self.thread_id].append(_kernel_line(skip)[1])
@@ -216,11 +333,18 @@ def sanitize() -> Iterator[None]:
             dtype = api.numpy_support.as_dtype(dtype) if isinstance(dtype, api.types.Type) else dtype
             found = TrackedShared(np.empty(shape, dtype), f"shared array (line {where[1]})", api.__file__)
             self._allocations[where] = found
+        block = threading.current_thread().sanitizer_block
+        with block.lock:
+            if all(a is not found for a in block.shared):  # the simulator reuses one array for every block
+                block.shared.append(found)
         return found
 
     simk.BlockManager.run, simk.BlockThread.run = block_run, thread_start
     simk.BlockThread.syncthreads, api.FakeCUDAShared.array = barrier, allocate
+    api.FakeCUDALocal.array = allocate_local
+    GlobalArray.__getitem__, GlobalArray.__setitem__ = read_global, write_global
     try:
-        yield
+        yield traffic
     finally:
-        simk.BlockManager.run, simk.BlockThread.run, simk.BlockThread.syncthreads, api.FakeCUDAShared.array = saved
+        (simk.BlockManager.run, simk.BlockThread.run, simk.BlockThread.syncthreads, api.FakeCUDAShared.array,
+         api.FakeCUDALocal.array, GlobalArray.__getitem__, GlobalArray.__setitem__) = saved
