@@ -478,6 +478,9 @@ def main(argv: Iterable[str] | None = None) -> int:
     except (SiteError, CheckoutNotFound, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@ Needs Chromium and chromedriver on PATH (Debian: ``apt-get install chromium chro
 installs them when it runs as root, ``make browser-deps`` with sudo) and selenium (the ``dev`` extra);
 without them the tests are skipped with the reason. Nothing is downloaded at run time: selenium is handed
 the driver's path, so its driver manager never runs. The notebooks run from a temporary copy, so the
-browser never saves into the checkout.
+browser never saves into the checkout. The kernel is this Python with this checkout first on its path and
+checks lenient (``AR_COURSE_STRICT_CHECKS=0``), as in a learner's ``make lab``.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ from typing import Any, Callable, Iterator
 
 import nbformat
 import pytest
+
+from ar_course.checks import core as checks_core
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "tests" / "artifacts" / "browser"
@@ -64,6 +67,18 @@ CASES = [
     # a widget notebook: the codebook explorer's slider
     Case("solutions/01_vector_quantization.ipynb", widget=True),
 ]
+RUN_ALL_CONTINUES = hasattr(checks_core, "STRICT_ENV")
+"""Whether checks only print their line unless ``AR_COURSE_STRICT_CHECKS`` is set (the learner's Run All goes on
+past unattempted exercises). Until that change is in, a learner notebook stops at its first check and its test
+is expected to fail; once it is in, the test must pass (this flag and the mark can then go)."""
+
+
+def _param(case: Case) -> Any:
+    learner = case.path.startswith("notebooks/")
+    marks = [pytest.mark.xfail(learner and not RUN_ALL_CONTINUES, strict=True,
+                               reason="Run All of a learner notebook stops at the first unattempted check until "
+                                      "checks are lenient outside AR_COURSE_STRICT_CHECKS")]
+    return pytest.param(case, marks=marks, id=case.stem)
 
 
 # ------------------------------------------------------------------------------------------ prerequisites
@@ -146,9 +161,9 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
         _kernel_shim(jupyter_path, nbformat.read(ROOT / case.path, as_version=4).metadata
                      .get("kernelspec", {}).get("name", "python3"))
     _kernel_shim(jupyter_path, "python3")
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("MPLBACKEND", "AR_COURSE_STRICT_CHECKS", "PYTHONPATH", "JUPYTER_CONFIG_PATH")}
+    env = {k: v for k, v in os.environ.items() if k not in ("MPLBACKEND", "PYTHONPATH", "JUPYTER_CONFIG_PATH")}
     env.update(
+        AR_COURSE_STRICT_CHECKS="0",  # a learner's session: checks print their line, Run All goes on
         PYTHONPATH=str(ROOT),  # the kernel imports this checkout's ar_course (and nothing else is added)
         JUPYTERLAB_SETTINGS_DIR=str(settings), JUPYTERLAB_WORKSPACES_DIR=str(workspaces),
         JUPYTER_PATH=str(jupyter_path), JUPYTER_CONFIG_DIR=str(tmp / "config"),
@@ -235,7 +250,8 @@ return {{
   firstUnrun: prompts.findIndex(t => !/\\[\\d+\\]/.test(t)),
   status: status ? status.getAttribute('data-status') : null,
   kernel: kernel ? kernel.textContent.trim() : null,
-  tracebacks: outputs.filter(e => e.textContent.includes('Traceback')).map(e => e.textContent.slice(0, 1500)),
+  tracebacks: outputs.filter(e => e.getAttribute('data-mime-type') === 'application/vnd.jupyter.stderr'
+                                  && e.textContent.includes('Traceback')).map(e => e.textContent.slice(0, 1500)),
   images: [...p.querySelectorAll('.jp-OutputArea-output img')].filter(i => i.complete && i.naturalWidth > 0).length,
   dialog: document.querySelector('.jp-Dialog') ? document.querySelector('.jp-Dialog').textContent.slice(0, 300) : null,
 }};
@@ -327,7 +343,7 @@ def problems(state: dict[str, Any], source: nbformat.NotebookNode) -> list[str]:
 # ------------------------------------------------------------------------------------------------ tests
 
 @pytest.mark.timeout(1200)
-@pytest.mark.parametrize("case", CASES, ids=[c.stem for c in CASES])
+@pytest.mark.parametrize("case", [_param(c) for c in CASES])
 def test_run_all_in_jupyterlab(lab: Lab, driver: Any, case: Case) -> None:
     source = nbformat.read(lab.root / case.path, as_version=4)
     code_cells = sum(c.cell_type == "code" for c in source.cells)
