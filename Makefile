@@ -10,11 +10,13 @@ STAMP := $(VENV)/.ar-course-installed
 EXTRAS ?= course,kernels,triton,dev
 PYTEST_FLAGS ?=
 
-.PHONY: lab test install notebooks bench doctor clean-venv help
+.PHONY: lab test site browser-deps install notebooks bench doctor clean-venv help
 
 help:
 	@echo "make lab    - set up .venv (first time only) and open JupyterLab on notebooks/"
 	@echo "make test   - set up .venv (first time only) and run the whole test suite"
+	@echo "make site   - build the course as static HTML with every figure (build/site/index.html)"
+	@echo "make browser-deps - install Chromium + chromedriver for the browser test (Debian/Ubuntu, as root)"
 	@echo "make notebooks - regenerate notebooks/ from solutions/"
 	@echo "make bench  - run the benchmarks (writes benchmarks/results/)"
 	@echo "make doctor - check this machine"
@@ -51,9 +53,31 @@ lab: $(STAMP)
 	JUPYTER_PREFER_ENV_PATH=1 $(VENV)/bin/jupyter lab notebooks/ --ServerApp.ip=127.0.0.1 \
 		$$( [ "$$(id -u)" = 0 ] && echo --allow-root )
 
+# The unit tests (with the browser test, skipped with its reason when Chromium is missing), then every solution
+# notebook top to bottom (any cell's error fails; 900 s per cell), keeping the executed copies in build/executed/
+# for `make site`.
 test: $(STAMP)
 	$(PY) -m pytest tests $(PYTEST_FLAGS)
-	$(PY) -m pytest --nbval-lax --nbval-current-env --nbval-cell-timeout=900 -p no:cacheprovider solutions $(PYTEST_FLAGS)
+	$(PY) -m pytest -p no:cacheprovider tests/run_solutions.py $(PYTEST_FLAGS)
+
+# Static HTML course from the executed solutions (build/site/index.html): reuses build/executed/ from
+# `make test` and runs only a notebook whose executed copy is missing or was made from another version of it.
+site: $(STAMP)
+	$(PY) -m ar_course.site build
+
+# Debian's Chromium and chromedriver for tests/test_browser.py (needs root; nothing is downloaded at test time).
+browser-deps:
+	@if command -v chromedriver >/dev/null 2>&1 && { command -v chromium >/dev/null 2>&1 || \
+			command -v chromium-browser >/dev/null 2>&1 || command -v google-chrome >/dev/null 2>&1; }; then \
+		echo "Chromium and chromedriver are installed"; \
+	elif ! command -v apt-get >/dev/null 2>&1; then \
+		echo "no apt-get here: install Chromium and chromedriver with your package manager"; exit 1; \
+	elif [ "$$(id -u)" != 0 ]; then \
+		echo "needs root: sudo make browser-deps (or sudo apt-get install chromium chromium-driver)"; exit 1; \
+	else \
+		DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; \
+	fi
 
 notebooks: $(STAMP)
 	$(PY) -m ar_course.build_notebooks

@@ -1,8 +1,9 @@
 """The library never imports the course layer (CONTRIBUTING.md, "Layers").
 
-The course layer is the exercise checks with their reference answers, the grader and the notebook builder;
-everything else under ``ar_course/`` is the library. Every import statement of a library module, relative
-ones resolved, ``importlib.import_module("...")`` calls and strings that name a module are read with ``ast``.
+The course layer is the exercise checks with their reference answers, the grader, the notebook builder and
+the site builder; everything else under ``ar_course/`` is the library. Every import statement of a library
+module, relative ones resolved, ``importlib.import_module("...")`` calls and strings that name a module are read
+with ``ast``.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import pytest
 import ar_course
 
 PACKAGE = Path(ar_course.__file__).resolve().parent
-COURSE_LAYER = ("ar_course.checks", "ar_course.grade", "ar_course.build_notebooks")
+COURSE_LAYER = ("ar_course.checks", "ar_course.grade", "ar_course.build_notebooks", "ar_course.site")
 """Modules (and packages, with everything under them) of the course layer."""
 NAMED_ON_USE = {("ar_course.cli", "ar_course.grade")}
 """(library module, course module) pairs allowed by name only: the command table of ``python -m ar_course``
@@ -59,7 +60,7 @@ def library_files() -> list[Path]:
 def test_the_course_layer_exists_and_the_library_is_the_rest():
     course = {module_name(p) for p in PACKAGE.rglob("*.py") if in_course_layer(module_name(p))}
     assert {"ar_course.checks", "ar_course.checks.core", "ar_course.checks.reference", "ar_course.grade",
-            "ar_course.build_notebooks"} <= course
+            "ar_course.build_notebooks", "ar_course.site"} <= course
     library = {module_name(p) for p in library_files()}
     assert {"ar_course", "ar_course.cli", "ar_course.system", "ar_course.raster.functional"} <= library
 
