@@ -299,7 +299,7 @@ def test_generate_failure_while_working_leaves_nothing(capsys, tmp_path, loads, 
     def broken(*args, **kwargs):
         raise RuntimeError("out of memory")
 
-    monkeypatch.setattr(Generator, "generate", broken)
+    monkeypatch.setattr(Generator, "run", broken)
     status, _, err = run(capsys, "generate", "--out", tmp_path / "x.png", "--stats-json", tmp_path / "s.json")
     assert status == 1 and error_line(err) == "error: out of memory (rerun with --debug for the traceback)"
     assert list(tmp_path.iterdir()) == []
