@@ -10,12 +10,13 @@ STAMP := $(VENV)/.ar-course-installed
 EXTRAS ?= course,kernels,triton,dev
 PYTEST_FLAGS ?=
 
-.PHONY: lab test site browser-deps install notebooks bench doctor clean-venv help
+.PHONY: lab test site figures browser-deps install notebooks bench doctor clean-venv help
 
 help:
 	@echo "make lab    - set up .venv (first time only) and open JupyterLab on notebooks/"
 	@echo "make test   - set up .venv (first time only) and run the whole test suite"
 	@echo "make site   - build the course as static HTML with every figure (build/site/index.html)"
+	@echo "make figures - copy every figure of the executed solutions to docs/figures/ (after make test)"
 	@echo "make browser-deps - install Chromium + chromedriver for the browser test (Debian/Ubuntu, as root)"
 	@echo "make notebooks - regenerate notebooks/ from solutions/"
 	@echo "make bench  - run the benchmarks (writes benchmarks/results/)"
@@ -64,6 +65,10 @@ test: $(STAMP)
 # `make test` and runs only a notebook whose executed copy is missing or was made from another version of it.
 site: $(STAMP)
 	$(PY) -m ar_course.site build
+
+# Every figure of the executed solutions into docs/figures/ (committed, so a repository browser shows them).
+figures: $(STAMP)
+	$(PY) -m ar_course.site figures
 
 # Debian's Chromium and chromedriver for tests/test_browser.py (needs root; nothing is downloaded at test time).
 browser-deps:

@@ -4,11 +4,14 @@ Course tooling (the course layer: the library never imports it). Two steps, both
 
     python -m ar_course.site execute solutions/*.ipynb    # run each notebook; errors fail; copies -> build/executed/
     python -m ar_course.site build                        # build/executed/*.ipynb -> build/site/*.html + index.html
+    python -m ar_course.site figures                      # build/executed/*.ipynb -> docs/figures/ (committed)
 
 ``make test`` runs the first step (``tests/run_solutions.py``, which replaces ``pytest --nbval-lax solutions``
 with the same guarantees: any cell's error fails the run and names the cell, 900 s per cell, outputs not
 compared, the kernel is this Python) and keeps the executed copies, so ``make site`` (the second step)
-only converts them. ``build`` executes a solution itself only when its executed copy is missing or was made
+only converts them. ``figures`` (``make figures``) copies every figure of the executed solutions into
+``docs/figures/`` with a Markdown page per course, which is committed, so a repository browser shows the
+course's figures without running anything. ``build`` executes a solution itself only when its executed copy is missing or was made
 from another version of the notebook (the copy records the SHA-256 of the source file it ran).
 
 Figures are captured as in JupyterLab: the kernel gets matplotlib's inline backend even when the calling
@@ -21,6 +24,7 @@ formulas.
 from __future__ import annotations
 
 import argparse
+import base64
 import hashlib
 import html
 import os
@@ -35,7 +39,7 @@ import nbformat
 from nbformat import NotebookNode
 
 from ar_course.checkout import CheckoutNotFound, find_root
-from ar_course.files import atomic_write_text
+from ar_course.files import atomic_write_bytes, atomic_write_text
 
 CELL_TIMEOUT = 900
 """Seconds one cell may run (as ``--nbval-cell-timeout=900`` before)."""
@@ -419,6 +423,64 @@ def build_site(executed: Sequence[Path], out_dir: Path, log: Any = print) -> lis
     return [index, *written]
 
 
+# ------------------------------------------------------------------------------------------- the gallery
+
+_HEADING = re.compile(r"^\s{0,3}#{1,6}\s+(.+?)\s*#*\s*$")
+
+
+def _figures(nb: NotebookNode) -> Iterable[tuple[str, bytes]]:
+    """``(section, png bytes)`` of every PNG figure in ``nb``'s outputs (widgets drawn from their stored
+    state, so an ``interact``'s figure counts), in order; ``section`` is the nearest Markdown heading above."""
+    nb = static_widgets(nbformat.from_dict(nb))
+    section = ""
+    for cell in nb.cells:
+        if cell.cell_type == "markdown":
+            for line in cell.source.splitlines():
+                m = _HEADING.match(line)
+                if m:
+                    section = re.sub(r"[*_`]", "", m.group(1)).strip()
+            continue
+        for out in cell.get("outputs", []):
+            png = out.get("data", {}).get("image/png")
+            if png:
+                yield section, base64.b64decode("".join(png) if isinstance(png, list) else png)
+
+
+def write_gallery(executed: Sequence[Path], out_dir: Path, log: Any = print) -> list[Path]:
+    """Copy every figure of the ``executed`` notebooks to ``out_dir/<notebook stem>/figure-NN.png`` and write
+    ``out_dir/README.md``: per chapter its title and each figure under the section heading it belongs to.
+    A chapter's folder is emptied of old figures first. Returns the paths written (README first). Raises
+    :class:`SiteError` when there is nothing to read."""
+    if not executed:
+        raise SiteError("no executed notebooks to take figures from")
+    lines = ["# The course's figures", "",
+             "Every figure of the solution notebooks as they last ran top to bottom (`make test`, then "
+             "`make figures`). Open `notebooks/` in JupyterLab (`make lab`) to make them yourself; "
+             "`make site` builds each chapter as a web page with its text.", ""]
+    written: list[Path] = []
+    for path in executed:
+        try:
+            nb = nbformat.read(path, as_version=4)
+        except Exception as exc:  # noqa: BLE001
+            raise SiteError(f"cannot read executed notebook {path}: {exc}") from None
+        folder = out_dir / path.stem
+        folder.mkdir(parents=True, exist_ok=True)
+        for old in folder.glob("figure-*.png"):
+            old.unlink()
+        lines += [f"## {notebook_title(nb, path.stem)}", ""]
+        last_section = None
+        for i, (section, png) in enumerate(_figures(nb), start=1):
+            target = atomic_write_bytes(folder / f"figure-{i:02d}.png", png)
+            written.append(target)
+            if section != last_section:
+                lines += [f"### {section}" if section else "", ""]
+                last_section = section
+            lines += [f"![{section or path.stem}, figure {i}]({path.stem}/{target.name})", ""]
+        log(f"{path.stem}: {sum(1 for p in written if p.parent == folder)} figures")
+    index = atomic_write_text(out_dir / "README.md", "\n".join(lines).rstrip() + "\n")
+    return [index, *written]
+
+
 # ------------------------------------------------------------------------------------------------- CLI
 
 def _cmd_execute(args: argparse.Namespace) -> int:
@@ -451,8 +513,21 @@ def _cmd_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_figures(args: argparse.Namespace) -> int:
+    root = find_root("solutions", args.root)
+    executed, out = args.executed or root / "build" / "executed", args.out or root / "docs" / "figures"
+    sources = sorted((root / "solutions").glob("*.ipynb"))
+    copies = [executed / s.name for s in sources]
+    stale = [c.name for s, c in zip(sources, copies) if not is_current(s, c)]
+    if stale:
+        raise SiteError(f"no current executed copy of {', '.join(stale)} in {executed}: run make test first")
+    paths = write_gallery(copies, out)
+    print(f"{len(paths) - 1} figures: {paths[0]}")
+    return 0
+
+
 def main(argv: Iterable[str] | None = None) -> int:
-    """``python -m ar_course.site {execute,build}``; one line ``error: ...`` and exit status 1 on failure
+    """``python -m ar_course.site {execute,build,figures}``; one line ``error: ...`` and exit status 1 on failure
     (2 for bad arguments), the failing cell's traceback above it."""
     parser = argparse.ArgumentParser(prog="python -m ar_course.site", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -467,9 +542,14 @@ def main(argv: Iterable[str] | None = None) -> int:
     bd.add_argument("--out", type=Path, default=None, help="default: ROOT/build/site")
     bd.add_argument("--no-execute", action="store_true", help="fail instead of executing a missing copy")
     bd.add_argument("--cell-timeout", type=int, default=CELL_TIMEOUT, help=f"seconds per cell (default {CELL_TIMEOUT})")
+    fg = sub.add_parser("figures", help="every figure of the executed solutions -> docs/figures/ (committed)")
+    fg.add_argument("--root", type=Path, default=None, help="the checkout (default: found from here upward)")
+    fg.add_argument("--executed", type=Path, default=None, help="default: ROOT/build/executed")
+    fg.add_argument("--out", type=Path, default=None, help="default: ROOT/docs/figures")
     args = parser.parse_args(None if argv is None else list(argv))
+    commands = {"execute": _cmd_execute, "build": _cmd_build, "figures": _cmd_figures}
     try:
-        return _cmd_execute(args) if args.command == "execute" else _cmd_build(args)
+        return commands[args.command](args)
     except NotebookRunError as exc:
         if exc.details:
             print(exc.details, file=sys.stderr)

@@ -181,3 +181,40 @@ def test_make_site_and_ci_use_the_executed_copies():
     ci = (ROOT / ".ci" / "run").read_text()
     assert ci.index("make test") < ci.index("make site")
     assert "/build/" in (ROOT / ".gitignore").read_text().splitlines()
+
+
+def test_gallery_copies_every_figure_under_its_section_and_drops_stale_ones(tmp_path):
+    nb = _executed_chapter("01 · Vector quantization")
+    nb.cells.insert(2, new_markdown_cell("Text\n\n## 2. The **codebook** explorer"))
+    executed = tmp_path / "01_vq.ipynb"
+    nbformat.write(nb, executed)
+    out = tmp_path / "figures"
+    (out / "01_vq").mkdir(parents=True)
+    (out / "01_vq" / "figure-09.png").write_bytes(b"stale")
+    paths = site.write_gallery([executed], out, log=lambda _: None)
+    pngs = sorted(p.name for p in (out / "01_vq").iterdir())
+    assert pngs == ["figure-01.png", "figure-02.png"]  # the plot and the interact's figure; the stale one gone
+    assert (out / "01_vq" / "figure-02.png").read_bytes() == base64.b64decode(_png(4, 4))
+    page = (out / "README.md").read_text()
+    assert paths[0] == out / "README.md"
+    assert page.index("## 01 · Vector quantization") < page.index("](01_vq/figure-01.png)")
+    assert page.index("](01_vq/figure-01.png)") < page.index("### 2. The codebook explorer")
+    assert page.index("### 2. The codebook explorer") < page.index("](01_vq/figure-02.png)")
+
+
+def test_figures_command_needs_current_executed_copies(tmp_path, capsys):
+    (tmp_path / "solutions").mkdir()
+    (tmp_path / "pyproject.toml").write_text((ROOT / "pyproject.toml").read_text())
+    nbformat.write(_executed_chapter("x"), tmp_path / "solutions" / "00_x.ipynb")
+    assert site.main(["figures", "--root", str(tmp_path)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == (f"error: no current executed copy of 00_x.ipynb in {tmp_path / 'build' / 'executed'}: "
+                   "run make test first")
+
+
+def test_the_committed_gallery_shows_every_chapter():
+    page = (ROOT / "docs" / "figures" / "README.md").read_text()
+    for source in sorted((ROOT / "solutions").glob("*.ipynb")):
+        figures = sorted((ROOT / "docs" / "figures" / source.stem).glob("figure-*.png"))
+        assert figures, f"no figures of {source.name} in docs/figures (make test && make figures)"
+        assert all(f"]({source.stem}/{f.name})" in page for f in figures)
