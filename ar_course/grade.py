@@ -14,6 +14,7 @@ what is wrong, which the command prints as one ``error:`` line (exit status 2).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -22,6 +23,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import ipykernel.kernelspec
 import nbformat
@@ -176,52 +178,16 @@ def grade_notebook(path: str | Path, timeout: float = 600.0, cell_timeout: float
     nb = read_notebook(path)
     exercises = notebook_exercises(nb, path)
     cells = graded_cells(nb)
-
-    run_nb = nbformat.v4.new_notebook(metadata=nb.metadata, cells=[c for _, c in cells])
     start = time.perf_counter()
-    crashed_at: str | None = None
-    errors: dict[int, str] = {}
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "report.jsonl"
-        old = os.environ.get(REPORT_ENV)
-        os.environ[REPORT_ENV] = str(report)
-        try:
-            client = NotebookClient(
-                run_nb, km=kernel_manager(), timeout=int(cell_timeout), allow_errors=True, kernel_name=CURRENT_ENV,
-                resources={"metadata": {"path": str(path.parent.resolve())}},
-            )
-            with client.setup_kernel(cleanup_kc=True):  # shut the kernel down when done (we own it)
-                for j, cell in enumerate(run_nb.cells):
-                    orig = cells[j][0]
-                    remaining = timeout - (time.perf_counter() - start)
-                    if remaining <= 0:
-                        crashed_at = f"time limit of {timeout:.0f} s reached before cell {orig}"
-                        break
-                    client.timeout = int(max(1, min(cell_timeout, remaining)))
-                    try:
-                        client.execute_cell(cell, j)
-                    except CellTimeoutError:
-                        crashed_at = f"cell {orig} timed out"
-                        break
-                    except DeadKernelError:
-                        crashed_at = f"kernel died in cell {orig}"
-                        break
-                    err = _error_line(cell)
-                    if err:
-                        errors[orig] = err
-        except DeadKernelError:
-            crashed_at = crashed_at or "kernel died"
-        finally:
-            if old is None:
-                os.environ.pop(REPORT_ENV, None)
-            else:
-                os.environ[REPORT_ENV] = old
+        with _environment(REPORT_ENV, str(report)):
+            crashed_at, errors = _run_cells(cells, nb.metadata, path.parent.resolve(), timeout, cell_timeout)
         verdicts: dict[str, dict] = {}
         if report.exists():
             for line in report.read_text(encoding="utf-8").splitlines():
                 rec = json.loads(line)
                 verdicts[rec["exercise"]] = rec  # the last verdict for an exercise wins
-
     setup_errors = [
         f"cell {i}: {errors[i]}" for i, c in cells if i in errors and "setup" in c.metadata.get("tags", [])
     ]
@@ -238,6 +204,55 @@ def grade_notebook(path: str | Path, timeout: float = 600.0, cell_timeout: float
         else:
             rows.append(Row(number, name, "not run", "its check cell did not report (missing, or it errored)"))
     return GradeResult(rows, crashed_at, time.perf_counter() - start)
+
+
+@contextlib.contextmanager
+def _environment(name: str, value: str) -> Iterator[None]:
+    """Set the environment variable ``name`` (inherited by the kernel) for the block, then restore it."""
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
+
+
+def _run_cells(cells: list[tuple[int, nbformat.NotebookNode]], metadata: dict, folder: Path, timeout: float,
+               cell_timeout: float) -> tuple[str | None, dict[int, str]]:
+    """Run ``cells`` (``(index in the notebook, cell)``) in one fresh kernel in ``folder``, going on after a
+    cell's error. Returns why the run stopped early (``None`` if it did not) and each erroring cell's line."""
+    run_nb = nbformat.v4.new_notebook(metadata=metadata, cells=[c for _, c in cells])
+    start = time.perf_counter()
+    crashed_at: str | None = None
+    errors: dict[int, str] = {}
+    client = NotebookClient(run_nb, km=kernel_manager(), timeout=int(cell_timeout), allow_errors=True,
+                            kernel_name=CURRENT_ENV, resources={"metadata": {"path": str(folder)}})
+    try:
+        with client.setup_kernel(cleanup_kc=True):  # shut the kernel down when done (we own it)
+            for j, cell in enumerate(run_nb.cells):
+                orig = cells[j][0]
+                remaining = timeout - (time.perf_counter() - start)
+                if remaining <= 0:
+                    crashed_at = f"time limit of {timeout:.0f} s reached before cell {orig}"
+                    break
+                client.timeout = int(max(1, min(cell_timeout, remaining)))
+                try:
+                    client.execute_cell(cell, j)
+                except CellTimeoutError:
+                    crashed_at = f"cell {orig} timed out"
+                    break
+                except DeadKernelError:
+                    crashed_at = f"kernel died in cell {orig}"
+                    break
+                err = _error_line(cell)
+                if err:
+                    errors[orig] = err
+    except DeadKernelError:
+        crashed_at = crashed_at or "kernel died"
+    return crashed_at, errors
 
 
 def format_table(result: GradeResult, title: str = "") -> str:

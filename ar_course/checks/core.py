@@ -112,84 +112,74 @@ def compare(
     exact otherwise, NaN equal to NaN). Tuples/lists are compared element by element, dicts key by key,
     numbers with the same tolerances.
     """
+    opts = dict(where=where, atol=atol, rtol=rtol, check_dtype=check_dtype, check_device=check_device)
     on = f" on input {where!r}" if where else ""
-    if isinstance(expected, torch.Tensor):
-        if not isinstance(got, torch.Tensor):
-            raise CheckFailure(f"{name}{on} should be a torch.Tensor, got {type(got).__name__}")
-        if tuple(got.shape) != tuple(expected.shape):
-            raise CheckFailure(
-                f"{name}{on} has shape {tuple(got.shape)}, expected {tuple(expected.shape)}"
-            )
-        if check_dtype and got.dtype != expected.dtype:
-            raise CheckFailure(f"{name}{on} has dtype {got.dtype}, expected {expected.dtype}")
-        if check_device and got.device.type != expected.device.type:
-            raise CheckFailure(f"{name}{on} is on {got.device.type}, expected {expected.device.type}")
-        g = got.detach().cpu()
-        e = expected.detach().cpu()
-        if e.is_floating_point() or e.is_complex():
-            g64, e64 = g.to(torch.float64), e.to(torch.float64)
-            close = torch.isclose(g64, e64, atol=atol, rtol=rtol, equal_nan=True)
-        else:
-            close = g == e.to(g.dtype) if g.dtype != e.dtype else g == e
-        if not bool(close.all()):
-            bad = (~close).nonzero()[0].tolist()
-            n_bad = int((~close).sum())
-            idx = tuple(bad)
-            raise CheckFailure(
-                f"{name}{on} differs at {n_bad} of {close.numel()} positions; first at index {idx}: "
-                f"got {_fmt(g[idx].item())}, expected {_fmt(e[idx].item())}"
-            )
-        return
     if isinstance(expected, np.ndarray):
-        compare(
-            torch.as_tensor(np.asarray(got)) if not isinstance(got, torch.Tensor) else got,
-            torch.as_tensor(expected),
-            where=where,
-            atol=atol,
-            rtol=rtol,
-            check_dtype=check_dtype,
-            check_device=False,
-            name=name,
-        )
-        return
-    if isinstance(expected, (tuple, list)):
+        got = got if isinstance(got, torch.Tensor) else torch.as_tensor(np.asarray(got))
+        _compare_tensor(got, torch.as_tensor(expected), name, on, atol, rtol, check_dtype, False)
+    elif isinstance(expected, torch.Tensor):
+        _compare_tensor(got, expected, name, on, atol, rtol, check_dtype, check_device)
+    elif isinstance(expected, (tuple, list)):
         if not isinstance(got, (tuple, list)):
             raise CheckFailure(f"{name}{on} should be a {type(expected).__name__}, got {type(got).__name__}")
         if len(got) != len(expected):
             raise CheckFailure(f"{name}{on} has {len(got)} items, expected {len(expected)}")
         for i, (g, e) in enumerate(zip(got, expected)):
-            compare(g, e, where=where, atol=atol, rtol=rtol, check_dtype=check_dtype,
-                    check_device=check_device, name=f"{name}[{i}]")
-        return
-    if isinstance(expected, dict):
+            compare(g, e, name=f"{name}[{i}]", **opts)
+    elif isinstance(expected, dict):
         if not isinstance(got, dict):
             raise CheckFailure(f"{name}{on} should be a dict, got {type(got).__name__}")
         missing = set(expected) - set(got)
         if missing:
             raise CheckFailure(f"{name}{on} is missing keys {sorted(missing)}")
         for k in expected:
-            compare(got[k], expected[k], where=where, atol=atol, rtol=rtol, check_dtype=check_dtype,
-                    check_device=check_device, name=f"{name}[{k!r}]")
-        return
-    if isinstance(expected, (bool, np.bool_)):
+            compare(got[k], expected[k], name=f"{name}[{k!r}]", **opts)
+    elif isinstance(expected, (bool, np.bool_)):
         if bool(got) != bool(expected):
             raise CheckFailure(f"{name}{on} is {got}, expected {expected}")
-        return
-    if isinstance(expected, (int, float, np.number)):
-        if isinstance(got, torch.Tensor) and got.numel() == 1:
-            got = got.item()
-        if not isinstance(got, (int, float, np.number)):
-            raise CheckFailure(f"{name}{on} should be a number, got {type(got).__name__}")
-        if isinstance(expected, (int, np.integer)) and not isinstance(expected, bool):
-            if isinstance(got, float) and not float(got).is_integer():
-                raise CheckFailure(f"{name}{on} is {_fmt(got)}, expected {expected}")
-        if not math.isclose(float(got), float(expected), rel_tol=rtol, abs_tol=atol) and not (
-            math.isnan(float(got)) and math.isnan(float(expected))
-        ):
-            raise CheckFailure(f"{name}{on} is {_fmt(float(got))}, expected {_fmt(float(expected))}")
-        return
-    if got != expected:
+    elif isinstance(expected, (int, float, np.number)):
+        _compare_number(got, expected, name, on, atol, rtol)
+    elif got != expected:
         raise CheckFailure(f"{name}{on} is {describe(got)}, expected {describe(expected)}")
+
+
+def _compare_tensor(got: Any, expected: torch.Tensor, name: str, on: str, atol: float, rtol: float,
+                    check_dtype: bool, check_device: bool) -> None:
+    """:func:`compare` for an expected tensor: type, shape, dtype, device, then values."""
+    if not isinstance(got, torch.Tensor):
+        raise CheckFailure(f"{name}{on} should be a torch.Tensor, got {type(got).__name__}")
+    if tuple(got.shape) != tuple(expected.shape):
+        raise CheckFailure(f"{name}{on} has shape {tuple(got.shape)}, expected {tuple(expected.shape)}")
+    if check_dtype and got.dtype != expected.dtype:
+        raise CheckFailure(f"{name}{on} has dtype {got.dtype}, expected {expected.dtype}")
+    if check_device and got.device.type != expected.device.type:
+        raise CheckFailure(f"{name}{on} is on {got.device.type}, expected {expected.device.type}")
+    g, e = got.detach().cpu(), expected.detach().cpu()
+    if e.is_floating_point() or e.is_complex():
+        close = torch.isclose(g.to(torch.float64), e.to(torch.float64), atol=atol, rtol=rtol, equal_nan=True)
+    else:
+        close = g == e.to(g.dtype) if g.dtype != e.dtype else g == e
+    if not bool(close.all()):
+        idx = tuple((~close).nonzero()[0].tolist())
+        raise CheckFailure(
+            f"{name}{on} differs at {int((~close).sum())} of {close.numel()} positions; first at index {idx}: "
+            f"got {_fmt(g[idx].item())}, expected {_fmt(e[idx].item())}"
+        )
+
+
+def _compare_number(got: Any, expected: int | float | np.number, name: str, on: str, atol: float,
+                    rtol: float) -> None:
+    """:func:`compare` for an expected number: a one-element tensor counts; ints must be whole."""
+    if isinstance(got, torch.Tensor) and got.numel() == 1:
+        got = got.item()
+    if not isinstance(got, (int, float, np.number)):
+        raise CheckFailure(f"{name}{on} should be a number, got {type(got).__name__}")
+    if isinstance(expected, (int, np.integer)) and not isinstance(expected, bool):
+        if isinstance(got, float) and not float(got).is_integer():
+            raise CheckFailure(f"{name}{on} is {_fmt(got)}, expected {expected}")
+    both_nan = math.isnan(float(got)) and math.isnan(float(expected))
+    if not both_nan and not math.isclose(float(got), float(expected), rel_tol=rtol, abs_tol=atol):
+        raise CheckFailure(f"{name}{on} is {_fmt(float(got))}, expected {_fmt(float(expected))}")
 
 
 def clone_args(args: Sequence[Any]) -> tuple:
