@@ -486,11 +486,15 @@ class Block(nn.Module):
         return x + gate2 * self.drop(self.mlp(self.norm2(x) * (1 + scale2) + shift2))
 
 
-def check_cache_kind(cache: object) -> str:
-    """``cache`` if it is one of :data:`CACHE_KINDS`, else ``ValueError``."""
-    if cache not in CACHE_KINDS:
-        raise ValueError(f"cache must be one of {CACHE_KINDS}, got {cache!r}")
-    return cache
+def check_cache(cache: object, batch_size: int, max_len: int) -> None:
+    """``ValueError`` unless ``cache`` is one of :data:`CACHE_KINDS` or a :class:`StaticKVCache` of
+    ``batch_size`` rows and ``max_len`` positions (one a sampling loop can reset and reuse)."""
+    if isinstance(cache, StaticKVCache):
+        if (cache.batch_size, cache.max_len) != (batch_size, max_len):
+            raise ValueError(f"the StaticKVCache holds {cache.batch_size} rows of {cache.max_len} positions; this "
+                             f"call needs {batch_size} rows of {max_len}")
+    elif not isinstance(cache, str) or cache not in CACHE_KINDS:
+        raise ValueError(f"cache must be one of {CACHE_KINDS} or a StaticKVCache, got {cache!r}")
 
 
 def set_attention(model: nn.Module, impl: str, backend: str = "auto") -> None:
@@ -724,7 +728,7 @@ class GPT(nn.Module):
         classes: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
         use_cache: bool = True,
-        cache: str = "dynamic",
+        cache: str | StaticKVCache = "dynamic",
         forward: Callable[..., tuple[torch.Tensor, torch.Tensor | None]] | None = None,
     ) -> torch.Tensor:
         """Append ``max_new_tokens`` sampled tokens to ``idx`` ``(B, T)``; returns ``(B, T + max_new_tokens)``.
@@ -735,7 +739,9 @@ class GPT(nn.Module):
         (:func:`~ar_course.sampling.cfg_mix`; ``w = 0`` is plain conditional sampling). ``use_cache=False``
         recomputes the whole prefix at every step (the slow reference path; same tokens). ``cache``: one of
         :data:`CACHE_KINDS`, ``"dynamic"`` (:class:`KVCache`) or ``"static"`` (:class:`StaticKVCache`, steps by
-        :meth:`decode_step`, with no host sync; same tokens up to float rounding). ``forward``: what computes
+        :meth:`decode_step`, with no host sync; same tokens up to float rounding), or a :class:`StaticKVCache` of
+        ``block_size`` positions and ``B`` rows (``2B`` when guided) to reset and reuse, so that a CUDA graph
+        captured over its buffers replays (:class:`~ar_course.transformer.graphs.CUDAGraphStep`). ``forward``: what computes
         each step's logits, called like :meth:`forward` (default: the model itself, or :meth:`decode_step` with
         the static cache; e.g. a ``torch.compile``d forward, a CUDA-graph replay, or a wrapper that counts the
         passes).
@@ -745,15 +751,17 @@ class GPT(nn.Module):
                 ``sampling`` that is not a ``SamplingConfig``.
             ValueError: bad ``idx``/``classes`` (as :meth:`forward`), ``max_new_tokens < 0``, a prompt and new
                 tokens needing more than ``block_size`` positions, a non-finite ``cfg``, guidance without
-                classes, an unknown ``cache``, or ``cache="static"`` with ``use_cache=False``.
+                classes, an unknown ``cache`` (or a StaticKVCache of another size), or a static cache with
+                ``use_cache=False``.
         """
         sampling, cfg = check_sampling(sampling), check_cfg(cfg)
         max_new_tokens = check_int("max_new_tokens", max_new_tokens, lo=0)
         use_cache = check_bool("use_cache", use_cache)
-        static = check_cache_kind(cache) == "static"
-        if static and not use_cache:
-            raise ValueError("cache='static' needs use_cache=True")
         self._check_idx(idx)
+        check_cache(cache, idx.shape[0] * (1 + (cfg != 0)), self.config.block_size)
+        static = cache != "dynamic"
+        if static and not use_cache:
+            raise ValueError("a static cache needs use_cache=True")
         B, T = idx.shape
         if cfg != 0 and classes is None:
             raise ValueError("classifier-free guidance (cfg != 0) needs a class-conditional model and classes")
@@ -762,21 +770,25 @@ class GPT(nn.Module):
         elif classes is not None:
             raise ValueError("classes are only taken by a class-conditional model (n_classes > 0)")
         self.check_room(T, max_new_tokens)
-        cache_kind = (StaticKVCache if static else KVCache) if use_cache else None
         forward = forward or (self.decode_step if static else self)
-        return self._decode(idx, max_new_tokens, sampling, cfg, classes, generator, cache_kind, forward)
+        return self._decode(idx, max_new_tokens, sampling, cfg, classes, generator, cache if use_cache else None,
+                            forward)
 
     def _decode(self, idx: torch.Tensor, max_new_tokens: int, sampling: SamplingConfig, cfg: float,
-                classes: torch.Tensor | None, generator: torch.Generator | None, cache_kind: type | None,
+                classes: torch.Tensor | None, generator: torch.Generator | None,
+                cache: str | StaticKVCache | None,
                 forward: Callable[..., tuple[torch.Tensor, torch.Tensor | None]]) -> torch.Tensor:
-        """The sampling loop of :meth:`generate` (arguments checked; ``cache_kind``: :class:`KVCache`,
-        :class:`StaticKVCache` or None): ``(B, T)`` -> ``(B, T + max_new_tokens)``."""
+        """The sampling loop of :meth:`generate` (arguments checked; ``cache`` as there, None: no cache):
+        ``(B, T)`` -> ``(B, T + max_new_tokens)``."""
         B, guided = idx.shape[0], cfg != 0
         seq, cls = idx, classes
         if guided:
             seq = torch.cat([idx, idx])  # (2B, T)
             cls = torch.cat([classes, torch.full_like(classes, self.null_class)])  # (2B,)
-        cache = None if cache_kind is None else self.make_cache(seq.shape[0], static=cache_kind is StaticKVCache)
+        if isinstance(cache, StaticKVCache):
+            cache.reset()
+        elif cache is not None:
+            cache = self.make_cache(seq.shape[0], static=cache == "static")
         step_input = seq
         for step in range(max_new_tokens):
             if cache is None:

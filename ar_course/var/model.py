@@ -31,7 +31,7 @@ from ar_course import checkpoint
 from ar_course.raster.functional import condition_dropout
 from ar_course.sampling import SamplingConfig, cfg_mix, check_cfg, check_sampling, sample
 from ar_course.tokenizers import VQVAE, MultiScaleVQ
-from ar_course.transformer.model import Block, GPTConfig, KVCache, RMSNorm, StaticKVCache, check_cache_kind
+from ar_course.transformer.model import Block, GPTConfig, KVCache, RMSNorm, StaticKVCache, check_cache
 from ar_course.utils import check_bool, check_ids, check_int, generate_in_batches
 from ar_course.var import functional as ref
 
@@ -254,7 +254,7 @@ def sample_pyramid(
     generator: torch.Generator | None = None,
     known: list[torch.Tensor] | None = None,
     known_mask: torch.Tensor | list[torch.Tensor] | None = None,
-    cache: str = "dynamic",
+    cache: str | StaticKVCache = "dynamic",
     run: Callable[..., torch.Tensor] | None = None,
 ) -> list[torch.Tensor]:
     """VAR's sampling loop: ``S`` forward passes, one per scale, with a KV cache.
@@ -263,8 +263,10 @@ def sample_pyramid(
     run in one doubled batch and scale ``k`` samples from ``(1 + t) cond - t uncond``
     (:func:`~ar_course.sampling.cfg_mix`) with ``t = w * k / (S - 1)`` (``ramp=True``, VAR's schedule) or
     ``t = w``. Then ``sampling`` (temperature, top-k, top-p: :func:`ar_course.sampling.sample`), all tokens
-    of a scale drawn at once from ``generator``. ``cache``: ``"dynamic"`` (:class:`KVCache`) or ``"static"``
-    (:class:`StaticKVCache`: passes without host sync, same tokens up to float rounding). ``run`` replaces the
+    of a scale drawn at once from ``generator``. ``cache``: ``"dynamic"`` (:class:`KVCache`), ``"static"``
+    (:class:`StaticKVCache`: passes without host sync, same tokens up to float rounding), or a
+    :class:`StaticKVCache` of ``L`` positions and ``B`` rows (``2B`` guided) to reset and reuse (its buffers
+    stay put, so CUDA graphs captured over them replay). ``run`` replaces the
     model's pass (as in :meth:`VAR.step`; e.g. a CUDA-graph replay per scale).
 
     Zero-shot inpainting/outpainting: ``known`` is a pyramid (e.g. of a real image) and ``known_mask`` a
@@ -277,18 +279,19 @@ def sample_pyramid(
         TypeError: ``vq`` is not a :class:`MultiScaleVQ`, ``sampling`` not a ``SamplingConfig``, or a number or
             flag of the wrong type.
         ValueError: ``classes`` not a non-empty ``(B,)`` long tensor in ``[0, n_classes]``, a tokenizer whose
-            scales, codebook or latent size differ from the model's, a non-finite ``cfg``, an unknown ``cache``,
-            or inpainting maps of the wrong number, shape, dtype or range."""
+            scales, codebook or latent size differ from the model's, a non-finite ``cfg``, an unknown ``cache``
+            (or a StaticKVCache of another size), or inpainting maps of the wrong number, shape, dtype or range."""
     c = model.config
     _check_tokenizer(vq, c)
     model._check_classes(classes)
     B = classes.shape[0]
     sampling, cfg, ramp = check_sampling(sampling), check_cfg(cfg), check_bool("ramp", ramp)
     masks = _check_inpainting(known, known_mask, B, c)
-    static = check_cache_kind(cache) == "static"
     guided = cfg != 0
+    check_cache(cache, B * (1 + guided), c.num_tokens)
     cls = torch.cat([classes, torch.full_like(classes, model.null_class)]) if guided else classes  # (B or 2B,)
-    kv = model.make_cache(cls.shape[0], static=static)
+    kv = cache if isinstance(cache, StaticKVCache) else model.make_cache(cls.shape[0], static=cache == "static")
+    kv.reset()
     f_hat, x, pyramid = None, None, []
     for k, s in enumerate(c.scales):
         logits = model.step(k, x, cls, kv, run=run)  # (B or 2B, s*s, V)
