@@ -163,3 +163,20 @@ def test_bad_static_caches_are_refused(models):
     cache = StaticKVCache(1, 1, 1, 4, 2)
     with pytest.raises(ValueError, match=r"length must be an integer in \[0, 4\], got 5"):
         cache.rollback(5)
+
+
+def test_graph_signatures_separate_shapes_and_caches():
+    """What a captured graph is specialised to (the capture itself needs CUDA: test_graphs_gpu.py)."""
+    from ar_course.transformer.graphs import _replace_tensors, _signature, _tensors
+
+    a, b = StaticKVCache(1, 2, 1, 8, 2), StaticKVCache(1, 2, 1, 8, 2)
+    x = torch.zeros(2, 1, dtype=torch.long)
+    key = _signature((x,), {"classes": None, "cache": a})
+    assert key == _signature((torch.ones(2, 1, dtype=torch.long),), {"classes": None, "cache": a})
+    assert key != _signature((torch.zeros(2, 2, dtype=torch.long),), {"classes": None, "cache": a})
+    assert key != _signature((x,), {"classes": None, "cache": b})
+    assert key != _signature((x,), {"classes": torch.zeros(2, dtype=torch.long), "cache": a})
+    y = torch.ones(2)
+    args, kwargs = _replace_tensors((x, 3), {"cache": a, "y": y}, [x + 1, y + 1])
+    assert torch.equal(args[0], x + 1) and args[1] == 3 and kwargs["cache"] is a and torch.equal(kwargs["y"], y + 1)
+    assert [t.shape for t in _tensors((x, 3), {"y": y, "cache": a})] == [x.shape, y.shape]
