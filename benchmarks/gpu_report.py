@@ -61,8 +61,9 @@ CONFIGS = {  # name -> Generator.generate options; in order of importance (the b
     "raster AR, auto, eager": {"method": "ar", "kernels": "auto"},
     "raster AR, auto, graphs": {"method": "ar", "kernels": "auto", "graphs": True},
 }
-LAUNCH_CALLS = ("cudaLaunchKernel", "cuLaunchKernel", "cudaGraphLaunch", "cudaLaunchKernelExC", "cuLaunchKernelEx")
-"""Host API calls that launch work on the GPU (a graph replay is one launch)."""
+LAUNCH_CALLS = ("cudaLaunchKernel", "cuLaunchKernel", "cudaGraphLaunch", "cuGraphLaunch")
+"""Prefixes of the host API calls that launch work on the GPU (``cudaLaunchKernelExC``... included; a graph
+replay is one launch)."""
 
 
 # the time budget ------------------------------------------------------------------------------------------
@@ -215,8 +216,8 @@ def profile_call(gen, classes, kwargs: dict, warm_seconds: float) -> dict:
             gen.generate(classes, **kwargs)
         events = prof.events()
         kernels = [e for e in events if e.device_type == DeviceType.CUDA]
-        busy_us = sum(getattr(e, "device_time", None) or getattr(e, "cuda_time", 0.0) for e in kernels)
-        launches = sum(1 for e in events if e.device_type == DeviceType.CPU and e.name in LAUNCH_CALLS)
+        busy_us = sum(e.device_time_total for e in kernels)  # a kernel event's own duration
+        launches = sum(1 for e in events if e.device_type == DeviceType.CPU and e.name.startswith(LAUNCH_CALLS))
         return {"gpu_busy_fraction": busy_us / 1e6 / warm_seconds, "launches_per_call": launches,
                 "gpu_kernels_per_call": len(kernels)}
     except Exception as exc:  # noqa: BLE001
