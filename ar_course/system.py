@@ -530,7 +530,7 @@ class Generator:
         ``options`` are keywords, all optional: ``method`` (``"var"`` or ``"ar"``), ``sampling``
         (a :class:`~ar_course.sampling.SamplingConfig`), ``cfg`` (guidance strength ``w``), ``ramp``,
         ``speculative`` (``"draft"``, ``"jacobi"``), ``relaxed_delta``, ``gamma``, ``window``, ``neighbors``,
-        ``kernels``, ``precision``, ``compile``, ``seed``, ``batch_size``, ``progress``: see
+        ``kernels``, ``precision``, ``cache``, ``graphs``, ``compile``, ``seed``, ``batch_size``, ``progress``: see
         :class:`GenerationRequest`.
 
         Returns:

@@ -55,8 +55,9 @@ def _signature(args: tuple, kwargs: dict) -> tuple[Hashable, ...]:
         return ("object", id(a))
 
     autocast = (torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"))
+    # the attention function by value: KernelAttention is a frozen dataclass, made afresh by every Generator call
     return (tuple(key(a) for a in args), tuple((k, key(kwargs[k])) for k in sorted(kwargs)), autocast,
-            id(_ATTENTION.get()))
+            _ATTENTION.get())
 
 
 def _replace_tensors(args: tuple, kwargs: dict, tensors: list[torch.Tensor]) -> tuple[tuple, dict]:

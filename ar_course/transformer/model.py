@@ -379,14 +379,15 @@ class SelfAttention(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor] | None = None,
         mask: torch.Tensor | None = None,
         causal: bool = True,
-        cache: KVCache | None = None,
+        cache: KVCache | StaticKVCache | None = None,
         layer: int = 0,
     ) -> torch.Tensor:
         """``x``: ``(B, T, C)`` -> ``(B, T, C)``.
 
         ``rope``: ``(cos, sin)`` of the ``T`` new positions. ``mask``: bool ``(T, T_k)`` or
-        ``(B, H, T, T_k)`` with ``T_k`` = cached positions + ``T``. ``causal``: also apply the causal mask
-        (offset by what the cache holds). ``cache``/``layer``: append this layer's keys and values."""
+        ``(B, H, T, T_k)`` with ``T_k`` = cached positions + ``T`` (a :class:`StaticKVCache`: its ``max_len``,
+        the mask hiding the positions past its length). ``causal``: also apply the causal mask (offset by what
+        the cache holds). ``cache``/``layer``: append this layer's keys and values."""
         q, k, v = self.heads(x, rope)  # 3 x (B, H, T, D)
         if cache is not None:
             k, v = cache.append(layer, k, v)  # (B, H, past+T, D)
@@ -467,7 +468,7 @@ class Block(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor] | None = None,
         mask: torch.Tensor | None = None,
         causal: bool = True,
-        cache: KVCache | None = None,
+        cache: KVCache | StaticKVCache | None = None,
         layer: int = 0,
         cond: torch.Tensor | None = None,
     ) -> torch.Tensor:
@@ -614,6 +615,8 @@ class GPT(nn.Module):
             raise ValueError("idx has no tokens and no class token starts the sequence: nothing to run")
         if start + T_out > self.config.block_size:
             raise ValueError(f"sequence of {start + T_out} positions exceeds block_size {self.config.block_size}")
+        if isinstance(cache, StaticKVCache) and start + T_out > cache.max_len:
+            raise ValueError(f"KV cache is full: {start} + {T_out} new positions > max_len {cache.max_len}")
         if targets is not None:
             check_ids("targets", targets, self.config.vocab_size, (B, T_out), ignore=-100)
 
@@ -622,7 +625,7 @@ class GPT(nn.Module):
         idx: torch.Tensor,
         targets: torch.Tensor | None = None,
         classes: torch.Tensor | None = None,
-        cache: KVCache | None = None,
+        cache: KVCache | StaticKVCache | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits for every position and, given ``targets``, the mean cross-entropy.
 
@@ -631,7 +634,9 @@ class GPT(nn.Module):
             targets: ``(B, T_out)`` long, ``T_out = T + 1`` with a class token else ``T``; -100 is ignored.
             classes: ``(B,)`` long class ids (``n_classes`` = null); required exactly when a
                 class-conditional sequence starts (no cache, or an empty one).
-            cache: a :class:`KVCache`; the new positions are appended and the cache advanced.
+            cache: a :class:`KVCache` or :class:`StaticKVCache` (then after these checks, which read its length
+                back from the device, the pass is :meth:`decode_step`); the new positions are appended and the
+                cache advanced.
 
         Returns:
             ``(logits (B, T_out, V), loss or None)``.
@@ -640,7 +645,8 @@ class GPT(nn.Module):
             TypeError: ``idx``, ``targets`` or ``classes`` is not a tensor.
             ValueError: a wrong shape or dtype, an empty batch, ids outside ``[0, vocab_size)`` (targets: or
                 -100), classes outside ``[0, n_classes]``, classes where none are taken, nothing to run (no
-                token and no class token), a cache of another batch size, or more positions than ``block_size``.
+                token and no class token), a cache of another batch size, more positions than ``block_size`` (or
+                than a static cache holds), or ``targets`` with a static cache.
         """
         if not torch.compiler.is_compiling():  # a compiled step (Generator(compile=True)) was checked by its caller
             self._check_forward(idx, targets, classes, cache)
