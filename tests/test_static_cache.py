@@ -180,3 +180,18 @@ def test_graph_signatures_separate_shapes_and_caches():
     args, kwargs = _replace_tensors((x, 3), {"cache": a, "y": y}, [x + 1, y + 1])
     assert torch.equal(args[0], x + 1) and args[1] == 3 and kwargs["cache"] is a and torch.equal(kwargs["y"], y + 1)
     assert [t.shape for t in _tensors((x, 3), {"y": y, "cache": a})] == [x.shape, y.shape]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the fallback where no capture can work")
+def test_a_graph_step_that_cannot_capture_warns_once_and_runs_eagerly():
+    from ar_course.transformer.graphs import CUDAGraphStep
+
+    step = CUDAGraphStep(lambda x: x * 2)
+    with pytest.warns(RuntimeWarning, match="CUDA graph capture failed, running eagerly"):
+        assert torch.equal(step(torch.ones(2)), torch.full((2,), 2.0))
+    assert step.failure and step.graphs == 0 and step.capture_seconds == 0
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch.equal(step(torch.ones(3)), torch.full((3,), 2.0))

@@ -103,7 +103,7 @@ class CUDAGraphStep:
         if captured is None:
             try:
                 captured = self._capture(args, kwargs)
-            except RuntimeError as exc:
+            except Exception as exc:  # noqa: BLE001 -- any failed capture (torch's, a kernel library's) runs eagerly
                 self.failure = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
                 warnings.warn(f"CUDA graph capture failed, running eagerly: {self.failure}", RuntimeWarning,
                               stacklevel=2)
