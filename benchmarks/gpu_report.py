@@ -13,8 +13,9 @@ budget are skipped with a note:
 
 * ``tests``: ``pytest -m gpu`` over the test files that have GPU tests: passed / failed / skipped counts and
   each failure's first line.
-* ``kernels``: ``bench_kernels.bench_gpu()`` (FlashAttention against SDPA and the bf16 matmul ceiling, decode
-  attention against the copy bandwidth, nearest-code search against ``cdist``; both ceilings measured here).
+* ``kernels``: ``bench_kernels``' GPU measurements (FlashAttention against SDPA and the bf16 matmul ceiling,
+  decode attention against the copy bandwidth, nearest-code search against ``cdist``; both ceilings measured
+  here), written section by section.
 * ``system``: images/second of every configuration in :data:`CONFIGS` (VAR / raster AR x kernels torch / auto
   x eager / CUDA graphs) at each batch in :data:`BATCHES`, warm (timed after a warm-up call at that size, whose
   time, compile and capture included, is recorded too), with the GPU-busy fraction and the kernel launches
@@ -155,10 +156,18 @@ def read_pytest(output: str) -> dict:
 
 
 def measure_kernels(out: Path) -> None:
-    """The ``kernels`` part: :func:`bench_kernels.bench_gpu` as it is."""
-    from bench_kernels import bench_gpu
+    """The ``kernels`` part: what ``bench_kernels.bench_gpu`` measures, section by section (the ceilings, then
+    FlashAttention, decode attention, nearest-code search), each written to ``out`` when done."""
+    import bench_kernels as bk
 
-    _write_json(out, {"kernels": bench_gpu()})
+    kernels = bk.gpu_ceilings()
+    _write_json(out, {"kernels": kernels})
+    sections = {"flash_attention": lambda: bk.bench_flash(kernels["matmul_bf16_tflops"]),
+                "decode_attention": lambda: bk.bench_decode(kernels["copy_bandwidth_gbs"]),
+                "vq_nearest": bk.bench_vq}
+    for name, measure in sections.items():
+        kernels[name] = measure()
+        _write_json(out, {"kernels": kernels})
 
 
 def measure_system(out: Path, seconds: float, batches: tuple[int, ...] = BATCHES,

@@ -126,3 +126,22 @@ def test_pytest_output_is_counted_even_when_cut_off(report):
                                            "failures": ["tests/a.py::test_two"]}
     files = report.gpu_test_files()
     assert "tests/test_graphs_gpu.py" in files and "tests/test_gpu_report.py" not in files
+
+
+def test_kernel_sections_are_written_as_they_finish(report, monkeypatch, tmp_path):
+    import bench_kernels  # gpu_report put benchmarks/ on sys.path
+
+    monkeypatch.setattr(bench_kernels, "gpu_ceilings", lambda: {"device": "x", "matmul_bf16_tflops": 2.0,
+                                                                "copy_bandwidth_gbs": 3.0})
+    monkeypatch.setattr(bench_kernels, "bench_flash", lambda tflops: [{"T": 1, "ceiling": tflops}])
+
+    def cut_off(gbs):
+        raise KeyboardInterrupt  # what the part's time limit does to a section still running
+
+    monkeypatch.setattr(bench_kernels, "bench_decode", cut_off)
+    out = tmp_path / "kernels.json"
+    with pytest.raises(KeyboardInterrupt):
+        report.measure_kernels(out)
+    assert json.loads(out.read_text()) == {"kernels": {"device": "x", "matmul_bf16_tflops": 2.0,
+                                                       "copy_bandwidth_gbs": 3.0,
+                                                       "flash_attention": [{"T": 1, "ceiling": 2.0}]}}
