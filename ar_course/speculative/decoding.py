@@ -5,8 +5,9 @@ Both work on :class:`ar_course.transformer.GPT` models with their KV caches, one
 always hold every position of the sequence but the last one (the "pending" token, fed at the next call);
 after each round :func:`~.functional.rollback_caches` cuts away what was computed for rejected drafts. With
 ``cache="static"`` the caches are :class:`~ar_course.transformer.model.StaticKVCache` s: each verification pass
-runs :meth:`~ar_course.transformer.GPT.decode_step` (no host sync inside; a CUDA graph per number of drafts can
-capture it) and the rollback only moves the cache's position tensor.
+is :meth:`~ar_course.transformer.GPT.decode_step` (after the forward pass's checks, which read the cache's
+length back; the step itself has no host sync, so a CUDA graph per number of drafts can capture it) and the
+rollback only moves the cache's position tensor.
 
 * :func:`speculative_generate` -- Leviathan et al. / Chen et al.: a draft proposes ``gamma`` tokens, one
   target pass verifies them. Greedy (``temperature=0``) gives exactly the target's greedy tokens.
