@@ -10,7 +10,7 @@ STAMP := $(VENV)/.ar-course-installed
 EXTRAS ?= course,kernels,triton,dev
 PYTEST_FLAGS ?=
 
-.PHONY: lab test site figures browser-deps install notebooks bench doctor clean-venv help
+.PHONY: lab test site figures browser-deps install notebooks bench gpu-report doctor clean-venv help
 
 help:
 	@echo "make lab    - set up .venv (first time only) and open JupyterLab on notebooks/"
@@ -20,6 +20,7 @@ help:
 	@echo "make browser-deps - install Chromium + chromedriver for the browser test (Debian/Ubuntu, as root)"
 	@echo "make notebooks - regenerate notebooks/ from solutions/"
 	@echo "make bench  - run the benchmarks (writes benchmarks/results/)"
+	@echo "make gpu-report - on a CUDA machine, from a plain checkout: GPU tests, kernels, system (<= 5 min)"
 	@echo "make doctor - check this machine"
 
 $(PY):
@@ -89,6 +90,11 @@ notebooks: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m ar_course bench
+
+# No venv and no install: the machine's own torch / triton / numba, the checkout on PYTHONPATH (a GPU machine's
+# Python may lack pip). Writes benchmarks/results/gpu.json and gpu.png; `--table` prints the README's GPU table.
+gpu-report:
+	PYTHONPATH=.$${PYTHONPATH:+:$$PYTHONPATH} $(PYTHON) benchmarks/gpu_report.py
 
 doctor: $(STAMP)
 	$(PY) -m ar_course doctor

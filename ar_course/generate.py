@@ -89,6 +89,9 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decode step (first call compiles for tens of seconds; needs torch "
                         "attention: --kernels auto or torch)")
+    p.add_argument("--graphs", action="store_true",
+                   help="replay the batched decode step from CUDA graphs over a static KV cache (CUDA only; the "
+                        "first call at a batch size captures them)")
     p.add_argument("--seed", type=int_in(0, MAX_SEED), default=0)
     p.add_argument("--device", type=_device, default="auto", help="cpu, cuda or auto [auto]")
     p.add_argument("--var-checkpoint", type=Path, default=None, help="a VAR checkpoint instead of the shipped one")
@@ -117,13 +120,17 @@ def _check_options(args: argparse.Namespace) -> None:
     if args.compile and (args.speculative is not None or args.kernels not in ("auto", "torch")):
         raise UsageError("--compile applies to batched generation (no --speculative) with torch attention "
                          "(--kernels auto or torch)")
+    if args.graphs and (args.speculative is not None or args.compile):
+        raise UsageError("--graphs applies to batched generation (no --speculative), without --compile")
     if args.dataset != "mnist" and not (args.var_checkpoint or args.ar_checkpoint):
         raise UsageError(f"the shipped models generate mnist; --dataset {args.dataset} needs --var-checkpoint or "
                          "--ar-checkpoint")
     try:
-        get_device(None if args.device == "auto" else args.device)
+        device = get_device(None if args.device == "auto" else args.device)
     except RuntimeError as exc:
         raise UsageError(f"--device {args.device}: {exc}") from None
+    if args.graphs and device.type != "cuda":
+        raise UsageError(f"--graphs needs a CUDA device, got {device}")
 
 
 def _check_outputs(args: argparse.Namespace) -> None:
@@ -177,7 +184,7 @@ def _request(args: argparse.Namespace, classes: list[int]) -> GenerationRequest:
     return GenerationRequest(torch.tensor(classes).repeat(args.per_class), method=args.method, sampling=sampling,
                              cfg=args.cfg, speculative=args.speculative, relaxed_delta=args.relaxed_delta,
                              kernels=args.kernels, seed=args.seed, precision=args.precision, compile=args.compile,
-                             progress=sys.stderr.isatty())
+                             graphs=args.graphs, progress=sys.stderr.isatty())
 
 
 def main(argv: list[str] | None = None) -> int:

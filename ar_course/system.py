@@ -24,6 +24,7 @@ the last, as the VAR paper does, unless ``ramp=False``.
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -39,7 +40,10 @@ from ar_course.raster.functional import from_raster
 from ar_course.sampling import SamplingConfig, check_sampling
 from ar_course.speculative import SpecStats, codebook_neighbors, sjd_generate, speculative_generate
 from ar_course.tokenizers import VQVAE
-from ar_course.transformer.model import GPT, AttentionFn, KernelAttention, sdpa_attention, use_attention
+from ar_course.transformer.graphs import CUDAGraphStep
+from ar_course.transformer.model import (
+    CACHE_KINDS, GPT, AttentionFn, KernelAttention, StaticKVCache, sdpa_attention, use_attention,
+)
 from ar_course.utils import check_bool, check_ids, check_int, check_number, generate_in_batches, get_device
 
 if TYPE_CHECKING:
@@ -72,8 +76,10 @@ class GenerationStats:
     (multi-token passes) and ``"decode_attention"`` (one-token steps over the KV cache) are ``"torch"``,
     ``"triton"`` or ``"numba"``, several with their call counts (``"triton x30, torch x6"``) when the
     choice differed by kind of call, or ``"none"`` when the kernel path made no such call; ``"fallbacks"``
-    lists every kernel that failed and was answered by torch, with the reason; ``"compiled"`` is
-    ``"torch.compile"`` or ``"no"``."""
+    lists every kernel that failed and was answered by torch, with the reason (and a CUDA-graph capture that
+    failed and ran eagerly); ``"compiled"`` is ``"torch.compile"``, ``"cuda graphs"`` or ``"no"``.
+    ``capture_seconds``: time this call spent warming up and capturing CUDA graphs (0 when it replayed graphs
+    captured by an earlier call)."""
 
     method: str
     speculative: str | None
@@ -87,6 +93,7 @@ class GenerationStats:
     draft_passes: int = 0
     accepted_hist: list[int] = field(default_factory=list)
     acceptance_rate: float = float("nan")
+    capture_seconds: float = 0.0
 
     @property
     def images_per_second(self) -> float:
@@ -143,6 +150,16 @@ class GenerationRequest:
             ``"triton"`` / ``"numba"`` force one (on a CPU: the interpreter / simulator, slow, for checking
             agreement). ``stats.backends`` reports what really ran.
         precision: ``"auto"`` (bfloat16 autocast on CUDA, float32 on CPU) or a dtype name for autocast.
+        cache: the KV cache of the sampling loops: ``"dynamic"`` (lengths are Python ints, the plain path) or
+            ``"static"`` (:class:`~ar_course.transformer.model.StaticKVCache`: preallocated, positions and the
+            mask of unused positions computed on the device, so a step never waits for the host); ``None``:
+            ``"static"`` with ``graphs``, else ``"dynamic"`` (the stored request holds the name). Same tokens
+            up to float rounding.
+        graphs: replay the decode step (VAR's per-scale pass, the raster model's step) from CUDA graphs
+            (:class:`~ar_course.transformer.graphs.CUDAGraphStep`) over a static cache: one graph per scale or
+            step shape and chunk size, captured at the first call that needs it (``stats.capture_seconds``) and
+            replayed by later calls. CUDA only; batched generation (``speculative=None``); not with
+            ``compile``. Calls with graphs on one Generator take turns (they share the graphs' caches).
         compile: run the decode step (VAR's per-scale pass, the raster model's forward) through
             ``torch.compile(dynamic=True)``; attention then runs in torch (``kernels`` must be ``"auto"`` or
             ``"torch"``) and inductor fuses around it. Batched generation only (``speculative=None``). The first
@@ -176,6 +193,8 @@ class GenerationRequest:
     neighbors: int = 4
     kernels: str = "auto"
     precision: str = "auto"
+    cache: str | None = None
+    graphs: bool = False
     compile: bool = False
     seed: int | None = 0
     batch_size: int = 500
@@ -189,18 +208,20 @@ class GenerationRequest:
             **{name: check_int(name, getattr(self, name), lo=0) for name in ("gamma", "window", "neighbors")},
             "batch_size": check_int("batch_size", self.batch_size, lo=1),
             "seed": None if self.seed is None else check_int("seed", self.seed, lo=-(2**63), hi=2**64 - 1),
-            **{name: check_bool(name, getattr(self, name)) for name in ("ramp", "compile", "progress")},
+            **{name: check_bool(name, getattr(self, name)) for name in ("ramp", "graphs", "compile", "progress")},
         }
         for name, value in checked.items():
             object.__setattr__(self, name, value)
         self._check_choices()
         cfg = DEFAULT_CFG[self.method] if self.cfg is None else check_number("cfg", self.cfg, lo=0)
         object.__setattr__(self, "cfg", cfg)
+        if self.cache is None:
+            object.__setattr__(self, "cache", "static" if self.graphs else "dynamic")
 
     def _check_choices(self) -> None:
         """The named options and the combinations that cannot work (the numbers are checked already)."""
         for name, allowed in (("method", METHODS), ("speculative", SPECULATIVE), ("kernels", KERNELS),
-                              ("precision", PRECISIONS)):
+                              ("precision", PRECISIONS), ("cache", (None, *CACHE_KINDS))):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.speculative is not None and self.method != "ar":
@@ -213,6 +234,12 @@ class GenerationRequest:
             raise ValueError("compile=True applies to batched generation (speculative=None) with torch attention "
                              f"(kernels 'auto' or 'torch'); got speculative={self.speculative!r}, "
                              f"kernels={self.kernels!r}")
+        if self.compile and self.cache == "static":
+            raise ValueError("compile=True runs the dynamic cache; the static cache's fast path is graphs=True")
+        if self.graphs and (self.speculative is not None or self.compile or self.cache == "dynamic"):
+            raise ValueError("graphs=True applies to batched generation (speculative=None) over the static cache, "
+                             f"without compile; got speculative={self.speculative!r}, compile={self.compile}, "
+                             f"cache={self.cache!r}")
 
 
 REQUEST_OPTIONS = tuple(f.name for f in fields(GenerationRequest) if f.name != "classes")
@@ -247,6 +274,8 @@ class Tally:
     waited: int = 0
     draft_passes: int = 0
     spec: SpecStats = field(default_factory=SpecStats)
+    capture_seconds: float = 0.0
+    graph_failure: str | None = None
 
     def add_speculative(self, stats: SpecStats) -> None:
         """Count one speculative generation: a target pass per round, a draft pass per drafted token."""
@@ -269,27 +298,57 @@ class Strategy(Protocol):
 
 
 class _DecodeStep:
-    """A model's decode step for the batched strategies: eager, or ``torch.compile``d (on first use, then
-    reused), wrapped per call so that the call counts its own passes. Nothing is installed on the model."""
+    """A model's decode step for the batched strategies: eager over the dynamic or the static cache,
+    ``torch.compile``d, or replayed from CUDA graphs (compiled or captured on first use, then reused), wrapped
+    per call so that the call counts its own passes. Nothing is installed on the model.
 
-    def __init__(self, eager: Callable, compilable: Callable) -> None:
-        self.eager, self.compilable = eager, compilable
+    ``dynamic`` / ``static``: the eager step over a :class:`~ar_course.transformer.model.KVCache` / a
+    :class:`StaticKVCache` (the latter is what :class:`CUDAGraphStep` captures); ``compilable``: the dynamic step
+    as ``torch.compile`` takes it; ``make_cache(rows)``: an empty static cache of ``rows`` rows. The graphs write
+    into caches kept here, one per number of rows, so calls with graphs take turns."""
+
+    def __init__(self, dynamic: Callable, static: Callable, compilable: Callable,
+                 make_cache: Callable[[int], StaticKVCache]) -> None:
+        self.dynamic, self.static, self.compilable, self.make_cache = dynamic, static, compilable, make_cache
         self._compiled: Callable | None = None
+        self._graphed: CUDAGraphStep | None = None
+        self._caches: dict[int, StaticKVCache] = {}
+        self._lock = threading.Lock()
 
-    def __call__(self, compile: bool, tally: Tally) -> Callable:
-        """The step to run, adding one to ``tally.forward_passes`` per call (one call = one forward pass; a
-        hook on a block would sit inside the compiled region)."""
-        fn = self.eager
-        if compile:
-            if self._compiled is None:
-                self._compiled = torch.compile(self.compilable, dynamic=True)
-            fn = self._compiled
+    @contextlib.contextmanager
+    def open(self, request: GenerationRequest, tally: Tally, rows: int
+             ) -> Iterator[tuple[Callable, str | StaticKVCache]]:
+        """The step to run and the ``cache`` option of the sampling loop for a chunk of ``rows`` rows (the
+        doubled batch when guided); with graphs, the static cache the graphs were captured over, held by this
+        call until the block ends. Each call of the step adds one to ``tally.forward_passes`` (one call = one
+        forward pass; a hook on a block would sit inside the compiled region)."""
+        if not request.graphs:
+            fn = self.static if request.cache == "static" else self.dynamic
+            if request.compile:
+                if self._compiled is None:
+                    self._compiled = torch.compile(self.compilable, dynamic=True)
+                fn = self._compiled
+            yield _counted(fn, tally), request.cache
+            return
+        with self._lock:
+            if self._graphed is None:
+                self._graphed = CUDAGraphStep(self.static)
+            if rows not in self._caches:
+                self._caches[rows] = self.make_cache(rows)
+            before = self._graphed.capture_seconds
+            yield _counted(self._graphed, tally), self._caches[rows]
+            tally.capture_seconds += self._graphed.capture_seconds - before
+            tally.graph_failure = self._graphed.failure
 
-        def step(*args, **kwargs):
-            tally.forward_passes += 1
-            return fn(*args, **kwargs)
 
-        return step
+def _counted(fn: Callable, tally: Tally) -> Callable:
+    """``fn``, adding one to ``tally.forward_passes`` per call."""
+
+    def step(*args, **kwargs):
+        tally.forward_passes += 1
+        return fn(*args, **kwargs)
+
+    return step
 
 
 class VARStrategy:
@@ -299,13 +358,15 @@ class VARStrategy:
 
     def __init__(self, model: var.VAR, tokenizer: VQVAE) -> None:
         self.model, self.tokenizer = model, tokenizer
-        self._step = _DecodeStep(model._run, model._run)  # VAR.step calls it once per scale
+        # VAR.step calls it once per scale; the pass handles both caches
+        self._step = _DecodeStep(model._run, model._run, model._run, lambda rows: model.make_cache(rows, static=True))
 
     def run(self, chunk: torch.Tensor, request: GenerationRequest, generator: torch.Generator | None,
             tally: Tally) -> torch.Tensor:
-        pyramid = var.sample_pyramid(self.model, self.tokenizer.quantizer, chunk, sampling=request.sampling,
-                                     cfg=request.cfg, ramp=request.ramp, generator=generator,
-                                     run=self._step(request.compile, tally))
+        with self._step.open(request, tally, _rows(chunk, request)) as (step, cache):
+            pyramid = var.sample_pyramid(self.model, self.tokenizer.quantizer, chunk, sampling=request.sampling,
+                                         cfg=request.cfg, ramp=request.ramp, generator=generator, cache=cache,
+                                         run=step)
         return self.tokenizer.decode_from_indices(pyramid)  # (b, C, S, S)
 
 
@@ -316,14 +377,21 @@ class RasterStrategy:
 
     def __init__(self, model: GPT, tokenizer: VQVAE) -> None:
         self.model, self.tokenizer = model, tokenizer
-        self._step = _DecodeStep(model, model.forward)
+        self._step = _DecodeStep(model, model.decode_step, model.forward,
+                                 lambda rows: model.make_cache(rows, static=True))
 
     def run(self, chunk: torch.Tensor, request: GenerationRequest, generator: torch.Generator | None,
             tally: Tally) -> torch.Tensor:
         side = self.tokenizer.config.latent_side
-        maps = raster.generate_tokens(self.model, chunk, (side, side), sampling=request.sampling, cfg=request.cfg,
-                                      generator=generator, forward=self._step(request.compile, tally))
+        with self._step.open(request, tally, _rows(chunk, request)) as (step, cache):
+            maps = raster.generate_tokens(self.model, chunk, (side, side), sampling=request.sampling,
+                                          cfg=request.cfg, generator=generator, cache=cache, forward=step)
         return self.tokenizer.decode_from_indices(maps)  # (b, C, S, S)
+
+
+def _rows(chunk: torch.Tensor, request: GenerationRequest) -> int:
+    """Rows of a chunk's batch: one per image, twice that with guidance (the null-class rows)."""
+    return chunk.numel() * (1 + (request.cfg != 0))
 
 
 class DraftSpeculativeStrategy:
@@ -341,7 +409,7 @@ class DraftSpeculativeStrategy:
         start = torch.zeros(1, 0, dtype=torch.long, device=chunk.device)  # (1, 0): the class token starts
         seq, stats = speculative_generate(self.target, self.draft, start, side * side, gamma=request.gamma,
                                           sampling=request.sampling, cfg=request.cfg, classes=chunk,
-                                          generator=generator)
+                                          generator=generator, cache=request.cache)
         tally.add_speculative(stats)
         return self.tokenizer.decode_from_indices(from_raster(seq, side, side))  # (1, C, S, S)
 
@@ -362,7 +430,7 @@ class JacobiStrategy:
         nbrs = self.codebook_neighbors(request.neighbors) if request.relaxed_delta > 0 else None
         seq, stats = sjd_generate(self.model, side * side, classes=chunk, window=request.window,
                                   sampling=request.sampling, cfg=request.cfg, generator=generator,
-                                  delta=request.relaxed_delta, neighbors=nbrs)
+                                  delta=request.relaxed_delta, neighbors=nbrs, cache=request.cache)
         tally.add_speculative(stats)
         return self.tokenizer.decode_from_indices(from_raster(seq, side, side))  # (1, C, S, S)
 
@@ -462,7 +530,7 @@ class Generator:
         ``options`` are keywords, all optional: ``method`` (``"var"`` or ``"ar"``), ``sampling``
         (a :class:`~ar_course.sampling.SamplingConfig`), ``cfg`` (guidance strength ``w``), ``ramp``,
         ``speculative`` (``"draft"``, ``"jacobi"``), ``relaxed_delta``, ``gamma``, ``window``, ``neighbors``,
-        ``kernels``, ``precision``, ``compile``, ``seed``, ``batch_size``, ``progress``: see
+        ``kernels``, ``precision``, ``cache``, ``graphs``, ``compile``, ``seed``, ``batch_size``, ``progress``: see
         :class:`GenerationRequest`.
 
         Returns:
@@ -486,9 +554,12 @@ class Generator:
         function (:func:`~ar_course.transformer.model.use_attention`), autocast and seeded generator.
 
         Raises ``ValueError`` before any work for classes outside ``[0, num_classes)``, a method or
-        speculative kind whose models this Generator lacks, or more ``neighbors`` than the codebook has."""
+        speculative kind whose models this Generator lacks, more ``neighbors`` than the codebook has, or
+        ``graphs=True`` on a Generator that is not on a CUDA device."""
         strategy = self._strategy(request)
         device, n = self.device, int(request.classes.numel())
+        if request.graphs and device.type != "cuda":
+            raise ValueError(f"graphs=True needs the models on a CUDA device, this Generator is on {device}")
         attention = _attention_for("torch" if request.compile else request.kernels, device)
         from ar_course.kernels import record_dispatch  # ar_course.kernels is imported by now (_attention_for)
 
@@ -513,8 +584,9 @@ class Generator:
                                          1 if strategy.one_at_a_time else request.batch_size)
             _sync(device)
             seconds = time.perf_counter() - start
-        backends = {**_attention_report(attention, dispatched),
-                    "compiled": "torch.compile" if request.compile else "no"}
+        backends = {**_attention_report(attention, dispatched), "compiled": _compiled_report(request, tally)}
+        if tally.graph_failure is not None:
+            backends["fallbacks"] = [*backends["fallbacks"], f"cuda graphs: {tally.graph_failure} (ran eagerly)"]
         stats = _stats(request, str(device), precision, backends, tally, seconds)
         return Generation(images.float().cpu(), request.classes.cpu(), stats)
 
@@ -540,7 +612,16 @@ def _stats(request: GenerationRequest, device: str, precision: str, backends: di
         backends=backends, images=n, seconds=seconds, forward_passes=tally.forward_passes,
         passes_per_image=tally.waited / n, draft_passes=tally.draft_passes,
         accepted_hist=list(tally.spec.accepted_hist),
-        acceptance_rate=tally.spec.acceptance_rate if request.speculative else float("nan"))
+        acceptance_rate=tally.spec.acceptance_rate if request.speculative else float("nan"),
+        capture_seconds=tally.capture_seconds)
+
+
+def _compiled_report(request: GenerationRequest, tally: Tally) -> str:
+    """How the decode step ran: ``"torch.compile"``, ``"cuda graphs"`` or ``"no"`` (eager, a failed capture
+    included)."""
+    if request.graphs and tally.graph_failure is None:
+        return "cuda graphs"
+    return "torch.compile" if request.compile else "no"
 
 
 def _attention_for(kernels: str, device: torch.device) -> AttentionFn:

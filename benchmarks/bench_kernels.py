@@ -147,53 +147,81 @@ def _auto_ran(call: Callable[[], object]) -> str:
     return ran.backend(op)
 
 
-def bench_gpu() -> dict:
+def gpu_ceilings() -> dict:
+    """The device's name and the two ceilings the kernels are compared against, measured here."""
+    return {"device": torch.cuda.get_device_name(0), "matmul_bf16_tflops": _matmul_flops() / 1e12,
+            "copy_bandwidth_gbs": _copy_bandwidth() / 1e9}
+
+
+def _backends() -> list[str]:
+    import ar_course.kernels as K_
+
+    return (["triton"] if K_.env.TRITON_INSTALLED else []) + ["numba", "torch"]
+
+
+def bench_flash(matmul_tflops: float) -> list[dict]:
+    """Triton FlashAttention against SDPA at T = 1024-4096, d = 64 (none without Triton)."""
     import torch.nn.functional as F
 
     import ar_course.kernels as K_
 
-    dev = torch.device("cuda")
-    out: dict = {"device": torch.cuda.get_device_name(0), "flash_attention": [], "decode_attention": [],
-                 "vq_nearest": []}
-    peak_flops = _matmul_flops()
-    out["matmul_bf16_tflops"] = peak_flops / 1e12
-    if K_.env.TRITON_INSTALLED:
-        b, h, d = 4, 16, 64
-        for t in (1024, 2048, 4096):
-            q, k, v = (torch.randn(b, h, t, d, device=dev, dtype=torch.bfloat16) for _ in range(3))
-            for causal in (False, True):
-                mask = "causal" if causal else None
-                ours = _gpu_seconds(lambda: K_.flash_attention(q, k, v, mask, backend="triton"))
-                sdpa = _gpu_seconds(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal))
-                flops = 4 * b * h * t * t * d * (0.5 if causal else 1.0)
-                out["flash_attention"].append({"T": t, "causal": causal, "triton_ms": ours * 1e3,
-                                               "sdpa_ms": sdpa * 1e3, "speed_vs_sdpa": sdpa / ours,
-                                               "triton_tflops": flops / ours / 1e12,
-                                               "fraction_of_matmul_peak": flops / ours / peak_flops,
-                                               "auto_runs": _auto_ran(lambda: K_.flash_attention(q, k, v, mask))})
-    peak_bw = _copy_bandwidth()
-    out["copy_bandwidth_gbs"] = peak_bw / 1e9
-    backends = (["triton"] if K_.env.TRITON_INSTALLED else []) + ["numba", "torch"]
+    rows: list[dict] = []
+    if not K_.env.TRITON_INSTALLED:
+        return rows
+    b, h, d = 4, 16, 64
+    for t in (1024, 2048, 4096):
+        q, k, v = (torch.randn(b, h, t, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+        for causal in (False, True):
+            mask = "causal" if causal else None
+            ours = _gpu_seconds(lambda: K_.flash_attention(q, k, v, mask, backend="triton"))
+            sdpa = _gpu_seconds(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal))
+            flops = 4 * b * h * t * t * d * (0.5 if causal else 1.0)
+            rows.append({"T": t, "causal": causal, "triton_ms": ours * 1e3, "sdpa_ms": sdpa * 1e3,
+                         "speed_vs_sdpa": sdpa / ours, "triton_tflops": flops / ours / 1e12,
+                         "fraction_of_matmul_peak": flops / ours / 1e12 / matmul_tflops,
+                         "auto_runs": _auto_ran(lambda: K_.flash_attention(q, k, v, mask))})
+    return rows
+
+
+def bench_decode(copy_gbs: float) -> list[dict]:
+    """Decode attention of every backend: achieved bandwidth against the copy bandwidth."""
+    import ar_course.kernels as K_
+
+    rows: list[dict] = []
     b, h, d = 8, 32, 128
     for t in (4096, 16384):
-        q = torch.randn(b, h, d, device=dev, dtype=torch.bfloat16)
-        k_cache, v_cache = (torch.randn(b, h, t, d, device=dev, dtype=torch.bfloat16) for _ in range(2))
+        q = torch.randn(b, h, d, device="cuda", dtype=torch.bfloat16)
+        k_cache, v_cache = (torch.randn(b, h, t, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
         cache_bytes = 2 * k_cache.numel() * k_cache.element_size()
         auto = _auto_ran(lambda: K_.decode_attention(q, k_cache, v_cache, t))
-        for backend in backends:
+        for backend in _backends():
             sec = _gpu_seconds(lambda: K_.decode_attention(q, k_cache, v_cache, t, backend=backend))
-            out["decode_attention"].append({"T": t, "backend": backend, "ms": sec * 1e3,
-                                            "bandwidth_gbs": cache_bytes / sec / 1e9,
-                                            "fraction_of_copy_bandwidth": cache_bytes / sec / peak_bw,
-                                            "auto_runs": auto})
+            rows.append({"T": t, "backend": backend, "ms": sec * 1e3, "bandwidth_gbs": cache_bytes / sec / 1e9,
+                         "fraction_of_copy_bandwidth": cache_bytes / sec / 1e9 / copy_gbs, "auto_runs": auto})
+    return rows
+
+
+def bench_vq() -> list[dict]:
+    """The fused nearest-code search of each kernel backend against ``cdist`` + ``argmin``."""
+    import ar_course.kernels as K_
+
+    rows: list[dict] = []
     for n in (65_536, 1_048_576):
-        z, c = torch.randn(n, 32, device=dev), torch.randn(1024, 32, device=dev)
-        row = {"N": n, "K": 1024, "D": 32,
-               "cdist_ms": _gpu_seconds(lambda: torch.cdist(z, c).argmin(1)) * 1e3}
-        for backend in backends[:-1]:
+        z, c = torch.randn(n, 32, device="cuda"), torch.randn(1024, 32, device="cuda")
+        row = {"N": n, "K": 1024, "D": 32, "cdist_ms": _gpu_seconds(lambda: torch.cdist(z, c).argmin(1)) * 1e3}
+        for backend in _backends()[:-1]:
             row[f"{backend}_ms"] = _gpu_seconds(lambda: K_.vq_nearest(z, c, backend=backend)) * 1e3
         row["auto_runs"] = _auto_ran(lambda: K_.vq_nearest(z, c))
-        out["vq_nearest"].append(row)
+        rows.append(row)
+    return rows
+
+
+def bench_gpu() -> dict:
+    """Every GPU measurement: the ceilings, then FlashAttention, decode attention and nearest-code search."""
+    out = gpu_ceilings()
+    out["flash_attention"] = bench_flash(out["matmul_bf16_tflops"])
+    out["decode_attention"] = bench_decode(out["copy_bandwidth_gbs"])
+    out["vq_nearest"] = bench_vq()
     return out
 
 

@@ -251,6 +251,8 @@ def test_generate_class_out_of_range_for_the_model(capsys, tmp_path, loads):
      "--compile applies to batched generation (no --speculative) with torch attention (--kernels auto or torch)"),
     (["--dataset", "shapes"],
      "the shipped models generate mnist; --dataset shapes needs --var-checkpoint or --ar-checkpoint"),
+    (["--graphs", "--compile"], "--graphs applies to batched generation (no --speculative), without --compile"),
+    (["--graphs", "--device", "cpu"], "--graphs needs a CUDA device, got cpu"),
 ])
 def test_generate_option_combinations(capsys, tmp_path, loads, args, message):
     status, _, err = run(capsys, "generate", "--out", tmp_path / "x.png", *args)

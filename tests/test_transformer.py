@@ -307,7 +307,7 @@ def test_attention_maps_are_causal_distributions_that_reproduce_the_layer():
     h = model.blocks[0].norm1(model.wte(idx))
     v = ref.split_heads(attn.qkv(h).split(32, dim=2)[2], 4)
     expected = attn.proj(ref.merge_heads(maps[0] @ v))
-    assert torch.allclose(attn(h, model.rotary(0, 9)), expected, atol=1e-5)
+    assert torch.allclose(attn(h, model.rotary(torch.arange(9))), expected, atol=1e-5)
 
 
 def test_loss_is_cross_entropy_of_logits():

@@ -24,7 +24,7 @@ from ar_course import checkpoint
 from ar_course.raster.functional import condition_dropout, from_raster, make_training_pairs, to_raster
 from ar_course.sampling import SamplingConfig
 from ar_course.tokenizers import VQVAE
-from ar_course.transformer.model import GPT, GPTConfig
+from ar_course.transformer.model import GPT, GPTConfig, StaticKVCache
 from ar_course.utils import check_ids, check_int, generate_in_batches
 
 PRETRAINED_PATH = checkpoint.ASSETS / "ar_mnist.safetensors"
@@ -115,13 +115,15 @@ def generate_tokens(
     cfg: float = 0.0,
     generator: torch.Generator | None = None,
     use_cache: bool = True,
+    cache: str | StaticKVCache = "dynamic",
     forward: Callable[..., tuple[torch.Tensor, torch.Tensor | None]] | None = None,
 ) -> torch.Tensor:
     """Sample token maps ``(B, rows, cols)`` for ``classes`` ``(B,)`` with classifier-free guidance of strength
     ``cfg = w`` (``0``: plain conditional sampling; see :func:`~ar_course.sampling.cfg_mix`).
 
     ``use_cache=False`` recomputes the whole prefix at every step (the slow reference path, same tokens);
-    ``forward`` replaces the model's forward pass at every step (as in :meth:`GPT.generate`).
+    ``cache`` picks the KV cache (``"dynamic"``, ``"static"`` or a :class:`StaticKVCache` to reuse) and
+    ``forward`` replaces the model's forward pass at every step (both as in :meth:`GPT.generate`).
 
     Raises ``ValueError`` for ``classes`` that are not a non-empty ``(B,)`` long tensor in ``[0, n_classes]``,
     a ``grid`` that is not two sides ``>= 1``, and as :meth:`GPT.generate` for the rest; ``TypeError`` for
@@ -130,7 +132,7 @@ def generate_tokens(
     rows, cols = _check_grid(grid)
     start = torch.zeros(classes.shape[0], 0, dtype=torch.long, device=classes.device)  # (B, 0)
     seq = model.generate(start, rows * cols, sampling=sampling, cfg=cfg, classes=classes, generator=generator,
-                         use_cache=use_cache, forward=forward)
+                         use_cache=use_cache, cache=cache, forward=forward)
     return from_raster(seq, rows, cols)  # (B, rows, cols)
 
 

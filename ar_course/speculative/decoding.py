@@ -3,7 +3,11 @@
 Both work on :class:`ar_course.transformer.GPT` models with their KV caches, one sequence at a time
 (class-conditional models with guidance run it beside its null-class twin). The caches
 always hold every position of the sequence but the last one (the "pending" token, fed at the next call);
-after each round :func:`~.functional.rollback_caches` cuts away what was computed for rejected drafts.
+after each round :func:`~.functional.rollback_caches` cuts away what was computed for rejected drafts. With
+``cache="static"`` the caches are :class:`~ar_course.transformer.model.StaticKVCache` s: each verification pass
+is :meth:`~ar_course.transformer.GPT.decode_step` (after the forward pass's checks, which read the cache's
+length back; the step itself has no host sync, so a CUDA graph per number of drafts can capture it) and the
+rollback only moves the cache's position tensor.
 
 * :func:`speculative_generate` -- Leviathan et al. / Chen et al.: a draft proposes ``gamma`` tokens, one
   target pass verifies them. Greedy (``temperature=0``) gives exactly the target's greedy tokens.
@@ -26,7 +30,7 @@ from ar_course.speculative.functional import (
     rollback_caches,
     speculative_round,
 )
-from ar_course.transformer.model import GPT, KVCache
+from ar_course.transformer.model import GPT, KVCache, StaticKVCache, check_cache
 from ar_course.utils import check_ids, check_int, check_number
 
 
@@ -79,7 +83,8 @@ class SpecStats:
             self.accepted_hist[k] += n
 
 
-def _feed(model: GPT, cache: KVCache, seq: torch.Tensor, classes: torch.Tensor | None) -> torch.Tensor:
+def _feed(model: GPT, cache: KVCache | StaticKVCache, seq: torch.Tensor, classes: torch.Tensor | None
+          ) -> torch.Tensor:
     """Run ``model`` on the positions of ``seq`` ``(B, n)`` its cache does not hold yet; logits ``(B, T, V)``.
 
     Cache positions count the class token (if any): position ``j`` holds token ``j - n_prefix``."""
@@ -93,10 +98,10 @@ class _Guided:
     """A model with its KV cache over one sequence, and, with guidance ``cfg = w != 0``, the null-class copy of
     the sequence beside it in the same batch (rows: conditional, unconditional)."""
 
-    def __init__(self, model: GPT, classes: torch.Tensor | None, cfg: float, length: int) -> None:
+    def __init__(self, model: GPT, classes: torch.Tensor | None, cfg: float, length: int, cache: str) -> None:
         self.model, self.cfg = model, cfg
         self.classes = classes if cfg == 0 else torch.cat([classes, torch.full_like(classes, model.null_class)])
-        self.cache = model.make_cache(1 if cfg == 0 else 2, length)
+        self.cache = model.make_cache(1 if cfg == 0 else 2, length, static=cache == "static")
 
     def logits(self, seq: torch.Tensor) -> torch.Tensor:
         """Guided logits ``(T_new, V)`` of the positions of ``seq`` ``(1, n)`` that the cache does not hold yet."""
@@ -105,11 +110,15 @@ class _Guided:
 
 
 def _check_inputs(models: tuple[GPT, ...], prefix: torch.Tensor, classes: torch.Tensor | None, cfg: float,
-                  new_tokens: int) -> float:
+                  new_tokens: int, cache: str) -> float:
     """Checks shared by both decoders: the models (target first, then the draft if any) model the same
     vocabulary and classes, ``prefix`` is a ``(1, T)`` long tensor of their ids (``T >= 1`` unless
     class-conditional), ``classes`` ``(1,)`` in ``[0, n_classes]`` exactly when class-conditional, ``cfg``
-    finite and ``!= 0`` only with classes, and ``T + new_tokens`` positions fit every model. Returns ``cfg``."""
+    finite and ``!= 0`` only with classes, ``T + new_tokens`` positions fit every model, and ``cache`` is
+    ``"dynamic"`` or ``"static"``. Returns ``cfg``."""
+    if isinstance(cache, StaticKVCache):
+        raise ValueError("cache must be 'dynamic' or 'static' (the decoders make their own caches)")
+    check_cache(cache, 1, 1)
     model = models[0]
     if any((m.config.vocab_size, m.config.n_classes) != (model.config.vocab_size, model.config.n_classes)
            for m in models):
@@ -140,6 +149,7 @@ def speculative_generate(
     cfg: float = 0.0,
     classes: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
+    cache: str = "dynamic",
 ) -> tuple[torch.Tensor, SpecStats]:
     """Sample ``max_new_tokens`` tokens after ``prefix`` ``(1, T)`` from ``target``, with ``draft`` proposing.
 
@@ -158,21 +168,24 @@ def speculative_generate(
     a batch of 2 in both models and uses guided logits ``(1 + w) cond - w uncond`` for ``p`` and ``q`` (as
     ``GPT.generate`` does), so the output follows the target's guided distribution exactly.
 
+    ``cache``: ``"dynamic"`` (:class:`~ar_course.transformer.model.KVCache`) or ``"static"``
+    (:class:`~ar_course.transformer.model.StaticKVCache`; same tokens up to float rounding).
+
     Returns ``(tokens (1, T + max_new_tokens), stats)``.
 
     Raises:
         TypeError: a number of the wrong type (``gamma=2.5``...), ``sampling`` not a ``SamplingConfig``, or a
             non-tensor prefix.
         ValueError: ``prefix``/``classes`` of the wrong shape, dtype or range, ``gamma`` or ``max_new_tokens``
-            ``< 0``, a non-finite ``cfg``, models of different vocabularies or classes, or more positions than a
-            ``block_size``.
+            ``< 0``, a non-finite ``cfg``, models of different vocabularies or classes, more positions than a
+            ``block_size``, or an unknown ``cache``.
     """
     max_new_tokens, gamma = check_int("max_new_tokens", max_new_tokens, lo=0), check_int("gamma", gamma, lo=0)
     sampling = check_sampling(sampling)
-    cfg = _check_inputs((target, draft), prefix, classes, cfg, max_new_tokens)
+    cfg = _check_inputs((target, draft), prefix, classes, cfg, max_new_tokens, cache)
     n, total = prefix.shape[1], prefix.shape[1] + max_new_tokens
     length = max(target.config.n_prefix + total - 1, 1)
-    t, d = _Guided(target, classes, cfg, length), _Guided(draft, classes, cfg, length)
+    t, d = _Guided(target, classes, cfg, length, cache), _Guided(draft, classes, cfg, length, cache)
     seq = prefix.new_empty(1, total)  # seq[:, :n]: the sequence so far; drafts go after it, accepted ones stay
     seq[:, :n] = prefix
     stats = SpecStats()
@@ -233,6 +246,7 @@ def sjd_generate(
     generator: torch.Generator | None = None,
     delta: float = 0.0,
     neighbors: torch.Tensor | None = None,
+    cache: str = "dynamic",
 ) -> tuple[torch.Tensor, SpecStats]:
     """Speculative Jacobi Decoding: ``n_tokens`` new tokens from ``model`` with no draft model.
 
@@ -245,7 +259,8 @@ def sjd_generate(
     verifies against :func:`~.functional.relaxed_target` instead of ``p`` (LANTERN-style, not exact).
 
     ``prefix``: ``(1, T)`` long (``T >= 1`` for an unconditional model; may be ``None`` / empty with a
-    class-conditional one, which takes ``classes`` ``(1,)``). ``sampling``, ``cfg``: as :meth:`GPT.generate`.
+    class-conditional one, which takes ``classes`` ``(1,)``). ``sampling``, ``cfg``: as :meth:`GPT.generate`;
+    ``cache``: as :func:`speculative_generate`.
     Returns ``(tokens (1, T + n_tokens), stats)`` with ``stats.target_calls`` the forward passes made.
 
     Raises:
@@ -253,16 +268,16 @@ def sjd_generate(
             ``SamplingConfig``, or a non-tensor prefix.
         ValueError: ``prefix``/``classes``/``neighbors`` of the wrong shape, dtype or range, ``n_tokens`` or
             ``window`` ``< 0``, ``delta`` not finite or ``< 0`` (or ``> 0`` without ``neighbors``), a non-finite
-            ``cfg``, or more positions than ``block_size``.
+            ``cfg``, more positions than ``block_size``, or an unknown ``cache``.
     """
     if prefix is None:
         prefix = torch.zeros(1, 0, dtype=torch.long, device=model.wte.weight.device)
     n_tokens, window = check_int("n_tokens", n_tokens, lo=0), check_int("window", window, lo=0)
     sampling, delta = check_sampling(sampling), check_number("delta", delta, lo=0)
-    cfg = _check_inputs((model,), prefix, classes, cfg, n_tokens)
+    cfg = _check_inputs((model,), prefix, classes, cfg, n_tokens, cache)
     _check_relaxation(model, delta, neighbors)
     total = prefix.shape[1] + n_tokens
-    guided = _Guided(model, classes, cfg, max(model.config.n_prefix + total - 1, 1))
+    guided = _Guided(model, classes, cfg, max(model.config.n_prefix + total - 1, 1), cache)
     seq, stats = prefix, SpecStats()
     carry = prefix.new_empty(0)  # drafts for the positions after seq, with their distributions
     carry_q = torch.empty(0, model.config.vocab_size, device=prefix.device)

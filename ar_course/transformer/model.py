@@ -37,6 +37,9 @@ from ar_course.transformer import functional as ref
 from ar_course.utils import check_bool, check_ids, check_int
 
 ATTENTION_IMPLS = ("sdpa", "plain", "kernels")
+CACHE_KINDS = ("dynamic", "static")
+"""KV caches a sampling loop can decode with: :class:`KVCache` (lengths are Python ints; the plain path) or
+:class:`StaticKVCache` (lengths are device tensors; steps that CUDA graphs can capture)."""
 
 
 @dataclass
@@ -151,6 +154,86 @@ class KVCache:
         self.length = 0
 
 
+class StaticKVCache:
+    """A :class:`KVCache` whose state lives on the device, for steps that never wait for the host (CUDA graphs).
+
+    Keys and values are preallocated like :class:`KVCache`'s (``k[layer]``: ``(B, H, max_len, D)``); the number
+    of valid positions is ``pos``, a 0-d long tensor on the same device, never a Python int. :meth:`append`
+    writes at positions ``pos .. pos+T-1`` with ``index_copy_`` and returns the whole buffers, so every pass
+    has the same shapes; attention then masks the positions past the current length with
+    :meth:`visible` (``arange`` compared with ``pos``). :meth:`advance` and :meth:`rollback` change ``pos`` in
+    place, so a captured graph that reads it sees the new value at its next replay. Positions past ``pos``
+    hold stale values that no query can see.
+    """
+
+    def __init__(
+        self,
+        n_layer: int,
+        batch_size: int,
+        n_head: int,
+        max_len: int,
+        head_dim: int,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ):
+        shape = (batch_size, n_head, max_len, head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
+        self.pos = torch.zeros((), dtype=torch.long, device=device)
+        self.key_positions = torch.arange(max_len, device=device)  # (max_len,)
+
+    @property
+    def max_len(self) -> int:
+        return self.k[0].shape[2]
+
+    @property
+    def batch_size(self) -> int:
+        return self.k[0].shape[0]
+
+    @property
+    def length(self) -> int:
+        """The valid positions as a Python int: a host sync, for argument checks only (never inside a step)."""
+        return int(self.pos)
+
+    def positions(self, T: int) -> torch.Tensor:
+        """Absolute positions ``pos .. pos+T-1`` of ``T`` new tokens, ``(T,)`` long on the cache's device."""
+        return self.pos + self.key_positions[:T]  # (T,)
+
+    def visible(self, positions: torch.Tensor, causal: bool) -> torch.Tensor:
+        """Bool ``(T, max_len)``: which cached positions the queries at ``positions`` ``(T,)`` may attend to.
+
+        Every position written so far (``< pos + T`` once the ``T`` new ones are appended) and, when
+        ``causal``, none after the query's own position."""
+        keys = self.key_positions[None, :]  # (1, max_len)
+        if causal:
+            return keys <= positions[:, None]  # (T, max_len)
+        return (keys < self.pos + positions.shape[0]).expand(positions.shape[0], -1)  # (T, max_len)
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write ``k, v`` ``(B, H, T, D)`` at positions ``pos .. pos+T-1`` of ``layer`` (no bounds check: that
+        would need the host; :meth:`advance` callers check). Returns the whole buffers ``(B, H, max_len, D)``."""
+        index = self.positions(k.shape[2])  # (T,)
+        self.k[layer].index_copy_(2, index, k.to(self.k[layer].dtype))
+        self.v[layer].index_copy_(2, index, v.to(self.v[layer].dtype))
+        return self.k[layer], self.v[layer]
+
+    def advance(self, n: int) -> None:
+        """Mark ``n`` more positions valid, on the device (after every layer has appended them)."""
+        self.pos.add_(n)
+
+    def rollback(self, length: int | torch.Tensor) -> None:
+        """Keep only the first ``length`` positions: a Python int in ``[0, max_len]`` (``ValueError`` otherwise)
+        or a 0-d long tensor on the cache's device (copied, not checked: no host sync)."""
+        if isinstance(length, torch.Tensor):
+            self.pos.copy_(length)
+            return
+        length = check_int("length", length, lo=0, hi=self.max_len)
+        self.pos.fill_(length)
+
+    def reset(self) -> None:
+        self.pos.zero_()
+
+
 class RMSNorm(nn.Module):
     """Root-mean-square normalisation over the channel dim; ``affine=False`` for adaptive conditioning."""
 
@@ -184,9 +267,9 @@ class Rotary(nn.Module):
         self.register_buffer("cos", cos, persistent=False)  # (max_len, D/2)
         self.register_buffer("sin", sin, persistent=False)  # (max_len, D/2)
 
-    def forward(self, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(cos, sin)`` for positions ``start .. start+length-1``, each ``(length, D/2)``."""
-        return self.cos[start : start + length], self.sin[start : start + length]
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(cos, sin)`` of ``positions`` ``(T,)`` long, each ``(T, D/2)`` (indexed by a tensor: no host sync)."""
+        return self.cos[positions], self.sin[positions]
 
 
 AttentionFn = Callable[
@@ -296,14 +379,15 @@ class SelfAttention(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor] | None = None,
         mask: torch.Tensor | None = None,
         causal: bool = True,
-        cache: KVCache | None = None,
+        cache: KVCache | StaticKVCache | None = None,
         layer: int = 0,
     ) -> torch.Tensor:
         """``x``: ``(B, T, C)`` -> ``(B, T, C)``.
 
         ``rope``: ``(cos, sin)`` of the ``T`` new positions. ``mask``: bool ``(T, T_k)`` or
-        ``(B, H, T, T_k)`` with ``T_k`` = cached positions + ``T``. ``causal``: also apply the causal mask
-        (offset by what the cache holds). ``cache``/``layer``: append this layer's keys and values."""
+        ``(B, H, T, T_k)`` with ``T_k`` = cached positions + ``T`` (a :class:`StaticKVCache`: its ``max_len``,
+        the mask hiding the positions past its length). ``causal``: also apply the causal mask (offset by what
+        the cache holds). ``cache``/``layer``: append this layer's keys and values."""
         q, k, v = self.heads(x, rope)  # 3 x (B, H, T, D)
         if cache is not None:
             k, v = cache.append(layer, k, v)  # (B, H, past+T, D)
@@ -384,7 +468,7 @@ class Block(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor] | None = None,
         mask: torch.Tensor | None = None,
         causal: bool = True,
-        cache: KVCache | None = None,
+        cache: KVCache | StaticKVCache | None = None,
         layer: int = 0,
         cond: torch.Tensor | None = None,
     ) -> torch.Tensor:
@@ -401,6 +485,17 @@ class Block(nn.Module):
         shift1, scale1, gate1, shift2, scale2, gate2 = mod.chunk(6, dim=-1)  # 6 x (B, 1, C)
         x = x + gate1 * self.drop(attn(self.norm1(x) * (1 + scale1) + shift1))
         return x + gate2 * self.drop(self.mlp(self.norm2(x) * (1 + scale2) + shift2))
+
+
+def check_cache(cache: object, batch_size: int, max_len: int) -> None:
+    """``ValueError`` unless ``cache`` is one of :data:`CACHE_KINDS` or a :class:`StaticKVCache` of
+    ``batch_size`` rows and ``max_len`` positions (one a sampling loop can reset and reuse)."""
+    if isinstance(cache, StaticKVCache):
+        if (cache.batch_size, cache.max_len) != (batch_size, max_len):
+            raise ValueError(f"the StaticKVCache holds {cache.batch_size} rows of {cache.max_len} positions; this "
+                             f"call needs {batch_size} rows of {max_len}")
+    elif not isinstance(cache, str) or cache not in CACHE_KINDS:
+        raise ValueError(f"cache must be one of {CACHE_KINDS} or a StaticKVCache, got {cache!r}")
 
 
 def set_attention(model: nn.Module, impl: str, backend: str = "auto") -> None:
@@ -466,11 +561,14 @@ class GPT(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def make_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
-        """An empty :class:`KVCache` for this model on its device and dtype (``max_len`` <= block_size)."""
+    def make_cache(self, batch_size: int, max_len: int | None = None, static: bool = False
+                   ) -> KVCache | StaticKVCache:
+        """An empty :class:`KVCache` (``static=True``: :class:`StaticKVCache`) for this model on its device and
+        dtype (``max_len`` <= block_size)."""
         c = self.config
         p = self.wte.weight
-        return KVCache(c.n_layer, batch_size, c.n_head, max_len or c.block_size, c.head_dim, p.device, p.dtype)
+        kind = StaticKVCache if static else KVCache
+        return kind(c.n_layer, batch_size, c.n_head, max_len or c.block_size, c.head_dim, p.device, p.dtype)
 
     def _check_idx(self, idx: torch.Tensor) -> None:
         """``idx`` is a ``(B, T)`` long tensor of ids in ``[0, vocab_size)`` with ``B >= 1`` (``T`` may be 0)."""
@@ -496,13 +594,16 @@ class GPT(nn.Module):
                              f"block_size {self.config.block_size}")
 
     def _check_forward(self, idx: torch.Tensor, targets: torch.Tensor | None, classes: torch.Tensor | None,
-                       cache: KVCache | None) -> None:
+                       cache: KVCache | StaticKVCache | None) -> None:
         """The checks :meth:`forward` documents (one host sync per tensor of ids on CUDA)."""
         self._check_idx(idx)
         B, T = idx.shape
-        if cache is not None and (not isinstance(cache, KVCache) or cache.batch_size != B):
-            raise ValueError(f"cache must be a KVCache of batch size {B}, got "
-                             f"{cache.batch_size if isinstance(cache, KVCache) else type(cache).__name__}")
+        caches = (KVCache, StaticKVCache)
+        if cache is not None and (not isinstance(cache, caches) or cache.batch_size != B):
+            raise ValueError(f"cache must be a KVCache or StaticKVCache of batch size {B}, got "
+                             f"{cache.batch_size if isinstance(cache, caches) else type(cache).__name__}")
+        if isinstance(cache, StaticKVCache) and targets is not None:
+            raise ValueError("targets are not taken with a StaticKVCache (a decoding cache)")
         start = cache.length if cache is not None else 0
         class_token = self.wce is not None and start == 0
         if class_token:
@@ -514,6 +615,8 @@ class GPT(nn.Module):
             raise ValueError("idx has no tokens and no class token starts the sequence: nothing to run")
         if start + T_out > self.config.block_size:
             raise ValueError(f"sequence of {start + T_out} positions exceeds block_size {self.config.block_size}")
+        if isinstance(cache, StaticKVCache) and start + T_out > cache.max_len:
+            raise ValueError(f"KV cache is full: {start} + {T_out} new positions > max_len {cache.max_len}")
         if targets is not None:
             check_ids("targets", targets, self.config.vocab_size, (B, T_out), ignore=-100)
 
@@ -522,7 +625,7 @@ class GPT(nn.Module):
         idx: torch.Tensor,
         targets: torch.Tensor | None = None,
         classes: torch.Tensor | None = None,
-        cache: KVCache | None = None,
+        cache: KVCache | StaticKVCache | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits for every position and, given ``targets``, the mean cross-entropy.
 
@@ -531,7 +634,9 @@ class GPT(nn.Module):
             targets: ``(B, T_out)`` long, ``T_out = T + 1`` with a class token else ``T``; -100 is ignored.
             classes: ``(B,)`` long class ids (``n_classes`` = null); required exactly when a
                 class-conditional sequence starts (no cache, or an empty one).
-            cache: a :class:`KVCache`; the new positions are appended and the cache advanced.
+            cache: a :class:`KVCache` or :class:`StaticKVCache` (then after these checks, which read its length
+                back from the device, the pass is :meth:`decode_step`); the new positions are appended and the
+                cache advanced.
 
         Returns:
             ``(logits (B, T_out, V), loss or None)``.
@@ -540,21 +645,19 @@ class GPT(nn.Module):
             TypeError: ``idx``, ``targets`` or ``classes`` is not a tensor.
             ValueError: a wrong shape or dtype, an empty batch, ids outside ``[0, vocab_size)`` (targets: or
                 -100), classes outside ``[0, n_classes]``, classes where none are taken, nothing to run (no
-                token and no class token), a cache of another batch size, or more positions than ``block_size``.
+                token and no class token), a cache of another batch size, more positions than ``block_size`` (or
+                than a static cache holds), or ``targets`` with a static cache.
         """
         if not torch.compiler.is_compiling():  # a compiled step (Generator(compile=True)) was checked by its caller
             self._check_forward(idx, targets, classes, cache)
         start = cache.length if cache is not None else 0
-        x = self.wte(idx)  # (B, T, C)
-        if self.wce is not None and start == 0:
-            x = torch.cat([self.wce(classes)[:, None, :], x], dim=1)  # (B, 1+T, C)
+        class_token = self.wce is not None and start == 0
+        if isinstance(cache, StaticKVCache):
+            return self.decode_step(idx, classes if class_token else None, cache)
+        x = self._embed(idx, classes if class_token else None)  # (B, T, C)
         T = x.shape[1]
-        if self.wpe is not None:
-            x = x + self.wpe(torch.arange(start, start + T, device=x.device))
-        rope = self.rotary(start, T) if self.rotary is not None else None
-        x = self.drop(x)
-        for i, block in enumerate(self.blocks):  # causal, shifted by the cached positions: no mask is built here
-            x = block(x, rope=rope, causal=True, cache=cache, layer=i)
+        # causal, shifted by the cached positions: no mask is built here
+        x = self._blocks(x, torch.arange(start, start + T, device=x.device), None, cache)
         if cache is not None:
             cache.advance(T)
         logits = self.lm_head(self.norm_f(x))  # (B, T, V)
@@ -562,6 +665,41 @@ class GPT(nn.Module):
         if targets is not None:
             loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
         return logits, loss
+
+    def decode_step(self, idx: torch.Tensor, classes: torch.Tensor | None = None,
+                    cache: StaticKVCache | None = None) -> tuple[torch.Tensor, None]:
+        """:meth:`forward` over a :class:`StaticKVCache` with no argument check and no host synchronisation, so
+        it can be captured in a CUDA graph: ``(logits (B, T_out, V), None)``, called like :meth:`forward`.
+
+        ``idx`` ``(B, T)`` goes at positions ``cache.pos ..``; the class token of ``classes`` ``(B,)`` is
+        prepended exactly when ``classes`` is given (the caller knows that the sequence starts; :meth:`forward`
+        checks it). Positions, rotary angles and the mask of the positions past the cache's length are all
+        computed from ``cache.pos`` on the device; the cache is advanced by ``T_out``."""
+        x = self._embed(idx, classes)  # (B, T_out, C)
+        positions = cache.positions(x.shape[1])  # (T_out,)
+        x = self._blocks(x, positions, cache.visible(positions, causal=True), cache)
+        cache.advance(x.shape[1])
+        return self.lm_head(self.norm_f(x)), None  # (B, T_out, V)
+
+    def _embed(self, idx: torch.Tensor, classes: torch.Tensor | None) -> torch.Tensor:
+        """Token embeddings of ``idx`` ``(B, T)``, after the class token of ``classes`` ``(B,)`` when given:
+        ``(B, T_out, C)``."""
+        x = self.wte(idx)  # (B, T, C)
+        if classes is not None:
+            x = torch.cat([self.wce(classes)[:, None, :], x], dim=1)  # (B, 1+T, C)
+        return x
+
+    def _blocks(self, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None,
+                cache: KVCache | StaticKVCache | None) -> torch.Tensor:
+        """The blocks over ``x`` ``(B, T, C)`` at absolute ``positions`` ``(T,)``: causal, or under ``mask``
+        ``(T, T_k)`` (which then holds the causal rule) when given. Returns ``(B, T, C)``."""
+        if self.wpe is not None:
+            x = x + self.wpe(positions)
+        rope = self.rotary(positions) if self.rotary is not None else None
+        x = self.drop(x)
+        for i, block in enumerate(self.blocks):
+            x = block(x, rope=rope, mask=mask, causal=mask is None, cache=cache, layer=i)
+        return x
 
     @torch.no_grad()
     def attention_maps(self, idx: torch.Tensor, classes: torch.Tensor | None = None) -> list[torch.Tensor]:
@@ -596,6 +734,7 @@ class GPT(nn.Module):
         classes: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
         use_cache: bool = True,
+        cache: str | StaticKVCache = "dynamic",
         forward: Callable[..., tuple[torch.Tensor, torch.Tensor | None]] | None = None,
     ) -> torch.Tensor:
         """Append ``max_new_tokens`` sampled tokens to ``idx`` ``(B, T)``; returns ``(B, T + max_new_tokens)``.
@@ -604,21 +743,31 @@ class GPT(nn.Module):
         greedy). With a class-conditional model pass ``classes`` ``(B,)``; guidance ``cfg = w != 0`` runs the
         conditional and null-class sequences in one doubled batch and samples from ``(1 + w) * cond - w * uncond``
         (:func:`~ar_course.sampling.cfg_mix`; ``w = 0`` is plain conditional sampling). ``use_cache=False``
-        recomputes the whole prefix at every step (the slow reference path; same tokens). ``forward``: what
-        computes each step's logits, called like :meth:`forward` (default: the model itself; e.g. a
-        ``torch.compile``d forward, or a wrapper that counts the passes).
+        recomputes the whole prefix at every step (the slow reference path; same tokens). ``cache``: one of
+        :data:`CACHE_KINDS`, ``"dynamic"`` (:class:`KVCache`) or ``"static"`` (:class:`StaticKVCache`, steps by
+        :meth:`decode_step`, with no host sync; same tokens up to float rounding), or a :class:`StaticKVCache` of
+        ``block_size`` positions and ``B`` rows (``2B`` when guided) to reset and reuse, so that a CUDA graph
+        captured over its buffers replays (:class:`~ar_course.transformer.graphs.CUDAGraphStep`). ``forward``:
+        what computes each step's logits, called like :meth:`forward` (default: the model itself, or :meth:`decode_step` with
+        the static cache; e.g. a ``torch.compile``d forward, a CUDA-graph replay, or a wrapper that counts the
+        passes).
 
         Raises:
             TypeError: a number or flag of the wrong type (``max_new_tokens=2.0``, ``use_cache="yes"``...), or
                 ``sampling`` that is not a ``SamplingConfig``.
             ValueError: bad ``idx``/``classes`` (as :meth:`forward`), ``max_new_tokens < 0``, a prompt and new
-                tokens needing more than ``block_size`` positions, a non-finite ``cfg``, or guidance without
-                classes.
+                tokens needing more than ``block_size`` positions, a non-finite ``cfg``, guidance without
+                classes, an unknown ``cache`` (or a StaticKVCache of another size), or a static cache with
+                ``use_cache=False``.
         """
         sampling, cfg = check_sampling(sampling), check_cfg(cfg)
         max_new_tokens = check_int("max_new_tokens", max_new_tokens, lo=0)
         use_cache = check_bool("use_cache", use_cache)
         self._check_idx(idx)
+        check_cache(cache, idx.shape[0] * (1 + (cfg != 0)), self.config.block_size)
+        static = cache != "dynamic"
+        if static and not use_cache:
+            raise ValueError("a static cache needs use_cache=True")
         B, T = idx.shape
         if cfg != 0 and classes is None:
             raise ValueError("classifier-free guidance (cfg != 0) needs a class-conditional model and classes")
@@ -627,24 +776,31 @@ class GPT(nn.Module):
         elif classes is not None:
             raise ValueError("classes are only taken by a class-conditional model (n_classes > 0)")
         self.check_room(T, max_new_tokens)
-        return self._decode(idx, max_new_tokens, sampling, cfg, classes, generator, use_cache, forward or self)
+        forward = forward or (self.decode_step if static else self)
+        return self._decode(idx, max_new_tokens, sampling, cfg, classes, generator, cache if use_cache else None,
+                            forward)
 
     def _decode(self, idx: torch.Tensor, max_new_tokens: int, sampling: SamplingConfig, cfg: float,
-                classes: torch.Tensor | None, generator: torch.Generator | None, use_cache: bool,
+                classes: torch.Tensor | None, generator: torch.Generator | None,
+                cache: str | StaticKVCache | None,
                 forward: Callable[..., tuple[torch.Tensor, torch.Tensor | None]]) -> torch.Tensor:
-        """The sampling loop of :meth:`generate` (arguments checked): ``(B, T)`` -> ``(B, T + max_new_tokens)``."""
+        """The sampling loop of :meth:`generate` (arguments checked; ``cache`` as there, None: no cache):
+        ``(B, T)`` -> ``(B, T + max_new_tokens)``."""
         B, guided = idx.shape[0], cfg != 0
         seq, cls = idx, classes
         if guided:
             seq = torch.cat([idx, idx])  # (2B, T)
             cls = torch.cat([classes, torch.full_like(classes, self.null_class)])  # (2B,)
-        cache = self.make_cache(seq.shape[0]) if use_cache else None
+        if isinstance(cache, StaticKVCache):
+            cache.reset()
+        elif cache is not None:
+            cache = self.make_cache(seq.shape[0], static=cache == "static")
         step_input = seq
-        for _ in range(max_new_tokens):
+        for step in range(max_new_tokens):
             if cache is None:
                 logits, _ = forward(seq, classes=cls)
-            else:
-                logits, _ = forward(step_input, classes=cls if cache.length == 0 else None, cache=cache)
+            else:  # the first step starts the sequence: the class token (if any) goes in with the prompt
+                logits, _ = forward(step_input, classes=cls if step == 0 else None, cache=cache)
             logits = logits[:, -1, :]  # (2B or B, V)
             if guided:
                 logits = cfg_mix(logits[:B], logits[B:], cfg)  # (B, V)

@@ -42,10 +42,16 @@ def scale_bounds(scales: Sequence[int]) -> list[tuple[int, int]]:
 
 
 def level_ids(scales: Sequence[int], device: torch.device | str | None = None) -> torch.Tensor:
-    """The scale index of every sequence position: ``(L,)`` long, e.g. ``[0, 1, 1, 1, 1, 2, ...]``."""
-    scales = _check_scales(scales)
-    counts = torch.tensor([s * s for s in scales], device=device)
-    return torch.repeat_interleave(torch.arange(len(scales), device=device), counts)  # (L,)
+    """The scale index of every sequence position: ``(L,)`` long, e.g. ``[0, 1, 1, 1, 1, 2, ...]``.
+
+    The scale of position ``p`` is how many later scales begin at or before ``p``; built from comparisons on
+    the device, with no host-to-device copy or host sync, so a CUDA graph can capture it."""
+    bounds = scale_bounds(scales)
+    positions = torch.arange(bounds[-1][1], device=device)  # (L,)
+    levels = torch.zeros_like(positions)
+    for begin, _ in bounds[1:]:
+        levels += positions >= begin
+    return levels  # (L,)
 
 
 def block_causal_mask(scales: Sequence[int], device: torch.device | str | None = None) -> torch.Tensor:

@@ -31,7 +31,7 @@ from ar_course import checkpoint
 from ar_course.raster.functional import condition_dropout
 from ar_course.sampling import SamplingConfig, cfg_mix, check_cfg, check_sampling, sample
 from ar_course.tokenizers import VQVAE, MultiScaleVQ
-from ar_course.transformer.model import Block, GPTConfig, KVCache, RMSNorm
+from ar_course.transformer.model import Block, GPTConfig, KVCache, RMSNorm, StaticKVCache, check_cache
 from ar_course.utils import check_bool, check_ids, check_int, generate_in_batches
 from ar_course.var import functional as ref
 
@@ -151,18 +151,26 @@ class VAR(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def make_cache(self, batch_size: int) -> KVCache:
-        """An empty :class:`KVCache` for ``L`` positions on this model's device and dtype."""
+    def make_cache(self, batch_size: int, static: bool = False) -> KVCache | StaticKVCache:
+        """An empty :class:`KVCache` (``static=True``: :class:`StaticKVCache`) for ``L`` positions on this
+        model's device and dtype."""
         c, p = self.config, self.pos_emb
-        return KVCache(c.n_layer, batch_size, c.n_head, c.num_tokens, c.n_embd // c.n_head, p.device, p.dtype)
+        kind = StaticKVCache if static else KVCache
+        return kind(c.n_layer, batch_size, c.n_head, c.num_tokens, c.n_embd // c.n_head, p.device, p.dtype)
 
     def _check_classes(self, classes: torch.Tensor, B: int | str = "B") -> None:
         """``classes``: a non-empty ``(B,)`` long tensor in ``[0, n_classes]`` (``n_classes`` = the null class)."""
         check_ids("classes", classes, self.null_class + 1, (B,))
 
     def _run(self, x: torch.Tensor, cond: torch.Tensor, start: int, mask: torch.Tensor | None,
-             cache: KVCache | None) -> torch.Tensor:
-        """Embeddings of positions ``start .. start+T-1`` ``(B, T, C)`` -> logits ``(B, T, V)``."""
+             cache: KVCache | StaticKVCache | None) -> torch.Tensor:
+        """Embeddings of positions ``start .. start+T-1`` ``(B, T, C)`` -> logits ``(B, T, V)``.
+
+        With a :class:`StaticKVCache` (``mask`` None) the keys are the whole cache and the positions past
+        the new ones are masked on the device (:meth:`StaticKVCache.visible`): no host sync, so a CUDA graph
+        per scale can capture the pass."""
+        if isinstance(cache, StaticKVCache):
+            mask = cache.visible(cache.positions(x.shape[1]), causal=False)  # (T, L)
         x = ref.embed_levels_positions(x, self.level_emb.weight, self.pos_emb, self.config.scales, start)
         x = self.drop(x)
         block_cond = cond if self.config.cond == "ada" else None
@@ -186,19 +194,21 @@ class VAR(nn.Module):
         x = torch.cat([self.start_token(classes), self.word_embed(inputs)], dim=1)  # (B, L, C)
         return self._run(x, self.class_emb(classes), 0, self.mask, None)
 
-    def step(self, k: int, x: torch.Tensor | None, classes: torch.Tensor, cache: KVCache, *,
+    def step(self, k: int, x: torch.Tensor | None, classes: torch.Tensor, cache: KVCache | StaticKVCache, *,
              run: Callable[..., torch.Tensor] | None = None) -> torch.Tensor:
         """Logits of scale ``k`` ``(B, s_k^2, V)``: one forward pass over that scale's positions.
 
         ``x``: ``None`` for ``k = 0`` (the start token is built from ``classes``), else the scale's input
         ``(B, s_k^2, latent_dim)`` (see :func:`~ar_course.var.functional.scale_step`). ``cache`` must hold
-        exactly scales ``0 .. k-1``; it is advanced by ``s_k^2``. No mask: the cache holds only earlier scales.
+        exactly scales ``0 .. k-1`` (checked for a :class:`KVCache`; a :class:`StaticKVCache`'s length lives
+        on the device and is not read back); it is advanced by ``s_k^2``. No mask: the cache holds only earlier
+        scales (a static cache masks its unused positions itself).
         ``run``: what computes the pass, called like ``self._run`` (default; e.g. its ``torch.compile``d version,
         or a wrapper that counts the passes)."""
         if not 0 <= k < self.config.num_scales:
             raise ValueError(f"k must lie in [0, {self.config.num_scales - 1}], got {k}")
         begin, end = self.bounds[k]
-        if cache.length != begin:
+        if isinstance(cache, KVCache) and cache.length != begin:
             raise ValueError(f"scale {k} starts at position {begin} but the cache holds {cache.length}")
         self._check_classes(classes)
         B = classes.shape[0]
@@ -244,6 +254,7 @@ def sample_pyramid(
     generator: torch.Generator | None = None,
     known: list[torch.Tensor] | None = None,
     known_mask: torch.Tensor | list[torch.Tensor] | None = None,
+    cache: str | StaticKVCache = "dynamic",
     run: Callable[..., torch.Tensor] | None = None,
 ) -> list[torch.Tensor]:
     """VAR's sampling loop: ``S`` forward passes, one per scale, with a KV cache.
@@ -252,7 +263,11 @@ def sample_pyramid(
     run in one doubled batch and scale ``k`` samples from ``(1 + t) cond - t uncond``
     (:func:`~ar_course.sampling.cfg_mix`) with ``t = w * k / (S - 1)`` (``ramp=True``, VAR's schedule) or
     ``t = w``. Then ``sampling`` (temperature, top-k, top-p: :func:`ar_course.sampling.sample`), all tokens
-    of a scale drawn at once from ``generator``. ``run`` replaces the model's pass (as in :meth:`VAR.step`).
+    of a scale drawn at once from ``generator``. ``cache``: ``"dynamic"`` (:class:`KVCache`), ``"static"``
+    (:class:`StaticKVCache`: passes without host sync, same tokens up to float rounding), or a
+    :class:`StaticKVCache` of ``L`` positions and ``B`` rows (``2B`` guided) to reset and reuse (its buffers
+    stay put, so CUDA graphs captured over them replay). ``run`` replaces the
+    model's pass (as in :meth:`VAR.step`; e.g. a CUDA-graph replay per scale).
 
     Zero-shot inpainting/outpainting: ``known`` is a pyramid (e.g. of a real image) and ``known_mask`` a
     ``(B, H, H)`` bool map at the finest scale (``True`` = keep) or one ``(B, s_k, s_k)`` map per scale; the
@@ -264,8 +279,8 @@ def sample_pyramid(
         TypeError: ``vq`` is not a :class:`MultiScaleVQ`, ``sampling`` not a ``SamplingConfig``, or a number or
             flag of the wrong type.
         ValueError: ``classes`` not a non-empty ``(B,)`` long tensor in ``[0, n_classes]``, a tokenizer whose
-            scales, codebook or latent size differ from the model's, a non-finite ``cfg``, or inpainting maps of
-            the wrong number, shape, dtype or range."""
+            scales, codebook or latent size differ from the model's, a non-finite ``cfg``, an unknown ``cache``
+            (or a StaticKVCache of another size), or inpainting maps of the wrong number, shape, dtype or range."""
     c = model.config
     _check_tokenizer(vq, c)
     model._check_classes(classes)
@@ -273,11 +288,13 @@ def sample_pyramid(
     sampling, cfg, ramp = check_sampling(sampling), check_cfg(cfg), check_bool("ramp", ramp)
     masks = _check_inpainting(known, known_mask, B, c)
     guided = cfg != 0
+    check_cache(cache, B * (1 + guided), c.num_tokens)
     cls = torch.cat([classes, torch.full_like(classes, model.null_class)]) if guided else classes  # (B or 2B,)
-    cache = model.make_cache(cls.shape[0])
+    kv = cache if isinstance(cache, StaticKVCache) else model.make_cache(cls.shape[0], static=cache == "static")
+    kv.reset()
     f_hat, x, pyramid = None, None, []
     for k, s in enumerate(c.scales):
-        logits = model.step(k, x, cls, cache, run=run)  # (B or 2B, s*s, V)
+        logits = model.step(k, x, cls, kv, run=run)  # (B or 2B, s*s, V)
         if guided:
             t = ref.guidance_strength(cfg, k, c.num_scales, ramp=ramp)
             logits = cfg_mix(logits[:B], logits[B:], t)  # (B, s*s, V)

@@ -1,0 +1,147 @@
+"""What benchmarks/gpu_report.py does that a CPU machine can check: the table and the files written from a
+synthetic gpu.json, the one-line error without a GPU, the time budget (parts skipped or cut off, system rows
+skipped), and reading pytest's output. The report itself runs on a GPU (`make gpu-report`)."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_report.py"
+
+SYNTHETIC = {  # made-up numbers in the shape the report writes: nothing here was measured
+    "device": "Example GPU", "date": "2000-01-01", "versions": {"torch": "0.0"}, "budget_s": 290.0,
+    "parts": {"tests": {"status": "ok", "seconds": 1.0}, "kernels": {"status": "ok", "seconds": 1.0},
+              "system": {"status": "timed out", "seconds": 1.0, "note": "cut off"}},
+    "tests": {"passed": 3, "failed": 1, "skipped": 2, "failures": ["tests/t.py::test_x: AssertionError: no"]},
+    "kernels": {"matmul_bf16_tflops": 1.0, "copy_bandwidth_gbs": 2000.0,
+                "flash_attention": [{"T": 8, "causal": True, "triton_ms": 2.0, "sdpa_ms": 1.0,
+                                     "speed_vs_sdpa": 0.5, "fraction_of_matmul_peak": 0.25}],
+                "decode_attention": [{"T": 8, "backend": "triton", "ms": 1.0, "fraction_of_copy_bandwidth": 0.5}],
+                "vq_nearest": [{"N": 8, "cdist_ms": 3.0, "triton_ms": 1.0}]},
+    "system": {"rows": [
+        {"config": "VAR, torch, graphs", "batch": 64, "images_per_second": 1234.0, "first_call_seconds": 1.5,
+         "capture_seconds": 0.5, "gpu_busy_fraction": 0.5, "launches_per_call": 12, "backends": {"fallbacks": []}},
+        {"config": "VAR, auto, eager", "batch": 64, "error": "RuntimeError: broken"}],
+        "skipped": ["raster AR, auto, graphs, batch 1024"]},
+}
+
+
+@pytest.fixture(scope="module")
+def report():
+    spec = importlib.util.spec_from_file_location("gpu_report", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["gpu_report"] = module  # its dataclass looks its module up
+    spec.loader.exec_module(module)
+    yield module
+    del sys.modules["gpu_report"]
+
+
+def test_table_and_files_from_a_synthetic_report(report, tmp_path, capsys):
+    report.write_report(SYNTHETIC, tmp_path)
+    assert json.loads((tmp_path / "gpu.json").read_text()) == SYNTHETIC
+    assert (tmp_path / "gpu.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gpu.json", "gpu.png"]  # no temporary file left
+    table = report.render_table(SYNTHETIC)
+    assert table.startswith("Measured on Example GPU on 2000-01-01")
+    assert "GPU tests: 3 passed, 1 failed, 2 skipped." in table and "tests/t.py::test_x: AssertionError" in table
+    assert "| VAR, torch, graphs | 64 | 1,234 | 1.50 | 0.50 | 50% | 12 |" in table
+    assert "| VAR, auto, eager | 64 | error: RuntimeError: broken |" in table
+    assert "not measured (time budget): raster AR, auto, graphs, batch 1024" in table
+    assert "| FlashAttention (Triton) causal | T=8 | 2.000 ms | SDPA 1.000 ms | 0.50x | 25% of matmul |" in table
+    assert "| nearest code (triton) | N=8 | 1.000 ms | cdist 3.000 ms | 3.00x | |" in table
+    assert "- system: timed out: cut off" in table
+    assert report.main(["--table", "--out", str(tmp_path)]) == 0
+    assert capsys.readouterr().out == table
+    assert report.main(["--table", "--out", str(tmp_path / "none")]) == 1
+    assert capsys.readouterr().err.startswith("error: no GPU report at")
+
+
+def test_without_cuda_the_report_stops_with_one_line(report, monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert report.main(["--out", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: no CUDA GPU: torch ") and err.count("\n") == 1
+    assert not list(tmp_path.iterdir())
+
+
+def test_the_budget_gives_each_part_its_share_at_most_what_is_left(report):
+    now = [0.0]
+    budget = report.Budget(100.0, clock=lambda: now[0])
+    assert budget.share(60.0) == 60.0
+    now[0] = 70.0
+    assert budget.left() == 30.0 and budget.share(60.0) == 30.0
+    now[0] = 150.0
+    assert budget.share(60.0) == 0.0
+    status, output = report.run_part("kernels", ["true"], report.MIN_PART_S - 1)
+    assert status["status"] == "skipped" and "budget left for kernels" in status["note"] and output == ""
+
+
+def test_a_part_that_overruns_is_cut_off_and_a_failing_one_noted(report, monkeypatch):
+    monkeypatch.setattr(report, "MIN_PART_S", 0.0)
+    slow = [sys.executable, "-c", "import time; print('started', flush=True); time.sleep(30)"]
+    status, output = report.run_part("system", slow, 2.0)
+    assert status["status"] == "timed out" and status["seconds"] < 10 and "cut off" in status["note"]
+    status, _ = report.run_part("kernels", [sys.executable, "-c", "raise SystemExit('boom')"], 20.0)
+    assert status["status"] == "failed" and status["note"] == "exited with an error: boom"
+
+
+def test_system_measurements_past_the_budget_are_skipped_with_a_note(report, monkeypatch, tmp_path):
+    import ar_course.system
+
+    now = [0.0]
+
+    def fake_measure(gen, classes, options):
+        now[0] += 10.0  # every measurement takes 10 s of the fake clock
+        return {"images_per_second": float(len(classes))}
+
+    monkeypatch.setattr(ar_course.system.Generator, "from_pretrained", classmethod(lambda cls, *a, **k: None))
+    monkeypatch.setattr(report, "measure_one", fake_measure)
+    out = tmp_path / "system.json"
+    report.measure_system(out, 100.0, batches=(64, 256), clock=lambda: now[0])
+    system = json.loads(out.read_text())["system"]
+    measured = [(r["config"], r["batch"]) for r in system["rows"]]
+    assert measured[:2] == [("VAR, torch, eager", 64), ("VAR, torch, eager", 256)]
+    assert len(measured) == 7  # 100 s: a measurement starts while more than 3 x 10 + 5 s are left
+    assert len(system["skipped"]) == 2 * len(report.CONFIGS) - 7
+    assert system["skipped"][-1] == "raster AR, auto, graphs, batch 256"
+
+
+def test_pytest_output_is_counted_even_when_cut_off(report):
+    complete = "\n".join([
+        "tests/a.py::test_one PASSED                [ 25%]",
+        "tests/a.py::test_two FAILED                [ 50%]",
+        "tests/b.py::test_three SKIPPED (needs x)   [ 75%]",
+        "tests/b.py::test_four ERROR                [100%]",
+        "FAILED tests/a.py::test_two - AssertionError: 1 != 2",
+        "ERROR tests/b.py::test_four - RuntimeError: CUDA",
+    ])
+    assert report.read_pytest(complete) == {"passed": 1, "failed": 2, "skipped": 1, "failures": [
+        "tests/a.py::test_two: AssertionError: 1 != 2", "tests/b.py::test_four: RuntimeError: CUDA"]}
+    cut_off = "\n".join(complete.splitlines()[:2])
+    assert report.read_pytest(cut_off) == {"passed": 1, "failed": 1, "skipped": 0,
+                                           "failures": ["tests/a.py::test_two"]}
+    files = report.gpu_test_files()
+    assert "tests/test_graphs_gpu.py" in files and "tests/test_gpu_report.py" not in files
+
+
+def test_kernel_sections_are_written_as_they_finish(report, monkeypatch, tmp_path):
+    import bench_kernels  # gpu_report put benchmarks/ on sys.path
+
+    monkeypatch.setattr(bench_kernels, "gpu_ceilings", lambda: {"device": "x", "matmul_bf16_tflops": 2.0,
+                                                                "copy_bandwidth_gbs": 3.0})
+    monkeypatch.setattr(bench_kernels, "bench_flash", lambda tflops: [{"T": 1, "ceiling": tflops}])
+
+    def cut_off(gbs):
+        raise KeyboardInterrupt  # what the part's time limit does to a section still running
+
+    monkeypatch.setattr(bench_kernels, "bench_decode", cut_off)
+    out = tmp_path / "kernels.json"
+    with pytest.raises(KeyboardInterrupt):
+        report.measure_kernels(out)
+    assert json.loads(out.read_text()) == {"kernels": {"device": "x", "matmul_bf16_tflops": 2.0,
+                                                       "copy_bandwidth_gbs": 3.0,
+                                                       "flash_attention": [{"T": 1, "ceiling": 2.0}]}}

@@ -1,0 +1,197 @@
+"""The static KV cache (positions on the device, masks by arange, rollback by index) against the dynamic one:
+raster AR, VAR's per-scale pass, speculative decoding with rollbacks, the Generator's options, bad input.
+The CUDA-graph replay of these steps is checked in test_graphs_gpu.py."""
+
+import pytest
+import torch
+
+from ar_course import checkpoint, raster, var
+from ar_course.sampling import GREEDY, SamplingConfig
+from ar_course.speculative import sjd_generate, speculative_generate
+from ar_course.system import GenerationRequest, Generator
+from ar_course.transformer import GPT, GPTConfig
+from ar_course.transformer.model import StaticKVCache
+
+SAMPLINGS = {"greedy": GREEDY, "seeded": SamplingConfig(temperature=1.0, top_k=20)}
+
+
+@pytest.fixture(scope="module")
+def models():
+    torch.set_num_threads(2)
+    ar, ar_tok = raster.load_pretrained()
+    draft, _ = checkpoint.load_with_tokenizer("ar_mnist_draft", "cpu", kind=raster.CHECKPOINT_KIND)
+    var_model, var_tok = var.load_pretrained()
+    return {"ar": ar, "draft": draft, "var": var_model, "var_tokenizer": var_tok, "ar_tokenizer": ar_tok}
+
+
+def small_gpt(pos: str) -> GPT:
+    torch.manual_seed(0)
+    config = GPTConfig(vocab_size=37, block_size=30, n_layer=2, n_head=2, n_embd=32, n_classes=4, pos=pos,
+                       grid=(5, 5) if pos == "rope2d" else None)
+    return GPT(config).eval()
+
+
+@pytest.mark.parametrize("pos", ["rope", "rope2d", "learned", "none"])
+def test_static_cache_logits_match_the_dynamic_cache_step_by_step(pos):
+    model = small_gpt(pos)
+    classes = torch.tensor([0, 3, 4])
+    idx = torch.randint(37, (3, 12), generator=torch.Generator().manual_seed(1))
+    dynamic, static = model.make_cache(3), model.make_cache(3, static=True)
+    chunks = [(0, 5), (5, 6), (6, 9), (9, 10), (10, 12)]  # a prompt, single steps, a multi-token pass
+    for i, (a, b) in enumerate(chunks):
+        cls = classes if i == 0 else None
+        want, _ = model(idx[:, a:b], classes=cls, cache=dynamic)
+        got, _ = model.decode_step(idx[:, a:b], cls, static)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+        assert static.length == dynamic.length
+    checked, _ = model(idx[:, :0], classes=classes, cache=model.make_cache(3, static=True))  # forward dispatches
+    first, _ = model(idx[:, :0], classes=classes, cache=model.make_cache(3))
+    torch.testing.assert_close(checked, first, atol=1e-5, rtol=0)
+
+
+def test_static_cache_masks_positions_past_its_length_on_the_device():
+    cache = StaticKVCache(1, 1, 1, 6, 2)
+    cache.advance(2)
+    positions = cache.positions(2)
+    assert positions.tolist() == [2, 3]
+    assert cache.visible(positions, causal=True).tolist() == [[True, True, True, False, False, False],
+                                                              [True, True, True, True, False, False]]
+    assert cache.visible(positions, causal=False).tolist() == [[True] * 4 + [False] * 2] * 2
+    k = torch.ones(1, 1, 2, 2)
+    full, _ = cache.append(0, k, k)
+    assert full.shape == (1, 1, 6, 2) and full[0, 0, :, 0].tolist() == [0, 0, 1, 1, 0, 0]
+    cache.rollback(1)
+    assert cache.length == 1
+    cache.rollback(torch.tensor(4))
+    assert cache.length == 4
+
+
+@pytest.mark.parametrize("sampling", SAMPLINGS.values(), ids=SAMPLINGS.keys())
+def test_raster_generation_with_the_static_cache_matches_the_dynamic_cache(models, sampling):
+    classes = torch.tensor([0, 5, 7])
+    runs = [raster.generate_tokens(models["ar"], classes, (8, 8), sampling=sampling, cfg=1.0, cache=cache,
+                                   generator=torch.Generator().manual_seed(3)) for cache in ("dynamic", "static")]
+    assert torch.equal(runs[0], runs[1])
+
+
+def test_a_reused_static_cache_is_reset_and_gives_the_same_tokens(models):
+    model, classes = models["ar"], torch.tensor([2, 4])
+    cache = model.make_cache(4, static=True)  # 2 rows + their null-class twins
+    want = raster.generate_tokens(model, classes, (8, 8), cfg=1.0, generator=torch.Generator().manual_seed(0))
+    for _ in range(2):
+        got = raster.generate_tokens(model, classes, (8, 8), cfg=1.0, cache=cache,
+                                     generator=torch.Generator().manual_seed(0))
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("sampling", SAMPLINGS.values(), ids=SAMPLINGS.keys())
+def test_var_per_scale_steps_with_the_static_cache_match_the_dynamic_cache(models, sampling):
+    model, vq = models["var"], models["var_tokenizer"].quantizer
+    classes = torch.arange(10)
+    runs = [var.sample_pyramid(model, vq, classes, sampling=sampling, cfg=2.0, cache=cache,
+                               generator=torch.Generator().manual_seed(4)) for cache in ("dynamic", "static")]
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+    x, cls = None, torch.arange(3)
+    dynamic, static = model.make_cache(3), model.make_cache(3, static=True)
+    for k in range(model.config.num_scales):
+        want = model.step(k, x, cls, dynamic)
+        got = model.step(k, x, cls, static)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+        if k + 1 < model.config.num_scales:
+            s = model.config.scales[k + 1]
+            x = torch.randn(3, s * s, model.config.latent_dim, generator=torch.Generator().manual_seed(k))
+
+
+@pytest.mark.parametrize("sampling", SAMPLINGS.values(), ids=SAMPLINGS.keys())
+def test_speculative_decoding_with_the_static_cache_matches_including_rollbacks(models, sampling):
+    start, classes = torch.zeros(1, 0, dtype=torch.long), torch.tensor([3])
+    draft_runs = [speculative_generate(models["ar"], models["draft"], start, 64, gamma=4, sampling=sampling, cfg=1.0,
+                                       classes=classes, generator=torch.Generator().manual_seed(0), cache=cache)
+                  for cache in ("dynamic", "static")]
+    jacobi_runs = [sjd_generate(models["ar"], 64, classes=classes, sampling=sampling, cfg=1.0, window=6,
+                                generator=torch.Generator().manual_seed(0), cache=cache)
+                   for cache in ("dynamic", "static")]
+    for (seq_a, stats_a), (seq_b, stats_b) in (draft_runs, jacobi_runs):
+        assert torch.equal(seq_a, seq_b)
+        assert stats_a.accepted_hist == stats_b.accepted_hist
+        assert stats_a.rejected > 0  # some rounds rolled back rejected drafts
+
+
+def test_generator_cache_option_matches_and_graphs_need_cuda(models):
+    gen = Generator(models["var"], models["var_tokenizer"], models["ar"], models["ar_tokenizer"], models["draft"])
+    for method, extra in (("var", {}), ("ar", {}), ("ar", {"speculative": "draft"})):
+        classes = [1, 6] if extra else list(range(5))
+        plain = gen.generate(classes, method=method, seed=0, **extra)
+        static = gen.generate(classes, method=method, seed=0, cache="static", **extra)
+        torch.testing.assert_close(static.images, plain.images, atol=1e-5, rtol=0)
+        assert static.stats.forward_passes == plain.stats.forward_passes
+        assert static.stats.backends["compiled"] == "no" and static.stats.capture_seconds == 0
+    assert GenerationRequest([1]).cache == "dynamic" and GenerationRequest([1], graphs=True).cache == "static"
+    with pytest.raises(ValueError, match="graphs=True needs the models on a CUDA device"):
+        gen.generate([1], graphs=True)
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"cache": "fixed"}, "cache must be one of"),
+    ({"graphs": True, "cache": "dynamic"}, "graphs=True applies to batched generation"),
+    ({"graphs": True, "method": "ar", "speculative": "jacobi"}, "graphs=True applies to batched generation"),
+    ({"graphs": True, "compile": True}, "graphs=True applies to batched generation"),
+    ({"compile": True, "cache": "static"}, "compile=True runs the dynamic cache"),
+])
+def test_bad_cache_and_graph_options_are_refused_in_one_line(options, message):
+    with pytest.raises(ValueError, match=message):
+        GenerationRequest([1], **options)
+    with pytest.raises(TypeError, match="graphs must be True or False"):
+        GenerationRequest([1], graphs=1)
+
+
+def test_bad_static_caches_are_refused(models):
+    model, classes = models["ar"], torch.tensor([1, 2])
+    with pytest.raises(ValueError, match="cache must be one of"):
+        raster.generate_tokens(model, classes, (8, 8), cache="fixed")
+    with pytest.raises(ValueError, match="holds 3 rows of 65 positions; this call needs 2 rows"):
+        raster.generate_tokens(model, classes, (8, 8), cache=model.make_cache(3, static=True))
+    with pytest.raises(ValueError, match="needs use_cache=True"):
+        raster.generate_tokens(model, classes, (8, 8), cache="static", use_cache=False)
+    with pytest.raises(ValueError, match="cache must be one of"):
+        var.sample_pyramid(models["var"], models["var_tokenizer"].quantizer, classes, cache="fixed")
+    with pytest.raises(ValueError, match="decoders make their own caches"):
+        sjd_generate(model, 4, classes=torch.tensor([1]), cache=model.make_cache(1, static=True))
+    with pytest.raises(ValueError, match="targets are not taken with a StaticKVCache"):
+        model(classes[:, None], targets=classes[:, None], cache=model.make_cache(2, static=True))
+    cache = StaticKVCache(1, 1, 1, 4, 2)
+    with pytest.raises(ValueError, match=r"length must be an integer in \[0, 4\], got 5"):
+        cache.rollback(5)
+
+
+def test_graph_signatures_separate_shapes_and_caches():
+    """What a captured graph is specialised to (the capture itself needs CUDA: test_graphs_gpu.py)."""
+    from ar_course.transformer.graphs import _replace_tensors, _signature, _tensors
+
+    a, b = StaticKVCache(1, 2, 1, 8, 2), StaticKVCache(1, 2, 1, 8, 2)
+    x = torch.zeros(2, 1, dtype=torch.long)
+    key = _signature((x,), {"classes": None, "cache": a})
+    assert key == _signature((torch.ones(2, 1, dtype=torch.long),), {"classes": None, "cache": a})
+    assert key != _signature((torch.zeros(2, 2, dtype=torch.long),), {"classes": None, "cache": a})
+    assert key != _signature((x,), {"classes": None, "cache": b})
+    assert key != _signature((x,), {"classes": torch.zeros(2, dtype=torch.long), "cache": a})
+    y = torch.ones(2)
+    args, kwargs = _replace_tensors((x, 3), {"cache": a, "y": y}, [x + 1, y + 1])
+    assert torch.equal(args[0], x + 1) and args[1] == 3 and kwargs["cache"] is a and torch.equal(kwargs["y"], y + 1)
+    assert [t.shape for t in _tensors((x, 3), {"y": y, "cache": a})] == [x.shape, y.shape]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the fallback where no capture can work")
+def test_a_graph_step_that_cannot_capture_warns_once_and_runs_eagerly():
+    from ar_course.transformer.graphs import CUDAGraphStep
+
+    step = CUDAGraphStep(lambda x: x * 2)
+    with pytest.warns(RuntimeWarning, match="CUDA graph capture failed, running eagerly"):
+        assert torch.equal(step(torch.ones(2)), torch.full((2,), 2.0))
+    assert step.failure and step.graphs == 0 and step.capture_seconds == 0
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch.equal(step(torch.ones(3)), torch.full((3,), 2.0))
