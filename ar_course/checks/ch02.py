@@ -332,11 +332,14 @@ RMS_MISTAKES = [
 
 def _rms_half_cases() -> Iterator[Case]:
     g = _gen(41)
-    big = (torch.randn(3, 16, generator=g) * 400).half()
-    yield Case("float16, values in the hundreds (x^2 overflows float16)", (big, (torch.rand(16, generator=g) + 0.5).half(),
-                                                                            1e-6))
-    small = (torch.randn(4, 32, generator=g) * 3e-3).half()
-    yield Case("float16, values ~3e-3 (x^2 underflows float16), eps=1e-8", (small, torch.ones(32).half(), 1e-8))
+    big, gain = (torch.randn(3, 16, generator=g) * 400).half(), (torch.rand(16, generator=g) + 0.5).half()
+    yield Case("float16, values in the hundreds (x^2 overflows float16)", (big, gain, 1e-6))
+    small = (torch.randn(4, 32, generator=g) * 1e-3).half()
+    yield Case("float16, values ~1e-3 (x^2 underflows float16), eps=1e-8", (small, torch.ones(32).half(), 1e-8))
+
+
+def _rms_bfloat16_cases() -> Iterator[Case]:
+    g = _gen(42)
     yield Case("bfloat16 activations", (torch.randn(2, 5, 12, generator=g).bfloat16(),
                                         (torch.rand(12, generator=g) + 0.5).bfloat16(), 1e-6))
 
@@ -357,6 +360,7 @@ def rms_norm(fn, ref_fn):
     ]
     compare_cases(fn, ref_fn, cases, atol=1e-5, grad_wrt=(0,), mistakes=RMS_MISTAKES)
     compare_cases(fn, ref_fn, _rms_half_cases(), atol=4e-3, rtol=4e-3, mistakes=RMS_MISTAKES)
+    compare_cases(fn, ref_fn, _rms_bfloat16_cases(), atol=2e-2, rtol=2e-2, mistakes=RMS_MISTAKES)  # 8-bit mantissa
 
 
 # --------------------------------------------------------------------------------------------------------
