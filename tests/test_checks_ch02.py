@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from ar_course import sampling
 from ar_course.checks import ch02
@@ -68,24 +69,72 @@ def attention_ignores_mask(q, k, v, mask=None):
     return ref.scaled_dot_product_attention(q, k, v)
 
 
-def split_no_transpose(x, n_head):
+def _mha(x, attn, positions, *, cut="heads", causal=True, rope_v=False, rope=True, proj=True, merge=True):
+    """Multi-head self-attention as a learner might write it, with one slip chosen by the flags."""
     B, T, C = x.shape
-    return x.reshape(B, n_head, T, C // n_head)
+    H = attn.n_head
+    q, k, v = attn.qkv(x).split(C, dim=-1)
+    if cut == "heads":
+        q, k, v = (t.view(B, T, H, C // H).transpose(1, 2) for t in (q, k, v))
+    elif cut == "reshape":
+        q, k, v = (t.reshape(B, H, T, C // H) for t in (q, k, v))
+    elif cut == "interleaved":
+        q, k, v = (t.view(B, T, C // H, H).permute(0, 3, 1, 2) for t in (q, k, v))
+    else:  # one head of C channels
+        q, k, v = q[:, None], k[:, None], v[:, None]
+    if rope:
+        q, k = answers.rotary_embedding(q, positions), answers.rotary_embedding(k, positions)
+    if rope_v:
+        v = answers.rotary_embedding(v, positions)
+    scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
+    if causal:
+        scores = scores.masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf"))
+    y = torch.softmax(scores, -1) @ v  # (B, H, T, D)
+    if cut == "reshape":
+        y = y.reshape(B, T, C)
+    elif cut == "interleaved":
+        y = y.permute(0, 2, 3, 1).reshape(B, T, C)
+    elif cut == "one":
+        y = y[:, 0]
+    else:
+        y = y.transpose(1, 2).reshape(B, T, C) if merge else y.reshape(B, T, C)
+    return attn.proj(y) if proj else y
 
 
-def split_interleaved(x, n_head):
-    B, T, C = x.shape
-    return x.view(B, T, C // n_head, n_head).permute(0, 3, 1, 2)
+def mha_one_head(x, attn, positions):
+    return _mha(x, attn, positions, cut="one")
 
 
-def merge_no_transpose(x):
-    B, H, T, D = x.shape
-    return x.reshape(B, T, H * D)
+def mha_reshape_heads(x, attn, positions):
+    return _mha(x, attn, positions, cut="reshape")
 
 
-def merge_interleaved(x):
-    B, H, T, D = x.shape
-    return x.permute(0, 2, 3, 1).reshape(B, T, H * D)
+def mha_interleaved_heads(x, attn, positions):
+    return _mha(x, attn, positions, cut="interleaved")
+
+
+def mha_merge_no_transpose(x, attn, positions):
+    return _mha(x, attn, positions, merge=False)
+
+
+def mha_no_causal_mask(x, attn, positions):
+    return _mha(x, attn, positions, causal=False)
+
+
+def mha_no_rope(x, attn, positions):
+    return _mha(x, attn, positions, rope=False)
+
+
+def mha_rotates_values(x, attn, positions):
+    return _mha(x, attn, positions, rope_v=True)
+
+
+def mha_no_projection(x, attn, positions):
+    return _mha(x, attn, positions, proj=False)
+
+
+def mha_correct(x, attn, positions):
+    return _mha(x, attn, positions)
 
 
 def layer_norm_instead(x, weight, eps=1e-6):
@@ -98,6 +147,15 @@ def rms_eps_outside(x, weight, eps=1e-6):
 
 def rms_no_weight(x, weight, eps=1e-6):
     return ref.rms_norm(x, None, eps)
+
+
+def rms_half_precision_statistics(x, weight, eps=1e-6):
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+
+
+def rms_stays_float32(x, weight, eps=1e-6):
+    x = x.float()
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight.float()
 
 
 def _rope(x, positions, base, exponent_scale=2.0, sign=1.0, interleaved=False):
@@ -124,18 +182,124 @@ def rope_wrong_direction(x, positions, base=10000.0):
     return _rope(x, positions, base, sign=-1.0)
 
 
-def block_post_norm(x, norm1, attn, norm2, mlp):
-    h = norm1(x + attn(x))
-    return norm2(h + mlp(h))
+def _norm(x, norm):
+    return ref.rms_norm(x, norm.weight, norm.eps)
 
 
-def block_missing_mlp_residual(x, norm1, attn, norm2, mlp):
-    h = x + attn(norm1(x))
-    return mlp(norm2(h))
+def block_post_norm(x, block, positions):
+    h = _norm(x + mha_correct(x, block.attn, positions), block.norm1)
+    return _norm(h + block.mlp(h), block.norm2)
 
 
-def block_parallel(x, norm1, attn, norm2, mlp):
-    return x + attn(norm1(x)) + mlp(norm2(x))
+def block_missing_attention_residual(x, block, positions):
+    h = mha_correct(_norm(x, block.norm1), block.attn, positions)
+    return h + block.mlp(_norm(h, block.norm2))
+
+
+def block_missing_mlp_residual(x, block, positions):
+    h = x + mha_correct(_norm(x, block.norm1), block.attn, positions)
+    return block.mlp(_norm(h, block.norm2))
+
+
+def block_parallel(x, block, positions):
+    return x + mha_correct(_norm(x, block.norm1), block.attn, positions) + block.mlp(_norm(x, block.norm2))
+
+
+def block_reuses_norm1(x, block, positions):
+    h = x + mha_correct(_norm(x, block.norm1), block.attn, positions)
+    return h + block.mlp(_norm(h, block.norm1))
+
+
+def block_no_causal_mask(x, block, positions):
+    h = x + mha_no_causal_mask(_norm(x, block.norm1), block.attn, positions)
+    return h + block.mlp(_norm(h, block.norm2))
+
+
+def _gpt(model, idx, *, final_norm=True, softmax=False, reverse=False, scale=False, chain=True):
+    positions = torch.arange(idx.shape[1])
+    emb = model.wte(idx) * (math.sqrt(model.config.n_embd) if scale else 1.0)
+    x = emb
+    for block in (reversed(model.blocks) if reverse else model.blocks):
+        x = answers.transformer_block(x if chain else emb, block, positions)
+    logits = model.lm_head(_norm(x, model.norm_f) if final_norm else x)
+    return torch.softmax(logits, -1) if softmax else logits
+
+
+def gpt_no_final_norm(model, idx):
+    return _gpt(model, idx, final_norm=False)
+
+
+def gpt_returns_probabilities(model, idx):
+    return _gpt(model, idx, softmax=True)
+
+
+def gpt_blocks_reversed(model, idx):
+    return _gpt(model, idx, reverse=True)
+
+
+def gpt_scaled_embeddings(model, idx):
+    return _gpt(model, idx, scale=True)
+
+
+def gpt_blocks_not_chained(model, idx):
+    return _gpt(model, idx, chain=False)
+
+
+def gpt_head_is_embedding(model, idx):  # right only when the head is tied to the embedding
+    x = model.wte(idx)
+    for block in model.blocks:
+        x = answers.transformer_block(x, block, torch.arange(idx.shape[1]))
+    return _norm(x, model.norm_f) @ model.wte.weight.T
+
+
+def gpt_correct(model, idx):
+    return _gpt(model, idx)
+
+
+def _step(model, optimizer, chunk, forward, max_norm=1.0, *, zero=True, shift=True, clip=True, step=True,
+          zero_late=False, total=False):
+    if zero:
+        optimizer.zero_grad()
+    logits = forward(model, chunk[:, :-1])
+    targets = chunk[:, 1:] if shift else chunk[:, :-1]
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                           reduction="sum" if total else "mean")
+    loss.backward()
+    if clip:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    if zero_late:
+        optimizer.zero_grad()
+    if step:
+        optimizer.step()
+    return loss.item()
+
+
+def step_no_zero_grad(model, optimizer, chunk, forward, max_norm=1.0):
+    return _step(model, optimizer, chunk, forward, max_norm, zero=False)
+
+
+def step_unshifted_targets(model, optimizer, chunk, forward, max_norm=1.0):
+    return _step(model, optimizer, chunk, forward, max_norm, shift=False)
+
+
+def step_no_clipping(model, optimizer, chunk, forward, max_norm=1.0):
+    return _step(model, optimizer, chunk, forward, max_norm, clip=False)
+
+
+def step_zero_grad_before_step(model, optimizer, chunk, forward, max_norm=1.0):
+    return _step(model, optimizer, chunk, forward, max_norm, zero_late=True)
+
+
+def step_forgets_optimizer_step(model, optimizer, chunk, forward, max_norm=1.0):
+    return _step(model, optimizer, chunk, forward, max_norm, step=False)
+
+
+def step_summed_loss(model, optimizer, chunk, forward, max_norm=1.0):
+    return _step(model, optimizer, chunk, forward, max_norm, total=True)
+
+
+def step_correct(model, optimizer, chunk, forward, max_norm=1.0):
+    return _step(model, optimizer, chunk, forward, max_norm)
 
 
 def cache_whole_buffer(q, k_new, v_new, k_cache, v_cache, pos):
@@ -218,11 +382,19 @@ CASES = {
     "causal_mask": (ref.causal_mask, [mask_strict, mask_top_left, mask_float]),
     "attention": (ref.scaled_dot_product_attention,
                   [attention_no_scale, attention_scale_by_d, attention_softmax_over_queries, attention_ignores_mask]),
-    "split_heads": (ref.split_heads, [split_no_transpose, split_interleaved]),
-    "merge_heads": (ref.merge_heads, [merge_no_transpose, merge_interleaved]),
-    "rms_norm": (ref.rms_norm, [layer_norm_instead, rms_eps_outside, rms_no_weight]),
     "rotary_embedding": (answers.rotary_embedding, [rope_interleaved, rope_wrong_frequencies, rope_wrong_direction]),
-    "transformer_block": (answers.pre_norm_block, [block_post_norm, block_missing_mlp_residual, block_parallel]),
+    "self_attention": (answers.self_attention,
+                       [mha_one_head, mha_reshape_heads, mha_interleaved_heads, mha_merge_no_transpose,
+                        mha_no_causal_mask, mha_no_rope, mha_rotates_values, mha_no_projection]),
+    "rms_norm": (ref.rms_norm, [layer_norm_instead, rms_eps_outside, rms_no_weight, rms_half_precision_statistics,
+                                rms_stays_float32]),
+    "transformer_block": (answers.transformer_block,
+                          [block_post_norm, block_missing_attention_residual, block_missing_mlp_residual,
+                           block_parallel, block_reuses_norm1, block_no_causal_mask]),
+    "gpt_forward": (answers.gpt_forward, [gpt_no_final_norm, gpt_returns_probabilities, gpt_blocks_reversed,
+                                          gpt_scaled_embeddings, gpt_blocks_not_chained, gpt_head_is_embedding]),
+    "train_step": (answers.train_step, [step_no_zero_grad, step_unshifted_targets, step_no_clipping,
+                                        step_zero_grad_before_step, step_forgets_optimizer_step, step_summed_loss]),
     "cached_attention": (answers.cached_attention,
                          [cache_whole_buffer, cache_excludes_current, cache_not_written, cache_no_causal_within_chunk]),
     "top_k_filter": (sampling.top_k_filter, [top_k_off_by_one, top_k_by_indices, top_k_zero_fill]),
@@ -232,9 +404,9 @@ CASES = {
 MUTANTS = [(name, m) for name, (_, ms) in CASES.items() for m in ms]
 
 
-def test_chapter_has_at_least_eight_exercises():
-    assert len(ch02.chapter.exercises) >= 8
+def test_chapter_has_twelve_exercises_numbered_in_order():
     assert set(CASES) == set(ch02.chapter.exercises)
+    assert [ex.number for ex in ch02.chapter.exercises.values()] == [f"2.{i}" for i in range(1, 13)]
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -266,19 +438,39 @@ DIAGNOSES = [
     ("attention", attention_no_scale, "without the scale"),
     ("attention", attention_scale_by_d, "the scale is 1/D"),
     ("attention", attention_ignores_mask, "the mask is not applied"),
-    ("split_heads", split_no_transpose, "straight to (B, H, T, D)"),
-    ("split_heads", split_interleaved, "h + H"),
-    ("merge_heads", merge_no_transpose, "straight to (B, T, H*D)"),
-    ("merge_heads", merge_interleaved, "interleaves"),
+    ("self_attention", mha_one_head, "single head"),
+    ("self_attention", mha_reshape_heads, "straight to (B, H, T, D)"),
+    ("self_attention", mha_interleaved_heads, "h + H"),
+    ("self_attention", mha_merge_no_transpose, "straight to (B, T, C)"),
+    ("self_attention", mha_no_causal_mask, "no causal mask"),
+    ("self_attention", mha_no_rope, "were not rotated"),
+    ("self_attention", mha_rotates_values, "values were rotated"),
+    ("self_attention", mha_no_projection, "projection"),
     ("rms_norm", layer_norm_instead, "that is LayerNorm"),
     ("rms_norm", rms_eps_outside, "outside the square root"),
     ("rms_norm", rms_no_weight, "weight is not applied"),
+    ("rms_norm", rms_half_precision_statistics, "overflows to inf"),
+    ("rms_norm", rms_stays_float32, "stayed in float32"),
     ("rotary_embedding", rope_interleaved, "(2i, 2i+1)"),
     ("rotary_embedding", rope_wrong_frequencies, "base**(-i/D)"),
     ("rotary_embedding", rope_wrong_direction, "wrong way"),
     ("transformer_block", block_post_norm, "post-norm"),
-    ("transformer_block", block_missing_mlp_residual, "replaces the residual stream"),
+    ("transformer_block", block_missing_attention_residual, "attention output replaces the residual stream"),
+    ("transformer_block", block_missing_mlp_residual, "MLP's output replaces the residual stream"),
     ("transformer_block", block_parallel, "parallel block"),
+    ("transformer_block", block_reuses_norm1, "its own norm"),
+    ("transformer_block", block_no_causal_mask, "no causal mask"),
+    ("gpt_forward", gpt_no_final_norm, "last normalisation"),
+    ("gpt_forward", gpt_returns_probabilities, "probabilities"),
+    ("gpt_forward", gpt_blocks_reversed, "reverse order"),
+    ("gpt_forward", gpt_scaled_embeddings, "sqrt(C)"),
+    ("gpt_forward", gpt_blocks_not_chained, "every block read the embeddings"),
+    ("train_step", step_no_zero_grad, "never cleared"),
+    ("train_step", step_unshifted_targets, "not shifted"),
+    ("train_step", step_no_clipping, "not clipped"),
+    ("train_step", step_zero_grad_before_step, "never changed"),
+    ("train_step", step_forgets_optimizer_step, "never changed"),
+    ("train_step", step_summed_loss, "summed"),
     ("cached_attention", cache_whole_buffer, "whole cache buffer"),
     ("cached_attention", cache_excludes_current, "cannot see their own positions"),
     ("cached_attention", cache_no_causal_within_chunk, "both directions"),
@@ -321,3 +513,72 @@ def test_use_falls_back_to_reference_until_passed(capsys):
 
     assert_passes(ch02.attention, attention)
     assert ch02.use(attention) is attention
+
+
+def test_dependency_references_agree_with_the_library():
+    """The references of the assembled model are the package's modules: a GPT run through the functional parts
+    (the learner's path) gives the module's logits."""
+    torch.manual_seed(0)
+    model, idx = next(ch02._gpt_cases()).args
+    with torch.no_grad():
+        assert torch.allclose(gpt_correct(model, idx), model(idx)[0], atol=1e-5)
+
+
+def _library_forward(model, idx, *, causal=True, wiring="pre"):
+    """A fast forward on the package's modules with one wiring change, for the training threshold."""
+    from ar_course.transformer import functional as tf
+    from ar_course.transformer.model import sdpa_attention, use_attention
+
+    rope = tf.rope_angles(torch.arange(idx.shape[1]), model.config.head_dim)
+    x = model.wte(idx)
+    attend = lambda q, k, v, mask, is_causal, p: sdpa_attention(q, k, v, mask, causal, p)  # noqa: E731
+    with use_attention(attend):
+        for b in model.blocks:
+            if wiring == "post":
+                h = b.norm1(x + b.attn(x, rope))
+                x = b.norm2(h + b.mlp(h))
+            elif wiring == "no attention residual":
+                h = b.attn(b.norm1(x), rope)
+                x = h + b.mlp(b.norm2(h))
+            else:
+                h = x + b.attn(b.norm1(x), rope)
+                x = h + b.mlp(b.norm2(h))
+    return model.lm_head(model.norm_f(x))
+
+
+@pytest.mark.parametrize("what, step, kwargs", [
+    ("the reference", answers.train_step, {}),
+    ("no causal mask", answers.train_step, {"causal": False}),
+    ("post-norm blocks", answers.train_step, {"wiring": "post"}),
+    ("a block missing its attention residual", answers.train_step, {"wiring": "no attention residual"}),
+    ("un-shifted targets", step_unshifted_targets, {}),
+    ("no optimizer step", step_forgets_optimizer_step, {}),
+])
+def test_training_threshold_tells_a_working_model_from_a_broken_one(what, step, kwargs):
+    """The loss the training check requires is reached by the reference and missed by a model wired wrongly
+    (its weights are measured with the package's causal pre-norm GPT) or trained on the wrong targets."""
+    loss = ch02.train_briefly(step, lambda m, idx: _library_forward(m, idx, **kwargs))
+    if what == "the reference":
+        assert loss < ch02.TRAIN_LOSS_TARGET / 3, loss
+    else:
+        assert loss > ch02.TRAIN_LOSS_TARGET, (what, loss)
+
+
+def test_training_check_states_the_target_loss(monkeypatch):
+    monkeypatch.setattr(ch02, "train_briefly", lambda fn, forward: 0.9)
+    msg = assert_fails(ch02.train_step, answers.train_step, contains=f"not below {ch02.TRAIN_LOSS_TARGET}")
+    assert "Hint:" in msg
+
+
+def test_training_check_trains_the_learners_passed_forward(monkeypatch):
+    seen = []
+
+    def gpt_forward(model, idx):
+        seen.append(idx.shape)
+        return answers.gpt_forward(model, idx)
+
+    monkeypatch.setattr(ch02.chapter, "_passed", {})
+    assert_passes(ch02.gpt_forward, gpt_forward)
+    seen.clear()
+    assert_passes(ch02.train_step, answers.train_step)
+    assert len(seen) >= 2 * 3 + ch02.TRAIN_STEPS

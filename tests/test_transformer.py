@@ -164,11 +164,20 @@ def test_attention_heads_match_split_heads_and_rotary_embedding():
     assert torch.equal(v, v_ref)
 
 
-def test_pre_norm_block_function_matches_module():
+def test_block_reference_is_the_pre_norm_wiring_of_the_parts():
     block = Block(small_config()).eval()
-    x = torch.randn(2, 5, 32)
-    attn = lambda h: block.attn(h)  # noqa: E731
-    assert torch.allclose(answers.pre_norm_block(x, block.norm1, attn, block.norm2, block.mlp), block(x), atol=1e-6)
+    x, pos = torch.randn(2, 5, 32), torch.arange(5)
+    h = x + answers.self_attention(block.norm1(x), block.attn, pos)
+    assert torch.allclose(answers.transformer_block(x, block, pos), h + block.mlp(block.norm2(h)), atol=1e-6)
+    assert torch.allclose(answers.self_attention(x, block.attn, pos), block.attn(x, ref.rope_angles(pos, 8)))
+
+
+def test_rms_norm_keeps_float32_statistics_in_half_precision():
+    x = torch.tensor([[300.0, -400.0, 500.0, 100.0], [1e-3, -2e-3, 3e-3, 1e-3]])
+    w = torch.tensor([1.0, 2.0, 0.5, 1.0])
+    out = ref.rms_norm(x.half(), w.half(), 1e-12)
+    assert out.dtype == torch.float16
+    assert torch.allclose(out.float(), ref.rms_norm(x, w, 1e-12), rtol=2e-3, atol=1e-3)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -3,22 +3,26 @@
 Each check runs the learner's function on seeded random inputs and edge cases (sizes that are not
 "nice", fully masked rows, huge scores, ties) and compares it with the reference in
 :mod:`ar_course.transformer.functional`, :mod:`ar_course.sampling` or, for what the modules do not call,
-:mod:`ar_course.checks.reference.ch02`.
+:mod:`ar_course.checks.reference.ch02`. The exercises that assemble the model (2.5 self-attention, 2.7 the
+block, 2.8 the GPT forward pass) run on the weights of the package's modules and are compared with those
+modules; the training step (2.9) is compared step by step with the reference and then trains a tiny GPT,
+which must reach :data:`TRAIN_LOSS_TARGET`.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
+import torch.nn.functional as F
 
 from ar_course import sampling
 from ar_course.checks.core import (Case, Chapter, CheckFailure, Mistake, call, clone_args, compare, compare_cases,
                                    explain)
 from ar_course.checks.reference import ch02 as answers
 from ar_course.transformer import functional as ref
-from ar_course.transformer.model import GPTConfig, RMSNorm, SelfAttention, SwiGLU
+from ar_course.transformer.model import GPT, Block, GPTConfig, SelfAttention
 
 chapter = Chapter(2, "The causal transformer")
 use = chapter.use
@@ -166,91 +170,7 @@ def attention(fn, ref_fn):
 
 
 # --------------------------------------------------------------------------------------------------------
-# 2.4 / 2.5 heads
-
-
-SPLIT_MISTAKES = [
-    Mistake(lambda x, n_head: x.reshape(x.shape[0], n_head, x.shape[1], x.shape[2] // n_head),
-            "that reshapes (B, T, C) straight to (B, H, T, D): the memory is read in the wrong order, so a head "
-            "mixes channels of different time steps"),
-    Mistake(lambda x, n_head: x.view(x.shape[0], x.shape[1], x.shape[2] // n_head, n_head).permute(0, 3, 1, 2),
-            "that gives head h the channels h, h + H, h + 2H...; each head owns a contiguous block of D channels"),
-]
-
-
-@chapter.exercise("2.4", reference=ref.split_heads, hints=(
-    "each head owns a contiguous block of D = C / H channels; first expose the heads as their own axis, then "
-    "move that axis in front of time",
-    "view (B, T, C) as (B, T, H, D), so the last axis splits into blocks, then swap the T and H axes; a single "
-    "reshape to (B, H, T, D) reads memory in the wrong order",
-    "return x.view(B, T, n_head, C // n_head).transpose(1, 2)",
-))
-def split_heads(fn, ref_fn):
-    g = _gen(2)
-    cases = [
-        Case("B=2 T=5 C=12, 3 heads", (torch.randn(2, 5, 12, generator=g), 3)),
-        Case("B=1 T=7 C=16, 4 heads", (torch.arange(112.0).view(1, 7, 16), 4)),
-        Case("B=3 T=1 C=10, 1 head", (torch.randn(3, 1, 10, generator=g), 1)),
-    ]
-    compare_cases(fn, ref_fn, cases, mistakes=SPLIT_MISTAKES)
-
-
-MERGE_MISTAKES = [
-    Mistake(lambda x: x.reshape(x.shape[0], x.shape[2], x.shape[1] * x.shape[3]),
-            "that reshapes (B, H, T, D) straight to (B, T, H*D), mixing time steps; bring T in front of H first"),
-    Mistake(lambda x: x.permute(0, 2, 3, 1).reshape(x.shape[0], x.shape[2], x.shape[1] * x.shape[3]),
-            "that interleaves the heads' channels; head h's D channels must stay one contiguous block"),
-]
-
-
-@chapter.exercise("2.5", reference=ref.merge_heads, hints=(
-    "undo split_heads step by step, in the opposite order",
-    "swap the H and T axes back to (B, T, H, D), then join the last two axes into H*D channels (reshape: the "
-    "swapped tensor is not contiguous, so view fails)",
-    "return x.transpose(1, 2).reshape(B, T, H * D)",
-))
-def merge_heads(fn, ref_fn):
-    g = _gen(3)
-    cases = [
-        Case("B=2 H=3 T=5 D=4", (torch.randn(2, 3, 5, 4, generator=g),)),
-        Case("B=1 H=4 T=7 D=4 (arange)", (torch.arange(112.0).view(1, 4, 7, 4),)),
-        Case("split_heads output, B=2 T=6 C=15, 5 heads", (ref.split_heads(torch.randn(2, 6, 15, generator=g), 5),)),
-    ]
-    compare_cases(fn, ref_fn, cases, mistakes=MERGE_MISTAKES)
-
-
-# --------------------------------------------------------------------------------------------------------
-# 2.6 RMSNorm
-
-
-RMS_MISTAKES = [
-    Mistake(lambda x, weight, eps=1e-6: torch.nn.functional.layer_norm(x, x.shape[-1:], weight, None, eps),
-            "that is LayerNorm: it subtracts the mean; RMSNorm only divides by the root mean square"),
-    Mistake(lambda x, weight, eps=1e-6: x / (x.pow(2).mean(-1, keepdim=True).sqrt() + eps) * weight,
-            "eps is added outside the square root; it goes inside, next to the mean of squares"),
-    Mistake(lambda x, weight, eps=1e-6: ref.rms_norm(x, None, eps), "the weight is not applied"),
-]
-
-
-@chapter.exercise("2.6", reference=ref.rms_norm, hints=(
-    "RMSNorm rescales each vector (the last axis) to unit root mean square and then applies a learned "
-    "per-channel gain; unlike LayerNorm it does not centre the vector",
-    "divide x by sqrt(mean(x^2 over the last axis) + eps), with eps inside the square root and keepdim=True, "
-    "then multiply by weight",
-    "return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight",
-))
-def rms_norm(fn, ref_fn):
-    g = _gen(4)
-    cases = [
-        Case("B=2 T=5 C=12 with weight", (torch.randn(2, 5, 12, generator=g), torch.rand(12, generator=g) + 0.5, 1e-6)),
-        Case("shifted input (mean 3)", (torch.randn(4, 9, generator=g) + 3.0, torch.ones(9), 1e-6)),
-        Case("tiny input (~1e-3), eps=1e-5", (torch.randn(3, 7, generator=g) * 1e-3, torch.rand(7, generator=g), 1e-5)),
-    ]
-    compare_cases(fn, ref_fn, cases, atol=1e-5, grad_wrt=(0,), mistakes=RMS_MISTAKES)
-
-
-# --------------------------------------------------------------------------------------------------------
-# 2.7 rotary embedding
+# 2.4 rotary embedding
 
 
 def _rope_cases() -> Iterator[Case]:
@@ -277,7 +197,8 @@ def _rope_variant(x: torch.Tensor, positions: torch.Tensor, base: float = 10000.
 
 ROPE_MISTAKES = [
     Mistake(lambda x, positions, base=10000.0: _rope_variant(x, positions, base, interleaved=True),
-            "that rotates the pairs (2i, 2i+1); this course pairs feature i with feature i + D/2"),
+            "that rotates the pairs (2i, 2i+1), as the RoFormer paper writes it; this course, like the GPT-NeoX and "
+            "Llama code, pairs feature i with feature i + D/2 (the same rotation with the features permuted)"),
     Mistake(lambda x, positions, base=10000.0: _rope_variant(x, positions, base, exponent=1.0),
             "the frequencies are base**(-i/D); pair i turns at base**(-2i/D)"),
     Mistake(lambda x, positions, base=10000.0: _rope_variant(x, positions, base, sign=-1.0),
@@ -285,7 +206,7 @@ ROPE_MISTAKES = [
 ]
 
 
-@chapter.exercise("2.7", reference=answers.rotary_embedding, hints=(
+@chapter.exercise("2.4", reference=answers.rotary_embedding, hints=(
     "rotary embedding turns pairs of features by an angle that grows with the position, each pair at its own "
     "frequency; find which features form a pair and how fast pair i turns",
     "pair feature i with feature i + D/2 (the two halves of the vector); pair i turns by position * base**(-2i/D); "
@@ -298,39 +219,209 @@ def rotary_embedding(fn, ref_fn):
 
 
 # --------------------------------------------------------------------------------------------------------
-# 2.8 pre-norm block
+# 2.5 multi-head self-attention
 
 
-def _block_cases() -> Iterator[Case]:
-    for seed, (B, T, C, H) in enumerate([(2, 5, 24, 3), (1, 7, 16, 4)]):
-        torch.manual_seed(100 + seed)
-        cfg = GPTConfig(n_embd=C, n_head=H)
-        norm1, norm2 = RMSNorm(C), RMSNorm(C)
-        with torch.no_grad():
-            norm1.weight.uniform_(0.5, 1.5)
-            norm2.weight.uniform_(0.5, 1.5)
-        attn, mlp = SelfAttention(cfg).eval(), SwiGLU(cfg)
-        x = torch.randn(B, T, C, generator=_gen(seed)) * 2 + 1
-        yield Case(f"B={B} T={T} C={C}", (x, norm1, attn, norm2, mlp))
+def _scaled_weights(module: torch.nn.Module, std: float, seed: int) -> torch.nn.Module:
+    """``module`` with every linear / embedding weight redrawn at ``std`` and every norm weight in [0.5, 1.5]:
+    the default 0.02 makes attention nearly uniform and the norms' gains all 1, which hides mistakes."""
+    g = _gen(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if name.endswith("norm1.weight") or name.endswith("norm2.weight") or name.endswith("norm_f.weight"):
+                p.copy_(torch.rand(p.shape, generator=g) + 0.5)
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+    return module.eval()
 
 
-BLOCK_MISTAKES = [
-    Mistake(lambda x, norm1, attn, norm2, mlp: norm2((h := norm1(x + attn(x))) + mlp(h)),
-            "that is a post-norm block (normalise after adding); a pre-norm block normalises each sublayer's "
-            "input and leaves the residual stream alone"),
-    Mistake(lambda x, norm1, attn, norm2, mlp: mlp(norm2(x + attn(norm1(x)))),
-            "the MLP's output replaces the residual stream; it should be added to it"),
-    Mistake(lambda x, norm1, attn, norm2, mlp: x + attn(norm1(x)) + mlp(norm2(x)),
-            "attention and the MLP both read x (a parallel block); the MLP reads the stream after attention"),
+def _self_attention_cases() -> Iterator[Case]:
+    for seed, (B, T, C, H) in enumerate([(2, 7, 24, 3), (1, 9, 16, 4), (3, 1, 8, 2)]):
+        attn = _scaled_weights(SelfAttention(GPTConfig(n_embd=C, n_head=H)), 0.4, 20 + seed)
+        x = torch.randn(B, T, C, generator=_gen(30 + seed))
+        yield Case(f"B={B} T={T} C={C}, {H} heads", (x, attn, torch.arange(T)))
+
+
+def _self_attention_variant(x: torch.Tensor, attn: SelfAttention, positions: torch.Tensor, *, split: str = "heads",
+                            merge_transpose: bool = True, causal: bool = True, rope_qk: bool = True,
+                            rope_v: bool = False, proj: bool = True) -> torch.Tensor:
+    """Multi-head self-attention with one thing changed: how the heads are cut (``split``: "heads", "reshape"
+    straight to (B, H, T, D), "interleaved" channels, or "one" head of C channels) and put back, the mask,
+    which tensors are rotated, or the output projection."""
+    B, T, C = x.shape
+    H = attn.n_head
+    splits = {
+        "heads": lambda t: ref.split_heads(t, H),
+        "reshape": lambda t: t.reshape(B, H, T, C // H),
+        "interleaved": lambda t: t.view(B, T, C // H, H).permute(0, 3, 1, 2),
+        "one": lambda t: t[:, None],  # (B, 1, T, C)
+    }
+    merges = {
+        "heads": ref.merge_heads,
+        "reshape": lambda y: y.reshape(B, T, C),
+        "interleaved": lambda y: y.permute(0, 2, 3, 1).reshape(B, T, C),
+        "one": lambda y: y[:, 0],
+    }
+    q, k, v = (splits[split](t) for t in attn.qkv(x).split(C, dim=-1))  # 3 x (B, H, T, D)
+    if rope_qk:
+        q, k = answers.rotary_embedding(q, positions), answers.rotary_embedding(k, positions)
+    if rope_v:
+        v = answers.rotary_embedding(v, positions)
+    y = ref.scaled_dot_product_attention(q, k, v, ref.causal_mask(T) if causal else None)  # (B, H, T, D)
+    y = merges[split](y) if merge_transpose else y.reshape(B, T, C)
+    return attn.proj(y) if proj else y
+
+
+SELF_ATTENTION_MISTAKES = [
+    Mistake(lambda x, attn, positions: _self_attention_variant(x, attn, positions, split="one"),
+            "that is a single head over all C channels; each of the n_head heads attends over its own D = C / H "
+            "channels"),
+    Mistake(lambda x, attn, positions: _self_attention_variant(x, attn, positions, split="reshape"),
+            "the heads were cut with a reshape of (B, T, C) straight to (B, H, T, D), which reads memory in the "
+            "wrong order: a head mixes channels of different time steps"),
+    Mistake(lambda x, attn, positions: _self_attention_variant(x, attn, positions, split="interleaved"),
+            "head h got the channels h, h + H, h + 2H...; each head owns a contiguous block of D channels"),
+    Mistake(lambda x, attn, positions: _self_attention_variant(x, attn, positions, merge_transpose=False),
+            "the heads were put back with a reshape of (B, H, T, D) straight to (B, T, C), mixing time steps"),
+    Mistake(lambda x, attn, positions: _self_attention_variant(x, attn, positions, causal=False),
+            "no causal mask: every position also sees the positions after it"),
+    Mistake(lambda x, attn, positions: _self_attention_variant(x, attn, positions, rope_qk=False),
+            "the queries and keys were not rotated, so attention does not know the order of the tokens"),
+    Mistake(lambda x, attn, positions: _self_attention_variant(x, attn, positions, rope_v=True),
+            "the values were rotated too; only queries and keys carry the positions"),
+    Mistake(lambda x, attn, positions: _self_attention_variant(x, attn, positions, proj=False),
+            "the output projection attn.proj is missing"),
 ]
 
 
-@chapter.exercise("2.8", reference=answers.pre_norm_block, hints=(
+@chapter.exercise("2.5", reference=answers.self_attention, hints=(
+    "project x to queries, keys and values with attn.qkv, cut each into n_head heads, rotate queries and keys, "
+    "attend causally in every head at once, then put the heads back side by side and project with attn.proj",
+    "q, k, v = attn.qkv(x).split(C, dim=-1); view each (B, T, C) as (B, T, H, D) and transpose to (B, H, T, D); "
+    "rotary_embedding on q and k; attention with the causal mask (T, T); transpose back to (B, T, H, D) and "
+    "reshape to (B, T, C) before attn.proj",
+    "q, k, v = (t.view(B, T, H, C // H).transpose(1, 2) for t in attn.qkv(x).split(C, -1)); q, k = rope(q, "
+    "positions), rope(k, positions); y = attention(q, k, v, causal_mask(T, T)); return attn.proj(y.transpose(1, "
+    "2).reshape(B, T, C))",
+))
+def self_attention(fn, ref_fn):
+    with torch.no_grad():
+        compare_cases(fn, ref_fn, _self_attention_cases(), atol=1e-5, mistakes=SELF_ATTENTION_MISTAKES)
+
+
+# --------------------------------------------------------------------------------------------------------
+# 2.6 RMSNorm
+
+
+def _rms_half_naive(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+
+
+RMS_MISTAKES = [
+    Mistake(_rms_half_naive, "the mean of squares was computed in x's own half precision: in float16, x^2 "
+            "overflows to inf from |x| > 256 (and loses its digits below about 1e-4)"),
+    Mistake(lambda x, weight, eps=1e-6: torch.nn.functional.layer_norm(x, x.shape[-1:], weight, None, eps),
+            "that is LayerNorm: it subtracts the mean; RMSNorm only divides by the root mean square"),
+    Mistake(lambda x, weight, eps=1e-6: x / (x.pow(2).mean(-1, keepdim=True).sqrt() + eps) * weight,
+            "eps is added outside the square root; it goes inside, next to the mean of squares"),
+    Mistake(lambda x, weight, eps=1e-6: ref.rms_norm(x, None, eps), "the weight is not applied"),
+    Mistake(lambda x, weight, eps=1e-6: ref.rms_norm(x.float(), weight.float(), eps),
+            "the result stayed in float32; a norm returns the dtype it was given"),
+]
+
+
+def _rms_half_cases() -> Iterator[Case]:
+    g = _gen(41)
+    big, gain = (torch.randn(3, 16, generator=g) * 400).half(), (torch.rand(16, generator=g) + 0.5).half()
+    yield Case("float16, values in the hundreds (x^2 overflows float16)", (big, gain, 1e-6))
+    small = (torch.randn(4, 32, generator=g) * 1e-3).half()
+    yield Case("float16, values ~1e-3 (x^2 underflows float16), eps=1e-8", (small, torch.ones(32).half(), 1e-8))
+
+
+def _rms_bfloat16_cases() -> Iterator[Case]:
+    g = _gen(42)
+    yield Case("bfloat16 activations", (torch.randn(2, 5, 12, generator=g).bfloat16(),
+                                        (torch.rand(12, generator=g) + 0.5).bfloat16(), 1e-6))
+
+
+@chapter.exercise("2.6", reference=ref.rms_norm, hints=(
+    "RMSNorm rescales each vector (the last axis) to unit root mean square and then applies a learned "
+    "per-channel gain; unlike LayerNorm it does not centre the vector. Think about what x^2 does in float16",
+    "compute in float32: xf = x.float(); divide xf by sqrt(mean(xf^2 over the last axis) + eps), eps inside the "
+    "square root, keepdim=True; cast back to x.dtype, then multiply by weight",
+    "xf = x.float(); return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight",
+))
+def rms_norm(fn, ref_fn):
+    g = _gen(4)
+    cases = [
+        Case("B=2 T=5 C=12 with weight", (torch.randn(2, 5, 12, generator=g), torch.rand(12, generator=g) + 0.5, 1e-6)),
+        Case("shifted input (mean 3)", (torch.randn(4, 9, generator=g) + 3.0, torch.ones(9), 1e-6)),
+        Case("tiny input (~1e-3), eps=1e-5", (torch.randn(3, 7, generator=g) * 1e-3, torch.rand(7, generator=g), 1e-5)),
+    ]
+    compare_cases(fn, ref_fn, cases, atol=1e-5, grad_wrt=(0,), mistakes=RMS_MISTAKES)
+    compare_cases(fn, ref_fn, _rms_half_cases(), atol=4e-3, rtol=4e-3, mistakes=RMS_MISTAKES)
+    compare_cases(fn, ref_fn, _rms_bfloat16_cases(), atol=2e-2, rtol=2e-2, mistakes=RMS_MISTAKES)  # 8-bit mantissa
+
+
+# --------------------------------------------------------------------------------------------------------
+# 2.7 pre-norm block
+
+
+def _block_cases() -> Iterator[Case]:
+    for seed, (B, T, C, H) in enumerate([(2, 6, 24, 3), (1, 9, 16, 4)]):
+        block = _scaled_weights(Block(GPTConfig(n_embd=C, n_head=H)), 0.3, 50 + seed)
+        x = torch.randn(B, T, C, generator=_gen(60 + seed)) * 2 + 1  # a mean: post-norm then differs more
+        yield Case(f"B={B} T={T} C={C}, {H} heads", (x, block, torch.arange(T)))
+
+
+def _block_variant(x: torch.Tensor, block: Block, positions: torch.Tensor, *, wiring: str = "pre",
+                   causal: bool = True) -> torch.Tensor:
+    """A block wired differently (``wiring``), or whose attention has no causal mask."""
+    def attn(h: torch.Tensor) -> torch.Tensor:
+        return _self_attention_variant(h, block.attn, positions, causal=causal)
+
+    n1, n2, mlp = block.norm1, block.norm2, block.mlp
+    if wiring == "post":
+        h = n1(x + attn(x))
+        return n2(h + mlp(h))
+    if wiring == "no attention residual":
+        h = attn(n1(x))
+        return h + mlp(n2(h))
+    if wiring == "no mlp residual":
+        return mlp(n2(x + attn(n1(x))))
+    if wiring == "parallel":
+        return x + attn(n1(x)) + mlp(n2(x))
+    if wiring == "one norm":
+        h = x + attn(n1(x))
+        return h + mlp(n1(h))
+    h = x + attn(n1(x))
+    return h + mlp(n2(h))
+
+
+BLOCK_MISTAKES = [
+    Mistake(lambda x, block, positions: _block_variant(x, block, positions, wiring="post"),
+            "that is a post-norm block (normalise after adding); a pre-norm block normalises each sublayer's "
+            "input and leaves the residual stream alone"),
+    Mistake(lambda x, block, positions: _block_variant(x, block, positions, wiring="no attention residual"),
+            "the attention output replaces the residual stream; it should be added to it"),
+    Mistake(lambda x, block, positions: _block_variant(x, block, positions, wiring="no mlp residual"),
+            "the MLP's output replaces the residual stream; it should be added to it"),
+    Mistake(lambda x, block, positions: _block_variant(x, block, positions, wiring="parallel"),
+            "attention and the MLP both read x (a parallel block); the MLP reads the stream after attention"),
+    Mistake(lambda x, block, positions: _block_variant(x, block, positions, wiring="one norm"),
+            "norm1 was used before the MLP too; each sublayer has its own norm (norm2 for the MLP)"),
+    Mistake(lambda x, block, positions: _block_variant(x, block, positions, causal=False),
+            "the attention has no causal mask: every position also sees the positions after it"),
+]
+
+
+@chapter.exercise("2.7", reference=answers.transformer_block, hints=(
     "a pre-norm block has two sublayers; each one reads a normalised copy of the residual stream and adds its "
     "output back to the stream",
-    "first attention on norm1 of the input, added to the input; then the MLP on norm2 of that sum, added to "
-    "the sum; the stream itself is never normalised inside the block",
-    "h = x + attn(norm1(x)); return h + mlp(norm2(h))",
+    "first your self_attention on rms_norm(x, block.norm1.weight, block.norm1.eps), added to x; then block.mlp "
+    "on the second norm (block.norm2) of that sum, added to the sum; the stream itself is never normalised",
+    "h = x + self_attention(rms_norm(x, block.norm1.weight, block.norm1.eps), block.attn, positions); return h + "
+    "block.mlp(rms_norm(h, block.norm2.weight, block.norm2.eps))",
 ))
 def transformer_block(fn, ref_fn):
     with torch.no_grad():
@@ -338,7 +429,183 @@ def transformer_block(fn, ref_fn):
 
 
 # --------------------------------------------------------------------------------------------------------
-# 2.9 attention with a KV cache
+# 2.8 the GPT forward pass
+
+
+def _gpt_cases() -> Iterator[Case]:
+    for seed, (tie, B, T) in enumerate([(True, 2, 9), (True, 1, 1), (False, 3, 12)]):
+        config = GPTConfig(vocab_size=11, block_size=12, n_layer=3, n_head=2, n_embd=16, tie_weights=tie)
+        torch.manual_seed(70 + seed)
+        model = _scaled_weights(GPT(config), 0.3, 70 + seed)
+        idx = torch.randint(0, 11, (B, T), generator=_gen(80 + seed))
+        head = "tied head" if tie else "separate head"
+        yield Case(f"3 layers, {head}, B={B} T={T}", (model, idx))
+
+
+def _gpt_variant(model: GPT, idx: torch.Tensor, *, final_norm: bool = True, probs: bool = False,
+                 reverse: bool = False, scale_embedding: bool = False, chained: bool = True) -> torch.Tensor:
+    """The GPT forward pass with one thing changed."""
+    positions = torch.arange(idx.shape[1], device=idx.device)
+    emb = model.wte(idx)  # (B, T, C)
+    if scale_embedding:
+        emb = emb * math.sqrt(emb.shape[-1])
+    x = emb
+    for block in (list(model.blocks)[::-1] if reverse else model.blocks):
+        x = answers.transformer_block(x if chained else emb, block, positions)
+    logits = model.lm_head(model.norm_f(x) if final_norm else x)  # (B, T, V)
+    return logits.softmax(-1) if probs else logits
+
+
+GPT_MISTAKES = [
+    Mistake(lambda model, idx: _gpt_variant(model, idx, final_norm=False),
+            "the last normalisation (model.norm_f) is missing before the head"),
+    Mistake(lambda model, idx: _gpt_variant(model, idx, probs=True),
+            "those are probabilities (a softmax); the forward pass returns logits, and the loss does the softmax"),
+    Mistake(lambda model, idx: _gpt_variant(model, idx, reverse=True), "the blocks ran in reverse order"),
+    Mistake(lambda model, idx: _gpt_variant(model, idx, scale_embedding=True),
+            "the embeddings were multiplied by sqrt(C) (as in the original transformer); this GPT uses them as "
+            "they are"),
+    Mistake(lambda model, idx: _gpt_variant(model, idx, chained=False),
+            "every block read the embeddings; each block reads the previous block's output"),
+]
+
+
+@chapter.exercise("2.8", reference=answers.gpt_forward, hints=(
+    "tokens become vectors (model.wte), every block transforms the stream in turn, and a final norm and the "
+    "head turn the last stream into one logit per vocabulary entry; positions enter inside attention only",
+    "x = model.wte(idx); positions = torch.arange(T); x = transformer_block(x, block, positions) for each block "
+    "of model.blocks in order; then rms_norm with model.norm_f's weight and eps, then model.lm_head",
+    "x = model.wte(idx); for block in model.blocks: x = transformer_block(x, block, torch.arange(T, "
+    "device=idx.device)); return model.lm_head(rms_norm(x, model.norm_f.weight, model.norm_f.eps))",
+))
+def gpt_forward(fn, ref_fn):
+    with torch.no_grad():
+        compare_cases(fn, ref_fn, _gpt_cases(), atol=1e-4, mistakes=GPT_MISTAKES)
+
+
+# --------------------------------------------------------------------------------------------------------
+# 2.9 the training step
+
+TRAIN_CONFIG = GPTConfig(vocab_size=10, block_size=24, n_layer=2, n_head=2, n_embd=32)
+TRAIN_STEPS, TRAIN_BATCH, TRAIN_LR = 150, 16, 1e-2
+TRAIN_LOSS_TARGET = 0.5  # nats per token on the tiny corpus after TRAIN_STEPS AdamW steps; uniform is ln 10 = 2.30
+CORPUS_PERIOD = 30
+
+
+def _forward_in_use() -> Callable[[torch.nn.Module, torch.Tensor], torch.Tensor]:
+    """The learner's ``gpt_forward`` once its check has passed, else the reference (silently)."""
+    return chapter._passed.get("gpt_forward", answers.gpt_forward)
+
+
+def tiny_corpus() -> torch.Tensor:
+    """A seeded random sequence of :data:`CORPUS_PERIOD` tokens repeated: ``(20 * CORPUS_PERIOD,)`` int64. The
+    next token is a function of the last two, so a model that has learnt it predicts it almost surely."""
+    cycle = torch.randint(0, TRAIN_CONFIG.vocab_size, (CORPUS_PERIOD,), generator=_gen(90))
+    return cycle.repeat(20)
+
+
+def _windows(corpus: torch.Tensor, n: int, length: int, g: torch.Generator) -> torch.Tensor:
+    starts = torch.randint(0, corpus.numel() - length + 1, (n,), generator=g)
+    return corpus[starts[:, None] + torch.arange(length)]  # (n, length)
+
+
+def train_briefly(step_fn: Callable, forward: Callable, steps: int = TRAIN_STEPS) -> float:
+    """Train a fresh tiny GPT on :func:`tiny_corpus` with ``step_fn(model, optimizer, chunk, forward)`` for ``steps``
+    AdamW steps, then return the next-token loss (nats) of the trained weights under the package's GPT forward
+    (so a forward that peeks at the future, or wires the model differently, does not count)."""
+    torch.manual_seed(91)
+    model = GPT(TRAIN_CONFIG)
+    opt = torch.optim.AdamW(model.parameters(), lr=TRAIN_LR)
+    corpus, g = tiny_corpus(), _gen(92)
+    T = TRAIN_CONFIG.block_size
+    for i in range(steps):
+        call(step_fn, model, opt, _windows(corpus, TRAIN_BATCH, T + 1, g), forward, 1.0, where=f"training step {i}")
+    with torch.no_grad():
+        chunk = _windows(corpus, 64, T + 1, _gen(93))
+        logits, _ = model(chunk[:, :-1])
+        return F.cross_entropy(logits.flatten(0, 1), chunk[:, 1:].flatten()).item()
+
+
+def _step_scenario(step_fn: Callable, forward: Callable, seed: int, max_norm: float) -> tuple[list, dict]:
+    """Three SGD steps of ``step_fn`` on a tiny seeded GPT: the losses returned and the parameters after."""
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(vocab_size=7, block_size=8, n_layer=1, n_head=2, n_embd=8))
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    g = _gen(seed)
+    losses = []
+    for i in range(3):
+        chunk = torch.randint(0, 7, (4, 9), generator=g)
+        losses.append(call(step_fn, model, opt, chunk, forward, max_norm, where=f"step {i + 1} of 3"))
+    return losses, {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+def _step_no_zero_grad(model, optimizer, chunk, forward, max_norm=1.0):
+    logits = forward(model, chunk[:, :-1])
+    loss = F.cross_entropy(logits.flatten(0, 1), chunk[:, 1:].flatten())
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    optimizer.step()
+    return loss.item()
+
+
+def _step_variant(model, optimizer, chunk, forward, max_norm=1.0, *, shift: bool = True, clip: bool = True,
+                  step: bool = True, reduction: str = "mean"):
+    optimizer.zero_grad()
+    logits = forward(model, chunk[:, :-1])
+    targets = chunk[:, 1:] if shift else chunk[:, :-1]
+    loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction=reduction)
+    loss.backward()
+    if clip:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    if step:
+        optimizer.step()
+    return loss.item()
+
+
+STEP_MISTAKES = [
+    Mistake(_step_no_zero_grad, "the gradients of earlier steps were never cleared (zero_grad), so backward() adds "
+            "each step's gradient to the old ones"),
+    Mistake(lambda *a: _step_variant(*a, shift=False), "the targets are the inputs themselves, not shifted: the "
+            "model learns to copy the token it already sees instead of predicting the next one"),
+    Mistake(lambda *a: _step_variant(*a, clip=False), "the gradient norm was not clipped to max_norm"),
+    Mistake(lambda *a: _step_variant(*a, step=False), "the parameters never changed: the optimizer did not step, "
+            "or the gradients were cleared between backward() and step()"),
+    Mistake(lambda *a: _step_variant(*a, reduction="sum"), "the loss is summed over the positions; take the mean, "
+            "so the step size does not grow with the batch"),
+]
+
+
+@chapter.exercise("2.9", reference=answers.train_step, hints=(
+    "one step: forget the old gradients, predict every next token of the chunk, measure the cross-entropy, "
+    "back-propagate, keep the gradient from exploding, update; which token is the target of position t?",
+    "optimizer.zero_grad(); logits = forward(model, chunk[:, :-1]) (B, T, V); the targets are chunk[:, 1:]; "
+    "F.cross_entropy on logits.flatten(0, 1) and targets.flatten(); loss.backward(); "
+    "torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm); optimizer.step(); return loss.item()",
+    "optimizer.zero_grad(); loss = F.cross_entropy(forward(model, chunk[:, :-1]).flatten(0, 1), chunk[:, "
+    "1:].flatten()); loss.backward(); clip_grad_norm_(model.parameters(), max_norm); optimizer.step(); return "
+    "loss.item()",
+))
+def train_step(fn, ref_fn):
+    forward = _forward_in_use()
+    for seed, max_norm in [(0, 1e3), (1, 0.05)]:
+        where = f"3 SGD steps of a 1-layer GPT, max_norm={max_norm:g}"
+        expected = _step_scenario(ref_fn, forward, seed, max_norm)
+        got = _step_scenario(fn, forward, seed, max_norm)
+        try:
+            compare(got[0], expected[0], where=where, atol=1e-5, name="the losses returned")
+            compare(got[1], expected[1], where=where, atol=1e-5, name="the parameters after the steps")
+        except CheckFailure as exc:
+            scenario = [Mistake(lambda m=m: _step_scenario(m.fn, forward, seed, max_norm), m.says)
+                        for m in STEP_MISTAKES]
+            raise explain(exc, scenario, Case(where), got, atol=1e-5) from None
+    loss = train_briefly(fn, forward)
+    if not loss < TRAIN_LOSS_TARGET:
+        raise CheckFailure(f"after {TRAIN_STEPS} AdamW steps on the tiny repeated corpus the next-token loss is "
+                           f"{loss:.3f} nats, not below {TRAIN_LOSS_TARGET}")
+
+
+# --------------------------------------------------------------------------------------------------------
+# 2.10 attention with a KV cache
 
 
 def _cache_cases() -> Iterator[Case]:
@@ -380,7 +647,7 @@ CACHE_MISTAKES = [
 ]
 
 
-@chapter.exercise("2.9", reference=answers.cached_attention, hints=(
+@chapter.exercise("2.10", reference=answers.cached_attention, hints=(
     "the cache holds the keys and values of the first pos positions; the new tokens add theirs, and then "
     "attend like any causal attention over everything written so far",
     "write k_new and v_new into the caches at [pos : pos + T]; attend over positions [0 : pos + T] only (the "
@@ -402,7 +669,7 @@ def cached_attention(fn, ref_fn):
 
 
 # --------------------------------------------------------------------------------------------------------
-# 2.10 / 2.11 top-k and top-p
+# 2.11 / 2.12 top-k and top-p
 
 
 def _top_k_cases() -> Iterator[Case]:
@@ -434,7 +701,7 @@ TOP_K_MISTAKES = [
 ]
 
 
-@chapter.exercise("2.10", reference=sampling.top_k_filter, hints=(
+@chapter.exercise("2.11", reference=sampling.top_k_filter, hints=(
     "the filter keeps the tokens whose logit is among the k largest of their row and removes the rest; "
     "decide by value, so tied logits are treated alike",
     "find each row's k-th largest logit (torch.topk(...).values, the last one, kept as a column) and set every "
@@ -485,7 +752,7 @@ TOP_P_MISTAKES = [
 ]
 
 
-@chapter.exercise("2.11", reference=sampling.top_p_filter, hints=(
+@chapter.exercise("2.12", reference=sampling.top_p_filter, hints=(
     "keep the most likely tokens, in order of probability, until together they hold at least p of the "
     "probability mass; check the token that crosses p and tokens tied with the last one kept",
     "sort the probabilities (the softmax, not the logits) in descending order; keep a token when the mass "
@@ -499,6 +766,7 @@ def top_p_filter(fn, ref_fn):
 
 
 __all__ = [
-    "chapter", "use", "hint", "masked_softmax", "causal_mask", "attention", "split_heads", "merge_heads", "rms_norm",
-    "rotary_embedding", "transformer_block", "cached_attention", "top_k_filter", "top_p_filter",
+    "chapter", "use", "hint", "masked_softmax", "causal_mask", "attention", "rotary_embedding", "self_attention",
+    "rms_norm", "transformer_block", "gpt_forward", "train_step", "cached_attention", "top_k_filter", "top_p_filter",
+    "train_briefly", "tiny_corpus", "TRAIN_LOSS_TARGET",
 ]

@@ -108,8 +108,11 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None = None, eps: float = 1
     """Root-mean-square normalisation over the last dim: ``x / sqrt(mean(x^2) + eps) * weight``.
 
     ``x``: ``(..., C)``; ``weight``: ``(C,)`` or ``None``. Unlike LayerNorm there is no mean subtraction
-    and no bias."""
-    out = x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + eps)
+    and no bias. The statistics are computed in float32 whatever the dtype of ``x`` (in float16, ``x^2``
+    overflows from ``|x| > 256`` and underflows below about ``1e-4``), and the normalised ``x`` is cast back
+    to its dtype before the weight is applied, as Llama does."""
+    xf = x.float()  # no copy when x is float32
+    out = (xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + eps)).to(x.dtype)
     return out if weight is None else out * weight
 
 
