@@ -14,7 +14,7 @@ from ar_course.raster import functional as ref
 from checks_helpers import assert_fails, assert_not_attempted, assert_passes, stub
 
 REFERENCES = {
-    "to_raster": ref.to_raster, "from_raster": ref.from_raster, "make_training_pairs": ref.make_training_pairs,
+    "to_raster": ref.to_raster, "from_order": answers.from_order, "make_training_pairs": ref.make_training_pairs,
     "condition_dropout": ref.condition_dropout, "cfg_logits": sampling.cfg_mix, "sample_tokens": answers.sample_tokens,
     "frechet_distance": metrics.frechet_distance_from_features,
 }
@@ -40,10 +40,17 @@ def test_to_raster_rejects_column_major_and_float():
     assert_fails(ch03.to_raster, lambda m: m.flatten(), contains="shape")
 
 
-def test_from_raster_rejects_column_major_and_swapped_sides():
-    assert_fails(ch03.from_raster, lambda s, h, w: s.reshape(s.shape[0], w, h).transpose(1, 2),
+def test_from_order_hand_written_passes():
+    assert_passes(ch03.from_order, lambda s, order, h, w: s[:, torch.argsort(order)].reshape(s.shape[0], h, w))
+
+
+def test_from_order_rejects_the_order_applied_ignored_column_major_and_swapped_sides():
+    assert_fails(ch03.from_order, lambda s, order, h, w: s[:, order].reshape(s.shape[0], h, w),
+                 contains="the order applied a second time")
+    assert_fails(ch03.from_order, lambda s, order, h, w: s.reshape(s.shape[0], h, w), contains="ignores the order")
+    assert_fails(ch03.from_order, lambda s, order, h, w: answers.from_order(s, order, w, h).transpose(1, 2),
                  contains="column by column")
-    assert_fails(ch03.from_raster, lambda s, h, w: s.reshape(s.shape[0], w, h), contains="shape")
+    assert_fails(ch03.from_order, lambda s, order, h, w: answers.from_order(s, order, w, h), contains="shape")
 
 
 # 3.3 ----------------------------------------------------------------------------------------------------------

@@ -38,7 +38,7 @@ def _maps(g: torch.Generator, B: int, h: int, w: int, vocab: int = 50) -> torch.
 
 
 # --------------------------------------------------------------------------------------------------------
-# 3.1 / 3.2 raster order
+# 3.1 raster order / 3.2 back to a map from any generation order
 
 
 def _to_raster_cases() -> Iterator[Case]:
@@ -60,23 +60,43 @@ def to_raster(fn, ref_fn):
                 "that reads the map column by column; raster order reads it row by row")])
 
 
-def _from_raster_cases() -> Iterator[Case]:
+def _neighbour_order(h: int, w: int) -> torch.Tensor:
+    """Raster positions in the neighbour (anti-diagonal) order of section 9: ``(h*w,)`` long."""
+    return torch.tensor([i * w + j for d in range(h + w - 1) for i in range(h) for j in range(w) if i + j == d])
+
+
+def _from_order_cases() -> Iterator[Case]:
     g = _gen(1)
-    yield Case("(2, 15) -> 3x5", (torch.randint(0, 50, (2, 15), generator=g), 3, 5))
-    yield Case("(2, 15) -> 5x3", (torch.randint(0, 50, (2, 15), generator=g), 5, 3))
-    yield Case("(3, 64) -> 8x8", (torch.randint(0, 50, (3, 64), generator=g), 8, 8))
+    yield Case("raster order, (2, 15) -> 3x5", (torch.randint(0, 50, (2, 15), generator=g), torch.arange(15), 3, 5))
+    yield Case("a random order, (2, 15) -> 3x5",
+               (torch.randint(0, 50, (2, 15), generator=g), torch.randperm(15, generator=g), 3, 5))
+    yield Case("a random order, (2, 15) -> 5x3",
+               (torch.randint(0, 50, (2, 15), generator=g), torch.randperm(15, generator=g), 5, 3))
+    yield Case("neighbour (anti-diagonal) order, (3, 20) -> 4x5",
+               (torch.randint(0, 50, (3, 20), generator=g), _neighbour_order(4, 5), 4, 5))
+    yield Case("a random order, (1, 64) -> 8x8",
+               (torch.randint(0, 50, (1, 64), generator=g), torch.randperm(64, generator=g), 8, 8))
 
 
-@chapter.exercise("3.2", reference=ref.from_raster, hints=(
-    "undo to_raster: find the row and the column that sequence position p came from",
-    "position p is row p // w, column p % w, which is how a (B, h, w) tensor is laid out in memory: h rows "
-    "of w tokens",
-    "return seq.reshape(B, h, w)",
+FROM_ORDER_MISTAKES = [
+    Mistake(lambda seq, order, h, w: seq[:, order].reshape(seq.shape[0], h, w),
+            "that is seq[:, order], the order applied a second time; the map needs its inverse: the token of "
+            "step k goes to raster position order[k]"),
+    Mistake(lambda seq, order, h, w: seq.reshape(seq.shape[0], h, w),
+            "that ignores the order; it is only right for raster order, order = arange(h * w)"),
+    Mistake(lambda seq, order, h, w: answers.from_order(seq, order, w, h).transpose(1, 2),
+            "that fills the map column by column; raster position p is row p // w, column p % w"),
+]
+
+
+@chapter.exercise("3.2", reference=answers.from_order, hints=(
+    "ask where each token goes: step k of the sequence generated raster position order[k]",
+    "build the raster sequence first, a (B, h * w) tensor whose position order[k] holds seq[:, k] (an indexed "
+    "assignment, or index with the inverse permutation torch.argsort(order)); then it is a reshape",
+    "flat = torch.empty_like(seq); flat[:, order] = seq; return flat.reshape(B, h, w)",
 ))
-def from_raster(fn, ref_fn):
-    compare_cases(fn, ref_fn, _from_raster_cases(), mistakes=[
-        Mistake(lambda seq, h, w: seq.reshape(seq.shape[0], w, h).transpose(1, 2),
-                "that fills the map column by column; the sequence holds it row by row")])
+def from_order(fn, ref_fn):
+    compare_cases(fn, ref_fn, _from_order_cases(), mistakes=FROM_ORDER_MISTAKES)
 
 
 # --------------------------------------------------------------------------------------------------------
