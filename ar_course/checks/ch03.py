@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from scipy import linalg
 
-from ar_course import metrics, sampling
+from ar_course import metrics
 from ar_course.checks.core import (Case, Chapter, CheckFailure, Mistake, call, clone_args, compare, compare_cases,
                                    explain)
 from ar_course.checks.reference import ch03 as answers
@@ -165,38 +165,17 @@ def condition_dropout(fn, ref_fn):
 
 
 # --------------------------------------------------------------------------------------------------------
-# 3.5 the guidance mix
+# 3.5 the sampling loop, with the guidance mix
 
 
-def _cfg_cases() -> Iterator[Case]:
-    g = _gen(4)
-    cond, uncond = torch.randn(4, 11, generator=g), torch.randn(4, 11, generator=g)
-    for w in (0.0, 1.0, 3.0, 0.5):
-        yield Case(f"4x11 logits, w {w}", (cond, uncond, w))
-    yield Case("2x3x7 logits, w 2", (torch.randn(2, 3, 7, generator=g), torch.randn(2, 3, 7, generator=g), 2.0))
-
-
-@chapter.exercise("3.5", reference=sampling.cfg_mix, hints=(
-    "guidance moves from the unconditional prediction through the conditional one and past it; it mixes "
-    "logits, not probabilities",
-    "start at cond and move w times the difference cond - uncond further, so that w = 0 gives cond exactly and "
-    "w = -1 gives uncond",
-    "return (1 + w) * cond - w * uncond",
-))
-def cfg_logits(fn, ref_fn):
-    compare_cases(fn, ref_fn, _cfg_cases())
-
-
-# --------------------------------------------------------------------------------------------------------
-# 3.6 the sampling loop
-
-
-def tiny_model(seed: int = 0) -> GPT:
-    """A tiny class-conditional GPT (13 codes, 3x4 maps, 5 classes) whose class token matters a lot."""
+def tiny_model(seed: int = 0, class_scale: float = 50.0) -> GPT:
+    """A tiny class-conditional GPT (13 codes, 3x4 maps, 5 classes) whose class token matters a lot (with
+    ``class_scale = 1``, a mild one: flat next-token distributions, where mixing probabilities instead of
+    logits shows)."""
     torch.manual_seed(seed)
     model = GPT(raster_config(13, (3, 4), n_classes=5, n_layer=2, n_head=2, n_embd=16))
     with torch.no_grad():
-        model.wce.weight.mul_(50)
+        model.wce.weight.mul_(class_scale)
     return model.eval()
 
 
@@ -207,21 +186,41 @@ def _sampling_cases() -> Iterator[tuple[str, dict]]:
     yield "8 classes, 12 tokens, w -1 (unconditional)", dict(classes=classes, num_tokens=12, cfg=-1.0)
     yield "3 classes, 7 tokens, w 0 (conditional)", dict(classes=classes[:3], num_tokens=7, cfg=0.0)
     yield "8 classes, 12 tokens, w 1, greedy", dict(classes=classes, num_tokens=12, cfg=1.0, sampling=GREEDY)
+    yield "a mild class token, 8 classes, 12 tokens, w 3", dict(classes=classes, num_tokens=12, cfg=3.0, model="mild")
 
 
-@chapter.exercise("3.6", reference=answers.sample_tokens, hints=(
+def _with_cfg(transform):
+    """The reference sampler run with guidance strength ``transform(w)``: the tokens a mis-written mix gives."""
+    def sampler(model, classes, num_tokens, *, cfg=0.0, sampling=SamplingConfig(), generator=None):
+        return answers.sample_tokens(model, classes, num_tokens, cfg=transform(cfg), sampling=sampling,
+                                     generator=_gen(11))
+    return sampler
+
+
+SAMPLER_MISTAKES = [
+    # u + s (c - u) with s = w is (1 + (w - 1)) c - (w - 1) u: the reference at w - 1
+    Mistake(_with_cfg(lambda w: w - 1), "that reads w as the papers' scale s = 1 + w (uncond + w * (cond - uncond)); "
+                                        "here w = 0 must give the conditional logits exactly"),
+    # (1 + w) u - w c is the reference at -1 - w
+    Mistake(_with_cfg(lambda w: -1 - w), "the halves are swapped: rows 0..B-1 carry the classes (cond), rows B..2B-1 "
+                                         "the null class (uncond)"),
+]
+
+
+@chapter.exercise("3.5", reference=answers.sample_tokens, hints=(
     "one forward pass per token, each over the new token only (the KV cache remembers the rest), on one batch "
     "that holds both the conditional and the unconditional half",
     "run [classes; null classes] as one batch of 2B with model.make_cache(2B); the first pass takes an empty "
     "(2B, 0) input, every later pass the last sampled token repeated for both halves; mix the two halves' "
-    "logits as in exercise 3.5 before sampling",
+    "logits, (1 + w) * cond - w * uncond (logits, not probabilities), before sampling",
     "per step: logits = last-position logits of the 2B rows; mixed = sampling.cfg_mix(logits[:B], logits[B:], "
     "cfg); tok = sampling.sample(mixed, sampling=sampling, generator=generator); feed tok.repeat(2)[:, None] "
     "next",
 ))
 def sample_tokens(fn, ref_fn):
-    model = tiny_model()
+    models = {"sharp": tiny_model(), "mild": tiny_model(1, class_scale=1.0)}
     for name, kw in _sampling_cases():
+        model = models[kw.pop("model", "sharp")]
         lengths: list[int] = []
         hook = model.register_forward_pre_hook(
             lambda m, args, kwargs: lengths.append(args[0].shape[1] if args else kwargs["idx"].shape[1]),
@@ -238,11 +237,16 @@ def sample_tokens(fn, ref_fn):
             raise CheckFailure(f"on input {name!r} the model ran {len(lengths)} forward passes over inputs of "
                                f"lengths {shown}; expected {kw['num_tokens']} passes, each after the first over "
                                "one new token (use the KV cache)")
-        compare(got, expected, where=name, name="sampled tokens")
+        try:
+            compare(got, expected, where=name, name="sampled tokens")
+        except CheckFailure as exc:
+            case = Case(name, (model, kw["classes"].clone(), kw["num_tokens"]),
+                        {k: v for k, v in kw.items() if k not in ("classes", "num_tokens")})
+            raise explain(exc, SAMPLER_MISTAKES, case, got) from None
 
 
 # --------------------------------------------------------------------------------------------------------
-# 3.7 the Frechet distance
+# 3.6 the Frechet distance
 
 
 def _frechet_cases() -> Iterator[Case]:
@@ -274,7 +278,7 @@ FRECHET_MISTAKES = [
 ]
 
 
-@chapter.exercise("3.7", reference=metrics.frechet_distance_from_features, hints=(
+@chapter.exercise("3.6", reference=metrics.frechet_distance_from_features, hints=(
     "fit a Gaussian (a mean and a covariance) to each set of features and measure how far apart the two "
     "Gaussians are",
     "||mu_a - mu_b||^2 + tr(S_a) + tr(S_b) - 2 tr(sqrtm(S_a S_b)), with unbiased covariances (divide by N - 1, "

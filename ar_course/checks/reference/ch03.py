@@ -3,7 +3,7 @@
 * :func:`from_order` -- exercise 3.2: a sequence generated in any order back to its token map. The library
   only samples in raster order, where this is :func:`ar_course.raster.functional.from_raster`, which it
   ends with.
-* :func:`sample_tokens` -- exercise 3.6: the guided sampling loop over a raster sequence, which the library
+* :func:`sample_tokens` -- exercise 3.5: the guided sampling loop over a raster sequence, which the library
   runs inside :meth:`ar_course.transformer.GPT.generate` (and :func:`ar_course.raster.generate_tokens` on
   top of it).
 """
