@@ -50,10 +50,11 @@ pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 @dataclass(frozen=True)
 class Case:
-    """A notebook to Run All in the browser; ``widget``: also drive its ``interact`` slider."""
+    """A notebook to Run All in the browser; ``widget``: also drive the ``interact`` slider with that
+    description (the notebook may hold other interacts: the one to drive is found by its label)."""
 
     path: str
-    widget: bool = False
+    widget: str | None = None
 
     @property
     def stem(self) -> str:
@@ -63,8 +64,8 @@ class Case:
 CASES = [
     # the learner notebook as shipped: Run All must go through, unattempted exercises printing one line each
     Case("notebooks/00_tour.ipynb"),
-    # a widget notebook: the codebook explorer's slider
-    Case("solutions/01_vector_quantization.ipynb", widget=True),
+    # a widget notebook: the code explorer's slider ("code"; the chapter also has a codebook-size slider "K")
+    Case("solutions/01_vector_quantization.ipynb", widget="code"),
 ]
 
 
@@ -370,7 +371,8 @@ def _scroll_to_traceback(drv: Any) -> None:
 
 
 WIDGET_JS = f"""
-const box = {PANEL}.querySelector('.widget-interact');
+const box = [...{PANEL}.querySelectorAll('.widget-interact')].find(
+    b => [...b.querySelectorAll('.widget-label')].some(l => l.textContent.trim() === arguments[0]));
 if (!box) return null;
 const readout = box.querySelector('.widget-readout');
 const img = box.querySelector('img');
@@ -378,21 +380,26 @@ return {{slider: !!box.querySelector('.widget-slider'), readout: readout ? reado
          src: img && img.complete && img.naturalWidth > 0 ? img.src : null}};
 """
 
+HANDLE_JS = f"""
+const box = [...{PANEL}.querySelectorAll('.widget-interact')].find(
+    b => [...b.querySelectorAll('.widget-label')].some(l => l.textContent.trim() === arguments[0]));
+return box ? box.querySelector('.noUi-handle') : null;
+"""
+
 
 def _drive_slider(drv: Any, case: Case, presses: int = 3) -> None:
-    """The interact's slider: click its handle, press ArrowRight ``presses`` times; the readout must move by
-    that much (or stop at the end) and the figure must be redrawn."""
+    """The slider of the interact labelled ``case.widget``: click its handle, press ArrowRight ``presses``
+    times; the readout must move by that much (or stop at the end) and the figure must be redrawn."""
     from selenium.webdriver.common.action_chains import ActionChains
-    from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
 
     before = _wait("the interact widget with a slider and a figure", WIDGET_S,
                    lambda: (lambda w: w if w and w["slider"] and w["readout"] and w["src"] else None)(
-                       drv.execute_script(WIDGET_JS)),
-                   lambda: f"widget state: {drv.execute_script(WIDGET_JS)}")
-    _scroll_to(drv, ".widget-interact")
+                       drv.execute_script(WIDGET_JS, case.widget)),
+                   lambda: f"widget state: {drv.execute_script(WIDGET_JS, case.widget)}")
+    handle = drv.execute_script(HANDLE_JS, case.widget)
+    drv.execute_script("arguments[0].scrollIntoView({block: 'center'});", handle)
     _screenshot(drv, f"{case.stem}-slider-before")
-    handle = drv.find_element(By.CSS_SELECTOR, ".jp-NotebookPanel:not(.lm-mod-hidden) .widget-interact .noUi-handle")
     top = int(float(handle.get_attribute("aria-valuemax") or 1e9))
     start = int(before["readout"])
     expected = min(start + presses, top)
@@ -403,9 +410,9 @@ def _drive_slider(drv: Any, case: Case, presses: int = 3) -> None:
         time.sleep(0.3)
     after = _wait(f"the readout to read {expected} and the figure to change", WIDGET_S,
                   lambda: (lambda w: w if w and w["readout"] == str(expected) and w["src"]
-                           and w["src"] != before["src"] else None)(drv.execute_script(WIDGET_JS)),
-                  lambda: f"before: readout {before['readout']}; now: {drv.execute_script(WIDGET_JS)}")
-    _scroll_to(drv, ".widget-interact")
+                           and w["src"] != before["src"] else None)(drv.execute_script(WIDGET_JS, case.widget)),
+                  lambda: f"before: readout {before['readout']}; now: {drv.execute_script(WIDGET_JS, case.widget)}")
+    drv.execute_script("arguments[0].scrollIntoView({block: 'center'});", handle)
     _screenshot(drv, f"{case.stem}-slider-after")
     assert after["readout"] == str(expected) and after["src"] != before["src"]
     state = _state(drv)

@@ -6,7 +6,7 @@ import pytest
 import scipy.linalg
 import torch
 
-from ar_course import metrics, sampling
+from ar_course import metrics
 from ar_course.sampling import SamplingConfig, sample
 from ar_course.checks import ch03
 from ar_course.checks.reference import ch03 as answers
@@ -14,8 +14,8 @@ from ar_course.raster import functional as ref
 from checks_helpers import assert_fails, assert_not_attempted, assert_passes, stub
 
 REFERENCES = {
-    "to_raster": ref.to_raster, "from_raster": ref.from_raster, "make_training_pairs": ref.make_training_pairs,
-    "condition_dropout": ref.condition_dropout, "cfg_logits": sampling.cfg_mix, "sample_tokens": answers.sample_tokens,
+    "to_raster": ref.to_raster, "from_order": answers.from_order, "make_training_pairs": ref.make_training_pairs,
+    "condition_dropout": ref.condition_dropout, "sample_tokens": answers.sample_tokens,
     "frechet_distance": metrics.frechet_distance_from_features,
 }
 
@@ -27,7 +27,7 @@ def test_reference_passes_and_stub_not_attempted(name):
     assert_not_attempted(check, stub)
 
 
-def test_seven_exercises_registered():
+def test_six_exercises_registered():
     assert sorted(ch03.chapter.exercises) == sorted(REFERENCES)
 
 
@@ -40,10 +40,17 @@ def test_to_raster_rejects_column_major_and_float():
     assert_fails(ch03.to_raster, lambda m: m.flatten(), contains="shape")
 
 
-def test_from_raster_rejects_column_major_and_swapped_sides():
-    assert_fails(ch03.from_raster, lambda s, h, w: s.reshape(s.shape[0], w, h).transpose(1, 2),
+def test_from_order_hand_written_passes():
+    assert_passes(ch03.from_order, lambda s, order, h, w: s[:, torch.argsort(order)].reshape(s.shape[0], h, w))
+
+
+def test_from_order_rejects_the_order_applied_ignored_column_major_and_swapped_sides():
+    assert_fails(ch03.from_order, lambda s, order, h, w: s[:, order].reshape(s.shape[0], h, w),
+                 contains="the order applied a second time")
+    assert_fails(ch03.from_order, lambda s, order, h, w: s.reshape(s.shape[0], h, w), contains="ignores the order")
+    assert_fails(ch03.from_order, lambda s, order, h, w: answers.from_order(s, order, w, h).transpose(1, 2),
                  contains="column by column")
-    assert_fails(ch03.from_raster, lambda s, h, w: s.reshape(s.shape[0], w, h), contains="shape")
+    assert_fails(ch03.from_order, lambda s, order, h, w: answers.from_order(s, order, w, h), contains="shape")
 
 
 # 3.3 ----------------------------------------------------------------------------------------------------------
@@ -94,24 +101,10 @@ def test_condition_dropout_rejects_wrong_side_global_rng_in_place_and_zero():
 # 3.5 ----------------------------------------------------------------------------------------------------------
 
 
-def test_cfg_accepts_the_same_mix_written_otherwise():
-    assert_passes(ch03.cfg_logits, lambda c, u, w: c + w * (c - u))
-
-
-def test_cfg_rejects_the_scale_convention_probability_mix_and_swap():
-    assert_fails(ch03.cfg_logits, lambda c, u, w: u + w * (c - u), contains="w 0.0")  # s, not w = s - 1
-    assert_fails(ch03.cfg_logits,
-                 lambda c, u, w: torch.log(((1 + w) * c.softmax(-1) - w * u.softmax(-1)).clamp_min(1e-30)),
-                 contains="differs")
-    assert_fails(ch03.cfg_logits, lambda c, u, w: (1 + w) * u - w * c, contains="differs")
-
-
-# 3.6 ----------------------------------------------------------------------------------------------------------
-
-
 def make_sampler(mistake: str | None = None):
     """A hand-written sampling loop; ``mistake`` is "no_cache", "no_null", "unmixed" (each half sampled
-    from its own logits, no guidance mix) or "scale" (w read as the scale s = 1 + w)."""
+    from its own logits, no guidance mix), "scale" (w read as the scale s = 1 + w), "swapped" (the halves
+    mixed the wrong way round) or "probabilities" (the probabilities mixed instead of the logits)."""
 
     @torch.no_grad()
     def sample_tokens(model, classes, num_tokens, *, cfg=0.0, sampling=SamplingConfig(), generator=None):
@@ -130,7 +123,14 @@ def make_sampler(mistake: str | None = None):
                 nxt = sample(logits, sampling=sampling, generator=generator)  # (2B,)
             else:
                 cond, uncond = logits[:B], logits[B:]  # (B, V) each
-                mixed = uncond + cfg * (cond - uncond) if mistake == "scale" else (1 + cfg) * cond - cfg * uncond
+                if mistake == "scale":
+                    mixed = uncond + cfg * (cond - uncond)
+                elif mistake == "swapped":
+                    mixed = (1 + cfg) * uncond - cfg * cond
+                elif mistake == "probabilities":
+                    mixed = ((1 + cfg) * cond.softmax(-1) - cfg * uncond.softmax(-1)).clamp_min(1e-30).log()
+                else:
+                    mixed = (1 + cfg) * cond - cfg * uncond
                 nxt = sample(mixed, sampling=sampling, generator=generator).repeat(2)  # (2B,)
             seq = torch.cat([seq, nxt[:, None]], 1)
         return seq[:B]
@@ -146,10 +146,15 @@ def test_sampler_rejects_no_cache_no_null_unmixed_halves_and_the_scale_conventio
     assert_fails(ch03.sample_tokens, make_sampler("no_cache"), contains="KV cache")
     assert_fails(ch03.sample_tokens, make_sampler("no_null"), contains="sampled tokens")
     assert_fails(ch03.sample_tokens, make_sampler("unmixed"), contains="sampled tokens")
-    assert_fails(ch03.sample_tokens, make_sampler("scale"), contains="sampled tokens")
+    assert_fails(ch03.sample_tokens, make_sampler("scale"), contains="the papers' scale")
 
 
-# 3.7 ----------------------------------------------------------------------------------------------------------
+def test_sampler_names_swapped_halves_and_rejects_a_probability_mix():
+    assert_fails(ch03.sample_tokens, make_sampler("swapped"), contains="halves are swapped")
+    assert_fails(ch03.sample_tokens, make_sampler("probabilities"), contains="sampled tokens")
+
+
+# 3.6 ----------------------------------------------------------------------------------------------------------
 
 
 def frechet(a, b, bias=False, mean_term=True, elementwise=False):

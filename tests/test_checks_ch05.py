@@ -7,7 +7,6 @@ import torch
 from ar_course import sampling
 from ar_course.checks import ch05
 from ar_course.checks.reference import ch05 as answers
-from ar_course.speculative import analysis
 from ar_course.speculative import functional as F
 from checks_helpers import assert_fails, assert_not_attempted, assert_passes, stub
 
@@ -127,27 +126,84 @@ def test_5_4():
 # 5.5 ------------------------------------------------------------------------------------------------------
 
 
-def expected_missing_plus_one(alpha, gamma):
-    return 1.0 * gamma if alpha == 1 else (1 - alpha**gamma) / (1 - alpha)
+def _tokens(alpha, gamma):
+    return gamma + 1 if alpha == 1 else (1 - alpha ** (gamma + 1)) / (1 - alpha)
 
 
-def expected_no_special_case(alpha, gamma):
-    return (1 - alpha ** (gamma + 1)) / (1 - alpha)
+def best_loop(alpha, c, max_gamma):
+    """A correct loop written as a learner would: strict > keeps the first (smallest) best gamma."""
+    best, best_speedup = 0, 1.0
+    for gamma in range(1, max_gamma + 1):
+        speedup = _tokens(alpha, gamma) / (gamma * c + 1)
+        if speedup > best_speedup:
+            best, best_speedup = gamma, speedup
+    return best, best_speedup
 
 
-def expected_drafts_only(alpha, gamma):
-    return sum(alpha**i for i in range(1, gamma + 1))
+def best_drafts_only(alpha, c, max_gamma):
+    """Counts the accepted drafts, not the target's own token."""
+    best, best_speedup = 0, 1.0
+    for gamma in range(1, max_gamma + 1):
+        speedup = (_tokens(alpha, gamma) - 1) / (gamma * c + 1)
+        if speedup > best_speedup:
+            best, best_speedup = gamma, speedup
+    return best, best_speedup
+
+
+def best_series_off_by_one(alpha, c, max_gamma):
+    best, best_speedup = 0, 1.0
+    for gamma in range(1, max_gamma + 1):
+        speedup = (gamma if alpha == 1 else (1 - alpha**gamma) / (1 - alpha)) / (gamma * c + 1)
+        if speedup > best_speedup:
+            best, best_speedup = gamma, speedup
+    return best, best_speedup
+
+
+def best_forgets_target_call(alpha, c, max_gamma):
+    best, best_speedup = 0, 1.0
+    for gamma in range(1, max_gamma + 1):
+        speedup = _tokens(alpha, gamma) / (gamma * c)
+        if speedup > best_speedup:
+            best, best_speedup = gamma, speedup
+    return best, best_speedup
+
+
+def best_always_speculates(alpha, c, max_gamma):
+    speedups = [_tokens(alpha, gamma) / (gamma * c + 1) for gamma in range(1, max_gamma + 1)]
+    i = speedups.index(max(speedups))
+    return i + 1, speedups[i]
+
+
+def best_ties_to_longest(alpha, c, max_gamma):
+    best, best_speedup = 0, 1.0
+    for gamma in range(1, max_gamma + 1):
+        speedup = _tokens(alpha, gamma) / (gamma * c + 1)
+        if speedup >= best_speedup:
+            best, best_speedup = gamma, speedup
+    return best, best_speedup
+
+
+def best_no_special_case(alpha, c, max_gamma):
+    speedups = [(1 - alpha ** (g + 1)) / (1 - alpha) / (g * c + 1) for g in range(max_gamma + 1)]
+    return speedups.index(max(speedups)), max(speedups)
+
+
+def best_returns_speedup_only(alpha, c, max_gamma):
+    return answers.best_draft_length(alpha, c, max_gamma)[1]
 
 
 def test_5_5():
-    check = ch05.expected_tokens_per_call
-    assert_passes(check, analysis.expected_tokens_per_call)
+    check = ch05.best_draft_length
+    assert_passes(check, answers.best_draft_length)
+    assert_passes(check, best_loop)
     assert_not_attempted(check, stub)
-    assert_fails(check, expected_no_special_case, contains="ZeroDivisionError")
-    for wrong in (expected_missing_plus_one, expected_drafts_only):
-        assert_fails(check, wrong)
-    assert_fails(check, expected_missing_plus_one, contains="off by one")
-    assert_fails(check, expected_drafts_only, contains="accepted drafts only")
+    assert_fails(check, best_drafts_only, contains="accepted drafts only")
+    assert_fails(check, best_series_off_by_one, contains="off by one")
+    assert_fails(check, best_forgets_target_call, contains="gamma * c + 1 target calls")
+    assert_fails(check, best_always_speculates, contains="always speculates")
+    assert_fails(check, best_ties_to_longest, contains="on a tie")
+    assert_fails(check, best_no_special_case, contains="ZeroDivisionError")
+    assert_fails(check, best_returns_speedup_only, contains="return a pair")
 
 
 # 5.6 ------------------------------------------------------------------------------------------------------
@@ -222,9 +278,9 @@ def test_5_7():
 
 
 def test_use_falls_back_to_the_reference():
-    def expected_tokens_per_call(alpha, gamma):
-        return analysis.expected_tokens_per_call(alpha, gamma)
+    def best_draft_length(alpha, c, max_gamma):
+        return answers.best_draft_length(alpha, c, max_gamma)
 
-    assert ch05.use(expected_tokens_per_call) is analysis.expected_tokens_per_call
-    assert_passes(ch05.expected_tokens_per_call, expected_tokens_per_call)
-    assert ch05.use(expected_tokens_per_call) is expected_tokens_per_call
+    assert ch05.use(best_draft_length) is answers.best_draft_length
+    assert_passes(ch05.best_draft_length, best_draft_length)
+    assert ch05.use(best_draft_length) is best_draft_length

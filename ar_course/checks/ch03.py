@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from scipy import linalg
 
-from ar_course import metrics, sampling
+from ar_course import metrics
 from ar_course.checks.core import (Case, Chapter, CheckFailure, Mistake, call, clone_args, compare, compare_cases,
                                    explain)
 from ar_course.checks.reference import ch03 as answers
@@ -38,7 +38,7 @@ def _maps(g: torch.Generator, B: int, h: int, w: int, vocab: int = 50) -> torch.
 
 
 # --------------------------------------------------------------------------------------------------------
-# 3.1 / 3.2 raster order
+# 3.1 raster order / 3.2 back to a map from any generation order
 
 
 def _to_raster_cases() -> Iterator[Case]:
@@ -60,23 +60,43 @@ def to_raster(fn, ref_fn):
                 "that reads the map column by column; raster order reads it row by row")])
 
 
-def _from_raster_cases() -> Iterator[Case]:
+def _neighbour_order(h: int, w: int) -> torch.Tensor:
+    """Raster positions in the neighbour (anti-diagonal) order of section 9: ``(h*w,)`` long."""
+    return torch.tensor([i * w + j for d in range(h + w - 1) for i in range(h) for j in range(w) if i + j == d])
+
+
+def _from_order_cases() -> Iterator[Case]:
     g = _gen(1)
-    yield Case("(2, 15) -> 3x5", (torch.randint(0, 50, (2, 15), generator=g), 3, 5))
-    yield Case("(2, 15) -> 5x3", (torch.randint(0, 50, (2, 15), generator=g), 5, 3))
-    yield Case("(3, 64) -> 8x8", (torch.randint(0, 50, (3, 64), generator=g), 8, 8))
+    yield Case("raster order, (2, 15) -> 3x5", (torch.randint(0, 50, (2, 15), generator=g), torch.arange(15), 3, 5))
+    yield Case("a random order, (2, 15) -> 3x5",
+               (torch.randint(0, 50, (2, 15), generator=g), torch.randperm(15, generator=g), 3, 5))
+    yield Case("a random order, (2, 15) -> 5x3",
+               (torch.randint(0, 50, (2, 15), generator=g), torch.randperm(15, generator=g), 5, 3))
+    yield Case("neighbour (anti-diagonal) order, (3, 20) -> 4x5",
+               (torch.randint(0, 50, (3, 20), generator=g), _neighbour_order(4, 5), 4, 5))
+    yield Case("a random order, (1, 64) -> 8x8",
+               (torch.randint(0, 50, (1, 64), generator=g), torch.randperm(64, generator=g), 8, 8))
 
 
-@chapter.exercise("3.2", reference=ref.from_raster, hints=(
-    "undo to_raster: find the row and the column that sequence position p came from",
-    "position p is row p // w, column p % w, which is how a (B, h, w) tensor is laid out in memory: h rows "
-    "of w tokens",
-    "return seq.reshape(B, h, w)",
+FROM_ORDER_MISTAKES = [
+    Mistake(lambda seq, order, h, w: seq[:, order].reshape(seq.shape[0], h, w),
+            "that is seq[:, order], the order applied a second time; the map needs its inverse: the token of "
+            "step k goes to raster position order[k]"),
+    Mistake(lambda seq, order, h, w: seq.reshape(seq.shape[0], h, w),
+            "that ignores the order; it is only right for raster order, order = arange(h * w)"),
+    Mistake(lambda seq, order, h, w: answers.from_order(seq, order, w, h).transpose(1, 2),
+            "that fills the map column by column; raster position p is row p // w, column p % w"),
+]
+
+
+@chapter.exercise("3.2", reference=answers.from_order, hints=(
+    "ask where each token goes: step k of the sequence generated raster position order[k]",
+    "build the raster sequence first, a (B, h * w) tensor whose position order[k] holds seq[:, k] (an indexed "
+    "assignment, or index with the inverse permutation torch.argsort(order)); then it is a reshape",
+    "flat = torch.empty_like(seq); flat[:, order] = seq; return flat.reshape(B, h, w)",
 ))
-def from_raster(fn, ref_fn):
-    compare_cases(fn, ref_fn, _from_raster_cases(), mistakes=[
-        Mistake(lambda seq, h, w: seq.reshape(seq.shape[0], w, h).transpose(1, 2),
-                "that fills the map column by column; the sequence holds it row by row")])
+def from_order(fn, ref_fn):
+    compare_cases(fn, ref_fn, _from_order_cases(), mistakes=FROM_ORDER_MISTAKES)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -145,38 +165,17 @@ def condition_dropout(fn, ref_fn):
 
 
 # --------------------------------------------------------------------------------------------------------
-# 3.5 the guidance mix
+# 3.5 the sampling loop, with the guidance mix
 
 
-def _cfg_cases() -> Iterator[Case]:
-    g = _gen(4)
-    cond, uncond = torch.randn(4, 11, generator=g), torch.randn(4, 11, generator=g)
-    for w in (0.0, 1.0, 3.0, 0.5):
-        yield Case(f"4x11 logits, w {w}", (cond, uncond, w))
-    yield Case("2x3x7 logits, w 2", (torch.randn(2, 3, 7, generator=g), torch.randn(2, 3, 7, generator=g), 2.0))
-
-
-@chapter.exercise("3.5", reference=sampling.cfg_mix, hints=(
-    "guidance moves from the unconditional prediction through the conditional one and past it; it mixes "
-    "logits, not probabilities",
-    "start at cond and move w times the difference cond - uncond further, so that w = 0 gives cond exactly and "
-    "w = -1 gives uncond",
-    "return (1 + w) * cond - w * uncond",
-))
-def cfg_logits(fn, ref_fn):
-    compare_cases(fn, ref_fn, _cfg_cases())
-
-
-# --------------------------------------------------------------------------------------------------------
-# 3.6 the sampling loop
-
-
-def tiny_model(seed: int = 0) -> GPT:
-    """A tiny class-conditional GPT (13 codes, 3x4 maps, 5 classes) whose class token matters a lot."""
+def tiny_model(seed: int = 0, class_scale: float = 50.0) -> GPT:
+    """A tiny class-conditional GPT (13 codes, 3x4 maps, 5 classes) whose class token matters a lot (with
+    ``class_scale = 1``, a mild one: flat next-token distributions, where mixing probabilities instead of
+    logits shows)."""
     torch.manual_seed(seed)
     model = GPT(raster_config(13, (3, 4), n_classes=5, n_layer=2, n_head=2, n_embd=16))
     with torch.no_grad():
-        model.wce.weight.mul_(50)
+        model.wce.weight.mul_(class_scale)
     return model.eval()
 
 
@@ -187,21 +186,41 @@ def _sampling_cases() -> Iterator[tuple[str, dict]]:
     yield "8 classes, 12 tokens, w -1 (unconditional)", dict(classes=classes, num_tokens=12, cfg=-1.0)
     yield "3 classes, 7 tokens, w 0 (conditional)", dict(classes=classes[:3], num_tokens=7, cfg=0.0)
     yield "8 classes, 12 tokens, w 1, greedy", dict(classes=classes, num_tokens=12, cfg=1.0, sampling=GREEDY)
+    yield "a mild class token, 8 classes, 12 tokens, w 3", dict(classes=classes, num_tokens=12, cfg=3.0, model="mild")
 
 
-@chapter.exercise("3.6", reference=answers.sample_tokens, hints=(
+def _with_cfg(transform):
+    """The reference sampler run with guidance strength ``transform(w)``: the tokens a mis-written mix gives."""
+    def sampler(model, classes, num_tokens, *, cfg=0.0, sampling=SamplingConfig(), generator=None):
+        return answers.sample_tokens(model, classes, num_tokens, cfg=transform(cfg), sampling=sampling,
+                                     generator=_gen(11))
+    return sampler
+
+
+SAMPLER_MISTAKES = [
+    # u + s (c - u) with s = w is (1 + (w - 1)) c - (w - 1) u: the reference at w - 1
+    Mistake(_with_cfg(lambda w: w - 1), "that reads w as the papers' scale s = 1 + w (uncond + w * (cond - uncond)); "
+                                        "here w = 0 must give the conditional logits exactly"),
+    # (1 + w) u - w c is the reference at -1 - w
+    Mistake(_with_cfg(lambda w: -1 - w), "the halves are swapped: rows 0..B-1 carry the classes (cond), rows B..2B-1 "
+                                         "the null class (uncond)"),
+]
+
+
+@chapter.exercise("3.5", reference=answers.sample_tokens, hints=(
     "one forward pass per token, each over the new token only (the KV cache remembers the rest), on one batch "
     "that holds both the conditional and the unconditional half",
     "run [classes; null classes] as one batch of 2B with model.make_cache(2B); the first pass takes an empty "
     "(2B, 0) input, every later pass the last sampled token repeated for both halves; mix the two halves' "
-    "logits as in exercise 3.5 before sampling",
+    "logits, (1 + w) * cond - w * uncond (logits, not probabilities), before sampling",
     "per step: logits = last-position logits of the 2B rows; mixed = sampling.cfg_mix(logits[:B], logits[B:], "
     "cfg); tok = sampling.sample(mixed, sampling=sampling, generator=generator); feed tok.repeat(2)[:, None] "
     "next",
 ))
 def sample_tokens(fn, ref_fn):
-    model = tiny_model()
+    models = {"sharp": tiny_model(), "mild": tiny_model(1, class_scale=1.0)}
     for name, kw in _sampling_cases():
+        model = models[kw.pop("model", "sharp")]
         lengths: list[int] = []
         hook = model.register_forward_pre_hook(
             lambda m, args, kwargs: lengths.append(args[0].shape[1] if args else kwargs["idx"].shape[1]),
@@ -218,11 +237,16 @@ def sample_tokens(fn, ref_fn):
             raise CheckFailure(f"on input {name!r} the model ran {len(lengths)} forward passes over inputs of "
                                f"lengths {shown}; expected {kw['num_tokens']} passes, each after the first over "
                                "one new token (use the KV cache)")
-        compare(got, expected, where=name, name="sampled tokens")
+        try:
+            compare(got, expected, where=name, name="sampled tokens")
+        except CheckFailure as exc:
+            case = Case(name, (model, kw["classes"].clone(), kw["num_tokens"]),
+                        {k: v for k, v in kw.items() if k not in ("classes", "num_tokens")})
+            raise explain(exc, SAMPLER_MISTAKES, case, got) from None
 
 
 # --------------------------------------------------------------------------------------------------------
-# 3.7 the Frechet distance
+# 3.6 the Frechet distance
 
 
 def _frechet_cases() -> Iterator[Case]:
@@ -254,7 +278,7 @@ FRECHET_MISTAKES = [
 ]
 
 
-@chapter.exercise("3.7", reference=metrics.frechet_distance_from_features, hints=(
+@chapter.exercise("3.6", reference=metrics.frechet_distance_from_features, hints=(
     "fit a Gaussian (a mean and a covariance) to each set of features and measure how far apart the two "
     "Gaussians are",
     "||mu_a - mu_b||^2 + tr(S_a) + tr(S_b) - 2 tr(sqrtm(S_a S_b)), with unbiased covariances (divide by N - 1, "

@@ -14,7 +14,6 @@ import torch
 from ar_course import sampling
 from ar_course.checks.core import Case, Chapter, CheckFailure, Mistake, call, compare, compare_cases, explain
 from ar_course.checks.reference import ch05 as answers
-from ar_course.speculative import analysis
 from ar_course.speculative import functional as ref
 from ar_course.transformer.model import KVCache
 
@@ -178,33 +177,79 @@ def rollback_caches(fn: Callable, ref_fn: Callable) -> None:
 
 
 # --------------------------------------------------------------------------------------------------------
-# 5.5 the expected number of tokens per target call
+# 5.5 choosing the draft length from alpha and the cost ratio
 
 
-EXPECTED_MISTAKES = [
-    Mistake(lambda alpha, gamma: sum(alpha ** i for i in range(1, gamma + 1)),
-            "that counts the accepted drafts only; the target call always adds one token of its own"),
-    Mistake(lambda alpha, gamma: sum(alpha ** i for i in range(gamma)),
-            "off by one: the series has gamma + 1 terms, alpha^0 .. alpha^gamma"),
+def _tokens(alpha: float, gamma: int) -> float:
+    """Expected tokens per round, for the mistakes below (the closed form, gamma + 1 at alpha = 1)."""
+    return float(gamma + 1) if alpha == 1 else (1 - alpha ** (gamma + 1)) / (1 - alpha)
+
+
+def _first_best(speedups: dict[int, float]) -> tuple[int, float]:
+    best = max(speedups, key=lambda g: (speedups[g], -g))
+    return best, speedups[best]
+
+
+def _drafts_only(alpha: float, c: float, max_gamma: int) -> tuple[int, float]:
+    return _first_best({g: (_tokens(alpha, g) - 1) / (g * c + 1) if g else 1.0 for g in range(max_gamma + 1)})
+
+
+def _off_by_one(alpha: float, c: float, max_gamma: int) -> tuple[int, float]:
+    return _first_best({g: _tokens(alpha, g - 1) / (g * c + 1) if g else 1.0 for g in range(max_gamma + 1)})
+
+
+def _no_target_call(alpha: float, c: float, max_gamma: int) -> tuple[int, float]:
+    return _first_best({g: _tokens(alpha, g) / (g * c) if g else 1.0 for g in range(max_gamma + 1)})
+
+
+def _never_plain(alpha: float, c: float, max_gamma: int) -> tuple[int, float]:
+    return _first_best({g: _tokens(alpha, g) / (g * c + 1) for g in range(1, max_gamma + 1)})
+
+
+def _ties_to_longest(alpha: float, c: float, max_gamma: int) -> tuple[int, float]:
+    speedups = {g: _tokens(alpha, g) / (g * c + 1) for g in range(max_gamma + 1)}
+    best = max(speedups, key=lambda g: (speedups[g], g))
+    return best, speedups[best]
+
+
+BEST_GAMMA_MISTAKES = [
+    Mistake(_drafts_only, "that counts the accepted drafts only; the target call always adds one token of its own "
+                          "(a correction or a bonus)"),
+    Mistake(_off_by_one, "off by one: gamma drafts and the target's own token make gamma + 1 terms, "
+                         "alpha^0 .. alpha^gamma"),
+    Mistake(_no_target_call, "that prices a round at its gamma draft calls only; it also runs the target once, "
+                             "so it costs gamma * c + 1 target calls"),
+    Mistake(_never_plain, "that always speculates; when no gamma beats plain decoding, the answer is gamma = 0 "
+                          "with speedup 1"),
+    Mistake(_ties_to_longest, "on a tie, keep the shorter draft (the smallest gamma): the same speed for less work"),
 ]
 
+# (alpha, c, max_gamma): an interior optimum, a short one, one where speculation loses, alpha = 1 with a
+# cheap and with a costly draft (a tie), a free draft, and two ties at speedup 1
+BEST_GAMMA_CASES = [(0.8, 0.05, 16), (0.9, 0.1, 16), (0.5, 0.3, 8), (0.2, 0.5, 8), (1.0, 0.25, 6), (0.95, 0.02, 30),
+                    (0.6, 0.0, 10), (1.0, 1.0, 5), (0.0, 0.0, 4)]
 
-@chapter.exercise("5.5", reference=analysis.expected_tokens_per_call, hints=(
-    "count the tokens one target call yields on average: the accepted drafts, plus the one token the target "
-    "always adds (a correction or a bonus)",
-    "draft i (i = 1..gamma) survives when it and every draft before it are accepted, with probability "
-    "alpha^i; add the target's own token and sum the geometric series; alpha = 1 needs its own case",
-    "return gamma + 1 if alpha == 1 else (1 - alpha ** (gamma + 1)) / (1 - alpha)",
+
+@chapter.exercise("5.5", reference=answers.best_draft_length, hints=(
+    "try every draft length from 0 to max_gamma: predict the tokens a round yields and what the round costs in "
+    "target calls, and keep the best ratio",
+    "a round yields 1 + alpha + ... + alpha^gamma tokens on average, (1 - alpha^(gamma+1)) / (1 - alpha) "
+    "(gamma + 1 at alpha = 1), and costs gamma * c + 1 target calls; gamma = 0 is plain decoding, speedup 1; "
+    "on ties keep the smaller gamma",
+    "s = [tokens(g) / (g * c + 1) for g in range(max_gamma + 1)]; best = s.index(max(s)); return best, s[best]",
 ))
-def expected_tokens_per_call(fn: Callable, ref_fn: Callable) -> None:
-    cases = [(0.0, 3), (0.5, 2), (0.8, 5), (0.37, 1), (0.9, 0), (1.0, 4), (0.99, 7)]
-    for alpha, gamma in cases:
-        where = f"alpha={alpha}, gamma={gamma}"
-        got = call(fn, alpha, gamma, where=where)
+def best_draft_length(fn: Callable, ref_fn: Callable) -> None:
+    for alpha, c, max_gamma in BEST_GAMMA_CASES:
+        where = f"alpha={alpha}, c={c}, max_gamma={max_gamma}"
+        got = call(fn, alpha, c, max_gamma, where=where)
+        if not isinstance(got, tuple) or len(got) != 2:
+            raise CheckFailure(f"on {where}: return a pair (gamma, speedup), got {type(got).__name__}")
+        if isinstance(got[0], bool) or not isinstance(got[0], int):
+            raise CheckFailure(f"on {where}: gamma should be a Python int, got {type(got[0]).__name__}")
         try:
-            compare(got, ref_fn(alpha, gamma), where=where)
+            compare(got, ref_fn(alpha, c, max_gamma), where=where, name="(gamma, speedup)")
         except CheckFailure as exc:
-            raise explain(exc, EXPECTED_MISTAKES, Case(where, (alpha, gamma)), got) from None
+            raise explain(exc, BEST_GAMMA_MISTAKES, Case(where, (alpha, c, max_gamma)), got) from None
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -98,7 +98,7 @@ class VectorQuantizer(nn.Module):
         self.num_codes, self.dim, self.beta = num_codes, dim, beta
         self.ema, self.decay, self.eps, self.l2_norm = ema, decay, eps, l2_norm
         self.dead_code_threshold, self.usage_window = dead_code_threshold, usage_window
-        init = torch.empty(num_codes, dim).uniform_(-1.0 / num_codes, 1.0 / num_codes)  # VQ-VAE's init
+        init = torch.empty(num_codes, dim).uniform_(-1.0 / num_codes, 1.0 / num_codes)  # uniform(+-1/K): common VQ-VAE code
         if ema:
             self.register_buffer("codebook", init)
             self.register_buffer("ema_cluster_size", torch.ones(num_codes))

@@ -1,6 +1,9 @@
 """Chapter 03 reference that the library does not call.
 
-* :func:`sample_tokens` -- exercise 3.6: the guided sampling loop over a raster sequence, which the library
+* :func:`from_order` -- exercise 3.2: a sequence generated in any order back to its token map. The library
+  only samples in raster order, where this is :func:`ar_course.raster.functional.from_raster`, which it
+  ends with.
+* :func:`sample_tokens` -- exercise 3.5: the guided sampling loop over a raster sequence, which the library
   runs inside :meth:`ar_course.transformer.GPT.generate` (and :func:`ar_course.raster.generate_tokens` on
   top of it).
 """
@@ -9,8 +12,18 @@ from __future__ import annotations
 
 import torch
 
+from ar_course.raster.functional import from_raster
 from ar_course.sampling import SamplingConfig
 from ar_course.transformer.model import GPT
+
+
+def from_order(seq: torch.Tensor, order: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """``(B, h, w)`` map from ``seq`` ``(B, h*w)`` whose step ``k`` generated raster position ``order[k]``.
+
+    ``order``: ``(h*w,)`` long, a permutation of ``0..h*w-1`` (``arange`` is raster order)."""
+    flat = torch.empty_like(seq)  # (B, h*w), raster order
+    flat[:, order] = seq  # the token of step k lands on raster position order[k]
+    return from_raster(flat, h, w)  # (B, h, w)
 
 
 @torch.no_grad()
