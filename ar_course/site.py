@@ -430,7 +430,8 @@ _HEADING = re.compile(r"^\s{0,3}#{1,6}\s+(.+?)\s*#*\s*$")
 
 def _figures(nb: NotebookNode) -> Iterable[tuple[str, bytes]]:
     """``(section, png bytes)`` of every PNG figure in ``nb``'s outputs (widgets drawn from their stored
-    state, so an ``interact``'s figure counts), in order; ``section`` is the nearest Markdown heading above."""
+    state, so an ``interact``'s figure counts), in order; ``section`` is the nearest Markdown heading above
+    (its text as written)."""
     nb = static_widgets(nbformat.from_dict(nb))
     section = ""
     for cell in nb.cells:
@@ -438,7 +439,7 @@ def _figures(nb: NotebookNode) -> Iterable[tuple[str, bytes]]:
             for line in cell.source.splitlines():
                 m = _HEADING.match(line)
                 if m:
-                    section = re.sub(r"[*_`]", "", m.group(1)).strip()
+                    section = m.group(1).strip()
             continue
         for out in cell.get("outputs", []):
             png = out.get("data", {}).get("image/png")
@@ -475,7 +476,8 @@ def write_gallery(executed: Sequence[Path], out_dir: Path, log: Any = print) -> 
             if section != last_section:
                 lines += [f"### {section}" if section else "", ""]
                 last_section = section
-            lines += [f"![{section or path.stem}, figure {i}]({path.stem}/{target.name})", ""]
+            alt = re.sub(r"[*`\[\]]", "", section) or path.stem
+            lines += [f"![{alt}, figure {i}]({path.stem}/{target.name})", ""]
         log(f"{path.stem}: {sum(1 for p in written if p.parent == folder)} figures")
     index = atomic_write_text(out_dir / "README.md", "\n".join(lines).rstrip() + "\n")
     return [index, *written]

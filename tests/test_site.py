@@ -198,8 +198,9 @@ def test_gallery_copies_every_figure_under_its_section_and_drops_stale_ones(tmp_
     page = (out / "README.md").read_text()
     assert paths[0] == out / "README.md"
     assert page.index("## 01 · Vector quantization") < page.index("](01_vq/figure-01.png)")
-    assert page.index("](01_vq/figure-01.png)") < page.index("### 2. The codebook explorer")
-    assert page.index("### 2. The codebook explorer") < page.index("](01_vq/figure-02.png)")
+    assert page.index("](01_vq/figure-01.png)") < page.index("### 2. The **codebook** explorer")
+    assert page.index("### 2. The **codebook** explorer") < page.index("![2. The codebook explorer, figure 2]"
+                                                                      "(01_vq/figure-02.png)")
 
 
 def test_figures_command_needs_current_executed_copies(tmp_path, capsys):
