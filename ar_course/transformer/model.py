@@ -96,6 +96,13 @@ class GPTConfig:
         return asdict(self)
 
 
+def _kv_buffers(n_layer: int, shape: tuple[int, int, int, int], device: torch.device | str | None,
+                dtype: torch.dtype) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Zeroed key and value buffers of ``shape`` ``(B, H, max_len, D)``, one of each per layer."""
+    return ([torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)],
+            [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)])
+
+
 class KVCache:
     """Keys and values of every layer, preallocated: ``k[layer]`` is ``(B, H, max_len, D)``.
 
@@ -114,9 +121,7 @@ class KVCache:
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
     ):
-        shape = (batch_size, n_head, max_len, head_dim)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
+        self.k, self.v = _kv_buffers(n_layer, (batch_size, n_head, max_len, head_dim), device, dtype)
         self.length = 0
 
     @property
@@ -176,9 +181,7 @@ class StaticKVCache:
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
     ):
-        shape = (batch_size, n_head, max_len, head_dim)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
+        self.k, self.v = _kv_buffers(n_layer, (batch_size, n_head, max_len, head_dim), device, dtype)
         self.pos = torch.zeros((), dtype=torch.long, device=device)
         self.key_positions = torch.arange(max_len, device=device)  # (max_len,)
 
