@@ -10,9 +10,10 @@ Course tooling (the course layer: the library never imports it). Two steps, both
 with the same guarantees: any cell's error fails the run and names the cell, 900 s per cell, outputs not
 compared, the kernel is this Python) and keeps the executed copies, so ``make site`` (the second step)
 only converts them. ``figures`` (``make figures``) copies every figure of the executed solutions into
-``docs/figures/`` with a Markdown page per course, which is committed, so a repository browser shows the
-course's figures without running anything. ``build`` executes a solution itself only when its executed copy is missing or was made
-from another version of the notebook (the copy records the SHA-256 of the source file it ran).
+``docs/figures/`` with one Markdown page, which is committed, so a repository browser shows the course's
+figures without running anything. ``build`` executes a solution itself only when its executed copy is
+missing or was made from another version of the notebook (the copy records the SHA-256 of the source file
+it ran).
 
 Figures are captured as in JupyterLab: the kernel gets matplotlib's inline backend even when the calling
 environment sets ``MPLBACKEND=Agg`` (CI does), and widget state is stored. The pages are static: each
@@ -39,6 +40,7 @@ import nbformat
 from nbformat import NotebookNode
 
 from ar_course.checkout import CheckoutNotFound, find_root
+from ar_course.checks.core import STRICT_ENV
 from ar_course.files import atomic_write_bytes, atomic_write_text
 
 CELL_TIMEOUT = 900
@@ -46,13 +48,10 @@ CELL_TIMEOUT = 900
 STARTUP_TIMEOUT = 300
 """Seconds a kernel may take to start (generous: a loaded 2-core host can be 10x slower than usual)."""
 INLINE_BACKEND = "module://matplotlib_inline.backend_inline"
-CURRENT_ENV_KERNEL = "ar-course-current-env"
-"""Kernel name that means "this Python" (``sys.executable``), whatever kernels are registered."""
-STRICT_CHECKS_ENV = "AR_COURSE_STRICT_CHECKS"
-"""Set to 1 in the kernel of a solution run: a check that fails raises instead of only printing."""
 WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
 WIDGET_STATE = "application/vnd.jupyter.widget-state+json"
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+_HEADING = re.compile(r"^\s{0,3}#{1,6}\s+(.+?)\s*#*\s*$")  # a Markdown heading line; group 1: its text
 _NBVAL_TAGS = {"NBVAL_SKIP": "skip-execution", "nbval-skip": "skip-execution",
                "NBVAL_RAISES_EXCEPTION": "raises-exception", "nbval-raises-exception": "raises-exception"}
 
@@ -88,37 +87,14 @@ def is_current(source: Path, executed: Path) -> bool:
     return meta.get("source_sha256") == source_digest(source)
 
 
-def _current_env_kernel_manager_class() -> type:
-    """An ``AsyncKernelManager`` whose kernel :data:`CURRENT_ENV_KERNEL` is ``sys.executable -m ipykernel``
-    (as nbval's ``--nbval-current-env``); imported lazily so importing this module stays cheap."""
-    import ipykernel.kernelspec
-    from jupyter_client.kernelspec import KernelSpecManager
-    from jupyter_client.manager import AsyncKernelManager
-    from traitlets import default
-
-    class CurrentEnvKernelSpecManager(KernelSpecManager):
-        def get_kernel_spec(self, kernel_name: str) -> Any:
-            if kernel_name == CURRENT_ENV_KERNEL:
-                return self.kernel_spec_class(resource_dir=ipykernel.kernelspec.RESOURCES,
-                                              **ipykernel.kernelspec.get_kernel_dict())
-            return super().get_kernel_spec(kernel_name)
-
-    class CurrentEnvKernelManager(AsyncKernelManager):
-        @default("kernel_spec_manager")
-        def _kernel_spec_manager_default(self) -> KernelSpecManager:
-            return CurrentEnvKernelSpecManager(data_dir=self.data_dir)
-
-    return CurrentEnvKernelManager
-
-
 def kernel_environment(strict_checks: bool = True, base: Mapping[str, str] | None = None) -> dict[str, str]:
     """The environment a notebook's kernel runs in: ``base`` (default ``os.environ``) with matplotlib's
     inline backend (so ``plt.show()`` produces a figure, as in JupyterLab, even under ``MPLBACKEND=Agg``)
-    and, with ``strict_checks``, :data:`STRICT_CHECKS_ENV` = 1 (a solution's failing check is an error)."""
+    and, with ``strict_checks``, ``AR_COURSE_STRICT_CHECKS=1`` (a solution's failing check is an error)."""
     env = dict(os.environ if base is None else base)
     env["MPLBACKEND"] = INLINE_BACKEND
     if strict_checks:
-        env[STRICT_CHECKS_ENV] = "1"
+        env[STRICT_ENV] = "1"
     return env
 
 
@@ -155,6 +131,8 @@ def execute_notebook(source: str | Path, dest: str | Path | None = None, *, cell
     from nbclient import NotebookClient
     from nbclient.exceptions import CellExecutionError, CellTimeoutError, DeadKernelError
 
+    from ar_course.grade import CURRENT_ENV, kernel_manager  # the grader's kernel: this Python, encrypted channels
+
     source = Path(source)
     dest = None if dest is None else Path(dest)
     if not source.is_file():
@@ -172,8 +150,8 @@ def execute_notebook(source: str | Path, dest: str | Path | None = None, *, cell
         current["index"] = cell_index
 
     client = NotebookClient(
-        nb, timeout=cell_timeout, startup_timeout=startup_timeout, kernel_name=CURRENT_ENV_KERNEL,
-        kernel_manager_class=_current_env_kernel_manager_class(), allow_errors=False, store_widget_state=True,
+        nb, km=kernel_manager(), timeout=cell_timeout, startup_timeout=startup_timeout, kernel_name=CURRENT_ENV,
+        allow_errors=False, store_widget_state=True,
         record_timing=True, resources={"metadata": {"path": str(source.resolve().parent)}},
         on_cell_start=on_cell_start)
     if dest is not None and dest.exists():
@@ -327,7 +305,7 @@ def notebook_title(nb: NotebookNode, fallback: str) -> str:
     for cell in nb.cells:
         if cell.cell_type == "markdown":
             for line in cell.source.splitlines():
-                m = re.match(r"^\s{0,3}#{1,6}\s+(.+?)\s*#*\s*$", line)
+                m = _HEADING.match(line)
                 if m:
                     return re.sub(r"[*_`]", "", m.group(1)).strip()
     return fallback
@@ -424,9 +402,6 @@ def build_site(executed: Sequence[Path], out_dir: Path, log: Any = print) -> lis
 
 
 # ------------------------------------------------------------------------------------------- the gallery
-
-_HEADING = re.compile(r"^\s{0,3}#{1,6}\s+(.+?)\s*#*\s*$")
-
 
 def _figures(nb: NotebookNode) -> Iterable[tuple[str, bytes]]:
     """``(section, png bytes)`` of every PNG figure in ``nb``'s outputs (widgets drawn from their stored
