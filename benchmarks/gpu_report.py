@@ -238,10 +238,9 @@ def profile_call(gen, classes, kwargs: dict, warm_seconds: float) -> dict:
 
 def _write_json(path: Path, data: dict) -> None:
     """Write ``data`` as JSON to ``path`` atomically (a reader never sees half a file)."""
-    from ar_course.files import atomic_path
+    from ar_course.files import atomic_write_text
 
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, allow_nan=False, default=str) + "\n")
+    atomic_write_text(path, json.dumps(data, indent=2, allow_nan=False, default=str) + "\n")
 
 
 def versions() -> dict:
