@@ -304,12 +304,11 @@ class _DecodeStep:
 
     ``dynamic`` / ``static``: the eager step over a :class:`~ar_course.transformer.model.KVCache` / a
     :class:`StaticKVCache` (the latter is what :class:`CUDAGraphStep` captures); ``compilable``: the dynamic step
-    as ``torch.compile`` takes it; ``make_cache(rows)``: an empty static cache of ``rows`` rows. The graphs write
-    into caches kept here, one per number of rows, so calls with graphs take turns."""
+    as ``torch.compile`` takes it; ``model``: whose ``make_cache(rows, static=True)`` makes the caches the graphs
+    write into, kept here, one per number of rows, so calls with graphs take turns."""
 
-    def __init__(self, dynamic: Callable, static: Callable, compilable: Callable,
-                 make_cache: Callable[[int], StaticKVCache]) -> None:
-        self.dynamic, self.static, self.compilable, self.make_cache = dynamic, static, compilable, make_cache
+    def __init__(self, model: GPT | var.VAR, dynamic: Callable, static: Callable, compilable: Callable) -> None:
+        self.model, self.dynamic, self.static, self.compilable = model, dynamic, static, compilable
         self._compiled: Callable | None = None
         self._graphed: CUDAGraphStep | None = None
         self._caches: dict[int, StaticKVCache] = {}
@@ -334,7 +333,7 @@ class _DecodeStep:
             if self._graphed is None:
                 self._graphed = CUDAGraphStep(self.static)
             if rows not in self._caches:
-                self._caches[rows] = self.make_cache(rows)
+                self._caches[rows] = self.model.make_cache(rows, static=True)
             before = self._graphed.capture_seconds
             yield _counted(self._graphed, tally), self._caches[rows]
             tally.capture_seconds += self._graphed.capture_seconds - before
@@ -359,7 +358,7 @@ class VARStrategy:
     def __init__(self, model: var.VAR, tokenizer: VQVAE) -> None:
         self.model, self.tokenizer = model, tokenizer
         # VAR.step calls it once per scale; the pass handles both caches
-        self._step = _DecodeStep(model._run, model._run, model._run, lambda rows: model.make_cache(rows, static=True))
+        self._step = _DecodeStep(model, model._run, model._run, model._run)
 
     def run(self, chunk: torch.Tensor, request: GenerationRequest, generator: torch.Generator | None,
             tally: Tally) -> torch.Tensor:
@@ -377,8 +376,7 @@ class RasterStrategy:
 
     def __init__(self, model: GPT, tokenizer: VQVAE) -> None:
         self.model, self.tokenizer = model, tokenizer
-        self._step = _DecodeStep(model, model.decode_step, model.forward,
-                                 lambda rows: model.make_cache(rows, static=True))
+        self._step = _DecodeStep(model, model, model.decode_step, model.forward)
 
     def run(self, chunk: torch.Tensor, request: GenerationRequest, generator: torch.Generator | None,
             tally: Tally) -> torch.Tensor:
