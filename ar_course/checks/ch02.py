@@ -494,7 +494,7 @@ CORPUS_PERIOD = 30
 
 def _forward_in_use() -> Callable[[torch.nn.Module, torch.Tensor], torch.Tensor]:
     """The learner's ``gpt_forward`` once its check has passed, else the reference (silently)."""
-    return chapter._passed.get("gpt_forward", answers.gpt_forward)
+    return chapter.passed("gpt_forward")
 
 
 def tiny_corpus() -> torch.Tensor:

@@ -477,6 +477,11 @@ class Chapter:
         self._failures.clear()
         self._hints_shown.clear()
 
+    def passed(self, name: str) -> Callable:
+        """The function that passed the check of exercise ``name`` (a function name) in this session, else the
+        exercise's reference, silently (for a later check that builds on an earlier exercise)."""
+        return self._passed.get(name, self.exercises[name].reference)
+
     def use(self, fn: Callable) -> Callable:
         """Return ``fn`` if its exercise's check passed with this very function, else the reference."""
         name = getattr(fn, "__name__", None)
