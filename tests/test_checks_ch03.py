@@ -5,18 +5,19 @@ import numpy as np
 import pytest
 import scipy.linalg
 import torch
+import torch.nn.functional as F
 
 from ar_course import metrics
 from ar_course.sampling import SamplingConfig, sample
 from ar_course.checks import ch03
 from ar_course.checks.reference import ch03 as answers
-from ar_course.raster import functional as ref
+from ar_course.raster import orders
 from checks_helpers import assert_fails, assert_not_attempted, assert_passes, stub
 
 REFERENCES = {
-    "to_raster": ref.to_raster, "from_order": answers.from_order, "make_training_pairs": ref.make_training_pairs,
-    "condition_dropout": ref.condition_dropout, "sample_tokens": answers.sample_tokens,
-    "frechet_distance": metrics.frechet_distance_from_features,
+    "from_order": answers.from_order, "training_loss": answers.training_loss, "sample_tokens": answers.sample_tokens,
+    "frechet_distance": metrics.frechet_distance_from_features, "precision_recall": metrics.precision_recall,
+    "neighbour_schedule": lambda h, w: orders.schedule("neighbour", h, w),
 }
 
 
@@ -31,13 +32,7 @@ def test_six_exercises_registered():
     assert sorted(ch03.chapter.exercises) == sorted(REFERENCES)
 
 
-# 3.1 / 3.2 ---------------------------------------------------------------------------------------------------
-
-
-def test_to_raster_rejects_column_major_and_float():
-    assert_fails(ch03.to_raster, lambda m: m.transpose(1, 2).reshape(m.shape[0], -1), contains="column by column")
-    assert_fails(ch03.to_raster, lambda m: m.flatten(1).float(), contains="dtype")
-    assert_fails(ch03.to_raster, lambda m: m.flatten(), contains="shape")
+# 3.1 ----------------------------------------------------------------------------------------------------------
 
 
 def test_from_order_hand_written_passes():
@@ -53,52 +48,53 @@ def test_from_order_rejects_the_order_applied_ignored_column_major_and_swapped_s
     assert_fails(ch03.from_order, lambda s, order, h, w: answers.from_order(s, order, w, h), contains="shape")
 
 
+# 3.2 ----------------------------------------------------------------------------------------------------------
+
+
+def make_loss(mistake: str | None = None):
+    """A hand-written training loss; ``mistake`` names one wrong step (see the test below)."""
+
+    def training_loss(model, maps, classes, *, p_uncond, generator=None):
+        B = maps.shape[0]
+        seq = (maps.transpose(1, 2) if mistake == "column_major" else maps).reshape(B, -1)  # (B, L)
+        u = torch.rand(B) if mistake == "global_rng" else torch.rand(B, generator=generator)
+        drop = u >= p_uncond if mistake == "upside_down" else u < p_uncond
+        null = 0 if mistake == "zero" else model.null_class
+        if mistake == "in_place":
+            classes[drop] = null
+            cls = classes
+        else:
+            cls = torch.where(drop, torch.full_like(classes, null), classes)
+        if mistake == "no_dropout":
+            cls = classes
+        if mistake == "text_shift":
+            logits, _ = model(seq[:, :-1], classes=cls)  # (B, L, V)
+            return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), seq[:, 1:].reshape(-1))
+        _, loss = model(seq[:, :-1], targets=seq, classes=cls)
+        return loss.item() if mistake == "float" else loss
+
+    return training_loss
+
+
+def test_hand_written_training_loss_passes():
+    assert_passes(ch03.training_loss, make_loss())
+
+
+def test_training_loss_names_column_major_and_text_shift():
+    assert_fails(ch03.training_loss, make_loss("column_major"), contains="column by column")
+    assert_fails(ch03.training_loss, make_loss("text_shift"), contains="text model's shift")
+    assert_fails(ch03.training_loss, make_loss("float"), contains="autograd")
+
+
+def test_training_loss_rejects_wrong_dropout():
+    assert_fails(ch03.training_loss, make_loss("upside_down"), contains="probability 1 - p")
+    assert_fails(ch03.training_loss, make_loss("zero"), contains="null class")
+    assert_fails(ch03.training_loss, make_loss("no_dropout"), contains="no class was dropped")
+    assert_fails(ch03.training_loss, make_loss("in_place"), contains="changed its input")
+    assert_fails(ch03.training_loss, make_loss("global_rng"), contains="generator")
+
+
 # 3.3 ----------------------------------------------------------------------------------------------------------
-
-
-def test_training_pairs_rejects_text_lm_shift_no_shift_and_dropped_first_token():
-    def text_lm_shift(t):  # the pairs of a model without a class position: token 0 is never a target
-        return t[:, :-1], t[:, 1:]
-
-    def no_shift(t):  # the last token is read, and every position predicts the token it reads
-        return t, t
-
-    def drops_first(t):  # inputs shifted the wrong way
-        return t[:, 1:], t
-
-    def rolled(t):  # inputs of the right length that wrap the last token round to the front
-        return t.roll(1, dims=1)[:, :-1], t
-
-    assert_fails(ch03.make_training_pairs, text_lm_shift, contains="text model's shift")
-    assert_fails(ch03.make_training_pairs, no_shift, contains="output[0]")
-    assert_fails(ch03.make_training_pairs, drops_first, contains="output[0]")
-    assert_fails(ch03.make_training_pairs, rolled, contains="output[0]")
-
-
-# 3.4 ----------------------------------------------------------------------------------------------------------
-
-
-def test_condition_dropout_rejects_wrong_side_global_rng_in_place_and_zero():
-    def keep_with_p(c, p, null, g):
-        return torch.where(torch.rand(c.shape[0], generator=g) > p, torch.full_like(c, null), c)
-
-    def global_rng(c, p, null, g):
-        return torch.where(torch.rand(c.shape[0]) < p, torch.full_like(c, null), c)
-
-    def in_place(c, p, null, g):
-        c[torch.rand(c.shape[0], generator=g) < p] = null
-        return c
-
-    def zero_not_null(c, p, null, g):
-        return torch.where(torch.rand(c.shape[0], generator=g) < p, torch.zeros_like(c), c)
-
-    assert_fails(ch03.condition_dropout, keep_with_p, contains="with probability 1 - p")
-    assert_fails(ch03.condition_dropout, global_rng, contains="differs")
-    assert_fails(ch03.condition_dropout, in_place, contains="changed its input")
-    assert_fails(ch03.condition_dropout, zero_not_null, contains="differs")
-
-
-# 3.5 ----------------------------------------------------------------------------------------------------------
 
 
 def make_sampler(mistake: str | None = None):
@@ -154,7 +150,7 @@ def test_sampler_names_swapped_halves_and_rejects_a_probability_mix():
     assert_fails(ch03.sample_tokens, make_sampler("probabilities"), contains="sampled tokens")
 
 
-# 3.6 ----------------------------------------------------------------------------------------------------------
+# 3.4 ----------------------------------------------------------------------------------------------------------
 
 
 def frechet(a, b, bias=False, mean_term=True, elementwise=False):
@@ -180,3 +176,66 @@ def test_frechet_hand_written_passes_and_mistakes_fail():
         return float(((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(s_a) + np.trace(s_b) - 2 * np.trace(root))
 
     assert_fails(ch03.frechet_distance, root_of_each_entry, contains="matrix square root")
+
+
+# 3.5 ----------------------------------------------------------------------------------------------------------
+
+
+def precision_recall(real, fake, k=3, *, own=False, swap=False, strict=False, mean_radius=False):
+    """Hand-written improved precision/recall; the keyword arguments switch on one wrong step each."""
+    def radii(x):
+        r = torch.cdist(x, x).kthvalue(k if own else k + 1, dim=1).values
+        return r.mean().expand_as(r) if mean_radius else r
+
+    def inside(query, support, r):
+        d = torch.cdist(query, support)
+        return float(((d < r) if strict else (d <= r)).any(dim=1).double().mean())
+
+    p, r = inside(fake, real, radii(real)), inside(real, fake, radii(fake))
+    return (r, p) if swap else (p, r)
+
+
+def test_precision_recall_hand_written_passes_and_mistakes_fail():
+    assert_passes(ch03.precision_recall, precision_recall)
+    assert_fails(ch03.precision_recall, lambda a, b, k=3: precision_recall(a, b, k, own=True),
+                 contains="its own nearest neighbour")
+    assert_fails(ch03.precision_recall, lambda a, b, k=3: precision_recall(a, b, k, swap=True), contains="swapped")
+    assert_fails(ch03.precision_recall, lambda a, b, k=3: precision_recall(a, b, k, mean_radius=True),
+                 contains="(precision, recall)")
+
+
+def test_precision_recall_rejects_a_strict_inequality_on_tied_points():
+    # with "<" a point on the boundary of a ball is outside; on a grid with duplicates a radius can be 0
+    msg = assert_fails(ch03.precision_recall, lambda a, b, k=3: precision_recall(a, b, k, strict=True))
+    assert "(precision, recall)" in msg
+
+
+# 3.6 ----------------------------------------------------------------------------------------------------------
+
+
+def test_neighbour_schedule_hand_written_passes_in_any_order_within_a_step():
+    def by_column(h, w):  # positions of a step listed by decreasing row: the order inside a step is free
+        return [torch.tensor([(i, k - i) for i in reversed(range(h)) if 0 <= k - i < w]) for k in range(h + w - 1)]
+
+    assert_passes(ch03.neighbour_schedule, by_column)
+
+
+def test_neighbour_schedule_rejects_main_diagonals_raster_col_row_and_a_missing_step():
+    def diagonals(h, w):
+        return [torch.tensor([(i, j) for i in range(h) for j in range(w) if i - j == d])
+                for d in range(-(w - 1), h)]
+
+    def raster_steps(h, w):
+        return [torch.tensor([[i, j]]) for i in range(h) for j in range(w)]
+
+    def col_row(h, w):
+        return [torch.tensor([(k - i, i) for i in range(h) if 0 <= k - i < w]) for k in range(h + w - 1)]
+
+    def square_count(h, w):  # max(h, w) steps: the far corner of a non-square map is never generated
+        return [torch.tensor([(i, j) for i in range(h) for j in range(w) if i + j == k]).reshape(-1, 2)
+                for k in range(max(h, w))]
+
+    assert_fails(ch03.neighbour_schedule, diagonals, contains="i - j = const")
+    assert_fails(ch03.neighbour_schedule, raster_steps, contains="raster order")
+    assert_fails(ch03.neighbour_schedule, col_row, contains="(col, row)")
+    assert_fails(ch03.neighbour_schedule, square_count, contains="items")

@@ -1,5 +1,5 @@
 """Chapter 05 checks: each accepts the reference, reports a stub as not attempted, and rejects plausible
-wrong answers (no min in the accept test, resampling from p instead of the residual, a forgotten bonus
+wrong answers (drafts counted after a rejection, resampling from p instead of the residual, a forgotten bonus
 token, an off-by-one rollback, a carry taken from the wrong rows, an uncapped relaxation...)."""
 
 import torch
@@ -13,27 +13,52 @@ from checks_helpers import assert_fails, assert_not_attempted, assert_passes, st
 # 5.1 ------------------------------------------------------------------------------------------------------
 
 
-def accept_no_min(p, q, tokens):
-    return p.gather(-1, tokens[..., None]).squeeze(-1) / q.gather(-1, tokens[..., None]).squeeze(-1)
+def prefix_loop(p, q, drafts, u):
+    """A hand-written answer with loops: correct, just slower."""
+    out = []
+    for b in range(drafts.shape[0]):
+        n = 0
+        while n < drafts.shape[1] and u[b, n] < min(1.0, float(p[b, n, drafts[b, n]] / q[b, n, drafts[b, n]])):
+            n += 1
+        out.append(n)
+    return torch.tensor(out)
 
 
-def accept_q_over_p(p, q, tokens):
-    return F.acceptance_probability(q, p, tokens).nan_to_num(1.0)
+def at(dist, tokens):
+    return dist.gather(-1, tokens[..., None]).squeeze(-1)
 
 
-def accept_difference(p, q, tokens):
-    d = p.gather(-1, tokens[..., None]) - q.gather(-1, tokens[..., None])
-    return (1 + d.squeeze(-1)).clamp(0, 1)
+def prefix_counts_all(p, q, drafts, u):
+    return (u < (at(p, drafts) / at(q, drafts)).clamp(max=1)).long().sum(-1)
+
+
+def prefix_q_over_p(p, q, drafts, u):
+    return (u < (at(q, drafts) / at(p, drafts)).nan_to_num(1.0).clamp(max=1)).long().cumprod(-1).sum(-1)
+
+
+def prefix_inverted(p, q, drafts, u):
+    return (u >= (at(p, drafts) / at(q, drafts)).clamp(max=1)).long().cumprod(-1).sum(-1)
+
+
+def prefix_index_of_rejection_plus_one(p, q, drafts, u):  # counts the rejected draft too
+    return (F.accepted_prefix(p, q, drafts, u) + 1).clamp(max=drafts.shape[1])
+
+
+def prefix_difference(p, q, drafts, u):  # accepts with probability 1 + p - q
+    return (u < (1 + at(p, drafts) - at(q, drafts)).clamp(0, 1)).long().cumprod(-1).sum(-1)
 
 
 def test_5_1():
-    check = ch05.acceptance_probability
-    assert_passes(check, F.acceptance_probability)
+    check = ch05.accepted_prefix
+    assert_passes(check, F.accepted_prefix)
+    assert_passes(check, prefix_loop)
     assert_not_attempted(check, stub)
-    for wrong in (accept_no_min, accept_q_over_p, accept_difference):
+    for wrong in (prefix_counts_all, prefix_q_over_p, prefix_inverted, prefix_index_of_rejection_plus_one,
+                  prefix_difference):
         assert_fails(check, wrong)
-    assert_fails(check, accept_no_min, contains="capped at 1")
-    assert_fails(check, accept_q_over_p, contains="that is q/p")
+    assert_fails(check, prefix_counts_all, contains="first rejection")
+    assert_fails(check, prefix_q_over_p, contains="q/p")
+    assert_fails(check, prefix_inverted, contains="u >= min(1, p/q)")
 
 
 # 5.2 ------------------------------------------------------------------------------------------------------

@@ -1,15 +1,16 @@
-"""Checks for chapter 03, autoregressive images: ``checks.ch03.to_raster(to_raster)`` etc.
+"""Checks for chapter 03, autoregressive images: ``checks.ch03.from_order(from_order)`` etc.
 
-References live in :mod:`ar_course.raster.functional`, :mod:`ar_course.sampling`, :mod:`ar_course.metrics`
-and, for the sampling loop the library runs inside ``GPT.generate``, :mod:`ar_course.checks.reference.ch03`.
-The sampling check runs the learner's loop on a tiny seeded GPT and compares the sampled tokens with the
+References live in :mod:`ar_course.metrics`, :mod:`ar_course.raster.orders` and, for what the library runs
+inside other functions (the training loss of its trainer, the sampling loop of ``GPT.generate``),
+:mod:`ar_course.checks.reference.ch03`. The training-loss check records the classes the model receives, so
+the condition dropout is checked statistically (its rate, its null class, its generator). The sampling check runs the learner's loop on a tiny seeded GPT and compares the sampled tokens with the
 reference under the same generator seed; it also records every forward pass, so a loop that ignores the KV
 cache is named.
 """
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -17,9 +18,9 @@ from scipy import linalg
 
 from ar_course import metrics
 from ar_course.checks.core import (Case, Chapter, CheckFailure, Mistake, call, clone_args, compare, compare_cases,
-                                   explain)
+                                   describe, explain)
 from ar_course.checks.reference import ch03 as answers
-from ar_course.raster import functional as ref
+from ar_course.raster import orders
 from ar_course.raster.model import raster_config
 from ar_course.sampling import GREEDY, SamplingConfig
 from ar_course.transformer.model import GPT
@@ -38,26 +39,7 @@ def _maps(g: torch.Generator, B: int, h: int, w: int, vocab: int = 50) -> torch.
 
 
 # --------------------------------------------------------------------------------------------------------
-# 3.1 raster order / 3.2 back to a map from any generation order
-
-
-def _to_raster_cases() -> Iterator[Case]:
-    g = _gen(0)
-    yield Case("2x3x5 map (3 rows, 5 columns)", (_maps(g, 2, 3, 5),))
-    yield Case("1x8x8 map", (_maps(g, 1, 8, 8),))
-    yield Case("4x6x1 map (one column)", (_maps(g, 4, 6, 1),))
-
-
-@chapter.exercise("3.1", reference=ref.to_raster, hints=(
-    "raster order reads a map the way you read a page: along the first row, then along the next one",
-    "token (i, j) of an h x w map goes to position i * w + j; a (B, h, w) tensor is stored row by row, so no "
-    "element has to move",
-    "return maps.reshape(B, h * w)",
-))
-def to_raster(fn, ref_fn):
-    compare_cases(fn, ref_fn, _to_raster_cases(), mistakes=[
-        Mistake(lambda maps: maps.transpose(1, 2).reshape(maps.shape[0], -1),
-                "that reads the map column by column; raster order reads it row by row")])
+# 3.1 back to a map from any generation order
 
 
 def _neighbour_order(h: int, w: int) -> torch.Tensor:
@@ -89,7 +71,7 @@ FROM_ORDER_MISTAKES = [
 ]
 
 
-@chapter.exercise("3.2", reference=answers.from_order, hints=(
+@chapter.exercise("3.1", reference=answers.from_order, hints=(
     "ask where each token goes: step k of the sequence generated raster position order[k]",
     "build the raster sequence first, a (B, h * w) tensor whose position order[k] holds seq[:, k] (an indexed "
     "assignment, or index with the inverse permutation torch.argsort(order)); then it is a reshape",
@@ -100,72 +82,127 @@ def from_order(fn, ref_fn):
 
 
 # --------------------------------------------------------------------------------------------------------
-# 3.3 training pairs
+# 3.2 the training loss: raster order, the class position, condition dropout
 
 
-def _pairs_cases() -> Iterator[Case]:
+def _loss_cases() -> Iterator[Case]:
     g = _gen(2)
-    yield Case("4 sequences of 9 tokens", (torch.randint(0, 20, (4, 9), generator=g),))
-    yield Case("3 sequences of 64 tokens (8x8 maps)", (torch.randint(0, 256, (3, 64), generator=g),))
-    yield Case("2 sequences of 2 tokens", (torch.tensor([[5, 6], [7, 5]]),))
-    yield Case("1 sequence of 1 token (the model reads only the class)", (torch.tensor([[3]]),))
+    yield Case("6 maps of 3x4, p_uncond 0", (_maps(g, 6, 3, 4, 13), torch.tensor([0, 1, 2, 3, 4, 0])),
+               {"p_uncond": 0.0})
+    yield Case("1 map of 3x4, p_uncond 0", (_maps(g, 1, 3, 4, 13), torch.tensor([3])), {"p_uncond": 0.0})
+    yield Case("5 maps of 3x4, p_uncond 1 (every class dropped)", (_maps(g, 5, 3, 4, 13), torch.arange(5)),
+               {"p_uncond": 1.0})
 
 
-@chapter.exercise("3.3", reference=ref.make_training_pairs, hints=(
-    "write down what the model reads at each position and what it must predict there; position 0 holds the "
-    "class, not a token",
-    "the class embedding fills position 0 and predicts t_0, so the targets are all L tokens (no shift); the "
-    "inputs are the tokens read after the class, t_0 .. t_{L-2}: the last token is never read",
-    "return tokens[:, :-1], tokens",
+def _text_shift_loss(model, maps, classes, *, p_uncond, generator=None):
+    """The mistake: a text model's shift, the output at position i scored against token i + 1."""
+    seq = maps.reshape(maps.shape[0], -1)  # (B, L)
+    logits, _ = model(seq[:, :-1], classes=classes)  # (B, L, V)
+    return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), seq[:, 1:].reshape(-1))
+
+
+def _loss_with(*, p=None, null=None):
+    """The reference loss with the dropout rate ``p(p_uncond)`` or the dropped classes' value ``null`` changed."""
+    def loss(model, maps, classes, *, p_uncond, generator=None):
+        rate = p_uncond if p is None else p(p_uncond)
+        dropped = torch.where(torch.rand(classes.shape[0], generator=generator) < rate,
+                              torch.full_like(classes, model.null_class if null is None else null), classes)
+        return answers.training_loss(model, maps, dropped, p_uncond=0.0)
+    return loss
+
+
+LOSS_MISTAKES = [
+    Mistake(_loss_with(p=lambda p: 0.0), "no class was dropped: replace it by model.null_class where "
+                                         "torch.rand(B, generator=generator) < p_uncond"),
+    Mistake(_loss_with(p=lambda p: 1 - p), "that drops with probability 1 - p: replace the class where the number "
+                                           "is below p_uncond"),
+    Mistake(_loss_with(null=0), "a dropped class became 0, a real digit class; it must become the null class, "
+                                "model.null_class"),
+    Mistake(lambda model, maps, classes, **kw: answers.training_loss(model, maps.transpose(1, 2), classes, **kw),
+            "that reads the map column by column; raster order reads it row by row, token (i, j) at i * w + j"),
+    Mistake(_text_shift_loss, "that is a text model's shift (output i scored against token i + 1); here the class "
+                              "position predicts t_0, so output i predicts token i and every token is a target"),
+]
+
+
+def _classes_seen(model: GPT) -> tuple[list, Callable[[], None]]:
+    """Record the ``classes`` every forward pass of ``model`` receives; returns (records, remove)."""
+    seen: list = []
+
+    def hook(module, args, kwargs):
+        seen.append(kwargs["classes"] if "classes" in kwargs else (args[2] if len(args) > 2 else None))
+
+    return seen, model.register_forward_pre_hook(hook, with_kwargs=True).remove
+
+
+def _dropped_classes(fn, model: GPT, classes: torch.Tensor, p: float, seed: int, where: str) -> torch.Tensor:
+    """The classes the learner's loss hands the model for 2000 maps at dropout rate ``p``."""
+    maps = _maps(_gen(20), classes.shape[0], 3, 4, 13)
+    original = classes.clone()
+    seen, remove = _classes_seen(model)
+    try:
+        call(fn, model, maps, classes, p_uncond=p, generator=_gen(seed), where=where)
+    finally:
+        remove()
+    if not torch.equal(classes, original):
+        raise CheckFailure(f"your function changed its input classes on input {where!r}; build a new tensor")
+    given = [c for c in seen if c is not None]
+    if len(given) != 1:
+        raise CheckFailure(f"on input {where!r} the model got classes in {len(given)} forward passes, expected one "
+                           "pass: model(inputs, targets=targets, classes=dropped_classes)")
+    return given[0].cpu()
+
+
+def _check_dropout(fn) -> None:
+    """The dropped fraction follows p, only dropped classes change, they become the null class, and the draws
+    come from the generator given."""
+    model, B, p = tiny_model(), 2000, 0.3
+    classes = torch.arange(B) % 5
+    where = f"{B} maps, p_uncond {p}"
+    got = _dropped_classes(fn, model, classes, p, 7, where)
+    changed = got != classes
+    if bool((got[changed] != model.null_class).any()):
+        bad = int(got[changed][got[changed] != model.null_class][0])
+        raise CheckFailure(f"on input {where!r} a dropped class became {bad}; it must become the null class, "
+                           f"model.null_class = {model.null_class}")
+    rate, tol = float(changed.float().mean()), 4 * (p * (1 - p) / B) ** 0.5
+    if abs(rate - p) > tol:
+        flipped = " (that drops with probability 1 - p: keep the class where the number is >= p)" \
+            if abs(rate - (1 - p)) <= tol else ""
+        raise CheckFailure(f"on input {where!r} {rate:.1%} of the classes were dropped, expected {p:.0%} "
+                           f"+- {tol:.1%}{flipped}")
+    again = _dropped_classes(fn, model, classes, p, 7, where)
+    other = _dropped_classes(fn, model, classes, p, 8, where)
+    if not torch.equal(got, again) or torch.equal(got, other):
+        raise CheckFailure(f"on input {where!r} the dropped classes do not follow the generator: draw them with "
+                           "torch.rand(B, generator=generator), not from the global random state")
+
+
+@chapter.exercise("3.2", reference=answers.training_loss, hints=(
+    "three steps: the maps as raster sequences, the classes some of which become the null class, and the "
+    "inputs/targets of a model whose position 0 holds the class",
+    "the class position predicts t_0, so the targets are all L tokens and the inputs are t_0 .. t_{L-2}; drop a "
+    "class where torch.rand(B, generator=generator) < p_uncond, into a new tensor",
+    "seq = maps.reshape(B, -1); drop = torch.rand(B, generator=generator) < p_uncond; cls = torch.where(drop, "
+    "torch.full_like(classes, model.null_class), classes); return model(seq[:, :-1], targets=seq, classes=cls)[1]",
 ))
-def make_training_pairs(fn, ref_fn):
-    compare_cases(fn, ref_fn, _pairs_cases(), mistakes=[
-        Mistake(lambda tokens: (tokens[:, :-1], tokens[:, 1:]),
-                "that is a text model's shift (targets t_1 .. t_{L-1}); here the class position predicts t_0, so "
-                "the targets are all L tokens")])
-
-
-# --------------------------------------------------------------------------------------------------------
-# 3.4 condition dropout
-
-
-def _dropout_cases() -> Iterator[tuple[str, torch.Tensor, float, int, int]]:
-    yield "1000 classes 0..9, p = 0.1, null 10", torch.arange(1000) % 10, 0.1, 10, 0
-    yield "7 classes, p = 0.5, null 4", torch.tensor([0, 1, 2, 3, 0, 1, 2]), 0.5, 4, 1
-    yield "50 classes, p = 0 (nothing dropped)", torch.arange(50) % 10, 0.0, 10, 2
-    yield "50 classes, p = 1 (everything dropped)", torch.arange(50) % 10, 1.0, 10, 3
-
-
-def _dropout_where_above(classes: torch.Tensor, p: float, null: int, generator: torch.Generator) -> torch.Tensor:
-    u = torch.rand(classes.shape, generator=generator, device=classes.device)
-    return torch.where(u >= p, torch.full_like(classes, null), classes)
-
-
-@chapter.exercise("3.4", reference=ref.condition_dropout, hints=(
-    "each class is replaced by the null class with probability p, independently, using random numbers from "
-    "the generator you are given",
-    "draw one uniform number per class with a single torch.rand call on the generator, replace the class where "
-    "the number is below p, and build a new tensor instead of writing into classes",
-    "u = torch.rand(classes.shape, generator=generator); return torch.where(u < p, torch.full_like(classes, "
-    "null), classes)",
-))
-def condition_dropout(fn, ref_fn):
-    for name, classes, p, null, seed in _dropout_cases():
-        original = classes.clone()
-        got = call(fn, classes, p, null, _gen(seed), where=name)
-        if not torch.equal(classes, original):
-            raise CheckFailure(f"your function changed its input classes on input {name!r}; return a new tensor")
-        expected = ref_fn(original, p, null, _gen(seed))
+def training_loss(fn, ref_fn):
+    model = tiny_model()
+    for case in _loss_cases():
+        expected = ref_fn(model, *clone_args(case.args), generator=_gen(3), **case.kwargs)
+        got = call(fn, model, *clone_args(case.args), generator=_gen(3), where=case.name, **case.kwargs)
+        if not isinstance(got, torch.Tensor) or not got.requires_grad:
+            raise CheckFailure(f"on input {case.name!r} return the loss as a tensor autograd can differentiate (got "
+                               f"{describe(got)}); training calls loss.backward()")
         try:
-            compare(got, expected, where=name)
+            compare(got, expected, where=case.name, name="loss", atol=1e-5)
         except CheckFailure as exc:
-            upside_down = Mistake(_dropout_where_above, "that drops where the number is at least p, i.e. with "
-                                  "probability 1 - p")
-            raise explain(exc, [upside_down], Case(name, (original, p, null, _gen(seed))), got) from None
+            raise explain(exc, LOSS_MISTAKES, Case(case.name, (model, *case.args), case.kwargs), got) from None
+    _check_dropout(fn)
 
 
 # --------------------------------------------------------------------------------------------------------
-# 3.5 the sampling loop, with the guidance mix
+# 3.3 the sampling loop, with the guidance mix
 
 
 def tiny_model(seed: int = 0, class_scale: float = 50.0) -> GPT:
@@ -207,7 +244,7 @@ SAMPLER_MISTAKES = [
 ]
 
 
-@chapter.exercise("3.5", reference=answers.sample_tokens, hints=(
+@chapter.exercise("3.3", reference=answers.sample_tokens, hints=(
     "one forward pass per token, each over the new token only (the KV cache remembers the rest), on one batch "
     "that holds both the conditional and the unconditional half",
     "run [classes; null classes] as one batch of 2B with model.make_cache(2B); the first pass takes an empty "
@@ -246,7 +283,7 @@ def sample_tokens(fn, ref_fn):
 
 
 # --------------------------------------------------------------------------------------------------------
-# 3.6 the Frechet distance
+# 3.4 the Frechet distance
 
 
 def _frechet_cases() -> Iterator[Case]:
@@ -278,7 +315,7 @@ FRECHET_MISTAKES = [
 ]
 
 
-@chapter.exercise("3.6", reference=metrics.frechet_distance_from_features, hints=(
+@chapter.exercise("3.4", reference=metrics.frechet_distance_from_features, hints=(
     "fit a Gaussian (a mean and a covariance) to each set of features and measure how far apart the two "
     "Gaussians are",
     "||mu_a - mu_b||^2 + tr(S_a) + tr(S_b) - 2 tr(sqrtm(S_a S_b)), with unbiased covariances (divide by N - 1, "
@@ -294,3 +331,133 @@ def frechet_distance(fn, ref_fn):
             compare(got, expected, where=case.name, name="distance", atol=1e-6, rtol=1e-5)
         except CheckFailure as exc:
             raise explain(exc, FRECHET_MISTAKES, case, got, atol=1e-6, rtol=1e-5) from None
+
+
+# --------------------------------------------------------------------------------------------------------
+# 3.5 precision and recall
+
+
+def _pr_cases() -> Iterator[Case]:
+    g = _gen(6)
+    real = torch.randn(300, 5, generator=g)
+    yield Case("300 real vs 200 shifted, narrower fakes of 5 dims, k 3",
+               (real, torch.randn(200, 5, generator=g) * 0.5 + 0.8), {"k": 3})
+    yield Case("a set against itself, k 3", (real, real.clone()), {"k": 3})
+    yield Case("300 real vs 120 noisy copies of 60 real points (a mode collapse), k 3",
+               (real, real[:60].repeat(2, 1) + 0.05 * torch.randn(120, 5, generator=g)), {"k": 3})
+    yield Case("150 vs 100 points on a 4x4 integer grid (many ties: a radius can be 0), k 3",
+               (torch.randint(0, 4, (150, 2), generator=g).float(), torch.randint(0, 4, (100, 2), generator=g).float()),
+               {"k": 3})
+    yield Case("40 vs 30 points of 2 dims, k 1", (torch.randn(40, 2, generator=g),
+                                                  torch.randn(30, 2, generator=g) * 1.5), {"k": 1})
+
+
+def _pr_variant(real: torch.Tensor, fake: torch.Tensor, k: int = 3, *, self_count: bool = False,
+                swap: bool = False) -> tuple[float, float]:
+    """Precision and recall with one thing changed (the wrong answers of exercise 3.5)."""
+    def radii(x):  # distance of each row to its k-th nearest other row (k-th including itself if self_count)
+        return torch.cdist(x, x).kthvalue(k if self_count else k + 1, dim=1).values
+
+    def inside(query, support, r):
+        return float((torch.cdist(query, support) <= r).any(dim=1).double().mean())
+
+    precision, recall = inside(fake, real, radii(real)), inside(real, fake, radii(fake))
+    return (recall, precision) if swap else (precision, recall)
+
+
+PR_MISTAKES = [
+    Mistake(lambda real, fake, k=3: _pr_variant(real, fake, k, self_count=True),
+            "each radius counts the point as its own nearest neighbour (distance 0): the k-th nearest *other* "
+            "point is the (k + 1)-th smallest distance in its row"),
+    Mistake(lambda real, fake, k=3: _pr_variant(real, fake, k, swap=True),
+            "precision and recall are swapped: precision asks how many generated points lie on the real "
+            "manifold, recall how many real points lie on the generated one"),
+]
+
+
+@chapter.exercise("3.5", reference=metrics.precision_recall, hints=(
+    "each set stands for a manifold: the union of balls around its points; precision tests the generated points "
+    "against the real manifold, recall the real points against the generated one",
+    "a point's radius is the distance to its k-th nearest neighbour in its own set, itself excluded (torch.cdist, "
+    "then the (k + 1)-th smallest value of its row); a query point is inside when its distance to at "
+    "least one support point is <= that point's radius",
+    "def inside(qry, sup, r): return float((torch.cdist(qry, sup) <= r).any(1).double().mean()); "
+    "radius(x) = torch.cdist(x, x).kthvalue(k + 1, dim=1).values; return inside(fake, real, radius(real)), "
+    "inside(real, fake, radius(fake))",
+))
+def precision_recall(fn, ref_fn):
+    for case in _pr_cases():
+        expected = ref_fn(*clone_args(case.args), **case.kwargs)
+        got = call(fn, *clone_args(case.args), where=case.name, **case.kwargs)
+        try:
+            compare(tuple(got) if isinstance(got, list) else got, expected, where=case.name,
+                    name="(precision, recall)", atol=1e-6)
+        except CheckFailure as exc:
+            raise explain(exc, PR_MISTAKES, case, got, atol=1e-6) from None
+
+
+# --------------------------------------------------------------------------------------------------------
+# 3.6 the neighbour schedule
+
+
+def _sorted_steps(steps, h: int, w: int, where: str) -> list[torch.Tensor]:
+    """Each step's positions sorted by raster position (the order inside a step is free); checks the types."""
+    if not isinstance(steps, (list, tuple)) or not all(isinstance(s, torch.Tensor) for s in steps):
+        raise CheckFailure(f"on input {where!r} return a list of tensors, one per step, got {describe(steps)}")
+    out = []
+    for t, s in enumerate(steps):
+        if s.ndim != 2 or s.shape[1] != 2 or s.dtype != torch.long:
+            raise CheckFailure(f"on input {where!r} step {t} is {describe(s)}; each step is a (k, 2) long tensor "
+                               "of (row, col) positions")
+        out.append(s[torch.argsort(s[:, 0] * w + s[:, 1])])
+    return out
+
+
+def _steps_from(groups: dict[int, list[tuple[int, int]]]) -> list[torch.Tensor]:
+    return [torch.tensor(groups[key], dtype=torch.long).reshape(-1, 2) for key in sorted(groups)]
+
+
+def _main_diagonals(h: int, w: int) -> list[torch.Tensor]:
+    groups: dict[int, list[tuple[int, int]]] = {}
+    for i in range(h):
+        for j in range(w):
+            groups.setdefault(i - j, []).append((i, j))
+    return _steps_from(groups)
+
+
+SCHEDULE_MISTAKES = [
+    ("the diagonals i - j = const", _main_diagonals,
+     "those are the diagonals i - j = const; a token's upper neighbour (i - 1, j) sits on the same one, so it would "
+     "not be known yet: step k holds the anti-diagonal i + j = k"),
+    ("raster order", lambda h, w: [torch.tensor([[i, j]]) for i in range(h) for j in range(w)],
+     "that is one token per step (raster order); the neighbour order generates a whole anti-diagonal per step"),
+    ("(col, row) pairs", lambda h, w: [s.flip(1) for s in _neighbour_reference(h, w)],
+     "each position is written (col, row); write (row, col)"),
+]
+
+
+def _neighbour_reference(h: int, w: int) -> list[torch.Tensor]:
+    """The neighbour order's schedule, :func:`ar_course.raster.orders.schedule`, as the exercise's signature."""
+    return orders.schedule("neighbour", h, w)
+
+
+@chapter.exercise("3.6", reference=_neighbour_reference, hints=(
+    "a token can be generated once its upper and left neighbours exist; which tokens become possible together?",
+    "the tokens with i + j = k only need tokens with i + j = k - 1: group the positions by i + j; an h x w map "
+    "has h + w - 1 such groups, from (0, 0) to (h - 1, w - 1)",
+    "pos = [(i, j) for i in range(h) for j in range(w)]; return [torch.tensor([p for p in pos if sum(p) == k]) "
+    "for k in range(h + w - 1)]",
+))
+def neighbour_schedule(fn, ref_fn):
+    for h, w in [(3, 5), (5, 3), (1, 4), (4, 1), (1, 1), (8, 8)]:
+        where = f"a {h}x{w} map"
+        got = _sorted_steps(call(fn, h, w, where=where), h, w, where)
+        expected = ref_fn(h, w)
+        try:
+            compare(got, expected, where=where, name="schedule")
+        except CheckFailure as exc:
+            for _, mistake, says in SCHEDULE_MISTAKES:
+                wrong = _sorted_steps(mistake(h, w), h, w, where)
+                if len(wrong) == len(got) and all(torch.equal(a, b) for a, b in zip(wrong, got)):
+                    raise CheckFailure(f"{exc}; {says}") from None
+            raise

@@ -1,4 +1,4 @@
-"""Checks for chapter 05, speculative decoding: ``checks.ch05.acceptance_probability(acceptance_probability)``.
+"""Checks for chapter 05, speculative decoding: ``checks.ch05.accepted_prefix(accepted_prefix)`` etc.
 
 The random exercises (a speculative round, the Jacobi verification) get the uniform numbers ``u`` as an
 argument and make their draws with ``sampling.sample_from_probs(..., generator)`` in the documented order,
@@ -32,18 +32,24 @@ def _dists(g: torch.Generator, *shape: int, sharp: float = 1.5, zeros: bool = Fa
 
 
 # --------------------------------------------------------------------------------------------------------
-# 5.1 the accept test, 5.2 the residual distribution
+# 5.1 how many drafts a round keeps, 5.2 the residual distribution
 
 
-def _accept_cases() -> Iterator[Case]:
+def _prefix_cases() -> Iterator[Case]:
     g = torch.Generator().manual_seed(51)
-    for name, shape in [("6 rows, V=7", (6, 7)), ("batch 2x5, V=11", (2, 5, 11))]:
-        p, q = _dists(g, *shape, zeros=True), _dists(g, *shape)
-        tokens = sampling.sample_from_probs(q, g)
-        yield Case(name, (p, q, tokens))
-    p = torch.tensor([[0.7, 0.3, 0.0], [0.2, 0.2, 0.6], [0.5, 0.25, 0.25]])
-    q = torch.tensor([[0.1, 0.1, 0.8], [0.2, 0.2, 0.6], [0.25, 0.5, 0.25]])
-    yield Case("hand-made: p > q, p == q, p < q, p = 0", (p[[0, 1, 2, 0]], q[[0, 1, 2, 0]], torch.tensor([0, 2, 1, 2])))
+    for name, (B, L, V) in [("64 rounds of 5 drafts, V=7", (64, 5, 7)), ("16 rounds of 9 drafts, V=4", (16, 9, 4))]:
+        p, q = _dists(g, B, L, V, zeros=True), _dists(g, B, L, V)
+        drafts = sampling.sample_from_probs(q, g)  # (B, L)
+        yield Case(name, (p, q, drafts, torch.rand(B, L, generator=g)))
+    p, q = _dists(g, 8, 6, 5), _dists(g, 8, 6, 5)
+    yield Case("8 rounds where the draft is the target (every draft accepted)",
+               (p, p.clone(), sampling.sample_from_probs(p, g), torch.rand(8, 6, generator=g)))
+    p = torch.tensor([[[0.7, 0.3, 0.0], [0.2, 0.2, 0.6], [0.5, 0.25, 0.25]]]).repeat(3, 1, 1)  # (3, 3, 3)
+    q = torch.tensor([[[0.1, 0.1, 0.8], [0.2, 0.2, 0.6], [0.25, 0.5, 0.25]]]).repeat(3, 1, 1)
+    drafts = torch.tensor([[0, 2, 1], [2, 0, 0], [0, 1, 1]])  # accept probabilities (1, 1, .5), (0, 1, 1), (1, 1, .5)
+    u = torch.tensor([[0.3, 0.9, 0.7], [0.1, 0.1, 0.1], [0.9, 0.99, 0.2]])
+    yield Case("hand-made: a late rejection, a first-draft rejection after which all would pass, all accepted",
+               (p, q, drafts, u))
 
 
 def _at(dist: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -51,22 +57,27 @@ def _at(dist: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     return dist.gather(-1, tokens[..., None]).squeeze(-1)
 
 
-ACCEPT_MISTAKES = [
-    Mistake(lambda p, q, tokens: _at(p, tokens) / _at(q, tokens),
-            "some of those are above 1: p/q is a probability only once it is capped at 1"),
-    Mistake(lambda p, q, tokens: (_at(q, tokens) / _at(p, tokens)).clamp(max=1).nan_to_num(1.0),
-            "that is q/p; the ratio is the target's probability over the draft's"),
+PREFIX_MISTAKES = [
+    Mistake(lambda p, q, d, u: (u < (_at(p, d) / _at(q, d)).clamp(max=1)).long().sum(-1),
+            "that counts every draft that passes; a round stops at its first rejection, so a draft after a "
+            "rejected one never counts"),
+    Mistake(lambda p, q, d, u: (u < (_at(q, d) / _at(p, d)).nan_to_num(1.0).clamp(max=1)).long().cumprod(-1).sum(-1),
+            "that tests with q/p; the ratio is the target's probability over the draft's"),
+    Mistake(lambda p, q, d, u: (u >= (_at(p, d) / _at(q, d)).clamp(max=1)).long().cumprod(-1).sum(-1),
+            "that keeps a draft when u >= min(1, p/q): it is accepted when u is below the acceptance probability"),
 ]
 
 
-@chapter.exercise("5.1", reference=ref.acceptance_probability, hints=(
-    "the draft proposed a token it drew from q; accept it with the probability that turns q's proposals into "
-    "samples of p: a token p likes more than q is always kept",
-    "read p and q at the drafted token (gather on the last axis) and accept with probability p/q, capped at 1",
-    "return (p.gather(-1, tokens[..., None]) / q.gather(-1, tokens[..., None])).squeeze(-1).clamp(max=1)",
+@chapter.exercise("5.1", reference=ref.accepted_prefix, hints=(
+    "each draft passes with probability min(1, p(x) / q(x)), tested with its own uniform number; then think "
+    "about what one rejection does to the drafts after it",
+    "read p and q at the drafted tokens (gather on the last axis), compare u with the capped ratio, and count "
+    "the leading passes of each row: a running product of the 0/1 passes is 1 exactly up to the first failure",
+    "a = (p.gather(-1, d[..., None]) / q.gather(-1, d[..., None])).squeeze(-1).clamp(max=1); "
+    "return (u < a).long().cumprod(dim=1).sum(dim=1)",
 ))
-def acceptance_probability(fn: Callable, ref_fn: Callable) -> None:
-    compare_cases(fn, ref_fn, _accept_cases(), mistakes=ACCEPT_MISTAKES)
+def accepted_prefix(fn: Callable, ref_fn: Callable) -> None:
+    compare_cases(fn, ref_fn, _prefix_cases(), mistakes=PREFIX_MISTAKES)
 
 
 def _residual_cases() -> Iterator[Case]:
@@ -126,8 +137,8 @@ def _compare_random(fn: Callable, ref_fn: Callable) -> None:
 
 
 @chapter.exercise("5.3", reference=ref.speculative_round, hints=(
-    "go through the drafts in order; each is accepted or not with the probability of exercise 5.1, and the "
-    "first rejection ends the round with one corrected token",
+    "exercise 5.1 tells how many drafts the round keeps; what remains is the one token drawn after them: a "
+    "correction after a rejection, or a bonus when nothing was rejected",
     "accept draft i while u[i] < min(1, p/q); at the first rejection draw the replacement from the residual of "
     "row i (exercise 5.2) and stop; if all L drafts are accepted, add a bonus token drawn from p[L]; make that "
     "one draw with sampling.sample_from_probs and the generator",

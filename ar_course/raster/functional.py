@@ -1,5 +1,5 @@
 """Plain functions of raster-order generation that :mod:`.model` (and VAR's training) call; chapter 03's
-exercises are checked against them.
+training-loss exercise is checked against their composition (``ar_course.checks.reference.ch03``).
 
 * :func:`to_raster` / :func:`from_raster` -- a token map ``(B, h, w)`` as a sequence ``(B, h*w)`` and back.
 * :func:`make_training_pairs` -- next-token inputs and targets when the class embedding fills position 0.

@@ -9,6 +9,7 @@ from .analysis import expected_speedup, expected_tokens_per_call
 from .decoding import SpecStats, sjd_generate, speculative_generate
 from .functional import (
     acceptance_probability,
+    accepted_prefix,
     codebook_neighbors,
     jacobi_verify,
     relaxed_target,
@@ -19,7 +20,7 @@ from .functional import (
 
 __all__ = [
     "SpecStats", "speculative_generate", "sjd_generate",
-    "acceptance_probability", "residual_distribution", "speculative_round", "rollback_caches",
+    "acceptance_probability", "accepted_prefix", "residual_distribution", "speculative_round", "rollback_caches",
     "expected_tokens_per_call", "expected_speedup", "jacobi_verify",
     "codebook_neighbors", "relaxed_target",
 ]

@@ -8,6 +8,7 @@ produced by :func:`ar_course.sampling.probs` with the same temperature / top-k /
 the one after the last draft token.
 
 * :func:`acceptance_probability` -- ``min(1, p(x) / q(x))``.
+* :func:`accepted_prefix` -- how many drafts of each round pass the accept test before the first rejection.
 * :func:`residual_distribution` -- ``normalize(max(0, p - q))``, where a rejected token is redrawn from.
 * :func:`speculative_round` -- verify a block of drafts: accepted prefix + one corrected or bonus token.
 * :func:`rollback_caches` -- cut KV caches back to what the accepted sequence needs.
@@ -48,6 +49,23 @@ def acceptance_probability(p: torch.Tensor, q: torch.Tensor, tokens: torch.Tenso
     return torch.clamp(p_x / q_x, max=1.0)
 
 
+def accepted_prefix(p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Number of leading drafts each round accepts: ``(B,)`` long in ``0 .. L``.
+
+    Draft ``i`` of a round passes when ``u[i] < min(1, p[i, x_i] / q[i, x_i])``; a round keeps its drafts up
+    to its first failure, so a draft after a rejected one never counts.
+
+    Args:
+        p: ``(B, L, V)`` target distributions at the drafts' positions. q: ``(B, L, V)`` draft distributions.
+        drafts: ``(B, L)`` long. u: ``(B, L)`` uniform numbers in ``[0, 1)``.
+    """
+    if p.dim() != 3 or drafts.shape != p.shape[:2] or u.shape != drafts.shape:
+        raise ValueError(f"expected p and q (B, L, V), drafts and u (B, L); got p {tuple(p.shape)}, "
+                         f"drafts {tuple(drafts.shape)}, u {tuple(u.shape)}")
+    passed = u < acceptance_probability(p, q, drafts)  # (B, L)
+    return passed.long().cumprod(dim=1).sum(dim=1)  # (B,): ones up to the first failure
+
+
 def residual_distribution(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """``normalize(max(0, p - q))`` row by row, ``(..., V)`` -> ``(..., V)``.
 
@@ -83,12 +101,10 @@ def speculative_round(
     if p.dim() != 2 or p.shape[0] != L + 1 or q.shape != (L, p.shape[1]) or u.shape != (L,):
         raise ValueError(f"expected p (L+1, V), q (L, V), draft (L,), u (L,) with L = {L}; got "
                          f"p {tuple(p.shape)}, q {tuple(q.shape)}, u {tuple(u.shape)}")
-    accept = u < acceptance_probability(p[:L], q, draft)  # (L,)
-    rejected = (~accept).nonzero()
-    if rejected.numel() == 0:
+    i = int(accepted_prefix(p[None, :L], q[None], draft[None], u[None])[0])  # drafts kept
+    if i == L:
         extra = sampling.sample_from_probs(p[L], generator)  # bonus token
         return torch.cat([draft, extra.view(1)])
-    i = int(rejected[0])
     extra = sampling.sample_from_probs(residual_distribution(p[i], q[i]), generator)
     return torch.cat([draft[:i], extra.view(1)])
 

@@ -1,9 +1,12 @@
 """Chapter 03 reference that the library does not call.
 
-* :func:`from_order` -- exercise 3.2: a sequence generated in any order back to its token map. The library
+* :func:`from_order` -- exercise 3.1: a sequence generated in any order back to its token map. The library
   only samples in raster order, where this is :func:`ar_course.raster.functional.from_raster`, which it
   ends with.
-* :func:`sample_tokens` -- exercise 3.5: the guided sampling loop over a raster sequence, which the library
+* :func:`training_loss` -- exercise 3.2: the teacher-forced loss of a batch of maps with condition dropout,
+  which the library's trainer builds from :mod:`ar_course.raster.functional` (raster order, training pairs,
+  condition dropout).
+* :func:`sample_tokens` -- exercise 3.3: the guided sampling loop over a raster sequence, which the library
   runs inside :meth:`ar_course.transformer.GPT.generate` (and :func:`ar_course.raster.generate_tokens` on
   top of it).
 """
@@ -12,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from ar_course.raster.functional import from_raster
+from ar_course.raster.functional import condition_dropout, from_raster, make_training_pairs, to_raster
 from ar_course.sampling import SamplingConfig
 from ar_course.transformer.model import GPT
 
@@ -24,6 +27,25 @@ def from_order(seq: torch.Tensor, order: torch.Tensor, h: int, w: int) -> torch.
     flat = torch.empty_like(seq)  # (B, h*w), raster order
     flat[:, order] = seq  # the token of step k lands on raster position order[k]
     return from_raster(flat, h, w)  # (B, h, w)
+
+
+def training_loss(
+    model: GPT,
+    maps: torch.Tensor,
+    classes: torch.Tensor,
+    *,
+    p_uncond: float,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Mean next-token cross-entropy (a scalar tensor) of token maps ``(B, h, w)`` given ``classes`` ``(B,)``.
+
+    The maps are read in raster order; each class becomes ``model.null_class`` where one uniform number per
+    example, ``torch.rand(B, generator=generator)``, is below ``p_uncond``; the class position predicts the
+    first token, so the inputs are ``seq[:, :-1]`` and the targets all of ``seq``."""
+    dropped = condition_dropout(classes, p_uncond, model.null_class, generator)  # (B,)
+    inputs, targets = make_training_pairs(to_raster(maps))  # (B, L - 1), (B, L)
+    _, loss = model(inputs, targets=targets, classes=dropped)
+    return loss
 
 
 @torch.no_grad()
