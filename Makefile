@@ -9,6 +9,8 @@ TORCH_VERSION ?= 2.13.0
 STAMP := $(VENV)/.ar-course-installed
 EXTRAS ?= course,kernels,triton,dev
 PYTEST_FLAGS ?=
+# test processes (pytest-xdist): CI has 2 cores; TEST_JOBS=0 runs everything in one process, auto uses every core
+TEST_JOBS ?= 2
 
 .PHONY: lab test site figures browser-deps install notebooks bench gpu-report doctor clean-venv help
 
@@ -59,8 +61,8 @@ lab: $(STAMP)
 # notebook top to bottom (any cell's error fails; 900 s per cell), keeping the executed copies in build/executed/
 # for `make site`.
 test: $(STAMP)
-	$(PY) -m pytest tests $(PYTEST_FLAGS)
-	$(PY) -m pytest -p no:cacheprovider tests/run_solutions.py $(PYTEST_FLAGS)
+	$(PY) -m pytest tests -n $(TEST_JOBS) --dist worksteal $(PYTEST_FLAGS)
+	$(PY) -m pytest -p no:cacheprovider tests/run_solutions.py -n $(TEST_JOBS) --dist worksteal $(PYTEST_FLAGS)
 
 # Static HTML course from the executed solutions (build/site/index.html): reuses build/executed/ from
 # `make test` and runs only a notebook whose executed copy is missing or was made from another version of it.

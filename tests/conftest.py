@@ -12,7 +12,7 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 def pytest_terminal_summary(terminalreporter):
     from fuzz_report import COUNTS
 
-    if COUNTS:
+    if COUNTS:  # under pytest-xdist, the workers' counts (added up by pytest_testnodedown below)
         terminalreporter.section("fuzz cases")
         for name, n in sorted(COUNTS.items()):
             terminalreporter.write_line(f"fuzz: {name}: {n} cases")
@@ -26,3 +26,24 @@ def _fresh_check_history():
     for name, module in list(sys.modules.items()):
         if name.startswith("ar_course.checks.ch"):
             module.chapter.reset()
+
+
+def pytest_sessionfinish(session):
+    """An xdist worker hands its fuzz case counts to the controller, which prints the summary."""
+    if hasattr(session.config, "workeroutput"):
+        from fuzz_report import COUNTS
+
+        session.config.workeroutput["fuzz_counts"] = dict(COUNTS)
+
+
+def pytest_configure(config):
+    if config.pluginmanager.hasplugin("xdist"):
+        config.pluginmanager.register(_FuzzCountsFromWorkers(), "fuzz-counts-from-workers")
+
+
+class _FuzzCountsFromWorkers:
+    def pytest_testnodedown(self, node, error):
+        from fuzz_report import record
+
+        for name, n in getattr(node, "workeroutput", {}).get("fuzz_counts", {}).items():
+            record(name, n)
