@@ -1,0 +1,11 @@
+"""Serving many requests from one model (chapter 09): a paged KV cache with reference-counted blocks
+(:mod:`.paged`), attention through block tables (:mod:`.attention`), prefix caching (:mod:`.prefix`), and an
+engine with continuous batching, chunked prefill and preemption by recomputation (:mod:`.engine`)."""
+
+from .attention import gather_kv, paged_attention
+from .engine import POLICIES, Engine, EngineConfig, Request, StepRecord, packed_forward
+from .paged import BlockAllocator, OutOfBlocks, PagedKVCache
+from .prefix import PrefixCache, prefix_block_hashes
+
+__all__ = ["BlockAllocator", "OutOfBlocks", "PagedKVCache", "gather_kv", "paged_attention", "PrefixCache",
+           "prefix_block_hashes", "Engine", "EngineConfig", "Request", "StepRecord", "POLICIES", "packed_forward"]
