@@ -9,3 +9,10 @@ from .prefix import PrefixCache, prefix_block_hashes
 
 __all__ = ["BlockAllocator", "OutOfBlocks", "PagedKVCache", "gather_kv", "paged_attention", "PrefixCache",
            "prefix_block_hashes", "Engine", "EngineConfig", "Request", "StepRecord", "POLICIES", "packed_forward"]
+from .compression import (  # noqa: E402
+    METHODS, CompressedAttention, dequantize, fake_quantize_kv, heldout_nll, kv_bytes_per_token, quantize,
+    sink_window_mask,
+)
+
+__all__ += ["METHODS", "CompressedAttention", "quantize", "dequantize", "fake_quantize_kv", "sink_window_mask",
+            "kv_bytes_per_token", "heldout_nll"]
