@@ -4,10 +4,10 @@ engine with continuous batching, chunked prefill and preemption by recomputation
 
 from .attention import gather_kv, paged_attention
 from .engine import POLICIES, Engine, EngineConfig, Request, StepRecord, packed_forward
-from .paged import BlockAllocator, OutOfBlocks, PagedKVCache
+from .paged import BlockAllocator, OutOfBlocks, PagedKVCache, slot_mapping
 from .prefix import PrefixCache, prefix_block_hashes
 
-__all__ = ["BlockAllocator", "OutOfBlocks", "PagedKVCache", "gather_kv", "paged_attention", "PrefixCache",
+__all__ = ["slot_mapping", "BlockAllocator", "OutOfBlocks", "PagedKVCache", "gather_kv", "paged_attention", "PrefixCache",
            "prefix_block_hashes", "Engine", "EngineConfig", "Request", "StepRecord", "POLICIES", "packed_forward"]
 from .compression import (  # noqa: E402
     METHODS, CompressedAttention, dequantize, fake_quantize_kv, heldout_nll, kv_bytes_per_token, quantize,

@@ -20,6 +20,13 @@ import torch
 from ar_course.utils import check_int
 
 
+def slot_mapping(block_table: torch.Tensor, positions: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Pool slots of sequence ``positions`` ``(n,)`` long through ``block_table`` ``(n_blocks,)`` long: position
+    ``p`` is at offset ``p % block_size`` of block ``block_table[p // block_size]``, so its slot is
+    ``block_table[p // block_size] * block_size + p % block_size``. Returns ``(n,)`` long."""
+    return block_table[positions // block_size] * block_size + positions % block_size
+
+
 class OutOfBlocks(RuntimeError):
     """The pool has fewer free blocks than a request for memory needs (the scheduler preempts on it)."""
 
@@ -150,9 +157,8 @@ class PagedKVCache:
         table = self.tables[seq]
         if start + n > len(table) * self.block_size:
             raise ValueError(f"positions up to {start + n} of sequence {seq} have no block: reserve them first")
-        pos = torch.arange(start, start + n)
-        blocks = torch.tensor(table, dtype=torch.long)[pos // self.block_size]  # (n,)
-        return (blocks * self.block_size + pos % self.block_size).to(self.k.device)
+        positions = torch.arange(start, start + n)  # (n,)
+        return slot_mapping(torch.tensor(table, dtype=torch.long), positions, self.block_size).to(self.k.device)
 
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store ``k, v`` ``(n, H, D)`` of ``layer`` at pool ``slots`` ``(n,)``."""
