@@ -4,7 +4,8 @@ Each :meth:`Engine.step` is one iteration of the scheduler (Orca's iteration-lev
 
 1. admit waiting requests, first come first served, while the batch has room and the pool has the blocks
    their tokens need (``policy="static"`` admits a new batch only when the last one has finished, and
-   reserves every sequence's maximum length up front, as a contiguous cache would);
+   reserves every sequence's memory up front, as a contiguous cache would: its prompt plus ``max_new_tokens``,
+   or ``static_reserve`` positions, e.g. the model's full length);
 2. schedule one token for every sequence that is decoding, then chunks of waiting prompts up to the step's
    token budget (chunked prefill); when the pool runs out of blocks, the most recently admitted sequence is
    *preempted*: its blocks are freed and it goes back to the front of the queue, to be recomputed later;
@@ -44,12 +45,15 @@ class EngineConfig:
     max_step_tokens: int = 256  # tokens in one forward pass (decodes + prefill chunks)
     policy: str = "continuous"  # "continuous" or "static"
     prefix_caching: bool = False
+    static_reserve: int | None = None  # static policy: positions reserved per sequence (None: what it needs)
 
     def __post_init__(self) -> None:
         for name in ("num_blocks", "block_size", "max_running", "max_step_tokens"):
             check_int(name, getattr(self, name), lo=1)
         if self.policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {self.policy!r}")
+        if self.static_reserve is not None:
+            check_int("static_reserve", self.static_reserve, lo=1)
         if self.max_step_tokens < self.max_running:
             raise ValueError(f"max_step_tokens ({self.max_step_tokens}) must be >= max_running ({self.max_running})")
 
@@ -230,12 +234,12 @@ class Engine:
             req.output.append(token)
             req.token_times.append(now)
             events.append((req.id, token))
+        self._record(now, batch, decodes)
         for req, _ in batch:
             if self.prefix is not None:
                 self.prefix.insert(req.tokens, self.cache.tables[req.id], req.computed)
             if len(req.output) >= req.max_new_tokens:
                 self._finish(req, "finished")
-        self._record(now, batch, decodes)
         return events
 
     def _admit(self) -> None:
@@ -248,7 +252,9 @@ class Engine:
             shared = []
             if self.prefix is not None:  # never the last token: its logits must be computed
                 shared = self.prefix.match(req.tokens, (len(req.tokens) - 1) // c.block_size)
-            need = req.kv_positions if c.policy == "static" else len(req.tokens)
+            need = len(req.tokens)
+            if c.policy == "static":
+                need = max(req.kv_positions, c.static_reserve or 0)
             blocks = -(-need // c.block_size) - len(shared)
             if blocks > self._free_blocks() - (len(self.running) if c.policy == "continuous" else 0):
                 break  # keep one block per running sequence for its next decode
