@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 TORCH_VERSION ?= 2.13.0
 STAMP := $(VENV)/.ar-course-installed
-EXTRAS ?= course,kernels,triton,dev
+EXTRAS ?= course,kernels,triton,serve,dev
 PYTEST_FLAGS ?=
 
 .PHONY: lab test site figures browser-deps install notebooks bench gpu-report doctor clean-venv help
