@@ -9,7 +9,9 @@ lengths, prompts cut from the held-out text):
   prefill tokens computed and TTFT;
 * memory wasted by paged blocks vs contiguous preallocation of the model's full length per sequence;
 * KV bytes per token vs held-out NLL of ``lm_target`` for each KV compression method (KIVI int8/int4/int2,
-  sinks + window at 1/4 of the cache, MiniCache-style merging).
+  sinks + window at 1/4 of the cache, MiniCache-style merging);
+* a load test of the HTTP server (``python -m ar_course serve``'s app) on 127.0.0.1: a bounded number of
+  concurrent streaming clients; latency and TTFT p50/p99 and whether every request completed.
 
 Writes ``benchmarks/results/serving.json`` and ``serving.png``::
 
@@ -110,6 +112,60 @@ def compression(model, val, args) -> list[dict]:
     return rows
 
 
+def http_load(model, tok, val, args) -> dict:
+    """A load test of ``python -m ar_course serve``'s app on 127.0.0.1: ``args.http_requests`` streamed requests
+    from ``args.http_clients`` concurrent clients; latency, TTFT and whether every request completed."""
+    import socket
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+    import uvicorn
+
+    from ar_course.serving.server import create_app
+
+    trace = make_trace(val, args.http_requests, seed=args.seed + 2, prompt_median=32, output_median=32, sigma=0.6)
+    app = create_app(Engine(model, EngineConfig(num_blocks=args.blocks, block_size=16, max_running=args.max_running)),
+                     tok, max_pending=args.http_clients, timeout_s=120.0)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+
+    def one(req) -> dict:
+        body = {"prompt": tok.decode(req.prompt), "max_tokens": req.max_new_tokens, "temperature": 0, "stream": True}
+        t0, first, chunks, finish = time.perf_counter(), None, 0, None
+        with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=180) as r:
+            for line in r.iter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                choice = json.loads(line[6:])["choices"][0]
+                first = first or time.perf_counter()
+                chunks += bool(choice["text"])
+                finish = choice["finish_reason"] or finish
+        return {"status": r.status_code, "latency": time.perf_counter() - t0, "ttft": (first or t0) - t0,
+                "tokens": chunks, "finish": finish, "wanted": req.max_new_tokens}
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(args.http_clients) as pool:
+        answers = list(pool.map(one, trace))
+    seconds = time.perf_counter() - t0
+    server.should_exit = True
+    thread.join(timeout=60)
+    pct = lambda key, q: float(torch.tensor([a[key] for a in answers]).quantile(q))  # noqa: E731
+    complete = sum(a["status"] == 200 and a["finish"] == "length" and a["tokens"] == a["wanted"] for a in answers)
+    return {"requests": len(answers), "clients": args.http_clients, "completed": complete,
+            "errors": sum(a["status"] != 200 for a in answers), "seconds": seconds,
+            "tokens_per_second": sum(a["tokens"] for a in answers) / seconds,
+            "latency_s": {"p50": pct("latency", 0.5), "p99": pct("latency", 0.99)},
+            "ttft_s": {"p50": pct("ttft", 0.5), "p99": pct("ttft", 0.99)}}
+
+
 def plot(result: dict, engines: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.2))
     for policy, engine in ((n, engines[n]) for n in ("static_max_length", "continuous")):
@@ -143,6 +199,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--blocks", type=int, default=96, help="KV pool size in blocks of 16")
     parser.add_argument("--max-running", type=int, default=16)
     parser.add_argument("--windows", type=int, default=16, help="held-out windows for the NLL")
+    parser.add_argument("--http-requests", type=int, default=32, help="load test requests (0: skip it)")
+    parser.add_argument("--http-clients", type=int, default=8, help="concurrent load-test clients")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -158,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         "model": "lm_target", "args": {k: str(v) for k, v in vars(args).items()},
         "batching": batch, "prefix_caching": prefix_caching(model, val, tok, args),
         "compression": compression(model, val, args),
+        "http": http_load(model, tok, val, args) if args.http_requests else None,
     }
     args.out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.out / "serving.json", json.dumps(result, indent=1) + "\n")
@@ -174,7 +233,13 @@ def main(argv: list[str] | None = None) -> int:
     for r in result["compression"]:
         print(f"{r['method']:12s} {r.get('merge_from', '')!s:3s} bytes {r['bytes_fraction']:.3f}  NLL {r['nll']:.4f} "
               f"({r['nll_change']:+.2%})")
-    return 0 if b["same_outputs"] and p["same_outputs"] else 1
+    h = result["http"]
+    if h:
+        print(f"HTTP load test: {h['completed']}/{h['requests']} completed, {h['errors']} errors, {h['clients']} clients, "
+              f"latency p50/p99 {h['latency_s']['p50']:.2f}/{h['latency_s']['p99']:.2f} s, TTFT p50/p99 "
+              f"{h['ttft_s']['p50']:.2f}/{h['ttft_s']['p99']:.2f} s, {h['tokens_per_second']:.1f} tok/s")
+    http_ok = h is None or h["completed"] == h["requests"]
+    return 0 if b["same_outputs"] and p["same_outputs"] and http_ok else 1
 
 
 if __name__ == "__main__":

@@ -146,3 +146,54 @@ def test_concurrent_clients_all_answered(server):
     assert results == [200] * 6
     health = httpx.get(f"{url}/health", timeout=10).json()
     assert health["pending"] == 0 and health["completed"]["length"] >= 6
+
+
+def test_cli_server_shuts_down_gracefully_on_ctrl_c(tmp_path):
+    """``python -m ar_course serve`` on 127.0.0.1: Ctrl-C (SIGINT) while streams are running lets each of them end
+    with a finish reason and [DONE], and the process exits 0."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    from concurrent.futures import ThreadPoolExecutor
+    from pathlib import Path
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "ar_course", "serve", "--model", "lm_draft", "--port", str(port),
+                             "--drain", "20"], env=env, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        started = threading.Event()
+
+        def stream(i):
+            body = {"prompt": f"Item {i}", "max_tokens": 300, "temperature": 0, "stream": True}
+            lines = []
+            with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=60) as r:
+                for line in r.iter_lines():
+                    if line.startswith("data: "):
+                        lines.append(line[6:])
+                        started.set()
+            return lines
+
+        with ThreadPoolExecutor(3) as pool:
+            futures = [pool.submit(stream, i) for i in range(3)]
+            assert started.wait(30)
+            proc.send_signal(signal.SIGINT)
+            results = [f.result(timeout=60) for f in futures]
+        assert proc.wait(timeout=60) == 0, proc.stderr.read().decode()[-2000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    for lines in results:
+        assert lines[-1] == "[DONE]"
+        assert json.loads(lines[-2])["choices"][0]["finish_reason"] in ("length", "cancelled")
