@@ -9,7 +9,7 @@ lengths, prompts cut from the held-out text):
   prefill tokens computed and TTFT;
 * memory wasted by paged blocks vs contiguous preallocation of the model's full length per sequence;
 * KV bytes per token vs held-out NLL of ``lm_target`` for each KV compression method (KIVI int8/int4/int2,
-  sinks + window at 1/4 of the cache, MiniCache-style merging);
+  sinks + window and H2O heavy hitters at 1/4 and 1/8 of the cache, MiniCache-style merging);
 * a load test of the HTTP server (``python -m ar_course serve``'s app) on 127.0.0.1: a bounded number of
   concurrent streaming clients; latency and TTFT p50/p99 and whether every request completed.
 
@@ -43,6 +43,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 SYSTEM_PROMPT = ("You are a careful assistant for the Python documentation. Answer with one short, correct "
                  "sentence, then stop. Question: ")
 METHODS = [("none", {}), ("int8", {}), ("int4", {}), ("int2", {}), ("sink_window", {"window": 96}),
+           ("sink_window", {"window": 48}), ("h2o", {"window": 96, "recent": 48}), ("h2o", {"window": 48, "recent": 24}),
            ("minicache", {"merge_from": 10}), ("minicache", {"merge_from": 6})]
 
 
@@ -183,7 +184,8 @@ def plot(result: dict, engines: dict, path: Path) -> None:
     axes[1].set(ylabel="output tokens / s",
                 title=f"throughput at equal KV memory: {b['speedup_vs_max_length']:.2f}x / {b['speedup']:.2f}x")
     for r in result["compression"]:
-        label = r["method"] + (f" from {r['merge_from']}" if "merge_from" in r else "")
+        label = r["method"] + (f" from {r['merge_from']}" if "merge_from" in r else "") + (
+            f" {r['window']}" if "window" in r else "")
         axes[2].scatter(r["bytes_fraction"], r["nll"])
         axes[2].annotate(label, (r["bytes_fraction"], r["nll"]), fontsize=8)
     axes[2].set(xlabel="KV bytes per token (fraction of fp16)", ylabel="held-out NLL (nats/char)",
@@ -231,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"prefix caching: prefill tokens -{p['prefill_drop']:.1%} (shared fraction {p['shared_fraction']:.1%}), "
           f"TTFT p50 {p['off']['ttft_s']['p50'] * 1e3:.0f} -> {p['on']['ttft_s']['p50'] * 1e3:.0f} ms")
     for r in result["compression"]:
-        print(f"{r['method']:12s} {r.get('merge_from', '')!s:3s} bytes {r['bytes_fraction']:.3f}  NLL {r['nll']:.4f} "
+        print(f"{r['method']:12s} {r.get('merge_from', r.get('window', ''))!s:3s} bytes {r['bytes_fraction']:.3f}  NLL {r['nll']:.4f} "
               f"({r['nll_change']:+.2%})")
     h = result["http"]
     if h:

@@ -56,3 +56,28 @@ def test_compressed_attention_limits_and_memory():
     assert kv_bytes_per_token(model.config, "minicache", 64, merge_from=2) < full
     with pytest.raises(ValueError, match="method"):
         CompressedAttention("fp4")
+
+
+def test_h2o_keeps_budget_entries_and_equals_full_attention_within_budget():
+    from ar_course.serving.compression import h2o_attention
+
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 2, 20, 4, generator=g) for _ in range(3))
+    full = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    torch.testing.assert_close(h2o_attention(q, k, v, budget=20, recent=5), full)
+    small = h2o_attention(q, k, v, budget=6, recent=2)
+    torch.testing.assert_close(small[:, :, :6], full[:, :, :6])  # nothing evicted before the cache is full
+    assert not torch.allclose(small, full)
+    # a key that draws all the attention is a heavy hitter: it survives eviction
+    k2 = k.clone()
+    k2[:, :, 0] = 0
+    q2 = q.clone()
+    q2[..., :] = 0
+    q2[..., 0] = 1.0
+    k2[:, :, 3, 0] = 50.0
+    v2 = torch.zeros_like(v)
+    v2[:, :, 3] = 1.0
+    out = h2o_attention(q2, k2, v2, budget=4, recent=1)
+    assert bool((out[:, :, 19, 0] > 0.99).all())
+    with pytest.raises(ValueError):
+        h2o_attention(q, k, v, budget=4, recent=4)

@@ -11,6 +11,10 @@ as a decoder reading the compressed cache would, so a full teacher-forced pass u
   unfinished group stay in full precision: a key/value is seen quantized only by queries after its group ends.
 * ``sink_window`` (StreamingLLM): keep the first ``sinks`` tokens (the attention sinks) and the last
   ``window - sinks`` ones; a query sees nothing else.
+* ``h2o`` (H2O, "Heavy-Hitter Oracle for Efficient Generative Inference"): a cache of ``window`` entries per
+  head, the ``recent`` newest tokens plus the *heavy hitters*, the older tokens with the largest attention
+  accumulated so far; when the cache is full, the older token with the least accumulated attention is evicted
+  for good. Simulated query by query, as a decoder would run it.
 * ``minicache``: from layer ``merge_from`` on, layers ``(l, l+1)`` share one key/value *direction* per token (the
   normalised mean of the two, a stand-in for MiniCache's SLERP at ``t = 1/2``) and keep their own norms.
 """
@@ -25,7 +29,7 @@ import torch.nn.functional as F
 
 from ar_course.transformer.model import GPTConfig, use_attention
 
-METHODS = ("none", "int8", "int4", "int2", "sink_window", "minicache")
+METHODS = ("none", "int8", "int4", "int2", "sink_window", "h2o", "minicache")
 QUANT_BITS = {"int8": 8, "int4": 4, "int2": 2}
 
 
@@ -68,12 +72,37 @@ def sink_window_mask(T: int, sinks: int, window: int, device: torch.device | str
     return (j <= i) & ((j < sinks) | (j > i - (window - sinks)))
 
 
+def h2o_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, budget: int, recent: int) -> torch.Tensor:
+    """Causal attention of ``q, k, v`` ``(B, H, T, D)`` through an H2O cache of ``budget`` entries per head:
+    query ``i`` sees the keys still cached after the earlier steps, plus its own; then, if the cache holds more
+    than ``budget``, the key outside the ``recent`` newest with the least accumulated attention is evicted.
+    Returns ``(B, H, T, D)``."""
+    if not 0 <= recent < budget:
+        raise ValueError(f"need 0 <= recent < budget, got recent={recent}, budget={budget}")
+    B, H, T, D = q.shape
+    scores = q @ k.transpose(-2, -1) / math.sqrt(D)  # (B, H, T, T)
+    kept = torch.zeros(B, H, T, dtype=torch.bool, device=q.device)
+    acc = torch.zeros(B, H, T, dtype=q.dtype, device=q.device)
+    out = torch.empty_like(q)
+    j = torch.arange(T, device=q.device)
+    for i in range(T):
+        kept[..., i] = True
+        p = scores[:, :, i].masked_fill(~kept, float("-inf")).softmax(-1)  # (B, H, T)
+        out[:, :, i] = (p[..., None] * v).sum(2)
+        acc += p
+        if i + 1 > budget:
+            old = kept & (j <= i - recent)  # (B, H, T): evictable
+            victim = acc.masked_fill(~old, float("inf")).argmin(-1, keepdim=True)  # (B, H, 1)
+            kept.scatter_(-1, victim, False)
+    return out
+
+
 @dataclass
 class CompressedAttention:
     """:data:`~ar_course.transformer.AttentionFn` of a causal full pass as seen through a compressed cache.
 
     ``method`` in :data:`METHODS`; ``group`` for quantization (the bits come from the method's name);
-    ``sinks``/``window`` for ``sink_window``; ``merge_from`` for ``minicache`` (the layers are counted as the
+    ``sinks``/``window`` for ``sink_window``; ``window``/``recent`` for ``h2o``; ``merge_from`` for ``minicache`` (the layers are counted as the
     function is called, so one instance serves one forward pass at a time)."""
 
     method: str = "none"
@@ -81,6 +110,7 @@ class CompressedAttention:
     sinks: int = 4
     window: int = 96
     merge_from: int = 6
+    recent: int = 48
     _layer: int = field(default=0, repr=False)
     _prev: tuple | None = field(default=None, repr=False)
 
@@ -95,6 +125,8 @@ class CompressedAttention:
         keep = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()  # (T, T)
         if self.method in QUANT_BITS:
             return self._quantized(q, k, v, QUANT_BITS[self.method])
+        if self.method == "h2o":
+            return h2o_attention(q, k, v, self.window, self.recent)
         if self.method == "sink_window":
             keep = sink_window_mask(T, self.sinks, self.window, q.device)
         elif self.method == "minicache":
@@ -133,9 +165,9 @@ class CompressedAttention:
 
 
 def kv_bytes_per_token(config: GPTConfig, method: str, context: int, *, bits_float: int = 16, group: int = 32,
-                       window: int = 96, merge_from: int = 6) -> float:
+                       window: int = 96, merge_from: int = 6, recent: int = 0) -> float:
     """KV-cache bytes per token of a ``context``-token sequence, all layers, keys and values, stored in
-    ``bits_float``-bit floats (scales and minima included for the quantized methods)."""
+    ``bits_float``-bit floats (scales and minima included for the quantized methods; ``recent`` is ignored)."""
     L, H, D, f = config.n_layer, config.n_head, config.head_dim, bits_float / 8
     full = 2 * L * H * D * f
     if method == "none":
@@ -147,6 +179,8 @@ def kv_bytes_per_token(config: GPTConfig, method: str, context: int, *, bits_flo
         return L * (keys + values)
     if method == "sink_window":
         return full * min(window, context) / context
+    if method == "h2o":  # plus one fp32 accumulated score per cached token, head and layer
+        return (full + L * H * 4) * min(window, context) / context
     if method == "minicache":
         pairs = (L - merge_from) // 2
         # a merged pair stores one direction per token and head plus two norms, instead of two vectors
