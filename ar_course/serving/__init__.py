@@ -1,6 +1,10 @@
 """Serving many requests from one model (chapter 09): a paged KV cache with reference-counted blocks
-(:mod:`.paged`), attention through block tables (:mod:`.attention`), prefix caching (:mod:`.prefix`), and an
-engine with continuous batching, chunked prefill and preemption by recomputation (:mod:`.engine`)."""
+(:mod:`.paged`), attention through block tables (:mod:`.attention`; a Triton kernel in
+:mod:`ar_course.kernels.triton_paged`), prefix caching (:mod:`.prefix`), an engine with continuous batching,
+chunked prefill and preemption by recomputation (:mod:`.engine`), KV compression measured for memory and
+quality (:mod:`.compression`), seeded request traces and serving metrics (:mod:`.trace`), the engine on its own
+thread (:mod:`.worker`) and the HTTP server of ``python -m ar_course serve`` (:mod:`.server`, extra ``[serve]``,
+not imported here)."""
 
 from .attention import gather_kv, paged_attention
 from .engine import POLICIES, Engine, EngineConfig, Request, StepRecord, packed_forward
@@ -10,9 +14,9 @@ from .prefix import PrefixCache, prefix_block_hashes
 __all__ = ["slot_mapping", "BlockAllocator", "OutOfBlocks", "PagedKVCache", "gather_kv", "paged_attention", "PrefixCache",
            "prefix_block_hashes", "Engine", "EngineConfig", "Request", "StepRecord", "POLICIES", "packed_forward"]
 from .compression import (  # noqa: E402
-    METHODS, CompressedAttention, dequantize, fake_quantize_kv, heldout_nll, kv_bytes_per_token, quantize,
-    sink_window_mask,
+    METHODS, CompressedAttention, dequantize, fake_quantize_kv, h2o_attention, heldout_nll, kv_bytes_per_token,
+    quantize, sink_window_mask,
 )
 
 __all__ += ["METHODS", "CompressedAttention", "quantize", "dequantize", "fake_quantize_kv", "sink_window_mask",
-            "kv_bytes_per_token", "heldout_nll"]
+            "h2o_attention", "kv_bytes_per_token", "heldout_nll"]
