@@ -7,12 +7,12 @@ thread (:mod:`.worker`) and the HTTP server of ``python -m ar_course serve`` (:m
 not imported here)."""
 
 from .attention import gather_kv, paged_attention
-from .engine import POLICIES, Engine, EngineConfig, Request, StepRecord, packed_forward
+from .engine import POLICIES, Engine, EngineConfig, Request, StepRecord, admits, packed_forward
 from .paged import BlockAllocator, OutOfBlocks, PagedKVCache, slot_mapping
 from .prefix import PrefixCache, prefix_block_hashes
 
 __all__ = ["slot_mapping", "BlockAllocator", "OutOfBlocks", "PagedKVCache", "gather_kv", "paged_attention", "PrefixCache",
-           "prefix_block_hashes", "Engine", "EngineConfig", "Request", "StepRecord", "POLICIES", "packed_forward"]
+           "prefix_block_hashes", "Engine", "EngineConfig", "admits", "Request", "StepRecord", "POLICIES", "packed_forward"]
 from .compression import (  # noqa: E402
     METHODS, CompressedAttention, dequantize, fake_quantize_kv, h2o_attention, heldout_nll, kv_bytes_per_token,
     quantize, sink_window_mask,

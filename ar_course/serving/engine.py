@@ -97,6 +97,13 @@ class StepRecord:
     tokens_stored: int
 
 
+def admits(need: int, free_blocks: int, in_batch: int, max_running: int, keep_per_sequence: int = 1) -> bool:
+    """The admission rule: a request needing ``need`` blocks joins a batch of ``in_batch`` sequences when the
+    batch is below ``max_running`` and ``need`` fits in ``free_blocks`` minus ``keep_per_sequence`` blocks kept
+    for the next token of every sequence already in the batch (0 when their memory is reserved up front)."""
+    return in_batch < max_running and need <= free_blocks - keep_per_sequence * in_batch
+
+
 class _PackedStep:
     """The ``cache`` a GPT's layers see in a packed pass: ``append`` writes the new keys and values
     ``(1, H, T, D)`` at their slots and returns every scheduled sequence's keys and values ``(1, H, T_k, D)``."""
@@ -247,6 +254,7 @@ class Engine:
         c = self.config
         if c.policy == "static" and self.running:
             return
+        keep = 1 if c.policy == "continuous" else 0
         while self.waiting and len(self.running) < c.max_running:
             req = self.waiting[0]
             shared = []
@@ -256,8 +264,8 @@ class Engine:
             if c.policy == "static":
                 need = max(req.kv_positions, c.static_reserve or 0)
             blocks = -(-need // c.block_size) - len(shared)
-            if blocks > self._free_blocks() - (len(self.running) if c.policy == "continuous" else 0):
-                break  # keep one block per running sequence for its next decode
+            if not admits(blocks, self._free_blocks(), len(self.running), c.max_running, keep):
+                break  # first come, first served: no request overtakes this one
             self.cache.add(req.id, shared, len(shared) * c.block_size)
             try:
                 self._reserve(req, need - len(shared) * c.block_size)

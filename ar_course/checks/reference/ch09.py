@@ -1,11 +1,13 @@
 """Chapter 09 reference that the library does not call.
 
-* :func:`admit` -- exercise 9.3: the admission rule of :meth:`ar_course.serving.Engine.step` written over a
-  whole queue at once. The engine applies the same rule one request at a time, because with prefix caching a
-  request's need is only known once its prefix has been matched.
+* :func:`admit` -- exercise 9.3: the engine's admission rule (:func:`ar_course.serving.admits`) applied to a
+  whole queue at once. The engine applies it one request at a time, because with prefix caching a request's
+  need is only known once its prefix has been matched.
 """
 
 from __future__ import annotations
+
+from ar_course.serving.engine import admits
 
 
 def admit(needs: list[int], free_blocks: int, num_running: int, max_running: int) -> int:
@@ -18,8 +20,7 @@ def admit(needs: list[int], free_blocks: int, num_running: int, max_running: int
     stops admission (no overtaking)."""
     admitted = 0
     for need in needs:
-        running = num_running + admitted
-        if running >= max_running or need > free_blocks - running:
+        if not admits(need, free_blocks, num_running + admitted, max_running):
             break
         free_blocks -= need
         admitted += 1
