@@ -43,7 +43,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 SYSTEM_PROMPT = ("You are a careful assistant for the Python documentation. Answer with one short, correct "
                  "sentence, then stop. Question: ")
 METHODS = [("none", {}), ("int8", {}), ("int4", {}), ("int2", {}), ("sink_window", {"window": 96}),
-           ("sink_window", {"window": 48}), ("h2o", {"window": 96, "recent": 48}), ("h2o", {"window": 48, "recent": 24}),
+           ("sink_window", {"window": 48}), ("h2o", {"window": 96, "recent": 48}),
+           ("h2o", {"window": 48, "recent": 24}),
            ("minicache", {"merge_from": 10}), ("minicache", {"merge_from": 6})]
 
 
@@ -233,11 +234,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"prefix caching: prefill tokens -{p['prefill_drop']:.1%} (shared fraction {p['shared_fraction']:.1%}), "
           f"TTFT p50 {p['off']['ttft_s']['p50'] * 1e3:.0f} -> {p['on']['ttft_s']['p50'] * 1e3:.0f} ms")
     for r in result["compression"]:
-        print(f"{r['method']:12s} {r.get('merge_from', r.get('window', ''))!s:3s} bytes {r['bytes_fraction']:.3f}  NLL {r['nll']:.4f} "
+        setting = r.get("merge_from", r.get("window", ""))
+        print(f"{r['method']:12s} {setting!s:3s} bytes {r['bytes_fraction']:.3f}  NLL {r['nll']:.4f} "
               f"({r['nll_change']:+.2%})")
     h = result["http"]
     if h:
-        print(f"HTTP load test: {h['completed']}/{h['requests']} completed, {h['errors']} errors, {h['clients']} clients, "
+        print(f"HTTP load test: {h['completed']}/{h['requests']} completed, {h['errors']} errors, {h['clients']} "
+              f"clients, "
               f"latency p50/p99 {h['latency_s']['p50']:.2f}/{h['latency_s']['p99']:.2f} s, TTFT p50/p99 "
               f"{h['ttft_s']['p50']:.2f}/{h['ttft_s']['p99']:.2f} s, {h['tokens_per_second']:.1f} tok/s")
     http_ok = h is None or h["completed"] == h["requests"]

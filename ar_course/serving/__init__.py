@@ -11,8 +11,9 @@ from .engine import POLICIES, Engine, EngineConfig, Request, StepRecord, admits,
 from .paged import BlockAllocator, OutOfBlocks, PagedKVCache, slot_mapping
 from .prefix import PrefixCache, prefix_block_hashes
 
-__all__ = ["slot_mapping", "BlockAllocator", "OutOfBlocks", "PagedKVCache", "gather_kv", "paged_attention", "PrefixCache",
-           "prefix_block_hashes", "Engine", "EngineConfig", "admits", "Request", "StepRecord", "POLICIES", "packed_forward"]
+__all__ = ["slot_mapping", "BlockAllocator", "OutOfBlocks", "PagedKVCache", "gather_kv", "paged_attention",
+           "PrefixCache", "prefix_block_hashes", "Engine", "EngineConfig", "admits", "Request", "StepRecord",
+           "POLICIES", "packed_forward"]
 from .compression import (  # noqa: E402
     METHODS, CompressedAttention, dequantize, fake_quantize_kv, h2o_attention, heldout_nll, kv_bytes_per_token,
     quantize, sink_window_mask,

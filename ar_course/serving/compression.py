@@ -102,7 +102,8 @@ class CompressedAttention:
     """:data:`~ar_course.transformer.AttentionFn` of a causal full pass as seen through a compressed cache.
 
     ``method`` in :data:`METHODS`; ``group`` for quantization (the bits come from the method's name);
-    ``sinks``/``window`` for ``sink_window``; ``window``/``recent`` for ``h2o``; ``merge_from`` for ``minicache`` (the layers are counted as the
+    ``sinks``/``window`` for ``sink_window``; ``window``/``recent`` for ``h2o``; ``merge_from`` for
+    ``minicache`` (the layers are counted as the
     function is called, so one instance serves one forward pass at a time)."""
 
     method: str = "none"

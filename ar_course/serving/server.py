@@ -27,7 +27,7 @@ def _fastapi():
         import pydantic
         import uvicorn
     except ImportError as exc:
-        raise RuntimeError(f"serving over HTTP needs FastAPI and uvicorn: pip install -e \".[serve]\" ({exc})") from None
+        raise RuntimeError(f"serving over HTTP needs FastAPI and uvicorn: pip install -e '.[serve]' ({exc})") from None
     return fastapi, pydantic, uvicorn
 
 
