@@ -170,7 +170,7 @@ def test_sampled_outputs_do_not_depend_on_the_batch(tiny):
 @given(st.lists(st.tuples(st.integers(1, 12), st.integers(0, 9), st.sampled_from(["run", "cancel", "step"])),
                 min_size=1, max_size=8),
        st.integers(11, 24), st.booleans())
-def test_no_block_leaks_after_any_mix_of_requests(tiny, ops, num_blocks, caching):
+def test_no_block_leaks_and_greedy_outputs_after_any_mix_of_requests(tiny, ops, num_blocks, caching):
     engine = Engine(tiny, EngineConfig(num_blocks=num_blocks, block_size=2, max_running=3, max_step_tokens=6,
                                        prefix_caching=caching))
     ids = []
@@ -181,8 +181,13 @@ def test_no_block_leaks_after_any_mix_of_requests(tiny, ops, num_blocks, caching
             engine.cancel(ids[len(ids) // 2])
         elif action == "step":
             engine.step()
-    engine.run()
+    out = engine.run()
     assert all(engine.requests[i].status in ("finished", "cancelled") for i in ids)
+    for i in ids:  # whatever the arrival order, chunking, preemption or caching: the tokens of generate alone
+        r = engine.requests[i]
+        if r.status == "finished" and r.output:
+            alone = tiny.generate(torch.tensor(r.prompt)[None], r.max_new_tokens, sampling=GREEDY)
+            assert out[i] == alone[0, len(r.prompt):].tolist()
     held = len(engine.prefix.blocks) if caching else 0
     assert engine.cache.allocator.num_used == held and not engine.cache.tables
     if caching:
