@@ -9,6 +9,9 @@ as a decoder reading the compressed cache would, so a full teacher-forced pass u
 * ``int8`` / ``int4`` / ``int2`` (KIVI): asymmetric min-max quantization, keys **per channel** over groups of ``group``
   tokens (key outliers live in a few channels), values **per token**. As in KIVI, the newest tokens of an
   unfinished group stay in full precision: a key/value is seen quantized only by queries after its group ends.
+* ``int8_pool``: what :class:`~ar_course.serving.PagedKVCache` ``(kv_bits=8)`` stores, so what the engine
+  computes with: keys and values per token and head, quantized when written (the new token's own included),
+  their ``(scale, minimum)`` kept in float16.
 * ``sink_window`` (StreamingLLM): keep the first ``sinks`` tokens (the attention sinks) and the last
   ``window - sinks`` ones; a query sees nothing else.
 * ``h2o`` (H2O, "Heavy-Hitter Oracle for Efficient Generative Inference"): a cache of ``window`` entries per
@@ -29,7 +32,7 @@ import torch.nn.functional as F
 
 from ar_course.transformer.model import GPTConfig, use_attention
 
-METHODS = ("none", "int8", "int4", "int2", "sink_window", "h2o", "minicache")
+METHODS = ("none", "int8", "int4", "int2", "int8_pool", "sink_window", "h2o", "minicache")
 QUANT_BITS = {"int8": 8, "int4": 4, "int2": 2}
 
 
@@ -60,6 +63,13 @@ def fake_quantize_kv(k: torch.Tensor, v: torch.Tensor, bits: int, group: int) ->
     k_hat = dequantize(*quantize(kp, bits, dim=3)).view(B, H, T + pad, D)[:, :, :T]  # (B, H, T, D)
     v_hat = dequantize(*quantize(v, bits, dim=3))  # (B, H, T, D)
     return k_hat, v_hat
+
+
+def pool_int8(x: torch.Tensor) -> torch.Tensor:
+    """``x`` ``(..., D)`` as the int8 paged pool returns it: codes per row over ``D``, the row's scale and minimum
+    rounded to float16."""
+    codes, scale, lo = quantize(x, 8, dim=-1)
+    return dequantize(codes, scale.half().to(x.dtype), lo.half().to(x.dtype))
 
 
 def sink_window_mask(T: int, sinks: int, window: int, device: torch.device | str | None = None) -> torch.Tensor:
@@ -126,6 +136,8 @@ class CompressedAttention:
         keep = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()  # (T, T)
         if self.method in QUANT_BITS:
             return self._quantized(q, k, v, QUANT_BITS[self.method])
+        if self.method == "int8_pool":
+            k, v = pool_int8(k), pool_int8(v)
         if self.method == "h2o":
             return h2o_attention(q, k, v, self.window, self.recent)
         if self.method == "sink_window":
@@ -178,6 +190,8 @@ def kv_bytes_per_token(config: GPTConfig, method: str, context: int, *, bits_flo
         keys = H * D * b / 8 + 2 * H * D * f / group  # codes + a (scale, min) per channel per group
         values = H * D * b / 8 + 2 * H * f  # codes + a (scale, min) per token per head
         return L * (keys + values)
+    if method == "int8_pool":  # one byte per number, a float16 (scale, min) per token and head
+        return 2 * L * H * (D + 2 * f)
     if method == "sink_window":
         return full * min(window, context) / context
     if method == "h2o":  # plus one fp32 accumulated score per cached token, head and layer

@@ -46,12 +46,15 @@ class EngineConfig:
     policy: str = "continuous"  # "continuous" or "static"
     prefix_caching: bool = False
     static_reserve: int | None = None  # static policy: positions reserved per sequence (None: what it needs)
+    kv_bits: int | None = None  # 8: the pool stores int8 codes per token and head (None: the model's dtype)
 
     def __post_init__(self) -> None:
         for name in ("num_blocks", "block_size", "max_running", "max_step_tokens"):
             check_int(name, getattr(self, name), lo=1)
         if self.policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {self.policy!r}")
+        if self.kv_bits not in (None, 8):
+            raise ValueError(f"kv_bits must be None or 8, got {self.kv_bits!r}")
         if self.static_reserve is not None:
             check_int("static_reserve", self.static_reserve, lo=1)
         if self.max_step_tokens < self.max_running:
@@ -113,9 +116,7 @@ class _PackedStep:
 
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         self.cache.write(layer, self.write_slots, k[0].transpose(0, 1), v[0].transpose(0, 1))  # (T, H, D)
-        H, D = self.cache.k.shape[-2:]
-        keys = self.cache.k[layer].view(-1, H, D)[self.key_slots]  # (T_k, H, D)
-        values = self.cache.v[layer].view(-1, H, D)[self.key_slots]  # (T_k, H, D)
+        keys, values = self.cache.read(layer, self.key_slots)  # (T_k, H, D)
         return keys.transpose(0, 1)[None], values.transpose(0, 1)[None]  # (1, H, T_k, D)
 
 
@@ -159,7 +160,7 @@ class Engine:
         if not isinstance(config, EngineConfig):
             raise TypeError(f"config must be an EngineConfig, got {type(config).__name__}")
         self.model, self.config, self.clock = model, config, clock
-        self.cache = PagedKVCache.for_model(model, config.num_blocks, config.block_size)
+        self.cache = PagedKVCache.for_model(model, config.num_blocks, config.block_size, config.kv_bits)
         self.prefix = PrefixCache(self.cache) if config.prefix_caching else None
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []

@@ -17,6 +17,7 @@ from collections import deque
 
 import torch
 
+from ar_course.serving.compression import dequantize, quantize
 from ar_course.utils import check_int
 
 
@@ -77,32 +78,44 @@ class PagedKVCache:
     ``k``, ``v``: ``(n_layer, num_blocks, block_size, H, D)``. ``tables[seq]``: the sequence's block ids;
     ``lengths[seq]``: how many of its positions hold keys and values. A sequence grows with
     :meth:`reserve` (allocating blocks, copying a shared last block) then :meth:`slots` / :meth:`write`;
-    :meth:`free` gives its blocks back."""
+    :meth:`read` gives keys and values back; :meth:`free` gives its blocks back.
+
+    ``kv_bits=8`` stores ``k``, ``v`` as uint8 codes with a float16 ``(scale, minimum)`` per token and head
+    (``k_stats``, ``v_stats``: ``(n_layer, num_blocks, block_size, H, 2)``): asymmetric min-max quantization over
+    the head dimension, written once per token, dequantized on :meth:`read` (``dtype`` is what it returns)."""
 
     def __init__(self, n_layer: int, n_head: int, head_dim: int, num_blocks: int, block_size: int,
-                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, kv_bits: int | None = None):
         self.block_size = check_int("block_size", block_size, lo=1)
+        if kv_bits not in (None, 8):
+            raise ValueError(f"kv_bits must be None (full precision) or 8, got {kv_bits!r}")
         self.allocator = BlockAllocator(num_blocks)
+        self.dtype, self.kv_bits = dtype, kv_bits
         shape = (n_layer, num_blocks, block_size, n_head, head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        store = torch.uint8 if kv_bits else dtype
+        self.k = torch.zeros(shape, device=device, dtype=store)
+        self.v = torch.zeros(shape, device=device, dtype=store)
+        stats = (*shape[:-1], 2) if kv_bits else (n_layer, num_blocks, 0, n_head, 2)
+        self.k_stats = torch.zeros(stats, device=device, dtype=torch.float16)
+        self.v_stats = torch.zeros(stats, device=device, dtype=torch.float16)
         self.tables: dict[int, list[int]] = {}
         self.lengths: dict[int, int] = {}
         self.copies = 0  # copy-on-write copies made so far
 
     @classmethod
-    def for_model(cls, model: torch.nn.Module, num_blocks: int, block_size: int) -> PagedKVCache:
+    def for_model(cls, model: torch.nn.Module, num_blocks: int, block_size: int, kv_bits: int | None = None
+                  ) -> PagedKVCache:
         """A cache shaped for a :class:`~ar_course.transformer.GPT` on its device and dtype."""
         c, p = model.config, model.wte.weight
-        return cls(c.n_layer, c.n_head, c.head_dim, num_blocks, block_size, p.device, p.dtype)
+        return cls(c.n_layer, c.n_head, c.head_dim, num_blocks, block_size, p.device, p.dtype, kv_bits)
 
     @property
     def num_blocks(self) -> int:
         return self.allocator.num_blocks
 
     def bytes_per_block(self) -> int:
-        """Bytes one block holds over all layers, keys and values."""
-        per = self.k[:, 0].numel() * self.k.element_size()
+        """Bytes one block holds over all layers, keys and values (codes and their statistics)."""
+        per = self.k[:, 0].numel() * self.k.element_size() + self.k_stats[:, 0].numel() * self.k_stats.element_size()
         return 2 * per
 
     def add(self, seq: int, shared: list[int] | None = None, length: int = 0) -> None:
@@ -146,8 +159,8 @@ class PagedKVCache:
     def _copy(self, block: int) -> int:
         """A private copy of shared ``block`` (every layer); the shared one loses this reference."""
         new = self.allocator.allocate()
-        self.k[:, new] = self.k[:, block]
-        self.v[:, new] = self.v[:, block]
+        for pool in (self.k, self.v, self.k_stats, self.v_stats):
+            pool[:, new] = pool[:, block]
         self.allocator.release(block)
         self.copies += 1
         return new
@@ -161,9 +174,26 @@ class PagedKVCache:
         return slot_mapping(torch.tensor(table, dtype=torch.long), positions, self.block_size).to(self.k.device)
 
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store ``k, v`` ``(n, H, D)`` of ``layer`` at pool ``slots`` ``(n,)``."""
-        self.k[layer].view(-1, *self.k.shape[-2:])[slots] = k.to(self.k.dtype)  # (num_blocks * bs, H, D)
-        self.v[layer].view(-1, *self.v.shape[-2:])[slots] = v.to(self.v.dtype)
+        """Store ``k, v`` ``(n, H, D)`` of ``layer`` at pool ``slots`` ``(n,)`` (quantized when ``kv_bits``)."""
+        for pool, stats, x in ((self.k, self.k_stats, k), (self.v, self.v_stats, v)):
+            rows = pool[layer].view(-1, *pool.shape[-2:])  # (num_blocks * bs, H, D)
+            if self.kv_bits is None:
+                rows[slots] = x.to(pool.dtype)
+                continue
+            codes, scale, lo = quantize(x.float(), self.kv_bits, dim=-1)  # scale, lo: (n, H, 1)
+            rows[slots] = codes
+            stats[layer].view(-1, *stats.shape[-2:])[slots] = torch.cat([scale, lo], -1).to(stats.dtype)
+
+    def read(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of ``layer`` at pool ``slots`` ``(n,)``: each ``(n, H, D)`` in ``dtype``."""
+        out = []
+        for pool, stats in ((self.k, self.k_stats), (self.v, self.v_stats)):
+            x = pool[layer].view(-1, *pool.shape[-2:])[slots]  # (n, H, D)
+            if self.kv_bits is not None:
+                s = stats[layer].view(-1, *stats.shape[-2:])[slots].to(self.dtype)  # (n, H, 2)
+                x = dequantize(x, s[..., :1], s[..., 1:])
+            out.append(x.to(self.dtype))  # with kv_bits: compression.pool_int8 of what was written
+        return out[0], out[1]
 
     def advance(self, seq: int, n: int) -> None:
         """Mark ``n`` more positions of ``seq`` written (on every layer)."""
