@@ -5,6 +5,7 @@ lengths, prompts cut from the held-out text):
 
 * static batching vs continuous batching at equal KV memory (same pool of blocks): output tokens per second,
   time to first token and time per output token (p50/p99), KV memory over time; the same greedy outputs;
+  continuous batching over an int8 pool: speed, bytes, and how many requests get the full-precision tokens;
 * continuous batching with and without prefix caching on a trace whose requests share a system prompt:
   prefill tokens computed and TTFT;
 * memory wasted by paged blocks vs contiguous preallocation of the model's full length per sequence;
@@ -42,7 +43,7 @@ from ar_course.transformer import load_pretrained  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "results"
 SYSTEM_PROMPT = ("You are a careful assistant for the Python documentation. Answer with one short, correct "
                  "sentence, then stop. Question: ")
-METHODS = [("none", {}), ("int8", {}), ("int4", {}), ("int2", {}), ("sink_window", {"window": 96}),
+METHODS = [("none", {}), ("int8", {}), ("int4", {}), ("int2", {}), ("int8_pool", {}), ("sink_window", {"window": 96}),
            ("sink_window", {"window": 48}), ("h2o", {"window": 96, "recent": 48}),
            ("h2o", {"window": 48, "recent": 24}),
            ("minicache", {"merge_from": 10}), ("minicache", {"merge_from": 6})]
@@ -68,6 +69,13 @@ def batching(model, val, args) -> tuple[dict, dict]:
                               max_step_tokens=256, policy=policy, static_reserve=reserve)
         results[name], engines[name] = run_engine(model, trace, config)
     same = all(results[n]["outputs"] == results["continuous"]["outputs"] for n in policies)
+    int8 = EngineConfig(num_blocks=args.blocks, block_size=16, max_running=args.max_running, max_step_tokens=256,
+                        kv_bits=8)
+    results["continuous_int8"], _ = run_engine(model, trace, int8)
+    ref, got = results["continuous"]["outputs"], results["continuous_int8"].pop("outputs")
+    results["continuous_int8"]["identical_requests"] = sum(got[i] == o for i, o in ref.items()) / len(ref)
+    results["continuous_int8"]["bytes_per_block_vs_fp32"] = (Engine(model, int8).cache.bytes_per_block()
+                                                             / Engine(model, EngineConfig()).cache.bytes_per_block())
     for name in policies:
         del results[name]["outputs"]
     results["same_outputs"] = same
@@ -228,6 +236,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"throughput static max-length {b['static_max_length']['tokens_per_second']:.1f} tok/s, static exact "
           f"{b['static']['tokens_per_second']:.1f} tok/s, continuous {b['continuous']['tokens_per_second']:.1f} tok/s "
           f"({b['speedup_vs_max_length']:.2f}x / {b['speedup']:.2f}x), same outputs {b['same_outputs']}")
+    i8 = b["continuous_int8"]
+    print(f"int8 pool: {i8['tokens_per_second']:.1f} tok/s, {i8['bytes_per_block_vs_fp32']:.3f} of the fp32 bytes, "
+          f"{i8['identical_requests']:.0%} of requests identical to full precision")
     print(f"paged waste {b['continuous']['paged_waste_fraction']:.1%} "
           f"({b['continuous']['paged_waste_blocks_per_sequence']:.2f} blocks/seq) vs contiguous "
           f"{b['continuous']['contiguous_waste_fraction']:.1%}")
