@@ -21,6 +21,15 @@ from ar_course.transformer import GPT, GPTConfig, load_pretrained
 GREEDY = SamplingConfig(temperature=0.0)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Small engine steps are all overhead: one torch thread is fastest, and steady on a shared CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def tiny() -> GPT:
     torch.manual_seed(0)

@@ -12,6 +12,15 @@ from ar_course.serving.compression import (
 from ar_course.transformer import GPT, GPTConfig
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Small models gain nothing from threads, and the machine is shared: one torch thread while this runs."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("bits", [2, 4, 8])
 def test_quantize_round_trip_is_within_half_a_step(bits):
     x = torch.randn(3, 5, 40, generator=torch.Generator().manual_seed(bits)) * 3
