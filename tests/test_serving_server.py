@@ -130,6 +130,7 @@ def test_completion_whole_and_streamed_equal_generate(server):
     ({"prompt": "hi", "temperature": -1}, "temperature"),
     ({"prompt": "h\u00e9llo", "max_tokens": 5}, "vocabulary"),
     ({"max_tokens": 5}, "prompt"),
+    ({"prompt": "hi", "model": "gpt-4"}, "serves 'lm_draft'"),
 ])
 def test_bad_requests_get_a_clear_4xx(server, body, says):
     url = server[0]

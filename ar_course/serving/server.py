@@ -1,10 +1,11 @@
 """``python -m ar_course serve``: an OpenAI-style completions endpoint over the serving engine (extra ``[serve]``).
 
 ``POST /v1/completions`` with ``{"prompt": str, "max_tokens": int, "temperature", "top_k", "top_p", "seed",
-"stream": bool, "model": str}`` (any other field is refused). With ``"stream": true`` the answer is server-sent
-events, one ``data: {...}`` chunk per token and ``data: [DONE]`` at the end; otherwise one JSON object. Every
-bad request gets a 4xx with ``{"error": {"message": ..., "type": "invalid_request_error"}}``; a full queue gets
-503. Shutdown (Ctrl-C) finishes the requests in flight for up to ``--drain`` seconds and ends the others with
+"stream": bool, "model": str, "timeout_s": float}`` (any other field is refused; a ``model`` other than the
+one served is a 404; a request past its timeout ends with ``finish_reason: "timeout"``). With ``"stream":
+true`` the answer is server-sent events, one ``data: {...}`` chunk per token and ``data: [DONE]`` at the end;
+otherwise one JSON object. Every bad request gets a 4xx with ``{"error": {"message": ..., "type":
+"invalid_request_error"}}``; a full queue gets 503. Shutdown (Ctrl-C) finishes the requests in flight for up to ``--drain`` seconds and ends the others with
 ``finish_reason: "cancelled"``: none is dropped silently. ``GET /health`` reports the queue.
 
 Needs FastAPI and uvicorn (``pip install -e ".[serve]"``); imported only by this command.
@@ -110,6 +111,8 @@ def create_app(engine: Engine, tokenizer, *, model_name: str = "lm_target", max_
 
 async def _complete(fastapi, worker: EngineWorker, tokenizer, body, model_name: str):
     """Submit one completion and answer it, streamed or whole."""
+    if body.model is not None and body.model != model_name:
+        return _error(fastapi, 404, f"model {body.model!r} is not served here; this server serves {model_name!r}")
     try:
         prompt = tokenizer.encode(body.prompt).tolist()
         sampling = SamplingConfig(temperature=body.temperature, top_k=body.top_k, top_p=body.top_p)
