@@ -5,8 +5,9 @@
 one served is a 404; a request past its timeout ends with ``finish_reason: "timeout"``). With ``"stream":
 true`` the answer is server-sent events, one ``data: {...}`` chunk per token and ``data: [DONE]`` at the end;
 otherwise one JSON object. Every bad request gets a 4xx with ``{"error": {"message": ..., "type":
-"invalid_request_error"}}``; a full queue gets 503. Shutdown (Ctrl-C) finishes the requests in flight for up to ``--drain`` seconds and ends the others with
-``finish_reason: "cancelled"``: none is dropped silently. ``GET /health`` reports the queue.
+"invalid_request_error"}}``; a full queue gets 503. Shutdown (Ctrl-C) finishes the requests in flight for up
+to ``--drain`` seconds and ends the others with ``finish_reason: "cancelled"``: none is dropped silently.
+``GET /health`` reports the queue.
 
 Needs FastAPI and uvicorn (``pip install -e ".[serve]"``); imported only by this command.
 """
