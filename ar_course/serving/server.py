@@ -5,9 +5,10 @@
 one served is a 404; a request past its timeout ends with ``finish_reason: "timeout"``). With ``"stream":
 true`` the answer is server-sent events, one ``data: {...}`` chunk per token and ``data: [DONE]`` at the end;
 otherwise one JSON object. Every bad request gets a 4xx with ``{"error": {"message": ..., "type":
-"invalid_request_error"}}``; a full queue gets 503. Shutdown (Ctrl-C) finishes the requests in flight for up
-to ``--drain`` seconds and ends the others with ``finish_reason: "cancelled"``: none is dropped silently.
-``GET /health`` reports the queue.
+"invalid_request_error"}}``; a full queue gets 503. Shutdown (Ctrl-C): uvicorn stops accepting connections
+and lets every request in flight finish (each bounded by its timeout), so each gets its last chunk with a
+finish reason; then the engine's worker waits up to ``--drain`` seconds for anything left (requests whose
+client went away) and ends it with ``"cancelled"``. ``GET /health`` reports the queue.
 
 Needs FastAPI and uvicorn (``pip install -e ".[serve]"``); imported only by this command.
 """
@@ -165,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prefix-caching", action="store_true")
     parser.add_argument("--max-pending", type=int_in(1), default=64, help="requests in flight before 503")
     parser.add_argument("--timeout", type=float_in(0, lo_open=True), default=60.0, help="seconds a request may take")
-    parser.add_argument("--drain", type=float_in(0), default=10.0, help="seconds to finish requests on shutdown")
+    parser.add_argument("--drain", type=float_in(0), default=10.0, help="seconds the worker waits for leftovers at shutdown")
     args = parser.parse_args(argv)
     _, _, uvicorn = _fastapi()
     from ar_course.transformer import load_pretrained
