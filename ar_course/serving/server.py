@@ -166,7 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prefix-caching", action="store_true")
     parser.add_argument("--max-pending", type=int_in(1), default=64, help="requests in flight before 503")
     parser.add_argument("--timeout", type=float_in(0, lo_open=True), default=60.0, help="seconds a request may take")
-    parser.add_argument("--drain", type=float_in(0), default=10.0, help="seconds the worker waits for leftovers at shutdown")
+    parser.add_argument("--drain", type=float_in(0), default=10.0,
+                        help="seconds the worker waits for leftovers at shutdown")
     args = parser.parse_args(argv)
     _, _, uvicorn = _fastapi()
     from ar_course.transformer import load_pretrained
