@@ -239,3 +239,11 @@ def test_int8_pool_engine_equals_generate_through_the_same_quantization(lm):
     assert engine.cache.bytes_per_block() / full.bytes_per_block() == pytest.approx((32 + 4) / (4 * 32))
     with pytest.raises(ValueError, match="kv_bits"):
         EngineConfig(kv_bits=4)
+
+
+def test_prefix_hits_count_reused_blocks(tiny):
+    engine = Engine(tiny, EngineConfig(num_blocks=64, block_size=4, max_running=1, prefix_caching=True))
+    for _ in range(3):
+        engine.add_request(list(range(1, 11)), 2)  # 10 tokens: 2 full blocks reusable (never the last token's)
+    engine.run()
+    assert engine.prefix.hits == 2 * 2

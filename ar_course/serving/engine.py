@@ -276,6 +276,8 @@ class Engine:
             self.waiting.popleft()
             req.computed, req.status = len(shared) * c.block_size, "running"
             self.running.append(req)
+            if self.prefix is not None:
+                self.prefix.hits += len(shared)
 
     def _free_blocks(self) -> int:
         return self.cache.allocator.num_free + (self.prefix.evictable() if self.prefix is not None else 0)

@@ -32,7 +32,7 @@ class PrefixCache:
     def __init__(self, cache: PagedKVCache):
         self.cache = cache
         self.blocks: OrderedDict[int, int] = OrderedDict()  # prefix hash -> block id
-        self.hits = 0  # blocks reused so far
+        self.hits = 0  # blocks reused by admitted requests so far (the engine counts them)
 
     def match(self, tokens: Sequence[int], limit: int) -> list[int]:
         """The cached blocks that hold the longest cached prefix of ``tokens``, at most ``limit`` blocks."""
@@ -43,7 +43,6 @@ class PrefixCache:
                 break
             self.blocks.move_to_end(h)
             found.append(block)
-        self.hits += len(found)
         return found
 
     def insert(self, tokens: Sequence[int], table: Sequence[int], computed: int) -> None:
