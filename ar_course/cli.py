@@ -36,6 +36,7 @@ COMMANDS = {
     "doctor": ("ar_course.doctor", "check that this machine can run the course"),
     "grade": ("ar_course.grade", "execute a notebook's exercises and print which pass"),
     "bench": ("ar_course.bench", "run the benchmarks in benchmarks/ and print their summary table"),
+    "serve": ("ar_course.serving.server", "serve a text model over HTTP: OpenAI-style completions, streaming"),
 }
 
 PROG = "python -m ar_course"

@@ -52,14 +52,14 @@ def test_help():
 def test_no_arguments_prints_help_and_fails(capsys):
     status, out, err = run(capsys)
     assert status == 2 and "usage" in out
-    assert error_line(err) == "error: no command given; choose from: generate, doctor, grade, bench, train"
+    assert error_line(err) == "error: no command given; choose from: generate, doctor, grade, bench, serve, train"
 
 
 def test_unknown_command(capsys):
     status, _, err = run(capsys, "frobnicate")
     assert status == 2
     assert error_line(err) == ("error: unknown command 'frobnicate'; choose from: generate, doctor, grade, bench, "
-                               "train (see python -m ar_course --help)")
+                               "serve, train (see python -m ar_course --help)")
 
 
 def test_train_lists_trainers_and_rejects_unknown(capsys):
@@ -88,7 +88,7 @@ def test_every_command_answers_an_unknown_option_with_one_line(capsys, command):
     assert error_line(err).endswith(f"(see python -m ar_course {command} --help)")
 
 
-@pytest.mark.parametrize("command", ["grade", "doctor", "generate", "bench"])
+@pytest.mark.parametrize("command", ["grade", "doctor", "generate", "bench", "serve"])
 def test_subcommand_help(capsys, command):
     status, out, err = run(capsys, command, "--help")
     assert status == 0 and "usage" in out and err == ""

@@ -62,7 +62,7 @@ def test_core_dependencies_and_extras():
                                        "scipy"}
     assert names(extras["triton"]) == {"triton"}
     assert '".[$(EXTRAS)]"' in (ROOT / "Makefile").read_text()
-    assert re.search(r"^EXTRAS \?= course,kernels,triton,dev$", (ROOT / "Makefile").read_text(), re.M)
+    assert re.search(r"^EXTRAS \?= course,kernels,triton,serve,dev$", (ROOT / "Makefile").read_text(), re.M)
 
 
 @pytest.mark.parametrize("numpy_version, status", [("2.4.3", "OK"), ("2.5.0", "FAIL"), ("3.0.1", "FAIL"), (None, None)])

@@ -1,0 +1,219 @@
+"""Smaller KV caches and what they cost in quality: quantized keys and values (KIVI), attention sinks with a
+sliding window (StreamingLLM), and cross-layer merging (MiniCache).
+
+Each method is an :data:`~ar_course.transformer.AttentionFn` (:class:`CompressedAttention`) that attends exactly
+as a decoder reading the compressed cache would, so a full teacher-forced pass under
+``use_attention(CompressedAttention(...))`` gives the held-out NLL of decoding with that cache
+(:func:`heldout_nll`); :func:`kv_bytes_per_token` gives the matching memory.
+
+* ``int8`` / ``int4`` / ``int2`` (KIVI): asymmetric min-max quantization, keys **per channel** over groups of ``group``
+  tokens (key outliers live in a few channels), values **per token**. As in KIVI, the newest tokens of an
+  unfinished group stay in full precision: a key/value is seen quantized only by queries after its group ends.
+* ``int8_pool``: what :class:`~ar_course.serving.PagedKVCache` ``(kv_bits=8)`` stores, so what the engine
+  computes with: keys and values per token and head, quantized when written (the new token's own included),
+  their ``(scale, minimum)`` kept in float16.
+* ``sink_window`` (StreamingLLM): keep the first ``sinks`` tokens (the attention sinks) and the last
+  ``window - sinks`` ones; a query sees nothing else.
+* ``h2o`` (H2O, "Heavy-Hitter Oracle for Efficient Generative Inference"): a cache of ``window`` entries per
+  head, the ``recent`` newest tokens plus the *heavy hitters*, the older tokens with the largest attention
+  accumulated so far; when the cache is full, the older token with the least accumulated attention is evicted
+  for good. Simulated query by query, as a decoder would run it.
+* ``minicache``: from layer ``merge_from`` on, layers ``(l, l+1)`` share one key/value *direction* per token (the
+  normalised mean of the two, a stand-in for MiniCache's SLERP at ``t = 1/2``) and keep their own norms.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from ar_course.transformer.model import GPTConfig, use_attention
+
+METHODS = ("none", "int8", "int4", "int2", "int8_pool", "sink_window", "h2o", "minicache")
+QUANT_BITS = {"int8": 8, "int4": 4, "int2": 2}
+
+
+def quantize(x: torch.Tensor, bits: int, dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric min-max quantization of ``x`` with one ``(scale, minimum)`` per slice along ``dim``
+    (the statistics are taken over ``dim``). Returns ``(codes uint8 like x, scale, minimum)``, the last two
+    with ``dim`` kept as size 1; codes are in ``[0, 2**bits - 1]``."""
+    if not 1 <= bits <= 8:
+        raise ValueError(f"bits must be in [1, 8], got {bits}")
+    lo, hi = x.amin(dim, keepdim=True), x.amax(dim, keepdim=True)
+    scale = (hi - lo).clamp_min(1e-8) / (2 ** bits - 1)
+    codes = ((x - lo) / scale).round().clamp(0, 2 ** bits - 1).to(torch.uint8)
+    return codes, scale, lo
+
+
+def dequantize(codes: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor) -> torch.Tensor:
+    """Back to floats: ``codes * scale + lo``."""
+    return codes.to(scale.dtype) * scale + lo
+
+
+def fake_quantize_kv(k: torch.Tensor, v: torch.Tensor, bits: int, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """KIVI's layout on ``k, v`` ``(B, H, T, D)``: keys per channel over groups of ``group`` tokens, values per
+    token, both quantized and dequantized. A last, unfinished group is returned quantized too (callers decide
+    who may see it). Returns ``(k_hat, v_hat)`` ``(B, H, T, D)``."""
+    B, H, T, D = k.shape
+    pad = -T % group
+    kp = F.pad(k, (0, 0, 0, pad), mode="replicate").view(B, H, (T + pad) // group, group, D)  # (B, H, G, g, D)
+    k_hat = dequantize(*quantize(kp, bits, dim=3)).view(B, H, T + pad, D)[:, :, :T]  # (B, H, T, D)
+    v_hat = dequantize(*quantize(v, bits, dim=3))  # (B, H, T, D)
+    return k_hat, v_hat
+
+
+def pool_int8(x: torch.Tensor) -> torch.Tensor:
+    """``x`` ``(..., D)`` as the int8 paged pool returns it: codes per row over ``D``, the row's scale and minimum
+    rounded to float16."""
+    codes, scale, lo = quantize(x, 8, dim=-1)
+    return dequantize(codes, scale.half().to(x.dtype), lo.half().to(x.dtype))
+
+
+def sink_window_mask(T: int, sinks: int, window: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """Bool ``(T, T)``: query ``i`` may see key ``j <= i`` that is a sink (``j < sinks``) or among the last
+    ``window - sinks`` positions up to ``i`` (``j > i - (window - sinks)``): a cache of ``window`` entries."""
+    if not 0 <= sinks < window:
+        raise ValueError(f"need 0 <= sinks < window, got sinks={sinks}, window={window}")
+    i = torch.arange(T, device=device)[:, None]
+    j = torch.arange(T, device=device)[None, :]
+    return (j <= i) & ((j < sinks) | (j > i - (window - sinks)))
+
+
+def h2o_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, budget: int, recent: int) -> torch.Tensor:
+    """Causal attention of ``q, k, v`` ``(B, H, T, D)`` through an H2O cache of ``budget`` entries per head:
+    query ``i`` sees the keys still cached after the earlier steps, plus its own; then, if the cache holds more
+    than ``budget``, the key outside the ``recent`` newest with the least accumulated attention is evicted.
+    Returns ``(B, H, T, D)``."""
+    if not 0 <= recent < budget:
+        raise ValueError(f"need 0 <= recent < budget, got recent={recent}, budget={budget}")
+    B, H, T, D = q.shape
+    scores = q @ k.transpose(-2, -1) / math.sqrt(D)  # (B, H, T, T)
+    kept = torch.zeros(B, H, T, dtype=torch.bool, device=q.device)
+    acc = torch.zeros(B, H, T, dtype=q.dtype, device=q.device)
+    out = torch.empty_like(q)
+    j = torch.arange(T, device=q.device)
+    for i in range(T):
+        kept[..., i] = True
+        p = scores[:, :, i].masked_fill(~kept, float("-inf")).softmax(-1)  # (B, H, T)
+        out[:, :, i] = (p[..., None] * v).sum(2)
+        acc += p
+        if i + 1 > budget:
+            old = kept & (j <= i - recent)  # (B, H, T): evictable
+            victim = acc.masked_fill(~old, float("inf")).argmin(-1, keepdim=True)  # (B, H, 1)
+            kept.scatter_(-1, victim, False)
+    return out
+
+
+@dataclass
+class CompressedAttention:
+    """:data:`~ar_course.transformer.AttentionFn` of a causal full pass as seen through a compressed cache.
+
+    ``method`` in :data:`METHODS`; ``group`` for quantization (the bits come from the method's name);
+    ``sinks``/``window`` for ``sink_window``; ``window``/``recent`` for ``h2o``; ``merge_from`` for
+    ``minicache`` (the layers are counted as the
+    function is called, so one instance serves one forward pass at a time)."""
+
+    method: str = "none"
+    group: int = 32
+    sinks: int = 4
+    window: int = 96
+    merge_from: int = 6
+    recent: int = 48
+    _layer: int = field(default=0, repr=False)
+    _prev: tuple | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+
+    def __call__(self, q, k, v, mask, causal, dropout_p=0.0):
+        T = q.shape[2]
+        if mask is not None or q.shape[2] != k.shape[2]:
+            raise ValueError("CompressedAttention evaluates full causal passes only (no cache, no extra mask)")
+        keep = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()  # (T, T)
+        if self.method in QUANT_BITS:
+            return self._quantized(q, k, v, QUANT_BITS[self.method])
+        if self.method == "int8_pool":
+            k, v = pool_int8(k), pool_int8(v)
+        if self.method == "h2o":
+            return h2o_attention(q, k, v, self.window, self.recent)
+        if self.method == "sink_window":
+            keep = sink_window_mask(T, self.sinks, self.window, q.device)
+        elif self.method == "minicache":
+            k, v = self._merge(k, v)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
+
+    def _quantized(self, q, k, v, bits):
+        """Attention where key/value ``j`` is quantized for the queries after its group of ``group`` ends."""
+        T, D = q.shape[2], q.shape[3]
+        k_hat, v_hat = fake_quantize_kv(k, v, bits, self.group)
+        i = torch.arange(T, device=q.device)[:, None]
+        j = torch.arange(T, device=q.device)[None, :]
+        done = (j // self.group + 1) * self.group <= i  # (T, T): j's group ended before query i
+        scores = torch.where(done, q @ k_hat.transpose(-2, -1), q @ k.transpose(-2, -1)) / math.sqrt(D)
+        p = scores.masked_fill(j > i, float("-inf")).softmax(-1)  # (B, H, T, T)
+        return (p * done) @ v_hat + (p * ~done) @ v  # (B, H, T, D)
+
+    def _merge(self, k, v):
+        """MiniCache on the pair ``(l, l+1)`` from ``merge_from``: the odd layer reuses the even layer's merged
+        direction; norms stay per layer."""
+        layer, self._layer = self._layer, self._layer + 1
+        if layer < self.merge_from:
+            return k, v
+        if (layer - self.merge_from) % 2 == 0:
+            self._prev = (k, v)
+            return k, v  # merged below, when the partner arrives; the first of a pair keeps its own cache
+        k0, v0 = self._prev
+        merged = []
+        for a, b in ((k0, k), (v0, v)):
+            direction = F.normalize(F.normalize(a, dim=-1) + F.normalize(b, dim=-1), dim=-1)
+            merged.append(direction * b.norm(dim=-1, keepdim=True))
+        return merged[0], merged[1]
+
+    def reset(self) -> None:
+        self._layer, self._prev = 0, None
+
+
+def kv_bytes_per_token(config: GPTConfig, method: str, context: int, *, bits_float: int = 16, group: int = 32,
+                       window: int = 96, merge_from: int = 6, recent: int = 0) -> float:
+    """KV-cache bytes per token of a ``context``-token sequence, all layers, keys and values, stored in
+    ``bits_float``-bit floats (scales and minima included for the quantized methods; ``recent`` is ignored)."""
+    L, H, D, f = config.n_layer, config.n_head, config.head_dim, bits_float / 8
+    full = 2 * L * H * D * f
+    if method == "none":
+        return full
+    if method in QUANT_BITS:
+        b = QUANT_BITS[method]
+        keys = H * D * b / 8 + 2 * H * D * f / group  # codes + a (scale, min) per channel per group
+        values = H * D * b / 8 + 2 * H * f  # codes + a (scale, min) per token per head
+        return L * (keys + values)
+    if method == "int8_pool":  # one byte per number, a float16 (scale, min) per token and head
+        return 2 * L * H * (D + 2 * f)
+    if method == "sink_window":
+        return full * min(window, context) / context
+    if method == "h2o":  # plus one fp32 accumulated score per cached token, head and layer
+        return (full + L * H * 4) * min(window, context) / context
+    if method == "minicache":
+        pairs = (L - merge_from) // 2
+        # a merged pair stores one direction per token and head plus two norms, instead of two vectors
+        return full - pairs * 2 * H * (D - 2) * f
+    raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+
+
+@torch.no_grad()
+def heldout_nll(model: torch.nn.Module, windows: torch.Tensor, attention: CompressedAttention | None = None
+                ) -> float:
+    """Mean next-token NLL (nats/token) of ``model`` on ``windows`` ``(N, T+1)`` long, every layer attending
+    through ``attention`` (None: the model's own attention)."""
+    losses = []
+    for row in windows:
+        if attention is None:
+            losses.append(float(model(row[None, :-1], targets=row[None, 1:])[1]))
+            continue
+        attention.reset()
+        with use_attention(attention):
+            losses.append(float(model(row[None, :-1], targets=row[None, 1:])[1]))
+    return sum(losses) / len(losses)

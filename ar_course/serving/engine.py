@@ -1,0 +1,333 @@
+"""An inference engine serving many requests from one GPT: continuous batching over a paged KV cache.
+
+Each :meth:`Engine.step` is one iteration of the scheduler (Orca's iteration-level scheduling, vLLM's engine):
+
+1. admit waiting requests, first come first served, while the batch has room and the pool has the blocks
+   their tokens need (``policy="static"`` admits a new batch only when the last one has finished, and
+   reserves every sequence's memory up front, as a contiguous cache would: its prompt plus ``max_new_tokens``,
+   or ``static_reserve`` positions, e.g. the model's full length);
+2. schedule one token for every sequence that is decoding, then chunks of waiting prompts up to the step's
+   token budget (chunked prefill); when the pool runs out of blocks, the most recently admitted sequence is
+   *preempted*: its blocks are freed and it goes back to the front of the queue, to be recomputed later;
+3. run all scheduled tokens of all sequences in **one** forward pass: they are packed into one row (as in
+   "Prepacking"), each at its own position, with a mask that lets a token see only the earlier tokens of its
+   own sequence, read through the block tables;
+4. sample the next token of every sequence whose tokens are all computed, and free finished sequences.
+
+With ``prefix_caching=True`` the full blocks of every computed prefix are kept (:mod:`.prefix`); an admitted
+request starts on the cached blocks of its longest cached prefix instead of recomputing them.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from ar_course.sampling import SamplingConfig, check_sampling, sample
+from ar_course.serving.paged import OutOfBlocks, PagedKVCache
+from ar_course.serving.prefix import PrefixCache
+from ar_course.utils import check_int
+
+POLICIES = ("continuous", "static")
+
+
+@dataclass
+class EngineConfig:
+    """How an :class:`Engine` schedules: pool size, block size, batch limits and policy."""
+
+    num_blocks: int = 256
+    block_size: int = 16
+    max_running: int = 16  # sequences in a batch
+    max_step_tokens: int = 256  # tokens in one forward pass (decodes + prefill chunks)
+    policy: str = "continuous"  # "continuous" or "static"
+    prefix_caching: bool = False
+    static_reserve: int | None = None  # static policy: positions reserved per sequence (None: what it needs)
+    kv_bits: int | None = None  # 8: the pool stores int8 codes per token and head (None: the model's dtype)
+
+    def __post_init__(self) -> None:
+        for name in ("num_blocks", "block_size", "max_running", "max_step_tokens"):
+            check_int(name, getattr(self, name), lo=1)
+        if self.policy not in POLICIES:
+            raise ValueError(f"policy must be one of {POLICIES}, got {self.policy!r}")
+        if self.kv_bits not in (None, 8):
+            raise ValueError(f"kv_bits must be None or 8, got {self.kv_bits!r}")
+        if self.static_reserve is not None:
+            check_int("static_reserve", self.static_reserve, lo=1)
+        if self.max_step_tokens < self.max_running:
+            raise ValueError(f"max_step_tokens ({self.max_step_tokens}) must be >= max_running ({self.max_running})")
+
+
+@dataclass
+class Request:
+    """One request and what has happened to it; ``tokens`` = prompt + output, ``computed`` of them cached."""
+
+    id: int
+    prompt: list[int]
+    max_new_tokens: int
+    sampling: SamplingConfig
+    generator: torch.Generator | None
+    arrival: float
+    output: list[int] = field(default_factory=list)
+    computed: int = 0
+    status: str = "waiting"  # waiting, running, finished, cancelled
+    token_times: list[float] = field(default_factory=list)
+    finished_at: float | None = None
+    preemptions: int = 0
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.prompt + self.output
+
+    @property
+    def kv_positions(self) -> int:
+        """Positions this request needs at most: the last new token is never fed back."""
+        return len(self.prompt) + max(self.max_new_tokens - 1, 0)
+
+
+@dataclass
+class StepRecord:
+    """What one :meth:`Engine.step` did (for timelines and memory plots)."""
+
+    time: float
+    running: list[int]
+    prefill_tokens: int
+    decode_tokens: int
+    blocks_used: int
+    tokens_stored: int
+
+
+def admits(need: int, free_blocks: int, in_batch: int, max_running: int, keep_per_sequence: int = 1) -> bool:
+    """The admission rule: a request needing ``need`` blocks joins a batch of ``in_batch`` sequences when the
+    batch is below ``max_running`` and ``need`` fits in ``free_blocks`` minus ``keep_per_sequence`` blocks kept
+    for the next token of every sequence already in the batch (0 when their memory is reserved up front)."""
+    return in_batch < max_running and need <= free_blocks - keep_per_sequence * in_batch
+
+
+class _PackedStep:
+    """The ``cache`` a GPT's layers see in a packed pass: ``append`` writes the new keys and values
+    ``(1, H, T, D)`` at their slots and returns every scheduled sequence's keys and values ``(1, H, T_k, D)``."""
+
+    def __init__(self, cache: PagedKVCache, write_slots: torch.Tensor, key_slots: torch.Tensor):
+        self.cache, self.write_slots, self.key_slots = cache, write_slots, key_slots
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.cache.write(layer, self.write_slots, k[0].transpose(0, 1), v[0].transpose(0, 1))  # (T, H, D)
+        keys, values = self.cache.read(layer, self.key_slots)  # (T_k, H, D)
+        return keys.transpose(0, 1)[None], values.transpose(0, 1)[None]  # (1, H, T_k, D)
+
+
+def packed_forward(model: torch.nn.Module, cache: PagedKVCache, chunks: list[tuple[int, list[int], int]]
+                   ) -> torch.Tensor:
+    """One forward pass of ``model`` (a :class:`~ar_course.transformer.GPT`) over the ``chunks``
+    ``(seq, token ids, start position)`` of several sequences, packed in one row; their keys and values are
+    written to ``cache`` (blocks reserved beforehand) and read back through the block tables.
+
+    Returns the logits after the last token of each chunk: ``(len(chunks), V)``."""
+    ids, positions, writes, keys, q_seq, k_seq, k_pos = [], [], [], [], [], [], []
+    for i, (seq, tokens, start) in enumerate(chunks):
+        n = len(tokens)
+        ids += tokens
+        positions.append(torch.arange(start, start + n))
+        writes.append(cache.slots(seq, start, n))
+        keys.append(cache.slots(seq, 0, start + n))
+        q_seq.append(torch.full((n,), i))
+        k_seq.append(torch.full((start + n,), i))
+        k_pos.append(torch.arange(start + n))
+    device = cache.k.device
+    q_pos = torch.cat(positions).to(device)  # (T,)
+    same = torch.cat(q_seq)[:, None] == torch.cat(k_seq)[None, :]  # (T, T_k)
+    mask = (same & (torch.cat(k_pos)[None, :] <= torch.cat(positions)[:, None])).to(device)  # (T, T_k)
+    step = _PackedStep(cache, torch.cat(writes), torch.cat(keys))
+    x = model._embed(torch.tensor(ids, device=device)[None], None)  # (1, T, C)
+    x = model._blocks(x, q_pos, mask, step)  # (1, T, C)
+    last = torch.tensor([len(t) for _, t, _ in chunks]).cumsum(0) - 1  # (n_chunks,)
+    return model.lm_head(model.norm_f(x[0, last.to(device)]))  # (n_chunks, V)
+
+
+class Engine:
+    """Serve many requests from one GPT over a :class:`~ar_course.serving.paged.PagedKVCache`.
+
+    ``add_request(prompt_ids, max_new_tokens, sampling=...) -> id``, then :meth:`step` until
+    :attr:`has_work` is False (or :meth:`run`). Greedy outputs equal ``model.generate`` on each prompt alone,
+    whatever the batching (tested). ``clock``: where times come from (``time.perf_counter``)."""
+
+    def __init__(self, model: torch.nn.Module, config: EngineConfig = EngineConfig(),
+                 clock: Callable[[], float] = time.perf_counter):
+        if not isinstance(config, EngineConfig):
+            raise TypeError(f"config must be an EngineConfig, got {type(config).__name__}")
+        self.model, self.config, self.clock = model, config, clock
+        self.cache = PagedKVCache.for_model(model, config.num_blocks, config.block_size, config.kv_bits)
+        self.prefix = PrefixCache(self.cache) if config.prefix_caching else None
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.requests: dict[int, Request] = {}
+        self.history: list[StepRecord] = []
+        self.prefill_computed = 0  # prompt (and recomputed) tokens run through the model
+        self.preemptions = 0
+        self._next_id = 0
+
+    # ---------------------------------------------------------------------------------------------- requests
+
+    def add_request(self, prompt_ids: list[int] | torch.Tensor, max_new_tokens: int, *,
+                    sampling: SamplingConfig = SamplingConfig(temperature=0.0), seed: int | None = None) -> int:
+        """Queue a request (``prompt_ids``: a list or 1-D long tensor); returns its id. Greedy by default;
+        ``seed`` seeds the request's own generator (sampling is then independent of the batching)."""
+        if isinstance(prompt_ids, torch.Tensor):
+            if prompt_ids.ndim != 1:
+                raise ValueError(f"prompt_ids must be 1-D, got shape {tuple(prompt_ids.shape)}")
+            prompt_ids = prompt_ids.tolist()
+        prompt = [check_int("prompt token", t, lo=0, hi=self.model.config.vocab_size - 1) for t in prompt_ids]
+        max_new_tokens = check_int("max_new_tokens", max_new_tokens, lo=0)
+        self.model.check_room(len(prompt), max_new_tokens)
+        sampling = check_sampling(sampling)
+        req = Request(self._next_id, prompt, max_new_tokens, sampling,
+                      torch.Generator().manual_seed(seed) if seed is not None else None, self.clock())
+        if -(-req.kv_positions // self.config.block_size) > self.config.num_blocks:
+            raise ValueError(f"a request of {req.kv_positions} positions can never fit in {self.config.num_blocks} "
+                             f"blocks of {self.config.block_size}")
+        self._next_id += 1
+        self.requests[req.id] = req
+        if max_new_tokens == 0:
+            self._finish(req, "finished")
+        else:
+            self.waiting.append(req)
+        return req.id
+
+    def cancel(self, request_id: int) -> None:
+        """Stop a waiting or running request (its blocks are freed); a finished one is left as it is."""
+        req = self.requests[request_id]
+        if req.status in ("waiting", "running"):
+            if req in self.waiting:
+                self.waiting.remove(req)
+            self._finish(req, "cancelled")
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def outputs(self) -> dict[int, list[int]]:
+        """New tokens of every request so far, by id."""
+        return {i: list(r.output) for i, r in self.requests.items()}
+
+    def run(self) -> dict[int, list[int]]:
+        """Step until every request has finished; returns :meth:`outputs`."""
+        while self.has_work:
+            self.step()
+        return self.outputs()
+
+    # ---------------------------------------------------------------------------------------------- one step
+
+    @torch.no_grad()
+    def step(self) -> list[tuple[int, int]]:
+        """One scheduler iteration (see the module docstring). Returns the ``(request id, new token)`` pairs
+        sampled in it, in batch order."""
+        self._admit()
+        batch = self._schedule()
+        if not batch:
+            return []
+        chunks = [(r.id, r.tokens[r.computed:r.computed + n], r.computed) for r, n in batch]
+        decodes = sum(1 for r, n in batch if r.output and r.computed == len(r.tokens) - 1)
+        logits = packed_forward(self.model, self.cache, chunks)  # (len(batch), V)
+        now, events = self.clock(), []
+        for (req, n), row in zip(batch, logits):
+            self.cache.advance(req.id, n)
+            req.computed += n
+            if req.computed < len(req.tokens):
+                continue  # a prefill chunk that does not reach the end of the prompt
+            token = int(sample(row[None], sampling=req.sampling, generator=req.generator)[0])
+            req.output.append(token)
+            req.token_times.append(now)
+            events.append((req.id, token))
+        self._record(now, batch, decodes)
+        for req, _ in batch:
+            if self.prefix is not None:
+                self.prefix.insert(req.tokens, self.cache.tables[req.id], req.computed)
+            if len(req.output) >= req.max_new_tokens:
+                self._finish(req, "finished")
+        return events
+
+    def _admit(self) -> None:
+        """Move waiting requests into the batch while it has room and the pool has their blocks."""
+        c = self.config
+        if c.policy == "static" and self.running:
+            return
+        keep = 1 if c.policy == "continuous" else 0
+        while self.waiting and len(self.running) < c.max_running:
+            req = self.waiting[0]
+            shared = []
+            if self.prefix is not None:  # never the last token: its logits must be computed
+                shared = self.prefix.match(req.tokens, (len(req.tokens) - 1) // c.block_size)
+            need = len(req.tokens)
+            if c.policy == "static":
+                need = max(req.kv_positions, c.static_reserve or 0)
+            blocks = -(-need // c.block_size) - len(shared)
+            if not admits(blocks, self._free_blocks(), len(self.running), c.max_running, keep):
+                break  # first come, first served: no request overtakes this one
+            self.cache.add(req.id, shared, len(shared) * c.block_size)
+            try:
+                self._reserve(req, need - len(shared) * c.block_size)
+            except OutOfBlocks:  # the matched prefix blocks were counted as evictable
+                self.cache.free(req.id)
+                break
+            self.waiting.popleft()
+            req.computed, req.status = len(shared) * c.block_size, "running"
+            self.running.append(req)
+            if self.prefix is not None:
+                self.prefix.hits += len(shared)
+
+    def _free_blocks(self) -> int:
+        return self.cache.allocator.num_free + (self.prefix.evictable() if self.prefix is not None else 0)
+
+    def _reserve(self, req: Request, n: int) -> None:
+        """Reserve ``n`` positions for ``req``, evicting cached prefix blocks first when the pool is short."""
+        short = self.cache.blocks_needed(req.id, n) - self.cache.allocator.num_free
+        if short > 0 and self.prefix is not None:
+            self.prefix.evict(short)
+        self.cache.reserve(req.id, n)
+
+    def _schedule(self) -> list[tuple[Request, int]]:
+        """``(request, tokens to compute)`` for this step, blocks reserved; preempts when blocks run out."""
+        budget, batch = self.config.max_step_tokens, []
+        decoding = [r for r in self.running if r.computed == len(r.tokens) - 1]
+        prefilling = [r for r in self.running if r.computed < len(r.tokens) - 1]
+        for req in decoding + prefilling:
+            if req not in self.running or budget == 0:
+                continue  # preempted while making room for an earlier one
+            n = min(len(req.tokens) - req.computed, budget)
+            while req in self.running:
+                try:
+                    self._reserve(req, n)
+                    batch.append((req, n))
+                    budget -= n
+                    break
+                except OutOfBlocks:
+                    victim = self.running[-1]
+                    self._preempt(victim)
+                    batch = [(r, m) for r, m in batch if r is not victim]
+        return batch
+
+    def _preempt(self, req: Request) -> None:
+        """Free ``req``'s blocks and queue it first again; its tokens so far are recomputed when readmitted."""
+        self.running.remove(req)
+        self.cache.free(req.id)
+        req.computed, req.status = 0, "waiting"
+        req.preemptions += 1
+        self.preemptions += 1
+        self.waiting.appendleft(req)
+
+    def _finish(self, req: Request, status: str) -> None:
+        if req in self.running:
+            self.running.remove(req)
+        if req.id in self.cache.tables:
+            self.cache.free(req.id)
+        req.status, req.finished_at = status, self.clock()
+
+    def _record(self, now: float, batch: list[tuple[Request, int]], decodes: int) -> None:
+        prefill = sum(n for _, n in batch) - decodes  # prompt tokens, and tokens recomputed after a preemption
+        self.prefill_computed += prefill
+        self.history.append(StepRecord(now, [r.id for r, _ in batch], prefill, decodes,
+                                       self.cache.allocator.num_used, self.cache.used_tokens()))

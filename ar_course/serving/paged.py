@@ -1,0 +1,215 @@
+"""A paged KV cache: a pool of fixed-size blocks, a block allocator with reference counts, and a block table per
+sequence (the memory layout of vLLM's PagedAttention).
+
+* :class:`BlockAllocator` hands out block ids from a free list and counts references; a block returns to the
+  free list when its last reference is released. Two sequences (or a sequence and the prefix cache) may hold
+  the same block: it is then read-only, and a write goes to a private copy first (copy-on-write).
+* :class:`PagedKVCache` owns the pools ``k, v``: ``(n_layer, num_blocks, block_size, H, D)``. Token ``p`` of a
+  sequence lives in block ``table[p // block_size]`` at offset ``p % block_size``; its *slot* (its row in the
+  pool flattened to ``(num_blocks * block_size, H, D)``) is ``block * block_size + offset``.
+
+Only the last, partly filled block of a sequence ever needs a copy: full blocks are never written again.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+import torch
+
+from ar_course.serving.compression import dequantize, quantize
+from ar_course.utils import check_int
+
+
+def slot_mapping(block_table: torch.Tensor, positions: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Pool slots of sequence ``positions`` ``(n,)`` long through ``block_table`` ``(n_blocks,)`` long: position
+    ``p`` is at offset ``p % block_size`` of block ``block_table[p // block_size]``, so its slot is
+    ``block_table[p // block_size] * block_size + p % block_size``. Returns ``(n,)`` long."""
+    return block_table[positions // block_size] * block_size + positions % block_size
+
+
+class OutOfBlocks(RuntimeError):
+    """The pool has fewer free blocks than a request for memory needs (the scheduler preempts on it)."""
+
+
+class BlockAllocator:
+    """Free list and reference counts of ``num_blocks`` blocks (ids ``0 .. num_blocks-1``)."""
+
+    def __init__(self, num_blocks: int):
+        self.num_blocks = check_int("num_blocks", num_blocks, lo=1)
+        self.refs = [0] * self.num_blocks
+        self._free: deque[int] = deque(range(self.num_blocks))
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    @property
+    def num_used(self) -> int:
+        return self.num_blocks - len(self._free)
+
+    def allocate(self) -> int:
+        """A free block with one reference; :class:`OutOfBlocks` when none is left."""
+        if not self._free:
+            raise OutOfBlocks(f"all {self.num_blocks} blocks are in use")
+        block = self._free.popleft()
+        self.refs[block] = 1
+        return block
+
+    def share(self, block: int) -> int:
+        """One more reference to a block in use (a forked sequence, a cached prefix); returns ``block``."""
+        if self.refs[block] <= 0:
+            raise ValueError(f"block {block} is free: only a block in use can be shared")
+        self.refs[block] += 1
+        return block
+
+    def release(self, block: int) -> None:
+        """Drop one reference; the block is free again when none is left."""
+        if self.refs[block] <= 0:
+            raise ValueError(f"block {block} is already free (released twice?)")
+        self.refs[block] -= 1
+        if self.refs[block] == 0:
+            self._free.append(block)
+
+
+class PagedKVCache:
+    """Keys and values of many sequences in one pool of blocks, addressed through per-sequence block tables.
+
+    ``k``, ``v``: ``(n_layer, num_blocks, block_size, H, D)``. ``tables[seq]``: the sequence's block ids;
+    ``lengths[seq]``: how many of its positions hold keys and values. A sequence grows with
+    :meth:`reserve` (allocating blocks, copying a shared last block) then :meth:`slots` / :meth:`write`;
+    :meth:`read` gives keys and values back; :meth:`free` gives its blocks back.
+
+    ``kv_bits=8`` stores ``k``, ``v`` as uint8 codes with a float16 ``(scale, minimum)`` per token and head
+    (``k_stats``, ``v_stats``: ``(n_layer, num_blocks, block_size, H, 2)``): asymmetric min-max quantization over
+    the head dimension, written once per token, dequantized on :meth:`read` (``dtype`` is what it returns)."""
+
+    def __init__(self, n_layer: int, n_head: int, head_dim: int, num_blocks: int, block_size: int,
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, kv_bits: int | None = None):
+        self.block_size = check_int("block_size", block_size, lo=1)
+        if kv_bits not in (None, 8):
+            raise ValueError(f"kv_bits must be None (full precision) or 8, got {kv_bits!r}")
+        self.allocator = BlockAllocator(num_blocks)
+        self.dtype, self.kv_bits = dtype, kv_bits
+        shape = (n_layer, num_blocks, block_size, n_head, head_dim)
+        store = torch.uint8 if kv_bits else dtype
+        self.k = torch.zeros(shape, device=device, dtype=store)
+        self.v = torch.zeros(shape, device=device, dtype=store)
+        stats = (*shape[:-1], 2) if kv_bits else (n_layer, num_blocks, 0, n_head, 2)
+        self.k_stats = torch.zeros(stats, device=device, dtype=torch.float16)
+        self.v_stats = torch.zeros(stats, device=device, dtype=torch.float16)
+        self.tables: dict[int, list[int]] = {}
+        self.lengths: dict[int, int] = {}
+        self.copies = 0  # copy-on-write copies made so far
+
+    @classmethod
+    def for_model(cls, model: torch.nn.Module, num_blocks: int, block_size: int, kv_bits: int | None = None
+                  ) -> PagedKVCache:
+        """A cache shaped for a :class:`~ar_course.transformer.GPT` on its device and dtype."""
+        c, p = model.config, model.wte.weight
+        return cls(c.n_layer, c.n_head, c.head_dim, num_blocks, block_size, p.device, p.dtype, kv_bits)
+
+    @property
+    def num_blocks(self) -> int:
+        return self.allocator.num_blocks
+
+    def bytes_per_block(self) -> int:
+        """Bytes one block holds over all layers, keys and values (codes and their statistics)."""
+        per = self.k[:, 0].numel() * self.k.element_size() + self.k_stats[:, 0].numel() * self.k_stats.element_size()
+        return 2 * per
+
+    def add(self, seq: int, shared: list[int] | None = None, length: int = 0) -> None:
+        """Start sequence ``seq`` on the blocks ``shared`` (a reference is taken on each) holding ``length``
+        positions (e.g. a cached prefix); default: empty."""
+        if seq in self.tables:
+            raise ValueError(f"sequence {seq} is already in the cache")
+        shared = list(shared or [])
+        if length > len(shared) * self.block_size:
+            raise ValueError(f"{length} positions do not fit in {len(shared)} blocks of {self.block_size}")
+        self.tables[seq] = [self.allocator.share(b) for b in shared]
+        self.lengths[seq] = length
+
+    def fork(self, src: int, dst: int) -> None:
+        """Sequence ``dst`` starts as a copy of ``src`` sharing all of its blocks (copied when written)."""
+        self.add(dst, self.tables[src], self.lengths[src])
+
+    def blocks_needed(self, seq: int, n: int) -> int:
+        """Blocks :meth:`reserve` ``(seq, n)`` would take from the free list (a new block, or a private copy of a
+        shared last block)."""
+        length, table = self.lengths[seq], self.tables[seq]
+        new = -(-(length + n) // self.block_size) - len(table)
+        partial = length % self.block_size != 0 and n > 0
+        cow = partial and self.allocator.refs[table[length // self.block_size]] > 1
+        return max(new, 0) + int(cow)
+
+    def reserve(self, seq: int, n: int) -> None:
+        """Make room for ``n`` more positions of ``seq``: copy its last block if shared and partly filled, then
+        allocate new blocks. All or nothing: :class:`OutOfBlocks` (nothing changed) when the pool is short."""
+        need = self.blocks_needed(seq, n)
+        if need > self.allocator.num_free:
+            raise OutOfBlocks(f"sequence {seq} needs {need} blocks, {self.allocator.num_free} are free")
+        length, table = self.lengths[seq], self.tables[seq]
+        if length % self.block_size and n > 0:
+            last = length // self.block_size
+            if self.allocator.refs[table[last]] > 1:
+                table[last] = self._copy(table[last])
+        while len(table) * self.block_size < length + n:
+            table.append(self.allocator.allocate())
+
+    def _copy(self, block: int) -> int:
+        """A private copy of shared ``block`` (every layer); the shared one loses this reference."""
+        new = self.allocator.allocate()
+        for pool in (self.k, self.v, self.k_stats, self.v_stats):
+            pool[:, new] = pool[:, block]
+        self.allocator.release(block)
+        self.copies += 1
+        return new
+
+    def slots(self, seq: int, start: int, n: int) -> torch.Tensor:
+        """Flat pool slots of positions ``start .. start+n-1`` of ``seq``: ``(n,)`` long."""
+        table = self.tables[seq]
+        if start + n > len(table) * self.block_size:
+            raise ValueError(f"positions up to {start + n} of sequence {seq} have no block: reserve them first")
+        positions = torch.arange(start, start + n)  # (n,)
+        return slot_mapping(torch.tensor(table, dtype=torch.long), positions, self.block_size).to(self.k.device)
+
+    def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store ``k, v`` ``(n, H, D)`` of ``layer`` at pool ``slots`` ``(n,)`` (quantized when ``kv_bits``)."""
+        for pool, stats, x in ((self.k, self.k_stats, k), (self.v, self.v_stats, v)):
+            rows = pool[layer].view(-1, *pool.shape[-2:])  # (num_blocks * bs, H, D)
+            if self.kv_bits is None:
+                rows[slots] = x.to(pool.dtype)
+                continue
+            codes, scale, lo = quantize(x.float(), self.kv_bits, dim=-1)  # scale, lo: (n, H, 1)
+            rows[slots] = codes
+            stats[layer].view(-1, *stats.shape[-2:])[slots] = torch.cat([scale, lo], -1).to(stats.dtype)
+
+    def read(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of ``layer`` at pool ``slots`` ``(n,)``: each ``(n, H, D)`` in ``dtype``."""
+        out = []
+        for pool, stats in ((self.k, self.k_stats), (self.v, self.v_stats)):
+            x = pool[layer].view(-1, *pool.shape[-2:])[slots]  # (n, H, D)
+            if self.kv_bits is not None:
+                s = stats[layer].view(-1, *stats.shape[-2:])[slots].to(self.dtype)  # (n, H, 2)
+                x = dequantize(x, s[..., :1], s[..., 1:])
+            out.append(x.to(self.dtype))  # with kv_bits: compression.pool_int8 of what was written
+        return out[0], out[1]
+
+    def advance(self, seq: int, n: int) -> None:
+        """Mark ``n`` more positions of ``seq`` written (on every layer)."""
+        if self.lengths[seq] + n > len(self.tables[seq]) * self.block_size:
+            raise ValueError(f"sequence {seq} has no room for {n} more positions")
+        self.lengths[seq] += n
+
+    def free(self, seq: int) -> None:
+        """Forget ``seq``: release every block of its table."""
+        for block in self.tables.pop(seq):
+            self.allocator.release(block)
+        del self.lengths[seq]
+
+    def block_table(self, seq: int) -> list[int]:
+        return list(self.tables[seq])
+
+    def used_tokens(self) -> int:
+        """Positions held by all sequences (a block shared by several counts once per sequence)."""
+        return sum(self.lengths.values())

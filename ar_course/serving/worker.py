@@ -1,0 +1,164 @@
+"""An :class:`~ar_course.serving.Engine` on its own thread, fed by other threads (an HTTP server's event loop).
+
+Only the worker thread touches the engine. :meth:`EngineWorker.submit` queues a request and returns a
+:class:`Ticket` whose ``events`` queue receives ``("token", id)`` for every new token and exactly one final
+``("end", reason)``: ``"length"`` (all tokens made), ``"timeout"`` (the request ran past its deadline),
+``"cancelled"`` (the client went away, or the server shut down before the request finished). So no request is
+ever dropped silently. The number of requests in flight is bounded: :class:`QueueFull` past ``max_pending``.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from ar_course.sampling import SamplingConfig
+from ar_course.serving.engine import Engine
+
+
+class QueueFull(RuntimeError):
+    """The worker already holds ``max_pending`` requests."""
+
+
+class ShuttingDown(RuntimeError):
+    """The worker no longer accepts requests."""
+
+
+@dataclass
+class Ticket:
+    """A submitted request as its submitter sees it: ``events`` receives ``(kind, value)`` pairs (see the module
+    docstring); ``deliver`` (default: ``events.put``) is how the worker thread hands them over, e.g. through an
+    event loop's ``call_soon_threadsafe``."""
+
+    prompt: list[int]
+    max_new_tokens: int
+    sampling: SamplingConfig
+    seed: int | None
+    deadline: float
+    events: queue.Queue = field(default_factory=queue.Queue)
+    deliver: Callable[[tuple[str, object]], None] | None = None
+    cancelled: bool = False
+    request_id: int | None = None
+
+    def send(self, kind: str, value: object) -> None:
+        (self.deliver or self.events.put)((kind, value))
+
+
+class EngineWorker:
+    """Runs ``engine`` on a daemon thread; :meth:`submit` from any thread, :meth:`shutdown` to stop."""
+
+    def __init__(self, engine: Engine, max_pending: int = 64, timeout_s: float = 60.0):
+        self.engine, self.max_pending, self.timeout_s = engine, max_pending, timeout_s
+        self._inbox: queue.Queue[Ticket] = queue.Queue()
+        self._live: dict[int, Ticket] = {}
+        self._pending = 0
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._accepting, self._stop = True, False
+        self.completed: dict[str, int] = {"length": 0, "timeout": 0, "cancelled": 0}
+        self._thread = threading.Thread(target=self._run, name="ar-course-engine", daemon=True)
+        self._thread.start()
+
+    @property
+    def pending(self) -> int:
+        return self._pending
+
+    def submit(self, prompt: list[int], max_new_tokens: int, sampling: SamplingConfig, seed: int | None = None,
+               timeout_s: float | None = None, deliver: Callable | None = None) -> Ticket:
+        """Queue a request (checked by the engine when the worker adds it: an invalid one ends at once with
+        ``("error", message)``). Raises :class:`QueueFull` or :class:`ShuttingDown`."""
+        with self._lock:
+            if not self._accepting:
+                raise ShuttingDown("the server is shutting down")
+            if self._pending >= self.max_pending:
+                raise QueueFull(f"{self._pending} requests in flight (max {self.max_pending})")
+            self._pending += 1
+        ticket = Ticket(prompt, max_new_tokens, sampling, seed,
+                        time.monotonic() + (self.timeout_s if timeout_s is None else timeout_s), deliver=deliver)
+        self._inbox.put(ticket)
+        self._wake.set()
+        return ticket
+
+    def cancel(self, ticket: Ticket) -> None:
+        """Ask the worker to stop ``ticket`` (a client that went away); it ends with ``"cancelled"``."""
+        ticket.cancelled = True
+        self._wake.set()
+
+    def shutdown(self, drain_s: float = 10.0) -> dict[str, int]:
+        """Stop accepting, let requests in flight finish for up to ``drain_s`` seconds, cancel the rest (each
+        gets its ``("end", "cancelled")``), stop the thread. Returns :attr:`completed`."""
+        with self._lock:
+            self._accepting = False
+        deadline = time.monotonic() + drain_s
+        while self._pending and time.monotonic() < deadline:
+            time.sleep(0.01)
+        self._stop = True
+        self._wake.set()
+        self._thread.join(timeout=30)
+        return dict(self.completed)
+
+    # -------------------------------------------------------------------------------------- the worker thread
+
+    def _end(self, ticket: Ticket, kind: str, reason: str) -> None:
+        if ticket.request_id is not None:
+            self._live.pop(ticket.request_id, None)
+        if kind == "end":
+            self.completed[reason] += 1
+        ticket.send(kind, reason)
+        with self._lock:
+            self._pending -= 1
+
+    def _admit_inbox(self) -> None:
+        while True:
+            try:
+                ticket = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                rid = self.engine.add_request(ticket.prompt, ticket.max_new_tokens, sampling=ticket.sampling,
+                                              seed=ticket.seed)
+            except (ValueError, TypeError) as exc:
+                self._end(ticket, "error", str(exc))
+                continue
+            ticket.request_id = rid
+            self._live[rid] = ticket
+            if self.engine.requests[rid].status == "finished":  # max_new_tokens == 0
+                self._end(ticket, "end", "length")
+
+    def _expire(self, stop_all: bool) -> None:
+        now = time.monotonic()
+        for rid, ticket in list(self._live.items()):
+            reason = "cancelled" if ticket.cancelled or stop_all else "timeout" if now > ticket.deadline else None
+            if reason is not None:
+                self.engine.cancel(rid)
+                self._end(ticket, "end", reason)
+
+    def _run(self) -> None:
+        while True:
+            self._admit_inbox()
+            self._expire(stop_all=self._stop)
+            if self._stop:
+                while not self._inbox.empty():  # submitted before shutdown, never admitted
+                    self._end(self._inbox.get_nowait(), "end", "cancelled")
+                return
+            if not self.engine.has_work:
+                self._wake.wait(0.05)
+                self._wake.clear()
+                continue
+            try:
+                events = self.engine.step()
+            except Exception as exc:  # noqa: BLE001 - every request in flight hears of it; the worker goes on
+                for rid, ticket in list(self._live.items()):
+                    self.engine.cancel(rid)
+                    self._end(ticket, "error", f"engine error: {exc}")
+                continue
+            for rid, token in events:
+                ticket = self._live.get(rid)
+                if ticket is None:
+                    continue
+                ticket.send("token", token)
+                if self.engine.requests[rid].status == "finished":
+                    self._end(ticket, "end", "length")

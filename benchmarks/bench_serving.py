@@ -1,0 +1,262 @@
+"""Serving the shipped character-level target model to many requests (chapter 09).
+
+Measures, in one run on one machine, on seeded synthetic traces (Poisson arrivals, lognormal prompt and output
+lengths, prompts cut from the held-out text):
+
+* static batching vs continuous batching at equal KV memory (same pool of blocks): output tokens per second,
+  time to first token and time per output token (p50/p99), KV memory over time; the same greedy outputs;
+  continuous batching over an int8 pool: speed, bytes, and how many requests get the full-precision tokens;
+* continuous batching with and without prefix caching on a trace whose requests share a system prompt:
+  prefill tokens computed and TTFT;
+* memory wasted by paged blocks vs contiguous preallocation of the model's full length per sequence;
+* KV bytes per token vs held-out NLL of ``lm_target`` for each KV compression method (KIVI int8/int4/int2,
+  sinks + window and H2O heavy hitters at 1/4 and 1/8 of the cache, MiniCache-style merging);
+* a load test of the HTTP server (``python -m ar_course serve``'s app) on 127.0.0.1: a bounded number of
+  concurrent streaming clients; latency and TTFT p50/p99 and whether every request completed.
+
+Writes ``benchmarks/results/serving.json`` and ``serving.png``::
+
+    python benchmarks/bench_serving.py            # --threads 1 by default
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+from ar_course.data.text import load_text_dataset  # noqa: E402
+from ar_course.files import atomic_write_text  # noqa: E402
+from ar_course.serving import Engine, EngineConfig  # noqa: E402
+from ar_course.serving.compression import CompressedAttention, heldout_nll, kv_bytes_per_token  # noqa: E402
+from ar_course.serving.trace import make_trace, replay, summarize  # noqa: E402
+from ar_course.transformer import load_pretrained  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SYSTEM_PROMPT = ("You are a careful assistant for the Python documentation. Answer with one short, correct "
+                 "sentence, then stop. Question: ")
+METHODS = [("none", {}), ("int8", {}), ("int4", {}), ("int2", {}), ("int8_pool", {}), ("sink_window", {"window": 96}),
+           ("sink_window", {"window": 48}), ("h2o", {"window": 96, "recent": 48}),
+           ("h2o", {"window": 48, "recent": 24}),
+           ("minicache", {"merge_from": 10}), ("minicache", {"merge_from": 6})]
+
+
+def run_engine(model, trace, config: EngineConfig) -> tuple[dict, Engine]:
+    engine = Engine(model, config)
+    ids = replay(engine, trace)
+    summary = summarize(engine)
+    summary["outputs"] = {i: engine.requests[i].output for i in ids}
+    return summary, engine
+
+
+def batching(model, val, args) -> tuple[dict, dict]:
+    """Static vs continuous batching on one trace at equal KV memory; returns results and the engines."""
+    trace = make_trace(val, args.requests, seed=args.seed, rate=args.rate, prompt_median=32, output_median=48,
+                       sigma=0.9)
+    results, engines = {}, {}
+    policies = {"static": ("static", None), "static_max_length": ("static", model.config.block_size),
+                "continuous": ("continuous", None)}
+    for name, (policy, reserve) in policies.items():
+        config = EngineConfig(num_blocks=args.blocks, block_size=16, max_running=args.max_running,
+                              max_step_tokens=256, policy=policy, static_reserve=reserve)
+        results[name], engines[name] = run_engine(model, trace, config)
+    same = all(results[n]["outputs"] == results["continuous"]["outputs"] for n in policies)
+    int8 = EngineConfig(num_blocks=args.blocks, block_size=16, max_running=args.max_running, max_step_tokens=256,
+                        kv_bits=8)
+    results["continuous_int8"], _ = run_engine(model, trace, int8)
+    ref, got = results["continuous"]["outputs"], results["continuous_int8"].pop("outputs")
+    results["continuous_int8"]["identical_requests"] = sum(got[i] == o for i, o in ref.items()) / len(ref)
+    results["continuous_int8"]["bytes_per_block_vs_fp32"] = (Engine(model, int8).cache.bytes_per_block()
+                                                             / Engine(model, EngineConfig()).cache.bytes_per_block())
+    for name in policies:
+        del results[name]["outputs"]
+    results["same_outputs"] = same
+    results["speedup"] = results["continuous"]["tokens_per_second"] / results["static"]["tokens_per_second"]
+    results["speedup_vs_max_length"] = (results["continuous"]["tokens_per_second"]
+                                        / results["static_max_length"]["tokens_per_second"])
+    results["trace"] = {"requests": len(trace), "rate_per_s": args.rate, "kv_blocks": args.blocks, "block_size": 16,
+                        "prompt_tokens_mean": sum(len(r.prompt) for r in trace) / len(trace),
+                        "output_tokens_mean": sum(r.max_new_tokens for r in trace) / len(trace)}
+    return results, engines
+
+
+def prefix_caching(model, val, tok, args) -> dict:
+    """Continuous batching with and without prefix caching; every request starts with the same system prompt."""
+    system = tok.encode(SYSTEM_PROMPT).tolist()
+    trace = make_trace(val, args.requests, seed=args.seed + 1, rate=args.rate, prompt_median=16, output_median=24,
+                       sigma=0.6, shared_prefix=system)
+    out = {}
+    for caching in (False, True):
+        config = EngineConfig(num_blocks=args.blocks, block_size=16, max_running=args.max_running,
+                              prefix_caching=caching)
+        out["on" if caching else "off"] = run_engine(model, trace, config)[0]
+    same = out["on"].pop("outputs") == out["off"].pop("outputs")
+    prompt_tokens = sum(len(r.prompt) for r in trace)
+    return {**out, "same_outputs": same, "shared_prefix_tokens": len(system), "prompt_tokens": prompt_tokens,
+            "shared_fraction": len(system) * len(trace) / prompt_tokens,
+            "prefill_drop": 1 - out["on"]["prefill_tokens_computed"] / out["off"]["prefill_tokens_computed"]}
+
+
+def compression(model, val, args) -> list[dict]:
+    g = torch.Generator().manual_seed(args.seed)
+    T = model.config.block_size
+    starts = torch.randint(0, len(val) - T - 1, (args.windows,), generator=g).tolist()
+    windows = torch.stack([val[s:s + T + 1] for s in starts])  # (N, T+1)
+    rows = []
+    for method, kw in METHODS:
+        nll = heldout_nll(model, windows, CompressedAttention(method, **kw))
+        rows.append({"method": method, **kw, "nll": nll,
+                     "bytes_per_token": kv_bytes_per_token(model.config, method, T, **kw)})
+    base = rows[0]
+    for r in rows:
+        r["bytes_fraction"] = r["bytes_per_token"] / base["bytes_per_token"]
+        r["nll_change"] = r["nll"] / base["nll"] - 1
+    return rows
+
+
+def http_load(model, tok, val, args) -> dict:
+    """A load test of ``python -m ar_course serve``'s app on 127.0.0.1: ``args.http_requests`` streamed requests
+    from ``args.http_clients`` concurrent clients; latency, TTFT and whether every request completed."""
+    import socket
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+    import uvicorn
+
+    from ar_course.serving.server import create_app
+
+    trace = make_trace(val, args.http_requests, seed=args.seed + 2, prompt_median=32, output_median=32, sigma=0.6)
+    app = create_app(Engine(model, EngineConfig(num_blocks=args.blocks, block_size=16, max_running=args.max_running)),
+                     tok, max_pending=args.http_clients, timeout_s=120.0)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+
+    def one(req) -> dict:
+        body = {"prompt": tok.decode(req.prompt), "max_tokens": req.max_new_tokens, "temperature": 0, "stream": True}
+        t0, first, chunks, finish = time.perf_counter(), None, 0, None
+        with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=180) as r:
+            for line in r.iter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                choice = json.loads(line[6:])["choices"][0]
+                first = first or time.perf_counter()
+                chunks += bool(choice["text"])
+                finish = choice["finish_reason"] or finish
+        return {"status": r.status_code, "latency": time.perf_counter() - t0, "ttft": (first or t0) - t0,
+                "tokens": chunks, "finish": finish, "wanted": req.max_new_tokens}
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(args.http_clients) as pool:
+        answers = list(pool.map(one, trace))
+    seconds = time.perf_counter() - t0
+    server.should_exit = True
+    thread.join(timeout=60)
+    pct = lambda key, q: float(torch.tensor([a[key] for a in answers]).quantile(q))  # noqa: E731
+    complete = sum(a["status"] == 200 and a["finish"] == "length" and a["tokens"] == a["wanted"] for a in answers)
+    return {"requests": len(answers), "clients": args.http_clients, "completed": complete,
+            "errors": sum(a["status"] != 200 for a in answers), "seconds": seconds,
+            "tokens_per_second": sum(a["tokens"] for a in answers) / seconds,
+            "latency_s": {"p50": pct("latency", 0.5), "p99": pct("latency", 0.99)},
+            "ttft_s": {"p50": pct("ttft", 0.5), "p99": pct("ttft", 0.99)}}
+
+
+def plot(result: dict, engines: dict, path: Path) -> None:
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.2))
+    for policy, engine in ((n, engines[n]) for n in ("static_max_length", "continuous")):
+        t0 = engine.history[0].time
+        axes[0].plot([h.time - t0 for h in engine.history], [h.blocks_used * engine.config.block_size
+                                                             for h in engine.history], label=f"{policy}: reserved")
+        axes[0].plot([h.time - t0 for h in engine.history], [h.tokens_stored for h in engine.history], "--",
+                     label=f"{policy}: stored")
+    axes[0].set(xlabel="seconds", ylabel="KV positions", title="KV memory over time (equal pool)")
+    axes[0].legend(fontsize=8)
+    b = result["batching"]
+    names = ["static_max_length", "static", "continuous"]
+    axes[1].bar(["static\n(max-length\nreserve)", "static\n(exact\nreserve)", "continuous"],
+                [b[n]["tokens_per_second"] for n in names], color=["tab:gray", "tab:olive", "tab:blue"])
+    axes[1].set(ylabel="output tokens / s",
+                title=f"throughput at equal KV memory: {b['speedup_vs_max_length']:.2f}x / {b['speedup']:.2f}x")
+    for r in result["compression"]:
+        label = r["method"] + (f" from {r['merge_from']}" if "merge_from" in r else "") + (
+            f" {r['window']}" if "window" in r else "")
+        axes[2].scatter(r["bytes_fraction"], r["nll"])
+        axes[2].annotate(label, (r["bytes_fraction"], r["nll"]), fontsize=8)
+    axes[2].set(xlabel="KV bytes per token (fraction of fp16)", ylabel="held-out NLL (nats/char)",
+                title="KV compression: memory vs quality")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=48)
+    parser.add_argument("--rate", type=float, default=40.0, help="mean arrivals per second")
+    parser.add_argument("--blocks", type=int, default=96, help="KV pool size in blocks of 16")
+    parser.add_argument("--max-running", type=int, default=16)
+    parser.add_argument("--windows", type=int, default=16, help="held-out windows for the NLL")
+    parser.add_argument("--http-requests", type=int, default=32, help="load test requests (0: skip it)")
+    parser.add_argument("--http-clients", type=int, default=8, help="concurrent load-test clients")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    model, tok = load_pretrained("lm_target")
+    _, _, val = load_text_dataset()
+    batch, engines = batching(model, val, args)
+    result = {
+        "machine": {"cpu": platform.processor() or platform.machine(), "platform": platform.platform(),
+                    "threads": args.threads, "torch": torch.__version__},
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "model": "lm_target", "args": {k: str(v) for k, v in vars(args).items()},
+        "batching": batch, "prefix_caching": prefix_caching(model, val, tok, args),
+        "compression": compression(model, val, args),
+        "http": http_load(model, tok, val, args) if args.http_requests else None,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(args.out / "serving.json", json.dumps(result, indent=1) + "\n")
+    plot(result, engines, args.out / "serving.png")
+    b, p = result["batching"], result["prefix_caching"]
+    print(f"throughput static max-length {b['static_max_length']['tokens_per_second']:.1f} tok/s, static exact "
+          f"{b['static']['tokens_per_second']:.1f} tok/s, continuous {b['continuous']['tokens_per_second']:.1f} tok/s "
+          f"({b['speedup_vs_max_length']:.2f}x / {b['speedup']:.2f}x), same outputs {b['same_outputs']}")
+    i8 = b["continuous_int8"]
+    print(f"int8 pool: {i8['tokens_per_second']:.1f} tok/s, {i8['bytes_per_block_vs_fp32']:.3f} of the fp32 bytes, "
+          f"{i8['identical_requests']:.0%} of requests identical to full precision")
+    print(f"paged waste {b['continuous']['paged_waste_fraction']:.1%} "
+          f"({b['continuous']['paged_waste_blocks_per_sequence']:.2f} blocks/seq) vs contiguous "
+          f"{b['continuous']['contiguous_waste_fraction']:.1%}")
+    print(f"prefix caching: prefill tokens -{p['prefill_drop']:.1%} (shared fraction {p['shared_fraction']:.1%}), "
+          f"TTFT p50 {p['off']['ttft_s']['p50'] * 1e3:.0f} -> {p['on']['ttft_s']['p50'] * 1e3:.0f} ms")
+    for r in result["compression"]:
+        setting = r.get("merge_from", r.get("window", ""))
+        print(f"{r['method']:12s} {setting!s:3s} bytes {r['bytes_fraction']:.3f}  NLL {r['nll']:.4f} "
+              f"({r['nll_change']:+.2%})")
+    h = result["http"]
+    if h:
+        print(f"HTTP load test: {h['completed']}/{h['requests']} completed, {h['errors']} errors, {h['clients']} "
+              f"clients, "
+              f"latency p50/p99 {h['latency_s']['p50']:.2f}/{h['latency_s']['p99']:.2f} s, TTFT p50/p99 "
+              f"{h['ttft_s']['p50']:.2f}/{h['ttft_s']['p99']:.2f} s, {h['tokens_per_second']:.1f} tok/s")
+    http_ok = h is None or h["completed"] == h["requests"]
+    return 0 if b["same_outputs"] and p["same_outputs"] and http_ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,249 @@
+"""The serving engine (chapter 09): paged attention equals dense attention, copy-on-write never changes another
+sequence, no block leaks, and the engine's greedy outputs equal ``GPT.generate`` on each prompt alone whatever
+the batching, chunking, preemption or prefix caching."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from ar_course.sampling import SamplingConfig
+from ar_course.serving import (
+    BlockAllocator, Engine, EngineConfig, OutOfBlocks, PagedKVCache, PrefixCache, gather_kv, packed_forward,
+    paged_attention, prefix_block_hashes,
+)
+from ar_course.transformer import GPT, GPTConfig, load_pretrained
+
+GREEDY = SamplingConfig(temperature=0.0)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Small engine steps are all overhead: one torch thread is fastest, and steady on a shared CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny() -> GPT:
+    torch.manual_seed(0)
+    return GPT(GPTConfig(vocab_size=17, block_size=64, n_layer=2, n_head=2, n_embd=16)).eval()
+
+
+@pytest.fixture(scope="module")
+def lm() -> GPT:
+    return load_pretrained("lm_target")[0]
+
+
+def _dense_attention(q, k, v):
+    """``q`` ``(H, D)`` over ``k, v`` ``(T, H, D)``: ``(H, D)``."""
+    w = torch.einsum("hd,thd->ht", q, k) / math.sqrt(q.shape[-1])
+    return torch.einsum("ht,thd->hd", w.softmax(-1), v)
+
+
+def test_paged_attention_equals_dense_on_random_tables_with_shared_blocks():
+    g = torch.Generator().manual_seed(0)
+    num_blocks, bs, H, D = 12, 4, 3, 8
+    k_pool, v_pool = torch.randn(num_blocks, bs, H, D, generator=g), torch.randn(num_blocks, bs, H, D, generator=g)
+    tables = torch.stack([torch.randperm(num_blocks, generator=g)[:5] for _ in range(4)])  # (4, 5)
+    tables[1, :2] = tables[0, :2]  # two sequences share their first two blocks
+    lengths = torch.tensor([1, 20, 9, 13])
+    q = torch.randn(4, H, D, generator=g)
+    out = paged_attention(q, k_pool, v_pool, tables, lengths)
+    for b in range(4):
+        k = k_pool[tables[b]].reshape(-1, H, D)[: lengths[b]]
+        v = v_pool[tables[b]].reshape(-1, H, D)[: lengths[b]]
+        torch.testing.assert_close(out[b], _dense_attention(q[b], k, v))
+        torch.testing.assert_close(gather_kv(k_pool, tables[b], int(lengths[b])), k)
+    with pytest.raises(ValueError, match="length"):
+        paged_attention(q, k_pool, v_pool, tables, torch.tensor([0, 1, 1, 1]))
+
+
+def test_packed_forward_through_block_tables_equals_the_dense_model(tiny):
+    """Two sequences, fed in uneven chunks into a pool with shuffled blocks, get the dense model's logits."""
+    cache = PagedKVCache.for_model(tiny, num_blocks=16, block_size=3)
+    cache.allocator._free.rotate(5)  # blocks out of order
+    g = torch.Generator().manual_seed(1)
+    seqs = {0: torch.randint(0, 17, (11,), generator=g).tolist(), 1: torch.randint(0, 17, (7,), generator=g).tolist()}
+    for s in seqs:
+        cache.add(s)
+    done = {0: 0, 1: 0}
+    for step in [(5, 2), (1, 4), (5, 1)]:
+        chunks = []
+        for s, n in zip(seqs, step):
+            cache.reserve(s, n)
+            chunks.append((s, seqs[s][done[s]:done[s] + n], done[s]))
+        logits = packed_forward(tiny, cache, chunks)
+        for (s, toks, start), row in zip(chunks, logits):
+            cache.advance(s, len(toks))
+            done[s] += len(toks)
+            dense = tiny(torch.tensor(seqs[s][:done[s]])[None])[0][0, -1]
+            torch.testing.assert_close(row, dense, atol=1e-5, rtol=1e-4)
+
+
+def test_copy_on_write_never_changes_another_sequence():
+    cache = PagedKVCache(n_layer=2, n_head=1, head_dim=2, num_blocks=8, block_size=4)
+    cache.add(0)
+    cache.reserve(0, 6)
+    cache.write(1, cache.slots(0, 0, 6), torch.arange(12.0).view(6, 1, 2), torch.ones(6, 1, 2))
+    cache.advance(0, 6)
+    cache.fork(0, 1)
+    before = [gather_kv(cache.k[1], torch.tensor(cache.tables[0]), 6).clone()]
+    assert cache.tables[0] == cache.tables[1] and cache.allocator.refs[cache.tables[0][1]] == 2
+    cache.reserve(1, 2)  # the shared, partly filled last block is copied before sequence 1 writes into it
+    cache.write(1, cache.slots(1, 6, 2), -torch.ones(2, 1, 2), -torch.ones(2, 1, 2))
+    cache.advance(1, 2)
+    assert cache.copies == 1 and cache.tables[0][0] == cache.tables[1][0] and cache.tables[0][1] != cache.tables[1][1]
+    torch.testing.assert_close(gather_kv(cache.k[1], torch.tensor(cache.tables[0]), 6), before[0])
+    torch.testing.assert_close(gather_kv(cache.k[1], torch.tensor(cache.tables[1]), 6), before[0])
+    cache.free(0)
+    cache.free(1)
+    assert cache.allocator.num_free == 8
+
+
+def test_allocator_refuses_double_free_and_reserve_is_all_or_nothing():
+    a = BlockAllocator(2)
+    b = a.allocate()
+    a.release(b)
+    with pytest.raises(ValueError, match="already free"):
+        a.release(b)
+    cache = PagedKVCache(n_layer=1, n_head=1, head_dim=1, num_blocks=2, block_size=2)
+    cache.add(0)
+    with pytest.raises(OutOfBlocks):
+        cache.reserve(0, 5)
+    assert cache.tables[0] == [] and cache.allocator.num_free == 2
+
+
+def test_prefix_hashes_chain_over_everything_before():
+    a = prefix_block_hashes([1, 2, 3, 4, 5, 6, 7], 3)
+    b = prefix_block_hashes([9, 2, 3, 4, 5, 6], 3)
+    assert len(a) == 2 and len(b) == 2
+    assert a[1] != b[1]  # same tokens in block 1, different prefix
+    assert prefix_block_hashes([1, 2, 3, 4, 5, 6, 8], 3) == a
+
+
+@pytest.mark.parametrize("config", [
+    EngineConfig(num_blocks=64, block_size=4, max_running=3, max_step_tokens=8),  # chunked prefill
+    EngineConfig(num_blocks=14, block_size=4, max_running=5, max_step_tokens=16),  # preemption
+    EngineConfig(num_blocks=64, block_size=8, max_running=2, policy="static"),
+    EngineConfig(num_blocks=20, block_size=4, max_running=4, max_step_tokens=16, prefix_caching=True),
+], ids=["chunked", "preempting", "static", "prefix"])
+def test_engine_greedy_equals_generate_alone(lm, config):
+    prompts = ["The class ", "def f(x): return", "A", "Return the value of the attribute named", "In Python"]
+    lengths = [20, 7, 33, 12, 25]
+    engine = Engine(lm, config)
+    tok = load_pretrained("lm_target")[1]
+    ids = [engine.add_request(tok.encode(p), n) for p, n in zip(prompts, lengths)]
+    out = engine.run()
+    for i, p, n in zip(ids, prompts, lengths):
+        assert out[i] == lm.generate(tok.encode(p)[None], n, sampling=GREEDY)[0, -n:].tolist()
+    if config.num_blocks == 14:
+        assert engine.preemptions > 0
+    held = len(engine.prefix.blocks) if engine.prefix is not None else 0
+    assert engine.cache.allocator.num_used == held
+
+
+def test_prefix_caching_skips_the_shared_prompt(tiny):
+    system = list(range(1, 17)) * 2  # 32 shared tokens
+    prompts = [system + [i, i + 1] for i in range(4)]
+    work = {}
+    for caching in (False, True):
+        engine = Engine(tiny, EngineConfig(num_blocks=64, block_size=8, max_running=1, prefix_caching=caching))
+        ids = [engine.add_request(p, 3) for p in prompts]
+        out = engine.run()
+        work[caching] = engine.prefill_computed
+        results = [out[i] for i in ids]
+    assert work[False] == 4 * 34
+    assert work[True] == 34 + 3 * 2  # only the first request computes the 32 shared tokens
+    assert results == [tiny.generate(torch.tensor(p)[None], 3, sampling=GREEDY)[0, -3:].tolist() for p in prompts]
+
+
+def test_sampled_outputs_do_not_depend_on_the_batch(tiny):
+    s = SamplingConfig(temperature=1.0, top_k=5)
+    outs = []
+    for running in (1, 4):
+        engine = Engine(tiny, EngineConfig(num_blocks=32, block_size=4, max_running=running))
+        ids = [engine.add_request([1, 2, i], 6, sampling=s, seed=i) for i in range(4)]
+        out = engine.run()
+        outs.append([out[i] for i in ids])
+    assert outs[0] == outs[1]
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.tuples(st.integers(1, 12), st.integers(0, 9), st.sampled_from(["run", "cancel", "step"])),
+                min_size=1, max_size=8),
+       st.integers(11, 24), st.booleans())
+def test_no_block_leaks_and_greedy_outputs_after_any_mix_of_requests(tiny, ops, num_blocks, caching):
+    engine = Engine(tiny, EngineConfig(num_blocks=num_blocks, block_size=2, max_running=3, max_step_tokens=6,
+                                       prefix_caching=caching))
+    ids = []
+    for prompt_len, new, action in ops:
+        ids.append(engine.add_request([(prompt_len * 7 + j) % 17 for j in range(prompt_len)], new))
+        if action == "cancel":
+            engine.step()
+            engine.cancel(ids[len(ids) // 2])
+        elif action == "step":
+            engine.step()
+    out = engine.run()
+    assert all(engine.requests[i].status in ("finished", "cancelled") for i in ids)
+    for i in ids:  # whatever the arrival order, chunking, preemption or caching: the tokens of generate alone
+        r = engine.requests[i]
+        if r.status == "finished" and r.output:
+            alone = tiny.generate(torch.tensor(r.prompt)[None], r.max_new_tokens, sampling=GREEDY)
+            assert out[i] == alone[0, len(r.prompt):].tolist()
+    held = len(engine.prefix.blocks) if caching else 0
+    assert engine.cache.allocator.num_used == held and not engine.cache.tables
+    if caching:
+        engine.prefix.clear()
+    assert engine.cache.allocator.num_free == num_blocks
+
+
+def test_bad_arguments_are_clear_errors(tiny):
+    engine = Engine(tiny, EngineConfig(num_blocks=4, block_size=4))
+    with pytest.raises(ValueError, match="prompt has no tokens"):
+        engine.add_request([], 3)
+    with pytest.raises(ValueError, match="prompt token"):
+        engine.add_request([1, 99], 3)
+    with pytest.raises(ValueError, match="never fit"):
+        engine.add_request([1] * 10, 20)
+    with pytest.raises(TypeError):
+        engine.add_request([1], 2.5)
+    with pytest.raises(ValueError, match="policy"):
+        EngineConfig(policy="fifo")
+    with pytest.raises(TypeError):
+        Engine(tiny, {"num_blocks": 4})
+
+
+def test_int8_pool_engine_equals_generate_through_the_same_quantization(lm):
+    """The engine over an int8 pool (a fast path) gives the tokens of plain recomputing generate whose attention
+    quantizes keys and values the way the pool stores them (the plain path), at 0.28x the fp32 pool's bytes."""
+    from ar_course.serving.compression import CompressedAttention
+    from ar_course.transformer import use_attention
+
+    tok = load_pretrained("lm_target")[1]
+    prompts = [tok.encode(p).tolist() for p in ("The class ", "Return the value of the attribute named")]
+    engine = Engine(lm, EngineConfig(num_blocks=32, block_size=16, max_running=2, kv_bits=8))
+    ids = [engine.add_request(p, 24) for p in prompts]
+    out = engine.run()
+    for i, p in zip(ids, prompts):
+        with use_attention(CompressedAttention("int8_pool")):
+            alone = lm.generate(torch.tensor(p)[None], 24, sampling=GREEDY, use_cache=False)
+        assert out[i] == alone[0, len(p):].tolist()
+    full = PagedKVCache.for_model(lm, 32, 16)
+    assert engine.cache.bytes_per_block() / full.bytes_per_block() == pytest.approx((32 + 4) / (4 * 32))
+    with pytest.raises(ValueError, match="kv_bits"):
+        EngineConfig(kv_bits=4)
+
+
+def test_prefix_hits_count_reused_blocks(tiny):
+    engine = Engine(tiny, EngineConfig(num_blocks=64, block_size=4, max_running=1, prefix_caching=True))
+    for _ in range(3):
+        engine.add_request(list(range(1, 11)), 2)  # 10 tokens: 2 full blocks reusable (never the last token's)
+    engine.run()
+    assert engine.prefix.hits == 2 * 2

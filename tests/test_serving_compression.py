@@ -1,0 +1,92 @@
+"""KV compression (chapter 09): quantization error bounds, KIVI's layout, the sink + window mask, the memory
+accounting, and that the evaluation path without compression is the model's own loss."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ar_course.serving.compression import (
+    CompressedAttention, dequantize, fake_quantize_kv, heldout_nll, kv_bytes_per_token, quantize, sink_window_mask,
+)
+from ar_course.transformer import GPT, GPTConfig
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Small models gain nothing from threads, and the machine is shared: one torch thread while this runs."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_quantize_round_trip_is_within_half_a_step(bits):
+    x = torch.randn(3, 5, 40, generator=torch.Generator().manual_seed(bits)) * 3
+    codes, scale, lo = quantize(x, bits, dim=2)
+    assert codes.dtype == torch.uint8 and int(codes.max()) <= 2 ** bits - 1 and scale.shape == (3, 5, 1)
+    assert bool(((dequantize(codes, scale, lo) - x).abs() <= scale / 2 + 1e-6).all())
+
+
+def test_kivi_keys_are_per_channel_and_values_per_token():
+    """A channel of huge keys ruins per-token key scales but not KIVI's per-channel ones."""
+    g = torch.Generator().manual_seed(0)
+    k, v = torch.randn(1, 1, 64, 8, generator=g), torch.randn(1, 1, 64, 8, generator=g)
+    k[..., 3] *= 100
+    k_hat, v_hat = fake_quantize_kv(k, v, 4, group=32)
+    per_token = dequantize(*quantize(k, 4, dim=3))
+    err = lambda a: float((a - k)[..., [0, 1, 2, 4, 5, 6, 7]].abs().mean())  # noqa: E731
+    assert err(k_hat) < err(per_token) / 10
+    torch.testing.assert_close(v_hat, dequantize(*quantize(v, 4, dim=3)))
+
+
+def test_sink_window_mask_keeps_sinks_and_the_window():
+    m = sink_window_mask(10, sinks=2, window=5)
+    assert m.sum(1).max() == 5 and bool(m[9, [0, 1, 7, 8, 9]].all()) and not bool(m[9, 2:7].any())
+    assert bool(m[:5].eq(torch.ones(5, 10, dtype=torch.bool).tril()[:5]).all())
+    with pytest.raises(ValueError):
+        sink_window_mask(10, sinks=5, window=5)
+
+
+def test_compressed_attention_limits_and_memory():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=11, block_size=80, n_layer=4, n_head=2, n_embd=32)).eval()
+    rows = torch.randint(0, 11, (2, 65))
+    plain = heldout_nll(model, rows)
+    assert heldout_nll(model, rows, CompressedAttention("none")) == pytest.approx(plain, rel=1e-5)
+    assert heldout_nll(model, rows, CompressedAttention("sink_window", window=200)) == pytest.approx(plain, rel=1e-5)
+    assert heldout_nll(model, rows, CompressedAttention("int8", group=8)) == pytest.approx(plain, rel=1e-2)
+    assert heldout_nll(model, rows, CompressedAttention("int2", group=8)) != pytest.approx(plain, rel=1e-6)
+    full = kv_bytes_per_token(model.config, "none", 64)
+    assert kv_bytes_per_token(model.config, "int8", 64) < 0.6 * full
+    assert kv_bytes_per_token(model.config, "int4", 64) < kv_bytes_per_token(model.config, "int8", 64)
+    assert kv_bytes_per_token(model.config, "sink_window", 64, window=16) == full / 4
+    assert kv_bytes_per_token(model.config, "minicache", 64, merge_from=2) < full
+    with pytest.raises(ValueError, match="method"):
+        CompressedAttention("fp4")
+
+
+def test_h2o_keeps_budget_entries_and_equals_full_attention_within_budget():
+    from ar_course.serving.compression import h2o_attention
+
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 2, 20, 4, generator=g) for _ in range(3))
+    full = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    torch.testing.assert_close(h2o_attention(q, k, v, budget=20, recent=5), full)
+    small = h2o_attention(q, k, v, budget=6, recent=2)
+    torch.testing.assert_close(small[:, :, :6], full[:, :, :6])  # nothing evicted before the cache is full
+    assert not torch.allclose(small, full)
+    # a key that draws all the attention is a heavy hitter: it survives eviction
+    k2 = k.clone()
+    k2[:, :, 0] = 0
+    q2 = q.clone()
+    q2[..., :] = 0
+    q2[..., 0] = 1.0
+    k2[:, :, 3, 0] = 50.0
+    v2 = torch.zeros_like(v)
+    v2[:, :, 3] = 1.0
+    out = h2o_attention(q2, k2, v2, budget=4, recent=1)
+    assert bool((out[:, :, 19, 0] > 0.99).all())
+    with pytest.raises(ValueError):
+        h2o_attention(q, k, v, budget=4, recent=4)

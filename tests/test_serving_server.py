@@ -1,0 +1,209 @@
+"""The engine worker and the HTTP server (chapter 09): every request ends with exactly one final event
+(length, timeout or cancelled), the queue is bounded, shutdown drains or cancels, and the server on
+127.0.0.1 answers OpenAI-style completions (whole and streamed) and refuses bad requests with a clear 4xx."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+
+import pytest
+import torch
+
+from ar_course.sampling import SamplingConfig
+from ar_course.serving import Engine, EngineConfig
+from ar_course.serving.worker import EngineWorker, QueueFull, ShuttingDown
+from ar_course.transformer import GPT, GPTConfig, load_pretrained
+
+GREEDY = SamplingConfig(temperature=0.0)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Small engine steps are all overhead: one torch thread is fastest, and steady on a shared CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny() -> GPT:
+    torch.manual_seed(0)
+    return GPT(GPTConfig(vocab_size=17, block_size=64, n_layer=2, n_head=2, n_embd=16)).eval()
+
+
+def _drain(ticket, timeout=30.0):
+    tokens, deadline = [], time.monotonic() + timeout
+    while True:
+        kind, value = ticket.events.get(timeout=max(deadline - time.monotonic(), 0.01))
+        if kind == "token":
+            tokens.append(value)
+        else:
+            return tokens, kind, value
+
+
+def test_worker_answers_every_request_like_generate(tiny):
+    worker = EngineWorker(Engine(tiny, EngineConfig(num_blocks=32, block_size=4, max_running=3)))
+    prompts = [[1, 2, 3], [4], [5, 6, 7, 8, 9]]
+    tickets = [worker.submit(p, 6, GREEDY) for p in prompts]
+    for p, t in zip(prompts, tickets):
+        tokens, kind, reason = _drain(t)
+        assert (kind, reason) == ("end", "length")
+        assert tokens == tiny.generate(torch.tensor(p)[None], 6, sampling=GREEDY)[0, len(p):].tolist()
+    bad = worker.submit([], 3, GREEDY)
+    assert _drain(bad)[1] == "error"
+    assert worker.shutdown() == {"length": 3, "timeout": 0, "cancelled": 0}
+    with pytest.raises(ShuttingDown):
+        worker.submit([1], 2, GREEDY)
+
+
+def test_worker_bounds_its_queue_times_out_and_cancels_on_shutdown(tiny):
+    worker = EngineWorker(Engine(tiny, EngineConfig(num_blocks=64, block_size=4, max_running=2)), max_pending=3)
+    slow = worker.submit([1, 2], 60, GREEDY, timeout_s=0.0)  # already past its deadline
+    a, b = worker.submit([3], 60, GREEDY), worker.submit([4], 60, GREEDY)
+    with pytest.raises(QueueFull):
+        worker.submit([5], 2, GREEDY)
+    assert _drain(slow)[1:] == ("end", "timeout")
+    worker.cancel(a)
+    assert _drain(a)[1:] == ("end", "cancelled")
+    completed = worker.shutdown(drain_s=0.0)
+    assert _drain(b)[1] == "end" and sum(completed.values()) == 3
+    assert worker.engine.cache.allocator.num_used == 0 and not worker.engine.has_work
+
+
+# ------------------------------------------------------------------------------------------------ over HTTP
+
+fastapi = pytest.importorskip("fastapi", reason="the [serve] extra (FastAPI, uvicorn) is not installed")
+uvicorn = pytest.importorskip("uvicorn")
+httpx = pytest.importorskip("httpx")
+
+
+@pytest.fixture(scope="module")
+def server():
+    from ar_course.serving.server import create_app
+
+    model, tok = load_pretrained("lm_draft")
+    app = create_app(Engine(model, EngineConfig(num_blocks=64, block_size=16, max_running=4)), tok,
+                     model_name="lm_draft", max_pending=8, timeout_s=30.0)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not srv.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}", model, tok, app
+    srv.should_exit = True
+    thread.join(timeout=30)
+
+
+def test_completion_whole_and_streamed_equal_generate(server):
+    url, model, tok, _ = server
+    prompt = "The for statement"
+    expected = tok.decode(model.generate(tok.encode(prompt)[None], 12, sampling=GREEDY)[0, len(prompt):])
+    with httpx.Client(base_url=url, timeout=30) as client:
+        r = client.post("/v1/completions", json={"prompt": prompt, "max_tokens": 12, "temperature": 0})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["choices"][0]["text"] == expected and body["choices"][0]["finish_reason"] == "length"
+        assert body["usage"]["completion_tokens"] == 12
+        with client.stream("POST", "/v1/completions",
+                           json={"prompt": prompt, "max_tokens": 12, "temperature": 0, "stream": True}) as s:
+            assert s.headers["content-type"].startswith("text/event-stream")
+            lines = [line[6:] for line in s.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "[DONE]"
+    chunks = [json.loads(x) for x in lines[:-1]]
+    assert "".join(c["choices"][0]["text"] for c in chunks) == expected
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+
+
+@pytest.mark.parametrize("body, says", [
+    ({"prompt": "", "max_tokens": 5}, "prompt"),
+    ({"prompt": "hi", "max_tokens": 0}, "max_tokens"),
+    ({"prompt": "hi", "max_tokens": 10_000}, "max_tokens"),
+    ({"prompt": "hi", "max_tokens": 5, "best_of": 3}, "best_of"),
+    ({"prompt": "hi", "temperature": -1}, "temperature"),
+    ({"prompt": "h\u00e9llo", "max_tokens": 5}, "vocabulary"),
+    ({"max_tokens": 5}, "prompt"),
+    ({"prompt": "hi", "model": "gpt-4"}, "serves 'lm_draft'"),
+])
+def test_bad_requests_get_a_clear_4xx(server, body, says):
+    url = server[0]
+    r = httpx.post(f"{url}/v1/completions", json=body, timeout=30)
+    assert 400 <= r.status_code < 500, r.text
+    assert says in r.json()["error"]["message"]
+
+
+def test_concurrent_clients_all_answered(server):
+    url = server[0]
+    results = []
+
+    def client(i):
+        r = httpx.post(f"{url}/v1/completions", json={"prompt": f"Item {i}: ", "max_tokens": 8, "seed": i,
+                                                       "temperature": 0.8}, timeout=60)
+        results.append(r.status_code)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == [200] * 6
+    health = httpx.get(f"{url}/health", timeout=10).json()
+    assert health["pending"] == 0 and health["completed"]["length"] >= 6
+
+
+def test_cli_server_shuts_down_gracefully_on_ctrl_c(tmp_path):
+    """``python -m ar_course serve`` on 127.0.0.1: Ctrl-C (SIGINT) while streams are running lets each of them end
+    with a finish reason and [DONE], and the process exits 0."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    from concurrent.futures import ThreadPoolExecutor
+    from pathlib import Path
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "ar_course", "serve", "--model", "lm_draft", "--port", str(port),
+                             "--drain", "20"], env=env, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        started = threading.Event()
+
+        def stream(i):
+            body = {"prompt": f"Item {i}", "max_tokens": 300, "temperature": 0, "stream": True}
+            lines = []
+            with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=60) as r:
+                for line in r.iter_lines():
+                    if line.startswith("data: "):
+                        lines.append(line[6:])
+                        started.set()
+            return lines
+
+        with ThreadPoolExecutor(3) as pool:
+            futures = [pool.submit(stream, i) for i in range(3)]
+            assert started.wait(30)
+            proc.send_signal(signal.SIGINT)
+            results = [f.result(timeout=60) for f in futures]
+        assert proc.wait(timeout=60) == 0, proc.stderr.read().decode()[-2000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    for lines in results:
+        assert lines[-1] == "[DONE]"
+        assert json.loads(lines[-2])["choices"][0]["finish_reason"] in ("length", "cancelled")
