@@ -93,7 +93,7 @@ def test_cca_loss_matches_its_formula_and_pushes_positives_up_negatives_down():
     neg = torch.tensor([2.0, 0.0, -5.0], requires_grad=True)
     loss = cca_loss(pos, neg, beta=0.5, lam=3.0)
     expected = -torch.log(torch.sigmoid(0.5 * pos)).mean() - 3.0 * torch.log(torch.sigmoid(-0.5 * neg)).mean()
-    assert float(loss) == pytest.approx(float(expected), rel=1e-6)
+    assert float(loss.detach()) == pytest.approx(float(expected.detach()), rel=1e-6)
     loss.backward()
     assert bool((pos.grad < 0).all()) and bool((neg.grad > 0).all())  # descent raises pos, lowers neg
     with pytest.raises(ValueError, match="one size"):
