@@ -160,3 +160,46 @@ def test_grpo_and_cca_training_are_deterministic_under_their_seed():
     cca = [train_cca(*_tiny_pair(), maps, labels, CCAConfig(steps=3, batch_size=4), progress=False).loss
            for _ in range(2)]
     assert cca[0] == cca[1]
+
+
+def test_train_clis_write_raster_checkpoints_that_the_common_loader_and_generator_read(tmp_path, capsys):
+    from ar_course.cli import main as cli_main
+    from ar_course.system import Generator
+
+    grpo_out, cca_out = tmp_path / "grpo.safetensors", tmp_path / "cca.safetensors"
+    assert cli_main(["train", "grpo", "--steps", "1", "--group-size", "2", "--eval-per-class", "0",
+                     "--out", str(grpo_out)]) == 0
+    assert cli_main(["train", "cca", "--steps", "1", "--batch-size", "4", "--train-images", "40",
+                     "--eval-per-class", "0", "--out", str(cca_out)]) == 0
+    for path, method in ((grpo_out, "grpo"), (cca_out, "cca")):
+        info = checkpoint.info(path)
+        assert info["kind"] == raster.CHECKPOINT_KIND and info["method"] == method and info["base"] == "ar_mnist"
+        model, tokenizer = checkpoint.load_with_tokenizer(path, kind=raster.CHECKPOINT_KIND)
+        gen = Generator.from_checkpoints(ar_path=path, device="cpu")
+        assert gen.generate([3, 7], method="ar", cfg=0.0, seed=0).images.shape == (2, 1, 32, 32)
+    assert cli_main(["train", "grpo", "--group-size", "1", "--out", str(grpo_out)]) == 2
+    assert "group_size" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["grpo", "cca"])
+def test_shipped_aligned_models_load_through_the_common_loader_and_the_generator(name):
+    path = checkpoint.resolve(f"ar_mnist_{name}")
+    info = checkpoint.info(path)
+    assert info["kind"] == raster.CHECKPOINT_KIND and info["method"] == name and info["tokenizer"] == "mnist_vq"
+    assert path.stat().st_size < 2_000_000
+    gen = _pretrained(name)
+    base = _pretrained("base")
+    assert gen.ar.config == base.ar.config
+    assert any(not torch.equal(a, b) for a, b in zip(gen.ar.state_dict().values(), base.ar.state_dict().values()))
+    assert gen.generate([1, 2], method="ar", cfg=0.0, seed=0).images.shape == (2, 1, 32, 32)
+
+
+def _pretrained(ar: str):
+    from ar_course.system import Generator
+
+    return Generator.from_pretrained("mnist", device="cpu", ar=ar)
+
+
+def test_generator_rejects_an_unknown_raster_variant():
+    with pytest.raises(ValueError, match="unknown raster model"):
+        _pretrained("ppo")
