@@ -28,7 +28,7 @@ class CCAConfig:
     """CPU-sized defaults; ``beta`` scales the log-ratios, ``lam`` weighs the negatives (stronger ``lam`` acts
     like stronger guidance)."""
 
-    steps: int = 300
+    steps: int = 500
     batch_size: int = 32
     lr: float = 1e-4
     beta: float = 0.02
