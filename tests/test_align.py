@@ -203,3 +203,18 @@ def _pretrained(ar: str):
 def test_generator_rejects_an_unknown_raster_variant():
     with pytest.raises(ValueError, match="unknown raster model"):
         _pretrained("ppo")
+
+
+def test_generate_cli_picks_an_aligned_raster_model(tmp_path, capsys):
+    from ar_course.cli import main as cli_main
+
+    pngs = []
+    for name, cfg in (("default", []), ("w0", ["--cfg", "0"]), ("w1", ["--cfg", "1"])):
+        out = tmp_path / f"{name}.png"
+        assert cli_main(["generate", "--method", "ar", "--ar-model", "cca", "--classes", "4", "7", "--out", str(out),
+                         "--device", "cpu", *cfg]) == 0
+        pngs.append(out.read_bytes())
+    assert pngs[0][:8] == b"\x89PNG\r\n\x1a\n"
+    assert pngs[0] == pngs[1] != pngs[2]  # aligned models sample without guidance by default
+    assert cli_main(["generate", "--ar-model", "grpo", "--out", str(tmp_path / "v.png")]) == 2
+    assert "--method ar" in capsys.readouterr().err
