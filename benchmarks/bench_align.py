@@ -190,8 +190,8 @@ def main(argv: list[str] | None = None) -> int:
         "threads": args.threads, "n_eval": args.n_eval, "models": MODELS,
         "real_vs_real": metrics.data_baseline("mnist", n=args.n_eval, repeats=3),
         "quality": rows, "speed": speed, "comparison": comparison,
-        "grpo_curves": checkpoint.info(MODELS["grpo"])["curves"], "grpo_options": checkpoint.info(MODELS["grpo"])["options"],
-        "cca_curves": checkpoint.info(MODELS["cca"])["curves"], "cca_options": checkpoint.info(MODELS["cca"])["options"],
+        **{f"{name}_{key}": checkpoint.info(MODELS[name])[key] for name in ("grpo", "cca")
+           for key in ("curves", "options")},
         "hacking": hack, "summary": summary,
     }
     args.out.mkdir(parents=True, exist_ok=True)

@@ -18,13 +18,13 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
+from ar_course import metrics
 from ar_course.align.functional import clipped_surrogate, group_advantages, k3_kl
 from ar_course.align.model import token_log_probs
 from ar_course.align.rewards import REWARDS, Reward
 from ar_course.raster.model import generate_images, generate_tokens
 from ar_course.tokenizers import VQVAE
 from ar_course.transformer.model import GPT
-from ar_course import metrics
 
 
 @dataclass
@@ -46,9 +46,10 @@ class GRPOConfig:
     def __post_init__(self) -> None:
         if self.reward not in REWARDS:
             raise ValueError(f"reward must be one of {sorted(REWARDS)}, got {self.reward!r}")
-        for name in ("steps", "group_size", "inner_steps"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < (2 if name == "group_size" else 1):
-                raise ValueError(f"{name} must be an int >= {2 if name == 'group_size' else 1}, got {getattr(self, name)!r}")
+        for name, lo in (("steps", 1), ("group_size", 2), ("inner_steps", 1)):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < lo:
+                raise ValueError(f"{name} must be an int >= {lo}, got {value!r}")
         if not (self.lr > 0 and self.clip > 0 and self.kl_coef >= 0):
             raise ValueError(f"need lr > 0, clip > 0, kl_coef >= 0; got {self.lr}, {self.clip}, {self.kl_coef}")
 

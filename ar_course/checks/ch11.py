@@ -232,8 +232,8 @@ def _cca_cases() -> Iterator[Case]:
                {"beta": 0.02, "lam": 1.0})
     yield Case("beta 0.5, lam 3", (torch.randn(5, generator=g), torch.randn(5, generator=g)),
                {"beta": 0.5, "lam": 3.0})
-    yield Case("large log-ratios (a stable log-sigmoid)", (torch.tensor([-800.0, 900.0]), torch.tensor([700.0, -900.0])),
-               {"beta": 1.0, "lam": 2.0})
+    yield Case("large log-ratios (a stable log-sigmoid)",
+               (torch.tensor([-800.0, 900.0]), torch.tensor([700.0, -900.0])), {"beta": 1.0, "lam": 2.0})
 
 
 def _cca_wrong_sign(pos, neg, beta=0.02, lam=1.0):
