@@ -22,13 +22,15 @@ import re
 import sys
 from typing import Callable
 
-# what -> (module with main(argv) -> int, one-line description)
+# what -> (module with main(argv) -> int, or "module:function", one-line description)
 TRAINERS: dict[str, tuple[str, str]] = {
     "tokenizer": ("ar_course.tokenizers.train", "VQ / residual VQ / multi-scale VQ tokenizer (chapter 01)"),
     "lm": ("ar_course.transformer.train", "character-level GPT on the offline text corpus (chapter 02)"),
     "classifier": ("ar_course.metrics", "the evaluation classifier for an image set (chapter 03)"),
     "ar": ("ar_course.raster.train", "class-conditional raster-order AR over VQ tokens (chapter 03)"),
     "var": ("ar_course.var.train", "VAR next-scale prediction over multi-scale VQ tokens (chapter 04)"),
+    "grpo": ("ar_course.align.train:grpo_main", "GRPO fine-tuning of the raster AR model with a reward (chapter 11)"),
+    "cca": ("ar_course.align.train:cca_main", "condition-contrastive alignment for guidance-free sampling (chapter 11)"),
 }
 
 COMMANDS = {
@@ -139,13 +141,14 @@ probability = float_in(0.0, 1.0)
 
 def _available_trainers() -> dict[str, tuple[str, str]]:
     out = {}
-    for what, (module, desc) in TRAINERS.items():
+    for what, (target, desc) in TRAINERS.items():
+        module, _, function = target.partition(":")
         try:
             mod = importlib.import_module(module)
         except ImportError:
             continue
-        if hasattr(mod, "main") or hasattr(mod, "train_main"):
-            out[what] = (module, desc)
+        if hasattr(mod, function or "main") or (not function and hasattr(mod, "train_main")):
+            out[what] = (target, desc)
     return out
 
 
@@ -165,8 +168,9 @@ def _train(argv: list[str]) -> int:
 
     init_distributed()  # joins the process group when launched by torchrun; no-op otherwise
     try:
-        mod = importlib.import_module(trainers[what][0])
-        entry = getattr(mod, "main", None) or getattr(mod, "train_main")
+        module, _, function = trainers[what][0].partition(":")
+        mod = importlib.import_module(module)
+        entry = getattr(mod, function) if function else getattr(mod, "main", None) or getattr(mod, "train_main")
         return int(entry(rest) or 0)
     finally:
         close_distributed()

@@ -97,6 +97,9 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--var-checkpoint", type=Path, default=None, help="a VAR checkpoint instead of the shipped one")
     p.add_argument("--ar-checkpoint", type=Path, default=None,
                    help="a raster AR checkpoint instead of the shipped one")
+    p.add_argument("--ar-model", choices=("base", "grpo", "cca"), default="base",
+                   help="which shipped raster model: pre-trained, or aligned by GRPO or CCA (chapter 11; these "
+                        "default to --cfg 0, no guidance) [base]")
     p.add_argument("--dataset", choices=("mnist", "shapes"), default="mnist",
                    help="what custom checkpoints generate (names the classifier) [mnist]")
     p.add_argument("--zoom", type=int_in(1, 64), default=2, help="pixel repeat factor of the PNG, 1 to 64 [2]")
@@ -122,6 +125,11 @@ def _check_options(args: argparse.Namespace) -> None:
                          "(--kernels auto or torch)")
     if args.graphs and (args.speculative is not None or args.compile):
         raise UsageError("--graphs applies to batched generation (no --speculative), without --compile")
+    if args.ar_model != "base" and (args.method != "ar" or args.ar_checkpoint):
+        raise UsageError(f"--ar-model {args.ar_model} picks a shipped raster model: use it with --method ar and "
+                         "without --ar-checkpoint")
+    if args.ar_model != "base" and args.cfg is None:
+        args.cfg = 0.0  # the aligned models sample without guidance
     if args.dataset != "mnist" and not (args.var_checkpoint or args.ar_checkpoint):
         raise UsageError(f"the shipped models generate mnist; --dataset {args.dataset} needs --var-checkpoint or "
                          "--ar-checkpoint")
@@ -149,7 +157,7 @@ def _load(args: argparse.Namespace) -> Generator:
         if args.var_checkpoint or args.ar_checkpoint:
             return Generator.from_checkpoints(args.var_checkpoint, args.ar_checkpoint, device=args.device,
                                               dataset=args.dataset)
-        return Generator.from_pretrained("mnist", device=args.device)
+        return Generator.from_pretrained("mnist", device=args.device, ar=args.ar_model)
     except CheckpointError as exc:
         raise UsageError(str(exc)) from None
 

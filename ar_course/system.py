@@ -55,6 +55,10 @@ PRETRAINED = {
 """Shipped model sets: name -> the :func:`ar_course.checkpoint.available` names of their checkpoints (each
 checkpoint names the tokenizer it was trained on)."""
 
+AR_VARIANTS = {"mnist": {"base": "ar_mnist", "grpo": "ar_mnist_grpo", "cca": "ar_mnist_cca"}}
+"""Shipped raster models of each set: the pre-trained one and chapter 11's fine-tuned ones (GRPO with the
+classifier reward; condition-contrastive alignment), which sample without guidance (pass ``cfg=0``)."""
+
 METHODS = ("var", "ar")
 SPECULATIVE = (None, "draft", "jacobi")
 KERNELS = ("auto", "torch", "triton", "numba")
@@ -482,11 +486,16 @@ class Generator:
             self.strategies["ar", "draft"] = DraftSpeculativeStrategy(ar_model, ar_draft, ar_tokenizer)
 
     @classmethod
-    def from_pretrained(cls, name: str = "mnist", device: str | torch.device = "auto") -> "Generator":
-        """The shipped models of ``name`` (:data:`PRETRAINED`) on ``device`` (``"auto"``: CUDA if present)."""
+    def from_pretrained(cls, name: str = "mnist", device: str | torch.device = "auto", *,
+                        ar: str = "base") -> "Generator":
+        """The shipped models of ``name`` (:data:`PRETRAINED`) on ``device`` (``"auto"``: CUDA if present), with
+        the raster model ``ar`` of :data:`AR_VARIANTS` (``"base"``, or chapter 11's ``"grpo"`` / ``"cca"``)."""
         if name not in PRETRAINED:
             raise ValueError(f"unknown pretrained set {name!r}; choose from {sorted(PRETRAINED)}")
-        return cls.from_checkpoints(**PRETRAINED[name], device=device, dataset=name)
+        if ar not in AR_VARIANTS[name]:
+            raise ValueError(f"unknown raster model {ar!r} for {name!r}; choose from {sorted(AR_VARIANTS[name])}")
+        paths = {**PRETRAINED[name], "ar_path": AR_VARIANTS[name][ar]}
+        return cls.from_checkpoints(**paths, device=device, dataset=name)
 
     @classmethod
     def from_checkpoints(

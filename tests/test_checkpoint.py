@@ -19,7 +19,8 @@ from ar_course.tokenizers import VQVAE, VQVAEConfig
 from ar_course.transformer import GPT, GPTConfig, SelfAttention, plain_attention, set_attention
 from ar_course.var import VAR, VARConfig
 
-SHIPPED = {"ar_mnist": ("raster_ar", GPT), "ar_mnist_draft": ("raster_ar", GPT),
+SHIPPED = {"ar_mnist": ("raster_ar", GPT), "ar_mnist_draft": ("raster_ar", GPT), "ar_mnist_cca": ("raster_ar", GPT),
+           "ar_mnist_grpo": ("raster_ar", GPT),
            "classifier_mnist": ("classifier", Classifier), "classifier_shapes": ("classifier", Classifier),
            "lm_draft": ("lm", GPT), "lm_target": ("lm", GPT), "tokenizer_mnist_msvq": ("tokenizer", VQVAE),
            "tokenizer_mnist_vq": ("tokenizer", VQVAE), "var_mnist": ("var", VAR)}

@@ -1,0 +1,45 @@
+"""Rewards of generated images, ``(B,)`` floats from images ``(B, C, S, S)`` in [0, 1] and their requested
+classes ``(B,)``.
+
+* :func:`class_probability` -- the shipped classifier's probability of the requested class: what we want.
+* :func:`brightness` -- the mean pixel value: a reward that is easy to raise without making better digits, to
+  show reward hacking.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from ar_course import metrics
+
+Reward = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _check(images: torch.Tensor, classes: torch.Tensor) -> None:
+    if not isinstance(images, torch.Tensor) or not isinstance(classes, torch.Tensor):
+        raise TypeError("images and classes must be tensors")
+    if images.ndim != 4 or classes.shape != images.shape[:1]:
+        raise ValueError(f"expected images (B, C, S, S) and classes (B,), got {tuple(images.shape)}, "
+                         f"{tuple(classes.shape)}")
+
+
+@torch.no_grad()
+def class_probability(images: torch.Tensor, classes: torch.Tensor, dataset: str = "mnist") -> torch.Tensor:
+    """``(B,)``: the shipped ``dataset`` classifier's softmax probability of each image's requested class."""
+    _check(images, classes)
+    model = metrics.load_classifier(dataset, images.device)
+    probs = torch.softmax(model(images.clamp(0, 1)), dim=-1)  # (B, n_classes)
+    return probs.gather(1, classes[:, None].to(images.device)).squeeze(1)
+
+
+@torch.no_grad()
+def brightness(images: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+    """``(B,)``: the mean pixel value of each image (the classes are ignored). A hackable reward."""
+    _check(images, classes)
+    return images.clamp(0, 1).flatten(1).mean(dim=1)
+
+
+REWARDS: dict[str, Reward] = {"classifier": class_probability, "brightness": brightness}
+"""The rewards the trainer knows, by name."""

@@ -1,0 +1,207 @@
+"""Chapter 11: the shipped aligned raster models (GRPO, CCA) against the base model, and reward hacking.
+
+Measures, in one run on one machine:
+
+* class accuracy (shipped classifier) and Frechet distance to real test digits of the base model at several
+  guidance strengths w, and of ``ar_mnist_grpo`` and ``ar_mnist_cca`` at w = 0 (same n, seed and classes);
+* images per second of guided sampling (the base model at its best w: a doubled batch) and of guidance-free
+  sampling (the aligned models at w = 0), at a few batch sizes, best of ``--repeats``;
+* the GRPO and CCA training curves the shipped checkpoints recorded (reward, KL, accuracy over steps);
+* reward hacking: GRPO runs from the base model with the brightness reward, at several KL weights, logging
+  the reward (brightness) and the class accuracy of fixed samples as training goes.
+
+Writes ``benchmarks/results/align.json`` (with a ``summary`` of the chapter's targets) and ``align.png``::
+
+    python benchmarks/bench_align.py            # --threads 1 by default: stable numbers on a busy CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+from ar_course import checkpoint, metrics, raster  # noqa: E402
+from ar_course.align import GRPOConfig, train_grpo  # noqa: E402
+from ar_course.files import atomic_write_text  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+MODELS = {"base": "ar_mnist", "grpo": "ar_mnist_grpo", "cca": "ar_mnist_cca"}
+
+
+def quality(models: dict, tokenizer, cfgs: list[float], n: int) -> list[dict]:
+    """Accuracy and Frechet distance of ``n`` samples (n/10 per class, seed 0): base at ``cfgs``, others at 0."""
+    test_images, _ = metrics.held_out_set("mnist")
+    real = test_images[torch.randperm(test_images.shape[0], generator=torch.Generator().manual_seed(1))[:n]]
+    classes = torch.arange(10).repeat_interleave(n // 10)
+    rows = []
+    for name, model in models.items():
+        for w in cfgs if name == "base" else [0.0]:
+            images = raster.generate_images(model, tokenizer, classes, cfg=w, seed=0).cpu()
+            rows.append({"model": name, "cfg": w, "accuracy": metrics.class_accuracy(images, classes),
+                         "frechet": metrics.frechet_distance(images, real), "brightness": float(images.mean())})
+            print(rows[-1], flush=True)
+    return rows
+
+
+def images_per_second(model, tokenizer, cfg: float, batch: int, repeats: int) -> float:
+    """Best-of-``repeats`` images per second generating ``batch`` images (tokens and decoding)."""
+    classes = torch.arange(batch) % 10
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        raster.generate_images(model, tokenizer, classes, cfg=cfg, seed=0, batch_size=batch)
+        best = min(best, time.perf_counter() - start)
+    return batch / best
+
+
+def hacking(base, tokenizer, kls: list[float], steps: int, lr: float, per_class: int) -> list[dict]:
+    """GRPO with the brightness reward from the base model at each KL weight; the curves of each run."""
+    runs = []
+    for kl in kls:
+        policy = copy.deepcopy(base)
+        config = GRPOConfig(steps=steps, lr=lr, kl_coef=kl, reward="brightness", eval_every=max(1, steps // 6),
+                            eval_per_class=per_class)
+        start = time.perf_counter()
+        log = train_grpo(policy, copy.deepcopy(base), tokenizer, config, progress=False)
+        runs.append({"kl_coef": kl, "steps": steps, "lr": lr, "seconds": time.perf_counter() - start,
+                     **log.as_dict()})
+        print({k: runs[-1][k] for k in ("kl_coef", "eval_step", "accuracy", "brightness")}, flush=True)
+    return runs
+
+
+def summarize(rows: list[dict], speed: list[dict], hack: list[dict]) -> tuple[dict, list[dict]]:
+    """The comparison at equal accuracy and the summary rows of the chapter's targets."""
+    base = [r for r in rows if r["model"] == "base"]
+    best = max(base, key=lambda r: (r["accuracy"], -r["frechet"]))
+    out = {"base_best": best, "aligned": {}}
+    summary = []
+    for name in ("grpo", "cca"):
+        r = next(r for r in rows if r["model"] == name)
+        gap = 100 * (r["accuracy"] - best["accuracy"])
+        ratio = r["frechet"] / best["frechet"]
+        by_batch = {s["batch"]: s[f"{name}_unguided"] / s["base_guided"] for s in speed}
+        largest = max(by_batch)
+        speedup = by_batch[largest]
+        out["aligned"][name] = {"accuracy_gap_points": gap, "frechet_ratio": ratio, "speedup_by_batch": by_batch}
+        summary += [
+            {"what": f"{name.upper()} at w = 0 vs base at its best w = {best['cfg']:g}: class accuracy",
+             "measured": f"{100 * r['accuracy']:.1f}% vs {100 * best['accuracy']:.1f}% ({gap:+.1f} points)",
+             "target": ">= -1 point", "met": gap >= -1},
+            {"what": f"{name.upper()} at w = 0 vs base at best w: Frechet distance",
+             "measured": f"{r['frechet']:.2f} vs {best['frechet']:.2f} ({ratio:.2f}x)", "target": "<= 1.5x",
+             "met": ratio <= 1.5},
+            {"what": f"{name.upper()} guidance-free vs base guided: images/s by batch size "
+                     f"({', '.join(map(str, by_batch))}; target at the largest)",
+             "measured": ", ".join(f"{v:.2f}x" for v in by_batch.values()), "target": ">= 1.9x",
+             "met": speedup >= 1.9}]
+    if hack:
+        free = min(hack, key=lambda h: h["kl_coef"])
+        kept = max(hack, key=lambda h: h["kl_coef"])
+        summary.append({"what": f"reward hacking (brightness reward, KL weight {free['kl_coef']:g} vs "
+                                f"{kept['kl_coef']:g}): brightness, class accuracy at the end",
+                        "measured": f"{free['brightness'][0]:.3f} -> {free['brightness'][-1]:.3f} and "
+                                    f"{free['accuracy'][0]:.2f} -> {free['accuracy'][-1]:.2f}, vs "
+                                    f"{kept['brightness'][-1]:.3f} and {kept['accuracy'][-1]:.2f}",
+                        "target": "reward up, accuracy down; KL limits it",
+                        "met": free["brightness"][-1] > free["brightness"][0]
+                        and free["accuracy"][-1] < free["accuracy"][0]})
+    return out, summary
+
+
+def plot(result: dict, path: Path) -> None:
+    fig, axes = plt.subplots(2, 3, figsize=(16, 8.5))
+    rows, speed = result["quality"], result["speed"]
+    base = [r for r in rows if r["model"] == "base"]
+    for ax, key in ((axes[0, 0], "accuracy"), (axes[0, 1], "frechet")):
+        ax.plot([r["cfg"] for r in base], [r[key] for r in base], "o-", color="gray", label="base")
+        for name, color in (("grpo", "C0"), ("cca", "C1")):
+            r = next(r for r in rows if r["model"] == name)
+            ax.plot([0], [r[key]], "*", ms=15, color=color, label=f"{name.upper()} (w = 0)")
+        ax.set(xlabel="guidance strength w", ylabel=key, title=f"{key}, n = {result['n_eval']}")
+        ax.legend()
+    axes[0, 1].axhline(result["real_vs_real"]["frechet"], color="green", ls="--", label="real vs real")
+    bs = [s["batch"] for s in speed]
+    for key, label in (("base_guided", f"base, w = {result['comparison']['base_best']['cfg']:g}"),
+                       ("grpo_unguided", "GRPO, w = 0"), ("cca_unguided", "CCA, w = 0")):
+        axes[0, 2].plot(bs, [s[key] for s in speed], "o-", label=label)
+    axes[0, 2].set(xscale="log", xlabel="batch size", ylabel="images / s",
+                   title=f"sampling speed ({result['threads']} thread(s))")
+    axes[0, 2].legend()
+    curves = result["grpo_curves"]
+    axes[1, 0].plot(curves["step"], curves["reward"], alpha=0.6, label="reward (mean p(class))")
+    axes[1, 0].plot(curves["eval_step"], curves["accuracy"], "o-", label="class accuracy (w = 0)")
+    axes[1, 0].set(xlabel="GRPO step", title="GRPO with the classifier reward")
+    axes[1, 0].legend()
+    axes[1, 1].plot(curves["step"], curves["kl"])
+    axes[1, 1].set(xlabel="GRPO step", ylabel="k3 KL per token", title="KL to the base model")
+    for h in result["hacking"]:
+        line, = axes[1, 2].plot(h["eval_step"], h["brightness"], "o-", label=f"brightness, KL {h['kl_coef']:g}")
+        axes[1, 2].plot(h["eval_step"], h["accuracy"], "s--", color=line.get_color(),
+                        label=f"accuracy, KL {h['kl_coef']:g}")
+    axes[1, 2].set(xlabel="GRPO step", title="reward hacking: brightness reward")
+    axes[1, 2].legend(fontsize=7)
+    plt.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cfgs", default="0,0.5,1,1.5,2", help="guidance strengths w of the base model")
+    parser.add_argument("--n-eval", type=int, default=500, help="samples per evaluation (and real baseline n)")
+    parser.add_argument("--batches", default="10,50,200", help="batch sizes to time")
+    parser.add_argument("--repeats", type=int, default=2, help="best of N timings")
+    parser.add_argument("--hack-kls", default="0,0.2,1", help="KL weights of the reward-hacking runs ('' to skip)")
+    parser.add_argument("--hack-steps", type=int, default=100)
+    parser.add_argument("--hack-lr", type=float, default=3e-4)
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    models, tokenizer = {}, None
+    for name, ckpt in MODELS.items():
+        models[name], tokenizer = checkpoint.load_with_tokenizer(ckpt, "cpu", kind=raster.CHECKPOINT_KIND)
+    rows = quality(models, tokenizer, [float(w) for w in args.cfgs.split(",")], args.n_eval)
+    best_w = max((r for r in rows if r["model"] == "base"), key=lambda r: (r["accuracy"], -r["frechet"]))["cfg"]
+    speed = []
+    for b in (int(x) for x in args.batches.split(",")):
+        speed.append({"batch": b, "base_guided": images_per_second(models["base"], tokenizer, best_w, b, args.repeats),
+                      **{f"{n}_unguided": images_per_second(models[n], tokenizer, 0.0, b, args.repeats)
+                         for n in ("base", "grpo", "cca")}})
+        print(speed[-1], flush=True)
+    kls = [float(k) for k in args.hack_kls.split(",") if k.strip()]
+    hack = hacking(models["base"], tokenizer, kls, args.hack_steps, args.hack_lr, per_class=10)
+    comparison, summary = summarize(rows, speed, hack)
+    result = {
+        "machine": {"platform": platform.platform(), "cpu": platform.processor() or platform.machine(),
+                    "cpu_count": os.cpu_count(), "threads": args.threads, "torch": torch.__version__},
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "threads": args.threads, "n_eval": args.n_eval, "models": MODELS,
+        "real_vs_real": metrics.data_baseline("mnist", n=args.n_eval, repeats=3),
+        "quality": rows, "speed": speed, "comparison": comparison,
+        **{f"{name}_{key}": checkpoint.info(MODELS[name])[key] for name in ("grpo", "cca")
+           for key in ("curves", "options")},
+        "hacking": hack, "summary": summary,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(args.out / "align.json", json.dumps(result, indent=1))
+    plot(result, args.out / "align.png")
+    for row in summary:
+        print(row)
+    print(f"wrote {args.out / 'align.json'} and align.png")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,220 @@
+"""Chapter 11's library: GRPO's pieces (advantages, clipped surrogate, k3 KL, an exact step on a toy policy),
+the CCA loss, log-probabilities under the raster model, rewards, trainers' determinism, shipped checkpoints."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ar_course import checkpoint, raster
+from ar_course.align import (
+    CCAConfig, GRPOConfig, brightness, cca_loss, class_probability, clipped_surrogate, group_advantages,
+    grpo_objective, k3_kl, sequence_log_probs, token_log_probs, train_cca, train_grpo, wrong_classes,
+)
+from ar_course.transformer.model import GPT
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 4), st.integers(2, 9), st.integers(0, 2**31 - 1))
+def test_advantages_have_zero_mean_per_group_and_order_like_rewards(n, g, seed):
+    rewards = torch.rand(n, g, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    adv = group_advantages(rewards)
+    assert adv.shape == (n, g)
+    assert torch.allclose(adv.mean(dim=1), torch.zeros(n, dtype=torch.float64), atol=1e-12)
+    for r, a in zip(rewards, adv):  # strictly larger reward -> strictly larger advantage
+        i, j = torch.meshgrid(torch.arange(g), torch.arange(g), indexing="ij")
+        assert bool(((r[i] > r[j]) <= (a[i] > a[j])).all())
+
+
+def test_advantages_are_zero_for_equal_rewards_and_reject_bad_shapes():
+    assert torch.equal(group_advantages(torch.full((2, 4), 0.3)), torch.zeros(2, 4))
+    with pytest.raises(ValueError, match="G >= 2"):
+        group_advantages(torch.rand(5))
+    with pytest.raises(ValueError, match="G >= 2"):
+        group_advantages(torch.rand(3, 1))
+    with pytest.raises(ValueError, match="float"):
+        group_advantages(torch.ones(2, 3, dtype=torch.long))
+
+
+def _surrogate_grad(ratio: float, adv: float, clip: float = 0.2) -> float:
+    logp = torch.tensor([[float(torch.log(torch.tensor(ratio)))]], requires_grad=True)
+    clipped_surrogate(logp, torch.zeros(1, 1), torch.tensor([adv]), clip).sum().backward()
+    return float(logp.grad)
+
+
+def test_clipped_surrogate_gradient_vanishes_outside_the_clip_range():
+    assert _surrogate_grad(1.5, +1.0) == 0.0  # already pushed up past 1 + clip
+    assert _surrogate_grad(0.5, -1.0) == 0.0  # already pushed down past 1 - clip
+    assert _surrogate_grad(1.1, +1.0) == pytest.approx(1.1)  # inside: d(r A)/d logp = r A
+    assert _surrogate_grad(0.9, -2.0) == pytest.approx(-1.8)
+    assert _surrogate_grad(0.5, +1.0) == pytest.approx(0.5)  # the pessimistic side is never clipped
+    assert _surrogate_grad(1.5, -1.0) == pytest.approx(-1.5)
+
+
+def test_k3_is_nonnegative_zero_for_identical_models_and_estimates_kl():
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(1000, generator=g), torch.randn(1000, generator=g)
+    assert bool((k3_kl(a, b) >= 0).all())
+    model = GPT(raster.raster_config(16, (2, 2), n_layer=1, n_head=2, n_embd=16))
+    maps, classes = torch.randint(0, 16, (5, 2, 2), generator=g), torch.arange(5)
+    logp = token_log_probs(model, maps, classes)
+    assert torch.equal(k3_kl(logp, token_log_probs(copy.deepcopy(model), maps, classes)), torch.zeros(5, 4))
+    # the mean over samples from p is KL(p || q) for two categoricals
+    p, q = torch.tensor([0.6, 0.3, 0.1]), torch.tensor([0.2, 0.5, 0.3])
+    x = torch.multinomial(p, 200_000, replacement=True, generator=g)
+    exact = float((p * (p / q).log()).sum())
+    assert float(k3_kl(p.log()[x], q.log()[x]).mean()) == pytest.approx(exact, rel=0.02)
+
+
+def test_grpo_step_on_a_two_token_policy_moves_probability_to_the_rewarded_token_exactly():
+    theta = torch.zeros(2, requires_grad=True)  # a policy over two outcomes, p = softmax(theta)
+    samples, rewards = torch.tensor([0, 1]), torch.tensor([[1.0, 0.0]])  # one group: outcome 0 is rewarded
+    adv = group_advantages(rewards).flatten()  # (+a, -a), a = 0.5 / (0.5 + eps)
+    logp = torch.log_softmax(theta, 0)[samples][:, None]  # (2, 1): one token per sequence
+    loss, kl = grpo_objective(logp, logp.detach(), logp.detach(), adv, clip=0.2, kl_coef=0.1)
+    loss.backward()
+    lr = 0.5
+    with torch.no_grad():
+        theta -= lr * theta.grad
+    a = 0.5 / (0.5 + 1e-4)
+    # loss = -(a r0 - a r1) / 2 at r = 1: the step adds lr * a / 2 to theta0 and takes it from theta1
+    expected = torch.sigmoid(torch.tensor(lr * a))
+    assert float(kl) == 0.0
+    assert float(torch.softmax(theta.detach(), 0)[0]) == pytest.approx(float(expected), abs=1e-7)
+    assert float(expected) > 0.5
+
+
+def test_cca_loss_matches_its_formula_and_pushes_positives_up_negatives_down():
+    pos = torch.tensor([1.0, -3.0, 10.0], requires_grad=True)
+    neg = torch.tensor([2.0, 0.0, -5.0], requires_grad=True)
+    loss = cca_loss(pos, neg, beta=0.5, lam=3.0)
+    expected = -torch.log(torch.sigmoid(0.5 * pos)).mean() - 3.0 * torch.log(torch.sigmoid(-0.5 * neg)).mean()
+    assert float(loss.detach()) == pytest.approx(float(expected.detach()), rel=1e-6)
+    loss.backward()
+    assert bool((pos.grad < 0).all()) and bool((neg.grad > 0).all())  # descent raises pos, lowers neg
+    with pytest.raises(ValueError, match="one size"):
+        cca_loss(torch.zeros(3), torch.zeros(2))
+
+
+def test_wrong_classes_never_match():
+    classes = torch.arange(10).repeat(500)
+    neg = wrong_classes(classes, 10, torch.Generator().manual_seed(0))
+    assert bool((neg != classes).all()) and bool(((neg >= 0) & (neg < 10)).all())
+    assert set(neg[classes == 3].tolist()) == set(range(10)) - {3}
+
+
+def test_token_log_probs_agree_with_the_raster_token_losses():
+    model, _ = raster.load_pretrained()
+    maps, classes = torch.randint(0, 256, (3, 8, 8), generator=torch.Generator().manual_seed(1)), torch.arange(3)
+    logp = token_log_probs(model, maps, classes)
+    assert torch.allclose(logp, -raster.token_losses(model, maps, classes).flatten(1), atol=1e-5)
+    assert torch.allclose(sequence_log_probs(model, maps, classes), logp.sum(1))
+
+
+def test_rewards():
+    images = torch.zeros(2, 1, 32, 32)
+    images[1, :, 8:24, 8:24] = 1.0
+    assert brightness(images, torch.tensor([0, 1])).tolist() == [0.0, 0.25]
+    _, tokenizer = raster.load_pretrained()
+    from ar_course.data import load_mnist
+    digits, labels = load_mnist("test", size=32)
+    right = class_probability(digits[:20], labels[:20])
+    wrong = class_probability(digits[:20], (labels[:20] + 1) % 10)
+    assert bool(((right >= 0) & (right <= 1)).all()) and float(right.mean()) > 0.9 > 0.1 > float(wrong.mean())
+    with pytest.raises(ValueError, match="classes"):
+        brightness(images, torch.tensor([0]))
+
+
+def test_configs_reject_bad_values():
+    with pytest.raises(ValueError, match="reward"):
+        GRPOConfig(reward="likes")
+    with pytest.raises(ValueError, match="group_size"):
+        GRPOConfig(group_size=1)
+    with pytest.raises(ValueError, match="lam"):
+        CCAConfig(lam=-1.0)
+
+
+def _tiny_pair() -> tuple[GPT, GPT]:
+    torch.manual_seed(3)
+    model = GPT(raster.raster_config(256, (8, 8), n_layer=1, n_head=2, n_embd=16))
+    return model, copy.deepcopy(model)
+
+
+def test_grpo_and_cca_training_are_deterministic_under_their_seed():
+    _, tokenizer = raster.load_pretrained()
+    config = GRPOConfig(steps=2, group_size=2, eval_every=0, seed=7, lr=1e-3)
+    runs = []
+    for _ in range(2):
+        policy, reference = _tiny_pair()
+        log = train_grpo(policy, reference, tokenizer, config, progress=False)
+        runs.append((log.reward, log.kl, policy.state_dict()))
+    assert runs[0][0] == runs[1][0] and runs[0][1] == runs[1][1]
+    assert all(torch.equal(runs[0][2][k], runs[1][2][k]) for k in runs[0][2])
+    start = _tiny_pair()[0].state_dict()
+    assert any(not torch.equal(runs[0][2][k], start[k]) for k in start)  # the steps did train
+    maps, labels = torch.randint(0, 256, (20, 8, 8), generator=torch.Generator().manual_seed(0)), torch.arange(20) % 10
+    cca = [train_cca(*_tiny_pair(), maps, labels, CCAConfig(steps=3, batch_size=4), progress=False).loss
+           for _ in range(2)]
+    assert cca[0] == cca[1]
+
+
+def test_train_clis_write_raster_checkpoints_that_the_common_loader_and_generator_read(tmp_path, capsys):
+    from ar_course.cli import main as cli_main
+    from ar_course.system import Generator
+
+    grpo_out, cca_out = tmp_path / "grpo.safetensors", tmp_path / "cca.safetensors"
+    assert cli_main(["train", "grpo", "--steps", "1", "--group-size", "2", "--eval-per-class", "0",
+                     "--out", str(grpo_out)]) == 0
+    assert cli_main(["train", "cca", "--steps", "1", "--batch-size", "4", "--train-images", "40",
+                     "--eval-per-class", "0", "--out", str(cca_out)]) == 0
+    for path, method in ((grpo_out, "grpo"), (cca_out, "cca")):
+        info = checkpoint.info(path)
+        assert info["kind"] == raster.CHECKPOINT_KIND and info["method"] == method and info["base"] == "ar_mnist"
+        model, tokenizer = checkpoint.load_with_tokenizer(path, kind=raster.CHECKPOINT_KIND)
+        gen = Generator.from_checkpoints(ar_path=path, device="cpu")
+        assert gen.generate([3, 7], method="ar", cfg=0.0, seed=0).images.shape == (2, 1, 32, 32)
+    assert cli_main(["train", "grpo", "--group-size", "1", "--out", str(grpo_out)]) == 2
+    assert "group_size" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["grpo", "cca"])
+def test_shipped_aligned_models_load_through_the_common_loader_and_the_generator(name):
+    path = checkpoint.resolve(f"ar_mnist_{name}")
+    info = checkpoint.info(path)
+    assert info["kind"] == raster.CHECKPOINT_KIND and info["method"] == name and info["tokenizer"] == "mnist_vq"
+    assert path.stat().st_size < 2_000_000
+    gen = _pretrained(name)
+    base = _pretrained("base")
+    assert gen.ar.config == base.ar.config
+    assert any(not torch.equal(a, b) for a, b in zip(gen.ar.state_dict().values(), base.ar.state_dict().values()))
+    assert gen.generate([1, 2], method="ar", cfg=0.0, seed=0).images.shape == (2, 1, 32, 32)
+
+
+def _pretrained(ar: str):
+    from ar_course.system import Generator
+
+    return Generator.from_pretrained("mnist", device="cpu", ar=ar)
+
+
+def test_generator_rejects_an_unknown_raster_variant():
+    with pytest.raises(ValueError, match="unknown raster model"):
+        _pretrained("ppo")
+
+
+def test_generate_cli_picks_an_aligned_raster_model(tmp_path, capsys):
+    from ar_course.cli import main as cli_main
+
+    pngs = []
+    for name, cfg in (("default", []), ("w0", ["--cfg", "0"]), ("w1", ["--cfg", "1"])):
+        out = tmp_path / f"{name}.png"
+        assert cli_main(["generate", "--method", "ar", "--ar-model", "cca", "--classes", "4", "7", "--out", str(out),
+                         "--device", "cpu", *cfg]) == 0
+        pngs.append(out.read_bytes())
+    assert pngs[0][:8] == b"\x89PNG\r\n\x1a\n"
+    assert pngs[0] == pngs[1] != pngs[2]  # aligned models sample without guidance by default
+    assert cli_main(["generate", "--ar-model", "grpo", "--out", str(tmp_path / "v.png")]) == 2
+    assert "--method ar" in capsys.readouterr().err
