@@ -164,10 +164,9 @@ def packed_forward(model: torch.nn.Module, cache: PagedKVCache, chunks: list[tup
         mask &= sink_window_visible(q_pos, kp, *sinks_window)
     mask, q_pos = mask.to(device), q_pos[:, 0].to(device)  # (T, T_k), (T,)
     step = _PackedStep(cache, torch.cat(writes), torch.cat(keys))
-    x = model._embed(torch.tensor(ids, device=device)[None], None)  # (1, T, C)
-    x = model._blocks(x, q_pos, mask, step)  # (1, T, C)
+    h = model.forward_at(torch.tensor(ids, device=device)[None], q_pos, mask, step)  # (1, T, C)
     last = torch.tensor([len(t) for _, t, _ in chunks]).cumsum(0) - 1  # (n_chunks,)
-    return model.lm_head(model.norm_f(x[0, last.to(device)]))  # (n_chunks, V)
+    return model.lm_head(h[0, last.to(device)])  # (n_chunks, V)
 
 
 class Engine:
