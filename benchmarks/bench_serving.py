@@ -5,7 +5,9 @@ lengths, prompts cut from the held-out text):
 
 * static batching vs continuous batching at equal KV memory (same pool of blocks): output tokens per second,
   time to first token and time per output token (p50/p99), KV memory over time; the same greedy outputs;
-  continuous batching over an int8 pool: speed, bytes, and how many requests get the full-precision tokens;
+  continuous batching with each KV compression inside the engine (int8 and packed int4 pools, sinks + window
+  eviction at 96 and 48 positions): throughput, KV bytes in use (peak and mean over the steps), how many
+  requests get the full-precision tokens, and the held-out NLL of the same compression;
 * continuous batching with and without prefix caching on a trace whose requests share a system prompt:
   prefill tokens computed and TTFT;
 * memory wasted by paged blocks vs contiguous preallocation of the model's full length per sequence;
@@ -43,7 +45,12 @@ from ar_course.transformer import load_pretrained  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "results"
 SYSTEM_PROMPT = ("You are a careful assistant for the Python documentation. Answer with one short, correct "
                  "sentence, then stop. Question: ")
-METHODS = [("none", {}), ("int8", {}), ("int4", {}), ("int2", {}), ("int8_pool", {}), ("sink_window", {"window": 96}),
+# engine rows: (name, EngineConfig options, the CompressedAttention method and arguments for its held-out NLL)
+ENGINES = [("int8", {"kv_bits": 8}, ("int8_pool", {})), ("int4", {"kv_bits": 4}, ("int4_pool", {})),
+           ("sinks_window_96", {"kv_window": 96, "kv_sinks": 4}, ("sink_window", {"sinks": 4, "window": 96})),
+           ("sinks_window_48", {"kv_window": 48, "kv_sinks": 4}, ("sink_window", {"sinks": 4, "window": 48}))]
+METHODS = [("none", {}), ("int8", {}), ("int4", {}), ("int2", {}), ("int8_pool", {}), ("int4_pool", {}),
+           ("sink_window", {"window": 96}),
            ("sink_window", {"window": 48}), ("h2o", {"window": 96, "recent": 48}),
            ("h2o", {"window": 48, "recent": 24}),
            ("minicache", {"merge_from": 10}), ("minicache", {"merge_from": 6})]
@@ -69,13 +76,7 @@ def batching(model, val, args) -> tuple[dict, dict]:
                               max_step_tokens=256, policy=policy, static_reserve=reserve)
         results[name], engines[name] = run_engine(model, trace, config)
     same = all(results[n]["outputs"] == results["continuous"]["outputs"] for n in policies)
-    int8 = EngineConfig(num_blocks=args.blocks, block_size=16, max_running=args.max_running, max_step_tokens=256,
-                        kv_bits=8)
-    results["continuous_int8"], _ = run_engine(model, trace, int8)
-    ref, got = results["continuous"]["outputs"], results["continuous_int8"].pop("outputs")
-    results["continuous_int8"]["identical_requests"] = sum(got[i] == o for i, o in ref.items()) / len(ref)
-    results["continuous_int8"]["bytes_per_block_vs_fp32"] = (Engine(model, int8).cache.bytes_per_block()
-                                                             / Engine(model, EngineConfig()).cache.bytes_per_block())
+    results["compressed"] = compressed_engines(model, trace, engines["continuous"], results["continuous"], args)
     for name in policies:
         del results[name]["outputs"]
     results["same_outputs"] = same
@@ -86,6 +87,32 @@ def batching(model, val, args) -> tuple[dict, dict]:
                         "prompt_tokens_mean": sum(len(r.prompt) for r in trace) / len(trace),
                         "output_tokens_mean": sum(r.max_new_tokens for r in trace) / len(trace)}
     return results, engines
+
+
+def kv_bytes(engine: Engine) -> dict:
+    """KV bytes of the blocks in use over an engine's steps: peak and mean."""
+    used = [h.kv_bytes for h in engine.history]
+    return {"kv_bytes_peak": max(used), "kv_bytes_mean": sum(used) / len(used)}
+
+
+def compressed_engines(model, trace, plain: Engine, plain_result: dict, args) -> dict:
+    """The continuous engine on ``trace`` with each compression of :data:`ENGINES` inside it, against the plain
+    one: throughput, KV bytes in use, identical requests; the held-out NLL is :func:`compression`'s."""
+    rows, ref = {}, plain_result["outputs"]
+    base = kv_bytes(plain)
+    for name, options, _ in ENGINES:
+        config = EngineConfig(num_blocks=args.blocks, block_size=16, max_running=args.max_running,
+                              max_step_tokens=256, **options)
+        summary, engine = run_engine(model, trace, config)
+        got = summary.pop("outputs")
+        rows[name] = {"options": options, "tokens_per_second": summary["tokens_per_second"], **kv_bytes(engine),
+                      "kv_bytes_peak_vs_plain": kv_bytes(engine)["kv_bytes_peak"] / base["kv_bytes_peak"],
+                      "kv_bytes_mean_vs_plain": kv_bytes(engine)["kv_bytes_mean"] / base["kv_bytes_mean"],
+                      "bytes_per_block_vs_fp32": engine.cache.bytes_per_block() / plain.cache.bytes_per_block(),
+                      "identical_requests": sum(got[i] == o for i, o in ref.items()) / len(ref),
+                      "ttft_s": summary["ttft_s"]}
+    rows["none"] = {"tokens_per_second": plain_result["tokens_per_second"], **base}
+    return rows
 
 
 def prefix_caching(model, val, tok, args) -> dict:
@@ -115,6 +142,10 @@ def compression(model, val, args) -> list[dict]:
         nll = heldout_nll(model, windows, CompressedAttention(method, **kw))
         rows.append({"method": method, **kw, "nll": nll,
                      "bytes_per_token": kv_bytes_per_token(model.config, method, T, **kw)})
+    for name, _, (method, kw) in ENGINES:  # the NLL of each engine's compression (sinks: the engine's 4)
+        if not any(r["method"] == method and all(r.get(k) == v for k, v in kw.items() if k != "sinks")
+                   for r in rows):
+            raise RuntimeError(f"METHODS lacks {method} {kw}, the compression of engine {name}")
     base = rows[0]
     for r in rows:
         r["bytes_fraction"] = r["bytes_per_token"] / base["bytes_per_token"]
@@ -236,9 +267,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"throughput static max-length {b['static_max_length']['tokens_per_second']:.1f} tok/s, static exact "
           f"{b['static']['tokens_per_second']:.1f} tok/s, continuous {b['continuous']['tokens_per_second']:.1f} tok/s "
           f"({b['speedup_vs_max_length']:.2f}x / {b['speedup']:.2f}x), same outputs {b['same_outputs']}")
-    i8 = b["continuous_int8"]
-    print(f"int8 pool: {i8['tokens_per_second']:.1f} tok/s, {i8['bytes_per_block_vs_fp32']:.3f} of the fp32 bytes, "
-          f"{i8['identical_requests']:.0%} of requests identical to full precision")
+    for name, r in b["compressed"].items():
+        if name != "none":
+            print(f"engine {name:16s} {r['tokens_per_second']:6.1f} tok/s, KV bytes in use peak/mean "
+                  f"{r['kv_bytes_peak_vs_plain']:.3f}/{r['kv_bytes_mean_vs_plain']:.3f} of the fp32 engine's, "
+                  f"{r['identical_requests']:.0%} of requests identical to full precision")
     print(f"paged waste {b['continuous']['paged_waste_fraction']:.1%} "
           f"({b['continuous']['paged_waste_blocks_per_sequence']:.2f} blocks/seq) vs contiguous "
           f"{b['continuous']['contiguous_waste_fraction']:.1%}")

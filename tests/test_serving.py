@@ -16,7 +16,8 @@ from ar_course.serving import (
     BlockAllocator, Engine, EngineConfig, OutOfBlocks, PagedKVCache, PrefixCache, gather_kv, packed_forward,
     paged_attention, prefix_block_hashes,
 )
-from ar_course.transformer import GPT, GPTConfig, load_pretrained
+from ar_course.serving.compression import CompressedAttention, kv_bytes_per_token, sink_window_evictable
+from ar_course.transformer import GPT, GPTConfig, load_pretrained, use_attention
 
 GREEDY = SamplingConfig(temperature=0.0)
 
@@ -175,13 +176,29 @@ def test_sampled_outputs_do_not_depend_on_the_batch(tiny):
     assert outs[0] == outs[1]
 
 
+TINY_COMPRESSION = {"none": ({}, None), "int4": ({"kv_bits": 4}, ("int4_pool", {})),
+                    "window": ({"kv_window": 5, "kv_sinks": 1}, ("sink_window", {"sinks": 1, "window": 5}))}
+
+
+def _generate_alone(model, prompt, n, compression):
+    """Greedy ``n`` tokens after ``prompt`` by plain generate, recomputing every step through ``compression``
+    (a :class:`CompressedAttention` method and its arguments; None: the model's own attention)."""
+    if compression is None:
+        return model.generate(torch.tensor(prompt)[None], n, sampling=GREEDY)[0, len(prompt):].tolist()
+    with use_attention(CompressedAttention(compression[0], **compression[1])):
+        out = model.generate(torch.tensor(prompt)[None], n, sampling=GREEDY, use_cache=False)
+    return out[0, len(prompt):].tolist()
+
+
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.lists(st.tuples(st.integers(1, 12), st.integers(0, 9), st.sampled_from(["run", "cancel", "step"])),
                 min_size=1, max_size=8),
-       st.integers(11, 24), st.booleans())
-def test_no_block_leaks_and_greedy_outputs_after_any_mix_of_requests(tiny, ops, num_blocks, caching):
+       st.integers(11, 24), st.booleans(), st.sampled_from(sorted(TINY_COMPRESSION)))
+def test_no_block_leaks_and_greedy_outputs_after_any_mix_of_requests(tiny, ops, num_blocks, caching, compression):
+    options, reference = TINY_COMPRESSION[compression]
+    caching = caching and not options  # eviction and prefix caching exclude each other
     engine = Engine(tiny, EngineConfig(num_blocks=num_blocks, block_size=2, max_running=3, max_step_tokens=6,
-                                       prefix_caching=caching))
+                                       prefix_caching=caching, **options))
     ids = []
     for prompt_len, new, action in ops:
         ids.append(engine.add_request([(prompt_len * 7 + j) % 17 for j in range(prompt_len)], new))
@@ -195,8 +212,7 @@ def test_no_block_leaks_and_greedy_outputs_after_any_mix_of_requests(tiny, ops, 
     for i in ids:  # whatever the arrival order, chunking, preemption or caching: the tokens of generate alone
         r = engine.requests[i]
         if r.status == "finished" and r.output:
-            alone = tiny.generate(torch.tensor(r.prompt)[None], r.max_new_tokens, sampling=GREEDY)
-            assert out[i] == alone[0, len(r.prompt):].tolist()
+            assert out[i] == _generate_alone(tiny, r.prompt, r.max_new_tokens, reference)
     held = len(engine.prefix.blocks) if caching else 0
     assert engine.cache.allocator.num_used == held and not engine.cache.tables
     if caching:
@@ -238,7 +254,90 @@ def test_int8_pool_engine_equals_generate_through_the_same_quantization(lm):
     full = PagedKVCache.for_model(lm, 32, 16)
     assert engine.cache.bytes_per_block() / full.bytes_per_block() == pytest.approx((32 + 4) / (4 * 32))
     with pytest.raises(ValueError, match="kv_bits"):
-        EngineConfig(kv_bits=4)
+        EngineConfig(kv_bits=2)
+
+
+@pytest.mark.parametrize("options, reference", [
+    ({"kv_bits": 4}, ("int4_pool", {})),
+    ({"kv_window": 24, "kv_sinks": 4}, ("sink_window", {"sinks": 4, "window": 24})),
+], ids=["int4", "sinks_window"])
+def test_compressed_engine_equals_generate_through_the_same_compression(lm, options, reference):
+    """Each compression inside the engine (chunked prefill, three sequences in a batch) gives the tokens of plain
+    recomputing generate whose attention applies the same compression."""
+    tok = load_pretrained("lm_target")[1]
+    prompts = [tok.encode(p).tolist() for p in ("The class ", "Return the value of the attribute named", "def f(x):")]
+    engine = Engine(lm, EngineConfig(num_blocks=32, block_size=8, max_running=3, max_step_tokens=16, **options))
+    ids = [engine.add_request(p, 40) for p in prompts]
+    out = engine.run()
+    for i, p in zip(ids, prompts):
+        assert out[i] == _generate_alone(lm, p, 40, reference)
+    assert engine.cache.allocator.num_used == 0 and not engine.cache.tables
+
+
+def test_int4_pool_bytes_match_the_accounting(lm):
+    """Packed 4-bit codes plus a float16 (scale, min) per token and head: kv_bytes_per_token's int4_pool."""
+    engine = Engine(lm, EngineConfig(num_blocks=8, block_size=16, kv_bits=4))
+    assert engine.cache.k.shape[-1] == lm.config.head_dim // 2 and engine.cache.k.dtype == torch.uint8
+    assert engine.cache.bytes_per_block() == 16 * kv_bytes_per_token(lm.config, "int4_pool", 64)
+    fp32 = 16 * kv_bytes_per_token(lm.config, "none", 64, bits_float=32)
+    assert PagedKVCache.for_model(lm, 8, 16).bytes_per_block() == fp32
+    engine.add_request([1, 2, 3], 20)
+    engine.step()
+    assert engine.history[-1].kv_bytes == engine.cache.bytes_per_block()  # 3 positions: one block
+    with pytest.raises(ValueError, match="even"):
+        PagedKVCache(n_layer=1, n_head=1, head_dim=5, num_blocks=2, block_size=2, kv_bits=4)
+
+
+def test_sinks_window_frees_the_blocks_no_query_can_see(tiny):
+    """One long sequence: after every step the engine holds the sink blocks and the blocks of the window, no
+    more; the bytes in use drop as blocks are evicted; at the end every block is free again."""
+    sinks, window, bs = 2, 9, 2
+    engine = Engine(tiny, EngineConfig(num_blocks=30, block_size=bs, max_running=1, kv_window=window, kv_sinks=sinks))
+    plain = Engine(tiny, EngineConfig(num_blocks=30, block_size=bs, max_running=1))
+    for e in (engine, plain):
+        e.add_request([3, 1, 4, 1, 5], 50)
+        e.run()
+    assert len(engine.history) == 50
+    for record, length in zip(engine.history, range(5, 55)):  # positions computed after each step
+        blocks = -(-length // bs) - len(sink_window_evictable(length, sinks, window, bs))
+        assert record.blocks_used == blocks <= -(-sinks // bs) + -(-window // bs) + 1
+        assert record.kv_bytes == blocks * engine.cache.bytes_per_block()
+    assert max(r.blocks_used for r in engine.history) < max(r.blocks_used for r in plain.history) / 2
+    in_use = [r.kv_bytes for r in engine.history]
+    assert any(b < a for a, b in zip(in_use, in_use[1:]))  # memory in use drops when a block is evicted
+    assert engine.cache.allocator.num_free == 30
+
+
+def test_sink_window_evictable_blocks_are_exactly_the_invisible_ones():
+    from ar_course.serving.compression import sink_window_visible
+
+    for sinks, window, bs in [(0, 3, 2), (1, 5, 2), (4, 24, 8), (3, 10, 4)]:
+        for length in range(1, 60):
+            future = torch.arange(length, length + 80)[:, None]  # every later query
+            seen = (sink_window_visible(future, torch.arange(length)[None, :], sinks, window)).any(0)  # (length,)
+            dead = sink_window_evictable(length, sinks, window, bs)
+            for b in range(length // bs):  # full blocks: dead exactly when none of its positions is ever seen
+                assert (b in dead) == (not bool(seen[b * bs:(b + 1) * bs].any())), (sinks, window, bs, length, b)
+
+
+def test_compression_options_are_clear_errors(tiny):
+    with pytest.raises(ValueError, match="kv_sinks < kv_window"):
+        EngineConfig(kv_window=4, kv_sinks=4)
+    with pytest.raises(ValueError, match="kv_window"):
+        EngineConfig(kv_window=0)
+    with pytest.raises(ValueError, match="prefix_caching"):
+        EngineConfig(kv_window=16, prefix_caching=True)
+    with pytest.raises(TypeError):
+        EngineConfig(kv_window=16.0)
+    cache = PagedKVCache(n_layer=1, n_head=1, head_dim=2, num_blocks=4, block_size=2)
+    cache.add(0)
+    cache.reserve(0, 3)
+    cache.advance(0, 3)
+    with pytest.raises(ValueError, match="not full"):
+        cache.evict(0, range(0, 2))
+    assert cache.evict(0, range(0, 1)) == 1 and cache.tables[0][0] == -1
+    with pytest.raises(ValueError, match="evicted"):
+        cache.slots(0, 0, 1)
 
 
 def test_prefix_hits_count_reused_blocks(tiny):

@@ -90,3 +90,19 @@ def test_h2o_keeps_budget_entries_and_equals_full_attention_within_budget():
     assert bool((out[:, :, 19, 0] > 0.99).all())
     with pytest.raises(ValueError):
         h2o_attention(q, k, v, budget=4, recent=4)
+
+
+def test_int4_codes_pack_two_per_byte_and_the_pool_round_trip_is_within_half_a_step():
+    from ar_course.serving.compression import pack_int4, pool_dequantize, pool_quantize, unpack_int4
+
+    codes = torch.randint(0, 16, (3, 2, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    packed = pack_int4(codes)
+    assert packed.shape == (3, 2, 4) and torch.equal(unpack_int4(packed), codes)
+    assert int(packed[0, 0, 0]) == int(codes[0, 0, 0]) + 16 * int(codes[0, 0, 1])
+    x = torch.randn(5, 2, 8, generator=torch.Generator().manual_seed(1))
+    stored, stats = pool_quantize(x, 4)
+    assert stored.shape == (5, 2, 4) and stats.dtype == torch.float16
+    err = (pool_dequantize(stored, stats, 4, torch.float32) - x).abs()
+    assert bool((err <= stats[..., :1].float() / 2 + 2e-3).all()) and float(err.max()) > 0
+    with pytest.raises(ValueError, match="8- or 4-bit"):
+        pool_quantize(x, 2)

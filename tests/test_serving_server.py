@@ -207,3 +207,22 @@ def test_cli_server_shuts_down_gracefully_on_ctrl_c(tmp_path):
     for lines in results:
         assert lines[-1] == "[DONE]"
         assert json.loads(lines[-2])["choices"][0]["finish_reason"] in ("length", "cancelled")
+
+
+def test_serve_builds_the_engine_with_the_kv_options_and_refuses_bad_ones(monkeypatch, capsys):
+    from ar_course.serving import server as srv
+
+    built = {}
+    monkeypatch.setattr(srv, "create_app", lambda engine, tok, **kw: built.setdefault("engine", engine))
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: built.setdefault("ran", app))
+    assert srv.main(["--model", "lm_draft", "--kv-bits", "4", "--kv-window", "64", "--kv-sinks", "2"]) == 0
+    config = built["engine"].config
+    assert (config.kv_bits, config.kv_window, config.kv_sinks) == (4, 64, 2) and built["ran"] is built["engine"]
+    assert built["engine"].cache.k.dtype == torch.uint8
+    for argv, message in ((["--kv-window", "16", "--prefix-caching"], "prefix_caching"),
+                          (["--kv-window", "4", "--kv-sinks", "4"], "kv_sinks < kv_window"),
+                          (["--kv-bits", "3"], "kv-bits")):
+        with pytest.raises(SystemExit) as e:
+            srv.main(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and message in err and len(err.strip().splitlines()) == 1, err

@@ -500,3 +500,20 @@ def test_checkpoint_round_trip(tmp_path, kw):
     assert torch.equal(loaded(idx, classes=classes)[0], model(idx, classes=classes)[0])
     if model.config.tie_weights:
         assert loaded.lm_head.weight is loaded.wte.weight
+
+
+def test_forward_at_positions_mask_and_cache_equals_forward():
+    """The public packed-pass entry point: a causal mask and no cache give forward's logits; the second half
+    over a KVCache holding the first half gives them too; a different mask changes them."""
+    model = make_model()
+    idx = torch.randint(0, 37, (2, 9))
+    full = model(idx)[0]  # (2, 9, V)
+    causal = torch.ones(9, 9, dtype=torch.bool).tril()
+    torch.testing.assert_close(model.lm_head(model.forward_at(idx, torch.arange(9), causal)), full)
+    cache = model.make_cache(2)
+    model(idx[:, :5], cache=cache)
+    mask = torch.arange(9)[None, :] <= torch.arange(5, 9)[:, None]  # (4, 9)
+    h = model.forward_at(idx[:, 5:], torch.arange(5, 9), mask, cache)  # (2, 4, C)
+    torch.testing.assert_close(model.lm_head(h), full[:, 5:], atol=1e-5, rtol=1e-4)
+    alone = torch.eye(9, dtype=torch.bool)  # each token sees only itself
+    assert not torch.allclose(model.lm_head(model.forward_at(idx, torch.arange(9), alone)), full)

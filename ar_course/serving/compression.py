@@ -9,9 +9,9 @@ as a decoder reading the compressed cache would, so a full teacher-forced pass u
 * ``int8`` / ``int4`` / ``int2`` (KIVI): asymmetric min-max quantization, keys **per channel** over groups of ``group``
   tokens (key outliers live in a few channels), values **per token**. As in KIVI, the newest tokens of an
   unfinished group stay in full precision: a key/value is seen quantized only by queries after its group ends.
-* ``int8_pool``: what :class:`~ar_course.serving.PagedKVCache` ``(kv_bits=8)`` stores, so what the engine
-  computes with: keys and values per token and head, quantized when written (the new token's own included),
-  their ``(scale, minimum)`` kept in float16.
+* ``int8_pool`` / ``int4_pool``: what :class:`~ar_course.serving.PagedKVCache` ``(kv_bits=8 / 4)`` stores, so
+  what the engine computes with: keys and values per token and head, quantized when written (the new token's
+  own included), their ``(scale, minimum)`` kept in float16 (int4: two codes packed in a byte).
 * ``sink_window`` (StreamingLLM): keep the first ``sinks`` tokens (the attention sinks) and the last
   ``window - sinks`` ones; a query sees nothing else.
 * ``h2o`` (H2O, "Heavy-Hitter Oracle for Efficient Generative Inference"): a cache of ``window`` entries per
@@ -32,8 +32,9 @@ import torch.nn.functional as F
 
 from ar_course.transformer.model import GPTConfig, use_attention
 
-METHODS = ("none", "int8", "int4", "int2", "int8_pool", "sink_window", "h2o", "minicache")
+METHODS = ("none", "int8", "int4", "int2", "int8_pool", "int4_pool", "sink_window", "h2o", "minicache")
 QUANT_BITS = {"int8": 8, "int4": 4, "int2": 2}
+POOL_BITS = {"int8_pool": 8, "int4_pool": 4}
 
 
 def quantize(x: torch.Tensor, bits: int, dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -65,21 +66,66 @@ def fake_quantize_kv(k: torch.Tensor, v: torch.Tensor, bits: int, group: int) ->
     return k_hat, v_hat
 
 
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """Two 4-bit codes per byte: ``codes`` ``(..., D)`` uint8 in ``[0, 15]``, ``D`` even -> ``(..., D // 2)``
+    uint8 (even index in the low nibble)."""
+    return codes[..., 0::2] | (codes[..., 1::2] << 4)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`pack_int4`: ``(..., D // 2)`` uint8 -> ``(..., D)`` uint8 codes."""
+    return torch.stack([packed & 15, packed >> 4], dim=-1).flatten(-2)  # (..., D // 2, 2) -> (..., D)
+
+
+def pool_quantize(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x`` ``(..., D)`` as the paged pool stores it: ``bits``-bit codes per row over ``D`` (int4: packed by
+    :func:`pack_int4`) and the row's ``(scale, minimum)`` in float16 ``(..., 2)``."""
+    if bits not in (4, 8):
+        raise ValueError(f"the pool stores 8- or 4-bit codes, got bits={bits!r}")
+    codes, scale, lo = quantize(x.float(), bits, dim=-1)  # scale, lo: (..., 1)
+    return (pack_int4(codes) if bits == 4 else codes), torch.cat([scale, lo], -1).half()
+
+
+def pool_dequantize(codes: torch.Tensor, stats: torch.Tensor, bits: int, dtype: torch.dtype) -> torch.Tensor:
+    """Back from :func:`pool_quantize`: ``(..., D)`` in ``dtype``."""
+    s = stats.to(dtype)  # (..., 2)
+    return dequantize(unpack_int4(codes) if bits == 4 else codes, s[..., :1], s[..., 1:])
+
+
+def pool_fake_quantize(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """``x`` ``(..., D)`` as the ``bits``-bit paged pool returns it (quantized, dequantized)."""
+    return pool_dequantize(*pool_quantize(x, bits), bits, x.dtype)
+
+
 def pool_int8(x: torch.Tensor) -> torch.Tensor:
-    """``x`` ``(..., D)`` as the int8 paged pool returns it: codes per row over ``D``, the row's scale and minimum
-    rounded to float16."""
-    codes, scale, lo = quantize(x, 8, dim=-1)
-    return dequantize(codes, scale.half().to(x.dtype), lo.half().to(x.dtype))
+    """``x`` ``(..., D)`` as the int8 paged pool returns it."""
+    return pool_fake_quantize(x, 8)
+
+
+def sink_window_visible(q_pos: torch.Tensor, k_pos: torch.Tensor, sinks: int, window: int) -> torch.Tensor:
+    """Which keys a sinks + window cache keeps for a query: key position ``j`` is visible to query position
+    ``i`` when it is a sink (``j < sinks``) or among the last ``window - sinks`` positions up to ``i``
+    (``j > i - (window - sinks)``); causality is the caller's. Broadcasts ``q_pos``, ``k_pos`` (long)."""
+    if not 0 <= sinks < window:
+        raise ValueError(f"need 0 <= sinks < window, got sinks={sinks}, window={window}")
+    return (k_pos < sinks) | (k_pos > q_pos - (window - sinks))
+
+
+def sink_window_evictable(length: int, sinks: int, window: int, block_size: int) -> range:
+    """Block indices of a sequence of ``length`` positions that no later query (position ``>= length``) can see
+    under :func:`sink_window_visible`: every position of the block is past the sinks and before
+    ``length - window + sinks + 1``. The engine frees them."""
+    first = -(-sinks // block_size)  # the first block without a sink
+    end = max(length - window + sinks + 1, 0) // block_size  # blocks wholly before the first visible position
+    return range(first, max(first, end))
 
 
 def sink_window_mask(T: int, sinks: int, window: int, device: torch.device | str | None = None) -> torch.Tensor:
-    """Bool ``(T, T)``: query ``i`` may see key ``j <= i`` that is a sink (``j < sinks``) or among the last
-    ``window - sinks`` positions up to ``i`` (``j > i - (window - sinks)``): a cache of ``window`` entries."""
-    if not 0 <= sinks < window:
-        raise ValueError(f"need 0 <= sinks < window, got sinks={sinks}, window={window}")
+    """Bool ``(T, T)``: query ``i`` may see key ``j <= i`` kept by :func:`sink_window_visible`: a cache of
+    ``window`` entries."""
     i = torch.arange(T, device=device)[:, None]
     j = torch.arange(T, device=device)[None, :]
-    return (j <= i) & ((j < sinks) | (j > i - (window - sinks)))
+    return (j <= i) & sink_window_visible(i, j, sinks, window)
 
 
 def h2o_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, budget: int, recent: int) -> torch.Tensor:
@@ -136,8 +182,8 @@ class CompressedAttention:
         keep = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()  # (T, T)
         if self.method in QUANT_BITS:
             return self._quantized(q, k, v, QUANT_BITS[self.method])
-        if self.method == "int8_pool":
-            k, v = pool_int8(k), pool_int8(v)
+        if self.method in POOL_BITS:
+            k, v = pool_fake_quantize(k, POOL_BITS[self.method]), pool_fake_quantize(v, POOL_BITS[self.method])
         if self.method == "h2o":
             return h2o_attention(q, k, v, self.window, self.recent)
         if self.method == "sink_window":
@@ -190,8 +236,8 @@ def kv_bytes_per_token(config: GPTConfig, method: str, context: int, *, bits_flo
         keys = H * D * b / 8 + 2 * H * D * f / group  # codes + a (scale, min) per channel per group
         values = H * D * b / 8 + 2 * H * f  # codes + a (scale, min) per token per head
         return L * (keys + values)
-    if method == "int8_pool":  # one byte per number, a float16 (scale, min) per token and head
-        return 2 * L * H * (D + 2 * f)
+    if method in POOL_BITS:  # bits per number, a float16 (scale, min) per token and head
+        return 2 * L * H * (D * POOL_BITS[method] / 8 + 2 * 2)
     if method == "sink_window":
         return full * min(window, context) / context
     if method == "h2o":  # plus one fp32 accumulated score per cached token, head and layer

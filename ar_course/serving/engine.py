@@ -16,6 +16,13 @@ Each :meth:`Engine.step` is one iteration of the scheduler (Orca's iteration-lev
 
 With ``prefix_caching=True`` the full blocks of every computed prefix are kept (:mod:`.prefix`); an admitted
 request starts on the cached blocks of its longest cached prefix instead of recomputing them.
+
+KV compression inside the engine: ``kv_bits=8`` or ``4`` quantizes the pool (per token and head, see
+:func:`~ar_course.serving.compression.pool_quantize`); ``kv_window=W`` (with ``kv_sinks=S``) is StreamingLLM's
+cache of the ``S`` first and ``W - S`` last positions: every query sees only those
+(:func:`~ar_course.serving.compression.sink_window_visible`) and, after each step, the blocks no later query can
+see are freed (:func:`~ar_course.serving.compression.sink_window_evictable`), so a long sequence holds at most
+about ``W / block_size + 2`` blocks.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from typing import Callable
 import torch
 
 from ar_course.sampling import SamplingConfig, check_sampling, sample
+from ar_course.serving.compression import sink_window_evictable, sink_window_visible
 from ar_course.serving.paged import OutOfBlocks, PagedKVCache
 from ar_course.serving.prefix import PrefixCache
 from ar_course.utils import check_int
@@ -46,15 +54,23 @@ class EngineConfig:
     policy: str = "continuous"  # "continuous" or "static"
     prefix_caching: bool = False
     static_reserve: int | None = None  # static policy: positions reserved per sequence (None: what it needs)
-    kv_bits: int | None = None  # 8: the pool stores int8 codes per token and head (None: the model's dtype)
+    kv_bits: int | None = None  # 8 / 4: the pool stores int8 / packed int4 codes per token and head (None: dtype)
+    kv_window: int | None = None  # sinks + window eviction: positions a query sees (None: all of them)
+    kv_sinks: int = 4  # with kv_window: the first positions always kept (the attention sinks)
 
     def __post_init__(self) -> None:
         for name in ("num_blocks", "block_size", "max_running", "max_step_tokens"):
             check_int(name, getattr(self, name), lo=1)
         if self.policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {self.policy!r}")
-        if self.kv_bits not in (None, 8):
-            raise ValueError(f"kv_bits must be None or 8, got {self.kv_bits!r}")
+        if self.kv_bits not in (None, 8, 4):
+            raise ValueError(f"kv_bits must be None, 8 or 4, got {self.kv_bits!r}")
+        if self.kv_window is not None:
+            check_int("kv_window", self.kv_window, lo=1)
+            if not 0 <= check_int("kv_sinks", self.kv_sinks, lo=0) < self.kv_window:
+                raise ValueError(f"need 0 <= kv_sinks < kv_window, got {self.kv_sinks} and {self.kv_window}")
+            if self.prefix_caching:
+                raise ValueError("prefix_caching cannot share blocks that kv_window evicts: use one or the other")
         if self.static_reserve is not None:
             check_int("static_reserve", self.static_reserve, lo=1)
         if self.max_step_tokens < self.max_running:
@@ -98,6 +114,7 @@ class StepRecord:
     decode_tokens: int
     blocks_used: int
     tokens_stored: int
+    kv_bytes: int = 0  # bytes of the blocks in use after the step
 
 
 def admits(need: int, free_blocks: int, in_batch: int, max_running: int, keep_per_sequence: int = 1) -> bool:
@@ -120,11 +137,13 @@ class _PackedStep:
         return keys.transpose(0, 1)[None], values.transpose(0, 1)[None]  # (1, H, T_k, D)
 
 
-def packed_forward(model: torch.nn.Module, cache: PagedKVCache, chunks: list[tuple[int, list[int], int]]
-                   ) -> torch.Tensor:
+def packed_forward(model: torch.nn.Module, cache: PagedKVCache, chunks: list[tuple[int, list[int], int]],
+                   sinks_window: tuple[int, int] | None = None) -> torch.Tensor:
     """One forward pass of ``model`` (a :class:`~ar_course.transformer.GPT`) over the ``chunks``
     ``(seq, token ids, start position)`` of several sequences, packed in one row; their keys and values are
-    written to ``cache`` (blocks reserved beforehand) and read back through the block tables.
+    written to ``cache`` (blocks reserved beforehand) and read back through the block tables (positions in
+    evicted blocks are not read). ``sinks_window`` ``(sinks, window)``: a query also sees only the keys
+    :func:`~ar_course.serving.compression.sink_window_visible` keeps.
 
     Returns the logits after the last token of each chunk: ``(len(chunks), V)``."""
     ids, positions, writes, keys, q_seq, k_seq, k_pos = [], [], [], [], [], [], []
@@ -133,19 +152,21 @@ def packed_forward(model: torch.nn.Module, cache: PagedKVCache, chunks: list[tup
         ids += tokens
         positions.append(torch.arange(start, start + n))
         writes.append(cache.slots(seq, start, n))
-        keys.append(cache.slots(seq, 0, start + n))
+        live = cache.live_positions(seq, start + n)  # (n_k,)
+        keys.append(cache.slots_at(seq, live))
         q_seq.append(torch.full((n,), i))
-        k_seq.append(torch.full((start + n,), i))
-        k_pos.append(torch.arange(start + n))
+        k_seq.append(torch.full((live.numel(),), i))
+        k_pos.append(live)
     device = cache.k.device
-    q_pos = torch.cat(positions).to(device)  # (T,)
-    same = torch.cat(q_seq)[:, None] == torch.cat(k_seq)[None, :]  # (T, T_k)
-    mask = (same & (torch.cat(k_pos)[None, :] <= torch.cat(positions)[:, None])).to(device)  # (T, T_k)
+    q_pos, kp = torch.cat(positions)[:, None], torch.cat(k_pos)[None, :]  # (T, 1), (1, T_k)
+    mask = (torch.cat(q_seq)[:, None] == torch.cat(k_seq)[None, :]) & (kp <= q_pos)  # (T, T_k)
+    if sinks_window is not None:
+        mask &= sink_window_visible(q_pos, kp, *sinks_window)
+    mask, q_pos = mask.to(device), q_pos[:, 0].to(device)  # (T, T_k), (T,)
     step = _PackedStep(cache, torch.cat(writes), torch.cat(keys))
-    x = model._embed(torch.tensor(ids, device=device)[None], None)  # (1, T, C)
-    x = model._blocks(x, q_pos, mask, step)  # (1, T, C)
+    h = model.forward_at(torch.tensor(ids, device=device)[None], q_pos, mask, step)  # (1, T, C)
     last = torch.tensor([len(t) for _, t, _ in chunks]).cumsum(0) - 1  # (n_chunks,)
-    return model.lm_head(model.norm_f(x[0, last.to(device)]))  # (n_chunks, V)
+    return model.lm_head(h[0, last.to(device)])  # (n_chunks, V)
 
 
 class Engine:
@@ -231,7 +252,7 @@ class Engine:
             return []
         chunks = [(r.id, r.tokens[r.computed:r.computed + n], r.computed) for r, n in batch]
         decodes = sum(1 for r, n in batch if r.output and r.computed == len(r.tokens) - 1)
-        logits = packed_forward(self.model, self.cache, chunks)  # (len(batch), V)
+        logits = packed_forward(self.model, self.cache, chunks, self._sinks_window)  # (len(batch), V)
         now, events = self.clock(), []
         for (req, n), row in zip(batch, logits):
             self.cache.advance(req.id, n)
@@ -242,6 +263,7 @@ class Engine:
             req.output.append(token)
             req.token_times.append(now)
             events.append((req.id, token))
+        self._evict(batch)
         self._record(now, batch, decodes)
         for req, _ in batch:
             if self.prefix is not None:
@@ -249,6 +271,19 @@ class Engine:
             if len(req.output) >= req.max_new_tokens:
                 self._finish(req, "finished")
         return events
+
+    @property
+    def _sinks_window(self) -> tuple[int, int] | None:
+        c = self.config
+        return None if c.kv_window is None else (c.kv_sinks, c.kv_window)
+
+    def _evict(self, batch: list[tuple[Request, int]]) -> None:
+        """With ``kv_window``: free the blocks of the batch's sequences that no later query can see."""
+        if self._sinks_window is None:
+            return
+        for req, _ in batch:
+            blocks = sink_window_evictable(req.computed, *self._sinks_window, self.config.block_size)
+            self.cache.evict(req.id, blocks)
 
     def _admit(self) -> None:
         """Move waiting requests into the batch while it has room and the pool has their blocks."""
@@ -330,4 +365,5 @@ class Engine:
         prefill = sum(n for _, n in batch) - decodes  # prompt tokens, and tokens recomputed after a preemption
         self.prefill_computed += prefill
         self.history.append(StepRecord(now, [r.id for r, _ in batch], prefill, decodes,
-                                       self.cache.allocator.num_used, self.cache.used_tokens()))
+                                       self.cache.allocator.num_used, self.cache.used_tokens(),
+                                       self.cache.bytes_in_use()))

@@ -9,6 +9,10 @@ sequence (the memory layout of vLLM's PagedAttention).
   pool flattened to ``(num_blocks * block_size, H, D)``) is ``block * block_size + offset``.
 
 Only the last, partly filled block of a sequence ever needs a copy: full blocks are never written again.
+
+A block that no later query can see (a sinks + window cache) is *evicted* by :meth:`PagedKVCache.evict`: it
+goes back to the free list and its table entry becomes ``-1``; :meth:`PagedKVCache.live_positions` lists the
+positions still stored.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from collections import deque
 
 import torch
 
-from ar_course.serving.compression import dequantize, quantize
+from ar_course.serving.compression import pool_dequantize, pool_quantize
 from ar_course.utils import check_int
 
 
@@ -58,8 +62,8 @@ class BlockAllocator:
 
     def share(self, block: int) -> int:
         """One more reference to a block in use (a forked sequence, a cached prefix); returns ``block``."""
-        if self.refs[block] <= 0:
-            raise ValueError(f"block {block} is free: only a block in use can be shared")
+        if not 0 <= block < self.num_blocks or self.refs[block] <= 0:
+            raise ValueError(f"block {block} is free or evicted: only a block in use can be shared")
         self.refs[block] += 1
         return block
 
@@ -82,16 +86,20 @@ class PagedKVCache:
 
     ``kv_bits=8`` stores ``k``, ``v`` as uint8 codes with a float16 ``(scale, minimum)`` per token and head
     (``k_stats``, ``v_stats``: ``(n_layer, num_blocks, block_size, H, 2)``): asymmetric min-max quantization over
-    the head dimension, written once per token, dequantized on :meth:`read` (``dtype`` is what it returns)."""
+    the head dimension, written once per token, dequantized on :meth:`read` (``dtype`` is what it returns).
+    ``kv_bits=4`` does the same with 4-bit codes, two per byte: ``k``, ``v`` are ``(..., H, D // 2)`` uint8
+    (``D`` must be even). Both are :func:`~ar_course.serving.compression.pool_quantize`."""
 
     def __init__(self, n_layer: int, n_head: int, head_dim: int, num_blocks: int, block_size: int,
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, kv_bits: int | None = None):
         self.block_size = check_int("block_size", block_size, lo=1)
-        if kv_bits not in (None, 8):
-            raise ValueError(f"kv_bits must be None (full precision) or 8, got {kv_bits!r}")
+        if kv_bits not in (None, 8, 4):
+            raise ValueError(f"kv_bits must be None (full precision), 8 or 4, got {kv_bits!r}")
+        if kv_bits == 4 and head_dim % 2:
+            raise ValueError(f"kv_bits=4 packs two codes per byte: head_dim must be even, got {head_dim}")
         self.allocator = BlockAllocator(num_blocks)
         self.dtype, self.kv_bits = dtype, kv_bits
-        shape = (n_layer, num_blocks, block_size, n_head, head_dim)
+        shape = (n_layer, num_blocks, block_size, n_head, head_dim // 2 if kv_bits == 4 else head_dim)
         store = torch.uint8 if kv_bits else dtype
         self.k = torch.zeros(shape, device=device, dtype=store)
         self.v = torch.zeros(shape, device=device, dtype=store)
@@ -167,22 +175,46 @@ class PagedKVCache:
 
     def slots(self, seq: int, start: int, n: int) -> torch.Tensor:
         """Flat pool slots of positions ``start .. start+n-1`` of ``seq``: ``(n,)`` long."""
-        table = self.tables[seq]
-        if start + n > len(table) * self.block_size:
-            raise ValueError(f"positions up to {start + n} of sequence {seq} have no block: reserve them first")
-        positions = torch.arange(start, start + n)  # (n,)
-        return slot_mapping(torch.tensor(table, dtype=torch.long), positions, self.block_size).to(self.k.device)
+        return self.slots_at(seq, torch.arange(start, start + n))
+
+    def slots_at(self, seq: int, positions: torch.Tensor) -> torch.Tensor:
+        """Flat pool slots of ``positions`` ``(n,)`` long of ``seq`` (each in a block that is not evicted)."""
+        table = torch.tensor(self.tables[seq], dtype=torch.long)
+        if positions.numel() and int(positions.max()) >= table.numel() * self.block_size:
+            raise ValueError(f"positions up to {int(positions.max()) + 1} of sequence {seq} have no block: "
+                             f"reserve them first")
+        if positions.numel() and bool((table[positions // self.block_size] < 0).any()):
+            raise ValueError(f"some positions of sequence {seq} are in evicted blocks")
+        return slot_mapping(table, positions, self.block_size).to(self.k.device)
+
+    def live_positions(self, seq: int, end: int) -> torch.Tensor:
+        """Positions ``< end`` of ``seq`` whose block is not evicted: ``(n,)`` long, ascending."""
+        positions = torch.arange(end)  # (end,)
+        table = torch.tensor(self.tables[seq], dtype=torch.long)
+        return positions[table[positions // self.block_size] >= 0]
+
+    def evict(self, seq: int, blocks: range) -> int:
+        """Free the blocks at table indices ``blocks`` of ``seq`` (they are never read again); already evicted
+        ones are skipped. The last, partly filled block cannot be evicted. Returns how many were freed."""
+        table, freed = self.tables[seq], 0
+        if blocks and blocks[-1] >= self.lengths[seq] // self.block_size:
+            raise ValueError(f"block {blocks[-1]} of sequence {seq} is not full: only full blocks can be evicted")
+        for i in blocks:
+            if table[i] >= 0:
+                self.allocator.release(table[i])
+                table[i], freed = -1, freed + 1
+        return freed
 
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store ``k, v`` ``(n, H, D)`` of ``layer`` at pool ``slots`` ``(n,)`` (quantized when ``kv_bits``)."""
         for pool, stats, x in ((self.k, self.k_stats, k), (self.v, self.v_stats, v)):
-            rows = pool[layer].view(-1, *pool.shape[-2:])  # (num_blocks * bs, H, D)
+            rows = pool[layer].view(-1, *pool.shape[-2:])  # (num_blocks * bs, H, D or D // 2)
             if self.kv_bits is None:
                 rows[slots] = x.to(pool.dtype)
                 continue
-            codes, scale, lo = quantize(x.float(), self.kv_bits, dim=-1)  # scale, lo: (n, H, 1)
+            codes, scale_lo = pool_quantize(x, self.kv_bits)  # (n, H, D or D // 2), (n, H, 2)
             rows[slots] = codes
-            stats[layer].view(-1, *stats.shape[-2:])[slots] = torch.cat([scale, lo], -1).to(stats.dtype)
+            stats[layer].view(-1, *stats.shape[-2:])[slots] = scale_lo
 
     def read(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of ``layer`` at pool ``slots`` ``(n,)``: each ``(n, H, D)`` in ``dtype``."""
@@ -190,9 +222,9 @@ class PagedKVCache:
         for pool, stats in ((self.k, self.k_stats), (self.v, self.v_stats)):
             x = pool[layer].view(-1, *pool.shape[-2:])[slots]  # (n, H, D)
             if self.kv_bits is not None:
-                s = stats[layer].view(-1, *stats.shape[-2:])[slots].to(self.dtype)  # (n, H, 2)
-                x = dequantize(x, s[..., :1], s[..., 1:])
-            out.append(x.to(self.dtype))  # with kv_bits: compression.pool_int8 of what was written
+                s = stats[layer].view(-1, *stats.shape[-2:])[slots]  # (n, H, 2)
+                x = pool_dequantize(x, s, self.kv_bits, self.dtype)  # (n, H, D)
+            out.append(x.to(self.dtype))  # with kv_bits: compression.pool_fake_quantize of what was written
         return out[0], out[1]
 
     def advance(self, seq: int, n: int) -> None:
@@ -204,12 +236,19 @@ class PagedKVCache:
     def free(self, seq: int) -> None:
         """Forget ``seq``: release every block of its table."""
         for block in self.tables.pop(seq):
-            self.allocator.release(block)
+            if block >= 0:  # evicted blocks were released already
+                self.allocator.release(block)
         del self.lengths[seq]
 
     def block_table(self, seq: int) -> list[int]:
         return list(self.tables[seq])
 
     def used_tokens(self) -> int:
-        """Positions held by all sequences (a block shared by several counts once per sequence)."""
-        return sum(self.lengths.values())
+        """Positions held by all sequences, evicted ones not counted (a block shared by several counts once per
+        sequence)."""
+        evicted = sum(b < 0 for table in self.tables.values() for b in table)
+        return sum(self.lengths.values()) - evicted * self.block_size
+
+    def bytes_in_use(self) -> int:
+        """KV bytes of the blocks in use (all layers, keys and values, codes and statistics)."""
+        return self.allocator.num_used * self.bytes_per_block()

@@ -164,17 +164,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--block-size", type=int_in(1), default=16)
     parser.add_argument("--max-running", type=int_in(1), default=16)
     parser.add_argument("--prefix-caching", action="store_true")
+    parser.add_argument("--kv-bits", type=int, choices=(8, 4), default=None, help="quantize the KV pool (default: no)")
+    parser.add_argument("--kv-window", type=int_in(1), default=None,
+                        help="sinks + window: a query sees the sinks and the last positions, up to this many; "
+                             "blocks out of the window are freed")
+    parser.add_argument("--kv-sinks", type=int_in(0), default=4, help="with --kv-window: first positions kept")
     parser.add_argument("--max-pending", type=int_in(1), default=64, help="requests in flight before 503")
     parser.add_argument("--timeout", type=float_in(0, lo_open=True), default=60.0, help="seconds a request may take")
     parser.add_argument("--drain", type=float_in(0), default=10.0,
                         help="seconds the worker waits for leftovers at shutdown")
     args = parser.parse_args(argv)
+    try:
+        config = EngineConfig(num_blocks=args.num_blocks, block_size=args.block_size, max_running=args.max_running,
+                              prefix_caching=args.prefix_caching, kv_bits=args.kv_bits, kv_window=args.kv_window,
+                              kv_sinks=args.kv_sinks)
+    except ValueError as e:
+        parser.error(str(e))
     _, _, uvicorn = _fastapi()
     from ar_course.transformer import load_pretrained
 
     model, tokenizer = load_pretrained(args.model)
-    engine = Engine(model, EngineConfig(num_blocks=args.num_blocks, block_size=args.block_size,
-                                        max_running=args.max_running, prefix_caching=args.prefix_caching))
+    engine = Engine(model, config)
     app = create_app(engine, tokenizer, model_name=str(args.model), max_pending=args.max_pending,
                      timeout_s=args.timeout, drain_s=args.drain)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")

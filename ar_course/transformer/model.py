@@ -684,6 +684,18 @@ class GPT(nn.Module):
         cache.advance(x.shape[1])
         return self.lm_head(self.norm_f(x)), None  # (B, T_out, V)
 
+    def forward_at(self, idx: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
+                   cache: object | None = None) -> torch.Tensor:
+        """The tokens ``idx`` ``(B, T)`` at absolute ``positions`` ``(T,)`` long (no class token), attending under
+        ``mask`` ``(T, T_k)`` bool (True: may attend; it holds the causal rule) to the keys ``cache`` returns: any
+        object whose ``append(layer, k, v)`` takes the new keys and values ``(B, H, T, D)`` and returns the keys
+        and values ``(B, H, T_k, D)`` the mask's columns name (None: the tokens themselves, ``T_k = T``). The
+        cache is not advanced. No argument checks (a serving engine's packed pass calls it).
+
+        Returns the final hidden states after the last norm ``(B, T, C)``: ``lm_head`` of a row is its logits."""
+        x = self._blocks(self._embed(idx, None), positions, mask, cache)  # (B, T, C)
+        return self.norm_f(x)
+
     def _embed(self, idx: torch.Tensor, classes: torch.Tensor | None) -> torch.Tensor:
         """Token embeddings of ``idx`` ``(B, T)``, after the class token of ``classes`` ``(B,)`` when given:
         ``(B, T_out, C)``."""
