@@ -17,24 +17,10 @@ from ar_course.serving import (
     paged_attention, prefix_block_hashes,
 )
 from ar_course.serving.compression import CompressedAttention, kv_bytes_per_token, sink_window_evictable
-from ar_course.transformer import GPT, GPTConfig, load_pretrained, use_attention
+from ar_course.transformer import GPT, load_pretrained, use_attention
+from serving_fixtures import _one_thread, tiny  # noqa: F401 (pytest fixtures)
 
 GREEDY = SamplingConfig(temperature=0.0)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small engine steps are all overhead: one torch thread is fastest, and steady on a shared CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def tiny() -> GPT:
-    torch.manual_seed(0)
-    return GPT(GPTConfig(vocab_size=17, block_size=64, n_layer=2, n_head=2, n_embd=16)).eval()
 
 
 @pytest.fixture(scope="module")

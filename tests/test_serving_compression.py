@@ -10,15 +10,7 @@ from ar_course.serving.compression import (
     CompressedAttention, dequantize, fake_quantize_kv, heldout_nll, kv_bytes_per_token, quantize, sink_window_mask,
 )
 from ar_course.transformer import GPT, GPTConfig
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small models gain nothing from threads, and the machine is shared: one torch thread while this runs."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+from serving_fixtures import _one_thread  # noqa: F401 (pytest fixtures)
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])

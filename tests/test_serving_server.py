@@ -15,24 +15,10 @@ import torch
 from ar_course.sampling import SamplingConfig
 from ar_course.serving import Engine, EngineConfig
 from ar_course.serving.worker import EngineWorker, QueueFull, ShuttingDown
-from ar_course.transformer import GPT, GPTConfig, load_pretrained
+from ar_course.transformer import load_pretrained
+from serving_fixtures import _one_thread, tiny  # noqa: F401 (pytest fixtures)
 
 GREEDY = SamplingConfig(temperature=0.0)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small engine steps are all overhead: one torch thread is fastest, and steady on a shared CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def tiny() -> GPT:
-    torch.manual_seed(0)
-    return GPT(GPTConfig(vocab_size=17, block_size=64, n_layer=2, n_head=2, n_embd=16)).eval()
 
 
 def _drain(ticket, timeout=30.0):
