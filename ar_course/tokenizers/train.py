@@ -32,13 +32,18 @@ LFQ_DEFAULT_DIM = 8
 
 def default_config(quantizer: str = "vq", dataset: str = "mnist", **overrides) -> VQVAEConfig:
     """The configuration of the shipped tokenizers: 32x32 images, downsample 4 (8x8 latents), 256 codes of
-    16 dimensions, dead-code restart; ``overrides`` replace any field."""
+    16 dimensions, dead-code restart; ``overrides`` replace any field. Unless ``latent_dim`` is given, FSQ gets one
+    channel per level and LFQ :data:`LFQ_DEFAULT_DIM` channels."""
     if dataset not in DATASETS:
         raise ValueError(f"dataset must be one of {DATASETS}, got {dataset!r}")
     base = VQVAEConfig(in_channels=1 if dataset == "mnist" else 3, image_size=32, downsample=4, width=16,
-                       latent_dim=16, quantizer=quantizer, num_codes=256, dead_code_threshold=1.0,
+                       latent_dim=16, quantizer="vq", num_codes=256, dead_code_threshold=1.0,
                        usage_window=50)
-    return dataclasses.replace(base, **overrides)
+    if quantizer == "fsq":
+        overrides.setdefault("latent_dim", len(overrides.get("fsq_levels", base.fsq_levels)))
+    elif quantizer == "lfq":
+        overrides.setdefault("latent_dim", LFQ_DEFAULT_DIM)
+    return dataclasses.replace(base, quantizer=quantizer, **overrides)
 
 
 def load_images(dataset: str, split: str) -> torch.Tensor:
@@ -138,13 +143,6 @@ def _levels(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 2 such as 8,6,5, got {text!r}") from None
 
 
-def _latent_dim(args: argparse.Namespace) -> int:
-    """``--latent-dim`` if given, else the number of FSQ levels (fsq), :data:`LFQ_DEFAULT_DIM` (lfq) or 16."""
-    if args.latent_dim is not None:
-        return args.latent_dim
-    return {"fsq": len(args.fsq_levels), "lfq": LFQ_DEFAULT_DIM}.get(args.quantizer, default_config().latent_dim)
-
-
 @trainer_main
 def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(prog="python -m ar_course train tokenizer",
@@ -189,11 +187,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         config = default_config(
-            args.quantizer, args.dataset, num_codes=args.num_codes, latent_dim=_latent_dim(args), depth=args.depth,
+            args.quantizer, args.dataset, num_codes=args.num_codes, depth=args.depth,
             scales=args.scales, dead_code_threshold=args.dead_code_threshold, usage_window=args.usage_window,
             ema=args.ema, l2_norm=args.l2_norm, msvq_loss=args.msvq_loss, msvq_final_weight=args.msvq_final_weight,
             rotation_trick=args.rotation_trick, kmeans_init=args.kmeans_init, fsq_levels=args.fsq_levels,
             lfq_entropy_weight=args.lfq_entropy_weight,
+            **({} if args.latent_dim is None else {"latent_dim": args.latent_dim}),
         )
     except ValueError as exc:
         parser.error(str(exc))
