@@ -86,7 +86,7 @@ def test_fsq_zero_maps_to_the_zero_code_and_the_gradient_is_straight_through_the
     assert FSQ(levels)(z).loss.item() == 0.0
 
 
-@pytest.mark.parametrize("levels", [(), (1, 4), (2.5, 3), (0,), "85", None])
+@pytest.mark.parametrize("levels", [(), (1, 4), (2.5, 3), (8.0, 5), (0,), (None, 3), ("8", 5), (True, 3), "85", None])
 def test_fsq_bad_levels_raise(levels):
     with pytest.raises(ValueError, match="level"):
         FSQ(levels)

@@ -9,6 +9,7 @@ Shapes use ``N`` for a number of vectors, ``D`` (or ``C``) for their dimension, 
 
 from __future__ import annotations
 
+import numbers
 from typing import Callable, Sequence
 
 import torch
@@ -350,10 +351,10 @@ def kmeans(x: torch.Tensor, k: int, iters: int = 10, generator: torch.Generator 
 
 def check_levels(levels: Sequence[int]) -> tuple[int, ...]:
     """``levels`` as a tuple of ints, each ``>= 2``; ``ValueError`` for an empty sequence, a level below 2 or a
-    non-integer."""
+    non-integer (a float, even ``8.0``; a bool; a string; ``None``)."""
     if isinstance(levels, (str, bytes)) or not isinstance(levels, Sequence) or len(levels) == 0:
         raise ValueError(f"levels must be a non-empty sequence of integers >= 2, got {levels!r}")
-    if any(isinstance(l, bool) or int(l) != l or l < 2 for l in levels):
+    if any(isinstance(l, bool) or not isinstance(l, numbers.Integral) or l < 2 for l in levels):
         raise ValueError(f"every level must be an integer >= 2, got {tuple(levels)}")
     return tuple(int(l) for l in levels)
 
