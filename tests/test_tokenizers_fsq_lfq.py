@@ -334,7 +334,8 @@ def test_vqvae_trains_and_is_deterministic_under_its_seed(name):
                                         (["--quantizer", "vq", "--rotation-trick", "--kmeans-init"], VectorQuantizer)])
 def test_cli_tiny_run_writes_a_loadable_checkpoint(args, kind, tmp_path, monkeypatch):
     images = torch.rand(80, 1, 32, 32, generator=gen(16))
-    monkeypatch.setattr(tok_train, "load_images", lambda dataset, split: images[:64] if split == "train" else images[64:])
+    monkeypatch.setattr(tok_train, "load_images",
+                        lambda dataset, split: images[:64] if split == "train" else images[64:])
     out = tmp_path / "tok.safetensors"
     assert tok_train.main([*args, "--steps", "2", "--num-codes", "16", "--batch-size", "16", "--device", "cpu",
                            "--out", str(out)]) == 0

@@ -17,6 +17,7 @@ from ar_course.tokenizers.vqvae import (
 )
 
 __all__ = [
-    "functional", "token_count", "VectorQuantizer", "ResidualVQ", "MultiScaleVQ", "FSQ", "LFQ", "Phi", "QuantizerOutput",
+    "functional", "token_count", "VectorQuantizer", "ResidualVQ", "MultiScaleVQ", "FSQ", "LFQ", "Phi",
+    "QuantizerOutput",
     "VQVAE", "VQVAEConfig", "VQVAEOutput", "load_pretrained", "pretrained_info", "pretrained_path", "PRETRAINED",
 ]

@@ -397,7 +397,8 @@ def fsq_codes_to_indices(codes: torch.Tensor, levels: Sequence[int]) -> torch.Te
     return (digits * _fsq_basis(lv, codes.device)).sum(-1)
 
 
-def fsq_indices_to_codes(indices: torch.Tensor, levels: Sequence[int], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def fsq_indices_to_codes(indices: torch.Tensor, levels: Sequence[int],
+                         dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """FSQ codes ``(..., d)`` of indices ``(...,)``: the inverse of :func:`fsq_codes_to_indices`."""
     lv = check_levels(levels)
     lv_t = torch.tensor(lv, device=indices.device)  # (d,)
@@ -425,7 +426,8 @@ def lfq_indices_to_codes(indices: torch.Tensor, dim: int, dtype: torch.dtype = t
     return bits.to(dtype) * 2 - 1
 
 
-def lfq_entropy_terms(z: torch.Tensor, temperature: float = 0.01, chunk_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+def lfq_entropy_terms(z: torch.Tensor, temperature: float = 0.01,
+                      chunk_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
     """LFQ's two entropies of ``p(c | z) = softmax_c(-|z - c|^2 / temperature)`` over the ``2^d`` sign codes.
 
     ``z``: ``(N, d)``. Returns ``(per_sample, codebook)``: the mean over vectors of ``H(p(. | z))`` (low when each

@@ -79,7 +79,8 @@ class LFQ(nn.Module):
     with a straight-through gradient, indices ``(B, h, w)`` whose bit ``i`` is channel ``i``'s sign, and the loss
     ``beta * mean((z - sg[codes])^2) + entropy_weight * (H_sample - diversity * H_codebook)`` from
     :func:`~ar_course.tokenizers.functional.lfq_entropy_terms` in training mode (``entropy_weight = 0`` drops
-    the entropy terms; in eval mode the loss is the commitment term alone). :attr:`last_entropy` holds the two entropies of the last training batch."""
+    the entropy terms; in eval mode the loss is the commitment term alone). :attr:`last_entropy` holds the two
+    entropies of the last training batch."""
 
     def __init__(self, dim: int, beta: float = 0.25, entropy_weight: float = 0.1, diversity: float = 1.0,
                  temperature: float = 0.01) -> None:

@@ -1,4 +1,5 @@
-"""Train a VQ-VAE tokenizer: ``python -m ar_course train tokenizer --quantizer {vq,rvq,msvq,fsq,lfq} --dataset {mnist,shapes}``.
+"""Train a VQ-VAE tokenizer:
+``python -m ar_course train tokenizer --quantizer {vq,rvq,msvq,fsq,lfq} --dataset {mnist,shapes}``.
 
 From a fixed seed, with a progress bar; writes a safetensors checkpoint with the held-out PSNR and
 codebook usage in its metadata. The shipped tokenizers are made with the defaults::
@@ -140,7 +141,8 @@ def _levels(text: str) -> tuple[int, ...]:
     try:
         return check_levels(tuple(int(s) for s in text.split(",")))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 2 such as 8,6,5, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 2 such as 8,6,5, "
+                                         f"got {text!r}") from None
 
 
 @trainer_main

@@ -1,4 +1,5 @@
-"""A small convolutional VQ-VAE around any of the quantizers (VQ, RVQ, multi-scale VQ, FSQ, LFQ), and the shipped pretrained tokenizers.
+"""A small convolutional VQ-VAE around any of the quantizers (VQ, RVQ, multi-scale VQ, FSQ, LFQ), and the
+shipped pretrained tokenizers.
 
     config = VQVAEConfig(quantizer="msvq", num_codes=256, latent_dim=16)
     model = VQVAE(config)
