@@ -157,7 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=positive_int, default=64,
                         help="global batch, split across processes under torchrun [%(default)s]")
     parser.add_argument("--lr", type=positive_float, default=2e-3)
-    parser.add_argument("--num-codes", type=positive_int, default=256)
+    parser.add_argument("--num-codes", type=positive_int, default=256,
+                        help="codebook size (vq, rvq, msvq; fsq has prod(levels) codes, lfq 2^latent-dim) [256]")
     parser.add_argument("--latent-dim", type=positive_int, default=None,
                         help=f"latent channels [16; fsq: the number of levels; lfq: {LFQ_DEFAULT_DIM}]")
     parser.add_argument("--depth", type=positive_int, default=4, help="residual depth (rvq)")
