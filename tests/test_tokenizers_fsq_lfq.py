@@ -60,6 +60,7 @@ def test_fsq_every_code_is_reachable_and_round_trips(levels):
     codes = Fq.fsq_indices_to_codes(idx, levels)  # (n, d)
     assert torch.equal(Fq.fsq_codes_to_indices(codes, levels), idx)
     assert torch.unique(codes, dim=0).shape[0] == n  # a bijection, not just a surjection onto indices
+    assert torch.equal(fsq.codes(), codes)
     # the input that bounds to each grid point is quantized to that code
     digits = torch.stack([(idx // math.prod(levels[:i])) % L for i, L in enumerate(levels)], dim=1)  # (n, d)
     z = fsq_inverse_bound(digits - torch.tensor([L // 2 for L in levels]), levels)  # (n, d)
@@ -112,6 +113,7 @@ def test_lfq_codes_are_exactly_the_sign_patterns():
     table = lfq.decode(torch.arange(16).view(1, 4, 4)).permute(0, 2, 3, 1).reshape(16, d)  # (16, d)
     patterns = {tuple(p) for p in itertools.product((-1.0, 1.0), repeat=d)}
     assert {tuple(r.tolist()) for r in table} == patterns
+    assert torch.equal(lfq.codes(), table)
     for k, row in enumerate(table):  # index bit i is the sign of channel i
         assert all((row[i] > 0) == bool(k >> i & 1) for i in range(d))
     z = torch.randn(3, d, 5, 5, generator=gen(4))

@@ -67,8 +67,8 @@ class FSQ(nn.Module):
         check_ids("indices", indices, self.num_codes, ("B", "h", "w"), dtype=None)
         return Fq.fsq_indices_to_codes(indices, self.levels).movedim(-1, 1)  # (B, h, w, d) -> (B, d, h, w)
 
-    def codebook(self) -> torch.Tensor:
-        """All ``num_codes`` codes ``(num_codes, d)``, code ``k`` in row ``k``."""
+    def codes(self) -> torch.Tensor:
+        """The implicit codebook ``(num_codes, d)``, code ``k`` in row ``k`` (as ``VectorQuantizer.codes``)."""
         return Fq.fsq_indices_to_codes(torch.arange(self.num_codes), self.levels)
 
 
@@ -122,3 +122,7 @@ class LFQ(nn.Module):
         """Sign codes ``(B, dim, h, w)`` of an integer index map ``(B, h, w)`` in ``[0, 2^dim)``."""
         check_ids("indices", indices, self.num_codes, ("B", "h", "w"), dtype=None)
         return Fq.lfq_indices_to_codes(indices, self.dim).movedim(-1, 1)  # (B, h, w, dim) -> (B, dim, h, w)
+
+    def codes(self) -> torch.Tensor:
+        """The implicit codebook ``(2^dim, dim)`` of sign patterns, code ``k`` in row ``k``."""
+        return Fq.lfq_indices_to_codes(torch.arange(self.num_codes), self.dim)
