@@ -1,7 +1,8 @@
 """Image tokenizers: vector quantizers (VQ-VAE, RQ-VAE, VAR's multi-scale VQ) and a small conv VQ-VAE.
 
 * :mod:`.functional` -- the pure functions the quantizers are built from (lookup, straight-through, losses,
-  EMA, restart, usage, residual and multi-scale quantization); chapter 01's exercises are checked against them.
+  EMA, restart, usage, residual and multi-scale quantization, the rotation trick, k-means, FSQ and LFQ);
+  chapter 01's exercises are checked against them.
 * :class:`VectorQuantizer`, :class:`ResidualVQ`, :class:`MultiScaleVQ` -- the quantizers as modules.
 * :class:`FSQ`, :class:`LFQ` -- finite scalar and lookup-free quantization, implicit codebooks (chapter 10).
 * :class:`VQVAE` / :class:`VQVAEConfig` -- encoder + quantizer + decoder; :func:`load_pretrained` gives the
