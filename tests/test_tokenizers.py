@@ -392,7 +392,7 @@ def test_vqvae_bad_input_and_config():
     with pytest.raises(ValueError, match="last scale"):
         VQVAEConfig(quantizer="msvq", downsample=2)
     with pytest.raises(ValueError, match="quantizer"):
-        VQVAEConfig(quantizer="fsq")
+        VQVAEConfig(quantizer="pq")
 
 
 @CUDA

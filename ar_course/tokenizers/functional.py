@@ -9,6 +9,7 @@ Shapes use ``N`` for a number of vectors, ``D`` (or ``C``) for their dimension, 
 
 from __future__ import annotations
 
+import numbers
 from typing import Callable, Sequence
 
 import torch
@@ -287,3 +288,168 @@ def teacher_forcing_inputs(
         f_hat = f_hat + phis[k](upsample_bicubic(embed_indices(indices[k], codebook), side))
         out.append(downsample_area(f_hat, indices[k + 1].shape[-1]))
     return out
+
+
+# --------------------------------------------------------------------------------------------------------
+# the rotation trick and k-means initialisation (VQ)
+
+
+def rotation_trick(z: torch.Tensor, z_q: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """The value of ``z_q`` with the gradient of ``z -> sg[lambda R] z``, where ``R`` is the rotation taking
+    the direction of ``z`` to that of ``z_q`` and ``lambda = |z_q| / |z|`` ("Restructuring Vector Quantization
+    with the Rotation Trick").
+
+    ``z``, ``z_q``: ``(N, D)``. With ``u = z/|z|``, ``q = z_q/|z_q|`` and ``r = (u + q) / |u + q|``,
+    ``R = I - 2 r r^T + 2 q u^T`` (a Householder reflection about ``u + q`` composed with one about ``q``),
+    applied without forming ``R``: ``R z = z - 2 r (r.z) + 2 q (u.z)``. ``R`` and ``lambda`` are constants for
+    autograd, so the encoder receives ``lambda R^T g`` for an upstream gradient ``g`` and the codebook
+    receives nothing from this path. The returned value is exactly ``z_q`` (the rotated vector only carries
+    the gradient)."""
+    if z.shape != z_q.shape or z.ndim != 2:
+        raise ValueError(f"z and z_q must be (N, D) of one shape, got {tuple(z.shape)} and {tuple(z_q.shape)}")
+    with torch.no_grad():
+        z_norm = z.norm(dim=1, keepdim=True).clamp_min(eps)  # (N, 1)
+        q_norm = z_q.norm(dim=1, keepdim=True)  # (N, 1)
+        u, q = z / z_norm, z_q / q_norm.clamp_min(eps)  # (N, D) each
+        r = F.normalize(u + q, dim=1, eps=eps)  # (N, D)
+        scale = q_norm / z_norm  # (N, 1)
+    rotated = z - 2 * r * (r * z).sum(1, keepdim=True) + 2 * q * (u * z).sum(1, keepdim=True)  # (N, D): R z
+    moved = scale * rotated  # (N, D), equal to z_q up to rounding
+    return z_q.detach() + (moved - moved.detach())
+
+
+def kmeans(x: torch.Tensor, k: int, iters: int = 10, generator: torch.Generator | None = None) -> torch.Tensor:
+    """``k`` centroids ``(k, D)`` of the vectors ``x`` ``(N, D)`` by Lloyd's algorithm.
+
+    Starts from ``k`` distinct rows of ``x`` picked at random (with replacement when ``N < k``), then
+    ``iters`` rounds of assigning every vector to its nearest centroid and moving each centroid to the mean
+    of its vectors; a centroid that loses all its vectors stays where it is. Uses ``generator`` (or torch's
+    global one) for the start."""
+    if x.ndim != 2 or x.shape[0] == 0:
+        raise ValueError(f"x must be a non-empty (N, D) tensor, got {tuple(x.shape)}")
+    if k < 1 or iters < 0:
+        raise ValueError(f"need k >= 1 and iters >= 0, got {k} and {iters}")
+    n = x.shape[0]
+    device = x.device
+    if n >= k:
+        start = torch.randperm(n, generator=generator, device="cpu")[:k]
+    else:
+        start = torch.randint(n, (k,), generator=generator, device="cpu")
+    centroids = x[start.to(device)].clone()  # (k, D)
+    for _ in range(iters):
+        assign = vq_lookup(x, centroids)  # (N,)
+        counts = torch.bincount(assign, minlength=k).to(x.dtype)  # (k,)
+        sums = torch.zeros_like(centroids).index_add_(0, assign, x)  # (k, D)
+        filled = counts > 0
+        centroids[filled] = sums[filled] / counts[filled, None]
+    return centroids
+
+
+# --------------------------------------------------------------------------------------------------------
+# finite scalar quantization (FSQ) and lookup-free quantization (LFQ): implicit codebooks
+
+
+def check_levels(levels: Sequence[int]) -> tuple[int, ...]:
+    """``levels`` as a tuple of ints, each ``>= 2``; ``ValueError`` for an empty sequence, a level below 2 or a
+    non-integer (a float, even ``8.0``; a bool; a string; ``None``)."""
+    if isinstance(levels, (str, bytes)) or not isinstance(levels, Sequence) or len(levels) == 0:
+        raise ValueError(f"levels must be a non-empty sequence of integers >= 2, got {levels!r}")
+    if any(isinstance(l, bool) or not isinstance(l, numbers.Integral) or l < 2 for l in levels):
+        raise ValueError(f"every level must be an integer >= 2, got {tuple(levels)}")
+    return tuple(int(l) for l in levels)
+
+
+def fsq_bound(z: torch.Tensor, levels: Sequence[int], eps: float = 1e-3) -> torch.Tensor:
+    """FSQ's squashing ``(..., d) -> (..., d)`` before rounding ("Finite Scalar Quantization: VQ-VAE Made
+    Simple"): dimension ``i`` becomes ``tanh(z + shift) * h - offset`` with ``h = (L_i - 1)(1 + eps) / 2``,
+    ``offset = 0.5`` for even ``L_i`` (else 0) and ``shift = atanh(offset / h)``, so that rounding gives exactly
+    ``L_i`` integers, ``-(L_i // 2) .. (L_i - 1) // 2``, and ``z = 0`` lands on the integer 0."""
+    lv = torch.tensor(check_levels(levels), dtype=z.dtype, device=z.device)  # (d,)
+    if z.shape[-1] != lv.numel():
+        raise ValueError(f"z has {z.shape[-1]} dimensions but there are {lv.numel()} levels")
+    half = (lv - 1) * (1 + eps) / 2  # (d,)
+    offset = torch.where(lv % 2 == 0, 0.5, 0.0).to(z.dtype)  # (d,)
+    shift = torch.atanh(offset / half)  # (d,)
+    return torch.tanh(z + shift) * half - offset
+
+
+def fsq_quantize(z: torch.Tensor, levels: Sequence[int]) -> torch.Tensor:
+    """FSQ codes ``(..., d)`` of ``z`` ``(..., d)``: bound, round with a straight-through gradient, and divide
+    dimension ``i`` by ``L_i // 2`` so the codes lie in ``[-1, 1]`` on the grid
+    ``{(k - L_i // 2) / (L_i // 2) : k = 0 .. L_i - 1}``."""
+    bounded = fsq_bound(z, levels)  # (..., d)
+    rounded = bounded + (bounded.round() - bounded).detach()  # straight-through rounding
+    width = torch.tensor([l // 2 for l in check_levels(levels)], dtype=z.dtype, device=z.device)  # (d,)
+    return rounded / width
+
+
+def _fsq_basis(levels: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """Mixed-radix place values ``(d,)``: ``1, L_0, L_0 L_1, ...``."""
+    return torch.cumprod(torch.tensor((1,) + levels[:-1], device=device), 0)
+
+
+def fsq_codes_to_indices(codes: torch.Tensor, levels: Sequence[int]) -> torch.Tensor:
+    """Indices ``(...,)`` in ``[0, prod(levels))`` of FSQ codes ``(..., d)`` (values on the grid of
+    :func:`fsq_quantize`): digit ``k_i = code_i * (L_i // 2) + L_i // 2`` in base ``L_i``, dimension 0 lowest."""
+    lv = check_levels(levels)
+    width = torch.tensor([l // 2 for l in lv], dtype=codes.dtype, device=codes.device)  # (d,)
+    digits = (codes * width + width).round().long()  # (..., d) in [0, L_i)
+    return (digits * _fsq_basis(lv, codes.device)).sum(-1)
+
+
+def fsq_indices_to_codes(indices: torch.Tensor, levels: Sequence[int],
+                         dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """FSQ codes ``(..., d)`` of indices ``(...,)``: the inverse of :func:`fsq_codes_to_indices`."""
+    lv = check_levels(levels)
+    lv_t = torch.tensor(lv, device=indices.device)  # (d,)
+    digits = (indices.long()[..., None] // _fsq_basis(lv, indices.device)) % lv_t  # (..., d)
+    width = (lv_t // 2).to(dtype)  # (d,)
+    return (digits.to(dtype) - width) / width
+
+
+def lfq_quantize(z: torch.Tensor) -> torch.Tensor:
+    """LFQ codes ``(..., d)`` of ``z`` ``(..., d)``: ``+1`` where ``z > 0``, else ``-1`` ("Language Model Beats
+    Diffusion -- Tokenizer is Key to Visual Generation"), with a straight-through gradient."""
+    codes = torch.where(z > 0, 1.0, -1.0).to(z.dtype)
+    return z + (codes - z).detach()
+
+
+def lfq_codes_to_indices(codes: torch.Tensor) -> torch.Tensor:
+    """Indices ``(...,)`` in ``[0, 2^d)`` of sign codes ``(..., d)``: bit ``i`` is 1 where ``code_i > 0``."""
+    bits = (codes > 0).long()  # (..., d)
+    return (bits << torch.arange(codes.shape[-1], device=codes.device)).sum(-1)
+
+
+def lfq_indices_to_codes(indices: torch.Tensor, dim: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Sign codes ``(..., dim)`` of indices ``(...,)``: the inverse of :func:`lfq_codes_to_indices`."""
+    bits = (indices.long()[..., None] >> torch.arange(dim, device=indices.device)) & 1  # (..., dim)
+    return bits.to(dtype) * 2 - 1
+
+
+def lfq_entropy_terms(z: torch.Tensor, temperature: float = 0.01,
+                      chunk_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """LFQ's two entropies of ``p(c | z) = softmax_c(-|z - c|^2 / temperature)`` over the ``2^d`` sign codes.
+
+    ``z``: ``(N, d)``. Returns ``(per_sample, codebook)``: the mean over vectors of ``H(p(. | z))`` (low when each
+    vector is confidently assigned) and ``H(mean_z p(. | z))`` (high when the batch spreads over the codes).
+    The distance splits over dimensions, so ``p(c | z)`` is a product of ``d`` independent signs with
+    ``P(+1) = sigmoid(4 z_i / temperature)`` and the per-sample entropy is a sum of ``d`` binary entropies; the
+    batch average does not factorise, so the codebook entropy sums ``N x 2^d`` probabilities, ``chunk_size``
+    vectors at a time. Natural log."""
+    if z.ndim != 2 or z.shape[0] == 0:
+        raise ValueError(f"z must be a non-empty (N, d) tensor, got {tuple(z.shape)}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    logit = 4 * z / temperature  # (N, d): log P(+1) - log P(-1)
+    p_pos = torch.sigmoid(logit)
+    binary = F.softplus(logit) - p_pos * logit  # (N, d): entropy of each sign, in a stable form
+    per_sample = binary.sum(1).mean()
+    d = z.shape[1]
+    codes = lfq_indices_to_codes(torch.arange(2**d, device=z.device), d, z.dtype)  # (2^d, d)
+    avg = z.new_zeros(2**d)
+    for chunk in z.split(chunk_size):
+        # -|z - c|^2 = 2 z.c - |z|^2 - d: the last two terms are the same for every code and cancel in the softmax
+        avg = avg + torch.softmax(2 * chunk @ codes.t() / temperature, dim=1).sum(0)  # (2^d,)
+    avg = avg / z.shape[0]
+    codebook = -(avg * avg.clamp_min(1e-12).log()).sum()
+    return per_sample, codebook

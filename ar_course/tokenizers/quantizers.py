@@ -70,6 +70,12 @@ class VectorQuantizer(nn.Module):
     * In training mode it counts code hits; every ``usage_window`` steps the counts of that window become
       :meth:`usage`, and with ``dead_code_threshold > 0`` the codes hit fewer times than that are
       replaced by random vectors of the current batch (dead-code restart).
+    * ``rotation_trick=True``: the same forward value, but the encoder's gradient goes through the rotation and
+      rescaling that maps each vector onto its code (:func:`~ar_course.tokenizers.functional.rotation_trick`)
+      instead of straight through.
+    * ``kmeans_init=True``: the first training batch replaces the codebook by ``kmeans_iters`` rounds of
+      k-means on its vectors (:func:`~ar_course.tokenizers.functional.kmeans`); the ``initialized`` buffer
+      records that it happened.
     * Under ``torchrun`` these statistics are global: hit counts are summed over processes and EMA updates
       and restarts use every process's vectors in rank order (:mod:`ar_course.distributed`), so each process
       makes the update one process would make on the global batch.
@@ -86,6 +92,9 @@ class VectorQuantizer(nn.Module):
         l2_norm: bool = False,
         dead_code_threshold: float = 0.0,
         usage_window: int = 100,
+        rotation_trick: bool = False,
+        kmeans_init: bool = False,
+        kmeans_iters: int = 10,
     ) -> None:
         super().__init__()
         if num_codes < 1 or dim < 1:
@@ -98,6 +107,9 @@ class VectorQuantizer(nn.Module):
         self.num_codes, self.dim, self.beta = num_codes, dim, beta
         self.ema, self.decay, self.eps, self.l2_norm = ema, decay, eps, l2_norm
         self.dead_code_threshold, self.usage_window = dead_code_threshold, usage_window
+        if kmeans_iters < 0:
+            raise ValueError(f"kmeans_iters must be >= 0, got {kmeans_iters}")
+        self.rotation_trick, self.kmeans_init, self.kmeans_iters = rotation_trick, kmeans_init, kmeans_iters
         init = torch.empty(num_codes, dim).uniform_(-1.0 / num_codes, 1.0 / num_codes)  # uniform(+-1/K): common VQ-VAE code
         if ema:
             self.register_buffer("codebook", init)
@@ -109,10 +121,13 @@ class VectorQuantizer(nn.Module):
         self.register_buffer("last_hits", torch.zeros(num_codes))  # hits over the last complete window
         self.register_buffer("window_steps", torch.zeros((), dtype=torch.long))
         self.register_buffer("num_restarted", torch.zeros((), dtype=torch.long))  # codes restarted so far
+        if kmeans_init:  # only then, so that the state dicts of the other quantizers keep their keys
+            self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
 
     def extra_repr(self) -> str:
         return (f"num_codes={self.num_codes}, dim={self.dim}, beta={self.beta}, ema={self.ema}, "
-                f"l2_norm={self.l2_norm}, dead_code_threshold={self.dead_code_threshold}")
+                f"l2_norm={self.l2_norm}, dead_code_threshold={self.dead_code_threshold}, "
+                f"rotation_trick={self.rotation_trick}, kmeans_init={self.kmeans_init}")
 
     # -- lookup -------------------------------------------------------------------------------------------
     def codes(self) -> torch.Tensor:
@@ -146,6 +161,8 @@ class VectorQuantizer(nn.Module):
         flat = _flatten(z)  # (N, D)
         if self.l2_norm:
             flat = F.normalize(flat, dim=1)
+        if self.training and self.kmeans_init and not bool(self.initialized):
+            self.init_codebook(flat.detach())
         codes = self.codes()  # (K, D)
         idx = Fq.vq_lookup(flat.detach(), codes.detach())  # (N,)
         z_q = codes[idx]  # (N, D); carries the codebook gradient unless EMA
@@ -153,12 +170,26 @@ class VectorQuantizer(nn.Module):
             loss = self.beta * F.mse_loss(flat, z_q.detach())
         else:
             loss = Fq.vq_loss(flat, z_q, self.beta)
-        out = Fq.straight_through(flat, z_q)
+        out = Fq.rotation_trick(flat, z_q) if self.rotation_trick else Fq.straight_through(flat, z_q)
         if self.training:
             if self.ema:
                 self.ema_step(flat.detach(), idx)
             self.record(idx, flat.detach())
         return QuantizerOutput(_unflatten(out, b, h, w), idx.view(b, h, w), loss)
+
+    @torch.no_grad()
+    def init_codebook(self, flat: torch.Tensor) -> None:
+        """Set the codebook to k-means centroids of the vectors ``(N, D)`` (under ``torchrun``, of every
+        process's, in rank order, so every process computes the same codebook) and mark it initialised.
+        Uses torch's global random generator for the starting centroids."""
+        flat = ddp.gather_in_rank_order(flat)  # (world * N, D)
+        centroids = Fq.kmeans(flat.to(self.codebook.dtype), self.num_codes, self.kmeans_iters)  # (K, D)
+        self.codebook.data.copy_(centroids)
+        if self.ema:
+            self.ema_cluster_size.fill_(1.0)
+            self.ema_embed_sum.copy_(centroids)
+        if self.kmeans_init:
+            self.initialized.fill_(True)
 
     @torch.no_grad()
     def ema_step(self, flat: torch.Tensor, idx: torch.Tensor) -> None:

@@ -1,4 +1,5 @@
-"""Train a VQ-VAE tokenizer: ``python -m ar_course train tokenizer --quantizer {vq,rvq,msvq} --dataset {mnist,shapes}``.
+"""Train a VQ-VAE tokenizer:
+``python -m ar_course train tokenizer --quantizer {vq,rvq,msvq,fsq,lfq} --dataset {mnist,shapes}``.
 
 From a fixed seed, with a progress bar; writes a safetensors checkpoint with the held-out PSNR and
 codebook usage in its metadata. The shipped tokenizers are made with the defaults::
@@ -19,23 +20,31 @@ from ar_course import distributed as ddp
 from ar_course import metrics
 from ar_course.checkpoint import ASSETS, save_checkpoint
 from ar_course.cli import ArgumentParser, nonnegative_float, positive_float, positive_int
+from ar_course.tokenizers.functional import check_levels
 from ar_course.tokenizers.quantizers import MSVQ_LOSSES
 from ar_course.tokenizers.vqvae import CHECKPOINT_KIND, QUANTIZERS, VQVAE, VQVAEConfig
 from ar_course.train import History, TrainConfig, add_run_options, finish_run, prepare_run, train_loop, trainer_main
 from ar_course.utils import get_device, seed_everything
 
 DATASETS = ("mnist", "shapes")
+LFQ_DEFAULT_DIM = 8
+"""``--latent-dim`` of an LFQ tokenizer unless given: 2^8 = 256 codes, the size of the VQ codebook."""
 
 
 def default_config(quantizer: str = "vq", dataset: str = "mnist", **overrides) -> VQVAEConfig:
     """The configuration of the shipped tokenizers: 32x32 images, downsample 4 (8x8 latents), 256 codes of
-    16 dimensions, dead-code restart; ``overrides`` replace any field."""
+    16 dimensions, dead-code restart; ``overrides`` replace any field. Unless ``latent_dim`` is given, FSQ gets one
+    channel per level and LFQ :data:`LFQ_DEFAULT_DIM` channels."""
     if dataset not in DATASETS:
         raise ValueError(f"dataset must be one of {DATASETS}, got {dataset!r}")
     base = VQVAEConfig(in_channels=1 if dataset == "mnist" else 3, image_size=32, downsample=4, width=16,
-                       latent_dim=16, quantizer=quantizer, num_codes=256, dead_code_threshold=1.0,
+                       latent_dim=16, quantizer="vq", num_codes=256, dead_code_threshold=1.0,
                        usage_window=50)
-    return dataclasses.replace(base, **overrides)
+    if quantizer == "fsq":
+        overrides.setdefault("latent_dim", len(overrides.get("fsq_levels", base.fsq_levels)))
+    elif quantizer == "lfq":
+        overrides.setdefault("latent_dim", LFQ_DEFAULT_DIM)
+    return dataclasses.replace(base, quantizer=quantizer, **overrides)
 
 
 def load_images(dataset: str, split: str) -> torch.Tensor:
@@ -127,10 +136,20 @@ def _scales(text: str) -> tuple[int, ...]:
     return scales
 
 
+def _levels(text: str) -> tuple[int, ...]:
+    """An argparse ``type``: comma-separated FSQ levels, each >= 2, such as ``8,6,5``."""
+    try:
+        return check_levels(tuple(int(s) for s in text.split(",")))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 2 such as 8,6,5, "
+                                         f"got {text!r}") from None
+
+
 @trainer_main
 def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(prog="python -m ar_course train tokenizer",
-                            description="Train a VQ / residual VQ / multi-scale VQ tokenizer (chapter 01).")
+                            description="Train a VQ / residual VQ / multi-scale VQ (chapter 01) or FSQ / LFQ "
+                                        "(chapter 10) tokenizer.")
     parser.add_argument("--quantizer", choices=QUANTIZERS, default="vq")
     parser.add_argument("--dataset", choices=DATASETS, default="mnist")
     parser.add_argument("--steps", type=positive_int, default=1500)
@@ -138,8 +157,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=positive_int, default=64,
                         help="global batch, split across processes under torchrun [%(default)s]")
     parser.add_argument("--lr", type=positive_float, default=2e-3)
-    parser.add_argument("--num-codes", type=positive_int, default=256)
-    parser.add_argument("--latent-dim", type=positive_int, default=16)
+    parser.add_argument("--num-codes", type=positive_int, default=256,
+                        help="codebook size (vq, rvq, msvq; fsq has prod(levels) codes, lfq 2^latent-dim) [256]")
+    parser.add_argument("--latent-dim", type=positive_int, default=None,
+                        help=f"latent channels [16; fsq: the number of levels; lfq: {LFQ_DEFAULT_DIM}]")
     parser.add_argument("--depth", type=positive_int, default=4, help="residual depth (rvq)")
     parser.add_argument("--scales", type=_scales, default=(1, 2, 3, 4, 6, 8),
                         help="comma-separated sides (msvq) [1,2,3,4,6,8]")
@@ -155,6 +176,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="steps per codebook-usage window, at whose end dead codes restart [%(default)s]")
     parser.add_argument("--ema", action="store_true", help="EMA codebook updates (vq, rvq)")
     parser.add_argument("--l2-norm", action="store_true", help="l2-normalised codes (vq)")
+    parser.add_argument("--rotation-trick", action="store_true",
+                        help="vq: encoder gradient through the rotation onto the code instead of straight through")
+    parser.add_argument("--kmeans-init", action="store_true", help="vq: k-means codebook from the first batch")
+    parser.add_argument("--fsq-levels", type=_levels, default=VQVAEConfig.fsq_levels,
+                        help="fsq: comma-separated levels per latent channel [8,6,5]")
+    parser.add_argument("--lfq-entropy-weight", type=nonnegative_float, default=VQVAEConfig.lfq_entropy_weight,
+                        help="lfq: weight of the entropy loss [%(default)s]")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     parser.add_argument("--out", type=Path, default=None,
                         help="checkpoint path (default: ar_course/assets/tokenizer_<dataset>_<quantizer>.safetensors)")
@@ -162,9 +190,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         config = default_config(
-            args.quantizer, args.dataset, num_codes=args.num_codes, latent_dim=args.latent_dim, depth=args.depth,
+            args.quantizer, args.dataset, num_codes=args.num_codes, depth=args.depth,
             scales=args.scales, dead_code_threshold=args.dead_code_threshold, usage_window=args.usage_window,
             ema=args.ema, l2_norm=args.l2_norm, msvq_loss=args.msvq_loss, msvq_final_weight=args.msvq_final_weight,
+            rotation_trick=args.rotation_trick, kmeans_init=args.kmeans_init, fsq_levels=args.fsq_levels,
+            lfq_entropy_weight=args.lfq_entropy_weight,
+            **({} if args.latent_dim is None else {"latent_dim": args.latent_dim}),
         )
     except ValueError as exc:
         parser.error(str(exc))

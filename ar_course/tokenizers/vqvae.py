@@ -1,4 +1,5 @@
-"""A small convolutional VQ-VAE around any of the three quantizers, and the shipped pretrained tokenizers.
+"""A small convolutional VQ-VAE around any of the quantizers (VQ, RVQ, multi-scale VQ, FSQ, LFQ), and the
+shipped pretrained tokenizers.
 
     config = VQVAEConfig(quantizer="msvq", num_codes=256, latent_dim=16)
     model = VQVAE(config)
@@ -26,10 +27,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from ar_course import checkpoint
+from ar_course.tokenizers.implicit import FSQ, LFQ, LFQ_MAX_DIM
 from ar_course.tokenizers.quantizers import MultiScaleVQ, QuantizerOutput, ResidualVQ, VectorQuantizer
+from ar_course.tokenizers.functional import check_levels
 from ar_course.utils import check_finite
 
-QUANTIZERS = ("vq", "rvq", "msvq")
+QUANTIZERS = ("vq", "rvq", "msvq", "fsq", "lfq")
 PRETRAINED = ("mnist_vq", "mnist_msvq")
 CHECKPOINT_KIND = "tokenizer"
 
@@ -42,12 +45,14 @@ class VQVAEConfig:
     width: int = 16  # channels at full resolution, doubled at every downsampling
     num_res_blocks: int = 1
     latent_dim: int = 16
-    quantizer: str = "vq"  # "vq", "rvq" or "msvq"
-    num_codes: int = 256
+    quantizer: str = "vq"  # "vq", "rvq", "msvq", "fsq" or "lfq"
+    num_codes: int = 256  # fsq / lfq: derived, prod(fsq_levels) or 2**latent_dim
     beta: float = 0.25
     ema: bool = False  # vq / rvq only
     decay: float = 0.99
     l2_norm: bool = False  # vq only
+    rotation_trick: bool = False  # vq only: gradient through the rotation onto the code, not straight through
+    kmeans_init: bool = False  # vq only: k-means codebook from the first training batch
     dead_code_threshold: float = 0.0
     usage_window: int = 100
     depth: int = 4  # rvq
@@ -59,9 +64,12 @@ class VQVAEConfig:
     # msvq, "every_scale": extra weight on the complete reconstruction's term. VAR's plain average (0) leaves our
     # 8x8 tokenizer 2 dB behind single-scale VQ; 32 closes that to under 1 dB with every partial sum improving.
     msvq_final_weight: float = 32.0
+    fsq_levels: tuple[int, ...] = (8, 6, 5)  # fsq: levels per latent channel (latent_dim must be their number)
+    lfq_entropy_weight: float = 0.1  # lfq: weight of the entropy loss (per-sample minus codebook entropy)
 
     def __post_init__(self) -> None:
         self.scales = tuple(int(s) for s in self.scales)  # JSON gives lists back
+        self.fsq_levels = tuple(self.fsq_levels)
         if self.quantizer not in QUANTIZERS:
             raise ValueError(f"quantizer must be one of {QUANTIZERS}, got {self.quantizer!r}")
         if self.downsample < 1 or self.downsample & (self.downsample - 1):
@@ -70,6 +78,18 @@ class VQVAEConfig:
             raise ValueError(f"image_size {self.image_size} is not divisible by downsample {self.downsample}")
         if self.quantizer == "msvq" and self.scales[-1] != self.latent_side:
             raise ValueError(f"the last scale must equal the latent side {self.latent_side}, got scales {self.scales}")
+        if self.quantizer == "fsq":
+            self.fsq_levels = check_levels(self.fsq_levels)
+            if self.latent_dim != len(self.fsq_levels):
+                raise ValueError(f"fsq needs latent_dim == len(fsq_levels) = {len(self.fsq_levels)}, got "
+                                 f"{self.latent_dim}")
+            self.num_codes = math.prod(self.fsq_levels)
+        if self.quantizer == "lfq":
+            if not 1 <= self.latent_dim <= LFQ_MAX_DIM:
+                raise ValueError(f"lfq needs 1 <= latent_dim <= {LFQ_MAX_DIM}, got {self.latent_dim}")
+            self.num_codes = 2**self.latent_dim
+        if (self.rotation_trick or self.kmeans_init) and self.quantizer != "vq":
+            raise ValueError(f"rotation_trick and kmeans_init apply to quantizer='vq' only, got {self.quantizer!r}")
 
     @property
     def latent_side(self) -> int:
@@ -133,11 +153,17 @@ class Decoder(nn.Module):
 
 
 def build_quantizer(config: VQVAEConfig) -> nn.Module:
-    """The quantizer a config names: :class:`VectorQuantizer`, :class:`ResidualVQ` or :class:`MultiScaleVQ`."""
+    """The quantizer a config names: :class:`VectorQuantizer`, :class:`ResidualVQ`, :class:`MultiScaleVQ`,
+    :class:`FSQ` or :class:`LFQ`."""
+    if config.quantizer == "fsq":
+        return FSQ(config.fsq_levels)
+    if config.quantizer == "lfq":
+        return LFQ(config.latent_dim, beta=config.beta, entropy_weight=config.lfq_entropy_weight)
     common = dict(beta=config.beta, dead_code_threshold=config.dead_code_threshold, usage_window=config.usage_window)
     if config.quantizer == "vq":
         return VectorQuantizer(config.num_codes, config.latent_dim, ema=config.ema, decay=config.decay,
-                               l2_norm=config.l2_norm, **common)
+                               l2_norm=config.l2_norm, rotation_trick=config.rotation_trick,
+                               kmeans_init=config.kmeans_init, **common)
     if config.quantizer == "rvq":
         return ResidualVQ(config.num_codes, config.latent_dim, depth=config.depth,
                           shared_codebook=config.shared_codebook, ema=config.ema, decay=config.decay, **common)
@@ -156,7 +182,7 @@ class VQVAEOutput(NamedTuple):
 
 class VQVAE(nn.Module):
     """Conv encoder -> quantizer -> conv decoder. Images are ``(B, in_channels, image_size, image_size)``
-    with values in [0, 1]; tokens are what the quantizer's ``encode`` gives: ``(B, h, w)`` for ``vq``,
+    with values in [0, 1]; tokens are what the quantizer's ``encode`` gives: ``(B, h, w)`` for ``vq``, ``fsq``, ``lfq``,
     ``(B, depth, h, w)`` for ``rvq``, a list of ``(B, s_k, s_k)`` for ``msvq``."""
 
     def __init__(self, config: VQVAEConfig) -> None:
