@@ -145,8 +145,8 @@ def _levels(text: str) -> tuple[int, ...]:
                                          f"got {text!r}") from None
 
 
-@trainer_main
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> ArgumentParser:
+    """The options of ``python -m ar_course train tokenizer``."""
     parser = ArgumentParser(prog="python -m ar_course train tokenizer",
                             description="Train a VQ / residual VQ / multi-scale VQ (chapter 01) or FSQ / LFQ "
                                         "(chapter 10) tokenizer.")
@@ -187,6 +187,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None,
                         help="checkpoint path (default: ar_course/assets/tokenizer_<dataset>_<quantizer>.safetensors)")
     add_run_options(parser)
+    return parser
+
+
+@trainer_main
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
     args = parser.parse_args(argv)
     try:
         config = default_config(
