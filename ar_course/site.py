@@ -131,7 +131,7 @@ def execute_notebook(source: str | Path, dest: str | Path | None = None, *, cell
     from nbclient import NotebookClient
     from nbclient.exceptions import CellExecutionError, CellTimeoutError, DeadKernelError
 
-    from ar_course.grade import CURRENT_ENV, kernel_manager  # the grader's kernel: this Python, encrypted channels
+    from ar_course.grade import CURRENT_ENV, kernel_manager  # the grader's kernel: this Python, local IPC sockets
 
     source = Path(source)
     dest = None if dest is None else Path(dest)
