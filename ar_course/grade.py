@@ -20,6 +20,7 @@ import os
 import tempfile
 import textwrap
 import time
+import uuid
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,8 +69,11 @@ def kernel_manager(kernel_name: str = CURRENT_ENV) -> AsyncKernelManager:
         return AsyncKernelManager(kernel_name=kernel_name, kernel_spec_manager=_CurrentEnvSpecs())
     sockets = Path(tempfile.gettempdir()) / f"ar-course-kernels-{os.getuid()}"
     sockets.mkdir(mode=0o700, exist_ok=True)
+    # a prefix of its own per kernel: jupyter_client numbers IPC sockets from 1 up, so two processes starting
+    # kernels at once (pytest-xdist) would otherwise bind the same paths and cross their messages
+    prefix = sockets / f"kernel-{os.getpid()}-{uuid.uuid4().hex[:12]}"
     return AsyncKernelManager(kernel_name=kernel_name, kernel_spec_manager=_CurrentEnvSpecs(), transport="ipc",
-                              ip=str(sockets / "kernel"))
+                              ip=str(prefix))
 
 
 @dataclass
