@@ -6,6 +6,7 @@ or nothing -- never half a file.
     with atomic_path(out) as tmp:                       # write to tmp; renamed to out on success
         image.save(tmp, format="PNG")
     atomic_write_text(stats_path, json.dumps(stats))
+    save_figure(fig, "result.png", dpi=110)             # a matplotlib figure, the same way
 """
 
 from __future__ import annotations
@@ -84,3 +85,12 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
 def atomic_write_text(path: str | Path, text: str) -> Path:
     """Write ``text`` (UTF-8) to ``path`` through :func:`atomic_path`; returns ``path``."""
     return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def save_figure(fig, path: str | Path, **savefig_kwargs) -> Path:
+    """Save a matplotlib figure to ``path`` through :func:`atomic_path` (the format from the suffix, ``.png``
+    when there is none); ``savefig_kwargs`` go to ``fig.savefig`` (e.g. ``dpi=110``). Returns ``path``."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format=path.suffix.lstrip(".") or "png", **savefig_kwargs)
+    return path

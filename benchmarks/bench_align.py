@@ -34,7 +34,7 @@ import torch  # noqa: E402
 
 from ar_course import checkpoint, metrics, raster  # noqa: E402
 from ar_course.align import GRPOConfig, train_grpo  # noqa: E402
-from ar_course.files import atomic_write_text  # noqa: E402
+from ar_course.files import atomic_write_text, save_figure  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MODELS = {"base": "ar_mnist", "grpo": "ar_mnist_grpo", "cca": "ar_mnist_cca"}
@@ -153,7 +153,7 @@ def plot(result: dict, path: Path) -> None:
     axes[1, 2].set(xlabel="GRPO step", title="reward hacking: brightness reward")
     axes[1, 2].legend(fontsize=7)
     plt.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
 
 
 def main(argv: list[str] | None = None) -> int:

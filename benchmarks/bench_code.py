@@ -20,6 +20,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from ar_course.files import atomic_write_text, save_figure
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 MODULES = ("ar_course", "ar_course.transformer", "ar_course.tokenizers", "ar_course.var", "ar_course.speculative",
@@ -102,7 +104,7 @@ def plot(runs: dict, path: Path) -> None:
     ax.set_title("Import time in a fresh interpreter")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -119,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
                         "long_functions": long_functions(ROOT / "ar_course")}
     data = {"date": dt.date.today().isoformat(), "runs": runs, "summary": summary(runs)}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(data, indent=1) + "\n")
+    atomic_write_text(out, json.dumps(data, indent=1) + "\n")
     plot(runs, RESULTS / "code.png")
     for row in data["summary"]:
         print(f"{row['what']}: {row['measured']}")

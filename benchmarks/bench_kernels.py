@@ -27,6 +27,8 @@ from typing import Callable
 
 import torch
 
+from ar_course.files import atomic_write_text, save_figure
+
 ROOT = Path(__file__).resolve().parents[1]
 N, K, D = 65_536, 1_024, 32
 
@@ -257,7 +259,7 @@ def plot(results: dict, path: Path) -> None:
         axes[3].set(ylabel="fraction of copy bandwidth", title="decode attention")
     fig.suptitle(f"{results['machine']} ({results['date']})", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -287,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     if results["gpu"]:
         print(json.dumps(results["gpu"], indent=1))
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "kernels.json").write_text(json.dumps(results, indent=2) + "\n")
+    atomic_write_text(args.out / "kernels.json", json.dumps(results, indent=2) + "\n")
     plot(results, args.out / "kernels.png")
     print(f"wrote {args.out / 'kernels.json'} and kernels.png")
     return 0

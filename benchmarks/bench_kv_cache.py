@@ -26,6 +26,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 from ar_course.sampling import GREEDY, SamplingConfig  # noqa: E402
+from ar_course.files import atomic_write_text, save_figure  # noqa: E402
 from ar_course.transformer import load_pretrained  # noqa: E402
 from ar_course.utils import get_device  # noqa: E402
 
@@ -128,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         },
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "kv_cache.json").write_text(json.dumps(result, indent=1) + "\n")
+    atomic_write_text(args.out / "kv_cache.json", json.dumps(result, indent=1) + "\n")
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
     a.plot(lengths, result["step_ms"]["recompute"], label="recompute the prefix", alpha=0.8)
@@ -143,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     b.legend()
     fig.suptitle(f"lm_target ({model.num_params() / 1e6:.2f}M params), batch 1, {device}, {args.threads} thread(s)")
     fig.tight_layout()
-    fig.savefig(args.out / "kv_cache.png", dpi=110)
+    save_figure(fig, args.out / "kv_cache.png", dpi=110)
     print(json.dumps({k: v for k, v in result.items() if k not in ("step_ms", "config", "sample")}, indent=1))
     return 0 if same_greedy and same_sampled else 1
 

@@ -30,6 +30,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 from ar_course import metrics, raster  # noqa: E402
+from ar_course.files import atomic_write_text, save_figure  # noqa: E402
 from ar_course.utils import get_device  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -120,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         "n_eval": n, "real_vs_real": baseline, "quality_by_cfg": quality,
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "raster.json").write_text(json.dumps(result, indent=2))
+    atomic_write_text(args.out / "raster.json", json.dumps(result, indent=2))
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     bs = [r["batch"] for r in timing]
@@ -139,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
                 title=f"Frechet distance, n = {n}")
     axes[2].legend()
     plt.tight_layout()
-    fig.savefig(args.out / "raster.png", dpi=120)
+    save_figure(fig, args.out / "raster.png", dpi=120)
     print(f"wrote {args.out / 'raster.json'} and raster.png")
     return 0
 

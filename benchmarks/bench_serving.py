@@ -36,7 +36,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 from ar_course.data.text import load_text_dataset  # noqa: E402
-from ar_course.files import atomic_write_text  # noqa: E402
+from ar_course.files import atomic_write_text, save_figure  # noqa: E402
 from ar_course.serving import Engine, EngineConfig  # noqa: E402
 from ar_course.serving.compression import CompressedAttention, heldout_nll, kv_bytes_per_token  # noqa: E402
 from ar_course.serving.trace import make_trace, replay, summarize  # noqa: E402
@@ -231,7 +231,7 @@ def plot(result: dict, engines: dict, path: Path) -> None:
     axes[2].set(xlabel="KV bytes per token (fraction of fp16)", ylabel="held-out NLL (nats/char)",
                 title="KV compression: memory vs quality")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -37,6 +37,7 @@ import torch  # noqa: E402
 
 from ar_course import metrics  # noqa: E402
 from ar_course.data.mnist import load_mnist  # noqa: E402
+from ar_course.files import atomic_write_text, save_figure  # noqa: E402
 from ar_course.raster import PRETRAINED_PATH  # noqa: E402
 from ar_course.raster import load_pretrained as load_raster  # noqa: E402
 from ar_course.sampling import SamplingConfig  # noqa: E402
@@ -228,7 +229,7 @@ def plot(text: dict, images: dict, path: Path) -> None:
     else:
         axes[2].text(0.5, 0.5, "image model not available", ha="center")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
 
 
 def main() -> None:
@@ -256,7 +257,7 @@ def main() -> None:
               "threads": args.threads, "torch": torch.__version__,
               "load_average": {"before": load_before, "after": os.getloadavg()},
               "summary": summary, "text": text, "images": images}
-    (RESULTS / "speculative.json").write_text(json.dumps(result, indent=2))
+    atomic_write_text(RESULTS / "speculative.json", json.dumps(result, indent=2))
     plot(text, images, RESULTS / "speculative.png")
     print(f"wrote {RESULTS / 'speculative.json'} and speculative.png")
 

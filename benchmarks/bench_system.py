@@ -34,6 +34,7 @@ from matplotlib.ticker import NullFormatter, ScalarFormatter  # noqa: E402
 import torch  # noqa: E402
 
 from ar_course import metrics  # noqa: E402
+from ar_course.files import atomic_write_text, save_figure  # noqa: E402
 from ar_course.system import Generator  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -288,8 +289,8 @@ def main(argv: list[str] | None = None) -> int:
                   "torch": torch.__version__, "configs": rows, "batch_sweep": sweep, "gpu": gpu,
                   "components": component_rows(), "summary": summarize(rows, sweep, gpu)}
     RESULTS.mkdir(exist_ok=True)
-    path.write_text(json.dumps(result, indent=2))
-    plot(result["configs"], result["batch_sweep"]).savefig(RESULTS / "system.png", dpi=120)
+    atomic_write_text(path, json.dumps(result, indent=2))
+    save_figure(plot(result["configs"], result["batch_sweep"]), RESULTS / "system.png", dpi=120)
     for row in result["summary"]:
         print(f"- {row['what']}: {row['measured']} (target {row['target']}, met {row['met']})")
     return 0

@@ -32,6 +32,7 @@ import torch  # noqa: E402
 
 from ar_course import metrics  # noqa: E402
 from ar_course.data import load_mnist  # noqa: E402
+from ar_course.files import atomic_write_text, save_figure  # noqa: E402
 from ar_course.tokenizers import load_pretrained  # noqa: E402
 from ar_course.tokenizers.train import default_config, evaluate, train_tokenizer  # noqa: E402
 
@@ -106,7 +107,7 @@ def plot(results: dict, path: Path) -> None:
     ax.set_ylabel("held-out PSNR (dB)")
     ax.set_title("coarse to fine: first k scales")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
 
 
@@ -155,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         "shipped": shipped,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    atomic_write_text(args.out, json.dumps(results, indent=2) + "\n")
     plot(results, args.out.with_suffix(".png"))
     print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
     return 0

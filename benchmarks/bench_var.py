@@ -24,6 +24,7 @@ import matplotlib
 matplotlib.use("Agg")
 import torch  # noqa: E402
 
+from ar_course.files import atomic_write_text, save_figure  # noqa: E402
 from ar_course.var import load_pretrained  # noqa: E402
 from ar_course.var.compare import (  # noqa: E402
     best_seconds_interleaved, compare_generators, plot_comparison, raster_sampler, var_sampler,
@@ -93,8 +94,8 @@ def main(argv: list[str] | None = None) -> int:
               "torch": torch.__version__, "var_params": var_model.num_params(), "rows": rows,
               "var_guidance_sweep": sweep, "summary": summary}
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "var.json").write_text(json.dumps(result, indent=2))
-    plot_comparison(rows).savefig(RESULTS / "var.png", dpi=120)
+    atomic_write_text(RESULTS / "var.json", json.dumps(result, indent=2))
+    save_figure(plot_comparison(rows), RESULTS / "var.png", dpi=120)
     for r in sweep + rows:
         print(f"{r['name']:<12} passes {r['forward_passes']:>3}  {r['seconds_per_batch']:.3f} s/batch  "
               f"acc {r['class_accuracy']:.3f}  FD {r['frechet_distance']:.2f}")

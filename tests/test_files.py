@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from ar_course.files import atomic_path, atomic_write_text, check_output_path
+from ar_course.files import atomic_path, atomic_write_text, check_output_path, save_figure
 
 
 def test_check_output_path_accepts_new_file_in_new_folder(tmp_path):
@@ -63,3 +63,31 @@ def test_atomic_write_text_replaces_with_ordinary_mode(tmp_path):
     mask = os.umask(0)
     os.umask(mask)
     assert out.stat().st_mode & 0o777 == 0o666 & ~mask
+
+
+class _Figure:
+    """Stands in for a matplotlib figure: ``savefig`` writes ``data``, or fails half-way."""
+
+    def __init__(self, data: bytes, fail: bool = False):
+        self.data, self.fail, self.calls = data, fail, []
+
+    def savefig(self, path, **kwargs):
+        self.calls.append(kwargs)
+        with open(path, "wb") as f:
+            f.write(self.data[:2])
+            if self.fail:
+                raise RuntimeError("renderer died")
+            f.write(self.data[2:])
+
+
+def test_save_figure_writes_in_place_and_keeps_old_file_on_failure(tmp_path):
+    out = tmp_path / "plots" / "a.png"
+    fig = _Figure(b"new-png")
+    assert save_figure(fig, out, dpi=90) == out
+    assert out.read_bytes() == b"new-png" and fig.calls == [{"format": "png", "dpi": 90}]
+    with pytest.raises(RuntimeError, match="renderer died"):
+        save_figure(_Figure(b"broken", fail=True), out)
+    assert out.read_bytes() == b"new-png"
+    assert [p.name for p in out.parent.iterdir()] == ["a.png"]  # no temporary file left behind
+    save_figure(_Figure(b"<svg/>"), tmp_path / "b.svg")
+    assert (tmp_path / "b.svg").read_bytes() == b"<svg/>"
