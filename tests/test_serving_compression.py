@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from ar_course.serving.compression import (
     CompressedAttention, dequantize, fake_quantize_kv, heldout_nll, kv_bytes_per_token, quantize, sink_window_mask,
@@ -98,3 +99,68 @@ def test_int4_codes_pack_two_per_byte_and_the_pool_round_trip_is_within_half_a_s
     assert bool((err <= stats[..., :1].float() / 2 + 2e-3).all()) and float(err.max()) > 0
     with pytest.raises(ValueError, match="8- or 4-bit"):
         pool_quantize(x, 2)
+
+
+def test_minicache_merges_pairs_by_direction_and_keeps_each_norm():
+    from ar_course.serving.compression import merge_layer_pairs
+
+    g = torch.Generator().manual_seed(5)
+    kv = [tuple(torch.randn(2, 3, 7, 4, generator=g) for _ in range(2)) for _ in range(5)]
+    merged = merge_layer_pairs(kv, merge_from=1)
+    assert sorted(merged) == [1, 2, 3, 4]  # pairs (1, 2) and (3, 4); layer 0 is before merge_from
+    for a in (1, 3):
+        for x in range(2):  # keys, values
+            for layer in (a, a + 1):  # each layer keeps its own norm ...
+                torch.testing.assert_close(merged[layer][x].norm(dim=-1), kv[layer][x].norm(dim=-1))
+            # ... and the pair shares one direction, between the two layers' own
+            da, db = (F.normalize(merged[layer][x], dim=-1) for layer in (a, a + 1))
+            torch.testing.assert_close(da, db)
+            cos = lambda u, w: (F.normalize(u, dim=-1) * F.normalize(w, dim=-1)).sum(-1)  # noqa: E731
+            torch.testing.assert_close(cos(da, kv[a][x]), cos(da, kv[a + 1][x]))
+    assert sorted(merge_layer_pairs(kv, merge_from=2)) == [2, 3]  # layer 4 has no partner
+    k, v = kv[0]
+    same = [(k, v), (3 * k, 0.5 * v)]
+    for layer, (k_hat, v_hat) in merge_layer_pairs(same, 0).items():  # parallel vectors merge to themselves
+        torch.testing.assert_close(k_hat, same[layer][0])
+        torch.testing.assert_close(v_hat, same[layer][1])
+
+
+def test_minicache_attention_reads_the_merged_cache_for_earlier_positions_only():
+    g = torch.Generator().manual_seed(6)
+    q, k, v, k2, v2 = (torch.randn(1, 2, 9, 4, generator=g) for _ in range(5))
+    exact = lambda kk, vv: F.scaled_dot_product_attention(q, kk, vv, is_causal=True)  # noqa: E731
+    att = CompressedAttention("minicache", merge_from=0)
+    with pytest.raises(RuntimeError, match="record"):
+        att(q, k, v, None, True)
+    att.reset()
+    att.record()
+    torch.testing.assert_close(att(q, k, v, None, True), exact(k, v))  # the recorded pass is exact
+    att(q, k2, v2, None, True)
+    att.reset()
+    first = att(q, k, v, None, True)
+    torch.testing.assert_close(first[:, :, 0], exact(k, v)[:, :, 0])  # position 0 sees only its own entries
+    assert not torch.allclose(first, exact(k, v), atol=1e-4)
+    from ar_course.serving.compression import merge_layer_pairs
+
+    k_hat, v_hat = merge_layer_pairs([(k, v), (k2, v2)], 0)[0]
+    for i in range(9):  # query i: merged keys and values at positions < i, its own exactly
+        keys = torch.cat([k_hat[:, :, :i], k[:, :, i:i + 1]], 2)  # (1, 2, i + 1, 4)
+        values = torch.cat([v_hat[:, :, :i], v[:, :, i:i + 1]], 2)
+        p = (q[:, :, i:i + 1] @ keys.transpose(-2, -1) / 2).softmax(-1)  # sqrt(D) = 2
+        torch.testing.assert_close(first[:, :, i:i + 1], p @ values)
+    with pytest.raises(ValueError, match="only the minicache"):
+        CompressedAttention("int8").record()
+
+
+def test_minicache_nll_equals_plain_when_no_pair_is_merged_and_differs_when_one_is():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=11, block_size=40, n_layer=3, n_head=2, n_embd=16)).eval()
+    rows = torch.randint(0, 11, (2, 33))
+    plain = heldout_nll(model, rows)
+    assert heldout_nll(model, rows, CompressedAttention("minicache", merge_from=2)) == pytest.approx(plain, rel=1e-5)
+    assert heldout_nll(model, rows, CompressedAttention("minicache", merge_from=1)) != pytest.approx(plain, rel=1e-6)
+    full = kv_bytes_per_token(model.config, "none", 32)
+    assert kv_bytes_per_token(model.config, "minicache", 32, merge_from=2) == full  # layer 2 has no partner
+    assert kv_bytes_per_token(model.config, "minicache", 32, merge_from=9) == full
+    D, f = model.config.head_dim, 2
+    assert full - kv_bytes_per_token(model.config, "minicache", 32, merge_from=1) == 2 * 2 * (2 * D - (D + 2)) * f

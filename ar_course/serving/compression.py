@@ -18,8 +18,14 @@ as a decoder reading the compressed cache would, so a full teacher-forced pass u
   head, the ``recent`` newest tokens plus the *heavy hitters*, the older tokens with the largest attention
   accumulated so far; when the cache is full, the older token with the least accumulated attention is evicted
   for good. Simulated query by query, as a decoder would run it.
-* ``minicache``: from layer ``merge_from`` on, layers ``(l, l+1)`` share one key/value *direction* per token (the
-  normalised mean of the two, a stand-in for MiniCache's SLERP at ``t = 1/2``) and keep their own norms.
+* ``minicache`` (MiniCache): from layer ``merge_from`` on, the cache of each pair of layers ``(l, l+1)`` holds one
+  key/value *direction* per token (the normalised sum of the two layers' unit vectors: SLERP at ``t = 1/2``) and
+  each layer's own norm, so a pair stores one vector and two norms instead of two vectors. As in MiniCache, the
+  cache is merged after it is computed: :func:`heldout_nll` first runs an exact pass that records every layer's
+  keys and values (:meth:`CompressedAttention.record`), merges them, then runs the pass it scores, where a
+  query reads the merged keys and values of the earlier positions and its own new ones exactly (a decoder
+  merges a token's entries once both layers have computed them). MiniCache's retention of outlier tokens is
+  left out.
 """
 
 from __future__ import annotations
@@ -159,8 +165,9 @@ class CompressedAttention:
 
     ``method`` in :data:`METHODS`; ``group`` for quantization (the bits come from the method's name);
     ``sinks``/``window`` for ``sink_window``; ``window``/``recent`` for ``h2o``; ``merge_from`` for
-    ``minicache`` (the layers are counted as the
-    function is called, so one instance serves one forward pass at a time)."""
+    ``minicache``, which also needs the merged cache of an exact pass first (:meth:`record`, as
+    :func:`heldout_nll` does). The layers are counted as the function is called, so one instance serves one
+    forward pass at a time (:meth:`reset` between passes)."""
 
     method: str = "none"
     group: int = 32
@@ -169,7 +176,8 @@ class CompressedAttention:
     merge_from: int = 6
     recent: int = 48
     _layer: int = field(default=0, repr=False)
-    _prev: tuple | None = field(default=None, repr=False)
+    _exact: list | None = field(default=None, repr=False)  # minicache: (k, v) of each layer while recording
+    _merged: dict | None = field(default=None, repr=False)  # minicache: layer -> merged (k, v)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -189,7 +197,7 @@ class CompressedAttention:
         if self.method == "sink_window":
             keep = sink_window_mask(T, self.sinks, self.window, q.device)
         elif self.method == "minicache":
-            k, v = self._merge(k, v)
+            return self._minicache(q, k, v)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
 
     def _quantized(self, q, k, v, bits):
@@ -203,24 +211,54 @@ class CompressedAttention:
         p = scores.masked_fill(j > i, float("-inf")).softmax(-1)  # (B, H, T, T)
         return (p * done) @ v_hat + (p * ~done) @ v  # (B, H, T, D)
 
-    def _merge(self, k, v):
-        """MiniCache on the pair ``(l, l+1)`` from ``merge_from``: the odd layer reuses the even layer's merged
-        direction; norms stay per layer."""
+    def record(self) -> None:
+        """Start an exact pass that records every layer's keys and values; the next :meth:`reset` merges them
+        into the cache the following pass reads (``minicache`` only)."""
+        if self.method != "minicache":
+            raise ValueError(f"only the minicache method records an exact pass, not {self.method!r}")
+        self._layer, self._exact, self._merged = 0, [], None
+
+    def _minicache(self, q, k, v):
+        """Layer ``l``'s attention: exact while recording; then, in a merged pair, the earlier positions' keys
+        and values from the merged cache and the query's own exactly."""
         layer, self._layer = self._layer, self._layer + 1
-        if layer < self.merge_from:
-            return k, v
-        if (layer - self.merge_from) % 2 == 0:
-            self._prev = (k, v)
-            return k, v  # merged below, when the partner arrives; the first of a pair keeps its own cache
-        k0, v0 = self._prev
-        merged = []
-        for a, b in ((k0, k), (v0, v)):
-            direction = F.normalize(F.normalize(a, dim=-1) + F.normalize(b, dim=-1), dim=-1)
-            merged.append(direction * b.norm(dim=-1, keepdim=True))
-        return merged[0], merged[1]
+        if self._exact is not None:
+            self._exact.append((k, v))
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        if self._merged is None:
+            raise RuntimeError("minicache reads a merged cache: call record() and run an exact pass first "
+                               "(heldout_nll does both)")
+        if layer not in self._merged:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        k_hat, v_hat = self._merged[layer]  # (B, H, T, D) each
+        T, D = q.shape[2], q.shape[3]
+        own = torch.eye(T, dtype=torch.bool, device=q.device)  # (T, T): the query's own position
+        scores = torch.where(own, (q * k).sum(-1, keepdim=True), q @ k_hat.transpose(-2, -1)) / math.sqrt(D)
+        p = scores.masked_fill(~torch.ones_like(own).tril(), float("-inf")).softmax(-1)  # (B, H, T, T)
+        return p.masked_fill(own, 0.0) @ v_hat + p.diagonal(dim1=-2, dim2=-1)[..., None] * v  # (B, H, T, D)
 
     def reset(self) -> None:
-        self._layer, self._prev = 0, None
+        """Back to the first layer; after a recorded pass, merge what it recorded (``minicache``)."""
+        self._layer = 0
+        if self._exact is not None:
+            self._merged, self._exact = merge_layer_pairs(self._exact, self.merge_from), None
+
+
+def merge_layer_pairs(kv: list[tuple[torch.Tensor, torch.Tensor]], merge_from: int
+                      ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """MiniCache's merge of the keys and values ``kv`` (one ``(k, v)`` pair of ``(B, H, T, D)`` per layer): each
+    pair of layers ``(l, l+1)`` from ``merge_from`` on shares the direction
+    ``normalize(normalize(x_l) + normalize(x_{l+1}))`` per token and head, scaled back by each layer's own norm.
+    Returns ``{layer: (k, v)}`` for the merged layers (an unpaired last layer is left out)."""
+    merged = {}
+    for a in range(merge_from, len(kv) - 1, 2):
+        pair = []
+        for xa, xb in zip(kv[a], kv[a + 1]):  # keys, then values
+            direction = F.normalize(F.normalize(xa, dim=-1) + F.normalize(xb, dim=-1), dim=-1)  # (B, H, T, D)
+            pair.append((direction * xa.norm(dim=-1, keepdim=True), direction * xb.norm(dim=-1, keepdim=True)))
+        (ka, kb), (va, vb) = pair
+        merged[a], merged[a + 1] = (ka, va), (kb, vb)
+    return merged
 
 
 def kv_bytes_per_token(config: GPTConfig, method: str, context: int, *, bits_float: int = 16, group: int = 32,
@@ -243,7 +281,7 @@ def kv_bytes_per_token(config: GPTConfig, method: str, context: int, *, bits_flo
     if method == "h2o":  # plus one fp32 accumulated score per cached token, head and layer
         return (full + L * H * 4) * min(window, context) / context
     if method == "minicache":
-        pairs = (L - merge_from) // 2
+        pairs = max(L - merge_from, 0) // 2
         # a merged pair stores one direction per token and head plus two norms, instead of two vectors
         return full - pairs * 2 * H * (D - 2) * f
     raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -260,6 +298,11 @@ def heldout_nll(model: torch.nn.Module, windows: torch.Tensor, attention: Compre
             losses.append(float(model(row[None, :-1], targets=row[None, 1:])[1]))
             continue
         attention.reset()
+        if attention.method == "minicache":  # the exact pass whose cache is merged
+            attention.record()
+            with use_attention(attention):
+                model(row[None, :-1])
+            attention.reset()
         with use_attention(attention):
             losses.append(float(model(row[None, :-1], targets=row[None, 1:])[1]))
     return sum(losses) / len(losses)
