@@ -50,6 +50,7 @@ KINDS: dict[str, tuple[type | str, type | str]] = {
     "raster_ar": ("ar_course.transformer.model:GPT", "ar_course.transformer.model:GPTConfig"),
     "var": ("ar_course.var.model:VAR", "ar_course.var.model:VARConfig"),
     "classifier": ("ar_course.metrics:Classifier", "ar_course.metrics:ClassifierConfig"),
+    "continuous_ar": ("ar_course.continuous.model:ContinuousAR", "ar_course.continuous.model:ContinuousARConfig"),
 }
 """Checkpoint kind -> (model class, config dataclass), as classes or ``"module:Name"`` strings imported on first
 use (so that this module imports none of the models). The model is built as ``Model(config)``."""
