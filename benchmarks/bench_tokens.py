@@ -19,6 +19,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import math
 import platform
@@ -153,6 +154,33 @@ def plot(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def summary_rows(facts: dict, by_name: dict, gen: dict, best: dict) -> list[dict]:
+    """The rows ``python -m ar_course bench --table`` prints: the issue's targets and what was measured."""
+    st, rot = by_name["VQ, straight-through, no restart"], by_name["VQ, rotation trick, no restart"]
+    d = gen["discrete"]
+    ratio = facts["frechet_ratio_continuous_over_discrete"]
+    return [
+        {"what": "FSQ codebook usage, no restart or auxiliary loss", "measured": f"{facts['fsq_usage']:.1%}",
+         "target": ">= 95%", "met": facts["fsq_usage"] >= 0.95},
+        {"what": "LFQ codebook usage with its entropy loss", "measured": f"{facts['lfq_usage']:.1%}",
+         "target": ">= 90%", "met": facts["lfq_usage"] >= 0.90},
+        {"what": "rotation trick vs straight-through, no restart, equal steps: PSNR / usage",
+         "measured": f"{rot['psnr']:.2f} vs {st['psnr']:.2f} dB / {rot['fraction_used']:.1%} vs "
+                     f"{st['fraction_used']:.1%}", "target": "reported", "met": None},
+        {"what": "continuous KL autoencoder vs single-scale VQ (shipped), held-out PSNR",
+         "measured": f"{gen['continuous_tokenizer_psnr']:.2f} vs {d['tokenizer_psnr']:.2f} dB "
+                     f"({facts['continuous_minus_vq_psnr_db_shipped']:+.2f} dB)",
+         "target": ">= +3 dB", "met": facts["continuous_minus_vq_psnr_db_shipped"] >= 3},
+        {"what": f"continuous AR ({best['head_steps']} head steps) vs discrete raster AR, {gen['n']} samples, "
+                 f"w = {gen['cfg']:g}: class accuracy / Frechet",
+         "measured": f"{best['accuracy']:.1%} vs {d['accuracy']:.1%} / {best['frechet']:.2f} vs {d['frechet']:.2f} "
+                     f"({ratio:.2f}x)",
+         "target": ">= 90%, <= 1.5x", "met": best["accuracy"] >= 0.9 and ratio <= 1.5},
+        {"what": "better reconstruction, worse generation (continuous vs VQ)",
+         "measured": str(facts["better_reconstruction_worse_generation"]), "target": "reported", "met": None},
+    ]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=250, help="training steps of every tokenizer [%(default)s]")
@@ -176,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     best = min(gen["continuous"], key=lambda r: r["frechet"])
     by_name = {r["name"]: r for r in recon}
     st, rot = by_name["VQ, straight-through, no restart"], by_name["VQ, rotation trick, no restart"]
-    summary = {
+    facts = {
         "fsq_usage": by_name["FSQ 8,6,5, no restart"]["fraction_used"],
         "lfq_usage": by_name["LFQ 8 bits, entropy loss"]["fraction_used"],
         "rotation_vs_straight_through_no_restart": {"psnr_db": rot["psnr"] - st["psnr"],
@@ -194,14 +222,16 @@ def main(argv: list[str] | None = None) -> int:
                   "threads": torch.get_num_threads(), "machine": platform.platform(),
                   "python": sys.version.split()[0], "float_bits": FLOAT_BITS,
                   "total_seconds": time.perf_counter() - start},
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "reconstruction": recon,
         "generation": gen,
-        "summary": summary,
+        "key_facts": facts,
+        "summary": summary_rows(facts, by_name, gen, best),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     plot(results, args.out.with_suffix(".png"))
-    print(json.dumps(summary, indent=2))
+    print(json.dumps(facts, indent=2))
     print(f"wrote {args.out} and {args.out.with_suffix('.png')} ({results['setup']['total_seconds']:.0f} s)")
     return 0
 
