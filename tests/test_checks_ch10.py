@@ -1,7 +1,7 @@
 """Chapter 10 checks: each accepts the reference, reports a stub as not attempted, and rejects plausible wrong
 answers (rounding without a straight-through gradient, a missing even-level offset, a reversed mixed radix,
 swapped or base-2 entropies, straight-through in place of the rotation trick, a reversed flow, late Euler
-steps...)."""
+steps, guidance mixed the wrong way or on the conditions...)."""
 
 import torch
 import torch.nn.functional as F
@@ -228,3 +228,34 @@ def test_10_6():
         assert_fails(check, wrong)
     assert_fails(check, euler_late, contains="end of its interval")
     assert_fails(check, euler_whole_velocity, contains="dt = 1 / steps")
+
+
+# 10.7 ------------------------------------------------------------------------------------------------------
+
+
+def guide_swapped(head, x, t, cond, uncond, *, w):
+    return (1 + w) * head(x, t, uncond) - w * head(x, t, cond)
+
+
+def guide_scale_convention(head, x, t, cond, uncond, *, w):
+    v_u = head(x, t, uncond)
+    return v_u + w * (head(x, t, cond) - v_u)
+
+
+def guide_on_conditions(head, x, t, cond, uncond, *, w):
+    return head(x, t, (1 + w) * cond - w * uncond)
+
+
+def guide_conditional_only(head, x, t, cond, uncond, *, w):
+    return head(x, t, cond)
+
+
+def test_10_7():
+    check = ch10.guided_velocity
+    assert_passes(check, C.guided_velocity)
+    assert_passes(check, lambda head, x, t, cond, uncond, *, w: (1 + w) * head(x, t, cond) - w * head(x, t, uncond))
+    assert_not_attempted(check, stub)
+    for wrong in (guide_swapped, guide_scale_convention, guide_on_conditions, guide_conditional_only):
+        assert_fails(check, wrong)
+    assert_fails(check, guide_swapped, contains="swapped")
+    assert_fails(check, guide_on_conditions, contains="mixes the conditions")

@@ -5,7 +5,7 @@ seeded random inputs and edge cases (even and odd levels, the corners of the FSQ
 vector, a time-dependent velocity field), values and, where the exercise is about them, gradients; and names the
 usual mistakes: rounding without a straight-through gradient, a grid shifted for even levels, a reversed mixed
 radix, swapped entropies, the straight-through estimator in place of the rotation, a reversed flow, Euler
-steps evaluated at the wrong times."""
+steps evaluated at the wrong times, guidance mixed the wrong way round or applied to the conditions."""
 
 from __future__ import annotations
 
@@ -341,3 +341,63 @@ EULER_MISTAKES = [
 ))
 def euler_sample(fn: Callable, ref_fn: Callable) -> None:
     compare_cases(fn, ref_fn, _euler_cases(), mistakes=EULER_MISTAKES)
+
+
+# --------------------------------------------------------------------------------------------------------
+# 10.7 classifier-free guidance on velocities
+
+
+def _toy_head(seed: int, token_dim: int = 3, cond_dim: int = 5):
+    from ar_course.continuous.model import FlowHead
+
+    torch.manual_seed(seed)
+    head = FlowHead(token_dim, cond_dim, width=16, depth=2)
+    for p in head.parameters():  # the modulations start at zero: give them values so the condition matters
+        if p.ndim > 1:
+            torch.nn.init.normal_(p, std=0.4)
+    return head.eval()
+
+
+def _guidance_cases() -> Iterator[Case]:
+    g = _gen(107)
+    for seed, w in ((0, 1.5), (1, 0.0), (2, -1.0), (3, 4.0)):
+        head = _toy_head(seed)
+        n = 6
+        yield Case(f"toy head {seed}, w = {w:g}", (head, torch.randn(n, 3, generator=g), torch.rand(n, generator=g),
+                                                   torch.randn(n, 5, generator=g), torch.randn(n, 5, generator=g)),
+                   {"w": w})
+
+
+def _guide_swapped(head, x, t, cond, uncond, *, w):
+    return (1 + w) * head(x, t, uncond) - w * head(x, t, cond)
+
+
+def _guide_scale(head, x, t, cond, uncond, *, w):
+    v_u = head(x, t, uncond)
+    return v_u + w * (head(x, t, cond) - v_u)
+
+
+def _guide_conditions(head, x, t, cond, uncond, *, w):
+    return head(x, t, (1 + w) * cond - w * uncond)
+
+
+GUIDANCE_MISTAKES = [
+    Mistake(_guide_swapped, "the two velocities are swapped: guidance moves away from the unconditional one"),
+    Mistake(_guide_scale, "that is the 'scale' convention uncond + w * (cond - uncond); the course's w is neutral at "
+                          "0: (1 + w) * cond - w * uncond"),
+    Mistake(_guide_conditions, "that mixes the conditions before the head; guidance mixes the head's outputs, the "
+                               "velocities"),
+]
+
+
+@chapter.exercise("10.7", reference=cref.guided_velocity, hints=(
+    "run the head twice, once with the class's condition and once with the null class's, and extrapolate from "
+    "the second through the first",
+    "v_c = head(x, t, cond), v_u = head(x, t, uncond); return (1 + w) * v_c - w * v_u (one head call on the "
+    "doubled batch torch.cat([x, x]) ... is faster and gives the same numbers)",
+    "v = head(torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond, uncond])); v_c, v_u = v.chunk(2); "
+    "return (1 + w) * v_c - w * v_u",
+))
+def guided_velocity(fn: Callable, ref_fn: Callable) -> None:
+    with torch.no_grad():
+        compare_cases(fn, ref_fn, _guidance_cases(), mistakes=GUIDANCE_MISTAKES)

@@ -13,6 +13,7 @@ from typing import Callable
 
 import torch
 
+from ar_course.sampling import cfg_mix
 from ar_course.utils import check_int
 
 
@@ -61,3 +62,22 @@ def euler_sample(
         t = torch.full((x.shape[0],), i / steps, device=x.device, dtype=x.dtype)  # (N,)
         x = x + velocity(x, t) / steps
     return x
+
+
+def guided_velocity(
+    head: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    t: torch.Tensor,
+    cond: torch.Tensor,
+    uncond: torch.Tensor,
+    *,
+    w: float,
+) -> torch.Tensor:
+    """Classifier-free guidance on velocities: ``(1 + w) * head(x, t, cond) - w * head(x, t, uncond)``, ``(N, D)``.
+
+    ``x`` ``(N, D)``, ``t`` ``(N,)``, ``cond`` / ``uncond`` ``(N, C)`` (the conditions of the class and of the null
+    class); the head runs once on the doubled batch. ``w = 0`` is the conditional velocity
+    (:func:`~ar_course.sampling.cfg_mix`)."""
+    v = head(torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond, uncond]))  # (2N, D)
+    v_cond, v_uncond = v.chunk(2)  # 2 x (N, D)
+    return cfg_mix(v_cond, v_uncond, w)

@@ -25,9 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ar_course import checkpoint
-from ar_course.continuous.functional import euler_sample, flow_matching_loss
+from ar_course.continuous.functional import euler_sample, flow_matching_loss, guided_velocity
 from ar_course.raster.model import raster_config
-from ar_course.sampling import cfg_mix
 from ar_course.tokenizers import VQVAE
 from ar_course.transformer.model import Block, GPTConfig, KVCache, RMSNorm, Rotary
 from ar_course.utils import check_ids, check_int, check_number, generate_in_batches
@@ -216,7 +215,8 @@ def generate_tokens(
     Each token integrates the head's ODE in ``steps`` Euler steps from noise ``temperature * N(0, I)``
     (``temperature = 0``: the deterministic path from 0). Guidance ``cfg = w`` runs the conditional and null-class
     sequences in one doubled batch and integrates ``(1 + w) * v_cond - w * v_uncond``
-    (:func:`~ar_course.sampling.cfg_mix`; ``w = 0``: plain conditional sampling, and no doubled batch).
+    (:func:`~ar_course.continuous.functional.guided_velocity`; ``w = 0``: plain conditional sampling, and no doubled
+    batch).
     ``use_cache=False`` recomputes the whole prefix at every position (the plain path, same tokens).
 
     Raises ``ValueError`` for ``classes`` that are not a non-empty ``(B,)`` long tensor in ``[0, n_classes]``,
@@ -237,8 +237,7 @@ def generate_tokens(
         def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             if not guided:
                 return model.head(x, t, cond)
-            v = model.head(x.repeat(2, 1), t.repeat(2), cond)  # (2B, D)
-            return cfg_mix(v[:B], v[B:], cfg)
+            return guided_velocity(model.head, x, t, cond[:B], cond[B:], w=cfg)
 
         x0 = temperature * torch.randn(B, c.token_dim, generator=generator, device=p.device, dtype=p.dtype)
         x = euler_sample(velocity, x0, steps)  # (B, D)
