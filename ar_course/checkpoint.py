@@ -8,8 +8,8 @@ One loader for every model the library trains::
     model, tokenizer = checkpoint.load_with_tokenizer("var_mnist")   # with the tokenizer it was trained on
     checkpoint.info("var_mnist")                    # {"kind", "config", ...what the trainer recorded}
 
-A checkpoint records its ``kind`` (``"tokenizer"``, ``"lm"``, ``"raster_ar"``, ``"var"``, ``"classifier"``),
-and :data:`KINDS` maps each kind to its model class and config dataclass; :func:`load` rebuilds the model with
+A checkpoint records its ``kind`` (``"tokenizer"``, ``"lm"``, ``"raster_ar"``, ``"var"``, ``"classifier"``,
+``"continuous_ar"``), and :data:`KINDS` maps each kind to its model class and config dataclass; :func:`load` rebuilds the model with
 ``Model(config_from_dict(Config, stored_config))`` and loads the weights strictly (float16 files load into
 float32 modules). :func:`register_kind` adds a kind of your own. Every config dataclass follows one rule,
 :func:`config_from_dict`: a missing key takes the field's default, an unknown key is a ``ValueError`` naming it.
