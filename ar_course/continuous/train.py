@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from ar_course import checkpoint, metrics
+from ar_course import distributed as ddp
 from ar_course.checkpoint import save_checkpoint
 from ar_course.cli import ArgumentParser, nonnegative_int, positive_float, positive_int, probability
 from ar_course.continuous.model import (
@@ -91,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     d = ContinuousARConfig()
     parser.add_argument("--steps", type=positive_int, default=1500)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-size", type=positive_int, default=32)
+    parser.add_argument("--batch-size", type=positive_int, default=32,
+                        help="global batch, split across processes under torchrun [%(default)s]")
     parser.add_argument("--lr", type=positive_float, default=2e-3)
     parser.add_argument("--p-uncond", type=probability, default=0.1, help="condition dropout probability")
     parser.add_argument("--n-layer", type=positive_int, default=d.n_layer)
@@ -129,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
                                       batch_size=args.batch_size, lr=args.lr, p_uncond=args.p_uncond,
                                       device=device, checkpoint_every=args.checkpoint_every,
                                       state_path=state_path, resume=args.resume)
+    if not ddp.is_main_process():
+        return 0
     test_images, test_labels = load_mnist("test", size=32)
     test_tokens = encode_dataset(tokenizer, test_images[:1000]).to(device)
     with torch.no_grad():
