@@ -94,7 +94,6 @@ def generation(n: int, cfg: float, head_steps: list[int]) -> dict:
                        "frechet": metrics.frechet_distance(images, real),
                        "tokenizer_psnr": evaluate(tokenizer, test_images)["psnr"]}
     print("discrete raster AR", out["discrete"], flush=True)
-    out["discrete_samples"] = images[::n // 10][:10].squeeze(1).tolist()  # one per class, for the notebook
 
     model, tokenizer = continuous.load_pretrained()
     out["continuous_tokenizer_psnr"] = evaluate(tokenizer, test_images)["psnr"]
@@ -106,8 +105,6 @@ def generation(n: int, cfg: float, head_steps: list[int]) -> dict:
                      "accuracy": metrics.class_accuracy(images, classes),
                      "frechet": metrics.frechet_distance(images, real)})
         print("continuous AR", rows[-1], flush=True)
-        if steps == head_steps[-1]:
-            out["continuous_samples"] = images[::n // 10][:10].squeeze(1).tolist()
     out["continuous"] = rows
     return out
 
