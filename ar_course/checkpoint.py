@@ -8,8 +8,8 @@ One loader for every model the library trains::
     model, tokenizer = checkpoint.load_with_tokenizer("var_mnist")   # with the tokenizer it was trained on
     checkpoint.info("var_mnist")                    # {"kind", "config", ...what the trainer recorded}
 
-A checkpoint records its ``kind`` (``"tokenizer"``, ``"lm"``, ``"raster_ar"``, ``"var"``, ``"classifier"``),
-and :data:`KINDS` maps each kind to its model class and config dataclass; :func:`load` rebuilds the model with
+A checkpoint records its ``kind`` (``"tokenizer"``, ``"lm"``, ``"raster_ar"``, ``"var"``, ``"classifier"``,
+``"continuous_ar"``), and :data:`KINDS` maps each kind to its model class and config dataclass; :func:`load` rebuilds the model with
 ``Model(config_from_dict(Config, stored_config))`` and loads the weights strictly (float16 files load into
 float32 modules). :func:`register_kind` adds a kind of your own. Every config dataclass follows one rule,
 :func:`config_from_dict`: a missing key takes the field's default, an unknown key is a ``ValueError`` naming it.
@@ -50,6 +50,7 @@ KINDS: dict[str, tuple[type | str, type | str]] = {
     "raster_ar": ("ar_course.transformer.model:GPT", "ar_course.transformer.model:GPTConfig"),
     "var": ("ar_course.var.model:VAR", "ar_course.var.model:VARConfig"),
     "classifier": ("ar_course.metrics:Classifier", "ar_course.metrics:ClassifierConfig"),
+    "continuous_ar": ("ar_course.continuous.model:ContinuousAR", "ar_course.continuous.model:ContinuousARConfig"),
 }
 """Checkpoint kind -> (model class, config dataclass), as classes or ``"module:Name"`` strings imported on first
 use (so that this module imports none of the models). The model is built as ``Model(config)``."""

@@ -51,9 +51,10 @@ def run(name: str, config, steps: int, train: torch.Tensor, test: torch.Tensor, 
                "restart": config.dead_code_threshold > 0, "l2_norm": config.l2_norm, **final,
                "train_seconds": time.perf_counter() - start,
                "usage_curve": {"steps": history.eval_steps,
-                               "fraction_used": [e["fraction_used"] for e in history.evals]}}
-    print(f"{name:>22}: PSNR {final['psnr']:.2f} dB, usage {final['fraction_used']:.1%}, "
-          f"perplexity {final['perplexity']:.1f} ({summary['train_seconds']:.0f} s)", flush=True)
+                               "fraction_used": [e.get("fraction_used") for e in history.evals]}}  # kl: no codebook
+    usage = (f", usage {final['fraction_used']:.1%}, perplexity {final['perplexity']:.1f}" if "fraction_used" in final
+             else "")
+    print(f"{name:>22}: PSNR {final['psnr']:.2f} dB{usage} ({summary['train_seconds']:.0f} s)", flush=True)
     return summary, model
 
 

@@ -12,6 +12,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ar_course import checkpoint
+from ar_course.continuous import ContinuousAR, ContinuousARConfig
 from ar_course.checkpoint import CheckpointError, config_from_dict, load, load_with_tokenizer, save_checkpoint
 from ar_course.data import CharTokenizer
 from ar_course.metrics import Classifier, ClassifierConfig
@@ -23,8 +24,9 @@ SHIPPED = {"ar_mnist": ("raster_ar", GPT), "ar_mnist_draft": ("raster_ar", GPT),
            "ar_mnist_grpo": ("raster_ar", GPT),
            "classifier_mnist": ("classifier", Classifier), "classifier_shapes": ("classifier", Classifier),
            "lm_draft": ("lm", GPT), "lm_target": ("lm", GPT), "tokenizer_mnist_msvq": ("tokenizer", VQVAE),
-           "tokenizer_mnist_vq": ("tokenizer", VQVAE), "var_mnist": ("var", VAR)}
-CONFIGS = [GPTConfig, VARConfig, VQVAEConfig, ClassifierConfig]
+           "tokenizer_mnist_vq": ("tokenizer", VQVAE), "var_mnist": ("var", VAR),
+           "continuous_ar_mnist": ("continuous_ar", ContinuousAR), "tokenizer_mnist_kl": ("tokenizer", VQVAE)}
+CONFIGS = [GPTConfig, VARConfig, VQVAEConfig, ClassifierConfig, ContinuousARConfig]
 
 
 def test_available_lists_every_shipped_checkpoint_in_the_one_assets_folder():

@@ -74,4 +74,4 @@ def test_shipped_multiscale_tokenizer_within_1db_of_vq_and_monotone():
 def test_unknown_pretrained_name():
     with pytest.raises(ValueError, match="mnist_vq"):
         load_pretrained("imagenet")
-    assert PRETRAINED == ("mnist_vq", "mnist_msvq")
+    assert PRETRAINED == ("mnist_vq", "mnist_msvq", "mnist_kl")

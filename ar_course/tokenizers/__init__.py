@@ -5,8 +5,10 @@
   chapter 01's exercises are checked against them.
 * :class:`VectorQuantizer`, :class:`ResidualVQ`, :class:`MultiScaleVQ` -- the quantizers as modules.
 * :class:`FSQ`, :class:`LFQ` -- finite scalar and lookup-free quantization, implicit codebooks (chapter 10).
+* :class:`~ar_course.tokenizers.continuous.GaussianBottleneck` -- no quantization: the KL-regularised latent of a
+  small VAE (``VQVAEConfig(quantizer="kl")``), continuous tokens for :mod:`ar_course.continuous` (chapter 10).
 * :class:`VQVAE` / :class:`VQVAEConfig` -- encoder + quantizer + decoder; :func:`load_pretrained` gives the
-  shipped MNIST tokenizers (``"mnist_vq"``, ``"mnist_msvq"``).
+  shipped MNIST tokenizers (``"mnist_vq"``, ``"mnist_msvq"``, ``"mnist_kl"``).
 """
 
 from ar_course.tokenizers import functional

@@ -1,11 +1,13 @@
 """Train a VQ-VAE tokenizer:
-``python -m ar_course train tokenizer --quantizer {vq,rvq,msvq,fsq,lfq} --dataset {mnist,shapes}``.
+``python -m ar_course train tokenizer --quantizer {vq,rvq,msvq,fsq,lfq,kl} --dataset {mnist,shapes}``
+(``kl``: the continuous KL-regularised autoencoder of chapter 10).
 
 From a fixed seed, with a progress bar; writes a safetensors checkpoint with the held-out PSNR and
 codebook usage in its metadata. The shipped tokenizers are made with the defaults::
 
     python -m ar_course train tokenizer --quantizer vq   --out ar_course/assets/tokenizer_mnist_vq.safetensors
     python -m ar_course train tokenizer --quantizer msvq --out ar_course/assets/tokenizer_mnist_msvq.safetensors
+    python -m ar_course train tokenizer --quantizer kl   --out ar_course/assets/tokenizer_mnist_kl.safetensors
 """
 
 from __future__ import annotations
@@ -29,12 +31,16 @@ from ar_course.utils import get_device, seed_everything
 DATASETS = ("mnist", "shapes")
 LFQ_DEFAULT_DIM = 8
 """``--latent-dim`` of an LFQ tokenizer unless given: 2^8 = 256 codes, the size of the VQ codebook."""
+KL_DEFAULT_DIM = 4
+"""``--latent-dim`` of the continuous (``kl``) tokenizer unless given: 4 channels per 8x8 position."""
+CALIBRATION_IMAGES = 5000
+"""Training images whose latents set the continuous tokenizer's per-channel shift and scale."""
 
 
 def default_config(quantizer: str = "vq", dataset: str = "mnist", **overrides) -> VQVAEConfig:
     """The configuration of the shipped tokenizers: 32x32 images, downsample 4 (8x8 latents), 256 codes of
     16 dimensions, dead-code restart; ``overrides`` replace any field. Unless ``latent_dim`` is given, FSQ gets one
-    channel per level and LFQ :data:`LFQ_DEFAULT_DIM` channels."""
+    channel per level, LFQ :data:`LFQ_DEFAULT_DIM` channels and the continuous ``kl`` :data:`KL_DEFAULT_DIM`."""
     if dataset not in DATASETS:
         raise ValueError(f"dataset must be one of {DATASETS}, got {dataset!r}")
     base = VQVAEConfig(in_channels=1 if dataset == "mnist" else 3, image_size=32, downsample=4, width=16,
@@ -44,6 +50,8 @@ def default_config(quantizer: str = "vq", dataset: str = "mnist", **overrides) -
         overrides.setdefault("latent_dim", len(overrides.get("fsq_levels", base.fsq_levels)))
     elif quantizer == "lfq":
         overrides.setdefault("latent_dim", LFQ_DEFAULT_DIM)
+    elif quantizer == "kl":
+        overrides.setdefault("latent_dim", KL_DEFAULT_DIM)
     return dataclasses.replace(base, quantizer=quantizer, **overrides)
 
 
@@ -64,7 +72,8 @@ def load_images(dataset: str, split: str) -> torch.Tensor:
 @torch.no_grad()
 def evaluate(model: VQVAE, images: torch.Tensor, batch_size: int = 500) -> dict[str, float]:
     """Held-out ``psnr`` (dB, mean over images), ``mse``, and the codebook's ``fraction_used`` and
-    ``perplexity`` over all the tokens of ``images`` ``(N, C, S, S)``."""
+    ``perplexity`` over all the tokens of ``images`` ``(N, C, S, S)`` (not for the continuous ``kl``, which has no
+    codebook)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -74,10 +83,12 @@ def evaluate(model: VQVAE, images: torch.Tensor, batch_size: int = 500) -> dict[
         recons.append(model.decode_from_indices(idx).cpu())
         tokens.append(torch.cat([i.flatten() for i in idx]) if isinstance(idx, list) else idx.flatten())
     recon = torch.cat(recons)
-    usage = metrics.codebook_usage(torch.cat(tokens).cpu(), model.config.num_codes)
     model.train(was_training)
-    return {"psnr": metrics.psnr(recon, images.cpu()), "mse": float((recon - images.cpu()).pow(2).mean()),
-            "fraction_used": usage["fraction_used"], "perplexity": usage["perplexity"]}
+    result = {"psnr": metrics.psnr(recon, images.cpu()), "mse": float((recon - images.cpu()).pow(2).mean())}
+    if model.config.quantizer == "kl":
+        return result
+    usage = metrics.codebook_usage(torch.cat(tokens).cpu(), model.config.num_codes)
+    return result | {"fraction_used": usage["fraction_used"], "perplexity": usage["perplexity"]}
 
 
 def train_tokenizer(
@@ -122,6 +133,11 @@ def train_tokenizer(
         eval_fn=lambda m: evaluate(m, test_images), progress=progress,
         desc=f"tokenizer/{config.quantizer}/{dataset}", state_path=state_path, resume=resume,
     )
+    if config.quantizer == "kl":  # standardise the continuous tokens on training latents
+        with torch.no_grad():
+            model.eval()
+            model.quantizer.calibrate(torch.cat([model.encode(chunk.to(device))
+                                                 for chunk in train_images[:CALIBRATION_IMAGES].split(1000)]))
     return model.eval(), history.evals[-1] if history.evals else {}, history
 
 
@@ -148,8 +164,8 @@ def _levels(text: str) -> tuple[int, ...]:
 def _parser() -> ArgumentParser:
     """The options of ``python -m ar_course train tokenizer``."""
     parser = ArgumentParser(prog="python -m ar_course train tokenizer",
-                            description="Train a VQ / residual VQ / multi-scale VQ (chapter 01) or FSQ / LFQ "
-                                        "(chapter 10) tokenizer.")
+                            description="Train a VQ / residual VQ / multi-scale VQ (chapter 01) or FSQ / LFQ / "
+                                        "continuous KL (chapter 10) tokenizer.")
     parser.add_argument("--quantizer", choices=QUANTIZERS, default="vq")
     parser.add_argument("--dataset", choices=DATASETS, default="mnist")
     parser.add_argument("--steps", type=positive_int, default=1500)
@@ -160,7 +176,7 @@ def _parser() -> ArgumentParser:
     parser.add_argument("--num-codes", type=positive_int, default=256,
                         help="codebook size (vq, rvq, msvq; fsq has prod(levels) codes, lfq 2^latent-dim) [256]")
     parser.add_argument("--latent-dim", type=positive_int, default=None,
-                        help=f"latent channels [16; fsq: the number of levels; lfq: {LFQ_DEFAULT_DIM}]")
+                        help=f"latent channels [16; fsq: the number of levels; lfq: {LFQ_DEFAULT_DIM}; kl: {KL_DEFAULT_DIM}]")
     parser.add_argument("--depth", type=positive_int, default=4, help="residual depth (rvq)")
     parser.add_argument("--scales", type=_scales, default=(1, 2, 3, 4, 6, 8),
                         help="comma-separated sides (msvq) [1,2,3,4,6,8]")
@@ -181,6 +197,8 @@ def _parser() -> ArgumentParser:
     parser.add_argument("--kmeans-init", action="store_true", help="vq: k-means codebook from the first batch")
     parser.add_argument("--fsq-levels", type=_levels, default=VQVAEConfig.fsq_levels,
                         help="fsq: comma-separated levels per latent channel [8,6,5]")
+    parser.add_argument("--kl-weight", type=nonnegative_float, default=VQVAEConfig.kl_weight,
+                        help="kl: weight of the latent's mean KL to N(0, 1) [%(default)s]")
     parser.add_argument("--lfq-entropy-weight", type=nonnegative_float, default=VQVAEConfig.lfq_entropy_weight,
                         help="lfq: weight of the entropy loss [%(default)s]")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
@@ -200,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
             scales=args.scales, dead_code_threshold=args.dead_code_threshold, usage_window=args.usage_window,
             ema=args.ema, l2_norm=args.l2_norm, msvq_loss=args.msvq_loss, msvq_final_weight=args.msvq_final_weight,
             rotation_trick=args.rotation_trick, kmeans_init=args.kmeans_init, fsq_levels=args.fsq_levels,
-            lfq_entropy_weight=args.lfq_entropy_weight,
+            lfq_entropy_weight=args.lfq_entropy_weight, kl_weight=args.kl_weight,
             **({} if args.latent_dim is None else {"latent_dim": args.latent_dim}),
         )
     except ValueError as exc:
@@ -216,7 +234,8 @@ def main(argv: list[str] | None = None) -> int:
                     seed=args.seed, batch_size=args.batch_size, lr=args.lr, final_loss=history.smoothed()[-1],
                     held_out=result)
     finish_run(state_path)
-    print(f"{args.dataset}/{args.quantizer}: held-out PSNR {result['psnr']:.2f} dB, codebook usage "
-          f"{result['fraction_used']:.1%} (perplexity {result['perplexity']:.1f}); saved {out} "
+    usage = (f", codebook usage {result['fraction_used']:.1%} (perplexity {result['perplexity']:.1f})"
+             if "fraction_used" in result else "")
+    print(f"{args.dataset}/{args.quantizer}: held-out PSNR {result['psnr']:.2f} dB{usage}; saved {out} "
           f"({Path(out).stat().st_size / 1024:.0f} KB)")
     return 0

@@ -1,5 +1,5 @@
-"""A small convolutional VQ-VAE around any of the quantizers (VQ, RVQ, multi-scale VQ, FSQ, LFQ), and the
-shipped pretrained tokenizers.
+"""A small convolutional VQ-VAE around any of the quantizers (VQ, RVQ, multi-scale VQ, FSQ, LFQ) or the continuous
+KL-regularised bottleneck (``quantizer="kl"``: a small VAE), and the shipped pretrained tokenizers.
 
     config = VQVAEConfig(quantizer="msvq", num_codes=256, latent_dim=16)
     model = VQVAE(config)
@@ -10,9 +10,10 @@ shipped pretrained tokenizers.
 
     tok = load_pretrained("mnist_vq")     # 8x8 = 64 tokens per MNIST digit (chapter 03)
     tok = load_pretrained("mnist_msvq")   # scales 1,2,3,4,6,8 = 130 tokens in 6 steps (chapter 04)
+    tok = load_pretrained("mnist_kl")     # 8x8 continuous tokens of 4 channels (chapter 10)
 
 ``load_pretrained(name)`` is ``ar_course.checkpoint.load(name, kind="tokenizer")``; the shipped files are
-``tokenizer_mnist_vq`` and ``tokenizer_mnist_msvq`` in :data:`ar_course.checkpoint.ASSETS`.
+``tokenizer_mnist_vq``, ``tokenizer_mnist_msvq`` and ``tokenizer_mnist_kl`` in :data:`ar_course.checkpoint.ASSETS`.
 """
 
 from __future__ import annotations
@@ -27,13 +28,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from ar_course import checkpoint
+from ar_course.tokenizers.continuous import GaussianBottleneck
 from ar_course.tokenizers.implicit import FSQ, LFQ, LFQ_MAX_DIM
 from ar_course.tokenizers.quantizers import MultiScaleVQ, QuantizerOutput, ResidualVQ, VectorQuantizer
 from ar_course.tokenizers.functional import check_levels
 from ar_course.utils import check_finite
 
-QUANTIZERS = ("vq", "rvq", "msvq", "fsq", "lfq")
-PRETRAINED = ("mnist_vq", "mnist_msvq")
+QUANTIZERS = ("vq", "rvq", "msvq", "fsq", "lfq", "kl")
+PRETRAINED = ("mnist_vq", "mnist_msvq", "mnist_kl")
 CHECKPOINT_KIND = "tokenizer"
 
 
@@ -45,7 +47,7 @@ class VQVAEConfig:
     width: int = 16  # channels at full resolution, doubled at every downsampling
     num_res_blocks: int = 1
     latent_dim: int = 16
-    quantizer: str = "vq"  # "vq", "rvq", "msvq", "fsq" or "lfq"
+    quantizer: str = "vq"  # "vq", "rvq", "msvq", "fsq", "lfq" or "kl" (continuous)
     num_codes: int = 256  # fsq / lfq: derived, prod(fsq_levels) or 2**latent_dim
     beta: float = 0.25
     ema: bool = False  # vq / rvq only
@@ -66,6 +68,7 @@ class VQVAEConfig:
     msvq_final_weight: float = 32.0
     fsq_levels: tuple[int, ...] = (8, 6, 5)  # fsq: levels per latent channel (latent_dim must be their number)
     lfq_entropy_weight: float = 0.1  # lfq: weight of the entropy loss (per-sample minus codebook entropy)
+    kl_weight: float = 1e-4  # kl: weight of the mean KL of the latent to N(0, 1)
 
     def __post_init__(self) -> None:
         self.scales = tuple(int(s) for s in self.scales)  # JSON gives lists back
@@ -115,7 +118,8 @@ class ResBlock(nn.Module):
 
 
 class Encoder(nn.Module):
-    """Images ``(B, C, S, S)`` in [0, 1] -> continuous latents ``(B, latent_dim, S/f, S/f)``."""
+    """Images ``(B, C, S, S)`` in [0, 1] -> continuous latents ``(B, latent_dim, S/f, S/f)`` (``quantizer="kl"``:
+    ``(B, 2 * latent_dim, S/f, S/f)``, means then log-variances)."""
 
     def __init__(self, config: VQVAEConfig) -> None:
         super().__init__()
@@ -125,7 +129,8 @@ class Encoder(nn.Module):
         for i in range(n_down):
             layers += [nn.SiLU(), nn.Conv2d(widths[i], widths[i + 1], 4, stride=2, padding=1)]  # halves the side
         layers += [ResBlock(widths[-1]) for _ in range(config.num_res_blocks)]
-        layers += [nn.SiLU(), nn.Conv2d(widths[-1], config.latent_dim, 1)]
+        out = config.latent_dim * (2 if config.quantizer == "kl" else 1)  # kl: means and log-variances
+        layers += [nn.SiLU(), nn.Conv2d(widths[-1], out, 1)]
         self.net = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -154,7 +159,9 @@ class Decoder(nn.Module):
 
 def build_quantizer(config: VQVAEConfig) -> nn.Module:
     """The quantizer a config names: :class:`VectorQuantizer`, :class:`ResidualVQ`, :class:`MultiScaleVQ`,
-    :class:`FSQ` or :class:`LFQ`."""
+    :class:`FSQ`, :class:`LFQ` or the continuous :class:`GaussianBottleneck`."""
+    if config.quantizer == "kl":
+        return GaussianBottleneck(config.latent_dim, config.kl_weight)
     if config.quantizer == "fsq":
         return FSQ(config.fsq_levels)
     if config.quantizer == "lfq":
@@ -183,7 +190,8 @@ class VQVAEOutput(NamedTuple):
 class VQVAE(nn.Module):
     """Conv encoder -> quantizer -> conv decoder. Images are ``(B, in_channels, image_size, image_size)``
     with values in [0, 1]; tokens are what the quantizer's ``encode`` gives: ``(B, h, w)`` for ``vq``, ``fsq``, ``lfq``,
-    ``(B, depth, h, w)`` for ``rvq``, a list of ``(B, s_k, s_k)`` for ``msvq``."""
+    ``(B, depth, h, w)`` for ``rvq``, a list of ``(B, s_k, s_k)`` for ``msvq``, float ``(B, latent_dim, h, w)``
+    (standardised continuous latents) for ``kl``."""
 
     def __init__(self, config: VQVAEConfig) -> None:
         super().__init__()
@@ -222,7 +230,8 @@ class VQVAE(nn.Module):
         return next(self.parameters()).dtype
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """Continuous latents ``(B, latent_dim, h, w)`` of images ``(B, C, S, S)`` of any floating dtype."""
+        """Continuous latents ``(B, latent_dim, h, w)`` (``kl``: ``(B, 2 * latent_dim, h, w)``) of images
+        ``(B, C, S, S)`` of any floating dtype."""
         self._check_images(x)
         return self.encoder(x.to(self.dtype))
 
@@ -264,10 +273,10 @@ class VQVAE(nn.Module):
 
 
 def pretrained_path(name: str) -> Path:
-    """Where the shipped tokenizer ``name`` (``"mnist_vq"`` or ``"mnist_msvq"``) lives."""
+    """Where the shipped tokenizer ``name`` (one of :data:`PRETRAINED`) lives."""
     if name not in PRETRAINED:
         raise ValueError(f"unknown pretrained tokenizer {name!r}; choose from {PRETRAINED}")
-    return checkpoint.ASSETS / f"{checkpoint.ALIASES[name]}.safetensors"
+    return checkpoint.ASSETS / f"{checkpoint.ALIASES.get(name, f'tokenizer_{name}')}.safetensors"
 
 
 def load_pretrained(name: str, device: str | torch.device = "cpu") -> VQVAE:
@@ -275,7 +284,8 @@ def load_pretrained(name: str, device: str | torch.device = "cpu") -> VQVAE:
 
     ``"mnist_vq"``: single-scale VQ, 8x8 = 64 tokens per 32x32 digit. ``"mnist_msvq"``: VAR's multi-scale
     VQ with scales 1,2,3,4,6,8 = 130 tokens in 6 steps. Both share the encoder/decoder configuration and
-    the codebook size. Build them again with ``python -m ar_course train tokenizer``."""
+    the codebook size. ``"mnist_kl"``: the continuous KL-regularised autoencoder, 8x8 tokens of 4 standardised
+    channels (chapter 10). Build them again with ``python -m ar_course train tokenizer``."""
     return checkpoint.load(pretrained_path(name), device, kind=CHECKPOINT_KIND)
 
 

@@ -1,0 +1,305 @@
+"""Class-conditional raster-order autoregression over continuous tokens with a flow-matching head (chapter 10).
+
+The backbone is chapter 03's: the chapter 02 transformer blocks with 2-D rotary positions over the 8x8 map and a
+class token first (class ``n_classes`` is the null class, learnt by condition dropout). Instead of an embedding
+table and logits it reads each token through a linear layer and emits a condition vector ``z_i`` per position;
+a small MLP head, trained by flow matching, models ``p(x_i | z_i)`` for the next continuous token ``x_i``
+(NextStep-1's flow-matching head; MAR's diffusion loss is the same idea with a diffusion objective)::
+
+    model, tokenizer = load_pretrained()
+    images = generate_images(model, tokenizer, torch.arange(10), steps=16, cfg=1.0, seed=0)   # (10, 1, 32, 32)
+
+Sampling runs the backbone once per position (a KV cache) and integrates the head's ODE in ``steps`` Euler
+steps from noise of standard deviation ``temperature``; classifier-free guidance mixes the conditional and
+null-class velocities, ``(1 + w) * v_cond - w * v_uncond``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ar_course import checkpoint
+from ar_course.continuous.functional import euler_sample, flow_matching_loss, guided_velocity
+from ar_course.raster.model import raster_config
+from ar_course.tokenizers import VQVAE
+from ar_course.transformer.model import Block, GPTConfig, KVCache, RMSNorm, Rotary
+from ar_course.utils import check_ids, check_int, check_number, generate_in_batches
+
+PRETRAINED_PATH = checkpoint.ASSETS / "continuous_ar_mnist.safetensors"
+CHECKPOINT_KIND = "continuous_ar"
+TIME_FEATURES = 32
+"""Sinusoidal features of the flow time ``t`` that the head reads."""
+
+
+@dataclass
+class ContinuousARConfig:
+    """Hyper-parameters of :class:`ContinuousAR`."""
+
+    token_dim: int = 4  # channels of one continuous token (the tokenizer's latent_dim)
+    grid: tuple[int, int] = (8, 8)  # (rows, cols) of the token map
+    n_classes: int = 10  # class n_classes is the null class
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 96
+    head_width: int = 128  # the flow-matching MLP head
+    head_depth: int = 3  # residual blocks in the head
+    head_repeats: int = 1  # flow times drawn per token in training (MAR draws 4; 1 keeps CPU training short)
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.grid = (int(self.grid[0]), int(self.grid[1]))  # JSON gives a list back
+        for name in ("token_dim", "n_classes", "n_layer", "n_head", "n_embd", "head_width", "head_depth",
+                     "head_repeats"):
+            check_int(name, getattr(self, name), lo=1)
+        if min(self.grid) < 1:
+            raise ValueError(f"grid sides must be >= 1, got {self.grid}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+
+    @property
+    def seq_len(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    def backbone_config(self) -> GPTConfig:
+        """The chapter 03 raster configuration of the transformer blocks (its vocabulary is unused here)."""
+        return raster_config(1, self.grid, n_classes=self.n_classes, n_layer=self.n_layer, n_head=self.n_head,
+                             n_embd=self.n_embd, dropout=self.dropout)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ContinuousARConfig":
+        return checkpoint.config_from_dict(cls, d)
+
+
+def time_features(t: torch.Tensor, dim: int = TIME_FEATURES) -> torch.Tensor:
+    """Sinusoidal features ``(N, dim)`` of flow times ``t`` ``(N,)`` in [0, 1] (frequencies 1 .. 1000)."""
+    freqs = torch.exp(torch.linspace(0, math.log(1000.0), dim // 2, device=t.device, dtype=t.dtype))  # (dim/2,)
+    angles = t[:, None] * freqs[None, :]  # (N, dim/2)
+    return torch.cat([angles.sin(), angles.cos()], dim=-1)  # (N, dim)
+
+
+class HeadBlock(nn.Module):
+    """``h + gate * mlp(norm(h) * (1 + scale) + shift)`` with ``shift, scale, gate`` from the condition (adaLN, as
+    MAR's head); the modulation starts at zero, so a new block is the identity."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(width, elementwise_affine=False)
+        self.mlp = nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Linear(width, width))
+        self.ada = nn.Linear(width, 3 * width)
+        nn.init.zeros_(self.ada.weight)
+        nn.init.zeros_(self.ada.bias)
+
+    def forward(self, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift, scale, gate = self.ada(F.silu(c)).chunk(3, dim=-1)  # 3 x (N, width)
+        return h + gate * self.mlp(self.norm(h) * (1 + scale) + shift)
+
+
+class FlowHead(nn.Module):
+    """The velocity ``v(x_t, t | z)``: noisy tokens ``(N, token_dim)``, times ``(N,)`` and conditions
+    ``(N, cond_dim)`` -> ``(N, token_dim)``."""
+
+    def __init__(self, token_dim: int, cond_dim: int, width: int, depth: int) -> None:
+        super().__init__()
+        self.inp = nn.Linear(token_dim, width)
+        self.time = nn.Linear(TIME_FEATURES, width)
+        self.cond = nn.Linear(cond_dim, width)
+        self.blocks = nn.ModuleList([HeadBlock(width) for _ in range(depth)])
+        self.norm = nn.LayerNorm(width)
+        self.out = nn.Linear(width, token_dim)
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        c = self.time(time_features(t)) + self.cond(cond)  # (N, width)
+        h = self.inp(x_t)  # (N, width)
+        for block in self.blocks:
+            h = block(h, c)
+        return self.out(self.norm(h))  # (N, token_dim)
+
+
+class ContinuousAR(nn.Module):
+    """The chapter 03 raster backbone over continuous tokens, with a flow-matching head.
+
+    ``conditions(tokens, classes)``: tokens ``(B, T, token_dim)`` -> conditions ``(B, 1 + T, n_embd)``, where
+    position ``i`` has seen the class and tokens ``< i`` and conditions token ``i``. ``loss(tokens, classes)``:
+    the flow-matching loss of token maps read in raster order ``(B, rows * cols, token_dim)``."""
+
+    def __init__(self, config: ContinuousARConfig) -> None:
+        super().__init__()
+        self.config = config
+        bc = self.backbone = config.backbone_config()
+        C = config.n_embd
+        self.inp = nn.Linear(config.token_dim, C)
+        self.wce = nn.Embedding(config.n_classes + 1, C)
+        self.rotary = Rotary(bc.head_dim, bc.block_size, bc.rope_base, bc.grid, bc.n_prefix)
+        self.blocks = nn.ModuleList([Block(bc) for _ in range(config.n_layer)])
+        self.norm_f = RMSNorm(C, bc.norm_eps)
+        self.head = FlowHead(config.token_dim, C, config.head_width, config.head_depth)
+        for name, p in self.named_parameters():  # GPT-2: small residual projections, scaled by depth
+            if name.startswith("blocks.") and name.endswith("proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @property
+    def null_class(self) -> int:
+        return self.config.n_classes
+
+    def make_cache(self, batch_size: int) -> KVCache:
+        """An empty :class:`~ar_course.transformer.model.KVCache` for ``batch_size`` sequences."""
+        p = self.inp.weight
+        bc = self.backbone
+        return KVCache(bc.n_layer, batch_size, bc.n_head, bc.block_size, bc.head_dim, p.device, p.dtype)
+
+    def conditions(self, tokens: torch.Tensor, classes: torch.Tensor | None = None,
+                   cache: KVCache | None = None) -> torch.Tensor:
+        """Condition vectors ``(B, T_out, n_embd)`` of ``tokens`` ``(B, T, token_dim)`` (``T`` may be 0), after the
+        class token of ``classes`` ``(B,)`` when the sequence starts (no cache, or an empty one; ``T_out = T + 1``,
+        else ``T``). With a ``cache`` the positions continue it and it is advanced."""
+        start = cache.length if cache is not None else 0
+        x = self.inp(tokens)  # (B, T, C)
+        if start == 0:
+            x = torch.cat([self.wce(classes)[:, None, :], x], dim=1)  # (B, 1 + T, C)
+        positions = torch.arange(start, start + x.shape[1], device=x.device)  # (T_out,)
+        if start + x.shape[1] > self.backbone.block_size:
+            raise ValueError(f"{start + x.shape[1]} positions exceed the {self.backbone.block_size} of this model")
+        rope = self.rotary(positions)
+        for i, block in enumerate(self.blocks):
+            x = block(x, rope=rope, mask=None, causal=True, cache=cache, layer=i)
+        if cache is not None:
+            cache.advance(x.shape[1])
+        return self.norm_f(x)  # (B, T_out, C)
+
+    def _check_tokens(self, tokens: torch.Tensor, classes: torch.Tensor) -> None:
+        c = self.config
+        if not isinstance(tokens, torch.Tensor) or tokens.ndim != 3 or tokens.shape[1:] != (c.seq_len, c.token_dim) \
+                or not tokens.is_floating_point() or tokens.shape[0] == 0:
+            got = f"{tuple(tokens.shape)} {tokens.dtype}" if isinstance(tokens, torch.Tensor) else type(tokens).__name__
+            raise ValueError(f"tokens must be non-empty float (B, {c.seq_len}, {c.token_dim}), got {got}")
+        check_ids("classes", classes, c.n_classes + 1, (tokens.shape[0],))
+
+    def loss(self, tokens: torch.Tensor, classes: torch.Tensor, generator: torch.Generator | None = None
+             ) -> torch.Tensor:
+        """Flow-matching loss (mean squared velocity error) of token sequences ``(B, L, token_dim)`` given ``classes``
+        ``(B,)``, each token drawn at ``head_repeats`` noise levels (``generator``: torch's global one if None)."""
+        self._check_tokens(tokens, classes)
+        cond = self.conditions(tokens[:, :-1], classes)  # (B, L, C): position i conditions token i
+        r = self.config.head_repeats
+        x1 = tokens.reshape(-1, tokens.shape[-1]).repeat(r, 1)  # (r*B*L, D)
+        cond = cond.reshape(-1, cond.shape[-1]).repeat(r, 1)  # (r*B*L, C)
+        return flow_matching_loss(lambda x_t, t: self.head(x_t, t, cond), x1, generator)
+
+
+def _check_sampling(steps: int, temperature: float, cfg: float) -> tuple[int, float, float]:
+    steps = check_int("steps", steps, lo=1)
+    temperature = check_number("temperature", temperature, lo=0.0)
+    cfg = check_number("cfg", cfg)
+    return steps, temperature, cfg
+
+
+@torch.no_grad()
+def generate_tokens(
+    model: ContinuousAR,
+    classes: torch.Tensor,
+    *,
+    steps: int = 16,
+    temperature: float = 1.0,
+    cfg: float = 0.0,
+    generator: torch.Generator | None = None,
+    use_cache: bool = True,
+) -> torch.Tensor:
+    """Sample token sequences ``(B, rows * cols, token_dim)`` for ``classes`` ``(B,)``.
+
+    Each token integrates the head's ODE in ``steps`` Euler steps from noise ``temperature * N(0, I)``
+    (``temperature = 0``: the deterministic path from 0). Guidance ``cfg = w`` runs the conditional and null-class
+    sequences in one doubled batch and integrates ``(1 + w) * v_cond - w * v_uncond``
+    (:func:`~ar_course.continuous.functional.guided_velocity`; ``w = 0``: plain conditional sampling, and no doubled
+    batch).
+    ``use_cache=False`` recomputes the whole prefix at every position (the plain path, same tokens).
+
+    Raises ``ValueError`` for ``classes`` that are not a non-empty ``(B,)`` long tensor in ``[0, n_classes]``,
+    ``steps < 1``, a negative or non-finite ``temperature`` or a non-finite ``cfg``; ``TypeError`` for
+    non-numbers."""
+    c = model.config
+    check_ids("classes", classes, c.n_classes + 1, ("B",))
+    steps, temperature, cfg = _check_sampling(steps, temperature, cfg)
+    B = classes.shape[0]
+    guided = cfg != 0
+    ys = torch.cat([classes, torch.full_like(classes, model.null_class)]) if guided else classes  # (B or 2B,)
+    nb = ys.shape[0]
+    p = model.inp.weight
+    seq = torch.zeros(nb, 0, c.token_dim, device=p.device, dtype=p.dtype)  # (nb, 0, D)
+    cache = model.make_cache(nb) if use_cache else None
+    cond = model.conditions(seq, ys, cache)[:, -1]  # (nb, C): the class token's condition
+    for i in range(c.seq_len):
+        def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            if not guided:
+                return model.head(x, t, cond)
+            return guided_velocity(model.head, x, t, cond[:B], cond[B:], w=cfg)
+
+        x0 = temperature * torch.randn(B, c.token_dim, generator=generator, device=p.device, dtype=p.dtype)
+        x = euler_sample(velocity, x0, steps)  # (B, D)
+        x = x.repeat(2, 1) if guided else x  # (nb, D): both halves continue from the same token
+        seq = torch.cat([seq, x[:, None, :]], dim=1)  # (nb, i + 1, D)
+        if i + 1 < c.seq_len:
+            cond = (model.conditions(x[:, None, :], cache=cache) if use_cache
+                    else model.conditions(seq, ys))[:, -1]  # (nb, C)
+    return seq[:B]  # (B, L, D)
+
+
+def tokens_to_map(tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """Raster-order tokens ``(B, rows * cols, D)`` -> a latent map ``(B, D, rows, cols)`` for the tokenizer."""
+    B, L, D = tokens.shape
+    return tokens.view(B, grid[0], grid[1], D).permute(0, 3, 1, 2)  # (B, D, rows, cols)
+
+
+def map_to_tokens(latents: torch.Tensor) -> torch.Tensor:
+    """A latent map ``(B, D, rows, cols)`` -> raster-order tokens ``(B, rows * cols, D)``."""
+    return latents.permute(0, 2, 3, 1).flatten(1, 2)  # (B, rows * cols, D)
+
+
+@torch.no_grad()
+def generate_images(
+    model: ContinuousAR,
+    tokenizer: VQVAE,
+    classes: torch.Tensor,
+    *,
+    steps: int = 16,
+    temperature: float = 1.0,
+    cfg: float = 0.0,
+    seed: int | None = 0,
+    batch_size: int = 500,
+) -> torch.Tensor:
+    """Images ``(B, C, S, S)`` in [0, 1] of ``classes`` ``(B,)``: :func:`generate_tokens`, then the continuous
+    tokenizer's decoder. ``seed`` seeds one generator for the whole call (``None``: torch's global one); work runs
+    in chunks of ``batch_size`` classes (samples depend on the chunking). Raises as :func:`generate_tokens`."""
+    check_ids("classes", classes, model.config.n_classes + 1, ("B",))
+    batch_size = check_int("batch_size", batch_size, lo=1)
+    seed = None if seed is None else check_int("seed", seed)
+    if tokenizer.config.quantizer != "kl" or tokenizer.config.latent_dim != model.config.token_dim:
+        raise ValueError(f"the tokenizer must be continuous ('kl') with latent_dim {model.config.token_dim}, got "
+                         f"{tokenizer.config.quantizer!r} with {tokenizer.config.latent_dim}")
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+
+    def images_of(chunk: torch.Tensor) -> torch.Tensor:
+        tokens = generate_tokens(model, chunk, steps=steps, temperature=temperature, cfg=cfg, generator=generator)
+        return tokenizer.decode_from_indices(tokens_to_map(tokens, model.config.grid))  # (b, C, S, S)
+
+    return generate_in_batches(images_of, classes.to(device), batch_size)  # (B, C, S, S)
+
+
+def load_pretrained(device: torch.device | str = "cpu", path: str | Path | None = None
+                    ) -> tuple[ContinuousAR, VQVAE]:
+    """The shipped MNIST model (or the checkpoint at ``path``) and its continuous tokenizer: ``(model, tokenizer)``,
+    both in eval mode (:func:`ar_course.checkpoint.load_with_tokenizer`)."""
+    return checkpoint.load_with_tokenizer(PRETRAINED_PATH if path is None else Path(path), device,
+                                          kind=CHECKPOINT_KIND)
+
+
+def pretrained_info(path: str | Path | None = None) -> dict:
+    """What the trainer recorded with the checkpoint: steps, seed, losses, class accuracy by guidance strength...
+    (:func:`ar_course.checkpoint.info`)."""
+    return checkpoint.info(PRETRAINED_PATH if path is None else Path(path))
