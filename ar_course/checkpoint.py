@@ -50,6 +50,7 @@ KINDS: dict[str, tuple[type | str, type | str]] = {
     "raster_ar": ("ar_course.transformer.model:GPT", "ar_course.transformer.model:GPTConfig"),
     "var": ("ar_course.var.model:VAR", "ar_course.var.model:VARConfig"),
     "classifier": ("ar_course.metrics:Classifier", "ar_course.metrics:ClassifierConfig"),
+    "diffusion_lm": ("ar_course.diffusion_lm.model:DiffusionLM", "ar_course.diffusion_lm.model:DiffusionLMConfig"),
 }
 """Checkpoint kind -> (model class, config dataclass), as classes or ``"module:Name"`` strings imported on first
 use (so that this module imports none of the models). The model is built as ``Model(config)``."""
@@ -213,12 +214,12 @@ def load_with_tokenizer(
     """``(model, tokenizer)``: a model as :func:`load` gives it, with the tokenizer it was trained on.
 
     Image models (``"var"``, ``"raster_ar"``) record their VQ tokenizer's name or path: it is loaded with
-    :func:`load` on ``device``. Language models (``"lm"``) record their vocabulary: a
+    :func:`load` on ``device``. Language models (``"lm"``, ``"diffusion_lm"``) record their vocabulary: a
     :class:`~ar_course.data.CharTokenizer`. Other kinds raise :class:`CheckpointError`."""
     path = resolve(name_or_path)
     model, meta = _load(path, device, kind)
     extra = meta["extra"]
-    if meta["kind"] == "lm" and "vocab" in extra:
+    if meta["kind"] in ("lm", "diffusion_lm") and "vocab" in extra:
         from ar_course.data.text import CharTokenizer
 
         return model, CharTokenizer(extra["vocab"])

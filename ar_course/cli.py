@@ -31,6 +31,7 @@ TRAINERS: dict[str, tuple[str, str]] = {
     "var": ("ar_course.var.train", "VAR next-scale prediction over multi-scale VQ tokens (chapter 04)"),
     "grpo": ("ar_course.align.train:grpo_main", "GRPO fine-tuning of the raster AR model with a reward (chapter 11)"),
     "cca": ("ar_course.align.train:cca_main", "condition-contrastive alignment for guidance-free sampling (chapter 11)"),
+    "diffusion_lm": ("ar_course.diffusion_lm.train", "masked diffusion LM on the offline text corpus (chapter 08)"),
 }
 
 COMMANDS = {

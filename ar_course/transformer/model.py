@@ -11,6 +11,8 @@ Modules in dependency order: :class:`GPTConfig`, :class:`KVCache`, :class:`RMSNo
 * Masks are boolean, ``True`` = may attend. A block takes ``causal`` (the usual GPT mask, shifted for the
   tokens already in a KV cache) and/or an explicit ``mask`` (e.g. VAR's block-causal mask); both are
   combined with AND. The kernels get the causal mask as ``"causal"``, never as a matrix.
+  ``GPTConfig(causal=False)`` turns the causal rule off in :class:`GPT` (a bidirectional model, as masked
+  generation needs; it takes no KV cache and does not ``generate``).
 * :class:`KVCache` is preallocated per layer and indexed by position; ``rollback(n)`` forgets everything
   after position ``n`` (speculative decoding rejects drafted tokens that way).
 * Optional class conditioning: a class token is prepended to the sequence; class ``n_classes`` is the null
@@ -62,6 +64,7 @@ class GPTConfig:
     norm_eps: float = 1e-6
     tie_weights: bool = True
     attn: str = "sdpa"  # "sdpa" (fused), "plain" (the reference path) or "kernels" (chapter 06 kernels)
+    causal: bool = True  # False: every position attends to every other (bidirectional; no KV cache, no generate)
 
     def __post_init__(self) -> None:
         if self.grid is not None:
@@ -76,6 +79,8 @@ class GPTConfig:
             raise ValueError("pos='rope2d' needs grid=(rows, cols)")
         if self.attn not in ATTENTION_IMPLS:
             raise ValueError(f"attn must be one of {ATTENTION_IMPLS}, got {self.attn!r}")
+        if not isinstance(self.causal, bool):
+            raise ValueError(f"causal must be True or False, got {self.causal!r}")
 
     @property
     def head_dim(self) -> int:
@@ -605,6 +610,9 @@ class GPT(nn.Module):
         if cache is not None and (not isinstance(cache, caches) or cache.batch_size != B):
             raise ValueError(f"cache must be a KVCache or StaticKVCache of batch size {B}, got "
                              f"{cache.batch_size if isinstance(cache, caches) else type(cache).__name__}")
+        if cache is not None and not self.config.causal:
+            raise ValueError("a KV cache needs a causal model: with causal=False earlier positions attend to later "
+                             "ones, so their cached keys would go stale (forward_at takes an explicit mask)")
         if isinstance(cache, StaticKVCache) and targets is not None:
             raise ValueError("targets are not taken with a StaticKVCache (a decoding cache)")
         start = cache.length if cache is not None else 0
@@ -648,7 +656,8 @@ class GPT(nn.Module):
             TypeError: ``idx``, ``targets`` or ``classes`` is not a tensor.
             ValueError: a wrong shape or dtype, an empty batch, ids outside ``[0, vocab_size)`` (targets: or
                 -100), classes outside ``[0, n_classes]``, classes where none are taken, nothing to run (no
-                token and no class token), a cache of another batch size, more positions than ``block_size`` (or
+                token and no class token), a cache of another batch size or with a ``causal=False`` model, more
+                positions than ``block_size`` (or
                 than a static cache holds), or ``targets`` with a static cache.
         """
         if not torch.compiler.is_compiling():  # a compiled step (Generator(compile=True)) was checked by its caller
@@ -706,14 +715,15 @@ class GPT(nn.Module):
 
     def _blocks(self, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None,
                 cache: KVCache | StaticKVCache | None) -> torch.Tensor:
-        """The blocks over ``x`` ``(B, T, C)`` at absolute ``positions`` ``(T,)``: causal, or under ``mask``
-        ``(T, T_k)`` (which then holds the causal rule) when given. Returns ``(B, T, C)``."""
+        """The blocks over ``x`` ``(B, T, C)`` at absolute ``positions`` ``(T,)``: causal (bidirectional when
+        ``config.causal`` is False), or under ``mask`` ``(T, T_k)`` (which then holds the causal rule) when given.
+        Returns ``(B, T, C)``."""
         if self.wpe is not None:
             x = x + self.wpe(positions)
         rope = self.rotary(positions) if self.rotary is not None else None
         x = self.drop(x)
         for i, block in enumerate(self.blocks):
-            x = block(x, rope=rope, mask=mask, causal=mask is None, cache=cache, layer=i)
+            x = block(x, rope=rope, mask=mask, causal=mask is None and self.config.causal, cache=cache, layer=i)
         return x
 
     @torch.no_grad()
@@ -775,6 +785,8 @@ class GPT(nn.Module):
                 classes, an unknown ``cache`` (or a StaticKVCache of another size), or a static cache with
                 ``use_cache=False``.
         """
+        if not self.config.causal:
+            raise ValueError("generate() samples left to right and needs a causal model (this one has causal=False)")
         sampling, cfg = check_sampling(sampling), check_cfg(cfg)
         max_new_tokens = check_int("max_new_tokens", max_new_tokens, lo=0)
         use_cache = check_bool("use_cache", use_cache)
