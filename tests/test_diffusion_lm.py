@@ -43,10 +43,8 @@ def test_a_causal_false_gpt_sees_the_future_and_the_default_does_not(causal):
     assert GPTConfig().causal is True
 
 
-def test_a_causal_false_gpt_refuses_a_kv_cache_and_generate():
+def test_a_causal_false_gpt_refuses_generate_and_a_bad_flag():
     model = GPT(GPTConfig(vocab_size=11, block_size=8, n_layer=1, n_head=2, n_embd=16, causal=False))
-    with pytest.raises(ValueError, match="KV cache needs a causal model"):
-        model(torch.zeros(1, 2, dtype=torch.long), cache=model.make_cache(1))
     with pytest.raises(ValueError, match="needs a causal model"):
         model.generate(torch.zeros(1, 1, dtype=torch.long), 3)
     with pytest.raises(ValueError, match="causal must be True or False"):

@@ -9,12 +9,12 @@
 """
 
 from ar_course.diffusion_lm.functional import (
-    SCHEDULES, alpha, block_attention_mask, block_spans, denoise_step, loss_weight, mask_tokens, masked_nll,
-    time_grid, unmask_probability,
+    SCHEDULES, alpha, block_attention_mask, block_schedule, block_spans, denoise_step, loss_weight, mask_tokens,
+    masked_nll, time_grid, unmask_probability,
 )
 from ar_course.diffusion_lm.model import DiffusionLM, DiffusionLMConfig
 
 __all__ = [
     "SCHEDULES", "alpha", "loss_weight", "mask_tokens", "masked_nll", "unmask_probability", "denoise_step",
-    "block_spans", "block_attention_mask", "time_grid", "DiffusionLM", "DiffusionLMConfig",
+    "block_spans", "block_schedule", "block_attention_mask", "time_grid", "DiffusionLM", "DiffusionLMConfig",
 ]

@@ -74,12 +74,15 @@ def unmask_probability(t: torch.Tensor, s: torch.Tensor, schedule: str = "linear
 
 
 def denoise_step(x: torch.Tensor, proposal: torch.Tensor, t: float, s: float, mask_id: int,
-                 schedule: str = "linear", generator: torch.Generator | None = None) -> torch.Tensor:
+                 schedule: str = "linear", generator: torch.Generator | None = None,
+                 u: torch.Tensor | None = None) -> torch.Tensor:
     """One reverse step from time ``t`` to ``s < t``: each masked token of ``x`` ``(B, L)`` independently takes its
-    ``proposal`` ``(B, L)`` (the model's sampled tokens) with probability :func:`unmask_probability` ``(t, s)``;
-    unmasked tokens never change. Returns the new ``(B, L)`` long."""
-    p = unmask_probability(torch.tensor(t), torch.tensor(s), schedule)
-    u = torch.rand(x.shape, generator=generator, device=x.device)  # (B, L)
+    ``proposal`` ``(B, L)`` (the model's sampled tokens) when its uniform draw ``u`` ``(B, L)`` (default: drawn
+    from ``generator``) is below :func:`unmask_probability` ``(t, s)``; unmasked tokens never change. Returns the
+    new ``(B, L)`` long."""
+    p = unmask_probability(torch.tensor(t, dtype=torch.float64), torch.tensor(s, dtype=torch.float64), schedule)
+    if u is None:
+        u = torch.rand(x.shape, generator=generator, device=x.device)  # (B, L)
     reveal = (x == mask_id) & (u < p.to(x.device))
     return torch.where(reveal, proposal, x)
 
@@ -102,6 +105,19 @@ def block_attention_mask(length: int, block_size: int, device: torch.device | st
     top = torch.cat([same, earlier], dim=1)  # (L, 2L) noisy queries
     bottom = torch.cat([torch.zeros_like(same), same | earlier], dim=1)  # (L, 2L) clean queries
     return torch.cat([top, bottom], dim=0)  # (2L, 2L)
+
+
+def block_schedule(length: int, block_size: int, steps: int) -> list[tuple[int, int, float, float]]:
+    """The passes of block-wise generation, in order: ``(start, end, t, s)`` = denoise positions ``start .. end-1``
+    from time ``t`` to ``s``. The blocks of :func:`block_spans` go left to right, each taking ``steps // n_blocks``
+    passes whose times fall evenly from 1 to 0 (:func:`time_grid`), so every block ends fully unmasked;
+    ``steps`` must be a multiple of the number of blocks."""
+    spans = block_spans(length, block_size)
+    if steps < 1 or steps % len(spans):
+        raise ValueError(f"steps ({steps}) must be a multiple of the number of blocks ({len(spans)} blocks of "
+                         f"{block_size}): every block gets steps // n_blocks passes")
+    grid = time_grid(steps // len(spans)).tolist()
+    return [(start, end, grid[i], grid[i + 1]) for start, end in spans for i in range(len(grid) - 1)]
 
 
 def time_grid(steps: int) -> torch.Tensor:

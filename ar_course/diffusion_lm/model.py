@@ -198,12 +198,7 @@ class DiffusionLM(nn.Module):
         n = check_int("n", n, lo=1)
         length = check_int("length", length, lo=1, hi=self.config.length)
         steps = check_int("steps", steps, lo=1)
-        b = self._block_size(block_size, length)
-        n_blocks = length // b
-        if steps % n_blocks:
-            raise ValueError(f"steps ({steps}) must be a multiple of the number of blocks ({n_blocks} blocks of "
-                             f"{b}): every block gets steps // n_blocks passes")
-        return n, length, steps, b
+        return n, length, steps, self._block_size(block_size, length)
 
     @torch.no_grad()
     def generate(
@@ -234,41 +229,36 @@ class DiffusionLM(nn.Module):
         sampling = check_sampling(sampling)
         use_cache = check_bool("use_cache", use_cache)
         device = self.gpt.wte.weight.device
-        spans = F.block_spans(length, b)
-        per_block = steps // len(spans)
-        grid = F.time_grid(per_block).tolist()
+        passes = F.block_schedule(length, b, steps)
         x = torch.full((n, length), self.mask_id, dtype=torch.long, device=device)  # (n, L)
         states = [x.clone()]
         c = self.gpt.config
         cache = KVCache(c.n_layer, n, c.n_head, length, c.head_dim, device, self.gpt.wte.weight.dtype) \
             if use_cache else None
-        for j, (s, e) in enumerate(spans):
-            for i in range(per_block):
-                if cache is not None:
-                    logits = self._cached_logits(x, spans, j, i == 0, cache)
-                else:
-                    blk = torch.arange(e, device=device) // b  # (e,) block of every position so far
-                    mask = blk[:, None] >= blk[None, :]  # (e, e): clean blocks see earlier ones, the last sees all
-                    logits = self.logits(x[:, :e], torch.arange(e, device=device), mask)[:, s:]  # (n, b, V+1)
-                proposal = sample(logits, sampling=sampling, generator=generator)  # (n, b)
-                x[:, s:e] = F.denoise_step(x[:, s:e], proposal, grid[i], grid[i + 1], self.mask_id,
-                                           self.config.schedule, generator)
-                states.append(x.clone())
+        for start, end, t, s in passes:
+            if cache is not None:
+                logits = self._cached_logits(x, start, end, t == 1.0, cache)
+            else:
+                blk = torch.arange(end, device=device) // b  # (end,) block of every position so far
+                mask = blk[:, None] >= blk[None, :]  # (end, end): clean blocks see earlier ones, the last sees all
+                logits = self.logits(x[:, :end], torch.arange(end, device=device), mask)[:, start:]  # (n, b, V+1)
+            proposal = sample(logits, sampling=sampling, generator=generator)  # (n, b)
+            x[:, start:end] = F.denoise_step(x[:, start:end], proposal, t, s, self.mask_id, self.config.schedule,
+                                             generator)
+            states.append(x.clone())
         return (x, torch.stack(states)) if return_states else x
 
-    def _cached_logits(self, x: torch.Tensor, spans: list[tuple[int, int]], j: int, first: bool,
-                       cache: KVCache) -> torch.Tensor:
-        """Logits ``(n, b, V+1)`` of block ``j`` of ``x`` ``(n, L)`` over the cached finished blocks. On the block's
-        first pass the previous (now clean) block goes in front of it and its keys stay in the cache."""
-        s, e = spans[j]
-        b = e - s
-        device = x.device
-        if j == 0 or not first:
-            return self.logits(x[:, s:e], torch.arange(s, e, device=device), None, cache)  # (n, b, V+1)
-        ps = spans[j - 1][0]
-        past = cache.length  # == ps
+    def _cached_logits(self, x: torch.Tensor, start: int, end: int, first: bool, cache: KVCache) -> torch.Tensor:
+        """Logits ``(n, b, V+1)`` of the block ``start .. end-1`` of ``x`` ``(n, L)`` over the finished blocks in
+        ``cache``. On a block's ``first`` pass the previous (now clean) block goes in front of it, and its keys
+        stay in the cache."""
+        b, device = end - start, x.device
+        past = cache.length
+        if start == 0 or not first:
+            return self.logits(x[:, start:end], torch.arange(start, end, device=device), None, cache)  # (n, b, V+1)
         mask = torch.ones(2 * b, past + 2 * b, dtype=torch.bool, device=device)  # (2b, past + 2b)
         mask[:b, past + b:] = False  # the clean block does not see the new one
-        logits = self.logits(x[:, ps:e], torch.arange(ps, e, device=device), mask, cache)[:, b:]  # (n, b, V+1)
+        prev = torch.arange(start - b, end, device=device)  # (2b,)
+        logits = self.logits(x[:, start - b : end], prev, mask, cache)[:, b:]  # (n, b, V+1)
         cache.advance(b)  # keep the clean block's keys; the new block's are rewritten by its next pass
         return logits

@@ -11,10 +11,12 @@ Modules in dependency order: :class:`GPTConfig`, :class:`KVCache`, :class:`RMSNo
 * Masks are boolean, ``True`` = may attend. A block takes ``causal`` (the usual GPT mask, shifted for the
   tokens already in a KV cache) and/or an explicit ``mask`` (e.g. VAR's block-causal mask); both are
   combined with AND. The kernels get the causal mask as ``"causal"``, never as a matrix.
-  ``GPTConfig(causal=False)`` turns the causal rule off in :class:`GPT` (a bidirectional model, as masked
-  generation needs; it takes no KV cache and does not ``generate``).
 * :class:`KVCache` is preallocated per layer and indexed by position; ``rollback(n)`` forgets everything
   after position ``n`` (speculative decoding rejects drafted tokens that way).
+* ``GPTConfig.causal = False`` turns the causal mask off: a bidirectional encoder over the same blocks (the
+  masked models of chapter 08). With a KV cache the new tokens then attend to every cached position and to
+  each other, while the cached ones never see the new ones (block-wise decoding); :meth:`GPT.generate`, which
+  samples one token after another, needs a causal model.
 * Optional class conditioning: a class token is prepended to the sequence; class ``n_classes`` is the null
   class used for classifier-free guidance.
 * :class:`Block` optionally takes a conditioning vector for adaptive normalisation (``cond_dim > 0``), the
@@ -64,7 +66,7 @@ class GPTConfig:
     norm_eps: float = 1e-6
     tie_weights: bool = True
     attn: str = "sdpa"  # "sdpa" (fused), "plain" (the reference path) or "kernels" (chapter 06 kernels)
-    causal: bool = True  # False: every position attends to every other (bidirectional; no KV cache, no generate)
+    causal: bool = True  # False: bidirectional, every position attends to every other (masked models, ch. 08)
 
     def __post_init__(self) -> None:
         if self.grid is not None:
@@ -610,9 +612,6 @@ class GPT(nn.Module):
         if cache is not None and (not isinstance(cache, caches) or cache.batch_size != B):
             raise ValueError(f"cache must be a KVCache or StaticKVCache of batch size {B}, got "
                              f"{cache.batch_size if isinstance(cache, caches) else type(cache).__name__}")
-        if cache is not None and not self.config.causal:
-            raise ValueError("a KV cache needs a causal model: with causal=False earlier positions attend to later "
-                             "ones, so their cached keys would go stale (forward_at takes an explicit mask)")
         if isinstance(cache, StaticKVCache) and targets is not None:
             raise ValueError("targets are not taken with a StaticKVCache (a decoding cache)")
         start = cache.length if cache is not None else 0
@@ -656,8 +655,7 @@ class GPT(nn.Module):
             TypeError: ``idx``, ``targets`` or ``classes`` is not a tensor.
             ValueError: a wrong shape or dtype, an empty batch, ids outside ``[0, vocab_size)`` (targets: or
                 -100), classes outside ``[0, n_classes]``, classes where none are taken, nothing to run (no
-                token and no class token), a cache of another batch size or with a ``causal=False`` model, more
-                positions than ``block_size`` (or
+                token and no class token), a cache of another batch size, more positions than ``block_size`` (or
                 than a static cache holds), or ``targets`` with a static cache.
         """
         if not torch.compiler.is_compiling():  # a compiled step (Generator(compile=True)) was checked by its caller
@@ -689,7 +687,7 @@ class GPT(nn.Module):
         computed from ``cache.pos`` on the device; the cache is advanced by ``T_out``."""
         x = self._embed(idx, classes)  # (B, T_out, C)
         positions = cache.positions(x.shape[1])  # (T_out,)
-        x = self._blocks(x, positions, cache.visible(positions, causal=True), cache)
+        x = self._blocks(x, positions, cache.visible(positions, causal=self.config.causal), cache)
         cache.advance(x.shape[1])
         return self.lm_head(self.norm_f(x)), None  # (B, T_out, V)
 
@@ -723,22 +721,24 @@ class GPT(nn.Module):
         rope = self.rotary(positions) if self.rotary is not None else None
         x = self.drop(x)
         for i, block in enumerate(self.blocks):
-            x = block(x, rope=rope, mask=mask, causal=mask is None and self.config.causal, cache=cache, layer=i)
+            x = block(x, rope=rope, mask=mask, causal=self.config.causal and mask is None, cache=cache, layer=i)
         return x
 
     @torch.no_grad()
     def attention_maps(self, idx: torch.Tensor, classes: torch.Tensor | None = None) -> list[torch.Tensor]:
-        """Attention probabilities of every layer for a causal pass over ``idx`` ``(B, T)``.
+        """Attention probabilities of every layer for a pass over ``idx`` ``(B, T)`` (causal unless
+        ``config.causal`` is False).
 
-        Returns one ``(B, H, T_out, T_out)`` tensor per layer (rows sum to 1, zeros above the diagonal),
-        recomputed with the plain path from each attention layer's input."""
+        Returns one ``(B, H, T_out, T_out)`` tensor per layer (rows sum to 1; zeros above the diagonal when
+        causal), recomputed with the plain path from each attention layer's input."""
         maps: list[torch.Tensor] = []
 
         def capture(attn: SelfAttention, args: tuple) -> None:
             x, rope = args[0], args[1]  # the block calls attn(h, rope, mask, causal, cache, layer)
             q, k, _ = attn.heads(x, rope)  # (B, H, T, D)
             scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])  # (B, H, T, T)
-            maps.append(ref.masked_softmax(scores, ref.causal_mask(x.shape[1], device=x.device)))
+            mask = ref.causal_mask(x.shape[1], device=x.device) if self.config.causal else None  # (T, T)
+            maps.append(ref.masked_softmax(scores, mask))
 
         handles = [block.attn.register_forward_pre_hook(capture) for block in self.blocks]
         try:
@@ -780,13 +780,15 @@ class GPT(nn.Module):
         Raises:
             TypeError: a number or flag of the wrong type (``max_new_tokens=2.0``, ``use_cache="yes"``...), or
                 ``sampling`` that is not a ``SamplingConfig``.
-            ValueError: bad ``idx``/``classes`` (as :meth:`forward`), ``max_new_tokens < 0``, a prompt and new
+            ValueError: a bidirectional model (``config.causal`` False: its tokens cannot be sampled one after
+                another), bad ``idx``/``classes`` (as :meth:`forward`), ``max_new_tokens < 0``, a prompt and new
                 tokens needing more than ``block_size`` positions, a non-finite ``cfg``, guidance without
                 classes, an unknown ``cache`` (or a StaticKVCache of another size), or a static cache with
                 ``use_cache=False``.
         """
         if not self.config.causal:
-            raise ValueError("generate() samples left to right and needs a causal model (this one has causal=False)")
+            raise ValueError("generate samples left to right and needs a causal model; this one has causal=False "
+                             "(decode a bidirectional model with ar_course.masked)")
         sampling, cfg = check_sampling(sampling), check_cfg(cfg)
         max_new_tokens = check_int("max_new_tokens", max_new_tokens, lo=0)
         use_cache = check_bool("use_cache", use_cache)
