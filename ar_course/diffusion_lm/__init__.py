@@ -6,6 +6,7 @@
   (full or block-wise), the NLL bound on held-out text, and generation in exactly ``steps`` passes, full-sequence
   or block by block with a KV cache (``block_size=1`` is AR order).
 * :mod:`.train` -- ``python -m ar_course train diffusion_lm`` (the shipped ``diffusion_lm`` checkpoint).
+* :mod:`.study` -- the data-constrained study, scaled down: AR and diffusion repeating a small text budget.
 """
 
 from ar_course.diffusion_lm.functional import (
