@@ -40,7 +40,7 @@ class DiffusionLMConfig:
     n_head: int = 4
     n_embd: int = 128
     schedule: str = "linear"  # the noise schedule alpha(t): "linear" or "cosine"
-    train_block_sizes: tuple[int, ...] = (0, 0, 1, 4, 16)  # block size of each training batch, drawn uniformly; 0 = length
+    train_block_sizes: tuple[int, ...] = (0, 0, 1, 4, 16)  # a training batch's block size, drawn uniformly; 0: length
     attn: str = "sdpa"
 
     def __post_init__(self) -> None:
@@ -224,7 +224,12 @@ class DiffusionLM(nn.Module):
         (autoregressive) decoding. ``sampling``: temperature / top-k / top-p of each revealed token (0: greedy).
 
         Returns ``(n, length)`` long ids, and with ``return_states`` also ``(steps + 1, n, length)``: the sequence
-        before the first pass and after each (the mask token is ``mask_id``)."""
+        before the first pass and after each (the mask token is ``mask_id``).
+
+        Raises:
+            TypeError: a number or flag of the wrong type (``steps=8.0``), or ``sampling`` not a ``SamplingConfig``.
+            ValueError: ``n``, ``steps`` < 1, ``length`` outside ``1 .. config.length``, a ``block_size`` that does
+                not divide ``length``, or ``steps`` not a multiple of the number of blocks."""
         n, length, steps, b = self._check_generate(n, length, steps, block_size)
         sampling = check_sampling(sampling)
         use_cache = check_bool("use_cache", use_cache)

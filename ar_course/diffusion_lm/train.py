@@ -120,13 +120,15 @@ def main(argv: list[str] | None = None) -> int:
                             description="Train a masked diffusion LM on the offline text corpus (pydoc_data.topics).")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="small", help="model size and schedule")
     parser.add_argument("--steps", type=positive_int, default=None, help="optimisation steps (default: the preset's)")
-    parser.add_argument("--batch-size", type=positive_int, default=None, help="batch of windows (default: the preset's)")
+    parser.add_argument("--batch-size", type=positive_int, default=None,
+                        help="batch of windows (default: the preset's)")
     parser.add_argument("--lr", type=positive_float, default=None, help="peak learning rate (default: the preset's)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     parser.add_argument("--out", type=Path, default=None,
                         help="checkpoint path (default: ar_course/assets/diffusion_lm.safetensors)")
     parser.add_argument("--float32", action="store_true", help="store float32 weights (default: float16)")
-    parser.add_argument("--eval-every", type=nonnegative_int, default=0, help="validation bound every N steps (0: at the end)")
+    parser.add_argument("--eval-every", type=nonnegative_int, default=0,
+                        help="validation bound every N steps (0: at the end)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--threads", type=positive_int, default=None,
                         help="torch CPU threads (default: torch's choice; 1 is faster on a busy machine)")
