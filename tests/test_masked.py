@@ -195,7 +195,10 @@ def test_confidence_step_keeps_the_most_confident_and_never_remasks_known_tokens
     log_probs[0, torch.arange(5), sampled[0]] = torch.tensor([-9.0, -0.1, -3.0, -9.0, -1.0])
     new, new_mask = M.confidence_step(tokens, mask, log_probs, sampled, 1)
     assert new_mask.tolist() == [[False, False, True, False, False]]  # the least confident masked one
-    assert new[0, [0, 1, 3, 4]].tolist() == [5, 2, 7, 5]  # known kept, confident ones taken
+    assert new.tolist() == [[5, 2, 0, 7, 5]]  # known kept, confident ones taken, the re-masked one as it was
+    noise = torch.tensor([[0.0, 0.0, 5.0, 0.0, 0.0]])  # noise can overturn the order
+    _, new_mask = M.confidence_step(tokens, mask, log_probs, sampled, 1, noise, 1.0)
+    assert new_mask.tolist() == [[False, False, False, False, True]]
     new, new_mask = M.confidence_step(tokens, mask, log_probs, sampled, 0)
     assert not new_mask.any() and new.tolist() == [[5, 2, 3, 7, 5]]
 

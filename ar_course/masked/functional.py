@@ -125,18 +125,16 @@ def confidence_step(
     positions have confidence ``+inf``, so they are never re-masked. The ``n_masked`` least confident positions
     of each row are masked again; every other masked position takes its sampled token.
 
-    Returns ``(tokens (B, N), mask (B, N))``, new tensors.
+    Returns ``(tokens (B, N), mask (B, N))``, new tensors: ``tokens`` holds the sampled token at every position
+    revealed now and the input's value everywhere else (the known tokens, and ``[MASK]`` where still masked).
     """
     conf = log_probs.gather(-1, sampled[..., None])[..., 0]  # (B, N)
     if noise is not None and noise_scale > 0:
         conf = conf + noise_scale * noise
     conf = conf.masked_fill(~mask, float("inf"))  # known tokens stay known
-    new_tokens = torch.where(mask, sampled, tokens)  # (B, N)
-    if n_masked == 0:
-        return new_tokens, torch.zeros_like(mask)
     lowest = conf.topk(n_masked, dim=-1, largest=False).indices  # (B, n_masked)
     new_mask = torch.zeros_like(mask).scatter_(1, lowest, True)  # (B, N)
-    return new_tokens, new_mask
+    return torch.where(mask & ~new_mask, sampled, tokens), new_mask  # (B, N), (B, N)
 
 
 def neighbour_steps(h: int, w: int) -> list[torch.Tensor]:

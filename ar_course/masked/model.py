@@ -153,7 +153,6 @@ class MaskGIT(GPT):
             scale = ref.annealed_noise_scale(noise, t, steps)
             gumbel = ref.gumbel_noise((B, N), generator, tokens.device) if scale > 0 else None
             tokens, mask = ref.confidence_step(tokens, mask, log_probs, sampled, n_masked, gumbel, scale)
-            tokens = tokens.masked_fill(mask, self.mask_id)
             if trace is not None:
                 trace.append(tokens.clone())
         return tokens.view(B, *self.grid)  # (B, rows, cols)
