@@ -14,6 +14,7 @@ from safetensors.torch import save_file
 from ar_course import checkpoint
 from ar_course.checkpoint import CheckpointError, config_from_dict, load, load_with_tokenizer, save_checkpoint
 from ar_course.data import CharTokenizer
+from ar_course.masked import MaskGIT
 from ar_course.metrics import Classifier, ClassifierConfig
 from ar_course.tokenizers import VQVAE, VQVAEConfig
 from ar_course.transformer import GPT, GPTConfig, SelfAttention, plain_attention, set_attention
@@ -23,7 +24,8 @@ SHIPPED = {"ar_mnist": ("raster_ar", GPT), "ar_mnist_draft": ("raster_ar", GPT),
            "ar_mnist_grpo": ("raster_ar", GPT),
            "classifier_mnist": ("classifier", Classifier), "classifier_shapes": ("classifier", Classifier),
            "lm_draft": ("lm", GPT), "lm_target": ("lm", GPT), "tokenizer_mnist_msvq": ("tokenizer", VQVAE),
-           "tokenizer_mnist_vq": ("tokenizer", VQVAE), "var_mnist": ("var", VAR)}
+           "tokenizer_mnist_vq": ("tokenizer", VQVAE), "var_mnist": ("var", VAR),
+           "maskgit_mnist": ("maskgit", MaskGIT)}
 CONFIGS = [GPTConfig, VARConfig, VQVAEConfig, ClassifierConfig]
 
 

@@ -21,7 +21,9 @@ from ar_course.checkpoint import save_checkpoint
 from ar_course.cli import ArgumentParser, nonnegative_int, positive_float, positive_int, probability
 from ar_course.data import image_batches, load_mnist
 from ar_course.masked.functional import SCHEDULES, random_mask
-from ar_course.masked.model import CHECKPOINT_KIND, PRETRAINED_PATH, MaskGIT, generate_images, maskgit_config, maskgit_loss
+from ar_course.masked.model import (
+    CHECKPOINT_KIND, DEFAULT_NOISE, PRETRAINED_PATH, MaskGIT, generate_images, maskgit_config, maskgit_loss,
+)
 from ar_course.raster.model import condition_dropout_batches
 from ar_course.raster.train import encode_dataset
 from ar_course.train import History, TrainConfig, add_run_options, finish_run, prepare_run, train_loop, trainer_main
@@ -141,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
                           steps=args.steps, seed=args.seed, batch_size=args.batch_size, lr=args.lr,
                           p_uncond=args.p_uncond, schedule=args.schedule, train_images=len(labels),
                           final_train_loss=sum(tail) / len(tail), test_loss=test_loss,
-                          accuracy_by_cfg_8_steps=accuracy, eval_per_class=args.eval_per_class)
+                          accuracy_by_cfg_8_steps=accuracy, eval_noise=DEFAULT_NOISE, eval_per_class=args.eval_per_class)
     finish_run(state_path)
     print(f"test loss {test_loss:.4f} nats/masked token; 8-step class accuracy by guidance strength w {accuracy}")
     print(f"saved {out} ({out.stat().st_size / 1024:.0f} KB)")
