@@ -49,6 +49,7 @@ KINDS: dict[str, tuple[type | str, type | str]] = {
     "lm": ("ar_course.transformer.model:GPT", "ar_course.transformer.model:GPTConfig"),
     "raster_ar": ("ar_course.transformer.model:GPT", "ar_course.transformer.model:GPTConfig"),
     "var": ("ar_course.var.model:VAR", "ar_course.var.model:VARConfig"),
+    "maskgit": ("ar_course.masked.model:MaskGIT", "ar_course.transformer.model:GPTConfig"),
     "classifier": ("ar_course.metrics:Classifier", "ar_course.metrics:ClassifierConfig"),
     "diffusion_lm": ("ar_course.diffusion_lm.model:DiffusionLM", "ar_course.diffusion_lm.model:DiffusionLMConfig"),
 }

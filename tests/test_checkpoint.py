@@ -15,6 +15,7 @@ from ar_course import checkpoint
 from ar_course.checkpoint import CheckpointError, config_from_dict, load, load_with_tokenizer, save_checkpoint
 from ar_course.data import CharTokenizer
 from ar_course.diffusion_lm import DiffusionLM, DiffusionLMConfig
+from ar_course.masked import MaskGIT
 from ar_course.metrics import Classifier, ClassifierConfig
 from ar_course.tokenizers import VQVAE, VQVAEConfig
 from ar_course.transformer import GPT, GPTConfig, SelfAttention, plain_attention, set_attention
@@ -25,7 +26,8 @@ SHIPPED = {"ar_mnist": ("raster_ar", GPT), "ar_mnist_draft": ("raster_ar", GPT),
            "classifier_mnist": ("classifier", Classifier), "classifier_shapes": ("classifier", Classifier),
            "diffusion_lm": ("diffusion_lm", DiffusionLM), "lm_small": ("lm", GPT),
            "lm_draft": ("lm", GPT), "lm_target": ("lm", GPT), "tokenizer_mnist_msvq": ("tokenizer", VQVAE),
-           "tokenizer_mnist_vq": ("tokenizer", VQVAE), "var_mnist": ("var", VAR)}
+           "tokenizer_mnist_vq": ("tokenizer", VQVAE), "var_mnist": ("var", VAR),
+           "maskgit_mnist": ("maskgit", MaskGIT)}
 CONFIGS = [GPTConfig, VARConfig, VQVAEConfig, ClassifierConfig, DiffusionLMConfig]
 
 
