@@ -1,6 +1,7 @@
-"""Chapter 08 checks (image half): each accepts the reference, reports a stub as not attempted, and rejects
-plausible wrong answers (a revealed-fraction schedule, a loss over every position or per row, re-masking the most
-confident or the known tokens, noise left out, anti-diagonals the wrong way...)."""
+"""Chapter 08 checks: each accepts the reference, reports a stub as not attempted, and rejects plausible wrong
+answers (a revealed-fraction schedule, a loss over every position or per row, re-masking the most confident or the
+known tokens, noise left out, anti-diagonals the wrong way; an unweighted or per-masked-token MDLM loss, an
+unconditioned reveal probability, known tokens overwritten, one time grid for all blocks...)."""
 
 import math
 
@@ -185,3 +186,112 @@ def test_reference_neighbour_map_matches_the_library_order():
         steps = M.neighbour_steps(h, w)
         step_map = answers.neighbour_step_map(h, w).flatten()
         assert all(torch.equal(step_map == k, s) for k, s in enumerate(steps))
+
+
+# 8.5 ------------------------------------------------------------------------------------------------------
+
+
+def mdlm_unweighted(logits, targets, masked, t):
+    nll = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
+    return (nll * masked).sum(1) / targets.shape[1]
+
+
+def mdlm_weight_t(logits, targets, masked, t):
+    nll = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
+    return (nll * masked * t[:, None]).sum(1) / targets.shape[1]
+
+
+def mdlm_mean_over_masked(logits, targets, masked, t):
+    nll = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
+    return (nll * masked / t[:, None]).sum(1) / masked.sum(1).clamp(min=1)
+
+
+def mdlm_all_positions(logits, targets, masked, t):
+    nll = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
+    return (nll / t[:, None]).mean(1)
+
+
+def mdlm_batch_mean(logits, targets, masked, t):
+    return answers.mdlm_loss(logits, targets, masked, t).mean()
+
+
+def test_8_5():
+    check = ch08.mdlm_loss
+    assert_passes(check, answers.mdlm_loss)
+    assert_not_attempted(check, stub)
+    for wrong in (mdlm_unweighted, mdlm_weight_t, mdlm_mean_over_masked, mdlm_all_positions, mdlm_batch_mean):
+        assert_fails(check, wrong)
+    assert_fails(check, mdlm_unweighted, contains="1/t")
+    assert_fails(check, mdlm_mean_over_masked, contains="length L")
+    assert_fails(check, mdlm_all_positions, contains="only masked")
+
+
+# 8.6 ------------------------------------------------------------------------------------------------------
+
+
+def reveal_unnormalised(x, proposal, t, s, mask_id, u):
+    return torch.where((x == mask_id) & (u < t - s), proposal, x)
+
+
+def reveal_stay(x, proposal, t, s, mask_id, u):
+    return torch.where((x == mask_id) & (u < s / t), proposal, x)
+
+
+def reveal_overwrites(x, proposal, t, s, mask_id, u):
+    return torch.where(u < (t - s) / t, proposal, x)
+
+
+def reveal_all(x, proposal, t, s, mask_id, u):
+    return torch.where(x == mask_id, proposal, x)
+
+
+def reveal_inverted(x, proposal, t, s, mask_id, u):
+    return torch.where((x == mask_id) & (u > (t - s) / t), proposal, x)
+
+
+def test_8_6():
+    check = ch08.reveal_step
+    assert_passes(check, answers.reveal_step)
+    assert_not_attempted(check, stub)
+    for wrong in (reveal_unnormalised, reveal_stay, reveal_overwrites, reveal_all, reveal_inverted):
+        assert_fails(check, wrong)
+    assert_fails(check, reveal_unnormalised, contains="(t - s) / t")
+    assert_fails(check, reveal_overwrites, contains="never change")
+
+
+# 8.7 ------------------------------------------------------------------------------------------------------
+
+
+def schedule_global(length, block_size, steps):
+    grid = torch.linspace(1.0, 0.0, steps + 1).tolist()
+    starts = [a for a in range(0, length, block_size) for _ in range(steps // (length // block_size))]
+    return [(a, a + block_size, grid[k], grid[k + 1]) for k, a in enumerate(starts)]
+
+
+def schedule_each_all(length, block_size, steps):
+    grid = torch.linspace(1.0, 0.0, steps + 1).tolist()
+    return [(a, a + block_size, grid[i], grid[i + 1]) for a in range(0, length, block_size) for i in range(steps)]
+
+
+def schedule_no_last(length, block_size, steps):
+    per = steps // (length // block_size)
+    grid = torch.linspace(1.0, 1.0 / (per + 1), per + 1).tolist()  # never reaches t = 0: masks left over
+    return [(a, a + block_size, grid[i], grid[i + 1]) for a in range(0, length, block_size) for i in range(per)]
+
+
+def schedule_reversed(length, block_size, steps):
+    per = steps // (length // block_size)
+    grid = torch.linspace(1.0, 0.0, per + 1).tolist()
+    return [(a, a + block_size, grid[i], grid[i + 1]) for a in reversed(range(0, length, block_size))
+            for i in range(per)]
+
+
+def test_8_7():
+    check = ch08.block_schedule
+    assert_passes(check, answers.block_schedule)
+    assert_not_attempted(check, stub)
+    for wrong in (schedule_global, schedule_each_all, schedule_no_last, schedule_reversed):
+        assert_fails(check, wrong)
+    assert_fails(check, schedule_global, contains="inside every block")
+    assert_fails(check, schedule_each_all, contains="steps // n_blocks")
+    assert_fails(check, schedule_reversed, contains="left to right")

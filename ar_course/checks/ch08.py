@@ -1,10 +1,13 @@
-"""Checks for chapter 08, parallel decoding (image half): ``checks.ch08.mask_ratio(mask_ratio)``.
+"""Checks for chapter 08, parallel decoding: ``checks.ch08.mask_ratio(mask_ratio)``.
 
-Every check compares with the library (:mod:`ar_course.masked`) on seeded random inputs and hand-made edge
-cases (the ends of the schedule, rows with different numbers of masked tokens, noise that overturns the order of
-confidences, non-square maps), and names the usual mistakes: a schedule that counts revealed tokens instead of
-masked ones, a loss over every position or averaged per row, re-masking the most confident tokens or known ones,
-anti-diagonals in the wrong direction."""
+Every check compares with the library (:mod:`ar_course.masked` for images, :mod:`ar_course.diffusion_lm` for
+text) on seeded random inputs and hand-made edge cases (the ends of the schedule, rows with different numbers of
+masked tokens, noise that overturns the order of confidences, non-square maps, uniform draws on both sides of the
+reveal probability, one block and blocks of one), and names the usual mistakes: a schedule that counts revealed
+tokens instead of masked ones, a loss over every position or averaged per row, re-masking the most confident
+tokens or known ones, anti-diagonals in the wrong direction; for text, an MDLM loss without its 1/t weight or
+averaged over the masked tokens, a reveal probability that is not conditioned on being masked, a block schedule
+whose time runs once over the whole sequence."""
 
 from __future__ import annotations
 
@@ -263,3 +266,169 @@ ORDER_MISTAKES = [
 ))
 def neighbour_step_map(fn: Callable, ref_fn: Callable) -> None:
     compare_cases(fn, ref_fn, _order_cases(), mistakes=ORDER_MISTAKES)
+
+
+# --------------------------------------------------------------------------------------------------------
+# 8.5 the MDLM loss: masked cross-entropy weighted by the schedule
+
+
+def _mdlm_cases() -> Iterator[Case]:
+    g = torch.Generator().manual_seed(85)
+    for B, L, V in ((4, 6, 5), (2, 9, 7)):
+        logits = torch.randn(B, L, V, generator=g)
+        targets = torch.randint(0, V, (B, L), generator=g)
+        masked = torch.rand(B, L, generator=g) < 0.5
+        masked[:, 0] = True  # at least one masked token per row
+        yield Case(f"random B={B}, L={L}, V={V}", (logits, targets, masked, torch.rand(B, generator=g) * 0.9 + 0.1))
+    logits = torch.randn(3, 4, 6, generator=g)
+    targets = torch.randint(0, 6, (3, 4), generator=g)
+    masked = torch.tensor([[True, False, True, False], [False] * 4, [True] * 4])
+    yield Case("rows with 2, 0 and 4 masked tokens", (logits, targets, masked, torch.tensor([0.5, 0.3, 1.0])))
+
+
+def _mdlm_unweighted(logits, targets, masked, t):
+    return answers.mdlm_loss(logits, targets, masked, torch.ones_like(t))
+
+
+def _mdlm_times_t(logits, targets, masked, t):
+    return answers.mdlm_loss(logits, targets, masked, 1.0 / t)
+
+
+def _mdlm_per_masked(logits, targets, masked, t):
+    count = masked.sum(1).clamp(min=1)
+    return answers.mdlm_loss(logits, targets, masked, t) * masked.shape[1] / count
+
+
+def _mdlm_every_position(logits, targets, masked, t):
+    return answers.mdlm_loss(logits, targets, torch.ones_like(masked), t)
+
+
+MDLM_MISTAKES = [
+    Mistake(_mdlm_unweighted, "the masked cross-entropy is not weighted: at time t each masked token counts 1/t"),
+    Mistake(_mdlm_times_t, "the weight is 1/t, not t: rows with few masks (small t) count more"),
+    Mistake(_mdlm_per_masked, "the sum is divided by the number of masked tokens; the bound is in nats per "
+                              "token of the sequence, so divide by its length L"),
+    Mistake(_mdlm_every_position, "unmasked tokens are copied through by the model and cost nothing; only masked "
+                                  "positions enter the loss"),
+]
+
+
+@chapter.exercise("8.5", reference=answers.mdlm_loss, hints=(
+    "the bound integrates, over t, the cross-entropy of the masked tokens weighted by -alpha'(t) / (1 - alpha(t)); "
+    "with alpha(t) = 1 - t, what is that weight?",
+    "per-token cross-entropy with reduction='none' (B, L), times masked, times 1 / t[:, None], summed over L and "
+    "divided by L",
+    "nll = F.cross_entropy(logits.transpose(1, 2), targets, reduction='none'); "
+    "return (nll * masked / t[:, None]).sum(1) / targets.shape[1]",
+))
+def mdlm_loss(fn: Callable, ref_fn: Callable) -> None:
+    compare_cases(fn, ref_fn, _mdlm_cases(), mistakes=MDLM_MISTAKES, grad_wrt=(0,))
+
+
+# --------------------------------------------------------------------------------------------------------
+# 8.6 one denoising step of the diffusion LM
+
+
+def _reveal_cases() -> Iterator[Case]:
+    g = torch.Generator().manual_seed(86)
+    M = 9
+    for t, s in ((1.0, 0.75), (0.5, 0.25), (0.3, 0.0), (0.8, 0.7)):
+        x = torch.randint(0, M, (3, 10), generator=g)
+        x[torch.rand(3, 10, generator=g) < 0.6] = M
+        yield Case(f"t = {t}, s = {s}", (x, torch.randint(0, M, (3, 10), generator=g), t, s, M,
+                                         torch.rand(3, 10, generator=g)))
+    x = torch.tensor([[M, 1, M, 2, M, M]])
+    u = torch.tensor([[0.1, 0.1, 0.45, 0.45, 0.55, 0.9]])
+    yield Case("hand-made: t = 1, s = 0.5, draws on both sides of 1/2", (x, torch.tensor([[5, 6, 7, 8, 4, 3]]),
+                                                                         1.0, 0.5, M, u))
+
+
+def _reveal_stay_prob(x, proposal, t, s, mask_id, u):
+    reveal = (x == mask_id) & (u < s / t)
+    return torch.where(reveal, proposal, x)
+
+
+def _reveal_unnormalised(x, proposal, t, s, mask_id, u):
+    reveal = (x == mask_id) & (u < t - s)
+    return torch.where(reveal, proposal, x)
+
+
+def _reveal_overwrites(x, proposal, t, s, mask_id, u):
+    return torch.where(u < (t - s) / t, proposal, x)
+
+
+def _reveal_inverted(x, proposal, t, s, mask_id, u):
+    reveal = (x == mask_id) & (u >= (t - s) / t)
+    return torch.where(reveal, proposal, x)
+
+
+REVEAL_MISTAKES = [
+    Mistake(_reveal_unnormalised, "t - s is the chance that a token is masked at t and not at s; given that it "
+                                  "is masked at t (probability t), the chance to reveal it is (t - s) / t"),
+    Mistake(_reveal_stay_prob, "s / t is the chance that a masked token stays masked; a token is revealed with "
+                               "the rest"),
+    Mistake(_reveal_overwrites, "tokens that are already revealed must never change (an absorbing process has "
+                                "no way back)"),
+    Mistake(_reveal_inverted, "a token is revealed when its draw u is below the reveal probability"),
+]
+
+
+@chapter.exercise("8.6", reference=answers.reveal_step, hints=(
+    "under the linear schedule a token is masked at time t with probability t; given that, how likely is it to be "
+    "masked no more at time s < t?",
+    "p = (t - s) / t; reveal where x == mask_id and u < p, taking the proposal there; everything else stays",
+    "reveal = (x == mask_id) & (u < (t - s) / t); return torch.where(reveal, proposal, x)",
+))
+def reveal_step(fn: Callable, ref_fn: Callable) -> None:
+    compare_cases(fn, ref_fn, _reveal_cases(), mistakes=REVEAL_MISTAKES)
+
+
+# --------------------------------------------------------------------------------------------------------
+# 8.7 the block-wise schedule
+
+
+def _schedule_cases() -> Iterator[Case]:
+    yield Case("length 8, blocks of 4, 4 steps", (8, 4, 4))
+    yield Case("length 8, blocks of 2, 8 steps", (8, 2, 8))
+    yield Case("length 6, one block (full diffusion), 3 steps", (6, 6, 3))
+    yield Case("length 4, blocks of 1 (AR order), 4 steps", (4, 1, 4))
+    yield Case("length 12, blocks of 3, 12 steps", (12, 3, 12))
+
+
+def _schedule_global_time(length, block_size, steps):
+    grid = torch.linspace(1.0, 0.0, steps + 1).tolist()
+    return [(a, b, grid[k], grid[k + 1]) for k, (a, b, _, _) in
+            enumerate(answers.block_schedule(length, block_size, steps))]
+
+
+def _schedule_all_steps_each(length, block_size, steps):
+    grid = torch.linspace(1.0, 0.0, steps + 1).tolist()
+    return [(a, a + block_size, grid[i], grid[i + 1]) for a in range(0, length, block_size) for i in range(steps)]
+
+
+def _schedule_right_to_left(length, block_size, steps):
+    per = steps // (length // block_size)
+    rows = answers.block_schedule(length, block_size, steps)
+    blocks = [rows[i : i + per] for i in range(0, len(rows), per)]
+    return [row for blk in reversed(blocks) for row in blk]
+
+
+SCHEDULE_MISTAKES = [
+    Mistake(_schedule_global_time, "time runs from 1 to 0 inside every block (each block starts all masked and "
+                                   "must end clean), not once over the whole sequence"),
+    Mistake(_schedule_all_steps_each, "steps counts every pass of the whole generation; each block gets "
+                                      "steps // n_blocks of them"),
+    Mistake(_schedule_right_to_left, "blocks go left to right: each is conditioned on the finished blocks "
+                                     "before it"),
+]
+
+
+@chapter.exercise("8.7", reference=answers.block_schedule, hints=(
+    "split 0..length-1 into blocks of block_size; each block gets the same number of passes, and inside a block "
+    "the time falls from 1 (all masked) to 0 (clean)",
+    "per = steps // (length // block_size); grid = torch.linspace(1, 0, per + 1).tolist(); one entry "
+    "(start, start + block_size, grid[i], grid[i + 1]) per block and per i",
+    "return [(a, a + block_size, grid[i], grid[i + 1]) for a in range(0, length, block_size) for i in range(per)]",
+))
+def block_schedule(fn: Callable, ref_fn: Callable) -> None:
+    compare_cases(fn, ref_fn, _schedule_cases(), mistakes=SCHEDULE_MISTAKES)
