@@ -21,6 +21,7 @@ from typing import Iterator
 
 import torch
 
+from ar_course import distributed as ddp
 from ar_course.checkpoint import ASSETS, save_checkpoint
 from ar_course.cli import ArgumentParser, nonnegative_int, positive_float, positive_int
 from ar_course.diffusion_lm.model import DiffusionLM, DiffusionLMConfig
@@ -145,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     model, info = train_diffusion_lm(preset, args.seed, get_device(args.device), not args.no_progress,
                                      args.eval_every, checkpoint_every=args.checkpoint_every,
                                      state_path=state_path, resume=args.resume)
+    if not ddp.is_main_process():
+        return 0
     model = model.cpu()
     if not args.float32:
         round_to_half(model)
