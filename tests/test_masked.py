@@ -319,3 +319,32 @@ def test_bad_arguments_give_clear_errors():
         MaskGIT(GPTConfig(vocab_size=13, block_size=13, n_classes=5, pos="rope2d", grid=(3, 4)))
     with pytest.raises(ValueError, match="order must be"):
         masked.generate_images(model, None, cls, order="raster")
+
+
+# -- the shipped model and its trainer -----------------------------------------------------------------------------
+
+
+def test_shipped_maskgit_is_bidirectional_and_draws_the_requested_digits_in_8_passes():
+    from ar_course import metrics
+
+    model, tokenizer = masked.load_pretrained()
+    assert isinstance(model, MaskGIT) and not model.config.causal and model.mask_id == 256
+    info = masked.pretrained_info()
+    assert info["steps"] == 2000 and info["seed"] == 0 and info["schedule"] == "cosine"
+    classes = torch.arange(10).repeat(2)
+    count = Counter(model)
+    maps = model.generate(classes, steps=8, cfg=2.0, forward=count, generator=torch.Generator().manual_seed(0))
+    assert count.calls == 8
+    assert metrics.class_accuracy(tokenizer.decode_from_indices(maps), classes) >= 0.9
+
+
+def test_train_maskgit_cli_writes_a_loadable_checkpoint(tmp_path):
+    from ar_course.masked.train import main
+
+    out = tmp_path / "mg.safetensors"
+    assert main(["--steps", "2", "--batch-size", "8", "--train-images", "64", "--eval-per-class", "1",
+                 "--n-layer", "1", "--n-embd", "16", "--n-head", "2", "--schedule", "square", "--out", str(out)]) == 0
+    model, _ = masked.load_pretrained(path=out)
+    info = masked.pretrained_info(out)
+    assert isinstance(model, MaskGIT) and info["schedule"] == "square" and info["steps"] == 2
+    assert set(info["accuracy_by_cfg_8_steps"]) == {"0.0", "1.0", "2.0"}
