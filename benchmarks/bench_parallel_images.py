@@ -21,6 +21,7 @@ evaluation run per image (``--threads`` threads). Writes ``benchmarks/results/pa
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import platform
 import time
@@ -128,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
          "met": k8["frechet"] <= 1.5 * raster_row["frechet"]},
     ]
     result = {
-        "device": str(device), "cpu": platform.processor() or platform.machine(), "threads": args.threads,
+        "date": datetime.date.today().isoformat(), "device": str(device), "cpu": platform.processor() or platform.machine(), "threads": args.threads,
         "torch": torch.__version__, "n_eval": n, "seed": 0, "real_vs_real": baseline,
         "maskgit_info": {k: v for k, v in masked.pretrained_info(args.maskgit).items()
                          if k in ("steps", "seed", "batch_size", "schedule", "final_train_loss", "test_loss")},
