@@ -49,7 +49,9 @@ KINDS: dict[str, tuple[type | str, type | str]] = {
     "lm": ("ar_course.transformer.model:GPT", "ar_course.transformer.model:GPTConfig"),
     "raster_ar": ("ar_course.transformer.model:GPT", "ar_course.transformer.model:GPTConfig"),
     "var": ("ar_course.var.model:VAR", "ar_course.var.model:VARConfig"),
+    "maskgit": ("ar_course.masked.model:MaskGIT", "ar_course.transformer.model:GPTConfig"),
     "classifier": ("ar_course.metrics:Classifier", "ar_course.metrics:ClassifierConfig"),
+    "diffusion_lm": ("ar_course.diffusion_lm.model:DiffusionLM", "ar_course.diffusion_lm.model:DiffusionLMConfig"),
     "continuous_ar": ("ar_course.continuous.model:ContinuousAR", "ar_course.continuous.model:ContinuousARConfig"),
 }
 """Checkpoint kind -> (model class, config dataclass), as classes or ``"module:Name"`` strings imported on first
@@ -214,12 +216,12 @@ def load_with_tokenizer(
     """``(model, tokenizer)``: a model as :func:`load` gives it, with the tokenizer it was trained on.
 
     Image models (``"var"``, ``"raster_ar"``) record their VQ tokenizer's name or path: it is loaded with
-    :func:`load` on ``device``. Language models (``"lm"``) record their vocabulary: a
+    :func:`load` on ``device``. Language models (``"lm"``, ``"diffusion_lm"``) record their vocabulary: a
     :class:`~ar_course.data.CharTokenizer`. Other kinds raise :class:`CheckpointError`."""
     path = resolve(name_or_path)
     model, meta = _load(path, device, kind)
     extra = meta["extra"]
-    if meta["kind"] == "lm" and "vocab" in extra:
+    if meta["kind"] in ("lm", "diffusion_lm") and "vocab" in extra:
         from ar_course.data.text import CharTokenizer
 
         return model, CharTokenizer(extra["vocab"])

@@ -29,6 +29,8 @@ TRAINERS: dict[str, tuple[str, str]] = {
     "classifier": ("ar_course.metrics", "the evaluation classifier for an image set (chapter 03)"),
     "ar": ("ar_course.raster.train", "class-conditional raster-order AR over VQ tokens (chapter 03)"),
     "var": ("ar_course.var.train", "VAR next-scale prediction over multi-scale VQ tokens (chapter 04)"),
+    "maskgit": ("ar_course.masked.train", "MaskGIT: masked parallel decoding over VQ tokens (chapter 08)"),
+    "diffusion_lm": ("ar_course.diffusion_lm.train", "masked diffusion LM on the offline text corpus (chapter 08)"),
     "continuous": ("ar_course.continuous.train", "raster AR over continuous tokens with a flow-matching head (chapter 10)"),
     "grpo": ("ar_course.align.train:grpo_main", "GRPO fine-tuning of the raster AR model with a reward (chapter 11)"),
     "cca": ("ar_course.align.train:cca_main", "condition-contrastive alignment for guidance-free sampling (chapter 11)"),

@@ -12,9 +12,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ar_course import checkpoint
-from ar_course.continuous import ContinuousAR, ContinuousARConfig
 from ar_course.checkpoint import CheckpointError, config_from_dict, load, load_with_tokenizer, save_checkpoint
+from ar_course.continuous import ContinuousAR, ContinuousARConfig
 from ar_course.data import CharTokenizer
+from ar_course.diffusion_lm import DiffusionLM, DiffusionLMConfig
+from ar_course.masked import MaskGIT
 from ar_course.metrics import Classifier, ClassifierConfig
 from ar_course.tokenizers import VQVAE, VQVAEConfig
 from ar_course.transformer import GPT, GPTConfig, SelfAttention, plain_attention, set_attention
@@ -23,10 +25,12 @@ from ar_course.var import VAR, VARConfig
 SHIPPED = {"ar_mnist": ("raster_ar", GPT), "ar_mnist_draft": ("raster_ar", GPT), "ar_mnist_cca": ("raster_ar", GPT),
            "ar_mnist_grpo": ("raster_ar", GPT),
            "classifier_mnist": ("classifier", Classifier), "classifier_shapes": ("classifier", Classifier),
+           "diffusion_lm": ("diffusion_lm", DiffusionLM), "lm_small": ("lm", GPT),
            "lm_draft": ("lm", GPT), "lm_target": ("lm", GPT), "tokenizer_mnist_msvq": ("tokenizer", VQVAE),
            "tokenizer_mnist_vq": ("tokenizer", VQVAE), "var_mnist": ("var", VAR),
+           "maskgit_mnist": ("maskgit", MaskGIT),
            "continuous_ar_mnist": ("continuous_ar", ContinuousAR), "tokenizer_mnist_kl": ("tokenizer", VQVAE)}
-CONFIGS = [GPTConfig, VARConfig, VQVAEConfig, ClassifierConfig, ContinuousARConfig]
+CONFIGS = [GPTConfig, VARConfig, VQVAEConfig, ClassifierConfig, DiffusionLMConfig, ContinuousARConfig]
 
 
 def test_available_lists_every_shipped_checkpoint_in_the_one_assets_folder():

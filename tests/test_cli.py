@@ -68,14 +68,15 @@ def test_train_lists_trainers_and_rejects_unknown(capsys):
     status, _, err = run(capsys, "train", "nothing")
     assert status == 2
     assert error_line(err) == ("error: unknown trainer 'nothing'; choose from: tokenizer, lm, classifier, ar, var, "
-                               "continuous, grpo, cca")
+                               "maskgit, diffusion_lm, continuous, grpo, cca")
     status, out, err = run(capsys, "train")
     assert status == 2 and "WHAT is one of" in out
     assert error_line(err) == ("error: train needs WHAT to train, one of: tokenizer, lm, classifier, ar, var, "
-                               "continuous, grpo, cca")
+                               "maskgit, diffusion_lm, continuous, grpo, cca")
 
 
-@pytest.mark.parametrize("what", ["tokenizer", "lm", "classifier", "ar", "var", "continuous", "grpo", "cca"])
+@pytest.mark.parametrize("what", ["tokenizer", "lm", "classifier", "ar", "var", "maskgit", "diffusion_lm", "continuous",
+                                  "grpo", "cca"])
 def test_train_bad_arguments_are_one_line_before_any_training(capsys, what):
     status, _, err = run(capsys, "train", what, "--steps", "many")
     assert status == 2

@@ -18,7 +18,8 @@ ROOT = Path(__file__).resolve().parents[1]
 LIBRARY = ["ar_course", "ar_course.system", "ar_course.transformer", "ar_course.var", "ar_course.tokenizers",
            "ar_course.speculative", "ar_course.raster", "ar_course.checkpoint", "ar_course.metrics",
            "ar_course.generate", "ar_course.sampling", "ar_course.data", "ar_course.train", "ar_course.cli",
-           "ar_course.serving", "ar_course.align", "ar_course.continuous"]
+           "ar_course.serving", "ar_course.align", "ar_course.masked", "ar_course.diffusion_lm",
+           "ar_course.continuous"]
 COURSE = ("ar_course.checks", "ar_course.grade", "ar_course.build_notebooks", "ar_course.checkout", "ar_course.bench",
           "ar_course.doctor", "ar_course.viz", "ar_course.var.compare", "ar_course.site")
 """The course layer (CONTRIBUTING.md): it imports the library, never the reverse."""

@@ -74,9 +74,9 @@ def test_wheel_with_core_dependencies_generates_images(tmp_path):
     assert result["loaded"] == {
         "ar_mnist": "GPT", "ar_mnist_cca": "GPT", "ar_mnist_draft": "GPT", "ar_mnist_grpo": "GPT",
         "classifier_mnist": "Classifier",
-        "classifier_shapes": "Classifier", "lm_draft": "GPT", "lm_target": "GPT",
-        "tokenizer_mnist_msvq": "VQVAE", "tokenizer_mnist_vq": "VQVAE", "var_mnist": "VAR",
-        "continuous_ar_mnist": "ContinuousAR", "tokenizer_mnist_kl": "VQVAE"}
+        "classifier_shapes": "Classifier", "diffusion_lm": "DiffusionLM", "lm_draft": "GPT", "lm_small": "GPT",
+        "lm_target": "GPT", "tokenizer_mnist_msvq": "VQVAE", "tokenizer_mnist_vq": "VQVAE", "var_mnist": "VAR",
+        "maskgit_mnist": "MaskGIT", "continuous_ar_mnist": "ContinuousAR", "tokenizer_mnist_kl": "VQVAE"}
     assert result["shape"] == [3, 1, 32, 32] and 0 <= result["min"] <= result["max"] <= 1 and result["max"] > 0.5
     assert result["heavy"] == []
 

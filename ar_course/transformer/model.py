@@ -13,6 +13,10 @@ Modules in dependency order: :class:`GPTConfig`, :class:`KVCache`, :class:`RMSNo
   combined with AND. The kernels get the causal mask as ``"causal"``, never as a matrix.
 * :class:`KVCache` is preallocated per layer and indexed by position; ``rollback(n)`` forgets everything
   after position ``n`` (speculative decoding rejects drafted tokens that way).
+* ``GPTConfig.causal = False`` turns the causal mask off: a bidirectional encoder over the same blocks (the
+  masked models of chapter 08). With a KV cache the new tokens then attend to every cached position and to
+  each other, while the cached ones never see the new ones (block-wise decoding); :meth:`GPT.generate`, which
+  samples one token after another, needs a causal model.
 * Optional class conditioning: a class token is prepended to the sequence; class ``n_classes`` is the null
   class used for classifier-free guidance.
 * :class:`Block` optionally takes a conditioning vector for adaptive normalisation (``cond_dim > 0``), the
@@ -62,6 +66,7 @@ class GPTConfig:
     norm_eps: float = 1e-6
     tie_weights: bool = True
     attn: str = "sdpa"  # "sdpa" (fused), "plain" (the reference path) or "kernels" (chapter 06 kernels)
+    causal: bool = True  # False: bidirectional, every position attends to every other (masked models, ch. 08)
 
     def __post_init__(self) -> None:
         if self.grid is not None:
@@ -76,6 +81,8 @@ class GPTConfig:
             raise ValueError("pos='rope2d' needs grid=(rows, cols)")
         if self.attn not in ATTENTION_IMPLS:
             raise ValueError(f"attn must be one of {ATTENTION_IMPLS}, got {self.attn!r}")
+        if not isinstance(self.causal, bool):
+            raise ValueError(f"causal must be True or False, got {self.causal!r}")
 
     @property
     def head_dim(self) -> int:
@@ -680,7 +687,7 @@ class GPT(nn.Module):
         computed from ``cache.pos`` on the device; the cache is advanced by ``T_out``."""
         x = self._embed(idx, classes)  # (B, T_out, C)
         positions = cache.positions(x.shape[1])  # (T_out,)
-        x = self._blocks(x, positions, cache.visible(positions, causal=True), cache)
+        x = self._blocks(x, positions, cache.visible(positions, causal=self.config.causal), cache)
         cache.advance(x.shape[1])
         return self.lm_head(self.norm_f(x)), None  # (B, T_out, V)
 
@@ -706,29 +713,32 @@ class GPT(nn.Module):
 
     def _blocks(self, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None,
                 cache: KVCache | StaticKVCache | None) -> torch.Tensor:
-        """The blocks over ``x`` ``(B, T, C)`` at absolute ``positions`` ``(T,)``: causal, or under ``mask``
-        ``(T, T_k)`` (which then holds the causal rule) when given. Returns ``(B, T, C)``."""
+        """The blocks over ``x`` ``(B, T, C)`` at absolute ``positions`` ``(T,)``: causal (bidirectional when
+        ``config.causal`` is False), or under ``mask`` ``(T, T_k)`` (which then holds the causal rule) when given.
+        Returns ``(B, T, C)``."""
         if self.wpe is not None:
             x = x + self.wpe(positions)
         rope = self.rotary(positions) if self.rotary is not None else None
         x = self.drop(x)
         for i, block in enumerate(self.blocks):
-            x = block(x, rope=rope, mask=mask, causal=mask is None, cache=cache, layer=i)
+            x = block(x, rope=rope, mask=mask, causal=self.config.causal and mask is None, cache=cache, layer=i)
         return x
 
     @torch.no_grad()
     def attention_maps(self, idx: torch.Tensor, classes: torch.Tensor | None = None) -> list[torch.Tensor]:
-        """Attention probabilities of every layer for a causal pass over ``idx`` ``(B, T)``.
+        """Attention probabilities of every layer for a pass over ``idx`` ``(B, T)`` (causal unless
+        ``config.causal`` is False).
 
-        Returns one ``(B, H, T_out, T_out)`` tensor per layer (rows sum to 1, zeros above the diagonal),
-        recomputed with the plain path from each attention layer's input."""
+        Returns one ``(B, H, T_out, T_out)`` tensor per layer (rows sum to 1; zeros above the diagonal when
+        causal), recomputed with the plain path from each attention layer's input."""
         maps: list[torch.Tensor] = []
 
         def capture(attn: SelfAttention, args: tuple) -> None:
             x, rope = args[0], args[1]  # the block calls attn(h, rope, mask, causal, cache, layer)
             q, k, _ = attn.heads(x, rope)  # (B, H, T, D)
             scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])  # (B, H, T, T)
-            maps.append(ref.masked_softmax(scores, ref.causal_mask(x.shape[1], device=x.device)))
+            mask = ref.causal_mask(x.shape[1], device=x.device) if self.config.causal else None  # (T, T)
+            maps.append(ref.masked_softmax(scores, mask))
 
         handles = [block.attn.register_forward_pre_hook(capture) for block in self.blocks]
         try:
@@ -770,11 +780,15 @@ class GPT(nn.Module):
         Raises:
             TypeError: a number or flag of the wrong type (``max_new_tokens=2.0``, ``use_cache="yes"``...), or
                 ``sampling`` that is not a ``SamplingConfig``.
-            ValueError: bad ``idx``/``classes`` (as :meth:`forward`), ``max_new_tokens < 0``, a prompt and new
+            ValueError: a bidirectional model (``config.causal`` False: its tokens cannot be sampled one after
+                another), bad ``idx``/``classes`` (as :meth:`forward`), ``max_new_tokens < 0``, a prompt and new
                 tokens needing more than ``block_size`` positions, a non-finite ``cfg``, guidance without
                 classes, an unknown ``cache`` (or a StaticKVCache of another size), or a static cache with
                 ``use_cache=False``.
         """
+        if not self.config.causal:
+            raise ValueError("generate samples left to right and needs a causal model; this one has causal=False "
+                             "(decode a bidirectional model with ar_course.masked)")
         sampling, cfg = check_sampling(sampling), check_cfg(cfg)
         max_new_tokens = check_int("max_new_tokens", max_new_tokens, lo=0)
         use_cache = check_bool("use_cache", use_cache)

@@ -1,0 +1,125 @@
+"""The plain pieces of a masked (absorbing-state) diffusion language model, as in MDLM.
+
+Forward process: at time ``t`` in ``[0, 1]`` each token is kept with probability ``alpha(t)`` and replaced by the
+mask token otherwise (``alpha(0) = 1``: clean text, ``alpha(1) = 0``: all masks). The continuous-time ELBO of the
+reverse model is a weighted masked cross-entropy,
+
+    -log p(x) <= integral_0^1  w(t) * E[ sum over masked i of -log p_theta(x_i | x_t) ] dt,
+    w(t) = -alpha'(t) / (1 - alpha(t)),
+
+(``w(t) = 1/t`` for the linear schedule). One reverse step from ``t`` to ``s < t`` unmasks each masked token with
+probability ``(alpha(s) - alpha(t)) / (1 - alpha(t))``, drawing its value from the model; unmasked tokens never
+change. Block-wise (semi-autoregressive) diffusion splits the sequence into blocks denoised left to right, each
+conditioned on the clean blocks before it: :func:`block_spans` and :func:`block_attention_mask`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+SCHEDULES = ("linear", "cosine")
+
+
+def _check_schedule(schedule: str) -> None:
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+
+
+def alpha(t: torch.Tensor, schedule: str = "linear") -> torch.Tensor:
+    """The probability that a token is still unmasked at time ``t`` (any shape, values in ``[0, 1]``), same shape:
+    ``1 - t`` (linear) or ``cos(pi t / 2)`` (cosine)."""
+    _check_schedule(schedule)
+    return 1.0 - t if schedule == "linear" else torch.cos(0.5 * math.pi * t)
+
+
+def loss_weight(t: torch.Tensor, schedule: str = "linear") -> torch.Tensor:
+    """The ELBO weight ``w(t) = -alpha'(t) / (1 - alpha(t))`` of the masked cross-entropy at time ``t`` in
+    ``(0, 1]`` (any shape), same shape: ``1 / t`` (linear), ``(pi/2) sin(pi t/2) / (1 - cos(pi t/2))`` (cosine)."""
+    _check_schedule(schedule)
+    if schedule == "linear":
+        return 1.0 / t
+    half = 0.5 * math.pi * t
+    return 0.5 * math.pi * torch.sin(half) / (1.0 - torch.cos(half))
+
+
+def mask_tokens(ids: torch.Tensor, t: torch.Tensor, mask_id: int, schedule: str = "linear",
+                generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forward process: ``ids`` ``(B, L)`` long, ``t`` broadcastable to ``(B, L)`` (one time per row, per block
+    or per token). Each token becomes ``mask_id`` with probability ``1 - alpha(t)``.
+
+    Returns ``(x_t (B, L) long, masked (B, L) bool)``."""
+    keep = alpha(t, schedule).expand(ids.shape)  # (B, L)
+    u = torch.rand(ids.shape, generator=generator, device=ids.device)  # (B, L)
+    masked = u >= keep
+    return torch.where(masked, torch.full_like(ids, mask_id), ids), masked
+
+
+def masked_nll(logits: torch.Tensor, targets: torch.Tensor, masked: torch.Tensor, weight: torch.Tensor
+               ) -> torch.Tensor:
+    """The weighted masked cross-entropy of every row: ``sum_i masked_i * weight_i * -log softmax(logits_i)[x_i]``.
+
+    ``logits`` ``(B, L, V)``, ``targets`` ``(B, L)`` long, ``masked`` ``(B, L)`` bool, ``weight`` broadcastable to
+    ``(B, L)``. Returns ``(B,)`` (divide by ``L`` for nats per token)."""
+    nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")  # (B, L)
+    return (nll * weight * masked).sum(dim=1)  # (B,)
+
+
+def unmask_probability(t: torch.Tensor, s: torch.Tensor, schedule: str = "linear") -> torch.Tensor:
+    """Probability that a token masked at time ``t`` is unmasked by time ``s <= t``:
+    ``(alpha(s) - alpha(t)) / (1 - alpha(t))`` (1 when ``s = 0``)."""
+    a_t, a_s = alpha(t, schedule), alpha(s, schedule)
+    return ((a_s - a_t) / (1.0 - a_t)).clamp(0.0, 1.0)
+
+
+def denoise_step(x: torch.Tensor, proposal: torch.Tensor, t: float, s: float, mask_id: int,
+                 schedule: str = "linear", generator: torch.Generator | None = None,
+                 u: torch.Tensor | None = None) -> torch.Tensor:
+    """One reverse step from time ``t`` to ``s < t``: each masked token of ``x`` ``(B, L)`` independently takes its
+    ``proposal`` ``(B, L)`` (the model's sampled tokens) when its uniform draw ``u`` ``(B, L)`` (default: drawn
+    from ``generator``) is below :func:`unmask_probability` ``(t, s)``; unmasked tokens never change. Returns the
+    new ``(B, L)`` long."""
+    p = unmask_probability(torch.tensor(t, dtype=torch.float64), torch.tensor(s, dtype=torch.float64), schedule)
+    if u is None:
+        u = torch.rand(x.shape, generator=generator, device=x.device)  # (B, L)
+    reveal = (x == mask_id) & (u < p.to(x.device))
+    return torch.where(reveal, proposal, x)
+
+
+def block_spans(length: int, block_size: int) -> list[tuple[int, int]]:
+    """The blocks ``[(start, end), ...]`` that cover ``0 .. length-1`` left to right (``block_size`` divides
+    ``length``)."""
+    if length < 1 or block_size < 1 or length % block_size:
+        raise ValueError(f"block_size ({block_size}) must be a positive divisor of length ({length})")
+    return [(s, s + block_size) for s in range(0, length, block_size)]
+
+
+def block_attention_mask(length: int, block_size: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """Bool ``(2L, 2L)`` attention mask (True: may attend) over ``[x_t, x_0]`` (the noisy copy, then the clean one),
+    as block diffusion trains: a noisy token sees the noisy tokens of its block and the clean tokens of earlier
+    blocks; a clean token sees the clean tokens of its block and of earlier blocks (never a noisy one)."""
+    blk = torch.arange(length, device=device) // block_size  # (L,)
+    same = blk[:, None] == blk[None, :]  # (L, L)
+    earlier = blk[:, None] > blk[None, :]  # (L, L): key block before query block
+    top = torch.cat([same, earlier], dim=1)  # (L, 2L) noisy queries
+    bottom = torch.cat([torch.zeros_like(same), same | earlier], dim=1)  # (L, 2L) clean queries
+    return torch.cat([top, bottom], dim=0)  # (2L, 2L)
+
+
+def block_schedule(length: int, block_size: int, steps: int) -> list[tuple[int, int, float, float]]:
+    """The passes of block-wise generation, in order: ``(start, end, t, s)`` = denoise positions ``start .. end-1``
+    from time ``t`` to ``s``. The blocks of :func:`block_spans` go left to right, each taking ``steps // n_blocks``
+    passes whose times fall evenly from 1 to 0 (:func:`time_grid`), so every block ends fully unmasked;
+    ``steps`` must be a multiple of the number of blocks."""
+    spans = block_spans(length, block_size)
+    if steps < 1 or steps % len(spans):
+        raise ValueError(f"steps ({steps}) must be a multiple of the number of blocks ({len(spans)} blocks of "
+                         f"{block_size}): every block gets steps // n_blocks passes")
+    grid = time_grid(steps // len(spans)).tolist()
+    return [(start, end, grid[i], grid[i + 1]) for start, end in spans for i in range(len(grid) - 1)]
+
+
+def time_grid(steps: int) -> torch.Tensor:
+    """``steps + 1`` times from 1 down to 0, evenly spaced: step ``k`` goes from ``grid[k]`` to ``grid[k+1]``."""
+    return torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)

@@ -1,0 +1,174 @@
+"""Train a masked diffusion LM on the text corpus: ``python -m ar_course train diffusion_lm ...``.
+
+The ``small`` preset has the shape, windows, batch, steps and learning rate of chapter 02's ``small`` AR preset
+(``python -m ar_course train lm --preset small``), and draws the same windows in the same order from the same
+seed, so the two models see the same training characters::
+
+    python -m ar_course train diffusion_lm --preset small --threads 1 --out ar_course/assets/diffusion_lm.safetensors
+    python -m ar_course train lm --preset small --threads 1 --out ar_course/assets/lm_small.safetensors
+
+Each training batch uses one block size drawn from ``DiffusionLMConfig.train_block_sizes`` (0: full-sequence
+diffusion), so that one model serves full and block-wise generation.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from ar_course import distributed as ddp
+from ar_course.checkpoint import ASSETS, save_checkpoint
+from ar_course.cli import ArgumentParser, nonnegative_int, positive_float, positive_int
+from ar_course.diffusion_lm.model import DiffusionLM, DiffusionLMConfig
+from ar_course.train import TrainConfig, add_run_options, finish_run, prepare_run, train_loop, trainer_main
+from ar_course.transformer.train import PRESETS as LM_PRESETS
+from ar_course.transformer.train import round_to_half
+from ar_course.utils import count_parameters, get_device, seed_everything
+
+KIND = "diffusion_lm"
+
+
+@dataclass
+class DiffusionPreset:
+    """Model shape and training schedule of one preset."""
+
+    model: DiffusionLMConfig
+    batch_size: int
+    steps: int
+    lr: float
+
+
+_AR = LM_PRESETS["small"]
+PRESETS: dict[str, DiffusionPreset] = {
+    "small": DiffusionPreset(
+        DiffusionLMConfig(length=_AR.seq_len, n_layer=_AR.model.n_layer, n_head=_AR.model.n_head,
+                          n_embd=_AR.model.n_embd),
+        batch_size=_AR.batch_size, steps=_AR.steps, lr=_AR.lr),
+}
+
+
+def diffusion_batches(ids: torch.Tensor, length: int, batch_size: int, block_sizes: tuple[int, ...], seed: int,
+                      device: torch.device | str | None = None) -> Iterator[tuple[torch.Tensor, int]]:
+    """Endless ``(windows (batch_size, length), block_size)``: the ``x`` windows of
+    :func:`~ar_course.data.text_batches` with a generator seeded ``seed + 1`` (the windows chapter 02's trainer
+    draws with ``seed``) and a block size drawn from ``block_sizes`` (0 becomes ``length``) with one seeded
+    ``seed + 2``."""
+    from ar_course.data import text_batches
+
+    windows = torch.Generator().manual_seed(seed + 1)
+    picks = torch.Generator().manual_seed(seed + 2)
+    for x, _ in text_batches(ids, length, batch_size, generator=windows, device=device):
+        b = block_sizes[int(torch.randint(len(block_sizes), (1,), generator=picks))]
+        yield x, b or length
+
+
+@torch.no_grad()
+def evaluate_bound(model: DiffusionLM, ids: torch.Tensor, max_windows: int = 64, samples: int = 2,
+                   block_size: int | None = None, seed: int = 0) -> float:
+    """The NLL bound (nats/char) on up to ``max_windows`` evenly spaced windows of ``ids`` ``(N,)``; seeded."""
+    L = model.config.length
+    n = len(ids) // L
+    rows = torch.linspace(0, n - 1, min(max_windows, n)).long()
+    windows = ids[: n * L].view(n, L)[rows]  # (max_windows, L)
+    return model.nll_bound(windows, block_size=block_size, samples=samples,
+                           generator=torch.Generator().manual_seed(seed))
+
+
+def train_diffusion_lm(
+    preset: DiffusionPreset,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    progress: bool = True,
+    eval_every: int = 0,
+    train_ids: torch.Tensor | None = None,
+    val_ids: torch.Tensor | None = None,
+    checkpoint_every: int = TrainConfig.checkpoint_every,
+    state_path: Path | None = None,
+    resume: bool = False,
+) -> tuple[DiffusionLM, dict]:
+    """Train a :class:`DiffusionLM` with ``preset`` on the text corpus (or on ``train_ids`` ``(N,)``); return
+    ``(model, info)`` with the tokenizer, the loss history (evals: the NLL bound on ``val_ids``), the training
+    time, the characters seen and the validation ids."""
+    from ar_course.data import load_text_dataset
+
+    tokenizer, corpus_train, corpus_val = load_text_dataset()
+    train_ids = corpus_train if train_ids is None else train_ids
+    val_ids = corpus_val if val_ids is None else val_ids
+    seed_everything(seed)
+    config = replace(preset.model, vocab_size=tokenizer.vocab_size)
+    model = DiffusionLM(config).to(device)
+    batches = diffusion_batches(train_ids, config.length, preset.batch_size, config.train_block_sizes, seed, device)
+    loss_fn = lambda m, batch: m(batch[0], block_size=batch[1]).mean()  # noqa: E731
+    eval_fn = lambda m: {"val_bound": evaluate_bound(m, val_ids, max_windows=24)}  # noqa: E731
+    tc = TrainConfig(steps=preset.steps, lr=preset.lr, warmup=min(100, preset.steps // 10), eval_every=eval_every,
+                     checkpoint_every=checkpoint_every)
+    start = time.perf_counter()
+    history = train_loop(model, loss_fn, batches, tc, eval_fn=eval_fn if eval_every else None, progress=progress,
+                         desc="train diffusion_lm", state_path=state_path, resume=resume)
+    info = {"tokenizer": tokenizer, "history": history, "train_seconds": time.perf_counter() - start,
+            "tokens_seen": preset.steps * preset.batch_size * config.length, "val_ids": val_ids}
+    return model, info
+
+
+@trainer_main
+def main(argv: list[str] | None = None) -> int:
+    parser = ArgumentParser(prog="python -m ar_course train diffusion_lm",
+                            description="Train a masked diffusion LM on the offline text corpus (pydoc_data.topics).")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="small", help="model size and schedule")
+    parser.add_argument("--steps", type=positive_int, default=None, help="optimisation steps (default: the preset's)")
+    parser.add_argument("--batch-size", type=positive_int, default=None,
+                        help="batch of windows (default: the preset's)")
+    parser.add_argument("--lr", type=positive_float, default=None, help="peak learning rate (default: the preset's)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="checkpoint path (default: ar_course/assets/diffusion_lm.safetensors)")
+    parser.add_argument("--float32", action="store_true", help="store float32 weights (default: float16)")
+    parser.add_argument("--eval-every", type=nonnegative_int, default=0,
+                        help="validation bound every N steps (0: at the end)")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--threads", type=positive_int, default=None,
+                        help="torch CPU threads (default: torch's choice; 1 is faster on a busy machine)")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    add_run_options(parser)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    preset = PRESETS[args.preset]
+    overrides = {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr}
+    preset = replace(preset, **{k: v for k, v in overrides.items() if v is not None})
+    out = args.out or ASSETS / "diffusion_lm.safetensors"
+    state_path = prepare_run(parser, out, args.resume, preset.batch_size)
+    model, info = train_diffusion_lm(preset, args.seed, get_device(args.device), not args.no_progress,
+                                     args.eval_every, checkpoint_every=args.checkpoint_every,
+                                     state_path=state_path, resume=args.resume)
+    if not ddp.is_main_process():
+        return 0
+    model = model.cpu()
+    if not args.float32:
+        round_to_half(model)
+    history = info["history"]
+    tail = history.loss[-50:]
+    extra = {
+        "vocab": info["tokenizer"].chars, "preset": args.preset, "seed": args.seed, "steps": preset.steps,
+        "seq_len": model.config.length, "batch_size": preset.batch_size, "lr": preset.lr,
+        "tokens_seen": info["tokens_seen"], "train_seconds": round(info["train_seconds"], 1),
+        "train_loss_last50": round(sum(tail) / len(tail), 4),
+        "val_bound": round(evaluate_bound(model, info["val_ids"]), 4),
+        "params": count_parameters(model),
+        "evals": [{"step": s, **e} for s, e in zip(history.eval_steps, history.evals)],
+    }
+    state = {k: (v.half() if not args.float32 and v.is_floating_point() else v) for k, v in model.state_dict().items()}
+    save_checkpoint(out, state, model.config, kind=KIND, **extra)
+    finish_run(state_path)
+    summary = {k: v for k, v in extra.items() if k not in ("vocab", "evals")}
+    print(f"saved {out} ({out.stat().st_size / 1e6:.2f} MB): {json.dumps(summary)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,156 @@
+"""The plain pieces of masked generation (MaskGIT) and of the next-neighbour order; the chapter 08 exercises are
+checked against them.
+
+* :func:`mask_ratio`: the schedule ``gamma(r)``, the fraction of tokens still masked at progress ``r`` in [0, 1]
+  (cosine by default, linear and square as options); training draws ``r`` uniformly, decoding walks it.
+* :func:`random_mask`: which positions a training example hides (``ceil(gamma(r) * N)`` of them, at least one).
+* :func:`masked_cross_entropy`: the loss, on the masked positions only.
+* :func:`masked_after`: how many tokens stay masked after each of ``K`` decoding steps (ends at 0, one fewer at
+  least per step, so ``K`` steps reveal everything).
+* :func:`confidence_step`: one MaskGIT decoding step: sample every masked token, score each sample by its
+  log-probability plus annealed Gumbel noise, keep the most confident, re-mask the rest.
+* :func:`neighbour_steps`: the next-neighbour (NAR) order as boolean masks, one anti-diagonal per step.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ar_course.raster import orders
+from ar_course.utils import check_int, check_number
+
+SCHEDULES = ("cosine", "linear", "square")
+
+
+def _check_schedule(schedule: str) -> str:
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+    return schedule
+
+
+def mask_ratio(r: torch.Tensor | float, schedule: str = "cosine") -> torch.Tensor:
+    """``gamma(r)``: the fraction of tokens masked at progress ``r`` (any shape, values in [0, 1]).
+
+    ``"cosine"``: ``cos(pi r / 2)`` (MaskGIT's choice: few tokens revealed early, many late); ``"linear"``:
+    ``1 - r``; ``"square"``: ``1 - r^2``. Every schedule falls from ``gamma(0) = 1`` (all masked) to
+    ``gamma(1) = 0``. Returns a float tensor of ``r``'s shape."""
+    _check_schedule(schedule)
+    r = torch.as_tensor(r, dtype=torch.float32)
+    if r.numel() and (not torch.isfinite(r).all() or r.min() < 0 or r.max() > 1):
+        raise ValueError("r must lie in [0, 1]")
+    if schedule == "cosine":
+        return torch.cos(0.5 * math.pi * r).clamp(0.0, 1.0)  # cos(pi/2) is 6e-17, not 0: clamp keeps it in range
+    if schedule == "linear":
+        return 1.0 - r
+    return 1.0 - r * r
+
+
+def random_mask(batch: int, n: int, schedule: str = "cosine", generator: torch.Generator | None = None,
+                device: torch.device | str | None = None) -> torch.Tensor:
+    """Training masks ``(batch, n)`` bool (``True`` = masked): per row, ``r ~ U(0, 1)`` and
+    ``ceil(gamma(r) * n)`` positions (at least 1) chosen uniformly at random. Random numbers are drawn on the
+    CPU from ``generator`` (``batch`` for ``r``, then ``batch * n`` for the positions) and moved to ``device``."""
+    batch, n = check_int("batch", batch, lo=1), check_int("n", n, lo=1)
+    r = torch.rand(batch, generator=generator)  # (B,)
+    count = torch.ceil(mask_ratio(r, schedule) * n).long().clamp(1, n)  # (B,)
+    scores = torch.rand(batch, n, generator=generator)  # (B, N)
+    rank = scores.argsort(dim=1).argsort(dim=1)  # (B, N): the rank of each position's score
+    return (rank < count[:, None]).to(device)  # (B, N)
+
+
+def masked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy (nats) over the masked positions only.
+
+    ``logits`` ``(B, N, V)``, ``targets`` ``(B, N)`` long, ``mask`` ``(B, N)`` bool (``True`` = masked, the
+    positions the model must predict). Visible positions contribute nothing (predicting a token the model can
+    see is trivial). Returns a 0-d tensor; ``ValueError`` when nothing is masked."""
+    if logits.ndim != 3 or targets.shape != logits.shape[:2] or mask.shape != targets.shape:
+        raise ValueError(f"need logits (B, N, V), targets (B, N), mask (B, N); got {tuple(logits.shape)}, "
+                         f"{tuple(targets.shape)}, {tuple(mask.shape)}")
+    if mask.dtype != torch.bool:
+        raise ValueError(f"mask must be bool, got {mask.dtype}")
+    if not mask.any():
+        raise ValueError("mask has no masked position: the loss is undefined")
+    return F.cross_entropy(logits[mask], targets[mask])  # (M, V) vs (M,)
+
+
+def masked_after(steps: int, n: int, schedule: str = "cosine") -> list[int]:
+    """Tokens still masked after each of ``steps`` decoding steps over ``n`` tokens: a list of ``steps`` ints.
+
+    Step ``t`` (0-based) leaves ``floor(n * gamma((t + 1) / steps))`` masked, at most one fewer than before
+    (every step reveals at least one token) and 0 after the last step. ``1 <= steps <= n``."""
+    n = check_int("n", n, lo=1)
+    steps = check_int("steps", steps, lo=1, hi=n)
+    gammas = mask_ratio(torch.arange(1, steps + 1, dtype=torch.float64) / steps, schedule)  # (K,)
+    out, left = [], n
+    for t in range(steps):
+        target = 0 if t == steps - 1 else int(math.floor(n * float(gammas[t])))
+        left = min(target, left - 1)  # reveal at least one; the budget keeps every later step one to reveal
+        left = max(left, steps - 1 - t)
+        out.append(left)
+    return out
+
+
+def gumbel_noise(shape: tuple[int, ...], generator: torch.Generator | None = None,
+                 device: torch.device | str | None = None) -> torch.Tensor:
+    """Standard Gumbel noise ``-log(-log(u))`` of ``shape``, ``u`` uniform drawn from ``generator`` on ``device``."""
+    u = torch.rand(shape, generator=generator, device=device).clamp(1e-20, 1.0 - 1e-7)
+    return -torch.log(-torch.log(u))
+
+
+def confidence_step(
+    tokens: torch.Tensor,
+    mask: torch.Tensor,
+    log_probs: torch.Tensor,
+    sampled: torch.Tensor,
+    n_masked: int,
+    noise: torch.Tensor | None = None,
+    noise_scale: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One MaskGIT decoding step: keep the most confident sampled tokens, re-mask the rest.
+
+    Args:
+        tokens: ``(B, N)`` long, the current tokens (values at masked positions are ignored).
+        mask: ``(B, N)`` bool, ``True`` where still masked.
+        log_probs: ``(B, N, V)`` log-probabilities the model gives every position.
+        sampled: ``(B, N)`` long, a token sampled for every position.
+        n_masked: how many positions stay masked after this step (per row; ``<`` the masked count of every
+            row, ``>= 0``).
+        noise: ``(B, N)`` Gumbel noise (None: no noise); ``noise_scale``: its weight, annealed to 0 by the caller.
+
+    Confidence of a masked position = ``log_probs`` of its sampled token ``+ noise_scale * noise``; known
+    positions have confidence ``+inf``, so they are never re-masked. The ``n_masked`` least confident positions
+    of each row are masked again; every other masked position takes its sampled token.
+
+    Returns ``(tokens (B, N), mask (B, N))``, new tensors: ``tokens`` holds the sampled token at every position
+    revealed now and the input's value everywhere else (the known tokens, and ``[MASK]`` where still masked).
+    """
+    conf = log_probs.gather(-1, sampled[..., None])[..., 0]  # (B, N)
+    if noise is not None and noise_scale > 0:
+        conf = conf + noise_scale * noise
+    conf = conf.masked_fill(~mask, float("inf"))  # known tokens stay known
+    lowest = conf.topk(n_masked, dim=-1, largest=False).indices  # (B, n_masked)
+    new_mask = torch.zeros_like(mask).scatter_(1, lowest, True)  # (B, N)
+    return torch.where(mask & ~new_mask, sampled, tokens), new_mask  # (B, N), (B, N)
+
+
+def neighbour_steps(h: int, w: int) -> list[torch.Tensor]:
+    """The next-neighbour (NAR) order over an ``h x w`` map as ``h + w - 1`` bool maps ``(h * w,)`` in raster
+    order: step ``k`` generates the anti-diagonal ``i + j = k``, whose upper and left neighbours are all known
+    (the schedule of :func:`ar_course.raster.orders.schedule` ``("neighbour")``)."""
+    out = []
+    for positions in orders.schedule("neighbour", h, w):  # each (k, 2) of (row, col)
+        step = torch.zeros(h * w, dtype=torch.bool)
+        step[positions[:, 0] * w + positions[:, 1]] = True
+        out.append(step)
+    return out
+
+
+def annealed_noise_scale(noise: float, step: int, steps: int) -> float:
+    """The Gumbel-noise weight at decoding step ``step`` of ``steps``: ``noise * (1 - (step + 1) / steps)``
+    (MaskGIT's annealing: strong exploration early, none at the last step)."""
+    noise = check_number("noise", noise, lo=0)
+    return noise * (1.0 - (step + 1) / steps)

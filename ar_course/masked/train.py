@@ -1,0 +1,150 @@
+"""Train MaskGIT on MNIST tokens: ``python -m ar_course train maskgit``.
+
+Encodes the MNIST training split with the shipped ``mnist_vq`` tokenizer (8x8 maps of 256 codes), trains a
+bidirectional GPT of the raster AR model's size (:func:`~.model.maskgit_config`) from a fixed seed with the
+masked loss (mask ratio drawn from the schedule, loss on masked positions only) and class dropout to the null
+class, records the class accuracy of 8-step samples at a few guidance strengths, and writes a float16
+safetensors checkpoint (the shipped one is ``ar_course/assets/maskgit_mnist.safetensors``, made with the
+defaults).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from ar_course import checkpoint, metrics
+from ar_course import distributed as ddp
+from ar_course.checkpoint import save_checkpoint
+from ar_course.cli import ArgumentParser, nonnegative_int, positive_float, positive_int, probability
+from ar_course.data import image_batches, load_mnist
+from ar_course.masked.functional import SCHEDULES, random_mask
+from ar_course.masked.model import (
+    CHECKPOINT_KIND, DEFAULT_NOISE, PRETRAINED_PATH, MaskGIT, generate_images, maskgit_config, maskgit_loss,
+)
+from ar_course.raster.model import condition_dropout_batches
+from ar_course.raster.train import encode_dataset
+from ar_course.train import History, TrainConfig, add_run_options, finish_run, prepare_run, train_loop, trainer_main
+from ar_course.utils import get_device, seed_everything
+
+EVAL_CFGS = (0.0, 1.0, 2.0)
+"""Guidance strengths ``w`` at which the trainer records the class accuracy of 8-step samples."""
+
+
+def masked_batches(batches: Iterator[tuple[torch.Tensor, torch.Tensor]], schedule: str,
+                   generator: torch.Generator | None = None
+                   ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """``(maps (B, h, w), classes (B,), mask (B, h * w))``: each batch of ``batches`` with its training mask drawn
+    right after it from ``generator`` (:func:`~.functional.random_mask`), so every random draw is in the batch
+    stream (a resumed run replays it)."""
+    for maps, classes in batches:
+        yield maps, classes, random_mask(maps.shape[0], maps[0].numel(), schedule, generator)
+
+
+def train_maskgit(
+    tokenizer: torch.nn.Module,
+    token_maps: torch.Tensor,
+    labels: torch.Tensor,
+    steps: int = 2000,
+    seed: int = 0,
+    batch_size: int = 64,
+    lr: float = 3e-3,
+    p_uncond: float = 0.1,
+    schedule: str = "cosine",
+    n_layer: int = 4,
+    n_embd: int = 96,
+    n_head: int = 4,
+    device: torch.device | str = "cpu",
+    progress: bool = True,
+    checkpoint_every: int = TrainConfig.checkpoint_every,
+    state_path: Path | None = None,
+    resume: bool = False,
+) -> tuple[MaskGIT, History]:
+    """Train a class-conditional MaskGIT on ``token_maps`` ``(N, h, w)`` with ``labels`` ``(N,)`` from ``seed``.
+
+    Class dropout (``p_uncond``) and the masks are drawn in the batch stream. Returns the model (eval mode) and
+    the loss history."""
+    g = seed_everything(seed)
+    h, w = token_maps.shape[1:]
+    config = maskgit_config(tokenizer.config.num_codes, (h, w), n_classes=int(labels.max()) + 1,
+                            n_layer=n_layer, n_head=n_head, n_embd=n_embd)
+    model = MaskGIT(config).to(device)
+    batches = masked_batches(condition_dropout_batches(image_batches(token_maps, labels, batch_size, generator=g),
+                                                       p_uncond, model.null_class, g), schedule, g)
+
+    def loss_fn(m: MaskGIT, batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        maps, ys, mask = batch
+        return maskgit_loss(m, maps.to(device), ys.to(device), mask=mask.to(device))
+
+    history = train_loop(model, loss_fn, batches,
+                         TrainConfig(steps=steps, lr=lr, warmup=100, weight_decay=0.01,
+                                     checkpoint_every=checkpoint_every),
+                         progress=progress, desc="MaskGIT", state_path=state_path, resume=resume)
+    return model, history
+
+
+@trainer_main
+def main(argv: list[str] | None = None) -> int:
+    """``python -m ar_course train maskgit [--steps N] [--seed S] [--out PATH] [--resume] ...``"""
+    parser = ArgumentParser(prog="python -m ar_course train maskgit",
+                            description="Train the class-conditional MaskGIT (bidirectional, masked tokens) on MNIST "
+                                        "tokens of the shipped mnist_vq tokenizer.")
+    parser.add_argument("--steps", type=positive_int, default=2000)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=positive_int, default=64,
+                        help="global batch, split across processes under torchrun [%(default)s]")
+    parser.add_argument("--lr", type=positive_float, default=3e-3)
+    parser.add_argument("--p-uncond", type=probability, default=0.1, help="class dropout probability")
+    parser.add_argument("--schedule", choices=SCHEDULES, default="cosine", help="mask-ratio schedule")
+    parser.add_argument("--n-layer", type=positive_int, default=4)
+    parser.add_argument("--n-embd", type=positive_int, default=96)
+    parser.add_argument("--n-head", type=positive_int, default=4)
+    parser.add_argument("--train-images", type=positive_int, default=None, metavar="N",
+                        help="train on the first N training digits only (default: all)")
+    parser.add_argument("--eval-per-class", type=nonnegative_int, default=20,
+                        help="8-step samples per class for the accuracy recorded at each guidance strength (0: skip)")
+    parser.add_argument("--tokenizer", default="mnist_vq", help="a shipped tokenizer's name or a checkpoint path")
+    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    parser.add_argument("--out", type=Path, default=PRETRAINED_PATH,
+                        help=f"checkpoint path (default: the shipped {PRETRAINED_PATH.name})")
+    add_run_options(parser)
+    args = parser.parse_args(argv)
+    if args.n_embd % args.n_head:
+        parser.error(f"--n-embd {args.n_embd} must divide by --n-head {args.n_head}")
+    if args.train_images is not None and args.train_images < args.batch_size:
+        parser.error(f"--train-images {args.train_images} is smaller than --batch-size {args.batch_size}")
+    state_path = prepare_run(parser, args.out, args.resume, args.batch_size)
+    device = get_device(args.device)
+    tokenizer = checkpoint.load(args.tokenizer, device, kind="tokenizer")
+    images, labels = load_mnist("train", size=32)
+    images, labels = images[:args.train_images], labels[:args.train_images]
+    token_maps = encode_dataset(tokenizer, images)  # (N, 8, 8)
+    model, history = train_maskgit(tokenizer, token_maps, labels, steps=args.steps, seed=args.seed,
+                                   batch_size=args.batch_size, lr=args.lr, p_uncond=args.p_uncond,
+                                   schedule=args.schedule, n_layer=args.n_layer, n_embd=args.n_embd,
+                                   n_head=args.n_head, device=device, checkpoint_every=args.checkpoint_every,
+                                   state_path=state_path, resume=args.resume)
+    if not ddp.is_main_process():
+        return 0
+    test_images, test_labels = load_mnist("test", size=32)
+    test_maps = encode_dataset(tokenizer, test_images[:1000]).to(device)
+    with torch.no_grad():
+        test_loss = float(maskgit_loss(model, test_maps, test_labels[:1000].to(device), args.schedule,
+                                       torch.Generator().manual_seed(args.seed)))
+    classes = torch.arange(10).repeat_interleave(args.eval_per_class)
+    accuracy = {str(w): metrics.class_accuracy(generate_images(model, tokenizer, classes, steps=8, cfg=w,
+                                                               seed=args.seed).cpu(), classes)
+                for w in EVAL_CFGS} if args.eval_per_class else {}
+    state = {k: v.half() for k, v in model.state_dict().items()}
+    tail = history.loss[-50:]
+    out = save_checkpoint(args.out, state, model.config, kind=CHECKPOINT_KIND, tokenizer=str(args.tokenizer),
+                          steps=args.steps, seed=args.seed, batch_size=args.batch_size, lr=args.lr,
+                          p_uncond=args.p_uncond, schedule=args.schedule, train_images=len(labels),
+                          final_train_loss=sum(tail) / len(tail), test_loss=test_loss,
+                          accuracy_by_cfg_8_steps=accuracy, eval_noise=DEFAULT_NOISE, eval_per_class=args.eval_per_class)
+    finish_run(state_path)
+    print(f"test loss {test_loss:.4f} nats/masked token; 8-step class accuracy by guidance strength w {accuracy}")
+    print(f"saved {out} ({out.stat().st_size / 1024:.0f} KB)")
+    return 0

@@ -1,0 +1,245 @@
+"""Chapter 08, text half: the bidirectional GPT option and the masked diffusion LM (bound, generation, cache)."""
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from ar_course.checkpoint import load_with_tokenizer
+from ar_course.data import CharTokenizer
+from ar_course.diffusion_lm import DiffusionLM, DiffusionLMConfig
+from ar_course.diffusion_lm import functional as F
+from ar_course.diffusion_lm.train import main as train_main
+from ar_course.sampling import SamplingConfig
+from ar_course.transformer import GPT, GPTConfig, count_forward_passes
+
+GREEDY = SamplingConfig(temperature=0.0)
+
+
+def tiny(vocab: int = 3, length: int = 4, seed: int = 0, **kw) -> DiffusionLM:
+    """A random tiny model with sharp enough outputs that orders and contexts matter."""
+    torch.manual_seed(seed)
+    model = DiffusionLM(DiffusionLMConfig(vocab_size=vocab, length=length, n_layer=2, n_head=2, n_embd=16,
+                                          train_block_sizes=(0,), **kw))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(8.0 if p.ndim > 1 else 1.0)
+    return model.eval()
+
+
+# -- the shared model option ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_a_causal_false_gpt_sees_the_future_and_the_default_does_not(causal):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=11, block_size=8, n_layer=2, n_head=2, n_embd=16, causal=causal)).eval()
+    x = torch.randint(0, 11, (1, 8))
+    y = x.clone()
+    y[0, -1] = (x[0, -1] + 1) % 11  # change only the last token
+    first = model(x)[0][0, 0], model(y)[0][0, 0]
+    assert torch.allclose(*first) is causal  # position 0 sees the last token only without the causal mask
+    assert GPTConfig().causal is True
+
+
+def test_a_causal_false_gpt_refuses_generate_and_a_bad_flag():
+    model = GPT(GPTConfig(vocab_size=11, block_size=8, n_layer=1, n_head=2, n_embd=16, causal=False))
+    with pytest.raises(ValueError, match="needs a causal model"):
+        model.generate(torch.zeros(1, 1, dtype=torch.long), 3)
+    with pytest.raises(ValueError, match="causal must be True or False"):
+        GPTConfig(causal="no")
+
+
+# -- the plain pieces ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("schedule", F.SCHEDULES)
+def test_loss_weight_is_minus_alpha_prime_over_one_minus_alpha(schedule):
+    t = torch.linspace(0.05, 1.0, 20, dtype=torch.float64, requires_grad=True)
+    a = F.alpha(t, schedule)
+    (grad,) = torch.autograd.grad(a.sum(), t)
+    assert torch.allclose(F.loss_weight(t.detach(), schedule), -grad / (1 - a.detach()))
+    assert float(F.alpha(torch.tensor(0.0), schedule)) == pytest.approx(1.0)
+    assert float(F.alpha(torch.tensor(1.0), schedule)) == pytest.approx(0.0, abs=1e-7)
+
+
+def test_denoise_step_only_reveals_masks_and_reveals_all_at_time_zero():
+    g = torch.Generator().manual_seed(0)
+    x = torch.tensor([[9, 1, 9, 2, 9, 9]])
+    proposal = torch.tensor([[5, 6, 7, 8, 5, 6]])
+    mid = F.denoise_step(x, proposal, 1.0, 0.5, mask_id=9, generator=g)
+    assert torch.equal(mid[x != 9], x[x != 9])
+    assert torch.equal(F.denoise_step(x, proposal, 0.5, 0.0, mask_id=9, generator=g),
+                       torch.tensor([[5, 1, 7, 2, 5, 6]]))
+
+
+def test_block_attention_mask_at_both_ends():
+    m1 = F.block_attention_mask(4, 1)  # blocks of 1: a noisy token sees itself and the clean past
+    assert torch.equal(m1[:4, :4], torch.eye(4, dtype=torch.bool))
+    assert torch.equal(m1[:4, 4:], torch.ones(4, 4, dtype=torch.bool).tril(-1))
+    assert torch.equal(m1[4:, 4:], torch.ones(4, 4, dtype=torch.bool).tril())
+    assert not m1[4:, :4].any()
+    mL = F.block_attention_mask(4, 4)  # one block: the noisy copy sees only itself
+    assert mL[:4, :4].all() and not mL[:4, 4:].any()
+    with pytest.raises(ValueError, match="positive divisor"):
+        F.block_spans(6, 4)
+
+
+# -- the bound -----------------------------------------------------------------------------------------------
+
+
+def any_order_log_prob(model: DiffusionLM, x: torch.Tensor, block_size: int) -> float:
+    """log p(x) of the sampler with infinitely many steps: inside each block the tokens are revealed one at a time
+    in a uniformly random order, so p is the average over orders of the product of the revealed tokens' model
+    probabilities (each block given the clean blocks before it)."""
+    L, total = x.shape[0], 0.0
+    for s, e in F.block_spans(L, block_size):
+        probs = []
+        for order in itertools.permutations(range(s, e)):
+            state = x.clone()
+            state[s:e] = model.mask_id
+            logp = 0.0
+            for i in order:
+                logits = model._denoiser_logits(state[None], x[None], block_size)[0, i]  # (V+1,)
+                logp += float(torch.log_softmax(logits, -1)[x[i]])
+                state[i] = x[i]
+            probs.append(math.exp(logp))
+        total += math.log(sum(probs) / len(probs))
+    return total
+
+
+@pytest.mark.parametrize("block_size", [4, 2, 1])
+def test_the_bound_is_an_upper_bound_on_the_exact_nll_of_a_tiny_model(block_size):
+    model = tiny(vocab=2, length=4)
+    xs = torch.tensor(list(itertools.product(range(2), repeat=4)))  # (16, 4): every sequence
+    with torch.no_grad():
+        nll = torch.tensor([-any_order_log_prob(model, x, block_size) for x in xs]) / 4  # nats per token
+        bound = model.exact_nll_bound(xs, block_size=block_size).float()
+    assert float(torch.exp(-4 * nll).sum()) == pytest.approx(1.0, abs=1e-5)  # a distribution over all 16
+    assert (bound >= nll - 1e-5).all()
+    if block_size == 1:  # one order only: the bound is the exact NLL
+        assert torch.allclose(bound, nll, atol=1e-5)
+    else:
+        assert float((bound - nll).mean()) > 1e-3
+
+
+def test_the_sampled_bound_estimates_the_exact_one():
+    model = tiny(vocab=3, length=4)
+    xs = torch.tensor([[0, 1, 2, 0], [2, 2, 1, 0], [1, 0, 0, 1]])
+    for b in (4, 2):
+        exact = float(model.exact_nll_bound(xs, block_size=b).mean())
+        est = model.nll_bound(xs.repeat(2000, 1), block_size=b, samples=1, batch_size=6000,
+                              generator=torch.Generator().manual_seed(0))
+        assert est == pytest.approx(exact, rel=0.05)
+
+
+def test_nll_bound_takes_a_text_and_cuts_it_into_windows():
+    model = tiny(vocab=3, length=4)
+    text = torch.tensor([0, 1, 2, 0, 2, 2, 1, 0, 1])  # two windows and a leftover
+    g = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    assert model.nll_bound(text, generator=g()) == model.nll_bound(text[:8].view(2, 4), generator=g())
+
+
+# -- generation ----------------------------------------------------------------------------------------------
+
+
+def test_block_size_one_reveals_left_to_right_one_token_per_pass():
+    model = tiny(vocab=5, length=8)
+    _, states = model.generate(3, 8, steps=8, block_size=1, return_states=True,
+                               generator=torch.Generator().manual_seed(0))
+    revealed = states != model.mask_id  # (9, 3, 8)
+    for k in range(9):
+        assert revealed[k].equal(torch.arange(8).expand(3, 8) < k)
+
+
+def test_block_size_one_greedy_is_greedy_left_to_right_decoding():
+    model = tiny(vocab=5, length=6)
+    out = model.generate(2, 6, steps=6, block_size=1, sampling=GREEDY)
+    for i in range(6):  # each token is the argmax given the clean tokens before it and a mask at its place
+        x_t = out.clone()
+        x_t[:, i:] = model.mask_id
+        logits = model._denoiser_logits(x_t, out, 1)[:, i]  # (2, V+1)
+        assert torch.equal(logits.argmax(-1), out[:, i])
+
+
+def test_blocks_finish_left_to_right():
+    model = tiny(vocab=5, length=8)
+    _, states = model.generate(2, 8, steps=8, block_size=4, return_states=True,
+                               generator=torch.Generator().manual_seed(1))
+    done = (states != model.mask_id).all(dim=1)  # (9, 8): revealed in every row
+    assert not (states[1:5, :, 4:] != model.mask_id).any()  # block 2 untouched during block 1's passes
+    assert done[4, :4].all() and done[8].all()
+
+
+@pytest.mark.parametrize("block_size,steps", [(None, 4), (8, 12), (4, 4), (2, 8), (1, 8), (2, 12)])
+def test_cached_block_wise_generation_agrees_with_the_uncached_path(block_size, steps):
+    model = tiny(vocab=7, length=8)
+    kw = dict(steps=steps, block_size=block_size, return_states=True)
+    a = model.generate(3, 8, generator=torch.Generator().manual_seed(5), **kw)
+    b = model.generate(3, 8, generator=torch.Generator().manual_seed(5), use_cache=False, **kw)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert (a[0] < model.config.vocab_size).all()  # no mask left, never a mask proposed
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+@pytest.mark.parametrize("block_size,steps", [(None, 1), (None, 5), (4, 2), (4, 6), (1, 8), (2, 16)])
+def test_generation_takes_exactly_steps_passes(block_size, steps, use_cache):
+    model = tiny(vocab=5, length=8)
+    passes = count_forward_passes(model, lambda: model.generate(2, 8, steps=steps, block_size=block_size,
+                                                                use_cache=use_cache))
+    assert passes == steps
+
+
+def test_generation_is_seeded():
+    model = tiny(vocab=7, length=8)
+    run = lambda s: model.generate(4, 8, steps=4, generator=torch.Generator().manual_seed(s))  # noqa: E731
+    assert torch.equal(run(0), run(0)) and not torch.equal(run(0), run(1))
+
+
+def test_bad_arguments_give_clear_errors():
+    model = tiny(vocab=5, length=8)
+    with pytest.raises(ValueError, match=r"steps \(6\) must be a multiple of the number of blocks \(4"):
+        model.generate(1, 8, steps=6, block_size=2)
+    with pytest.raises(ValueError, match=r"block_size \(3\) must divide the sequence length \(8\)"):
+        model.generate(1, 8, steps=8, block_size=3)
+    with pytest.raises(ValueError, match="length must be"):
+        model.generate(1, 9, steps=9)
+    with pytest.raises(ValueError, match="steps must be"):
+        model.generate(1, 8, steps=0)
+    with pytest.raises(ValueError, match="n must be"):
+        model.generate(0, 8, steps=2)
+    with pytest.raises(TypeError, match="steps"):
+        model.generate(1, 8, steps=2.0)
+    with pytest.raises(ValueError, match="ids"):
+        model.nll_bound(torch.tensor([[0, 1, 5, 0]]))
+    with pytest.raises(ValueError, match="fewer than one window"):
+        model.nll_bound(torch.tensor([0, 1, 2]))
+    with pytest.raises(ValueError, match="over 12"):
+        tiny(vocab=2, length=16).exact_nll_bound(torch.zeros(1, 16, dtype=torch.long))
+    with pytest.raises(ValueError, match="schedule must be one of"):
+        DiffusionLMConfig(schedule="square")
+    with pytest.raises(ValueError, match="neither 0 nor a divisor"):
+        DiffusionLMConfig(length=8, train_block_sizes=(3,))
+
+
+def test_training_lowers_the_loss_and_the_trainer_writes_a_loadable_checkpoint(tmp_path, capsys):
+    out = tmp_path / "dlm.safetensors"
+    assert train_main(["--steps", "3", "--batch-size", "2", "--no-progress", "--threads", "1", "--out", str(out)]) == 0
+    model, tok = load_with_tokenizer(out, kind="diffusion_lm")
+    assert isinstance(model, DiffusionLM) and isinstance(tok, CharTokenizer)
+    assert model.generate(1, 16, steps=4).shape == (1, 16)
+    # a few steps on one batch lower the full and the block-wise loss
+    torch.manual_seed(0)
+    model = tiny(vocab=5, length=6)
+    model.train()
+    x = torch.randint(0, 5, (8, 6))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    before = [model.exact_nll_bound(x, block_size=b).mean() for b in (6, 2)]
+    for step in range(30):
+        loss = model(x, block_size=(6, 2)[step % 2], generator=torch.Generator().manual_seed(step)).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    after = [model.exact_nll_bound(x, block_size=b).mean() for b in (6, 2)]
+    assert all(a < b for a, b in zip(after, before))
