@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 
 from ar_course import distributed as ddp
 from ar_course.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from ar_course.cli import nonnegative_int
+from ar_course.cli import nonnegative_int, positive_float, positive_int, probability
 from ar_course.files import check_output_path
 
 STATE_KIND = "train-state"
@@ -305,6 +305,48 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint-every", type=nonnegative_int, default=TrainConfig.checkpoint_every,
                         metavar="N", help="write the training state every N steps (0: only when interrupted and "
                                           "at the end; it is removed once the checkpoint is written) [%(default)s]")
+
+
+EVAL_HELP = "samples per class for the accuracy recorded at each guidance strength (0: skip)"
+
+
+def add_conditional_model_options(parser: argparse.ArgumentParser, *, steps: int, batch_size: int, lr: float,
+                                  n_layer: int = 4, n_embd: int = 96, n_head: int = 4) -> None:
+    """The options of every trainer of a class-conditional model over image tokens (``train ar``, ``var``,
+    ``maskgit``, ``continuous``), with that trainer's defaults: ``--steps``, ``--seed``, ``--batch-size`` (the
+    global batch), ``--lr``, ``--p-uncond`` and the transformer's ``--n-layer``, ``--n-embd``, ``--n-head``
+    (checked after parsing by :func:`check_conditional_model_options`)."""
+    parser.add_argument("--steps", type=positive_int, default=steps)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=positive_int, default=batch_size,
+                        help="global batch, split across processes under torchrun [%(default)s]")
+    parser.add_argument("--lr", type=positive_float, default=lr)
+    parser.add_argument("--p-uncond", type=probability, default=0.1, help="condition dropout probability")
+    parser.add_argument("--n-layer", type=positive_int, default=n_layer)
+    parser.add_argument("--n-embd", type=positive_int, default=n_embd)
+    parser.add_argument("--n-head", type=positive_int, default=n_head)
+
+
+def add_output_options(parser: argparse.ArgumentParser, *, out: Path, train_images: bool = True,
+                       eval_help: str = EVAL_HELP) -> None:
+    """The rest of those trainers' options: ``--train-images`` (when ``train_images``), ``--eval-per-class``,
+    ``--device``, ``--out`` (default: the shipped checkpoint ``out``) and :func:`add_run_options`."""
+    if train_images:
+        parser.add_argument("--train-images", type=positive_int, default=None, metavar="N",
+                            help="train on the first N training images only (default: all)")
+    parser.add_argument("--eval-per-class", type=nonnegative_int, default=20, help=eval_help)
+    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    parser.add_argument("--out", type=Path, default=out, help=f"checkpoint path (default: the shipped {out.name})")
+    add_run_options(parser)
+
+
+def check_conditional_model_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Usage errors (exit 2) for parsed options of :func:`add_conditional_model_options` and
+    :func:`add_output_options`: heads that do not divide the width, fewer training images than one batch."""
+    if args.n_embd % args.n_head:
+        parser.error(f"--n-embd {args.n_embd} must divide by --n-head {args.n_head}")
+    if getattr(args, "train_images", None) is not None and args.train_images < args.batch_size:
+        parser.error(f"--train-images {args.train_images} is smaller than --batch-size {args.batch_size}")
 
 
 def state_path_for(out: Path) -> Path:

@@ -16,14 +16,17 @@ import torch
 from ar_course import checkpoint, metrics
 from ar_course import distributed as ddp
 from ar_course.checkpoint import save_checkpoint
-from ar_course.cli import ArgumentParser, nonnegative_int, positive_float, positive_int, probability
+from ar_course.cli import ArgumentParser, positive_int
 from ar_course.continuous.model import (
     CHECKPOINT_KIND, PRETRAINED_PATH, ContinuousAR, ContinuousARConfig, generate_images, map_to_tokens,
 )
 from ar_course.data import image_batches, load_mnist
 from ar_course.raster.model import condition_dropout_batches
 from ar_course.tokenizers import VQVAE
-from ar_course.train import History, TrainConfig, add_run_options, finish_run, prepare_run, train_loop, trainer_main
+from ar_course.train import (
+    History, TrainConfig, add_conditional_model_options, add_output_options, check_conditional_model_options,
+    finish_run, prepare_run, train_loop, trainer_main,
+)
 from ar_course.utils import get_device, seed_everything
 
 TOKENIZER = "tokenizer_mnist_kl"
@@ -90,30 +93,17 @@ def main(argv: list[str] | None = None) -> int:
                             description="Train the class-conditional raster AR model with a flow-matching head on "
                                         "continuous MNIST tokens of the shipped tokenizer_mnist_kl (chapter 10).")
     d = ContinuousARConfig()
-    parser.add_argument("--steps", type=positive_int, default=1500)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-size", type=positive_int, default=32,
-                        help="global batch, split across processes under torchrun [%(default)s]")
-    parser.add_argument("--lr", type=positive_float, default=2e-3)
-    parser.add_argument("--p-uncond", type=probability, default=0.1, help="condition dropout probability")
-    parser.add_argument("--n-layer", type=positive_int, default=d.n_layer)
-    parser.add_argument("--n-embd", type=positive_int, default=d.n_embd)
-    parser.add_argument("--n-head", type=positive_int, default=d.n_head)
+    add_conditional_model_options(parser, steps=1500, batch_size=32, lr=2e-3, n_layer=d.n_layer, n_embd=d.n_embd,
+                                  n_head=d.n_head)
     parser.add_argument("--head-width", type=positive_int, default=d.head_width)
     parser.add_argument("--head-depth", type=positive_int, default=d.head_depth)
     parser.add_argument("--head-repeats", type=positive_int, default=d.head_repeats,
                         help="flow times drawn per token in training [%(default)s]")
-    parser.add_argument("--eval-per-class", type=nonnegative_int, default=20,
-                        help="samples per class for the accuracy recorded at each guidance strength (0: skip)")
-    parser.add_argument("--eval-steps", type=positive_int, default=16, help="head Euler steps for that accuracy")
+    parser.add_argument("--eval-steps", type=positive_int, default=16, help="head Euler steps for the accuracy")
     parser.add_argument("--tokenizer", default=TOKENIZER, help="a continuous tokenizer's name or checkpoint path")
-    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    parser.add_argument("--out", type=Path, default=PRETRAINED_PATH,
-                        help=f"checkpoint path (default: the shipped {PRETRAINED_PATH.name})")
-    add_run_options(parser)
+    add_output_options(parser, out=PRETRAINED_PATH, train_images=False)
     args = parser.parse_args(argv)
-    if args.n_embd % args.n_head:
-        parser.error(f"--n-embd {args.n_embd} must divide by --n-head {args.n_head}")
+    check_conditional_model_options(parser, args)
     device = get_device(args.device)
     tokenizer = checkpoint.load(args.tokenizer, device, kind="tokenizer")
     if tokenizer.config.quantizer != "kl":

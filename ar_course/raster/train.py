@@ -16,14 +16,17 @@ from ar_course import distributed as ddp
 from ar_course import metrics
 from ar_course import checkpoint
 from ar_course.checkpoint import save_checkpoint
-from ar_course.cli import ArgumentParser, nonnegative_int, positive_float, positive_int, probability
+from ar_course.cli import ArgumentParser
 from ar_course.data import image_batches, load_mnist
 from ar_course.raster.model import (
     CHECKPOINT_KIND, PRETRAINED_PATH, condition_dropout_batches, generate_images, raster_config,
     raster_loss,
 )
 from ar_course.tokenizers import VQVAE
-from ar_course.train import History, TrainConfig, add_run_options, finish_run, prepare_run, train_loop, trainer_main
+from ar_course.train import (
+    History, TrainConfig, add_conditional_model_options, add_output_options, check_conditional_model_options,
+    finish_run, prepare_run, train_loop, trainer_main,
+)
 from ar_course.transformer.model import GPT
 from ar_course.utils import get_device, seed_everything
 
@@ -95,29 +98,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(prog="python -m ar_course train ar",
                             description="Train the class-conditional raster-order AR model on MNIST tokens of the "
                                         "shipped mnist_vq tokenizer.")
-    parser.add_argument("--steps", type=positive_int, default=1500)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-size", type=positive_int, default=32,
-                        help="global batch, split across processes under torchrun [%(default)s]")
-    parser.add_argument("--lr", type=positive_float, default=3e-3)
-    parser.add_argument("--p-uncond", type=probability, default=0.1, help="condition dropout probability")
-    parser.add_argument("--n-layer", type=positive_int, default=4)
-    parser.add_argument("--n-embd", type=positive_int, default=96)
-    parser.add_argument("--n-head", type=positive_int, default=4)
-    parser.add_argument("--train-images", type=positive_int, default=None, metavar="N",
-                        help="train on the first N training digits only (default: all)")
-    parser.add_argument("--eval-per-class", type=nonnegative_int, default=20,
-                        help="samples per class for the accuracy recorded at each guidance strength (0: skip)")
+    add_conditional_model_options(parser, steps=1500, batch_size=32, lr=3e-3)
     parser.add_argument("--tokenizer", default="mnist_vq", help="a shipped tokenizer's name or a checkpoint path")
-    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    parser.add_argument("--out", type=Path, default=PRETRAINED_PATH,
-                        help=f"checkpoint path (default: the shipped {PRETRAINED_PATH.name})")
-    add_run_options(parser)
+    add_output_options(parser, out=PRETRAINED_PATH)
     args = parser.parse_args(argv)
-    if args.n_embd % args.n_head:
-        parser.error(f"--n-embd {args.n_embd} must divide by --n-head {args.n_head}")
-    if args.train_images is not None and args.train_images < args.batch_size:
-        parser.error(f"--train-images {args.train_images} is smaller than --batch-size {args.batch_size}")
+    check_conditional_model_options(parser, args)
     state_path = prepare_run(parser, args.out, args.resume, args.batch_size)
     device = get_device(args.device)
     tokenizer = checkpoint.load(args.tokenizer, device, kind="tokenizer")
