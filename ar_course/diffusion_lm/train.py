@@ -23,11 +23,11 @@ import torch
 
 from ar_course import distributed as ddp
 from ar_course.checkpoint import ASSETS, save_checkpoint
-from ar_course.cli import ArgumentParser, nonnegative_int, positive_float, positive_int
+from ar_course.cli import ArgumentParser, positive_float, positive_int
 from ar_course.diffusion_lm.model import DiffusionLM, DiffusionLMConfig
-from ar_course.train import TrainConfig, add_run_options, finish_run, prepare_run, train_loop, trainer_main
+from ar_course.train import TrainConfig, finish_run, prepare_run, train_loop, trainer_main
 from ar_course.transformer.train import PRESETS as LM_PRESETS
-from ar_course.transformer.train import round_to_half
+from ar_course.transformer.train import add_text_trainer_options, apply_text_trainer_options, round_to_half
 from ar_course.utils import count_parameters, get_device, seed_everything
 
 KIND = "diffusion_lm"
@@ -127,20 +127,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     parser.add_argument("--out", type=Path, default=None,
                         help="checkpoint path (default: ar_course/assets/diffusion_lm.safetensors)")
-    parser.add_argument("--float32", action="store_true", help="store float32 weights (default: float16)")
-    parser.add_argument("--eval-every", type=nonnegative_int, default=0,
-                        help="validation bound every N steps (0: at the end)")
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    parser.add_argument("--threads", type=positive_int, default=None,
-                        help="torch CPU threads (default: torch's choice; 1 is faster on a busy machine)")
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    add_run_options(parser)
+    add_text_trainer_options(parser, measure="validation bound")
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    preset = PRESETS[args.preset]
-    overrides = {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr}
-    preset = replace(preset, **{k: v for k, v in overrides.items() if v is not None})
+    preset = apply_text_trainer_options(args, PRESETS)
     out = args.out or ASSETS / "diffusion_lm.safetensors"
     state_path = prepare_run(parser, out, args.resume, preset.batch_size)
     model, info = train_diffusion_lm(preset, args.seed, get_device(args.device), not args.no_progress,

@@ -18,11 +18,12 @@ vocabulary and the validation loss measured after rounding::
 
 from __future__ import annotations
 
+import argparse
 import json
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -154,6 +155,29 @@ def train_lm(
     return model, info
 
 
+def add_text_trainer_options(parser: argparse.ArgumentParser, *, measure: str) -> None:
+    """The options the text-model trainers (``train lm``, ``train diffusion_lm``) share after their own:
+    ``--float32``, ``--eval-every`` (the ``measure`` every N steps), ``--device``, ``--threads``,
+    ``--no-progress`` and the run options (:func:`~ar_course.train.add_run_options`)."""
+    parser.add_argument("--float32", action="store_true", help="store float32 weights (default: float16)")
+    parser.add_argument("--eval-every", type=nonnegative_int, default=0,
+                        help=f"{measure} every N steps (0: at the end)")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--threads", type=positive_int, default=None,
+                        help="torch CPU threads (default: torch's choice; 1 is faster on a busy machine)")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    add_run_options(parser)
+
+
+def apply_text_trainer_options(args: argparse.Namespace, presets: dict) -> Any:
+    """Apply ``--threads``, and return the preset ``args.preset`` of ``presets`` with the ``--steps``,
+    ``--batch-size`` and ``--lr`` given on the command line in place of its own."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    overrides = {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr}
+    return replace(presets[args.preset], **{k: v for k, v in overrides.items() if v is not None})
+
+
 @trainer_main
 def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(
@@ -172,21 +196,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--teacher", type=Path, default=None,
                         help="checkpoint to distil from (default: the preset's; 'draft' uses lm_target)")
     parser.add_argument("--no-distill", action="store_true", help="train on the data only, even for 'draft'")
-    parser.add_argument("--float32", action="store_true", help="store float32 weights (default: float16)")
-    parser.add_argument("--eval-every", type=nonnegative_int, default=0,
-                        help="validation loss every N steps (0: at the end)")
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    parser.add_argument("--threads", type=positive_int, default=None,
-                        help="torch CPU threads (default: torch's choice; 1 is faster on a busy machine)")
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    add_run_options(parser)
+    add_text_trainer_options(parser, measure="validation loss")
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-
-    preset = PRESETS[args.preset]
-    overrides = {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr}
-    preset = replace(preset, **{k: v for k, v in overrides.items() if v is not None})
+    preset = apply_text_trainer_options(args, PRESETS)
     out = args.out or ASSETS / f"lm_{args.preset}.safetensors"
     state_path = prepare_run(parser, out, args.resume, preset.batch_size)
     device = get_device(args.device)
