@@ -21,6 +21,7 @@ from ar_course.continuous.model import (
     CHECKPOINT_KIND, PRETRAINED_PATH, ContinuousAR, ContinuousARConfig, generate_images, map_to_tokens,
 )
 from ar_course.data import image_batches, load_mnist
+from ar_course.raster import train as raster_train
 from ar_course.raster.model import condition_dropout_batches
 from ar_course.tokenizers import VQVAE
 from ar_course.train import (
@@ -39,9 +40,7 @@ def encode_dataset(tokenizer: VQVAE, images: torch.Tensor, batch_size: int = 100
     """Raster-order continuous tokens ``(N, h * w, latent_dim)`` of ``images`` ``(N, C, S, S)``, in chunks."""
     if tokenizer.config.quantizer != "kl":
         raise ValueError(f"a continuous ('kl') tokenizer is needed, got {tokenizer.config.quantizer!r}")
-    device = next(tokenizer.parameters()).device
-    return torch.cat([map_to_tokens(tokenizer.encode_to_indices(chunk.to(device))).cpu()
-                      for chunk in images.split(batch_size)])
+    return map_to_tokens(raster_train.encode_dataset(tokenizer, images, batch_size))  # (N, h * w, D)
 
 
 @torch.no_grad()

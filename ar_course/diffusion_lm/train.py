@@ -13,7 +13,6 @@ diffusion), so that one model serves full and block-wise generation.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -22,12 +21,14 @@ from typing import Iterator
 import torch
 
 from ar_course import distributed as ddp
-from ar_course.checkpoint import ASSETS, save_checkpoint
+from ar_course.checkpoint import ASSETS
 from ar_course.cli import ArgumentParser, positive_float, positive_int
 from ar_course.diffusion_lm.model import DiffusionLM, DiffusionLMConfig
-from ar_course.train import TrainConfig, finish_run, prepare_run, train_loop, trainer_main
+from ar_course.train import TrainConfig, prepare_run, train_loop, trainer_main
 from ar_course.transformer.train import PRESETS as LM_PRESETS
-from ar_course.transformer.train import add_text_trainer_options, apply_text_trainer_options, round_to_half
+from ar_course.transformer.train import (
+    add_text_trainer_options, apply_text_trainer_options, round_to_half, save_text_model,
+)
 from ar_course.utils import count_parameters, get_device, seed_everything
 
 KIND = "diffusion_lm"
@@ -151,11 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         "params": count_parameters(model),
         "evals": [{"step": s, **e} for s, e in zip(history.eval_steps, history.evals)],
     }
-    state = {k: (v.half() if not args.float32 and v.is_floating_point() else v) for k, v in model.state_dict().items()}
-    save_checkpoint(out, state, model.config, kind=KIND, **extra)
-    finish_run(state_path)
-    summary = {k: v for k, v in extra.items() if k not in ("vocab", "evals")}
-    print(f"saved {out} ({out.stat().st_size / 1e6:.2f} MB): {json.dumps(summary)}")
+    save_text_model(model, out, kind=KIND, float32=args.float32, state_path=state_path, extra=extra)
     return 0
 
 

@@ -178,6 +178,17 @@ def apply_text_trainer_options(args: argparse.Namespace, presets: dict) -> Any:
     return replace(presets[args.preset], **{k: v for k, v in overrides.items() if v is not None})
 
 
+def save_text_model(model: torch.nn.Module, out: Path, *, kind: str, float32: bool, state_path: Path,
+                    extra: dict) -> None:
+    """The end of a text-model trainer: write ``model`` to ``out`` (float16 unless ``float32``) with the
+    recorded ``extra``, remove the run's training state, and print what was saved."""
+    state = {k: (v.half() if not float32 and v.is_floating_point() else v) for k, v in model.state_dict().items()}
+    save_checkpoint(out, state, model.config, kind=kind, **extra)
+    finish_run(state_path)
+    summary = {k: v for k, v in extra.items() if k not in ("vocab", "evals")}
+    print(f"saved {out} ({out.stat().st_size / 1e6:.2f} MB): {json.dumps(summary)}")
+
+
 @trainer_main
 def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(
@@ -231,11 +242,7 @@ def main(argv: list[str] | None = None) -> int:
         "params": count_parameters(model),
         "evals": [{"step": s, **e} for s, e in zip(history.eval_steps, history.evals)],
     }
-    state = {k: (v.half() if not args.float32 and v.is_floating_point() else v) for k, v in model.state_dict().items()}
-    save_checkpoint(out, state, model.config, kind=KIND, **extra)
-    finish_run(state_path)
-    summary = {k: v for k, v in extra.items() if k not in ("vocab", "evals")}
-    print(f"saved {out} ({out.stat().st_size / 1e6:.2f} MB): {json.dumps(summary)}")
+    save_text_model(model, out, kind=KIND, float32=args.float32, state_path=state_path, extra=extra)
     return 0
 
 
