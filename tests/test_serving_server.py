@@ -205,9 +205,15 @@ def test_serve_builds_the_engine_with_the_kv_options_and_refuses_bad_ones(monkey
     config = built["engine"].config
     assert (config.kv_bits, config.kv_window, config.kv_sinks) == (4, 64, 2) and built["ran"] is built["engine"]
     assert built["engine"].cache.k.dtype == torch.uint8
+    built.clear()
+    assert srv.main(["--model", "lm_draft", "--kv-h2o-budget", "64", "--kv-h2o-recent", "16"]) == 0
+    config = built["engine"].config
+    assert (config.kv_h2o_budget, config.kv_h2o_recent) == (64, 16)
     for argv, message in ((["--kv-window", "16", "--prefix-caching"], "prefix_caching"),
                           (["--kv-window", "4", "--kv-sinks", "4"], "kv_sinks < kv_window"),
-                          (["--kv-bits", "3"], "kv-bits")):
+                          (["--kv-bits", "3"], "kv-bits"),
+                          (["--kv-h2o-budget", "64", "--kv-window", "16"], "kv_window"),
+                          (["--kv-h2o-budget", "64", "--kv-h2o-recent", "64"], "kv_h2o_recent < kv_h2o_budget")):
         with pytest.raises(SystemExit) as e:
             srv.main(argv)
         err = capsys.readouterr().err

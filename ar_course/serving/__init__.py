@@ -2,7 +2,8 @@
 (:mod:`.paged`), attention through block tables (:mod:`.attention`; a Triton kernel in
 :mod:`ar_course.kernels.triton_paged`), prefix caching (:mod:`.prefix`), an engine with continuous batching,
 chunked prefill and preemption by recomputation (:mod:`.engine`), KV compression measured for memory and
-quality (:mod:`.compression`; int8/int4 pools and sinks + window eviction also inside the engine), seeded
+quality (:mod:`.compression`; int8/int4 pools and sinks + window eviction also inside the engine), heavy-hitter
+eviction by blocks inside the engine with its one-sequence plain path (:mod:`.h2o`), seeded
 request traces and serving metrics (:mod:`.trace`), the engine on its own thread (:mod:`.worker`) and the
 HTTP server of ``python -m ar_course serve`` (:mod:`.server`, extra ``[serve]``, not imported here)."""
 

@@ -264,7 +264,9 @@ def merge_layer_pairs(kv: list[tuple[torch.Tensor, torch.Tensor]], merge_from: i
 def kv_bytes_per_token(config: GPTConfig, method: str, context: int, *, bits_float: int = 16, group: int = 32,
                        window: int = 96, merge_from: int = 6, recent: int = 0) -> float:
     """KV-cache bytes per token of a ``context``-token sequence, all layers, keys and values, stored in
-    ``bits_float``-bit floats (scales and minima included for the quantized methods; ``recent`` is ignored)."""
+    ``bits_float``-bit floats (scales and minima included for the quantized methods; ``recent`` is ignored).
+    ``method``: one of :data:`METHODS` or ``"h2o_blocks"``, the engine's block-wise H2O with a budget of
+    ``window`` positions (:mod:`ar_course.serving.h2o`)."""
     L, H, D, f = config.n_layer, config.n_head, config.head_dim, bits_float / 8
     full = 2 * L * H * D * f
     if method == "none":
@@ -280,6 +282,8 @@ def kv_bytes_per_token(config: GPTConfig, method: str, context: int, *, bits_flo
         return full * min(window, context) / context
     if method == "h2o":  # plus one fp32 accumulated score per cached token, head and layer
         return (full + L * H * 4) * min(window, context) / context
+    if method == "h2o_blocks":  # the engine's (serving.h2o): one float64 score per cached position
+        return (full + 8) * min(window, context) / context
     if method == "minicache":
         pairs = max(L - merge_from, 0) // 2
         # a merged pair stores one direction per token and head plus two norms, instead of two vectors

@@ -22,7 +22,10 @@ KV compression inside the engine: ``kv_bits=8`` or ``4`` quantizes the pool (per
 cache of the ``S`` first and ``W - S`` last positions: every query sees only those
 (:func:`~ar_course.serving.compression.sink_window_visible`) and, after each step, the blocks no later query can
 see are freed (:func:`~ar_course.serving.compression.sink_window_evictable`), so a long sequence holds at most
-about ``W / block_size + 2`` blocks.
+about ``W / block_size + 2`` blocks. ``kv_h2o_budget=N`` (with ``kv_h2o_recent=R``) is heavy-hitter eviction
+by whole blocks (:mod:`.h2o`): every key slot accumulates the attention it receives, and after each step a
+sequence over ``N // block_size`` blocks gives back its lowest-scoring full blocks outside the ``R`` newest
+positions.
 """
 
 from __future__ import annotations
@@ -36,8 +39,10 @@ import torch
 
 from ar_course.sampling import SamplingConfig, check_sampling, sample
 from ar_course.serving.compression import sink_window_evictable, sink_window_visible
+from ar_course.serving.h2o import ScoringAttention, check_h2o, h2o_evictions
 from ar_course.serving.paged import OutOfBlocks, PagedKVCache
 from ar_course.serving.prefix import PrefixCache
+from ar_course.transformer.model import use_attention
 from ar_course.utils import check_int
 
 POLICIES = ("continuous", "static")
@@ -57,6 +62,8 @@ class EngineConfig:
     kv_bits: int | None = None  # 8 / 4: the pool stores int8 / packed int4 codes per token and head (None: dtype)
     kv_window: int | None = None  # sinks + window eviction: positions a query sees (None: all of them)
     kv_sinks: int = 4  # with kv_window: the first positions always kept (the attention sinks)
+    kv_h2o_budget: int | None = None  # heavy-hitter eviction: positions a sequence keeps (None: all of them)
+    kv_h2o_recent: int = 32  # with kv_h2o_budget: the newest positions never evicted
 
     def __post_init__(self) -> None:
         for name in ("num_blocks", "block_size", "max_running", "max_step_tokens"):
@@ -71,6 +78,11 @@ class EngineConfig:
                 raise ValueError(f"need 0 <= kv_sinks < kv_window, got {self.kv_sinks} and {self.kv_window}")
             if self.prefix_caching:
                 raise ValueError("prefix_caching cannot share blocks that kv_window evicts: use one or the other")
+        if self.kv_h2o_budget is not None:
+            check_h2o(self.kv_h2o_budget, self.kv_h2o_recent, self.block_size)
+            if self.prefix_caching or self.kv_window is not None:
+                raise ValueError("kv_h2o_budget evicts blocks by score: it cannot be combined with prefix_caching "
+                                 "or kv_window")
         if self.static_reserve is not None:
             check_int("static_reserve", self.static_reserve, lo=1)
         if self.max_step_tokens < self.max_running:
@@ -138,12 +150,14 @@ class _PackedStep:
 
 
 def packed_forward(model: torch.nn.Module, cache: PagedKVCache, chunks: list[tuple[int, list[int], int]],
-                   sinks_window: tuple[int, int] | None = None) -> torch.Tensor:
+                   sinks_window: tuple[int, int] | None = None, scores: torch.Tensor | None = None) -> torch.Tensor:
     """One forward pass of ``model`` (a :class:`~ar_course.transformer.GPT`) over the ``chunks``
     ``(seq, token ids, start position)`` of several sequences, packed in one row; their keys and values are
     written to ``cache`` (blocks reserved beforehand) and read back through the block tables (positions in
     evicted blocks are not read). ``sinks_window`` ``(sinks, window)``: a query also sees only the keys
-    :func:`~ar_course.serving.compression.sink_window_visible` keeps.
+    :func:`~ar_course.serving.compression.sink_window_visible` keeps. ``scores`` ``(num_blocks * block_size,)``
+float64: attend through :class:`~ar_course.serving.h2o.ScoringAttention`, adding the attention each key slot
+receives (a slot written in this pass starts at 0).
 
     Returns the logits after the last token of each chunk: ``(len(chunks), V)``."""
     ids, positions, writes, keys, q_seq, k_seq, k_pos = [], [], [], [], [], [], []
@@ -164,7 +178,13 @@ def packed_forward(model: torch.nn.Module, cache: PagedKVCache, chunks: list[tup
         mask &= sink_window_visible(q_pos, kp, *sinks_window)
     mask, q_pos = mask.to(device), q_pos[:, 0].to(device)  # (T, T_k), (T,)
     step = _PackedStep(cache, torch.cat(writes), torch.cat(keys))
-    h = model.forward_at(torch.tensor(ids, device=device)[None], q_pos, mask, step)  # (1, T, C)
+    idx = torch.tensor(ids, device=device)[None]  # (1, T)
+    if scores is None:
+        h = model.forward_at(idx, q_pos, mask, step)  # (1, T, C)
+    else:
+        scores[step.write_slots] = 0.0
+        with use_attention(ScoringAttention(scores, step.key_slots)):
+            h = model.forward_at(idx, q_pos, mask, step)  # (1, T, C)
     last = torch.tensor([len(t) for _, t, _ in chunks]).cumsum(0) - 1  # (n_chunks,)
     return model.lm_head(h[0, last.to(device)])  # (n_chunks, V)
 
@@ -183,6 +203,8 @@ class Engine:
         self.model, self.config, self.clock = model, config, clock
         self.cache = PagedKVCache.for_model(model, config.num_blocks, config.block_size, config.kv_bits)
         self.prefix = PrefixCache(self.cache) if config.prefix_caching else None
+        self.scores = (torch.zeros(config.num_blocks * config.block_size, dtype=torch.float64,
+                                   device=self.cache.k.device) if config.kv_h2o_budget is not None else None)
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.requests: dict[int, Request] = {}
@@ -240,6 +262,11 @@ class Engine:
             self.step()
         return self.outputs()
 
+    def bytes_per_block(self) -> int:
+        """KV bytes one block in use holds: the pool's (codes and statistics), plus its slots' scores with H2O."""
+        scores = 0 if self.scores is None else self.config.block_size * self.scores.element_size()
+        return self.cache.bytes_per_block() + scores
+
     # ---------------------------------------------------------------------------------------------- one step
 
     @torch.no_grad()
@@ -252,7 +279,7 @@ class Engine:
             return []
         chunks = [(r.id, r.tokens[r.computed:r.computed + n], r.computed) for r, n in batch]
         decodes = sum(1 for r, n in batch if r.output and r.computed == len(r.tokens) - 1)
-        logits = packed_forward(self.model, self.cache, chunks, self._sinks_window)  # (len(batch), V)
+        logits = packed_forward(self.model, self.cache, chunks, self._sinks_window, self.scores)  # (len(batch), V)
         now, events = self.clock(), []
         for (req, n), row in zip(batch, logits):
             self.cache.advance(req.id, n)
@@ -278,12 +305,18 @@ class Engine:
         return None if c.kv_window is None else (c.kv_sinks, c.kv_window)
 
     def _evict(self, batch: list[tuple[Request, int]]) -> None:
-        """With ``kv_window``: free the blocks of the batch's sequences that no later query can see."""
-        if self._sinks_window is None:
-            return
+        """With ``kv_window``: free the blocks of the batch's sequences that no later query can see; with
+        ``kv_h2o_budget``: the lowest-scoring blocks of each sequence over its budget."""
+        c = self.config
         for req, _ in batch:
-            blocks = sink_window_evictable(req.computed, *self._sinks_window, self.config.block_size)
-            self.cache.evict(req.id, blocks)
+            if self._sinks_window is not None:
+                self.cache.evict(req.id, sink_window_evictable(req.computed, *self._sinks_window, c.block_size))
+            elif self.scores is not None:
+                table = self.cache.tables[req.id]
+                block_scores = self.scores.view(-1, c.block_size)[torch.tensor(table).clamp_min(0)].sum(-1)  # (n,)
+                live = [b >= 0 for b in table]
+                self.cache.evict(req.id, h2o_evictions(block_scores, live, req.computed, c.block_size,
+                                                       c.kv_h2o_budget, c.kv_h2o_recent))
 
     def _admit(self) -> None:
         """Move waiting requests into the batch while it has room and the pool has their blocks."""
@@ -364,6 +397,6 @@ class Engine:
     def _record(self, now: float, batch: list[tuple[Request, int]], decodes: int) -> None:
         prefill = sum(n for _, n in batch) - decodes  # prompt tokens, and tokens recomputed after a preemption
         self.prefill_computed += prefill
-        self.history.append(StepRecord(now, [r.id for r, _ in batch], prefill, decodes,
-                                       self.cache.allocator.num_used, self.cache.used_tokens(),
-                                       self.cache.bytes_in_use()))
+        used = self.cache.allocator.num_used
+        self.history.append(StepRecord(now, [r.id for r, _ in batch], prefill, decodes, used,
+                                       self.cache.used_tokens(), used * self.bytes_per_block()))

@@ -18,6 +18,7 @@ positions still stored.
 from __future__ import annotations
 
 from collections import deque
+from typing import Sequence
 
 import torch
 
@@ -193,9 +194,9 @@ class PagedKVCache:
         table = torch.tensor(self.tables[seq], dtype=torch.long)
         return positions[table[positions // self.block_size] >= 0]
 
-    def evict(self, seq: int, blocks: range) -> int:
-        """Free the blocks at table indices ``blocks`` of ``seq`` (they are never read again); already evicted
-        ones are skipped. The last, partly filled block cannot be evicted. Returns how many were freed."""
+    def evict(self, seq: int, blocks: Sequence[int]) -> int:
+        """Free the blocks at table indices ``blocks`` (ascending) of ``seq`` (they are never read again); already
+        evicted ones are skipped. The last, partly filled block cannot be evicted. Returns how many were freed."""
         table, freed = self.tables[seq], 0
         if blocks and blocks[-1] >= self.lengths[seq] // self.block_size:
             raise ValueError(f"block {blocks[-1]} of sequence {seq} is not full: only full blocks can be evicted")

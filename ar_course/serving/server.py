@@ -169,6 +169,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="sinks + window: a query sees the sinks and the last positions, up to this many; "
                              "blocks out of the window are freed")
     parser.add_argument("--kv-sinks", type=int_in(0), default=4, help="with --kv-window: first positions kept")
+    parser.add_argument("--kv-h2o-budget", type=int_in(1), default=None,
+                        help="heavy-hitter eviction: positions a sequence keeps; its lowest-scoring blocks are freed")
+    parser.add_argument("--kv-h2o-recent", type=int_in(0), default=32,
+                        help="with --kv-h2o-budget: newest positions never evicted")
     parser.add_argument("--max-pending", type=int_in(1), default=64, help="requests in flight before 503")
     parser.add_argument("--timeout", type=float_in(0, lo_open=True), default=60.0, help="seconds a request may take")
     parser.add_argument("--drain", type=float_in(0), default=10.0,
@@ -177,7 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = EngineConfig(num_blocks=args.num_blocks, block_size=args.block_size, max_running=args.max_running,
                               prefix_caching=args.prefix_caching, kv_bits=args.kv_bits, kv_window=args.kv_window,
-                              kv_sinks=args.kv_sinks)
+                              kv_sinks=args.kv_sinks, kv_h2o_budget=args.kv_h2o_budget,
+                              kv_h2o_recent=args.kv_h2o_recent)
     except ValueError as e:
         parser.error(str(e))
     _, _, uvicorn = _fastapi()

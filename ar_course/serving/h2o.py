@@ -1,0 +1,132 @@
+"""Heavy-hitter eviction (H2O) inside the serving engine, by whole blocks.
+
+H2O ("Heavy-Hitter Oracle for Efficient Generative Inference") keeps the newest tokens plus the *heavy hitters*:
+the older tokens that have received the most attention so far. A paged pool frees memory a block at a time and
+stores every head of a position together, so the engine's variant scores blocks, shared by heads and layers:
+
+* every key slot accumulates the attention probability it receives, summed over heads, layers and queries
+  (:class:`ScoringAttention`); a new position starts at 0;
+* after each step, a sequence holding more than ``budget // block_size`` blocks gives back its full blocks with
+  the lowest summed score (:func:`h2o_evictions`), never a block holding one of its ``recent`` newest
+  positions (nor the last, partly filled one), so it keeps at most ``max(budget // block_size, ceil(recent /
+  block_size) + 1)`` blocks after a step.
+
+A query sees exactly the positions of blocks not yet evicted. The per-head, token-by-token form of H2O that
+decides after every query is :func:`~ar_course.serving.compression.h2o_attention` (measured beside the engine).
+
+:func:`h2o_decode` is the plain path: one sequence, a contiguous cache, the prompt in one pass then one token per
+step, the same rule. The engine's greedy tokens equal it (tested); teacher-forced it gives the held-out NLL of
+decoding through the evicting cache (:func:`h2o_heldout_nll`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ar_course.transformer import functional as ref
+from ar_course.transformer.model import use_attention
+from ar_course.utils import check_int
+
+
+@dataclass
+class ScoringAttention:
+    """:data:`~ar_course.transformer.AttentionFn` that attends as ``softmax(q k^T / sqrt(D))`` under ``mask``
+    (required: it holds the causal rule) and adds the probability each key receives, summed over batch, heads
+    and queries, to ``scores`` ``(N,)`` float64 at ``key_index`` ``(T_k,)`` long (the key's slot)."""
+
+    scores: torch.Tensor
+    key_index: torch.Tensor
+
+    def __call__(self, q, k, v, mask, causal, dropout_p=0.0):
+        if mask is None or causal:
+            raise ValueError("ScoringAttention needs the full mask (it holds the causal rule) and causal=False")
+        p = ref.masked_softmax(q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1]), mask)  # (B, H, T, T_k)
+        self.scores.index_add_(0, self.key_index, p.sum(dim=(0, 1, 2)).to(self.scores.dtype))
+        return p @ v  # (B, H, T, D)
+
+
+def check_h2o(budget: int, recent: int, block_size: int) -> None:
+    """One-line ``ValueError``/``TypeError`` unless ``block_size <= budget`` and ``0 <= recent < budget``."""
+    check_int("kv_h2o_budget", budget, lo=block_size)
+    if not 0 <= check_int("kv_h2o_recent", recent, lo=0) < budget:
+        raise ValueError(f"need 0 <= kv_h2o_recent < kv_h2o_budget, got {recent} and {budget}")
+
+
+def h2o_evictions(block_scores: torch.Tensor, live: list[bool], length: int, block_size: int, budget: int,
+                  recent: int) -> list[int]:
+    """The block indices a sequence of ``length`` positions gives back, ascending: while it holds more than
+    ``budget // block_size`` live blocks (``live[i]``: block ``i`` not evicted yet), the full block outside the
+    ``recent`` newest positions with the lowest ``block_scores`` ``(n_blocks,)`` (ties: the earlier block)."""
+    n_blocks = -(-length // block_size)
+    excess = sum(live[:n_blocks]) - budget // block_size
+    if excess <= 0:
+        return []
+    protected = max(length - recent, 0) // block_size  # the first block holding a recent position
+    candidates = [i for i in range(min(length // block_size, protected)) if live[i]]
+    candidates.sort(key=lambda i: (float(block_scores[i]), i))
+    return sorted(candidates[:excess])
+
+
+class _DenseCache:
+    """A contiguous cache for :meth:`GPT.forward_at`: each layer's keys and values grow by concatenation."""
+
+    def __init__(self) -> None:
+        self.kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if layer in self.kv:
+            k, v = torch.cat([self.kv[layer][0], k], dim=2), torch.cat([self.kv[layer][1], v], dim=2)
+        self.kv[layer] = (k, v)
+        return k, v  # (1, H, T_k, D)
+
+
+@torch.no_grad()
+def h2o_decode(model: torch.nn.Module, prompt: list[int], steps: int, budget: int, recent: int, block_size: int,
+               forced: list[int] | None = None) -> tuple[list[int], torch.Tensor]:
+    """The plain path of the engine's H2O: one sequence through a contiguous cache, ``prompt`` in one pass, then
+    one token per step; after every pass, the blocks :func:`h2o_evictions` picks are hidden from later queries.
+
+    Each step's next token is the argmax (greedy), or ``forced[i]`` when ``forced`` (``steps`` tokens) is given
+    (teacher forcing). Returns ``(tokens, logits (steps, V))``: the tokens fed after the prompt, and the logits
+    each of them was chosen from."""
+    check_h2o(budget, recent, block_size)
+    if not prompt:
+        raise ValueError("prompt has no tokens")
+    if forced is not None and len(forced) != steps:
+        raise ValueError(f"forced has {len(forced)} tokens, expected steps={steps}")
+    device = model.lm_head.weight.device
+    cache, scores, live = _DenseCache(), torch.zeros(0, dtype=torch.float64, device=device), []
+    chunk, start, tokens, logits = list(prompt), 0, [], []
+    while len(tokens) < steps:
+        end = start + len(chunk)
+        scores = torch.cat([scores, scores.new_zeros(len(chunk))])  # (end,)
+        live += [True] * (-(-end // block_size) - len(live))
+        k_pos, q_pos = torch.arange(end, device=device), torch.arange(start, end, device=device)
+        visible = torch.tensor(live, device=device)[k_pos // block_size]  # (end,)
+        mask = visible[None, :] & (k_pos[None, :] <= q_pos[:, None])  # (T, end)
+        with use_attention(ScoringAttention(scores, k_pos)):
+            h = model.forward_at(torch.tensor(chunk, device=device)[None], q_pos, mask, cache)  # (1, T, C)
+        logits.append(model.lm_head(h[0, -1]))  # (V,)
+        block_scores = F.pad(scores, (0, -end % block_size)).view(-1, block_size).sum(-1)  # (n_blocks,)
+        for i in h2o_evictions(block_scores, live, end, block_size, budget, recent):
+            live[i] = False
+        nxt = forced[len(tokens)] if forced is not None else int(logits[-1].argmax())
+        tokens.append(nxt)
+        chunk, start = [nxt], end
+    return tokens, torch.stack(logits) if logits else torch.zeros(0, model.config.vocab_size)
+
+
+@torch.no_grad()
+def h2o_heldout_nll(model: torch.nn.Module, windows: torch.Tensor, budget: int, recent: int, block_size: int
+                    ) -> float:
+    """Mean next-token NLL (nats/token) of ``model`` on ``windows`` ``(N, T+1)`` long, decoded one token at a time
+    (after the first) through the engine's H2O cache (:func:`h2o_decode`, teacher-forced)."""
+    losses = []
+    for row in windows.tolist():
+        _, logits = h2o_decode(model, row[:1], len(row) - 1, budget, recent, block_size, forced=row[1:])
+        losses.append(float(F.cross_entropy(logits, torch.tensor(row[1:], device=logits.device))))
+    return sum(losses) / len(losses)
