@@ -119,15 +119,15 @@ class PagedKVCache:
         self.partner: dict[int, int] = {}  # merged layer -> the other layer of its pair
         for a in pairs:
             self.partner[a], self.partner[a + 1] = a + 1, a
-        slots = [layer for layer in range(n_layer) if layer - 1 not in pairs]  # a pair's second layer: no slot
-        self.store_index = [len([s for s in slots if s <= layer]) - 1 for layer in range(n_layer)]  # layer -> slot
+        # layer -> its slot in k, v: a pair's second layer shares its first layer's
+        self.store_index = [layer - sum(a < layer for a in pairs) for layer in range(n_layer)]
         self.norm_index = {layer: i for i, layer in enumerate(sorted(self.partner))}  # merged layer -> norm row
         self._held: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # first layer -> (slots, k, v)
-        shape = (len(slots), num_blocks, block_size, n_head, head_dim // 2 if kv_bits == 4 else head_dim)
+        shape = (n_layer - len(pairs), num_blocks, block_size, n_head, head_dim // 2 if kv_bits == 4 else head_dim)
         store = torch.uint8 if kv_bits else dtype
         self.k = torch.zeros(shape, device=device, dtype=store)
         self.v = torch.zeros(shape, device=device, dtype=store)
-        stats = (*shape[:-1], 2) if kv_bits else (len(slots), num_blocks, 0, n_head, 2)
+        stats = (*shape[:-1], 2) if kv_bits else (shape[0], num_blocks, 0, n_head, 2)
         self.k_stats = torch.zeros(stats, device=device, dtype=torch.float16)
         self.v_stats = torch.zeros(stats, device=device, dtype=torch.float16)
         norms = (2 * len(pairs), num_blocks, block_size, n_head)

@@ -169,6 +169,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="sinks + window: a query sees the sinks and the last positions, up to this many; "
                              "blocks out of the window are freed")
     parser.add_argument("--kv-sinks", type=int_in(0), default=4, help="with --kv-window: first positions kept")
+    parser.add_argument("--kv-merge-from", type=int_in(0), default=None,
+                        help="MiniCache: layers (a, a+1) from this one on store one merged direction per token "
+                             "(default: no merging)")
     parser.add_argument("--max-pending", type=int_in(1), default=64, help="requests in flight before 503")
     parser.add_argument("--timeout", type=float_in(0, lo_open=True), default=60.0, help="seconds a request may take")
     parser.add_argument("--drain", type=float_in(0), default=10.0,
@@ -177,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = EngineConfig(num_blocks=args.num_blocks, block_size=args.block_size, max_running=args.max_running,
                               prefix_caching=args.prefix_caching, kv_bits=args.kv_bits, kv_window=args.kv_window,
-                              kv_sinks=args.kv_sinks)
+                              kv_sinks=args.kv_sinks, kv_merge_from=args.kv_merge_from)
     except ValueError as e:
         parser.error(str(e))
     _, _, uvicorn = _fastapi()
