@@ -140,3 +140,7 @@ def test_merge_options_are_clear_errors(tiny):
         cache.write(1, torch.tensor([0]), torch.ones(1, 1, 2), torch.ones(1, 1, 2))
     with pytest.raises(ValueError, match="prompt has no tokens"):
         merged_generate(tiny, [], 3, 0)
+    with pytest.raises(ValueError, match="block_size"):
+        merged_generate(tiny, [1, 2], 100, 0)
+    with pytest.raises(ValueError, match="merge_from must be an integer >= 0"):
+        merged_generate(tiny, [1, 2], 3, -2)

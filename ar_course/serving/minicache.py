@@ -29,6 +29,7 @@ from __future__ import annotations
 import torch
 
 from ar_course.serving.compression import merge_pair, merged_pairs, sink_window_visible
+from ar_course.utils import check_int
 
 
 def fresh_rows(write_slots: torch.Tensor, key_slots: torch.Tensor, num_slots: int
@@ -81,8 +82,10 @@ def merged_generate(model: torch.nn.Module, prompt: list[int], max_new_tokens: i
     step, a contiguous cache merged after each step (the plain path of the engine's ``kv_merge_from``).
     ``sinks_window`` ``(sinks, window)``: a query also sees only what
     :func:`~ar_course.serving.compression.sink_window_visible` keeps. Returns the new token ids."""
-    if not prompt:
-        raise ValueError("prompt has no tokens")
+    max_new_tokens = check_int("max_new_tokens", max_new_tokens, lo=0)
+    if merge_from is not None:
+        check_int("merge_from", merge_from, lo=0)
+    model.check_room(len(prompt), max_new_tokens)
     device = model.wte.weight.device
     cache = _MergedDenseCache(model.config.n_layer, merge_from)
     tokens, start, out = list(prompt), 0, []
