@@ -57,7 +57,8 @@ def evaluate(name: str, images_of, model, classes: torch.Tensor, real: torch.Ten
 
 
 @torch.no_grad()
-def sjd_images(model, tokenizer, classes: torch.Tensor, cfg: float, window: int, seed: int) -> tuple[torch.Tensor, SpecStats]:
+def sjd_images(model, tokenizer, classes: torch.Tensor, cfg: float, window: int, seed: int
+               ) -> tuple[torch.Tensor, SpecStats]:
     """SJD samples one image at a time (the library's SJD takes a batch of one)."""
     g = torch.Generator().manual_seed(seed)
     maps, stats = [], SpecStats()
@@ -129,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
          "met": k8["frechet"] <= 1.5 * raster_row["frechet"]},
     ]
     result = {
-        "date": datetime.date.today().isoformat(), "device": str(device), "cpu": platform.processor() or platform.machine(), "threads": args.threads,
+        "date": datetime.date.today().isoformat(), "device": str(device),
+        "cpu": platform.processor() or platform.machine(), "threads": args.threads,
         "torch": torch.__version__, "n_eval": n, "seed": 0, "real_vs_real": baseline,
         "maskgit_info": {k: v for k, v in masked.pretrained_info(args.maskgit).items()
                          if k in ("steps", "seed", "batch_size", "schedule", "final_train_loss", "test_loss")},

@@ -6,8 +6,9 @@ lengths, prompts cut from the held-out text):
 * static batching vs continuous batching at equal KV memory (same pool of blocks): output tokens per second,
   time to first token and time per output token (p50/p99), KV memory over time; the same greedy outputs;
   continuous batching with each KV compression inside the engine (int8 and packed int4 pools, sinks + window
-  eviction at 96 and 48 positions): throughput, KV bytes in use (peak and mean over the steps), how many
-  requests get the full-precision tokens, and the held-out NLL of the same compression;
+  eviction at 96 and 48 positions, MiniCache merging from layer 10 and 6): throughput, KV bytes in use (peak
+  and mean over the steps), how many requests get the full-precision tokens, and the held-out NLL of the same
+  compression;
 * continuous batching with and without prefix caching on a trace whose requests share a system prompt:
   prefill tokens computed and TTFT;
 * memory wasted by paged blocks vs contiguous preallocation of the model's full length per sequence;
@@ -52,7 +53,9 @@ ENGINES = [("int8", {"kv_bits": 8}, ("int8_pool", {})), ("int4", {"kv_bits": 4},
            ("sinks_window_96", {"kv_window": 96, "kv_sinks": 4}, ("sink_window", {"sinks": 4, "window": 96})),
            ("sinks_window_48", {"kv_window": 48, "kv_sinks": 4}, ("sink_window", {"sinks": 4, "window": 48})),
            ("h2o_96", {"kv_h2o_budget": 96, "kv_h2o_recent": 48}, ("h2o_blocks", {"window": 96, "recent": 48})),
-           ("h2o_48", {"kv_h2o_budget": 48, "kv_h2o_recent": 24}, ("h2o_blocks", {"window": 48, "recent": 24}))]
+           ("h2o_48", {"kv_h2o_budget": 48, "kv_h2o_recent": 24}, ("h2o_blocks", {"window": 48, "recent": 24})),
+           ("minicache_10", {"kv_merge_from": 10}, ("minicache", {"merge_from": 10})),
+           ("minicache_6", {"kv_merge_from": 6}, ("minicache", {"merge_from": 6}))]
 METHODS = [("none", {}), ("int8", {}), ("int4", {}), ("int2", {}), ("int8_pool", {}), ("int4_pool", {}),
            ("sink_window", {"window": 96}),
            ("sink_window", {"window": 48}), ("h2o", {"window": 96, "recent": 48}),

@@ -35,7 +35,6 @@ import torch  # noqa: E402
 
 from ar_course import continuous, metrics, raster  # noqa: E402
 from ar_course.data import load_mnist  # noqa: E402
-from ar_course.tokenizers import load_pretrained  # noqa: E402
 from ar_course.tokenizers.train import default_config, evaluate  # noqa: E402
 from bench_tokenizers import run  # noqa: E402
 

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from ar_course.sampling import SamplingConfig
 from ar_course.serving import (
-    BlockAllocator, Engine, EngineConfig, OutOfBlocks, PagedKVCache, PrefixCache, gather_kv, packed_forward,
+    BlockAllocator, Engine, EngineConfig, OutOfBlocks, PagedKVCache, gather_kv, packed_forward,
     paged_attention, prefix_block_hashes,
 )
 from ar_course.serving.compression import CompressedAttention, kv_bytes_per_token, sink_window_evictable
@@ -163,7 +163,11 @@ def test_sampled_outputs_do_not_depend_on_the_batch(tiny):
 
 
 TINY_COMPRESSION = {"none": ({}, None), "int4": ({"kv_bits": 4}, ("int4_pool", {})),
-                    "window": ({"kv_window": 5, "kv_sinks": 1}, ("sink_window", {"sinks": 1, "window": 5}))}
+                    "window": ({"kv_window": 5, "kv_sinks": 1}, ("sink_window", {"sinks": 1, "window": 5})),
+                    "merge": ({"kv_merge_from": 0}, None)}
+# MiniCache's outputs depend on how a prompt is chunked (a step's own positions are exact): here only no leaks;
+# test_serving_minicache checks its tokens against the plain merging decoder
+CHUNKING_DEPENDENT = {"merge"}
 
 
 def _generate_alone(model, prompt, n, compression):
@@ -197,7 +201,7 @@ def test_no_block_leaks_and_greedy_outputs_after_any_mix_of_requests(tiny, ops, 
     assert all(engine.requests[i].status in ("finished", "cancelled") for i in ids)
     for i in ids:  # whatever the arrival order, chunking, preemption or caching: the tokens of generate alone
         r = engine.requests[i]
-        if r.status == "finished" and r.output:
+        if r.status == "finished" and r.output and compression not in CHUNKING_DEPENDENT:
             assert out[i] == _generate_alone(tiny, r.prompt, r.max_new_tokens, reference)
     held = len(engine.prefix.blocks) if caching else 0
     assert engine.cache.allocator.num_used == held and not engine.cache.tables

@@ -135,7 +135,8 @@ def test_bad_h2o_options_are_clear_errors(tiny):
                              ({"kv_h2o_budget": 8, "kv_h2o_recent": 8, "block_size": 4},
                               "kv_h2o_recent < kv_h2o_budget"),
                              ({"kv_h2o_budget": 64, "prefix_caching": True}, "prefix_caching"),
-                             ({"kv_h2o_budget": 64, "kv_window": 8}, "kv_window")):
+                             ({"kv_h2o_budget": 64, "kv_window": 8}, "kv_window"),
+                             ({"kv_h2o_budget": 64, "kv_merge_from": 2}, "kv_merge_from")):
         with pytest.raises(ValueError, match=message):
             EngineConfig(**options)
     with pytest.raises(TypeError):

@@ -209,11 +209,18 @@ def test_serve_builds_the_engine_with_the_kv_options_and_refuses_bad_ones(monkey
     assert srv.main(["--model", "lm_draft", "--kv-h2o-budget", "64", "--kv-h2o-recent", "16"]) == 0
     config = built["engine"].config
     assert (config.kv_h2o_budget, config.kv_h2o_recent) == (64, 16)
+    built.clear()
+    assert srv.main(["--model", "lm_target", "--kv-merge-from", "8"]) == 0  # 12 layers: pairs (8, 9), (10, 11)
+    engine = built["engine"]
+    assert engine.config.kv_merge_from == 8 and engine.cache.k.shape[0] == 10 and engine.cache.k_norm.shape[0] == 4
     for argv, message in ((["--kv-window", "16", "--prefix-caching"], "prefix_caching"),
                           (["--kv-window", "4", "--kv-sinks", "4"], "kv_sinks < kv_window"),
                           (["--kv-bits", "3"], "kv-bits"),
                           (["--kv-h2o-budget", "64", "--kv-window", "16"], "kv_window"),
-                          (["--kv-h2o-budget", "64", "--kv-h2o-recent", "64"], "kv_h2o_recent < kv_h2o_budget")):
+                          (["--kv-h2o-budget", "64", "--kv-h2o-recent", "64"], "kv_h2o_recent < kv_h2o_budget"),
+                          (["--kv-merge-from", "-1"], "kv-merge-from"),
+                          (["--kv-merge-from", "2", "--kv-bits", "8"], "kv_bits"),
+                          (["--kv-merge-from", "2", "--prefix-caching"], "prefix_caching")):
         with pytest.raises(SystemExit) as e:
             srv.main(argv)
         err = capsys.readouterr().err

@@ -244,18 +244,31 @@ class CompressedAttention:
             self._merged, self._exact = merge_layer_pairs(self._exact, self.merge_from), None
 
 
+def merge_pair(xa: torch.Tensor, xb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """MiniCache's merge of two layers' vectors ``xa, xb`` ``(..., D)`` (keys or values of the same tokens and
+    heads): the shared direction ``normalize(normalize(xa) + normalize(xb))`` ``(..., D)`` and each layer's own
+    norm ``(...)``; ``direction * norm_a[..., None]`` stands for ``xa``. Returns ``(direction, norm_a, norm_b)``."""
+    direction = F.normalize(F.normalize(xa, dim=-1) + F.normalize(xb, dim=-1), dim=-1)  # (..., D)
+    return direction, xa.norm(dim=-1), xb.norm(dim=-1)
+
+
+def merged_pairs(n_layer: int, merge_from: int) -> list[int]:
+    """The first layer ``a`` of each merged pair ``(a, a + 1)``: ``merge_from, merge_from + 2, ...`` while
+    ``a + 1 < n_layer`` (an unpaired last layer stays exact)."""
+    return list(range(merge_from, n_layer - 1, 2))
+
+
 def merge_layer_pairs(kv: list[tuple[torch.Tensor, torch.Tensor]], merge_from: int
                       ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
     """MiniCache's merge of the keys and values ``kv`` (one ``(k, v)`` pair of ``(B, H, T, D)`` per layer): each
-    pair of layers ``(l, l+1)`` from ``merge_from`` on shares the direction
-    ``normalize(normalize(x_l) + normalize(x_{l+1}))`` per token and head, scaled back by each layer's own norm.
-    Returns ``{layer: (k, v)}`` for the merged layers (an unpaired last layer is left out)."""
+    pair of layers ``(l, l+1)`` of :func:`merged_pairs` shares one direction per token and head, scaled back by
+    each layer's own norm (:func:`merge_pair`). Returns ``{layer: (k, v)}`` for the merged layers."""
     merged = {}
-    for a in range(merge_from, len(kv) - 1, 2):
+    for a in merged_pairs(len(kv), merge_from):
         pair = []
         for xa, xb in zip(kv[a], kv[a + 1]):  # keys, then values
-            direction = F.normalize(F.normalize(xa, dim=-1) + F.normalize(xb, dim=-1), dim=-1)  # (B, H, T, D)
-            pair.append((direction * xa.norm(dim=-1, keepdim=True), direction * xb.norm(dim=-1, keepdim=True)))
+            direction, norm_a, norm_b = merge_pair(xa, xb)  # (B, H, T, D), (B, H, T), (B, H, T)
+            pair.append((direction * norm_a[..., None], direction * norm_b[..., None]))
         (ka, kb), (va, vb) = pair
         merged[a], merged[a + 1] = (ka, va), (kb, vb)
     return merged
@@ -285,7 +298,7 @@ def kv_bytes_per_token(config: GPTConfig, method: str, context: int, *, bits_flo
     if method == "h2o_blocks":  # the engine's (serving.h2o): one float64 score per cached position
         return (full + 8) * min(window, context) / context
     if method == "minicache":
-        pairs = max(L - merge_from, 0) // 2
+        pairs = len(merged_pairs(L, merge_from))
         # a merged pair stores one direction per token and head plus two norms, instead of two vectors
         return full - pairs * 2 * H * (D - 2) * f
     raise ValueError(f"method must be one of {METHODS}, got {method!r}")

@@ -25,7 +25,10 @@ see are freed (:func:`~ar_course.serving.compression.sink_window_evictable`), so
 about ``W / block_size + 2`` blocks. ``kv_h2o_budget=N`` (with ``kv_h2o_recent=R``) is heavy-hitter eviction
 by whole blocks (:mod:`.h2o`): every key slot accumulates the attention it receives, and after each step a
 sequence over ``N // block_size`` blocks gives back its lowest-scoring full blocks outside the ``R`` newest
-positions.
+positions. ``kv_merge_from=m`` is MiniCache's cross-layer merging: each pair of layers
+``(a, a + 1)`` from ``m`` on stores one direction per token and head plus each layer's norm instead of two
+vectors; a step's own positions are read exactly, earlier ones merged (:mod:`~ar_course.serving.minicache`;
+not with ``kv_bits`` or prefix caching, but with ``kv_window``).
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ import torch
 from ar_course.sampling import SamplingConfig, check_sampling, sample
 from ar_course.serving.compression import sink_window_evictable, sink_window_visible
 from ar_course.serving.h2o import ScoringAttention, check_h2o, h2o_evictions
+from ar_course.serving.minicache import fresh_rows
 from ar_course.serving.paged import OutOfBlocks, PagedKVCache
 from ar_course.serving.prefix import PrefixCache
 from ar_course.transformer.model import use_attention
@@ -64,6 +68,7 @@ class EngineConfig:
     kv_sinks: int = 4  # with kv_window: the first positions always kept (the attention sinks)
     kv_h2o_budget: int | None = None  # heavy-hitter eviction: positions a sequence keeps (None: all of them)
     kv_h2o_recent: int = 32  # with kv_h2o_budget: the newest positions never evicted
+    kv_merge_from: int | None = None  # MiniCache: layers (a, a+1) for a = this, this+2, ... share one direction
 
     def __post_init__(self) -> None:
         for name in ("num_blocks", "block_size", "max_running", "max_step_tokens"):
@@ -80,9 +85,16 @@ class EngineConfig:
                 raise ValueError("prefix_caching cannot share blocks that kv_window evicts: use one or the other")
         if self.kv_h2o_budget is not None:
             check_h2o(self.kv_h2o_budget, self.kv_h2o_recent, self.block_size)
-            if self.prefix_caching or self.kv_window is not None:
-                raise ValueError("kv_h2o_budget evicts blocks by score: it cannot be combined with prefix_caching "
-                                 "or kv_window")
+            if self.prefix_caching or self.kv_window is not None or self.kv_merge_from is not None:
+                raise ValueError("kv_h2o_budget evicts blocks by score: it cannot be combined with prefix_caching, "
+                                 "kv_window or kv_merge_from")
+        if self.kv_merge_from is not None:
+            check_int("kv_merge_from", self.kv_merge_from, lo=0)
+            if self.kv_bits is not None:
+                raise ValueError("kv_merge_from stores full-precision directions: use it or kv_bits, not both")
+            if self.prefix_caching:
+                raise ValueError("prefix_caching would read merged prefixes that a prefill reads exactly: "
+                                 "use kv_merge_from or prefix_caching, not both")
         if self.static_reserve is not None:
             check_int("static_reserve", self.static_reserve, lo=1)
         if self.max_step_tokens < self.max_running:
@@ -138,14 +150,22 @@ def admits(need: int, free_blocks: int, in_batch: int, max_running: int, keep_pe
 
 class _PackedStep:
     """The ``cache`` a GPT's layers see in a packed pass: ``append`` writes the new keys and values
-    ``(1, H, T, D)`` at their slots and returns every scheduled sequence's keys and values ``(1, H, T_k, D)``."""
+    ``(1, H, T, D)`` at their slots and returns every scheduled sequence's keys and values ``(1, H, T_k, D)``
+    (a merged layer: this step's own positions exactly, the earlier ones as the pool stores them)."""
 
     def __init__(self, cache: PagedKVCache, write_slots: torch.Tensor, key_slots: torch.Tensor):
         self.cache, self.write_slots, self.key_slots = cache, write_slots, key_slots
+        self.fresh = None
+        if cache.partner:  # MiniCache: (rows of key_slots, rows of write_slots) of this step's positions
+            self.fresh = fresh_rows(write_slots, key_slots, cache.num_blocks * cache.block_size)
 
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        self.cache.write(layer, self.write_slots, k[0].transpose(0, 1), v[0].transpose(0, 1))  # (T, H, D)
+        k, v = k[0].transpose(0, 1), v[0].transpose(0, 1)  # (T, H, D)
+        self.cache.write(layer, self.write_slots, k, v)
         keys, values = self.cache.read(layer, self.key_slots)  # (T_k, H, D)
+        if self.cache.is_merged(layer):
+            at, src = self.fresh
+            keys[at], values[at] = k[src], v[src]
         return keys.transpose(0, 1)[None], values.transpose(0, 1)[None]  # (1, H, T_k, D)
 
 
@@ -201,7 +221,8 @@ class Engine:
         if not isinstance(config, EngineConfig):
             raise TypeError(f"config must be an EngineConfig, got {type(config).__name__}")
         self.model, self.config, self.clock = model, config, clock
-        self.cache = PagedKVCache.for_model(model, config.num_blocks, config.block_size, config.kv_bits)
+        self.cache = PagedKVCache.for_model(model, config.num_blocks, config.block_size, config.kv_bits,
+                                            config.kv_merge_from)
         self.prefix = PrefixCache(self.cache) if config.prefix_caching else None
         self.scores = (torch.zeros(config.num_blocks * config.block_size, dtype=torch.float64,
                                    device=self.cache.k.device) if config.kv_h2o_budget is not None else None)

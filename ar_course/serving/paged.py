@@ -10,6 +10,10 @@ sequence (the memory layout of vLLM's PagedAttention).
 
 Only the last, partly filled block of a sequence ever needs a copy: full blocks are never written again.
 
+With ``merge_from`` (MiniCache, :mod:`.minicache`), each merged pair of layers ``(a, a + 1)`` shares one storage
+slot of ``k, v`` (a direction per token and head) and keeps each layer's norm in ``k_norm, v_norm``, so the pools
+hold fewer layer slots than the model has layers (:attr:`PagedKVCache.store_index` maps a layer to its slot).
+
 A block that no later query can see (a sinks + window cache) is *evicted* by :meth:`PagedKVCache.evict`: it
 goes back to the free list and its table entry becomes ``-1``; :meth:`PagedKVCache.live_positions` lists the
 positions still stored.
@@ -22,7 +26,7 @@ from typing import Sequence
 
 import torch
 
-from ar_course.serving.compression import pool_dequantize, pool_quantize
+from ar_course.serving.compression import merge_pair, merged_pairs, pool_dequantize, pool_quantize
 from ar_course.utils import check_int
 
 
@@ -89,42 +93,65 @@ class PagedKVCache:
     (``k_stats``, ``v_stats``: ``(n_layer, num_blocks, block_size, H, 2)``): asymmetric min-max quantization over
     the head dimension, written once per token, dequantized on :meth:`read` (``dtype`` is what it returns).
     ``kv_bits=4`` does the same with 4-bit codes, two per byte: ``k``, ``v`` are ``(..., H, D // 2)`` uint8
-    (``D`` must be even). Both are :func:`~ar_course.serving.compression.pool_quantize`."""
+    (``D`` must be even). Both are :func:`~ar_course.serving.compression.pool_quantize`.
+
+    ``merge_from`` (MiniCache): the layers of :func:`~ar_course.serving.compression.merged_pairs` are stored in
+    pairs: ``k, v`` are ``(n_layer - pairs, num_blocks, block_size, H, D)``, a pair's slot holding the merged
+    direction, and ``k_norm, v_norm`` ``(2 * pairs, num_blocks, block_size, H)`` each merged layer's norms. A write
+    to a pair's first layer is held until the same slots of its second layer are written; then both are merged
+    (:func:`~ar_course.serving.compression.merge_pair`) and stored. :meth:`read` of a merged layer gives
+    ``direction * norm``. Not combined with ``kv_bits``."""
 
     def __init__(self, n_layer: int, n_head: int, head_dim: int, num_blocks: int, block_size: int,
-                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, kv_bits: int | None = None):
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, kv_bits: int | None = None,
+                 merge_from: int | None = None):
         self.block_size = check_int("block_size", block_size, lo=1)
         if kv_bits not in (None, 8, 4):
             raise ValueError(f"kv_bits must be None (full precision), 8 or 4, got {kv_bits!r}")
         if kv_bits == 4 and head_dim % 2:
             raise ValueError(f"kv_bits=4 packs two codes per byte: head_dim must be even, got {head_dim}")
+        if merge_from is not None:
+            check_int("merge_from", merge_from, lo=0)
+            if kv_bits is not None:
+                raise ValueError("merge_from (MiniCache) stores full-precision directions: use it without kv_bits")
         self.allocator = BlockAllocator(num_blocks)
-        self.dtype, self.kv_bits = dtype, kv_bits
-        shape = (n_layer, num_blocks, block_size, n_head, head_dim // 2 if kv_bits == 4 else head_dim)
+        self.dtype, self.kv_bits, self.merge_from = dtype, kv_bits, merge_from
+        pairs = merged_pairs(n_layer, merge_from) if merge_from is not None else []
+        self.partner: dict[int, int] = {}  # merged layer -> the other layer of its pair
+        for a in pairs:
+            self.partner[a], self.partner[a + 1] = a + 1, a
+        # layer -> its slot in k, v: a pair's second layer shares its first layer's
+        self.store_index = [layer - sum(a < layer for a in pairs) for layer in range(n_layer)]
+        self.norm_index = {layer: i for i, layer in enumerate(sorted(self.partner))}  # merged layer -> norm row
+        self._held: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # first layer -> (slots, k, v)
+        shape = (n_layer - len(pairs), num_blocks, block_size, n_head, head_dim // 2 if kv_bits == 4 else head_dim)
         store = torch.uint8 if kv_bits else dtype
         self.k = torch.zeros(shape, device=device, dtype=store)
         self.v = torch.zeros(shape, device=device, dtype=store)
-        stats = (*shape[:-1], 2) if kv_bits else (n_layer, num_blocks, 0, n_head, 2)
+        stats = (*shape[:-1], 2) if kv_bits else (shape[0], num_blocks, 0, n_head, 2)
         self.k_stats = torch.zeros(stats, device=device, dtype=torch.float16)
         self.v_stats = torch.zeros(stats, device=device, dtype=torch.float16)
+        norms = (2 * len(pairs), num_blocks, block_size, n_head)
+        self.k_norm = torch.zeros(norms, device=device, dtype=dtype)
+        self.v_norm = torch.zeros(norms, device=device, dtype=dtype)
         self.tables: dict[int, list[int]] = {}
         self.lengths: dict[int, int] = {}
         self.copies = 0  # copy-on-write copies made so far
 
     @classmethod
-    def for_model(cls, model: torch.nn.Module, num_blocks: int, block_size: int, kv_bits: int | None = None
-                  ) -> PagedKVCache:
+    def for_model(cls, model: torch.nn.Module, num_blocks: int, block_size: int, kv_bits: int | None = None,
+                  merge_from: int | None = None) -> PagedKVCache:
         """A cache shaped for a :class:`~ar_course.transformer.GPT` on its device and dtype."""
         c, p = model.config, model.wte.weight
-        return cls(c.n_layer, c.n_head, c.head_dim, num_blocks, block_size, p.device, p.dtype, kv_bits)
+        return cls(c.n_layer, c.n_head, c.head_dim, num_blocks, block_size, p.device, p.dtype, kv_bits, merge_from)
 
     @property
     def num_blocks(self) -> int:
         return self.allocator.num_blocks
 
     def bytes_per_block(self) -> int:
-        """Bytes one block holds over all layers, keys and values (codes and their statistics)."""
-        per = self.k[:, 0].numel() * self.k.element_size() + self.k_stats[:, 0].numel() * self.k_stats.element_size()
+        """Bytes one block holds over all layers, keys and values (codes and their statistics, merged norms)."""
+        per = sum(x[:, 0].numel() * x.element_size() for x in (self.k, self.k_stats, self.k_norm))
         return 2 * per
 
     def add(self, seq: int, shared: list[int] | None = None, length: int = 0) -> None:
@@ -168,7 +195,7 @@ class PagedKVCache:
     def _copy(self, block: int) -> int:
         """A private copy of shared ``block`` (every layer); the shared one loses this reference."""
         new = self.allocator.allocate()
-        for pool in (self.k, self.v, self.k_stats, self.v_stats):
+        for pool in (self.k, self.v, self.k_stats, self.v_stats, self.k_norm, self.v_norm):
             pool[:, new] = pool[:, block]
         self.allocator.release(block)
         self.copies += 1
@@ -207,24 +234,51 @@ class PagedKVCache:
         return freed
 
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store ``k, v`` ``(n, H, D)`` of ``layer`` at pool ``slots`` ``(n,)`` (quantized when ``kv_bits``)."""
+        """Store ``k, v`` ``(n, H, D)`` of ``layer`` at pool ``slots`` ``(n,)`` (quantized when ``kv_bits``; the
+        first layer of a merged pair is held until its partner's are written, then the pair is merged)."""
+        if layer in self.partner:
+            self._write_merged(layer, slots, k, v)
+            return
         for pool, stats, x in ((self.k, self.k_stats, k), (self.v, self.v_stats, v)):
-            rows = pool[layer].view(-1, *pool.shape[-2:])  # (num_blocks * bs, H, D or D // 2)
+            rows = pool[self.store_index[layer]].view(-1, *pool.shape[-2:])  # (num_blocks * bs, H, D or D // 2)
             if self.kv_bits is None:
                 rows[slots] = x.to(pool.dtype)
                 continue
             codes, scale_lo = pool_quantize(x, self.kv_bits)  # (n, H, D or D // 2), (n, H, 2)
             rows[slots] = codes
-            stats[layer].view(-1, *stats.shape[-2:])[slots] = scale_lo
+            stats[self.store_index[layer]].view(-1, *stats.shape[-2:])[slots] = scale_lo
+
+    def _write_merged(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """A merged layer's write: hold the first layer's ``k, v`` ``(n, H, D)``; with the second layer's, store
+        the pair's directions and both layers' norms at ``slots``."""
+        first = min(layer, self.partner[layer])
+        if layer == first:
+            self._held[first] = (slots, k, v)
+            return
+        held = self._held.pop(first, None)
+        if held is None or not torch.equal(held[0], slots):
+            raise ValueError(f"layers {first} and {layer} are merged: write layer {first} first, at the same slots")
+        for pool, norms, xa, xb in ((self.k, self.k_norm, held[1], k), (self.v, self.v_norm, held[2], v)):
+            direction, norm_a, norm_b = merge_pair(xa, xb)  # (n, H, D), (n, H), (n, H)
+            pool[self.store_index[layer]].view(-1, *pool.shape[-2:])[slots] = direction.to(pool.dtype)
+            for i, norm in ((self.norm_index[first], norm_a), (self.norm_index[layer], norm_b)):
+                norms[i].view(-1, norms.shape[-1])[slots] = norm.to(norms.dtype)  # (num_blocks * bs, H)
+
+    def is_merged(self, layer: int) -> bool:
+        """Whether ``layer`` shares its storage with another (MiniCache)."""
+        return layer in self.partner
 
     def read(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values of ``layer`` at pool ``slots`` ``(n,)``: each ``(n, H, D)`` in ``dtype``."""
+        """Keys and values of ``layer`` at pool ``slots`` ``(n,)``: each ``(n, H, D)`` in ``dtype`` (a merged
+        layer: the pair's direction times the layer's norm)."""
         out = []
-        for pool, stats in ((self.k, self.k_stats), (self.v, self.v_stats)):
-            x = pool[layer].view(-1, *pool.shape[-2:])[slots]  # (n, H, D)
+        for pool, stats, norms in ((self.k, self.k_stats, self.k_norm), (self.v, self.v_stats, self.v_norm)):
+            x = pool[self.store_index[layer]].view(-1, *pool.shape[-2:])[slots]  # (n, H, D)
             if self.kv_bits is not None:
-                s = stats[layer].view(-1, *stats.shape[-2:])[slots]  # (n, H, 2)
+                s = stats[self.store_index[layer]].view(-1, *stats.shape[-2:])[slots]  # (n, H, 2)
                 x = pool_dequantize(x, s, self.kv_bits, self.dtype)  # (n, H, D)
+            if layer in self.partner:
+                x = x * norms[self.norm_index[layer]].view(-1, norms.shape[-1])[slots][..., None]  # (n, H, D)
             out.append(x.to(self.dtype))  # with kv_bits: compression.pool_fake_quantize of what was written
         return out[0], out[1]
 

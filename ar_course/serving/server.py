@@ -173,6 +173,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="heavy-hitter eviction: positions a sequence keeps; its lowest-scoring blocks are freed")
     parser.add_argument("--kv-h2o-recent", type=int_in(0), default=32,
                         help="with --kv-h2o-budget: newest positions never evicted")
+    parser.add_argument("--kv-merge-from", type=int_in(0), default=None,
+                        help="MiniCache: layers (a, a+1) from this one on store one merged direction per token "
+                             "(default: no merging)")
     parser.add_argument("--max-pending", type=int_in(1), default=64, help="requests in flight before 503")
     parser.add_argument("--timeout", type=float_in(0, lo_open=True), default=60.0, help="seconds a request may take")
     parser.add_argument("--drain", type=float_in(0), default=10.0,
@@ -182,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         config = EngineConfig(num_blocks=args.num_blocks, block_size=args.block_size, max_running=args.max_running,
                               prefix_caching=args.prefix_caching, kv_bits=args.kv_bits, kv_window=args.kv_window,
                               kv_sinks=args.kv_sinks, kv_h2o_budget=args.kv_h2o_budget,
-                              kv_h2o_recent=args.kv_h2o_recent)
+                              kv_h2o_recent=args.kv_h2o_recent, kv_merge_from=args.kv_merge_from)
     except ValueError as e:
         parser.error(str(e))
     _, _, uvicorn = _fastapi()
