@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ar_course.serving.minicache import StepCache
 from ar_course.transformer import functional as ref
 from ar_course.transformer.model import use_attention
 from ar_course.utils import check_int
@@ -71,19 +72,6 @@ def h2o_evictions(block_scores: torch.Tensor, live: list[bool], length: int, blo
     return sorted(candidates[:excess])
 
 
-class _DenseCache:
-    """A contiguous cache for :meth:`GPT.forward_at`: each layer's keys and values grow by concatenation."""
-
-    def __init__(self) -> None:
-        self.kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if layer in self.kv:
-            k, v = torch.cat([self.kv[layer][0], k], dim=2), torch.cat([self.kv[layer][1], v], dim=2)
-        self.kv[layer] = (k, v)
-        return k, v  # (1, H, T_k, D)
-
-
 @torch.no_grad()
 def h2o_decode(model: torch.nn.Module, prompt: list[int], steps: int, budget: int, recent: int, block_size: int,
                forced: list[int] | None = None) -> tuple[list[int], torch.Tensor]:
@@ -99,7 +87,7 @@ def h2o_decode(model: torch.nn.Module, prompt: list[int], steps: int, budget: in
     if forced is not None and len(forced) != steps:
         raise ValueError(f"forced has {len(forced)} tokens, expected steps={steps}")
     device = model.lm_head.weight.device
-    cache, scores, live = _DenseCache(), torch.zeros(0, dtype=torch.float64, device=device), []
+    cache, scores, live = StepCache(model.config.n_layer, None), torch.zeros(0, dtype=torch.float64, device=device), []
     chunk, start, tokens, logits = list(prompt), 0, [], []
     while len(tokens) < steps:
         end = start + len(chunk)
@@ -110,6 +98,7 @@ def h2o_decode(model: torch.nn.Module, prompt: list[int], steps: int, budget: in
         mask = visible[None, :] & (k_pos[None, :] <= q_pos[:, None])  # (T, end)
         with use_attention(ScoringAttention(scores, k_pos)):
             h = model.forward_at(torch.tensor(chunk, device=device)[None], q_pos, mask, cache)  # (1, T, C)
+        cache.advance()
         logits.append(model.lm_head(h[0, -1]))  # (V,)
         block_scores = F.pad(scores, (0, -end % block_size)).view(-1, block_size).sum(-1)  # (n_blocks,)
         for i in h2o_evictions(block_scores, live, end, block_size, budget, recent):

@@ -44,9 +44,11 @@ def fresh_rows(write_slots: torch.Tensor, key_slots: torch.Tensor, num_slots: in
     return at, src[at]
 
 
-class _MergedDenseCache:
-    """A contiguous one-sequence cache for :meth:`~ar_course.transformer.GPT.forward_at`: each layer keeps its
-    keys and values ``(1, H, T, D)`` as later queries read them (merged pairs: ``direction * norm``)."""
+class StepCache:
+    """A contiguous one-sequence cache for :meth:`~ar_course.transformer.GPT.forward_at`, the plain paths' cache:
+    each layer keeps its keys and values ``(1, H, T, D)`` as later queries read them (with ``merge_from``, merged
+    pairs as ``direction * norm``; None: exactly). A step's own keys and values are read exactly and stored by
+    :meth:`advance`."""
 
     def __init__(self, n_layer: int, merge_from: int | None):
         self.pairs = merged_pairs(n_layer, merge_from) if merge_from is not None else []
@@ -87,7 +89,7 @@ def merged_generate(model: torch.nn.Module, prompt: list[int], max_new_tokens: i
         check_int("merge_from", merge_from, lo=0)
     model.check_room(len(prompt), max_new_tokens)
     device = model.wte.weight.device
-    cache = _MergedDenseCache(model.config.n_layer, merge_from)
+    cache = StepCache(model.config.n_layer, merge_from)
     tokens, start, out = list(prompt), 0, []
     while len(out) < max_new_tokens:
         new = tokens[start:]
