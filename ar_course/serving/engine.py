@@ -213,8 +213,11 @@ class Engine:
     """Serve many requests from one GPT over a :class:`~ar_course.serving.paged.PagedKVCache`.
 
     ``add_request(prompt_ids, max_new_tokens, sampling=...) -> id``, then :meth:`step` until
-    :attr:`has_work` is False (or :meth:`run`). Greedy outputs equal ``model.generate`` on each prompt alone,
-    whatever the batching (tested). ``clock``: where times come from (``time.perf_counter``)."""
+    :attr:`has_work` is False (or :meth:`run`). Without KV compression, greedy outputs equal ``model.generate`` on
+    each prompt alone, whatever the batching (tested); with it, they equal the compression's one-sequence plain
+    path (recomputing ``generate`` through the same attention for ``kv_bits`` and ``kv_window``;
+    :func:`~.h2o.h2o_decode` and :func:`~.minicache.merged_generate`, which prefill the prompt in one step, for H2O
+    and merging). ``clock``: where times come from (``time.perf_counter``)."""
 
     def __init__(self, model: torch.nn.Module, config: EngineConfig = EngineConfig(),
                  clock: Callable[[], float] = time.perf_counter):
