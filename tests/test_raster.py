@@ -236,6 +236,7 @@ def test_train_generate_save_load(tmp_path):
     out = M.generate_images(model, tok, torch.tensor([0, 3, 9]), cfg=1.0, seed=0)
     assert out.shape == (3, 1, 32, 32) and 0 <= out.min() and out.max() <= 1
     assert torch.equal(out, M.generate_images(model, tok, torch.tensor([0, 3, 9]), cfg=1.0, seed=0))
+    assert torch.equal(out, M.generate_images(model, tok, torch.tensor([0, 3, 9]), cfg=1.0, seed=0, cache="static"))
     path = save_checkpoint(tmp_path / "ar.safetensors", {k: v.half() for k, v in model.state_dict().items()},
                            model.config, kind=M.CHECKPOINT_KIND, tokenizer="mnist_vq", steps=3)
     state, _ = load_checkpoint(path)

@@ -146,9 +146,10 @@ def generate_images(
     cfg: float = 0.0,
     seed: int | None = 0,
     batch_size: int = 500,
+    cache: str = "dynamic",
 ) -> torch.Tensor:
     """Images ``(B, C, S, S)`` in [0, 1] of the requested ``classes`` ``(B,)``: sample token maps (guidance
-    ``cfg = w``, ``sampling``), decode.
+    ``cfg = w``, ``sampling``, KV ``cache`` ``"dynamic"`` or ``"static"``: same images), decode.
 
     ``seed`` seeds one generator (on the model's device) for the whole call; ``None`` uses torch's global
     generator. Work runs in chunks of ``batch_size`` classes, and the samples depend on the chunking, so
@@ -162,7 +163,8 @@ def generate_images(
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
 
     def images_of(chunk: torch.Tensor) -> torch.Tensor:
-        maps = generate_tokens(model, chunk, (side, side), sampling=sampling, cfg=cfg, generator=generator)
+        maps = generate_tokens(model, chunk, (side, side), sampling=sampling, cfg=cfg, generator=generator,
+                               cache=cache)
         return tokenizer.decode_from_indices(maps)  # (b, C, S, S)
 
     return generate_in_batches(images_of, classes.to(device), batch_size)  # (B, C, S, S)
