@@ -164,10 +164,11 @@ def test_sampled_outputs_do_not_depend_on_the_batch(tiny):
 
 TINY_COMPRESSION = {"none": ({}, None), "int4": ({"kv_bits": 4}, ("int4_pool", {})),
                     "window": ({"kv_window": 5, "kv_sinks": 1}, ("sink_window", {"sinks": 1, "window": 5})),
-                    "merge": ({"kv_merge_from": 0}, None)}
-# MiniCache's outputs depend on how a prompt is chunked (a step's own positions are exact): here only no leaks;
-# test_serving_minicache checks its tokens against the plain merging decoder
-CHUNKING_DEPENDENT = {"merge"}
+                    "merge": ({"kv_merge_from": 0}, None), "h2o": ({"kv_h2o_budget": 4, "kv_h2o_recent": 1}, None)}
+# MiniCache's and H2O's outputs depend on how a prompt is chunked (a step's own positions are exact; evictions
+# come after each step): here only no leaks; test_serving_minicache and test_serving_h2o check their tokens
+# against their plain paths
+CHUNKING_DEPENDENT = {"merge", "h2o"}
 
 
 def _generate_alone(model, prompt, n, compression):

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 from ar_course.sampling import SamplingConfig
 from ar_course.serving import Engine, EngineConfig
@@ -103,25 +101,6 @@ def test_one_sequence_keeps_its_budget_of_blocks_and_frees_the_rest(tiny):
     assert engine.bytes_per_block() == per_block and all(r.kv_bytes == r.blocks_used * per_block
                                                          for r in engine.history)
     assert engine.cache.allocator.num_free == 40
-
-
-@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(st.lists(st.tuples(st.integers(1, 12), st.integers(0, 9), st.sampled_from(["run", "cancel", "step"])),
-                min_size=1, max_size=6), st.integers(9, 20))
-def test_no_block_leaks_with_h2o_after_any_mix_of_requests(tiny, ops, num_blocks):
-    engine = Engine(tiny, EngineConfig(num_blocks=num_blocks, block_size=2, max_running=3, max_step_tokens=6,
-                                       kv_h2o_budget=4, kv_h2o_recent=1))
-    ids = []
-    for prompt_len, new, action in ops:
-        ids.append(engine.add_request([(prompt_len * 7 + j) % 17 for j in range(prompt_len)], new))
-        if action == "cancel":
-            engine.step()
-            engine.cancel(ids[len(ids) // 2])
-        elif action == "step":
-            engine.step()
-    engine.run()
-    assert all(engine.requests[i].status in ("finished", "cancelled") for i in ids)
-    assert engine.cache.allocator.num_free == num_blocks and not engine.cache.tables
 
 
 def test_heldout_nll_through_h2o_is_the_plain_nll_when_nothing_is_evicted(tiny):
