@@ -126,3 +126,18 @@ def test_shipped_var_cca_loads_through_the_common_loader_and_the_generator():
     assert gen.generate([1, 2], method="var", cfg=0.0, seed=0).images.shape == (2, 1, 32, 32)
     with pytest.raises(ValueError, match=r"unknown VAR model 'grpo' for 'mnist'; choose from \['base', 'cca'\]"):
         Generator.from_pretrained("mnist", device="cpu", var="grpo")
+
+
+def test_generate_cli_picks_the_aligned_var_model(tmp_path, capsys):
+    from ar_course.cli import main as cli_main
+
+    pngs = []
+    for name, cfg in (("default", []), ("w0", ["--cfg", "0"]), ("w2", ["--cfg", "2"])):
+        out = tmp_path / f"{name}.png"
+        assert cli_main(["generate", "--var-model", "cca", "--classes", "4", "7", "--out", str(out), "--device", "cpu",
+                         *cfg]) == 0
+        pngs.append(out.read_bytes())
+    assert pngs[0] == pngs[1] != pngs[2]  # the aligned VAR samples without guidance by default
+    capsys.readouterr()
+    assert cli_main(["generate", "--method", "ar", "--var-model", "cca", "--out", str(tmp_path / "v.png")]) == 2
+    assert "--method var" in capsys.readouterr().err
