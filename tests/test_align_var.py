@@ -5,6 +5,7 @@ with VAR's log-probabilities (direction of one run, determinism), ``train cca --
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -101,6 +102,12 @@ def test_train_cca_model_var_writes_a_var_checkpoint_and_rejects_an_unknown_mode
     info = checkpoint.info(out)
     assert info["kind"] == var.CHECKPOINT_KIND and info["method"] == "cca" and info["base"] == "var_mnist"
     assert info["tokenizer"] == "mnist_msvq" and info["options"]["steps"] == 1
+    assert (info["options"]["lr"], info["options"]["lam"]) == (3e-4, 3.0)  # VAR's own defaults; the raster
+    # model's stay CCAConfig's (the shipped ar_mnist_cca was made with them)
+    raster_out = tmp_path / "ar_cca.safetensors"
+    assert cli_main(["train", "cca", "--steps", "1", "--batch-size", "2", "--train-images", "10",
+                     "--eval-per-class", "0", "--device", "cpu", "--out", str(raster_out)]) == 0
+    assert checkpoint.info(raster_out)["options"] == {**dataclasses.asdict(CCAConfig()), "steps": 1, "batch_size": 2}
     gen = Generator.from_checkpoints(var_path=out, device="cpu")
     assert gen.generate([3, 7], method="var", cfg=0.0, seed=0).images.shape == (2, 1, 32, 32)
     capsys.readouterr()
