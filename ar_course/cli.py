@@ -33,7 +33,7 @@ TRAINERS: dict[str, tuple[str, str]] = {
     "diffusion_lm": ("ar_course.diffusion_lm.train", "masked diffusion LM on the offline text corpus (chapter 08)"),
     "continuous": ("ar_course.continuous.train", "raster AR over continuous tokens with a flow-matching head (chapter 10)"),
     "grpo": ("ar_course.align.train:grpo_main", "GRPO fine-tuning of the raster AR model with a reward (chapter 11)"),
-    "cca": ("ar_course.align.train:cca_main", "condition-contrastive alignment for guidance-free sampling (chapter 11)"),
+    "cca": ("ar_course.align.train:cca_main", "CCA of the raster AR model or VAR for guidance-free sampling (chapter 11)"),
 }
 
 COMMANDS = {

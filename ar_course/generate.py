@@ -100,6 +100,9 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--ar-model", choices=("base", "grpo", "cca"), default="base",
                    help="which shipped raster model: pre-trained, or aligned by GRPO or CCA (chapter 11; these "
                         "default to --cfg 0, no guidance) [base]")
+    p.add_argument("--var-model", choices=("base", "cca"), default="base",
+                   help="which shipped VAR model: pre-trained, or aligned by CCA (chapter 11; defaults to --cfg 0, "
+                        "no guidance) [base]")
     p.add_argument("--dataset", choices=("mnist", "shapes"), default="mnist",
                    help="what custom checkpoints generate (names the classifier) [mnist]")
     p.add_argument("--zoom", type=int_in(1, 64), default=2, help="pixel repeat factor of the PNG, 1 to 64 [2]")
@@ -128,7 +131,10 @@ def _check_options(args: argparse.Namespace) -> None:
     if args.ar_model != "base" and (args.method != "ar" or args.ar_checkpoint):
         raise UsageError(f"--ar-model {args.ar_model} picks a shipped raster model: use it with --method ar and "
                          "without --ar-checkpoint")
-    if args.ar_model != "base" and args.cfg is None:
+    if args.var_model != "base" and (args.method != "var" or args.var_checkpoint):
+        raise UsageError(f"--var-model {args.var_model} picks a shipped VAR model: use it with --method var and "
+                         "without --var-checkpoint")
+    if (args.ar_model != "base" or args.var_model != "base") and args.cfg is None:
         args.cfg = 0.0  # the aligned models sample without guidance
     if args.dataset != "mnist" and not (args.var_checkpoint or args.ar_checkpoint):
         raise UsageError(f"the shipped models generate mnist; --dataset {args.dataset} needs --var-checkpoint or "
@@ -157,7 +163,7 @@ def _load(args: argparse.Namespace) -> Generator:
         if args.var_checkpoint or args.ar_checkpoint:
             return Generator.from_checkpoints(args.var_checkpoint, args.ar_checkpoint, device=args.device,
                                               dataset=args.dataset)
-        return Generator.from_pretrained("mnist", device=args.device, ar=args.ar_model)
+        return Generator.from_pretrained("mnist", device=args.device, ar=args.ar_model, var=args.var_model)
     except CheckpointError as exc:
         raise UsageError(str(exc)) from None
 

@@ -59,6 +59,10 @@ AR_VARIANTS = {"mnist": {"base": "ar_mnist", "grpo": "ar_mnist_grpo", "cca": "ar
 """Shipped raster models of each set: the pre-trained one and chapter 11's fine-tuned ones (GRPO with the
 classifier reward; condition-contrastive alignment), which sample without guidance (pass ``cfg=0``)."""
 
+VAR_VARIANTS = {"mnist": {"base": "var_mnist", "cca": "var_mnist_cca"}}
+"""Shipped VAR models of each set: the pre-trained one and chapter 11's condition-contrastive aligned one, which
+samples without guidance (pass ``cfg=0``)."""
+
 METHODS = ("var", "ar")
 SPECULATIVE = (None, "draft", "jacobi")
 KERNELS = ("auto", "torch", "triton", "numba")
@@ -487,14 +491,17 @@ class Generator:
 
     @classmethod
     def from_pretrained(cls, name: str = "mnist", device: str | torch.device = "auto", *,
-                        ar: str = "base") -> "Generator":
+                        ar: str = "base", var: str = "base") -> "Generator":
         """The shipped models of ``name`` (:data:`PRETRAINED`) on ``device`` (``"auto"``: CUDA if present), with
-        the raster model ``ar`` of :data:`AR_VARIANTS` (``"base"``, or chapter 11's ``"grpo"`` / ``"cca"``)."""
+        the raster model ``ar`` of :data:`AR_VARIANTS` (``"base"``, or chapter 11's ``"grpo"`` / ``"cca"``) and
+        the VAR model ``var`` of :data:`VAR_VARIANTS` (``"base"`` or chapter 11's ``"cca"``)."""
         if name not in PRETRAINED:
             raise ValueError(f"unknown pretrained set {name!r}; choose from {sorted(PRETRAINED)}")
         if ar not in AR_VARIANTS[name]:
             raise ValueError(f"unknown raster model {ar!r} for {name!r}; choose from {sorted(AR_VARIANTS[name])}")
-        paths = {**PRETRAINED[name], "ar_path": AR_VARIANTS[name][ar]}
+        if var not in VAR_VARIANTS[name]:
+            raise ValueError(f"unknown VAR model {var!r} for {name!r}; choose from {sorted(VAR_VARIANTS[name])}")
+        paths = {**PRETRAINED[name], "ar_path": AR_VARIANTS[name][ar], "var_path": VAR_VARIANTS[name][var]}
         return cls.from_checkpoints(**paths, device=device, dataset=name)
 
     @classmethod

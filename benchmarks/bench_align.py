@@ -7,6 +7,8 @@ Measures, in one run on one machine:
 * images per second of guided sampling (the base model at its best w: a doubled batch) and of guidance-free
   sampling (the aligned models at w = 0), with the static KV cache, at a few batch sizes, best of ``--repeats``; at the largest batch,
   where the time goes (:func:`speed_breakdown`: tokens with each KV cache, and decoding, which caps the ratio);
+* the same for VAR (chapter 04): ``var_mnist`` at several w against ``var_mnist_cca`` at w = 0, quality and
+  images per second guided vs guidance-free (``var_*`` keys; VAR's sampler with its dynamic KV cache);
 * the GRPO and CCA training curves the shipped checkpoints recorded (reward, KL, accuracy over steps);
 * reward hacking: GRPO runs from the base model with the brightness reward, at several KL weights, logging
   the reward (brightness) and the class accuracy of fixed samples as training goes.
@@ -33,35 +35,40 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from ar_course import checkpoint, metrics, raster  # noqa: E402
+from ar_course import checkpoint, metrics, raster, var  # noqa: E402
 from ar_course.align import GRPOConfig, train_grpo  # noqa: E402
 from ar_course.files import atomic_write_text, save_figure  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MODELS = {"base": "ar_mnist", "grpo": "ar_mnist_grpo", "cca": "ar_mnist_cca"}
+VAR_MODELS = {"base": "var_mnist", "cca": "var_mnist_cca"}
+GENERATE = {"ar": raster.generate_images, "var": var.generate_images}
 
 
-def quality(models: dict, tokenizer, cfgs: list[float], n: int) -> list[dict]:
-    """Accuracy and Frechet distance of ``n`` samples (n/10 per class, seed 0): base at ``cfgs``, others at 0."""
+def quality(models: dict, tokenizer, cfgs: list[float], n: int, family: str = "ar") -> list[dict]:
+    """Accuracy and Frechet distance of ``n`` samples (n/10 per class, seed 0): base at ``cfgs``, others at 0
+    (``family``: raster ``"ar"`` or ``"var"`` models)."""
     test_images, _ = metrics.held_out_set("mnist")
     real = test_images[torch.randperm(test_images.shape[0], generator=torch.Generator().manual_seed(1))[:n]]
     classes = torch.arange(10).repeat_interleave(n // 10)
     rows = []
     for name, model in models.items():
         for w in cfgs if name == "base" else [0.0]:
-            images = raster.generate_images(model, tokenizer, classes, cfg=w, seed=0).cpu()
+            images = GENERATE[family](model, tokenizer, classes, cfg=w, seed=0).cpu()
             rows.append({"model": name, "cfg": w, "accuracy": metrics.class_accuracy(images, classes),
                          "frechet": metrics.frechet_distance(images, real), "brightness": float(images.mean())})
             print(rows[-1], flush=True)
     return rows
 
 
-def images_per_second(model, tokenizer, cfg: float, batch: int, repeats: int) -> float:
-    """Best-of-``repeats`` images per second generating ``batch`` images (tokens and decoding), with the static
-    KV cache (the faster one for guided and guidance-free sampling alike: :func:`speed_breakdown`)."""
+def images_per_second(model, tokenizer, cfg: float, batch: int, repeats: int, family: str = "ar") -> float:
+    """Best-of-``repeats`` images per second generating ``batch`` images (tokens and decoding); raster models
+    with the static KV cache (the faster one for guided and guidance-free sampling alike: :func:`speed_breakdown`),
+    VAR (``family="var"``) with its sampler's dynamic one (one pass per scale)."""
     classes = torch.arange(batch) % 10
-    return batch / _best_seconds(lambda: raster.generate_images(model, tokenizer, classes, cfg=cfg, seed=0,
-                                                                batch_size=batch, cache="static"), repeats)
+    options = {"cache": "static"} if family == "ar" else {}
+    return batch / _best_seconds(lambda: GENERATE[family](model, tokenizer, classes, cfg=cfg, seed=0,
+                                                          batch_size=batch, **options), repeats)
 
 
 def _best_seconds(fn, repeats: int) -> float:
@@ -113,15 +120,17 @@ def hacking(base, tokenizer, kls: list[float], steps: int, lr: float, per_class:
     return runs
 
 
-def summarize(rows: list[dict], speed: list[dict], hack: list[dict], breakdown: dict | None = None
-              ) -> tuple[dict, list[dict]]:
-    """The comparison at equal accuracy and the summary rows of the chapter's targets (the CCA speed row says
-    where the time goes, from ``breakdown``)."""
+def compare(rows: list[dict], speed: list[dict], names: tuple[str, ...], family: str = "",
+            breakdown: dict | None = None) -> tuple[dict, list[dict]]:
+    """The aligned models ``names`` at w = 0 against the base model at its best w (accuracy, then Frechet):
+    ``({"base_best", "aligned"}, summary rows)``; ``family`` (e.g. ``"VAR"``) names the models in the rows."""
+    label = (lambda name: f"{family} + {name.upper()}") if family else str.upper
+    base_name = family or "base"
     base = [r for r in rows if r["model"] == "base"]
     best = max(base, key=lambda r: (r["accuracy"], -r["frechet"]))
     out = {"base_best": best, "aligned": {}}
     summary = []
-    for name in ("grpo", "cca"):
+    for name in names:
         r = next(r for r in rows if r["model"] == name)
         gap = 100 * (r["accuracy"] - best["accuracy"])
         ratio = r["frechet"] / best["frechet"]
@@ -137,16 +146,26 @@ def summarize(rows: list[dict], speed: list[dict], hack: list[dict], breakdown: 
                    f"2x token cost would give {dyn['ratio_at_2x']:.2f}x / {sta['ratio_at_2x']:.2f}x")
         out["aligned"][name] = {"accuracy_gap_points": gap, "frechet_ratio": ratio, "speedup_by_batch": by_batch}
         summary += [
-            {"what": f"{name.upper()} at w = 0 vs base at its best w = {best['cfg']:g}: class accuracy",
+            {"what": f"{label(name)} at w = 0 vs {base_name} at its best w = {best['cfg']:g}: class accuracy",
              "measured": f"{100 * r['accuracy']:.1f}% vs {100 * best['accuracy']:.1f}% ({gap:+.1f} points)",
              "target": ">= -1 point", "met": gap >= -1},
-            {"what": f"{name.upper()} at w = 0 vs base at best w: Frechet distance",
+            {"what": f"{label(name)} at w = 0 vs {base_name} at best w: Frechet distance",
              "measured": f"{r['frechet']:.2f} vs {best['frechet']:.2f} ({ratio:.2f}x)", "target": "<= 1.5x",
              "met": ratio <= 1.5},
-            {"what": f"{name.upper()} guidance-free vs base guided: images/s by batch size "
+            {"what": f"{label(name)} guidance-free vs {base_name} guided: images/s by batch size "
                      f"({', '.join(map(str, by_batch))}; target at the largest)",
              "measured": ", ".join(f"{v:.2f}x" for v in by_batch.values()) + why, "target": ">= 1.9x",
              "met": speedup >= 1.9}]
+    return out, summary
+
+
+def summarize(rows: list[dict], speed: list[dict], hack: list[dict], breakdown: dict | None = None,
+              var_rows: list[dict] | None = None, var_speed: list[dict] | None = None
+              ) -> tuple[dict, list[dict], dict | None]:
+    """The comparison at equal accuracy and the summary rows of the chapter's targets (the CCA speed row says
+    where the time goes, from ``breakdown``), then VAR's comparison and rows when ``var_rows`` are given:
+    ``(comparison, summary, var_comparison)``."""
+    out, summary = compare(rows, speed, ("grpo", "cca"), breakdown=breakdown)
     if hack:
         free = min(hack, key=lambda h: h["kl_coef"])
         kept = max(hack, key=lambda h: h["kl_coef"])
@@ -158,7 +177,11 @@ def summarize(rows: list[dict], speed: list[dict], hack: list[dict], breakdown: 
                         "target": "reward up, accuracy down; KL limits it",
                         "met": free["brightness"][-1] > free["brightness"][0]
                         and free["accuracy"][-1] < free["accuracy"][0]})
-    return out, summary
+    var_out = None
+    if var_rows is not None:
+        var_out, var_summary = compare(var_rows, var_speed, ("cca",), family="VAR")
+        summary += var_summary
+    return out, summary, var_out
 
 
 def plot(result: dict, path: Path) -> None:
@@ -170,6 +193,11 @@ def plot(result: dict, path: Path) -> None:
         for name, color in (("grpo", "C0"), ("cca", "C1")):
             r = next(r for r in rows if r["model"] == name)
             ax.plot([0], [r[key]], "*", ms=15, color=color, label=f"{name.upper()} (w = 0)")
+        if result.get("var_quality"):
+            var_base = [r for r in result["var_quality"] if r["model"] == "base"]
+            ax.plot([r["cfg"] for r in var_base], [r[key] for r in var_base], "s--", color="black", label="VAR")
+            r = next(r for r in result["var_quality"] if r["model"] == "cca")
+            ax.plot([0], [r[key]], "P", ms=13, color="C3", label="VAR + CCA (w = 0)")
         ax.set(xlabel="guidance strength w", ylabel=key, title=f"{key}, n = {result['n_eval']}")
         ax.legend()
     axes[0, 1].axhline(result["real_vs_real"]["frechet"], color="green", ls="--", label="real vs real")
@@ -177,6 +205,12 @@ def plot(result: dict, path: Path) -> None:
     for key, label in (("base_guided", f"base, w = {result['comparison']['base_best']['cfg']:g}"),
                        ("grpo_unguided", "GRPO, w = 0"), ("cca_unguided", "CCA, w = 0")):
         axes[0, 2].plot(bs, [s[key] for s in speed], "o-", label=label)
+    if result.get("var_speed"):
+        vs = result["var_speed"]
+        for key, label in (("base_guided", f"VAR, w = {result['var_comparison']['base_best']['cfg']:g}"),
+                           ("cca_unguided", "VAR + CCA, w = 0")):
+            axes[0, 2].plot([s["batch"] for s in vs], [s[key] for s in vs], "s--", label=label)
+        axes[0, 2].set(yscale="log")  # VAR's S passes per image run far faster than the raster model's h * w
     axes[0, 2].set(xscale="log", xlabel="batch size", ylabel="images / s",
                    title=f"sampling speed ({result['threads']} thread(s))")
     axes[0, 2].legend()
@@ -200,6 +234,7 @@ def plot(result: dict, path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cfgs", default="0,0.5,1,1.5,2", help="guidance strengths w of the base model")
+    parser.add_argument("--var-cfgs", default="0,1,2,3,4", help="guidance strengths w of the base VAR model")
     parser.add_argument("--n-eval", type=int, default=500, help="samples per evaluation (and real baseline n)")
     parser.add_argument("--batches", default="10,50,200,500", help="batch sizes to time (500: generate_images' chunk)")
     parser.add_argument("--repeats", type=int, default=3, help="best of N timings")
@@ -224,9 +259,21 @@ def main(argv: list[str] | None = None) -> int:
     breakdown = speed_breakdown(models["base"], models["cca"], tokenizer, best_w, max(s["batch"] for s in speed),
                                 args.repeats + 1)
     print(breakdown, flush=True)
+    var_models, var_tokenizer = {}, None
+    for name, ckpt in VAR_MODELS.items():
+        var_models[name], var_tokenizer = checkpoint.load_with_tokenizer(ckpt, "cpu", kind=var.CHECKPOINT_KIND)
+    var_rows = quality(var_models, var_tokenizer, [float(w) for w in args.var_cfgs.split(",")], args.n_eval, "var")
+    var_best_w = max((r for r in var_rows if r["model"] == "base"), key=lambda r: (r["accuracy"], -r["frechet"]))["cfg"]
+    var_speed = []
+    for b in (s["batch"] for s in speed):
+        var_speed.append({"batch": b, **{f"{n}_{how}": images_per_second(var_models[n], var_tokenizer, w, b,
+                                                                        args.repeats, "var")
+                                         for n, how, w in (("base", "guided", var_best_w), ("base", "unguided", 0.0),
+                                                           ("cca", "unguided", 0.0))}})
+        print(var_speed[-1], flush=True)
     kls = [float(k) for k in args.hack_kls.split(",") if k.strip()]
     hack = hacking(models["base"], tokenizer, kls, args.hack_steps, args.hack_lr, per_class=10)
-    comparison, summary = summarize(rows, speed, hack, breakdown)
+    comparison, summary, var_comparison = summarize(rows, speed, hack, breakdown, var_rows, var_speed)
     result = {
         "machine": {"platform": platform.platform(), "cpu": platform.processor() or platform.machine(),
                     "cpu_count": os.cpu_count(), "threads": args.threads, "torch": torch.__version__},
@@ -236,7 +283,10 @@ def main(argv: list[str] | None = None) -> int:
         "quality": rows, "speed": speed, "speed_breakdown": breakdown, "comparison": comparison,
         **{f"{name}_{key}": checkpoint.info(MODELS[name])[key] for name in ("grpo", "cca")
            for key in ("curves", "options")},
-        "hacking": hack, "summary": summary,
+        "hacking": hack, "var_models": VAR_MODELS, "var_quality": var_rows, "var_speed": var_speed,
+        "var_comparison": var_comparison,
+        **{f"var_cca_{key}": checkpoint.info(VAR_MODELS["cca"])[key] for key in ("curves", "options")},
+        "summary": summary,
     }
     args.out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.out / "align.json", json.dumps(result, indent=1))

@@ -44,7 +44,7 @@ def patch_loading(monkeypatch: pytest.MonkeyPatch, generator: Generator) -> Call
     the models were loaded at all)."""
     calls = Calls()
 
-    def from_pretrained(name: str = "mnist", device: str = "auto", *, ar: str = "base") -> Generator:
+    def from_pretrained(name: str = "mnist", device: str = "auto", *, ar: str = "base", var: str = "base") -> Generator:
         calls.append(name)
         return generator
 

@@ -27,7 +27,7 @@ SHIPPED = {"ar_mnist": ("raster_ar", GPT), "ar_mnist_draft": ("raster_ar", GPT),
            "classifier_mnist": ("classifier", Classifier), "classifier_shapes": ("classifier", Classifier),
            "diffusion_lm": ("diffusion_lm", DiffusionLM), "lm_small": ("lm", GPT),
            "lm_draft": ("lm", GPT), "lm_target": ("lm", GPT), "tokenizer_mnist_msvq": ("tokenizer", VQVAE),
-           "tokenizer_mnist_vq": ("tokenizer", VQVAE), "var_mnist": ("var", VAR),
+           "tokenizer_mnist_vq": ("tokenizer", VQVAE), "var_mnist": ("var", VAR), "var_mnist_cca": ("var", VAR),
            "maskgit_mnist": ("maskgit", MaskGIT),
            "continuous_ar_mnist": ("continuous_ar", ContinuousAR), "tokenizer_mnist_kl": ("tokenizer", VQVAE)}
 CONFIGS = [GPTConfig, VARConfig, VQVAEConfig, ClassifierConfig, DiffusionLMConfig, ContinuousARConfig]

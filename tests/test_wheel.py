@@ -76,6 +76,7 @@ def test_wheel_with_core_dependencies_generates_images(tmp_path):
         "classifier_mnist": "Classifier",
         "classifier_shapes": "Classifier", "diffusion_lm": "DiffusionLM", "lm_draft": "GPT", "lm_small": "GPT",
         "lm_target": "GPT", "tokenizer_mnist_msvq": "VQVAE", "tokenizer_mnist_vq": "VQVAE", "var_mnist": "VAR",
+        "var_mnist_cca": "VAR",
         "maskgit_mnist": "MaskGIT", "continuous_ar_mnist": "ContinuousAR", "tokenizer_mnist_kl": "VQVAE"}
     assert result["shape"] == [3, 1, 32, 32] and 0 <= result["min"] <= result["max"] <= 1 and result["max"] > 0.5
     assert result["heavy"] == []

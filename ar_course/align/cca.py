@@ -9,18 +9,29 @@ a wrong class ``c'`` (negatives) it raises ``log p(x|c) - log p_ref(x|c)`` and l
     policy, tokenizer = raster.load_pretrained()
     reference = copy.deepcopy(policy)
     log = train_cca(policy, reference, token_maps, labels, CCAConfig())
+
+The loop needs only ``log p(x|c)`` of data, so the same :func:`train_cca` fine-tunes chapter 04's VAR: pass
+flattened token pyramids ``(N, L)`` and ``log_probs=var_log_probs(tokenizer.quantizer)``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
 from ar_course.align.functional import cca_loss
-from ar_course.align.model import sequence_log_probs
-from ar_course.transformer.model import GPT
+from ar_course.align.model import pyramid_log_probs, sequence_log_probs
+from ar_course.tokenizers import MultiScaleVQ
+from ar_course.var.train import unflatten_pyramids
+
+LogProbs = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+"""``log_probs(model, data, classes) -> (B,)``: the log-probability of each of ``data`` ``(B, ...)`` given
+``classes`` ``(B,)``, with gradients (:func:`~ar_course.align.model.sequence_log_probs` for raster token maps
+``(B, h, w)``, :func:`var_log_probs` for VAR pyramids)."""
 
 
 @dataclass
@@ -62,14 +73,26 @@ def wrong_classes(classes: torch.Tensor, n_classes: int, generator: torch.Genera
     return (classes + shift) % n_classes
 
 
-def cca_step(policy: GPT, reference: GPT, maps: torch.Tensor, classes: torch.Tensor, negatives: torch.Tensor,
-             optimizer: torch.optim.Optimizer, config: CCAConfig) -> tuple[float, float, float]:
-    """One CCA update on data ``maps`` ``(B, h, w)`` with their ``classes`` and wrong ``negatives`` ``(B,)``;
-    returns ``(loss, mean positive log-ratio, mean negative log-ratio)``."""
-    both_maps, both_classes = torch.cat([maps, maps]), torch.cat([classes, negatives])  # (2B, h, w), (2B,)
+def var_log_probs(vq: MultiScaleVQ) -> LogProbs:
+    """The :data:`LogProbs` of a VAR model on flattened token pyramids ``(B, L)`` of ``vq``
+    (:func:`ar_course.var.train.flatten_pyramids`): :func:`~ar_course.align.model.pyramid_log_probs`."""
+
+    def log_probs(model: nn.Module, tokens: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+        return pyramid_log_probs(model, vq, unflatten_pyramids(tokens, tuple(vq.scales)), classes)  # (B,)
+
+    return log_probs
+
+
+def cca_step(policy: nn.Module, reference: nn.Module, maps: torch.Tensor, classes: torch.Tensor,
+             negatives: torch.Tensor, optimizer: torch.optim.Optimizer, config: CCAConfig,
+             log_probs: LogProbs = sequence_log_probs) -> tuple[float, float, float]:
+    """One CCA update on data ``maps`` ``(B, ...)`` (raster token maps ``(B, h, w)`` by default; whatever
+    ``log_probs`` reads) with their ``classes`` and wrong ``negatives`` ``(B,)``; returns ``(loss, mean positive
+    log-ratio, mean negative log-ratio)``."""
+    both_maps, both_classes = torch.cat([maps, maps]), torch.cat([classes, negatives])  # (2B, ...), (2B,)
     with torch.no_grad():
-        ref = sequence_log_probs(reference, both_maps, both_classes)  # (2B,)
-    ratio = sequence_log_probs(policy, both_maps, both_classes) - ref  # (2B,)
+        ref = log_probs(reference, both_maps, both_classes)  # (2B,)
+    ratio = log_probs(policy, both_maps, both_classes) - ref  # (2B,)
     pos, neg = ratio.chunk(2)  # (B,), (B,)
     loss = cca_loss(pos, neg, config.beta, config.lam)
     optimizer.zero_grad(set_to_none=True)
@@ -79,13 +102,16 @@ def cca_step(policy: GPT, reference: GPT, maps: torch.Tensor, classes: torch.Ten
     return float(loss.detach()), float(pos.detach().mean()), float(neg.detach().mean())
 
 
-def train_cca(policy: GPT, reference: GPT, token_maps: torch.Tensor, labels: torch.Tensor,
-              config: CCAConfig = CCAConfig(), progress: bool = True) -> CCALog:
+def train_cca(policy: nn.Module, reference: nn.Module, token_maps: torch.Tensor, labels: torch.Tensor,
+              config: CCAConfig = CCAConfig(), progress: bool = True,
+              log_probs: LogProbs = sequence_log_probs) -> CCALog:
     """Fine-tune ``policy`` in place with CCA against the frozen ``reference`` on data ``token_maps``
-    ``(N, h, w)`` with ``labels`` ``(N,)``, from ``config.seed``; returns the curves."""
-    if token_maps.ndim != 3 or labels.shape != token_maps.shape[:1]:
-        raise ValueError(f"expected token_maps (N, h, w) and labels (N,), got {tuple(token_maps.shape)}, "
-                         f"{tuple(labels.shape)}")
+    ``(N, h, w)`` (raster; with ``log_probs=var_log_probs(vq)``, VAR pyramids ``(N, L)``) with ``labels``
+    ``(N,)``, from ``config.seed``; returns the curves."""
+    want = 3 if log_probs is sequence_log_probs else 2
+    if token_maps.ndim != want or labels.shape != token_maps.shape[:1]:
+        raise ValueError(f"expected token_maps {'(N, h, w)' if want == 3 else '(N, L)'} and labels (N,), got "
+                         f"{tuple(token_maps.shape)}, {tuple(labels.shape)}")
     device = next(policy.parameters()).device
     torch.manual_seed(config.seed)
     g = torch.Generator().manual_seed(config.seed)
@@ -98,7 +124,7 @@ def train_cca(policy: GPT, reference: GPT, token_maps: torch.Tensor, labels: tor
         classes = labels[idx]
         negatives = wrong_classes(classes, policy.config.n_classes, g)
         loss, pos, neg = cca_step(policy, reference, token_maps[idx].to(device), classes.to(device),
-                                  negatives.to(device), optimizer, config)
+                                  negatives.to(device), optimizer, config, log_probs)
         log.step.append(step), log.loss.append(loss), log.logratio_pos.append(pos), log.logratio_neg.append(neg)
     policy.eval()
     return log

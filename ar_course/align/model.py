@@ -1,11 +1,15 @@
-"""Log-probabilities of token maps under the chapter 03 raster model, the one quantity GRPO and CCA train on."""
+"""Log-probabilities of data under the models GRPO and CCA fine-tune, the one quantity they train on: token maps
+under the chapter 03 raster model, token pyramids under chapter 04's VAR."""
 
 from __future__ import annotations
 
 import torch
 
 from ar_course.raster.functional import make_training_pairs, to_raster
+from ar_course.tokenizers import MultiScaleVQ
 from ar_course.transformer.model import GPT
+from ar_course.var import functional as var_ref
+from ar_course.var.model import VAR
 
 
 def token_log_probs(model: GPT, token_maps: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
@@ -20,3 +24,20 @@ def token_log_probs(model: GPT, token_maps: torch.Tensor, classes: torch.Tensor)
 def sequence_log_probs(model: GPT, token_maps: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
     """``(B,)``: the log-probability of each whole token map (the sum of :func:`token_log_probs`)."""
     return token_log_probs(model, token_maps, classes).sum(dim=-1)
+
+
+def pyramid_token_log_probs(model: VAR, vq: MultiScaleVQ, pyramid: list[torch.Tensor],
+                            classes: torch.Tensor) -> torch.Tensor:
+    """``(B, L)``: the log-probability of every token of a teacher-forced ``pyramid`` (one ``(B, s_k, s_k)`` map
+    per scale of ``vq``) under the VAR ``model`` given ``classes`` ``(B,)``, scale by scale, row-major (one
+    block-causal forward pass, with gradients if ``model`` has them). ``-mean`` equals :meth:`VAR.loss`."""
+    with torch.no_grad():
+        inputs, targets = var_ref.teacher_forcing_sequence(vq, pyramid)  # (B, L - 1, D), (B, L)
+    logp = torch.log_softmax(model(inputs, classes).float(), dim=-1)  # (B, L, V)
+    return logp.gather(-1, targets[..., None]).squeeze(-1)  # (B, L)
+
+
+def pyramid_log_probs(model: VAR, vq: MultiScaleVQ, pyramid: list[torch.Tensor],
+                      classes: torch.Tensor) -> torch.Tensor:
+    """``(B,)``: the log-probability of each whole pyramid (the sum of :func:`pyramid_token_log_probs`)."""
+    return pyramid_token_log_probs(model, vq, pyramid, classes).sum(dim=-1)

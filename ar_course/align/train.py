@@ -1,9 +1,11 @@
-"""Fine-tune the shipped raster model: ``python -m ar_course train grpo`` and ``python -m ar_course train cca``.
+"""Fine-tune the shipped raster model: ``python -m ar_course train grpo`` and ``python -m ar_course train cca``;
+and the shipped VAR: ``python -m ar_course train cca --model var``.
 
-Both start from the shipped ``ar_mnist`` model (``--base``), keep a frozen copy as the reference, run from a
-fixed seed, and write a float16 raster checkpoint (kind ``raster_ar``, so every loader of chapter 03 models
-reads it) that records the run's options and curves. The shipped ones are ``ar_mnist_grpo`` and
-``ar_mnist_cca`` in ``ar_course/assets/``, made with the defaults.
+All start from a shipped model (``--base``: ``ar_mnist``, or ``var_mnist`` with ``--model var``), keep a frozen
+copy as the reference, run from a fixed seed, and write a float16 checkpoint of the base model's kind
+(``raster_ar`` or ``var``, so every loader of chapter 03 or 04 models reads it) that records the run's options
+and curves. The shipped ones are ``ar_mnist_grpo``, ``ar_mnist_cca`` and ``var_mnist_cca`` in
+``ar_course/assets/``, made with the defaults (``train cca --model var`` for ``var_mnist_cca``).
 """
 
 from __future__ import annotations
@@ -15,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from ar_course import checkpoint, raster
-from ar_course.align.cca import CCAConfig, train_cca
+from ar_course import checkpoint, raster, var
+from ar_course.align.cca import CCAConfig, train_cca, var_log_probs
 from ar_course.align.grpo import GRPOConfig, evaluate, train_grpo
 from ar_course.align.rewards import REWARDS
 from ar_course.cli import ArgumentParser, nonnegative_int, positive_float, positive_int
@@ -26,31 +28,49 @@ from ar_course.utils import get_device
 
 GRPO_PATH = checkpoint.ASSETS / "ar_mnist_grpo.safetensors"
 CCA_PATH = checkpoint.ASSETS / "ar_mnist_cca.safetensors"
+VAR_CCA_PATH = checkpoint.ASSETS / "var_mnist_cca.safetensors"
+CCA_MODELS = {"ar": (raster.CHECKPOINT_KIND, "ar_mnist", CCA_PATH, {}),
+              "var": (var.CHECKPOINT_KIND, "var_mnist", VAR_CCA_PATH, {"lr": 3e-4, "lam": 3.0})}
+"""``train cca --model``: (checkpoint kind, default ``--base``, default ``--out``, the defaults that differ from
+:class:`CCAConfig`'s: VAR took a larger step and a stronger weight on the negatives to reach the class accuracy
+of its best guidance)."""
 
 
-def _common(parser: ArgumentParser, out: Path) -> None:
-    parser.add_argument("--base", default="ar_mnist", help="raster checkpoint to start from (name or path)")
+def _common(parser: ArgumentParser, out: Path | None, base: str | None = "ar_mnist", what: str = "raster",
+            shipped: str | None = None) -> None:
+    """``--base``, ``--seed``, ``--device``, ``--out`` (``None`` defaults: set by the trainer from ``--model``)."""
+    parser.add_argument("--base", default=base, help=f"{what} checkpoint to start from (name or path)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    parser.add_argument("--out", type=Path, default=out, help=f"checkpoint path (default: the shipped {out.name})")
+    parser.add_argument("--out", type=Path, default=out,
+                        help=f"checkpoint path (default: the shipped {shipped or out.name})")
 
 
-def _load(args: argparse.Namespace, parser: ArgumentParser):
-    """``(policy, reference, tokenizer, device)`` after checking ``--out``."""
+def _load(args: argparse.Namespace, parser: ArgumentParser, kind: str = raster.CHECKPOINT_KIND):
+    """``(policy, reference, tokenizer, device)`` after checking ``--out``; ``--base`` must be of ``kind``."""
     try:
         check_output_path(args.out, suffix=".safetensors")
     except ValueError as exc:
         parser.error(str(exc))
     device = get_device(args.device)
-    policy, tokenizer = checkpoint.load_with_tokenizer(args.base, device, kind=raster.CHECKPOINT_KIND)
+    policy, tokenizer = checkpoint.load_with_tokenizer(args.base, device, kind=kind)
     return policy, copy.deepcopy(policy), tokenizer, device
 
 
 def _save(args: argparse.Namespace, policy, tokenizer_name: str, method: str, config, curves: dict,
-          eval_per_class: int, tokenizer) -> None:
-    accuracy = evaluate(policy, tokenizer, eval_per_class)[0] if eval_per_class else None
+          eval_per_class: int, tokenizer, kind: str = raster.CHECKPOINT_KIND) -> None:
+    """Write ``policy`` (float16, kind ``kind``) with the run's record and its class accuracy at guidance 0 on
+    ``eval_per_class`` samples per class (fixed seed; ``0``: not measured)."""
+    if not eval_per_class:
+        accuracy = None
+    elif kind == var.CHECKPOINT_KIND:
+        from ar_course.var.train import class_accuracy_at
+
+        accuracy = class_accuracy_at(policy, tokenizer, 0.0, eval_per_class, seed=1234)
+    else:
+        accuracy = evaluate(policy, tokenizer, eval_per_class)[0]
     state = {k: v.half() for k, v in policy.state_dict().items()}
-    out = checkpoint.save_checkpoint(args.out, state, policy.config, kind=raster.CHECKPOINT_KIND,
+    out = checkpoint.save_checkpoint(args.out, state, policy.config, kind=kind,
                                      tokenizer=tokenizer_name, base=str(args.base), method=method,
                                      options=dataclasses.asdict(config), curves=curves,
                                      accuracy_cfg0=accuracy, eval_per_class=eval_per_class)
@@ -91,33 +111,52 @@ def grpo_main(argv: list[str] | None = None) -> int:
 
 @trainer_main
 def cca_main(argv: list[str] | None = None) -> int:
-    """``python -m ar_course train cca [--steps N] [--lam L] [--beta B] ...``"""
+    """``python -m ar_course train cca [--model ar|var] [--steps N] [--lam L] [--beta B] ...``"""
     d = CCAConfig()
     parser = ArgumentParser(prog="python -m ar_course train cca",
-                            description="Fine-tune the raster AR model with Condition Contrastive Alignment on "
-                                        "MNIST tokens, for sampling without guidance.")
+                            description="Fine-tune the raster AR model (or VAR, --model var) with Condition "
+                                        "Contrastive Alignment on MNIST tokens, for sampling without guidance.")
+    parser.add_argument("--model", choices=tuple(CCA_MODELS), default="ar",
+                        help="raster AR (chapter 03, base ar_mnist) or VAR (chapter 04, base var_mnist)")
     parser.add_argument("--steps", type=positive_int, default=d.steps)
     parser.add_argument("--batch-size", type=positive_int, default=d.batch_size)
-    parser.add_argument("--lr", type=positive_float, default=d.lr)
+    parser.add_argument("--lr", type=positive_float, default=None,
+                        help=f"learning rate (default: {d.lr:g}; {CCA_MODELS['var'][3]['lr']:g} with --model var)")
     parser.add_argument("--beta", type=positive_float, default=d.beta)
-    parser.add_argument("--lam", type=float, default=d.lam, help="weight of the negative pairs (>= 0)")
+    parser.add_argument("--lam", type=float, default=None,
+                        help=f"weight of the negative pairs, >= 0 (default: {d.lam:g}; "
+                             f"{CCA_MODELS['var'][3]['lam']:g} with --model var)")
     parser.add_argument("--train-images", type=positive_int, default=10_000, metavar="N",
                         help="use the first N training digits [%(default)s]")
     parser.add_argument("--eval-per-class", type=nonnegative_int, default=20)
-    _common(parser, CCA_PATH)
+    _common(parser, None, base=None, what="raster or VAR (default: ar_mnist or var_mnist by --model)",
+            shipped=f"{CCA_PATH.name} or {VAR_CCA_PATH.name} by --model")
     args = parser.parse_args(argv)
+    kind, base, out, defaults = CCA_MODELS[args.model]
+    args.base = base if args.base is None else args.base
+    args.out = out if args.out is None else args.out
+    lr = defaults.get("lr", d.lr) if args.lr is None else args.lr
+    lam = defaults.get("lam", d.lam) if args.lam is None else args.lam
     try:
-        config = CCAConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, beta=args.beta, lam=args.lam,
+        config = CCAConfig(steps=args.steps, batch_size=args.batch_size, lr=lr, beta=args.beta, lam=lam,
                            seed=args.seed)
     except ValueError as exc:
         parser.error(str(exc))
-    policy, reference, tokenizer, _ = _load(args, parser)
+    policy, reference, tokenizer, _ = _load(args, parser, kind)
     from ar_course.data import load_mnist
-    from ar_course.raster.train import encode_dataset
 
     images, labels = load_mnist("train", size=32)
-    maps = encode_dataset(tokenizer, images[:args.train_images])  # (N, 8, 8)
-    log = train_cca(policy, reference, maps, labels[:args.train_images], config)
+    if args.model == "var":
+        from ar_course.var.train import encode_pyramids, flatten_pyramids
+
+        tokens = flatten_pyramids(encode_pyramids(tokenizer, images[:args.train_images]))  # (N, L)
+        log = train_cca(policy, reference, tokens, labels[:args.train_images], config,
+                        log_probs=var_log_probs(tokenizer.quantizer))
+    else:
+        from ar_course.raster.train import encode_dataset
+
+        maps = encode_dataset(tokenizer, images[:args.train_images])  # (N, 8, 8)
+        log = train_cca(policy, reference, maps, labels[:args.train_images], config)
     _save(args, policy, checkpoint.info(args.base)["tokenizer"], "cca", config, log.as_dict(),
-          args.eval_per_class, tokenizer)
+          args.eval_per_class, tokenizer, kind)
     return 0
