@@ -5,8 +5,8 @@ Measures, in one run on one machine:
 * class accuracy (shipped classifier) and Frechet distance to real test digits of the base model at several
   guidance strengths w, and of ``ar_mnist_grpo`` and ``ar_mnist_cca`` at w = 0 (same n, seed and classes);
 * images per second of guided sampling (the base model at its best w: a doubled batch) and of guidance-free
-  sampling (the aligned models at w = 0), with the static KV cache, at a few batch sizes, best of ``--repeats``; at the largest batch,
-  where the time goes (:func:`speed_breakdown`: tokens with each KV cache, and decoding, which caps the ratio);
+  sampling (the aligned models at w = 0), with the static KV cache, at a few batch sizes, best of ``--repeats``;
+  at the largest batch, where the time goes (:func:`speed_breakdown`: tokens with each KV cache, and decoding);
 * the same for VAR (chapter 04): ``var_mnist`` at several w against ``var_mnist_cca`` at w = 0, quality and
   images per second guided vs guidance-free (``var_*`` keys; VAR's sampler with its dynamic KV cache);
 * the GRPO and CCA training curves the shipped checkpoints recorded (reward, KL, accuracy over steps);

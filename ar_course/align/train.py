@@ -15,7 +15,6 @@ import copy
 import dataclasses
 from pathlib import Path
 
-import torch
 
 from ar_course import checkpoint, raster, var
 from ar_course.align.cca import CCAConfig, train_cca, var_log_probs
