@@ -166,8 +166,8 @@ def execute_notebook(source: str | Path, dest: str | Path | None = None, *, cell
         return (f"{source}: code cell {number} of {len(code_cells)} (cell {index} of the file)",
                 nb.cells[index].source)
 
-    try:
-        client.execute(env=kernel_environment(strict_checks, env))
+    try:  # cleanup_kc: shut the kernel down at the end (nbclient keeps kernels of a manager passed in alive)
+        client.execute(env=kernel_environment(strict_checks, env), cleanup_kc=True)
     except CellExecutionError as exc:
         place, cell_source = where()
         raise NotebookRunError(f"{place} raised {exc.ename}: {_strip_ansi(exc.evalue).strip()}",

@@ -5,6 +5,7 @@ instead of running notebooks again; the executor fails on any cell's error, nami
 from __future__ import annotations
 
 import base64
+import os
 import re
 import zlib
 from pathlib import Path
@@ -144,11 +145,27 @@ def test_build_reuses_current_executed_copies_and_never_runs_them_again(tmp_path
 
 
 @pytest.mark.timeout(600)
+def _kernel_children() -> set[int]:
+    """Pids of this process's children that are Jupyter kernels (Linux /proc; empty elsewhere)."""
+    found = set()
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            ppid = int(next(line for line in status.read_text().splitlines() if line.startswith("PPid:")).split()[1])
+            cmdline = (status.parent / "cmdline").read_bytes()
+        except (OSError, StopIteration, ValueError):
+            continue
+        if ppid == os.getpid() and b"ipykernel" in cmdline:
+            found.add(int(status.parent.name))
+    return found
+
+
 def test_execute_notebook_keeps_figures_and_names_the_failing_cell(tmp_path, monkeypatch):
     monkeypatch.setenv("MPLBACKEND", "Agg")  # as CI sets it: the kernel must still draw inline figures
     good = _solution(tmp_path, "good.ipynb", "import matplotlib.pyplot as plt\nplt.plot([0, 1])\nplt.show()")
     out = tmp_path / "executed" / "good.ipynb"
+    before = _kernel_children()
     nb = site.execute_notebook(good, out, startup_timeout=300)
+    assert _kernel_children() == before, "the notebook's kernel was left running"
     assert [o.output_type for o in nb.cells[1].outputs] == ["display_data"]
     assert "image/png" in nb.cells[1].outputs[0].data
     assert site.is_current(good, out) and nbformat.read(out, as_version=4).cells[1].execution_count == 1
@@ -163,6 +180,7 @@ def test_execute_notebook_keeps_figures_and_names_the_failing_cell(tmp_path, mon
     assert str(err.value) == f"{bad}: code cell 2 of 3 (cell 2 of the file) raised ValueError: deliberate"
     assert "raise ValueError('deliberate')" in err.value.details and "Traceback" in err.value.details
     assert not (tmp_path / "executed" / "bad.ipynb").exists(), "a failed run leaves no (stale) copy"
+    assert _kernel_children() == before, "a failed run's kernel was left running"
 
 
 def test_site_cli_errors_are_one_line(tmp_path, capsys):
