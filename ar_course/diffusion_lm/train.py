@@ -27,9 +27,9 @@ from ar_course.diffusion_lm.model import DiffusionLM, DiffusionLMConfig
 from ar_course.train import TrainConfig, prepare_run, train_loop, trainer_main
 from ar_course.transformer.train import PRESETS as LM_PRESETS
 from ar_course.transformer.train import (
-    add_text_trainer_options, apply_text_trainer_options, round_to_half, save_text_model,
+    add_text_trainer_options, apply_text_trainer_options, round_to_half, run_record, save_text_model,
 )
-from ar_course.utils import count_parameters, get_device, seed_everything
+from ar_course.utils import get_device, seed_everything
 
 KIND = "diffusion_lm"
 
@@ -141,17 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     model = model.cpu()
     if not args.float32:
         round_to_half(model)
-    history = info["history"]
-    tail = history.loss[-50:]
-    extra = {
-        "vocab": info["tokenizer"].chars, "preset": args.preset, "seed": args.seed, "steps": preset.steps,
-        "seq_len": model.config.length, "batch_size": preset.batch_size, "lr": preset.lr,
-        "tokens_seen": info["tokens_seen"], "train_seconds": round(info["train_seconds"], 1),
-        "train_loss_last50": round(sum(tail) / len(tail), 4),
-        "val_bound": round(evaluate_bound(model, info["val_ids"]), 4),
-        "params": count_parameters(model),
-        "evals": [{"step": s, **e} for s, e in zip(history.eval_steps, history.evals)],
-    }
+    extra = {**run_record(args, preset, model, info), "seq_len": model.config.length,
+             "val_bound": round(evaluate_bound(model, info["val_ids"]), 4)}
     save_text_model(model, out, kind=KIND, float32=args.float32, state_path=state_path, extra=extra)
     return 0
 

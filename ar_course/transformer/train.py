@@ -178,6 +178,18 @@ def apply_text_trainer_options(args: argparse.Namespace, presets: dict) -> Any:
     return replace(presets[args.preset], **{k: v for k, v in overrides.items() if v is not None})
 
 
+def run_record(args: argparse.Namespace, preset, model: torch.nn.Module, info: dict) -> dict:
+    """What every text-model checkpoint records of its run: vocabulary, preset, seed, schedule, characters seen,
+    training time, the mean of the last 50 training losses, parameters and the evaluations along the way."""
+    history = info["history"]
+    tail = history.loss[-50:]
+    return {"vocab": info["tokenizer"].chars, "preset": args.preset, "seed": args.seed, "steps": preset.steps,
+            "batch_size": preset.batch_size, "lr": preset.lr, "tokens_seen": info["tokens_seen"],
+            "train_seconds": round(info["train_seconds"], 1), "train_loss_last50": round(sum(tail) / len(tail), 4),
+            "params": count_parameters(model),
+            "evals": [{"step": s, **e} for s, e in zip(history.eval_steps, history.evals)]}
+
+
 def save_text_model(model: torch.nn.Module, out: Path, *, kind: str, float32: bool, state_path: Path,
                     extra: dict) -> None:
     """The end of a text-model trainer: write ``model`` to ``out`` (float16 unless ``float32``) with the
@@ -224,24 +236,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.float32:
         round_to_half(model)
     val_loss = evaluate_lm(model, info["val_ids"], preset.seq_len)
-    history = info["history"]
-    tail = history.loss[-50:]
-    extra = {
-        "vocab": info["tokenizer"].chars,
-        "preset": args.preset,
-        "seed": args.seed,
-        "steps": preset.steps,
-        "seq_len": preset.seq_len,
-        "batch_size": preset.batch_size,
-        "lr": preset.lr,
-        "tokens_seen": info["tokens_seen"],
-        "train_seconds": round(info["train_seconds"], 1),
-        "train_loss_last50": round(sum(tail) / len(tail), 4),
-        "val_loss": round(val_loss, 4),
-        "distilled_from": str(Path(teacher_path).name) if teacher_path else None,
-        "params": count_parameters(model),
-        "evals": [{"step": s, **e} for s, e in zip(history.eval_steps, history.evals)],
-    }
+    extra = {**run_record(args, preset, model, info), "seq_len": preset.seq_len, "val_loss": round(val_loss, 4),
+             "distilled_from": str(Path(teacher_path).name) if teacher_path else None}
     save_text_model(model, out, kind=KIND, float32=args.float32, state_path=state_path, extra=extra)
     return 0
 
