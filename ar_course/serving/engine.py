@@ -176,8 +176,8 @@ def packed_forward(model: torch.nn.Module, cache: PagedKVCache, chunks: list[tup
     written to ``cache`` (blocks reserved beforehand) and read back through the block tables (positions in
     evicted blocks are not read). ``sinks_window`` ``(sinks, window)``: a query also sees only the keys
     :func:`~ar_course.serving.compression.sink_window_visible` keeps. ``scores`` ``(num_blocks * block_size,)``
-float64: attend through :class:`~ar_course.serving.h2o.ScoringAttention`, adding the attention each key slot
-receives (a slot written in this pass starts at 0).
+    float64: attend through :class:`~ar_course.serving.h2o.ScoringAttention`, adding the attention each key slot
+    receives (a slot written in this pass starts at 0).
 
     Returns the logits after the last token of each chunk: ``(len(chunks), V)``."""
     ids, positions, writes, keys, q_seq, k_seq, k_pos = [], [], [], [], [], [], []
