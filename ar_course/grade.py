@@ -24,14 +24,18 @@ import uuid
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from queue import Empty
 from typing import Iterator
 
 import ipykernel.kernelspec
 import nbformat
+from jupyter_client.asynchronous import AsyncKernelClient
+from jupyter_client.channels import AsyncZMQSocketChannel
 from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.manager import AsyncKernelManager
 from nbclient import NotebookClient
 from nbclient.exceptions import CellTimeoutError, DeadKernelError
+from traitlets import Type
 
 from .build_notebooks import exercise_label
 from .checks.core import FAILED, NOT_ATTEMPTED, PASSED, REPORT_ENV
@@ -57,6 +61,37 @@ class _CurrentEnvSpecs(KernelSpecManager):
         return super().get_kernel_spec(kernel_name)
 
 
+POLL_SLICE = 0.25
+"""Seconds the kernel client waits on a socket before looking again (see :class:`_WatchfulChannel`)."""
+
+
+class _WatchfulChannel(AsyncZMQSocketChannel):
+    """A kernel-client channel that waits for a message in slices of :data:`POLL_SLICE` seconds, looking at the
+    socket again after each, up to the caller's ``timeout``.
+
+    Under load the asyncio wake-up for a message that has already arrived is sometimes missed, and one long wait
+    then sleeps on a message that is there: the kernel had replied within a millisecond, and the run sat idle
+    for the cell's whole time limit (30 s in a stress test of 300 widget cells, 900 s in CI) before the reply
+    was read. Looking again every slice bounds that loss to the slice."""
+
+    async def get_msg(self, timeout: float | None = None) -> dict:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left = POLL_SLICE if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                return await super().get_msg(timeout=min(POLL_SLICE, left))
+            except Empty:
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise
+
+
+class _WatchfulKernelClient(AsyncKernelClient):
+    """The async kernel client with :class:`_WatchfulChannel` for the shell and IOPub channels."""
+
+    shell_channel_class = Type(_WatchfulChannel)  # type: ignore[arg-type]
+    iopub_channel_class = Type(_WatchfulChannel)  # type: ignore[arg-type]
+
+
 def kernel_manager(kernel_name: str = CURRENT_ENV) -> AsyncKernelManager:
     """A manager for the kernel ``kernel_name``: by default ipykernel in this interpreter, whatever kernels are
     installed; any installed kernel by name (``"python3"``, the notebooks' own).
@@ -65,15 +100,17 @@ def kernel_manager(kernel_name: str = CURRENT_ENV) -> AsyncKernelManager:
     ipykernel has nothing to warn about ("Kernel is running over TCP without encryption") and nothing listens on
     the network. (Encrypted TCP through CurveZMQ, tried before, lost messages under load: a cell's reply never
     came and the run waited for its full timeout.) Windows has no IPC sockets and keeps plain TCP on localhost."""
+    client = f"{__name__}._WatchfulKernelClient"
     if os.name == "nt":
-        return AsyncKernelManager(kernel_name=kernel_name, kernel_spec_manager=_CurrentEnvSpecs())
+        return AsyncKernelManager(kernel_name=kernel_name, kernel_spec_manager=_CurrentEnvSpecs(),
+                                  client_class=client)
     sockets = Path(tempfile.gettempdir()) / f"ar-course-kernels-{os.getuid()}"
     sockets.mkdir(mode=0o700, exist_ok=True)
     # a prefix of its own per kernel: jupyter_client numbers IPC sockets from 1 up, so two processes starting
     # kernels at once (pytest-xdist) would otherwise bind the same paths and cross their messages
     prefix = sockets / f"kernel-{os.getpid()}-{uuid.uuid4().hex[:12]}"
     return AsyncKernelManager(kernel_name=kernel_name, kernel_spec_manager=_CurrentEnvSpecs(), transport="ipc",
-                              ip=str(prefix))
+                              ip=str(prefix), client_class=client)
 
 
 @dataclass

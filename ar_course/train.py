@@ -44,7 +44,7 @@ from ar_course.files import check_output_path
 STATE_KIND = "train-state"
 STATE_SUFFIX = ".train-state.safetensors"
 # TrainConfig fields a resumed run must share with the run that wrote the state (they shape the trajectory)
-_SCHEDULE_FIELDS = ("steps", "lr", "weight_decay", "warmup", "min_lr_ratio", "grad_clip", "betas")
+_SCHEDULE_FIELDS = ("steps", "lr", "weight_decay", "warmup", "min_lr_ratio", "grad_clip", "betas", "keep_best")
 
 
 @dataclass
@@ -59,6 +59,7 @@ class TrainConfig:
     eval_every: int = 0  # 0: evaluate only at the end (if an eval_fn is given)
     log_every: int = 10
     checkpoint_every: int = 200  # training-state writes (with a state_path); 0: only when interrupted and at the end
+    keep_best: str = ""  # an eval metric to minimise: end with the weights of its lowest evaluation ("": the last)
 
 
 @dataclass
@@ -69,6 +70,8 @@ class History:
     loss: list[float] = field(default_factory=list)
     eval_steps: list[int] = field(default_factory=list)
     evals: list[dict[str, float]] = field(default_factory=list)
+    best_step: int | None = None  # with ``TrainConfig.keep_best``: the evaluation whose weights the run ended with
+    best_value: float | None = None
 
     def smoothed(self, window: int = 20) -> list[float]:
         """Running mean of the training loss over ``window`` steps."""
@@ -145,13 +148,15 @@ class _StopSignals:
 
 
 def save_train_state(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int,
-                     history: History, config: TrainConfig) -> Path:
+                     history: History, config: TrainConfig, best: dict[str, torch.Tensor] | None = None) -> Path:
     """Write what :func:`train_loop` needs to continue after ``step`` completed steps (rank 0 only, atomic).
 
-    Tensors: ``model/<name>`` (weights and buffers as they are, float32), ``optimizer/<i>/<name>`` and
-    ``rng/cpu`` (``rng/cuda`` too when CUDA is in use); JSON metadata: the step, the history, the
-    optimizer's hyper-parameters and the :class:`TrainConfig`."""
+    Tensors: ``model/<name>`` (weights and buffers as they are, float32), ``best/<name>`` (the weights of the
+    best evaluation so far, with ``keep_best``), ``optimizer/<i>/<name>`` and ``rng/cpu`` (``rng/cuda`` too
+    when CUDA is in use); JSON metadata: the step, the history, the optimizer's hyper-parameters and the
+    :class:`TrainConfig`."""
     tensors = {f"model/{k}": v for k, v in model.state_dict().items()}
+    tensors.update({f"best/{k}": v for k, v in (best or {}).items()})
     opt = optimizer.state_dict()
     scalars: dict[str, dict[str, Any]] = {}
     for i, state in opt["state"].items():
@@ -180,7 +185,8 @@ def read_train_state(path: str | Path, config: TrainConfig) -> tuple[dict[str, t
     if meta["kind"] != STATE_KIND:
         raise TrainingError(f"{path} is not a training state (it holds a {meta['kind']!r} checkpoint)")
     now = json.loads(json.dumps(dataclasses.asdict(config)))  # tuples as JSON lists, like the stored config
-    changed = [f"{k} {meta['config'].get(k)} -> {now[k]}" for k in _SCHEDULE_FIELDS if meta["config"].get(k) != now[k]]
+    then = {**json.loads(json.dumps(dataclasses.asdict(TrainConfig()))), **meta["config"]}  # older states: defaults
+    changed = [f"{k} {then[k]!r} -> {now[k]!r}" for k in _SCHEDULE_FIELDS if then[k] != now[k]]
     if changed:
         raise TrainingError(f"the training state at {path} comes from a run with other settings "
                             f"({', '.join(changed)}); resume with the options of that run")
@@ -189,7 +195,8 @@ def read_train_state(path: str | Path, config: TrainConfig) -> tuple[dict[str, t
 
 def _restore(tensors: dict[str, torch.Tensor], meta: dict, model: torch.nn.Module,
              optimizer: torch.optim.Optimizer, path: Path) -> History:
-    """Load a state read by :func:`read_train_state` into ``model``, ``optimizer`` and torch's generators."""
+    """Load a state read by :func:`read_train_state` into ``model``, ``optimizer`` and torch's generators
+    (:func:`_resume` takes the best weights, ``best/<name>``)."""
     extra = meta["extra"]
     weights = {k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")}
     state: dict[int, dict[str, Any]] = {int(i): dict(v) for i, v in extra["optimizer_scalars"].items()}
@@ -209,16 +216,34 @@ def _restore(tensors: dict[str, torch.Tensor], meta: dict, model: torch.nn.Modul
 
 
 def _resume(state_path: str | Path | None, config: TrainConfig, batches: Iterator[Any], model: torch.nn.Module,
-            optimizer: torch.optim.Optimizer) -> tuple[History, int]:
-    """Load the state at ``state_path`` after replaying ``batches`` up to its step; return the history and
-    the step to continue from."""
+            optimizer: torch.optim.Optimizer) -> tuple[History, int, dict[str, torch.Tensor] | None]:
+    """Load the state at ``state_path`` after replaying ``batches`` up to its step; return the history, the
+    step to continue from and the best weights so far (``None`` when the state holds none)."""
     if state_path is None:
         raise TrainingError("resume=True needs a state_path")
     tensors, meta = read_train_state(state_path, config)
     start = int(meta["extra"]["step"])
     for _ in range(start):  # the batch stream's random draws, up to the saved step (before torch's RNG is set)
         next(batches)
-    return _restore(tensors, meta, model, optimizer, Path(state_path)), start
+    history = _restore(tensors, meta, model, optimizer, Path(state_path))
+    best = {k[len("best/"):]: v for k, v in tensors.items() if k.startswith("best/")}
+    return history, start, best or None
+
+
+def _track_best(config: TrainConfig, history: History, metrics: dict[str, float], step: int,
+                model: torch.nn.Module, best: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor] | None:
+    """With ``config.keep_best``: a copy of ``model``'s weights when ``metrics`` beats the best evaluation so
+    far (recorded in ``history``), else ``best`` unchanged."""
+    if not config.keep_best:
+        return best
+    if config.keep_best not in metrics:
+        raise TrainingError(f"keep_best={config.keep_best!r} is not among the evaluation's metrics "
+                            f"({', '.join(sorted(metrics)) or 'none'})")
+    value = float(metrics[config.keep_best])
+    if history.best_value is not None and not value < history.best_value:
+        return best
+    history.best_step, history.best_value = step, value
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
 def train_loop(
@@ -237,7 +262,9 @@ def train_loop(
 
     ``loss_fn(model, batch)`` returns a scalar loss (a mean over the batch). ``eval_fn(model)`` (called in
     eval mode under ``torch.no_grad``) returns named metrics; it runs every ``eval_every`` steps and at
-    the end. ``state_path`` / ``resume``: see the module docstring (``resume`` without a state raises
+    the end. ``config.keep_best`` names one of them: the run then ends with the weights of the evaluation
+    where it was lowest (early stopping without stopping; ``history.best_step`` says which), not the last
+    ones. ``state_path`` / ``resume``: see the module docstring (``resume`` without a state raises
     :class:`TrainingError`).
 
     Inside a process group (``torchrun``, see :mod:`ar_course.distributed`) each process trains on its
@@ -245,12 +272,15 @@ def train_loop(
     number of processes) through ``DistributedDataParallel``, which wraps ``loss_fn``: it still receives
     ``model`` itself. The recorded loss is averaged over processes; only rank 0 shows progress, evaluates
     (the other processes' history has no evals) and writes the state. All processes stop at the same step
-    when a signal reaches any of them. ``model`` is updated in place either way."""
+    when a signal reaches any of them; with ``keep_best`` only rank 0 ends with the best weights. ``model`` is
+    updated in place either way."""
+    if config.keep_best and eval_fn is None:
+        raise TrainingError(f"keep_best={config.keep_best!r} needs an eval_fn to measure it")
     opt = optimizer or torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad],
         lr=config.lr, weight_decay=config.weight_decay, betas=config.betas,
     )
-    history, start = _resume(state_path, config, batches, model, opt) if resume else (History(), 0)
+    history, start, best = _resume(state_path, config, batches, model, opt) if resume else (History(), 0, None)
     train_model: torch.nn.Module = _LossModule(model, loss_fn)
     if ddp.is_distributed():
         train_model = torch.nn.parallel.DistributedDataParallel(train_model)
@@ -284,11 +314,14 @@ def train_loop(
                 model.train()
                 history.eval_steps.append(done)
                 history.evals.append(metrics)
+                best = _track_best(config, history, metrics, done, model, best)
             periodic = config.checkpoint_every and done % config.checkpoint_every == 0
             if state_path is not None and (stops or periodic or done == config.steps):
-                save_train_state(state_path, model, opt, done, history, config)
+                save_train_state(state_path, model, opt, done, history, config, best)
             if stops:
                 raise TrainingInterrupted(done, Path(state_path))
+    if best is not None:
+        model.load_state_dict(best)
     model.eval()
     return history
 

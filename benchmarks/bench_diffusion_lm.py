@@ -3,12 +3,14 @@
 Measures, in one run on one machine:
 
 * the NLL bound (nats/char) of ``diffusion_lm`` on held-out windows, full-sequence and block-wise (block 1 is
-  its exact left-to-right NLL), next to the NLL of ``lm_small`` (same shape, same training windows and steps);
+  its exact left-to-right NLL), next to the NLL of ``lm_small`` (same shape, same training windows and steps,
+  each model kept at the step of its best validation measure: the AR model overfits the small corpus);
 * sample quality against denoising steps, for full and block-wise diffusion: the NLL of the samples under the
   shipped 12-layer ``lm_target`` (lower: more like the corpus) and their unigram entropy (too low: degenerate,
   repetitive text), with the same measures of held-out text and of ``lm_small``'s samples as references;
 * characters per second of each configuration on the CPU (the KV-cached path, and for block-wise diffusion the
   uncached one), best of ``--repeats``;
+* the validation curves the two shipped runs recorded while training (their checkpoints' ``evals``);
 * the data-constrained study, scaled down (:func:`ar_course.diffusion_lm.study.data_constrained`): a small
   unique-text budget repeated for many epochs, validation loss against epochs for AR and diffusion.
 
@@ -134,11 +136,16 @@ def main(argv: list[str] | None = None) -> int:
     ratio = full_bound / ar_nll
     best_full = min((r for r in rows if r["mode"] == "full"), key=lambda r: r["nll_target"])
     ar_row = next(r for r in rows if r["block_size"] == 1)
+    kept = {name: (checkpoint.info(name).get("best_step"), checkpoint.info(name)["steps"])
+            for name in ("diffusion_lm", "lm_small")}
     summary = [
-        {"what": f"NLL bound of the diffusion LM (full, length {L}) vs AR NLL, same size and training characters",
-         "measured": f"{full_bound:.3f} vs {ar_nll:.3f} nats/char ({ratio:.2f}x); block 16: {bounds[16]:.3f}, "
-                     f"block 4: {bounds[4]:.3f}, block 1: {bounds[1]:.3f}",
-         "target": "<= 1.2x", "met": ratio <= 1.2},
+        {"what": f"NLL bound of the diffusion LM (full, length {L}) vs AR NLL, same size and training characters, "
+                 f"each model kept at its best validation step (diffusion: step {kept['diffusion_lm'][0]} of "
+                 f"{kept['diffusion_lm'][1]}, AR: step {kept['lm_small'][0]} of {kept['lm_small'][1]})",
+         "measured": f"{full_bound:.3f} vs {ar_nll:.3f} nats/char ({ratio:.2f}x); block 16: {bounds[16]:.3f} "
+                     f"({bounds[16] / ar_nll:.2f}x), block 4: {bounds[4]:.3f} ({bounds[4] / ar_nll:.2f}x), "
+                     f"block 1: {bounds[1]:.3f} ({bounds[1] / ar_nll:.2f}x)",
+         "target": "<= 1.2x (full diffusion)", "met": ratio <= 1.2},
         {"what": f"sample NLL under lm_target (n = {args.n}, {L} chars): full diffusion at its best steps vs "
                  f"block 1 (= AR order) vs held-out text",
          "measured": f"{best_full['nll_target']:.2f} at {best_full['steps']} steps vs {ar_row['nll_target']:.2f} vs "
@@ -160,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         "threads": args.threads, "n": args.n, "length": L,
         "params": {"diffusion_lm": dlm.num_params(), "lm_small": ar.num_params()},
         "training": {name: {k: checkpoint.info(name).get(k) for k in ("steps", "batch_size", "tokens_seen",
-                                                                         "train_seconds")}
+                                                                         "train_seconds", "best_step", "evals")}
                      for name in ("diffusion_lm", "lm_small")},
         "bound_windows": n_win, "bound_samples": args.bound_samples,
         "ar_nll": ar_nll, "bounds": {str(k): v for k, v in bounds.items()},
@@ -177,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def plot(result: dict, path: Path) -> None:
-    fig, axes = plt.subplots(1, 4, figsize=(20, 4.5))
+    fig, axes = plt.subplots(1, 5, figsize=(25, 4.5))
     L = result["length"]
     blocks = sorted({r["block_size"] for r in result["samples"]}, reverse=True)
     for b in blocks:
@@ -201,6 +208,14 @@ def plot(result: dict, path: Path) -> None:
     axes[3].set(xlabel="epochs over the unique text", ylabel="nats/char",
                 title=f"data-constrained: {dc['config']['budget']} unique chars")
     axes[3].legend()
+    for name, key, marker in (("lm_small", "val_loss", "o-"), ("diffusion_lm", "val_bound", "s-")):
+        run = result["training"][name]
+        evals = run.get("evals") or []
+        axes[4].plot([e["step"] for e in evals], [e[key] for e in evals], marker, ms=3,
+                     label=f"{name} ({key}; kept: step {run.get('best_step')})")
+    axes[4].set(xlabel="training step", ylabel="nats/char (trainer's validation windows)",
+                title="the shipped runs: validation during training")
+    axes[4].legend(fontsize=7)
     plt.tight_layout()
     fig.savefig(path, dpi=110)
 

@@ -2,17 +2,23 @@
 attempted'; every solution notebook passes each of its checks through the grader, which runs only the tagged
 cells. (The full solution notebooks also run top to bottom in `make test`: tests/run_solutions.py.)"""
 
+import asyncio
 import os
+import time
 from pathlib import Path
+from queue import Empty
 
 import nbformat
 import pytest
+from jupyter_client.channels import AsyncZMQSocketChannel
 from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError
 
 from ar_course.build_notebooks import KERNELSPEC, exercise_label
 from ar_course.checks.core import STRICT_ENV
-from ar_course.grade import format_table, grade_notebook, kernel_manager
+from ar_course.grade import (
+    POLL_SLICE, _WatchfulChannel, _WatchfulKernelClient, format_table, grade_notebook, kernel_manager,
+)
 from fixtures.make_fixtures import solution_notebook
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,6 +40,38 @@ def test_a_failing_check_stops_a_solution_run():
     client = NotebookClient(nb, km=kernel_manager(), timeout=120, allow_errors=False)
     with pytest.raises(CellExecutionError, match="Exercise 90.1 failed"):
         client.execute()
+
+
+def test_the_kernel_client_looks_again_for_a_message_it_was_not_woken_for(monkeypatch):
+    """A missed asyncio wake-up costs one poll slice, not the cell's time limit: every wait on a socket is at
+    most POLL_SLICE seconds, a message is returned as soon as a look finds it, and the caller's timeout still
+    ends the wait with Empty."""
+    waits: list[float | None] = []
+    found_at = {"look": 4}
+
+    async def one_look(self, timeout=None):
+        waits.append(timeout)
+        if len(waits) < found_at["look"]:
+            await asyncio.sleep(timeout or 0)
+            raise Empty
+        return {"msg_type": "execute_reply"}
+
+    monkeypatch.setattr(AsyncZMQSocketChannel, "get_msg", one_look)
+    channel = _WatchfulChannel.__new__(_WatchfulChannel)  # no socket: the parent's get_msg is the fake above
+    assert asyncio.run(channel.get_msg(timeout=900)) == {"msg_type": "execute_reply"}
+    assert len(waits) == 4 and all(0 < w <= POLL_SLICE for w in waits)
+    waits.clear()
+    assert asyncio.run(channel.get_msg(timeout=None)) == {"msg_type": "execute_reply"}  # IOPub waits forever
+    assert waits == [POLL_SLICE] * 4
+    waits.clear()
+    found_at["look"] = 10**9
+    start = time.monotonic()
+    with pytest.raises(Empty):
+        asyncio.run(channel.get_msg(timeout=0.6))
+    assert 0.6 <= time.monotonic() - start < 0.6 + 2 * POLL_SLICE + 0.5 and len(waits) >= 3
+    client = kernel_manager().client()  # no kernel started: the client's channels are made on first use
+    assert isinstance(client, _WatchfulKernelClient)
+    assert client.shell_channel_class is _WatchfulChannel and client.iopub_channel_class is _WatchfulChannel
 
 
 @pytest.mark.slow

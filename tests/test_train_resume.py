@@ -151,6 +151,73 @@ def test_resume_needs_a_state_of_the_same_schedule(tmp_path):
         read_train_state(state, TrainConfig(steps=9, lr=1e-2, warmup=2))
 
 
+# ---- keep_best: the run ends with the weights of its best evaluation, resumed or not --------------------------
+
+
+def _keep_best_run(state_path: Path | None = None, resume: bool = False, interrupt_at: int | None = None,
+                   keep_best: str = "val") -> tuple[torch.nn.Module, object, list[dict]]:
+    """12 steps of a linear model on a fixed regression task, evaluated every 2 steps; the "val" metric is
+    lowest at step 6 (a hand-made curve), and each evaluation's weights are recorded."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 1)
+    x = torch.randn(32, 3, generator=torch.Generator().manual_seed(1))
+    y = x.sum(1, keepdim=True)
+    curve = {2: 3.0, 4: 2.0, 6: 1.0, 8: 1.5, 10: 1.0, 12: 2.5}  # the first 1.0 (step 6) stays the best
+    seen: list[dict] = []
+    drawn = [0]  # batches drawn so far, replayed ones included: the step an evaluation follows
+
+    def batches():
+        for i in range(10_000):
+            if i == interrupt_at:
+                os.kill(os.getpid(), signal.SIGTERM)
+            drawn[0] = i + 1
+            yield x, y
+
+    def eval_fn(m):
+        seen.append({"step": drawn[0], "weights": {k: v.clone() for k, v in m.state_dict().items()}})
+        return {"val": curve[drawn[0]], "other": 0.0}
+
+    config = TrainConfig(steps=12, lr=1e-2, warmup=2, eval_every=2, checkpoint_every=0, keep_best=keep_best)
+    history = train_loop(model, lambda m, b: torch.nn.functional.mse_loss(m(b[0]), b[1]), batches(), config,
+                         eval_fn=eval_fn, progress=False, state_path=state_path, resume=resume)
+    return model, history, seen
+
+
+def test_keep_best_ends_with_the_weights_of_the_lowest_evaluation():
+    model, history, seen = _keep_best_run()
+    assert history.best_step == 6 and history.best_value == 1.0  # a tie later (step 10) does not replace it
+    best = next(s["weights"] for s in seen if s["step"] == 6)
+    last = seen[-1]["weights"]
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, best[k]), k
+    assert not torch.equal(model.weight, last["weight"])  # training moved on after step 6
+    plain, plain_history, _ = _keep_best_run(keep_best="")
+    assert plain_history.best_step is None and torch.equal(plain.weight, last["weight"])
+
+
+def test_keep_best_survives_an_interruption(tmp_path):
+    state = tmp_path / "lin.train-state.safetensors"
+    want, _, _ = _keep_best_run()
+    with pytest.raises(TrainingInterrupted):
+        _keep_best_run(state, interrupt_at=8)  # after the best evaluation (step 6): its weights are in the state
+    got, history, _ = _keep_best_run(state, resume=True)
+    assert history.best_step == 6
+    for (key, a), b in zip(want.state_dict().items(), got.state_dict().values()):
+        assert torch.equal(a, b), key
+
+
+def test_keep_best_errors_are_one_line(tmp_path):
+    with pytest.raises(TrainingError, match=r"keep_best='nope' is not among the evaluation's metrics \(other, val\)"):
+        _keep_best_run(keep_best="nope")
+    with pytest.raises(TrainingError, match="needs an eval_fn"):
+        train_loop(torch.nn.Linear(1, 1), lambda m, b: m(b).sum(), iter([]), TrainConfig(steps=1, keep_best="val"))
+    state = tmp_path / "lin.train-state.safetensors"
+    with pytest.raises(TrainingInterrupted):
+        _keep_best_run(state, interrupt_at=3)
+    with pytest.raises(TrainingError, match=r"other settings \(keep_best 'val' -> ''\)"):
+        read_train_state(state, TrainConfig(steps=12, lr=1e-2, warmup=2, eval_every=2, checkpoint_every=0))
+
+
 # ---- trainers' options: one-line usage errors before any work --------------------------------------------------
 
 

@@ -60,7 +60,7 @@ PRESETS: dict[str, LMPreset] = {
     "tiny": LMPreset(GPTConfig(n_layer=2, n_head=4, n_embd=64, block_size=128),
                      seq_len=128, batch_size=16, steps=400, lr=5e-3),
     "small": LMPreset(GPTConfig(n_layer=4, n_head=4, n_embd=128, block_size=64),  # chapter 08's AR baseline
-                      seq_len=64, batch_size=16, steps=1500, lr=2e-3),
+                      seq_len=64, batch_size=16, steps=15000, lr=2e-3),
 }
 
 
@@ -119,10 +119,12 @@ def train_lm(
     checkpoint_every: int = TrainConfig.checkpoint_every,
     state_path: Path | None = None,
     resume: bool = False,
+    keep_best: bool = False,
 ) -> tuple[GPT, dict]:
     """Train a character-level GPT with ``preset`` on the text corpus; return ``(model, info)``.
 
-    ``preset.batch_size`` is the global batch (split across processes under ``torchrun``).
+    ``preset.batch_size`` is the global batch (split across processes under ``torchrun``). ``keep_best``: end
+    with the weights of the evaluation (every ``eval_every`` steps) with the lowest validation loss.
     ``checkpoint_every`` / ``state_path`` / ``resume``: see :func:`~ar_course.train.train_loop`. ``info``
     holds the tokenizer, the loss history, the training time and the validation token ids."""
     from ar_course.data import load_text_dataset, text_batches
@@ -140,7 +142,8 @@ def train_lm(
         loss_fn = lambda m, b: m(b[0], targets=b[1])[1]  # noqa: E731
     eval_fn = lambda m: {"val_loss": evaluate_lm(m, val_ids, preset.seq_len, max_windows=24)}  # noqa: E731
     tc = TrainConfig(steps=preset.steps, lr=preset.lr, warmup=min(100, preset.steps // 10),
-                     eval_every=eval_every, checkpoint_every=checkpoint_every, **preset.train)
+                     eval_every=eval_every, checkpoint_every=checkpoint_every,
+                     keep_best="val_loss" if keep_best else "", **preset.train)
     start = time.perf_counter()
     history = train_loop(model, loss_fn, batches, tc, eval_fn=eval_fn if eval_every else None,
                          progress=progress, desc="train lm", state_path=state_path, resume=resume)
@@ -157,11 +160,14 @@ def train_lm(
 
 def add_text_trainer_options(parser: argparse.ArgumentParser, *, measure: str) -> None:
     """The options the text-model trainers (``train lm``, ``train diffusion_lm``) share after their own:
-    ``--float32``, ``--eval-every`` (the ``measure`` every N steps), ``--device``, ``--threads``,
-    ``--no-progress`` and the run options (:func:`~ar_course.train.add_run_options`)."""
+    ``--float32``, ``--eval-every`` (the ``measure`` every N steps), ``--keep-best``, ``--device``,
+    ``--threads``, ``--no-progress`` and the run options (:func:`~ar_course.train.add_run_options`)."""
     parser.add_argument("--float32", action="store_true", help="store float32 weights (default: float16)")
     parser.add_argument("--eval-every", type=nonnegative_int, default=0,
                         help=f"{measure} every N steps (0: at the end)")
+    parser.add_argument("--keep-best", action="store_true",
+                        help=f"save the weights of the evaluation with the lowest {measure}, not the last ones "
+                             "(early stopping; use with --eval-every)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--threads", type=positive_int, default=None,
                         help="torch CPU threads (default: torch's choice; 1 is faster on a busy machine)")
@@ -186,7 +192,7 @@ def run_record(args: argparse.Namespace, preset, model: torch.nn.Module, info: d
     return {"vocab": info["tokenizer"].chars, "preset": args.preset, "seed": args.seed, "steps": preset.steps,
             "batch_size": preset.batch_size, "lr": preset.lr, "tokens_seen": info["tokens_seen"],
             "train_seconds": round(info["train_seconds"], 1), "train_loss_last50": round(sum(tail) / len(tail), 4),
-            "params": count_parameters(model),
+            "params": count_parameters(model), "best_step": history.best_step,
             "evals": [{"step": s, **e} for s, e in zip(history.eval_steps, history.evals)]}
 
 
@@ -229,7 +235,8 @@ def main(argv: list[str] | None = None) -> int:
     teacher = checkpoint.load(teacher_path, kind=KIND) if teacher_path else None
 
     model, info = train_lm(preset, args.seed, device, teacher, not args.no_progress, args.eval_every,
-                           checkpoint_every=args.checkpoint_every, state_path=state_path, resume=args.resume)
+                           checkpoint_every=args.checkpoint_every, state_path=state_path, resume=args.resume,
+                           keep_best=args.keep_best)
     if not ddp.is_main_process():
         return 0
     model = model.cpu()
