@@ -13,7 +13,7 @@ import torch
 from ar_course import checkpoint, var
 from ar_course.align import CCAConfig, cca_step, pyramid_log_probs, pyramid_token_log_probs, train_cca, var_log_probs
 from ar_course.var import functional as var_ref
-from ar_course.var.train import flatten_pyramids, unflatten_pyramids
+from ar_course.var.functional import flatten_pyramids, unflatten_pyramids
 
 
 @pytest.fixture(scope="module")

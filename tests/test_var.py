@@ -16,6 +16,7 @@ from ar_course.var import (
     sample_pyramid, save_pretrained, scale_bounds, scale_masks, scale_step, teacher_forcing_sequence,
     var_loss,
 )
+from ar_course.var.functional import flatten_pyramids, unflatten_pyramids
 
 SCALES = (1, 2, 3, 5)
 VOCAB, DIM = 23, 6
@@ -312,8 +313,8 @@ def test_trainer_help_and_a_few_steps():
     images = torch.rand(40, 1, 32, 32)
     pyr = train.encode_pyramids(tok, images, batch_size=16)
     assert [p.shape for p in pyr] == [(40, s, s) for s in (1, 2, 4, 8)]
-    flat = train.flatten_pyramids(pyr)
-    assert all(torch.equal(a, b) for a, b in zip(train.unflatten_pyramids(flat, (1, 2, 4, 8)), pyr))
+    flat = flatten_pyramids(pyr)
+    assert all(torch.equal(a, b) for a, b in zip(unflatten_pyramids(flat, (1, 2, 4, 8)), pyr))
     config = VARConfig(vocab_size=VOCAB, latent_dim=DIM, scales=(1, 2, 4, 8), n_classes=10, n_layer=1, n_head=2,
                        n_embd=16)
     model, history = train.train_var(tok, flat, torch.arange(40) % 10, config, steps=3, batch_size=8,

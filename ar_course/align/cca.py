@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from ar_course.align.functional import cca_loss
 from ar_course.align.model import pyramid_log_probs, sequence_log_probs
 from ar_course.tokenizers import MultiScaleVQ
-from ar_course.var.train import unflatten_pyramids
+from ar_course.var.functional import unflatten_pyramids
 
 LogProbs = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 """``log_probs(model, data, classes) -> (B,)``: the log-probability of each of ``data`` ``(B, ...)`` given
@@ -75,7 +75,7 @@ def wrong_classes(classes: torch.Tensor, n_classes: int, generator: torch.Genera
 
 def var_log_probs(vq: MultiScaleVQ) -> LogProbs:
     """The :data:`LogProbs` of a VAR model on flattened token pyramids ``(B, L)`` of ``vq``
-    (:func:`ar_course.var.train.flatten_pyramids`): :func:`~ar_course.align.model.pyramid_log_probs`."""
+    (:func:`ar_course.var.functional.flatten_pyramids`): :func:`~ar_course.align.model.pyramid_log_probs`."""
 
     def log_probs(model: nn.Module, tokens: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
         return pyramid_log_probs(model, vq, unflatten_pyramids(tokens, tuple(vq.scales)), classes)  # (B,)

@@ -146,7 +146,8 @@ def cca_main(argv: list[str] | None = None) -> int:
 
     images, labels = load_mnist("train", size=32)
     if args.model == "var":
-        from ar_course.var.train import encode_pyramids, flatten_pyramids
+        from ar_course.var.functional import flatten_pyramids
+        from ar_course.var.train import encode_pyramids
 
         tokens = flatten_pyramids(encode_pyramids(tokenizer, images[:args.train_images]))  # (N, L)
         log = train_cca(policy, reference, tokens, labels[:args.train_images], config,

@@ -6,7 +6,8 @@ sequence of ``L = sum_k s_k^2`` tokens, scale by scale and row-major inside a sc
 (``k = 0``) or the tokenizer's cumulative feature map after scale ``k - 1`` area-downsampled to side ``s_k``,
 so the whole of scale ``k`` is predicted in one forward pass.
 
-* :func:`scale_bounds`, :func:`level_ids`, :func:`block_causal_mask` -- the sequence layout.
+* :func:`scale_bounds`, :func:`level_ids`, :func:`block_causal_mask` -- the sequence layout;
+  :func:`flatten_pyramids`, :func:`unflatten_pyramids` -- a pyramid as one ``(B, L)`` row per image and back.
 * :func:`embed_levels_positions` -- add level (scale) and position embeddings.
 * :func:`scale_step`, :func:`teacher_forcing_sequence` -- the canvas update and the training inputs.
 * :func:`var_loss` -- cross-entropy over all tokens, and per scale.
@@ -39,6 +40,20 @@ def scale_bounds(scales: Sequence[int]) -> list[tuple[int, int]]:
         bounds.append((begin, begin + s * s))
         begin += s * s
     return bounds
+
+
+def flatten_pyramids(pyramids: list[torch.Tensor]) -> torch.Tensor:
+    """``(N, L)`` long: the pyramids' tokens scale by scale (so a batch can be drawn with one index)."""
+    return torch.cat([p.flatten(1) for p in pyramids], dim=1)  # (N, L)
+
+
+def unflatten_pyramids(tokens: torch.Tensor, scales: tuple[int, ...]) -> list[torch.Tensor]:
+    """Inverse of :func:`flatten_pyramids`: ``(B, L)`` -> one ``(B, s_k, s_k)`` map per scale."""
+    out, begin = [], 0
+    for s in scales:
+        out.append(tokens[:, begin:begin + s * s].reshape(-1, s, s))  # (B, s, s)
+        begin += s * s
+    return out
 
 
 def level_ids(scales: Sequence[int], device: torch.device | str | None = None) -> torch.Tensor:

@@ -17,7 +17,8 @@ from tqdm.auto import tqdm
 from ar_course.data import load_mnist
 from ar_course.tokenizers import VQVAE
 from ar_course.var.model import VARConfig
-from ar_course.var.train import encode_pyramids, flatten_pyramids, train_var
+from ar_course.var.functional import flatten_pyramids
+from ar_course.var.train import encode_pyramids, train_var
 
 
 def scaling_study(

@@ -26,6 +26,7 @@ from ar_course.train import (
     finish_run, prepare_run, train_loop, trainer_main,
 )
 from ar_course.utils import get_device, seed_everything
+from ar_course.var.functional import flatten_pyramids, unflatten_pyramids
 from ar_course.var.model import PRETRAINED_PATH, VAR, VARConfig, generate_images, save_pretrained
 
 EVAL_CFGS = (0.0, 1.0, 2.0, 4.0)
@@ -50,20 +51,6 @@ def encode_pyramids(tokenizer: VQVAE, images: torch.Tensor, batch_size: int = 10
     device = next(tokenizer.parameters()).device
     chunks = [tokenizer.encode_to_indices(chunk.to(device)) for chunk in images.split(batch_size)]
     return [torch.cat([c[k] for c in chunks]).cpu() for k in range(len(chunks[0]))]
-
-
-def flatten_pyramids(pyramids: list[torch.Tensor]) -> torch.Tensor:
-    """``(N, L)`` long: the pyramids' tokens scale by scale (so a batch can be drawn with one index)."""
-    return torch.cat([p.flatten(1) for p in pyramids], dim=1)  # (N, L)
-
-
-def unflatten_pyramids(tokens: torch.Tensor, scales: tuple[int, ...]) -> list[torch.Tensor]:
-    """Inverse of :func:`flatten_pyramids`: ``(B, L)`` -> one ``(B, s_k, s_k)`` map per scale."""
-    out, begin = [], 0
-    for s in scales:
-        out.append(tokens[:, begin:begin + s * s].reshape(-1, s, s))  # (B, s, s)
-        begin += s * s
-    return out
 
 
 @torch.no_grad()
