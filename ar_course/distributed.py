@@ -8,6 +8,11 @@ and writes checkpoints (:func:`is_main_process`); :func:`close_distributed` leav
 With equal slices, the averaged gradient equals the gradient of the mean loss over the global batch, so N
 processes train exactly like one process on the same global batch (up to floating-point reduction order).
 
+Random numbers a training loss draws for its examples (masks, noise levels, noise) must be the global batch's
+too: inside :func:`global_batch_draws` (which :func:`~ar_course.train.train_loop` enters around every loss),
+:func:`draw_rows` makes every process draw them for the whole global batch and keep its own rows, so that the
+processes neither repeat one another's numbers nor draw other ones than a single process would.
+
 What a model computes from batch statistics outside autograd must see the global batch too: the VQ
 codebook's hit counts, EMA updates and dead-code restarts sum and gather across processes
 (:func:`sum_across_processes`, :func:`gather_in_rank_order`), and :class:`SyncBatchNorm2d` normalises with
@@ -16,8 +21,10 @@ the global batch's mean and variance (on gloo as well as NCCL, unlike ``torch.nn
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import os
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -82,6 +89,44 @@ def shard_batch(batch: Any) -> Any:
     if isinstance(batch, dict):
         return {k: shard_batch(v) for k, v in batch.items()}
     return batch
+
+
+_GLOBAL_DRAWS = contextvars.ContextVar("ar_course_global_draws", default=False)
+
+
+@contextlib.contextmanager
+def global_batch_draws() -> Iterator[None]:
+    """While active, :func:`draw_rows` draws for the global batch and slices (a training step's loss)."""
+    token = _GLOBAL_DRAWS.set(True)
+    try:
+        yield
+    finally:
+        _GLOBAL_DRAWS.reset(token)
+
+
+def draw_rows(draw: Callable[[int], torch.Tensor], rows: int, dim: int = 0) -> torch.Tensor:
+    """Random numbers for this process's ``rows`` examples: ``draw(n)`` makes them for ``n`` examples, along
+    ``dim`` of its result.
+
+    Alone, or outside :func:`global_batch_draws`, this is ``draw(rows)``. Inside it under a process group, every
+    process calls ``draw(world_size() * rows)`` (from the same generator state: every process seeds alike and
+    draws alike) and keeps the slice of its own examples, the contiguous one :func:`shard_batch` gave it. N
+    processes then use exactly the numbers one process draws for the global batch."""
+    w = world_size()
+    if w == 1 or not _GLOBAL_DRAWS.get():
+        return draw(rows)
+    return draw(rows * w).narrow(dim, rank() * rows, rows)  # this process's rows of the global draw
+
+
+def share_of_global_mean(count: torch.Tensor) -> torch.Tensor | float:
+    """The factor that turns a loss averaged over this process's ``count`` items (masked tokens, say, whose
+    number differs between processes) into its part of the average over the global batch's items, once
+    DistributedDataParallel has averaged the processes' gradients: ``world_size() * count / total count``.
+    Exactly ``1.0`` alone."""
+    if not is_distributed():
+        return 1.0
+    count = count.detach().double()  # on the process's GPU with NCCL (sum_across_processes)
+    return float(world_size() * count / sum_across_processes(count))
 
 
 def sum_across_processes(tensor: torch.Tensor) -> torch.Tensor:

@@ -292,7 +292,8 @@ def train_loop(
         for step in bar:
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, config)
-            loss = train_model(ddp.shard_batch(next(batches)))
+            with ddp.global_batch_draws():  # random numbers the loss draws: the global batch's (ddp.draw_rows)
+                loss = train_model(ddp.shard_batch(next(batches)))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if config.grad_clip:

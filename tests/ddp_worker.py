@@ -24,6 +24,11 @@ RUNS: dict[str, list[str]] = {
     "tokenizer_rvq_ema": ["tokenizer", "--quantizer", "rvq", "--depth", "2", "--ema", "--batch-size", "4",
                           *TINY_TOKENIZER],
     "classifier": ["classifier", "--batch-size", "8"],
+    # losses that draw random numbers per example (masks, noise levels, noise): ddp.draw_rows
+    "diffusion_lm": ["diffusion_lm", "--batch-size", "4", "--no-progress"],
+    "maskgit": ["maskgit", "--batch-size", "4", *TINY_GPT],
+    "continuous": ["continuous", "--batch-size", "4", "--n-layer", "1", "--n-embd", "16", "--n-head", "2",
+                   "--eval-per-class", "0", "--head-width", "16", "--head-depth", "1"],
 }
 STEPS = 3
 

@@ -1,5 +1,7 @@
 """Data-parallel training: every trainer of ``python -m ar_course train`` run by torchrun in 2 gloo processes
-(global batch b, so b/2 examples per process) ends where 1 process with batch b ends."""
+(global batch b, so b/2 examples per process) ends where 1 process with batch b ends -- including the losses
+that draw random numbers per example (ddp.draw_rows) and MaskGIT's mean over a varying number of masked tokens
+(ddp.share_of_global_mean)."""
 
 import os
 import subprocess
@@ -19,9 +21,13 @@ from ddp_worker import RUNS  # noqa: E402
 # Training losses recorded in each checkpoint's metadata (and held-out losses measured after training).
 LOSSES = {"lm": ("train_loss_last50", "val_loss"), "ar": ("final_train_loss", "test_loss"),
           "var": ("final_train_loss", "test_loss"), "tokenizer_msvq": ("final_loss",),
-          "tokenizer_rvq_ema": ("final_loss",), "classifier": ("final_train_loss",)}
+          "tokenizer_rvq_ema": ("final_loss",), "classifier": ("final_train_loss",),
+          "diffusion_lm": ("train_loss_last50", "val_bound"), "maskgit": ("final_train_loss", "test_loss"),
+          "continuous": ("final_train_loss", "test_loss")}
 KINDS = {"lm": "lm", "ar": "raster_ar", "var": "var", "tokenizer_msvq": "tokenizer", "tokenizer_rvq_ema": "tokenizer",
-         "classifier": "classifier"}
+         "classifier": "classifier", "diffusion_lm": "diffusion_lm", "maskgit": "maskgit",
+         "continuous": "continuous_ar"}
+ROUNDED = ("lm", "diffusion_lm")  # the text trainers round their losses to 4 places
 
 
 def _run(command: list[str], timeout: int) -> subprocess.CompletedProcess:
@@ -67,8 +73,8 @@ def test_every_trainer_on_two_gloo_processes_matches_one_process(tmp_path):
             _assert_same_weights(name, s1, s2)
         except AssertionError as exc:
             failures.append(" ".join(str(exc).split()))
-        for key in LOSSES[name]:  # the lm trainer rounds its losses to 4 places
-            if abs(m2["extra"][key] - m1["extra"][key]) > (1e-5 if name != "lm" else 1.01e-4):
+        for key in LOSSES[name]:
+            if abs(m2["extra"][key] - m1["extra"][key]) > (1.01e-4 if name in ROUNDED else 1e-5):
                 failures.append(f"{name} {key}: {m1['extra'][key]} (1 process) vs {m2['extra'][key]} (2 processes)")
         load(two / f"{name}.safetensors", kind=KINDS[name])
     assert not failures, "\n".join(failures)
@@ -84,6 +90,10 @@ def test_helpers_are_identities_alone():
     assert not ddp.is_distributed() and ddp.world_size() == 1 and ddp.is_main_process()
     assert ddp.shard_batch((x, {"y": x}))[0] is x
     assert ddp.sum_across_processes(x) is x and ddp.gather_in_rank_order(x) is x
+    calls = []
+    with ddp.global_batch_draws():
+        assert ddp.draw_rows(lambda n: calls.append(n) or x[:n], 4) is not None and calls == [4]
+    assert ddp.share_of_global_mean(torch.tensor(7)) == 1.0
 
 
 def test_sync_batch_norm_alone_is_batch_norm():

@@ -39,11 +39,19 @@ def flow_matching_loss(
     velocity: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     x1: torch.Tensor,
     generator: torch.Generator | None = None,
+    noise: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Mean squared error between ``velocity(x_t, t)`` ``(N, D)`` and ``x1 - x0`` for data ``x1`` ``(N, D)``, with
-    noise ``x0 ~ N(0, I)`` and ``t ~ U[0, 1)`` drawn from ``generator`` (torch's global one when ``None``)."""
-    x0 = torch.randn(x1.shape, generator=generator, device=x1.device, dtype=x1.dtype)  # (N, D)
-    t = torch.rand(x1.shape[0], generator=generator, device=x1.device, dtype=x1.dtype)  # (N,)
+    noise ``x0 ~ N(0, I)`` and ``t ~ U[0, 1)`` drawn from ``generator`` (torch's global one when ``None``), or
+    given as ``noise = (x0 (N, D), t (N,))``."""
+    if noise is None:
+        x0 = torch.randn(x1.shape, generator=generator, device=x1.device, dtype=x1.dtype)  # (N, D)
+        t = torch.rand(x1.shape[0], generator=generator, device=x1.device, dtype=x1.dtype)  # (N,)
+    else:
+        x0, t = noise
+        if x0.shape != x1.shape or t.shape != x1.shape[:1]:
+            raise ValueError(f"noise must be (x0 {tuple(x1.shape)}, t {tuple(x1.shape[:1])}), got "
+                             f"({tuple(x0.shape)}, {tuple(t.shape)})")
     x_t, target = flow_matching_pair(x0, x1, t)
     return (velocity(x_t, t) - target).pow(2).mean()
 

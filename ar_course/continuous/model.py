@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ar_course import checkpoint
+from ar_course import distributed as ddp
 from ar_course.continuous.functional import euler_sample, flow_matching_loss, guided_velocity
 from ar_course.raster.model import raster_config
 from ar_course.tokenizers import VQVAE
@@ -189,7 +190,13 @@ class ContinuousAR(nn.Module):
         r = self.config.head_repeats
         x1 = tokens.reshape(-1, tokens.shape[-1]).repeat(r, 1)  # (r*B*L, D)
         cond = cond.reshape(-1, cond.shape[-1]).repeat(r, 1)  # (r*B*L, C)
-        return flow_matching_loss(lambda x_t, t: self.head(x_t, t, cond), x1, generator)
+        # (r, B*L, ...) draws hold the same numbers as (r*B*L, ...) ones; under torchrun, in training, each process
+        # takes its examples' columns of the global batch's draws (ddp.draw_rows)
+        kw = {"generator": generator, "device": x1.device, "dtype": x1.dtype}
+        rows, D = tokens.shape[0] * tokens.shape[1], x1.shape[-1]
+        x0 = ddp.draw_rows(lambda m: torch.randn((r, m, D), **kw), rows, dim=1).reshape(-1, D)  # (r*B*L, D)
+        t = ddp.draw_rows(lambda m: torch.rand((r, m), **kw), rows, dim=1).reshape(-1)  # (r*B*L,)
+        return flow_matching_loss(lambda x_t, t: self.head(x_t, t, cond), x1, noise=(x0, t))
 
 
 def _check_sampling(steps: int, temperature: float, cfg: float) -> tuple[int, float, float]:

@@ -45,14 +45,19 @@ def loss_weight(t: torch.Tensor, schedule: str = "linear") -> torch.Tensor:
 
 
 def mask_tokens(ids: torch.Tensor, t: torch.Tensor, mask_id: int, schedule: str = "linear",
-                generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                generator: torch.Generator | None = None, noise: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
     """The forward process: ``ids`` ``(B, L)`` long, ``t`` broadcastable to ``(B, L)`` (one time per row, per block
-    or per token). Each token becomes ``mask_id`` with probability ``1 - alpha(t)``.
+    or per token). Each token becomes ``mask_id`` with probability ``1 - alpha(t)``: where a uniform number, drawn
+    from ``generator`` or given as ``noise`` ``(B, L)`` in ``[0, 1)``, is at least ``alpha(t)``.
 
     Returns ``(x_t (B, L) long, masked (B, L) bool)``."""
     keep = alpha(t, schedule).expand(ids.shape)  # (B, L)
-    u = torch.rand(ids.shape, generator=generator, device=ids.device)  # (B, L)
-    masked = u >= keep
+    if noise is None:
+        noise = torch.rand(ids.shape, generator=generator, device=ids.device)  # (B, L)
+    elif noise.shape != ids.shape:
+        raise ValueError(f"noise must have the shape of ids {tuple(ids.shape)}, got {tuple(noise.shape)}")
+    masked = noise >= keep
     return torch.where(masked, torch.full_like(ids, mask_id), ids), masked
 
 

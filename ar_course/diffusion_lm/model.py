@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn as nn
 
+from ar_course import distributed as ddp
 from ar_course.checkpoint import config_from_dict
 from ar_course.diffusion_lm import functional as F
 from ar_course.sampling import SamplingConfig, check_sampling, sample
@@ -131,11 +132,17 @@ class DiffusionLM(nn.Module):
         self._check_ids(ids)
         B, L = ids.shape
         b = self._block_size(block_size, L)
-        n = B * (L // b)
-        u = torch.rand((), generator=generator, device=ids.device)
-        t = (u + torch.arange(n, device=ids.device) / n) % 1.0  # (B * n_blocks,) evenly spread
-        t = (1.0 - t).view(B, L // b).repeat_interleave(b, dim=1)  # (B, L) in (0, 1]
-        x_t, masked = F.mask_tokens(ids, t, self.mask_id, self.config.schedule, generator)
+
+        def times(rows: int) -> torch.Tensor:  # (rows, L) in (0, 1]: one time per block, evenly spread over all
+            n = rows * (L // b)
+            u = torch.rand((), generator=generator, device=ids.device)
+            t = (u + torch.arange(n, device=ids.device) / n) % 1.0  # (rows * n_blocks,)
+            return (1.0 - t).view(rows, L // b).repeat_interleave(b, dim=1)  # (rows, L)
+
+        # under torchrun, in training: the global batch's draws, this process's rows (ddp.draw_rows)
+        t = ddp.draw_rows(times, B)  # (B, L)
+        noise = ddp.draw_rows(lambda rows: torch.rand((rows, L), generator=generator, device=ids.device), B)
+        x_t, masked = F.mask_tokens(ids, t, self.mask_id, self.config.schedule, noise=noise)
         logits = self._denoiser_logits(x_t, ids, b)  # (B, L, V+1)
         return F.masked_nll(logits, ids, masked, F.loss_weight(t, self.config.schedule)) / L  # (B,)
 

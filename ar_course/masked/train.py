@@ -78,8 +78,9 @@ def train_maskgit(
                                                        p_uncond, model.null_class, g), schedule, g)
 
     def loss_fn(m: MaskGIT, batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        maps, ys, mask = batch
-        return maskgit_loss(m, maps.to(device), ys.to(device), mask=mask.to(device))
+        maps, ys, mask = (t.to(device) for t in batch)
+        loss = maskgit_loss(m, maps, ys, mask=mask)  # the mean over this process's masked tokens
+        return loss * ddp.share_of_global_mean(mask.sum())  # processes hide different numbers of tokens
 
     history = train_loop(model, loss_fn, batches,
                          TrainConfig(steps=steps, lr=lr, warmup=100, weight_decay=0.01,
@@ -128,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
                           steps=args.steps, seed=args.seed, batch_size=args.batch_size, lr=args.lr,
                           p_uncond=args.p_uncond, schedule=args.schedule, train_images=len(labels),
                           final_train_loss=sum(tail) / len(tail), test_loss=test_loss,
-                          accuracy_by_cfg_8_steps=accuracy, eval_noise=DEFAULT_NOISE, eval_per_class=args.eval_per_class)
+                          accuracy_by_cfg_8_steps=accuracy, eval_noise=DEFAULT_NOISE,
+                          eval_per_class=args.eval_per_class)
     finish_run(state_path)
     print(f"test loss {test_loss:.4f} nats/masked token; 8-step class accuracy by guidance strength w {accuracy}")
     print(f"saved {out} ({out.stat().st_size / 1024:.0f} KB)")
