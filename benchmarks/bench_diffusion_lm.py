@@ -3,8 +3,9 @@
 Measures, in one run on one machine:
 
 * the NLL bound (nats/char) of ``diffusion_lm`` on held-out windows, full-sequence and block-wise (block 1 is
-  its exact left-to-right NLL), next to the NLL of ``lm_small`` (same shape, same training windows and steps,
-  each model kept at the step of its best validation measure: the AR model overfits the small corpus);
+  its exact left-to-right NLL), next to the NLL of ``lm_small`` (same shape and training windows; the
+  diffusion model trains 10 times longer, kept at its best validation bound, since AR trained longer only
+  overfits the small corpus: see ``ar_course.diffusion_lm.train``);
 * sample quality against denoising steps, for full and block-wise diffusion: the NLL of the samples under the
   shipped 12-layer ``lm_target`` (lower: more like the corpus) and their unigram entropy (too low: degenerate,
   repetitive text), with the same measures of held-out text and of ``lm_small``'s samples as references;
@@ -136,12 +137,12 @@ def main(argv: list[str] | None = None) -> int:
     ratio = full_bound / ar_nll
     best_full = min((r for r in rows if r["mode"] == "full"), key=lambda r: r["nll_target"])
     ar_row = next(r for r in rows if r["block_size"] == 1)
-    kept = {name: (checkpoint.info(name).get("best_step"), checkpoint.info(name)["steps"])
+    kept = {name: (checkpoint.info(name).get("best_step"), checkpoint.info(name)["steps"])  # (kept step, steps)
             for name in ("diffusion_lm", "lm_small")}
     summary = [
-        {"what": f"NLL bound of the diffusion LM (full, length {L}) vs AR NLL, same size and training characters, "
-                 f"each model kept at its best validation step (diffusion: step {kept['diffusion_lm'][0]} of "
-                 f"{kept['diffusion_lm'][1]}, AR: step {kept['lm_small'][0]} of {kept['lm_small'][1]})",
+        {"what": f"NLL bound of the diffusion LM (full, length {L}) vs AR NLL, same size and corpus (diffusion: "
+                 f"step {kept['diffusion_lm'][0]} of {kept['diffusion_lm'][1]}, its best validation bound; AR: "
+                 f"{kept['lm_small'][1]} steps)",
          "measured": f"{full_bound:.3f} vs {ar_nll:.3f} nats/char ({ratio:.2f}x); block 16: {bounds[16]:.3f} "
                      f"({bounds[16] / ar_nll:.2f}x), block 4: {bounds[4]:.3f} ({bounds[4] / ar_nll:.2f}x), "
                      f"block 1: {bounds[1]:.3f} ({bounds[1] / ar_nll:.2f}x)",

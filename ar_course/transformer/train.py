@@ -60,7 +60,7 @@ PRESETS: dict[str, LMPreset] = {
     "tiny": LMPreset(GPTConfig(n_layer=2, n_head=4, n_embd=64, block_size=128),
                      seq_len=128, batch_size=16, steps=400, lr=5e-3),
     "small": LMPreset(GPTConfig(n_layer=4, n_head=4, n_embd=128, block_size=64),  # chapter 08's AR baseline
-                      seq_len=64, batch_size=16, steps=15000, lr=2e-3),
+                      seq_len=64, batch_size=16, steps=1500, lr=2e-3),
 }
 
 
