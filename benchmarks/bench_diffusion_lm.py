@@ -4,8 +4,8 @@ Measures, in one run on one machine:
 
 * the NLL bound (nats/char) of ``diffusion_lm`` on held-out windows, full-sequence and block-wise (block 1 is
   its exact left-to-right NLL), next to the NLL of ``lm_small`` (same shape and training windows; the
-  diffusion model trains 10 times longer, kept at its best validation bound, since AR trained longer only
-  overfits the small corpus: see ``ar_course.diffusion_lm.train``);
+  diffusion model trains 10 times longer, since AR trained longer only overfits the small corpus: see
+  ``ar_course.diffusion_lm.train``);
 * sample quality against denoising steps, for full and block-wise diffusion: the NLL of the samples under the
   shipped 12-layer ``lm_target`` (lower: more like the corpus) and their unigram entropy (too low: degenerate,
   repetitive text), with the same measures of held-out text and of ``lm_small``'s samples as references;
@@ -137,12 +137,10 @@ def main(argv: list[str] | None = None) -> int:
     ratio = full_bound / ar_nll
     best_full = min((r for r in rows if r["mode"] == "full"), key=lambda r: r["nll_target"])
     ar_row = next(r for r in rows if r["block_size"] == 1)
-    kept = {name: (checkpoint.info(name).get("best_step"), checkpoint.info(name)["steps"])  # (kept step, steps)
-            for name in ("diffusion_lm", "lm_small")}
+    steps = {name: checkpoint.info(name)["steps"] for name in ("diffusion_lm", "lm_small")}
     summary = [
-        {"what": f"NLL bound of the diffusion LM (full, length {L}) vs AR NLL, same size and corpus (diffusion: "
-                 f"step {kept['diffusion_lm'][0]} of {kept['diffusion_lm'][1]}, its best validation bound; AR: "
-                 f"{kept['lm_small'][1]} steps)",
+        {"what": f"NLL bound of the diffusion LM (full, length {L}) vs AR NLL, same size and corpus (diffusion "
+                 f"{steps['diffusion_lm']} steps, AR {steps['lm_small']})",
          "measured": f"{full_bound:.3f} vs {ar_nll:.3f} nats/char ({ratio:.2f}x); block 16: {bounds[16]:.3f} "
                      f"({bounds[16] / ar_nll:.2f}x), block 4: {bounds[4]:.3f} ({bounds[4] / ar_nll:.2f}x), "
                      f"block 1: {bounds[1]:.3f} ({bounds[1] / ar_nll:.2f}x)",
@@ -168,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         "threads": args.threads, "n": args.n, "length": L,
         "params": {"diffusion_lm": dlm.num_params(), "lm_small": ar.num_params()},
         "training": {name: {k: checkpoint.info(name).get(k) for k in ("steps", "batch_size", "tokens_seen",
-                                                                         "train_seconds", "best_step", "evals")}
+                                                                         "train_seconds", "evals")}
                      for name in ("diffusion_lm", "lm_small")},
         "bound_windows": n_win, "bound_samples": args.bound_samples,
         "ar_nll": ar_nll, "bounds": {str(k): v for k, v in bounds.items()},
@@ -212,8 +210,7 @@ def plot(result: dict, path: Path) -> None:
     for name, key, marker in (("lm_small", "val_loss", "o-"), ("diffusion_lm", "val_bound", "s-")):
         run = result["training"][name]
         evals = run.get("evals") or []
-        axes[4].plot([e["step"] for e in evals], [e[key] for e in evals], marker, ms=3,
-                     label=f"{name} ({key}; kept: step {run.get('best_step')})")
+        axes[4].plot([e["step"] for e in evals], [e[key] for e in evals], marker, ms=3, label=f"{name} ({key})")
     axes[4].set(xlabel="training step", ylabel="nats/char (trainer's validation windows)",
                 title="the shipped runs: validation during training")
     axes[4].legend(fontsize=7)

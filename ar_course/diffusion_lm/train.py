@@ -2,12 +2,12 @@
 
 The ``small`` preset has the shape, windows, batch and learning rate of chapter 02's ``small`` AR preset
 (``python -m ar_course train lm --preset small``) and draws the same windows in the same order from the same
-seed, but trains 10 times longer (15,000 steps, about 37 epochs of the corpus) and keeps the weights of its best
-validation bound, measured every 500 steps. The AR model keeps its 1,500 steps: stretched to 15,000 steps, the
-same run overfits the small corpus, and neither its best evaluation (with ``--eval-every 500 --keep-best``) nor
-its last beats the 1,500-step model on held-out text::
+seed, but trains 10 times longer (15,000 steps, about 37 epochs of the corpus): its validation bound is still
+falling slowly at the end. The AR model keeps its 1,500 steps: stretched to 15,000 steps, the same run overfits
+the small corpus, and neither its best evaluation (with ``--eval-every 500 --keep-best``) nor its last beats the
+1,500-step model on held-out text. Both record their validation measure along the way (``evals``)::
 
-    python -m ar_course train diffusion_lm --preset small --threads 1 --eval-every 500 --keep-best \
+    python -m ar_course train diffusion_lm --preset small --threads 1 --eval-every 500 \
         --out ar_course/assets/diffusion_lm.safetensors
     python -m ar_course train lm --preset small --threads 1 --eval-every 100 --out ar_course/assets/lm_small.safetensors
 
