@@ -243,3 +243,19 @@ def test_training_lowers_the_loss_and_the_trainer_writes_a_loadable_checkpoint(t
         opt.step()
     after = [model.exact_nll_bound(x, block_size=b).mean() for b in (6, 2)]
     assert all(a < b for a, b in zip(after, before))
+
+
+def test_the_shipped_text_models_are_what_their_documented_presets_train():
+    """chapter 08 compares `diffusion_lm` with `lm_small`: their checkpoints record the runs of the `small`
+    presets (the diffusion LM 10x the AR model's steps, same windows and batch), with a validation curve each."""
+    from ar_course import checkpoint
+    from ar_course.diffusion_lm.train import PRESETS as DIFFUSION
+    from ar_course.transformer.train import PRESETS as AR
+
+    dlm, ar = checkpoint.info("diffusion_lm"), checkpoint.info("lm_small")
+    for info, preset in ((dlm, DIFFUSION["small"]), (ar, AR["small"])):
+        assert (info["preset"], info["seed"], info["steps"], info["batch_size"], info["lr"]) == (
+            "small", 0, preset.steps, preset.batch_size, preset.lr)
+        assert info["tokens_seen"] == preset.steps * preset.batch_size * info["seq_len"]
+        assert info["evals"] and info["evals"][-1]["step"] == preset.steps and info.get("best_step") is None
+    assert dlm["steps"] == 10 * ar["steps"] and dlm["seq_len"] == ar["seq_len"] == 64
