@@ -118,7 +118,7 @@ def draw_rows(draw: Callable[[int], torch.Tensor], rows: int, dim: int = 0) -> t
     return draw(rows * w).narrow(dim, rank() * rows, rows)  # this process's rows of the global draw
 
 
-def share_of_global_mean(count: torch.Tensor) -> torch.Tensor | float:
+def share_of_global_mean(count: torch.Tensor) -> float:
     """The factor that turns a loss averaged over this process's ``count`` items (masked tokens, say, whose
     number differs between processes) into its part of the average over the global batch's items, once
     DistributedDataParallel has averaged the processes' gradients: ``world_size() * count / total count``.

@@ -98,8 +98,9 @@ def kernel_manager(kernel_name: str = CURRENT_ENV) -> AsyncKernelManager:
 
     The kernel talks to us over local IPC sockets in a private folder of the temporary directory (not TCP), so
     ipykernel has nothing to warn about ("Kernel is running over TCP without encryption") and nothing listens on
-    the network. (Encrypted TCP through CurveZMQ, tried before, lost messages under load: a cell's reply never
-    came and the run waited for its full timeout.) Windows has no IPC sockets and keeps plain TCP on localhost."""
+    the network. (Encrypted TCP through CurveZMQ, tried before, seemed to lose messages under load: a cell's reply
+    never came and the run waited for its full timeout; the missed wake-up :class:`_WatchfulChannel` guards
+    against looks the same.) Windows has no IPC sockets and keeps plain TCP on localhost."""
     client = f"{__name__}._WatchfulKernelClient"
     if os.name == "nt":
         return AsyncKernelManager(kernel_name=kernel_name, kernel_spec_manager=_CurrentEnvSpecs(),
