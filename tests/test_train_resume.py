@@ -233,6 +233,8 @@ def test_keep_best_errors_are_one_line(tmp_path):
     (["var", "--checkpoint-every", "-1"], "--checkpoint-every must be an integer >= 0"),
     (["ar", "--n-embd", "10", "--n-head", "4"], "--n-embd 10 must divide by --n-head 4"),
     (["lm", "--out", "model.pt"], "must name a .safetensors file"),
+    (["lm", "--keep-best"], "--keep-best needs --eval-every N"),
+    (["diffusion_lm", "--keep-best", "--eval-every", "0"], "--keep-best needs --eval-every N"),
 ])
 def test_trainer_options_are_checked(argv, message, capsys):
     assert cli_main(["train", *argv]) == 2

@@ -175,9 +175,12 @@ def add_text_trainer_options(parser: argparse.ArgumentParser, *, measure: str) -
     add_run_options(parser)
 
 
-def apply_text_trainer_options(args: argparse.Namespace, presets: dict) -> Any:
-    """Apply ``--threads``, and return the preset ``args.preset`` of ``presets`` with the ``--steps``,
-    ``--batch-size`` and ``--lr`` given on the command line in place of its own."""
+def apply_text_trainer_options(parser: argparse.ArgumentParser, args: argparse.Namespace, presets: dict) -> Any:
+    """Check ``--keep-best`` (it needs ``--eval-every``), apply ``--threads``, and return the preset
+    ``args.preset`` of ``presets`` with the ``--steps``, ``--batch-size`` and ``--lr`` given on the command line in
+    place of its own."""
+    if args.keep_best and not args.eval_every:
+        parser.error("--keep-best needs --eval-every N: the evaluations it chooses from")
     if args.threads:
         torch.set_num_threads(args.threads)
     overrides = {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr}
@@ -227,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-distill", action="store_true", help="train on the data only, even for 'draft'")
     add_text_trainer_options(parser, measure="validation loss")
     args = parser.parse_args(argv)
-    preset = apply_text_trainer_options(args, PRESETS)
+    preset = apply_text_trainer_options(parser, args, PRESETS)
     out = args.out or ASSETS / f"lm_{args.preset}.safetensors"
     state_path = prepare_run(parser, out, args.resume, preset.batch_size)
     device = get_device(args.device)
