@@ -95,20 +95,22 @@ def finite_float(text: str) -> float:
     return value
 
 
-def _interval(lo: float, hi: float, lo_open: bool) -> str:
+def _interval(lo: float, hi: float, lo_open: bool, hi_open: bool) -> str:
     if hi == math.inf:
         return f"{'>' if lo_open else '>='} {lo:g}"
-    return f"in {'(' if lo_open else '['}{lo:g}, {hi:g}]"
+    return f"in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
 
 
-def float_in(lo: float, hi: float = math.inf, *, lo_open: bool = False) -> Callable[[str], float]:
-    """argparse ``type=``: a finite float in ``[lo, hi]`` (``(lo, hi]`` with ``lo_open``; ``hi`` may be inf):
-    ``--top-p must be a finite number in (0, 1], got 1.5``."""
-    requirement = f"a finite number {_interval(lo, hi, lo_open)}"
+def float_in(lo: float, hi: float = math.inf, *, lo_open: bool = False, hi_open: bool = False
+             ) -> Callable[[str], float]:
+    """argparse ``type=``: a finite float in ``[lo, hi]`` (an end excluded with ``lo_open`` / ``hi_open``; ``hi``
+    may be inf): ``--top-p must be a finite number in (0, 1], got 1.5``."""
+    requirement = f"a finite number {_interval(lo, hi, lo_open, hi_open)}"
 
     def parse(text: str) -> float:
         value = _number(text)
-        if value is None or not math.isfinite(value) or not (lo < value <= hi if lo_open else lo <= value <= hi):
+        if value is None or not math.isfinite(value) or not (
+                (lo < value if lo_open else lo <= value) and (value < hi if hi_open else value <= hi)):
             raise invalid(requirement, text)
         return value
 

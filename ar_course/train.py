@@ -28,6 +28,7 @@ import math
 import signal
 import sys
 import threading
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -44,7 +45,7 @@ from ar_course.files import check_output_path
 STATE_KIND = "train-state"
 STATE_SUFFIX = ".train-state.safetensors"
 # TrainConfig fields a resumed run must share with the run that wrote the state (they shape the trajectory)
-_SCHEDULE_FIELDS = ("steps", "lr", "weight_decay", "warmup", "min_lr_ratio", "grad_clip", "betas", "keep_best")
+_SCHEDULE_FIELDS = ("steps", "lr", "weight_decay", "warmup", "min_lr_ratio", "grad_clip", "betas", "keep_best", "ema")
 
 
 @dataclass
@@ -60,6 +61,7 @@ class TrainConfig:
     log_every: int = 10
     checkpoint_every: int = 200  # training-state writes (with a state_path); 0: only when interrupted and at the end
     keep_best: str = ""  # an eval metric to minimise: end with the weights of its lowest evaluation ("": the last)
+    ema: float = 0.0  # decay of a moving average of the weights that evaluations and the end use (0: none)
 
 
 @dataclass
@@ -147,16 +149,50 @@ class _StopSignals:
             signal.signal(s, handler)
 
 
+class WeightAverage:
+    """An exponential moving average of a model's weights (Polyak averaging, as diffusion models are trained
+    with): update ``n`` (0, 1, ...) sets ``avg = d * avg + (1 - d) * weights`` with ``d = min(decay, (1 + n) /
+    (10 + n))``, a short memory while the weights still move fast. Buffers that are not floating point are
+    copied. ``state``: the averages to continue from (a resumed run's), else the model's weights now."""
+
+    def __init__(self, model: torch.nn.Module, decay: float, state: dict[str, torch.Tensor] | None = None) -> None:
+        self.decay = decay
+        self.state = state if state is not None else {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module, n: int) -> None:
+        """Fold ``model``'s weights into the average as update number ``n``."""
+        d = min(self.decay, (1 + n) / (10 + n))
+        for k, v in model.state_dict().items():
+            avg = self.state[k]
+            if avg.is_floating_point():
+                avg.lerp_(v.detach().to(avg.dtype), 1.0 - d)
+            else:
+                avg.copy_(v)
+
+    @contextmanager
+    def applied(self, model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+        """``model`` holds the averaged weights inside the ``with`` block and its own again after it."""
+        own = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        model.load_state_dict(self.state)
+        try:
+            yield model
+        finally:
+            model.load_state_dict(own)
+
+
 def save_train_state(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int,
-                     history: History, config: TrainConfig, best: dict[str, torch.Tensor] | None = None) -> Path:
+                     history: History, config: TrainConfig, best: dict[str, torch.Tensor] | None = None,
+                     average: dict[str, torch.Tensor] | None = None) -> Path:
     """Write what :func:`train_loop` needs to continue after ``step`` completed steps (rank 0 only, atomic).
 
     Tensors: ``model/<name>`` (weights and buffers as they are, float32), ``best/<name>`` (the weights of the
-    best evaluation so far, with ``keep_best``), ``optimizer/<i>/<name>`` and ``rng/cpu`` (``rng/cuda`` too
-    when CUDA is in use); JSON metadata: the step, the history, the optimizer's hyper-parameters and the
-    :class:`TrainConfig`."""
+    best evaluation so far, with ``keep_best``), ``ema/<name>`` (the :class:`WeightAverage`, with ``ema``),
+    ``optimizer/<i>/<name>`` and ``rng/cpu`` (``rng/cuda`` too when CUDA is in use); JSON metadata: the step, the
+    history, the optimizer's hyper-parameters and the :class:`TrainConfig`."""
     tensors = {f"model/{k}": v for k, v in model.state_dict().items()}
     tensors.update({f"best/{k}": v for k, v in (best or {}).items()})
+    tensors.update({f"ema/{k}": v for k, v in (average or {}).items()})
     opt = optimizer.state_dict()
     scalars: dict[str, dict[str, Any]] = {}
     for i, state in opt["state"].items():
@@ -216,9 +252,10 @@ def _restore(tensors: dict[str, torch.Tensor], meta: dict, model: torch.nn.Modul
 
 
 def _resume(state_path: str | Path | None, config: TrainConfig, batches: Iterator[Any], model: torch.nn.Module,
-            optimizer: torch.optim.Optimizer) -> tuple[History, int, dict[str, torch.Tensor] | None]:
+            optimizer: torch.optim.Optimizer) -> tuple[History, int, dict[str, torch.Tensor] | None,
+                                                       dict[str, torch.Tensor] | None]:
     """Load the state at ``state_path`` after replaying ``batches`` up to its step; return the history, the
-    step to continue from and the best weights so far (``None`` when the state holds none)."""
+    step to continue from, the best weights so far and the weight average (``None`` when the state holds none)."""
     if state_path is None:
         raise TrainingError("resume=True needs a state_path")
     tensors, meta = read_train_state(state_path, config)
@@ -227,7 +264,8 @@ def _resume(state_path: str | Path | None, config: TrainConfig, batches: Iterato
         next(batches)
     history = _restore(tensors, meta, model, optimizer, Path(state_path))
     best = {k[len("best/"):]: v for k, v in tensors.items() if k.startswith("best/")}
-    return history, start, best or None
+    average = {k[len("ema/"):]: v for k, v in tensors.items() if k.startswith("ema/")}
+    return history, start, best or None, average or None
 
 
 def _track_best(config: TrainConfig, history: History, metrics: dict[str, float], step: int,
@@ -264,7 +302,9 @@ def train_loop(
     eval mode under ``torch.no_grad``) returns named metrics; it runs every ``eval_every`` steps and at
     the end. ``config.keep_best`` names one of them: the run then ends with the weights of the evaluation
     where it was lowest (early stopping without stopping; ``history.best_step`` says which), not the last
-    ones. ``state_path`` / ``resume``: see the module docstring (``resume`` without a state raises
+    ones. ``config.ema > 0`` keeps a :class:`WeightAverage` of the weights with that decay: evaluations (and
+    ``keep_best``) see the average, and the run ends with it (or with the best evaluation's average).
+    ``state_path`` / ``resume``: see the module docstring (``resume`` without a state raises
     :class:`TrainingError`).
 
     Inside a process group (``torchrun``, see :mod:`ar_course.distributed`) each process trains on its
@@ -276,11 +316,15 @@ def train_loop(
     updated in place either way."""
     if config.keep_best and eval_fn is None:
         raise TrainingError(f"keep_best={config.keep_best!r} needs an eval_fn to measure it")
+    if not 0.0 <= config.ema < 1.0:
+        raise TrainingError(f"ema is the decay of the weight average, in [0, 1); got {config.ema}")
     opt = optimizer or torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad],
         lr=config.lr, weight_decay=config.weight_decay, betas=config.betas,
     )
-    history, start, best = _resume(state_path, config, batches, model, opt) if resume else (History(), 0, None)
+    history, start, best, averaged = _resume(state_path, config, batches, model, opt) if resume else \
+        (History(), 0, None, None)
+    average = WeightAverage(model, config.ema, averaged) if config.ema else None
     train_model: torch.nn.Module = _LossModule(model, loss_fn)
     if ddp.is_distributed():
         train_model = torch.nn.parallel.DistributedDataParallel(train_model)
@@ -299,6 +343,8 @@ def train_loop(
             if config.grad_clip:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
             opt.step()
+            if average is not None:
+                average.update(model, step)
             # one reduction: the mean loss over processes, and whether any process was asked to stop
             stop = loss.new_tensor(float(signals.received is not None), dtype=torch.float64)
             loss_sum, stops = ddp.sum_across_processes(torch.stack([loss.detach().double(), stop])).tolist()
@@ -310,19 +356,19 @@ def train_loop(
             if eval_fn is not None and ddp.is_main_process() and (
                     (config.eval_every and done % config.eval_every == 0) or done == config.steps):
                 model.eval()
-                with torch.no_grad():
+                with torch.no_grad(), average.applied(model) if average else nullcontext():
                     metrics = eval_fn(model)
+                    history.eval_steps.append(done)
+                    history.evals.append(metrics)
+                    best = _track_best(config, history, metrics, done, model, best)
                 model.train()
-                history.eval_steps.append(done)
-                history.evals.append(metrics)
-                best = _track_best(config, history, metrics, done, model, best)
             periodic = config.checkpoint_every and done % config.checkpoint_every == 0
             if state_path is not None and (stops or periodic or done == config.steps):
-                save_train_state(state_path, model, opt, done, history, config, best)
+                save_train_state(state_path, model, opt, done, history, config, best, average and average.state)
             if stops:
                 raise TrainingInterrupted(done, Path(state_path))
-    if best is not None:
-        model.load_state_dict(best)
+    if best is not None or average is not None:
+        model.load_state_dict(best if best is not None else average.state)
     model.eval()
     return history
 

@@ -153,6 +153,7 @@ def test_sys_exit_with_a_message_inside_a_command_is_one_line(capsys, monkeypatc
     (cli.float_in(0), "-inf", "must be a finite number >= 0, got -inf"),
     (cli.float_in(0, 1, lo_open=True), "0", "must be a finite number in (0, 1], got 0"),
     (cli.float_in(0, 1, lo_open=True), "1.5", "must be a finite number in (0, 1], got 1.5"),
+    (cli.float_in(0, 1, hi_open=True), "1", "must be a finite number in [0, 1), got 1"),
     (cli.positive_float, "1e400", "must be a finite number > 0, got 1e400"),
     (cli.int_in(1, 64), "65", "must be an integer in [1, 64], got 65"),
     (cli.positive_int, "1.5", "must be an integer >= 1, got 1.5"),
@@ -167,6 +168,7 @@ def test_type_helpers_refuse_with_the_requirement(parse, text, message):
 
 def test_type_helpers_accept_the_bounds():
     assert cli.float_in(0, 1, lo_open=True)("1") == 1.0 and cli.float_in(0)("0") == 0.0
+    assert cli.float_in(0, 1, hi_open=True)("0") == 0.0
     assert cli.int_in(1, 64)("64") == 64 and cli.positive_int(" 3 ") == 3 and cli.finite_float("-2.5") == -2.5
 
 

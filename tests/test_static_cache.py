@@ -103,6 +103,15 @@ def test_var_per_scale_steps_with_the_static_cache_match_the_dynamic_cache(model
             x = torch.randn(3, s * s, model.config.latent_dim, generator=torch.Generator().manual_seed(k))
 
 
+def test_generate_images_takes_the_cache_option(models):
+    classes = torch.tensor([0, 4, 9])
+    runs = [var.generate_images(models["var"], models["var_tokenizer"], classes, cfg=2.0, seed=0, batch_size=2,
+                                cache=cache) for cache in ("dynamic", "static")]
+    torch.testing.assert_close(runs[1], runs[0], atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="cache must be one of"):
+        var.generate_images(models["var"], models["var_tokenizer"], classes, cache="paged")
+
+
 @pytest.mark.parametrize("sampling", SAMPLINGS.values(), ids=SAMPLINGS.keys())
 def test_speculative_decoding_with_the_static_cache_matches_including_rollbacks(models, sampling):
     start, classes = torch.zeros(1, 0, dtype=torch.long), torch.tensor([3])

@@ -155,9 +155,11 @@ def test_resume_needs_a_state_of_the_same_schedule(tmp_path):
 
 
 def _keep_best_run(state_path: Path | None = None, resume: bool = False, interrupt_at: int | None = None,
-                   keep_best: str = "val") -> tuple[torch.nn.Module, object, list[dict]]:
+                   keep_best: str = "val", ema: float = 0.0, trained: list | None = None
+                   ) -> tuple[torch.nn.Module, object, list[dict]]:
     """12 steps of a linear model on a fixed regression task, evaluated every 2 steps; the "val" metric is
-    lowest at step 6 (a hand-made curve), and each evaluation's weights are recorded."""
+    lowest at step 6 (a hand-made curve), and each evaluation's weights are recorded (``trained``: also the
+    model's weights before every step, as each batch is drawn)."""
     torch.manual_seed(0)
     model = torch.nn.Linear(3, 1)
     x = torch.randn(32, 3, generator=torch.Generator().manual_seed(1))
@@ -171,13 +173,15 @@ def _keep_best_run(state_path: Path | None = None, resume: bool = False, interru
             if i == interrupt_at:
                 os.kill(os.getpid(), signal.SIGTERM)
             drawn[0] = i + 1
+            if trained is not None:
+                trained.append({k: v.clone() for k, v in model.state_dict().items()})
             yield x, y
 
     def eval_fn(m):
         seen.append({"step": drawn[0], "weights": {k: v.clone() for k, v in m.state_dict().items()}})
         return {"val": curve[drawn[0]], "other": 0.0}
 
-    config = TrainConfig(steps=12, lr=1e-2, warmup=2, eval_every=2, checkpoint_every=0, keep_best=keep_best)
+    config = TrainConfig(steps=12, lr=1e-2, warmup=2, eval_every=2, checkpoint_every=0, keep_best=keep_best, ema=ema)
     history = train_loop(model, lambda m, b: torch.nn.functional.mse_loss(m(b[0]), b[1]), batches(), config,
                          eval_fn=eval_fn, progress=False, state_path=state_path, resume=resume)
     return model, history, seen
@@ -218,6 +222,52 @@ def test_keep_best_errors_are_one_line(tmp_path):
         read_train_state(state, TrainConfig(steps=12, lr=1e-2, warmup=2, eval_every=2, checkpoint_every=0))
 
 
+# ---- ema: a moving average of the weights is what evaluations see and what the run ends with ----------------
+
+
+def _averages(trained: list[dict], decay: float) -> list[dict]:
+    """The plain recurrence over ``trained`` (the initial weights, then those after each step): entry ``n`` is
+    the average after step ``n + 1``."""
+    avg, out = {k: v.clone() for k, v in trained[0].items()}, []
+    for n, weights in enumerate(trained[1:]):
+        d = min(decay, (1 + n) / (10 + n))
+        avg = {k: d * avg[k] + (1 - d) * weights[k] for k in avg}
+        out.append(avg)
+    return out
+
+
+def test_ema_evaluates_and_ends_with_the_average_of_the_weights():
+    trained: list[dict] = []
+    plain, _, _ = _keep_best_run(keep_best="", trained=trained)  # the trajectory (the average does not change it)
+    trained.append(plain.state_dict())  # the weights after the last step
+    want = _averages(trained, 0.5)
+    model, history, seen = _keep_best_run(keep_best="", ema=0.5)
+    for s in seen:  # every evaluation saw the average after its step
+        for k, v in s["weights"].items():
+            torch.testing.assert_close(v, want[s["step"] - 1][k], rtol=1e-6, atol=1e-7)
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, want[-1][k], rtol=1e-6, atol=1e-7)
+        assert not torch.allclose(v, plain.state_dict()[k])  # the average lags the last weights
+    best, history, _ = _keep_best_run(ema=0.5)  # keep_best chooses among the averages
+    assert history.best_step == 6
+    for k, v in best.state_dict().items():
+        torch.testing.assert_close(v, want[5][k], rtol=1e-6, atol=1e-7)
+
+
+def test_ema_survives_an_interruption(tmp_path):
+    state = tmp_path / "lin.train-state.safetensors"
+    want, _, _ = _keep_best_run(keep_best="", ema=0.9)
+    with pytest.raises(TrainingInterrupted):
+        _keep_best_run(state, keep_best="", ema=0.9, interrupt_at=7)
+    got, _, _ = _keep_best_run(state, resume=True, keep_best="", ema=0.9)
+    for (key, a), b in zip(want.state_dict().items(), got.state_dict().values()):
+        assert torch.equal(a, b), key
+    with pytest.raises(TrainingError, match=r"other settings \(ema 0.9 -> 0.5\)"):
+        _keep_best_run(state, resume=True, keep_best="", ema=0.5)
+    with pytest.raises(TrainingError, match=r"ema is the decay of the weight average, in \[0, 1\); got 1.0"):
+        _keep_best_run(keep_best="", ema=1.0)
+
+
 # ---- trainers' options: one-line usage errors before any work --------------------------------------------------
 
 
@@ -235,6 +285,7 @@ def test_keep_best_errors_are_one_line(tmp_path):
     (["lm", "--out", "model.pt"], "must name a .safetensors file"),
     (["lm", "--keep-best"], "--keep-best needs --eval-every N"),
     (["diffusion_lm", "--keep-best", "--eval-every", "0"], "--keep-best needs --eval-every N"),
+    (["lm", "--ema", "1"], "--ema must be a finite number in [0, 1), got 1"),
 ])
 def test_trainer_options_are_checked(argv, message, capsys):
     assert cli_main(["train", *argv]) == 2

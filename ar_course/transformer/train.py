@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from ar_course import distributed as ddp
 from ar_course import checkpoint
 from ar_course.checkpoint import ASSETS, save_checkpoint
-from ar_course.cli import ArgumentParser, nonnegative_int, positive_float, positive_int
+from ar_course.cli import ArgumentParser, float_in, nonnegative_int, positive_float, positive_int
 from ar_course.train import TrainConfig, add_run_options, finish_run, prepare_run, train_loop, trainer_main
 from ar_course.transformer.model import GPT, GPTConfig
 from ar_course.utils import count_parameters, get_device, seed_everything
@@ -49,6 +49,7 @@ class LMPreset:
     steps: int
     lr: float
     teacher: str | None = None  # path of a checkpoint to distil from
+    ema: float = 0.0  # decay of the weight average the run evaluates and ends with (0: the last weights)
     train: dict = field(default_factory=dict)  # extra TrainConfig fields
 
 
@@ -143,7 +144,7 @@ def train_lm(
     eval_fn = lambda m: {"val_loss": evaluate_lm(m, val_ids, preset.seq_len, max_windows=24)}  # noqa: E731
     tc = TrainConfig(steps=preset.steps, lr=preset.lr, warmup=min(100, preset.steps // 10),
                      eval_every=eval_every, checkpoint_every=checkpoint_every,
-                     keep_best="val_loss" if keep_best else "", **preset.train)
+                     keep_best="val_loss" if keep_best else "", ema=preset.ema, **preset.train)
     start = time.perf_counter()
     history = train_loop(model, loss_fn, batches, tc, eval_fn=eval_fn if eval_every else None,
                          progress=progress, desc="train lm", state_path=state_path, resume=resume)
@@ -160,7 +161,7 @@ def train_lm(
 
 def add_text_trainer_options(parser: argparse.ArgumentParser, *, measure: str) -> None:
     """The options the text-model trainers (``train lm``, ``train diffusion_lm``) share after their own:
-    ``--float32``, ``--eval-every`` (the ``measure`` every N steps), ``--keep-best``, ``--device``,
+    ``--float32``, ``--eval-every`` (the ``measure`` every N steps), ``--keep-best``, ``--ema``, ``--device``,
     ``--threads``, ``--no-progress`` and the run options (:func:`~ar_course.train.add_run_options`)."""
     parser.add_argument("--float32", action="store_true", help="store float32 weights (default: float16)")
     parser.add_argument("--eval-every", type=nonnegative_int, default=0,
@@ -168,6 +169,9 @@ def add_text_trainer_options(parser: argparse.ArgumentParser, *, measure: str) -
     parser.add_argument("--keep-best", action="store_true",
                         help=f"save the weights of the evaluation with the lowest {measure}, not the last ones "
                              "(early stopping; use with --eval-every)")
+    parser.add_argument("--ema", type=float_in(0.0, 1.0, hi_open=True), default=None, metavar="DECAY",
+                        help="evaluate and save a moving average of the weights with this decay (0: the last "
+                             "weights; default: the preset's)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--threads", type=positive_int, default=None,
                         help="torch CPU threads (default: torch's choice; 1 is faster on a busy machine)")
@@ -177,13 +181,13 @@ def add_text_trainer_options(parser: argparse.ArgumentParser, *, measure: str) -
 
 def apply_text_trainer_options(parser: argparse.ArgumentParser, args: argparse.Namespace, presets: dict) -> Any:
     """Check ``--keep-best`` (it needs ``--eval-every``), apply ``--threads``, and return the preset
-    ``args.preset`` of ``presets`` with the ``--steps``, ``--batch-size`` and ``--lr`` given on the command line in
-    place of its own."""
+    ``args.preset`` of ``presets`` with the ``--steps``, ``--batch-size``, ``--lr`` and ``--ema`` given on the command
+    line in place of its own."""
     if args.keep_best and not args.eval_every:
         parser.error("--keep-best needs --eval-every N: the evaluations it chooses from")
     if args.threads:
         torch.set_num_threads(args.threads)
-    overrides = {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr}
+    overrides = {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "ema": args.ema}
     return replace(presets[args.preset], **{k: v for k, v in overrides.items() if v is not None})
 
 
@@ -193,7 +197,7 @@ def run_record(args: argparse.Namespace, preset, model: torch.nn.Module, info: d
     history = info["history"]
     tail = history.loss[-50:]
     return {"vocab": info["tokenizer"].chars, "preset": args.preset, "seed": args.seed, "steps": preset.steps,
-            "batch_size": preset.batch_size, "lr": preset.lr, "tokens_seen": info["tokens_seen"],
+            "batch_size": preset.batch_size, "lr": preset.lr, "ema": preset.ema, "tokens_seen": info["tokens_seen"],
             "train_seconds": round(info["train_seconds"], 1), "train_loss_last50": round(sum(tail) / len(tail), 4),
             "params": count_parameters(model), "best_step": history.best_step,
             "evals": [{"step": s, **e} for s, e in zip(history.eval_steps, history.evals)]}

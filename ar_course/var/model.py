@@ -348,9 +348,11 @@ def generate_images(
     ramp: bool = True,
     seed: int | None = 0,
     batch_size: int = 500,
+    cache: str = "dynamic",
 ) -> torch.Tensor:
     """Images ``(B, C, S, S)`` in [0, 1] for ``classes`` ``(B,)``: sample pyramids (``sampling``, guidance
-    ``cfg = w`` with or without the ``ramp``), decode.
+    ``cfg = w`` with or without the ``ramp``, KV ``cache`` ``"dynamic"`` or ``"static"``: same images up to float
+    rounding), decode.
 
     ``seed`` seeds one generator for the whole call (``None``: torch's global one); work runs in chunks of
     ``batch_size``, and samples depend on the chunking. Raises as :func:`sample_pyramid`, and for a ``seed`` or
@@ -363,7 +365,7 @@ def generate_images(
 
     def images_of(chunk: torch.Tensor) -> torch.Tensor:
         pyramid = sample_pyramid(model, tokenizer.quantizer, chunk, sampling=sampling, cfg=cfg, ramp=ramp,
-                                 generator=generator)
+                                 generator=generator, cache=cache)
         return tokenizer.decode_from_indices(pyramid)  # (b, C, S, S)
 
     return generate_in_batches(images_of, classes.to(device), batch_size)  # (B, C, S, S)
