@@ -21,7 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -50,7 +50,6 @@ class LMPreset:
     lr: float
     teacher: str | None = None  # path of a checkpoint to distil from
     ema: float = 0.0  # decay of the weight average the run evaluates and ends with (0: the last weights)
-    train: dict = field(default_factory=dict)  # extra TrainConfig fields
 
 
 PRESETS: dict[str, LMPreset] = {
@@ -144,7 +143,7 @@ def train_lm(
     eval_fn = lambda m: {"val_loss": evaluate_lm(m, val_ids, preset.seq_len, max_windows=24)}  # noqa: E731
     tc = TrainConfig(steps=preset.steps, lr=preset.lr, warmup=min(100, preset.steps // 10),
                      eval_every=eval_every, checkpoint_every=checkpoint_every,
-                     keep_best="val_loss" if keep_best else "", ema=preset.ema, **preset.train)
+                     keep_best="val_loss" if keep_best else "", ema=preset.ema)
     start = time.perf_counter()
     history = train_loop(model, loss_fn, batches, tc, eval_fn=eval_fn if eval_every else None,
                          progress=progress, desc="train lm", state_path=state_path, resume=resume)
