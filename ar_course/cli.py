@@ -134,6 +134,23 @@ def int_in(lo: int, hi: int | None = None) -> Callable[[str], int]:
     return parse
 
 
+def int_list(lo: int) -> Callable[[str], tuple[int, ...]]:
+    """argparse ``type=``: comma-separated integers, each ``>= lo``, such as ``1,2,4,8``: ``--scales must be
+    comma-separated integers >= 1, got '1,x'``."""
+    requirement = f"comma-separated integers >= {lo}"
+
+    def parse(text: str) -> tuple[int, ...]:
+        try:
+            values = tuple(int(s) for s in text.split(","))
+        except ValueError:
+            raise invalid(requirement, text) from None
+        if min(values) < lo:
+            raise invalid(requirement, text)
+        return values
+
+    return parse
+
+
 positive_int = int_in(1)
 nonnegative_int = int_in(0)
 positive_float = float_in(0.0, lo_open=True)

@@ -4,8 +4,8 @@ Measures, in one run on one machine:
 
 * the NLL bound (nats/char) of ``diffusion_lm`` on held-out windows, full-sequence and block-wise (block 1 is
   its exact left-to-right NLL), next to the NLL of ``lm_small`` (same shape and training windows; the
-  diffusion model trains 40,000 steps to AR's 1,500, since AR trained longer only overfits the small corpus: see
-  ``ar_course.diffusion_lm.train``);
+  diffusion model trains 68,000 steps in two schedules to AR's 1,500, since AR trained longer only overfits the
+  small corpus: see ``ar_course.diffusion_lm.train``);
 * sample quality against denoising steps, for full and block-wise diffusion: the NLL of the samples under the
   shipped 12-layer ``lm_target`` (lower: more like the corpus) and their unigram entropy (too low: degenerate,
   repetitive text), with the same measures of held-out text and of ``lm_small``'s samples as references;
@@ -137,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     ratio = full_bound / ar_nll
     best_full = min((r for r in rows if r["mode"] == "full"), key=lambda r: r["nll_target"])
     ar_row = next(r for r in rows if r["block_size"] == 1)
-    steps = {name: checkpoint.info(name)["steps"] for name in ("diffusion_lm", "lm_small")}
+    steps = {name: checkpoint.info(name).get("init_steps", 0) + checkpoint.info(name)["steps"]
+             for name in ("diffusion_lm", "lm_small")}  # a run continued from another counts both (--init)
     summary = [
         {"what": f"NLL bound of the diffusion LM (full, length {L}) vs AR NLL, same size and corpus (diffusion "
                  f"{steps['diffusion_lm']} steps, AR {steps['lm_small']})",
@@ -165,8 +166,9 @@ def main(argv: list[str] | None = None) -> int:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "threads": args.threads, "n": args.n, "length": L,
         "params": {"diffusion_lm": dlm.num_params(), "lm_small": ar.num_params()},
-        "training": {name: {k: checkpoint.info(name).get(k) for k in ("steps", "batch_size", "tokens_seen",
-                                                                         "train_seconds", "evals")}
+        "training": {name: {k: checkpoint.info(name).get(k) for k in ("init", "init_steps", "steps", "seed", "lr",
+                                                                         "batch_size", "tokens_seen", "train_seconds",
+                                                                         "evals")}
                      for name in ("diffusion_lm", "lm_small")},
         "bound_windows": n_win, "bound_samples": args.bound_samples,
         "ar_nll": ar_nll, "bounds": {str(k): v for k, v in bounds.items()},
@@ -211,6 +213,8 @@ def plot(result: dict, path: Path) -> None:
         run = result["training"][name]
         evals = run.get("evals") or []
         axes[4].plot([e["step"] for e in evals], [e[key] for e in evals], marker, ms=3, label=f"{name} ({key})")
+        if run.get("init_steps"):
+            axes[4].axvline(run["init_steps"], color="gray", ls=":", label=f"{name}: second schedule starts")
     axes[4].set(xlabel="training step", ylabel="nats/char (trainer's validation windows)",
                 title="the shipped runs: validation during training")
     axes[4].legend(fontsize=7)

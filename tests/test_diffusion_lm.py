@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from ar_course.checkpoint import load_with_tokenizer
+from ar_course.cli import main as cli_main
 from ar_course.data import CharTokenizer
 from ar_course.diffusion_lm import DiffusionLM, DiffusionLMConfig
 from ar_course.diffusion_lm import functional as F
@@ -245,18 +246,70 @@ def test_training_lowers_the_loss_and_the_trainer_writes_a_loadable_checkpoint(t
     assert all(a < b for a, b in zip(after, before))
 
 
-def test_the_shipped_text_models_are_what_their_documented_presets_train():
-    """chapter 08 compares `diffusion_lm` with `lm_small`: their checkpoints record the runs of the `small`
-    presets (the diffusion LM 40,000 steps to the AR model's 1,500, same windows and batch), with a validation
-    curve each."""
+def test_init_continues_from_a_checkpoint_and_records_the_chain(tmp_path):
+    """``--init`` starts from the saved weights (a near-zero learning rate leaves them as they were; the same run
+    without it does not), ``--train-blocks`` replaces the block sizes, and the record adds up the chain."""
+    from ar_course import checkpoint
+
+    def run(out: str, *extra: str) -> dict:
+        argv = ["--steps", "2", "--batch-size", "2", "--eval-every", "1", "--no-progress", "--threads", "1",
+                "--float32", "--out", str(tmp_path / out), *extra]
+        assert train_main(argv) == 0
+        return checkpoint.info(tmp_path / out)
+
+    def weights(name: str) -> dict:
+        return checkpoint.load(tmp_path / name).state_dict()
+
+    first = run("a.safetensors")
+    second = run("b.safetensors", "--init", str(tmp_path / "a.safetensors"), "--lr", "1e-12", "--seed", "1",
+                 "--train-blocks", "0,16")
+    run("fresh.safetensors", "--lr", "1e-12", "--seed", "1", "--train-blocks", "0,16")
+    a, b, fresh = weights("a.safetensors"), weights("b.safetensors"), weights("fresh.safetensors")
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert not all(torch.allclose(a[k], fresh[k], atol=1e-3) for k in a)
+    assert first.get("init_steps") is None and second["init"] == str(tmp_path / "a.safetensors")
+    assert second["init_steps"] == 2 and second["config"]["train_block_sizes"] == [0, 16]
+    assert [e["step"] for e in second["evals"]] == [1, 2, 3, 4] and second["evals"][:2] == first["evals"]
+    third = run("c.safetensors", "--init", str(tmp_path / "b.safetensors"))
+    assert third["init_steps"] == 4 and [e["step"] for e in third["evals"]] == [1, 2, 3, 4, 5, 6]
+    assert third["config"]["train_block_sizes"] == [0, 0, 1, 4, 16]  # the preset's again, unless given
+
+
+def test_init_refuses_another_kind_or_shape(tmp_path, capsys):
+    from ar_course.checkpoint import save_checkpoint
+
+    other = DiffusionLM(DiffusionLMConfig(vocab_size=len(load_with_tokenizer("diffusion_lm")[1].chars), n_embd=64))
+    save_checkpoint(tmp_path / "narrow.safetensors", other.state_dict(), other.config, kind="diffusion_lm",
+                    steps=1)
+    for init, message in (("lm_small", "holds a 'lm' checkpoint, expected 'diffusion_lm'"),
+                          (str(tmp_path / "narrow.safetensors"), "is not the preset's"),
+                          (str(tmp_path / "missing.safetensors"), "missing.safetensors")):
+        argv = ["train", "diffusion_lm", "--init", init, "--steps", "1", "--no-progress",
+                "--out", str(tmp_path / "x.safetensors")]
+        assert cli_main(argv) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_the_shipped_text_models_are_what_their_documented_runs_train():
+    """chapter 08 compares `diffusion_lm` with `lm_small`: their checkpoints record the runs documented in
+    `ar_course.diffusion_lm.train` (AR: the `small` preset; diffusion: the `small` preset's 40,000 steps, then a
+    second schedule of 28,000 full-sequence steps from it), with a validation curve each."""
     from ar_course import checkpoint
     from ar_course.diffusion_lm.train import PRESETS as DIFFUSION
     from ar_course.transformer.train import PRESETS as AR
 
     dlm, ar = checkpoint.info("diffusion_lm"), checkpoint.info("lm_small")
-    for info, preset in ((dlm, DIFFUSION["small"]), (ar, AR["small"])):
-        assert (info["preset"], info["seed"], info["steps"], info["batch_size"], info["lr"]) == (
-            "small", 0, preset.steps, preset.batch_size, preset.lr)
-        assert info["tokens_seen"] == preset.steps * preset.batch_size * info["seq_len"]
-        assert info["evals"] and info["evals"][-1]["step"] == preset.steps and info.get("best_step") is None
-    assert (dlm["steps"], ar["steps"]) == (40_000, 1_500) and dlm["seq_len"] == ar["seq_len"] == 64
+    preset = AR["small"]
+    assert (ar["preset"], ar["seed"], ar["steps"], ar["batch_size"], ar["lr"]) == (
+        "small", 0, preset.steps, preset.batch_size, preset.lr) == ("small", 0, 1_500, 16, 2e-3)
+    assert ar["tokens_seen"] == preset.steps * preset.batch_size * ar["seq_len"]
+    assert ar["evals"][-1]["step"] == preset.steps and ar.get("best_step") is None
+    first = DIFFUSION["small"]
+    assert (dlm["init_steps"], first.steps, first.batch_size, first.lr) == (40_000, 40_000, 16, 2e-3)
+    assert (dlm["preset"], dlm["seed"], dlm["steps"], dlm["batch_size"], dlm["lr"]) == ("small", 1, 28_000, 16, 1e-3)
+    assert dlm["config"]["train_block_sizes"] == [0] and dlm.get("best_step") is None
+    assert dlm["tokens_seen"] == 28_000 * 16 * dlm["seq_len"] and dlm["seq_len"] == ar["seq_len"] == 64
+    steps = [e["step"] for e in dlm["evals"]]
+    assert steps == sorted(steps) and 40_000 in steps and steps[-1] == 68_000

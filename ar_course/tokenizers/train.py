@@ -21,7 +21,7 @@ import torch
 from ar_course import distributed as ddp
 from ar_course import metrics
 from ar_course.checkpoint import ASSETS, save_checkpoint
-from ar_course.cli import ArgumentParser, nonnegative_float, positive_float, positive_int
+from ar_course.cli import ArgumentParser, int_list, nonnegative_float, positive_float, positive_int
 from ar_course.tokenizers.functional import check_levels
 from ar_course.tokenizers.quantizers import MSVQ_LOSSES
 from ar_course.tokenizers.vqvae import CHECKPOINT_KIND, QUANTIZERS, VQVAE, VQVAEConfig
@@ -141,17 +141,6 @@ def train_tokenizer(
     return model.eval(), history.evals[-1] if history.evals else {}, history
 
 
-def _scales(text: str) -> tuple[int, ...]:
-    """An argparse ``type``: comma-separated positive sides such as ``1,2,3,4,6,8``."""
-    try:
-        scales = tuple(int(s) for s in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 1,2,4,8, got {text!r}") from None
-    if min(scales) < 1:
-        raise argparse.ArgumentTypeError(f"sides must be >= 1, got {text!r}")
-    return scales
-
-
 def _levels(text: str) -> tuple[int, ...]:
     """An argparse ``type``: comma-separated FSQ levels, each >= 2, such as ``8,6,5``."""
     try:
@@ -178,7 +167,7 @@ def _parser() -> ArgumentParser:
     parser.add_argument("--latent-dim", type=positive_int, default=None,
                         help=f"latent channels [16; fsq: the number of levels; lfq: {LFQ_DEFAULT_DIM}; kl: {KL_DEFAULT_DIM}]")
     parser.add_argument("--depth", type=positive_int, default=4, help="residual depth (rvq)")
-    parser.add_argument("--scales", type=_scales, default=(1, 2, 3, 4, 6, 8),
+    parser.add_argument("--scales", type=int_list(1), default=(1, 2, 3, 4, 6, 8),
                         help="comma-separated sides (msvq) [1,2,3,4,6,8]")
     parser.add_argument("--msvq-loss", choices=MSVQ_LOSSES, default=VQVAEConfig.msvq_loss,
                         help="msvq: quantizer loss averaged over every scale's partial sum as in VAR, or on the "
