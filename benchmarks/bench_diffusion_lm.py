@@ -137,8 +137,9 @@ def main(argv: list[str] | None = None) -> int:
     ratio = full_bound / ar_nll
     best_full = min((r for r in rows if r["mode"] == "full"), key=lambda r: r["nll_target"])
     ar_row = next(r for r in rows if r["block_size"] == 1)
-    steps = {name: checkpoint.info(name).get("init_steps", 0) + checkpoint.info(name)["steps"]
-             for name in ("diffusion_lm", "lm_small")}  # a run continued from another counts both (--init)
+    records = {name: checkpoint.info(name) for name in ("diffusion_lm", "lm_small")}
+    # a run continued from another (--init) counts the steps of both
+    steps = {name: record.get("init_steps", 0) + record["steps"] for name, record in records.items()}
     summary = [
         {"what": f"NLL bound of the diffusion LM (full, length {L}) vs AR NLL, same size and corpus (diffusion "
                  f"{steps['diffusion_lm']} steps, AR {steps['lm_small']})",
@@ -166,10 +167,9 @@ def main(argv: list[str] | None = None) -> int:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "threads": args.threads, "n": args.n, "length": L,
         "params": {"diffusion_lm": dlm.num_params(), "lm_small": ar.num_params()},
-        "training": {name: {k: checkpoint.info(name).get(k) for k in ("init", "init_steps", "steps", "seed", "lr",
-                                                                         "batch_size", "tokens_seen", "train_seconds",
-                                                                         "evals")}
-                     for name in ("diffusion_lm", "lm_small")},
+        "training": {name: {k: record.get(k) for k in ("init", "init_steps", "steps", "seed", "lr", "batch_size",
+                                                       "tokens_seen", "train_seconds", "evals")}
+                     for name, record in records.items()},
         "bound_windows": n_win, "bound_samples": args.bound_samples,
         "ar_nll": ar_nll, "bounds": {str(k): v for k, v in bounds.items()},
         "references": references, "samples": rows, "data_constrained": {**study, "crossing": cross},

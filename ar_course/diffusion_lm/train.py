@@ -32,7 +32,7 @@ from typing import Iterator
 import torch
 
 from ar_course import distributed as ddp
-from ar_course.checkpoint import ASSETS
+from ar_course.checkpoint import ASSETS, load
 from ar_course.checkpoint import info as checkpoint_info
 from ar_course.cli import ArgumentParser, int_list, positive_float, positive_int
 from ar_course.diffusion_lm.model import DiffusionLM, DiffusionLMConfig
@@ -84,8 +84,6 @@ def diffusion_batches(ids: torch.Tensor, length: int, batch_size: int, block_siz
 def _load_init(model: DiffusionLM, init: str | Path) -> None:
     """Copy the weights of the ``diffusion_lm`` checkpoint ``init`` into ``model``; a checkpoint of another
     shape is a ``ValueError`` naming both shapes."""
-    from ar_course.checkpoint import load
-
     source = load(init, kind=KIND)
     want = replace(source.config, train_block_sizes=model.config.train_block_sizes)
     if want != model.config:
