@@ -15,7 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ar_course.checkout import CheckoutNotFound, find_root
+from ar_course.checkout import CheckoutNotFound, find_root, root_path
 from ar_course.cli import ArgumentParser, UsageError
 
 
@@ -132,14 +132,57 @@ def _kernels(d: dict) -> list[dict]:
     return rows
 
 
+def _serving(d: dict) -> list[dict]:
+    b, c = d["batching"], d["batching"]["continuous"]
+    rounds = ", ".join(f"{v:.2f}x" for v in b["speedup_vs_max_length_runs"])
+    int8 = next(r for r in d["compression"] if r["method"] == "int8_pool")
+    plain = next(r for r in d["compression"] if r["method"] == "none")
+    pool = b["compressed"]["int8"]["kv_bytes_peak_vs_plain"]
+    return [_row("continuous batching vs static batching with max-length preallocation, tokens/s",
+                 f"{b['speedup_vs_max_length']:.2f}x (rounds {rounds}); vs exact reservation {b['speedup']:.2f}x; "
+                 f"same outputs: {b['same_outputs']}", ">= 2x", min(b["speedup_vs_max_length_runs"]) >= 2),
+            _row("paged KV memory wasted per sequence (blocks) vs contiguous preallocation",
+                 f"{c['paged_waste_blocks_per_sequence']:.2f} blocks ({c['paged_waste_fraction']:.1%}) vs "
+                 f"{c['contiguous_waste_fraction']:.1%}", "< 1 block per sequence",
+                 c["paged_waste_blocks_per_sequence"] < 1),
+            _row("int8 KV pool: peak KV bytes vs fp32, held-out NLL change",
+                 f"{pool:.2f}x, {int8['nll_change'] / plain['nll']:+.2%}", "<= 0.5x within 1% NLL",
+                 pool <= 0.5 and abs(int8["nll_change"]) <= 0.01 * plain["nll"]),
+            _row("prefix caching: prefill tokens computed", f"{d['prefix_caching']['prefill_drop']:.0%} fewer "
+                 f"(same outputs: {d['prefix_caching']['same_outputs']})", "-", None)]
+
+
 SUMMARIZERS = {"kv_cache": _kv_cache, "raster": _raster, "tokenizers": _tokenizers, "var": _var,
-               "kernels": _kernels}
+               "kernels": _kernels, "serving": _serving}
 """Summary rows derived from the measurements of results that do not store a ``summary`` list."""
+
+
+def _summary(name: str, path: Path, data: object) -> list:
+    """The summary list of the result ``data`` of benchmark ``name`` (read from ``path``): its ``summary`` list,
+    else the rows :data:`SUMMARIZERS` derive from it. ``ValueError`` naming the file and what is wrong when it
+    holds neither."""
+    def wrong(why: str) -> ValueError:
+        return ValueError(f"benchmark result {path} {why}; rerun: python -m ar_course bench {name}")
+
+    if not isinstance(data, dict):
+        raise wrong(f"is a JSON {type(data).__name__}, not an object")
+    if isinstance(data.get("summary"), list):
+        return data["summary"]
+    if name not in SUMMARIZERS:
+        found = "no" if "summary" not in data else f"a {type(data['summary']).__name__} as its"
+        raise wrong(f"has {found} 'summary' (expected a list of rows)")
+    try:
+        return SUMMARIZERS[name](data)
+    except KeyError as exc:
+        raise wrong(f"lacks {exc.args[0]!r}, which the table needs") from None
+    except (LookupError, TypeError, AttributeError, ValueError, ArithmeticError, StopIteration) as exc:
+        raise wrong(f"does not hold the measurements the table needs ({type(exc).__name__}: {exc})") from None
 
 
 def summary_rows(names: list[str], root: Path) -> list[dict]:
     """The summary rows of the named benchmarks' latest results in the checkout ``root`` (missing results are
-    skipped)."""
+    skipped). Raises ``ValueError`` naming the file for a result that is not valid JSON or not of the shape its
+    benchmark writes."""
     rows = []
     for name in names:
         path = root / "benchmarks" / "results" / f"{name}.json"
@@ -150,13 +193,11 @@ def summary_rows(names: list[str], root: Path) -> list[dict]:
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise ValueError(f"benchmark result {path} is not valid JSON ({exc}); rerun: python -m ar_course bench "
                              f"{name}") from None
-        summary = data.get("summary")
-        if not isinstance(summary, list):
-            summary = SUMMARIZERS[name](data) if name in SUMMARIZERS else []
-        for row in summary:
+        for row in _summary(name, path, data):
             if not isinstance(row, dict):
                 row = {"what": str(row), "measured": ""}
-            rows.append({"bench": name, "date": data.get("date", ""), "what": "", "measured": "", **row})
+            rows.append({"bench": name, "date": data.get("date", "date not recorded"), "what": "", "measured": "",
+                         **row})
     return rows
 
 
@@ -165,19 +206,22 @@ def format_rows(rows: list[dict]) -> str:
         return "no benchmark results yet"
     lines = []
     for r in rows:
-        met = {True: "yes", False: "NO"}.get(r.get("met"), "-")
+        met = "yes" if r.get("met") is True else "NO" if r.get("met") is False else "-"
         lines.append(f"[{r['bench']}] {r['what']}\n    measured: {r['measured']}\n    target: {r.get('target', '-')}"
                      f"   met: {met}   ({r.get('date', '')})")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``python -m ar_course bench``: runs each named benchmark once (a name given twice too), then prints the
+    table. Exit status 0, 1 when a benchmark failed or wrote a result the table cannot read, 2 for bad input (an
+    unknown name, no checkout, and with ``--table`` a result file that is not valid)."""
     parser = ArgumentParser(prog="python -m ar_course bench",
                             description="Run the benchmarks in benchmarks/ and print their summary table.")
     parser.add_argument("names", nargs="*", help="benchmarks to run (default: all): the NAME of each "
-                                                 "benchmarks/bench_NAME.py")
+                                                 "benchmarks/bench_NAME.py; one named twice runs once")
     parser.add_argument("--table", action="store_true", help="only print the latest results, run nothing")
-    parser.add_argument("--root", type=Path, default=None,
+    parser.add_argument("--root", type=root_path, default=None,
                         help="the repository checkout (default: found from the current folder upward)")
     args = parser.parse_args(argv)
     try:
@@ -185,10 +229,10 @@ def main(argv: list[str] | None = None) -> int:
     except CheckoutNotFound as exc:
         raise UsageError(str(exc)) from None
     scripts = available(root)
-    unknown = [n for n in args.names if n not in scripts]
+    names = list(dict.fromkeys(args.names)) or list(scripts)  # each once, in the order named
+    unknown = [n for n in names if n not in scripts]
     if unknown:
         raise UsageError(f"unknown benchmark(s) {', '.join(map(repr, unknown))}; choose from: {', '.join(scripts)}")
-    names = args.names or list(scripts)
     failed = []
     if not args.table:
         for name in names:
@@ -196,8 +240,14 @@ def main(argv: list[str] | None = None) -> int:
             res = subprocess.run([sys.executable, str(scripts[name])], cwd=root)
             if res.returncode != 0:
                 failed.append(name)
-    print()
-    print(format_rows(summary_rows(names, root)))
+    try:
+        print(f"\n{format_rows(summary_rows(names, root))}")
+    except ValueError as exc:
+        if args.table:  # the results are this command's input
+            raise UsageError(str(exc)) from None
+        if not failed:  # a benchmark that ran wrote a result the table cannot read
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
     if failed:
         print(f"error: benchmark(s) failed: {', '.join(failed)} (their output is above)", file=sys.stderr)
         return 1

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import nbformat
 
-from ar_course.checkout import CheckoutNotFound, find_root
+from ar_course.checkout import CheckoutNotFound, find_root, root_path
 
 EXERCISE_RE = re.compile(r"^#\s*Exercise\s+(\d+\.\d+)\s*:\s*(\w+)")
 BEGIN, END = "# BEGIN SOLUTION", "# END SOLUTION"
@@ -123,7 +123,7 @@ def build(solutions: Path, notebooks: Path, check: bool = False) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ar_course.build_notebooks", description=__doc__.split("\n\n")[0])
     parser.add_argument("--check", action="store_true", help="only report whether notebooks/ is out of date")
-    parser.add_argument("--root", type=Path, default=None,
+    parser.add_argument("--root", type=root_path, default=None,
                         help="the repository checkout (default: found from the current folder upward)")
     parser.add_argument("--solutions", type=Path, default=None, help="default: ROOT/solutions")
     parser.add_argument("--notebooks", type=Path, default=None, help="default: ROOT/notebooks")

@@ -10,6 +10,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from ar_course.cli import invalid
+
 _PROJECT_NAME = re.compile(r'^name\s*=\s*"ar-course"\s*$', re.MULTILINE)
 
 
@@ -22,6 +24,13 @@ def is_checkout(folder: Path, marker: str) -> bool:
     pyproject = folder / "pyproject.toml"
     return (folder / marker).is_dir() and pyproject.is_file() and bool(
         _PROJECT_NAME.search(pyproject.read_text(encoding="utf-8", errors="replace")))
+
+
+def root_path(text: str) -> Path:
+    """argparse ``type=`` for ``--root``: a path, not the empty string (which :class:`Path` would read as ``.``)."""
+    if not text:
+        raise invalid("a folder", text)
+    return Path(text)
 
 
 def find_root(marker: str, root: str | Path | None = None) -> Path:

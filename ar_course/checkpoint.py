@@ -8,11 +8,12 @@ One loader for every model the library trains::
     model, tokenizer = checkpoint.load_with_tokenizer("var_mnist")   # with the tokenizer it was trained on
     checkpoint.info("var_mnist")                    # {"kind", "config", ...what the trainer recorded}
 
-A checkpoint records its ``kind`` (``"tokenizer"``, ``"lm"``, ``"raster_ar"``, ``"var"``, ``"classifier"``,
-``"continuous_ar"``), and :data:`KINDS` maps each kind to its model class and config dataclass; :func:`load` rebuilds the model with
-``Model(config_from_dict(Config, stored_config))`` and loads the weights strictly (float16 files load into
-float32 modules). :func:`register_kind` adds a kind of your own. Every config dataclass follows one rule,
-:func:`config_from_dict`: a missing key takes the field's default, an unknown key is a ``ValueError`` naming it.
+A checkpoint records its ``kind`` (``"tokenizer"``, ``"lm"``, ``"raster_ar"``, ``"var"``, ``"maskgit"``,
+``"classifier"``, ``"diffusion_lm"``, ``"continuous_ar"``), and :data:`KINDS` maps each kind to its model class
+and config dataclass; :func:`load` rebuilds the model with ``Model(config_from_dict(Config, stored_config))`` and
+loads the weights strictly (float16 files load into float32 modules). :func:`register_kind` adds a kind of your
+own. Every config dataclass follows one rule, :func:`config_from_dict`: a missing key takes the field's default,
+an unknown key is a ``ValueError`` naming it.
 
 Shipped checkpoints live in :data:`ASSETS` (inside the installed package); their names are the file names
 without ``.safetensors``; the tokenizers are also known by the short names that checkpoints record
@@ -37,6 +38,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ar_course.files import atomic_path
+from ar_course.utils import check_finite
 
 ASSETS: Path = Path(__file__).resolve().parent / "assets"
 """The folder of the shipped checkpoints, inside the package (installed with it)."""
@@ -62,6 +64,11 @@ T = TypeVar("T")
 
 class CheckpointError(RuntimeError):
     """A checkpoint file is missing, corrupted or of the wrong kind."""
+
+
+class NonFiniteWeightsError(ValueError):
+    """:func:`save_checkpoint` refused weights holding NaN or inf (a training run that diverged); nothing was
+    written."""
 
 
 def config_from_dict(cls: type[T], d: dict) -> T:
@@ -93,7 +100,12 @@ def save_checkpoint(
 
     Shared storage (tied weights) is cloned so the file is self-contained. ``extra`` values must be
     JSON-serialisable (e.g. training history summary). The file appears complete or not at all (written to a
-    temporary file beside ``path``, then renamed). Under ``torchrun`` only rank 0 writes."""
+    temporary file beside ``path``, then renamed). Under ``torchrun`` only rank 0 writes.
+
+    Raises:
+        NonFiniteWeightsError: a floating-point tensor holds NaN or inf (nothing is written, an earlier file at
+            ``path`` stays).
+    """
     from ar_course.distributed import is_main_process
 
     path = Path(path)
@@ -101,6 +113,12 @@ def save_checkpoint(
         return path
     state = model.state_dict() if isinstance(model, torch.nn.Module) else model
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
+    for k, v in tensors.items():
+        try:
+            if v.is_floating_point():
+                check_finite(k, v)
+        except ValueError as exc:
+            raise NonFiniteWeightsError(f"{exc}; nothing was written to {path}") from None
     metadata = {"config": json.dumps(_to_dict(config)), "kind": kind, "extra": json.dumps(extra)}
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
@@ -147,8 +165,9 @@ def available() -> list[str]:
 def resolve(name_or_path: str | Path) -> Path:
     """The file of a shipped checkpoint name (:func:`available`, or an alias in :data:`ALIASES`) or of a path.
 
-    Raises :class:`CheckpointError` when neither exists: ``no checkpoint at PATH`` for something that looks like
-    a path (a :class:`Path`, a folder separator, a suffix), else ``unknown checkpoint name ...``."""
+    Raises :class:`CheckpointError` when neither exists: ``PATH is a folder`` for a folder, ``no checkpoint at
+    PATH`` for something that looks like a path (a :class:`Path`, a folder separator, a suffix), else ``unknown
+    checkpoint name ...``."""
     text = str(name_or_path)
     name = ALIASES.get(text, text)
     if isinstance(name_or_path, str) and name in available():
@@ -156,6 +175,8 @@ def resolve(name_or_path: str | Path) -> Path:
     path = Path(name_or_path)
     if path.is_file():
         return path
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a folder, expected a .safetensors file")
     if isinstance(name_or_path, Path) or "/" in text or "\\" in text or path.suffix:
         raise CheckpointError(f"no checkpoint at {path}")
     raise CheckpointError(f"unknown checkpoint name {text!r}: not a file, and the shipped ones are "
@@ -215,9 +236,10 @@ def load_with_tokenizer(
 ) -> tuple[torch.nn.Module, Any]:
     """``(model, tokenizer)``: a model as :func:`load` gives it, with the tokenizer it was trained on.
 
-    Image models (``"var"``, ``"raster_ar"``) record their VQ tokenizer's name or path: it is loaded with
-    :func:`load` on ``device``. Language models (``"lm"``, ``"diffusion_lm"``) record their vocabulary: a
-    :class:`~ar_course.data.CharTokenizer`. Other kinds raise :class:`CheckpointError`."""
+    Image models (``"var"``, ``"raster_ar"``, ``"maskgit"``, ``"continuous_ar"``) record their tokenizer's name
+    or path: it is loaded with :func:`load` on ``device``. Language models (``"lm"``, ``"diffusion_lm"``) record
+    their vocabulary: a :class:`~ar_course.data.CharTokenizer`. A checkpoint that records neither (a tokenizer,
+    a classifier) raises :class:`CheckpointError`."""
     path = resolve(name_or_path)
     model, meta = _load(path, device, kind)
     extra = meta["extra"]

@@ -1,7 +1,8 @@
 """The ``python -m ar_course`` command line.
 
 Sub-commands: ``generate`` (images from the shipped models), ``doctor`` (check the machine), ``grade``
-(grade a notebook), ``bench`` (run the benchmarks), ``train <what>`` (the chapters' trainers).
+(grade a notebook), ``bench`` (run the benchmarks), ``serve`` (a text model over HTTP), ``train <what>`` (the
+chapters' trainers).
 ``python -m ar_course <command> --help`` describes each.
 
 Errors: whatever goes wrong, the command prints one line ``error: ...`` on stderr and exits with 2 for bad
@@ -9,7 +10,7 @@ input (arguments, input files: :class:`UsageError` and argparse errors) or 1 for
 Ctrl-C exits 130. ``--debug`` anywhere on the command line (or ``AR_COURSE_DEBUG=1``) shows the traceback
 instead. A command's parser is an :class:`ArgumentParser`; its options check their values with the ``type=``
 helpers here (:func:`finite_float`, :func:`float_in`, :func:`int_in`...), so a bad number is refused before any
-work with ``error: --cfg must be a finite number >= 0, got nan``.
+work with ``error: --cfg must be a finite number in [0, 1000], got nan``.
 """
 
 from __future__ import annotations
@@ -149,6 +150,31 @@ def int_list(lo: int) -> Callable[[str], tuple[int, ...]]:
         return values
 
     return parse
+
+
+def device_name(text: str) -> str:
+    """argparse ``type=``: ``auto`` or a device of this machine: ``cpu``, ``cuda``, ``cuda:N`` (a GPU that is
+    there) or ``mps``: ``--device must be auto, cpu, cuda, cuda:N or mps, got 'tpu'``, ``--device must be a device
+    of this machine, which has no CUDA GPU, got 'cuda'``."""
+    if text == "auto":
+        return text
+    import torch  # not at import: ``python -m ar_course --help`` stays fast
+
+    requirement = "auto, cpu, cuda, cuda:N or mps"
+    try:
+        dev = torch.device(text)
+    except (RuntimeError, ValueError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda", "mps"):
+        raise invalid(requirement, text)
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (dev.index or 0) >= count:
+            has = f"cuda:0 to cuda:{count - 1}" if count else "no CUDA GPU"
+            raise invalid(f"a device of this machine, which has {has}", text)
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise invalid("a device of this machine, which has no MPS device", text)
+    return text
 
 
 positive_int = int_in(1)

@@ -20,8 +20,8 @@ import numpy as np
 import torch
 
 from ar_course.checkpoint import CheckpointError
-from ar_course.cli import (ArgumentParser, UsageError, finite_float, float_in, int_in, invalid, nonnegative_int,
-                           positive_int)
+from ar_course.cli import (ArgumentParser, UsageError, device_name, finite_float, float_in, int_in, invalid,
+                           nonnegative_int, positive_int)
 from ar_course.files import atomic_path, check_output_path
 from ar_course.images import encode_png, to_grid
 from ar_course.sampling import SamplingConfig
@@ -49,18 +49,6 @@ def _temperature(text: str) -> float:
     if value != 0 and not value >= MIN_TEMPERATURE:
         raise invalid(f"0 (greedy) or a finite number >= {MIN_TEMPERATURE:g}", text)
     return value
-
-
-def _device(text: str) -> str:
-    """argparse ``type=``: ``auto`` or a device torch knows of type cpu, cuda or mps (``cuda:1``...)."""
-    if text != "auto":
-        try:
-            kind = torch.device(text).type
-        except (RuntimeError, ValueError):
-            kind = None
-        if kind not in ("cpu", "cuda", "mps"):
-            raise invalid("auto, cpu, cuda, cuda:N or mps", text)
-    return text
 
 
 def build_parser() -> ArgumentParser:
@@ -93,7 +81,7 @@ def build_parser() -> ArgumentParser:
                    help="replay the batched decode step from CUDA graphs over a static KV cache (CUDA only; the "
                         "first call at a batch size captures them)")
     p.add_argument("--seed", type=int_in(0, MAX_SEED), default=0)
-    p.add_argument("--device", type=_device, default="auto", help="cpu, cuda or auto [auto]")
+    p.add_argument("--device", type=device_name, default="auto", help="cpu, cuda, cuda:N, mps or auto [auto]")
     p.add_argument("--var-checkpoint", type=Path, default=None, help="a VAR checkpoint instead of the shipped one")
     p.add_argument("--ar-checkpoint", type=Path, default=None,
                    help="a raster AR checkpoint instead of the shipped one")
@@ -104,7 +92,8 @@ def build_parser() -> ArgumentParser:
                    help="which shipped VAR model: pre-trained, or aligned by CCA (chapter 11; defaults to --cfg 0, "
                         "no guidance) [base]")
     p.add_argument("--dataset", choices=("mnist", "shapes"), default="mnist",
-                   help="what custom checkpoints generate (names the classifier) [mnist]")
+                   help="what custom checkpoints were trained on: a label only, which changes no image (the "
+                        "checkpoints decide the classes and the image size) [mnist]")
     p.add_argument("--zoom", type=int_in(1, 64), default=2, help="pixel repeat factor of the PNG, 1 to 64 [2]")
     p.add_argument("--stats-json", type=Path, default=None, help="also write the generation stats to this .json file")
     return p
@@ -140,7 +129,7 @@ def _check_options(args: argparse.Namespace) -> None:
         raise UsageError(f"the shipped models generate mnist; --dataset {args.dataset} needs --var-checkpoint or "
                          "--ar-checkpoint")
     try:
-        device = get_device(None if args.device == "auto" else args.device)
+        device = get_device(args.device)
     except RuntimeError as exc:
         raise UsageError(f"--device {args.device}: {exc}") from None
     if args.graphs and device.type != "cuda":

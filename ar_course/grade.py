@@ -7,9 +7,11 @@ limit), collects each check's verdict from the report the checks write (see
 not attempted, or not run (and why). The exit code is 0 only when every exercise passed.
 
 A notebook that crashes midway (kernel death, time-out) is still reported: the rows after the crash say
-where it happened. A file the grader cannot use (not a notebook, or one without exercises) is refused before
-any kernel starts: :func:`read_notebook` and :func:`grade_notebook` raise ``ValueError`` naming the file and
-what is wrong, which the command prints as one ``error:`` line (exit status 2).
+where it happened (a kernel stuck past its time limit is killed). A line of the report that is not a check's
+verdict (the notebook's own code can write to the report file) is skipped, and the table says so in one line.
+A file the grader cannot use (not a notebook, or one without exercises) is refused before any kernel starts:
+:func:`read_notebook` and :func:`grade_notebook` raise ``ValueError`` naming the file and what is wrong, which the
+command prints as one ``error:`` line (exit status 2).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import textwrap
 import time
 import uuid
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from queue import Empty
 from typing import Iterator
@@ -127,6 +129,8 @@ class GradeResult:
     rows: list[Row]
     crashed_at: str | None
     seconds: float
+    malformed: list[str] = field(default_factory=list)
+    """Why each skipped line of the grade report is not a verdict (``line 3 is not JSON: 'oops'``)."""
 
     @property
     def all_passed(self) -> bool:
@@ -176,8 +180,9 @@ def read_notebook(path: str | Path) -> nbformat.NotebookNode:
         content = json.loads(text)
     except UnicodeDecodeError:
         raise _not_a_notebook(path, "a binary file, not UTF-8 text") from None
-    except json.JSONDecodeError as exc:
-        raise _not_a_notebook(path, f"not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+    except json.JSONDecodeError as exc:  # some messages end in "at" already ("Unterminated string starting at")
+        raise _not_a_notebook(path, f"not valid JSON: {exc.msg.removesuffix(' at')} at line {exc.lineno} column "
+                                    f"{exc.colno}") from None
     if not isinstance(content, dict) or "nbformat" not in content:
         raise _not_a_notebook(path, "JSON without an 'nbformat' version")
     try:
@@ -228,11 +233,7 @@ def grade_notebook(path: str | Path, timeout: float = 600.0, cell_timeout: float
         report = Path(tmp) / "report.jsonl"
         with _environment(REPORT_ENV, str(report)):
             crashed_at, errors = _run_cells(cells, nb.metadata, path.parent.resolve(), timeout, cell_timeout)
-        verdicts: dict[str, dict] = {}
-        if report.exists():
-            for line in report.read_text(encoding="utf-8").splitlines():
-                rec = json.loads(line)
-                verdicts[rec["exercise"]] = rec  # the last verdict for an exercise wins
+        verdicts, malformed, unreported = _read_report(report)
     setup_errors = [
         f"cell {i}: {errors[i]}" for i, c in cells if i in errors and "setup" in c.metadata.get("tags", [])
     ]
@@ -244,11 +245,48 @@ def grade_notebook(path: str | Path, timeout: float = 600.0, cell_timeout: float
             rows.append(Row(number, name, rec["status"], detail))
         elif crashed_at:
             rows.append(Row(number, name, "not run", f"notebook stopped: {crashed_at}"))
+        elif number in unreported:
+            rows.append(Row(number, name, "not run", f"malformed grade report ({unreported[number]})"))
         elif setup_errors:
             rows.append(Row(number, name, "not run", f"setup failed: {setup_errors[0]}"))
         else:
             rows.append(Row(number, name, "not run", "its check cell did not report (missing, or it errored)"))
-    return GradeResult(rows, crashed_at, time.perf_counter() - start)
+    return GradeResult(rows, crashed_at, time.perf_counter() - start, malformed)
+
+
+VERDICT_STATUSES = (PASSED, FAILED, NOT_ATTEMPTED)
+
+
+def _shown(line: str) -> str:
+    """A report line quoted for a message, shortened when long."""
+    return repr(line) if len(line) <= 40 else repr(line[:37]) + "..."
+
+
+def _read_report(report: Path) -> tuple[dict[str, dict], list[str], dict[str, str]]:
+    """The grade report's verdicts by exercise (the last one for an exercise wins), why each malformed line was
+    skipped, and which line (``"line 3"``) last named an exercise in a malformed record.
+
+    A verdict is a JSON object ``{"exercise": str, "status": one of VERDICT_STATUSES, "message": str}`` on a line
+    of its own (as :mod:`ar_course.checks.core` writes it); the notebook's own code can write anything there."""
+    verdicts: dict[str, dict] = {}
+    malformed: list[str] = []
+    unreported: dict[str, str] = {}
+    if not report.exists():
+        return verdicts, malformed, unreported
+    for n, line in enumerate(report.read_text(encoding="utf-8", errors="replace").splitlines(), start=1):
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            malformed.append(f"line {n} is not JSON: {_shown(line)}")
+            continue
+        if not (isinstance(rec, dict) and isinstance(rec.get("exercise"), str)
+                and rec.get("status") in VERDICT_STATUSES and isinstance(rec.get("message"), str)):
+            malformed.append(f"line {n} is not a verdict {{exercise, status, message}}: {_shown(line)}")
+            if isinstance(rec, dict) and isinstance(rec.get("exercise"), str):
+                unreported[rec["exercise"]] = f"line {n}"
+            continue
+        verdicts[rec["exercise"]] = rec
+    return verdicts, malformed, unreported
 
 
 @contextlib.contextmanager
@@ -288,6 +326,9 @@ def _run_cells(cells: list[tuple[int, nbformat.NotebookNode]], metadata: dict, f
                     client.execute_cell(cell, j)
                 except CellTimeoutError:
                     crashed_at = f"cell {orig} timed out"
+                    # kill the stuck kernel: a graceful shutdown interrupts the cell and closes the kernel's
+                    # sockets while it replies, and it prints a ZMQError traceback on our stderr
+                    client.shutdown_kernel = "immediate"
                     break
                 except DeadKernelError:
                     crashed_at = f"kernel died in cell {orig}"
@@ -321,6 +362,10 @@ def format_table(result: GradeResult, title: str = "") -> str:
     lines.append(f"{n_pass}/{len(result.rows)} exercises passed ({result.seconds:.0f} s)")
     if result.crashed_at:
         lines.append(f"The notebook stopped early: {result.crashed_at}.")
+    if result.malformed:
+        n = len(result.malformed)
+        lines.append(f"Skipped {n} malformed line{'s' * (n > 1)} of the grade report: {result.malformed[0]}"
+                     + (f" (and {n - 1} more)" if n > 1 else "") + ".")
     return "\n".join(lines)
 
 
@@ -332,23 +377,28 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m ar_course grade",
         description="Execute a notebook's setup/exercise/check cells and print which exercises pass.",
     )
-    parser.add_argument("notebooks", nargs="+", type=Path, help="notebook(s) to grade")
+    parser.add_argument("notebooks", nargs="+", type=Path,
+                        help="notebook(s) to grade; one named twice (even by another path) is graded once")
     parser.add_argument("--timeout", type=seconds, default=600.0,
                         help=f"time limit per notebook in seconds, at most {MAX_SECONDS:g} [600]")
     parser.add_argument("--cell-timeout", type=seconds, default=300.0,
                         help=f"time limit per cell in seconds, at most {MAX_SECONDS:g} [300]")
     parser.add_argument("--json", type=Path, help="also write the results to this .json file")
     args = parser.parse_args(argv)
+    unique: dict[str, Path] = {}
+    for nb_path in args.notebooks:
+        unique.setdefault(os.path.realpath(nb_path), nb_path)  # each notebook once, as first named
+    notebooks = list(unique.values())
     try:
         if args.json is not None:
             check_output_path(args.json, suffix=".json", what="--json")
-        for nb_path in args.notebooks:
+        for nb_path in notebooks:
             notebook_exercises(read_notebook(nb_path), nb_path)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     ok = True
     results = {}
-    for nb_path in args.notebooks:
+    for nb_path in notebooks:
         res = grade_notebook(nb_path, timeout=args.timeout, cell_timeout=args.cell_timeout)
         print(format_table(res, title=str(nb_path)))
         print()

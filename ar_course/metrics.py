@@ -49,9 +49,12 @@ from torch import nn
 from ar_course import checkpoint
 from ar_course import distributed as ddp
 from ar_course.checkpoint import save_checkpoint
-from ar_course.cli import ArgumentParser, positive_float, positive_int
-from ar_course.train import History, TrainConfig, add_run_options, finish_run, prepare_run, train_loop, trainer_main
-from ar_course.utils import get_device, seed_everything
+from ar_course.cli import ArgumentParser, device_name, positive_float, positive_int
+from ar_course.train import (
+    DEVICE_HELP, History, TrainConfig, add_run_options, check_batch_size, finish_run, prepare_run, seed_int, train_loop,
+    trainer_main,
+)
+from ar_course.utils import check_finite, check_ids, check_int, get_device, seed_everything
 
 DATASETS = {"mnist": (1, 10), "shapes": (3, 4)}  # name -> (in_channels, num_classes)
 SHAPES_TRAIN = (20_000, 0)  # (n, seed) of the procedural training set
@@ -145,6 +148,7 @@ def load_classifier(dataset: str = "mnist", device: str | torch.device = "cpu") 
 def _prepare(images: torch.Tensor, dataset: str) -> tuple[Classifier, torch.Tensor]:
     channels, _ = _check_dataset(dataset)
     _check_images(images, channels)
+    check_finite("images", images)
     lo, hi = float(images.min()), float(images.max())
     if lo < -0.5 or hi > 1.5:
         raise ValueError(f"images must be in [0, 1], got values in [{lo:.2f}, {hi:.2f}] "
@@ -158,21 +162,34 @@ def classifier_features(images: torch.Tensor, dataset: str = "mnist", batch_size
     in [0, 1], on the images' device, without gradients.
 
     Values slightly outside [0, 1] are clamped; a range that looks like [-1, 1] raises ``ValueError``."""
+    batch_size = check_int("batch_size", batch_size, lo=1)
     model, images = _prepare(images, dataset)
     return torch.cat([model.features(chunk) for chunk in images.split(batch_size)])
 
 
 @torch.no_grad()
 def classify(images: torch.Tensor, dataset: str = "mnist", batch_size: int = 1000) -> torch.Tensor:
-    """Predicted labels ``(N,)`` (int64) for ``images`` ``(N, C, H, W)`` in [0, 1]."""
+    """Predicted labels ``(N,)`` (int64) for ``images`` ``(N, C, H, W)`` in [0, 1].
+
+    Raises:
+        ValueError: an unknown dataset, images of the wrong shape or range or holding NaN, ``batch_size < 1``.
+    """
+    batch_size = check_int("batch_size", batch_size, lo=1)
     model, images = _prepare(images, dataset)
     return torch.cat([model(chunk).argmax(dim=1) for chunk in images.split(batch_size)])
 
 
 def class_accuracy(images: torch.Tensor, labels: torch.Tensor, dataset: str = "mnist") -> float:
-    """Fraction of ``images`` ``(N, C, H, W)`` that the classifier assigns to ``labels`` ``(N,)``."""
-    if labels.ndim != 1 or labels.shape[0] != images.shape[0]:
-        raise ValueError(f"labels must have shape ({images.shape[0]},), got {tuple(labels.shape)}")
+    """Fraction of ``images`` ``(N, C, H, W)`` that the classifier assigns to ``labels`` ``(N,)`` (integers, the
+    dataset's classes).
+
+    Raises:
+        TypeError: ``labels`` is not a tensor.
+        ValueError: as :func:`classify`, or ``labels`` of another length, not integers, or not a class.
+    """
+    channels, num_classes = _check_dataset(dataset)
+    _check_images(images, channels)
+    check_ids("labels", labels, num_classes, (images.shape[0],), dtype=None)
     return float((classify(images, dataset).cpu() == labels.cpu()).float().mean())
 
 
@@ -446,15 +463,17 @@ def train_main(argv: list[str] | None = None) -> int:
                             description="Train the judge classifier used by ar_course.metrics.")
     parser.add_argument("--dataset", choices=sorted(DATASETS), default="mnist")
     parser.add_argument("--steps", type=positive_int, default=1500)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=seed_int, default=0)
     parser.add_argument("--batch-size", type=positive_int, default=128,
-                        help="global batch, split across processes under torchrun [%(default)s]")
+                        help="global batch, split across processes under torchrun; at most the training images "
+                             "[%(default)s]")
     parser.add_argument("--lr", type=positive_float, default=3e-3)
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    parser.add_argument("--device", type=device_name, default=None, help=DEVICE_HELP)
     parser.add_argument("--out", type=Path, default=None,
                         help="checkpoint path (default: the shipped ar_course/assets/classifier_<dataset>.safetensors)")
     add_run_options(parser)
     args = parser.parse_args(argv)
+    check_batch_size(parser, args.batch_size, args.dataset)
     out = args.out or checkpoint_path(args.dataset)
     state_path = prepare_run(parser, out, args.resume, args.batch_size)
     model, accuracy, history = train_classifier(args.dataset, args.steps, args.seed, args.batch_size, lr=args.lr,

@@ -16,13 +16,14 @@ Input rules (checked; see :mod:`ar_course.utils` for which error is raised when)
 
 * ``logits``: a real tensor ``(..., V)`` with ``V >= 1``; leading dimensions may be empty (``(0, V)`` gives
   ``(0,)`` tokens). A logit is a real number, or ``-inf`` for a token that must never be drawn. NaN and
-  ``+inf`` are refused, and so is a row with no token above ``-inf`` (nothing could be drawn from it), or a
-  row that overflows float32 once divided by a tiny temperature. These checks read the values: one host sync
-  per call on CUDA (per token in the decoding loops).
+  ``+inf`` are refused, and so is a row with no token above ``-inf`` (nothing could be drawn from it). These
+  checks read the values: one host sync per call on CUDA (per token in the decoding loops).
 * ``temperature``: a finite number ``>= 0`` (``0`` is greedy); ``top_k``: ``None`` or an integer ``>= 1``;
   ``top_p``: ``None`` or a number in ``(0, 1]``; all checked when a :class:`SamplingConfig` is made, even
-  where greedy ignores them.
-* So the sampler never returns an id outside ``[0, V)``.
+  where greedy ignores them. Every such config works on every valid row: a temperature so small that
+  ``logits / temperature`` overflows float32 (``1e-40``) gives the greedy token (ties shared), and a tiny
+  ``top_p`` (``1e-46``) keeps the most likely token.
+* So the sampler never returns an id outside ``[0, V)``, and its distributions never hold NaN.
 """
 
 from __future__ import annotations
@@ -93,18 +94,23 @@ def _check_shape(logits: torch.Tensor, name: str = "logits") -> None:
         raise ValueError(f"{name} must hold real numbers, got {logits.dtype}")
 
 
-def _check_rows(logits: torch.Tensor, tempered: torch.Tensor | None = None, temperature: float = 1.0) -> None:
-    """Every row of ``tempered`` (default: ``logits``) ``(..., V)`` has no NaN, no ``+inf`` and a token above
-    ``-inf``; otherwise a ``ValueError`` saying what is wrong with the first bad row of ``logits``.
+def _rows_ok(x: torch.Tensor) -> bool:
+    """Whether every row of ``x`` ``(..., V)`` has no NaN, no ``+inf`` and a token above ``-inf``.
 
     One host sync (on CUDA: per call, so per token in the decoding loops)."""
-    x = logits if tempered is None else tempered
     row_max = x.amax(dim=-1)  # (...): NaN if the row holds one, +inf if it holds one, -inf if nothing is above
     if row_max.numel() == 0:
-        return
+        return True
     lowest, highest = torch.stack(torch.aminmax(row_max)).tolist()
-    if lowest > NEG_INF and highest < float("inf"):  # False for NaN as well
+    return lowest > NEG_INF and highest < float("inf")  # False for NaN as well
+
+
+def _check_rows(logits: torch.Tensor) -> None:
+    """Every row of ``logits`` ``(..., V)`` has no NaN, no ``+inf`` and a token above ``-inf``; otherwise a
+    ``ValueError`` saying what is wrong with the first bad row. One host sync (on CUDA) when all rows are valid."""
+    if _rows_ok(logits):
         return
+    row_max = logits.amax(dim=-1)  # (...)
     bad = torch.isnan(row_max) | torch.isinf(row_max)
     row = int(bad.flatten().nonzero()[0])
     raw = logits.reshape(-1, logits.shape[-1])[row]  # (V,)
@@ -113,11 +119,16 @@ def _check_rows(logits: torch.Tensor, tempered: torch.Tensor | None = None, temp
         raise ValueError(f"{where} contains NaN")
     if bool(torch.isposinf(raw).any()):
         raise ValueError(f"{where} contains +inf (a logit must be a real number, or -inf for an excluded token)")
-    if bool((raw == NEG_INF).all()):
-        raise ValueError(f"{where} is all -inf: no token can be drawn")
-    largest = float(raw[torch.isfinite(raw)].abs().max())
-    raise ValueError(f"{where} overflows float32 when divided by temperature={temperature} (largest |logit| "
-                     f"{largest:.3g}); use a larger temperature, or 0 for greedy")
+    raise ValueError(f"{where} is all -inf: no token can be drawn")
+
+
+def _temper_shifted(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``logits / temperature`` up to a constant per row (the same softmax) for valid float32 rows where a tiny
+    ``temperature`` overflows the plain division: each row's largest logit is moved to 0 first, so it stays 0 and
+    the others fall towards ``-inf``, never NaN or ``+inf``. A temperature below float32's smallest normal number
+    (which float32 would round towards 0) divides as that number: both are far below any gap between logits."""
+    shifted = logits - logits.amax(dim=-1, keepdim=True)  # (..., V), row max exactly 0
+    return shifted / max(temperature, torch.finfo(torch.float32).tiny)
 
 
 def greedy(logits: torch.Tensor) -> torch.Tensor:
@@ -167,6 +178,7 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
     sorted_probs, _ = torch.sort(probs, dim=-1, descending=True)
     mass_before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs  # exclusive cumulative sum
     keep_sorted = mass_before < p
+    keep_sorted[..., 0] = True  # the top token, even when p rounds to 0 in float32 (p = 1e-46)
     # smallest kept probability per row; every token at least that likely stays
     threshold = torch.where(keep_sorted, sorted_probs, torch.ones_like(sorted_probs)).amin(dim=-1, keepdim=True)
     return logits.masked_fill(probs < threshold, NEG_INF)
@@ -184,8 +196,10 @@ def process_logits(logits: torch.Tensor, *, sampling: SamplingConfig = SamplingC
         best = greedy(logits)[..., None]  # (..., 1)
         return torch.full_like(logits, NEG_INF).scatter(-1, best, 0.0)
     tempered = apply_temperature(logits, sampling.temperature)
-    _check_rows(logits, tempered, sampling.temperature)  # the filters below keep at least one token of a valid row
-    logits = tempered
+    if not _rows_ok(tempered):  # bad logits, or a temperature so small that the division overflowed float32
+        _check_rows(logits)
+        tempered = _temper_shifted(logits, sampling.temperature)
+    logits = tempered  # valid rows: the filters below keep at least one token of each
     if sampling.top_k is not None:
         logits = top_k_filter(logits, sampling.top_k)
     if sampling.top_p is not None:

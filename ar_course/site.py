@@ -39,7 +39,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import nbformat
 from nbformat import NotebookNode
 
-from ar_course.checkout import CheckoutNotFound, find_root
+from ar_course.checkout import CheckoutNotFound, find_root, root_path
 from ar_course.checks.core import STRICT_ENV
 from ar_course.files import atomic_write_bytes, atomic_write_text
 
@@ -513,14 +513,14 @@ def main(argv: Iterable[str] | None = None) -> int:
     ex.add_argument("--out", type=Path, default=Path("build/executed"), help="default: build/executed")
     ex.add_argument("--cell-timeout", type=int, default=CELL_TIMEOUT, help=f"seconds per cell (default {CELL_TIMEOUT})")
     bd = sub.add_parser("build", help="HTML pages + index from the executed solutions (executing stale ones)")
-    bd.add_argument("--root", type=Path, default=None, help="the checkout (default: found from here upward)")
+    bd.add_argument("--root", type=root_path, default=None, help="the checkout (default: found from here upward)")
     bd.add_argument("--solutions", type=Path, default=None, help="default: ROOT/solutions")
     bd.add_argument("--executed", type=Path, default=None, help="default: ROOT/build/executed")
     bd.add_argument("--out", type=Path, default=None, help="default: ROOT/build/site")
     bd.add_argument("--no-execute", action="store_true", help="fail instead of executing a missing copy")
     bd.add_argument("--cell-timeout", type=int, default=CELL_TIMEOUT, help=f"seconds per cell (default {CELL_TIMEOUT})")
     fg = sub.add_parser("figures", help="every figure of the executed solutions -> docs/figures/ (committed)")
-    fg.add_argument("--root", type=Path, default=None, help="the checkout (default: found from here upward)")
+    fg.add_argument("--root", type=root_path, default=None, help="the checkout (default: found from here upward)")
     fg.add_argument("--executed", type=Path, default=None, help="default: ROOT/build/executed")
     fg.add_argument("--out", type=Path, default=None, help="default: ROOT/docs/figures")
     args = parser.parse_args(None if argv is None else list(argv))

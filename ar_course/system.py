@@ -172,8 +172,8 @@ class GenerationRequest:
             ``torch.compile(dynamic=True)``; attention then runs in torch (``kernels`` must be ``"auto"`` or
             ``"torch"``) and inductor fuses around it. Batched generation only (``speculative=None``). The first
             call compiles (tens of seconds on a CPU; needs a C++ compiler there), later calls reuse it. Same
-            tokens as eager up to float rounding; on a 2-core CPU the raster decode ran 1.5-1.9x faster at
-            batches 1-10, VAR's 1.15-1.25x (``benchmarks/bench_system.py``).
+            tokens as eager up to float rounding; what it gains is measured by ``benchmarks/bench_system.py``
+            (the README's full-system rows).
         seed: seeds one generator for the call (``None``: torch's global generator).
         batch_size: images per batched call; samples depend on it, so keep it fixed when comparing.
         progress: a ``tqdm`` bar over the images (useful for speculative decoding, one image at a time).
@@ -459,6 +459,13 @@ class Generator:
 
     ``strategies`` maps ``(method, speculative)`` to the strategy that generates that way with these models.
     Generating never changes the models, so Generators may share them, and threads may share a Generator.
+
+    Raises:
+        TypeError: a model or tokenizer of another class (``Generator(ar_model, ar_tokenizer)`` passes them as
+            ``var_model, var_tokenizer``: name them).
+        ValueError: a model without its tokenizer or none at all, a tokenizer whose codes, scales or grid do not
+            fit its model, a raster model or draft that is not causal and class-conditional, or a draft of other
+            classes or without ``ar_model``.
     """
 
     def __init__(
@@ -474,9 +481,20 @@ class Generator:
             raise ValueError("pass each model together with its tokenizer")
         if var_model is None and ar_model is None:
             raise ValueError("a Generator needs a VAR model or a raster AR model")
-        if ar_draft is not None and (ar_model is None or ar_draft.config.vocab_size != ar_model.config.vocab_size
-                                     or ar_draft.config.n_classes != ar_model.config.n_classes):
-            raise ValueError("the draft must model the raster model's tokens and classes")
+        if var_model is not None:
+            _check_models("var_model", var_model, var.VAR, "var_tokenizer", var_tokenizer)
+            var.check_tokenizer(var_tokenizer.quantizer, var_model.config)
+        if ar_model is not None:
+            _check_models("ar_model", ar_model, GPT, "ar_tokenizer", ar_tokenizer)
+            _check_raster_pair("ar_model", ar_model, ar_tokenizer)
+        if ar_draft is not None:
+            if ar_model is None:
+                raise ValueError("ar_draft needs the raster model it drafts for (ar_model)")
+            _check_models("ar_draft", ar_draft, GPT)
+            _check_raster_pair("ar_draft", ar_draft, ar_tokenizer)
+            if ar_draft.config.n_classes != ar_model.config.n_classes:
+                raise ValueError(f"ar_draft models {ar_draft.config.n_classes} classes, ar_model "
+                                 f"{ar_model.config.n_classes}: the draft must model the raster model's classes")
         self.var, self.var_tokenizer = var_model, var_tokenizer
         self.ar, self.ar_tokenizer, self.ar_draft = ar_model, ar_tokenizer, ar_draft
         self.dataset = dataset
@@ -516,7 +534,7 @@ class Generator:
         """Models from checkpoints: shipped names (:func:`ar_course.checkpoint.available`) or files (safetensors +
         JSON metadata; tokenizers are found by the name or path each checkpoint records). A missing, corrupted
         or mismatched file raises :class:`~ar_course.checkpoint.CheckpointError` naming it."""
-        dev = get_device(None if str(device) == "auto" else str(device))
+        dev = get_device(str(device))
         var_model = var_tok = ar_model = ar_tok = draft = None
         if var_path is not None:
             var_model, var_tok = checkpoint.load_with_tokenizer(var_path, dev, kind=var.CHECKPOINT_KIND)
@@ -615,6 +633,28 @@ class Generator:
         max_neighbors = self.ar.config.vocab_size - 1 if self.ar is not None else None
         check_int("neighbors", request.neighbors, lo=0, hi=max_neighbors)
         return strategy
+
+
+def _check_models(name: str, model: object, expected: type, tokenizer_name: str | None = None,
+                  tokenizer: object = None) -> None:
+    """``model`` is an ``expected`` module and ``tokenizer`` (when named) a :class:`VQVAE` (``TypeError``)."""
+    if not isinstance(model, expected):
+        raise TypeError(f"{name} must be a {expected.__name__}, got {type(model).__name__}")
+    if tokenizer_name is not None and not isinstance(tokenizer, VQVAE):
+        raise TypeError(f"{tokenizer_name} must be a VQVAE, got {type(tokenizer).__name__}")
+
+
+def _check_raster_pair(name: str, model: GPT, tokenizer: VQVAE) -> None:
+    """A chapter 03 raster model fits ``tokenizer``: causal, class-conditional, and on the tokenizer's codes and
+    grid (:func:`ar_course.raster.check_tokenizer`); ``ValueError`` naming ``name`` otherwise."""
+    c = model.config
+    if not c.causal or c.n_classes < 1:
+        raise ValueError(f"{name} must be a causal, class-conditional raster model (chapter 03), got causal="
+                         f"{c.causal}, n_classes={c.n_classes}")
+    try:
+        raster.check_tokenizer(tokenizer, model)
+    except ValueError as exc:
+        raise ValueError(f"{name} does not fit ar_tokenizer: {exc}") from None
 
 
 def _stats(request: GenerationRequest, device: str, precision: str, backends: dict, tally: Tally,

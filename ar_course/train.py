@@ -38,14 +38,16 @@ import torch
 from tqdm.auto import tqdm
 
 from ar_course import distributed as ddp
-from ar_course.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from ar_course.cli import nonnegative_int, positive_float, positive_int, probability
+from ar_course.checkpoint import CheckpointError, NonFiniteWeightsError, load, load_checkpoint, save_checkpoint
+from ar_course.cli import device_name, int_in, nonnegative_int, positive_float, positive_int, probability
 from ar_course.files import check_output_path
 
 STATE_KIND = "train-state"
 STATE_SUFFIX = ".train-state.safetensors"
 # TrainConfig fields a resumed run must share with the run that wrote the state (they shape the trajectory)
 _SCHEDULE_FIELDS = ("steps", "lr", "weight_decay", "warmup", "min_lr_ratio", "grad_clip", "betas", "keep_best", "ema")
+DIVERGED_HINT = "rerun with a lower --lr"
+"""What the error of a run that diverged (a NaN or inf loss, or weights) says to do."""
 
 
 @dataclass
@@ -313,7 +315,12 @@ def train_loop(
     ``model`` itself. The recorded loss is averaged over processes; only rank 0 shows progress, evaluates
     (the other processes' history has no evals) and writes the state. All processes stop at the same step
     when a signal reaches any of them; with ``keep_best`` only rank 0 ends with the best weights. ``model`` is
-    updated in place either way."""
+    updated in place either way.
+
+    Raises:
+        TrainingError: ``keep_best`` without ``eval_fn``, ``ema`` outside [0, 1), a state to resume that is
+            missing or does not fit, or a loss that is NaN or inf (the run diverged; it stops at that step).
+    """
     if config.keep_best and eval_fn is None:
         raise TrainingError(f"keep_best={config.keep_best!r} needs an eval_fn to measure it")
     if not 0.0 <= config.ema < 1.0:
@@ -350,6 +357,9 @@ def train_loop(
             loss_sum, stops = ddp.sum_across_processes(torch.stack([loss.detach().double(), stop])).tolist()
             history.steps.append(step)
             history.loss.append(loss_sum / ddp.world_size())
+            if not math.isfinite(history.loss[-1]):  # NaN or inf: every later step and the weights are ruined
+                raise TrainingError(f"training diverged: the loss is {history.loss[-1]} at step {step + 1} "
+                                    f"({DIVERGED_HINT})")
             if step % config.log_every == 0:
                 bar.set_postfix(loss=f"{history.smoothed()[-1]:.4f}")
             done = step + 1
@@ -388,6 +398,17 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
 
 
 EVAL_HELP = "samples per class for the accuracy recorded at each guidance strength (0: skip)"
+MAX_SEED = 2**63 - 1
+"""Largest ``--seed``: torch seeds are unsigned 64-bit integers, and trainers also seed ``seed + 1``, ``seed + 2``."""
+MAX_PER_CLASS = 1000
+"""Largest ``--eval-per-class``: samples per class a trainer generates for each accuracy it records."""
+MAX_LAYERS, MAX_WIDTH = 128, 8192
+"""Largest ``--n-layer`` and ``--n-embd`` (and a flow head's depth and width): far beyond what a CPU trains."""
+seed_int = int_in(0, MAX_SEED)
+"""argparse ``type=`` of every trainer's ``--seed``."""
+per_class_int = int_in(0, MAX_PER_CLASS)
+"""argparse ``type=`` of ``--eval-per-class``."""
+DEVICE_HELP = "cpu, cuda, cuda:N, mps or auto [auto: cuda when there is a GPU]"
 
 
 def add_conditional_model_options(parser: argparse.ArgumentParser, *, steps: int, batch_size: int, lr: float,
@@ -397,13 +418,14 @@ def add_conditional_model_options(parser: argparse.ArgumentParser, *, steps: int
     global batch), ``--lr``, ``--p-uncond`` and the transformer's ``--n-layer``, ``--n-embd``, ``--n-head``
     (checked after parsing by :func:`check_conditional_model_options`)."""
     parser.add_argument("--steps", type=positive_int, default=steps)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=seed_int, default=0)
     parser.add_argument("--batch-size", type=positive_int, default=batch_size,
-                        help="global batch, split across processes under torchrun [%(default)s]")
+                        help="global batch, split across processes under torchrun; at most the training images "
+                             "[%(default)s]")
     parser.add_argument("--lr", type=positive_float, default=lr)
     parser.add_argument("--p-uncond", type=probability, default=0.1, help="condition dropout probability")
-    parser.add_argument("--n-layer", type=positive_int, default=n_layer)
-    parser.add_argument("--n-embd", type=positive_int, default=n_embd)
+    parser.add_argument("--n-layer", type=int_in(1, MAX_LAYERS), default=n_layer)
+    parser.add_argument("--n-embd", type=int_in(1, MAX_WIDTH), default=n_embd)
     parser.add_argument("--n-head", type=positive_int, default=n_head)
 
 
@@ -414,19 +436,64 @@ def add_output_options(parser: argparse.ArgumentParser, *, out: Path, train_imag
     if train_images:
         parser.add_argument("--train-images", type=positive_int, default=None, metavar="N",
                             help="train on the first N training images only (default: all)")
-    parser.add_argument("--eval-per-class", type=nonnegative_int, default=20, help=eval_help)
-    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    parser.add_argument("--eval-per-class", type=per_class_int, default=20, help=eval_help)
+    parser.add_argument("--device", type=device_name, default=None, help=DEVICE_HELP)
     parser.add_argument("--out", type=Path, default=out, help=f"checkpoint path (default: the shipped {out.name})")
     add_run_options(parser)
 
 
-def check_conditional_model_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+def check_conditional_model_options(parser: argparse.ArgumentParser, args: argparse.Namespace,
+                                    dataset: str = "mnist") -> None:
     """Usage errors (exit 2) for parsed options of :func:`add_conditional_model_options` and
-    :func:`add_output_options`: heads that do not divide the width, fewer training images than one batch."""
+    :func:`add_output_options`: heads that do not divide the width, fewer training images (of ``dataset``) than
+    one batch (:func:`check_batch_size`)."""
     if args.n_embd % args.n_head:
         parser.error(f"--n-embd {args.n_embd} must divide by --n-head {args.n_head}")
-    if getattr(args, "train_images", None) is not None and args.train_images < args.batch_size:
-        parser.error(f"--train-images {args.train_images} is smaller than --batch-size {args.batch_size}")
+    check_batch_size(parser, args.batch_size, dataset, getattr(args, "train_images", None))
+
+
+def training_images(dataset: str) -> int:
+    """The number of training images of ``dataset`` (``"mnist"`` or ``"shapes"``), without making them."""
+    from ar_course.data import load_mnist
+    from ar_course.metrics import SHAPES_TRAIN
+
+    return len(load_mnist("train")[1]) if dataset == "mnist" else SHAPES_TRAIN[0]
+
+
+def check_batch_size(parser: argparse.ArgumentParser, batch_size: int, dataset: str,
+                     train_images: int | None = None) -> None:
+    """A usage error (exit 2) when ``--batch-size`` is larger than the training set: the ``dataset``'s training
+    images, or the first ``--train-images`` of them."""
+    if train_images is not None and train_images < batch_size:
+        parser.error(f"--train-images {train_images} is smaller than --batch-size {batch_size}")
+    if batch_size > (n := training_images(dataset)):
+        parser.error(f"--batch-size {batch_size} is larger than the {n} training images of {dataset}")
+
+
+@contextmanager
+def checkpoint_option(parser: argparse.ArgumentParser, option: str) -> Iterator[None]:
+    """Inside the block, a :class:`~ar_course.checkpoint.CheckpointError` (the checkpoint given as ``option`` is
+    missing, damaged or of the wrong kind) is a usage error naming the option (exit 2), as in ``generate``."""
+    try:
+        yield
+    except CheckpointError as exc:
+        parser.error(f"{option}: {exc}")
+
+
+def load_tokenizer(parser: argparse.ArgumentParser, name: str, device: torch.device, quantizers: tuple[str, ...],
+                   needed: str, channels: int = 1) -> torch.nn.Module:
+    """The tokenizer ``--tokenizer name`` on ``device``; a usage error (exit 2) when it is not a tokenizer
+    checkpoint, its quantizer is not one of ``quantizers`` (``needed`` describes them: ``"a multi-scale
+    ('msvq')"``) or it takes images of other than ``channels`` channels."""
+    with checkpoint_option(parser, "--tokenizer"):
+        tokenizer = load(name, device, kind="tokenizer")
+    config = tokenizer.config
+    if config.quantizer not in quantizers:
+        parser.error(f"--tokenizer {name} is a {config.quantizer!r} tokenizer; {needed} one is needed")
+    if config.in_channels != channels:
+        parser.error(f"--tokenizer {name} takes {config.in_channels}-channel images but the training images have "
+                     f"{channels}")
+    return tokenizer
 
 
 def state_path_for(out: Path) -> Path:
@@ -462,7 +529,8 @@ def finish_run(state: Path) -> None:
 
 def trainer_main(main: Callable[[list[str] | None], int]) -> Callable[[list[str] | None], int]:
     """Decorate a trainer's ``main(argv)``: a :class:`TrainingError` becomes one line ``error: ...`` on
-    stderr (from rank 0) and exit status 1; an interruption says how to continue."""
+    stderr (from rank 0) and exit status 1; an interruption says how to continue, and weights that
+    :func:`~ar_course.checkpoint.save_checkpoint` refuses (NaN or inf) say that the run diverged."""
 
     @functools.wraps(main)
     def run(argv: list[str] | None = None) -> int:
@@ -472,6 +540,8 @@ def trainer_main(main: Callable[[list[str] | None], int]) -> Callable[[list[str]
             message = f"interrupted at step {exc.step}; continue with --resume"
         except TrainingError as exc:
             message = str(exc)
+        except NonFiniteWeightsError as exc:  # the one check that no trainer writes NaN or inf weights
+            message = f"training diverged: {exc} ({DIVERGED_HINT})"
         if ddp.is_main_process():
             print(f"error: {message}", file=sys.stderr)
         return 1

@@ -2,7 +2,7 @@
 
 Argument checks: every public function of the library checks its input with the ``check_*`` functions below,
 so that bad input fails at once with one line naming the argument and the value
-(``ValueError: cfg must be a finite number >= 0, got nan``), never deep inside with an ``IndexError``.
+(``ValueError: temperature must be a finite number >= 0, got nan``), never deep inside with an ``IndexError``.
 The rule they follow:
 
 * ``TypeError``: an argument that must be a Python number or bool is something else (a string, ``None``, a
@@ -37,10 +37,19 @@ def seed_everything(seed: int) -> torch.Generator:
 
 
 def get_device(prefer: str | None = None) -> torch.device:
-    """``cuda`` when a CUDA GPU is present, else ``cpu``. ``prefer`` (or ``AR_COURSE_DEVICE``) overrides."""
+    """``cuda`` when a CUDA GPU is present, else ``cpu``. ``prefer`` (or ``AR_COURSE_DEVICE``) overrides, unless
+    it is ``"auto"``.
+
+    Raises:
+        ValueError: ``prefer`` is not a device torch knows (``"gpu"``...).
+        RuntimeError: a CUDA device is asked for on a machine without one.
+    """
     choice = prefer or os.environ.get("AR_COURSE_DEVICE")
-    if choice:
-        dev = torch.device(choice)
+    if choice and choice != "auto":
+        try:
+            dev = torch.device(choice)
+        except (RuntimeError, TypeError):
+            raise ValueError(f"unknown device {choice!r}: use 'cpu', 'cuda', 'cuda:N' or 'auto'") from None
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise RuntimeError(f"device {choice!r} requested but CUDA is not available")
         return dev

@@ -14,6 +14,7 @@ Writes ``benchmarks/results/kv_cache.json`` and ``kv_cache.png``::
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import platform
 import time
@@ -104,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
 
     lengths = list(range(prompt.shape[1] + 1, prompt.shape[1] + args.new_tokens + 1))
     result = {
+        "date": datetime.date.today().isoformat(),
         "model": "lm_target",
         "params": model.num_params(),
         "config": model.config.to_dict(),

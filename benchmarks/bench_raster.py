@@ -18,6 +18,7 @@ Writes ``benchmarks/results/raster.json`` and ``raster.png``::
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import platform
 import time
@@ -112,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         print(quality[-1])
 
     result = {
+        "date": datetime.date.today().isoformat(),
         "model": "ar_mnist", "params": model.num_params(), "config": model.config.to_dict(),
         "device": str(device), "cpu": platform.processor() or platform.machine(), "threads": args.threads,
         "torch": torch.__version__,

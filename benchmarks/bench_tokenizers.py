@@ -18,6 +18,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import platform
 import sys
@@ -145,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
           f"({shipped['gap_db']:+.2f} dB)", flush=True)
 
     results = {
+        "date": datetime.date.today().isoformat(),
         "setup": {"dataset": "MNIST 32x32 (20k train / 5k held-out test)", "steps": steps, "batch_size": 64,
                   "seed": 0, "latent": "8x8x16", "quick": args.quick, "torch": torch.__version__,
                   "threads": torch.get_num_threads(), "machine": platform.platform(), "python": sys.version.split()[0]},

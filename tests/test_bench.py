@@ -53,3 +53,31 @@ def test_raster_rows_name_the_guidance_strength_w_whichever_convention_the_resul
                           "forward_passes_per_image": {"kv_cache": 64}})
     assert rows[0]["what"] == "raster AR class accuracy at the best guidance strength"
     assert rows[0]["measured"].startswith("0.900 at w = 1 (s = 2) (Frechet 2.00")
+
+
+def test_serving_rows_read_the_serving_result_and_fail_a_missed_target():
+    """``bench --table`` prints serving rows (its result stores no summary list); each target can fail."""
+    runs = [2.5, 2.1, 2.3]
+    d = {"batching": {"speedup_vs_max_length": 2.3, "speedup_vs_max_length_runs": runs, "speedup": 1.4,
+                      "same_outputs": True,
+                      "continuous": {"paged_waste_blocks_per_sequence": 0.5, "paged_waste_fraction": 0.08,
+                                     "contiguous_waste_fraction": 0.78},
+                      "compressed": {"int8": {"kv_bytes_peak_vs_plain": 0.28}}},
+         "compression": [{"method": "none", "nll": 1.0, "nll_change": 0.0},
+                         {"method": "int8_pool", "nll": 1.001, "nll_change": 0.001}],
+         "prefix_caching": {"prefill_drop": 0.8, "same_outputs": True}}
+    rows = bench.SUMMARIZERS["serving"](d)
+    assert [r["met"] for r in rows] == [True, True, True, None]
+    assert rows[0]["measured"].startswith("2.30x (rounds 2.50x, 2.10x, 2.30x)")
+    runs[1] = 1.9  # one round under 2x
+    d["batching"]["continuous"]["paged_waste_blocks_per_sequence"] = 1.2
+    d["compression"][1]["nll_change"] = 0.02
+    assert [r["met"] for r in bench.SUMMARIZERS["serving"](d)][:3] == [False, False, False]
+
+
+def test_table_rows_say_when_a_result_recorded_no_date(tmp_path):
+    results = tmp_path / "benchmarks" / "results"
+    results.mkdir(parents=True)
+    (results / "x.json").write_text('{"summary": [{"what": "w", "measured": "m"}]}')
+    (results / "y.json").write_text('{"date": "2026-12-06", "summary": [{"what": "w", "measured": "m"}]}')
+    assert [r["date"] for r in bench.summary_rows(["x", "y"], tmp_path)] == ["date not recorded", "2026-12-06"]

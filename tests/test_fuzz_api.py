@@ -179,7 +179,7 @@ def test_fuzz_sample_probs_and_cfg_mix(data):
         problems.append("value")
     elif not problems:
         rows = logits.reshape(-1, V)
-        if bad_rows(rows) or (float(temperature) > 0 and bad_rows(rows / float(temperature))):
+        if bad_rows(rows):  # NaN / +inf / all -inf; logits / temperature overflowing is sampled (max first)
             problems.append("value")
     gen = torch.Generator().manual_seed(0)
     out = judge("sampling.sample", lambda: sampling.sample(logits, sampling=config(temperature, top_k, top_p),

@@ -1,10 +1,10 @@
 """Importing the library has no side effects: no environment variable changes and none of the course layer's
-or the kernels' heavy dependencies; ``ar_course.kernels`` configures the kernel back-ends itself, also after
+or the kernels' heavy dependencies (that no library module imports the course layer is
+``tests/test_layers.py``); ``ar_course.kernels`` configures the kernel back-ends itself, also after
 torch has imported Triton (an optimizer step does)."""
 
 from __future__ import annotations
 
-import ast
 import importlib.util
 import json
 import os
@@ -20,9 +20,6 @@ LIBRARY = ["ar_course", "ar_course.system", "ar_course.transformer", "ar_course.
            "ar_course.generate", "ar_course.sampling", "ar_course.data", "ar_course.train", "ar_course.cli",
            "ar_course.serving", "ar_course.align", "ar_course.masked", "ar_course.diffusion_lm",
            "ar_course.continuous"]
-COURSE = ("ar_course.checks", "ar_course.grade", "ar_course.build_notebooks", "ar_course.checkout", "ar_course.bench",
-          "ar_course.doctor", "ar_course.viz", "ar_course.var.compare", "ar_course.site")
-"""The course layer (CONTRIBUTING.md): it imports the library, never the reverse."""
 HEAVY = ("matplotlib", "scipy", "numba", "triton", "jupyter", "jupyter_core", "jupyter_client", "jupyterlab",
          "nbclient", "nbformat", "ipywidgets", "ipykernel", "IPython", "PIL")
 
@@ -48,32 +45,6 @@ heavy = sorted({{m.split(".")[0] for m in sys.modules}} & set({list(HEAVY)!r}))
 print(json.dumps({{"changed": changed, "heavy": heavy}}))
 """
     assert json.loads(_python(code)) == {"changed": [], "heavy": []}
-
-
-def _imports(path: Path, package: str) -> set[str]:
-    """Absolute names of the modules a source file imports (relative imports resolved against ``package``)."""
-    names = set()
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-        if isinstance(node, ast.Import):
-            names |= {alias.name for alias in node.names}
-        elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:
-                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
-            names |= {base} | {f"{base}.{alias.name}" for alias in node.names}
-    return names
-
-
-def test_the_library_never_imports_the_course_layer():
-    offenders = []
-    for path in sorted((ROOT / "ar_course").rglob("*.py")):
-        module = ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
-        if module.startswith(COURSE):
-            continue
-        package = module if path.name == "__init__.py" else module.rpartition(".")[0]
-        bad = sorted(n for n in _imports(path, package) if n.startswith(COURSE))
-        offenders += [f"{module} imports {n}" for n in bad]
-    assert offenders == []
 
 
 needs_kernels = pytest.mark.skipif(importlib.util.find_spec("numba") is None or importlib.util.find_spec("triton")

@@ -1,7 +1,8 @@
 """The library never imports the course layer (CONTRIBUTING.md, "Layers").
 
-The course layer is the exercise checks with their reference answers, the grader, the notebook builder and
-the site builder; everything else under ``ar_course/`` is the library. Every import statement of a library
+The course layer is the exercise checks with their reference answers, the grader, the notebook builder, the
+site builder, the notebooks' helpers (plots, chapter 04's comparison, the checkout of exercises), the benchmark
+runner and the doctor; everything else under ``ar_course/`` is the library. Every import statement of a library
 module, relative ones resolved, ``importlib.import_module("...")`` calls and strings that name a module are read
 with ``ast``.
 """
@@ -17,11 +18,14 @@ import pytest
 import ar_course
 
 PACKAGE = Path(ar_course.__file__).resolve().parent
-COURSE_LAYER = ("ar_course.checks", "ar_course.grade", "ar_course.build_notebooks", "ar_course.site")
-"""Modules (and packages, with everything under them) of the course layer."""
-NAMED_ON_USE = {("ar_course.cli", "ar_course.grade")}
+COURSE_LAYER = ("ar_course.checks", "ar_course.grade", "ar_course.build_notebooks", "ar_course.site",
+                "ar_course.checkout", "ar_course.bench", "ar_course.doctor", "ar_course.viz", "ar_course.var.compare")
+"""Modules (and packages, with everything under them) of the course layer (CONTRIBUTING.md, "Layers")."""
+NAMED_ON_USE = {("ar_course.cli", "ar_course.grade"), ("ar_course.cli", "ar_course.doctor"),
+                ("ar_course.cli", "ar_course.bench")}
 """(library module, course module) pairs allowed by name only: the command table of ``python -m ar_course``
-names the grader, which is imported when ``python -m ar_course grade`` runs and never otherwise."""
+names the grader, the doctor and the benchmark runner, each imported when its command runs and never
+otherwise."""
 MODULE_NAME = re.compile(r"ar_course(\.\w+)+")
 
 
@@ -60,7 +64,7 @@ def library_files() -> list[Path]:
 def test_the_course_layer_exists_and_the_library_is_the_rest():
     course = {module_name(p) for p in PACKAGE.rglob("*.py") if in_course_layer(module_name(p))}
     assert {"ar_course.checks", "ar_course.checks.core", "ar_course.checks.reference", "ar_course.grade",
-            "ar_course.build_notebooks", "ar_course.site"} <= course
+            "ar_course.build_notebooks", "ar_course.site", "ar_course.viz", "ar_course.var.compare"} <= course
     library = {module_name(p) for p in library_files()}
     assert {"ar_course", "ar_course.cli", "ar_course.system", "ar_course.raster.functional"} <= library
 

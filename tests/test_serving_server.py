@@ -34,24 +34,24 @@ def _drain(ticket, timeout=30.0):
 def test_worker_answers_every_request_like_generate(tiny):
     worker = EngineWorker(Engine(tiny, EngineConfig(num_blocks=32, block_size=4, max_running=3)))
     prompts = [[1, 2, 3], [4], [5, 6, 7, 8, 9]]
-    tickets = [worker.submit(p, 6, GREEDY) for p in prompts]
+    tickets = [worker.submit(p, 6, sampling=GREEDY) for p in prompts]
     for p, t in zip(prompts, tickets):
         tokens, kind, reason = _drain(t)
         assert (kind, reason) == ("end", "length")
         assert tokens == tiny.generate(torch.tensor(p)[None], 6, sampling=GREEDY)[0, len(p):].tolist()
-    bad = worker.submit([], 3, GREEDY)
+    bad = worker.submit([], 3, sampling=GREEDY)
     assert _drain(bad)[1] == "error"
     assert worker.shutdown() == {"length": 3, "timeout": 0, "cancelled": 0}
     with pytest.raises(ShuttingDown):
-        worker.submit([1], 2, GREEDY)
+        worker.submit([1], 2, sampling=GREEDY)
 
 
 def test_worker_bounds_its_queue_times_out_and_cancels_on_shutdown(tiny):
     worker = EngineWorker(Engine(tiny, EngineConfig(num_blocks=64, block_size=4, max_running=2)), max_pending=3)
-    slow = worker.submit([1, 2], 60, GREEDY, timeout_s=0.0)  # already past its deadline
-    a, b = worker.submit([3], 60, GREEDY), worker.submit([4], 60, GREEDY)
+    slow = worker.submit([1, 2], 60, sampling=GREEDY, timeout_s=0.0)  # already past its deadline
+    a, b = worker.submit([3], 60, sampling=GREEDY), worker.submit([4], 60, sampling=GREEDY)
     with pytest.raises(QueueFull):
-        worker.submit([5], 2, GREEDY)
+        worker.submit([5], 2, sampling=GREEDY)
     assert _drain(slow)[1:] == ("end", "timeout")
     worker.cancel(a)
     assert _drain(a)[1:] == ("end", "cancelled")
@@ -201,6 +201,7 @@ def test_serve_builds_the_engine_with_the_kv_options_and_refuses_bad_ones(monkey
     built = {}
     monkeypatch.setattr(srv, "create_app", lambda engine, tok, **kw: built.setdefault("engine", engine))
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: built.setdefault("ran", app))
+    monkeypatch.setattr(srv, "_cannot_listen", lambda host, port: None)  # nothing listens: port 8000 may be taken
     assert srv.main(["--model", "lm_draft", "--kv-bits", "4", "--kv-window", "64", "--kv-sinks", "2"]) == 0
     config = built["engine"].config
     assert (config.kv_bits, config.kv_window, config.kv_sinks) == (4, 64, 2) and built["ran"] is built["engine"]

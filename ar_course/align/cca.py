@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from ar_course.align.functional import cca_loss
 from ar_course.align.model import pyramid_log_probs, sequence_log_probs
 from ar_course.tokenizers import MultiScaleVQ
+from ar_course.utils import check_int
 from ar_course.var.functional import unflatten_pyramids
 
 LogProbs = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -68,7 +69,10 @@ class CCALog:
 
 
 def wrong_classes(classes: torch.Tensor, n_classes: int, generator: torch.Generator) -> torch.Tensor:
-    """``(B,)``: for each of ``classes`` ``(B,)`` a class drawn uniformly from the ``n_classes - 1`` others."""
+    """``(B,)``: for each of ``classes`` ``(B,)`` a class drawn uniformly from the ``n_classes - 1`` others.
+
+    Raises ``TypeError`` for a non-integer ``n_classes``, ``ValueError`` for ``n_classes < 2`` (no other class)."""
+    n_classes = check_int("n_classes", n_classes, lo=2)
     shift = torch.randint(1, n_classes, classes.shape, generator=generator).to(classes.device)  # (B,)
     return (classes + shift) % n_classes
 
@@ -107,11 +111,19 @@ def train_cca(policy: nn.Module, reference: nn.Module, token_maps: torch.Tensor,
               log_probs: LogProbs = sequence_log_probs) -> CCALog:
     """Fine-tune ``policy`` in place with CCA against the frozen ``reference`` on data ``token_maps``
     ``(N, h, w)`` (raster; with ``log_probs=var_log_probs(vq)``, VAR pyramids ``(N, L)``) with ``labels``
-    ``(N,)``, from ``config.seed``; returns the curves."""
+    ``(N,)``, from ``config.seed``; returns the curves.
+
+    Raises:
+        ValueError: ``token_maps`` or ``labels`` of the wrong shape, or a ``policy`` with fewer than 2 classes
+            (an unconditional model: CCA contrasts each class with a wrong one).
+    """
     want = 3 if log_probs is sequence_log_probs else 2
     if token_maps.ndim != want or labels.shape != token_maps.shape[:1]:
         raise ValueError(f"expected token_maps {'(N, h, w)' if want == 3 else '(N, L)'} and labels (N,), got "
                          f"{tuple(token_maps.shape)}, {tuple(labels.shape)}")
+    n_classes = policy.config.n_classes
+    if n_classes < 2:
+        raise ValueError(f"CCA needs a class-conditional policy with n_classes >= 2, got n_classes={n_classes}")
     device = next(policy.parameters()).device
     torch.manual_seed(config.seed)
     g = torch.Generator().manual_seed(config.seed)
@@ -122,7 +134,7 @@ def train_cca(policy: nn.Module, reference: nn.Module, token_maps: torch.Tensor,
     for step in tqdm(range(config.steps), desc="CCA", disable=not progress):
         idx = torch.randint(0, token_maps.shape[0], (config.batch_size,), generator=g)  # (B,)
         classes = labels[idx]
-        negatives = wrong_classes(classes, policy.config.n_classes, g)
+        negatives = wrong_classes(classes, n_classes, g)
         loss, pos, neg = cca_step(policy, reference, token_maps[idx].to(device), classes.to(device),
                                   negatives.to(device), optimizer, config, log_probs)
         log.step.append(step), log.loss.append(loss), log.logratio_pos.append(pos), log.logratio_neg.append(neg)

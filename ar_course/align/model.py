@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from ar_course.raster.functional import make_training_pairs, to_raster
+from ar_course.raster.model import check_model_grid
 from ar_course.tokenizers import MultiScaleVQ
 from ar_course.transformer.model import GPT
 from ar_course.var import functional as var_ref
@@ -14,8 +15,15 @@ from ar_course.var.model import VAR
 
 def token_log_probs(model: GPT, token_maps: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
     """``(B, h * w)``: the log-probability of every token of ``token_maps`` ``(B, h, w)`` under ``model`` given
-    ``classes`` ``(B,)``, in raster order (one causal forward pass, with gradients if ``model`` has them)."""
-    inputs, targets = make_training_pairs(to_raster(token_maps))  # (B, L - 1), (B, L)
+    ``classes`` ``(B,)``, in raster order (one causal forward pass, with gradients if ``model`` has them).
+
+    Raises:
+        ValueError: ``token_maps`` not a ``(B, h, w)`` long tensor on the grid of a ``pos="rope2d"`` model
+            (:func:`~ar_course.raster.model.check_model_grid`), or as :meth:`GPT.forward` (ids, classes).
+    """
+    seq = to_raster(token_maps)  # (B, L)
+    check_model_grid(model, "token_maps", token_maps.shape)
+    inputs, targets = make_training_pairs(seq)  # (B, L - 1), (B, L)
     logits, _ = model(inputs, classes=classes)  # (B, L, V)
     logp = torch.log_softmax(logits.float(), dim=-1)  # (B, L, V)
     return logp.gather(-1, targets[..., None]).squeeze(-1)  # (B, L)

@@ -13,6 +13,7 @@ from typing import Callable
 import torch
 
 from ar_course import metrics
+from ar_course.utils import check_ids
 
 Reward = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -27,9 +28,16 @@ def _check(images: torch.Tensor, classes: torch.Tensor) -> None:
 
 @torch.no_grad()
 def class_probability(images: torch.Tensor, classes: torch.Tensor, dataset: str = "mnist") -> torch.Tensor:
-    """``(B,)``: the shipped ``dataset`` classifier's softmax probability of each image's requested class."""
+    """``(B,)``: the shipped ``dataset`` classifier's softmax probability of each image's requested class.
+
+    Raises:
+        TypeError: ``images`` or ``classes`` is not a tensor.
+        ValueError: shapes other than ``(B, C, S, S)`` and ``(B,)``, an unknown ``dataset``, or ``classes`` not
+            long or not a class of the classifier (the null class of a class-conditional model is none).
+    """
     _check(images, classes)
     model = metrics.load_classifier(dataset, images.device)
+    check_ids("classes", classes, model.config.num_classes, (images.shape[0],))
     probs = torch.softmax(model(images.clamp(0, 1)), dim=-1)  # (B, n_classes)
     return probs.gather(1, classes[:, None].to(images.device)).squeeze(1)
 

@@ -20,9 +20,13 @@ from ar_course import checkpoint, raster, var
 from ar_course.align.cca import CCAConfig, train_cca, var_log_probs
 from ar_course.align.grpo import GRPOConfig, evaluate, train_grpo
 from ar_course.align.rewards import REWARDS
-from ar_course.cli import ArgumentParser, nonnegative_int, positive_float, positive_int
+from ar_course.cli import (
+    ArgumentParser, device_name, nonnegative_float, nonnegative_int, positive_float, positive_int,
+)
 from ar_course.files import check_output_path
-from ar_course.train import trainer_main
+from ar_course.train import (
+    DEVICE_HELP, check_batch_size, checkpoint_option, per_class_int, seed_int, trainer_main,
+)
 from ar_course.utils import get_device
 
 GRPO_PATH = checkpoint.ASSETS / "ar_mnist_grpo.safetensors"
@@ -39,20 +43,22 @@ def _common(parser: ArgumentParser, out: Path | None, base: str | None = "ar_mni
             shipped: str | None = None) -> None:
     """``--base``, ``--seed``, ``--device``, ``--out`` (``None`` defaults: set by the trainer from ``--model``)."""
     parser.add_argument("--base", default=base, help=f"{what} checkpoint to start from (name or path)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    parser.add_argument("--seed", type=seed_int, default=0)
+    parser.add_argument("--device", type=device_name, default=None, help=DEVICE_HELP)
     parser.add_argument("--out", type=Path, default=out,
                         help=f"checkpoint path (default: the shipped {shipped or out.name})")
 
 
 def _load(args: argparse.Namespace, parser: ArgumentParser, kind: str = raster.CHECKPOINT_KIND):
-    """``(policy, reference, tokenizer, device)`` after checking ``--out``; ``--base`` must be of ``kind``."""
+    """``(policy, reference, tokenizer, device)`` after checking ``--out``; ``--base`` must be of ``kind`` (a
+    usage error)."""
     try:
         check_output_path(args.out, suffix=".safetensors")
     except ValueError as exc:
         parser.error(str(exc))
     device = get_device(args.device)
-    policy, tokenizer = checkpoint.load_with_tokenizer(args.base, device, kind=kind)
+    with checkpoint_option(parser, "--base"):
+        policy, tokenizer = checkpoint.load_with_tokenizer(args.base, device, kind=kind)
     return policy, copy.deepcopy(policy), tokenizer, device
 
 
@@ -87,11 +93,12 @@ def grpo_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--group-size", type=int, default=d.group_size, help="samples per class and step (>= 2)")
     parser.add_argument("--lr", type=positive_float, default=d.lr)
     parser.add_argument("--clip", type=positive_float, default=d.clip)
-    parser.add_argument("--kl-coef", type=float, default=d.kl_coef, help="weight of the k3 KL penalty (>= 0)")
+    parser.add_argument("--kl-coef", type=nonnegative_float, default=d.kl_coef,
+                        help="weight of the k3 KL penalty [%(default)s]")
     parser.add_argument("--inner-steps", type=positive_int, default=d.inner_steps)
     parser.add_argument("--reward", choices=sorted(REWARDS), default=d.reward)
     parser.add_argument("--eval-every", type=nonnegative_int, default=d.eval_every)
-    parser.add_argument("--eval-per-class", type=nonnegative_int, default=d.eval_per_class)
+    parser.add_argument("--eval-per-class", type=per_class_int, default=d.eval_per_class)
     _common(parser, GRPO_PATH)
     args = parser.parse_args(argv)
     try:
@@ -122,15 +129,16 @@ def cca_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr", type=positive_float, default=None,
                         help=f"learning rate (default: {d.lr:g}; {CCA_MODELS['var'][3]['lr']:g} with --model var)")
     parser.add_argument("--beta", type=positive_float, default=d.beta)
-    parser.add_argument("--lam", type=float, default=None,
+    parser.add_argument("--lam", type=nonnegative_float, default=None,
                         help=f"weight of the negative pairs, >= 0 (default: {d.lam:g}; "
                              f"{CCA_MODELS['var'][3]['lam']:g} with --model var)")
     parser.add_argument("--train-images", type=positive_int, default=10_000, metavar="N",
                         help="use the first N training digits [%(default)s]")
-    parser.add_argument("--eval-per-class", type=nonnegative_int, default=20)
+    parser.add_argument("--eval-per-class", type=per_class_int, default=20)
     _common(parser, None, base=None, what="raster or VAR (default: ar_mnist or var_mnist by --model)",
             shipped=f"{CCA_PATH.name} or {VAR_CCA_PATH.name} by --model")
     args = parser.parse_args(argv)
+    check_batch_size(parser, args.batch_size, "mnist", args.train_images)
     kind, base, out, defaults = CCA_MODELS[args.model]
     args.base = base if args.base is None else args.base
     args.out = out if args.out is None else args.out

@@ -26,6 +26,14 @@ def _check_pair(x0: torch.Tensor, x1: torch.Tensor, t: torch.Tensor) -> None:
         raise ValueError(f"t must be (N,) = ({x1.shape[0]},), got {tuple(t.shape)}")
 
 
+def _check_velocity(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``v``, what a velocity function returned, if it is a tensor of ``like``'s shape (no broadcasting)."""
+    if not isinstance(v, torch.Tensor) or v.shape != like.shape:
+        got = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
+        raise ValueError(f"velocity must return a {tuple(like.shape)} tensor, got {got}")
+    return v
+
+
 def flow_matching_pair(x0: torch.Tensor, x1: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The rectified-flow training pair of noise ``x0`` ``(N, D)``, data ``x1`` ``(N, D)`` and times ``t`` ``(N,)``
     in [0, 1]: ``(x_t, target)`` with ``x_t = (1 - t) x0 + t x1`` and the velocity ``target = x1 - x0``, each
@@ -43,7 +51,15 @@ def flow_matching_loss(
 ) -> torch.Tensor:
     """Mean squared error between ``velocity(x_t, t)`` ``(N, D)`` and ``x1 - x0`` for data ``x1`` ``(N, D)``, with
     noise ``x0 ~ N(0, I)`` and ``t ~ U[0, 1)`` drawn from ``generator`` (torch's global one when ``None``), or
-    given as ``noise = (x0 (N, D), t (N,))``."""
+    given as ``noise = (x0 (N, D), t (N,))``.
+
+    Raises:
+        TypeError: ``x1`` is not a tensor.
+        ValueError: ``x1`` not ``(N, D)``, ``noise`` of other shapes, or ``velocity`` returning a tensor that is not
+            ``(N, D)`` (it would broadcast into a wrong loss).
+    """
+    if not isinstance(x1, torch.Tensor):
+        raise TypeError(f"x1 must be a (N, D) tensor, got {type(x1).__name__}")
     if noise is None:
         x0 = torch.randn(x1.shape, generator=generator, device=x1.device, dtype=x1.dtype)  # (N, D)
         t = torch.rand(x1.shape[0], generator=generator, device=x1.device, dtype=x1.dtype)  # (N,)
@@ -53,7 +69,7 @@ def flow_matching_loss(
             raise ValueError(f"noise must be (x0 {tuple(x1.shape)}, t {tuple(x1.shape[:1])}), got "
                              f"({tuple(x0.shape)}, {tuple(t.shape)})")
     x_t, target = flow_matching_pair(x0, x1, t)
-    return (velocity(x_t, t) - target).pow(2).mean()
+    return (_check_velocity(velocity(x_t, t), target) - target).pow(2).mean()
 
 
 def euler_sample(
@@ -63,12 +79,13 @@ def euler_sample(
 ) -> torch.Tensor:
     """Integrate ``dx/dt = velocity(x, t)`` from ``x0`` ``(N, D)`` at ``t = 0`` to ``t = 1`` in ``steps`` Euler steps
     of size ``1 / steps``: step ``i`` evaluates the velocity at ``t = i / steps`` (a ``(N,)`` tensor) and moves
-    ``x`` by ``velocity / steps``. Returns ``(N, D)``. ``ValueError`` for ``steps < 1``."""
+    ``x`` by ``velocity / steps``. Returns ``(N, D)``. ``ValueError`` for ``steps < 1`` or a velocity that is not
+    ``x0``'s shape."""
     steps = check_int("steps", steps, lo=1)
     x = x0
     for i in range(steps):
         t = torch.full((x.shape[0],), i / steps, device=x.device, dtype=x.dtype)  # (N,)
-        x = x + velocity(x, t) / steps
+        x = x + _check_velocity(velocity(x, t), x) / steps
     return x
 
 

@@ -40,7 +40,14 @@ TIME_FEATURES = 32
 
 @dataclass
 class ContinuousARConfig:
-    """Hyper-parameters of :class:`ContinuousAR`."""
+    """Hyper-parameters of :class:`ContinuousAR`. Checked when made, with the backbone's
+    (:class:`~ar_course.transformer.model.GPTConfig`) rules too.
+
+    Raises:
+        TypeError: a size that is not an integer, or a ``dropout`` that is not a number.
+        ValueError: a size ``< 1``, a ``grid`` that is not two sides ``>= 1``, ``n_embd`` not divisible by
+            ``n_head``, a head size the 2-D rotary embedding cannot split, or ``dropout`` outside ``[0, 1)``.
+    """
 
     token_dim: int = 4  # channels of one continuous token (the tokenizer's latent_dim)
     grid: tuple[int, int] = (8, 8)  # (rows, cols) of the token map
@@ -54,14 +61,16 @@ class ContinuousARConfig:
     dropout: float = 0.0
 
     def __post_init__(self) -> None:
-        self.grid = (int(self.grid[0]), int(self.grid[1]))  # JSON gives a list back
         for name in ("token_dim", "n_classes", "n_layer", "n_head", "n_embd", "head_width", "head_depth",
                      "head_repeats"):
-            check_int(name, getattr(self, name), lo=1)
-        if min(self.grid) < 1:
-            raise ValueError(f"grid sides must be >= 1, got {self.grid}")
+            setattr(self, name, check_int(name, getattr(self, name), lo=1))
+        if not isinstance(self.grid, (tuple, list)) or len(self.grid) != 2:  # JSON gives a list back
+            raise ValueError(f"grid must be (rows, cols), got {self.grid!r}")
+        self.grid = (check_int("grid rows", self.grid[0], lo=1), check_int("grid cols", self.grid[1], lo=1))
+        self.dropout = check_number("dropout", self.dropout, lo=0, hi=1, hi_open=True)
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        self.backbone_config()  # the transformer's own rules (e.g. the rotary head size)
 
     @property
     def seq_len(self) -> int:
@@ -184,8 +193,15 @@ class ContinuousAR(nn.Module):
     def loss(self, tokens: torch.Tensor, classes: torch.Tensor, generator: torch.Generator | None = None
              ) -> torch.Tensor:
         """Flow-matching loss (mean squared velocity error) of token sequences ``(B, L, token_dim)`` given ``classes``
-        ``(B,)``, each token drawn at ``head_repeats`` noise levels (``generator``: torch's global one if None)."""
+        ``(B,)``, each token drawn at ``head_repeats`` noise levels (``generator``: torch's global one if None).
+        Tokens of any floating dtype are cast to the model's (as the tokenizers do).
+
+        Raises:
+            ValueError: ``tokens`` not a non-empty float ``(B, rows * cols, token_dim)`` tensor, or ``classes``
+                not a ``(B,)`` long tensor in ``[0, n_classes]``.
+        """
         self._check_tokens(tokens, classes)
+        tokens = tokens.to(self.inp.weight.dtype)
         cond = self.conditions(tokens[:, :-1], classes)  # (B, L, C): position i conditions token i
         r = self.config.head_repeats
         x1 = tokens.reshape(-1, tokens.shape[-1]).repeat(r, 1)  # (r*B*L, D)
@@ -281,13 +297,21 @@ def generate_images(
 ) -> torch.Tensor:
     """Images ``(B, C, S, S)`` in [0, 1] of ``classes`` ``(B,)``: :func:`generate_tokens`, then the continuous
     tokenizer's decoder. ``seed`` seeds one generator for the whole call (``None``: torch's global one); work runs
-    in chunks of ``batch_size`` classes (samples depend on the chunking). Raises as :func:`generate_tokens`."""
+    in chunks of ``batch_size`` classes (samples depend on the chunking).
+
+    Raises as :func:`generate_tokens`, and ``TypeError`` for a ``tokenizer`` that is not a :class:`VQVAE`,
+    ``ValueError`` for one that is not continuous (``'kl'``) or whose latent map (side, channels) does not match
+    the model's grid and ``token_dim``."""
     check_ids("classes", classes, model.config.n_classes + 1, ("B",))
     batch_size = check_int("batch_size", batch_size, lo=1)
     seed = None if seed is None else check_int("seed", seed)
-    if tokenizer.config.quantizer != "kl" or tokenizer.config.latent_dim != model.config.token_dim:
-        raise ValueError(f"the tokenizer must be continuous ('kl') with latent_dim {model.config.token_dim}, got "
-                         f"{tokenizer.config.quantizer!r} with {tokenizer.config.latent_dim}")
+    if not isinstance(tokenizer, VQVAE):
+        raise TypeError(f"tokenizer must be a VQVAE, got {type(tokenizer).__name__}")
+    tc, c = tokenizer.config, model.config
+    if tc.quantizer != "kl" or (tc.latent_side, tc.latent_side, tc.latent_dim) != (*c.grid, c.token_dim):
+        raise ValueError(f"the tokenizer ({tc.quantizer!r}, {tc.latent_side}x{tc.latent_side} latents of "
+                         f"{tc.latent_dim} channels) does not match the model ({c.grid[0]}x{c.grid[1]} tokens of "
+                         f"{c.token_dim} channels, decoded by a continuous 'kl' tokenizer)")
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
 

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import torch
 
-from ar_course import checkpoint, metrics
+from ar_course import metrics
 from ar_course import distributed as ddp
 from ar_course.checkpoint import save_checkpoint
-from ar_course.cli import ArgumentParser, positive_int
+from ar_course.cli import ArgumentParser, int_in, positive_int
 from ar_course.continuous.model import (
     CHECKPOINT_KIND, PRETRAINED_PATH, ContinuousAR, ContinuousARConfig, generate_images, map_to_tokens,
 )
@@ -25,14 +25,16 @@ from ar_course.raster import train as raster_train
 from ar_course.raster.model import condition_dropout_batches
 from ar_course.tokenizers import VQVAE
 from ar_course.train import (
-    History, TrainConfig, add_conditional_model_options, add_output_options, check_conditional_model_options,
-    finish_run, prepare_run, train_loop, trainer_main,
+    MAX_LAYERS, MAX_WIDTH, History, TrainConfig, add_conditional_model_options, add_output_options,
+    check_conditional_model_options, finish_run, load_tokenizer, prepare_run, train_loop, trainer_main,
 )
 from ar_course.utils import get_device, seed_everything
 
 TOKENIZER = "tokenizer_mnist_kl"
 EVAL_CFGS = (0.0, 1.0, 2.0)
 """Guidance strengths ``w`` at which the trainer records the class accuracy (``accuracy_by_cfg``)."""
+MAX_HEAD_REPEATS = 256
+"""Largest ``--head-repeats``: each repeat is another copy of every training token through the flow head."""
 
 
 @torch.no_grad()
@@ -94,9 +96,9 @@ def main(argv: list[str] | None = None) -> int:
     d = ContinuousARConfig()
     add_conditional_model_options(parser, steps=1500, batch_size=32, lr=2e-3, n_layer=d.n_layer, n_embd=d.n_embd,
                                   n_head=d.n_head)
-    parser.add_argument("--head-width", type=positive_int, default=d.head_width)
-    parser.add_argument("--head-depth", type=positive_int, default=d.head_depth)
-    parser.add_argument("--head-repeats", type=positive_int, default=d.head_repeats,
+    parser.add_argument("--head-width", type=int_in(1, MAX_WIDTH), default=d.head_width)
+    parser.add_argument("--head-depth", type=int_in(1, MAX_LAYERS), default=d.head_depth)
+    parser.add_argument("--head-repeats", type=int_in(1, MAX_HEAD_REPEATS), default=d.head_repeats,
                         help="flow times drawn per token in training [%(default)s]")
     parser.add_argument("--eval-steps", type=positive_int, default=16, help="head Euler steps for the accuracy")
     parser.add_argument("--tokenizer", default=TOKENIZER, help="a continuous tokenizer's name or checkpoint path")
@@ -104,10 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     check_conditional_model_options(parser, args)
     device = get_device(args.device)
-    tokenizer = checkpoint.load(args.tokenizer, device, kind="tokenizer")
-    if tokenizer.config.quantizer != "kl":
-        parser.error(f"--tokenizer {args.tokenizer} is a {tokenizer.config.quantizer!r} tokenizer; a continuous "
-                     f"('kl') one is needed")
+    tokenizer = load_tokenizer(parser, args.tokenizer, device, ("kl",), "a continuous ('kl')")
     state_path = prepare_run(parser, args.out, args.resume, args.batch_size)
     images, labels = load_mnist("train", size=32)
     tokens = encode_dataset(tokenizer, images)  # (N, 64, D)

@@ -36,7 +36,7 @@ from ar_course.checkpoint import ASSETS, load
 from ar_course.checkpoint import info as checkpoint_info
 from ar_course.cli import ArgumentParser, int_list, positive_float, positive_int
 from ar_course.diffusion_lm.model import DiffusionLM, DiffusionLMConfig
-from ar_course.train import TrainConfig, prepare_run, train_loop, trainer_main
+from ar_course.train import TrainConfig, checkpoint_option, prepare_run, seed_int, train_loop, trainer_main
 from ar_course.transformer.train import PRESETS as LM_PRESETS
 from ar_course.transformer.train import (
     add_text_trainer_options, apply_text_trainer_options, round_to_half, run_record, save_text_model,
@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=positive_int, default=None,
                         help="batch of windows (default: the preset's)")
     parser.add_argument("--lr", type=positive_float, default=None, help="peak learning rate (default: the preset's)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    parser.add_argument("--seed", type=seed_int, default=0, help="random seed (default: 0)")
     parser.add_argument("--out", type=Path, default=None,
                         help="checkpoint path (default: ar_course/assets/diffusion_lm.safetensors)")
     parser.add_argument("--init", default=None, metavar="CHECKPOINT",
@@ -180,13 +180,16 @@ def main(argv: list[str] | None = None) -> int:
                              "(default: the preset's, 0,0,1,4,16)")
     add_text_trainer_options(parser, measure="validation bound")
     args = parser.parse_args(argv)
-    preset = apply_text_trainer_options(parser, args, PRESETS)
+    preset = apply_text_trainer_options(parser, args, PRESETS, lambda p: p.model.length)
     if args.train_blocks is not None:
         try:
             replace(preset.model, train_block_sizes=args.train_blocks)
         except ValueError as exc:
             parser.error(f"--train-blocks: {exc}")
-    prior = checkpoint_info(args.init) if args.init else None  # read before --out may overwrite it
+    with checkpoint_option(parser, "--init"):
+        prior = checkpoint_info(args.init) if args.init else None  # read before --out may overwrite it
+    if prior is not None and prior["kind"] != KIND:
+        parser.error(f"--init {args.init} holds a {prior['kind']!r} checkpoint, expected {KIND!r}")
     out = args.out or ASSETS / "diffusion_lm.safetensors"
     state_path = prepare_run(parser, out, args.resume, preset.batch_size)
     model, info = train_diffusion_lm(preset, args.seed, get_device(args.device), not args.no_progress,

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ar_course.raster import orders
-from ar_course.utils import check_int, check_number
+from ar_course.utils import check_ids, check_int, check_number
 
 SCHEDULES = ("cosine", "linear", "square")
 
@@ -64,14 +64,25 @@ def random_mask(batch: int, n: int, schedule: str = "cosine", generator: torch.G
 def masked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy (nats) over the masked positions only.
 
-    ``logits`` ``(B, N, V)``, ``targets`` ``(B, N)`` long, ``mask`` ``(B, N)`` bool (``True`` = masked, the
-    positions the model must predict). Visible positions contribute nothing (predicting a token the model can
-    see is trivial). Returns a 0-d tensor; ``ValueError`` when nothing is masked."""
+    ``logits`` ``(B, N, V)`` float, ``targets`` ``(B, N)`` long in ``[0, V)``, ``mask`` ``(B, N)`` bool (``True`` =
+    masked, the positions the model must predict). Visible positions contribute nothing (predicting a token the
+    model can see is trivial). Returns a 0-d tensor.
+
+    Raises:
+        TypeError: an argument is not a tensor.
+        ValueError: shapes that do not fit, ``logits`` not float, ``mask`` not bool, ``targets`` not long or
+            outside ``[0, V)`` (one host sync), or nothing masked.
+    """
+    if not all(isinstance(a, torch.Tensor) for a in (logits, targets, mask)):
+        raise TypeError("logits, targets and mask must be tensors")
     if logits.ndim != 3 or targets.shape != logits.shape[:2] or mask.shape != targets.shape:
         raise ValueError(f"need logits (B, N, V), targets (B, N), mask (B, N); got {tuple(logits.shape)}, "
                          f"{tuple(targets.shape)}, {tuple(mask.shape)}")
+    if not logits.is_floating_point():
+        raise ValueError(f"logits must be float, got {logits.dtype}")
     if mask.dtype != torch.bool:
         raise ValueError(f"mask must be bool, got {mask.dtype}")
+    check_ids("targets", targets, logits.shape[-1], tuple(targets.shape), allow_empty=True)
     if not mask.any():
         raise ValueError("mask has no masked position: the loss is undefined")
     return F.cross_entropy(logits[mask], targets[mask])  # (M, V) vs (M,)

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from ar_course import checkpoint
 from ar_course.masked import functional as ref
 from ar_course.sampling import SamplingConfig, cfg_mix, check_cfg, check_sampling, process_logits, sample
+from ar_course.tokenizers import VQVAE
 from ar_course.transformer.model import GPT, GPTConfig
 from ar_course.utils import check_ids, check_int, check_number, generate_in_batches
 
@@ -49,8 +50,10 @@ def maskgit_config(
 ) -> GPTConfig:
     """The :class:`GPTConfig` of a class-conditional MaskGIT over ``grid`` maps of ``num_codes`` codes: vocabulary
     ``num_codes + 1`` (the last id is ``[MASK]``), ``block_size = 1 + rows * cols``, 2D rotary positions,
-    ``causal=False``."""
+    ``causal=False``. ``ValueError`` for a ``grid`` that is not two sides ``>= 1``, ``TypeError`` for non-integers."""
     num_codes = check_int("num_codes", num_codes, lo=1)
+    if not isinstance(grid, (tuple, list)) or len(grid) != 2:
+        raise ValueError(f"grid must be (rows, cols), got {grid!r}")
     rows, cols = check_int("grid rows", grid[0], lo=1), check_int("grid cols", grid[1], lo=1)
     return GPTConfig(vocab_size=num_codes + 1, block_size=1 + rows * cols, n_layer=n_layer, n_head=n_head,
                      n_embd=n_embd, pos="rope2d", grid=(rows, cols), n_classes=n_classes, dropout=dropout,
@@ -206,11 +209,25 @@ def maskgit_loss(
     """MaskGIT's training loss on token maps ``(B, rows, cols)`` with ``classes`` ``(B,)`` (null class allowed):
     hide the positions of ``mask`` ``(B, rows * cols)`` bool (None: draw it by :func:`~.functional.random_mask`
     with ``schedule``, random numbers from ``generator`` on the CPU), predict them in one bidirectional pass,
-    :func:`~.functional.masked_cross_entropy` (nats per masked token)."""
-    B = token_maps.shape[0]
-    targets = token_maps.reshape(B, -1)  # (B, N)
+    :func:`~.functional.masked_cross_entropy` (nats per masked token).
+
+    Raises:
+        TypeError: ``model`` is not a :class:`MaskGIT`, or ``token_maps`` or ``mask`` not a tensor.
+        ValueError: ``token_maps`` not a non-empty ``(B, rows, cols)`` long tensor of the model's grid with codes in
+            ``[0, num_codes)`` (``[MASK]`` excluded; one host sync), ``mask`` not ``(B, rows * cols)`` bool or
+            masking nothing, an unknown ``schedule``, or ``classes`` refused by the model.
+    """
+    if not isinstance(model, MaskGIT):
+        raise TypeError(f"model must be a MaskGIT, got {type(model).__name__}")
+    check_ids("token_maps", token_maps, model.num_codes, ("B", *model.grid))
+    B, N = token_maps.shape[0], model.grid[0] * model.grid[1]
+    targets = token_maps.reshape(B, N)  # (B, N)
     if mask is None:
-        mask = ref.random_mask(B, targets.shape[1], schedule, generator, targets.device)  # (B, N)
+        mask = ref.random_mask(B, N, schedule, generator, targets.device)  # (B, N)
+    elif not isinstance(mask, torch.Tensor):
+        raise TypeError(f"mask must be None or a ({B}, {N}) bool tensor, got {type(mask).__name__}")
+    elif mask.dtype != torch.bool or mask.shape != (B, N):
+        raise ValueError(f"mask must be a ({B}, {N}) bool tensor, got {tuple(mask.shape)} {mask.dtype}")
     inputs = targets.masked_fill(mask, model.mask_id)  # (B, N)
     return ref.masked_cross_entropy(model.map_logits(inputs, classes), targets, mask)
 
@@ -233,9 +250,16 @@ def generate_images(
 
     ``order``: ``"confidence"`` (:meth:`MaskGIT.generate` in ``steps`` passes) or ``"neighbour"``
     (:meth:`MaskGIT.generate_in_order` over the anti-diagonals; ``steps`` is ignored). ``seed`` seeds one
-    generator for the whole call (``None``: torch's global one); work runs in chunks of ``batch_size``."""
+    generator for the whole call (``None``: torch's global one); work runs in chunks of ``batch_size``.
+
+    Raises as :meth:`MaskGIT.generate`, and ``TypeError`` for a ``model`` that is not a :class:`MaskGIT` or a
+    ``tokenizer`` that is not a :class:`~ar_course.tokenizers.VQVAE`, ``ValueError`` for an unknown ``order`` or
+    a tokenizer whose maps do not match the model (its quantizer, side or number of codes)."""
     if order not in ("confidence", "neighbour"):
         raise ValueError(f"order must be 'confidence' or 'neighbour', got {order!r}")
+    if not isinstance(model, MaskGIT):
+        raise TypeError(f"model must be a MaskGIT, got {type(model).__name__}")
+    _check_tokenizer(tokenizer, model)
     check_ids("classes", classes, model.config.n_classes + 1, ("B",))
     batch_size = check_int("batch_size", batch_size, lo=1)
     seed = None if seed is None else check_int("seed", seed)
@@ -251,6 +275,17 @@ def generate_images(
         return tokenizer.decode_from_indices(maps)  # (b, C, S, S)
 
     return generate_in_batches(images_of, classes.to(device), batch_size)  # (B, C, S, S)
+
+
+def _check_tokenizer(tokenizer: VQVAE, model: MaskGIT) -> None:
+    """``tokenizer`` decodes the model's maps: one ``(rows, cols)`` map of ``num_codes`` codes per image."""
+    if not isinstance(tokenizer, VQVAE):
+        raise TypeError(f"tokenizer must be a VQVAE, got {type(tokenizer).__name__}")
+    c, side = tokenizer.config, tokenizer.config.latent_side
+    if c.quantizer not in ("vq", "fsq", "lfq") or (side, side) != model.grid or c.num_codes != model.num_codes:
+        raise ValueError(f"the tokenizer ({c.quantizer!r}, {side}x{side} maps of {c.num_codes} codes) does not match "
+                         f"the model ({model.grid[0]}x{model.grid[1]} maps of {model.num_codes} codes, decoded by a 'vq', "
+                         f"'fsq' or 'lfq' tokenizer)")
 
 
 def load_pretrained(device: torch.device | str = "cpu", path: str | Path | None = None) -> tuple[MaskGIT, torch.nn.Module]:

@@ -15,7 +15,7 @@ from typing import Iterator
 
 import torch
 
-from ar_course import checkpoint, metrics
+from ar_course import metrics
 from ar_course import distributed as ddp
 from ar_course.checkpoint import save_checkpoint
 from ar_course.cli import ArgumentParser
@@ -25,10 +25,10 @@ from ar_course.masked.model import (
     CHECKPOINT_KIND, DEFAULT_NOISE, PRETRAINED_PATH, MaskGIT, generate_images, maskgit_config, maskgit_loss,
 )
 from ar_course.raster.model import condition_dropout_batches
-from ar_course.raster.train import encode_dataset
+from ar_course.raster.train import SINGLE_SCALE, SINGLE_SCALE_NEEDED, encode_dataset
 from ar_course.train import (
     EVAL_HELP, History, TrainConfig, add_conditional_model_options, add_output_options, check_conditional_model_options,
-    finish_run, prepare_run, train_loop, trainer_main,
+    finish_run, load_tokenizer, prepare_run, train_loop, trainer_main,
 )
 from ar_course.utils import get_device, seed_everything
 
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     check_conditional_model_options(parser, args)
     state_path = prepare_run(parser, args.out, args.resume, args.batch_size)
     device = get_device(args.device)
-    tokenizer = checkpoint.load(args.tokenizer, device, kind="tokenizer")
+    tokenizer = load_tokenizer(parser, args.tokenizer, device, SINGLE_SCALE, SINGLE_SCALE_NEEDED)
     images, labels = load_mnist("train", size=32)
     images, labels = images[:args.train_images], labels[:args.train_images]
     token_maps = encode_dataset(tokenizer, images)  # (N, 8, 8)

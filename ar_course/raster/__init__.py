@@ -12,12 +12,13 @@ guidance.
 from ar_course.raster import functional, orders
 from ar_course.raster.functional import condition_dropout, from_raster, make_training_pairs, to_raster
 from ar_course.raster.model import (
-    CHECKPOINT_KIND, PRETRAINED_PATH, generate_images, generate_tokens, load_pretrained,
-    pretrained_info, raster_config, raster_loss, token_losses,
+    CHECKPOINT_KIND, PRETRAINED_PATH, check_model_grid, check_tokenizer, generate_images, generate_tokens,
+    load_pretrained, pretrained_info, raster_config, raster_loss, token_losses,
 )
 
 __all__ = [
     "functional", "orders", "to_raster", "from_raster", "make_training_pairs", "condition_dropout", "raster_config",
-    "raster_loss", "token_losses", "generate_tokens", "generate_images", "load_pretrained", "pretrained_info",
+    "raster_loss", "token_losses", "generate_tokens", "generate_images", "check_model_grid", "check_tokenizer",
+    "load_pretrained", "pretrained_info",
     "CHECKPOINT_KIND", "PRETRAINED_PATH",
 ]

@@ -25,7 +25,7 @@ from ar_course.raster.functional import condition_dropout, from_raster, make_tra
 from ar_course.sampling import SamplingConfig
 from ar_course.tokenizers import VQVAE
 from ar_course.transformer.model import GPT, GPTConfig, StaticKVCache
-from ar_course.utils import check_ids, check_int, generate_in_batches
+from ar_course.utils import check_ids, check_int, check_number, generate_in_batches
 
 PRETRAINED_PATH = checkpoint.ASSETS / "ar_mnist.safetensors"
 CHECKPOINT_KIND = "raster_ar"
@@ -44,12 +44,56 @@ def raster_config(
     """A :class:`GPTConfig` for a class-conditional model over ``grid`` token maps of ``vocab_size`` codes.
 
     ``block_size`` is ``1 + rows * cols`` (the class token and the map); ``pos`` is ``"rope2d"`` (rotary over
-    the row and the column of each token) or ``"learned"``."""
+    the row and the column of each token) or ``"learned"``.
+
+    Raises:
+        TypeError: ``grid`` is not two integers.
+        ValueError: a side of ``grid`` is ``< 1``, an unknown ``pos``, or as :class:`GPTConfig`.
+    """
     if pos not in ("rope2d", "learned"):
         raise ValueError(f"pos must be 'rope2d' or 'learned', got {pos!r}")
-    return GPTConfig(vocab_size=vocab_size, block_size=1 + grid[0] * grid[1], n_layer=n_layer, n_head=n_head,
-                     n_embd=n_embd, pos=pos, grid=tuple(grid) if pos == "rope2d" else None,
+    rows, cols = _check_grid(grid)
+    return GPTConfig(vocab_size=vocab_size, block_size=1 + rows * cols, n_layer=n_layer, n_head=n_head,
+                     n_embd=n_embd, pos=pos, grid=(rows, cols) if pos == "rope2d" else None,
                      n_classes=n_classes, dropout=dropout)
+
+
+def _check_grid(grid: tuple[int, int]) -> tuple[int, int]:
+    """``(rows, cols)`` as two ints ``>= 1`` (``TypeError``/``ValueError`` otherwise)."""
+    if not isinstance(grid, (tuple, list)) or len(grid) != 2:
+        raise TypeError(f"grid must be (rows, cols), got {grid!r}")
+    return check_int("grid rows", grid[0], lo=1), check_int("grid cols", grid[1], lo=1)
+
+
+def check_model_grid(model: GPT, name: str, shape: tuple[int, ...]) -> None:
+    """``ValueError`` unless maps of ``shape`` ``(..., rows, cols)`` match the grid of a ``pos="rope2d"`` model,
+    whose 2-D rotary angles place token ``p`` at row ``p // cols`` of its ``config.grid`` (other models: only
+    ``block_size`` bounds the map, which the GPT checks). No values read."""
+    grid = model.config.grid
+    if model.config.pos == "rope2d" and tuple(shape[-2:]) != grid:
+        raise ValueError(f"{name} must match the model's {grid[0]}x{grid[1]} grid, got {tuple(shape)}")
+
+
+def check_tokenizer(tokenizer: VQVAE, model: GPT) -> int:
+    """The side of the square code maps of ``tokenizer``, after checking that it is a :class:`VQVAE` giving one
+    ``(B, h, w)`` map of codes per image (quantizer ``vq``, ``fsq`` or ``lfq``) with as many codes as the
+    model's vocabulary, on the model's grid (:func:`check_model_grid`).
+
+    Raises:
+        TypeError: ``tokenizer`` is not a :class:`VQVAE` (its ``.quantizer``, say).
+        ValueError: another kind of quantizer, another number of codes, or maps of another size.
+    """
+    if not isinstance(tokenizer, VQVAE):
+        raise TypeError(f"tokenizer must be a VQVAE, got {type(tokenizer).__name__}")
+    tc, c = tokenizer.config, model.config
+    if tc.quantizer not in ("vq", "fsq", "lfq"):
+        raise ValueError(f"tokenizer must give one code map per image (quantizer 'vq', 'fsq' or 'lfq'), got "
+                         f"{tc.quantizer!r}")
+    if tc.num_codes != c.vocab_size:
+        raise ValueError(f"tokenizer has {tc.num_codes} codes but the model a vocabulary of {c.vocab_size}")
+    side = tc.latent_side
+    check_model_grid(model, "tokenizer maps", (side, side))
+    return side
 
 
 def raster_loss(
@@ -63,8 +107,17 @@ def raster_loss(
 
     With ``p_uncond > 0`` each class is first replaced by the null class with that probability (condition
     dropout, so the model also learns the unconditional distribution for guidance). The trainer draws the
-    dropout in its batch stream instead (:func:`condition_dropout_batches`), for the global batch."""
-    inputs, targets = make_training_pairs(to_raster(token_maps))  # (B, L - 1), (B, L)
+    dropout in its batch stream instead (:func:`condition_dropout_batches`), for the global batch.
+
+    Raises:
+        TypeError: ``p_uncond`` is not a number.
+        ValueError: ``token_maps`` not a ``(B, rows, cols)`` long tensor on the model's grid
+            (:func:`check_model_grid`), ``p_uncond`` outside ``[0, 1]``, or as :meth:`GPT.forward` (ids, classes).
+    """
+    p_uncond = check_number("p_uncond", p_uncond, 0, 1)
+    seq = to_raster(token_maps)  # (B, L)
+    check_model_grid(model, "token_maps", token_maps.shape)
+    inputs, targets = make_training_pairs(seq)  # (B, L - 1), (B, L)
     if p_uncond > 0:
         classes = condition_dropout(classes, p_uncond, model.null_class, generator)
     _, loss = model(inputs, targets=targets, classes=classes)
@@ -90,19 +143,15 @@ def condition_dropout_batches(
 def token_losses(model: GPT, token_maps: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
     """Cross-entropy (nats) of every token of ``token_maps`` ``(B, h, w)``: ``(B, h, w)``.
 
-    Shows where in the image the model is unsure (the first rows are the blank border of MNIST)."""
+    Shows where in the image the model is unsure (the first rows are the blank border of MNIST). Raises as
+    :func:`raster_loss`."""
+    seq = to_raster(token_maps)  # (B, L)
+    check_model_grid(model, "token_maps", token_maps.shape)
     B, h, w = token_maps.shape
-    inputs, targets = make_training_pairs(to_raster(token_maps))  # (B, L - 1), (B, L)
+    inputs, targets = make_training_pairs(seq)  # (B, L - 1), (B, L)
     logits, _ = model(inputs, classes=classes)  # (B, L, V)
     nll = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")  # (B*L,)
     return nll.view(B, h, w)  # (B, h, w)
-
-
-def _check_grid(grid: tuple[int, int]) -> tuple[int, int]:
-    """``(rows, cols)`` as two ints ``>= 1`` (``TypeError``/``ValueError`` otherwise)."""
-    if not isinstance(grid, (tuple, list)) or len(grid) != 2:
-        raise TypeError(f"grid must be (rows, cols), got {grid!r}")
-    return check_int("grid rows", grid[0], lo=1), check_int("grid cols", grid[1], lo=1)
 
 
 @torch.no_grad()
@@ -126,10 +175,12 @@ def generate_tokens(
     ``forward`` replaces the model's forward pass at every step (both as in :meth:`GPT.generate`).
 
     Raises ``ValueError`` for ``classes`` that are not a non-empty ``(B,)`` long tensor in ``[0, n_classes]``,
-    a ``grid`` that is not two sides ``>= 1``, and as :meth:`GPT.generate` for the rest; ``TypeError`` for
-    arguments of the wrong type."""
+    a ``grid`` that is not two sides ``>= 1`` or differs from the grid of a ``pos="rope2d"`` model
+    (:func:`check_model_grid`), and as :meth:`GPT.generate` for the rest; ``TypeError`` for arguments of the
+    wrong type."""
     check_ids("classes", classes, model.config.n_classes + 1, ("B",))
     rows, cols = _check_grid(grid)
+    check_model_grid(model, "grid", (rows, cols))
     start = torch.zeros(classes.shape[0], 0, dtype=torch.long, device=classes.device)  # (B, 0)
     seq = model.generate(start, rows * cols, sampling=sampling, cfg=cfg, classes=classes, generator=generator,
                          use_cache=use_cache, cache=cache, forward=forward)
@@ -153,13 +204,14 @@ def generate_images(
 
     ``seed`` seeds one generator (on the model's device) for the whole call; ``None`` uses torch's global
     generator. Work runs in chunks of ``batch_size`` classes, and the samples depend on the chunking, so
-    keep ``batch_size`` fixed when comparing runs. Raises as :func:`generate_tokens`, and for a ``seed`` or
+    keep ``batch_size`` fixed when comparing runs. Raises as :func:`generate_tokens` and :func:`check_tokenizer`
+    (a ``tokenizer`` that is not a :class:`VQVAE` of the model's codes and grid), and for a ``seed`` or
     ``batch_size`` that is not an integer (``TypeError``) or a ``batch_size < 1`` (``ValueError``)."""
     check_ids("classes", classes, model.config.n_classes + 1, ("B",))
+    side = check_tokenizer(tokenizer, model)
     batch_size = check_int("batch_size", batch_size, lo=1)
     seed = None if seed is None else check_int("seed", seed)
     device = next(model.parameters()).device
-    side = tokenizer.config.latent_side
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
 
     def images_of(chunk: torch.Tensor) -> torch.Tensor:

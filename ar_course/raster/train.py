@@ -14,7 +14,6 @@ import torch
 
 from ar_course import distributed as ddp
 from ar_course import metrics
-from ar_course import checkpoint
 from ar_course.checkpoint import save_checkpoint
 from ar_course.cli import ArgumentParser
 from ar_course.data import image_batches, load_mnist
@@ -25,13 +24,16 @@ from ar_course.raster.model import (
 from ar_course.tokenizers import VQVAE
 from ar_course.train import (
     History, TrainConfig, add_conditional_model_options, add_output_options, check_conditional_model_options,
-    finish_run, prepare_run, train_loop, trainer_main,
+    finish_run, load_tokenizer, prepare_run, train_loop, trainer_main,
 )
 from ar_course.transformer.model import GPT
 from ar_course.utils import get_device, seed_everything
 
 EVAL_CFGS = (0.0, 1.0, 2.0, 3.0)
 """Guidance strengths ``w`` at which the trainer records the class accuracy (``accuracy_by_cfg``)."""
+SINGLE_SCALE = ("vq", "fsq", "lfq")
+"""The quantizers whose tokens are one ``(h, w)`` map per image, which raster AR and MaskGIT model."""
+SINGLE_SCALE_NEEDED = "a single-scale ('vq', 'fsq' or 'lfq')"
 
 
 @torch.no_grad()
@@ -105,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     check_conditional_model_options(parser, args)
     state_path = prepare_run(parser, args.out, args.resume, args.batch_size)
     device = get_device(args.device)
-    tokenizer = checkpoint.load(args.tokenizer, device, kind="tokenizer")
+    tokenizer = load_tokenizer(parser, args.tokenizer, device, SINGLE_SCALE, SINGLE_SCALE_NEEDED)
     images, labels = load_mnist("train", size=32)
     images, labels = images[:args.train_images], labels[:args.train_images]
     token_maps = encode_dataset(tokenizer, images)  # (N, 8, 8)

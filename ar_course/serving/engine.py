@@ -44,7 +44,7 @@ from ar_course.sampling import SamplingConfig, check_sampling, sample
 from ar_course.serving.compression import sink_window_evictable, sink_window_visible
 from ar_course.serving.h2o import ScoringAttention, check_h2o, h2o_evictions
 from ar_course.serving.minicache import fresh_rows
-from ar_course.serving.paged import OutOfBlocks, PagedKVCache
+from ar_course.serving.paged import OutOfBlocks, PagedKVCache, check_text_model
 from ar_course.serving.prefix import PrefixCache
 from ar_course.transformer.model import use_attention
 from ar_course.utils import check_int
@@ -217,10 +217,18 @@ class Engine:
     each prompt alone, whatever the batching (tested); with it, they equal the compression's one-sequence plain
     path (recomputing ``generate`` through the same attention for ``kv_bits`` and ``kv_window``;
     :func:`~.h2o.h2o_decode` and :func:`~.minicache.merged_generate`, which prefill the prompt in one step, for H2O
-    and merging). ``clock``: where times come from (``time.perf_counter``)."""
+    and merging). ``clock``: where times come from (``time.perf_counter``).
+
+    ``model`` must be a text model: a causal GPT with no class token (:func:`~.paged.check_text_model`).
+
+    Raises:
+        TypeError: ``model`` is not a GPT, or ``config`` is not an :class:`EngineConfig`.
+        ValueError: ``model`` is class-conditional (``n_classes > 0``: the engine feeds no class token) or
+            bidirectional (``causal=False``)."""
 
     def __init__(self, model: torch.nn.Module, config: EngineConfig = EngineConfig(),
                  clock: Callable[[], float] = time.perf_counter):
+        model = check_text_model(model)
         if not isinstance(config, EngineConfig):
             raise TypeError(f"config must be an EngineConfig, got {type(config).__name__}")
         self.model, self.config, self.clock = model, config, clock
@@ -242,7 +250,14 @@ class Engine:
     def add_request(self, prompt_ids: list[int] | torch.Tensor, max_new_tokens: int, *,
                     sampling: SamplingConfig = SamplingConfig(temperature=0.0), seed: int | None = None) -> int:
         """Queue a request (``prompt_ids``: a list or 1-D long tensor); returns its id. Greedy by default;
-        ``seed`` seeds the request's own generator (sampling is then independent of the batching)."""
+        ``seed`` seeds the request's own generator (sampling is then independent of the batching).
+
+        Raises:
+            TypeError: a prompt token, ``max_new_tokens`` or ``seed`` that is not an integer, or ``sampling`` that
+                is not a ``SamplingConfig``.
+            ValueError: a prompt that is empty or not 1-D, a token outside ``[0, vocab_size)``,
+                ``max_new_tokens < 0``, ``seed`` outside ``[-2**63, 2**64 - 1]``, or a request needing more
+                positions than ``block_size`` or than the whole pool holds."""
         if isinstance(prompt_ids, torch.Tensor):
             if prompt_ids.ndim != 1:
                 raise ValueError(f"prompt_ids must be 1-D, got shape {tuple(prompt_ids.shape)}")
@@ -251,6 +266,8 @@ class Engine:
         max_new_tokens = check_int("max_new_tokens", max_new_tokens, lo=0)
         self.model.check_room(len(prompt), max_new_tokens)
         sampling = check_sampling(sampling)
+        if seed is not None:
+            seed = check_int("seed", seed, lo=-(2**63), hi=2**64 - 1)
         req = Request(self._next_id, prompt, max_new_tokens, sampling,
                       torch.Generator().manual_seed(seed) if seed is not None else None, self.clock())
         if -(-req.kv_positions // self.config.block_size) > self.config.num_blocks:
@@ -265,7 +282,14 @@ class Engine:
         return req.id
 
     def cancel(self, request_id: int) -> None:
-        """Stop a waiting or running request (its blocks are freed); a finished one is left as it is."""
+        """Stop a waiting or running request (its blocks are freed); a finished one is left as it is.
+
+        Raises:
+            TypeError: ``request_id`` is not an integer.
+            ValueError: no request has this id (ids come from :meth:`add_request`)."""
+        request_id = check_int("request_id", request_id)
+        if request_id not in self.requests:
+            raise ValueError(f"request_id {request_id} is unknown: ids come from add_request")
         req = self.requests[request_id]
         if req.status in ("waiting", "running"):
             if req in self.waiting:

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from ar_course.serving.minicache import StepCache
+from ar_course.serving.paged import check_text_model
 from ar_course.transformer import functional as ref
 from ar_course.transformer.model import use_attention
 from ar_course.utils import check_int
@@ -80,7 +81,13 @@ def h2o_decode(model: torch.nn.Module, prompt: list[int], steps: int, budget: in
 
     Each step's next token is the argmax (greedy), or ``forced[i]`` when ``forced`` (``steps`` tokens) is given
     (teacher forcing). Returns ``(tokens, logits (steps, V))``: the tokens fed after the prompt, and the logits
-    each of them was chosen from."""
+    each of them was chosen from.
+
+    Raises:
+        TypeError: ``model`` is not a GPT, or ``budget`` / ``recent`` is not an integer.
+        ValueError: ``model`` is not a text model (:func:`~.paged.check_text_model`), bad H2O sizes
+            (:func:`check_h2o`), an empty ``prompt``, or ``forced`` not ``steps`` tokens long."""
+    check_text_model(model)
     check_h2o(budget, recent, block_size)
     if not prompt:
         raise ValueError("prompt has no tokens")

@@ -29,6 +29,7 @@ from __future__ import annotations
 import torch
 
 from ar_course.serving.compression import merge_pair, merged_pairs, sink_window_visible
+from ar_course.serving.paged import check_text_model
 from ar_course.utils import check_int
 
 
@@ -83,7 +84,13 @@ def merged_generate(model: torch.nn.Module, prompt: list[int], max_new_tokens: i
     with MiniCache merging from layer ``merge_from`` (None: none): the prompt in one pass, then one token per
     step, a contiguous cache merged after each step (the plain path of the engine's ``kv_merge_from``).
     ``sinks_window`` ``(sinks, window)``: a query also sees only what
-    :func:`~ar_course.serving.compression.sink_window_visible` keeps. Returns the new token ids."""
+    :func:`~ar_course.serving.compression.sink_window_visible` keeps. Returns the new token ids.
+
+    Raises:
+        TypeError: ``model`` is not a GPT, or ``max_new_tokens`` / ``merge_from`` is not an integer.
+        ValueError: ``model`` is not a text model (:func:`~.paged.check_text_model`), ``max_new_tokens < 0``,
+            ``merge_from < 0``, or an empty prompt or one too long for ``block_size``."""
+    check_text_model(model)
     max_new_tokens = check_int("max_new_tokens", max_new_tokens, lo=0)
     if merge_from is not None:
         check_int("merge_from", merge_from, lo=0)

@@ -27,7 +27,27 @@ from typing import Sequence
 import torch
 
 from ar_course.serving.compression import merge_pair, merged_pairs, pool_dequantize, pool_quantize
+from ar_course.transformer.model import GPT
 from ar_course.utils import check_int
+
+
+def check_text_model(model: object) -> GPT:
+    """``model`` if serving can run it: a causal :class:`~ar_course.transformer.GPT` with no class token (a text
+    model; the engine and its plain paths feed token ids only, left to right). Returns ``model``.
+
+    Raises:
+        TypeError: ``model`` is not a GPT (e.g. a VAR).
+        ValueError: it is class-conditional (``config.n_classes > 0``) or bidirectional (``config.causal`` False).
+    """
+    if not isinstance(model, GPT):
+        raise TypeError(f"model must be a GPT (a text model), got {type(model).__name__}")
+    if model.config.n_classes > 0:
+        raise ValueError(f"serving feeds no class token and needs an unconditional model; this one has n_classes="
+                         f"{model.config.n_classes} (sample it with model.generate(..., classes=...))")
+    if not model.config.causal:
+        raise ValueError("serving samples left to right and needs a causal model; this one has causal=False "
+                         "(decode a bidirectional model with ar_course.masked)")
+    return model
 
 
 def slot_mapping(block_table: torch.Tensor, positions: torch.Tensor, block_size: int) -> torch.Tensor:

@@ -4,24 +4,35 @@
 "stream": bool, "model": str, "timeout_s": float}`` (any other field is refused; a ``model`` other than the
 one served is a 404; a request past its timeout ends with ``finish_reason: "timeout"``). With ``"stream":
 true`` the answer is server-sent events, one ``data: {...}`` chunk per token and ``data: [DONE]`` at the end;
-otherwise one JSON object. Every bad request gets a 4xx with ``{"error": {"message": ..., "type":
-"invalid_request_error"}}``; a full queue gets 503. Shutdown (Ctrl-C): uvicorn stops accepting connections
-and lets every request in flight finish (each bounded by its timeout), so each gets its last chunk with a
-finish reason; then the engine's worker waits up to ``--drain`` seconds for anything left (requests whose
-client went away) and ends it with ``"cancelled"``. ``GET /health`` reports the queue.
+otherwise one JSON object. Field types are strict (``"max_tokens": "5"``, ``5.0`` or ``true`` is refused, so is
+``"stream": "yes"``). Every bad request gets a 4xx with ``{"error": {"message": ..., "type":
+"invalid_request_error"}}``: a wrong field, body (not JSON, not UTF-8), path (404) or method (405); a full queue
+gets 503 (type ``"overloaded"``), and a request in flight when the engine fails 500 (type ``"server_error"``).
+Shutdown (Ctrl-C): uvicorn stops accepting connections and lets every request in flight finish (each bounded by
+its timeout), so each gets its last chunk with a finish reason; then the engine's worker waits up to ``--drain``
+seconds for anything left (requests whose client went away) and ends it with ``"cancelled"``. ``GET /health``
+reports the queue. Startup problems are one ``error:`` line: a bad option or ``--model`` (exit 2), a host and
+port that cannot be listened on (exit 1).
 
 Needs FastAPI and uvicorn (``pip install -e ".[serve]"``); imported only by this command.
 """
 
 
+import argparse
 import asyncio
 import json
+import os
+import re
+import socket
 import time
 from typing import AsyncIterator
 
+from ar_course.checkpoint import CheckpointError
 from ar_course.sampling import SamplingConfig
+from ar_course.serving.compression import merged_pairs
 from ar_course.serving.engine import Engine, EngineConfig
-from ar_course.serving.worker import EngineWorker, QueueFull, ShuttingDown, Ticket
+from ar_course.serving.paged import PagedKVCache
+from ar_course.serving.worker import EngineWorker, QueueFull, ShuttingDown, Ticket, check_engine
 
 
 def _fastapi():
@@ -34,14 +45,14 @@ def _fastapi():
     return fastapi, pydantic, uvicorn
 
 
-def _error(fastapi, status: int, message: str):
-    return fastapi.responses.JSONResponse({"error": {"message": message, "type": "invalid_request_error"}},
-                                          status_code=status)
+def _error(fastapi, status: int, message: str, kind: str = "invalid_request_error", headers: dict | None = None):
+    return fastapi.responses.JSONResponse({"error": {"message": message, "type": kind}}, status_code=status,
+                                          headers=headers)
 
 
 def _request_model(pydantic, limit: int):
     class CompletionRequest(pydantic.BaseModel):
-        model_config = pydantic.ConfigDict(extra="forbid")
+        model_config = pydantic.ConfigDict(extra="forbid", strict=True)  # no "5" or true for an int
         prompt: str = pydantic.Field(min_length=1)
         max_tokens: int = pydantic.Field(16, ge=1, le=limit)
         temperature: float = pydantic.Field(1.0, ge=0.0, le=10.0)
@@ -75,9 +86,16 @@ async def _events(ticket: Ticket, queue: asyncio.Queue, tokenizer, worker: Engin
 
 def create_app(engine: Engine, tokenizer, *, model_name: str = "lm_target", max_pending: int = 64,
                timeout_s: float = 60.0, drain_s: float = 10.0):
-    """The FastAPI app serving ``engine`` (its worker starts with the app and drains on shutdown)."""
+    """The FastAPI app serving ``engine`` (its worker starts with the app and drains on shutdown).
+
+    Raises:
+        TypeError: ``engine`` is not an :class:`~ar_course.serving.Engine` (which checks its model when built).
+        RuntimeError: FastAPI or uvicorn is not installed."""
+    check_engine(engine)
     fastapi, pydantic, _ = _fastapi()
     from contextlib import asynccontextmanager
+
+    from starlette.exceptions import HTTPException  # what FastAPI's routing raises: 404, 405, an unreadable body
 
     limit = engine.model.config.block_size - 1
     CompletionRequest = _request_model(pydantic, limit)
@@ -95,8 +113,25 @@ def create_app(engine: Engine, tokenizer, *, model_name: str = "lm_target", max_
     @app.exception_handler(fastapi.exceptions.RequestValidationError)
     async def invalid(request, exc):
         first = exc.errors()[0]
+        if first.get("type") == "json_invalid":  # loc: ("body", character offset)
+            at = first["loc"][-1]
+            return _error(fastapi, 400, f"body is not valid JSON: {first['ctx']['error']} (at character {at})")
         where = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or "body"
         return _error(fastapi, 400, f"{where}: {first.get('msg', 'invalid value')}")
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request, exc):  # the same error shape as every other refusal
+        where = f"{request.method} {request.url.path}"
+        if exc.status_code == 404:
+            message = f"no {where} here: this server answers POST /v1/completions and GET /health"
+        elif exc.status_code == 405:
+            message = f"{where} is not allowed: {request.url.path} takes {(exc.headers or {}).get('Allow', '?')}"
+        elif isinstance(exc.__cause__, UnicodeDecodeError):
+            message = f"body is not valid JSON: it is not UTF-8 text ({exc.__cause__.reason} at byte " \
+                      f"{exc.__cause__.start})"
+        else:
+            message = str(exc.detail)
+        return _error(fastapi, exc.status_code, message, headers=exc.headers)
 
     @app.get("/health")
     async def health():
@@ -122,7 +157,7 @@ async def _complete(fastapi, worker: EngineWorker, tokenizer, body, model_name: 
         return _error(fastapi, 400, str(exc))
     loop, queue = asyncio.get_running_loop(), asyncio.Queue()
     try:
-        ticket = worker.submit(prompt, body.max_tokens, sampling, body.seed, body.timeout_s,
+        ticket = worker.submit(prompt, body.max_tokens, sampling=sampling, seed=body.seed, timeout_s=body.timeout_s,
                                deliver=lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev))
     except (QueueFull, ShuttingDown) as exc:
         return fastapi.responses.JSONResponse({"error": {"message": str(exc), "type": "overloaded"}}, status_code=503)
@@ -131,8 +166,9 @@ async def _complete(fastapi, worker: EngineWorker, tokenizer, body, model_name: 
     if body.stream:
         async def sse():
             async for kind, value in events:
-                if kind == "error":
-                    yield f"data: {json.dumps({'error': {'message': value}})}\n\n"
+                if kind in ("error", "failed"):
+                    error = {"message": value, "type": "invalid_request_error" if kind == "error" else "server_error"}
+                    yield f"data: {json.dumps({'error': error})}\n\n"
                     break
                 text, finish = (tokenizer.decode([value]), None) if kind == "token" else ("", value)
                 yield f"data: {json.dumps(_chunk(cid, model_name, text, finish))}\n\n"
@@ -143,6 +179,8 @@ async def _complete(fastapi, worker: EngineWorker, tokenizer, body, model_name: 
     async for kind, value in events:
         if kind == "error":
             return _error(fastapi, 400, str(value))
+        if kind == "failed":
+            return _error(fastapi, 500, str(value), "server_error")
         if kind == "token":
             tokens.append(value)
         else:
@@ -153,8 +191,59 @@ async def _complete(fastapi, worker: EngineWorker, tokenizer, body, model_name: 
     return out
 
 
+_ENGINE_OPTIONS = ("num_blocks", "block_size", "max_running", "prefix_caching", "kv_bits", "kv_window", "kv_sinks",
+                   "kv_h2o_budget", "kv_h2o_recent", "kv_merge_from")  # EngineConfig fields set by an option
+
+
+def _as_options(message: str, args: argparse.Namespace) -> str:
+    """``message`` about :class:`EngineConfig` fields, led by the options that set them as they stand on the command
+    line: ``--kv-sinks 4 --kv-window 4: need 0 <= kv_sinks < kv_window, got 4 and 4``."""
+    named = sorted((m.start(), field) for field in _ENGINE_OPTIONS if (m := re.search(rf"\b{field}\b", message)))
+    options = []
+    for _, field in named:
+        value, option = getattr(args, field), "--" + field.replace("_", "-")
+        options.append(option if value is True else f"{option} {value}")
+    return f"{' '.join(options)}: {message}" if options else message
+
+
+def _cannot_listen(host: str, port: int) -> str | None:
+    """Why ``host:port`` cannot be listened on now (``"[Errno 98] Address already in use"``), or None when every
+    address it names binds, as uvicorn will bind them."""
+    try:
+        for family, kind, proto, _, address in socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                                                                  flags=socket.AI_PASSIVE):
+            with socket.socket(family, kind, proto) as sock:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.bind(address)
+    except OSError as exc:  # socket.gaierror for a host that does not resolve
+        return exc.strerror or str(exc)
+    return None
+
+
+def _memory_bytes() -> int | None:
+    """This machine's physical memory in bytes (None where the OS does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def _check_engine_options(parser, args: argparse.Namespace, model, config: EngineConfig) -> None:
+    """The options that depend on the loaded model: ``--kv-merge-from`` must merge a pair of its layers, and the
+    KV pool (``--num-blocks`` x ``--block-size`` positions) must fit in this machine's memory (usage errors)."""
+    n_layer = model.config.n_layer
+    if config.kv_merge_from is not None and not merged_pairs(n_layer, config.kv_merge_from):
+        parser.error(f"--kv-merge-from must be < {n_layer - 1} for this {n_layer}-layer model (it merges layers "
+                     f"(a, a + 1) from it on), got {config.kv_merge_from}")
+    per_position = PagedKVCache.for_model(model, 1, 1, config.kv_bits, config.kv_merge_from).bytes_per_block()
+    pool, memory = per_position * config.num_blocks * config.block_size, _memory_bytes()
+    if memory is not None and pool > memory:
+        parser.error(f"--num-blocks {config.num_blocks} x --block-size {config.block_size} positions make a "
+                     f"{pool / 2**30:.3g} GiB KV pool, more than this machine's {memory / 2**30:.3g} GiB of memory")
+
+
 def main(argv: list[str] | None = None) -> int:
-    from ar_course.cli import ArgumentParser, float_in, int_in
+    from ar_course.cli import EXIT_FAILURE, ArgumentParser, UsageError, float_in, int_in
 
     parser = ArgumentParser(prog="python -m ar_course serve", description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="lm_target", help="a shipped text model (lm_target, lm_draft) or a path")
@@ -162,7 +251,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int_in(1, 65535), default=8000)
     parser.add_argument("--num-blocks", type=int_in(1), default=256)
     parser.add_argument("--block-size", type=int_in(1), default=16)
-    parser.add_argument("--max-running", type=int_in(1), default=16)
+    parser.add_argument("--max-running", type=int_in(1, EngineConfig.max_step_tokens), default=16,
+                        help="sequences in a batch (at most the tokens of one forward pass, "
+                             f"{EngineConfig.max_step_tokens})")
     parser.add_argument("--prefix-caching", action="store_true")
     parser.add_argument("--kv-bits", type=int, choices=(8, 4), default=None, help="quantize the KV pool (default: no)")
     parser.add_argument("--kv-window", type=int_in(1), default=None,
@@ -187,12 +278,21 @@ def main(argv: list[str] | None = None) -> int:
                               kv_sinks=args.kv_sinks, kv_h2o_budget=args.kv_h2o_budget,
                               kv_h2o_recent=args.kv_h2o_recent, kv_merge_from=args.kv_merge_from)
     except ValueError as e:
-        parser.error(str(e))
+        parser.error(_as_options(str(e), args))
     _, _, uvicorn = _fastapi()
     from ar_course.transformer import load_pretrained
 
-    model, tokenizer = load_pretrained(args.model)
-    engine = Engine(model, config)
+    if (why := _cannot_listen(args.host, args.port)) is not None:
+        parser.exit(EXIT_FAILURE, f"error: cannot listen on {args.host}:{args.port}: {why}\n")
+    try:
+        model, tokenizer = load_pretrained(args.model)
+    except CheckpointError as exc:  # a bad --model is bad input, as in generate
+        raise UsageError(str(exc)) from None
+    try:
+        _check_engine_options(parser, args, model, config)
+        engine = Engine(model, config)
+    except ValueError as e:  # e.g. --kv-bits 4 with an odd head size
+        parser.error(_as_options(str(e), args))
     app = create_app(engine, tokenizer, model_name=str(args.model), max_pending=args.max_pending,
                      timeout_s=args.timeout, drain_s=args.drain)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")

@@ -3,8 +3,15 @@
 Only the worker thread touches the engine. :meth:`EngineWorker.submit` queues a request and returns a
 :class:`Ticket` whose ``events`` queue receives ``("token", id)`` for every new token and exactly one final
 ``("end", reason)``: ``"length"`` (all tokens made), ``"timeout"`` (the request ran past its deadline),
-``"cancelled"`` (the client went away, or the server shut down before the request finished). So no request is
-ever dropped silently. The number of requests in flight is bounded: :class:`QueueFull` past ``max_pending``.
+``"cancelled"`` (the client went away, or the server shut down before the request finished). Instead of the
+``"end"``, a request the engine refuses when it is added (a bad prompt, seed or length: the client's fault) gets
+``("error", message)``, and a request in flight when an engine step fails (the server's fault) gets
+``("failed", message)``. So no request is ever dropped silently. The number of requests in flight is bounded:
+:class:`QueueFull` past ``max_pending``.
+
+One client's request cannot break the others: :meth:`~ar_course.serving.Engine.add_request` checks everything a
+request brings to a step (its tokens, lengths, seed and :class:`~ar_course.sampling.SamplingConfig`, and the
+sampler works for every config that can be made), so a step fails only for reasons of the whole batch.
 """
 
 from __future__ import annotations
@@ -47,11 +54,23 @@ class Ticket:
         (self.deliver or self.events.put)((kind, value))
 
 
+def check_engine(engine: object) -> Engine:
+    """``engine`` if it is an :class:`~ar_course.serving.Engine` (which checked its model when built); else a
+    ``TypeError`` (e.g. a model passed where its engine belongs)."""
+    if not isinstance(engine, Engine):
+        raise TypeError(f"engine must be an Engine (Engine(model, config)), got {type(engine).__name__}")
+    return engine
+
+
 class EngineWorker:
-    """Runs ``engine`` on a daemon thread; :meth:`submit` from any thread, :meth:`shutdown` to stop."""
+    """Runs ``engine`` on a daemon thread; :meth:`submit` from any thread, :meth:`shutdown` to stop.
+
+    Raises:
+        TypeError: ``engine`` is not an :class:`~ar_course.serving.Engine` (build one from the model: the engine
+            checks that it is a text model)."""
 
     def __init__(self, engine: Engine, max_pending: int = 64, timeout_s: float = 60.0):
-        self.engine, self.max_pending, self.timeout_s = engine, max_pending, timeout_s
+        self.engine, self.max_pending, self.timeout_s = check_engine(engine), max_pending, timeout_s
         self._inbox: queue.Queue[Ticket] = queue.Queue()
         self._live: dict[int, Ticket] = {}
         self._pending = 0
@@ -66,10 +85,12 @@ class EngineWorker:
     def pending(self) -> int:
         return self._pending
 
-    def submit(self, prompt: list[int], max_new_tokens: int, sampling: SamplingConfig, seed: int | None = None,
+    def submit(self, prompt: list[int], max_new_tokens: int, *,
+               sampling: SamplingConfig = SamplingConfig(temperature=0.0), seed: int | None = None,
                timeout_s: float | None = None, deliver: Callable | None = None) -> Ticket:
-        """Queue a request (checked by the engine when the worker adds it: an invalid one ends at once with
-        ``("error", message)``). Raises :class:`QueueFull` or :class:`ShuttingDown`."""
+        """Queue a request, greedy by default like :meth:`Engine.add_request` (checked by the engine when the worker
+        adds it: an invalid one ends at once with ``("error", message)``). Raises :class:`QueueFull` or
+        :class:`ShuttingDown`."""
         with self._lock:
             if not self._accepting:
                 raise ShuttingDown("the server is shutting down")
@@ -150,10 +171,13 @@ class EngineWorker:
                 continue
             try:
                 events = self.engine.step()
-            except Exception as exc:  # noqa: BLE001 - every request in flight hears of it; the worker goes on
+            except Exception as exc:  # noqa: BLE001 - the worker goes on
+                # A step runs every scheduled request in one forward pass, and each request was checked when it
+                # was added (the module docstring): a failure here (out of memory, a device error) is the batch's,
+                # not one request's, and it may have left any of them half-advanced. So all of them end.
                 for rid, ticket in list(self._live.items()):
                     self.engine.cancel(rid)
-                    self._end(ticket, "error", f"engine error: {exc}")
+                    self._end(ticket, "failed", f"engine error: {exc}")
                 continue
             for rid, token in events:
                 ticket = self._live.get(rid)

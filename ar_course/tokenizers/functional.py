@@ -215,14 +215,17 @@ def _check_pyramid(f: torch.Tensor, codebook: torch.Tensor, scales: Sequence[int
 
 
 def check_scales(scales: Sequence[int], side: int) -> None:
-    """Raise ``ValueError`` unless every scale lies in ``[1, side]`` and the last one equals ``side``."""
+    """Raise ``ValueError`` unless every scale lies in ``[1, side]``, none is smaller than the one before (coarse
+    to fine; a repeated side is allowed) and the last one equals ``side``."""
     if len(scales) == 0:
         raise ValueError("scales is empty")
     for s in scales:
         if not 1 <= int(s) <= side:
             raise ValueError(f"scale {s} does not fit a {side}x{side} latent map (scales {tuple(scales)})")
     if int(scales[-1]) != side:
-        raise ValueError(f"the last scale must be the full map side {side}, got scales {tuple(scales)}")
+        raise ValueError(f"the last scale must equal the latent side {side}, got scales {tuple(scales)}")
+    if any(int(a) > int(b) for a, b in zip(scales, scales[1:])):
+        raise ValueError(f"scales must not decrease (coarse to fine), got scales {tuple(scales)}")
 
 
 def upsample_bicubic(h: torch.Tensor, side: int) -> torch.Tensor:

@@ -156,7 +156,17 @@ class VectorQuantizer(nn.Module):
 
     # -- training -----------------------------------------------------------------------------------------
     def forward(self, z: torch.Tensor) -> QuantizerOutput:
+        """Quantize ``z`` ``(B, dim, h, w)`` (see the class docstring); in training mode, also update the codebook
+        statistics.
+
+        Raises:
+            TypeError: ``z`` is not a tensor.
+            ValueError: ``z`` is not a non-empty float ``(B, dim, h, w)`` map, or (training mode only: one host
+                sync) holds a NaN or infinity, which would spoil the codebook.
+        """
         _check_map(z, self.dim, "VectorQuantizer")
+        if self.training:
+            check_finite("z", z)
         b, _, h, w = z.shape
         flat = _flatten(z)  # (N, D)
         if self.l2_norm:
@@ -285,7 +295,11 @@ class ResidualVQ(nn.Module):
         return torch.stack([self.layer(d).codes() for d in range(self.depth)])
 
     def forward(self, z: torch.Tensor) -> QuantizerOutput:
+        """Quantize ``z`` ``(B, dim, h, w)`` (see the class docstring); in training mode, also update the codebook
+        statistics. Raises as :meth:`VectorQuantizer.forward`."""
         _check_map(z, self.dim, "ResidualVQ")
+        if self.training:
+            check_finite("z", z)
         b, _, h, w = z.shape
         flat = _flatten(z)  # (N, D)
         target = flat.detach()
@@ -442,7 +456,12 @@ class MultiScaleVQ(nn.Module):
             check_ids(f"index map {k}", idx, self.num_codes, (B, self.scales[k], self.scales[k]), dtype=None)
 
     def forward(self, f: torch.Tensor) -> QuantizerOutput:
+        """Quantize ``f`` ``(B, dim, H, H)`` scale by scale (see the class docstring); in training mode, also
+        update the codebook statistics. Raises as :meth:`VectorQuantizer.forward` (and for a non-square map or
+        one the scales do not fit)."""
         self._check_input(f)
+        if self.training:
+            check_finite("f", f)
         b, c, side, _ = f.shape
         target = f.detach()
         rest = target.clone()

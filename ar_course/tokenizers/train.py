@@ -21,12 +21,16 @@ import torch
 from ar_course import distributed as ddp
 from ar_course import metrics
 from ar_course.checkpoint import ASSETS, save_checkpoint
-from ar_course.cli import ArgumentParser, int_list, nonnegative_float, positive_float, positive_int
+from ar_course.cli import ArgumentParser, device_name, int_in, int_list, nonnegative_float, positive_float, positive_int
 from ar_course.tokenizers.functional import check_levels
+from ar_course.tokenizers.implicit import LFQ_MAX_DIM
 from ar_course.tokenizers.quantizers import MSVQ_LOSSES
 from ar_course.tokenizers.vqvae import CHECKPOINT_KIND, QUANTIZERS, VQVAE, VQVAEConfig
-from ar_course.train import History, TrainConfig, add_run_options, finish_run, prepare_run, train_loop, trainer_main
-from ar_course.utils import get_device, seed_everything
+from ar_course.train import (
+    DEVICE_HELP, History, TrainConfig, add_run_options, check_batch_size, finish_run, prepare_run, seed_int,
+    train_loop, trainer_main,
+)
+from ar_course.utils import check_int, get_device, seed_everything
 
 DATASETS = ("mnist", "shapes")
 LFQ_DEFAULT_DIM = 8
@@ -35,6 +39,12 @@ KL_DEFAULT_DIM = 4
 """``--latent-dim`` of the continuous (``kl``) tokenizer unless given: 4 channels per 8x8 position."""
 CALIBRATION_IMAGES = 5000
 """Training images whose latents set the continuous tokenizer's per-channel shift and scale."""
+MAX_CODES = 2**LFQ_MAX_DIM
+"""Largest ``--num-codes``: the codebook of the largest LFQ tokenizer (65,536 codes)."""
+MAX_DEPTH = 64
+"""Largest residual ``--depth`` (rvq): each level quantizes what the levels before it left."""
+MAX_LATENT_DIM = 1024
+"""Largest ``--latent-dim``: channels per latent position."""
 
 
 def default_config(quantizer: str = "vq", dataset: str = "mnist", **overrides) -> VQVAEConfig:
@@ -113,11 +123,16 @@ def train_tokenizer(
     adds held-out evaluations during training (``history.eval_steps`` / ``history.evals``). ``batch_size``
     is the global batch (split across processes under ``torchrun``, where only rank 0 evaluates: the
     metrics are ``{}`` elsewhere). ``checkpoint_every`` / ``state_path`` / ``resume``: see
-    :func:`~ar_course.train.train_loop`."""
+    :func:`~ar_course.train.train_loop`.
+
+    Raises:
+        ValueError: ``batch_size`` is not in [1, the number of training images] (no batch could be drawn).
+    """
     generator = seed_everything(seed)
     device = torch.device(device) if device is not None else get_device()
     train_images = load_images(dataset, "train") if train_images is None else train_images
     test_images = load_images(dataset, "test") if test_images is None else test_images
+    check_int("batch_size", batch_size, 1, train_images.shape[0])
     model = VQVAE(config).to(device)
 
     def batches():
@@ -158,15 +173,16 @@ def _parser() -> ArgumentParser:
     parser.add_argument("--quantizer", choices=QUANTIZERS, default="vq")
     parser.add_argument("--dataset", choices=DATASETS, default="mnist")
     parser.add_argument("--steps", type=positive_int, default=1500)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=seed_int, default=0)
     parser.add_argument("--batch-size", type=positive_int, default=64,
-                        help="global batch, split across processes under torchrun [%(default)s]")
+                        help="global batch, split across processes under torchrun; at most the training images "
+                             "[%(default)s]")
     parser.add_argument("--lr", type=positive_float, default=2e-3)
-    parser.add_argument("--num-codes", type=positive_int, default=256,
+    parser.add_argument("--num-codes", type=int_in(1, MAX_CODES), default=256,
                         help="codebook size (vq, rvq, msvq; fsq has prod(levels) codes, lfq 2^latent-dim) [256]")
-    parser.add_argument("--latent-dim", type=positive_int, default=None,
+    parser.add_argument("--latent-dim", type=int_in(1, MAX_LATENT_DIM), default=None,
                         help=f"latent channels [16; fsq: the number of levels; lfq: {LFQ_DEFAULT_DIM}; kl: {KL_DEFAULT_DIM}]")
-    parser.add_argument("--depth", type=positive_int, default=4, help="residual depth (rvq)")
+    parser.add_argument("--depth", type=int_in(1, MAX_DEPTH), default=4, help="residual depth (rvq)")
     parser.add_argument("--scales", type=int_list(1), default=(1, 2, 3, 4, 6, 8),
                         help="comma-separated sides (msvq) [1,2,3,4,6,8]")
     parser.add_argument("--msvq-loss", choices=MSVQ_LOSSES, default=VQVAEConfig.msvq_loss,
@@ -190,7 +206,7 @@ def _parser() -> ArgumentParser:
                         help="kl: weight of the latent's mean KL to N(0, 1) [%(default)s]")
     parser.add_argument("--lfq-entropy-weight", type=nonnegative_float, default=VQVAEConfig.lfq_entropy_weight,
                         help="lfq: weight of the entropy loss [%(default)s]")
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    parser.add_argument("--device", type=device_name, default=None, help=DEVICE_HELP)
     parser.add_argument("--out", type=Path, default=None,
                         help="checkpoint path (default: ar_course/assets/tokenizer_<dataset>_<quantizer>.safetensors)")
     add_run_options(parser)
@@ -212,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     except ValueError as exc:
         parser.error(str(exc))
+    check_batch_size(parser, args.batch_size, args.dataset)
     out = args.out or ASSETS / f"tokenizer_{args.dataset}_{args.quantizer}.safetensors"
     state_path = prepare_run(parser, out, args.resume, args.batch_size)
     model, result, history = train_tokenizer(config, args.dataset, args.steps, args.seed, args.batch_size, args.lr,

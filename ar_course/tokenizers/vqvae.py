@@ -31,8 +31,8 @@ from ar_course import checkpoint
 from ar_course.tokenizers.continuous import GaussianBottleneck
 from ar_course.tokenizers.implicit import FSQ, LFQ, LFQ_MAX_DIM
 from ar_course.tokenizers.quantizers import MultiScaleVQ, QuantizerOutput, ResidualVQ, VectorQuantizer
-from ar_course.tokenizers.functional import check_levels
-from ar_course.utils import check_finite
+from ar_course.tokenizers.functional import check_levels, check_scales
+from ar_course.utils import check_finite, check_int
 
 QUANTIZERS = ("vq", "rvq", "msvq", "fsq", "lfq", "kl")
 PRETRAINED = ("mnist_vq", "mnist_msvq", "mnist_kl")
@@ -41,6 +41,17 @@ CHECKPOINT_KIND = "tokenizer"
 
 @dataclass
 class VQVAEConfig:
+    """Hyper-parameters of :class:`VQVAE`, checked when made.
+
+    Raises:
+        TypeError: a size that is not an integer (``image_size=32.0``).
+        ValueError: a size ``< 1`` (``in_channels``, ``image_size``, ``downsample``, ``width``, ``latent_dim``,
+            ``num_codes`` of vq/rvq/msvq, ``depth`` of rvq) or ``num_res_blocks < 0``, an unknown ``quantizer``,
+            a ``downsample`` that is not a power of two or does not divide ``image_size``, msvq ``scales`` that
+            decrease, leave ``[1, latent_side]`` or do not end at the latent side, fsq levels or an lfq
+            ``latent_dim`` that do not fit, or ``rotation_trick`` / ``kmeans_init`` without ``quantizer="vq"``.
+    """
+
     in_channels: int = 1
     image_size: int = 32
     downsample: int = 4  # a power of two; the latent map is image_size / downsample on a side
@@ -75,12 +86,19 @@ class VQVAEConfig:
         self.fsq_levels = tuple(self.fsq_levels)
         if self.quantizer not in QUANTIZERS:
             raise ValueError(f"quantizer must be one of {QUANTIZERS}, got {self.quantizer!r}")
-        if self.downsample < 1 or self.downsample & (self.downsample - 1):
+        sizes = ["in_channels", "image_size", "downsample", "width", "latent_dim"]
+        sizes += ["num_codes"] if self.quantizer in ("vq", "rvq", "msvq") else []  # fsq / lfq derive it
+        for name in sizes:
+            setattr(self, name, check_int(name, getattr(self, name), lo=1))
+        self.num_res_blocks = check_int("num_res_blocks", self.num_res_blocks, lo=0)
+        if self.quantizer == "rvq":
+            self.depth = check_int("depth", self.depth, lo=1)
+        if self.downsample & (self.downsample - 1):
             raise ValueError(f"downsample must be a power of two, got {self.downsample}")
         if self.image_size % self.downsample:
             raise ValueError(f"image_size {self.image_size} is not divisible by downsample {self.downsample}")
-        if self.quantizer == "msvq" and self.scales[-1] != self.latent_side:
-            raise ValueError(f"the last scale must equal the latent side {self.latent_side}, got scales {self.scales}")
+        if self.quantizer == "msvq":
+            check_scales(self.scales, self.latent_side)
         if self.quantizer == "fsq":
             self.fsq_levels = check_levels(self.fsq_levels)
             if self.latent_dim != len(self.fsq_levels):
@@ -262,8 +280,17 @@ class VQVAE(nn.Module):
     @torch.no_grad()
     def decode_from_indices(self, indices: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
         """Images ``(B, C, S, S)`` in [0, 1] from tokens (for ``msvq`` the first ``n <= S`` scales suffice:
-        fewer scales give a coarser image). Raises as the quantizer's ``decode`` (codes out of range,
-        wrong shapes or dtypes)."""
+        fewer scales give a coarser image).
+
+        Raises:
+            TypeError: as the quantizer's ``decode`` (a non-tensor, or for ``msvq`` a non-list).
+            ValueError: as the quantizer's ``decode`` (codes out of range, wrong shapes or dtypes), or maps
+                whose ``h, w`` are not this tokenizer's ``latent_side x latent_side`` grid.
+        """
+        side = self.config.latent_side  # every tensor of tokens ends with (h, w); msvq's list is checked by scale
+        if isinstance(indices, torch.Tensor) and indices.ndim >= 3 and tuple(indices.shape[-2:]) != (side, side):
+            raise ValueError(f"indices must be maps of this tokenizer's {side}x{side} latent grid, got shape "
+                             f"{tuple(indices.shape)}")
         return self.decode(self.quantizer.decode(indices))
 
     @torch.no_grad()

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from ar_course.checkpoint import config_from_dict
 from ar_course.sampling import SamplingConfig, cfg_mix, check_cfg, check_sampling, sample
 from ar_course.transformer import functional as ref
-from ar_course.utils import check_bool, check_ids, check_int
+from ar_course.utils import check_bool, check_ids, check_int, check_number
 
 ATTENTION_IMPLS = ("sdpa", "plain", "kernels")
 CACHE_KINDS = ("dynamic", "static")
@@ -48,7 +48,19 @@ CACHE_KINDS = ("dynamic", "static")
 
 @dataclass
 class GPTConfig:
-    """Hyper-parameters of :class:`GPT` (and of :class:`Block` when used on its own)."""
+    """Hyper-parameters of :class:`GPT` (and of :class:`Block` when used on its own).
+
+    Checked when made.
+
+    Raises:
+        TypeError: a size that is not an integer (``n_head=2.0``), a number that is not a number, or a flag
+            (``bias``, ``tie_weights``) that is not a bool.
+        ValueError: a size ``< 1`` (``vocab_size``, ``block_size``, ``n_layer``, ``n_head``, ``n_embd``, the
+            ``grid`` sides), ``mlp_hidden`` or ``n_classes < 0``, ``n_embd`` not divisible by ``n_head``, a head
+            size the rotary embedding cannot split (odd for ``"rope"``, not a multiple of 4 for ``"rope2d"``),
+            ``dropout`` outside ``[0, 1)``, ``norm_eps`` or ``rope_base <= 0``, an unknown ``mlp``, ``pos`` or
+            ``attn``, ``pos="rope2d"`` without ``grid``, or a ``causal`` that is not a bool.
+    """
 
     vocab_size: int = 128
     block_size: int = 256  # longest sequence, the class token included
@@ -69,8 +81,18 @@ class GPTConfig:
     causal: bool = True  # False: bidirectional, every position attends to every other (masked models, ch. 08)
 
     def __post_init__(self) -> None:
-        if self.grid is not None:
-            self.grid = (int(self.grid[0]), int(self.grid[1]))  # JSON gives a list back
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+            setattr(self, name, check_int(name, getattr(self, name), lo=1))
+        self.mlp_hidden = check_int("mlp_hidden", self.mlp_hidden, lo=0)
+        self.n_classes = check_int("n_classes", self.n_classes, lo=0)
+        if self.grid is not None:  # JSON gives a list back
+            if not isinstance(self.grid, (tuple, list)) or len(self.grid) != 2:
+                raise ValueError(f"grid must be None or (rows, cols), got {self.grid!r}")
+            self.grid = (check_int("grid rows", self.grid[0], lo=1), check_int("grid cols", self.grid[1], lo=1))
+        self.rope_base = check_number("rope_base", self.rope_base, lo=0, lo_open=True)
+        self.dropout = check_number("dropout", self.dropout, lo=0, hi=1, hi_open=True)
+        self.norm_eps = check_number("norm_eps", self.norm_eps, lo=0, lo_open=True)
+        self.bias, self.tie_weights = check_bool("bias", self.bias), check_bool("tie_weights", self.tie_weights)
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         if self.mlp not in ("swiglu", "gelu"):
@@ -79,6 +101,10 @@ class GPTConfig:
             raise ValueError(f"pos must be 'rope', 'rope2d', 'learned' or 'none', got {self.pos!r}")
         if self.pos == "rope2d" and self.grid is None:
             raise ValueError("pos='rope2d' needs grid=(rows, cols)")
+        split = {"rope": 2, "rope2d": 4}.get(self.pos, 1)
+        if self.head_dim % split:
+            raise ValueError(f"pos={self.pos!r} needs a head size n_embd / n_head divisible by {split}, got "
+                             f"{self.head_dim}")
         if self.attn not in ATTENTION_IMPLS:
             raise ValueError(f"attn must be one of {ATTENTION_IMPLS}, got {self.attn!r}")
         if not isinstance(self.causal, bool):
@@ -105,7 +131,10 @@ class GPTConfig:
 
 def _kv_buffers(n_layer: int, shape: tuple[int, int, int, int], device: torch.device | str | None,
                 dtype: torch.dtype) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Zeroed key and value buffers of ``shape`` ``(B, H, max_len, D)``, one of each per layer."""
+    """Zeroed key and value buffers of ``shape`` ``(B, H, max_len, D)``, one of each per layer (every size an
+    integer >= 1: ``TypeError`` / ``ValueError`` naming it otherwise)."""
+    for name, n in zip(("n_layer", "batch_size", "n_head", "max_len", "head_dim"), (n_layer, *shape)):
+        check_int(name, n, lo=1)
     return ([torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)],
             [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)])
 
@@ -115,7 +144,12 @@ class KVCache:
 
     ``length`` positions are valid. A forward pass over ``T`` new tokens calls :meth:`append` once per layer
     (writing positions ``length .. length+T-1``) and then :meth:`advance` ``(T)`` once. :meth:`rollback`
-    sets ``length`` back; later appends overwrite the forgotten positions.
+    sets ``length`` back; later appends overwrite the forgotten positions. ``model.make_cache(B)`` builds the
+    cache a :class:`GPT` takes (:meth:`GPT.forward` checks the layers, heads, head size, dtype and device).
+
+    Raises:
+        TypeError: a size that is not an integer.
+        ValueError: a size ``< 1``.
     """
 
     def __init__(
@@ -176,6 +210,10 @@ class StaticKVCache:
     :meth:`visible` (``arange`` compared with ``pos``). :meth:`advance` and :meth:`rollback` change ``pos`` in
     place, so a captured graph that reads it sees the new value at its next replay. Positions past ``pos``
     hold stale values that no query can see.
+
+    Raises:
+        TypeError: a size that is not an integer.
+        ValueError: a size ``< 1``.
     """
 
     def __init__(
@@ -360,7 +398,16 @@ _ATTENTION: contextvars.ContextVar[AttentionFn | None] = contextvars.ContextVar(
 def use_attention(attend: AttentionFn) -> Iterator[None]:
     """Inside the block, every :class:`SelfAttention` run in this thread (or task) computes attention with
     ``attend`` instead of its own function; other threads, and the models themselves, are unaffected. An inner
-    block overrides an outer one."""
+    block overrides an outer one.
+
+    Raises:
+        TypeError: ``attend`` is not callable (a name such as ``"plain"``: pass ``attention_function("plain")``),
+            when the block is entered.
+    """
+    if not callable(attend):
+        hint = f"; for a name use attention_function({attend!r})" if isinstance(attend, str) else ""
+        raise TypeError(f"attend must be an attention function (q, k, v, mask, causal, dropout_p) -> y, got "
+                        f"{attend!r}{hint}")
     token = _ATTENTION.set(attend)
     try:
         yield
@@ -508,6 +555,18 @@ def check_cache(cache: object, batch_size: int, max_len: int) -> None:
         raise ValueError(f"cache must be one of {CACHE_KINDS} or a StaticKVCache, got {cache!r}")
 
 
+def check_cache_layout(cache: KVCache | StaticKVCache, config: GPTConfig, like: torch.Tensor) -> None:
+    """``ValueError`` unless ``cache`` holds ``config.n_layer`` layers of ``config.n_head`` heads of
+    ``config.head_dim`` channels in the dtype and on the device of ``like`` (a parameter of the model): the cache
+    ``model.make_cache`` builds. Reads shapes only (no host sync)."""
+    k = cache.k[0]  # (B, H, max_len, D)
+    got = (len(cache.k), k.shape[1], k.shape[3], k.dtype, k.device)
+    if got != (config.n_layer, config.n_head, config.head_dim, like.dtype, like.device):
+        raise ValueError(f"cache holds {got[0]} layers of {got[1]} heads of size {got[2]} ({got[3]}, {got[4]}); this "
+                         f"model needs {config.n_layer} layers of {config.n_head} heads of size {config.head_dim} "
+                         f"({like.dtype}, {like.device}): build it with model.make_cache(batch_size)")
+
+
 def set_attention(model: nn.Module, impl: str, backend: str = "auto") -> None:
     """Switch every attention layer of ``model`` (a GPT, a VAR, ...) to ``impl`` (one of
     :data:`ATTENTION_IMPLS`) for good; with ``"kernels"``, ``backend`` picks the :mod:`ar_course.kernels` backend
@@ -612,6 +671,8 @@ class GPT(nn.Module):
         if cache is not None and (not isinstance(cache, caches) or cache.batch_size != B):
             raise ValueError(f"cache must be a KVCache or StaticKVCache of batch size {B}, got "
                              f"{cache.batch_size if isinstance(cache, caches) else type(cache).__name__}")
+        if cache is not None:
+            check_cache_layout(cache, self.config, self.wte.weight)
         if isinstance(cache, StaticKVCache) and targets is not None:
             raise ValueError("targets are not taken with a StaticKVCache (a decoding cache)")
         start = cache.length if cache is not None else 0
@@ -655,8 +716,9 @@ class GPT(nn.Module):
             TypeError: ``idx``, ``targets`` or ``classes`` is not a tensor.
             ValueError: a wrong shape or dtype, an empty batch, ids outside ``[0, vocab_size)`` (targets: or
                 -100), classes outside ``[0, n_classes]``, classes where none are taken, nothing to run (no
-                token and no class token), a cache of another batch size, more positions than ``block_size`` (or
-                than a static cache holds), or ``targets`` with a static cache.
+                token and no class token), a cache of another batch size, or of other layers, heads, head size,
+                dtype or device than ``make_cache`` gives, more positions than ``block_size`` (or than a static
+                cache holds), or ``targets`` with a static cache.
         """
         if not torch.compiler.is_compiling():  # a compiled step (Generator(compile=True)) was checked by its caller
             self._check_forward(idx, targets, classes, cache)
@@ -783,8 +845,8 @@ class GPT(nn.Module):
             ValueError: a bidirectional model (``config.causal`` False: its tokens cannot be sampled one after
                 another), bad ``idx``/``classes`` (as :meth:`forward`), ``max_new_tokens < 0``, a prompt and new
                 tokens needing more than ``block_size`` positions, a non-finite ``cfg``, guidance without
-                classes, an unknown ``cache`` (or a StaticKVCache of another size), or a static cache with
-                ``use_cache=False``.
+                classes, an unknown ``cache`` (or a StaticKVCache of another size, or not as ``make_cache`` builds
+                it: see :meth:`forward`), or a static cache with ``use_cache=False``.
         """
         if not self.config.causal:
             raise ValueError("generate samples left to right and needs a causal model; this one has causal=False "
@@ -794,6 +856,8 @@ class GPT(nn.Module):
         use_cache = check_bool("use_cache", use_cache)
         self._check_idx(idx)
         check_cache(cache, idx.shape[0] * (1 + (cfg != 0)), self.config.block_size)
+        if isinstance(cache, StaticKVCache):
+            check_cache_layout(cache, self.config, self.wte.weight)
         static = cache != "dynamic"
         if static and not use_cache:
             raise ValueError("a static cache needs use_cache=True")

@@ -20,10 +20,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -31,12 +32,17 @@ import torch.nn.functional as F
 from ar_course import distributed as ddp
 from ar_course import checkpoint
 from ar_course.checkpoint import ASSETS, save_checkpoint
-from ar_course.cli import ArgumentParser, float_in, nonnegative_int, positive_float, positive_int
-from ar_course.train import TrainConfig, add_run_options, finish_run, prepare_run, train_loop, trainer_main
+from ar_course.cli import ArgumentParser, device_name, float_in, int_in, nonnegative_int, positive_float, positive_int
+from ar_course.train import (
+    DEVICE_HELP, TrainConfig, add_run_options, checkpoint_option, finish_run, prepare_run, seed_int, train_loop,
+    trainer_main,
+)
 from ar_course.transformer.model import GPT, GPTConfig
 from ar_course.utils import count_parameters, get_device, seed_everything
 
 KIND = "lm"
+MAX_THREADS = 4 * (os.cpu_count() or 1)
+"""Largest ``--threads``: four per CPU (thousands of threads make OpenMP fail, or crash)."""
 
 
 @dataclass
@@ -171,23 +177,33 @@ def add_text_trainer_options(parser: argparse.ArgumentParser, *, measure: str) -
     parser.add_argument("--ema", type=float_in(0.0, 1.0, hi_open=True), default=None, metavar="DECAY",
                         help="evaluate and save a moving average of the weights with this decay (0: the last "
                              "weights; default: the preset's)")
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    parser.add_argument("--threads", type=positive_int, default=None,
-                        help="torch CPU threads (default: torch's choice; 1 is faster on a busy machine)")
+    parser.add_argument("--device", type=device_name, default=None, help=DEVICE_HELP)
+    parser.add_argument("--threads", type=int_in(1, MAX_THREADS), default=None,
+                        help=f"torch CPU threads, at most {MAX_THREADS} (default: torch's choice; 1 is faster on a "
+                             "busy machine)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     add_run_options(parser)
 
 
-def apply_text_trainer_options(parser: argparse.ArgumentParser, args: argparse.Namespace, presets: dict) -> Any:
+def apply_text_trainer_options(parser: argparse.ArgumentParser, args: argparse.Namespace, presets: dict,
+                               seq_len: Callable[[Any], int]) -> Any:
     """Check ``--keep-best`` (it needs ``--eval-every``), apply ``--threads``, and return the preset
     ``args.preset`` of ``presets`` with the ``--steps``, ``--batch-size``, ``--lr`` and ``--ema`` given on the command
-    line in place of its own."""
+    line in place of its own. Its batch must not hold more windows (of ``seq_len(preset)`` characters) than the
+    training text has: a usage error."""
     if args.keep_best and not args.eval_every:
         parser.error("--keep-best needs --eval-every N: the evaluations it chooses from")
     if args.threads:
         torch.set_num_threads(args.threads)
     overrides = {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "ema": args.ema}
-    return replace(presets[args.preset], **{k: v for k, v in overrides.items() if v is not None})
+    preset = replace(presets[args.preset], **{k: v for k, v in overrides.items() if v is not None})
+    from ar_course.data import load_text_dataset
+
+    windows = len(load_text_dataset()[1]) // seq_len(preset)
+    if preset.batch_size > windows:
+        parser.error(f"--batch-size {preset.batch_size} is larger than the {windows} windows of {seq_len(preset)} "
+                     f"characters in the training text")
+    return preset
 
 
 def run_record(args: argparse.Namespace, preset, model: torch.nn.Module, info: dict) -> dict:
@@ -225,20 +241,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=positive_int, default=None,
                         help="global batch of windows, split across processes under torchrun (default: the preset's)")
     parser.add_argument("--lr", type=positive_float, default=None, help="peak learning rate (default: the preset's)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    parser.add_argument("--seed", type=seed_int, default=0, help="random seed (default: 0)")
     parser.add_argument("--out", type=Path, default=None,
                         help="checkpoint path (default: ar_course/assets/lm_<preset>.safetensors)")
-    parser.add_argument("--teacher", type=Path, default=None,
-                        help="checkpoint to distil from (default: the preset's; 'draft' uses lm_target)")
+    parser.add_argument("--teacher", default=None,
+                        help="lm checkpoint to distil from, a shipped name or a path (default: the preset's; 'draft' "
+                             "uses lm_target)")
     parser.add_argument("--no-distill", action="store_true", help="train on the data only, even for 'draft'")
     add_text_trainer_options(parser, measure="validation loss")
     args = parser.parse_args(argv)
-    preset = apply_text_trainer_options(parser, args, PRESETS)
+    if args.teacher is not None and args.no_distill:
+        parser.error("--teacher and --no-distill conflict: distil from --teacher, or train on the data only")
+    preset = apply_text_trainer_options(parser, args, PRESETS, lambda p: p.seq_len)
     out = args.out or ASSETS / f"lm_{args.preset}.safetensors"
     state_path = prepare_run(parser, out, args.resume, preset.batch_size)
     device = get_device(args.device)
     teacher_path = None if args.no_distill else (args.teacher or preset.teacher)
-    teacher = checkpoint.load(teacher_path, kind=KIND) if teacher_path else None
+    with checkpoint_option(parser, "--teacher"):
+        teacher = checkpoint.load(teacher_path, kind=KIND) if teacher_path else None
 
     model, info = train_lm(preset, args.seed, device, teacher, not args.no_progress, args.eval_every,
                            checkpoint_every=args.checkpoint_every, state_path=state_path, resume=args.resume,

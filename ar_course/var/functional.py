@@ -24,6 +24,7 @@ import torch
 
 from ar_course.tokenizers import MultiScaleVQ
 from ar_course.tokenizers import functional as Fq
+from ar_course.utils import check_bool, check_ids, check_int, check_number
 
 
 def _check_scales(scales: Sequence[int]) -> tuple[int, ...]:
@@ -140,12 +141,21 @@ def var_loss(logits: torch.Tensor, targets: torch.Tensor, scales: Sequence[int])
     """Cross-entropy of VAR's predictions.
 
     ``logits``: ``(B, L, V)``, ``targets``: ``(B, L)`` long. Returns the mean over all ``B * L`` tokens (every
-    token counts once, as in VAR's training, so the fine scales dominate) and the mean per scale ``(S,)``."""
+    token counts once, as in VAR's training, so the fine scales dominate) and the mean per scale ``(S,)``.
+    Checking the targets costs one host sync on CUDA.
+
+    Raises:
+        TypeError: ``logits`` or ``targets`` is not a tensor.
+        ValueError: ``logits`` not a float ``(B, L, V)`` tensor for ``L`` tokens of ``scales``, or ``targets``
+            not a ``(B, L)`` long tensor of ids in ``[0, V)``.
+    """
     bounds = scale_bounds(scales)
     L = bounds[-1][1]
-    if logits.ndim != 3 or targets.shape != logits.shape[:2] or logits.shape[1] != L:
-        raise ValueError(f"need logits (B, {L}, V) and targets (B, {L}), got {tuple(logits.shape)} and "
-                         f"{tuple(targets.shape)}")
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"logits must be a (B, {L}, V) tensor, got {type(logits).__name__}")
+    if logits.ndim != 3 or logits.shape[1] != L or not logits.is_floating_point():
+        raise ValueError(f"logits must be a float (B, {L}, V) tensor, got {tuple(logits.shape)} {logits.dtype}")
+    check_ids("targets", targets, logits.shape[2], (logits.shape[0], L))
     nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none")
     nll = nll.view(targets.shape)  # (B, L)
     per_scale = torch.stack([nll[:, b:e].mean() for b, e in bounds])  # (S,)
@@ -155,12 +165,18 @@ def var_loss(logits: torch.Tensor, targets: torch.Tensor, scales: Sequence[int])
 def guidance_strength(w: float, k: int, num_scales: int, *, ramp: bool = True) -> float:
     """Guidance strength ``t`` at scale ``k`` for the strength ``w`` (the convention of
     :func:`ar_course.sampling.cfg_mix`: logits ``(1 + t) * cond - t * uncond``): ``w * k / (S - 1)`` with VAR's
-    linear ramp (no guidance on the first scale, full guidance on the last), else ``w`` at every scale."""
-    if not 0 <= k < num_scales:
-        raise ValueError(f"k must lie in [0, {num_scales - 1}], got {k}")
-    if not ramp or num_scales == 1:
-        return float(w)
-    return float(w) * k / (num_scales - 1)
+    linear ramp (no guidance on the first scale, full guidance on the last), else ``w`` at every scale.
+
+    Raises:
+        TypeError: ``w`` not a number, ``k`` or ``num_scales`` not an integer, ``ramp`` not a bool.
+        ValueError: ``w`` not finite, ``num_scales < 1`` or ``k`` outside ``[0, num_scales)``.
+    """
+    w = check_number("w", w)
+    num_scales = check_int("num_scales", num_scales, lo=1)
+    k = check_int("k", k, lo=0, hi=num_scales - 1)
+    if not check_bool("ramp", ramp) or num_scales == 1:
+        return w
+    return w * k / (num_scales - 1)
 
 
 def scale_masks(mask: torch.Tensor, scales: Sequence[int]) -> list[torch.Tensor]:

@@ -32,7 +32,7 @@ from ar_course.raster.functional import condition_dropout
 from ar_course.sampling import SamplingConfig, cfg_mix, check_cfg, check_sampling, sample
 from ar_course.tokenizers import VQVAE, MultiScaleVQ
 from ar_course.transformer.model import Block, GPTConfig, KVCache, RMSNorm, StaticKVCache, check_cache
-from ar_course.utils import check_bool, check_ids, check_int, generate_in_batches
+from ar_course.utils import check_bool, check_ids, check_int, check_number, generate_in_batches
 from ar_course.var import functional as ref
 
 PRETRAINED_PATH = checkpoint.ASSETS / "var_mnist.safetensors"
@@ -41,7 +41,13 @@ CHECKPOINT_KIND = "var"
 
 @dataclass
 class VARConfig:
-    """Hyper-parameters of :class:`VAR`."""
+    """Hyper-parameters of :class:`VAR`.
+
+    Raises:
+        TypeError: a size that is not an integer.
+        ValueError: a size ``< 1``, scales that do not increase, an unknown ``cond``, ``n_classes < 1``, or as
+            :class:`GPTConfig` (``n_embd`` not divisible by ``n_head``...).
+    """
 
     vocab_size: int = 256  # codebook size of the tokenizer
     latent_dim: int = 16  # channels of the tokenizer's latent map (the teacher-forcing inputs)
@@ -56,6 +62,8 @@ class VARConfig:
     attn: str = "sdpa"  # "sdpa" or "plain" (reference attention)
 
     def __post_init__(self) -> None:
+        for name in ("vocab_size", "latent_dim", "n_layer", "n_head", "n_embd"):
+            setattr(self, name, check_int(name, getattr(self, name), lo=1))
         self.scales = tuple(int(s) for s in self.scales)  # JSON gives lists back
         if not self.scales or any(a >= b for a, b in zip(self.scales, self.scales[1:])) or self.scales[0] < 1:
             raise ValueError(f"scales must be increasing sides >= 1, got {self.scales}")
@@ -182,16 +190,31 @@ class VAR(nn.Module):
         """The start token ``(B, 1, C)`` of ``classes`` ``(B,)``."""
         return (self.class_emb(classes) + self.start)[:, None, :]  # (B, 1, C)
 
+    def _embed_inputs(self, x: torch.Tensor) -> torch.Tensor:
+        """Teacher-forcing inputs ``(B, T, latent_dim)`` of any float dtype (cast to the model's, as the
+        tokenizers cast their input) -> embeddings ``(B, T, C)``."""
+        return self.word_embed(x.to(self.word_embed.weight.dtype))
+
     def forward(self, inputs: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
         """Teacher-forced logits ``(B, L, V)``.
 
-        ``inputs``: ``(B, L - 1, latent_dim)`` from :func:`~ar_course.var.functional.teacher_forcing_sequence`;
-        ``classes``: ``(B,)`` long (``n_classes`` = null)."""
+        ``inputs``: ``(B, L - 1, latent_dim)`` floats (any float dtype, cast to the model's) from
+        :func:`~ar_course.var.functional.teacher_forcing_sequence`; ``classes``: ``(B,)`` long (``n_classes`` =
+        null).
+
+        Raises:
+            TypeError: ``inputs`` or ``classes`` is not a tensor.
+            ValueError: ``inputs`` of another shape or not floating-point, or bad ``classes``.
+        """
         c = self.config
-        if inputs.ndim != 3 or tuple(inputs.shape[1:]) != (c.num_tokens - 1, c.latent_dim):
-            raise ValueError(f"inputs must be (B, {c.num_tokens - 1}, {c.latent_dim}), got {tuple(inputs.shape)}")
+        want = f"inputs must be a float (B, {c.num_tokens - 1}, {c.latent_dim}) tensor"
+        if not isinstance(inputs, torch.Tensor):
+            raise TypeError(f"{want}, got {type(inputs).__name__}")
+        if (inputs.ndim != 3 or tuple(inputs.shape[1:]) != (c.num_tokens - 1, c.latent_dim)
+                or not inputs.is_floating_point()):
+            raise ValueError(f"{want}, got {tuple(inputs.shape)} {inputs.dtype}")
         self._check_classes(classes, inputs.shape[0])
-        x = torch.cat([self.start_token(classes), self.word_embed(inputs)], dim=1)  # (B, L, C)
+        x = torch.cat([self.start_token(classes), self._embed_inputs(inputs)], dim=1)  # (B, L, C)
         return self._run(x, self.class_emb(classes), 0, self.mask, None)
 
     def step(self, k: int, x: torch.Tensor | None, classes: torch.Tensor, cache: KVCache | StaticKVCache, *,
@@ -215,10 +238,12 @@ class VAR(nn.Module):
         if k == 0:
             h = self.start_token(classes)  # (B, 1, C)
         else:
-            if x is None or x.ndim != 3 or tuple(x.shape) != (B, end - begin, self.config.latent_dim):
-                raise ValueError(f"scale {k} needs inputs ({B}, {end - begin}, {self.config.latent_dim}), got "
-                                 f"{None if x is None else tuple(x.shape)}")
-            h = self.word_embed(x)  # (B, s_k^2, C)
+            if (not isinstance(x, torch.Tensor) or tuple(x.shape) != (B, end - begin, self.config.latent_dim)
+                    or not x.is_floating_point()):
+                got = f"{tuple(x.shape)} {x.dtype}" if isinstance(x, torch.Tensor) else type(x).__name__
+                raise ValueError(f"scale {k} needs float inputs ({B}, {end - begin}, {self.config.latent_dim}), "
+                                 f"got {got}")
+            h = self._embed_inputs(x)  # (B, s_k^2, C)
         logits = (run or self._run)(h, self.class_emb(classes), begin, None, cache)
         cache.advance(end - begin)
         return logits
@@ -228,7 +253,21 @@ class VAR(nn.Module):
         """Mean cross-entropy over all tokens of a pyramid and per scale ``(S,)``; with ``p_uncond > 0`` each
         class is replaced by the null class with that probability (condition dropout, for guidance). The
         trainer draws the dropout in its batch stream instead, for the global batch
-        (:func:`ar_course.raster.model.condition_dropout_batches`)."""
+        (:func:`ar_course.raster.model.condition_dropout_batches`).
+
+        ``vq``: the tokenizer's :class:`MultiScaleVQ` (``tokenizer.quantizer``); ``indices``: its pyramid, one
+        ``(B, s_k, s_k)`` long map per scale. Checking the ids costs one host sync per map on CUDA.
+
+        Raises:
+            TypeError: ``vq`` is not a :class:`MultiScaleVQ` (a whole VQVAE, say), ``indices`` not a list of
+                tensors, or ``p_uncond`` not a number.
+            ValueError: a tokenizer whose scales, codebook or latent size differ from the model's, maps of the
+                wrong number, shape or dtype or with ids outside ``[0, vocab_size)``, bad ``classes``, or
+                ``p_uncond`` outside ``[0, 1]``.
+        """
+        p_uncond = check_number("p_uncond", p_uncond, 0, 1)
+        check_tokenizer(vq, self.config)
+        _check_pyramid("indices", indices, self.config)
         with torch.no_grad():
             inputs, targets = ref.teacher_forcing_sequence(vq, indices)
         if p_uncond > 0:
@@ -276,13 +315,13 @@ def sample_pyramid(
     Returns one ``(B, s_k, s_k)`` long map per scale.
 
     Raises:
-        TypeError: ``vq`` is not a :class:`MultiScaleVQ`, ``sampling`` not a ``SamplingConfig``, or a number or
-            flag of the wrong type.
+        TypeError: ``vq`` is not a :class:`MultiScaleVQ`, ``sampling`` not a ``SamplingConfig``, ``known`` not a
+            list, or a number or flag of the wrong type.
         ValueError: ``classes`` not a non-empty ``(B,)`` long tensor in ``[0, n_classes]``, a tokenizer whose
             scales, codebook or latent size differ from the model's, a non-finite ``cfg``, an unknown ``cache``
             (or a StaticKVCache of another size), or inpainting maps of the wrong number, shape, dtype or range."""
     c = model.config
-    _check_tokenizer(vq, c)
+    check_tokenizer(vq, c)
     model._check_classes(classes)
     B = classes.shape[0]
     sampling, cfg, ramp = check_sampling(sampling), check_cfg(cfg), check_bool("ramp", ramp)
@@ -308,13 +347,33 @@ def sample_pyramid(
     return pyramid
 
 
-def _check_tokenizer(vq: MultiScaleVQ, c: VARConfig) -> None:
-    """``vq`` is a :class:`MultiScaleVQ` with the model's scales, codebook size and latent size."""
+def check_tokenizer(vq: MultiScaleVQ, c: VARConfig) -> None:
+    """``vq`` is a :class:`MultiScaleVQ` with the scales, codebook size and latent size of the model of config ``c``.
+
+    Raises:
+        TypeError: ``vq`` is not a :class:`MultiScaleVQ` (a whole :class:`VQVAE`, say: pass its ``.quantizer``).
+        ValueError: its scales, number of codes or code size differ from the model's.
+    """
     if not isinstance(vq, MultiScaleVQ):
-        raise TypeError(f"vq must be a MultiScaleVQ, got {type(vq).__name__}")
+        hint = " (pass tokenizer.quantizer)" if isinstance(vq, VQVAE) else ""
+        raise TypeError(f"vq must be a MultiScaleVQ, got {type(vq).__name__}{hint}")
     if (tuple(vq.scales), vq.num_codes, vq.dim) != (c.scales, c.vocab_size, c.latent_dim):
         raise ValueError(f"the tokenizer (scales {tuple(vq.scales)}, {vq.num_codes} codes of size {vq.dim}) does "
                          f"not match the model (scales {c.scales}, {c.vocab_size} codes of size {c.latent_dim})")
+
+
+def _check_pyramid(name: str, pyramid: list[torch.Tensor], c: VARConfig, B: int | str = "B",
+                   dtype: torch.dtype | None = torch.long) -> None:
+    """``pyramid`` is a list of ``S`` maps ``(B, s_k, s_k)`` of codes in ``[0, vocab_size)`` (``dtype``: ``None``
+    for any integer dtype); one host sync per map on CUDA."""
+    if not isinstance(pyramid, (list, tuple)):
+        raise TypeError(f"{name} must be a list of {c.num_scales} maps (B, s, s) for scales {c.scales}, got "
+                        f"{type(pyramid).__name__}")
+    if len(pyramid) != c.num_scales:
+        raise ValueError(f"{name} must hold {c.num_scales} maps for scales {c.scales}, got {len(pyramid)}")
+    for k, (tokens, s) in enumerate(zip(pyramid, c.scales)):
+        check_ids(f"{name}[{k}]", tokens, c.vocab_size, (B, s, s), dtype=dtype)
+        B = tokens.shape[0]
 
 
 def _check_inpainting(known: list[torch.Tensor] | None, known_mask: torch.Tensor | list[torch.Tensor] | None,
@@ -325,12 +384,11 @@ def _check_inpainting(known: list[torch.Tensor] | None, known_mask: torch.Tensor
         return None
     if known is None or known_mask is None:
         raise ValueError("inpainting needs both known (a token pyramid) and known_mask")
+    _check_pyramid("known", known, c, B, dtype=None)
     masks = ref.scale_masks(known_mask, c.scales) if isinstance(known_mask, torch.Tensor) else list(known_mask)
-    if len(known) != c.num_scales or len(masks) != c.num_scales:
-        raise ValueError(f"known and known_mask need {c.num_scales} scales")
-    for k, (tokens, mask) in enumerate(zip(known, masks)):
-        s = c.scales[k]
-        check_ids(f"known[{k}]", tokens, c.vocab_size, (B, s, s), dtype=None)
+    if len(masks) != c.num_scales:
+        raise ValueError(f"known_mask must hold {c.num_scales} maps for scales {c.scales}, got {len(masks)}")
+    for k, (s, mask) in enumerate(zip(c.scales, masks)):
         if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or tuple(mask.shape) != (B, s, s):
             got = f"{tuple(mask.shape)} {mask.dtype}" if isinstance(mask, torch.Tensor) else type(mask).__name__
             raise ValueError(f"known_mask at scale {k} must be a ({B}, {s}, {s}) bool tensor, got {got}")
@@ -355,9 +413,13 @@ def generate_images(
     rounding), decode.
 
     ``seed`` seeds one generator for the whole call (``None``: torch's global one); work runs in chunks of
-    ``batch_size``, and samples depend on the chunking. Raises as :func:`sample_pyramid`, and for a ``seed`` or
-    ``batch_size`` that is not an integer (``TypeError``) or a ``batch_size < 1`` (``ValueError``)."""
+    ``batch_size``, and samples depend on the chunking. Raises as :func:`sample_pyramid`, for a ``tokenizer``
+    that is not a :class:`VQVAE` (``TypeError``; its ``.quantizer`` goes to :func:`sample_pyramid`), and for a
+    ``seed`` or ``batch_size`` that is not an integer (``TypeError``) or a ``batch_size < 1`` (``ValueError``)."""
     model._check_classes(classes)
+    if not isinstance(tokenizer, VQVAE):
+        raise TypeError(f"tokenizer must be a VQVAE, got {type(tokenizer).__name__}")
+    check_tokenizer(tokenizer.quantizer, model.config)
     batch_size = check_int("batch_size", batch_size, lo=1)
     seed = None if seed is None else check_int("seed", seed)
     device = next(model.parameters()).device

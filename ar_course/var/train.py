@@ -14,7 +14,6 @@ from pathlib import Path
 
 import torch
 
-from ar_course import checkpoint
 from ar_course import distributed as ddp
 from ar_course import metrics
 from ar_course.cli import ArgumentParser
@@ -23,7 +22,7 @@ from ar_course.raster.model import condition_dropout_batches
 from ar_course.tokenizers import VQVAE
 from ar_course.train import (
     History, TrainConfig, add_conditional_model_options, add_output_options, check_conditional_model_options,
-    finish_run, prepare_run, train_loop, trainer_main,
+    finish_run, load_tokenizer, prepare_run, train_loop, trainer_main,
 )
 from ar_course.utils import get_device, seed_everything
 from ar_course.var.functional import flatten_pyramids, unflatten_pyramids
@@ -116,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="class conditioning: adaptive norms (VAR) or the start token only")
     add_output_options(parser, out=PRETRAINED_PATH)
     args = parser.parse_args(argv)
-    check_conditional_model_options(parser, args)
+    check_conditional_model_options(parser, args, args.dataset)
     state_path = prepare_run(parser, args.out, args.resume, args.batch_size)
     if args.tokenizer is None:
         if args.dataset != "mnist":
@@ -124,13 +123,9 @@ def main(argv: list[str] | None = None) -> int:
                          f"train tokenizer --quantizer msvq --dataset {args.dataset} --out PATH)")
         args.tokenizer = TOKENIZER
     device = get_device(args.device)
-    tokenizer = checkpoint.load(args.tokenizer, device, kind="tokenizer")
-    tc = tokenizer.config
-    if tc.quantizer != "msvq":
-        parser.error(f"VAR needs a multi-scale (msvq) tokenizer; {args.tokenizer} holds a {tc.quantizer!r} one")
     channels, n_classes = metrics.DATASETS[args.dataset]
-    if tc.in_channels != channels:
-        parser.error(f"the tokenizer takes {tc.in_channels}-channel images but {args.dataset} has {channels}")
+    tokenizer = load_tokenizer(parser, args.tokenizer, device, ("msvq",), "a multi-scale ('msvq')", channels)
+    tc = tokenizer.config
     config = VARConfig(vocab_size=tc.num_codes, latent_dim=tc.latent_dim, scales=tc.scales, n_classes=n_classes,
                        n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd, cond=args.cond)
     images, labels = load_dataset(args.dataset, "train")

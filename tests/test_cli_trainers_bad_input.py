@@ -1,0 +1,197 @@
+"""Bad input to ``python -m ar_course train <what>``: one line ``error: ...``, exit 2 for bad arguments or input
+files, found before any data is loaded; exit 1 for a run that diverged, which writes no checkpoint."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ar_course import cli
+from ar_course.checkpoint import NonFiniteWeightsError, save_checkpoint
+from ar_course.tokenizers.train import default_config, train_tokenizer
+from ar_course.train import trainer_main
+from cli_helpers import error_line, one_torch_thread, run
+
+
+@pytest.fixture(autouse=True)
+def no_data_loading(monkeypatch):
+    """Every bad command line below must be refused before the training data is loaded or made."""
+    import ar_course.data as data
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the training data was loaded before the bad input was refused")
+
+    for module in ("ar_course.raster.train", "ar_course.var.train", "ar_course.masked.train",
+                   "ar_course.continuous.train"):
+        monkeypatch.setattr(f"{module}.load_mnist", refuse)
+    monkeypatch.setattr("ar_course.tokenizers.train.load_images", refuse)
+    monkeypatch.setattr("ar_course.metrics.train_classifier", refuse)
+    monkeypatch.setattr(data, "make_shapes", refuse)
+
+
+def refused(capsys, tmp_path, *argv: str) -> str:
+    """The one error line of ``train ARGV --out tmp/x.safetensors``, after checking its exit status 2 and that
+    nothing was written."""
+    status, _, err = run(capsys, "train", *argv, "--out", tmp_path / "x.safetensors")
+    line = error_line(err)
+    assert status == 2, line
+    assert list(tmp_path.iterdir()) == []
+    return line
+
+
+IMAGE_TRAINERS = ["tokenizer", "classifier", "ar", "var", "maskgit", "continuous"]
+
+
+# -- items 1 and 2: a batch larger than the training set -----------------------------------------------------
+
+
+@pytest.mark.parametrize("what", IMAGE_TRAINERS)
+def test_batch_larger_than_the_training_images_is_a_usage_error(capsys, tmp_path, what):
+    line = refused(capsys, tmp_path, what, "--steps", "1", "--batch-size", "30000")
+    assert "--batch-size 30000 is larger than the 20000 training images of mnist" in line
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["var", "--dataset", "shapes", "--batch-size", "20001"], "--batch-size 20001 is larger than the 20000 training "
+                                                              "images of shapes"),
+    (["classifier", "--dataset", "shapes", "--batch-size", "20001"], "larger than the 20000 training images of shapes"),
+    (["tokenizer", "--dataset", "shapes", "--batch-size", "20001"], "larger than the 20000 training images of shapes"),
+    (["cca", "--batch-size", "30000", "--train-images", "40000"], "--batch-size 30000 is larger than the 20000"),
+    (["cca", "--batch-size", "64", "--train-images", "32"], "--train-images 32 is smaller than --batch-size 64"),
+    (["lm", "--preset", "tiny", "--batch-size", "100000000"], "--batch-size 100000000 is larger than the 3269 "
+                                                              "windows of 128 characters in the training text"),
+    (["diffusion_lm", "--batch-size", "100000000"], "--batch-size 100000000 is larger than the"),
+])
+def test_batch_larger_than_the_data_other_trainers(capsys, tmp_path, argv, message):
+    assert message in refused(capsys, tmp_path, *argv)
+
+
+def test_train_tokenizer_refuses_a_batch_it_could_never_draw():
+    images = torch.rand(4, 1, 32, 32)
+    with pytest.raises(ValueError, match="batch_size must be an integer in \\[1, 4\\], got 8"):
+        train_tokenizer(default_config(), steps=1, batch_size=8, device="cpu", progress=False, train_images=images,
+                        test_images=images)
+
+
+# -- items 3, 5, 14, 16, 17: option values checked when parsed ----------------------------------------------
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["lm", "--threads", "100000"], "--threads must be an integer in [1, "),
+    (["diffusion_lm", "--threads", "20000"], "--threads must be an integer in [1, "),
+    (["grpo", "--kl-coef", "inf"], "--kl-coef must be a finite number >= 0, got inf"),
+    (["grpo", "--kl-coef", "nan"], "--kl-coef must be a finite number >= 0, got nan"),
+    (["cca", "--lam", "inf"], "--lam must be a finite number >= 0, got inf"),
+    (["cca", "--lam", "-1"], "--lam must be a finite number >= 0, got -1"),
+    (["tokenizer", "--num-codes", "1000000000000"], "--num-codes must be an integer in [1, 65536]"),
+    (["tokenizer", "--quantizer", "rvq", "--depth", "1000000"], "--depth must be an integer in [1, 64]"),
+    (["tokenizer", "--latent-dim", "1000000000"], "--latent-dim must be an integer in [1, 1024]"),
+    (["ar", "--eval-per-class", "1000000000000"], "--eval-per-class must be an integer in [0, 1000]"),
+    (["grpo", "--eval-per-class", "1000000000000"], "--eval-per-class must be an integer in [0, 1000]"),
+    (["var", "--n-layer", "1000000000"], "--n-layer must be an integer in [1, 128]"),
+    (["maskgit", "--n-embd", "1000000000"], "--n-embd must be an integer in [1, 8192]"),
+    (["continuous", "--head-repeats", "1000000000"], "--head-repeats must be an integer in [1, 256]"),
+    (["tokenizer", "--device", "tpu"], "--device must be auto, cpu, cuda, cuda:N or mps, got 'tpu'"),
+    (["ar", "--device", "gpu"], "--device must be auto, cpu, cuda, cuda:N or mps, got 'gpu'"),
+    (["lm", "--device", "cuda:x"], "--device must be auto, cpu, cuda, cuda:N or mps, got 'cuda:x'"),
+    (["grpo", "--device", "tpu"], "--device must be auto, cpu, cuda, cuda:N or mps, got 'tpu'"),
+    (["classifier", "--device", "cuda:99"], "--device must be a device of this machine"),
+    (["tokenizer", "--seed", "100000000000000000000000"], "--seed must be an integer in [0, 9223372036854775807]"),
+    (["lm", "--seed", "-1"], "--seed must be an integer in [0, 9223372036854775807], got -1"),
+    (["cca", "--seed", "1e3"], "--seed must be an integer in [0, 9223372036854775807], got 1e3"),
+    (["diffusion_lm", "--seed", "18446744073709551615"], "--seed must be an integer in [0, 9223372036854775807]"),
+])
+def test_option_values_are_checked_when_parsed(capsys, tmp_path, argv, message):
+    assert message in refused(capsys, tmp_path, *argv)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+@pytest.mark.parametrize("what", ["tokenizer", "lm", "classifier", "ar", "cca"])
+def test_cuda_on_a_machine_without_it_is_a_usage_error(capsys, tmp_path, what):
+    line = refused(capsys, tmp_path, what, "--device", "cuda")
+    assert "--device must be a device of this machine, which has no CUDA GPU, got 'cuda'" in line
+
+
+@pytest.mark.parametrize("text", ["auto", "cpu", "cpu:0"])
+def test_device_accepts_this_machines_devices(text):
+    assert cli.device_name(text) == text
+
+
+# -- item 9: options that conflict ----------------------------------------------------------------------------
+
+
+def test_teacher_and_no_distill_conflict(capsys, tmp_path):
+    line = refused(capsys, tmp_path, "lm", "--preset", "tiny", "--teacher", "lm_target", "--no-distill")
+    assert "--teacher and --no-distill conflict" in line
+
+
+# -- items 4 and 15: an input checkpoint of the wrong kind, missing or damaged --------------------------------
+
+
+@pytest.fixture
+def damaged(tmp_path_factory):
+    path = tmp_path_factory.mktemp("in") / "text.safetensors"
+    path.write_text("not a checkpoint")
+    return path
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["ar", "--tokenizer", "mnist_msvq"], "--tokenizer mnist_msvq is a 'msvq' tokenizer; a single-scale"),
+    (["ar", "--tokenizer", "tokenizer_mnist_kl"], "--tokenizer tokenizer_mnist_kl is a 'kl' tokenizer; a single-scale"),
+    (["maskgit", "--tokenizer", "mnist_msvq"], "--tokenizer mnist_msvq is a 'msvq' tokenizer; a single-scale"),
+    (["maskgit", "--tokenizer", "tokenizer_mnist_kl"], "is a 'kl' tokenizer; a single-scale ('vq', 'fsq' or 'lfq')"),
+    (["var", "--tokenizer", "mnist_vq"], "--tokenizer mnist_vq is a 'vq' tokenizer; a multi-scale ('msvq') one"),
+    (["var", "--dataset", "shapes", "--tokenizer", "mnist_msvq"], "--tokenizer mnist_msvq takes 1-channel images"),
+    (["continuous", "--tokenizer", "mnist_vq"], "is a 'vq' tokenizer; a continuous ('kl') one is needed"),
+    (["ar", "--tokenizer", "nope"], "--tokenizer: unknown checkpoint name 'nope'"),
+    (["ar", "--tokenizer", "var_mnist"], "--tokenizer: "),
+    (["maskgit", "--tokenizer", "no/such.safetensors"], "--tokenizer: no checkpoint at no/such.safetensors"),
+    (["ar", "--tokenizer", "DAMAGED"], "is not a valid ar_course checkpoint"),
+    (["lm", "--preset", "tiny", "--teacher", "DAMAGED"], "--teacher: "),
+    (["lm", "--preset", "tiny", "--teacher", "diffusion_lm"], "--teacher: "),
+    (["diffusion_lm", "--init", "lm_target"], "--init lm_target holds a 'lm' checkpoint, expected 'diffusion_lm'"),
+    (["diffusion_lm", "--init", "DAMAGED"], "--init: "),
+    (["grpo", "--base", "var_mnist"], "--base: "),
+    (["cca", "--model", "var", "--base", "ar_mnist"], "--base: "),
+    (["cca", "--base", "nope"], "--base: unknown checkpoint name 'nope'"),
+])
+def test_bad_input_checkpoints_are_usage_errors(capsys, tmp_path, damaged, argv, message):
+    argv = [str(damaged) if a == "DAMAGED" else a for a in argv]
+    line = refused(capsys, tmp_path, *argv, "--steps", "1")
+    assert message in line and "--debug" not in line
+
+
+# -- item 6: a run that diverged writes no checkpoint ---------------------------------------------------------
+
+
+def test_save_checkpoint_refuses_non_finite_weights_and_keeps_the_earlier_file(tmp_path):
+    path = save_checkpoint(tmp_path / "m.safetensors", {"w": torch.ones(2)}, {})
+    before = path.read_bytes()
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(NonFiniteWeightsError, match="w must be finite, got (nan|inf); nothing was written"):
+            save_checkpoint(path, {"w": torch.tensor([1.0, bad]), "n": torch.tensor([1])}, {})
+    with pytest.raises(NonFiniteWeightsError, match="w must be finite"):
+        save_checkpoint(path, {"w": torch.tensor([7e4]).half()}, {})  # float16 rounds it to inf
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors"]
+
+
+def test_a_trainer_that_saves_non_finite_weights_says_it_diverged(capsys, tmp_path):
+    @trainer_main
+    def main(argv):
+        save_checkpoint(tmp_path / "m.safetensors", {"w": torch.full((2,), float("nan"))}, {})
+        return 0
+
+    assert main([]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: training diverged: w must be finite, got nan")
+    assert err.rstrip().endswith("(rerun with a lower --lr)") and list(tmp_path.iterdir()) == []
+
+
+def test_a_run_whose_loss_diverges_stops_with_status_1_and_writes_nothing(capsys, tmp_path):
+    with one_torch_thread():  # --threads 1 sets torch's threads for the process: the helper restores them
+        status, out, err = run(capsys, "train", "lm", "--preset", "tiny", "--steps", "3", "--lr", "1e30",
+                               "--no-progress", "--threads", "1", "--out", tmp_path / "lm.safetensors")
+    assert status == 1 and out == ""
+    assert error_line(err).startswith("error: training diverged: the loss is nan at step ")
+    assert err.rstrip().endswith("(rerun with a lower --lr)")
+    assert not (tmp_path / "lm.safetensors").exists()
