@@ -177,8 +177,9 @@ def test_train_clis_write_raster_checkpoints_that_the_common_loader_and_generato
         model, tokenizer = checkpoint.load_with_tokenizer(path, kind=raster.CHECKPOINT_KIND)
         gen = Generator.from_checkpoints(ar_path=path, device="cpu")
         assert gen.generate([3, 7], method="ar", cfg=0.0, seed=0).images.shape == (2, 1, 32, 32)
-    assert cli_main(["train", "grpo", "--group-size", "1", "--out", str(grpo_out)]) == 2
-    assert "group_size" in capsys.readouterr().err
+    for size in ("1", "1025", "2.5"):
+        assert cli_main(["train", "grpo", "--group-size", size, "--out", str(grpo_out)]) == 2
+        assert "--group-size must be an integer in [2, 1024]" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("name", ["grpo", "cca"])

@@ -173,3 +173,11 @@ def test_use_attention_refuses_a_non_function_on_entry(attend):
     with pytest.raises(TypeError, match="attend must be an attention function"):
         with use_attention(attend):
             pass
+
+
+@pytest.mark.parametrize("batch_size, error", [(0, ValueError), (-3, ValueError), (2.0, TypeError)])
+def test_reconstruct_checks_its_batch_size(batch_size, error):
+    tok = VQVAE(VQVAEConfig(num_codes=5, latent_dim=4, width=8, downsample=8)).eval()
+    with pytest.raises(error, match="batch_size must be an integer"):
+        tok.reconstruct(torch.rand(2, 1, 32, 32), batch_size=batch_size)
+    assert tok.reconstruct(torch.rand(3, 1, 32, 32), batch_size=2).shape == (3, 1, 32, 32)

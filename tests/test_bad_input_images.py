@@ -39,6 +39,16 @@ def _var_config(**kw) -> VARConfig:
 
 
 CASES = {
+    # align's VAR log-probabilities check the tokenizer and the pyramid as VAR.loss does
+    "pyramid log-probs with the VQVAE": (lambda: align.pyramid_log_probs(VAR_MODEL, MS, PYR, CLS), TypeError,
+                                         r"vq must be a MultiScaleVQ"),
+    "pyramid log-probs, 9-code tokenizer": (lambda: align.pyramid_log_probs(VAR_MODEL, MS9.quantizer, PYR, CLS),
+                                            ValueError, r"does not match the model"),
+    "pyramid log-probs, a scale missing": (lambda: align.pyramid_token_log_probs(VAR_MODEL, MS.quantizer, PYR[:2],
+                                                                                  CLS),
+                                           ValueError, r"pyramid must hold 3 maps"),
+    "pyramid log-probs, id out of range": (lambda: align.pyramid_log_probs(
+        VAR_MODEL, MS.quantizer, [*PYR[:2], PYR[2].clamp(max=4) + 1], CLS), ValueError, r"pyramid\[2\] must lie in"),
     # item 2: VAR.loss checks its tokenizer and index maps as sample_pyramid does
     "var loss with the VQVAE": (lambda: VAR_MODEL.loss(MS, PYR, CLS), TypeError, r"vq must be a MultiScaleVQ"),
     "var loss int32 maps": (lambda: VAR_MODEL.loss(MS.quantizer, [p.int() for p in PYR], CLS), ValueError,
@@ -133,3 +143,11 @@ def test_good_input_still_runs():
     assert guidance_strength(2.0, 1, 3) == 1.0 and guidance_strength(2.0, 1, 3, ramp=False) == 2.0
     assert align.token_log_probs(AR, MAPS, CLS).shape == (2, 16)
     assert bool((align.wrong_classes(CLS, 2, torch.Generator().manual_seed(0)) == 1 - CLS).all())
+
+
+@pytest.mark.parametrize("p, error", [(float("nan"), ValueError), (1.5, ValueError), ("0.1", TypeError)])
+def test_condition_dropout_batches_checks_p_when_called(p, error):
+    from ar_course.raster import model as raster_model
+
+    with pytest.raises(error, match="p_uncond must be a"):
+        raster_model.condition_dropout_batches(iter([]), p, null_class=3)  # before any batch is drawn

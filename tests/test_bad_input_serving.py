@@ -149,3 +149,15 @@ def test_paged_attention_takes_int32_tables():
 def test_gather_kv_checks_its_table_and_pool(pool: object, table: object, length: object, error: type, match: str):
     with pytest.raises(error, match=match):
         gather_kv(pool, table, length)
+
+
+@pytest.mark.parametrize("options, error, match", [
+    ({"max_pending": 0}, ValueError, "max_pending must be an integer >= 1, got 0"),
+    ({"max_pending": 2.0}, TypeError, "max_pending must be an integer"),
+    ({"timeout_s": 0}, ValueError, "timeout_s must be a finite number > 0"),
+    ({"timeout_s": float("inf")}, ValueError, "timeout_s must be a finite number > 0"),
+    ({"timeout_s": "60"}, TypeError, "timeout_s must be a"),
+])
+def test_worker_checks_its_queue_options(options, error, match):
+    with pytest.raises(error, match=match):
+        EngineWorker(Engine(_gpt(), CONFIG), **options)

@@ -10,7 +10,7 @@ from ar_course.raster.model import check_model_grid
 from ar_course.tokenizers import MultiScaleVQ
 from ar_course.transformer.model import GPT
 from ar_course.var import functional as var_ref
-from ar_course.var.model import VAR
+from ar_course.var.model import VAR, check_pyramid, check_tokenizer
 
 
 def token_log_probs(model: GPT, token_maps: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
@@ -38,7 +38,12 @@ def pyramid_token_log_probs(model: VAR, vq: MultiScaleVQ, pyramid: list[torch.Te
                             classes: torch.Tensor) -> torch.Tensor:
     """``(B, L)``: the log-probability of every token of a teacher-forced ``pyramid`` (one ``(B, s_k, s_k)`` map
     per scale of ``vq``) under the VAR ``model`` given ``classes`` ``(B,)``, scale by scale, row-major (one
-    block-causal forward pass, with gradients if ``model`` has them). ``-mean`` equals :meth:`VAR.loss`."""
+    block-causal forward pass, with gradients if ``model`` has them). ``-mean`` equals :meth:`VAR.loss`.
+
+    Raises as :meth:`VAR.loss` for a tokenizer or pyramid that does not fit the model, and as :meth:`VAR.forward`
+    for bad ``classes``."""
+    check_tokenizer(vq, model.config)
+    check_pyramid("pyramid", pyramid, model.config)
     with torch.no_grad():
         inputs, targets = var_ref.teacher_forcing_sequence(vq, pyramid)  # (B, L - 1, D), (B, L)
     logp = torch.log_softmax(model(inputs, classes).float(), dim=-1)  # (B, L, V)

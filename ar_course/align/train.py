@@ -21,7 +21,7 @@ from ar_course.align.cca import CCAConfig, train_cca, var_log_probs
 from ar_course.align.grpo import GRPOConfig, evaluate, train_grpo
 from ar_course.align.rewards import REWARDS
 from ar_course.cli import (
-    ArgumentParser, device_name, nonnegative_float, nonnegative_int, positive_float, positive_int,
+    ArgumentParser, device_name, int_in, nonnegative_float, nonnegative_int, positive_float, positive_int,
 )
 from ar_course.files import check_output_path
 from ar_course.train import (
@@ -82,6 +82,10 @@ def _save(args: argparse.Namespace, policy, tokenizer_name: str, method: str, co
     print(f"class accuracy at guidance 0: {accuracy}\nsaved {out} ({out.stat().st_size / 1024:.0f} KB)")
 
 
+MAX_GROUP = 1024
+"""Largest ``--group-size``: a GRPO step samples ``group_size`` images of each class."""
+
+
 @trainer_main
 def grpo_main(argv: list[str] | None = None) -> int:
     """``python -m ar_course train grpo [--steps N] [--reward classifier|brightness] [--kl-coef B] ...``"""
@@ -90,7 +94,8 @@ def grpo_main(argv: list[str] | None = None) -> int:
                             description="Fine-tune the raster AR model with GRPO against a reward, with a KL "
                                         "penalty to the frozen base model.")
     parser.add_argument("--steps", type=positive_int, default=d.steps)
-    parser.add_argument("--group-size", type=int, default=d.group_size, help="samples per class and step (>= 2)")
+    parser.add_argument("--group-size", type=int_in(2, MAX_GROUP), default=d.group_size,
+                        help=f"samples per class and step, 2 to {MAX_GROUP} [%(default)s]")
     parser.add_argument("--lr", type=positive_float, default=d.lr)
     parser.add_argument("--clip", type=positive_float, default=d.clip)
     parser.add_argument("--kl-coef", type=nonnegative_float, default=d.kl_coef,

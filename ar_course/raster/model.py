@@ -134,9 +134,14 @@ def condition_dropout_batches(
 
     Drawing the dropout with the batch (:func:`~ar_course.raster.functional.condition_dropout`, right after
     the batch from the same ``generator``) keeps every random draw in the batch stream: under ``torchrun``
-    each process draws it for the global batch before taking its slice, and a resumed run replays it."""
-    for inputs, classes in batches:
-        yield inputs, (condition_dropout(classes, p_uncond, null_class, generator) if p_uncond > 0 else classes)
+    each process draws it for the global batch before taking its slice, and a resumed run replays it.
+
+    Raises (when called, before any batch is drawn):
+        TypeError / ValueError: ``p_uncond`` not a finite number in ``[0, 1]``.
+    """
+    p_uncond = check_number("p_uncond", p_uncond, 0, 1)
+    return ((inputs, condition_dropout(classes, p_uncond, null_class, generator) if p_uncond > 0 else classes)
+            for inputs, classes in batches)
 
 
 @torch.no_grad()

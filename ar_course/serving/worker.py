@@ -24,6 +24,7 @@ from typing import Callable
 
 from ar_course.sampling import SamplingConfig
 from ar_course.serving.engine import Engine
+from ar_course.utils import check_int, check_number
 
 
 class QueueFull(RuntimeError):
@@ -67,10 +68,13 @@ class EngineWorker:
 
     Raises:
         TypeError: ``engine`` is not an :class:`~ar_course.serving.Engine` (build one from the model: the engine
-            checks that it is a text model)."""
+            checks that it is a text model), or ``max_pending`` / ``timeout_s`` is not a number of its kind.
+        ValueError: ``max_pending < 1`` or ``timeout_s`` not a finite number ``> 0``."""
 
     def __init__(self, engine: Engine, max_pending: int = 64, timeout_s: float = 60.0):
-        self.engine, self.max_pending, self.timeout_s = check_engine(engine), max_pending, timeout_s
+        self.engine = check_engine(engine)
+        self.max_pending = check_int("max_pending", max_pending, lo=1)
+        self.timeout_s = check_number("timeout_s", timeout_s, lo=0, lo_open=True)
         self._inbox: queue.Queue[Ticket] = queue.Queue()
         self._live: dict[int, Ticket] = {}
         self._pending = 0

@@ -295,7 +295,13 @@ class VQVAE(nn.Module):
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
-        """Encode and decode images ``(N, C, S, S)`` in chunks; returns ``(N, C, S, S)``."""
+        """Encode and decode images ``(N, C, S, S)`` in chunks of ``batch_size``; returns ``(N, C, S, S)``.
+
+        Raises:
+            TypeError: ``batch_size`` is not an integer.
+            ValueError: ``batch_size < 1``, or images as :meth:`encode_to_indices` refuses them.
+        """
+        batch_size = check_int("batch_size", batch_size, lo=1)
         return torch.cat([self.decode_from_indices(self.encode_to_indices(chunk)) for chunk in x.split(batch_size)])
 
 

@@ -13,13 +13,14 @@ from ar_course.var.functional import (
     teacher_forcing_sequence, var_loss,
 )
 from ar_course.var.model import (
-    CHECKPOINT_KIND, PRETRAINED_PATH, VAR, VARConfig, check_tokenizer, generate_images, load_pretrained,
-    pretrained_info, sample_pyramid, save_pretrained,
+    CHECKPOINT_KIND, PRETRAINED_PATH, VAR, VARConfig, check_pyramid, check_tokenizer, generate_images,
+    load_pretrained, pretrained_info, sample_pyramid, save_pretrained,
 )
 
 __all__ = [
     "functional", "block_causal_mask", "embed_levels_positions", "guidance_strength", "level_ids", "scale_bounds",
     "scale_masks", "scale_step", "teacher_forcing_sequence", "var_loss",
-    "VAR", "VARConfig", "sample_pyramid", "generate_images", "check_tokenizer", "load_pretrained", "pretrained_info",
+    "VAR", "VARConfig", "sample_pyramid", "generate_images", "check_tokenizer", "check_pyramid",
+    "load_pretrained", "pretrained_info",
     "save_pretrained", "CHECKPOINT_KIND", "PRETRAINED_PATH",
 ]

@@ -267,7 +267,7 @@ class VAR(nn.Module):
         """
         p_uncond = check_number("p_uncond", p_uncond, 0, 1)
         check_tokenizer(vq, self.config)
-        _check_pyramid("indices", indices, self.config)
+        check_pyramid("indices", indices, self.config)
         with torch.no_grad():
             inputs, targets = ref.teacher_forcing_sequence(vq, indices)
         if p_uncond > 0:
@@ -362,10 +362,16 @@ def check_tokenizer(vq: MultiScaleVQ, c: VARConfig) -> None:
                          f"not match the model (scales {c.scales}, {c.vocab_size} codes of size {c.latent_dim})")
 
 
-def _check_pyramid(name: str, pyramid: list[torch.Tensor], c: VARConfig, B: int | str = "B",
-                   dtype: torch.dtype | None = torch.long) -> None:
-    """``pyramid`` is a list of ``S`` maps ``(B, s_k, s_k)`` of codes in ``[0, vocab_size)`` (``dtype``: ``None``
-    for any integer dtype); one host sync per map on CUDA."""
+def check_pyramid(name: str, pyramid: list[torch.Tensor], c: VARConfig, B: int | str = "B",
+                  dtype: torch.dtype | None = torch.long) -> None:
+    """``pyramid`` (called ``name`` in messages) is a list of ``S`` maps ``(B, s_k, s_k)`` of codes in
+    ``[0, vocab_size)`` for the model of config ``c`` (``dtype``: ``None`` for any integer dtype); one host sync
+    per map on CUDA.
+
+    Raises:
+        TypeError: ``pyramid`` is not a list or a map not a tensor.
+        ValueError: another number of maps, a map of the wrong shape or dtype, or an id out of range.
+    """
     if not isinstance(pyramid, (list, tuple)):
         raise TypeError(f"{name} must be a list of {c.num_scales} maps (B, s, s) for scales {c.scales}, got "
                         f"{type(pyramid).__name__}")
@@ -384,7 +390,7 @@ def _check_inpainting(known: list[torch.Tensor] | None, known_mask: torch.Tensor
         return None
     if known is None or known_mask is None:
         raise ValueError("inpainting needs both known (a token pyramid) and known_mask")
-    _check_pyramid("known", known, c, B, dtype=None)
+    check_pyramid("known", known, c, B, dtype=None)
     masks = ref.scale_masks(known_mask, c.scales) if isinstance(known_mask, torch.Tensor) else list(known_mask)
     if len(masks) != c.num_scales:
         raise ValueError(f"known_mask must hold {c.num_scales} maps for scales {c.scales}, got {len(masks)}")
