@@ -169,7 +169,7 @@ def test_cli_server_shuts_down_gracefully_on_ctrl_c(tmp_path):
                     break
             except httpx.HTTPError:
                 time.sleep(0.2)
-        started = threading.Event()
+        started = [threading.Event() for _ in range(3)]  # Ctrl-C once every stream runs (a late one is refused)
 
         def stream(i):
             body = {"prompt": f"Item {i}", "max_tokens": 300, "temperature": 0, "stream": True}
@@ -178,12 +178,12 @@ def test_cli_server_shuts_down_gracefully_on_ctrl_c(tmp_path):
                 for line in r.iter_lines():
                     if line.startswith("data: "):
                         lines.append(line[6:])
-                        started.set()
+                        started[i].set()
             return lines
 
         with ThreadPoolExecutor(3) as pool:
             futures = [pool.submit(stream, i) for i in range(3)]
-            assert started.wait(30)
+            assert all(event.wait(30) for event in started)
             proc.send_signal(signal.SIGINT)
             results = [f.result(timeout=60) for f in futures]
         assert proc.wait(timeout=60) == 0, proc.stderr.read().decode()[-2000:]
