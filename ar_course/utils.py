@@ -172,6 +172,18 @@ def check_bool(name: str, value: object) -> bool:
     return bool(value)
 
 
+def check_grid(name: str, grid: object) -> tuple[int, int]:
+    """``grid`` (a ``(rows, cols)`` tuple or list, as JSON gives it back) as two ints ``>= 1``.
+
+    Raises:
+        TypeError: a side that is not an integer (``grid rows must be an integer >= 1, got 8.0``).
+        ValueError: not a pair (``grid must be (rows, cols), got (2, 2, 2)``) or a side ``< 1``.
+    """
+    if not isinstance(grid, (tuple, list)) or len(grid) != 2:
+        raise ValueError(f"{name} must be (rows, cols), got {grid!r}")
+    return check_int(f"{name} rows", grid[0], lo=1), check_int(f"{name} cols", grid[1], lo=1)
+
+
 def _shape_text(shape: Sequence[int | str]) -> str:
     return "(" + ", ".join(str(d) for d in shape) + ("," if len(shape) == 1 else "") + ")"
 

@@ -30,7 +30,7 @@ from ar_course.continuous.functional import euler_sample, flow_matching_loss, gu
 from ar_course.raster.model import raster_config
 from ar_course.tokenizers import VQVAE
 from ar_course.transformer.model import Block, GPTConfig, KVCache, RMSNorm, Rotary
-from ar_course.utils import check_ids, check_int, check_number, generate_in_batches
+from ar_course.utils import check_grid, check_ids, check_int, check_number, generate_in_batches
 
 PRETRAINED_PATH = checkpoint.ASSETS / "continuous_ar_mnist.safetensors"
 CHECKPOINT_KIND = "continuous_ar"
@@ -64,9 +64,7 @@ class ContinuousARConfig:
         for name in ("token_dim", "n_classes", "n_layer", "n_head", "n_embd", "head_width", "head_depth",
                      "head_repeats"):
             setattr(self, name, check_int(name, getattr(self, name), lo=1))
-        if not isinstance(self.grid, (tuple, list)) or len(self.grid) != 2:  # JSON gives a list back
-            raise ValueError(f"grid must be (rows, cols), got {self.grid!r}")
-        self.grid = (check_int("grid rows", self.grid[0], lo=1), check_int("grid cols", self.grid[1], lo=1))
+        self.grid = check_grid("grid", self.grid)
         self.dropout = check_number("dropout", self.dropout, lo=0, hi=1, hi_open=True)
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")

@@ -27,7 +27,7 @@ from ar_course.masked import functional as ref
 from ar_course.sampling import SamplingConfig, cfg_mix, check_cfg, check_sampling, process_logits, sample
 from ar_course.tokenizers import VQVAE
 from ar_course.transformer.model import GPT, GPTConfig
-from ar_course.utils import check_ids, check_int, check_number, generate_in_batches
+from ar_course.utils import check_grid, check_ids, check_int, check_number, generate_in_batches
 
 PRETRAINED_PATH = checkpoint.ASSETS / "maskgit_mnist.safetensors"
 CHECKPOINT_KIND = "maskgit"
@@ -52,9 +52,7 @@ def maskgit_config(
     ``num_codes + 1`` (the last id is ``[MASK]``), ``block_size = 1 + rows * cols``, 2D rotary positions,
     ``causal=False``. ``ValueError`` for a ``grid`` that is not two sides ``>= 1``, ``TypeError`` for non-integers."""
     num_codes = check_int("num_codes", num_codes, lo=1)
-    if not isinstance(grid, (tuple, list)) or len(grid) != 2:
-        raise ValueError(f"grid must be (rows, cols), got {grid!r}")
-    rows, cols = check_int("grid rows", grid[0], lo=1), check_int("grid cols", grid[1], lo=1)
+    rows, cols = check_grid("grid", grid)
     return GPTConfig(vocab_size=num_codes + 1, block_size=1 + rows * cols, n_layer=n_layer, n_head=n_head,
                      n_embd=n_embd, pos="rope2d", grid=(rows, cols), n_classes=n_classes, dropout=dropout,
                      causal=False)
@@ -284,8 +282,8 @@ def _check_tokenizer(tokenizer: VQVAE, model: MaskGIT) -> None:
     c, side = tokenizer.config, tokenizer.config.latent_side
     if c.quantizer not in ("vq", "fsq", "lfq") or (side, side) != model.grid or c.num_codes != model.num_codes:
         raise ValueError(f"the tokenizer ({c.quantizer!r}, {side}x{side} maps of {c.num_codes} codes) does not match "
-                         f"the model ({model.grid[0]}x{model.grid[1]} maps of {model.num_codes} codes, decoded by a 'vq', "
-                         f"'fsq' or 'lfq' tokenizer)")
+                         f"the model ({model.grid[0]}x{model.grid[1]} maps of {model.num_codes} codes, decoded by a "
+                         f"'vq', 'fsq' or 'lfq' tokenizer)")
 
 
 def load_pretrained(device: torch.device | str = "cpu", path: str | Path | None = None) -> tuple[MaskGIT, torch.nn.Module]:
