@@ -104,7 +104,7 @@ CASES = {
     "VARConfig latent_dim=0": (lambda: _var_config(latent_dim=0), ValueError, r"latent_dim must be an integer >= 1"),
     "VARConfig n_embd=16.0": (lambda: _var_config(n_embd=16.0), TypeError, r"n_embd must be an integer"),
     "raster_config grid (0, 4)": (lambda: raster_config(5, grid=(0, 4)), ValueError, r"grid rows must be an integer"),
-    "raster_config grid (4,)": (lambda: raster_config(5, grid=(4,)), TypeError, r"grid must be \(rows, cols\)"),
+    "raster_config grid (4,)": (lambda: raster_config(5, grid=(4,)), ValueError, r"grid must be \(rows, cols\)"),
     # item 16: hyper-parameters
     "raster_loss p_uncond nan": (lambda: raster_loss(AR, MAPS, CLS, p_uncond=float("nan")), ValueError,
                                  r"p_uncond must be a finite number in \[0, 1\]"),

@@ -145,3 +145,21 @@ def test_kernel_sections_are_written_as_they_finish(report, monkeypatch, tmp_pat
     assert json.loads(out.read_text()) == {"kernels": {"device": "x", "matmul_bf16_tflops": 2.0,
                                                        "copy_bandwidth_gbs": 3.0,
                                                        "flash_attention": [{"T": 1, "ceiling": 2.0}]}}
+
+
+@pytest.mark.filterwarnings("ignore:CUDA is not available")
+def test_every_eager_configuration_is_measured_and_profiled_on_cpu(report):
+    """The report's own measuring code (Generator options, stats fields, the profiler's event fields) on the CPU,
+    so that a GPU run does not lose rows to a typo: no GPU work there, so the busy fraction is 0."""
+    from ar_course.system import Generator
+
+    gen = Generator.from_pretrained("mnist", device="cpu")
+    eager = {name: options for name, options in report.CONFIGS.items() if not options.get("graphs")}
+    assert len(eager) == len(report.CONFIGS) // 2
+    for name, options in eager.items():
+        row = report.measure_one(gen, torch.arange(2) % 10, options)
+        assert "profile_error" not in row, (name, row)
+        assert row["images_per_second"] > 0 and row["first_call_seconds"] > 0 and row["seconds"] > 0, name
+        assert row["gpu_busy_fraction"] == 0.0 and row["launches_per_call"] == 0 and row["gpu_kernels_per_call"] == 0
+        assert row["backends"]["attention"] == "torch" and row["precision"] == "float32", (name, row)
+        json.dumps(row, allow_nan=False, default=str)  # as _write_json writes it

@@ -25,7 +25,7 @@ from ar_course.raster.functional import condition_dropout, from_raster, make_tra
 from ar_course.sampling import SamplingConfig
 from ar_course.tokenizers import VQVAE
 from ar_course.transformer.model import GPT, GPTConfig, StaticKVCache
-from ar_course.utils import check_ids, check_int, check_number, generate_in_batches
+from ar_course.utils import check_grid, check_ids, check_int, check_number, generate_in_batches
 
 PRETRAINED_PATH = checkpoint.ASSETS / "ar_mnist.safetensors"
 CHECKPOINT_KIND = "raster_ar"
@@ -47,22 +47,15 @@ def raster_config(
     the row and the column of each token) or ``"learned"``.
 
     Raises:
-        TypeError: ``grid`` is not two integers.
-        ValueError: a side of ``grid`` is ``< 1``, an unknown ``pos``, or as :class:`GPTConfig`.
+        TypeError: a side of ``grid`` is not an integer.
+        ValueError: ``grid`` is not a pair, a side of it is ``< 1``, an unknown ``pos``, or as :class:`GPTConfig`.
     """
     if pos not in ("rope2d", "learned"):
         raise ValueError(f"pos must be 'rope2d' or 'learned', got {pos!r}")
-    rows, cols = _check_grid(grid)
+    rows, cols = check_grid("grid", grid)
     return GPTConfig(vocab_size=vocab_size, block_size=1 + rows * cols, n_layer=n_layer, n_head=n_head,
                      n_embd=n_embd, pos=pos, grid=(rows, cols) if pos == "rope2d" else None,
                      n_classes=n_classes, dropout=dropout)
-
-
-def _check_grid(grid: tuple[int, int]) -> tuple[int, int]:
-    """``(rows, cols)`` as two ints ``>= 1`` (``TypeError``/``ValueError`` otherwise)."""
-    if not isinstance(grid, (tuple, list)) or len(grid) != 2:
-        raise TypeError(f"grid must be (rows, cols), got {grid!r}")
-    return check_int("grid rows", grid[0], lo=1), check_int("grid cols", grid[1], lo=1)
 
 
 def check_model_grid(model: GPT, name: str, shape: tuple[int, ...]) -> None:
@@ -184,7 +177,7 @@ def generate_tokens(
     (:func:`check_model_grid`), and as :meth:`GPT.generate` for the rest; ``TypeError`` for arguments of the
     wrong type."""
     check_ids("classes", classes, model.config.n_classes + 1, ("B",))
-    rows, cols = _check_grid(grid)
+    rows, cols = check_grid("grid", grid)
     check_model_grid(model, "grid", (rows, cols))
     start = torch.zeros(classes.shape[0], 0, dtype=torch.long, device=classes.device)  # (B, 0)
     seq = model.generate(start, rows * cols, sampling=sampling, cfg=cfg, classes=classes, generator=generator,

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from ar_course.checkpoint import config_from_dict
 from ar_course.sampling import SamplingConfig, cfg_mix, check_cfg, check_sampling, sample
 from ar_course.transformer import functional as ref
-from ar_course.utils import check_bool, check_ids, check_int, check_number
+from ar_course.utils import check_bool, check_grid, check_ids, check_int, check_number
 
 ATTENTION_IMPLS = ("sdpa", "plain", "kernels")
 CACHE_KINDS = ("dynamic", "static")
@@ -58,8 +58,8 @@ class GPTConfig:
         ValueError: a size ``< 1`` (``vocab_size``, ``block_size``, ``n_layer``, ``n_head``, ``n_embd``, the
             ``grid`` sides), ``mlp_hidden`` or ``n_classes < 0``, ``n_embd`` not divisible by ``n_head``, a head
             size the rotary embedding cannot split (odd for ``"rope"``, not a multiple of 4 for ``"rope2d"``),
-            ``dropout`` outside ``[0, 1)``, ``norm_eps`` or ``rope_base <= 0``, an unknown ``mlp``, ``pos`` or
-            ``attn``, ``pos="rope2d"`` without ``grid``, or a ``causal`` that is not a bool.
+            ``grid`` not a pair, ``dropout`` outside ``[0, 1)``, ``norm_eps`` or ``rope_base <= 0``, an unknown
+            ``mlp``, ``pos`` or ``attn``, ``pos="rope2d"`` without ``grid``, or a ``causal`` that is not a bool.
     """
 
     vocab_size: int = 128
@@ -86,9 +86,7 @@ class GPTConfig:
         self.mlp_hidden = check_int("mlp_hidden", self.mlp_hidden, lo=0)
         self.n_classes = check_int("n_classes", self.n_classes, lo=0)
         if self.grid is not None:  # JSON gives a list back
-            if not isinstance(self.grid, (tuple, list)) or len(self.grid) != 2:
-                raise ValueError(f"grid must be None or (rows, cols), got {self.grid!r}")
-            self.grid = (check_int("grid rows", self.grid[0], lo=1), check_int("grid cols", self.grid[1], lo=1))
+            self.grid = check_grid("grid", self.grid)
         self.rope_base = check_number("rope_base", self.rope_base, lo=0, lo_open=True)
         self.dropout = check_number("dropout", self.dropout, lo=0, hi=1, hi_open=True)
         self.norm_eps = check_number("norm_eps", self.norm_eps, lo=0, lo_open=True)
