@@ -237,3 +237,10 @@ def test_the_committed_gallery_shows_every_chapter():
         figures = sorted((ROOT / "docs" / "figures" / source.stem).glob("figure-*.png"))
         assert figures, f"no figures of {source.name} in docs/figures (make test && make figures)"
         assert all(f"]({source.stem}/{f.name})" in page for f in figures)
+
+
+def test_every_image_the_readme_shows_is_in_the_repository():
+    images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", (ROOT / "README.md").read_text())
+    assert images, "the README shows no figure"
+    missing = [path for path in images if not (ROOT / path).is_file()]
+    assert not missing, f"README.md shows images that are not in the repository: {missing}"
