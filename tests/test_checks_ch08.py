@@ -5,6 +5,7 @@ unconditioned reveal probability, known tokens overwritten, one time grid for al
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -43,6 +44,16 @@ def ratio_float64(r, schedule="cosine"):
     return M.mask_ratio(r, schedule).double()
 
 
+def ratio_tensor_only(r, schedule="cosine"):  # right on tensors; raises on a Python float r
+    return {"cosine": torch.cos(0.5 * math.pi * r), "linear": 1 - r, "square": 1 - r * r}[schedule]
+
+
+def ratio_float_passthrough(r, schedule="cosine"):  # returns a Python float for a Python float r
+    if isinstance(r, float):
+        return {"cosine": math.cos(0.5 * math.pi * r), "linear": 1 - r, "square": 1 - r * r}[schedule]
+    return M.mask_ratio(r, schedule)
+
+
 def test_8_1():
     check = ch08.mask_ratio
     assert_passes(check, M.mask_ratio)
@@ -54,6 +65,8 @@ def test_8_1():
     assert_fails(check, ratio_ignores_schedule, contains="schedule argument is ignored")
     assert_fails(check, ratio_sine, contains="rises from 0 to 1")
     assert_fails(check, ratio_revealed, contains="fraction already revealed")
+    assert_fails(check, ratio_tensor_only, contains="Python float")
+    assert_fails(check, ratio_float_passthrough, contains="should be a torch.Tensor")
 
 
 # 8.2 ------------------------------------------------------------------------------------------------------
@@ -81,6 +94,14 @@ def ce_no_log_softmax(logits, targets, mask):
     return -logits[mask].gather(-1, targets[mask][:, None]).mean()
 
 
+def ce_detached(logits, targets, mask):
+    return F.cross_entropy(logits[mask].detach(), targets[mask])
+
+
+def ce_rewrapped(logits, targets, mask):
+    return torch.tensor(F.cross_entropy(logits[mask], targets[mask]).item())
+
+
 def test_8_2():
     check = ch08.masked_cross_entropy
     assert_passes(check, M.masked_cross_entropy)
@@ -90,6 +111,8 @@ def test_8_2():
     assert_fails(check, ce_all_positions, contains="every position counts")
     assert_fails(check, ce_per_row, contains="averages each row first")
     assert_fails(check, ce_visible, contains="visible positions")
+    for wrong in (ce_detached, ce_rewrapped):  # right values, but no gradient reaches the logits
+        assert_fails(check, wrong, contains="no gradient flows")
 
 
 # 8.3 ------------------------------------------------------------------------------------------------------
@@ -134,6 +157,19 @@ def step_fills_remasked(t, m, lp, s, n, noise=None, scale=0.0):
     return torch.where(m, s, tokens), new_mask  # the re-masked positions hold a sample instead of [MASK]
 
 
+def step_in_place(t, m, lp, s, n, noise=None, scale=0.0):
+    new_tokens, new_mask = M.confidence_step(t, m, lp, s, n, noise, scale)
+    t.copy_(new_tokens)
+    m.copy_(new_mask)
+    return t, m
+
+
+def step_mask_in_place(t, m, lp, s, n, noise=None, scale=0.0):
+    new_tokens, new_mask = M.confidence_step(t, m, lp, s, n, noise, scale)
+    m &= new_mask  # the re-masked positions are a subset of the masked ones
+    return new_tokens, m
+
+
 def test_8_3():
     check = ch08.confidence_step
     assert_passes(check, M.confidence_step)
@@ -144,6 +180,8 @@ def test_8_3():
     assert_fails(check, step_most_confident, contains="re-masks the most confident")
     assert_fails(check, step_no_noise, contains="noise is left out")
     assert_fails(check, step_overwrites_known, contains="revealed at an earlier step never changes")
+    assert_fails(check, step_in_place, contains="changed its argument `tokens` in place")
+    assert_fails(check, step_mask_in_place, contains="changed its argument `mask` in place")
 
 
 # 8.4 ------------------------------------------------------------------------------------------------------
@@ -286,6 +324,16 @@ def schedule_reversed(length, block_size, steps):
             for i in range(per)]
 
 
+def schedule_tensor_times(length, block_size, steps):
+    per = steps // (length // block_size)
+    grid = torch.linspace(1.0, 0.0, per + 1)  # the times stay 0-d tensors
+    return [(a, a + block_size, grid[i], grid[i + 1]) for a in range(0, length, block_size) for i in range(per)]
+
+
+def schedule_numpy_times(length, block_size, steps):
+    return [(a, b, np.float32(t), np.float32(s)) for a, b, t, s in answers.block_schedule(length, block_size, steps)]
+
+
 def test_8_7():
     check = ch08.block_schedule
     assert_passes(check, answers.block_schedule)
@@ -295,3 +343,5 @@ def test_8_7():
     assert_fails(check, schedule_global, contains="inside every block")
     assert_fails(check, schedule_each_all, contains="steps // n_blocks")
     assert_fails(check, schedule_reversed, contains="left to right")
+    for wrong in (schedule_tensor_times, schedule_numpy_times):
+        assert_fails(check, wrong, contains="Python floats")

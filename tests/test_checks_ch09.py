@@ -108,8 +108,18 @@ def test_9_5():
     def wrong_axis(x, bits, dim):
         return compression.quantize(x, bits, dim=0)
 
-    _check(ch09.quantize, compression.quantize, [absmax, truncating, wrong_axis],
-           [(absmax, "symmetric"), (truncating, "rounded")])
+    def zero_scale(x, bits, dim):  # no floor on hi - lo: a constant slice gets scale 0 and codes from 0 / 0
+        lo, hi = x.amin(dim, keepdim=True), x.amax(dim, keepdim=True)
+        scale = (hi - lo) / (2 ** bits - 1)
+        return ((x - lo) / scale).round().clamp(0, 2 ** bits - 1).to(torch.uint8), scale, lo
+
+    def zero_scale_nan_free(x, bits, dim):  # the same scale 0, with the 0 / 0 codes replaced by 0
+        codes, _, lo = compression.quantize(x, bits, dim)
+        return codes, (x.amax(dim, keepdim=True) - lo) / (2 ** bits - 1), lo
+
+    _check(ch09.quantize, compression.quantize, [absmax, truncating, wrong_axis, zero_scale, zero_scale_nan_free],
+           [(absmax, "symmetric"), (truncating, "rounded"), (zero_scale, "positive scale"),
+            (zero_scale_nan_free, "positive scale")])
 
 
 def test_9_6():

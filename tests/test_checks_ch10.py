@@ -1,7 +1,8 @@
 """Chapter 10 checks: each accepts the reference, reports a stub as not attempted, and rejects plausible wrong
-answers (rounding without a straight-through gradient, a missing even-level offset, a reversed mixed radix,
-swapped or base-2 entropies, straight-through in place of the rotation trick, a reversed flow, late Euler
-steps, guidance mixed the wrong way or on the conditions...)."""
+answers (rounding without a straight-through gradient, a missing even-level offset, a reversed or truncated mixed
+radix, swapped, base-2 or NaN entropies, straight-through in place of the rotation trick or a gradient to the code, a
+reversed flow, late Euler steps or ones that overwrite the noise, guidance mixed the wrong way or on the
+conditions...)."""
 
 import torch
 import torch.nn.functional as F
@@ -16,7 +17,7 @@ from checks_helpers import assert_fails, assert_not_attempted, assert_passes, st
 
 
 def fsq_round_only(z, levels):
-    width = torch.tensor([l // 2 for l in levels], dtype=z.dtype)
+    width = torch.tensor([n // 2 for n in levels], dtype=z.dtype)
     return Fq.fsq_bound(z, levels).round() / width
 
 
@@ -25,10 +26,10 @@ def fsq_st_on_z(z, levels):
 
 
 def fsq_clamp(z, levels):
-    half = torch.tensor([(l - 1) / 2 for l in levels], dtype=z.dtype)
+    half = torch.tensor([(n - 1) / 2 for n in levels], dtype=z.dtype)
     b = torch.maximum(torch.minimum(z * half, half), -half)
     r = b + (b.round() - b).detach()
-    return r / torch.tensor([l // 2 for l in levels], dtype=z.dtype)
+    return r / torch.tensor([n // 2 for n in levels], dtype=z.dtype)
 
 
 def fsq_integers(z, levels):
@@ -54,31 +55,39 @@ def index_high_first(codes, levels):
 
 
 def index_unshifted(codes, levels):
-    width = torch.tensor([l // 2 for l in levels], dtype=codes.dtype)
+    width = torch.tensor([n // 2 for n in levels], dtype=codes.dtype)
     basis = torch.cumprod(torch.tensor((1,) + tuple(levels[:-1])), 0)
     return ((codes * width).round().long() * basis).sum(-1)
 
 
 def index_truncates(codes, levels):
-    width = torch.tensor([l // 2 for l in levels], dtype=codes.dtype)
+    width = torch.tensor([n // 2 for n in levels], dtype=codes.dtype)
     basis = torch.cumprod(torch.tensor((1,) + tuple(levels[:-1])), 0)
     return ((codes * width + width).long() * basis).sum(-1)  # float error: 2.9999 -> 2
 
 
 def index_cumprod_inclusive(codes, levels):
-    width = torch.tensor([l // 2 for l in levels], dtype=codes.dtype)
+    width = torch.tensor([n // 2 for n in levels], dtype=codes.dtype)
     basis = torch.cumprod(torch.tensor(levels), 0)
     return ((codes * width + width).round().long() * basis).sum(-1)
+
+
+def index_floors(codes, levels):
+    width = torch.tensor([n // 2 for n in levels], dtype=codes.dtype)
+    basis = torch.cumprod(torch.tensor((1,) + tuple(levels[:-1])), 0)
+    return ((codes * width + width).floor().long() * basis).sum(-1)
 
 
 def test_10_2():
     check = ch10.fsq_codes_to_indices
     assert_passes(check, Fq.fsq_codes_to_indices)
     assert_not_attempted(check, stub)
-    for wrong in (index_high_first, index_unshifted, index_cumprod_inclusive):
+    for wrong in (index_high_first, index_unshifted, index_cumprod_inclusive, index_truncates, index_floors):
         assert_fails(check, wrong)
     assert_fails(check, index_high_first, contains="wrong order")
     assert_fails(check, index_unshifted, contains="negative")
+    assert_fails(check, index_truncates, contains="truncated")  # codes a little off the grid
+    assert_fails(check, index_floors, contains="floored")
 
 
 # 10.3 ------------------------------------------------------------------------------------------------------
@@ -103,15 +112,25 @@ def entropy_avg_of_entropies(z, temperature=0.01):
     return a, a
 
 
+def entropy_log_of_zero(z, temperature=0.01):
+    d = z.shape[1]
+    codes = Fq.lfq_indices_to_codes(torch.arange(2**d), d, z.dtype)
+    p = torch.softmax(-torch.cdist(z, codes).pow(2) / temperature, dim=1)  # underflows to 0 for far codes
+    q = p.mean(0)
+    return -(p * p.log()).sum(1).mean(), -(q * q.log()).sum()
+
+
 def test_10_3():
     check = ch10.lfq_entropy_terms
     assert_passes(check, answers.lfq_entropy_terms)
     assert_passes(check, Fq.lfq_entropy_terms)  # the library's factorised form gives the same numbers
     assert_not_attempted(check, stub)
-    for wrong in (entropy_swapped, entropy_log2, entropy_no_temperature, entropy_avg_of_entropies):
+    for wrong in (entropy_swapped, entropy_log2, entropy_no_temperature, entropy_avg_of_entropies,
+                  entropy_log_of_zero):
         assert_fails(check, wrong)
     assert_fails(check, entropy_swapped, contains="swapped")
     assert_fails(check, entropy_log2, contains="bits")
+    assert_fails(check, entropy_log_of_zero, contains="0 * log 0")
 
 
 # 10.4 ------------------------------------------------------------------------------------------------------
@@ -146,6 +165,19 @@ def rotation_unscaled(z, z_q):
     return z_q.detach() + (moved - moved.detach())
 
 
+def rotation_code_not_detached(z, z_q):
+    with torch.no_grad():
+        u, q = F.normalize(z, dim=1), F.normalize(z_q, dim=1)
+        r = F.normalize(u + q, dim=1)
+        lam = z_q.norm(dim=1, keepdim=True) / z.norm(dim=1, keepdim=True)
+    moved = lam * (z - 2 * r * (r * z).sum(1, keepdim=True) + 2 * q * (u * z).sum(1, keepdim=True))
+    return z_q + (moved - moved.detach())  # the decoder's gradient also reaches the code
+
+
+def rotation_moves_code_too(z, z_q):
+    return Fq.rotation_trick(z, z_q.detach()) + (z_q - z_q.detach())
+
+
 def test_10_4():
     check = ch10.rotation_trick
     assert_passes(check, Fq.rotation_trick)
@@ -155,6 +187,8 @@ def test_10_4():
     assert_fails(check, rotation_straight_through, contains="straight-through estimator")
     assert_fails(check, rotation_unscaled, contains="rescaling")
     assert_fails(check, rotation_not_detached, contains="constants")
+    assert_fails(check, rotation_code_not_detached, contains="reaches z_q")
+    assert_fails(check, rotation_moves_code_too, contains="reaches z_q")
 
 
 # 10.5 ------------------------------------------------------------------------------------------------------
@@ -220,6 +254,19 @@ def euler_from_x0_each_step(velocity, x0, steps):
     return x
 
 
+def euler_in_place(velocity, x0, steps):
+    x = x0
+    for i in range(steps):
+        x += velocity(x, torch.full((x.shape[0],), i / steps)) / steps  # x is x0: the caller's noise changes
+    return x
+
+
+def euler_add_(velocity, x0, steps):
+    for i in range(steps):
+        x0.add_(velocity(x0, torch.full((x0.shape[0],), i / steps)), alpha=1 / steps)
+    return x0
+
+
 def test_10_6():
     check = ch10.euler_sample
     assert_passes(check, C.euler_sample)
@@ -228,6 +275,8 @@ def test_10_6():
         assert_fails(check, wrong)
     assert_fails(check, euler_late, contains="end of its interval")
     assert_fails(check, euler_whole_velocity, contains="dt = 1 / steps")
+    assert_fails(check, euler_in_place, contains="changed x0 in place")
+    assert_fails(check, euler_add_, contains="changed x0 in place")
 
 
 # 10.7 ------------------------------------------------------------------------------------------------------

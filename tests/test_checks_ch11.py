@@ -1,6 +1,7 @@
 """Chapter 11 checks: each accepts the reference, reports a stub as not attempted, and rejects plausible
-wrong answers (probabilities for log-probabilities, an off-by-one read of the logits, a 0/1 reward, an unbiased
-or batch-wide normalisation, a clip without the minimum, the k1 or reversed KL, a flipped CCA sign...)."""
+wrong answers (probabilities for log-probabilities, an off-by-one read of the logits, log-probabilities without
+gradients, a 0/1 reward, an unbiased or batch-wide normalisation, a fixed eps or clip, a clip without the minimum,
+the k1 or reversed KL, a flipped CCA sign...)."""
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +34,24 @@ def logp_summed(model, maps, classes):
     return token_log_probs(model, maps, classes).sum(-1)
 
 
+def logp_without_grad(model, maps, classes):
+    with torch.no_grad():  # fine for scoring, but GRPO and CCA backpropagate through these
+        return token_log_probs(model, maps, classes)
+
+
+def logp_detached_logits(model, maps, classes):
+    seq = maps.flatten(1)  # (B, L)
+    logits, _ = model(seq[:, :-1], classes=classes)
+    return torch.log_softmax(logits.detach(), dim=-1).gather(-1, seq[..., None]).squeeze(-1)
+
+
+def logp_detached_normaliser(model, maps, classes):
+    seq = maps.flatten(1)  # (B, L)
+    logits, _ = model(seq[:, :-1], classes=classes)
+    picked = logits.gather(-1, seq[..., None]).squeeze(-1)
+    return picked - logits.logsumexp(-1).detach()  # the right values, half the gradient
+
+
 def test_11_1():
     check = ch11.token_log_probs
     assert_passes(check, token_log_probs)
@@ -41,6 +60,9 @@ def test_11_1():
         assert_fails(check, wrong)
     assert_fails(check, logp_probabilities, contains="those are probabilities")
     assert_fails(check, logp_no_class_shift, contains="position t")
+    assert_fails(check, logp_without_grad, contains="no gradient reaches the model")
+    assert_fails(check, logp_detached_logits, contains="no gradient reaches the model")
+    assert_fails(check, logp_detached_normaliser, contains="the gradient of")
 
 
 # 11.2 ------------------------------------------------------------------------------------------------------
@@ -91,15 +113,20 @@ def adv_columns(rewards, eps=1e-4):
     return (rewards - rewards.mean(0, keepdim=True)) / (rewards.std(0, keepdim=True, unbiased=False) + eps)
 
 
+def adv_fixed_eps(rewards, eps=1e-4):
+    return (rewards - rewards.mean(1, keepdim=True)) / (rewards.std(1, keepdim=True, unbiased=False) + 1e-4)
+
+
 def test_11_3():
     check = ch11.group_advantages
     assert_passes(check, A.group_advantages)
     assert_not_attempted(check, stub)
-    for wrong in (adv_unbiased, adv_global, adv_no_eps, adv_columns):
+    for wrong in (adv_unbiased, adv_global, adv_no_eps, adv_columns, adv_fixed_eps):
         assert_fails(check, wrong)
     assert_fails(check, adv_unbiased, contains="unbiased")
     assert_fails(check, adv_global, contains="all groups at once")
     assert_fails(check, adv_no_eps, contains="0/0")
+    assert_fails(check, adv_fixed_eps, contains="eps = 0.05")  # eps is an argument
 
 
 # 11.4 ------------------------------------------------------------------------------------------------------
@@ -123,13 +150,19 @@ def surrogate_detached(logp, logp_old, adv, clip=0.2):
     return A.clipped_surrogate(logp.detach(), logp_old, adv, clip)
 
 
+def surrogate_fixed_clip(logp, logp_old, adv, clip=0.2):
+    return A.clipped_surrogate(logp, logp_old, adv, 0.2)
+
+
 def test_11_4():
     check = ch11.clipped_surrogate
     assert_passes(check, A.clipped_surrogate)
     assert_not_attempted(check, stub)
-    for wrong in (surrogate_clip_only, surrogate_inverted_ratio, surrogate_clip_logp, surrogate_detached):
+    for wrong in (surrogate_clip_only, surrogate_inverted_ratio, surrogate_clip_logp, surrogate_detached,
+                  surrogate_fixed_clip):
         assert_fails(check, wrong)
     assert_fails(check, surrogate_clip_only, contains="clipped term alone")
+    assert_fails(check, surrogate_fixed_clip, contains="clip 0.3")  # clip is an argument
 
 
 # 11.5 ------------------------------------------------------------------------------------------------------

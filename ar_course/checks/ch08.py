@@ -3,9 +3,10 @@
 Every check compares with the library (:mod:`ar_course.masked` for images, :mod:`ar_course.diffusion_lm` for
 text) on seeded random inputs and hand-made edge cases (the ends of the schedule, rows with different numbers of
 masked tokens, noise that overturns the order of confidences, non-square maps, uniform draws on both sides of the
-reveal probability, one block and blocks of one), and names the usual mistakes: a schedule that counts revealed
-tokens instead of masked ones, a loss over every position or averaged per row, re-masking the most confident
-tokens or known ones, anti-diagonals in the wrong direction; for text, an MDLM loss without its 1/t weight or
+reveal probability, one block and blocks of one, a Python float for the schedule), and names the usual mistakes: a
+schedule that counts revealed tokens instead of masked ones, a loss over every position or averaged per row (or
+one that no gradient flows through), re-masking the most confident tokens or known ones, a step that writes into
+its inputs, anti-diagonals in the wrong direction; for text, an MDLM loss without its 1/t weight or
 averaged over the masked tokens, a reveal probability that is not conditioned on being masked, a block schedule
 whose time runs once over the whole sequence."""
 
@@ -17,7 +18,7 @@ from typing import Callable, Iterator
 import torch
 import torch.nn.functional as F
 
-from ar_course.checks.core import Case, Chapter, Mistake, compare_cases
+from ar_course.checks.core import Case, Chapter, CheckFailure, Mistake, call, clone_args, compare_cases, describe
 from ar_course.checks.reference import ch08 as answers
 from ar_course.masked import functional as ref
 
@@ -38,6 +39,8 @@ def _ratio_cases() -> Iterator[Case]:
     for schedule in ("cosine", "linear", "square"):
         yield Case(f"random (3, 4) r, {schedule}", (torch.rand(3, 4, generator=g), schedule))
     yield Case("default schedule (cosine)", (torch.rand(5, generator=g),))
+    for schedule in ("cosine", "linear", "square"):
+        yield Case(f"r = 0.25 as a Python float, {schedule}", (0.25, schedule))
 
 
 def _ratio_revealed(r, schedule="cosine"):
@@ -97,7 +100,8 @@ def _ce_cases() -> Iterator[Case]:
         mask[1, 0] = True
         yield Case(f"random ({b}, {n}, {v})", (logits, targets, mask))
     logits = torch.randn(1, 4, 3, generator=g)
-    yield Case("one masked position", (logits, torch.tensor([[0, 1, 2, 0]]), torch.tensor([[False, False, True, False]])))
+    one = torch.tensor([[False, False, True, False]])
+    yield Case("one masked position", (logits, torch.tensor([[0, 1, 2, 0]]), one))
 
 
 def _ce_all(logits, targets, mask):
@@ -140,7 +144,7 @@ CE_MISTAKES = [
     "return F.cross_entropy(logits[mask], targets[mask])",
 ))
 def masked_cross_entropy(fn: Callable, ref_fn: Callable) -> None:
-    compare_cases(fn, ref_fn, _ce_cases(), mistakes=CE_MISTAKES)
+    compare_cases(fn, ref_fn, _ce_cases(), mistakes=CE_MISTAKES, grad_wrt=(0,))
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -212,6 +216,14 @@ STEP_MISTAKES = [
 ))
 def confidence_step(fn: Callable, ref_fn: Callable) -> None:
     compare_cases(fn, ref_fn, _step_cases(), mistakes=STEP_MISTAKES)
+    names = ("tokens", "mask", "log_probs", "sampled")
+    for case in _step_cases():
+        args = clone_args(case.args)
+        call(fn, *args, where=case.name)
+        for name, before, after in zip(names, case.args, args):
+            if not torch.equal(before, after):
+                raise CheckFailure(f"your function changed its argument `{name}` in place on input {case.name!r}; "
+                                   "the caller may still need the map it passed in, so build new tensors")
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -432,3 +444,9 @@ SCHEDULE_MISTAKES = [
 ))
 def block_schedule(fn: Callable, ref_fn: Callable) -> None:
     compare_cases(fn, ref_fn, _schedule_cases(), mistakes=SCHEDULE_MISTAKES)
+    for case in _schedule_cases():
+        for k, (start, end, t, s) in enumerate(call(fn, *case.args, where=case.name)):
+            if not (isinstance(start, int) and isinstance(end, int) and isinstance(t, float) and isinstance(s, float)):
+                raise CheckFailure(f"pass {k} on input {case.name!r} is ({describe(start)}, {describe(end)}, "
+                                   f"{describe(t)}, {describe(s)}); start and end should be Python ints and t, s "
+                                   "Python floats (a tensor's .tolist() gives them)")

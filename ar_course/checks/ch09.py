@@ -10,7 +10,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from ar_course.checks.core import Case, Chapter, Mistake, compare_cases
+from ar_course.checks.core import Case, Chapter, CheckFailure, Mistake, call, compare_cases, describe
 from ar_course.checks.reference import ch09 as answers
 from ar_course.serving import attention, compression, paged, prefix
 
@@ -44,10 +44,10 @@ SLOT_MISTAKES = [
 
 
 @chapter.exercise("9.1", reference=paged.slot_mapping, hints=(
-    "position p sits in the (p // block_size)-th block of the sequence, at offset p % block_size; the table says "
-    "which block of the pool that is",
-    "look the block up in block_table (index it with a tensor of block indices), multiply by block_size, add the "
-    "offset",
+    "two questions per position: which of the sequence's own blocks holds it, and how far into that block is it? "
+    "Then the table says where that block sits in the pool",
+    "position p is in the sequence's block p // block_size, at offset p % block_size; look that block up in "
+    "block_table (index it with a tensor of block indices), multiply by block_size, add the offset",
     "return block_table[positions // block_size] * block_size + positions % block_size",
 ))
 def slot_mapping(fn: Callable, ref_fn: Callable) -> None:
@@ -256,6 +256,12 @@ QUANT_MISTAKES = [
 ))
 def quantize(fn: Callable, ref_fn: Callable) -> None:
     compare_cases(fn, ref_fn, _quant_cases(), mistakes=QUANT_MISTAKES)
+    case = Case("a constant slice", (torch.ones(3, 5), 4, 1))
+    scale = call(fn, *case.args, where=case.name)[1]
+    if not bool((scale > 0).all()):
+        raise CheckFailure(f"the scale is {describe(float(scale.min()))} on input {case.name!r}, so (x - lo) / scale "
+                           "is 0 / 0 = NaN before the cast to uint8, whose result is then undefined: a slice whose "
+                           "values are all equal still needs a positive scale")
 
 
 # --------------------------------------------------------------------------------------------------------

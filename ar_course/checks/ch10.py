@@ -2,10 +2,12 @@
 
 Every check compares with the library (:mod:`ar_course.tokenizers.functional`, :mod:`ar_course.continuous`) on
 seeded random inputs and edge cases (even and odd levels, the corners of the FSQ grid, a code equal to its
-vector, a time-dependent velocity field), values and, where the exercise is about them, gradients; and names the
-usual mistakes: rounding without a straight-through gradient, a grid shifted for even levels, a reversed mixed
-radix, swapped entropies, the straight-through estimator in place of the rotation, a reversed flow, Euler
-steps evaluated at the wrong times, guidance mixed the wrong way round or applied to the conditions."""
+vector, codes a little off the grid, probabilities that underflow, a time-dependent velocity field), values and,
+where the exercise is about them, gradients; and names the usual mistakes: rounding without a straight-through
+gradient, a grid shifted for even levels, a reversed or truncated mixed radix, swapped or NaN entropies, the
+straight-through estimator in place of the rotation, a reversed flow, Euler steps evaluated at the wrong times,
+guidance mixed the wrong way round or applied to the conditions. Two rules are checked beyond the values: no
+gradient reaches the code in the rotation trick, and the Euler sampler leaves its x0 as it was."""
 
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from typing import Callable, Iterator
 import torch
 import torch.nn.functional as F
 
-from ar_course.checks.core import Case, Chapter, Mistake, compare_cases
+from ar_course.checks.core import Case, Chapter, CheckFailure, Mistake, call, compare_cases
 from ar_course.checks.reference import ch10 as answers
 from ar_course.continuous import functional as cref
 from ar_course.tokenizers import functional as ref
@@ -42,7 +44,7 @@ def _fsq_cases() -> Iterator[Case]:
 
 def _fsq_no_st(z, levels):
     bounded = ref.fsq_bound(z, levels)
-    width = torch.tensor([l // 2 for l in levels], dtype=z.dtype)
+    width = torch.tensor([n // 2 for n in levels], dtype=z.dtype)
     return bounded.round() / width
 
 
@@ -80,7 +82,7 @@ FSQ_MISTAKES = [
     "use fsq_bound(z, levels) (given) for the squashing; round with the straight-through trick "
     "(b + (b.round() - b).detach()) and divide each dimension by L_i // 2",
     "b = fsq_bound(z, levels); r = b + (b.round() - b).detach(); "
-    "return r / torch.tensor([l // 2 for l in levels], dtype=z.dtype)",
+    "return r / torch.tensor([n // 2 for n in levels], dtype=z.dtype)",
 ))
 def fsq_quantize(fn: Callable, ref_fn: Callable) -> None:
     compare_cases(fn, ref_fn, _fsq_cases(), grad_wrt=(0,), mistakes=FSQ_MISTAKES)
@@ -97,6 +99,9 @@ def _index_cases() -> Iterator[Case]:
     g = _gen(102)
     codes = ref.fsq_quantize(torch.randn(3, 4, 3, generator=g), (8, 6, 5))
     yield Case("a (3, 4) map of codes, levels (8, 6, 5)", (codes, (8, 6, 5)))
+    every = ref.fsq_indices_to_codes(torch.arange(240), (8, 6, 5))  # (240, 3)
+    wobble = 1e-3 * (2 * torch.rand(every.shape, generator=g) - 1)  # float error, far below half a step
+    yield Case("every code of levels (8, 6, 5), each off the grid by up to 0.001", (every + wobble, (8, 6, 5)))
 
 
 def _index_reversed(codes, levels):
@@ -104,14 +109,28 @@ def _index_reversed(codes, levels):
 
 
 def _index_no_shift(codes, levels):
-    width = torch.tensor([l // 2 for l in levels], dtype=codes.dtype)
+    width = torch.tensor([n // 2 for n in levels], dtype=codes.dtype)
     digits = (codes * width).round().long()
     basis = torch.cumprod(torch.tensor((1,) + tuple(levels[:-1])), 0)
     return (digits * basis).sum(-1)
 
 
+def _index_truncated(codes, levels):
+    width = torch.tensor([n // 2 for n in levels], dtype=codes.dtype)
+    digits = (codes * width + width).long()  # truncates towards 0: 2.9997 -> 2
+    basis = torch.cumprod(torch.tensor((1,) + tuple(levels[:-1])), 0)
+    return (digits * basis).sum(-1)
+
+
+def _index_floored(codes, levels):
+    width = torch.tensor([n // 2 for n in levels], dtype=codes.dtype)
+    digits = (codes * width + width).floor().long()
+    basis = torch.cumprod(torch.tensor((1,) + tuple(levels[:-1])), 0)
+    return (digits * basis).sum(-1)
+
+
 def _index_same_base(codes, levels):
-    width = torch.tensor([l // 2 for l in levels], dtype=codes.dtype)
+    width = torch.tensor([n // 2 for n in levels], dtype=codes.dtype)
     digits = (codes * width + width).round().long()
     basis = max(levels) ** torch.arange(len(levels))
     return (digits * basis).sum(-1)
@@ -124,13 +143,18 @@ INDEX_MISTAKES = [
                              "in [0, L_i)"),
     Mistake(_index_same_base, "every dimension used the same base: the place value of dimension i is "
                               "L_0 * ... * L_{i-1}, so indices fill [0, prod(levels)) with no gaps"),
+    Mistake(_index_truncated, "the digits were truncated (.long() cuts 2.9997 down to 2): a code carries float "
+                              "error, so turn code_i * (L_i // 2) + L_i // 2 into the nearest integer"),
+    Mistake(_index_floored, "the digits were floored (2.9997 becomes 2): a code carries float error, so take the "
+                            "nearest integer"),
 ]
 
 
 @chapter.exercise("10.2", reference=ref.fsq_codes_to_indices, hints=(
     "a code is a tuple of digits, one per dimension, digit i in base L_i: the index is that mixed-radix number",
-    "digit_i = code_i * (L_i // 2) + L_i // 2 (an integer in [0, L_i)); place values 1, L_0, L_0 L_1, ...",
-    "w = torch.tensor([l // 2 for l in levels]); digits = (codes * w + w).round().long(); "
+    "digit_i = code_i * (L_i // 2) + L_i // 2, rounded to the nearest integer (in [0, L_i)); place values 1, "
+    "L_0, L_0 L_1, ...",
+    "w = torch.tensor([n // 2 for n in levels]); digits = (codes * w + w).round().long(); "
     "basis = torch.cumprod(torch.tensor((1,) + tuple(levels[:-1])), 0); return (digits * basis).sum(-1)",
 ))
 def fsq_codes_to_indices(fn: Callable, ref_fn: Callable) -> None:
@@ -147,6 +171,8 @@ def _entropy_cases() -> Iterator[Case]:
     yield Case("confident vectors (far from 0)", (torch.randn(16, 3, generator=g).sign() * 2,), {"temperature": 0.5})
     yield Case("all vectors alike (a collapsed batch)", (torch.full((10, 5), 0.05),), {"temperature": 0.2})
     yield Case("one vector of 2 dims, default temperature", (torch.tensor([[0.004, -0.002]]),))
+    confident = torch.randn(12, 3, generator=g).sign() * (0.8 + 0.4 * torch.rand(12, 3, generator=g))
+    yield Case("12 confident vectors, default temperature (most p underflow to 0)", (confident,))
 
 
 def _entropy_swapped(z, temperature=0.01):
@@ -172,12 +198,23 @@ def _entropy_mean_of_entropies(z, temperature=0.01):
     return per_sample, per_sample
 
 
+def _entropy_unclamped_log(z, temperature=0.01):
+    d = z.shape[1]
+    codes = ref.lfq_indices_to_codes(torch.arange(2**d), d, z.dtype)
+    p = torch.softmax(-(z[:, None, :] - codes[None, :, :]).pow(2).sum(-1) / temperature, dim=1)
+    avg = p.mean(0)
+    return -(p * p.log()).sum(1).mean(), -(avg * avg.log()).sum()
+
+
 ENTROPY_MISTAKES = [
     Mistake(_entropy_swapped, "the two terms are swapped: the first is the mean of each vector's entropy, the "
                               "second the entropy of the batch-averaged distribution"),
     Mistake(_entropy_plus_distance, "the softmax favours far codes: the logits are minus the squared distance over "
                                     "the temperature"),
     Mistake(_entropy_bits, "those are bits: use the natural log (nats)"),
+    Mistake(_entropy_unclamped_log, "a probability that underflows to 0 gives 0 * log 0 = 0 * -inf = nan: a term "
+                                    "with p = 0 adds nothing to an entropy, so keep log away from 0 (clamp_min, "
+                                    "or log_softmax of the logits)"),
     Mistake(_entropy_mean_of_entropies, "the codebook entropy is the entropy of the average distribution, not the "
                                         "average of the entropies (it is large only when the batch spreads over "
                                         "many codes)"),
@@ -206,7 +243,8 @@ def _rotation_cases() -> Iterator[Case]:
     yield Case("12 vectors of 5 dims, nearby codes", (z, z + 0.3 * torch.randn(12, 5, generator=g)))
     yield Case("codes of other lengths and directions", (torch.randn(8, 3, generator=g),
                                                          3 * torch.randn(8, 3, generator=g)))
-    yield Case("a code equal to its vector (R = I, lambda = 1)", (torch.tensor([[1.0, 2.0]]), torch.tensor([[1.0, 2.0]])))
+    yield Case("a code equal to its vector (R = I, lambda = 1)",
+               (torch.tensor([[1.0, 2.0]]), torch.tensor([[1.0, 2.0]])))
 
 
 def _rot_straight_through(z, z_q):
@@ -251,6 +289,13 @@ ROTATION_MISTAKES = [
 ))
 def rotation_trick(fn: Callable, ref_fn: Callable) -> None:
     compare_cases(fn, ref_fn, _rotation_cases(), grad_wrt=(0,), mistakes=ROTATION_MISTAKES)
+    g = _gen(1040)
+    z, z_q = torch.randn(6, 4, generator=g).requires_grad_(True), torch.randn(6, 4, generator=g).requires_grad_(True)
+    out = call(fn, z, z_q, where="z_q that requires grad")
+    out.sum().backward()
+    if z_q.grad is not None and bool(z_q.grad.any()):
+        raise CheckFailure("a gradient reaches z_q on input 'z_q that requires grad': the output's value is z_q, but "
+                           "only z may receive a gradient through it (the codebook is trained by its own loss)")
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -341,6 +386,13 @@ EULER_MISTAKES = [
 ))
 def euler_sample(fn: Callable, ref_fn: Callable) -> None:
     compare_cases(fn, ref_fn, _euler_cases(), mistakes=EULER_MISTAKES)
+    x0 = torch.randn(4, 3, generator=_gen(1060))
+    kept = x0.clone()
+    call(fn, _time_field, x0, 5, where="v = 2t - x/2, 5 steps")
+    if not torch.equal(x0, kept):
+        raise CheckFailure("your function changed x0 in place on input 'v = 2t - x/2, 5 steps' (x += ... or "
+                           "x.add_ on the x0 it was given): the caller's noise is gone, and a second sampler call "
+                           "from the same x0 starts elsewhere; build a new tensor each step")
 
 
 # --------------------------------------------------------------------------------------------------------

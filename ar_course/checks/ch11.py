@@ -1,9 +1,10 @@
 """Checks for chapter 11, alignment: ``checks.ch11.group_advantages(group_advantages)``.
 
 Every check compares with the library (:mod:`ar_course.align`) on seeded random inputs and hand-made edge
-cases (a group of equal rewards, ratios outside the clip range, identical models), and names the usual
-mistakes: an unbiased standard deviation, a clip without the minimum, the k1 or reversed KL estimate, a
-negative term with the wrong sign."""
+cases (a group of equal rewards, ratios outside the clip range, identical models, eps and clip other than their
+defaults), and names the usual mistakes: an unbiased standard deviation, a clip without the minimum, the k1 or
+reversed KL estimate, a negative term with the wrong sign. The log-probabilities must also carry the gradient to
+the model's weights, since both GRPO and CCA train through them."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import torch
 from ar_course import metrics, raster
 from ar_course.align import functional as ref
 from ar_course.align.model import token_log_probs as ref_token_log_probs
-from ar_course.checks.core import Case, Chapter, Mistake, compare_cases
+from ar_course.checks.core import Case, Chapter, CheckFailure, Mistake, call, compare, compare_cases
 from ar_course.checks.reference import ch11 as answers
 from ar_course.transformer.model import GPT
 
@@ -72,6 +73,27 @@ LOGP_MISTAKES = [
 def token_log_probs(fn: Callable, ref_fn: Callable) -> None:
     with torch.no_grad():
         compare_cases(fn, ref_fn, _logp_cases(), mistakes=LOGP_MISTAKES)
+    _check_logp_gradients(fn, ref_fn)
+
+
+def _check_logp_gradients(fn: Callable, ref_fn: Callable) -> None:
+    """GRPO and CCA train through these log-probabilities: the gradient of a weighted sum of the learner's output
+    must reach the model's weights, and be the reference's."""
+    where = "tiny model 3 with gradients on"
+    model = _tiny_model(3)
+    g = torch.Generator().manual_seed(1110)
+    maps, classes = torch.randint(0, 12, (3, 3, 4), generator=g), torch.randint(0, 5, (3,), generator=g)
+    weights = torch.randn(3, 12, generator=g)
+    got = call(fn, model, maps, classes, where=where)
+    if not isinstance(got, torch.Tensor) or not got.requires_grad:
+        raise CheckFailure(f"no gradient reaches the model's weights on input {where!r} (was the output computed "
+                           "under torch.no_grad() or detached?): GRPO and CCA train the model through these "
+                           "log-probabilities")
+    params = [p for p in model.parameters() if p.requires_grad]
+    mine = torch.autograd.grad((got * weights).sum(), params, allow_unused=True)
+    expected = torch.autograd.grad((ref_fn(model, maps, classes) * weights).sum(), params, allow_unused=True)
+    for (name, _), a, b in zip(model.named_parameters(), mine, expected):
+        compare(torch.zeros_like(b) if a is None else a, b, where=where, name=f"the gradient of {name}")
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -121,6 +143,7 @@ def _adv_cases() -> Iterator[Case]:
     yield Case("groups of different spread", (torch.cat([torch.rand(1, 6, generator=g),
                                                          10 * torch.rand(1, 6, generator=g)]),))
     yield Case("a group of equal rewards", (torch.tensor([[0.5, 0.5, 0.5], [0.0, 1.0, 0.5]]),))
+    yield Case("2 groups of 5, eps = 0.05", (torch.rand(2, 5, generator=g),), {"eps": 0.05})
 
 
 ADV_MISTAKES = [
@@ -158,6 +181,8 @@ def _surrogate_cases() -> Iterator[Case]:
     r = torch.tensor([[0.5, 0.9, 1.1, 1.5]]).log()
     yield Case("ratios 0.5, 0.9, 1.1, 1.5 with clip 0.2, A = +1 and -1",
                (torch.cat([r, r]), torch.zeros(2, 4), torch.tensor([1.0, -1.0])), {"clip": 0.2})
+    yield Case("the same ratios with clip 0.3", (torch.cat([r, r]), torch.zeros(2, 4), torch.tensor([1.0, -1.0])),
+               {"clip": 0.3})
 
 
 def _no_min(logp, logp_old, adv, clip=0.2):
