@@ -1,7 +1,9 @@
-"""Chapter 08 checks: each accepts the reference, reports a stub as not attempted, and rejects plausible wrong
-answers (a revealed-fraction schedule, a loss over every position or per row, re-masking the most confident or the
-known tokens, noise left out, anti-diagonals the wrong way; an unweighted or per-masked-token MDLM loss, an
-unconditioned reveal probability, known tokens overwritten, one time grid for all blocks...)."""
+"""Chapter 08 checks: each accepts the reference (and, for the random masks and the step maps, a right answer
+computed another way), reports a stub as not attempted, and rejects plausible wrong answers (a revealed-fraction
+schedule; training masks rounded the wrong way, empty, with one count or one choice for the whole batch, the first
+positions or a run; re-masking the most confident or the known tokens, noise left out; a step map that ignores the
+neighbourhood, visits columns first or reads through a negative index; an unweighted or per-masked-token MDLM
+loss, an unconditioned reveal probability, known tokens overwritten, one time grid for all blocks...)."""
 
 import math
 
@@ -72,47 +74,95 @@ def test_8_1():
 # 8.2 ------------------------------------------------------------------------------------------------------
 
 
-def ce_all_positions(logits, targets, mask):
-    return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+def _count(r, n, schedule, rounding=torch.ceil, least=1):
+    return rounding(M.mask_ratio(r, schedule) * n).long().clamp(least, n)
 
 
-def ce_visible(logits, targets, mask):
-    return F.cross_entropy(logits[~mask], targets[~mask])
+def _hide_lowest(scores, count):  # hide, in each row, the `count` positions with the lowest scores
+    return scores.argsort(1).argsort(1) < count[:, None]
 
 
-def ce_per_row(logits, targets, mask):
-    nll = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
-    return ((nll * mask).sum(1) / mask.sum(1)).mean()
+def mask_floor(r, n, schedule="cosine", generator=None):
+    return _hide_lowest(torch.rand(len(r), n, generator=generator), _count(r, n, schedule, torch.floor))
 
 
-def ce_zeroed_mean(logits, targets, mask):
-    nll = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
-    return (nll * mask).mean()
+def mask_round(r, n, schedule="cosine", generator=None):
+    return _hide_lowest(torch.rand(len(r), n, generator=generator), _count(r, n, schedule, torch.round))
 
 
-def ce_no_log_softmax(logits, targets, mask):
-    return -logits[mask].gather(-1, targets[mask][:, None]).mean()
+def mask_floor_plus_one(r, n, schedule="cosine", generator=None):
+    return _hide_lowest(torch.rand(len(r), n, generator=generator),
+                        _count(r, n, schedule, lambda x: torch.floor(x) + 1))
 
 
-def ce_detached(logits, targets, mask):
-    return F.cross_entropy(logits[mask].detach(), targets[mask])
+def mask_may_be_empty(r, n, schedule="cosine", generator=None):
+    return _hide_lowest(torch.rand(len(r), n, generator=generator), _count(r, n, schedule, least=0))
 
 
-def ce_rewrapped(logits, targets, mask):
-    return torch.tensor(F.cross_entropy(logits[mask], targets[mask]).item())
+def mask_one_count(r, n, schedule="cosine", generator=None):  # topk needs one k: the first row's
+    k = int(_count(r, n, schedule)[0])
+    hidden = torch.rand(len(r), n, generator=generator).topk(k, dim=1).indices
+    return torch.zeros(len(r), n, dtype=torch.bool).scatter_(1, hidden, True)
+
+
+def mask_first_positions(r, n, schedule="cosine", generator=None):
+    return torch.arange(n)[None, :] < _count(r, n, schedule)[:, None]
+
+
+def mask_one_permutation(r, n, schedule="cosine", generator=None):  # one random order for the whole batch
+    rank = torch.randperm(n, generator=generator).argsort()[None, :].expand(len(r), n)
+    return rank < _count(r, n, schedule)[:, None]
+
+
+def mask_contiguous_run(r, n, schedule="cosine", generator=None):  # a random start, then a run (wrapping round)
+    start = torch.randint(0, n, (len(r), 1), generator=generator)
+    return (torch.arange(n)[None, :] - start) % n < _count(r, n, schedule)[:, None]
+
+
+def mask_global_rng(r, n, schedule="cosine", generator=None):
+    return _hide_lowest(torch.rand(len(r), n), _count(r, n, schedule))
+
+
+def mask_bernoulli(r, n, schedule="cosine", generator=None):  # each position hidden on its own with gamma(r)
+    return torch.rand(len(r), n, generator=generator) < M.mask_ratio(r, schedule)[:, None]
+
+
+def mask_float_counts(r, n, schedule="cosine", generator=None):
+    return answers.training_mask(r, n, schedule, generator).float()
+
+
+def mask_per_row_loop(r, n, schedule="cosine", generator=None):  # right, drawn another way: a permutation per row
+    out = torch.zeros(len(r), n, dtype=torch.bool)
+    for b, count in enumerate(_count(r, n, schedule).tolist()):
+        out[b, torch.randperm(n, generator=generator)[:count]] = True
+    return out
 
 
 def test_8_2():
-    check = ch08.masked_cross_entropy
-    assert_passes(check, M.masked_cross_entropy)
+    check = ch08.training_mask
+    assert_passes(check, answers.training_mask)
+    assert_passes(check, mask_per_row_loop)
     assert_not_attempted(check, stub)
-    for wrong in (ce_all_positions, ce_visible, ce_per_row, ce_zeroed_mean, ce_no_log_softmax):
+    for wrong in (mask_bernoulli, mask_float_counts):
         assert_fails(check, wrong)
-    assert_fails(check, ce_all_positions, contains="every position counts")
-    assert_fails(check, ce_per_row, contains="averages each row first")
-    assert_fails(check, ce_visible, contains="visible positions")
-    for wrong in (ce_detached, ce_rewrapped):  # right values, but no gradient reaches the logits
-        assert_fails(check, wrong, contains="no gradient flows")
+    assert_fails(check, mask_floor, contains="rounded down")
+    assert_fails(check, mask_round, contains="nearest whole number")
+    assert_fails(check, mask_floor_plus_one, contains="one too many")
+    assert_fails(check, mask_may_be_empty, contains="hides one at least")
+    assert_fails(check, mask_one_count, contains="as many positions as the first one")
+    assert_fails(check, mask_first_positions, contains="its first positions")
+    assert_fails(check, mask_one_permutation, contains="hide the same positions")
+    assert_fails(check, mask_contiguous_run, contains="not a uniformly random set")
+    assert_fails(check, mask_global_rng, contains="must come from `generator`")
+    assert_fails(check, mask_float_counts, contains="bool tensor")
+
+
+def test_reference_training_mask_matches_the_library_draw():
+    # random_mask draws r first, then the positions' scores: the reference given that r hides the same positions
+    for batch, n, schedule in ((7, 16, "cosine"), (5, 9, "square")):
+        g, g_lib = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+        r = torch.rand(batch, generator=g)
+        assert torch.equal(answers.training_mask(r, n, schedule, g), M.random_mask(batch, n, schedule, g_lib))
 
 
 # 8.3 ------------------------------------------------------------------------------------------------------
@@ -186,37 +236,82 @@ def test_8_3():
 
 # 8.4 ------------------------------------------------------------------------------------------------------
 
-
-def order_raster(h, w):
-    return torch.arange(h * w).view(h, w)
+NAR = ((-1, 0), (0, -1))
 
 
-def order_other_diagonal(h, w):
-    return torch.arange(h)[:, None] - torch.arange(w)[None, :] + w - 1
+def _step_map(h, w, neighbours, *, columns=False, pick=max, wrap=False, backwards=False, check=True):
+    if check and any(not (di < 0 or (di == 0 and dj < 0)) for di, dj in neighbours):
+        raise ValueError("offset not earlier in raster order")
+    step = torch.zeros(h, w, dtype=torch.long)
+    cells = [(i, j) for j in range(w) for i in range(h)] if columns else [(i, j) for i in range(h) for j in range(w)]
+    for i, j in cells:
+        known = []
+        for di, dj in neighbours:
+            a, b = (i - di, j - dj) if backwards else (i + di, j + dj)
+            if (a < h and b < w) if wrap else (0 <= a < h and 0 <= b < w):
+                known.append(int(step[a, b]))
+        step[i, j] = 1 + pick(known) if known else 0
+    return step
 
 
-def order_rings(h, w):
-    return torch.maximum(torch.arange(h)[:, None], torch.arange(w)[None, :])
+def order_always_diagonal(h, w, neighbours=NAR):
+    return torch.arange(h)[:, None] + torch.arange(w)[None, :]
 
 
-def order_transposed(h, w):
-    return (torch.arange(w)[:, None] + torch.arange(h)[None, :])  # (w, h): right only for square maps
+def order_column_major(h, w, neighbours=NAR):
+    return _step_map(h, w, neighbours, columns=True)
 
 
-def order_int32(h, w):
-    return (torch.arange(h)[:, None] + torch.arange(w)[None, :]).int()
+def order_earliest_neighbour(h, w, neighbours=NAR):
+    return _step_map(h, w, neighbours, pick=min)
+
+
+def order_negative_index(h, w, neighbours=NAR):
+    return _step_map(h, w, neighbours, wrap=True)
+
+
+def order_backwards(h, w, neighbours=NAR):
+    return _step_map(h, w, neighbours, backwards=True)
+
+
+def order_one_based(h, w, neighbours=NAR):
+    return _step_map(h, w, neighbours) + 1
+
+
+def order_no_validation(h, w, neighbours=NAR):
+    return _step_map(h, w, neighbours, check=False)
+
+
+def order_int32(h, w, neighbours=NAR):
+    return _step_map(h, w, neighbours).int()
+
+
+def order_relaxed(h, w, neighbours=NAR):  # right, computed another way: relax every position until nothing moves
+    if any(not (di < 0 or (di == 0 and dj < 0)) for di, dj in neighbours):
+        raise ValueError("offset not earlier in raster order")
+    step = torch.zeros(h, w, dtype=torch.long)
+    for _ in range(h * w):
+        for i in range(h):
+            for j in range(w):
+                for di, dj in neighbours:
+                    if 0 <= i + di < h and 0 <= j + dj < w:
+                        step[i, j] = max(int(step[i, j]), int(step[i + di, j + dj]) + 1)
+    return step
 
 
 def test_8_4():
     check = ch08.neighbour_step_map
     assert_passes(check, answers.neighbour_step_map)
-    assert_passes(check, lambda h, w: torch.arange(h)[:, None] + torch.arange(w)[None, :])
+    assert_passes(check, order_relaxed)
     assert_not_attempted(check, stub)
-    for wrong in (order_raster, order_other_diagonal, order_rings, order_transposed, order_int32):
-        assert_fails(check, wrong)
-    assert_fails(check, order_raster, contains="raster order")
-    assert_fails(check, order_other_diagonal, contains="other way")
-    assert_fails(check, order_rings, contains="square rings")
+    assert_fails(check, order_int32)
+    assert_fails(check, order_always_diagonal, contains="whatever neighbours are given")
+    assert_fails(check, order_column_major, contains="column by column")
+    assert_fails(check, order_earliest_neighbour, contains="the earliest neighbour")
+    assert_fails(check, order_negative_index, contains="negative index")
+    assert_fails(check, order_backwards, contains="applied backwards")
+    assert_fails(check, order_one_based, contains="counted from 0")
+    assert_fails(check, order_no_validation, contains="must raise ValueError")
 
 
 def test_reference_neighbour_map_matches_the_library_order():
@@ -224,6 +319,8 @@ def test_reference_neighbour_map_matches_the_library_order():
         steps = M.neighbour_steps(h, w)
         step_map = answers.neighbour_step_map(h, w).flatten()
         assert all(torch.equal(step_map == k, s) for k, s in enumerate(steps))
+    i, j = torch.arange(5)[:, None], torch.arange(6)[None, :]
+    assert torch.equal(answers.neighbour_step_map(5, 6, ((-1, -1), (-1, 0), (-1, 1), (0, -1))), 2 * i + j)
 
 
 # 8.5 ------------------------------------------------------------------------------------------------------

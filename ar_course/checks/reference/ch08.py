@@ -1,9 +1,12 @@
 """Chapter 08 reference that the library does not call in this form.
 
-* :func:`neighbour_step_map` -- exercise 8.4: the next-neighbour (NAR) order as a map of step numbers. The
-  library builds the same order as lists of positions (:func:`ar_course.raster.orders.schedule`
-  ``("neighbour")``, :func:`ar_course.masked.functional.neighbour_steps`); this is its
-  :func:`~ar_course.raster.orders.step_map`.
+* :func:`training_mask` -- exercise 8.2: MaskGIT's training masks for given progresses ``r``. The library's
+  :func:`ar_course.masked.functional.random_mask` draws ``r`` itself and then hides the same positions
+  (``tests/test_checks_ch08.py`` checks that the two agree on the same random draws).
+* :func:`neighbour_step_map` -- exercise 8.4: the pass at which each position is generated when every token
+  waits for a given set of earlier neighbours. With the upper and left neighbours (the default) it is the
+  library's next-neighbour (NAR) order, :func:`ar_course.raster.orders.schedule` ``("neighbour")`` and
+  :func:`ar_course.masked.functional.neighbour_steps`, as a map: ``i + j``.
 * :func:`mdlm_loss` -- exercise 8.5: the MDLM loss of each row under the linear schedule (the library's
   :class:`~ar_course.diffusion_lm.DiffusionLM` computes it inside its forward pass, for any schedule).
 * :func:`reveal_step` -- exercise 8.6: one reverse step with the uniform draws given.
@@ -12,16 +15,40 @@
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 
 from ar_course import diffusion_lm
-from ar_course.raster import orders
+from ar_course.masked import functional as maskgit
 
 
-def neighbour_step_map(h: int, w: int) -> torch.Tensor:
-    """``(h, w)`` long: the decoding step at which each position of an ``h x w`` map is generated in the
-    next-neighbour order, ``i + j`` for row ``i`` and column ``j`` (``h + w - 1`` steps in all)."""
-    return orders.step_map(orders.schedule("neighbour", h, w), h, w)  # (h, w)
+def training_mask(r: torch.Tensor, n: int, schedule: str = "cosine", generator: torch.Generator | None = None
+                  ) -> torch.Tensor:
+    """Exercise 8.2: ``(B, n)`` bool training masks (``True`` = hidden) for the progresses ``r`` ``(B,)``: row ``b``
+    hides ``ceil(gamma(r_b) * n)`` positions, at least one, chosen uniformly at random (one uniform score per
+    position from ``generator``, drawn on the CPU; a row hides its ``count`` lowest scores)."""
+    count = torch.ceil(maskgit.mask_ratio(r.cpu(), schedule) * n).long().clamp(1, n)  # (B,)
+    scores = torch.rand(r.shape[0], n, generator=generator)  # (B, n)
+    rank = scores.argsort(dim=1).argsort(dim=1)  # (B, n): the rank of each position's score in its row
+    return (rank < count[:, None]).to(r.device)  # (B, n)
+
+
+def neighbour_step_map(h: int, w: int, neighbours: Sequence[tuple[int, int]] = ((-1, 0), (0, -1))) -> torch.Tensor:
+    """Exercise 8.4: ``(h, w)`` long, the pass at which each position of an ``h x w`` map is generated when the
+    token at ``(i, j)`` needs the tokens at ``(i + di, j + dj)`` for every ``(di, dj)`` in ``neighbours`` (those
+    inside the map) and is generated as soon as they are known: pass 0 without any, else one more than the latest
+    of them. Every offset must point to an earlier position in raster order (``di < 0``, or ``di == 0`` and
+    ``dj < 0``), else ``ValueError``: a later one could make two tokens wait for each other."""
+    for di, dj in neighbours:
+        if not (di < 0 or (di == 0 and dj < 0)):
+            raise ValueError(f"neighbour offset {(di, dj)} does not point to an earlier position in raster order")
+    step = torch.zeros(h, w, dtype=torch.long)  # (h, w)
+    for i in range(h):  # raster order: every neighbour's pass is known before the position's own
+        for j in range(w):
+            known = [int(step[i + di, j + dj]) for di, dj in neighbours if 0 <= i + di < h and 0 <= j + dj < w]
+            step[i, j] = 1 + max(known) if known else 0
+    return step
 
 
 def mdlm_loss(logits: torch.Tensor, targets: torch.Tensor, masked: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
