@@ -1,8 +1,9 @@
 """Chapter 10 checks: each accepts the reference, reports a stub as not attempted, and rejects plausible wrong
 answers (rounding without a straight-through gradient, a missing even-level offset, a reversed or truncated mixed
 radix, swapped, base-2 or NaN entropies, straight-through in place of the rotation trick or a gradient to the code, a
-reversed flow, late Euler steps or ones that overwrite the noise, guidance mixed the wrong way or on the
-conditions...)."""
+time broadcast along the channels, a reversed flow, a velocity read at the data, a loss summed over the channels or
+detached from the head, late Euler steps or ones that overwrite the noise, guidance mixed the wrong way or on the
+conditions, two head calls per step where one batched call does...)."""
 
 import torch
 import torch.nn.functional as F
@@ -194,117 +195,151 @@ def test_10_4():
 # 10.5 ------------------------------------------------------------------------------------------------------
 
 
-def pair_reversed_velocity(x0, x1, t):
+def loss_t_on_channels(velocity, x1, x0, t):
+    x_t = (1 - t) * x0 + t * x1  # t (N,) lines up with the channels; no error when N == D
+    return (velocity(x_t, t) - (x1 - x0)).pow(2).mean()
+
+
+def loss_reversed_velocity(velocity, x1, x0, t):
     tt = t[:, None]
-    return (1 - tt) * x0 + tt * x1, x0 - x1
+    return (velocity((1 - tt) * x0 + tt * x1, t) - (x0 - x1)).pow(2).mean()
 
 
-def pair_reversed_mix(x0, x1, t):
+def loss_reversed_mix(velocity, x1, x0, t):
     tt = t[:, None]
-    return tt * x0 + (1 - tt) * x1, x1 - x0
+    return (velocity(tt * x0 + (1 - tt) * x1, t) - (x1 - x0)).pow(2).mean()
 
 
-def pair_data_target(x0, x1, t):
+def loss_data_target(velocity, x1, x0, t):
     tt = t[:, None]
-    return (1 - tt) * x0 + tt * x1, x1
+    return (velocity((1 - tt) * x0 + tt * x1, t) - x1).pow(2).mean()
 
 
-def pair_no_broadcast(x0, x1, t):
-    return (1 - t[None, :]).T * x0 + t * x1, x1 - x0  # t broadcast over the tokens in the second term
+def loss_velocity_at_data(velocity, x1, x0, t):
+    return (velocity(x1, t) - (x1 - x0)).pow(2).mean()
+
+
+def loss_noise_level_time(velocity, x1, x0, t):
+    tt = t[:, None]
+    return (velocity((1 - tt) * x0 + tt * x1, 1 - t) - (x1 - x0)).pow(2).mean()
+
+
+def loss_summed_channels(velocity, x1, x0, t):
+    tt = t[:, None]
+    return (velocity((1 - tt) * x0 + tt * x1, t) - (x1 - x0)).pow(2).sum(-1).mean()
+
+
+def loss_time_column(velocity, x1, x0, t):
+    tt = t[:, None]
+    return (velocity((1 - tt) * x0 + tt * x1, tt) - (x1 - x0)).pow(2).mean()  # the head gets t as (N, 1)
+
+
+def loss_detached(velocity, x1, x0, t):
+    tt = t[:, None]
+    return (velocity((1 - tt) * x0 + tt * x1, t).detach() - (x1 - x0)).pow(2).mean()
+
+
+def loss_under_no_grad(velocity, x1, x0, t):
+    with torch.no_grad():
+        return answers.flow_matching_loss(velocity, x1, x0, t)
 
 
 def test_10_5():
-    check = ch10.flow_matching_pair
-    assert_passes(check, C.flow_matching_pair)
+    check = ch10.flow_matching_loss
+    assert_passes(check, answers.flow_matching_loss)
+    assert_passes(check, lambda velocity, x1, x0, t: F.mse_loss(velocity(x0 + t.view(-1, 1) * (x1 - x0), t), x1 - x0))
     assert_not_attempted(check, stub)
-    for wrong in (pair_reversed_velocity, pair_reversed_mix, pair_data_target, pair_no_broadcast):
-        assert_fails(check, wrong)
-    assert_fails(check, pair_reversed_velocity, contains="from data to noise")
-    assert_fails(check, pair_reversed_mix, contains="wrong way round")
+    assert_fails(check, loss_t_on_channels, contains="broadcast along the channels")
+    assert_fails(check, loss_reversed_velocity, contains="from the data to the noise")
+    assert_fails(check, loss_reversed_mix, contains="wrong way round")
+    assert_fails(check, loss_data_target, contains="the data itself")
+    assert_fails(check, loss_velocity_at_data, contains="read at the data x1")
+    assert_fails(check, loss_noise_level_time, contains="given 1 - t")
+    assert_fails(check, loss_summed_channels, contains="summed over the channels")
+    assert_fails(check, loss_time_column, contains="takes t as a (8,) tensor")
+    assert_fails(check, loss_detached, contains="no gradient reaches the velocity")
+    assert_fails(check, loss_under_no_grad, contains="no gradient reaches the velocity")
 
 
 # 10.6 ------------------------------------------------------------------------------------------------------
 
 
-def euler_late(velocity, x0, steps):
+def _guided(head, x, t, cond, uncond, w):
+    if w == 0:
+        return head(x, t, cond)
+    v_c, v_u = head(torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond, uncond])).chunk(2)
+    return (1 + w) * v_c - w * v_u
+
+
+def sample_late(head, x0, cond, uncond, steps, *, w):
     x = x0
     for i in range(steps):
-        x = x + velocity(x, torch.full((x.shape[0],), (i + 1) / steps)) / steps
+        x = x + _guided(head, x, torch.full((len(x),), (i + 1) / steps), cond, uncond, w) / steps
     return x
 
 
-def euler_whole_velocity(velocity, x0, steps):
+def sample_whole_velocity(head, x0, cond, uncond, steps, *, w):
     x = x0
     for i in range(steps):
-        x = x + velocity(x, torch.full((x.shape[0],), i / steps))
+        x = x + _guided(head, x, torch.full((len(x),), i / steps), cond, uncond, w)
     return x
 
 
-def euler_time_zero(velocity, x0, steps):
+def sample_time_zero(head, x0, cond, uncond, steps, *, w):
     x = x0
     for _ in range(steps):
-        x = x + velocity(x, torch.zeros(x.shape[0])) / steps
+        x = x + _guided(head, x, torch.zeros(len(x)), cond, uncond, w) / steps
     return x
 
 
-def euler_from_x0_each_step(velocity, x0, steps):
+def sample_in_place(head, x0, cond, uncond, steps, *, w):
     x = x0
     for i in range(steps):
-        x = x + velocity(x0, torch.full((x.shape[0],), i / steps)) / steps  # the velocity read at the start point
+        x += _guided(head, x, torch.full((len(x),), i / steps), cond, uncond, w) / steps  # x is x0
     return x
 
 
-def euler_in_place(velocity, x0, steps):
+def sample_swapped(head, x0, cond, uncond, steps, *, w):
+    return C.euler_sample(lambda x, t: _guided(head, x, t, uncond, cond, w), x0, steps)
+
+
+def sample_scale_convention(head, x0, cond, uncond, steps, *, w):
+    def velocity(x, t):
+        v_u = head(x, t, uncond)
+        return v_u + w * (head(x, t, cond) - v_u)
+    return C.euler_sample(velocity, x0, steps)
+
+
+def sample_mixed_conditions(head, x0, cond, uncond, steps, *, w):
+    return C.euler_sample(lambda x, t: head(x, t, (1 + w) * cond - w * uncond), x0, steps)
+
+
+def sample_two_calls(head, x0, cond, uncond, steps, *, w):
+    return C.euler_sample(lambda x, t: (1 + w) * head(x, t, cond) - w * head(x, t, uncond), x0, steps)
+
+
+def sample_always_doubled(head, x0, cond, uncond, steps, *, w):
+    return C.euler_sample(lambda x, t: C.guided_velocity(head, x, t, cond, uncond, w=w), x0, steps)
+
+
+def sample_time_column(head, x0, cond, uncond, steps, *, w):
     x = x0
     for i in range(steps):
-        x += velocity(x, torch.full((x.shape[0],), i / steps)) / steps  # x is x0: the caller's noise changes
+        x = x + _guided(head, x, torch.full((len(x), 1), i / steps), cond, uncond, w) / steps
     return x
-
-
-def euler_add_(velocity, x0, steps):
-    for i in range(steps):
-        x0.add_(velocity(x0, torch.full((x0.shape[0],), i / steps)), alpha=1 / steps)
-    return x0
 
 
 def test_10_6():
-    check = ch10.euler_sample
-    assert_passes(check, C.euler_sample)
+    check = ch10.guided_euler_sample
+    assert_passes(check, answers.guided_euler_sample)
     assert_not_attempted(check, stub)
-    for wrong in (euler_late, euler_whole_velocity, euler_time_zero, euler_from_x0_each_step):
-        assert_fails(check, wrong)
-    assert_fails(check, euler_late, contains="end of its interval")
-    assert_fails(check, euler_whole_velocity, contains="dt = 1 / steps")
-    assert_fails(check, euler_in_place, contains="changed x0 in place")
-    assert_fails(check, euler_add_, contains="changed x0 in place")
-
-
-# 10.7 ------------------------------------------------------------------------------------------------------
-
-
-def guide_swapped(head, x, t, cond, uncond, *, w):
-    return (1 + w) * head(x, t, uncond) - w * head(x, t, cond)
-
-
-def guide_scale_convention(head, x, t, cond, uncond, *, w):
-    v_u = head(x, t, uncond)
-    return v_u + w * (head(x, t, cond) - v_u)
-
-
-def guide_on_conditions(head, x, t, cond, uncond, *, w):
-    return head(x, t, (1 + w) * cond - w * uncond)
-
-
-def guide_conditional_only(head, x, t, cond, uncond, *, w):
-    return head(x, t, cond)
-
-
-def test_10_7():
-    check = ch10.guided_velocity
-    assert_passes(check, C.guided_velocity)
-    assert_passes(check, lambda head, x, t, cond, uncond, *, w: (1 + w) * head(x, t, cond) - w * head(x, t, uncond))
-    assert_not_attempted(check, stub)
-    for wrong in (guide_swapped, guide_scale_convention, guide_on_conditions, guide_conditional_only):
-        assert_fails(check, wrong)
-    assert_fails(check, guide_swapped, contains="swapped")
-    assert_fails(check, guide_on_conditions, contains="mixes the conditions")
+    assert_fails(check, sample_late, contains="end of its interval")
+    assert_fails(check, sample_whole_velocity, contains="dt = 1 / steps")
+    assert_fails(check, sample_time_zero)
+    assert_fails(check, sample_swapped, contains="swapped")
+    assert_fails(check, sample_scale_convention, contains="'scale' convention")
+    assert_fails(check, sample_mixed_conditions, contains="mixes the conditions")
+    assert_fails(check, sample_in_place, contains="changed x0 in place")
+    assert_fails(check, sample_two_calls, contains="one batched call")
+    assert_fails(check, sample_always_doubled, contains="at w = 0")
+    assert_fails(check, sample_time_column, contains="t (R,)")

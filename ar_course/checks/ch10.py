@@ -1,13 +1,17 @@
 """Checks for chapter 10, continuous tokens: ``checks.ch10.fsq_quantize(fsq_quantize)`` and so on.
 
-Every check compares with the library (:mod:`ar_course.tokenizers.functional`, :mod:`ar_course.continuous`) on
-seeded random inputs and edge cases (even and odd levels, the corners of the FSQ grid, a code equal to its
-vector, codes a little off the grid, probabilities that underflow, a time-dependent velocity field), values and,
-where the exercise is about them, gradients; and names the usual mistakes: rounding without a straight-through
-gradient, a grid shifted for even levels, a reversed or truncated mixed radix, swapped or NaN entropies, the
-straight-through estimator in place of the rotation, a reversed flow, Euler steps evaluated at the wrong times,
-guidance mixed the wrong way round or applied to the conditions. Two rules are checked beyond the values: no
-gradient reaches the code in the rotation trick, and the Euler sampler leaves its x0 as it was."""
+Every check compares with the library (:mod:`ar_course.tokenizers.functional`, :mod:`ar_course.continuous`, through
+the thin wrappers of :mod:`ar_course.checks.reference.ch10` where the signature differs) on seeded random inputs and
+edge cases (even and odd levels, the corners of the FSQ grid, a code equal to its vector, codes a little off the grid,
+probabilities that underflow, as many tokens as channels, a time-dependent velocity field, guidance strengths 0 and
+-1), values and, where the exercise is about them, gradients; and names the usual mistakes: rounding without a
+straight-through gradient, a grid shifted for even levels, a reversed or truncated mixed radix, swapped or NaN
+entropies, the straight-through estimator in place of the rotation, times broadcast along the channels, a reversed
+flow, a velocity read off the path, a loss summed over channels, Euler steps evaluated at the wrong times, guidance
+mixed the wrong way round or applied to the conditions. Rules are checked beyond the values: no gradient reaches the
+code in the rotation trick, the flow-matching loss sends its gradient to the velocity's parameters, and the guided
+sampler leaves its x0 as it was and runs the head once per step, on the doubled batch (the conditional rows alone
+at w = 0)."""
 
 from __future__ import annotations
 
@@ -16,9 +20,8 @@ from typing import Callable, Iterator
 import torch
 import torch.nn.functional as F
 
-from ar_course.checks.core import Case, Chapter, CheckFailure, Mistake, call, compare_cases
+from ar_course.checks.core import Case, Chapter, CheckFailure, Mistake, call, compare, compare_cases
 from ar_course.checks.reference import ch10 as answers
-from ar_course.continuous import functional as cref
 from ar_course.tokenizers import functional as ref
 
 chapter = Chapter(10, "Continuous tokens")
@@ -299,107 +302,123 @@ def rotation_trick(fn: Callable, ref_fn: Callable) -> None:
 
 
 # --------------------------------------------------------------------------------------------------------
-# 10.5 the flow-matching training pair
+# 10.5 the flow-matching loss
 
 
-def _pair_cases() -> Iterator[Case]:
+class _Field:
+    """A velocity ``v(x, t) = x W + t b`` with parameters ``W`` ``(D, D)`` and ``b`` ``(D,)`` that need gradients,
+    as a head's do, and that refuses what a head could not read: ``x`` other than ``(N, D)``, ``t`` other than
+    ``(N,)`` (a ``(N, 1)`` time would broadcast into a wrong loss without an error)."""
+
+    def __init__(self, n: int, d: int, seed: int) -> None:
+        g = _gen(seed)
+        self.n, self.d = n, d
+        self.weight = (torch.randn(d, d, generator=g) / d**0.5).requires_grad_(True)
+        self.bias = torch.randn(d, generator=g).requires_grad_(True)
+
+    def __repr__(self) -> str:
+        return f"velocity(x ({self.n}, {self.d}), t ({self.n},))"
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor) or tuple(x.shape) != (self.n, self.d):
+            raise ValueError(f"the velocity takes x as a ({self.n}, {self.d}) tensor, got "
+                             f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != (self.n,):
+            raise ValueError(f"the velocity takes t as a ({self.n},) tensor of times, got "
+                             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+        return x @ self.weight + t[:, None] * self.bias  # (N, D)
+
+
+def _loss_cases() -> Iterator[Case]:
     g = _gen(105)
-    yield Case("16 tokens of 4 dims", (torch.randn(16, 4, generator=g), 2 + torch.randn(16, 4, generator=g),
-                                       torch.rand(16, generator=g)))
-    yield Case("t = 0 and t = 1", (torch.randn(2, 3, generator=g), torch.randn(2, 3, generator=g),
-                                   torch.tensor([0.0, 1.0])))
-    yield Case("one token of 1 dim", (torch.tensor([[0.5]]), torch.tensor([[-2.0]]), torch.tensor([0.25])))
+    for n, d, name in ((8, 8, "8 tokens of 8 dims (as many tokens as channels)"), (16, 4, "16 tokens of 4 dims"),
+                       (5, 3, "5 tokens of 3 dims")):
+        yield Case(name, (_Field(n, d, 1050 + n), 2 + torch.randn(n, d, generator=g), torch.randn(n, d, generator=g),
+                          torch.rand(n, generator=g)))
+    yield Case("t = 0 and t = 1 (x_t is the noise, then the data)",
+               (_Field(2, 3, 1051), torch.randn(2, 3, generator=g), torch.randn(2, 3, generator=g),
+                torch.tensor([0.0, 1.0])))
+    yield Case("one token of 1 dim", (_Field(1, 1, 1052), torch.tensor([[-2.0]]), torch.tensor([[0.5]]),
+                                      torch.tensor([0.25])))
 
 
-PAIR_MISTAKES = [
-    Mistake(lambda x0, x1, t: ((1 - t[:, None]) * x0 + t[:, None] * x1, x0 - x1),
-            "the velocity points from data to noise: time runs from the noise x0 (t = 0) to the data x1 (t = 1), "
-            "so d x_t / dt = x1 - x0"),
-    Mistake(lambda x0, x1, t: (t[:, None] * x0 + (1 - t[:, None]) * x1, x1 - x0),
+def _loss_of(velocity, x_t, t, target):
+    return (velocity(x_t, t) - target).pow(2).mean()
+
+
+LOSS_MISTAKES = [
+    Mistake(lambda v, x1, x0, t: _loss_of(v, (1 - t) * x0 + t * x1, t, x1 - x0),
+            "t was broadcast along the channels: t of shape (N,) lines up with the last axis of an (N, D) tensor, "
+            "so with N == D nothing raises but token i's time scales channel i of every token"),
+    Mistake(lambda v, x1, x0, t: _loss_of(v, (1 - t[:, None]) * x0 + t[:, None] * x1, t, x0 - x1),
+            "the target velocity points from the data to the noise: time runs from the noise x0 (t = 0) to the data "
+            "x1 (t = 1)"),
+    Mistake(lambda v, x1, x0, t: _loss_of(v, t[:, None] * x0 + (1 - t[:, None]) * x1, t, x1 - x0),
             "x_t mixes the wrong way round: at t = 0 it must be the noise x0, at t = 1 the data x1"),
-    Mistake(lambda x0, x1, t: ((1 - t[:, None]) * x0 + t[:, None] * x1, x1),
-            "the target is the data itself; a flow-matching head learns the velocity x1 - x0"),
+    Mistake(lambda v, x1, x0, t: _loss_of(v, (1 - t[:, None]) * x0 + t[:, None] * x1, t, x1),
+            "the target is the data itself; a flow-matching head regresses the velocity along the path"),
+    Mistake(lambda v, x1, x0, t: _loss_of(v, x1, t, x1 - x0),
+            "the velocity was read at the data x1: the head must see the point x_t on the path (at sampling time "
+            "it never sees the data)"),
+    Mistake(lambda v, x1, x0, t: _loss_of(v, x0, t, x1 - x0),
+            "the velocity was read at the noise x0: the head must see the point x_t on the path, and t with it"),
+    Mistake(lambda v, x1, x0, t: _loss_of(v, (1 - t[:, None]) * x0 + t[:, None] * x1, 1 - t, x1 - x0),
+            "the velocity was given 1 - t: in this chapter t = 0 is the noise and t = 1 the data, and the head must "
+            "see the time that built x_t"),
+    Mistake(lambda v, x1, x0, t: (v((1 - t[:, None]) * x0 + t[:, None] * x1, t) - (x1 - x0)).pow(2).sum(-1).mean(),
+            "the squared error was summed over the channels: the loss is the mean over tokens and channels (the "
+            "same minimiser, but D times larger, which changes the step size the optimiser takes)"),
 ]
 
 
-@chapter.exercise("10.5", reference=cref.flow_matching_pair, hints=(
-    "a straight line from the noise x0 (t = 0) to the data x1 (t = 1); the target is the speed along it",
-    "x_t = (1 - t) x0 + t x1 with t broadcast over the channels (t[:, None]); target = d x_t / dt",
-    "tt = t[:, None]; return (1 - tt) * x0 + tt * x1, x1 - x0",
+@chapter.exercise("10.5", reference=answers.flow_matching_loss, hints=(
+    "three steps: the point x_t on the straight line from x0 (t = 0) to x1 (t = 1), the speed along that line, "
+    "and how far the velocity read at (x_t, t) is from it; each token has its own t",
+    "x_t = (1 - t) x0 + t x1 with t given a channel axis (t[:, None], or t.view(-1, 1)); target = d x_t / dt; "
+    "the loss is the mean squared difference between velocity(x_t, t) and the target, t passed as (N,)",
+    "tt = t[:, None]; x_t = (1 - tt) * x0 + tt * x1; return (velocity(x_t, t) - (x1 - x0)).pow(2).mean()",
 ))
-def flow_matching_pair(fn: Callable, ref_fn: Callable) -> None:
-    compare_cases(fn, ref_fn, _pair_cases(), grad_wrt=(1,), mistakes=PAIR_MISTAKES)
+def flow_matching_loss(fn: Callable, ref_fn: Callable) -> None:
+    compare_cases(fn, ref_fn, _loss_cases(), mistakes=LOSS_MISTAKES)
+    case = next(_loss_cases())
+    field = case.args[0]
+    ref_fn(*case.args).backward()
+    expected = (field.weight.grad.clone(), field.bias.grad.clone())
+    field.weight.grad = field.bias.grad = None
+    loss = call(fn, *case.args, where=case.name)
+    if not isinstance(loss, torch.Tensor) or not loss.requires_grad:
+        raise CheckFailure(f"no gradient reaches the velocity's parameters on input {case.name!r}: the loss must be "
+                           "a tensor built from velocity(x_t, t), not detached, not computed under torch.no_grad()")
+    loss.backward()
+    compare((field.weight.grad, field.bias.grad), expected, where=case.name, name="gradient of the velocity's W, b")
 
 
 # --------------------------------------------------------------------------------------------------------
-# 10.6 the Euler sampler
+# 10.6 the head's sampler: Euler steps along the guided velocity
 
 
-def _time_field(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    return 2 * t[:, None] * torch.ones_like(x) - 0.5 * x  # depends on t: catches steps at the wrong times
+class _Head:
+    """A head ``v(x, t, cond)`` that records how many rows each call had and refuses inputs a ``FlowHead`` could
+    not read (``x`` not ``(R, D)``, ``t`` not ``(R,)``, ``cond`` not ``(R, C)``)."""
+
+    def __init__(self, fn: Callable, token_dim: int, cond_dim: int) -> None:
+        self.fn, self.token_dim, self.cond_dim = fn, token_dim, cond_dim
+        self.rows: list[int] = []
+
+    def __repr__(self) -> str:
+        return f"head(x (R, {self.token_dim}), t (R,), cond (R, {self.cond_dim}))"
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        shapes = [tuple(a.shape) if isinstance(a, torch.Tensor) else type(a).__name__ for a in (x, t, cond)]
+        rows = shapes[0][0] if isinstance(x, torch.Tensor) and x.ndim == 2 else None
+        if rows is None or shapes != [(rows, self.token_dim), (rows,), (rows, self.cond_dim)]:
+            raise ValueError(f"the head takes x (R, {self.token_dim}), t (R,) and cond (R, {self.cond_dim}) with one "
+                             f"R, got x {shapes[0]}, t {shapes[1]}, cond {shapes[2]}")
+        self.rows.append(rows)
+        return self.fn(x, t, cond)
 
 
-def _rotation_field(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    return torch.stack([-x[:, 1], x[:, 0]], dim=1) * (1 + t[:, None])
-
-
-def _euler_cases() -> Iterator[Case]:
-    g = _gen(106)
-    yield Case("v = 2t - x/2, 10 steps", (_time_field, torch.randn(6, 3, generator=g), 10))
-    yield Case("a rotating field, 7 steps", (_rotation_field, torch.randn(5, 2, generator=g), 7))
-    yield Case("one step", (_time_field, torch.randn(4, 2, generator=g), 1))
-
-
-def _euler_late(velocity, x0, steps):
-    x = x0
-    for i in range(steps):
-        x = x + velocity(x, torch.full((x.shape[0],), (i + 1) / steps)) / steps
-    return x
-
-
-def _euler_no_dt(velocity, x0, steps):
-    x = x0
-    for i in range(steps):
-        x = x + velocity(x, torch.full((x.shape[0],), i / steps))
-    return x
-
-
-def _euler_one_short(velocity, x0, steps):
-    x = x0
-    for i in range(steps - 1):
-        x = x + velocity(x, torch.full((x.shape[0],), i / (steps - 1))) / (steps - 1) if steps > 1 else x
-    return x
-
-
-EULER_MISTAKES = [
-    Mistake(_euler_late, "each step reads the velocity at the end of its interval: Euler evaluates it at the "
-                         "start, t = i / steps"),
-    Mistake(_euler_no_dt, "each step moves by the whole velocity: multiply by dt = 1 / steps"),
-    Mistake(_euler_one_short, "that takes steps - 1 steps; the path from t = 0 to t = 1 needs steps of them"),
-]
-
-
-@chapter.exercise("10.6", reference=cref.euler_sample, hints=(
-    "start at the noise and walk to t = 1 in equal steps, each along the velocity the field gives where you are",
-    "dt = 1 / steps; for i in range(steps): t = i * dt as a (N,) tensor; x = x + dt * velocity(x, t)",
-    "x = x0; for i in range(steps): x = x + velocity(x, torch.full((x.shape[0],), i / steps)) / steps; return x",
-))
-def euler_sample(fn: Callable, ref_fn: Callable) -> None:
-    compare_cases(fn, ref_fn, _euler_cases(), mistakes=EULER_MISTAKES)
-    x0 = torch.randn(4, 3, generator=_gen(1060))
-    kept = x0.clone()
-    call(fn, _time_field, x0, 5, where="v = 2t - x/2, 5 steps")
-    if not torch.equal(x0, kept):
-        raise CheckFailure("your function changed x0 in place on input 'v = 2t - x/2, 5 steps' (x += ... or "
-                           "x.add_ on the x0 it was given): the caller's noise is gone, and a second sampler call "
-                           "from the same x0 starts elsewhere; build a new tensor each step")
-
-
-# --------------------------------------------------------------------------------------------------------
-# 10.7 classifier-free guidance on velocities
-
-
-def _toy_head(seed: int, token_dim: int = 3, cond_dim: int = 5):
+def _toy_head(seed: int, token_dim: int = 3, cond_dim: int = 5) -> _Head:
     from ar_course.continuous.model import FlowHead
 
     torch.manual_seed(seed)
@@ -407,49 +426,96 @@ def _toy_head(seed: int, token_dim: int = 3, cond_dim: int = 5):
     for p in head.parameters():  # the modulations start at zero: give them values so the condition matters
         if p.ndim > 1:
             torch.nn.init.normal_(p, std=0.4)
-    return head.eval()
+    return _Head(head.eval(), token_dim, cond_dim)
 
 
-def _guidance_cases() -> Iterator[Case]:
-    g = _gen(107)
-    for seed, w in ((0, 1.5), (1, 0.0), (2, -1.0), (3, 4.0)):
-        head = _toy_head(seed)
-        n = 6
-        yield Case(f"toy head {seed}, w = {w:g}", (head, torch.randn(n, 3, generator=g), torch.rand(n, generator=g),
-                                                   torch.randn(n, 5, generator=g), torch.randn(n, 5, generator=g)),
-                   {"w": w})
+def _field_head(token_dim: int = 3, cond_dim: int = 5) -> _Head:
+    mix = torch.randn(cond_dim, token_dim, generator=_gen(1061))  # (C, D)
+    # depends on t (catches steps at the wrong times) and on the condition (catches a wrong guidance mix)
+    return _Head(lambda x, t, c: 2 * t[:, None] - 0.5 * x + c @ mix, token_dim, cond_dim)
 
 
-def _guide_swapped(head, x, t, cond, uncond, *, w):
-    return (1 + w) * head(x, t, uncond) - w * head(x, t, cond)
+def _sampler_cases() -> Iterator[Case]:
+    g = _gen(106)
+
+    def inputs(n):
+        return torch.randn(n, 3, generator=g), torch.randn(n, 5, generator=g), torch.randn(n, 5, generator=g)
+
+    yield Case("v = 2t - x/2 + cond M, w = 1.5, 10 steps", (_field_head(), *inputs(6), 10), {"w": 1.5})
+    yield Case("toy head, w = 0 (plain conditional sampling), 5 steps", (_toy_head(0), *inputs(4), 5), {"w": 0.0})
+    yield Case("toy head, w = 4, 7 steps", (_toy_head(1), *inputs(5), 7), {"w": 4.0})
+    yield Case("toy head, w = -1 (the null class's own flow), 3 steps", (_toy_head(2), *inputs(3), 3), {"w": -1.0})
+    yield Case("v = 2t - x/2 + cond M, w = 2, one step", (_field_head(), *inputs(4), 1), {"w": 2.0})
 
 
-def _guide_scale(head, x, t, cond, uncond, *, w):
-    v_u = head(x, t, uncond)
-    return v_u + w * (head(x, t, cond) - v_u)
+def _euler(velocity, x0, steps, time=lambda i, steps: i / steps, dt=lambda steps: 1 / steps, n=lambda steps: steps):
+    """Euler steps with a (possibly wrong) time per step, step size and number of steps: the mistakes below."""
+    x = x0
+    for i in range(n(steps)):
+        x = x + dt(steps) * velocity(x, torch.full((x.shape[0],), time(i, steps), dtype=x.dtype))
+    return x
 
 
-def _guide_conditions(head, x, t, cond, uncond, *, w):
-    return head(x, t, (1 + w) * cond - w * uncond)
+def _mixed(head, cond, uncond, w, mix):
+    return lambda x, t: mix(head(x, t, cond), head(x, t, uncond), w)
 
 
-GUIDANCE_MISTAKES = [
-    Mistake(_guide_swapped, "the two velocities are swapped: guidance moves away from the unconditional one"),
-    Mistake(_guide_scale, "that is the 'scale' convention uncond + w * (cond - uncond); the course's w is neutral at "
-                          "0: (1 + w) * cond - w * uncond"),
-    Mistake(_guide_conditions, "that mixes the conditions before the head; guidance mixes the head's outputs, the "
-                               "velocities"),
+def _cfg(v_c, v_u, w):
+    return (1 + w) * v_c - w * v_u
+
+
+SAMPLER_MISTAKES = [
+    Mistake(lambda head, x0, cond, uncond, steps, *, w: _euler(
+        _mixed(head, cond, uncond, w, _cfg), x0, steps, time=lambda i, s: (i + 1) / s),
+        "each step reads the velocity at the end of its interval: Euler evaluates it at the start, t = i / steps"),
+    Mistake(lambda head, x0, cond, uncond, steps, *, w: _euler(
+        _mixed(head, cond, uncond, w, _cfg), x0, steps, dt=lambda s: 1.0),
+        "each step moves by the whole velocity: multiply it by dt = 1 / steps"),
+    Mistake(lambda head, x0, cond, uncond, steps, *, w: _euler(
+        _mixed(head, cond, uncond, w, _cfg), x0, steps, time=lambda i, s: i / (s - 1), dt=lambda s: 1 / (s - 1),
+        n=lambda s: s - 1),
+        "that takes steps - 1 steps; the path from t = 0 to t = 1 needs steps of them"),
+    Mistake(lambda head, x0, cond, uncond, steps, *, w: _euler(
+        _mixed(head, cond, uncond, w, lambda v_c, v_u, w: _cfg(v_u, v_c, w)), x0, steps),
+        "the two velocities are swapped: guidance extrapolates from the null class's velocity through the class's"),
+    Mistake(lambda head, x0, cond, uncond, steps, *, w: _euler(
+        _mixed(head, cond, uncond, w, lambda v_c, v_u, w: v_u + w * (v_c - v_u)), x0, steps),
+        "that is the 'scale' convention uncond + w * (cond - uncond); the course's w is neutral at 0: "
+        "(1 + w) * cond - w * uncond"),
+    Mistake(lambda head, x0, cond, uncond, steps, *, w: _euler(
+        lambda x, t: head(x, t, (1 + w) * cond - w * uncond), x0, steps),
+        "that mixes the conditions before the head; guidance mixes the head's outputs, the velocities"),
 ]
 
 
-@chapter.exercise("10.7", reference=cref.guided_velocity, hints=(
-    "run the head twice, once with the class's condition and once with the null class's, and extrapolate from "
-    "the second through the first",
-    "v_c = head(x, t, cond), v_u = head(x, t, uncond); return (1 + w) * v_c - w * v_u (one head call on the "
-    "doubled batch torch.cat([x, x]) ... is faster and gives the same numbers)",
-    "v = head(torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond, uncond])); v_c, v_u = v.chunk(2); "
-    "return (1 + w) * v_c - w * v_u",
+@chapter.exercise("10.6", reference=answers.guided_euler_sample, hints=(
+    "two ideas in one loop: equal Euler steps from t = 0 to t = 1, each reading the velocity at the start of its "
+    "interval, and at each step a guided velocity from one head call that sees both conditions",
+    "dt = 1 / steps; at step i, t = i / steps as a (N,) tensor; v = head(cat([x, x]), cat([t, t]), "
+    "cat([cond, uncond])) split into v_c, v_u; x = x + dt * ((1 + w) v_c - w v_u) (a new tensor, not x +=); "
+    "at w = 0 only head(x, t, cond)",
+    "both = torch.cat([cond, uncond]); x = x0; for i in range(steps): t = torch.full((len(x),), i / steps); "
+    "v_c, v_u = head(torch.cat([x, x]), torch.cat([t, t]), both).chunk(2); x = x + ((1 + w) * v_c - w * v_u) / steps",
 ))
-def guided_velocity(fn: Callable, ref_fn: Callable) -> None:
+def guided_euler_sample(fn: Callable, ref_fn: Callable) -> None:
     with torch.no_grad():
-        compare_cases(fn, ref_fn, _guidance_cases(), mistakes=GUIDANCE_MISTAKES)
+        compare_cases(fn, ref_fn, _sampler_cases(), mistakes=SAMPLER_MISTAKES)
+        for case in _sampler_cases():
+            head, x0, cond, uncond, steps = case.args
+            kept = x0.clone()
+            head.rows.clear()
+            call(fn, *case.args, where=case.name, **case.kwargs)
+            if not torch.equal(x0, kept):
+                raise CheckFailure(f"your function changed x0 in place on input {case.name!r} (x += ... or x.add_ on "
+                                   "the x0 it was given): the caller's noise is gone, and a second call from the same "
+                                   "x0 starts elsewhere; build a new tensor each step")
+            n, w = x0.shape[0], case.kwargs["w"]
+            want = [n if w == 0 else 2 * n] * steps
+            if head.rows == want:
+                continue
+            seen = f"the head ran {len(head.rows)} times on {sorted(set(head.rows))} rows for {steps} steps of {n} rows"
+            if w == 0:
+                raise CheckFailure(f"{seen} on input {case.name!r}: at w = 0 the guided velocity is the conditional "
+                                   f"one, so one call per step on the {n} conditional rows is all it needs")
+            raise CheckFailure(f"{seen} on input {case.name!r}: each step should run the head once on the {2 * n} "
+                               "rows of the class and the null class together (one batched call, not two)")
