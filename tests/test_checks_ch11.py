@@ -1,12 +1,15 @@
 """Chapter 11 checks: each accepts the reference, reports a stub as not attempted, and rejects plausible
 wrong answers (probabilities for log-probabilities, an off-by-one read of the logits, log-probabilities without
-gradients, a 0/1 reward, an unbiased or batch-wide normalisation, a fixed eps or clip, a clip without the minimum,
-the k1 or reversed KL, a flipped CCA sign...)."""
+gradients, groups read as blocks, an unbiased or batch-wide normalisation, a fixed eps or clip, a clip without the
+minimum, the k1 or reversed KL, the objective for the loss, a rollout in train mode or scored by the wrong model,
+a ratio to the current step's policy, accumulated gradients, per-token CCA log-ratios, a flipped CCA sign...)."""
 
 import torch
 import torch.nn.functional as F
 
+from ar_course import raster
 from ar_course.align import functional as A
+from ar_course.align.grpo import grpo_objective
 from ar_course.align.model import token_log_probs
 from ar_course.checks import ch11
 from ar_course.checks.reference import ch11 as answers
@@ -68,153 +71,233 @@ def test_11_1():
 # 11.2 ------------------------------------------------------------------------------------------------------
 
 
-def reward_accuracy(images, classes, classifier):
-    return (classifier(images).argmax(-1) == classes).float()
+def adv_blocks(rewards, groups, eps=1e-4):
+    return A.group_advantages(rewards.view(groups.unique().numel(), -1), eps).flatten()
 
 
-def reward_logit(images, classes, classifier):
-    return classifier(images).gather(1, classes[:, None]).squeeze(1)
+def adv_batch(rewards, groups, eps=1e-4):
+    return (rewards - rewards.mean()) / (rewards.std(unbiased=False) + eps)
 
 
-def reward_batch_softmax(images, classes, classifier):
-    return torch.softmax(classifier(images), 0).gather(1, classes[:, None]).squeeze(1)
+def adv_loop(rewards, groups, eps=1e-4, unbiased=False, add_eps=True):
+    out = torch.zeros_like(rewards)
+    for gid in groups.unique():
+        r = rewards[groups == gid]
+        std = r.std(unbiased=unbiased)
+        out[groups == gid] = (r - r.mean()) / (std + eps if add_eps else std)
+    return out
 
 
-def reward_max_prob(images, classes, classifier):
-    return torch.softmax(classifier(images), -1).max(-1).values
+def adv_unbiased(rewards, groups, eps=1e-4):
+    return adv_loop(rewards, groups, eps, unbiased=True)
+
+
+def adv_no_eps(rewards, groups, eps=1e-4):
+    return adv_loop(rewards, groups, eps, add_eps=False)
+
+
+def adv_fixed_eps(rewards, groups, eps=1e-4):
+    return adv_loop(rewards, groups, 1e-4)
+
+
+def adv_float32(rewards, groups, eps=1e-4):
+    return adv_loop(rewards.float(), groups, eps)
+
+
+def adv_sorted(rewards, groups, eps=1e-4):  # right values, in the order of the sorted groups
+    order = groups.argsort(stable=True)
+    return adv_loop(rewards[order], groups[order], eps)
 
 
 def test_11_2():
-    check = ch11.class_reward
-    assert_passes(check, answers.class_reward)
+    check = ch11.group_advantages
+    assert_passes(check, answers.group_advantages)
+    assert_passes(check, adv_loop)
     assert_not_attempted(check, stub)
-    for wrong in (reward_accuracy, reward_logit, reward_batch_softmax, reward_max_prob):
+    for wrong in (adv_blocks, adv_batch, adv_unbiased, adv_no_eps, adv_fixed_eps, adv_float32, adv_sorted):
         assert_fails(check, wrong)
-    assert_fails(check, reward_accuracy, contains="0 or 1")
-    assert_fails(check, reward_batch_softmax, contains="over the batch")
+    assert_fails(check, adv_blocks, contains="consecutive, equal blocks")
+    assert_fails(check, adv_batch, contains="whole batch")
+    assert_fails(check, adv_unbiased, contains="unbiased")
+    assert_fails(check, adv_no_eps, contains="0/0")
+    assert_fails(check, adv_fixed_eps, contains="eps = 0.05")  # eps is an argument
+    assert_fails(check, adv_float32, contains="dtype")
 
 
 # 11.3 ------------------------------------------------------------------------------------------------------
 
 
-def adv_unbiased(rewards, eps=1e-4):
-    return (rewards - rewards.mean(1, keepdim=True)) / (rewards.std(1, keepdim=True) + eps)
+def _k3(logp, logp_ref):
+    d = logp_ref - logp
+    return torch.exp(d) - d - 1
 
 
-def adv_global(rewards, eps=1e-4):
-    return (rewards - rewards.mean()) / (rewards.std(unbiased=False) + eps)
+def loss_parts(logp, logp_old, logp_ref, adv, clip, a_index=(slice(None), None)):
+    r = torch.exp(logp - logp_old)
+    a = adv[a_index]
+    return r, a, _k3(logp, logp_ref).mean()
 
 
-def adv_no_eps(rewards, eps=1e-4):
-    return (rewards - rewards.mean(1, keepdim=True)) / rewards.std(1, keepdim=True, unbiased=False)
+def loss_clip_only(logp, logp_old, logp_ref, adv, clip, kl_coef):
+    r, a, kl = loss_parts(logp, logp_old, logp_ref, adv, clip)
+    return -(r.clamp(1 - clip, 1 + clip) * a).mean() + kl_coef * kl, kl.detach()
 
 
-def adv_columns(rewards, eps=1e-4):
-    return (rewards - rewards.mean(0, keepdim=True)) / (rewards.std(0, keepdim=True, unbiased=False) + eps)
+def loss_objective(logp, logp_old, logp_ref, adv, clip, kl_coef):
+    loss, kl = grpo_objective(logp, logp_old, logp_ref, adv, clip, kl_coef)
+    return -loss, kl
 
 
-def adv_fixed_eps(rewards, eps=1e-4):
-    return (rewards - rewards.mean(1, keepdim=True)) / (rewards.std(1, keepdim=True, unbiased=False) + 1e-4)
+def loss_k1(logp, logp_old, logp_ref, adv, clip, kl_coef):
+    r, a, _ = loss_parts(logp, logp_old, logp_ref, adv, clip)
+    kl = (logp - logp_ref).mean()
+    return -torch.minimum(r * a, r.clamp(1 - clip, 1 + clip) * a).mean() + kl_coef * kl, kl.detach()
+
+
+def loss_kl_to_old(logp, logp_old, logp_ref, adv, clip, kl_coef):
+    return grpo_objective(logp, logp_old, logp_old, adv, clip, kl_coef)
+
+
+def loss_tokens_broadcast(logp, logp_old, logp_ref, adv, clip, kl_coef):
+    r, a, kl = loss_parts(logp, logp_old, logp_ref, adv, clip, a_index=(None, slice(None)))
+    return -torch.minimum(r * a, r.clamp(1 - clip, 1 + clip) * a).mean() + kl_coef * kl, kl.detach()
+
+
+def loss_token_sum(logp, logp_old, logp_ref, adv, clip, kl_coef):
+    r, a, _ = loss_parts(logp, logp_old, logp_ref, adv, clip)
+    j, k = torch.minimum(r * a, r.clamp(1 - clip, 1 + clip) * a), _k3(logp, logp_ref)
+    return -j.sum(1).mean() + kl_coef * k.sum(1).mean(), k.sum(1).mean().detach()
+
+
+def loss_fixed_clip(logp, logp_old, logp_ref, adv, clip, kl_coef):
+    return grpo_objective(logp, logp_old, logp_ref, adv, 0.2, kl_coef)
+
+
+def loss_detached(logp, logp_old, logp_ref, adv, clip, kl_coef):
+    return grpo_objective(logp.detach(), logp_old, logp_ref, adv, clip, kl_coef)
 
 
 def test_11_3():
-    check = ch11.group_advantages
-    assert_passes(check, A.group_advantages)
+    check = ch11.grpo_loss
+    assert_passes(check, grpo_objective)
     assert_not_attempted(check, stub)
-    for wrong in (adv_unbiased, adv_global, adv_no_eps, adv_columns, adv_fixed_eps):
+    for wrong in (loss_clip_only, loss_objective, loss_k1, loss_kl_to_old, loss_tokens_broadcast, loss_token_sum,
+                  loss_fixed_clip, loss_detached):
         assert_fails(check, wrong)
-    assert_fails(check, adv_unbiased, contains="unbiased")
-    assert_fails(check, adv_global, contains="all groups at once")
-    assert_fails(check, adv_no_eps, contains="0/0")
-    assert_fails(check, adv_fixed_eps, contains="eps = 0.05")  # eps is an argument
+    assert_fails(check, loss_clip_only, contains="clipped term alone")
+    assert_fails(check, loss_objective, contains="objective to maximise")
+    assert_fails(check, loss_k1, contains="k1")
+    assert_fails(check, loss_kl_to_old, contains="old policy")
+    assert_fails(check, loss_tokens_broadcast, contains="broadcast along the tokens")
+    assert_fails(check, loss_token_sum, contains="sums over the tokens")
+    assert_fails(check, loss_fixed_clip, contains="clip 0.3")  # clip is an argument
+    assert_fails(check, loss_detached, contains="no gradient")
 
 
 # 11.4 ------------------------------------------------------------------------------------------------------
 
 
-def surrogate_clip_only(logp, logp_old, adv, clip=0.2):
-    return torch.exp(logp - logp_old).clamp(1 - clip, 1 + clip) * adv[:, None]
+def rollout_with(eval_mode=True, restore=True, ref_model=True, groups="classes", layout="interleave",
+                 no_grad=True):
+    def rollout(policy, reference, reward_fn, group_size, generator):
+        n = policy.config.n_classes
+        classes = torch.arange(n).repeat_interleave(group_size) if layout == "interleave" else \
+            torch.arange(n).repeat(group_size)
+        was = policy.training
+        if eval_mode:
+            policy.eval()
+        with torch.no_grad():
+            maps = raster.generate_tokens(policy, classes, policy.config.grid, generator=generator)
+            rewards = reward_fn(maps, classes)
+        adv = answers.group_advantages(rewards, {"classes": classes, "batch": torch.zeros_like(classes)}[groups])
+        with torch.set_grad_enabled(not no_grad):
+            old = token_log_probs(policy, maps, classes)
+            logp_ref = token_log_probs(reference if ref_model else policy, maps, classes)
+        if restore:
+            policy.train(was)
+        return {"classes": classes, "maps": maps, "rewards": rewards, "advantages": adv, "logp_old": old,
+                "logp_ref": logp_ref}
 
-
-def surrogate_inverted_ratio(logp, logp_old, adv, clip=0.2):
-    return A.clipped_surrogate(logp_old, logp, adv, clip)
-
-
-def surrogate_clip_logp(logp, logp_old, adv, clip=0.2):
-    d = (logp - logp_old).clamp(-clip, clip)
-    r = torch.exp(logp - logp_old)
-    return torch.minimum(r * adv[:, None], torch.exp(d) * adv[:, None])
-
-
-def surrogate_detached(logp, logp_old, adv, clip=0.2):
-    return A.clipped_surrogate(logp.detach(), logp_old, adv, clip)
-
-
-def surrogate_fixed_clip(logp, logp_old, adv, clip=0.2):
-    return A.clipped_surrogate(logp, logp_old, adv, 0.2)
+    return rollout
 
 
 def test_11_4():
-    check = ch11.clipped_surrogate
-    assert_passes(check, A.clipped_surrogate)
+    check = ch11.grpo_rollout
+    assert_passes(check, answers.grpo_rollout)
     assert_not_attempted(check, stub)
-    for wrong in (surrogate_clip_only, surrogate_inverted_ratio, surrogate_clip_logp, surrogate_detached,
-                  surrogate_fixed_clip):
-        assert_fails(check, wrong)
-    assert_fails(check, surrogate_clip_only, contains="clipped term alone")
-    assert_fails(check, surrogate_fixed_clip, contains="clip 0.3")  # clip is an argument
+    assert_fails(check, rollout_with(layout="repeat"), contains="laid out 0, 1, ..., 0, 1")
+    assert_fails(check, rollout_with(eval_mode=False), contains="train mode, with dropout")
+    assert_fails(check, rollout_with(restore=False), contains="left in eval mode")
+    assert_fails(check, rollout_with(ref_model=False), contains="frozen reference model")
+    assert_fails(check, rollout_with(groups="batch"), contains="whole batch")
+    assert_fails(check, rollout_with(no_grad=False), contains="logp_old carries a gradient")
+    assert_fails(check, lambda *args: list(answers.grpo_rollout(*args).values()), contains="should be a dict")
 
 
 # 11.5 ------------------------------------------------------------------------------------------------------
 
 
-def kl_k1(logp, logp_ref):
-    return logp - logp_ref
+def update_with(old="rollout", zero_grad=True, clip_norm=True, steps=None, returns="loss"):
+    def update(policy, optimizer, rollout, clip=0.2, kl_coef=0.05, inner_steps=2):
+        out = []
+        for _ in range(inner_steps if steps is None else steps):
+            logp = token_log_probs(policy, rollout["maps"], rollout["classes"])
+            logp_old = {"rollout": rollout["logp_old"], "current": logp.detach(), "ref": rollout["logp_ref"]}[old]
+            loss, kl = grpo_objective(logp, logp_old, rollout["logp_ref"], rollout["advantages"], clip, kl_coef)
+            if zero_grad:
+                optimizer.zero_grad()
+            loss.backward()
+            if clip_norm:
+                torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
+            optimizer.step()
+            out.append(float((loss if returns == "loss" else kl).detach()))
+        return out
 
-
-def kl_reversed(logp, logp_ref):
-    d = logp - logp_ref
-    return torch.exp(d) - d - 1
-
-
-def kl_abs(logp, logp_ref):
-    return (logp - logp_ref).abs()
+    return update
 
 
 def test_11_5():
-    check = ch11.k3_kl
-    assert_passes(check, A.k3_kl)
+    check = ch11.grpo_update
+    assert_passes(check, answers.grpo_update)
     assert_not_attempted(check, stub)
-    for wrong in (kl_k1, kl_reversed, kl_abs):
-        assert_fails(check, wrong)
-    assert_fails(check, kl_k1, contains="k1")
-    assert_fails(check, kl_reversed, contains="reversed")
+    assert_fails(check, update_with(old="current"), contains="always 1")
+    assert_fails(check, update_with(old="ref"), contains="against the reference model")
+    assert_fails(check, update_with(zero_grad=False), contains="accumulate")
+    assert_fails(check, update_with(clip_norm=False), contains="not clipped to 1")
+    assert_fails(check, update_with(steps=2), contains="3 inner steps")  # inner_steps is an argument
+    assert_fails(check, update_with(returns="kl"), contains="losses")
 
 
 # 11.6 ------------------------------------------------------------------------------------------------------
 
 
-def cca_wrong_sign(pos, neg, beta=0.02, lam=1.0):
-    return -F.logsigmoid(beta * pos).mean() - lam * F.logsigmoid(beta * neg).mean()
+def cca_with(reduce="sum", neg_sign=-1.0, lam_used=True, log_sigmoid=F.logsigmoid, negatives_used=True,
+             ref_grad=False):
+    def loss_fn(policy, reference, maps, classes, negatives, beta=0.02, lam=1.0):
+        m, c = torch.cat([maps, maps]), torch.cat([classes, negatives if negatives_used else classes])
+        total = (lambda x: x.sum(1)) if reduce == "sum" else (lambda x: x.mean(1))
+        with torch.set_grad_enabled(ref_grad):
+            ref = total(token_log_probs(reference, m, c))
+        pos, neg = (total(token_log_probs(policy, m, c)) - ref).chunk(2)
+        loss = -log_sigmoid(beta * pos).mean() - (lam if lam_used else 1.0) * log_sigmoid(neg_sign * beta * neg).mean()
+        return loss, pos, neg
+
+    return loss_fn
 
 
-def cca_no_lam(pos, neg, beta=0.02, lam=1.0):
-    return -F.logsigmoid(beta * pos).mean() - F.logsigmoid(-beta * neg).mean()
-
-
-def cca_unstable(pos, neg, beta=0.02, lam=1.0):
-    return -torch.log(torch.sigmoid(beta * pos)).mean() - lam * torch.log(torch.sigmoid(-beta * neg)).mean()
-
-
-def cca_sum(pos, neg, beta=0.02, lam=1.0):
-    return -F.logsigmoid(beta * pos).sum() - lam * F.logsigmoid(-beta * neg).sum()
+def cca_no_grad(policy, reference, maps, classes, negatives, beta=0.02, lam=1.0):
+    with torch.no_grad():
+        return answers.cca_loss(policy, reference, maps, classes, negatives, beta, lam)
 
 
 def test_11_6():
     check = ch11.cca_loss
-    assert_passes(check, A.cca_loss)
+    assert_passes(check, answers.cca_loss)
+    assert_passes(check, cca_with(ref_grad=True))  # a reference with gradients wastes work but trains the same
     assert_not_attempted(check, stub)
-    for wrong in (cca_wrong_sign, cca_no_lam, cca_unstable, cca_sum):
-        assert_fails(check, wrong)
-    assert_fails(check, cca_wrong_sign, contains="sigmoid(-beta * neg)")
-    assert_fails(check, cca_no_lam, contains="lam is missing")
+    assert_fails(check, cca_with(negatives_used=False), contains="wrong class")
+    assert_fails(check, cca_with(reduce="mean"), contains="sum over its tokens")
+    assert_fails(check, cca_with(neg_sign=1.0), contains="sigmoid(-beta * neg)")
+    assert_fails(check, cca_with(lam_used=False), contains="lam is missing")
+    assert_fails(check, cca_with(log_sigmoid=lambda x: torch.log(torch.sigmoid(x))), contains="logsigmoid")
+    assert_fails(check, cca_no_grad, contains="no gradient reaches the policy")

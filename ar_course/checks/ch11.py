@@ -1,10 +1,14 @@
 """Checks for chapter 11, alignment: ``checks.ch11.group_advantages(group_advantages)``.
 
-Every check compares with the library (:mod:`ar_course.align`) on seeded random inputs and hand-made edge
-cases (a group of equal rewards, ratios outside the clip range, identical models, eps and clip other than their
-defaults), and names the usual mistakes: an unbiased standard deviation, a clip without the minimum, the k1 or
-reversed KL estimate, a negative term with the wrong sign. The log-probabilities must also carry the gradient to
-the model's weights, since both GRPO and CCA train through them."""
+Every check compares with the library (:mod:`ar_course.align`) or :mod:`ar_course.checks.reference.ch11` on
+seeded random inputs, tiny seeded models and hand-made edge cases (groups in shuffled order and of one sample,
+equal rewards, as many sequences as tokens, ratios outside the clip range, a policy that arrives in train mode
+with dropout, several inner steps, large CCA scores), and names the usual mistakes: groups read as consecutive
+blocks, an unbiased standard deviation, a clip without the minimum, the k1 or reversed KL, the objective instead
+of the loss, a rollout that samples with dropout on or scores with the wrong model, a ratio taken against the
+current step's policy, gradients that accumulate across inner steps, per-token CCA log-ratios, a flipped sign.
+Log-probabilities and losses must also carry the gradient to the model's weights, since GRPO and CCA train
+through them."""
 
 from __future__ import annotations
 
@@ -12,8 +16,9 @@ from typing import Callable, Iterator
 
 import torch
 
-from ar_course import metrics, raster
+from ar_course import raster
 from ar_course.align import functional as ref
+from ar_course.align.grpo import grpo_objective
 from ar_course.align.model import token_log_probs as ref_token_log_probs
 from ar_course.checks.core import Case, Chapter, CheckFailure, Mistake, call, compare, compare_cases
 from ar_course.checks.reference import ch11 as answers
@@ -28,9 +33,15 @@ hint = chapter.hint
 # 11.1 log-probabilities of sampled tokens
 
 
-def _tiny_model(seed: int) -> GPT:
+def _tiny_model(seed: int, dropout: float = 0.0, scale: float = 1.0) -> GPT:
+    """A seeded tiny raster model over 3x4 maps of 12 codes and 5 classes; ``scale`` multiplies its weights (a
+    larger scale gives sharper distributions, far from another tiny model's)."""
     torch.manual_seed(seed)
-    return GPT(raster.raster_config(12, (3, 4), n_classes=5, n_layer=1, n_head=2, n_embd=16)).eval()
+    model = GPT(raster.raster_config(12, (3, 4), n_classes=5, n_layer=1, n_head=2, n_embd=16, dropout=dropout))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(scale)
+    return model.eval()
 
 
 def _logp_cases() -> Iterator[Case]:
@@ -96,194 +107,395 @@ def _check_logp_gradients(fn: Callable, ref_fn: Callable) -> None:
         compare(torch.zeros_like(b) if a is None else a, b, where=where, name=f"the gradient of {name}")
 
 
-# --------------------------------------------------------------------------------------------------------
-# 11.2 the classifier's reward
-
-
-def _reward_cases() -> Iterator[Case]:
-    from ar_course.data import load_mnist
-
-    classifier = metrics.load_classifier("mnist")
-    images, labels = load_mnist("test", size=32)
-    g = torch.Generator().manual_seed(112)
-    yield Case("8 test digits, their own classes", (images[:8], labels[:8], classifier))
-    yield Case("8 test digits, other classes", (images[8:16], (labels[8:16] + 3) % 10, classifier))
-    yield Case("noise images", (torch.rand(5, 1, 32, 32, generator=g), torch.arange(5), classifier))
-
-
-REWARD_MISTAKES = [
-    Mistake(lambda x, c, clf: (clf(x).argmax(-1) == c).float(),
-            "that is 0 or 1 (right or wrong): a probability gives a reward that grows smoothly"),
-    Mistake(lambda x, c, clf: torch.log_softmax(clf(x), -1).gather(1, c[:, None]).squeeze(1),
-            "that is the log-probability; the reward is the probability itself"),
-    Mistake(lambda x, c, clf: torch.softmax(clf(x), 0).gather(1, c[:, None]).squeeze(1),
-            "that softmax runs over the batch; each image's probabilities are over the classes"),
-]
-
-
-@chapter.exercise("11.2", reference=answers.class_reward, hints=(
-    "the classifier returns one score per class; the reward asks how sure it is that the image shows the "
-    "class that was requested",
-    "turn the logits into probabilities over the classes (softmax on the last axis) and pick each row's "
-    "requested class",
-    "return torch.softmax(classifier(images), -1).gather(1, classes[:, None]).squeeze(1)",
-))
-def class_reward(fn: Callable, ref_fn: Callable) -> None:
-    with torch.no_grad():
-        compare_cases(fn, ref_fn, _reward_cases(), mistakes=REWARD_MISTAKES)
 
 
 # --------------------------------------------------------------------------------------------------------
-# 11.3 group-relative advantages
+# 11.2 group-relative advantages, groups by id
 
 
 def _adv_cases() -> Iterator[Case]:
-    g = torch.Generator().manual_seed(113)
-    yield Case("3 groups of 4", (torch.rand(3, 4, generator=g),))
-    yield Case("groups of different spread", (torch.cat([torch.rand(1, 6, generator=g),
-                                                         10 * torch.rand(1, 6, generator=g)]),))
-    yield Case("a group of equal rewards", (torch.tensor([[0.5, 0.5, 0.5], [0.0, 1.0, 0.5]]),))
-    yield Case("2 groups of 5, eps = 0.05", (torch.rand(2, 5, generator=g),), {"eps": 0.05})
+    g = torch.Generator().manual_seed(112)
+    yield Case("2 groups of 4, interleaved", (torch.rand(8, generator=g), torch.tensor([1, 0, 0, 1, 1, 0, 1, 0])))
+    yield Case("groups of 5, 2 and 1 sample (ids 7, 3, 0), shuffled",
+               (torch.rand(8, generator=g), torch.tensor([7, 3, 7, 0, 7, 3, 7, 7])))
+    yield Case("a group of equal rewards", (torch.tensor([0.5, 0.0, 0.5, 1.0, 0.5, 0.5]),
+                                            torch.tensor([2, 5, 2, 5, 2, 5])))
+    yield Case("float64 rewards, groups of very different spread",
+               (torch.cat([torch.rand(4, generator=g), 10 * torch.rand(4, generator=g)]).double(),
+                torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])))
+    yield Case("3 groups of 3, eps = 0.05", (torch.rand(9, generator=g), torch.arange(9) % 3), {"eps": 0.05})
+
+
+def _adv_per_group(rewards, groups, eps=1e-4, unbiased=False, add_eps=True):
+    out = torch.zeros_like(rewards)
+    for gid in groups.unique():
+        member = groups == gid
+        r = rewards[member]
+        std = r.std(unbiased=unbiased)
+        out[member] = (r - r.mean()) / (std + eps if add_eps else std)
+    return out
+
+
+def _adv_blocks(rewards, groups, eps=1e-4):
+    return ref.group_advantages(rewards.view(groups.unique().numel(), -1), eps).flatten()
 
 
 ADV_MISTAKES = [
-    Mistake(lambda r: (r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + 1e-4),
-            "that divides by the unbiased standard deviation (torch.std's default); use the population one "
-            "(unbiased=False)"),
-    Mistake(lambda r: (r - r.mean()) / (r.std(unbiased=False) + 1e-4),
-            "that normalises over all groups at once; each group is its own baseline"),
-    Mistake(lambda r: r - r.mean(1, keepdim=True), "those are not divided by the group's standard deviation"),
-    Mistake(lambda r: (r - r.mean(1, keepdim=True)) / r.std(1, keepdim=True, unbiased=False),
-            "a group of equal rewards gives 0/0: add eps to the standard deviation"),
+    Mistake(_adv_blocks, "that reads the groups as consecutive, equal blocks of the batch; a sample's group is "
+                         "its id in groups, wherever it sits"),
+    Mistake(lambda r, gr, eps=1e-4: (r - r.mean()) / (r.std(unbiased=False) + eps),
+            "that normalises over the whole batch at once; each group is its own baseline"),
+    Mistake(lambda r, gr, eps=1e-4: _adv_per_group(r, gr, eps, unbiased=True),
+            "that divides by the unbiased standard deviation (torch.std's default); use the population one"),
+    Mistake(lambda r, gr, eps=1e-4: _adv_per_group(r, gr, eps, add_eps=False),
+            "a group of equal rewards (or of one sample) gives 0/0: add eps to the standard deviation"),
 ]
 
 
-@chapter.exercise("11.3", reference=ref.group_advantages, hints=(
-    "GRPO has no value network: the other samples of the same class are the baseline",
-    "subtract each group's (row's) mean and divide by its population standard deviation plus eps = 1e-4",
-    "return (rewards - rewards.mean(1, keepdim=True)) / (rewards.std(1, keepdim=True, unbiased=False) + eps)",
+@chapter.exercise("11.2", reference=answers.group_advantages, hints=(
+    "GRPO has no value network: the other samples drawn for the same class are the baseline. Which samples "
+    "share a baseline is said by groups, not by where they sit in the batch",
+    "for each distinct id (torch.unique, or a loop over groups.unique()), standardise the rewards of that "
+    "group's samples: minus their mean, divided by their population standard deviation plus eps, and write the "
+    "results back at those samples' places",
+    "out = torch.zeros_like(rewards); for gid in groups.unique(): m = groups == gid; r = rewards[m]; "
+    "out[m] = (r - r.mean()) / (r.std(unbiased=False) + eps); return out",
 ))
 def group_advantages(fn: Callable, ref_fn: Callable) -> None:
     compare_cases(fn, ref_fn, _adv_cases(), mistakes=ADV_MISTAKES, atol=1e-5)
 
 
 # --------------------------------------------------------------------------------------------------------
-# 11.4 the clipped surrogate
+# 11.3 the GRPO loss: clipped ratio and k3 KL penalty
 
 
-def _surrogate_cases() -> Iterator[Case]:
-    g = torch.Generator().manual_seed(114)
-    logp_old = -3 * torch.rand(4, 6, generator=g)
-    yield Case("ratios near 1", (logp_old + 0.1 * torch.randn(4, 6, generator=g), logp_old,
-                                 torch.randn(4, generator=g)))
-    yield Case("ratios far from 1, both signs of advantage",
-               (logp_old + torch.randn(4, 6, generator=g), logp_old, torch.tensor([1.0, -1.0, 2.0, -0.5])))
+def _loss_cases() -> Iterator[Case]:
+    g = torch.Generator().manual_seed(113)
+    old = -3 * torch.rand(4, 4, generator=g)
+    yield Case("4 sequences of 4 tokens, ratios far from 1",
+               (old + torch.randn(4, 4, generator=g), old, old + torch.randn(4, 4, generator=g),
+                torch.tensor([1.0, -1.0, 2.0, -0.5]), 0.2, 0.05))
+    old = -3 * torch.rand(3, 6, generator=g)
+    yield Case("3 sequences of 6 tokens, ratios near 1",
+               (old + 0.1 * torch.randn(3, 6, generator=g), old, old + 0.5 * torch.randn(3, 6, generator=g),
+                torch.randn(3, generator=g), 0.2, 0.05))
+    yield Case("the first inner step (logp equal to logp_old), kl_coef 0.1",
+               (old.clone(), old, old + 0.5 * torch.randn(3, 6, generator=g), torch.randn(3, generator=g), 0.2, 0.1))
     r = torch.tensor([[0.5, 0.9, 1.1, 1.5]]).log()
-    yield Case("ratios 0.5, 0.9, 1.1, 1.5 with clip 0.2, A = +1 and -1",
-               (torch.cat([r, r]), torch.zeros(2, 4), torch.tensor([1.0, -1.0])), {"clip": 0.2})
-    yield Case("the same ratios with clip 0.3", (torch.cat([r, r]), torch.zeros(2, 4), torch.tensor([1.0, -1.0])),
-               {"clip": 0.3})
+    yield Case("ratios 0.5, 0.9, 1.1, 1.5 with A = +1 and -1, clip 0.3, kl_coef 0",
+               (torch.cat([r, r]), torch.zeros(2, 4), torch.zeros(2, 4), torch.tensor([1.0, -1.0]), 0.3, 0.0))
+    yield Case("the policy equal to the reference (KL 0), clip 0.1, kl_coef 1",
+               (old + 0.3, old, old + 0.3, torch.randn(3, generator=g), 0.1, 1.0))
 
 
-def _no_min(logp, logp_old, adv, clip=0.2):
-    return torch.exp(logp - logp_old).clamp(1 - clip, 1 + clip) * adv[:, None]
+def _k3(logp, logp_ref):
+    d = logp_ref - logp
+    return torch.exp(d) - d - 1
 
 
-def _max(logp, logp_old, adv, clip=0.2):
-    r = torch.exp(logp - logp_old)
-    return torch.maximum(r * adv[:, None], r.clamp(1 - clip, 1 + clip) * adv[:, None])
+def _loss_with(surrogate=None, kl=_k3, sign=1.0, kl_sign=1.0, reduce=torch.mean, kl_to_old=False):
+    """A GRPO loss with one piece swapped for a plausible wrong one."""
+
+    def loss(logp, logp_old, logp_ref, adv, clip, kl_coef):
+        r = torch.exp(logp - logp_old)
+        a = adv[:, None]
+        j = surrogate(r, a, clip) if surrogate else torch.minimum(r * a, r.clamp(1 - clip, 1 + clip) * a)
+        k = kl(logp, logp_old if kl_to_old else logp_ref)
+        k_mean = reduce(k)
+        return sign * (-reduce(j) + kl_sign * kl_coef * k_mean), k_mean.detach()
+
+    return loss
 
 
-SURROGATE_MISTAKES = [
-    Mistake(_no_min, "that is the clipped term alone: without the minimum with the unclipped term, a ratio that "
-                     "moved the wrong way is clipped too and its gradient lost"),
-    Mistake(_max, "that takes the maximum: the objective must be the pessimistic (smaller) of the two terms"),
-    Mistake(lambda logp, logp_old, adv, clip=0.2: torch.exp(logp - logp_old) * adv[:, None],
-            "there is no clipping: the update can move the policy arbitrarily far from the one that sampled"),
+def _loss_tokens_broadcast(logp, logp_old, logp_ref, adv, clip, kl_coef):
+    r, a = torch.exp(logp - logp_old), adv[None, :]
+    kl = _k3(logp, logp_ref).mean()
+    return -torch.minimum(r * a, r.clamp(1 - clip, 1 + clip) * a).mean() + kl_coef * kl, kl.detach()
+
+
+LOSS_MISTAKES = [
+    Mistake(_loss_with(surrogate=lambda r, a, clip: r.clamp(1 - clip, 1 + clip) * a),
+            "that is the clipped term alone: without the minimum with the unclipped term, a ratio that moved the "
+            "wrong way is clipped too and its gradient lost"),
+    Mistake(_loss_with(surrogate=lambda r, a, clip: torch.maximum(r * a, r.clamp(1 - clip, 1 + clip) * a)),
+            "that takes the maximum: the objective is the pessimistic (smaller) of the two terms"),
+    Mistake(_loss_with(surrogate=lambda r, a, clip: r * a),
+            "there is no clipping: one batch could move the policy arbitrarily far from the one that sampled"),
+    Mistake(_loss_tokens_broadcast, "the advantages were broadcast along the tokens; each sequence's advantage "
+                                    "is shared by the tokens of its own row"),
+    Mistake(_loss_with(kl=lambda lp, lr: lp - lr), "that KL term is the k1 estimate log p - log p_ref: it averages "
+                                                   "to the KL but is negative for many tokens, and noisy"),
+    Mistake(_loss_with(kl=lambda lp, lr: _k3(lr, lp)), "the KL's log-ratio is reversed: k3 is exp(d) - d - 1 with "
+                                                       "d = log p_ref - log p"),
+    Mistake(_loss_with(kl_to_old=True), "the KL is measured to the old policy; the penalty holds the policy near "
+                                        "the frozen reference"),
+    Mistake(_loss_with(sign=-1.0), "that is the objective to maximise; an optimizer minimises, so the loss is its "
+                                   "negative"),
+    Mistake(_loss_with(kl_sign=-1.0), "the KL penalty is subtracted: it must make the loss larger the further the "
+                                      "policy strays"),
+    Mistake(_loss_with(reduce=lambda x: x.sum(1).mean()), "that sums over the tokens; the loss is the mean over "
+                                                          "tokens and sequences"),
 ]
 
 
-@chapter.exercise("11.4", reference=ref.clipped_surrogate, hints=(
-    "the ratio of new to old probability says how far the update has moved each token; PPO stops rewarding "
-    "moves beyond 1 +- clip in the direction the advantage likes",
-    "r = exp(logp - logp_old); the objective is the smaller of r * A and clamp(r, 1 - clip, 1 + clip) * A, with "
-    "A broadcast over the tokens of its sequence",
-    "r = torch.exp(logp - logp_old); a = advantages[:, None]; "
-    "return torch.minimum(r * a, r.clamp(1 - clip, 1 + clip) * a)",
+@chapter.exercise("11.3", reference=grpo_objective, hints=(
+    "three pieces: a per-token ratio of new to old probability, PPO's clipped objective with each sequence's "
+    "advantage, and a never-negative KL estimate to the reference; an optimizer minimises, so which sign does "
+    "each piece get?",
+    "r = exp(logp - logp_old); J = min(r * A, clamp(r, 1 - clip, 1 + clip) * A) with A = advantages[:, None]; "
+    "with d = logp_ref - logp, k3 = exp(d) - d - 1; loss = -mean(J) + kl_coef * mean(k3)",
+    "r = torch.exp(logp - logp_old); a = advantages[:, None]; d = logp_ref - logp; kl = (torch.exp(d) - d - 1).mean(); "
+    "return -torch.minimum(r * a, r.clamp(1 - clip, 1 + clip) * a).mean() + kl_coef * kl, kl.detach()",
 ))
-def clipped_surrogate(fn: Callable, ref_fn: Callable) -> None:
-    compare_cases(fn, ref_fn, _surrogate_cases(), grad_wrt=(0,), mistakes=SURROGATE_MISTAKES)
+def grpo_loss(fn: Callable, ref_fn: Callable) -> None:
+    compare_cases(fn, ref_fn, _loss_cases(), grad_wrt=(0,), mistakes=LOSS_MISTAKES)
 
 
 # --------------------------------------------------------------------------------------------------------
-# 11.5 the k3 KL estimate
+# 11.4 the rollout: sample, score, advantages, fixed log-probabilities
+
+ROLLOUT_KEYS = ("classes", "maps", "rewards", "advantages", "logp_old", "logp_ref")
 
 
-def _kl_cases() -> Iterator[Case]:
-    g = torch.Generator().manual_seed(115)
-    a = -2 * torch.rand(3, 5, generator=g)
-    yield Case("random log-probabilities", (a, a + 0.5 * torch.randn(3, 5, generator=g)))
-    yield Case("identical models", (a, a.clone()))
-    yield Case("large differences", (torch.tensor([[-0.1, -4.0, -1.0]]), torch.tensor([[-3.0, -0.2, -1.0]])))
+def _toy_reward(maps: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+    """``(B,)`` float: a reward of token maps that the tiny models of the checks can earn (the mean token id over
+    the largest one, plus a bonus for tokens equal to the class)."""
+    return maps.float().mean((1, 2)) / 11 + (maps == classes[:, None, None]).float().mean((1, 2))
 
 
-KL_MISTAKES = [
-    Mistake(lambda lp, lr: lp - lr, "that is the k1 estimate log p - log p_ref: unbiased, but negative for many "
-                                    "samples and noisy"),
-    Mistake(lambda lp, lr: torch.exp(lp - lr) - (lp - lr) - 1,
-            "the log-ratio is reversed: with d = log p_ref - log p the estimate is exp(d) - d - 1"),
-    Mistake(lambda lp, lr: 0.5 * (lp - lr) ** 2, "that is the k2 estimate (d^2 / 2), biased"),
+def _rolled(fn: Callable) -> Callable:
+    """``fn`` as a rollout (policy, reference, reward_fn, group_size, generator) run on fresh tiny models."""
+
+    def run(seed: int, group_size: int, train: bool):
+        policy, reference = _tiny_model(seed, dropout=0.3).train(train), _tiny_model(seed + 50)
+        out = fn(policy, reference, _toy_reward, group_size, torch.Generator().manual_seed(seed))
+        if not isinstance(out, dict):
+            raise CheckFailure(f"the rollout should be a dict with keys {', '.join(ROLLOUT_KEYS)}, got "
+                               f"{type(out).__name__}")
+        return {**{k: out[k] for k in ROLLOUT_KEYS if k in out}, "policy in train mode after": policy.training}
+
+    return run
+
+
+def _rollout_cases() -> Iterator[Case]:
+    yield Case("tiny policy in eval mode, G = 4", (0, 4, False))
+    yield Case("tiny policy with dropout, arriving in train mode, G = 3", (1, 3, True))
+
+
+def _rollout_with(sample_in_train=False, keep_eval=False, ref_model=True, grouped=True, layout="interleave"):
+    """A rollout with one step done a plausible wrong way."""
+
+    def rollout(policy, reference, reward_fn, group_size, generator):
+        n = policy.config.n_classes
+        classes = (torch.arange(n).repeat_interleave(group_size) if layout == "interleave"
+                   else torch.arange(n).repeat(group_size))
+        was = policy.training
+        if not sample_in_train:
+            policy.eval()
+        with torch.no_grad():
+            maps = raster.generate_tokens(policy, classes, policy.config.grid, generator=generator)
+            rewards = reward_fn(maps, classes)
+            adv = answers.group_advantages(rewards, classes if grouped else torch.zeros_like(classes))
+            old = ref_token_log_probs(policy, maps, classes)
+            logp_ref = ref_token_log_probs(reference if ref_model else policy, maps, classes)
+        if not keep_eval:
+            policy.train(was)
+        return {"classes": classes, "maps": maps, "rewards": rewards, "advantages": adv, "logp_old": old,
+                "logp_ref": logp_ref}
+
+    return rollout
+
+
+ROLLOUT_MISTAKES = [
+    Mistake(_rolled(_rollout_with(layout="repeat")), "the classes are laid out 0, 1, ..., 0, 1, ...: the spec "
+                                                     "puts each class's group_size samples next to each other"),
+    Mistake(_rolled(_rollout_with(sample_in_train=True)), "the policy sampled and scored in train mode, with "
+                                                          "dropout on: rollouts use the policy as it will be used"),
+    Mistake(_rolled(_rollout_with(keep_eval=True)), "the policy is left in eval mode: give it back in the mode "
+                                                    "it came in"),
+    Mistake(_rolled(_rollout_with(ref_model=False)), "logp_ref was scored by the policy (the KL would start at "
+                                                     "0 every step): it comes from the frozen reference model"),
+    Mistake(_rolled(_rollout_with(grouped=False)), "the advantages are standardised over the whole batch; the "
+                                                   "samples of one class are a group"),
 ]
 
 
-@chapter.exercise("11.5", reference=ref.k3_kl, hints=(
-    "the tokens were sampled from the policy; you want an estimate of KL(policy || reference) per token that "
-    "is never negative",
-    "with d = logp_ref - logp, the estimate is exp(d) - d - 1 (its mean over samples from the policy is the KL, "
-    "and exp(d) >= 1 + d makes it non-negative)",
-    "d = logp_ref - logp; return torch.exp(d) - d - 1",
+@chapter.exercise("11.4", reference=answers.grpo_rollout, hints=(
+    "a rollout is everything computed once per group, before any update: which samples, with which model and "
+    "mode, which numbers need gradients later and which must stay fixed?",
+    "classes = arange(n_classes).repeat_interleave(group_size); in eval mode and under torch.no_grad(), one "
+    "raster.generate_tokens(policy, classes, policy.config.grid, generator=generator), then the reward, your "
+    "group_advantages with the classes as the groups, and token_log_probs under the policy and the reference",
+    "was = policy.training; policy.eval(); with torch.no_grad(): classes = ...; maps = raster.generate_tokens(...); "
+    "rewards = reward_fn(maps, classes); advantages = group_advantages(rewards, classes); logp_old = "
+    "token_log_probs(policy, maps, classes); logp_ref = token_log_probs(reference, maps, classes); "
+    "policy.train(was); return the six in a dict",
 ))
-def k3_kl(fn: Callable, ref_fn: Callable) -> None:
-    compare_cases(fn, ref_fn, _kl_cases(), grad_wrt=(0,), mistakes=KL_MISTAKES)
+def grpo_rollout(fn: Callable, ref_fn: Callable) -> None:
+    compare_cases(_rolled(fn), _rolled(ref_fn), _rollout_cases(), mistakes=ROLLOUT_MISTAKES)
+    out = call(fn, _tiny_model(2), _tiny_model(3), _toy_reward, 2, torch.Generator().manual_seed(2),
+               where="tiny policy 2, G = 2")
+    for key in ("advantages", "logp_old", "logp_ref"):
+        if out[key].requires_grad:
+            raise CheckFailure(f"{key} carries a gradient on input 'tiny policy 2, G = 2': the rollout's numbers "
+                               "are constants for the updates (compute them under torch.no_grad())")
 
 
 # --------------------------------------------------------------------------------------------------------
-# 11.6 the CCA loss
+# 11.5 the updates on one rollout
+
+
+def _updated(fn: Callable) -> Callable:
+    """``fn`` as an update (policy, optimizer, rollout, clip, kl_coef, inner_steps) of a fresh tiny policy with SGD
+    on a rollout of the reference: the losses it returns and the weights it leaves."""
+
+    def run(seed: int, ref_scale: float, lr: float, clip: float, kl_coef: float, inner_steps: int):
+        policy, reference = _tiny_model(seed), _tiny_model(seed + 50, scale=ref_scale)
+        rollout = answers.grpo_rollout(policy, reference, _toy_reward, 4, torch.Generator().manual_seed(seed))
+        optimizer = torch.optim.SGD(policy.parameters(), lr=lr)
+        losses = fn(policy, optimizer, rollout, clip, kl_coef, inner_steps)
+        if not isinstance(losses, (list, tuple)):
+            raise CheckFailure(f"the update should return a list of the inner steps' losses, got "
+                               f"{type(losses).__name__}")
+        return {"losses": [float(x) for x in losses],
+                "weights after the update": torch.cat([p.detach().flatten() for p in policy.parameters()])}
+
+    return run
+
+
+def _update_cases() -> Iterator[Case]:
+    yield Case("tiny policy, SGD lr 1, clip 0.2, kl_coef 0.05, 2 inner steps", (0, 1.0, 1.0, 0.2, 0.05, 2))
+    yield Case("a reference far from the policy, SGD lr 1, clip 0.1, kl_coef 2, 3 inner steps",
+               (1, 5.0, 1.0, 0.1, 2.0, 3))
+
+
+def _update_with(old_each_step=False, zero_grad=True, clip_norm=True, old_is_ref=False):
+    """An update loop with one step done a plausible wrong way."""
+
+    def update(policy, optimizer, rollout, clip=0.2, kl_coef=0.05, inner_steps=2):
+        losses = []
+        for _ in range(inner_steps):
+            logp = ref_token_log_probs(policy, rollout["maps"], rollout["classes"])
+            old = logp.detach() if old_each_step else rollout["logp_ref" if old_is_ref else "logp_old"]
+            loss, _ = grpo_objective(logp, old, rollout["logp_ref"], rollout["advantages"], clip, kl_coef)
+            if zero_grad:
+                optimizer.zero_grad()
+            loss.backward()
+            if clip_norm:
+                torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
+            optimizer.step()
+            losses.append(float(loss.detach()))
+        return losses
+
+    return update
+
+
+UPDATE_MISTAKES = [
+    Mistake(_updated(_update_with(old_each_step=True)),
+            "the ratio is taken against this very step's policy (logp.detach()), so it is always 1 and never "
+            "clipped: logp_old is the policy that sampled, fixed for all inner steps"),
+    Mistake(_updated(_update_with(old_is_ref=True)),
+            "the ratio is taken against the reference model; PPO's ratio is to the policy that sampled (logp_old)"),
+    Mistake(_updated(_update_with(zero_grad=False)),
+            "the gradients of earlier inner steps accumulate into later ones"),
+    Mistake(_updated(_update_with(clip_norm=False)), "the gradient norm was not clipped to 1 before the step"),
+]
+
+
+@chapter.exercise("11.5", reference=answers.grpo_update, hints=(
+    "every inner step asks the current policy again (with gradients) how likely the sampled maps are, and "
+    "compares with numbers that stay fixed for the whole rollout; what changes between inner steps, and what "
+    "must not carry over?",
+    "for each inner step: logp = token_log_probs(policy, maps, classes); loss, kl = grpo_loss(logp, "
+    "rollout['logp_old'], rollout['logp_ref'], rollout['advantages'], clip, kl_coef); zero the gradients, "
+    "backward, clip the norm to 1, step; keep float(loss.detach())",
+    "losses = []; for _ in range(inner_steps): logp = token_log_probs(policy, rollout['maps'], rollout['classes']); "
+    "loss, _ = grpo_loss(logp, rollout['logp_old'], rollout['logp_ref'], rollout['advantages'], clip, kl_coef); "
+    "optimizer.zero_grad(); loss.backward(); torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0); "
+    "optimizer.step(); losses.append(float(loss.detach())); return losses",
+))
+def grpo_update(fn: Callable, ref_fn: Callable) -> None:
+    compare_cases(_updated(fn), _updated(ref_fn), _update_cases(), mistakes=UPDATE_MISTAKES)
+
+
+# --------------------------------------------------------------------------------------------------------
+# 11.6 the CCA loss from the two models
+
+
+def _cca_run(fn: Callable) -> Callable:
+    """``fn`` as a CCA loss (policy, reference, maps, classes, negatives, beta, lam) on fresh tiny models: the loss,
+    the log-ratios, and the gradient of the loss to the policy's weights."""
+
+    def run(seed: int, ref_scale: float, batch: int, beta: float, lam: float):
+        g = torch.Generator().manual_seed(seed + 116)
+        policy, reference = _tiny_model(seed), _tiny_model(seed + 50, scale=ref_scale)
+        maps, classes = torch.randint(0, 12, (batch, 3, 4), generator=g), torch.randint(0, 5, (batch,), generator=g)
+        negatives = (classes + torch.randint(1, 5, (batch,), generator=g)) % 5
+        out = fn(policy, reference, maps, classes, negatives, beta, lam)
+        if not (isinstance(out, (tuple, list)) and len(out) == 3):
+            raise CheckFailure("cca_loss should return (loss, logratio_pos, logratio_neg)")
+        loss, pos, neg = out
+        if not isinstance(loss, torch.Tensor) or not loss.requires_grad:
+            raise CheckFailure("no gradient reaches the policy's weights through the loss (computed under "
+                               "torch.no_grad(), or detached?): CCA trains through it")
+        grads = torch.autograd.grad(loss, list(policy.parameters()), allow_unused=True)
+        flat = torch.cat([(torch.zeros_like(p) if gr is None else gr).flatten()
+                          for p, gr in zip(policy.parameters(), grads)])
+        return {"loss": loss.detach(), "logratio_pos": pos.detach(), "logratio_neg": neg.detach(),
+                "gradient of the loss to the policy's weights": flat}
+
+    return run
 
 
 def _cca_cases() -> Iterator[Case]:
-    g = torch.Generator().manual_seed(116)
-    yield Case("random log-ratios", (10 * torch.randn(8, generator=g), 10 * torch.randn(8, generator=g)),
-               {"beta": 0.02, "lam": 1.0})
-    yield Case("beta 0.5, lam 3", (torch.randn(5, generator=g), torch.randn(5, generator=g)),
-               {"beta": 0.5, "lam": 3.0})
-    yield Case("large log-ratios (a stable log-sigmoid)",
-               (torch.tensor([-800.0, 900.0]), torch.tensor([700.0, -900.0])), {"beta": 1.0, "lam": 2.0})
+    yield Case("tiny models 0, 6 maps, beta 0.5, lam 1", (0, 1.0, 6, 0.5, 1.0))
+    yield Case("tiny models 1, 4 maps, beta 0.2, lam 3", (1, 1.0, 4, 0.2, 3.0))
+    yield Case("a reference far from the policy, 5 maps, beta 40 (scores in the hundreds)", (2, 3.0, 5, 40.0, 1.0))
 
 
-def _cca_wrong_sign(pos, neg, beta=0.02, lam=1.0):
-    return -torch.nn.functional.logsigmoid(beta * pos).mean() - lam * torch.nn.functional.logsigmoid(beta * neg).mean()
+def _cca_with(per_token=False, neg_sign=-1.0, lam_used=True, stable=True, reversed_ratio=False, use_negatives=True):
+    """A CCA loss with one step done a plausible wrong way."""
+    F = torch.nn.functional
 
+    def loss_fn(policy, reference, maps, classes, negatives, beta=0.02, lam=1.0):
+        both_maps = torch.cat([maps, maps])
+        both_classes = torch.cat([classes, negatives if use_negatives else classes])
+        reduce = (lambda x: x.mean(1)) if per_token else (lambda x: x.sum(1))
+        with torch.no_grad():
+            ref_lp = reduce(ref_token_log_probs(reference, both_maps, both_classes))
+        ratio = reduce(ref_token_log_probs(policy, both_maps, both_classes)) - ref_lp
+        pos, neg = (-ratio if reversed_ratio else ratio).chunk(2)
+        logsig = F.logsigmoid if stable else (lambda x: torch.log(torch.sigmoid(x)))
+        loss = -logsig(beta * pos).mean() - (lam if lam_used else 1.0) * logsig(neg_sign * beta * neg).mean()
+        return loss, pos, neg
 
-def _cca_no_lam(pos, neg, beta=0.02, lam=1.0):
-    return ref.cca_loss(pos, neg, beta, 1.0)
+    return loss_fn
 
 
 CCA_MISTAKES = [
-    Mistake(_cca_wrong_sign, "the negative pairs' term raises their log-ratio: it needs sigmoid(-beta * neg)"),
-    Mistake(_cca_no_lam, "lam is missing: it weighs the negative pairs' term"),
-    Mistake(lambda pos, neg, beta=0.02, lam=1.0: -torch.log(torch.sigmoid(beta * pos)).mean()
-            - lam * torch.log(torch.sigmoid(-beta * neg)).mean(),
-            "log(sigmoid(x)) overflows to -inf for large negative x: use torch.nn.functional.logsigmoid"),
+    Mistake(_cca_run(_cca_with(use_negatives=False)),
+            "the negative pairs were scored with the maps' own classes: pair each map with its wrong class"),
+    Mistake(_cca_run(_cca_with(per_token=True)), "those log-ratios are per token (a mean); a pair's log-ratio is "
+                                                 "that of the whole map, the sum over its tokens"),
+    Mistake(_cca_run(_cca_with(reversed_ratio=True)), "the log-ratio is reversed: it is log p_policy - log p_ref"),
+    Mistake(_cca_run(_cca_with(neg_sign=1.0)), "the negative pairs' term raises their log-ratio: it needs "
+                                               "sigmoid(-beta * neg)"),
+    Mistake(_cca_run(_cca_with(lam_used=False)), "lam is missing: it weighs the negative pairs' term"),
+    Mistake(_cca_run(_cca_with(stable=False)), "log(sigmoid(x)) overflows to -inf for large negative x: use "
+                                               "torch.nn.functional.logsigmoid"),
 ]
 
 
-@chapter.exercise("11.6", reference=ref.cca_loss, hints=(
-    "CCA is a classification between matched (image, its class) and mismatched (image, another class) pairs, "
-    "with the model's log-ratio to the reference as the score",
-    "mean of -logsigmoid(beta * pos) over the positives plus lam times the mean of -logsigmoid(-beta * neg) over "
-    "the negatives (torch.nn.functional.logsigmoid is stable)",
-    "return -F.logsigmoid(beta * logratio_pos).mean() - lam * F.logsigmoid(-beta * logratio_neg).mean()",
+@chapter.exercise("11.6", reference=answers.cca_loss, hints=(
+    "CCA is a logistic classification of matched (map, its class) against mismatched (map, a wrong class) "
+    "pairs, scored by how much more likely the policy finds the pair than the frozen reference does",
+    "score both kinds of pair (torch.cat the maps twice, with classes then negatives, for one pass per model); "
+    "each log-ratio is the sum over the map's tokens of policy minus reference log-probabilities (the "
+    "reference under torch.no_grad()); loss = mean(-logsigmoid(beta * pos)) + lam * mean(-logsigmoid(-beta * "
+    "neg))",
+    "m, c = torch.cat([maps, maps]), torch.cat([classes, negatives]); with torch.no_grad(): ref = "
+    "token_log_probs(reference, m, c).sum(1); pos, neg = (token_log_probs(policy, m, c).sum(1) - ref).chunk(2); "
+    "return -F.logsigmoid(beta * pos).mean() - lam * F.logsigmoid(-beta * neg).mean(), pos, neg",
 ))
 def cca_loss(fn: Callable, ref_fn: Callable) -> None:
-    compare_cases(fn, ref_fn, _cca_cases(), grad_wrt=(0, 1), mistakes=CCA_MISTAKES)
+    compare_cases(_cca_run(fn), _cca_run(ref_fn), _cca_cases(), mistakes=CCA_MISTAKES)
