@@ -81,3 +81,26 @@ def test_table_rows_say_when_a_result_recorded_no_date(tmp_path):
     (results / "x.json").write_text('{"summary": [{"what": "w", "measured": "m"}]}')
     (results / "y.json").write_text('{"date": "2026-12-06", "summary": [{"what": "w", "measured": "m"}]}')
     assert [r["date"] for r in bench.summary_rows(["x", "y"], tmp_path)] == ["date not recorded", "2026-12-06"]
+
+
+def test_msvq_loss_rows_fail_a_gap_over_1_db_or_a_partial_sum_that_gets_worse():
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_msvq_loss.py"
+    spec = importlib.util.spec_from_file_location("bench_msvq_loss", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+
+    def loss(name: str, psnr: list[float]) -> dict:  # made-up numbers, not measurements
+        return {"name": name, "psnr": psnr[-1], "gap_db": psnr[-1] - 27.0, "scales_sweep": {"psnr": psnr}}
+
+    results = {"setup": {"steps": 10}, "vq_psnr": 27.0, "losses": [
+        loss("rising, close", [11.0, 12.0, 13.0, 14.0, 15.0, 26.5]),
+        loss("rising, far", [11.0, 12.0, 13.0, 14.0, 15.0, 25.0]),
+        loss("close, falls twice", [11.0, 10.0, 9.0, 14.0, 15.0, 26.9])]}
+    rows = module.summarize(results)
+    assert [r["met"] for r in rows] == [True, False, False]
+    assert "26.50 vs VQ 27.00 dB (-0.50 dB); PSNR rises with every scale (11.0 -> 26.5 dB)" in rows[0]["measured"]
+    assert "(-2.00 dB)" in rows[1]["measured"]
+    assert "PSNR falls at 2 of 5 scale steps (at 2, 3 scales)" in rows[2]["measured"]

@@ -375,11 +375,11 @@ class MultiScaleVQ(nn.Module):
       ``indices`` is a list of ``(B, s_k, s_k)``. Loss: VAR's average over the partial sums ``f_hat_k``
       after every scale of ``beta*|sg[f_hat_k] - f|^2 + |f_hat_k - sg[f]|^2`` (``loss="every_scale"``), plus
       ``final_weight`` times that term for the complete reconstruction; or the complete reconstruction's term
-      only (``loss="final"``). On MNIST at 1,500 steps VAR's plain average leaves the full reconstruction
-      2.0 dB behind single-scale VQ (25.7 vs 27.7 dB held-out PSNR); ``"final"`` gets within 0.6 dB but its
-      partial sums stop improving scale by scale (the error rises at scales 2 and 3), which coarse-to-fine
-      generation relies on; ``final_weight`` between the two keeps every partial sum improving
-      (see ``VQVAEConfig.msvq_final_weight`` for the value the course ships).
+      only (``loss="final"``). On MNIST at 1,500 steps (``benchmarks/bench_msvq_loss.py``) VAR's plain
+      average leaves the full reconstruction 2.1 dB behind single-scale VQ (25.58 vs 27.67 dB held-out PSNR);
+      ``"final"`` comes within 0.5 dB but its partial sums stop improving scale by scale (PSNR falls at scales
+      2 and 3), which coarse-to-fine generation relies on; ``final_weight`` 32 (what
+      ``VQVAEConfig.msvq_final_weight`` ships) comes within 0.8 dB with every partial sum improving.
     * ``encode`` / ``decode`` / ``teacher_forcing_inputs``, and ``accumulate`` / ``next_input`` for
       generating one scale at a time.
     """

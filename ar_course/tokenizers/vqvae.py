@@ -75,7 +75,8 @@ class VQVAEConfig:
     num_phi: int = 4  # msvq
     msvq_loss: str = "every_scale"  # msvq: VAR's average over every scale's partial sum, or "final" only
     # msvq, "every_scale": extra weight on the complete reconstruction's term. VAR's plain average (0) leaves our
-    # 8x8 tokenizer 2 dB behind single-scale VQ; 32 closes that to under 1 dB with every partial sum improving.
+    # 8x8 tokenizer 2.1 dB behind single-scale VQ; 32 closes that to 0.8 dB with every partial sum improving
+    # (benchmarks/results/msvq_loss.json).
     msvq_final_weight: float = 32.0
     fsq_levels: tuple[int, ...] = (8, 6, 5)  # fsq: levels per latent channel (latent_dim must be their number)
     lfq_entropy_weight: float = 0.1  # lfq: weight of the entropy loss (per-sample minus codebook entropy)
