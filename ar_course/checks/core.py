@@ -15,9 +15,10 @@ Calling the registered check with the learner's function prints exactly one line
 * ``Exercise 1.1 failed: <what differed, on which input>[; <diagnosis>]. Hint: <hint>``
 * ``Exercise 1.1 not attempted yet`` (the function is still a ``raise NotImplementedError`` stub).
 
-**Run All.** By default a check only prints its line, records its verdict and returns whether it passed, so a
-learner notebook runs to its end: ``chapter.use(fn)`` hands the cells after a check the learner's function
-once its check has passed, else the reference with a one-line note. With the environment variable
+**Run All.** By default a check only prints its line and records its verdict (``chapter.results``; it returns
+nothing, so a check cell shows just its line), so a learner notebook runs to its end: ``chapter.use(fn)`` hands
+the cells after a check the learner's function once its check has passed, else the reference with a one-line
+note. With the environment variable
 ``AR_COURSE_STRICT_CHECKS=1`` (:data:`STRICT_ENV`) a check also raises: :class:`CheckFailure` (an
 ``AssertionError``) on a wrong answer and :class:`NotAttempted` on a stub. Every pytest run of the repository
 is strict (its ``conftest.py``), so a solution notebook whose check fails fails under nbval, and the checks'
@@ -389,19 +390,19 @@ class Chapter:
 
         ``hints`` go from a nudge to the key line (at least one; see the module docstring for when each is
         shown). The body raises :class:`CheckFailure` with a one-line reason when ``fn`` is wrong. The returned
-        callable takes the learner's function, prints one line and returns whether it passed (raising in
-        strict mode)."""
+        callable takes the learner's function, prints one line, records the verdict in :attr:`results` and
+        returns None (raising in strict mode)."""
         if isinstance(hints, str) or not hints or not all(isinstance(h, str) and h for h in hints):
             raise ValueError(f"exercise {number}: hints must be a non-empty sequence of non-empty strings")
 
-        def decorator(body: Callable[[Callable, Callable], None]) -> Callable[[Callable], bool]:
+        def decorator(body: Callable[[Callable, Callable], None]) -> Callable[[Callable], None]:
             ex_name = name or body.__name__
             ex = Exercise(number, ex_name, reference, tuple(hints), body)
             self.exercises[ex_name] = ex
 
             @functools.wraps(body)
-            def run_check(fn: Callable) -> bool:
-                return self._run(ex, fn)
+            def run_check(fn: Callable) -> None:
+                self._run(ex, fn)
 
             run_check.exercise = ex  # type: ignore[attr-defined]
             return run_check
@@ -434,10 +435,11 @@ class Chapter:
         text = self._next_hint(ex, len(ex.hints))
         print(f"Exercise {ex.number}, hint {level} of {len(ex.hints)}: {text}")
 
-    def _run(self, ex: Exercise, fn: Callable) -> bool:
+    def _run(self, ex: Exercise, fn: Callable) -> None:
         label = f"Exercise {ex.number}"
         if not callable(fn):
-            return self._fail(ex, f"expected a function, got {type(fn).__name__}")
+            self._fail(ex, f"expected a function, got {type(fn).__name__}")
+            return
         try:
             ex.check(fn, ex.reference)
         except NotImplementedError:
@@ -446,23 +448,22 @@ class Chapter:
             if strict_checks():
                 raise NotAttempted(
                     f"{label} not attempted yet: replace the `raise NotImplementedError` in its cell") from None
-            return False
+            return
         except CheckFailure as exc:
             self._failures[ex.number] = self._failures.get(ex.number, 0) + 1
             limit = min(self._failures[ex.number], max(1, len(ex.hints) - 1))  # never the key line unasked
-            return self._fail(ex, f"{exc}. Hint: {self._next_hint(ex, limit)}")
+            self._fail(ex, f"{exc}. Hint: {self._next_hint(ex, limit)}")
+            return
         self._record(ex, PASSED, "")
         self._passed[ex.name] = fn
         print(f"{label} passed")
-        return True
 
-    def _fail(self, ex: Exercise, reason: str) -> bool:
-        """Record, print and (in strict mode) raise the failure ``reason``; return False."""
+    def _fail(self, ex: Exercise, reason: str) -> None:
+        """Record, print and (in strict mode) raise the failure ``reason``."""
         self._record(ex, FAILED, reason)
         print(f"Exercise {ex.number} failed: {reason}")
         if strict_checks():
             raise CheckFailure(f"Exercise {ex.number} failed: {reason}")
-        return False
 
     def _record(self, ex: Exercise, status: str, message: str) -> None:
         self.results[ex.number] = status
