@@ -33,13 +33,12 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from ar_course.data import load_mnist  # noqa: E402
 from ar_course.files import atomic_write_text, save_figure  # noqa: E402
 from ar_course.tokenizers import load_pretrained  # noqa: E402
 from ar_course.tokenizers.train import default_config, evaluate  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_tokenizers import run, scales_sweep  # noqa: E402
+from bench_tokenizers import load_digits, run, scales_sweep  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 LOSSES = {  # name -> the config fields that differ
@@ -92,10 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     steps = 20 if args.quick else args.steps
-    train = load_mnist("train", size=32)[0]
-    test = load_mnist("test", size=32)[0]
-    if args.quick:
-        train, test = train[:2000], test[:200]
+    train, test = load_digits(args.quick)
     vq_psnr = evaluate(load_pretrained("mnist_vq"), test)["psnr"]
     losses = []
     for name, fields in LOSSES.items():

@@ -59,6 +59,12 @@ def run(name: str, config, steps: int, train: torch.Tensor, test: torch.Tensor, 
     return summary, model
 
 
+def load_digits(quick: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """MNIST train and held-out test images ``(N, 1, 32, 32)``; small subsets for a ``quick`` smoke run."""
+    train, test = load_mnist("train", size=32)[0], load_mnist("test", size=32)[0]
+    return (train[:2000], test[:200]) if quick else (train, test)
+
+
 @torch.no_grad()
 def scales_sweep(model, test: torch.Tensor) -> dict:
     """PSNR and latent MSE when the multi-scale model decodes from the first k scales, k = 1..S."""
@@ -123,10 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     steps = 20 if args.quick else args.steps
-    train = load_mnist("train", size=32)[0]
-    test = load_mnist("test", size=32)[0]
-    if args.quick:
-        train, test = train[:2000], test[:200]
+    train, test = load_digits(args.quick)
     curve = test[:1000]
     eval_every = max(steps // 6, 1)
 

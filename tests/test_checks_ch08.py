@@ -128,7 +128,7 @@ def mask_bernoulli(r, n, schedule="cosine", generator=None):  # each position hi
 
 
 def mask_float_counts(r, n, schedule="cosine", generator=None):
-    return answers.training_mask(r, n, schedule, generator).float()
+    return M.training_mask(r, n, schedule, generator).float()
 
 
 def mask_per_row_loop(r, n, schedule="cosine", generator=None):  # right, drawn another way: a permutation per row
@@ -140,7 +140,7 @@ def mask_per_row_loop(r, n, schedule="cosine", generator=None):  # right, drawn 
 
 def test_8_2():
     check = ch08.training_mask
-    assert_passes(check, answers.training_mask)
+    assert_passes(check, M.training_mask)
     assert_passes(check, mask_per_row_loop)
     assert_not_attempted(check, stub)
     for wrong in (mask_bernoulli, mask_float_counts):
@@ -157,12 +157,12 @@ def test_8_2():
     assert_fails(check, mask_float_counts, contains="bool tensor")
 
 
-def test_reference_training_mask_matches_the_library_draw():
-    # random_mask draws r first, then the positions' scores: the reference given that r hides the same positions
+def test_training_mask_is_the_random_mask_draw_given_r():
+    # random_mask draws r first, then the positions' scores: training_mask given that r hides the same positions
     for batch, n, schedule in ((7, 16, "cosine"), (5, 9, "square")):
         g, g_lib = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
         r = torch.rand(batch, generator=g)
-        assert torch.equal(answers.training_mask(r, n, schedule, g), M.random_mask(batch, n, schedule, g_lib))
+        assert torch.equal(M.training_mask(r, n, schedule, g), M.random_mask(batch, n, schedule, g_lib))
 
 
 # 8.3 ------------------------------------------------------------------------------------------------------

@@ -170,7 +170,7 @@ def _spread_failure(got: torch.Tensor) -> str | None:
     return None
 
 
-@chapter.exercise("8.2", reference=answers.training_mask, hints=(
+@chapter.exercise("8.2", reference=ref.training_mask, hints=(
     "two separate questions: how many positions each row hides (its own r through the schedule, rounded up, never "
     "0), and which ones (every set of that size equally likely, every row drawn on its own)",
     "a row's count differs from the next row's, so topk with one k does not fit; give every position a uniform "

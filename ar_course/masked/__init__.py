@@ -11,6 +11,7 @@
 from ar_course.masked import functional
 from ar_course.masked.functional import (
     SCHEDULES, confidence_step, mask_ratio, masked_after, masked_cross_entropy, neighbour_steps, random_mask,
+    training_mask,
 )
 from ar_course.masked.model import (
     CHECKPOINT_KIND, PRETRAINED_PATH, MaskGIT, generate_images, load_pretrained, maskgit_config, maskgit_loss,
@@ -18,7 +19,7 @@ from ar_course.masked.model import (
 )
 
 __all__ = [
-    "functional", "SCHEDULES", "mask_ratio", "random_mask", "masked_cross_entropy", "masked_after",
+    "functional", "SCHEDULES", "mask_ratio", "random_mask", "training_mask", "masked_cross_entropy", "masked_after",
     "confidence_step", "neighbour_steps", "MaskGIT", "maskgit_config", "maskgit_loss", "generate_images",
     "load_pretrained", "pretrained_info", "CHECKPOINT_KIND", "PRETRAINED_PATH",
 ]

@@ -51,14 +51,24 @@ def mask_ratio(r: torch.Tensor | float, schedule: str = "cosine") -> torch.Tenso
 def random_mask(batch: int, n: int, schedule: str = "cosine", generator: torch.Generator | None = None,
                 device: torch.device | str | None = None) -> torch.Tensor:
     """Training masks ``(batch, n)`` bool (``True`` = masked): per row, ``r ~ U(0, 1)`` and
-    ``ceil(gamma(r) * n)`` positions (at least 1) chosen uniformly at random. Random numbers are drawn on the
-    CPU from ``generator`` (``batch`` for ``r``, then ``batch * n`` for the positions) and moved to ``device``."""
+    ``ceil(gamma(r) * n)`` positions (at least 1) chosen uniformly at random (:func:`training_mask`). Random
+    numbers are drawn on the CPU from ``generator`` (``batch`` for ``r``, then ``batch * n`` for the positions)
+    and moved to ``device``."""
     batch, n = check_int("batch", batch, lo=1), check_int("n", n, lo=1)
     r = torch.rand(batch, generator=generator)  # (B,)
-    count = torch.ceil(mask_ratio(r, schedule) * n).long().clamp(1, n)  # (B,)
-    scores = torch.rand(batch, n, generator=generator)  # (B, N)
-    rank = scores.argsort(dim=1).argsort(dim=1)  # (B, N): the rank of each position's score
-    return (rank < count[:, None]).to(device)  # (B, N)
+    return training_mask(r, n, schedule, generator).to(device)  # (B, N)
+
+
+def training_mask(r: torch.Tensor, n: int, schedule: str = "cosine", generator: torch.Generator | None = None
+                  ) -> torch.Tensor:
+    """Training masks ``(B, n)`` bool (``True`` = hidden) for the progresses ``r`` ``(B,)``: row ``b`` hides
+    ``ceil(gamma(r_b) * n)`` positions, at least one, chosen uniformly at random (one uniform score per position
+    from ``generator``, drawn on the CPU; a row hides its ``count`` lowest scores), on ``r``'s device."""
+    n = check_int("n", n, lo=1)
+    count = torch.ceil(mask_ratio(r.cpu(), schedule) * n).long().clamp(1, n)  # (B,)
+    scores = torch.rand(r.shape[0], n, generator=generator)  # (B, n)
+    rank = scores.argsort(dim=1).argsort(dim=1)  # (B, n): the rank of each position's score in its row
+    return (rank < count[:, None]).to(r.device)  # (B, n)
 
 
 def masked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -1,8 +1,5 @@
 """Chapter 08 reference that the library does not call in this form.
 
-* :func:`training_mask` -- exercise 8.2: MaskGIT's training masks for given progresses ``r``. The library's
-  :func:`ar_course.masked.functional.random_mask` draws ``r`` itself and then hides the same positions
-  (``tests/test_checks_ch08.py`` checks that the two agree on the same random draws).
 * :func:`neighbour_step_map` -- exercise 8.4: the pass at which each position is generated when every token
   waits for a given set of earlier neighbours. With the upper and left neighbours (the default) it is the
   library's next-neighbour (NAR) order, :func:`ar_course.raster.orders.schedule` ``("neighbour")`` and
@@ -20,18 +17,6 @@ from typing import Sequence
 import torch
 
 from ar_course import diffusion_lm
-from ar_course.masked import functional as maskgit
-
-
-def training_mask(r: torch.Tensor, n: int, schedule: str = "cosine", generator: torch.Generator | None = None
-                  ) -> torch.Tensor:
-    """Exercise 8.2: ``(B, n)`` bool training masks (``True`` = hidden) for the progresses ``r`` ``(B,)``: row ``b``
-    hides ``ceil(gamma(r_b) * n)`` positions, at least one, chosen uniformly at random (one uniform score per
-    position from ``generator``, drawn on the CPU; a row hides its ``count`` lowest scores)."""
-    count = torch.ceil(maskgit.mask_ratio(r.cpu(), schedule) * n).long().clamp(1, n)  # (B,)
-    scores = torch.rand(r.shape[0], n, generator=generator)  # (B, n)
-    rank = scores.argsort(dim=1).argsort(dim=1)  # (B, n): the rank of each position's score in its row
-    return (rank < count[:, None]).to(r.device)  # (B, n)
 
 
 def neighbour_step_map(h: int, w: int, neighbours: Sequence[tuple[int, int]] = ((-1, 0), (0, -1))) -> torch.Tensor:
