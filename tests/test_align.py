@@ -12,8 +12,9 @@ from hypothesis import strategies as st
 
 from ar_course import checkpoint, raster
 from ar_course.align import (
-    CCAConfig, GRPOConfig, brightness, cca_loss, class_probability, clipped_surrogate, group_advantages,
-    grpo_objective, k3_kl, sequence_log_probs, token_log_probs, train_cca, train_grpo, wrong_classes,
+    CCAConfig, GRPOConfig, brightness, cca_batch_loss, cca_loss, cca_step, class_probability, clipped_surrogate,
+    group_advantages, grpo_objective, grpo_rollout, grpo_update, k3_kl, sequence_log_probs, token_log_probs,
+    train_cca, train_grpo, wrong_classes,
 )
 from ar_course.transformer.model import GPT
 
@@ -86,6 +87,70 @@ def test_grpo_step_on_a_two_token_policy_moves_probability_to_the_rewarded_token
     assert float(kl) == 0.0
     assert float(torch.softmax(theta.detach(), 0)[0]) == pytest.approx(float(expected), abs=1e-7)
     assert float(expected) > 0.5
+
+
+def _tiny_policy(seed: int) -> GPT:
+    torch.manual_seed(seed)
+    return GPT(raster.raster_config(12, (2, 3), n_classes=4, n_layer=1, n_head=2, n_embd=16, dropout=0.2))
+
+
+def test_grpo_rollout_samples_groups_by_class_without_gradients_and_restores_the_mode():
+    policy, reference = _tiny_policy(0).train(), _tiny_policy(1).eval()
+
+    def reward(maps, classes):
+        return maps.float().mean((1, 2)) + (maps == classes[:, None, None]).float().mean((1, 2))
+
+    out = grpo_rollout(policy, reference, reward, 3, torch.Generator().manual_seed(0))
+    assert policy.training  # given back in train mode; sampled in eval mode (same maps as an eval-mode call)
+    again = grpo_rollout(policy.eval(), reference, reward, 3, torch.Generator().manual_seed(0))
+    assert not policy.training and torch.equal(out["maps"], again["maps"])
+    assert out["classes"].tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]
+    assert out["maps"].shape == (12, 2, 3) and out["logp_old"].shape == out["logp_ref"].shape == (12, 6)
+    assert torch.equal(out["rewards"], reward(out["maps"], out["classes"]))
+    assert torch.allclose(out["advantages"], group_advantages(out["rewards"].view(4, 3)).flatten())
+    assert torch.allclose(out["logp_ref"], token_log_probs(reference, out["maps"], out["classes"]))
+    assert not any(t.requires_grad for t in out.values())
+    with pytest.raises(ValueError, match="one reward per sample"):
+        grpo_rollout(policy, reference, lambda maps, classes: reward(maps, classes)[:5], 3, torch.Generator())
+    with pytest.raises(ValueError, match="group_size"):
+        grpo_rollout(policy, reference, reward, 1, torch.Generator())
+
+
+def test_grpo_update_takes_inner_steps_against_the_fixed_rollout():
+    policy = _tiny_policy(0).eval()
+
+    def reward(maps, classes):
+        return maps.float().mean((1, 2))
+
+    rollout = grpo_rollout(policy, copy.deepcopy(policy), reward, 4, torch.Generator().manual_seed(3))
+    before = [p.detach().clone() for p in policy.parameters()]
+    loss0, kl0 = grpo_objective(token_log_probs(policy, rollout["maps"], rollout["classes"]), rollout["logp_old"],
+                                rollout["logp_ref"], rollout["advantages"], 0.2, 0.05)
+    steps = grpo_update(policy, torch.optim.SGD(policy.parameters(), lr=0.5), rollout, 0.2, 0.05, inner_steps=3)
+    assert len(steps) == 3 and steps[0] == pytest.approx((float(loss0.detach()), float(kl0)))
+    assert steps[0][1] == 0.0 < steps[2][1]  # the reference is the starting policy: KL 0, then it grows
+    assert any(not torch.equal(a, b) for a, b in zip(before, policy.parameters()))
+    with pytest.raises(ValueError, match="rollout lacks logp_ref"):
+        grpo_update(policy, torch.optim.SGD(policy.parameters(), lr=0.5),
+                    {k: v for k, v in rollout.items() if k != "logp_ref"}, inner_steps=1)
+    with pytest.raises(ValueError, match="inner_steps"):
+        grpo_update(policy, torch.optim.SGD(policy.parameters(), lr=0.5), rollout, inner_steps=0)
+
+
+def test_cca_step_updates_on_cca_batch_loss():
+    policy, reference = _tiny_policy(0).eval(), _tiny_policy(1).eval()
+    g = torch.Generator().manual_seed(0)
+    maps, classes = torch.randint(0, 12, (5, 2, 3), generator=g), torch.randint(0, 4, (5,), generator=g)
+    negatives = wrong_classes(classes, 4, g)
+    loss, pos, neg = (t.detach() for t in cca_batch_loss(policy, reference, maps, classes, negatives, 0.5, 2.0))
+    both = sequence_log_probs(policy, torch.cat([maps, maps]), torch.cat([classes, negatives]))
+    ref = sequence_log_probs(reference, torch.cat([maps, maps]), torch.cat([classes, negatives]))
+    assert torch.allclose(torch.cat([pos, neg]), both - ref)
+    assert float(loss) == pytest.approx(float(cca_loss(pos, neg, 0.5, 2.0)))
+    got = cca_step(policy, reference, maps, classes, negatives, torch.optim.SGD(policy.parameters(), lr=0.1),
+                   CCAConfig(beta=0.5, lam=2.0))
+    assert got == pytest.approx((float(loss), float(pos.mean()), float(neg.mean())))
+    assert float(cca_batch_loss(policy, reference, maps, classes, negatives, 0.5, 2.0)[0].detach()) < float(loss)
 
 
 def test_cca_loss_matches_its_formula_and_pushes_positives_up_negatives_down():

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 from ar_course import raster
 from ar_course.align import functional as A
-from ar_course.align.grpo import grpo_objective
+from ar_course.align.cca import cca_batch_loss
+from ar_course.align.grpo import grpo_objective, grpo_rollout as library_rollout
 from ar_course.align.model import token_log_probs
 from ar_course.checks import ch11
 from ar_course.checks.reference import ch11 as answers
@@ -223,7 +224,8 @@ def rollout_with(eval_mode=True, restore=True, ref_model=True, groups="classes",
 
 def test_11_4():
     check = ch11.grpo_rollout
-    assert_passes(check, answers.grpo_rollout)
+    assert_passes(check, library_rollout)
+    assert_passes(check, rollout_with())  # by hand, with 11.2's advantages by class id
     assert_not_attempted(check, stub)
     assert_fails(check, rollout_with(layout="repeat"), contains="laid out 0, 1, ..., 0, 1")
     assert_fails(check, rollout_with(eval_mode=False), contains="train mode, with dropout")
@@ -231,7 +233,7 @@ def test_11_4():
     assert_fails(check, rollout_with(ref_model=False), contains="frozen reference model")
     assert_fails(check, rollout_with(groups="batch"), contains="whole batch")
     assert_fails(check, rollout_with(no_grad=False), contains="logp_old carries a gradient")
-    assert_fails(check, lambda *args: list(answers.grpo_rollout(*args).values()), contains="should be a dict")
+    assert_fails(check, lambda *args: list(library_rollout(*args).values()), contains="should be a dict")
 
 
 # 11.5 ------------------------------------------------------------------------------------------------------
@@ -259,6 +261,7 @@ def update_with(old="rollout", zero_grad=True, clip_norm=True, steps=None, retur
 def test_11_5():
     check = ch11.grpo_update
     assert_passes(check, answers.grpo_update)
+    assert_passes(check, update_with())
     assert_not_attempted(check, stub)
     assert_fails(check, update_with(old="current"), contains="always 1")
     assert_fails(check, update_with(old="ref"), contains="against the reference model")
@@ -287,12 +290,13 @@ def cca_with(reduce="sum", neg_sign=-1.0, lam_used=True, log_sigmoid=F.logsigmoi
 
 def cca_no_grad(policy, reference, maps, classes, negatives, beta=0.02, lam=1.0):
     with torch.no_grad():
-        return answers.cca_loss(policy, reference, maps, classes, negatives, beta, lam)
+        return cca_batch_loss(policy, reference, maps, classes, negatives, beta, lam)
 
 
 def test_11_6():
     check = ch11.cca_loss
-    assert_passes(check, answers.cca_loss)
+    assert_passes(check, cca_batch_loss)
+    assert_passes(check, cca_with())
     assert_passes(check, cca_with(ref_grad=True))  # a reference with gradients wastes work but trains the same
     assert_not_attempted(check, stub)
     assert_fails(check, cca_with(negatives_used=False), contains="wrong class")

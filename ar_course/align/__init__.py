@@ -15,15 +15,17 @@ The shipped fine-tuned models are raster checkpoints (``ar_mnist_grpo``, ``ar_mn
 ``Generator.from_pretrained("mnist", ar="grpo")`` / ``Generator.from_pretrained("mnist", var="cca")``.
 """
 
-from ar_course.align.cca import CCAConfig, CCALog, LogProbs, cca_step, train_cca, var_log_probs, wrong_classes
+from ar_course.align.cca import (CCAConfig, CCALog, LogProbs, cca_batch_loss, cca_step, train_cca, var_log_probs,
+                                 wrong_classes)
 from ar_course.align.functional import cca_loss, clipped_surrogate, group_advantages, k3_kl
-from ar_course.align.grpo import GRPOConfig, GRPOLog, grpo_objective, grpo_step, train_grpo
+from ar_course.align.grpo import (GRPOConfig, GRPOLog, grpo_objective, grpo_rollout, grpo_step, grpo_update,
+                                  train_grpo)
 from ar_course.align.model import pyramid_log_probs, pyramid_token_log_probs, sequence_log_probs, token_log_probs
 from ar_course.align.rewards import REWARDS, brightness, class_probability
 
 __all__ = [
     "group_advantages", "clipped_surrogate", "k3_kl", "cca_loss", "token_log_probs", "sequence_log_probs",
-    "class_probability", "brightness", "REWARDS", "GRPOConfig", "GRPOLog", "grpo_objective", "grpo_step",
-    "train_grpo", "CCAConfig", "CCALog", "cca_step", "train_cca", "wrong_classes", "pyramid_token_log_probs",
-    "pyramid_log_probs", "LogProbs", "var_log_probs",
+    "class_probability", "brightness", "REWARDS", "GRPOConfig", "GRPOLog", "grpo_objective", "grpo_rollout",
+    "grpo_update", "grpo_step", "train_grpo", "CCAConfig", "CCALog", "cca_batch_loss", "cca_step", "train_cca",
+    "wrong_classes", "pyramid_token_log_probs", "pyramid_log_probs", "LogProbs", "var_log_probs",
 ]

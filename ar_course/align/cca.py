@@ -87,18 +87,27 @@ def var_log_probs(vq: MultiScaleVQ) -> LogProbs:
     return log_probs
 
 
-def cca_step(policy: nn.Module, reference: nn.Module, maps: torch.Tensor, classes: torch.Tensor,
-             negatives: torch.Tensor, optimizer: torch.optim.Optimizer, config: CCAConfig,
-             log_probs: LogProbs = sequence_log_probs) -> tuple[float, float, float]:
-    """One CCA update on data ``maps`` ``(B, ...)`` (raster token maps ``(B, h, w)`` by default; whatever
-    ``log_probs`` reads) with their ``classes`` and wrong ``negatives`` ``(B,)``; returns ``(loss, mean positive
-    log-ratio, mean negative log-ratio)``."""
+def cca_batch_loss(policy: nn.Module, reference: nn.Module, maps: torch.Tensor, classes: torch.Tensor,
+                   negatives: torch.Tensor, beta: float = 0.02, lam: float = 1.0,
+                   log_probs: LogProbs = sequence_log_probs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(loss, logratio_pos, logratio_neg)``: CCA's loss (:func:`~ar_course.align.functional.cca_loss`, a scalar
+    with gradients to ``policy``) of data ``maps`` ``(B, ...)`` (raster token maps ``(B, h, w)`` by default;
+    whatever ``log_probs`` reads) paired with their ``classes`` and with wrong ``negatives`` ``(B,)``, and the
+    log-ratios ``log p(x | c) - log p_ref(x | c)`` ``(B,)`` of both kinds of pair (one pass per model over the
+    ``2B`` pairs; the reference without gradients)."""
     both_maps, both_classes = torch.cat([maps, maps]), torch.cat([classes, negatives])  # (2B, ...), (2B,)
     with torch.no_grad():
         ref = log_probs(reference, both_maps, both_classes)  # (2B,)
-    ratio = log_probs(policy, both_maps, both_classes) - ref  # (2B,)
-    pos, neg = ratio.chunk(2)  # (B,), (B,)
-    loss = cca_loss(pos, neg, config.beta, config.lam)
+    pos, neg = (log_probs(policy, both_maps, both_classes) - ref).chunk(2)  # (B,), (B,)
+    return cca_loss(pos, neg, beta, lam), pos, neg
+
+
+def cca_step(policy: nn.Module, reference: nn.Module, maps: torch.Tensor, classes: torch.Tensor,
+             negatives: torch.Tensor, optimizer: torch.optim.Optimizer, config: CCAConfig,
+             log_probs: LogProbs = sequence_log_probs) -> tuple[float, float, float]:
+    """One CCA update (:func:`cca_batch_loss`, then an optimizer step with the gradient norm clipped to 1);
+    returns ``(loss, mean positive log-ratio, mean negative log-ratio)``."""
+    loss, pos, neg = cca_batch_loss(policy, reference, maps, classes, negatives, config.beta, config.lam, log_probs)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)

@@ -4,7 +4,9 @@ One step: sample a group of ``G`` token maps for each class from the current pol
 sampling, guidance 0), decode them, score them with a reward, turn the rewards into group-relative advantages,
 then take ``inner_steps`` optimizer steps on the clipped policy-ratio objective over every token minus
 ``kl_coef`` times the ``k3`` KL estimate to the frozen reference model. No value network: the group's mean
-reward is the baseline::
+reward is the baseline. :func:`grpo_rollout` is the sampling half of a step and :func:`grpo_update` its optimizer
+half (chapter 11's exercises 11.4 and 11.5); :func:`grpo_step` joins them for the class-conditional raster model
+and a reward on decoded images::
 
     policy, tokenizer = raster.load_pretrained()
     reference = copy.deepcopy(policy)
@@ -14,6 +16,7 @@ reward is the baseline::
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
@@ -25,6 +28,7 @@ from ar_course.align.rewards import REWARDS, Reward
 from ar_course.raster.model import generate_images, generate_tokens
 from ar_course.tokenizers import VQVAE
 from ar_course.transformer.model import GPT
+from ar_course.utils import check_int
 
 
 @dataclass
@@ -80,33 +84,87 @@ def grpo_objective(
     return -clipped_surrogate(logp, logp_old, advantages, clip).mean() + kl_coef * kl, kl.detach()
 
 
-def grpo_step(
-    policy: GPT, reference: GPT, tokenizer: VQVAE, optimizer: torch.optim.Optimizer, config: GRPOConfig,
-    reward_fn: Reward, generator: torch.Generator,
-) -> tuple[float, float]:
-    """One GRPO step (sample, score, ``inner_steps`` updates); returns ``(mean reward, mean KL)``."""
+ROLLOUT_KEYS = ("classes", "maps", "rewards", "advantages", "logp_old", "logp_ref")
+"""The keys of a :func:`grpo_rollout` dict, in order."""
+
+
+def grpo_rollout(
+    policy: GPT, reference: GPT, reward_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], group_size: int,
+    generator: torch.Generator,
+) -> dict[str, torch.Tensor]:
+    """The sampling half of a GRPO step, without gradients: ``group_size`` token maps per class from ``policy``
+    in eval mode (one :func:`~ar_course.raster.model.generate_tokens` call with ``generator``), scored by
+    ``reward_fn(maps, classes)`` -> ``(B,)``. Returns the batch the updates train on, ``B = n_classes *
+    group_size`` with each class's samples next to each other: ``classes`` ``(B,)``, ``maps`` ``(B, h, w)``,
+    ``rewards`` ``(B,)``, ``advantages`` ``(B,)`` (relative to the class's group), and the per-token
+    log-probabilities ``logp_old`` (the policy's) and ``logp_ref`` (the reference's) ``(B, h * w)``. The policy
+    is given back in the mode it came in.
+
+    Raises:
+        ValueError: ``group_size`` not an int >= 2, or rewards that are not one float per sample.
+    """
+    group_size = check_int("group_size", group_size, lo=2)
     device = next(policy.parameters()).device
-    n_classes, side = policy.config.n_classes, tokenizer.config.latent_side
-    classes = torch.arange(n_classes, device=device).repeat_interleave(config.group_size)  # (N * G,)
+    n_classes = policy.config.n_classes
+    classes = torch.arange(n_classes, device=device).repeat_interleave(group_size)  # (N * G,)
+    was_training = policy.training
     policy.eval()
     with torch.no_grad():
-        maps = generate_tokens(policy, classes, (side, side), generator=generator)  # (N * G, h, w)
-        rewards = reward_fn(tokenizer.decode_from_indices(maps), classes)  # (N * G,)
-        adv = group_advantages(rewards.view(n_classes, config.group_size).float()).flatten()  # (N * G,)
+        maps = generate_tokens(policy, classes, policy.config.grid, generator=generator)  # (N * G, h, w)
+        rewards = reward_fn(maps, classes)  # (N * G,)
+        if not (isinstance(rewards, torch.Tensor) and rewards.is_floating_point()
+                and rewards.shape == classes.shape):
+            raise ValueError(f"reward_fn must return a float tensor of shape {tuple(classes.shape)} (one reward "
+                             f"per sample), got {getattr(rewards, 'dtype', type(rewards).__name__)} "
+                             f"{tuple(getattr(rewards, 'shape', ()))}")
+        adv = group_advantages(rewards.view(n_classes, group_size)).flatten()  # (N, G) -> (N * G,)
         logp_old = token_log_probs(policy, maps, classes)  # (N * G, T)
         logp_ref = token_log_probs(reference, maps, classes)  # (N * G, T)
-    policy.train()
-    kls = []
-    for _ in range(config.inner_steps):
-        loss, kl = grpo_objective(token_log_probs(policy, maps, classes), logp_old, logp_ref, adv,
-                                  config.clip, config.kl_coef)
+    policy.train(was_training)
+    return dict(zip(ROLLOUT_KEYS, (classes, maps, rewards, adv, logp_old, logp_ref)))
+
+
+def grpo_update(
+    policy: GPT, optimizer: torch.optim.Optimizer, rollout: dict[str, torch.Tensor], clip: float = 0.2,
+    kl_coef: float = 0.05, inner_steps: int = 2,
+) -> list[tuple[float, float]]:
+    """The optimizer half of a GRPO step: ``inner_steps`` steps on :func:`grpo_objective` of one
+    :func:`grpo_rollout`, each recomputing the policy's log-probabilities with gradients against the fixed
+    ``logp_old`` and ``logp_ref``, with the gradient norm clipped to 1. Returns ``(loss, mean KL)`` of each
+    step, measured before its update. Runs in whatever mode ``policy`` is in."""
+    inner_steps = check_int("inner_steps", inner_steps, lo=1)
+    missing = [key for key in ROLLOUT_KEYS if key != "rewards" and key not in rollout]
+    if missing:
+        raise ValueError(f"rollout lacks {', '.join(missing)}: pass the dict that grpo_rollout returns")
+    steps = []
+    for _ in range(inner_steps):
+        logp = token_log_probs(policy, rollout["maps"], rollout["classes"])  # (B, T)
+        loss, kl = grpo_objective(logp, rollout["logp_old"], rollout["logp_ref"], rollout["advantages"], clip,
+                                  kl_coef)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
         optimizer.step()
-        kls.append(float(kl))
+        steps.append((float(loss.detach()), float(kl)))
+    return steps
+
+
+def grpo_step(
+    policy: GPT, reference: GPT, tokenizer: VQVAE, optimizer: torch.optim.Optimizer, config: GRPOConfig,
+    reward_fn: Reward, generator: torch.Generator,
+) -> tuple[float, float]:
+    """One GRPO step: :func:`grpo_rollout` scored by ``reward_fn`` on the decoded images, then
+    :func:`grpo_update` in train mode. Returns ``(mean reward, mean KL before the first update)``; the policy
+    is left in eval mode."""
+
+    def reward_of_maps(maps: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+        return reward_fn(tokenizer.decode_from_indices(maps), classes)  # (B,)
+
+    rollout = grpo_rollout(policy, reference, reward_of_maps, config.group_size, generator)
+    policy.train()
+    steps = grpo_update(policy, optimizer, rollout, config.clip, config.kl_coef, config.inner_steps)
     policy.eval()
-    return float(rewards.mean()), kls[0]
+    return float(rollout["rewards"].mean()), steps[0][1]
 
 
 @torch.no_grad()

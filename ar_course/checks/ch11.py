@@ -18,7 +18,8 @@ import torch
 
 from ar_course import raster
 from ar_course.align import functional as ref
-from ar_course.align.grpo import grpo_objective
+from ar_course.align.cca import cca_batch_loss
+from ar_course.align.grpo import ROLLOUT_KEYS, grpo_objective, grpo_rollout as library_rollout
 from ar_course.align.model import token_log_probs as ref_token_log_probs
 from ar_course.checks.core import Case, Chapter, CheckFailure, Mistake, call, compare, compare_cases
 from ar_course.checks.reference import ch11 as answers
@@ -254,9 +255,6 @@ def grpo_loss(fn: Callable, ref_fn: Callable) -> None:
 # --------------------------------------------------------------------------------------------------------
 # 11.4 the rollout: sample, score, advantages, fixed log-probabilities
 
-ROLLOUT_KEYS = ("classes", "maps", "rewards", "advantages", "logp_old", "logp_ref")
-
-
 def _toy_reward(maps: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
     """``(B,)`` float: a reward of token maps that the tiny models of the checks can earn (the mean token id over
     the largest one, plus a bonus for tokens equal to the class)."""
@@ -320,7 +318,7 @@ ROLLOUT_MISTAKES = [
 ]
 
 
-@chapter.exercise("11.4", reference=answers.grpo_rollout, hints=(
+@chapter.exercise("11.4", reference=library_rollout, hints=(
     "a rollout is everything computed once per group, before any update: which samples, with which model and "
     "mode, which numbers need gradients later and which must stay fixed?",
     "classes = arange(n_classes).repeat_interleave(group_size); in eval mode and under torch.no_grad(), one "
@@ -351,7 +349,7 @@ def _updated(fn: Callable) -> Callable:
 
     def run(seed: int, ref_scale: float, lr: float, clip: float, kl_coef: float, inner_steps: int):
         policy, reference = _tiny_model(seed), _tiny_model(seed + 50, scale=ref_scale)
-        rollout = answers.grpo_rollout(policy, reference, _toy_reward, 4, torch.Generator().manual_seed(seed))
+        rollout = library_rollout(policy, reference, _toy_reward, 4, torch.Generator().manual_seed(seed))
         optimizer = torch.optim.SGD(policy.parameters(), lr=lr)
         losses = fn(policy, optimizer, rollout, clip, kl_coef, inner_steps)
         if not isinstance(losses, (list, tuple)):
@@ -486,7 +484,7 @@ CCA_MISTAKES = [
 ]
 
 
-@chapter.exercise("11.6", reference=answers.cca_loss, hints=(
+@chapter.exercise("11.6", reference=cca_batch_loss, hints=(
     "CCA is a logistic classification of matched (map, its class) against mismatched (map, a wrong class) "
     "pairs, scored by how much more likely the policy finds the pair than the frozen reference does",
     "score both kinds of pair (torch.cat the maps twice, with classes then negatives, for one pass per model); "
