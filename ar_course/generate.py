@@ -26,7 +26,7 @@ from ar_course.files import atomic_path, check_output_path
 from ar_course.images import encode_png, to_grid
 from ar_course.sampling import SamplingConfig
 from ar_course.system import KERNELS, METHODS, PRECISIONS, GenerationRequest, Generator
-from ar_course.utils import get_device
+from ar_course.utils import SEED_RANGE, get_device
 
 MIN_TEMPERATURE = 1e-6
 """Smallest positive ``--temperature``: around 1e-38 and below, logits / temperature overflow float32 (NaN
@@ -36,8 +36,6 @@ MIN_TOP_P = 1e-6
 1 / vocabulary size keeps just the most likely token anyway."""
 MAX_CFG = 1000.0
 """Largest ``--cfg``: useful strengths are a few units, and near 1e38 the guided logits overflow float32."""
-MAX_SEED = 2**64 - 1
-"""torch seeds are unsigned 64-bit integers."""
 
 
 def _temperature(text: str) -> float:
@@ -80,7 +78,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--graphs", action="store_true",
                    help="replay the batched decode step from CUDA graphs over a static KV cache (CUDA only; the "
                         "first call at a batch size captures them)")
-    p.add_argument("--seed", type=int_in(0, MAX_SEED), default=0)
+    p.add_argument("--seed", type=int_in(0, SEED_RANGE[1]), default=0)
     p.add_argument("--device", type=device_name, default="auto", help="cpu, cuda, cuda:N, mps or auto [auto]")
     p.add_argument("--var-checkpoint", type=Path, default=None, help="a VAR checkpoint instead of the shipped one")
     p.add_argument("--ar-checkpoint", type=Path, default=None,
@@ -91,9 +89,6 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--var-model", choices=("base", "cca"), default="base",
                    help="which shipped VAR model: pre-trained, or aligned by CCA (chapter 11; defaults to --cfg 0, "
                         "no guidance) [base]")
-    p.add_argument("--dataset", choices=("mnist", "shapes"), default="mnist",
-                   help="what custom checkpoints were trained on: a label only, which changes no image (the "
-                        "checkpoints decide the classes and the image size) [mnist]")
     p.add_argument("--zoom", type=int_in(1, 64), default=2, help="pixel repeat factor of the PNG, 1 to 64 [2]")
     p.add_argument("--stats-json", type=Path, default=None, help="also write the generation stats to this .json file")
     return p
@@ -125,9 +120,6 @@ def _check_options(args: argparse.Namespace) -> None:
                          "without --var-checkpoint")
     if (args.ar_model != "base" or args.var_model != "base") and args.cfg is None:
         args.cfg = 0.0  # the aligned models sample without guidance
-    if args.dataset != "mnist" and not (args.var_checkpoint or args.ar_checkpoint):
-        raise UsageError(f"the shipped models generate mnist; --dataset {args.dataset} needs --var-checkpoint or "
-                         "--ar-checkpoint")
     try:
         device = get_device(args.device)
     except RuntimeError as exc:
@@ -150,8 +142,7 @@ def _load(args: argparse.Namespace) -> Generator:
     """The shipped models, or the checkpoints given; a bad checkpoint file is a :class:`UsageError`."""
     try:
         if args.var_checkpoint or args.ar_checkpoint:
-            return Generator.from_checkpoints(args.var_checkpoint, args.ar_checkpoint, device=args.device,
-                                              dataset=args.dataset)
+            return Generator.from_checkpoints(args.var_checkpoint, args.ar_checkpoint, device=args.device)
         return Generator.from_pretrained("mnist", device=args.device, ar=args.ar_model, var=args.var_model)
     except CheckpointError as exc:
         raise UsageError(str(exc)) from None

@@ -44,7 +44,7 @@ from ar_course.transformer.graphs import CUDAGraphStep
 from ar_course.transformer.model import (
     CACHE_KINDS, GPT, AttentionFn, KernelAttention, StaticKVCache, sdpa_attention, use_attention,
 )
-from ar_course.utils import check_bool, check_ids, check_int, check_number, generate_in_batches, get_device
+from ar_course.utils import check_bool, check_ids, check_int, check_number, check_seed, generate_in_batches, get_device
 
 if TYPE_CHECKING:
     from ar_course.kernels import DispatchRecord
@@ -215,7 +215,7 @@ class GenerationRequest:
             "relaxed_delta": check_number("relaxed_delta", self.relaxed_delta, lo=0),
             **{name: check_int(name, getattr(self, name), lo=0) for name in ("gamma", "window", "neighbors")},
             "batch_size": check_int("batch_size", self.batch_size, lo=1),
-            "seed": None if self.seed is None else check_int("seed", self.seed, lo=-(2**63), hi=2**64 - 1),
+            "seed": None if self.seed is None else check_seed(self.seed),
             **{name: check_bool(name, getattr(self, name)) for name in ("ramp", "graphs", "compile", "progress")},
         }
         for name, value in checked.items():
@@ -455,7 +455,6 @@ class Generator:
         ar_model, ar_tokenizer: a chapter 03 raster-order :class:`~ar_course.transformer.GPT` and its VQ
             tokenizer (optional).
         ar_draft: a smaller raster model over the same tokens, for ``speculative="draft"`` (optional).
-        dataset: what the models generate (``"mnist"``); names the evaluation classifier.
 
     ``strategies`` maps ``(method, speculative)`` to the strategy that generates that way with these models.
     Generating never changes the models, so Generators may share them, and threads may share a Generator.
@@ -475,7 +474,6 @@ class Generator:
         ar_model: GPT | None = None,
         ar_tokenizer: VQVAE | None = None,
         ar_draft: GPT | None = None,
-        dataset: str = "mnist",
     ) -> None:
         if (var_model is None) != (var_tokenizer is None) or (ar_model is None) != (ar_tokenizer is None):
             raise ValueError("pass each model together with its tokenizer")
@@ -497,7 +495,6 @@ class Generator:
                                  f"{ar_model.config.n_classes}: the draft must model the raster model's classes")
         self.var, self.var_tokenizer = var_model, var_tokenizer
         self.ar, self.ar_tokenizer, self.ar_draft = ar_model, ar_tokenizer, ar_draft
-        self.dataset = dataset
         self.strategies: dict[tuple[str, str | None], Strategy] = {}
         if var_model is not None:
             self.strategies["var", None] = VARStrategy(var_model, var_tokenizer)
@@ -520,7 +517,7 @@ class Generator:
         if var not in VAR_VARIANTS[name]:
             raise ValueError(f"unknown VAR model {var!r} for {name!r}; choose from {sorted(VAR_VARIANTS[name])}")
         paths = {**PRETRAINED[name], "ar_path": AR_VARIANTS[name][ar], "var_path": VAR_VARIANTS[name][var]}
-        return cls.from_checkpoints(**paths, device=device, dataset=name)
+        return cls.from_checkpoints(**paths, device=device)
 
     @classmethod
     def from_checkpoints(
@@ -529,7 +526,6 @@ class Generator:
         ar_path: str | Path | None = None,
         draft_path: str | Path | None = None,
         device: str | torch.device = "auto",
-        dataset: str = "mnist",
     ) -> "Generator":
         """Models from checkpoints: shipped names (:func:`ar_course.checkpoint.available`) or files (safetensors +
         JSON metadata; tokenizers are found by the name or path each checkpoint records). A missing, corrupted
@@ -544,7 +540,7 @@ class Generator:
             draft, draft_tok = checkpoint.load_with_tokenizer(draft_path, dev, kind=raster.CHECKPOINT_KIND)
             if ar_tok is not None and draft_tok.config != ar_tok.config:
                 raise CheckpointError(f"{draft_path} was trained on a different tokenizer than {ar_path}")
-        return cls(var_model, var_tok, ar_model, ar_tok, draft, dataset)
+        return cls(var_model, var_tok, ar_model, ar_tok, draft)
 
     @property
     def device(self) -> torch.device:

@@ -165,6 +165,16 @@ def check_int(name: str, value: object, lo: int | None = None, hi: int | None = 
     return n
 
 
+SEED_RANGE = (-(2**63), 2**64 - 1)
+"""The seeds a ``torch.Generator`` accepts: signed or unsigned 64-bit integers."""
+
+
+def check_seed(seed: object) -> int:
+    """``seed`` as an ``int`` that ``torch.Generator.manual_seed`` accepts (in :data:`SEED_RANGE`); raises as
+    :func:`check_int` (``seed must be an integer in [-9223372036854775808, 18446744073709551615], got ...``)."""
+    return check_int("seed", seed, *SEED_RANGE)
+
+
 def check_bool(name: str, value: object) -> bool:
     """``value`` if it is a bool (Python or NumPy); else ``TypeError`` (``"yes"`` or ``1`` are refused)."""
     if not isinstance(value, (bool, np.bool_)):

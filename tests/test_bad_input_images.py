@@ -119,6 +119,12 @@ CASES = {
     "train_cca unconditional policy": (lambda: align.train_cca(UNCOND, UNCOND, MAPS, torch.zeros(2, dtype=torch.long),
                                                                align.CCAConfig(steps=1, batch_size=2), progress=False),
                                        ValueError, r"n_classes >= 2"),
+    # seeds outside what torch.Generator takes: one message everywhere, not torch's "Overflow when unpacking"
+    "raster images seed 2**64": (lambda: raster_images(AR, TOK, CLS, seed=2**64), ValueError,
+                                 r"seed must be an integer in \[-9223372036854775808, 18446744073709551615\]"),
+    "VAR images seed below -2**63": (lambda: var_images(VAR_MODEL, MS, CLS, seed=-(2**63) - 1), ValueError,
+                                     r"seed must be an integer in \[-9223372036854775808, "),
+    "raster images seed 1.0": (lambda: raster_images(AR, TOK, CLS, seed=1.0), TypeError, r"seed must be an integer"),
 }
 
 
@@ -139,6 +145,7 @@ def test_good_input_still_runs():
     assert raster_loss(AR, MAPS, CLS, p_uncond=1.0).ndim == 0
     assert generate_tokens(AR, CLS, (4, 4)).shape == (2, 4, 4)
     assert raster_images(AR, TOK, CLS).shape == (2, 1, 8, 8)
+    assert torch.equal(raster_images(AR, TOK, CLS, seed=2**64 - 1), raster_images(AR, TOK, CLS, seed=-1))
     assert var_images(VAR_MODEL, MS, CLS).shape == (2, 1, 8, 8)
     assert guidance_strength(2.0, 1, 3) == 1.0 and guidance_strength(2.0, 1, 3, ramp=False) == 2.0
     assert align.token_log_probs(AR, MAPS, CLS).shape == (2, 16)

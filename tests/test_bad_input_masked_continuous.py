@@ -140,6 +140,15 @@ def test_continuous_generate_images_still_decodes_with_a_matching_tokenizer():
     assert c_images(continuous((2, 2)), kl_tokenizer(4), CLS, steps=1).shape == (2, 1, 4, 4)
 
 
+@pytest.mark.parametrize("seed", [2**64, -(2**63) - 1])
+def test_samplers_refuse_a_seed_torch_cannot_take_in_one_line(seed):
+    for sample in (lambda: mg_images(maskgit((4, 4)), vq_tokenizer(), CLS, steps=2, seed=seed),
+                   lambda: c_images(continuous((2, 2)), kl_tokenizer(4), CLS, steps=1, seed=seed)):
+        with pytest.raises(ValueError, match=r"^seed must be an integer in \[-9223372036854775808, "
+                                             r"18446744073709551615\], got -?\d+$"):
+            sample()
+
+
 # -- ContinuousAR.loss with float64 tokens (item 7) ----------------------------------------------------------------
 
 

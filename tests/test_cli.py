@@ -254,8 +254,6 @@ def test_generate_class_out_of_range_for_the_model(capsys, tmp_path, loads):
     (["--method", "ar", "--relaxed-delta", "0.5"], "--relaxed-delta 0.5 applies to --speculative jacobi only"),
     (["--compile", "--kernels", "numba"],
      "--compile applies to batched generation (no --speculative) with torch attention (--kernels auto or torch)"),
-    (["--dataset", "shapes"],
-     "the shipped models generate mnist; --dataset shapes needs --var-checkpoint or --ar-checkpoint"),
     (["--graphs", "--compile"], "--graphs applies to batched generation (no --speculative), without --compile"),
     (["--graphs", "--device", "cpu"], "--graphs needs a CUDA device, got cpu"),
 ])

@@ -108,7 +108,6 @@ GENERATE_OPTIONS = {
     "--device": (st.sampled_from(["cpu", "auto"]), st.sampled_from(["gpu", "cuda:x", "", "meta"])),
     "--kernels": (st.sampled_from(["auto", "torch"]), st.sampled_from(["bogus", "TORCH"])),
     "--precision": (st.sampled_from(["auto", "float32"]), st.sampled_from(["float8", ""])),
-    "--dataset": (st.just("mnist"), st.sampled_from(["shapes", "cifar"])),
     "--var-checkpoint": (st.nothing(), st.sampled_from(["missing.safetensors", "file"])),  # never a good one
     "--relaxed-delta": (st.floats(0, 1).map(repr), number_text(["1.5", "-0.0001"])),
 }

@@ -422,7 +422,6 @@ def test_cli_generate_default_needs_only_the_output_path(tmp_path):
     (("--out", "x.jpg"), "must name a .png file"),
     (("--out", "x.png", "--speculative", "draft"), "--speculative applies to --method ar"),
     (("--out", "x.png", "--var-checkpoint", "missing.safetensors"), "no checkpoint at"),
-    (("--out", "x.png", "--dataset", "shapes"), "needs --var-checkpoint or --ar-checkpoint"),
     (("--out", "x.png", "--compile", "--kernels", "numba"), "--compile applies to batched generation"),
 ])
 def test_cli_generate_bad_arguments_fail_with_one_line(tmp_path, args, message):

@@ -30,7 +30,7 @@ from ar_course.continuous.functional import euler_sample, flow_matching_loss, gu
 from ar_course.raster.model import raster_config
 from ar_course.tokenizers import VQVAE
 from ar_course.transformer.model import Block, GPTConfig, KVCache, RMSNorm, Rotary
-from ar_course.utils import check_grid, check_ids, check_int, check_number, generate_in_batches
+from ar_course.utils import check_grid, check_ids, check_int, check_number, check_seed, generate_in_batches
 
 PRETRAINED_PATH = checkpoint.ASSETS / "continuous_ar_mnist.safetensors"
 CHECKPOINT_KIND = "continuous_ar"
@@ -302,7 +302,7 @@ def generate_images(
     the model's grid and ``token_dim``."""
     check_ids("classes", classes, model.config.n_classes + 1, ("B",))
     batch_size = check_int("batch_size", batch_size, lo=1)
-    seed = None if seed is None else check_int("seed", seed)
+    seed = None if seed is None else check_seed(seed)
     if not isinstance(tokenizer, VQVAE):
         raise TypeError(f"tokenizer must be a VQVAE, got {type(tokenizer).__name__}")
     tc, c = tokenizer.config, model.config

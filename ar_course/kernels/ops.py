@@ -266,6 +266,12 @@ def vq_nearest(z: torch.Tensor, codebook: torch.Tensor, backend: str = "auto") -
     """Index of the nearest code (squared Euclidean distance) for every vector; ties go to the lowest index.
 
     z (..., D), codebook (K, D) on the same device -> int64 indices of shape z.shape[:-1].
+
+    Like ``torch.cdist(z, codebook).argmin(-1)``, which it replaces, it does not scan its inputs for NaN or
+    infinity (that would cost a pass over ``z`` and a host sync): the index of a non-finite vector, or next to
+    a non-finite code, is unspecified and differs between back-ends (the numba CPU kernel is compiled with
+    fast-math). Check with :func:`ar_course.utils.check_finite` first where input may be bad, as the
+    quantizers do.
     """
     _check_float("z", z)
     _check_float("codebook", codebook)

@@ -27,7 +27,7 @@ from ar_course.masked import functional as ref
 from ar_course.sampling import SamplingConfig, cfg_mix, check_cfg, check_sampling, process_logits, sample
 from ar_course.tokenizers import VQVAE
 from ar_course.transformer.model import GPT, GPTConfig
-from ar_course.utils import check_grid, check_ids, check_int, check_number, generate_in_batches
+from ar_course.utils import check_grid, check_ids, check_int, check_number, check_seed, generate_in_batches
 
 PRETRAINED_PATH = checkpoint.ASSETS / "maskgit_mnist.safetensors"
 CHECKPOINT_KIND = "maskgit"
@@ -260,7 +260,7 @@ def generate_images(
     _check_tokenizer(tokenizer, model)
     check_ids("classes", classes, model.config.n_classes + 1, ("B",))
     batch_size = check_int("batch_size", batch_size, lo=1)
-    seed = None if seed is None else check_int("seed", seed)
+    seed = None if seed is None else check_seed(seed)
     device = model.wte.weight.device
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     neighbours = ref.neighbour_steps(*model.grid)

@@ -25,7 +25,7 @@ from ar_course.raster.functional import condition_dropout, from_raster, make_tra
 from ar_course.sampling import SamplingConfig
 from ar_course.tokenizers import VQVAE
 from ar_course.transformer.model import GPT, GPTConfig, StaticKVCache
-from ar_course.utils import check_grid, check_ids, check_int, check_number, generate_in_batches
+from ar_course.utils import check_grid, check_ids, check_int, check_number, check_seed, generate_in_batches
 
 PRETRAINED_PATH = checkpoint.ASSETS / "ar_mnist.safetensors"
 CHECKPOINT_KIND = "raster_ar"
@@ -208,7 +208,7 @@ def generate_images(
     check_ids("classes", classes, model.config.n_classes + 1, ("B",))
     side = check_tokenizer(tokenizer, model)
     batch_size = check_int("batch_size", batch_size, lo=1)
-    seed = None if seed is None else check_int("seed", seed)
+    seed = None if seed is None else check_seed(seed)
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
 

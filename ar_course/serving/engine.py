@@ -47,7 +47,7 @@ from ar_course.serving.minicache import fresh_rows
 from ar_course.serving.paged import OutOfBlocks, PagedKVCache, check_text_model
 from ar_course.serving.prefix import PrefixCache
 from ar_course.transformer.model import use_attention
-from ar_course.utils import check_int
+from ar_course.utils import check_int, check_seed
 
 POLICIES = ("continuous", "static")
 
@@ -267,7 +267,7 @@ class Engine:
         self.model.check_room(len(prompt), max_new_tokens)
         sampling = check_sampling(sampling)
         if seed is not None:
-            seed = check_int("seed", seed, lo=-(2**63), hi=2**64 - 1)
+            seed = check_seed(seed)
         req = Request(self._next_id, prompt, max_new_tokens, sampling,
                       torch.Generator().manual_seed(seed) if seed is not None else None, self.clock())
         if -(-req.kv_positions // self.config.block_size) > self.config.num_blocks:

@@ -32,7 +32,7 @@ from ar_course.raster.functional import condition_dropout
 from ar_course.sampling import SamplingConfig, cfg_mix, check_cfg, check_sampling, sample
 from ar_course.tokenizers import VQVAE, MultiScaleVQ
 from ar_course.transformer.model import Block, GPTConfig, KVCache, RMSNorm, StaticKVCache, check_cache
-from ar_course.utils import check_bool, check_ids, check_int, check_number, generate_in_batches
+from ar_course.utils import check_bool, check_ids, check_int, check_number, check_seed, generate_in_batches
 from ar_course.var import functional as ref
 
 PRETRAINED_PATH = checkpoint.ASSETS / "var_mnist.safetensors"
@@ -427,7 +427,7 @@ def generate_images(
         raise TypeError(f"tokenizer must be a VQVAE, got {type(tokenizer).__name__}")
     check_tokenizer(tokenizer.quantizer, model.config)
     batch_size = check_int("batch_size", batch_size, lo=1)
-    seed = None if seed is None else check_int("seed", seed)
+    seed = None if seed is None else check_seed(seed)
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
 
