@@ -257,3 +257,17 @@ def test_every_course_exercise_has_tiered_hints():
         assert m.hint == m.chapter.hint
     for ex in exercises:
         assert len(ex.hints) >= 2 and len(set(ex.hints)) == len(ex.hints), ex.number
+
+
+def test_the_readme_chapter_table_counts_each_chapters_exercises():
+    """The README's table says "done (N exercises)" for each chapter: N is what the chapter's checks define."""
+    import importlib
+    import re
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    rows = dict(re.findall(r"^\| (\d\d) \| `\d\d_\w+` \|.*?\| done \((\d+) exercises?\)", readme, re.M))
+    assert sorted(rows) == [f"{n:02d}" for n in range(12)]
+    for number, count in rows.items():
+        chapter = importlib.import_module(f"ar_course.checks.ch{number}").chapter
+        assert int(count) == len(chapter.exercises), f"README says chapter {number} has {count} exercises"
+
