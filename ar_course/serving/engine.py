@@ -179,7 +179,11 @@ def packed_forward(model: torch.nn.Module, cache: PagedKVCache, chunks: list[tup
     float64: attend through :class:`~ar_course.serving.h2o.ScoringAttention`, adding the attention each key slot
     receives (a slot written in this pass starts at 0).
 
-    Returns the logits after the last token of each chunk: ``(len(chunks), V)``."""
+    Returns the logits after the last token of each chunk: ``(len(chunks), V)``.
+
+    It checks none of its arguments, like :meth:`GPT.forward_at <ar_course.transformer.GPT.forward_at>`: it is
+    the engine's per-step hot path, and :meth:`Engine.add_request` has checked every token and length that
+    reaches it."""
     ids, positions, writes, keys, q_seq, k_seq, k_pos = [], [], [], [], [], [], []
     for i, (seq, tokens, start) in enumerate(chunks):
         n = len(tokens)
