@@ -34,6 +34,26 @@ def softmax_float32_always(logits, dim=-1):
     return ref.stable_softmax(logits.float(), dim)
 
 
+def softmax_where_nan_gradient(logits, dim=-1):
+    """Right values; the all -inf slice divides 0 by 0 in the branch torch.where throws away."""
+    top = logits.amax(dim=dim, keepdim=True)
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    e = torch.exp(logits - top)
+    total = e.sum(dim=dim, keepdim=True)
+    return torch.where(total > 0, e / total, torch.zeros_like(e))
+
+
+def softmax_nan_to_num(logits, dim=-1):
+    return torch.nan_to_num(torch.softmax(logits, dim=dim), nan=0.0)
+
+
+def softmax_fill_then_zero_right(logits, dim=-1):
+    """A correct alternative: -inf replaced by a large negative number, fully masked slices zeroed after."""
+    x = logits.masked_fill(torch.isinf(logits), -1e9)
+    e = torch.exp(x - x.amax(dim=dim, keepdim=True))
+    return (e / e.sum(dim=dim, keepdim=True)).masked_fill(torch.isinf(logits).all(dim=dim, keepdim=True), 0.0)
+
+
 # 0.2 ------------------------------------------------------------------------------------------------------
 
 
@@ -101,6 +121,62 @@ def sample_naive_softmax(logits, temperature=1.0, generator=None):
     return torch.multinomial(softmax_naive(logits / temperature), 1, generator=generator).squeeze(1)
 
 
+def sample_divides_in_place(logits, temperature=1.0, generator=None):
+    if temperature < 0:
+        raise ValueError("negative temperature")
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits /= temperature  # writes into the caller's tensor
+    return torch.multinomial(torch.softmax(logits, -1), 1, generator=generator).squeeze(-1)
+
+
+def sample_squeezes_everything(logits, temperature=1.0, generator=None):
+    """.squeeze() instead of .squeeze(-1): a batch of one comes back 0-d."""
+    if temperature < 0:
+        raise ValueError("negative temperature")
+    if temperature == 0:
+        return logits.argmax(-1)
+    return torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=generator).squeeze()
+
+
+def sample_reseeds_global_rng(logits, temperature=1.0, generator=None):
+    if temperature < 0:
+        raise ValueError("negative temperature")
+    if temperature == 0:
+        return logits.argmax(-1)
+    torch.manual_seed(0)  # "reproducible", whatever generator the caller passes
+    return torch.multinomial(torch.softmax(logits / temperature, -1), 1).squeeze(-1)
+
+
+def sample_own_generator(logits, temperature=1.0, generator=None):
+    if temperature < 0:
+        raise ValueError("negative temperature")
+    if temperature == 0:
+        return logits.argmax(-1)
+    own = torch.Generator().manual_seed(1234)
+    return torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=own).squeeze(-1)
+
+
+def sample_needs_a_generator(logits, temperature=1.0, generator=None):
+    if temperature < 0:
+        raise ValueError("negative temperature")
+    if temperature == 0:
+        return logits.argmax(-1)
+    u = torch.rand(logits.shape, generator=generator, device=generator.device)  # fails for generator=None
+    return (logits / temperature - torch.log(-torch.log(u))).argmax(-1)
+
+
+def sample_inverse_cdf_right(logits, temperature=1.0, generator=None):
+    """A correct sampler by inverse CDF: one uniform per row against the cumulative probabilities."""
+    if temperature < 0:
+        raise ValueError("negative temperature")
+    if temperature == 0:
+        return logits.argmax(-1)
+    cdf = torch.softmax(logits / temperature, -1).cumsum(-1)
+    u = torch.rand(logits.shape[0], 1, generator=generator)
+    return (cdf < u).sum(-1).clamp_max(logits.shape[1] - 1)
+
+
 def sample_drops_one_token(logits, temperature=1.0, generator=None):
     """Off by one: never draws the last token of the vocabulary."""
     if temperature < 0:
@@ -150,6 +226,12 @@ def ce_torch(logits, targets, ignore_index=-100):
     return torch.nn.functional.cross_entropy(logits, targets, ignore_index=ignore_index)
 
 
+def ce_zeroes_ignored_targets_in_place(logits, targets, ignore_index=-100):
+    keep = targets != ignore_index
+    targets[~keep] = 0  # the caller's padding becomes class 0
+    return ref.cross_entropy_from_logits(logits, torch.where(keep, targets, ignore_index), ignore_index)
+
+
 # tests ----------------------------------------------------------------------------------------------------
 
 
@@ -169,6 +251,8 @@ def test_reference_passes_and_stub_is_not_attempted(check, reference):
     (softmax_nan_on_empty_rows, "all -inf"),
     (softmax_detached, "no gradient"),
     (softmax_float32_always, "dtype"),
+    (softmax_where_nan_gradient, "gradient of the all -inf slice is NaN"),
+    (softmax_nan_to_num, "gradient of the all -inf slice is NaN"),
 ])
 def test_softmax_rejects(wrong, contains):
     assert_fails(ch00.stable_softmax, wrong, contains=contains)
@@ -189,8 +273,13 @@ def test_common_mistakes_get_their_own_diagnosis(check, wrong, diagnosis):
     assert_fails(check, wrong, contains=diagnosis)
 
 
-def test_sampling_accepts_another_correct_sampler():
-    assert_passes(ch00.sample_categorical, sample_multinomial_right)
+def test_softmax_accepts_another_correct_masking():
+    assert_passes(ch00.stable_softmax, softmax_fill_then_zero_right)
+
+
+@pytest.mark.parametrize("right", [sample_multinomial_right, sample_inverse_cdf_right])
+def test_sampling_accepts_another_correct_sampler(right):
+    assert_passes(ch00.sample_categorical, right)
 
 
 @pytest.mark.parametrize("wrong, contains", [
@@ -203,6 +292,11 @@ def test_sampling_accepts_another_correct_sampler():
     (sample_no_sign_check, "ValueError"),
     (sample_naive_softmax, "around 400"),
     (sample_drops_one_token, "drew token 8 0.0%"),
+    (sample_divides_in_place, "changed its argument `logits` in place"),
+    (sample_squeezes_everything, "'1x20 logits (a batch of one), temperature 1' has shape ()"),
+    (sample_reseeds_global_rng, "not come from the generator you were given"),
+    (sample_own_generator, "not come from the generator you were given"),
+    (sample_needs_a_generator, "no generator (generator=None)"),
 ])
 def test_sampling_rejects(wrong, contains):
     assert_fails(ch00.sample_categorical, wrong, contains=contains)
@@ -228,6 +322,7 @@ def test_cross_entropy_accepts_torch():
     (ce_hard_coded_ignore, "ignore_index=0"),
     (ce_returns_float, "torch.Tensor"),
     (ce_detached, "no gradient"),
+    (ce_zeroes_ignored_targets_in_place, "changed its argument `targets` in place"),
 ])
 def test_cross_entropy_rejects(wrong, contains):
     assert_fails(ch00.cross_entropy_from_logits, wrong, contains=contains)

@@ -101,6 +101,13 @@ def test_codebook_usage_mistakes():
     assert_fails(ch01.codebook_usage, base_two)
     assert_fails(ch01.codebook_usage, unique_over_tokens)
 
+    def tensors(indices, num_codes):  # right values, but 0-dim tensors instead of Python floats
+        counts = torch.bincount(indices.flatten(), minlength=num_codes).double()
+        p = counts[counts > 0] / counts.sum()
+        return (counts > 0).sum() / num_codes, torch.exp(-(p * p.log()).sum())
+
+    assert_fails(ch01.codebook_usage, tensors, contains="not a number")
+
 
 def test_dead_code_restart_mistakes():
     def at_most(codebook, counts, candidates, threshold):  # <= instead of <
@@ -129,8 +136,15 @@ def test_dead_code_restart_mistakes():
 
     assert_fails(ch01.dead_code_restart, at_most, contains="dead only below the threshold")
     assert_fails(ch01.dead_code_restart, no_wrap, contains="more dead codes")
-    assert_fails(ch01.dead_code_restart, in_place, contains="changed the codebook")
+    assert_fails(ch01.dead_code_restart, in_place, contains="changed its argument `codebook` in place")
     assert_fails(ch01.dead_code_restart, by_code_index)
+
+    def resets_counts(codebook, counts, candidates, threshold):  # right output, but writes into counts
+        new, dead = ref.dead_code_restart(codebook, counts, candidates, threshold)
+        counts[dead] = threshold
+        return new, dead
+
+    assert_fails(ch01.dead_code_restart, resets_counts, contains="changed its argument `counts` in place")
 
 
 def _ema(cluster_size, embed_sum, z, indices, decay, eps, smooth=True, swap=False):
@@ -157,6 +171,15 @@ def test_ema_update_mistakes():
 
     assert_fails(ch01.ema_update, no_decay_on_new)
 
+    def in_place(cluster_size, embed_sum, z, indices, decay, eps):  # updates the running statistics in place
+        counts = torch.bincount(indices, minlength=len(cluster_size)).float()
+        size = cluster_size.mul_(decay).add_(counts, alpha=1 - decay)
+        total = embed_sum.mul_(decay).add_(torch.zeros_like(embed_sum).index_add_(0, indices, z), alpha=1 - decay)
+        n = size.sum()
+        return size, total, total / ((size + eps) / (n + len(size) * eps) * n)[:, None]
+
+    assert_fails(ch01.ema_update, in_place, contains="changed its argument `cluster_size` in place")
+
 
 def test_residual_quantize_mistakes():
     def no_residual(z, codebooks):  # every level codes z itself
@@ -180,6 +203,17 @@ def test_residual_quantize_mistakes():
     assert_fails(ch01.residual_quantize, previous_code_only, contains="depth")
     assert_fails(ch01.residual_quantize, depth_first, contains="shape")
 
+    def residual_in_place(z, codebooks):  # `rest = z; rest -= code` subtracts from the caller's z
+        rest, z_hat, out = z, torch.zeros_like(z), []
+        for cb in codebooks:
+            i = ref.vq_lookup(rest, cb)
+            rest -= cb[i]
+            z_hat = z_hat + cb[i]
+            out.append(i)
+        return torch.stack(out, 1), z_hat
+
+    assert_fails(ch01.residual_quantize, residual_in_place, contains="changed its argument `z` in place")
+
 
 def test_phi_index_mistakes():
     def even_ticks(k, num_scales, num_phi):
@@ -196,17 +230,39 @@ def test_phi_index_mistakes():
     for wrong in (even_ticks, over_s, rounded):
         assert_fails(ch01.phi_index, wrong)
 
+    def as_float(k, num_scales, num_phi):  # the right index as a float, which cannot index the list phis
+        return float(ref.phi_index(k, num_scales, num_phi))
 
-def _encode(f, codebook, scales, phis, down="area", up="bicubic", residual=True, use_phi=True):
+    def position_unrounded(k, num_scales, num_phi):  # the continuous tick position: int() would truncate it
+        return ref.phi_index(k, num_scales, num_phi) + 0.4
+
+    assert_fails(ch01.phi_index, as_float, contains="should return an int")
+    assert_fails(ch01.phi_index, position_unrounded, contains="should return an int")
+    tensor_index = lambda k, num_scales, num_phi: torch.tensor(ref.phi_index(k, num_scales, num_phi))  # noqa: E731
+    assert_passes(ch01.phi_index, tensor_index)
+
+
+def test_phi_index_accepts_float32_ticks():
+    def float32_ticks(k, num_scales, num_phi):
+        at = k / (num_scales - 1) if num_scales > 1 else 0.0
+        m = 1 / (3 * num_phi)
+        return int((torch.linspace(m, 1 - m, num_phi) - at).abs().argmin())
+
+    assert_passes(ch01.phi_index, float32_ticks)
+
+
+def _encode(f, codebook, scales, phis, down="area", up="bicubic", residual=True, use_phi=True, in_place=False):
     b, c, side, _ = f.shape
     f_hat, out = torch.zeros_like(f), []
     for s, phi in zip(scales, phis):
-        src = f - f_hat if residual else f
+        src = f if in_place else f - f_hat if residual else f  # in_place: f itself holds the residual
         rest = src if s == side else F.interpolate(src, size=(s, s), mode=down)
         idx = ref.vq_lookup(rest.permute(0, 2, 3, 1).reshape(-1, c), codebook).view(b, s, s)
         h = codebook[idx].permute(0, 3, 1, 2)
         h = h if s == side else F.interpolate(h, size=(side, side), mode=up)
         f_hat = f_hat + (phi(h) if use_phi else h)
+        if in_place:
+            f -= phi(h)
         out.append(idx)
     return out
 
@@ -216,6 +272,7 @@ def test_multiscale_encode_mistakes():
     assert_fails(ch01.multiscale_encode, lambda *a: _encode(*a, up="nearest"))
     assert_fails(ch01.multiscale_encode, lambda *a: _encode(*a, use_phi=False), contains="phis")
     assert_fails(ch01.multiscale_encode, lambda *a: _encode(*a, down="bilinear"))
+    assert_fails(ch01.multiscale_encode, lambda *a: _encode(*a, in_place=True), contains="changed its argument `f` in place")
 
 
 def _decode(indices, codebook, phis, up="bicubic", use_phi=True, last_only=False):

@@ -38,6 +38,16 @@ def softmax_nan_on_empty_rows(scores, mask):
     return torch.softmax(scores.masked_fill(~mask, float("-inf")), -1)
 
 
+def softmax_max_over_all_entries(scores, mask):  # the masked entries take part in the row maximum
+    e = torch.exp(scores - scores.amax(-1, keepdim=True)) * mask
+    return e / e.sum(-1, keepdim=True).clamp_min(1e-30)
+
+
+def softmax_in_place(scores, mask):  # right values, but writes -inf into the caller's scores
+    scores.masked_fill_(~mask, float("-inf"))
+    return ref.masked_softmax(scores, mask)
+
+
 def mask_strict(t_q, t_k):
     return torch.ones(t_q, t_k, dtype=torch.bool).tril(t_k - t_q - 1)
 
@@ -67,6 +77,13 @@ def attention_softmax_over_queries(q, k, v, mask=None):
 
 def attention_ignores_mask(q, k, v, mask=None):
     return ref.scaled_dot_product_attention(q, k, v)
+
+
+def attention_unshifted_exp(q, k, v, mask=None):  # a softmax written out without subtracting the row maximum
+    e = torch.exp(q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1]))
+    if mask is not None:
+        e = e.masked_fill(~mask, 0.0)
+    return e / e.sum(-1, keepdim=True) @ v
 
 
 def _mha(x, attn, positions, *, cut="heads", causal=True, rope_v=False, rope=True, proj=True, merge=True):
@@ -137,6 +154,10 @@ def mha_correct(x, attn, positions):
     return _mha(x, attn, positions)
 
 
+def mha_positions_ignored(x, attn, positions):  # rotates at 0..T-1 whatever positions says
+    return _mha(x, attn, torch.arange(x.shape[1]))
+
+
 def layer_norm_instead(x, weight, eps=1e-6):
     return (x - x.mean(-1, keepdim=True)) * torch.rsqrt(x.var(-1, keepdim=True, unbiased=False) + eps) * weight
 
@@ -156,6 +177,11 @@ def rms_half_precision_statistics(x, weight, eps=1e-6):
 def rms_stays_float32(x, weight, eps=1e-6):
     x = x.float()
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight.float()
+
+
+def rms_weight_data(x, weight, eps=1e-6):  # the gain taken outside autograd: it never receives a gradient
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight.data
 
 
 def _rope(x, positions, base, exponent_scale=2.0, sign=1.0, interleaved=False):
@@ -180,6 +206,21 @@ def rope_wrong_frequencies(x, positions, base=10000.0):
 
 def rope_wrong_direction(x, positions, base=10000.0):
     return _rope(x, positions, base, sign=-1.0)
+
+
+def rope_float32_tables(x, positions, base=10000.0):  # right values, but a float16 x comes back float32
+    return _rope(x, positions, base)
+
+
+def rope_in_place(x, positions, base=10000.0):  # writes the rotated halves back into x
+    out = _rope(x, positions, base)
+    x.copy_(out)
+    return x
+
+
+def rope_four_axes_only(x, positions, base=10000.0):  # unpacks (B, H, T, D): fails on other ranks
+    B, H, T, D = x.shape
+    return _rope(x, positions, base).to(x.dtype)
 
 
 def _norm(x, norm):
@@ -212,6 +253,16 @@ def block_reuses_norm1(x, block, positions):
 
 def block_no_causal_mask(x, block, positions):
     h = x + mha_no_causal_mask(_norm(x, block.norm1), block.attn, positions)
+    return h + block.mlp(_norm(h, block.norm2))
+
+
+def block_default_eps(x, block, positions):  # rms_norm called without the norms' eps
+    h = x + mha_correct(ref.rms_norm(x, block.norm1.weight), block.attn, positions)
+    return h + block.mlp(ref.rms_norm(h, block.norm2.weight))
+
+
+def block_positions_ignored(x, block, positions):
+    h = x + mha_positions_ignored(_norm(x, block.norm1), block.attn, positions)
     return h + block.mlp(_norm(h, block.norm2))
 
 
@@ -254,6 +305,13 @@ def gpt_head_is_embedding(model, idx):  # right only when the head is tied to th
 
 def gpt_correct(model, idx):
     return _gpt(model, idx)
+
+
+def gpt_final_norm_default_eps(model, idx):  # rms_norm called without model.norm_f.eps
+    x = model.wte(idx)
+    for block in model.blocks:
+        x = answers.transformer_block(x, block, torch.arange(idx.shape[1]))
+    return model.lm_head(ref.rms_norm(x, model.norm_f.weight))
 
 
 def _step(model, optimizer, chunk, forward, max_norm=1.0, *, zero=True, shift=True, clip=True, step=True,
@@ -302,6 +360,15 @@ def step_correct(model, optimizer, chunk, forward, max_norm=1.0):
     return _step(model, optimizer, chunk, forward, max_norm)
 
 
+def step_returns_tensor(model, optimizer, chunk, forward, max_norm=1.0):  # forgets .item(): the graph stays alive
+    optimizer.zero_grad()
+    loss = F.cross_entropy(forward(model, chunk[:, :-1]).flatten(0, 1), chunk[:, 1:].flatten())
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    optimizer.step()
+    return loss
+
+
 def cache_whole_buffer(q, k_new, v_new, k_cache, v_cache, pos):
     T = q.shape[-2]
     k_cache[:, :, pos : pos + T] = k_new
@@ -331,6 +398,15 @@ def cache_no_causal_within_chunk(q, k_new, v_new, k_cache, v_cache, pos):
     return ref.scaled_dot_product_attention(q, k_cache[:, :, : pos + T], v_cache[:, :, : pos + T])
 
 
+def cache_scales_q_in_place(q, k_new, v_new, k_cache, v_cache, pos):  # right output, but q is scaled in place
+    T = q.shape[-2]
+    k_cache[:, :, pos : pos + T] = k_new
+    v_cache[:, :, pos : pos + T] = v_new
+    q.mul_(q.shape[-1] ** -0.5)
+    scores = q @ k_cache[:, :, : pos + T].transpose(-2, -1)
+    return ref.masked_softmax(scores, ref.causal_mask(T, pos + T)) @ v_cache[:, :, : pos + T]
+
+
 def top_k_off_by_one(logits, k):
     kth = torch.topk(logits, max(k - 1, 1), dim=-1).values[..., -1:] if k > 1 else logits.amax(-1, keepdim=True) + 1
     return logits.masked_fill(logits < kth, float("-inf"))
@@ -347,6 +423,27 @@ def top_k_zero_fill(logits, k):
     k = min(k, logits.shape[-1])
     kth = torch.topk(logits, k, dim=-1).values[..., -1:]
     return logits.masked_fill(logits < kth, 0.0)
+
+
+def top_k_in_place(logits, k):  # right output, but the caller's logits are overwritten
+    out = sampling.top_k_filter(logits, k)
+    logits[out == float("-inf")] = float("-inf")
+    return logits
+
+
+def top_p_in_place(logits, p):
+    out = sampling.top_p_filter(logits, p)
+    logits[out == float("-inf")] = float("-inf")
+    return logits
+
+
+def top_p_rows_of_a_matrix(logits, p):  # works along dim 1, right only for (B, V) logits
+    if p >= 1:
+        return logits
+    probs = torch.softmax(logits, 1)
+    sp, _ = probs.sort(1, descending=True)
+    least = torch.where((sp.cumsum(1) - sp) < p, sp, torch.ones_like(sp)).amin(1, keepdim=True)
+    return logits.masked_fill(probs < least, float("-inf"))
 
 
 def top_p_drops_crossing_token(logits, p):
@@ -378,27 +475,35 @@ def top_p_ignores_ties(logits, p):
 # --------------------------------------------------------------------------------------------------------
 
 CASES = {
-    "masked_softmax": (ref.masked_softmax, [softmax_no_max_subtraction, softmax_fill_zero, softmax_nan_on_empty_rows]),
+    "masked_softmax": (ref.masked_softmax, [softmax_no_max_subtraction, softmax_fill_zero, softmax_nan_on_empty_rows,
+                                            softmax_max_over_all_entries, softmax_in_place]),
     "causal_mask": (ref.causal_mask, [mask_strict, mask_top_left, mask_float]),
     "attention": (ref.scaled_dot_product_attention,
-                  [attention_no_scale, attention_scale_by_d, attention_softmax_over_queries, attention_ignores_mask]),
-    "rotary_embedding": (answers.rotary_embedding, [rope_interleaved, rope_wrong_frequencies, rope_wrong_direction]),
+                  [attention_no_scale, attention_scale_by_d, attention_softmax_over_queries, attention_ignores_mask,
+                   attention_unshifted_exp]),
+    "rotary_embedding": (answers.rotary_embedding, [rope_interleaved, rope_wrong_frequencies, rope_wrong_direction,
+                                                    rope_float32_tables, rope_in_place, rope_four_axes_only]),
     "self_attention": (answers.self_attention,
                        [mha_one_head, mha_reshape_heads, mha_interleaved_heads, mha_merge_no_transpose,
-                        mha_no_causal_mask, mha_no_rope, mha_rotates_values, mha_no_projection]),
+                        mha_no_causal_mask, mha_no_rope, mha_rotates_values, mha_no_projection, mha_positions_ignored]),
     "rms_norm": (ref.rms_norm, [layer_norm_instead, rms_eps_outside, rms_no_weight, rms_half_precision_statistics,
-                                rms_stays_float32]),
+                                rms_stays_float32, rms_weight_data]),
     "transformer_block": (answers.transformer_block,
                           [block_post_norm, block_missing_attention_residual, block_missing_mlp_residual,
-                           block_parallel, block_reuses_norm1, block_no_causal_mask]),
+                           block_parallel, block_reuses_norm1, block_no_causal_mask, block_default_eps,
+                           block_positions_ignored]),
     "gpt_forward": (answers.gpt_forward, [gpt_no_final_norm, gpt_returns_probabilities, gpt_blocks_reversed,
-                                          gpt_scaled_embeddings, gpt_blocks_not_chained, gpt_head_is_embedding]),
+                                          gpt_scaled_embeddings, gpt_blocks_not_chained, gpt_head_is_embedding,
+                                          gpt_final_norm_default_eps]),
     "train_step": (answers.train_step, [step_no_zero_grad, step_unshifted_targets, step_no_clipping,
-                                        step_zero_grad_before_step, step_forgets_optimizer_step, step_summed_loss]),
+                                        step_zero_grad_before_step, step_forgets_optimizer_step, step_summed_loss,
+                                        step_returns_tensor]),
     "cached_attention": (answers.cached_attention,
-                         [cache_whole_buffer, cache_excludes_current, cache_not_written, cache_no_causal_within_chunk]),
-    "top_k_filter": (sampling.top_k_filter, [top_k_off_by_one, top_k_by_indices, top_k_zero_fill]),
-    "top_p_filter": (sampling.top_p_filter, [top_p_drops_crossing_token, top_p_on_logits, top_p_ignores_ties]),
+                         [cache_whole_buffer, cache_excludes_current, cache_not_written, cache_no_causal_within_chunk,
+                          cache_scales_q_in_place]),
+    "top_k_filter": (sampling.top_k_filter, [top_k_off_by_one, top_k_by_indices, top_k_zero_fill, top_k_in_place]),
+    "top_p_filter": (sampling.top_p_filter, [top_p_drops_crossing_token, top_p_on_logits, top_p_ignores_ties,
+                                             top_p_in_place, top_p_rows_of_a_matrix]),
 }
 
 MUTANTS = [(name, m) for name, (_, ms) in CASES.items() for m in ms]
@@ -432,12 +537,14 @@ DIAGNOSES = [
     ("masked_softmax", softmax_overflowing, "exp overflowed"),
     ("masked_softmax", softmax_nan_on_empty_rows, "fully masked row came out NaN"),
     ("masked_softmax", softmax_fill_zero, "set to 0 before the softmax"),
+    ("masked_softmax", softmax_max_over_all_entries, "row maximum included the masked entries"),
     ("causal_mask", mask_strict, "off by one"),
     ("causal_mask", mask_top_left, "LAST t_q positions"),
     ("attention", attention_softmax_over_queries, "softmax over the queries"),
     ("attention", attention_no_scale, "without the scale"),
     ("attention", attention_scale_by_d, "the scale is 1/D"),
     ("attention", attention_ignores_mask, "the mask is not applied"),
+    ("attention", attention_unshifted_exp, "subtract each row's maximum"),
     ("self_attention", mha_one_head, "single head"),
     ("self_attention", mha_reshape_heads, "straight to (B, H, T, D)"),
     ("self_attention", mha_interleaved_heads, "h + H"),
@@ -446,11 +553,13 @@ DIAGNOSES = [
     ("self_attention", mha_no_rope, "were not rotated"),
     ("self_attention", mha_rotates_values, "values were rotated"),
     ("self_attention", mha_no_projection, "projection"),
+    ("self_attention", mha_positions_ignored, "not at the positions passed in"),
     ("rms_norm", layer_norm_instead, "that is LayerNorm"),
     ("rms_norm", rms_eps_outside, "outside the square root"),
     ("rms_norm", rms_no_weight, "weight is not applied"),
     ("rms_norm", rms_half_precision_statistics, "overflows to inf"),
     ("rms_norm", rms_stays_float32, "stayed in float32"),
+    ("rms_norm", rms_weight_data, "outside autograd"),
     ("rotary_embedding", rope_interleaved, "(2i, 2i+1)"),
     ("rotary_embedding", rope_wrong_frequencies, "base**(-i/D)"),
     ("rotary_embedding", rope_wrong_direction, "wrong way"),
@@ -460,11 +569,14 @@ DIAGNOSES = [
     ("transformer_block", block_parallel, "parallel block"),
     ("transformer_block", block_reuses_norm1, "its own norm"),
     ("transformer_block", block_no_causal_mask, "no causal mask"),
+    ("transformer_block", block_default_eps, "default eps"),
+    ("transformer_block", block_positions_ignored, "not at the positions passed in"),
     ("gpt_forward", gpt_no_final_norm, "last normalisation"),
     ("gpt_forward", gpt_returns_probabilities, "probabilities"),
     ("gpt_forward", gpt_blocks_reversed, "reverse order"),
     ("gpt_forward", gpt_scaled_embeddings, "sqrt(C)"),
     ("gpt_forward", gpt_blocks_not_chained, "every block read the embeddings"),
+    ("gpt_forward", gpt_final_norm_default_eps, "model.norm_f.eps"),
     ("train_step", step_no_zero_grad, "never cleared"),
     ("train_step", step_unshifted_targets, "not shifted"),
     ("train_step", step_no_clipping, "not clipped"),
@@ -498,6 +610,33 @@ def test_attention_mistakes_that_differ_everywhere_are_told_apart():
 
 def test_cache_check_names_the_unwritten_cache():
     assert_fails(ch02.cached_attention, cache_not_written, contains="k_cache after the call")
+
+
+@pytest.mark.parametrize("name, mutant, says", [
+    ("masked_softmax", softmax_in_place, "changed its argument `scores` in place"),
+    ("rotary_embedding", rope_in_place, "changed its argument `x` in place"),
+    ("rotary_embedding", rope_float32_tables, "dtype torch.float32, expected torch.float16"),
+    ("rotary_embedding", rope_four_axes_only, "no batch or head axes"),
+    ("train_step", step_returns_tensor, "return a Python float"),
+    ("cached_attention", cache_scales_q_in_place, "changed its argument `q` in place"),
+    ("top_k_filter", top_k_in_place, "changed its argument `logits` in place"),
+    ("top_p_filter", top_p_in_place, "changed its argument `logits` in place"),
+    ("top_p_filter", top_p_rows_of_a_matrix, "batched (2, 3, 15)"),
+], ids=lambda v: getattr(v, "__name__", None))
+def test_wrong_answers_that_only_some_inputs_reveal(name, mutant, says):
+    """In-place writes into an argument, a dtype lost on half inputs, a rank or batch axis assumed, a tensor where a
+    float is due: each names what went wrong."""
+    assert_fails(getattr(ch02, name), mutant, contains=says)
+
+
+@pytest.mark.parametrize("name, fn", [
+    ("masked_softmax", lambda scores, mask: torch.softmax(scores.masked_fill(~mask, float("-inf")), -1).nan_to_num()),
+    ("attention", lambda q, k, v, mask=None: F.scaled_dot_product_attention(q, k, v, attn_mask=mask)),
+    ("rotary_embedding", lambda x, positions, base=10000.0: _rope(x, positions, base).to(x.dtype)),
+    ("top_p_filter", lambda logits, p: top_p_rows_of_a_matrix(logits.flatten(0, -2), p).view_as(logits)),
+], ids=["softmax-nan_to_num", "attention-torch-sdpa", "rope-float32-then-cast", "top_p-flattened-rows"])
+def test_other_correct_answers_pass(name, fn):
+    assert_passes(getattr(ch02, name), fn)
 
 
 def test_use_falls_back_to_reference_until_passed(capsys):

@@ -48,6 +48,16 @@ def test_from_order_rejects_the_order_applied_ignored_column_major_and_swapped_s
     assert_fails(ch03.from_order, lambda s, order, h, w: answers.from_order(s, order, w, h), contains="shape")
 
 
+def test_from_order_rejects_writing_into_seq():
+    def in_place(seq, order, h, w):  # the right map, but the caller's sequence is overwritten
+        seq[:, order] = seq.clone()
+        return seq.reshape(seq.shape[0], h, w)
+
+    assert_fails(ch03.from_order, in_place, contains="changed its argument `seq` in place")
+    assert_passes(ch03.from_order, lambda s, order, h, w: torch.zeros_like(s).scatter(1, order.expand_as(s), s)
+                  .reshape(-1, h, w))
+
+
 # 3.2 ----------------------------------------------------------------------------------------------------------
 
 
@@ -67,10 +77,17 @@ def make_loss(mistake: str | None = None):
             cls = torch.where(drop, torch.full_like(classes, null), classes)
         if mistake == "no_dropout":
             cls = classes
+        if mistake == "bernoulli":  # the same law of drops, drawn from the generator another way: right
+            cls = torch.where(torch.bernoulli(torch.full((B,), p_uncond), generator=generator).bool(),
+                              torch.full_like(classes, null), classes)
         if mistake == "text_shift":
             logits, _ = model(seq[:, :-1], classes=cls)  # (B, L, V)
             return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), seq[:, 1:].reshape(-1))
         _, loss = model(seq[:, :-1], targets=seq, classes=cls)
+        if mistake == "rewrapped":
+            return torch.tensor(loss.item(), requires_grad=True)
+        if mistake == "detached":
+            return loss.detach().requires_grad_()
         return loss.item() if mistake == "float" else loss
 
     return training_loss
@@ -86,11 +103,18 @@ def test_training_loss_names_column_major_and_text_shift():
     assert_fails(ch03.training_loss, make_loss("float"), contains="autograd")
 
 
+def test_training_loss_rejects_a_loss_cut_off_from_the_model():
+    # both require grad, so loss.backward() runs, but it reaches none of the model's weights
+    assert_fails(ch03.training_loss, make_loss("rewrapped"), contains="no gradient flows from your loss")
+    assert_fails(ch03.training_loss, make_loss("detached"), contains="no gradient flows from your loss")
+    assert_passes(ch03.training_loss, make_loss("bernoulli"))
+
+
 def test_training_loss_rejects_wrong_dropout():
     assert_fails(ch03.training_loss, make_loss("upside_down"), contains="probability 1 - p")
     assert_fails(ch03.training_loss, make_loss("zero"), contains="null class")
     assert_fails(ch03.training_loss, make_loss("no_dropout"), contains="no class was dropped")
-    assert_fails(ch03.training_loss, make_loss("in_place"), contains="changed its input")
+    assert_fails(ch03.training_loss, make_loss("in_place"), contains="changed its argument `classes` in place")
     assert_fails(ch03.training_loss, make_loss("global_rng"), contains="generator")
 
 
@@ -100,11 +124,16 @@ def test_training_loss_rejects_wrong_dropout():
 def make_sampler(mistake: str | None = None):
     """A hand-written sampling loop; ``mistake`` is "no_cache", "no_null", "unmixed" (each half sampled
     from its own logits, no guidance mix), "scale" (w read as the scale s = 1 + w), "swapped" (the halves
-    mixed the wrong way round) or "probabilities" (the probabilities mixed instead of the logits)."""
+    mixed the wrong way round), "probabilities" (the probabilities mixed instead of the logits), "temperature_twice"
+    (the logits divided by the temperature before ``sample``, which divides again) or "generate" (the library's
+    loop)."""
 
     @torch.no_grad()
     def sample_tokens(model, classes, num_tokens, *, cfg=0.0, sampling=SamplingConfig(), generator=None):
         B = classes.shape[0]
+        if mistake == "generate":
+            start = torch.zeros(B, 0, dtype=torch.long)
+            return model.generate(start, num_tokens, sampling=sampling, cfg=cfg, classes=classes, generator=generator)
         other = classes if mistake == "no_null" else torch.full_like(classes, model.null_class)
         cls = torch.cat([classes, other])  # (2B,)
         seq = torch.zeros(2 * B, 0, dtype=torch.long)  # (2B, 0)
@@ -127,6 +156,8 @@ def make_sampler(mistake: str | None = None):
                     mixed = ((1 + cfg) * cond.softmax(-1) - cfg * uncond.softmax(-1)).clamp_min(1e-30).log()
                 else:
                     mixed = (1 + cfg) * cond - cfg * uncond
+                if mistake == "temperature_twice" and sampling.temperature > 0:
+                    mixed = mixed / sampling.temperature
                 nxt = sample(mixed, sampling=sampling, generator=generator).repeat(2)  # (2B,)
             seq = torch.cat([seq, nxt[:, None]], 1)
         return seq[:B]
@@ -143,6 +174,11 @@ def test_sampler_rejects_no_cache_no_null_unmixed_halves_and_the_scale_conventio
     assert_fails(ch03.sample_tokens, make_sampler("no_null"), contains="sampled tokens")
     assert_fails(ch03.sample_tokens, make_sampler("unmixed"), contains="sampled tokens")
     assert_fails(ch03.sample_tokens, make_sampler("scale"), contains="the papers' scale")
+
+
+def test_sampler_rejects_the_library_loop_and_a_temperature_applied_twice():
+    assert_fails(ch03.sample_tokens, make_sampler("generate"), contains="runs model.generate")
+    assert_fails(ch03.sample_tokens, make_sampler("temperature_twice"), contains="temperature 0.6")
 
 
 def test_sampler_names_swapped_halves_and_rejects_a_probability_mix():
@@ -176,6 +212,20 @@ def test_frechet_hand_written_passes_and_mistakes_fail():
         return float(((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(s_a) + np.trace(s_b) - 2 * np.trace(root))
 
     assert_fails(ch03.frechet_distance, root_of_each_entry, contains="matrix square root")
+
+
+def test_frechet_rejects_centring_the_callers_features_in_place():
+    def centred_in_place(feats_a, feats_b):
+        a, b = feats_a.numpy(), feats_b.numpy()  # shares memory with the caller's tensors
+        mu_a, mu_b = a.mean(0), b.mean(0)
+        a -= mu_a
+        b -= mu_b
+        s_a, s_b = a.T @ a / (len(a) - 1), b.T @ b / (len(b) - 1)
+        root = scipy.linalg.sqrtm(s_a @ s_b).real
+        return float(((mu_a - mu_b) ** 2).sum() + np.trace(s_a) + np.trace(s_b) - 2 * np.trace(root))
+
+    assert_fails(ch03.frechet_distance, centred_in_place, contains="changed its argument `feats_a` in place")
+    assert_passes(ch03.frechet_distance, lambda a, b: centred_in_place(a.clone(), b.clone()))
 
 
 # 3.5 ----------------------------------------------------------------------------------------------------------

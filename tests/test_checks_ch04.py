@@ -88,11 +88,18 @@ def embed_from_zero(x, level_table, pos_table, scales, start=0):
     return x + level_table[ref.level_ids(scales)[:T]] + pos_table[:T]
 
 
+def embed_in_place(x, level_table, pos_table, scales, start=0):
+    p = torch.arange(start, start + x.shape[1])
+    x += level_table[ref.level_ids(scales)[p]] + pos_table[p]  # the right sum, written into the caller's x
+    return x
+
+
 def test_embed_rejects_wrong_answers():
     assert_fails(ch04.embed_levels_positions, embed_level_by_position, contains="indexed by the position")
     assert_fails(ch04.embed_levels_positions, embed_ignores_start, contains="counted from 0")
     assert_fails(ch04.embed_levels_positions, embed_from_zero, contains="counted from 0")
     assert_fails(ch04.embed_levels_positions, embed_no_level)
+    assert_fails(ch04.embed_levels_positions, embed_in_place, contains="changed its argument `x` in place")
 
 
 # 4.3 ------------------------------------------------------------------------------------------------------
@@ -124,10 +131,35 @@ def step_column_major(vq, f_hat, k, tokens):
     return f_hat, vq.next_input(f_hat, k).flatten(2).transpose(1, 2)
 
 
+def step_adds_in_place(vq, f_hat, k, tokens):
+    s = vq.scales[k]
+    h = vq.accumulate(None, k, tokens.view(-1, s, s))
+    if f_hat is None:
+        f_hat = h
+    else:
+        f_hat += h  # the right canvas, but the caller's previous canvas is overwritten
+    if k == len(vq.scales) - 1:
+        return f_hat, None
+    return f_hat, vq.next_input(f_hat, k).flatten(2).transpose(1, 2)
+
+
 def test_scale_step_rejects_wrong_answers():
     assert_fails(ch04.scale_step, step_not_cumulative, contains="next_input")
     assert_fails(ch04.scale_step, step_flatten_without_transpose, contains="next_input")
     assert_fails(ch04.scale_step, step_column_major, contains="f_hat")
+    assert_fails(ch04.scale_step, step_adds_in_place, contains="changed its argument `f_hat` in place")
+
+
+def test_scale_step_accepts_other_row_major_flattenings():
+    def step_permuted(vq, f_hat, k, tokens):
+        s = vq.scales[k]
+        f_hat = vq.accumulate(f_hat, k, tokens.reshape(-1, s, s))
+        if k == len(vq.scales) - 1:
+            return f_hat, None
+        nxt = F.interpolate(f_hat, size=vq.scales[k + 1], mode="area")  # what next_input does
+        return f_hat, nxt.permute(0, 2, 3, 1).reshape(nxt.shape[0], -1, nxt.shape[1])
+
+    assert_passes(ch04.scale_step, step_permuted)
 
 
 # 4.4 ------------------------------------------------------------------------------------------------------
@@ -183,10 +215,30 @@ def loss_summed(logits, targets, scales):
     return loss * targets.numel(), per_scale
 
 
+def loss_log_of_softmax(logits, targets, scales):
+    nll = -logits.softmax(-1).log().gather(-1, targets[..., None]).squeeze(-1)  # -inf where a probability underflows
+    per, begin = [], 0
+    for s in scales:
+        per.append(nll[:, begin:begin + s * s].mean())
+        begin += s * s
+    return nll.mean(), torch.stack(per)
+
+
+def loss_log_softmax(logits, targets, scales):  # the stable form written by hand: correct
+    nll = -logits.log_softmax(-1).gather(-1, targets[..., None]).squeeze(-1)
+    per, begin = [], 0
+    for s in scales:
+        per.append(nll[:, begin:begin + s * s].mean())
+        begin += s * s
+    return nll.mean(), torch.stack(per)
+
+
 def test_loss_rejects_wrong_answers():
     assert_fails(ch04.var_loss, loss_mean_of_scales, contains="mean of the per-scale means")
     assert_fails(ch04.var_loss, loss_off_by_one_bounds)
     assert_fails(ch04.var_loss, loss_summed)
+    assert_fails(ch04.var_loss, loss_log_of_softmax, contains="log of softmax probabilities")
+    assert_passes(ch04.var_loss, loss_log_softmax)
 
 
 # 4.6 ------------------------------------------------------------------------------------------------------
@@ -236,6 +288,17 @@ def test_sampling_rejects_wrong_answers():
     assert_fails(ch04.sample_pyramid, loop_no_ramp, contains="pyramid")
     assert_fails(ch04.sample_pyramid, loop_scale_convention, contains="pyramid")
     assert_fails(ch04.sample_pyramid, loop_extra_passes, contains="one model.step per scale")
+
+
+def test_sampling_rejects_the_library_loop():
+    def library(model, vq, classes, **kw):
+        return sample_pyramid(model, vq, classes, **kw)
+
+    def through_generate(model, vq, classes, **kw):
+        return model.generate(vq, classes, **kw)
+
+    assert_fails(ch04.sample_pyramid, library, contains="the library's version of this loop")
+    assert_fails(ch04.sample_pyramid, through_generate, contains="the library's version of this loop")
 
 
 def test_hand_written_loop_passes():

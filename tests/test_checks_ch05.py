@@ -48,6 +48,11 @@ def prefix_difference(p, q, drafts, u):  # accepts with probability 1 + p - q
     return (u < (1 + at(p, drafts) - at(q, drafts)).clamp(0, 1)).long().cumprod(-1).sum(-1)
 
 
+def prefix_divides_u_in_place(p, q, drafts, u):  # right counts, but the caller's uniforms are overwritten
+    u /= (at(p, drafts) / at(q, drafts)).clamp(max=1)
+    return (u < 1).long().cumprod(dim=1).sum(dim=1)
+
+
 def test_5_1():
     check = ch05.accepted_prefix
     assert_passes(check, F.accepted_prefix)
@@ -59,6 +64,7 @@ def test_5_1():
     assert_fails(check, prefix_counts_all, contains="first rejection")
     assert_fails(check, prefix_q_over_p, contains="q/p")
     assert_fails(check, prefix_inverted, contains="u >= min(1, p/q)")
+    assert_fails(check, prefix_divides_u_in_place, contains="changed its argument `u` in place")
 
 
 # 5.2 ------------------------------------------------------------------------------------------------------
@@ -81,6 +87,12 @@ def residual_q_minus_p(p, q):
     return F.residual_distribution(q, p)
 
 
+def residual_in_place(p, q):  # right rows, but p itself becomes the clamped difference
+    original = p.clone()
+    mass = p.sub_(q).clamp_(min=0).sum(-1, keepdim=True)
+    return torch.where(mass > 0, p / mass.clamp_min(1e-30), original)
+
+
 def test_5_2():
     check = ch05.residual_distribution
     assert_passes(check, F.residual_distribution)
@@ -89,6 +101,7 @@ def test_5_2():
         assert_fails(check, wrong)
     assert_fails(check, residual_unnormalised, contains="normalise the clamped difference")
     assert_fails(check, residual_q_minus_p, contains="what q has more of than p")
+    assert_fails(check, residual_in_place, contains="changed its argument `p` in place")
 
 
 # 5.3 ------------------------------------------------------------------------------------------------------
@@ -114,12 +127,22 @@ def round_keeps_going(p, q, draft, u, generator=None):
     return torch.cat([keep, sampling.sample_from_probs(p[-1], generator).view(1)])
 
 
+def round_writes_into_draft(p, q, draft, u, generator=None):
+    """The correction written over the rejected draft: the right tokens, but the caller's draft is changed."""
+    out = F.speculative_round(p, q, draft.clone(), u, generator)
+    if len(out) > len(draft):
+        return out
+    draft[len(out) - 1] = out[-1]
+    return draft[:len(out)]
+
+
 def test_5_3():
     check = ch05.speculative_round
     assert_passes(check, F.speculative_round)
     assert_not_attempted(check, stub)
     for wrong in (round_resample_from_p, round_no_bonus, round_keeps_going):
         assert_fails(check, wrong)
+    assert_fails(check, round_writes_into_draft, contains="changed its argument `draft` in place")
 
 
 # 5.4 ------------------------------------------------------------------------------------------------------
@@ -139,12 +162,18 @@ def rollback_nothing(caches, seq_len):
     pass
 
 
+def rollback_first_cache_only(caches, seq_len):
+    for c in caches:
+        c.rollback(min(c.length, seq_len - 1))
+        return  # a return inside the loop: the later caches keep their rejected positions
+
+
 def test_5_4():
     check = ch05.rollback_caches
     assert_passes(check, F.rollback_caches)
     assert_not_attempted(check, stub)
     assert_fails(check, rollback_to_seq_len_minus_one, contains="raised ValueError")
-    for wrong in (rollback_off_by_one, rollback_nothing):
+    for wrong in (rollback_off_by_one, rollback_nothing, rollback_first_cache_only):
         assert_fails(check, wrong, contains="cache lengths")
 
 
@@ -253,12 +282,19 @@ def jacobi_no_carry(p, q, draft, u, generator=None):
     return acc, draft[:0], p[:0]
 
 
+def jacobi_with_in_place_round(p, q, draft, u, generator=None):
+    acc = round_writes_into_draft(p, q, draft, u, generator)
+    cq = p[len(acc):]
+    return acc, (sampling.sample_from_probs(cq, generator) if len(cq) else draft[:0]), cq
+
+
 def test_5_6():
     check = ch05.jacobi_verify
     assert_passes(check, F.jacobi_verify)
     assert_not_attempted(check, stub)
     for wrong in (jacobi_carry_off_by_one, jacobi_carry_old_drafts, jacobi_no_carry):
         assert_fails(check, wrong)
+    assert_fails(check, jacobi_with_in_place_round, contains="changed its argument `draft` in place")
 
 
 # 5.7 ------------------------------------------------------------------------------------------------------
@@ -292,6 +328,20 @@ def relaxed_neighbours_of_wrong_token(p, q, tokens, neighbors, delta):
     return _ratio(p, q, tokens, extra)
 
 
+def relaxed_one_batch_axis(p, q, tokens, neighbors, delta):
+    """Indexes rows with arange: right for (N, V) inputs only, the spec allows any batch shape (..., V)."""
+    rows = torch.arange(tokens.shape[0])
+    extra = p[rows[:, None], neighbors[tokens]].sum(-1).clamp(max=delta)
+    return ((p[rows, tokens] + extra) / q[rows, tokens]).clamp(max=1)
+
+
+def relaxed_target_in_place(p, q, tokens, neighbors, delta):
+    """Moves the borrowed mass onto the drafted token inside p itself."""
+    extra = _gather(p, neighbors[tokens]).sum(-1).clamp(max=delta)
+    p.scatter_add_(-1, tokens[..., None], extra[..., None])
+    return _ratio(p, q, tokens, 0.0)
+
+
 def test_5_7():
     check = ch05.relaxed_acceptance_probability
     assert_passes(check, answers.relaxed_acceptance_probability)
@@ -300,6 +350,8 @@ def test_5_7():
         assert_fails(check, wrong)
     assert_fails(check, relaxed_uncapped, contains="not capped at delta")
     assert_fails(check, relaxed_always_delta, contains="adds delta even")
+    assert_fails(check, relaxed_one_batch_axis, contains="two batch axes")
+    assert_fails(check, relaxed_target_in_place, contains="changed its argument `p` in place")
 
 
 def test_use_falls_back_to_the_reference():

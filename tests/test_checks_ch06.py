@@ -164,6 +164,48 @@ def sum_serial_in_shared(x, partial):  # loads cooperatively, then thread 0 adds
         partial[cuda.blockIdx.x] = acc
 
 
+@cuda.jit
+def sum_atomics_into_partial(x, partial):  # right numbers, no shared memory: every thread adds into partial[b]
+    i = cuda.grid(1)
+    if cuda.threadIdx.x == 0:
+        partial[cuda.blockIdx.x] = 0.0
+    cuda.syncthreads()
+    if i < x.shape[0]:
+        cuda.atomic.add(partial, cuda.blockIdx.x, x[i])
+
+
+@cuda.jit
+def sum_atomics_into_shared(x, partial):  # right numbers: one shared accumulator, atomics instead of a tree
+    total = cuda.shared.array(1, float32)
+    t = cuda.threadIdx.x
+    i = cuda.grid(1)
+    if t == 0:
+        total[0] = 0.0
+    cuda.syncthreads()
+    if i < x.shape[0]:
+        cuda.atomic.add(total, 0, x[i])
+    cuda.syncthreads()
+    if t == 0:
+        partial[cuda.blockIdx.x] = total[0]
+
+
+@cuda.jit
+def sum_interleaved_right(x, partial):  # a correct tree with interleaved pairs (t % (2 s) == 0)
+    buf = cuda.shared.array(THREADS, float32)
+    t = cuda.threadIdx.x
+    i = cuda.grid(1)
+    buf[t] = x[i] if i < x.shape[0] else float32(0.0)
+    cuda.syncthreads()
+    stride = 1
+    while stride < THREADS:
+        if t % (2 * stride) == 0:
+            buf[t] += buf[t + stride]
+        cuda.syncthreads()
+        stride *= 2
+    if t == 0:
+        partial[cuda.blockIdx.x] = buf[0]
+
+
 # 6.4 ------------------------------------------------------------------------------------------------------
 
 
@@ -242,14 +284,14 @@ def _matmul_reading_global(a_from_tile: bool):
 # 6.5 ------------------------------------------------------------------------------------------------------
 
 
-def _softmax_variant(subtract_max: bool, rescale_merge: bool):
+def _softmax_variant(subtract_max: bool, rescale_merge: bool, start_at_zero: bool = False):
     @cuda.jit
     def softmax_variant(x, out):
         row_max = cuda.shared.array(THREADS, float32)
         row_sum = cuda.shared.array(THREADS, float32)
         t = cuda.threadIdx.x
         row = cuda.blockIdx.x
-        m = float32(LOWEST) if subtract_max else float32(0.0)
+        m = float32(LOWEST) if subtract_max and not start_at_zero else float32(0.0)
         s = float32(0.0)
         for c in range(t, x.shape[1], THREADS):
             xv = x[row, c]
@@ -309,6 +351,36 @@ def softmax_three_passes(x, out):  # right numbers: a pass for the max, one for 
         stride //= 2
     for c in range(t, x.shape[1], THREADS):
         out[row, c] = math.exp(x[row, c] - m) / row_sum[0]
+
+
+@cuda.jit
+def softmax_serial_merge(x, out):  # right numbers: thread 0 merges the 32 pairs one after another
+    row_max = cuda.shared.array(THREADS, float32)
+    row_sum = cuda.shared.array(THREADS, float32)
+    t = cuda.threadIdx.x
+    row = cuda.blockIdx.x
+    m = float32(LOWEST)
+    s = float32(0.0)
+    for c in range(t, x.shape[1], THREADS):
+        xv = x[row, c]
+        if xv > m:
+            s = s * math.exp(m - xv)
+            m = xv
+        s += math.exp(xv - m)
+    row_max[t] = m
+    row_sum[t] = s
+    cuda.syncthreads()
+    if t == 0:
+        for u in range(1, THREADS):
+            m2 = row_max[u]
+            mm = max(m, m2)
+            s = s * math.exp(m - mm) + row_sum[u] * math.exp(m2 - mm)
+            m = mm
+        row_max[0] = m
+        row_sum[0] = s
+    cuda.syncthreads()
+    for c in range(t, x.shape[1], THREADS):
+        out[row, c] = math.exp(x[row, c] - row_max[0]) / row_sum[0]
 
 
 @cuda.jit
@@ -536,16 +608,17 @@ def _flash_loads(v_from_global: bool = False, thread_zero_loads: bool = False):
 # 6.8 ------------------------------------------------------------------------------------------------------
 
 
-def _partial_variant(respect_length: bool = True, rescale: bool = True):
+def _partial_variant(respect_length: bool = True, rescale: bool = True, block_offset: bool = True,
+                     start_m: float = LOWEST):
     @cuda.jit
     def partial_variant(q, k_cache, v_cache, lengths, chunk, scale, m_out, l_out, acc_out):
-        split = cuda.grid(1)
+        split = cuda.grid(1) if block_offset else cuda.threadIdx.x
         bh = cuda.blockIdx.y
         if split * chunk < k_cache.shape[1]:
             acc = cuda.local.array(HEAD_DIM, float32)
             for d in range(HEAD_DIM):
                 acc[d] = 0.0
-            m = float32(LOWEST)
+            m = float32(start_m)
             l = float32(0.0)
             stop = lengths[bh] if respect_length else k_cache.shape[1]
             for j in range(split * chunk, min(split * chunk + chunk, stop)):
@@ -657,6 +730,19 @@ def _combine_variant(reference_point: str):
 
 
 @cuda.jit
+def combine_unshifted(m_part, l_part, acc_part, out):  # weights exp(m_s), no reference point subtracted
+    d, bh = cuda.grid(2)
+    if bh < acc_part.shape[0] and d < acc_part.shape[2]:
+        num = float32(0.0)
+        den = float32(0.0)
+        for s in range(m_part.shape[1]):
+            w = math.exp(m_part[bh, s])
+            num += w * acc_part[bh, s, d]
+            den += w * l_part[bh, s]
+        out[bh, d] = num / den
+
+
+@cuda.jit
 def combine_no_guard(m_part, l_part, acc_part, out):
     d, bh = cuda.grid(2)
     top = m_part[bh, 0]
@@ -695,6 +781,7 @@ CASES = {
     "softmax_kernel": [
         (_softmax_variant(subtract_max=False, rescale_merge=True), "scale 60"),
         (_softmax_variant(subtract_max=True, rescale_merge=False), "differs"),
+        (_softmax_variant(subtract_max=True, rescale_merge=True, start_at_zero=True), "all near -200"),
     ],
     "vq_nearest_kernel": [
         (_vq_variant(ties_to_last=True, guard=True), "repeated"),
@@ -710,10 +797,13 @@ CASES = {
         (_partial_variant(respect_length=False), "nan"),
         (_partial_variant(rescale=False), "differs"),
         (partial_skips_empty_splits, "never written"),
+        (_partial_variant(block_offset=False), "m_out[0, 8] was never written on input 'lengths [70, 9]"),
+        (_partial_variant(start_m=0.0), "holds no keys (length 23) but wrote m = 0"),
     ],
     "decode_combine_kernel": [
         (_combine_variant("none"), "differs"),
         (_combine_variant("first"), "spread"),
+        (combine_unshifted, "maxima spread over [-50, 102]"),
         (combine_no_guard, "out-of-bounds"),
     ],
 }
@@ -725,6 +815,8 @@ TRAFFIC = {
     "block_sum_kernel": [
         (sum_one_thread_reads_all, "thread (0,) of block (0,) read x 32 times from global memory"),
         (sum_serial_in_shared, "read 32 values from shared memory"),
+        (sum_atomics_into_partial, "allocates 0 shared-memory elements per block"),
+        (sum_atomics_into_shared, "allocates 1 shared-memory elements per block"),
     ],
     "matmul_kernel": [
         (matmul_untiled, "allocates 0 shared-memory elements per block"),
@@ -734,6 +826,7 @@ TRAFFIC = {
     "softmax_kernel": [
         (softmax_three_passes, "read x 6 times from global memory"),
         (softmax_whole_row_per_thread, "read x 47 times from global memory"),
+        (softmax_serial_merge, "thread (0,) of block (0,) read 66 values from shared memory"),
     ],
     "vq_nearest_kernel": [
         (vq_distance_per_code, "allocated local arrays of 64 elements"),
@@ -755,6 +848,14 @@ TRAFFIC = {
 def test_reference_passes(name):
     check = getattr(ch06, name)
     assert_passes(check, check.exercise.reference)
+
+
+@pytest.mark.parametrize("name, right", [
+    ("block_sum_kernel", sum_interleaved_right),
+    ("decode_partial_kernel", _partial_variant(start_m=-math.inf)),  # -inf weighs nothing, as LOWEST does
+])
+def test_another_correct_kernel_passes(name, right):
+    assert_passes(getattr(ch06, name), right)
 
 
 @pytest.mark.parametrize("name", sorted(CASES))

@@ -156,6 +156,12 @@ def backend_ignores_request(device_type, available, requested="auto"):
     return ref.choose_backend(device_type, available, "auto")
 
 
+def backend_clears_available(device_type, available, requested="auto"):
+    choice = ref.choose_backend(device_type, available, requested)
+    available.intersection_update({choice})  # keeps only what it chose, in the caller's set
+    return choice
+
+
 def _outcome(fn, *args):
     """What ``fn(*args)`` returns, or the type of the error it raises."""
     try:
@@ -180,6 +186,7 @@ def test_backend_rejects_wrong_answers():
     assert_fails(ch07.choose_backend, backend_prefers_numba, contains="expected 'triton'")
     assert_fails(ch07.choose_backend, backend_silent_fallback, contains="RuntimeError")
     assert_fails(ch07.choose_backend, backend_ignores_request)
+    assert_fails(ch07.choose_backend, backend_clears_available, contains="changed its argument `available`")
 
 
 # 7.4 ------------------------------------------------------------------------------------------------------
@@ -243,11 +250,22 @@ def accounting_passes_per_image_counted(chunk_images, chunk_passes, chunk_second
     return {**out, "forward_passes": sum(p * n for p, n in zip(chunk_passes, chunk_images))}
 
 
+def accounting_pops_the_lists(chunk_images, chunk_passes, chunk_seconds):
+    images = passes = waited = 0
+    seconds = 0.0
+    while chunk_images:  # empties the caller's lists
+        n, p = chunk_images.pop(), chunk_passes.pop()
+        images, passes, waited, seconds = images + n, passes + p, waited + p * n, seconds + chunk_seconds.pop()
+    return {"images": images, "forward_passes": passes, "passes_per_image": waited / images,
+            "images_per_second": images / seconds}
+
+
 def test_accounting_rejects_wrong_answers():
     assert_fails(ch07.generation_accounting, accounting_shared_passes, contains="passes_per_image")
     assert_fails(ch07.generation_accounting, accounting_mean_over_chunks, contains="passes_per_image")
     assert_fails(ch07.generation_accounting, accounting_mean_rate, contains="images_per_second")
     assert_fails(ch07.generation_accounting, accounting_passes_per_image_counted, contains="forward_passes")
+    assert_fails(ch07.generation_accounting, accounting_pops_the_lists, contains="changed its argument `chunk_images`")
 
 
 # 7.6 ------------------------------------------------------------------------------------------------------
@@ -291,12 +309,35 @@ def front_sorted(rows, objectives):
     return sorted(ref.pareto_front(rows, objectives), key=lambda r: -r[k0] if s0 == "max" else r[k0])
 
 
+def front_removes_from_rows(rows, objectives):
+    for b in list(rows):
+        if any(all(_better(a, b, objectives)[0]) and any(_better(a, b, objectives)[1]) for a in rows):
+            rows.remove(b)  # the caller's table loses its dominated rows
+    return rows
+
+
+def front_sweep_in_input_order_right(rows, objectives):
+    """A correct alternative: sort by all objectives, sweep against the front so far, report in input order."""
+    sign = {k: 1 if s == "max" else -1 for k, s in objectives.items()}
+    order = sorted(rows, key=lambda r: tuple(-sign[k] * r[k] for k in objectives))
+    front = []
+    for r in order:
+        if not any(all(_better(f, r, objectives)[0]) and any(_better(f, r, objectives)[1]) for f in front):
+            front.append(r)
+    return [r for r in rows if any(r is f for f in front)]
+
+
+def test_front_accepts_another_correct_answer():
+    assert_passes(ch07.pareto_front, front_sweep_in_input_order_right)
+
+
 def test_front_rejects_wrong_answers():
     assert_fails(ch07.pareto_front, front_drops_ties, contains="dropped")
     assert_fails(ch07.pareto_front, front_ignores_min)
     assert_fails(ch07.pareto_front, front_strict_in_all, contains="kept the dominated")
     assert_fails(ch07.pareto_front, front_sweep_first_objective)
     assert_fails(ch07.pareto_front, front_sorted, contains="order")
+    assert_fails(ch07.pareto_front, front_removes_from_rows, contains="changed its argument `rows`")
 
 
 # 7.7 ------------------------------------------------------------------------------------------------------
@@ -330,9 +371,15 @@ def fastest_last_on_tie(rows, speed, quality, floor, higher_is_better=True):
     return best
 
 
+def fastest_sorts_rows_in_place(rows, speed, quality, floor, higher_is_better=True):
+    rows.sort(key=lambda r: r[speed], reverse=True)  # reorders the caller's table
+    return next((r for r in rows if (r[quality] >= floor if higher_is_better else r[quality] <= floor)), None)
+
+
 def test_fastest_rejects_wrong_answers():
     assert_fails(ch07.fastest_meeting, fastest_strict_floor, contains="met exactly")
     assert_fails(ch07.fastest_meeting, fastest_ignores_direction, contains="lower is better")
     assert_fails(ch07.fastest_meeting, fastest_best_quality)
     assert_fails(ch07.fastest_meeting, fastest_first_meeting)
     assert_fails(ch07.fastest_meeting, fastest_last_on_tie, contains="tie")
+    assert_fails(ch07.fastest_meeting, fastest_sorts_rows_in_place, contains="changed its argument `rows`")

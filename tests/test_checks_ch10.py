@@ -339,7 +339,7 @@ def test_10_6():
     assert_fails(check, sample_swapped, contains="swapped")
     assert_fails(check, sample_scale_convention, contains="'scale' convention")
     assert_fails(check, sample_mixed_conditions, contains="mixes the conditions")
-    assert_fails(check, sample_in_place, contains="changed x0 in place")
+    assert_fails(check, sample_in_place, contains="changed its argument `x0` in place")
     assert_fails(check, sample_two_calls, contains="one batched call")
     assert_fails(check, sample_always_doubled, contains="at w = 0")
     assert_fails(check, sample_time_column, contains="t (R,)")

@@ -6,12 +6,13 @@ import json
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from ar_course.checks.core import (
-    REPORT_ENV, STRICT_ENV, Case, Chapter, CheckFailure, Mistake, NotAttempted, call, compare, compare_cases,
-    explain,
+    REPORT_ENV, STRICT_ENV, Case, Chapter, CheckFailure, Mistake, NotAttempted, call, check_unchanged, clone_args,
+    compare, compare_cases, explain,
 )
 from checks_helpers import assert_fails, assert_not_attempted, assert_passes
 
@@ -270,4 +271,41 @@ def test_the_readme_chapter_table_counts_each_chapters_exercises():
     for number, count in rows.items():
         chapter = importlib.import_module(f"ar_course.checks.ch{number}").chapter
         assert int(count) == len(chapter.exercises), f"README says chapter {number} has {count} exercises"
+
+
+def test_compare_cases_keep_fails_a_function_that_changes_its_arguments_in_place():
+    cases = [Case("a vector and a cache", (torch.tensor([1.0, -2.0, 3.0]), torch.zeros(3)))]
+
+    def ref(x, cache):
+        cache.copy_(x)  # the cache is meant to change
+        return x.clamp(min=0)
+
+    def in_place(x, cache):
+        cache.copy_(x)
+        return x.clamp_(min=0)
+
+    compare_cases(ref, ref, cases, keep=("x", None))
+    compare_cases(in_place, ref, cases, keep=())  # nothing watched: the same output passes
+    with pytest.raises(CheckFailure, match=r"changed its argument `x` in place on input 'a vector and a cache'; the "
+                                           r"caller still uses it: build new values"):
+        compare_cases(in_place, ref, cases, keep=("x", None))
+    with pytest.raises(CheckFailure, match=r"changed its argument `cache` in place"):  # by default: every argument,
+        compare_cases(ref, ref, cases)  # named as the reference names its parameters
+
+
+@pytest.mark.parametrize("value, change", [
+    (torch.tensor([1.0, float("nan")]), lambda t: t.mul_(2)),
+    (np.array([1, 2]), lambda a: a.__setitem__(0, 5)),
+    ([torch.zeros(2), 3], lambda lst: lst[0].add_(1)),
+    ({"logp": torch.zeros(2)}, lambda d: d["logp"].sub_(1)),
+    ({1, 2}, lambda s: s.discard(1)),
+    ([3, 1, 2], lambda lst: lst.sort()),
+])
+def test_check_unchanged_sees_changes_inside_containers_and_ignores_nan(value, change):
+    before = clone_args([value])
+    check_unchanged(["v"], before, [value], "case")  # untouched, NaN included: fine
+    change(value)
+    with pytest.raises(CheckFailure, match=r"changed its argument `v` in place on input 'case'; the caller still "
+                                           r"uses it, for the next step: build"):
+        check_unchanged(["v"], before, [value], "case", why="for the next step")
 

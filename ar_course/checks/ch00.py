@@ -4,8 +4,10 @@ Softmax and cross-entropy are compared with the references in :mod:`ar_course.ch
 including logits large enough to overflow ``exp`` and ``-inf`` entries. Sampling is random, so its check
 compares *distributions*: it draws thousands of tokens per row with the learner's function and runs a
 chi-square goodness-of-fit test against ``softmax(logits / temperature)``, at several temperatures. It also
-checks the exact cases: greedy decoding at temperature 0, reproducibility under a seeded generator, and a
-``ValueError`` for a negative temperature.
+checks the exact cases: greedy decoding at temperature 0, reproducibility under a seeded generator (and other
+tokens under another seed), a batch of one, ``generator=None``, and a ``ValueError`` for a negative temperature.
+Softmax gradients are compared on every input, fully masked slices included (zeros, not NaN); the sampler and
+the cross-entropy must leave the tensors they are given unchanged.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ from typing import Callable, Iterator
 import torch
 from scipy.stats import chi2
 
-from ar_course.checks.core import Case, Chapter, CheckFailure, Mistake, call, compare, compare_cases, describe
+from ar_course.checks.core import (Case, Chapter, CheckFailure, Mistake, call, check_unchanged, compare,
+                                   compare_cases, describe)
 from ar_course.checks.reference import ch00 as ref
 
 chapter = Chapter(0, "Tour")
@@ -31,27 +34,36 @@ P_MIN = 1e-6  # a chi-square p-value below this rejects the sampler (a correct o
 # 0.1 stable softmax
 
 
-def _softmax_cases() -> Iterator[tuple[Case, bool]]:
-    """(case, whether gradients are compared): finite inputs get a gradient check, ``-inf`` ones do not."""
+def _softmax_cases() -> Iterator[Case]:
+    """Inputs of 0.1; gradients are compared on every one, ``-inf`` entries included (they get gradient 0)."""
     g = torch.Generator().manual_seed(1)
-    yield Case("5x7 random logits", (torch.randn(5, 7, generator=g),)), True
-    yield Case("4x3x6 logits, dim=1", (torch.randn(4, 3, 6, generator=g), 1)), True
-    yield Case("6x4 logits, dim=0", (torch.randn(6, 4, generator=g),), {"dim": 0}), True
-    yield Case("3x5 logits of size ~1000 (exp overflows)", (torch.randn(3, 5, generator=g) * 1000,)), True
-    yield Case("2x9 float64 logits", (torch.randn(2, 9, generator=g, dtype=torch.float64),)), True
-    yield Case("4x1 logits (a single token)", (torch.randn(4, 1, generator=g),)), True
+    yield Case("5x7 random logits", (torch.randn(5, 7, generator=g),))
+    yield Case("4x3x6 logits, dim=1", (torch.randn(4, 3, 6, generator=g), 1))
+    yield Case("6x4 logits, dim=0", (torch.randn(6, 4, generator=g),), {"dim": 0})
+    yield Case("3x5 logits of size ~1000 (exp overflows)", (torch.randn(3, 5, generator=g) * 1000,))
+    yield Case("2x9 float64 logits", (torch.randn(2, 9, generator=g, dtype=torch.float64),))
+    yield Case("4x1 logits (a single token)", (torch.randn(4, 1, generator=g),))
     masked = torch.randn(3, 8, generator=g) * 2
     masked[0, [1, 4, 5]] = NEG_INF
     masked[2, :7] = NEG_INF
-    yield Case("3x8 logits with -inf entries", (masked,)), False
+    yield Case("3x8 logits with -inf entries", (masked,))
     empty = torch.randn(3, 6, generator=g)
     empty[1] = NEG_INF
-    yield Case("3x6 logits, row 1 all -inf (expect zeros there)", (empty,)), False
+    yield Case("3x6 logits, row 1 all -inf (expect zeros there)", (empty,))
 
 
 def _softmax_overflowing(logits: torch.Tensor, dim: int = -1) -> torch.Tensor:
     e = logits.exp()
     return e / e.sum(dim, keepdim=True)
+
+
+def _softmax_nan_gradient(logits: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """Right values, but the all -inf slice computes 0 / 0 in a branch that torch.where then discards."""
+    top = logits.amax(dim, keepdim=True)
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    e = torch.exp(logits - top)
+    s = e.sum(dim, keepdim=True)
+    return torch.where(s > 0, e / s, torch.zeros_like(e))
 
 
 SOFTMAX_MISTAKES = [  # the first that matches is named: a slice of -inf is NaN for both
@@ -60,6 +72,9 @@ SOFTMAX_MISTAKES = [  # the first that matches is named: a slice of -inf is NaN 
             "all zeros"),
     Mistake(_softmax_overflowing, "that is exp(x) / sum(exp(x)) without a shift: exp overflows to inf for large "
             "logits and inf / inf is NaN"),
+    Mistake(_softmax_nan_gradient, "the values are right, but the gradient of the all -inf slice is NaN: a NaN "
+            "computed there (0 / 0, or -inf - (-inf)) still flows backwards even when torch.where or nan_to_num "
+            "hides it in the output, and one fully masked row would then turn every weight NaN in training"),
 ]
 
 
@@ -72,8 +87,7 @@ SOFTMAX_MISTAKES = [  # the first that matches is named: a slice of -inf is NaN 
     "e = (logits - m).exp(); s = e.sum(dim, keepdim=True); return e / torch.where(s > 0, s, torch.ones_like(s))",
 ))
 def stable_softmax(fn: Callable, ref_fn: Callable) -> None:
-    for case, with_grad in _softmax_cases():
-        compare_cases(fn, ref_fn, [case], grad_wrt=(0,) if with_grad else (), mistakes=SOFTMAX_MISTAKES)
+    compare_cases(fn, ref_fn, _softmax_cases(), grad_wrt=(0,), mistakes=SOFTMAX_MISTAKES)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -138,6 +152,8 @@ def _check_distribution(fn: Callable, name: str, logits: torch.Tensor, temperatu
     with torch.random.fork_rng(devices=[]):  # a sampler that ignores `generator` is still deterministic here
         torch.manual_seed(seed)
         draws = call(fn, batch, temperature, generator=torch.Generator().manual_seed(seed), where=where)
+    check_unchanged(("logits",), (logits.repeat(DRAWS, 1),), (batch,), where,
+                    why="so a second call on it sees other values")
     draws = _check_draws(draws, DRAWS * rows, vocab, where).view(DRAWS, rows)  # (DRAWS, B)
     expected = torch.softmax(logits.double() / temperature, dim=-1)  # (B, V)
     for r in range(rows):
@@ -186,6 +202,19 @@ def sample_categorical(fn: Callable, ref_fn: Callable) -> None:
     if not torch.equal(first, second):
         raise CheckFailure(f"on input {where!r} the two calls drew different tokens: draw every random number "
                            "with generator=generator")
+    where = "500x20 logits, generators seeded 7 and 8"
+    other = call(fn, logits.clone(), 1.0, generator=torch.Generator().manual_seed(8), where=where)
+    if torch.equal(first, other):
+        raise CheckFailure(f"on input {where!r} the two calls drew the same 500 tokens: the draws do not come "
+                           "from the generator you were given (a fixed seed or a generator of your own inside the "
+                           "function repeats the same tokens whatever the caller passes)")
+
+    for temperature in (1.0, 0.0):  # batch of one: the (1,) shape must survive
+        where = f"1x20 logits (a batch of one), temperature {temperature:g}"
+        draws = call(fn, logits[:1].clone(), temperature, generator=torch.Generator().manual_seed(9), where=where)
+        _check_draws(draws, 1, logits.shape[1], where)
+    where = "500x20 logits, temperature 1, no generator (generator=None)"
+    _check_draws(call(fn, logits.clone(), 1.0, where=where), logits.shape[0], logits.shape[1], where)
 
     try:
         out = fn(logits[:2].clone(), -1.0)

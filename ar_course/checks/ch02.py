@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from ar_course import sampling
-from ar_course.checks.core import (Case, Chapter, CheckFailure, Mistake, call, clone_args, compare, compare_cases,
-                                   explain)
+from ar_course.checks.core import (Case, Chapter, CheckFailure, Mistake, call, check_unchanged, clone_args, compare,
+                                   compare_cases, explain)
 from ar_course.checks.reference import ch02 as answers
 from ar_course.transformer import functional as ref
 from ar_course.transformer.model import GPT, Block, GPTConfig, SelfAttention
@@ -50,11 +50,19 @@ def _softmax_cases() -> Iterator[Case]:
     empty = torch.ones(3, 5, dtype=torch.bool)
     empty[1] = False
     yield Case("row 1 fully masked (expect zeros)", (torch.randn(3, 5, generator=g), empty))
+    hidden = ref.causal_mask(4, 6)
+    yield Case("masked scores 1000 above the kept ones", (torch.randn(4, 6, generator=g) + 1000.0 * ~hidden, hidden))
 
 
 def _softmax_unshifted(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     e = scores.masked_fill(~mask, float("-inf")).exp()
     return e / e.sum(-1, keepdim=True)
+
+
+def _softmax_max_over_all(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    e = (scores - scores.amax(-1, keepdim=True)).exp() * mask
+    t = e.sum(-1, keepdim=True)
+    return e / torch.where(t > 0, t, 1.0)
 
 
 SOFTMAX_MISTAKES = [
@@ -65,6 +73,8 @@ SOFTMAX_MISTAKES = [
     Mistake(lambda scores, mask: torch.softmax(scores.masked_fill(~mask, 0.0), -1),
             "masked entries were set to 0 before the softmax, and exp(0) still gives them weight; a masked entry "
             "must get none"),
+    Mistake(_softmax_max_over_all, "the row maximum included the masked entries: a masked score far above the kept "
+            "ones makes exp underflow to 0 for every kept entry"),
 ]
 
 
@@ -125,6 +135,8 @@ def _attention_cases() -> Iterator[Case]:
     rnd = torch.rand(3, 1, 9, 9, generator=g) > 0.5
     rnd[..., 0] = True
     yield Case("B=3 T=9 D=16, random (B,1,T,T) mask", (q, k, v, rnd))
+    q, k, v = (torch.randn(1, 2, 4, 8, generator=g) * s for s in (12.0, 12.0, 1.0))
+    yield Case("scores in the hundreds, causal mask", (q, k, v, ref.causal_mask(4)))
 
 
 def _attention_variant(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, *,
@@ -135,6 +147,20 @@ def _attention_variant(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: 
     if over_queries:
         return ref.masked_softmax(scores.transpose(-2, -1), keep.transpose(-2, -1)).transpose(-2, -1) @ v
     return ref.masked_softmax(scores, keep) @ v
+
+
+def _attention_unshifted(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None, *,
+                         fill: bool) -> torch.Tensor:
+    """A softmax written out without subtracting the row maximum; the mask applied after exp by filling with 0
+    (``fill``) or by multiplying (where inf * 0 = NaN)."""
+    e = (q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])).exp()  # (..., T_q, T_k)
+    if mask is not None:
+        e = e.masked_fill(~mask, 0.0) if fill else e * mask
+    return e / e.sum(-1, keepdim=True) @ v
+
+
+UNSHIFTED = ("exp overflowed: a score in the hundreds gives exp = inf and inf / inf = NaN; the softmax must subtract "
+             "each row's maximum first (as your masked_softmax does)")
 
 
 ATTENTION_MISTAKES = [
@@ -154,6 +180,8 @@ ATTENTION_MISTAKES = [
     Mistake(lambda q, k, v, mask=None: _attention_variant(q, k, v, None if mask is None else ~mask,
                                                           scale=q.shape[-1] ** -0.5),
             "the mask is inverted: True means the query may attend to that key"),
+    Mistake(lambda q, k, v, mask=None: _attention_unshifted(q, k, v, mask, fill=True), UNSHIFTED),
+    Mistake(lambda q, k, v, mask=None: _attention_unshifted(q, k, v, mask, fill=False), UNSHIFTED),
 ]
 
 
@@ -179,6 +207,12 @@ def _rope_cases() -> Iterator[Case]:
     yield Case("T=4 D=16, positions 37..40", (torch.randn(1, 2, 4, 16, generator=g), torch.arange(37, 41)))
     yield Case("T=5 D=6, unordered positions", (torch.randn(1, 1, 5, 6, generator=g), torch.tensor([9, 2, 0, 130, 5])))
     yield Case("T=3 D=8, base=100", (torch.randn(2, 1, 3, 8, generator=g), torch.tensor([1, 4, 7]), 100.0))
+    yield Case("(T, D) input, no batch or head axes, T=4 D=10", (torch.randn(4, 10, generator=g), torch.arange(3, 7)))
+
+
+def _rope_half_cases() -> Iterator[Case]:
+    g = _gen(51)
+    yield Case("float16 x, B=1 H=2 T=5 D=8", (torch.randn(1, 2, 5, 8, generator=g).half(), torch.arange(5)))
 
 
 def _rope_variant(x: torch.Tensor, positions: torch.Tensor, base: float = 10000.0, *, exponent: float = 2.0,
@@ -216,6 +250,7 @@ ROPE_MISTAKES = [
 ))
 def rotary_embedding(fn, ref_fn):
     compare_cases(fn, ref_fn, _rope_cases(), atol=1e-4, mistakes=ROPE_MISTAKES)
+    compare_cases(fn, ref_fn, _rope_half_cases(), atol=4e-3, rtol=4e-3, mistakes=ROPE_MISTAKES)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -235,21 +270,29 @@ def _scaled_weights(module: torch.nn.Module, std: float, seed: int) -> torch.nn.
     return module.eval()
 
 
+GAPPED_POSITIONS = torch.tensor([0, 1, 2, 5, 6, 9, 14, 15, 30])  # a shift of 0..T-1 would not show: RoPE is relative
+
+
 def _self_attention_cases() -> Iterator[Case]:
     for seed, (B, T, C, H) in enumerate([(2, 7, 24, 3), (1, 9, 16, 4), (3, 1, 8, 2)]):
         attn = _scaled_weights(SelfAttention(GPTConfig(n_embd=C, n_head=H)), 0.4, 20 + seed)
         x = torch.randn(B, T, C, generator=_gen(30 + seed))
         yield Case(f"B={B} T={T} C={C}, {H} heads", (x, attn, torch.arange(T)))
+    attn = _scaled_weights(SelfAttention(GPTConfig(n_embd=16, n_head=4)), 0.4, 23)
+    yield Case("B=2 T=9 C=16, 4 heads, positions with gaps", (torch.randn(2, 9, 16, generator=_gen(33)), attn,
+                                                               GAPPED_POSITIONS))
 
 
 def _self_attention_variant(x: torch.Tensor, attn: SelfAttention, positions: torch.Tensor, *, split: str = "heads",
                             merge_transpose: bool = True, causal: bool = True, rope_qk: bool = True,
-                            rope_v: bool = False, proj: bool = True) -> torch.Tensor:
+                            rope_v: bool = False, proj: bool = True, own_positions: bool = False) -> torch.Tensor:
     """Multi-head self-attention with one thing changed: how the heads are cut (``split``: "heads", "reshape"
     straight to (B, H, T, D), "interleaved" channels, or "one" head of C channels) and put back, the mask,
-    which tensors are rotated, or the output projection."""
+    which tensors are rotated, the positions (``own_positions``: 0..T-1 whatever was passed), or the output
+    projection."""
     B, T, C = x.shape
     H = attn.n_head
+    positions = torch.arange(T) if own_positions else positions
     splits = {
         "heads": lambda t: ref.split_heads(t, H),
         "reshape": lambda t: t.reshape(B, H, T, C // H),
@@ -291,6 +334,8 @@ SELF_ATTENTION_MISTAKES = [
             "the values were rotated too; only queries and keys carry the positions"),
     Mistake(lambda x, attn, positions: _self_attention_variant(x, attn, positions, proj=False),
             "the output projection attn.proj is missing"),
+    Mistake(lambda x, attn, positions: _self_attention_variant(x, attn, positions, own_positions=True),
+            "the queries and keys were rotated at positions 0..T-1, not at the positions passed in"),
 ]
 
 
@@ -327,6 +372,8 @@ RMS_MISTAKES = [
     Mistake(lambda x, weight, eps=1e-6: ref.rms_norm(x, None, eps), "the weight is not applied"),
     Mistake(lambda x, weight, eps=1e-6: ref.rms_norm(x.float(), weight.float(), eps),
             "the result stayed in float32; a norm returns the dtype it was given"),
+    Mistake(lambda x, weight, eps=1e-6: ref.rms_norm(x, weight.detach(), eps),
+            "the weight was used outside autograd (.data or .detach()), so the gain would never learn"),
 ]
 
 
@@ -358,7 +405,7 @@ def rms_norm(fn, ref_fn):
         Case("shifted input (mean 3)", (torch.randn(4, 9, generator=g) + 3.0, torch.ones(9), 1e-6)),
         Case("tiny input (~1e-3), eps=1e-5", (torch.randn(3, 7, generator=g) * 1e-3, torch.rand(7, generator=g), 1e-5)),
     ]
-    compare_cases(fn, ref_fn, cases, atol=1e-5, grad_wrt=(0,), mistakes=RMS_MISTAKES)
+    compare_cases(fn, ref_fn, cases, atol=1e-5, grad_wrt=(0, 1), mistakes=RMS_MISTAKES)
     compare_cases(fn, ref_fn, _rms_half_cases(), atol=4e-3, rtol=4e-3, mistakes=RMS_MISTAKES)
     compare_cases(fn, ref_fn, _rms_bfloat16_cases(), atol=2e-2, rtol=2e-2, mistakes=RMS_MISTAKES)  # 8-bit mantissa
 
@@ -372,15 +419,25 @@ def _block_cases() -> Iterator[Case]:
         block = _scaled_weights(Block(GPTConfig(n_embd=C, n_head=H)), 0.3, 50 + seed)
         x = torch.randn(B, T, C, generator=_gen(60 + seed)) * 2 + 1  # a mean: post-norm then differs more
         yield Case(f"B={B} T={T} C={C}, {H} heads", (x, block, torch.arange(T)))
+    block = _scaled_weights(Block(GPTConfig(n_embd=16, n_head=4, norm_eps=0.1)), 0.3, 52)
+    x = torch.randn(2, 9, 16, generator=_gen(62)) * 2 + 1
+    yield Case("B=2 T=9 C=16, 4 heads, norm eps 0.1, positions with gaps", (x, block, GAPPED_POSITIONS))
 
 
 def _block_variant(x: torch.Tensor, block: Block, positions: torch.Tensor, *, wiring: str = "pre",
-                   causal: bool = True) -> torch.Tensor:
-    """A block wired differently (``wiring``), or whose attention has no causal mask."""
+                   causal: bool = True, norm_eps: bool = True, own_positions: bool = False) -> torch.Tensor:
+    """A block wired differently (``wiring``), whose attention has no causal mask or ignores ``positions``, or whose
+    norms use rms_norm's default eps instead of their own (``norm_eps=False``)."""
     def attn(h: torch.Tensor) -> torch.Tensor:
-        return _self_attention_variant(h, block.attn, positions, causal=causal)
+        return _self_attention_variant(h, block.attn, positions, causal=causal, own_positions=own_positions)
 
-    n1, n2, mlp = block.norm1, block.norm2, block.mlp
+    def n1(h: torch.Tensor) -> torch.Tensor:
+        return block.norm1(h) if norm_eps else ref.rms_norm(h, block.norm1.weight)
+
+    def n2(h: torch.Tensor) -> torch.Tensor:
+        return block.norm2(h) if norm_eps else ref.rms_norm(h, block.norm2.weight)
+
+    mlp = block.mlp
     if wiring == "post":
         h = n1(x + attn(x))
         return n2(h + mlp(h))
@@ -412,6 +469,10 @@ BLOCK_MISTAKES = [
             "norm1 was used before the MLP too; each sublayer has its own norm (norm2 for the MLP)"),
     Mistake(lambda x, block, positions: _block_variant(x, block, positions, causal=False),
             "the attention has no causal mask: every position also sees the positions after it"),
+    Mistake(lambda x, block, positions: _block_variant(x, block, positions, norm_eps=False),
+            "the norms ran with rms_norm's default eps, not the block's own (block.norm1.eps, block.norm2.eps)"),
+    Mistake(lambda x, block, positions: _block_variant(x, block, positions, own_positions=True),
+            "the attention rotated at positions 0..T-1, not at the positions passed in"),
 ]
 
 
@@ -433,17 +494,18 @@ def transformer_block(fn, ref_fn):
 
 
 def _gpt_cases() -> Iterator[Case]:
-    for seed, (tie, B, T) in enumerate([(True, 2, 9), (True, 1, 1), (False, 3, 12)]):
-        config = GPTConfig(vocab_size=11, block_size=12, n_layer=3, n_head=2, n_embd=16, tie_weights=tie)
+    for seed, (tie, B, T, eps) in enumerate([(True, 2, 9, 1e-6), (True, 1, 1, 1e-6), (False, 3, 12, 0.05)]):
+        config = GPTConfig(vocab_size=11, block_size=12, n_layer=3, n_head=2, n_embd=16, tie_weights=tie, norm_eps=eps)
         torch.manual_seed(70 + seed)
         model = _scaled_weights(GPT(config), 0.3, 70 + seed)
         idx = torch.randint(0, 11, (B, T), generator=_gen(80 + seed))
         head = "tied head" if tie else "separate head"
-        yield Case(f"3 layers, {head}, B={B} T={T}", (model, idx))
+        yield Case(f"3 layers, {head}, B={B} T={T}, norm eps {eps:g}", (model, idx))
 
 
 def _gpt_variant(model: GPT, idx: torch.Tensor, *, final_norm: bool = True, probs: bool = False,
-                 reverse: bool = False, scale_embedding: bool = False, chained: bool = True) -> torch.Tensor:
+                 reverse: bool = False, scale_embedding: bool = False, chained: bool = True,
+                 final_eps: bool = True) -> torch.Tensor:
     """The GPT forward pass with one thing changed."""
     positions = torch.arange(idx.shape[1], device=idx.device)
     emb = model.wte(idx)  # (B, T, C)
@@ -452,7 +514,9 @@ def _gpt_variant(model: GPT, idx: torch.Tensor, *, final_norm: bool = True, prob
     x = emb
     for block in (list(model.blocks)[::-1] if reverse else model.blocks):
         x = answers.transformer_block(x if chained else emb, block, positions)
-    logits = model.lm_head(model.norm_f(x) if final_norm else x)  # (B, T, V)
+    if final_norm:
+        x = model.norm_f(x) if final_eps else ref.rms_norm(x, model.norm_f.weight)
+    logits = model.lm_head(x)  # (B, T, V)
     return logits.softmax(-1) if probs else logits
 
 
@@ -467,6 +531,8 @@ GPT_MISTAKES = [
             "they are"),
     Mistake(lambda model, idx: _gpt_variant(model, idx, chained=False),
             "every block read the embeddings; each block reads the previous block's output"),
+    Mistake(lambda model, idx: _gpt_variant(model, idx, final_eps=False),
+            "the final norm ran with rms_norm's default eps, not model.norm_f.eps"),
 ]
 
 
@@ -591,6 +657,10 @@ def train_step(fn, ref_fn):
         where = f"3 SGD steps of a 1-layer GPT, max_norm={max_norm:g}"
         expected = _step_scenario(ref_fn, forward, seed, max_norm)
         got = _step_scenario(fn, forward, seed, max_norm)
+        kind = next((type(loss).__name__ for loss in got[0] if not isinstance(loss, float)), None)
+        if kind:
+            raise CheckFailure(f"your function returned the loss as a {kind} on input {where!r}; return a Python "
+                               "float (loss.item()): a tensor kept in a list of losses holds on to its step")
         try:
             compare(got[0], expected[0], where=where, atol=1e-5, name="the losses returned")
             compare(got[1], expected[1], where=where, atol=1e-5, name="the parameters after the steps")
@@ -659,7 +729,9 @@ def cached_attention(fn, ref_fn):
     for case in _cache_cases():
         a_ref, a_fn = clone_args(case.args), clone_args(case.args)
         expected = ref_fn(*a_ref)
+        kept = clone_args(a_fn)
         got = call(fn, *a_fn, where=case.name)
+        check_unchanged(("q", "k_new", "v_new", None, None, "pos"), kept, a_fn, case.name)
         try:
             compare(got, expected, where=case.name, atol=1e-5)
         except CheckFailure as exc:
@@ -722,6 +794,7 @@ def _top_p_cases() -> Iterator[Case]:
     yield Case("p=1 keeps everything", (torch.randn(2, 9, generator=g), 1.0))
     yield Case("tiny p keeps the top token", (torch.randn(3, 12, generator=g), 1e-4))
     yield Case("three tokens tied at the threshold", (torch.tensor([[2.0, 1.0, 1.0, 1.0, -3.0]]), 0.5))
+    yield Case("batched (2, 3, 15) logits, p=0.7", (torch.randn(2, 3, 15, generator=g) * 2, 0.7))
 
 
 def _top_p_variant(logits: torch.Tensor, p: float, *, mass_including: bool = False, on_logits: bool = False,

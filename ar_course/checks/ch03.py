@@ -3,13 +3,16 @@
 References live in :mod:`ar_course.metrics`, :mod:`ar_course.raster.orders` and, for what the library runs
 inside other functions (the training loss of its trainer, the sampling loop of ``GPT.generate``),
 :mod:`ar_course.checks.reference.ch03`. The training-loss check records the classes the model receives, so
-the condition dropout is checked statistically (its rate, its null class, its generator). The sampling check runs the learner's loop on a tiny seeded GPT and compares the sampled tokens with the
-reference under the same generator seed; it also records every forward pass, so a loop that ignores the KV
-cache is named.
+the condition dropout is checked statistically (its rate, its null class, its generator), and follows the
+gradient back to the model's weights. The sampling check runs the learner's loop on a tiny seeded GPT and
+compares the sampled tokens with the reference under the same generator seed; it also records every forward
+pass, so a loop that ignores the KV cache, or hands the work to ``GPT.generate``, is named. Checks whose
+learner function gets tensors also fail a function that changes them in place.
 """
 
 from __future__ import annotations
 
+import inspect
 from typing import Callable, Iterator
 
 import numpy as np
@@ -17,8 +20,8 @@ import torch
 from scipy import linalg
 
 from ar_course import metrics
-from ar_course.checks.core import (Case, Chapter, CheckFailure, Mistake, call, clone_args, compare, compare_cases,
-                                   describe, explain)
+from ar_course.checks.core import (Case, Chapter, CheckFailure, Mistake, call, check_unchanged, clone_args, compare,
+                                   compare_cases, describe, explain, running)
 from ar_course.checks.reference import ch03 as answers
 from ar_course.raster import orders
 from ar_course.raster.model import raster_config
@@ -144,8 +147,7 @@ def _dropped_classes(fn, model: GPT, classes: torch.Tensor, p: float, seed: int,
         call(fn, model, maps, classes, p_uncond=p, generator=_gen(seed), where=where)
     finally:
         remove()
-    if not torch.equal(classes, original):
-        raise CheckFailure(f"your function changed its input classes on input {where!r}; build a new tensor")
+    check_unchanged(("classes",), (original,), (classes,), where)
     given = [c for c in seen if c is not None]
     if len(given) != 1:
         raise CheckFailure(f"on input {where!r} the model got classes in {len(given)} forward passes, expected one "
@@ -188,12 +190,19 @@ def _check_dropout(fn) -> None:
 ))
 def training_loss(fn, ref_fn):
     model = tiny_model()
+    weights = list(model.parameters())
     for case in _loss_cases():
         expected = ref_fn(model, *clone_args(case.args), generator=_gen(3), **case.kwargs)
-        got = call(fn, model, *clone_args(case.args), generator=_gen(3), where=case.name, **case.kwargs)
+        args = clone_args(case.args)
+        got = call(fn, model, *args, generator=_gen(3), where=case.name, **case.kwargs)
+        check_unchanged(("maps", "classes"), case.args, args, case.name)
         if not isinstance(got, torch.Tensor) or not got.requires_grad:
             raise CheckFailure(f"on input {case.name!r} return the loss as a tensor autograd can differentiate (got "
                                f"{describe(got)}); training calls loss.backward()")
+        if got.grad_fn is None or all(g is None for g in torch.autograd.grad(got.sum(), weights, allow_unused=True)):
+            raise CheckFailure(f"on input {case.name!r} no gradient flows from your loss back to the model's weights: "
+                               "it was rebuilt from a number (.item(), .detach(), torch.tensor(...)), so "
+                               "loss.backward() would train nothing")
         try:
             compare(got, expected, where=case.name, name="loss", atol=1e-5)
         except CheckFailure as exc:
@@ -224,6 +233,11 @@ def _sampling_cases() -> Iterator[tuple[str, dict]]:
     yield "3 classes, 7 tokens, w 0 (conditional)", dict(classes=classes[:3], num_tokens=7, cfg=0.0)
     yield "8 classes, 12 tokens, w 1, greedy", dict(classes=classes, num_tokens=12, cfg=1.0, sampling=GREEDY)
     yield "a mild class token, 8 classes, 12 tokens, w 3", dict(classes=classes, num_tokens=12, cfg=3.0, model="mild")
+    yield "a mild class token, 8 classes, 12 tokens, w 1.5, temperature 0.6, top_p 0.9", dict(
+        classes=classes, num_tokens=12, cfg=1.5, sampling=SamplingConfig(temperature=0.6, top_p=0.9), model="mild")
+
+
+_LIBRARY_LOOP = inspect.unwrap(GPT.generate).__code__
 
 
 def _with_cfg(transform):
@@ -259,9 +273,13 @@ def sample_tokens(fn, ref_fn):
     for name, kw in _sampling_cases():
         model = models[kw.pop("model", "sharp")]
         lengths: list[int] = []
-        hook = model.register_forward_pre_hook(
-            lambda m, args, kwargs: lengths.append(args[0].shape[1] if args else kwargs["idx"].shape[1]),
-            with_kwargs=True)
+        library = [False]  # whether a pass ran inside the library's loop
+
+        def record(module, args, kwargs):
+            lengths.append(args[0].shape[1] if args else kwargs["idx"].shape[1])
+            library[0] = library[0] or running(_LIBRARY_LOOP)
+
+        hook = model.register_forward_pre_hook(record, with_kwargs=True)
         try:
             got = call(fn, model, kw["classes"].clone(), kw["num_tokens"], where=name,
                        generator=_gen(11), **{k: v for k, v in kw.items() if k not in ("classes", "num_tokens")})
@@ -269,6 +287,9 @@ def sample_tokens(fn, ref_fn):
             hook.remove()
         expected = ref_fn(model, kw["classes"].clone(), kw["num_tokens"], generator=_gen(11),
                           **{k: v for k, v in kw.items() if k not in ("classes", "num_tokens")})
+        if library[0] and fn is not ref_fn:  # the answer key is that loop
+            raise CheckFailure(f"on input {name!r} your function runs model.generate, the library's version of this "
+                               "loop: the exercise is to write it")
         if len(lengths) != kw["num_tokens"] or any(n > 1 for n in lengths[1:]):
             shown = lengths if len(lengths) <= 14 else lengths[:14] + ["..."]
             raise CheckFailure(f"on input {name!r} the model ran {len(lengths)} forward passes over inputs of "
@@ -326,7 +347,9 @@ FRECHET_MISTAKES = [
 def frechet_distance(fn, ref_fn):
     for case in _frechet_cases():
         expected = ref_fn(*clone_args(case.args))
-        got = call(fn, *clone_args(case.args), where=case.name)
+        args = clone_args(case.args)
+        got = call(fn, *args, where=case.name)
+        check_unchanged(("feats_a", "feats_b"), case.args, args, case.name)
         try:
             compare(got, expected, where=case.name, name="distance", atol=1e-6, rtol=1e-5)
         except CheckFailure as exc:

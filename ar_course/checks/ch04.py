@@ -4,16 +4,19 @@ References live in :mod:`ar_course.var.functional` and :mod:`ar_course.var.model
 tokenizer or a transformer build tiny seeded ones (a :class:`~ar_course.tokenizers.MultiScaleVQ` with
 random codes and a :class:`~ar_course.var.VAR` with randomised adaptive norms), on schedules that are not
 the chapter's, so an answer that hard-codes ``(1, 2, 3, 4, 6, 8)`` is caught. The sampling check compares the
-learner's tokens with the reference under the same generator seed and records every forward pass.
+learner's tokens with the reference under the same generator seed and records every forward pass (and whether
+it runs inside the library's own loop, ``ar_course.var.sample_pyramid``).
 """
 
 from __future__ import annotations
 
+import inspect
 from typing import Callable, Iterator
 
 import torch
 
-from ar_course.checks.core import Case, Chapter, CheckFailure, Mistake, call, clone_args, compare, compare_cases
+from ar_course.checks.core import (Case, Chapter, CheckFailure, Mistake, call, check_unchanged, clone_args, compare,
+                                   compare_cases, running)
 from ar_course.sampling import SamplingConfig
 from ar_course.tokenizers import MultiScaleVQ
 from ar_course.var import functional as ref
@@ -153,7 +156,10 @@ def scale_step(fn: Callable, ref_fn: Callable) -> None:
                 where = f"{name}, scale {k}"
                 tokens = idx.flatten(1)
                 f_exp, nxt_exp = ref_fn(vq, f_ref, k, tokens)
-                got = call(fn, vq, None if f_fn is None else f_fn.clone(), k, tokens.clone(), where=where)
+                f_in = None if f_fn is None else f_fn.clone()
+                got = call(fn, vq, f_in, k, tokens.clone(), where=where)
+                check_unchanged(("f_hat",), (f_fn,), (f_in,), where,
+                                why="and one that keeps the canvas of every scale would see them all change")
                 if not isinstance(got, (tuple, list)) or len(got) != 2:
                     raise CheckFailure(f"on {where}, return a pair (f_hat, next_input), got {type(got).__name__}")
                 compare(got[0], f_exp, where=where, name="f_hat (the canvas)")
@@ -201,6 +207,17 @@ def _loss_cases() -> Iterator[Case]:
         logits[:, :1] += 3 * torch.randn(B, 1, V, generator=g)  # make the first scale's loss stand out
         yield Case(f"scales {scales}, batch {B}, vocab {V}",
                    (logits, torch.randint(0, V, (B, L), generator=g), scales))
+    # a confident model: many target probabilities are below float32's smallest number
+    yield Case("scales (1, 2, 3), batch 2, vocab 7, logits far apart (+-200)",
+               (torch.randn(2, 14, 7, generator=g) * 80, torch.randint(0, 7, (2, 14), generator=g), (1, 2, 3)))
+
+
+def _loss_of_softmax_log(logits: torch.Tensor, targets: torch.Tensor,
+                         scales: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mistake: the log of softmax probabilities, -inf wherever a probability underflows to 0."""
+    nll = -logits.softmax(-1).gather(-1, targets[..., None]).squeeze(-1).log()  # (B, L)
+    bounds = torch.tensor([0] + [s * s for s in scales]).cumsum(0).tolist()
+    return nll.mean(), torch.stack([nll[:, b:e].mean() for b, e in zip(bounds, bounds[1:])])
 
 
 def _loss_mean_of_means(logits: torch.Tensor, targets: torch.Tensor,
@@ -220,7 +237,9 @@ def _loss_mean_of_means(logits: torch.Tensor, targets: torch.Tensor,
 def var_loss(fn: Callable, ref_fn: Callable) -> None:
     compare_cases(fn, ref_fn, _loss_cases(), atol=1e-5, rtol=1e-4, grad_wrt=(0,), mistakes=[
         Mistake(_loss_mean_of_means, "the total is the mean of the per-scale means; it is the mean over all "
-                "tokens, so each token counts once")])
+                "tokens, so each token counts once"),
+        Mistake(_loss_of_softmax_log, "that is the log of softmax probabilities: with logits far apart a probability "
+                "rounds to 0 in float32 and minus its log is inf, while the cross-entropy itself is finite")])
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -236,6 +255,9 @@ def _tiny_var(scales: tuple[int, ...], seed: int = 0) -> VAR:
                 p.normal_(std=0.5)
         model.head.weight.mul_(40)  # peaked distributions: a wrong guidance mix changes the samples
     return model.eval()
+
+
+_LIBRARY_LOOP = inspect.unwrap(var_model.sample_pyramid).__code__
 
 
 def _sampling_cases() -> Iterator[tuple[str, dict]]:
@@ -264,10 +286,12 @@ def sample_pyramid(fn: Callable, ref_fn: Callable) -> None:
             where = f"scales {scales}, {name}"
             expected = ref_fn(model, vq, classes, generator=_gen(11), **kwargs)
             calls: list[str] = []
+            library = [False]  # whether a step ran inside the library's loop
             step, forward = model.step, model.forward
 
             def counted_step(k, *args, **kw):
                 calls.append(f"step {k}")
+                library[0] = library[0] or running(_LIBRARY_LOOP)
                 return step(k, *args, **kw)
 
             def counted_forward(*args, **kw):
@@ -280,6 +304,9 @@ def sample_pyramid(fn: Callable, ref_fn: Callable) -> None:
                     got = call(fn, model, vq, *clone_args((classes,)), generator=_gen(11), where=where, **kwargs)
             finally:
                 del model.step, model.forward
+            if library[0] and fn is not ref_fn:  # the answer key is that loop
+                raise CheckFailure(f"on {where}, your function runs ar_course.var.sample_pyramid (directly or through "
+                                   "model.generate), the library's version of this loop: the exercise is to write it")
             if calls != [f"step {k}" for k in range(len(scales))]:
                 raise CheckFailure(f"on {where}, expected one model.step per scale ({len(scales)} passes), "
                                    f"got the calls {calls[:8]}{' ...' if len(calls) > 8 else ''}")

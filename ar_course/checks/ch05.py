@@ -12,7 +12,8 @@ from typing import Callable, Iterator
 import torch
 
 from ar_course import sampling
-from ar_course.checks.core import Case, Chapter, CheckFailure, Mistake, call, compare, compare_cases, explain
+from ar_course.checks.core import (Case, Chapter, CheckFailure, Mistake, call, check_unchanged, clone_args, compare,
+                                   compare_cases, explain)
 from ar_course.checks.reference import ch05 as answers
 from ar_course.speculative import functional as ref
 from ar_course.transformer.model import KVCache
@@ -132,7 +133,9 @@ def _round_inputs() -> Iterator[tuple[str, tuple]]:
 def _compare_random(fn: Callable, ref_fn: Callable) -> None:
     for seed, (name, args) in enumerate(_round_inputs()):
         expected = ref_fn(*args, torch.Generator().manual_seed(seed))
-        got = call(fn, *[a.clone() for a in args], torch.Generator().manual_seed(seed), where=name)
+        given = clone_args(args)
+        got = call(fn, *given, torch.Generator().manual_seed(seed), where=name)
+        check_unchanged(("p", "q", "draft", "u"), args, given, name)
         compare(got, expected, where=name)
 
 
@@ -174,7 +177,8 @@ def jacobi_verify(fn: Callable, ref_fn: Callable) -> None:
     "for cache in caches: cache.rollback(min(cache.length, seq_len - 1))",
 ))
 def rollback_caches(fn: Callable, ref_fn: Callable) -> None:
-    for lengths, seq_len in [((12, 7), 9), ((5, 5), 6), ((20, 3), 4), ((9,), 3), ((4, 10), 11)]:
+    # the last case rolls back the second cache only: a loop that stops after the first cache fails it
+    for lengths, seq_len in [((12, 7), 9), ((5, 5), 6), ((20, 3), 4), ((9,), 3), ((4, 10), 11), ((7, 12), 9)]:
         where = f"caches of lengths {list(lengths)}, sequence of {seq_len} tokens"
         got_caches, ref_caches = [], []
         for n in lengths:
@@ -279,6 +283,9 @@ def _relaxed_cases() -> Iterator[Case]:
     q1 = torch.tensor([[0.1, 0.1, 0.7, 0.1]])
     nb = torch.tensor([[1, 2], [0, 2], [1, 0], [2, 1]])
     yield Case("neighbour mass 0.1 below delta 0.3", (p1, q1, torch.tensor([0]), nb, 0.3))
+    p2, q2 = _dists(g, 2, 3, V, sharp=2.0), _dists(g, 2, 3, V, sharp=2.0)
+    yield Case(f"2x3 rows (two batch axes), V={V}, delta=0.15",
+               (p2, q2, sampling.sample_from_probs(q2, g), neighbors, 0.15))
 
 
 def _relaxed_with(p: torch.Tensor, q: torch.Tensor, tokens: torch.Tensor, extra: torch.Tensor | float) -> torch.Tensor:

@@ -12,12 +12,14 @@ checks count, in the simulator, what each thread did with memory (:class:`~ar_co
 MemoryTraffic`, as GPU-Puzzles counts reads) and hold it to what the lesson needs:
 
 * 6.3 block sum: each thread reads at most one element of ``x``, and at most ``2 log2(THREADS) + 1`` shared
-  values (a tree, not one thread adding the block's values one by one);
+  values (a tree, not one thread adding the block's values one by one), and the block allocates a shared buffer
+  of ``THREADS`` values (atomic additions skip the tree);
 * 6.4 tiled matmul: the blocks allocate shared memory for a TILE x TILE tile of ``a`` and one of ``b``, and each
   thread reads at most ``ceil(K / TILE)`` elements of ``a`` and as many of ``b`` (one per tile step; an untiled
   kernel reads ``K`` of each);
 * 6.5 online softmax: each thread reads each element of its slice of the row twice at most, once for the
-  running (max, sum) and once to write (``2 ceil(C / THREADS)``; three passes read it three times);
+  running (max, sum) and once to write (``2 ceil(C / THREADS)``; three passes read it three times), and at most
+  ``6 log2(THREADS) + 2`` shared values (a tree merge, not thread 0 merging every pair);
 * 6.6 fused nearest code: each thread writes ``out`` once and keeps no local array as long as the codebook
   (no distance per code: N x K numbers in all);
 * 6.7 FlashAttention: the blocks allocate shared memory for a BLOCK_N x D tile of ``k`` and one of ``v``, and
@@ -118,13 +120,16 @@ def _at_most(traffic: MemoryTraffic, kind: str, arg: int | None, bound: int, whe
     raise CheckFailure(f"{traffic.describe(who)} {did} on input {where!r}; at most {bound} will do: {lesson}")
 
 
-def _needs_shared(traffic: MemoryTraffic, elements: int, where: str, what: str) -> None:
+TILED = ("a tiled kernel stages its tiles in cuda.shared.array, loaded once per block and read there by all its "
+         "threads")
+
+
+def _needs_shared(traffic: MemoryTraffic, elements: int, where: str, what: str, lesson: str = TILED) -> None:
     """Raise CheckFailure when the blocks allocate fewer than ``elements`` shared-memory elements, the size of
-    ``what``; nothing outside the simulator."""
+    ``what``, naming the ``lesson``; nothing outside the simulator."""
     if traffic.measured and traffic.shared_elements() < elements:
         raise CheckFailure(f"your kernel allocates {traffic.shared_elements()} shared-memory elements per block on "
-                           f"input {where!r}, fewer than the {elements} of {what}: a tiled kernel stages its tiles "
-                           "in cuda.shared.array, loaded once per block and read there by all its threads")
+                           f"input {where!r}, fewer than the {elements} of {what}: {lesson}")
 
 
 def _buffer(shape: tuple[int, ...], dtype: Any = np.float32) -> np.ndarray:
@@ -236,6 +241,9 @@ def block_sum_kernel(fn: Callable, ref: Callable) -> None:
         _at_most(traffic, SHARED_READ, None, tree, where, "one thread adding the block's values one after "
                  "another leaves the others idle; a tree adds pairs in parallel, so each thread reads two values "
                  "per round")
+        _needs_shared(traffic, THREADS, where, "a buffer of one value per thread", "each thread stores its value "
+                      "in cuda.shared.array(THREADS, float32) and the block adds the values there in a tree (atomic "
+                      "additions into one place make every thread wait for the others)")
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -284,9 +292,11 @@ def matmul_kernel(fn: Callable, ref: Callable) -> None:
 ))
 def softmax_kernel(fn: Callable, ref: Callable) -> None:
     rng = np.random.default_rng(65)
-    for rows, cols, scale in [(7, 45, 3.0), (4, 5, 1.0), (3, 70, 60.0)]:
-        where = f"{rows}x{cols} logits of scale {scale:g}, one block of {THREADS} per row"
-        x = _rand(rng, rows, cols, scale=scale)
+    merge = 6 * int(math.log2(THREADS)) + 2  # a tree: a few shared reads per round, then (m, s) of the row
+    for rows, cols, scale, shift in [(7, 45, 3.0, 0.0), (4, 5, 1.0, 0.0), (3, 70, 60.0, 0.0), (2, 40, 2.0, -200.0)]:
+        where = f"{rows}x{cols} logits of scale {scale:g}" + (f", all near {shift:g}" if shift else "") + \
+            f", one block of {THREADS} per row"
+        x = _rand(rng, rows, cols, scale=scale) + np.float32(shift)
         out = _buffer((rows, cols))
         traffic = _launch(fn, (rows,), (THREADS,), (x, out), where)
         expected = _expect(torch.softmax(torch.from_numpy(x).double(), dim=-1))
@@ -294,6 +304,8 @@ def softmax_kernel(fn: Callable, ref: Callable) -> None:
         _at_most(traffic, READ, 0, 2 * cdiv(cols, THREADS), where, "the online softmax reads each element of "
                  "its slice twice: once to update the running (max, sum) together, once to write the output; a "
                  "separate pass for the max, or a thread reading the whole row, reads more")
+        _at_most(traffic, SHARED_READ, None, merge, where, "one thread merging every pair of the block one after "
+                 "another leaves the others idle; a tree merges pairs in parallel, as the block sum of 6.3 does")
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -404,7 +416,7 @@ def _combine64(m: torch.Tensor, l: torch.Tensor, acc: torch.Tensor) -> torch.Ten
 ))
 def decode_partial_kernel(fn: Callable, ref: Callable) -> None:
     rng = np.random.default_rng(68)
-    for lengths, t_max, chunk in [([50, 23, 1], 50, 8), ([33, 17], 33, 16)]:
+    for lengths, t_max, chunk in [([50, 23, 1], 50, 8), ([33, 17], 33, 16), ([70, 9], 70, 4)]:
         bh, splits = len(lengths), cdiv(t_max, chunk)
         where = f"lengths {lengths}, T_max={t_max}, chunk={chunk} ({splits} splits), D={HEAD_DIM}"
         q = _rand(rng, bh, HEAD_DIM)
@@ -420,6 +432,7 @@ def decode_partial_kernel(fn: Callable, ref: Callable) -> None:
         m = _result(m_out, (bh, splits), "m_out", where)
         l = _result(l_out, (bh, splits), "l_out", where)
         acc = _result(acc_out, (bh, splits, HEAD_DIM), "acc_out", where)
+        _check_empty_splits(m, l, acc, lens, chunk, where)
         qt, kt, vt = (torch.from_numpy(np.nan_to_num(a)).double() for a in (q, k_cache, v_cache))
         scores = (kt @ qt[:, :, None]).squeeze(-1) * scale  # (BH, T_max)
         visible = torch.arange(t_max)[None, :] < torch.from_numpy(lens).long()[:, None]
@@ -430,6 +443,20 @@ def decode_partial_kernel(fn: Callable, ref: Callable) -> None:
             _at_most(traffic, READ, arg, chunk * HEAD_DIM, where, "the online-softmax update reads each key and value "
                      "of the split once; a pass for the max and another for the sum read them twice, and keys "
                      "outside the split belong to other threads")
+
+
+def _check_empty_splits(m: torch.Tensor, sums: torch.Tensor, acc: torch.Tensor, lengths: np.ndarray, chunk: int,
+                        where: str) -> None:
+    """Raise CheckFailure unless every split past the end of its sequence holds (LOWEST or -inf, 0, 0)."""
+    for bh, n in enumerate(lengths.tolist()):
+        for split in range(cdiv(n, chunk), m.shape[1]):
+            got = (float(m[bh, split]), float(sums[bh, split]), float(acc[bh, split].abs().max()))
+            if got[0] > LOWEST or got[1] != 0.0 or got[2] != 0.0:
+                raise CheckFailure(f"split {split} of sequence {bh} on input {where!r} holds no keys (length {n}) "
+                                   f"but wrote m = {got[0]:g}, l = {got[1]:g}, largest |acc| = {got[2]:g}; an empty "
+                                   "split must weigh nothing whatever the other splits hold: m = LOWEST, l = 0, "
+                                   "acc = 0 (an m of 0 becomes the combine's reference point when every score is "
+                                   "below 0)")
 
 
 def _combine_cases(rng: np.random.Generator):
@@ -443,10 +470,10 @@ def _combine_cases(rng: np.random.Generator):
     acc[1, 3] = 0.0
     yield "3 heads x 5 splits, split 3 of head 1 empty", m, l, acc
     bh, splits, d = 5, 4, 3
-    m = rng.uniform(0.0, 60.0, (bh, splits)).astype(np.float32)
-    m[:, 0] = -50.0  # exp(m_s - m_0) overflows float32: only the largest m is a safe reference point
-    yield "5 heads x 4 splits, maxima spread over [-50, 60]", m, rng.uniform(0.5, 4.0, (bh, splits)).astype(
-        np.float32), _rand(rng, bh, splits, d)
+    base = np.array([-50.0, 100.0, 97.0, 3.0])  # any reference point but the largest m overflows exp in float32
+    m = np.stack([np.roll(base, r) for r in range(bh)]) + rng.uniform(0.0, 2.0, (bh, splits))  # (BH, S)
+    yield "5 heads x 4 splits, maxima spread over [-50, 102]", m.astype(np.float32), rng.uniform(
+        0.5, 4.0, (bh, splits)).astype(np.float32), _rand(rng, bh, splits, d)
 
 
 @chapter.exercise("6.9", reference=ka.decode_combine_kernel, hints=(

@@ -5,7 +5,8 @@ References live in :mod:`ar_course.checks.reference.ch07`, except 7.4's, which i
 reference under identically seeded generators, on the shipped MNIST models and on a tiny random tokenizer +
 VAR with another schedule and three colour channels, and counts the forward passes. The other checks are
 pure bookkeeping and run on hand-made tables whose answers differ between the right rule and
-the usual slips (a ragged last chunk, a tie, a "min" objective, a floor met exactly).
+the usual slips (a ragged last chunk, a tie, a "min" objective, a floor met exactly); 7.3 and 7.5-7.7 also
+check that the set, lists and table they are given come back unchanged (no in-place sort or remove).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from ar_course import utils
-from ar_course.checks.core import Case, Chapter, CheckFailure, call, compare, describe
+from ar_course.checks.core import Case, Chapter, CheckFailure, call, check_unchanged, compare, describe
 from ar_course.checks.reference import ch07 as ref
 from ar_course.tokenizers import VQVAE
 from ar_course.tokenizers.vqvae import VQVAEConfig
@@ -192,7 +193,9 @@ def choose_backend(fn: Callable, ref_fn: Callable) -> None:
             _expect_error(fn, (device, set(available), requested), {}, RuntimeError,
                           f"a forced backend that is not available on {device}")
             continue
-        got = call(fn, device, set(available), requested, where=shown)
+        given = set(available)
+        got = call(fn, device, given, requested, where=shown)
+        check_unchanged(("available",), (set(available),), (given,), shown)
         if got != expected:
             raise CheckFailure(f"{shown} returned {got!r}, expected {expected!r}")
     _expect_error(fn, ("cuda", {"triton"}, "flash"), {}, ValueError, "an unknown request 'flash'")
@@ -277,7 +280,9 @@ def _accounting_cases() -> Iterator[Case]:
 def generation_accounting(fn: Callable, ref_fn: Callable) -> None:
     for case in _accounting_cases():
         expected = ref_fn(*case.args)
-        got = call(fn, *[list(a) for a in case.args], where=case.name)
+        given = [list(a) for a in case.args]
+        got = call(fn, *given, where=case.name)
+        check_unchanged(("chunk_images", "chunk_passes", "chunk_seconds"), case.args, given, case.name)
         compare(got, expected, where=case.name, rtol=1e-6, atol=1e-9)
 
 
@@ -327,7 +332,9 @@ def pareto_front(fn: Callable, ref_fn: Callable) -> None:
     for case in _front_cases():
         rows, objectives = case.args
         expected = _names(ref_fn([dict(r) for r in rows], dict(objectives)), case.name)
-        got = _names(call(fn, [dict(r) for r in rows], dict(objectives), where=case.name), case.name)
+        given = [dict(r) for r in rows]
+        got = _names(call(fn, given, dict(objectives), where=case.name), case.name)
+        check_unchanged(("rows",), (rows,), (given,), case.name)
         if got != expected:
             extra = [n for n in got if n not in expected]
             missing = [n for n in expected if n not in got]
@@ -359,7 +366,9 @@ def fastest_meeting(fn: Callable, ref_fn: Callable) -> None:
     for case in _fastest_cases():
         rows = case.args[0]
         expected = ref_fn([dict(r) for r in rows], *case.args[1:], **case.kwargs)
-        got = call(fn, [dict(r) for r in rows], *case.args[1:], where=case.name, **case.kwargs)
+        given = [dict(r) for r in rows]
+        got = call(fn, given, *case.args[1:], where=case.name, **case.kwargs)
+        check_unchanged(("rows",), (rows,), (given,), case.name)
         exp_name = None if expected is None else expected["name"]
         if got is None or expected is None:
             if (got is None) != (expected is None):

@@ -20,7 +20,7 @@ from typing import Callable, Iterator
 import torch
 import torch.nn.functional as F
 
-from ar_course.checks.core import Case, Chapter, CheckFailure, Mistake, call, compare, compare_cases
+from ar_course.checks.core import Case, Chapter, CheckFailure, Mistake, call, check_unchanged, compare, compare_cases
 from ar_course.checks.reference import ch10 as answers
 from ar_course.tokenizers import functional as ref
 
@@ -505,10 +505,8 @@ def guided_euler_sample(fn: Callable, ref_fn: Callable) -> None:
             kept = x0.clone()
             head.rows.clear()
             call(fn, *case.args, where=case.name, **case.kwargs)
-            if not torch.equal(x0, kept):
-                raise CheckFailure(f"your function changed x0 in place on input {case.name!r} (x += ... or x.add_ on "
-                                   "the x0 it was given): the caller's noise is gone, and a second call from the same "
-                                   "x0 starts elsewhere; build a new tensor each step")
+            check_unchanged(("x0",), (kept,), (x0,), case.name,
+                            why="and a second call from the same x0 would start elsewhere")
             n, w = x0.shape[0], case.kwargs["w"]
             want = [n if w == 0 else 2 * n] * steps
             if head.rows == want:

@@ -40,10 +40,13 @@ as one JSON line; the grader (:mod:`ar_course.grade`) reads that file.
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import math
 import os
+import sys
 from dataclasses import dataclass, field
+from types import CodeType
 from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
@@ -184,7 +187,8 @@ def _compare_number(got: Any, expected: int | float | np.number, name: str, on: 
 
 
 def clone_args(args: Sequence[Any]) -> tuple:
-    """Deep-ish copy of arguments so a learner function that mutates its inputs cannot affect the reference."""
+    """Deep-ish copy of arguments (tensors, arrays, and lists, tuples, dicts and sets of them) so a learner function
+    that mutates its inputs cannot affect the reference, and :func:`check_unchanged` can see what it changed."""
     out = []
     for a in args:
         if isinstance(a, torch.Tensor):
@@ -193,9 +197,61 @@ def clone_args(args: Sequence[Any]) -> tuple:
             out.append(a.copy())
         elif isinstance(a, (list, tuple)):
             out.append(type(a)(clone_args(a)))
+        elif isinstance(a, dict):
+            out.append(dict(zip(a, clone_args(list(a.values())))))
+        elif isinstance(a, (set, frozenset)):
+            out.append(type(a)(a))
         else:
             out.append(a)
     return tuple(out)
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Whether ``a`` (a value after a call) still equals ``b`` (a copy from before it): tensors and arrays
+    element by element (NaN equal to NaN), lists, tuples and dicts item by item, anything else by ``==``."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.shape == b.shape and a.dtype == b.dtype and bool(
+            torch.equal(a, b) or (a.is_floating_point() and torch.allclose(a, b, rtol=0, atol=0, equal_nan=True)))
+    if isinstance(a, np.ndarray):
+        nan_ok = a.dtype.kind in "fc"  # equal_nan only works for float and complex arrays
+        return isinstance(b, np.ndarray) and a.shape == b.shape and bool(np.array_equal(a, b, equal_nan=nan_ok))
+    if isinstance(a, (list, tuple)):
+        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict):
+        return isinstance(b, dict) and list(a) == list(b) and all(_same(a[k], b[k]) for k in a)
+    return bool(a == b)
+
+
+def check_unchanged(names: Sequence[str | None], before: Sequence[Any], after: Sequence[Any], where: str,
+                    why: str = "") -> None:
+    """Fail when a learner's function changed one of its arguments in place: ``after`` are the arguments it was
+    called with, ``before`` a :func:`clone_args` copy taken before the call, ``names`` their names (``None``: an
+    argument the function is meant to change, e.g. a cache). ``why`` adds what the caller needs the value for.
+    """
+    for name, then, now in zip(names, before, after):
+        if name is not None and not _same(now, then):
+            raise CheckFailure(f"your function changed its argument `{name}` in place on input {where!r}; the "
+                               f"caller still uses it{', ' + why if why else ''}: build new values (`x = x + ...`, "
+                               "not `x += ...`, `x.add_(...)` or `x[i] = ...`)")
+
+
+def _parameter_names(fn: Callable, n: int) -> list[str]:
+    """The names of ``fn``'s first ``n`` positional parameters (``argument i`` where it has no signature)."""
+    try:
+        names = [p.name for p in inspect.signature(fn).parameters.values()
+                 if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    except (TypeError, ValueError):
+        names = []
+    return (names + [f"argument {i + 1}" for i in range(len(names), n)])[:n]
+
+
+def running(code: CodeType) -> bool:
+    """Whether a frame of the current call stack runs ``code`` (a function's ``__code__``): from inside a forward
+    hook, a check tells whether the learner's function handed its work to the library's version of the loop."""
+    frame = sys._getframe(1)
+    while frame is not None and frame.f_code is not code:
+        frame = frame.f_back
+    return frame is not None
 
 
 def call(fn: Callable, *args: Any, where: str = "", **kwargs: Any) -> Any:
@@ -296,8 +352,13 @@ def compare_cases(
     check_dtype: bool = True,
     grad_wrt: Sequence[int] = (),
     mistakes: Sequence[Mistake] = (),
+    keep: Sequence[str | None] | None = None,
 ) -> None:
     """Run ``fn`` and ``ref`` on every case and :func:`compare` their outputs.
+
+    ``fn`` must leave its arguments as they were (:func:`check_unchanged` runs after each call, before the
+    outputs are compared): ``keep`` names the positional arguments, ``None`` for one the function is meant to
+    change (a cache); by default every one, under the names of ``ref``'s parameters.
 
     ``grad_wrt`` lists positional-argument indices whose gradients must also agree: the outputs are
     reduced with a fixed random weighting, back-propagated through both functions, and the gradients
@@ -307,7 +368,9 @@ def compare_cases(
     for case in cases:
         a_ref, a_fn = _prepared(case.args, grad_wrt), _prepared(case.args, grad_wrt)
         expected = ref(*a_ref, **case.kwargs)
+        kept = clone_args(a_fn)
         got = call(fn, *a_fn, where=case.name, **case.kwargs)
+        check_unchanged(_parameter_names(ref, len(a_fn)) if keep is None else keep, kept, a_fn, case.name)
         weights = None
         try:
             compare(got, expected, where=case.name, atol=atol, rtol=rtol, check_dtype=check_dtype)
