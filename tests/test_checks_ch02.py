@@ -622,6 +622,7 @@ def test_cache_check_names_the_unwritten_cache():
     ("top_k_filter", top_k_in_place, "changed its argument `logits` in place"),
     ("top_p_filter", top_p_in_place, "changed its argument `logits` in place"),
     ("top_p_filter", top_p_rows_of_a_matrix, "batched (2, 3, 15)"),
+    ("gpt_forward", lambda model, idx: model(idx)[0], "calls model(idx), the library's forward pass"),
 ], ids=lambda v: getattr(v, "__name__", None))
 def test_wrong_answers_that_only_some_inputs_reveal(name, mutant, says):
     """In-place writes into an argument, a dtype lost on half inputs, a rank or batch axis assumed, a tensor where a

@@ -11,6 +11,7 @@ which must reach :data:`TRAIN_LOSS_TARGET`.
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Callable, Iterator
 
@@ -19,7 +20,7 @@ import torch.nn.functional as F
 
 from ar_course import sampling
 from ar_course.checks.core import (Case, Chapter, CheckFailure, Mistake, call, check_unchanged, clone_args, compare,
-                                   compare_cases, explain)
+                                   compare_cases, explain, running)
 from ar_course.checks.reference import ch02 as answers
 from ar_course.transformer import functional as ref
 from ar_course.transformer.model import GPT, Block, GPTConfig, SelfAttention
@@ -546,7 +547,26 @@ GPT_MISTAKES = [
 ))
 def gpt_forward(fn, ref_fn):
     with torch.no_grad():
-        compare_cases(fn, ref_fn, _gpt_cases(), atol=1e-4, mistakes=GPT_MISTAKES)
+        compare_cases(fn if fn is ref_fn else _assembled(fn), ref_fn, _gpt_cases(), atol=1e-4, mistakes=GPT_MISTAKES)
+
+
+_LIBRARY_FORWARD = inspect.unwrap(GPT.forward).__code__
+
+
+def _assembled(fn: Callable) -> Callable:
+    """``fn``, failing when its token embedding runs inside ``GPT.forward`` (the answer key is that call)."""
+    def run(model: GPT, idx: torch.Tensor) -> torch.Tensor:
+        inside: list[bool] = []
+        hook = model.wte.register_forward_hook(lambda *_: inside.append(running(_LIBRARY_FORWARD)))
+        try:
+            out = fn(model, idx)
+        finally:
+            hook.remove()
+        if any(inside):
+            raise CheckFailure("your function calls model(idx), the library's forward pass: the exercise is to "
+                               "assemble it from model.wte, your transformer_block, rms_norm and model.lm_head")
+        return out
+    return run
 
 
 # --------------------------------------------------------------------------------------------------------
