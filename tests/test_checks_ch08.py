@@ -138,6 +138,29 @@ def mask_per_row_loop(r, n, schedule="cosine", generator=None):  # right, drawn 
     return out
 
 
+def mask_own_seed(r, n, schedule="cosine", generator=None):  # a seed of its own: `generator` is never used
+    return _hide_lowest(torch.rand(len(r), n, generator=torch.Generator().manual_seed(0)), _count(r, n, schedule))
+
+
+def mask_reseeds_global(r, n, schedule="cosine", generator=None):  # torch.manual_seed inside the function
+    torch.manual_seed(0)
+    return _hide_lowest(torch.rand(len(r), n), _count(r, n, schedule))
+
+
+def mask_fixed_default(r, n, schedule="cosine", generator=None):  # generator=None falls back on a fixed seed
+    g = generator if generator is not None else torch.Generator().manual_seed(0)
+    return _hide_lowest(torch.rand(len(r), n, generator=g), _count(r, n, schedule))
+
+
+def mask_rows_in_pairs(r, n, schedule="cosine", generator=None):  # each draw serves two neighbouring rows
+    scores = torch.rand((len(r) + 1) // 2, n, generator=generator).repeat_interleave(2, dim=0)[: len(r)]
+    return _hide_lowest(scores, _count(r, n, schedule))
+
+
+def mask_argsort_once(r, n, schedule="cosine", generator=None):  # right: the inverse of a uniform permutation
+    return torch.rand(len(r), n, generator=generator).argsort(1) < _count(r, n, schedule)[:, None]
+
+
 def test_8_2():
     check = ch08.training_mask
     assert_passes(check, M.training_mask)
@@ -155,6 +178,18 @@ def test_8_2():
     assert_fails(check, mask_contiguous_run, contains="not a uniformly random set")
     assert_fails(check, mask_global_rng, contains="must come from `generator`")
     assert_fails(check, mask_float_counts, contains="bool tensor")
+    assert_passes(check, mask_argsort_once)
+    with torch.random.fork_rng(devices=[]):
+        assert_fails(check, mask_reseeds_global, contains="seeded 7 and 8 gave the same masks")
+    assert_fails(check, mask_own_seed, contains="seeded 7 and 8 gave the same masks")
+    assert_fails(check, mask_fixed_default, contains="generator=None, two calls gave the same masks")
+    assert_fails(check, mask_rows_in_pairs, contains="not drawn independently")
+
+
+def test_8_2_leaves_the_global_generator_as_it_was():
+    state = torch.random.get_rng_state()
+    assert_passes(ch08.training_mask, M.training_mask)
+    assert torch.equal(torch.random.get_rng_state(), state)
 
 
 def test_training_mask_is_the_random_mask_draw_given_r():
@@ -220,6 +255,22 @@ def step_mask_in_place(t, m, lp, s, n, noise=None, scale=0.0):
     return new_tokens, m
 
 
+def step_known_score_zero(t, m, lp, s, n, noise=None, scale=0.0):  # a known token is certain: log-prob 0
+    conf = lp.gather(-1, s[..., None])[..., 0]
+    if noise is not None:
+        conf = conf + scale * noise
+    new_mask = torch.zeros_like(m).scatter_(1, conf.masked_fill(~m, 0.0).topk(n, dim=-1, largest=False).indices, True)
+    return torch.where(m & ~new_mask, s, t), new_mask
+
+
+def step_sorted(t, m, lp, s, n, noise=None, scale=0.0):  # right: ranks from a sort, noise folded in by dividing
+    conf = lp.gather(-1, s[..., None])[..., 0]
+    if noise is not None and scale > 0:
+        conf = conf / scale + noise  # the same order as conf + scale * noise
+    new_mask = torch.where(m, conf, torch.full_like(conf, math.inf)).argsort(-1).argsort(-1) < n
+    return torch.where(m & ~new_mask, s, t), new_mask
+
+
 def test_8_3():
     check = ch08.confidence_step
     assert_passes(check, M.confidence_step)
@@ -232,6 +283,8 @@ def test_8_3():
     assert_fails(check, step_overwrites_known, contains="revealed at an earlier step never changes")
     assert_fails(check, step_in_place, contains="changed its argument `tokens` in place")
     assert_fails(check, step_mask_in_place, contains="changed its argument `mask` in place")
+    assert_fails(check, step_known_score_zero, contains="a confidence of 0")
+    assert_passes(check, step_sorted)
 
 
 # 8.4 ------------------------------------------------------------------------------------------------------
@@ -282,6 +335,20 @@ def order_no_validation(h, w, neighbours=NAR):
     return _step_map(h, w, neighbours, check=False)
 
 
+def order_validates_inside_only(h, w, neighbours=NAR):  # an offset is tested only when it lands inside the map
+    step = torch.zeros(h, w, dtype=torch.long)
+    for i in range(h):
+        for j in range(w):
+            known = []
+            for di, dj in neighbours:
+                if 0 <= i + di < h and 0 <= j + dj < w:
+                    if not (di < 0 or (di == 0 and dj < 0)):
+                        raise ValueError("offset not earlier in raster order")
+                    known.append(int(step[i + di, j + dj]))
+            step[i, j] = 1 + max(known) if known else 0
+    return step
+
+
 def order_int32(h, w, neighbours=NAR):
     return _step_map(h, w, neighbours).int()
 
@@ -312,6 +379,7 @@ def test_8_4():
     assert_fails(check, order_backwards, contains="applied backwards")
     assert_fails(check, order_one_based, contains="counted from 0")
     assert_fails(check, order_no_validation, contains="must raise ValueError")
+    assert_fails(check, order_validates_inside_only, contains="whether or not the offset lands inside")
 
 
 def test_reference_neighbour_map_matches_the_library_order():
@@ -350,6 +418,22 @@ def mdlm_batch_mean(logits, targets, masked, t):
     return answers.mdlm_loss(logits, targets, masked, t).mean()
 
 
+def mdlm_log_of_softmax(logits, targets, masked, t):
+    nll = -logits.softmax(-1).gather(-1, targets[..., None])[..., 0].log()
+    return (nll * masked / t[:, None]).sum(1) / targets.shape[1]
+
+
+def mdlm_exp_over_sum(logits, targets, masked, t):
+    e = logits.exp()
+    nll = -(e.gather(-1, targets[..., None])[..., 0] / e.sum(-1)).log()
+    return (nll * masked / t[:, None]).sum(1) / targets.shape[1]
+
+
+def mdlm_ignore_index(logits, targets, masked, t):  # right: unmasked targets ignored by cross_entropy
+    nll = F.cross_entropy(logits.transpose(1, 2), targets.masked_fill(~masked, -100), reduction="none")
+    return nll.sum(1) / t / targets.shape[1]
+
+
 def test_8_5():
     check = ch08.mdlm_loss
     assert_passes(check, answers.mdlm_loss)
@@ -359,6 +443,9 @@ def test_8_5():
     assert_fails(check, mdlm_unweighted, contains="1/t")
     assert_fails(check, mdlm_mean_over_masked, contains="length L")
     assert_fails(check, mdlm_all_positions, contains="only masked")
+    for wrong in (mdlm_log_of_softmax, mdlm_exp_over_sum):
+        assert_fails(check, wrong, contains="log of a softmax")
+    assert_passes(check, mdlm_ignore_index)
 
 
 # 8.6 ------------------------------------------------------------------------------------------------------
@@ -384,6 +471,18 @@ def reveal_inverted(x, proposal, t, s, mask_id, u):
     return torch.where((x == mask_id) & (u > (t - s) / t), proposal, x)
 
 
+def reveal_at_or_below(x, proposal, t, s, mask_id, u):
+    return torch.where((x == mask_id) & (u <= (t - s) / t), proposal, x)
+
+
+def reveal_largest_id_is_mask(x, proposal, t, s, mask_id, u):  # mask_id unused: taken as the largest id in x
+    return torch.where((x == x.max()) & (u < (t - s) / t), proposal, x)
+
+
+def reveal_one_minus_ratio(x, proposal, t, s, mask_id, u):  # right: (t - s) / t written as 1 - s / t
+    return torch.where((x == mask_id) & (u < 1 - s / t), proposal, x)
+
+
 def test_8_6():
     check = ch08.reveal_step
     assert_passes(check, answers.reveal_step)
@@ -392,6 +491,9 @@ def test_8_6():
         assert_fails(check, wrong)
     assert_fails(check, reveal_unnormalised, contains="(t - s) / t")
     assert_fails(check, reveal_overwrites, contains="never change")
+    assert_fails(check, reveal_at_or_below, contains="u < p, strictly")
+    assert_fails(check, reveal_largest_id_is_mask, contains="mask_id 0")
+    assert_passes(check, reveal_one_minus_ratio)
 
 
 # 8.7 ------------------------------------------------------------------------------------------------------

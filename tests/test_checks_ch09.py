@@ -49,8 +49,20 @@ def test_9_2():
     def off_by_one_length(q, k_pool, v_pool, tables, lengths):
         return attention.paged_attention(q, k_pool, v_pool, tables, (lengths - 1).clamp(min=1))
 
+    def softmax_by_hand(q, k_pool, v_pool, tables, lengths):  # exp of the raw scores, no shift by the maximum
+        k, v = k_pool[tables].flatten(1, 2), v_pool[tables].flatten(1, 2)
+        s = torch.einsum("bhd,bthd->bht", q, k) / math.sqrt(q.shape[-1])
+        e = s.exp() * (torch.arange(k.shape[1])[None, :] < lengths[:, None])[:, None, :]
+        return torch.einsum("bht,bthd->bhd", e / e.sum(-1, keepdim=True), v)
+
+    def sdpa(q, k_pool, v_pool, tables, lengths):  # right: the library's attention with a boolean mask
+        k, v = k_pool[tables].flatten(1, 2).transpose(1, 2), v_pool[tables].flatten(1, 2).transpose(1, 2)
+        keep = (torch.arange(k.shape[2])[None, :] < lengths[:, None])[:, None, None, :]  # (B, 1, 1, T)
+        return torch.nn.functional.scaled_dot_product_attention(q[:, :, None], k, v, attn_mask=keep)[:, :, 0]
+
     _check(ch09.paged_attention, attention.paged_attention, [no_mask, table_ignored, off_by_one_length],
-           [(no_mask, "unused end")])
+           [(no_mask, "unused end"), (softmax_by_hand, "overflows")])
+    assert_passes(ch09.paged_attention, sdpa)
 
 
 def test_9_3():
@@ -72,8 +84,19 @@ def test_9_3():
             free, k = free - need, k + 1
         return k
 
+    def limit_after(needs, free, running, max_running):  # the batch limit tested only after an admission
+        k = 0
+        for need in needs:
+            if need > free - running - k:
+                break
+            free, k = free - need, k + 1
+            if running + k >= max_running:
+                break
+        return k
+
     _check(ch09.admit, answers.admit, [fill_everything, skipping, no_reserve],
-           [(skipping, "first come, first served"), (no_reserve, "next token")])
+           [(skipping, "first come, first served"), (no_reserve, "next token"),
+            (limit_after, "already held max_running")])
 
 
 def test_9_4():

@@ -1,9 +1,10 @@
-"""Chapter 10 checks: each accepts the reference, reports a stub as not attempted, and rejects plausible wrong
-answers (rounding without a straight-through gradient, a missing even-level offset, a reversed or truncated mixed
-radix, swapped, base-2 or NaN entropies, straight-through in place of the rotation trick or a gradient to the code, a
-time broadcast along the channels, a reversed flow, a velocity read at the data, a loss summed over the channels or
-detached from the head, late Euler steps or ones that overwrite the noise, guidance mixed the wrong way or on the
-conditions, two head calls per step where one batched call does...)."""
+"""Chapter 10 checks: each accepts the reference, reports a stub as not attempted, and rejects plausible wrong answers
+(rounding without a straight-through gradient, float32 codes for float64 input, a missing even-level offset, a reversed
+or truncated mixed radix, swapped, base-2 or NaN entropies, straight-through in place of the rotation trick or a
+gradient to the code, a code detached in place, a time broadcast along the channels, a reversed flow, a velocity read at
+the data, a loss summed over the channels or detached from the head, late Euler steps, times from a float arange, steps
+that overwrite the noise, guidance mixed the wrong way or on the conditions, two head calls per step where one batched
+call does...)."""
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +39,12 @@ def fsq_integers(z, levels):
     return b + (b.round() - b).detach()
 
 
+def fsq_float32(z, levels):
+    b = Fq.fsq_bound(z, levels)
+    r = b + (b.round() - b).detach()
+    return (r / torch.tensor([n // 2 for n in levels])).float()  # float64 input comes back as float32
+
+
 def test_10_1():
     check = ch10.fsq_quantize
     assert_passes(check, Fq.fsq_quantize)
@@ -46,6 +53,7 @@ def test_10_1():
         assert_fails(check, wrong)
     assert_fails(check, fsq_round_only, contains="straight-through")
     assert_fails(check, fsq_integers, contains="divide dimension i")
+    assert_fails(check, fsq_float32, contains="dtype torch.float32, expected torch.float64")
 
 
 # 10.2 ------------------------------------------------------------------------------------------------------
@@ -179,6 +187,10 @@ def rotation_moves_code_too(z, z_q):
     return Fq.rotation_trick(z, z_q.detach()) + (z_q - z_q.detach())
 
 
+def rotation_detaches_code_in_place(z, z_q):
+    return Fq.rotation_trick(z, z_q.detach_())  # the caller's z_q loses its codebook gradient
+
+
 def test_10_4():
     check = ch10.rotation_trick
     assert_passes(check, Fq.rotation_trick)
@@ -190,6 +202,7 @@ def test_10_4():
     assert_fails(check, rotation_not_detached, contains="constants")
     assert_fails(check, rotation_code_not_detached, contains="reaches z_q")
     assert_fails(check, rotation_moves_code_too, contains="reaches z_q")
+    assert_fails(check, rotation_detaches_code_in_place, contains="detached its argument `z_q` in place")
 
 
 # 10.5 ------------------------------------------------------------------------------------------------------
@@ -329,9 +342,24 @@ def sample_time_column(head, x0, cond, uncond, steps, *, w):
     return x
 
 
+def sample_float_range(head, x0, cond, uncond, steps, *, w):
+    x = x0
+    for t in torch.arange(0, 1, 1 / steps):  # 50 times for 49 steps
+        x = x + _guided(head, x, t.expand(len(x)), cond, uncond, w) / steps
+    return x
+
+
+def sample_linspace_times(head, x0, cond, uncond, steps, *, w):  # the interval starts, from a linspace: right
+    x = x0
+    for t in torch.linspace(0, 1, steps + 1)[:-1]:
+        x = x + _guided(head, x, t.expand(len(x)), cond, uncond, w) / steps
+    return x
+
+
 def test_10_6():
     check = ch10.guided_euler_sample
     assert_passes(check, answers.guided_euler_sample)
+    assert_passes(check, sample_linspace_times)
     assert_not_attempted(check, stub)
     assert_fails(check, sample_late, contains="end of its interval")
     assert_fails(check, sample_whole_velocity, contains="dt = 1 / steps")
@@ -343,3 +371,4 @@ def test_10_6():
     assert_fails(check, sample_two_calls, contains="one batched call")
     assert_fails(check, sample_always_doubled, contains="at w = 0")
     assert_fails(check, sample_time_column, contains="t (R,)")
+    assert_fails(check, sample_float_range, contains="torch.arange")

@@ -1,8 +1,10 @@
-"""Chapter 11 checks: each accepts the reference, reports a stub as not attempted, and rejects plausible
-wrong answers (probabilities for log-probabilities, an off-by-one read of the logits, log-probabilities without
-gradients, groups read as blocks, an unbiased or batch-wide normalisation, a fixed eps or clip, a clip without the
-minimum, the k1 or reversed KL, the objective for the loss, a rollout in train mode or scored by the wrong model,
-a ratio to the current step's policy, accumulated gradients, per-token CCA log-ratios, a flipped CCA sign...)."""
+"""Chapter 11 checks: each accepts the reference, reports a stub as not attempted, and rejects plausible wrong answers
+(probabilities for log-probabilities, an off-by-one read of the logits, log-probabilities without gradients or from the
+log of a softmax, a model left in eval mode, groups read as blocks, an unbiased, one-pass or batch-wide normalisation, a
+fixed eps or clip, a clip without the minimum or with it after the mean, the k1 or reversed KL, the objective for the
+loss, a rollout sampled or scored in train mode or scored by the wrong model, a ratio to the current step's policy,
+accumulated gradients, losses kept as tensors, a rollout or negatives changed in place, per-token CCA log-ratios, a
+flipped CCA sign...)."""
 
 import torch
 import torch.nn.functional as F
@@ -56,9 +58,27 @@ def logp_detached_normaliser(model, maps, classes):
     return picked - logits.logsumexp(-1).detach()  # the right values, half the gradient
 
 
+def logp_log_of_softmax(model, maps, classes):
+    seq = maps.flatten(1)  # (B, L)
+    logits, _ = model(seq[:, :-1], classes=classes)
+    return torch.softmax(logits, dim=-1).log().gather(-1, seq[..., None]).squeeze(-1)  # -inf for unlikely tokens
+
+
+def logp_switches_to_eval(model, maps, classes):
+    model.eval()  # the caller's training loop loses its mode
+    return token_log_probs(model, maps, classes)
+
+
+def logp_negated_cross_entropy(model, maps, classes):  # the same numbers through cross_entropy: right
+    seq = maps.flatten(1)  # (B, L)
+    logits, _ = model(seq[:, :-1], classes=classes)
+    return -F.cross_entropy(logits.transpose(1, 2), seq, reduction="none")
+
+
 def test_11_1():
     check = ch11.token_log_probs
     assert_passes(check, token_log_probs)
+    assert_passes(check, logp_negated_cross_entropy)
     assert_not_attempted(check, stub)
     for wrong in (logp_probabilities, logp_no_class_shift, logp_ignores_class, logp_summed):
         assert_fails(check, wrong)
@@ -67,6 +87,8 @@ def test_11_1():
     assert_fails(check, logp_without_grad, contains="no gradient reaches the model")
     assert_fails(check, logp_detached_logits, contains="no gradient reaches the model")
     assert_fails(check, logp_detached_normaliser, contains="the gradient of")
+    assert_fails(check, logp_log_of_softmax, contains="log of a softmax")
+    assert_fails(check, logp_switches_to_eval, contains="switched the model to eval mode")
 
 
 # 11.2 ------------------------------------------------------------------------------------------------------
@@ -105,6 +127,15 @@ def adv_float32(rewards, groups, eps=1e-4):
     return adv_loop(rewards.float(), groups, eps)
 
 
+def adv_one_pass(rewards, groups, eps=1e-4):
+    out = torch.zeros_like(rewards)
+    for gid in groups.unique():
+        r = rewards[groups == gid]
+        std = ((r * r).mean() - r.mean() ** 2).sqrt()  # cancels catastrophically for rewards close together
+        out[groups == gid] = (r - r.mean()) / (std + eps)
+    return out
+
+
 def adv_sorted(rewards, groups, eps=1e-4):  # right values, in the order of the sorted groups
     order = groups.argsort(stable=True)
     return adv_loop(rewards[order], groups[order], eps)
@@ -123,6 +154,7 @@ def test_11_2():
     assert_fails(check, adv_no_eps, contains="0/0")
     assert_fails(check, adv_fixed_eps, contains="eps = 0.05")  # eps is an argument
     assert_fails(check, adv_float32, contains="dtype")
+    assert_fails(check, adv_one_pass, contains="mean(r^2) - mean(r)^2")
 
 
 # 11.3 ------------------------------------------------------------------------------------------------------
@@ -178,9 +210,22 @@ def loss_detached(logp, logp_old, logp_ref, adv, clip, kl_coef):
     return grpo_objective(logp.detach(), logp_old, logp_ref, adv, clip, kl_coef)
 
 
+def loss_min_of_means(logp, logp_old, logp_ref, adv, clip, kl_coef):
+    r, a, kl = loss_parts(logp, logp_old, logp_ref, adv, clip)
+    j = torch.minimum((r * a).mean(), (r.clamp(1 - clip, 1 + clip) * a).mean())  # the minimum after the mean
+    return -j + kl_coef * kl, kl.detach()
+
+
+def loss_sign_cases(logp, logp_old, logp_ref, adv, clip, kl_coef):  # the minimum written by the advantage's sign
+    r, a, kl = loss_parts(logp, logp_old, logp_ref, adv, clip)
+    j = torch.where(a > 0, r.clamp(max=1 + clip), r.clamp(min=1 - clip)) * a
+    return -j.mean() + kl_coef * kl, kl.detach()
+
+
 def test_11_3():
     check = ch11.grpo_loss
     assert_passes(check, grpo_objective)
+    assert_passes(check, loss_sign_cases)
     assert_not_attempted(check, stub)
     for wrong in (loss_clip_only, loss_objective, loss_k1, loss_kl_to_old, loss_tokens_broadcast, loss_token_sum,
                   loss_fixed_clip, loss_detached):
@@ -193,13 +238,14 @@ def test_11_3():
     assert_fails(check, loss_token_sum, contains="sums over the tokens")
     assert_fails(check, loss_fixed_clip, contains="clip 0.3")  # clip is an argument
     assert_fails(check, loss_detached, contains="no gradient")
+    assert_fails(check, loss_min_of_means, contains="not per token")
 
 
 # 11.4 ------------------------------------------------------------------------------------------------------
 
 
 def rollout_with(eval_mode=True, restore=True, ref_model=True, groups="classes", layout="interleave",
-                 no_grad=True):
+                 no_grad=True, score_in_train=False):
     def rollout(policy, reference, reward_fn, group_size, generator):
         n = policy.config.n_classes
         classes = torch.arange(n).repeat_interleave(group_size) if layout == "interleave" else \
@@ -210,6 +256,8 @@ def rollout_with(eval_mode=True, restore=True, ref_model=True, groups="classes",
         with torch.no_grad():
             maps = raster.generate_tokens(policy, classes, policy.config.grid, generator=generator)
             rewards = reward_fn(maps, classes)
+        if score_in_train:
+            policy.train(was)  # back to dropout before scoring
         adv = answers.group_advantages(rewards, {"classes": classes, "batch": torch.zeros_like(classes)}[groups])
         with torch.set_grad_enabled(not no_grad):
             old = token_log_probs(policy, maps, classes)
@@ -233,26 +281,31 @@ def test_11_4():
     assert_fails(check, rollout_with(ref_model=False), contains="frozen reference model")
     assert_fails(check, rollout_with(groups="batch"), contains="whole batch")
     assert_fails(check, rollout_with(no_grad=False), contains="logp_old carries a gradient")
+    assert_fails(check, rollout_with(score_in_train=True), contains="scored logp_old in the mode it came in")
     assert_fails(check, lambda *args: list(library_rollout(*args).values()), contains="should be a dict")
 
 
 # 11.5 ------------------------------------------------------------------------------------------------------
 
 
-def update_with(old="rollout", zero_grad=True, clip_norm=True, steps=None, returns="loss"):
+def update_with(old="rollout", zero_grad=True, clip_norm=True, steps=None, returns="loss", overwrite_old=False):
     def update(policy, optimizer, rollout, clip=0.2, kl_coef=0.05, inner_steps=2):
         out = []
         for _ in range(inner_steps if steps is None else steps):
             logp = token_log_probs(policy, rollout["maps"], rollout["classes"])
             logp_old = {"rollout": rollout["logp_old"], "current": logp.detach(), "ref": rollout["logp_ref"]}[old]
             loss, kl = grpo_objective(logp, logp_old, rollout["logp_ref"], rollout["advantages"], clip, kl_coef)
-            if zero_grad:
+            if zero_grad is True:
                 optimizer.zero_grad()
             loss.backward()
             if clip_norm:
                 torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
             optimizer.step()
-            out.append(float((loss if returns == "loss" else kl).detach()))
+            if zero_grad == "after":  # the other common place for it: the same steps on a fresh policy
+                optimizer.zero_grad()
+            if overwrite_old:
+                rollout["logp_old"] = logp.detach()  # the caller's rollout changes under it
+            out.append({"loss": float(loss.detach()), "kl": float(kl), "tensor": loss}[returns])
         return out
 
     return update
@@ -269,6 +322,9 @@ def test_11_5():
     assert_fails(check, update_with(clip_norm=False), contains="not clipped to 1")
     assert_fails(check, update_with(steps=2), contains="3 inner steps")  # inner_steps is an argument
     assert_fails(check, update_with(returns="kl"), contains="losses")
+    assert_fails(check, update_with(returns="tensor"), contains="return Python floats")
+    assert_fails(check, update_with(overwrite_old=True), contains="changed its argument `rollout` in place")
+    assert_passes(check, update_with(zero_grad="after"))
 
 
 # 11.6 ------------------------------------------------------------------------------------------------------
@@ -288,6 +344,11 @@ def cca_with(reduce="sum", neg_sign=-1.0, lam_used=True, log_sigmoid=F.logsigmoi
     return loss_fn
 
 
+def cca_shifted_negatives(policy, reference, maps, classes, negatives, beta=0.02, lam=1.0):
+    negatives.copy_((classes + 1) % policy.config.n_classes)  # overwrites the caller's negatives
+    return cca_batch_loss(policy, reference, maps, classes, negatives, beta, lam)
+
+
 def cca_no_grad(policy, reference, maps, classes, negatives, beta=0.02, lam=1.0):
     with torch.no_grad():
         return cca_batch_loss(policy, reference, maps, classes, negatives, beta, lam)
@@ -305,3 +366,4 @@ def test_11_6():
     assert_fails(check, cca_with(lam_used=False), contains="lam is missing")
     assert_fails(check, cca_with(log_sigmoid=lambda x: torch.log(torch.sigmoid(x))), contains="logsigmoid")
     assert_fails(check, cca_no_grad, contains="no gradient reaches the policy")
+    assert_fails(check, cca_shifted_negatives, contains="changed its argument `negatives` in place")

@@ -2,17 +2,19 @@
 
 Every check compares with the library (:mod:`ar_course.masked` for images, :mod:`ar_course.diffusion_lm` for
 text) or with :mod:`ar_course.checks.reference.ch08` on seeded random inputs and hand-made edge cases (the ends of
-the schedule, counts that are whole numbers, noise that overturns the order of confidences, non-square maps,
-neighbourhoods that reach up and to the right or two rows up, uniform draws on both sides of the reveal
-probability, one block and blocks of one, a Python float for the schedule), and names the usual mistakes: a
-schedule that counts revealed tokens instead of masked ones; training masks rounded the wrong way, empty, with one
-count for the whole batch, the same positions in every row, the first positions or a run of neighbours; re-masking
-the most confident tokens or known ones, a step that writes into its inputs; a step map that ignores the
+the schedule, counts that are whole numbers, noise that overturns the order of confidences or lifts every new
+score above 0, non-square maps, neighbourhoods that reach up and to the right or two rows up, confident logits,
+uniform draws on both sides of the reveal probability and at it, a mask id that is not the largest, one block and
+blocks of one, a Python float for the schedule), and names the usual mistakes: a schedule that counts revealed
+tokens instead of masked ones; training masks rounded the wrong way, empty, with one count for the whole batch, the
+same positions in every row, the first positions or a run of neighbours; re-masking the most confident tokens or
+known ones (also through a finite confidence of 0), a step that writes into its inputs; a step map that ignores the
 neighbourhood, visits it column by column, waits for the earliest neighbour only or reads outside the map through
-a negative index; for text, an MDLM loss without its 1/t weight or averaged over the masked tokens, a reveal
-probability that is not conditioned on being masked, a block schedule whose time runs once over the whole
-sequence. The training masks are random: their check holds the counts exactly, and which positions are hidden
-only to what a uniform choice gives over 10,000 rows, so any correct way of drawing them passes."""
+a negative index; for text, an MDLM loss without its 1/t weight, averaged over the masked tokens or taken as the log
+of a softmax, a reveal probability that is not conditioned on being masked, a block schedule whose time runs once
+over the whole sequence. The training masks are random: their check holds the counts exactly, and which positions
+are hidden only to what a uniform choice gives over 10,000 rows (and that they change with the generator's seed),
+so any correct way of drawing them passes."""
 
 from __future__ import annotations
 
@@ -145,7 +147,8 @@ SPREAD_N, SPREAD_K, SPREAD_ROWS = 10, 3, 10000  # 10,000 rows that each hide 3 o
 
 def _spread_failure(got: torch.Tensor) -> str | None:
     """What is wrong with the positions of masks that each hide SPREAD_K of SPREAD_N, or None. A uniform choice
-    passes: the tolerances are about 6.5 (positions) and 8 (pairs) standard deviations wide."""
+    passes: the tolerances are about 6.5 (positions), 8 (pairs) and 18 (a row repeating the one before it)
+    standard deviations wide."""
     rows = f"{SPREAD_ROWS} rows that each hide {SPREAD_K} of {SPREAD_N} positions"
     m = got.detach().cpu().double()  # (rows, n)
     freq = m.mean(0)  # (n,)
@@ -167,6 +170,11 @@ def _spread_failure(got: torch.Tensor) -> str | None:
         return (f"positions {i} and {j} are hidden together in {float(pairs[i, j]):.1%} of {rows}, expected "
                 f"{expected:.1%}; the hidden positions of a row are not a uniformly random set (a run of "
                 "neighbouring positions is one particular shape, not any set)")
+    repeats = float((m[1:] == m[:-1]).all(1).double().mean())  # a row that hides what the row before it hides
+    chance = 1 / math.comb(SPREAD_N, SPREAD_K)
+    if repeats > 3 * chance:
+        return (f"a row hides the same positions as the row before it in {repeats:.1%} of {rows}, expected about "
+                f"{chance:.1%}; the rows are not drawn independently of each other")
     return None
 
 
@@ -198,6 +206,23 @@ def training_mask(fn: Callable, ref_fn: Callable) -> None:
     problem = _spread_failure(first)
     if problem:
         raise CheckFailure(f"on input {name!r}, {problem}")
+    _check_draws_vary(fn)
+
+
+def _check_draws_vary(fn: Callable) -> None:
+    """Fail when the masks do not change with the random numbers: the same for two generators seeded differently,
+    or for two calls on the global generator (whose state is restored afterwards)."""
+    r = torch.full((200,), 0.75)
+    name = f"200 rows with r = 0.75, n = {SPREAD_N}, linear"
+    seeded = [call(fn, r, SPREAD_N, "linear", torch.Generator().manual_seed(s), where=name) for s in (7, 8)]
+    if torch.equal(seeded[0], seeded[1]):
+        raise CheckFailure(f"on input {name!r}, generators seeded 7 and 8 gave the same masks: the draws do not "
+                           "come from `generator` (a seed fixed inside the function makes every call alike)")
+    with torch.random.fork_rng(devices=[]):
+        unseeded = [call(fn, r, SPREAD_N, "linear", None, where=f"{name}, generator=None") for _ in range(2)]
+    if torch.equal(unseeded[0], unseeded[1]):
+        raise CheckFailure(f"on input {name!r} with generator=None, two calls gave the same masks: without a "
+                           "generator the draws come from torch's global one, which moves on between calls")
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -223,13 +248,29 @@ def _step_cases() -> Iterator[Case]:
     yield _step_case("(3, 16) map, keep 5 masked, noise 2.0", g, 3, 16, 7, 0.5, 5, 2.0)
     yield _step_case("(2, 12) map, keep 1 masked, noise 0.5", g, 2, 12, 4, 0.0, 1, 0.5)
     yield _step_case("last step: keep 0 masked", g, 2, 8, 5, 0.4, 0, 1.0)
+    yield _confident_case(g)
 
 
-def _step_with(conf_fn: Callable, largest: bool = False, protect: bool = True) -> Callable:
+def _confident_case(g: torch.Generator) -> Case:
+    # every new sample is near certain and its noise positive, so every masked score is above 0, the
+    # log-probability of a certain token: only an infinite confidence keeps the known positions out of reach
+    b, n, v, n_masked = 2, 10, 6, 3
+    mask = torch.rand(b, n, generator=g) < 0.5
+    mask[:, : n_masked + 2] = True
+    tokens = torch.randint(0, v, (b, n), generator=g).masked_fill(mask, MASK)
+    sampled = torch.randint(0, v, (b, n), generator=g)
+    logits = torch.randn(b, n, v, generator=g) + 8 * torch.nn.functional.one_hot(sampled, v)
+    noise = -torch.log(-torch.log(0.5 + 0.5 * torch.rand(b, n, generator=g)))  # Gumbel draws above 0.36
+    return Case("(2, 10) map, confident samples, positive noise 2.0, keep 3 masked",
+                (tokens, mask, torch.log_softmax(logits, dim=-1), sampled, n_masked, noise, 2.0))
+
+
+def _step_with(conf_fn: Callable, largest: bool = False, protect: bool = True, known: float = math.inf
+               ) -> Callable:
     def step(tokens, mask, log_probs, sampled, n_masked, noise=None, noise_scale=0.0):
         conf = conf_fn(log_probs.gather(-1, sampled[..., None])[..., 0], noise, noise_scale)  # (B, N)
         if protect:
-            conf = conf.masked_fill(~mask, float("-inf") if largest else float("inf"))
+            conf = conf.masked_fill(~mask, -known if largest else known)
         chosen = conf.topk(n_masked, dim=-1, largest=largest).indices
         new_mask = torch.zeros_like(mask).scatter_(1, chosen, True)
         return torch.where(mask & ~new_mask, sampled, tokens), new_mask
@@ -250,6 +291,9 @@ STEP_MISTAKES = [
                                               "the least confident"),
     Mistake(_step_with(_noisy, protect=False), "a known token was re-masked; give known positions infinite "
                                                "confidence so that only newly sampled ones can be re-masked"),
+    Mistake(_step_with(_noisy, known=0.0), "a known token was re-masked: a confidence of 0 (the log-probability of a "
+                                           "certain token) is not out of reach, since a sample's log-probability "
+                                           "plus positive noise can exceed it"),
     Mistake(_step_with(lambda c, noise, s: c), "the Gumbel noise is left out; add noise_scale * noise to the "
                                                "log-probabilities"),
     Mistake(_step_with(lambda c, noise, s: c.exp() + s * noise if noise is not None else c.exp()),
@@ -290,7 +334,9 @@ def _order_cases() -> Iterator[Case]:
     yield Case("3 x 4 map, no neighbours", (3, 4, ()))
 
 
-BAD_NEIGHBOURS = (((0, 1),), ((0, 0),), ((1, -1),), ((-1, 0), (0, 1)))
+# (h, w, neighbours) with an offset that is not earlier in raster order; on the 1 x 2 map it never lands inside
+BAD_NEIGHBOURS = ((3, 3, ((0, 1),)), (3, 3, ((0, 0),)), (3, 3, ((1, -1),)), (3, 3, ((-1, 0), (0, 1))),
+                  (1, 2, ((1, 0),)))
 
 
 def _map_by(visit: Callable, pick: Callable = max, extra: int = 0, wrap: bool = False, sign: int = 1) -> Callable:
@@ -343,17 +389,17 @@ ORDER_MISTAKES = [
 ))
 def neighbour_step_map(fn: Callable, ref_fn: Callable) -> None:
     compare_cases(fn, ref_fn, _order_cases(), mistakes=ORDER_MISTAKES)
-    for neighbours in BAD_NEIGHBOURS:
-        where = f"3 x 3 map, neighbours {neighbours}"
+    for h, w, neighbours in BAD_NEIGHBOURS:
+        where = f"{h} x {w} map, neighbours {neighbours}"
         try:
-            call(fn, 3, 3, neighbours, where=where)
+            call(fn, h, w, neighbours, where=where)
         except CheckFailure as exc:
             if "raised ValueError" in str(exc):
                 continue
             raise
         raise CheckFailure(f"on input {where!r} your function returned a map; an offset that is not earlier in "
                            "raster order can make two tokens wait for each other (no order exists), so it must "
-                           "raise ValueError")
+                           "raise ValueError, whether or not the offset lands inside this map")
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -372,6 +418,11 @@ def _mdlm_cases() -> Iterator[Case]:
     targets = torch.randint(0, 6, (3, 4), generator=g)
     masked = torch.tensor([[True, False, True, False], [False] * 4, [True] * 4])
     yield Case("rows with 2, 0 and 4 masked tokens", (logits, targets, masked, torch.tensor([0.5, 0.3, 1.0])))
+    logits = 40 * torch.randn(2, 5, 7, generator=g)  # gaps of a hundred nats and more: exp(-gap) underflows to 0
+    masked = torch.rand(2, 5, generator=g) < 0.6
+    masked[:, 0] = True
+    yield Case("confident logits (40 x randn), B=2, L=5, V=7",
+               (logits, torch.randint(0, 7, (2, 5), generator=g), masked, torch.tensor([0.7, 0.2])))
 
 
 def _mdlm_unweighted(logits, targets, masked, t):
@@ -391,6 +442,11 @@ def _mdlm_every_position(logits, targets, masked, t):
     return answers.mdlm_loss(logits, targets, torch.ones_like(masked), t)
 
 
+def _mdlm_log_of_softmax(logits, targets, masked, t):
+    nll = -torch.log(logits.softmax(-1).gather(-1, targets[..., None])[..., 0])  # (B, L)
+    return (nll * masked / t[:, None]).sum(1) / targets.shape[1]
+
+
 MDLM_MISTAKES = [
     Mistake(_mdlm_unweighted, "the masked cross-entropy is not weighted: at time t each masked token counts 1/t"),
     Mistake(_mdlm_times_t, "the weight is 1/t, not t: rows with few masks (small t) count more"),
@@ -398,6 +454,9 @@ MDLM_MISTAKES = [
                               "token of the sequence, so divide by its length L"),
     Mistake(_mdlm_every_position, "unmasked tokens are copied through by the model and cost nothing; only masked "
                                   "positions enter the loss"),
+    Mistake(_mdlm_log_of_softmax, "the log of a softmax: with confident logits a small probability underflows to 0 "
+                                  "and its log is -inf, so the loss turns inf or nan where the log-probability "
+                                  "itself is finite"),
 ]
 
 
@@ -425,10 +484,14 @@ def _reveal_cases() -> Iterator[Case]:
         x[torch.rand(3, 10, generator=g) < 0.6] = M
         yield Case(f"t = {t}, s = {s}", (x, torch.randint(0, M, (3, 10), generator=g), t, s, M,
                                          torch.rand(3, 10, generator=g)))
-    x = torch.tensor([[M, 1, M, 2, M, M]])
-    u = torch.tensor([[0.1, 0.1, 0.45, 0.45, 0.55, 0.9]])
-    yield Case("hand-made: t = 1, s = 0.5, draws on both sides of 1/2", (x, torch.tensor([[5, 6, 7, 8, 4, 3]]),
-                                                                         1.0, 0.5, M, u))
+    x = torch.tensor([[M, 1, M, 2, M, M, M]])
+    u = torch.tensor([[0.1, 0.1, 0.45, 0.45, 0.55, 0.9, 0.5]])
+    yield Case("hand-made: t = 1, s = 0.5, draws on both sides of 1/2 and one at it",
+               (x, torch.tensor([[5, 6, 7, 8, 4, 3, 2]]), 1.0, 0.5, M, u))
+    x = torch.randint(1, M + 1, (2, 8), generator=g)
+    x[torch.rand(2, 8, generator=g) < 0.5] = 0
+    yield Case("mask_id 0 (the lowest id), t = 0.6, s = 0.2",
+               (x, torch.randint(1, M + 1, (2, 8), generator=g), 0.6, 0.2, 0, torch.rand(2, 8, generator=g)))
 
 
 def _reveal_stay_prob(x, proposal, t, s, mask_id, u):
@@ -450,6 +513,11 @@ def _reveal_inverted(x, proposal, t, s, mask_id, u):
     return torch.where(reveal, proposal, x)
 
 
+def _reveal_at_or_below(x, proposal, t, s, mask_id, u):
+    reveal = (x == mask_id) & (u <= (t - s) / t)
+    return torch.where(reveal, proposal, x)
+
+
 REVEAL_MISTAKES = [
     Mistake(_reveal_unnormalised, "t - s is the chance that a token is masked at t and not at s; given that it "
                                   "is masked at t (probability t), the chance to reveal it is (t - s) / t"),
@@ -458,6 +526,8 @@ REVEAL_MISTAKES = [
     Mistake(_reveal_overwrites, "tokens that are already revealed must never change (an absorbing process has "
                                 "no way back)"),
     Mistake(_reveal_inverted, "a token is revealed when its draw u is below the reveal probability"),
+    Mistake(_reveal_at_or_below, "a draw equal to the reveal probability revealed its token; the rule is u < p, "
+                                 "strictly, so that a draw in [0, 1) reveals with probability exactly p"),
 ]
 
 

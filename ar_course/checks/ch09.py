@@ -1,7 +1,8 @@
 """Checks for chapter 09, serving: ``checks.ch09.slot_mapping(slot_mapping)``.
 
-Block addressing (9.1), paged attention (9.2), admission (9.3), the prefix-block hash (9.4), KIVI-style
-quantization (9.5) and the StreamingLLM mask (9.6)."""
+Block addressing (9.1), paged attention (9.2, also on scores large enough to overflow an unshifted exp),
+admission (9.3, also into a batch already at its limit), the prefix-block hash (9.4), KIVI-style quantization
+(9.5) and the StreamingLLM mask (9.6)."""
 
 from __future__ import annotations
 
@@ -69,6 +70,10 @@ def _paged_cases() -> Iterator[Case]:
         lengths[0] = 1
         yield Case(f"B={B}, H={H}, D={D}, block_size {bs}{', shared block' if shared else ''}",
                    (torch.randn(B, H, D, generator=g), k_pool, v_pool, tables, lengths))
+    k_pool, v_pool = torch.randn(6, 2, 2, 4, generator=g), torch.randn(6, 2, 2, 4, generator=g)
+    tables = torch.stack([torch.randperm(6, generator=g)[:3] for _ in range(2)])  # (2, 3)
+    yield Case("large scores (|q| ~ 100): B=2, H=2, D=4, block_size 2",
+               (100 * torch.randn(2, 2, 4, generator=g), k_pool, v_pool, tables, torch.tensor([5, 3])))
 
 
 def _paged_no_length_mask(q, k_pool, v_pool, tables, lengths):
@@ -80,10 +85,19 @@ def _paged_no_scale(q, k_pool, v_pool, tables, lengths):
     return attention.paged_attention(q * math.sqrt(q.shape[-1]), k_pool, v_pool, tables, lengths)
 
 
+def _paged_unshifted_exp(q, k_pool, v_pool, tables, lengths):
+    k, v = k_pool[tables].flatten(1, 2), v_pool[tables].flatten(1, 2)  # (B, T, H, D)
+    scores = torch.einsum("bhd,bthd->bht", q, k) / math.sqrt(q.shape[-1])  # (B, H, T)
+    e = scores.exp() * (torch.arange(k.shape[1])[None, :] < lengths[:, None])[:, None, :]
+    return torch.einsum("bht,bthd->bhd", e / e.sum(-1, keepdim=True), v)
+
+
 PAGED_MISTAKES = [
     Mistake(_paged_no_length_mask, "the query also attends to the unused end of its last block: mask the positions "
             "at and after lengths[b]"),
     Mistake(_paged_no_scale, "the scores are not divided by sqrt(D)"),
+    Mistake(_paged_unshifted_exp, "exp of the raw scores overflows to inf once a score passes about 88 (float32), and "
+            "inf / inf is nan: a softmax by hand must not exponentiate scores that large"),
 ]
 
 
@@ -112,6 +126,7 @@ def _admit_cases() -> Iterator[Case]:
     yield Case("no free blocks", ([1], 0, 0, 4))
     yield Case("empty queue", ([], 10, 1, 4))
     yield Case("exactly fits after the reserve", ([5], 7, 2, 4))
+    yield Case("the batch is already at its limit", ([1, 1], 40, 4, 4))
 
 
 def _admit_skipping(needs, free, running, max_running):
@@ -137,12 +152,26 @@ def _admit_no_batch_limit(needs, free, running, max_running):
     return answers.admit(needs, free, running, 10 ** 9)
 
 
+def _admit_limit_after(needs, free, running, max_running):
+    admitted = 0
+    for need in needs:
+        if need > free - running - admitted:
+            break
+        free -= need
+        admitted += 1
+        if running + admitted >= max_running:
+            break
+    return admitted
+
+
 ADMIT_MISTAKES = [
     Mistake(_admit_skipping, "a later request overtook one that did not fit: admission is first come, first served, "
             "so the first request that does not fit stops it"),
     Mistake(_admit_no_reserve, "no block was kept for the next token of the sequences in the batch: they would be "
             "preempted at their next decode step"),
     Mistake(_admit_no_batch_limit, "more sequences than max_running are in the batch"),
+    Mistake(_admit_limit_after, "a request joined a batch that already held max_running sequences: the limit is "
+            "tested only after an admission, so the first request of a full batch always gets in"),
 ]
 
 

@@ -1,17 +1,17 @@
 """Checks for chapter 10, continuous tokens: ``checks.ch10.fsq_quantize(fsq_quantize)`` and so on.
 
-Every check compares with the library (:mod:`ar_course.tokenizers.functional`, :mod:`ar_course.continuous`, through
-the thin wrappers of :mod:`ar_course.checks.reference.ch10` where the signature differs) on seeded random inputs and
-edge cases (even and odd levels, the corners of the FSQ grid, a code equal to its vector, codes a little off the grid,
-probabilities that underflow, as many tokens as channels, a time-dependent velocity field, guidance strengths 0 and
--1), values and, where the exercise is about them, gradients; and names the usual mistakes: rounding without a
-straight-through gradient, a grid shifted for even levels, a reversed or truncated mixed radix, swapped or NaN
-entropies, the straight-through estimator in place of the rotation, times broadcast along the channels, a reversed
-flow, a velocity read off the path, a loss summed over channels, Euler steps evaluated at the wrong times, guidance
-mixed the wrong way round or applied to the conditions. Rules are checked beyond the values: no gradient reaches the
-code in the rotation trick, the flow-matching loss sends its gradient to the velocity's parameters, and the guided
-sampler leaves its x0 as it was and runs the head once per step, on the doubled batch (the conditional rows alone
-at w = 0)."""
+Every check compares with the library (:mod:`ar_course.tokenizers.functional`, :mod:`ar_course.continuous`, through the
+thin wrappers of :mod:`ar_course.checks.reference.ch10` where the signature differs) on seeded random inputs and edge
+cases (even and odd levels, float64 input, the corners of the FSQ grid, a code equal to its vector, codes a little off
+the grid, probabilities that underflow, as many tokens as channels, a time-dependent velocity field, 49 Euler steps,
+guidance strengths 0 and -1), values and, where the exercise is about them, gradients; and names the usual mistakes:
+rounding without a straight-through gradient, a grid shifted for even levels, a reversed or truncated mixed radix,
+swapped or NaN entropies, the straight-through estimator in place of the rotation, times broadcast along the channels, a
+reversed flow, a velocity read off the path, a loss summed over channels, Euler steps evaluated at the wrong times or
+counted by a float range, guidance mixed the wrong way round or applied to the conditions. Rules are checked beyond the
+values: no gradient reaches the code in the rotation trick, which leaves the caller's code attached to its codebook, the
+flow-matching loss sends its gradient to the velocity's parameters, and the guided sampler leaves its x0 as it was and
+runs the head once per step, on the doubled batch (the conditional rows alone at w = 0)."""
 
 from __future__ import annotations
 
@@ -43,6 +43,7 @@ def _fsq_cases() -> Iterator[Case]:
     yield Case("even and odd levels (8, 6, 5), large inputs", (3 * torch.randn(30, 3, generator=g), (8, 6, 5)))
     yield Case("levels (4, 4), a batch of maps", (torch.randn(2, 5, 2, generator=g), (4, 4)))
     yield Case("zero input lands on code 0", (torch.zeros(3, 3), (7, 8, 2)))
+    yield Case("float64 input, levels (6, 3)", (torch.randn(7, 2, generator=g, dtype=torch.float64), (6, 3)))
 
 
 def _fsq_no_st(z, levels):
@@ -293,12 +294,19 @@ ROTATION_MISTAKES = [
 def rotation_trick(fn: Callable, ref_fn: Callable) -> None:
     compare_cases(fn, ref_fn, _rotation_cases(), grad_wrt=(0,), mistakes=ROTATION_MISTAKES)
     g = _gen(1040)
-    z, z_q = torch.randn(6, 4, generator=g).requires_grad_(True), torch.randn(6, 4, generator=g).requires_grad_(True)
-    out = call(fn, z, z_q, where="z_q that requires grad")
+    where = "z_q looked up in a codebook that requires grad"
+    z = torch.randn(6, 4, generator=g).requires_grad_(True)
+    codebook = torch.randn(9, 4, generator=g).requires_grad_(True)
+    z_q = codebook[torch.randint(0, 9, (6,), generator=g)]  # (6, 4), a non-leaf that carries the codebook's gradient
+    out = call(fn, z, z_q, where=where)
+    if not z_q.requires_grad:
+        raise CheckFailure(f"your function detached its argument `z_q` in place on input {where!r}: the caller's "
+                           "z_q lost its link to the codebook, so the codebook loss computed from it afterwards trains "
+                           "nothing (detach a copy, never the argument)")
     out.sum().backward()
-    if z_q.grad is not None and bool(z_q.grad.any()):
-        raise CheckFailure("a gradient reaches z_q on input 'z_q that requires grad': the output's value is z_q, but "
-                           "only z may receive a gradient through it (the codebook is trained by its own loss)")
+    if codebook.grad is not None and bool(codebook.grad.any()):
+        raise CheckFailure(f"a gradient reaches z_q on input {where!r}: the output's value is z_q, but only z may "
+                           "receive a gradient through it (the codebook is trained by its own loss)")
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -446,6 +454,7 @@ def _sampler_cases() -> Iterator[Case]:
     yield Case("toy head, w = 4, 7 steps", (_toy_head(1), *inputs(5), 7), {"w": 4.0})
     yield Case("toy head, w = -1 (the null class's own flow), 3 steps", (_toy_head(2), *inputs(3), 3), {"w": -1.0})
     yield Case("v = 2t - x/2 + cond M, w = 2, one step", (_field_head(), *inputs(4), 1), {"w": 2.0})
+    yield Case("v = 2t - x/2 + cond M, w = 1, 49 steps", (_field_head(), *inputs(2), 49), {"w": 1.0})
 
 
 def _euler(velocity, x0, steps, time=lambda i, steps: i / steps, dt=lambda steps: 1 / steps, n=lambda steps: steps):
@@ -453,6 +462,14 @@ def _euler(velocity, x0, steps, time=lambda i, steps: i / steps, dt=lambda steps
     x = x0
     for i in range(n(steps)):
         x = x + dt(steps) * velocity(x, torch.full((x.shape[0],), time(i, steps), dtype=x.dtype))
+    return x
+
+
+def _euler_float_range(velocity, x0, steps):
+    """Euler steps at the times of ``torch.arange(0, 1, 1 / steps)``: ``steps + 1`` of them for 49 steps."""
+    x = x0
+    for t in torch.arange(0, 1, 1 / steps, dtype=x0.dtype):
+        x = x + velocity(x, t.expand(x.shape[0])) / steps
     return x
 
 
@@ -475,6 +492,10 @@ SAMPLER_MISTAKES = [
         _mixed(head, cond, uncond, w, _cfg), x0, steps, time=lambda i, s: i / (s - 1), dt=lambda s: 1 / (s - 1),
         n=lambda s: s - 1),
         "that takes steps - 1 steps; the path from t = 0 to t = 1 needs steps of them"),
+    Mistake(lambda head, x0, cond, uncond, steps, *, w: _euler_float_range(_mixed(head, cond, uncond, w, _cfg), x0,
+                                                                           steps),
+            "the times came from torch.arange(0, 1, 1 / steps): with a float step, rounding can give one time too many "
+            "(50 for 49 steps); count the steps with integers, t = i / steps"),
     Mistake(lambda head, x0, cond, uncond, steps, *, w: _euler(
         _mixed(head, cond, uncond, w, lambda v_c, v_u, w: _cfg(v_u, v_c, w)), x0, steps),
         "the two velocities are swapped: guidance extrapolates from the null class's velocity through the class's"),

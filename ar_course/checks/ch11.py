@@ -1,14 +1,15 @@
 """Checks for chapter 11, alignment: ``checks.ch11.group_advantages(group_advantages)``.
 
-Every check compares with the library (:mod:`ar_course.align`) or :mod:`ar_course.checks.reference.ch11` on
-seeded random inputs, tiny seeded models and hand-made edge cases (groups in shuffled order and of one sample,
-equal rewards, as many sequences as tokens, ratios outside the clip range, a policy that arrives in train mode
-with dropout, several inner steps, large CCA scores), and names the usual mistakes: groups read as consecutive
-blocks, an unbiased standard deviation, a clip without the minimum, the k1 or reversed KL, the objective instead
-of the loss, a rollout that samples with dropout on or scores with the wrong model, a ratio taken against the
-current step's policy, gradients that accumulate across inner steps, per-token CCA log-ratios, a flipped sign.
-Log-probabilities and losses must also carry the gradient to the model's weights, since GRPO and CCA train
-through them."""
+Every check compares with the library (:mod:`ar_course.align`) or :mod:`ar_course.checks.reference.ch11` on seeded
+random inputs, tiny seeded models and hand-made edge cases (groups in shuffled order and of one sample, equal or
+near-equal rewards, a sharp model whose unlikely tokens have log-probabilities below -150, as many sequences as tokens,
+ratios outside the clip range, a policy that arrives in train mode with dropout, several inner steps, large CCA scores),
+and names the usual mistakes: the log of a softmax, groups read as consecutive blocks, an unbiased or one-pass standard
+deviation, a clip without the minimum, the k1 or reversed KL, the objective instead of the loss, a rollout that samples
+or scores with dropout on or scores with the wrong model, a ratio taken against the current step's policy, gradients
+that accumulate across inner steps, per-token CCA log-ratios, a flipped sign. Log-probabilities and losses must also
+carry the gradient to the model's weights, since GRPO and CCA train through them; the functions leave their tensors, the
+rollout and the model's mode as they came, and the update returns Python floats."""
 
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ from ar_course.align import functional as ref
 from ar_course.align.cca import cca_batch_loss
 from ar_course.align.grpo import ROLLOUT_KEYS, grpo_objective, grpo_rollout as library_rollout
 from ar_course.align.model import token_log_probs as ref_token_log_probs
-from ar_course.checks.core import Case, Chapter, CheckFailure, Mistake, call, compare, compare_cases
+from ar_course.checks.core import (Case, Chapter, CheckFailure, Mistake, call, check_unchanged, clone_args, compare,
+                                   compare_cases)
 from ar_course.checks.reference import ch11 as answers
 from ar_course.transformer.model import GPT
 
@@ -54,6 +56,10 @@ def _logp_cases() -> Iterator[Case]:
     model = _tiny_model(2)
     yield Case("null class (unconditional)", (model, torch.randint(0, 12, (2, 3, 4), generator=g),
                                               torch.tensor([5, 1])))
+    g = torch.Generator().manual_seed(0)
+    maps, classes = torch.randint(0, 12, (2, 3, 4), generator=g), torch.randint(0, 5, (2,), generator=g)
+    yield Case("a sharp model (weights x 20): some log-probabilities below -150", (_tiny_model(4, scale=20.0), maps,
+                                                                                   classes))
 
 
 def _logp_probs(model, maps, classes):
@@ -67,8 +73,17 @@ def _logp_shifted(model, maps, classes):
     return torch.cat([logp.gather(-1, seq[:, 1:, None]).squeeze(-1), torch.zeros_like(seq[:, :1], dtype=logp.dtype)], 1)
 
 
+def _logp_of_softmax(model, maps, classes):
+    seq = maps.flatten(1)  # (B, L)
+    logits, _ = model(seq[:, :-1], classes=classes)  # (B, L, V)
+    return torch.softmax(logits, dim=-1).log().gather(-1, seq[..., None]).squeeze(-1)
+
+
 LOGP_MISTAKES = [
     Mistake(_logp_probs, "those are probabilities; the ratio and the KL need log-probabilities"),
+    Mistake(_logp_of_softmax, "that is the log of a softmax: a probability below about 1e-38 rounds to 0 (or "
+                              "loses its digits) before the log, so an unlikely token gets -inf; compute the "
+                              "log-probabilities from the logits in one stable step"),
     Mistake(_logp_shifted, "each token is read from the prediction of the position after it: the logits at "
                            "position t (the class token is position 0) predict token t"),
 ]
@@ -91,12 +106,16 @@ def token_log_probs(fn: Callable, ref_fn: Callable) -> None:
 def _check_logp_gradients(fn: Callable, ref_fn: Callable) -> None:
     """GRPO and CCA train through these log-probabilities: the gradient of a weighted sum of the learner's output
     must reach the model's weights, and be the reference's."""
-    where = "tiny model 3 with gradients on"
-    model = _tiny_model(3)
+    where = "tiny model 3 in train mode, with gradients on"
+    model = _tiny_model(3).train()  # no dropout: the mode changes nothing but itself
     g = torch.Generator().manual_seed(1110)
     maps, classes = torch.randint(0, 12, (3, 3, 4), generator=g), torch.randint(0, 5, (3,), generator=g)
     weights = torch.randn(3, 12, generator=g)
     got = call(fn, model, maps, classes, where=where)
+    if not model.training:
+        raise CheckFailure(f"your function switched the model to eval mode on input {where!r} and left it there: the "
+                           "caller chooses the mode (GRPO's updates run the policy in train mode), so leave it as it "
+                           "came")
     if not isinstance(got, torch.Tensor) or not got.requires_grad:
         raise CheckFailure(f"no gradient reaches the model's weights on input {where!r} (was the output computed "
                            "under torch.no_grad() or detached?): GRPO and CCA train the model through these "
@@ -106,8 +125,6 @@ def _check_logp_gradients(fn: Callable, ref_fn: Callable) -> None:
     expected = torch.autograd.grad((ref_fn(model, maps, classes) * weights).sum(), params, allow_unused=True)
     for (name, _), a, b in zip(model.named_parameters(), mine, expected):
         compare(torch.zeros_like(b) if a is None else a, b, where=where, name=f"the gradient of {name}")
-
-
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -125,14 +142,17 @@ def _adv_cases() -> Iterator[Case]:
                (torch.cat([torch.rand(4, generator=g), 10 * torch.rand(4, generator=g)]).double(),
                 torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])))
     yield Case("3 groups of 3, eps = 0.05", (torch.rand(9, generator=g), torch.arange(9) % 3), {"eps": 0.05})
+    yield Case("a group of near-equal confident rewards (0.99 + up to 0.001) beside a spread one",
+               (torch.cat([0.99 + 0.001 * torch.rand(4, generator=g), torch.rand(4, generator=g)]),
+                torch.tensor([4, 4, 4, 4, 2, 2, 2, 2])))
 
 
-def _adv_per_group(rewards, groups, eps=1e-4, unbiased=False, add_eps=True):
+def _adv_per_group(rewards, groups, eps=1e-4, unbiased=False, add_eps=True, one_pass=False):
     out = torch.zeros_like(rewards)
     for gid in groups.unique():
         member = groups == gid
         r = rewards[member]
-        std = r.std(unbiased=unbiased)
+        std = ((r * r).mean() - r.mean() ** 2).clamp_min(0).sqrt() if one_pass else r.std(unbiased=unbiased)
         out[member] = (r - r.mean()) / (std + eps if add_eps else std)
     return out
 
@@ -150,6 +170,9 @@ ADV_MISTAKES = [
             "that divides by the unbiased standard deviation (torch.std's default); use the population one"),
     Mistake(lambda r, gr, eps=1e-4: _adv_per_group(r, gr, eps, add_eps=False),
             "a group of equal rewards (or of one sample) gives 0/0: add eps to the standard deviation"),
+    Mistake(lambda r, gr, eps=1e-4: _adv_per_group(r, gr, eps, one_pass=True),
+            "the variance came from mean(r^2) - mean(r)^2: for rewards close together that difference of two nearly "
+            "equal numbers loses most of its digits in float32; average the squared deviations from the mean instead"),
 ]
 
 
@@ -221,7 +244,8 @@ LOSS_MISTAKES = [
     Mistake(_loss_with(surrogate=lambda r, a, clip: torch.maximum(r * a, r.clamp(1 - clip, 1 + clip) * a)),
             "that takes the maximum: the objective is the pessimistic (smaller) of the two terms"),
     Mistake(_loss_with(surrogate=lambda r, a, clip: r * a),
-            "there is no clipping: one batch could move the policy arbitrarily far from the one that sampled"),
+            "that is the unclipped term alone: either there is no clipping (one batch could move the policy "
+            "arbitrarily far from the one that sampled) or the minimum was taken between the two means, not per token"),
     Mistake(_loss_tokens_broadcast, "the advantages were broadcast along the tokens; each sequence's advantage "
                                     "is shared by the tokens of its own row"),
     Mistake(_loss_with(kl=lambda lp, lr: lp - lr), "that KL term is the k1 estimate log p - log p_ref: it averages "
@@ -280,7 +304,8 @@ def _rollout_cases() -> Iterator[Case]:
     yield Case("tiny policy with dropout, arriving in train mode, G = 3", (1, 3, True))
 
 
-def _rollout_with(sample_in_train=False, keep_eval=False, ref_model=True, grouped=True, layout="interleave"):
+def _rollout_with(sample_in_train=False, keep_eval=False, ref_model=True, grouped=True, layout="interleave",
+                  score_in_train=False):
     """A rollout with one step done a plausible wrong way."""
 
     def rollout(policy, reference, reward_fn, group_size, generator):
@@ -294,6 +319,8 @@ def _rollout_with(sample_in_train=False, keep_eval=False, ref_model=True, groupe
             maps = raster.generate_tokens(policy, classes, policy.config.grid, generator=generator)
             rewards = reward_fn(maps, classes)
             adv = answers.group_advantages(rewards, classes if grouped else torch.zeros_like(classes))
+            if score_in_train:
+                policy.train(was)
             old = ref_token_log_probs(policy, maps, classes)
             logp_ref = ref_token_log_probs(reference if ref_model else policy, maps, classes)
         if not keep_eval:
@@ -309,6 +336,9 @@ ROLLOUT_MISTAKES = [
                                                      "puts each class's group_size samples next to each other"),
     Mistake(_rolled(_rollout_with(sample_in_train=True)), "the policy sampled and scored in train mode, with "
                                                           "dropout on: rollouts use the policy as it will be used"),
+    Mistake(_rolled(_rollout_with(score_in_train=True)), "the policy sampled in eval mode but scored logp_old in "
+                                                         "the mode it came in, with dropout on: the ratio needs the "
+                                                         "probabilities of the policy as it sampled"),
     Mistake(_rolled(_rollout_with(keep_eval=True)), "the policy is left in eval mode: give it back in the mode "
                                                     "it came in"),
     Mistake(_rolled(_rollout_with(ref_model=False)), "logp_ref was scored by the policy (the KL would start at "
@@ -351,10 +381,17 @@ def _updated(fn: Callable) -> Callable:
         policy, reference = _tiny_model(seed), _tiny_model(seed + 50, scale=ref_scale)
         rollout = library_rollout(policy, reference, _toy_reward, 4, torch.Generator().manual_seed(seed))
         optimizer = torch.optim.SGD(policy.parameters(), lr=lr)
+        kept = clone_args((rollout,))
         losses = fn(policy, optimizer, rollout, clip, kl_coef, inner_steps)
+        check_unchanged(("rollout",), kept, (rollout,), f"tiny policy {seed}",
+                        why="the rollout's numbers stay fixed for every inner step and for the caller's logs")
         if not isinstance(losses, (list, tuple)):
             raise CheckFailure(f"the update should return a list of the inner steps' losses, got "
                                f"{type(losses).__name__}")
+        if not all(isinstance(x, float) for x in losses):
+            wrong = next(type(x).__name__ for x in losses if not isinstance(x, float))
+            raise CheckFailure(f"the update returned a {wrong} among its losses; return Python floats (loss.item()): "
+                               "a tensor kept in the list keeps its step's graph alive")
         return {"losses": [float(x) for x in losses],
                 "weights after the update": torch.cat([p.detach().flatten() for p in policy.parameters()])}
 
@@ -429,7 +466,9 @@ def _cca_run(fn: Callable) -> Callable:
         policy, reference = _tiny_model(seed), _tiny_model(seed + 50, scale=ref_scale)
         maps, classes = torch.randint(0, 12, (batch, 3, 4), generator=g), torch.randint(0, 5, (batch,), generator=g)
         negatives = (classes + torch.randint(1, 5, (batch,), generator=g)) % 5
+        kept = clone_args((maps, classes, negatives))
         out = fn(policy, reference, maps, classes, negatives, beta, lam)
+        check_unchanged(("maps", "classes", "negatives"), kept, (maps, classes, negatives), f"tiny models {seed}")
         if not (isinstance(out, (tuple, list)) and len(out) == 3):
             raise CheckFailure("cca_loss should return (loss, logratio_pos, logratio_neg)")
         loss, pos, neg = out
