@@ -208,6 +208,7 @@ def test_a_folder_given_as_a_checkpoint_is_called_a_folder(capsys, tmp_path):
     assert not (tmp_path / "x.png").exists()
 
 
-def test_generate_help_says_dataset_is_only_a_label(capsys):
+def test_generate_has_no_dataset_option(capsys):
+    """--dataset was a label that changed no image, so it is gone: the checkpoints decide classes and size."""
     status, out, _ = run(capsys, "generate", "--help")
-    assert status == 0 and "a label only, which changes no image" in " ".join(out.split())
+    assert status == 0 and "--dataset" not in out
