@@ -210,8 +210,9 @@ def _same(a: Any, b: Any) -> bool:
     """Whether ``a`` (a value after a call) still equals ``b`` (a copy from before it): tensors and arrays
     element by element (NaN equal to NaN), lists, tuples and dicts item by item, anything else by ``==``."""
     if isinstance(a, torch.Tensor):
-        return isinstance(b, torch.Tensor) and a.shape == b.shape and a.dtype == b.dtype and bool(
-            torch.equal(a, b) or (a.is_floating_point() and torch.allclose(a, b, rtol=0, atol=0, equal_nan=True)))
+        if not (isinstance(b, torch.Tensor) and a.shape == b.shape and a.dtype == b.dtype):
+            return False
+        return torch.allclose(a, b, rtol=0, atol=0, equal_nan=True) if a.is_floating_point() else torch.equal(a, b)
     if isinstance(a, np.ndarray):
         nan_ok = a.dtype.kind in "fc"  # equal_nan only works for float and complex arrays
         return isinstance(b, np.ndarray) and a.shape == b.shape and bool(np.array_equal(a, b, equal_nan=nan_ok))
