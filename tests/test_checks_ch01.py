@@ -272,7 +272,8 @@ def test_multiscale_encode_mistakes():
     assert_fails(ch01.multiscale_encode, lambda *a: _encode(*a, up="nearest"))
     assert_fails(ch01.multiscale_encode, lambda *a: _encode(*a, use_phi=False), contains="phis")
     assert_fails(ch01.multiscale_encode, lambda *a: _encode(*a, down="bilinear"))
-    assert_fails(ch01.multiscale_encode, lambda *a: _encode(*a, in_place=True), contains="changed its argument `f` in place")
+    assert_fails(ch01.multiscale_encode, lambda *a: _encode(*a, in_place=True),
+                 contains="changed its argument `f` in place")
 
 
 def _decode(indices, codebook, phis, up="bicubic", use_phi=True, last_only=False):
