@@ -38,6 +38,11 @@ def ratio_square_wrong(r, schedule="cosine"):
     return {"cosine": torch.cos(0.5 * math.pi * r), "linear": 1 - r, "square": (1 - r) ** 2}[schedule]
 
 
+def ratio_half_cosine(r, schedule="cosine"):
+    r = torch.as_tensor(r, dtype=torch.float32)
+    return {"cosine": (1 + torch.cos(math.pi * r)) / 2, "linear": 1 - r, "square": 1 - r * r}[schedule]
+
+
 def ratio_ignores_schedule(r, schedule="cosine"):
     return torch.cos(0.5 * math.pi * torch.as_tensor(r, dtype=torch.float32))
 
@@ -67,6 +72,8 @@ def test_8_1():
     assert_fails(check, ratio_ignores_schedule, contains="schedule argument is ignored")
     assert_fails(check, ratio_sine, contains="rises from 0 to 1")
     assert_fails(check, ratio_revealed, contains="fraction already revealed")
+    assert_fails(check, ratio_square_wrong, contains="squares the linear schedule")
+    assert_fails(check, ratio_half_cosine, contains="half-turn cosine")
     assert_fails(check, ratio_tensor_only, contains="Python float")
     assert_fails(check, ratio_float_passthrough, contains="should be a torch.Tensor")
 

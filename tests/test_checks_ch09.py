@@ -154,8 +154,13 @@ def test_9_6():
         i, j = torch.arange(T)[:, None], torch.arange(T)[None, :]
         return (j <= i) & ((j < sinks) | (j >= i - (window - sinks)))
 
+    def window_after_sinks(T, sinks, window):
+        i, j = torch.arange(T)[:, None], torch.arange(T)[None, :]
+        return (j <= i) & ((j < sinks) | (j > i - window))
+
     def float_mask(T, sinks, window):
         return compression.sink_window_mask(T, sinks, window).float()
 
-    _check(ch09.sink_window_mask, compression.sink_window_mask, [plain_window, one_too_many, float_mask],
-           [(plain_window, "sinks"), (one_too_many, "one token too many")])
+    _check(ch09.sink_window_mask, compression.sink_window_mask,
+           [plain_window, one_too_many, window_after_sinks, float_mask],
+           [(plain_window, "sinks"), (one_too_many, "one token too many"), (window_after_sinks, "window - sinks long")])

@@ -64,6 +64,15 @@ def _ratio_square_of_r(r, schedule="cosine"):
     return r * r if schedule == "square" else ref.mask_ratio(r, schedule)
 
 
+def _ratio_square_of_one_minus(r, schedule="cosine"):
+    return (1 - torch.as_tensor(r, dtype=torch.float32)) ** 2 if schedule == "square" else ref.mask_ratio(r, schedule)
+
+
+def _ratio_half_cosine(r, schedule="cosine"):
+    r = torch.as_tensor(r, dtype=torch.float32)
+    return (1 + torch.cos(math.pi * r)) / 2 if schedule == "cosine" else ref.mask_ratio(r, schedule)
+
+
 def _ratio_always_cosine(r, schedule="cosine"):
     return ref.mask_ratio(r, "cosine")
 
@@ -76,6 +85,10 @@ RATIO_MISTAKES = [
     Mistake(_ratio_full_angle, "cos(pi r) reaches 0 halfway and goes negative; the cosine schedule covers a "
                                "quarter turn"),
     Mistake(_ratio_square_of_r, "r^2 rises from 0 to 1; the square schedule must fall from 1 to 0"),
+    Mistake(_ratio_square_of_one_minus, "(1 - r)^2 squares the linear schedule; the square schedule is 1 - r^2, "
+                                        "which masks more of the sequence early on"),
+    Mistake(_ratio_half_cosine, "(1 + cos(pi r)) / 2 is a half-turn cosine rescaled to [0, 1]; the cosine schedule "
+                                "is cos(pi r / 2), a quarter turn, which stays near 1 longer"),
     Mistake(_ratio_always_cosine, "the schedule argument is ignored"),
 ]
 

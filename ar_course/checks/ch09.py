@@ -319,9 +319,16 @@ def _mask_not_causal(T, sinks, window):
     return (j < sinks) | ((j <= i) & (j > i - (window - sinks)))
 
 
+def _mask_window_after_sinks(T, sinks, window):
+    i, j = torch.arange(T)[:, None], torch.arange(T)[None, :]
+    return (j <= i) & ((j < sinks) | (j > i - window))
+
+
 MASK_MISTAKES = [
     Mistake(_mask_no_sinks, "that is a plain sliding window: the first tokens (the attention sinks) fall out of it"),
     Mistake(_mask_off_by_one, "each query keeps one token too many: sinks plus recent tokens must be window in all"),
+    Mistake(_mask_window_after_sinks, "the sinks come on top of window recent tokens; the cache holds window "
+                                      "entries in all, so the recent part is window - sinks long"),
     Mistake(_mask_not_causal, "early queries see sink tokens from their future: keep the causal rule j <= i"),
 ]
 
