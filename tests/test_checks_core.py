@@ -233,6 +233,22 @@ def test_compare_structures():
         compare(torch.tensor([1, 2, 3]), torch.tensor([1, 5, 3]))
 
 
+def test_compare_matches_ints_exactly_and_prints_them_in_full():
+    """A 64-bit hash one unit off is within any relative tolerance of a float comparison: ints are exact."""
+    h = 5_821_993_344_106_123_456
+    with pytest.raises(CheckFailure, match=f"is {h + 1}, expected {h}$"):
+        compare(h + 1, h)
+    with pytest.raises(CheckFailure, match="is 1000001, expected 1000000"):
+        compare(torch.tensor(1_000_001), 1_000_000)  # a one-element tensor counts as its number
+    with pytest.raises(CheckFailure, match="is 2.5, expected 3"):
+        compare(np.float32(2.5), 3)
+    for same in (7, 7.0, np.int64(7), torch.tensor(7)):
+        compare(same, 7)
+    compare(1.0 + 5e-6, 1.0)  # floats keep their tolerance
+    with pytest.raises(CheckFailure, match=r"^loss is 2.5, expected 2$"):
+        compare(torch.tensor(2.5), torch.tensor(2.0), name="loss")  # a 0-d tensor reads as its value
+
+
 def test_call_passes_through_not_implemented():
     def stub():
         raise NotImplementedError

@@ -164,6 +164,8 @@ def _compare_tensor(got: Any, expected: torch.Tensor, name: str, on: str, atol: 
     else:
         close = g == e.to(g.dtype) if g.dtype != e.dtype else g == e
     if not bool(close.all()):
+        if close.ndim == 0:  # a scalar (a loss): its value, not a position
+            raise CheckFailure(f"{name}{on} is {_fmt(g.item())}, expected {_fmt(e.item())}")
         idx = tuple((~close).nonzero()[0].tolist())
         raise CheckFailure(
             f"{name}{on} differs at {int((~close).sum())} of {close.numel()} positions; first at index {idx}: "
@@ -173,14 +175,19 @@ def _compare_tensor(got: Any, expected: torch.Tensor, name: str, on: str, atol: 
 
 def _compare_number(got: Any, expected: int | float | np.number, name: str, on: str, atol: float,
                     rtol: float) -> None:
-    """:func:`compare` for an expected number: a one-element tensor counts; ints must be whole."""
+    """:func:`compare` for an expected number: a one-element tensor counts; an expected int must be matched
+    exactly (a whole float counts), a float within the tolerances."""
     if isinstance(got, torch.Tensor) and got.numel() == 1:
         got = got.item()
     if not isinstance(got, (int, float, np.number)):
         raise CheckFailure(f"{name}{on} should be a number, got {type(got).__name__}")
     if isinstance(expected, (int, np.integer)) and not isinstance(expected, bool):
-        if isinstance(got, float) and not float(got).is_integer():
-            raise CheckFailure(f"{name}{on} is {_fmt(got)}, expected {expected}")
+        # ints are exact (a count, an index, a hash): compared as Python ints, printed in full
+        if isinstance(got, (float, np.floating)) and not float(got).is_integer():
+            raise CheckFailure(f"{name}{on} is {_fmt(float(got))}, expected {int(expected)}")
+        if int(got) != int(expected):
+            raise CheckFailure(f"{name}{on} is {int(got)}, expected {int(expected)}")
+        return
     both_nan = math.isnan(float(got)) and math.isnan(float(expected))
     if not both_nan and not math.isclose(float(got), float(expected), rel_tol=rtol, abs_tol=atol):
         raise CheckFailure(f"{name}{on} is {_fmt(float(got))}, expected {_fmt(float(expected))}")
