@@ -316,7 +316,7 @@ def test_cross_entropy_accepts_torch():
 
 
 @pytest.mark.parametrize("wrong, contains", [
-    (ce_no_logsumexp, "size ~1000"),
+    (ce_no_logsumexp, "logits around 200"),
     (ce_mean_over_all_rows, "ignored"),
     (ce_sum, "37 rows"),
     (ce_hard_coded_ignore, "ignore_index=0"),
@@ -336,3 +336,158 @@ def test_use_returns_the_learner_function_only_after_it_passed(capsys):
     assert "has not passed" in capsys.readouterr().out
     ch00.stable_softmax(stable_softmax)
     assert ch00.use(stable_softmax) is stable_softmax
+
+
+# third audit: more correct answers in other styles, and wrong answers of new kinds ------------------------
+
+
+def softmax_float64_inside(logits, dim=-1):
+    x = logits.double()
+    m = x.max(dim=dim, keepdim=True).values
+    e = torch.exp(x - m.masked_fill(m == float("-inf"), 0))
+    s = e.sum(dim, keepdim=True)
+    return (e / torch.where(s == 0, torch.ones_like(s), s)).to(logits.dtype)
+
+
+def softmax_slice_loop(logits, dim=-1):
+    x = logits.movedim(dim, -1)
+    rows = []
+    for row in x.reshape(-1, x.shape[-1]):
+        m = row.max()
+        e = torch.exp(row - m) if torch.isfinite(m) else row.nan_to_num(0.0) * 0  # a masked slice: zeros
+        rows.append(e / e.sum().clamp_min(1e-30))
+    return torch.stack(rows).reshape(x.shape).movedim(-1, dim)
+
+
+def softmax_torch_with_empty_slices_filled(logits, dim=-1):
+    empty = torch.isneginf(logits).all(dim, keepdim=True)
+    return torch.softmax(logits.masked_fill(empty, 0.0), dim).masked_fill(empty, 0.0)
+
+
+def softmax_log_softmax_exp(logits, dim=-1):
+    empty = torch.isneginf(logits).all(dim, keepdim=True)
+    return torch.log_softmax(logits.masked_fill(empty, 0.0), dim).exp().masked_fill(empty, 0.0)
+
+
+def sample_row_loop(logits, temperature=1.0, generator=None):
+    if temperature < 0:
+        raise ValueError("negative temperature")
+    if temperature == 0:
+        return logits.argmax(-1)
+    return torch.stack([torch.multinomial(torch.softmax(row / temperature, -1), 1, generator=generator)[0]
+                        for row in logits])
+
+
+def sample_exponential_race(logits, temperature=1.0, generator=None):
+    if temperature < 0:
+        raise ValueError("negative temperature")
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits / temperature, -1)
+    return (probs / torch.empty_like(probs).exponential_(1.0, generator=generator)).argmax(-1)
+
+
+def sample_searchsorted(logits, temperature=1.0, generator=None):
+    if temperature < 0:
+        raise ValueError("negative temperature")
+    if temperature == 0:
+        return logits.argmax(-1)
+    cdf = torch.softmax(logits / temperature, -1).cumsum(-1)
+    u = torch.rand(logits.shape[0], 1, generator=generator, device=logits.device) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_max(logits.shape[1] - 1)
+
+
+def sample_float64_gumbel(logits, temperature=1.0, generator=None):
+    if temperature < 0:
+        raise ValueError("negative temperature")
+    if temperature == 0:
+        return logits.argmax(-1)
+    u = torch.rand(logits.shape, generator=generator, dtype=torch.float64, device=logits.device)
+    return (logits.double() / temperature - torch.log(-torch.log(u))).argmax(-1)
+
+
+def sample_first_of_two_without_replacement(logits, temperature=1.0, generator=None):
+    if temperature < 0:
+        raise ValueError("negative temperature")
+    if temperature == 0:
+        return logits.argmax(-1)
+    return torch.multinomial(torch.softmax(logits / temperature, -1), 2, generator=generator)[:, 0]  # a view
+
+
+def sample_fresh_generator_when_none(logits, temperature=1.0, generator=None):
+    """generator=None gets a new unseeded torch.Generator(): every call then draws the same tokens."""
+    if temperature < 0:
+        raise ValueError("negative temperature")
+    if temperature == 0:
+        return logits.argmax(-1)
+    g = generator if generator is not None else torch.Generator()
+    return torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=g).squeeze(-1)
+
+
+def ce_log_softmax_gather(logits, targets, ignore_index=-100):
+    keep = targets != ignore_index
+    picked = torch.log_softmax(logits, -1).gather(1, targets.masked_fill(~keep, 0).unsqueeze(1)).squeeze(1)
+    return -picked[keep].mean()
+
+
+def ce_row_loop(logits, targets, ignore_index=-100):
+    total, n = 0.0, 0
+    for row, t in zip(logits, targets):
+        if int(t) != ignore_index:
+            m = row.max()
+            total, n = total + (m + torch.log(torch.exp(row - m).sum()) - row[t]), n + 1
+    return total / n
+
+
+def ce_boolean_rows_first(logits, targets, ignore_index=-100):
+    keep = targets != ignore_index
+    x, t = logits[keep], targets[keep]
+    m = x.max(dim=1, keepdim=True).values
+    return ((x - m).exp().sum(1).log() + m[:, 0] - x[torch.arange(len(t)), t]).mean()
+
+
+def ce_one_hot(logits, targets, ignore_index=-100):
+    keep = targets != ignore_index
+    picked = (torch.nn.functional.one_hot(targets.clamp(0, logits.shape[1] - 1), logits.shape[1]) * logits).sum(1)
+    m = logits.amax(1, keepdim=True)
+    return ((m.squeeze(1) + (logits - m).exp().sum(1).log() - picked) * keep).sum() / keep.sum()
+
+
+def ce_float64_inside(logits, targets, ignore_index=-100):
+    keep = targets != ignore_index
+    x = logits.double()
+    picked = x.gather(1, torch.where(keep, targets, 0).unsqueeze(1)).squeeze(1)
+    return ((torch.logsumexp(x, 1) - picked)[keep].sum() / keep.sum()).to(logits.dtype)
+
+
+def ce_nll_loss(logits, targets, ignore_index=-100):
+    return torch.nn.functional.nll_loss(torch.log_softmax(logits, -1), targets, ignore_index=ignore_index)
+
+
+def ce_log_of_softmax(logits, targets, ignore_index=-100):
+    keep = targets != ignore_index
+    probs = torch.softmax(logits, -1)
+    return -probs.log().gather(1, targets.masked_fill(~keep, 0)[:, None]).squeeze(1)[keep].mean()
+
+
+@pytest.mark.parametrize("check, right", [
+    (ch00.stable_softmax, softmax_float64_inside), (ch00.stable_softmax, softmax_slice_loop),
+    (ch00.stable_softmax, softmax_torch_with_empty_slices_filled), (ch00.stable_softmax, softmax_log_softmax_exp),
+    (ch00.sample_categorical, sample_row_loop), (ch00.sample_categorical, sample_exponential_race),
+    (ch00.sample_categorical, sample_searchsorted), (ch00.sample_categorical, sample_float64_gumbel),
+    (ch00.sample_categorical, sample_first_of_two_without_replacement),
+    (ch00.cross_entropy_from_logits, ce_log_softmax_gather), (ch00.cross_entropy_from_logits, ce_row_loop),
+    (ch00.cross_entropy_from_logits, ce_boolean_rows_first), (ch00.cross_entropy_from_logits, ce_one_hot),
+    (ch00.cross_entropy_from_logits, ce_float64_inside), (ch00.cross_entropy_from_logits, ce_nll_loss),
+], ids=lambda v: getattr(v, "__name__", str(v)))
+def test_correct_answers_in_other_styles_pass(check, right):
+    assert_passes(check, right)
+
+
+@pytest.mark.parametrize("check, wrong, contains", [
+    (ch00.sample_categorical, sample_fresh_generator_when_none, "must come from torch's global generator"),
+    (ch00.cross_entropy_from_logits, ce_log_of_softmax, "log of a softmax"),
+    (ch00.cross_entropy_from_logits, ce_no_logsumexp, "logits around 200"),
+], ids=["sample-fresh-generator-when-none", "ce-log-of-softmax", "ce-overflow-named-before-underflow"])
+def test_wrong_answers_of_new_kinds_fail(check, wrong, contains):
+    assert_fails(check, wrong, contains=contains)

@@ -1,5 +1,9 @@
 """Chapter 01's checks accept the reference, report stubs as not attempted and reject plausible mistakes."""
 
+import collections
+import math
+
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -328,3 +332,258 @@ def test_teacher_forcing_inputs_mistakes():
     assert_fails(ch01.teacher_forcing_inputs, with_last, contains="items")
     assert_fails(ch01.teacher_forcing_inputs, current_scale_only)
     assert_fails(ch01.teacher_forcing_inputs, bilinear_down)
+
+
+# third audit: correct answers in other styles ---------------------------------------------------------------
+
+
+def lookup_broadcast(z, codebook):
+    return ((z[:, None] - codebook[None]) ** 2).sum(-1).argmin(1)
+
+
+def lookup_cdist(z, codebook):
+    return torch.cdist(z, codebook).argmin(dim=1)
+
+
+def lookup_row_loop(z, codebook):
+    return torch.stack([((codebook - v) ** 2).sum(1).argmin() for v in z])
+
+
+def lookup_without_the_z_term(z, codebook):  # |z|^2 is the same for every code, so it can be left out
+    return (0.5 * codebook.pow(2).sum(1) - z @ codebook.T).argmin(1)
+
+
+class _StraightThrough(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, z, z_q):
+        return z_q.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+def ste_custom_function(z, z_q):
+    return _StraightThrough.apply(z, z_q)
+
+
+def ste_zq_plus_zero(z, z_q):
+    return z_q.detach() + z - z.detach()
+
+
+def ste_no_grad_difference(z, z_q):
+    with torch.no_grad():
+        shift = z_q - z
+    return z + shift
+
+
+def loss_sums_over_numel(z, z_q, beta=0.25):
+    return ((z_q - z.detach()) ** 2).sum() / z.numel() + beta * ((z - z_q.detach()) ** 2).sum() / z.numel()
+
+
+def loss_float64(z, z_q, beta=0.25):
+    codebook = (z_q.double() - z.detach().double()).pow(2).mean()
+    commitment = (z.double() - z_q.detach().double()).pow(2).mean()
+    return (codebook + beta * commitment).to(z.dtype)
+
+
+def loss_dot_products(z, z_q, beta=0.25):
+    a, b = z_q.flatten() - z.flatten().detach(), z.flatten() - z_q.flatten().detach()
+    return torch.dot(a, a) / a.numel() + beta * torch.dot(b, b) / b.numel()
+
+
+def usage_unique(indices, num_codes):
+    _, counts = torch.unique(indices, return_counts=True)
+    p = counts.double() / counts.sum()
+    return len(counts) / num_codes, math.exp(-(p * p.log()).sum().item())
+
+
+def usage_counter(indices, num_codes):
+    counts = collections.Counter(indices.flatten().tolist())
+    n = sum(counts.values())
+    return len(counts) / num_codes, math.exp(-sum(c / n * math.log(c / n) for c in counts.values()))
+
+
+def usage_numpy(indices, num_codes):
+    counts = np.bincount(indices.reshape(-1).numpy(), minlength=num_codes)
+    p = counts[counts > 0] / counts.sum()
+    return np.count_nonzero(counts) / num_codes, np.exp(-(p * np.log(p)).sum())  # NumPy floats are numbers too
+
+
+def usage_xlogy(indices, num_codes):
+    p = torch.bincount(indices.flatten(), minlength=num_codes).float()
+    p = p / p.sum()
+    return (p > 0).float().mean().item(), torch.exp(-torch.special.xlogy(p, p).sum()).item()
+
+
+def restart_loop(codebook, counts, candidates, threshold=1.0):
+    new, dead, j = codebook.clone(), counts < threshold, 0
+    for k in range(len(counts)):
+        if dead[k]:
+            new[k], j = candidates[j % len(candidates)], j + 1
+    return new, dead
+
+
+def restart_cumsum_where(codebook, counts, candidates, threshold=1.0):
+    dead = counts < threshold
+    order = (dead.long().cumsum(0) - 1).clamp_min(0) % candidates.shape[0]  # j for the j-th dead code
+    return torch.where(dead[:, None], candidates[order], codebook), dead
+
+
+def restart_index_copy(codebook, counts, candidates, threshold=1.0):
+    dead = counts.lt(threshold)
+    rows = dead.nonzero().squeeze(1)
+    repeats = max(1, -(-len(rows) // len(candidates)))
+    return codebook.index_copy(0, rows, candidates.repeat(repeats, 1)[: len(rows)]), dead
+
+
+def ema_bincount_index_add(cluster_size, embed_sum, z, indices, decay=0.99, eps=1e-5):
+    K = cluster_size.numel()
+    N = decay * cluster_size + (1 - decay) * torch.bincount(indices, minlength=K)
+    m = decay * embed_sum + (1 - decay) * torch.zeros_like(embed_sum).index_add_(0, indices, z)
+    n = N.sum()
+    return N, m, m / ((N + eps) / (n + K * eps) * n).unsqueeze(1)
+
+
+def ema_scatter_lerp(cluster_size, embed_sum, z, indices, decay=0.99, eps=1e-5):
+    K, D = embed_sum.shape
+    counts = torch.zeros_like(cluster_size).scatter_add_(0, indices, torch.ones_like(indices, dtype=z.dtype))
+    sums = torch.zeros_like(embed_sum).scatter_add_(0, indices[:, None].expand(-1, D), z)
+    N, m = torch.lerp(counts, cluster_size, decay), torch.lerp(sums, embed_sum, decay)
+    n = N.sum()
+    return N, m, m / ((N + eps) / (n + K * eps) * n)[:, None]
+
+
+def ema_float64(cluster_size, embed_sum, z, indices, decay=0.99, eps=1e-5):
+    K = cluster_size.shape[0]
+    onehot = F.one_hot(indices, K).double()
+    N = decay * cluster_size.double() + (1 - decay) * onehot.sum(0)
+    m = decay * embed_sum.double() + (1 - decay) * onehot.T @ z.double()
+    n = N.sum()
+    return N.float(), m.float(), (m / ((N + eps) / (n + K * eps) * n)[:, None]).float()
+
+
+def rq_running_residual(z, codebooks):
+    rest, levels = z.clone(), []
+    for codebook in codebooks:
+        idx = ref.vq_lookup(rest, codebook)
+        rest = rest - codebook[idx]
+        levels.append(idx)
+    return torch.stack(levels, -1), z - rest
+
+
+def rq_cat_columns(z, codebooks):
+    rest, z_hat, levels = z, torch.zeros_like(z), []
+    for d in range(codebooks.shape[0]):
+        idx = ref.vq_lookup(rest, codebooks[d])
+        code = codebooks[d][idx]
+        levels.append(idx[:, None])
+        z_hat, rest = z_hat + code, rest - code
+    return torch.cat(levels, 1), z_hat
+
+
+def rq_own_lookup_embedding(z, codebooks):
+    z_hat, levels = torch.zeros_like(z), []
+    for codebook in codebooks:
+        idx = torch.cdist(z - z_hat, codebook).argmin(1)
+        z_hat = z_hat + F.embedding(idx, codebook)
+        levels.append(idx)
+    return torch.stack(levels, 1), z_hat
+
+
+def phi_python_min(k, num_scales, num_phi):
+    at = k / (num_scales - 1) if num_scales > 1 else 0
+    m = 1 / (3 * num_phi)
+    ticks = [m + i * (1 - 2 * m) / (num_phi - 1) if num_phi > 1 else 0.5 for i in range(num_phi)]
+    return min(range(num_phi), key=lambda i: abs(ticks[i] - at))
+
+
+def phi_numpy_float32(k, num_scales, num_phi):
+    at = np.float32(k / (num_scales - 1) if num_scales > 1 else 0)
+    m = 1 / (3 * num_phi)
+    return np.int64(np.abs(np.linspace(m, 1 - m, num_phi, dtype=np.float32) - at).argmin())
+
+
+def phi_rounded_formula(k, num_scales, num_phi):
+    if num_phi == 1:
+        return 0
+    at = k / (num_scales - 1) if num_scales > 1 else 0.0
+    m = 1 / (3 * num_phi)
+    return min(max(round((at - m) * (num_phi - 1) / (1 - 2 * m)), 0), num_phi - 1)
+
+
+def encode_always_resample(f, codebook, scales, phis):  # resampling to the same size changes nothing
+    B, C, H, W = f.shape
+    f_hat, out = torch.zeros_like(f), []
+    for s, phi in zip(scales, phis):
+        rest = F.adaptive_avg_pool2d(f - f_hat, s)
+        idx = ref.vq_lookup(rest.permute(0, 2, 3, 1).reshape(-1, C), codebook).reshape(B, s, s)
+        up = F.interpolate(F.embedding(idx, codebook).permute(0, 3, 1, 2), size=(H, W), mode="bicubic")
+        f_hat = f_hat + phi(up)
+        out.append(idx)
+    return out
+
+
+def encode_running_residual(f, codebook, scales, phis):
+    B, C, H, _ = f.shape
+    rest, out = f.clone(), []
+    for s, phi in zip(scales, phis):
+        small = F.interpolate(rest, size=(s, s), mode="area") if s != H else rest
+        idx = torch.cdist(small.movedim(1, -1).flatten(0, 2), codebook).argmin(1).view(B, s, s)
+        h = codebook[idx].movedim(-1, 1)
+        rest = rest - phi(F.interpolate(h, size=(H, H), mode="bicubic") if s != H else h)
+        out.append(idx)
+    return out
+
+
+def decode_sum_generator(indices, codebook, phis):
+    H = indices[-1].shape[-1]
+    return sum(phi(F.interpolate(F.embedding(i, codebook).permute(0, 3, 1, 2), size=(H, H), mode="bicubic"))
+               for i, phi in zip(indices, phis))
+
+
+def decode_one_hot_stack(indices, codebook, phis):
+    H = indices[-1].shape[-1]
+    parts = [phi(F.interpolate(torch.einsum("bhwk,kc->bchw", F.one_hot(i, len(codebook)).to(codebook.dtype),
+                                            codebook), size=(H, H), mode="bicubic"))
+             for i, phi in zip(indices, phis)]
+    return torch.stack(parts).sum(0)
+
+
+def teacher_forcing_adaptive_pool(indices, codebook, phis):
+    H, out = indices[-1].shape[-1], []
+    f_hat = torch.zeros(indices[0].shape[0], codebook.shape[1], H, H)
+    for k in range(len(indices) - 1):
+        f_hat = f_hat + phis[k](F.interpolate(codebook[indices[k]].permute(0, 3, 1, 2), size=(H, H),
+                                              mode="bicubic"))
+        out.append(F.adaptive_avg_pool2d(f_hat, indices[k + 1].shape[-1]))
+    return out
+
+
+def teacher_forcing_partial_sums(indices, codebook, phis):  # each input summed afresh from scales 0..k
+    H = indices[-1].shape[-1]
+    parts = [phi(F.interpolate(codebook[i].permute(0, 3, 1, 2), size=(H, H), mode="bicubic"))
+             for i, phi in zip(indices, phis)]
+    return [F.interpolate(sum(parts[: k + 1]), size=(i.shape[-1],) * 2, mode="area") for k, i in enumerate(indices[1:])]
+
+
+@pytest.mark.parametrize("name, right", [
+    ("vq_lookup", lookup_broadcast), ("vq_lookup", lookup_cdist), ("vq_lookup", lookup_row_loop),
+    ("vq_lookup", lookup_without_the_z_term),
+    ("straight_through", ste_custom_function), ("straight_through", ste_zq_plus_zero),
+    ("straight_through", ste_no_grad_difference),
+    ("vq_loss", loss_sums_over_numel), ("vq_loss", loss_float64), ("vq_loss", loss_dot_products),
+    ("codebook_usage", usage_unique), ("codebook_usage", usage_counter), ("codebook_usage", usage_numpy),
+    ("codebook_usage", usage_xlogy),
+    ("dead_code_restart", restart_loop), ("dead_code_restart", restart_cumsum_where),
+    ("dead_code_restart", restart_index_copy),
+    ("ema_update", ema_bincount_index_add), ("ema_update", ema_scatter_lerp), ("ema_update", ema_float64),
+    ("residual_quantize", rq_running_residual), ("residual_quantize", rq_cat_columns),
+    ("residual_quantize", rq_own_lookup_embedding),
+    ("phi_index", phi_python_min), ("phi_index", phi_numpy_float32), ("phi_index", phi_rounded_formula),
+    ("multiscale_encode", encode_always_resample), ("multiscale_encode", encode_running_residual),
+    ("multiscale_decode", decode_sum_generator), ("multiscale_decode", decode_one_hot_stack),
+    ("teacher_forcing_inputs", teacher_forcing_adaptive_pool), ("teacher_forcing_inputs", teacher_forcing_partial_sums),
+], ids=lambda v: v if isinstance(v, str) else v.__name__)
+def test_correct_answers_in_other_styles_pass(name, right):
+    assert_passes(getattr(ch01, name), right)

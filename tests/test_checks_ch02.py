@@ -105,7 +105,7 @@ def _mha(x, attn, positions, *, cut="heads", causal=True, rope_v=False, rope=Tru
         v = answers.rotary_embedding(v, positions)
     scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
     if causal:
-        scores = scores.masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf"))
+        scores = scores.masked_fill(~torch.ones(T, T, dtype=torch.bool, device=x.device).tril(), float("-inf"))
     y = torch.softmax(scores, -1) @ v  # (B, H, T, D)
     if cut == "reshape":
         y = y.reshape(B, T, C)
@@ -186,7 +186,7 @@ def rms_weight_data(x, weight, eps=1e-6):  # the gain taken outside autograd: it
 
 def _rope(x, positions, base, exponent_scale=2.0, sign=1.0, interleaved=False):
     D = x.shape[-1]
-    i = torch.arange(D // 2, dtype=torch.float64)
+    i = torch.arange(D // 2, dtype=torch.float64, device=positions.device)
     ang = positions.double()[:, None] * base ** (-exponent_scale * i / D)
     cos, sin = ang.cos().float(), (sign * ang.sin()).float()
     if interleaved:
@@ -267,7 +267,7 @@ def block_positions_ignored(x, block, positions):
 
 
 def _gpt(model, idx, *, final_norm=True, softmax=False, reverse=False, scale=False, chain=True):
-    positions = torch.arange(idx.shape[1])
+    positions = torch.arange(idx.shape[1], device=idx.device)
     emb = model.wte(idx) * (math.sqrt(model.config.n_embd) if scale else 1.0)
     x = emb
     for block in (reversed(model.blocks) if reverse else model.blocks):
@@ -299,7 +299,7 @@ def gpt_blocks_not_chained(model, idx):
 def gpt_head_is_embedding(model, idx):  # right only when the head is tied to the embedding
     x = model.wte(idx)
     for block in model.blocks:
-        x = answers.transformer_block(x, block, torch.arange(idx.shape[1]))
+        x = answers.transformer_block(x, block, torch.arange(idx.shape[1], device=idx.device))
     return _norm(x, model.norm_f) @ model.wte.weight.T
 
 
@@ -310,7 +310,7 @@ def gpt_correct(model, idx):
 def gpt_final_norm_default_eps(model, idx):  # rms_norm called without model.norm_f.eps
     x = model.wte(idx)
     for block in model.blocks:
-        x = answers.transformer_block(x, block, torch.arange(idx.shape[1]))
+        x = answers.transformer_block(x, block, torch.arange(idx.shape[1], device=idx.device))
     return model.lm_head(ref.rms_norm(x, model.norm_f.weight))
 
 
@@ -715,7 +715,7 @@ def test_training_check_trains_the_learners_passed_forward(monkeypatch):
 
     def gpt_forward(model, idx):  # assembled from the parts, as the exercise asks
         seen.append(idx.shape)
-        x, positions = model.wte(idx), torch.arange(idx.shape[1])
+        x, positions = model.wte(idx), torch.arange(idx.shape[1], device=idx.device)
         for block in model.blocks:
             x = answers.transformer_block(x, block, positions)
         return model.lm_head(ref.rms_norm(x, model.norm_f.weight, model.norm_f.eps))
@@ -725,3 +725,344 @@ def test_training_check_trains_the_learners_passed_forward(monkeypatch):
     seen.clear()
     assert_passes(ch02.train_step, answers.train_step)
     assert len(seen) >= 2 * 3 + ch02.TRAIN_STEPS
+
+
+# third audit: more correct answers in other styles, and wrong answers of new kinds ------------------------
+
+
+def softmax_big_negative_then_mask(scores, mask):
+    s = scores.masked_fill(~mask, -1e9)
+    e = torch.exp(s - s.amax(-1, keepdim=True))
+    return e / e.sum(-1, keepdim=True) * mask
+
+
+def softmax_logsumexp(scores, mask):
+    s = torch.where(mask, scores, float("-inf"))
+    lse = torch.logsumexp(s, -1, keepdim=True)
+    return torch.where(mask, torch.exp(s - lse.nan_to_num(neginf=0.0)), torch.zeros_like(s))
+
+
+def softmax_row_loop(scores, mask):
+    mask = mask.expand_as(scores)
+    rows = []
+    for s, m in zip(scores.reshape(-1, scores.shape[-1]), mask.reshape(-1, scores.shape[-1])):
+        e = torch.zeros_like(s)
+        if m.any():
+            e[m] = torch.exp(s[m] - s[m].max())
+            e = e / e.sum()
+        rows.append(e)
+    return torch.stack(rows).view(scores.shape)
+
+
+def causal_by_complement(t_q, t_k):
+    return ~torch.ones(t_q, t_k, dtype=torch.bool).triu(t_k - t_q + 1)
+
+
+def causal_last_rows_of_square(t_q, t_k):
+    return torch.ones(t_k, t_k, dtype=torch.bool).tril()[-t_q:]
+
+
+def causal_python_lists(t_q, t_k):
+    return torch.tensor([[j <= t_k - t_q + i for j in range(t_k)] for i in range(t_q)])
+
+
+def attention_einsum(q, k, v, mask=None):
+    s = torch.einsum("...qd,...kd->...qk", q, k) * q.shape[-1] ** -0.5
+    if mask is not None:
+        s = s.masked_fill(mask.logical_not(), float("-inf"))
+    return torch.einsum("...qk,...kd->...qd", s.softmax(-1), v)
+
+
+def attention_float64(q, k, v, mask=None):
+    s = (q.double() @ k.double().mT) / math.sqrt(q.size(-1))
+    if mask is not None:
+        s = torch.where(mask, s, float("-inf"))
+    return (s.softmax(-1) @ v.double()).to(q.dtype)
+
+
+def attention_queries_scaled_first(q, k, v, mask=None):
+    s = (q / math.sqrt(q.shape[-1])) @ k.transpose(-1, -2)
+    return ref.masked_softmax(s, torch.ones_like(s, dtype=torch.bool) if mask is None else mask) @ v
+
+
+def rope_upcast_rotate_half(x, positions, base=10000.0):
+    D, xf = x.shape[-1], x.float()
+    theta = base ** (-torch.arange(D // 2, dtype=torch.float32, device=x.device) * 2 / D)
+    a = torch.outer(positions.float(), theta).repeat(1, 2)  # (T, D)
+    rotated = torch.cat([-xf[..., D // 2:], xf[..., :D // 2]], -1)
+    return (xf * a.cos() + rotated * a.sin()).to(x.dtype)
+
+
+def rope_complex(x, positions, base=10000.0):
+    D, xf = x.shape[-1], x.float()
+    theta = base ** (-2 * torch.arange(D // 2, dtype=torch.float64, device=x.device) / D)
+    turn = torch.polar(torch.ones_like(positions, dtype=torch.float64)[:, None].expand(-1, D // 2),
+                       positions.double()[:, None] * theta)  # (T, D/2) complex
+    z = torch.complex(xf[..., :D // 2], xf[..., D // 2:]) * turn.to(torch.complex64)
+    return torch.cat([z.real, z.imag], -1).to(x.dtype)
+
+
+def rope_stack_then_flatten(x, positions, base=10000.0):
+    D = x.size(-1)
+    a = positions[:, None].double() * torch.pow(base, -torch.arange(0, D, 2, dtype=torch.float64,
+                                                                     device=positions.device) / D)
+    c, s = torch.cos(a).to(x.dtype), torch.sin(a).to(x.dtype)
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.stack([x1 * c - x2 * s, x1 * s + x2 * c], dim=-2).flatten(-2)
+
+
+def rope_cpu_frequencies(x, positions, base=10000.0):  # right on the CPU; the frequencies stay there on a GPU
+    D = x.shape[-1]
+    theta = 1.0 / base ** (torch.arange(0, D, 2).float() / D)
+    a = positions.float()[:, None] * theta
+    c, s = a.cos().to(x.dtype), a.sin().to(x.dtype)
+    return torch.cat([x[..., :D // 2] * c - x[..., D // 2:] * s, x[..., :D // 2] * s + x[..., D // 2:] * c], -1)
+
+
+def rope_float16_angles(x, positions, base=10000.0):  # angles computed in x's dtype: too coarse in float16
+    D = x.shape[-1]
+    a = positions.to(x.dtype)[:, None] * base ** (-torch.arange(0, D, 2, dtype=x.dtype, device=x.device) / D)
+    x1, x2 = x[..., :D // 2], x[..., D // 2:]
+    return torch.cat([x1 * a.cos() - x2 * a.sin(), x1 * a.sin() + x2 * a.cos()], -1)
+
+
+def mha_head_by_head(x, attn, positions):
+    B, T, C = x.shape
+    D = C // attn.n_head
+    q, k, v = attn.qkv(x).chunk(3, -1)
+    outs = []
+    for h in range(attn.n_head):
+        cut = slice(h * D, (h + 1) * D)
+        qh, kh = answers.rotary_embedding(q[..., cut], positions), answers.rotary_embedding(k[..., cut], positions)
+        outs.append(F.scaled_dot_product_attention(qh, kh, v[..., cut], is_causal=True))
+    return attn.proj(torch.cat(outs, -1))
+
+
+def mha_one_permute(x, attn, positions):
+    B, T, C = x.shape
+    qkv = F.linear(x, attn.qkv.weight, attn.qkv.bias).view(B, T, 3, attn.n_head, C // attn.n_head)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4)  # 3 x (B, H, T, D)
+    q, k = answers.rotary_embedding(q, positions), answers.rotary_embedding(k, positions)
+    y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    return attn.proj(y.permute(0, 2, 1, 3).flatten(2))
+
+
+def mha_cpu_mask(x, attn, positions):  # right on the CPU; the causal mask stays there on a GPU
+    B, T, C = x.shape
+    q, k, v = (ref.split_heads(t, attn.n_head) for t in attn.qkv(x).split(C, -1))
+    q, k = answers.rotary_embedding(q, positions), answers.rotary_embedding(k, positions)
+    return attn.proj(ref.merge_heads(ref.scaled_dot_product_attention(q, k, v, ref.causal_mask(T))))
+
+
+def rms_linalg_norm(x, weight, eps=1e-6):
+    xf = x.float()
+    mean_square = torch.linalg.vector_norm(xf, dim=-1, keepdim=True) ** 2 / x.shape[-1]
+    return (xf / (mean_square + eps).sqrt()).type_as(x) * weight
+
+
+def rms_gain_in_float32(x, weight, eps=1e-6):
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps) * weight.float()).to(x.dtype)
+
+
+def rms_float64(x, weight, eps=1e-6):
+    xd = x.double()
+    return (xd / (xd.pow(2).mean(-1, keepdim=True) + eps).sqrt()).to(x.dtype) * weight
+
+
+def block_with_the_modules_norms(x, block, positions):
+    h = x + answers.self_attention(block.norm1(x), block.attn, positions)
+    return h + block.mlp(block.norm2(h))
+
+
+def block_step_by_step(x, block, positions):
+    x = x + answers.self_attention(ref.rms_norm(x, block.norm1.weight, block.norm1.eps), block.attn, positions)
+    return x + block.mlp(ref.rms_norm(x, block.norm2.weight, eps=block.norm2.eps))
+
+
+def gpt_functional_embedding(model, idx):
+    x, positions = F.embedding(idx, model.wte.weight), torch.arange(idx.size(1), device=idx.device)
+    for block in model.blocks:
+        x = answers.transformer_block(x, block, positions)
+    return model.lm_head(model.norm_f(x))
+
+
+def gpt_linear_head(model, idx):
+    positions = torch.arange(idx.shape[-1], device=idx.device)
+    x = model.wte(idx)
+    blocks = list(model.blocks)
+    for i in range(len(blocks)):
+        x = answers.transformer_block(x, blocks[i], positions)
+    return F.linear(ref.rms_norm(x, model.norm_f.weight, model.norm_f.eps), model.lm_head.weight,
+                    model.lm_head.bias)
+
+
+def gpt_cpu_positions(model, idx):  # right on the CPU; the positions stay there on a GPU
+    x, positions = model.wte(idx), torch.arange(idx.shape[1])
+    for block in model.blocks:
+        x = answers.transformer_block(x, block, positions)
+    return model.lm_head(model.norm_f(x))
+
+
+def step_classes_second(model, optimizer, chunk, forward, max_norm=1.0):
+    model.zero_grad()
+    loss = F.cross_entropy(forward(model, chunk[:, :-1]).transpose(1, 2), chunk[:, 1:])  # (B, V, T) form
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=max_norm)
+    optimizer.step()
+    return float(loss.detach())
+
+
+def step_log_softmax_gather(model, optimizer, chunk, forward, max_norm=1.0):
+    optimizer.zero_grad()
+    log_probs = forward(model, chunk[:, :-1]).log_softmax(-1)
+    loss = -log_probs.gather(-1, chunk[:, 1:, None]).mean()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], max_norm)
+    optimizer.step()
+    return loss.item()
+
+
+def step_clears_after_stepping(model, optimizer, chunk, forward, max_norm=1.0):
+    logits = forward(model, chunk[:, :-1])
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), chunk[:, 1:].reshape(-1))
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    optimizer.step()
+    optimizer.zero_grad()
+    return loss.item()
+
+
+def step_clips_by_hand(model, optimizer, chunk, forward, max_norm=1.0):
+    optimizer.zero_grad()
+    loss = F.cross_entropy(forward(model, chunk[:, :-1]).flatten(0, 1), chunk[:, 1:].flatten())
+    loss.backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    total = torch.sqrt(sum((g ** 2).sum() for g in grads))
+    for g in grads:
+        g.mul_(min(1.0, max_norm / (float(total) + 1e-6)))
+    optimizer.step()
+    return loss.item()
+
+
+def step_clips_each_parameter(model, optimizer, chunk, forward, max_norm=1.0):  # per tensor, not the total norm
+    optimizer.zero_grad()
+    loss = F.cross_entropy(forward(model, chunk[:, :-1]).flatten(0, 1), chunk[:, 1:].flatten())
+    loss.backward()
+    for p in model.parameters():
+        torch.nn.utils.clip_grad_norm_(p, max_norm)
+    optimizer.step()
+    return loss.item()
+
+
+def cache_cat_then_write(q, k_new, v_new, k_cache, v_cache, pos):
+    T = q.shape[2]
+    k, v = torch.cat([k_cache[:, :, :pos], k_new], 2), torch.cat([v_cache[:, :, :pos], v_new], 2)
+    k_cache[:, :, pos:pos + T].copy_(k_new)
+    v_cache[:, :, pos:pos + T].copy_(v_new)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=ref.causal_mask(T, pos + T, device=q.device))
+
+
+def cache_whole_buffer_masked(q, k_new, v_new, k_cache, v_cache, pos):
+    T = q.shape[-2]
+    new = torch.arange(pos, pos + T, device=q.device)
+    k_cache.index_copy_(2, new, k_new)
+    v_cache.index_copy_(2, new, v_new)
+    mask = torch.arange(k_cache.shape[2], device=q.device)[None, :] <= new[:, None]  # empty slots masked out
+    return ref.scaled_dot_product_attention(q, k_cache, v_cache, mask)
+
+
+def cache_narrow(q, k_new, v_new, k_cache, v_cache, pos):
+    T = q.size(-2)
+    k_cache.narrow(2, pos, T).copy_(k_new)
+    v_cache.narrow(2, pos, T).copy_(v_new)
+    k, v = k_cache.narrow(2, 0, pos + T), v_cache.narrow(2, 0, pos + T)
+    return ref.scaled_dot_product_attention(q, k, v, ref.causal_mask(T, pos + T).to(q.device))
+
+
+def cache_cpu_mask(q, k_new, v_new, k_cache, v_cache, pos):  # right on the CPU; the mask stays there on a GPU
+    T = q.shape[-2]
+    k_cache[:, :, pos:pos + T] = k_new
+    v_cache[:, :, pos:pos + T] = v_new
+    return ref.scaled_dot_product_attention(q, k_cache[:, :, :pos + T], v_cache[:, :, :pos + T],
+                                            ref.causal_mask(T, pos + T))
+
+
+def top_k_sorted(logits, k):
+    kth = logits.sort(-1, descending=True).values[..., min(k, logits.shape[-1]) - 1, None]
+    return torch.where(logits >= kth, logits, torch.full_like(logits, float("-inf")))
+
+
+def top_k_kthvalue(logits, k):
+    V = logits.shape[-1]
+    if k >= V:
+        return logits.clone()
+    kth = torch.kthvalue(logits, V - k + 1, dim=-1, keepdim=True).values
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def top_k_python_rows(logits, k):
+    rows = []
+    for row in logits.reshape(-1, logits.shape[-1]):
+        kth = sorted(row.tolist(), reverse=True)[min(k, row.numel()) - 1]
+        rows.append(row.masked_fill(row < kth, float("-inf")))
+    return torch.stack(rows).view_as(logits)
+
+
+def top_p_shift_right(logits, p):
+    """The usual shifted-cumsum form: remove a token once the mass up to the token before it exceeds p."""
+    probs = logits.softmax(-1)
+    sp = probs.sort(-1, descending=True).values
+    remove = sp.cumsum(-1) > p
+    remove = torch.cat([torch.zeros_like(remove[..., :1]), remove[..., :-1]], -1)
+    return logits.masked_fill(probs < sp.masked_fill(remove, 2.0).amin(-1, keepdim=True), float("-inf"))
+
+
+def top_p_sorted_logits(logits, p):
+    sl = logits.sort(-1, descending=True).values
+    sp = sl.softmax(-1)
+    least = sl.masked_fill(sp.cumsum(-1) - sp >= p, float("inf")).amin(-1, keepdim=True)
+    return logits.masked_fill(logits < least, float("-inf"))
+
+
+def top_p_float64(logits, p):
+    probs = logits.double().softmax(-1)
+    sp = probs.sort(-1, descending=True).values
+    least = torch.where(sp.cumsum(-1) - sp < p, sp, 1.0).amin(-1, keepdim=True)
+    return logits.masked_fill(probs < least, float("-inf"))
+
+
+@pytest.mark.parametrize("name, fn", [
+    ("masked_softmax", softmax_big_negative_then_mask), ("masked_softmax", softmax_logsumexp),
+    ("masked_softmax", softmax_row_loop),
+    ("causal_mask", causal_by_complement), ("causal_mask", causal_last_rows_of_square),
+    ("causal_mask", causal_python_lists),
+    ("attention", attention_einsum), ("attention", attention_float64), ("attention", attention_queries_scaled_first),
+    ("rotary_embedding", rope_upcast_rotate_half), ("rotary_embedding", rope_complex),
+    ("rotary_embedding", rope_stack_then_flatten),
+    ("self_attention", mha_head_by_head), ("self_attention", mha_one_permute),
+    ("rms_norm", rms_linalg_norm), ("rms_norm", rms_gain_in_float32), ("rms_norm", rms_float64),
+    ("transformer_block", block_with_the_modules_norms), ("transformer_block", block_step_by_step),
+    ("gpt_forward", gpt_functional_embedding), ("gpt_forward", gpt_linear_head),
+    ("train_step", step_classes_second), ("train_step", step_log_softmax_gather),
+    ("train_step", step_clears_after_stepping), ("train_step", step_clips_by_hand),
+    ("cached_attention", cache_cat_then_write), ("cached_attention", cache_whole_buffer_masked),
+    ("cached_attention", cache_narrow),
+    ("top_k_filter", top_k_sorted), ("top_k_filter", top_k_kthvalue), ("top_k_filter", top_k_python_rows),
+    ("top_p_filter", top_p_shift_right), ("top_p_filter", top_p_sorted_logits), ("top_p_filter", top_p_float64),
+], ids=lambda v: v if isinstance(v, str) else v.__name__)
+def test_correct_answers_in_other_styles_pass(name, fn):
+    assert_passes(getattr(ch02, name), fn)
+
+
+@pytest.mark.parametrize("name, wrong, contains", [
+    ("rotary_embedding", rope_cpu_frequencies, "mixed devices"),
+    ("rotary_embedding", rope_float16_angles, "positions up to 2047"),
+    ("self_attention", mha_cpu_mask, "mixed devices"),
+    ("gpt_forward", gpt_cpu_positions, "mixed devices"),
+    ("cached_attention", cache_cpu_mask, "mixed devices"),
+    ("train_step", step_clips_each_parameter, "max_norm=0.05"),
+], ids=["rope-cpu-frequencies", "rope-float16-angles", "mha-cpu-mask", "gpt-cpu-positions", "cache-cpu-mask",
+        "step-clips-each-parameter"])
+def test_wrong_answers_of_new_kinds_fail(name, wrong, contains):
+    assert_fails(getattr(ch02, name), wrong, contains=contains)

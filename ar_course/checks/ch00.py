@@ -5,7 +5,8 @@ including logits large enough to overflow ``exp`` and ``-inf`` entries. Sampling
 compares *distributions*: it draws thousands of tokens per row with the learner's function and runs a
 chi-square goodness-of-fit test against ``softmax(logits / temperature)``, at several temperatures. It also
 checks the exact cases: greedy decoding at temperature 0, reproducibility under a seeded generator (and other
-tokens under another seed), a batch of one, ``generator=None``, and a ``ValueError`` for a negative temperature.
+tokens under another seed), a batch of one, ``generator=None`` (two calls draw different tokens from the global
+generator), and a ``ValueError`` for a negative temperature.
 Softmax gradients are compared on every input, fully masked slices included (zeros, not NaN); the sampler and
 the cross-entropy must leave the tensors they are given unchanged.
 """
@@ -213,8 +214,15 @@ def sample_categorical(fn: Callable, ref_fn: Callable) -> None:
         where = f"1x20 logits (a batch of one), temperature {temperature:g}"
         draws = call(fn, logits[:1].clone(), temperature, generator=torch.Generator().manual_seed(9), where=where)
         _check_draws(draws, 1, logits.shape[1], where)
-    where = "500x20 logits, temperature 1, no generator (generator=None)"
-    _check_draws(call(fn, logits.clone(), 1.0, where=where), logits.shape[0], logits.shape[1], where)
+    where = "500x20 logits, temperature 1, no generator (generator=None), two calls"
+    with torch.random.fork_rng(devices=[]):  # the global generator moves on between the calls, as in a notebook
+        torch.manual_seed(10)
+        first = _check_draws(call(fn, logits.clone(), 1.0, where=where), logits.shape[0], logits.shape[1], where)
+        second = _check_draws(call(fn, logits.clone(), 1.0, where=where), logits.shape[0], logits.shape[1], where)
+    if torch.equal(first, second):
+        raise CheckFailure(f"on input {where!r} both calls drew the same 500 tokens: without a generator the draws "
+                           "must come from torch's global generator (a fresh torch.Generator() made inside the "
+                           "function starts from the same seed every time)")
 
     try:
         out = fn(logits[:2].clone(), -1.0)
@@ -234,6 +242,9 @@ def sample_categorical(fn: Callable, ref_fn: Callable) -> None:
 def _cross_entropy_cases() -> Iterator[Case]:
     g = torch.Generator().manual_seed(3)
     yield Case("37 rows x 11 classes", (torch.randn(37, 11, generator=g) * 2, torch.randint(0, 11, (37,), generator=g)))
+    near = torch.Generator().manual_seed(30)  # its own generator, so the cases after it keep their inputs
+    yield Case("6x5 logits around 200, close together (exp overflows)",
+               (torch.randn(6, 5, generator=near) + 200, torch.randint(0, 5, (6,), generator=near)))
     yield Case("9x7 logits of size ~1000 (exp overflows)",
                (torch.randn(9, 7, generator=g) * 1000, torch.randint(0, 7, (9,), generator=g)))
     padded = torch.randint(0, 5, (12,), generator=g)
@@ -261,7 +272,16 @@ def _cross_entropy_over_all_rows(logits: torch.Tensor, targets: torch.Tensor,
     return torch.where(keep, per_row, torch.zeros_like(per_row)).sum() / len(targets)
 
 
-CROSS_ENTROPY_MISTAKES = [
+def _cross_entropy_log_of_softmax(logits: torch.Tensor, targets: torch.Tensor,
+                                  ignore_index: int = -100) -> torch.Tensor:
+    keep = targets != ignore_index
+    picked = torch.softmax(logits, -1).gather(1, targets.clamp_min(0)[:, None]).squeeze(1)
+    return -picked.log()[keep].mean()
+
+
+CROSS_ENTROPY_MISTAKES = [  # the first that matches is named: both give inf where a target's probability underflows
+    Mistake(_cross_entropy_log_of_softmax, "that is the log of a softmax: a target far below the row maximum gets "
+            "a probability that underflows to 0, and -log 0 is inf"),
     Mistake(_cross_entropy_overflowing, "that is log(sum(exp(x))) without a shift: exp overflows to inf for large "
             "logits"),
     Mistake(_cross_entropy_over_all_rows, "that divides by every row, ignored ones included: the mean is over "

@@ -6,14 +6,16 @@ Each check runs the learner's function on seeded random inputs and edge cases (s
 :mod:`ar_course.checks.reference.ch02`. The exercises that assemble the model (2.5 self-attention, 2.7 the
 block, 2.8 the GPT forward pass) run on the weights of the package's modules and are compared with those
 modules; the training step (2.9) is compared step by step with the reference and then trains a tiny GPT,
-which must reach :data:`TRAIN_LOSS_TARGET`.
+which must reach :data:`TRAIN_LOSS_TARGET`. The functions that create tensors of their own (2.4 rotary, 2.5, 2.8,
+2.10) also run once on the meta device, standing in for a GPU, so that a tensor left on the CPU is caught.
 """
 
 from __future__ import annotations
 
+import copy
 import inspect
 import math
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +34,34 @@ hint = chapter.hint
 
 def _gen(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
+
+
+_DEVICE_ERRORS = ("is not on the expected device", "to be on the same device")
+
+
+def _on_meta(arg: Any) -> Any:
+    """``arg`` moved to the meta device (a module is copied first); anything else as it is."""
+    if isinstance(arg, torch.Tensor):
+        return arg.detach().to("meta")
+    if isinstance(arg, torch.nn.Module):
+        return copy.deepcopy(arg).to("meta")
+    return arg
+
+
+def _check_device(fn: Callable, case: Case) -> None:
+    """Run ``fn`` on ``case`` with its tensors and modules on the meta device, which stands in for a GPU (tensors
+    with shapes and a device but no values): fail when ``fn`` mixes in a tensor it made on the CPU. Any other
+    error is ignored, since the meta device lacks a few operations (``.item()``...)."""
+    try:
+        with torch.no_grad():
+            fn(*(_on_meta(a) for a in case.args), **case.kwargs)
+    except Exception as exc:  # noqa: BLE001 - only a device mismatch is the learner's
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        if any(marker in text for marker in _DEVICE_ERRORS):
+            raise CheckFailure(
+                f"on input {case.name!r} moved off the CPU (to the meta device, which stands in for a GPU) your "
+                f"function mixed devices ({text}): a tensor it creates (torch.arange, a mask, the frequencies...) "
+                "stays on the CPU while its inputs are elsewhere, so it would fail on a GPU") from None
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -214,6 +244,8 @@ def _rope_cases() -> Iterator[Case]:
 def _rope_half_cases() -> Iterator[Case]:
     g = _gen(51)
     yield Case("float16 x, B=1 H=2 T=5 D=8", (torch.randn(1, 2, 5, 8, generator=g).half(), torch.arange(5)))
+    yield Case("float16 x, T=6 D=16, positions up to 2047 (angles need more precision than float16)",
+               (torch.randn(1, 1, 6, 16, generator=g).half(), torch.tensor([0, 7, 130, 999, 1500, 2047])))
 
 
 def _rope_variant(x: torch.Tensor, positions: torch.Tensor, base: float = 10000.0, *, exponent: float = 2.0,
@@ -246,12 +278,14 @@ ROPE_MISTAKES = [
     "frequency; find which features form a pair and how fast pair i turns",
     "pair feature i with feature i + D/2 (the two halves of the vector); pair i turns by position * base**(-2i/D); "
     "rotate each pair (x1, x2) by that angle the usual way",
-    "angle = positions[:, None] * base ** (-2 * torch.arange(D // 2) / D); x1, x2 = x[..., :D//2], x[..., D//2:]; "
+    "angle = positions[:, None] * base ** (-2 * torch.arange(D // 2, device=x.device) / D); x1, x2 = x[..., "
+    ":D//2], x[..., D//2:]; "
     "return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1)",
 ))
 def rotary_embedding(fn, ref_fn):
     compare_cases(fn, ref_fn, _rope_cases(), atol=1e-4, mistakes=ROPE_MISTAKES)
     compare_cases(fn, ref_fn, _rope_half_cases(), atol=4e-3, rtol=4e-3, mistakes=ROPE_MISTAKES)
+    _check_device(fn, next(_rope_cases()))
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -347,12 +381,13 @@ SELF_ATTENTION_MISTAKES = [
     "rotary_embedding on q and k; attention with the causal mask (T, T); transpose back to (B, T, H, D) and "
     "reshape to (B, T, C) before attn.proj",
     "q, k, v = (t.view(B, T, H, C // H).transpose(1, 2) for t in attn.qkv(x).split(C, -1)); q, k = rope(q, "
-    "positions), rope(k, positions); y = attention(q, k, v, causal_mask(T, T)); return attn.proj(y.transpose(1, "
-    "2).reshape(B, T, C))",
+    "positions), rope(k, positions); y = attention(q, k, v, causal_mask(T, T).to(x.device)); return "
+    "attn.proj(y.transpose(1, 2).reshape(B, T, C))",
 ))
 def self_attention(fn, ref_fn):
     with torch.no_grad():
         compare_cases(fn, ref_fn, _self_attention_cases(), atol=1e-5, mistakes=SELF_ATTENTION_MISTAKES)
+    _check_device(fn, next(_self_attention_cases()))
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -548,6 +583,7 @@ GPT_MISTAKES = [
 def gpt_forward(fn, ref_fn):
     with torch.no_grad():
         compare_cases(fn if fn is ref_fn else _assembled(fn), ref_fn, _gpt_cases(), atol=1e-4, mistakes=GPT_MISTAKES)
+    _check_device(fn, next(_gpt_cases()))
 
 
 _LIBRARY_FORWARD = inspect.unwrap(GPT.forward).__code__
@@ -743,7 +779,7 @@ CACHE_MISTAKES = [
     "write k_new and v_new into the caches at [pos : pos + T]; attend over positions [0 : pos + T] only (the "
     "rest of the buffer is empty) with the causal mask for T queries over pos + T keys",
     "k_cache[:, :, pos:pos+T] = k_new; v_cache[:, :, pos:pos+T] = v_new; return attention(q, k_cache[:, :, "
-    ":pos+T], v_cache[:, :, :pos+T], causal_mask(T, pos + T))",
+    ":pos+T], v_cache[:, :, :pos+T], causal_mask(T, pos + T).to(q.device))",
 ))
 def cached_attention(fn, ref_fn):
     for case in _cache_cases():
@@ -758,6 +794,7 @@ def cached_attention(fn, ref_fn):
             raise explain(exc, CACHE_MISTAKES, case, got, atol=1e-5) from None
         compare(a_fn[3], a_ref[3], where=case.name, name="k_cache after the call")
         compare(a_fn[4], a_ref[4], where=case.name, name="v_cache after the call")
+    _check_device(fn, next(_cache_cases()))
 
 
 # --------------------------------------------------------------------------------------------------------
