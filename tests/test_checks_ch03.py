@@ -1,6 +1,8 @@
 """Chapter 03 checks: each accepts the reference (and a hand-written solution), reports a stub as not
 attempted, and rejects plausible wrong answers."""
 
+from typing import Callable
+
 import numpy as np
 import pytest
 import scipy.linalg
@@ -8,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from ar_course import metrics
-from ar_course.sampling import SamplingConfig, sample
+from ar_course.sampling import SamplingConfig, cfg_mix, sample
 from ar_course.checks import ch03
 from ar_course.checks.reference import ch03 as answers
 from ar_course.raster import orders
@@ -289,3 +291,209 @@ def test_neighbour_schedule_rejects_main_diagonals_raster_col_row_and_a_missing_
     assert_fails(ch03.neighbour_schedule, raster_steps, contains="raster order")
     assert_fails(ch03.neighbour_schedule, col_row, contains="(col, row)")
     assert_fails(ch03.neighbour_schedule, square_count, contains="items")
+
+
+# correct answers in other styles (third audit): each must pass --------------------------------------------
+
+
+def order_by_loop(seq: torch.Tensor, order: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    out = torch.zeros(seq.shape[0], h, w, dtype=seq.dtype)
+    for k, p in enumerate(order.tolist()):
+        out[:, p // w, p % w] = seq[:, k]
+    return out
+
+
+def order_by_gather(seq: torch.Tensor, order: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel())
+    return seq.gather(1, inverse.expand(seq.shape[0], -1)).view(-1, h, w)
+
+
+def order_by_row_col(seq: torch.Tensor, order: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    out = seq.new_zeros(seq.shape[0], h, w)
+    out[:, order // w, order % w] = seq
+    return out
+
+
+def order_by_one_hot(seq: torch.Tensor, order: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    return (seq @ F.one_hot(order, h * w)).reshape(-1, h, w)  # row k of the permutation matrix marks order[k]
+
+
+def order_by_index_copy(seq: torch.Tensor, order: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    return torch.empty_like(seq).index_copy(1, order, seq).unflatten(1, (h, w))
+
+
+def loss_by_cross_entropy(model, maps: torch.Tensor, classes: torch.Tensor, *, p_uncond: float,
+                          generator: torch.Generator | None = None) -> torch.Tensor:
+    seq = maps.flatten(1)
+    dropped = classes.masked_fill(torch.rand(maps.shape[0], generator=generator) < p_uncond, model.null_class)
+    logits, _ = model(seq[:, :-1], classes=dropped)
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), seq.reshape(-1))
+
+
+def loss_by_indexed_assignment(model, maps: torch.Tensor, classes: torch.Tensor, *, p_uncond: float,
+                               generator: torch.Generator | None = None) -> torch.Tensor:
+    seq = maps.view(maps.shape[0], -1)
+    dropped = classes.clone()
+    dropped[torch.rand(maps.shape[0], generator=generator) < p_uncond] = model.null_class
+    return model(seq[:, :-1], targets=seq, classes=dropped)[1]
+
+
+def loss_by_float64_log_softmax(model, maps: torch.Tensor, classes: torch.Tensor, *, p_uncond: float,
+                                generator: torch.Generator | None = None) -> torch.Tensor:
+    B = maps.shape[0]
+    seq = maps.reshape(B, -1)
+    u = torch.rand(B, generator=generator)
+    dropped = torch.stack([torch.tensor(model.null_class) if u[i] < p_uncond else classes[i] for i in range(B)])
+    logits, _ = model(seq[:, :-1], classes=dropped)
+    log_p = torch.log_softmax(logits.double(), -1)
+    return (-log_p.gather(-1, seq[..., None]).mean()).float()
+
+
+def loss_with_bernoulli_draws(model, maps: torch.Tensor, classes: torch.Tensor, *, p_uncond: float,
+                              generator: torch.Generator | None = None) -> torch.Tensor:
+    """Other random draws than the spec's torch.rand: the check tests the rate and the generator, not the draws."""
+    seq = maps.reshape(maps.shape[0], -1)
+    drop = torch.bernoulli(torch.full((maps.shape[0],), float(p_uncond)), generator=generator).bool()
+    return model(seq[:, :-1], targets=seq, classes=torch.where(drop, model.null_class, classes))[1]
+
+
+def _guided_sampler(mix: str, skip_unguided: bool = False):
+    """A hand-written 3.3 loop; ``mix`` names how the two halves are combined (all equivalent)."""
+    @torch.no_grad()
+    def sample_tokens(model, classes, num_tokens, *, cfg=0.0, sampling=SamplingConfig(), generator=None):
+        B = classes.shape[0]
+        guided = cfg != 0 or not skip_unguided
+        rows = torch.cat([classes, torch.full_like(classes, model.null_class)]) if guided else classes
+        cache = model.make_cache(rows.shape[0])
+        x = torch.zeros(rows.shape[0], 0, dtype=torch.long)
+        out = torch.empty(B, num_tokens, dtype=torch.long)
+        for t in range(num_tokens):
+            logits, _ = model(x, classes=rows if t == 0 else None, cache=cache)
+            last = logits[:, -1]
+            if not guided:
+                mixed = last
+            elif mix == "log_softmax":  # log-probabilities differ from logits by a per-row constant
+                lp = torch.log_softmax(last.double(), -1)
+                mixed = ((1 + cfg) * lp[:B] - cfg * lp[B:]).float()
+            elif mix == "extrapolate":
+                cond, uncond = last.chunk(2)
+                mixed = cond + cfg * (cond - uncond)
+            else:
+                mixed = cfg_mix(last[:B], last[B:], cfg)
+            out[:, t] = sample(mixed, sampling=sampling, generator=generator)
+            x = out[:, t].repeat(rows.shape[0] // B)[:, None]
+        return out
+
+    return sample_tokens
+
+
+def frechet_by_torch_cov(a: torch.Tensor, b: torch.Tensor) -> float:
+    s_a, s_b = torch.cov(a.T), torch.cov(b.T)
+    root = torch.from_numpy(scipy.linalg.sqrtm((s_a @ s_b).numpy()).real)
+    return float(((a.mean(0) - b.mean(0)) ** 2).sum() + torch.trace(s_a + s_b - 2 * root))
+
+
+def frechet_by_eigenvalues(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """tr sqrt(S_a S_b) is the sum of the square roots of its eigenvalues; returned as a 0-d tensor."""
+    s_a, s_b = torch.cov(a.T), torch.cov(b.T)
+    root_trace = torch.linalg.eigvals(s_a @ s_b).real.clamp(min=0).sqrt().sum()
+    return (a.mean(0) - b.mean(0)).pow(2).sum() + s_a.trace() + s_b.trace() - 2 * root_trace
+
+
+def frechet_by_symmetric_root(a: torch.Tensor, b: torch.Tensor) -> float:
+    x, y = a.numpy(), b.numpy()
+    s_a = (x - x.mean(0)).T @ (x - x.mean(0)) / (len(x) - 1)
+    s_b = (y - y.mean(0)).T @ (y - y.mean(0)) / (len(y) - 1)
+    r_a = scipy.linalg.sqrtm(s_a).real
+    middle = scipy.linalg.sqrtm(r_a @ s_b @ r_a).real
+    return float(np.linalg.norm(x.mean(0) - y.mean(0)) ** 2 + np.trace(s_a + s_b - 2 * middle))
+
+
+def _pr_with(distances: Callable, radius: Callable, inside_mean: Callable) -> Callable:
+    def precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int = 3) -> tuple[float, float]:
+        def inside(query, support):
+            return inside_mean(distances(query, support) <= radius(support, k))
+
+        return inside(fake, real), inside(real, fake)
+
+    return precision_recall
+
+
+def _pairwise(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return ((a[:, None] - b[None]) ** 2).sum(-1).sqrt()
+
+
+def _radius_without_self(x: torch.Tensor, k: int) -> torch.Tensor:
+    d = torch.cdist(x, x)
+    d.fill_diagonal_(float("inf"))
+    return d.kthvalue(k, 1).values
+
+
+pr_by_topk = _pr_with(torch.cdist, lambda x, k: torch.cdist(x, x).topk(k + 1, 1, largest=False).values[:, -1],
+                      lambda hit: hit.any(1).float().mean().item())
+pr_by_broadcasting = _pr_with(_pairwise, lambda x, k: _pairwise(x, x).sort(1).values[:, k],
+                              lambda hit: float(hit.any(1).sum()) / hit.shape[0])
+pr_by_infinite_diagonal = _pr_with(torch.cdist, _radius_without_self, lambda hit: hit.any(1).double().mean().item())
+pr_in_float64 = _pr_with(lambda a, b: torch.cdist(a.double(), b.double()),
+                         lambda x, k: torch.cdist(x.double(), x.double()).kthvalue(k + 1, 1).values,
+                         lambda hit: hit.any(1).double().mean().item())
+
+
+def schedule_by_ranges(h: int, w: int) -> list[torch.Tensor]:
+    return [torch.tensor([(i, d - i) for i in range(max(0, d - w + 1), min(h, d + 1))], dtype=torch.long)
+            for d in range(h + w - 1)]
+
+
+def schedule_by_nonzero(h: int, w: int) -> tuple[torch.Tensor, ...]:
+    level = torch.arange(h)[:, None] + torch.arange(w)
+    return tuple(torch.nonzero(level == k) for k in range(h + w - 1))
+
+
+def schedule_by_simulation(h: int, w: int) -> list[torch.Tensor]:
+    """Generate every position whose upper and left neighbours exist, until the map is full."""
+    done, steps = torch.zeros(h, w, dtype=torch.bool), []
+    while not bool(done.all()):
+        up, left = torch.ones(h, w, dtype=torch.bool), torch.ones(h, w, dtype=torch.bool)
+        up[1:], left[:, 1:] = done[:-1], done[:, :-1]
+        ready = up & left & ~done
+        steps.append(ready.nonzero())
+        done = done | ready
+    return steps
+
+
+CORRECT_ALTERNATIVES = {
+    "from_order": [order_by_loop, order_by_gather, order_by_row_col, order_by_one_hot, order_by_index_copy],
+    "training_loss": [loss_by_cross_entropy, loss_by_indexed_assignment, loss_by_float64_log_softmax,
+                      loss_with_bernoulli_draws],
+    "sample_tokens": [_guided_sampler("extrapolate"), _guided_sampler("log_softmax"),
+                      _guided_sampler("mix", skip_unguided=True)],
+    "frechet_distance": [frechet_by_torch_cov, frechet_by_eigenvalues, frechet_by_symmetric_root],
+    "precision_recall": [pr_by_topk, pr_by_broadcasting, pr_by_infinite_diagonal, pr_in_float64],
+    "neighbour_schedule": [schedule_by_ranges, schedule_by_nonzero, schedule_by_simulation],
+}
+
+
+@pytest.mark.parametrize("name,index", [(n, i) for n, fns in CORRECT_ALTERNATIVES.items() for i in range(len(fns))])
+def test_correct_answers_in_other_styles_pass(name, index):
+    assert_passes(getattr(ch03, name), CORRECT_ALTERNATIVES[name][index])
+
+
+# wrong answers of kinds the earlier audits did not try (third audit) ---------------------------------------
+
+
+def test_sampler_that_ignores_the_generator_is_named():
+    def global_random_state(model, classes, num_tokens, *, cfg=0.0, sampling=SamplingConfig(), generator=None):
+        return _guided_sampler("extrapolate")(model, classes, num_tokens, cfg=cfg, sampling=sampling)
+
+    assert_fails(ch03.sample_tokens, global_random_state, contains="identically seeded generators")
+
+
+def test_frechet_names_the_product_of_two_square_roots():
+    def two_roots(a, b):
+        x, y = a.numpy(), b.numpy()
+        s_a, s_b = np.cov(x, rowvar=False), np.cov(y, rowvar=False)
+        root = scipy.linalg.sqrtm(s_a).real @ scipy.linalg.sqrtm(s_b).real
+        return float(((x.mean(0) - y.mean(0)) ** 2).sum() + np.trace(s_a + s_b - 2 * root))
+
+    assert_fails(ch03.frechet_distance, two_roots, contains="square roots of S_a and S_b")

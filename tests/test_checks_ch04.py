@@ -309,3 +309,226 @@ def test_per_row_sampling_changes_the_random_stream():
     # drawing each position separately consumes the generator in another order: different tokens
     assert_fails(ch04.sample_pyramid, lambda model, vq, classes, **kw: _loop(model, vq, classes, per_row=True, **kw),
                  contains="pyramid")
+
+
+# correct answers in other styles (third audit): each must pass --------------------------------------------
+
+
+def mask_by_blocks(scales) -> torch.Tensor:
+    L = sum(s * s for s in scales)
+    mask, begin = torch.zeros(L, L, dtype=torch.bool), 0
+    for s in scales:
+        end = begin + s * s
+        mask[begin:end, :end] = True
+        begin = end
+    return mask
+
+
+def mask_by_bucketize(scales) -> torch.Tensor:
+    ends = torch.tensor([s * s for s in scales]).cumsum(0)
+    level = torch.bucketize(torch.arange(int(ends[-1])), ends, right=True)
+    return level.unsqueeze(1) >= level.unsqueeze(0)
+
+
+def mask_by_nested_lists(scales) -> torch.Tensor:
+    level = [k for k, s in enumerate(scales) for _ in range(s * s)]
+    return torch.tensor([[a >= b for b in level] for a in level])
+
+
+def mask_by_scale_ends(scales) -> torch.Tensor:
+    sizes = torch.tensor([s * s for s in scales])
+    end_of_own_scale = torch.repeat_interleave(sizes.cumsum(0), sizes)  # (L,)
+    return torch.arange(int(sizes.sum()))[None, :] < end_of_own_scale[:, None]
+
+
+def embed_by_loop(x, level_table, pos_table, scales, start=0) -> torch.Tensor:
+    level = [k for k, s in enumerate(scales) for _ in range(s * s)]
+    rows = [pos_table[p] + level_table[level[p]] for p in range(start, start + x.shape[1])]
+    return x + torch.stack(rows)
+
+
+def embed_by_f_embedding(x, level_table, pos_table, scales, start=0) -> torch.Tensor:
+    ends = torch.tensor([s * s for s in scales]).cumsum(0)
+    p = torch.arange(start, start + x.shape[1])
+    return x + F.embedding(p, pos_table) + F.embedding(torch.bucketize(p, ends, right=True), level_table)
+
+
+def embed_in_float64(x, level_table, pos_table, scales, start=0) -> torch.Tensor:
+    sl = slice(start, start + x.shape[1])
+    extra = pos_table[sl].double() + level_table.index_select(0, ref.level_ids(scales)[sl]).double()
+    return (x.double() + extra).float()
+
+
+def embed_with_int32_levels(x, level_table, pos_table, scales, start=0) -> torch.Tensor:
+    level = torch.repeat_interleave(torch.arange(len(scales), dtype=torch.int32), torch.tensor([s * s for s in scales]))
+    sl = slice(start, start + x.shape[1])
+    return x + pos_table[sl] + level_table[level[sl].long()]
+
+
+def step_by_permute(vq, f_hat, k, tokens):
+    B, s = tokens.shape[0], round(tokens.shape[1] ** 0.5)
+    f_hat = vq.accumulate(f_hat, k, tokens.reshape(B, s, s))
+    if k + 1 == len(vq.scales):
+        return f_hat, None
+    nxt = vq.next_input(f_hat, k)
+    return f_hat, nxt.permute(0, 2, 3, 1).reshape(B, -1, nxt.shape[1])
+
+
+def step_by_einsum_as_list(vq, f_hat, k, tokens):
+    s = vq.scales[k]
+    f_hat = vq.accumulate(f_hat, k, tokens.unflatten(1, (s, s)))
+    last = k == len(vq.scales) - 1
+    return [f_hat, None if last else torch.einsum("bdhw->bhwd", vq.next_input(f_hat, k)).flatten(1, 2)]
+
+
+def step_by_position_loop(vq, f_hat, k, tokens):
+    s = vq.scales[k]
+    f_hat = vq.accumulate(f_hat, k, tokens.view(-1, s, s))
+    if k == len(vq.scales) - 1:
+        return f_hat, None
+    nxt = vq.next_input(f_hat, k)  # (B, D, s', s')
+    side = nxt.shape[-1]
+    return f_hat, torch.stack([nxt[:, :, i, j] for i in range(side) for j in range(side)], dim=1)
+
+
+def teacher_forcing_by_filtering(vq, indices):
+    f_hat, steps = None, []
+    for k, idx in enumerate(indices):
+        f_hat, nxt = ref.scale_step(vq, f_hat, k, idx.reshape(idx.shape[0], -1))
+        steps.append(nxt)
+    targets = torch.cat([idx.view(idx.shape[0], -1) for idx in indices], 1)
+    return torch.cat([x for x in steps if x is not None], 1), targets
+
+
+def teacher_forcing_by_tokenizer(vq, indices):
+    f_hat, inputs = None, []
+    for k, idx in enumerate(indices):
+        f_hat = vq.accumulate(f_hat, k, idx)
+        if k < len(indices) - 1:
+            inputs.append(vq.next_input(f_hat, k).flatten(2).mT)
+    return torch.cat(inputs, 1), torch.cat([i.reshape(i.shape[0], -1) for i in indices], 1)
+
+
+def teacher_forcing_preallocated(vq, indices):
+    B, first = indices[0].shape[0], indices[0].shape[1] ** 2
+    L = sum(i.shape[1] * i.shape[2] for i in indices)
+    inputs, f_hat, at = torch.zeros(B, L - first, vq.dim), None, 0
+    for k, idx in enumerate(indices):
+        f_hat, nxt = ref.scale_step(vq, f_hat, k, idx.flatten(1))
+        if nxt is not None:
+            inputs[:, at:at + nxt.shape[1]] = nxt
+            at += nxt.shape[1]
+    return inputs, torch.cat([i.flatten(1) for i in indices], dim=-1)
+
+
+def loss_by_log_softmax_split(logits, targets, scales):
+    nll = -logits.log_softmax(-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return nll.mean(), torch.stack([part.mean() for part in nll.split([s * s for s in scales], dim=1)])
+
+
+def loss_by_logsumexp_index_add(logits, targets, scales):
+    nll = torch.logsumexp(logits, -1) - logits.gather(2, targets[..., None])[..., 0]
+    sizes = torch.tensor([s * s for s in scales])
+    per_scale = torch.zeros(len(scales)).index_add(0, ref.level_ids(scales), nll.sum(0)) / (nll.shape[0] * sizes)
+    return nll.sum() / nll.numel(), per_scale
+
+
+def loss_in_float64(logits, targets, scales):
+    nll = F.cross_entropy(logits.double().transpose(1, 2), targets, reduction="none")
+    per_scale, begin = [], 0
+    for s in scales:
+        per_scale.append(nll[:, begin:begin + s * s].mean())
+        begin += s * s
+    return nll.mean().float(), torch.stack(per_scale).float()
+
+
+def loss_as_weighted_scale_means(logits, targets, scales):
+    nll = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view(targets.shape)
+    level = ref.level_ids(scales)
+    per_scale = torch.stack([nll[:, level == k].mean() for k in range(len(scales))])
+    sizes = torch.tensor([s * s for s in scales], dtype=per_scale.dtype)
+    return (per_scale * sizes).sum() / sizes.sum(), per_scale
+
+
+def _sampler(always_double: bool):
+    """A hand-written 4.6 loop: the library's strength and mix, and (``always_double``) the doubled batch even at
+    cfg 0, where the mix gives the conditional logits exactly."""
+    def sampler(model, vq, classes, *, sampling=SamplingConfig(), cfg=0.0, ramp=True, generator=None):
+        B, scales = classes.shape[0], model.config.scales
+        double = always_double or cfg != 0
+        rows = torch.cat([classes, torch.full_like(classes, model.null_class)]) if double else classes
+        cache, f_hat, x, out = model.make_cache(rows.shape[0]), None, None, []
+        for k, s in enumerate(scales):
+            logits = model.step(k, x, rows, cache)
+            if double:
+                t = ref.guidance_strength(cfg, k, len(scales), ramp=ramp)
+                logits = cfg_mix(logits[:B], logits[B:], t)
+            tokens = sample(logits, sampling=sampling, generator=generator)
+            out.append(tokens.reshape(B, s, s))
+            f_hat, x = ref.scale_step(vq, f_hat, k, tokens)
+            if double and x is not None:
+                x = x.repeat(2, 1, 1)
+        return out
+
+    return sampler
+
+
+def sampler_by_chunks(model, vq, classes, *, sampling=SamplingConfig(), cfg=0.0, ramp=True, generator=None):
+    """The doubled batch built by repeat and the guidance written as cond + t (cond - uncond)."""
+    B, S = classes.shape[0], len(model.config.scales)
+    guided = cfg != 0
+    rows = classes.repeat(2) if guided else classes
+    if guided:
+        rows[B:] = model.null_class  # rows is a new tensor: the caller's classes stay as they were
+    cache, f_hat, x, out = model.make_cache(rows.shape[0]), None, None, []
+    for k, s in enumerate(model.config.scales):
+        logits = model.step(k, x, rows, cache)
+        if guided:
+            t = cfg * (k / (S - 1)) if ramp else cfg
+            cond, uncond = logits.chunk(2)
+            logits = cond + t * (cond - uncond)
+        tokens = sample(logits, sampling=sampling, generator=generator)
+        out.append(tokens.reshape(B, s, s))
+        f_hat, x = ref.scale_step(vq, f_hat, k, tokens)
+        if guided and x is not None:
+            x = torch.cat([x, x], 0)
+    return out
+
+
+CORRECT_ALTERNATIVES = {
+    "block_causal_mask": [mask_by_blocks, mask_by_bucketize, mask_by_nested_lists, mask_by_scale_ends],
+    "embed_levels_positions": [embed_by_loop, embed_by_f_embedding, embed_in_float64, embed_with_int32_levels],
+    "scale_step": [step_by_permute, step_by_einsum_as_list, step_by_position_loop],
+    "teacher_forcing_sequence": [teacher_forcing_by_tokenizer, teacher_forcing_preallocated,
+                                 teacher_forcing_by_filtering],
+    "var_loss": [loss_by_log_softmax_split, loss_by_logsumexp_index_add, loss_in_float64, loss_as_weighted_scale_means],
+    "sample_pyramid": [_sampler(always_double=True), _sampler(always_double=False), sampler_by_chunks],
+}
+
+
+@pytest.mark.parametrize("name,index", [(n, i) for n, fns in CORRECT_ALTERNATIVES.items() for i in range(len(fns))])
+def test_correct_answers_in_other_styles_pass(name, index):
+    assert_passes(getattr(ch04, name), CORRECT_ALTERNATIVES[name][index])
+
+
+# wrong answers of kinds the earlier audits did not try (third audit) ---------------------------------------
+
+
+def test_scale_step_rejects_a_canvas_kept_between_calls():
+    kept: dict[str, torch.Tensor] = {}
+
+    def own_canvas(vq, f_hat, k, tokens):  # ignores f_hat: right only when called scale after scale
+        s = vq.scales[k]
+        kept["f"] = vq.accumulate(None if k == 0 else kept["f"], k, tokens.view(-1, s, s))
+        nxt = None if k == len(vq.scales) - 1 else vq.next_input(kept["f"], k).flatten(2).transpose(1, 2)
+        return kept["f"], nxt
+
+    assert_fails(ch04.scale_step, own_canvas, contains="not from a canvas kept between calls")
+
+
+def test_sampling_that_ignores_the_generator_is_named():
+    def global_random_state(model, vq, classes, **kw):
+        kw.pop("generator")
+        return _sampler(always_double=False)(model, vq, classes, **kw)
+
+    assert_fails(ch04.sample_pyramid, global_random_state, contains="identically seeded generators")

@@ -2,6 +2,7 @@
 wrong answers (drafts counted after a rejection, resampling from p instead of the residual, a forgotten bonus
 token, an off-by-one rollback, a carry taken from the wrong rows, an uncapped relaxation...)."""
 
+import pytest
 import torch
 
 from ar_course import sampling
@@ -361,3 +362,187 @@ def test_use_falls_back_to_the_reference():
     assert ch05.use(best_draft_length) is answers.best_draft_length
     assert_passes(ch05.best_draft_length, best_draft_length)
     assert ch05.use(best_draft_length) is best_draft_length
+
+
+# correct answers in other styles (third audit): each must pass --------------------------------------------
+
+
+def prefix_by_multiplication(p, q, drafts, u):  # u * q < p is u < p / q without the division (q > 0)
+    return (u * at(q, drafts) < at(p, drafts)).cumprod(1).sum(1)
+
+
+def prefix_by_first_rejection(p, q, drafts, u):
+    rejected = u >= torch.minimum(at(p, drafts) / at(q, drafts), torch.tensor(1.0))
+    first = rejected.int().argmax(1)
+    return torch.where(rejected.any(1), first, torch.full_like(first, drafts.shape[1])).long()
+
+
+def prefix_by_cummin_in_float64(p, q, drafts, u):
+    a = (at(p.double(), drafts) / at(q.double(), drafts)).clamp(max=1)
+    return (u.double() < a).int().cummin(1).values.sum(1).long()
+
+
+def residual_by_minimum(p, q):
+    r = p - torch.minimum(p, q)
+    mass = r.sum(-1, keepdim=True)
+    return torch.where(mass == 0, p, r / mass)
+
+
+def residual_by_nan_replacement(p, q):
+    r = (p - q).clamp_min(0)
+    out = r / r.sum(-1, keepdim=True)
+    return torch.where(torch.isnan(out), p, out)
+
+
+def residual_by_rows(p, q):
+    rows = []
+    for a, b in zip(p.reshape(-1, p.shape[-1]), q.reshape(-1, q.shape[-1])):
+        r = (a - b).clamp(min=0)
+        rows.append(r / r.sum() if r.sum() > 0 else a)
+    return torch.stack(rows).reshape(p.shape)
+
+
+def residual_by_l1_normalize(p, q):
+    r = (p - q).clamp(min=0)
+    return torch.where(r.sum(-1, keepdim=True) > 0, torch.nn.functional.normalize(r, p=1, dim=-1), p)
+
+
+def round_by_loop(p, q, draft, u, generator=None):
+    out = []
+    for i in range(len(draft)):
+        x = draft[i]
+        if u[i] * q[i, x] < p[i, x]:
+            out.append(draft[i:i + 1])
+        else:
+            fix = sampling.sample_from_probs(F.residual_distribution(p[i], q[i]), generator)
+            return torch.cat(out + [fix.reshape(1)])
+    return torch.cat(out + [sampling.sample_from_probs(p[len(draft)], generator).view(1)])
+
+
+def round_by_python_lists(p, q, draft, u, generator=None):
+    L = draft.numel()
+    a = (p[torch.arange(L), draft] / q[torch.arange(L), draft]).clamp(max=1)
+    n = int((u < a).long().cumprod(0).sum())
+    dist = p[L] if n == L else F.residual_distribution(p[n], q[n])
+    return torch.tensor(draft[:n].tolist() + [int(sampling.sample_from_probs(dist, generator))])
+
+
+def round_by_library_pieces(p, q, draft, u, generator=None):
+    L = draft.shape[0]
+    n = int(F.accepted_prefix(p[None, :L], q[None], draft[None], u[None]))
+    dist = F.residual_distribution(p[n], q[n]) if n < L else p[L]
+    return torch.cat([draft[:n], sampling.sample_from_probs(dist, generator).reshape(1)])
+
+
+def rollback_by_map(caches, seq_len):
+    list(map(lambda cache: cache.rollback(min(cache.length, seq_len - 1)), caches))
+
+
+def rollback_when_longer(caches, seq_len):
+    for cache in caches:
+        keep = min(cache.length, seq_len - 1)
+        if keep != cache.length:
+            cache.rollback(keep)
+
+
+def rollback_by_index_returning_caches(caches, seq_len):
+    for i in range(len(caches)):
+        caches[i].rollback(min(caches[i].length, seq_len - 1))
+    return caches
+
+
+def best_by_closed_form(alpha, c, max_gamma):
+    def tokens(g):
+        return g + 1 if alpha == 1 else (1 - alpha ** (g + 1)) / (1 - alpha)
+
+    speedups = [tokens(g) / (g * c + 1) for g in range(max_gamma + 1)]
+    best = max(range(len(speedups)), key=lambda g: (speedups[g], -g))
+    return best, speedups[best]
+
+
+def best_by_torch_argmax(alpha, c, max_gamma):
+    gammas = torch.arange(max_gamma + 1, dtype=torch.float64)
+    tokens = torch.stack([(alpha ** torch.arange(int(g) + 1, dtype=torch.float64)).sum() for g in gammas])
+    speedups = tokens / (gammas * c + 1)
+    best = int(torch.argmax(speedups))  # the first maximum
+    return best, float(speedups[best])
+
+
+def best_by_running_sum(alpha, c, max_gamma):
+    best, best_speedup, tokens, term = 0, 1.0, 1.0, 1.0
+    for gamma in range(1, max_gamma + 1):
+        term *= alpha
+        tokens += term
+        if tokens / (gamma * c + 1) > best_speedup:
+            best, best_speedup = gamma, tokens / (gamma * c + 1)
+    return best, best_speedup
+
+
+def jacobi_by_loop(p, q, draft, u, generator=None):
+    accepted = round_by_loop(p, q, draft, u, generator)
+    carry_q = p[accepted.numel():]
+    carry = sampling.sample_from_probs(carry_q, generator) if carry_q.shape[0] else torch.empty(0, dtype=torch.long)
+    return accepted, carry, carry_q
+
+
+def jacobi_as_list(p, q, draft, u, generator=None):
+    accepted = round_by_python_lists(p, q, draft, u, generator)
+    m = len(accepted)
+    if m > len(draft):
+        return accepted, torch.tensor([], dtype=torch.long), p[m:]
+    return [accepted, sampling.sample_from_probs(p[m:], generator), p[m:].clone()]
+
+
+def jacobi_by_library_round(p, q, draft, u, generator=None):
+    accepted = F.speculative_round(p, q, draft, u, generator)
+    m = accepted.shape[0]
+    if m == draft.shape[0] + 1:
+        return accepted, draft[:0], p[m:]
+    return accepted, sampling.sample_from_probs(p[m:], generator), p[m:]
+
+
+def relaxed_by_loop(p, q, tokens, neighbors, delta):
+    out = []
+    for a, b, x in zip(p.reshape(-1, p.shape[-1]), q.reshape(-1, q.shape[-1]), tokens.reshape(-1)):
+        m = min(delta, float(a[neighbors[x]].sum()))
+        out.append(min(1.0, (float(a[x]) + m) / float(b[x])))
+    return torch.tensor(out, dtype=p.dtype).reshape(tokens.shape)
+
+
+def relaxed_by_one_hot(p, q, tokens, neighbors, delta):
+    V = p.shape[-1]
+    near = torch.nn.functional.one_hot(neighbors[tokens], V).sum(-2).to(p.dtype)
+    m = torch.minimum((p * near).sum(-1), torch.tensor(delta, dtype=p.dtype))
+    own = torch.nn.functional.one_hot(tokens, V).to(p.dtype)
+    return ((p * own).sum(-1) + m).div((q * own).sum(-1)).clamp(max=1)
+
+
+def relaxed_by_library(p, q, tokens, neighbors, delta):
+    return F.acceptance_probability(F.relaxed_target(p, tokens, neighbors, delta), q, tokens)
+
+
+CORRECT_ALTERNATIVES = {
+    "accepted_prefix": [prefix_by_multiplication, prefix_by_first_rejection, prefix_by_cummin_in_float64],
+    "residual_distribution": [residual_by_minimum, residual_by_nan_replacement, residual_by_rows,
+                              residual_by_l1_normalize],
+    "speculative_round": [round_by_loop, round_by_python_lists, round_by_library_pieces],
+    "rollback_caches": [rollback_when_longer, rollback_by_index_returning_caches, rollback_by_map],
+    "best_draft_length": [best_by_closed_form, best_by_torch_argmax, best_by_running_sum],
+    "jacobi_verify": [jacobi_by_loop, jacobi_as_list, jacobi_by_library_round],
+    "relaxed_acceptance_probability": [relaxed_by_loop, relaxed_by_one_hot, relaxed_by_library],
+}
+
+
+@pytest.mark.parametrize("name,index", [(n, i) for n, fns in CORRECT_ALTERNATIVES.items() for i in range(len(fns))])
+def test_correct_answers_in_other_styles_pass(name, index):
+    assert_passes(getattr(ch05, name), CORRECT_ALTERNATIVES[name][index])
+
+
+# wrong answers of kinds the earlier audits did not try (third audit) ---------------------------------------
+
+
+def test_prefix_rejects_a_non_strict_test():
+    def non_strict(p, q, drafts, u):  # at u = 0 it keeps a draft the target gives probability 0
+        return (u <= (at(p, drafts) / at(q, drafts)).clamp(max=1)).long().cumprod(-1).sum(-1)
+
+    assert_fails(ch05.accepted_prefix, non_strict, contains="the test is strict")

@@ -5,12 +5,15 @@ refused...)."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 from ar_course import kernels, utils
 from ar_course.checks import ch07
 from ar_course.checks.reference import ch07 as ref
+from ar_course.sampling import SamplingConfig
+from ar_course.var import guidance_strength
 from ar_course.var.model import sample_pyramid
 from checks_helpers import assert_fails, assert_not_attempted, assert_passes, stub
 
@@ -96,7 +99,9 @@ def test_pipeline_rejects_wrong_answers():
 
 def weights_w_as_scale(w, method, num_steps, ramp=True):
     # reads w as the guidance scale s of the CFG paper: uncond + w (cond - uncond)
-    return [(w, 1 - w) for _ in range(num_steps)] if method == "ar" else ref.guidance_weights(w, method, num_steps, ramp)
+    if method == "ar":
+        return [(w, 1 - w) for _ in range(num_steps)]
+    return ref.guidance_weights(w, method, num_steps, ramp)
 
 
 def weights_ramp_everywhere(w, method, num_steps, ramp=True):
@@ -383,3 +388,232 @@ def test_fastest_rejects_wrong_answers():
     assert_fails(ch07.fastest_meeting, fastest_first_meeting)
     assert_fails(ch07.fastest_meeting, fastest_last_on_tie, contains="tie")
     assert_fails(ch07.fastest_meeting, fastest_sorts_rows_in_place, contains="changed its argument `rows`")
+
+
+# correct answers in other styles (third audit): each must pass --------------------------------------------
+
+
+def pipeline_clamped(model, tokenizer, classes, *, cfg=0.0, generator=None):
+    with torch.no_grad():
+        pyramid = sample_pyramid(model, tokenizer.quantizer, classes, sampling=SamplingConfig(), cfg=cfg, ramp=True,
+                                 generator=generator)
+        return tokenizer.decode_from_indices(pyramid).clamp(0, 1).to(torch.float32).to("cpu")
+
+
+def pipeline_without_no_grad(model, tokenizer, classes, *, cfg=0.0, generator=None):
+    pyramid = sample_pyramid(model, tokenizer.quantizer, classes, cfg=cfg, generator=generator)
+    return tokenizer.decode_from_indices(pyramid).detach().cpu().float()
+
+
+def pipeline_in_inference_mode(model, tokenizer, classes, *, cfg=0.0, generator=None):
+    device = next(model.parameters()).device
+    with torch.inference_mode():
+        pyramid = sample_pyramid(model, tokenizer.quantizer, classes.to(device), cfg=cfg, generator=generator)
+        images = tokenizer.decode_from_indices(pyramid)
+    return images.to(device="cpu", dtype=torch.float32)
+
+
+def guidance_by_linspace(w, method, num_steps, ramp=True):
+    if method not in ("ar", "var"):
+        raise ValueError(f"unknown method {method!r}")
+    ramped = method == "var" and ramp and num_steps > 1
+    t = np.linspace(0, w, num_steps) if ramped else np.full(num_steps, float(w))
+    return [(1 + x, -x) for x in t]
+
+
+def guidance_as_tensor(w, method, num_steps, ramp=True):
+    if method not in {"ar", "var"}:
+        raise ValueError("method must be 'ar' or 'var'")
+    k = torch.arange(num_steps, dtype=torch.float64)
+    if method == "var" and ramp and num_steps > 1:
+        t = w * k / (num_steps - 1)
+    else:
+        t = torch.full((num_steps,), float(w), dtype=torch.float64)
+    return torch.stack([1 + t, -t], 1)
+
+
+def guidance_by_float32_linspace(w, method, num_steps, ramp=True):
+    """float32 strengths (torch.linspace's default dtype): right to float32 precision."""
+    if method not in ("ar", "var"):
+        raise ValueError(f"unknown method {method!r}")
+    t = torch.linspace(0, w, num_steps) if method == "var" and ramp and num_steps > 1 else torch.full((num_steps,), w)
+    return [(1 + x, -x) for x in t]
+
+
+def guidance_by_library_strength(w, method, num_steps, ramp=True):
+    if method == "ar":
+        return [(1 + w, -w)] * num_steps
+    if method == "var":
+        return [(1 + t, -t) for t in (guidance_strength(w, k, num_steps, ramp=ramp) for k in range(num_steps))]
+    raise ValueError(method)
+
+
+def backend_by_branches(device_type, available, requested="auto"):
+    if requested == "auto":
+        if device_type != "cuda":
+            return "torch"
+        return "triton" if "triton" in available else "numba" if "numba" in available else "torch"
+    if requested == "torch":
+        return "torch"
+    if requested in ("triton", "numba"):
+        if requested in available:
+            return requested
+        raise RuntimeError(f"{requested} is not available")
+    raise ValueError(f"unknown request {requested!r}")
+
+
+def backend_by_preference_list(device_type, available, requested="auto"):
+    preference = {"cuda": ["triton", "numba", "torch"]}.get(device_type, ["torch"])
+    if requested == "auto":
+        return next(b for b in preference if b == "torch" or b in available)
+    if requested not in ("torch", "triton", "numba"):
+        raise ValueError(requested)
+    if requested != "torch" and requested not in sorted(available):
+        raise RuntimeError(requested)
+    return requested
+
+
+def backend_by_table(device_type, available, requested="auto"):
+    if requested not in {"auto", "torch", "triton", "numba"}:
+        raise ValueError(f"unknown backend request {requested!r}")
+    usable = {"torch"} | set(available)
+    if requested != "auto":
+        if requested not in usable:
+            raise RuntimeError(f"{requested} cannot run on {device_type}")
+        return requested
+    ranking = ("triton", "numba", "torch") if device_type == "cuda" else ("torch",)
+    return min((b for b in ranking if b in usable), key=ranking.index)
+
+
+def batches_by_split(generate_fn, classes, batch_size):
+    if batch_size < 1:
+        raise ValueError("batch_size must be >= 1")
+    return torch.cat([generate_fn(chunk) for chunk in classes.split(batch_size)])
+
+
+def batches_by_while(generate_fn, classes, batch_size):
+    if batch_size <= 0:
+        raise ValueError("batch_size must be positive")
+    out, i = [], 0
+    while i < len(classes):
+        out.append(generate_fn(classes[i:i + batch_size]))
+        i += batch_size
+    return torch.cat(out, 0)
+
+
+def batches_by_tensor_split(generate_fn, classes, batch_size):
+    if batch_size < 1:
+        raise ValueError("batch_size must be >= 1")
+    cuts = list(range(batch_size, len(classes), batch_size))
+    return torch.cat([generate_fn(chunk) for chunk in torch.tensor_split(classes, cuts)])
+
+
+def batches_preallocated(generate_fn, classes, batch_size):
+    if batch_size < 1:
+        raise ValueError("batch_size must be >= 1")
+    out = None
+    for begin in range(0, classes.numel(), batch_size):
+        images = generate_fn(classes[begin:begin + batch_size])
+        if out is None:
+            out = images.new_empty((classes.numel(), *images.shape[1:]))
+        out[begin:begin + images.shape[0]] = images
+    return out
+
+
+def accounting_by_numpy(chunk_images, chunk_passes, chunk_seconds):
+    n, p, s = np.array(chunk_images), np.array(chunk_passes), np.array(chunk_seconds)
+    return {"images": int(n.sum()), "forward_passes": int(p.sum()),
+            "passes_per_image": float(np.average(p, weights=n)), "images_per_second": float(n.sum() / s.sum())}
+
+
+def accounting_by_float64_tensors(chunk_images, chunk_passes, chunk_seconds):
+    n, p, s = (torch.tensor(v, dtype=torch.float64) for v in (chunk_images, chunk_passes, chunk_seconds))
+    return {"images": n.sum(), "forward_passes": p.sum(), "passes_per_image": (n * p).sum() / n.sum(),
+            "images_per_second": n.sum() / s.sum()}
+
+
+def accounting_by_running_totals(chunk_images, chunk_passes, chunk_seconds):
+    totals = {"images": 0, "forward_passes": 0}
+    weighted, seconds = 0, 0.0
+    for n, p, s in zip(chunk_images, chunk_passes, chunk_seconds):
+        totals["images"] += n
+        totals["forward_passes"] += p
+        weighted += n * p
+        seconds += s
+    return {**totals, "passes_per_image": weighted / totals["images"], "images_per_second": totals["images"] / seconds}
+
+
+def front_by_signs(rows, objectives):
+    sign = {k: 1 if v == "max" else -1 for k, v in objectives.items()}
+
+    def dominates(a, b):
+        return all(sign[k] * a[k] >= sign[k] * b[k] for k in sign) and any(sign[k] * a[k] > sign[k] * b[k]
+                                                                           for k in sign)
+
+    return [b for b in rows if not any(dominates(a, b) for a in rows if a is not b)]
+
+
+def front_by_matrices(rows, objectives):
+    if not rows:
+        return []
+    m = np.array([[r[k] * (1 if s == "max" else -1) for k, s in objectives.items()] for r in rows])
+    dominated = ((m[:, None] >= m[None]).all(-1) & (m[:, None] > m[None]).any(-1)).any(0)
+    return [r for r, d in zip(rows, dominated) if not d]
+
+
+def front_of_copies_as_tuple(rows, objectives):
+    out = []
+    for i, b in enumerate(rows):
+        beaten = False
+        for j, a in enumerate(rows):
+            better = [(a[k] > b[k]) if s == "max" else (a[k] < b[k]) for k, s in objectives.items()]
+            worse = [(a[k] < b[k]) if s == "max" else (a[k] > b[k]) for k, s in objectives.items()]
+            beaten = beaten or (i != j and any(better) and not any(worse))
+        if not beaten:
+            out.append(dict(b))
+    return tuple(out)
+
+
+def fastest_by_max_default(rows, speed, quality, floor, higher_is_better=True):
+    ok = [r for r in rows if (r[quality] >= floor if higher_is_better else r[quality] <= floor)]
+    return max(ok, key=lambda r: r[speed], default=None)
+
+
+def fastest_by_stable_sort(rows, speed, quality, floor, higher_is_better=True):
+    sign = 1 if higher_is_better else -1
+    ok = sorted((r for r in rows if sign * (r[quality] - floor) >= 0), key=lambda r: -r[speed])
+    return ok[0] if ok else None
+
+
+def fastest_by_min_of_tuples(rows, speed, quality, floor, higher_is_better=True):
+    sign = 1 if higher_is_better else -1
+    ok = [(-r[speed], i, r) for i, r in enumerate(rows) if sign * r[quality] >= sign * floor]
+    return min(ok)[2] if ok else None
+
+
+CORRECT_ALTERNATIVES = {
+    "var_pipeline": [pipeline_clamped, pipeline_without_no_grad, pipeline_in_inference_mode],
+    "guidance_weights": [guidance_by_linspace, guidance_as_tensor, guidance_by_float32_linspace,
+                         guidance_by_library_strength],
+    "choose_backend": [backend_by_branches, backend_by_preference_list, backend_by_table],
+    "generate_in_batches": [batches_by_split, batches_by_while, batches_by_tensor_split, batches_preallocated],
+    "generation_accounting": [accounting_by_numpy, accounting_by_float64_tensors, accounting_by_running_totals],
+    "pareto_front": [front_by_signs, front_by_matrices, front_of_copies_as_tuple],
+    "fastest_meeting": [fastest_by_max_default, fastest_by_stable_sort, fastest_by_min_of_tuples],
+}
+
+
+@pytest.mark.parametrize("name,index", [(n, i) for n, fns in CORRECT_ALTERNATIVES.items() for i in range(len(fns))])
+def test_correct_answers_in_other_styles_pass(name, index):
+    assert_passes(getattr(ch07, name), CORRECT_ALTERNATIVES[name][index])
+
+
+# wrong answers of kinds the earlier audits did not try (third audit) ---------------------------------------
+
+
+def test_fastest_rejects_a_strict_floor_only_when_lower_is_better():
+    def strict_when_lower(rows, speed, quality, floor, higher_is_better=True):
+        ok = [r for r in rows if (r[quality] >= floor if higher_is_better else r[quality] < floor)]
+        return max(ok, key=lambda r: r[speed], default=None)
+
+    assert_fails(ch07.fastest_meeting, strict_when_lower, contains="Frechet <= 2.4 (met exactly)")

@@ -140,7 +140,7 @@ def _classes_seen(model: GPT) -> tuple[list, Callable[[], None]]:
 
 def _dropped_classes(fn, model: GPT, classes: torch.Tensor, p: float, seed: int, where: str) -> torch.Tensor:
     """The classes the learner's loss hands the model for 2000 maps at dropout rate ``p``."""
-    maps = _maps(_gen(20), classes.shape[0], 3, 4, 13)
+    maps = _maps(_gen(20), classes.shape[0], 1, 2, 13)  # short maps: only the classes the model gets matter here
     original = classes.clone()
     seen, remove = _classes_seen(model)
     try:
@@ -264,9 +264,9 @@ SAMPLER_MISTAKES = [
     "run [classes; null classes] as one batch of 2B with model.make_cache(2B); the first pass takes an empty "
     "(2B, 0) input, every later pass the last sampled token repeated for both halves; mix the two halves' "
     "logits, (1 + w) * cond - w * uncond (logits, not probabilities), before sampling",
-    "per step: logits = last-position logits of the 2B rows; mixed = sampling.cfg_mix(logits[:B], logits[B:], "
-    "cfg); tok = sampling.sample(mixed, sampling=sampling, generator=generator); feed tok.repeat(2)[:, None] "
-    "next",
+    "per step: logits = last-position logits of the 2B rows; mixed = (1 + cfg) * logits[:B] - cfg * logits[B:]; "
+    "tok = sample(mixed, sampling=sampling, generator=generator) (the function `sample`: inside the loop the name "
+    "`sampling` is the SamplingConfig argument, not the module); feed tok.repeat(2)[:, None] next",
 ))
 def sample_tokens(fn, ref_fn):
     models = {"sharp": tiny_model(), "mild": tiny_model(1, class_scale=1.0)}
@@ -300,7 +300,18 @@ def sample_tokens(fn, ref_fn):
         except CheckFailure as exc:
             case = Case(name, (model, kw["classes"].clone(), kw["num_tokens"]),
                         {k: v for k, v in kw.items() if k not in ("classes", "num_tokens")})
+            _check_follows_generator(fn, case, got, exc)
             raise explain(exc, SAMPLER_MISTAKES, case, got) from None
+
+
+def _check_follows_generator(fn: Callable, case: Case, got: torch.Tensor, failure: CheckFailure) -> None:
+    """Run the learner's sampler once more with an identically seeded generator: different tokens mean its draws
+    do not all come from ``generator``."""
+    model, classes, num_tokens = case.args
+    again = call(fn, model, classes.clone(), num_tokens, where=case.name, generator=_gen(11), **case.kwargs)
+    if isinstance(again, torch.Tensor) and isinstance(got, torch.Tensor) and not torch.equal(again, got):
+        raise CheckFailure(f"{failure}; two runs with identically seeded generators gave different tokens: draw "
+                           "with sample(..., generator=generator), not from the global random state")
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -318,13 +329,17 @@ def _frechet_cases() -> Iterator[Case]:
                                                 torch.randn(40, 3, generator=g, dtype=torch.float64) * 2))
 
 
-def _frechet_variant(a: torch.Tensor, b: torch.Tensor, *, ddof: int = 1, elementwise: bool = False) -> float:
-    """The Frechet distance with one thing changed: biased covariances or an elementwise square root."""
+def _frechet_variant(a: torch.Tensor, b: torch.Tensor, *, ddof: int = 1, elementwise: bool = False,
+                     separate: bool = False) -> float:
+    """The Frechet distance with one thing changed: biased covariances, an elementwise square root, or the
+    product of the two covariances' square roots."""
     x, y = a.double().numpy(), b.double().numpy()
     s_a, s_b = np.cov(x, rowvar=False, ddof=ddof), np.cov(y, rowvar=False, ddof=ddof)
     prod = s_a @ s_b
     with np.errstate(invalid="ignore"):  # an entry-wise root of a negative entry is NaN, as the learner's is
         root = np.sqrt(prod) if elementwise else linalg.sqrtm(prod).real
+    if separate:
+        root = linalg.sqrtm(s_a).real @ linalg.sqrtm(s_b).real
     return float(((x.mean(0) - y.mean(0)) ** 2).sum() + np.trace(s_a) + np.trace(s_b) - 2 * np.trace(root))
 
 
@@ -333,6 +348,9 @@ FRECHET_MISTAKES = [
             "those covariances divide by N; the unbiased ones divide by N - 1"),
     Mistake(lambda a, b: _frechet_variant(a, b, elementwise=True),
             "that takes the square root of each entry of S_a S_b; the formula needs the matrix square root"),
+    Mistake(lambda a, b: _frechet_variant(a, b, separate=True),
+            "that multiplies the square roots of S_a and S_b; the formula takes the square root of their product "
+            "(two covariances rarely commute, so the two differ)"),
 ]
 
 

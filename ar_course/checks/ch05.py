@@ -51,6 +51,11 @@ def _prefix_cases() -> Iterator[Case]:
     u = torch.tensor([[0.3, 0.9, 0.7], [0.1, 0.1, 0.1], [0.9, 0.99, 0.2]])
     yield Case("hand-made: a late rejection, a first-draft rejection after which all would pass, all accepted",
                (p, q, drafts, u))
+    # u = 0 is a possible uniform number: a draft the target gives probability 0 must still fail (0 < 0 is False)
+    p = torch.tensor([[[0.0, 0.6, 0.4], [0.3, 0.3, 0.4]], [[0.5, 0.5, 0.0], [0.2, 0.0, 0.8]]])  # (2, 2, 3)
+    q = torch.tensor([[[0.5, 0.3, 0.2], [0.3, 0.3, 0.4]], [[0.4, 0.4, 0.2], [0.1, 0.6, 0.3]]])
+    yield Case("u = 0 on drafts the target gives probability 0", (p, q, torch.tensor([[0, 2], [1, 1]]),
+                                                                  torch.tensor([[0.0, 0.5], [0.2, 0.0]])))
 
 
 def _at(dist: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -62,6 +67,9 @@ PREFIX_MISTAKES = [
     Mistake(lambda p, q, d, u: (u < (_at(p, d) / _at(q, d)).clamp(max=1)).long().sum(-1),
             "that counts every draft that passes; a round stops at its first rejection, so a draft after a "
             "rejected one never counts"),
+    Mistake(lambda p, q, d, u: (u <= (_at(p, d) / _at(q, d)).clamp(max=1)).long().cumprod(-1).sum(-1),
+            "that keeps a draft when u <= min(1, p/q): at u = 0 it accepts a token the target gives probability 0; "
+            "the test is strict, u < min(1, p/q)"),
     Mistake(lambda p, q, d, u: (u < (_at(q, d) / _at(p, d)).nan_to_num(1.0).clamp(max=1)).long().cumprod(-1).sum(-1),
             "that tests with q/p; the ratio is the target's probability over the draft's"),
     Mistake(lambda p, q, d, u: (u >= (_at(p, d) / _at(q, d)).clamp(max=1)).long().cumprod(-1).sum(-1),

@@ -127,12 +127,12 @@ def guidance_weights(fn: Callable, ref_fn: Callable) -> None:
         if tuple(got_t.shape) != tuple(expected.shape):
             raise CheckFailure(f"on input {case.name!r}, expected {expected.shape[0]} pairs (one per step), got "
                                f"shape {tuple(got_t.shape)}")
-        bad = ~torch.isclose(got_t, expected, atol=1e-9, rtol=1e-9)
+        bad = ~torch.isclose(got_t, expected, atol=1e-6, rtol=1e-6)  # float32 pairs (torch.linspace) are fine too
         if bool(bad.any()):
             k = int(bad.any(dim=1).nonzero()[0])
             raise CheckFailure(f"on input {case.name!r}, step {k} has (a_cond, a_uncond) = "
-                               f"({got_t[k, 0]:.4g}, {got_t[k, 1]:.4g}), expected ({expected[k, 0]:.4g}, "
-                               f"{expected[k, 1]:.4g})")
+                               f"({got_t[k, 0]:.6g}, {got_t[k, 1]:.6g}), expected ({expected[k, 0]:.6g}, "
+                               f"{expected[k, 1]:.6g})")
     _expect_error(fn, (1.0, "raster", 4), {}, ValueError, "an unknown method 'raster'")
 
 
@@ -349,6 +349,7 @@ def _fastest_cases() -> Iterator[Case]:
     yield Case("accuracy >= 0.99 (met exactly)", (TABLE, "speed", "acc", 0.99))
     yield Case("Frechet <= 2.8 (lower is better)", (TABLE, "speed", "fd", 2.8), {"higher_is_better": False})
     yield Case("Frechet <= 2.35 (lower is better)", (TABLE, "speed", "fd", 2.35), {"higher_is_better": False})
+    yield Case("Frechet <= 2.4 (met exactly)", (TABLE, "speed", "fd", 2.4), {"higher_is_better": False})
     yield Case("accuracy >= 0.999 (nobody)", (TABLE, "speed", "acc", 0.999))
     ties = _rows(("P", 10.0, 0.9, 1.0), ("Q", 12.0, 0.95, 1.0), ("R", 12.0, 0.97, 1.0), ("S", 12.0, 0.8, 1.0))
     yield Case("a tie in speed: the earlier row", (ties, "speed", "acc", 0.9))
