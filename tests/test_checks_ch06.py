@@ -11,7 +11,7 @@ from ar_course.checks import ch06
 from ar_course.checks.ch06 import BLOCK_M, BLOCK_N, HEAD_DIM, LOWEST, THREADS, TILE
 from ar_course.kernels.env import CUDA_SIMULATOR
 from checks_helpers import assert_fails, assert_not_attempted, assert_passes
-from numba import cuda, float32  # after ar_course.kernels: the simulator is already chosen
+from numba import cuda, float32, float64  # after ar_course.kernels: the simulator is already chosen
 
 
 @cuda.jit
@@ -757,6 +757,654 @@ def combine_no_guard(m_part, l_part, acc_part, out):
     out[bh, d] = num / den
 
 
+# Right kernels written other ways (each must pass), and wrong ones of other kinds ---------------------------
+
+
+@cuda.jit
+def axpy_grid_stride(alpha, x, y, out):
+    for i in range(cuda.grid(1), x.shape[0], cuda.gridsize(1)):
+        out[i] = alpha * x[i] + y[i]
+
+
+@cuda.jit
+def axpy_early_return_f64(alpha, x, y, out):
+    i = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
+    if i >= x.size:
+        return
+    out[i] = float32(float64(alpha) * float64(x[i]) + float64(y[i]))
+
+
+@cuda.jit
+def axpy_fma_style(alpha, x, y, out):
+    i = cuda.grid(1)
+    n = len(x)
+    if i < n:
+        v = y[i]
+        v += alpha * x[i]
+        out[i] = v
+
+
+@cuda.jit
+def sqdist_explicit_index(z, codebook, out):
+    n = cuda.blockIdx.y * cuda.blockDim.y + cuda.threadIdx.y
+    k = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
+    if n >= z.shape[0] or k >= codebook.shape[0]:
+        return
+    acc = 0.0
+    for d in range(z.shape[1]):
+        acc += (z[n, d] - codebook[k, d]) ** 2
+    out[n, k] = acc
+
+
+@cuda.jit
+def sqdist_expanded(z, codebook, out):  # |z|^2 - 2 z.c + |c|^2
+    k, n = cuda.grid(2)
+    if n < z.shape[0] and k < codebook.shape[0]:
+        zz = float32(0.0)
+        cc = float32(0.0)
+        zc = float32(0.0)
+        for d in range(z.shape[1]):
+            zz += z[n, d] * z[n, d]
+            cc += codebook[k, d] * codebook[k, d]
+            zc += z[n, d] * codebook[k, d]
+        out[n, k] = zz - 2 * zc + cc
+
+
+@cuda.jit
+def sum_register_acc(x, partial):
+    buf = cuda.shared.array(THREADS, float32)
+    t = cuda.threadIdx.x
+    i = cuda.grid(1)
+    acc = float32(0.0)
+    if i < x.shape[0]:
+        acc = x[i]
+    buf[t] = acc
+    cuda.syncthreads()
+    stride = cuda.blockDim.x // 2
+    while stride > 0:
+        if t < stride:
+            acc += buf[t + stride]
+            buf[t] = acc
+        cuda.syncthreads()
+        stride //= 2
+    if t == 0:
+        partial[cuda.blockIdx.x] = acc
+
+
+@cuda.jit
+def sum_for_loop_levels(x, partial):
+    buf = cuda.shared.array(THREADS, float32)
+    t = cuda.threadIdx.x
+    i = cuda.blockIdx.x * THREADS + t
+    buf[t] = 0
+    if i < x.shape[0]:
+        buf[t] = x[i]
+    cuda.syncthreads()
+    for level in range(int(math.log2(THREADS))):
+        stride = THREADS >> (level + 1)
+        if t < stride:
+            buf[t] = buf[t] + buf[t + stride]
+        cuda.syncthreads()
+    if t == 0:
+        partial[cuda.blockIdx.x] = buf[0]
+
+
+@cuda.jit
+def sum_last_thread_writes(x, partial):  # the sum lands in buf[0]; the last thread writes it
+    buf = cuda.shared.array(THREADS, float32)
+    t = cuda.threadIdx.x
+    i = cuda.grid(1)
+    buf[t] = x[i] if i < x.shape[0] else 0.0
+    cuda.syncthreads()
+    s = 1
+    while s < THREADS:
+        if t % (2 * s) == 0:
+            buf[t] += buf[t + s]
+        cuda.syncthreads()
+        s *= 2
+    if t == THREADS - 1:
+        partial[cuda.blockIdx.x] = buf[0]
+
+
+@cuda.jit
+def matmul_grid_steps(a, b, c):
+    sa = cuda.shared.array((TILE, TILE), float32)
+    sb = cuda.shared.array((TILE, TILE), float32)
+    col, row = cuda.grid(2)
+    tx, ty = cuda.threadIdx.x, cuda.threadIdx.y
+    acc = 0.0
+    for step in range((a.shape[1] + TILE - 1) // TILE):
+        ka = step * TILE + tx
+        kb = step * TILE + ty
+        if row < a.shape[0] and ka < a.shape[1]:
+            sa[ty, tx] = a[row, ka]
+        else:
+            sa[ty, tx] = 0.0
+        if kb < b.shape[0] and col < b.shape[1]:
+            sb[ty, tx] = b[kb, col]
+        else:
+            sb[ty, tx] = 0.0
+        cuda.syncthreads()
+        for kk in range(TILE):
+            acc += sa[ty, kk] * sb[kk, tx]
+        cuda.syncthreads()
+    if row < a.shape[0] and col < b.shape[1]:
+        c[row, col] = acc
+
+
+@cuda.jit
+def matmul_transposed_b_tile(a, b, c):  # b's tile stored transposed
+    sa = cuda.shared.array((TILE, TILE), float32)
+    sbt = cuda.shared.array((TILE, TILE), float32)
+    tx, ty = cuda.threadIdx.x, cuda.threadIdx.y
+    row = cuda.blockIdx.y * cuda.blockDim.y + ty
+    col = cuda.blockIdx.x * cuda.blockDim.x + tx
+    m, inner = a.shape
+    n = b.shape[1]
+    acc = float32(0.0)
+    k0 = 0
+    while k0 < inner:
+        sa[ty, tx] = a[row, k0 + tx] if (row < m and k0 + tx < inner) else 0.0
+        sbt[tx, ty] = b[k0 + ty, col] if (k0 + ty < inner and col < n) else 0.0
+        cuda.syncthreads()
+        for kk in range(TILE):
+            acc += sa[ty, kk] * sbt[tx, kk]
+        cuda.syncthreads()
+        k0 += TILE
+    if row < m and col < n:
+        c[row, col] = acc
+
+
+@cuda.jit
+def softmax_neg_inf_guarded(x, out):  # running max starts at -inf; merges skip empty pairs
+    mx = cuda.shared.array(THREADS, float32)
+    sm = cuda.shared.array(THREADS, float32)
+    t = cuda.threadIdx.x
+    row = cuda.blockIdx.x
+    m = -math.inf
+    s = 0.0
+    for c in range(t, x.shape[1], THREADS):
+        v = x[row, c]
+        m_new = max(m, v)
+        s = s * math.exp(m - m_new) + math.exp(v - m_new)
+        m = m_new
+    mx[t] = m
+    sm[t] = s
+    cuda.syncthreads()
+    stride = THREADS // 2
+    while stride > 0:
+        if t < stride:
+            m1 = mx[t]
+            s1 = sm[t]
+            m2 = mx[t + stride]
+            s2 = sm[t + stride]
+            if s2 > 0:
+                if s1 == 0:
+                    mx[t] = m2
+                    sm[t] = s2
+                elif m1 >= m2:
+                    sm[t] = s1 + s2 * math.exp(m2 - m1)
+                else:
+                    mx[t] = m2
+                    sm[t] = s1 * math.exp(m1 - m2) + s2
+        cuda.syncthreads()
+        stride //= 2
+    m = mx[0]
+    inv = 1.0 / sm[0]
+    for c in range(t, x.shape[1], THREADS):
+        out[row, c] = math.exp(x[row, c] - m) * inv
+
+
+@cuda.jit
+def softmax_interleaved_tree(x, out):
+    mx = cuda.shared.array(THREADS, float32)
+    sm = cuda.shared.array(THREADS, float32)
+    t = cuda.threadIdx.x
+    row = cuda.blockIdx.x
+    m = float32(LOWEST)
+    s = float32(0.0)
+    c = t
+    while c < x.shape[1]:
+        v = x[row, c]
+        if v > m:
+            s = s * math.exp(m - v) + 1.0
+            m = v
+        else:
+            s += math.exp(v - m)
+        c += THREADS
+    mx[t] = m
+    sm[t] = s
+    cuda.syncthreads()
+    step = 1
+    while step < THREADS:
+        if t % (2 * step) == 0:
+            m1, m2 = mx[t], mx[t + step]
+            top = m1 if m1 > m2 else m2
+            sm[t] = sm[t] * math.exp(m1 - top) + sm[t + step] * math.exp(m2 - top)
+            mx[t] = top
+        cuda.syncthreads()
+        step *= 2
+    total = sm[0]
+    top = mx[0]
+    for c in range(t, x.shape[1], THREADS):
+        out[row, c] = math.exp(x[row, c] - top) / total
+
+
+@cuda.jit
+def vq_first_code_start(z, codebook, out):
+    n = cuda.grid(1)
+    if n >= z.shape[0]:
+        return
+    best = 0.0
+    for d in range(z.shape[1]):
+        best += (z[n, d] - codebook[0, d]) ** 2
+    best_k = 0
+    for k in range(1, codebook.shape[0]):
+        dist = 0.0
+        for d in range(z.shape[1]):
+            dist += (z[n, d] - codebook[k, d]) ** 2
+        if dist < best:
+            best = dist
+            best_k = k
+    out[n] = best_k
+
+
+@cuda.jit
+def vq_big_start_float64(z, codebook, out):
+    n = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
+    if n < z.shape[0]:
+        best = 3.4e38
+        best_k = -1
+        for k in range(codebook.shape[0]):
+            dist = float64(0.0)
+            for d in range(z.shape[1]):
+                diff = float64(z[n, d]) - float64(codebook[k, d])
+                dist += diff * diff
+            if best_k < 0 or dist < best:
+                best = dist
+                best_k = k
+        out[n] = best_k
+
+
+@cuda.jit
+def vq_cached_row(z, codebook, out):  # z's row copied to a local array of D (8 here at most)
+    n = cuda.grid(1)
+    if n < z.shape[0]:
+        zr = cuda.local.array(8, float32)
+        for d in range(z.shape[1]):
+            zr[d] = z[n, d]
+        best = math.inf
+        best_k = 0
+        for k in range(codebook.shape[0]):
+            dist = float32(0.0)
+            for d in range(z.shape[1]):
+                diff = zr[d] - codebook[k, d]
+                dist += diff * diff
+            if dist < best:
+                best = dist
+                best_k = k
+        out[n] = best_k
+
+
+@cuda.jit
+def flash_all_tiles_neg_inf(q, k, v, kv_len, scale, out):  # every tile of T_k; m from -inf; scale on the score
+    k_tile = cuda.shared.array((BLOCK_N, HEAD_DIM), float32)
+    v_tile = cuda.shared.array((BLOCK_N, HEAD_DIM), float32)
+    acc = cuda.local.array(HEAD_DIM, float32)
+    t = cuda.threadIdx.x
+    bh = cuda.blockIdx.y
+    row = cuda.blockIdx.x * BLOCK_M + t
+    t_q, t_k = q.shape[1], k.shape[1]
+    visible = kv_len[row] if row < t_q else 0
+    for d in range(HEAD_DIM):
+        acc[d] = 0.0
+    m = -math.inf
+    total = 0.0
+    for start in range(0, t_k, BLOCK_N):
+        for e in range(t, BLOCK_N * HEAD_DIM, BLOCK_M):
+            j = e // HEAD_DIM
+            d = e % HEAD_DIM
+            if start + j < t_k:
+                k_tile[j, d] = k[bh, start + j, d]
+                v_tile[j, d] = v[bh, start + j, d]
+            else:
+                k_tile[j, d] = 0.0
+                v_tile[j, d] = 0.0
+        cuda.syncthreads()
+        for j in range(BLOCK_N):
+            if start + j < visible:
+                s = 0.0
+                for d in range(HEAD_DIM):
+                    s += q[bh, row, d] * k_tile[j, d]
+                s *= scale
+                m_new = max(m, s)
+                c = math.exp(m - m_new)
+                p = math.exp(s - m_new)
+                total = total * c + p
+                for d in range(HEAD_DIM):
+                    acc[d] = acc[d] * c + p * v_tile[j, d]
+                m = m_new
+        cuda.syncthreads()
+    if row < t_q:
+        for d in range(HEAD_DIM):
+            out[bh, row, d] = acc[d] / total
+
+
+@cuda.jit
+def flash_row_loads(q, k, v, kv_len, scale, out):  # each thread loads whole key rows of the tile; q in a local array
+    k_tile = cuda.shared.array((BLOCK_N, HEAD_DIM), float32)
+    v_tile = cuda.shared.array((BLOCK_N, HEAD_DIM), float32)
+    qr = cuda.local.array(HEAD_DIM, float32)
+    acc = cuda.local.array(HEAD_DIM, float32)
+    t = cuda.threadIdx.x
+    bh = cuda.blockIdx.y
+    first = cuda.blockIdx.x * BLOCK_M
+    row = first + t
+    t_q, t_k = q.shape[1], k.shape[1]
+    visible = 0
+    if row < t_q:
+        visible = kv_len[row]
+        for d in range(HEAD_DIM):
+            qr[d] = q[bh, row, d]
+    for d in range(HEAD_DIM):
+        acc[d] = 0.0
+    last = min(first + BLOCK_M, t_q)
+    n_keys = 0
+    for r in range(first, last):
+        if kv_len[r] > n_keys:
+            n_keys = kv_len[r]
+    m = float32(LOWEST)
+    total = float32(0.0)
+    for start in range(0, n_keys, BLOCK_N):
+        for j in range(t, BLOCK_N, BLOCK_M):
+            if start + j < t_k:
+                for d in range(HEAD_DIM):
+                    k_tile[j, d] = k[bh, start + j, d]
+                    v_tile[j, d] = v[bh, start + j, d]
+        cuda.syncthreads()
+        stop = min(BLOCK_N, visible - start)
+        for j in range(stop):
+            s = float32(0.0)
+            for d in range(HEAD_DIM):
+                s += qr[d] * k_tile[j, d]
+            s = s * scale
+            if s > m:
+                c = math.exp(m - s)
+                total *= c
+                for d in range(HEAD_DIM):
+                    acc[d] *= c
+                m = s
+            p = math.exp(s - m)
+            total += p
+            for d in range(HEAD_DIM):
+                acc[d] += p * v_tile[j, d]
+        cuda.syncthreads()
+    if row < t_q:
+        inv = 1.0 / total
+        for d in range(HEAD_DIM):
+            out[bh, row, d] = acc[d] * inv
+
+
+@cuda.jit
+def partial_grid2_neg_inf(q, k_cache, v_cache, lengths, chunk, scale, m_out, l_out, acc_out):
+    split, bh = cuda.grid(2)
+    n_splits = (k_cache.shape[1] + chunk - 1) // chunk
+    if split >= n_splits or bh >= q.shape[0]:
+        return
+    acc = cuda.local.array(HEAD_DIM, float32)
+    qs = cuda.local.array(HEAD_DIM, float32)
+    for d in range(HEAD_DIM):
+        acc[d] = 0.0
+        qs[d] = q[bh, d] * scale
+    m = -math.inf
+    total = 0.0
+    lo = split * chunk
+    hi = min(lo + chunk, lengths[bh])
+    for j in range(lo, hi):
+        s = 0.0
+        for d in range(HEAD_DIM):
+            s += qs[d] * k_cache[bh, j, d]
+        m_new = max(m, s)
+        c = math.exp(m - m_new)
+        p = math.exp(s - m_new)
+        total = total * c + p
+        for d in range(HEAD_DIM):
+            acc[d] = acc[d] * c + p * v_cache[bh, j, d]
+        m = m_new
+    m_out[bh, split] = m
+    l_out[bh, split] = total
+    for d in range(HEAD_DIM):
+        acc_out[bh, split, d] = acc[d]
+
+
+@cuda.jit
+def partial_empty_branch(q, k_cache, v_cache, lengths, chunk, scale, m_out, l_out, acc_out):
+    split = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
+    bh = cuda.blockIdx.y
+    if split * chunk >= k_cache.shape[1]:
+        return
+    if split * chunk >= lengths[bh]:  # an empty split: nothing to read
+        m_out[bh, split] = LOWEST
+        l_out[bh, split] = 0.0
+        for d in range(HEAD_DIM):
+            acc_out[bh, split, d] = 0.0
+        return
+    acc = cuda.local.array(HEAD_DIM, float32)
+    for d in range(HEAD_DIM):
+        acc[d] = 0.0
+    m = float32(LOWEST)
+    total = float32(0.0)
+    j = split * chunk
+    end = min(j + chunk, lengths[bh])
+    while j < end:
+        s = float32(0.0)
+        for d in range(HEAD_DIM):
+            s += q[bh, d] * k_cache[bh, j, d]
+        s = s * scale
+        if s > m:
+            c = math.exp(m - s)
+            total *= c
+            for d in range(HEAD_DIM):
+                acc[d] *= c
+            m = s
+        p = math.exp(s - m)
+        total += p
+        for d in range(HEAD_DIM):
+            acc[d] += p * v_cache[bh, j, d]
+        j += 1
+    m_out[bh, split] = m
+    l_out[bh, split] = total
+    for d in range(HEAD_DIM):
+        acc_out[bh, split, d] = acc[d]
+
+
+@cuda.jit
+def combine_neg_inf_start(m_part, l_part, acc_part, out):
+    d, bh = cuda.grid(2)
+    if bh >= acc_part.shape[0] or d >= acc_part.shape[2]:
+        return
+    top = -math.inf
+    for s in range(m_part.shape[1]):
+        if m_part[bh, s] > top:
+            top = m_part[bh, s]
+    num = 0.0
+    den = 0.0
+    for s in range(m_part.shape[1]):
+        w = math.exp(m_part[bh, s] - top)
+        num += w * acc_part[bh, s, d]
+        den += w * l_part[bh, s]
+    out[bh, d] = num / den
+
+
+@cuda.jit
+def combine_skip_empty(m_part, l_part, acc_part, out):
+    d = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
+    bh = cuda.blockIdx.y * cuda.blockDim.y + cuda.threadIdx.y
+    if bh < acc_part.shape[0] and d < acc_part.shape[2]:
+        top = LOWEST
+        for s in range(m_part.shape[1]):
+            top = max(top, m_part[bh, s])
+        num = float32(0.0)
+        den = float32(0.0)
+        for s in range(m_part.shape[1]):
+            if l_part[bh, s] > 0:
+                w = math.exp(m_part[bh, s] - top)
+                num += w * acc_part[bh, s, d]
+                den += w * l_part[bh, s]
+        out[bh, d] = num / den
+
+
+@cuda.jit
+def combine_running(m_part, l_part, acc_part, out):  # one pass: online rescaling over the splits
+    d, bh = cuda.grid(2)
+    if bh < acc_part.shape[0] and d < acc_part.shape[2]:
+        top = LOWEST
+        num = 0.0
+        den = 0.0
+        for s in range(m_part.shape[1]):
+            ms = m_part[bh, s]
+            if ms > top:
+                c = math.exp(top - ms)
+                num *= c
+                den *= c
+                top = ms
+            w = math.exp(ms - top)
+            num += w * acc_part[bh, s, d]
+            den += w * l_part[bh, s]
+        out[bh, d] = num / den
+
+
+@cuda.jit
+def axpy_int_alpha(alpha, x, y, out):  # alpha truncated to a whole number
+    i = cuda.grid(1)
+    if i < x.shape[0]:
+        out[i] = int(alpha) * x[i] + y[i]
+
+
+@cuda.jit
+def sqdist_swapped_axes(z, codebook, out):  # n along x, k along y
+    n, k = cuda.grid(2)
+    if n < z.shape[0] and k < codebook.shape[0]:
+        acc = float32(0.0)
+        for d in range(z.shape[1]):
+            acc += (z[n, d] - codebook[k, d]) ** 2
+        out[n, k] = acc
+
+
+@cuda.jit
+def sum_atomic_into_output(x, partial):  # a tree, then adds into partial as if it held 0
+    buf = cuda.shared.array(THREADS, float32)
+    t = cuda.threadIdx.x
+    i = cuda.grid(1)
+    buf[t] = x[i] if i < x.shape[0] else 0.0
+    cuda.syncthreads()
+    stride = THREADS // 2
+    while stride > 0:
+        if t < stride:
+            buf[t] += buf[t + stride]
+        cuda.syncthreads()
+        stride //= 2
+    if t == 0:
+        cuda.atomic.add(partial, cuda.blockIdx.x, buf[0])
+
+
+@cuda.jit
+def flash_causal_offset(q, k, v, kv_len, scale, out):  # ignores kv_len: causal with the prefix offset
+    k_tile = cuda.shared.array((BLOCK_N, HEAD_DIM), float32)
+    v_tile = cuda.shared.array((BLOCK_N, HEAD_DIM), float32)
+    acc = cuda.local.array(HEAD_DIM, float32)
+    t = cuda.threadIdx.x
+    bh = cuda.blockIdx.y
+    row = cuda.blockIdx.x * BLOCK_M + t
+    t_q, t_k = q.shape[1], k.shape[1]
+    visible = row + t_k - t_q + 1 if row < t_q else 0
+    for d in range(HEAD_DIM):
+        acc[d] = 0.0
+    m = float32(LOWEST)
+    total = float32(0.0)
+    for start in range(0, t_k, BLOCK_N):
+        for e in range(t, BLOCK_N * HEAD_DIM, BLOCK_M):
+            j = e // HEAD_DIM
+            d = e % HEAD_DIM
+            if start + j < t_k:
+                k_tile[j, d] = k[bh, start + j, d]
+                v_tile[j, d] = v[bh, start + j, d]
+        cuda.syncthreads()
+        for j in range(min(BLOCK_N, visible - start)):
+            s = float32(0.0)
+            for d in range(HEAD_DIM):
+                s += q[bh, row, d] * k_tile[j, d]
+            s *= scale
+            if s > m:
+                c = math.exp(m - s)
+                total *= c
+                for d in range(HEAD_DIM):
+                    acc[d] *= c
+                m = s
+            p = math.exp(s - m)
+            total += p
+            for d in range(HEAD_DIM):
+                acc[d] += p * v_tile[j, d]
+        cuda.syncthreads()
+    if row < t_q:
+        for d in range(HEAD_DIM):
+            out[bh, row, d] = acc[d] / total
+
+
+@cuda.jit
+def partial_scale_on_output(q, k_cache, v_cache, lengths, chunk, scale, m_out, l_out, acc_out):
+    # the online update runs on unscaled scores; only m is scaled at the end
+    split = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
+    bh = cuda.blockIdx.y
+    if split >= (k_cache.shape[1] + chunk - 1) // chunk:
+        return
+    acc = cuda.local.array(HEAD_DIM, float32)
+    for d in range(HEAD_DIM):
+        acc[d] = 0.0
+    m = float32(LOWEST)
+    total = float32(0.0)
+    for j in range(split * chunk, min((split + 1) * chunk, lengths[bh])):
+        s = float32(0.0)
+        for d in range(HEAD_DIM):
+            s += q[bh, d] * k_cache[bh, j, d]
+        if s > m:
+            c = math.exp(m - s)
+            total *= c
+            for d in range(HEAD_DIM):
+                acc[d] *= c
+            m = s
+        p = math.exp(s - m)
+        total += p
+        for d in range(HEAD_DIM):
+            acc[d] += p * v_cache[bh, j, d]
+    m_out[bh, split] = m * scale if total > 0 else m
+    l_out[bh, split] = total
+    for d in range(HEAD_DIM):
+        acc_out[bh, split, d] = acc[d]
+
+
+@cuda.jit
+def combine_unweighted_den(m_part, l_part, acc_part, out):  # weights the values but not the sums
+    d, bh = cuda.grid(2)
+    if bh < acc_part.shape[0] and d < acc_part.shape[2]:
+        top = LOWEST
+        for s in range(m_part.shape[1]):
+            top = max(top, m_part[bh, s])
+        num = 0.0
+        den = 0.0
+        for s in range(m_part.shape[1]):
+            num += math.exp(m_part[bh, s] - top) * acc_part[bh, s, d]
+            den += l_part[bh, s]
+        out[bh, d] = num / den
+
+
+@cuda.jit
+def axpy_adds_into_out(alpha, x, y, out):  # adds into out as if the buffer held zeros
+    i = cuda.grid(1)
+    if i < x.shape[0]:
+        out[i] += alpha * x[i] + y[i]
+
+
 # ----------------------------------------------------------------------------------------------------------
 
 CASES = {
@@ -765,13 +1413,20 @@ CASES = {
         (axpy_thread_index_only, "never written"),
         (axpy_wrong_formula, "differs"),
         (axpy_plain_python, "@cuda.jit"),
+        (axpy_int_alpha, "differs"),
+        (axpy_adds_into_out, "adds into out"),
     ],
-    "pairwise_sqdist_kernel": [(sqdist_guard_one_axis, "out-of-bounds"), (sqdist_with_sqrt, "differs")],
+    "pairwise_sqdist_kernel": [
+        (sqdist_guard_one_axis, "out-of-bounds"),
+        (sqdist_with_sqrt, "differs"),
+        (sqdist_swapped_axes, "never written"),
+    ],
     "block_sum_kernel": [
         (sum_missing_barrier, "race"),
         (sum_barrier_in_branch, "barrier divergence"),
         (sum_early_return, "barrier"),
         (sum_no_guard, "out-of-bounds"),
+        (sum_atomic_into_output, "adds into partial"),
     ],
     "matmul_kernel": [
         (_matmul_variant(second_barrier=False, zero_fill=True), "race"),
@@ -792,6 +1447,7 @@ CASES = {
         (_flash_variant(rescale=False), "differs"),
         (_flash_variant(extra_key=1), "out"),
         (_flash_variant(second_barrier=False), "race"),
+        (flash_causal_offset, "block-causal (1, 4, 9, 15)"),
     ],
     "decode_partial_kernel": [
         (_partial_variant(respect_length=False), "nan"),
@@ -799,12 +1455,14 @@ CASES = {
         (partial_skips_empty_splits, "never written"),
         (_partial_variant(block_offset=False), "m_out[0, 8] was never written on input 'lengths [70, 9]"),
         (_partial_variant(start_m=0.0), "holds no keys (length 23) but wrote m = 0"),
+        (partial_scale_on_output, "differs"),
     ],
     "decode_combine_kernel": [
         (_combine_variant("none"), "differs"),
         (_combine_variant("first"), "spread"),
         (combine_unshifted, "maxima spread over [-50, 102]"),
         (combine_no_guard, "out-of-bounds"),
+        (combine_unweighted_den, "differs"),
     ],
 }
 
@@ -853,6 +1511,28 @@ def test_reference_passes(name):
 @pytest.mark.parametrize("name, right", [
     ("block_sum_kernel", sum_interleaved_right),
     ("decode_partial_kernel", _partial_variant(start_m=-math.inf)),  # -inf weighs nothing, as LOWEST does
+    ("axpy_kernel", axpy_grid_stride),
+    ("axpy_kernel", axpy_early_return_f64),
+    ("axpy_kernel", axpy_fma_style),
+    ("pairwise_sqdist_kernel", sqdist_explicit_index),
+    ("pairwise_sqdist_kernel", sqdist_expanded),
+    ("block_sum_kernel", sum_register_acc),
+    ("block_sum_kernel", sum_for_loop_levels),
+    ("block_sum_kernel", sum_last_thread_writes),
+    ("matmul_kernel", matmul_grid_steps),
+    ("matmul_kernel", matmul_transposed_b_tile),
+    ("softmax_kernel", softmax_neg_inf_guarded),
+    ("softmax_kernel", softmax_interleaved_tree),
+    ("vq_nearest_kernel", vq_first_code_start),
+    ("vq_nearest_kernel", vq_big_start_float64),
+    ("vq_nearest_kernel", vq_cached_row),
+    ("flash_attention_kernel", flash_all_tiles_neg_inf),
+    ("flash_attention_kernel", flash_row_loads),
+    ("decode_partial_kernel", partial_grid2_neg_inf),
+    ("decode_partial_kernel", partial_empty_branch),
+    ("decode_combine_kernel", combine_neg_inf_start),
+    ("decode_combine_kernel", combine_skip_empty),
+    ("decode_combine_kernel", combine_running),
 ])
 def test_another_correct_kernel_passes(name, right):
     assert_passes(getattr(ch06, name), right)

@@ -551,3 +551,312 @@ def test_8_7():
     assert_fails(check, schedule_reversed, contains="left to right")
     for wrong in (schedule_tensor_times, schedule_numpy_times):
         assert_fails(check, wrong, contains="Python floats")
+
+
+# Right answers written other ways (each must pass) and wrong ones of other kinds ----------------------------------
+
+
+def ratio_float64_then_cast(r, schedule="cosine"):  # right: computed in float64, no clamp, cast back
+    r = torch.as_tensor(r, dtype=torch.float64)
+    out = {"cosine": torch.cos(r * math.pi / 2), "linear": 1 - r, "square": (1 - r) * (1 + r)}[schedule]
+    return out.float()
+
+
+def ratio_numpy_sine(r, schedule="cosine"):  # right: numpy, cos(pi r / 2) written as sin(pi (1 - r) / 2)
+    a = np.asarray(r.numpy() if isinstance(r, torch.Tensor) else r, dtype=np.float64)
+    out = {"cosine": np.sin(np.pi / 2 * (1 - a)), "linear": 1 - a, "square": 1 - a * a}[schedule]
+    return torch.from_numpy(np.asarray(out)).to(torch.float32)
+
+
+def ratio_python_float_branch(r, schedule="cosine"):  # right: math for a Python float, torch for a tensor
+    if isinstance(r, float):
+        value = {"cosine": math.cos(math.pi * r / 2), "linear": 1 - r, "square": 1 - r * r}[schedule]
+        return torch.tensor(value, dtype=torch.float32)
+    r = r.float()
+    return {"cosine": torch.cos(math.pi * r / 2).clamp(min=0), "linear": torch.ones_like(r) - r,
+            "square": 1 - r.pow(2)}[schedule]
+
+
+def ratio_keeps_float64(r, schedule="cosine"):  # a float64 r gives a float64 answer; the spec asks float32
+    r = r if isinstance(r, torch.Tensor) else torch.tensor(r, dtype=torch.float32)
+    return {"cosine": torch.cos(math.pi / 2 * r), "linear": 1 - r, "square": 1 - r * r}[schedule]
+
+
+def test_8_1_other_forms():
+    for right in (ratio_float64_then_cast, ratio_numpy_sine, ratio_python_float_branch):
+        assert_passes(ch08.mask_ratio, right)
+    assert_fails(ch08.mask_ratio, ratio_keeps_float64, contains="float64 (4,) r")
+
+
+def mask_multinomial(r, n, schedule="cosine", generator=None):  # right: a random order per row, first count slots
+    count = torch.ceil(M.mask_ratio(r, schedule) * n).long().clamp(1, n)
+    order = torch.multinomial(torch.ones(r.shape[0], n), n, replacement=False, generator=generator)  # (B, n)
+    hidden = torch.arange(n)[None, :] < count[:, None]  # (B, n)
+    return torch.zeros(r.shape[0], n, dtype=torch.bool).scatter(1, order, hidden)
+
+
+def mask_kth_score(r, n, schedule="cosine", generator=None):  # right: scores up to each row's count-th smallest
+    count = torch.ceil(M.mask_ratio(r, schedule) * n).long().clamp(1, n)
+    scores = torch.rand(r.shape[0], n, generator=generator)
+    return scores <= scores.sort(dim=1).values.gather(1, (count - 1)[:, None])
+
+
+def mask_python_counts(r, n, schedule="cosine", generator=None):  # right: math.ceil per row, randperm per row
+    rows = []
+    for b in range(r.shape[0]):
+        k = max(1, math.ceil(float(M.mask_ratio(r[b], schedule)) * n))
+        row = torch.zeros(n, dtype=torch.bool)
+        row[torch.randperm(n, generator=generator)[:k]] = True
+        rows.append(row)
+    return torch.stack(rows)
+
+
+def mask_shifted_window(r, n, schedule="cosine", generator=None):  # one permutation; rows slide a window along it
+    count = torch.ceil(M.mask_ratio(r, schedule) * n).long().clamp(1, n)
+    perm = torch.randperm(n, generator=generator)
+    shift = torch.randint(0, n, (r.shape[0],), generator=generator)
+    slot = (torch.arange(n)[None, :] - shift[:, None]) % n  # (B, n)
+    return torch.zeros(r.shape[0], n, dtype=torch.bool).scatter(1, perm.expand(r.shape[0], n), slot < count[:, None])
+
+
+_SCORE_TABLES: dict = {}
+
+
+def mask_cached_scores(r, n, schedule="cosine", generator=None):  # one score table per n, kept between calls
+    if n not in _SCORE_TABLES:
+        _SCORE_TABLES[n] = torch.rand(20000, n, generator=generator)
+    count = torch.ceil(M.mask_ratio(r, schedule) * n).long().clamp(1, n)
+    return _SCORE_TABLES[n][: r.shape[0]].argsort(1).argsort(1) < count[:, None]
+
+
+def test_8_2_other_forms():
+    for right in (mask_multinomial, mask_kth_score, mask_python_counts):
+        assert_passes(ch08.training_mask, right)
+    assert_fails(ch08.training_mask, mask_shifted_window, contains="not a uniformly random set")
+    _SCORE_TABLES.clear()
+    assert_fails(ch08.training_mask, mask_cached_scores, contains="seeded 7 and 8 gave the same masks")
+    _SCORE_TABLES.clear()
+
+
+def step_row_loop(t, m, lp, s, n, noise=None, scale=0.0):  # right: one row at a time, masked positions only
+    new_tokens, new_mask = t.clone(), torch.zeros_like(m)
+    for b in range(t.shape[0]):
+        idx = m[b].nonzero().flatten()
+        conf = torch.stack([lp[b, i, s[b, i]] for i in idx])
+        if noise is not None:
+            conf = conf + scale * noise[b, idx]
+        order = conf.argsort()
+        new_mask[b, idx[order[:n]]] = True
+        new_tokens[b, idx[order[n:]]] = s[b, idx[order[n:]]]
+    return new_tokens, new_mask
+
+
+def step_ranks_float64(t, m, lp, s, n, noise=None, scale=0.0):  # right: take_along_dim, float64, ranks, torch.where
+    conf = torch.take_along_dim(lp, s.unsqueeze(-1), dim=-1).squeeze(-1).double()
+    conf = conf + scale * (noise.double() if noise is not None else 0.0)
+    conf = torch.where(m, conf, torch.full_like(conf, math.inf))
+    new_mask = conf.argsort(dim=1).argsort(dim=1) < n
+    return torch.where(new_mask | ~m, t, s), new_mask
+
+
+def step_one_hot_negated(t, m, lp, s, n, noise=None, scale=0.0):  # right: one_hot, topk of -conf, index assignment
+    conf = (lp * F.one_hot(s, lp.shape[-1])).sum(-1)
+    if noise is not None and scale:
+        conf = conf + scale * noise
+    idx = (-conf).masked_fill(~m, -math.inf).topk(n, dim=-1).indices
+    new_mask = torch.zeros_like(m)
+    new_mask[torch.arange(m.shape[0])[:, None], idx] = True
+    new_tokens = t.clone()
+    reveal = m & ~new_mask
+    new_tokens[reveal] = s[reveal]
+    return new_tokens, new_mask
+
+
+def step_argmax_confidence(t, m, lp, s, n, noise=None, scale=0.0):  # scores the most likely token, not the sampled
+    conf = lp.max(-1).values
+    if noise is not None:
+        conf = conf + scale * noise
+    conf = conf.masked_fill(~m, math.inf)
+    new_mask = torch.zeros_like(m).scatter(1, conf.topk(n, -1, largest=False).indices, True)
+    return torch.where(m & ~new_mask, s, t), new_mask
+
+
+def step_unscaled_noise(t, m, lp, s, n, noise=None, scale=0.0):  # adds the noise at weight 1 whatever noise_scale is
+    return M.confidence_step(t, m, lp, s, n, noise, 1.0 if noise is not None else 0.0)
+
+
+def test_8_3_other_forms():
+    for right in (step_row_loop, step_ranks_float64, step_one_hot_negated):
+        assert_passes(ch08.confidence_step, right)
+    for wrong in (step_argmax_confidence, step_unscaled_noise):
+        assert_fails(ch08.confidence_step, wrong)
+
+
+def order_nested_lists(h, w, neighbours=NAR):  # right: Python lists, then torch.tensor
+    if any(di > 0 or (di == 0 and dj >= 0) for di, dj in neighbours):
+        raise ValueError("every offset must point back in raster order")
+    step = [[0] * w for _ in range(h)]
+    for i in range(h):
+        for j in range(w):
+            prev = [step[i + di][j + dj] for di, dj in neighbours if 0 <= i + di < h and 0 <= j + dj < w]
+            step[i][j] = max(prev) + 1 if prev else 0
+    return torch.tensor(step)
+
+
+def order_memoised(h, w, neighbours=NAR):  # right: a recursive function with a cache, valid for one call
+    import functools
+
+    if any(not (di < 0 or (di == 0 and dj < 0)) for di, dj in neighbours):
+        raise ValueError("every offset must point back in raster order")
+
+    @functools.lru_cache(maxsize=None)
+    def at(i, j):
+        inside = [(i + di, j + dj) for di, dj in neighbours if 0 <= i + di < h and 0 <= j + dj < w]
+        return 1 + max(at(a, b) for a, b in inside) if inside else 0
+
+    return torch.tensor([[at(i, j) for j in range(w)] for i in range(h)], dtype=torch.long)
+
+
+def order_numpy_waves(h, w, neighbours=NAR):  # right: pass after pass, every position whose neighbours are done
+    if any(not (di < 0 or (di == 0 and dj < 0)) for di, dj in neighbours):
+        raise ValueError("every offset must point back in raster order")
+    step = np.full((h, w), -1, dtype=np.int64)
+    k = 0
+    while (step < 0).any():
+        ready = [(i, j) for i in range(h) for j in range(w) if step[i, j] < 0 and all(
+            not (0 <= i + di < h and 0 <= j + dj < w) or 0 <= step[i + di, j + dj] < k for di, dj in neighbours)]
+        for i, j in ready:
+            step[i, j] = k
+        k += 1
+    return torch.from_numpy(step)
+
+
+_MAPS_BY_SIZE: dict = {}
+
+
+def order_cached_by_size(h, w, neighbours=NAR):  # keeps the first map of each size, whatever the neighbours
+    if (h, w) not in _MAPS_BY_SIZE:
+        _MAPS_BY_SIZE[(h, w)] = answers.neighbour_step_map(h, w, neighbours)
+    answers.neighbour_step_map(1, 1, neighbours)  # the offsets are still validated
+    return _MAPS_BY_SIZE[(h, w)]
+
+
+def test_8_4_other_forms():
+    for right in (order_nested_lists, order_memoised, order_numpy_waves):
+        assert_passes(ch08.neighbour_step_map, right)
+    _MAPS_BY_SIZE.clear()
+    assert_fails(ch08.neighbour_step_map, order_cached_by_size, contains="two up and right")
+    _MAPS_BY_SIZE.clear()
+
+
+def mdlm_log_softmax_gather(logits, targets, masked, t):  # right: log_softmax and gather, divided by t after the sum
+    lp = logits.log_softmax(-1).gather(-1, targets[..., None]).squeeze(-1)
+    return -(lp * masked).sum(-1) / t / logits.shape[1]
+
+
+def mdlm_logsumexp_float64(logits, targets, masked, t):  # right: logsumexp in float64, torch.where, cast back
+    x = logits.double()
+    nll = torch.logsumexp(x, -1) - x.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    nll = torch.where(masked, nll, torch.zeros_like(nll))
+    return (nll.sum(1) / (t.double() * targets.shape[1])).float()
+
+
+def mdlm_row_loop(logits, targets, masked, t):  # right: one row at a time, the masked positions selected
+    out = []
+    for b in range(logits.shape[0]):
+        sel = masked[b]
+        ce = F.cross_entropy(logits[b][sel], targets[b][sel], reduction="sum") if sel.any() else logits[b].sum() * 0
+        out.append(ce / t[b] / logits.shape[1])
+    return torch.stack(out)
+
+
+def mdlm_nll_loss_einsum(logits, targets, masked, t):  # right: nll_loss on log_softmax, mean over L, einsum weight
+    nll = F.nll_loss(F.log_softmax(logits, dim=-1).permute(0, 2, 1), targets, reduction="none")
+    return torch.einsum("b,b->b", (nll * masked.float()).mean(dim=1), 1.0 / t)
+
+
+def mdlm_over_vocabulary(logits, targets, masked, t):  # divides by V, not by L
+    return answers.mdlm_loss(logits, targets, masked, t) * targets.shape[1] / logits.shape[-1]
+
+
+def mdlm_no_grad(logits, targets, masked, t):  # computed under no_grad: nothing to train with
+    with torch.no_grad():
+        return answers.mdlm_loss(logits, targets, masked, t)
+
+
+def test_8_5_other_forms():
+    for right in (mdlm_log_softmax_gather, mdlm_logsumexp_float64, mdlm_row_loop, mdlm_nll_loss_einsum):
+        assert_passes(ch08.mdlm_loss, right)
+    assert_fails(ch08.mdlm_loss, mdlm_over_vocabulary)
+    assert_fails(ch08.mdlm_loss, mdlm_no_grad, contains="no gradient flows")
+
+
+def reveal_index_assign(x, proposal, t, s, mask_id, u):  # right: a copy, then boolean-index assignment
+    out = x.clone()
+    sel = (x == mask_id) & (u < (t - s) / t)
+    out[sel] = proposal[sel]
+    return out
+
+
+def reveal_arithmetic(x, proposal, t, s, mask_id, u):  # right: u * t < t - s, as integer arithmetic
+    reveal = ((x == mask_id) & (u * t < t - s)).long()
+    return x + reveal * (proposal - x)
+
+
+def reveal_python_loop(x, proposal, t, s, mask_id, u):  # right: Python loops over every position
+    p = 1.0 - s / t
+    return torch.tensor([[int(proposal[b, i]) if int(x[b, i]) == mask_id and float(u[b, i]) < p else int(x[b, i])
+                          for i in range(x.shape[1])] for b in range(x.shape[0])], dtype=torch.long)
+
+
+def reveal_masked_scatter(x, proposal, t, s, mask_id, u):  # right: masked_scatter of the chosen proposals
+    sel = x.eq(mask_id).logical_and(u.lt((t - s) / t))
+    return x.masked_scatter(sel, proposal[sel])
+
+
+def reveal_wipes_visible(x, proposal, t, s, mask_id, u):  # every position not revealed now becomes [MASK]
+    reveal = (x == mask_id) & (u < (t - s) / t)
+    return torch.where(reveal, proposal, torch.full_like(x, mask_id))
+
+
+def test_8_6_other_forms():
+    for right in (reveal_index_assign, reveal_arithmetic, reveal_python_loop, reveal_masked_scatter):
+        assert_passes(ch08.reveal_step, right)
+    assert_fails(ch08.reveal_step, reveal_wipes_visible)
+
+
+def schedule_numpy_loops(length, block_size, steps):  # right: np.linspace, nested loops, float() of each time
+    n_blocks = length // block_size
+    per = steps // n_blocks
+    times = np.linspace(1.0, 0.0, per + 1)
+    return [(blk * block_size, (blk + 1) * block_size, float(times[i]), float(times[i + 1]))
+            for blk in range(n_blocks) for i in range(per)]
+
+
+def schedule_fractions(length, block_size, steps):  # right: 1 - i / per in Python floats
+    per = steps // (length // block_size)
+    return [(a, a + block_size, 1 - i / per, 1 - (i + 1) / per) for a in range(0, length, block_size)
+            for i in range(per)]
+
+
+def schedule_numpy_float64(length, block_size, steps):  # right: np.float64 times (a subclass of float)
+    per = steps * block_size // length
+    g = np.linspace(1, 0, per + 1)
+    return [(int(a), int(a + block_size), g[i], g[i + 1]) for a in np.arange(0, length, block_size) for i in range(per)]
+
+
+def schedule_per_block_size(length, block_size, steps):  # steps // block_size passes per block
+    per = max(1, steps // block_size)
+    grid = torch.linspace(1.0, 0.0, per + 1).tolist()
+    return [(a, a + block_size, grid[i], grid[i + 1]) for a in range(0, length, block_size) for i in range(per)]
+
+
+def schedule_inclusive_end(length, block_size, steps):  # end is the last index of the block, not one past it
+    return [(a, b - 1, t, s) for a, b, t, s in answers.block_schedule(length, block_size, steps)]
+
+
+def test_8_7_other_forms():
+    for right in (schedule_numpy_loops, schedule_fractions, schedule_numpy_float64):
+        assert_passes(ch08.block_schedule, right)
+    for wrong in (schedule_per_block_size, schedule_inclusive_end):
+        assert_fails(ch08.block_schedule, wrong)

@@ -5,7 +5,8 @@ states), on seeded random inputs whose sizes are not multiples of the block size
 Without a GPU the launch runs in numba's CUDA simulator under :func:`ar_course.kernels.sanitizer.sanitize`,
 so out-of-range indices, missing barriers, barriers some threads skip and reads of unwritten shared memory
 are reported on every run. Every output buffer is larger than the data and pre-filled with a sentinel, so
-a stray write past the end, or an element never written, is named as such (also on a real GPU).
+a stray write past the end, an element never written, or a kernel that adds into its output as if it held zeros,
+is named as such (also on a real GPU).
 
 A kernel exercise is about memory traffic as much as about the numbers, so once the numbers are right the
 checks count, in the simulator, what each thread did with memory (:class:`~ar_course.kernels.sanitizer.
@@ -156,6 +157,20 @@ def _result(buf: np.ndarray, shape: tuple[int, ...], name: str, where: str) -> t
     return torch.from_numpy(np.ascontiguousarray(data))
 
 
+def _compare_output(got: torch.Tensor, expected: torch.Tensor, where: str, name: str, atol: float = 1e-5) -> None:
+    """:func:`compare` a kernel's float output with the expected one; when the values are off by the sentinel the
+    buffer held, the kernel added into the output instead of writing it, and the failure says so."""
+    try:
+        compare(got, expected, where=where, name=name, atol=atol)
+    except CheckFailure as exc:
+        offset = (got.double() - expected.double() - SENTINEL).abs()
+        if bool((offset < 0.05).any()):
+            raise CheckFailure(f"{exc}; that is the right value plus the {SENTINEL:g} the buffer held before the "
+                               f"launch: your kernel adds into {name} (+= or cuda.atomic.add), but an output buffer "
+                               "holds whatever was there before, not zeros, so write each element once") from None
+        raise
+
+
 def _rand(rng: np.random.Generator, *shape: int, scale: float = 1.0) -> np.ndarray:
     return (rng.standard_normal(shape) * scale).astype(np.float32)
 
@@ -183,7 +198,7 @@ def axpy_kernel(fn: Callable, ref: Callable) -> None:
         out = _buffer((n,))
         _launch(fn, (cdiv(n, THREADS),), (THREADS,), (alpha, x, y, out), where)
         expected = _expect(alpha * torch.from_numpy(x).double() + torch.from_numpy(y).double())
-        compare(_result(out, (n,), "out", where), expected, where=where, name="out")
+        _compare_output(_result(out, (n,), "out", where), expected, where, "out")
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -207,7 +222,7 @@ def pairwise_sqdist_kernel(fn: Callable, ref: Callable) -> None:
         _launch(fn, (cdiv(k, 8), cdiv(n, 8)), (8, 8), (z, c, out), where)
         zt, ct = torch.from_numpy(z).double(), torch.from_numpy(c).double()
         expected = _expect(((zt[:, None, :] - ct[None, :, :]) ** 2).sum(-1))
-        compare(_result(out, (n, k), "out", where), expected, where=where, name="out", atol=1e-5)
+        _compare_output(_result(out, (n, k), "out", where), expected, where, "out", atol=1e-5)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -235,7 +250,7 @@ def block_sum_kernel(fn: Callable, ref: Callable) -> None:
         padded = np.zeros(blocks * THREADS)
         padded[:n] = x
         expected = _expect(torch.from_numpy(padded.reshape(blocks, THREADS)).sum(1))
-        compare(_result(partial, (blocks,), "partial", where), expected, where=where, name="partial", atol=1e-5)
+        _compare_output(_result(partial, (blocks,), "partial", where), expected, where, "partial", atol=1e-5)
         _at_most(traffic, READ, 0, 1, where, "each thread loads one element of x into shared memory, and the "
                  "block adds the values there together")
         _at_most(traffic, SHARED_READ, None, tree, where, "one thread adding the block's values one after "
@@ -268,7 +283,7 @@ def matmul_kernel(fn: Callable, ref: Callable) -> None:
         c = _buffer((m, n))
         traffic = _launch(fn, (cdiv(n, TILE), cdiv(m, TILE)), (TILE, TILE), (a, b, c), where)
         expected = _expect(torch.from_numpy(a).double() @ torch.from_numpy(b).double())
-        compare(_result(c, (m, n), "c", where), expected, where=where, name="c", atol=1e-4)
+        _compare_output(_result(c, (m, n), "c", where), expected, where, "c", atol=1e-4)
         _needs_shared(traffic, 2 * TILE * TILE, where, "a TILE x TILE tile of a and one of b")
         steps = cdiv(inner, TILE)
         for arg in (0, 1):
@@ -300,7 +315,7 @@ def softmax_kernel(fn: Callable, ref: Callable) -> None:
         out = _buffer((rows, cols))
         traffic = _launch(fn, (rows,), (THREADS,), (x, out), where)
         expected = _expect(torch.softmax(torch.from_numpy(x).double(), dim=-1))
-        compare(_result(out, (rows, cols), "out", where), expected, where=where, name="out", atol=1e-6)
+        _compare_output(_result(out, (rows, cols), "out", where), expected, where, "out", atol=1e-6)
         _at_most(traffic, READ, 0, 2 * cdiv(cols, THREADS), where, "the online softmax reads each element of "
                  "its slice twice: once to update the running (max, sum) together, once to write the output; a "
                  "separate pass for the max, or a thread reading the whole row, reads more")
@@ -384,7 +399,7 @@ def flash_attention_kernel(fn: Callable, ref: Callable) -> None:
         out = _buffer((bh, t_q, HEAD_DIM))
         traffic = _launch(fn, (cdiv(t_q, BLOCK_M), bh), (BLOCK_M,), (q, k, v, kv_len, scale, out), where)
         expected = _expect(_attention64(q, k, v, kv_len, scale))
-        compare(_result(out, (bh, t_q, HEAD_DIM), "out", where), expected, where=where, name="out", atol=1e-5)
+        _compare_output(_result(out, (bh, t_q, HEAD_DIM), "out", where), expected, where, "out", atol=1e-5)
         _needs_shared(traffic, 2 * BLOCK_N * HEAD_DIM, where, "a BLOCK_N x HEAD_DIM tile of k and one of v")
         share = cdiv(t_k, BLOCK_N) * cdiv(BLOCK_N * HEAD_DIM, BLOCK_M)  # its part of loading every tile once
         for arg in (1, 2):
@@ -492,4 +507,4 @@ def decode_combine_kernel(fn: Callable, ref: Callable) -> None:
         out = _buffer((bh, d))
         _launch(fn, (cdiv(d, 8), cdiv(bh, 4)), (8, 4), (m, l, acc, out), where)
         expected = _expect(_combine64(*(torch.from_numpy(a) for a in (m, l, acc))))
-        compare(_result(out, (bh, d), "out", where), expected, where=where, name="out", atol=1e-5)
+        _compare_output(_result(out, (bh, d), "out", where), expected, where, "out", atol=1e-5)

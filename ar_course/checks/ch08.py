@@ -1,20 +1,20 @@
 """Checks for chapter 08, parallel decoding: ``checks.ch08.mask_ratio(mask_ratio)``.
 
-Every check compares with the library (:mod:`ar_course.masked` for images, :mod:`ar_course.diffusion_lm` for
-text) or with :mod:`ar_course.checks.reference.ch08` on seeded random inputs and hand-made edge cases (the ends of
-the schedule, counts that are whole numbers, noise that overturns the order of confidences or lifts every new
-score above 0, non-square maps, neighbourhoods that reach up and to the right or two rows up, confident logits,
-uniform draws on both sides of the reveal probability and at it, a mask id that is not the largest, one block and
-blocks of one, a Python float for the schedule), and names the usual mistakes: a schedule that counts revealed
-tokens instead of masked ones; training masks rounded the wrong way, empty, with one count for the whole batch, the
-same positions in every row, the first positions or a run of neighbours; re-masking the most confident tokens or
-known ones (also through a finite confidence of 0), a step that writes into its inputs; a step map that ignores the
-neighbourhood, visits it column by column, waits for the earliest neighbour only or reads outside the map through
-a negative index; for text, an MDLM loss without its 1/t weight, averaged over the masked tokens or taken as the log
-of a softmax, a reveal probability that is not conditioned on being masked, a block schedule whose time runs once
-over the whole sequence. The training masks are random: their check holds the counts exactly, and which positions
-are hidden only to what a uniform choice gives over 10,000 rows (and that they change with the generator's seed),
-so any correct way of drawing them passes."""
+Every check compares with the library (:mod:`ar_course.masked` for images, :mod:`ar_course.diffusion_lm` for text) or
+with :mod:`ar_course.checks.reference.ch08` on seeded random inputs and hand-made edge cases (the ends of the schedule,
+counts that are whole numbers, noise that overturns the order of confidences or lifts every new score above 0,
+non-square maps, neighbourhoods that reach up and to the right or two rows up, confident logits, uniform draws on both
+sides of the reveal probability and at it, a mask id that is not the largest, one block and blocks of one, a Python
+float or a float64 tensor for the schedule), and names the usual mistakes: a schedule that counts revealed tokens
+instead of masked ones; training masks rounded the wrong way, empty, with one count for the whole batch, the same
+positions in every row, the first positions or a run of neighbours; re-masking the most confident tokens or known ones
+(also through a finite confidence of 0), a step that writes into its inputs; a step map that ignores the neighbourhood,
+visits it column by column, waits for the earliest neighbour only or reads outside the map through a negative index; for
+text, an MDLM loss without its 1/t weight, averaged over the masked tokens or taken as the log of a softmax, a reveal
+probability that is not conditioned on being masked, a block schedule whose time runs once over the whole sequence. The
+training masks are random: their check holds the counts exactly, and which positions are hidden only to what a uniform
+choice gives over 10,000 rows (and that they change with the generator's seed), so any correct way of drawing them
+passes."""
 
 from __future__ import annotations
 
@@ -46,6 +46,8 @@ def _ratio_cases() -> Iterator[Case]:
     yield Case("default schedule (cosine)", (torch.rand(5, generator=g),))
     for schedule in ("cosine", "linear", "square"):
         yield Case(f"r = 0.25 as a Python float, {schedule}", (0.25, schedule))
+    for schedule in ("cosine", "linear", "square"):  # the answer is float32 whatever float r comes in
+        yield Case(f"float64 (4,) r, {schedule}", (torch.rand(4, generator=g, dtype=torch.float64), schedule))
 
 
 def _ratio_revealed(r, schedule="cosine"):
