@@ -164,3 +164,182 @@ def test_9_6():
     _check(ch09.sink_window_mask, compression.sink_window_mask,
            [plain_window, one_too_many, window_after_sinks, float_mask],
            [(plain_window, "sinks"), (one_too_many, "one token too many"), (window_after_sinks, "window - sinks long")])
+
+
+# right answers written in other styles than the reference: each must pass ------------------------------------
+
+
+def slots_by_loop(table, pos, bs):  # one position at a time, stacked
+    return torch.stack([table[p // bs] * bs + p % bs for p in pos])
+
+
+def slots_by_gather(table, pos, bs):
+    return table.gather(0, torch.div(pos, bs, rounding_mode="floor")) * bs + torch.remainder(pos, bs)
+
+
+def slots_by_lists(table, pos, bs):  # plain Python ints, back to a tensor
+    blocks = table.tolist()
+    return torch.tensor([blocks[p // bs] * bs + p % bs for p in pos.tolist()])
+
+
+def slots_of_every_position(table, pos, bs):  # the slots of all the sequence's positions, then indexed
+    return (table[:, None] * bs + torch.arange(bs)).flatten()[pos]
+
+
+def test_9_1_other_styles():
+    for right in (slots_by_loop, slots_by_gather, slots_by_lists, slots_of_every_position):
+        assert_passes(ch09.slot_mapping, right)
+
+
+def paged_by_sequence(q, k_pool, v_pool, tables, lengths):  # a loop over the batch, only the first lengths[b] keys
+    B, H, D = q.shape
+    out = []
+    for b in range(B):
+        n = int(lengths[b])
+        k, v = k_pool[tables[b]].reshape(-1, H, D)[:n], v_pool[tables[b]].reshape(-1, H, D)[:n]  # (n, H, D)
+        w = torch.softmax((k * q[b]).sum(-1) / math.sqrt(D), dim=0)  # (n, H)
+        out.append((w[..., None] * v).sum(0))
+    return torch.stack(out)
+
+
+def paged_by_matmul(q, k_pool, v_pool, tables, lengths):  # max-subtracted softmax by hand, torch.where mask
+    k = k_pool[tables].flatten(1, 2).permute(0, 2, 1, 3)  # (B, H, T, D)
+    v = v_pool[tables].flatten(1, 2).permute(0, 2, 1, 3)
+    s = (k @ q[..., None]).squeeze(-1) / q.shape[-1] ** 0.5  # (B, H, T)
+    s = torch.where(torch.arange(s.shape[-1]) < lengths[:, None, None], s, torch.tensor(float("-inf")))
+    e = torch.exp(s - s.amax(-1, keepdim=True))
+    return ((e / e.sum(-1, keepdim=True))[..., None, :] @ v).squeeze(-2)
+
+
+def paged_in_float64(q, k_pool, v_pool, tables, lengths):
+    return attention.paged_attention(q.double(), k_pool.double(), v_pool.double(), tables, lengths).float()
+
+
+def paged_large_negative_mask(q, k_pool, v_pool, tables, lengths):  # -1e9 for the padding instead of -inf
+    k, v = k_pool[tables].flatten(1, 2), v_pool[tables].flatten(1, 2)
+    s = torch.einsum("bhd,bthd->bht", q, k) * q.shape[-1] ** -0.5
+    s = s.masked_fill((torch.arange(k.shape[1]) >= lengths[:, None])[:, None], -1e9)
+    return torch.einsum("bht,bthd->bhd", s.softmax(-1), v)
+
+
+def test_9_2_other_styles():
+    for right in (paged_by_sequence, paged_by_matmul, paged_in_float64, paged_large_negative_mask):
+        assert_passes(ch09.paged_attention, right)
+
+
+def admit_while(needs, free, running, max_running):
+    k = 0
+    while k < len(needs) and running + k < max_running and needs[k] <= free - running - k:
+        free, k = free - needs[k], k + 1
+    return k
+
+
+def admit_by_cumsum(needs, free, running, max_running):  # vectorised: the longest prefix that fits
+    if not needs:
+        return 0
+    k = torch.arange(len(needs))
+    fits = (running + k < max_running) & (torch.cumsum(torch.tensor(needs), 0) <= free - running - k)
+    return int(torch.cumprod(fits.int(), 0).sum())
+
+
+def admit_recursive(needs, free, running, max_running):
+    if not needs or running >= max_running or needs[0] > free - running:
+        return 0
+    return 1 + admit_recursive(needs[1:], free - needs[0], running + 1, max_running)
+
+
+def test_9_3_other_styles():
+    for right in (admit_while, admit_by_cumsum, admit_recursive):
+        assert_passes(ch09.admit, right)
+
+
+def hashes_by_accumulate(tokens, bs):
+    import itertools
+
+    blocks = [tuple(tokens[i:i + bs]) for i in range(0, len(tokens) - bs + 1, bs)]
+    return list(itertools.accumulate(blocks, lambda parent, block: hash((parent, block)), initial=0))[1:]
+
+
+def hashes_by_zip(tokens, bs):  # zip(*[iter] * bs) yields the full blocks only
+    out, parent, it = [], 0, iter(tokens)
+    for block in zip(*[it] * bs):
+        parent = hash((parent, block))
+        out.append(parent)
+    return out
+
+
+def hashes_from_a_tensor(tokens, bs):
+    n = len(tokens) // bs
+    out, parent = [], 0
+    for row in torch.tensor(tokens, dtype=torch.long)[:n * bs].view(n, bs):
+        parent = hash((parent, tuple(row.tolist())))
+        out.append(parent)
+    return out
+
+
+def test_9_4_other_styles():
+    for right in (hashes_by_accumulate, hashes_by_zip, hashes_from_a_tensor):
+        assert_passes(ch09.prefix_block_hashes, right)
+
+
+def quantize_min_max(x, bits, dim):  # min/max values, clamp(min=), .byte(), floor(v + 0.5) and no clamp of codes
+    lo, hi = x.min(dim, keepdim=True).values, x.max(dim, keepdim=True).values
+    scale = torch.clamp(hi - lo, min=1e-8) / (2 ** bits - 1)
+    return torch.floor((x - lo) / scale + 0.5).byte(), scale, lo
+
+
+def quantize_aminmax_times_levels(x, bits, dim):  # multiply by the number of steps, divide by the range
+    lo, hi = torch.aminmax(x, dim=dim, keepdim=True)
+    span, steps = torch.maximum(hi - lo, torch.tensor(1e-8)), 2 ** bits - 1
+    return ((x - lo) * steps / span).round().clamp(0, steps).to(torch.uint8), span / steps, lo
+
+
+def quantize_in_float64(x, bits, dim):
+    codes, scale, lo = compression.quantize(x.double(), bits, dim)
+    return codes, scale.to(x.dtype), lo.to(x.dtype)
+
+
+def quantize_dim_moved_last(x, bits, dim):
+    codes, scale, lo = compression.quantize(x.movedim(dim, -1), bits, -1)
+    return codes.movedim(-1, dim), scale.movedim(-1, dim), lo.movedim(-1, dim)
+
+
+def test_9_5_other_styles():
+    for right in (quantize_min_max, quantize_aminmax_times_levels, quantize_in_float64, quantize_dim_moved_last):
+        assert_passes(ch09.quantize, right)
+
+
+def mask_by_lists(T, sinks, window):
+    return torch.tensor([[j <= i and (j < sinks or j > i - (window - sinks)) for j in range(T)] for i in range(T)])
+
+
+def mask_by_tril(T, sinks, window):
+    ones = torch.ones(T, T, dtype=torch.bool)
+    causal = torch.tril(ones)
+    sink_columns = causal.clone()
+    sink_columns[:, sinks:] = False
+    return (causal & ~torch.tril(ones, -(window - sinks))) | sink_columns
+
+
+def mask_by_rows(T, sinks, window):
+    m = torch.zeros(T, T, dtype=torch.bool)
+    for i in range(T):
+        m[i, max(0, i - (window - sinks) + 1):i + 1] = True
+        m[i, :min(sinks, i + 1)] = True
+    return m
+
+
+_MASKS_BY_T: dict = {}
+
+
+def mask_cached_by_length(T, sinks, window):  # wrong: a module-level cache keyed by T alone
+    if T not in _MASKS_BY_T:
+        _MASKS_BY_T[T] = compression.sink_window_mask(T, sinks, window)
+    return _MASKS_BY_T[T]
+
+
+def test_9_6_other_styles():
+    for right in (mask_by_lists, mask_by_tril, mask_by_rows):
+        assert_passes(ch09.sink_window_mask, right)
+    _MASKS_BY_T.clear()
+    assert_fails(ch09.sink_window_mask, mask_cached_by_length, contains="T=10 again")

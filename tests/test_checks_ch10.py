@@ -6,6 +6,8 @@ the data, a loss summed over the channels or detached from the head, late Euler 
 that overwrite the noise, guidance mixed the wrong way or on the conditions, two head calls per step where one batched
 call does...)."""
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -372,3 +374,209 @@ def test_10_6():
     assert_fails(check, sample_always_doubled, contains="at w = 0")
     assert_fails(check, sample_time_column, contains="t (R,)")
     assert_fails(check, sample_float_range, contains="torch.arange")
+
+
+# right answers written in other styles than the reference: each must pass ------------------------------------
+
+
+class _RoundStraightThrough(torch.autograd.Function):
+    """round() forward, the identity backward."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.round()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+def fsq_per_dimension(z, levels):  # one dimension at a time, divided by a Python int, stacked
+    b = Fq.fsq_bound(z, levels)
+    r = b + (b.round() - b).detach()
+    return torch.stack([r[..., i] / (n // 2) for i, n in enumerate(levels)], -1)
+
+
+def fsq_autograd_function(z, levels):  # a custom straight-through Function; integer widths
+    return _RoundStraightThrough.apply(Fq.fsq_bound(z, levels)) / (torch.tensor(levels) // 2)
+
+
+def fsq_own_bound(z, levels):  # the bound written out from its formula, in a loop
+    out = []
+    for i, n in enumerate(levels):
+        half, offset = (n - 1) * (1 + 1e-3) / 2, 0.5 if n % 2 == 0 else 0.0
+        b = torch.tanh(z[..., i] + math.atanh(offset / half)) * half - offset
+        out.append((b + (torch.round(b) - b).detach()) / (n // 2))
+    return torch.stack(out, -1)
+
+
+def test_10_1_other_styles():
+    for right in (fsq_per_dimension, fsq_autograd_function, fsq_own_bound):
+        assert_passes(ch10.fsq_quantize, right)
+
+
+def index_by_loop(codes, levels):
+    idx, place = torch.zeros(codes.shape[:-1], dtype=torch.long), 1
+    for i, n in enumerate(levels):
+        idx = idx + torch.round(codes[..., i] * (n // 2) + n // 2).long() * place
+        place *= n
+    return idx
+
+
+def index_by_horner(codes, levels):  # from the highest digit down; nearest integer as floor(v + 0.5)
+    idx = torch.zeros(codes.shape[:-1], dtype=torch.long)
+    for i in reversed(range(len(levels))):
+        n = levels[i]
+        idx = idx * n + (codes[..., i] * (n // 2) + n // 2 + 0.5).floor().long()
+    return idx
+
+
+def index_by_float_matmul(codes, levels):  # float digits times float place values, cast at the end
+    width = torch.tensor([n // 2 for n in levels], dtype=codes.dtype)
+    places = torch.tensor([math.prod(levels[:i]) for i in range(len(levels))], dtype=codes.dtype)
+    return ((codes * width + width).round() @ places).long()
+
+
+def test_10_2_other_styles():
+    for right in (index_by_loop, index_by_horner, index_by_float_matmul):
+        assert_passes(ch10.fsq_codes_to_indices, right)
+
+
+def _sign_codes(z):
+    return Fq.lfq_indices_to_codes(torch.arange(2 ** z.shape[1]), z.shape[1], z.dtype)
+
+
+def entropy_cdist_logsumexp(z, temperature=0.01):  # xlogy: right values, nan gradient where q = 0
+    logits = -torch.cdist(z, _sign_codes(z)).pow(2) / temperature
+    logp = logits - torch.logsumexp(logits, 1, keepdim=True)
+    q = logp.exp().mean(0)
+    return -(logp.exp() * logp).sum(1).mean(), -torch.special.xlogy(q, q).sum()
+
+
+def entropy_categorical(z, temperature=0.01):
+    dist = torch.distributions.Categorical(logits=-((z[:, None] - _sign_codes(z)[None]) ** 2).sum(-1) / temperature)
+    return dist.entropy().mean(), torch.distributions.Categorical(probs=dist.probs.mean(0)).entropy()
+
+
+def entropy_dot_products(z, temperature=0.01):  # softmax of 2 z.c (|z|^2 and d cancel); entr: nan gradient at p = 0
+    p = torch.softmax(2 * z @ _sign_codes(z).T / temperature, 1)
+    return torch.special.entr(p).sum(1).mean(), torch.special.entr(p.mean(0)).sum()
+
+
+def entropy_in_float64(z, temperature=0.01):
+    per_sample, codebook = answers.lfq_entropy_terms(z.double(), temperature)
+    return per_sample.to(z.dtype), codebook.to(z.dtype)
+
+
+def entropy_no_grad(z, temperature=0.01):
+    with torch.no_grad():
+        return answers.lfq_entropy_terms(z, temperature)
+
+
+def test_10_3_other_styles():
+    for right in (entropy_categorical, entropy_in_float64):
+        assert_passes(ch10.lfq_entropy_terms, right)
+    # right values, but xlogy / entr differentiate to 0 * (-inf) = nan where a probability is exactly 0
+    for nan_gradient in (entropy_cdist_logsumexp, entropy_dot_products):
+        assert_fails(ch10.lfq_entropy_terms, nan_gradient, contains="with respect to z is not finite")
+    assert_fails(ch10.lfq_entropy_terms, entropy_no_grad, contains="carries no gradient back to z")
+
+
+def rotation_by_matrix(z, z_q):  # R built as a (N, D, D) matrix
+    with torch.no_grad():
+        u, q = z / z.norm(dim=1, keepdim=True), z_q / z_q.norm(dim=1, keepdim=True)
+        r = (u + q) / (u + q).norm(dim=1, keepdim=True)
+        R = torch.eye(z.shape[1]) - 2 * torch.einsum("ni,nj->nij", r, r) + 2 * torch.einsum("ni,nj->nij", q, u)
+        lam = z_q.norm(dim=1) / z.norm(dim=1)
+    moved = lam[:, None] * torch.einsum("nij,nj->ni", R, z)
+    return moved + (z_q - moved).detach()
+
+
+def rotation_by_detach(z, z_q):  # constants by .detach() instead of torch.no_grad()
+    zd, qd = z.detach(), z_q.detach()
+    u, q = F.normalize(zd, dim=1), F.normalize(qd, dim=1)
+    r = F.normalize(u + q, dim=1)
+    moved = qd.norm(dim=1, keepdim=True) / zd.norm(dim=1, keepdim=True) * (
+        z - 2 * r * (r * z).sum(1, keepdim=True) + 2 * q * (u * z).sum(1, keepdim=True))
+    return moved - moved.detach() + qd
+
+
+def rotation_by_row(z, z_q):
+    out = []
+    for zi, qi in zip(z, z_q):
+        with torch.no_grad():
+            u, q = zi / zi.norm(), qi / qi.norm()
+            r = (u + q) / (u + q).norm()
+            lam = qi.norm() / zi.norm()
+        moved = lam * (zi - 2 * r * torch.dot(r, zi) + 2 * q * torch.dot(u, zi))
+        out.append(qi.detach() + moved - moved.detach())
+    return torch.stack(out)
+
+
+def test_10_4_other_styles():
+    for right in (rotation_by_matrix, rotation_by_detach, rotation_by_row):
+        assert_passes(ch10.rotation_trick, right)
+
+
+def loss_lerp_mse(velocity, x1, x0, t):
+    return F.mse_loss(velocity(torch.lerp(x0, x1, t[:, None]), t), x1 - x0)
+
+
+def loss_view_mean_of_means(velocity, x1, x0, t):
+    x_t = x0 + t.view(-1, 1) * (x1 - x0)
+    return ((velocity(x_t, t) - (x1 - x0)) ** 2).mean(-1).mean()
+
+
+def loss_einsum_sum_over_count(velocity, x1, x0, t):
+    err = velocity(torch.einsum("n,nd->nd", 1 - t, x0) + torch.einsum("n,nd->nd", t, x1), t) - x1 + x0
+    return (err * err).sum() / err.numel()
+
+
+def test_10_5_other_styles():
+    for right in (loss_lerp_mse, loss_view_mean_of_means, loss_einsum_sum_over_count):
+        assert_passes(ch10.flow_matching_loss, right)
+
+
+def sample_repeat_and_slices(head, x0, cond, uncond, steps, *, w):  # times from a linspace; rows by repeat and slices
+    x, n = x0, len(x0)
+    for t in torch.linspace(0, 1, steps + 1, dtype=x0.dtype)[:-1]:
+        tt = t.repeat(n)
+        if w == 0:
+            v = head(x, tt, cond)
+        else:
+            both = head(x.repeat(2, 1), tt.repeat(2), torch.cat([cond, uncond]))
+            v = (1 + w) * both[:n] - w * both[n:]
+        x = x + v * (1.0 / steps)
+    return x
+
+
+def sample_in_place_on_a_copy(head, x0, cond, uncond, steps, *, w):  # x += on a clone; time accumulated by dt
+    x, t, dt = x0.clone(), 0.0, 1.0 / steps
+    for _ in range(steps):
+        tt = torch.full_like(x[:, 0], t)
+        if w == 0:
+            v = head(x, tt, cond)
+        else:
+            v_c, v_u = torch.chunk(head(torch.cat((x, x)), torch.cat((tt, tt)), torch.cat((cond, uncond))), 2)
+            v = v_c + w * (v_c - v_u)
+        x += dt * v
+        t += dt
+    return x
+
+
+def sample_lerp_mix(head, x0, cond, uncond, steps, *, w):  # (1 + w) v_c - w v_u as a lerp; x.add(alpha=)
+    x, n = x0, len(x0)
+    for i in range(steps):
+        t = torch.ones(n, dtype=x.dtype) * i / steps
+        if w:
+            out = head(torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond, uncond]))
+            v = torch.lerp(out[n:], out[:n], 1 + w)
+        else:
+            v = head(x, t, cond)
+        x = x.add(v, alpha=1 / steps)
+    return x
+
+
+def test_10_6_other_styles():
+    for right in (sample_repeat_and_slices, sample_in_place_on_a_copy, sample_lerp_mix):
+        assert_passes(ch10.guided_euler_sample, right)

@@ -367,3 +367,195 @@ def test_11_6():
     assert_fails(check, cca_with(log_sigmoid=lambda x: torch.log(torch.sigmoid(x))), contains="logsigmoid")
     assert_fails(check, cca_no_grad, contains="no gradient reaches the policy")
     assert_fails(check, cca_shifted_negatives, contains="changed its argument `negatives` in place")
+
+
+# right answers written in other styles than the reference (each must pass), and wrong ones found since -----------
+
+
+def logp_logsumexp(model, maps, classes):  # logits minus their logsumexp, take_along_dim
+    seq = maps.reshape(maps.shape[0], -1)
+    logits, _ = model(seq[:, :-1], classes=classes)
+    return torch.take_along_dim(logits, seq[..., None], -1).squeeze(-1) - torch.logsumexp(logits, -1)
+
+
+def logp_categorical(model, maps, classes):
+    seq = maps.flatten(1)
+    logits, _ = model(seq[:, :-1], classes=classes)
+    return torch.distributions.Categorical(logits=logits).log_prob(seq)
+
+
+def logp_whole_map_fed(model, maps, classes):  # all h*w tokens in, the last prediction dropped
+    seq = maps.flatten(1)
+    logits, _ = model(seq, classes=classes)
+    return logits[:, :-1].log_softmax(-1).gather(2, seq.unsqueeze(2)).squeeze(2)
+
+
+def logp_one_hot_float64(model, maps, classes):
+    seq = maps.flatten(1)
+    logits, _ = model(seq[:, :-1], classes=classes)
+    return (F.one_hot(seq, logits.shape[-1]) * logits.double().log_softmax(-1)).sum(-1).float()
+
+
+def logp_eval_then_train(model, maps, classes):  # wrong: back to train mode whatever mode the model came in
+    model.eval()
+    out = token_log_probs(model, maps, classes)
+    model.train()
+    return out
+
+
+def test_11_1_other_styles():
+    for right in (logp_logsumexp, logp_categorical, logp_whole_map_fed, logp_one_hot_float64):
+        assert_passes(ch11.token_log_probs, right)
+    assert_fails(ch11.token_log_probs, logp_eval_then_train, contains="came in eval mode")
+
+
+def adv_one_hot_matmul(rewards, groups, eps=1e-4):
+    _, inverse = torch.unique(groups, return_inverse=True)
+    member = F.one_hot(inverse).to(rewards.dtype)  # (B, n)
+    count = member.sum(0)
+    centred = rewards - member @ (member.T @ rewards / count)
+    return centred / (member @ (member.T @ centred**2 / count).sqrt() + eps)
+
+
+def adv_bincount(rewards, groups, eps=1e-4):
+    count = torch.bincount(groups).to(rewards.dtype).clamp_min(1)
+    centred = rewards - (torch.bincount(groups, weights=rewards).to(rewards.dtype) / count)[groups]
+    return centred / ((torch.bincount(groups, weights=centred**2).to(rewards.dtype) / count).sqrt()[groups] + eps)
+
+
+def adv_scatter_reduce(rewards, groups, eps=1e-4):
+    n = int(groups.max()) + 1
+    mean = torch.zeros(n, dtype=rewards.dtype).scatter_reduce(0, groups, rewards, "mean", include_self=False)
+    centred = rewards - mean[groups]
+    var = torch.zeros(n, dtype=rewards.dtype).scatter_reduce(0, groups, centred**2, "mean", include_self=False)
+    return centred / (var.sqrt()[groups] + eps)
+
+
+def adv_in_float64(rewards, groups, eps=1e-4):  # more accurate than float32 on the near-equal rewards
+    return adv_loop(rewards.double(), groups, eps).to(rewards.dtype)
+
+
+def adv_std_mean_per_id(rewards, groups, eps=1e-4):
+    out = torch.zeros_like(rewards)
+    for gid in set(groups.tolist()):
+        ids = (groups == gid).nonzero().squeeze(1)
+        std, mean = torch.std_mean(rewards[ids], unbiased=False)
+        out[ids] = (rewards[ids] - mean) / (std + eps)
+    return out
+
+
+def test_11_2_other_styles():
+    for right in (adv_one_hot_matmul, adv_bincount, adv_scatter_reduce, adv_in_float64, adv_std_mean_per_id):
+        assert_passes(ch11.group_advantages, right)
+
+
+def loss_where_expm1(logp, logp_old, logp_ref, adv, clip=0.2, kl_coef=0.05):
+    r, a = (logp - logp_old).exp(), adv.unsqueeze(1)
+    surrogate = torch.where(a >= 0, torch.clamp(r, max=1 + clip) * a, torch.clamp(r, min=1 - clip) * a)
+    d = logp_ref - logp
+    kl = (torch.expm1(d) - d).mean()
+    return -surrogate.mean() + kl_coef * kl, kl.detach()
+
+
+def loss_per_token_then_mean(logp, logp_old, logp_ref, adv, clip=0.2, kl_coef=0.05):  # kl returned with its graph
+    r = torch.exp(logp - logp_old)
+    a = adv.view(-1, 1).expand_as(r)
+    k3 = torch.exp(logp_ref - logp) - (logp_ref - logp) - 1
+    return -(torch.min(r * a, torch.clamp(r, 1 - clip, 1 + clip) * a) - kl_coef * k3).mean(), k3.mean()
+
+
+def loss_in_float64(logp, logp_old, logp_ref, adv, clip=0.2, kl_coef=0.05):
+    loss, kl = grpo_objective(logp.double(), logp_old.double(), logp_ref.double(), adv.double(), clip, kl_coef)
+    return loss.float(), kl.float()
+
+
+def test_11_3_other_styles():
+    for right in (loss_where_expm1, loss_per_token_then_mean, loss_in_float64):
+        assert_passes(ch11.grpo_loss, right)
+
+
+def rollout_in(context, classes_of=lambda n, g: torch.arange(n).repeat_interleave(g), restore=None):
+    def rollout(policy, reference, reward_fn, group_size, generator):
+        classes = classes_of(policy.config.n_classes, group_size)
+        was = policy.training
+        policy.eval()
+        with context():
+            maps = raster.generate_tokens(policy, classes, policy.config.grid, generator=generator)
+            rewards = reward_fn(maps, classes)
+            out = {"classes": classes, "maps": maps, "rewards": rewards,
+                   "advantages": answers.group_advantages(rewards, classes),
+                   "logp_old": token_log_probs(policy, maps, classes),
+                   "logp_ref": token_log_probs(reference, maps, classes)}
+        if was:
+            policy.train()
+        return out
+
+    return rollout
+
+
+def rollout_detached(policy, reference, reward_fn, group_size, generator):  # .detach() instead of torch.no_grad()
+    out = rollout_in(torch.enable_grad)(policy, reference, reward_fn, group_size, generator)
+    return {k: v.detach() for k, v in out.items()}
+
+
+def test_11_4_other_styles():
+    assert_passes(ch11.grpo_rollout, rollout_in(torch.no_grad))
+    assert_passes(ch11.grpo_rollout, rollout_in(torch.no_grad, classes_of=lambda n, g: torch.arange(n)[:, None]
+                                                .expand(n, g).reshape(-1)))
+    assert_passes(ch11.grpo_rollout, rollout_detached)
+    # tensors made under inference mode break the update's backward pass later
+    assert_fails(ch11.grpo_rollout, rollout_in(torch.inference_mode), contains="inference_mode")
+
+
+def update_in_style(zero="policy", loss_of=float):
+    def update(policy, optimizer, rollout, clip=0.2, kl_coef=0.05, inner_steps=2):
+        params, losses = list(policy.parameters()), []
+        for _ in range(inner_steps):
+            if zero == "policy":
+                policy.zero_grad(set_to_none=False)
+            logp = token_log_probs(policy, rollout["maps"], rollout["classes"])
+            loss = grpo_objective(logp, rollout["logp_old"], rollout["logp_ref"], rollout["advantages"], clip,
+                                  kl_coef)[0]
+            if zero == "autograd":  # gradients set from torch.autograd.grad, not accumulated by backward
+                for p, g in zip(params, torch.autograd.grad(loss, params)):
+                    p.grad = g
+            else:
+                loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, max_norm=1, norm_type=2.0)
+            optimizer.step()
+            if zero == "after":
+                optimizer.zero_grad()
+            losses.append(loss_of(loss.detach()))
+        return losses
+
+    return update
+
+
+def test_11_5_other_styles():
+    for right in (update_in_style("policy"), update_in_style("after", lambda x: x.item()), update_in_style("autograd")):
+        assert_passes(ch11.grpo_update, right)
+
+
+def cca_two_passes_softplus(policy, reference, maps, classes, negatives, beta=0.02, lam=1.0):
+    with torch.no_grad():
+        ref_pos, ref_neg = token_log_probs(reference, maps, classes).sum(-1), token_log_probs(reference, maps,
+                                                                                               negatives).sum(-1)
+    pos = token_log_probs(policy, maps, classes).sum(-1) - ref_pos
+    neg = token_log_probs(policy, maps, negatives).sum(-1) - ref_neg
+    return F.softplus(-beta * pos).mean() + lam * F.softplus(beta * neg).mean(), pos, neg
+
+
+def cca_by_map(policy, reference, maps, classes, negatives, beta=0.02, lam=1.0):  # one map at a time, float64 loss
+    pos, neg = [], []
+    for i in range(len(maps)):
+        m = maps[i:i + 1]
+        for c, out in ((classes[i:i + 1], pos), (negatives[i:i + 1], neg)):
+            out.append(token_log_probs(policy, m, c).sum() - token_log_probs(reference, m, c).sum().detach())
+    pos, neg = torch.stack(pos), torch.stack(neg)
+    loss = -F.logsigmoid(beta * pos.double()).mean() - lam * F.logsigmoid(-beta * neg.double()).mean()
+    return loss.float(), pos, neg
+
+
+def test_11_6_other_styles():
+    for right in (cca_two_passes_softplus, cca_by_map, cca_with()):
+        assert_passes(ch11.cca_loss, right)

@@ -302,6 +302,7 @@ def _mask_cases() -> Iterator[Case]:
     yield Case("T=12, no sinks, window 4", (12, 0, 4))
     yield Case("T=6, window larger than T", (6, 1, 9))
     yield Case("T=9, 3 sinks, window 4", (9, 3, 4))
+    yield Case("T=10 again, 4 sinks, window 5 (one recent token)", (10, 4, 5))  # a mask cached by T alone is stale
 
 
 def _mask_no_sinks(T, sinks, window):

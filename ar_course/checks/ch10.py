@@ -235,6 +235,20 @@ ENTROPY_MISTAKES = [
 ))
 def lfq_entropy_terms(fn: Callable, ref_fn: Callable) -> None:
     compare_cases(fn, ref_fn, _entropy_cases(), mistakes=ENTROPY_MISTAKES, atol=1e-5)
+    # the two terms are a training loss: gradients must reach z, and stay finite where probabilities are 0
+    for case in _entropy_cases():
+        z = case.args[0].clone().requires_grad_(True)
+        terms = call(fn, z, **case.kwargs, where=case.name)
+        for name, term in zip(("per_sample", "codebook"), terms):
+            if not term.requires_grad:
+                raise CheckFailure(f"{name} on input {case.name!r} carries no gradient back to z: the two terms are "
+                                   "a training loss, so compute them with autograd on (no no_grad, detach or .item())")
+            (grad,) = torch.autograd.grad(term, z, retain_graph=True, allow_unused=True)
+            if grad is not None and not bool(torch.isfinite(grad).all()):
+                raise CheckFailure(f"the gradient of {name} with respect to z is not finite on input {case.name!r}: "
+                                   "where a probability is exactly 0 the derivative of p log p is 0 * (-inf) = nan "
+                                   "through the softmax; keep log away from 0 for the gradient too (clamp_min, or "
+                                   "log_softmax of the logits)")
 
 
 # --------------------------------------------------------------------------------------------------------
