@@ -228,8 +228,8 @@ ENTROPY_MISTAKES = [
 @chapter.exercise("10.3", reference=answers.lfq_entropy_terms, hints=(
     "soft-assign each vector to all 2^d sign codes with a softmax over (minus) distances, then measure two "
     "entropies: of each vector's assignment, and of the batch's average assignment",
-    "codes = lfq_indices_to_codes(torch.arange(2**d), d); p = softmax(-|z - c|^2 / temperature) over the codes "
-    "(N, 2^d); per_sample = mean over rows of -sum p log p; codebook = -sum q log q with q = p.mean(0)",
+    "codes = lfq_indices_to_codes(torch.arange(2**d, device=z.device), d); p = softmax(-|z - c|^2 / temperature) "
+    "over the codes (N, 2^d); per_sample = mean over rows of -sum p log p; codebook = -sum q log q with q = p.mean(0)",
     "dist = (z[:, None] - codes[None]).pow(2).sum(-1); p = torch.softmax(-dist / temperature, 1); "
     "q = p.mean(0); return -(p * p.clamp_min(1e-12).log()).sum(1).mean(), -(q * q.clamp_min(1e-12).log()).sum()",
 ))

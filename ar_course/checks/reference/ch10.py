@@ -26,7 +26,7 @@ def lfq_entropy_terms(z: torch.Tensor, temperature: float = 0.01) -> tuple[torch
     """``(per_sample, codebook)`` of ``z`` ``(N, d)``: with ``p(c | z) = softmax_c(-|z - c|^2 / temperature)`` over
     the sign codes ``c``, the mean over vectors of ``H(p(. | z))`` and the entropy ``H(mean_z p(. | z))``, in nats."""
     d = z.shape[1]
-    codes = lfq_indices_to_codes(torch.arange(2**d), d, z.dtype)  # (2^d, d)
+    codes = lfq_indices_to_codes(torch.arange(2**d, device=z.device), d, z.dtype)  # (2^d, d)
     dist = (z[:, None, :] - codes[None, :, :]).pow(2).sum(-1)  # (N, 2^d)
     p = torch.softmax(-dist / temperature, dim=1)  # (N, 2^d)
     per_sample = -(p * torch.log_softmax(-dist / temperature, dim=1)).sum(1).mean()
