@@ -472,7 +472,7 @@ def vq_writes_every_improvement(z, codebook, out):  # right numbers, a global wr
 # 6.7 ------------------------------------------------------------------------------------------------------
 
 
-def _flash_variant(rescale: bool = True, extra_key: int = 0, second_barrier: bool = True):
+def _flash_variant(rescale: bool = True, extra_key: int = 0, second_barrier: bool = True, start_m: float = LOWEST):
     @cuda.jit
     def flash_variant(q, k, v, kv_len, scale, out):
         k_tile = cuda.shared.array((BLOCK_N, HEAD_DIM), float32)
@@ -487,7 +487,7 @@ def _flash_variant(rescale: bool = True, extra_key: int = 0, second_barrier: boo
         n_keys = 0
         for r in range(cuda.blockIdx.x * BLOCK_M, min(cuda.blockIdx.x * BLOCK_M + BLOCK_M, q.shape[1])):
             n_keys = max(n_keys, kv_len[r])
-        m = float32(LOWEST)
+        m = float32(start_m)
         l = float32(0.0)
         for start in range(0, n_keys, BLOCK_N):
             for e in range(t, BLOCK_N * HEAD_DIM, BLOCK_M):
@@ -1448,6 +1448,7 @@ CASES = {
         (_flash_variant(extra_key=1), "out"),
         (_flash_variant(second_barrier=False), "race"),
         (flash_causal_offset, "block-causal (1, 4, 9, 15)"),
+        (_flash_variant(start_m=0.0), "every score near -150"),
     ],
     "decode_partial_kernel": [
         (_partial_variant(respect_length=False), "nan"),

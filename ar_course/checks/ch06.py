@@ -385,17 +385,21 @@ def _attention64(q: np.ndarray, k: np.ndarray, v: np.ndarray, kv_len: np.ndarray
 ))
 def flash_attention_kernel(fn: Callable, ref: Callable) -> None:
     rng = np.random.default_rng(67)
-    cases = [
-        ("causal", 2, 37, 37, np.arange(1, 38)),
-        ("block-causal (1, 4, 9, 15)", 1, 29, 29, BlockCausal((1, 4, 9, 15)).kv_len().numpy()),
-        ("no mask", 2, 21, 21, np.full(21, 21)),
-        ("7 queries after a 33-token prefix", 1, 7, 40, np.arange(34, 41)),
+    scale = 1.5 / math.sqrt(HEAD_DIM)
+    cases = [  # (label, BH, T_q, T_k, kv_len, a constant added to every score)
+        ("causal", 2, 37, 37, np.arange(1, 38), 0.0),
+        ("block-causal (1, 4, 9, 15)", 1, 29, 29, BlockCausal((1, 4, 9, 15)).kv_len().numpy(), 0.0),
+        ("no mask", 2, 21, 21, np.full(21, 21), 0.0),
+        ("7 queries after a 33-token prefix", 1, 7, 40, np.arange(34, 41), 0.0),
+        # exp(score) underflows to 0 for every key: only a running max that starts below every score survives
+        ("no mask, every score near -150", 1, 5, 19, np.full(5, 19), -150.0),
     ]
-    for label, bh, t_q, t_k, kv_len in cases:
+    for label, bh, t_q, t_k, kv_len, shift in cases:
         where = f"{label}: BH={bh}, T_q={t_q}, T_k={t_k}, D={HEAD_DIM}"
         q, k, v = _rand(rng, bh, t_q, HEAD_DIM), _rand(rng, bh, t_k, HEAD_DIM), _rand(rng, bh, t_k, HEAD_DIM)
+        if shift:  # the last channel adds `shift` to every score: q_D * k_D * scale = 10 * (shift / (10 scale))
+            q[..., -1], k[..., -1] = 10.0, shift / (10.0 * scale)
         kv_len = np.ascontiguousarray(kv_len, dtype=np.int32)
-        scale = 1.5 / math.sqrt(HEAD_DIM)
         out = _buffer((bh, t_q, HEAD_DIM))
         traffic = _launch(fn, (cdiv(t_q, BLOCK_M), bh), (BLOCK_M,), (q, k, v, kv_len, scale, out), where)
         expected = _expect(_attention64(q, k, v, kv_len, scale))
