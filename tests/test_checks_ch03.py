@@ -85,6 +85,9 @@ def make_loss(mistake: str | None = None):
         if mistake == "text_shift":
             logits, _ = model(seq[:, :-1], classes=cls)  # (B, L, V)
             return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), seq[:, 1:].reshape(-1))
+        if mistake == "log_of_softmax":
+            logits, _ = model(seq[:, :-1], classes=cls)  # (B, L, V)
+            return -logits.softmax(-1).gather(-1, seq[..., None]).log().mean()
         _, loss = model(seq[:, :-1], targets=seq, classes=cls)
         if mistake == "rewrapped":
             return torch.tensor(loss.item(), requires_grad=True)
@@ -103,6 +106,7 @@ def test_training_loss_names_column_major_and_text_shift():
     assert_fails(ch03.training_loss, make_loss("column_major"), contains="column by column")
     assert_fails(ch03.training_loss, make_loss("text_shift"), contains="text model's shift")
     assert_fails(ch03.training_loss, make_loss("float"), contains="autograd")
+    assert_fails(ch03.training_loss, make_loss("log_of_softmax"), contains="never the log of a softmax")
 
 
 def test_training_loss_rejects_a_loss_cut_off_from_the_model():

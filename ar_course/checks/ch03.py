@@ -207,7 +207,25 @@ def training_loss(fn, ref_fn):
             compare(got, expected, where=case.name, name="loss", atol=1e-5)
         except CheckFailure as exc:
             raise explain(exc, LOSS_MISTAKES, Case(case.name, (model, *case.args), case.kwargs), got) from None
+    _check_confident_model(fn, ref_fn)
     _check_dropout(fn)
+
+
+def _check_confident_model(fn, ref_fn) -> None:
+    """A model with logits in the hundreds (its tied output head scaled 300x): most target probabilities underflow
+    float32, so a loss taken as the log of a softmax is inf where the cross-entropy of the logits is finite."""
+    where = "4 maps of 3x4, p_uncond 0, a confident model (logits in the hundreds)"
+    model = tiny_model()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(300.0)
+    maps, classes = _maps(_gen(31), 4, 3, 4, 13), torch.arange(4)
+    expected = ref_fn(model, maps.clone(), classes.clone(), p_uncond=0.0, generator=_gen(3))
+    got = call(fn, model, maps.clone(), classes.clone(), p_uncond=0.0, generator=_gen(3), where=where)
+    if isinstance(got, torch.Tensor) and got.numel() == 1 and bool(torch.isinf(got).all()):
+        raise CheckFailure(f"the loss is inf on input {where!r}: a target whose softmax probability underflows to 0 "
+                           "gives -log 0; score the logits with F.cross_entropy (or log_softmax), never the log of a "
+                           "softmax")
+    compare(got, expected, where=where, name="loss", atol=1e-4)
 
 
 # --------------------------------------------------------------------------------------------------------
