@@ -685,11 +685,17 @@ def step_unscaled_noise(t, m, lp, s, n, noise=None, scale=0.0):  # adds the nois
     return M.confidence_step(t, m, lp, s, n, noise, 1.0 if noise is not None else 0.0)
 
 
+def step_mask_id_max(tokens, mask, log_probs, sampled, n_masked, noise=None, noise_scale=0.0):
+    new_tokens, new_mask = M.confidence_step(tokens, mask, log_probs, sampled, n_masked, noise, noise_scale)
+    return torch.where(new_mask, tokens.max(), new_tokens), new_mask  # guesses the mask id as the largest id
+
+
 def test_8_3_other_forms():
     for right in (step_row_loop, step_ranks_float64, step_one_hot_negated):
         assert_passes(ch08.confidence_step, right)
     for wrong in (step_argmax_confidence, step_unscaled_noise):
         assert_fails(ch08.confidence_step, wrong)
+    assert_fails(ch08.confidence_step, step_mask_id_max, contains="got the largest id in tokens")
 
 
 def order_nested_lists(h, w, neighbours=NAR):  # right: Python lists, then torch.tensor

@@ -247,10 +247,10 @@ MASK = 99
 
 
 def _step_case(name: str, g: torch.Generator, b: int, n: int, v: int, known: float, n_masked: int,
-               noise_scale: float) -> Case:
+               noise_scale: float, mask_id: int = MASK) -> Case:
     mask = torch.rand(b, n, generator=g) >= known  # (B, N)
     mask[:, : n_masked + 1] = True  # every row has more masked positions than stay masked
-    tokens = torch.randint(0, v, (b, n), generator=g).masked_fill(mask, MASK)
+    tokens = torch.randint(0, v, (b, n), generator=g).masked_fill(mask, mask_id)
     log_probs = torch.log_softmax(2 * torch.randn(b, n, v, generator=g), dim=-1)
     sampled = torch.randint(0, v, (b, n), generator=g)
     noise = -torch.log(-torch.log(torch.rand(b, n, generator=g).clamp(1e-9, 1 - 1e-7)))
@@ -264,6 +264,8 @@ def _step_cases() -> Iterator[Case]:
     yield _step_case("(2, 12) map, keep 1 masked, noise 0.5", g, 2, 12, 4, 0.0, 1, 0.5)
     yield _step_case("last step: keep 0 masked", g, 2, 8, 5, 0.4, 0, 1.0)
     yield _confident_case(g)
+    # the masked positions hold id 0, not the largest id: a still-masked position keeps what `tokens` holds there
+    yield _step_case("(2, 8) map whose mask id is 0, keep 2 masked, noise 1.0", g, 2, 8, 5, 0.3, 2, 1.0, mask_id=0)
 
 
 def _confident_case(g: torch.Generator) -> Case:
@@ -301,6 +303,11 @@ def _step_overwrites_known(tokens, mask, log_probs, sampled, n_masked, noise=Non
     return torch.where(new_mask, tokens, sampled), new_mask
 
 
+def _step_mask_id_guessed(tokens, mask, log_probs, sampled, n_masked, noise=None, noise_scale=0.0):
+    new_tokens, new_mask = ref.confidence_step(tokens, mask, log_probs, sampled, n_masked, noise, noise_scale)
+    return torch.where(new_mask, tokens.max(), new_tokens), new_mask
+
+
 STEP_MISTAKES = [
     Mistake(_step_with(_noisy, largest=True), "that re-masks the most confident tokens; keep those and re-mask "
                                               "the least confident"),
@@ -315,6 +322,8 @@ STEP_MISTAKES = [
             "the noise is added to probabilities; add it to log-probabilities (Gumbel noise on logits samples)"),
     Mistake(_step_overwrites_known, "known tokens were replaced by fresh samples; a token revealed at an earlier "
                                     "step never changes"),
+    Mistake(_step_mask_id_guessed, "a position that stays masked got the largest id in tokens; it keeps the value "
+                                   "tokens holds there (the mask id, whatever it is), so take it from tokens"),
 ]
 
 
