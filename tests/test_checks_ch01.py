@@ -550,9 +550,10 @@ def decode_one_hot_stack(indices, codebook, phis):
     return torch.stack(parts).sum(0)
 
 
-def teacher_forcing_adaptive_pool(indices, codebook, phis):
+def teacher_forcing_adaptive_pool(indices, codebook, phis, device_of_inputs=True):
     H, out = indices[-1].shape[-1], []
-    f_hat = torch.zeros(indices[0].shape[0], codebook.shape[1], H, H)
+    f_hat = torch.zeros(indices[0].shape[0], codebook.shape[1], H, H,
+                        device=codebook.device if device_of_inputs else None)  # else on the CPU: wrong on a GPU
     for k in range(len(indices) - 1):
         f_hat = f_hat + phis[k](F.interpolate(codebook[indices[k]].permute(0, 3, 1, 2), size=(H, H),
                                               mode="bicubic"))
@@ -587,3 +588,32 @@ def teacher_forcing_partial_sums(indices, codebook, phis):  # each input summed 
 ], ids=lambda v: v if isinstance(v, str) else v.__name__)
 def test_correct_answers_in_other_styles_pass(name, right):
     assert_passes(getattr(ch01, name), right)
+
+
+# tensors made on the CPU inside a function fed tensors elsewhere: the checks run each once off the CPU ---------
+
+
+def ema_sums_on_cpu(cluster_size, embed_sum, z, indices, decay=0.99, eps=1e-5):
+    K, D = embed_sum.shape
+    counts = torch.zeros(K).index_add_(0, indices, torch.ones(len(indices)))  # (K,) on the CPU
+    sums = torch.zeros(K, D).index_add_(0, indices, z)  # (K, D) on the CPU
+    N = decay * cluster_size + (1 - decay) * counts
+    m = decay * embed_sum + (1 - decay) * sums
+    return N, m, m / ((N + eps) / (N.sum() + K * eps) * N.sum())[:, None]
+
+
+def residual_zeros_on_cpu(z, codebooks):
+    z_hat, indices = torch.zeros(z.shape), []  # z_hat on the CPU
+    for codebook in codebooks:
+        idx = ref.vq_lookup(z - z_hat, codebook)
+        z_hat = z_hat + codebook[idx]
+        indices.append(idx)
+    return torch.stack(indices, 1), z_hat
+
+
+def test_tensors_made_on_the_cpu_are_caught():
+    assert_fails(ch01.ema_update, ema_sums_on_cpu, contains="mixed devices")
+    assert_fails(ch01.residual_quantize, residual_zeros_on_cpu, contains="mixed devices")
+    assert_fails(ch01.teacher_forcing_inputs,
+                 lambda indices, codebook, phis: teacher_forcing_adaptive_pool(indices, codebook, phis, False),
+                 contains="mixed devices")

@@ -325,3 +325,18 @@ def test_check_unchanged_sees_changes_inside_containers_and_ignores_nan(value, c
                                            r"uses it, for the next step: build"):
         check_unchanged(["v"], before, [value], "case", why="for the next step")
 
+
+
+def test_check_off_cpu_fails_only_a_device_mismatch():
+    """On the meta device (a stand-in for a GPU) a tensor made on the CPU is named; the meta device's own gaps
+    (.item(), bincount...) and right answers pass."""
+    from ar_course.checks.core import Case, check_off_cpu
+
+    case = Case("a (4, 3) input", (torch.randn(4, 3), [torch.randn(3)]))
+    check_off_cpu(lambda x, vs: x + vs[0], case)  # follows its inputs (a list of tensors moves too)
+    check_off_cpu(lambda x, vs: x + torch.zeros(3, device=x.device), case)
+    check_off_cpu(lambda x, vs: x.sum().item(), case)  # no data on meta: not the learner's fault
+    with pytest.raises(CheckFailure, match="on input 'a \\(4, 3\\) input' moved off the CPU .* mixed devices"):
+        check_off_cpu(lambda x, vs: x + torch.zeros(3), case)
+    with pytest.raises(CheckFailure, match="mixed devices"):
+        check_off_cpu(lambda x, vs: torch.zeros(4).index_add_(0, torch.arange(4, device=x.device), x[:, 0]), case)

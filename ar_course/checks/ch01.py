@@ -15,7 +15,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from ar_course.checks.core import Case, Chapter, CheckFailure, Mistake, call, compare, compare_cases
+from ar_course.checks.core import Case, Chapter, CheckFailure, Mistake, call, check_off_cpu, compare, compare_cases
 from ar_course.checks.reference import ch01 as answers
 from ar_course.tokenizers import functional as ref
 
@@ -61,6 +61,7 @@ LOOKUP_MISTAKES = [
 ))
 def vq_lookup(fn: Callable, reference: Callable) -> None:
     compare_cases(fn, reference, _lookup_cases(), mistakes=LOOKUP_MISTAKES)
+    check_off_cpu(fn, next(_lookup_cases()))
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -137,6 +138,7 @@ LOSS_MISTAKES = [
 ))
 def vq_loss(fn: Callable, reference: Callable) -> None:
     compare_cases(fn, reference, _loss_cases(), grad_wrt=(0, 1), mistakes=LOSS_MISTAKES)
+    check_off_cpu(fn, next(_loss_cases()))
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -253,6 +255,7 @@ def _ema_cases() -> Iterator[Case]:
 ))
 def ema_update(fn: Callable, reference: Callable) -> None:
     compare_cases(fn, reference, _ema_cases(), atol=1e-5, rtol=1e-4)
+    check_off_cpu(fn, next(_ema_cases()))
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -277,6 +280,7 @@ def _residual_cases() -> Iterator[Case]:
 ))
 def residual_quantize(fn: Callable, reference: Callable) -> None:
     compare_cases(fn, reference, _residual_cases())
+    check_off_cpu(fn, next(_residual_cases()))
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -351,6 +355,7 @@ def _pyramid_settings() -> Iterator[tuple[str, torch.Tensor, torch.Tensor, tuple
 def multiscale_encode(fn: Callable, reference: Callable) -> None:
     cases = [Case(name, (f, cb, scales, phis)) for name, f, cb, scales, phis in _pyramid_settings()]
     compare_cases(fn, reference, cases)
+    check_off_cpu(fn, cases[0])
 
 
 def _decode_cases() -> Iterator[Case]:
@@ -367,6 +372,7 @@ def _decode_cases() -> Iterator[Case]:
 ))
 def multiscale_decode(fn: Callable, reference: Callable) -> None:
     compare_cases(fn, reference, _decode_cases())
+    check_off_cpu(fn, next(_decode_cases()))
 
 
 @chapter.exercise("1.11", reference=ref.teacher_forcing_inputs, hints=(
@@ -379,3 +385,4 @@ def multiscale_decode(fn: Callable, reference: Callable) -> None:
 ))
 def teacher_forcing_inputs(fn: Callable, reference: Callable) -> None:
     compare_cases(fn, reference, _decode_cases())
+    check_off_cpu(fn, next(_decode_cases()))

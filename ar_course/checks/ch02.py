@@ -12,17 +12,16 @@ which must reach :data:`TRAIN_LOSS_TARGET`. The functions that create tensors of
 
 from __future__ import annotations
 
-import copy
 import inspect
 import math
-from typing import Any, Callable, Iterator
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 
 from ar_course import sampling
-from ar_course.checks.core import (Case, Chapter, CheckFailure, Mistake, call, check_unchanged, clone_args, compare,
-                                   compare_cases, explain, running)
+from ar_course.checks.core import (Case, Chapter, CheckFailure, Mistake, call, check_off_cpu, check_unchanged,
+                                   clone_args, compare, compare_cases, explain, running)
 from ar_course.checks.reference import ch02 as answers
 from ar_course.transformer import functional as ref
 from ar_course.transformer.model import GPT, Block, GPTConfig, SelfAttention
@@ -34,34 +33,6 @@ hint = chapter.hint
 
 def _gen(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
-
-
-_DEVICE_ERRORS = ("is not on the expected device", "to be on the same device")
-
-
-def _on_meta(arg: Any) -> Any:
-    """``arg`` moved to the meta device (a module is copied first); anything else as it is."""
-    if isinstance(arg, torch.Tensor):
-        return arg.detach().to("meta")
-    if isinstance(arg, torch.nn.Module):
-        return copy.deepcopy(arg).to("meta")
-    return arg
-
-
-def _check_device(fn: Callable, case: Case) -> None:
-    """Run ``fn`` on ``case`` with its tensors and modules on the meta device, which stands in for a GPU (tensors
-    with shapes and a device but no values): fail when ``fn`` mixes in a tensor it made on the CPU. Any other
-    error is ignored, since the meta device lacks a few operations (``.item()``...)."""
-    try:
-        with torch.no_grad():
-            fn(*(_on_meta(a) for a in case.args), **case.kwargs)
-    except Exception as exc:  # noqa: BLE001 - only a device mismatch is the learner's
-        text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        if any(marker in text for marker in _DEVICE_ERRORS):
-            raise CheckFailure(
-                f"on input {case.name!r} moved off the CPU (to the meta device, which stands in for a GPU) your "
-                f"function mixed devices ({text}): a tensor it creates (torch.arange, a mask, the frequencies...) "
-                "stays on the CPU while its inputs are elsewhere, so it would fail on a GPU") from None
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -285,7 +256,7 @@ ROPE_MISTAKES = [
 def rotary_embedding(fn, ref_fn):
     compare_cases(fn, ref_fn, _rope_cases(), atol=1e-4, mistakes=ROPE_MISTAKES)
     compare_cases(fn, ref_fn, _rope_half_cases(), atol=4e-3, rtol=4e-3, mistakes=ROPE_MISTAKES)
-    _check_device(fn, next(_rope_cases()))
+    check_off_cpu(fn, next(_rope_cases()))
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -387,7 +358,7 @@ SELF_ATTENTION_MISTAKES = [
 def self_attention(fn, ref_fn):
     with torch.no_grad():
         compare_cases(fn, ref_fn, _self_attention_cases(), atol=1e-5, mistakes=SELF_ATTENTION_MISTAKES)
-    _check_device(fn, next(_self_attention_cases()))
+    check_off_cpu(fn, next(_self_attention_cases()))
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -583,7 +554,7 @@ GPT_MISTAKES = [
 def gpt_forward(fn, ref_fn):
     with torch.no_grad():
         compare_cases(fn if fn is ref_fn else _assembled(fn), ref_fn, _gpt_cases(), atol=1e-4, mistakes=GPT_MISTAKES)
-    _check_device(fn, next(_gpt_cases()))
+    check_off_cpu(fn, next(_gpt_cases()))
 
 
 _LIBRARY_FORWARD = inspect.unwrap(GPT.forward).__code__
@@ -794,7 +765,7 @@ def cached_attention(fn, ref_fn):
             raise explain(exc, CACHE_MISTAKES, case, got, atol=1e-5) from None
         compare(a_fn[3], a_ref[3], where=case.name, name="k_cache after the call")
         compare(a_fn[4], a_ref[4], where=case.name, name="v_cache after the call")
-    _check_device(fn, next(_cache_cases()))
+    check_off_cpu(fn, next(_cache_cases()))
 
 
 # --------------------------------------------------------------------------------------------------------

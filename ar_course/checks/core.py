@@ -39,6 +39,7 @@ as one JSON line; the grader (:mod:`ar_course.grade`) reads that file.
 
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
 import json
@@ -251,6 +252,39 @@ def _parameter_names(fn: Callable, n: int) -> list[str]:
     except (TypeError, ValueError):
         names = []
     return (names + [f"argument {i + 1}" for i in range(len(names), n)])[:n]
+
+
+_DEVICE_ERRORS = ("is not on the expected device", "same device")
+
+
+def _on_meta(arg: Any) -> Any:
+    """``arg`` moved to the meta device (a module is copied first; lists and tuples item by item); anything else
+    as it is."""
+    if isinstance(arg, torch.Tensor):
+        return arg.detach().to("meta")
+    if isinstance(arg, torch.nn.Module):
+        return copy.deepcopy(arg).to("meta")
+    if type(arg) in (list, tuple):
+        return type(arg)(_on_meta(a) for a in arg)
+    return arg
+
+
+def check_off_cpu(fn: Callable, case: Case) -> None:
+    """Run ``fn`` on ``case`` with its tensors and modules on the meta device, which stands in for a GPU (tensors
+    with shapes and a device but no values): fail when ``fn`` mixes in a tensor it made on the CPU. Any other
+    error is ignored, since the meta device lacks a few operations (``.item()``, ``bincount``...); a check calls
+    it once its values have passed."""
+    try:
+        with torch.no_grad():
+            fn(*(_on_meta(a) for a in case.args), **{k: _on_meta(v) for k, v in case.kwargs.items()})
+    except Exception as exc:  # noqa: BLE001 - only a device mismatch is the learner's
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        if any(marker in text for marker in _DEVICE_ERRORS):
+            raise CheckFailure(
+                f"on input {case.name!r} moved off the CPU (to the meta device, which stands in for a GPU) your "
+                f"function mixed devices ({text}): a tensor it creates (torch.arange, torch.zeros, a mask...) "
+                "stays on the CPU while its inputs are elsewhere, so it would fail on a GPU: create it with "
+                "device=<an input>.device") from None
 
 
 def running(code: CodeType) -> bool:
