@@ -426,11 +426,12 @@ def loss_by_log_softmax_split(logits, targets, scales):
     return nll.mean(), torch.stack([part.mean() for part in nll.split([s * s for s in scales], dim=1)])
 
 
-def loss_by_logsumexp_index_add(logits, targets, scales):
+def loss_by_logsumexp_index_add(logits, targets, scales, on_inputs_device=True):
+    device = logits.device if on_inputs_device else None  # None: on the CPU, wrong for logits on a GPU
     nll = torch.logsumexp(logits, -1) - logits.gather(2, targets[..., None])[..., 0]
-    sizes = torch.tensor([s * s for s in scales])
-    per_scale = torch.zeros(len(scales)).index_add(0, ref.level_ids(scales), nll.sum(0)) / (nll.shape[0] * sizes)
-    return nll.sum() / nll.numel(), per_scale
+    sizes = torch.tensor([s * s for s in scales], device=device)
+    per_scale = torch.zeros(len(scales), device=device).index_add(0, ref.level_ids(scales, device), nll.sum(0))
+    return nll.sum() / nll.numel(), per_scale / (nll.shape[0] * sizes)
 
 
 def loss_in_float64(logits, targets, scales):
@@ -446,7 +447,7 @@ def loss_as_weighted_scale_means(logits, targets, scales):
     nll = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view(targets.shape)
     level = ref.level_ids(scales)
     per_scale = torch.stack([nll[:, level == k].mean() for k in range(len(scales))])
-    sizes = torch.tensor([s * s for s in scales], dtype=per_scale.dtype)
+    sizes = torch.tensor([s * s for s in scales], dtype=per_scale.dtype, device=per_scale.device)
     return (per_scale * sizes).sum() / sizes.sum(), per_scale
 
 
@@ -532,3 +533,10 @@ def test_sampling_that_ignores_the_generator_is_named():
         return _sampler(always_double=False)(model, vq, classes, **kw)
 
     assert_fails(ch04.sample_pyramid, global_random_state, contains="identically seeded generators")
+
+
+def test_var_loss_made_on_the_cpu_is_caught():
+    """Scale sizes and per-scale sums made on the CPU fail off the CPU (the check runs once on the meta device)."""
+    assert_fails(ch04.var_loss, lambda logits, targets, scales: loss_by_logsumexp_index_add(logits, targets, scales,
+                                                                                            False),
+                 contains="mixed devices")

@@ -57,7 +57,7 @@ def test_9_2():
 
     def sdpa(q, k_pool, v_pool, tables, lengths):  # right: the library's attention with a boolean mask
         k, v = k_pool[tables].flatten(1, 2).transpose(1, 2), v_pool[tables].flatten(1, 2).transpose(1, 2)
-        keep = (torch.arange(k.shape[2])[None, :] < lengths[:, None])[:, None, None, :]  # (B, 1, 1, T)
+        keep = (torch.arange(k.shape[2], device=q.device)[None, :] < lengths[:, None])[:, None, None, :]  # (B,1,1,T)
         return torch.nn.functional.scaled_dot_product_attention(q[:, :, None], k, v, attn_mask=keep)[:, :, 0]
 
     _check(ch09.paged_attention, attention.paged_attention, [no_mask, table_ignored, off_by_one_length],
@@ -206,7 +206,7 @@ def paged_by_matmul(q, k_pool, v_pool, tables, lengths):  # max-subtracted softm
     k = k_pool[tables].flatten(1, 2).permute(0, 2, 1, 3)  # (B, H, T, D)
     v = v_pool[tables].flatten(1, 2).permute(0, 2, 1, 3)
     s = (k @ q[..., None]).squeeze(-1) / q.shape[-1] ** 0.5  # (B, H, T)
-    s = torch.where(torch.arange(s.shape[-1]) < lengths[:, None, None], s, torch.tensor(float("-inf")))
+    s = torch.where(torch.arange(s.shape[-1], device=s.device) < lengths[:, None, None], s, torch.tensor(float("-inf")))
     e = torch.exp(s - s.amax(-1, keepdim=True))
     return ((e / e.sum(-1, keepdim=True))[..., None, :] @ v).squeeze(-2)
 
@@ -218,7 +218,7 @@ def paged_in_float64(q, k_pool, v_pool, tables, lengths):
 def paged_large_negative_mask(q, k_pool, v_pool, tables, lengths):  # -1e9 for the padding instead of -inf
     k, v = k_pool[tables].flatten(1, 2), v_pool[tables].flatten(1, 2)
     s = torch.einsum("bhd,bthd->bht", q, k) * q.shape[-1] ** -0.5
-    s = s.masked_fill((torch.arange(k.shape[1]) >= lengths[:, None])[:, None], -1e9)
+    s = s.masked_fill((torch.arange(k.shape[1], device=s.device) >= lengths[:, None])[:, None], -1e9)
     return torch.einsum("bht,bthd->bhd", s.softmax(-1), v)
 
 
@@ -343,3 +343,13 @@ def test_9_6_other_styles():
         assert_passes(ch09.sink_window_mask, right)
     _MASKS_BY_T.clear()
     assert_fails(ch09.sink_window_mask, mask_cached_by_length, contains="T=10 again")
+
+
+def test_9_2_mask_made_on_the_cpu_is_caught():
+    def mask_on_cpu(q, k_pool, v_pool, tables, lengths):  # right values on the CPU; fails with tensors on a GPU
+        k, v = k_pool[tables].flatten(1, 2), v_pool[tables].flatten(1, 2)  # (B, T, H, D)
+        s = torch.einsum("bhd,bthd->bht", q, k) / math.sqrt(q.shape[-1])
+        s = s.masked_fill(~(torch.arange(k.shape[1]) < lengths[:, None])[:, None, :], float("-inf"))
+        return torch.einsum("bht,bthd->bhd", s.softmax(-1), v)
+
+    assert_fails(ch09.paged_attention, mask_on_cpu, contains="mixed devices")

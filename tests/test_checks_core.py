@@ -340,3 +340,20 @@ def test_check_off_cpu_fails_only_a_device_mismatch():
         check_off_cpu(lambda x, vs: x + torch.zeros(3), case)
     with pytest.raises(CheckFailure, match="mixed devices"):
         check_off_cpu(lambda x, vs: torch.zeros(4).index_add_(0, torch.arange(4, device=x.device), x[:, 0]), case)
+
+
+def test_compare_cases_off_cpu_runs_the_first_case_off_the_cpu():
+    from ar_course.checks.core import Case, compare_cases
+
+    cases = [Case("T=5", (torch.randn(2, 5),)), Case("T=3", (torch.randn(1, 3),))]
+
+    def ref(x):
+        return x.masked_fill(torch.arange(x.shape[1], device=x.device) > 2, 0.0)
+
+    def cpu_mask(x):
+        return x.masked_fill(torch.arange(x.shape[1]) > 2, 0.0)
+
+    compare_cases(cpu_mask, ref, cases)  # on CPU tensors the values agree
+    compare_cases(ref, ref, cases, off_cpu=True)
+    with pytest.raises(CheckFailure, match="on input 'T=5' moved off the CPU"):
+        compare_cases(cpu_mask, ref, cases, off_cpu=True)

@@ -127,7 +127,7 @@ EMBED_MISTAKES = [
     "p = torch.arange(start, start + T); return x + pos_table[p] + level_table[level_ids(scales)[p]]",
 ))
 def embed_levels_positions(fn: Callable, ref_fn: Callable) -> None:
-    compare_cases(fn, ref_fn, _embed_cases(), mistakes=EMBED_MISTAKES)
+    compare_cases(fn, ref_fn, _embed_cases(), mistakes=EMBED_MISTAKES, off_cpu=True)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -256,7 +256,7 @@ def _loss_mean_of_means(logits: torch.Tensor, targets: torch.Tensor,
     "nll.mean(), torch.stack([nll[:, b:e].mean() for b, e in bounds])",
 ))
 def var_loss(fn: Callable, ref_fn: Callable) -> None:
-    compare_cases(fn, ref_fn, _loss_cases(), atol=1e-5, rtol=1e-4, grad_wrt=(0,), mistakes=[
+    compare_cases(fn, ref_fn, _loss_cases(), atol=1e-5, rtol=1e-4, grad_wrt=(0,), off_cpu=True, mistakes=[
         Mistake(_loss_mean_of_means, "the total is the mean of the per-scale means; it is the mean over all "
                 "tokens, so each token counts once"),
         Mistake(_loss_of_softmax_log, "that is the log of softmax probabilities: with logits far apart a probability "

@@ -336,7 +336,7 @@ STEP_MISTAKES = [
     "return torch.where(mask & ~new_mask, sampled, tokens), new_mask",
 ))
 def confidence_step(fn: Callable, ref_fn: Callable) -> None:
-    compare_cases(fn, ref_fn, _step_cases(), mistakes=STEP_MISTAKES)
+    compare_cases(fn, ref_fn, _step_cases(), mistakes=STEP_MISTAKES, off_cpu=True)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -493,7 +493,7 @@ MDLM_MISTAKES = [
     "return (nll * masked / t[:, None]).sum(1) / targets.shape[1]",
 ))
 def mdlm_loss(fn: Callable, ref_fn: Callable) -> None:
-    compare_cases(fn, ref_fn, _mdlm_cases(), mistakes=MDLM_MISTAKES, grad_wrt=(0,))
+    compare_cases(fn, ref_fn, _mdlm_cases(), mistakes=MDLM_MISTAKES, grad_wrt=(0,), off_cpu=True)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -562,7 +562,7 @@ REVEAL_MISTAKES = [
     "reveal = (x == mask_id) & (u < (t - s) / t); return torch.where(reveal, proposal, x)",
 ))
 def reveal_step(fn: Callable, ref_fn: Callable) -> None:
-    compare_cases(fn, ref_fn, _reveal_cases(), mistakes=REVEAL_MISTAKES)
+    compare_cases(fn, ref_fn, _reveal_cases(), mistakes=REVEAL_MISTAKES, off_cpu=True)
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -111,7 +111,7 @@ PAGED_MISTAKES = [
     "return einsum('bht,bthd->bhd', s.softmax(-1), v)",
 ))
 def paged_attention(fn: Callable, ref_fn: Callable) -> None:
-    compare_cases(fn, ref_fn, _paged_cases(), mistakes=PAGED_MISTAKES)
+    compare_cases(fn, ref_fn, _paged_cases(), mistakes=PAGED_MISTAKES, off_cpu=True)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -284,7 +284,7 @@ QUANT_MISTAKES = [
     "(2 ** bits - 1); return ((x - lo) / scale).round().clamp(0, 2 ** bits - 1).to(torch.uint8), scale, lo",
 ))
 def quantize(fn: Callable, ref_fn: Callable) -> None:
-    compare_cases(fn, ref_fn, _quant_cases(), mistakes=QUANT_MISTAKES)
+    compare_cases(fn, ref_fn, _quant_cases(), mistakes=QUANT_MISTAKES, off_cpu=True)
     case = Case("a constant slice", (torch.ones(3, 5), 4, 1))
     scale = call(fn, *case.args, where=case.name)[1]
     if not bool((scale > 0).all()):

@@ -99,7 +99,7 @@ LOGP_MISTAKES = [
 ))
 def token_log_probs(fn: Callable, ref_fn: Callable) -> None:
     with torch.no_grad():
-        compare_cases(fn, ref_fn, _logp_cases(), mistakes=LOGP_MISTAKES)
+        compare_cases(fn, ref_fn, _logp_cases(), mistakes=LOGP_MISTAKES, off_cpu=True)
         _check_eval_mode_kept(fn)
     _check_logp_gradients(fn, ref_fn)
 
@@ -294,7 +294,7 @@ LOSS_MISTAKES = [
     "return -torch.minimum(r * a, r.clamp(1 - clip, 1 + clip) * a).mean() + kl_coef * kl, kl.detach()",
 ))
 def grpo_loss(fn: Callable, ref_fn: Callable) -> None:
-    compare_cases(fn, ref_fn, _loss_cases(), grad_wrt=(0,), mistakes=LOSS_MISTAKES)
+    compare_cases(fn, ref_fn, _loss_cases(), grad_wrt=(0,), mistakes=LOSS_MISTAKES, off_cpu=True)
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -395,8 +395,10 @@ def compare_cases(
     grad_wrt: Sequence[int] = (),
     mistakes: Sequence[Mistake] = (),
     keep: Sequence[str | None] | None = None,
+    off_cpu: bool = False,
 ) -> None:
-    """Run ``fn`` and ``ref`` on every case and :func:`compare` their outputs.
+    """Run ``fn`` and ``ref`` on every case and :func:`compare` their outputs; with ``off_cpu``, once they all
+    agree, run ``fn`` on the first case off the CPU (:func:`check_off_cpu`).
 
     ``fn`` must leave its arguments as they were (:func:`check_unchanged` runs after each call, before the
     outputs are compared): ``keep`` names the positional arguments, ``None`` for one the function is meant to
@@ -407,7 +409,9 @@ def compare_cases(
     compared (this catches e.g. a missing straight-through estimator). When the learner's output (or its
     gradients) differs and matches one of ``mistakes`` on that case, the failure names the mistake.
     """
+    first = None
     for case in cases:
+        first = case if first is None else first
         a_ref, a_fn = _prepared(case.args, grad_wrt), _prepared(case.args, grad_wrt)
         expected = ref(*a_ref, **case.kwargs)
         kept = clone_args(a_fn)
@@ -422,6 +426,8 @@ def compare_cases(
         except CheckFailure as exc:
             raise explain(exc, mistakes, case, got, atol=atol, rtol=rtol, check_dtype=check_dtype, got_args=a_fn,
                           grad_wrt=grad_wrt, weights=weights) from None
+    if off_cpu and first is not None:
+        check_off_cpu(fn, first)
 
 
 def _first_tensor(x: Any) -> torch.Tensor:
