@@ -546,8 +546,8 @@ GPT_MISTAKES = [
 @chapter.exercise("2.8", reference=answers.gpt_forward, hints=(
     "tokens become vectors (model.wte), every block transforms the stream in turn, and a final norm and the "
     "head turn the last stream into one logit per vocabulary entry; positions enter inside attention only",
-    "x = model.wte(idx); positions = torch.arange(T); x = transformer_block(x, block, positions) for each block "
-    "of model.blocks in order; then rms_norm with model.norm_f's weight and eps, then model.lm_head",
+    "x = model.wte(idx); positions = torch.arange(T) on idx's device; x = transformer_block(x, block, positions) "
+    "for each block of model.blocks in order; then rms_norm with model.norm_f's weight and eps, then model.lm_head",
     "x = model.wte(idx); for block in model.blocks: x = transformer_block(x, block, torch.arange(T, "
     "device=idx.device)); return model.lm_head(rms_norm(x, model.norm_f.weight, model.norm_f.eps))",
 ))

@@ -107,7 +107,7 @@ PAGED_MISTAKES = [
     "k_pool[block_tables] is (B, max_blocks, block_size, H, D): flatten blocks and offsets into one position axis; "
     "scores q.k / sqrt(D), -inf at positions >= lengths[b], softmax, weighted sum of the values",
     "k = k_pool[block_tables].flatten(1, 2); v = ...; s = einsum('bhd,bthd->bht', q, k) / sqrt(D); "
-    "s = s.masked_fill(arange(T)[None] >= lengths[:, None] (as (B, 1, T)), -inf); "
+    "s = s.masked_fill(torch.arange(T, device=q.device)[None] >= lengths[:, None] (as (B, 1, T)), -inf); "
     "return einsum('bht,bthd->bhd', s.softmax(-1), v)",
 ))
 def paged_attention(fn: Callable, ref_fn: Callable) -> None:
