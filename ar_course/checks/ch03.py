@@ -353,11 +353,13 @@ def _frechet_variant(a: torch.Tensor, b: torch.Tensor, *, ddof: int = 1, element
     product of the two covariances' square roots."""
     x, y = a.double().numpy(), b.double().numpy()
     s_a, s_b = np.cov(x, rowvar=False, ddof=ddof), np.cov(y, rowvar=False, ddof=ddof)
-    prod = s_a @ s_b
-    with np.errstate(invalid="ignore"):  # an entry-wise root of a negative entry is NaN, as the learner's is
-        root = np.sqrt(prod) if elementwise else linalg.sqrtm(prod).real
     if separate:
         root = linalg.sqrtm(s_a).real @ linalg.sqrtm(s_b).real
+    elif elementwise:
+        with np.errstate(invalid="ignore"):  # an entry-wise root of a negative entry is NaN, as the learner's is
+            root = np.sqrt(s_a @ s_b)
+    else:
+        root = linalg.sqrtm(s_a @ s_b).real
     return float(((x.mean(0) - y.mean(0)) ** 2).sum() + np.trace(s_a) + np.trace(s_b) - 2 * np.trace(root))
 
 
