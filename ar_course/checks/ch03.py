@@ -20,8 +20,8 @@ import torch
 from scipy import linalg
 
 from ar_course import metrics
-from ar_course.checks.core import (Case, Chapter, CheckFailure, Mistake, call, check_unchanged, clone_args, compare,
-                                   compare_cases, describe, explain, running)
+from ar_course.checks.core import (Case, Chapter, CheckFailure, Mistake, call, check_draws_follow_generator,
+                                   check_unchanged, clone_args, compare, compare_cases, describe, explain, running)
 from ar_course.checks.reference import ch03 as answers
 from ar_course.raster import orders
 from ar_course.raster.model import raster_config
@@ -327,9 +327,7 @@ def _check_follows_generator(fn: Callable, case: Case, got: torch.Tensor, failur
     do not all come from ``generator``."""
     model, classes, num_tokens = case.args
     again = call(fn, model, classes.clone(), num_tokens, where=case.name, generator=_gen(11), **case.kwargs)
-    if isinstance(again, torch.Tensor) and isinstance(got, torch.Tensor) and not torch.equal(again, got):
-        raise CheckFailure(f"{failure}; two runs with identically seeded generators gave different tokens: draw "
-                           "with sample(..., generator=generator), not from the global random state")
+    check_draws_follow_generator(failure, got, again)
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -15,8 +15,8 @@ from typing import Callable, Iterator
 
 import torch
 
-from ar_course.checks.core import (Case, Chapter, CheckFailure, Mistake, call, check_unchanged, clone_args, compare,
-                                   compare_cases, running)
+from ar_course.checks.core import (Case, Chapter, CheckFailure, Mistake, call, check_draws_follow_generator,
+                                   check_unchanged, clone_args, compare, compare_cases, running)
 from ar_course.sampling import SamplingConfig
 from ar_course.tokenizers import MultiScaleVQ
 from ar_course.var import functional as ref
@@ -336,11 +336,6 @@ def sample_pyramid(fn: Callable, ref_fn: Callable) -> None:
             except CheckFailure as exc:
                 with torch.no_grad():
                     again = call(fn, model, vq, *clone_args((classes,)), generator=_gen(11), where=where, **kwargs)
-                if isinstance(got, (list, tuple)) and isinstance(again, (list, tuple)) and len(got) == len(again) and \
-                        any(isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and not torch.equal(x, y)
-                            for x, y in zip(got, again)):
-                    raise CheckFailure(f"{exc}; two runs with identically seeded generators gave different tokens: "
-                                       "draw with sample(..., generator=generator), not from the global random "
-                                       "state") from None
+                check_draws_follow_generator(exc, got, again)
                 raise
 

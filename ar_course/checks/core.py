@@ -287,6 +287,20 @@ def check_off_cpu(fn: Callable, case: Case) -> None:
                 "device=<an input>.device") from None
 
 
+def check_draws_follow_generator(failure: CheckFailure, got: Any, again: Any) -> None:
+    """After ``failure``, ``again`` is the learner's sampler run once more with an identically seeded generator:
+    when its tokens (a tensor, or a list or tuple of them) differ from ``got``, the draws did not all come from the
+    generator, and the failure says so."""
+    def tensors(x: Any) -> list:
+        return [x] if isinstance(x, torch.Tensor) else list(x) if isinstance(x, (list, tuple)) else []
+
+    a, b = tensors(got), tensors(again)
+    if len(a) == len(b) and any(isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and not torch.equal(x, y)
+                                for x, y in zip(a, b)):
+        raise CheckFailure(f"{failure}; two runs with identically seeded generators gave different tokens: draw with "
+                           "sample(..., generator=generator), not from the global random state") from None
+
+
 def running(code: CodeType) -> bool:
     """Whether a frame of the current call stack runs ``code`` (a function's ``__code__``): from inside a forward
     hook, a check tells whether the learner's function handed its work to the library's version of the loop."""
