@@ -68,7 +68,9 @@ def test_the_kernel_client_looks_again_for_a_message_it_was_not_woken_for(monkey
     start = time.monotonic()
     with pytest.raises(Empty):
         asyncio.run(channel.get_msg(timeout=0.6))
-    assert 0.6 <= time.monotonic() - start < 0.6 + 2 * POLL_SLICE + 0.5 and len(waits) >= 3
+    # ends at the caller's 0.6 s; the loose upper bound only tells it from a wait of the cell's whole limit, since a
+    # loaded host can stretch a 0.25 s sleep several times over
+    assert 0.6 <= time.monotonic() - start < 30 and len(waits) >= 3
     client = kernel_manager().client()  # no kernel started: the client's channels are made on first use
     assert isinstance(client, _WatchfulKernelClient)
     assert client.shell_channel_class is _WatchfulChannel and client.iopub_channel_class is _WatchfulChannel
