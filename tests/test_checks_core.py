@@ -309,6 +309,24 @@ def test_compare_cases_keep_fails_a_function_that_changes_its_arguments_in_place
         compare_cases(ref, ref, cases)  # named as the reference names its parameters
 
 
+def test_a_case_with_its_own_atol_is_compared_and_diagnosed_at_it_and_only_it():
+    x = torch.tensor([1.0, 2.0])
+    ill = Case("ill-conditioned", (x,), atol=1e-3)
+    plain = Case("plain", (x,))
+
+    def ref(v):
+        return v
+
+    def off_by(delta):
+        return lambda v: v + delta
+
+    compare_cases(off_by(5e-4), ref, [ill])  # within the case's own tolerance
+    with pytest.raises(CheckFailure, match="on input 'plain'"):  # the next case is back at the check's atol
+        compare_cases(off_by(5e-4), ref, [ill, plain])
+    with pytest.raises(CheckFailure, match="on input 'ill-conditioned'.*; shifted by 0.01"):  # the mistake, at 1e-3
+        compare_cases(off_by(1e-2 + 4e-4), ref, [ill], mistakes=[Mistake(off_by(1e-2), "shifted by 0.01")])
+
+
 @pytest.mark.parametrize("value, change", [
     (torch.tensor([1.0, float("nan")]), lambda t: t.mul_(2)),
     (np.array([1, 2]), lambda a: a.__setitem__(0, 5)),

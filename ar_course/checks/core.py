@@ -69,11 +69,13 @@ class NotAttempted(NotImplementedError):
 
 @dataclass
 class Case:
-    """One input for a check: a readable name, positional and keyword arguments."""
+    """One input for a check: a readable name, positional and keyword arguments, and, where this input leaves
+    accurate answers further apart than the check's tolerance (ill-conditioned data), its own ``atol``."""
 
     name: str
     args: tuple = ()
     kwargs: dict = field(default_factory=dict)
+    atol: float | None = None
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -421,11 +423,13 @@ def compare_cases(
     ``grad_wrt`` lists positional-argument indices whose gradients must also agree: the outputs are
     reduced with a fixed random weighting, back-propagated through both functions, and the gradients
     compared (this catches e.g. a missing straight-through estimator). When the learner's output (or its
-    gradients) differs and matches one of ``mistakes`` on that case, the failure names the mistake.
+    gradients) differs and matches one of ``mistakes`` on that case, the failure names the mistake. A case with
+    its own ``atol`` is compared (and its mistakes matched) at that tolerance instead of ``atol``.
     """
-    first = None
+    first, check_atol = None, atol
     for case in cases:
         first = case if first is None else first
+        atol = check_atol if case.atol is None else case.atol
         a_ref, a_fn = _prepared(case.args, grad_wrt), _prepared(case.args, grad_wrt)
         expected = ref(*a_ref, **case.kwargs)
         kept = clone_args(a_fn)
