@@ -486,6 +486,10 @@ def reveal_largest_id_is_mask(x, proposal, t, s, mask_id, u):  # mask_id unused:
     return torch.where((x == x.max()) & (u < (t - s) / t), proposal, x)
 
 
+def reveal_over_one_minus_s(x, proposal, t, s, mask_id, u):  # conditioned on "not masked at s" instead of t
+    return torch.where((x == mask_id) & (u < (t - s) / (1 - s)), proposal, x)
+
+
 def reveal_one_minus_ratio(x, proposal, t, s, mask_id, u):  # right: (t - s) / t written as 1 - s / t
     return torch.where((x == mask_id) & (u < 1 - s / t), proposal, x)
 
@@ -497,6 +501,9 @@ def test_8_6():
     for wrong in (reveal_unnormalised, reveal_stay, reveal_overwrites, reveal_all, reveal_inverted):
         assert_fails(check, wrong)
     assert_fails(check, reveal_unnormalised, contains="(t - s) / t")
+    assert_fails(check, reveal_stay, contains="s / t is the chance")
+    assert_fails(check, reveal_over_one_minus_s, contains="(t - s) / (1 - s) conditions on the wrong event")
+    assert_fails(check, reveal_inverted, contains="below the reveal probability")
     assert_fails(check, reveal_overwrites, contains="never change")
     assert_fails(check, reveal_at_or_below, contains="u < p, strictly")
     assert_fails(check, reveal_largest_id_is_mask, contains="mask_id 0")

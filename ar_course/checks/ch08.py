@@ -504,10 +504,12 @@ def _reveal_cases() -> Iterator[Case]:
     g = torch.Generator().manual_seed(86)
     M = 9
     for t, s in ((1.0, 0.75), (0.5, 0.25), (0.3, 0.0), (0.8, 0.7)):
-        x = torch.randint(0, M, (3, 10), generator=g)
-        x[torch.rand(3, 10, generator=g) < 0.6] = M
-        yield Case(f"t = {t}, s = {s}", (x, torch.randint(0, M, (3, 10), generator=g), t, s, M,
-                                         torch.rand(3, 10, generator=g)))
+        # ~75 masked positions: enough draws that the wrong reveal probabilities (which differ by 0.08 or more)
+        # disagree somewhere on every case, so each mistake is named as itself
+        x = torch.randint(0, M, (4, 32), generator=g)
+        x[torch.rand(4, 32, generator=g) < 0.6] = M
+        yield Case(f"t = {t}, s = {s}", (x, torch.randint(0, M, (4, 32), generator=g), t, s, M,
+                                         torch.rand(4, 32, generator=g)))
     x = torch.tensor([[M, 1, M, 2, M, M, M]])
     u = torch.tensor([[0.1, 0.1, 0.45, 0.45, 0.55, 0.9, 0.5]])
     yield Case("hand-made: t = 1, s = 0.5, draws on both sides of 1/2 and one at it",
@@ -525,6 +527,11 @@ def _reveal_stay_prob(x, proposal, t, s, mask_id, u):
 
 def _reveal_unnormalised(x, proposal, t, s, mask_id, u):
     reveal = (x == mask_id) & (u < t - s)
+    return torch.where(reveal, proposal, x)
+
+
+def _reveal_over_one_minus_s(x, proposal, t, s, mask_id, u):
+    reveal = (x == mask_id) & (u < (t - s) / (1 - s))
     return torch.where(reveal, proposal, x)
 
 
@@ -547,6 +554,8 @@ REVEAL_MISTAKES = [
                                   "is masked at t (probability t), the chance to reveal it is (t - s) / t"),
     Mistake(_reveal_stay_prob, "s / t is the chance that a masked token stays masked; a token is revealed with "
                                "the rest"),
+    Mistake(_reveal_over_one_minus_s, "(t - s) / (1 - s) conditions on the wrong event: what is known is that the "
+                                      "token is masked at t, which has probability t, so p = (t - s) / t"),
     Mistake(_reveal_overwrites, "tokens that are already revealed must never change (an absorbing process has "
                                 "no way back)"),
     Mistake(_reveal_inverted, "a token is revealed when its draw u is below the reveal probability"),
