@@ -224,6 +224,15 @@ def loss_log_of_softmax(logits, targets, scales):
     return nll.mean(), torch.stack(per)
 
 
+def loss_log_of_softmax_with_eps(eps, clamp):
+    def loss(logits, targets, scales):
+        p = logits.softmax(-1).gather(-1, targets[..., None]).squeeze(-1)
+        nll = -torch.log(torch.clamp(p, min=eps) if clamp else p + eps)
+        sizes = [s * s for s in scales]
+        return nll.mean(), torch.stack([part.mean() for part in nll.split(sizes, dim=1)])
+    return loss
+
+
 def loss_log_softmax(logits, targets, scales):  # the stable form written by hand: correct
     nll = -logits.log_softmax(-1).gather(-1, targets[..., None]).squeeze(-1)
     per, begin = [], 0
@@ -238,6 +247,12 @@ def test_loss_rejects_wrong_answers():
     assert_fails(ch04.var_loss, loss_off_by_one_bounds)
     assert_fails(ch04.var_loss, loss_summed)
     assert_fails(ch04.var_loss, loss_log_of_softmax, contains="log of softmax probabilities")
+    assert_fails(ch04.var_loss, loss_log_of_softmax_with_eps(1e-8, clamp=True), contains="eps (1e-08)")
+    assert_fails(ch04.var_loss, loss_log_of_softmax_with_eps(1e-10, clamp=False), contains="caps each token's loss")
+    assert_fails(ch04.var_loss, loss_log_of_softmax_with_eps(torch.finfo(torch.float32).tiny, clamp=True),
+                 contains="-log(eps) = 87.3")
+    unnamed = assert_fails(ch04.var_loss, loss_log_of_softmax_with_eps(3e-7, clamp=True))  # an eps not guessed: still
+    assert "on input 'scales (1, 2, 3), batch 2, vocab 7, logits far apart" in unnamed  # fails, on the confident case
     assert_passes(ch04.var_loss, loss_log_softmax)
 
 

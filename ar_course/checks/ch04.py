@@ -11,6 +11,8 @@ it runs inside the library's own loop, ``ar_course.var.sample_pyramid``).
 from __future__ import annotations
 
 import inspect
+import math
+from functools import partial
 from typing import Callable, Iterator
 
 import torch
@@ -233,12 +235,19 @@ def _loss_cases() -> Iterator[Case]:
                (torch.randn(2, 14, 7, generator=g) * 80, torch.randint(0, 7, (2, 14), generator=g), (1, 2, 3)))
 
 
-def _loss_of_softmax_log(logits: torch.Tensor, targets: torch.Tensor,
-                         scales: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The mistake: the log of softmax probabilities, -inf wherever a probability underflows to 0."""
-    nll = -logits.softmax(-1).gather(-1, targets[..., None]).squeeze(-1).log()  # (B, L)
+def _loss_of_softmax_log(logits: torch.Tensor, targets: torch.Tensor, scales: tuple[int, ...], *, eps: float = 0.0,
+                         clamp: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mistake: the log of softmax probabilities, -inf wherever a probability underflows to 0; patched with
+    ``eps`` (log(max(p, eps)) with ``clamp``, else log(p + eps)) it caps every token's loss at -log(eps)."""
+    p = logits.softmax(-1).gather(-1, targets[..., None]).squeeze(-1)  # (B, L)
+    nll = -(p.clamp_min(eps) if clamp else p + eps).log()
     bounds = torch.tensor([0] + [s * s for s in scales]).cumsum(0).tolist()
     return nll.mean(), torch.stack([nll[:, b:e].mean() for b, e in zip(bounds, bounds[1:])])
+
+
+# the eps a learner is likely to pick: powers of ten, and float32's smallest normal number and machine epsilon
+_LOG_EPS = (1e-5, 1e-6, 1e-7, 1e-8, 1e-9, 1e-10, 1e-12, 1e-20, torch.finfo(torch.float32).tiny,
+            torch.finfo(torch.float32).eps)
 
 
 def _loss_mean_of_means(logits: torch.Tensor, targets: torch.Tensor,
@@ -260,7 +269,12 @@ def var_loss(fn: Callable, ref_fn: Callable) -> None:
         Mistake(_loss_mean_of_means, "the total is the mean of the per-scale means; it is the mean over all "
                 "tokens, so each token counts once"),
         Mistake(_loss_of_softmax_log, "that is the log of softmax probabilities: with logits far apart a probability "
-                "rounds to 0 in float32 and minus its log is inf, while the cross-entropy itself is finite")])
+                "rounds to 0 in float32 and minus its log is inf, while the cross-entropy itself is finite"),
+        *[Mistake(partial(_loss_of_softmax_log, eps=eps, clamp=clamp),
+                  f"that is the log of softmax probabilities with an eps ({eps:.3g}) to keep it finite: it caps each "
+                  f"token's loss at -log(eps) = {-math.log(eps):.1f}, while a confident model's wrong tokens cost "
+                  "far more")
+          for eps in _LOG_EPS for clamp in (True, False)]])
 
 
 # --------------------------------------------------------------------------------------------------------
