@@ -329,6 +329,12 @@ def relaxed_neighbours_of_wrong_token(p, q, tokens, neighbors, delta):
     return _ratio(p, q, tokens, extra)
 
 
+def relaxed_draft_neighbour_mass(p, q, tokens, neighbors, delta):
+    """Borrows the draft's neighbour mass instead of the target's."""
+    extra = _gather(q, neighbors[tokens]).sum(-1).clamp(max=delta)
+    return _ratio(p, q, tokens, extra)
+
+
 def relaxed_one_batch_axis(p, q, tokens, neighbors, delta):
     """Indexes rows with arange: right for (N, V) inputs only, the spec allows any batch shape (..., V)."""
     rows = torch.arange(tokens.shape[0])
@@ -351,6 +357,7 @@ def test_5_7():
         assert_fails(check, wrong)
     assert_fails(check, relaxed_uncapped, contains="not capped at delta")
     assert_fails(check, relaxed_always_delta, contains="adds delta even")
+    assert_fails(check, relaxed_draft_neighbour_mass, contains="read from the draft q")
     assert_fails(check, relaxed_one_batch_axis, contains="two batch axes")
     assert_fails(check, relaxed_target_in_place, contains="changed its argument `p` in place")
 
