@@ -53,6 +53,7 @@ def maps(*shape: int) -> torch.Tensor:
     ({"mask": torch.ones(2, 12)}, ValueError, r"mask must be a \(2, 12\) bool tensor, got \(2, 12\) torch.float32"),
     ({"mask": torch.ones(1, 12, dtype=torch.bool)}, ValueError, r"mask must be a \(2, 12\)"),
     ({"mask": [[True] * 12] * 2}, TypeError, "mask must be None or"),
+    ({"mask": torch.zeros(2, 12, dtype=torch.bool)}, ValueError, "mask has no masked position"),
 ])
 def test_maskgit_loss_refuses_bad_maps_and_masks(kwargs, error, match):
     args = {"token_maps": maps(2, 3, 4), "classes": CLS, **kwargs}

@@ -169,6 +169,18 @@ def test_masked_cross_entropy_counts_only_the_masked_positions():
     torch.testing.assert_close(M.masked_cross_entropy(moved, targets, mask), expected)
 
 
+def test_maskgit_loss_is_the_masked_cross_entropy_of_the_masked_inputs():
+    """maskgit_loss skips masked_cross_entropy's second range check; the value is the checked function's."""
+    model = tiny().eval()
+    maps = torch.randint(0, model.num_codes, (4, 3, 4), generator=torch.Generator().manual_seed(1))
+    classes = torch.tensor([0, 1, 2, 3])
+    mask = torch.rand(4, 12, generator=torch.Generator().manual_seed(2)) < 0.5
+    mask[:, 0] = True
+    inputs = maps.reshape(4, 12).masked_fill(mask, model.mask_id)  # (B, N)
+    expected = M.masked_cross_entropy(model.map_logits(inputs, classes), maps.reshape(4, 12), mask)
+    torch.testing.assert_close(maskgit_loss(model, maps, classes, mask=mask), expected, rtol=0, atol=0)
+
+
 def test_maskgit_loss_trains_the_masked_positions():
     model = tiny().train()
     classes = torch.arange(5).repeat(2)  # (10,)

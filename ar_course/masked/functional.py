@@ -4,7 +4,8 @@ checked against them.
 * :func:`mask_ratio`: the schedule ``gamma(r)``, the fraction of tokens still masked at progress ``r`` in [0, 1]
   (cosine by default, linear and square as options); training draws ``r`` uniformly, decoding walks it.
 * :func:`random_mask`: which positions a training example hides (``ceil(gamma(r) * N)`` of them, at least one).
-* :func:`masked_cross_entropy`: the loss, on the masked positions only.
+* :func:`masked_cross_entropy`: the loss, on the masked positions only (:func:`masked_cross_entropy_unchecked`
+  is the same without re-reading the targets' range, for a caller that has checked them).
 * :func:`masked_after`: how many tokens stay masked after each of ``K`` decoding steps (ends at 0, one fewer at
   least per step, so ``K`` steps reveal everything).
 * :func:`confidence_step`: one MaskGIT decoding step: sample every masked token, score each sample by its
@@ -93,6 +94,12 @@ def masked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, mask: torc
     if mask.dtype != torch.bool:
         raise ValueError(f"mask must be bool, got {mask.dtype}")
     check_ids("targets", targets, logits.shape[-1], tuple(targets.shape), allow_empty=True)
+    return masked_cross_entropy_unchecked(logits, targets, mask)
+
+
+def masked_cross_entropy_unchecked(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """:func:`masked_cross_entropy` for a caller that has already validated its arguments (one host sync fewer:
+    the targets' range is not read again). Still raises ValueError when ``mask`` masks nothing."""
     if not mask.any():
         raise ValueError("mask has no masked position: the loss is undefined")
     return F.cross_entropy(logits[mask], targets[mask])  # (M, V) vs (M,)

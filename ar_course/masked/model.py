@@ -227,7 +227,8 @@ def maskgit_loss(
     elif mask.dtype != torch.bool or mask.shape != (B, N):
         raise ValueError(f"mask must be a ({B}, {N}) bool tensor, got {tuple(mask.shape)} {mask.dtype}")
     inputs = targets.masked_fill(mask, model.mask_id)  # (B, N)
-    return ref.masked_cross_entropy(model.map_logits(inputs, classes), targets, mask)
+    # token_maps were range-checked above and map_logits gives (B, N, num_codes) float: no second check
+    return ref.masked_cross_entropy_unchecked(model.map_logits(inputs, classes), targets, mask)
 
 
 @torch.no_grad()
@@ -286,7 +287,8 @@ def _check_tokenizer(tokenizer: VQVAE, model: MaskGIT) -> None:
                          f"'vq', 'fsq' or 'lfq' tokenizer)")
 
 
-def load_pretrained(device: torch.device | str = "cpu", path: str | Path | None = None) -> tuple[MaskGIT, torch.nn.Module]:
+def load_pretrained(device: torch.device | str = "cpu", path: str | Path | None = None
+                    ) -> tuple[MaskGIT, torch.nn.Module]:
     """The shipped MNIST MaskGIT (or the checkpoint at ``path``) and its tokenizer: ``(model, tokenizer)``, in
     eval mode."""
     return checkpoint.load_with_tokenizer(PRETRAINED_PATH if path is None else Path(path), device,
