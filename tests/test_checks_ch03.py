@@ -71,6 +71,7 @@ def make_loss(mistake: str | None = None):
         seq = (maps.transpose(1, 2) if mistake == "column_major" else maps).reshape(B, -1)  # (B, L)
         u = torch.rand(B) if mistake == "global_rng" else torch.rand(B, generator=generator)
         drop = u >= p_uncond if mistake == "upside_down" else u < p_uncond
+        drop = drop if mistake == "cpu_draws" else drop.to(classes.device)  # the draws are made on the CPU
         null = 0 if mistake == "zero" else model.null_class
         if mistake == "in_place":
             classes[drop] = null
@@ -80,8 +81,8 @@ def make_loss(mistake: str | None = None):
         if mistake == "no_dropout":
             cls = classes
         if mistake == "bernoulli":  # the same law of drops, drawn from the generator another way: right
-            cls = torch.where(torch.bernoulli(torch.full((B,), p_uncond), generator=generator).bool(),
-                              torch.full_like(classes, null), classes)
+            drop = torch.bernoulli(torch.full((B,), p_uncond), generator=generator).bool().to(classes.device)
+            cls = torch.where(drop, torch.full_like(classes, null), classes)
         if mistake == "text_shift":
             logits, _ = model(seq[:, :-1], classes=cls)  # (B, L, V)
             return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), seq[:, 1:].reshape(-1))
@@ -122,6 +123,7 @@ def test_training_loss_rejects_wrong_dropout():
     assert_fails(ch03.training_loss, make_loss("no_dropout"), contains="no class was dropped")
     assert_fails(ch03.training_loss, make_loss("in_place"), contains="changed its argument `classes` in place")
     assert_fails(ch03.training_loss, make_loss("global_rng"), contains="generator")
+    assert_fails(ch03.training_loss, make_loss("cpu_draws"), contains="moved off the CPU")  # fails on a GPU
 
 
 # 3.3 ----------------------------------------------------------------------------------------------------------
@@ -330,7 +332,8 @@ def order_by_index_copy(seq: torch.Tensor, order: torch.Tensor, h: int, w: int) 
 def loss_by_cross_entropy(model, maps: torch.Tensor, classes: torch.Tensor, *, p_uncond: float,
                           generator: torch.Generator | None = None) -> torch.Tensor:
     seq = maps.flatten(1)
-    dropped = classes.masked_fill(torch.rand(maps.shape[0], generator=generator) < p_uncond, model.null_class)
+    drop = torch.rand(maps.shape[0], generator=generator) < p_uncond  # drawn on the CPU
+    dropped = classes.masked_fill(drop.to(classes.device), model.null_class)
     logits, _ = model(seq[:, :-1], classes=dropped)
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), seq.reshape(-1))
 
@@ -348,7 +351,8 @@ def loss_by_float64_log_softmax(model, maps: torch.Tensor, classes: torch.Tensor
     B = maps.shape[0]
     seq = maps.reshape(B, -1)
     u = torch.rand(B, generator=generator)
-    dropped = torch.stack([torch.tensor(model.null_class) if u[i] < p_uncond else classes[i] for i in range(B)])
+    null = torch.tensor(model.null_class, device=classes.device)
+    dropped = torch.stack([null if u[i] < p_uncond else classes[i] for i in range(B)])
     logits, _ = model(seq[:, :-1], classes=dropped)
     log_p = torch.log_softmax(logits.double(), -1)
     return (-log_p.gather(-1, seq[..., None]).mean()).float()
@@ -358,8 +362,19 @@ def loss_with_bernoulli_draws(model, maps: torch.Tensor, classes: torch.Tensor, 
                               generator: torch.Generator | None = None) -> torch.Tensor:
     """Other random draws than the spec's torch.rand: the check tests the rate and the generator, not the draws."""
     seq = maps.reshape(maps.shape[0], -1)
-    drop = torch.bernoulli(torch.full((maps.shape[0],), float(p_uncond)), generator=generator).bool()
+    drop = torch.bernoulli(torch.full((maps.shape[0],), float(p_uncond)), generator=generator).bool().to(classes.device)
     return model(seq[:, :-1], targets=seq, classes=torch.where(drop, model.null_class, classes))[1]
+
+
+def loss_masked_fill_on_the_cpu(model, maps, classes, *, p_uncond, generator=None):
+    """Right values on the CPU, but the mask stays there: masked_fill on a GPU tensor refuses it."""
+    seq = maps.flatten(1)
+    dropped = classes.masked_fill(torch.rand(maps.shape[0], generator=generator) < p_uncond, model.null_class)
+    return model(seq[:, :-1], targets=seq, classes=dropped)[1]
+
+
+def test_training_loss_draws_must_follow_the_classes_off_the_cpu():
+    assert_fails(ch03.training_loss, loss_masked_fill_on_the_cpu, contains="would fail on a GPU")
 
 
 def _guided_sampler(mix: str, skip_unguided: bool = False):

@@ -7,7 +7,9 @@ the condition dropout is checked statistically (its rate, its null class, its ge
 gradient back to the model's weights. The sampling check runs the learner's loop on a tiny seeded GPT and
 compares the sampled tokens with the reference under the same generator seed; it also records every forward
 pass, so a loop that ignores the KV cache, or hands the work to ``GPT.generate``, is named. Checks whose
-learner function gets tensors also fail a function that changes them in place.
+learner function gets tensors also fail a function that changes them in place. The training loss also runs once
+off the CPU (:func:`~ar_course.checks.core.check_off_cpu`): its dropout draws, made on the CPU, must move to the
+classes' device.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from scipy import linalg
 
 from ar_course import metrics
 from ar_course.checks.core import (Case, Chapter, CheckFailure, Mistake, call, check_draws_follow_generator,
-                                   check_unchanged, clone_args, compare, compare_cases, describe, explain, running)
+                                   check_off_cpu, check_unchanged, clone_args, compare, compare_cases, describe,
+                                   explain, running)
 from ar_course.checks.reference import ch03 as answers
 from ar_course.raster import orders
 from ar_course.raster.model import raster_config
@@ -185,8 +188,9 @@ def _check_dropout(fn) -> None:
     "inputs/targets of a model whose position 0 holds the class",
     "the class position predicts t_0, so the targets are all L tokens and the inputs are t_0 .. t_{L-2}; drop a "
     "class where torch.rand(B, generator=generator) < p_uncond, into a new tensor",
-    "seq = maps.reshape(B, -1); drop = torch.rand(B, generator=generator) < p_uncond; cls = torch.where(drop, "
-    "torch.full_like(classes, model.null_class), classes); return model(seq[:, :-1], targets=seq, classes=cls)[1]",
+    "seq = maps.reshape(B, -1); drop = (torch.rand(B, generator=generator) < p_uncond).to(classes.device); "
+    "cls = torch.where(drop, torch.full_like(classes, model.null_class), classes); "
+    "return model(seq[:, :-1], targets=seq, classes=cls)[1]",
 ))
 def training_loss(fn, ref_fn):
     model = tiny_model()
@@ -209,6 +213,9 @@ def training_loss(fn, ref_fn):
             raise explain(exc, LOSS_MISTAKES, Case(case.name, (model, *case.args), case.kwargs), got) from None
     _check_confident_model(fn, ref_fn)
     _check_dropout(fn)
+    # the notebook trains on DEVICE with a CPU generator: the dropout draws must move to the classes' device
+    check_off_cpu(fn, Case("4 maps of 3x4, p_uncond 0.5", (model, _maps(_gen(4), 4, 3, 4, 13), torch.arange(4)),
+                           {"p_uncond": 0.5, "generator": _gen(3)}))
 
 
 def _check_confident_model(fn, ref_fn) -> None:
