@@ -426,10 +426,10 @@ def compare_cases(
     gradients) differs and matches one of ``mistakes`` on that case, the failure names the mistake. A case with
     its own ``atol`` is compared (and its mistakes matched) at that tolerance instead of ``atol``.
     """
-    first, check_atol = None, atol
+    first = None
     for case in cases:
         first = case if first is None else first
-        atol = check_atol if case.atol is None else case.atol
+        tol = atol if case.atol is None else case.atol
         a_ref, a_fn = _prepared(case.args, grad_wrt), _prepared(case.args, grad_wrt)
         expected = ref(*a_ref, **case.kwargs)
         kept = clone_args(a_fn)
@@ -437,12 +437,12 @@ def compare_cases(
         check_unchanged(_parameter_names(ref, len(a_fn)) if keep is None else keep, kept, a_fn, case.name)
         weights = None
         try:
-            compare(got, expected, where=case.name, atol=atol, rtol=rtol, check_dtype=check_dtype)
+            compare(got, expected, where=case.name, atol=tol, rtol=rtol, check_dtype=check_dtype)
             if grad_wrt:
                 weights = _output_weights(_first_tensor(expected))
-                _compare_grads(got, expected, a_fn, a_ref, grad_wrt, weights, case.name, atol, rtol)
+                _compare_grads(got, expected, a_fn, a_ref, grad_wrt, weights, case.name, tol, rtol)
         except CheckFailure as exc:
-            raise explain(exc, mistakes, case, got, atol=atol, rtol=rtol, check_dtype=check_dtype, got_args=a_fn,
+            raise explain(exc, mistakes, case, got, atol=tol, rtol=rtol, check_dtype=check_dtype, got_args=a_fn,
                           grad_wrt=grad_wrt, weights=weights) from None
     if off_cpu and first is not None:
         check_off_cpu(fn, first)
