@@ -7,7 +7,7 @@ Course tooling (the course layer: the library never imports it). Two steps, both
     python -m ar_course.site figures                      # build/executed/*.ipynb -> docs/figures/ (committed)
 
 ``make test`` runs the first step (``tests/run_solutions.py``, which replaces ``pytest --nbval-lax solutions``
-with the same guarantees: any cell's error fails the run and names the cell, 900 s per cell, outputs not
+with the same guarantees: any cell's error fails the run and names the cell, ``CELL_TIMEOUT`` s per cell, outputs not
 compared, the kernel is this Python) and keeps the executed copies, so ``make site`` (the second step)
 only converts them. ``figures`` (``make figures``) copies every figure of the executed solutions into
 ``docs/figures/`` with one Markdown page, which is committed, so a repository browser shows the course's
@@ -43,8 +43,9 @@ from ar_course.checkout import CheckoutNotFound, find_root, root_path
 from ar_course.checks.core import STRICT_ENV
 from ar_course.files import atomic_write_bytes, atomic_write_text
 
-CELL_TIMEOUT = 900
-"""Seconds one cell may run (as ``--nbval-cell-timeout=900`` before)."""
+CELL_TIMEOUT = 1800
+"""Seconds one cell may run: the slowest cells take a few minutes on a 2-core host, and a loaded host can make
+them several times slower."""
 STARTUP_TIMEOUT = 300
 """Seconds a kernel may take to start (generous: a loaded 2-core host can be 10x slower than usual)."""
 INLINE_BACKEND = "module://matplotlib_inline.backend_inline"

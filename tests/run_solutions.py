@@ -2,8 +2,9 @@
 
 ``make test`` runs this file explicitly (its name keeps it out of a plain ``pytest tests``): it replaces
 ``pytest --nbval-lax --nbval-current-env --nbval-cell-timeout=900 solutions`` and keeps what that gave --
-any cell's error fails (the report names the notebook and the code cell, with the traceback), 900 s per cell,
-outputs are not compared with stored ones, the kernel is this Python -- and also keeps what it ran:
+any cell's error fails (the report names the notebook and the code cell, with the traceback), a cell may run
+``CELL_TIMEOUT`` seconds, outputs are not compared with stored ones, the kernel is this Python -- and also keeps
+what it ran:
 ``make site`` turns the copies into HTML without running anything again (``ar_course.site``).
 
 Checks run strict here (``AR_COURSE_STRICT_CHECKS=1``): a solution whose check fails is an error, not a

@@ -19,7 +19,7 @@ from ar_course.align import (
 from ar_course.transformer.model import GPT
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=40, deadline=None, derandomize=True, database=None)  # the same cases every run
 @given(st.integers(1, 4), st.integers(2, 9), st.integers(0, 2**31 - 1))
 def test_advantages_have_zero_mean_per_group_and_order_like_rewards(n, g, seed):
     rewards = torch.rand(n, g, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)

@@ -41,7 +41,6 @@ def gpu_result(attention: dict) -> dict:
 
 
 def test_attention_time_on_cpu_counts_the_fused_attention_ops(bench):
-    torch.set_num_threads(2)
     gen = Generator.from_pretrained("mnist", device="cpu")
     t = bench.attention_time_ms(gen, torch.arange(4), 0, "cpu", method="var", kernels="torch")
     assert 0 < t["attention_ms"] < t["total_ms"]

@@ -41,8 +41,9 @@ def test_grade_a_cell_timing_out_prints_the_table_and_nothing_on_stderr(tmp_path
              nbformat.v4.new_code_cell("print('check')", metadata={"tags": ["check"]})]
     path = tmp_path / "loop.ipynb"
     nbformat.write(nbformat.v4.new_notebook(cells=cells), path)
-    # capture_output waits for the end of stderr: the kernel's too, which inherits it
-    res = subprocess.run([sys.executable, "-m", "ar_course", "grade", str(path), "--cell-timeout", "1"],
+    # capture_output waits for the end of stderr: the kernel's too, which inherits it; 5 s lets the setup cell run on
+    # a loaded host (the loop in cell 1 times out whatever the limit)
+    res = subprocess.run([sys.executable, "-m", "ar_course", "grade", str(path), "--cell-timeout", "5"],
                          capture_output=True, text=True, timeout=100)
     assert res.returncode == 1 and res.stderr == "", res.stderr
     assert "not run: notebook stopped: cell 1 timed out" in res.stdout

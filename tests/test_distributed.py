@@ -56,13 +56,13 @@ def _assert_same_weights(name: str, one: dict[str, torch.Tensor], two: dict[str,
             torch.testing.assert_close(b.float(), a.float(), rtol=rtol, atol=1e-5, msg=lambda m: f"{name} {key}: {m}")
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(1800)  # generous: a loaded 2-core host can be several times slower
 def test_every_trainer_on_two_gloo_processes_matches_one_process(tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     one.mkdir(), two.mkdir()
-    _run([sys.executable, str(WORKER), str(one)], timeout=150)
+    _run([sys.executable, str(WORKER), str(one)], timeout=600)
     res = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(WORKER),
-                str(two)], timeout=240)
+                str(two)], timeout=900)
     assert res.stdout.count("saved ") == len(RUNS)  # rank 0 alone prints...
     assert sorted(p.name for p in two.iterdir()) == sorted(f"{n}.safetensors" for n in RUNS)  # ...and writes
     failures = []

@@ -84,7 +84,7 @@ def test_a_part_that_overruns_is_cut_off_and_a_failing_one_noted(report, monkeyp
     monkeypatch.setattr(report, "MIN_PART_S", 0.0)
     slow = [sys.executable, "-c", "import time; print('started', flush=True); time.sleep(30)"]
     status, output = report.run_part("system", slow, 2.0)
-    assert status["status"] == "timed out" and status["seconds"] < 10 and "cut off" in status["note"]
+    assert status["status"] == "timed out" and status["seconds"] < 25 and "cut off" in status["note"]
     status, _ = report.run_part("kernels", [sys.executable, "-c", "raise SystemExit('boom')"], 20.0)
     assert status["status"] == "failed" and status["note"] == "exited with an error: boom"
 

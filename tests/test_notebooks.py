@@ -16,6 +16,7 @@ from nbclient.exceptions import CellExecutionError
 
 from ar_course.build_notebooks import KERNELSPEC, exercise_label
 from ar_course.checks.core import STRICT_ENV
+from ar_course.site import CELL_TIMEOUT
 from ar_course.grade import (
     POLL_SLICE, _WatchfulChannel, _WatchfulKernelClient, format_table, grade_notebook, kernel_manager,
 )
@@ -70,14 +71,14 @@ def test_the_kernel_client_looks_again_for_a_message_it_was_not_woken_for(monkey
         asyncio.run(channel.get_msg(timeout=0.6))
     # ends at the caller's 0.6 s; the loose upper bound only tells it from a wait of the cell's whole limit, since a
     # loaded host can stretch a 0.25 s sleep several times over
-    assert 0.6 <= time.monotonic() - start < 30 and len(waits) >= 3
+    assert 0.6 <= time.monotonic() - start < 30 and waits and all(0 <= w <= POLL_SLICE for w in waits)
     client = kernel_manager().client()  # no kernel started: the client's channels are made on first use
     assert isinstance(client, _WatchfulKernelClient)
     assert client.shell_channel_class is _WatchfulChannel and client.iopub_channel_class is _WatchfulChannel
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1800)
+@pytest.mark.timeout(3600)
 @pytest.mark.parametrize("path", LEARNER, ids=[p.name for p in LEARNER])
 def test_learner_notebook_runs_all(path, monkeypatch):
     """Run All on a fresh learner notebook, every cell, in its own python3 kernel, with the learner's lenient
@@ -86,8 +87,9 @@ def test_learner_notebook_runs_all(path, monkeypatch):
     monkeypatch.setenv("JUPYTER_PREFER_ENV_PATH", "1")  # python3 = this environment's, as under `make lab`
     monkeypatch.setenv("MPLBACKEND", "Agg")
     nb = nbformat.read(path, as_version=4)
-    client = NotebookClient(nb, km=kernel_manager(KERNELSPEC["name"]), kernel_name=KERNELSPEC["name"], timeout=900,
-                            allow_errors=False, resources={"metadata": {"path": str(path.parent)}})
+    client = NotebookClient(nb, km=kernel_manager(KERNELSPEC["name"]), kernel_name=KERNELSPEC["name"],
+                            timeout=CELL_TIMEOUT, allow_errors=False,
+                            resources={"metadata": {"path": str(path.parent)}})
     client.execute()  # raises CellExecutionError, naming the cell, if any cell fails
     exercises = [exercise_label(c.source)[0] for c in nb.cells if "exercise" in c.metadata.get("tags", [])]
     printed = "".join(o.get("text", "") for c in nb.cells if "check" in c.metadata.get("tags", [])

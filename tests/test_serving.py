@@ -181,7 +181,8 @@ def _generate_alone(model, prompt, n, compression):
     return out[0, len(prompt):].tolist()
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=25, deadline=None, derandomize=True, database=None,  # the same cases every run
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.lists(st.tuples(st.integers(1, 12), st.integers(0, 9), st.sampled_from(["run", "cancel", "step"])),
                 min_size=1, max_size=8),
        st.integers(11, 24), st.booleans(), st.sampled_from(sorted(TINY_COMPRESSION)))

@@ -162,13 +162,16 @@ def test_cli_server_shuts_down_gracefully_on_ctrl_c(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "ar_course", "serve", "--model", "lm_draft", "--port", str(port),
                              "--drain", "20"], env=env, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
+        deadline = time.monotonic() + 180  # importing torch and the app on a loaded host
+        while time.monotonic() < deadline and proc.poll() is None:
             try:
                 if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
                     break
             except httpx.HTTPError:
                 time.sleep(0.2)
+        else:
+            proc.kill()
+            pytest.fail(f"the server did not come up: {proc.communicate()[1].decode()[-2000:]}")
         started = [threading.Event() for _ in range(3)]  # Ctrl-C once every stream runs (a late one is refused)
 
         def stream(i):

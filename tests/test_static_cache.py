@@ -17,11 +17,13 @@ SAMPLINGS = {"greedy": GREEDY, "seeded": SamplingConfig(temperature=1.0, top_k=2
 
 @pytest.fixture(scope="module")
 def models():
-    torch.set_num_threads(2)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # for this module only: the rest of the worker keeps conftest's share of the cores
     ar, ar_tok = raster.load_pretrained()
     draft, _ = checkpoint.load_with_tokenizer("ar_mnist_draft", "cpu", kind=raster.CHECKPOINT_KIND)
     var_model, var_tok = var.load_pretrained()
-    return {"ar": ar, "draft": draft, "var": var_model, "var_tokenizer": var_tok, "ar_tokenizer": ar_tok}
+    yield {"ar": ar, "draft": draft, "var": var_model, "var_tokenizer": var_tok, "ar_tokenizer": ar_tok}
+    torch.set_num_threads(threads)
 
 
 def small_gpt(pos: str) -> GPT:

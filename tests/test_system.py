@@ -21,8 +21,10 @@ from ar_course.var import functional as var_ref
 
 @pytest.fixture(scope="module")
 def gen():
-    torch.set_num_threads(2)
-    return Generator.from_pretrained("mnist", device="cpu")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # for this module only: the rest of the worker keeps conftest's share of the cores
+    yield Generator.from_pretrained("mnist", device="cpu")
+    torch.set_num_threads(threads)
 
 
 def test_var_and_ar_generate_images_with_their_pass_counts(gen):
