@@ -48,15 +48,18 @@ def test_worker_answers_every_request_like_generate(tiny):
 
 def test_worker_bounds_its_queue_times_out_and_cancels_on_shutdown(tiny):
     worker = EngineWorker(Engine(tiny, EngineConfig(num_blocks=64, block_size=4, max_running=2)), max_pending=3)
-    slow = worker.submit([1, 2], 60, sampling=GREEDY, timeout_s=0.0)  # already past its deadline
-    a, b = worker.submit([3], 60, sampling=GREEDY), worker.submit([4], 60, sampling=GREEDY)
+    # three long requests fill the queue (none can finish 60 tokens before the next line); a request past its
+    # deadline could be expired by the worker between two submits, so it comes after
+    a, b, c = (worker.submit([i], 60, sampling=GREEDY) for i in (3, 4, 5))
     with pytest.raises(QueueFull):
-        worker.submit([5], 2, sampling=GREEDY)
-    assert _drain(slow)[1:] == ("end", "timeout")
+        worker.submit([6], 2, sampling=GREEDY)
+    worker.cancel(c)
     worker.cancel(a)
-    assert _drain(a)[1:] == ("end", "cancelled")
+    assert _drain(c)[1:] == ("end", "cancelled") and _drain(a)[1:] == ("end", "cancelled")
+    slow = worker.submit([1, 2], 60, sampling=GREEDY, timeout_s=0.0)  # already past its deadline
+    assert _drain(slow)[1:] == ("end", "timeout")
     completed = worker.shutdown(drain_s=0.0)
-    assert _drain(b)[1] == "end" and sum(completed.values()) == 3
+    assert _drain(b)[1] == "end" and sum(completed.values()) == 4
     assert worker.engine.cache.allocator.num_used == 0 and not worker.engine.has_work
 
 
