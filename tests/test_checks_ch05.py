@@ -358,6 +358,7 @@ def test_5_7():
     assert_fails(check, relaxed_uncapped, contains="not capped at delta")
     assert_fails(check, relaxed_always_delta, contains="adds delta even")
     assert_fails(check, relaxed_draft_neighbour_mass, contains="read from the draft q")
+    assert_fails(check, relaxed_neighbours_of_wrong_token, contains="looked up by row number")
     assert_fails(check, relaxed_one_batch_axis, contains="two batch axes")
     assert_fails(check, relaxed_target_in_place, contains="changed its argument `p` in place")
 

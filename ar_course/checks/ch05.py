@@ -303,6 +303,13 @@ def _relaxed_with(p: torch.Tensor, q: torch.Tensor, tokens: torch.Tensor, extra:
     return ((_at(p, tokens) + extra) / _at(q, tokens)).clamp(max=1)
 
 
+def _relaxed_by_row(p: torch.Tensor, q: torch.Tensor, tokens: torch.Tensor, neighbors: torch.Tensor,
+                    delta: float) -> torch.Tensor:
+    """The mistake: the neighbours of row i's index instead of those of the token drafted in row i."""
+    rows = torch.arange(tokens.numel()).view(tokens.shape)  # (...,)
+    return _relaxed_with(p, q, tokens, p.gather(-1, neighbors[rows]).sum(-1).clamp(max=delta))
+
+
 RELAXED_MISTAKES = [
     Mistake(lambda p, q, tokens, neighbors, delta: _relaxed_with(
         p, q, tokens, p.gather(-1, neighbors[tokens]).sum(-1) if delta > 0 else 0.0),
@@ -313,6 +320,8 @@ RELAXED_MISTAKES = [
         p, q, tokens, q.gather(-1, neighbors[tokens]).sum(-1).clamp(max=delta)),
         "the neighbours' mass was read from the draft q; the token borrows probability the target p gives its "
         "neighbours"),
+    Mistake(_relaxed_by_row, "the neighbours were looked up by row number; a row's neighbours are those of the "
+                             "token drafted there"),
 ]
 
 
