@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from ar_course.checks.core import (
-    REPORT_ENV, STRICT_ENV, Case, Chapter, CheckFailure, Mistake, NotAttempted, call, check_unchanged, clone_args,
-    compare, compare_cases, explain,
+    REPORT_ENV, STRICT_ENV, Case, Chapter, CheckFailure, Mistake, NotAttempted, call, check_off_cpu, check_unchanged,
+    clone_args, compare, compare_cases, explain,
 )
 from checks_helpers import assert_fails, assert_not_attempted, assert_passes
 
@@ -344,12 +344,9 @@ def test_check_unchanged_sees_changes_inside_containers_and_ignores_nan(value, c
         check_unchanged(["v"], before, [value], "case", why="for the next step")
 
 
-
 def test_check_off_cpu_fails_only_a_device_mismatch():
     """On the meta device (a stand-in for a GPU) a tensor made on the CPU is named; the meta device's own gaps
     (.item(), bincount...) and right answers pass."""
-    from ar_course.checks.core import Case, check_off_cpu
-
     case = Case("a (4, 3) input", (torch.randn(4, 3), [torch.randn(3)]))
     check_off_cpu(lambda x, vs: x + vs[0], case)  # follows its inputs (a list of tensors moves too)
     check_off_cpu(lambda x, vs: x + torch.zeros(3, device=x.device), case)
@@ -361,8 +358,6 @@ def test_check_off_cpu_fails_only_a_device_mismatch():
 
 
 def test_compare_cases_off_cpu_runs_the_first_case_off_the_cpu():
-    from ar_course.checks.core import Case, compare_cases
-
     cases = [Case("T=5", (torch.randn(2, 5),)), Case("T=3", (torch.randn(1, 3),))]
 
     def ref(x):

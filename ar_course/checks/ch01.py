@@ -15,7 +15,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from ar_course.checks.core import Case, Chapter, CheckFailure, Mistake, call, check_off_cpu, compare, compare_cases
+from ar_course.checks.core import Case, Chapter, CheckFailure, Mistake, call, compare, compare_cases
 from ar_course.checks.reference import ch01 as answers
 from ar_course.tokenizers import functional as ref
 
@@ -60,8 +60,7 @@ LOOKUP_MISTAKES = [
     "d = z.pow(2).sum(1, keepdim=True) - 2 * z @ codebook.t() + codebook.pow(2).sum(1); return d.argmin(1)",
 ))
 def vq_lookup(fn: Callable, reference: Callable) -> None:
-    compare_cases(fn, reference, _lookup_cases(), mistakes=LOOKUP_MISTAKES)
-    check_off_cpu(fn, next(_lookup_cases()))
+    compare_cases(fn, reference, _lookup_cases(), mistakes=LOOKUP_MISTAKES, off_cpu=True)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -137,8 +136,7 @@ LOSS_MISTAKES = [
     "return ((z_q - z.detach()) ** 2).mean() + beta * ((z - z_q.detach()) ** 2).mean()",
 ))
 def vq_loss(fn: Callable, reference: Callable) -> None:
-    compare_cases(fn, reference, _loss_cases(), grad_wrt=(0, 1), mistakes=LOSS_MISTAKES)
-    check_off_cpu(fn, next(_loss_cases()))
+    compare_cases(fn, reference, _loss_cases(), grad_wrt=(0, 1), mistakes=LOSS_MISTAKES, off_cpu=True)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -254,8 +252,7 @@ def _ema_cases() -> Iterator[Case]:
     "indices, z); n = N.sum(); codebook = m / ((N + eps) / (n + K * eps) * n)[:, None]",
 ))
 def ema_update(fn: Callable, reference: Callable) -> None:
-    compare_cases(fn, reference, _ema_cases(), atol=1e-5, rtol=1e-4)
-    check_off_cpu(fn, next(_ema_cases()))
+    compare_cases(fn, reference, _ema_cases(), atol=1e-5, rtol=1e-4, off_cpu=True)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -279,8 +276,7 @@ def _residual_cases() -> Iterator[Case]:
     "indices.append(idx); return torch.stack(indices, 1), z_hat",
 ))
 def residual_quantize(fn: Callable, reference: Callable) -> None:
-    compare_cases(fn, reference, _residual_cases())
-    check_off_cpu(fn, next(_residual_cases()))
+    compare_cases(fn, reference, _residual_cases(), off_cpu=True)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -354,8 +350,7 @@ def _pyramid_settings() -> Iterator[tuple[str, torch.Tensor, torch.Tensor, tuple
 ))
 def multiscale_encode(fn: Callable, reference: Callable) -> None:
     cases = [Case(name, (f, cb, scales, phis)) for name, f, cb, scales, phis in _pyramid_settings()]
-    compare_cases(fn, reference, cases)
-    check_off_cpu(fn, cases[0])
+    compare_cases(fn, reference, cases, off_cpu=True)
 
 
 def _decode_cases() -> Iterator[Case]:
@@ -371,8 +366,7 @@ def _decode_cases() -> Iterator[Case]:
     "k, idx in enumerate(indices))",
 ))
 def multiscale_decode(fn: Callable, reference: Callable) -> None:
-    compare_cases(fn, reference, _decode_cases())
-    check_off_cpu(fn, next(_decode_cases()))
+    compare_cases(fn, reference, _decode_cases(), off_cpu=True)
 
 
 @chapter.exercise("1.11", reference=ref.teacher_forcing_inputs, hints=(
@@ -384,5 +378,4 @@ def multiscale_decode(fn: Callable, reference: Callable) -> None:
     "f_hat, size=(s_next, s_next), mode='area')) with s_next = indices[k + 1].shape[-1]",
 ))
 def teacher_forcing_inputs(fn: Callable, reference: Callable) -> None:
-    compare_cases(fn, reference, _decode_cases())
-    check_off_cpu(fn, next(_decode_cases()))
+    compare_cases(fn, reference, _decode_cases(), off_cpu=True)

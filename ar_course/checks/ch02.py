@@ -357,8 +357,7 @@ SELF_ATTENTION_MISTAKES = [
 ))
 def self_attention(fn, ref_fn):
     with torch.no_grad():
-        compare_cases(fn, ref_fn, _self_attention_cases(), atol=1e-5, mistakes=SELF_ATTENTION_MISTAKES)
-    check_off_cpu(fn, next(_self_attention_cases()))
+        compare_cases(fn, ref_fn, _self_attention_cases(), atol=1e-5, mistakes=SELF_ATTENTION_MISTAKES, off_cpu=True)
 
 
 # --------------------------------------------------------------------------------------------------------
