@@ -248,14 +248,22 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from ar_course.kernels import triton_kernels as tk
 
+from ar_course.kernels import triton_paged as tp
+
+SHARED_LIMIT = 232448  # bytes of shared memory one program may use on an H100 / H200 (227 KiB)
+
 def compile_(fn, types, constexprs, **options):
     names = fn.arg_names
     sig = {n: "constexpr" if n in constexprs else types.get(n, "i32") for n in names}
     aligned = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
                if sig[n].startswith("*") or n.startswith("stride")}  # as torch's allocations and strides are
     src = triton.compiler.ASTSource(fn, sig, constexprs, aligned)
-    triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+    shared = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options).metadata.shared
+    assert shared <= SHARED_LIMIT, f"{fn.__name__} {constexprs} {options}: {shared} bytes of shared memory"
     print("compiled", fn.__name__, flush=True)
+
+def tuned(kernel):  # (tiles, launch options) of every configuration the autotuner may pick on a GPU
+    return [(c.kwargs, dict(num_warps=c.num_warps, num_stages=c.num_stages)) for c in kernel.configs]
 
 flash = {"kv_len_ptr": "*i32", "qk_scale": "fp32"}
 compile_(tk._flash_attention_kernel, {**flash, "q_ptr": "*bf16", "k_ptr": "*fp32", "v_ptr": "*fp32", "out_ptr": "*bf16"},
@@ -269,6 +277,23 @@ compile_(tk._decode_split_kernel, {"q_ptr": "*bf16", "k_ptr": "*fp32", "v_ptr": 
          {"HAS_LENGTHS": True, "FINAL": False, "BLOCK_N": 64, "BLOCK_D": 128, "EVEN_D": True}, num_warps=4, num_stages=2)
 compile_(tk._decode_reduce_kernel, {"m_ptr": "*fp32", "l_ptr": "*fp32", "acc_ptr": "*fp32", "out_ptr": "*bf16"},
          {"BLOCK_S": 4, "BLOCK_D": 128})
+# every configuration autotuning may try, at the largest head size the system uses (bf16, as under autocast)
+bf16 = {n: "*bf16" for n in ("q_ptr", "k_ptr", "v_ptr", "out_ptr")}
+for tiles, options in tuned(tk._flash_attention_tuned):
+    compile_(tk._flash_attention_kernel, {**flash, **bf16},
+             {"MASK": 1, **tiles, "BLOCK_D": 128, "EVEN_D": True, "DOT_DTYPE": tl.bfloat16}, **options)
+for tiles, options in tuned(tk._decode_split_tuned):
+    compile_(tk._decode_split_kernel, {**bf16, "len_ptr": "*i32", "m_ptr": "*fp32", "l_ptr": "*fp32",
+             "acc_ptr": "*fp32", "qk_scale": "fp32"},
+             {"HAS_LENGTHS": True, "FINAL": False, **tiles, "BLOCK_D": 128, "EVEN_D": True}, **options)
+for tiles, options in tuned(tk._vq_nearest_tuned):
+    compile_(tk._vq_nearest_kernel, {"z_ptr": "*fp32", "c_ptr": "*fp32", "norms_ptr": "*fp32", "out_ptr": "*i32"},
+             {**tiles, "BLOCK_D": 64}, **options)
+compile_(tp._paged_decode_kernel, {**bf16, "tables_ptr": "*i32", "len_ptr": "*i32", "out_ptr": "*fp32",
+         "qk_scale": "fp32"}, {"BLOCK_SIZE": 16, "BLOCK_D": 128})
+compile_(tk._softmax_kernel, {"x_ptr": "*fp32", "out_ptr": "*fp32"}, {"BLOCK": 1024})
+print("configurations", len(tuned(tk._flash_attention_tuned)) + len(tuned(tk._decode_split_tuned))
+      + len(tuned(tk._vq_nearest_tuned)), flush=True)
 '''
 
 
@@ -285,9 +310,12 @@ def _nvidia_compiler_here() -> bool:
 def test_kernels_compile_for_a_hopper_gpu_with_mixed_dtypes(tmp_path):
     """The interpreter runs a kernel without type-checking it the way the compiler does (a bf16 x fp32
     tl.dot runs there and fails to compile on a GPU), so compile the mixed-dtype variants for sm_90 here:
-    Triton's front end and ptxas run on any Linux machine."""
+    Triton's front end and ptxas run on any Linux machine. Every configuration the autotuner may try is
+    compiled too, and each must fit an H100's shared memory (the autotuner would silently skip one that
+    does not, wasting its compile time on every new kind of call)."""
     env_vars = {**os.environ, "TRITON_CACHE_DIR": str(tmp_path)}
     res = subprocess.run([sys.executable, "-c", _COMPILE_FOR_SM90], capture_output=True, text=True, env=env_vars,
                          cwd=Path(__file__).resolve().parents[1], timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert res.stdout.count("compiled") == 4
+    configurations = int(res.stdout.split("configurations")[-1])
+    assert configurations >= 3 and res.stdout.count("compiled") == 4 + configurations + 2
