@@ -103,11 +103,6 @@ def pool_fake_quantize(x: torch.Tensor, bits: int) -> torch.Tensor:
     return pool_dequantize(*pool_quantize(x, bits), bits, x.dtype)
 
 
-def pool_int8(x: torch.Tensor) -> torch.Tensor:
-    """``x`` ``(..., D)`` as the int8 paged pool returns it."""
-    return pool_fake_quantize(x, 8)
-
-
 def sink_window_visible(q_pos: torch.Tensor, k_pos: torch.Tensor, sinks: int, window: int) -> torch.Tensor:
     """Which keys a sinks + window cache keeps for a query: key position ``j`` is visible to query position
     ``i`` when it is a sink (``j < sinks``) or among the last ``window - sinks`` positions up to ``i``

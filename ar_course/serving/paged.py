@@ -323,7 +323,3 @@ class PagedKVCache:
         sequence)."""
         evicted = sum(b < 0 for table in self.tables.values() for b in table)
         return sum(self.lengths.values()) - evicted * self.block_size
-
-    def bytes_in_use(self) -> int:
-        """KV bytes of the blocks in use (all layers, keys and values, codes and statistics)."""
-        return self.allocator.num_used * self.bytes_per_block()
