@@ -356,10 +356,6 @@ def step_summed_loss(model, optimizer, chunk, forward, max_norm=1.0):
     return _step(model, optimizer, chunk, forward, max_norm, total=True)
 
 
-def step_correct(model, optimizer, chunk, forward, max_norm=1.0):
-    return _step(model, optimizer, chunk, forward, max_norm)
-
-
 def step_returns_tensor(model, optimizer, chunk, forward, max_norm=1.0):  # forgets .item(): the graph stays alive
     optimizer.zero_grad()
     loss = F.cross_entropy(forward(model, chunk[:, :-1]).flatten(0, 1), chunk[:, 1:].flatten())
