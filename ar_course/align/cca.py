@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from ar_course.align.functional import cca_loss
 from ar_course.align.model import pyramid_log_probs, sequence_log_probs
 from ar_course.tokenizers import MultiScaleVQ
-from ar_course.utils import check_int
+from ar_course.utils import check_ids, check_int, check_number, check_seed
 from ar_course.var.functional import unflatten_pyramids
 
 LogProbs = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -38,7 +38,13 @@ LogProbs = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 @dataclass
 class CCAConfig:
     """CPU-sized defaults; ``beta`` scales the log-ratios, ``lam`` weighs the negatives (stronger ``lam`` acts
-    like stronger guidance)."""
+    like stronger guidance).
+
+    Raises:
+        TypeError: a field of the wrong type (``lr="1e-4"``, ``steps=2.0`` or ``True``, ``seed=1.5``).
+        ValueError: ``steps`` or ``batch_size`` ``< 1``; ``lr``, ``beta`` not finite ``> 0``; ``lam`` not finite
+            ``>= 0``; a ``seed`` out of a generator's range.
+    """
 
     steps: int = 500
     batch_size: int = 32
@@ -49,10 +55,11 @@ class CCAConfig:
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {getattr(self, name)!r}")
-        if not (self.lr > 0 and self.beta > 0 and self.lam >= 0):
-            raise ValueError(f"need lr > 0, beta > 0, lam >= 0; got {self.lr}, {self.beta}, {self.lam}")
+            setattr(self, name, check_int(name, getattr(self, name), lo=1))
+        for name in ("lr", "beta"):
+            setattr(self, name, check_number(name, getattr(self, name), lo=0, lo_open=True))
+        self.lam = check_number("lam", self.lam, lo=0)
+        self.seed = check_seed(self.seed)
 
 
 @dataclass
@@ -123,16 +130,26 @@ def train_cca(policy: nn.Module, reference: nn.Module, token_maps: torch.Tensor,
     ``(N,)``, from ``config.seed``; returns the curves.
 
     Raises:
-        ValueError: ``token_maps`` or ``labels`` of the wrong shape, or a ``policy`` with fewer than 2 classes
-            (an unconditional model: CCA contrasts each class with a wrong one).
+        TypeError: ``token_maps`` or ``labels`` not a tensor, or ``config`` not a :class:`CCAConfig`.
+        ValueError: ``token_maps`` or ``labels`` of the wrong shape, no data (``N = 0``), ``labels`` not long or
+            not a class of ``policy`` in ``[0, n_classes)``, or a ``policy`` with fewer than 2 classes (an
+            unconditional model: CCA contrasts each class with a wrong one).
     """
+    if not isinstance(config, CCAConfig):
+        raise TypeError(f"config must be a CCAConfig, got {type(config).__name__}")
+    for name, x in (("token_maps", token_maps), ("labels", labels)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a tensor, got {type(x).__name__}")
     want = 3 if log_probs is sequence_log_probs else 2
     if token_maps.ndim != want or labels.shape != token_maps.shape[:1]:
         raise ValueError(f"expected token_maps {'(N, h, w)' if want == 3 else '(N, L)'} and labels (N,), got "
                          f"{tuple(token_maps.shape)}, {tuple(labels.shape)}")
+    if token_maps.shape[0] == 0:
+        raise ValueError(f"token_maps holds no data (N = 0), got {tuple(token_maps.shape)}")
     n_classes = policy.config.n_classes
     if n_classes < 2:
         raise ValueError(f"CCA needs a class-conditional policy with n_classes >= 2, got n_classes={n_classes}")
+    check_ids("labels", labels, n_classes, (token_maps.shape[0],))
     device = next(policy.parameters()).device
     torch.manual_seed(config.seed)
     g = torch.Generator().manual_seed(config.seed)

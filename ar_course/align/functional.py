@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ar_course.utils import check_number
+
 
 def _check_tensor(name: str, x: object) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
@@ -26,8 +28,15 @@ def group_advantages(rewards: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
 
     Each reward minus its group's mean, divided by the group's (population) standard deviation plus ``eps``:
     zero mean within every group, in the order of the rewards, and all zero for a group whose rewards are equal
-    (nothing to learn from it)."""
+    (nothing to learn from it).
+
+    Raises:
+        TypeError: ``rewards`` not a tensor, or ``eps`` not a number.
+        ValueError: ``rewards`` not a float ``(N, G)`` tensor with ``G >= 2``, or ``eps`` not a finite number
+            ``> 0`` (``0`` would turn a group of equal rewards into ``0 / 0``).
+    """
     _check_tensor("rewards", rewards)
+    eps = check_number("eps", eps, lo=0, lo_open=True)
     if rewards.ndim != 2 or rewards.shape[1] < 2:
         raise ValueError(f"rewards must be (N, G) with G >= 2 samples per group, got {tuple(rewards.shape)}")
     mean = rewards.mean(dim=1, keepdim=True)  # (N, 1)

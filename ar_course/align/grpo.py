@@ -28,13 +28,27 @@ from ar_course.align.rewards import REWARDS, Reward
 from ar_course.raster.model import generate_images, generate_tokens
 from ar_course.tokenizers import VQVAE
 from ar_course.transformer.model import GPT
-from ar_course.utils import check_int
+from ar_course.utils import check_int, check_number, check_seed
+
+
+def _check_kl_coef(kl_coef: object) -> float:
+    """``kl_coef`` as a finite float ``>= 0`` (the rule of :class:`GRPOConfig`, :func:`grpo_objective` and
+    :func:`grpo_update`)."""
+    return check_number("kl_coef", kl_coef, lo=0)
 
 
 @dataclass
 class GRPOConfig:
     """CPU-sized defaults: 10 classes x 8 samples per step, two optimizer steps per sampled group, 150 steps
-    (a few minutes on one core)."""
+    (a few minutes on one core). ``eval_every``: measure the class accuracy on ``eval_per_class`` samples per
+    class every that many steps (``0``: never, and ``eval_per_class`` may then be ``0``).
+
+    Raises:
+        TypeError: a field of the wrong type (``lr="1e-4"``, ``steps=2.0``, ``seed="x"``).
+        ValueError: an unknown ``reward``; ``steps``, ``inner_steps`` ``< 1``, ``group_size < 2``; ``lr``,
+            ``clip`` not finite ``> 0``, ``kl_coef`` not finite ``>= 0``; ``eval_every``, ``eval_per_class``
+            ``< 0``, or ``eval_per_class = 0`` with ``eval_every > 0``.
+    """
 
     steps: int = 150
     group_size: int = 8
@@ -48,14 +62,18 @@ class GRPOConfig:
     eval_per_class: int = 20
 
     def __post_init__(self) -> None:
-        if self.reward not in REWARDS:
+        if not isinstance(self.reward, str) or self.reward not in REWARDS:
             raise ValueError(f"reward must be one of {sorted(REWARDS)}, got {self.reward!r}")
-        for name, lo in (("steps", 1), ("group_size", 2), ("inner_steps", 1)):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < lo:
-                raise ValueError(f"{name} must be an int >= {lo}, got {value!r}")
-        if not (self.lr > 0 and self.clip > 0 and self.kl_coef >= 0):
-            raise ValueError(f"need lr > 0, clip > 0, kl_coef >= 0; got {self.lr}, {self.clip}, {self.kl_coef}")
+        for name, lo in (("steps", 1), ("group_size", 2), ("inner_steps", 1), ("eval_every", 0),
+                         ("eval_per_class", 0)):
+            setattr(self, name, check_int(name, getattr(self, name), lo=lo))
+        self.lr = check_number("lr", self.lr, lo=0, lo_open=True)
+        self.clip = check_number("clip", self.clip, lo=0, lo_open=True)
+        self.kl_coef = _check_kl_coef(self.kl_coef)
+        self.seed = check_seed(self.seed)
+        if self.eval_every and not self.eval_per_class:
+            raise ValueError(f"eval_per_class must be >= 1 when eval_every > 0 (eval_every=0 turns the evaluation "
+                             f"off), got eval_per_class=0 with eval_every={self.eval_every}")
 
 
 @dataclass
@@ -79,7 +97,21 @@ def grpo_objective(
     clip: float, kl_coef: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(loss, kl)``: the loss to minimise (minus the mean clipped surrogate plus ``kl_coef`` times the mean
-    ``k3`` KL) and the mean KL estimate, from per-token log-probabilities ``(B, T)`` and advantages ``(B,)``."""
+    ``k3`` KL) and the mean KL estimate, from per-token log-probabilities ``(B, T)`` and advantages ``(B,)``.
+
+    Raises:
+        TypeError: ``kl_coef`` not a number; as :func:`~ar_course.align.functional.clipped_surrogate` and
+            :func:`~ar_course.align.functional.k3_kl` for tensors that are not tensors.
+        ValueError: ``kl_coef`` not a finite number ``>= 0``; as those two for bad shapes, dtypes or ``clip``.
+    """
+    return _objective(logp, logp_old, logp_ref, advantages, clip, _check_kl_coef(kl_coef))
+
+
+def _objective(
+    logp: torch.Tensor, logp_old: torch.Tensor, logp_ref: torch.Tensor, advantages: torch.Tensor,
+    clip: float, kl_coef: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`grpo_objective` with ``kl_coef`` already checked."""
     kl = k3_kl(logp, logp_ref).mean()
     return -clipped_surrogate(logp, logp_old, advantages, clip).mean() + kl_coef * kl, kl.detach()
 
@@ -131,16 +163,22 @@ def grpo_update(
     """The optimizer half of a GRPO step: ``inner_steps`` steps on :func:`grpo_objective` of one
     :func:`grpo_rollout`, each recomputing the policy's log-probabilities with gradients against the fixed
     ``logp_old`` and ``logp_ref``, with the gradient norm clipped to 1. Returns ``(loss, mean KL)`` of each
-    step, measured before its update. Runs in whatever mode ``policy`` is in."""
+    step, measured before its update. Runs in whatever mode ``policy`` is in.
+
+    Raises:
+        TypeError: ``inner_steps`` not an integer or ``kl_coef`` not a number.
+        ValueError: ``inner_steps < 1``, ``kl_coef`` not a finite number ``>= 0``, a ``rollout`` that lacks a key
+            of :func:`grpo_rollout`'s, or as :func:`grpo_objective` and :func:`token_log_probs`.
+    """
     inner_steps = check_int("inner_steps", inner_steps, lo=1)
+    kl_coef = _check_kl_coef(kl_coef)
     missing = [key for key in ROLLOUT_KEYS if key != "rewards" and key not in rollout]
     if missing:
         raise ValueError(f"rollout lacks {', '.join(missing)}: pass the dict that grpo_rollout returns")
     steps = []
     for _ in range(inner_steps):
         logp = token_log_probs(policy, rollout["maps"], rollout["classes"])  # (B, T)
-        loss, kl = grpo_objective(logp, rollout["logp_old"], rollout["logp_ref"], rollout["advantages"], clip,
-                                  kl_coef)
+        loss, kl = _objective(logp, rollout["logp_old"], rollout["logp_ref"], rollout["advantages"], clip, kl_coef)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
@@ -180,7 +218,13 @@ def train_grpo(
 ) -> GRPOLog:
     """Fine-tune ``policy`` in place with GRPO against the frozen ``reference`` from ``config.seed``; returns the
     curves. With ``config.eval_every > 0`` the class accuracy is measured before the first step, every
-    ``eval_every`` steps and at the end."""
+    ``eval_every`` steps and at the end.
+
+    Raises:
+        TypeError: ``config`` is not a :class:`GRPOConfig`.
+    """
+    if not isinstance(config, GRPOConfig):
+        raise TypeError(f"config must be a GRPOConfig, got {type(config).__name__}")
     device = next(policy.parameters()).device
     torch.manual_seed(config.seed)
     generator = torch.Generator(device=device).manual_seed(config.seed)

@@ -9,6 +9,7 @@ from ar_course.raster.functional import make_training_pairs, to_raster
 from ar_course.raster.model import check_model_grid
 from ar_course.tokenizers import MultiScaleVQ
 from ar_course.transformer.model import GPT
+from ar_course.utils import check_ids
 from ar_course.var import functional as var_ref
 from ar_course.var.model import VAR, check_pyramid, check_tokenizer
 
@@ -19,18 +20,21 @@ def token_log_probs(model: GPT, token_maps: torch.Tensor, classes: torch.Tensor)
 
     Raises:
         ValueError: ``token_maps`` not a ``(B, h, w)`` long tensor on the grid of a ``pos="rope2d"`` model
-            (:func:`~ar_course.raster.model.check_model_grid`), or as :meth:`GPT.forward` (ids, classes).
+            (:func:`~ar_course.raster.model.check_model_grid`), a token of it (the last one too, which is only
+            a target) outside ``[0, vocab_size)``, or as :meth:`GPT.forward` (classes).
     """
     seq = to_raster(token_maps)  # (B, L)
     check_model_grid(model, "token_maps", token_maps.shape)
     inputs, targets = make_training_pairs(seq)  # (B, L - 1), (B, L)
+    check_ids("token_maps", token_maps, model.config.vocab_size, ("B", "h", "w"))  # the last token is no input
     logits, _ = model(inputs, classes=classes)  # (B, L, V)
     logp = torch.log_softmax(logits.float(), dim=-1)  # (B, L, V)
     return logp.gather(-1, targets[..., None]).squeeze(-1)  # (B, L)
 
 
 def sequence_log_probs(model: GPT, token_maps: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
-    """``(B,)``: the log-probability of each whole token map (the sum of :func:`token_log_probs`)."""
+    """``(B,)``: the log-probability of each whole token map (the sum of :func:`token_log_probs`); raises as
+    :func:`token_log_probs`."""
     return token_log_probs(model, token_maps, classes).sum(dim=-1)
 
 

@@ -13,17 +13,22 @@ from typing import Callable
 import torch
 
 from ar_course import metrics
-from ar_course.utils import check_ids
+from ar_course.utils import check_finite, check_ids
 
 Reward = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def _check(images: torch.Tensor, classes: torch.Tensor) -> None:
+    """The checks both rewards share: tensors of shapes ``(B, C, S, S)`` and ``(B,)``, float finite images (one
+    host sync on CUDA)."""
     if not isinstance(images, torch.Tensor) or not isinstance(classes, torch.Tensor):
         raise TypeError("images and classes must be tensors")
     if images.ndim != 4 or classes.shape != images.shape[:1]:
         raise ValueError(f"expected images (B, C, S, S) and classes (B,), got {tuple(images.shape)}, "
                          f"{tuple(classes.shape)}")
+    if not images.is_floating_point():
+        raise ValueError(f"images must be a floating-point tensor with values in [0, 1], got {images.dtype}")
+    check_finite("images", images)
 
 
 @torch.no_grad()
@@ -32,8 +37,9 @@ def class_probability(images: torch.Tensor, classes: torch.Tensor, dataset: str 
 
     Raises:
         TypeError: ``images`` or ``classes`` is not a tensor.
-        ValueError: shapes other than ``(B, C, S, S)`` and ``(B,)``, an unknown ``dataset``, or ``classes`` not
-            long or not a class of the classifier (the null class of a class-conditional model is none).
+        ValueError: shapes other than ``(B, C, S, S)`` and ``(B,)``, ``images`` not floating-point or not
+            finite, an unknown ``dataset``, or ``classes`` not long or not a class of the classifier (the null
+            class of a class-conditional model is none).
     """
     _check(images, classes)
     model = metrics.load_classifier(dataset, images.device)
@@ -44,7 +50,13 @@ def class_probability(images: torch.Tensor, classes: torch.Tensor, dataset: str 
 
 @torch.no_grad()
 def brightness(images: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
-    """``(B,)``: the mean pixel value of each image (the classes are ignored). A hackable reward."""
+    """``(B,)``: the mean pixel value of each image (the classes are ignored). A hackable reward.
+
+    Raises:
+        TypeError: ``images`` or ``classes`` is not a tensor.
+        ValueError: shapes other than ``(B, C, S, S)`` and ``(B,)``, or ``images`` not floating-point or not
+            finite.
+    """
     _check(images, classes)
     return images.clamp(0, 1).flatten(1).mean(dim=1)
 
