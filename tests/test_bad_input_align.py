@@ -8,9 +8,9 @@ import copy
 import pytest
 import torch
 
-from ar_course.align import (CCAConfig, GRPOConfig, brightness, class_probability, grpo_objective, grpo_rollout,
-                             grpo_update, group_advantages, sequence_log_probs, token_log_probs, train_cca,
-                             train_grpo)
+from ar_course.align import (CCAConfig, GRPOConfig, brightness, cca_loss, class_probability, clipped_surrogate,
+                             grpo_objective, grpo_rollout, grpo_update, group_advantages, sequence_log_probs,
+                             token_log_probs, train_cca, train_grpo, wrong_classes)
 from ar_course.raster import raster_config
 from ar_course.transformer import GPT
 
@@ -224,3 +224,17 @@ def test_train_cca_still_trains(policy, maps):
 def test_train_grpo_config_type(policy):
     with pytest.raises(TypeError, match="config must be a GRPOConfig, got dict"):
         train_grpo(copy.deepcopy(policy), policy, None, {"steps": 1}, progress=False)
+
+
+@pytest.mark.parametrize("call, error, match", [
+    (lambda: clipped_surrogate(torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(2), clip="0.2"), TypeError, "clip"),
+    (lambda: clipped_surrogate(torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(2), clip=float("nan")), ValueError,
+     "clip must be a finite number > 0"),
+    (lambda: cca_loss(torch.zeros(2), torch.zeros(2), beta=float("nan")), ValueError, "beta must be a finite"),
+    (lambda: cca_loss(torch.zeros(2), torch.zeros(2), lam=-1.0), ValueError, "lam must be a finite number >= 0"),
+    (lambda: wrong_classes([0, 1], 3, torch.Generator()), TypeError, "classes must be a"),
+    (lambda: wrong_classes(torch.tensor([0.0, 1.0]), 3, torch.Generator()), ValueError, "classes must be a"),
+])
+def test_loss_pieces_name_their_bad_argument(call, error, match):
+    with pytest.raises(error, match=match):
+        call()

@@ -78,8 +78,13 @@ class CCALog:
 def wrong_classes(classes: torch.Tensor, n_classes: int, generator: torch.Generator) -> torch.Tensor:
     """``(B,)``: for each of ``classes`` ``(B,)`` a class drawn uniformly from the ``n_classes - 1`` others.
 
-    Raises ``TypeError`` for a non-integer ``n_classes``, ``ValueError`` for ``n_classes < 2`` (no other class)."""
+    Raises ``TypeError`` for a non-integer ``n_classes`` or ``classes`` that is not a tensor, ``ValueError`` for
+    ``n_classes < 2`` (no other class) or ``classes`` not ``(B,)`` long (values are not read: no host sync)."""
     n_classes = check_int("n_classes", n_classes, lo=2)
+    if not isinstance(classes, torch.Tensor):
+        raise TypeError(f"classes must be a (B,) long tensor, got {type(classes).__name__}")
+    if classes.ndim != 1 or classes.dtype != torch.long:
+        raise ValueError(f"classes must be a (B,) long tensor, got {tuple(classes.shape)} {classes.dtype}")
     shift = torch.randint(1, n_classes, classes.shape, generator=generator).to(classes.device)  # (B,)
     return (classes + shift) % n_classes
 

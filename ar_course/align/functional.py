@@ -58,8 +58,7 @@ def clipped_surrogate(
     if logp.shape != logp_old.shape or logp.ndim != 2 or advantages.shape != logp.shape[:1]:
         raise ValueError(f"expected logp, logp_old (B, T) and advantages (B,), got {tuple(logp.shape)}, "
                          f"{tuple(logp_old.shape)}, {tuple(advantages.shape)}")
-    if not clip > 0:
-        raise ValueError(f"clip must be > 0, got {clip}")
+    clip = check_number("clip", clip, lo=0, lo_open=True)
     ratio = torch.exp(logp - logp_old.detach())  # (B, T)
     adv = advantages.detach()[:, None]  # (B, 1)
     return torch.minimum(ratio * adv, ratio.clamp(1 - clip, 1 + clip) * adv)
@@ -91,4 +90,5 @@ def cca_loss(
     if logratio_pos.ndim != 1 or logratio_pos.shape != logratio_neg.shape:
         raise ValueError(f"logratio_pos and logratio_neg must be (B,) of one size, got "
                          f"{tuple(logratio_pos.shape)}, {tuple(logratio_neg.shape)}")
+    beta, lam = check_number("beta", beta, lo=0, lo_open=True), check_number("lam", lam, lo=0)
     return -F.logsigmoid(beta * logratio_pos).mean() - lam * F.logsigmoid(-beta * logratio_neg).mean()
