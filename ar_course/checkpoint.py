@@ -38,7 +38,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ar_course.files import atomic_path
-from ar_course.utils import check_finite
+from ar_course.utils import check_finite, get_device
 
 ASSETS: Path = Path(__file__).resolve().parent / "assets"
 """The folder of the shipped checkpoints, inside the package (installed with it)."""
@@ -212,7 +212,17 @@ def _build(path: Path, meta: dict, kind: str | None) -> torch.nn.Module:
         raise CheckpointError(f"{path}: its {meta['kind']!r} config does not build a model: {exc}") from None
 
 
+def _device(device: str | torch.device) -> torch.device:
+    """``device`` resolved by :func:`~ar_course.utils.get_device` (``"auto"`` allowed), so that an unknown
+    device or CUDA on a machine without it is refused up front with a one-line message."""
+    if not isinstance(device, (str, torch.device)):
+        raise TypeError(f"device must be a str or torch.device such as 'cpu', 'cuda' or 'auto', got {device!r} "
+                        f"({type(device).__name__})")
+    return get_device(device)
+
+
 def _load(path: Path, device: str | torch.device, kind: str | None) -> tuple[torch.nn.Module, dict]:
+    device = _device(device)
     state, meta = load_checkpoint(path, device="cpu")
     model = _build(path, meta, kind)
     try:
@@ -227,7 +237,9 @@ def load(name_or_path: str | Path, device: str | torch.device = "cpu", *, kind: 
     eval mode (call ``.train()`` to train it further). With ``kind``, a checkpoint of another kind is refused.
 
     Raises :class:`CheckpointError` naming the file: missing, corrupted, of the wrong or an unknown kind, a
-    config with unknown keys, or weights that do not fit the model its config builds."""
+    config with unknown keys, or weights that do not fit the model its config builds; ``ValueError`` for a
+    device torch does not know (``"gpu"``), ``RuntimeError`` for ``"cuda"`` on a machine without CUDA (both
+    from :func:`~ar_course.utils.get_device`, before the file is read)."""
     return _load(resolve(name_or_path), device, kind)[0]
 
 
@@ -239,8 +251,9 @@ def load_with_tokenizer(
     Image models (``"var"``, ``"raster_ar"``, ``"maskgit"``, ``"continuous_ar"``) record their tokenizer's name
     or path: it is loaded with :func:`load` on ``device``. Language models (``"lm"``, ``"diffusion_lm"``) record
     their vocabulary: a :class:`~ar_course.data.CharTokenizer`. A checkpoint that records neither (a tokenizer,
-    a classifier) raises :class:`CheckpointError`."""
+    a classifier) raises :class:`CheckpointError`; a bad ``device`` raises as in :func:`load`."""
     path = resolve(name_or_path)
+    device = _device(device)
     model, meta = _load(path, device, kind)
     extra = meta["extra"]
     if meta["kind"] in ("lm", "diffusion_lm") and "vocab" in extra:

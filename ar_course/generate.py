@@ -26,7 +26,7 @@ from ar_course.files import atomic_path, check_output_path
 from ar_course.images import encode_png, to_grid
 from ar_course.sampling import SamplingConfig
 from ar_course.system import KERNELS, METHODS, PRECISIONS, GenerationRequest, Generator
-from ar_course.utils import SEED_RANGE, get_device
+from ar_course.utils import SEED_RANGE, check_finite, check_int, get_device
 
 MIN_TEMPERATURE = 1e-6
 """Smallest positive ``--temperature``: around 1e-38 and below, logits / temperature overflow float32 (NaN
@@ -96,7 +96,20 @@ def build_parser() -> ArgumentParser:
 
 def png_bytes(images: torch.Tensor, ncol: int, zoom: int = 1) -> bytes:
     """``images`` ``(N, C, S, S)`` in [0, 1] as a PNG of a grid of ``ncol`` columns, each pixel ``zoom`` x
-    ``zoom`` (written by :func:`ar_course.images.encode_png`: no Pillow needed)."""
+    ``zoom`` (written by :func:`ar_course.images.encode_png`: no Pillow needed). Values outside [0, 1] are
+    clipped.
+
+    Raises:
+        TypeError: ``images`` is not a tensor, ``ncol`` or ``zoom`` not an integer.
+        ValueError: ``images`` not a non-empty ``(N, C, H, W)`` floating-point tensor (a uint8 image in 0..255
+            is refused: divide it by 255 first), holding NaN or inf, or ``ncol`` / ``zoom`` ``< 1``."""
+    if not isinstance(images, torch.Tensor):
+        raise TypeError(f"images must be a torch.Tensor (N, C, H, W) in [0, 1], got {type(images).__name__}")
+    if images.ndim != 4 or images.shape[0] == 0 or not images.is_floating_point():
+        raise ValueError(f"images must be a non-empty (N, C, H, W) floating-point tensor in [0, 1] (divide uint8 "
+                         f"images by 255), got {tuple(images.shape)} {images.dtype}")
+    ncol, zoom = check_int("ncol", ncol, lo=1), check_int("zoom", zoom, lo=1)
+    check_finite("images", images)
     grid = to_grid(images, nrow=ncol)  # (H, W, C) float in [0, 1]
     return encode_png((grid * 255).round().astype(np.uint8).repeat(zoom, axis=0).repeat(zoom, axis=1))
 

@@ -17,7 +17,9 @@ Input rules (checked; see :mod:`ar_course.utils` for which error is raised when)
 * ``logits``: a real tensor ``(..., V)`` with ``V >= 1``; leading dimensions may be empty (``(0, V)`` gives
   ``(0,)`` tokens). A logit is a real number, or ``-inf`` for a token that must never be drawn. NaN and
   ``+inf`` are refused, and so is a row with no token above ``-inf`` (nothing could be drawn from it). These
-  checks read the values: one host sync per call on CUDA (per token in the decoding loops).
+  checks read the values: one host sync per call on CUDA (per token in the decoding loops). Integer logits
+  are accepted everywhere: the filters (:func:`top_k_filter`, :func:`top_p_filter`) promote them to the
+  default float dtype (they must hold ``-inf``), floating-point logits keep their dtype.
 * ``temperature``: a finite number ``>= 0`` (``0`` is greedy); ``top_k``: ``None`` or an integer ``>= 1``;
   ``top_p``: ``None`` or a number in ``(0, 1]``; all checked when a :class:`SamplingConfig` is made, even
   where greedy ignores them. Every such config works on every valid row: a temperature so small that
@@ -94,6 +96,12 @@ def _check_shape(logits: torch.Tensor, name: str = "logits") -> None:
         raise ValueError(f"{name} must hold real numbers, got {logits.dtype}")
 
 
+def _promote(logits: torch.Tensor) -> torch.Tensor:
+    """``logits`` itself when floating point, else (an integer tensor) converted to the default float dtype so
+    that ``-inf`` can be written into it."""
+    return logits if logits.is_floating_point() else logits.to(torch.get_default_dtype())
+
+
 def _rows_ok(x: torch.Tensor) -> bool:
     """Whether every row of ``x`` ``(..., V)`` has no NaN, no ``+inf`` and a token above ``-inf``.
 
@@ -154,9 +162,11 @@ def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
 
     Ties with the k-th largest value are all kept (so a row can keep more than ``k`` tokens when values
     tie): the result depends only on the values, never on the order of tied entries. ``k >= V`` keeps all.
-    ``k``: an integer ``>= 1``. Values are not checked here (:func:`process_logits` checks them)."""
+    ``k``: an integer ``>= 1``. Integer logits come back in the default float dtype, floating-point ones in
+    their own. Values are not checked here (:func:`process_logits` checks them)."""
     _check_shape(logits)
     k = check_int("top_k", k, lo=1)
+    logits = _promote(logits)
     if k >= logits.shape[-1]:
         return logits
     kth = torch.topk(logits, k, dim=-1).values[..., -1:]  # (..., 1)
@@ -169,9 +179,11 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
     Tokens are sorted by probability; a token is kept when the mass of the tokens before it is ``< p``, so
     the token that crosses the threshold is kept (the top token always is). Tokens tied with the least
     likely kept token are kept too. ``p = 1`` keeps every token. ``(..., V)`` -> ``(..., V)``.
-    ``p``: a number in ``(0, 1]``. Values are not checked here (:func:`process_logits` checks them)."""
+    ``p``: a number in ``(0, 1]``. Integer logits come back in the default float dtype, floating-point ones in
+    their own. Values are not checked here (:func:`process_logits` checks them)."""
     _check_shape(logits)
     p = check_number("top_p", p, lo=0, hi=1, lo_open=True)
+    logits = _promote(logits)
     if p == 1:
         return logits
     probs = torch.softmax(logits.float(), dim=-1)

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from ar_course.transformer.model import GPTConfig, use_attention
+from ar_course.utils import check_int
 
 METHODS = ("none", "int8", "int4", "int2", "int8_pool", "int4_pool", "sink_window", "h2o", "minicache")
 QUANT_BITS = {"int8": 8, "int4": 4, "int2": 2}
@@ -46,9 +47,8 @@ POOL_BITS = {"int8_pool": 8, "int4_pool": 4}
 def quantize(x: torch.Tensor, bits: int, dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Asymmetric min-max quantization of ``x`` with one ``(scale, minimum)`` per slice along ``dim``
     (the statistics are taken over ``dim``). Returns ``(codes uint8 like x, scale, minimum)``, the last two
-    with ``dim`` kept as size 1; codes are in ``[0, 2**bits - 1]``."""
-    if not 1 <= bits <= 8:
-        raise ValueError(f"bits must be in [1, 8], got {bits}")
+    with ``dim`` kept as size 1; codes are in ``[0, 2**bits - 1]``. ``bits``: an integer in ``[1, 8]``."""
+    bits = check_int("bits", bits, lo=1, hi=8)
     lo, hi = x.amin(dim, keepdim=True), x.amax(dim, keepdim=True)
     scale = (hi - lo).clamp_min(1e-8) / (2 ** bits - 1)
     codes = ((x - lo) / scale).round().clamp(0, 2 ** bits - 1).to(torch.uint8)
@@ -63,7 +63,8 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor) -> to
 def fake_quantize_kv(k: torch.Tensor, v: torch.Tensor, bits: int, group: int) -> tuple[torch.Tensor, torch.Tensor]:
     """KIVI's layout on ``k, v`` ``(B, H, T, D)``: keys per channel over groups of ``group`` tokens, values per
     token, both quantized and dequantized. A last, unfinished group is returned quantized too (callers decide
-    who may see it). Returns ``(k_hat, v_hat)`` ``(B, H, T, D)``."""
+    who may see it). Returns ``(k_hat, v_hat)`` ``(B, H, T, D)``. ``group``: an integer ``>= 1``."""
+    group = check_int("group", group, lo=1)
     B, H, T, D = k.shape
     pad = -T % group
     kp = F.pad(k, (0, 0, 0, pad), mode="replicate").view(B, H, (T + pad) // group, group, D)  # (B, H, G, g, D)
@@ -85,9 +86,11 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
 
 def pool_quantize(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``x`` ``(..., D)`` as the paged pool stores it: ``bits``-bit codes per row over ``D`` (int4: packed by
-    :func:`pack_int4`) and the row's ``(scale, minimum)`` in float16 ``(..., 2)``."""
+    :func:`pack_int4`) and the row's ``(scale, minimum)`` in float16 ``(..., 2)`` (int4: ``D`` even)."""
     if bits not in (4, 8):
         raise ValueError(f"the pool stores 8- or 4-bit codes, got bits={bits!r}")
+    if bits == 4 and x.shape[-1] % 2:
+        raise ValueError(f"bits=4 packs two codes per byte: the last dimension must be even, got {x.shape[-1]}")
     codes, scale, lo = quantize(x.float(), bits, dim=-1)  # scale, lo: (..., 1)
     return (pack_int4(codes) if bits == 4 else codes), torch.cat([scale, lo], -1).half()
 
@@ -177,6 +180,7 @@ class CompressedAttention:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        check_int("group", self.group, lo=1)
 
     def __call__(self, q, k, v, mask, causal, dropout_p=0.0):
         T = q.shape[2]
@@ -274,7 +278,8 @@ def kv_bytes_per_token(config: GPTConfig, method: str, context: int, *, bits_flo
     """KV-cache bytes per token of a ``context``-token sequence, all layers, keys and values, stored in
     ``bits_float``-bit floats (scales and minima included for the quantized methods; ``recent`` is ignored).
     ``method``: one of :data:`METHODS` or ``"h2o_blocks"``, the engine's block-wise H2O with a budget of
-    ``window`` positions (:mod:`ar_course.serving.h2o`)."""
+    ``window`` positions (:mod:`ar_course.serving.h2o`). ``context`` and ``group``: integers ``>= 1``."""
+    context, group = check_int("context", context, lo=1), check_int("group", group, lo=1)
     L, H, D, f = config.n_layer, config.n_head, config.head_dim, bits_float / 8
     full = 2 * L * H * D * f
     if method == "none":
@@ -303,7 +308,13 @@ def kv_bytes_per_token(config: GPTConfig, method: str, context: int, *, bits_flo
 def heldout_nll(model: torch.nn.Module, windows: torch.Tensor, attention: CompressedAttention | None = None
                 ) -> float:
     """Mean next-token NLL (nats/token) of ``model`` on ``windows`` ``(N, T+1)`` long, every layer attending
-    through ``attention`` (None: the model's own attention)."""
+    through ``attention`` (None: the model's own attention). ``ValueError`` unless ``windows`` is a non-empty
+    ``(N, T+1)`` tensor with ``T >= 1``."""
+    if not isinstance(windows, torch.Tensor):
+        raise TypeError(f"windows must be a (N, T+1) tensor of token ids, got {type(windows).__name__}")
+    if windows.ndim != 2 or windows.shape[0] == 0 or windows.shape[1] < 2:
+        raise ValueError(f"windows must be a non-empty (N, T+1) tensor of token ids with T >= 1, got shape "
+                         f"{tuple(windows.shape)}")
     losses = []
     for row in windows:
         if attention is None:

@@ -44,17 +44,20 @@ from ar_course.sampling import SamplingConfig, check_sampling, sample
 from ar_course.serving.compression import sink_window_evictable, sink_window_visible
 from ar_course.serving.h2o import ScoringAttention, check_h2o, h2o_evictions
 from ar_course.serving.minicache import fresh_rows
-from ar_course.serving.paged import OutOfBlocks, PagedKVCache, check_text_model
+from ar_course.serving.paged import OutOfBlocks, PagedKVCache, check_text_model, check_tokens
 from ar_course.serving.prefix import PrefixCache
 from ar_course.transformer.model import use_attention
-from ar_course.utils import check_int, check_seed
+from ar_course.utils import check_bool, check_int, check_seed
 
 POLICIES = ("continuous", "static")
 
 
 @dataclass
 class EngineConfig:
-    """How an :class:`Engine` schedules: pool size, block size, batch limits and policy."""
+    """How an :class:`Engine` schedules: pool size, block size, batch limits and policy.
+
+    Checked when made: ``TypeError`` for a size that is not an integer or a ``prefix_caching`` that is not a
+    bool (``"false"`` is refused), ``ValueError`` for values out of range or options that do not combine."""
 
     num_blocks: int = 256
     block_size: int = 16
@@ -73,6 +76,7 @@ class EngineConfig:
     def __post_init__(self) -> None:
         for name in ("num_blocks", "block_size", "max_running", "max_step_tokens"):
             check_int(name, getattr(self, name), lo=1)
+        check_bool("prefix_caching", self.prefix_caching)
         if self.policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {self.policy!r}")
         if self.kv_bits not in (None, 8, 4):
@@ -262,11 +266,7 @@ class Engine:
             ValueError: a prompt that is empty or not 1-D, a token outside ``[0, vocab_size)``,
                 ``max_new_tokens < 0``, ``seed`` outside ``[-2**63, 2**64 - 1]``, or a request needing more
                 positions than ``block_size`` or than the whole pool holds."""
-        if isinstance(prompt_ids, torch.Tensor):
-            if prompt_ids.ndim != 1:
-                raise ValueError(f"prompt_ids must be 1-D, got shape {tuple(prompt_ids.shape)}")
-            prompt_ids = prompt_ids.tolist()
-        prompt = [check_int("prompt token", t, lo=0, hi=self.model.config.vocab_size - 1) for t in prompt_ids]
+        prompt = check_tokens(prompt_ids, self.model.config.vocab_size)
         max_new_tokens = check_int("max_new_tokens", max_new_tokens, lo=0)
         self.model.check_room(len(prompt), max_new_tokens)
         sampling = check_sampling(sampling)

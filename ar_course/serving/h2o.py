@@ -28,10 +28,10 @@ import torch
 import torch.nn.functional as F
 
 from ar_course.serving.minicache import StepCache
-from ar_course.serving.paged import check_text_model
+from ar_course.serving.paged import check_text_model, check_tokens
 from ar_course.transformer import functional as ref
 from ar_course.transformer.model import use_attention
-from ar_course.utils import check_int
+from ar_course.utils import check_ids, check_int
 
 
 @dataclass
@@ -52,8 +52,9 @@ class ScoringAttention:
 
 
 def check_h2o(budget: int, recent: int, block_size: int) -> None:
-    """One-line ``ValueError``/``TypeError`` unless ``block_size <= budget`` and ``0 <= recent < budget``."""
-    check_int("kv_h2o_budget", budget, lo=block_size)
+    """One-line ``ValueError``/``TypeError`` unless ``1 <= block_size <= budget`` and ``0 <= recent < budget``
+    (all integers)."""
+    check_int("kv_h2o_budget", budget, lo=check_int("block_size", block_size, lo=1))
     if not 0 <= check_int("kv_h2o_recent", recent, lo=0) < budget:
         raise ValueError(f"need 0 <= kv_h2o_recent < kv_h2o_budget, got {recent} and {budget}")
 
@@ -83,16 +84,27 @@ def h2o_decode(model: torch.nn.Module, prompt: list[int], steps: int, budget: in
     (teacher forcing). Returns ``(tokens, logits (steps, V))``: the tokens fed after the prompt, and the logits
     each of them was chosen from.
 
+    ``prompt`` and ``forced``: lists of token ids or 1-D integer tensors, as
+    :meth:`~.engine.Engine.add_request` takes them (:func:`~.paged.check_tokens`).
+
     Raises:
-        TypeError: ``model`` is not a GPT, or ``budget`` / ``recent`` is not an integer.
+        TypeError: ``model`` is not a GPT; ``steps``, ``budget``, ``recent``, ``block_size`` or a token is not an
+            integer.
         ValueError: ``model`` is not a text model (:func:`~.paged.check_text_model`), bad H2O sizes
-            (:func:`check_h2o`), an empty ``prompt``, or ``forced`` not ``steps`` tokens long."""
+            (:func:`check_h2o`), ``steps < 0``, an empty ``prompt``, a token outside ``[0, vocab_size)``,
+            ``forced`` not ``steps`` tokens long, or a prompt and ``steps`` that need more positions than
+            ``block_size`` (:meth:`~ar_course.transformer.GPT.check_room`)."""
     check_text_model(model)
     check_h2o(budget, recent, block_size)
+    steps = check_int("steps", steps, lo=0)
+    prompt = check_tokens(prompt, model.config.vocab_size, "prompt")
     if not prompt:
         raise ValueError("prompt has no tokens")
-    if forced is not None and len(forced) != steps:
-        raise ValueError(f"forced has {len(forced)} tokens, expected steps={steps}")
+    if forced is not None:
+        forced = check_tokens(forced, model.config.vocab_size, "forced", "forced token")
+        if len(forced) != steps:
+            raise ValueError(f"forced has {len(forced)} tokens, expected steps={steps}")
+    model.check_room(len(prompt), steps)
     device = model.lm_head.weight.device
     cache, scores, live = StepCache(model.config.n_layer, None), torch.zeros(0, dtype=torch.float64, device=device), []
     chunk, start, tokens, logits = list(prompt), 0, [], []
@@ -120,7 +132,17 @@ def h2o_decode(model: torch.nn.Module, prompt: list[int], steps: int, budget: in
 def h2o_heldout_nll(model: torch.nn.Module, windows: torch.Tensor, budget: int, recent: int, block_size: int
                     ) -> float:
     """Mean next-token NLL (nats/token) of ``model`` on ``windows`` ``(N, T+1)`` long, decoded one token at a time
-    (after the first) through the engine's H2O cache (:func:`h2o_decode`, teacher-forced)."""
+    (after the first) through the engine's H2O cache (:func:`h2o_decode`, teacher-forced).
+
+    Raises:
+        TypeError: ``windows`` is not a tensor; else as :func:`h2o_decode`.
+        ValueError: ``windows`` is not a non-empty ``(N, T+1)`` integer tensor of ids in ``[0, vocab_size)`` with
+            ``T >= 1``; else as :func:`h2o_decode`."""
+    check_text_model(model)
+    check_ids("windows", windows, model.config.vocab_size, ("N", "T+1"), dtype=None)
+    if windows.shape[1] < 2:
+        raise ValueError(f"windows must hold at least 2 tokens per row (a context and a target), got shape "
+                         f"{tuple(windows.shape)}")
     losses = []
     for row in windows.tolist():
         _, logits = h2o_decode(model, row[:1], len(row) - 1, budget, recent, block_size, forced=row[1:])

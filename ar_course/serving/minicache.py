@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 
 from ar_course.serving.compression import merge_pair, merged_pairs, sink_window_visible
-from ar_course.serving.paged import check_text_model
+from ar_course.serving.paged import check_text_model, check_tokens
 from ar_course.utils import check_int
 
 
@@ -86,14 +86,20 @@ def merged_generate(model: torch.nn.Module, prompt: list[int], max_new_tokens: i
     ``sinks_window`` ``(sinks, window)``: a query also sees only what
     :func:`~ar_course.serving.compression.sink_window_visible` keeps. Returns the new token ids.
 
+    ``prompt``: a list of token ids or a 1-D integer tensor, as :meth:`~.engine.Engine.add_request` takes it
+    (:func:`~.paged.check_tokens`).
+
     Raises:
-        TypeError: ``model`` is not a GPT, or ``max_new_tokens`` / ``merge_from`` is not an integer.
+        TypeError: ``model`` is not a GPT, or ``max_new_tokens`` / ``merge_from`` / a prompt token is not an
+            integer.
         ValueError: ``model`` is not a text model (:func:`~.paged.check_text_model`), ``max_new_tokens < 0``,
-            ``merge_from < 0``, or an empty prompt or one too long for ``block_size``."""
+            ``merge_from < 0``, a prompt token outside ``[0, vocab_size)``, or an empty prompt or one too long
+            for ``block_size``."""
     check_text_model(model)
     max_new_tokens = check_int("max_new_tokens", max_new_tokens, lo=0)
     if merge_from is not None:
         check_int("merge_from", merge_from, lo=0)
+    prompt = check_tokens(prompt, model.config.vocab_size, "prompt")
     model.check_room(len(prompt), max_new_tokens)
     device = model.wte.weight.device
     cache = StepCache(model.config.n_layer, merge_from)

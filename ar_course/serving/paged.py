@@ -50,6 +50,25 @@ def check_text_model(model: object) -> GPT:
     return model
 
 
+def check_tokens(ids: object, vocab_size: int, name: str = "prompt_ids", token: str = "prompt token") -> list[int]:
+    """``ids`` (a list of token ids or a 1-D integer tensor ``(T,)``) as a list of ints in ``[0, vocab_size)``:
+    the prompt check of :meth:`~.engine.Engine.add_request` and of the plain paths. An empty list passes (the
+    callers say how many tokens they need).
+
+    Raises:
+        TypeError: ``ids`` is not a list or tensor of integers (``prompt token must be an integer in [0, 9], got
+            1.0 (float)``).
+        ValueError: a tensor that is not 1-D, or a token outside ``[0, vocab_size)``
+            (``prompt token must be an integer in [0, 9], got 99``)."""
+    if isinstance(ids, torch.Tensor):
+        if ids.ndim != 1:
+            raise ValueError(f"{name} must be 1-D, got shape {tuple(ids.shape)}")
+        ids = ids.tolist()
+    elif isinstance(ids, (str, bytes)) or not hasattr(ids, "__iter__"):
+        raise TypeError(f"{name} must be a list of token ids or a 1-D tensor, got {type(ids).__name__}")
+    return [check_int(token, t, lo=0, hi=vocab_size - 1) for t in ids]
+
+
 def slot_mapping(block_table: torch.Tensor, positions: torch.Tensor, block_size: int) -> torch.Tensor:
     """Pool slots of sequence ``positions`` ``(n,)`` long through ``block_table`` ``(n_blocks,)`` long: position
     ``p`` is at offset ``p % block_size`` of block ``block_table[p // block_size]``, so its slot is
@@ -93,7 +112,9 @@ class BlockAllocator:
         return block
 
     def release(self, block: int) -> None:
-        """Drop one reference; the block is free again when none is left."""
+        """Drop one reference; the block is free again when none is left. ``ValueError`` for a block id outside
+        ``[0, num_blocks)`` or a block that is free already."""
+        check_int("block", block, lo=0, hi=self.num_blocks - 1)
         if self.refs[block] <= 0:
             raise ValueError(f"block {block} is already free (released twice?)")
         self.refs[block] -= 1
@@ -125,6 +146,9 @@ class PagedKVCache:
     def __init__(self, n_layer: int, n_head: int, head_dim: int, num_blocks: int, block_size: int,
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, kv_bits: int | None = None,
                  merge_from: int | None = None):
+        for name, value in (("n_layer", n_layer), ("n_head", n_head), ("head_dim", head_dim),
+                            ("num_blocks", num_blocks)):
+            check_int(name, value, lo=1)
         self.block_size = check_int("block_size", block_size, lo=1)
         if kv_bits not in (None, 8, 4):
             raise ValueError(f"kv_bits must be None (full precision), 8 or 4, got {kv_bits!r}")
@@ -174,11 +198,19 @@ class PagedKVCache:
         per = sum(x[:, 0].numel() * x.element_size() for x in (self.k, self.k_stats, self.k_norm))
         return 2 * per
 
+    def _table(self, seq: int) -> list[int]:
+        """The block table of ``seq``; ``ValueError`` when the cache does not hold that sequence."""
+        table = self.tables.get(seq)
+        if table is None:
+            raise ValueError(f"sequence {seq!r} is not in the cache (add it first; it holds {sorted(self.tables)})")
+        return table
+
     def add(self, seq: int, shared: list[int] | None = None, length: int = 0) -> None:
         """Start sequence ``seq`` on the blocks ``shared`` (a reference is taken on each) holding ``length``
-        positions (e.g. a cached prefix); default: empty."""
+        positions (an integer ``>= 0``, e.g. a cached prefix); default: empty."""
         if seq in self.tables:
             raise ValueError(f"sequence {seq} is already in the cache")
+        length = check_int("length", length, lo=0)
         shared = list(shared or [])
         if length > len(shared) * self.block_size:
             raise ValueError(f"{length} positions do not fit in {len(shared)} blocks of {self.block_size}")
@@ -187,12 +219,13 @@ class PagedKVCache:
 
     def fork(self, src: int, dst: int) -> None:
         """Sequence ``dst`` starts as a copy of ``src`` sharing all of its blocks (copied when written)."""
-        self.add(dst, self.tables[src], self.lengths[src])
+        self.add(dst, self._table(src), self.lengths[src])
 
     def blocks_needed(self, seq: int, n: int) -> int:
         """Blocks :meth:`reserve` ``(seq, n)`` would take from the free list (a new block, or a private copy of a
-        shared last block)."""
-        length, table = self.lengths[seq], self.tables[seq]
+        shared last block). ``n``: an integer ``>= 0``."""
+        table, n = self._table(seq), check_int("n", n, lo=0)
+        length = self.lengths[seq]
         new = -(-(length + n) // self.block_size) - len(table)
         partial = length % self.block_size != 0 and n > 0
         cow = partial and self.allocator.refs[table[length // self.block_size]] > 1
@@ -201,7 +234,7 @@ class PagedKVCache:
     def reserve(self, seq: int, n: int) -> None:
         """Make room for ``n`` more positions of ``seq``: copy its last block if shared and partly filled, then
         allocate new blocks. All or nothing: :class:`OutOfBlocks` (nothing changed) when the pool is short."""
-        need = self.blocks_needed(seq, n)
+        need = self.blocks_needed(seq, n)  # checks seq and n
         if need > self.allocator.num_free:
             raise OutOfBlocks(f"sequence {seq} needs {need} blocks, {self.allocator.num_free} are free")
         length, table = self.lengths[seq], self.tables[seq]
@@ -222,12 +255,14 @@ class PagedKVCache:
         return new
 
     def slots(self, seq: int, start: int, n: int) -> torch.Tensor:
-        """Flat pool slots of positions ``start .. start+n-1`` of ``seq``: ``(n,)`` long."""
+        """Flat pool slots of positions ``start .. start+n-1`` of ``seq``: ``(n,)`` long (``start``, ``n``:
+        integers ``>= 0``)."""
+        start, n = check_int("start", start, lo=0), check_int("n", n, lo=0)
         return self.slots_at(seq, torch.arange(start, start + n))
 
     def slots_at(self, seq: int, positions: torch.Tensor) -> torch.Tensor:
         """Flat pool slots of ``positions`` ``(n,)`` long of ``seq`` (each in a block that is not evicted)."""
-        table = torch.tensor(self.tables[seq], dtype=torch.long)
+        table = torch.tensor(self._table(seq), dtype=torch.long)
         if positions.numel() and int(positions.max()) >= table.numel() * self.block_size:
             raise ValueError(f"positions up to {int(positions.max()) + 1} of sequence {seq} have no block: "
                              f"reserve them first")
@@ -237,14 +272,14 @@ class PagedKVCache:
 
     def live_positions(self, seq: int, end: int) -> torch.Tensor:
         """Positions ``< end`` of ``seq`` whose block is not evicted: ``(n,)`` long, ascending."""
+        table = torch.tensor(self._table(seq), dtype=torch.long)
         positions = torch.arange(end)  # (end,)
-        table = torch.tensor(self.tables[seq], dtype=torch.long)
         return positions[table[positions // self.block_size] >= 0]
 
     def evict(self, seq: int, blocks: Sequence[int]) -> int:
         """Free the blocks at table indices ``blocks`` (ascending) of ``seq`` (they are never read again); already
         evicted ones are skipped. The last, partly filled block cannot be evicted. Returns how many were freed."""
-        table, freed = self.tables[seq], 0
+        table, freed = self._table(seq), 0
         if blocks and blocks[-1] >= self.lengths[seq] // self.block_size:
             raise ValueError(f"block {blocks[-1]} of sequence {seq} is not full: only full blocks can be evicted")
         for i in blocks:
@@ -303,20 +338,22 @@ class PagedKVCache:
         return out[0], out[1]
 
     def advance(self, seq: int, n: int) -> None:
-        """Mark ``n`` more positions of ``seq`` written (on every layer)."""
-        if self.lengths[seq] + n > len(self.tables[seq]) * self.block_size:
+        """Mark ``n`` (an integer ``>= 0``) more positions of ``seq`` written (on every layer)."""
+        table, n = self._table(seq), check_int("n", n, lo=0)
+        if self.lengths[seq] + n > len(table) * self.block_size:
             raise ValueError(f"sequence {seq} has no room for {n} more positions")
         self.lengths[seq] += n
 
     def free(self, seq: int) -> None:
         """Forget ``seq``: release every block of its table."""
+        self._table(seq)
         for block in self.tables.pop(seq):
             if block >= 0:  # evicted blocks were released already
                 self.allocator.release(block)
         del self.lengths[seq]
 
     def block_table(self, seq: int) -> list[int]:
-        return list(self.tables[seq])
+        return list(self._table(seq))
 
     def used_tokens(self) -> int:
         """Positions held by all sequences, evicted ones not counted (a block shared by several counts once per

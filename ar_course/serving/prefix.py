@@ -12,13 +12,16 @@ from collections import OrderedDict
 from typing import Sequence
 
 from ar_course.serving.paged import PagedKVCache
+from ar_course.utils import check_int
 
 
 def prefix_block_hashes(tokens: Sequence[int], block_size: int) -> list[int]:
     """One hash per *full* block of ``tokens``: ``h[i] = hash((h[i-1], tuple(block i)))`` with ``h[-1] = 0``.
 
     A partly filled last block gets no hash (it will still change). ``len(result) == len(tokens) // block_size``.
+    ``block_size``: an integer ``>= 1`` (``TypeError``/``ValueError`` otherwise).
     """
+    block_size = check_int("block_size", block_size, lo=1)
     hashes, parent = [], 0
     for i in range(len(tokens) // block_size):
         parent = hash((parent, tuple(int(t) for t in tokens[i * block_size:(i + 1) * block_size])))

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from ar_course.serving.engine import Engine
+from ar_course.utils import check_int, check_number, check_seed
 
 
 @dataclass(frozen=True)
@@ -31,7 +32,20 @@ def make_trace(text_ids: torch.Tensor, n: int, *, seed: int = 0, rate: float = 2
                shared_prefix: list[int] | None = None) -> list[TraceRequest]:
     """``n`` requests: exponential gaps of mean ``1 / rate`` seconds (Poisson arrivals), prompt and output
     lengths lognormal around the medians (log-std ``sigma``), clipped so that prompt + output fit in
-    ``max_len``; prompts are random slices of ``text_ids`` ``(N,)``, after ``shared_prefix`` when given."""
+    ``max_len``; prompts are random slices of ``text_ids`` ``(N,)``, after ``shared_prefix`` when given.
+
+    Raises:
+        TypeError: ``text_ids`` not a tensor, or a count or number of the wrong type.
+        ValueError: ``text_ids`` not 1-D, ``n < 0``, ``rate <= 0``, medians ``< 1``, ``sigma < 0`` or not finite,
+            ``max_len < 2``, or a text too short for a prompt that was drawn."""
+    if not isinstance(text_ids, torch.Tensor):
+        raise TypeError(f"text_ids must be a 1-D tensor of token ids, got {type(text_ids).__name__}")
+    if text_ids.ndim != 1:
+        raise ValueError(f"text_ids must be 1-D (N,), got shape {tuple(text_ids.shape)}")
+    n, seed = check_int("n", n, lo=0), check_seed(seed)
+    rate = check_number("rate", rate, lo=0, lo_open=True)
+    check_int("prompt_median", prompt_median, lo=1), check_int("output_median", output_median, lo=1)
+    check_number("sigma", sigma, lo=0), check_int("max_len", max_len, lo=2)
     g = torch.Generator().manual_seed(seed)
     prefix = list(shared_prefix or [])
     out, t = [], 0.0
@@ -40,6 +54,9 @@ def make_trace(text_ids: torch.Tensor, n: int, *, seed: int = 0, rate: float = 2
         p, o = (torch.randn(2, generator=g) * sigma).exp().tolist()
         n_out = max(1, min(int(round(output_median * o)), max_len // 2))
         n_prompt = max(1, min(int(round(prompt_median * p)), max_len - n_out - len(prefix)))
+        if len(text_ids) <= n_prompt:
+            raise ValueError(f"text_ids has {len(text_ids)} tokens, too few to cut a prompt of {n_prompt} from: pass a "
+                             f"longer text or a smaller prompt_median / max_len")
         start = int(torch.randint(0, len(text_ids) - n_prompt, (1,), generator=g))
         out.append(TraceRequest(t, prefix + text_ids[start:start + n_prompt].tolist(), n_out))
     return out
@@ -75,8 +92,11 @@ def summarize(engine: Engine, contiguous_len: int | None = None) -> dict:
     """Serving metrics of everything ``engine`` has run (``replay`` first): output tokens per second over the
     makespan, TTFT and TPOT (p50/p99, seconds), prefill tokens computed, preemptions, and the KV memory per
     step: positions stored, positions reserved (paged: whole blocks; contiguous: ``contiguous_len`` per
-    running sequence, default the model's ``block_size``), and the fraction of the reserved memory wasted."""
+    running sequence, default the model's ``block_size``), and the fraction of the reserved memory wasted.
+    ``ValueError`` when no request has finished with output tokens yet."""
     reqs = [r for r in engine.requests.values() if r.status == "finished" and r.output]
+    if not reqs:
+        raise ValueError("summarize needs at least one finished request with output tokens: replay a trace first")
     first = min(r.arrival for r in reqs)
     last = max(r.token_times[-1] for r in reqs)
     tokens = sum(len(r.output) for r in reqs)

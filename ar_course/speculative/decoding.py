@@ -24,12 +24,7 @@ import torch
 from ar_course.sampling import (
     SamplingConfig, cfg_mix, check_cfg, check_sampling, greedy, probs, sample_from_probs,
 )
-from ar_course.speculative.functional import (
-    jacobi_verify,
-    relaxed_target,
-    rollback_caches,
-    speculative_round,
-)
+from ar_course.speculative.functional import _jacobi, _relax, _round, check_neighbors, rollback_caches
 from ar_course.transformer.model import GPT, KVCache, StaticKVCache, check_cache
 from ar_course.utils import check_ids, check_int, check_number
 
@@ -109,6 +104,14 @@ class _Guided:
         return out[0] if self.cfg == 0 else cfg_mix(out[:1], out[1:], self.cfg)[0]
 
 
+def _check_models(**models: object) -> None:
+    """``TypeError`` naming the first of ``models`` that is not a :class:`~ar_course.transformer.GPT` (a
+    checkpoint name, a VAR...)."""
+    for name, m in models.items():
+        if not isinstance(m, GPT):
+            raise TypeError(f"{name} must be a GPT (ar_course.transformer.GPT), got {type(m).__name__}")
+
+
 def _check_inputs(models: tuple[GPT, ...], prefix: torch.Tensor, classes: torch.Tensor | None, cfg: float,
                   new_tokens: int, cache: str) -> float:
     """Checks shared by both decoders: the models (target first, then the draft if any) model the same
@@ -174,12 +177,13 @@ def speculative_generate(
     Returns ``(tokens (1, T + max_new_tokens), stats)``.
 
     Raises:
-        TypeError: a number of the wrong type (``gamma=2.5``...), ``sampling`` not a ``SamplingConfig``, or a
-            non-tensor prefix.
+        TypeError: ``target`` or ``draft`` not a GPT, a number of the wrong type (``gamma=2.5``...),
+            ``sampling`` not a ``SamplingConfig``, or a non-tensor prefix.
         ValueError: ``prefix``/``classes`` of the wrong shape, dtype or range, ``gamma`` or ``max_new_tokens``
             ``< 0``, a non-finite ``cfg``, models of different vocabularies or classes, more positions than a
             ``block_size``, or an unknown ``cache``.
     """
+    _check_models(target=target, draft=draft)
     max_new_tokens, gamma = check_int("max_new_tokens", max_new_tokens, lo=0), check_int("gamma", gamma, lo=0)
     sampling = check_sampling(sampling)
     cfg = _check_inputs((target, draft), prefix, classes, cfg, max_new_tokens, cache)
@@ -229,7 +233,7 @@ def _verify(logits: torch.Tensor, q_rows: list[torch.Tensor], drafts: torch.Tens
     p = probs(logits, sampling=sampling)  # (g + 1, V)
     q = torch.stack(q_rows) if q_rows else p[:0]  # (g, V)
     u = torch.rand(g, generator=generator, device=p.device)
-    new = speculative_round(p, q, drafts, u, generator)  # (m + 1,): m accepted drafts + 1
+    new = _round(p, q, drafts, u, generator)  # (m + 1,): m accepted drafts + 1 (speculative_round, unchecked)
     return new.shape[0] - 1, new[-1]
 
 
@@ -264,12 +268,14 @@ def sjd_generate(
     Returns ``(tokens (1, T + n_tokens), stats)`` with ``stats.target_calls`` the forward passes made.
 
     Raises:
-        TypeError: a number of the wrong type (``window=2.5``, ``delta="0.1"``...), ``sampling`` not a
-            ``SamplingConfig``, or a non-tensor prefix.
-        ValueError: ``prefix``/``classes``/``neighbors`` of the wrong shape, dtype or range, ``n_tokens`` or
+        TypeError: ``model`` not a GPT, a number of the wrong type (``window=2.5``, ``delta="0.1"``...),
+            ``sampling`` not a ``SamplingConfig``, or a non-tensor prefix.
+        ValueError: ``prefix``/``classes``/``neighbors`` of the wrong shape, dtype or range (or ``neighbors``
+            listing a token as its own neighbour), ``n_tokens`` or
             ``window`` ``< 0``, ``delta`` not finite or ``< 0`` (or ``> 0`` without ``neighbors``), a non-finite
             ``cfg``, more positions than ``block_size``, or an unknown ``cache``.
     """
+    _check_models(model=model)
     if prefix is None:
         prefix = torch.zeros(1, 0, dtype=torch.long, device=model.wte.weight.device)
     n_tokens, window = check_int("n_tokens", n_tokens, lo=0), check_int("window", window, lo=0)
@@ -287,9 +293,9 @@ def sjd_generate(
         logits = guided.logits(torch.cat([seq, draft[None]], dim=1))[-(L + 1):]  # (L + 1, V)
         p = probs(logits, sampling=sampling)  # (L + 1, V)
         if delta > 0:
-            p = torch.cat([relaxed_target(p[:L], draft, neighbors, delta), p[L:]])
+            p = torch.cat([_relax(p[:L], draft, neighbors, delta), p[L:]])  # relaxed_target, unchecked
         u = torch.rand(L, generator=generator, device=p.device)
-        new, carry, carry_q = jacobi_verify(p, q, draft, u, generator)
+        new, carry, carry_q = _jacobi(p, q, draft, u, generator)  # jacobi_verify, unchecked
         seq = torch.cat([seq, new[None]], dim=1)
         stats.record(new.shape[0] - 1, new.shape[0], L)
         rollback_caches([guided.cache], model.config.n_prefix + seq.shape[1])
@@ -301,8 +307,7 @@ def _check_relaxation(model: GPT, delta: float, neighbors: torch.Tensor | None) 
     if delta > 0:
         if neighbors is None:
             raise ValueError("relaxed acceptance (delta > 0) needs neighbors (V, k)")
-        check_ids("neighbors", neighbors, model.config.vocab_size, (model.config.vocab_size, "k"),
-                  allow_empty=True)
+        check_neighbors(neighbors, model.config.vocab_size)
 
 
 def _jacobi_window(carry: torch.Tensor, carry_q: torch.Tensor, L: int, generator: torch.Generator | None

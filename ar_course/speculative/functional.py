@@ -24,11 +24,43 @@ import torch
 
 from ar_course import sampling
 from ar_course.transformer.model import KVCache
+from ar_course.utils import check_finite, check_ids, check_int, check_number
+
+# The public functions check their arguments, then call a private twin that does the work; the decoding loops
+# (:mod:`.decoding`) call the twins, having checked their inputs once at entry (no extra host sync per round).
+
+
+def _check_tensors(**tensors: object) -> None:
+    """``TypeError`` naming the first argument that is not a tensor (``p must be a torch.Tensor, got list``)."""
+    for name, x in tensors.items():
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
 
 
 def _check_dist(name: str, x: torch.Tensor) -> None:
+    _check_tensors(**{name: x})
     if not torch.is_floating_point(x) or x.dim() < 1:
         raise ValueError(f"{name} must be a floating-point tensor (..., V), got {x.dtype} {tuple(x.shape)}")
+
+
+def _check_token_ids(name: str, x: torch.Tensor, V: int) -> None:
+    """``x``: a long tensor (any shape, maybe empty) of ids in ``[0, V)`` (one host sync on CUDA)."""
+    check_ids(name, x, V, tuple(x.shape), allow_empty=True)
+
+
+def check_neighbors(neighbors: object, V: int) -> torch.Tensor:
+    """``neighbors`` if it is a ``(V, k)`` long tensor of ids in ``[0, V)`` where no token is its own neighbour
+    (as :func:`codebook_neighbors` gives it); one host sync on CUDA.
+
+    Raises:
+        TypeError: not a tensor.
+        ValueError: the wrong shape or dtype, an id outside ``[0, V)``, or a row ``x`` that lists ``x``."""
+    check_ids("neighbors", neighbors, V, (V, "k"), allow_empty=True)
+    own = neighbors == torch.arange(V, device=neighbors.device)[:, None]  # (V, k)
+    if bool(own.any()):
+        raise ValueError(f"neighbors row {int(own.any(dim=1).nonzero()[0])} lists the token itself: a token cannot "
+                         f"be its own neighbour")
+    return neighbors
 
 
 def acceptance_probability(p: torch.Tensor, q: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -40,10 +72,26 @@ def acceptance_probability(p: torch.Tensor, q: torch.Tensor, tokens: torch.Tenso
 
     Returns:
         ``(...)`` in ``[0, 1]``, dtype of ``p``.
+
+    Raises:
+        TypeError: an argument that is not a tensor.
+        ValueError: ``p`` not floating point, shapes that do not match, ``tokens`` not long or outside ``[0, V)``.
     """
+    _check_acceptance(p, q, tokens, "tokens")
+    return _acceptance(p, q, tokens)
+
+
+def _check_acceptance(p: torch.Tensor, q: torch.Tensor, tokens: torch.Tensor, name: str) -> None:
+    """The checks of :func:`acceptance_probability` (and :func:`accepted_prefix`, whose tokens are ``name``)."""
     _check_dist("p", p)
+    _check_tensors(q=q, **{name: tokens})
     if p.shape != q.shape or tokens.shape != p.shape[:-1]:
-        raise ValueError(f"shapes do not match: p {tuple(p.shape)}, q {tuple(q.shape)}, tokens {tuple(tokens.shape)}")
+        raise ValueError(f"shapes do not match: p {tuple(p.shape)}, q {tuple(q.shape)}, {name} {tuple(tokens.shape)}")
+    _check_token_ids(name, tokens, p.shape[-1])
+
+
+def _acceptance(p: torch.Tensor, q: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """:func:`acceptance_probability` on checked input."""
     p_x = p.gather(-1, tokens[..., None]).squeeze(-1)  # (...)
     q_x = q.gather(-1, tokens[..., None]).squeeze(-1)  # (...)
     return torch.clamp(p_x / q_x, max=1.0)
@@ -58,11 +106,21 @@ def accepted_prefix(p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor, u: t
     Args:
         p: ``(B, L, V)`` target distributions at the drafts' positions. q: ``(B, L, V)`` draft distributions.
         drafts: ``(B, L)`` long. u: ``(B, L)`` uniform numbers in ``[0, 1)``.
+
+    Raises:
+        TypeError, ValueError: as :func:`acceptance_probability`, or shapes other than the above.
     """
+    _check_tensors(p=p, q=q, drafts=drafts, u=u)
     if p.dim() != 3 or drafts.shape != p.shape[:2] or u.shape != drafts.shape:
         raise ValueError(f"expected p and q (B, L, V), drafts and u (B, L); got p {tuple(p.shape)}, "
                          f"drafts {tuple(drafts.shape)}, u {tuple(u.shape)}")
-    passed = u < acceptance_probability(p, q, drafts)  # (B, L)
+    _check_acceptance(p, q, drafts, "drafts")
+    return _accepted(p, q, drafts, u)
+
+
+def _accepted(p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """:func:`accepted_prefix` on checked input."""
+    passed = u < _acceptance(p, q, drafts)  # (B, L)
     return passed.long().cumprod(dim=1).sum(dim=1)  # (B,): ones up to the first failure
 
 
@@ -96,12 +154,32 @@ def speculative_round(
     Args:
         p: ``(L + 1, V)`` target distributions. q: ``(L, V)`` draft distributions. draft: ``(L,)`` long.
         u: ``(L,)`` uniform numbers in ``[0, 1)``. generator: for the one draw.
+
+    Raises:
+        TypeError: an argument that is not a tensor.
+        ValueError: shapes other than the above, ``p`` not floating point, ``draft`` not long or outside
+            ``[0, V)``; rows of ``p`` that are not distributions (:func:`ar_course.sampling.sample_from_probs`).
     """
+    _check_round(p, q, draft, u)
+    return _round(p, q, draft, u, generator)
+
+
+def _check_round(p: torch.Tensor, q: torch.Tensor, draft: torch.Tensor, u: torch.Tensor) -> None:
+    """The checks of :func:`speculative_round` (and :func:`jacobi_verify`)."""
+    _check_tensors(p=p, q=q, draft=draft, u=u)
+    L = draft.shape[0] if draft.dim() == 1 else None
+    if L is None or p.dim() != 2 or p.shape[0] != L + 1 or q.shape != (L, p.shape[1]) or u.shape != (L,):
+        raise ValueError(f"expected p (L+1, V), q (L, V), draft (L,), u (L,); got p {tuple(p.shape)}, "
+                         f"q {tuple(q.shape)}, draft {tuple(draft.shape)}, u {tuple(u.shape)}")
+    _check_dist("p", p)
+    _check_token_ids("draft", draft, p.shape[1])
+
+
+def _round(p: torch.Tensor, q: torch.Tensor, draft: torch.Tensor, u: torch.Tensor,
+           generator: torch.Generator | None) -> torch.Tensor:
+    """:func:`speculative_round` on checked input."""
     L = draft.shape[0]
-    if p.dim() != 2 or p.shape[0] != L + 1 or q.shape != (L, p.shape[1]) or u.shape != (L,):
-        raise ValueError(f"expected p (L+1, V), q (L, V), draft (L,), u (L,) with L = {L}; got "
-                         f"p {tuple(p.shape)}, q {tuple(q.shape)}, u {tuple(u.shape)}")
-    i = int(accepted_prefix(p[None, :L], q[None], draft[None], u[None])[0])  # drafts kept
+    i = int(_accepted(p[None, :L], q[None], draft[None], u[None])[0])  # drafts kept
     if i == L:
         extra = sampling.sample_from_probs(p[L], generator)  # bonus token
         return torch.cat([draft, extra.view(1)])
@@ -136,8 +214,18 @@ def jacobi_verify(
 
     Returns:
         ``(accepted (m,), carry (L + 1 - m,) long, carry_q (L + 1 - m, V))`` (carry empty when m = L + 1).
+
+    Raises:
+        TypeError, ValueError: as :func:`speculative_round`.
     """
-    accepted = speculative_round(p, q, draft, u, generator)
+    _check_round(p, q, draft, u)
+    return _jacobi(p, q, draft, u, generator)
+
+
+def _jacobi(p: torch.Tensor, q: torch.Tensor, draft: torch.Tensor, u: torch.Tensor,
+            generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`jacobi_verify` on checked input."""
+    accepted = _round(p, q, draft, u, generator)
     m = accepted.shape[0]
     carry_q = p[m:]  # (L + 1 - m, V)
     if carry_q.shape[0] == 0:
@@ -147,12 +235,17 @@ def jacobi_verify(
 
 def codebook_neighbors(codebook: torch.Tensor, k: int) -> torch.Tensor:
     """The ``k`` nearest other codes of every code by L2 distance: ``(V, D)`` -> ``(V, k)`` long,
-    nearest first (the code itself excluded; ties to the lower index)."""
-    if codebook.dim() != 2:
-        raise ValueError(f"codebook must be (V, D), got {tuple(codebook.shape)}")
+    nearest first (the code itself excluded; ties to the lower index).
+
+    Raises:
+        TypeError: ``codebook`` is not a tensor, ``k`` not an integer (``2.5``, ``True``).
+        ValueError: ``codebook`` not ``(V, D)``, not real, or holding NaN/inf; ``k`` outside ``[0, V - 1]``."""
+    _check_tensors(codebook=codebook)
+    if codebook.dim() != 2 or codebook.dtype == torch.bool or codebook.is_complex():
+        raise ValueError(f"codebook must be a real (V, D) tensor, got {tuple(codebook.shape)} {codebook.dtype}")
     V = codebook.shape[0]
-    if not 0 <= k < V:
-        raise ValueError(f"k must be in [0, {V - 1}], got {k}")
+    k = check_int("k", k, lo=0, hi=V - 1)
+    check_finite("codebook", codebook)
     d = torch.cdist(codebook.double(), codebook.double())  # (V, V)
     d.fill_diagonal_(float("inf"))
     return torch.sort(d, dim=1, stable=True).indices[:, :k]  # (V, k)
@@ -168,14 +261,27 @@ def relaxed_target(p: torch.Tensor, tokens: torch.Tensor, neighbors: torch.Tenso
 
     Args:
         p: ``(..., V)``. tokens: ``(...)`` long. neighbors: ``(V, k)`` long (no token its own neighbour).
-        delta: the budget, ``>= 0``.
+        delta: the budget, a finite number ``>= 0``.
+
+    Raises:
+        TypeError: ``p``, ``tokens`` or ``neighbors`` not a tensor, ``delta`` not a number.
+        ValueError: ``delta`` NaN, infinite or ``< 0``; shapes other than the above; ``p`` not floating point;
+            ``tokens`` or ``neighbors`` not long or outside ``[0, V)``; a token listed as its own neighbour
+            (:func:`check_neighbors`).
     """
     _check_dist("p", p)
-    if delta < 0:
-        raise ValueError(f"delta must be >= 0, got {delta}")
+    delta = check_number("delta", delta, lo=0)
+    _check_tensors(tokens=tokens, neighbors=neighbors)
     if tokens.shape != p.shape[:-1] or neighbors.dim() != 2 or neighbors.shape[0] != p.shape[-1]:
         raise ValueError(f"expected p (..., V), tokens (...), neighbors (V, k); got {tuple(p.shape)}, "
                          f"{tuple(tokens.shape)}, {tuple(neighbors.shape)}")
+    _check_token_ids("tokens", tokens, p.shape[-1])
+    check_neighbors(neighbors, p.shape[-1])
+    return _relax(p, tokens, neighbors, delta)
+
+
+def _relax(p: torch.Tensor, tokens: torch.Tensor, neighbors: torch.Tensor, delta: float) -> torch.Tensor:
+    """:func:`relaxed_target` on checked input."""
     nb = neighbors[tokens]  # (..., k)
     S = p.gather(-1, nb).sum(-1, keepdim=True)  # (..., 1)
     m = S.clamp(max=delta)  # (..., 1)
