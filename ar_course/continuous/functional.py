@@ -54,16 +54,24 @@ def flow_matching_loss(
     given as ``noise = (x0 (N, D), t (N,))``.
 
     Raises:
-        TypeError: ``x1`` is not a tensor.
-        ValueError: ``x1`` not ``(N, D)``, ``noise`` of other shapes, or ``velocity`` returning a tensor that is not
-            ``(N, D)`` (it would broadcast into a wrong loss).
+        TypeError: ``x1`` is not a tensor, or ``noise`` not ``None`` nor a pair of tensors.
+        ValueError: ``x1`` not a non-empty float ``(N, D)`` tensor, ``noise`` of other shapes, or ``velocity``
+            returning a tensor that is not ``(N, D)`` (it would broadcast into a wrong loss).
     """
     if not isinstance(x1, torch.Tensor):
         raise TypeError(f"x1 must be a (N, D) tensor, got {type(x1).__name__}")
+    if x1.ndim != 2 or not x1.is_floating_point() or x1.numel() == 0:
+        raise ValueError(f"x1 must be a non-empty float (N, D) tensor, got {tuple(x1.shape)} {x1.dtype}")
     if noise is None:
         x0 = torch.randn(x1.shape, generator=generator, device=x1.device, dtype=x1.dtype)  # (N, D)
         t = torch.rand(x1.shape[0], generator=generator, device=x1.device, dtype=x1.dtype)  # (N,)
     else:
+        if not isinstance(noise, (tuple, list)) or len(noise) != 2 \
+                or not all(isinstance(a, torch.Tensor) for a in noise):
+            got = ("(" + ", ".join(type(a).__name__ for a in noise) + ("," if len(noise) == 1 else "") + ")"
+                   if isinstance(noise, (tuple, list)) else type(noise).__name__)
+            raise TypeError(f"noise must be None or a pair of tensors (x0 {tuple(x1.shape)}, t {tuple(x1.shape[:1])}), "
+                            f"got {got}")
         x0, t = noise
         if x0.shape != x1.shape or t.shape != x1.shape[:1]:
             raise ValueError(f"noise must be (x0 {tuple(x1.shape)}, t {tuple(x1.shape[:1])}), got "

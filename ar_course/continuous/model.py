@@ -29,8 +29,10 @@ from ar_course import distributed as ddp
 from ar_course.continuous.functional import euler_sample, flow_matching_loss, guided_velocity
 from ar_course.raster.model import raster_config
 from ar_course.tokenizers import VQVAE
-from ar_course.transformer.model import Block, GPTConfig, KVCache, RMSNorm, Rotary
-from ar_course.utils import check_grid, check_ids, check_int, check_number, check_seed, generate_in_batches
+from ar_course.transformer.model import Block, GPTConfig, KVCache, RMSNorm, Rotary, check_cache_layout
+from ar_course.utils import (
+    check_bool, check_grid, check_ids, check_int, check_number, check_seed, generate_in_batches,
+)
 
 PRETRAINED_PATH = checkpoint.ASSETS / "continuous_ar_mnist.safetensors"
 CHECKPOINT_KIND = "continuous_ar"
@@ -84,8 +86,20 @@ class ContinuousARConfig:
         return checkpoint.config_from_dict(cls, d)
 
 
+def _check_times(t: torch.Tensor, n: int | None = None) -> None:
+    """``ValueError`` unless ``t`` is a float ``(N,)`` tensor of flow times (``N = n`` when given). Reads shapes
+    only (no host sync: the head runs at every Euler step)."""
+    ok = isinstance(t, torch.Tensor) and t.ndim == 1 and t.is_floating_point() and (n is None or t.shape[0] == n)
+    if not ok:
+        got = f"{tuple(t.shape)} {t.dtype}" if isinstance(t, torch.Tensor) else type(t).__name__
+        raise ValueError(f"t must be a float ({'N' if n is None else n},) tensor of flow times, got {got}")
+
+
 def time_features(t: torch.Tensor, dim: int = TIME_FEATURES) -> torch.Tensor:
-    """Sinusoidal features ``(N, dim)`` of flow times ``t`` ``(N,)`` in [0, 1] (frequencies 1 .. 1000)."""
+    """Sinusoidal features ``(N, dim)`` of flow times ``t`` ``(N,)`` in [0, 1] (frequencies 1 .. 1000).
+    ``ValueError`` when ``t`` is not a float ``(N,)`` tensor (a ``(N, 1)`` one would broadcast into a wrong
+    shape)."""
+    _check_times(t)
     freqs = torch.exp(torch.linspace(0, math.log(1000.0), dim // 2, device=t.device, dtype=t.dtype))  # (dim/2,)
     angles = t[:, None] * freqs[None, :]  # (N, dim/2)
     return torch.cat([angles.sin(), angles.cos()], dim=-1)  # (N, dim)
@@ -110,7 +124,8 @@ class HeadBlock(nn.Module):
 
 class FlowHead(nn.Module):
     """The velocity ``v(x_t, t | z)``: noisy tokens ``(N, token_dim)``, times ``(N,)`` and conditions
-    ``(N, cond_dim)`` -> ``(N, token_dim)``."""
+    ``(N, cond_dim)`` (or ``(1, cond_dim)``, one for every row) -> ``(N, token_dim)``. ``ValueError`` for inputs of
+    other shapes (checked from the shapes alone, no host sync), or times that are not float."""
 
     def __init__(self, token_dim: int, cond_dim: int, width: int, depth: int) -> None:
         super().__init__()
@@ -122,6 +137,15 @@ class FlowHead(nn.Module):
         self.out = nn.Linear(width, token_dim)
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        D, C = self.inp.in_features, self.cond.in_features
+        if not isinstance(x_t, torch.Tensor) or x_t.ndim != 2 or x_t.shape[1] != D:
+            got = tuple(x_t.shape) if isinstance(x_t, torch.Tensor) else type(x_t).__name__
+            raise ValueError(f"x_t must be a (N, {D}) tensor, got {got}")
+        N = x_t.shape[0]
+        _check_times(t, N)
+        if not isinstance(cond, torch.Tensor) or cond.ndim != 2 or cond.shape[1] != C or cond.shape[0] not in (1, N):
+            got = tuple(cond.shape) if isinstance(cond, torch.Tensor) else type(cond).__name__
+            raise ValueError(f"cond must be a ({N}, {C}) tensor (or (1, {C}), shared by every row), got {got}")
         c = self.time(time_features(t)) + self.cond(cond)  # (N, width)
         h = self.inp(x_t)  # (N, width)
         for block in self.blocks:
@@ -137,6 +161,9 @@ class ContinuousAR(nn.Module):
     the flow-matching loss of token maps read in raster order ``(B, rows * cols, token_dim)``."""
 
     def __init__(self, config: ContinuousARConfig) -> None:
+        if not isinstance(config, ContinuousARConfig):
+            raise TypeError(f"config must be a ContinuousARConfig, got {type(config).__name__} "
+                            f"(ContinuousARConfig.from_dict(d) makes one of a dict)")
         super().__init__()
         self.config = config
         bc = self.backbone = config.backbone_config()
@@ -165,14 +192,38 @@ class ContinuousAR(nn.Module):
                    cache: KVCache | None = None) -> torch.Tensor:
         """Condition vectors ``(B, T_out, n_embd)`` of ``tokens`` ``(B, T, token_dim)`` (``T`` may be 0), after the
         class token of ``classes`` ``(B,)`` when the sequence starts (no cache, or an empty one; ``T_out = T + 1``,
-        else ``T``). With a ``cache`` the positions continue it and it is advanced."""
+        else ``T``; ``classes`` is not read otherwise). With a ``cache`` (``make_cache(B)``) the positions continue
+        it and it is advanced. Tokens of any floating dtype are cast to the model's.
+
+        Raises:
+            ValueError: ``tokens`` not a float ``(B, T, token_dim)`` tensor; ``classes`` missing when the sequence
+                starts, or not a ``(B,)`` long tensor in ``[0, n_classes]`` (one host sync); a ``cache`` that is not
+                a :class:`KVCache` of ``B`` rows made by :meth:`make_cache`; more positions than ``1 + rows * cols``.
+        """
+        starts = cache is None or (isinstance(cache, KVCache) and cache.length == 0)
+        if starts and classes is None:
+            raise ValueError("classes must be given when the sequence starts (no cache, or an empty one)")
+        self._check_tokens(tokens, classes if starts else None, length=None)
+        if cache is not None:
+            B = tokens.shape[0]
+            if not isinstance(cache, KVCache) or cache.batch_size != B:
+                got = f"batch size {cache.batch_size}" if isinstance(cache, KVCache) else type(cache).__name__
+                raise ValueError(f"cache must be None or a KVCache of batch size {B} (model.make_cache({B})), "
+                                 f"got {got}")
+            check_cache_layout(cache, self.backbone, self.inp.weight)
+        return self._conditions(tokens.to(self.inp.weight.dtype), classes, cache)
+
+    def _conditions(self, tokens: torch.Tensor, classes: torch.Tensor | None, cache: KVCache | None
+                    ) -> torch.Tensor:
+        """:meth:`conditions` without the argument checks (for callers that checked them)."""
         start = cache.length if cache is not None else 0
+        T_out = tokens.shape[1] + int(start == 0)
+        if start + T_out > self.backbone.block_size:
+            raise ValueError(f"{start + T_out} positions exceed the {self.backbone.block_size} of this model")
         x = self.inp(tokens)  # (B, T, C)
         if start == 0:
             x = torch.cat([self.wce(classes)[:, None, :], x], dim=1)  # (B, 1 + T, C)
         positions = torch.arange(start, start + x.shape[1], device=x.device)  # (T_out,)
-        if start + x.shape[1] > self.backbone.block_size:
-            raise ValueError(f"{start + x.shape[1]} positions exceed the {self.backbone.block_size} of this model")
         rope = self.rotary(positions)
         for i, block in enumerate(self.blocks):
             x = block(x, rope=rope, mask=None, causal=True, cache=cache, layer=i)
@@ -180,13 +231,19 @@ class ContinuousAR(nn.Module):
             cache.advance(x.shape[1])
         return self.norm_f(x)  # (B, T_out, C)
 
-    def _check_tokens(self, tokens: torch.Tensor, classes: torch.Tensor) -> None:
+    def _check_tokens(self, tokens: torch.Tensor, classes: torch.Tensor | None, length: int | None) -> None:
+        """``ValueError`` unless ``tokens`` is a float ``(B, length, token_dim)`` tensor (``length`` None: any ``T``,
+        and ``B`` may be 0; else ``B >= 1``) and ``classes`` (unless None) a ``(B,)`` long tensor in
+        ``[0, n_classes]`` (one host sync)."""
         c = self.config
-        if not isinstance(tokens, torch.Tensor) or tokens.ndim != 3 or tokens.shape[1:] != (c.seq_len, c.token_dim) \
-                or not tokens.is_floating_point() or tokens.shape[0] == 0:
+        if not isinstance(tokens, torch.Tensor) or tokens.ndim != 3 or tokens.shape[2] != c.token_dim \
+                or (length is not None and (tokens.shape[1] != length or tokens.shape[0] == 0)) \
+                or not tokens.is_floating_point():
             got = f"{tuple(tokens.shape)} {tokens.dtype}" if isinstance(tokens, torch.Tensor) else type(tokens).__name__
-            raise ValueError(f"tokens must be non-empty float (B, {c.seq_len}, {c.token_dim}), got {got}")
-        check_ids("classes", classes, c.n_classes + 1, (tokens.shape[0],))
+            what = f"non-empty float (B, {length}," if length is not None else "a float (B, T,"
+            raise ValueError(f"tokens must be {what} {c.token_dim}), got {got}")
+        if classes is not None:
+            check_ids("classes", classes, c.n_classes + 1, (tokens.shape[0],), allow_empty=length is None)
 
     def loss(self, tokens: torch.Tensor, classes: torch.Tensor, generator: torch.Generator | None = None
              ) -> torch.Tensor:
@@ -198,9 +255,9 @@ class ContinuousAR(nn.Module):
             ValueError: ``tokens`` not a non-empty float ``(B, rows * cols, token_dim)`` tensor, or ``classes``
                 not a ``(B,)`` long tensor in ``[0, n_classes]``.
         """
-        self._check_tokens(tokens, classes)
+        self._check_tokens(tokens, classes, length=self.config.seq_len)
         tokens = tokens.to(self.inp.weight.dtype)
-        cond = self.conditions(tokens[:, :-1], classes)  # (B, L, C): position i conditions token i
+        cond = self._conditions(tokens[:, :-1], classes, None)  # (B, L, C): position i conditions token i
         r = self.config.head_repeats
         x1 = tokens.reshape(-1, tokens.shape[-1]).repeat(r, 1)  # (r*B*L, D)
         cond = cond.reshape(-1, cond.shape[-1]).repeat(r, 1)  # (r*B*L, C)
@@ -211,6 +268,11 @@ class ContinuousAR(nn.Module):
         x0 = ddp.draw_rows(lambda m: torch.randn((r, m, D), **kw), rows, dim=1).reshape(-1, D)  # (r*B*L, D)
         t = ddp.draw_rows(lambda m: torch.rand((r, m), **kw), rows, dim=1).reshape(-1)  # (r*B*L,)
         return flow_matching_loss(lambda x_t, t: self.head(x_t, t, cond), x1, noise=(x0, t))
+
+
+def _check_model(model: object) -> None:
+    if not isinstance(model, ContinuousAR):
+        raise TypeError(f"model must be a ContinuousAR, got {type(model).__name__}")
 
 
 def _check_sampling(steps: int, temperature: float, cfg: float) -> tuple[int, float, float]:
@@ -242,10 +304,12 @@ def generate_tokens(
 
     Raises ``ValueError`` for ``classes`` that are not a non-empty ``(B,)`` long tensor in ``[0, n_classes]``,
     ``steps < 1``, a negative or non-finite ``temperature`` or a non-finite ``cfg``; ``TypeError`` for
-    non-numbers."""
+    non-numbers, a ``model`` that is not a :class:`ContinuousAR` or a ``use_cache`` that is not a bool."""
+    _check_model(model)
     c = model.config
     check_ids("classes", classes, c.n_classes + 1, ("B",))
     steps, temperature, cfg = _check_sampling(steps, temperature, cfg)
+    use_cache = check_bool("use_cache", use_cache)
     B = classes.shape[0]
     guided = cfg != 0
     ys = torch.cat([classes, torch.full_like(classes, model.null_class)]) if guided else classes  # (B or 2B,)
@@ -253,7 +317,7 @@ def generate_tokens(
     p = model.inp.weight
     seq = torch.zeros(nb, 0, c.token_dim, device=p.device, dtype=p.dtype)  # (nb, 0, D)
     cache = model.make_cache(nb) if use_cache else None
-    cond = model.conditions(seq, ys, cache)[:, -1]  # (nb, C): the class token's condition
+    cond = model._conditions(seq, ys, cache)[:, -1]  # (nb, C): the class token's condition
     for i in range(c.seq_len):
         def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             if not guided:
@@ -265,8 +329,8 @@ def generate_tokens(
         x = x.repeat(2, 1) if guided else x  # (nb, D): both halves continue from the same token
         seq = torch.cat([seq, x[:, None, :]], dim=1)  # (nb, i + 1, D)
         if i + 1 < c.seq_len:
-            cond = (model.conditions(x[:, None, :], cache=cache) if use_cache
-                    else model.conditions(seq, ys))[:, -1]  # (nb, C)
+            cond = (model._conditions(x[:, None, :], None, cache) if use_cache
+                    else model._conditions(seq, ys, None))[:, -1]  # (nb, C)
     return seq[:B]  # (B, L, D)
 
 
@@ -300,6 +364,7 @@ def generate_images(
     Raises as :func:`generate_tokens`, and ``TypeError`` for a ``tokenizer`` that is not a :class:`VQVAE`,
     ``ValueError`` for one that is not continuous (``'kl'``) or whose latent map (side, channels) does not match
     the model's grid and ``token_dim``."""
+    _check_model(model)
     check_ids("classes", classes, model.config.n_classes + 1, ("B",))
     batch_size = check_int("batch_size", batch_size, lo=1)
     seed = None if seed is None else check_seed(seed)

@@ -19,6 +19,8 @@ import math
 
 import torch
 
+from ar_course.utils import check_ids, check_int, check_number
+
 SCHEDULES = ("linear", "cosine")
 
 
@@ -27,20 +29,34 @@ def _check_schedule(schedule: str) -> None:
         raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
 
 
-def alpha(t: torch.Tensor, schedule: str = "linear") -> torch.Tensor:
-    """The probability that a token is still unmasked at time ``t`` (any shape, values in ``[0, 1]``), same shape:
-    ``1 - t`` (linear) or ``cos(pi t / 2)`` (cosine)."""
+def _time(t: torch.Tensor | float, lo_open: bool = False) -> torch.Tensor | float:
+    """``t`` as it is when a tensor (its values are not read: no host sync), else as a float in ``[0, 1]``
+    (``(0, 1]`` with ``lo_open``): ``TypeError`` for a non-number, ``ValueError`` for one out of range."""
+    return t if isinstance(t, torch.Tensor) else check_number("t", t, lo=0, hi=1, lo_open=lo_open)
+
+
+def alpha(t: torch.Tensor | float, schedule: str = "linear") -> torch.Tensor | float:
+    """The probability that a token is still unmasked at time ``t`` (a tensor of any shape, values in ``[0, 1]``,
+    or a number in ``[0, 1]``), same shape (a float for a number): ``1 - t`` (linear) or ``cos(pi t / 2)``
+    (cosine)."""
     _check_schedule(schedule)
-    return 1.0 - t if schedule == "linear" else torch.cos(0.5 * math.pi * t)
+    t = _time(t)
+    if schedule == "linear":
+        return 1.0 - t
+    return torch.cos(0.5 * math.pi * t) if isinstance(t, torch.Tensor) else math.cos(0.5 * math.pi * t)
 
 
-def loss_weight(t: torch.Tensor, schedule: str = "linear") -> torch.Tensor:
+def loss_weight(t: torch.Tensor | float, schedule: str = "linear") -> torch.Tensor | float:
     """The ELBO weight ``w(t) = -alpha'(t) / (1 - alpha(t))`` of the masked cross-entropy at time ``t`` in
-    ``(0, 1]`` (any shape), same shape: ``1 / t`` (linear), ``(pi/2) sin(pi t/2) / (1 - cos(pi t/2))`` (cosine)."""
+    ``(0, 1]`` (a tensor of any shape, or a number), same shape (a float for a number): ``1 / t`` (linear),
+    ``(pi/2) sin(pi t/2) / (1 - cos(pi t/2))`` (cosine)."""
     _check_schedule(schedule)
+    t = _time(t, lo_open=True)
     if schedule == "linear":
         return 1.0 / t
     half = 0.5 * math.pi * t
+    if not isinstance(t, torch.Tensor):
+        return 0.5 * math.pi * math.sin(half) / (1.0 - math.cos(half))
     return 0.5 * math.pi * torch.sin(half) / (1.0 - torch.cos(half))
 
 
@@ -66,16 +82,41 @@ def masked_nll(logits: torch.Tensor, targets: torch.Tensor, masked: torch.Tensor
     """The weighted masked cross-entropy of every row: ``sum_i masked_i * weight_i * -log softmax(logits_i)[x_i]``.
 
     ``logits`` ``(B, L, V)``, ``targets`` ``(B, L)`` long, ``masked`` ``(B, L)`` bool, ``weight`` broadcastable to
-    ``(B, L)``. Returns ``(B,)`` (divide by ``L`` for nats per token)."""
+    ``(B, L)``. Returns ``(B,)`` (divide by ``L`` for nats per token).
+
+    Raises:
+        TypeError: an argument that is not a tensor.
+        ValueError: ``logits`` not float ``(B, L, V)``, ``masked`` not ``(B, L)`` bool, or ``targets`` not a
+            ``(B, L)`` long tensor in ``[0, V)`` (one host sync).
+    """
+    for name, a in (("logits", logits), ("targets", targets), ("masked", masked), ("weight", weight)):
+        if not isinstance(a, torch.Tensor):
+            raise TypeError(f"{name} must be a tensor, got {type(a).__name__}")
+    if logits.ndim != 3 or not logits.is_floating_point():
+        raise ValueError(f"logits must be a float (B, L, V) tensor, got {tuple(logits.shape)} {logits.dtype}")
+    B, L, V = logits.shape
+    if masked.dtype != torch.bool or masked.shape != (B, L):
+        raise ValueError(f"masked must be a ({B}, {L}) bool tensor, got {tuple(masked.shape)} {masked.dtype}")
+    check_ids("targets", targets, V, (B, L), allow_empty=True)
+    return _masked_nll(logits, targets, masked, weight)
+
+
+def _masked_nll(logits: torch.Tensor, targets: torch.Tensor, masked: torch.Tensor, weight: torch.Tensor
+                ) -> torch.Tensor:
+    """:func:`masked_nll` without the argument checks (the model's passes, whose ids are checked once)."""
     nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")  # (B, L)
     return (nll * weight * masked).sum(dim=1)  # (B,)
 
 
 def unmask_probability(t: torch.Tensor, s: torch.Tensor, schedule: str = "linear") -> torch.Tensor:
     """Probability that a token masked at time ``t`` is unmasked by time ``s <= t``:
-    ``(alpha(s) - alpha(t)) / (1 - alpha(t))`` (1 when ``s = 0``)."""
+    ``(alpha(s) - alpha(t)) / (1 - alpha(t))``, and 1 when ``s = 0`` (even at ``t = 0``, where the ratio is 0/0).
+    ``t``, ``s``: tensors of shapes that broadcast (their values are not checked), or numbers in ``[0, 1]`` (taken
+    as float64 tensors). Returns a tensor of the broadcast shape."""
+    t, s = (x if isinstance(x, torch.Tensor) else torch.tensor(_time(x), dtype=torch.float64) for x in (t, s))
     a_t, a_s = alpha(t, schedule), alpha(s, schedule)
-    return ((a_s - a_t) / (1.0 - a_t)).clamp(0.0, 1.0)
+    p = ((a_s - a_t) / (1.0 - a_t)).clamp(0.0, 1.0)
+    return torch.where(s == 0, torch.ones_like(p), p)  # at s = 0 the ratio is exactly 1 wherever it is defined
 
 
 def denoise_step(x: torch.Tensor, proposal: torch.Tensor, t: float, s: float, mask_id: int,
@@ -84,7 +125,27 @@ def denoise_step(x: torch.Tensor, proposal: torch.Tensor, t: float, s: float, ma
     """One reverse step from time ``t`` to ``s < t``: each masked token of ``x`` ``(B, L)`` independently takes its
     ``proposal`` ``(B, L)`` (the model's sampled tokens) when its uniform draw ``u`` ``(B, L)`` (default: drawn
     from ``generator``) is below :func:`unmask_probability` ``(t, s)``; unmasked tokens never change. Returns the
-    new ``(B, L)`` long."""
+    new ``(B, L)`` long.
+
+    Raises:
+        TypeError: ``x``, ``proposal`` or ``u`` not a tensor, ``t`` or ``s`` not a number, ``mask_id`` not an int.
+        ValueError: ``x`` not an integer ``(B, L)`` tensor, ``proposal`` or ``u`` of another shape, an unknown
+            ``schedule``, or times not ``0 <= s < t <= 1`` (a step that reveals nothing, or goes backwards).
+    """
+    _check_schedule(schedule)
+    t = check_number("t", t, lo=0, hi=1)
+    s = check_number("s", s, lo=0, hi=1)
+    if not s < t:
+        raise ValueError(f"s must be < t (a reverse step goes from time t down to s), got t={t}, s={s}")
+    check_int("mask_id", mask_id)
+    for name, a in (("x", x), ("proposal", proposal), ("u", u)):
+        if a is not None and not isinstance(a, torch.Tensor):
+            raise TypeError(f"{name} must be a tensor, got {type(a).__name__}")
+    if x.ndim != 2 or x.is_floating_point() or x.is_complex() or x.dtype == torch.bool:
+        raise ValueError(f"x must be an integer (B, L) tensor, got {tuple(x.shape)} {x.dtype}")
+    for name, a in (("proposal", proposal), ("u", u)):
+        if a is not None and a.shape != x.shape:
+            raise ValueError(f"{name} must have the shape of x {tuple(x.shape)}, got {tuple(a.shape)}")
     p = unmask_probability(torch.tensor(t, dtype=torch.float64), torch.tensor(s, dtype=torch.float64), schedule)
     if u is None:
         u = torch.rand(x.shape, generator=generator, device=x.device)  # (B, L)
@@ -94,8 +155,14 @@ def denoise_step(x: torch.Tensor, proposal: torch.Tensor, t: float, s: float, ma
 
 def block_spans(length: int, block_size: int) -> list[tuple[int, int]]:
     """The blocks ``[(start, end), ...]`` that cover ``0 .. length-1`` left to right (``block_size`` divides
-    ``length``)."""
-    if length < 1 or block_size < 1 or length % block_size:
+    ``length``).
+
+    Raises:
+        TypeError: ``length`` or ``block_size`` not an integer.
+        ValueError: either below 1, or a ``block_size`` that does not divide ``length``.
+    """
+    length, block_size = check_int("length", length, lo=1), check_int("block_size", block_size, lo=1)
+    if length % block_size:
         raise ValueError(f"block_size ({block_size}) must be a positive divisor of length ({length})")
     return [(s, s + block_size) for s in range(0, length, block_size)]
 
@@ -103,7 +170,9 @@ def block_spans(length: int, block_size: int) -> list[tuple[int, int]]:
 def block_attention_mask(length: int, block_size: int, device: torch.device | str | None = None) -> torch.Tensor:
     """Bool ``(2L, 2L)`` attention mask (True: may attend) over ``[x_t, x_0]`` (the noisy copy, then the clean one),
     as block diffusion trains: a noisy token sees the noisy tokens of its block and the clean tokens of earlier
-    blocks; a clean token sees the clean tokens of its block and of earlier blocks (never a noisy one)."""
+    blocks; a clean token sees the clean tokens of its block and of earlier blocks (never a noisy one).
+    ``TypeError`` / ``ValueError`` for a ``length`` or ``block_size`` that is not an integer ``>= 1``."""
+    length, block_size = check_int("length", length, lo=1), check_int("block_size", block_size, lo=1)
     blk = torch.arange(length, device=device) // block_size  # (L,)
     same = blk[:, None] == blk[None, :]  # (L, L)
     earlier = blk[:, None] > blk[None, :]  # (L, L): key block before query block
@@ -116,9 +185,11 @@ def block_schedule(length: int, block_size: int, steps: int) -> list[tuple[int, 
     """The passes of block-wise generation, in order: ``(start, end, t, s)`` = denoise positions ``start .. end-1``
     from time ``t`` to ``s``. The blocks of :func:`block_spans` go left to right, each taking ``steps // n_blocks``
     passes whose times fall evenly from 1 to 0 (:func:`time_grid`), so every block ends fully unmasked;
-    ``steps`` must be a multiple of the number of blocks."""
+    ``steps`` must be a multiple of the number of blocks (``TypeError`` / ``ValueError`` otherwise, and as
+    :func:`block_spans`)."""
     spans = block_spans(length, block_size)
-    if steps < 1 or steps % len(spans):
+    steps = check_int("steps", steps, lo=1)
+    if steps % len(spans):
         raise ValueError(f"steps ({steps}) must be a multiple of the number of blocks ({len(spans)} blocks of "
                          f"{block_size}): every block gets steps // n_blocks passes")
     grid = time_grid(steps // len(spans)).tolist()
@@ -126,5 +197,7 @@ def block_schedule(length: int, block_size: int, steps: int) -> list[tuple[int, 
 
 
 def time_grid(steps: int) -> torch.Tensor:
-    """``steps + 1`` times from 1 down to 0, evenly spaced: step ``k`` goes from ``grid[k]`` to ``grid[k+1]``."""
+    """``steps + 1`` times from 1 down to 0, evenly spaced: step ``k`` goes from ``grid[k]`` to ``grid[k+1]``.
+    ``TypeError`` / ``ValueError`` for ``steps`` that is not an integer ``>= 1``."""
+    steps = check_int("steps", steps, lo=1)
     return torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)

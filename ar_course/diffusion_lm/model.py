@@ -27,13 +27,21 @@ from ar_course import distributed as ddp
 from ar_course.checkpoint import config_from_dict
 from ar_course.diffusion_lm import functional as F
 from ar_course.sampling import SamplingConfig, check_sampling, sample
-from ar_course.transformer.model import GPT, GPTConfig, KVCache
+from ar_course.transformer.model import GPT, GPTConfig, KVCache, check_cache_layout
 from ar_course.utils import check_bool, check_ids, check_int
+
+DEFAULT_TRAIN_BLOCK_SIZES = (0, 0, 1, 4, 16)
 
 
 @dataclass
 class DiffusionLMConfig:
-    """Hyper-parameters of :class:`DiffusionLM`."""
+    """Hyper-parameters of :class:`DiffusionLM`.
+
+    Raises:
+        TypeError: ``train_block_sizes`` not a tuple or list of integers, or a size that is not an integer.
+        ValueError: a size ``< 1``, an unknown ``schedule``, or ``train_block_sizes`` empty or holding a block size
+            that is neither 0 nor a divisor of ``length``.
+    """
 
     vocab_size: int = 96  # characters; the mask token is id vocab_size
     length: int = 64  # the longest sequence (training windows have this length)
@@ -41,11 +49,16 @@ class DiffusionLMConfig:
     n_head: int = 4
     n_embd: int = 128
     schedule: str = "linear"  # the noise schedule alpha(t): "linear" or "cosine"
-    train_block_sizes: tuple[int, ...] = (0, 0, 1, 4, 16)  # a training batch's block size, drawn uniformly; 0: length
+    # a training batch's block size, drawn uniformly; 0: length
+    train_block_sizes: tuple[int, ...] = DEFAULT_TRAIN_BLOCK_SIZES
     attn: str = "sdpa"
 
     def __post_init__(self) -> None:
-        self.train_block_sizes = tuple(int(b) for b in self.train_block_sizes)  # JSON gives a list back
+        sizes = self.train_block_sizes
+        if not isinstance(sizes, (tuple, list)):  # JSON gives a list back
+            raise TypeError(f"train_block_sizes must be a tuple of block sizes (0: length), got {sizes!r} "
+                            f"({type(sizes).__name__})")
+        self.train_block_sizes = tuple(check_int(f"train_block_sizes[{i}]", b, lo=0) for i, b in enumerate(sizes))
         check_int("vocab_size", self.vocab_size, lo=1)
         check_int("length", self.length, lo=1)
         if self.schedule not in F.SCHEDULES:
@@ -53,8 +66,11 @@ class DiffusionLMConfig:
         if not self.train_block_sizes:
             raise ValueError("train_block_sizes must name at least one block size")
         for b in self.train_block_sizes:
-            if b != 0 and (b < 0 or self.length % b):
-                raise ValueError(f"train_block_sizes: {b} is neither 0 nor a divisor of length {self.length}")
+            if b != 0 and self.length % b:
+                default = (f" (train_block_sizes is the default {DEFAULT_TRAIN_BLOCK_SIZES}, made for length 64: "
+                           f"pass train_block_sizes=(0,) or other divisors of {self.length})"
+                           if self.train_block_sizes == DEFAULT_TRAIN_BLOCK_SIZES else "")
+                raise ValueError(f"train_block_sizes: {b} is neither 0 nor a divisor of length {self.length}{default}")
 
     def gpt_config(self) -> GPTConfig:
         """The bidirectional :class:`GPTConfig` of the backbone (one extra id: the mask token)."""
@@ -73,6 +89,9 @@ class DiffusionLM(nn.Module):
     """Masked (absorbing-state) diffusion LM: a bidirectional GPT that predicts the clean token under every mask."""
 
     def __init__(self, config: DiffusionLMConfig):
+        if not isinstance(config, DiffusionLMConfig):
+            raise TypeError(f"config must be a DiffusionLMConfig, got {type(config).__name__} "
+                            f"(DiffusionLMConfig.from_dict(d) makes one of a dict)")
         super().__init__()
         self.config = config
         self.gpt = GPT(config.gpt_config())
@@ -93,7 +112,41 @@ class DiffusionLM(nn.Module):
                cache: KVCache | None = None) -> torch.Tensor:
         """Logits over the characters for every input token: ``x`` ``(B, T)`` at ``positions`` ``(T,)``, attending
         under ``mask`` ``(T, T_k)`` (None: to every key) to the keys of ``cache`` (positions ``0 .. cache.length-1``,
-        not advanced) and to themselves. Returns ``(B, T, V + 1)`` with the mask token's logit ``-inf``."""
+        not advanced) and to themselves. Returns ``(B, T, V + 1)`` with the mask token's logit ``-inf``.
+
+        Raises:
+            TypeError: an argument that is not a tensor (or a ``cache`` not a :class:`KVCache`).
+            ValueError: ``x`` not a non-empty ``(B, T)`` long tensor of ids in ``[0, V]`` (``V``: the mask token),
+                ``positions`` not ``(T,)`` long in ``[0, length)``, ``mask`` not ``(T, cache.length + T)`` bool, or
+                a ``cache`` of another batch size or layout, or too short (the ids are read in one host sync
+                each).
+        """
+        self._check_logits(x, positions, mask, cache)
+        return self._logits(x, positions, mask, cache)
+
+    def _check_logits(self, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None,
+                      cache: KVCache | None) -> None:
+        check_ids("x", x, self.mask_id + 1, ("B", "T"))
+        B, T = x.shape
+        check_ids("positions", positions, self.config.length, (T,))
+        past = 0
+        if cache is not None:
+            if not isinstance(cache, KVCache):
+                raise TypeError(f"cache must be None or a KVCache, got {type(cache).__name__}")
+            if cache.batch_size != B or cache.length + T > cache.max_len:
+                raise ValueError(f"cache must be a KVCache of batch size {B} with room for {T} more positions, got "
+                                 f"batch size {cache.batch_size} with {cache.max_len - cache.length} left")
+            check_cache_layout(cache, self.gpt.config, self.gpt.wte.weight)
+            past = cache.length
+        if mask is not None:
+            if not isinstance(mask, torch.Tensor):
+                raise TypeError(f"mask must be None or a ({T}, {past + T}) bool tensor, got {type(mask).__name__}")
+            if mask.dtype != torch.bool or mask.shape != (T, past + T):
+                raise ValueError(f"mask must be a ({T}, {past + T}) bool tensor, got {tuple(mask.shape)} {mask.dtype}")
+
+    def _logits(self, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None = None,
+                cache: KVCache | None = None) -> torch.Tensor:
+        """:meth:`logits` without the argument checks (the model's own passes, whose ids are checked once)."""
         h = self.gpt.forward_at(x, positions, mask, cache)  # (B, T, C)
         out = self.gpt.lm_head(h)  # (B, T, V+1)
         return out.index_fill(-1, torch.tensor([self.mask_id], device=out.device), float("-inf"))
@@ -117,10 +170,10 @@ class DiffusionLM(nn.Module):
         L = x_t.shape[1]
         positions = torch.arange(L, device=x_t.device)  # (L,)
         if block_size == L:
-            return self.logits(x_t, positions)
+            return self._logits(x_t, positions)
         mask = F.block_attention_mask(L, block_size, x_t.device)  # (2L, 2L)
         both = torch.cat([x_t, x_0], dim=1)  # (B, 2L)
-        return self.logits(both, torch.cat([positions, positions]), mask)[:, :L]  # (B, L, V+1)
+        return self._logits(both, torch.cat([positions, positions]), mask)[:, :L]  # (B, L, V+1)
 
     def forward(self, ids: torch.Tensor, block_size: int | None = None, generator: torch.Generator | None = None
                 ) -> torch.Tensor:
@@ -144,7 +197,7 @@ class DiffusionLM(nn.Module):
         noise = ddp.draw_rows(lambda rows: torch.rand((rows, L), generator=generator, device=ids.device), B)
         x_t, masked = F.mask_tokens(ids, t, self.mask_id, self.config.schedule, noise=noise)
         logits = self._denoiser_logits(x_t, ids, b)  # (B, L, V+1)
-        return F.masked_nll(logits, ids, masked, F.loss_weight(t, self.config.schedule)) / L  # (B,)
+        return F._masked_nll(logits, ids, masked, F.loss_weight(t, self.config.schedule)) / L  # (B,)
 
     def _windows(self, ids: torch.Tensor) -> torch.Tensor:
         """``ids`` ``(N,)`` cut into non-overlapping windows of ``length`` ``(N // length, length)``; ``(B, L)`` as
@@ -198,7 +251,7 @@ class DiffusionLM(nn.Module):
                     masked[:, list(subset)] = True
                     x_t = torch.where(masked, torch.full_like(ids, self.mask_id), ids)  # (B, L)
                     logits = self._denoiser_logits(x_t, ids, b)  # (B, L, V+1)
-                    total += coef * F.masked_nll(logits, ids, masked, torch.ones(())).double()
+                    total += coef * F._masked_nll(logits, ids, masked, torch.ones(())).double()
         return total / L  # (B,)
 
     def _check_generate(self, n: int, length: int, steps: int, block_size: int | None) -> tuple[int, int, int, int]:
@@ -240,6 +293,7 @@ class DiffusionLM(nn.Module):
         n, length, steps, b = self._check_generate(n, length, steps, block_size)
         sampling = check_sampling(sampling)
         use_cache = check_bool("use_cache", use_cache)
+        return_states = check_bool("return_states", return_states)
         device = self.gpt.wte.weight.device
         passes = F.block_schedule(length, b, steps)
         x = torch.full((n, length), self.mask_id, dtype=torch.long, device=device)  # (n, L)
@@ -253,7 +307,7 @@ class DiffusionLM(nn.Module):
             else:
                 blk = torch.arange(end, device=device) // b  # (end,) block of every position so far
                 mask = blk[:, None] >= blk[None, :]  # (end, end): clean blocks see earlier ones, the last sees all
-                logits = self.logits(x[:, :end], torch.arange(end, device=device), mask)[:, start:]  # (n, b, V+1)
+                logits = self._logits(x[:, :end], torch.arange(end, device=device), mask)[:, start:]  # (n, b, V+1)
             proposal = sample(logits, sampling=sampling, generator=generator)  # (n, b)
             x[:, start:end] = F.denoise_step(x[:, start:end], proposal, t, s, self.mask_id, self.config.schedule,
                                              generator)
@@ -267,10 +321,10 @@ class DiffusionLM(nn.Module):
         b, device = end - start, x.device
         past = cache.length
         if start == 0 or not first:
-            return self.logits(x[:, start:end], torch.arange(start, end, device=device), None, cache)  # (n, b, V+1)
+            return self._logits(x[:, start:end], torch.arange(start, end, device=device), None, cache)  # (n, b, V+1)
         mask = torch.ones(2 * b, past + 2 * b, dtype=torch.bool, device=device)  # (2b, past + 2b)
         mask[:b, past + b:] = False  # the clean block does not see the new one
         prev = torch.arange(start - b, end, device=device)  # (2b,)
-        logits = self.logits(x[:, start - b : end], prev, mask, cache)[:, b:]  # (n, b, V+1)
+        logits = self._logits(x[:, start - b : end], prev, mask, cache)[:, b:]  # (n, b, V+1)
         cache.advance(b)  # keep the clean block's keys; the new block's are rewritten by its next pass
         return logits

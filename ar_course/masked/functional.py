@@ -64,7 +64,16 @@ def training_mask(r: torch.Tensor, n: int, schedule: str = "cosine", generator: 
                   ) -> torch.Tensor:
     """Training masks ``(B, n)`` bool (``True`` = hidden) for the progresses ``r`` ``(B,)``: row ``b`` hides
     ``ceil(gamma(r_b) * n)`` positions, at least one, chosen uniformly at random (one uniform score per position
-    from ``generator``, drawn on the CPU; a row hides its ``count`` lowest scores), on ``r``'s device."""
+    from ``generator``, drawn on the CPU; a row hides its ``count`` lowest scores), on ``r``'s device.
+
+    Raises:
+        TypeError: ``r`` is not a tensor (one progress ``p`` is ``torch.tensor([p])``), or ``n`` not an integer.
+        ValueError: ``r`` not ``(B,)`` or outside [0, 1], ``n < 1``, or an unknown ``schedule``.
+    """
+    if not isinstance(r, torch.Tensor):
+        raise TypeError(f"r must be a (B,) tensor of progresses in [0, 1], got {type(r).__name__}")
+    if r.ndim != 1:
+        raise ValueError(f"r must be a (B,) tensor of progresses in [0, 1], got shape {tuple(r.shape)}")
     n = check_int("n", n, lo=1)
     count = torch.ceil(mask_ratio(r.cpu(), schedule) * n).long().clamp(1, n)  # (B,)
     scores = torch.rand(r.shape[0], n, generator=generator)  # (B, n)
@@ -145,8 +154,8 @@ def confidence_step(
         mask: ``(B, N)`` bool, ``True`` where still masked.
         log_probs: ``(B, N, V)`` log-probabilities the model gives every position.
         sampled: ``(B, N)`` long, a token sampled for every position.
-        n_masked: how many positions stay masked after this step (per row; ``<`` the masked count of every
-            row, ``>= 0``).
+        n_masked: how many positions stay masked after this step, in every row (an int, ``>= 0`` and at most the
+            masked count of every row; MaskGIT takes fewer, so that every step reveals a token).
         noise: ``(B, N)`` Gumbel noise (None: no noise); ``noise_scale``: its weight, annealed to 0 by the caller.
 
     Confidence of a masked position = ``log_probs`` of its sampled token ``+ noise_scale * noise``; known
@@ -155,7 +164,15 @@ def confidence_step(
 
     Returns ``(tokens (B, N), mask (B, N))``, new tensors: ``tokens`` holds the sampled token at every position
     revealed now and the input's value everywhere else (the known tokens, and ``[MASK]`` where still masked).
+
+    Raises:
+        TypeError: an argument that is not a tensor, ``n_masked`` not an integer or ``noise_scale`` not a number.
+        ValueError: shapes that do not fit, ``tokens`` not integer, ``mask`` not bool, ``log_probs`` not float,
+            ``sampled`` not long or outside ``[0, V)``, ``noise_scale < 0``, or ``n_masked`` outside ``[0, fewest
+            masked positions of a row]`` (a larger one would re-mask known tokens). The values are read in one host
+            sync.
     """
+    _check_step(tokens, mask, log_probs, sampled, n_masked, noise, noise_scale)
     conf = log_probs.gather(-1, sampled[..., None])[..., 0]  # (B, N)
     if noise is not None and noise_scale > 0:
         conf = conf + noise_scale * noise
@@ -163,6 +180,41 @@ def confidence_step(
     lowest = conf.topk(n_masked, dim=-1, largest=False).indices  # (B, n_masked)
     new_mask = torch.zeros_like(mask).scatter_(1, lowest, True)  # (B, N)
     return torch.where(mask & ~new_mask, sampled, tokens), new_mask  # (B, N), (B, N)
+
+
+def _check_step(tokens: torch.Tensor, mask: torch.Tensor, log_probs: torch.Tensor, sampled: torch.Tensor,
+                n_masked: int, noise: torch.Tensor | None, noise_scale: float) -> None:
+    """The checks :func:`confidence_step` documents: shapes and dtypes first, then the values (the fewest masked
+    positions of a row, the range of ``sampled``) in one host sync."""
+    named = {"tokens": tokens, "mask": mask, "log_probs": log_probs, "sampled": sampled}
+    if noise is not None:
+        named["noise"] = noise
+    for name, x in named.items():
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a tensor, got {type(x).__name__}")
+    n_masked = check_int("n_masked", n_masked, lo=0)
+    check_number("noise_scale", noise_scale, lo=0)
+    if log_probs.ndim != 3 or not log_probs.is_floating_point():
+        raise ValueError(f"log_probs must be a float (B, N, V) tensor, got {tuple(log_probs.shape)} {log_probs.dtype}")
+    B, N, V = log_probs.shape
+    for name, x in named.items():
+        if name != "log_probs" and x.shape != (B, N):
+            raise ValueError(f"{name} must be ({B}, {N}) like log_probs (B, N, V), got {tuple(x.shape)}")
+    if mask.dtype != torch.bool:
+        raise ValueError(f"mask must be a bool tensor, got {mask.dtype}")
+    if tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
+        raise ValueError(f"tokens must be an integer tensor, got {tokens.dtype}")
+    if sampled.dtype != torch.long:
+        raise ValueError(f"sampled must be a long tensor, got {sampled.dtype}")
+    if B * N:
+        fewest, out_of_range = torch.stack([mask.sum(-1).min(), ((sampled < 0) | (sampled >= V)).sum()]).tolist()
+    else:  # no rows (at most N may stay masked), or rows of no position
+        fewest, out_of_range = (N if B == 0 else 0), 0
+    if n_masked > fewest:
+        raise ValueError(f"n_masked must be an integer in [0, {fewest}] (the fewest masked positions of a row: more "
+                         f"would re-mask known tokens), got {n_masked}")
+    if out_of_range:
+        check_ids("sampled", sampled, V, (B, N))  # names the first id out of range
 
 
 def neighbour_steps(h: int, w: int) -> list[torch.Tensor]:
