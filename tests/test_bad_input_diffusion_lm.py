@@ -179,3 +179,19 @@ def test_masked_nll_still_sums_the_weighted_masked_cross_entropy():
     masked = torch.tensor([[True, False, True], [False, False, False]])
     nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
     assert torch.equal(F.masked_nll(logits, targets, masked, torch.ones(())), (nll * masked).sum(1))
+
+
+def test_mask_tokens_takes_one_number_and_names_its_bad_arguments():
+    ids = torch.arange(12).view(2, 6)
+    noise = torch.rand(2, 6, generator=torch.Generator().manual_seed(0))
+    by_number = F.mask_tokens(ids, 0.5, 99, noise=noise)
+    by_tensor = F.mask_tokens(ids, torch.full((2, 1), 0.5), 99, noise=noise)
+    assert all(torch.equal(a, b) for a, b in zip(by_number, by_tensor))
+    for call, error, match in [
+        (lambda: F.mask_tokens(ids.tolist(), 0.5, 99), TypeError, "ids must be a"),
+        (lambda: F.mask_tokens(ids.float(), 0.5, 99), ValueError, "ids must be a"),
+        (lambda: F.mask_tokens(ids, torch.rand(2), 99), ValueError, "t must broadcast"),
+        (lambda: F.mask_tokens(ids, 1.5, 99), ValueError, "t must be a finite number in"),
+    ]:
+        with pytest.raises(error, match=match):
+            call()

@@ -10,7 +10,7 @@ import torch
 from ar_course.continuous import (
     ContinuousAR, ContinuousARConfig, euler_sample, flow_matching_loss, generate_images as c_images, generate_tokens,
 )
-from ar_course.continuous.model import time_features
+from ar_course.continuous.model import map_to_tokens, time_features, tokens_to_map
 from ar_course.masked import (
     MaskGIT, confidence_step, generate_images as mg_images, masked_cross_entropy, maskgit_config, maskgit_loss,
     training_mask,
@@ -384,3 +384,20 @@ def test_training_mask_refuses_r_that_is_not_b(r, error, match):
 def test_training_mask_still_hides_the_scheduled_count():
     mask = training_mask(torch.tensor([0.0, 1.0, 0.5]), 4, "linear", torch.Generator().manual_seed(0))
     assert mask.sum(1).tolist() == [4, 1, 2]
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda: euler_sample(lambda x, t: x, [[0.0, 1.0]], 2), "x0 must be a float"),
+    (lambda: euler_sample(lambda x, t: x, torch.zeros(2, 3, dtype=torch.long), 2), "x0 must be a float"),
+    (lambda: tokens_to_map(torch.zeros(2, 5, 3), (2, 2)), r"tokens must be a \(B, 4, D\)"),
+    (lambda: tokens_to_map(torch.zeros(2, 4, 3), (2, 0)), "grid cols must be an integer >= 1"),
+    (lambda: map_to_tokens(torch.zeros(2, 3, 4)), r"latents must be a \(B, D, rows, cols\)"),
+])
+def test_token_map_helpers_and_euler_name_their_bad_arguments(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+def test_token_map_helpers_round_trip():
+    latents = torch.randn(2, 3, 2, 4, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(tokens_to_map(map_to_tokens(latents), (2, 4)), latents)

@@ -88,7 +88,10 @@ def euler_sample(
     """Integrate ``dx/dt = velocity(x, t)`` from ``x0`` ``(N, D)`` at ``t = 0`` to ``t = 1`` in ``steps`` Euler steps
     of size ``1 / steps``: step ``i`` evaluates the velocity at ``t = i / steps`` (a ``(N,)`` tensor) and moves
     ``x`` by ``velocity / steps``. Returns ``(N, D)``. ``ValueError`` for ``steps < 1`` or a velocity that is not
-    ``x0``'s shape."""
+    ``x0``'s shape or an ``x0`` that is not a float ``(N, D)`` tensor."""
+    if not isinstance(x0, torch.Tensor) or x0.ndim != 2 or not x0.is_floating_point():
+        got = f"{tuple(x0.shape)} {x0.dtype}" if isinstance(x0, torch.Tensor) else type(x0).__name__
+        raise ValueError(f"x0 must be a float (N, D) tensor, got {got}")
     steps = check_int("steps", steps, lo=1)
     x = x0
     for i in range(steps):

@@ -335,13 +335,22 @@ def generate_tokens(
 
 
 def tokens_to_map(tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-    """Raster-order tokens ``(B, rows * cols, D)`` -> a latent map ``(B, D, rows, cols)`` for the tokenizer."""
-    B, L, D = tokens.shape
-    return tokens.view(B, grid[0], grid[1], D).permute(0, 3, 1, 2)  # (B, D, rows, cols)
+    """Raster-order tokens ``(B, rows * cols, D)`` -> a latent map ``(B, D, rows, cols)`` for the tokenizer.
+    ``ValueError`` for tokens of another shape or a ``grid`` that is not two sides ``>= 1``."""
+    rows, cols = check_grid("grid", grid)
+    if not isinstance(tokens, torch.Tensor) or tokens.ndim != 3 or tokens.shape[1] != rows * cols:
+        got = tuple(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__
+        raise ValueError(f"tokens must be a (B, {rows * cols}, D) tensor for a {rows}x{cols} grid, got {got}")
+    B, _, D = tokens.shape
+    return tokens.reshape(B, rows, cols, D).permute(0, 3, 1, 2)  # (B, D, rows, cols)
 
 
 def map_to_tokens(latents: torch.Tensor) -> torch.Tensor:
-    """A latent map ``(B, D, rows, cols)`` -> raster-order tokens ``(B, rows * cols, D)``."""
+    """A latent map ``(B, D, rows, cols)`` -> raster-order tokens ``(B, rows * cols, D)``; ``ValueError`` for a
+    tensor that is not 4-D."""
+    if not isinstance(latents, torch.Tensor) or latents.ndim != 4:
+        got = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
+        raise ValueError(f"latents must be a (B, D, rows, cols) tensor, got {got}")
     return latents.permute(0, 2, 3, 1).flatten(1, 2)  # (B, rows * cols, D)
 
 

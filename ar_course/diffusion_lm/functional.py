@@ -67,8 +67,26 @@ def mask_tokens(ids: torch.Tensor, t: torch.Tensor, mask_id: int, schedule: str 
     or per token). Each token becomes ``mask_id`` with probability ``1 - alpha(t)``: where a uniform number, drawn
     from ``generator`` or given as ``noise`` ``(B, L)`` in ``[0, 1)``, is at least ``alpha(t)``.
 
-    Returns ``(x_t (B, L) long, masked (B, L) bool)``."""
-    keep = alpha(t, schedule).expand(ids.shape)  # (B, L)
+    ``t`` may also be one number in ``[0, 1]`` for every token. Returns ``(x_t (B, L) long, masked (B, L) bool)``.
+
+    Raises:
+        TypeError: ``ids`` is not a tensor, ``t`` neither a tensor nor a number.
+        ValueError: ``ids`` not a ``(B, L)`` integer tensor, a tensor ``t`` that does not broadcast to ``(B, L)``, a
+            number ``t`` outside ``[0, 1]``, an unknown ``schedule`` or a ``noise`` of another shape."""
+    if not isinstance(ids, torch.Tensor):
+        raise TypeError(f"ids must be a (B, L) integer tensor, got {type(ids).__name__}")
+    if ids.ndim != 2 or ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+        raise ValueError(f"ids must be a (B, L) integer tensor, got {tuple(ids.shape)} {ids.dtype}")
+    keep = alpha(t, schedule)
+    keep = keep if isinstance(keep, torch.Tensor) else torch.tensor(keep, device=ids.device)
+    try:
+        fits = torch.broadcast_shapes(keep.shape, ids.shape) == ids.shape
+    except RuntimeError:
+        fits = False
+    if not fits:
+        raise ValueError(f"t must broadcast to ids' shape {tuple(ids.shape)} (one time per row is (B, 1)), got "
+                         f"{tuple(keep.shape)}")
+    keep = keep.expand(ids.shape)  # (B, L)
     if noise is None:
         noise = torch.rand(ids.shape, generator=generator, device=ids.device)  # (B, L)
     elif noise.shape != ids.shape:
