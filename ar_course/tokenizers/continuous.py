@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ar_course.tokenizers.quantizers import QuantizerOutput, _check_map, _flatten
-from ar_course.utils import check_finite
+from ar_course.utils import check_finite, check_number
 
 
 def gaussian_kl(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
@@ -34,6 +34,7 @@ class GaussianBottleneck(nn.Module):
         super().__init__()
         if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
             raise ValueError(f"GaussianBottleneck dim must be an integer >= 1, got {dim!r}")
+        kl_weight = check_number("kl_weight", kl_weight)
         if not kl_weight >= 0:
             raise ValueError(f"kl_weight must be >= 0, got {kl_weight}")
         self.dim, self.kl_weight = dim, float(kl_weight)
@@ -73,7 +74,18 @@ class GaussianBottleneck(nn.Module):
     @torch.no_grad()
     def calibrate(self, h: torch.Tensor) -> None:
         """Set ``shift`` / ``scale`` to the per-channel mean and standard deviation of the means of encoder outputs
-        ``h`` ``(B, 2 * dim, h, w)`` (training images), so :meth:`encode` gives tokens of zero mean, unit variance."""
-        flat = _flatten(self.split(h)[0])  # (B*h*w, dim)
+        ``h`` ``(B, 2 * dim, h, w)`` (training images), so :meth:`encode` gives tokens of zero mean, unit variance.
+
+        Raises:
+            TypeError: ``h`` is not a tensor.
+            ValueError: ``h`` is not a float ``(B, 2 * dim, h, w)`` map of at least 2 positions (``B*h*w``: a
+                standard deviation needs two), or holds a NaN or infinity.
+        """
+        mean = self.split(h)[0]
+        if mean.shape[0] * mean.shape[2] * mean.shape[3] < 2:
+            raise ValueError(f"calibrate needs h with at least 2 positions (B*h*w) to measure a spread, got shape "
+                             f"{tuple(h.shape)}")
+        check_finite("h", h)
+        flat = _flatten(mean)  # (B*h*w, dim)
         self.shift.copy_(flat.mean(0))
         self.scale.copy_(flat.std(0).clamp_min(1e-6))

@@ -9,11 +9,14 @@ Shapes use ``N`` for a number of vectors, ``D`` (or ``C``) for their dimension, 
 
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
+
+from ar_course.utils import check_finite, check_ids, check_int, check_number
 
 Refinement = Callable[[torch.Tensor], torch.Tensor]
 
@@ -37,10 +40,17 @@ def vq_lookup(z: torch.Tensor, codebook: torch.Tensor, chunk_size: int = 4096) -
 
     ``z``: ``(N, D)``; ``codebook``: ``(K, D)``. Returns ``(N,)`` int64. Ties go to the lowest index. The
     distances ``|z|^2 - 2 z.e + |e|^2`` are computed for ``chunk_size`` rows at a time, so memory stays at
-    ``chunk_size * K`` floats however large ``N`` is."""
+    ``chunk_size * K`` floats however large ``N`` is. A ``z`` of another dtype is cast to the codebook's. The
+    values are not read (the quantizers call this in training without a host sync): a row holding NaN gets
+    index 0, so callers that cannot rule NaN out check ``z`` first, as the quantizers' ``encode`` does.
+
+    Raises:
+        ValueError: shapes that do not match (``z (N, D)``, ``codebook (K, D)``, ``K >= 1``), ``chunk_size < 1``.
+        TypeError: ``chunk_size`` is not an integer.
+    """
     _check_vectors(z, codebook)
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    chunk_size = check_int("chunk_size", chunk_size, lo=1)
+    z = z.to(codebook.dtype)  # a no-op when the dtypes agree
     e_sq = codebook.pow(2).sum(1)  # (K,)
     out = []
     for chunk in z.split(chunk_size):
@@ -89,13 +99,36 @@ def ema_update(
     ``N_k <- decay N_k + (1 - decay) n_k`` and ``m_k <- decay m_k + (1 - decay) sum_{i: idx_i = k} z_i``;
     the smoothed counts ``(N_k + eps) / (n + K eps) * n`` (``n = sum_k N_k``) keep unused codes from dividing
     by zero, and the new codebook is ``m_k / smoothed N_k``. Returns ``(cluster_size, embed_sum, codebook)``,
-    all new tensors. With ``decay = 0`` this is one k-means step."""
+    all new tensors. With ``decay = 0`` this is one k-means step.
+
+    Raises:
+        TypeError: ``decay`` or ``eps`` is not a number, ``indices`` is not a tensor.
+        ValueError: shapes that do not match, ``decay`` outside ``[0, 1)``, ``eps < 0``, or ``indices`` not an
+            integer ``(N,)`` tensor of codes in ``[0, K)`` (read with one host sync on CUDA).
+    """
+    decay = check_number("decay", decay, 0, 1, hi_open=True)
+    eps = check_number("eps", eps, 0)
+    if not isinstance(indices, torch.Tensor):
+        raise TypeError(f"indices must be a (N,) integer tensor, got {type(indices).__name__}")
+    _check_ema_shapes(cluster_size, embed_sum, z, indices)
+    check_ids("indices", indices, cluster_size.shape[0], (z.shape[0],), dtype=None, allow_empty=True)
+    return _ema_update(cluster_size, embed_sum, z, indices, decay, eps)
+
+
+def _check_ema_shapes(cluster_size: torch.Tensor, embed_sum: torch.Tensor, z: torch.Tensor,
+                      indices: torch.Tensor) -> None:
+    """The shapes :func:`ema_update` needs (no values read)."""
     if cluster_size.ndim != 1 or embed_sum.ndim != 2 or embed_sum.shape[0] != cluster_size.shape[0]:
         raise ValueError(f"expected cluster_size (K,) and embed_sum (K, D), got {tuple(cluster_size.shape)} "
                          f"and {tuple(embed_sum.shape)}")
     _check_vectors(z, embed_sum)
     if indices.shape != (z.shape[0],):
         raise ValueError(f"indices must have shape ({z.shape[0]},), got {tuple(indices.shape)}")
+
+
+def _ema_update(cluster_size: torch.Tensor, embed_sum: torch.Tensor, z: torch.Tensor, indices: torch.Tensor,
+                decay: float, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`ema_update` on checked input (the quantizers' training step: no values read, no host sync)."""
     k = cluster_size.shape[0]
     onehot = F.one_hot(indices.long(), k).to(z.dtype)  # (N, K)
     new_size = decay * cluster_size + (1 - decay) * onehot.sum(0)  # (K,)
@@ -133,9 +166,19 @@ def usage_from_counts(counts: torch.Tensor) -> tuple[float, float]:
 
     ``fraction_used`` is the fraction of the ``K`` codes counted at least once; ``perplexity`` is
     ``exp(entropy)`` of the empirical code distribution (natural log), the effective number of codes: 1 when
-    a single code is used, ``K`` when all are used equally often. All-zero counts give ``(0.0, 0.0)``."""
+    a single code is used, ``K`` when all are used equally often. All-zero counts give ``(0.0, 0.0)``.
+
+    Raises:
+        TypeError: ``counts`` is not a tensor.
+        ValueError: ``counts`` is not a non-empty ``(K,)`` tensor, or holds a negative or non-finite count.
+    """
+    if not isinstance(counts, torch.Tensor):
+        raise TypeError(f"counts must be a non-empty (K,) tensor, got {type(counts).__name__}")
     if counts.ndim != 1 or counts.numel() == 0:
         raise ValueError(f"counts must be a non-empty (K,) tensor, got shape {tuple(counts.shape)}")
+    bad = ~(counts.double() >= 0) | ~torch.isfinite(counts.double())  # NaN fails `>= 0`
+    if bool(bad.any()):
+        raise ValueError(f"counts must be finite and >= 0, got {float(counts[bad][0])}")
     total = counts.double().sum()
     if total <= 0:
         return 0.0, 0.0
@@ -171,9 +214,22 @@ def residual_quantize(z: torch.Tensor, codebooks: torch.Tensor) -> tuple[torch.T
 # multi-scale residual quantization (VAR)
 
 
+def scale_sides(scales: Sequence[int]) -> tuple[int, ...]:
+    """``scales`` (a tuple or list, as JSON gives it back) as a tuple of ints, each ``>= 1``.
+
+    Raises:
+        TypeError: ``scales`` is a string or not a sequence, or a side is not an integer (``2.5``, even ``2.0``).
+        ValueError: a side ``< 1``: ``scale must be an integer >= 1, got -2``.
+    """
+    if isinstance(scales, (str, bytes)) or not isinstance(scales, (Sequence, torch.Tensor)):
+        raise TypeError(f"scales must be a sequence of integers >= 1, got {scales!r} ({type(scales).__name__})")
+    return tuple(check_int("scale", s, lo=1) for s in scales)
+
+
 def token_count(scales: Sequence[int]) -> int:
-    """Tokens in a multi-scale pyramid: ``sum(s * s)`` (VAR's 1,2,3,4,5,6,8,10,13,16 gives 680)."""
-    return sum(int(s) ** 2 for s in scales)
+    """Tokens in a multi-scale pyramid: ``sum(s * s)`` (VAR's 1,2,3,4,5,6,8,10,13,16 gives 680). Raises as
+    :func:`scale_sides`."""
+    return sum(s**2 for s in scale_sides(scales))
 
 
 def phi_refine(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ratio: float = 0.5) -> torch.Tensor:
@@ -190,7 +246,13 @@ def phi_index(k: int, num_scales: int, num_phi: int) -> int:
     ``k / (num_scales - 1)`` (0 when there is one scale); the nearest tick wins. For VAR's default ``n = 4``
     these are VAR's ticks (its code uses ``1/(2n)`` margins for other ``n``). Distances are float64 as in
     VAR's NumPy code, so its exact ties (scales 2 and 7 of its 10) fall the same way: 10 scales map to
-    ``0,0,1,1,1,2,2,3,3,3``."""
+    ``0,0,1,1,1,2,2,3,3,3``.
+
+    Raises:
+        TypeError: an argument that is not an integer.
+        ValueError: ``num_phi < 1``, ``num_scales < 1`` or ``k`` outside ``[0, num_scales)``.
+    """
+    k, num_scales, num_phi = check_int("k", k), check_int("num_scales", num_scales), check_int("num_phi", num_phi)
     if num_phi < 1 or num_scales < 1 or not 0 <= k < num_scales:
         raise ValueError(f"need num_phi >= 1, num_scales >= 1 and 0 <= k < num_scales, got k={k}, "
                          f"num_scales={num_scales}, num_phi={num_phi}")
@@ -216,7 +278,9 @@ def _check_pyramid(f: torch.Tensor, codebook: torch.Tensor, scales: Sequence[int
 
 def check_scales(scales: Sequence[int], side: int) -> None:
     """Raise ``ValueError`` unless every scale lies in ``[1, side]``, none is smaller than the one before (coarse
-    to fine; a repeated side is allowed) and the last one equals ``side``."""
+    to fine; a repeated side is allowed) and the last one equals ``side``; ``TypeError`` for a side that is not
+    an integer (:func:`scale_sides`)."""
+    scale_sides(scales)
     if len(scales) == 0:
         raise ValueError("scales is empty")
     for s in scales:
@@ -234,12 +298,32 @@ def upsample_bicubic(h: torch.Tensor, side: int) -> torch.Tensor:
 
 
 def downsample_area(f: torch.Tensor, s: int) -> torch.Tensor:
-    """Area (average-pooling) downsampling of ``(B, C, H, H)`` to ``(B, C, s, s)``; identity when s == H."""
+    """Area (average-pooling) downsampling of ``(B, C, H, H)`` to ``(B, C, s, s)``; identity when s == H.
+    ``ValueError`` for ``f`` that is not 4-d or ``s`` outside ``[1, H]``, ``TypeError`` for a non-integer ``s``."""
+    if not isinstance(f, torch.Tensor) or f.ndim != 4:
+        got = tuple(f.shape) if isinstance(f, torch.Tensor) else type(f).__name__
+        raise ValueError(f"f must be a (B, C, H, H) tensor, got {got}")
+    s = check_int("s", s, lo=1, hi=f.shape[-1])
     return f if f.shape[-1] == s else F.interpolate(f, size=(s, s), mode="area")
 
 
 def embed_indices(indices: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
-    """The codes ``codebook`` ``(K, C)`` of an index map ``(B, s, s)`` as a feature map ``(B, C, s, s)``."""
+    """The codes ``codebook`` ``(K, C)`` of an index map ``(B, s, s)`` as a feature map ``(B, C, s, s)``.
+
+    Raises:
+        TypeError: ``indices`` is not a tensor.
+        ValueError: ``codebook`` is not ``(K, C)``, or ``indices`` is not a 3-d integer map of codes in ``[0, K)``
+            (read with one host sync on CUDA).
+    """
+    if not isinstance(codebook, torch.Tensor) or codebook.ndim != 2:
+        got = tuple(codebook.shape) if isinstance(codebook, torch.Tensor) else type(codebook).__name__
+        raise ValueError(f"codebook must be a (K, C) tensor, got {got}")
+    check_ids("indices", indices, codebook.shape[0], ("B", "s", "s"), dtype=None)
+    return _embed_indices(indices, codebook)
+
+
+def _embed_indices(indices: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    """:func:`embed_indices` on indices known to be valid (no values read)."""
     return codebook[indices].permute(0, 3, 1, 2)  # (B, s, s, C) -> (B, C, s, s)
 
 
@@ -259,7 +343,7 @@ def multiscale_encode(
     for s, phi in zip(scales, phis):
         rest = downsample_area(f - f_hat, s)  # (B, C, s, s)
         idx = vq_lookup(rest.permute(0, 2, 3, 1).reshape(-1, c), codebook).view(b, s, s)  # (B, s, s)
-        f_hat = f_hat + phi(upsample_bicubic(embed_indices(idx, codebook), side))
+        f_hat = f_hat + phi(upsample_bicubic(_embed_indices(idx, codebook), side))
         out.append(idx)
     return out
 
@@ -288,7 +372,7 @@ def teacher_forcing_inputs(
     f_hat = 0
     out = []
     for k in range(len(indices) - 1):
-        f_hat = f_hat + phis[k](upsample_bicubic(embed_indices(indices[k], codebook), side))
+        f_hat = f_hat + phis[k](upsample_bicubic(_embed_indices(indices[k], codebook), side))
         out.append(downsample_area(f_hat, indices[k + 1].shape[-1]))
     return out
 
@@ -330,6 +414,7 @@ def kmeans(x: torch.Tensor, k: int, iters: int = 10, generator: torch.Generator 
     global one) for the start."""
     if x.ndim != 2 or x.shape[0] == 0:
         raise ValueError(f"x must be a non-empty (N, D) tensor, got {tuple(x.shape)}")
+    k, iters = check_int("k", k), check_int("iters", iters)
     if k < 1 or iters < 0:
         raise ValueError(f"need k >= 1 and iters >= 0, got {k} and {iters}")
     n = x.shape[0]
@@ -393,8 +478,16 @@ def _fsq_basis(levels: tuple[int, ...], device: torch.device) -> torch.Tensor:
 
 def fsq_codes_to_indices(codes: torch.Tensor, levels: Sequence[int]) -> torch.Tensor:
     """Indices ``(...,)`` in ``[0, prod(levels))`` of FSQ codes ``(..., d)`` (values on the grid of
-    :func:`fsq_quantize`): digit ``k_i = code_i * (L_i // 2) + L_i // 2`` in base ``L_i``, dimension 0 lowest."""
+    :func:`fsq_quantize`): digit ``k_i = code_i * (L_i // 2) + L_i // 2`` in base ``L_i``, dimension 0 lowest.
+    ``ValueError`` for levels as :func:`check_levels` refuses them or codes holding NaN or infinity (read with
+    one host sync on CUDA)."""
     lv = check_levels(levels)
+    check_finite("codes", codes)
+    return _fsq_codes_to_indices(codes, lv)
+
+
+def _fsq_codes_to_indices(codes: torch.Tensor, lv: tuple[int, ...]) -> torch.Tensor:
+    """:func:`fsq_codes_to_indices` on checked levels, without reading the codes (``FSQ.forward``)."""
     width = torch.tensor([l // 2 for l in lv], dtype=codes.dtype, device=codes.device)  # (d,)
     digits = (codes * width + width).round().long()  # (..., d) in [0, L_i)
     return (digits * _fsq_basis(lv, codes.device)).sum(-1)
@@ -402,8 +495,23 @@ def fsq_codes_to_indices(codes: torch.Tensor, levels: Sequence[int]) -> torch.Te
 
 def fsq_indices_to_codes(indices: torch.Tensor, levels: Sequence[int],
                          dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """FSQ codes ``(..., d)`` of indices ``(...,)``: the inverse of :func:`fsq_codes_to_indices`."""
+    """FSQ codes ``(..., d)`` of indices ``(...,)``: the inverse of :func:`fsq_codes_to_indices`. ``ValueError``
+    for levels as :func:`check_levels` refuses them or indices that are not integers in ``[0, prod(levels))``
+    (read with one host sync on CUDA)."""
     lv = check_levels(levels)
+    _check_any_ids(indices, math.prod(lv))
+    return _fsq_indices_to_codes(indices, lv, dtype)
+
+
+def _check_any_ids(indices: torch.Tensor, high: int) -> None:
+    """``indices``, of any shape, must be an integer tensor of values in ``[0, high)`` (:func:`check_ids`)."""
+    shape = tuple(indices.shape) if isinstance(indices, torch.Tensor) else ("...",)
+    check_ids("indices", indices, high, shape, dtype=None, allow_empty=True)
+
+
+def _fsq_indices_to_codes(indices: torch.Tensor, lv: tuple[int, ...],
+                          dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """:func:`fsq_indices_to_codes` on checked input (no values read)."""
     lv_t = torch.tensor(lv, device=indices.device)  # (d,)
     digits = (indices.long()[..., None] // _fsq_basis(lv, indices.device)) % lv_t  # (..., d)
     width = (lv_t // 2).to(dtype)  # (d,)
@@ -424,7 +532,16 @@ def lfq_codes_to_indices(codes: torch.Tensor) -> torch.Tensor:
 
 
 def lfq_indices_to_codes(indices: torch.Tensor, dim: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Sign codes ``(..., dim)`` of indices ``(...,)``: the inverse of :func:`lfq_codes_to_indices`."""
+    """Sign codes ``(..., dim)`` of indices ``(...,)``: the inverse of :func:`lfq_codes_to_indices`.
+    ``TypeError`` for a ``dim`` that is not an integer; ``ValueError`` for ``dim`` outside ``[1, 62]`` or indices
+    that are not integers in ``[0, 2^dim)`` (read with one host sync on CUDA)."""
+    dim = check_int("dim", dim, lo=1, hi=62)  # the bits of an int64 index
+    _check_any_ids(indices, 2**dim)
+    return _lfq_indices_to_codes(indices, dim, dtype)
+
+
+def _lfq_indices_to_codes(indices: torch.Tensor, dim: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """:func:`lfq_indices_to_codes` on checked input (no values read)."""
     bits = (indices.long()[..., None] >> torch.arange(dim, device=indices.device)) & 1  # (..., dim)
     return bits.to(dtype) * 2 - 1
 
@@ -441,14 +558,14 @@ def lfq_entropy_terms(z: torch.Tensor, temperature: float = 0.01,
     vectors at a time. Natural log."""
     if z.ndim != 2 or z.shape[0] == 0:
         raise ValueError(f"z must be a non-empty (N, d) tensor, got {tuple(z.shape)}")
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+    temperature = check_number("temperature", temperature, 0, lo_open=True)
+    chunk_size = check_int("chunk_size", chunk_size, lo=1)
     logit = 4 * z / temperature  # (N, d): log P(+1) - log P(-1)
     p_pos = torch.sigmoid(logit)
     binary = F.softplus(logit) - p_pos * logit  # (N, d): entropy of each sign, in a stable form
     per_sample = binary.sum(1).mean()
     d = z.shape[1]
-    codes = lfq_indices_to_codes(torch.arange(2**d, device=z.device), d, z.dtype)  # (2^d, d)
+    codes = _lfq_indices_to_codes(torch.arange(2**d, device=z.device), d, z.dtype)  # (2^d, d)
     avg = z.new_zeros(2**d)
     for chunk in z.split(chunk_size):
         # -|z - c|^2 = 2 z.c - |z|^2 - d: the last two terms are the same for every code and cancel in the softmax

@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ar_course.tokenizers import functional as Fq
-from ar_course.tokenizers.quantizers import QuantizerOutput, _check_map, _flatten, _unflatten
-from ar_course.utils import check_finite, check_ids
+from ar_course.tokenizers.quantizers import QuantizerOutput, _check_map, _check_training_input, _flatten, _unflatten
+from ar_course.utils import check_finite, check_ids, check_number
 
 LFQ_MAX_DIM = 16
 """The largest :class:`LFQ` ``dim``: its entropy loss sums over all ``2^dim`` codes."""
@@ -51,8 +51,21 @@ class FSQ(nn.Module):
         return Fq.fsq_quantize(z.movedim(1, -1), self.levels).movedim(-1, 1)  # channels last and back
 
     def forward(self, z: torch.Tensor) -> QuantizerOutput:
+        """Quantize ``z`` ``(B, d, h, w)`` (see the class docstring).
+
+        Raises:
+            TypeError: ``z`` is not a tensor.
+            ValueError: ``z`` is not a non-empty float ``(B, d, h, w)`` map, or (training mode only, as
+                :meth:`VectorQuantizer.forward`: one host sync) holds a NaN or infinity.
+        """
+        _check_map(z, self.dim, "FSQ")
+        _check_training_input(self, "z", z)
+        return self._forward(z)
+
+    def _forward(self, z: torch.Tensor) -> QuantizerOutput:
+        """:meth:`forward` on a checked map (no values read)."""
         z_q = self.quantize(z)  # (B, d, h, w)
-        indices = Fq.fsq_codes_to_indices(z_q.detach().movedim(1, -1), self.levels)  # (B, h, w)
+        indices = Fq._fsq_codes_to_indices(z_q.detach().movedim(1, -1), self.levels)  # (B, h, w)
         return QuantizerOutput(z_q, indices, z.new_zeros(()))
 
     @torch.no_grad()
@@ -60,16 +73,16 @@ class FSQ(nn.Module):
         """Index map ``(B, h, w)`` of a finite feature map ``(B, d, h, w)``."""
         _check_map(z, self.dim, "FSQ")
         check_finite("z", z)
-        return self.forward(z).indices
+        return self._forward(z).indices
 
     def decode(self, indices: torch.Tensor) -> torch.Tensor:
         """Codes ``(B, d, h, w)`` of an integer index map ``(B, h, w)`` in ``[0, num_codes)``."""
         check_ids("indices", indices, self.num_codes, ("B", "h", "w"), dtype=None)
-        return Fq.fsq_indices_to_codes(indices, self.levels).movedim(-1, 1)  # (B, h, w, d) -> (B, d, h, w)
+        return Fq._fsq_indices_to_codes(indices, self.levels).movedim(-1, 1)  # (B, h, w, d) -> (B, d, h, w)
 
     def codes(self) -> torch.Tensor:
         """The implicit codebook ``(num_codes, d)``, code ``k`` in row ``k`` (as ``VectorQuantizer.codes``)."""
-        return Fq.fsq_indices_to_codes(torch.arange(self.num_codes), self.levels)
+        return Fq._fsq_indices_to_codes(torch.arange(self.num_codes), self.levels)
 
 
 class LFQ(nn.Module):
@@ -87,9 +100,10 @@ class LFQ(nn.Module):
         super().__init__()
         if isinstance(dim, bool) or not isinstance(dim, int) or not 1 <= dim <= LFQ_MAX_DIM:
             raise ValueError(f"LFQ dim must be an integer in [1, {LFQ_MAX_DIM}], got {dim!r}")
-        if entropy_weight < 0 or diversity < 0 or temperature <= 0:
-            raise ValueError(f"need entropy_weight >= 0, diversity >= 0 and temperature > 0, got {entropy_weight}, "
-                             f"{diversity} and {temperature}")
+        beta = check_number("beta", beta, 0)
+        entropy_weight = check_number("entropy_weight", entropy_weight, 0)
+        diversity = check_number("diversity", diversity, 0)
+        temperature = check_number("temperature", temperature, 0, lo_open=True)
         self.dim, self.num_codes, self.beta = dim, 2**dim, beta
         self.entropy_weight, self.diversity, self.temperature = entropy_weight, diversity, temperature
         self.last_entropy: dict[str, float] = {}
@@ -99,7 +113,15 @@ class LFQ(nn.Module):
                 f"diversity={self.diversity}, temperature={self.temperature}")
 
     def forward(self, z: torch.Tensor) -> QuantizerOutput:
+        """Quantize ``z`` ``(B, dim, h, w)`` (see the class docstring).
+
+        Raises:
+            TypeError: ``z`` is not a tensor.
+            ValueError: ``z`` is not a non-empty float ``(B, dim, h, w)`` map, or (training mode only, as
+                :meth:`VectorQuantizer.forward`: one host sync) holds a NaN or infinity.
+        """
         _check_map(z, self.dim, "LFQ")
+        _check_training_input(self, "z", z)
         b, _, h, w = z.shape
         flat = _flatten(z)  # (N, dim)
         codes = Fq.lfq_quantize(flat)  # (N, dim)
@@ -121,8 +143,8 @@ class LFQ(nn.Module):
     def decode(self, indices: torch.Tensor) -> torch.Tensor:
         """Sign codes ``(B, dim, h, w)`` of an integer index map ``(B, h, w)`` in ``[0, 2^dim)``."""
         check_ids("indices", indices, self.num_codes, ("B", "h", "w"), dtype=None)
-        return Fq.lfq_indices_to_codes(indices, self.dim).movedim(-1, 1)  # (B, h, w, dim) -> (B, dim, h, w)
+        return Fq._lfq_indices_to_codes(indices, self.dim).movedim(-1, 1)  # (B, h, w, dim) -> (B, dim, h, w)
 
     def codes(self) -> torch.Tensor:
         """The implicit codebook ``(2^dim, dim)`` of sign patterns, code ``k`` in row ``k``."""
-        return Fq.lfq_indices_to_codes(torch.arange(self.num_codes), self.dim)
+        return Fq._lfq_indices_to_codes(torch.arange(self.num_codes), self.dim)

@@ -20,7 +20,7 @@ from torch import nn
 
 from ar_course import distributed as ddp
 from ar_course.tokenizers import functional as Fq
-from ar_course.utils import check_finite, check_ids, check_int
+from ar_course.utils import check_bool, check_finite, check_ids, check_int, check_number
 
 
 MSVQ_LOSSES = ("final", "every_scale")
@@ -48,6 +48,13 @@ def _check_map(z: torch.Tensor, dim: int, who: str) -> None:
         raise ValueError(f"{who} expects a floating-point feature map, got {z.dtype}")
     if z.numel() == 0:
         raise ValueError(f"{who} got an empty feature map {tuple(z.shape)}")
+
+
+def _check_training_input(module: nn.Module, name: str, z: torch.Tensor) -> None:
+    """In training mode, ``ValueError`` for a non-finite input (one host sync), which would spoil the codebook
+    statistics. Eval mode reads nothing."""
+    if module.training:
+        check_finite(name, z)
 
 
 def _flatten(z: torch.Tensor) -> torch.Tensor:
@@ -97,20 +104,23 @@ class VectorQuantizer(nn.Module):
         kmeans_iters: int = 10,
     ) -> None:
         super().__init__()
-        if num_codes < 1 or dim < 1:
-            raise ValueError(f"num_codes and dim must be >= 1, got {num_codes} and {dim}")
-        if not 0.0 <= decay < 1.0:
-            raise ValueError(f"decay must lie in [0, 1), got {decay}")
-        if usage_window < 1 or dead_code_threshold < 0:
-            raise ValueError(f"need usage_window >= 1 and dead_code_threshold >= 0, got {usage_window} "
-                             f"and {dead_code_threshold}")
+        num_codes, dim = check_int("num_codes", num_codes, lo=1), check_int("dim", dim, lo=1)
+        beta = check_number("beta", beta, 0)
+        ema, l2_norm = check_bool("ema", ema), check_bool("l2_norm", l2_norm)
+        decay = check_number("decay", decay, 0, 1, hi_open=True)
+        eps = check_number("eps", eps, 0)
+        dead_code_threshold = check_number("dead_code_threshold", dead_code_threshold, 0)
+        usage_window = check_int("usage_window", usage_window, lo=1)
+        rotation_trick = check_bool("rotation_trick", rotation_trick)
+        kmeans_init = check_bool("kmeans_init", kmeans_init)
         self.num_codes, self.dim, self.beta = num_codes, dim, beta
         self.ema, self.decay, self.eps, self.l2_norm = ema, decay, eps, l2_norm
         self.dead_code_threshold, self.usage_window = dead_code_threshold, usage_window
+        kmeans_iters = check_int("kmeans_iters", kmeans_iters)
         if kmeans_iters < 0:
             raise ValueError(f"kmeans_iters must be >= 0, got {kmeans_iters}")
         self.rotation_trick, self.kmeans_init, self.kmeans_iters = rotation_trick, kmeans_init, kmeans_iters
-        init = torch.empty(num_codes, dim).uniform_(-1.0 / num_codes, 1.0 / num_codes)  # uniform(+-1/K): common VQ-VAE code
+        init = torch.empty(num_codes, dim).uniform_(-1.0 / num_codes, 1.0 / num_codes)  # uniform(+-1/K)
         if ema:
             self.register_buffer("codebook", init)
             self.register_buffer("ema_cluster_size", torch.ones(num_codes))
@@ -156,8 +166,9 @@ class VectorQuantizer(nn.Module):
 
     # -- training -----------------------------------------------------------------------------------------
     def forward(self, z: torch.Tensor) -> QuantizerOutput:
-        """Quantize ``z`` ``(B, dim, h, w)`` (see the class docstring); in training mode, also update the codebook
-        statistics.
+        """Quantize ``z`` ``(B, dim, h, w)`` of any floating dtype (cast to the codebook's, as :meth:`encode`
+        does; ``z_q`` has the codebook's dtype) (see the class docstring); in training mode, also update the
+        codebook statistics.
 
         Raises:
             TypeError: ``z`` is not a tensor.
@@ -165,8 +176,8 @@ class VectorQuantizer(nn.Module):
                 sync) holds a NaN or infinity, which would spoil the codebook.
         """
         _check_map(z, self.dim, "VectorQuantizer")
-        if self.training:
-            check_finite("z", z)
+        _check_training_input(self, "z", z)
+        z = z.to(self.codebook.dtype)  # a no-op when the dtypes agree
         b, _, h, w = z.shape
         flat = _flatten(z)  # (N, D)
         if self.l2_norm:
@@ -208,8 +219,8 @@ class VectorQuantizer(nn.Module):
         if not self.ema:
             raise RuntimeError("ema_step needs a quantizer built with ema=True")
         flat, idx = ddp.gather_in_rank_order(flat), ddp.gather_in_rank_order(idx)  # (world * N, D), (world * N,)
-        size, total, codebook = Fq.ema_update(self.ema_cluster_size, self.ema_embed_sum, flat, idx,
-                                              self.decay, self.eps)
+        size, total, codebook = Fq._ema_update(self.ema_cluster_size, self.ema_embed_sum, flat, idx,
+                                               self.decay, self.eps)  # idx from the lookup: no check needed
         self.ema_cluster_size.copy_(size)
         self.ema_embed_sum.copy_(total)
         self.codebook.copy_(codebook)
@@ -276,8 +287,8 @@ class ResidualVQ(nn.Module):
         usage_window: int = 100,
     ) -> None:
         super().__init__()
-        if depth < 1:
-            raise ValueError(f"depth must be >= 1, got {depth}")
+        depth, beta = check_int("depth", depth, lo=1), check_number("beta", beta, 0)
+        ema, shared_codebook = check_bool("ema", ema), check_bool("shared_codebook", shared_codebook)
         self.num_codes, self.dim, self.depth, self.beta, self.ema = num_codes, dim, depth, beta, ema
         self.shared_codebook = shared_codebook
         self.layers = nn.ModuleList(
@@ -296,10 +307,10 @@ class ResidualVQ(nn.Module):
 
     def forward(self, z: torch.Tensor) -> QuantizerOutput:
         """Quantize ``z`` ``(B, dim, h, w)`` (see the class docstring); in training mode, also update the codebook
-        statistics. Raises as :meth:`VectorQuantizer.forward`."""
+        statistics. Raises as :meth:`VectorQuantizer.forward` (and casts ``z`` to the codebooks' dtype as it does)."""
         _check_map(z, self.dim, "ResidualVQ")
-        if self.training:
-            check_finite("z", z)
+        _check_training_input(self, "z", z)
+        z = z.to(self.layers[0].codebook.dtype)  # a no-op when the dtypes agree
         b, _, h, w = z.shape
         flat = _flatten(z)  # (N, D)
         target = flat.detach()
@@ -398,12 +409,13 @@ class MultiScaleVQ(nn.Module):
         final_weight: float = 0.0,
     ) -> None:
         super().__init__()
-        self.scales = tuple(int(s) for s in scales)
+        self.scales = Fq.scale_sides(scales)
         Fq.check_scales(self.scales, max(self.scales, default=0))
-        if num_phi < 1:
-            raise ValueError(f"num_phi must be >= 1, got {num_phi}")
-        if loss not in MSVQ_LOSSES:
+        num_phi = check_int("num_phi", num_phi, lo=1)
+        beta, phi_ratio = check_number("beta", beta, 0), check_number("phi_ratio", phi_ratio, 0, 1)
+        if not isinstance(loss, str) or loss not in MSVQ_LOSSES:
             raise ValueError(f"loss must be one of {MSVQ_LOSSES}, got {loss!r}")
+        final_weight = check_number("final_weight", final_weight)
         if final_weight < 0 or (loss == "final" and final_weight != 0):
             raise ValueError(f"final_weight must be >= 0 and only adds to loss='every_scale', got {final_weight} "
                              f"with loss={loss!r}")
@@ -458,10 +470,10 @@ class MultiScaleVQ(nn.Module):
     def forward(self, f: torch.Tensor) -> QuantizerOutput:
         """Quantize ``f`` ``(B, dim, H, H)`` scale by scale (see the class docstring); in training mode, also
         update the codebook statistics. Raises as :meth:`VectorQuantizer.forward` (and for a non-square map or
-        one the scales do not fit)."""
+        one the scales do not fit; casts ``f`` to the codebook's dtype as it does)."""
         self._check_input(f)
-        if self.training:
-            check_finite("f", f)
+        _check_training_input(self, "f", f)
+        f = f.to(self.quantizer.codebook.dtype)  # a no-op when the dtypes agree
         b, c, side, _ = f.shape
         target = f.detach()
         rest = target.clone()
@@ -512,15 +524,29 @@ class MultiScaleVQ(nn.Module):
 
     def _accumulate(self, f_hat: torch.Tensor | None, k: int, indices_k: torch.Tensor) -> torch.Tensor:
         """:meth:`accumulate` on checked input."""
-        codes = Fq.embed_indices(indices_k, self.quantizer.codes())  # (B, D, s, s)
+        codes = Fq._embed_indices(indices_k, self.quantizer.codes())  # (B, D, s, s), indices checked
         h = self.phi(k)(Fq.upsample_bicubic(codes, self.side))  # (B, D, H, H)
         return h if f_hat is None else f_hat + h
 
     def next_input(self, f_hat: torch.Tensor, k: int) -> torch.Tensor:
         """``f_hat`` ``(B, D, H, H)`` after scale ``k`` area-downsampled to scale ``k + 1``: what the VAR
-        transformer reads to predict scale ``k + 1``. Returns ``(B, D, s_{k+1}, s_{k+1})``."""
-        if not 0 <= k < len(self.scales) - 1:
-            raise ValueError(f"k must lie in [0, {len(self.scales) - 2}], got {k}")
+        transformer reads to predict scale ``k + 1``. Returns ``(B, D, s_{k+1}, s_{k+1})``.
+
+        Raises:
+            TypeError: ``f_hat`` is not a tensor or ``k`` is not an integer.
+            ValueError: ``k`` outside ``[0, S - 2]``, or ``f_hat`` not a non-empty float ``(B, D, H, H)`` map of
+                this quantizer's ``D`` and full side ``H`` (no values read).
+        """
+        if len(self.scales) < 2:
+            raise ValueError(f"next_input needs at least two scales, got scales {self.scales}")
+        k = check_int("k", k, lo=0, hi=len(self.scales) - 2)
+        want = f"(B, {self.dim}, {self.side}, {self.side})"
+        if not isinstance(f_hat, torch.Tensor):
+            raise TypeError(f"f_hat must be a float {want} tensor, got {type(f_hat).__name__}")
+        if (f_hat.ndim != 4 or tuple(f_hat.shape[1:]) != (self.dim, self.side, self.side)
+                or not f_hat.is_floating_point() or f_hat.shape[0] == 0):
+            raise ValueError(f"f_hat must be a non-empty float {want} tensor (the full side), got "
+                             f"{tuple(f_hat.shape)} {f_hat.dtype}")
         return Fq.downsample_area(f_hat, self.scales[k + 1])
 
     def decode(self, indices: Sequence[torch.Tensor]) -> torch.Tensor:

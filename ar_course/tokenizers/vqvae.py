@@ -30,9 +30,11 @@ from torch import nn
 from ar_course import checkpoint
 from ar_course.tokenizers.continuous import GaussianBottleneck
 from ar_course.tokenizers.implicit import FSQ, LFQ, LFQ_MAX_DIM
-from ar_course.tokenizers.quantizers import MultiScaleVQ, QuantizerOutput, ResidualVQ, VectorQuantizer
-from ar_course.tokenizers.functional import check_levels, check_scales
-from ar_course.utils import check_finite, check_int
+from ar_course.tokenizers.quantizers import (
+    MSVQ_LOSSES, MultiScaleVQ, QuantizerOutput, ResidualVQ, VectorQuantizer,
+)
+from ar_course.tokenizers.functional import check_levels, check_scales, scale_sides
+from ar_course.utils import check_bool, check_finite, check_int, check_number
 
 QUANTIZERS = ("vq", "rvq", "msvq", "fsq", "lfq", "kl")
 PRETRAINED = ("mnist_vq", "mnist_msvq", "mnist_kl")
@@ -44,9 +46,12 @@ class VQVAEConfig:
     """Hyper-parameters of :class:`VQVAE`, checked when made.
 
     Raises:
-        TypeError: a size that is not an integer (``image_size=32.0``).
-        ValueError: a size ``< 1`` (``in_channels``, ``image_size``, ``downsample``, ``width``, ``latent_dim``,
-            ``num_codes`` of vq/rvq/msvq, ``depth`` of rvq) or ``num_res_blocks < 0``, an unknown ``quantizer``,
+        TypeError: a size that is not an integer (``image_size=32.0``, a scale ``2.5``), a weight that is not a
+            number (``beta="0.25"``) or an option that is not a bool (``ema="no"``).
+        ValueError: a weight that is NaN, infinite or negative, ``decay`` outside ``[0, 1)``, ``phi_ratio``
+            outside ``[0, 1]``, an unknown ``msvq_loss``, a size ``< 1`` (``in_channels``, ``image_size``,
+            ``downsample``, ``width``, ``latent_dim``, ``num_codes`` of vq/rvq/msvq, ``depth``) or
+            ``num_res_blocks < 0``, an unknown ``quantizer``,
             a ``downsample`` that is not a power of two or does not divide ``image_size``, msvq ``scales`` that
             decrease, leave ``[1, latent_side]`` or do not end at the latent side, fsq levels or an lfq
             ``latent_dim`` that do not fit, or ``rotation_trick`` / ``kmeans_init`` without ``quantizer="vq"``.
@@ -83,17 +88,26 @@ class VQVAEConfig:
     kl_weight: float = 1e-4  # kl: weight of the mean KL of the latent to N(0, 1)
 
     def __post_init__(self) -> None:
-        self.scales = tuple(int(s) for s in self.scales)  # JSON gives lists back
+        self.scales = scale_sides(self.scales)  # JSON gives lists back
         self.fsq_levels = tuple(self.fsq_levels)
-        if self.quantizer not in QUANTIZERS:
+        if not isinstance(self.quantizer, str) or self.quantizer not in QUANTIZERS:
             raise ValueError(f"quantizer must be one of {QUANTIZERS}, got {self.quantizer!r}")
         sizes = ["in_channels", "image_size", "downsample", "width", "latent_dim"]
         sizes += ["num_codes"] if self.quantizer in ("vq", "rvq", "msvq") else []  # fsq / lfq derive it
         for name in sizes:
             setattr(self, name, check_int(name, getattr(self, name), lo=1))
         self.num_res_blocks = check_int("num_res_blocks", self.num_res_blocks, lo=0)
-        if self.quantizer == "rvq":
-            self.depth = check_int("depth", self.depth, lo=1)
+        self.depth = check_int("depth", self.depth, lo=1)
+        self.usage_window = check_int("usage_window", self.usage_window, lo=1)
+        self.num_phi = check_int("num_phi", self.num_phi, lo=1)
+        for name in ("beta", "dead_code_threshold", "msvq_final_weight", "lfq_entropy_weight", "kl_weight"):
+            setattr(self, name, check_number(name, getattr(self, name), 0))
+        self.decay = check_number("decay", self.decay, 0, 1, hi_open=True)
+        self.phi_ratio = check_number("phi_ratio", self.phi_ratio, 0, 1)
+        for name in ("ema", "l2_norm", "rotation_trick", "kmeans_init", "shared_codebook"):
+            setattr(self, name, check_bool(name, getattr(self, name)))
+        if not isinstance(self.msvq_loss, str) or self.msvq_loss not in MSVQ_LOSSES:
+            raise ValueError(f"msvq_loss must be one of {MSVQ_LOSSES}, got {self.msvq_loss!r}")
         if self.downsample & (self.downsample - 1):
             raise ValueError(f"downsample must be a power of two, got {self.downsample}")
         if self.image_size % self.downsample:
@@ -230,8 +244,8 @@ class VQVAE(nn.Module):
         """Non-empty float images ``(B, C, S, S)`` of this model's ``C`` and ``S`` (no values read)."""
         c = self.config
         if not isinstance(x, torch.Tensor):
-            raise TypeError(f"expected float images (B, {c.in_channels}, {c.image_size}, {c.image_size}), got "
-                            f"{type(x).__name__}")
+            raise TypeError(f"images must be a float (B, {c.in_channels}, {c.image_size}, {c.image_size}) tensor, "
+                            f"got {type(x).__name__}")
         if x.ndim != 4 or not x.is_floating_point():
             raise ValueError(f"expected float images (B, {c.in_channels}, {c.image_size}, {c.image_size}), got "
                              f"{tuple(x.shape)} {x.dtype}")
@@ -242,6 +256,17 @@ class VQVAE(nn.Module):
                              f"{x.shape[2]}x{x.shape[3]}")
         if x.shape[0] == 0:
             raise ValueError(f"images is an empty batch {tuple(x.shape)}")
+
+    @staticmethod
+    def _check_image_values(x: torch.Tensor) -> None:
+        """Images ``x`` finite and in [0, 1] (values within 0.5 of it pass, as :mod:`ar_course.metrics` lets
+        them): one read, one host sync on CUDA."""
+        lo, hi = torch.stack([x.amin(), x.amax()]).tolist()
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            check_finite("images", x)  # raises, naming the first bad value
+        if lo < -0.5 or hi > 1.5:
+            raise ValueError(f"images must be in [0, 1], got values in [{lo:.2f}, {hi:.2f}] (divide 0..255 images "
+                             "by 255; map [-1, 1] images with (x + 1) / 2)")
 
     @property
     def dtype(self) -> torch.dtype:
@@ -255,16 +280,32 @@ class VQVAE(nn.Module):
         return self.encoder(x.to(self.dtype))
 
     def decode(self, z_q: torch.Tensor) -> torch.Tensor:
-        """Images ``(B, C, S, S)`` in [0, 1] from (quantized) latents ``(B, latent_dim, h, w)`` (non-empty, float;
-        ``ValueError`` otherwise)."""
-        if (not isinstance(z_q, torch.Tensor) or z_q.ndim != 4 or z_q.shape[1] != self.config.latent_dim
+        """Images ``(B, C, S, S)`` in [0, 1] from (quantized) latents ``(B, latent_dim, s, s)`` on this model's
+        latent grid, ``s = latent_side`` (non-empty, float; ``ValueError`` otherwise)."""
+        c = self.config
+        if (not isinstance(z_q, torch.Tensor) or z_q.ndim != 4 or z_q.shape[1] != c.latent_dim
+                or tuple(z_q.shape[2:]) != (c.latent_side, c.latent_side)
                 or not z_q.is_floating_point() or z_q.numel() == 0):
             got = f"{tuple(z_q.shape)} {z_q.dtype}" if isinstance(z_q, torch.Tensor) else type(z_q).__name__
-            raise ValueError(f"expected non-empty float latents (B, {self.config.latent_dim}, h, w), got {got}")
+            raise ValueError(f"expected non-empty float latents (B, {c.latent_dim}, {c.latent_side}, "
+                             f"{c.latent_side}), got {got}")
         return self.decoder(z_q.to(self.dtype)).clamp(0, 1)
 
     def forward(self, x: torch.Tensor) -> VQVAEOutput:
-        q: QuantizerOutput = self.quantizer(self.encode(x))
+        """Reconstruct images ``(B, C, S, S)`` in [0, 1] of any floating dtype; see :class:`VQVAEOutput`.
+
+        The images' values are read at entry (one host sync; in training mode the quantizer reads its input's
+        once more to refuse non-finite latents).
+
+        Raises:
+            TypeError: ``x`` is not a tensor.
+            ValueError: images of the wrong shape, dtype or size, an empty batch, or (values read as above)
+                images holding NaN or infinity or outside [0, 1] (0..255 or [-1, 1] images), or latents the
+                encoder made non-finite.
+        """
+        z = self.encode(x)
+        self._check_image_values(x)
+        q: QuantizerOutput = self.quantizer(z)
         out = self.decoder(q.z_q)  # (B, C, S, S), unclamped
         recon_loss = F.mse_loss(out, x)
         return VQVAEOutput(out.clamp(0, 1), q.indices, recon_loss + q.loss, recon_loss, q.loss)
@@ -273,9 +314,9 @@ class VQVAE(nn.Module):
     def encode_to_indices(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         """Tokens of finite images ``(B, C, S, S)`` (see the class docstring for their shape). ``ValueError``
         for images of the wrong shape, dtype or size, an empty batch or a non-finite value; ``TypeError`` for a
-        non-tensor."""
+        non-tensor. Images outside [0, 1] (0..255 or [-1, 1]) are refused too; the values are read once."""
         self._check_images(x)
-        check_finite("images", x)
+        self._check_image_values(x)
         return self.quantizer.encode(self.encoder(x.to(self.dtype)))
 
     @torch.no_grad()
@@ -299,9 +340,10 @@ class VQVAE(nn.Module):
         """Encode and decode images ``(N, C, S, S)`` in chunks of ``batch_size``; returns ``(N, C, S, S)``.
 
         Raises:
-            TypeError: ``batch_size`` is not an integer.
+            TypeError: ``x`` is not a tensor, ``batch_size`` is not an integer.
             ValueError: ``batch_size < 1``, or images as :meth:`encode_to_indices` refuses them.
         """
+        self._check_images(x)
         batch_size = check_int("batch_size", batch_size, lo=1)
         return torch.cat([self.decode_from_indices(self.encode_to_indices(chunk)) for chunk in x.split(batch_size)])
 
