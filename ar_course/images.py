@@ -6,20 +6,50 @@
 
 from __future__ import annotations
 
+import math
 import struct
 import zlib
 
 import numpy as np
 import torch
 
+from ar_course.utils import check_int, check_number
+
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _COLOR_TYPES = {1: 0, 3: 2, 4: 6}  # channels -> PNG colour type: grey, RGB, RGBA
 
 
 def to_grid(images: torch.Tensor, nrow: int = 8, pad: int = 2, pad_value: float = 1.0) -> np.ndarray:
-    """Tile ``images`` (N, C, H, W) with values in [0, 1] into one array (rows*(H+pad), cols*(W+pad), C)."""
+    """Tile ``images`` (N, C, H, W) with values in [0, 1] into one array (rows*(H+pad), cols*(W+pad), C).
+
+    ``nrow`` images per row; ``C`` is 1 (grey) or 3 (RGB), channels first. Any float dtype. Values slightly
+    outside [0, 1] (decoder outputs that overshoot) are clipped; a range that looks like 0..255 (above 1.5) or
+    [-1, 1] (below -0.5) is refused. One min/max read.
+
+    Raises:
+        TypeError: ``images`` is not a tensor, ``nrow`` or ``pad`` not an integer, ``pad_value`` not a number.
+        ValueError: not ``(N, C, H, W)`` with ``N >= 1`` and ``C`` in (1, 3) (a channels-last batch, say), integer
+            images (divide uint8 images by 255), values far outside [0, 1] or NaN, ``nrow < 1`` or ``pad < 0``.
+    """
+    if not isinstance(images, torch.Tensor):
+        raise TypeError(f"images must be a float tensor (N, C, H, W) in [0, 1], got {type(images).__name__}")
     if images.ndim != 4:
         raise ValueError(f"images must be (N, C, H, W), got shape {tuple(images.shape)}")
+    if images.shape[1] not in (1, 3):
+        raise ValueError(f"images must be (N, C, H, W) with C = 1 or 3 channels first, got shape "
+                         f"{tuple(images.shape)} (for channels-last (N, H, W, C) use images.permute(0, 3, 1, 2))")
+    if images.shape[0] == 0 or images.numel() == 0:
+        raise ValueError(f"images is empty (shape {tuple(images.shape)})")
+    if not images.is_floating_point():
+        raise ValueError(f"images must be a float tensor in [0, 1], got {images.dtype} (divide uint8 images by 255)")
+    nrow, pad = check_int("nrow", nrow, lo=1), check_int("pad", pad, lo=0)
+    pad_value = check_number("pad_value", pad_value)
+    lo, hi = float(images.min()), float(images.max())
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise ValueError(f"images must be finite, got values in [{lo}, {hi}]")
+    if lo < -0.5 or hi > 1.5:
+        hint = " (divide 0..255 images by 255)" if hi > 1.5 else " (map [-1, 1] images with (x + 1) / 2 first)"
+        raise ValueError(f"images must be in [0, 1], got values in [{lo:.2f}, {hi:.2f}]{hint}")
     x = images.detach().float().cpu().clamp(0, 1)
     n, c, h, w = x.shape
     ncol = min(nrow, n)

@@ -54,7 +54,9 @@ from ar_course.train import (
     DEVICE_HELP, History, TrainConfig, add_run_options, check_batch_size, finish_run, prepare_run, seed_int, train_loop,
     trainer_main,
 )
-from ar_course.utils import check_finite, check_ids, check_int, get_device, seed_everything
+from ar_course.utils import (
+    check_finite, check_ids, check_int, check_number, check_seed, get_device, seed_everything,
+)
 
 DATASETS = {"mnist": (1, 10), "shapes": (3, 4)}  # name -> (in_channels, num_classes)
 SHAPES_TRAIN = (20_000, 0)  # (n, seed) of the procedural training set
@@ -101,8 +103,11 @@ class Classifier(nn.Module):
         return 8 * self.config.width
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
-        """Penultimate features ``(N, 8 * width)``: globally average-pooled last conv activations."""
+        """Penultimate features ``(N, 8 * width)``: globally average-pooled last conv activations.
+
+        ``images`` of any floating dtype are cast to the classifier's (as :meth:`VQVAE.encode` casts)."""
         _check_images(images, self.config.in_channels)
+        images = images.to(self.head.weight.dtype)
         if images.shape[-1] == 28:
             images = F.pad(images, (2, 2, 2, 2))  # (N, C, 32, 32)
         return self.body(images).mean(dim=(2, 3))  # (N, 8w)
@@ -113,8 +118,12 @@ class Classifier(nn.Module):
 
 
 def _check_images(images: torch.Tensor, channels: int) -> None:
-    if not isinstance(images, torch.Tensor) or not images.is_floating_point():
-        raise ValueError("images must be a floating-point tensor (N, C, H, W) with values in [0, 1]")
+    if not isinstance(images, torch.Tensor):
+        raise TypeError(f"images must be a floating-point tensor (N, C, H, W) with values in [0, 1], got "
+                        f"{type(images).__name__}")
+    if not images.is_floating_point():
+        raise ValueError(f"images must be a floating-point tensor (N, C, H, W) with values in [0, 1], got "
+                         f"{images.dtype} (divide uint8 images by 255)")
     if (images.ndim != 4 or images.shape[0] == 0 or images.shape[1] != channels
             or tuple(images.shape[2:]) not in ((28, 28), (32, 32))):
         raise ValueError(f"expected images of shape (N, {channels}, 32, 32) or (N, {channels}, 28, 28) with "
@@ -122,6 +131,8 @@ def _check_images(images: torch.Tensor, channels: int) -> None:
 
 
 def _check_dataset(dataset: str) -> tuple[int, int]:
+    if not isinstance(dataset, str):
+        raise TypeError(f"dataset must be one of {sorted(DATASETS)}, got {dataset!r} ({type(dataset).__name__})")
     if dataset not in DATASETS:
         raise ValueError(f"unknown dataset {dataset!r}; expected one of {sorted(DATASETS)}")
     return DATASETS[dataset]
@@ -140,19 +151,34 @@ def _cached_classifier(dataset: str, device: str) -> Classifier:
 
 
 def load_classifier(dataset: str = "mnist", device: str | torch.device = "cpu") -> Classifier:
-    """The shipped classifier for ``dataset`` in eval mode, frozen. Cached: do not modify it in place."""
+    """The shipped classifier for ``dataset`` in eval mode, frozen. Cached: do not modify it in place.
+
+    Raises:
+        TypeError: ``dataset`` is not a string.
+        ValueError: an unknown ``dataset`` or ``device`` (as :func:`ar_course.utils.get_device`).
+    """
     _check_dataset(dataset)
-    return _cached_classifier(dataset, str(torch.device(device)))
+    return _cached_classifier(dataset, str(get_device(device)))
+
+
+def _check_range(name: str, x: torch.Tensor, data_range: float = 1.0) -> None:
+    """``ValueError`` unless the finite values of ``x`` look like images in ``[0, data_range]``: values up to
+    half a ``data_range`` outside it pass (decoder outputs overshoot a little), a range like 0..255 for
+    ``data_range = 1`` or [-1, 1] does not. One min/max read."""
+    lo, hi = float(x.min()), float(x.max())
+    if lo < -0.5 * data_range or hi > 1.5 * data_range:
+        hint = ""
+        if data_range == 1:
+            hint = (" (map [-1, 1] outputs with (x + 1) / 2 first)" if lo < -0.5
+                    else " (divide 0..255 images by 255)")
+        raise ValueError(f"{name} must be in [0, {data_range:g}], got values in [{lo:.2f}, {hi:.2f}]{hint}")
 
 
 def _prepare(images: torch.Tensor, dataset: str) -> tuple[Classifier, torch.Tensor]:
     channels, _ = _check_dataset(dataset)
     _check_images(images, channels)
     check_finite("images", images)
-    lo, hi = float(images.min()), float(images.max())
-    if lo < -0.5 or hi > 1.5:
-        raise ValueError(f"images must be in [0, 1], got values in [{lo:.2f}, {hi:.2f}] "
-                         "(map [-1, 1] outputs with (x + 1) / 2 first)")
+    _check_range("images", images)
     return load_classifier(dataset, images.device), images.clamp(0, 1)
 
 
@@ -161,7 +187,13 @@ def classifier_features(images: torch.Tensor, dataset: str = "mnist", batch_size
     """Penultimate features ``(N, F)`` (F = 128 for the shipped classifiers) of ``images`` ``(N, C, H, W)``
     in [0, 1], on the images' device, without gradients.
 
-    Values slightly outside [0, 1] are clamped; a range that looks like [-1, 1] raises ``ValueError``."""
+    Values slightly outside [0, 1] are clamped; a range that looks like [-1, 1] or 0..255 raises ``ValueError``.
+    Any floating dtype is accepted (cast to the classifier's).
+
+    Raises:
+        TypeError: ``images`` is not a tensor, or ``dataset`` not a string.
+        ValueError: as :func:`classify`.
+    """
     batch_size = check_int("batch_size", batch_size, lo=1)
     model, images = _prepare(images, dataset)
     return torch.cat([model.features(chunk) for chunk in images.split(batch_size)])
@@ -172,7 +204,9 @@ def classify(images: torch.Tensor, dataset: str = "mnist", batch_size: int = 100
     """Predicted labels ``(N,)`` (int64) for ``images`` ``(N, C, H, W)`` in [0, 1].
 
     Raises:
-        ValueError: an unknown dataset, images of the wrong shape or range or holding NaN, ``batch_size < 1``.
+        TypeError: ``images`` is not a tensor, ``dataset`` not a string, ``batch_size`` not an integer.
+        ValueError: an unknown dataset, images of the wrong shape, dtype (integers: divide uint8 images by 255) or
+            range or holding NaN, ``batch_size < 1``.
     """
     batch_size = check_int("batch_size", batch_size, lo=1)
     model, images = _prepare(images, dataset)
@@ -197,8 +231,13 @@ def class_accuracy(images: torch.Tensor, labels: torch.Tensor, dataset: str = "m
 # Frechet distance
 
 
-def _as_float64(x: torch.Tensor | np.ndarray) -> np.ndarray:
-    return x.detach().cpu().double().numpy() if isinstance(x, torch.Tensor) else np.asarray(x, dtype=np.float64)
+def _as_float64(name: str, x: torch.Tensor | np.ndarray) -> np.ndarray:
+    """``x`` as a float64 array; ``ValueError`` naming ``name`` if a value is NaN or infinite."""
+    out = x.detach().cpu().double().numpy() if isinstance(x, torch.Tensor) else np.asarray(x, dtype=np.float64)
+    finite = np.isfinite(out)
+    if not finite.all():
+        raise ValueError(f"{name} must be finite, got {out[~finite][0]}")
+    return out
 
 
 def _psd_sqrt(matrix: np.ndarray) -> np.ndarray:
@@ -217,8 +256,13 @@ def frechet_distance_gaussians(mu1: torch.Tensor | np.ndarray, cov1: torch.Tenso
     ``cov1^(1/2) cov2 cov1^(1/2)`` (same eigenvalues as ``cov1 cov2``), which stays real and handles singular
     covariances. ``method="sqrtm"`` is the usual FID code path: ``scipy.linalg.sqrtm(cov1 @ cov2)``, retried
     with ``1e-6`` added to the diagonals when not finite, and its small imaginary part dropped (it needs SciPy,
-    ``pip install ar-course[course]``; ``"eigh"`` needs only NumPy)."""
-    mu1, mu2, cov1, cov2 = map(_as_float64, (mu1, mu2, cov1, cov2))
+    ``pip install ar-course[course]``; ``"eigh"`` needs only NumPy).
+
+    Raises:
+        ValueError: shapes that do not fit, a value that is NaN or infinite, or an unknown ``method``.
+    """
+    mu1, cov1, mu2, cov2 = (_as_float64(name, x) for name, x in
+                            (("mu1", mu1), ("cov1", cov1), ("mu2", mu2), ("cov2", cov2)))
     if mu1.ndim != 1 or mu1.shape != mu2.shape or cov1.shape != (mu1.size,) * 2 or cov2.shape != cov1.shape:
         raise ValueError(f"expected means (F,) and covariances (F, F) of one size F, got {mu1.shape}, "
                          f"{cov1.shape}, {mu2.shape}, {cov2.shape}")
@@ -246,10 +290,19 @@ def frechet_distance_gaussians(mu1: torch.Tensor | np.ndarray, cov1: torch.Tenso
 
 
 def gaussian_fit(features: torch.Tensor | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Mean ``(F,)`` and unbiased covariance ``(F, F)`` (float64) of ``features`` ``(N, F)``, N >= 2."""
-    feats = _as_float64(features)
+    """Mean ``(F,)`` and unbiased covariance ``(F, F)`` (float64) of ``features`` ``(N, F)``, N >= 2.
+
+    Raises:
+        ValueError: not ``(N, F)`` with ``N >= 2``, or a value that is NaN or infinite.
+    """
+    return _gaussian_fit("features", features)
+
+
+def _gaussian_fit(name: str, features: torch.Tensor | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`gaussian_fit` naming ``features`` ``name`` in its messages."""
+    feats = _as_float64(name, features)
     if feats.ndim != 2 or feats.shape[0] < 2:
-        raise ValueError(f"features must have shape (N, F) with N >= 2, got {feats.shape}")
+        raise ValueError(f"{name} must have shape (N, F) with N >= 2, got {feats.shape}")
     return feats.mean(axis=0), np.cov(feats, rowvar=False).reshape(feats.shape[1], feats.shape[1])
 
 
@@ -257,9 +310,13 @@ def frechet_distance_from_features(feats_a: torch.Tensor | np.ndarray, feats_b: 
                                    method: str = "eigh") -> float:
     """Frechet distance between Gaussians fitted to ``feats_a`` ``(N, F)`` and ``feats_b`` ``(M, F)``.
 
-    Use N, M well above F (the covariance needs them); the estimate shrinks towards its limit as ~1/N."""
-    mu_a, cov_a = gaussian_fit(feats_a)
-    mu_b, cov_b = gaussian_fit(feats_b)
+    Use N, M well above F (the covariance needs them); the estimate shrinks towards its limit as ~1/N.
+
+    Raises:
+        ValueError: features not ``(N, F)`` with ``N >= 2``, of different ``F``, or holding NaN or infinity.
+    """
+    mu_a, cov_a = _gaussian_fit("feats_a", feats_a)
+    mu_b, cov_b = _gaussian_fit("feats_b", feats_b)
     if mu_a.shape != mu_b.shape:
         raise ValueError(f"feature dimensions differ: {mu_a.shape[0]} vs {mu_b.shape[0]}")
     return frechet_distance_gaussians(mu_a, cov_a, mu_b, cov_b, method=method)
@@ -301,13 +358,25 @@ def precision_recall(feats_real: torch.Tensor, feats_fake: torch.Tensor, k: int 
     Each set's manifold is the union of balls around its points with radius the distance to the point's
     k-th nearest neighbour in the same set. Precision: fraction of fake points inside the real manifold.
     Recall: fraction of real points inside the fake manifold. A set against itself gives (1.0, 1.0); two
-    disjoint real sets give less (about 0.88 for MNIST features, k = 3), see :func:`data_baseline`."""
+    disjoint real sets give less (about 0.88 for MNIST features, k = 3), see :func:`data_baseline`.
+
+    Raises:
+        TypeError: features that are not tensors, ``k`` or ``chunk`` not an integer.
+        ValueError: features not ``(N, F)`` and ``(M, F)`` or holding NaN or infinity, ``k < 1`` or not below
+            both set sizes, ``chunk < 1``.
+    """
+    for name, feats in (("feats_real", feats_real), ("feats_fake", feats_fake)):
+        if not isinstance(feats, torch.Tensor):
+            raise TypeError(f"{name} must be a (N, F) tensor, got {type(feats).__name__}")
+    k, chunk = check_int("k", k), check_int("chunk", chunk, lo=1)
     if feats_real.ndim != 2 or feats_fake.ndim != 2 or feats_real.shape[1] != feats_fake.shape[1]:
         raise ValueError(f"expected features (N, F) and (M, F), got {tuple(feats_real.shape)} and "
                          f"{tuple(feats_fake.shape)}")
     if k < 1 or min(feats_real.shape[0], feats_fake.shape[0]) <= k:
         raise ValueError(f"k must be >= 1 and below both set sizes, got k={k} for sizes "
                          f"{feats_real.shape[0]} and {feats_fake.shape[0]}")
+    check_finite("feats_real", feats_real)
+    check_finite("feats_fake", feats_fake)
     real, fake = feats_real.detach().float(), feats_fake.detach().float().to(feats_real.device)
     precision = _fraction_inside(fake, real, _kth_neighbour_radius(real, k, chunk), chunk)
     recall = _fraction_inside(real, fake, _kth_neighbour_radius(fake, k, chunk), chunk)
@@ -323,15 +392,35 @@ def psnr(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0, reduction: s
 
     ``x`` and ``y``: ``(N, C, H, W)`` (or one image ``(C, H, W)``). The MSE is taken over each image;
     ``reduction="mean"`` returns the mean of the per-image PSNRs as a float, ``"none"`` a tensor ``(N,)``.
-    Identical images give ``inf`` (so the mean is ``inf`` if any pair is identical)."""
+    Identical images give ``inf`` (so the mean is ``inf`` if any pair is identical).
+
+    The images are floats in ``[0, data_range]`` (values up to half a ``data_range`` outside are accepted:
+    decoder outputs overshoot a little); one min/max read per image set.
+
+    Raises:
+        TypeError: ``x`` or ``y`` is not a tensor, or ``data_range`` not a number.
+        ValueError: shapes that differ or are not images, an empty batch, integer images (divide uint8 images
+            by 255), a NaN or infinite value, values far outside ``[0, data_range]`` (0..255 images with
+            ``data_range = 1``), ``data_range <= 0`` or an unknown ``reduction``.
+    """
+    for name, images in (("x", x), ("y", y)):
+        if not isinstance(images, torch.Tensor):
+            raise TypeError(f"{name} must be a float tensor (N, C, H, W) or (C, H, W), got {type(images).__name__}")
+        if not images.is_floating_point():
+            raise ValueError(f"{name} must be a float tensor of images in [0, data_range], got {images.dtype} "
+                             "(divide uint8 images by 255)")
     if x.shape != y.shape:
         raise ValueError(f"x and y must have the same shape, got {tuple(x.shape)} and {tuple(y.shape)}")
     if x.ndim not in (3, 4):
         raise ValueError(f"expected images (N, C, H, W) or (C, H, W), got shape {tuple(x.shape)}")
-    if data_range <= 0:
-        raise ValueError(f"data_range must be positive, got {data_range}")
+    data_range = check_number("data_range", data_range, lo=0, lo_open=True)
     if reduction not in ("mean", "none"):
         raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
+    if x.numel() == 0:
+        raise ValueError(f"x and y are empty (shape {tuple(x.shape)})")
+    for name, images in (("x", x), ("y", y)):
+        check_finite(name, images)
+        _check_range(name, images, data_range)
     if x.ndim == 3:
         x, y = x[None], y[None]  # (1, C, H, W)
     mse = (x.double() - y.double()).pow(2).flatten(1).mean(dim=1)  # (N,)
@@ -339,19 +428,29 @@ def psnr(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0, reduction: s
     return float(values.mean()) if reduction == "mean" else values
 
 
-def codebook_usage(indices: torch.Tensor, num_codes: int) -> dict[str, float]:
-    """Usage of a codebook of ``num_codes`` entries by integer code ``indices`` (any shape).
+def codebook_usage(indices: torch.Tensor | list[torch.Tensor], num_codes: int) -> dict[str, float]:
+    """Usage of a codebook of ``num_codes`` entries by integer code ``indices`` (any shape), or by a list of
+    index maps (a multi-scale pyramid, one ``(B, s_k, s_k)`` map per scale: all its codes are counted).
 
     Returns ``fraction_used`` (codes seen at least once / num_codes), ``num_used``, and ``perplexity``
     ``exp(-sum_c p_c log p_c)`` of the empirical code distribution: between 1 (one code) and ``num_codes``
-    (all codes equally often)."""
-    if num_codes < 1:
-        raise ValueError(f"num_codes must be >= 1, got {num_codes}")
-    if indices.is_floating_point() or indices.is_complex() or indices.dtype == torch.bool:
-        raise ValueError(f"indices must be an integer tensor, got {indices.dtype}")
-    if indices.numel() == 0:
+    (all codes equally often).
+
+    Raises:
+        TypeError: ``indices`` is not a tensor or a list of tensors, or ``num_codes`` not an integer.
+        ValueError: ``num_codes < 1``, indices not integers, empty, or outside ``[0, num_codes)``.
+    """
+    num_codes = check_int("num_codes", num_codes, lo=1)
+    maps = list(indices) if isinstance(indices, (list, tuple)) else [indices]
+    for i, m in enumerate(maps):
+        name = f"indices[{i}]" if isinstance(indices, (list, tuple)) else "indices"
+        if not isinstance(m, torch.Tensor):
+            raise TypeError(f"{name} must be an integer tensor (or indices a list of them), got {type(m).__name__}")
+        if m.is_floating_point() or m.is_complex() or m.dtype == torch.bool:
+            raise ValueError(f"{name} must be an integer tensor, got {m.dtype}")
+    if sum(m.numel() for m in maps) == 0:
         raise ValueError("indices is empty")
-    flat = indices.flatten().long().cpu()
+    flat = torch.cat([m.flatten().long().cpu() for m in maps])
     if int(flat.min()) < 0 or int(flat.max()) >= num_codes:
         raise ValueError(f"indices must lie in [0, {num_codes}), got [{int(flat.min())}, {int(flat.max())}]")
     counts = torch.bincount(flat, minlength=num_codes).double()
@@ -381,7 +480,15 @@ def data_baseline(dataset: str = "mnist", n: int = 2000, repeats: int = 5, k: in
     """Noise floor: metrics between two disjoint random halves of ``2 n`` held-out real images.
 
     Repeated over ``repeats`` random splits; returns the means (``frechet``, ``precision``, ``recall``),
-    the standard deviation of each (``*_std``) and ``n``. Compare with generated-vs-real at the same ``n``."""
+    the standard deviation of each (``*_std``) and ``n``. Compare with generated-vs-real at the same ``n``.
+
+    Raises:
+        TypeError: ``n``, ``repeats``, ``k`` or ``seed`` not an integer, ``dataset`` not a string.
+        ValueError: an unknown ``dataset``, ``n`` outside ``[2, held-out size / 2]``, ``repeats < 1``, ``k < 1``
+            or ``k >= n``.
+    """
+    n, repeats = check_int("n", n, lo=2), check_int("repeats", repeats, lo=1)
+    k, seed = check_int("k", k, lo=1), check_seed(seed)
     images, _ = held_out_set(dataset)
     if n < 2 or 2 * n > images.shape[0]:
         raise ValueError(f"n must be in [2, {images.shape[0] // 2}] for {dataset!r}, got {n}")

@@ -19,7 +19,11 @@ def show_images(
     images: torch.Tensor, nrow: int = 8, title: str | None = None, ax: plt.Axes | None = None,
     row_labels: Sequence[str] | None = None,
 ) -> plt.Figure:
-    """Show a batch of images (N, C, H, W) in [0, 1] as a grid; grayscale when C == 1."""
+    """Show a batch of images (N, C, H, W) in [0, 1] as a grid; grayscale when C == 1.
+
+    Raises as :func:`ar_course.images.to_grid` (checked before any figure is made): ``TypeError`` for a
+    non-tensor or a non-integer ``nrow``; ``ValueError`` for integer images (divide uint8 images by 255), a range
+    that looks like 0..255 or [-1, 1], ``C`` not 1 or 3 (channels last), an empty batch or ``nrow < 1``."""
     grid = to_grid(images, nrow=nrow)
     if ax is None:
         rows = int(np.ceil(images.shape[0] / min(nrow, images.shape[0])))

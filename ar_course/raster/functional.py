@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from ar_course.utils import check_ids, check_int, check_number
+
 
 def _check_long(x: torch.Tensor, ndim: int, name: str, shape: str) -> None:
     if not isinstance(x, torch.Tensor) or x.ndim != ndim or x.dtype != torch.long:
@@ -53,9 +55,16 @@ def condition_dropout(
     """Replace each class by ``null_class`` with probability ``p`` (training for classifier-free guidance).
 
     One uniform number per example, ``torch.rand(B, generator=generator)``, drawn on the CPU; example ``b``
-    is dropped when its number is ``< p``. Returns a new ``(B,)`` long tensor; ``classes`` is unchanged."""
-    _check_long(classes, 1, "classes", "(B,)")
-    if not 0 <= p <= 1:
-        raise ValueError(f"p must be in [0, 1], got {p}")
+    is dropped when its number is ``< p``. Returns a new ``(B,)`` long tensor; ``classes`` is unchanged.
+    Checking the classes costs one host sync on CUDA.
+
+    Raises:
+        TypeError: ``classes`` is not a tensor, ``p`` not a number, ``null_class`` not an integer.
+        ValueError: ``classes`` not a non-empty ``(B,)`` long tensor in ``[0, null_class]``, ``p`` outside
+            ``[0, 1]``, or ``null_class < 0``.
+    """
+    null_class = check_int("null_class", null_class, lo=0)
+    check_ids("classes", classes, null_class + 1, ("B",))
+    p = check_number("p", p, 0, 1)
     drop = torch.rand(classes.shape[0], generator=generator) < p  # (B,)
     return torch.where(drop.to(classes.device), torch.full_like(classes, null_class), classes)

@@ -58,6 +58,21 @@ def raster_config(
                      n_classes=n_classes, dropout=dropout)
 
 
+def _check_model(model: GPT) -> None:
+    """``model`` is a class-conditional :class:`GPT` (or its ``torch.compile``d wrapper); no values read.
+
+    Raises:
+        TypeError: ``model`` is not a GPT (the tokenizer passed first, say).
+        ValueError: a GPT without classes (``n_classes = 0``): the class token fills position 0 of every sequence.
+    """
+    if not isinstance(getattr(model, "_orig_mod", model), GPT):
+        hint = " (pass the model first, then the tokenizer)" if isinstance(model, VQVAE) else ""
+        raise TypeError(f"model must be a class-conditional GPT, got {type(model).__name__}{hint}")
+    if model.config.n_classes < 1:
+        raise ValueError("model must be a class-conditional GPT (raster_config(..., n_classes >= 1)), got one with "
+                         "n_classes = 0: the class token fills position 0 of every sequence")
+
+
 def check_model_grid(model: GPT, name: str, shape: tuple[int, ...]) -> None:
     """``ValueError`` unless maps of ``shape`` ``(..., rows, cols)`` match the grid of a ``pos="rope2d"`` model,
     whose 2-D rotary angles place token ``p`` at row ``p // cols`` of its ``config.grid`` (other models: only
@@ -103,10 +118,12 @@ def raster_loss(
     dropout in its batch stream instead (:func:`condition_dropout_batches`), for the global batch.
 
     Raises:
-        TypeError: ``p_uncond`` is not a number.
-        ValueError: ``token_maps`` not a ``(B, rows, cols)`` long tensor on the model's grid
-            (:func:`check_model_grid`), ``p_uncond`` outside ``[0, 1]``, or as :meth:`GPT.forward` (ids, classes).
+        TypeError: ``model`` is not a GPT, ``p_uncond`` not a number, or as :func:`condition_dropout`.
+        ValueError: a GPT without classes, ``token_maps`` not a ``(B, rows, cols)`` long tensor on the model's
+            grid (:func:`check_model_grid`), ``p_uncond`` outside ``[0, 1]``, classes outside ``[0, n_classes]``
+            (checked before the dropout), or as :meth:`GPT.forward` (ids, classes).
     """
+    _check_model(model)
     p_uncond = check_number("p_uncond", p_uncond, 0, 1)
     seq = to_raster(token_maps)  # (B, L)
     check_model_grid(model, "token_maps", token_maps.shape)
@@ -143,6 +160,7 @@ def token_losses(model: GPT, token_maps: torch.Tensor, classes: torch.Tensor) ->
 
     Shows where in the image the model is unsure (the first rows are the blank border of MNIST). Raises as
     :func:`raster_loss`."""
+    _check_model(model)
     seq = to_raster(token_maps)  # (B, L)
     check_model_grid(model, "token_maps", token_maps.shape)
     B, h, w = token_maps.shape
@@ -175,7 +193,8 @@ def generate_tokens(
     Raises ``ValueError`` for ``classes`` that are not a non-empty ``(B,)`` long tensor in ``[0, n_classes]``,
     a ``grid`` that is not two sides ``>= 1`` or differs from the grid of a ``pos="rope2d"`` model
     (:func:`check_model_grid`), and as :meth:`GPT.generate` for the rest; ``TypeError`` for arguments of the
-    wrong type."""
+    wrong type (a ``model`` that is not a class-conditional GPT)."""
+    _check_model(model)
     check_ids("classes", classes, model.config.n_classes + 1, ("B",))
     rows, cols = check_grid("grid", grid)
     check_model_grid(model, "grid", (rows, cols))
@@ -203,8 +222,10 @@ def generate_images(
     ``seed`` seeds one generator (on the model's device) for the whole call; ``None`` uses torch's global
     generator. Work runs in chunks of ``batch_size`` classes, and the samples depend on the chunking, so
     keep ``batch_size`` fixed when comparing runs. Raises as :func:`generate_tokens` and :func:`check_tokenizer`
-    (a ``tokenizer`` that is not a :class:`VQVAE` of the model's codes and grid), and for a ``seed`` or
-    ``batch_size`` that is not an integer (``TypeError``) or a ``batch_size < 1`` (``ValueError``)."""
+    (a ``tokenizer`` that is not a :class:`VQVAE` of the model's codes and grid), for a ``model`` that is not a
+    GPT (``TypeError``, e.g. the arguments swapped), and for a ``seed`` or ``batch_size`` that is not an integer
+    (``TypeError``) or a ``batch_size < 1`` (``ValueError``)."""
+    _check_model(model)
     check_ids("classes", classes, model.config.n_classes + 1, ("B",))
     side = check_tokenizer(tokenizer, model)
     batch_size = check_int("batch_size", batch_size, lo=1)

@@ -22,13 +22,16 @@ from typing import Sequence
 
 import torch
 
-from ar_course.tokenizers import MultiScaleVQ
+from ar_course.tokenizers import VQVAE, MultiScaleVQ
 from ar_course.tokenizers import functional as Fq
 from ar_course.utils import check_bool, check_ids, check_int, check_number
 
 
 def _check_scales(scales: Sequence[int]) -> tuple[int, ...]:
-    scales = tuple(int(s) for s in scales)
+    """``scales`` as a tuple of ints (``TypeError`` for a side that is not an integer, e.g. ``2.5``)."""
+    if isinstance(scales, (str, bytes)) or not hasattr(scales, "__iter__"):
+        raise TypeError(f"scales must be a sequence of integer sides, got {scales!r}")
+    scales = tuple(check_int(f"scales[{i}]", s) for i, s in enumerate(scales))
     if not scales or any(s < 1 for s in scales):
         raise ValueError(f"scales must be a non-empty sequence of sides >= 1, got {scales}")
     return scales
@@ -43,13 +46,47 @@ def scale_bounds(scales: Sequence[int]) -> list[tuple[int, int]]:
     return bounds
 
 
+def check_vq(vq: MultiScaleVQ) -> MultiScaleVQ:
+    """``vq`` if it is a :class:`MultiScaleVQ`; else ``TypeError`` (with a hint for a whole :class:`VQVAE`:
+    pass its ``.quantizer``). No values read."""
+    if not isinstance(vq, MultiScaleVQ):
+        hint = " (pass tokenizer.quantizer)" if isinstance(vq, VQVAE) else ""
+        raise TypeError(f"vq must be a MultiScaleVQ, got {type(vq).__name__}{hint}")
+    return vq
+
+
 def flatten_pyramids(pyramids: list[torch.Tensor]) -> torch.Tensor:
-    """``(N, L)`` long: the pyramids' tokens scale by scale (so a batch can be drawn with one index)."""
+    """``(N, L)`` long: the pyramids' tokens scale by scale (so a batch can be drawn with one index).
+
+    ``pyramids``: one ``(N, s_k, s_k)`` map per scale.
+
+    Raises:
+        TypeError: ``pyramids`` is not a list of tensors.
+        ValueError: it is empty.
+    """
+    if not isinstance(pyramids, (list, tuple)):
+        raise TypeError(f"pyramids must be a list of (N, s, s) maps, one per scale, got {type(pyramids).__name__}")
+    if not pyramids:
+        raise ValueError("pyramids must hold at least one (N, s, s) map, got an empty list")
+    for k, p in enumerate(pyramids):
+        if not isinstance(p, torch.Tensor):
+            raise TypeError(f"pyramids[{k}] must be a (N, s, s) tensor, got {type(p).__name__}")
     return torch.cat([p.flatten(1) for p in pyramids], dim=1)  # (N, L)
 
 
 def unflatten_pyramids(tokens: torch.Tensor, scales: tuple[int, ...]) -> list[torch.Tensor]:
-    """Inverse of :func:`flatten_pyramids`: ``(B, L)`` -> one ``(B, s_k, s_k)`` map per scale."""
+    """Inverse of :func:`flatten_pyramids`: ``(B, L)`` -> one ``(B, s_k, s_k)`` map per scale.
+
+    Raises:
+        TypeError: ``tokens`` is not a tensor, or a scale not an integer.
+        ValueError: ``tokens`` not ``(B, L)`` with exactly ``L = sum_k s_k^2`` tokens per row.
+    """
+    scales = _check_scales(scales)
+    L = sum(s * s for s in scales)
+    if not isinstance(tokens, torch.Tensor):
+        raise TypeError(f"tokens must be a (B, {L}) tensor for scales {scales}, got {type(tokens).__name__}")
+    if tokens.ndim != 2 or tokens.shape[1] != L:
+        raise ValueError(f"tokens must be (B, {L}) for scales {scales} (sum of s^2), got {tuple(tokens.shape)}")
     out, begin = [], 0
     for s in scales:
         out.append(tokens[:, begin:begin + s * s].reshape(-1, s, s))  # (B, s, s)
@@ -107,8 +144,18 @@ def scale_step(
     ``tokens``: ``(B, s_k * s_k)`` long, row-major; ``f_hat``: the canvas ``(B, D, H, H)`` after scales
     ``0 .. k-1`` (``None`` before the first scale). Returns the new canvas ``(B, D, H, H)`` and the input of
     scale ``k + 1``: the new canvas area-downsampled to ``s_{k+1}`` and flattened row-major to
-    ``(B, s_{k+1}^2, D)`` (``None`` after the last scale)."""
+    ``(B, s_{k+1}^2, D)`` (``None`` after the last scale).
+
+    Raises:
+        TypeError: ``vq`` is not a :class:`MultiScaleVQ` (a whole VQVAE: pass ``tokenizer.quantizer``), ``k`` not
+            an integer, ``tokens`` not a tensor.
+        ValueError: ``k`` outside ``[0, S)`` or ``tokens`` not ``(B, s_k^2)``.
+    """
+    check_vq(vq)
+    k = check_int("k", k, 0, len(vq.scales) - 1)
     s = vq.scales[k]
+    if not isinstance(tokens, torch.Tensor):
+        raise TypeError(f"tokens must be a (B, {s * s}) long tensor for scale {k}, got {type(tokens).__name__}")
     if tokens.ndim != 2 or tokens.shape[1] != s * s:
         raise ValueError(f"scale {k} needs tokens (B, {s * s}), got {tuple(tokens.shape)}")
     f_hat = vq.accumulate(f_hat, k, tokens.view(tokens.shape[0], s, s))  # (B, D, H, H)
@@ -123,11 +170,22 @@ def teacher_forcing_sequence(vq: MultiScaleVQ, indices: Sequence[torch.Tensor]) 
 
     Returns ``inputs`` ``(B, L - 1, D)``: for ``k = 1 .. S-1`` the canvas after scales ``0 .. k-1``
     area-downsampled to ``s_k``, row-major (the start token, position 0, comes from the class and is not
-    here); and ``targets`` ``(B, L)`` long: every scale's tokens, row-major, coarse to fine."""
+    here); and ``targets`` ``(B, L)`` long: every scale's tokens, row-major, coarse to fine.
+
+    Raises:
+        TypeError: ``vq`` is not a :class:`MultiScaleVQ` (pass ``tokenizer.quantizer``), ``indices`` not a list of
+            tensors.
+        ValueError: another number of maps than scales, or as :func:`scale_step`.
+    """
+    check_vq(vq)
+    if not isinstance(indices, (list, tuple)):
+        raise TypeError(f"indices must be a list of (B, s, s) maps, one per scale, got {type(indices).__name__}")
     if len(indices) != len(vq.scales):
         raise ValueError(f"expected {len(vq.scales)} index maps, got {len(indices)}")
     f_hat, inputs = None, []
     for k, idx in enumerate(indices):
+        if not isinstance(idx, torch.Tensor):
+            raise TypeError(f"indices[{k}] must be a (B, s, s) long tensor, got {type(idx).__name__}")
         f_hat, nxt = scale_step(vq, f_hat, k, idx.flatten(1))
         if nxt is not None:
             inputs.append(nxt)

@@ -44,7 +44,7 @@ class VARConfig:
     """Hyper-parameters of :class:`VAR`.
 
     Raises:
-        TypeError: a size that is not an integer.
+        TypeError: a size, ``n_classes`` or a scale that is not an integer (``2.5``, ``"3"``).
         ValueError: a size ``< 1``, scales that do not increase, an unknown ``cond``, ``n_classes < 1``, or as
             :class:`GPTConfig` (``n_embd`` not divisible by ``n_head``...).
     """
@@ -64,11 +64,15 @@ class VARConfig:
     def __post_init__(self) -> None:
         for name in ("vocab_size", "latent_dim", "n_layer", "n_head", "n_embd"):
             setattr(self, name, check_int(name, getattr(self, name), lo=1))
-        self.scales = tuple(int(s) for s in self.scales)  # JSON gives lists back
+        if isinstance(self.scales, (str, bytes)) or not hasattr(self.scales, "__iter__"):
+            raise TypeError(f"scales must be a sequence of increasing integer sides, got {self.scales!r}")
+        # a tuple of ints (JSON gives lists back); a side 2.5 is refused, not truncated to 2
+        self.scales = tuple(check_int(f"scales[{i}]", s) for i, s in enumerate(self.scales))
         if not self.scales or any(a >= b for a, b in zip(self.scales, self.scales[1:])) or self.scales[0] < 1:
             raise ValueError(f"scales must be increasing sides >= 1, got {self.scales}")
         if self.cond not in ("ada", "token"):
             raise ValueError(f"cond must be 'ada' or 'token', got {self.cond!r}")
+        self.n_classes = check_int("n_classes", self.n_classes)
         if self.n_classes < 1:
             raise ValueError(f"VAR is class-conditional: n_classes must be >= 1, got {self.n_classes}")
         self.gpt_config()  # validates n_embd / n_head / mlp / attn
@@ -123,6 +127,9 @@ class VAR(nn.Module):
     earlier scales from a :class:`KVCache`. ``generate(vq, classes, ...)``: a token pyramid in ``S`` passes."""
 
     def __init__(self, config: VARConfig) -> None:
+        if not isinstance(config, VARConfig):
+            hint = " (build one with VARConfig(**d) or VARConfig.from_dict(d))" if isinstance(config, dict) else ""
+            raise TypeError(f"config must be a VARConfig, got {type(config).__name__}{hint}")
         super().__init__()
         self.config = config
         C, gpt = config.n_embd, config.gpt_config()
@@ -187,7 +194,17 @@ class VAR(nn.Module):
         return self.head(self.head_norm(x, cond))  # (B, T, V)
 
     def start_token(self, classes: torch.Tensor) -> torch.Tensor:
-        """The start token ``(B, 1, C)`` of ``classes`` ``(B,)``."""
+        """The start token ``(B, 1, C)`` of ``classes`` ``(B,)`` (``n_classes`` = the null class).
+
+        Raises:
+            TypeError: ``classes`` is not a tensor.
+            ValueError: ``classes`` not a non-empty ``(B,)`` long tensor in ``[0, n_classes]`` (one host sync).
+        """
+        self._check_classes(classes)
+        return self._start_token(classes)
+
+    def _start_token(self, classes: torch.Tensor) -> torch.Tensor:
+        """:meth:`start_token` of classes already checked."""
         return (self.class_emb(classes) + self.start)[:, None, :]  # (B, 1, C)
 
     def _embed_inputs(self, x: torch.Tensor) -> torch.Tensor:
@@ -214,7 +231,7 @@ class VAR(nn.Module):
                 or not inputs.is_floating_point()):
             raise ValueError(f"{want}, got {tuple(inputs.shape)} {inputs.dtype}")
         self._check_classes(classes, inputs.shape[0])
-        x = torch.cat([self.start_token(classes), self._embed_inputs(inputs)], dim=1)  # (B, L, C)
+        x = torch.cat([self._start_token(classes), self._embed_inputs(inputs)], dim=1)  # (B, L, C)
         return self._run(x, self.class_emb(classes), 0, self.mask, None)
 
     def step(self, k: int, x: torch.Tensor | None, classes: torch.Tensor, cache: KVCache | StaticKVCache, *,
@@ -227,16 +244,28 @@ class VAR(nn.Module):
         on the device and is not read back); it is advanced by ``s_k^2``. No mask: the cache holds only earlier
         scales (a static cache masks its unused positions itself).
         ``run``: what computes the pass, called like ``self._run`` (default; e.g. its ``torch.compile``d version,
-        or a wrapper that counts the passes)."""
-        if not 0 <= k < self.config.num_scales:
-            raise ValueError(f"k must lie in [0, {self.config.num_scales - 1}], got {k}")
+        or a wrapper that counts the passes).
+
+        Raises:
+            TypeError: ``k`` not an integer, ``cache`` not a :class:`KVCache` or :class:`StaticKVCache`
+                (``model.make_cache(B)``), ``classes`` not a tensor.
+            ValueError: ``k`` outside ``[0, S)``, a cache that does not hold scales ``0 .. k-1`` or holds another
+                number of rows than ``classes``, bad ``classes`` or ``x``.
+        """
+        k = check_int("k", k, 0, self.config.num_scales - 1)
+        if not isinstance(cache, (KVCache, StaticKVCache)):
+            raise TypeError(f"cache must be a KVCache or StaticKVCache (model.make_cache(batch_size)), got "
+                            f"{type(cache).__name__}")
         begin, end = self.bounds[k]
         if isinstance(cache, KVCache) and cache.length != begin:
             raise ValueError(f"scale {k} starts at position {begin} but the cache holds {cache.length}")
         self._check_classes(classes)
         B = classes.shape[0]
+        if cache.batch_size != B:
+            raise ValueError(f"cache holds {cache.batch_size} rows but classes has {B}: build it with "
+                             f"model.make_cache({B})")
         if k == 0:
-            h = self.start_token(classes)  # (B, 1, C)
+            h = self._start_token(classes)  # (B, 1, C)
         else:
             if (not isinstance(x, torch.Tensor) or tuple(x.shape) != (B, end - begin, self.config.latent_dim)
                     or not x.is_floating_point()):
@@ -315,11 +344,13 @@ def sample_pyramid(
     Returns one ``(B, s_k, s_k)`` long map per scale.
 
     Raises:
-        TypeError: ``vq`` is not a :class:`MultiScaleVQ`, ``sampling`` not a ``SamplingConfig``, ``known`` not a
-            list, or a number or flag of the wrong type.
+        TypeError: ``model`` is not a :class:`VAR`, ``vq`` not a :class:`MultiScaleVQ`, ``sampling`` not a
+            ``SamplingConfig``, ``known`` not a list, ``known_mask`` neither a tensor nor a list, or a number or
+            flag of the wrong type.
         ValueError: ``classes`` not a non-empty ``(B,)`` long tensor in ``[0, n_classes]``, a tokenizer whose
             scales, codebook or latent size differ from the model's, a non-finite ``cfg``, an unknown ``cache``
             (or a StaticKVCache of another size), or inpainting maps of the wrong number, shape, dtype or range."""
+    _check_model(model)
     c = model.config
     check_tokenizer(vq, c)
     model._check_classes(classes)
@@ -347,6 +378,13 @@ def sample_pyramid(
     return pyramid
 
 
+def _check_model(model: VAR) -> None:
+    """``TypeError`` unless ``model`` is a :class:`VAR` (or its ``torch.compile``d wrapper); no values read."""
+    if not isinstance(getattr(model, "_orig_mod", model), VAR):
+        hint = " (pass the model first, then the tokenizer)" if isinstance(model, (VQVAE, MultiScaleVQ)) else ""
+        raise TypeError(f"model must be a VAR, got {type(model).__name__}{hint}")
+
+
 def check_tokenizer(vq: MultiScaleVQ, c: VARConfig) -> None:
     """``vq`` is a :class:`MultiScaleVQ` with the scales, codebook size and latent size of the model of config ``c``.
 
@@ -354,9 +392,7 @@ def check_tokenizer(vq: MultiScaleVQ, c: VARConfig) -> None:
         TypeError: ``vq`` is not a :class:`MultiScaleVQ` (a whole :class:`VQVAE`, say: pass its ``.quantizer``).
         ValueError: its scales, number of codes or code size differ from the model's.
     """
-    if not isinstance(vq, MultiScaleVQ):
-        hint = " (pass tokenizer.quantizer)" if isinstance(vq, VQVAE) else ""
-        raise TypeError(f"vq must be a MultiScaleVQ, got {type(vq).__name__}{hint}")
+    ref.check_vq(vq)
     if (tuple(vq.scales), vq.num_codes, vq.dim) != (c.scales, c.vocab_size, c.latent_dim):
         raise ValueError(f"the tokenizer (scales {tuple(vq.scales)}, {vq.num_codes} codes of size {vq.dim}) does "
                          f"not match the model (scales {c.scales}, {c.vocab_size} codes of size {c.latent_dim})")
@@ -391,7 +427,13 @@ def _check_inpainting(known: list[torch.Tensor] | None, known_mask: torch.Tensor
     if known is None or known_mask is None:
         raise ValueError("inpainting needs both known (a token pyramid) and known_mask")
     check_pyramid("known", known, c, B, dtype=None)
-    masks = ref.scale_masks(known_mask, c.scales) if isinstance(known_mask, torch.Tensor) else list(known_mask)
+    if isinstance(known_mask, torch.Tensor):
+        masks = ref.scale_masks(known_mask, c.scales)
+    elif isinstance(known_mask, (list, tuple)):
+        masks = list(known_mask)
+    else:
+        raise TypeError(f"known_mask must be a (B, {c.scales[-1]}, {c.scales[-1]}) bool tensor or a list of one "
+                        f"(B, s, s) bool map per scale, got {type(known_mask).__name__}")
     if len(masks) != c.num_scales:
         raise ValueError(f"known_mask must hold {c.num_scales} maps for scales {c.scales}, got {len(masks)}")
     for k, (s, mask) in enumerate(zip(c.scales, masks)):
@@ -421,7 +463,9 @@ def generate_images(
     ``seed`` seeds one generator for the whole call (``None``: torch's global one); work runs in chunks of
     ``batch_size``, and samples depend on the chunking. Raises as :func:`sample_pyramid`, for a ``tokenizer``
     that is not a :class:`VQVAE` (``TypeError``; its ``.quantizer`` goes to :func:`sample_pyramid`), and for a
-    ``seed`` or ``batch_size`` that is not an integer (``TypeError``) or a ``batch_size < 1`` (``ValueError``)."""
+    ``seed`` or ``batch_size`` that is not an integer (``TypeError``) or a ``batch_size < 1`` (``ValueError``),
+    and for a ``model`` that is not a :class:`VAR` (``TypeError``)."""
+    _check_model(model)
     model._check_classes(classes)
     if not isinstance(tokenizer, VQVAE):
         raise TypeError(f"tokenizer must be a VQVAE, got {type(tokenizer).__name__}")
