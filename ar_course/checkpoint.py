@@ -30,14 +30,17 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import json
+import numbers
+import os
 from pathlib import Path
 from typing import Any, TypeVar
 
+import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from ar_course.files import atomic_path
+from ar_course.files import _file_path, atomic_path
 from ar_course.utils import check_finite, get_device
 
 ASSETS: Path = Path(__file__).resolve().parent / "assets"
@@ -93,25 +96,75 @@ def _to_dict(config: Any) -> dict:
     raise TypeError(f"config must be a dataclass or dict, got {type(config).__name__}")
 
 
+def _plain(value: Any) -> Any:
+    """``json.dumps``'s ``default``: a NumPy scalar or a 0-d tensor as the Python number it holds."""
+    if isinstance(value, np.generic) and isinstance(value.item(), (bool, numbers.Real)):
+        return value.item()
+    if isinstance(value, torch.Tensor) and value.ndim == 0:
+        return value.item()
+    raise TypeError(f"got {type(value).__name__}" + (f" of shape {tuple(value.shape)}" if hasattr(value, "shape")
+                                                     else ""))
+
+
+def _json(what: str, values: dict) -> str:
+    """``values`` as JSON, NumPy scalars and 0-d tensors as Python numbers; ``TypeError`` naming the key of a
+    value JSON cannot hold (``what``: ``"config"`` or ``"extra"``)."""
+    try:
+        return json.dumps(values, default=_plain)
+    except (TypeError, ValueError):  # find the key to blame
+        for key, value in values.items():
+            try:
+                json.dumps(value, default=_plain)
+            except (TypeError, ValueError) as exc:
+                try:
+                    shown = f"{value!r:.80}"
+                except ValueError:  # an int too long for str()
+                    shown = type(value).__name__
+                raise TypeError(f"save_checkpoint: {what} value {key}={shown} cannot be stored as JSON "
+                                f"({exc}); use numbers, strings, bools, None, lists and dicts of them") from None
+        raise
+
+
+def _state_dict(model: object) -> dict[str, torch.Tensor]:
+    """``model``'s state dict (a module) or ``model`` itself (a dict of tensors); ``TypeError`` otherwise."""
+    if isinstance(model, torch.nn.Module):
+        return model.state_dict()
+    if not isinstance(model, dict):
+        raise TypeError(f"model must be a torch.nn.Module or a state dict (a dict of tensors), got "
+                        f"{type(model).__name__}")
+    for key, value in model.items():
+        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
+            raise TypeError(f"model must be a torch.nn.Module or a state dict (str -> tensor), got "
+                            f"{key!r}: {type(value).__name__}")
+    return model
+
+
 def save_checkpoint(
     path: str | Path, model: torch.nn.Module | dict, config: Any = None, kind: str = "", **extra: Any
 ) -> Path:
     """Write ``model``'s weights (a module or a state dict) and ``config`` to ``path`` (safetensors).
 
     Shared storage (tied weights) is cloned so the file is self-contained. ``extra`` values must be
-    JSON-serialisable (e.g. training history summary). The file appears complete or not at all (written to a
-    temporary file beside ``path``, then renamed). Under ``torchrun`` only rank 0 writes.
+    JSON-serialisable (e.g. training history summary); NumPy scalars and 0-d tensors are stored as the
+    Python numbers they hold. The file appears complete or not at all (written to a temporary file beside
+    ``path``, then renamed). Under ``torchrun`` only rank 0 writes.
 
     Raises:
+        TypeError: ``path`` is not a str or path, ``model`` is neither a module nor a dict of tensors, ``kind``
+            is not a str, or a ``config`` or ``extra`` value cannot be stored as JSON (the key is named).
+        ValueError: ``path`` is empty or names a folder.
         NonFiniteWeightsError: a floating-point tensor holds NaN or inf (nothing is written, an earlier file at
             ``path`` stays).
     """
     from ar_course.distributed import is_main_process
 
-    path = Path(path)
+    path = _file_path(path, "checkpoint")
     if not is_main_process():
         return path
-    state = model.state_dict() if isinstance(model, torch.nn.Module) else model
+    if not isinstance(kind, str):
+        raise TypeError(f"kind must be a str such as 'lm' or 'var', got {kind!r} ({type(kind).__name__})")
+    state = _state_dict(model)
+    metadata = {"config": _json("config", _to_dict(config)), "kind": kind, "extra": _json("extra", extra)}
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
     for k, v in tensors.items():
         try:
@@ -119,17 +172,24 @@ def save_checkpoint(
                 check_finite(k, v)
         except ValueError as exc:
             raise NonFiniteWeightsError(f"{exc}; nothing was written to {path}") from None
-    metadata = {"config": json.dumps(_to_dict(config)), "kind": kind, "extra": json.dumps(extra)}
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
     return path
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[dict, dict]:
-    """Read a checkpoint written by :func:`save_checkpoint`.
+    """Read a checkpoint written by :func:`save_checkpoint`, its tensors on ``device`` (``"auto"`` allowed).
 
-    Returns ``(state_dict, {"config": dict, "kind": str, "extra": dict})``."""
-    path = Path(path)
+    Returns ``(state_dict, {"config": dict, "kind": str, "extra": dict})``.
+
+    Raises:
+        CheckpointError: the file is missing, corrupted or truncated.
+        TypeError: ``path`` is not a str or path, or ``device`` not a str or ``torch.device``.
+        ValueError, RuntimeError: a ``device`` torch does not know (``"gpu"``) or that this machine lacks,
+            from :func:`~ar_course.utils.get_device`, before the file is read.
+    """
+    path = _path_arg("path", path)
+    device = _device(device)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
@@ -151,9 +211,27 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
 def register_kind(kind: str, model: type | str, config: type | str) -> None:
     """Let :func:`load` rebuild checkpoints of ``kind``: ``model(config_from_dict(config, stored_config))``.
 
-    ``model`` and ``config`` are classes or ``"module:Name"`` strings (imported when first needed)."""
+    ``model`` and ``config`` are classes or ``"module:Name"`` strings (imported when first needed).
+
+    Raises:
+        TypeError: ``model`` or ``config`` is neither a class nor a str, or ``config`` a class that is not a
+            dataclass.
+        ValueError: ``kind`` is not a non-empty str, or a string target is not of the form ``"module:Name"``.
+    """
     if not isinstance(kind, str) or not kind:
         raise ValueError(f"kind must be a non-empty string, got {kind!r}")
+    for name, target in (("model", model), ("config", config)):
+        if isinstance(target, str):
+            module, _, attr = target.partition(":")
+            if not module or not attr.isidentifier() or not all(p.isidentifier() for p in module.split(".")):
+                raise ValueError(f"register_kind: {name} must be a class or a 'module:Name' string such as "
+                                 f"'ar_course.var.model:VAR', got {target!r}")
+        elif not isinstance(target, type):
+            raise TypeError(f"register_kind: {name} must be a class or a 'module:Name' string, got {target!r} "
+                            f"({type(target).__name__})")
+    if isinstance(config, type) and not dataclasses.is_dataclass(config):
+        raise TypeError(f"register_kind: config must be a dataclass (built with config_from_dict), got "
+                        f"{config.__name__}")
     KINDS[kind] = (model, config)
 
 
@@ -167,7 +245,8 @@ def resolve(name_or_path: str | Path) -> Path:
 
     Raises :class:`CheckpointError` when neither exists: ``PATH is a folder`` for a folder, ``no checkpoint at
     PATH`` for something that looks like a path (a :class:`Path`, a folder separator, a suffix), else ``unknown
-    checkpoint name ...``."""
+    checkpoint name ...``; ``TypeError`` for something that is not a str or path, ``ValueError`` for ``""``."""
+    name_or_path = _path_arg("name_or_path", name_or_path, keep_str=True)
     text = str(name_or_path)
     name = ALIASES.get(text, text)
     if isinstance(name_or_path, str) and name in available():
@@ -190,12 +269,29 @@ def info(name_or_path: str | Path) -> dict:
     return {"kind": meta["kind"], "config": meta["config"], **meta["extra"]}
 
 
-def _import(target: type | str) -> type:
-    """A class given as itself or as ``"module:Name"``."""
+def _path_arg(name: str, value: object, keep_str: bool = False) -> str | Path:
+    """``value`` (a ``str`` or :class:`os.PathLike`, not empty) as a :class:`Path`, or kept as it is with
+    ``keep_str`` (a str may be a shipped name); ``TypeError`` or ``ValueError`` naming the argument."""
+    if not isinstance(value, (str, os.PathLike)):
+        raise TypeError(f"{name} must be a checkpoint name or path (str or Path), got {value!r} "
+                        f"({type(value).__name__})")
+    if str(value) == "":
+        raise ValueError(f"{name} is empty: name a shipped checkpoint (see checkpoint.available()) or a "
+                         f".safetensors file")
+    return value if keep_str else Path(value)
+
+
+def _import(target: type | str, kind: str) -> type:
+    """A class given as itself or as ``"module:Name"``; :class:`CheckpointError` naming ``kind`` and the target
+    when it cannot be imported."""
     if not isinstance(target, str):
         return target
     module, _, name = target.partition(":")
-    return getattr(importlib.import_module(module), name)
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as exc:
+        raise CheckpointError(f"checkpoint kind {kind!r}: cannot import {target!r} ({type(exc).__name__}: "
+                              f"{exc})") from None
 
 
 def _build(path: Path, meta: dict, kind: str | None) -> torch.nn.Module:
@@ -205,7 +301,10 @@ def _build(path: Path, meta: dict, kind: str | None) -> torch.nn.Module:
     if meta["kind"] not in KINDS:
         raise CheckpointError(f"{path} holds a {meta['kind']!r} checkpoint, which load() does not know; known "
                               f"kinds: {sorted(KINDS)} (add one with register_kind)")
-    model_cls, config_cls = (_import(t) for t in KINDS[meta["kind"]])
+    model_cls, config_cls = (_import(t, meta["kind"]) for t in KINDS[meta["kind"]])
+    if not dataclasses.is_dataclass(config_cls) or not isinstance(config_cls, type):
+        raise CheckpointError(f"checkpoint kind {meta['kind']!r}: its config {KINDS[meta['kind']][1]!r} is not a "
+                              f"dataclass")
     try:
         return model_cls(config_from_dict(config_cls, meta["config"]))
     except (TypeError, ValueError) as exc:
@@ -218,6 +317,8 @@ def _device(device: str | torch.device) -> torch.device:
     if not isinstance(device, (str, torch.device)):
         raise TypeError(f"device must be a str or torch.device such as 'cpu', 'cuda' or 'auto', got {device!r} "
                         f"({type(device).__name__})")
+    if isinstance(device, str) and not device.strip():  # get_device would read "" as "auto"
+        raise ValueError(f"device is empty: use 'cpu', 'cuda', 'cuda:N' or 'auto', got {device!r}")
     return get_device(device)
 
 

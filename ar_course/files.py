@@ -24,12 +24,9 @@ def check_output_path(path: str | Path, suffix: str | tuple[str, ...] | None = N
     Missing parent folders are fine (writers create them) as long as the nearest existing ancestor is a
     writable folder. Rejected: a path that names a folder, a parent that is a regular file, a place this
     process cannot write to (probed by creating and removing a temporary file, which also catches read-only
-    file systems and root-owned folders), and -- with ``suffix`` -- a wrong file extension."""
-    path = Path(path)
-    if str(path) in ("", "."):
-        raise ValueError(f"{what} path is empty")
-    if path.is_dir():
-        raise ValueError(f"{what} {str(path)!r} is a folder; name a file inside it")
+    file systems and root-owned folders), and -- with ``suffix`` -- a wrong file extension. A ``path`` that is
+    not a ``str`` or :class:`os.PathLike` raises ``TypeError``."""
+    path = _file_path(path, what)
     if suffix is not None:
         suffixes = (suffix,) if isinstance(suffix, str) else suffix
         if path.suffix.lower() not in suffixes:
@@ -51,11 +48,27 @@ def check_output_path(path: str | Path, suffix: str | tuple[str, ...] | None = N
     return path
 
 
+def _file_path(path: object, what: str) -> Path:
+    """``path`` as a :class:`Path` that may name a file: ``TypeError`` for something that is not a ``str`` or
+    :class:`os.PathLike`, ``ValueError`` for an empty path or a folder (``what`` names it in the message)."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"{what} path must be a str or os.PathLike, got {path!r} ({type(path).__name__})")
+    path = Path(path)
+    if str(path) in ("", "."):
+        raise ValueError(f"{what} path is empty")
+    if path.is_dir():
+        raise ValueError(f"{what} {str(path)!r} is a folder; name a file inside it")
+    return path
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on normal exit it is renamed to ``path`` (atomic on POSIX and
-    Windows), on an exception it is removed and ``path`` is left as it was. Creates missing parent folders."""
-    path = Path(path)
+    Windows), on an exception it is removed and ``path`` is left as it was. Creates missing parent folders.
+
+    Raises ``TypeError`` for a ``path`` that is not a ``str`` or :class:`os.PathLike` and ``ValueError`` for an
+    empty path or one that names a folder, before anything is written."""
+    path = _file_path(path, "output")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
@@ -90,7 +103,7 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
 def save_figure(fig, path: str | Path, **savefig_kwargs) -> Path:
     """Save a matplotlib figure to ``path`` through :func:`atomic_path` (the format from the suffix, ``.png``
     when there is none); ``savefig_kwargs`` go to ``fig.savefig`` (e.g. ``dpi=110``). Returns ``path``."""
-    path = Path(path)
+    path = _file_path(path, "figure")
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format=path.suffix.lstrip(".") or "png", **savefig_kwargs)
     return path

@@ -267,6 +267,11 @@ def _as_classes(classes: torch.Tensor | Sequence[int]) -> torch.Tensor:
     if classes.ndim != 1 or classes.is_floating_point() or classes.is_complex() or classes.dtype == torch.bool:
         raise ValueError(f"classes must be a 1-D sequence of ints, got shape {tuple(classes.shape)} "
                          f"{classes.dtype}")
+    if classes.dtype == getattr(torch, "uint64", None):  # .long() would wrap 2**63 and up to negative numbers
+        wrapped = classes.long()
+        if bool((wrapped < 0).any()):
+            raise ValueError(f"classes must be ints that fit in int64, got {int(wrapped[wrapped < 0][0]) + 2**64}")
+        return wrapped
     return classes.long()
 
 
@@ -583,7 +588,11 @@ class Generator:
 
         Raises ``ValueError`` before any work for classes outside ``[0, num_classes)``, a method or
         speculative kind whose models this Generator lacks, more ``neighbors`` than the codebook has, or
-        ``graphs=True`` on a Generator that is not on a CUDA device."""
+        ``graphs=True`` on a Generator that is not on a CUDA device; ``TypeError`` for a ``request`` that is
+        not a :class:`GenerationRequest` (:meth:`generate` takes the options as keywords)."""
+        if not isinstance(request, GenerationRequest):
+            raise TypeError(f"request must be a GenerationRequest (or call generate(classes, **options)), got "
+                            f"{type(request).__name__}")
         strategy = self._strategy(request)
         device, n = self.device, int(request.classes.numel())
         if request.graphs and device.type != "cuda":

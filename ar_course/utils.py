@@ -27,7 +27,15 @@ import torch
 
 
 def seed_everything(seed: int) -> torch.Generator:
-    """Seed Python, NumPy and torch (CPU and CUDA); return a CPU ``torch.Generator`` seeded the same."""
+    """Seed Python, NumPy and torch (CPU and CUDA); return a CPU ``torch.Generator`` seeded the same.
+
+    ``seed`` is any integer a ``torch.Generator`` takes (:data:`SEED_RANGE`); NumPy, which takes
+    ``[0, 2**32)``, gets ``seed % 2**32``.
+
+    Raises:
+        TypeError, ValueError: as :func:`check_seed` (``seed=1.5``, ``seed="3"``, ``seed=2**64``).
+    """
+    seed = check_seed(seed)
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
@@ -42,7 +50,8 @@ def get_device(prefer: str | None = None) -> torch.device:
 
     Raises:
         ValueError: ``prefer`` is not a device torch knows (``"gpu"``...).
-        RuntimeError: a CUDA device is asked for on a machine without one.
+        RuntimeError: a CUDA or MPS device is asked for on a machine without one (``"meta"``, torch's
+            device without data, is always allowed).
     """
     choice = prefer or os.environ.get("AR_COURSE_DEVICE")
     if choice and choice != "auto":
@@ -52,6 +61,8 @@ def get_device(prefer: str | None = None) -> torch.device:
             raise ValueError(f"unknown device {choice!r}: use 'cpu', 'cuda', 'cuda:N' or 'auto'") from None
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise RuntimeError(f"device {choice!r} requested but CUDA is not available")
+        if dev.type == "mps" and not torch.backends.mps.is_available():
+            raise RuntimeError(f"device {choice!r} requested but MPS (Apple GPU) is not available")
         return dev
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -134,13 +145,18 @@ def check_number(
 
     Raises:
         TypeError: ``value`` is not a real number (a bool, string, ``None``, complex, a tensor of several values).
-        ValueError: it is NaN, infinite or out of bounds: ``temperature must be a finite number >= 0, got nan``.
+        ValueError: it is NaN, infinite, too large for a float (``10**400``) or out of bounds:
+            ``temperature must be a finite number >= 0, got nan``.
     """
     what = f"{name} must be a finite number{_interval(lo, hi, lo_open, hi_open)}"
     is_scalar_tensor = isinstance(value, torch.Tensor) and value.ndim == 0 and not value.is_complex()
     if _is_bool(value) or not (isinstance(value, numbers.Real) or is_scalar_tensor):
         raise TypeError(f"{what}, got {value!r} ({type(value).__name__})")
-    x = float(value)
+    try:
+        x = float(value)
+    except OverflowError:  # an int (or Fraction) beyond float's range; str() of a huge int may itself fail
+        size = f"about 2**{abs(value).bit_length() - 1}" if isinstance(value, int) else type(value).__name__
+        raise ValueError(f"{what}, got a number too large for a float ({size})") from None
     if not math.isfinite(x) or _outside(x, lo, hi, lo_open, hi_open):
         raise ValueError(f"{what}, got {x}")
     return x
@@ -150,12 +166,15 @@ def check_int(name: str, value: object, lo: int | None = None, hi: int | None = 
     """``value`` as an ``int`` in ``[lo, hi]``. Accepts Python and NumPy integers (and 0-d integer tensors).
 
     Raises:
-        TypeError: ``value`` is not an integer (a float, even ``5.0``; a bool; a string; ``None``).
+        TypeError: ``value`` is not an integer (a float, even ``5.0``; a bool; a string; ``None``; a tensor or
+            array that is not 0-d, even of one element).
         ValueError: it lies outside ``[lo, hi]``: ``top_k must be an integer >= 1, got 0``.
     """
     what = f"{name} must be an integer{_interval(lo, hi, False, False)}"
     if _is_bool(value):
         raise TypeError(f"{what}, got {value!r} (bool)")
+    if isinstance(value, torch.Tensor) and value.ndim != 0:  # operator.index reads a one-element tensor
+        raise TypeError(f"{what}, got a tensor of shape {tuple(value.shape)} (pass a 0-d tensor or an int)")
     try:
         n = operator.index(value)
     except TypeError:

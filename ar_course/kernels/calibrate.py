@@ -128,7 +128,7 @@ class Calibrator:
         data[software_section()] = {**data.get(software_section(), {}), **self._choices}
         try:
             atomic_write_text(self.path, json.dumps(data, indent=1, sort_keys=True) + "\n")
-        except OSError as exc:
+        except (OSError, ValueError) as exc:  # ValueError: the path names a folder
             warnings.warn(f"cannot keep kernel choices in {self.path} ({exc}); they last for this process only",
                           RuntimeWarning, stacklevel=3)
             self.path = None

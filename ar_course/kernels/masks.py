@@ -17,26 +17,38 @@ Any other dense mask only runs on the torch backend.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping, Set
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Union
 
 import torch
 
+from ar_course.utils import check_int
+
 
 @dataclass(frozen=True)
 class BlockCausal:
     """VAR's block-causal mask: position ``i`` sees position ``j`` iff ``block(j) <= block(i)``.
 
-    ``lengths`` are the tokens per block in order, e.g. ``(1, 4, 9, 16)`` for scales 1x1 .. 4x4.
+    ``lengths`` are the tokens per block in order, e.g. ``(1, 4, 9, 16)`` for scales 1x1 .. 4x4 (a tuple,
+    list, range, array or 1-D tensor of integers; stored as a tuple of ints).
+
+    Raises:
+        TypeError: ``lengths`` is not a sequence (a str, a set, a number) or holds a non-integer (``1.5``).
+        ValueError: it is empty or holds a length ``< 1``.
     """
 
     lengths: tuple[int, ...]
 
     def __post_init__(self) -> None:
-        lengths = tuple(int(n) for n in self.lengths)
+        given = self.lengths
+        if isinstance(given, (str, bytes, Set, Mapping)) or not isinstance(given, Iterable):
+            raise TypeError(f"BlockCausal lengths must be a sequence of ints such as (1, 4, 9), got {given!r} "
+                            f"({type(given).__name__})")
+        lengths = tuple(check_int(f"BlockCausal lengths[{i}]", n) for i, n in enumerate(given))
         if not lengths or min(lengths) < 1:
-            raise ValueError(f"BlockCausal needs one or more positive block lengths, got {self.lengths!r}")
+            raise ValueError(f"BlockCausal needs one or more positive block lengths, got {given!r}")
         object.__setattr__(self, "lengths", lengths)
 
     @property

@@ -49,6 +49,8 @@ from .precision import compute_dtype
 from .reference import vq_nearest_reference
 
 BACKENDS = ("auto", "torch", "numba", "numba_cpu", "triton")
+OPS = ("vq_nearest", "flash_attention", "decode_attention", "softmax")
+"""The entry points whose back-end :func:`select_backend` chooses."""
 CPU_VQ_MIN_PAIRS = 1 << 16
 """``vq_nearest`` on CPU uses numba from this many (vector, code) pairs on; torch below."""
 CALIBRATOR = Calibrator(path=default_cache_path())
@@ -142,13 +144,26 @@ def _usable(backend: str, device: torch.device) -> str | None:
     return None
 
 
-def select_backend(op: str, device: torch.device, backend: str = "auto", large: bool = False) -> str:
+def select_backend(op: str, device: torch.device | str, backend: str = "auto", large: bool = False) -> str:
     """The backend ``op`` (``"vq_nearest"``, ``"flash_attention"``, ``"decode_attention"``, ``"softmax"``) uses.
 
     A forced backend is returned if it can run here and raises ``RuntimeError`` with the reason if not;
-    ``"auto"`` never fails: it returns the kernel it may use on this device, or ``"torch"``. On a GPU that
-    kernel still has to win its measurement for each kind of call (the calls record what really ran).
+    ``"auto"`` never fails on good arguments: it returns the kernel it may use on this device, or ``"torch"``.
+    On a GPU that kernel still has to win its measurement for each kind of call (the calls record what really
+    ran). ``device`` may be a ``torch.device`` or a str (``"cpu"``, ``"cuda:0"``).
+
+    Raises:
+        TypeError: ``device`` is neither a ``torch.device`` nor a str.
+        ValueError: an unknown ``op`` (not in :data:`OPS`), device string or backend.
     """
+    if isinstance(device, str):
+        try:
+            device = torch.device(device)
+        except RuntimeError:
+            raise ValueError(f"unknown device {device!r}: use 'cpu', 'cuda' or 'cuda:N'") from None
+    elif not isinstance(device, torch.device):
+        raise TypeError(f"device must be a torch.device or a str such as 'cpu', got {device!r} "
+                        f"({type(device).__name__})")
     return backend_rule(op, device.type, lambda b: _usable(b, device), backend, large)
 
 
@@ -160,8 +175,10 @@ def backend_rule(op: str, device_type: str, why_not: Callable[[str], str | None]
     A forced backend is returned when it can run (``RuntimeError`` with the reason when not); ``"auto"`` takes,
     on ``"cuda"``, Triton, else numba, else torch, and on any other device torch (``"numba_cpu"`` for a
     ``large`` ``vq_nearest``): the candidate, which on a GPU must still win its measurement per kind of call.
-    An unknown backend, or one ``op`` does not have, raises ``ValueError``.
+    An unknown ``op`` (not in :data:`OPS`) or backend, or a backend ``op`` does not have, raises ``ValueError``.
     """
+    if op not in OPS:
+        raise ValueError(f"unknown op {op!r}; the ops are {OPS}")
     allowed = ("torch", "numba", "triton") + (("numba_cpu",) if op == "vq_nearest" else ())
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose from {BACKENDS}")
@@ -275,8 +292,8 @@ def vq_nearest(z: torch.Tensor, codebook: torch.Tensor, backend: str = "auto") -
     """
     _check_float("z", z)
     _check_float("codebook", codebook)
-    if codebook.ndim != 2 or codebook.shape[0] == 0:
-        raise ValueError(f"codebook must be (K, D) with K >= 1, got shape {tuple(codebook.shape)}")
+    if codebook.ndim != 2 or codebook.shape[0] == 0 or codebook.shape[1] == 0:
+        raise ValueError(f"codebook must be (K, D) with K >= 1 and D >= 1, got shape {tuple(codebook.shape)}")
     if z.ndim < 1 or z.shape[-1] != codebook.shape[1]:
         raise ValueError(f"z must end in D={codebook.shape[1]} (the codebook's width), got shape {tuple(z.shape)}")
     if z.device != codebook.device:
@@ -303,6 +320,9 @@ def _check_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     if k.shape != v.shape or k.shape[:2] != q.shape[:2] or k.shape[3] != q.shape[3]:
         raise ValueError(f"need q (B, H, T_q, D) and k, v (B, H, T_k, D); got {tuple(q.shape)}, "
                          f"{tuple(k.shape)}, {tuple(v.shape)}")
+    if k.shape[2] == 0 or q.shape[3] == 0:  # no key to attend to / nothing to scale by 1/sqrt(D)
+        raise ValueError(f"need T_k >= 1 keys and a head size D >= 1; got q {tuple(q.shape)}, k, v "
+                         f"{tuple(k.shape)}")
 
 
 def _scale(scale: float | None, dim: int) -> float:
@@ -437,10 +457,11 @@ def decode_attention(
 
 
 def softmax(x: torch.Tensor, backend: str = "auto") -> torch.Tensor:
-    """Softmax over the last axis of x (..., C), same shape and dtype, with the online-softmax kernels."""
+    """Softmax over the last axis of x (..., C), same shape and dtype, with the online-softmax kernels.
+    Raises ``ValueError`` for a non-float ``x``, a 0-d one or one with ``C = 0``."""
     _check_float("x", x)
-    if x.ndim < 1:
-        raise ValueError("x must have at least one axis")
+    if x.ndim < 1 or x.shape[-1] == 0:
+        raise ValueError(f"x must be (..., C) with C >= 1, got shape {tuple(x.shape)}")
     rows = x.reshape(-1, x.shape[-1])  # (R, C)
     chosen = select_backend("softmax", x.device, backend)
     out = _dispatch("softmax", backend, chosen, x.device, {
