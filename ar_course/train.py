@@ -32,7 +32,7 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from tqdm.auto import tqdm
@@ -41,6 +41,7 @@ from ar_course import distributed as ddp
 from ar_course.checkpoint import CheckpointError, NonFiniteWeightsError, load, load_checkpoint, save_checkpoint
 from ar_course.cli import device_name, int_in, nonnegative_int, positive_float, positive_int, probability
 from ar_course.files import check_output_path
+from ar_course.utils import check_int, check_number
 
 STATE_KIND = "train-state"
 STATE_SUFFIX = ".train-state.safetensors"
@@ -52,18 +53,47 @@ DIVERGED_HINT = "rerun with a lower --lr"
 
 @dataclass
 class TrainConfig:
+    """The schedule and bookkeeping of :func:`train_loop`, checked when it is made.
+
+    Raises:
+        TypeError: a field of the wrong type (``lr="3e-3"``, ``steps=2.5``, ``keep_best=None``...).
+        ValueError: a field out of range: ``steps``, ``log_every`` < 1; ``lr`` <= 0; ``weight_decay``,
+            ``warmup``, ``grad_clip``, ``eval_every``, ``checkpoint_every`` < 0; ``min_lr_ratio`` outside
+            [0, 1]; ``betas`` not two numbers in [0, 1); NaN or inf anywhere. (``ema`` outside [0, 1) is a
+            :class:`TrainingError` of :func:`train_loop`.)
+    """
+
     steps: int = 1000
     lr: float = 3e-3
     weight_decay: float = 0.0
     warmup: int = 50
     min_lr_ratio: float = 0.1
-    grad_clip: float = 1.0
+    grad_clip: float | None = 1.0  # the largest gradient norm (0 or None: no clipping)
     betas: tuple[float, float] = (0.9, 0.99)
     eval_every: int = 0  # 0: evaluate only at the end (if an eval_fn is given)
     log_every: int = 10
     checkpoint_every: int = 200  # training-state writes (with a state_path); 0: only when interrupted and at the end
     keep_best: str = ""  # an eval metric to minimise: end with the weights of its lowest evaluation ("": the last)
     ema: float = 0.0  # decay of a moving average of the weights that evaluations and the end use (0: none)
+
+    def __post_init__(self) -> None:
+        self.steps = check_int("steps", self.steps, lo=1)
+        self.lr = check_number("lr", self.lr, 0, lo_open=True)
+        self.weight_decay = check_number("weight_decay", self.weight_decay, 0)
+        self.warmup = check_int("warmup", self.warmup, lo=0)
+        self.min_lr_ratio = check_number("min_lr_ratio", self.min_lr_ratio, 0, 1)
+        if self.grad_clip is not None:  # a negative norm would turn clipping into gradient ascent
+            self.grad_clip = check_number("grad_clip", self.grad_clip, 0)
+        if not isinstance(self.betas, (tuple, list)) or len(self.betas) != 2:
+            raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
+        self.betas = tuple(check_number(f"betas[{i}]", b, 0, 1, hi_open=True) for i, b in enumerate(self.betas))
+        self.eval_every = check_int("eval_every", self.eval_every, lo=0)
+        self.log_every = check_int("log_every", self.log_every, lo=1)
+        self.checkpoint_every = check_int("checkpoint_every", self.checkpoint_every, lo=0)
+        if not isinstance(self.keep_best, str):
+            raise TypeError(f"keep_best must be the name of an eval metric (a str, '' for none), "
+                            f"got {self.keep_best!r} ({type(self.keep_best).__name__})")
+        self.ema = check_number("ema", self.ema)  # its range is train_loop's TrainingError
 
 
 @dataclass
@@ -78,7 +108,9 @@ class History:
     best_value: float | None = None
 
     def smoothed(self, window: int = 20) -> list[float]:
-        """Running mean of the training loss over ``window`` steps."""
+        """Running mean of the training loss over ``window`` steps (an integer >= 1, else TypeError or
+        ValueError)."""
+        window = check_int("window", window, lo=1)
         out, acc = [], 0.0
         for i, v in enumerate(self.loss):
             acc += v
@@ -262,12 +294,32 @@ def _resume(state_path: str | Path | None, config: TrainConfig, batches: Iterato
         raise TrainingError("resume=True needs a state_path")
     tensors, meta = read_train_state(state_path, config)
     start = int(meta["extra"]["step"])
-    for _ in range(start):  # the batch stream's random draws, up to the saved step (before torch's RNG is set)
-        next(batches)
+    for step in range(start):  # the batch stream's random draws, up to the saved step (before torch's RNG is set)
+        _next_batch(batches, step, config.steps)
     history = _restore(tensors, meta, model, optimizer, Path(state_path))
     best = {k[len("best/"):]: v for k, v in tensors.items() if k.startswith("best/")}
     average = {k[len("ema/"):]: v for k, v in tensors.items() if k.startswith("ema/")}
     return history, start, best or None, average or None
+
+
+def _next_batch(batches: Iterator[Any], step: int, steps: int) -> Any:
+    """The batch of ``step`` (0-based) from ``batches``; a one-line ValueError when the stream has run out."""
+    try:
+        return next(batches)
+    except StopIteration:
+        raise ValueError(f"batches ran out at step {step + 1} (after {step} batches): it must yield at least "
+                         f"steps={steps} batches (an endless stream such as text_batches or image_batches)") from None
+
+
+def _check_loss(loss: object) -> None:
+    """A one-line error unless ``loss`` (what ``loss_fn`` returned) is a 0-d tensor that requires grad; reads
+    only its type and shape (no host sync)."""
+    if not isinstance(loss, torch.Tensor):
+        raise TypeError(f"loss_fn must return a scalar tensor (0-d) that requires grad, got {type(loss).__name__}")
+    if loss.ndim != 0 or not loss.requires_grad:
+        grad = "" if loss.requires_grad else " that does not require grad"
+        raise ValueError(f"loss_fn must return a scalar tensor (0-d) that requires grad, got a tensor of shape "
+                         f"{tuple(loss.shape)}{grad} (average a per-example loss with .mean())")
 
 
 def _track_best(config: TrainConfig, history: History, metrics: dict[str, float], step: int,
@@ -280,6 +332,9 @@ def _track_best(config: TrainConfig, history: History, metrics: dict[str, float]
         raise TrainingError(f"keep_best={config.keep_best!r} is not among the evaluation's metrics "
                             f"({', '.join(sorted(metrics)) or 'none'})")
     value = float(metrics[config.keep_best])
+    if not math.isfinite(value):  # never keep the weights of an evaluation that cannot be compared
+        raise TrainingError(f"keep_best={config.keep_best!r}: the evaluation at step {step} gave {value}, not a "
+                            f"finite number to compare (the run diverged? {DIVERGED_HINT})")
     if history.best_value is not None and not value < history.best_value:
         return best
     history.best_step, history.best_value = step, value
@@ -289,7 +344,7 @@ def _track_best(config: TrainConfig, history: History, metrics: dict[str, float]
 def train_loop(
     model: torch.nn.Module,
     loss_fn: Callable[[torch.nn.Module, Any], torch.Tensor],
-    batches: Iterator[Any],
+    batches: Iterable[Any],
     config: TrainConfig,
     eval_fn: Callable[[torch.nn.Module], dict[str, float]] | None = None,
     optimizer: torch.optim.Optimizer | None = None,
@@ -300,7 +355,9 @@ def train_loop(
 ) -> History:
     """Train ``model`` for ``config.steps`` steps on ``batches``; return the :class:`History`.
 
-    ``loss_fn(model, batch)`` returns a scalar loss (a mean over the batch). ``eval_fn(model)`` (called in
+    ``batches``: an iterator of batches (or an iterable: it is iterated once), yielding at least
+    ``config.steps`` of them (the trainers' streams are endless). ``loss_fn(model, batch)`` returns a scalar
+    loss tensor (0-d, a mean over the batch) that requires grad. ``eval_fn(model)`` (called in
     eval mode under ``torch.no_grad``) returns named metrics; it runs every ``eval_every`` steps and at
     the end. ``config.keep_best`` names one of them: the run then ends with the weights of the evaluation
     where it was lowest (early stopping without stopping; ``history.best_step`` says which), not the last
@@ -318,9 +375,22 @@ def train_loop(
     updated in place either way.
 
     Raises:
+        TypeError: ``config`` is not a :class:`TrainConfig`, ``batches`` is not iterable, or ``loss_fn``
+            returns something other than a tensor.
+        ValueError: ``batches`` runs out before ``config.steps`` batches, or ``loss_fn`` returns a tensor that
+            is not 0-d or does not require grad.
         TrainingError: ``keep_best`` without ``eval_fn``, ``ema`` outside [0, 1), a state to resume that is
-            missing or does not fit, or a loss that is NaN or inf (the run diverged; it stops at that step).
+            missing or does not fit, a loss that is NaN or inf (the run diverged; it stops at that step), or a
+            ``keep_best`` metric that is NaN or inf.
     """
+    if not isinstance(config, TrainConfig):
+        raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
+    if not hasattr(batches, "__next__"):  # an iterable (a list, a DataLoader): iterate it once
+        try:
+            batches = iter(batches)
+        except TypeError:
+            raise TypeError(f"batches must be an iterator or an iterable of batches, got "
+                            f"{type(batches).__name__}") from None
     if config.keep_best and eval_fn is None:
         raise TrainingError(f"keep_best={config.keep_best!r} needs an eval_fn to measure it")
     if not 0.0 <= config.ema < 1.0:
@@ -344,7 +414,8 @@ def train_loop(
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, config)
             with ddp.global_batch_draws():  # random numbers the loss draws: the global batch's (ddp.draw_rows)
-                loss = train_model(ddp.shard_batch(next(batches)))
+                loss = train_model(ddp.shard_batch(_next_batch(batches, step, config.steps)))
+            _check_loss(loss)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if config.grad_clip:

@@ -13,6 +13,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ar_course.utils import get_device
+
 MNIST_PATH = Path(__file__).with_name("mnist_subset.npz")
 # SHA-256 of the shipped file; ``scripts/extract_mnist.py`` reproduces it byte for byte.
 MNIST_SHA256 = "ada184f9e8709607aa73ec28434cc5df7d9ab88c749240a6fe64de557af77eaa"
@@ -38,11 +40,17 @@ def load_mnist(split: str = "train", size: int = 28,
     for the same digits with 2 zero pixels added on every side (handy for models that halve the resolution
     several times). Returns ``images`` float32 ``(N, 1, size, size)`` with values in ``[0, 1]`` (0 is the
     black background) and ``labels`` int64 ``(N,)`` in ``0..9``, both on ``device`` (default CPU). The
-    tensors are fresh copies: changing them does not affect later calls."""
+    tensors are fresh copies: changing them does not affect later calls.
+
+    Raises:
+        ValueError: an unknown ``split``, ``size`` or ``device`` (``"gpu"``; see ``ar_course.utils.get_device``).
+        RuntimeError: a CUDA ``device`` on a machine without one.
+    """
     if split not in MNIST_SPLITS:
         raise ValueError(f"split must be one of {MNIST_SPLITS}, got {split!r}")
     if size not in MNIST_SIZES:
         raise ValueError(f"size must be one of {MNIST_SIZES}, got {size!r}")
+    device = None if device is None else get_device(device)
     images_u8, labels_u8 = _arrays(split)
     images = torch.from_numpy(images_u8.copy()).to(device).unsqueeze(1).float().div_(255.0)  # (N, 1, 28, 28)
     if size == 32:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ar_course.utils import check_int, get_device
+
 SHAPE_NAMES = ("circle", "square", "triangle", "cross")
 _CHUNK = 2048  # images rendered at once, to bound memory for large sets
 _SQRT3 = float(np.sqrt(3.0))
@@ -41,11 +43,18 @@ def make_shapes(n: int, size: int = 32, seed: int = 0,
     into ``SHAPE_NAMES``. The classes are balanced (counts differ by at most one) and shuffled. Each shape
     has a random centre, a radius between 0.18 and 0.38 of the image side (it always fits inside the image),
     and a bright colour (its strongest channel is 1); the background is a random dark colour (channels at
-    most 0.15). ``size`` must be at least 8."""
-    if n < 1:
-        raise ValueError(f"n must be >= 1, got {n}")
-    if size < 8:
-        raise ValueError(f"size must be >= 8 pixels, got {size}")
+    most 0.15). ``size`` must be at least 8. ``device``: default CPU.
+
+    Raises:
+        TypeError: ``n``, ``size`` or ``seed`` is not an integer (``seed=None`` too: the set must be reproducible).
+        ValueError: ``n < 1``, ``size < 8``, ``seed < 0`` (NumPy seeds are non-negative), or an unknown
+            ``device`` (``"gpu"``; see ``ar_course.utils.get_device``).
+        RuntimeError: a CUDA ``device`` on a machine without one.
+    """
+    n = check_int("n", n, lo=1)
+    size = check_int("size", size, lo=8)
+    seed = check_int("seed", seed, lo=0)  # what np.random.default_rng accepts as an integer seed
+    device = None if device is None else get_device(device)
     rng = np.random.default_rng(seed)
     labels = rng.permutation(np.arange(n) % len(SHAPE_NAMES))  # (n,)
     radius = rng.uniform(0.18, 0.38, n)  # (n,) fraction of the side

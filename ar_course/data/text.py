@@ -12,8 +12,11 @@ import functools
 import unicodedata
 from typing import Sequence
 
+import numpy as np
 import torch
 from pydoc_data.topics import topics
+
+from ar_course.utils import check_int, check_number
 
 # Printable ASCII (space to tilde) and newline: 96 characters, in code-point order.
 TEXT_ALPHABET = "\n" + "".join(chr(c) for c in range(32, 127))
@@ -67,14 +70,31 @@ class CharTokenizer:
                              f"({self.vocab_size} characters)") from None
         return torch.tensor(ids, dtype=torch.long)
 
-    def decode(self, ids: torch.Tensor | Sequence[int]) -> str:
-        """Ids ``(T,)`` (a tensor on any device, or a list of ints) -> a string of length ``T``."""
-        if isinstance(ids, torch.Tensor):
-            if ids.ndim != 1:
-                raise ValueError(f"decode expects a 1-D tensor of ids, got shape {tuple(ids.shape)}")
+    def decode(self, ids: torch.Tensor | np.ndarray | Sequence[int]) -> str:
+        """Ids ``(T,)`` (an integer tensor on any device or NumPy array, or a list or tuple of ints) -> a
+        string of length ``T``.
+
+        Raises:
+            TypeError: ``ids`` is none of those (a string...), or holds something other than integers
+                (floats, bools).
+            ValueError: a tensor or array that is not 1-D or not of an integer dtype, or an id outside the
+                vocabulary.
+        """
+        if isinstance(ids, (torch.Tensor, np.ndarray)):
+            if isinstance(ids, torch.Tensor):
+                integer = not (ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool)
+            else:
+                integer = np.issubdtype(ids.dtype, np.integer)
+            if ids.ndim != 1 or not integer:
+                raise ValueError(f"ids must be a 1-D integer tensor or array, got shape {tuple(ids.shape)} "
+                                 f"{ids.dtype}")
             ids = ids.tolist()
+        elif isinstance(ids, (str, bytes)) or not isinstance(ids, Sequence):
+            raise TypeError(f"ids must be a 1-D tensor, array or sequence of integer ids, got {type(ids).__name__}")
         out = []
-        for i in ids:
+        for k, i in enumerate(ids):
+            if type(i) is not int:  # a NumPy integer or 0-d tensor is fine; a float or bool is not
+                i = check_int(f"ids[{k}]", i)
             if not 0 <= i < self.vocab_size:
                 raise ValueError(f"id {i} is outside the vocabulary 0..{self.vocab_size - 1}")
             out.append(self.chars[i])
@@ -88,10 +108,18 @@ def load_text_dataset(val_fraction: float = 0.1) -> tuple[CharTokenizer, torch.T
     """The corpus tokenized with a ``TEXT_ALPHABET`` tokenizer and split in two without shuffling.
 
     Returns ``(tokenizer, train_ids, val_ids)``: int64 tensors ``(T_train,)`` and ``(T_val,)``; the last
-    ``val_fraction`` of the characters is the validation part."""
-    if not 0.0 < val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be strictly between 0 and 1, got {val_fraction}")
+    ``val_fraction`` of the characters (rounded) is the validation part.
+
+    Raises:
+        TypeError: ``val_fraction`` is not a number.
+        ValueError: it is not strictly between 0 and 1, or so close to either end that a part would be empty.
+    """
+    val_fraction = check_number("val_fraction", val_fraction, 0, 1, lo_open=True, hi_open=True)
+    text = load_text()
+    n_val = int(round(len(text) * val_fraction))
+    if not 0 < n_val < len(text):
+        raise ValueError(f"val_fraction={val_fraction} leaves a part empty: {len(text) - n_val} training and "
+                         f"{n_val} validation characters of {len(text)}")
     tokenizer = CharTokenizer(TEXT_ALPHABET)
-    ids = tokenizer.encode(load_text())  # (T,)
-    n_val = int(round(len(ids) * val_fraction))
+    ids = tokenizer.encode(text)  # (T,)
     return tokenizer, ids[: len(ids) - n_val], ids[len(ids) - n_val:]
