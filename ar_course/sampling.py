@@ -86,6 +86,16 @@ def check_cfg(cfg: float) -> float:
     return check_number("cfg", cfg)
 
 
+def check_generator(generator: torch.Generator | None) -> torch.Generator | None:
+    """``generator`` itself when it is a ``torch.Generator`` or ``None``; ``TypeError`` otherwise (a seed passed
+    where the generator goes: ``generator must be a torch.Generator or None, got int (make one with
+    torch.Generator().manual_seed(0))``). Reads nothing from the device."""
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__} (make one with "
+                        "torch.Generator().manual_seed(0))")
+    return generator
+
+
 def _check_shape(logits: torch.Tensor, name: str = "logits") -> None:
     """A real tensor ``(..., V)`` with ``V >= 1`` (no values read)."""
     if not isinstance(logits, torch.Tensor):
@@ -233,7 +243,8 @@ def sample_from_probs(p: torch.Tensor, generator: torch.Generator | None = None)
     ``V = 256``). Zero-probability tokens are never drawn.
 
     Raises ``ValueError`` unless every row holds finite numbers ``>= 0`` with a positive, finite total
-    (one host sync on CUDA)."""
+    (one host sync on CUDA); ``TypeError`` for a ``generator`` that is not a ``torch.Generator`` or ``None``."""
+    check_generator(generator)
     _check_shape(p, "p")
     flat = p.reshape(-1, p.shape[-1]).float()  # (N, V)
     cdf = flat.cumsum(dim=-1)  # (N, V)
@@ -275,7 +286,9 @@ def sample(
 
     Greedy (``temperature == 0``) draws no random numbers; otherwise the distribution is
     :func:`probs` ``(logits, sampling=sampling)``. ``generator`` makes draws reproducible.
-    Every id lies in ``[0, V)``: input breaking the module's rules raises ``TypeError``/``ValueError``."""
+    Every id lies in ``[0, V)``: input breaking the module's rules raises ``TypeError``/``ValueError`` (so does a
+    ``generator`` that is not a ``torch.Generator`` or ``None``, greedy or not)."""
+    check_generator(generator)
     if check_sampling(sampling).greedy:
         return greedy(logits)
     dist = probs(logits, sampling=sampling)  # (..., V), checked by process_logits

@@ -48,7 +48,7 @@ def test_a_causal_false_gpt_refuses_generate_and_a_bad_flag():
     model = GPT(GPTConfig(vocab_size=11, block_size=8, n_layer=1, n_head=2, n_embd=16, causal=False))
     with pytest.raises(ValueError, match="needs a causal model"):
         model.generate(torch.zeros(1, 1, dtype=torch.long), 3)
-    with pytest.raises(ValueError, match="causal must be True or False"):
+    with pytest.raises(TypeError, match="causal must be True or False"):
         GPTConfig(causal="no")
 
 

@@ -70,7 +70,7 @@ def test_shipped_causal_models_still_do_not_see_the_future():
 
 
 def test_causal_flag_is_validated_and_old_configs_default_to_causal():
-    with pytest.raises(ValueError, match="causal must be True or False"):
+    with pytest.raises(TypeError, match="causal must be True or False"):
         GPTConfig(causal="no")
     assert GPTConfig.from_dict({"vocab_size": 10}).causal is True
 

@@ -17,11 +17,11 @@ import math
 
 import torch
 
+from ar_course.utils import check_int, check_number
 
-def check_mask(mask: torch.Tensor, t_q: int, t_k: int) -> None:
-    """Raise ``ValueError`` unless ``mask`` is a bool tensor whose last two dims are ``(t_q, t_k)``.
 
-    Allowed shapes: ``(t_q, t_k)`` or ``(B | 1, H | 1, t_q, t_k)``."""
+def _check_bool_mask(mask: torch.Tensor) -> None:
+    """Raise ``ValueError`` unless ``mask`` is a tensor of dtype bool (its dtype and type only: no values read)."""
     if not isinstance(mask, torch.Tensor):
         raise ValueError(f"mask must be a torch.Tensor of dtype bool, got {type(mask).__name__}")
     if mask.dtype != torch.bool:
@@ -29,6 +29,13 @@ def check_mask(mask: torch.Tensor, t_q: int, t_k: int) -> None:
             f"mask must have dtype torch.bool (True = may attend), got {mask.dtype}; "
             "convert an additive float mask with `mask == 0` or build it with causal_mask()"
         )
+
+
+def check_mask(mask: torch.Tensor, t_q: int, t_k: int) -> None:
+    """Raise ``ValueError`` unless ``mask`` is a bool tensor whose last two dims are ``(t_q, t_k)``.
+
+    Allowed shapes: ``(t_q, t_k)`` or ``(B | 1, H | 1, t_q, t_k)``."""
+    _check_bool_mask(mask)
     if mask.dim() not in (2, 4) or tuple(mask.shape[-2:]) != (t_q, t_k):
         raise ValueError(
             f"mask has shape {tuple(mask.shape)}, expected (T_q, T_k) = ({t_q}, {t_k}) "
@@ -40,14 +47,19 @@ def masked_softmax(scores: torch.Tensor, mask: torch.Tensor | None = None) -> to
     """Numerically stable softmax over the last dimension, ignoring masked-out entries.
 
     Args:
-        scores: ``(..., N)`` float tensor.
+        scores: ``(..., N)`` float tensor of finite numbers or ``-inf`` (not checked: that would read the values
+            on every call; a ``+inf`` or NaN score gives NaN in its row).
         mask: bool tensor broadcastable to ``scores``; ``True`` keeps an entry. ``None`` keeps all.
 
     Returns:
         ``(..., N)`` probabilities; masked entries are exactly 0 and a row with no kept entry is all 0
         (rather than NaN). The row maximum over kept entries is subtracted before ``exp``.
+
+    Raises:
+        ValueError: ``mask`` is not a bool tensor (an integer or additive float mask).
     """
     if mask is not None:
+        _check_bool_mask(mask)
         scores = scores.masked_fill(~mask, float("-inf"))
     row_max = scores.amax(dim=-1, keepdim=True)
     row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
@@ -63,7 +75,14 @@ def causal_mask(t_q: int, t_k: int | None = None, device: torch.device | str | N
     sits at absolute position ``t_k - t_q + i`` and may attend to keys ``0 .. t_k - t_q + i`` inclusive.
     With ``t_q == t_k`` this is the lower triangle including the diagonal; with a KV cache holding
     ``t_k - t_q`` earlier positions it is the same triangle shifted right.
+
+    Raises:
+        TypeError: ``t_q`` or ``t_k`` is not an integer (``2.5``).
+        ValueError: ``t_q < 0`` or ``t_k < t_q``.
     """
+    if not torch.compiler.is_compiling():  # sizes traced by torch.compile stay symbolic (check_int would fix them)
+        t_q = check_int("t_q", t_q, lo=0)
+        t_k = None if t_k is None else check_int("t_k", t_k, lo=0)
     t_k = t_q if t_k is None else t_k
     if t_k < t_q:
         raise ValueError(f"t_k ({t_k}) must be >= t_q ({t_q}): queries are the last t_q of t_k positions")
@@ -91,7 +110,11 @@ def scaled_dot_product_attention(
 
 
 def split_heads(x: torch.Tensor, n_head: int) -> torch.Tensor:
-    """``(B, T, C)`` -> ``(B, H, T, C // H)``: channel block ``h`` becomes head ``h``."""
+    """``(B, T, C)`` -> ``(B, H, T, C // H)``: channel block ``h`` becomes head ``h``.
+
+    Raises ``TypeError`` for an ``n_head`` that is not an integer, ``ValueError`` for ``n_head < 1`` or one that
+    does not divide ``C``."""
+    n_head = check_int("n_head", n_head, lo=1)
     B, T, C = x.shape
     if C % n_head:
         raise ValueError(f"channels ({C}) must be divisible by the number of heads ({n_head})")
@@ -110,10 +133,21 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None = None, eps: float = 1
     ``x``: ``(..., C)``; ``weight``: ``(C,)`` or ``None``. Unlike LayerNorm there is no mean subtraction
     and no bias. The statistics are computed in float32 whatever the dtype of ``x`` (in float16, ``x^2``
     overflows from ``|x| > 256`` and underflows below about ``1e-4``), and the normalised ``x`` is cast back
-    to its dtype before the weight is applied, as Llama does."""
+    to its dtype before the weight is applied, as Llama does.
+
+    ``eps``: a finite number ``> 0`` (``TypeError`` / ``ValueError`` otherwise: ``eps <= 0`` can divide by 0)."""
+    eps = _check_eps(eps)
     xf = x.float()  # no copy when x is float32
     out = (xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + eps)).to(x.dtype)
     return out if weight is None else out * weight
+
+
+def _check_eps(eps: float) -> float:
+    """``eps`` as a finite float ``> 0`` (:func:`~ar_course.utils.check_number`); a float in range is returned
+    at once, since the norms of a model call this in every layer."""
+    if type(eps) is float and 0 < eps < math.inf:
+        return eps
+    return check_number("eps", eps, lo=0, lo_open=True)
 
 
 def rope_angles(
@@ -121,7 +155,9 @@ def rope_angles(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Cosines and sines of the rotary angles ``pos * base^(-2i/dim)``, ``i = 0 .. dim/2 - 1``.
 
-    ``positions``: ``(T,)`` integer or float tensor. Returns ``(cos, sin)``, each ``(T, dim // 2)``."""
+    ``positions``: ``(T,)`` integer or float tensor. ``base``: a finite number ``> 0`` (``TypeError`` /
+    ``ValueError`` otherwise; ``0`` would give NaN). Returns ``(cos, sin)``, each ``(T, dim // 2)``."""
+    base = check_number("base", base, lo=0, lo_open=True)
     if dim % 2:
         raise ValueError(f"rotary dimension must be even, got {dim}")
     inv_freq = base ** (-torch.arange(0, dim, 2, dtype=torch.float64, device=positions.device) / dim)

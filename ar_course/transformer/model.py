@@ -36,7 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ar_course.checkpoint import config_from_dict
-from ar_course.sampling import SamplingConfig, cfg_mix, check_cfg, check_sampling, sample
+from ar_course.sampling import SamplingConfig, cfg_mix, check_cfg, check_generator, check_sampling, sample
 from ar_course.transformer import functional as ref
 from ar_course.utils import check_bool, check_grid, check_ids, check_int, check_number
 
@@ -54,12 +54,12 @@ class GPTConfig:
 
     Raises:
         TypeError: a size that is not an integer (``n_head=2.0``), a number that is not a number, or a flag
-            (``bias``, ``tie_weights``) that is not a bool.
+            (``bias``, ``tie_weights``, ``causal``) that is not a bool.
         ValueError: a size ``< 1`` (``vocab_size``, ``block_size``, ``n_layer``, ``n_head``, ``n_embd``, the
             ``grid`` sides), ``mlp_hidden`` or ``n_classes < 0``, ``n_embd`` not divisible by ``n_head``, a head
             size the rotary embedding cannot split (odd for ``"rope"``, not a multiple of 4 for ``"rope2d"``),
             ``grid`` not a pair, ``dropout`` outside ``[0, 1)``, ``norm_eps`` or ``rope_base <= 0``, an unknown
-            ``mlp``, ``pos`` or ``attn``, ``pos="rope2d"`` without ``grid``, or a ``causal`` that is not a bool.
+            ``mlp``, ``pos`` or ``attn``, or ``pos="rope2d"`` without ``grid``.
     """
 
     vocab_size: int = 128
@@ -91,6 +91,7 @@ class GPTConfig:
         self.dropout = check_number("dropout", self.dropout, lo=0, hi=1, hi_open=True)
         self.norm_eps = check_number("norm_eps", self.norm_eps, lo=0, lo_open=True)
         self.bias, self.tie_weights = check_bool("bias", self.bias), check_bool("tie_weights", self.tie_weights)
+        self.causal = check_bool("causal", self.causal)
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         if self.mlp not in ("swiglu", "gelu"):
@@ -105,8 +106,6 @@ class GPTConfig:
                              f"{self.head_dim}")
         if self.attn not in ATTENTION_IMPLS:
             raise ValueError(f"attn must be one of {ATTENTION_IMPLS}, got {self.attn!r}")
-        if not isinstance(self.causal, bool):
-            raise ValueError(f"causal must be True or False, got {self.causal!r}")
 
     @property
     def head_dim(self) -> int:
@@ -146,8 +145,9 @@ class KVCache:
     cache a :class:`GPT` takes (:meth:`GPT.forward` checks the layers, heads, head size, dtype and device).
 
     Raises:
-        TypeError: a size that is not an integer.
-        ValueError: a size ``< 1``.
+        TypeError: a size that is not an integer (also ``n`` of :meth:`advance`, ``length`` of :meth:`rollback`).
+        ValueError: a size ``< 1``; :meth:`advance` by ``n < 0`` or past ``max_len``; :meth:`rollback` to a
+            length outside ``[0, length]``.
     """
 
     def __init__(
@@ -183,16 +183,17 @@ class KVCache:
         return self.k[layer][:, :, : start + T], self.v[layer][:, :, : start + T]
 
     def advance(self, n: int) -> None:
-        """Mark ``n`` more positions valid (after every layer has appended them)."""
+        """Mark ``n`` more positions valid (after every layer has appended them): an integer ``>= 0`` with
+        ``length + n <= max_len``."""
+        if not torch.compiler.is_compiling():  # a size torch.compile traces stays symbolic (check_int would fix it)
+            n = check_int("advance n", n, lo=0)
         if self.length + n > self.max_len:
-            raise ValueError(f"cannot advance past max_len {self.max_len}")
+            raise ValueError(f"cannot advance past max_len {self.max_len}: {self.length} + {n} positions")
         self.length += n
 
     def rollback(self, length: int) -> None:
-        """Keep only the first ``length`` positions (``0 <= length <= self.length``)."""
-        if not 0 <= length <= self.length:
-            raise ValueError(f"rollback length must be in [0, {self.length}], got {length}")
-        self.length = length
+        """Keep only the first ``length`` positions: an integer with ``0 <= length <= self.length``."""
+        self.length = check_int("rollback length", length, lo=0, hi=self.length)
 
     def reset(self) -> None:
         self.length = 0
@@ -210,8 +211,11 @@ class StaticKVCache:
     hold stale values that no query can see.
 
     Raises:
-        TypeError: a size that is not an integer.
-        ValueError: a size ``< 1``.
+        TypeError: a size that is not an integer (also ``n`` of :meth:`advance`, a Python ``length`` of
+            :meth:`rollback`).
+        ValueError: a size ``< 1``; :meth:`advance` by ``n`` outside ``[0, max_len]``; :meth:`rollback` to a
+            Python ``length`` outside ``[0, max_len]``. Neither compares with ``pos`` (that would read the device:
+            :meth:`GPT.forward` checks that the new positions fit).
     """
 
     def __init__(
@@ -264,7 +268,10 @@ class StaticKVCache:
         return self.k[layer], self.v[layer]
 
     def advance(self, n: int) -> None:
-        """Mark ``n`` more positions valid, on the device (after every layer has appended them)."""
+        """Mark ``n`` more positions valid, on the device (after every layer has appended them): an integer in
+        ``[0, max_len]`` (``pos + n <= max_len`` is not checked here: that would read ``pos`` from the device)."""
+        if not torch.compiler.is_compiling():  # a size torch.compile traces stays symbolic (check_int would fix it)
+            n = check_int("advance n", n, lo=0, hi=self.max_len)
         self.pos.add_(n)
 
     def rollback(self, length: int | torch.Tensor) -> None:
@@ -273,19 +280,20 @@ class StaticKVCache:
         if isinstance(length, torch.Tensor):
             self.pos.copy_(length)
             return
-        length = check_int("length", length, lo=0, hi=self.max_len)
-        self.pos.fill_(length)
+        self.pos.fill_(check_int("rollback length", length, lo=0, hi=self.max_len))
 
     def reset(self) -> None:
         self.pos.zero_()
 
 
 class RMSNorm(nn.Module):
-    """Root-mean-square normalisation over the channel dim; ``affine=False`` for adaptive conditioning."""
+    """Root-mean-square normalisation over the channel dim; ``affine=False`` for adaptive conditioning.
+
+    ``eps``: a finite number ``> 0`` (``TypeError`` / ``ValueError`` when made otherwise)."""
 
     def __init__(self, dim: int, eps: float = 1e-6, affine: bool = True):
         super().__init__()
-        self.eps = eps
+        self.eps = check_number("eps", eps, lo=0, lo_open=True)
         self.weight = nn.Parameter(torch.ones(dim)) if affine else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -362,9 +370,21 @@ class KernelAttention:
     ``"triton"``, ``"numba"``): split-K decode attention for one new query over the cache (its length a Python
     int: no host sync), else FlashAttention. The causal mask goes as ``"causal"``, which the kernels evaluate
     without reading a mask; only an explicit 2-D mask (VAR's teacher forcing) is read. Dropout and masks per
-    batch or head (4-D) take :func:`plain_attention`."""
+    batch or head (4-D) take :func:`plain_attention`.
+
+    Raises:
+        ValueError: ``backend`` is not one the attention kernels have (checked when made, by
+            :func:`ar_course.kernels.ops.backend_rule`; whether it can run here is decided at the first call).
+    """
 
     backend: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.backend != "auto":  # "auto" needs no check and no import (importing the kernels sets their defaults)
+            from ar_course.kernels.ops import backend_rule
+
+            for op in ("flash_attention", "decode_attention"):
+                backend_rule(op, "cpu", lambda _: None, self.backend)
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, causal: bool,
                  dropout_p: float = 0.0) -> torch.Tensor:
@@ -383,7 +403,11 @@ class KernelAttention:
 
 def attention_function(impl: str, backend: str = "auto") -> AttentionFn:
     """The :data:`AttentionFn` of ``impl`` (one of :data:`ATTENTION_IMPLS`): :func:`sdpa_attention`,
-    :func:`plain_attention`, or :class:`KernelAttention` ``(backend)`` for ``"kernels"``."""
+    :func:`plain_attention`, or :class:`KernelAttention` ``(backend)`` for ``"kernels"``.
+
+    Raises:
+        ValueError: an unknown ``impl``, or (with ``"kernels"``) a ``backend`` the attention kernels do not have.
+    """
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
     return {"sdpa": sdpa_attention, "plain": plain_attention}.get(impl) or KernelAttention(backend)
@@ -571,7 +595,11 @@ def set_attention(model: nn.Module, impl: str, backend: str = "auto") -> None:
     (``"auto"``, ``"torch"``, ``"triton"``, ``"numba"``). The weights are untouched; ``model.config.attn`` (when
     the model has a config with that field) becomes ``impl`` too, so a saved checkpoint records the setting.
     To change attention for one call only, without touching a model that others may be using, use
-    :func:`use_attention`."""
+    :func:`use_attention`.
+
+    Raises:
+        ValueError: as :func:`attention_function` (the model is then left untouched).
+    """
     attend = attention_function(impl, backend)
     for module in model.modules():
         if isinstance(module, SelfAttention):
@@ -587,9 +615,16 @@ class GPT(nn.Module):
     Unconditional: ``forward(idx)`` with ``idx`` ``(B, T)`` gives logits ``(B, T, V)`` where position ``t``
     predicts token ``t + 1``. Class-conditional (``n_classes > 0``): the class token is prepended when a
     sequence starts, so ``forward(idx, classes=y)`` gives ``(B, 1 + T, V)`` and position 0 predicts the
-    first token: train with ``forward(x[:, :-1], targets=x, classes=y)``."""
+    first token: train with ``forward(x[:, :-1], targets=x, classes=y)``.
+
+    Raises:
+        TypeError: ``config`` is not a :class:`GPTConfig`.
+    """
 
     def __init__(self, config: GPTConfig):
+        if not isinstance(config, GPTConfig):
+            raise TypeError("config must be a GPTConfig (GPTConfig(**d) or GPTConfig.from_dict(d) makes one), got "
+                            f"{type(config).__name__}")
         super().__init__()
         self.config = config
         C = config.n_embd
@@ -630,12 +665,18 @@ class GPT(nn.Module):
 
     def make_cache(self, batch_size: int, max_len: int | None = None, static: bool = False
                    ) -> KVCache | StaticKVCache:
-        """An empty :class:`KVCache` (``static=True``: :class:`StaticKVCache`) for this model on its device and
-        dtype (``max_len`` <= block_size)."""
+        """An empty :class:`KVCache` (``static=True``: :class:`StaticKVCache`) of ``batch_size`` rows and
+        ``max_len`` positions (``None``: ``block_size``) for this model on its device and dtype.
+
+        Raises:
+            TypeError: ``batch_size`` or ``max_len`` is not an integer, or ``static`` not a bool.
+            ValueError: ``batch_size < 1``, or ``max_len`` outside ``[1, block_size]``.
+        """
         c = self.config
         p = self.wte.weight
-        kind = StaticKVCache if static else KVCache
-        return kind(c.n_layer, batch_size, c.n_head, max_len or c.block_size, c.head_dim, p.device, p.dtype)
+        max_len = c.block_size if max_len is None else check_int("max_len", max_len, lo=1, hi=c.block_size)
+        kind = StaticKVCache if check_bool("static", static) else KVCache
+        return kind(c.n_layer, batch_size, c.n_head, max_len, c.head_dim, p.device, p.dtype)
 
     def _check_idx(self, idx: torch.Tensor) -> None:
         """``idx`` is a ``(B, T)`` long tensor of ids in ``[0, vocab_size)`` with ``B >= 1`` (``T`` may be 0)."""
@@ -687,7 +728,22 @@ class GPT(nn.Module):
         if isinstance(cache, StaticKVCache) and start + T_out > cache.max_len:
             raise ValueError(f"KV cache is full: {start} + {T_out} new positions > max_len {cache.max_len}")
         if targets is not None:
-            check_ids("targets", targets, self.config.vocab_size, (B, T_out), ignore=-100)
+            self._check_targets(targets, (B, T_out))
+
+    def _check_targets(self, targets: torch.Tensor, shape: tuple[int, int]) -> None:
+        """``targets`` ``shape`` long ids in ``[0, vocab_size)`` or -100 (as :func:`check_ids`, whose message a bad
+        one gets), at least one of them not -100 (else the mean loss is 0 / 0 = NaN). One host sync on CUDA for
+        both checks, as :func:`check_ids` alone takes."""
+        V = self.config.vocab_size
+        if isinstance(targets, torch.Tensor) and targets.dtype == torch.long and tuple(targets.shape) == shape:
+            kept = targets != -100
+            out_of_range = kept & ((targets < 0) | (targets >= V))  # (B, T_out)
+            any_out, any_kept = torch.stack([out_of_range.any(), kept.any()]).tolist()
+            if not any_out:
+                if not any_kept:
+                    raise ValueError("every target is ignored (-100): no loss to compute")
+                return
+        check_ids("targets", targets, V, shape, ignore=-100)  # raises: a wrong type, shape or dtype, or a bad id
 
     def forward(
         self,
@@ -713,10 +769,10 @@ class GPT(nn.Module):
         Raises:
             TypeError: ``idx``, ``targets`` or ``classes`` is not a tensor.
             ValueError: a wrong shape or dtype, an empty batch, ids outside ``[0, vocab_size)`` (targets: or
-                -100), classes outside ``[0, n_classes]``, classes where none are taken, nothing to run (no
-                token and no class token), a cache of another batch size, or of other layers, heads, head size,
-                dtype or device than ``make_cache`` gives, more positions than ``block_size`` (or than a static
-                cache holds), or ``targets`` with a static cache.
+                -100, and not all of them -100: the mean loss would be NaN), classes outside ``[0, n_classes]``,
+                classes where none are taken, nothing to run (no token and no class token), a cache of another
+                batch size, or of other layers, heads, head size, dtype or device than ``make_cache`` gives, more
+                positions than ``block_size`` (or than a static cache holds), or ``targets`` with a static cache.
         """
         if not torch.compiler.is_compiling():  # a compiled step (Generator(compile=True)) was checked by its caller
             self._check_forward(idx, targets, classes, cache)
@@ -838,8 +894,9 @@ class GPT(nn.Module):
         passes).
 
         Raises:
-            TypeError: a number or flag of the wrong type (``max_new_tokens=2.0``, ``use_cache="yes"``...), or
-                ``sampling`` that is not a ``SamplingConfig``.
+            TypeError: a number or flag of the wrong type (``max_new_tokens=2.0``, ``use_cache="yes"``...),
+                ``sampling`` that is not a ``SamplingConfig``, or ``generator`` that is not a ``torch.Generator``
+                or ``None`` (a seed: make one with ``torch.Generator().manual_seed(seed)``).
             ValueError: a bidirectional model (``config.causal`` False: its tokens cannot be sampled one after
                 another), bad ``idx``/``classes`` (as :meth:`forward`), ``max_new_tokens < 0``, a prompt and new
                 tokens needing more than ``block_size`` positions, a non-finite ``cfg``, guidance without
@@ -852,6 +909,7 @@ class GPT(nn.Module):
         sampling, cfg = check_sampling(sampling), check_cfg(cfg)
         max_new_tokens = check_int("max_new_tokens", max_new_tokens, lo=0)
         use_cache = check_bool("use_cache", use_cache)
+        check_generator(generator)
         self._check_idx(idx)
         check_cache(cache, idx.shape[0] * (1 + (cfg != 0)), self.config.block_size)
         if isinstance(cache, StaticKVCache):
