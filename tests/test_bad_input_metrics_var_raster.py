@@ -179,3 +179,13 @@ def test_to_grid_and_psnr_keep_slightly_out_of_range_values():  # decoder output
 def test_unflatten_round_trip_still_works():
     tokens = vf.flatten_pyramids(PYR)
     assert all(torch.equal(a, b) for a, b in zip(vf.unflatten_pyramids(tokens, SCALES), PYR))
+
+
+def test_sample_pyramid_refuses_a_seed_for_its_generator():
+    from ar_course.tokenizers import MultiScaleVQ
+    from ar_course.var import VAR, VARConfig, sample_pyramid
+    torch.manual_seed(0)
+    model = VAR(VARConfig(vocab_size=5, latent_dim=3, scales=(1, 2), n_classes=3, n_layer=1, n_head=2, n_embd=16))
+    vq = MultiScaleVQ(5, 3, scales=(1, 2))
+    with pytest.raises(TypeError, match="generator must be a torch.Generator or None, got int"):
+        sample_pyramid(model.eval(), vq, torch.tensor([0, 1]), generator=0)

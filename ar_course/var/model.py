@@ -29,7 +29,7 @@ from torch import nn
 
 from ar_course import checkpoint
 from ar_course.raster.functional import condition_dropout
-from ar_course.sampling import SamplingConfig, cfg_mix, check_cfg, check_sampling, sample
+from ar_course.sampling import SamplingConfig, cfg_mix, check_cfg, check_generator, check_sampling, sample
 from ar_course.tokenizers import VQVAE, MultiScaleVQ
 from ar_course.transformer.model import Block, GPTConfig, KVCache, RMSNorm, StaticKVCache, check_cache
 from ar_course.utils import check_bool, check_ids, check_int, check_number, check_seed, generate_in_batches
@@ -345,8 +345,8 @@ def sample_pyramid(
 
     Raises:
         TypeError: ``model`` is not a :class:`VAR`, ``vq`` not a :class:`MultiScaleVQ`, ``sampling`` not a
-            ``SamplingConfig``, ``known`` not a list, ``known_mask`` neither a tensor nor a list, or a number or
-            flag of the wrong type.
+            ``SamplingConfig``, ``generator`` not a ``torch.Generator`` (a seed), ``known`` not a list,
+            ``known_mask`` neither a tensor nor a list, or a number or flag of the wrong type.
         ValueError: ``classes`` not a non-empty ``(B,)`` long tensor in ``[0, n_classes]``, a tokenizer whose
             scales, codebook or latent size differ from the model's, a non-finite ``cfg``, an unknown ``cache``
             (or a StaticKVCache of another size), or inpainting maps of the wrong number, shape, dtype or range."""
@@ -356,6 +356,7 @@ def sample_pyramid(
     model._check_classes(classes)
     B = classes.shape[0]
     sampling, cfg, ramp = check_sampling(sampling), check_cfg(cfg), check_bool("ramp", ramp)
+    generator = check_generator(generator)
     masks = _check_inpainting(known, known_mask, B, c)
     guided = cfg != 0
     check_cache(cache, B * (1 + guided), c.num_tokens)
