@@ -262,5 +262,5 @@ def check_finite(name: str, x: torch.Tensor) -> torch.Tensor:
     One host sync on CUDA."""
     finite = torch.isfinite(x)
     if not bool(finite.all()):
-        raise ValueError(f"{name} must be finite, got {float(x[~finite][0])}")
+        raise ValueError(f"{name} must be finite, got {float(x.detach()[~finite][0])}")
     return x
