@@ -6,14 +6,13 @@
 
 from __future__ import annotations
 
-import math
 import struct
 import zlib
 
 import numpy as np
 import torch
 
-from ar_course.utils import check_int, check_number
+from ar_course.utils import check_image_values, check_int, check_number
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _COLOR_TYPES = {1: 0, 3: 2, 4: 6}  # channels -> PNG colour type: grey, RGB, RGBA
@@ -44,12 +43,7 @@ def to_grid(images: torch.Tensor, nrow: int = 8, pad: int = 2, pad_value: float 
         raise ValueError(f"images must be a float tensor in [0, 1], got {images.dtype} (divide uint8 images by 255)")
     nrow, pad = check_int("nrow", nrow, lo=1), check_int("pad", pad, lo=0)
     pad_value = check_number("pad_value", pad_value)
-    lo, hi = float(images.min()), float(images.max())
-    if not (math.isfinite(lo) and math.isfinite(hi)):
-        raise ValueError(f"images must be finite, got values in [{lo}, {hi}]")
-    if lo < -0.5 or hi > 1.5:
-        hint = " (divide 0..255 images by 255)" if hi > 1.5 else " (map [-1, 1] images with (x + 1) / 2 first)"
-        raise ValueError(f"images must be in [0, 1], got values in [{lo:.2f}, {hi:.2f}]{hint}")
+    check_image_values("images", images)
     x = images.detach().float().cpu().clamp(0, 1)
     n, c, h, w = x.shape
     ncol = min(nrow, n)

@@ -55,7 +55,7 @@ from ar_course.train import (
     trainer_main,
 )
 from ar_course.utils import (
-    check_finite, check_ids, check_int, check_number, check_seed, get_device, seed_everything,
+    check_finite, check_ids, check_image_values, check_int, check_number, check_seed, get_device, seed_everything,
 )
 
 DATASETS = {"mnist": (1, 10), "shapes": (3, 4)}  # name -> (in_channels, num_classes)
@@ -161,24 +161,10 @@ def load_classifier(dataset: str = "mnist", device: str | torch.device = "cpu") 
     return _cached_classifier(dataset, str(get_device(device)))
 
 
-def _check_range(name: str, x: torch.Tensor, data_range: float = 1.0) -> None:
-    """``ValueError`` unless the finite values of ``x`` look like images in ``[0, data_range]``: values up to
-    half a ``data_range`` outside it pass (decoder outputs overshoot a little), a range like 0..255 for
-    ``data_range = 1`` or [-1, 1] does not. One min/max read."""
-    lo, hi = float(x.min()), float(x.max())
-    if lo < -0.5 * data_range or hi > 1.5 * data_range:
-        hint = ""
-        if data_range == 1:
-            hint = (" (map [-1, 1] outputs with (x + 1) / 2 first)" if lo < -0.5
-                    else " (divide 0..255 images by 255)")
-        raise ValueError(f"{name} must be in [0, {data_range:g}], got values in [{lo:.2f}, {hi:.2f}]{hint}")
-
-
 def _prepare(images: torch.Tensor, dataset: str) -> tuple[Classifier, torch.Tensor]:
     channels, _ = _check_dataset(dataset)
     _check_images(images, channels)
-    check_finite("images", images)
-    _check_range("images", images)
+    check_image_values("images", images)
     return load_classifier(dataset, images.device), images.clamp(0, 1)
 
 
@@ -419,8 +405,7 @@ def psnr(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0, reduction: s
     if x.numel() == 0:
         raise ValueError(f"x and y are empty (shape {tuple(x.shape)})")
     for name, images in (("x", x), ("y", y)):
-        check_finite(name, images)
-        _check_range(name, images, data_range)
+        check_image_values(name, images, data_range)
     if x.ndim == 3:
         x, y = x[None], y[None]  # (1, C, H, W)
     mse = (x.double() - y.double()).pow(2).flatten(1).mean(dim=1)  # (N,)

@@ -257,6 +257,23 @@ def check_ids(
     return x
 
 
+def check_image_values(name: str, x: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
+    """``x`` if its values are finite and look like images in ``[0, data_range]``: values up to half a
+    ``data_range`` outside it pass (decoder outputs overshoot a little), a range like 0..255 (for
+    ``data_range = 1``) or [-1, 1] does not. One min/max read (one host sync on CUDA).
+
+    Raises ``ValueError``: ``images must be finite, got nan`` (as :func:`check_finite`) or ``images must be in
+    [0, 1], got values in [0.00, 254.95] (divide 0..255 images by 255)``."""
+    lo, hi = torch.stack([x.amin(), x.amax()]).tolist()
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        check_finite(name, x)  # raises, naming the first bad value
+    if lo < -0.5 * data_range or hi > 1.5 * data_range:
+        hint = ("divide 0..255 images by 255" if hi > 1.5 * data_range
+                else "map [-1, 1] images with (x + 1) / 2 first")
+        raise ValueError(f"{name} must be in [0, {data_range:g}], got values in [{lo:.2f}, {hi:.2f}] ({hint})")
+    return x
+
+
 def check_finite(name: str, x: torch.Tensor) -> torch.Tensor:
     """``x`` if every element is finite, else ``ValueError: z must be finite, got nan`` (the first bad value).
     One host sync on CUDA."""

@@ -34,7 +34,7 @@ from ar_course.tokenizers.quantizers import (
     MSVQ_LOSSES, MultiScaleVQ, QuantizerOutput, ResidualVQ, VectorQuantizer,
 )
 from ar_course.tokenizers.functional import check_levels, check_scales, scale_sides
-from ar_course.utils import check_bool, check_finite, check_int, check_number
+from ar_course.utils import check_bool, check_image_values, check_int, check_number
 
 QUANTIZERS = ("vq", "rvq", "msvq", "fsq", "lfq", "kl")
 PRETRAINED = ("mnist_vq", "mnist_msvq", "mnist_kl")
@@ -257,17 +257,6 @@ class VQVAE(nn.Module):
         if x.shape[0] == 0:
             raise ValueError(f"images is an empty batch {tuple(x.shape)}")
 
-    @staticmethod
-    def _check_image_values(x: torch.Tensor) -> None:
-        """Images ``x`` finite and in [0, 1] (values within 0.5 of it pass, as :mod:`ar_course.metrics` lets
-        them): one read, one host sync on CUDA."""
-        lo, hi = torch.stack([x.amin(), x.amax()]).tolist()
-        if not (math.isfinite(lo) and math.isfinite(hi)):
-            check_finite("images", x)  # raises, naming the first bad value
-        if lo < -0.5 or hi > 1.5:
-            raise ValueError(f"images must be in [0, 1], got values in [{lo:.2f}, {hi:.2f}] (divide 0..255 images "
-                             "by 255; map [-1, 1] images with (x + 1) / 2)")
-
     @property
     def dtype(self) -> torch.dtype:
         """The parameters' dtype; ``encode`` and ``decode`` cast their input to it."""
@@ -304,7 +293,7 @@ class VQVAE(nn.Module):
                 encoder made non-finite.
         """
         z = self.encode(x)
-        self._check_image_values(x)
+        check_image_values("images", x)
         q: QuantizerOutput = self.quantizer(z)
         out = self.decoder(q.z_q)  # (B, C, S, S), unclamped
         recon_loss = F.mse_loss(out, x)
@@ -316,7 +305,7 @@ class VQVAE(nn.Module):
         for images of the wrong shape, dtype or size, an empty batch or a non-finite value; ``TypeError`` for a
         non-tensor. Images outside [0, 1] (0..255 or [-1, 1]) are refused too; the values are read once."""
         self._check_images(x)
-        self._check_image_values(x)
+        check_image_values("images", x)
         return self.quantizer.encode(self.encoder(x.to(self.dtype)))
 
     @torch.no_grad()
