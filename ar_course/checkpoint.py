@@ -354,8 +354,7 @@ def load_with_tokenizer(
     their vocabulary: a :class:`~ar_course.data.CharTokenizer`. A checkpoint that records neither (a tokenizer,
     a classifier) raises :class:`CheckpointError`; a bad ``device`` raises as in :func:`load`."""
     path = resolve(name_or_path)
-    device = _device(device)
-    model, meta = _load(path, device, kind)
+    model, meta = _load(path, device, kind)  # checks the device before reading the file
     extra = meta["extra"]
     if meta["kind"] in ("lm", "diffusion_lm") and "vocab" in extra:
         from ar_course.data.text import CharTokenizer
