@@ -50,8 +50,8 @@ def get_device(prefer: str | None = None) -> torch.device:
 
     Raises:
         ValueError: ``prefer`` is not a device torch knows (``"gpu"``...).
-        RuntimeError: a CUDA or MPS device is asked for on a machine without one (``"meta"``, torch's
-            device without data, is always allowed).
+        RuntimeError: a CUDA or MPS device is asked for on a machine without one, or ``cuda:N`` past the
+            machine's GPUs (``"meta"``, torch's device without data, is always allowed).
     """
     choice = prefer or os.environ.get("AR_COURSE_DEVICE")
     if choice and choice != "auto":
@@ -61,6 +61,10 @@ def get_device(prefer: str | None = None) -> torch.device:
             raise ValueError(f"unknown device {choice!r}: use 'cpu', 'cuda', 'cuda:N' or 'auto'") from None
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise RuntimeError(f"device {choice!r} requested but CUDA is not available")
+        if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+            count = torch.cuda.device_count()
+            raise RuntimeError(f"device {choice!r} requested but this machine has {count} CUDA device"
+                               f"{'' if count == 1 else 's'} (cuda:0..cuda:{count - 1})")
         if dev.type == "mps" and not torch.backends.mps.is_available():
             raise RuntimeError(f"device {choice!r} requested but MPS (Apple GPU) is not available")
         return dev

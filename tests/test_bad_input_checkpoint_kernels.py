@@ -76,6 +76,14 @@ def test_get_device_refuses_mps_on_a_machine_without_it(name):
         get_device(name)
 
 
+def test_get_device_refuses_a_gpu_index_past_the_machine_s_gpus(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert get_device("cuda:0") == torch.device("cuda:0") and get_device("cuda") == torch.device("cuda")
+    with pytest.raises(RuntimeError, match=r"device 'cuda:5' requested but this machine has 1 CUDA device \(cuda:0"):
+        get_device("cuda:5")
+
+
 def test_get_device_still_allows_meta():
     assert get_device("meta") == torch.device("meta")
 
