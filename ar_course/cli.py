@@ -32,9 +32,11 @@ TRAINERS: dict[str, tuple[str, str]] = {
     "var": ("ar_course.var.train", "VAR next-scale prediction over multi-scale VQ tokens (chapter 04)"),
     "maskgit": ("ar_course.masked.train", "MaskGIT: masked parallel decoding over VQ tokens (chapter 08)"),
     "diffusion_lm": ("ar_course.diffusion_lm.train", "masked diffusion LM on the offline text corpus (chapter 08)"),
-    "continuous": ("ar_course.continuous.train", "raster AR over continuous tokens with a flow-matching head (chapter 10)"),
+    "continuous": ("ar_course.continuous.train",
+                   "raster AR over continuous tokens with a flow-matching head (chapter 10)"),
     "grpo": ("ar_course.align.train:grpo_main", "GRPO fine-tuning of the raster AR model with a reward (chapter 11)"),
-    "cca": ("ar_course.align.train:cca_main", "CCA of the raster AR model or VAR for guidance-free sampling (chapter 11)"),
+    "cca": ("ar_course.align.train:cca_main",
+            "CCA of the raster AR model or VAR for guidance-free sampling (chapter 11)"),
 }
 
 COMMANDS = {

@@ -452,7 +452,8 @@ def write_gallery(executed: Sequence[Path], out_dir: Path, log: Any = print) -> 
             if section != last_section:
                 lines += [f"### {section}" if section else "", ""]
                 last_section = section
-            alt = re.sub(r"\*\*|[`\[\]]", "", section) or path.stem  # bold and code marks go; a lone * (keyword-only) stays
+            # bold and code marks go; a lone * (keyword-only) stays
+            alt = re.sub(r"\*\*|[`\[\]]", "", section) or path.stem
             lines += [f"![{alt}, figure {i}]({path.stem}/{target.name})", ""]
         log(f"{path.stem}: {sum(1 for p in written if p.parent == folder)} figures")
     index = atomic_write_text(out_dir / "README.md", "\n".join(lines).rstrip() + "\n")

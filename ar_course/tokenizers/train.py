@@ -181,7 +181,8 @@ def _parser() -> ArgumentParser:
     parser.add_argument("--num-codes", type=int_in(1, MAX_CODES), default=256,
                         help="codebook size (vq, rvq, msvq; fsq has prod(levels) codes, lfq 2^latent-dim) [256]")
     parser.add_argument("--latent-dim", type=int_in(1, MAX_LATENT_DIM), default=None,
-                        help=f"latent channels [16; fsq: the number of levels; lfq: {LFQ_DEFAULT_DIM}; kl: {KL_DEFAULT_DIM}]")
+                        help=f"latent channels [16; fsq: the number of levels; lfq: {LFQ_DEFAULT_DIM}; "
+                             f"kl: {KL_DEFAULT_DIM}]")
     parser.add_argument("--depth", type=int_in(1, MAX_DEPTH), default=4, help="residual depth (rvq)")
     parser.add_argument("--scales", type=int_list(1), default=(1, 2, 3, 4, 6, 8),
                         help="comma-separated sides (msvq) [1,2,3,4,6,8]")

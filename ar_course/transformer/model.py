@@ -889,9 +889,9 @@ class GPT(nn.Module):
         :meth:`decode_step`, with no host sync; same tokens up to float rounding), or a :class:`StaticKVCache` of
         ``block_size`` positions and ``B`` rows (``2B`` when guided) to reset and reuse, so that a CUDA graph
         captured over its buffers replays (:class:`~ar_course.transformer.graphs.CUDAGraphStep`). ``forward``:
-        what computes each step's logits, called like :meth:`forward` (default: the model itself, or :meth:`decode_step` with
-        the static cache; e.g. a ``torch.compile``d forward, a CUDA-graph replay, or a wrapper that counts the
-        passes).
+        what computes each step's logits, called like :meth:`forward` (default: the model itself, or
+        :meth:`decode_step` with the static cache; e.g. a ``torch.compile``d forward, a CUDA-graph replay, or a
+        wrapper that counts the passes).
 
         Raises:
             TypeError: a number or flag of the wrong type (``max_new_tokens=2.0``, ``use_cache="yes"``...),
