@@ -17,6 +17,7 @@ command prints as one ``error:`` line (exit status 2).
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import tempfile
@@ -158,13 +159,22 @@ def _not_a_notebook(path: Path, why: str) -> ValueError:
     return ValueError(f"{path} is not a Jupyter notebook ({why})")
 
 
+def _did_you_mean(path: Path) -> str:
+    """`` (did you mean notebooks/01_vector_quantization.ipynb?)`` when ``path`` is the start of the name of a
+    notebook beside it or in a ``notebooks`` folder there (``grade 01``), else ``""``."""
+    folder = path.parent
+    found = [p for where in (folder, folder / "notebooks") if where.is_dir()
+             for p in sorted(where.glob(f"{glob.escape(path.name)}*.ipynb"))]
+    return f" (did you mean {' or '.join(str(p) for p in found[:3])}?)" if found else ""
+
+
 def read_notebook(path: str | Path) -> nbformat.NotebookNode:
     """The notebook at ``path`` (any nbformat version, converted to 4). Raises ``ValueError`` naming the file
     and what is wrong: missing, a folder, not ``.ipynb``, unreadable, empty, binary, not JSON, or JSON that is
     not a valid notebook."""
     path = Path(path)
     if not path.exists():
-        raise ValueError(f"no such notebook: {path}")
+        raise ValueError(f"no such notebook: {path}{_did_you_mean(path)}")
     if path.is_dir():
         raise ValueError(f"{path} is a folder, not a notebook")
     if path.suffix.lower() != ".ipynb":

@@ -366,6 +366,20 @@ def test_grade_missing_notebook_and_folder(capsys, tmp_path):
     assert status == 2 and error_line(err) == f"error: {tmp_path} is a folder, not a notebook"
 
 
+def test_grade_names_the_notebook_a_chapter_number_was_meant_for(capsys, tmp_path):
+    (tmp_path / "notebooks").mkdir()
+    for name in ("01_vector_quantization.ipynb", "02_causal_transformer.ipynb"):
+        (tmp_path / "notebooks" / name).write_text("{}")
+    status, _, err = run(capsys, "grade", tmp_path / "01")
+    assert status == 2 and error_line(err) == (
+        f"error: no such notebook: {tmp_path}/01 (did you mean {tmp_path}/notebooks/01_vector_quantization.ipynb?)")
+    status, _, err = run(capsys, "grade", tmp_path / "notebooks" / "0")
+    assert error_line(err).endswith(f"(did you mean {tmp_path}/notebooks/01_vector_quantization.ipynb or "
+                                    f"{tmp_path}/notebooks/02_causal_transformer.ipynb?)")
+    status, _, err = run(capsys, "grade", tmp_path / "[1")  # a glob character in the name matches nothing
+    assert error_line(err) == f"error: no such notebook: {tmp_path}/[1"
+
+
 @pytest.mark.parametrize("option, value", [("--timeout", "-1"), ("--timeout", "nan"), ("--cell-timeout", "0"),
                                            ("--timeout", "1e300")])
 def test_issue15_grade_time_limits_must_be_positive(capsys, tmp_path, option, value):
