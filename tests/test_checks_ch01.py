@@ -54,15 +54,19 @@ def test_vq_lookup_mistakes():
     assert_fails(ch01.vq_lookup, lambda z, cb: (z @ cb.t()).argmax(1), contains="largest dot product")
     assert_fails(ch01.vq_lookup, lambda z, cb: ((z[:, None] - cb[None]) ** 2).sum(-1).argmax(1),
                  contains="farthest code")
-    assert_fails(ch01.vq_lookup, lambda z, cb: (z[:, None] - cb[None]).abs().sum(-1).argmin(1))  # L1 distance
+    assert_fails(ch01.vq_lookup, lambda z, cb: (z[:, None] - cb[None]).abs().sum(-1).argmin(1),
+                 contains="by the L1 distance")
     last = lambda z, cb: cb.shape[0] - 1 - torch.cdist(z, cb).flip(1).argmin(1)  # ties to the highest index
-    assert_fails(ch01.vq_lookup, last, contains="ties")
+    assert_fails(ch01.vq_lookup, last, contains="on a tie that keeps the code with the highest index")
+    assert_fails(ch01.vq_lookup, lambda z, cb: ((z[:, None] - cb[None]) ** 2).sum(-1).argmin(0),  # wrong axis
+                 contains="argmin over the vectors (dim 0)")
     assert_fails(ch01.vq_lookup, lambda z, cb: torch.cdist(z, cb).argmin(1).int(), contains="dtype")
 
 
 def test_straight_through_mistakes():
     assert_fails(ch01.straight_through, lambda z, z_q: z_q, contains="no gradient reaches z (the encoder)")
-    assert_fails(ch01.straight_through, lambda z, z_q: z_q + (z - z_q).detach())  # value of z
+    assert_fails(ch01.straight_through, lambda z, z_q: z_q + (z - z_q).detach(),  # value of z
+                 contains="the output has the value of z, not of z_q")
     assert_fails(ch01.straight_through, lambda z, z_q: z + z_q - z, contains="no gradient reaches z")  # cancels
     assert_fails(ch01.straight_through, lambda z, z_q: z.detach() + (z_q - z), contains="sign flipped")
     msg = assert_fails(ch01.straight_through, lambda z, z_q: z * (z_q / z).detach(),
@@ -70,7 +74,9 @@ def test_straight_through_mistakes():
     assert "passed through unchanged" in msg and "no gradient reaches" not in msg  # a wrong, not a zero, gradient
     assert_fails(ch01.straight_through, lambda z, z_q: z + z_q - z.detach(), contains="codebook")  # z_q not detached
     assert_fails(ch01.straight_through, lambda z, z_q: z_q.detach(), contains="no gradient")
-    assert_fails(ch01.straight_through, lambda z, z_q: z + (z - z_q).detach())  # wrong value
+    assert_fails(ch01.straight_through, lambda z, z_q: z + (z - z_q).detach(),  # wrong value
+                 contains="that is 2z - z_q")
+    assert_fails(ch01.straight_through, lambda z, z_q: z + z_q.detach(), contains="that is z + z_q")
 
 
 def test_vq_loss_mistakes():
@@ -102,8 +108,15 @@ def test_codebook_usage_mistakes():
 
     assert_fails(ch01.codebook_usage, no_minlength, contains="largest index seen + 1")
     assert_fails(ch01.codebook_usage, zero_terms, contains="0 * log 0")
-    assert_fails(ch01.codebook_usage, base_two)
-    assert_fails(ch01.codebook_usage, unique_over_tokens)
+    assert_fails(ch01.codebook_usage, base_two, contains="perplexity in base 2")
+    assert_fails(ch01.codebook_usage, unique_over_tokens, contains="by the number of tokens")
+
+    def entropy_only(indices, num_codes):  # forgets the exp
+        counts = torch.bincount(indices.flatten(), minlength=num_codes)
+        p = counts[counts > 0].double() / counts.sum()
+        return float((counts > 0).sum()) / num_codes, float(-(p * p.log()).sum())
+
+    assert_fails(ch01.codebook_usage, entropy_only, contains="the entropy itself")
 
     def tensors(indices, num_codes):  # right values, but 0-dim tensors instead of Python floats
         counts = torch.bincount(indices.flatten(), minlength=num_codes).double()
@@ -141,7 +154,15 @@ def test_dead_code_restart_mistakes():
     assert_fails(ch01.dead_code_restart, at_most, contains="dead only below the threshold")
     assert_fails(ch01.dead_code_restart, no_wrap, contains="more dead codes")
     assert_fails(ch01.dead_code_restart, in_place, contains="changed its argument `codebook` in place")
-    assert_fails(ch01.dead_code_restart, by_code_index)
+    assert_fails(ch01.dead_code_restart, by_code_index, contains="by its index in the codebook")
+
+    def never_picked(codebook, counts, candidates, threshold):  # only count 0 is dead
+        dead = counts == 0
+        new = codebook.clone()
+        new[dead] = candidates[torch.arange(int(dead.sum())) % len(candidates)]
+        return new, dead
+
+    assert_fails(ch01.dead_code_restart, never_picked, contains="only codes never picked")
 
     def resets_counts(codebook, counts, candidates, threshold):  # right output, but writes into counts
         new, dead = ref.dead_code_restart(codebook, counts, candidates, threshold)
@@ -163,8 +184,8 @@ def _ema(cluster_size, embed_sum, z, indices, decay, eps, smooth=True, swap=Fals
 
 
 def test_ema_update_mistakes():
-    assert_fails(ch01.ema_update, lambda *a: _ema(*a, smooth=False))
-    assert_fails(ch01.ema_update, lambda *a: _ema(*a, swap=True))
+    assert_fails(ch01.ema_update, lambda *a: _ema(*a, smooth=False), contains="without smoothing them")
+    assert_fails(ch01.ema_update, lambda *a: _ema(*a, swap=True), contains="decay weighs the new batch")
 
     def no_decay_on_new(cluster_size, embed_sum, z, indices, decay, eps):  # forgets the (1 - decay) factor
         onehot = F.one_hot(indices, cluster_size.shape[0]).float()
@@ -173,7 +194,13 @@ def test_ema_update_mistakes():
         n = size.sum()
         return size, total, total / ((size + eps) / (n + len(size) * eps) * n)[:, None]
 
-    assert_fails(ch01.ema_update, no_decay_on_new)
+    assert_fails(ch01.ema_update, no_decay_on_new, contains="without the (1 - decay) factor")
+
+    def plus_eps(cluster_size, embed_sum, z, indices, decay, eps):  # smooths by adding eps only
+        N, m, _ = ref.ema_update(cluster_size, embed_sum, z, indices, decay, eps)
+        return N, m, m / (N + eps)[:, None]
+
+    assert_fails(ch01.ema_update, plus_eps, contains="divides by N + eps")
 
     def in_place(cluster_size, embed_sum, z, indices, decay, eps):  # updates the running statistics in place
         counts = torch.bincount(indices, minlength=len(cluster_size)).float()
@@ -203,8 +230,8 @@ def test_residual_quantize_mistakes():
         idx, z_hat = ref.residual_quantize(z, codebooks)
         return idx.t(), z_hat
 
-    assert_fails(ch01.residual_quantize, no_residual)
-    assert_fails(ch01.residual_quantize, previous_code_only, contains="depth")
+    assert_fails(ch01.residual_quantize, no_residual, contains="every level codes z itself")
+    assert_fails(ch01.residual_quantize, previous_code_only, contains="minus the previous level's code only")
     assert_fails(ch01.residual_quantize, depth_first, contains="shape")
 
     def residual_in_place(z, codebooks):  # `rest = z; rest -= code` subtracts from the caller's z
@@ -231,8 +258,9 @@ def test_phi_index_mistakes():
     def rounded(k, num_scales, num_phi):
         return round(k / max(num_scales - 1, 1) * (num_phi - 1))
 
-    for wrong in (even_ticks, over_s, rounded):
-        assert_fails(ch01.phi_index, wrong)
+    for wrong, says in ((even_ticks, "evenly from 0 to 1"), (over_s, "places scale k at k / num_scales"),
+                        (rounded, "evenly from 0 to 1")):  # rounding k / (S-1) * (num_phi-1) picks such a tick
+        assert_fails(ch01.phi_index, wrong, contains=says)
 
     def as_float(k, num_scales, num_phi):  # the right index as a float, which cannot index the list phis
         return float(ref.phi_index(k, num_scales, num_phi))
@@ -272,10 +300,13 @@ def _encode(f, codebook, scales, phis, down="area", up="bicubic", residual=True,
 
 
 def test_multiscale_encode_mistakes():
-    assert_fails(ch01.multiscale_encode, lambda *a: _encode(*a, residual=False))
-    assert_fails(ch01.multiscale_encode, lambda *a: _encode(*a, up="nearest"))
-    assert_fails(ch01.multiscale_encode, lambda *a: _encode(*a, use_phi=False), contains="phis")
-    assert_fails(ch01.multiscale_encode, lambda *a: _encode(*a, down="bilinear"))
+    assert_fails(ch01.multiscale_encode, lambda *a: _encode(*a, residual=False), contains="every scale codes f itself")
+    assert_fails(ch01.multiscale_encode, lambda *a: _encode(*a, up="nearest"), contains="nearest-neighbour")
+    assert_fails(ch01.multiscale_encode, lambda *a: _encode(*a, use_phi=False), contains="without being refined")
+    assert_fails(ch01.multiscale_encode, lambda *a: _encode(*a, down="bilinear"),
+                 contains="residual is shrunk with bilinear")
+    assert_fails(ch01.multiscale_encode, lambda *a: _encode(*a, up="bilinear"),
+                 contains="upsampled bilinearly, not bicubically")
     assert_fails(ch01.multiscale_encode, lambda *a: _encode(*a, in_place=True),
                  contains="changed its argument `f` in place")
 
@@ -291,9 +322,11 @@ def _decode(indices, codebook, phis, up="bicubic", use_phi=True, last_only=False
 
 
 def test_multiscale_decode_mistakes():
-    assert_fails(ch01.multiscale_decode, lambda *a: _decode(*a, use_phi=False))
-    assert_fails(ch01.multiscale_decode, lambda *a: _decode(*a, up="bilinear"))
-    assert_fails(ch01.multiscale_decode, lambda *a: _decode(*a, last_only=True))
+    assert_fails(ch01.multiscale_decode, lambda *a: _decode(*a, use_phi=False), contains="without being refined")
+    assert_fails(ch01.multiscale_decode, lambda *a: _decode(*a, up="bilinear"), contains="upsampled bilinearly")
+    assert_fails(ch01.multiscale_decode, lambda *a: _decode(*a, last_only=True),
+                 contains="last scale's contribution alone")
+    assert_fails(ch01.multiscale_decode, lambda *a: _decode(*a, up="nearest"), contains="nearest-neighbour")
 
 
 def _f_hat_after(indices, codebook, phis, k, up="bicubic"):
@@ -328,10 +361,10 @@ def test_teacher_forcing_inputs_mistakes():
         return [_down(_f_hat_after(indices, codebook, phis, k), indices[k + 1].shape[-1], mode="bilinear")
                 for k in range(len(indices) - 1)]
 
-    assert_fails(ch01.teacher_forcing_inputs, same_scale, contains="shape")
+    assert_fails(ch01.teacher_forcing_inputs, same_scale, contains="takes the side of scale k+1")
     assert_fails(ch01.teacher_forcing_inputs, with_last, contains="items")
-    assert_fails(ch01.teacher_forcing_inputs, current_scale_only)
-    assert_fails(ch01.teacher_forcing_inputs, bilinear_down)
+    assert_fails(ch01.teacher_forcing_inputs, current_scale_only, contains="scale k's contribution alone")
+    assert_fails(ch01.teacher_forcing_inputs, bilinear_down, contains="f_hat is shrunk with bilinear")
 
 
 # third audit: correct answers in other styles ---------------------------------------------------------------

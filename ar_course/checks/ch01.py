@@ -14,8 +14,9 @@ from fractions import Fraction
 from typing import Callable, Iterator
 
 import torch
+import torch.nn.functional as F
 
-from ar_course.checks.core import Case, Chapter, CheckFailure, Mistake, call, compare, compare_cases
+from ar_course.checks.core import Case, Chapter, CheckFailure, Mistake, call, compare, compare_cases, explain
 from ar_course.checks.reference import ch01 as answers
 from ar_course.tokenizers import functional as ref
 
@@ -49,6 +50,14 @@ LOOKUP_MISTAKES = [
             "that is the code with the largest dot product z.e, which ignores how long each code is (the |e|^2 "
             "term of the distance)"),
     Mistake(lambda z, codebook: torch.cdist(z, codebook).argmax(1), "that is the farthest code, not the nearest"),
+    Mistake(lambda z, codebook: (z[:, None] - codebook[None]).abs().sum(-1).argmin(1),
+            "that is the nearest code by the L1 distance (the sum of |z - e|); nearest means the smallest Euclidean "
+            "distance"),
+    Mistake(lambda z, codebook: codebook.shape[0] - 1 - torch.cdist(z, codebook).flip(1).argmin(1),
+            "on a tie that keeps the code with the highest index; the lowest index should win"),
+    Mistake(lambda z, codebook: torch.cdist(z, codebook).argmin(0),
+            "that takes the argmin over the vectors (dim 0), giving one index per code; it runs over the codes "
+            "(dim 1), one index per vector"),
 ]
 
 
@@ -67,6 +76,16 @@ def vq_lookup(fn: Callable, reference: Callable) -> None:
 # 1.2 straight-through estimator
 
 
+STE_MISTAKES = [
+    Mistake(lambda z, z_q: z.clone(), "the output has the value of z, not of z_q: the forward pass must give the "
+            "quantized vectors; only the backward pass treats quantization as the identity"),
+    Mistake(lambda z, z_q: 2 * z - z_q, "that is 2z - z_q: the detached correction points the wrong way (z - z_q); "
+            "added to z it must give z_q"),
+    Mistake(lambda z, z_q: z + z_q, "that is z + z_q: the correction added to z is z_q itself; it must be what "
+            "turns z into z_q"),
+]
+
+
 @chapter.exercise("1.2", reference=ref.straight_through, hints=(
     "the forward value must be z_q, but the backward pass should treat quantization as the identity: the "
     "gradient arriving at the output goes to z as it is",
@@ -82,7 +101,10 @@ def straight_through(fn: Callable, reference: Callable) -> None:
         w = torch.randn(shape, generator=g)
         z_in, zq_in = z.clone().requires_grad_(True), z_q.clone().requires_grad_(True)
         out = call(fn, z_in, zq_in, where=name)
-        compare(out, reference(z, z_q), where=name, atol=1e-6)
+        try:
+            compare(out, reference(z, z_q), where=name, atol=1e-6)
+        except CheckFailure as exc:
+            raise explain(exc, STE_MISTAKES, Case(name, (z, z_q)), out, atol=1e-6) from None
         if not out.requires_grad:
             raise CheckFailure(f"no gradient can flow through your output on input {name!r} (is everything detached?)")
         (out * w).sum().backward()
@@ -164,11 +186,33 @@ def _usage_over_seen_range(indices: torch.Tensor, num_codes: int) -> tuple[float
     return float((counts > 0).sum()) / len(counts), float((-(p * p.log()).sum()).exp())
 
 
+def _usage_base_two(indices: torch.Tensor, num_codes: int) -> tuple[float, float]:
+    counts = torch.bincount(indices.flatten(), minlength=num_codes).double()
+    p = counts[counts > 0] / counts.sum()
+    return float((counts > 0).sum()) / num_codes, float(2 ** (-(p * p.log()).sum()))
+
+
+def _usage_entropy(indices: torch.Tensor, num_codes: int) -> tuple[float, float]:
+    counts = torch.bincount(indices.flatten(), minlength=num_codes).double()
+    p = counts[counts > 0] / counts.sum()
+    return float((counts > 0).sum()) / num_codes, float(-(p * p.log()).sum())
+
+
+def _usage_over_tokens(indices: torch.Tensor, num_codes: int) -> tuple[float, float]:
+    return indices.unique().numel() / indices.numel(), answers.codebook_usage(indices, num_codes)[1]
+
+
 USAGE_MISTAKES = [
     Mistake(_usage_with_zero_terms, "the perplexity is NaN: an unused code adds 0 * log 0 = NaN to the entropy; "
             "its term is 0"),
     Mistake(_usage_over_seen_range, "the fraction divides by the largest index seen + 1 (bincount's length), "
             "not by num_codes: unused codes at the top are missed"),
+    Mistake(_usage_base_two, "that is the perplexity in base 2 (2 ** entropy); the perplexity is exp of the "
+            "entropy in nats"),
+    Mistake(_usage_entropy, "the second value is the entropy itself; the perplexity is its exp, the effective "
+            "number of codes"),
+    Mistake(_usage_over_tokens, "the fraction divides the number of codes used by the number of tokens; it is "
+            "a share of the num_codes codes"),
 ]
 
 
@@ -206,10 +250,24 @@ def _restart_cases() -> Iterator[Case]:
                (torch.randn(5, 4, generator=g), torch.full((5,), 10.0), torch.randn(2, 4, generator=g), 1.0))
 
 
+def _restart_by_code_index(codebook: torch.Tensor, counts: torch.Tensor, candidates: torch.Tensor,
+                           threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+    dead = counts < threshold
+    new, where = codebook.clone(), dead.nonzero().flatten()
+    new[where] = candidates[where % len(candidates)]
+    return new, dead
+
+
 RESTART_MISTAKES = [
     Mistake(lambda codebook, counts, candidates, threshold: ref.dead_code_restart(codebook, counts, candidates,
                                                                                   threshold + 1e-6),
             "codes hit exactly threshold times were restarted too; a code is dead only below the threshold"),
+    Mistake(_restart_by_code_index, "dead code k got candidates[k], by its index in the codebook; the candidates "
+            "go to the dead codes in turn, the j-th dead code getting candidates[j]"),
+    Mistake(lambda codebook, counts, candidates, threshold: ref.dead_code_restart(codebook, counts, candidates,
+                                                                                  min(threshold, 1e-12)),
+            "only codes never picked (count 0) were restarted; a code picked fewer than threshold times is dead "
+            "too"),
 ]
 
 
@@ -242,6 +300,33 @@ def _ema_cases() -> Iterator[Case]:
                (torch.zeros(k), torch.zeros(k, d), torch.randn(40, d, generator=g), idx, 0.9, 1e-5))
 
 
+def _ema_with(cluster_size: torch.Tensor, embed_sum: torch.Tensor, z: torch.Tensor, indices: torch.Tensor,
+              decay: float, eps: float, *, old: float | None = None, new: float | None = None,
+              smoothing: str = "laplace") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The EMA update with the old statistics weighted by ``old``, the batch's by ``new`` (by default decay and
+    1 - decay) and the counts smoothed as ``smoothing`` says: "laplace" (right), "none" or "plus eps"."""
+    k = cluster_size.shape[0]
+    old, new = decay if old is None else old, 1 - decay if new is None else new
+    onehot = F.one_hot(indices, k).to(z.dtype)
+    size, total = old * cluster_size + new * onehot.sum(0), old * embed_sum + new * onehot.t() @ z
+    n = size.sum()
+    denom = {"laplace": (size + eps) / (n + k * eps) * n, "none": size, "plus eps": size + eps}[smoothing]
+    return size, total, total / denom[:, None]
+
+
+EMA_MISTAKES = [
+    Mistake(lambda *a: _ema_with(*a, old=1 - a[4], new=a[4]),
+            "decay weighs the new batch there and 1 - decay the running statistics; the old values keep the "
+            "weight decay"),
+    Mistake(lambda *a: _ema_with(*a, new=1.0), "the batch counts and sums are added without the (1 - decay) "
+            "factor, so the running statistics keep growing"),
+    Mistake(lambda *a: _ema_with(*a, smoothing="none"), "the codebook divides by the running counts N without "
+            "smoothing them, so an unused code divides by (almost) zero"),
+    Mistake(lambda *a: _ema_with(*a, smoothing="plus eps"), "the codebook divides by N + eps; the smoothed counts "
+            "(N + eps) / (n + K eps) * n also keep the total count n"),
+]
+
+
 @chapter.exercise("1.6", reference=ref.ema_update, hints=(
     "keep two running averages per code, how many vectors it was given and their sum; the code is their "
     "ratio, with a little smoothing so that an unused code does not divide by zero",
@@ -252,7 +337,7 @@ def _ema_cases() -> Iterator[Case]:
     "indices, z); n = N.sum(); codebook = m / ((N + eps) / (n + K * eps) * n)[:, None]",
 ))
 def ema_update(fn: Callable, reference: Callable) -> None:
-    compare_cases(fn, reference, _ema_cases(), atol=1e-5, rtol=1e-4, off_cpu=True)
+    compare_cases(fn, reference, _ema_cases(), atol=1e-5, rtol=1e-4, mistakes=EMA_MISTAKES, off_cpu=True)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -268,6 +353,26 @@ def _residual_cases() -> Iterator[Case]:
     yield Case("depth 1", (torch.randn(10, 3, generator=g), torch.randn(1, 5, 3, generator=g)))
 
 
+def _residual_with(z: torch.Tensor, codebooks: torch.Tensor, *, rest: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Residual quantization where each level codes ``rest``: "z" (z itself) or "z - last" (z minus the last
+    code chosen only)."""
+    z_hat, last, levels = torch.zeros_like(z), torch.zeros_like(z), []
+    for codebook in codebooks:
+        idx = ref.vq_lookup(z if rest == "z" else z - last, codebook)
+        last = codebook[idx]
+        z_hat = z_hat + last
+        levels.append(idx)
+    return torch.stack(levels, 1), z_hat
+
+
+RESIDUAL_MISTAKES = [
+    Mistake(functools.partial(_residual_with, rest="z"), "every level codes z itself; each level should code the "
+            "residual z - z_hat that the levels before it left"),
+    Mistake(functools.partial(_residual_with, rest="z - last"), "each level codes z minus the previous level's "
+            "code only; the residual is z minus the sum of all the codes chosen so far"),
+]
+
+
 @chapter.exercise("1.7", reference=ref.residual_quantize, hints=(
     "each level codes what the levels before it left over, so keep the running reconstruction z_hat",
     "start from z_hat = 0; level d looks up the residual z - z_hat in codebooks[d] with vq_lookup and adds the "
@@ -276,7 +381,7 @@ def _residual_cases() -> Iterator[Case]:
     "indices.append(idx); return torch.stack(indices, 1), z_hat",
 ))
 def residual_quantize(fn: Callable, reference: Callable) -> None:
-    compare_cases(fn, reference, _residual_cases(), off_cpu=True)
+    compare_cases(fn, reference, _residual_cases(), mistakes=RESIDUAL_MISTAKES, off_cpu=True)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -293,6 +398,21 @@ def _has_exact_tie(k: int, num_scales: int, num_phi: int) -> bool:
     return dists[0] == dists[1]
 
 
+def _nearest_tick(at: float, ticks: torch.Tensor) -> int:
+    return int((ticks - at).abs().argmin())
+
+
+PHI_MISTAKES = [
+    Mistake(lambda k, num_scales, num_phi: _nearest_tick(k / (num_scales - 1) if num_scales > 1 else 0.0,
+                                                         torch.linspace(0, 1, num_phi, dtype=torch.float64)),
+            "that spreads the refinements' ticks evenly from 0 to 1 (i / (num_phi - 1)); they run from "
+            "1/(3 num_phi) to 1 - 1/(3 num_phi)"),
+    Mistake(lambda k, num_scales, num_phi: _nearest_tick(
+        k / num_scales, torch.linspace(1 / (3 * num_phi), 1 - 1 / (3 * num_phi), num_phi, dtype=torch.float64)),
+            "that places scale k at k / num_scales; it sits at k / (num_scales - 1), so that the last scale is at 1"),
+]
+
+
 @chapter.exercise("1.8", reference=ref.phi_index, hints=(
     "place the num_phi refinements and the scale on the same axis [0, 1] and pick the nearest refinement",
     "the refinements sit at num_phi evenly spaced ticks from 1/(3 num_phi) to 1 - 1/(3 num_phi); scale k sits at "
@@ -301,6 +421,7 @@ def _has_exact_tie(k: int, num_scales: int, num_phi: int) -> bool:
     "if num_scales > 1 else 0.0; return int((ticks - at).abs().argmin())",
 ))
 def phi_index(fn: Callable, reference: Callable) -> None:
+    seen, answers_seen = [], []  # every input so far and the learner's answers: a mistake must give them all
     for num_scales, num_phi in [(6, 4), (10, 4), (5, 4), (13, 4), (8, 8), (7, 3), (4, 2), (6, 1), (1, 4)]:
         for k in range(num_scales):
             if _has_exact_tie(k, num_scales, num_phi):  # floating point decides those; skip them
@@ -312,7 +433,15 @@ def phi_index(fn: Callable, reference: Callable) -> None:
             if isinstance(got, bool) or not isinstance(got, numbers.Integral):
                 raise CheckFailure(f"your function returned a {type(got).__name__} ({got!r}) on input {where!r}; it "
                                    "should return an int, the position of a refinement in the list phis")
-            compare(int(got), reference(k, num_scales, num_phi), where=where)
+            seen.append((k, num_scales, num_phi))
+            answers_seen.append(int(got))
+            try:
+                compare(int(got), reference(k, num_scales, num_phi), where=where)
+            except CheckFailure as exc:
+                # one input alone cannot tell the mistakes apart (several give the same index there): match a
+                # mistake on every input seen so far
+                on_all = [Mistake(lambda *inputs, m=m: [m.fn(*i) for i in inputs], m.says) for m in PHI_MISTAKES]
+                raise explain(exc, on_all, Case(where, tuple(seen)), answers_seen) from None
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -338,6 +467,79 @@ def _pyramid_settings() -> Iterator[tuple[str, torch.Tensor, torch.Tensor, tuple
            torch.randn(9, 2, generator=g), (2, 4, 7), [lambda h: h] * 3)
 
 
+def _resize(x: torch.Tensor, side: int, mode: str) -> torch.Tensor:
+    return x if x.shape[-1] == side else F.interpolate(x, size=(side, side), mode=mode)
+
+
+def _encode_with(f: torch.Tensor, codebook: torch.Tensor, scales: tuple[int, ...], phis: list, *,
+                 down: str = "area", up: str = "bicubic", residual: bool = True,
+                 refine: bool = True) -> list[torch.Tensor]:
+    """The multi-scale encoder with the resampling modes, the residual and the refinement as given."""
+    b, c, side, _ = f.shape
+    f_hat, out = torch.zeros_like(f), []
+    for s, phi in zip(scales, phis):
+        rest = _resize(f - f_hat if residual else f, s, down)
+        idx = ref.vq_lookup(rest.permute(0, 2, 3, 1).reshape(-1, c), codebook).view(b, s, s)
+        h = _resize(codebook[idx].permute(0, 3, 1, 2), side, up)
+        f_hat = f_hat + (phi(h) if refine else h)
+        out.append(idx)
+    return out
+
+
+ENCODE_MISTAKES = [
+    Mistake(functools.partial(_encode_with, residual=False), "every scale codes f itself; each scale should code "
+            "the residual f - f_hat that the coarser scales left"),
+    Mistake(functools.partial(_encode_with, refine=False), "the upsampled code maps are added to f_hat without "
+            "being refined by phis[k]"),
+    Mistake(functools.partial(_encode_with, up="nearest"), "the code maps are upsampled with nearest-neighbour "
+            "interpolation, not bicubically"),
+    Mistake(functools.partial(_encode_with, up="bilinear"), "the code maps are upsampled bilinearly, not "
+            "bicubically"),
+    Mistake(functools.partial(_encode_with, down="bilinear"), "the residual is shrunk with bilinear "
+            "interpolation, which reads only the few pixels nearest each output; area averaging uses them all"),
+]
+
+
+def _contributions(indices: list, codebook: torch.Tensor, phis: list, *, up: str = "bicubic",
+                   refine: bool = True) -> list[torch.Tensor]:
+    """What each scale adds to f_hat: its code map, upsampled to the last map's side (and refined)."""
+    side = indices[-1].shape[-1]
+    maps = [_resize(codebook[idx].permute(0, 3, 1, 2), side, up) for idx in indices]
+    return [phi(h) if refine else h for h, phi in zip(maps, phis)]
+
+
+DECODE_MISTAKES = [
+    Mistake(lambda *a: sum(_contributions(*a, refine=False)), "the upsampled code maps are summed without being "
+            "refined by phis[k]"),
+    Mistake(lambda *a: sum(_contributions(*a, up="bilinear")), "the code maps are upsampled bilinearly; the "
+            "encoder upsampled them bicubically, and decoding must do the same"),
+    Mistake(lambda *a: sum(_contributions(*a, up="nearest")), "the code maps are upsampled with nearest-neighbour "
+            "interpolation; the encoder upsampled them bicubically, and decoding must do the same"),
+    Mistake(lambda *a: _contributions(*a)[-1], "that is the last scale's contribution alone; f_hat is the sum of "
+            "the contributions of every scale"),
+]
+
+
+def _teacher_inputs_with(indices: list, codebook: torch.Tensor, phis: list, *, cumulative: bool = True,
+                         down: str = "area", next_scale: bool = True) -> list[torch.Tensor]:
+    parts = _contributions(indices, codebook, phis)
+    out, f_hat = [], 0
+    for k in range(len(indices) - 1):
+        f_hat = f_hat + parts[k] if cumulative else parts[k]
+        out.append(_resize(f_hat, indices[k + 1 if next_scale else k].shape[-1], down))
+    return out
+
+
+TEACHER_MISTAKES = [
+    Mistake(functools.partial(_teacher_inputs_with, cumulative=False), "each input holds scale k's contribution "
+            "alone; it should be f_hat accumulated over scales 0..k"),
+    Mistake(functools.partial(_teacher_inputs_with, down="bilinear"), "f_hat is shrunk with bilinear "
+            "interpolation, which reads only the few pixels nearest each output; area averaging uses them all"),
+    Mistake(functools.partial(_teacher_inputs_with, next_scale=False), "each input is shrunk to the side of "
+            "scale k; it is read to predict scale k+1, so it takes the side of scale k+1"),
+]
+
+
 @chapter.exercise("1.9", reference=ref.multiscale_encode, hints=(
     "go from the coarsest scale to the finest; each scale codes what the coarser ones have not explained yet, "
     "so keep a running reconstruction f_hat at full size",
@@ -350,7 +552,7 @@ def _pyramid_settings() -> Iterator[tuple[str, torch.Tensor, torch.Tensor, tuple
 ))
 def multiscale_encode(fn: Callable, reference: Callable) -> None:
     cases = [Case(name, (f, cb, scales, phis)) for name, f, cb, scales, phis in _pyramid_settings()]
-    compare_cases(fn, reference, cases, off_cpu=True)
+    compare_cases(fn, reference, cases, mistakes=ENCODE_MISTAKES, off_cpu=True)
 
 
 def _decode_cases() -> Iterator[Case]:
@@ -366,7 +568,7 @@ def _decode_cases() -> Iterator[Case]:
     "k, idx in enumerate(indices))",
 ))
 def multiscale_decode(fn: Callable, reference: Callable) -> None:
-    compare_cases(fn, reference, _decode_cases(), off_cpu=True)
+    compare_cases(fn, reference, _decode_cases(), mistakes=DECODE_MISTAKES, off_cpu=True)
 
 
 @chapter.exercise("1.11", reference=ref.teacher_forcing_inputs, hints=(
@@ -378,4 +580,4 @@ def multiscale_decode(fn: Callable, reference: Callable) -> None:
     "f_hat, size=(s_next, s_next), mode='area')) with s_next = indices[k + 1].shape[-1]",
 ))
 def teacher_forcing_inputs(fn: Callable, reference: Callable) -> None:
-    compare_cases(fn, reference, _decode_cases(), off_cpu=True)
+    compare_cases(fn, reference, _decode_cases(), mistakes=TEACHER_MISTAKES, off_cpu=True)
