@@ -60,8 +60,29 @@ def test_9_2():
         keep = (torch.arange(k.shape[2], device=q.device)[None, :] < lengths[:, None])[:, None, None, :]  # (B,1,1,T)
         return torch.nn.functional.scaled_dot_product_attention(q[:, :, None], k, v, attn_mask=keep)[:, :, 0]
 
+    def newest_masked(q, k_pool, v_pool, tables, lengths):  # `< lengths - 1`: a length-1 row attends to nothing
+        k, v = k_pool[tables].flatten(1, 2), v_pool[tables].flatten(1, 2)
+        s = torch.einsum("bhd,bthd->bht", q, k) / math.sqrt(q.shape[-1])
+        s = s.masked_fill(~(torch.arange(k.shape[1]) < lengths[:, None] - 1)[:, None, :], float("-inf"))
+        return torch.einsum("bht,bthd->bhd", s.softmax(-1), v)
+
+    def one_past(q, k_pool, v_pool, tables, lengths):  # `<= lengths`: one unwritten slot too many
+        k, v = k_pool[tables].flatten(1, 2), v_pool[tables].flatten(1, 2)
+        s = torch.einsum("bhd,bthd->bht", q, k) / math.sqrt(q.shape[-1])
+        s = s.masked_fill(~(torch.arange(k.shape[1]) <= lengths[:, None])[:, None, :], float("-inf"))
+        return torch.einsum("bht,bthd->bhd", s.softmax(-1), v)
+
+    def first_blocks(q, k_pool, v_pool, tables, lengths):  # every sequence reads pool blocks 0, 1, 2
+        k = k_pool[:tables.shape[1]].flatten(0, 1).expand(q.shape[0], -1, -1, -1)
+        v = v_pool[:tables.shape[1]].flatten(0, 1).expand(q.shape[0], -1, -1, -1)
+        s = torch.einsum("bhd,bthd->bht", q, k) / math.sqrt(q.shape[-1])
+        s = s.masked_fill(~(torch.arange(k.shape[1]) < lengths[:, None])[:, None, :], float("-inf"))
+        return torch.einsum("bht,bthd->bhd", s.softmax(-1), v)
+
     _check(ch09.paged_attention, attention.paged_attention, [no_mask, table_ignored, off_by_one_length],
-           [(no_mask, "unused end"), (softmax_by_hand, "overflows")])
+           [(no_mask, "unused end"), (softmax_by_hand, "overflows"), (table_ignored, "block table was not used"),
+            (first_blocks, "block table was not used"), (off_by_one_length, "newest key"),
+            (newest_masked, "newest key"), (one_past, "one past the newest key")])
     assert_passes(ch09.paged_attention, sdpa)
 
 
@@ -114,7 +135,8 @@ def test_9_4():
         return [hash(tuple(tokens[:(i + 1) * bs])) for i in range(len(tokens) // bs)]
 
     _check(ch09.prefix_block_hashes, prefix.prefix_block_hashes, [unchained, with_partial, hash_of_everything],
-           [(unchained, "hashed on its own tokens"), (with_partial, "partly filled")])
+           [(unchained, "hashed on its own tokens"), (with_partial, "partly filled"),
+            (hash_of_everything, "whole prefix up to each block")])
 
 
 def test_9_5():
@@ -140,9 +162,18 @@ def test_9_5():
         codes, _, lo = compression.quantize(x, bits, dim)
         return codes, (x.amax(dim, keepdim=True) - lo) / (2 ** bits - 1), lo
 
+    def last_axis(x, bits, dim):  # dim ignored: the statistics always over the last axis
+        return compression.quantize(x, bits, dim=-1)
+
+    def whole_tensor(x, bits, dim):  # one minimum and maximum for everything
+        lo, hi = x.min(), x.max()
+        scale = (hi - lo).clamp_min(1e-8) / (2 ** bits - 1)
+        return ((x - lo) / scale).round().clamp(0, 2 ** bits - 1).to(torch.uint8), scale, lo
+
     _check(ch09.quantize, compression.quantize, [absmax, truncating, wrong_axis, zero_scale, zero_scale_nan_free],
            [(absmax, "symmetric"), (truncating, "rounded"), (zero_scale, "positive scale"),
-            (zero_scale_nan_free, "positive scale")])
+            (zero_scale_nan_free, "positive scale"), (wrong_axis, "another axis than dim"),
+            (last_axis, "another axis than dim"), (whole_tensor, "of the whole tensor")])
 
 
 def test_9_6():

@@ -47,6 +47,12 @@ def fsq_float32(z, levels):
     return (r / torch.tensor([n // 2 for n in levels])).float()  # float64 input comes back as float32
 
 
+def fsq_half_range(z, levels):  # divided by (L - 1) / 2: the same for odd levels, off the grid for even ones
+    b = Fq.fsq_bound(z, levels)
+    r = b + (b.round() - b).detach()
+    return r / torch.tensor([(n - 1) / 2 for n in levels], dtype=z.dtype)
+
+
 def test_10_1():
     check = ch10.fsq_quantize
     assert_passes(check, Fq.fsq_quantize)
@@ -55,6 +61,8 @@ def test_10_1():
         assert_fails(check, wrong)
     assert_fails(check, fsq_round_only, contains="straight-through")
     assert_fails(check, fsq_integers, contains="divide dimension i")
+    assert_fails(check, fsq_clamp, contains="hard clamp instead of fsq_bound's tanh")
+    assert_fails(check, fsq_half_range, contains="divided by (L_i - 1) / 2")
     assert_fails(check, fsq_float32, contains="dtype torch.float32, expected torch.float64")
 
 
@@ -99,6 +107,7 @@ def test_10_2():
     assert_fails(check, index_unshifted, contains="negative")
     assert_fails(check, index_truncates, contains="truncated")  # codes a little off the grid
     assert_fails(check, index_floors, contains="floored")
+    assert_fails(check, index_cumprod_inclusive, contains="inclusive cumulative product")
 
 
 # 10.3 ------------------------------------------------------------------------------------------------------
@@ -131,6 +140,10 @@ def entropy_log_of_zero(z, temperature=0.01):
     return -(p * p.log()).sum(1).mean(), -(q * q.log()).sum()
 
 
+def entropy_times_temperature(z, temperature=0.01):  # -dist * temperature
+    return answers.lfq_entropy_terms(z, 1 / temperature)
+
+
 def test_10_3():
     check = ch10.lfq_entropy_terms
     assert_passes(check, answers.lfq_entropy_terms)
@@ -142,6 +155,8 @@ def test_10_3():
     assert_fails(check, entropy_swapped, contains="swapped")
     assert_fails(check, entropy_log2, contains="bits")
     assert_fails(check, entropy_log_of_zero, contains="0 * log 0")
+    assert_fails(check, entropy_no_temperature, contains="temperature was left out")
+    assert_fails(check, entropy_times_temperature, contains="multiplied by the temperature")
 
 
 # 10.4 ------------------------------------------------------------------------------------------------------
@@ -202,6 +217,7 @@ def test_10_4():
     assert_fails(check, rotation_straight_through, contains="straight-through estimator")
     assert_fails(check, rotation_unscaled, contains="rescaling")
     assert_fails(check, rotation_not_detached, contains="constants")
+    assert_fails(check, rotation_transposed, contains="rotation is transposed")
     assert_fails(check, rotation_code_not_detached, contains="reaches z_q")
     assert_fails(check, rotation_moves_code_too, contains="reaches z_q")
     assert_fails(check, rotation_detaches_code_in_place, contains="detached its argument `z_q` in place")
@@ -358,6 +374,13 @@ def sample_linspace_times(head, x0, cond, uncond, steps, *, w):  # the interval 
     return x
 
 
+def sample_linspace_to_one(head, x0, cond, uncond, steps, *, w):  # times i / (steps - 1): the last step at t = 1
+    x = x0
+    for t in torch.linspace(0, 1, steps):
+        x = x + _guided(head, x, t.expand(len(x)), cond, uncond, w) / steps
+    return x
+
+
 def test_10_6():
     check = ch10.guided_euler_sample
     assert_passes(check, answers.guided_euler_sample)
@@ -365,7 +388,8 @@ def test_10_6():
     assert_not_attempted(check, stub)
     assert_fails(check, sample_late, contains="end of its interval")
     assert_fails(check, sample_whole_velocity, contains="dt = 1 / steps")
-    assert_fails(check, sample_time_zero)
+    assert_fails(check, sample_time_zero, contains="velocity at t = 0")
+    assert_fails(check, sample_linspace_to_one, contains="torch.linspace(0, 1, steps)")
     assert_fails(check, sample_swapped, contains="swapped")
     assert_fails(check, sample_scale_convention, contains="'scale' convention")
     assert_fails(check, sample_mixed_conditions, contains="mixes the conditions")

@@ -75,6 +75,12 @@ def logp_negated_cross_entropy(model, maps, classes):  # the same numbers throug
     return -F.cross_entropy(logits.transpose(1, 2), seq, reduction="none")
 
 
+def logp_softmax_over_positions(model, maps, classes):  # dim=1 of (B, L, V): the positions
+    seq = maps.flatten(1)  # (B, L)
+    logits, _ = model(seq[:, :-1], classes=classes)
+    return torch.log_softmax(logits, dim=1).gather(-1, seq[..., None]).squeeze(-1)
+
+
 def test_11_1():
     check = ch11.token_log_probs
     assert_passes(check, token_log_probs)
@@ -84,6 +90,8 @@ def test_11_1():
         assert_fails(check, wrong)
     assert_fails(check, logp_probabilities, contains="those are probabilities")
     assert_fails(check, logp_no_class_shift, contains="position t")
+    assert_fails(check, logp_ignores_class, contains="scored with the null class")
+    assert_fails(check, logp_softmax_over_positions, contains="ran over the positions")
     assert_fails(check, logp_without_grad, contains="no gradient reaches the model")
     assert_fails(check, logp_detached_logits, contains="no gradient reaches the model")
     assert_fails(check, logp_detached_normaliser, contains="the gradient of")
@@ -141,6 +149,10 @@ def adv_sorted(rewards, groups, eps=1e-4):  # right values, in the order of the 
     return adv_loop(rewards[order], groups[order], eps)
 
 
+def adv_concatenated(rewards, groups, eps=1e-4):  # each group's advantages, concatenated
+    return torch.cat([adv_loop(rewards[groups == g], groups[groups == g], eps) for g in groups.unique()])
+
+
 def test_11_2():
     check = ch11.group_advantages
     assert_passes(check, answers.group_advantages)
@@ -152,7 +164,9 @@ def test_11_2():
     assert_fails(check, adv_batch, contains="whole batch")
     assert_fails(check, adv_unbiased, contains="unbiased")
     assert_fails(check, adv_no_eps, contains="0/0")
-    assert_fails(check, adv_fixed_eps, contains="eps = 0.05")  # eps is an argument
+    assert_fails(check, adv_fixed_eps, contains="ignores the eps argument")  # eps is an argument
+    assert_fails(check, adv_sorted, contains="group by group")
+    assert_fails(check, adv_concatenated, contains="group by group")
     assert_fails(check, adv_float32, contains="dtype")
     assert_fails(check, adv_one_pass, contains="mean(r^2) - mean(r)^2")
 
@@ -236,8 +250,8 @@ def test_11_3():
     assert_fails(check, loss_kl_to_old, contains="old policy")
     assert_fails(check, loss_tokens_broadcast, contains="broadcast along the tokens")
     assert_fails(check, loss_token_sum, contains="sums over the tokens")
-    assert_fails(check, loss_fixed_clip, contains="clip 0.3")  # clip is an argument
-    assert_fails(check, loss_detached, contains="no gradient")
+    assert_fails(check, loss_fixed_clip, contains="ignores the clip argument")  # clip is an argument
+    assert_fails(check, loss_detached, contains="logp was detached")
     assert_fails(check, loss_min_of_means, contains="not per token")
 
 

@@ -92,12 +92,58 @@ def _paged_unshifted_exp(q, k_pool, v_pool, tables, lengths):
     return torch.einsum("bht,bthd->bhd", e / e.sum(-1, keepdim=True), v)
 
 
+def _paged_with_mask(q, k_pool, v_pool, tables, valid):
+    """Attention of ``q`` over the keys read through ``tables``, at the positions where ``valid`` ``(B, T)`` holds."""
+    k, v = k_pool[tables].flatten(1, 2), v_pool[tables].flatten(1, 2)  # (B, T, H, D)
+    scores = torch.einsum("bhd,bthd->bht", q, k) / math.sqrt(q.shape[-1])  # (B, H, T)
+    scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
+    return torch.einsum("bht,bthd->bhd", scores.softmax(-1), v)
+
+
+def _paged_positions(tables, k_pool):
+    return torch.arange(tables.shape[1] * k_pool.shape[1])[None, :]  # (1, T)
+
+
+def _paged_drops_newest(q, k_pool, v_pool, tables, lengths):  # a length-1 sequence attends to nothing: NaN
+    return _paged_with_mask(q, k_pool, v_pool, tables, _paged_positions(tables, k_pool) < lengths[:, None] - 1)
+
+
+def _paged_drops_newest_kept_one(q, k_pool, v_pool, tables, lengths):  # the same, with at least one position
+    return _paged_with_mask(q, k_pool, v_pool, tables,
+                            _paged_positions(tables, k_pool) < (lengths[:, None] - 1).clamp(min=1))
+
+
+def _paged_one_past(q, k_pool, v_pool, tables, lengths):
+    return _paged_with_mask(q, k_pool, v_pool, tables, _paged_positions(tables, k_pool) <= lengths[:, None])
+
+
+def _paged_pool_in_order(q, k_pool, v_pool, tables, lengths):  # sequence b's blocks taken as b * max_blocks + j
+    in_order = torch.arange(tables.numel()).view_as(tables) % k_pool.shape[0]
+    return attention.paged_attention(q, k_pool, v_pool, in_order, lengths)
+
+
+def _paged_first_blocks(q, k_pool, v_pool, tables, lengths):  # every sequence reads pool blocks 0, 1, 2...
+    first = torch.arange(tables.shape[1]).expand_as(tables) % k_pool.shape[0]
+    return attention.paged_attention(q, k_pool, v_pool, first, lengths)
+
+
+_PAGED_NO_TABLE = ("the block table was not used: the keys came from the pool's blocks in storage order, but a "
+                   "sequence's blocks can sit anywhere in the pool, and its table says where")
+_PAGED_NEWEST = ("the newest key, at position lengths[b] - 1, is masked out: the sequence's keys are at positions "
+                 "0 .. lengths[b] - 1, the last one included")
+
 PAGED_MISTAKES = [
     Mistake(_paged_no_length_mask, "the query also attends to the unused end of its last block: mask the positions "
             "at and after lengths[b]"),
     Mistake(_paged_no_scale, "the scores are not divided by sqrt(D)"),
     Mistake(_paged_unshifted_exp, "exp of the raw scores overflows to inf once a score passes about 88 (float32), and "
             "inf / inf is nan: a softmax by hand must not exponentiate scores that large"),
+    Mistake(_paged_pool_in_order, _PAGED_NO_TABLE),
+    Mistake(_paged_first_blocks, _PAGED_NO_TABLE),
+    Mistake(_paged_drops_newest, _PAGED_NEWEST),
+    Mistake(_paged_drops_newest_kept_one, _PAGED_NEWEST),
+    Mistake(_paged_one_past, "the query also attends to position lengths[b], one past the newest key: that slot is "
+            "not written yet, so it holds stale values"),
 ]
 
 
@@ -217,12 +263,18 @@ def _hash_swapped(tokens, bs):
     return out
 
 
+def _hash_whole_prefix(tokens, bs):
+    return [hash(tuple(tokens[:(i + 1) * bs])) for i in range(len(tokens) // bs)]
+
+
 HASH_MISTAKES = [
     Mistake(_hash_no_chain, "each block is hashed on its own tokens only: two prompts that differ earlier would "
             "share a block whose keys and values differ"),
     Mistake(_hash_partial_block, "the last, partly filled block got a hash: it is still being written, so it "
             "cannot be shared"),
     Mistake(_hash_swapped, "the pair is (block tokens, parent); the spec hashes (parent, block tokens)"),
+    Mistake(_hash_whole_prefix, "that hashes the whole prefix up to each block, not the chain: the spec hashes "
+            "(parent hash, this block's tokens), which names the same prefix but reads each token once"),
 ]
 
 
@@ -268,11 +320,28 @@ def _quant_levels(x, bits, dim):
     return ((x - lo) / scale).round().clamp(0, 2 ** bits - 1).to(torch.uint8), scale, lo
 
 
+def _quant_axis(axis):
+    """Quantization with its statistics over ``axis`` whatever ``dim`` says."""
+    return lambda x, bits, dim: compression.quantize(x, bits, axis)
+
+
+def _quant_whole_tensor(x, bits, dim):
+    lo, hi = x.amin(), x.amax()
+    scale = (hi - lo).clamp_min(1e-8) / (2 ** bits - 1)
+    return ((x - lo) / scale).round().clamp(0, 2 ** bits - 1).to(torch.uint8), scale, lo
+
+
+_QUANT_AXIS = ("the minimum and maximum were taken along another axis than dim: each slice's statistics run along "
+               "dim (keys per channel over the tokens, values per token over the channels)")
+
 QUANT_MISTAKES = [
     Mistake(_quant_symmetric, "that is symmetric (absmax) quantization: it wastes levels when a slice is not "
             "centred at 0; use the slice's minimum and maximum"),
     Mistake(_quant_floor, "the codes are truncated, not rounded to the nearest level"),
     Mistake(_quant_levels, "b bits give 2**b levels, hence 2**b - 1 steps between the minimum and the maximum"),
+    *(Mistake(_quant_axis(axis), _QUANT_AXIS) for axis in (0, 1, -1)),
+    Mistake(_quant_whole_tensor, "the minimum and maximum are of the whole tensor: each slice along dim gets its "
+            "own, so one outlier channel does not coarsen every other one"),
 ]
 
 

@@ -69,6 +69,19 @@ def _fsq_unscaled(z, levels):
     return bounded + (bounded.round() - bounded).detach()
 
 
+def _fsq_clamped(z, levels):
+    half = torch.tensor([(n - 1) / 2 for n in levels], dtype=z.dtype)
+    bounded = torch.maximum(torch.minimum(z * half, half), -half)  # a hard clamp in place of the tanh
+    rounded = bounded + (bounded.round() - bounded).detach()
+    return rounded / torch.tensor([n // 2 for n in levels], dtype=z.dtype)
+
+
+def _fsq_half_range(z, levels):
+    bounded = ref.fsq_bound(z, levels)
+    rounded = bounded + (bounded.round() - bounded).detach()
+    return rounded / torch.tensor([(n - 1) / 2 for n in levels], dtype=z.dtype)
+
+
 FSQ_MISTAKES = [
     Mistake(_fsq_no_st, "round() has a zero gradient almost everywhere: the encoder would learn nothing "
                         "without the straight-through trick"),
@@ -77,6 +90,10 @@ FSQ_MISTAKES = [
     Mistake(_fsq_no_offset, "for an even number of levels, tanh(z) * (L - 1) / 2 rounds to L + 1 values (or "
                             "L - 1 symmetric ones): even levels need the half-step offset and its shift"),
     Mistake(_fsq_unscaled, "the codes are integers; divide dimension i by L_i // 2 so they lie in [-1, 1]"),
+    Mistake(_fsq_clamped, "that bounds z with a hard clamp instead of fsq_bound's tanh: the clamp passes no gradient "
+                          "once z is outside the box, and it sends z to other codes than the tanh does"),
+    Mistake(_fsq_half_range, "the codes were divided by (L_i - 1) / 2, not L_i // 2: for an even L_i they leave the "
+                             "grid (the lowest code falls below -1)"),
 ]
 
 
@@ -140,6 +157,13 @@ def _index_same_base(codes, levels):
     return (digits * basis).sum(-1)
 
 
+def _index_inclusive_basis(codes, levels):
+    width = torch.tensor([n // 2 for n in levels], dtype=codes.dtype)
+    digits = (codes * width + width).round().long()
+    basis = torch.cumprod(torch.tensor(levels), 0)  # L_0, L_0 L_1, ...: one place too high
+    return (digits * basis).sum(-1)
+
+
 INDEX_MISTAKES = [
     Mistake(_index_reversed, "the digits are in the wrong order: dimension 0 is the lowest digit (place value 1), "
                              "dimension 1 has place value L_0, and so on"),
@@ -147,6 +171,9 @@ INDEX_MISTAKES = [
                              "in [0, L_i)"),
     Mistake(_index_same_base, "every dimension used the same base: the place value of dimension i is "
                               "L_0 * ... * L_{i-1}, so indices fill [0, prod(levels)) with no gaps"),
+    Mistake(_index_inclusive_basis, "the place values are L_0, L_0 * L_1, ... (an inclusive cumulative product): "
+                                    "dimension 0 has place value 1 and dimension i the product of the levels before "
+                                    "it, so the indices leave gaps and overshoot prod(levels)"),
     Mistake(_index_truncated, "the digits were truncated (.long() cuts 2.9997 down to 2): a code carries float "
                               "error, so turn code_i * (L_i // 2) + L_i // 2 into the nearest integer"),
     Mistake(_index_floored, "the digits were floored (2.9997 becomes 2): a code carries float error, so take the "
@@ -210,12 +237,21 @@ def _entropy_unclamped_log(z, temperature=0.01):
     return -(p * p.log()).sum(1).mean(), -(avg * avg.log()).sum()
 
 
+def _entropy_times_temperature(z, temperature=0.01):
+    return answers.lfq_entropy_terms(z, 1 / temperature)
+
+
 ENTROPY_MISTAKES = [
     Mistake(_entropy_swapped, "the two terms are swapped: the first is the mean of each vector's entropy, the "
                               "second the entropy of the batch-averaged distribution"),
     Mistake(_entropy_plus_distance, "the softmax favours far codes: the logits are minus the squared distance over "
                                     "the temperature"),
     Mistake(_entropy_bits, "those are bits: use the natural log (nats)"),
+    Mistake(lambda z, temperature=0.01: answers.lfq_entropy_terms(z, 1.0),
+            "the temperature was left out: the logits are minus the squared distances divided by the temperature, "
+            "which sets how sharp each vector's assignment is"),
+    Mistake(_entropy_times_temperature, "the squared distances were multiplied by the temperature; the logits are "
+                                        "minus the squared distances divided by it"),
     Mistake(_entropy_unclamped_log, "a probability that underflows to 0 gives 0 * log 0 = 0 * -inf = nan: a term "
                                     "with p = 0 adds nothing to an entropy, so keep log away from 0 (clamp_min, "
                                     "or log_softmax of the logits)"),
@@ -287,10 +323,21 @@ def _rot_not_detached(z, z_q, eps=1e-8):
     return z_q.detach() + (moved - moved.detach())
 
 
+def _rot_transposed(z, z_q, eps=1e-8):
+    with torch.no_grad():
+        u, q = F.normalize(z, dim=1), F.normalize(z_q, dim=1)
+        r = F.normalize(u + q, dim=1)
+        lam = z_q.norm(dim=1, keepdim=True) / z.norm(dim=1, keepdim=True)
+    moved = lam * (z - 2 * r * (r * z).sum(1, keepdim=True) + 2 * u * (q * z).sum(1, keepdim=True))  # R^T z
+    return z_q.detach() + (moved - moved.detach())
+
+
 ROTATION_MISTAKES = [
     Mistake(_rot_straight_through, "that is the straight-through estimator (the gradient copied unchanged); the "
                                    "rotation trick rotates and rescales it"),
     Mistake(_rot_no_scale, "the rescaling lambda = |z_q| / |z| is missing"),
+    Mistake(_rot_transposed, "that rotation is transposed (2 u (q.z) in place of 2 q (u.z)): it turns z_q's "
+                             "direction onto z's, while R must turn z's direction u onto z_q's direction q"),
     Mistake(_rot_not_detached, "R and lambda must be constants (computed under no_grad): the gradient flows through "
                                "R z only, not through the rotation's construction"),
 ]
@@ -496,6 +543,13 @@ def _cfg(v_c, v_u, w):
 
 
 SAMPLER_MISTAKES = [
+    Mistake(lambda head, x0, cond, uncond, steps, *, w: _euler(
+        _mixed(head, cond, uncond, w, _cfg), x0, steps, time=lambda i, s: 0.0),
+        "every step reads the velocity at t = 0: the time must move with the steps, t = i / steps at step i"),
+    Mistake(lambda head, x0, cond, uncond, steps, *, w: _euler(
+        _mixed(head, cond, uncond, w, _cfg), x0, steps, time=lambda i, s: i / (s - 1)),
+        "the times run from 0 to 1 included (as torch.linspace(0, 1, steps) gives): step i starts at i / steps, "
+        "so the last one starts at 1 - 1 / steps"),
     Mistake(lambda head, x0, cond, uncond, steps, *, w: _euler(
         _mixed(head, cond, uncond, w, _cfg), x0, steps, time=lambda i, s: (i + 1) / s),
         "each step reads the velocity at the end of its interval: Euler evaluates it at the start, t = i / steps"),

@@ -79,6 +79,16 @@ def _logp_of_softmax(model, maps, classes):
     return torch.softmax(logits, dim=-1).log().gather(-1, seq[..., None]).squeeze(-1)
 
 
+def _logp_unconditional(model, maps, classes):
+    return ref_token_log_probs(model, maps, torch.full_like(classes, model.null_class))
+
+
+def _logp_over_positions(model, maps, classes):
+    seq = maps.flatten(1)  # (B, L)
+    logits, _ = model(seq[:, :-1], classes=classes)  # (B, L, V)
+    return torch.log_softmax(logits, dim=1).gather(-1, seq[..., None]).squeeze(-1)  # normalised over positions
+
+
 LOGP_MISTAKES = [
     Mistake(_logp_probs, "those are probabilities; the ratio and the KL need log-probabilities"),
     Mistake(_logp_of_softmax, "that is the log of a softmax: a probability below about 1e-38 rounds to 0 (or "
@@ -86,6 +96,10 @@ LOGP_MISTAKES = [
                               "log-probabilities from the logits in one stable step"),
     Mistake(_logp_shifted, "each token is read from the prediction of the position after it: the logits at "
                            "position t (the class token is position 0) predict token t"),
+    Mistake(_logp_unconditional, "those are the unconditional log-probabilities (every map scored with the null "
+                                 "class): the model must see each map's own class"),
+    Mistake(_logp_over_positions, "the log_softmax ran over the positions (dim 1), not over the vocabulary: each "
+                                  "position's distribution is over the codes, the last axis"),
 ]
 
 
@@ -178,6 +192,11 @@ def _adv_blocks(rewards, groups, eps=1e-4):
     return ref.group_advantages(rewards.view(groups.unique().numel(), -1), eps).flatten()
 
 
+def _adv_group_by_group(rewards, groups, eps=1e-4):
+    order = groups.argsort(stable=True)
+    return answers.group_advantages(rewards[order], groups[order], eps)
+
+
 ADV_MISTAKES = [
     Mistake(_adv_blocks, "that reads the groups as consecutive, equal blocks of the batch; a sample's group is "
                          "its id in groups, wherever it sits"),
@@ -190,6 +209,10 @@ ADV_MISTAKES = [
     Mistake(lambda r, gr, eps=1e-4: _adv_per_group(r, gr, eps, one_pass=True),
             "the variance came from mean(r^2) - mean(r)^2: for rewards close together that difference of two nearly "
             "equal numbers loses most of its digits in float32; average the squared deviations from the mean instead"),
+    Mistake(_adv_group_by_group, "the advantages come back group by group (in the order of the sorted group ids), "
+                                 "not at their samples' places: advantage i must belong to rewards[i]"),
+    Mistake(lambda r, gr, eps=1e-4: answers.group_advantages(r, gr), "that ignores the eps argument and always "
+            "uses 1e-4, its default: the caller chooses eps"),
 ]
 
 
@@ -277,6 +300,13 @@ LOSS_MISTAKES = [
                                       "policy strays"),
     Mistake(_loss_with(reduce=lambda x: x.sum(1).mean()), "that sums over the tokens; the loss is the mean over "
                                                           "tokens and sequences"),
+    Mistake(lambda logp, logp_old, logp_ref, adv, clip, kl_coef: grpo_objective(logp, logp_old, logp_ref, adv, 0.2,
+                                                                                 kl_coef),
+            "that ignores the clip argument and clips at a fixed 0.2"),
+    Mistake(lambda logp, logp_old, logp_ref, adv, clip, kl_coef: grpo_objective(logp.detach(), logp_old, logp_ref,
+                                                                                 adv, clip, kl_coef),
+            "logp was detached (or the loss computed under torch.no_grad()): the loss trains the policy through the "
+            "gradient it sends back to logp"),
 ]
 
 
