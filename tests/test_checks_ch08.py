@@ -175,6 +175,7 @@ def test_8_2():
     assert_not_attempted(check, stub)
     for wrong in (mask_bernoulli, mask_float_counts):
         assert_fails(check, wrong)
+    assert_fails(check, mask_bernoulli, contains="changes with the random draws")
     assert_fails(check, mask_floor, contains="rounded down")
     assert_fails(check, mask_round, contains="nearest whole number")
     assert_fails(check, mask_floor_plus_one, contains="one too many")
@@ -291,6 +292,7 @@ def test_8_3():
     assert_fails(check, step_in_place, contains="changed its argument `tokens` in place")
     assert_fails(check, step_mask_in_place, contains="changed its argument `mask` in place")
     assert_fails(check, step_known_score_zero, contains="a confidence of 0")
+    assert_fails(check, step_fills_remasked, contains="the positions masked again at this step got their samples")
     assert_passes(check, step_sorted)
 
 
@@ -436,6 +438,11 @@ def mdlm_exp_over_sum(logits, targets, masked, t):
     return (nll * masked / t[:, None]).sum(1) / targets.shape[1]
 
 
+def mdlm_summed_over_length(logits, targets, masked, t):  # the sum over L, never divided by L
+    nll = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
+    return (nll * masked / t[:, None]).sum(1)
+
+
 def mdlm_ignore_index(logits, targets, masked, t):  # right: unmasked targets ignored by cross_entropy
     nll = F.cross_entropy(logits.transpose(1, 2), targets.masked_fill(~masked, -100), reduction="none")
     return nll.sum(1) / t / targets.shape[1]
@@ -450,6 +457,8 @@ def test_8_5():
     assert_fails(check, mdlm_unweighted, contains="1/t")
     assert_fails(check, mdlm_mean_over_masked, contains="length L")
     assert_fails(check, mdlm_all_positions, contains="only masked")
+    assert_fails(check, mdlm_batch_mean, contains="averaged over the batch")
+    assert_fails(check, mdlm_summed_over_length, contains="not divided by its length L")
     for wrong in (mdlm_log_of_softmax, mdlm_exp_over_sum):
         assert_fails(check, wrong, contains="log of a softmax")
     assert_passes(check, mdlm_ignore_index)
@@ -507,6 +516,7 @@ def test_8_6():
     assert_fails(check, reveal_overwrites, contains="never change")
     assert_fails(check, reveal_at_or_below, contains="u < p, strictly")
     assert_fails(check, reveal_largest_id_is_mask, contains="mask_id 0")
+    assert_fails(check, reveal_all, contains="every masked token was revealed at once")
     assert_passes(check, reveal_one_minus_ratio)
 
 
@@ -537,6 +547,12 @@ def schedule_reversed(length, block_size, steps):
             for i in range(per)]
 
 
+def schedule_time_rising(length, block_size, steps):  # the time runs from 0 up to 1 in each block
+    per = steps // (length // block_size)
+    grid = torch.linspace(0.0, 1.0, per + 1).tolist()
+    return [(a, a + block_size, grid[i], grid[i + 1]) for a in range(0, length, block_size) for i in range(per)]
+
+
 def schedule_tensor_times(length, block_size, steps):
     per = steps // (length // block_size)
     grid = torch.linspace(1.0, 0.0, per + 1)  # the times stay 0-d tensors
@@ -556,6 +572,8 @@ def test_8_7():
     assert_fails(check, schedule_global, contains="inside every block")
     assert_fails(check, schedule_each_all, contains="steps // n_blocks")
     assert_fails(check, schedule_reversed, contains="left to right")
+    assert_fails(check, schedule_no_last, contains="stops short of t = 0")
+    assert_fails(check, schedule_time_rising, contains="the time rises from 0 to 1")
     for wrong in (schedule_tensor_times, schedule_numpy_times):
         assert_fails(check, wrong, contains="Python floats")
 
@@ -702,6 +720,8 @@ def test_8_3_other_forms():
         assert_passes(ch08.confidence_step, right)
     for wrong in (step_argmax_confidence, step_unscaled_noise):
         assert_fails(ch08.confidence_step, wrong)
+    assert_fails(ch08.confidence_step, step_argmax_confidence, contains="its most likely token's log-probability")
+    assert_fails(ch08.confidence_step, step_unscaled_noise, contains="at full weight whatever noise_scale is")
     assert_fails(ch08.confidence_step, step_mask_id_max, contains="got the largest id in tokens")
 
 
@@ -800,7 +820,7 @@ def mdlm_no_grad(logits, targets, masked, t):  # computed under no_grad: nothing
 def test_8_5_other_forms():
     for right in (mdlm_log_softmax_gather, mdlm_logsumexp_float64, mdlm_row_loop, mdlm_nll_loss_einsum):
         assert_passes(ch08.mdlm_loss, right)
-    assert_fails(ch08.mdlm_loss, mdlm_over_vocabulary)
+    assert_fails(ch08.mdlm_loss, mdlm_over_vocabulary, contains="divided by the vocabulary size V")
     assert_fails(ch08.mdlm_loss, mdlm_no_grad, contains="no gradient flows")
 
 
@@ -835,7 +855,7 @@ def reveal_wipes_visible(x, proposal, t, s, mask_id, u):  # every position not r
 def test_8_6_other_forms():
     for right in (reveal_index_assign, reveal_arithmetic, reveal_python_loop, reveal_masked_scatter):
         assert_passes(ch08.reveal_step, right)
-    assert_fails(ch08.reveal_step, reveal_wipes_visible)
+    assert_fails(ch08.reveal_step, reveal_wipes_visible, contains="tokens revealed earlier were masked again")
 
 
 def schedule_numpy_loops(length, block_size, steps):  # right: np.linspace, nested loops, float() of each time
@@ -873,3 +893,5 @@ def test_8_7_other_forms():
         assert_passes(ch08.block_schedule, right)
     for wrong in (schedule_per_block_size, schedule_inclusive_end):
         assert_fails(ch08.block_schedule, wrong)
+    assert_fails(ch08.block_schedule, schedule_per_block_size, contains="steps // block_size passes")
+    assert_fails(ch08.block_schedule, schedule_inclusive_end, contains="one past it")

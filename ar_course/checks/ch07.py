@@ -6,7 +6,9 @@ reference under identically seeded generators, on the shipped MNIST models and o
 VAR with another schedule and three colour channels, and counts the forward passes. The other checks are
 pure bookkeeping and run on hand-made tables whose answers differ between the right rule and
 the usual slips (a ragged last chunk, a tie, a "min" objective, a floor met exactly); 7.3 and 7.5-7.7 also
-check that the set, lists and table they are given come back unchanged (no in-place sort or remove).
+check that the set, lists and table they are given come back unchanged (no in-place sort or remove). 7.2, 7.6 and
+7.7 name the slip they recognise: a sign, the scale read as the strength, a ramp off by one or in raster order, "min"
+read as "max", equal rows knocking each other out, a sum of objectives, the best quality or the first row taken.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from typing import Any, Callable, Iterator
 import torch
 
 from ar_course import utils
-from ar_course.checks.core import Case, Chapter, CheckFailure, call, check_unchanged, compare, describe
+from ar_course.checks.core import (Case, Chapter, CheckFailure, Mistake, call, check_unchanged, compare, describe,
+                                   explain)
 from ar_course.checks.reference import ch07 as ref
 from ar_course.tokenizers import VQVAE
 from ar_course.tokenizers.vqvae import VQVAEConfig
@@ -107,6 +110,52 @@ def _guidance_cases() -> Iterator[Case]:
     yield Case("w=0, var, 6 scales", (0.0, "var", 6))
 
 
+def _pairs_of(strengths: list[float]) -> list[tuple[float, float]]:
+    return [(1 + t, -t) for t in strengths]
+
+
+def _ramped(w: float, method: str, num_steps: int, ramp: bool) -> bool:
+    return method == "var" and ramp and num_steps > 1
+
+
+def _guidance_sign_flipped(w, method, num_steps, ramp=True):
+    return [(a, -b) for a, b in ref.guidance_weights(w, method, num_steps, ramp)]
+
+
+def _guidance_w_as_scale(w, method, num_steps, ramp=True):
+    return [(-b, 1 + b) for _, b in ref.guidance_weights(w, method, num_steps, ramp)]  # (t, 1 - t)
+
+
+def _guidance_ramp_everywhere(w, method, num_steps, ramp=True):
+    return ref.guidance_weights(w, "var" if method == "ar" else method, num_steps, ramp)
+
+
+def _guidance_ramp_over_s(w, method, num_steps, ramp=True):
+    if not _ramped(w, method, num_steps, ramp):
+        return ref.guidance_weights(w, method, num_steps, ramp)
+    return _pairs_of([w * k / num_steps for k in range(num_steps)])
+
+
+def _guidance_ramp_from_first(w, method, num_steps, ramp=True):
+    if not _ramped(w, method, num_steps, ramp):
+        return ref.guidance_weights(w, method, num_steps, ramp)
+    return _pairs_of([w * (k + 1) / num_steps for k in range(num_steps)])
+
+
+GUIDANCE_MISTAKES = [
+    Mistake(_guidance_sign_flipped, "the unconditional weight has the wrong sign: guidance pushes away from the "
+                                    "unconditional prediction, so a_uncond is -t and the pair sums to 1"),
+    Mistake(_guidance_w_as_scale, "that reads the strength as the scale s of uncond + s * (cond - uncond), which "
+                                  "gives (s, 1 - s); a strength t is the scale s = 1 + t"),
+    Mistake(_guidance_ramp_everywhere, "that ramps the strength in raster order too; only VAR ramps it over its "
+                                       "scales, raster order guides every token with the full w"),
+    Mistake(_guidance_ramp_over_s, "the ramp w * k / S never reaches w: it must run from 0 at the first scale to "
+                                   "w at the last"),
+    Mistake(_guidance_ramp_from_first, "the ramp w * (k + 1) / S starts above 0: the first scale gets no "
+                                       "guidance and the last gets the full w"),
+]
+
+
 @chapter.exercise("7.2", reference=ref.guidance_weights, hints=(
     "every step mixes a_cond * cond + a_uncond * uncond; write both methods' mixes in one convention, a "
     "guidance strength t, and see how t changes from step to step",
@@ -130,9 +179,10 @@ def guidance_weights(fn: Callable, ref_fn: Callable) -> None:
         bad = ~torch.isclose(got_t, expected, atol=1e-6, rtol=1e-6)  # float32 pairs (torch.linspace) are fine too
         if bool(bad.any()):
             k = int(bad.any(dim=1).nonzero()[0])
-            raise CheckFailure(f"on input {case.name!r}, step {k} has (a_cond, a_uncond) = "
-                               f"({got_t[k, 0]:.6g}, {got_t[k, 1]:.6g}), expected ({expected[k, 0]:.6g}, "
-                               f"{expected[k, 1]:.6g})")
+            failure = CheckFailure(f"on input {case.name!r}, step {k} has (a_cond, a_uncond) = "
+                                   f"({got_t[k, 0]:.6g}, {got_t[k, 1]:.6g}), expected ({expected[k, 0]:.6g}, "
+                                   f"{expected[k, 1]:.6g})")
+            raise explain(failure, GUIDANCE_MISTAKES, case, got_t.tolist(), atol=1e-6, rtol=1e-6)
     _expect_error(fn, (1.0, "raster", 4), {}, ValueError, "an unknown method 'raster'")
 
 
@@ -320,6 +370,46 @@ def _names(rows: Any, where: str) -> list:
         raise CheckFailure(f"on input {where!r}, return the rows themselves (dicts), got {describe(rows)}") from None
 
 
+def _front_all_max(rows, objectives):
+    return ref.pareto_front(rows, {k: "max" for k in objectives})
+
+
+def _front_equal_dominates(rows, objectives):
+    return [b for i, b in enumerate(rows)
+            if not any(ref._at_least_as_good(a, b, objectives)[0] for j, a in enumerate(rows) if j != i)]
+
+
+def _front_strict_in_all(rows, objectives):
+    def beats_everywhere(a, b):
+        return all(ref._at_least_as_good(a, b, {k: s})[1] for k, s in objectives.items())
+    return [b for b in rows if not any(beats_everywhere(a, b) for a in rows)]
+
+
+def _front_sweep_sum(rows, objectives):
+    (k0, s0), *rest = objectives.items()
+    best, kept = None, []
+    for r in sorted(rows, key=lambda r: -r[k0] if s0 == "max" else r[k0]):
+        score = sum(r[k] if s == "max" else -r[k] for k, s in rest)
+        if best is None or score > best:
+            kept.append(r)
+            best = score
+    return [r for r in rows if any(r is k for k in kept)]
+
+
+FRONT_MISTAKES = [
+    Mistake(_front_all_max, "that treats every objective as 'max'; a 'min' objective (such as the Frechet distance) "
+                            "is better when lower, so its comparisons flip"),
+    Mistake(_front_equal_dominates, "that drops a row when another is merely as good on every objective, so equal "
+                                    "rows knock each other out; to dominate, a row must also be strictly better "
+                                    "on one"),
+    Mistake(_front_strict_in_all, "that drops a row only when another is strictly better on every objective; a row "
+                                  "beaten on some objectives and tied on the rest is dominated too"),
+    Mistake(_front_sweep_sum, "that sweeps the rows sorted on the first objective and keeps those that beat the "
+                              "best sum of the other objectives so far; a sum of objectives is not dominance, and "
+                              "a row no other row beats can still lose on that sum"),
+]
+
+
 @chapter.exercise("7.6", reference=ref.pareto_front, hints=(
     "a row belongs to the front unless another row beats it; be precise about what 'beats' means when some "
     "objectives tie",
@@ -333,15 +423,17 @@ def pareto_front(fn: Callable, ref_fn: Callable) -> None:
         rows, objectives = case.args
         expected = _names(ref_fn([dict(r) for r in rows], dict(objectives)), case.name)
         given = [dict(r) for r in rows]
-        got = _names(call(fn, given, dict(objectives), where=case.name), case.name)
+        out = call(fn, given, dict(objectives), where=case.name)
+        got = _names(out, case.name)
         check_unchanged(("rows",), (rows,), (given,), case.name)
         if got != expected:
             extra = [n for n in got if n not in expected]
             missing = [n for n in expected if n not in got]
             why = (f"kept the dominated rows {extra}" if extra else "") + (" and " if extra and missing else "") + \
                   (f"dropped the non-dominated rows {missing}" if missing else "")
-            raise CheckFailure(f"on input {case.name!r}, the front is {got}, expected {expected}"
-                               + (f": you {why}" if why else " (keep the input order)"))
+            failure = CheckFailure(f"on input {case.name!r}, the front is {got}, expected {expected}"
+                                   + (f": you {why}" if why else " (keep the input order)"))
+            raise explain(failure, FRONT_MISTAKES, case, list(out))
 
 
 def _fastest_cases() -> Iterator[Case]:
@@ -354,6 +446,48 @@ def _fastest_cases() -> Iterator[Case]:
     ties = _rows(("P", 10.0, 0.9, 1.0), ("Q", 12.0, 0.95, 1.0), ("R", 12.0, 0.97, 1.0), ("S", 12.0, 0.8, 1.0))
     yield Case("a tie in speed: the earlier row", (ties, "speed", "acc", 0.9))
     yield Case("no rows", ([], "speed", "acc", 0.5))
+
+
+def _meets(row, quality, floor, higher_is_better, strict=False):
+    q = row[quality]
+    if strict:
+        return q > floor if higher_is_better else q < floor
+    return q >= floor if higher_is_better else q <= floor
+
+
+def _fastest_best_quality(rows, speed, quality, floor, higher_is_better=True):
+    ok = [r for r in rows if _meets(r, quality, floor, higher_is_better)]
+    return max(ok, key=lambda r: r[quality] if higher_is_better else -r[quality]) if ok else None
+
+
+def _fastest_first_meeting(rows, speed, quality, floor, higher_is_better=True):
+    return next((r for r in rows if _meets(r, quality, floor, higher_is_better)), None)
+
+
+def _fastest_ignores_direction(rows, speed, quality, floor, higher_is_better=True):
+    return ref.fastest_meeting(rows, speed, quality, floor, True)
+
+
+def _fastest_strict_floor(rows, speed, quality, floor, higher_is_better=True):
+    ok = [r for r in rows if _meets(r, quality, floor, higher_is_better, strict=True)]
+    return max(ok, key=lambda r: r[speed]) if ok else None
+
+
+def _fastest_last_on_tie(rows, speed, quality, floor, higher_is_better=True):
+    ok = [r for r in rows if _meets(r, quality, floor, higher_is_better)]
+    return max(reversed(ok), key=lambda r: r[speed]) if ok else None
+
+
+FASTEST_MISTAKES = [  # the slips the edge cases target first: there the broader ones can give the same row
+    Mistake(_fastest_strict_floor, "a row exactly at the floor was refused; a quality equal to the floor meets it"),
+    Mistake(_fastest_ignores_direction, "that treats the floor as a minimum; with higher_is_better=False a row "
+                                        "meets it when its quality is at most the floor"),
+    Mistake(_fastest_last_on_tie, "on a tie in speed that is the later row; the earlier row wins a tie"),
+    Mistake(_fastest_best_quality, "that is the row of best quality among those meeting the floor; the floor only "
+                                   "sorts out the rows that are good enough, and the fastest of them wins"),
+    Mistake(_fastest_first_meeting, "that is the first row in table order that meets the floor; of the rows that "
+                                    "meet it, the fastest wins"),
+]
 
 
 @chapter.exercise("7.7", reference=ref.fastest_meeting, hints=(
@@ -373,13 +507,17 @@ def fastest_meeting(fn: Callable, ref_fn: Callable) -> None:
         exp_name = None if expected is None else expected["name"]
         if got is None or expected is None:
             if (got is None) != (expected is None):
-                raise CheckFailure(f"on input {case.name!r}, returned {describe(got) if got is not None else None}, "
-                                   f"expected {'None' if expected is None else 'row ' + repr(exp_name)}")
+                failure = CheckFailure(f"on input {case.name!r}, returned "
+                                       f"{describe(got) if got is not None else None}, "
+                                       f"expected {'None' if expected is None else 'row ' + repr(exp_name)}")
+                raise explain(failure, FASTEST_MISTAKES, case, got)
             continue
         try:
             got_name = got["name"]
         except (TypeError, KeyError, IndexError):
             raise CheckFailure(f"on input {case.name!r}, return the row itself (a dict), got {describe(got)}") from None
         if got_name != exp_name:
-            raise CheckFailure(f"on input {case.name!r}, chose row {got_name!r} ({case.args[1]} {got[case.args[1]]:g}, "
-                               f"{case.args[2]} {got[case.args[2]]:g}), expected row {exp_name!r}")
+            failure = CheckFailure(f"on input {case.name!r}, chose row {got_name!r} ({case.args[1]} "
+                                   f"{got[case.args[1]]:g}, {case.args[2]} {got[case.args[2]]:g}), expected row "
+                                   f"{exp_name!r}")
+            raise explain(failure, FASTEST_MISTAKES, case, got)

@@ -11,7 +11,9 @@ positions in every row, the first positions or a run of neighbours; re-masking t
 (also through a finite confidence of 0), a step that writes into its inputs; a step map that ignores the neighbourhood,
 visits it column by column, waits for the earliest neighbour only or reads outside the map through a negative index; for
 text, an MDLM loss without its 1/t weight, averaged over the masked tokens or taken as the log of a softmax, a reveal
-probability that is not conditioned on being masked, a block schedule whose time runs once over the whole sequence. The
+probability that is not conditioned on being masked, a block schedule whose time runs once over the whole sequence,
+rises, or stops short of 0; also counts that change with the draws, re-masked positions given samples, the noise at
+full weight, tokens revealed earlier masked again. The
 training masks are random: their check holds the counts exactly, and which positions are hidden only to what a uniform
 choice gives over 10,000 rows (and that they change with the generator's seed), so any correct way of drawing them
 passes."""
@@ -157,6 +159,23 @@ COUNT_MISTAKES = [
                               "its own count"),
 ]
 
+def _random_counts(fn: Callable) -> str:
+    """The diagnosis of masks whose counts change with the generator's seed (each position hidden on its own with
+    probability gamma(r), say), or ""."""
+    for case in _mask_count_cases():
+        r, n, schedule = case.args
+        try:
+            counts = [fn(r.clone(), n, schedule, torch.Generator().manual_seed(seed)).sum(1) for seed in (0, 1, 2)]
+            varies = not (torch.equal(counts[0], counts[1]) and torch.equal(counts[0], counts[2]))
+        except Exception:  # noqa: BLE001 - no diagnosis then
+            return ""
+        if varies:
+            return ("; the number of hidden positions changes with the random draws (as when each position is "
+                    "hidden on its own with probability gamma(r)); a row hides exactly ceil(gamma(r) * n), only "
+                    "which positions is random")
+    return ""
+
+
 SPREAD_N, SPREAD_K, SPREAD_ROWS = 10, 3, 10000  # 10,000 rows that each hide 3 of 10 positions (linear, r = 0.75)
 
 
@@ -211,7 +230,9 @@ def training_mask(fn: Callable, ref_fn: Callable) -> None:
     try:
         compare_cases(_counts_of(fn), _counts_of(ref_fn), _mask_count_cases(), mistakes=COUNT_MISTAKES)
     except CheckFailure as exc:
-        raise CheckFailure(f"hidden positions per row (mask.sum(1)): {exc}") from None
+        named = any(m.says in str(exc) for m in COUNT_MISTAKES)
+        raise CheckFailure(f"hidden positions per row (mask.sum(1)): {exc}"
+                           + ("" if named else _random_counts(fn))) from None
     r = torch.full((SPREAD_ROWS,), 0.75)
     name = f"{SPREAD_ROWS} rows with r = 0.75, n = {SPREAD_N}, linear"
     first, again = (call(fn, r, SPREAD_N, "linear", torch.Generator().manual_seed(7), where=name) for _ in range(2))
@@ -308,6 +329,22 @@ def _step_mask_id_guessed(tokens, mask, log_probs, sampled, n_masked, noise=None
     return torch.where(new_mask, tokens.max(), new_tokens), new_mask
 
 
+def _step_fills_remasked(tokens, mask, log_probs, sampled, n_masked, noise=None, noise_scale=0.0):
+    new_tokens, new_mask = ref.confidence_step(tokens, mask, log_probs, sampled, n_masked, noise, noise_scale)
+    return torch.where(mask, sampled, new_tokens), new_mask
+
+
+def _step_best_token_confidence(tokens, mask, log_probs, sampled, n_masked, noise=None, noise_scale=0.0):
+    conf = log_probs.max(-1).values
+    conf = _noisy(conf, noise, noise_scale).masked_fill(~mask, math.inf)
+    new_mask = torch.zeros_like(mask).scatter_(1, conf.topk(n_masked, dim=-1, largest=False).indices, True)
+    return torch.where(mask & ~new_mask, sampled, tokens), new_mask
+
+
+def _step_unscaled_noise(tokens, mask, log_probs, sampled, n_masked, noise=None, noise_scale=0.0):
+    return ref.confidence_step(tokens, mask, log_probs, sampled, n_masked, noise, 1.0 if noise is not None else 0.0)
+
+
 STEP_MISTAKES = [
     Mistake(_step_with(_noisy, largest=True), "that re-masks the most confident tokens; keep those and re-mask "
                                               "the least confident"),
@@ -324,6 +361,12 @@ STEP_MISTAKES = [
                                     "step never changes"),
     Mistake(_step_mask_id_guessed, "a position that stays masked got the largest id in tokens; it keeps the value "
                                    "tokens holds there (the mask id, whatever it is), so take it from tokens"),
+    Mistake(_step_fills_remasked, "the positions masked again at this step got their samples too; only the revealed "
+                                  "ones take a sample, a re-masked one keeps the mask id that tokens holds"),
+    Mistake(_step_best_token_confidence, "that scores each position by its most likely token's log-probability; the "
+                                         "confidence is the log-probability of the token actually sampled there"),
+    Mistake(_step_unscaled_noise, "the noise is added at full weight whatever noise_scale is; noise_scale sets how "
+                                  "much the noise counts"),
 ]
 
 
@@ -466,6 +509,18 @@ def _mdlm_every_position(logits, targets, masked, t):
     return answers.mdlm_loss(logits, targets, torch.ones_like(masked), t)
 
 
+def _mdlm_over_vocabulary(logits, targets, masked, t):
+    return answers.mdlm_loss(logits, targets, masked, t) * targets.shape[1] / logits.shape[-1]
+
+
+def _mdlm_not_per_token(logits, targets, masked, t):
+    return answers.mdlm_loss(logits, targets, masked, t) * targets.shape[1]
+
+
+def _mdlm_batch_mean(logits, targets, masked, t):
+    return answers.mdlm_loss(logits, targets, masked, t).mean()
+
+
 def _mdlm_log_of_softmax(logits, targets, masked, t):
     nll = -torch.log(logits.softmax(-1).gather(-1, targets[..., None])[..., 0])  # (B, L)
     return (nll * masked / t[:, None]).sum(1) / targets.shape[1]
@@ -476,6 +531,12 @@ MDLM_MISTAKES = [
     Mistake(_mdlm_times_t, "the weight is 1/t, not t: rows with few masks (small t) count more"),
     Mistake(_mdlm_per_masked, "the sum is divided by the number of masked tokens; the bound is in nats per "
                               "token of the sequence, so divide by its length L"),
+    Mistake(_mdlm_over_vocabulary, "the sum is divided by the vocabulary size V; the bound is in nats per token of "
+                                   "the sequence, so divide by its length L"),
+    Mistake(_mdlm_not_per_token, "the sum over the sequence is not divided by its length L; the bound is in nats "
+                                 "per token"),
+    Mistake(_mdlm_batch_mean, "the losses are averaged over the batch; the function returns one loss per "
+                              "sequence, shape (B,)"),
     Mistake(_mdlm_every_position, "unmasked tokens are copied through by the model and cost nothing; only masked "
                                   "positions enter the loss"),
     Mistake(_mdlm_log_of_softmax, "the log of a softmax: with confident logits a small probability underflows to 0 "
@@ -549,6 +610,15 @@ def _reveal_at_or_below(x, proposal, t, s, mask_id, u):
     return torch.where(reveal, proposal, x)
 
 
+def _reveal_every_masked(x, proposal, t, s, mask_id, u):
+    return torch.where(x == mask_id, proposal, x)
+
+
+def _reveal_wipes_known(x, proposal, t, s, mask_id, u):
+    reveal = (x == mask_id) & (u < (t - s) / t)
+    return torch.where(reveal, proposal, torch.full_like(x, mask_id))
+
+
 REVEAL_MISTAKES = [
     Mistake(_reveal_unnormalised, "t - s is the chance that a token is masked at t and not at s; given that it "
                                   "is masked at t (probability t), the chance to reveal it is (t - s) / t"),
@@ -558,6 +628,9 @@ REVEAL_MISTAKES = [
                                       "token is masked at t, which has probability t, so p = (t - s) / t"),
     Mistake(_reveal_overwrites, "tokens that are already revealed must never change (an absorbing process has "
                                 "no way back)"),
+    Mistake(_reveal_wipes_known, "every position not revealed at this step was set to the mask id, so tokens "
+                                 "revealed earlier were masked again; they never change (an absorbing process has "
+                                 "no way back)"),
     Mistake(_reveal_inverted, "a token is revealed when its draw u is below the reveal probability"),
     Mistake(_reveal_at_or_below, "a draw equal to the reveal probability revealed its token; the rule is u < p, "
                                  "strictly, so that a draw in [0, 1) reveals with probability exactly p"),
@@ -571,7 +644,31 @@ REVEAL_MISTAKES = [
     "reveal = (x == mask_id) & (u < (t - s) / t); return torch.where(reveal, proposal, x)",
 ))
 def reveal_step(fn: Callable, ref_fn: Callable) -> None:
-    compare_cases(fn, ref_fn, _reveal_cases(), mistakes=REVEAL_MISTAKES, off_cpu=True)
+    try:
+        compare_cases(fn, ref_fn, _reveal_cases(), mistakes=REVEAL_MISTAKES, off_cpu=True)
+    except CheckFailure as exc:
+        raise _told_apart(exc, fn) from None
+
+
+REVEAL_ALL = ("every masked token was revealed at once; each is revealed only with probability (t - s) / t, so "
+              "that some stay masked for the later steps")
+
+
+def _told_apart(failure: CheckFailure, fn: Callable) -> CheckFailure:
+    """``failure``, its diagnosis (t - s) / (1 - s) replaced when ``fn`` reveals every masked token: at t = 1,
+    where the first case fails, both reveal them all; another case tells them apart."""
+    says = next(m.says for m in REVEAL_MISTAKES if m.fn is _reveal_over_one_minus_s)
+    if not str(failure).endswith(says):
+        return failure
+    case = next(c for c in _reveal_cases() if c.args[2] < 1.0)
+    try:
+        got = fn(*(a.clone() if isinstance(a, torch.Tensor) else a for a in case.args))
+        everything = torch.equal(got, _reveal_every_masked(*case.args))
+    except Exception:  # noqa: BLE001 - the diagnosis stays as it is
+        everything = False
+    if not everything or torch.equal(got, _reveal_over_one_minus_s(*case.args)):
+        return failure
+    return CheckFailure(f"{str(failure)[: -len(says)]}{REVEAL_ALL}")
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -604,6 +701,26 @@ def _schedule_right_to_left(length, block_size, steps):
     return [row for blk in reversed(blocks) for row in blk]
 
 
+def _schedule_short_of_zero(length, block_size, steps):
+    per = steps // (length // block_size)
+    grid = [1 - i / (per + 1) for i in range(per + 1)]
+    return [(a, a + block_size, grid[i], grid[i + 1]) for a in range(0, length, block_size) for i in range(per)]
+
+
+def _schedule_time_rising(length, block_size, steps):
+    return [(a, b, 1.0 - t, 1.0 - s) for a, b, t, s in answers.block_schedule(length, block_size, steps)]
+
+
+def _schedule_inclusive_end(length, block_size, steps):
+    return [(a, b - 1, t, s) for a, b, t, s in answers.block_schedule(length, block_size, steps)]
+
+
+def _schedule_per_block_size(length, block_size, steps):
+    per = max(1, steps // block_size)
+    grid = torch.linspace(1.0, 0.0, per + 1).tolist()
+    return [(a, a + block_size, grid[i], grid[i + 1]) for a in range(0, length, block_size) for i in range(per)]
+
+
 SCHEDULE_MISTAKES = [
     Mistake(_schedule_global_time, "time runs from 1 to 0 inside every block (each block starts all masked and "
                                    "must end clean), not once over the whole sequence"),
@@ -611,6 +728,14 @@ SCHEDULE_MISTAKES = [
                                       "steps // n_blocks of them"),
     Mistake(_schedule_right_to_left, "blocks go left to right: each is conditioned on the finished blocks "
                                      "before it"),
+    Mistake(_schedule_short_of_zero, "the times fall in steps of 1 / (per + 1), so a block's last pass stops short "
+                                     "of t = 0 and leaves tokens masked; inside a block time falls from 1 to 0"),
+    Mistake(_schedule_time_rising, "the time rises from 0 to 1 inside a block; it falls from 1 (all masked) to 0 "
+                                   "(clean), t the time before a pass and s the time after it"),
+    Mistake(_schedule_inclusive_end, "end is the block's last index; it is one past it, as in a slice "
+                                     "x[start:end]"),
+    Mistake(_schedule_per_block_size, "each block got steps // block_size passes; the steps are shared among the "
+                                      "blocks, steps // n_blocks each"),
 ]
 
 
