@@ -408,6 +408,11 @@ def top_k_off_by_one(logits, k):
     return logits.masked_fill(logits < kth, float("-inf"))
 
 
+def top_k_drops_kth(logits, k):  # "<=" where "<" belongs: the k-th largest logit itself is removed
+    kth = torch.topk(logits, min(k, logits.shape[-1]), dim=-1).values[..., -1:]
+    return logits.masked_fill(logits <= kth, float("-inf"))
+
+
 def top_k_by_indices(logits, k):
     k = min(k, logits.shape[-1])
     idx = torch.topk(logits, k, dim=-1).indices
@@ -531,6 +536,7 @@ def test_wrong_implementation_fails(name, mutant):
 
 DIAGNOSES = [
     ("masked_softmax", softmax_overflowing, "exp overflowed"),
+    ("masked_softmax", softmax_no_max_subtraction, "exp overflowed"),
     ("masked_softmax", softmax_nan_on_empty_rows, "fully masked row came out NaN"),
     ("masked_softmax", softmax_fill_zero, "set to 0 before the softmax"),
     ("masked_softmax", softmax_max_over_all_entries, "row maximum included the masked entries"),
@@ -573,6 +579,7 @@ DIAGNOSES = [
     ("gpt_forward", gpt_scaled_embeddings, "sqrt(C)"),
     ("gpt_forward", gpt_blocks_not_chained, "every block read the embeddings"),
     ("gpt_forward", gpt_final_norm_default_eps, "model.norm_f.eps"),
+    ("gpt_forward", gpt_head_is_embedding, "computed with the token embedding"),
     ("train_step", step_no_zero_grad, "never cleared"),
     ("train_step", step_unshifted_targets, "not shifted"),
     ("train_step", step_no_clipping, "not clipped"),
@@ -582,11 +589,15 @@ DIAGNOSES = [
     ("cached_attention", cache_whole_buffer, "whole cache buffer"),
     ("cached_attention", cache_excludes_current, "cannot see their own positions"),
     ("cached_attention", cache_no_causal_within_chunk, "both directions"),
+    ("cached_attention", cache_not_written, "not written into the caches"),
     ("top_k_filter", top_k_by_indices, "tied with the k-th largest"),
     ("top_k_filter", top_k_zero_fill, "needs -inf"),
+    ("top_k_filter", top_k_off_by_one, "only k - 1 tokens were kept"),
+    ("top_k_filter", top_k_drops_kth, "only k - 1 tokens were kept"),
     ("top_p_filter", top_p_drops_crossing_token, "one token too few"),
     ("top_p_filter", top_p_on_logits, "accumulates logits"),
     ("top_p_filter", top_p_ignores_ties, "tied with the least likely kept"),
+    ("top_p_filter", top_p_rows_of_a_matrix, "worked along axis 1"),
 ]
 
 

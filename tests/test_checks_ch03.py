@@ -259,12 +259,13 @@ def test_precision_recall_hand_written_passes_and_mistakes_fail():
                  contains="its own nearest neighbour")
     assert_fails(ch03.precision_recall, lambda a, b, k=3: precision_recall(a, b, k, swap=True), contains="swapped")
     assert_fails(ch03.precision_recall, lambda a, b, k=3: precision_recall(a, b, k, mean_radius=True),
-                 contains="(precision, recall)")
+                 contains="every ball got the same radius")
 
 
 def test_precision_recall_rejects_a_strict_inequality_on_tied_points():
     # with "<" a point on the boundary of a ball is outside; on a grid with duplicates a radius can be 0
-    msg = assert_fails(ch03.precision_recall, lambda a, b, k=3: precision_recall(a, b, k, strict=True))
+    msg = assert_fails(ch03.precision_recall, lambda a, b, k=3: precision_recall(a, b, k, strict=True),
+                       contains="exactly on a ball's boundary was left out")
     assert "(precision, recall)" in msg
 
 

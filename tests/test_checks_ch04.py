@@ -59,8 +59,10 @@ def mask_hard_coded(scales):
 
 def test_mask_rejects_wrong_answers():
     assert_fails(ch04.block_causal_mask, mask_sees_successor, contains="later")
-    assert_fails(ch04.block_causal_mask, mask_token_causal, contains="cannot attend")
-    assert_fails(ch04.block_causal_mask, mask_transposed)
+    msg = assert_fails(ch04.block_causal_mask, mask_token_causal, contains="cannot attend")
+    assert "token-by-token causal mask" in msg
+    msg = assert_fails(ch04.block_causal_mask, mask_transposed, contains="the mask is transposed")
+    assert "leaks the future" in msg
     assert_fails(ch04.block_causal_mask, mask_hard_coded, contains="shape")
 
 
@@ -88,6 +90,10 @@ def embed_from_zero(x, level_table, pos_table, scales, start=0):
     return x + level_table[ref.level_ids(scales)[:T]] + pos_table[:T]
 
 
+def embed_no_position(x, level_table, pos_table, scales, start=0):
+    return x + level_table[ref.level_ids(scales)[start:start + x.shape[1]]]
+
+
 def embed_in_place(x, level_table, pos_table, scales, start=0):
     p = torch.arange(start, start + x.shape[1])
     x += level_table[ref.level_ids(scales)[p]] + pos_table[p]  # the right sum, written into the caller's x
@@ -98,7 +104,8 @@ def test_embed_rejects_wrong_answers():
     assert_fails(ch04.embed_levels_positions, embed_level_by_position, contains="indexed by the position")
     assert_fails(ch04.embed_levels_positions, embed_ignores_start, contains="counted from 0")
     assert_fails(ch04.embed_levels_positions, embed_from_zero, contains="counted from 0")
-    assert_fails(ch04.embed_levels_positions, embed_no_level)
+    assert_fails(ch04.embed_levels_positions, embed_no_level, contains="the level embedding is missing")
+    assert_fails(ch04.embed_levels_positions, embed_no_position, contains="the position embedding is missing")
     assert_fails(ch04.embed_levels_positions, embed_in_place, contains="changed its argument `x` in place")
 
 
@@ -244,15 +251,20 @@ def loss_log_softmax(logits, targets, scales):  # the stable form written by han
 
 def test_loss_rejects_wrong_answers():
     assert_fails(ch04.var_loss, loss_mean_of_scales, contains="mean of the per-scale means")
-    assert_fails(ch04.var_loss, loss_off_by_one_bounds)
-    assert_fails(ch04.var_loss, loss_summed)
+    assert_fails(ch04.var_loss, loss_off_by_one_bounds, contains="one token of the next scale too")
+    assert_fails(ch04.var_loss, loss_summed, contains="the total is the sum of the token losses")
     assert_fails(ch04.var_loss, loss_log_of_softmax, contains="log of softmax probabilities")
     assert_fails(ch04.var_loss, loss_log_of_softmax_with_eps(1e-8, clamp=True), contains="eps (1e-08)")
     assert_fails(ch04.var_loss, loss_log_of_softmax_with_eps(1e-10, clamp=False), contains="caps each token's loss")
     assert_fails(ch04.var_loss, loss_log_of_softmax_with_eps(torch.finfo(torch.float32).tiny, clamp=True),
                  contains="-log(eps) = 87.3")
-    unnamed = assert_fails(ch04.var_loss, loss_log_of_softmax_with_eps(3e-7, clamp=True))  # an eps not guessed: still
-    assert "on input 'scales (1, 2, 3), batch 2, vocab 7, logits far apart" in unnamed  # fails, on the confident case
+    # an eps not guessed: still fails, on the confident case, and the diagnosis names the mistake without the eps
+    unnamed = assert_fails(ch04.var_loss, loss_log_of_softmax_with_eps(3e-7, clamp=True),
+                           contains="with an eps to keep it finite")
+    assert "on input 'scales (1, 2, 3), batch 2, vocab 7, logits far apart" in unnamed
+    # added to every probability, that eps already shifts an ordinary case's per-scale losses
+    assert_fails(ch04.var_loss, loss_log_of_softmax_with_eps(3e-7, clamp=False),
+                 contains="with an eps to keep it finite")
     assert_passes(ch04.var_loss, loss_log_softmax)
 
 

@@ -65,6 +65,8 @@ def test_5_1():
     assert_fails(check, prefix_counts_all, contains="first rejection")
     assert_fails(check, prefix_q_over_p, contains="q/p")
     assert_fails(check, prefix_inverted, contains="u >= min(1, p/q)")
+    assert_fails(check, prefix_index_of_rejection_plus_one, contains="the first rejected draft was counted too")
+    assert_fails(check, prefix_difference, contains="1 - (q - p), a difference")
     assert_fails(check, prefix_divides_u_in_place, contains="changed its argument `u` in place")
 
 
@@ -102,6 +104,8 @@ def test_5_2():
         assert_fails(check, wrong)
     assert_fails(check, residual_unnormalised, contains="normalise the clamped difference")
     assert_fails(check, residual_q_minus_p, contains="what q has more of than p")
+    assert_fails(check, residual_is_p, contains="that is p itself")
+    assert_fails(check, residual_no_fallback, contains="a row where p == q came out NaN")
     assert_fails(check, residual_in_place, contains="changed its argument `p` in place")
 
 
@@ -143,6 +147,9 @@ def test_5_3():
     assert_not_attempted(check, stub)
     for wrong in (round_resample_from_p, round_no_bonus, round_keeps_going):
         assert_fails(check, wrong)
+    assert_fails(check, round_resample_from_p, contains="the token after a rejection was drawn from p")
+    assert_fails(check, round_keeps_going, contains="even after a rejection")
+    assert_fails(check, round_no_bonus, contains="the bonus token is missing")
     assert_fails(check, round_writes_into_draft, contains="changed its argument `draft` in place")
 
 

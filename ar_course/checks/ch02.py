@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import inspect
 import math
+from functools import partial
 from typing import Callable, Iterator
 
 import torch
@@ -56,9 +57,11 @@ def _softmax_cases() -> Iterator[Case]:
     yield Case("masked scores 1000 above the kept ones", (torch.randn(4, 6, generator=g) + 1000.0 * ~hidden, hidden))
 
 
-def _softmax_unshifted(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def _softmax_unshifted(scores: torch.Tensor, mask: torch.Tensor, *, guard: bool = False) -> torch.Tensor:
+    """A softmax without subtracting the row maximum; with ``guard`` a zero row sum divides as 1 (no 0 / 0)."""
     e = scores.masked_fill(~mask, float("-inf")).exp()
-    return e / e.sum(-1, keepdim=True)
+    t = e.sum(-1, keepdim=True)
+    return e / (torch.where(t > 0, t, 1.0) if guard else t)
 
 
 def _softmax_max_over_all(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -70,8 +73,8 @@ def _softmax_max_over_all(scores: torch.Tensor, mask: torch.Tensor) -> torch.Ten
 SOFTMAX_MISTAKES = [
     Mistake(lambda scores, mask: torch.softmax(scores.masked_fill(~mask, float("-inf")), -1),
             "a fully masked row came out NaN (0 / 0); it should be all zeros"),
-    Mistake(_softmax_unshifted, "exp overflowed: without subtracting the row maximum, exp(1000) is inf and inf / "
-            "inf is NaN"),
+    *[Mistake(partial(_softmax_unshifted, guard=guard), "exp overflowed: without subtracting the row maximum, "
+              "exp(1000) is inf and inf / inf is NaN") for guard in (False, True)],
     Mistake(lambda scores, mask: torch.softmax(scores.masked_fill(~mask, 0.0), -1),
             "masked entries were set to 0 before the softmax, and exp(0) still gives them weight; a masked entry "
             "must get none"),
@@ -511,7 +514,7 @@ def _gpt_cases() -> Iterator[Case]:
 
 def _gpt_variant(model: GPT, idx: torch.Tensor, *, final_norm: bool = True, probs: bool = False,
                  reverse: bool = False, scale_embedding: bool = False, chained: bool = True,
-                 final_eps: bool = True) -> torch.Tensor:
+                 final_eps: bool = True, embedding_head: bool = False) -> torch.Tensor:
     """The GPT forward pass with one thing changed."""
     positions = torch.arange(idx.shape[1], device=idx.device)
     emb = model.wte(idx)  # (B, T, C)
@@ -522,7 +525,7 @@ def _gpt_variant(model: GPT, idx: torch.Tensor, *, final_norm: bool = True, prob
         x = answers.transformer_block(x if chained else emb, block, positions)
     if final_norm:
         x = model.norm_f(x) if final_eps else ref.rms_norm(x, model.norm_f.weight)
-    logits = model.lm_head(x)  # (B, T, V)
+    logits = x @ model.wte.weight.T if embedding_head else model.lm_head(x)  # (B, T, V)
     return logits.softmax(-1) if probs else logits
 
 
@@ -539,6 +542,9 @@ GPT_MISTAKES = [
             "every block read the embeddings; each block reads the previous block's output"),
     Mistake(lambda model, idx: _gpt_variant(model, idx, final_eps=False),
             "the final norm ran with rms_norm's default eps, not model.norm_f.eps"),
+    Mistake(lambda model, idx: _gpt_variant(model, idx, embedding_head=True),
+            "the logits were computed with the token embedding (x @ model.wte.weight.T); that is the head only when "
+            "it is tied to the embedding: this model has its own, model.lm_head"),
 ]
 
 
@@ -741,6 +747,12 @@ CACHE_MISTAKES = [
     Mistake(lambda *args: _cache_variant(*args, causal=False),
             "the new tokens see each other in both directions; a new token may not see the new tokens after it"),
 ]
+# the caches after the call, when the function attended to the new keys and values without storing them
+CACHE_WRITE_MISTAKES = [
+    Mistake(lambda q, k_new, v_new, k_cache, v_cache, pos: (k_cache, v_cache),
+            "the new keys and values were not written into the caches at [pos : pos + T]; the next decoding step "
+            "reads them from there"),
+]
 
 
 @chapter.exercise("2.10", reference=answers.cached_attention, hints=(
@@ -762,8 +774,11 @@ def cached_attention(fn, ref_fn):
             compare(got, expected, where=case.name, atol=1e-5)
         except CheckFailure as exc:
             raise explain(exc, CACHE_MISTAKES, case, got, atol=1e-5) from None
-        compare(a_fn[3], a_ref[3], where=case.name, name="k_cache after the call")
-        compare(a_fn[4], a_ref[4], where=case.name, name="v_cache after the call")
+        try:
+            compare(a_fn[3], a_ref[3], where=case.name, name="k_cache after the call")
+            compare(a_fn[4], a_ref[4], where=case.name, name="v_cache after the call")
+        except CheckFailure as exc:
+            raise explain(exc, CACHE_WRITE_MISTAKES, case, (a_fn[3], a_fn[4])) from None
     check_off_cpu(fn, next(_cache_cases()))
 
 
@@ -793,6 +808,9 @@ def _top_k_zero_fill(logits: torch.Tensor, k: int) -> torch.Tensor:
 
 
 TOP_K_MISTAKES = [
+    Mistake(lambda logits, k: sampling.top_k_filter(logits, k - 1),
+            "off by one: only k - 1 tokens were kept; the token with the k-th largest logit stays too (remove only "
+            "the logits strictly below it)"),
     Mistake(_top_k_by_position, "exactly k tokens were kept, so tokens tied with the k-th largest logit were "
             "dropped; the filter must depend on the values only, so every tie stays"),
     Mistake(_top_k_zero_fill, "the removed logits were set to 0, which still has probability; a removed token "
@@ -849,6 +867,9 @@ TOP_P_MISTAKES = [
             "that accumulates logits; p is a probability mass, so sum the softmax probabilities"),
     Mistake(lambda logits, p: _top_p_variant(logits, p, keep_ties=False),
             "a token tied with the least likely kept token was dropped; tied tokens must be treated alike"),
+    Mistake(lambda logits, p: sampling.top_p_filter(logits.transpose(1, -1), p).transpose(1, -1),
+            "the filter worked along axis 1, which is the vocabulary only for 2-D (B, V) logits; it must work along "
+            "the last axis (dim=-1) whatever the leading axes"),
 ]
 
 

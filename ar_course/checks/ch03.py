@@ -419,13 +419,15 @@ def _pr_cases() -> Iterator[Case]:
 
 
 def _pr_variant(real: torch.Tensor, fake: torch.Tensor, k: int = 3, *, self_count: bool = False,
-                swap: bool = False) -> tuple[float, float]:
+                swap: bool = False, strict: bool = False, mean_radius: bool = False) -> tuple[float, float]:
     """Precision and recall with one thing changed (the wrong answers of exercise 3.5)."""
     def radii(x):  # distance of each row to its k-th nearest other row (k-th including itself if self_count)
-        return torch.cdist(x, x).kthvalue(k if self_count else k + 1, dim=1).values
+        r = torch.cdist(x, x).kthvalue(k if self_count else k + 1, dim=1).values
+        return r.mean().expand_as(r) if mean_radius else r
 
     def inside(query, support, r):
-        return float((torch.cdist(query, support) <= r).any(dim=1).double().mean())
+        d = torch.cdist(query, support)
+        return float(((d < r) if strict else (d <= r)).any(dim=1).double().mean())
 
     precision, recall = inside(fake, real, radii(real)), inside(real, fake, radii(fake))
     return (recall, precision) if swap else (precision, recall)
@@ -438,6 +440,12 @@ PR_MISTAKES = [
     Mistake(lambda real, fake, k=3: _pr_variant(real, fake, k, swap=True),
             "precision and recall are swapped: precision asks how many generated points lie on the real "
             "manifold, recall how many real points lie on the generated one"),
+    Mistake(lambda real, fake, k=3: _pr_variant(real, fake, k, strict=True),
+            "a point exactly on a ball's boundary was left out (distance < radius); it is inside (<=), which "
+            "matters where points coincide and a radius is 0"),
+    Mistake(lambda real, fake, k=3: _pr_variant(real, fake, k, mean_radius=True),
+            "every ball got the same radius, the mean of the radii; each point's ball has its own radius, the "
+            "distance to its own k-th nearest neighbour"),
 ]
 
 

@@ -18,7 +18,7 @@ from typing import Callable, Iterator
 import torch
 
 from ar_course.checks.core import (Case, Chapter, CheckFailure, Mistake, call, check_draws_follow_generator,
-                                   check_unchanged, clone_args, compare, compare_cases, running)
+                                   check_unchanged, clone_args, compare, compare_cases, explain, running)
 from ar_course.sampling import SamplingConfig
 from ar_course.tokenizers import MultiScaleVQ
 from ar_course.var import functional as ref
@@ -54,6 +54,16 @@ def _pyramid(scales: tuple[int, ...], B: int, vocab: int = 19, seed: int = 1) ->
 # 4.1 the block-causal mask
 
 
+MASK_MISTAKES = [
+    Mistake(lambda scales: ref.block_causal_mask(scales).T,
+            "the mask is transposed: its rows are the queries and its columns the keys, so entry [i, j] says "
+            "whether query i may see key j"),
+    Mistake(lambda scales: torch.ones(sum(s * s for s in scales), sum(s * s for s in scales), dtype=torch.bool).tril(),
+            "that is the token-by-token causal mask (tril); the tokens of one scale are predicted together, so "
+            "each sees every token of its own scale, the later ones too"),
+]
+
+
 @chapter.exercise("4.1", reference=ref.block_causal_mask, hints=(
     "all tokens of a scale are predicted together, from the scales before it; decide which scales a token may "
     "look at, then turn that into a mask over positions",
@@ -72,14 +82,16 @@ def block_causal_mask(fn: Callable, ref_fn: Callable) -> None:
             leak = got & ~expected
             if bool(leak.any()):
                 i, j = leak.nonzero()[0].tolist()
-                raise CheckFailure(f"on {where}, a query of scale {int(lvl[i])} may attend to a key of the later "
-                                   f"scale {int(lvl[j])} (position {i} -> {j}): that leaks the future")
+                raise explain(CheckFailure(f"on {where}, a query of scale {int(lvl[i])} may attend to a key of the "
+                                           f"later scale {int(lvl[j])} (position {i} -> {j}): that leaks the future"),
+                              MASK_MISTAKES, Case(where, (scales,)), got)
             missing = expected & ~got
             if bool(missing.any()):
                 i, j = missing.nonzero()[0].tolist()
-                raise CheckFailure(f"on {where}, a query of scale {int(lvl[i])} cannot attend to position {j} of "
-                                   f"scale {int(lvl[j])} (query position {i}); tokens of the same scale and of "
-                                   "earlier scales must all be visible")
+                raise explain(CheckFailure(f"on {where}, a query of scale {int(lvl[i])} cannot attend to position "
+                                           f"{j} of scale {int(lvl[j])} (query position {i}); tokens of the same "
+                                           "scale and of earlier scales must all be visible"),
+                              MASK_MISTAKES, Case(where, (scales,)), got)
         compare(got, expected, where=where)
 
 
@@ -118,6 +130,12 @@ EMBED_MISTAKES = [
     Mistake(lambda *args: _embed_from_zero(*args, levels_too=False), FROM_ZERO),
     Mistake(_embed_level_by_position, "the level table is indexed by the position; it is indexed by the scale the "
             "position belongs to"),
+    Mistake(lambda x, level_table, pos_table, scales, start=0: x + pos_table[start:start + x.shape[1]],
+            "the level embedding is missing: each position also gets the row of level_table of the scale it "
+            "belongs to"),
+    Mistake(lambda x, level_table, pos_table, scales, start=0:
+            x + level_table[ref.level_ids(scales)[start:start + x.shape[1]]],
+            "the position embedding is missing: each position also gets its own row of pos_table"),
 ]
 
 
@@ -250,6 +268,34 @@ _LOG_EPS = (1e-5, 1e-6, 1e-7, 1e-8, 1e-9, 1e-10, 1e-12, 1e-20, torch.finfo(torch
             torch.finfo(torch.float32).eps)
 
 
+def _loss_off_by_one(logits: torch.Tensor, targets: torch.Tensor,
+                     scales: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each scale's mean taken over one token too many (``begin : end + 1``, the next scale's first token)."""
+    total, _ = ref.var_loss(logits, targets, scales)
+    nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(),
+                                            reduction="none").view(targets.shape)  # (B, L)
+    bounds = torch.tensor([0] + [s * s for s in scales]).cumsum(0).tolist()
+    return total, torch.stack([nll[:, b:e + 1].mean() for b, e in zip(bounds, bounds[1:])])
+
+
+def _loss_of_softmax_log_fitted(fn: Callable, logits: torch.Tensor, targets: torch.Tensor, scales: tuple[int, ...],
+                                *, clamp: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_loss_of_softmax_log` with the eps (any, not only one of :data:`_LOG_EPS`) that gives the total of
+    the learner's ``fn`` on this input: it matches ``fn`` only when the per-scale losses agree as well."""
+    target = float(call(fn, logits.clone(), targets.clone(), scales)[0])
+    p = logits.softmax(-1).gather(-1, targets[..., None]).squeeze(-1).double()  # (B, L)
+
+    def total(log_eps: float) -> float:  # decreases as eps grows
+        eps = 10.0 ** log_eps
+        return float(-(p.clamp_min(eps) if clamp else p + eps).log().mean())
+
+    lo, hi = -46.0, 0.0
+    for _ in range(80):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if total(mid) > target else (lo, mid)
+    return _loss_of_softmax_log(logits, targets, scales, eps=10.0 ** hi, clamp=clamp)
+
+
 def _loss_mean_of_means(logits: torch.Tensor, targets: torch.Tensor,
                         scales: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
     per_scale = ref.var_loss(logits, targets, scales)[1]
@@ -268,13 +314,22 @@ def var_loss(fn: Callable, ref_fn: Callable) -> None:
     compare_cases(fn, ref_fn, _loss_cases(), atol=1e-5, rtol=1e-4, grad_wrt=(0,), off_cpu=True, mistakes=[
         Mistake(_loss_mean_of_means, "the total is the mean of the per-scale means; it is the mean over all "
                 "tokens, so each token counts once"),
+        Mistake(lambda logits, targets, scales: (ref.var_loss(logits, targets, scales)[0] * targets.numel(),
+                                                 ref.var_loss(logits, targets, scales)[1]),
+                "the total is the sum of the token losses; it is their mean, so it does not grow with the batch or "
+                "the number of tokens"),
+        Mistake(_loss_off_by_one, "off by one: each scale's slice took one token of the next scale too (begin : "
+                "end + 1); scale k's tokens are positions begin_k .. end_k - 1"),
         Mistake(_loss_of_softmax_log, "that is the log of softmax probabilities: with logits far apart a probability "
                 "rounds to 0 in float32 and minus its log is inf, while the cross-entropy itself is finite"),
         *[Mistake(partial(_loss_of_softmax_log, eps=eps, clamp=clamp),
                   f"that is the log of softmax probabilities with an eps ({eps:.3g}) to keep it finite: it caps each "
                   f"token's loss at -log(eps) = {-math.log(eps):.1f}, while a confident model's wrong tokens cost "
                   "far more")
-          for eps in _LOG_EPS for clamp in (True, False)]])
+          for eps in _LOG_EPS for clamp in (True, False)],
+        *[Mistake(partial(_loss_of_softmax_log_fitted, fn, clamp=clamp),
+                  "that is the log of softmax probabilities with an eps to keep it finite: it caps each token's loss "
+                  "at -log(eps), while a confident model's wrong tokens cost far more") for clamp in (True, False)]])
 
 
 # --------------------------------------------------------------------------------------------------------

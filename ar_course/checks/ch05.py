@@ -74,6 +74,11 @@ PREFIX_MISTAKES = [
             "that tests with q/p; the ratio is the target's probability over the draft's"),
     Mistake(lambda p, q, d, u: (u >= (_at(p, d) / _at(q, d)).clamp(max=1)).long().cumprod(-1).sum(-1),
             "that keeps a draft when u >= min(1, p/q): it is accepted when u is below the acceptance probability"),
+    Mistake(lambda p, q, d, u: (ref.accepted_prefix(p, q, d, u) + 1).clamp(max=d.shape[-1]),
+            "off by one: the first rejected draft was counted too; a round keeps only the drafts before it"),
+    Mistake(lambda p, q, d, u: (u < (1 + _at(p, d) - _at(q, d)).clamp(0, 1)).long().cumprod(-1).sum(-1),
+            "that accepts with probability 1 - (q - p), a difference; the acceptance probability is the ratio "
+            "min(1, p/q)"),
 ]
 
 
@@ -102,6 +107,11 @@ RESIDUAL_MISTAKES = [
     Mistake(lambda p, q: (p - q).clamp(min=0), "those rows do not sum to 1: normalise the clamped difference"),
     Mistake(lambda p, q: ref.residual_distribution(q, p), "that is what q has more of than p; after a rejection "
             "the token comes from what p has more of than q"),
+    Mistake(lambda p, q: p, "that is p itself; after a rejection the token comes from what p has more of than q, "
+            "max(0, p - q) normalised (p only where p == q)"),
+    Mistake(lambda p, q: (p - q).clamp(min=0) / (p - q).clamp(min=0).sum(-1, keepdim=True),
+            "a row where p == q came out NaN (0 / 0): nothing is left of p - q there, and the residual falls back "
+            "to p"),
 ]
 
 
@@ -138,13 +148,50 @@ def _round_inputs() -> Iterator[tuple[str, tuple]]:
     yield "greedy (one-hot) rows, rejection at 2", (p, q, torch.tensor([2, 0, 3]), torch.tensor([0.9, 0.99, 0.0]))
 
 
-def _compare_random(fn: Callable, ref_fn: Callable) -> None:
+def _round_from_p(p: torch.Tensor, q: torch.Tensor, draft: torch.Tensor, u: torch.Tensor,
+                  generator: torch.Generator) -> torch.Tensor:
+    """The mistake: the token after a rejection drawn from p instead of the residual."""
+    n = int(ref.accepted_prefix(p[None, :-1], q[None], draft[None], u[None]))
+    return torch.cat([draft[:n], sampling.sample_from_probs(p[n], generator).view(1)])
+
+
+def _round_keeps_going(p: torch.Tensor, q: torch.Tensor, draft: torch.Tensor, u: torch.Tensor,
+                       generator: torch.Generator) -> torch.Tensor:
+    """The mistake: every draft that passes its own test kept, then a token from p[L]."""
+    passes = u < (_at(p[:-1], draft) / _at(q, draft)).clamp(max=1)
+    return torch.cat([draft[passes], sampling.sample_from_probs(p[-1], generator).view(1)])
+
+
+def _round_no_bonus(p: torch.Tensor, q: torch.Tensor, draft: torch.Tensor, u: torch.Tensor,
+                    generator: torch.Generator) -> torch.Tensor:
+    out = ref.speculative_round(p, q, draft, u, generator)
+    return out[:-1] if len(out) == len(draft) + 1 else out
+
+
+ROUND_MISTAKES = [
+    Mistake(_round_from_p, "the token after a rejection was drawn from p; it comes from the residual distribution "
+            "(exercise 5.2), which adds back the mass the draft under-covers, so the tokens follow p"),
+    Mistake(_round_keeps_going, "that keeps every draft that passes its own test, even after a rejection; the round "
+            "stops at its first rejection"),
+    Mistake(_round_no_bonus, "the bonus token is missing: when all L drafts are accepted, the round adds one more "
+            "token, drawn from p[L]"),
+]
+
+
+def _compare_random(fn: Callable, ref_fn: Callable, mistakes: list[Mistake] | None = None) -> None:
+    """Run ``fn`` and ``ref_fn`` on every round with identically seeded generators; a difference that one of
+    ``mistakes`` (called with the round's arguments and a generator seeded alike) reproduces is named."""
     for seed, (name, args) in enumerate(_round_inputs()):
         expected = ref_fn(*args, torch.Generator().manual_seed(seed))
         given = clone_args(args)
         got = call(fn, *given, torch.Generator().manual_seed(seed), where=name)
         check_unchanged(("p", "q", "draft", "u"), args, given, name)
-        compare(got, expected, where=name)
+        try:
+            compare(got, expected, where=name)
+        except CheckFailure as exc:
+            seeded = [Mistake(lambda *a, m=m, seed=seed: m.fn(*a, torch.Generator().manual_seed(seed)), m.says)
+                      for m in mistakes or ()]
+            raise explain(exc, seeded, Case(name, args), got) from None
 
 
 @chapter.exercise("5.3", reference=ref.speculative_round, hints=(
@@ -157,7 +204,7 @@ def _compare_random(fn: Callable, ref_fn: Callable) -> None:
     "return torch.cat([draft[:n], sampling.sample_from_probs(dist, generator).view(1)])",
 ))
 def speculative_round(fn: Callable, ref_fn: Callable) -> None:
-    _compare_random(fn, ref_fn)
+    _compare_random(fn, ref_fn, ROUND_MISTAKES)
 
 
 @chapter.exercise("5.6", reference=ref.jacobi_verify, hints=(
