@@ -427,7 +427,9 @@ def test_kernels_are_forward_only_so_auto_takes_torch_for_gradients(monkeypatch)
     with K.record_dispatch() as ran:
         K.flash_attention(q, q, q, "causal").sum().backward()
         K.decode_attention(q[:, :, 0], q, q, 5)
-    assert ran.summary() == {"flash_attention": "torch", "decode_attention": "torch", "fallbacks": []}
+        K.softmax(q).sum().backward()
+    assert ran.summary() == {"flash_attention": "torch", "decode_attention": "torch", "softmax": "torch",
+                             "fallbacks": []}
     assert q.grad is not None
 
 

@@ -357,11 +357,13 @@ def flash_attention(
     """Softmax attention without the T_q x T_k matrix (on the kernel backends).
 
     q (B, H, T_q, D), k and v (B, H, T_k, D), in any mix of float32 / float16 / bfloat16 -> (B, H, T_q, D) in
-    q's dtype, the products in :func:`~.precision.compute_dtype`. ``mask``: None, ``"causal"`` (the queries
-    are the last T_q of T_k positions), a :class:`~ar_course.kernels.masks.BlockCausal` (VAR), or a
-    (T_q, T_k) bool tensor (True = may attend). Kernels handle masks whose rows are prefixes (all of the
-    above but an arbitrary bool tensor); with ``backend="auto"`` any other mask runs on torch. ``scale``
-    defaults to 1/sqrt(D). Raises ``ValueError`` for bad shapes, dtypes, masks or scale.
+    q's dtype, the products in :func:`~.precision.compute_dtype` (the numba kernels compute in float32).
+    ``mask``: None, ``"causal"`` (the queries are the last T_q of T_k positions), a
+    :class:`~ar_course.kernels.masks.BlockCausal` (VAR), or a (T_q, T_k) bool tensor (True = may attend).
+    Kernels handle masks whose rows are prefixes (all of the above but an arbitrary bool tensor); with
+    ``backend="auto"`` any other mask runs on torch. ``scale`` defaults to 1/sqrt(D). Raises ``ValueError``
+    for bad shapes, dtypes, masks or scale (``TypeError`` for a scale that is not a number), and
+    ``RuntimeError`` for a forced ``backend`` that cannot run here (:func:`select_backend`).
     """
     _check_attention(q, k, v)
     t_q, t_k = q.shape[2], k.shape[2]
@@ -422,7 +424,9 @@ def decode_attention(
     q (B, H, D); k_cache, v_cache (B, H, T_max, D), any mix of float32 / float16 / bfloat16; ``length`` an
     int or a (B,) integer tensor with 1 <= length <= T_max (an int costs no host sync). Returns (B, H, D) in
     q's dtype. The kernels split the keys into chunks, summarise each chunk in parallel and combine the
-    summaries (split-K / flash decoding). Raises ``ValueError`` for bad shapes, dtypes, lengths or scale.
+    summaries (split-K / flash decoding). Raises ``ValueError`` for bad shapes, dtypes, lengths or scale
+    (``TypeError`` for a scale that is not a number), and ``RuntimeError`` for a forced ``backend`` that cannot
+    run here (:func:`select_backend`).
     """
     _check_float("q", q)
     if q.ndim != 3:
@@ -440,7 +444,8 @@ def decode_attention(
             out = _sdpa(q[:, :, None, :], k_cache[:, :, :length], v_cache[:, :, :length], scale=scale)
             return out.squeeze(2)
         visible = (torch.arange(t_max, device=q.device)[None, :] < length[:, None])[:, None, :, None]  # (B,1,T,1)
-        k_used, v_used = torch.where(visible, k_cache, 0.0), torch.where(visible, v_cache, 0.0)  # unwritten: NaN?
+        # entries past a row's length may be unwritten (even NaN): zero them so that none can reach the output
+        k_used, v_used = torch.where(visible, k_cache, 0.0), torch.where(visible, v_cache, 0.0)
         out = _sdpa(q[:, :, None, :], k_used, v_used, attn_mask=visible.transpose(-2, -1), scale=scale)  # (B,H,1,D)
         return out.squeeze(2)
 
@@ -464,6 +469,8 @@ def softmax(x: torch.Tensor, backend: str = "auto") -> torch.Tensor:
         raise ValueError(f"x must be (..., C) with C >= 1, got shape {tuple(x.shape)}")
     rows = x.reshape(-1, x.shape[-1])  # (R, C)
     chosen = select_backend("softmax", x.device, backend)
+    if backend == "auto" and _needs_grad(x):
+        chosen = "torch"
     out = _dispatch("softmax", backend, chosen, x.device, {
         "numba": lambda: _module("cuda_softmax").softmax(rows).to(x.dtype),
         "triton": lambda: _triton().softmax_triton(rows),
