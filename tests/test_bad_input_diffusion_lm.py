@@ -122,6 +122,8 @@ PROPOSAL = torch.tensor([[1, 2, 3, 4]])
     ((X, PROPOSAL, 1.0, 0.0, MASK), {"u": torch.rand(4)}, ValueError, r"u must have the shape of x \(1, 4\)"),
     ((X.float(), PROPOSAL, 1.0, 0.0, MASK), {}, ValueError, r"x must be an integer \(B, L\) tensor"),
     ((X, PROPOSAL, 1.0, 0.0, 5.0), {}, TypeError, r"mask_id must be an integer, got 5.0"),
+    ((None, PROPOSAL, 1.0, 0.0, MASK), {}, TypeError, r"^x must be a tensor, got NoneType$"),
+    ((X, None, 1.0, 0.0, MASK), {}, TypeError, r"^proposal must be a tensor, got NoneType$"),
 ])
 def test_denoise_step_refuses_steps_that_reveal_nothing_and_bad_shapes(args, kwargs, error, match):
     with pytest.raises(error, match=match):
@@ -192,6 +194,8 @@ def test_mask_tokens_takes_one_number_and_names_its_bad_arguments():
         (lambda: F.mask_tokens(ids.float(), 0.5, 99), ValueError, "ids must be a"),
         (lambda: F.mask_tokens(ids, torch.rand(2), 99), ValueError, "t must broadcast"),
         (lambda: F.mask_tokens(ids, 1.5, 99), ValueError, "t must be a finite number in"),
+        (lambda: F.mask_tokens(ids, 0.5, 99, noise=noise.tolist()), TypeError,
+         "^noise must be a tensor or None, got list$"),
     ]:
         with pytest.raises(error, match=match):
             call()

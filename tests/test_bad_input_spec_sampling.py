@@ -12,7 +12,7 @@ import torch
 from ar_course import sampling
 from ar_course.speculative import (
     acceptance_probability, accepted_prefix, codebook_neighbors, expected_speedup, jacobi_verify, relaxed_target,
-    sjd_generate, speculative_generate, speculative_round,
+    residual_distribution, sjd_generate, speculative_generate, speculative_round,
 )
 from ar_course.transformer import GPT, GPTConfig
 
@@ -91,6 +91,8 @@ SPEC_CASES = [
                  id="neighbors k True"),
     pytest.param(lambda: codebook_neighbors(torch.full((4, 2), float("nan")), 2), ValueError,
                  "codebook must be finite", id="neighbors NaN codebook"),
+    pytest.param(lambda: residual_distribution(P[:2], P[:2].tolist()), TypeError,
+                 "^q must be a torch.Tensor, got list$", id="residual q a list"),
 ]
 
 

@@ -247,3 +247,17 @@ def test_causal_takes_numpy_bools_like_the_other_flags(value, expected):
 def test_causal_refuses_a_non_bool_like_the_other_flags(value):
     with pytest.raises(TypeError, match=r"causal must be True or False, got"):
         GPTConfig(**SMALL, causal=value)
+
+
+@pytest.mark.parametrize("max_windows, error, match", [
+    (0, ValueError, r"^max_windows must be an integer >= 1, got 0$"),
+    (-1, ValueError, r"^max_windows must be an integer >= 1, got -1$"),
+    (2.0, TypeError, r"^max_windows must be an integer >= 1, got 2.0"),
+])
+def test_evaluate_lm_checks_max_windows(gpt, max_windows, error, match):
+    from ar_course.transformer.train import evaluate_lm
+
+    ids = torch.arange(100) % 10
+    with pytest.raises(error, match=match):
+        evaluate_lm(gpt, ids, 4, max_windows=max_windows)
+    assert evaluate_lm(gpt, ids, 4, max_windows=3) == evaluate_lm(gpt, ids, 4, max_windows=np.int64(3))

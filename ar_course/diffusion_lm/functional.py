@@ -70,7 +70,7 @@ def mask_tokens(ids: torch.Tensor, t: torch.Tensor, mask_id: int, schedule: str 
     ``t`` may also be one number in ``[0, 1]`` for every token. Returns ``(x_t (B, L) long, masked (B, L) bool)``.
 
     Raises:
-        TypeError: ``ids`` is not a tensor, ``t`` neither a tensor nor a number.
+        TypeError: ``ids`` is not a tensor, ``t`` neither a tensor nor a number, ``noise`` neither a tensor nor None.
         ValueError: ``ids`` not a ``(B, L)`` integer tensor, a tensor ``t`` that does not broadcast to ``(B, L)``, a
             number ``t`` outside ``[0, 1]``, an unknown ``schedule`` or a ``noise`` of another shape."""
     if not isinstance(ids, torch.Tensor):
@@ -89,6 +89,8 @@ def mask_tokens(ids: torch.Tensor, t: torch.Tensor, mask_id: int, schedule: str 
     keep = keep.expand(ids.shape)  # (B, L)
     if noise is None:
         noise = torch.rand(ids.shape, generator=generator, device=ids.device)  # (B, L)
+    elif not isinstance(noise, torch.Tensor):
+        raise TypeError(f"noise must be a tensor or None, got {type(noise).__name__}")
     elif noise.shape != ids.shape:
         raise ValueError(f"noise must have the shape of ids {tuple(ids.shape)}, got {tuple(noise.shape)}")
     masked = noise >= keep
@@ -157,7 +159,7 @@ def denoise_step(x: torch.Tensor, proposal: torch.Tensor, t: float, s: float, ma
         raise ValueError(f"s must be < t (a reverse step goes from time t down to s), got t={t}, s={s}")
     check_int("mask_id", mask_id)
     for name, a in (("x", x), ("proposal", proposal), ("u", u)):
-        if a is not None and not isinstance(a, torch.Tensor):
+        if not isinstance(a, torch.Tensor) and not (name == "u" and a is None):  # only u may be None
             raise TypeError(f"{name} must be a tensor, got {type(a).__name__}")
     if x.ndim != 2 or x.is_floating_point() or x.is_complex() or x.dtype == torch.bool:
         raise ValueError(f"x must be an integer (B, L) tensor, got {tuple(x.shape)} {x.dtype}")

@@ -92,8 +92,9 @@ def h2o_decode(model: torch.nn.Module, prompt: list[int], steps: int, budget: in
             integer.
         ValueError: ``model`` is not a text model (:func:`~.paged.check_text_model`), bad H2O sizes
             (:func:`check_h2o`), ``steps < 0``, an empty ``prompt``, a token outside ``[0, vocab_size)``,
-            ``forced`` not ``steps`` tokens long, or a prompt and ``steps`` that need more positions than
-            ``block_size`` (:meth:`~ar_course.transformer.GPT.check_room`)."""
+            ``forced`` not ``steps`` tokens long, or a prompt and ``steps`` that need more positions than the
+            model's ``config.block_size`` (its context, not the ``block_size`` argument;
+            :meth:`~ar_course.transformer.GPT.check_room`)."""
     check_text_model(model)
     check_h2o(budget, recent, block_size)
     steps = check_int("steps", steps, lo=0)
@@ -125,7 +126,7 @@ def h2o_decode(model: torch.nn.Module, prompt: list[int], steps: int, budget: in
         nxt = forced[len(tokens)] if forced is not None else int(logits[-1].argmax())
         tokens.append(nxt)
         chunk, start = [nxt], end
-    return tokens, torch.stack(logits) if logits else torch.zeros(0, model.config.vocab_size)
+    return tokens, torch.stack(logits) if logits else torch.zeros(0, model.config.vocab_size, device=device)
 
 
 @torch.no_grad()

@@ -128,8 +128,14 @@ def residual_distribution(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """``normalize(max(0, p - q))`` row by row, ``(..., V)`` -> ``(..., V)``.
 
     A row where ``p <= q`` everywhere (only when ``p == q``, in which case no draft is ever rejected) has
-    nothing left; it falls back to ``p``."""
+    nothing left; it falls back to ``p``.
+
+    Raises:
+        TypeError: ``p`` or ``q`` is not a tensor.
+        ValueError: ``p`` not a floating-point ``(..., V)`` tensor, or ``q`` of another shape.
+    """
     _check_dist("p", p)
+    _check_tensors(q=q)
     if p.shape != q.shape:
         raise ValueError(f"p and q must have the same shape, got {tuple(p.shape)} and {tuple(q.shape)}")
     r = (p - q).clamp(min=0)  # (..., V)
@@ -144,7 +150,8 @@ def speculative_round(
     u: torch.Tensor,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Verify ``L`` drafted tokens against the target; returns the tokens this round adds, ``(n + 1,)``.
+    """Verify ``L`` drafted tokens against the target; returns the tokens this round adds, ``(n + 1,)`` for ``n``
+    accepted drafts (``0 <= n <= L``).
 
     Draft ``i`` is accepted while ``u[i] < min(1, p[i, x_i] / q[i, x_i])``. At the first rejection ``i`` the
     round returns ``draft[:i]`` plus one token drawn from ``residual_distribution(p[i], q[i])``; when all

@@ -8,6 +8,7 @@ Presets:
   (distillation: the loss is the cross-entropy against the target's probabilities, as in "DistillSpec" and
   "Direct Alignment of Draft Model"), which raises how often the target accepts its proposals.
 * ``tiny``: a 2-layer model small enough to train inside the chapter 02 notebook.
+* ``small``: 4 layers, width 128, context 64: chapter 08's autoregressive baseline.
 
 The checkpoint (safetensors, weights rounded to float16 by default) stores the :class:`GPTConfig`, the
 vocabulary and the validation loss measured after rounding::
@@ -38,7 +39,7 @@ from ar_course.train import (
     trainer_main,
 )
 from ar_course.transformer.model import GPT, GPTConfig
-from ar_course.utils import count_parameters, get_device, seed_everything
+from ar_course.utils import check_int, count_parameters, get_device, seed_everything
 
 KIND = "lm"
 MAX_THREADS = 4 * (os.cpu_count() or 1)
@@ -74,10 +75,17 @@ PRESETS: dict[str, LMPreset] = {
 def evaluate_lm(
     model: GPT, ids: torch.Tensor, seq_len: int, batch_size: int = 16, max_windows: int | None = None
 ) -> float:
-    """Mean next-token cross-entropy (nats/char) over non-overlapping windows of ``ids`` ``(N,)``.
+    """Mean next-token cross-entropy (nats/char) over consecutive windows of ``ids`` ``(N,)``.
 
-    Every window of ``seq_len + 1`` tokens is scored once (in batches); ``max_windows`` evaluates an
-    evenly spaced subset instead. Deterministic."""
+    The windows of ``seq_len + 1`` tokens start every ``seq_len`` tokens (each shares its last token with the
+    next one's first, so no token is predicted twice) and are scored in batches; ``max_windows`` evaluates an
+    evenly spaced subset instead. Deterministic.
+
+    Raises:
+        TypeError: ``max_windows`` not an integer (or None).
+        ValueError: ``max_windows`` below 1, or ``ids`` too short for one window."""
+    if max_windows is not None:
+        max_windows = check_int("max_windows", max_windows, lo=1)
     n = (len(ids) - 1) // seq_len
     if n < 1:
         raise ValueError(f"{len(ids)} tokens are too few for windows of {seq_len + 1}")
@@ -101,7 +109,8 @@ def evaluate_lm(
 def distill_loss(student: GPT, teacher: GPT, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Cross-entropy of the student against the teacher's next-token probabilities on ``x`` ``(B, T)``.
 
-    Minimising it minimises KL(teacher || student) (the teacher's entropy is a constant)."""
+    Minimising it minimises KL(teacher || student) (the teacher's entropy is a constant). ``y``, the data's
+    targets, is not used: it is there so that a batch ``(x, y)`` can be passed as it comes."""
     with torch.no_grad():
         p = torch.softmax(teacher(x)[0].float(), dim=-1)  # (B, T, V)
     logits, _ = student(x)
@@ -132,7 +141,7 @@ def train_lm(
     ``preset.batch_size`` is the global batch (split across processes under ``torchrun``). ``keep_best``: end
     with the weights of the evaluation (every ``eval_every`` steps) with the lowest validation loss.
     ``checkpoint_every`` / ``state_path`` / ``resume``: see :func:`~ar_course.train.train_loop`. ``info``
-    holds the tokenizer, the loss history, the training time and the validation token ids."""
+    holds the tokenizer, the loss history, the training time, the tokens seen and the validation token ids."""
     from ar_course.data import load_text_dataset, text_batches
 
     tokenizer, train_ids, val_ids = load_text_dataset()
@@ -231,6 +240,7 @@ def save_text_model(model: torch.nn.Module, out: Path, *, kind: str, float32: bo
 
 @trainer_main
 def main(argv: list[str] | None = None) -> int:
+    """``python -m ar_course train lm [--preset target|draft|tiny|small] [--steps N] [--out PATH] ...``."""
     parser = ArgumentParser(
         prog="python -m ar_course train lm",
         description="Train a character-level GPT on the offline text corpus (pydoc_data.topics).",
