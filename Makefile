@@ -58,7 +58,7 @@ lab: $(STAMP)
 		$$( [ "$$(id -u)" = 0 ] && echo --allow-root )
 
 # The unit tests (with the browser test, skipped with its reason when Chromium is missing), then every solution
-# notebook top to bottom (any cell's error fails; 900 s per cell), keeping the executed copies in build/executed/
+# notebook top to bottom (any cell's error fails; 1800 s per cell), keeping the executed copies in build/executed/
 # for `make site`.
 test: $(STAMP)
 	$(PY) -m pytest tests -n $(TEST_JOBS) --dist worksteal $(PYTEST_FLAGS)

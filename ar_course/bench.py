@@ -202,6 +202,9 @@ def summary_rows(names: list[str], root: Path) -> list[dict]:
 
 
 def format_rows(rows: list[dict]) -> str:
+    """The table the command prints: per row of :func:`summary_rows`, ``[bench] what``, then the measured value,
+    the target, whether it was met (``yes``, ``NO`` or ``-``) and the result's date; ``no benchmark results yet``
+    when there are none."""
     if not rows:
         return "no benchmark results yet"
     lines = []

@@ -36,14 +36,17 @@ class BuildError(ValueError):
 
 
 def exercise_label(source: str) -> tuple[str, str] | None:
-    """``("1.3", "vq_lookup")`` from an exercise cell's first line ``# Exercise 1.3: vq_lookup``."""
+    """``("1.3", "vq_lookup")`` from an exercise cell's first line ``# Exercise 1.3: vq_lookup``; ``None`` when
+    the first non-blank line is not one."""
     first = source.lstrip().splitlines()[0] if source.strip() else ""
     m = EXERCISE_RE.match(first)
     return (m.group(1), m.group(2)) if m else None
 
 
 def strip_solutions(source: str, label: str, where: str = "") -> str:
-    """Replace every BEGIN/END SOLUTION region of ``source`` with a ``NotImplementedError`` stub."""
+    """Replace every BEGIN/END SOLUTION region of ``source`` with a ``NotImplementedError("Exercise <label>")``
+    stub. :class:`BuildError` (prefixed with ``where``) for a nested region, an END without a BEGIN or a BEGIN
+    without an END."""
     out: list[str] = []
     inside = False
     for line in source.splitlines():
@@ -99,7 +102,8 @@ def render(nb: nbformat.NotebookNode) -> str:
 
 
 def build(solutions: Path, notebooks: Path, check: bool = False) -> list[str]:
-    """Write (or with ``check`` compare) every learner notebook; return the names that were stale."""
+    """Write (or with ``check`` compare) every learner notebook, and delete the notebooks in ``notebooks`` that
+    have no solution (with ``check``, only list them); return the names that were stale or extra."""
     stale: list[str] = []
     sources = sorted(solutions.glob("*.ipynb"))
     expected_names = {p.name for p in sources}
@@ -121,6 +125,8 @@ def build(solutions: Path, notebooks: Path, check: bool = False) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``python -m ar_course.build_notebooks [--check] [--root PATH]``: exit status 0, 1 when ``--check`` finds
+    ``notebooks/`` out of date, 2 for a solution notebook that breaks the conventions or no checkout."""
     parser = argparse.ArgumentParser(prog="python -m ar_course.build_notebooks", description=__doc__.split("\n\n")[0])
     parser.add_argument("--check", action="store_true", help="only report whether notebooks/ is out of date")
     parser.add_argument("--root", type=root_path, default=None,

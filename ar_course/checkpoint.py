@@ -3,7 +3,7 @@
 One loader for every model the library trains::
 
     from ar_course import checkpoint
-    checkpoint.available()                          # the shipped names: ['ar_mnist', ..., 'var_mnist']
+    checkpoint.available()                          # the shipped names: ['ar_mnist', ..., 'var_mnist_cca']
     model = checkpoint.load("var_mnist")            # a shipped name or a path -> the model, in eval mode
     model, tokenizer = checkpoint.load_with_tokenizer("var_mnist")   # with the tokenizer it was trained on
     checkpoint.info("var_mnist")                    # {"kind", "config", ...what the trainer recorded}
@@ -151,7 +151,8 @@ def save_checkpoint(
 
     Raises:
         TypeError: ``path`` is not a str or path, ``model`` is neither a module nor a dict of tensors, ``kind``
-            is not a str, or a ``config`` or ``extra`` value cannot be stored as JSON (the key is named).
+            is not a str, ``config`` is neither a dataclass nor a dict (nor ``None``), or a ``config`` or ``extra``
+            value cannot be stored as JSON (the key is named).
         ValueError: ``path`` is empty or names a folder.
         NonFiniteWeightsError: a floating-point tensor holds NaN or inf (nothing is written, an earlier file at
             ``path`` stays).

@@ -65,6 +65,8 @@ class ArgumentParser(argparse.ArgumentParser):
     ``argument --cfg: must be ...``."""
 
     def error(self, message: str):  # type: ignore[override]
+        """Print ``message`` as one ``error:`` line on stderr and exit with status 2 (``SystemExit``); under
+        torchrun, a process of rank other than 0 exits with status 2 without printing."""
         if os.environ.get("RANK", "0") != "0":  # under torchrun every process parses: rank 0 alone speaks
             self.exit(EXIT_USAGE)
         message = re.sub(r"^argument (\S+): (must )", r"\1 \2", " ".join(message.splitlines()))
@@ -107,7 +109,7 @@ def _interval(lo: float, hi: float, lo_open: bool, hi_open: bool) -> str:
 def float_in(lo: float, hi: float = math.inf, *, lo_open: bool = False, hi_open: bool = False
              ) -> Callable[[str], float]:
     """argparse ``type=``: a finite float in ``[lo, hi]`` (an end excluded with ``lo_open`` / ``hi_open``; ``hi``
-    may be inf): ``--top-p must be a finite number in (0, 1], got 1.5``."""
+    may be inf): ``--top-p must be a finite number in [1e-06, 1], got 1.5``."""
     requirement = f"a finite number {_interval(lo, hi, lo_open, hi_open)}"
 
     def parse(text: str) -> float:
@@ -179,6 +181,7 @@ def device_name(text: str) -> str:
     return text
 
 
+# ready-made type= helpers: an integer >= 1 or >= 0, a finite float > 0 or >= 0, a probability in [0, 1]
 positive_int = int_in(1)
 nonnegative_int = int_in(0)
 positive_float = float_in(0.0, lo_open=True)

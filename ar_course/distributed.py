@@ -37,10 +37,12 @@ def is_distributed() -> bool:
 
 
 def rank() -> int:
+    """This process's rank in the process group (0 alone)."""
     return dist.get_rank() if is_distributed() else 0
 
 
 def world_size() -> int:
+    """The number of processes in the group (1 alone)."""
     return dist.get_world_size() if is_distributed() else 1
 
 
@@ -178,6 +180,7 @@ class SyncBatchNorm2d(nn.BatchNorm2d):
     Input ``(N, C, H, W)``; every process must pass the same shape."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` ``(N, C, H, W)`` normalised per channel -> ``(N, C, H, W)``."""
         if not (self.training and is_distributed()):
             return super().forward(x)
         self._check_input_dim(x)

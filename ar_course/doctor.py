@@ -57,6 +57,8 @@ print("ok", triton.__version__)
 
 @dataclass
 class Finding:
+    """One line of the report: ``status`` (``OK``, ``WARN`` or ``FAIL``), what was checked, and what was found."""
+
     status: str
     name: str
     detail: str
@@ -181,6 +183,8 @@ def run_checks() -> list[Finding]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``python -m ar_course doctor``: print every finding and a summary line; exit status 1 when any is ``FAIL``,
+    else 0."""
     from ar_course.cli import ArgumentParser
 
     ArgumentParser(prog="python -m ar_course doctor", description=__doc__.split("\n\n")[0]).parse_args(argv)

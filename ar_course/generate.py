@@ -50,6 +50,8 @@ def _temperature(text: str) -> float:
 
 
 def build_parser() -> ArgumentParser:
+    """The argument parser of ``python -m ar_course generate`` (each option's value is checked as it is parsed;
+    combinations are checked after parsing)."""
     p = ArgumentParser(prog="python -m ar_course generate",
                        description="Generate class-conditional images with the course's models and save a PNG grid "
                                    "(one column per class).")
@@ -96,13 +98,14 @@ def build_parser() -> ArgumentParser:
 
 def png_bytes(images: torch.Tensor, ncol: int, zoom: int = 1) -> bytes:
     """``images`` ``(N, C, S, S)`` in [0, 1] as a PNG of a grid of ``ncol`` columns, each pixel ``zoom`` x
-    ``zoom`` (written by :func:`ar_course.images.encode_png`: no Pillow needed). Values outside [0, 1] are
-    clipped.
+    ``zoom`` (written by :func:`ar_course.images.encode_png`: no Pillow needed). Values slightly outside [0, 1]
+    are clipped; values far outside it are refused (as :func:`ar_course.images.to_grid`).
 
     Raises:
         TypeError: ``images`` is not a tensor, ``ncol`` or ``zoom`` not an integer.
-        ValueError: ``images`` not a non-empty ``(N, C, H, W)`` floating-point tensor (a uint8 image in 0..255
-            is refused: divide it by 255 first), holding NaN or inf, or ``ncol`` / ``zoom`` ``< 1``."""
+        ValueError: ``images`` not a non-empty ``(N, C, H, W)`` floating-point tensor with ``C`` 1 or 3 (a uint8
+            image in 0..255 is refused: divide it by 255 first), holding NaN or inf or values far outside [0, 1]
+            (above 1.5 or below -0.5), or ``ncol`` / ``zoom`` ``< 1``."""
     if not isinstance(images, torch.Tensor):
         raise TypeError(f"images must be a torch.Tensor (N, C, H, W) in [0, 1], got {type(images).__name__}")
     if images.ndim != 4 or images.shape[0] == 0 or not images.is_floating_point():
@@ -206,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         print("compiling the decode step with torch.compile (tens of seconds the first time)...", flush=True)
     out = gen.run(_request(args, classes))
     png = png_bytes(out.images, len(classes), args.zoom)
-    with contextlib.ExitStack() as stack:  # both files appear, or neither
+    with contextlib.ExitStack() as stack:  # each written atomically; neither appears if a write fails
         png_tmp = stack.enter_context(atomic_path(args.out))
         png_tmp.write_bytes(png)
         if args.stats_json is not None:

@@ -119,6 +119,9 @@ def kernel_manager(kernel_name: str = CURRENT_ENV) -> AsyncKernelManager:
 
 @dataclass
 class Row:
+    """One exercise's line of the table: its number (``"1.3"``), function name, ``status`` (passed, failed, not
+    attempted or ``"not run"``) and the reason's first line."""
+
     exercise: str
     name: str
     status: str
@@ -127,6 +130,9 @@ class Row:
 
 @dataclass
 class GradeResult:
+    """A graded notebook: one :class:`Row` per exercise, why the run stopped early (``None`` when it did not), the
+    seconds it took, and the report lines skipped as malformed."""
+
     rows: list[Row]
     crashed_at: str | None
     seconds: float
@@ -135,6 +141,7 @@ class GradeResult:
 
     @property
     def all_passed(self) -> bool:
+        """Whether there is at least one exercise and every one passed."""
         return bool(self.rows) and all(r.status == PASSED for r in self.rows)
 
 
@@ -353,7 +360,8 @@ def _run_cells(cells: list[tuple[int, nbformat.NotebookNode]], metadata: dict, f
 
 def format_table(result: GradeResult, title: str = "") -> str:
     """A plain-text table of the rows plus a summary line. A long result (a failure's reason and hint) is
-    wrapped onto continuation lines under the result column, so the table stays :data:`TABLE_WIDTH` wide."""
+    wrapped onto continuation lines under the result column, so the table stays :data:`TABLE_WIDTH` wide (the
+    result column keeps at least 40 characters: long exercise or function names make it wider)."""
     header = ("exercise", "function", "result")
     cells = [(r.exercise, r.name, r.status + (f": {r.detail}" if r.detail else "")) for r in result.rows]
     widths = [max(len(h), *(len(c[i]) for c in cells)) if cells else len(h) for i, h in enumerate(header[:2])]

@@ -19,7 +19,8 @@ _COLOR_TYPES = {1: 0, 3: 2, 4: 6}  # channels -> PNG colour type: grey, RGB, RGB
 
 
 def to_grid(images: torch.Tensor, nrow: int = 8, pad: int = 2, pad_value: float = 1.0) -> np.ndarray:
-    """Tile ``images`` (N, C, H, W) with values in [0, 1] into one array (rows*(H+pad), cols*(W+pad), C).
+    """Tile ``images`` (N, C, H, W) with values in [0, 1] into one float32 array
+    (rows*(H+pad)+pad, cols*(W+pad)+pad, C), every image framed by ``pad`` pixels of ``pad_value``.
 
     ``nrow`` images per row; ``C`` is 1 (grey) or 3 (RGB), channels first. Any float dtype. Values slightly
     outside [0, 1] (decoder outputs that overshoot) are clipped; a range that looks like 0..255 (above 1.5) or

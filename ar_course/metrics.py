@@ -70,6 +70,8 @@ MAX_SHIFT = {"mnist": 2, "shapes": 0}  # training augmentation; shapes already s
 
 @dataclass
 class ClassifierConfig:
+    """Hyper-parameters of :class:`Classifier` (not checked: the trainer and the checkpoints make them)."""
+
     in_channels: int = 1
     num_classes: int = 10
     width: int = 16  # channels of the first conv, doubled at each of the 4 blocks; features: 8 * width
@@ -100,12 +102,14 @@ class Classifier(nn.Module):
 
     @property
     def feature_dim(self) -> int:
+        """Size ``F = 8 * width`` of the penultimate features (128 for the shipped classifiers)."""
         return 8 * self.config.width
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """Penultimate features ``(N, 8 * width)``: globally average-pooled last conv activations.
 
-        ``images`` of any floating dtype are cast to the classifier's (as :meth:`VQVAE.encode` casts)."""
+        ``images`` of any floating dtype are cast to the classifier's (as
+        :meth:`~ar_course.tokenizers.vqvae.VQVAE.encode` casts)."""
         _check_images(images, self.config.in_channels)
         images = images.to(self.head.weight.dtype)
         if images.shape[-1] == 28:
@@ -156,6 +160,7 @@ def load_classifier(dataset: str = "mnist", device: str | torch.device = "cpu") 
     Raises:
         TypeError: ``dataset`` is not a string.
         ValueError: an unknown ``dataset`` or ``device`` (as :func:`ar_course.utils.get_device`).
+        RuntimeError: a CUDA device on a machine without one (as :func:`ar_course.utils.get_device`).
     """
     _check_dataset(dataset)
     return _cached_classifier(dataset, str(get_device(device)))

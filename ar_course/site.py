@@ -332,7 +332,7 @@ def _navigation(pages: Sequence[Page], i: int) -> str:
 
 def render_page(nb: NotebookNode, title: str, navigation: str = "") -> str:
     """One notebook as a self-contained HTML page (nbconvert's ``lab`` template; figures embedded as data
-    URIs; widgets static), with ``navigation`` (Markdown) above the first cell."""
+    URIs; widgets static), with ``navigation`` (Markdown) above the first cell and below the last."""
     from nbconvert import HTMLExporter
 
     nb = nbformat.from_dict(nb)  # a copy: the caller's notebook is left as it was
@@ -427,7 +427,7 @@ def write_gallery(executed: Sequence[Path], out_dir: Path, log: Any = print) -> 
     """Copy every figure of the ``executed`` notebooks to ``out_dir/<notebook stem>/figure-NN.png`` and write
     ``out_dir/README.md``: per chapter its title and each figure under the section heading it belongs to.
     A chapter's folder is emptied of old figures first. Returns the paths written (README first). Raises
-    :class:`SiteError` when there is nothing to read."""
+    :class:`SiteError` when there is nothing to read or a notebook cannot be read."""
     if not executed:
         raise SiteError("no executed notebooks to take figures from")
     lines = ["# The course's figures", "",

@@ -105,6 +105,7 @@ class GenerationStats:
 
     @property
     def images_per_second(self) -> float:
+        """``images / seconds`` (``inf`` when the clock read 0)."""
         return self.images / self.seconds if self.seconds > 0 else float("inf")
 
     def as_dict(self) -> dict:
@@ -152,6 +153,10 @@ class GenerationRequest:
             run one image at a time; both are exact unless ``relaxed_delta > 0``.
         relaxed_delta: with ``"jacobi"``: LANTERN-style relaxed acceptance over each code's ``neighbors``
             nearest codes, moving at most this much probability mass (0 = exact).
+        gamma: with ``"draft"``: draft tokens proposed per round (an integer ``>= 0``).
+        window: with ``"jacobi"``: draft tokens in the window of each pass (an integer ``>= 0``).
+        neighbors: with ``relaxed_delta > 0``: nearest codes each code may borrow from (an integer ``>= 0``; at
+            most the codebook size minus one, checked by :meth:`Generator.run`).
         kernels: ``"auto"`` runs attention on the chapter 06 kernels where they are faster on this device (on a
             GPU each kind of call is timed once, compiled Triton or numba.cuda against torch; on a CPU torch's
             fused attention is faster than the simulators, so torch); ``"torch"`` never uses them;
@@ -185,7 +190,7 @@ class GenerationRequest:
             precision; or a combination of options that does not apply.
         TypeError: an argument of the wrong type: a number that is a string, ``None`` or a bool, a float where
             an integer is expected (``batch_size``, ``seed``, ``gamma``, ``window``, ``neighbors``), ``sampling``
-            that is not a ``SamplingConfig``, a non-bool flag (``ramp``, ``compile``, ``progress``), or
+            that is not a ``SamplingConfig``, a non-bool flag (``ramp``, ``graphs``, ``compile``, ``progress``), or
             ``classes`` that torch cannot read as a sequence of numbers.
     """
 
@@ -307,7 +312,9 @@ class Strategy(Protocol):
     one_at_a_time: bool
 
     def run(self, chunk: torch.Tensor, request: GenerationRequest, generator: torch.Generator | None,
-            tally: Tally) -> torch.Tensor: ...
+            tally: Tally) -> torch.Tensor:
+        """Images ``(b, C, S, S)`` of the classes ``chunk`` ``(b,)``, drawn with ``generator``."""
+        ...
 
 
 class _DecodeStep:
@@ -375,6 +382,7 @@ class VARStrategy:
 
     def run(self, chunk: torch.Tensor, request: GenerationRequest, generator: torch.Generator | None,
             tally: Tally) -> torch.Tensor:
+        """Images ``(b, C, S, S)`` of ``chunk`` ``(b,)``: sample pyramids (``S`` passes), decode."""
         with self._step.open(request, tally, _rows(chunk, request)) as (step, cache):
             pyramid = var.sample_pyramid(self.model, self.tokenizer.quantizer, chunk, sampling=request.sampling,
                                          cfg=request.cfg, ramp=request.ramp, generator=generator, cache=cache,
@@ -393,6 +401,7 @@ class RasterStrategy:
 
     def run(self, chunk: torch.Tensor, request: GenerationRequest, generator: torch.Generator | None,
             tally: Tally) -> torch.Tensor:
+        """Images ``(b, C, S, S)`` of ``chunk`` ``(b,)``: sample token maps (one pass per token), decode."""
         side = self.tokenizer.config.latent_side
         with self._step.open(request, tally, _rows(chunk, request)) as (step, cache):
             maps = raster.generate_tokens(self.model, chunk, (side, side), sampling=request.sampling,
@@ -416,6 +425,7 @@ class DraftSpeculativeStrategy:
 
     def run(self, chunk: torch.Tensor, request: GenerationRequest, generator: torch.Generator | None,
             tally: Tally) -> torch.Tensor:
+        """The image ``(1, C, S, S)`` of ``chunk`` ``(1,)`` by speculative sampling with the draft model."""
         side = self.tokenizer.config.latent_side
         start = torch.zeros(1, 0, dtype=torch.long, device=chunk.device)  # (1, 0): the class token starts
         seq, stats = speculative_generate(self.target, self.draft, start, side * side, gamma=request.gamma,
@@ -437,6 +447,7 @@ class JacobiStrategy:
 
     def run(self, chunk: torch.Tensor, request: GenerationRequest, generator: torch.Generator | None,
             tally: Tally) -> torch.Tensor:
+        """The image ``(1, C, S, S)`` of ``chunk`` ``(1,)`` by Speculative Jacobi Decoding."""
         side = self.tokenizer.config.latent_side
         nbrs = self.codebook_neighbors(request.neighbors) if request.relaxed_delta > 0 else None
         seq, stats = sjd_generate(self.model, side * side, classes=chunk, window=request.window,
@@ -514,7 +525,9 @@ class Generator:
                         ar: str = "base", var: str = "base") -> "Generator":
         """The shipped models of ``name`` (:data:`PRETRAINED`) on ``device`` (``"auto"``: CUDA if present), with
         the raster model ``ar`` of :data:`AR_VARIANTS` (``"base"``, or chapter 11's ``"grpo"`` / ``"cca"``) and
-        the VAR model ``var`` of :data:`VAR_VARIANTS` (``"base"`` or chapter 11's ``"cca"``)."""
+        the VAR model ``var`` of :data:`VAR_VARIANTS` (``"base"`` or chapter 11's ``"cca"``).
+
+        Raises ``ValueError`` for an unknown ``name``, ``ar`` or ``var``, and as :meth:`from_checkpoints`."""
         if name not in PRETRAINED:
             raise ValueError(f"unknown pretrained set {name!r}; choose from {sorted(PRETRAINED)}")
         if ar not in AR_VARIANTS[name]:
@@ -549,11 +562,13 @@ class Generator:
 
     @property
     def device(self) -> torch.device:
+        """The device of the models (the VAR's, else the raster model's)."""
         model = self.var if self.var is not None else self.ar
         return next(model.parameters()).device
 
     @property
     def num_classes(self) -> int:
+        """Number of classes of the models (the null class not counted): valid classes are ``0 .. num_classes - 1``."""
         return self.var.config.n_classes if self.var is not None else self.ar.config.n_classes
 
     def generate(self, classes: torch.Tensor | Sequence[int], **options) -> Generation:
@@ -587,7 +602,8 @@ class Generator:
         function (:func:`~ar_course.transformer.model.use_attention`), autocast and seeded generator.
 
         Raises ``ValueError`` before any work for classes outside ``[0, num_classes)``, a method or
-        speculative kind whose models this Generator lacks, more ``neighbors`` than the codebook has, or
+        speculative kind whose models this Generator lacks, more ``neighbors`` than the raster model's codebook
+        has other codes (``vocab_size - 1``), or
         ``graphs=True`` on a Generator that is not on a CUDA device; ``TypeError`` for a ``request`` that is
         not a :class:`GenerationRequest` (:meth:`generate` takes the options as keywords)."""
         if not isinstance(request, GenerationRequest):

@@ -8,11 +8,11 @@ Usage::
 
 Resuming: with ``state_path`` the loop writes a training state every ``config.checkpoint_every`` steps, at the
 end, and when SIGTERM or SIGINT arrives (it finishes the current step, writes the state and raises
-:class:`TrainingInterrupted`). The file (safetensors, written atomically) holds the float32 weights and
-buffers, the optimizer state, the step, the history and torch's random state; ``resume=True`` loads it and
-fast-forwards ``batches`` by drawing the batches already trained on, so every random draw of a run must come
-from the batch stream (rebuilt from its seed) or from torch's global generator: then a resumed run ends with
-the weights of an uninterrupted one.
+:class:`TrainingInterrupted`). The file (safetensors, written atomically) holds the model's weights and
+buffers (in their own dtype), the optimizer state, the step, the history and torch's random state;
+``resume=True`` loads it and fast-forwards ``batches`` by drawing the batches already trained on, so every
+random draw of a run must come from the batch stream (rebuilt from its seed) or from torch's global generator:
+then a resumed run ends with the weights of an uninterrupted one.
 
 The second half of this module is the command-line contract the trainers share: argparse value types,
 ``--resume`` / ``--checkpoint-every``, checking ``--out`` before any work, and :func:`trainer_main`.
@@ -220,7 +220,7 @@ def save_train_state(path: str | Path, model: torch.nn.Module, optimizer: torch.
                      average: dict[str, torch.Tensor] | None = None) -> Path:
     """Write what :func:`train_loop` needs to continue after ``step`` completed steps (rank 0 only, atomic).
 
-    Tensors: ``model/<name>`` (weights and buffers as they are, float32), ``best/<name>`` (the weights of the
+    Tensors: ``model/<name>`` (weights and buffers as they are, in their own dtype), ``best/<name>`` (the weights of the
     best evaluation so far, with ``keep_best``), ``ema/<name>`` (the :class:`WeightAverage`, with ``ema``),
     ``optimizer/<i>/<name>`` and ``rng/cpu`` (``rng/cuda`` too when CUDA is in use); JSON metadata: the step, the
     history, the optimizer's hyper-parameters and the :class:`TrainConfig`."""
@@ -381,7 +381,7 @@ def train_loop(
             is not 0-d or does not require grad.
         TrainingError: ``keep_best`` without ``eval_fn``, ``ema`` outside [0, 1), a state to resume that is
             missing or does not fit, a loss that is NaN or inf (the run diverged; it stops at that step), or a
-            ``keep_best`` metric that is NaN or inf.
+            ``keep_best`` metric that ``eval_fn`` does not return or that is NaN or inf.
     """
     if not isinstance(config, TrainConfig):
         raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")

@@ -19,7 +19,10 @@ def show_images(
     images: torch.Tensor, nrow: int = 8, title: str | None = None, ax: plt.Axes | None = None,
     row_labels: Sequence[str] | None = None,
 ) -> plt.Figure:
-    """Show a batch of images (N, C, H, W) in [0, 1] as a grid; grayscale when C == 1.
+    """Show a batch of images (N, C, H, W) in [0, 1] as a grid, ``nrow`` per row; grayscale when C == 1.
+
+    ``title`` goes above the grid; ``ax``: draw on these axes (default: a new figure); ``row_labels``: one label
+    per grid row, on the y axis. Returns the figure.
 
     Raises as :func:`ar_course.images.to_grid` (checked before any figure is made): ``TypeError`` for a
     non-tensor or a non-integer ``nrow``; ``ValueError`` for integer images (divide uint8 images by 255), a range
@@ -47,7 +50,10 @@ def plot_losses(
     curves: Mapping[str, Sequence[float]], title: str = "loss", xlabel: str = "step", ylabel: str = "loss",
     logy: bool = False, ax: plt.Axes | None = None, steps: Mapping[str, Sequence[int]] | None = None,
 ) -> plt.Figure:
-    """Plot named curves on one axis (e.g. ``{"train": history.smoothed(), "val": vals}``)."""
+    """Plot named curves on one axis (e.g. ``{"train": history.smoothed(), "val": vals}``); returns the figure.
+
+    ``steps``: the x values of a curve by name (default ``0, 1, ...``); ``logy``: a log-scale y axis; ``ax``: draw
+    on these axes (default: a new figure)."""
     if ax is None:
         fig, ax = plt.subplots(figsize=(6, 3.5))
     else:

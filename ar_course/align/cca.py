@@ -72,6 +72,7 @@ class CCALog:
     logratio_neg: list[float] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, list]:
+        """The curves by field name (a new dict holding the same lists), as the trainer records them."""
         return dict(self.__dict__)
 
 
@@ -131,8 +132,9 @@ def train_cca(policy: nn.Module, reference: nn.Module, token_maps: torch.Tensor,
               config: CCAConfig = CCAConfig(), progress: bool = True,
               log_probs: LogProbs = sequence_log_probs) -> CCALog:
     """Fine-tune ``policy`` in place with CCA against the frozen ``reference`` on data ``token_maps``
-    ``(N, h, w)`` (raster; with ``log_probs=var_log_probs(vq)``, VAR pyramids ``(N, L)``) with ``labels``
-    ``(N,)``, from ``config.seed``; returns the curves.
+    ``(N, h, w)`` (raster; with ``log_probs=var_log_probs(vq)``, VAR pyramids ``(N, L)``; with any ``log_probs``
+    other than the default, ``(N, L)``) with ``labels`` ``(N,)``, from ``config.seed``; returns the curves and
+    leaves ``policy`` in eval mode.
 
     Raises:
         TypeError: ``token_maps`` or ``labels`` not a tensor, or ``config`` not a :class:`CCAConfig`.

@@ -89,6 +89,7 @@ class GRPOLog:
     brightness: list[float] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, list]:
+        """The curves by field name (a new dict holding the same lists), as the trainer records them."""
         return dict(self.__dict__)
 
 
@@ -133,7 +134,8 @@ def grpo_rollout(
     is given back in the mode it came in.
 
     Raises:
-        ValueError: ``group_size`` not an int >= 2, or rewards that are not one float per sample.
+        TypeError: ``group_size`` not an integer.
+        ValueError: ``group_size < 2``, or rewards that are not one float per sample.
     """
     group_size = check_int("group_size", group_size, lo=2)
     device = next(policy.parameters()).device
@@ -168,7 +170,8 @@ def grpo_update(
     Raises:
         TypeError: ``inner_steps`` not an integer or ``kl_coef`` not a number.
         ValueError: ``inner_steps < 1``, ``kl_coef`` not a finite number ``>= 0``, a ``rollout`` that lacks a key
-            of :func:`grpo_rollout`'s, or as :func:`grpo_objective` and :func:`token_log_probs`.
+            of :func:`grpo_rollout`'s (``rewards`` aside, which is not used), or as :func:`grpo_objective` and
+            :func:`token_log_probs`.
     """
     inner_steps = check_int("inner_steps", inner_steps, lo=1)
     kl_coef = _check_kl_coef(kl_coef)

@@ -42,7 +42,8 @@ def pyramid_token_log_probs(model: VAR, vq: MultiScaleVQ, pyramid: list[torch.Te
                             classes: torch.Tensor) -> torch.Tensor:
     """``(B, L)``: the log-probability of every token of a teacher-forced ``pyramid`` (one ``(B, s_k, s_k)`` map
     per scale of ``vq``) under the VAR ``model`` given ``classes`` ``(B,)``, scale by scale, row-major (one
-    block-causal forward pass, with gradients if ``model`` has them). ``-mean`` equals :meth:`VAR.loss`.
+    block-causal forward pass, with gradients if ``model`` has them). ``-mean`` equals the first value
+    :meth:`VAR.loss` returns (the mean over all tokens, without condition dropout).
 
     Raises as :meth:`VAR.loss` for a tokenizer or pyramid that does not fit the model, and as :meth:`VAR.forward`
     for bad ``classes``."""

@@ -74,6 +74,7 @@ class ContinuousARConfig:
 
     @property
     def seq_len(self) -> int:
+        """Tokens per map, ``rows * cols`` (the sequence length, without the class token)."""
         return self.grid[0] * self.grid[1]
 
     def backbone_config(self) -> GPTConfig:
@@ -83,6 +84,8 @@ class ContinuousARConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ContinuousARConfig":
+        """The config of a dict such as a checkpoint records: a missing key takes its default, an unknown key is a
+        ``ValueError`` (:func:`~ar_course.checkpoint.config_from_dict`)."""
         return checkpoint.config_from_dict(cls, d)
 
 
@@ -118,6 +121,7 @@ class HeadBlock(nn.Module):
         nn.init.zeros_(self.ada.bias)
 
     def forward(self, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """``h`` ``(N, width)`` under the condition ``c`` ``(N, width)`` (or ``(1, width)``) -> ``(N, width)``."""
         shift, scale, gate = self.ada(F.silu(c)).chunk(3, dim=-1)  # 3 x (N, width)
         return h + gate * self.mlp(self.norm(h) * (1 + scale) + shift)
 
@@ -180,6 +184,7 @@ class ContinuousAR(nn.Module):
 
     @property
     def null_class(self) -> int:
+        """The null class id, ``n_classes`` (the unconditional model of classifier-free guidance)."""
         return self.config.n_classes
 
     def make_cache(self, batch_size: int) -> KVCache:
@@ -304,7 +309,8 @@ def generate_tokens(
 
     Raises ``ValueError`` for ``classes`` that are not a non-empty ``(B,)`` long tensor in ``[0, n_classes]``,
     ``steps < 1``, a negative or non-finite ``temperature`` or a non-finite ``cfg``; ``TypeError`` for
-    non-numbers, a ``model`` that is not a :class:`ContinuousAR` or a ``use_cache`` that is not a bool."""
+    non-numbers, ``classes`` that are not a tensor, a ``model`` that is not a :class:`ContinuousAR` or a
+    ``use_cache`` that is not a bool."""
     _check_model(model)
     c = model.config
     check_ids("classes", classes, c.n_classes + 1, ("B",))

@@ -50,7 +50,8 @@ def text_batches(ids: torch.Tensor, block_size: int, batch_size: int,
         TypeError: ``ids`` is not a tensor, ``block_size`` or ``batch_size`` is not an integer, ``generator``
             is not a ``torch.Generator``.
         ValueError: ``ids`` is not 1-D, not of an integer dtype or not longer than ``block_size``;
-            ``block_size`` or ``batch_size`` < 1; an unknown ``device``.
+            ``block_size`` or ``batch_size`` < 1; a ``generator`` that is not on the CPU; an unknown ``device``.
+        RuntimeError: a CUDA ``device`` on a machine without one (``ar_course.utils.get_device``).
     """
     _check_leading("ids", ids, "1-D (N,) integer")
     if ids.ndim != 1:
@@ -89,8 +90,8 @@ def image_batches(images: torch.Tensor, labels: torch.Tensor, batch_size: int,
     Raises:
         TypeError: ``images`` or ``labels`` is not a tensor, ``batch_size`` is not an integer, ``generator`` is
             not a ``torch.Generator``.
-        ValueError: ``images`` or ``labels`` is 0-d, they differ in length, or ``batch_size`` is not between 1
-            and the number of images.
+        ValueError: ``images`` or ``labels`` is 0-d, they differ in length, ``batch_size`` is not between 1
+            and the number of images, or ``generator`` is not on the CPU.
     """
     _check_leading("images", images, "(N, ...)")
     _check_leading("labels", labels, "(N,)")

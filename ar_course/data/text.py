@@ -59,6 +59,7 @@ class CharTokenizer:
 
     @property
     def vocab_size(self) -> int:
+        """Number of characters in the vocabulary (ids are ``0 .. vocab_size - 1``)."""
         return len(self.chars)
 
     def encode(self, text: str) -> torch.Tensor:

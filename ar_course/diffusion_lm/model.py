@@ -38,9 +38,13 @@ class DiffusionLMConfig:
     """Hyper-parameters of :class:`DiffusionLM`.
 
     Raises:
-        TypeError: ``train_block_sizes`` not a tuple or list of integers, or a size that is not an integer.
-        ValueError: a size ``< 1``, an unknown ``schedule``, or ``train_block_sizes`` empty or holding a block size
-            that is neither 0 nor a divisor of ``length``.
+        TypeError: ``train_block_sizes`` not a tuple or list of integers, or a ``vocab_size`` or ``length`` that is
+            not an integer.
+        ValueError: ``vocab_size`` or ``length`` ``< 1``, an unknown ``schedule``, or ``train_block_sizes`` empty or
+            holding a block size that is neither 0 nor a divisor of ``length``.
+
+    The transformer's fields (``n_layer``, ``n_head``, ``n_embd``, ``attn``) are checked only when
+    :class:`DiffusionLM` builds its GPT from :meth:`gpt_config`.
     """
 
     vocab_size: int = 96  # characters; the mask token is id vocab_size
@@ -79,9 +83,12 @@ class DiffusionLMConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "DiffusionLMConfig":
+        """The config of a dict such as a checkpoint records (:meth:`to_dict`): a missing key takes its default,
+        an unknown key is a ``ValueError`` (:func:`~ar_course.checkpoint.config_from_dict`)."""
         return config_from_dict(cls, d)
 
     def to_dict(self) -> dict:
+        """The fields as a plain dict (what a checkpoint records; :meth:`from_dict` reads it back)."""
         return asdict(self)
 
 
@@ -98,6 +105,7 @@ class DiffusionLM(nn.Module):
 
     @property
     def mask_id(self) -> int:
+        """The mask token's id: ``vocab_size``, one past the characters."""
         return self.config.vocab_size
 
     @property
@@ -106,6 +114,7 @@ class DiffusionLM(nn.Module):
         return self.gpt.blocks
 
     def num_params(self) -> int:
+        """The number of parameters (the GPT backbone's, all of them)."""
         return sum(p.numel() for p in self.parameters())
 
     def logits(self, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None = None,
@@ -216,8 +225,9 @@ class DiffusionLM(nn.Module):
         """The ELBO (an upper bound on the negative log-likelihood) in nats per character, averaged over the rows
         of ``ids`` ``(B, L)`` (or a text ``(N,)``, cut into windows of ``length``) and ``samples`` noise draws.
 
-        ``block_size``: the bound of block-wise diffusion (each block given the clean ones before it); ``1`` is
-        the exact next-token NLL of the model's left-to-right reading."""
+        ``block_size``: the bound of block-wise diffusion (each block given the clean ones before it); with ``1``
+        the bound is exactly the next-token NLL of the model's left-to-right reading (still estimated here from
+        ``samples`` draws). ``generator`` draws the noise; rows go through in batches of ``batch_size``."""
         ids = self._windows(ids)
         samples = check_int("samples", samples, lo=1)
         batch_size = check_int("batch_size", batch_size, lo=1)

@@ -54,8 +54,8 @@ def data_constrained(config: StudyConfig = StudyConfig(), progress: bool = True)
     """Train an AR GPT and a full-sequence masked diffusion LM of the same shape on the first ``config.budget``
     training characters for ``config.epochs`` epochs (same windows, same steps).
 
-    Returns ``{"config", "epochs": [...], "ar": [val NLL...], "diffusion": [val bound...], "seconds": {...},
-    "params": {...}}`` (nats/char at each evaluated epoch)."""
+    Returns ``{"config", "steps", "steps_per_epoch", "epochs": [...], "ar": [val NLL...], "diffusion": [val
+    bound...], "seconds": {...}, "params": {...}}`` (nats/char at each evaluated epoch)."""
     from ar_course.data import load_text_dataset, text_batches
 
     tokenizer, train_ids, val_ids = load_text_dataset()

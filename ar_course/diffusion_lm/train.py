@@ -108,7 +108,7 @@ def evaluate_bound(model: DiffusionLM, ids: torch.Tensor, max_windows: int = 64,
     L = model.config.length
     n = len(ids) // L
     rows = torch.linspace(0, n - 1, min(max_windows, n)).long()
-    windows = ids[: n * L].view(n, L)[rows]  # (max_windows, L)
+    windows = ids[: n * L].view(n, L)[rows]  # (min(max_windows, n), L)
     return model.nll_bound(windows, block_size=block_size, samples=samples,
                            generator=torch.Generator().manual_seed(seed))
 
@@ -162,6 +162,8 @@ def train_diffusion_lm(
 
 @trainer_main
 def main(argv: list[str] | None = None) -> int:
+    """``python -m ar_course train diffusion_lm [--preset small] [--steps N] [--init CHECKPOINT] [--train-blocks
+    B,B,...] [--out PATH] ...``"""
     parser = ArgumentParser(prog="python -m ar_course train diffusion_lm",
                             description="Train a masked diffusion LM on the offline text corpus (pydoc_data.topics).")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="small", help="model size and schedule")

@@ -49,7 +49,8 @@ def cuda_event_timer(fn: Callable[[], object], warmup: int = 2, repeats: int = 5
 
 
 def default_cache_path() -> Path:
-    """Where decisions are kept between processes: ``$XDG_CACHE_HOME/ar_course/kernel_choices.json``."""
+    """Where decisions are kept between processes: ``$XDG_CACHE_HOME/ar_course/kernel_choices.json``, with
+    ``$XDG_CACHE_HOME`` defaulting to ``~/.cache``."""
     root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     return root / "ar_course" / "kernel_choices.json"
 

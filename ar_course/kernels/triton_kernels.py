@@ -9,8 +9,8 @@ FlashAttention forward with autotuned tiles and a causal loop split into unmaske
 split-K decode attention sized to the GPU. They read any mix of float32 / float16 / bfloat16 inputs (what
 autocast produces) and multiply in one declared dtype with float32 accumulation (:mod:`.precision`).
 
-Triton is an optional dependency: :mod:`ar_course.kernels` imports this module only when it is asked for a
-Triton backend, and falls back to torch when Triton is missing.
+Triton is an optional dependency: :mod:`ar_course.kernels` imports this module only when a Triton backend is
+considered (``backend="triton"``, or ``"auto"`` on a CUDA tensor), and falls back to torch when Triton is missing.
 """
 
 from __future__ import annotations

@@ -117,8 +117,9 @@ def masked_cross_entropy_unchecked(logits: torch.Tensor, targets: torch.Tensor, 
 def masked_after(steps: int, n: int, schedule: str = "cosine") -> list[int]:
     """Tokens still masked after each of ``steps`` decoding steps over ``n`` tokens: a list of ``steps`` ints.
 
-    Step ``t`` (0-based) leaves ``floor(n * gamma((t + 1) / steps))`` masked, at most one fewer than before
-    (every step reveals at least one token) and 0 after the last step. ``1 <= steps <= n``."""
+    Step ``t`` (0-based) leaves ``floor(n * gamma((t + 1) / steps))`` masked, but at least one fewer than before
+    (every step reveals at least one token) and at least ``steps - 1 - t`` (one for each step still to come),
+    and 0 after the last step. ``1 <= steps <= n``."""
     n = check_int("n", n, lo=1)
     steps = check_int("steps", steps, lo=1, hi=n)
     gammas = mask_ratio(torch.arange(1, steps + 1, dtype=torch.float64) / steps, schedule)  # (K,)

@@ -33,8 +33,8 @@ PRETRAINED_PATH = checkpoint.ASSETS / "maskgit_mnist.safetensors"
 CHECKPOINT_KIND = "maskgit"
 DEFAULT_NOISE = 3.0
 """Default weight of the Gumbel noise on the confidences at the first step (annealed linearly to 0). MaskGIT uses
-4.5; on the shipped MNIST model 3.0 gave the best 8-step Frechet distance of 1.0, 3.0 and 4.5
-(``benchmarks/bench_parallel_images.py``)."""
+4.5; the course's smaller default is a choice for the shipped MNIST model, not a measured optimum (no script in
+``benchmarks/`` compares noise weights; ``benchmarks/bench_parallel_images.py`` records the one it used)."""
 
 Forward = Callable[..., tuple[torch.Tensor, torch.Tensor | None]]
 
@@ -84,6 +84,7 @@ class MaskGIT(GPT):
 
     @property
     def grid(self) -> tuple[int, int]:
+        """``(rows, cols)`` of the token maps (``config.grid``); a map has ``rows * cols`` positions."""
         return self.config.grid
 
     def map_logits(self, tokens: torch.Tensor, classes: torch.Tensor, forward: Forward | None = None
@@ -136,7 +137,8 @@ class MaskGIT(GPT):
         still hidden.
 
         Raises:
-            TypeError: a number of the wrong type (``steps=2.0``), or ``sampling`` not a ``SamplingConfig``.
+            TypeError: a number of the wrong type (``steps=2.0``), ``sampling`` not a ``SamplingConfig``, or
+                ``classes`` not a tensor.
             ValueError: ``classes`` not a non-empty ``(B,)`` long tensor in ``[0, n_classes]`` on the model's
                 device, ``steps`` outside ``[1, rows * cols]``, an unknown ``schedule``, ``noise < 0`` or a
                 non-finite ``cfg``.

@@ -192,8 +192,8 @@ def generate_tokens(
 
     Raises ``ValueError`` for ``classes`` that are not a non-empty ``(B,)`` long tensor in ``[0, n_classes]``,
     a ``grid`` that is not two sides ``>= 1`` or differs from the grid of a ``pos="rope2d"`` model
-    (:func:`check_model_grid`), and as :meth:`GPT.generate` for the rest; ``TypeError`` for arguments of the
-    wrong type (a ``model`` that is not a class-conditional GPT)."""
+    (:func:`check_model_grid`), a GPT without classes (``n_classes = 0``), and as :meth:`GPT.generate` for the
+    rest; ``TypeError`` for arguments of the wrong type (a ``model`` that is not a GPT, a non-tensor ``classes``)."""
     _check_model(model)
     check_ids("classes", classes, model.config.n_classes + 1, ("B",))
     rows, cols = check_grid("grid", grid)
@@ -217,7 +217,8 @@ def generate_images(
     cache: str = "dynamic",
 ) -> torch.Tensor:
     """Images ``(B, C, S, S)`` in [0, 1] of the requested ``classes`` ``(B,)``: sample token maps (guidance
-    ``cfg = w``, ``sampling``, KV ``cache`` ``"dynamic"`` or ``"static"``: same images), decode.
+    ``cfg = w``, ``sampling``, KV ``cache`` ``"dynamic"`` or ``"static"``: same images up to float rounding),
+    decode.
 
     ``seed`` seeds one generator (on the model's device) for the whole call; ``None`` uses torch's global
     generator. Work runs in chunks of ``batch_size`` classes, and the samples depend on the chunking, so

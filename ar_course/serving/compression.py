@@ -109,7 +109,8 @@ def pool_fake_quantize(x: torch.Tensor, bits: int) -> torch.Tensor:
 def sink_window_visible(q_pos: torch.Tensor, k_pos: torch.Tensor, sinks: int, window: int) -> torch.Tensor:
     """Which keys a sinks + window cache keeps for a query: key position ``j`` is visible to query position
     ``i`` when it is a sink (``j < sinks``) or among the last ``window - sinks`` positions up to ``i``
-    (``j > i - (window - sinks)``); causality is the caller's. Broadcasts ``q_pos``, ``k_pos`` (long)."""
+    (``j > i - (window - sinks)``); causality is the caller's. Broadcasts ``q_pos``, ``k_pos`` (long).
+    ``ValueError`` unless ``0 <= sinks < window``."""
     if not 0 <= sinks < window:
         raise ValueError(f"need 0 <= sinks < window, got sinks={sinks}, window={window}")
     return (k_pos < sinks) | (k_pos > q_pos - (window - sinks))
@@ -136,7 +137,7 @@ def h2o_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, budget: int
     """Causal attention of ``q, k, v`` ``(B, H, T, D)`` through an H2O cache of ``budget`` entries per head:
     query ``i`` sees the keys still cached after the earlier steps, plus its own; then, if the cache holds more
     than ``budget``, the key outside the ``recent`` newest with the least accumulated attention is evicted.
-    Returns ``(B, H, T, D)``."""
+    Returns ``(B, H, T, D)``. ``ValueError`` unless ``0 <= recent < budget``."""
     if not 0 <= recent < budget:
         raise ValueError(f"need 0 <= recent < budget, got recent={recent}, budget={budget}")
     B, H, T, D = q.shape
@@ -278,7 +279,9 @@ def kv_bytes_per_token(config: GPTConfig, method: str, context: int, *, bits_flo
     """KV-cache bytes per token of a ``context``-token sequence, all layers, keys and values, stored in
     ``bits_float``-bit floats (scales and minima included for the quantized methods; ``recent`` is ignored).
     ``method``: one of :data:`METHODS` or ``"h2o_blocks"``, the engine's block-wise H2O with a budget of
-    ``window`` positions (:mod:`ar_course.serving.h2o`). ``context`` and ``group``: integers ``>= 1``."""
+    ``window`` positions (:mod:`ar_course.serving.h2o`). ``window``: the cache size of ``sink_window``, ``h2o``
+    and ``h2o_blocks``; ``merge_from``: the first merged layer of ``minicache``. ``context`` and ``group``:
+    integers ``>= 1``; an unknown ``method`` is a ``ValueError``."""
     context, group = check_int("context", context, lo=1), check_int("group", group, lo=1)
     L, H, D, f = config.n_layer, config.n_head, config.head_dim, bits_float / 8
     full = 2 * L * H * D * f
@@ -308,8 +311,8 @@ def kv_bytes_per_token(config: GPTConfig, method: str, context: int, *, bits_flo
 def heldout_nll(model: torch.nn.Module, windows: torch.Tensor, attention: CompressedAttention | None = None
                 ) -> float:
     """Mean next-token NLL (nats/token) of ``model`` on ``windows`` ``(N, T+1)`` long, every layer attending
-    through ``attention`` (None: the model's own attention). ``ValueError`` unless ``windows`` is a non-empty
-    ``(N, T+1)`` tensor with ``T >= 1``."""
+    through ``attention`` (None: the model's own attention). ``TypeError`` unless ``windows`` is a tensor,
+    ``ValueError`` unless it is a non-empty ``(N, T+1)`` tensor with ``T >= 1``."""
     if not isinstance(windows, torch.Tensor):
         raise TypeError(f"windows must be a (N, T+1) tensor of token ids, got {type(windows).__name__}")
     if windows.ndim != 2 or windows.shape[0] == 0 or windows.shape[1] < 2:

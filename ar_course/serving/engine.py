@@ -4,8 +4,9 @@ Each :meth:`Engine.step` is one iteration of the scheduler (Orca's iteration-lev
 
 1. admit waiting requests, first come first served, while the batch has room and the pool has the blocks
    their tokens need (``policy="static"`` admits a new batch only when the last one has finished, and
-   reserves every sequence's memory up front, as a contiguous cache would: its prompt plus ``max_new_tokens``,
-   or ``static_reserve`` positions, e.g. the model's full length);
+   reserves every sequence's memory up front, as a contiguous cache would: its prompt plus ``max_new_tokens - 1``
+   positions (the last new token is never fed back), or ``static_reserve`` positions when that is more, e.g. the
+   model's full length);
 2. schedule one token for every sequence that is decoding, then chunks of waiting prompts up to the step's
    token budget (chunked prefill); when the pool runs out of blocks, the most recently admitted sequence is
    *preempted*: its blocks are freed and it goes back to the front of the queue, to be recomputed later;
@@ -65,7 +66,7 @@ class EngineConfig:
     max_step_tokens: int = 256  # tokens in one forward pass (decodes + prefill chunks)
     policy: str = "continuous"  # "continuous" or "static"
     prefix_caching: bool = False
-    static_reserve: int | None = None  # static policy: positions reserved per sequence (None: what it needs)
+    static_reserve: int | None = None  # static policy: positions reserved per sequence at least (None: what it needs)
     kv_bits: int | None = None  # 8 / 4: the pool stores int8 / packed int4 codes per token and head (None: dtype)
     kv_window: int | None = None  # sinks + window eviction: positions a query sees (None: all of them)
     kv_sinks: int = 4  # with kv_window: the first positions always kept (the attention sinks)
@@ -124,6 +125,7 @@ class Request:
 
     @property
     def tokens(self) -> list[int]:
+        """A new list: the prompt then the tokens generated so far."""
         return self.prompt + self.output
 
     @property
@@ -265,7 +267,7 @@ class Engine:
                 is not a ``SamplingConfig``.
             ValueError: a prompt that is empty or not 1-D, a token outside ``[0, vocab_size)``,
                 ``max_new_tokens < 0``, ``seed`` outside ``[-2**63, 2**64 - 1]``, or a request needing more
-                positions than ``block_size`` or than the whole pool holds."""
+                positions than the model's ``config.block_size`` (its context) or than the whole pool holds."""
         prompt = check_tokens(prompt_ids, self.model.config.vocab_size)
         max_new_tokens = check_int("max_new_tokens", max_new_tokens, lo=0)
         self.model.check_room(len(prompt), max_new_tokens)
@@ -302,6 +304,7 @@ class Engine:
 
     @property
     def has_work(self) -> bool:
+        """True while some request is waiting or running."""
         return bool(self.waiting or self.running)
 
     def outputs(self) -> dict[int, list[int]]:

@@ -94,7 +94,7 @@ def merged_generate(model: torch.nn.Module, prompt: list[int], max_new_tokens: i
             integer.
         ValueError: ``model`` is not a text model (:func:`~.paged.check_text_model`), ``max_new_tokens < 0``,
             ``merge_from < 0``, a prompt token outside ``[0, vocab_size)``, or an empty prompt or one too long
-            for ``block_size``."""
+            for the model's ``config.block_size`` with ``max_new_tokens``."""
     check_text_model(model)
     max_new_tokens = check_int("max_new_tokens", max_new_tokens, lo=0)
     if merge_from is not None:

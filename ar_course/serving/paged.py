@@ -14,9 +14,9 @@ With ``merge_from`` (MiniCache, :mod:`.minicache`), each merged pair of layers `
 slot of ``k, v`` (a direction per token and head) and keeps each layer's norm in ``k_norm, v_norm``, so the pools
 hold fewer layer slots than the model has layers (:attr:`PagedKVCache.store_index` maps a layer to its slot).
 
-A block that no later query can see (a sinks + window cache) is *evicted* by :meth:`PagedKVCache.evict`: it
-goes back to the free list and its table entry becomes ``-1``; :meth:`PagedKVCache.live_positions` lists the
-positions still stored.
+A block that no later query can see (a sinks + window cache) or that H2O gives back (:mod:`.h2o`) is *evicted*
+by :meth:`PagedKVCache.evict`: it goes back to the free list and its table entry becomes ``-1``;
+:meth:`PagedKVCache.live_positions` lists the positions still stored.
 """
 
 from __future__ import annotations
@@ -90,10 +90,12 @@ class BlockAllocator:
 
     @property
     def num_free(self) -> int:
+        """Blocks on the free list."""
         return len(self._free)
 
     @property
     def num_used(self) -> int:
+        """Blocks with at least one reference (``num_blocks - num_free``)."""
         return self.num_blocks - len(self._free)
 
     def allocate(self) -> int:
@@ -191,6 +193,7 @@ class PagedKVCache:
 
     @property
     def num_blocks(self) -> int:
+        """Blocks in the pool (used and free)."""
         return self.allocator.num_blocks
 
     def bytes_per_block(self) -> int:
@@ -278,7 +281,8 @@ class PagedKVCache:
 
     def evict(self, seq: int, blocks: Sequence[int]) -> int:
         """Free the blocks at table indices ``blocks`` (ascending) of ``seq`` (they are never read again); already
-        evicted ones are skipped. The last, partly filled block cannot be evicted. Returns how many were freed."""
+        evicted ones are skipped. Only full blocks (indices below ``lengths[seq] // block_size``) can be evicted:
+        ``ValueError`` otherwise. Returns how many were freed."""
         table, freed = self._table(seq), 0
         if blocks and blocks[-1] >= self.lengths[seq] // self.block_size:
             raise ValueError(f"block {blocks[-1]} of sequence {seq} is not full: only full blocks can be evicted")
@@ -328,7 +332,7 @@ class PagedKVCache:
         layer: the pair's direction times the layer's norm)."""
         out = []
         for pool, stats, norms in ((self.k, self.k_stats, self.k_norm), (self.v, self.v_stats, self.v_norm)):
-            x = pool[self.store_index[layer]].view(-1, *pool.shape[-2:])[slots]  # (n, H, D)
+            x = pool[self.store_index[layer]].view(-1, *pool.shape[-2:])[slots]  # (n, H, D or D // 2)
             if self.kv_bits is not None:
                 s = stats[self.store_index[layer]].view(-1, *stats.shape[-2:])[slots]  # (n, H, 2)
                 x = pool_dequantize(x, s, self.kv_bits, self.dtype)  # (n, H, D)
@@ -353,6 +357,7 @@ class PagedKVCache:
         del self.lengths[seq]
 
     def block_table(self, seq: int) -> list[int]:
+        """A copy of ``seq``'s block ids (``-1`` for an evicted block); ``ValueError`` for an unknown ``seq``."""
         return list(self._table(seq))
 
     def used_tokens(self) -> int:

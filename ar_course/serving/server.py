@@ -88,6 +88,12 @@ def create_app(engine: Engine, tokenizer, *, model_name: str = "lm_target", max_
                timeout_s: float = 60.0, drain_s: float = 10.0):
     """The FastAPI app serving ``engine`` (its worker starts with the app and drains on shutdown).
 
+    ``tokenizer``: what encodes a prompt (``encode(str)`` -> 1-D tensor of ids) and decodes tokens (``decode(list)``
+    -> str), as :func:`~ar_course.transformer.load_pretrained` returns it; ``model_name``: the name answered in
+    ``"model"`` (another requested name is a 404); ``max_pending``, ``timeout_s``: the
+    :class:`~ar_course.serving.worker.EngineWorker`'s limits (``timeout_s``: a request's default deadline, in
+    seconds); ``drain_s``: seconds the worker waits for requests in flight at shutdown.
+
     Raises:
         TypeError: ``engine`` is not an :class:`~ar_course.serving.Engine` (which checks its model when built).
         RuntimeError: FastAPI or uvicorn is not installed."""
@@ -243,6 +249,10 @@ def _check_engine_options(parser, args: argparse.Namespace, model, config: Engin
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``python -m ar_course serve``: parse ``argv`` (default: the command line), load the model and serve it
+    until stopped (see the module docstring); returns 0. A bad option exits with status 2 and a host and port that
+    cannot be listened on with status 1; a bad ``--model`` raises :class:`~ar_course.cli.UsageError` (status 2
+    under ``python -m ar_course``)."""
     from ar_course.cli import EXIT_FAILURE, ArgumentParser, UsageError, float_in, int_in
 
     parser = ArgumentParser(prog="python -m ar_course serve", description=__doc__.splitlines()[0])

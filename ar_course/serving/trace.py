@@ -37,7 +37,8 @@ def make_trace(text_ids: torch.Tensor, n: int, *, seed: int = 0, rate: float = 2
     Raises:
         TypeError: ``text_ids`` not a tensor, or a count or number of the wrong type.
         ValueError: ``text_ids`` not 1-D, ``n < 0``, ``rate <= 0``, medians ``< 1``, ``sigma < 0`` or not finite,
-            ``max_len < 2``, or a text too short for a prompt that was drawn."""
+            ``max_len < 2``, ``seed`` outside ``[-2**63, 2**64 - 1]``, or a text too short for a prompt that was
+            drawn."""
     if not isinstance(text_ids, torch.Tensor):
         raise TypeError(f"text_ids must be a 1-D tensor of token ids, got {type(text_ids).__name__}")
     if text_ids.ndim != 1:

@@ -52,6 +52,7 @@ class Ticket:
     request_id: int | None = None
 
     def send(self, kind: str, value: object) -> None:
+        """Hand ``(kind, value)`` to the submitter through ``deliver``, else ``events.put``."""
         (self.deliver or self.events.put)((kind, value))
 
 
@@ -87,6 +88,7 @@ class EngineWorker:
 
     @property
     def pending(self) -> int:
+        """Requests submitted and not ended yet (queued or in the engine); :class:`QueueFull` at ``max_pending``."""
         return self._pending
 
     def submit(self, prompt: list[int], max_new_tokens: int, *,
@@ -114,7 +116,7 @@ class EngineWorker:
 
     def shutdown(self, drain_s: float = 10.0) -> dict[str, int]:
         """Stop accepting, let requests in flight finish for up to ``drain_s`` seconds, cancel the rest (each
-        gets its ``("end", "cancelled")``), stop the thread. Returns :attr:`completed`."""
+        gets its ``("end", "cancelled")``), stop the thread. Returns a copy of :attr:`completed`."""
         with self._lock:
             self._accepting = False
         deadline = time.monotonic() + drain_s

@@ -55,6 +55,8 @@ class SpecStats:
         return self.new_tokens / self.target_calls if self.target_calls else float("nan")
 
     def record(self, n_accepted: int, n_new: int, n_proposed: int) -> None:
+        """Count one round: one target call that tested ``n_proposed`` drafts, accepted the first ``n_accepted``
+        of them and added ``n_new`` tokens (a rejection when ``n_accepted < n_proposed``)."""
         self.target_calls += 1
         self.new_tokens += n_new
         self.proposed += n_proposed
@@ -178,7 +180,7 @@ def speculative_generate(
 
     Raises:
         TypeError: ``target`` or ``draft`` not a GPT, a number of the wrong type (``gamma=2.5``...),
-            ``sampling`` not a ``SamplingConfig``, or a non-tensor prefix.
+            ``sampling`` not a ``SamplingConfig``, or a non-tensor ``prefix`` or ``classes``.
         ValueError: ``prefix``/``classes`` of the wrong shape, dtype or range, ``gamma`` or ``max_new_tokens``
             ``< 0``, a non-finite ``cfg``, models of different vocabularies or classes, more positions than a
             ``block_size``, or an unknown ``cache``.
@@ -269,7 +271,7 @@ def sjd_generate(
 
     Raises:
         TypeError: ``model`` not a GPT, a number of the wrong type (``window=2.5``, ``delta="0.1"``...),
-            ``sampling`` not a ``SamplingConfig``, or a non-tensor prefix.
+            ``sampling`` not a ``SamplingConfig``, or a non-tensor ``prefix`` or ``classes``.
         ValueError: ``prefix``/``classes``/``neighbors`` of the wrong shape, dtype or range (or ``neighbors``
             listing a token as its own neighbour), ``n_tokens`` or
             ``window`` ``< 0``, ``delta`` not finite or ``< 0`` (or ``> 0`` without ``neighbors``), a non-finite

@@ -51,6 +51,8 @@ class GaussianBottleneck(nn.Module):
         return mean, logvar.clamp(-30.0, 20.0)
 
     def forward(self, h: torch.Tensor) -> QuantizerOutput:
+        """Encoder output ``h`` ``(B, 2 * dim, h, w)`` -> ``(z_q, indices, loss)`` as the class docstring says
+        (``ValueError`` / ``TypeError`` for a map of the wrong shape or dtype; values are not read)."""
         mean, logvar = self.split(h)
         z = mean + torch.randn_like(mean) * (0.5 * logvar).exp() if self.training else mean
         loss = self.kl_weight * gaussian_kl(mean, logvar).mean()

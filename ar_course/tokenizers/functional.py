@@ -332,7 +332,7 @@ def multiscale_encode(
 ) -> list[torch.Tensor]:
     """VAR's multi-scale residual quantization of a feature map ``f`` ``(B, C, H, H)``.
 
-    ``codebook``: ``(K, C)``, shared by every scale; ``scales``: sides ``s_1 < ... < s_S = H``; ``phis``: one
+    ``codebook``: ``(K, C)``, shared by every scale; ``scales``: sides ``s_1 <= ... <= s_S = H``; ``phis``: one
     refinement per scale. At scale ``k`` the residual ``f - f_hat`` is area-downsampled to ``s_k``, each
     vector is replaced by its nearest code, the code map is upsampled bicubically to ``H``, refined by
     ``phis[k]`` and added to ``f_hat``. Returns one ``(B, s_k, s_k)`` int64 index map per scale."""

@@ -56,7 +56,8 @@ class FSQ(nn.Module):
         Raises:
             TypeError: ``z`` is not a tensor.
             ValueError: ``z`` is not a non-empty float ``(B, d, h, w)`` map, or (training mode only, as
-                :meth:`VectorQuantizer.forward`: one host sync) holds a NaN or infinity.
+                :meth:`~ar_course.tokenizers.quantizers.VectorQuantizer.forward`: one host sync) holds a NaN or
+                infinity.
         """
         _check_map(z, self.dim, "FSQ")
         _check_training_input(self, "z", z)
@@ -118,7 +119,8 @@ class LFQ(nn.Module):
         Raises:
             TypeError: ``z`` is not a tensor.
             ValueError: ``z`` is not a non-empty float ``(B, dim, h, w)`` map, or (training mode only, as
-                :meth:`VectorQuantizer.forward`: one host sync) holds a NaN or infinity.
+                :meth:`~ar_course.tokenizers.quantizers.VectorQuantizer.forward`: one host sync) holds a NaN or
+                infinity.
         """
         _check_map(z, self.dim, "LFQ")
         _check_training_input(self, "z", z)

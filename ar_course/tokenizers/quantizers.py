@@ -31,8 +31,11 @@ class QuantizerOutput(NamedTuple):
     """What every quantizer's ``forward`` returns."""
 
     z_q: torch.Tensor  # (B, D, h, w) quantized map; its gradient flows straight through to the input
-    indices: torch.Tensor | list[torch.Tensor]  # (B, h, w), (B, depth, h, w) or one (B, s, s) per scale
-    loss: torch.Tensor  # scalar quantizer loss (codebook + commitment, or commitment only with EMA)
+    # (B, h, w), (B, depth, h, w), one (B, s, s) per scale, or (GaussianBottleneck) float (B, D, h, w) tokens
+    indices: torch.Tensor | list[torch.Tensor]
+    # scalar quantizer loss: codebook + commitment (commitment only with EMA); FSQ 0; LFQ commitment + entropy
+    # terms; GaussianBottleneck the weighted KL
+    loss: torch.Tensor
 
 
 def _check_map(z: torch.Tensor, dim: int, who: str) -> None:
@@ -512,7 +515,8 @@ class MultiScaleVQ(nn.Module):
 
     def accumulate(self, f_hat: torch.Tensor | None, k: int, indices_k: torch.Tensor) -> torch.Tensor:
         """``f_hat + phi_k(upsample(codes of indices_k))``: add scale ``k`` ``(B, s_k, s_k)`` to ``f_hat``
-        ``(B, D, H, H)`` (``None`` means zeros). ``ValueError`` for a bad ``k`` or indices."""
+        ``(B, D, H, H)`` (``None`` means zeros). ``ValueError`` for a ``k`` outside ``[0, S)``, bad indices or an
+        ``f_hat`` of another shape; ``TypeError`` for a non-integer ``k`` or non-tensor indices."""
         k = check_int("k", k, lo=0, hi=len(self.scales) - 1)
         s = self.scales[k]
         check_ids(f"indices of scale {k}", indices_k, self.num_codes, ("B", s, s), dtype=None)
@@ -562,15 +566,16 @@ class MultiScaleVQ(nn.Module):
     def teacher_forcing_inputs(self, indices: Sequence[torch.Tensor],
                                flatten: bool = False) -> list[torch.Tensor] | torch.Tensor:
         """For ``k = 0 .. S-2`` the cumulative ``f_hat`` after scale ``k`` area-downsampled to scale ``k+1``:
-        a list of ``(B, D, s_{k+1}, s_{k+1})``, or with ``flatten=True`` one ``(B, num_tokens - 1, D)`` tensor
-        in VAR's token order (scale by scale, row-major)."""
+        a list of ``(B, D, s_{k+1}, s_{k+1})``, or with ``flatten=True`` one ``(B, num_tokens - s_0^2, D)`` tensor
+        (``num_tokens - 1`` when the first scale is 1, as in VAR) in VAR's token order (scale by scale,
+        row-major)."""
         self._check_indices(indices, exact=True)
         maps = Fq.teacher_forcing_inputs(indices, self.quantizer.codebook, self.refinements())
         if not flatten:
             return maps
         if not maps:  # a single scale: nothing to feed
             return self.quantizer.codebook.new_zeros(indices[0].shape[0], 0, self.dim)
-        return torch.cat([m.flatten(2).transpose(1, 2) for m in maps], dim=1)  # (B, L - 1, D)
+        return torch.cat([m.flatten(2).transpose(1, 2) for m in maps], dim=1)  # (B, L - s_0^2, D)
 
     def usage(self) -> dict[str, float]:
         """Usage of the shared codebook over the last training window, all scales together."""

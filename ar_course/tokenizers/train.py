@@ -216,6 +216,7 @@ def _parser() -> ArgumentParser:
 
 @trainer_main
 def main(argv: list[str] | None = None) -> int:
+    """``python -m ar_course train tokenizer [--quantizer Q] [--dataset D] [--steps N] [--out PATH] ...``."""
     parser = _parser()
     args = parser.parse_args(argv)
     try:

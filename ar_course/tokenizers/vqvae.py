@@ -50,11 +50,11 @@ class VQVAEConfig:
             number (``beta="0.25"``) or an option that is not a bool (``ema="no"``).
         ValueError: a weight that is NaN, infinite or negative, ``decay`` outside ``[0, 1)``, ``phi_ratio``
             outside ``[0, 1]``, an unknown ``msvq_loss``, a size ``< 1`` (``in_channels``, ``image_size``,
-            ``downsample``, ``width``, ``latent_dim``, ``num_codes`` of vq/rvq/msvq, ``depth``) or
-            ``num_res_blocks < 0``, an unknown ``quantizer``,
-            a ``downsample`` that is not a power of two or does not divide ``image_size``, msvq ``scales`` that
-            decrease, leave ``[1, latent_side]`` or do not end at the latent side, fsq levels or an lfq
-            ``latent_dim`` that do not fit, or ``rotation_trick`` / ``kmeans_init`` without ``quantizer="vq"``.
+            ``downsample``, ``width``, ``latent_dim``, ``num_codes`` of vq/rvq/msvq, ``depth``, ``usage_window``,
+            ``num_phi``) or ``num_res_blocks < 0``, an unknown ``quantizer``, a ``downsample`` that is not a power
+            of two or does not divide ``image_size``, msvq ``scales`` that decrease, leave ``[1, latent_side]`` or
+            do not end at the latent side, fsq levels or an lfq ``latent_dim`` that do not fit, or
+            ``rotation_trick`` / ``kmeans_init`` without ``quantizer="vq"``.
     """
 
     in_channels: int = 1
@@ -129,6 +129,7 @@ class VQVAEConfig:
 
     @property
     def latent_side(self) -> int:
+        """Side of the latent map, ``image_size // downsample``."""
         return self.image_size // self.downsample
 
     @classmethod
@@ -213,6 +214,8 @@ def build_quantizer(config: VQVAEConfig) -> nn.Module:
 
 
 class VQVAEOutput(NamedTuple):
+    """What :meth:`VQVAE.forward` returns."""
+
     recon: torch.Tensor  # (B, C, S, S) clamped to [0, 1]
     indices: torch.Tensor | list[torch.Tensor]  # the quantizer's indices
     loss: torch.Tensor  # recon_loss + quant_loss
@@ -235,6 +238,8 @@ class VQVAE(nn.Module):
 
     @property
     def tokens_per_image(self) -> int:
+        """Tokens per image: ``sum(s_k^2)`` for ``msvq``, ``depth * latent_side^2`` for ``rvq``, else
+        ``latent_side^2`` (``kl``: positions, each a ``latent_dim`` vector)."""
         c = self.config
         if c.quantizer == "msvq":
             return self.quantizer.num_tokens

@@ -18,6 +18,7 @@ class PassCounter:
         self.count += 1
 
     def remove(self) -> None:
+        """Stop counting: remove the hook (``count`` keeps its value)."""
         self._handle.remove()
 
 

@@ -155,8 +155,9 @@ def rope_angles(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Cosines and sines of the rotary angles ``pos * base^(-2i/dim)``, ``i = 0 .. dim/2 - 1``.
 
-    ``positions``: ``(T,)`` integer or float tensor. ``base``: a finite number ``> 0`` (``TypeError`` /
-    ``ValueError`` otherwise; ``0`` would give NaN). Returns ``(cos, sin)``, each ``(T, dim // 2)``."""
+    ``positions``: ``(T,)`` integer or float tensor. ``dim``: even (``ValueError`` otherwise). ``base``: a finite
+    number ``> 0`` (``TypeError`` / ``ValueError`` otherwise; ``0`` would give NaN). Returns ``(cos, sin)``, each
+    ``(T, dim // 2)`` float32 (computed in float64)."""
     base = check_number("base", base, lo=0, lo_open=True)
     if dim % 2:
         raise ValueError(f"rotary dimension must be even, got {dim}")

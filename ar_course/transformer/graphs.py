@@ -1,11 +1,11 @@
 """CUDA-graph capture of a decode step: record a pass's kernels once, then replay them with one launch.
 
 A decode step at small batch sizes is bound by kernel launches (hundreds per pass, each a few microseconds of
-host work). :class:`CUDAGraphStep` wraps a step that never waits for the host (:meth:`GPT.decode_step`, VAR's
-per-scale pass over a :class:`~ar_course.transformer.model.StaticKVCache`) and replays it from a
-``torch.cuda.CUDAGraph``: the tensor arguments are copied into the graph's static input buffers, the graph is
-replayed, and its static output buffers are returned. The plain path beside it is the wrapped function itself,
-run eagerly (tests check that both agree).
+host work). :class:`CUDAGraphStep` wraps a step that never waits for the host
+(:meth:`~ar_course.transformer.model.GPT.decode_step`, VAR's per-scale pass over a
+:class:`~ar_course.transformer.model.StaticKVCache`) and replays it from a ``torch.cuda.CUDAGraph``: the tensor
+arguments are copied into the graph's static input buffers, the graph is replayed, and its static output buffers
+are returned. The plain path beside it is the wrapped function itself, run eagerly (tests check that both agree).
 """
 
 from __future__ import annotations

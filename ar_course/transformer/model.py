@@ -109,6 +109,7 @@ class GPTConfig:
 
     @property
     def head_dim(self) -> int:
+        """Channels per attention head, ``n_embd // n_head``."""
         return self.n_embd // self.n_head
 
     @property
@@ -123,6 +124,7 @@ class GPTConfig:
         return config_from_dict(cls, d)
 
     def to_dict(self) -> dict:
+        """The fields as a plain dict (what a checkpoint stores; :meth:`from_dict` reads it back)."""
         return asdict(self)
 
 
@@ -146,8 +148,8 @@ class KVCache:
 
     Raises:
         TypeError: a size that is not an integer (also ``n`` of :meth:`advance`, ``length`` of :meth:`rollback`).
-        ValueError: a size ``< 1``; :meth:`advance` by ``n < 0`` or past ``max_len``; :meth:`rollback` to a
-            length outside ``[0, length]``.
+        ValueError: a size ``< 1``; :meth:`append` or :meth:`advance` past ``max_len`` (:meth:`advance` also by
+            ``n < 0``); :meth:`rollback` to a length outside ``[0, length]``.
     """
 
     def __init__(
@@ -165,10 +167,12 @@ class KVCache:
 
     @property
     def max_len(self) -> int:
+        """Positions the cache can hold."""
         return self.k[0].shape[2]
 
     @property
     def batch_size(self) -> int:
+        """Rows (sequences) of the cache."""
         return self.k[0].shape[0]
 
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -196,6 +200,7 @@ class KVCache:
         self.length = check_int("rollback length", length, lo=0, hi=self.length)
 
     def reset(self) -> None:
+        """Forget every position (``length = 0``); the buffers are kept."""
         self.length = 0
 
 
@@ -234,10 +239,12 @@ class StaticKVCache:
 
     @property
     def max_len(self) -> int:
+        """Positions the cache can hold."""
         return self.k[0].shape[2]
 
     @property
     def batch_size(self) -> int:
+        """Rows (sequences) of the cache."""
         return self.k[0].shape[0]
 
     @property
@@ -283,6 +290,7 @@ class StaticKVCache:
         self.pos.fill_(check_int("rollback length", length, lo=0, hi=self.max_len))
 
     def reset(self) -> None:
+        """Forget every position (``pos`` set to 0 in place, on the device); the buffers are kept."""
         self.pos.zero_()
 
 
@@ -469,7 +477,7 @@ class SelfAttention(nn.Module):
         the cache holds). ``cache``/``layer``: append this layer's keys and values."""
         q, k, v = self.heads(x, rope)  # 3 x (B, H, T, D)
         if cache is not None:
-            k, v = cache.append(layer, k, v)  # (B, H, past+T, D)
+            k, v = cache.append(layer, k, v)  # (B, H, past+T, D); a StaticKVCache: (B, H, max_len, D)
         if mask is not None:
             ref.check_mask(mask, q.shape[2], k.shape[2])
         attend = _ATTENTION.get() or self.attention
@@ -482,8 +490,8 @@ class SelfAttention(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Queries, keys and values of ``x`` ``(B, T, C)``, split into heads, each ``(B, H, T, D)``.
 
-        Same layout as :func:`functional.split_heads` (head ``h`` owns channels ``h*D .. (h+1)*D-1``);
-        queries and keys are rotated together, which saves operations at decode time."""
+        Same layout as :func:`~ar_course.transformer.functional.split_heads` (head ``h`` owns channels
+        ``h*D .. (h+1)*D-1``); queries and keys are rotated together, which saves operations at decode time."""
         B, T, C = x.shape
         qkv = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head)  # (B, T, 3, H, D)
         if rope is not None:
@@ -661,6 +669,7 @@ class GPT(nn.Module):
         return self.config.n_classes
 
     def num_params(self) -> int:
+        """Number of parameters (the tied embedding and output weights counted once)."""
         return sum(p.numel() for p in self.parameters())
 
     def make_cache(self, batch_size: int, max_len: int | None = None, static: bool = False
@@ -770,9 +779,10 @@ class GPT(nn.Module):
             TypeError: ``idx``, ``targets`` or ``classes`` is not a tensor.
             ValueError: a wrong shape or dtype, an empty batch, ids outside ``[0, vocab_size)`` (targets: or
                 -100, and not all of them -100: the mean loss would be NaN), classes outside ``[0, n_classes]``,
-                classes where none are taken, nothing to run (no token and no class token), a cache of another
-                batch size, or of other layers, heads, head size, dtype or device than ``make_cache`` gives, more
-                positions than ``block_size`` (or than a static cache holds), or ``targets`` with a static cache.
+                classes where none are taken, nothing to run (no token and no class token), a cache that is not a
+                :class:`KVCache` or :class:`StaticKVCache`, or is of another batch size, or of other layers, heads,
+                head size, dtype or device than ``make_cache`` gives, more positions than ``block_size`` (or than a
+                static cache holds), or ``targets`` with a static cache.
         """
         if not torch.compiler.is_compiling():  # a compiled step (Generator(compile=True)) was checked by its caller
             self._check_forward(idx, targets, classes, cache)
@@ -795,7 +805,8 @@ class GPT(nn.Module):
     def decode_step(self, idx: torch.Tensor, classes: torch.Tensor | None = None,
                     cache: StaticKVCache | None = None) -> tuple[torch.Tensor, None]:
         """:meth:`forward` over a :class:`StaticKVCache` with no argument check and no host synchronisation, so
-        it can be captured in a CUDA graph: ``(logits (B, T_out, V), None)``, called like :meth:`forward`.
+        it can be captured in a CUDA graph: ``(logits (B, T_out, V), None)``, called like :meth:`forward` with
+        keywords (``classes=``, ``cache=``; it takes no ``targets``).
 
         ``idx`` ``(B, T)`` goes at positions ``cache.pos ..``; the class token of ``classes`` ``(B,)`` is
         prepended exactly when ``classes`` is given (the caller knows that the sequence starts; :meth:`forward`

@@ -84,6 +84,7 @@ class VARConfig:
 
     @property
     def num_scales(self) -> int:
+        """``S``, the number of scales."""
         return len(self.scales)
 
     def gpt_config(self) -> GPTConfig:
@@ -100,6 +101,7 @@ class VARConfig:
         return checkpoint.config_from_dict(cls, d)
 
     def to_dict(self) -> dict:
+        """The fields as a plain dict (what a checkpoint stores; :meth:`from_dict` reads it back)."""
         return asdict(self)
 
 
@@ -164,6 +166,7 @@ class VAR(nn.Module):
         return self.config.n_classes
 
     def num_params(self) -> int:
+        """Number of parameters (all of them, trainable or not)."""
         return sum(p.numel() for p in self.parameters())
 
     def make_cache(self, batch_size: int, static: bool = False) -> KVCache | StaticKVCache:
@@ -289,7 +292,7 @@ class VAR(nn.Module):
 
         Raises:
             TypeError: ``vq`` is not a :class:`MultiScaleVQ` (a whole VQVAE, say), ``indices`` not a list of
-                tensors, or ``p_uncond`` not a number.
+                tensors, ``classes`` not a tensor, or ``p_uncond`` not a number.
             ValueError: a tokenizer whose scales, codebook or latent size differ from the model's, maps of the
                 wrong number, shape or dtype or with ids outside ``[0, vocab_size)``, bad ``classes``, or
                 ``p_uncond`` outside ``[0, 1]``.
