@@ -330,11 +330,12 @@ EMA_MISTAKES = [
 @chapter.exercise("1.6", reference=ref.ema_update, hints=(
     "keep two running averages per code, how many vectors it was given and their sum; the code is their "
     "ratio, with a little smoothing so that an unused code does not divide by zero",
-    "counts n_k and sums s_k of this batch come from indices (bincount, index_add_); blend them into the "
-    "running N and m with weight decay on the old value; smooth N as (N + eps) / (n + K eps) * n with n = "
-    "sum(N); the codebook is m / smoothed N; return (N, m, codebook)",
-    "N = decay * N + (1 - decay) * counts; m = decay * m + (1 - decay) * torch.zeros_like(m).index_add_(0, "
-    "indices, z); n = N.sum(); codebook = m / ((N + eps) / (n + K * eps) * n)[:, None]",
+    "counts n_k and sums s_k of this batch come from indices (bincount with minlength=K, so unused top codes "
+    "count 0; index_add_); blend them into the running N and m with weight decay on the old value; smooth N "
+    "as (N + eps) / (n + K eps) * n with n = sum(N); the codebook is m / smoothed N; return (N, m, codebook)",
+    "counts = torch.bincount(indices, minlength=K); N = decay * N + (1 - decay) * counts; m = decay * m + "
+    "(1 - decay) * torch.zeros_like(m).index_add_(0, indices, z); n = N.sum(); codebook = m / ((N + eps) / "
+    "(n + K * eps) * n)[:, None]",
 ))
 def ema_update(fn: Callable, reference: Callable) -> None:
     compare_cases(fn, reference, _ema_cases(), atol=1e-5, rtol=1e-4, mistakes=EMA_MISTAKES, off_cpu=True)
@@ -375,9 +376,9 @@ RESIDUAL_MISTAKES = [
 
 @chapter.exercise("1.7", reference=ref.residual_quantize, hints=(
     "each level codes what the levels before it left over, so keep the running reconstruction z_hat",
-    "start from z_hat = 0; level d looks up the residual z - z_hat in codebooks[d] with vq_lookup and adds the "
+    "start from z_hat = 0; level d looks up the residual z - z_hat in codebooks[d] with Fq.vq_lookup and adds the "
     "chosen codes to z_hat; return the indices stacked as (N, depth) and the final z_hat",
-    "for codebook in codebooks: idx = vq_lookup(z - z_hat, codebook); z_hat = z_hat + codebook[idx]; "
+    "for codebook in codebooks: idx = Fq.vq_lookup(z - z_hat, codebook); z_hat = z_hat + codebook[idx]; "
     "indices.append(idx); return torch.stack(indices, 1), z_hat",
 ))
 def residual_quantize(fn: Callable, reference: Callable) -> None:
@@ -417,8 +418,8 @@ PHI_MISTAKES = [
     "place the num_phi refinements and the scale on the same axis [0, 1] and pick the nearest refinement",
     "the refinements sit at num_phi evenly spaced ticks from 1/(3 num_phi) to 1 - 1/(3 num_phi); scale k sits at "
     "k / (num_scales - 1), or 0 when there is a single scale; return the nearest tick's index as an int",
-    "ticks = torch.linspace(1 / (3 * n), 1 - 1 / (3 * n), n, dtype=torch.float64); at = k / (num_scales - 1) "
-    "if num_scales > 1 else 0.0; return int((ticks - at).abs().argmin())",
+    "n = num_phi; ticks = torch.linspace(1 / (3 * n), 1 - 1 / (3 * n), n, dtype=torch.float64); at = k / "
+    "(num_scales - 1) if num_scales > 1 else 0.0; return int((ticks - at).abs().argmin())",
 ))
 def phi_index(fn: Callable, reference: Callable) -> None:
     seen, answers_seen = [], []  # every input so far and the learner's answers: a mistake must give them all
@@ -546,7 +547,7 @@ TEACHER_MISTAKES = [
     "per scale: shrink the residual f - f_hat to s x s with area averaging, look up the nearest code of every "
     "position (as (B*s*s, C) vectors), turn the code map back to (B, C, s, s), upsample it bicubically to full "
     "size, refine it with phis[k] and add it to f_hat",
-    "rest = F.interpolate(f - f_hat, size=(s, s), mode='area'); idx = vq_lookup(rest.permute(0, 2, 3, "
+    "rest = F.interpolate(f - f_hat, size=(s, s), mode='area'); idx = Fq.vq_lookup(rest.permute(0, 2, 3, "
     "1).reshape(-1, C), codebook).view(B, s, s); up = F.interpolate(codebook[idx].permute(0, 3, 1, 2), size=(H, "
     "H), mode='bicubic'); f_hat = f_hat + phis[k](up)",
 ))
@@ -576,8 +577,9 @@ def multiscale_decode(fn: Callable, reference: Callable) -> None:
     "scale k+1",
     "accumulate f_hat scale by scale as the decoder does; after adding scale k (for k < S-1) append f_hat "
     "area-downsampled to the side of scale k+1, so S-1 maps in all (the first scale has no input)",
-    "for k in range(S - 1): f_hat = f_hat + phis[k](upsample(codebook[indices[k]])); out.append(F.interpolate("
-    "f_hat, size=(s_next, s_next), mode='area')) with s_next = indices[k + 1].shape[-1]",
+    "for k in range(S - 1): f_hat = f_hat + phis[k](F.interpolate(codebook[indices[k]].permute(0, 3, 1, 2), "
+    "size=(H, H), mode='bicubic')); out.append(F.interpolate(f_hat, size=(s_next, s_next), mode='area')) with "
+    "s_next = indices[k + 1].shape[-1] and H = indices[-1].shape[-1]",
 ))
 def teacher_forcing_inputs(fn: Callable, reference: Callable) -> None:
     compare_cases(fn, reference, _decode_cases(), mistakes=TEACHER_MISTAKES, off_cpu=True)

@@ -251,9 +251,10 @@ ROPE_MISTAKES = [
     "rotary embedding turns pairs of features by an angle that grows with the position, each pair at its own "
     "frequency; find which features form a pair and how fast pair i turns",
     "pair feature i with feature i + D/2 (the two halves of the vector); pair i turns by position * base**(-2i/D); "
-    "rotate each pair (x1, x2) by that angle the usual way",
-    "angle = positions[:, None] * base ** (-2 * torch.arange(D // 2, device=x.device) / D); x1, x2 = x[..., "
-    ":D//2], x[..., D//2:]; "
+    "rotate each pair (x1, x2) by that angle the usual way, with cos and sin cast to x.dtype (float16 in, "
+    "float16 out)",
+    "angle = positions[:, None] * base ** (-2 * torch.arange(D // 2, device=x.device) / D); cos, sin = "
+    "angle.cos().to(x.dtype), angle.sin().to(x.dtype); x1, x2 = x[..., :D//2], x[..., D//2:]; "
     "return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1)",
 ))
 def rotary_embedding(fn, ref_fn):
@@ -354,9 +355,9 @@ SELF_ATTENTION_MISTAKES = [
     "q, k, v = attn.qkv(x).split(C, dim=-1); view each (B, T, C) as (B, T, H, D) and transpose to (B, H, T, D); "
     "rotary_embedding on q and k; attention with the causal mask (T, T); transpose back to (B, T, H, D) and "
     "reshape to (B, T, C) before attn.proj",
-    "q, k, v = (t.view(B, T, H, C // H).transpose(1, 2) for t in attn.qkv(x).split(C, -1)); q, k = rope(q, "
-    "positions), rope(k, positions); y = attention(q, k, v, causal_mask(T, T).to(x.device)); return "
-    "attn.proj(y.transpose(1, 2).reshape(B, T, C))",
+    "q, k, v = (t.view(B, T, H, C // H).transpose(1, 2) for t in attn.qkv(x).split(C, -1)); q, k = rope_fn(q, "
+    "positions), rope_fn(k, positions); y = attention_fn(q, k, v, mask_fn(T, T).to(x.device)); return "
+    "attn.proj(y.transpose(1, 2).reshape(B, T, C)) with H = attn.n_head",
 ))
 def self_attention(fn, ref_fn):
     with torch.no_grad():
@@ -490,8 +491,8 @@ BLOCK_MISTAKES = [
     "output back to the stream",
     "first your self_attention on rms_norm(x, block.norm1.weight, block.norm1.eps), added to x; then block.mlp "
     "on the second norm (block.norm2) of that sum, added to the sum; the stream itself is never normalised",
-    "h = x + self_attention(rms_norm(x, block.norm1.weight, block.norm1.eps), block.attn, positions); return h + "
-    "block.mlp(rms_norm(h, block.norm2.weight, block.norm2.eps))",
+    "h = x + attention_layer_fn(norm_fn(x, block.norm1.weight, block.norm1.eps), block.attn, positions); return "
+    "h + block.mlp(norm_fn(h, block.norm2.weight, block.norm2.eps))",
 ))
 def transformer_block(fn, ref_fn):
     with torch.no_grad():
@@ -553,8 +554,8 @@ GPT_MISTAKES = [
     "head turn the last stream into one logit per vocabulary entry; positions enter inside attention only",
     "x = model.wte(idx); positions = torch.arange(T) on idx's device; x = transformer_block(x, block, positions) "
     "for each block of model.blocks in order; then rms_norm with model.norm_f's weight and eps, then model.lm_head",
-    "x = model.wte(idx); for block in model.blocks: x = transformer_block(x, block, torch.arange(T, "
-    "device=idx.device)); return model.lm_head(rms_norm(x, model.norm_f.weight, model.norm_f.eps))",
+    "x = model.wte(idx); for block in model.blocks: x = block_fn(x, block, torch.arange(T, device=idx.device)); "
+    "return model.lm_head(final_norm_fn(x, model.norm_f.weight, model.norm_f.eps)) with T = idx.shape[1]",
 ))
 def gpt_forward(fn, ref_fn):
     with torch.no_grad():
@@ -680,8 +681,8 @@ STEP_MISTAKES = [
     "F.cross_entropy on logits.flatten(0, 1) and targets.flatten(); loss.backward(); "
     "torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm); optimizer.step(); return loss.item()",
     "optimizer.zero_grad(); loss = F.cross_entropy(forward(model, chunk[:, :-1]).flatten(0, 1), chunk[:, "
-    "1:].flatten()); loss.backward(); clip_grad_norm_(model.parameters(), max_norm); optimizer.step(); return "
-    "loss.item()",
+    "1:].flatten()); loss.backward(); torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm); "
+    "optimizer.step(); return loss.item()",
 ))
 def train_step(fn, ref_fn):
     forward = _forward_in_use()
@@ -879,8 +880,9 @@ TOP_P_MISTAKES = [
     "sort the probabilities (the softmax, not the logits) in descending order; keep a token when the mass "
     "BEFORE it is < p, so the token that crosses p stays; then keep every token at least as likely as the "
     "least likely kept one, and set the others to -inf; p = 1 keeps everything",
-    "sp, _ = probs.sort(-1, descending=True); keep = (sp.cumsum(-1) - sp) < p; least = torch.where(keep, sp, "
-    "1.0).amin(-1, keepdim=True); return logits.masked_fill(probs < least, float('-inf'))",
+    "probs = torch.softmax(logits, -1); sp, _ = probs.sort(-1, descending=True); keep = (sp.cumsum(-1) - sp) < "
+    "p; least = torch.where(keep, sp, 1.0).amin(-1, keepdim=True); return logits.masked_fill(probs < least, "
+    "float('-inf'))",
 ))
 def top_p_filter(fn, ref_fn):
     compare_cases(fn, ref_fn, _top_p_cases(), mistakes=TOP_P_MISTAKES)

@@ -144,7 +144,8 @@ EMBED_MISTAKES = [
     "scale it belongs to",
     "position p (counting from start) gets pos_table[p] and level_table[scale index of p]; the scale index is k "
     "for all s_k^2 positions of scale k, not the side s_k",
-    "p = torch.arange(start, start + T); return x + pos_table[p] + level_table[level_ids(scales)[p]]",
+    "p = torch.arange(start, start + T, device=x.device); return x + pos_table[p] + "
+    "level_table[var.level_ids(scales, x.device)[p]] (var.level_ids: the scale index of every position, as in 4.1)",
 ))
 def embed_levels_positions(fn: Callable, ref_fn: Callable) -> None:
     compare_cases(fn, ref_fn, _embed_cases(), mistakes=EMBED_MISTAKES, off_cpu=True)
@@ -165,8 +166,8 @@ def _scale_step_cases() -> Iterator[tuple[str, MultiScaleVQ, list[torch.Tensor]]
     "reshape the tokens to (B, s_k, s_k) and add them with vq.accumulate; the next input is the whole canvas "
     "resized by vq.next_input(f_hat, k) to (B, D, s', s'), flattened row-major to (B, s'^2, D); after the last "
     "scale it is None",
-    "f_hat = vq.accumulate(f_hat, k, tokens.view(B, s, s)); return f_hat, (None if k == S - 1 else "
-    "vq.next_input(f_hat, k).flatten(2).transpose(1, 2))",
+    "s, S = vq.scales[k], len(vq.scales); f_hat = vq.accumulate(f_hat, k, tokens.view(B, s, s)); return f_hat, "
+    "(None if k == S - 1 else vq.next_input(f_hat, k).flatten(2).transpose(1, 2))",
 ))
 def scale_step(fn: Callable, ref_fn: Callable) -> None:
     for name, vq, pyr in _scale_step_cases():
@@ -308,7 +309,8 @@ def _loss_mean_of_means(logits: torch.Tensor, targets: torch.Tensor,
     "the total is the mean over all B * L tokens, so a scale with more tokens weighs more (not the mean of the "
     "per-scale means); scale k's number averages its own positions begin_k .. end_k - 1",
     "nll = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction='none').view(B, L); return "
-    "nll.mean(), torch.stack([nll[:, b:e].mean() for b, e in bounds])",
+    "nll.mean(), torch.stack([nll[:, b:e].mean() for b, e in var.scale_bounds(scales)]) (the (begin_k, end_k) "
+    "pairs)",
 ))
 def var_loss(fn: Callable, ref_fn: Callable) -> None:
     compare_cases(fn, ref_fn, _loss_cases(), atol=1e-5, rtol=1e-4, grad_wrt=(0,), off_cpu=True, mistakes=[
@@ -364,9 +366,11 @@ def _sampling_cases() -> Iterator[tuple[str, dict]]:
     "with cfg != 0 run classes and the null class in one doubled batch (and double each next input); mix the "
     "halves with a guidance strength that ramps from 0 at the first scale to cfg at the last (cfg throughout "
     "without the ramp); draw all s*s tokens of a scale with one sample(...) call and the given generator",
-    "per scale k: logits = model.step(k, ...); t = cfg * k / (S - 1) if ramp else cfg; mixed = (1 + t) * "
-    "logits[:B] - t * logits[B:]; tokens = sample(mixed, sampling=sampling, generator=generator) (the function "
-    "`sample`: the name `sampling` is the SamplingConfig argument); f_hat, nxt = scale_step(vq, f_hat, k, tokens)",
+    "per scale k: logits = model.step(k, x, cls, cache); if cfg != 0: t = var.guidance_strength(cfg, k, S, "
+    "ramp=ramp) (cfg * k / (S - 1) with the ramp); logits = (1 + t) * logits[:B] - t * logits[B:]; tokens = "
+    "sample(logits, sampling=sampling, generator=generator) (the function `sample`: the name `sampling` is the "
+    "SamplingConfig argument); f_hat, x = scale_step(vq, f_hat, k, tokens), x doubled (torch.cat([x, x])) when "
+    "cfg != 0 and x is not None",
 ))
 def sample_pyramid(fn: Callable, ref_fn: Callable) -> None:
     for scales in [(1, 2, 3, 5), (1, 3, 4)]:

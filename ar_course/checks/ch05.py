@@ -119,7 +119,8 @@ RESIDUAL_MISTAKES = [
     "after a rejection, the replacement must come from the probability mass p has and q under-covers",
     "clamp p - q at 0 and normalise it to sum 1 along the last axis; where the clamped difference sums to 0 "
     "(p == q) there is nothing to correct: return p there",
-    "r = (p - q).clamp(min=0); z = r.sum(-1, keepdim=True); return torch.where(z > 0, r / z.clamp_min(tiny), p)",
+    "r = (p - q).clamp(min=0); z = r.sum(-1, keepdim=True); return torch.where(z > 0, "
+    "r / z.clamp_min(torch.finfo(p.dtype).tiny), p)",
 ))
 def residual_distribution(fn: Callable, ref_fn: Callable) -> None:
     compare_cases(fn, ref_fn, _residual_cases(), mistakes=RESIDUAL_MISTAKES)

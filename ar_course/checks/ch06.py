@@ -236,7 +236,8 @@ def pairwise_sqdist_kernel(fn: Callable, ref: Callable) -> None:
     "buf[t]; separate the rounds with a cuda.syncthreads() that every thread reaches (outside the `if`); thread "
     "0 writes buf[0]",
     "buf[t] = x[i] if i < x.shape[0] else 0; cuda.syncthreads(); stride = THREADS // 2; while stride > 0: (if t "
-    "< stride: buf[t] += buf[t + stride]); cuda.syncthreads(); stride //= 2",
+    "< stride: buf[t] += buf[t + stride]); cuda.syncthreads(); stride //= 2; then if t == 0: "
+    "partial[cuda.blockIdx.x] = buf[0]",
 ))
 def block_sum_kernel(fn: Callable, ref: Callable) -> None:
     rng = np.random.default_rng(63)
@@ -272,8 +273,8 @@ def block_sum_kernel(fn: Callable, ref: Callable) -> None:
     "cuda.shared.array((TILE, TILE), float32) arrays, then a barrier, then TILE multiply-adds from shared memory, "
     "then a barrier again before the next step overwrites the tiles",
     "for k0 in range(0, K, TILE): a_tile[ty, tx] = a[row, k0 + tx] (guarded, else 0); b_tile[ty, tx] = b[k0 + ty, "
-    "col] (guarded); cuda.syncthreads(); for kk in range(TILE): acc += a_tile[ty, kk] * b_tile[kk, tx]; "
-    "cuda.syncthreads()",
+    "col] (guarded, else 0); cuda.syncthreads(); for kk in range(TILE): acc += a_tile[ty, kk] * b_tile[kk, tx]; "
+    "cuda.syncthreads(); after the loop, if row < M and col < N: c[row, col] = acc",
 ))
 def matmul_kernel(fn: Callable, ref: Callable) -> None:
     rng = np.random.default_rng(64)
@@ -376,9 +377,9 @@ def _attention64(q: np.ndarray, k: np.ndarray, v: np.ndarray, kv_len: np.ndarray
 @chapter.exercise("6.7", reference=ka.make_flash_attention_kernel(BLOCK_M, BLOCK_N, HEAD_DIM), hints=(
     "a block of BLOCK_M threads owns BLOCK_M query rows; together they stream K and V through shared memory, "
     "one tile of BLOCK_N keys at a time, and each thread keeps its row's online-softmax state",
-    "per row keep (m, l, acc); when a score beats m, multiply l and acc by exp(m - s) first; all threads load "
-    "a tile of k and v together (each a share), barrier, use it for the keys j < kv_len[row], barrier again "
-    "before the next tile",
+    "per row keep (m, l, acc), m starting at LOWEST; when a score beats m, multiply l and acc by exp(m - s) "
+    "first; all threads load a tile of k and v together (each a share), barrier, use it for the keys "
+    "j < kv_len[row], barrier again before the next tile",
     "for e in range(t, BLOCK_N * D, BLOCK_M): k_tile[e // D, e % D] = k[bh, start + e // D, e % D] (and v; "
     "guarded); cuda.syncthreads(); for j in range(min(BLOCK_N, visible - start)): online-softmax update with "
     "k_tile[j], v_tile[j]; cuda.syncthreads()",
@@ -430,8 +431,9 @@ def _combine64(m: torch.Tensor, l: torch.Tensor, acc: torch.Tensor) -> torch.Ten
     "thread (split, bh) reads the keys split*chunk <= j < min((split+1)*chunk, lengths[bh]) with the "
     "online-softmax update (rescale l and acc when the max grows) and writes (m, l, acc); an empty split writes "
     "(LOWEST, 0, 0)",
-    "for j in range(split * chunk, min((split + 1) * chunk, lengths[bh])): s = scale * dot(q[bh], k_cache[bh, j]); "
-    "if s > m: c = exp(m - s); l *= c; acc *= c; m = s; p = exp(s - m); l += p; acc += p * v_cache[bh, j]",
+    "for j in range(split * chunk, min((split + 1) * chunk, lengths[bh])): s = scale * (sum over d of q[bh, d] * "
+    "k_cache[bh, j, d]); if s > m: c = exp(m - s); l *= c; acc[d] *= c for each d; m = s; p = exp(s - m); l += p; "
+    "acc[d] += p * v_cache[bh, j, d] for each d",
 ))
 def decode_partial_kernel(fn: Callable, ref: Callable) -> None:
     rng = np.random.default_rng(68)

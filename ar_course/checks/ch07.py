@@ -284,7 +284,8 @@ def _batch_cases() -> Iterator[tuple[str, torch.Tensor, int]]:
     "the images back together in order",
     "classes.split(batch_size) gives full chunks with a shorter last one (torch.chunk takes a number of chunks "
     "instead); call generate_fn on each in order and concatenate along dim 0; batch_size < 1 is a ValueError",
-    "return torch.cat([generate_fn(chunk) for chunk in classes.split(batch_size)], dim=0)",
+    "if batch_size < 1: raise ValueError(...) (split itself would raise a RuntimeError); return "
+    "torch.cat([generate_fn(chunk) for chunk in classes.split(batch_size)], dim=0)",
 ))
 def generate_in_batches(fn: Callable, ref_fn: Callable) -> None:
     for where, classes, bs in _batch_cases():

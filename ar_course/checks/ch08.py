@@ -217,8 +217,8 @@ def _spread_failure(got: torch.Tensor) -> str | None:
     "0), and which ones (every set of that size equally likely, every row drawn on its own)",
     "a row's count differs from the next row's, so topk with one k does not fit; give every position a uniform "
     "random score from the generator and hide, in each row, the positions whose score ranks below that row's count",
-    "count = torch.ceil(masked.mask_ratio(r, schedule) * n).long().clamp(1, n); scores = torch.rand(len(r), n, "
-    "generator=generator); return scores.argsort(1).argsort(1) < count[:, None]",
+    "count = torch.ceil(masked.mask_ratio(r.cpu(), schedule) * n).long().clamp(1, n); scores = torch.rand(len(r), "
+    "n, generator=generator); return (scores.argsort(1).argsort(1) < count[:, None]).to(r.device)",
 ))
 def training_mask(fn: Callable, ref_fn: Callable) -> None:
     for case in _mask_count_cases():
@@ -373,10 +373,11 @@ STEP_MISTAKES = [
 @chapter.exercise("8.3", reference=ref.confidence_step, hints=(
     "score each sampled token by its own log-probability (plus the scaled noise); known positions must never be "
     "picked for re-masking, and re-masking takes the lowest scores",
-    "conf = log_probs.gather(-1, sampled[..., None])[..., 0] + noise_scale * noise, then masked_fill(~mask, inf); "
-    "topk(n_masked, largest=False) gives the positions to hide again",
-    "new_mask = torch.zeros_like(mask).scatter_(1, conf.topk(n_masked, dim=-1, largest=False).indices, True); "
-    "return torch.where(mask & ~new_mask, sampled, tokens), new_mask",
+    "conf = log_probs.gather(-1, sampled[..., None])[..., 0], plus noise_scale * noise when noise is not None, then "
+    "masked_fill(~mask, inf); topk(n_masked, largest=False) gives the positions to hide again",
+    "conf = log_probs.gather(-1, sampled[..., None])[..., 0]; if noise is not None: conf = conf + noise_scale * noise; "
+    "conf = conf.masked_fill(~mask, math.inf); new_mask = torch.zeros_like(mask).scatter_(1, conf.topk(n_masked, "
+    "dim=-1, largest=False).indices, True); return torch.where(mask & ~new_mask, sampled, tokens), new_mask",
 ))
 def confidence_step(fn: Callable, ref_fn: Callable) -> None:
     compare_cases(fn, ref_fn, _step_cases(), mistakes=STEP_MISTAKES, off_cpu=True)
@@ -744,7 +745,8 @@ SCHEDULE_MISTAKES = [
     "the time falls from 1 (all masked) to 0 (clean)",
     "per = steps // (length // block_size); grid = torch.linspace(1, 0, per + 1).tolist(); one entry "
     "(start, start + block_size, grid[i], grid[i + 1]) per block and per i",
-    "return [(a, a + block_size, grid[i], grid[i + 1]) for a in range(0, length, block_size) for i in range(per)]",
+    "per = steps // (length // block_size); grid = torch.linspace(1, 0, per + 1).tolist(); return [(a, a + "
+    "block_size, grid[i], grid[i + 1]) for a in range(0, length, block_size) for i in range(per)]",
 ))
 def block_schedule(fn: Callable, ref_fn: Callable) -> None:
     compare_cases(fn, ref_fn, _schedule_cases(), mistakes=SCHEDULE_MISTAKES)

@@ -152,9 +152,9 @@ PAGED_MISTAKES = [
     "over the first lengths[b] positions",
     "k_pool[block_tables] is (B, max_blocks, block_size, H, D): flatten blocks and offsets into one position axis; "
     "scores q.k / sqrt(D), -inf at positions >= lengths[b], softmax, weighted sum of the values",
-    "k = k_pool[block_tables].flatten(1, 2); v = ...; s = einsum('bhd,bthd->bht', q, k) / sqrt(D); "
-    "s = s.masked_fill(torch.arange(T, device=q.device)[None] >= lengths[:, None] (as (B, 1, T)), -inf); "
-    "return einsum('bht,bthd->bhd', s.softmax(-1), v)",
+    "k = k_pool[block_tables].flatten(1, 2); v = ...; s = torch.einsum('bhd,bthd->bht', q, k) / "
+    "math.sqrt(q.shape[-1]); pad = torch.arange(k.shape[1], device=q.device)[None] >= lengths[:, None]; "
+    "s = s.masked_fill(pad[:, None], float('-inf')); return torch.einsum('bht,bthd->bhd', s.softmax(-1), v)",
 ))
 def paged_attention(fn: Callable, ref_fn: Callable) -> None:
     compare_cases(fn, ref_fn, _paged_cases(), mistakes=PAGED_MISTAKES, off_cpu=True)
@@ -225,7 +225,8 @@ ADMIT_MISTAKES = [
     "walk the queue in order; stop at the first request the batch or the pool cannot take",
     "a request fits when the batch (running + admitted so far) is below max_running and its need is at most the "
     "free blocks minus one per sequence in the batch; admitting it takes its blocks from the free ones",
-    "for need in needs: r = num_running + k; if r >= max_running or need > free - r: break; free -= need; k += 1",
+    "k = 0; for need in needs: r = num_running + k; if r >= max_running or need > free_blocks - r: break; "
+    "free_blocks -= need; k += 1; return k",
 ))
 def admit(fn: Callable, ref_fn: Callable) -> None:
     compare_cases(fn, ref_fn, _admit_cases(), mistakes=ADMIT_MISTAKES)
@@ -282,8 +283,8 @@ HASH_MISTAKES = [
     "the keys of a block depend on every token before it, so its name must too: chain the hashes",
     "start from parent = 0; for each full block i, parent = hash((parent, tuple(block i's tokens))); skip a "
     "partial last block",
-    "for i in range(len(tokens) // block_size): parent = hash((parent, tuple(tokens[i*bs:(i+1)*bs]))); "
-    "hashes.append(parent)",
+    "parent, hashes = 0, []; for i in range(len(tokens) // block_size): parent = hash((parent, "
+    "tuple(tokens[i * block_size:(i + 1) * block_size]))); hashes.append(parent); return hashes",
 ))
 def prefix_block_hashes(fn: Callable, ref_fn: Callable) -> None:
     compare_cases(fn, ref_fn, _hash_cases(), mistakes=HASH_MISTAKES)
@@ -347,7 +348,7 @@ QUANT_MISTAKES = [
 
 @chapter.exercise("9.5", reference=compression.quantize, hints=(
     "min-max (asymmetric) quantization: map [min, max] of each slice onto the integers 0 .. 2**bits - 1",
-    "lo, hi = amin/amax over dim (keepdim=True); scale = (hi - lo) / (2**bits - 1), at least 1e-8; codes = "
+    "lo, hi = amin/amax over dim (keepdim=True); scale = max(hi - lo, 1e-8) / (2**bits - 1); codes = "
     "round((x - lo) / scale) clamped to the range, as uint8",
     "lo, hi = x.amin(dim, keepdim=True), x.amax(dim, keepdim=True); scale = (hi - lo).clamp_min(1e-8) / "
     "(2 ** bits - 1); return ((x - lo) / scale).round().clamp(0, 2 ** bits - 1).to(torch.uint8), scale, lo",
@@ -407,6 +408,7 @@ MASK_MISTAKES = [
     "a cache of window entries: the first sinks tokens forever, plus the most recent window - sinks ones",
     "with i the query and j the key (aranges as a column and a row): causal j <= i, and (j < sinks or j is one of "
     "the last window - sinks positions up to i)",
+    "i, j = torch.arange(T)[:, None], torch.arange(T)[None, :]; "
     "return (j <= i) & ((j < sinks) | (j > i - (window - sinks)))",
 ))
 def sink_window_mask(fn: Callable, ref_fn: Callable) -> None:

@@ -100,10 +100,10 @@ FSQ_MISTAKES = [
 @chapter.exercise("10.1", reference=ref.fsq_quantize, hints=(
     "three steps per dimension: squash into a bounded interval, round to the nearest integer, rescale; the "
     "rounding must not block the gradient",
-    "use fsq_bound(z, levels) (given) for the squashing; round with the straight-through trick "
+    "use Fq.fsq_bound(z, levels) (given) for the squashing; round with the straight-through trick "
     "(b + (b.round() - b).detach()) and divide each dimension by L_i // 2",
-    "b = fsq_bound(z, levels); r = b + (b.round() - b).detach(); "
-    "return r / torch.tensor([n // 2 for n in levels], dtype=z.dtype)",
+    "b = Fq.fsq_bound(z, levels); r = b + (b.round() - b).detach(); "
+    "return r / torch.tensor([n // 2 for n in levels], dtype=z.dtype, device=z.device)",
 ))
 def fsq_quantize(fn: Callable, ref_fn: Callable) -> None:
     compare_cases(fn, ref_fn, _fsq_cases(), grad_wrt=(0,), mistakes=FSQ_MISTAKES)
@@ -185,8 +185,9 @@ INDEX_MISTAKES = [
     "a code is a tuple of digits, one per dimension, digit i in base L_i: the index is that mixed-radix number",
     "digit_i = code_i * (L_i // 2) + L_i // 2, rounded to the nearest integer (in [0, L_i)); place values 1, "
     "L_0, L_0 L_1, ...",
-    "w = torch.tensor([n // 2 for n in levels]); digits = (codes * w + w).round().long(); "
-    "basis = torch.cumprod(torch.tensor((1,) + tuple(levels[:-1])), 0); return (digits * basis).sum(-1)",
+    "w = torch.tensor([n // 2 for n in levels], device=codes.device); digits = (codes * w + w).round().long(); "
+    "basis = torch.cumprod(torch.tensor((1,) + tuple(levels[:-1]), device=codes.device), 0); "
+    "return (digits * basis).sum(-1)",
 ))
 def fsq_codes_to_indices(fn: Callable, ref_fn: Callable) -> None:
     compare_cases(fn, ref_fn, _index_cases(), mistakes=INDEX_MISTAKES)
@@ -264,8 +265,10 @@ ENTROPY_MISTAKES = [
 @chapter.exercise("10.3", reference=answers.lfq_entropy_terms, hints=(
     "soft-assign each vector to all 2^d sign codes with a softmax over (minus) distances, then measure two "
     "entropies: of each vector's assignment, and of the batch's average assignment",
-    "codes = lfq_indices_to_codes(torch.arange(2**d, device=z.device), d); p = softmax(-|z - c|^2 / temperature) "
-    "over the codes (N, 2^d); per_sample = mean over rows of -sum p log p; codebook = -sum q log q with q = p.mean(0)",
+    "codes = Fq.lfq_indices_to_codes(torch.arange(2**d, device=z.device), d, z.dtype); "
+    "p = softmax(-|z - c|^2 / temperature) over the codes (N, 2^d); per_sample = mean over rows of -sum p log p; "
+    "codebook = -sum q log q with q = p.mean(0)",
+    "d = z.shape[1]; codes = Fq.lfq_indices_to_codes(torch.arange(2**d, device=z.device), d, z.dtype); "
     "dist = (z[:, None] - codes[None]).pow(2).sum(-1); p = torch.softmax(-dist / temperature, 1); "
     "q = p.mean(0); return -(p * p.clamp_min(1e-12).log()).sum(1).mean(), -(q * q.clamp_min(1e-12).log()).sum()",
 ))
@@ -348,9 +351,10 @@ ROTATION_MISTAKES = [
     "z's direction onto z_q's and lambda rescales, both treated as constants",
     "u = z/|z|, q = z_q/|z_q|, r = (u + q)/|u + q| (under no_grad); R z = z - 2 r (r.z) + 2 q (u.z); "
     "moved = lambda * R z; return z_q.detach() + (moved - moved.detach())",
-    "with torch.no_grad(): u, q = F.normalize(z, dim=1), F.normalize(z_q, dim=1); r = F.normalize(u + q, dim=1); "
-    "lam = z_q.norm(dim=1, keepdim=True) / z.norm(dim=1, keepdim=True)  -- then moved = lam * (z - 2*r*(r*z).sum(1, "
-    "keepdim=True) + 2*q*(u*z).sum(1, keepdim=True))",
+    "F = torch.nn.functional; with torch.no_grad(): u, q = F.normalize(z, dim=1), F.normalize(z_q, dim=1); "
+    "r = F.normalize(u + q, dim=1); lam = z_q.norm(dim=1, keepdim=True) / z.norm(dim=1, keepdim=True); then, "
+    "outside no_grad: moved = lam * (z - 2*r*(r*z).sum(1, keepdim=True) + 2*q*(u*z).sum(1, keepdim=True)); "
+    "return z_q.detach() + (moved - moved.detach())",
 ))
 def rotation_trick(fn: Callable, ref_fn: Callable) -> None:
     compare_cases(fn, ref_fn, _rotation_cases(), grad_wrt=(0,), mistakes=ROTATION_MISTAKES)
@@ -583,8 +587,10 @@ SAMPLER_MISTAKES = [
     "dt = 1 / steps; at step i, t = i / steps as a (N,) tensor; v = head(cat([x, x]), cat([t, t]), "
     "cat([cond, uncond])) split into v_c, v_u; x = x + dt * ((1 + w) v_c - w v_u) (a new tensor, not x +=); "
     "at w = 0 only head(x, t, cond)",
-    "both = torch.cat([cond, uncond]); x = x0; for i in range(steps): t = torch.full((len(x),), i / steps); "
-    "v_c, v_u = head(torch.cat([x, x]), torch.cat([t, t]), both).chunk(2); x = x + ((1 + w) * v_c - w * v_u) / steps",
+    "both = torch.cat([cond, uncond]); x = x0; for i in range(steps): t = torch.full((len(x),), i / steps, "
+    "dtype=x.dtype, device=x.device); if w == 0: v = head(x, t, cond); else: v_c, v_u = head(torch.cat([x, x]), "
+    "torch.cat([t, t]), both).chunk(2); v = (1 + w) * v_c - w * v_u; then x = x + v / steps; after the loop, "
+    "return x",
 ))
 def guided_euler_sample(fn: Callable, ref_fn: Callable) -> None:
     with torch.no_grad():

@@ -401,7 +401,9 @@ ROLLOUT_MISTAKES = [
     "classes = arange(n_classes).repeat_interleave(group_size); in eval mode and under torch.no_grad(), one "
     "raster.generate_tokens(policy, classes, policy.config.grid, generator=generator), then the reward, your "
     "group_advantages with the classes as the groups, and token_log_probs under the policy and the reference",
-    "was = policy.training; policy.eval(); with torch.no_grad(): classes = ...; maps = raster.generate_tokens(...); "
+    "was = policy.training; policy.eval(); with torch.no_grad(): classes = torch.arange(policy.config.n_classes, "
+    "device=next(policy.parameters()).device).repeat_interleave(group_size); maps = raster.generate_tokens(policy, "
+    "classes, policy.config.grid, generator=generator); "
     "rewards = reward_fn(maps, classes); advantages = group_advantages(rewards, classes); logp_old = "
     "token_log_probs(policy, maps, classes); logp_ref = token_log_probs(reference, maps, classes); "
     "policy.train(was); return the six in a dict",
@@ -582,7 +584,8 @@ CCA_MISTAKES = [
     "each log-ratio is the sum over the map's tokens of policy minus reference log-probabilities (the "
     "reference under torch.no_grad()); loss = mean(-logsigmoid(beta * pos)) + lam * mean(-logsigmoid(-beta * "
     "neg))",
-    "m, c = torch.cat([maps, maps]), torch.cat([classes, negatives]); with torch.no_grad(): ref = "
+    "F = torch.nn.functional; m, c = torch.cat([maps, maps]), torch.cat([classes, negatives]); "
+    "with torch.no_grad(): ref = "
     "token_log_probs(reference, m, c).sum(1); pos, neg = (token_log_probs(policy, m, c).sum(1) - ref).chunk(2); "
     "return -F.logsigmoid(beta * pos).mean() - lam * F.logsigmoid(-beta * neg).mean(), pos, neg",
 ))
