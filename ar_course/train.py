@@ -592,6 +592,12 @@ def prepare_run(parser: argparse.ArgumentParser, out: Path, resume: bool, batch_
     return state
 
 
+def format_accuracy(accuracy: dict[str, float]) -> str:
+    """``{"0.0": 0.0949999, "1.0": 0.9}`` (class accuracy by guidance strength, as trainers record it) as
+    ``"w=0.0: 9.5%, w=1.0: 90.0%"`` for a trainer's last line."""
+    return ", ".join(f"w={w}: {a:.1%}" for w, a in accuracy.items())
+
+
 def finish_run(state: Path) -> None:
     """Remove a run's training state once its final checkpoint is written (rank 0)."""
     if ddp.is_main_process():

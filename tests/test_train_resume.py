@@ -302,3 +302,10 @@ def test_resume_without_a_state_fails_before_training(what, tmp_path, capsys):
     out = tmp_path / "model.safetensors"
     assert cli_main(["train", what, "--resume", "--out", str(out)]) == 1
     assert capsys.readouterr().err == f"error: no training state at {state_path_for(out)} to resume from\n"
+
+
+def test_trainers_print_the_accuracy_by_guidance_as_percentages():
+    from ar_course.train import format_accuracy
+
+    assert format_accuracy({"0.0": 0.0949999988079071, "1.0": 0.9, "2.0": 1.0}) == (
+        "w=0.0: 9.5%, w=1.0: 90.0%, w=2.0: 100.0%")

@@ -26,7 +26,8 @@ from ar_course.raster.model import condition_dropout_batches
 from ar_course.tokenizers import VQVAE
 from ar_course.train import (
     MAX_LAYERS, MAX_WIDTH, History, TrainConfig, add_conditional_model_options, add_output_options,
-    check_conditional_model_options, finish_run, load_tokenizer, prepare_run, train_loop, trainer_main,
+    check_conditional_model_options, finish_run, format_accuracy, load_tokenizer, prepare_run, train_loop,
+    trainer_main,
 )
 from ar_course.utils import get_device, seed_everything
 
@@ -135,6 +136,6 @@ def main(argv: list[str] | None = None) -> int:
                           p_uncond=args.p_uncond, final_train_loss=sum(tail) / len(tail), test_loss=test_loss,
                           accuracy_by_cfg=accuracy, eval_per_class=args.eval_per_class, eval_steps=args.eval_steps)
     finish_run(state_path)
-    print(f"test flow-matching loss {test_loss:.4f}; class accuracy by guidance strength w {accuracy}")
+    print(f"test flow-matching loss {test_loss:.4f}; class accuracy by guidance strength {format_accuracy(accuracy)}")
     print(f"saved {out} ({out.stat().st_size / 1024:.0f} KB)")
     return 0

@@ -28,7 +28,7 @@ from ar_course.raster.model import condition_dropout_batches
 from ar_course.raster.train import SINGLE_SCALE, SINGLE_SCALE_NEEDED, encode_dataset
 from ar_course.train import (
     EVAL_HELP, History, TrainConfig, add_conditional_model_options, add_output_options, check_conditional_model_options,
-    finish_run, load_tokenizer, prepare_run, train_loop, trainer_main,
+    finish_run, format_accuracy, load_tokenizer, prepare_run, train_loop, trainer_main,
 )
 from ar_course.utils import get_device, seed_everything
 
@@ -132,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
                           accuracy_by_cfg_8_steps=accuracy, eval_noise=DEFAULT_NOISE,
                           eval_per_class=args.eval_per_class)
     finish_run(state_path)
-    print(f"test loss {test_loss:.4f} nats/masked token; 8-step class accuracy by guidance strength w {accuracy}")
+    print(f"test loss {test_loss:.4f} nats/masked token; 8-step class accuracy by guidance strength "
+          f"{format_accuracy(accuracy)}")
     print(f"saved {out} ({out.stat().st_size / 1024:.0f} KB)")
     return 0

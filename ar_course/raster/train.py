@@ -24,7 +24,7 @@ from ar_course.raster.model import (
 from ar_course.tokenizers import VQVAE
 from ar_course.train import (
     History, TrainConfig, add_conditional_model_options, add_output_options, check_conditional_model_options,
-    finish_run, load_tokenizer, prepare_run, train_loop, trainer_main,
+    finish_run, format_accuracy, load_tokenizer, prepare_run, train_loop, trainer_main,
 )
 from ar_course.transformer.model import GPT
 from ar_course.utils import get_device, seed_everything
@@ -130,6 +130,6 @@ def main(argv: list[str] | None = None) -> int:
                           p_uncond=args.p_uncond, train_images=len(labels), final_train_loss=sum(tail) / len(tail),
                           test_loss=test_loss, accuracy_by_cfg=accuracy, eval_per_class=args.eval_per_class)
     finish_run(state_path)
-    print(f"test loss {test_loss:.4f} nats/token; class accuracy by guidance strength w {accuracy}")
+    print(f"test loss {test_loss:.4f} nats/token; class accuracy by guidance strength {format_accuracy(accuracy)}")
     print(f"saved {out} ({out.stat().st_size / 1024:.0f} KB)")
     return 0

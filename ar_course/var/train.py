@@ -22,7 +22,7 @@ from ar_course.raster.model import condition_dropout_batches
 from ar_course.tokenizers import VQVAE
 from ar_course.train import (
     History, TrainConfig, add_conditional_model_options, add_output_options, check_conditional_model_options,
-    finish_run, load_tokenizer, prepare_run, train_loop, trainer_main,
+    finish_run, format_accuracy, load_tokenizer, prepare_run, train_loop, trainer_main,
 )
 from ar_course.utils import get_device, seed_everything
 from ar_course.var.functional import flatten_pyramids, unflatten_pyramids
@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
                           num_params=model.num_params())
     finish_run(state_path)
     print(f"test loss {float(test_loss):.4f} nats/token (per scale {[round(float(v), 3) for v in per_scale]}); "
-          f"class accuracy by guidance {accuracy}")
+          f"class accuracy by guidance strength {format_accuracy(accuracy)}")
     print(f"saved {out} ({out.stat().st_size / 1024:.0f} KB)")
     return 0
 
