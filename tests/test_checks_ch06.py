@@ -284,7 +284,7 @@ def _matmul_reading_global(a_from_tile: bool):
 # 6.5 ------------------------------------------------------------------------------------------------------
 
 
-def _softmax_variant(subtract_max: bool, rescale_merge: bool, start_at_zero: bool = False):
+def _softmax_variant(subtract_max: bool, rescale_merge: bool, start_at_zero: bool = False, rescale_update: bool = True):
     @cuda.jit
     def softmax_variant(x, out):
         row_max = cuda.shared.array(THREADS, float32)
@@ -296,7 +296,8 @@ def _softmax_variant(subtract_max: bool, rescale_merge: bool, start_at_zero: boo
         for c in range(t, x.shape[1], THREADS):
             xv = x[row, c]
             if subtract_max and xv > m:
-                s = s * math.exp(m - xv)
+                if rescale_update:
+                    s = s * math.exp(m - xv)
                 m = xv
             s += math.exp(xv - m)
         row_max[t] = m
@@ -472,7 +473,8 @@ def vq_writes_every_improvement(z, codebook, out):  # right numbers, a global wr
 # 6.7 ------------------------------------------------------------------------------------------------------
 
 
-def _flash_variant(rescale: bool = True, extra_key: int = 0, second_barrier: bool = True, start_m: float = LOWEST):
+def _flash_variant(rescale: bool = True, extra_key: int = 0, second_barrier: bool = True, start_m: float = LOWEST,
+                   use_scale: bool = True):
     @cuda.jit
     def flash_variant(q, k, v, kv_len, scale, out):
         k_tile = cuda.shared.array((BLOCK_N, HEAD_DIM), float32)
@@ -499,7 +501,7 @@ def _flash_variant(rescale: bool = True, extra_key: int = 0, second_barrier: boo
             for j in range(min(BLOCK_N, visible - start)):
                 s = float32(0.0)
                 for d in range(HEAD_DIM):
-                    s += q[bh, row, d] * scale * k_tile[j, d]
+                    s += q[bh, row, d] * (scale if use_scale else 1.0) * k_tile[j, d]
                 if s > m:
                     if rescale:
                         c = math.exp(m - s)
@@ -609,7 +611,7 @@ def _flash_loads(v_from_global: bool = False, thread_zero_loads: bool = False):
 
 
 def _partial_variant(respect_length: bool = True, rescale: bool = True, block_offset: bool = True,
-                     start_m: float = LOWEST):
+                     start_m: float = LOWEST, use_scale: bool = True):
     @cuda.jit
     def partial_variant(q, k_cache, v_cache, lengths, chunk, scale, m_out, l_out, acc_out):
         split = cuda.grid(1) if block_offset else cuda.threadIdx.x
@@ -624,7 +626,7 @@ def _partial_variant(respect_length: bool = True, rescale: bool = True, block_of
             for j in range(split * chunk, min(split * chunk + chunk, stop)):
                 s = float32(0.0)
                 for d in range(HEAD_DIM):
-                    s += q[bh, d] * k_cache[bh, j, d] * scale
+                    s += q[bh, d] * k_cache[bh, j, d] * (scale if use_scale else 1.0)
                 if s > m:
                     c = math.exp(m - s) if rescale else 1.0
                     l *= c
@@ -1405,20 +1407,64 @@ def axpy_adds_into_out(alpha, x, y, out):  # adds into out as if the buffer held
         out[i] += alpha * x[i] + y[i]
 
 
+@cuda.jit
+def axpy_alpha_on_y(alpha, x, y, out):  # x + alpha * y
+    i = cuda.grid(1)
+    if i < x.shape[0]:
+        out[i] = x[i] + alpha * y[i]
+
+
+@cuda.jit
+def matmul_full_tiles_only(a, b, c):  # K // TILE steps: the last, partial tile of K is left out
+    a_tile = cuda.shared.array((TILE, TILE), float32)
+    b_tile = cuda.shared.array((TILE, TILE), float32)
+    tx, ty = cuda.threadIdx.x, cuda.threadIdx.y
+    row = cuda.blockIdx.y * TILE + ty
+    col = cuda.blockIdx.x * TILE + tx
+    acc = float32(0.0)
+    for step in range(a.shape[1] // TILE):
+        k0 = step * TILE
+        a_tile[ty, tx] = a[row, k0 + tx] if row < a.shape[0] else float32(0.0)
+        b_tile[ty, tx] = b[k0 + ty, col] if col < b.shape[1] else float32(0.0)
+        cuda.syncthreads()
+        for kk in range(TILE):
+            acc += a_tile[ty, kk] * b_tile[kk, tx]
+        cuda.syncthreads()
+    if row < a.shape[0] and col < b.shape[1]:
+        c[row, col] = acc
+
+
+@cuda.jit
+def vq_best_starts_at_zero(z, codebook, out):  # no distance is below 0: every vector keeps code 0
+    n = cuda.grid(1)
+    if n < z.shape[0]:
+        best = float32(0.0)
+        best_k = 0
+        for k in range(codebook.shape[0]):
+            dist = float32(0.0)
+            for d in range(z.shape[1]):
+                dist += (z[n, d] - codebook[k, d]) ** 2
+            if dist < best:
+                best = dist
+                best_k = k
+        out[n] = best_k
+
+
 # ----------------------------------------------------------------------------------------------------------
 
 CASES = {
     "axpy_kernel": [
         (axpy_no_guard, "out-of-bounds"),
         (axpy_thread_index_only, "never written"),
-        (axpy_wrong_formula, "differs"),
+        (axpy_wrong_formula, "that is alpha * (x + y)"),
         (axpy_plain_python, "@cuda.jit"),
-        (axpy_int_alpha, "differs"),
+        (axpy_int_alpha, "that is int(alpha) * x + y: alpha lost its fractional part"),
         (axpy_adds_into_out, "adds into out"),
+        (axpy_alpha_on_y, "that is x + alpha * y: alpha scales x, not y"),
     ],
     "pairwise_sqdist_kernel": [
         (sqdist_guard_one_axis, "out-of-bounds"),
-        (sqdist_with_sqrt, "differs"),
+        (sqdist_with_sqrt, "that is the distance itself, the square root of the sum"),
         (sqdist_swapped_axes, "never written"),
     ],
     "block_sum_kernel": [
@@ -1431,39 +1477,49 @@ CASES = {
     "matmul_kernel": [
         (_matmul_variant(second_barrier=False, zero_fill=True), "race"),
         (_matmul_variant(second_barrier=True, zero_fill=False), "out-of-bounds"),
-        (matmul_skips_last_k, "differs"),
+        (matmul_skips_last_k, "leaves out its last term, k = K - 1"),
+        (matmul_full_tiles_only, "leaves out the last, partial tile (K // TILE tiles)"),
     ],
     "softmax_kernel": [
-        (_softmax_variant(subtract_max=False, rescale_merge=True), "scale 60"),
-        (_softmax_variant(subtract_max=True, rescale_merge=False), "differs"),
-        (_softmax_variant(subtract_max=True, rescale_merge=True, start_at_zero=True), "all near -200"),
+        (_softmax_variant(subtract_max=False, rescale_merge=True), ("scale 60", "that is exp(x) / sum exp(x), with "
+                                                                    "no max subtracted")),
+        (_softmax_variant(subtract_max=True, rescale_merge=False), "the merge adds two threads' sums as they are"),
+        (_softmax_variant(subtract_max=True, rescale_merge=True, start_at_zero=True),
+         ("all near -200", "the running max starts at 0, above every logit of the row")),
+        (_softmax_variant(subtract_max=True, rescale_merge=True, rescale_update=False),
+         "that keeps the running sum unchanged when a value raises the running max"),
     ],
     "vq_nearest_kernel": [
-        (_vq_variant(ties_to_last=True, guard=True), "repeated"),
+        (_vq_variant(ties_to_last=True, guard=True), ("repeated", "on a tie that keeps the code with the highest "
+                                                             "index")),
         (_vq_variant(ties_to_last=False, guard=False), "out-of-bounds"),
-        (vq_argmax, "differs"),
+        (vq_argmax, "that is the farthest code"),
+        (vq_best_starts_at_zero, "the best distance starts at 0, and no distance is below 0"),
     ],
     "flash_attention_kernel": [
-        (_flash_variant(rescale=False), "differs"),
-        (_flash_variant(extra_key=1), "out"),
+        (_flash_variant(rescale=False), "that keeps l and acc unchanged when a score raises the running max"),
+        (_flash_variant(extra_key=1), "each row sees one key past its mask"),
         (_flash_variant(second_barrier=False), "race"),
-        (flash_causal_offset, "block-causal (1, 4, 9, 15)"),
-        (_flash_variant(start_m=0.0), "every score near -150"),
+        (flash_causal_offset, ("block-causal (1, 4, 9, 15)", "that is a causal mask worked out from the row index")),
+        (_flash_variant(start_m=0.0), ("every score near -150", "the running max starts at 0, above every score")),
+        (_flash_variant(use_scale=False), "that is attention without the scale"),
     ],
     "decode_partial_kernel": [
         (_partial_variant(respect_length=False), "nan"),
-        (_partial_variant(rescale=False), "differs"),
+        (_partial_variant(rescale=False), "that keeps l and acc unchanged when a score raises the running max"),
         (partial_skips_empty_splits, "never written"),
         (_partial_variant(block_offset=False), "m_out[0, 8] was never written on input 'lengths [70, 9]"),
         (_partial_variant(start_m=0.0), "holds no keys (length 23) but wrote m = 0"),
-        (partial_scale_on_output, "differs"),
+        (partial_scale_on_output, "the exponentials use q . k without the scale, and only m_out is scaled"),
+        (_partial_variant(use_scale=False), "that is attention without the scale"),
     ],
     "decode_combine_kernel": [
-        (_combine_variant("none"), "differs"),
-        (_combine_variant("first"), "spread"),
-        (combine_unshifted, "maxima spread over [-50, 102]"),
+        (_combine_variant("none"), "that adds the splits' acc and l as they are"),
+        (_combine_variant("first"), ("spread", "that takes the first split's max as the reference point")),
+        (combine_unshifted, ("maxima spread over [-50, 102]", "that weighs split s by exp(m_s), with no reference "
+                                                               "point subtracted")),
         (combine_no_guard, "out-of-bounds"),
-        (combine_unweighted_den, "differs"),
+        (combine_unweighted_den, "but adds the l values unweighted"),
     ],
 }
 
@@ -1550,7 +1606,11 @@ def test_stub_is_not_attempted(name):
     ids=[f"{name}-{i}" for name, wrongs in CASES.items() for i in range(len(wrongs))],
 )
 def test_wrong_kernel_fails(name, wrong, fragment):
-    assert_fails(getattr(ch06, name), wrong, contains=fragment)
+    """``fragment``: what the failure must say, or a tuple of such (the input it fails on, then its diagnosis)."""
+    fragments = fragment if isinstance(fragment, tuple) else (fragment,)
+    msg = assert_fails(getattr(ch06, name), wrong, contains=fragments[0])
+    for more in fragments[1:]:
+        assert more.lower() in msg.lower(), msg
 
 
 @pytest.mark.skipif(not CUDA_SIMULATOR, reason="memory traffic is counted in the CUDA simulator")

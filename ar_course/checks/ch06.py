@@ -6,7 +6,9 @@ Without a GPU the launch runs in numba's CUDA simulator under :func:`ar_course.k
 so out-of-range indices, missing barriers, barriers some threads skip and reads of unwritten shared memory
 are reported on every run. Every output buffer is larger than the data and pre-filled with a sentinel, so
 a stray write past the end, an element never written, or a kernel that adds into its output as if it held zeros,
-is named as such (also on a real GPU).
+is named as such (also on a real GPU). When the numbers are wrong, the check launches each plausible wrong kernel
+of the exercise (its ``*_MISTAKES``: no rescaling when the max grows, a max started at 0, the farthest code...) on
+the failing input, and the failure names the mistake whose output is the learner's.
 
 A kernel exercise is about memory traffic as much as about the numbers, so once the numbers are right the
 checks count, in the simulator, what each thread did with memory (:class:`~ar_course.kernels.sanitizer.
@@ -42,15 +44,17 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from ar_course.checks.core import Chapter, CheckFailure, compare
+from ar_course.checks.core import Case, Chapter, CheckFailure, Mistake, compare, explain
 from ar_course.kernels import cuda_attention as ka
 from ar_course.kernels import cuda_basic as kb
 from ar_course.kernels import cuda_softmax as ks
 from ar_course.kernels import cuda_vq as kv
-from ar_course.kernels.cuda_softmax import LOWEST  # noqa: F401  (the notebook imports it from here)
+from ar_course.kernels.cuda_softmax import LOWEST  # the notebook imports it from here too
+from ar_course.kernels.env import cuda
 from ar_course.kernels.launch import cdiv
 from ar_course.kernels.masks import BlockCausal
 from ar_course.kernels.sanitizer import LOCAL, READ, SHARED_READ, WRITE, MemoryTraffic, SanitizerError, sanitize
+from numba import float32  # after ar_course.kernels, which chooses the CUDA simulator before numba.cuda loads
 
 chapter = Chapter(6, "GPU kernels")
 use = chapter.use
@@ -157,9 +161,20 @@ def _result(buf: np.ndarray, shape: tuple[int, ...], name: str, where: str) -> t
     return torch.from_numpy(np.ascontiguousarray(data))
 
 
-def _compare_output(got: torch.Tensor, expected: torch.Tensor, where: str, name: str, atol: float = 1e-5) -> None:
+def _explain(failure: CheckFailure, mistakes: tuple[Mistake, ...], got: Any, rerun: Callable[[Any], Any],
+             atol: float = 1e-5) -> CheckFailure:
+    """``failure`` completed with the diagnosis of the first of ``mistakes`` (each a kernel with the reference's
+    signature) whose output on the failing input, as ``rerun(kernel)`` launches it and reads it back, is ``got``
+    (:func:`~ar_course.checks.core.explain`, with the launch as the mistake's function)."""
+    runs = [Mistake(lambda kernel=m.fn: rerun(kernel), m.says) for m in mistakes]
+    return explain(failure, runs, Case("the failing input"), got, atol=atol)
+
+
+def _compare_output(got: torch.Tensor, expected: torch.Tensor, where: str, name: str, atol: float = 1e-5,
+                    mistakes: tuple[Mistake, ...] = (), rerun: Callable[[Any], Any] | None = None) -> None:
     """:func:`compare` a kernel's float output with the expected one; when the values are off by the sentinel the
-    buffer held, the kernel added into the output instead of writing it, and the failure says so."""
+    buffer held, the kernel added into the output instead of writing it, and the failure says so; otherwise,
+    when one of ``mistakes`` launched by ``rerun`` (see :func:`_explain`) writes ``got``, the failure names it."""
     try:
         compare(got, expected, where=where, name=name, atol=atol)
     except CheckFailure as exc:
@@ -168,6 +183,8 @@ def _compare_output(got: torch.Tensor, expected: torch.Tensor, where: str, name:
             raise CheckFailure(f"{exc}; that is the right value plus the {SENTINEL:g} the buffer held before the "
                                f"launch: your kernel adds into {name} (+= or cuda.atomic.add), but an output buffer "
                                "holds whatever was there before, not zeros, so write each element once") from None
+        if mistakes and rerun is not None:
+            raise _explain(exc, mistakes, got, rerun, atol) from None
         raise
 
 
@@ -184,6 +201,35 @@ def _expect(t: torch.Tensor) -> torch.Tensor:
 # 6.1 map with a guard
 
 
+@cuda.jit
+def _axpy_scales_the_sum(alpha, x, y, out):
+    i = cuda.grid(1)
+    if i < x.shape[0]:
+        out[i] = alpha * (x[i] + y[i])
+
+
+@cuda.jit
+def _axpy_whole_alpha(alpha, x, y, out):
+    i = cuda.grid(1)
+    if i < x.shape[0]:
+        out[i] = int(alpha) * x[i] + y[i]
+
+
+@cuda.jit
+def _axpy_scales_y(alpha, x, y, out):
+    i = cuda.grid(1)
+    if i < x.shape[0]:
+        out[i] = x[i] + alpha * y[i]
+
+
+AXPY_MISTAKES = (
+    Mistake(_axpy_scales_the_sum, "that is alpha * (x + y): alpha scales x alone, and y is added after"),
+    Mistake(_axpy_whole_alpha, "that is int(alpha) * x + y: alpha lost its fractional part, as if it were an "
+            "integer"),
+    Mistake(_axpy_scales_y, "that is x + alpha * y: alpha scales x, not y"),
+)
+
+
 @chapter.exercise("6.1", reference=kb.axpy_kernel, hints=(
     "each thread handles one element, and the grid may hold more threads than there are elements",
     "cuda.grid(1) is this thread's element (block offset included); only threads whose index is inside x may "
@@ -195,14 +241,34 @@ def axpy_kernel(fn: Callable, ref: Callable) -> None:
     for n, alpha in [(300, 2.5), (77, -0.75), (1, 3.0)]:
         where = f"N={n}, alpha={alpha}, {cdiv(n, THREADS)} blocks of {THREADS}"
         x, y = _rand(rng, n), _rand(rng, n)
-        out = _buffer((n,))
-        _launch(fn, (cdiv(n, THREADS),), (THREADS,), (alpha, x, y, out), where)
+
+        def run(kernel: Any) -> torch.Tensor:
+            out = _buffer((n,))
+            _launch(kernel, (cdiv(n, THREADS),), (THREADS,), (alpha, x, y, out), where)
+            return _result(out, (n,), "out", where)
+
         expected = _expect(alpha * torch.from_numpy(x).double() + torch.from_numpy(y).double())
-        _compare_output(_result(out, (n,), "out", where), expected, where, "out")
+        _compare_output(run(fn), expected, where, "out", mistakes=AXPY_MISTAKES, rerun=run)
 
 
 # --------------------------------------------------------------------------------------------------------
 # 6.2 a 2-D map: all pairwise squared distances
+
+
+@cuda.jit
+def _sqdist_with_sqrt(z, codebook, out):
+    k, n = cuda.grid(2)
+    if n < z.shape[0] and k < codebook.shape[0]:
+        acc = float32(0.0)
+        for d in range(z.shape[1]):
+            acc += (z[n, d] - codebook[k, d]) ** 2
+        out[n, k] = math.sqrt(acc)
+
+
+SQDIST_MISTAKES = (
+    Mistake(_sqdist_with_sqrt, "that is the distance itself, the square root of the sum; the exercise asks for "
+            "the squared distance"),
+)
 
 
 @chapter.exercise("6.2", reference=kb.pairwise_sqdist_kernel, hints=(
@@ -218,11 +284,15 @@ def pairwise_sqdist_kernel(fn: Callable, ref: Callable) -> None:
     for n, k, d in [(37, 19, 5), (9, 45, 3)]:
         where = f"z {n}x{d}, codebook {k}x{d}, blocks of 8x8"
         z, c = _rand(rng, n, d), _rand(rng, k, d)
-        out = _buffer((n, k))
-        _launch(fn, (cdiv(k, 8), cdiv(n, 8)), (8, 8), (z, c, out), where)
+
+        def run(kernel: Any) -> torch.Tensor:
+            out = _buffer((n, k))
+            _launch(kernel, (cdiv(k, 8), cdiv(n, 8)), (8, 8), (z, c, out), where)
+            return _result(out, (n, k), "out", where)
+
         zt, ct = torch.from_numpy(z).double(), torch.from_numpy(c).double()
         expected = _expect(((zt[:, None, :] - ct[None, :, :]) ** 2).sum(-1))
-        _compare_output(_result(out, (n, k), "out", where), expected, where, "out", atol=1e-5)
+        _compare_output(run(fn), expected, where, "out", atol=1e-5, mistakes=SQDIST_MISTAKES, rerun=run)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -266,6 +336,33 @@ def block_sum_kernel(fn: Callable, ref: Callable) -> None:
 # 6.4 tiled matmul
 
 
+def _matmul_over(terms: str) -> Any:
+    """An untiled matmul whose sum over k leaves out the last term (``terms="all but the last"``) or the last,
+    partial tile (``terms="full tiles"``)."""
+
+    all_but_last = terms == "all but the last"  # a bool, which a GPU kernel can close over
+
+    @cuda.jit
+    def matmul_mistake(a, b, c):
+        col, row = cuda.grid(2)
+        if row < a.shape[0] and col < b.shape[1]:
+            stop = a.shape[1] - 1 if all_but_last else (a.shape[1] // TILE) * TILE
+            acc = float32(0.0)
+            for kk in range(stop):
+                acc += a[row, kk] * b[kk, col]
+            c[row, col] = acc
+
+    return matmul_mistake
+
+
+MATMUL_MISTAKES = (
+    Mistake(_matmul_over("all but the last"), "that sum over k leaves out its last term, k = K - 1: the product "
+            "runs over all K columns of a"),
+    Mistake(_matmul_over("full tiles"), "that sum over k leaves out the last, partial tile (K // TILE tiles): "
+            "when TILE does not divide K, the last tile holds the remaining K % TILE terms"),
+)
+
+
 @chapter.exercise("6.4", reference=kb.make_matmul_kernel(TILE), hints=(
     "the block computes a TILE x TILE piece of c; it walks along K one tile at a time, and its threads load each "
     "tile of a and of b once into shared memory and all read it from there",
@@ -283,8 +380,15 @@ def matmul_kernel(fn: Callable, ref: Callable) -> None:
         a, b = _rand(rng, m, inner), _rand(rng, inner, n)
         c = _buffer((m, n))
         traffic = _launch(fn, (cdiv(n, TILE), cdiv(m, TILE)), (TILE, TILE), (a, b, c), where)
+
+        def run(kernel: Any) -> torch.Tensor:
+            c = _buffer((m, n))
+            _launch(kernel, (cdiv(n, TILE), cdiv(m, TILE)), (TILE, TILE), (a, b, c), where)
+            return _result(c, (m, n), "c", where)
+
         expected = _expect(torch.from_numpy(a).double() @ torch.from_numpy(b).double())
-        _compare_output(_result(c, (m, n), "c", where), expected, where, "c", atol=1e-4)
+        _compare_output(_result(c, (m, n), "c", where), expected, where, "c", atol=1e-4, mistakes=MATMUL_MISTAKES,
+                        rerun=run)
         _needs_shared(traffic, 2 * TILE * TILE, where, "a TILE x TILE tile of a and one of b")
         steps = cdiv(inner, TILE)
         for arg in (0, 1):
@@ -295,6 +399,61 @@ def matmul_kernel(fn: Callable, ref: Callable) -> None:
 
 # --------------------------------------------------------------------------------------------------------
 # 6.5 online softmax, one block per row
+
+
+def _softmax_mistake(track_max: bool = True, start_m: float = LOWEST, rescale_update: bool = True,
+                     rescale_merge: bool = True) -> Any:
+    """The online softmax with one thing missing: no running max at all (``track_max``), a max started at
+    ``start_m``, a running sum not rescaled when the max grows, or a merge that adds the sums as they are."""
+    start = float(start_m)
+
+    @cuda.jit
+    def softmax_mistake(x, out):
+        row_max = cuda.shared.array(THREADS, float32)
+        row_sum = cuda.shared.array(THREADS, float32)
+        t = cuda.threadIdx.x
+        row = cuda.blockIdx.x
+        m = float32(start)
+        s = float32(0.0)
+        for c in range(t, x.shape[1], THREADS):
+            xv = x[row, c]
+            if track_max and xv > m:
+                if rescale_update:
+                    s = s * math.exp(m - xv)
+                m = xv
+            s += math.exp(xv - m)
+        row_max[t] = m
+        row_sum[t] = s
+        cuda.syncthreads()
+        stride = THREADS // 2
+        while stride > 0:
+            if t < stride:
+                m1 = row_max[t]
+                m2 = row_max[t + stride]
+                mm = max(m1, m2)
+                if rescale_merge:
+                    row_sum[t] = row_sum[t] * math.exp(m1 - mm) + row_sum[t + stride] * math.exp(m2 - mm)
+                else:
+                    row_sum[t] = row_sum[t] + row_sum[t + stride]
+                row_max[t] = mm
+            cuda.syncthreads()
+            stride //= 2
+        for c in range(t, x.shape[1], THREADS):
+            out[row, c] = math.exp(x[row, c] - row_max[0]) / row_sum[0]
+
+    return softmax_mistake
+
+
+SOFTMAX_MISTAKES = (  # a max started at 0 first: on logits all below 0 it gives what no max at all gives
+    Mistake(_softmax_mistake(start_m=0.0), "the running max starts at 0, above every logit of the row, so it "
+            "stays 0, every exp(x - 0) underflows to 0 and the row sums to 0 (0 / 0 = nan)"),
+    Mistake(_softmax_mistake(track_max=False, start_m=0.0), "that is exp(x) / sum exp(x), with no max subtracted: "
+            "exp overflows float32 once a logit passes about 88, and inf / inf = nan"),
+    Mistake(_softmax_mistake(rescale_merge=False), "the merge adds two threads' sums as they are: each sum is "
+            "relative to its own thread's max, not to the merged max"),
+    Mistake(_softmax_mistake(rescale_update=False), "that keeps the running sum unchanged when a value raises "
+            "the running max: the terms added before are relative to the old max"),
+)
 
 
 @chapter.exercise("6.5", reference=ks.make_softmax_kernel(THREADS), hints=(
@@ -315,8 +474,15 @@ def softmax_kernel(fn: Callable, ref: Callable) -> None:
         x = _rand(rng, rows, cols, scale=scale) + np.float32(shift)
         out = _buffer((rows, cols))
         traffic = _launch(fn, (rows,), (THREADS,), (x, out), where)
+
+        def run(kernel: Any) -> torch.Tensor:
+            out = _buffer((rows, cols))
+            _launch(kernel, (rows,), (THREADS,), (x, out), where)
+            return _result(out, (rows, cols), "out", where)
+
         expected = _expect(torch.softmax(torch.from_numpy(x).double(), dim=-1))
-        _compare_output(_result(out, (rows, cols), "out", where), expected, where, "out", atol=1e-6)
+        _compare_output(_result(out, (rows, cols), "out", where), expected, where, "out", atol=1e-6,
+                        mistakes=SOFTMAX_MISTAKES, rerun=run)
         _at_most(traffic, READ, 0, 2 * cdiv(cols, THREADS), where, "the online softmax reads each element of "
                  "its slice twice: once to update the running (max, sum) together, once to write the output; a "
                  "separate pass for the max, or a thread reading the whole row, reads more")
@@ -339,6 +505,39 @@ def _vq_case(rng: np.random.Generator, n: int, k: int, d: int, dup: bool) -> tup
     return z, c
 
 
+def _vq_mistake(farthest: bool = False, ties_to_last: bool = False, best_start: float = math.inf) -> Any:
+    """The fused search keeping the farthest code, the last of equally near codes, or a best distance started at
+    ``best_start``."""
+    start = -1.0 if farthest else float(best_start)
+
+    @cuda.jit
+    def vq_mistake(z, codebook, out):
+        n = cuda.grid(1)
+        if n < z.shape[0]:
+            best = float32(start)
+            best_k = 0
+            for k in range(codebook.shape[0]):
+                dist = float32(0.0)
+                for d in range(z.shape[1]):
+                    diff = z[n, d] - codebook[k, d]
+                    dist += diff * diff
+                if (dist > best) if farthest else (dist < best or (ties_to_last and dist == best)):
+                    best = dist
+                    best_k = k
+            out[n] = best_k
+
+    return vq_mistake
+
+
+VQ_MISTAKES = (
+    Mistake(_vq_mistake(ties_to_last=True), "on a tie that keeps the code with the highest index (a <= "
+            "comparison); the lowest index should win"),
+    Mistake(_vq_mistake(farthest=True), "that is the farthest code (the largest distance), not the nearest"),
+    Mistake(_vq_mistake(best_start=0.0), "the best distance starts at 0, and no distance is below 0, so every "
+            "vector keeps code 0"),
+)
+
+
 @chapter.exercise("6.6", reference=kv.vq_nearest_kernel, hints=(
     "one thread per vector: it walks the codebook once and remembers only the best code so far, never a "
     "distance per code",
@@ -355,7 +554,17 @@ def vq_nearest_kernel(fn: Callable, ref: Callable) -> None:
         out = _buffer((n,), np.int64)
         traffic = _launch(fn, (cdiv(n, THREADS),), (THREADS,), (z, c, out), where)
         dist = ((torch.from_numpy(z).double()[:, None] - torch.from_numpy(c).double()[None]) ** 2).sum(-1)
-        compare(_result(out, (n,), "out", where), dist.argmin(1), where=where, name="out")
+        got = _result(out, (n,), "out", where)
+
+        def run(kernel: Any) -> torch.Tensor:
+            out = _buffer((n,), np.int64)
+            _launch(kernel, (cdiv(n, THREADS),), (THREADS,), (z, c, out), where)
+            return _result(out, (n,), "out", where)
+
+        try:
+            compare(got, dist.argmin(1), where=where, name="out")
+        except CheckFailure as exc:
+            raise _explain(exc, VQ_MISTAKES, got, run) from None
         _at_most(traffic, WRITE, 2, 1, where, "keep the best index in a local variable and write it to global "
                  "memory once, after the loop")
         if k > 32:  # a local array as long as this codebook holds a distance per code
@@ -372,6 +581,83 @@ def _attention64(q: np.ndarray, k: np.ndarray, v: np.ndarray, kv_len: np.ndarray
     scores = qt @ kt.transpose(-2, -1) * scale  # (BH, T_q, T_k)
     visible = torch.arange(k.shape[1])[None, :] < torch.from_numpy(kv_len).long()[:, None]
     return torch.softmax(scores.masked_fill(~visible, float("-inf")), -1) @ vt
+
+
+def _flash_mistake(rescale: bool = True, extra_key: int = 0, start_m: float = LOWEST, causal: bool = False,
+                   use_scale: bool = True) -> Any:
+    """FlashAttention with one mistake: l and acc not rescaled when the max grows, ``extra_key`` keys past each
+    row's mask, a running max started at ``start_m``, a causal mask from the row index instead of kv_len, or
+    no scale on the scores."""
+    start = float(start_m)
+
+    @cuda.jit
+    def flash_mistake(q, k, v, kv_len, scale, out):
+        k_tile = cuda.shared.array((BLOCK_N, HEAD_DIM), float32)
+        v_tile = cuda.shared.array((BLOCK_N, HEAD_DIM), float32)
+        acc = cuda.local.array(HEAD_DIM, float32)
+        t = cuda.threadIdx.x
+        bh = cuda.blockIdx.y
+        first = cuda.blockIdx.x * BLOCK_M
+        row = first + t
+        t_q = q.shape[1]
+        t_k = k.shape[1]
+        visible = 0
+        if row < t_q:
+            visible = (row + t_k - t_q + 1 if causal else kv_len[row]) + extra_key
+        for d in range(HEAD_DIM):
+            acc[d] = 0.0
+        n_keys = t_k if causal else 0
+        for r in range(first, min(first + BLOCK_M, t_q)):
+            n_keys = max(n_keys, kv_len[r])
+        m = float32(start)
+        l = float32(0.0)
+        for begin in range(0, n_keys, BLOCK_N):
+            for e in range(t, BLOCK_N * HEAD_DIM, BLOCK_M):
+                j = e // HEAD_DIM
+                d = e % HEAD_DIM
+                if begin + j < t_k:
+                    k_tile[j, d] = k[bh, begin + j, d]
+                    v_tile[j, d] = v[bh, begin + j, d]
+            cuda.syncthreads()
+            for j in range(min(BLOCK_N, visible - begin)):
+                s = float32(0.0)
+                for d in range(HEAD_DIM):
+                    s += q[bh, row, d] * k_tile[j, d]
+                if use_scale:
+                    s *= scale
+                if s > m:
+                    if rescale:
+                        c = math.exp(m - s)
+                        l *= c
+                        for d in range(HEAD_DIM):
+                            acc[d] *= c
+                    m = s
+                p = math.exp(s - m)
+                l += p
+                for d in range(HEAD_DIM):
+                    acc[d] += p * v_tile[j, d]
+            cuda.syncthreads()
+        if row < t_q:
+            for d in range(HEAD_DIM):
+                out[bh, row, d] = acc[d] / l
+
+    return flash_mistake
+
+
+NO_RESCALE = ("that keeps l and acc unchanged when a score raises the running max m: the terms added before are "
+              "relative to the old max")
+NO_SCALE = "that is attention without the scale: every score is scale * (q . k)"
+
+FLASH_MISTAKES = (
+    Mistake(_flash_mistake(rescale=False), NO_RESCALE),
+    Mistake(_flash_mistake(extra_key=1), "each row sees one key past its mask, kv_len[row] + 1 keys (j <= "
+            "kv_len[row]); row i may see only the keys j < kv_len[i]"),
+    Mistake(_flash_mistake(causal=True), "that is a causal mask worked out from the row index (row + T_k - T_q + 1 "
+            "keys); the mask is kv_len, whatever its pattern: row i sees the keys j < kv_len[i]"),
+    Mistake(_flash_mistake(start_m=0.0), "the running max starts at 0, above every score of the row, so it stays "
+            "0, every exp(s - 0) underflows to 0 and l stays 0 (0 / 0 = nan)"),
+    Mistake(_flash_mistake(use_scale=False), NO_SCALE),
+)
 
 
 @chapter.exercise("6.7", reference=ka.make_flash_attention_kernel(BLOCK_M, BLOCK_N, HEAD_DIM), hints=(
@@ -403,8 +689,15 @@ def flash_attention_kernel(fn: Callable, ref: Callable) -> None:
         kv_len = np.ascontiguousarray(kv_len, dtype=np.int32)
         out = _buffer((bh, t_q, HEAD_DIM))
         traffic = _launch(fn, (cdiv(t_q, BLOCK_M), bh), (BLOCK_M,), (q, k, v, kv_len, scale, out), where)
+
+        def run(kernel: Any) -> torch.Tensor:
+            out = _buffer((bh, t_q, HEAD_DIM))
+            _launch(kernel, (cdiv(t_q, BLOCK_M), bh), (BLOCK_M,), (q, k, v, kv_len, scale, out), where)
+            return _result(out, (bh, t_q, HEAD_DIM), "out", where)
+
         expected = _expect(_attention64(q, k, v, kv_len, scale))
-        _compare_output(_result(out, (bh, t_q, HEAD_DIM), "out", where), expected, where, "out", atol=1e-5)
+        _compare_output(_result(out, (bh, t_q, HEAD_DIM), "out", where), expected, where, "out", atol=1e-5,
+                        mistakes=FLASH_MISTAKES, rerun=run)
         _needs_shared(traffic, 2 * BLOCK_N * HEAD_DIM, where, "a BLOCK_N x HEAD_DIM tile of k and one of v")
         share = cdiv(t_k, BLOCK_N) * cdiv(BLOCK_N * HEAD_DIM, BLOCK_M)  # its part of loading every tile once
         for arg in (1, 2):
@@ -423,6 +716,53 @@ def _combine64(m: torch.Tensor, l: torch.Tensor, acc: torch.Tensor) -> torch.Ten
     m, l, acc = m.double(), l.double(), acc.double()
     w = torch.exp(m - m.amax(1, keepdim=True))  # (BH, S)
     return (w[:, :, None] * acc).sum(1) / (w * l).sum(1)[:, None]
+
+
+def _partial_mistake(rescale: bool = True, scale_scores: bool = True, scale_m: bool = False) -> Any:
+    """The split summary with l and acc not rescaled when the max grows, or with unscaled scores (and, with
+    ``scale_m``, only m_out scaled)."""
+
+    @cuda.jit
+    def partial_mistake(q, k_cache, v_cache, lengths, chunk, scale, m_out, l_out, acc_out):
+        split = cuda.grid(1)
+        bh = cuda.blockIdx.y
+        if split < (k_cache.shape[1] + chunk - 1) // chunk and bh < q.shape[0]:
+            acc = cuda.local.array(HEAD_DIM, float32)
+            for d in range(HEAD_DIM):
+                acc[d] = 0.0
+            m = float32(LOWEST)
+            l = float32(0.0)
+            for j in range(split * chunk, min((split + 1) * chunk, lengths[bh])):
+                s = float32(0.0)
+                for d in range(HEAD_DIM):
+                    s += q[bh, d] * k_cache[bh, j, d]
+                if scale_scores:
+                    s *= scale
+                if s > m:
+                    if rescale:
+                        c = math.exp(m - s)
+                        l *= c
+                        for d in range(HEAD_DIM):
+                            acc[d] *= c
+                    m = s
+                p = math.exp(s - m)
+                l += p
+                for d in range(HEAD_DIM):
+                    acc[d] += p * v_cache[bh, j, d]
+            m_out[bh, split] = m * scale if scale_m and l > 0 else m
+            l_out[bh, split] = l
+            for d in range(HEAD_DIM):
+                acc_out[bh, split, d] = acc[d]
+
+    return partial_mistake
+
+
+PARTIAL_MISTAKES = (
+    Mistake(_partial_mistake(rescale=False), NO_RESCALE),
+    Mistake(_partial_mistake(scale_scores=False, scale_m=True), "the exponentials use q . k without the scale, "
+            "and only m_out is scaled: every score is scale * (q . k), in the max and the exponentials alike"),
+    Mistake(_partial_mistake(scale_scores=False), NO_SCALE),
+)
 
 
 @chapter.exercise("6.8", reference=ka.make_decode_partial_kernel(HEAD_DIM), hints=(
@@ -447,19 +787,25 @@ def decode_partial_kernel(fn: Callable, ref: Callable) -> None:
             v_cache[i, n:] = np.nan
         lens = np.asarray(lengths, dtype=np.int32)
         scale = 1.0 / math.sqrt(HEAD_DIM)
-        m_out, l_out, acc_out = _buffer((bh, splits)), _buffer((bh, splits)), _buffer((bh, splits, HEAD_DIM))
-        traffic = _launch(fn, (cdiv(splits, 8), bh), (8,),
-                          (q, k_cache, v_cache, lens, chunk, scale, m_out, l_out, acc_out), where)
-        m = _result(m_out, (bh, splits), "m_out", where)
-        l = _result(l_out, (bh, splits), "l_out", where)
-        acc = _result(acc_out, (bh, splits, HEAD_DIM), "acc_out", where)
+        def run(kernel: Any) -> tuple[MemoryTraffic, torch.Tensor, torch.Tensor, torch.Tensor]:
+            """(traffic, m, l, acc) of ``kernel`` on this input."""
+            m_out, l_out, acc_out = _buffer((bh, splits)), _buffer((bh, splits)), _buffer((bh, splits, HEAD_DIM))
+            traffic = _launch(kernel, (cdiv(splits, 8), bh), (8,),
+                              (q, k_cache, v_cache, lens, chunk, scale, m_out, l_out, acc_out), where)
+            return (traffic, _result(m_out, (bh, splits), "m_out", where), _result(l_out, (bh, splits), "l_out", where),
+                    _result(acc_out, (bh, splits, HEAD_DIM), "acc_out", where))
+
+        traffic, m, l, acc = run(fn)
         _check_empty_splits(m, l, acc, lens, chunk, where)
         qt, kt, vt = (torch.from_numpy(np.nan_to_num(a)).double() for a in (q, k_cache, v_cache))
         scores = (kt @ qt[:, :, None]).squeeze(-1) * scale  # (BH, T_max)
         visible = torch.arange(t_max)[None, :] < torch.from_numpy(lens).long()[:, None]
         expected = _expect(torch.softmax(scores.masked_fill(~visible, float("-inf")), -1)[:, None, :] @ vt).squeeze(1)
-        compare(_expect(_combine64(m, l, acc)), expected, where=where, atol=1e-5,
-                name="attention combined from your (m_out, l_out, acc_out)")
+        got = _expect(_combine64(m, l, acc))
+        try:
+            compare(got, expected, where=where, atol=1e-5, name="attention combined from your (m_out, l_out, acc_out)")
+        except CheckFailure as exc:
+            raise _explain(exc, PARTIAL_MISTAKES, got, lambda kernel: _expect(_combine64(*run(kernel)[1:]))) from None
         for arg in (1, 2):
             _at_most(traffic, READ, arg, chunk * HEAD_DIM, where, "the online-softmax update reads each key and value "
                      "of the split once; a pass for the max and another for the sum read them twice, and keys "
@@ -497,6 +843,45 @@ def _combine_cases(rng: np.random.Generator):
         0.5, 4.0, (bh, splits)).astype(np.float32), _rand(rng, bh, splits, d)
 
 
+def _combine_mistake(reference: str = "max", weigh_l: bool = True) -> Any:
+    """The combine with split s weighed by exp(m_s - reference): ``"max"`` (right), ``"first"`` (the first
+    split's m), ``"zero"`` (exp(m_s) itself) or ``"none"`` (every weight 1); without ``weigh_l`` the l values are
+    added unweighted."""
+    from_first, from_max, shift = reference == "first", reference == "max", reference != "none"
+
+    @cuda.jit
+    def combine_mistake(m_part, l_part, acc_part, out):
+        d, bh = cuda.grid(2)
+        if bh < acc_part.shape[0] and d < acc_part.shape[2]:
+            top = float32(0.0)
+            if from_first or from_max:
+                top = m_part[bh, 0]
+            if from_max:
+                for s in range(1, m_part.shape[1]):
+                    top = max(top, m_part[bh, s])
+            num = float32(0.0)
+            den = float32(0.0)
+            for s in range(m_part.shape[1]):
+                w = math.exp(m_part[bh, s] - top) if shift else 1.0
+                num += w * acc_part[bh, s, d]
+                den += (w if weigh_l else 1.0) * l_part[bh, s]
+            out[bh, d] = num / den
+
+    return combine_mistake
+
+
+COMBINE_MISTAKES = (
+    Mistake(_combine_mistake("none"), "that adds the splits' acc and l as they are: each split's sums are "
+            "relative to its own max m_s, so the splits need a common reference before they are added"),
+    Mistake(_combine_mistake("first"), "that takes the first split's max as the reference point: exp(m_s - m_0) "
+            "overflows float32 when another split's max is far above it"),
+    Mistake(_combine_mistake("zero"), "that weighs split s by exp(m_s), with no reference point subtracted: exp "
+            "overflows float32 once m_s passes about 88"),
+    Mistake(_combine_mistake(weigh_l=False), "that weighs the acc values by exp(m_s - M) but adds the l values "
+            "unweighted: the denominator needs the same weights"),
+)
+
+
 @chapter.exercise("6.9", reference=ka.decode_combine_kernel, hints=(
     "each split's (l, acc) was computed against its own maximum m_s; bring all splits to one common reference "
     "before adding them, one that cannot overflow",
@@ -510,7 +895,11 @@ def decode_combine_kernel(fn: Callable, ref: Callable) -> None:
     for label, m, l, acc in _combine_cases(rng):
         bh, _, d = acc.shape
         where = f"{label}, D={d}, blocks of 8x4"
-        out = _buffer((bh, d))
-        _launch(fn, (cdiv(d, 8), cdiv(bh, 4)), (8, 4), (m, l, acc, out), where)
+
+        def run(kernel: Any) -> torch.Tensor:
+            out = _buffer((bh, d))
+            _launch(kernel, (cdiv(d, 8), cdiv(bh, 4)), (8, 4), (m, l, acc, out), where)
+            return _result(out, (bh, d), "out", where)
+
         expected = _expect(_combine64(*(torch.from_numpy(a) for a in (m, l, acc))))
-        _compare_output(_result(out, (bh, d), "out", where), expected, where, "out", atol=1e-5)
+        _compare_output(run(fn), expected, where, "out", atol=1e-5, mistakes=COMBINE_MISTAKES, rerun=run)
