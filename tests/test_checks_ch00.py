@@ -26,6 +26,12 @@ def softmax_nan_on_empty_rows(logits, dim=-1):
     return e / e.sum(dim=dim, keepdim=True)
 
 
+def softmax_global_max(logits, dim=-1):
+    """The maximum of the whole tensor subtracted, not each slice's: a slice far below it is 0 / 0."""
+    e = torch.exp(logits - logits.max())
+    return e / e.sum(dim=dim, keepdim=True)
+
+
 def softmax_detached(logits, dim=-1):
     return ref.stable_softmax(logits.detach(), dim)
 
@@ -214,6 +220,11 @@ def ce_hard_coded_ignore(logits, targets, ignore_index=-100):
     return ref.cross_entropy_from_logits(logits, targets)
 
 
+def ce_negated(logits, targets, ignore_index=-100):
+    keep = _counted(targets, ignore_index)
+    return torch.log_softmax(logits, -1).gather(1, torch.where(keep, targets, 0)[:, None]).squeeze(1)[keep].mean()
+
+
 def ce_returns_float(logits, targets, ignore_index=-100):
     return ref.cross_entropy_from_logits(logits, targets, ignore_index).item()
 
@@ -247,7 +258,8 @@ def test_reference_passes_and_stub_is_not_attempted(check, reference):
 
 @pytest.mark.parametrize("wrong, contains", [
     (softmax_naive, "size ~1000"),
-    (softmax_last_axis_always, "dim=1"),
+    (softmax_last_axis_always, "over the last axis whatever dim is given"),
+    (softmax_global_max, "maximum of the whole tensor, not of each slice"),
     (softmax_nan_on_empty_rows, "all -inf"),
     (softmax_detached, "no gradient"),
     (softmax_float32_always, "dtype"),
@@ -283,15 +295,16 @@ def test_sampling_accepts_another_correct_sampler(right):
 
 
 @pytest.mark.parametrize("wrong, contains", [
-    (sample_ignores_temperature, "temperature 0.5"),
-    (sample_divides_probabilities, "temperature 0.5"),
-    (sample_multiplies_by_temperature, "temperature 0.5"),
-    (sample_always_argmax, "do not follow softmax"),
+    (sample_ignores_temperature, "follow softmax(logits), as at temperature 1"),
+    (sample_divides_probabilities, "follow softmax(logits), as at temperature 1"),
+    (sample_multiplies_by_temperature, "logits were multiplied by the temperature"),
+    (sample_always_argmax, "always picks the most likely token"),
     (sample_keeps_last_axis, "shape"),
     (sample_global_rng, "generator=generator"),
     (sample_no_sign_check, "ValueError"),
     (sample_naive_softmax, "around 400"),
     (sample_drops_one_token, "drew token 8 0.0%"),
+    (sample_drops_one_token, "the last token of the vocabulary is never drawn"),
     (sample_divides_in_place, "changed its argument `logits` in place"),
     (sample_squeezes_everything, "'1x20 logits (a batch of one), temperature 1' has shape ()"),
     (sample_reseeds_global_rng, "not come from the generator you were given"),
@@ -318,8 +331,9 @@ def test_cross_entropy_accepts_torch():
 @pytest.mark.parametrize("wrong, contains", [
     (ce_no_logsumexp, "logits around 200"),
     (ce_mean_over_all_rows, "ignored"),
-    (ce_sum, "37 rows"),
-    (ce_hard_coded_ignore, "ignore_index=0"),
+    (ce_sum, "sum of the rows' losses"),
+    (ce_hard_coded_ignore, "not the ignore_index it is given"),
+    (ce_negated, "without the minus sign"),
     (ce_returns_float, "torch.Tensor"),
     (ce_detached, "no gradient"),
     (ce_zeroes_ignored_targets_in_place, "changed its argument `targets` in place"),

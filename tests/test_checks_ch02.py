@@ -208,6 +208,10 @@ def rope_wrong_direction(x, positions, base=10000.0):
     return _rope(x, positions, base, sign=-1.0)
 
 
+def rope_arange_positions(x, positions, base=10000.0):  # the positions argument ignored: 0..T-1 instead
+    return _rope(x, torch.arange(x.shape[-2]), base).to(x.dtype)
+
+
 def rope_float32_tables(x, positions, base=10000.0):  # right values, but a float16 x comes back float32
     return _rope(x, positions, base)
 
@@ -565,6 +569,7 @@ DIAGNOSES = [
     ("rotary_embedding", rope_interleaved, "(2i, 2i+1)"),
     ("rotary_embedding", rope_wrong_frequencies, "base**(-i/D)"),
     ("rotary_embedding", rope_wrong_direction, "wrong way"),
+    ("rotary_embedding", rope_arange_positions, "positions 0..T-1, not by the positions it is given"),
     ("transformer_block", block_post_norm, "post-norm"),
     ("transformer_block", block_missing_attention_residual, "attention output replaces the residual stream"),
     ("transformer_block", block_missing_mlp_residual, "MLP's output replaces the residual stream"),
@@ -1064,11 +1069,11 @@ def test_correct_answers_in_other_styles_pass(name, fn):
 
 @pytest.mark.parametrize("name, wrong, contains", [
     ("rotary_embedding", rope_cpu_frequencies, "mixed devices"),
-    ("rotary_embedding", rope_float16_angles, "positions up to 2047"),
+    ("rotary_embedding", rope_float16_angles, "angles were computed in x's dtype, float16"),
     ("self_attention", mha_cpu_mask, "mixed devices"),
     ("gpt_forward", gpt_cpu_positions, "mixed devices"),
     ("cached_attention", cache_cpu_mask, "mixed devices"),
-    ("train_step", step_clips_each_parameter, "max_norm=0.05"),
+    ("train_step", step_clips_each_parameter, "each parameter's gradient was clipped"),
 ], ids=["rope-cpu-frequencies", "rope-float16-angles", "mha-cpu-mask", "gpt-cpu-positions", "cache-cpu-mask",
         "step-clips-each-parameter"])
 def test_wrong_answers_of_new_kinds_fail(name, wrong, contains):

@@ -70,6 +70,8 @@ def make_loss(mistake: str | None = None):
         B = maps.shape[0]
         seq = (maps.transpose(1, 2) if mistake == "column_major" else maps).reshape(B, -1)  # (B, L)
         u = torch.rand(B) if mistake == "global_rng" else torch.rand(B, generator=generator)
+        if mistake == "own_generator":  # a fixed seed of its own: the same drops whatever the caller passes
+            u = torch.rand(B, generator=torch.Generator().manual_seed(0))
         drop = u >= p_uncond if mistake == "upside_down" else u < p_uncond
         drop = drop if mistake == "cpu_draws" else drop.to(classes.device)  # the draws are made on the CPU
         null = 0 if mistake == "zero" else model.null_class
@@ -122,7 +124,8 @@ def test_training_loss_rejects_wrong_dropout():
     assert_fails(ch03.training_loss, make_loss("zero"), contains="null class")
     assert_fails(ch03.training_loss, make_loss("no_dropout"), contains="no class was dropped")
     assert_fails(ch03.training_loss, make_loss("in_place"), contains="changed its argument `classes` in place")
-    assert_fails(ch03.training_loss, make_loss("global_rng"), contains="generator")
+    assert_fails(ch03.training_loss, make_loss("global_rng"), contains="identically seeded generators dropped")
+    assert_fails(ch03.training_loss, make_loss("own_generator"), contains="generators seeded 7 and 8 dropped the same")
     assert_fails(ch03.training_loss, make_loss("cpu_draws"), contains="moved off the CPU")  # fails on a GPU
 
 
@@ -179,19 +182,19 @@ def test_hand_written_sampler_passes():
 
 def test_sampler_rejects_no_cache_no_null_unmixed_halves_and_the_scale_convention():
     assert_fails(ch03.sample_tokens, make_sampler("no_cache"), contains="KV cache")
-    assert_fails(ch03.sample_tokens, make_sampler("no_null"), contains="sampled tokens")
-    assert_fails(ch03.sample_tokens, make_sampler("unmixed"), contains="sampled tokens")
+    assert_fails(ch03.sample_tokens, make_sampler("no_null"), contains="tokens of w = 0, with no guidance")
+    assert_fails(ch03.sample_tokens, make_sampler("unmixed"), contains="each half was sampled from its own logits")
     assert_fails(ch03.sample_tokens, make_sampler("scale"), contains="the papers' scale")
 
 
 def test_sampler_rejects_the_library_loop_and_a_temperature_applied_twice():
     assert_fails(ch03.sample_tokens, make_sampler("generate"), contains="runs model.generate")
-    assert_fails(ch03.sample_tokens, make_sampler("temperature_twice"), contains="temperature 0.6")
+    assert_fails(ch03.sample_tokens, make_sampler("temperature_twice"), contains="divided by the temperature twice")
 
 
 def test_sampler_names_swapped_halves_and_rejects_a_probability_mix():
     assert_fails(ch03.sample_tokens, make_sampler("swapped"), contains="halves are swapped")
-    assert_fails(ch03.sample_tokens, make_sampler("probabilities"), contains="sampled tokens")
+    assert_fails(ch03.sample_tokens, make_sampler("probabilities"), contains="that mixes the probabilities")
 
 
 # 3.4 ----------------------------------------------------------------------------------------------------------
@@ -209,8 +212,10 @@ def frechet(a, b, bias=False, mean_term=True, elementwise=False):
 def test_frechet_hand_written_passes_and_mistakes_fail():
     assert_passes(ch03.frechet_distance, frechet)
     assert_fails(ch03.frechet_distance, lambda a, b: frechet(a, b, bias=True), contains="divide by N;")
-    assert_fails(ch03.frechet_distance, lambda a, b: frechet(a, b, mean_term=False), contains="distance")
-    assert_fails(ch03.frechet_distance, lambda a, b: frechet(a, b, elementwise=True), contains="distance")
+    assert_fails(ch03.frechet_distance, lambda a, b: frechet(a, b, mean_term=False),
+                 contains="||mu_a - mu_b||^2 is missing")
+    assert_fails(ch03.frechet_distance, lambda a, b: frechet(a, b, elementwise=True),
+                 contains="entrywise product s_a * s_b")
 
     def root_of_each_entry(a, b):
         a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)

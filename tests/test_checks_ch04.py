@@ -150,10 +150,31 @@ def step_adds_in_place(vq, f_hat, k, tokens):
     return f_hat, vq.next_input(f_hat, k).flatten(2).transpose(1, 2)
 
 
+def step_ignores_canvas(vq, f_hat, k, tokens):
+    s = vq.scales[k]
+    f_hat = vq.accumulate(None, k, tokens.view(-1, s, s))  # passes None: the canvas restarts every scale
+    if k == len(vq.scales) - 1:
+        return f_hat, None
+    return f_hat, vq.next_input(f_hat, k).flatten(2).transpose(1, 2)
+
+
+def step_nearest_resize(vq, f_hat, k, tokens):
+    s = vq.scales[k]
+    f_hat = vq.accumulate(f_hat, k, tokens.view(-1, s, s))
+    if k == len(vq.scales) - 1:
+        return f_hat, None
+    return f_hat, F.interpolate(f_hat, size=vq.scales[k + 1]).flatten(2).transpose(1, 2)  # default mode: nearest
+
+
 def test_scale_step_rejects_wrong_answers():
-    assert_fails(ch04.scale_step, step_not_cumulative, contains="next_input")
-    assert_fails(ch04.scale_step, step_flatten_without_transpose, contains="next_input")
-    assert_fails(ch04.scale_step, step_column_major, contains="f_hat")
+    msg = assert_fails(ch04.scale_step, step_not_cumulative, contains="made from this scale's codes alone")
+    assert "next_input" in msg
+    msg = assert_fails(ch04.scale_step, step_flatten_without_transpose, contains="which mixes channels and positions")
+    assert "next_input" in msg
+    msg = assert_fails(ch04.scale_step, step_column_major, contains="read into the s x s map column by column")
+    assert "f_hat" in msg
+    assert_fails(ch04.scale_step, step_ignores_canvas, contains="the canvas holds this scale's codes only")
+    assert_fails(ch04.scale_step, step_nearest_resize, contains="default (nearest) mode")
     assert_fails(ch04.scale_step, step_adds_in_place, contains="changed its argument `f_hat` in place")
 
 
@@ -194,10 +215,21 @@ def tf_targets_fine_to_coarse(vq, indices):
     return inputs, torch.cat([i.flatten(1) for i in reversed(indices)], dim=1)
 
 
+def tf_previous_codes_only(vq, indices):
+    # each input resized from the previous scale's codes alone, not from the canvas of all scales before
+    inputs = [F.interpolate(vq.accumulate(None, k, indices[k]), size=indices[k + 1].shape[-1], mode="area")
+              .flatten(2).transpose(1, 2) for k in range(len(indices) - 1)]
+    return torch.cat(inputs, dim=1), torch.cat([i.flatten(1) for i in indices], dim=1)
+
+
 def test_teacher_forcing_rejects_wrong_answers():
     assert_fails(ch04.teacher_forcing_sequence, tf_includes_last_canvas, contains="shape")
-    assert_fails(ch04.teacher_forcing_sequence, tf_same_scale_inputs, contains="inputs")
-    assert_fails(ch04.teacher_forcing_sequence, tf_targets_fine_to_coarse, contains="targets")
+    msg = assert_fails(ch04.teacher_forcing_sequence, tf_same_scale_inputs, contains="already holds scale k's own")
+    assert "inputs on input" in msg
+    msg = assert_fails(ch04.teacher_forcing_sequence, tf_targets_fine_to_coarse,
+                       contains="the targets run from the finest scale to the coarsest")
+    assert "targets on input" in msg
+    assert_fails(ch04.teacher_forcing_sequence, tf_previous_codes_only, contains="the previous scale's codes alone")
 
 
 # 4.5 ------------------------------------------------------------------------------------------------------
@@ -311,9 +343,24 @@ def loop_extra_passes(model, vq, classes, **kw):
     return _loop(model, vq, classes, recompute=True, **kw)
 
 
+def loop_halves_swapped(model, vq, classes, **kw):
+    # the null class in rows 0..B-1: logits[:B] are the unconditional half
+    return _loop(model, vq, classes, mix=lambda c, u, t: cfg_mix(u, c, t), **kw)
+
+
+def loop_ramp_over_s(model, vq, classes, **kw):
+    # t = cfg * k / S: an off-by-one ramp that never reaches cfg
+    return _loop(model, vq, classes, mix=lambda c, u, t: cfg_mix(c, u, t * (len(model.config.scales) - 1)
+                                                                   / len(model.config.scales)), **kw)
+
+
 def test_sampling_rejects_wrong_answers():
-    assert_fails(ch04.sample_pyramid, loop_no_ramp, contains="pyramid")
-    assert_fails(ch04.sample_pyramid, loop_scale_convention, contains="pyramid")
+    msg = assert_fails(ch04.sample_pyramid, loop_no_ramp, contains="that guides every scale with the full cfg")
+    assert "pyramid" in msg
+    msg = assert_fails(ch04.sample_pyramid, loop_scale_convention, contains="reading the strength t as the papers'")
+    assert "pyramid" in msg
+    assert_fails(ch04.sample_pyramid, loop_halves_swapped, contains="the halves are swapped")
+    assert_fails(ch04.sample_pyramid, loop_ramp_over_s, contains="the ramp cfg * k / S never reaches cfg")
     assert_fails(ch04.sample_pyramid, loop_extra_passes, contains="one model.step per scale")
 
 
@@ -334,8 +381,10 @@ def test_hand_written_loop_passes():
 
 def test_per_row_sampling_changes_the_random_stream():
     # drawing each position separately consumes the generator in another order: different tokens
-    assert_fails(ch04.sample_pyramid, lambda model, vq, classes, **kw: _loop(model, vq, classes, per_row=True, **kw),
-                 contains="pyramid")
+    msg = assert_fails(ch04.sample_pyramid,
+                       lambda model, vq, classes, **kw: _loop(model, vq, classes, per_row=True, **kw),
+                       contains="draws a scale's tokens one position at a time")
+    assert "pyramid" in msg
 
 
 # correct answers in other styles (third audit): each must pass --------------------------------------------

@@ -181,8 +181,11 @@ def test_5_4():
     assert_passes(check, F.rollback_caches)
     assert_not_attempted(check, stub)
     assert_fails(check, rollback_to_seq_len_minus_one, contains="raised ValueError")
-    for wrong in (rollback_off_by_one, rollback_nothing, rollback_first_cache_only):
+    for wrong, says in ((rollback_off_by_one, "that keeps seq_len positions"),
+                        (rollback_nothing, "no cache was rolled back"),
+                        (rollback_first_cache_only, "only the first cache was rolled back")):
         assert_fails(check, wrong, contains="cache lengths")
+        assert_fails(check, wrong, contains=says)
 
 
 # 5.5 ------------------------------------------------------------------------------------------------------

@@ -86,12 +86,17 @@ def pipe_one_scale_short(model, tokenizer, classes, *, cfg=0.0, generator=None):
 
 
 def test_pipeline_rejects_wrong_answers():
-    assert_fails(ch07.var_pipeline, pipe_scale_as_w, contains="images")
-    assert_fails(ch07.var_pipeline, pipe_no_ramp, contains="images")
-    assert_fails(ch07.var_pipeline, pipe_ignores_generator, contains="images")
+    msg = assert_fails(ch07.var_pipeline, pipe_scale_as_w, contains="that samples with cfg + 1")
+    assert "images" in msg
+    msg = assert_fails(ch07.var_pipeline, pipe_no_ramp, contains="that turns VAR's ramp off")
+    assert "images" in msg
+    msg = assert_fails(ch07.var_pipeline, pipe_ignores_generator,
+                       contains="two runs with identically seeded generators gave different images")
+    assert "images" in msg
     assert_fails(ch07.var_pipeline, pipe_one_image_at_a_time, contains="scale steps")
     assert_fails(ch07.var_pipeline, pipe_finest_scale_only)
-    assert_fails(ch07.var_pipeline, pipe_one_scale_short, contains="images")
+    msg = assert_fails(ch07.var_pipeline, pipe_one_scale_short, contains="without its finest scale")
+    assert "images" in msg
 
 
 # 7.2 ------------------------------------------------------------------------------------------------------
@@ -194,10 +199,25 @@ def test_backend_reference_is_the_library_choice_here():
             _outcome(kernels.select_backend, "flash_attention", cpu, requested)
 
 
+def backend_auto_never_a_kernel(device_type, available, requested="auto"):
+    return "torch" if requested == "auto" else ref.choose_backend(device_type, available, requested)
+
+
+def backend_auto_triton_or_torch(device_type, available, requested="auto"):
+    if requested == "auto":
+        return "triton" if device_type == "cuda" and "triton" in available else "torch"
+    return ref.choose_backend(device_type, available, requested)
+
+
 def test_backend_rejects_wrong_answers():
-    assert_fails(ch07.choose_backend, backend_simulator_on_cpu, contains="'cpu'")
-    assert_fails(ch07.choose_backend, backend_ignores_availability, contains="set()")
-    assert_fails(ch07.choose_backend, backend_prefers_numba, contains="expected 'triton'")
+    msg = assert_fails(ch07.choose_backend, backend_simulator_on_cpu, contains="pick triton or numba off cuda")
+    assert "'cpu'" in msg
+    msg = assert_fails(ch07.choose_backend, backend_ignores_availability, contains="without looking at available")
+    assert "set()" in msg
+    msg = assert_fails(ch07.choose_backend, backend_prefers_numba, contains="prefers numba to triton on cuda")
+    assert "expected 'triton'" in msg
+    assert_fails(ch07.choose_backend, backend_auto_never_a_kernel, contains="passed over numba although it is")
+    assert_fails(ch07.choose_backend, backend_auto_triton_or_torch, contains="passed over numba although it is")
     assert_fails(ch07.choose_backend, backend_silent_fallback, contains="RuntimeError")
     assert_fails(ch07.choose_backend, backend_ignores_request)
     assert_fails(ch07.choose_backend, backend_clears_available, contains="changed its argument `available`")
@@ -232,11 +252,12 @@ def batches_no_check(generate_fn, classes, batch_size):
 
 
 def test_batches_reject_wrong_answers():
-    assert_fails(ch07.generate_in_batches, batches_torch_chunk)
+    assert_fails(ch07.generate_in_batches, batches_torch_chunk, contains="that is torch.chunk")
     assert_fails(ch07.generate_in_batches, batches_drop_ragged, contains="in order")
     assert_fails(ch07.generate_in_batches, batches_off_by_one, contains="more than batch_size")
     assert_fails(ch07.generate_in_batches, batches_one_at_a_time, contains="full chunks")
-    assert_fails(ch07.generate_in_batches, batches_reversed, contains="images")
+    msg = assert_fails(ch07.generate_in_batches, batches_reversed, contains="put together in reverse order")
+    assert "images" in msg
     assert_fails(ch07.generate_in_batches, batches_no_check, contains="ValueError")
 
 
@@ -274,11 +295,23 @@ def accounting_pops_the_lists(chunk_images, chunk_passes, chunk_seconds):
             "images_per_second": images / seconds}
 
 
+def accounting_seconds_per_image(chunk_images, chunk_passes, chunk_seconds):
+    out = ref.generation_accounting(chunk_images, chunk_passes, chunk_seconds)
+    return {**out, "images_per_second": sum(chunk_seconds) / sum(chunk_images)}
+
+
 def test_accounting_rejects_wrong_answers():
-    assert_fails(ch07.generation_accounting, accounting_shared_passes, contains="passes_per_image")
-    assert_fails(ch07.generation_accounting, accounting_mean_over_chunks, contains="passes_per_image")
-    assert_fails(ch07.generation_accounting, accounting_mean_rate, contains="images_per_second")
-    assert_fails(ch07.generation_accounting, accounting_passes_per_image_counted, contains="forward_passes")
+    msg = assert_fails(ch07.generation_accounting, accounting_shared_passes, contains="as if each pass made one image")
+    assert "passes_per_image" in msg
+    msg = assert_fails(ch07.generation_accounting, accounting_mean_over_chunks,
+                       contains="the mean of the chunks' pass counts")
+    assert "passes_per_image" in msg
+    msg = assert_fails(ch07.generation_accounting, accounting_mean_rate, contains="the mean of the per-chunk rates")
+    assert "images_per_second" in msg
+    msg = assert_fails(ch07.generation_accounting, accounting_passes_per_image_counted,
+                       contains="counts each batched pass once per image")
+    assert "forward_passes" in msg
+    assert_fails(ch07.generation_accounting, accounting_seconds_per_image, contains="that is seconds per image")
     assert_fails(ch07.generation_accounting, accounting_pops_the_lists, contains="changed its argument `chunk_images`")
 
 

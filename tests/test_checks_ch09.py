@@ -192,9 +192,14 @@ def test_9_6():
     def float_mask(T, sinks, window):
         return compression.sink_window_mask(T, sinks, window).float()
 
+    def transposed(T, sinks, window):  # mask[j, i]: keys as rows, queries as columns
+        i, j = torch.arange(T)[None, :], torch.arange(T)[:, None]
+        return (j <= i) & ((j < sinks) | (j > i - (window - sinks)))
+
     _check(ch09.sink_window_mask, compression.sink_window_mask,
-           [plain_window, one_too_many, window_after_sinks, float_mask],
-           [(plain_window, "sinks"), (one_too_many, "one token too many"), (window_after_sinks, "window - sinks long")])
+           [plain_window, one_too_many, window_after_sinks, float_mask, transposed],
+           [(plain_window, "sinks"), (one_too_many, "one token too many"), (window_after_sinks, "window - sinks long"),
+            (transposed, "the mask is transposed")])
 
 
 # right answers written in other styles than the reference: each must pass ------------------------------------
@@ -373,7 +378,8 @@ def test_9_6_other_styles():
     for right in (mask_by_lists, mask_by_tril, mask_by_rows):
         assert_passes(ch09.sink_window_mask, right)
     _MASKS_BY_T.clear()
-    assert_fails(ch09.sink_window_mask, mask_cached_by_length, contains="T=10 again")
+    message = assert_fails(ch09.sink_window_mask, mask_cached_by_length, contains="not by T alone")
+    assert "T=10 again" in message
 
 
 def test_9_2_mask_made_on_the_cpu_is_caught():

@@ -67,6 +67,11 @@ def _softmax_nan_gradient(logits: torch.Tensor, dim: int = -1) -> torch.Tensor:
     return torch.where(s > 0, e / s, torch.zeros_like(e))
 
 
+def _softmax_global_max(logits: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    e = torch.exp(logits - logits.max())
+    return e / e.sum(dim, keepdim=True)
+
+
 SOFTMAX_MISTAKES = [  # the first that matches is named: a slice of -inf is NaN for both
     Mistake(lambda logits, dim=-1: torch.softmax(logits, dim),
             "a slice that is all -inf came out NaN (its maximum is -inf, and -inf - (-inf) is NaN); it should be "
@@ -76,6 +81,10 @@ SOFTMAX_MISTAKES = [  # the first that matches is named: a slice of -inf is NaN 
     Mistake(_softmax_nan_gradient, "the values are right, but the gradient of the all -inf slice is NaN: a NaN "
             "computed there (0 / 0, or -inf - (-inf)) still flows backwards even when torch.where or nan_to_num "
             "hides it in the output, and one fully masked row would then turn every weight NaN in training"),
+    Mistake(lambda logits, dim=-1: ref.stable_softmax(logits, -1),
+            "that is the softmax over the last axis whatever dim is given; it must run along dim"),
+    Mistake(_softmax_global_max, "that subtracts the maximum of the whole tensor, not of each slice: a slice far "
+            "below it underflows to exp(...) = 0 everywhere, and 0 / 0 is NaN"),
 ]
 
 
@@ -145,6 +154,44 @@ def _check_draws(draws: object, n: int, vocab: int, where: str) -> torch.Tensor:
     return draws
 
 
+def _without_last_token(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    probs = torch.softmax(logits[:, :-1].double() / temperature, dim=-1)
+    return torch.cat([probs, torch.zeros_like(probs[:, :1])], dim=-1)
+
+
+# distributions a plausible wrong sampler draws from, (logits (B, V), temperature) -> (B, V) probabilities; the
+# first whose chi-square test every row passes is named
+SAMPLING_MISTAKES = [
+    Mistake(lambda logits, temperature: torch.softmax(logits.double(), dim=-1),
+            "the tokens follow softmax(logits), as at temperature 1: the temperature was left out, or it divided "
+            "the probabilities, which renormalising undoes; it must divide the logits"),
+    Mistake(lambda logits, temperature: torch.softmax(logits.double() * temperature, dim=-1),
+            "the tokens follow softmax(logits * temperature): the logits were multiplied by the temperature, so a "
+            "low temperature flattens the distribution instead of sharpening it"),
+    Mistake(lambda logits, temperature: torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).double(),
+            "that always picks the most likely token (the argmax); only temperature 0 is greedy, any other "
+            "temperature draws at random"),
+    Mistake(_without_last_token, "the last token of the vocabulary is never drawn: an off-by-one leaves it out"),
+]
+
+
+def _follows(counts: torch.Tensor, probs: torch.Tensor) -> bool:
+    """Whether every row of ``counts`` (B, V) passes the chi-square test against ``probs`` (B, V)."""
+    for c, q in zip(counts, probs):
+        if bool(((q == 0) & (c > 0)).any()) or _chi_square_p(c, q * c.sum()) < P_MIN:
+            return False
+    return True
+
+
+def _diagnosed(failure: CheckFailure, counts: torch.Tensor, logits: torch.Tensor,
+               temperature: float) -> CheckFailure:
+    """``failure`` completed with the first of :data:`SAMPLING_MISTAKES` whose distribution the draws follow."""
+    for mistake in SAMPLING_MISTAKES:
+        if _follows(counts, mistake.fn(logits, temperature)):
+            return CheckFailure(f"{failure}; {mistake.says}")
+    return failure
+
+
 def _check_distribution(fn: Callable, name: str, logits: torch.Tensor, temperature: float, seed: int) -> None:
     """Draw DRAWS tokens per row with ``fn`` and test them against ``softmax(logits / temperature)``."""
     where = f"{name}, temperature {temperature:g}, {DRAWS} draws per row"
@@ -157,8 +204,9 @@ def _check_distribution(fn: Callable, name: str, logits: torch.Tensor, temperatu
                     why="so a second call on it sees other values")
     draws = _check_draws(draws, DRAWS * rows, vocab, where).view(DRAWS, rows)  # (DRAWS, B)
     expected = torch.softmax(logits.double() / temperature, dim=-1)  # (B, V)
+    all_counts = torch.stack([torch.bincount(draws[:, r], minlength=vocab) for r in range(rows)]).double()  # (B, V)
     for r in range(rows):
-        counts = torch.bincount(draws[:, r], minlength=vocab).double()  # (V,)
+        counts = all_counts[r]  # (V,)
         impossible = (expected[r] == 0) & (counts > 0)
         if bool(impossible.any()):
             tok = int(impossible.nonzero()[0])
@@ -168,10 +216,10 @@ def _check_distribution(fn: Callable, name: str, logits: torch.Tensor, temperatu
         if p < P_MIN:
             freq, want = counts / DRAWS, expected[r]
             tok = int((freq - want).abs().argmax())
-            raise CheckFailure(
+            raise _diagnosed(CheckFailure(
                 f"token frequencies on input {where!r} do not follow softmax(logits / temperature): row {r} "
                 f"drew token {tok} {100 * float(freq[tok]):.1f}% of the time, expected "
-                f"{100 * float(want[tok]):.1f}% (chi-square p = {p:.1e})")
+                f"{100 * float(want[tok]):.1f}% (chi-square p = {p:.1e})"), all_counts, logits, temperature)
 
 
 @chapter.exercise("0.2", reference=ref.sample_categorical, hints=(
@@ -279,6 +327,12 @@ def _cross_entropy_log_of_softmax(logits: torch.Tensor, targets: torch.Tensor,
     return -picked.log()[keep].mean()
 
 
+def _cross_entropy_summed(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    keep = targets != ignore_index
+    picked = logits.gather(1, targets.clamp_min(0)[:, None]).squeeze(1)
+    return (torch.logsumexp(logits, -1) - picked)[keep].sum()
+
+
 CROSS_ENTROPY_MISTAKES = [  # the first that matches is named: both give inf where a target's probability underflows
     Mistake(_cross_entropy_log_of_softmax, "that is the log of a softmax: a target far below the row maximum gets "
             "a probability that underflows to 0, and -log 0 is inf"),
@@ -286,6 +340,13 @@ CROSS_ENTROPY_MISTAKES = [  # the first that matches is named: both give inf whe
             "logits"),
     Mistake(_cross_entropy_over_all_rows, "that divides by every row, ignored ones included: the mean is over "
             "the rows that count"),
+    Mistake(_cross_entropy_summed, "that is the sum of the rows' losses; the loss is their mean, so it does not "
+            "grow with the batch"),
+    Mistake(lambda logits, targets, ignore_index=-100: ref.cross_entropy_from_logits(logits, targets),
+            "that always ignores the targets equal to -100, not the ignore_index it is given"),
+    Mistake(lambda logits, targets, ignore_index=-100: -ref.cross_entropy_from_logits(logits, targets, ignore_index),
+            "that is the mean log-probability of the targets, without the minus sign: a loss is minus the log, "
+            "so it is positive"),
 ]
 
 

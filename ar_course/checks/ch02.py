@@ -223,11 +223,14 @@ def _rope_half_cases() -> Iterator[Case]:
 
 
 def _rope_variant(x: torch.Tensor, positions: torch.Tensor, base: float = 10000.0, *, exponent: float = 2.0,
-                  sign: float = 1.0, interleaved: bool = False) -> torch.Tensor:
-    """Rotary embedding with one thing changed: the frequencies, the direction, or the pairing."""
+                  sign: float = 1.0, interleaved: bool = False, angle_dtype: torch.dtype = torch.float64
+                  ) -> torch.Tensor:
+    """Rotary embedding with one thing changed: the frequencies, the direction, the pairing, or the precision
+    of the angles."""
     D = x.shape[-1]
     i = torch.arange(D // 2, dtype=torch.float64)
-    angle = positions.double()[:, None] * base ** (-exponent * i / D)  # (T, D/2)
+    freqs = (base ** (-exponent * i / D)).to(angle_dtype)  # (D/2,)
+    angle = (positions.to(angle_dtype)[:, None] * freqs).double()  # (T, D/2)
     cos, sin = angle.cos().to(x.dtype), (sign * angle.sin()).to(x.dtype)
     if interleaved:
         x1, x2 = x[..., 0::2], x[..., 1::2]
@@ -244,6 +247,11 @@ ROPE_MISTAKES = [
             "the frequencies are base**(-i/D); pair i turns at base**(-2i/D)"),
     Mistake(lambda x, positions, base=10000.0: _rope_variant(x, positions, base, sign=-1.0),
             "the rotation goes the wrong way (the sines have the wrong sign)"),
+    Mistake(lambda x, positions, base=10000.0: _rope_variant(x, torch.arange(x.shape[-2]), base),
+            "that rotates by the positions 0..T-1, not by the positions it is given"),
+    Mistake(lambda x, positions, base=10000.0: _rope_variant(x, positions, base, angle_dtype=x.dtype),
+            "the angles were computed in x's dtype, float16: above 1024 float16 only holds whole numbers, so "
+            "position * frequency is off by up to half a radian"),
 ]
 
 
@@ -647,14 +655,17 @@ def _step_no_zero_grad(model, optimizer, chunk, forward, max_norm=1.0):
     return loss.item()
 
 
-def _step_variant(model, optimizer, chunk, forward, max_norm=1.0, *, shift: bool = True, clip: bool = True,
+def _step_variant(model, optimizer, chunk, forward, max_norm=1.0, *, shift: bool = True, clip: bool | str = True,
                   step: bool = True, reduction: str = "mean"):
     optimizer.zero_grad()
     logits = forward(model, chunk[:, :-1])
     targets = chunk[:, 1:] if shift else chunk[:, :-1]
     loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction=reduction)
     loss.backward()
-    if clip:
+    if clip == "each":
+        for p in model.parameters():
+            torch.nn.utils.clip_grad_norm_(p, max_norm)
+    elif clip:
         torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
     if step:
         optimizer.step()
@@ -667,6 +678,8 @@ STEP_MISTAKES = [
     Mistake(lambda *a: _step_variant(*a, shift=False), "the targets are the inputs themselves, not shifted: the "
             "model learns to copy the token it already sees instead of predicting the next one"),
     Mistake(lambda *a: _step_variant(*a, clip=False), "the gradient norm was not clipped to max_norm"),
+    Mistake(lambda *a: _step_variant(*a, clip="each"), "each parameter's gradient was clipped to max_norm on its "
+            "own; clipping scales all the gradients together, by their total norm over every parameter"),
     Mistake(lambda *a: _step_variant(*a, step=False), "the parameters never changed: the optimizer did not step, "
             "or the gradients were cleared between backward() and step()"),
     Mistake(lambda *a: _step_variant(*a, reduction="sum"), "the loss is summed over the positions; take the mean, "

@@ -28,7 +28,7 @@ from ar_course.checks.core import (Case, Chapter, CheckFailure, Mistake, call, c
 from ar_course.checks.reference import ch03 as answers
 from ar_course.raster import orders
 from ar_course.raster.model import raster_config
-from ar_course.sampling import GREEDY, SamplingConfig
+from ar_course.sampling import GREEDY, SamplingConfig, sample
 from ar_course.transformer.model import GPT
 
 chapter = Chapter(3, "Autoregressive images")
@@ -178,9 +178,16 @@ def _check_dropout(fn) -> None:
                            f"+- {tol:.1%}{flipped}")
     again = _dropped_classes(fn, model, classes, p, 7, where)
     other = _dropped_classes(fn, model, classes, p, 8, where)
-    if not torch.equal(got, again) or torch.equal(got, other):
+    if not torch.equal(got, again):
         raise CheckFailure(f"on input {where!r} the dropped classes do not follow the generator: draw them with "
-                           "torch.rand(B, generator=generator), not from the global random state")
+                           "torch.rand(B, generator=generator); two runs with identically seeded generators "
+                           "dropped different classes, so the draws come from elsewhere, such as the global random "
+                           "state")
+    if torch.equal(got, other):
+        raise CheckFailure(f"on input {where!r} the dropped classes do not follow the generator: draw them with "
+                           "torch.rand(B, generator=generator); generators seeded 7 and 8 dropped the same "
+                           "classes, so the generator given is not used (a fixed seed, or a generator made inside "
+                           "the function, repeats the same draws)")
 
 
 @chapter.exercise("3.2", reference=answers.training_loss, hints=(
@@ -273,6 +280,34 @@ def _with_cfg(transform):
     return sampler
 
 
+def _loop_with(mix: str):
+    """A sampling loop as a learner writes it, with the guidance step ``mix`` done wrong: "unmixed" (each half
+    sampled from its own logits), "probabilities" (the probabilities mixed, not the logits) or
+    "temperature_twice" (the mix divided by the temperature before ``sample``, which divides again)."""
+    @torch.no_grad()
+    def sampler(model, classes, num_tokens, *, cfg=0.0, sampling=SamplingConfig(), generator=None):
+        generator, B = _gen(11), classes.shape[0]
+        cls = torch.cat([classes, torch.full_like(classes, model.null_class)])  # (2B,)
+        seq = torch.zeros(2 * B, 0, dtype=torch.long, device=classes.device)  # (2B, 0)
+        cache = model.make_cache(2 * B)
+        for t in range(num_tokens):
+            logits = model(seq[:, -1:] if t else seq, classes=None if t else cls, cache=cache)[0][:, -1]  # (2B, V)
+            cond, uncond = logits[:B], logits[B:]
+            if mix == "unmixed":
+                nxt = sample(logits, sampling=sampling, generator=generator)  # (2B,)
+            else:
+                if mix == "probabilities":
+                    mixed = ((1 + cfg) * cond.softmax(-1) - cfg * uncond.softmax(-1)).clamp_min(1e-30).log()
+                else:
+                    mixed = (1 + cfg) * cond - cfg * uncond
+                if mix == "temperature_twice" and sampling.temperature > 0:
+                    mixed = mixed / sampling.temperature
+                nxt = sample(mixed, sampling=sampling, generator=generator).repeat(2)  # (2B,)
+            seq = torch.cat([seq, nxt[:, None]], 1)
+        return seq[:B]
+    return sampler
+
+
 SAMPLER_MISTAKES = [
     # u + s (c - u) with s = w is (1 + (w - 1)) c - (w - 1) u: the reference at w - 1
     Mistake(_with_cfg(lambda w: w - 1), "that reads w as the papers' scale s = 1 + w (uncond + w * (cond - uncond)); "
@@ -280,6 +315,15 @@ SAMPLER_MISTAKES = [
     # (1 + w) u - w c is the reference at -1 - w
     Mistake(_with_cfg(lambda w: -1 - w), "the halves are swapped: rows 0..B-1 carry the classes (cond), rows B..2B-1 "
                                          "the null class (uncond)"),
+    Mistake(_with_cfg(lambda w: 0.0), "those are the tokens of w = 0, with no guidance: the guidance cancels when "
+                                      "both halves carry the classes (the second half needs model.null_class), or "
+                                      "when w is left out of the mix"),
+    Mistake(_loop_with("unmixed"), "each half was sampled from its own logits; the two halves' logits must be mixed "
+                                   "into one distribution, and the one token drawn from it fed to both halves"),
+    Mistake(_loop_with("probabilities"), "that mixes the probabilities, (1 + w) p_cond - w p_uncond; guidance mixes "
+                                         "the logits, which gives another distribution"),
+    Mistake(_loop_with("temperature_twice"), "the logits were divided by the temperature twice: sample(...) already "
+                                             "divides by sampling.temperature"),
 ]
 
 
@@ -353,19 +397,22 @@ def _frechet_cases() -> Iterator[Case]:
 
 
 def _frechet_variant(a: torch.Tensor, b: torch.Tensor, *, ddof: int = 1, elementwise: bool = False,
-                     separate: bool = False) -> float:
-    """The Frechet distance with one thing changed: biased covariances, an elementwise square root, or the
-    product of the two covariances' square roots."""
+                     separate: bool = False, entrywise_product: bool = False, mean_term: bool = True) -> float:
+    """The Frechet distance with one thing changed: biased covariances, an elementwise square root, the
+    product of the two covariances' square roots, the root of their entrywise product, or no mean term."""
     x, y = a.double().numpy(), b.double().numpy()
     s_a, s_b = np.cov(x, rowvar=False, ddof=ddof), np.cov(y, rowvar=False, ddof=ddof)
-    if separate:
+    if entrywise_product:
+        root = np.sqrt(np.abs(s_a * s_b))  # its trace only sees the diagonals, sum sqrt(var_a * var_b)
+    elif separate:
         root = linalg.sqrtm(s_a).real @ linalg.sqrtm(s_b).real
     elif elementwise:
         with np.errstate(invalid="ignore"):  # an entry-wise root of a negative entry is NaN, as the learner's is
             root = np.sqrt(s_a @ s_b)
     else:
         root = linalg.sqrtm(s_a @ s_b).real
-    return float(((x.mean(0) - y.mean(0)) ** 2).sum() + np.trace(s_a) + np.trace(s_b) - 2 * np.trace(root))
+    means = ((x.mean(0) - y.mean(0)) ** 2).sum() if mean_term else 0.0
+    return float(means + np.trace(s_a) + np.trace(s_b) - 2 * np.trace(root))
 
 
 FRECHET_MISTAKES = [
@@ -376,6 +423,12 @@ FRECHET_MISTAKES = [
     Mistake(lambda a, b: _frechet_variant(a, b, separate=True),
             "that multiplies the square roots of S_a and S_b; the formula takes the square root of their product "
             "(two covariances rarely commute, so the two differ)"),
+    Mistake(lambda a, b: _frechet_variant(a, b, mean_term=False),
+            "the term ||mu_a - mu_b||^2 is missing: that compares only the covariances, so two sets that differ by "
+            "a shift would be at distance 0"),
+    Mistake(lambda a, b: _frechet_variant(a, b, entrywise_product=True),
+            "that takes the root of the entrywise product s_a * s_b, whose trace only sees each dimension's "
+            "variance; the formula needs the matrix product S_a @ S_b and its matrix square root"),
 ]
 
 

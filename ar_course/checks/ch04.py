@@ -160,6 +160,47 @@ def _scale_step_cases() -> Iterator[tuple[str, MultiScaleVQ, list[torch.Tensor]]
         yield f"scales {scales}, batch {B}", _vq(scales), _pyramid(scales, B)
 
 
+def _step_with(vq: MultiScaleVQ, f_hat: torch.Tensor | None, k: int, tokens: torch.Tensor, *, own_codes: bool = False,
+               reshaped: bool = False, column_major: bool = False, fresh_canvas: bool = False,
+               nearest: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`ref.scale_step` with one slip switched on: the next input from this scale's codes alone
+    (``own_codes``), the map reshaped to ``(B, s'^2, D)`` without moving the channels last (``reshaped``), the
+    tokens read into the map column by column (``column_major``), a canvas that drops ``f_hat``
+    (``fresh_canvas``), or the canvas resized by ``F.interpolate``'s default nearest mode (``nearest``)."""
+    s, B = vq.scales[k], tokens.shape[0]
+    idx = tokens.view(B, s, s)
+    h = vq.accumulate(None, k, idx.transpose(1, 2) if column_major else idx)
+    f_new = h if f_hat is None or fresh_canvas else f_hat + h
+    if k == len(vq.scales) - 1:
+        return f_new, None
+    src = h if own_codes else f_new
+    if nearest:
+        nxt = torch.nn.functional.interpolate(src, size=vq.scales[k + 1])
+    else:
+        nxt = vq.next_input(src, k)  # (B, D, s', s')
+    if reshaped:
+        return f_new, nxt.reshape(B, -1, nxt.shape[1])
+    return f_new, nxt.flatten(2).transpose(1, 2)
+
+
+STEP_MISTAKES = [
+    Mistake(partial(_step_with, own_codes=True),
+            "the next input is made from this scale's codes alone; it is the whole canvas (every scale so far) "
+            "resized to the next scale"),
+    Mistake(partial(_step_with, reshaped=True),
+            "that reshapes the (B, D, s', s') map straight to (B, s'^2, D), which mixes channels and positions; "
+            "each row must hold the D channels of one position"),
+    Mistake(partial(_step_with, column_major=True),
+            "the tokens are read into the s x s map column by column (transposed); they come row-major, row by "
+            "row"),
+    Mistake(partial(_step_with, fresh_canvas=True),
+            "the canvas holds this scale's codes only; each step adds them to the canvas f_hat it is given"),
+    Mistake(partial(_step_with, nearest=True),
+            "that resizes the canvas with F.interpolate's default (nearest) mode, which keeps single pixels; the "
+            "next input averages each area (vq.next_input)"),
+]
+
+
 @chapter.exercise("4.3", reference=ref.scale_step, hints=(
     "one step does two things: add scale k's codes to the canvas, then prepare what the transformer reads to "
     "predict scale k + 1",
@@ -183,12 +224,14 @@ def scale_step(fn: Callable, ref_fn: Callable) -> None:
                                 why="and one that keeps the canvas of every scale would see them all change")
                 if not isinstance(got, (tuple, list)) or len(got) != 2:
                     raise CheckFailure(f"on {where}, return a pair (f_hat, next_input), got {type(got).__name__}")
-                compare(got[0], f_exp, where=where, name="f_hat (the canvas)")
-                if nxt_exp is None:
-                    if got[1] is not None:
-                        raise CheckFailure(f"on {where} (the last scale) the next input should be None")
-                else:
-                    compare(got[1], nxt_exp, where=where, name="next_input")
+                try:
+                    compare(got[0], f_exp, where=where, name="f_hat (the canvas)")
+                    if nxt_exp is not None:
+                        compare(got[1], nxt_exp, where=where, name="next_input")
+                except CheckFailure as exc:
+                    raise explain(exc, STEP_MISTAKES, Case(where, (vq, f_fn, k, tokens)), got) from None
+                if nxt_exp is None and got[1] is not None:
+                    raise CheckFailure(f"on {where} (the last scale) the next input should be None")
                 f_ref, f_fn = f_exp, got[0]
                 if k == 0:
                     first = f_exp
@@ -217,6 +260,35 @@ def _scale_step_again(fn: Callable, ref_fn: Callable, vq: MultiScaleVQ, f_hat: t
 # 4.4 the teacher-forcing sequence
 
 
+def _tf_own_canvas(vq: MultiScaleVQ, indices: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The input of scale k made from the canvas after scale k itself (resized to s_k): it holds the answer."""
+    f_hat, inputs = None, []
+    for k, idx in enumerate(indices):
+        f_hat = vq.accumulate(f_hat, k, idx)
+        if k >= 1:
+            inputs.append(vq.next_input(f_hat, k - 1).flatten(2).transpose(1, 2))
+    return torch.cat(inputs, 1), torch.cat([i.flatten(1) for i in indices], 1)
+
+
+def _tf_previous_codes_only(vq: MultiScaleVQ, indices: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The input of scale k made from scale k - 1's codes alone, not the canvas of every scale before it."""
+    inputs = [vq.next_input(vq.accumulate(None, k, idx), k).flatten(2).transpose(1, 2)
+              for k, idx in enumerate(indices[:-1])]
+    return torch.cat(inputs, 1), torch.cat([i.flatten(1) for i in indices], 1)
+
+
+TF_MISTAKES = [
+    Mistake(_tf_own_canvas, "the input for scale k is made from the canvas that already holds scale k's own "
+                            "tokens, which gives the answer away; it comes from the scales before it"),
+    Mistake(_tf_previous_codes_only, "each input is made from the previous scale's codes alone; it is the whole "
+                                     "canvas of every scale before it"),
+    Mistake(lambda vq, indices: (ref.teacher_forcing_sequence(vq, indices)[0],
+                                 torch.cat([i.flatten(1) for i in reversed(indices)], 1)),
+            "the targets run from the finest scale to the coarsest; they run coarse to fine, the order in which "
+            "the scales are predicted"),
+]
+
+
 @chapter.exercise("4.4", reference=ref.teacher_forcing_sequence, hints=(
     "teacher forcing feeds the ground-truth scales: run your scale step over them and collect what the "
     "transformer would read before each scale after the first",
@@ -233,8 +305,12 @@ def teacher_forcing_sequence(fn: Callable, ref_fn: Callable) -> None:
             got = call(fn, vq, [p.clone() for p in pyr], where=name)
         if not isinstance(got, (tuple, list)) or len(got) != 2:
             raise CheckFailure(f"on {name}, return a pair (inputs, targets), got {type(got).__name__}")
-        compare(got[0], expected[0], where=name, name="inputs")
-        compare(got[1], expected[1], where=name, name="targets")
+        try:
+            compare(got[0], expected[0], where=name, name="inputs")
+            compare(got[1], expected[1], where=name, name="targets")
+        except CheckFailure as exc:
+            with torch.no_grad():
+                raise explain(exc, TF_MISTAKES, Case(name, (vq, pyr)), got) from None
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -360,6 +436,54 @@ def _sampling_cases() -> Iterator[tuple[str, dict]]:
         cfg=1.5, sampling=SamplingConfig(temperature=0.7, top_p=0.9))
 
 
+def _loop_with(model: VAR, vq: MultiScaleVQ, classes: torch.Tensor, *, cfg: float = 0.0,
+               sampling: SamplingConfig = SamplingConfig(), ramp: bool = True, generator=None,
+               strength: Callable | None = None, mix: Callable | None = None,
+               per_position: bool = False) -> list[torch.Tensor]:
+    """The sampling loop with one slip: another guidance strength per scale (``strength(cfg, k, S, ramp)``),
+    another mix of the halves (``mix(cond, uncond, t)``), or each position of a scale drawn by its own call
+    (``per_position``). It draws from its own generator, seeded as the check's (``generator`` is ignored)."""
+    from ar_course.sampling import cfg_mix, sample
+
+    generator, c, B = _gen(11), model.config, classes.shape[0]
+    guided = cfg != 0
+    cls = torch.cat([classes, torch.full_like(classes, model.null_class)]) if guided else classes
+    cache = model.make_cache(cls.shape[0])
+    f_hat, x, out = None, None, []
+    for k, s in enumerate(c.scales):
+        logits = model.step(k, x, cls, cache)
+        if guided:
+            t = (strength or ref.guidance_strength)(cfg, k, c.num_scales, ramp=ramp)
+            logits = (mix or cfg_mix)(logits[:B], logits[B:], t)
+        if per_position:
+            tokens = torch.stack([sample(logits[:, i], sampling=sampling, generator=generator) for i in range(s * s)],
+                                 dim=1)
+        else:
+            tokens = sample(logits, sampling=sampling, generator=generator)
+        out.append(tokens.view(B, s, s))
+        f_hat, x = ref.scale_step(vq, f_hat, k, tokens)
+        if guided and x is not None:
+            x = torch.cat([x, x])
+    return out
+
+
+SAMPLING_MISTAKES = [
+    Mistake(lambda *args, **kwargs: _loop_with(*args, **{**kwargs, "ramp": False}),
+            "that guides every scale with the full cfg; with the ramp the strength grows from 0 at the first scale "
+            "to cfg at the last"),
+    Mistake(partial(_loop_with, mix=lambda cond, uncond, t: uncond + t * (cond - uncond)),
+            "that mixes uncond + t * (cond - uncond), reading the strength t as the papers' scale s; strength t "
+            "gives (1 + t) * cond - t * uncond, so t = 0 is the conditional model"),
+    Mistake(partial(_loop_with, mix=lambda cond, uncond, t: (1 + t) * uncond - t * cond),
+            "the halves are swapped: rows 0..B-1 carry the classes (cond), rows B..2B-1 the null class (uncond)"),
+    Mistake(partial(_loop_with, strength=lambda w, k, S, ramp=True: w * k / S if ramp and S > 1 else w),
+            "the ramp cfg * k / S never reaches cfg: it runs from 0 at the first scale to cfg at the last"),
+    Mistake(partial(_loop_with, per_position=True),
+            "that draws a scale's tokens one position at a time, which takes the generator's random numbers in "
+            "another order than one draw for all s*s tokens together"),
+]
+
+
 @chapter.exercise("4.6", reference=var_model.sample_pyramid, hints=(
     "one forward pass per scale, with one KV cache for the whole pyramid: each scale's tokens are drawn "
     "together, added to the canvas, and the canvas gives the next scale's input",
@@ -410,5 +534,7 @@ def sample_pyramid(fn: Callable, ref_fn: Callable) -> None:
                 with torch.no_grad():
                     again = call(fn, model, vq, *clone_args((classes,)), generator=_gen(11), where=where, **kwargs)
                 check_draws_follow_generator(exc, got, again)
-                raise
+                with torch.no_grad():
+                    raise explain(exc, SAMPLING_MISTAKES, Case(where, (model, vq, classes.clone()), kwargs),
+                                  got) from None
 

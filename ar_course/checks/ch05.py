@@ -225,6 +225,37 @@ def jacobi_verify(fn: Callable, ref_fn: Callable) -> None:
 # 5.4 cache rollback
 
 
+def _rollback_first_only(caches: list[KVCache], seq_len: int) -> None:
+    for cache in caches[:1]:
+        cache.rollback(min(cache.length, seq_len - 1))
+
+
+def _rollback_to_seq_len(caches: list[KVCache], seq_len: int) -> None:
+    for cache in caches:
+        cache.rollback(min(cache.length, seq_len))
+
+
+ROLLBACK_MISTAKES = [  # the first that matches is named: on [7, 12] the first two both leave 12
+    Mistake(_rollback_first_only, "only the first cache was rolled back (a return inside the loop stops after it); "
+            "the later ones keep the positions computed for the rejected drafts"),
+    Mistake(lambda caches, seq_len: None, "no cache was rolled back: they still hold the positions computed for "
+            "the rejected drafts"),
+    Mistake(_rollback_to_seq_len, "that keeps seq_len positions; the sequence's last token has not been fed to "
+            "any model yet, so a cache holds at most seq_len - 1"),
+]
+
+
+def _lengths_after(fn: Callable, lengths: tuple[int, ...], seq_len: int) -> list[int]:
+    """The cache lengths after ``fn`` rolls back fresh caches of ``lengths`` to a sequence of ``seq_len``."""
+    caches = []
+    for n in lengths:
+        c = KVCache(1, 1, 1, 24, 2)
+        c.advance(n)
+        caches.append(c)
+    fn(caches, seq_len)
+    return [c.length for c in caches]
+
+
 @chapter.exercise("5.4", reference=ref.rollback_caches, hints=(
     "after a round a cache may hold positions of rejected drafts, and the sequence's last token has not been "
     "fed to any model yet",
@@ -244,7 +275,13 @@ def rollback_caches(fn: Callable, ref_fn: Callable) -> None:
                 bucket.append(c)
         ref_fn(ref_caches, seq_len)
         call(fn, got_caches, seq_len, where=where)
-        compare([c.length for c in got_caches], [c.length for c in ref_caches], where=where, name="cache lengths")
+        got = [c.length for c in got_caches]
+        try:
+            compare(got, [c.length for c in ref_caches], where=where, name="cache lengths")
+        except CheckFailure as exc:
+            scenario = [Mistake(lambda m=m, lengths=lengths, seq_len=seq_len: _lengths_after(m.fn, lengths, seq_len),
+                                m.says) for m in ROLLBACK_MISTAKES]
+            raise explain(exc, scenario, Case(where), got) from None
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -6,9 +6,11 @@ reference under identically seeded generators, on the shipped MNIST models and o
 VAR with another schedule and three colour channels, and counts the forward passes. The other checks are
 pure bookkeeping and run on hand-made tables whose answers differ between the right rule and
 the usual slips (a ragged last chunk, a tie, a "min" objective, a floor met exactly); 7.3 and 7.5-7.7 also
-check that the set, lists and table they are given come back unchanged (no in-place sort or remove). 7.2, 7.6 and
-7.7 name the slip they recognise: a sign, the scale read as the strength, a ramp off by one or in raster order, "min"
-read as "max", equal rows knocking each other out, a sum of objectives, the best quality or the first row taken.
+check that the set, lists and table they are given come back unchanged (no in-place sort or remove). Every check
+names the slip it recognises: a sign, the scale read as the strength, a ramp off, off by one or in raster order, the
+finest scale left out, draws not from the generator, a CPU stand-in or numba picked first, torch.chunk, chunks
+reversed, an average over chunks or a pass counted per image, "min" read as "max", equal rows knocking each other
+out, a sum of objectives, the best quality or the first row taken.
 """
 
 from __future__ import annotations
@@ -65,6 +67,31 @@ def _pipeline_cases() -> Iterator[tuple[str, VAR, VQVAE, torch.Tensor, float]]:
     yield "shipped MNIST VAR, cfg 2", model, tok, torch.tensor([3, 1, 4, 1, 5, 9, 2]), 2.0
 
 
+def _pipeline_with(model: VAR, tokenizer: VQVAE, classes: torch.Tensor, *, cfg: float = 0.0, generator=None,
+                   cfg_plus_one: bool = False, ramp: bool = True, scales_kept: slice = slice(None)) -> torch.Tensor:
+    """The pipeline with one slip: cfg + 1 passed as the strength (``cfg_plus_one``), the ramp off (``ramp``),
+    or only part of the pyramid decoded (``scales_kept``). It draws from its own generator, seeded as the
+    check's (``generator`` is ignored)."""
+    from ar_course.var import sample_pyramid
+
+    classes = classes.to(next(model.parameters()).device)
+    pyramid = sample_pyramid(model, tokenizer.quantizer, classes, cfg=cfg + 1.0 if cfg_plus_one else cfg, ramp=ramp,
+                             generator=_gen(7))
+    return tokenizer.decode_from_indices(pyramid[scales_kept]).float().cpu()
+
+
+PIPELINE_MISTAKES = [
+    Mistake(lambda *args, **kwargs: _pipeline_with(*args, **kwargs, cfg_plus_one=True),
+            "that samples with cfg + 1, the papers' scale s = 1 + w of uncond + s * (cond - uncond); "
+            "sample_pyramid's cfg is the strength w itself, and 0 means no guidance"),
+    Mistake(lambda *args, **kwargs: _pipeline_with(*args, **kwargs, ramp=False),
+            "that turns VAR's ramp off (ramp=False), so every scale gets the full cfg; the pipeline keeps the ramp, "
+            "from no guidance at the first scale to cfg at the last"),
+    Mistake(lambda *args, **kwargs: _pipeline_with(*args, **kwargs, scales_kept=slice(None, -1)),
+            "that decodes the pyramid without its finest scale; the decoder needs every scale, coarse to fine"),
+]
+
+
 @chapter.exercise("7.1", reference=ref.var_pipeline, hints=(
     "two library calls make an image batch: sample the token pyramid for all classes at once, then decode the "
     "whole pyramid with the tokenizer",
@@ -94,7 +121,18 @@ def var_pipeline(fn: Callable, ref_fn: Callable) -> None:
         if len(steps) != S:
             raise CheckFailure(f"on {where}, the model ran {len(steps)} scale steps for {classes.numel()} images; "
                                f"one batched sampling loop takes exactly {S} (one per scale)")
-        compare(got, expected, where=where, name="images", atol=1e-5)
+        try:
+            compare(got, expected, where=where, name="images", atol=1e-5)
+        except CheckFailure as exc:
+            with torch.no_grad():
+                again = call(fn, model, tok, classes.clone(), cfg=cfg, generator=_gen(7), where=where) \
+                    if isinstance(got, torch.Tensor) else got
+                if isinstance(again, torch.Tensor) and (got.shape != again.shape or not torch.equal(got, again)):
+                    raise CheckFailure(f"{exc}; two runs with identically seeded generators gave different images: "
+                                       "the tokens were drawn from the global random state, not all from "
+                                       "`generator`") from None
+                raise explain(exc, PIPELINE_MISTAKES, Case(where, (model, tok, classes.clone()), {"cfg": cfg}), got,
+                              atol=1e-5) from None
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -225,6 +263,31 @@ def _backend_cases() -> Iterator[tuple[str, frozenset, str]]:
                 yield device, available, requested
 
 
+def _backend_auto(pick: Callable[[str, set], str]) -> Callable:
+    """The reference with ``"auto"`` decided by ``pick(device_type, available)`` instead."""
+    def choose(device_type, available, requested="auto"):
+        return pick(device_type, available) if requested == "auto" else ref.choose_backend(device_type, available,
+                                                                                            requested)
+    return choose
+
+
+BACKEND_MISTAKES = [
+    Mistake(_backend_auto(lambda device, available: next((b for b in ("triton", "numba") if b in available), "torch")),
+            "that lets 'auto' pick triton or numba off cuda; there they are only CPU stand-ins (an interpreter, a "
+            "simulator), far slower than torch"),
+    Mistake(_backend_auto(lambda device, available: "triton" if device == "cuda" else "torch"),
+            "that takes 'triton' on cuda without looking at available; 'auto' may only pick a backend that can run "
+            "here"),
+    Mistake(_backend_auto(lambda device, available: next((b for b in ("numba", "triton") if b in available), "torch")
+                          if device == "cuda" else "torch"),
+            "that prefers numba to triton on cuda; Triton is the faster one there and comes first"),
+    Mistake(_backend_auto(lambda device, available: "triton" if device == "cuda" and "triton" in available
+                          else "torch"),
+            "'auto' on cuda passed over numba although it is available; without triton, numba still comes before "
+            "torch"),
+]
+
+
 @chapter.exercise("7.3", reference=ref.choose_backend, hints=(
     "separate the two kinds of request: a forced backend must run or fail loudly, while 'auto' picks the "
     "fastest backend that can run on this device",
@@ -247,7 +310,8 @@ def choose_backend(fn: Callable, ref_fn: Callable) -> None:
         got = call(fn, device, given, requested, where=shown)
         check_unchanged(("available",), (set(available),), (given,), shown)
         if got != expected:
-            raise CheckFailure(f"{shown} returned {got!r}, expected {expected!r}")
+            raise explain(CheckFailure(f"{shown} returned {got!r}, expected {expected!r}"), BACKEND_MISTAKES,
+                          Case(shown, (device, set(available), requested)), got)
     _expect_error(fn, ("cuda", {"triton"}, "flash"), {}, ValueError, "an unknown request 'flash'")
 
 
@@ -279,6 +343,19 @@ def _batch_cases() -> Iterator[tuple[str, torch.Tensor, int]]:
     yield "11 classes, batch_size 3", torch.randint(0, 10, (11,), generator=g), 3
 
 
+def _with_recorder(fn: Callable) -> Callable:
+    """``fn(generate_fn, classes, batch_size)`` run with a fresh :class:`_Recorder` (its call numbers start at 0)."""
+    return lambda generate_fn, classes, batch_size: fn(_Recorder(), classes, batch_size)
+
+
+BATCH_MISTAKES = [
+    Mistake(_with_recorder(lambda gen, classes, bs: torch.cat([gen(c) for c in classes.split(bs)][::-1])),
+            "the chunks' images are put together in reverse order; they must follow the classes, first chunk first"),
+    Mistake(_with_recorder(lambda gen, classes, bs: torch.cat([gen(c) for c in torch.chunk(classes, bs)])),
+            "that is torch.chunk, whose second argument is the number of chunks, not their size"),
+]
+
+
 @chapter.exercise("7.4", reference=utils.generate_in_batches, hints=(
     "cut the classes into consecutive chunks of at most batch_size, generate each chunk with one call, and put "
     "the images back together in order",
@@ -301,10 +378,15 @@ def generate_in_batches(fn: Callable, ref_fn: Callable) -> None:
             raise CheckFailure(f"on {where}, the chunks passed to generate_fn (sizes {sizes}), concatenated, are not "
                                f"the {classes.numel()} classes in order")
         want = [c.numel() for c in expected_rec.calls]
+        case = Case(where, (_Recorder(), classes.clone(), bs))
         if sizes != want:
-            raise CheckFailure(f"on {where}, generate_fn was called with chunks of {sizes}; expected full chunks "
-                               f"{want} (each call is one batched forward loop: fewer calls are faster)")
-        compare(got, expected, where=where, name="images")
+            raise explain(CheckFailure(f"on {where}, generate_fn was called with chunks of {sizes}; expected full "
+                                       f"chunks {want} (each call is one batched forward loop: fewer calls are "
+                                       "faster)"), BATCH_MISTAKES, case, got)
+        try:
+            compare(got, expected, where=where, name="images")
+        except CheckFailure as exc:
+            raise explain(exc, BATCH_MISTAKES, case, got) from None
     _expect_error(fn, (_Recorder(), torch.arange(3), 0), {}, ValueError, "batch_size 0")
 
 
@@ -318,6 +400,31 @@ def _accounting_cases() -> Iterator[Case]:
     yield Case("speculative, one image per chunk", ([1, 1, 1, 1, 1], [30, 25, 41, 28, 33], [0.1, 0.1, 0.2, 0.1, 0.5]))
     yield Case("raster AR, one chunk", ([64], [64], [0.8]))
     yield Case("raster AR, ragged chunks", ([10, 3], [64, 64], [0.5, 0.25]))
+
+
+def _accounting_with(**changes: Callable) -> Callable:
+    """The reference with some keys computed by ``changes[key](chunk_images, chunk_passes, chunk_seconds)``."""
+    def accounting(chunk_images, chunk_passes, chunk_seconds):
+        out = ref.generation_accounting(chunk_images, chunk_passes, chunk_seconds)
+        return {**out, **{k: f(chunk_images, chunk_passes, chunk_seconds) for k, f in changes.items()}}
+    return accounting
+
+
+ACCOUNTING_MISTAKES = [
+    Mistake(_accounting_with(passes_per_image=lambda n, p, s: sum(p) / sum(n)),
+            "that divides the forward passes by the images, as if each pass made one image; every image of a chunk "
+            "waits for all of that chunk's passes"),
+    Mistake(_accounting_with(passes_per_image=lambda n, p, s: sum(p) / len(p)),
+            "that is the mean of the chunks' pass counts, which weighs a small chunk like a big one; each image "
+            "counts once"),
+    Mistake(_accounting_with(images_per_second=lambda n, p, s: sum(x / t for x, t in zip(n, s)) / len(n)),
+            "that is the mean of the per-chunk rates, which weighs a short chunk like a long one; the rate is all "
+            "the images over all the seconds"),
+    Mistake(_accounting_with(images_per_second=lambda n, p, s: sum(s) / sum(n)),
+            "that is seconds per image; images per second is the images over the seconds"),
+    Mistake(_accounting_with(forward_passes=lambda n, p, s: sum(x * y for x, y in zip(n, p))),
+            "that counts each batched pass once per image; one pass runs the whole chunk, so it counts once"),
+]
 
 
 @chapter.exercise("7.5", reference=ref.generation_accounting, hints=(
@@ -334,7 +441,10 @@ def generation_accounting(fn: Callable, ref_fn: Callable) -> None:
         given = [list(a) for a in case.args]
         got = call(fn, *given, where=case.name)
         check_unchanged(("chunk_images", "chunk_passes", "chunk_seconds"), case.args, given, case.name)
-        compare(got, expected, where=case.name, rtol=1e-6, atol=1e-9)
+        try:
+            compare(got, expected, where=case.name, rtol=1e-6, atol=1e-9)
+        except CheckFailure as exc:
+            raise explain(exc, ACCOUNTING_MISTAKES, case, got, rtol=1e-6, atol=1e-9) from None
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -431,6 +431,16 @@ def _map_diagonal(h, w, neighbours=NAR):
     return torch.arange(h)[:, None] + torch.arange(w)[None, :]
 
 
+def _map_of_an_earlier_call(h, w, neighbours=NAR):
+    # a map kept between calls by its size alone: the map of the check's first case of this size, when that case
+    # had other neighbours (the cases run in order, so that one was computed and kept first)
+    first = next(c.args for c in _order_cases() if c.args[:2] == (h, w))
+    kept = tuple(first[2]) if len(first) > 2 else NAR
+    if kept == tuple(neighbours):
+        raise ValueError("this is the first call of this size")
+    return answers.neighbour_step_map(h, w, kept)
+
+
 ORDER_MISTAKES = [
     Mistake(_map_diagonal, "that is i + j, the map of the upper and left neighbours, whatever neighbours are "
                            "given; other neighbourhoods give other maps"),
@@ -444,6 +454,9 @@ ORDER_MISTAKES = [
     Mistake(_map_by(_rows, sign=-1), "the offsets are applied backwards: (di, dj) names the token at "
                                      "(i + di, j + dj)"),
     Mistake(_map_by(_rows, extra=1), "passes are counted from 0: a token with no neighbour in the map is pass 0"),
+    Mistake(_map_of_an_earlier_call, "that is the map of an earlier call of the same size with other neighbours: "
+                                     "a map kept between calls must be looked up by the neighbours too, not by "
+                                     "the size alone"),
 ]
 
 
@@ -615,6 +628,11 @@ def _reveal_every_masked(x, proposal, t, s, mask_id, u):
     return torch.where(x == mask_id, proposal, x)
 
 
+def _reveal_largest_id_is_mask(x, proposal, t, s, mask_id, u):
+    reveal = (x == x.max()) & (u < (t - s) / t)  # the mask id taken as the largest id, not the argument
+    return torch.where(reveal, proposal, x)
+
+
 def _reveal_wipes_known(x, proposal, t, s, mask_id, u):
     reveal = (x == mask_id) & (u < (t - s) / t)
     return torch.where(reveal, proposal, torch.full_like(x, mask_id))
@@ -635,6 +653,8 @@ REVEAL_MISTAKES = [
     Mistake(_reveal_inverted, "a token is revealed when its draw u is below the reveal probability"),
     Mistake(_reveal_at_or_below, "a draw equal to the reveal probability revealed its token; the rule is u < p, "
                                  "strictly, so that a draw in [0, 1) reveals with probability exactly p"),
+    Mistake(_reveal_largest_id_is_mask, "the masked positions were found as the largest id, not as mask_id: the "
+                                        "mask id is an argument and need not be the largest (here it is 0)"),
 ]
 
 

@@ -395,12 +395,30 @@ def _mask_window_after_sinks(T, sinks, window):
     return (j <= i) & ((j < sinks) | (j > i - window))
 
 
+def _mask_of_an_earlier_call(T, sinks, window):
+    # a mask kept between calls by T alone: the mask of the check's first case of this length, when that case had
+    # other sinks or another window (the cases run in order, so that one was computed and kept first)
+    first = next(c.args for c in _mask_cases() if c.args[0] == T)
+    if first == (T, sinks, window):
+        raise ValueError("this is the first call of this length")
+    return compression.sink_window_mask(*first)
+
+
+def _mask_transposed(T, sinks, window):
+    return compression.sink_window_mask(T, sinks, window).T
+
+
 MASK_MISTAKES = [
     Mistake(_mask_no_sinks, "that is a plain sliding window: the first tokens (the attention sinks) fall out of it"),
     Mistake(_mask_off_by_one, "each query keeps one token too many: sinks plus recent tokens must be window in all"),
     Mistake(_mask_window_after_sinks, "the sinks come on top of window recent tokens; the cache holds window "
                                       "entries in all, so the recent part is window - sinks long"),
     Mistake(_mask_not_causal, "early queries see sink tokens from their future: keep the causal rule j <= i"),
+    Mistake(_mask_transposed, "the mask is transposed: row i is the query and column j the key it may attend to, "
+                              "so each row keeps keys at or before i"),
+    Mistake(_mask_of_an_earlier_call, "that is the mask of an earlier call with the same T but other sinks or "
+                                      "window: a mask kept between calls must be looked up by all three arguments, "
+                                      "not by T alone"),
 ]
 
 

@@ -23,7 +23,7 @@ from ar_course.align.cca import cca_batch_loss
 from ar_course.align.grpo import ROLLOUT_KEYS, grpo_objective, grpo_rollout as library_rollout
 from ar_course.align.model import token_log_probs as ref_token_log_probs
 from ar_course.checks.core import (Case, Chapter, CheckFailure, Mistake, call, check_unchanged, clone_args, compare,
-                                   compare_cases)
+                                   compare_cases, explain)
 from ar_course.checks.reference import ch11 as answers
 from ar_course.transformer.model import GPT
 
@@ -103,6 +103,31 @@ LOGP_MISTAKES = [
 ]
 
 
+def _logp_normaliser_detached(model, maps, classes):
+    seq = maps.flatten(1)  # (B, L)
+    logits, _ = model(seq[:, :-1], classes=classes)  # (B, L, V)
+    return logits.gather(-1, seq[..., None]).squeeze(-1) - logits.logsumexp(-1).detach()  # right values
+
+
+def _logp_grads(logp_fn: Callable) -> Callable:
+    """The gradients, with respect to the model's weights, of ``logp_fn``'s output weighted by ``weights`` (zeros
+    where none reaches a weight), as :func:`_check_logp_gradients` takes them."""
+
+    def grads(model, maps, classes, weights):
+        params = [p for p in model.parameters() if p.requires_grad]
+        out = torch.autograd.grad((logp_fn(model, maps, classes) * weights).sum(), params, allow_unused=True)
+        return [torch.zeros_like(p) if g is None else g for p, g in zip(params, out)]
+
+    return grads
+
+
+LOGP_GRAD_MISTAKES = [
+    Mistake(_logp_grads(_logp_normaliser_detached),
+            "the normaliser (the logsumexp of the logits) was detached: the values are right, but the part of the "
+            "gradient that lowers every other code's logit is missing"),
+]
+
+
 @chapter.exercise("11.1", reference=ref_token_log_probs, hints=(
     "one forward pass over the whole map gives, at every position, the distribution of the next token; you "
     "need each sampled token's entry of its own distribution",
@@ -151,8 +176,12 @@ def _check_logp_gradients(fn: Callable, ref_fn: Callable) -> None:
     params = [p for p in model.parameters() if p.requires_grad]
     mine = torch.autograd.grad((got * weights).sum(), params, allow_unused=True)
     expected = torch.autograd.grad((ref_fn(model, maps, classes) * weights).sum(), params, allow_unused=True)
+    mine = [torch.zeros_like(b) if a is None else a for a, b in zip(mine, expected)]
     for (name, _), a, b in zip(model.named_parameters(), mine, expected):
-        compare(torch.zeros_like(b) if a is None else a, b, where=where, name=f"the gradient of {name}")
+        try:
+            compare(a, b, where=where, name=f"the gradient of {name}")
+        except CheckFailure as exc:
+            raise explain(exc, LOGP_GRAD_MISTAKES, Case(where, (model, maps, classes, weights)), mine) from None
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -458,7 +487,7 @@ def _update_cases() -> Iterator[Case]:
                (1, 5.0, 1.0, 0.1, 2.0, 3))
 
 
-def _update_with(old_each_step=False, zero_grad=True, clip_norm=True, old_is_ref=False):
+def _update_with(old_each_step=False, zero_grad=True, clip_norm=True, old_is_ref=False, keep_kl=False):
     """An update loop with one step done a plausible wrong way."""
 
     def update(policy, optimizer, rollout, clip=0.2, kl_coef=0.05, inner_steps=2):
@@ -466,14 +495,14 @@ def _update_with(old_each_step=False, zero_grad=True, clip_norm=True, old_is_ref
         for _ in range(inner_steps):
             logp = ref_token_log_probs(policy, rollout["maps"], rollout["classes"])
             old = logp.detach() if old_each_step else rollout["logp_ref" if old_is_ref else "logp_old"]
-            loss, _ = grpo_objective(logp, old, rollout["logp_ref"], rollout["advantages"], clip, kl_coef)
+            loss, kl = grpo_objective(logp, old, rollout["logp_ref"], rollout["advantages"], clip, kl_coef)
             if zero_grad:
                 optimizer.zero_grad()
             loss.backward()
             if clip_norm:
                 torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
             optimizer.step()
-            losses.append(float(loss.detach()))
+            losses.append(float((kl if keep_kl else loss).detach()))
         return losses
 
     return update
@@ -488,6 +517,9 @@ UPDATE_MISTAKES = [
     Mistake(_updated(_update_with(zero_grad=False)),
             "the gradients of earlier inner steps accumulate into later ones"),
     Mistake(_updated(_update_with(clip_norm=False)), "the gradient norm was not clipped to 1 before the step"),
+    Mistake(_updated(_update_with(keep_kl=True)),
+            "those are the KL estimates (the second value grpo_loss returns), not the losses: the list keeps each "
+            "inner step's loss"),
 ]
 
 
