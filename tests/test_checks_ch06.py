@@ -8,7 +8,10 @@ import math
 import pytest
 
 from ar_course.checks import ch06
-from ar_course.checks.ch06 import BLOCK_M, BLOCK_N, HEAD_DIM, LOWEST, THREADS, TILE
+# the check's own mistake kernels (what it diagnoses a failure with) are the wrong answers whose diagnosis is asserted
+from ar_course.checks.ch06 import (BLOCK_M, BLOCK_N, HEAD_DIM, LOWEST, THREADS, TILE, _axpy_scales_the_sum,
+                                   _axpy_scales_y, _axpy_whole_alpha, _combine_mistake, _flash_mistake, _matmul_over,
+                                   _online_update, _partial_mistake, _softmax_mistake, _sqdist_with_sqrt, _vq_mistake)
 from ar_course.kernels.env import CUDA_SIMULATOR
 from checks_helpers import assert_fails, assert_not_attempted, assert_passes
 from numba import cuda, float32, float64  # after ar_course.kernels: the simulator is already chosen
@@ -35,13 +38,6 @@ def axpy_thread_index_only(alpha, x, y, out):
         out[i] = alpha * x[i] + y[i]
 
 
-@cuda.jit
-def axpy_wrong_formula(alpha, x, y, out):
-    i = cuda.grid(1)
-    if i < x.shape[0]:
-        out[i] = alpha * (x[i] + y[i])
-
-
 def axpy_plain_python(alpha, x, y, out):
     out[:] = alpha * x + y
 
@@ -57,16 +53,6 @@ def sqdist_guard_one_axis(z, codebook, out):
         for d in range(z.shape[1]):
             acc += (z[n, d] - codebook[k, d]) ** 2
         out[n, k] = acc
-
-
-@cuda.jit
-def sqdist_with_sqrt(z, codebook, out):
-    k, n = cuda.grid(2)
-    if n < z.shape[0] and k < codebook.shape[0]:
-        acc = float32(0.0)
-        for d in range(z.shape[1]):
-            acc += (z[n, d] - codebook[k, d]) ** 2
-        out[n, k] = math.sqrt(acc)
 
 
 # 6.3 ------------------------------------------------------------------------------------------------------
@@ -237,16 +223,6 @@ def _matmul_variant(second_barrier: bool, zero_fill: bool):
 
 
 @cuda.jit
-def matmul_skips_last_k(a, b, c):
-    col, row = cuda.grid(2)
-    if row < a.shape[0] and col < b.shape[1]:
-        acc = float32(0.0)
-        for kk in range(a.shape[1] - 1):  # off by one
-            acc += a[row, kk] * b[kk, col]
-        c[row, col] = acc
-
-
-@cuda.jit
 def matmul_untiled(a, b, c):  # right numbers, every operand read from global memory
     col, row = cuda.grid(2)
     if row < a.shape[0] and col < b.shape[1]:
@@ -282,43 +258,6 @@ def _matmul_reading_global(a_from_tile: bool):
 
 
 # 6.5 ------------------------------------------------------------------------------------------------------
-
-
-def _softmax_variant(subtract_max: bool, rescale_merge: bool, start_at_zero: bool = False, rescale_update: bool = True):
-    @cuda.jit
-    def softmax_variant(x, out):
-        row_max = cuda.shared.array(THREADS, float32)
-        row_sum = cuda.shared.array(THREADS, float32)
-        t = cuda.threadIdx.x
-        row = cuda.blockIdx.x
-        m = float32(LOWEST) if subtract_max and not start_at_zero else float32(0.0)
-        s = float32(0.0)
-        for c in range(t, x.shape[1], THREADS):
-            xv = x[row, c]
-            if subtract_max and xv > m:
-                if rescale_update:
-                    s = s * math.exp(m - xv)
-                m = xv
-            s += math.exp(xv - m)
-        row_max[t] = m
-        row_sum[t] = s
-        cuda.syncthreads()
-        stride = THREADS // 2
-        while stride > 0:
-            if t < stride:
-                m1, m2 = row_max[t], row_max[t + stride]
-                mm = max(m1, m2)
-                if rescale_merge:
-                    row_sum[t] = row_sum[t] * math.exp(m1 - mm) + row_sum[t + stride] * math.exp(m2 - mm)
-                else:
-                    row_sum[t] = row_sum[t] + row_sum[t + stride]
-                row_max[t] = mm
-            cuda.syncthreads()
-            stride //= 2
-        for c in range(t, x.shape[1], THREADS):
-            out[row, c] = math.exp(x[row, c] - row_max[0]) / row_sum[0]
-
-    return softmax_variant
 
 
 @cuda.jit
@@ -403,40 +342,17 @@ def softmax_whole_row_per_thread(x, out):  # right numbers, but every thread rea
 # 6.6 ------------------------------------------------------------------------------------------------------
 
 
-def _vq_variant(ties_to_last: bool, guard: bool):
-    @cuda.jit
-    def vq_variant(z, codebook, out):
-        n = cuda.grid(1)
-        if guard and n >= z.shape[0]:
-            return
-        best = float32(math.inf)
-        best_k = 0
-        for k in range(codebook.shape[0]):
-            dist = float32(0.0)
-            for d in range(z.shape[1]):
-                dist += (z[n, d] - codebook[k, d]) ** 2
-            if dist < best or (ties_to_last and dist == best):
-                best = dist
-                best_k = k
-        out[n] = best_k
-
-    return vq_variant
-
-
 @cuda.jit
-def vq_argmax(z, codebook, out):
+def vq_no_guard(z, codebook, out):  # the threads past the last vector search too
     n = cuda.grid(1)
-    if n < z.shape[0]:
-        best = float32(-1.0)
-        best_k = 0
-        for k in range(codebook.shape[0]):
-            dist = float32(0.0)
-            for d in range(z.shape[1]):
-                dist += (z[n, d] - codebook[k, d]) ** 2
-            if dist > best:
-                best = dist
-                best_k = k
-        out[n] = best_k
+    best, best_k = float32(math.inf), 0
+    for k in range(codebook.shape[0]):
+        dist = float32(0.0)
+        for d in range(z.shape[1]):
+            dist += (z[n, d] - codebook[k, d]) ** 2
+        if dist < best:
+            best, best_k = dist, k
+    out[n] = best_k
 
 
 @cuda.jit
@@ -473,55 +389,6 @@ def vq_writes_every_improvement(z, codebook, out):  # right numbers, a global wr
 # 6.7 ------------------------------------------------------------------------------------------------------
 
 
-def _flash_variant(rescale: bool = True, extra_key: int = 0, second_barrier: bool = True, start_m: float = LOWEST,
-                   use_scale: bool = True):
-    @cuda.jit
-    def flash_variant(q, k, v, kv_len, scale, out):
-        k_tile = cuda.shared.array((BLOCK_N, HEAD_DIM), float32)
-        v_tile = cuda.shared.array((BLOCK_N, HEAD_DIM), float32)
-        acc = cuda.local.array(HEAD_DIM, float32)
-        t = cuda.threadIdx.x
-        bh = cuda.blockIdx.y
-        row = cuda.blockIdx.x * BLOCK_M + t
-        visible = kv_len[row] + extra_key if row < q.shape[1] else 0
-        for d in range(HEAD_DIM):
-            acc[d] = 0.0
-        n_keys = 0
-        for r in range(cuda.blockIdx.x * BLOCK_M, min(cuda.blockIdx.x * BLOCK_M + BLOCK_M, q.shape[1])):
-            n_keys = max(n_keys, kv_len[r])
-        m = float32(start_m)
-        l = float32(0.0)
-        for start in range(0, n_keys, BLOCK_N):
-            for e in range(t, BLOCK_N * HEAD_DIM, BLOCK_M):
-                j, d = e // HEAD_DIM, e % HEAD_DIM
-                if start + j < k.shape[1]:
-                    k_tile[j, d] = k[bh, start + j, d]
-                    v_tile[j, d] = v[bh, start + j, d]
-            cuda.syncthreads()
-            for j in range(min(BLOCK_N, visible - start)):
-                s = float32(0.0)
-                for d in range(HEAD_DIM):
-                    s += q[bh, row, d] * (scale if use_scale else 1.0) * k_tile[j, d]
-                if s > m:
-                    if rescale:
-                        c = math.exp(m - s)
-                        l *= c
-                        for d in range(HEAD_DIM):
-                            acc[d] *= c
-                    m = s
-                p = math.exp(s - m)
-                l += p
-                for d in range(HEAD_DIM):
-                    acc[d] += p * v_tile[j, d]
-            if second_barrier:
-                cuda.syncthreads()
-        if row < q.shape[1]:
-            for d in range(HEAD_DIM):
-                out[bh, row, d] = acc[d] / l
-
-    return flash_variant
-
-
 @cuda.jit
 def flash_untiled(q, k, v, kv_len, scale, out):  # right numbers: per-thread online softmax, no shared tiles
     row = cuda.blockIdx.x * BLOCK_M + cuda.threadIdx.x
@@ -536,23 +403,16 @@ def flash_untiled(q, k, v, kv_len, scale, out):  # right numbers: per-thread onl
             s = float32(0.0)
             for d in range(HEAD_DIM):
                 s += q[bh, row, d] * scale * k[bh, j, d]
-            if s > m:
-                c = math.exp(m - s)
-                l *= c
-                for d in range(HEAD_DIM):
-                    acc[d] *= c
-                m = s
-            p = math.exp(s - m)
-            l += p
+            m, l, p = _online_update(s, m, l, acc, True)
             for d in range(HEAD_DIM):
                 acc[d] += p * v[bh, j, d]
         for d in range(HEAD_DIM):
             out[bh, row, d] = acc[d] / l
 
 
-def _flash_loads(v_from_global: bool = False, thread_zero_loads: bool = False):
-    """Tiled FlashAttention that reads v from global memory instead of a tile, or whose tiles thread 0 loads
-    alone."""
+def _flash_loads(v_from_global: bool = False, thread_zero_loads: bool = False, second_barrier: bool = True):
+    """Tiled FlashAttention that reads v from global memory instead of a tile, whose tiles thread 0 loads
+    alone, or that loads the next tile without a barrier after using this one (a race)."""
 
     @cuda.jit
     def flash_loads(q, k, v, kv_len, scale, out):
@@ -589,17 +449,11 @@ def _flash_loads(v_from_global: bool = False, thread_zero_loads: bool = False):
                 s = float32(0.0)
                 for d in range(HEAD_DIM):
                     s += q[bh, row, d] * scale * k_tile[j, d]
-                if s > m:
-                    c = math.exp(m - s)
-                    l *= c
-                    for d in range(HEAD_DIM):
-                        acc[d] *= c
-                    m = s
-                p = math.exp(s - m)
-                l += p
+                m, l, p = _online_update(s, m, l, acc, True)
                 for d in range(HEAD_DIM):
                     acc[d] += p * (v[bh, start + j, d] if v_from_global else v_tile[j, d])
-            cuda.syncthreads()
+            if second_barrier:
+                cuda.syncthreads()
         if row < q.shape[1]:
             for d in range(HEAD_DIM):
                 out[bh, row, d] = acc[d] / l
@@ -610,8 +464,10 @@ def _flash_loads(v_from_global: bool = False, thread_zero_loads: bool = False):
 # 6.8 ------------------------------------------------------------------------------------------------------
 
 
-def _partial_variant(respect_length: bool = True, rescale: bool = True, block_offset: bool = True,
-                     start_m: float = LOWEST, use_scale: bool = True):
+def _partial_variant(respect_length: bool = True, block_offset: bool = True, start_m: float = LOWEST):
+    """The split summary (right with the defaults) reading the keys past lengths[bh] too, with the split index
+    missing the block offset, or with the max started at ``start_m``."""
+
     @cuda.jit
     def partial_variant(q, k_cache, v_cache, lengths, chunk, scale, m_out, l_out, acc_out):
         split = cuda.grid(1) if block_offset else cuda.threadIdx.x
@@ -626,15 +482,8 @@ def _partial_variant(respect_length: bool = True, rescale: bool = True, block_of
             for j in range(split * chunk, min(split * chunk + chunk, stop)):
                 s = float32(0.0)
                 for d in range(HEAD_DIM):
-                    s += q[bh, d] * k_cache[bh, j, d] * (scale if use_scale else 1.0)
-                if s > m:
-                    c = math.exp(m - s) if rescale else 1.0
-                    l *= c
-                    for d in range(HEAD_DIM):
-                        acc[d] *= c
-                    m = s
-                p = math.exp(s - m)
-                l += p
+                    s += q[bh, d] * k_cache[bh, j, d] * scale
+                m, l, p = _online_update(s, m, l, acc, True)
                 for d in range(HEAD_DIM):
                     acc[d] += p * v_cache[bh, j, d]
             m_out[bh, split] = m
@@ -709,39 +558,6 @@ def _partial_two_passes(max_over_sequence: bool):
 
 
 # 6.9 ------------------------------------------------------------------------------------------------------
-
-
-def _combine_variant(reference_point: str):
-    @cuda.jit
-    def combine_variant(m_part, l_part, acc_part, out):
-        d, bh = cuda.grid(2)
-        if bh < acc_part.shape[0] and d < acc_part.shape[2]:
-            top = m_part[bh, 0]
-            if reference_point == "max":
-                for s in range(1, m_part.shape[1]):
-                    top = max(top, m_part[bh, s])
-            num = float32(0.0)
-            den = float32(0.0)
-            for s in range(m_part.shape[1]):
-                w = math.exp(m_part[bh, s] - top) if reference_point != "none" else 1.0
-                num += w * acc_part[bh, s, d]
-                den += w * l_part[bh, s]
-            out[bh, d] = num / den
-
-    return combine_variant
-
-
-@cuda.jit
-def combine_unshifted(m_part, l_part, acc_part, out):  # weights exp(m_s), no reference point subtracted
-    d, bh = cuda.grid(2)
-    if bh < acc_part.shape[0] and d < acc_part.shape[2]:
-        num = float32(0.0)
-        den = float32(0.0)
-        for s in range(m_part.shape[1]):
-            w = math.exp(m_part[bh, s])
-            num += w * acc_part[bh, s, d]
-            den += w * l_part[bh, s]
-        out[bh, d] = num / den
 
 
 @cuda.jit
@@ -1277,13 +1093,6 @@ def combine_running(m_part, l_part, acc_part, out):  # one pass: online rescalin
 
 
 @cuda.jit
-def axpy_int_alpha(alpha, x, y, out):  # alpha truncated to a whole number
-    i = cuda.grid(1)
-    if i < x.shape[0]:
-        out[i] = int(alpha) * x[i] + y[i]
-
-
-@cuda.jit
 def sqdist_swapped_axes(z, codebook, out):  # n along x, k along y
     n, k = cuda.grid(2)
     if n < z.shape[0] and k < codebook.shape[0]:
@@ -1311,143 +1120,10 @@ def sum_atomic_into_output(x, partial):  # a tree, then adds into partial as if 
 
 
 @cuda.jit
-def flash_causal_offset(q, k, v, kv_len, scale, out):  # ignores kv_len: causal with the prefix offset
-    k_tile = cuda.shared.array((BLOCK_N, HEAD_DIM), float32)
-    v_tile = cuda.shared.array((BLOCK_N, HEAD_DIM), float32)
-    acc = cuda.local.array(HEAD_DIM, float32)
-    t = cuda.threadIdx.x
-    bh = cuda.blockIdx.y
-    row = cuda.blockIdx.x * BLOCK_M + t
-    t_q, t_k = q.shape[1], k.shape[1]
-    visible = row + t_k - t_q + 1 if row < t_q else 0
-    for d in range(HEAD_DIM):
-        acc[d] = 0.0
-    m = float32(LOWEST)
-    total = float32(0.0)
-    for start in range(0, t_k, BLOCK_N):
-        for e in range(t, BLOCK_N * HEAD_DIM, BLOCK_M):
-            j = e // HEAD_DIM
-            d = e % HEAD_DIM
-            if start + j < t_k:
-                k_tile[j, d] = k[bh, start + j, d]
-                v_tile[j, d] = v[bh, start + j, d]
-        cuda.syncthreads()
-        for j in range(min(BLOCK_N, visible - start)):
-            s = float32(0.0)
-            for d in range(HEAD_DIM):
-                s += q[bh, row, d] * k_tile[j, d]
-            s *= scale
-            if s > m:
-                c = math.exp(m - s)
-                total *= c
-                for d in range(HEAD_DIM):
-                    acc[d] *= c
-                m = s
-            p = math.exp(s - m)
-            total += p
-            for d in range(HEAD_DIM):
-                acc[d] += p * v_tile[j, d]
-        cuda.syncthreads()
-    if row < t_q:
-        for d in range(HEAD_DIM):
-            out[bh, row, d] = acc[d] / total
-
-
-@cuda.jit
-def partial_scale_on_output(q, k_cache, v_cache, lengths, chunk, scale, m_out, l_out, acc_out):
-    # the online update runs on unscaled scores; only m is scaled at the end
-    split = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
-    bh = cuda.blockIdx.y
-    if split >= (k_cache.shape[1] + chunk - 1) // chunk:
-        return
-    acc = cuda.local.array(HEAD_DIM, float32)
-    for d in range(HEAD_DIM):
-        acc[d] = 0.0
-    m = float32(LOWEST)
-    total = float32(0.0)
-    for j in range(split * chunk, min((split + 1) * chunk, lengths[bh])):
-        s = float32(0.0)
-        for d in range(HEAD_DIM):
-            s += q[bh, d] * k_cache[bh, j, d]
-        if s > m:
-            c = math.exp(m - s)
-            total *= c
-            for d in range(HEAD_DIM):
-                acc[d] *= c
-            m = s
-        p = math.exp(s - m)
-        total += p
-        for d in range(HEAD_DIM):
-            acc[d] += p * v_cache[bh, j, d]
-    m_out[bh, split] = m * scale if total > 0 else m
-    l_out[bh, split] = total
-    for d in range(HEAD_DIM):
-        acc_out[bh, split, d] = acc[d]
-
-
-@cuda.jit
-def combine_unweighted_den(m_part, l_part, acc_part, out):  # weights the values but not the sums
-    d, bh = cuda.grid(2)
-    if bh < acc_part.shape[0] and d < acc_part.shape[2]:
-        top = LOWEST
-        for s in range(m_part.shape[1]):
-            top = max(top, m_part[bh, s])
-        num = 0.0
-        den = 0.0
-        for s in range(m_part.shape[1]):
-            num += math.exp(m_part[bh, s] - top) * acc_part[bh, s, d]
-            den += l_part[bh, s]
-        out[bh, d] = num / den
-
-
-@cuda.jit
 def axpy_adds_into_out(alpha, x, y, out):  # adds into out as if the buffer held zeros
     i = cuda.grid(1)
     if i < x.shape[0]:
         out[i] += alpha * x[i] + y[i]
-
-
-@cuda.jit
-def axpy_alpha_on_y(alpha, x, y, out):  # x + alpha * y
-    i = cuda.grid(1)
-    if i < x.shape[0]:
-        out[i] = x[i] + alpha * y[i]
-
-
-@cuda.jit
-def matmul_full_tiles_only(a, b, c):  # K // TILE steps: the last, partial tile of K is left out
-    a_tile = cuda.shared.array((TILE, TILE), float32)
-    b_tile = cuda.shared.array((TILE, TILE), float32)
-    tx, ty = cuda.threadIdx.x, cuda.threadIdx.y
-    row = cuda.blockIdx.y * TILE + ty
-    col = cuda.blockIdx.x * TILE + tx
-    acc = float32(0.0)
-    for step in range(a.shape[1] // TILE):
-        k0 = step * TILE
-        a_tile[ty, tx] = a[row, k0 + tx] if row < a.shape[0] else float32(0.0)
-        b_tile[ty, tx] = b[k0 + ty, col] if col < b.shape[1] else float32(0.0)
-        cuda.syncthreads()
-        for kk in range(TILE):
-            acc += a_tile[ty, kk] * b_tile[kk, tx]
-        cuda.syncthreads()
-    if row < a.shape[0] and col < b.shape[1]:
-        c[row, col] = acc
-
-
-@cuda.jit
-def vq_best_starts_at_zero(z, codebook, out):  # no distance is below 0: every vector keeps code 0
-    n = cuda.grid(1)
-    if n < z.shape[0]:
-        best = float32(0.0)
-        best_k = 0
-        for k in range(codebook.shape[0]):
-            dist = float32(0.0)
-            for d in range(z.shape[1]):
-                dist += (z[n, d] - codebook[k, d]) ** 2
-            if dist < best:
-                best = dist
-                best_k = k
-        out[n] = best_k
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1456,15 +1132,15 @@ CASES = {
     "axpy_kernel": [
         (axpy_no_guard, "out-of-bounds"),
         (axpy_thread_index_only, "never written"),
-        (axpy_wrong_formula, "that is alpha * (x + y)"),
+        (_axpy_scales_the_sum, "that is alpha * (x + y)"),
         (axpy_plain_python, "@cuda.jit"),
-        (axpy_int_alpha, "that is int(alpha) * x + y: alpha lost its fractional part"),
+        (_axpy_whole_alpha, "that is int(alpha) * x + y: alpha lost its fractional part"),
         (axpy_adds_into_out, "adds into out"),
-        (axpy_alpha_on_y, "that is x + alpha * y: alpha scales x, not y"),
+        (_axpy_scales_y, "that is x + alpha * y: alpha scales x, not y"),
     ],
     "pairwise_sqdist_kernel": [
         (sqdist_guard_one_axis, "out-of-bounds"),
-        (sqdist_with_sqrt, "that is the distance itself, the square root of the sum"),
+        (_sqdist_with_sqrt, "that is the distance itself, the square root of the sum"),
         (sqdist_swapped_axes, "never written"),
     ],
     "block_sum_kernel": [
@@ -1477,49 +1153,49 @@ CASES = {
     "matmul_kernel": [
         (_matmul_variant(second_barrier=False, zero_fill=True), "race"),
         (_matmul_variant(second_barrier=True, zero_fill=False), "out-of-bounds"),
-        (matmul_skips_last_k, "leaves out its last term, k = K - 1"),
-        (matmul_full_tiles_only, "leaves out the last, partial tile (K // TILE tiles)"),
+        (_matmul_over("all but the last"), "leaves out its last term, k = K - 1"),
+        (_matmul_over("full tiles"), "leaves out the last, partial tile (K // TILE tiles)"),
     ],
     "softmax_kernel": [
-        (_softmax_variant(subtract_max=False, rescale_merge=True), ("scale 60", "that is exp(x) / sum exp(x), with "
-                                                                    "no max subtracted")),
-        (_softmax_variant(subtract_max=True, rescale_merge=False), "the merge adds two threads' sums as they are"),
-        (_softmax_variant(subtract_max=True, rescale_merge=True, start_at_zero=True),
-         ("all near -200", "the running max starts at 0, above every logit of the row")),
-        (_softmax_variant(subtract_max=True, rescale_merge=True, rescale_update=False),
-         "that keeps the running sum unchanged when a value raises the running max"),
+        (_softmax_mistake(track_max=False, start_m=0.0), ("scale 60", "that is exp(x) / sum exp(x), with no max "
+                                                                   "subtracted")),
+        (_softmax_mistake(rescale_merge=False), "the merge adds two threads' sums as they are"),
+        (_softmax_mistake(start_m=0.0), ("all near -200", "the running max starts at 0, above every logit of the row")),
+        (_softmax_mistake(rescale_update=False), "that keeps the running sum unchanged when a value raises the "
+                                                 "running max"),
     ],
     "vq_nearest_kernel": [
-        (_vq_variant(ties_to_last=True, guard=True), ("repeated", "on a tie that keeps the code with the highest "
-                                                             "index")),
-        (_vq_variant(ties_to_last=False, guard=False), "out-of-bounds"),
-        (vq_argmax, "that is the farthest code"),
-        (vq_best_starts_at_zero, "the best distance starts at 0, and no distance is below 0"),
+        (_vq_mistake(ties_to_last=True), ("repeated", "on a tie that keeps the code with the highest index")),
+        (vq_no_guard, "out-of-bounds"),
+        (_vq_mistake(farthest=True), "that is the farthest code"),
+        (_vq_mistake(best_start=0.0), "the best distance starts at 0, and no distance is below 0"),
     ],
     "flash_attention_kernel": [
-        (_flash_variant(rescale=False), "that keeps l and acc unchanged when a score raises the running max"),
-        (_flash_variant(extra_key=1), "each row sees one key past its mask"),
-        (_flash_variant(second_barrier=False), "race"),
-        (flash_causal_offset, ("block-causal (1, 4, 9, 15)", "that is a causal mask worked out from the row index")),
-        (_flash_variant(start_m=0.0), ("every score near -150", "the running max starts at 0, above every score")),
-        (_flash_variant(use_scale=False), "that is attention without the scale"),
+        (_flash_mistake(rescale=False), "that keeps l and acc unchanged when a score raises the running max"),
+        (_flash_mistake(extra_key=1), "each row sees one key past its mask"),
+        (_flash_loads(second_barrier=False), "race"),
+        (_flash_mistake(causal=True), ("block-causal (1, 4, 9, 15)", "that is a causal mask worked out from the row "
+                                                                     "index")),
+        (_flash_mistake(start_m=0.0), ("every score near -150", "the running max starts at 0, above every score")),
+        (_flash_mistake(use_scale=False), "that is attention without the scale"),
     ],
     "decode_partial_kernel": [
         (_partial_variant(respect_length=False), "nan"),
-        (_partial_variant(rescale=False), "that keeps l and acc unchanged when a score raises the running max"),
+        (_partial_mistake(rescale=False), "that keeps l and acc unchanged when a score raises the running max"),
         (partial_skips_empty_splits, "never written"),
         (_partial_variant(block_offset=False), "m_out[0, 8] was never written on input 'lengths [70, 9]"),
         (_partial_variant(start_m=0.0), "holds no keys (length 23) but wrote m = 0"),
-        (partial_scale_on_output, "the exponentials use q . k without the scale, and only m_out is scaled"),
-        (_partial_variant(use_scale=False), "that is attention without the scale"),
+        (_partial_mistake(scale_scores=False, scale_m=True), "the exponentials use q . k without the scale, and "
+                                                             "only m_out is scaled"),
+        (_partial_mistake(scale_scores=False), "that is attention without the scale"),
     ],
     "decode_combine_kernel": [
-        (_combine_variant("none"), "that adds the splits' acc and l as they are"),
-        (_combine_variant("first"), ("spread", "that takes the first split's max as the reference point")),
-        (combine_unshifted, ("maxima spread over [-50, 102]", "that weighs split s by exp(m_s), with no reference "
-                                                               "point subtracted")),
+        (_combine_mistake("none"), "that adds the splits' acc and l as they are"),
+        (_combine_mistake("first"), ("spread", "that takes the first split's max as the reference point")),
+        (_combine_mistake("zero"), ("maxima spread over [-50, 102]", "that weighs split s by exp(m_s), with no "
+                                                                      "reference point subtracted")),
         (combine_no_guard, "out-of-bounds"),
-        (combine_unweighted_den, "but adds the l values unweighted"),
+        (_combine_mistake(weigh_l=False), "but adds the l values unweighted"),
     ],
 }
 

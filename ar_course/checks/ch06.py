@@ -583,6 +583,22 @@ def _attention64(q: np.ndarray, k: np.ndarray, v: np.ndarray, kv_len: np.ndarray
     return torch.softmax(scores.masked_fill(~visible, float("-inf")), -1) @ vt
 
 
+@cuda.jit(device=True)
+def _online_update(s, m, l, acc, rescale):
+    """One score ``s`` into a row's running (m, l, acc) of the mistake kernels of 6.7 and 6.8: when ``s`` beats
+    ``m``, l and acc are rescaled (unless ``rescale`` is False, the mistake) and m becomes ``s``. Returns
+    (m, l + p, p) with p = exp(s - m); the caller adds p times the key's value row into acc."""
+    if s > m:
+        if rescale:
+            c = math.exp(m - s)
+            l *= c
+            for d in range(HEAD_DIM):
+                acc[d] *= c
+        m = s
+    p = math.exp(s - m)
+    return m, l + p, p
+
+
 def _flash_mistake(rescale: bool = True, extra_key: int = 0, start_m: float = LOWEST, causal: bool = False,
                    use_scale: bool = True) -> Any:
     """FlashAttention with one mistake: l and acc not rescaled when the max grows, ``extra_key`` keys past each
@@ -625,15 +641,7 @@ def _flash_mistake(rescale: bool = True, extra_key: int = 0, start_m: float = LO
                     s += q[bh, row, d] * k_tile[j, d]
                 if use_scale:
                     s *= scale
-                if s > m:
-                    if rescale:
-                        c = math.exp(m - s)
-                        l *= c
-                        for d in range(HEAD_DIM):
-                            acc[d] *= c
-                    m = s
-                p = math.exp(s - m)
-                l += p
+                m, l, p = _online_update(s, m, l, acc, rescale)
                 for d in range(HEAD_DIM):
                     acc[d] += p * v_tile[j, d]
             cuda.syncthreads()
@@ -738,15 +746,7 @@ def _partial_mistake(rescale: bool = True, scale_scores: bool = True, scale_m: b
                     s += q[bh, d] * k_cache[bh, j, d]
                 if scale_scores:
                     s *= scale
-                if s > m:
-                    if rescale:
-                        c = math.exp(m - s)
-                        l *= c
-                        for d in range(HEAD_DIM):
-                            acc[d] *= c
-                    m = s
-                p = math.exp(s - m)
-                l += p
+                m, l, p = _online_update(s, m, l, acc, rescale)
                 for d in range(HEAD_DIM):
                     acc[d] += p * v_cache[bh, j, d]
             m_out[bh, split] = m * scale if scale_m and l > 0 else m
