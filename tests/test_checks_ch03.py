@@ -133,11 +133,14 @@ def test_training_loss_rejects_wrong_dropout():
 
 
 def make_sampler(mistake: str | None = None):
-    """A hand-written sampling loop; ``mistake`` is "no_cache", "no_null", "unmixed" (each half sampled
-    from its own logits, no guidance mix), "scale" (w read as the scale s = 1 + w), "swapped" (the halves
-    mixed the wrong way round), "probabilities" (the probabilities mixed instead of the logits), "temperature_twice"
-    (the logits divided by the temperature before ``sample``, which divides again) or "generate" (the library's
-    loop)."""
+    """A hand-written sampling loop; ``mistake`` is "no_cache", "no_null", "scale" (w read as the scale s = 1 + w),
+    "swapped" (the halves mixed the wrong way round) or "generate" (the library's loop). "unmixed" (each half
+    sampled from its own logits), "probabilities" (the probabilities mixed instead of the logits) and
+    "temperature_twice" (the logits divided by the temperature before ``sample``) are the check's own mistake
+    loops. The check names "scale", "swapped" and "no_null" as the reference at another w: these loops show that
+    a learner's way of writing them gives those tokens."""
+    if mistake in ("unmixed", "probabilities", "temperature_twice"):
+        return ch03._loop_with(mistake)
 
     @torch.no_grad()
     def sample_tokens(model, classes, num_tokens, *, cfg=0.0, sampling=SamplingConfig(), generator=None):
@@ -154,22 +157,14 @@ def make_sampler(mistake: str | None = None):
                 logits, _ = model(seq, classes=cls)
             else:
                 logits, _ = model(seq[:, -1:] if t else seq, classes=None if t else cls, cache=cache)
-            logits = logits[:, -1]  # (2B, V)
-            if mistake == "unmixed":
-                nxt = sample(logits, sampling=sampling, generator=generator)  # (2B,)
+            cond, uncond = logits[:B, -1], logits[B:, -1]  # (B, V) each
+            if mistake == "scale":
+                mixed = uncond + cfg * (cond - uncond)
+            elif mistake == "swapped":
+                mixed = (1 + cfg) * uncond - cfg * cond
             else:
-                cond, uncond = logits[:B], logits[B:]  # (B, V) each
-                if mistake == "scale":
-                    mixed = uncond + cfg * (cond - uncond)
-                elif mistake == "swapped":
-                    mixed = (1 + cfg) * uncond - cfg * cond
-                elif mistake == "probabilities":
-                    mixed = ((1 + cfg) * cond.softmax(-1) - cfg * uncond.softmax(-1)).clamp_min(1e-30).log()
-                else:
-                    mixed = (1 + cfg) * cond - cfg * uncond
-                if mistake == "temperature_twice" and sampling.temperature > 0:
-                    mixed = mixed / sampling.temperature
-                nxt = sample(mixed, sampling=sampling, generator=generator).repeat(2)  # (2B,)
+                mixed = (1 + cfg) * cond - cfg * uncond
+            nxt = sample(mixed, sampling=sampling, generator=generator).repeat(2)  # (2B,)
             seq = torch.cat([seq, nxt[:, None]], 1)
         return seq[:B]
 

@@ -15,6 +15,7 @@ classes' device.
 from __future__ import annotations
 
 import inspect
+from functools import partial
 from typing import Callable, Iterator
 
 import numpy as np
@@ -486,20 +487,16 @@ def _pr_variant(real: torch.Tensor, fake: torch.Tensor, k: int = 3, *, self_coun
     return (recall, precision) if swap else (precision, recall)
 
 
-PR_MISTAKES = [
-    Mistake(lambda real, fake, k=3: _pr_variant(real, fake, k, self_count=True),
-            "each radius counts the point as its own nearest neighbour (distance 0): the k-th nearest *other* "
-            "point is the (k + 1)-th smallest distance in its row"),
-    Mistake(lambda real, fake, k=3: _pr_variant(real, fake, k, swap=True),
-            "precision and recall are swapped: precision asks how many generated points lie on the real "
-            "manifold, recall how many real points lie on the generated one"),
-    Mistake(lambda real, fake, k=3: _pr_variant(real, fake, k, strict=True),
-            "a point exactly on a ball's boundary was left out (distance < radius); it is inside (<=), which "
-            "matters where points coincide and a radius is 0"),
-    Mistake(lambda real, fake, k=3: _pr_variant(real, fake, k, mean_radius=True),
-            "every ball got the same radius, the mean of the radii; each point's ball has its own radius, the "
-            "distance to its own k-th nearest neighbour"),
-]
+PR_MISTAKES = [Mistake(partial(_pr_variant, **{slip: True}), says) for slip, says in [
+    ("self_count", "each radius counts the point as its own nearest neighbour (distance 0): the k-th nearest *other* "
+                   "point is the (k + 1)-th smallest distance in its row"),
+    ("swap", "precision and recall are swapped: precision asks how many generated points lie on the real manifold, "
+             "recall how many real points lie on the generated one"),
+    ("strict", "a point exactly on a ball's boundary was left out (distance < radius); it is inside (<=), which "
+               "matters where points coincide and a radius is 0"),
+    ("mean_radius", "every ball got the same radius, the mean of the radii; each point's ball has its own radius, "
+                    "the distance to its own k-th nearest neighbour"),
+]]
 
 
 @chapter.exercise("3.5", reference=metrics.precision_recall, hints=(
