@@ -334,6 +334,13 @@ def _needs_grad(*xs: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and any(x.requires_grad for x in xs)
 
 
+def _select_forward_only(op: str, device: torch.device, backend: str, *inputs: torch.Tensor) -> str:
+    """:func:`select_backend`, except that ``"auto"`` takes torch when a gradient must flow back through
+    ``inputs``: the kernels have no backward pass."""
+    chosen = select_backend(op, device, backend)
+    return "torch" if backend == "auto" and _needs_grad(*inputs) else chosen
+
+
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs) -> torch.Tensor:
     """torch's fused attention, also on inputs of mixed dtypes (cast to :func:`~.precision.compute_dtype`;
     under autocast torch casts them itself), returned in q's dtype."""
@@ -368,9 +375,9 @@ def flash_attention(
     _check_attention(q, k, v)
     t_q, t_k = q.shape[2], k.shape[2]
     scale = _scale(scale, q.shape[-1])
-    chosen = select_backend("flash_attention", q.device, backend)
+    chosen = _select_forward_only("flash_attention", q.device, backend, q, k, v)
     plan: PrefixMask | None = None
-    if chosen != "torch" and not (backend == "auto" and _needs_grad(q, k, v)):
+    if chosen != "torch":
         try:
             plan = prefix_mask(mask, t_q, t_k, q.device)
         except ValueError:
@@ -435,9 +442,7 @@ def decode_attention(
     b, _, t_max, _ = k_cache.shape
     length = _check_length(length, b, t_max, q.device)
     scale = _scale(scale, q.shape[-1])
-    chosen = select_backend("decode_attention", q.device, backend)
-    if backend == "auto" and _needs_grad(q, k_cache, v_cache):
-        chosen = "torch"
+    chosen = _select_forward_only("decode_attention", q.device, backend, q, k_cache, v_cache)
 
     def plain() -> torch.Tensor:
         if isinstance(length, int):
@@ -468,9 +473,7 @@ def softmax(x: torch.Tensor, backend: str = "auto") -> torch.Tensor:
     if x.ndim < 1 or x.shape[-1] == 0:
         raise ValueError(f"x must be (..., C) with C >= 1, got shape {tuple(x.shape)}")
     rows = x.reshape(-1, x.shape[-1])  # (R, C)
-    chosen = select_backend("softmax", x.device, backend)
-    if backend == "auto" and _needs_grad(x):
-        chosen = "torch"
+    chosen = _select_forward_only("softmax", x.device, backend, x)
     out = _dispatch("softmax", backend, chosen, x.device, {
         "numba": lambda: _module("cuda_softmax").softmax(rows).to(x.dtype),
         "triton": lambda: _triton().softmax_triton(rows),
