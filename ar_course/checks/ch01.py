@@ -16,7 +16,8 @@ from typing import Callable, Iterator
 import torch
 import torch.nn.functional as F
 
-from ar_course.checks.core import Case, Chapter, CheckFailure, Mistake, call, compare, compare_cases, explain
+from ar_course.checks.core import (Case, Chapter, CheckFailure, Mistake, call, compare, compare_cases,
+                                   compare_explained, explain)
 from ar_course.checks.reference import ch01 as answers
 from ar_course.tokenizers import functional as ref
 
@@ -101,10 +102,7 @@ def straight_through(fn: Callable, reference: Callable) -> None:
         w = torch.randn(shape, generator=g)
         z_in, zq_in = z.clone().requires_grad_(True), z_q.clone().requires_grad_(True)
         out = call(fn, z_in, zq_in, where=name)
-        try:
-            compare(out, reference(z, z_q), where=name, atol=1e-6)
-        except CheckFailure as exc:
-            raise explain(exc, STE_MISTAKES, Case(name, (z, z_q)), out, atol=1e-6) from None
+        compare_explained(out, reference(z, z_q), STE_MISTAKES, Case(name, (z, z_q)), atol=1e-6)
         if not out.requires_grad:
             raise CheckFailure(f"no gradient can flow through your output on input {name!r} (is everything detached?)")
         (out * w).sum().backward()

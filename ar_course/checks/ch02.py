@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from ar_course import sampling
 from ar_course.checks.core import (Case, Chapter, CheckFailure, Mistake, call, check_off_cpu, check_unchanged,
-                                   clone_args, compare, compare_cases, explain, running)
+                                   clone_args, compare, compare_cases, compare_explained, explain, running)
 from ar_course.checks.reference import ch02 as answers
 from ar_course.transformer import functional as ref
 from ar_course.transformer.model import GPT, Block, GPTConfig, SelfAttention
@@ -784,10 +784,7 @@ def cached_attention(fn, ref_fn):
         kept = clone_args(a_fn)
         got = call(fn, *a_fn, where=case.name)
         check_unchanged(("q", "k_new", "v_new", None, None, "pos"), kept, a_fn, case.name)
-        try:
-            compare(got, expected, where=case.name, atol=1e-5)
-        except CheckFailure as exc:
-            raise explain(exc, CACHE_MISTAKES, case, got, atol=1e-5) from None
+        compare_explained(got, expected, CACHE_MISTAKES, case)
         try:
             compare(a_fn[3], a_ref[3], where=case.name, name="k_cache after the call")
             compare(a_fn[4], a_ref[4], where=case.name, name="v_cache after the call")

@@ -24,8 +24,8 @@ from scipy import linalg
 
 from ar_course import metrics
 from ar_course.checks.core import (Case, Chapter, CheckFailure, Mistake, call, check_draws_follow_generator,
-                                   check_off_cpu, check_unchanged, clone_args, compare, compare_cases, describe,
-                                   explain, running)
+                                   check_off_cpu, check_unchanged, clone_args, compare, compare_cases,
+                                   compare_explained, describe, explain, running)
 from ar_course.checks.reference import ch03 as answers
 from ar_course.raster import orders
 from ar_course.raster.model import raster_config
@@ -215,10 +215,8 @@ def training_loss(fn, ref_fn):
             raise CheckFailure(f"on input {case.name!r} no gradient flows from your loss back to the model's weights: "
                                "it was rebuilt from a number (.item(), .detach(), torch.tensor(...)), so "
                                "loss.backward() would train nothing")
-        try:
-            compare(got, expected, where=case.name, name="loss", atol=1e-5)
-        except CheckFailure as exc:
-            raise explain(exc, LOSS_MISTAKES, Case(case.name, (model, *case.args), case.kwargs), got) from None
+        compare_explained(got, expected, LOSS_MISTAKES, Case(case.name, (model, *case.args), case.kwargs),
+                          name="loss")
     _check_confident_model(fn, ref_fn)
     _check_dropout(fn)
     # the notebook trains on DEVICE with a CPU generator: the dropout draws must move to the classes' device
@@ -447,10 +445,7 @@ def frechet_distance(fn, ref_fn):
         args = clone_args(case.args)
         got = call(fn, *args, where=case.name)
         check_unchanged(("feats_a", "feats_b"), case.args, args, case.name)
-        try:
-            compare(got, expected, where=case.name, name="distance", atol=1e-6, rtol=1e-5)
-        except CheckFailure as exc:
-            raise explain(exc, FRECHET_MISTAKES, case, got, atol=1e-6, rtol=1e-5) from None
+        compare_explained(got, expected, FRECHET_MISTAKES, case, name="distance", atol=1e-6, rtol=1e-5)
 
 
 # --------------------------------------------------------------------------------------------------------

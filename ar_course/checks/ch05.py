@@ -13,7 +13,7 @@ import torch
 
 from ar_course import sampling
 from ar_course.checks.core import (Case, Chapter, CheckFailure, Mistake, call, check_unchanged, clone_args, compare,
-                                   compare_cases, explain)
+                                   compare_cases, compare_explained, explain)
 from ar_course.checks.reference import ch05 as answers
 from ar_course.speculative import functional as ref
 from ar_course.transformer.model import KVCache
@@ -354,10 +354,8 @@ def best_draft_length(fn: Callable, ref_fn: Callable) -> None:
             raise CheckFailure(f"on {where}: return a pair (gamma, speedup), got {type(got).__name__}")
         if isinstance(got[0], bool) or not isinstance(got[0], int):
             raise CheckFailure(f"on {where}: gamma should be a Python int, got {type(got[0]).__name__}")
-        try:
-            compare(got, ref_fn(alpha, c, max_gamma), where=where, name="(gamma, speedup)")
-        except CheckFailure as exc:
-            raise explain(exc, BEST_GAMMA_MISTAKES, Case(where, (alpha, c, max_gamma)), got) from None
+        compare_explained(got, ref_fn(alpha, c, max_gamma), BEST_GAMMA_MISTAKES, Case(where, (alpha, c, max_gamma)),
+                          name="(gamma, speedup)")
 
 
 # --------------------------------------------------------------------------------------------------------

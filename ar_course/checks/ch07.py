@@ -20,8 +20,8 @@ from typing import Any, Callable, Iterator
 import torch
 
 from ar_course import utils
-from ar_course.checks.core import (Case, Chapter, CheckFailure, Mistake, call, check_unchanged, compare, describe,
-                                   explain)
+from ar_course.checks.core import (Case, Chapter, CheckFailure, Mistake, call, check_unchanged, compare,
+                                   compare_explained, describe, explain)
 from ar_course.checks.reference import ch07 as ref
 from ar_course.tokenizers import VQVAE
 from ar_course.tokenizers.vqvae import VQVAEConfig
@@ -383,10 +383,7 @@ def generate_in_batches(fn: Callable, ref_fn: Callable) -> None:
             raise explain(CheckFailure(f"on {where}, generate_fn was called with chunks of {sizes}; expected full "
                                        f"chunks {want} (each call is one batched forward loop: fewer calls are "
                                        "faster)"), BATCH_MISTAKES, case, got)
-        try:
-            compare(got, expected, where=where, name="images")
-        except CheckFailure as exc:
-            raise explain(exc, BATCH_MISTAKES, case, got) from None
+        compare_explained(got, expected, BATCH_MISTAKES, case, name="images")
     _expect_error(fn, (_Recorder(), torch.arange(3), 0), {}, ValueError, "batch_size 0")
 
 
@@ -441,10 +438,7 @@ def generation_accounting(fn: Callable, ref_fn: Callable) -> None:
         given = [list(a) for a in case.args]
         got = call(fn, *given, where=case.name)
         check_unchanged(("chunk_images", "chunk_passes", "chunk_seconds"), case.args, given, case.name)
-        try:
-            compare(got, expected, where=case.name, rtol=1e-6, atol=1e-9)
-        except CheckFailure as exc:
-            raise explain(exc, ACCOUNTING_MISTAKES, case, got, rtol=1e-6, atol=1e-9) from None
+        compare_explained(got, expected, ACCOUNTING_MISTAKES, case, rtol=1e-6, atol=1e-9)
 
 
 # --------------------------------------------------------------------------------------------------------

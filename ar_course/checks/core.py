@@ -400,6 +400,16 @@ def explain(failure: CheckFailure, mistakes: Sequence[Mistake], case: Case, got:
     return failure
 
 
+def compare_explained(got: Any, expected: Any, mistakes: Sequence[Mistake], case: Case, *, name: str = "output",
+                      atol: float = 1e-5, rtol: float = 1e-4) -> None:
+    """:func:`compare` ``got`` with ``expected`` on ``case`` (``where=case.name``); a difference raises its failure
+    completed by :func:`explain`, at the same tolerances. For a check that runs the functions itself."""
+    try:
+        compare(got, expected, where=case.name, name=name, atol=atol, rtol=rtol)
+    except CheckFailure as exc:
+        raise explain(exc, mistakes, case, got, atol=atol, rtol=rtol) from None
+
+
 def compare_cases(
     fn: Callable,
     ref: Callable,
