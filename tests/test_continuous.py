@@ -141,8 +141,10 @@ def test_kl_evaluate_reports_psnr_without_codebook_usage():
 
 
 def test_kl_bad_arguments():
-    with pytest.raises(ValueError, match="dim must be an integer >= 1"):
+    with pytest.raises(ValueError, match="dim must be an integer >= 1, got 0"):
         GaussianBottleneck(0)
+    with pytest.raises(TypeError, match="dim must be an integer >= 1, got 2.0"):
+        GaussianBottleneck(2.0)
     with pytest.raises(ValueError, match="kl_weight must be >= 0"):
         GaussianBottleneck(2, kl_weight=-1.0)
     with pytest.raises(ValueError, match="rotation_trick and kmeans_init apply to quantizer='vq' only"):

@@ -87,9 +87,13 @@ def test_fsq_zero_maps_to_the_zero_code_and_the_gradient_is_straight_through_the
     assert FSQ(levels)(z).loss.item() == 0.0
 
 
-@pytest.mark.parametrize("levels", [(), (1, 4), (2.5, 3), (8.0, 5), (0,), (None, 3), ("8", 5), (True, 3), "85", None])
-def test_fsq_bad_levels_raise(levels):
-    with pytest.raises(ValueError, match="level"):
+@pytest.mark.parametrize("levels, error", [
+    ((), ValueError), ((1, 4), ValueError), ((0,), ValueError),  # out of range: ValueError
+    ((2.5, 3), TypeError), ((8.0, 5), TypeError), ((None, 3), TypeError), (("8", 5), TypeError),  # not integers
+    ((True, 3), TypeError), ("85", TypeError), (None, TypeError),
+])
+def test_fsq_bad_levels_raise(levels, error):
+    with pytest.raises(error, match="level"):
         FSQ(levels)
 
 
@@ -167,9 +171,9 @@ def test_lfq_loss_is_commitment_plus_weighted_entropy_terms_and_raises_batch_ent
     assert Fq.lfq_codes_to_indices(x.detach()).unique().numel() == 8 and cb.item() > before + 0.3
 
 
-@pytest.mark.parametrize("dim", [0, 17, 2.0, True])
-def test_lfq_bad_dims_raise(dim):
-    with pytest.raises(ValueError, match="dim"):
+@pytest.mark.parametrize("dim, error", [(0, ValueError), (17, ValueError), (2.0, TypeError), (True, TypeError)])
+def test_lfq_bad_dims_raise(dim, error):
+    with pytest.raises(error, match="LFQ dim must be an integer in \\[1, 16\\]"):
         LFQ(dim)
 
 

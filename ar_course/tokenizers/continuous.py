@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ar_course.tokenizers.quantizers import QuantizerOutput, _check_map, _flatten
-from ar_course.utils import check_finite, check_number
+from ar_course.utils import check_finite, check_int, check_number
 
 
 def gaussian_kl(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
@@ -32,8 +32,7 @@ class GaussianBottleneck(nn.Module):
 
     def __init__(self, dim: int, kl_weight: float = 1e-4) -> None:
         super().__init__()
-        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
-            raise ValueError(f"GaussianBottleneck dim must be an integer >= 1, got {dim!r}")
+        dim = check_int("GaussianBottleneck dim", dim, 1)
         kl_weight = check_number("kl_weight", kl_weight)
         if not kl_weight >= 0:
             raise ValueError(f"kl_weight must be >= 0, got {kl_weight}")

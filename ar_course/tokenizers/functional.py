@@ -438,13 +438,23 @@ def kmeans(x: torch.Tensor, k: int, iters: int = 10, generator: torch.Generator 
 
 
 def check_levels(levels: Sequence[int]) -> tuple[int, ...]:
-    """``levels`` as a tuple of ints, each ``>= 2``; ``ValueError`` for an empty sequence, a level below 2 or a
-    non-integer (a float, even ``8.0``; a bool; a string; ``None``)."""
-    if isinstance(levels, (str, bytes)) or not isinstance(levels, Sequence) or len(levels) == 0:
-        raise ValueError(f"levels must be a non-empty sequence of integers >= 2, got {levels!r}")
-    if any(isinstance(l, bool) or not isinstance(l, numbers.Integral) or l < 2 for l in levels):
+    """``levels`` as a tuple of ints, each ``>= 2``.
+
+    Raises:
+        TypeError: ``levels`` is not a sequence (``None``, a string) or holds a non-integer (a float, even
+            ``8.0``; a bool; a string; ``None``).
+        ValueError: it is empty or holds a level below 2.
+    """
+    what = "levels must be a non-empty sequence of integers >= 2"
+    if isinstance(levels, (str, bytes)) or not isinstance(levels, Sequence):
+        raise TypeError(f"{what}, got {levels!r} ({type(levels).__name__})")
+    if len(levels) == 0:
+        raise ValueError(f"{what}, got {levels!r}")
+    if any(isinstance(level, bool) or not isinstance(level, numbers.Integral) for level in levels):
+        raise TypeError(f"every level must be an integer >= 2, got {tuple(levels)}")
+    if any(level < 2 for level in levels):
         raise ValueError(f"every level must be an integer >= 2, got {tuple(levels)}")
-    return tuple(int(l) for l in levels)
+    return tuple(int(level) for level in levels)
 
 
 def fsq_bound(z: torch.Tensor, levels: Sequence[int], eps: float = 1e-3) -> torch.Tensor:
@@ -479,8 +489,8 @@ def _fsq_basis(levels: tuple[int, ...], device: torch.device) -> torch.Tensor:
 def fsq_codes_to_indices(codes: torch.Tensor, levels: Sequence[int]) -> torch.Tensor:
     """Indices ``(...,)`` in ``[0, prod(levels))`` of FSQ codes ``(..., d)`` (values on the grid of
     :func:`fsq_quantize`): digit ``k_i = code_i * (L_i // 2) + L_i // 2`` in base ``L_i``, dimension 0 lowest.
-    ``ValueError`` for levels as :func:`check_levels` refuses them or codes holding NaN or infinity (read with
-    one host sync on CUDA)."""
+    Raises as :func:`check_levels` for bad levels, and ``ValueError`` for codes holding NaN or infinity (read
+    with one host sync on CUDA)."""
     lv = check_levels(levels)
     check_finite("codes", codes)
     return _fsq_codes_to_indices(codes, lv)
@@ -495,9 +505,9 @@ def _fsq_codes_to_indices(codes: torch.Tensor, lv: tuple[int, ...]) -> torch.Ten
 
 def fsq_indices_to_codes(indices: torch.Tensor, levels: Sequence[int],
                          dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """FSQ codes ``(..., d)`` of indices ``(...,)``: the inverse of :func:`fsq_codes_to_indices`. ``ValueError``
-    for levels as :func:`check_levels` refuses them or indices that are not integers in ``[0, prod(levels))``
-    (read with one host sync on CUDA)."""
+    """FSQ codes ``(..., d)`` of indices ``(...,)``: the inverse of :func:`fsq_codes_to_indices`. Raises as
+    :func:`check_levels` for bad levels, and ``ValueError`` for indices that are not integers in
+    ``[0, prod(levels))`` (read with one host sync on CUDA)."""
     lv = check_levels(levels)
     _check_any_ids(indices, math.prod(lv))
     return _fsq_indices_to_codes(indices, lv, dtype)

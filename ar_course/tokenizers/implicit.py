@@ -23,7 +23,7 @@ from torch import nn
 
 from ar_course.tokenizers import functional as Fq
 from ar_course.tokenizers.quantizers import QuantizerOutput, _check_map, _check_training_input, _flatten, _unflatten
-from ar_course.utils import check_finite, check_ids, check_number
+from ar_course.utils import check_finite, check_ids, check_int, check_number
 
 LFQ_MAX_DIM = 16
 """The largest :class:`LFQ` ``dim``: its entropy loss sums over all ``2^dim`` codes."""
@@ -99,8 +99,7 @@ class LFQ(nn.Module):
     def __init__(self, dim: int, beta: float = 0.25, entropy_weight: float = 0.1, diversity: float = 1.0,
                  temperature: float = 0.01) -> None:
         super().__init__()
-        if isinstance(dim, bool) or not isinstance(dim, int) or not 1 <= dim <= LFQ_MAX_DIM:
-            raise ValueError(f"LFQ dim must be an integer in [1, {LFQ_MAX_DIM}], got {dim!r}")
+        dim = check_int("LFQ dim", dim, 1, LFQ_MAX_DIM)
         beta = check_number("beta", beta, 0)
         entropy_weight = check_number("entropy_weight", entropy_weight, 0)
         diversity = check_number("diversity", diversity, 0)
