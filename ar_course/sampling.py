@@ -301,11 +301,13 @@ def cfg_mix(cond_logits: torch.Tensor, uncond_logits: torch.Tensor, w: float) ->
     ``w = 0`` gives the conditional logits exactly, ``w > 0`` moves away from the unconditional prediction
     (``cond + w * (cond - uncond)``), ``w = -1`` gives the unconditional logits. In the "guidance scale"
     convention of the classifier-free guidance paper and LlamaGen, ``uncond + s * (cond - uncond)``, this is
-    ``s = 1 + w``. Shapes ``(..., V)``; ``w``: a finite number. Values are not checked here (the sampler
-    checks what it is given)."""
+    ``s = 1 + w``. Shapes ``(..., V)``; ``w``: a finite number. Half-precision logits (a model under
+    autocast) are mixed and returned in float32: bfloat16 keeps 8 bits, and ``(1 + w) * cond`` less ``w * uncond``
+    would lose most of them. Values are not checked here (the sampler checks what it is given)."""
     _check_shape(cond_logits, "cond_logits")
     _check_shape(uncond_logits, "uncond_logits")
     w = check_number("w", w)
     if cond_logits.shape != uncond_logits.shape:
         raise ValueError(f"shapes differ: {tuple(cond_logits.shape)} vs {tuple(uncond_logits.shape)}")
-    return (1 + w) * cond_logits - w * uncond_logits
+    dtype = torch.promote_types(torch.promote_types(cond_logits.dtype, uncond_logits.dtype), torch.float32)
+    return (1 + w) * cond_logits.to(dtype) - w * uncond_logits.to(dtype)

@@ -112,6 +112,13 @@ class GenerationStats:
         """A JSON-ready dict (the properties included)."""
         return {**asdict(self), "images_per_second": self.images_per_second}
 
+    def _attention(self) -> str:
+        """What computed attention, in a few words: one back-end, or the multi-token and the one-token ones."""
+        multi, one = self.backends["attention"], self.backends.get("decode_attention", "none")
+        if one in ("none", multi):
+            return multi
+        return one if multi == "none" else f"{multi}, decode {one}"
+
     def summary(self) -> str:
         """One line for logs and the CLI."""
         spec = f" + {self.speculative}" if self.speculative else ""
@@ -120,7 +127,7 @@ class GenerationStats:
         fallbacks = len(self.backends.get("fallbacks", []))
         compiled += f", {fallbacks} kernel fallback{'s' * (fallbacks > 1)}" if fallbacks else ""
         return (f"{self.images} images by {self.method}{spec} on {self.device} ({self.precision}, attention: "
-                f"{self.backends['attention']}{compiled}): {self.seconds:.2f} s, "
+                f"{self._attention()}{compiled}): {self.seconds:.2f} s, "
                 f"{self.images_per_second:.1f} images/s, {self.passes_per_image:.1f} forward passes per image{extra}")
 
 
@@ -479,8 +486,8 @@ class Generator:
         TypeError: a model or tokenizer of another class (``Generator(ar_model, ar_tokenizer)`` passes them as
             ``var_model, var_tokenizer``: name them).
         ValueError: a model without its tokenizer or none at all, a tokenizer whose codes, scales or grid do not
-            fit its model, a raster model or draft that is not causal and class-conditional, or a draft of other
-            classes or without ``ar_model``.
+            fit its model, a raster model or draft that is not causal and class-conditional, a VAR and a raster
+            model of different numbers of classes, or a draft of other classes or without ``ar_model``.
     """
 
     def __init__(
@@ -501,6 +508,9 @@ class Generator:
         if ar_model is not None:
             _check_models("ar_model", ar_model, GPT, "ar_tokenizer", ar_tokenizer)
             _check_raster_pair("ar_model", ar_model, ar_tokenizer)
+        if var_model is not None and ar_model is not None and var_model.config.n_classes != ar_model.config.n_classes:
+            raise ValueError(f"var_model models {var_model.config.n_classes} classes, ar_model "
+                             f"{ar_model.config.n_classes}: one Generator's models must share their classes")
         if ar_draft is not None:
             if ar_model is None:
                 raise ValueError("ar_draft needs the raster model it drafts for (ar_model)")
@@ -547,7 +557,9 @@ class Generator:
     ) -> "Generator":
         """Models from checkpoints: shipped names (:func:`ar_course.checkpoint.available`) or files (safetensors +
         JSON metadata; tokenizers are found by the name or path each checkpoint records). A missing, corrupted
-        or mismatched file raises :class:`~ar_course.checkpoint.CheckpointError` naming it."""
+        or mismatched file, or files whose models do not go together (the ``ValueError`` of the constructor: a VAR
+        and a raster model of different classes), raise :class:`~ar_course.checkpoint.CheckpointError` naming
+        them."""
         dev = get_device(str(device))
         var_model = var_tok = ar_model = ar_tok = draft = None
         if var_path is not None:
@@ -558,7 +570,11 @@ class Generator:
             draft, draft_tok = checkpoint.load_with_tokenizer(draft_path, dev, kind=raster.CHECKPOINT_KIND)
             if ar_tok is not None and draft_tok.config != ar_tok.config:
                 raise CheckpointError(f"{draft_path} was trained on a different tokenizer than {ar_path}")
-        return cls(var_model, var_tok, ar_model, ar_tok, draft)
+        try:
+            return cls(var_model, var_tok, ar_model, ar_tok, draft)
+        except ValueError as exc:
+            given = ", ".join(str(p) for p in (var_path, ar_path, draft_path) if p is not None)
+            raise CheckpointError(f"{given}: {exc}") from None
 
     @property
     def device(self) -> torch.device:

@@ -58,6 +58,9 @@ def test_a_valid_pair_builds_and_generates(tok, mstok):
      "ar_draft models 2 classes, ar_model 3"),
     (lambda tok, ms: Generator(ar_model=raster(), ar_tokenizer=tok, ar_draft=tok), TypeError,
      "ar_draft must be a GPT"),
+    (lambda tok, ms: Generator(VAR(VARConfig(vocab_size=5, latent_dim=4, scales=(1, 2, 4), n_classes=10, n_layer=1,
+                                             n_head=2, n_embd=16)), ms, raster(), tok), ValueError,
+     "var_model models 10 classes, ar_model 3: one Generator's models must share their classes"),
     (lambda tok, ms: Generator(VAR(VARConfig(vocab_size=5, latent_dim=4, scales=(1, 2), n_classes=3, n_layer=1,
                                              n_head=2, n_embd=16)), ms), ValueError, "does not match the model"),
 ])

@@ -3,6 +3,7 @@ or input file) or 1 (failure while working), never a traceback unless --debug; o
 work and written atomically. The tests named after issue #15's table reproduce each of its rows."""
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -282,6 +283,22 @@ def test_generate_custom_checkpoint_lacking_what_the_options_need(capsys, tmp_pa
     ar_path = resolve(PRETRAINED["mnist"]["ar_path"])
     status, _, err = run(capsys, "generate", "--out", tmp_path / "x.png", "--ar-checkpoint", ar_path, *args)
     assert status == 2 and error_line(err) == f"error: {message}" and list(tmp_path.iterdir()) == []
+
+
+def test_generate_checkpoints_of_different_classes_are_a_usage_error(capsys, tmp_path):
+    """A VAR of 3 classes beside the shipped raster model of 10: refused in one line naming both files (it used to
+    build a Generator whose class ids meant different things to its two models)."""
+    from ar_course import var
+
+    shipped_var = var.load_pretrained()[0]
+    config = dataclasses.replace(shipped_var.config, n_classes=3)
+    var_path = var.save_pretrained(var.VAR(config), tmp_path / "var3.safetensors", tokenizer="mnist_msvq")
+    ar_path = resolve(PRETRAINED["mnist"]["ar_path"])
+    status, _, err = run(capsys, "generate", "--out", tmp_path / "x.png", "--var-checkpoint", var_path,
+                         "--ar-checkpoint", ar_path)
+    assert status == 2 and error_line(err) == (f"error: {var_path}, {ar_path}: var_model models 3 classes, "
+                                               "ar_model 10: one Generator's models must share their classes")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["var3.safetensors"]
 
 
 def test_generate_writes_png_and_strict_json_atomically(capsys, tmp_path, loads):

@@ -464,6 +464,20 @@ def test_calibration_keeps_a_kernel_only_when_it_is_faster_by_the_margin(tmp_pat
     assert list(sections) == [software_section()] and "torch " in software_section()
 
 
+@pytest.mark.parametrize("section", [["triton"], {"k": "triton"}, {"k": {}}, {"k": {"backend": "triton"}}, 7])
+def test_calibration_measures_again_past_a_malformed_cache_file(tmp_path, section):
+    """A cache file that is JSON but not what this version writes (edited by hand, another version) counts as
+    no decision: the call is measured again and the file rewritten, never an AttributeError inside dispatch."""
+    from ar_course.kernels.calibrate import Calibrator
+
+    path = tmp_path / "choices.json"
+    path.write_text(json.dumps({software_section(): section}))
+    calibrator = Calibrator(timer=fake_timer(), path=path)
+    assert calibrator.lookup("k") is None and calibrator.choices() == {}
+    assert calibrator.decide("k", "triton", 1.0, 2.0) == "triton"
+    assert Calibrator(timer=fake_timer(), path=path).lookup("k") == "triton"
+
+
 def test_calibration_without_a_writable_cache_keeps_its_decisions_in_memory(tmp_path):
     from ar_course.kernels.calibrate import Calibrator
 

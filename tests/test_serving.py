@@ -228,6 +228,61 @@ def test_bad_arguments_are_clear_errors(tiny):
         Engine(tiny, {"num_blocks": 4})
 
 
+def test_static_reserve_must_fit_the_pool(tiny):
+    """A reserve larger than the pool could never be admitted: refused when the config is made (it used to leave
+    the request waiting while every step did nothing)."""
+    with pytest.raises(ValueError, match=r"static_reserve \(17 positions\) is more than the pool holds \(4 blocks "
+                                         r"of 4 = 16\)"):
+        EngineConfig(num_blocks=4, block_size=4, policy="static", static_reserve=17)
+    engine = Engine(tiny, EngineConfig(num_blocks=4, block_size=4, max_running=2, max_step_tokens=8,
+                                       policy="static", static_reserve=16))
+    rid = engine.add_request([1, 2, 3], 4)
+    assert engine.run()[rid] == tiny.generate(torch.tensor([[1, 2, 3]]), 4, sampling=GREEDY)[0, 3:].tolist()
+
+
+def test_release_forgets_ended_requests_and_max_history_keeps_the_newest_steps(tiny):
+    config = EngineConfig(num_blocks=32, block_size=4, max_running=2)
+    full, bounded = Engine(tiny, config), Engine(tiny, config, max_history=3)
+    for engine in (full, bounded):
+        ids = [engine.add_request([1, 2, i], 5) for i in range(3)]
+        engine.step()
+        with pytest.raises(ValueError, match="request 0 is still running: cancel it before releasing it"):
+            engine.release(ids[0])
+        engine.run()
+    assert len(full.history) > 3 and _steps(bounded.history) == _steps(list(full.history)[-3:])
+    released = bounded.release(ids[1])
+    assert released.id == ids[1] and released.output == full.outputs()[ids[1]]
+    assert sorted(bounded.outputs()) == [ids[0], ids[2]]
+    with pytest.raises(ValueError, match="request_id 1 is unknown"):
+        bounded.release(ids[1])
+    with pytest.raises(TypeError, match="max_history must be an integer"):
+        Engine(tiny, config, max_history=2.0)
+    with pytest.raises(ValueError, match="max_history must be an integer >= 0, got -1"):
+        Engine(tiny, config, max_history=-1)
+
+
+def _steps(records) -> list[tuple]:
+    """What step records say but for the clock's readings (two engines read it at other times)."""
+    return [(r.running, r.prefill_tokens, r.decode_tokens, r.blocks_used, r.tokens_stored, r.kv_bytes)
+            for r in records]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_seeded_requests_sample_on_a_cuda_engine_whatever_the_batch(tiny):
+    """A request's seed makes a generator on the engine's device (a CPU generator cannot draw CUDA numbers)."""
+    model = GPT(tiny.config).to("cuda").eval()
+    model.load_state_dict(tiny.state_dict())
+    s = SamplingConfig(temperature=1.0, top_k=5)
+    outs = []
+    for running in (1, 4):
+        engine = Engine(model, EngineConfig(num_blocks=32, block_size=4, max_running=running))
+        ids = [engine.add_request([1, 2, i], 6, sampling=s, seed=i) for i in range(4)]
+        out = engine.run()
+        outs.append([out[i] for i in ids])
+    assert outs[0] == outs[1] and all(len(o) == 6 for o in outs[0])
+
+
 def test_int8_pool_engine_equals_generate_through_the_same_quantization(lm):
     """The engine over an int8 pool (a fast path) gives the tokens of plain recomputing generate whose attention
     quantizes keys and values the way the pool stores them (the plain path), at 0.28x the fp32 pool's bytes."""

@@ -14,7 +14,7 @@ import torch
 
 from ar_course.sampling import SamplingConfig
 from ar_course.serving import Engine, EngineConfig
-from ar_course.serving.worker import EngineWorker, QueueFull, ShuttingDown
+from ar_course.serving.worker import HISTORY, EngineWorker, QueueFull, ShuttingDown
 from ar_course.transformer import load_pretrained
 from serving_fixtures import _one_thread, tiny  # noqa: F401 (pytest fixtures)
 
@@ -44,6 +44,24 @@ def test_worker_answers_every_request_like_generate(tiny):
     assert worker.shutdown() == {"length": 3, "timeout": 0, "cancelled": 0}
     with pytest.raises(ShuttingDown):
         worker.submit([1], 2, sampling=GREEDY)
+
+
+def test_a_long_running_worker_forgets_ended_requests_and_old_steps(tiny):
+    """Every ended request (finished, refused, cancelled, timed out) is released from the engine, and the engine
+    keeps the newest HISTORY step records: a server's memory does not grow with the requests it has served."""
+    engine = Engine(tiny, EngineConfig(num_blocks=32, block_size=4, max_running=3))
+    worker = EngineWorker(engine)
+    assert engine.history.maxlen == HISTORY
+    for _ in range(2):
+        tickets = [worker.submit([1, 2, i], 6, sampling=GREEDY, seed=i) for i in range(4)]
+        tickets.append(worker.submit([1], 0, sampling=GREEDY))
+        tickets.append(worker.submit([1], 50, sampling=GREEDY, timeout_s=0.0))
+        assert [_drain(t)[1:] for t in tickets] == [("end", "length")] * 5 + [("end", "timeout")]
+        assert worker.pending == 0 and engine.requests == {}
+    worker.shutdown()
+    bounded = Engine(tiny, EngineConfig(num_blocks=32, block_size=4), max_history=5)
+    EngineWorker(bounded).shutdown()
+    assert bounded.history.maxlen == 5  # the engine's own bound is kept
 
 
 def test_worker_bounds_its_queue_times_out_and_cancels_on_shutdown(tiny):

@@ -14,7 +14,7 @@ from ar_course.checkpoint import CheckpointError, resolve
 from ar_course.raster import generate_tokens
 from ar_course.raster.functional import to_raster
 from ar_course.sampling import GREEDY, SamplingConfig
-from ar_course.system import PRETRAINED, GenerationRequest, Generator
+from ar_course.system import PRETRAINED, GenerationRequest, GenerationStats, Generator
 from ar_course.transformer.model import SelfAttention, attention_function, sdpa_attention, use_attention
 from ar_course.var import functional as var_ref
 
@@ -159,6 +159,18 @@ def test_auto_stats_name_the_backend_that_ran_and_every_fallback(gen, auto_tries
         "triton flash_attention: RuntimeError: Both operands must be same dtype (used torch)"]
     assert "1 kernel fallback" in failed.stats.summary()
     torch.testing.assert_close(failed.images, plain.images, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("attention, decode, says", [
+    ("torch", "torch", "attention: torch)"),
+    ("triton", "none", "attention: triton)"),
+    ("none", "numba", "attention: numba)"),  # raster AR: every pass after the prompt is a one-token step
+    ("triton x6", "torch", "attention: triton x6, decode torch)"),
+])
+def test_the_summary_names_what_computed_attention(attention, decode, says):
+    stats = GenerationStats("ar", None, "cpu", "float32", {"attention": attention, "decode_attention": decode,
+                                                           "fallbacks": [], "compiled": "no"}, 2, 1.0, 64, 64.0)
+    assert stats.summary().startswith(f"2 images by ar on cpu (float32, {says}: 1.00 s, 2.0 images/s")
 
 
 def run_concurrently(jobs: dict[str, object]) -> dict[str, list]:

@@ -110,7 +110,7 @@ class Calibrator:
 
     def _loaded(self) -> dict[str, dict]:
         if self._choices is None:
-            self._choices = self._read().get(software_section(), {})
+            self._choices = _valid_choices(self._read().get(software_section()))
         return self._choices
 
     def _read(self) -> dict:
@@ -126,10 +126,21 @@ class Calibrator:
         if self.path is None:
             return
         data = self._read()
-        data[software_section()] = {**data.get(software_section(), {}), **self._choices}
+        data[software_section()] = {**_valid_choices(data.get(software_section())), **self._choices}
         try:
             atomic_write_text(self.path, json.dumps(data, indent=1, sort_keys=True) + "\n")
         except (OSError, ValueError) as exc:  # ValueError: the path names a folder
             warnings.warn(f"cannot keep kernel choices in {self.path} ({exc}); they last for this process only",
                           RuntimeWarning, stacklevel=3)
             self.path = None
+
+
+def _valid_choices(section: object) -> dict[str, dict]:
+    """The well-formed decisions of a cache file's section (``key -> {"backend": str, "seconds": {...}}``); any
+    other entry, or a section that is not a mapping (a file edited by hand or by another version), is dropped, so
+    its kind of call is measured again."""
+    if not isinstance(section, dict):
+        return {}
+    return {key: choice for key, choice in section.items()
+            if isinstance(choice, dict) and isinstance(choice.get("backend"), str)
+            and isinstance(choice.get("seconds"), dict)}

@@ -101,7 +101,11 @@ class EngineConfig:
                 raise ValueError("prefix_caching would read merged prefixes that a prefill reads exactly: "
                                  "use kv_merge_from or prefix_caching, not both")
         if self.static_reserve is not None:
+            pool = self.num_blocks * self.block_size
             check_int("static_reserve", self.static_reserve, lo=1)
+            if self.static_reserve > pool:
+                raise ValueError(f"static_reserve ({self.static_reserve} positions) is more than the pool holds "
+                                 f"({self.num_blocks} blocks of {self.block_size} = {pool})")
         if self.max_step_tokens < self.max_running:
             raise ValueError(f"max_step_tokens ({self.max_step_tokens}) must be >= max_running ({self.max_running})")
 
@@ -227,20 +231,26 @@ class Engine:
     each prompt alone, whatever the batching (tested); with it, they equal the compression's one-sequence plain
     path (recomputing ``generate`` through the same attention for ``kv_bits`` and ``kv_window``;
     :func:`~.h2o.h2o_decode` and :func:`~.minicache.merged_generate`, which prefill the prompt in one step, for H2O
-    and merging). ``clock``: where times come from (``time.perf_counter``).
+    and merging). ``clock``: where times come from (``time.perf_counter``). :attr:`history` keeps a
+    :class:`StepRecord` per step, the newest ``max_history`` of them (``None``: all); :attr:`requests` keeps every
+    request until :meth:`release` forgets an ended one. A long-running server bounds the first and releases
+    (:class:`~ar_course.serving.worker.EngineWorker` does both).
 
     ``model`` must be a text model: a causal GPT with no class token (:func:`~.paged.check_text_model`).
 
     Raises:
-        TypeError: ``model`` is not a GPT, or ``config`` is not an :class:`EngineConfig`.
+        TypeError: ``model`` is not a GPT, ``config`` is not an :class:`EngineConfig`, or ``max_history`` is
+            not an integer or ``None``.
         ValueError: ``model`` is class-conditional (``n_classes > 0``: the engine feeds no class token) or
-            bidirectional (``causal=False``)."""
+            bidirectional (``causal=False``), or ``max_history < 0``."""
 
     def __init__(self, model: torch.nn.Module, config: EngineConfig = EngineConfig(),
-                 clock: Callable[[], float] = time.perf_counter):
+                 clock: Callable[[], float] = time.perf_counter, *, max_history: int | None = None):
         model = check_text_model(model)
         if not isinstance(config, EngineConfig):
             raise TypeError(f"config must be an EngineConfig, got {type(config).__name__}")
+        if max_history is not None:
+            max_history = check_int("max_history", max_history, lo=0)
         self.model, self.config, self.clock = model, config, clock
         self.cache = PagedKVCache.for_model(model, config.num_blocks, config.block_size, config.kv_bits,
                                             config.kv_merge_from)
@@ -250,7 +260,7 @@ class Engine:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.requests: dict[int, Request] = {}
-        self.history: list[StepRecord] = []
+        self.history: deque[StepRecord] = deque(maxlen=max_history)
         self.prefill_computed = 0  # prompt (and recomputed) tokens run through the model
         self.preemptions = 0
         self._next_id = 0
@@ -274,8 +284,8 @@ class Engine:
         sampling = check_sampling(sampling)
         if seed is not None:
             seed = check_seed(seed)
-        req = Request(self._next_id, prompt, max_new_tokens, sampling,
-                      torch.Generator().manual_seed(seed) if seed is not None else None, self.clock())
+        generator = None if seed is None else torch.Generator(device=self.cache.k.device).manual_seed(seed)
+        req = Request(self._next_id, prompt, max_new_tokens, sampling, generator, self.clock())
         if -(-req.kv_positions // self.config.block_size) > self.config.num_blocks:
             raise ValueError(f"a request of {req.kv_positions} positions can never fit in {self.config.num_blocks} "
                              f"blocks of {self.config.block_size}")
@@ -301,6 +311,20 @@ class Engine:
             if req in self.waiting:
                 self.waiting.remove(req)
             self._finish(req, "cancelled")
+
+    def release(self, request_id: int) -> Request:
+        """Forget an ended (finished or cancelled) request and return it: :meth:`outputs` no longer lists it.
+
+        Raises:
+            TypeError: ``request_id`` is not an integer.
+            ValueError: no request has this id, or it is still waiting or running (:meth:`cancel` it first)."""
+        request_id = check_int("request_id", request_id)
+        req = self.requests.get(request_id)
+        if req is None:
+            raise ValueError(f"request_id {request_id} is unknown: ids come from add_request")
+        if req.status in ("waiting", "running"):
+            raise ValueError(f"request {request_id} is still {req.status}: cancel it before releasing it")
+        return self.requests.pop(request_id)
 
     @property
     def has_work(self) -> bool:

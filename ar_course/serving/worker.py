@@ -9,6 +9,10 @@ Only the worker thread touches the engine. :meth:`EngineWorker.submit` queues a 
 ``("failed", message)``. So no request is ever dropped silently. The number of requests in flight is bounded:
 :class:`QueueFull` past ``max_pending``.
 
+The worker can run for as long as a server does: it releases each request from the engine once its final event
+is sent, and keeps the engine's step history to the newest :data:`HISTORY` steps (unless the engine was built with
+a ``max_history`` of its own).
+
 One client's request cannot break the others: :meth:`~ar_course.serving.Engine.add_request` checks everything a
 request brings to a step (its tokens, lengths, seed and :class:`~ar_course.sampling.SamplingConfig`, and the
 sampler works for every config that can be made), so a step fails only for reasons of the whole batch.
@@ -19,12 +23,16 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
 from ar_course.sampling import SamplingConfig
 from ar_course.serving.engine import Engine
 from ar_course.utils import check_int, check_number
+
+HISTORY = 1024
+"""Step records a worker's engine keeps when it was built without ``max_history``."""
 
 
 class QueueFull(RuntimeError):
@@ -74,6 +82,8 @@ class EngineWorker:
 
     def __init__(self, engine: Engine, max_pending: int = 64, timeout_s: float = 60.0):
         self.engine = check_engine(engine)
+        if engine.history.maxlen is None:
+            engine.history = deque(engine.history, maxlen=HISTORY)
         self.max_pending = check_int("max_pending", max_pending, lo=1)
         self.timeout_s = check_number("timeout_s", timeout_s, lo=0, lo_open=True)
         self._inbox: queue.Queue[Ticket] = queue.Queue()
@@ -130,8 +140,11 @@ class EngineWorker:
     # -------------------------------------------------------------------------------------- the worker thread
 
     def _end(self, ticket: Ticket, kind: str, reason: str) -> None:
+        """Send ``ticket``'s final event; its engine request (cancelled by the caller if it had not ended) is
+        released."""
         if ticket.request_id is not None:
             self._live.pop(ticket.request_id, None)
+            self.engine.release(ticket.request_id)
         if kind == "end":
             self.completed[reason] += 1
         ticket.send(kind, reason)
