@@ -49,6 +49,14 @@ def _temperature(text: str) -> float:
     return value
 
 
+def _checkpoint(text: str) -> str:
+    """argparse ``type=``: a checkpoint file or a shipped name (as :func:`ar_course.checkpoint.resolve` reads it:
+    ``var_mnist_cca`` is a name, ``runs/var.safetensors`` a path); only the empty text is refused here."""
+    if not text:
+        raise invalid("a checkpoint file or a shipped checkpoint name", text)
+    return text
+
+
 def build_parser() -> ArgumentParser:
     """The argument parser of ``python -m ar_course generate`` (each option's value is checked as it is parsed;
     combinations are checked after parsing)."""
@@ -82,9 +90,10 @@ def build_parser() -> ArgumentParser:
                         "first call at a batch size captures them)")
     p.add_argument("--seed", type=int_in(0, SEED_RANGE[1]), default=0)
     p.add_argument("--device", type=device_name, default="auto", help="cpu, cuda, cuda:N, mps or auto [auto]")
-    p.add_argument("--var-checkpoint", type=Path, default=None, help="a VAR checkpoint instead of the shipped one")
-    p.add_argument("--ar-checkpoint", type=Path, default=None,
-                   help="a raster AR checkpoint instead of the shipped one")
+    p.add_argument("--var-checkpoint", type=_checkpoint, default=None,
+                   help="a VAR checkpoint instead of the shipped one: a file, or a shipped name (var_mnist_cca)")
+    p.add_argument("--ar-checkpoint", type=_checkpoint, default=None,
+                   help="a raster AR checkpoint instead of the shipped one: a file, or a shipped name (ar_mnist_grpo)")
     p.add_argument("--ar-model", choices=("base", "grpo", "cca"), default="base",
                    help="which shipped raster model: pre-trained, or aligned by GRPO or CCA (chapter 11; these "
                         "default to --cfg 0, no guidance) [base]")

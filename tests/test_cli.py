@@ -285,6 +285,22 @@ def test_generate_custom_checkpoint_lacking_what_the_options_need(capsys, tmp_pa
     assert status == 2 and error_line(err) == f"error: {message}" and list(tmp_path.iterdir()) == []
 
 
+def test_generate_checkpoint_options_take_shipped_names(capsys, tmp_path):
+    """--var-checkpoint / --ar-checkpoint read a shipped name as the Python API does (they used to look for a file
+    named var_mnist_cca in the current folder)."""
+    out = tmp_path / "x.png"
+    with one_torch_thread():
+        status, stdout, err = run(capsys, "generate", "--out", out, "--var-checkpoint", "var_mnist_cca", "--classes",
+                                  "1", "--zoom", "1")
+    assert status == 0 and err == "" and f"wrote {out}" in stdout
+    status, _, err = run(capsys, "generate", "--out", out, "--ar-checkpoint", "ar_mnist_nope", "--method", "ar")
+    assert status == 2 and error_line(err).startswith("error: unknown checkpoint name 'ar_mnist_nope': not a file, "
+                                                      "and the shipped ones are ar_mnist, ar_mnist_cca")
+    status, _, err = run(capsys, "generate", "--out", out, "--var-checkpoint", "")
+    assert status == 2 and error_line(err) == ("error: --var-checkpoint must be a checkpoint file or a shipped "
+                                               "checkpoint name, got '' (see python -m ar_course generate --help)")
+
+
 def test_generate_checkpoints_of_different_classes_are_a_usage_error(capsys, tmp_path):
     """A VAR of 3 classes beside the shipped raster model of 10: refused in one line naming both files (it used to
     build a Generator whose class ids meant different things to its two models)."""
