@@ -47,6 +47,9 @@ COMMANDS = {
     "serve": ("ar_course.serving.server", "serve a text model over HTTP: OpenAI-style completions, streaming"),
 }
 
+EXTRAS = {"grade": "course"}
+"""The optional dependencies (``pyproject.toml``'s extras) a command imports beyond the library's own."""
+
 PROG = "python -m ar_course"
 DEBUG_FLAG = "--debug"
 DEBUG_ENV = "AR_COURSE_DEBUG"
@@ -252,7 +255,14 @@ def _dispatch(argv: list[str]) -> int:
     if command not in COMMANDS:
         raise UsageError(f"unknown command {command!r}; choose from: {', '.join([*COMMANDS, 'train'])} "
                          f"(see {PROG} --help)")
-    mod = importlib.import_module(COMMANDS[command][0])
+    try:
+        mod = importlib.import_module(COMMANDS[command][0])
+    except ModuleNotFoundError as exc:
+        extra = EXTRAS.get(command)
+        if extra is None or (exc.name or "").split(".")[0] == "ar_course":
+            raise
+        raise SystemExit(f"{command} needs the {extra!r} extra, which is not installed ({exc}): "
+                         f"pip install -e '.[{extra}]' in the course's folder") from None  # status 1
     return int(mod.main(rest) or 0)
 
 

@@ -118,6 +118,17 @@ def test_an_unexpected_error_is_one_line_with_status_1(capsys, monkeypatch):
     assert status == 1 and error_line(err) == "error: KeyError: 'x' (rerun with --debug for the traceback)"
 
 
+@pytest.mark.parametrize("args", [["grade", "notebooks/00_tour.ipynb"], ["grade", "--help"]])
+def test_a_command_whose_extra_is_missing_says_which_extra(capsys, monkeypatch, args):
+    """Without the course extra (Jupyter), grade names the extra to install, in one line with status 1."""
+    monkeypatch.delitem(sys.modules, "ar_course.grade", raising=False)
+    monkeypatch.setitem(sys.modules, "ipykernel", None)  # import ipykernel now fails as if it were not installed
+    status, _, err = run(capsys, *args)
+    assert status == 1 and error_line(err).startswith("error: grade needs the 'course' extra, which is not installed "
+                                                      "(import of ipykernel halted")
+    assert error_line(err).endswith("pip install -e '.[course]' in the course's folder")
+
+
 def test_ctrl_c_is_status_130(capsys, monkeypatch):
     _doctor_fails(monkeypatch, KeyboardInterrupt())
     status, _, err = run(capsys, "doctor")
