@@ -102,6 +102,9 @@ def _images(fill: float) -> torch.Tensor:
     (_images(-INF), "images must be finite, got -inf"),
     ((_images(0.5) * 255).to(torch.uint8), "images must be a floating-point tensor .*got torch.uint8"),
     (torch.ones(2, 1, 32, 32, dtype=torch.long), "images must be a floating-point tensor .*got torch.int64"),
+    (_images(0.5) * 255, r"images must be in \[0, 1\], got values in \[0.\d+, 254.\d+\] \(divide 0..255 images by "
+                         r"255\)"),  # the reward used to clamp them: nearly every pixel became 1
+    (_images(0.5) * 2 - 1, r"images must be in \[0, 1\].*\(map \[-1, 1\] images with \(x \+ 1\) / 2 first\)"),
 ])
 def test_rewards_refuse_bad_images(reward, images, message):
     with pytest.raises(ValueError, match=message):

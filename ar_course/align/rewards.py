@@ -13,14 +13,15 @@ from typing import Callable
 import torch
 
 from ar_course import metrics
-from ar_course.utils import check_finite, check_ids
+from ar_course.utils import check_ids, check_image_values
 
 Reward = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def _check(images: torch.Tensor, classes: torch.Tensor) -> None:
-    """The checks both rewards share: tensors of shapes ``(B, C, S, S)`` and ``(B,)``, float finite images (one
-    host sync on CUDA)."""
+    """The checks both rewards share: tensors of shapes ``(B, C, S, S)`` and ``(B,)``, float finite images in
+    [0, 1] (:func:`~ar_course.utils.check_image_values`: 0..255 or [-1, 1] images are refused; one host sync on
+    CUDA)."""
     if not isinstance(images, torch.Tensor) or not isinstance(classes, torch.Tensor):
         raise TypeError("images and classes must be tensors")
     if images.ndim != 4 or classes.shape != images.shape[:1]:
@@ -28,7 +29,7 @@ def _check(images: torch.Tensor, classes: torch.Tensor) -> None:
                          f"{tuple(classes.shape)}")
     if not images.is_floating_point():
         raise ValueError(f"images must be a floating-point tensor with values in [0, 1], got {images.dtype}")
-    check_finite("images", images)
+    check_image_values("images", images)
 
 
 @torch.no_grad()
@@ -37,9 +38,9 @@ def class_probability(images: torch.Tensor, classes: torch.Tensor, dataset: str 
 
     Raises:
         TypeError: ``images`` or ``classes`` is not a tensor.
-        ValueError: shapes other than ``(B, C, S, S)`` and ``(B,)``, ``images`` not floating-point or not
-            finite, an unknown ``dataset``, or ``classes`` not long or not a class of the classifier (the null
-            class of a class-conditional model is none).
+        ValueError: shapes other than ``(B, C, S, S)`` and ``(B,)``, ``images`` not floating-point, not
+            finite or not in [0, 1] (0..255 or [-1, 1] images), an unknown ``dataset``, or ``classes`` not long
+            or not a class of the classifier (the null class of a class-conditional model is none).
     """
     _check(images, classes)
     model = metrics.load_classifier(dataset, images.device)
@@ -54,8 +55,8 @@ def brightness(images: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
 
     Raises:
         TypeError: ``images`` or ``classes`` is not a tensor.
-        ValueError: shapes other than ``(B, C, S, S)`` and ``(B,)``, or ``images`` not floating-point or not
-            finite.
+        ValueError: shapes other than ``(B, C, S, S)`` and ``(B,)``, or ``images`` not floating-point, not
+            finite or not in [0, 1].
     """
     _check(images, classes)
     return images.clamp(0, 1).flatten(1).mean(dim=1)
