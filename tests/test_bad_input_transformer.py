@@ -261,3 +261,14 @@ def test_evaluate_lm_checks_max_windows(gpt, max_windows, error, match):
     with pytest.raises(error, match=match):
         evaluate_lm(gpt, ids, 4, max_windows=max_windows)
     assert evaluate_lm(gpt, ids, 4, max_windows=3) == evaluate_lm(gpt, ids, 4, max_windows=np.int64(3))
+
+
+@pytest.mark.parametrize("cache", [KVCache, StaticKVCache])
+def test_a_cache_reads_its_device_name_as_get_device_does(cache):
+    """A device name torch cannot read is the package's one-line ValueError, not torch's list of device types."""
+    with pytest.raises(ValueError, match="unknown device 'gpu': use 'cpu', 'cuda', 'cuda:N' or 'auto'"):
+        cache(1, 1, 1, 4, 2, device="gpu")
+    assert cache(1, 1, 1, 4, 2, device="cpu").k[0].device.type == "cpu"
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="device 'cuda' requested but CUDA is not available"):
+            cache(1, 1, 1, 4, 2, device="cuda")

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from ar_course.checkpoint import config_from_dict
 from ar_course.sampling import SamplingConfig, cfg_mix, check_cfg, check_generator, check_sampling, sample
 from ar_course.transformer import functional as ref
-from ar_course.utils import check_bool, check_grid, check_ids, check_int, check_number
+from ar_course.utils import check_bool, check_grid, check_ids, check_int, check_number, get_device
 
 ATTENTION_IMPLS = ("sdpa", "plain", "kernels")
 CACHE_KINDS = ("dynamic", "static")
@@ -129,13 +129,17 @@ class GPTConfig:
 
 
 def _kv_buffers(n_layer: int, shape: tuple[int, int, int, int], device: torch.device | str | None,
-                dtype: torch.dtype) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Zeroed key and value buffers of ``shape`` ``(B, H, max_len, D)``, one of each per layer (every size an
-    integer >= 1: ``TypeError`` / ``ValueError`` naming it otherwise)."""
+                dtype: torch.dtype) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.device]:
+    """Zeroed key and value buffers of ``shape`` ``(B, H, max_len, D)``, one of each per layer, and their device
+    (every size an integer >= 1: ``TypeError`` / ``ValueError`` naming it otherwise; a device name is read as
+    :func:`~ar_course.utils.get_device` reads it: ``ValueError`` for ``"gpu"``, ``RuntimeError`` for ``"cuda"``
+    without a GPU)."""
     for name, n in zip(("n_layer", "batch_size", "n_head", "max_len", "head_dim"), (n_layer, *shape)):
         check_int(name, n, lo=1)
-    return ([torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)],
-            [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)])
+    if isinstance(device, str):
+        device = get_device(device)
+    k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
+    return k, [torch.zeros_like(b) for b in k], k[0].device
 
 
 class KVCache:
@@ -149,7 +153,8 @@ class KVCache:
     Raises:
         TypeError: a size that is not an integer (also ``n`` of :meth:`advance`, ``length`` of :meth:`rollback`).
         ValueError: a size ``< 1``; :meth:`append` or :meth:`advance` past ``max_len`` (:meth:`advance` also by
-            ``n < 0``); :meth:`rollback` to a length outside ``[0, length]``.
+            ``n < 0``); :meth:`rollback` to a length outside ``[0, length]``; a device name that is not one
+            (``"gpu"``; read as :func:`~ar_course.utils.get_device` reads it).
     """
 
     def __init__(
@@ -162,7 +167,7 @@ class KVCache:
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
     ):
-        self.k, self.v = _kv_buffers(n_layer, (batch_size, n_head, max_len, head_dim), device, dtype)
+        self.k, self.v, _ = _kv_buffers(n_layer, (batch_size, n_head, max_len, head_dim), device, dtype)
         self.length = 0
 
     @property
@@ -220,7 +225,7 @@ class StaticKVCache:
             :meth:`rollback`).
         ValueError: a size ``< 1``; :meth:`advance` by ``n`` outside ``[0, max_len]``; :meth:`rollback` to a
             Python ``length`` outside ``[0, max_len]``. Neither compares with ``pos`` (that would read the device:
-            :meth:`GPT.forward` checks that the new positions fit).
+            :meth:`GPT.forward` checks that the new positions fit). A device name as :class:`KVCache`.
     """
 
     def __init__(
@@ -233,7 +238,7 @@ class StaticKVCache:
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
     ):
-        self.k, self.v = _kv_buffers(n_layer, (batch_size, n_head, max_len, head_dim), device, dtype)
+        self.k, self.v, device = _kv_buffers(n_layer, (batch_size, n_head, max_len, head_dim), device, dtype)
         self.pos = torch.zeros((), dtype=torch.long, device=device)
         self.key_positions = torch.arange(max_len, device=device)  # (max_len,)
 
