@@ -315,7 +315,13 @@ def frechet_distance_from_features(feats_a: torch.Tensor | np.ndarray, feats_b: 
 
 def frechet_distance(images_a: torch.Tensor, images_b: torch.Tensor, dataset: str = "mnist") -> float:
     """FID-style distance between two image sets ``(N, C, H, W)`` and ``(M, C, H, W)`` in [0, 1], on the
-    ``dataset`` classifier's features. Compare only at equal sizes and with :func:`data_baseline`."""
+    ``dataset`` classifier's features. Compare only at equal sizes and with :func:`data_baseline`.
+
+    Raises ``ValueError`` for a set of fewer than 2 images (a covariance needs two), and as
+    :func:`classifier_features` for images it refuses."""
+    for name, images in (("images_a", images_a), ("images_b", images_b)):
+        if isinstance(images, torch.Tensor) and images.ndim == 4 and images.shape[0] < 2:
+            raise ValueError(f"{name} must hold at least 2 images (a covariance needs two), got {images.shape[0]}")
     return frechet_distance_from_features(classifier_features(images_a, dataset),
                                           classifier_features(images_b, dataset))
 
@@ -361,8 +367,10 @@ def precision_recall(feats_real: torch.Tensor, feats_fake: torch.Tensor, k: int 
             raise TypeError(f"{name} must be a (N, F) tensor, got {type(feats).__name__}")
     k, chunk = check_int("k", k), check_int("chunk", chunk, lo=1)
     if feats_real.ndim != 2 or feats_fake.ndim != 2 or feats_real.shape[1] != feats_fake.shape[1]:
+        images = " (for images, pass metrics.classifier_features(images) of each set)" if max(
+            feats_real.ndim, feats_fake.ndim) == 4 else ""
         raise ValueError(f"expected features (N, F) and (M, F), got {tuple(feats_real.shape)} and "
-                         f"{tuple(feats_fake.shape)}")
+                         f"{tuple(feats_fake.shape)}{images}")
     if k < 1 or min(feats_real.shape[0], feats_fake.shape[0]) <= k:
         raise ValueError(f"k must be >= 1 and below both set sizes, got k={k} for sizes "
                          f"{feats_real.shape[0]} and {feats_fake.shape[0]}")

@@ -79,6 +79,9 @@ def test_frechet_bad_inputs():
         frechet_distance_gaussians(np.zeros(3), np.eye(3), np.zeros(3), np.eye(4))
     with pytest.raises(ValueError, match="method"):
         frechet_distance_gaussians(np.zeros(3), np.eye(3), np.zeros(3), np.eye(3), method="svd")
+    images = torch.rand(3, 1, 32, 32)
+    with pytest.raises(ValueError, match=r"^images_a must hold at least 2 images \(a covariance needs two\), got 1$"):
+        frechet_distance(images[:1], images[1:])
 
 
 # ---------------------------------------------------------------------------- precision / recall
@@ -109,6 +112,9 @@ def test_precision_recall_bad_inputs():
         precision_recall(torch.randn(10, 3), torch.randn(10, 4))
     with pytest.raises(ValueError, match="k must"):
         precision_recall(torch.randn(3, 3), torch.randn(10, 3), k=3)
+    with pytest.raises(ValueError, match=r"got \(10, 1, 4, 4\) and \(10, 1, 4, 4\) \(for images, pass "
+                                         r"metrics.classifier_features\(images\) of each set\)$"):
+        precision_recall(torch.rand(10, 1, 4, 4), torch.rand(10, 1, 4, 4))
 
 
 # ---------------------------------------------------------------------------- psnr, codebook usage
