@@ -294,3 +294,73 @@ def test_no_warning_from_a_valid_save_and_load(lm, tmp_path):
         path = save_checkpoint(tmp_path / "sub" / "m.safetensors", lm, lm.config, kind="lm", val_loss=1.0)
         assert checkpoint.info(path)["val_loss"] == 1.0
         assert isinstance(checkpoint.load(path, device="auto" if not torch.cuda.is_available() else "cpu"), GPT)
+
+
+# -- kernels without the optional extras, and inputs of the wrong kind --------------------------------------------
+
+
+def _without_numba(monkeypatch, cuda_only: bool = False) -> None:
+    """Make ops.py see a machine without numba (``cuda_only``: numba without numba-cuda)."""
+    for flag in ("NUMBA_INSTALLED", "NUMBA_CUDA_USABLE", "CUDA_SIMULATOR") + (() if cuda_only else
+                                                                            ("NUMBA_CPU_INSTALLED",)):
+        monkeypatch.setattr(K.env, flag, False)
+
+
+def test_auto_vq_nearest_quietly_takes_torch_without_numba(monkeypatch):
+    _without_numba(monkeypatch)
+    assert K.select_backend("vq_nearest", "cpu", large=True) == "torch"
+    z, codes = torch.randn(256, 8), torch.randn(256, 8)  # >= CPU_VQ_MIN_PAIRS pairs
+    with warnings.catch_warnings(), K.record_dispatch() as rec:
+        warnings.simplefilter("error")
+        idx = K.vq_nearest(z, codes)
+    assert torch.equal(idx, torch.cdist(z, codes).argmin(-1))
+    assert rec.summary() == {"vq_nearest": "torch", "fallbacks": []}
+
+
+@pytest.mark.parametrize("cuda_only, call, match", [
+    (False, lambda: K.vq_nearest(torch.randn(4, 8), torch.randn(3, 8), backend="numba_cpu"),
+     r"^vq_nearest: backend 'numba_cpu' is not available: numba is not installed \(pip install -e '\.\[kernels\]'\)$"),
+    (False, lambda: K.flash_attention(*_qkv(), backend="numba"),
+     r"^flash_attention: backend 'numba' is not available: numba is not installed \(pip install -e '\.\[kernels\]'\)$"),
+    (True, lambda: K.softmax(torch.randn(2, 3), backend="numba"),
+     r"^softmax: backend 'numba' is not available: numba-cuda is not installed \(pip install -e '\.\[kernels\]'\)$"),
+], ids=["numba_cpu-no-numba", "numba-no-numba", "numba-no-numba-cuda"])
+def test_forced_numba_backends_name_the_missing_package_and_the_extra(monkeypatch, cuda_only, call, match):
+    _without_numba(monkeypatch, cuda_only)
+    with pytest.raises(RuntimeError, match=match):
+        call()
+
+
+def test_numba_cpu_needs_numba_but_not_numba_cuda(monkeypatch):
+    _without_numba(monkeypatch, cuda_only=True)
+    assert K.select_backend("vq_nearest", "cpu", "numba_cpu") == "numba_cpu"
+    assert K.select_backend("vq_nearest", "cpu", large=True) == "numba_cpu"
+
+
+_Q, _CACHE = torch.randn(2, 3, 4), torch.randn(2, 3, 5, 4)
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda: K.vq_nearest(np.zeros((4, 8), np.float32), np.zeros((3, 8), np.float32)), "z"),
+    (lambda: K.vq_nearest(torch.zeros(4, 8), np.zeros((3, 8), np.float32)), "codebook"),
+    (lambda: K.flash_attention(_qkv()[0], _qkv()[1].numpy(), _qkv()[2]), "k"),
+    (lambda: K.decode_attention(_Q.numpy(), _CACHE, _CACHE, 1), "q"),
+    (lambda: K.decode_attention(_Q, _CACHE, _CACHE.numpy(), 1), "v_cache"),
+    (lambda: K.softmax(np.zeros((2, 3), np.float32)), "x"),
+])
+def test_kernel_entry_points_refuse_numpy_arrays_with_a_type_error(call, match):
+    with pytest.raises(TypeError, match=rf"^{match} must be a floating-point torch.Tensor, got ndarray$"):
+        call()
+
+
+def test_kernel_entry_points_still_refuse_integer_tensors_and_lengths_of_the_wrong_kind_apart():
+    with pytest.raises(ValueError, match=r"^z must be a floating-point torch.Tensor, got torch.int32$"):
+        K.vq_nearest(torch.zeros(4, 8, dtype=torch.int32), torch.zeros(3, 8))
+    with pytest.raises(ValueError, match=r"^k_cache must be \(B, H, T, D\), got shape \(2, 3, 4\)$"):
+        K.decode_attention(_Q, _Q, _CACHE, 1)
+    with pytest.raises(TypeError, match=r"^length must be an int or a \(B,\) = \(2,\) integer tensor, got float$"):
+        K.decode_attention(_Q, _CACHE, _CACHE, 4.0)
+    with pytest.raises(TypeError, match=r"^length must be an int or a \(B,\) = \(2,\) integer tensor, got ndarray$"):
+        K.decode_attention(_Q, _CACHE, _CACHE, np.array([1, 2]))
+    with pytest.raises(ValueError, match=r"^length must be an int or a \(B,\) = \(2,\) integer tensor, got tensor"):
+        K.decode_attention(_Q, _CACHE, _CACHE, torch.tensor([1.0, 2.0]))

@@ -59,7 +59,7 @@ except ImportError:  # numba / numba-cuda not installed: the `kernels` extra
     _numba_cuda_config = None
 
 NUMBA_INSTALLED: bool = cuda is not None
-"""True when numba and numba-cuda can be imported."""
+"""True when numba and numba-cuda can be imported (the numba.cuda kernels)."""
 
 CUDA_SIMULATOR: bool = NUMBA_INSTALLED and bool(_numba_cuda_config.ENABLE_CUDASIM)
 """True when ``@cuda.jit`` kernels run in numba's CUDA simulator."""
@@ -73,14 +73,19 @@ if NUMBA_INSTALLED and not NUMBA_CUDA_USABLE and os.environ.get("NUMBA_ENABLE_CU
                   stacklevel=2)
 
 
-def _triton_installed() -> bool:
+def _installed(package: str) -> bool:
+    """True when the top-level ``package`` can be found (without importing it)."""
     try:
-        return importlib.util.find_spec("triton") is not None
-    except (ImportError, ValueError):  # blocked (sys.modules["triton"] = None) or broken
+        return importlib.util.find_spec(package) is not None
+    except (ImportError, ValueError):  # blocked (sys.modules[package] = None) or broken
         return False
 
 
-TRITON_INSTALLED: bool = _triton_installed()
+NUMBA_CPU_INSTALLED: bool = _installed("numba")
+"""True when numba itself can be found: enough for the CPU kernel (``vq_nearest``'s ``"numba_cpu"``), which
+needs no numba-cuda."""
+
+TRITON_INSTALLED: bool = _installed("triton")
 
 
 def triton_interpreted() -> bool:

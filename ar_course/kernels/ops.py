@@ -12,7 +12,8 @@ installed, else numba.cuda; the first call of each kind (op, device, a bucket of
 the candidate against torch on that call's inputs and keeps whichever won (:mod:`.calibrate`; decisions
 persist in a cache file). On a CPU tensor the simulator and interpreter are teaching tools, far slower
 than torch, so ``"auto"`` takes torch, except for ``vq_nearest`` on large inputs, where the numba CPU search
-is faster and needs no N x K buffer (``benchmarks/bench_kernels.py`` measures it). Kernels have no
+is faster and needs no N x K buffer (``benchmarks/bench_kernels.py`` measures it). Without numba and Triton
+(optional extras) ``"auto"`` quietly takes torch everywhere. Kernels have no
 backward pass, so ``"auto"`` takes torch when a gradient is needed. If a kernel that ``"auto"`` tries fails
 (say it cannot compile), a warning says so, torch answers, and that kind of call stays on torch in this
 process; a forced backend raises instead.
@@ -52,7 +53,7 @@ BACKENDS = ("auto", "torch", "numba", "numba_cpu", "triton")
 OPS = ("vq_nearest", "flash_attention", "decode_attention", "softmax")
 """The entry points whose back-end :func:`select_backend` chooses."""
 CPU_VQ_MIN_PAIRS = 1 << 16
-"""``vq_nearest`` on CPU uses numba from this many (vector, code) pairs on; torch below."""
+"""``vq_nearest`` on CPU uses numba (when installed) from this many (vector, code) pairs on; torch below."""
 CALIBRATOR = Calibrator(path=default_cache_path())
 """Decides kernel or torch for ``"auto"`` on a GPU (replace it to change the timer, the file or the margin)."""
 _FAILED: dict[str, str] = {}  # kind of call -> why its kernel failed under "auto" (it stays on torch)
@@ -123,12 +124,16 @@ def _triton() -> ModuleType | None:
 
 
 def _usable(backend: str, device: torch.device) -> str | None:
-    """None if ``backend`` can run on ``device`` here, else the reason it cannot."""
+    """None if ``backend`` can run on ``device`` here, else the reason it cannot (a missing package first)."""
     if backend == "torch":
         return None
+    if backend in ("numba", "numba_cpu") and not env.NUMBA_CPU_INSTALLED:
+        return "numba is not installed (pip install -e '.[kernels]')"
     if backend == "numba_cpu":
         return None if device.type == "cpu" else "numba_cpu runs on CPU tensors only"
     if backend == "numba":
+        if not env.NUMBA_INSTALLED:
+            return "numba-cuda is not installed (pip install -e '.[kernels]')"
         if not env.NUMBA_CUDA_USABLE:
             return "numba.cuda cannot run here (no GPU and the CUDA simulator is off)"
         if env.CUDA_SIMULATOR and device.type != "cpu":
@@ -174,7 +179,8 @@ def backend_rule(op: str, device_type: str, why_not: Callable[[str], str | None]
 
     A forced backend is returned when it can run (``RuntimeError`` with the reason when not); ``"auto"`` takes,
     on ``"cuda"``, Triton, else numba, else torch, and on any other device torch (``"numba_cpu"`` for a
-    ``large`` ``vq_nearest``): the candidate, which on a GPU must still win its measurement per kind of call.
+    ``large`` ``vq_nearest`` when it can run): the candidate, which on a GPU must still win its measurement per
+    kind of call.
     An unknown ``op`` (not in :data:`OPS`) or backend, or a backend ``op`` does not have, raises ``ValueError``.
     """
     if op not in OPS:
@@ -191,7 +197,7 @@ def backend_rule(op: str, device_type: str, why_not: Callable[[str], str | None]
         return backend
     if device_type == "cuda":
         return next(b for b in ("triton", "numba", "torch") if why_not(b) is None)
-    return "numba_cpu" if op == "vq_nearest" and large else "torch"
+    return "numba_cpu" if op == "vq_nearest" and large and why_not("numba_cpu") is None else "torch"
 
 
 @lru_cache(maxsize=None)
@@ -275,8 +281,12 @@ def _module(name: str) -> ModuleType:
 
 
 def _check_float(name: str, x: torch.Tensor) -> None:
-    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-        raise ValueError(f"{name} must be a floating-point torch.Tensor, got {getattr(x, 'dtype', type(x))}")
+    """``TypeError`` when ``x`` is not a torch.Tensor (a NumPy array, a list), ``ValueError`` when its dtype is
+    not floating-point."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a floating-point torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point torch.Tensor, got {x.dtype}")
 
 
 def vq_nearest(z: torch.Tensor, codebook: torch.Tensor, backend: str = "auto") -> torch.Tensor:
@@ -289,6 +299,9 @@ def vq_nearest(z: torch.Tensor, codebook: torch.Tensor, backend: str = "auto") -
     a non-finite code, is unspecified and differs between back-ends (the numba CPU kernel is compiled with
     fast-math). Check with :func:`ar_course.utils.check_finite` first where input may be bad, as the
     quantizers do.
+
+    Raises ``TypeError`` for inputs that are not torch tensors, ``ValueError`` for bad dtypes, shapes or
+    devices, and ``RuntimeError`` for a forced ``backend`` that cannot run here (:func:`select_backend`).
     """
     _check_float("z", z)
     _check_float("codebook", codebook)
@@ -310,8 +323,10 @@ def vq_nearest(z: torch.Tensor, codebook: torch.Tensor, backend: str = "auto") -
     return idx.reshape(z.shape[:-1])
 
 
-def _check_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-    for name, x in (("q", q), ("k", k), ("v", v)):
+def _check_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     kv_names: tuple[str, str] = ("k", "v")) -> None:
+    """q (B, H, T_q, D) and k, v (B, H, T_k, D) on q's device; ``kv_names`` name k and v in the messages."""
+    for name, x in (("q", q), *zip(kv_names, (k, v))):
         _check_float(name, x)
         if x.ndim != 4:
             raise ValueError(f"{name} must be (B, H, T, D), got shape {tuple(x.shape)}")
@@ -369,7 +384,8 @@ def flash_attention(
     :class:`~ar_course.kernels.masks.BlockCausal` (VAR), or a (T_q, T_k) bool tensor (True = may attend).
     Kernels handle masks whose rows are prefixes (all of the above but an arbitrary bool tensor); with
     ``backend="auto"`` any other mask runs on torch. ``scale`` defaults to 1/sqrt(D). Raises ``ValueError``
-    for bad shapes, dtypes, masks or scale (``TypeError`` for a scale that is not a number), and
+    for bad shapes, dtypes, masks or scale (``TypeError`` for q, k, v that are not torch tensors or a scale
+    that is not a number), and
     ``RuntimeError`` for a forced ``backend`` that cannot run here (:func:`select_backend`).
     """
     _check_attention(q, k, v)
@@ -407,9 +423,12 @@ def _check_length(length: int | torch.Tensor, b: int, t_max: int, device: torch.
         if not 1 <= int(length) <= t_max:
             raise ValueError(f"every length must be in 1..T_max={t_max}, got {int(length)}")
         return int(length)
-    if (not isinstance(length, torch.Tensor) or length.is_floating_point() or length.dtype == torch.bool
+    what = f"length must be an int or a (B,) = ({b},) integer tensor"
+    if not isinstance(length, torch.Tensor):
+        raise TypeError(f"{what}, got {type(length).__name__}")
+    if (length.is_floating_point() or length.dtype == torch.bool
             or length.ndim > 1 or (length.ndim == 1 and length.shape[0] != b)):
-        raise ValueError(f"length must be an int or a (B,) = ({b},) integer tensor, got {length!r}")
+        raise ValueError(f"{what}, got {length!r}")
     lengths = length.to(device).expand(b)  # (B,)
     low, high = lengths.aminmax()
     if int(low) < 1 or int(high) > t_max:
@@ -432,13 +451,14 @@ def decode_attention(
     int or a (B,) integer tensor with 1 <= length <= T_max (an int costs no host sync). Returns (B, H, D) in
     q's dtype. The kernels split the keys into chunks, summarise each chunk in parallel and combine the
     summaries (split-K / flash decoding). Raises ``ValueError`` for bad shapes, dtypes, lengths or scale
-    (``TypeError`` for a scale that is not a number), and ``RuntimeError`` for a forced ``backend`` that cannot
+    (``TypeError`` for inputs that are not torch tensors, a ``length`` neither an int nor a tensor, or a scale
+    that is not a number), and ``RuntimeError`` for a forced ``backend`` that cannot
     run here (:func:`select_backend`).
     """
     _check_float("q", q)
     if q.ndim != 3:
         raise ValueError(f"q must be (B, H, D), got shape {tuple(q.shape)}")
-    _check_attention(q[:, :, None, :], k_cache, v_cache)
+    _check_attention(q[:, :, None, :], k_cache, v_cache, ("k_cache", "v_cache"))
     b, _, t_max, _ = k_cache.shape
     length = _check_length(length, b, t_max, q.device)
     scale = _scale(scale, q.shape[-1])
@@ -468,7 +488,8 @@ def decode_attention(
 
 def softmax(x: torch.Tensor, backend: str = "auto") -> torch.Tensor:
     """Softmax over the last axis of x (..., C), same shape and dtype, with the online-softmax kernels.
-    Raises ``ValueError`` for a non-float ``x``, a 0-d one or one with ``C = 0``."""
+    Raises ``TypeError`` for an ``x`` that is not a torch.Tensor, ``ValueError`` for a non-float ``x``, a 0-d
+    one or one with ``C = 0``."""
     _check_float("x", x)
     if x.ndim < 1 or x.shape[-1] == 0:
         raise ValueError(f"x must be (..., C) with C >= 1, got shape {tuple(x.shape)}")
