@@ -12,12 +12,16 @@ A checkpoint records its ``kind`` (``"tokenizer"``, ``"lm"``, ``"raster_ar"``, `
 ``"classifier"``, ``"diffusion_lm"``, ``"continuous_ar"``), and :data:`KINDS` maps each kind to its model class
 and config dataclass; :func:`load` rebuilds the model with ``Model(config_from_dict(Config, stored_config))`` and
 loads the weights strictly (float16 files load into float32 modules). :func:`register_kind` adds a kind of your
-own. Every config dataclass follows one rule, :func:`config_from_dict`: a missing key takes the field's default,
-an unknown key is a ``ValueError`` naming it.
+own (the built-in kinds cannot be replaced). Every config dataclass follows one rule, :func:`config_from_dict`: a
+missing key takes the field's default, an unknown key is a ``ValueError`` naming it.
 
 Shipped checkpoints live in :data:`ASSETS` (inside the installed package); their names are the file names
 without ``.safetensors``; the tokenizers are also known by the short names that checkpoints record
 (:data:`ALIASES`: ``"mnist_vq"``, ``"mnist_msvq"``).
+
+An image model records the tokenizer it was trained on as a shipped name or as the path of a file relative to
+the model checkpoint's own folder (:func:`tokenizer_reference`, which every trainer uses), so that a folder of
+checkpoints can move; :func:`recorded_tokenizer` finds it again.
 
 Lower level: ``save_checkpoint(path, model, config, kind=...)`` writes ``model.state_dict()`` and ``config`` (a
 dataclass or a dict); ``load_checkpoint(path)`` returns ``(state_dict, metadata)``. A missing, truncated or
@@ -61,6 +65,8 @@ KINDS: dict[str, tuple[type | str, type | str]] = {
 }
 """Checkpoint kind -> (model class, config dataclass), as classes or ``"module:Name"`` strings imported on first
 use (so that this module imports none of the models). The model is built as ``Model(config)``."""
+_BUILTIN_KINDS = frozenset(KINDS)
+"""The kinds of the library's own models, which :func:`register_kind` refuses to replace."""
 
 T = TypeVar("T")
 
@@ -212,15 +218,21 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
 def register_kind(kind: str, model: type | str, config: type | str) -> None:
     """Let :func:`load` rebuild checkpoints of ``kind``: ``model(config_from_dict(config, stored_config))``.
 
-    ``model`` and ``config`` are classes or ``"module:Name"`` strings (imported when first needed).
+    ``model`` and ``config`` are classes or ``"module:Name"`` strings (imported when first needed). A kind of your
+    own may be registered again, and the latest registration wins (so that re-running a notebook cell that
+    defines the classes works); the built-in kinds (:data:`KINDS` as the library ships it) cannot be replaced.
 
     Raises:
         TypeError: ``model`` or ``config`` is neither a class nor a str, or ``config`` a class that is not a
             dataclass.
-        ValueError: ``kind`` is not a non-empty str, or a string target is not of the form ``"module:Name"``.
+        ValueError: ``kind`` is not a non-empty str or is a built-in kind, or a string target is not of the form
+            ``"module:Name"``.
     """
     if not isinstance(kind, str) or not kind:
         raise ValueError(f"kind must be a non-empty string, got {kind!r}")
+    if kind in _BUILTIN_KINDS:
+        raise ValueError(f"register_kind: {kind!r} is a built-in kind (the library's own checkpoints load with it) "
+                         f"and cannot be replaced; register your model under another kind name")
     for name, target in (("model", model), ("config", config)):
         if isinstance(target, str):
             module, _, attr = target.partition(":")
@@ -261,6 +273,61 @@ def resolve(name_or_path: str | Path) -> Path:
         raise CheckpointError(f"no checkpoint at {path}")
     raise CheckpointError(f"unknown checkpoint name {text!r}: not a file, and the shipped ones are "
                           f"{', '.join(available())} (or {', '.join(ALIASES)})")
+
+
+def _is_shipped_name(text: str) -> bool:
+    """Whether ``text`` names a shipped checkpoint (:func:`available`) or is an alias of one (:data:`ALIASES`)."""
+    return ALIASES.get(text, text) in available()
+
+
+def tokenizer_reference(tokenizer: str | Path, out: str | Path) -> str:
+    """What a model checkpoint written to ``out`` records as its tokenizer ``tokenizer`` (a shipped name, or the
+    path of a tokenizer file as given on a command line, relative to the current folder): a shipped name (a str)
+    as it is, a file as its path relative to the folder of ``out``, with ``/`` separators (absolute where there is
+    no relative path, across Windows drives), so that the model still finds it when the folder moves. A relative
+    path that would read as a shipped name is written as ``./NAME``. :func:`recorded_tokenizer` reads it back.
+
+    Raises ``TypeError`` for a ``tokenizer`` or ``out`` that is not a str or path, ``ValueError`` for ``""`` (or an
+    ``out`` that names a folder)."""
+    tokenizer, out = _path_arg("tokenizer", tokenizer, keep_str=True), _file_path(out, "output")
+    if isinstance(tokenizer, str) and _is_shipped_name(tokenizer):
+        return tokenizer
+    target = Path(tokenizer).resolve()
+    try:
+        reference = Path(os.path.relpath(target, out.resolve().parent)).as_posix()
+    except ValueError:  # another drive
+        return target.as_posix()
+    return f"./{reference}" if _is_shipped_name(reference) else reference
+
+
+def _tokenizer_file(path: Path, recorded: str) -> str | Path:
+    """The tokenizer that the checkpoint at ``path`` records as ``recorded``: a shipped name as it is, else a file,
+    a relative one looked up in ``path``'s folder (or, as files of older versions recorded it, in the current
+    folder when it is only there); :class:`CheckpointError` naming both when there is no such file."""
+    if not isinstance(recorded, str) or not recorded:
+        raise CheckpointError(f"{path} records tokenizer {recorded!r}, which is neither a name nor a path")
+    if _is_shipped_name(recorded):
+        return recorded
+    file = Path(recorded)
+    if not file.is_absolute():
+        beside = path.parent / file
+        file = file if file.is_file() and not beside.is_file() else beside
+    if not file.is_file():
+        raise CheckpointError(f"{path} records tokenizer {recorded!r}, which is not at {file}")
+    return file
+
+
+def recorded_tokenizer(name_or_path: str | Path) -> str | Path:
+    """The tokenizer an image model checkpoint (a shipped name or a path) records: a shipped tokenizer's name, or
+    the path of its file (see :func:`tokenizer_reference`), for :func:`load`.
+
+    Raises :class:`CheckpointError` when the checkpoint cannot be read (as :func:`info`), records no tokenizer,
+    or records a file that is not there (the message names the checkpoint and the recorded path)."""
+    path = resolve(name_or_path)
+    _, meta = load_checkpoint(path)
+    if "tokenizer" not in meta["extra"]:
+        raise CheckpointError(f"{path} holds a {meta['kind']!r} checkpoint that records no tokenizer")
+    return _tokenizer_file(path, meta["extra"]["tokenizer"])
 
 
 def info(name_or_path: str | Path) -> dict:
@@ -351,9 +418,11 @@ def load_with_tokenizer(
     """``(model, tokenizer)``: a model as :func:`load` gives it, with the tokenizer it was trained on.
 
     Image models (``"var"``, ``"raster_ar"``, ``"maskgit"``, ``"continuous_ar"``) record their tokenizer's name
-    or path: it is loaded with :func:`load` on ``device``. Language models (``"lm"``, ``"diffusion_lm"``) record
-    their vocabulary: a :class:`~ar_course.data.CharTokenizer`. A checkpoint that records neither (a tokenizer,
-    a classifier) raises :class:`CheckpointError`; a bad ``device`` raises as in :func:`load`."""
+    or path (relative to the checkpoint's folder, :func:`recorded_tokenizer`): it is loaded with :func:`load` on
+    ``device``. Language models (``"lm"``, ``"diffusion_lm"``) record their vocabulary: a
+    :class:`~ar_course.data.CharTokenizer`. A checkpoint that records neither (a tokenizer, a classifier), or a
+    tokenizer file that is not there, raises :class:`CheckpointError`; a bad ``device`` raises as in
+    :func:`load`."""
     path = resolve(name_or_path)
     model, meta = _load(path, device, kind)  # checks the device before reading the file
     extra = meta["extra"]
@@ -363,4 +432,4 @@ def load_with_tokenizer(
         return model, CharTokenizer(extra["vocab"])
     if "tokenizer" not in extra:
         raise CheckpointError(f"{path} holds a {meta['kind']!r} checkpoint that records no tokenizer")
-    return model, load(extra["tokenizer"], device, kind="tokenizer")
+    return model, load(_tokenizer_file(path, extra["tokenizer"]), device, kind="tokenizer")

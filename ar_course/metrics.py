@@ -51,8 +51,8 @@ from ar_course import distributed as ddp
 from ar_course.checkpoint import save_checkpoint
 from ar_course.cli import ArgumentParser, device_name, positive_float, positive_int
 from ar_course.train import (
-    DEVICE_HELP, History, TrainConfig, add_run_options, check_batch_size, finish_run, prepare_run, seed_int, train_loop,
-    trainer_main,
+    DEVICE_HELP, History, TrainConfig, add_run_options, check_batch_size, finish_run, out_help, prepare_run, seed_int,
+    train_loop, trainer_main,
 )
 from ar_course.utils import (
     check_finite, check_ids, check_image_values, check_int, check_number, check_seed, get_device, seed_everything,
@@ -575,7 +575,7 @@ def train_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr", type=positive_float, default=3e-3)
     parser.add_argument("--device", type=device_name, default=None, help=DEVICE_HELP)
     parser.add_argument("--out", type=Path, default=None,
-                        help="checkpoint path (default: the shipped ar_course/assets/classifier_<dataset>.safetensors)")
+                        help=out_help("the shipped ar_course/assets/classifier_<dataset>.safetensors"))
     add_run_options(parser)
     args = parser.parse_args(argv)
     check_batch_size(parser, args.batch_size, args.dataset)

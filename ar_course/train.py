@@ -38,7 +38,10 @@ import torch
 from tqdm.auto import tqdm
 
 from ar_course import distributed as ddp
-from ar_course.checkpoint import CheckpointError, NonFiniteWeightsError, load, load_checkpoint, save_checkpoint
+from ar_course.checkpoint import (
+    ASSETS, CheckpointError, NonFiniteWeightsError, load, load_checkpoint, save_checkpoint,
+)
+from ar_course.checkout import is_checkout
 from ar_course.cli import device_name, int_in, nonnegative_int, positive_float, positive_int, probability
 from ar_course.files import check_output_path
 from ar_course.utils import check_int, check_number
@@ -503,13 +506,14 @@ def add_conditional_model_options(parser: argparse.ArgumentParser, *, steps: int
 def add_output_options(parser: argparse.ArgumentParser, *, out: Path, train_images: bool = True,
                        eval_help: str = EVAL_HELP) -> None:
     """The rest of those trainers' options: ``--train-images`` (when ``train_images``), ``--eval-per-class``,
-    ``--device``, ``--out`` (default: the shipped checkpoint ``out``) and :func:`add_run_options`."""
+    ``--device``, ``--out`` (default: the shipped checkpoint ``out``, in a source checkout only: see
+    :func:`prepare_run`) and :func:`add_run_options`."""
     if train_images:
         parser.add_argument("--train-images", type=positive_int, default=None, metavar="N",
                             help="train on the first N training images only (default: all)")
     parser.add_argument("--eval-per-class", type=per_class_int, default=20, help=eval_help)
     parser.add_argument("--device", type=device_name, default=None, help=DEVICE_HELP)
-    parser.add_argument("--out", type=Path, default=out, help=f"checkpoint path (default: the shipped {out.name})")
+    parser.add_argument("--out", type=Path, default=out, help=out_help(f"the shipped {out.name}"))
     add_run_options(parser)
 
 
@@ -572,10 +576,38 @@ def state_path_for(out: Path) -> Path:
     return out.with_name(out.name.removesuffix(".safetensors") + STATE_SUFFIX)
 
 
+def is_source_checkout() -> bool:
+    """Whether ``ar_course`` runs from a source checkout (the folder above the package holds the ar-course
+    ``pyproject.toml``), where a trainer's default ``--out`` regenerates a shipped checkpoint in
+    ``ar_course/assets/``; ``False`` for an installed package (site-packages), whose shipped files it must not
+    replace."""
+    return is_checkout(ASSETS.parent.parent, ASSETS.parent.name)
+
+
+def out_help(default: str) -> str:
+    """A trainer's ``--out`` help: ``default`` (a file in :data:`~ar_course.checkpoint.ASSETS`) is the default in a
+    source checkout only (:func:`refuse_installed_assets`)."""
+    return f"checkpoint path (default in a source checkout: {default}; required when ar_course is installed as a " \
+           f"package)"
+
+
+def refuse_installed_assets(parser: argparse.ArgumentParser, out: Path) -> None:
+    """A usage error (exit 2) when ``out`` lies in the package's :data:`~ar_course.checkpoint.ASSETS` and ar_course
+    is installed as a package, not a source checkout (:func:`is_source_checkout`): every trainer's default
+    ``--out`` lies there, and would replace a shipped checkpoint in site-packages."""
+    if out.resolve().parent == ASSETS and not is_source_checkout():
+        effect = f"replace its shipped {out.name}" if out.is_file() else f"write {out.name} inside it"
+        parser.error(f"--out is required: ar_course is installed as a package, and the default would {effect}")
+
+
 def prepare_run(parser: argparse.ArgumentParser, out: Path, resume: bool, batch_size: int | None) -> Path:
-    """Check a trainer's arguments before any work: ``out`` must be a writable ``.safetensors`` path and
-    ``batch_size`` (the global batch) must divide by the number of processes (usage errors, exit 2); with
-    ``resume`` the training state must exist (:class:`TrainingError`). Returns the training state's path."""
+    """Check a trainer's arguments before any work: ``out`` must be a writable ``.safetensors`` path, and outside
+    the package's :data:`~ar_course.checkpoint.ASSETS` unless ar_course runs from a source checkout
+    (:func:`is_source_checkout`; where the default ``--out`` of every trainer lies, so ``--out`` is required in an
+    installed package), and ``batch_size`` (the global batch) must divide by the number of processes (usage
+    errors, exit 2); with ``resume`` the training state must exist (:class:`TrainingError`). Returns the training
+    state's path."""
+    refuse_installed_assets(parser, out)
     try:
         check_output_path(out, suffix=".safetensors")
     except ValueError as exc:
@@ -594,7 +626,10 @@ def prepare_run(parser: argparse.ArgumentParser, out: Path, resume: bool, batch_
 
 def format_accuracy(accuracy: dict[str, float]) -> str:
     """``{"0.0": 0.0949999, "1.0": 0.9}`` (class accuracy by guidance strength, as trainers record it) as
-    ``"w=0.0: 9.5%, w=1.0: 90.0%"`` for a trainer's last line."""
+    ``"w=0.0: 9.5%, w=1.0: 90.0%"`` for a trainer's last line; ``{}`` (not measured) as
+    ``"not measured (--eval-per-class 0)"``."""
+    if not accuracy:
+        return "not measured (--eval-per-class 0)"
     return ", ".join(f"w={w}: {a:.1%}" for w, a in accuracy.items())
 
 

@@ -1,10 +1,13 @@
-"""The one loader: shipped names, the kind registry, one strict config rule, clear errors, and set_attention
-recorded in saved checkpoints."""
+"""The one loader: shipped names, the kind registry, one strict config rule, clear errors, set_attention
+recorded in saved checkpoints, and a recorded tokenizer found from any folder."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
+
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,7 +15,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ar_course import checkpoint
-from ar_course.checkpoint import CheckpointError, config_from_dict, load, load_with_tokenizer, save_checkpoint
+from ar_course.checkpoint import (
+    CheckpointError, config_from_dict, load, load_with_tokenizer, recorded_tokenizer, save_checkpoint,
+    tokenizer_reference,
+)
 from ar_course.continuous import ContinuousAR, ContinuousARConfig
 from ar_course.data import CharTokenizer
 from ar_course.diffusion_lm import DiffusionLM, DiffusionLMConfig
@@ -116,10 +122,28 @@ def test_an_unknown_kind_and_a_registered_one(tmp_path):
         load(path)
     checkpoint.register_kind("tiny", Tiny, TinyConfig)
     try:
+        checkpoint.register_kind("tiny", Tiny, TinyConfig)  # a user kind again (a notebook cell re-run): allowed
         loaded = load(path, kind="tiny")
         assert loaded.config == TinyConfig(width=5) and torch.equal(loaded.lin.weight, model.lin.weight)
     finally:
         del checkpoint.KINDS["tiny"]
+
+
+@dataclasses.dataclass
+class OtherConfig:
+    width: int = 3
+
+
+@pytest.mark.parametrize("kind", sorted({kind for kind, _ in SHIPPED.values()}))
+def test_register_kind_refuses_to_replace_a_built_in_kind(kind):
+    before = dict(checkpoint.KINDS)
+    with pytest.raises(ValueError) as info:
+        checkpoint.register_kind(kind, torch.nn.Linear, OtherConfig)
+    assert str(info.value) == (f"register_kind: {kind!r} is a built-in kind (the library's own checkpoints load "
+                               f"with it) and cannot be replaced; register your model under another kind name")
+    assert checkpoint.KINDS == before
+    if kind == "var":
+        assert type(load("var_mnist")) is VAR
 
 
 @pytest.mark.parametrize("make", [
@@ -134,3 +158,88 @@ def test_set_attention_is_recorded_in_a_saved_checkpoint(tmp_path, make):
     loaded = load(save_checkpoint(tmp_path / "m.safetensors", model, model.config, kind=kind))
     impls = {m.attention for m in loaded.modules() if isinstance(m, SelfAttention)}
     assert loaded.config.attn == "plain" and impls == {plain_attention}
+
+
+# -- a recorded tokenizer is found from any folder ------------------------------------------------------------
+
+
+def _project(folder, tokenizer_record=None):
+    """``folder/tok.safetensors`` (the shipped mnist_vq) and ``folder/ar.safetensors``, a tiny raster model that
+    records it as ``tokenizer_record`` (default: the trainers' record, :func:`tokenizer_reference`)."""
+    folder.mkdir(parents=True)
+    shutil.copyfile(checkpoint.resolve("mnist_vq"), folder / "tok.safetensors")
+    cfg = GPTConfig(vocab_size=256, block_size=64, n_layer=1, n_head=2, n_embd=32, n_classes=10)
+    record = tokenizer_record or tokenizer_reference(folder / "tok.safetensors", folder / "ar.safetensors")
+    return save_checkpoint(folder / "ar.safetensors", GPT(cfg), cfg, kind="raster_ar", tokenizer=record)
+
+
+def test_tokenizer_reference_keeps_names_and_makes_paths_relative_to_the_checkpoint(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert tokenizer_reference("mnist_vq", "runs/ar.safetensors") == "mnist_vq"
+    assert tokenizer_reference("tokenizer_mnist_kl", tmp_path / "x.safetensors") == "tokenizer_mnist_kl"
+    assert tokenizer_reference("runs/tok.safetensors", "runs/ar.safetensors") == "tok.safetensors"
+    assert tokenizer_reference("toks/tok.safetensors", "runs/deep/ar.safetensors") == "../../toks/tok.safetensors"
+    assert tokenizer_reference(tmp_path / "tok.safetensors", "ar.safetensors") == "tok.safetensors"
+    assert tokenizer_reference(Path("runs/mnist_vq"), "runs/ar.safetensors") == "./mnist_vq"  # a file, not the name
+    with pytest.raises(TypeError, match=r"^tokenizer must be a checkpoint name or path \(str or Path\), got None"):
+        tokenizer_reference(None, "ar.safetensors")
+    with pytest.raises(ValueError, match=r"^output path is empty$"):
+        tokenizer_reference("runs/tok.safetensors", "")
+
+
+def test_a_recorded_tokenizer_path_is_relative_to_the_checkpoint_and_moves_with_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _project(Path("proj"))
+    assert checkpoint.info("proj/ar.safetensors")["tokenizer"] == "tok.safetensors"
+    monkeypatch.chdir(tmp_path / "proj")  # the folder it was made in, and elsewhere
+    assert recorded_tokenizer("ar.safetensors") == Path("tok.safetensors")
+    (tmp_path / "proj").rename(tmp_path / "moved")
+    monkeypatch.chdir(tmp_path)
+    model, tok = load_with_tokenizer("moved/ar.safetensors")
+    assert isinstance(model, GPT) and isinstance(tok, VQVAE) and tok.config.quantizer == "vq"
+    assert recorded_tokenizer("moved/ar.safetensors") == Path("moved/tok.safetensors")
+    assert recorded_tokenizer("ar_mnist") == "mnist_vq"
+    # a fine-tuned copy elsewhere (train grpo / cca) records the base's tokenizer relative to itself
+    assert tokenizer_reference(recorded_tokenizer("moved/ar.safetensors"), "out/ft.safetensors") == (
+        "../moved/tok.safetensors")
+
+
+def test_an_older_record_relative_to_the_current_folder_still_loads(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _project(Path("proj"), tokenizer_record="proj/tok.safetensors")  # as trainers recorded --tokenizer before
+    assert recorded_tokenizer("proj/ar.safetensors") == Path("proj/tok.safetensors")
+    assert isinstance(load_with_tokenizer("proj/ar.safetensors")[1], VQVAE)
+
+
+def test_a_missing_recorded_tokenizer_names_the_checkpoint_and_the_record(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _project(Path("proj"))
+    Path("proj/tok.safetensors").unlink()
+    message = "proj/ar.safetensors records tokenizer 'tok.safetensors', which is not at proj/tok.safetensors"
+    for call in (load_with_tokenizer, recorded_tokenizer):
+        with pytest.raises(CheckpointError) as info:
+            call("proj/ar.safetensors")
+        assert str(info.value) == message
+    bad = _project(Path("bad"), tokenizer_record=["tok.safetensors"])  # not a str: a damaged record
+    with pytest.raises(CheckpointError) as info:
+        load_with_tokenizer(bad)
+    assert str(info.value) == ("bad/ar.safetensors records tokenizer ['tok.safetensors'], which is neither a name "
+                               "nor a path")
+
+
+def test_train_ar_records_its_tokenizer_relative_to_out_and_says_when_accuracy_was_not_measured(
+        capsys, tmp_path, monkeypatch):
+    from cli_helpers import one_torch_thread, run
+
+    monkeypatch.chdir(tmp_path)
+    Path("runs").mkdir()
+    shutil.copyfile(checkpoint.resolve("mnist_vq"), "runs/tok.safetensors")
+    with one_torch_thread():
+        status, out, err = run(capsys, "train", "ar", "--steps", "1", "--batch-size", "32", "--train-images", "32",
+                               "--n-layer", "1", "--n-embd", "16", "--eval-per-class", "0", "--tokenizer",
+                               "runs/tok.safetensors", "--out", "runs/ar.safetensors", "--device", "cpu")
+    assert status == 0, err
+    assert "; class accuracy by guidance strength not measured (--eval-per-class 0)\n" in out
+    assert checkpoint.info("runs/ar.safetensors")["tokenizer"] == "tok.safetensors"
+    monkeypatch.chdir(tmp_path / "runs")
+    assert isinstance(load_with_tokenizer("ar.safetensors")[1], VQVAE)

@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ar_course import cli
+from ar_course import checkpoint, cli
 from ar_course.checkpoint import NonFiniteWeightsError, save_checkpoint
 from ar_course.tokenizers.train import default_config, train_tokenizer
-from ar_course.train import trainer_main
+from ar_course.train import format_accuracy, is_source_checkout, prepare_run, trainer_main
 from cli_helpers import error_line, one_torch_thread, run
 
 
@@ -159,6 +159,58 @@ def test_bad_input_checkpoints_are_usage_errors(capsys, tmp_path, damaged, argv,
     argv = [str(damaged) if a == "DAMAGED" else a for a in argv]
     line = refused(capsys, tmp_path, *argv, "--steps", "1")
     assert message in line and "--debug" not in line
+
+
+# -- an installed package: no --out is a usage error, not a replaced shipped checkpoint ----------------------
+
+
+@pytest.fixture
+def installed(monkeypatch):
+    """ar_course as pip installs it (no source checkout around the package)."""
+    assert is_source_checkout()  # this repository: the default --out regenerates the shipped checkpoints
+    monkeypatch.setattr("ar_course.train.is_source_checkout", lambda: False)
+
+
+@pytest.mark.parametrize("argv, shipped", [
+    (["ar"], "ar_mnist"), (["var"], "var_mnist"), (["maskgit"], "maskgit_mnist"),
+    (["continuous"], "continuous_ar_mnist"), (["tokenizer"], "tokenizer_mnist_vq"),
+    (["classifier"], "classifier_mnist"), (["lm"], "lm_target"), (["diffusion_lm"], "diffusion_lm"),
+    (["grpo"], "ar_mnist_grpo"), (["cca"], "ar_mnist_cca"), (["cca", "--model", "var"], "var_mnist_cca"),
+])
+def test_an_installed_package_needs_out_instead_of_replacing_a_shipped_checkpoint(capsys, installed, argv,
+                                                                                 shipped):
+    asset = checkpoint.ASSETS / f"{shipped}.safetensors"
+    before = asset.stat().st_mtime_ns
+    status, out, err = run(capsys, "train", *argv, "--steps", "1")
+    assert status == 2 and out == ""
+    assert error_line(err) == (f"error: --out is required: ar_course is installed as a package, and the default "
+                               f"would replace its shipped {shipped}.safetensors (see python -m ar_course train "
+                               f"{argv[0]} --help)")
+    assert asset.stat().st_mtime_ns == before
+
+
+def test_an_installed_package_refuses_a_new_file_inside_it_and_takes_an_out_elsewhere(capsys, tmp_path, installed):
+    status, _, err = run(capsys, "train", "tokenizer", "--quantizer", "rvq", "--steps", "1")
+    assert status == 2 and error_line(err) == ("error: --out is required: ar_course is installed as a package, and "
+                                               "the default would write tokenizer_mnist_rvq.safetensors inside it "
+                                               "(see python -m ar_course train tokenizer --help)")
+    assert not (checkpoint.ASSETS / "tokenizer_mnist_rvq.safetensors").exists()
+    parser = cli.ArgumentParser(prog="train")
+    assert prepare_run(parser, tmp_path / "m.safetensors", False, None) == tmp_path / "m.train-state.safetensors"
+
+
+def test_train_help_says_when_out_is_required(capsys):
+    status, out, _ = run(capsys, "train", "ar", "--help")
+    assert status == 0
+    assert ("checkpoint path (default in a source checkout: the shipped ar_mnist.safetensors; required when "
+            "ar_course is installed as a package)") in " ".join(out.split())
+    for what in cli.TRAINERS:
+        status, out, _ = run(capsys, "train", what, "--help")
+        assert status == 0 and "required when ar_course is installed as a package)" in " ".join(out.split()), what
+
+
+def test_a_trainer_without_its_evaluation_says_so_on_its_last_line():
+    assert format_accuracy({}) == "not measured (--eval-per-class 0)"  # not a dangling "...guidance strength "
 
 
 # -- item 6: a run that diverged writes no checkpoint ---------------------------------------------------------

@@ -25,7 +25,8 @@ from ar_course.cli import (
 )
 from ar_course.files import check_output_path
 from ar_course.train import (
-    DEVICE_HELP, check_batch_size, checkpoint_option, per_class_int, seed_int, trainer_main,
+    DEVICE_HELP, check_batch_size, checkpoint_option, out_help, per_class_int, refuse_installed_assets, seed_int,
+    trainer_main,
 )
 from ar_course.utils import get_device
 
@@ -46,12 +47,13 @@ def _common(parser: ArgumentParser, out: Path | None, base: str | None = "ar_mni
     parser.add_argument("--seed", type=seed_int, default=0)
     parser.add_argument("--device", type=device_name, default=None, help=DEVICE_HELP)
     parser.add_argument("--out", type=Path, default=out,
-                        help=f"checkpoint path (default: the shipped {shipped or out.name})")
+                        help=out_help(f"the shipped {shipped or out.name}"))
 
 
 def _load(args: argparse.Namespace, parser: ArgumentParser, kind: str = raster.CHECKPOINT_KIND):
     """``(policy, reference, tokenizer, device)`` after checking ``--out``; ``--base`` must be of ``kind`` (a
     usage error)."""
+    refuse_installed_assets(parser, args.out)
     try:
         check_output_path(args.out, suffix=".safetensors")
     except ValueError as exc:
@@ -62,10 +64,11 @@ def _load(args: argparse.Namespace, parser: ArgumentParser, kind: str = raster.C
     return policy, copy.deepcopy(policy), tokenizer, device
 
 
-def _save(args: argparse.Namespace, policy, tokenizer_name: str, method: str, config, curves: dict,
+def _save(args: argparse.Namespace, policy, tokenizer_name: str | Path, method: str, config, curves: dict,
           eval_per_class: int, tokenizer, kind: str = raster.CHECKPOINT_KIND) -> None:
     """Write ``policy`` (float16, kind ``kind``) with the run's record and its class accuracy at guidance 0 on
-    ``eval_per_class`` samples per class (fixed seed; ``0``: not measured)."""
+    ``eval_per_class`` samples per class (fixed seed; ``0``: not measured). ``tokenizer_name``: the base's
+    tokenizer (:func:`~ar_course.checkpoint.recorded_tokenizer`), recorded relative to ``--out``."""
     if not eval_per_class:
         accuracy = None
     elif kind == var.CHECKPOINT_KIND:
@@ -76,10 +79,12 @@ def _save(args: argparse.Namespace, policy, tokenizer_name: str, method: str, co
         accuracy = evaluate(policy, tokenizer, eval_per_class)[0]
     state = {k: v.half() for k, v in policy.state_dict().items()}
     out = checkpoint.save_checkpoint(args.out, state, policy.config, kind=kind,
-                                     tokenizer=tokenizer_name, base=str(args.base), method=method,
+                                     tokenizer=checkpoint.tokenizer_reference(tokenizer_name, args.out),
+                                     base=str(args.base), method=method,
                                      options=dataclasses.asdict(config), curves=curves,
                                      accuracy_cfg0=accuracy, eval_per_class=eval_per_class)
-    print(f"class accuracy at guidance 0: {accuracy}\nsaved {out} ({out.stat().st_size / 1024:.0f} KB)")
+    shown = "not measured (--eval-per-class 0)" if accuracy is None else f"{accuracy:.1%}"
+    print(f"class accuracy at guidance 0: {shown}\nsaved {out} ({out.stat().st_size / 1024:.0f} KB)")
 
 
 MAX_GROUP = 1024
@@ -115,7 +120,7 @@ def grpo_main(argv: list[str] | None = None) -> int:
         parser.error(str(exc))
     policy, reference, tokenizer, _ = _load(args, parser)
     log = train_grpo(policy, reference, tokenizer, config)
-    _save(args, policy, checkpoint.info(args.base)["tokenizer"], "grpo", config, log.as_dict(),
+    _save(args, policy, checkpoint.recorded_tokenizer(args.base), "grpo", config, log.as_dict(),
           args.eval_per_class, tokenizer)
     return 0
 
@@ -170,6 +175,6 @@ def cca_main(argv: list[str] | None = None) -> int:
 
         maps = encode_dataset(tokenizer, images[:args.train_images])  # (N, 8, 8)
         log = train_cca(policy, reference, maps, labels[:args.train_images], config)
-    _save(args, policy, checkpoint.info(args.base)["tokenizer"], "cca", config, log.as_dict(),
+    _save(args, policy, checkpoint.recorded_tokenizer(args.base), "cca", config, log.as_dict(),
           args.eval_per_class, tokenizer, kind)
     return 0

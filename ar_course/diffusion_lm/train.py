@@ -36,7 +36,9 @@ from ar_course.checkpoint import ASSETS, load
 from ar_course.checkpoint import info as checkpoint_info
 from ar_course.cli import ArgumentParser, int_list, positive_float, positive_int
 from ar_course.diffusion_lm.model import DiffusionLM, DiffusionLMConfig
-from ar_course.train import TrainConfig, checkpoint_option, prepare_run, seed_int, train_loop, trainer_main
+from ar_course.train import (
+    TrainConfig, checkpoint_option, out_help, prepare_run, seed_int, train_loop, trainer_main,
+)
 from ar_course.transformer.train import PRESETS as LM_PRESETS
 from ar_course.transformer.train import (
     add_text_trainer_options, apply_text_trainer_options, round_to_half, run_record, save_text_model,
@@ -173,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr", type=positive_float, default=None, help="peak learning rate (default: the preset's)")
     parser.add_argument("--seed", type=seed_int, default=0, help="random seed (default: 0)")
     parser.add_argument("--out", type=Path, default=None,
-                        help="checkpoint path (default: ar_course/assets/diffusion_lm.safetensors)")
+                        help=out_help("ar_course/assets/diffusion_lm.safetensors"))
     parser.add_argument("--init", default=None, metavar="CHECKPOINT",
                         help="start from the weights of a diffusion_lm checkpoint (a file or a shipped name) of the "
                              "preset's shape instead of a random init: a second schedule after a first run")

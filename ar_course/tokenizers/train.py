@@ -27,7 +27,7 @@ from ar_course.tokenizers.implicit import LFQ_MAX_DIM
 from ar_course.tokenizers.quantizers import MSVQ_LOSSES
 from ar_course.tokenizers.vqvae import CHECKPOINT_KIND, QUANTIZERS, VQVAE, VQVAEConfig
 from ar_course.train import (
-    DEVICE_HELP, History, TrainConfig, add_run_options, check_batch_size, finish_run, prepare_run, seed_int,
+    DEVICE_HELP, History, TrainConfig, add_run_options, check_batch_size, finish_run, out_help, prepare_run, seed_int,
     train_loop, trainer_main,
 )
 from ar_course.utils import check_int, get_device, seed_everything
@@ -209,7 +209,7 @@ def _parser() -> ArgumentParser:
                         help="lfq: weight of the entropy loss [%(default)s]")
     parser.add_argument("--device", type=device_name, default=None, help=DEVICE_HELP)
     parser.add_argument("--out", type=Path, default=None,
-                        help="checkpoint path (default: ar_course/assets/tokenizer_<dataset>_<quantizer>.safetensors)")
+                        help=out_help("ar_course/assets/tokenizer_<dataset>_<quantizer>.safetensors"))
     add_run_options(parser)
     return parser
 

@@ -35,8 +35,8 @@ from ar_course import checkpoint
 from ar_course.checkpoint import ASSETS, save_checkpoint
 from ar_course.cli import ArgumentParser, device_name, float_in, int_in, nonnegative_int, positive_float, positive_int
 from ar_course.train import (
-    DEVICE_HELP, TrainConfig, add_run_options, checkpoint_option, finish_run, prepare_run, seed_int, train_loop,
-    trainer_main,
+    DEVICE_HELP, TrainConfig, add_run_options, checkpoint_option, finish_run, out_help, prepare_run, seed_int,
+    train_loop, trainer_main,
 )
 from ar_course.transformer.model import GPT, GPTConfig
 from ar_course.utils import check_int, count_parameters, get_device, seed_everything
@@ -253,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr", type=positive_float, default=None, help="peak learning rate (default: the preset's)")
     parser.add_argument("--seed", type=seed_int, default=0, help="random seed (default: 0)")
     parser.add_argument("--out", type=Path, default=None,
-                        help="checkpoint path (default: ar_course/assets/lm_<preset>.safetensors)")
+                        help=out_help("ar_course/assets/lm_<preset>.safetensors"))
     parser.add_argument("--teacher", default=None,
                         help="lm checkpoint to distil from, a shipped name or a path (default: the preset's; 'draft' "
                              "uses lm_target)")

@@ -16,6 +16,7 @@ import torch
 
 from ar_course import distributed as ddp
 from ar_course import metrics
+from ar_course.checkpoint import tokenizer_reference
 from ar_course.cli import ArgumentParser
 from ar_course.data import image_batches, load_mnist, make_shapes
 from ar_course.raster.model import condition_dropout_batches
@@ -143,9 +144,10 @@ def main(argv: list[str] | None = None) -> int:
     accuracy = {str(c): class_accuracy_at(model, tokenizer, c, args.eval_per_class, args.seed, args.dataset)
                 for c in EVAL_CFGS} if args.eval_per_class else {}
     tail = history.loss[-50:]
-    out = save_pretrained(model, args.out, tokenizer=args.tokenizer, dataset=args.dataset, steps=args.steps,
-                          seed=args.seed, batch_size=args.batch_size, lr=args.lr, p_uncond=args.p_uncond,
-                          train_images=len(labels), final_train_loss=sum(tail) / len(tail), test_loss=float(test_loss),
+    out = save_pretrained(model, args.out, tokenizer=tokenizer_reference(args.tokenizer, args.out),
+                          dataset=args.dataset, steps=args.steps, seed=args.seed, batch_size=args.batch_size,
+                          lr=args.lr, p_uncond=args.p_uncond, train_images=len(labels),
+                          final_train_loss=sum(tail) / len(tail), test_loss=float(test_loss),
                           test_loss_per_scale=[round(float(v), 4) for v in per_scale],
                           accuracy_by_cfg=accuracy, eval_per_class=args.eval_per_class,
                           num_params=model.num_params())
