@@ -42,9 +42,9 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
-from ar_course.files import _file_path, atomic_path
+from ar_course.files import _file_path, atomic_write_bytes
 from ar_course.utils import check_finite, get_device
 
 ASSETS: Path = Path(__file__).resolve().parent / "assets"
@@ -179,8 +179,7 @@ def save_checkpoint(
                 check_finite(k, v)
         except ValueError as exc:
             raise NonFiniteWeightsError(f"{exc}; nothing was written to {path}") from None
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=metadata)
+    atomic_write_bytes(path, save(tensors, metadata=metadata))  # save_file would make the file private (0600)
     return path
 
 

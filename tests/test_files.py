@@ -3,7 +3,9 @@
 import os
 
 import pytest
+import torch
 
+from ar_course.checkpoint import load_checkpoint, save_checkpoint
 from ar_course.files import atomic_path, atomic_write_text, check_output_path, save_figure
 
 
@@ -63,6 +65,16 @@ def test_atomic_write_text_replaces_with_ordinary_mode(tmp_path):
     mask = os.umask(0)
     os.umask(mask)
     assert out.stat().st_mode & 0o777 == 0o666 & ~mask
+
+
+def test_a_checkpoint_gets_an_ordinary_file_mode(tmp_path):
+    """safetensors' save_file creates its file private (0600) whatever the umask: checkpoints are written as bytes
+    through atomic_path instead, so another user or a container of another uid can read what was trained."""
+    path = save_checkpoint(tmp_path / "m.safetensors", {"w": torch.ones(2)}, {})
+    mask = os.umask(0)
+    os.umask(mask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~mask
+    assert torch.equal(load_checkpoint(path)[0]["w"], torch.ones(2))
 
 
 class _Figure:
