@@ -34,6 +34,9 @@ probabilities); anything this small is greedy decoding anyway (``--temperature 0
 MIN_TOP_P = 1e-6
 """Smallest ``--top-p``: a p that rounds to 0 in float32 kept no token at all (NaN probabilities); any p below
 1 / vocabulary size keeps just the most likely token anyway."""
+MAX_PER_CLASS = 1000
+"""Largest ``--per-class``: 1,000 rows of 32-pixel images already make a PNG over 34,000 pixels tall; a grid of
+millions (a typo) would exhaust memory before anything is written."""
 MAX_CFG = 1000.0
 """Largest ``--cfg``: useful strengths are a few units, and near 1e38 the guided logits overflow float32."""
 
@@ -66,7 +69,8 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="PNG file to write")
     p.add_argument("--method", choices=METHODS, default="var", help="next-scale (var) or raster-order (ar) [var]")
     p.add_argument("--classes", type=nonnegative_int, nargs="+", default=None, help="class ids (default: every class)")
-    p.add_argument("--per-class", type=positive_int, default=1, help="samples of each class: rows of the grid [1]")
+    p.add_argument("--per-class", type=int_in(1, MAX_PER_CLASS), default=1,
+                   help=f"samples of each class: rows of the grid, 1 to {MAX_PER_CLASS} [1]")
     p.add_argument("--cfg", type=float_in(0.0, MAX_CFG), default=None,
                    help="guidance strength w in [0, 1000], logits (1+w) cond - w uncond; 0 = conditional "
                         "(default: per method)")

@@ -195,7 +195,8 @@ def test_type_helpers_accept_the_bounds():
     ("--top-p", "0", "--top-p must be a finite number in [1e-06, 1], got 0"),
     ("--top-k", "0", "--top-k must be an integer >= 1, got 0"),
     ("--relaxed-delta", "-0.5", "--relaxed-delta must be a finite number in [0, 1], got -0.5"),
-    ("--per-class", "0", "--per-class must be an integer >= 1, got 0"),
+    ("--per-class", "0", "--per-class must be an integer in [1, 1000], got 0"),
+    ("--per-class", "100000000", "--per-class must be an integer in [1, 1000], got 100000000"),  # ran out of memory
     ("--zoom", "65", "--zoom must be an integer in [1, 64], got 65"),
     ("--seed", "-1", "--seed must be an integer in [0, 18446744073709551615], got -1"),
     ("--classes", "-1", "--classes must be an integer >= 0, got -1"),
