@@ -40,12 +40,15 @@ import nbformat
 from nbformat import NotebookNode
 
 from ar_course.checkout import CheckoutNotFound, find_root, root_path
+from ar_course.cli import ArgumentParser, int_in
 from ar_course.checks.core import STRICT_ENV
 from ar_course.files import atomic_write_bytes, atomic_write_text
 
 CELL_TIMEOUT = 1800
 """Seconds one cell may run: the slowest cells take a few minutes on a 2-core host, and a loaded host can make
 them several times slower."""
+MAX_CELL_TIMEOUT = 86400
+"""Largest ``--cell-timeout``: a day."""
 STARTUP_TIMEOUT = 300
 """Seconds a kernel may take to start (generous: a loaded 2-core host can be 10x slower than usual)."""
 INLINE_BACKEND = "module://matplotlib_inline.backend_inline"
@@ -508,24 +511,30 @@ def _cmd_figures(args: argparse.Namespace) -> int:
 def main(argv: Iterable[str] | None = None) -> int:
     """``python -m ar_course.site {execute,build,figures}``; one line ``error: ...`` and exit status 1 on failure
     (2 for bad arguments), the failing cell's traceback above it."""
-    parser = argparse.ArgumentParser(prog="python -m ar_course.site", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m ar_course.site", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     ex = sub.add_parser("execute", help="run notebooks top to bottom (errors fail) and write the executed copies")
     ex.add_argument("notebooks", nargs="+", type=Path)
     ex.add_argument("--out", type=Path, default=Path("build/executed"), help="default: build/executed")
-    ex.add_argument("--cell-timeout", type=int, default=CELL_TIMEOUT, help=f"seconds per cell (default {CELL_TIMEOUT})")
+    ex.add_argument("--cell-timeout", type=int_in(1, MAX_CELL_TIMEOUT), default=CELL_TIMEOUT,
+                    help=f"seconds per cell (default {CELL_TIMEOUT})")
     bd = sub.add_parser("build", help="HTML pages + index from the executed solutions (executing stale ones)")
     bd.add_argument("--root", type=root_path, default=None, help="the checkout (default: found from here upward)")
     bd.add_argument("--solutions", type=Path, default=None, help="default: ROOT/solutions")
     bd.add_argument("--executed", type=Path, default=None, help="default: ROOT/build/executed")
     bd.add_argument("--out", type=Path, default=None, help="default: ROOT/build/site")
     bd.add_argument("--no-execute", action="store_true", help="fail instead of executing a missing copy")
-    bd.add_argument("--cell-timeout", type=int, default=CELL_TIMEOUT, help=f"seconds per cell (default {CELL_TIMEOUT})")
+    bd.add_argument("--cell-timeout", type=int_in(1, MAX_CELL_TIMEOUT), default=CELL_TIMEOUT,
+                    help=f"seconds per cell (default {CELL_TIMEOUT})")
     fg = sub.add_parser("figures", help="every figure of the executed solutions -> docs/figures/ (committed)")
     fg.add_argument("--root", type=root_path, default=None, help="the checkout (default: found from here upward)")
     fg.add_argument("--executed", type=Path, default=None, help="default: ROOT/build/executed")
     fg.add_argument("--out", type=Path, default=None, help="default: ROOT/docs/figures")
     args = parser.parse_args(None if argv is None else list(argv))
+    missing = [str(p) for p in getattr(args, "notebooks", []) if not p.is_file()]
+    if missing:
+        print(f"error: {missing[0]}: no such notebook", file=sys.stderr)
+        return 2
     commands = {"execute": _cmd_execute, "build": _cmd_build, "figures": _cmd_figures}
     try:
         return commands[args.command](args)
@@ -534,7 +543,10 @@ def main(argv: Iterable[str] | None = None) -> int:
             print(exc.details, file=sys.stderr)
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    except (SiteError, CheckoutNotFound, OSError) as exc:
+    except CheckoutNotFound as exc:  # a bad --root, or run outside a checkout: bad arguments
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except (SiteError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

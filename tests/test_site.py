@@ -184,8 +184,18 @@ def test_execute_notebook_keeps_figures_and_names_the_failing_cell(tmp_path, mon
 
 
 def test_site_cli_errors_are_one_line(tmp_path, capsys):
-    assert site.main(["execute", str(tmp_path / "missing.ipynb"), "--out", str(tmp_path)]) == 1
+    """Bad arguments (a missing notebook, a bad number, a folder that is no checkout): one line, status 2; a
+    failure while working: status 1."""
+    assert site.main(["execute", str(tmp_path / "missing.ipynb"), "--out", str(tmp_path)]) == 2
     assert capsys.readouterr().err.strip() == f"error: {tmp_path / 'missing.ipynb'}: no such notebook"
+    for bad in ("nan", "-5"):
+        with pytest.raises(SystemExit) as exit_:
+            site.main(["build", "--cell-timeout", bad])
+        assert exit_.value.code == 2
+        assert capsys.readouterr().err == (f"error: --cell-timeout must be an integer in [1, 86400], got {bad} "
+                                           "(see python -m ar_course.site build --help)\n")
+    assert site.main(["figures", "--root", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.startswith("error: ")
     (tmp_path / "solutions").mkdir()
     assert site.main(["build", "--solutions", str(tmp_path / "solutions"), "--executed", str(tmp_path / "e"),
                       "--out", str(tmp_path / "s")]) == 1
