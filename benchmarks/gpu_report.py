@@ -348,11 +348,13 @@ def render_table(report: dict) -> str:
 
 
 def no_gpu_reason() -> str | None:
-    """Why this machine cannot run the report (None when it can)."""
-    import torch
-
+    """Why this machine cannot run the report, in one line (None when it can)."""
+    try:
+        import torch
+    except ImportError as exc:
+        return f"{sys.executable} cannot import torch ({exc}): run the report with the Python that has it"
     if not torch.cuda.is_available():
-        return f"torch {torch.__version__} sees no CUDA device (torch.cuda.is_available() is False)"
+        return f"no CUDA GPU: torch {torch.__version__} sees no CUDA device (torch.cuda.is_available() is False)"
     return None
 
 
@@ -403,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     reason = no_gpu_reason()
     if reason is not None:
-        print(f"error: no CUDA GPU: {reason}", file=sys.stderr)
+        print(f"error: {reason}", file=sys.stderr)
         return 1
     if args.part == "kernels":
         measure_kernels(args.part_out)

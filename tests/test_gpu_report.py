@@ -68,6 +68,14 @@ def test_without_cuda_the_report_stops_with_one_line(report, monkeypatch, capsys
     assert not list(tmp_path.iterdir())
 
 
+def test_without_torch_the_report_stops_with_one_line(report, monkeypatch, capsys, tmp_path):
+    monkeypatch.setitem(sys.modules, "torch", None)  # import torch now fails, as with a Python that lacks it
+    assert report.main(["--out", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {sys.executable} cannot import torch (") and err.count("\n") == 1
+    assert err.rstrip().endswith("run the report with the Python that has it") and not list(tmp_path.iterdir())
+
+
 def test_the_budget_gives_each_part_its_share_at_most_what_is_left(report):
     now = [0.0]
     budget = report.Budget(100.0, clock=lambda: now[0])
