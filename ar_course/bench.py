@@ -30,11 +30,16 @@ def _row(what: str, measured: str, target: str = "-", met: bool | None = None) -
     return {"what": what, "measured": measured, "target": target, "met": met}
 
 
+KV_CACHE_TARGET = 5.0
+"""Speed-up of KV-cached over recomputing decoding that the README's benchmark table asks for."""
+
+
 def _kv_cache(d: dict) -> list[dict]:
     same = d["same_tokens_greedy"] and d["same_tokens_sampled"]
     return [_row(f"KV-cached vs recomputing decoding, {d['model']}, {d['new_tokens']} new tokens",
                  f"{d['speedup']:.2f}x ({d['ms_per_token_cached']:.1f} vs {d['ms_per_token_recompute']:.1f} ms/token), "
-                 f"same tokens: {same}", "faster, identical tokens", same and d["speedup"] > 1)]
+                 f"same tokens: {same}", f">= {KV_CACHE_TARGET:g}x, identical tokens",
+                 same and d["speedup"] >= KV_CACHE_TARGET)]
 
 
 def _guidance(w: float) -> str:
@@ -244,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
             if res.returncode != 0:
                 failed.append(name)
     try:
-        print(f"\n{format_rows(summary_rows(names, root))}")
+        print(("\n" if not args.table else "") + format_rows(summary_rows(names, root)))  # a gap after runs
     except ValueError as exc:
         if args.table:  # the results are this command's input
             raise UsageError(str(exc)) from None

@@ -471,8 +471,8 @@ def test_doctor_reports_and_passes_here():
 
 
 def test_bench_table_and_bad_name(capsys):
-    status, _, err = run(capsys, "bench", "--table")
-    assert status == 0 and err == ""
+    status, out, err = run(capsys, "bench", "--table")
+    assert status == 0 and err == "" and out.startswith("[")  # the table, not a blank line first
     status, out, err = run(capsys, "bench", "no_such_benchmark")
     assert status == 2 and out == "" and error_line(err).startswith(
         "error: unknown benchmark(s) 'no_such_benchmark'; choose from: ")
