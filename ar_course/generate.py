@@ -84,7 +84,10 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--relaxed-delta", type=float_in(0.0, 1.0), default=0.0,
                    help="relaxed acceptance for --speculative jacobi: probability mass in [0, 1] that may move "
                         "(0 = exact) [0]")
-    p.add_argument("--kernels", choices=KERNELS, default="auto", help="attention implementation [auto]")
+    p.add_argument("--kernels", choices=KERNELS, default="auto",
+                   help="attention implementation; auto takes a chapter 06 kernel only where it is faster (on a CPU: "
+                        "torch); triton and numba force one, which on a CPU runs in a simulator, many times "
+                        "slower [auto]")
     p.add_argument("--precision", choices=PRECISIONS, default="auto", help="[auto: bfloat16 on CUDA, else float32]")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decode step (first call compiles for tens of seconds; needs torch "

@@ -126,9 +126,11 @@ class GenerationStats:
         compiled = ", compiled" if self.backends.get("compiled", "no") != "no" else ""
         fallbacks = len(self.backends.get("fallbacks", []))
         compiled += f", {fallbacks} kernel fallback{'s' * (fallbacks > 1)}" if fallbacks else ""
-        return (f"{self.images} images by {self.method}{spec} on {self.device} ({self.precision}, attention: "
-                f"{self._attention()}{compiled}): {self.seconds:.2f} s, "
-                f"{self.images_per_second:.1f} images/s, {self.passes_per_image:.1f} forward passes per image{extra}")
+        rate = self.images_per_second
+        rate_text = f"{rate:.1f}" if rate >= 10 else f"{rate:.3g}"  # one image in a minute: 0.0167, not 0.0
+        return (f"{self.images} image{'s' * (self.images != 1)} by {self.method}{spec} on {self.device} "
+                f"({self.precision}, attention: {self._attention()}{compiled}): {self.seconds:.2f} s, "
+                f"{rate_text} images/s, {self.passes_per_image:.1f} forward passes per image{extra}")
 
 
 @dataclass

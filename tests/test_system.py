@@ -170,7 +170,17 @@ def test_auto_stats_name_the_backend_that_ran_and_every_fallback(gen, auto_tries
 def test_the_summary_names_what_computed_attention(attention, decode, says):
     stats = GenerationStats("ar", None, "cpu", "float32", {"attention": attention, "decode_attention": decode,
                                                            "fallbacks": [], "compiled": "no"}, 2, 1.0, 64, 64.0)
-    assert stats.summary().startswith(f"2 images by ar on cpu (float32, {says}: 1.00 s, 2.0 images/s")
+    assert stats.summary().startswith(f"2 images by ar on cpu (float32, {says}: 1.00 s, 2 images/s")
+
+
+@pytest.mark.parametrize("images, seconds, says", [(1, 65.8, "1 image by var on cpu (float32, attention: torch): "
+                                                               "65.80 s, 0.0152 images/s"),
+                                                    (300, 1.0, "300 images by var on cpu (float32, attention: torch): "
+                                                               "1.00 s, 300.0 images/s")])
+def test_the_summary_counts_one_image_and_slow_rates_readably(images, seconds, says):
+    stats = GenerationStats("var", None, "cpu", "float32", {"attention": "torch", "decode_attention": "torch",
+                                                            "fallbacks": [], "compiled": "no"}, images, seconds, 6, 6.0)
+    assert stats.summary().startswith(says)  # it said "1 images" and "0.0 images/s"
 
 
 def run_concurrently(jobs: dict[str, object]) -> dict[str, list]:
