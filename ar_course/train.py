@@ -9,10 +9,12 @@ Usage::
 Resuming: with ``state_path`` the loop writes a training state every ``config.checkpoint_every`` steps, at the
 end, and when SIGTERM or SIGINT arrives (it finishes the current step, writes the state and raises
 :class:`TrainingInterrupted`). The file (safetensors, written atomically) holds the model's weights and
-buffers (in their own dtype), the optimizer state, the step, the history and torch's random state;
-``resume=True`` loads it and fast-forwards ``batches`` by drawing the batches already trained on, so every
-random draw of a run must come from the batch stream (rebuilt from its seed) or from torch's global generator:
-then a resumed run ends with the weights of an uninterrupted one.
+buffers (in their own dtype), the optimizer state, the step, the history, torch's random state, the schedule
+(:class:`TrainConfig`) and the run's ``settings`` (what else shapes the run: the trainers give their seed and
+global batch size); ``resume=True`` refuses a state whose schedule or settings differ, loads it and
+fast-forwards ``batches`` by drawing the batches already trained on, so every random draw of a run must come
+from the batch stream (rebuilt from its seed) or from torch's global generator: then a resumed run ends with
+the weights of an uninterrupted one.
 
 The second half of this module is the command-line contract the trainers share: argparse value types,
 ``--resume`` / ``--checkpoint-every``, checking ``--out`` before any work, and :func:`trainer_main`.
@@ -218,15 +220,34 @@ class WeightAverage:
             model.load_state_dict(own)
 
 
+def _run_settings(settings: dict[str, Any] | None) -> dict[str, Any]:
+    """``settings`` as a training state stores them (JSON: tuples become lists; ``None``: ``{}``).
+
+    Raises:
+        TypeError: ``settings`` is not a dict, or holds a value JSON cannot store.
+        ValueError: ``settings`` holds NaN or inf.
+    """
+    if settings is None:
+        return {}
+    if not isinstance(settings, dict):
+        raise TypeError(f"settings must be a dict of the run's settings (such as seed and batch_size), got "
+                        f"{type(settings).__name__}")
+    try:
+        return json.loads(json.dumps(settings, allow_nan=False))
+    except (TypeError, ValueError) as exc:
+        raise type(exc)(f"settings must hold numbers, strings, bools, None and lists of them: {exc}") from None
+
+
 def save_train_state(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int,
                      history: History, config: TrainConfig, best: dict[str, torch.Tensor] | None = None,
-                     average: dict[str, torch.Tensor] | None = None) -> Path:
+                     average: dict[str, torch.Tensor] | None = None, settings: dict[str, Any] | None = None) -> Path:
     """Write what :func:`train_loop` needs to continue after ``step`` completed steps (rank 0 only, atomic).
 
     Tensors: ``model/<name>`` (weights and buffers as they are, in their own dtype), ``best/<name>`` (the weights of the
     best evaluation so far, with ``keep_best``), ``ema/<name>`` (the :class:`WeightAverage`, with ``ema``),
     ``optimizer/<i>/<name>`` and ``rng/cpu`` (``rng/cuda`` too when CUDA is in use); JSON metadata: the step, the
-    history, the optimizer's hyper-parameters and the :class:`TrainConfig`."""
+    history, the optimizer's hyper-parameters, the :class:`TrainConfig` and the run's ``settings`` (see
+    :func:`train_loop`; TypeError or ValueError as in :func:`train_loop` when they cannot be stored)."""
     tensors = {f"model/{k}": v for k, v in model.state_dict().items()}
     tensors.update({f"best/{k}": v for k, v in (best or {}).items()})
     tensors.update({f"ema/{k}": v for k, v in (average or {}).items()})
@@ -242,12 +263,22 @@ def save_train_state(path: str | Path, model: torch.nn.Module, optimizer: torch.
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         tensors["rng/cuda"] = torch.cuda.get_rng_state()
     return save_checkpoint(path, tensors, config, kind=STATE_KIND, step=step, history=dataclasses.asdict(history),
-                           param_groups=opt["param_groups"], optimizer_scalars=scalars)
+                           param_groups=opt["param_groups"], optimizer_scalars=scalars,
+                           settings=_run_settings(settings))
 
 
-def read_train_state(path: str | Path, config: TrainConfig) -> tuple[dict[str, torch.Tensor], dict]:
+def read_train_state(path: str | Path, config: TrainConfig,
+                     settings: dict[str, Any] | None = None) -> tuple[dict[str, torch.Tensor], dict]:
     """The tensors and metadata of a state written by :func:`save_train_state`; :class:`TrainingError`
-    when it is missing, damaged, or was written with a different schedule than ``config``."""
+    when it is missing, damaged, or was written with a different schedule than ``config`` or other run
+    ``settings`` (one line naming each change, ``seed 0 -> 7``; a setting only one side has shows ``None``). A
+    state written before states recorded settings has none to compare, and is accepted.
+
+    Raises:
+        TypeError, ValueError: ``settings`` that :func:`train_loop` refuses.
+        TrainingError: see above.
+    """
+    settings = _run_settings(settings)
     path = Path(path)
     if not path.is_file():
         raise TrainingError(f"no training state at {path} to resume from")
@@ -260,6 +291,9 @@ def read_train_state(path: str | Path, config: TrainConfig) -> tuple[dict[str, t
     now = json.loads(json.dumps(dataclasses.asdict(config)))  # tuples as JSON lists, like the stored config
     then = {**json.loads(json.dumps(dataclasses.asdict(TrainConfig()))), **meta["config"]}  # older states: defaults
     changed = [f"{k} {then[k]!r} -> {now[k]!r}" for k in _SCHEDULE_FIELDS if then[k] != now[k]]
+    stored = meta["extra"].get("settings", settings)  # older states recorded none: nothing to compare
+    changed += [f"{k} {stored.get(k)!r} -> {settings.get(k)!r}" for k in {**settings, **stored}
+                if stored.get(k) != settings.get(k)]
     if changed:
         raise TrainingError(f"the training state at {path} comes from a run with other settings "
                             f"({', '.join(changed)}); resume with the options of that run")
@@ -288,14 +322,15 @@ def _restore(tensors: dict[str, torch.Tensor], meta: dict, model: torch.nn.Modul
     return History(**extra["history"])
 
 
-def _resume(state_path: str | Path | None, config: TrainConfig, batches: Iterator[Any], model: torch.nn.Module,
-            optimizer: torch.optim.Optimizer) -> tuple[History, int, dict[str, torch.Tensor] | None,
-                                                       dict[str, torch.Tensor] | None]:
-    """Load the state at ``state_path`` after replaying ``batches`` up to its step; return the history, the
-    step to continue from, the best weights so far and the weight average (``None`` when the state holds none)."""
+def _resume(state_path: str | Path | None, config: TrainConfig, settings: dict[str, Any], batches: Iterator[Any],
+            model: torch.nn.Module, optimizer: torch.optim.Optimizer
+            ) -> tuple[History, int, dict[str, torch.Tensor] | None, dict[str, torch.Tensor] | None]:
+    """Load the state at ``state_path`` (of the same schedule and ``settings``) after replaying ``batches`` up to
+    its step; return the history, the step to continue from, the best weights so far and the weight average
+    (``None`` when the state holds none)."""
     if state_path is None:
         raise TrainingError("resume=True needs a state_path")
-    tensors, meta = read_train_state(state_path, config)
+    tensors, meta = read_train_state(state_path, config, settings)
     start = int(meta["extra"]["step"])
     for step in range(start):  # the batch stream's random draws, up to the saved step (before torch's RNG is set)
         _next_batch(batches, step, config.steps)
@@ -355,6 +390,7 @@ def train_loop(
     desc: str = "train",
     state_path: str | Path | None = None,
     resume: bool = False,
+    settings: dict[str, Any] | None = None,
 ) -> History:
     """Train ``model`` for ``config.steps`` steps on ``batches``; return the :class:`History`.
 
@@ -367,7 +403,9 @@ def train_loop(
     ones. ``config.ema > 0`` keeps a :class:`WeightAverage` of the weights with that decay: evaluations (and
     ``keep_best``) see the average, and the run ends with it (or with the best evaluation's average).
     ``state_path`` / ``resume``: see the module docstring (``resume`` without a state raises
-    :class:`TrainingError`).
+    :class:`TrainingError`). ``settings``: what else determines the run besides ``config`` (JSON values by
+    name, such as ``{"seed": 0, "batch_size": 16}``, the global batch); the state records them, and ``resume``
+    refuses a state written with other values (:func:`read_train_state`).
 
     Inside a process group (``torchrun``, see :mod:`ar_course.distributed`) each process trains on its
     contiguous slice of every global batch from ``batches`` (so the global batch size must divide by the
@@ -378,10 +416,10 @@ def train_loop(
     updated in place either way.
 
     Raises:
-        TypeError: ``config`` is not a :class:`TrainConfig`, ``batches`` is not iterable, or ``loss_fn``
-            returns something other than a tensor.
-        ValueError: ``batches`` runs out before ``config.steps`` batches, or ``loss_fn`` returns a tensor that
-            is not 0-d or does not require grad.
+        TypeError: ``config`` is not a :class:`TrainConfig`, ``batches`` is not iterable, ``settings`` is not
+            a dict of JSON values, or ``loss_fn`` returns something other than a tensor.
+        ValueError: ``batches`` runs out before ``config.steps`` batches, ``settings`` holds NaN or inf, or
+            ``loss_fn`` returns a tensor that is not 0-d or does not require grad.
         TrainingError: ``keep_best`` without ``eval_fn``, ``ema`` outside [0, 1), a state to resume that is
             missing or does not fit, a loss that is NaN or inf (the run diverged; it stops at that step), or a
             ``keep_best`` metric that ``eval_fn`` does not return or that is NaN or inf.
@@ -398,11 +436,12 @@ def train_loop(
         raise TrainingError(f"keep_best={config.keep_best!r} needs an eval_fn to measure it")
     if not 0.0 <= config.ema < 1.0:
         raise TrainingError(f"ema is the decay of the weight average, in [0, 1); got {config.ema}")
+    settings = _run_settings(settings)
     opt = optimizer or torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad],
         lr=config.lr, weight_decay=config.weight_decay, betas=config.betas,
     )
-    history, start, best, averaged = _resume(state_path, config, batches, model, opt) if resume else \
+    history, start, best, averaged = _resume(state_path, config, settings, batches, model, opt) if resume else \
         (History(), 0, None, None)
     average = WeightAverage(model, config.ema, averaged) if config.ema else None
     train_model: torch.nn.Module = _LossModule(model, loss_fn)
@@ -448,7 +487,8 @@ def train_loop(
                 model.train()
             periodic = config.checkpoint_every and done % config.checkpoint_every == 0
             if state_path is not None and (stops or periodic or done == config.steps):
-                save_train_state(state_path, model, opt, done, history, config, best, average and average.state)
+                save_train_state(state_path, model, opt, done, history, config, best, average and average.state,
+                                 settings)
             if stops:
                 raise TrainingInterrupted(done, Path(state_path))
     if best is not None or average is not None:

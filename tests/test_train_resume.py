@@ -1,6 +1,7 @@
 """Nothing lost: atomic checkpoint writes, trainers stopped by SIGTERM resume to the weights of an
 uninterrupted run, and the trainers' options are checked before any work."""
 
+import importlib
 import os
 import signal
 import subprocess
@@ -11,7 +12,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from ar_course import checkpoint
 from ar_course.checkpoint import load_checkpoint, save_checkpoint
 from ar_course.cli import main as cli_main
 from ar_course.tokenizers import VQVAE
@@ -28,12 +28,13 @@ def test_a_failed_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
     path = tmp_path / "model.safetensors"
     save_checkpoint(path, {"w": torch.ones(3)}, {"n": 1})
 
-    def dies_half_way(tensors, filename, metadata=None):
-        Path(filename).write_bytes(b"half a file")
+    def dies_half_way(self, data):  # the temporary file beside path gets half the bytes
+        with open(self, "wb") as f:
+            f.write(data[: len(data) // 2])
         raise OSError("No space left on device")
 
-    monkeypatch.setattr(checkpoint, "save_file", dies_half_way)
-    with pytest.raises(OSError, match="No space"):
+    with monkeypatch.context() as patch, pytest.raises(OSError, match="No space"):
+        patch.setattr(Path, "write_bytes", dies_half_way)
         save_checkpoint(path, {"w": torch.zeros(3)}, {"n": 2})
     state, meta = load_checkpoint(path)
     assert torch.equal(state["w"], torch.ones(3)) and meta["config"] == {"n": 1}
@@ -155,11 +156,11 @@ def test_resume_needs_a_state_of_the_same_schedule(tmp_path):
 
 
 def _keep_best_run(state_path: Path | None = None, resume: bool = False, interrupt_at: int | None = None,
-                   keep_best: str = "val", ema: float = 0.0, trained: list | None = None
-                   ) -> tuple[torch.nn.Module, object, list[dict]]:
+                   keep_best: str = "val", ema: float = 0.0, trained: list | None = None,
+                   settings: dict | None = None) -> tuple[torch.nn.Module, object, list[dict]]:
     """12 steps of a linear model on a fixed regression task, evaluated every 2 steps; the "val" metric is
     lowest at step 6 (a hand-made curve), and each evaluation's weights are recorded (``trained``: also the
-    model's weights before every step, as each batch is drawn)."""
+    model's weights before every step, as each batch is drawn). ``settings``: train_loop's run settings."""
     torch.manual_seed(0)
     model = torch.nn.Linear(3, 1)
     x = torch.randn(32, 3, generator=torch.Generator().manual_seed(1))
@@ -183,7 +184,7 @@ def _keep_best_run(state_path: Path | None = None, resume: bool = False, interru
 
     config = TrainConfig(steps=12, lr=1e-2, warmup=2, eval_every=2, checkpoint_every=0, keep_best=keep_best, ema=ema)
     history = train_loop(model, lambda m, b: torch.nn.functional.mse_loss(m(b[0]), b[1]), batches(), config,
-                         eval_fn=eval_fn, progress=False, state_path=state_path, resume=resume)
+                         eval_fn=eval_fn, progress=False, state_path=state_path, resume=resume, settings=settings)
     return model, history, seen
 
 
@@ -266,6 +267,102 @@ def test_ema_survives_an_interruption(tmp_path):
         _keep_best_run(state, resume=True, keep_best="", ema=0.5)
     with pytest.raises(TrainingError, match=r"ema is the decay of the weight average, in \[0, 1\); got 1.0"):
         _keep_best_run(keep_best="", ema=1.0)
+
+
+# ---- the run's settings (seed, global batch size) travel in the state: a resume must repeat them -------------
+
+RUN = {"seed": 0, "batch_size": 16}
+
+
+def _other_settings(state: Path, changes: str) -> str:
+    return f"the training state at {state} comes from a run with other settings ({changes}); resume with the " \
+           f"options of that run"
+
+
+def test_resume_refuses_other_run_settings(tmp_path):
+    state = tmp_path / "lin.train-state.safetensors"
+    want, _, _ = _keep_best_run(keep_best="", settings=RUN)
+    with pytest.raises(TrainingInterrupted):
+        _keep_best_run(state, keep_best="", interrupt_at=5, settings=RUN)
+    assert load_checkpoint(state)[1]["extra"]["settings"] == RUN
+    with pytest.raises(TrainingError) as info:
+        _keep_best_run(state, resume=True, keep_best="", settings={"seed": 7, "batch_size": 4})
+    assert str(info.value) == _other_settings(state, "seed 0 -> 7, batch_size 16 -> 4")
+    with pytest.raises(TrainingError) as info:  # a setting the state has and this run lacks, or the reverse
+        _keep_best_run(state, resume=True, keep_best="", settings={"seed": 0, "shards": 2})
+    assert str(info.value) == _other_settings(state, "shards None -> 2, batch_size 16 -> None")
+    with pytest.raises(TrainingError) as info:  # with a schedule change: all in one line
+        read_train_state(state, TrainConfig(steps=13, lr=1e-2, warmup=2, eval_every=2), {**RUN, "seed": 1})
+    assert str(info.value) == _other_settings(state, "steps 12 -> 13, seed 0 -> 1")
+    got, _, _ = _keep_best_run(state, resume=True, keep_best="", settings=dict(RUN))  # the same: it resumes
+    for (key, a), b in zip(want.state_dict().items(), got.state_dict().values()):
+        assert torch.equal(a, b), key
+
+
+def test_resume_accepts_a_state_from_before_settings_were_recorded(tmp_path):
+    state = tmp_path / "lin.train-state.safetensors"
+    want, _, _ = _keep_best_run(keep_best="", settings=RUN)
+    with pytest.raises(TrainingInterrupted):
+        _keep_best_run(state, keep_best="", interrupt_at=5, settings=RUN)
+    tensors, meta = load_checkpoint(state)
+    del meta["extra"]["settings"]  # what an older version wrote
+    save_checkpoint(state, tensors, meta["config"], kind=meta["kind"], **meta["extra"])
+    got, _, _ = _keep_best_run(state, resume=True, keep_best="", settings={"seed": 7})  # nothing to compare
+    for (key, a), b in zip(want.state_dict().items(), got.state_dict().values()):
+        assert torch.equal(a, b), key
+
+
+@pytest.mark.parametrize("settings, error, message", [
+    ([("seed", 0)], TypeError, "settings must be a dict of the run's settings (such as seed and batch_size), got list"),
+    ({"seed": torch.tensor(0)}, TypeError, "settings must hold numbers, strings, bools, None and lists of them: "
+                                           "Object of type Tensor is not JSON serializable"),
+    ({"lr": float("nan")}, ValueError, "settings must hold numbers, strings, bools, None and lists of them: "
+                                       "Out of range float values are not JSON compliant"),
+])
+def test_run_settings_are_checked_before_training(settings, error, message):
+    with pytest.raises(error) as info:
+        _keep_best_run(keep_best="", settings=settings)
+    assert str(info.value).startswith(message), info.value
+
+
+def test_cli_resume_refuses_a_changed_seed_or_batch_size(tmp_path, capsys):
+    from dataclasses import replace
+
+    from ar_course.transformer.train import PRESETS, train_lm
+
+    out = tmp_path / "lm.safetensors"
+    state = state_path_for(out)
+    train_lm(replace(PRESETS["tiny"], steps=2), seed=0, progress=False, state_path=state)  # leaves its final state
+    argv = ["train", "lm", "--preset", "tiny", "--steps", "2", "--out", str(out), "--resume", "--no-progress"]
+    assert cli_main([*argv, "--seed", "7", "--batch-size", "4"]) == 1
+    assert capsys.readouterr().err == f"error: {_other_settings(state, 'seed 0 -> 7, batch_size 16 -> 4')}\n"
+    assert not out.exists() and load_checkpoint(state)[1]["extra"]["step"] == 2  # nothing trained or written
+    assert cli_main(argv) == 0  # the options of that run
+    assert load_checkpoint(out)[1]["extra"]["seed"] == 0 and not state.exists()
+
+
+@pytest.mark.parametrize("what, module, extra", [
+    ("ar", "ar_course.raster.train", ["--train-images", "16"]),
+    ("var", "ar_course.var.train", ["--train-images", "16"]),
+    ("maskgit", "ar_course.masked.train", ["--train-images", "16"]),
+    ("continuous", "ar_course.continuous.train", []),
+    ("tokenizer", "ar_course.tokenizers.train", []),
+    ("classifier", "ar_course.metrics", []),
+    ("lm", "ar_course.transformer.train", []),
+    ("diffusion_lm", "ar_course.diffusion_lm.train", []),
+])
+def test_every_trainer_gives_train_loop_its_seed_and_global_batch(what, module, extra, tmp_path, monkeypatch, capsys):
+    given = []
+
+    def train_loop(*args, settings=None, **kwargs):
+        given.append(settings)
+        raise TrainingError("stopped before training")
+
+    monkeypatch.setattr(importlib.import_module(module), "train_loop", train_loop)
+    argv = ["train", what, "--seed", "5", "--batch-size", "8", "--out", str(tmp_path / "m.safetensors"), *extra]
+    assert cli_main(argv) == 1
+    assert capsys.readouterr().err.endswith("error: stopped before training\n")
+    assert given == [{"seed": 5, "batch_size": 8}]
 
 
 # ---- trainers' options: one-line usage errors before any work --------------------------------------------------

@@ -84,7 +84,8 @@ def train_continuous(
     history = train_loop(model, loss_fn, batches,
                          TrainConfig(steps=steps, lr=lr, warmup=100, weight_decay=0.01,
                                      checkpoint_every=checkpoint_every),
-                         progress=progress, desc="continuous AR", state_path=state_path, resume=resume)
+                         progress=progress, desc="continuous AR", state_path=state_path, resume=resume,
+                         settings={"seed": seed, "batch_size": batch_size})
     return model.eval(), history
 
 

@@ -156,7 +156,8 @@ def train_diffusion_lm(
                      checkpoint_every=checkpoint_every, keep_best="val_bound" if keep_best else "", ema=preset.ema)
     start = time.perf_counter()
     history = train_loop(model, loss_fn, batches, tc, eval_fn=eval_fn if eval_every else None, progress=progress,
-                         desc="train diffusion_lm", state_path=state_path, resume=resume)
+                         desc="train diffusion_lm", state_path=state_path, resume=resume,
+                         settings={"seed": seed, "batch_size": preset.batch_size})
     info = {"tokenizer": tokenizer, "history": history, "train_seconds": time.perf_counter() - start,
             "tokens_seen": preset.steps * preset.batch_size * config.length, "val_ids": val_ids}
     return model, info

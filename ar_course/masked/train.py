@@ -85,7 +85,8 @@ def train_maskgit(
     history = train_loop(model, loss_fn, batches,
                          TrainConfig(steps=steps, lr=lr, warmup=100, weight_decay=0.01,
                                      checkpoint_every=checkpoint_every),
-                         progress=progress, desc="MaskGIT", state_path=state_path, resume=resume)
+                         progress=progress, desc="MaskGIT", state_path=state_path, resume=resume,
+                         settings={"seed": seed, "batch_size": batch_size})
     return model, history
 
 

@@ -161,7 +161,8 @@ def train_lm(
                      keep_best="val_loss" if keep_best else "", ema=preset.ema)
     start = time.perf_counter()
     history = train_loop(model, loss_fn, batches, tc, eval_fn=eval_fn if eval_every else None,
-                         progress=progress, desc="train lm", state_path=state_path, resume=resume)
+                         progress=progress, desc="train lm", state_path=state_path, resume=resume,
+                         settings={"seed": seed, "batch_size": preset.batch_size})
     seconds = time.perf_counter() - start
     info = {
         "tokenizer": tokenizer,

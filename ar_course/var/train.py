@@ -97,7 +97,8 @@ def train_var(
     history = train_loop(model, loss_fn, batches,
                          TrainConfig(steps=steps, lr=lr, warmup=100, weight_decay=0.01,
                                      checkpoint_every=checkpoint_every),
-                         progress=progress, desc="VAR", state_path=state_path, resume=resume)
+                         progress=progress, desc="VAR", state_path=state_path, resume=resume,
+                         settings={"seed": seed, "batch_size": batch_size})
     return model, history
 
 
