@@ -3,8 +3,15 @@
 ``python -m ar_course grade notebooks/01_vector_quantization.ipynb`` runs the cells tagged ``setup``,
 ``exercise`` and ``check`` (in order, in a fresh kernel of the current Python environment, with a time
 limit), collects each check's verdict from the report the checks write (see
-:mod:`ar_course.checks.core`), and prints one row per exercise: passed, failed (first line of the reason),
-not attempted, or not run (and why). The exit code is 0 only when every exercise passed.
+:mod:`ar_course.checks.core`), and prints one row per exercise of the chapter: passed, failed (first line of the
+reason), not attempted, or not run (and why). The exit code is 0 only when every exercise passed.
+
+The rows are every exercise of the notebook's chapter, whatever the learner did to the notebook: the chapter is
+the number before the dot of the notebook's first ``# Exercise N.M: name`` cell, and its exercises are those the
+package's checks register (``ar_course.checks.chNN``, see :func:`chapter_exercises`). A check's verdict is the
+row's status wherever the learner put the function; an exercise whose check never reported is "not run", and the
+row says why in one line: the error of a setup cell, its exercise cell missing or without its header, the error
+its exercise cell or its check cell raised (with the cell's index in the notebook).
 
 A notebook that crashes midway (kernel death, time-out) is still reported: the rows after the crash say
 where it happened (a kernel stuck past its time limit is killed). A line of the report that is not a check's
@@ -18,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import importlib
 import json
 import os
 import tempfile
@@ -156,9 +164,12 @@ def graded_cells(nb: nbformat.NotebookNode) -> list[tuple[int, nbformat.Notebook
 
 
 def _error_line(cell: nbformat.NotebookNode) -> str | None:
+    """``"SyntaxError: '(' was never closed (...)"``: the error a run cell raised, its type and the first line of
+    its message (the type alone without one); ``None`` when it raised none."""
     for out in cell.get("outputs", []):
         if out.get("output_type") == "error":
-            return f"{out.get('ename')}: {str(out.get('evalue', '')).splitlines()[0] if out.get('evalue') else ''}"
+            message = first_line(str(out.get("evalue", "")))
+            return f"{out.get('ename')}: {message}" if message else str(out.get("ename"))
     return None
 
 
@@ -228,6 +239,66 @@ def notebook_exercises(nb: nbformat.NotebookNode, path: str | Path) -> list[tupl
     return exercises
 
 
+def _number_key(number: str) -> tuple[int, ...]:
+    """``(1, 10)`` for ``"1.10"``: exercise numbers in the course's order (1.2 before 1.10)."""
+    return tuple(int(part) for part in number.split("."))
+
+
+def chapter_exercises(exercises: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Every exercise to grade for a notebook whose own exercise cells are ``exercises`` (non-empty, from
+    :func:`notebook_exercises`), so that one a learner deleted or whose header they changed is still listed.
+
+    The chapter is the number before the dot of the notebook's first exercise (``1`` for ``1.3``). When the
+    package has checks for it (``ar_course.checks.ch01``), the answer is all of that chapter's exercises in number
+    order, followed by any exercise of the notebook the chapter does not have; otherwise (a chapter the package
+    does not know) the notebook's own list."""
+    module = f"{__package__}.checks.ch{_number_key(exercises[0][0])[0]:02d}"
+    try:
+        registered = importlib.import_module(module).chapter.exercises.values()
+    except ModuleNotFoundError as exc:
+        if exc.name != module:
+            raise
+        return exercises
+    listed = sorted(((ex.number, ex.name) for ex in registered), key=lambda ex: _number_key(ex[0]))
+    numbers = {number for number, _ in listed}
+    return listed + [ex for ex in exercises if ex[0] not in numbers]
+
+
+def _own_cells(cells: list[tuple[int, nbformat.NotebookNode]]) -> dict[str, tuple[int, list[int]]]:
+    """Exercise number -> (notebook index of its exercise cell, those of the check cells after it up to the next
+    exercise cell), for every exercise cell that starts with its header (the first one, for a number used
+    twice)."""
+    own: dict[str, tuple[int, list[int]]] = {}
+    checks: list[int] = []
+    for i, cell in cells:
+        tags = cell.metadata.get("tags", [])
+        if "exercise" in tags:
+            label = exercise_label(cell.source)
+            checks = []  # a new exercise cell: the check cells that follow are its own, not the previous one's
+            if label and label[0] not in own:
+                own[label[0]] = (i, checks)
+        elif "check" in tags:
+            checks.append(i)
+    return own
+
+
+def _why_not_run(number: str, name: str, own: dict[str, tuple[int, list[int]]], errors: dict[int, str],
+                 setup_errors: list[str]) -> str:
+    """Why exercise ``number`` has no verdict although the notebook ran to its end: a setup cell's error, its
+    exercise cell missing (or without its header), the error its exercise cell or else its check cell raised."""
+    if setup_errors:
+        return f"setup failed: {setup_errors[0]}"
+    if number not in own:
+        return f"its exercise cell is missing or no longer starts with '# Exercise {number}: {name}'"
+    exercise_cell, check_cells = own[number]
+    if exercise_cell in errors:
+        return f"its exercise cell raised {errors[exercise_cell]} (cell {exercise_cell})"
+    for i in check_cells:
+        if i in errors:
+            return f"its check cell raised {errors[i]} (cell {i})"
+    return "no check reported: no cell tagged 'check' after its exercise cell calls its check"
+
+
 def _check_time_limits(timeout: float, cell_timeout: float) -> None:
     for name, value in (("timeout", timeout), ("cell_timeout", cell_timeout)):
         if not (isinstance(value, (int, float)) and 0 < value <= MAX_SECONDS):
@@ -235,7 +306,8 @@ def _check_time_limits(timeout: float, cell_timeout: float) -> None:
 
 
 def grade_notebook(path: str | Path, timeout: float = 600.0, cell_timeout: float = 300.0) -> GradeResult:
-    """Execute the tagged cells of the notebook at ``path`` and return one row per exercise.
+    """Execute the tagged cells of the notebook at ``path`` and return one row per exercise of its chapter (see
+    :func:`chapter_exercises`), in order.
 
     ``timeout`` limits the whole notebook and ``cell_timeout`` each cell (seconds, in ``(0, 86400]``). A file
     that is not a notebook with exercises raises ``ValueError`` (see :func:`read_notebook`) before any kernel
@@ -243,7 +315,7 @@ def grade_notebook(path: str | Path, timeout: float = 600.0, cell_timeout: float
     _check_time_limits(timeout, cell_timeout)
     path = Path(path)
     nb = read_notebook(path)
-    exercises = notebook_exercises(nb, path)
+    exercises = chapter_exercises(notebook_exercises(nb, path))
     cells = graded_cells(nb)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
@@ -254,6 +326,7 @@ def grade_notebook(path: str | Path, timeout: float = 600.0, cell_timeout: float
     setup_errors = [
         f"cell {i}: {errors[i]}" for i, c in cells if i in errors and "setup" in c.metadata.get("tags", [])
     ]
+    own = _own_cells(cells)
     rows = []
     for number, name in exercises:
         rec = verdicts.get(number)
@@ -264,10 +337,8 @@ def grade_notebook(path: str | Path, timeout: float = 600.0, cell_timeout: float
             rows.append(Row(number, name, "not run", f"notebook stopped: {crashed_at}"))
         elif number in unreported:
             rows.append(Row(number, name, "not run", f"malformed grade report ({unreported[number]})"))
-        elif setup_errors:
-            rows.append(Row(number, name, "not run", f"setup failed: {setup_errors[0]}"))
         else:
-            rows.append(Row(number, name, "not run", "its check cell did not report (missing, or it errored)"))
+            rows.append(Row(number, name, "not run", _why_not_run(number, name, own, errors, setup_errors)))
     return GradeResult(rows, crashed_at, time.perf_counter() - start, malformed)
 
 
@@ -427,5 +498,5 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if ok else 1
 
 
-__all__ = ["grade_notebook", "read_notebook", "notebook_exercises", "format_table", "GradeResult", "Row", "PASSED",
-           "FAILED", "NOT_ATTEMPTED"]
+__all__ = ["grade_notebook", "read_notebook", "notebook_exercises", "chapter_exercises", "format_table", "GradeResult",
+           "Row", "PASSED", "FAILED", "NOT_ATTEMPTED"]

@@ -1,17 +1,21 @@
 """The grader executes tagged cells in a real kernel and reports each exercise's state."""
 
+import json
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import nbformat
 import pytest
 
 from ar_course import build_notebooks as bn
 from ar_course.checks.core import STRICT_ENV
-from ar_course.grade import GradeResult, Row, format_table, grade_notebook
+from ar_course.grade import GradeResult, Row, chapter_exercises, format_table, grade_notebook, main
 from fixtures.make_fixtures import solution_notebook
 
 pytestmark = pytest.mark.timeout(300)
+TOUR = Path(__file__).resolve().parents[1] / "solutions" / "00_tour.ipynb"
 
 
 def _write(tmp_path, nb, name="nb.ipynb"):
@@ -99,3 +103,46 @@ def test_grade_notebook_refuses_bad_time_limits(tmp_path, limits):
     path = _write(tmp_path, solution_notebook())
     with pytest.raises(ValueError, match="must be a number of seconds in"):
         grade_notebook(path, **limits)
+
+
+def test_grader_lists_every_exercise_of_the_chapter_and_each_ones_own_error(tmp_path, capsys):
+    """Chapter 0 with 0.1's exercise cell deleted, a line added above 0.2's header (its function left a stub) and a
+    SyntaxError in 0.3's cell: all three rows are there, in order, and nothing passes (it was "2/2 passed")."""
+    nb = nbformat.read(TOUR, as_version=4)
+    starts = {c.source.split(":")[0]: c for c in nb.cells if c.source.startswith("# Exercise 0.")}
+    nb.cells.remove(starts["# Exercise 0.1"])
+    starts["# Exercise 0.2"].source = ("import math\n# Exercise 0.2: sample_categorical\n"
+                                       "def sample_categorical(*a, **k):\n    raise NotImplementedError\n")
+    starts["# Exercise 0.3"].source += "\n    return (\n"
+    syntax_cell = nb.cells.index(starts["# Exercise 0.3"])
+    report = tmp_path / "grades.json"
+    assert main([str(_write(tmp_path, nb)), "--json", str(report)]) == 1
+    assert "0/3 exercises passed" in capsys.readouterr().out
+    rows = json.loads(report.read_text())[str(tmp_path / "nb.ipynb")]
+    assert [(r["exercise"], r["name"], r["status"]) for r in rows] == [
+        ("0.1", "stable_softmax", "not run"), ("0.2", "sample_categorical", "not attempted"),
+        ("0.3", "cross_entropy_from_logits", "not run")]
+    assert rows[0]["detail"] == "its exercise cell is missing or no longer starts with '# Exercise 0.1: stable_softmax'"
+    assert re.fullmatch(rf"its exercise cell raised SyntaxError: incomplete input \(\S+\.py, line \d+\) "
+                        rf"\(cell {syntax_cell}\)", rows[2]["detail"]), rows[2]["detail"]
+
+
+def test_grader_names_a_check_cells_error_and_keeps_an_unknown_chapters_own_list(tmp_path):
+    """Chapter 90 is not the package's: the notebook's own exercises are the rows (90.3, its header moved down a
+    line, is not one), and 90.2's check cell's own error is its reason."""
+    nb = solution_notebook()
+    nb.cells[6].source = "fx.increment(increment_typo)"
+    nb.cells[7].source = "y = 1\n" + nb.cells[7].source
+    res = grade_notebook(_write(tmp_path, nb))
+    why = "its check cell raised NameError: name 'increment_typo' is not defined (cell 6)"
+    assert res.rows == [Row("90.1", "double", "passed"), Row("90.2", "increment", "not run", why)]
+    assert not res.all_passed
+
+
+def test_chapter_exercises_come_from_the_chapters_checks_in_number_order():
+    ch05 = [("5.1", "accepted_prefix"), ("5.2", "residual_distribution"), ("5.3", "speculative_round"),
+            ("5.4", "rollback_caches"), ("5.5", "best_draft_length"), ("5.6", "jacobi_verify"),
+            ("5.7", "relaxed_acceptance_probability")]  # registered with 5.6 before 5.4
+    assert chapter_exercises([("5.6", "jacobi_verify")]) == ch05
+    assert chapter_exercises([("5.2", "mine"), ("5.9", "extra")]) == ch05 + [("5.9", "extra")]
+    assert chapter_exercises([("90.2", "b"), ("90.1", "a")]) == [("90.2", "b"), ("90.1", "a")]
