@@ -649,7 +649,7 @@ def prepare_run(parser: argparse.ArgumentParser, out: Path, resume: bool, batch_
     state's path."""
     refuse_installed_assets(parser, out)
     try:
-        check_output_path(out, suffix=".safetensors")
+        check_output_path(out, suffix=".safetensors", what="--out")
     except ValueError as exc:
         parser.error(str(exc))
     if batch_size is not None and batch_size % ddp.world_size():

@@ -247,3 +247,10 @@ def test_a_run_whose_loss_diverges_stops_with_status_1_and_writes_nothing(capsys
     assert error_line(err).startswith("error: training diverged: the loss is nan at step ")
     assert err.rstrip().endswith("(rerun with a lower --lr)")
     assert not (tmp_path / "lm.safetensors").exists()
+
+
+@pytest.mark.parametrize("what", ["ar", "grpo"])
+def test_a_trainer_names_its_out_option_as_generate_does(capsys, tmp_path, what):
+    status, _, err = run(capsys, "train", what, "--steps", "1", "--out", tmp_path)
+    assert status == 2 and error_line(err) == (f"error: --out {str(tmp_path)!r} is a folder; name a file inside it "
+                                               f"(see python -m ar_course train {what} --help)")  # it said "output"

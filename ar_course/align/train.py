@@ -55,7 +55,7 @@ def _load(args: argparse.Namespace, parser: ArgumentParser, kind: str = raster.C
     usage error)."""
     refuse_installed_assets(parser, args.out)
     try:
-        check_output_path(args.out, suffix=".safetensors")
+        check_output_path(args.out, suffix=".safetensors", what="--out")
     except ValueError as exc:
         parser.error(str(exc))
     device = get_device(args.device)
