@@ -337,14 +337,14 @@ def test_vqvae_trains_and_is_deterministic_under_its_seed(name):
 
 @pytest.mark.parametrize("args, kind", [(["--quantizer", "fsq", "--fsq-levels", "4,3"], FSQ),
                                         (["--quantizer", "lfq", "--latent-dim", "5"], LFQ),
-                                        (["--quantizer", "vq", "--rotation-trick", "--kmeans-init"], VectorQuantizer)])
+                                        (["--quantizer", "vq", "--rotation-trick", "--kmeans-init", "--num-codes",
+                                          "16"], VectorQuantizer)])
 def test_cli_tiny_run_writes_a_loadable_checkpoint(args, kind, tmp_path, monkeypatch):
     images = torch.rand(80, 1, 32, 32, generator=gen(16))
     monkeypatch.setattr(tok_train, "load_images",
                         lambda dataset, split: images[:64] if split == "train" else images[64:])
     out = tmp_path / "tok.safetensors"
-    assert tok_train.main([*args, "--steps", "2", "--num-codes", "16", "--batch-size", "16", "--device", "cpu",
-                           "--out", str(out)]) == 0
+    assert tok_train.main([*args, "--steps", "2", "--batch-size", "16", "--device", "cpu", "--out", str(out)]) == 0
     _, meta = load_checkpoint(out)
     model = load(out)
     assert isinstance(model, VQVAE) and isinstance(model.quantizer, kind)
@@ -354,7 +354,25 @@ def test_cli_tiny_run_writes_a_loadable_checkpoint(args, kind, tmp_path, monkeyp
     assert model.config.num_codes == {FSQ: 12, LFQ: 32, VectorQuantizer: 16}[kind]
 
 
-def test_cli_rejects_bad_levels(capsys):
+@pytest.mark.parametrize("levels", ["8,1", "8,x"])
+def test_cli_rejects_bad_levels(capsys, levels):
     with pytest.raises(SystemExit) as info:
-        tok_train.main(["--quantizer", "fsq", "--fsq-levels", "8,1"])
-    assert info.value.code == 2 and "levels" in capsys.readouterr().err
+        tok_train.main(["--quantizer", "fsq", "--fsq-levels", levels])
+    assert info.value.code == 2 and capsys.readouterr().err == (
+        f"error: --fsq-levels must be comma-separated integers >= 2 such as 8,6,5, got '{levels}' "
+        "(see python -m ar_course train tokenizer --help)\n")
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--quantizer", "vq", "--depth", "3"], "--depth does not apply to --quantizer vq (only to rvq)"),
+    (["--quantizer", "fsq", "--num-codes", "16"], "--num-codes does not apply to --quantizer fsq (only to vq, rvq, "
+                                                  "msvq)"),
+    (["--quantizer", "rvq", "--l2-norm"], "--l2-norm does not apply to --quantizer rvq (only to vq)"),
+    (["--quantizer", "kl", "--fsq-levels", "4,3"], "--fsq-levels does not apply to --quantizer kl (only to fsq)"),
+    (["--quantizer", "msvq", "--ema"], "--ema does not apply to --quantizer msvq (only to vq, rvq)"),
+])
+def test_cli_refuses_an_option_the_quantizer_would_ignore(capsys, args, says):
+    with pytest.raises(SystemExit) as info:
+        tok_train.main([*args, "--steps", "1"])
+    assert info.value.code == 2 and capsys.readouterr().err == (
+        f"error: {says} (see python -m ar_course train tokenizer --help)\n")

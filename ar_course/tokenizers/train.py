@@ -21,7 +21,9 @@ import torch
 from ar_course import distributed as ddp
 from ar_course import metrics
 from ar_course.checkpoint import ASSETS, save_checkpoint
-from ar_course.cli import ArgumentParser, device_name, int_in, int_list, nonnegative_float, positive_float, positive_int
+from ar_course.cli import (
+    ArgumentParser, device_name, int_in, int_list, invalid, nonnegative_float, positive_float, positive_int,
+)
 from ar_course.tokenizers.functional import check_levels
 from ar_course.tokenizers.implicit import LFQ_MAX_DIM
 from ar_course.tokenizers.quantizers import MSVQ_LOSSES
@@ -162,8 +164,25 @@ def _levels(text: str) -> tuple[int, ...]:
     try:
         return check_levels(tuple(int(s) for s in text.split(",")))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 2 such as 8,6,5, "
-                                         f"got {text!r}") from None
+        raise invalid("comma-separated integers >= 2 such as 8,6,5", text) from None
+
+
+OPTION_QUANTIZERS = {
+    "num_codes": ("vq", "rvq", "msvq"), "depth": ("rvq",), "scales": ("msvq",), "msvq_loss": ("msvq",),
+    "msvq_final_weight": ("msvq",), "dead_code_threshold": ("vq", "rvq", "msvq"),
+    "usage_window": ("vq", "rvq", "msvq"), "ema": ("vq", "rvq"), "l2_norm": ("vq",), "rotation_trick": ("vq",),
+    "kmeans_init": ("vq",), "fsq_levels": ("fsq",), "kl_weight": ("kl",), "lfq_entropy_weight": ("lfq",),
+}
+"""Options of ``train tokenizer`` that only some quantizers read -> those quantizers (given for another, an option
+would be ignored: it is refused instead)."""
+
+
+def _check_applies(parser: ArgumentParser, args: argparse.Namespace) -> None:
+    """A usage error for an option set away from its default that ``--quantizer`` does not read."""
+    for name, quantizers in OPTION_QUANTIZERS.items():
+        if args.quantizer not in quantizers and getattr(args, name) != parser.get_default(name):
+            parser.error(f"--{name.replace('_', '-')} does not apply to --quantizer {args.quantizer} (only to "
+                         f"{', '.join(quantizers)})")
 
 
 def _parser() -> ArgumentParser:
@@ -220,6 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     """``python -m ar_course train tokenizer [--quantizer Q] [--dataset D] [--steps N] [--out PATH] ...``."""
     parser = _parser()
     args = parser.parse_args(argv)
+    _check_applies(parser, args)
     try:
         config = default_config(
             args.quantizer, args.dataset, num_codes=args.num_codes, depth=args.depth,
