@@ -187,7 +187,10 @@ def main(argv: list[str] | None = None) -> int:
     else 0."""
     from ar_course.cli import ArgumentParser
 
-    ArgumentParser(prog="python -m ar_course doctor", description=__doc__.split("\n\n")[0]).parse_args(argv)
+    ArgumentParser(prog="python -m ar_course doctor",
+                   description="Check that this machine can run the course: one line per requirement, OK, WARN "
+                               "(optional, the course still runs) or FAIL (blocks the course); exit status 1 when "
+                               "any FAIL is found.").parse_args(argv)
     findings = run_checks()
     width = max(len(f.name) for f in findings)
     for f in findings:

@@ -173,8 +173,10 @@ def test_tiny_sampling_values_over_http_answer_the_greedy_text(client, extra: di
 
 
 def _serve(monkeypatch, capsys, argv: list[str]) -> tuple[int, str]:
-    """``python -m ar_course serve ARGV`` with uvicorn.run stubbed out: (exit status, stderr)."""
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: None)
+    """``python -m ar_course serve ARGV`` with the uvicorn server stubbed out: (exit status, stderr)."""
+    from ar_course.serving import server
+
+    monkeypatch.setattr(server, "_run", lambda app, **kw: None)
     status = cli.main(["serve", *argv])
     return status, capsys.readouterr().err
 
@@ -229,3 +231,58 @@ def test_good_options_still_start(monkeypatch, capsys):
     status, err = _serve(monkeypatch, capsys, ["--model", "lm_target", "--port", str(_free_port()),
                                                "--kv-merge-from", "10", "--max-running", "256"])
     assert status == 0, err
+
+
+# ------------------------------------------------------------------------------------- content type and help
+
+NOT_JSON = "send the body as JSON with Content-Type: application/json (got {}; with curl: -H 'Content-Type: " \
+           "application/json')"
+
+
+@pytest.mark.parametrize("headers, got", [
+    ({"content-type": "application/x-www-form-urlencoded"}, "Content-Type: application/x-www-form-urlencoded"),
+    ({"content-type": "text/plain; charset=utf-8"}, "Content-Type: text/plain; charset=utf-8"),
+    ({}, "no Content-Type"),
+])
+def test_a_json_body_not_sent_as_json_gets_a_415_naming_the_fix(client, headers: dict, got: str):
+    """What ``curl -d '{...}'`` sends without ``-H 'Content-Type: application/json'``."""
+    r = client[0].post("/v1/completions", content=b'{"prompt": "hi", "max_tokens": 2}', headers=headers)
+    assert r.status_code == 415, r.text
+    assert r.json() == {"error": {"message": NOT_JSON.format(got), "type": "invalid_request_error"}}
+
+
+@pytest.mark.parametrize("content_type", ["application/json; charset=utf-8", "application/vnd.api+json"])
+def test_json_content_types_are_read_and_validated_as_strictly(client, content_type: str):
+    c = client[0]
+    r = c.post("/v1/completions", content=b'{"prompt": "hi", "max_tokens": 2}', headers={"content-type": content_type})
+    assert r.status_code == 200, r.text
+    for body, says in ((b'{"prompt": "hi", "max_tokens": "2"}', "max_tokens: Input should be a valid integer"),
+                       (b'{"prompt": "hi", "best_of": 2}', "best_of: Extra inputs are not permitted"),
+                       (b'{"prompt": "hi", "temperature": NaN}',
+                        "temperature: Input should be less than or equal to 10")):
+        r = c.post("/v1/completions", content=body, headers={"content-type": content_type})
+        assert r.status_code == 400 and r.json()["error"]["message"] == says, r.text
+
+
+def test_serve_help_is_plain_text_naming_the_endpoints_fields_and_defaults(capsys):
+    import pydantic
+
+    from ar_course.serving.server import _request_model, build_parser
+
+    assert cli.main(["serve", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "``" not in out and "POST /v1/completions takes a JSON object (Content-Type: application/json)" in out
+    assert "GET /health" in out
+    assert "curl http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json'" in out
+    for field in _request_model(pydantic, 10).model_fields:  # every field of the request, one line each
+        assert f"\n  {field} " in out, field
+    for shown in ("[lm_target]", "[127.0.0.1]", "[8000]", "[256]", "[16]", "[4]", "[32]", "[64]", "[60.0]", "[10.0]"):
+        assert shown in out, shown
+    for action in build_parser()._actions:  # every option says its default
+        assert action.dest == "help" or action.help.endswith("[%(default)s]") or "(default: " in action.help, action
+
+
+def test_doctor_help_is_plain_text(capsys):
+    assert cli.main(["doctor", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "``" not in out and "\nCheck that this machine can run the course: one line per requirement" in out

@@ -224,7 +224,7 @@ def test_serve_builds_the_engine_with_the_kv_options_and_refuses_bad_ones(monkey
 
     built = {}
     monkeypatch.setattr(srv, "create_app", lambda engine, tok, **kw: built.setdefault("engine", engine))
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: built.setdefault("ran", app))
+    monkeypatch.setattr(srv, "_run", lambda app, **kw: built.setdefault("ran", app))
     monkeypatch.setattr(srv, "_cannot_listen", lambda host, port: None)  # nothing listens: port 8000 may be taken
     assert srv.main(["--model", "lm_draft", "--kv-bits", "4", "--kv-window", "64", "--kv-sinks", "2"]) == 0
     config = built["engine"].config
@@ -250,3 +250,39 @@ def test_serve_builds_the_engine_with_the_kv_options_and_refuses_bad_ones(monkey
             srv.main(argv)
         err = capsys.readouterr().err
         assert e.value.code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_cli_server_says_where_it_listens_once_ready():
+    """``python -m ar_course serve`` prints one line on stdout once the model is loaded and the port listens (a
+    request right after it is answered, with no retry), and nothing else: no access log."""
+    import os
+    import select
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "ar_course", "serve", "--model", "lm_draft", "--port", str(port)],
+                            env=env, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        ready, _, _ = select.select([proc.stdout], [], [], 180)  # importing torch and the app on a loaded host
+        line = proc.stdout.readline() if ready else ""
+        if not line:
+            proc.kill()
+            pytest.fail(f"the server printed nothing: {proc.communicate()[1][-2000:]}")
+        assert line == (f"serving lm_draft on http://127.0.0.1:{port} (POST /v1/completions, GET /health); "
+                        "Ctrl-C stops\n")
+        assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=10).status_code == 200
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json={"prompt": "hi", "max_tokens": 2}, timeout=30)
+        assert r.status_code == 200, r.text
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0 and out == "" and "HTTP/1.1" not in err and "INFO" not in err, (out, err)

@@ -6,13 +6,20 @@ one served is a 404; a request past its timeout ends with ``finish_reason: "time
 true`` the answer is server-sent events, one ``data: {...}`` chunk per token and ``data: [DONE]`` at the end;
 otherwise one JSON object. Field types are strict (``"max_tokens": "5"``, ``5.0`` or ``true`` is refused, so is
 ``"stream": "yes"``). Every bad request gets a 4xx with ``{"error": {"message": ..., "type":
-"invalid_request_error"}}``: a wrong field, body (not JSON, not UTF-8), path (404) or method (405); a full queue
-gets 503 (type ``"overloaded"``), and a request in flight when the engine fails 500 (type ``"server_error"``).
+"invalid_request_error"}}``: a wrong field, body (not JSON, not UTF-8), content type (415), path (404) or method
+(405); a full queue gets 503 (type ``"overloaded"``), and a request in flight when the engine fails 500 (type
+``"server_error"``). The body must be sent as JSON with ``Content-Type: application/json`` (or another
+``application/*+json`` type): any other content type, or none (``curl -d`` alone sends
+``application/x-www-form-urlencoded``), gets the 415 ``send the body as JSON with Content-Type: application/json
+...`` whatever the body (so a web page cannot post to this server from another origin without a CORS preflight,
+which it does not answer).
 Shutdown (Ctrl-C): uvicorn stops accepting connections and lets every request in flight finish (each bounded by
 its timeout), so each gets its last chunk with a finish reason; then the engine's worker waits up to ``--drain``
 seconds for anything left (requests whose client went away) and ends it with ``"cancelled"``. ``GET /health``
-reports the queue. Startup problems are one ``error:`` line: a bad option or ``--model`` (exit 2), a host and
-port that cannot be listened on (exit 1).
+reports the queue. Once the model is loaded and the port listens, one line on stdout says where (``serving
+lm_target on http://127.0.0.1:8000 (POST /v1/completions, GET /health); Ctrl-C stops``); uvicorn's own logs
+(access log included) are off but for warnings. Startup problems are one ``error:`` line: a bad option or
+``--model`` (exit 2), a host and port that cannot be listened on (exit 1).
 
 Needs FastAPI and uvicorn (``pip install -e ".[serve]"``); imported only by this command.
 """
@@ -48,6 +55,13 @@ def _fastapi():
 def _error(fastapi, status: int, message: str, kind: str = "invalid_request_error", headers: dict | None = None):
     return fastapi.responses.JSONResponse({"error": {"message": message, "type": kind}}, status_code=status,
                                           headers=headers)
+
+
+def _is_json(content_type: str | None) -> bool:
+    """Whether ``content_type`` (a Content-Type header, None when absent) is one FastAPI reads as JSON:
+    ``application/json`` or ``application/*+json``, parameters such as ``; charset=utf-8`` aside."""
+    media = (content_type or "").split(";")[0].strip().lower()
+    return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
 
 
 def _request_model(pydantic, limit: int):
@@ -118,6 +132,11 @@ def create_app(engine: Engine, tokenizer, *, model_name: str = "lm_target", max_
 
     @app.exception_handler(fastapi.exceptions.RequestValidationError)
     async def invalid(request, exc):
+        content_type = request.headers.get("content-type")
+        if not _is_json(content_type):  # FastAPI read no JSON: the model got the raw bytes, or nothing
+            got = f"Content-Type: {content_type}" if content_type else "no Content-Type"
+            return _error(fastapi, 415, f"send the body as JSON with Content-Type: application/json (got {got}; "
+                                        "with curl: -H 'Content-Type: application/json')")
         first = exc.errors()[0]
         if first.get("type") == "json_invalid":  # loc: ("body", character offset)
             at = first["loc"][-1]
@@ -248,39 +267,98 @@ def _check_engine_options(parser, args: argparse.Namespace, model, config: Engin
                      f"{pool / 2**30:.3g} GiB KV pool, more than this machine's {memory / 2**30:.3g} GiB of memory")
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python -m ar_course serve``: parse ``argv`` (default: the command line), load the model and serve it
-    until stopped (see the module docstring); returns 0. A bad option exits with status 2 and a host and port that
-    cannot be listened on with status 1; a bad ``--model`` raises :class:`~ar_course.cli.UsageError` (status 2
-    under ``python -m ar_course``)."""
-    from ar_course.cli import EXIT_FAILURE, ArgumentParser, UsageError, float_in, int_in
+_DESCRIPTION = """\
+Serve a text model over HTTP: OpenAI-style completions, whole or streamed.
+Once the model is loaded and the port listens, it prints one line saying where;
+Ctrl-C stops it (the requests in flight end first).
 
-    parser = ArgumentParser(prog="python -m ar_course serve", description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="lm_target", help="a shipped text model (lm_target, lm_draft) or a path")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int_in(1, 65535), default=8000)
-    parser.add_argument("--num-blocks", type=int_in(1), default=256)
-    parser.add_argument("--block-size", type=int_in(1), default=16)
+POST /v1/completions takes a JSON object (Content-Type: application/json):
+  prompt       string, required
+  max_tokens   integer, 1 to the model's context - 1 [16]
+  temperature  number in [0, 10], 0 = greedy [1.0]
+  top_k        integer >= 1 (default: no top-k)
+  top_p        number in (0, 1] (default: no top-p)
+  seed         integer (default: unseeded)
+  stream       true: server-sent events, one "data: {...}" chunk per token,
+               then "data: [DONE]" [false]
+  model        the served model's name (--model); another name is a 404
+  timeout_s    seconds, in (0, 600] [--timeout]
+Any other field, or a value of another JSON type ("5" for 5), is a 400; a body
+sent as another content type (curl -d without -H) is a 415. The answer:
+{"choices": [{"text": ..., "finish_reason": ...}], "usage": {...}}.
+GET /health reports the queue: status, pending, max_pending, completed.
+
+example:
+  curl http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \\
+    -d '{"prompt": "The for statement", "max_tokens": 20, "temperature": 0}'
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``python -m ar_course serve`` (each option's value is checked as it is parsed)."""
+    from ar_course.cli import ArgumentParser, float_in, int_in
+
+    parser = ArgumentParser(prog="python -m ar_course serve", description=_DESCRIPTION,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="lm_target",
+                        help="a shipped text model (lm_target, lm_draft) or a path [%(default)s]")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to listen on (0.0.0.0: every interface) [%(default)s]")
+    parser.add_argument("--port", type=int_in(1, 65535), default=8000, help="TCP port [%(default)s]")
+    parser.add_argument("--num-blocks", type=int_in(1), default=256, help="blocks in the KV pool [%(default)s]")
+    parser.add_argument("--block-size", type=int_in(1), default=16, help="positions in a KV block [%(default)s]")
     parser.add_argument("--max-running", type=int_in(1, EngineConfig.max_step_tokens), default=16,
                         help="sequences in a batch (at most the tokens of one forward pass, "
-                             f"{EngineConfig.max_step_tokens})")
-    parser.add_argument("--prefix-caching", action="store_true")
+                             f"{EngineConfig.max_step_tokens}) [%(default)s]")
+    parser.add_argument("--prefix-caching", action="store_true",
+                        help="share the KV blocks of a prompt prefix between requests (default: no)")
     parser.add_argument("--kv-bits", type=int, choices=(8, 4), default=None, help="quantize the KV pool (default: no)")
     parser.add_argument("--kv-window", type=int_in(1), default=None,
                         help="sinks + window: a query sees the sinks and the last positions, up to this many; "
-                             "blocks out of the window are freed")
-    parser.add_argument("--kv-sinks", type=int_in(0), default=4, help="with --kv-window: first positions kept")
+                             "blocks out of the window are freed (default: no window)")
+    parser.add_argument("--kv-sinks", type=int_in(0), default=4,
+                        help="with --kv-window: first positions kept [%(default)s]")
     parser.add_argument("--kv-h2o-budget", type=int_in(1), default=None,
-                        help="heavy-hitter eviction: positions a sequence keeps; its lowest-scoring blocks are freed")
+                        help="heavy-hitter eviction: positions a sequence keeps; its lowest-scoring blocks are freed "
+                             "(default: no eviction)")
     parser.add_argument("--kv-h2o-recent", type=int_in(0), default=32,
-                        help="with --kv-h2o-budget: newest positions never evicted")
+                        help="with --kv-h2o-budget: newest positions never evicted [%(default)s]")
     parser.add_argument("--kv-merge-from", type=int_in(0), default=None,
                         help="MiniCache: layers (a, a+1) from this one on store one merged direction per token "
                              "(default: no merging)")
-    parser.add_argument("--max-pending", type=int_in(1), default=64, help="requests in flight before 503")
-    parser.add_argument("--timeout", type=float_in(0, lo_open=True), default=60.0, help="seconds a request may take")
+    parser.add_argument("--max-pending", type=int_in(1), default=64,
+                        help="requests in flight before 503 [%(default)s]")
+    parser.add_argument("--timeout", type=float_in(0, lo_open=True), default=60.0,
+                        help="seconds a request may take, unless it sets timeout_s [%(default)s]")
     parser.add_argument("--drain", type=float_in(0), default=10.0,
-                        help="seconds the worker waits for leftovers at shutdown")
+                        help="seconds the worker waits for leftovers at shutdown [%(default)s]")
+    return parser
+
+
+def _run(app, *, host: str, port: int, banner: str) -> None:
+    """Serve ``app`` on ``host:port`` with uvicorn until stopped (its logs off but for warnings, no access log), and
+    print ``banner`` on stdout once the socket listens."""
+    _, _, uvicorn = _fastapi()
+
+    class Server(uvicorn.Server):
+        async def startup(self, sockets: list | None = None) -> None:  # the app's startup, the bind (or exit)
+            await super().startup(sockets)
+            print(banner, flush=True)
+
+    try:
+        Server(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False)).run()
+    except KeyboardInterrupt:  # the Ctrl-C uvicorn handled, raised again once it has shut down (as uvicorn.run)
+        pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m ar_course serve``: parse ``argv`` (default: the command line), load the model and serve it
+    until stopped (see the module docstring), printing one line on stdout once it listens; returns 0. A bad option
+    exits with status 2 and a host and port that cannot be listened on with status 1; a bad ``--model`` raises
+    :class:`~ar_course.cli.UsageError` (status 2 under ``python -m ar_course``)."""
+    from ar_course.cli import EXIT_FAILURE, UsageError
+
+    parser = build_parser()
     args = parser.parse_args(argv)
     try:
         config = EngineConfig(num_blocks=args.num_blocks, block_size=args.block_size, max_running=args.max_running,
@@ -289,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
                               kv_h2o_recent=args.kv_h2o_recent, kv_merge_from=args.kv_merge_from)
     except ValueError as e:
         parser.error(_as_options(str(e), args))
-    _, _, uvicorn = _fastapi()
+    _fastapi()  # FastAPI and uvicorn are there before the model loads
     from ar_course.transformer import load_pretrained
 
     if (why := _cannot_listen(args.host, args.port)) is not None:
@@ -305,5 +383,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(_as_options(str(e), args))
     app = create_app(engine, tokenizer, model_name=str(args.model), max_pending=args.max_pending,
                      timeout_s=args.timeout, drain_s=args.drain)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    where = f"[{args.host}]" if ":" in args.host else args.host  # an IPv6 address
+    _run(app, host=args.host, port=args.port,
+         banner=f"serving {args.model} on http://{where}:{args.port} (POST /v1/completions, GET /health); "
+                "Ctrl-C stops")
     return 0
