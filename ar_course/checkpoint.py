@@ -17,7 +17,7 @@ missing key takes the field's default, an unknown key is a ``ValueError`` naming
 
 Shipped checkpoints live in :data:`ASSETS` (inside the installed package); their names are the file names
 without ``.safetensors``; the tokenizers are also known by the short names that checkpoints record
-(:data:`ALIASES`: ``"mnist_vq"``, ``"mnist_msvq"``).
+(:data:`ALIASES`: ``"mnist_vq"``, ``"mnist_msvq"``, ``"mnist_kl"``).
 
 An image model records the tokenizer it was trained on as a shipped name or as the path of a file relative to
 the model checkpoint's own folder (:func:`tokenizer_reference`, which every trainer uses), so that a folder of
@@ -50,8 +50,10 @@ from ar_course.utils import check_finite, get_device
 ASSETS: Path = Path(__file__).resolve().parent / "assets"
 """The folder of the shipped checkpoints, inside the package (installed with it)."""
 
-ALIASES: dict[str, str] = {"mnist_vq": "tokenizer_mnist_vq", "mnist_msvq": "tokenizer_mnist_msvq"}
-"""Short names of the shipped tokenizers, as the trainers' ``--tokenizer`` option and checkpoints record them."""
+ALIASES: dict[str, str] = {"mnist_vq": "tokenizer_mnist_vq", "mnist_msvq": "tokenizer_mnist_msvq",
+                           "mnist_kl": "tokenizer_mnist_kl"}
+"""Short names of the shipped tokenizers, as the trainers' ``--tokenizer`` option, checkpoints and
+:func:`ar_course.tokenizers.load_pretrained` use them."""
 
 KINDS: dict[str, tuple[type | str, type | str]] = {
     "tokenizer": ("ar_course.tokenizers.vqvae:VQVAE", "ar_course.tokenizers.vqvae:VQVAEConfig"),

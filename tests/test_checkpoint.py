@@ -68,6 +68,8 @@ def test_load_with_tokenizer_gives_the_recorded_tokenizer():
 
 def test_aliases_paths_and_unknown_names():
     assert checkpoint.resolve("mnist_vq") == checkpoint.ASSETS / "tokenizer_mnist_vq.safetensors"
+    for short in ("mnist_vq", "mnist_msvq", "mnist_kl"):  # every name tokenizers.load_pretrained takes
+        assert checkpoint.resolve(short) == checkpoint.ASSETS / f"tokenizer_{short}.safetensors"
     assert checkpoint.resolve(checkpoint.ASSETS / "var_mnist.safetensors").name == "var_mnist.safetensors"
     with pytest.raises(CheckpointError, match="unknown checkpoint name 'var_cifar'.*var_mnist"):
         load("var_cifar")
