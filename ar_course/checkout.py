@@ -7,12 +7,10 @@ from the current folder, and say so in one line when there is no checkout to fin
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 from ar_course.cli import invalid
-
-_PROJECT_NAME = re.compile(r'^name\s*=\s*"ar-course"\s*$', re.MULTILINE)
+from ar_course.project import is_project_root
 
 
 class CheckoutNotFound(Exception):
@@ -21,9 +19,7 @@ class CheckoutNotFound(Exception):
 
 def is_checkout(folder: Path, marker: str) -> bool:
     """Whether ``folder`` holds the ar-course ``pyproject.toml`` and a ``marker`` folder (``"solutions"``...)."""
-    pyproject = folder / "pyproject.toml"
-    return (folder / marker).is_dir() and pyproject.is_file() and bool(
-        _PROJECT_NAME.search(pyproject.read_text(encoding="utf-8", errors="replace")))
+    return (folder / marker).is_dir() and is_project_root(folder)
 
 
 def root_path(text: str) -> Path:

@@ -43,9 +43,9 @@ from ar_course import distributed as ddp
 from ar_course.checkpoint import (
     ASSETS, CheckpointError, NonFiniteWeightsError, load, load_checkpoint, save_checkpoint,
 )
-from ar_course.checkout import is_checkout
 from ar_course.cli import device_name, int_in, nonnegative_int, positive_float, positive_int, probability
 from ar_course.files import check_output_path
+from ar_course.project import is_project_root
 from ar_course.utils import check_int, check_number
 
 STATE_KIND = "train-state"
@@ -621,7 +621,7 @@ def is_source_checkout() -> bool:
     ``pyproject.toml``), where a trainer's default ``--out`` regenerates a shipped checkpoint in
     ``ar_course/assets/``; ``False`` for an installed package (site-packages), whose shipped files it must not
     replace."""
-    return is_checkout(ASSETS.parent.parent, ASSETS.parent.name)
+    return is_project_root(ASSETS.parent.parent)
 
 
 def out_help(default: str) -> str:

@@ -67,14 +67,14 @@ PASS = json.dumps({"exercise": "90.1", "status": "passed", "message": ""})
 
 
 @pytest.mark.parametrize("line, why, row", [
-    ("not json", "line 2 is not JSON: 'not json'", "its check cell did not report"),
+    ("not json", "line 2 is not JSON: 'not json'", "no check reported"),
     ('{"exercise": "90.2"}', "line 2 is not a verdict {exercise, status, message}: '{\"exercise\": \"90.2\"}'",
      "not run: malformed grade report (line 2)"),
     ('{"exercise": "90.2", "status": "great", "message": ""}', "line 2 is not a verdict",
      "not run: malformed grade report (line 2)"),
     ('{"exercise": "90.2", "status": "passed", "message": 3}', "line 2 is not a verdict",
      "not run: malformed grade report (line 2)"),
-    ("[1, 2]", "line 2 is not a verdict {exercise, status, message}: '[1, 2]'", "its check cell did not report"),
+    ("[1, 2]", "line 2 is not a verdict {exercise, status, message}: '[1, 2]'", "no check reported"),
 ])
 def test_grade_skips_a_malformed_report_line_and_still_prints_the_table(capsys, monkeypatch, tmp_path, line, why,
                                                                         row):
