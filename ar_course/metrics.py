@@ -557,7 +557,7 @@ def train_classifier(dataset: str = "mnist", steps: int = 1500, seed: int = 0, b
                          TrainConfig(steps=steps, lr=lr, weight_decay=1e-4, warmup=50,
                                      checkpoint_every=checkpoint_every),
                          eval_fn=evaluate, progress=progress, desc=f"classifier/{dataset}", state_path=state_path,
-                         resume=resume, settings={"seed": seed, "batch_size": batch_size})
+                         resume=resume, settings={"seed": seed, "batch_size": batch_size, "dataset": dataset})
     return model, history.evals[-1]["accuracy"] if history.evals else None, history
 
 

@@ -341,17 +341,21 @@ def test_cli_resume_refuses_a_changed_seed_or_batch_size(tmp_path, capsys):
     assert load_checkpoint(out)[1]["extra"]["seed"] == 0 and not state.exists()
 
 
-@pytest.mark.parametrize("what, module, extra", [
-    ("ar", "ar_course.raster.train", ["--train-images", "16"]),
-    ("var", "ar_course.var.train", ["--train-images", "16"]),
-    ("maskgit", "ar_course.masked.train", ["--train-images", "16"]),
-    ("continuous", "ar_course.continuous.train", []),
-    ("tokenizer", "ar_course.tokenizers.train", []),
-    ("classifier", "ar_course.metrics", []),
-    ("lm", "ar_course.transformer.train", []),
-    ("diffusion_lm", "ar_course.diffusion_lm.train", []),
+CONDITIONAL = {"p_uncond": 0.1, "examples": 16}  # --train-images 16: a resume with another subset is refused too
+
+
+@pytest.mark.parametrize("what, module, extra, settings", [
+    ("ar", "ar_course.raster.train", ["--train-images", "16"], CONDITIONAL),
+    ("var", "ar_course.var.train", ["--train-images", "16"], CONDITIONAL),
+    ("maskgit", "ar_course.masked.train", ["--train-images", "16"], {**CONDITIONAL, "schedule": "cosine"}),
+    ("continuous", "ar_course.continuous.train", [], {"p_uncond": 0.1, "examples": 20000}),
+    ("tokenizer", "ar_course.tokenizers.train", [], {"dataset": "mnist", "examples": 20000}),
+    ("classifier", "ar_course.metrics", [], {"dataset": "mnist"}),
+    ("lm", "ar_course.transformer.train", [], {}),
+    ("diffusion_lm", "ar_course.diffusion_lm.train", [], {}),
 ])
-def test_every_trainer_gives_train_loop_its_seed_and_global_batch(what, module, extra, tmp_path, monkeypatch, capsys):
+def test_every_trainer_gives_train_loop_its_seed_and_global_batch(what, module, extra, settings, tmp_path,
+                                                                 monkeypatch, capsys):
     given = []
 
     def train_loop(*args, settings=None, **kwargs):
@@ -362,7 +366,7 @@ def test_every_trainer_gives_train_loop_its_seed_and_global_batch(what, module, 
     argv = ["train", what, "--seed", "5", "--batch-size", "8", "--out", str(tmp_path / "m.safetensors"), *extra]
     assert cli_main(argv) == 1
     assert capsys.readouterr().err.endswith("error: stopped before training\n")
-    assert given == [{"seed": 5, "batch_size": 8}]
+    assert given == [{"seed": 5, "batch_size": 8, **settings}]
 
 
 # ---- trainers' options: one-line usage errors before any work --------------------------------------------------

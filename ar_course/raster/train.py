@@ -91,7 +91,8 @@ def train_ar(
                          TrainConfig(steps=steps, lr=lr, warmup=100, weight_decay=0.01,
                                      checkpoint_every=checkpoint_every),
                          progress=progress, desc="raster AR", state_path=state_path, resume=resume,
-                         settings={"seed": seed, "batch_size": batch_size})
+                         settings={"seed": seed, "batch_size": batch_size, "p_uncond": p_uncond,
+                                   "examples": int(labels.shape[0])})
     return model, history
 
 

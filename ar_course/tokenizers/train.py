@@ -149,7 +149,7 @@ def train_tokenizer(
                     checkpoint_every=checkpoint_every),
         eval_fn=lambda m: evaluate(m, test_images), progress=progress,
         desc=f"tokenizer/{config.quantizer}/{dataset}", state_path=state_path, resume=resume,
-        settings={"seed": seed, "batch_size": batch_size},
+        settings={"seed": seed, "batch_size": batch_size, "dataset": dataset, "examples": int(train_images.shape[0])},
     )
     if config.quantizer == "kl":  # standardise the continuous tokens on training latents
         with torch.no_grad():
