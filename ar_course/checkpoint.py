@@ -262,9 +262,8 @@ def resolve(name_or_path: str | Path) -> Path:
     checkpoint name ...``; ``TypeError`` for something that is not a str or path, ``ValueError`` for ``""``."""
     name_or_path = _path_arg("name_or_path", name_or_path, keep_str=True)
     text = str(name_or_path)
-    name = ALIASES.get(text, text)
-    if isinstance(name_or_path, str) and name in available():
-        return ASSETS / f"{name}.safetensors"
+    if isinstance(name_or_path, str) and _is_shipped_name(text):
+        return ASSETS / f"{ALIASES.get(text, text)}.safetensors"
     path = Path(name_or_path)
     if path.is_file():
         return path

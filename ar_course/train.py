@@ -664,12 +664,16 @@ def prepare_run(parser: argparse.ArgumentParser, out: Path, resume: bool, batch_
     return state
 
 
+NOT_MEASURED = "not measured (--eval-per-class 0)"
+"""What a trainer's last line says of an evaluation that ``--eval-per-class 0`` turned off."""
+
+
 def format_accuracy(accuracy: dict[str, float]) -> str:
     """``{"0.0": 0.0949999, "1.0": 0.9}`` (class accuracy by guidance strength, as trainers record it) as
     ``"w=0.0: 9.5%, w=1.0: 90.0%"`` for a trainer's last line; ``{}`` (not measured) as
     ``"not measured (--eval-per-class 0)"``."""
     if not accuracy:
-        return "not measured (--eval-per-class 0)"
+        return NOT_MEASURED
     return ", ".join(f"w={w}: {a:.1%}" for w, a in accuracy.items())
 
 

@@ -25,8 +25,8 @@ from ar_course.cli import (
 )
 from ar_course.files import check_output_path
 from ar_course.train import (
-    DEVICE_HELP, check_batch_size, checkpoint_option, out_help, per_class_int, refuse_installed_assets, seed_int,
-    trainer_main,
+    DEVICE_HELP, NOT_MEASURED, check_batch_size, checkpoint_option, out_help, per_class_int, refuse_installed_assets,
+    seed_int, trainer_main,
 )
 from ar_course.utils import get_device
 
@@ -83,7 +83,7 @@ def _save(args: argparse.Namespace, policy, tokenizer_name: str | Path, method: 
                                      base=str(args.base), method=method,
                                      options=dataclasses.asdict(config), curves=curves,
                                      accuracy_cfg0=accuracy, eval_per_class=eval_per_class)
-    shown = "not measured (--eval-per-class 0)" if accuracy is None else f"{accuracy:.1%}"
+    shown = NOT_MEASURED if accuracy is None else f"{accuracy:.1%}"
     print(f"class accuracy at guidance 0: {shown}\nsaved {out} ({out.stat().st_size / 1024:.0f} KB)")
 
 
