@@ -10,8 +10,8 @@ Resuming: with ``state_path`` the loop writes a training state every ``config.ch
 end, and when SIGTERM or SIGINT arrives (it finishes the current step, writes the state and raises
 :class:`TrainingInterrupted`). The file (safetensors, written atomically) holds the model's weights and
 buffers (in their own dtype), the optimizer state, the step, the history, torch's random state, the schedule
-(:class:`TrainConfig`) and the run's ``settings`` (what else shapes the run: the trainers give their seed and
-global batch size); ``resume=True`` refuses a state whose schedule or settings differ, loads it and
+(:class:`TrainConfig`) and the run's ``settings`` (what else shapes the run: the trainers give their seed,
+global batch size and a :func:`content_digest` of their data and of any model they learn from); ``resume=True`` refuses a state whose schedule or settings differ, loads it and
 fast-forwards ``batches`` by drawing the batches already trained on, so every random draw of a run must come
 from the batch stream (rebuilt from its seed) or from torch's global generator: then a resumed run ends with
 the weights of an uninterrupted one.
@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import hashlib
 import json
 import math
 import signal
@@ -218,6 +219,28 @@ class WeightAverage:
             yield model
         finally:
             model.load_state_dict(own)
+
+
+def content_digest(*parts: torch.Tensor | torch.nn.Module) -> str:
+    """A short SHA-256 (12 hex digits) of ``parts``' dtypes, shapes and values, to record in a run's ``settings``
+    which data or which model (its ``state_dict`` in order) a run used: a resume on other data is then refused.
+
+    Raises:
+        TypeError: a part is neither a tensor nor a module.
+    """
+    digest = hashlib.sha256()
+    for part in parts:
+        if isinstance(part, torch.nn.Module):
+            tensors = list(part.state_dict().values())
+        elif isinstance(part, torch.Tensor):
+            tensors = [part]
+        else:
+            raise TypeError(f"content_digest takes tensors and modules, got {type(part).__name__}")
+        for t in tensors:
+            t = t.detach().cpu().contiguous()
+            digest.update(f"{t.dtype}{tuple(t.shape)};".encode())
+            digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())  # (numel * itemsize,) raw bytes
+    return digest.hexdigest()[:12]
 
 
 def _run_settings(settings: dict[str, Any] | None) -> dict[str, Any]:

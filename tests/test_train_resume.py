@@ -17,7 +17,7 @@ from ar_course.cli import main as cli_main
 from ar_course.tokenizers import VQVAE
 from ar_course.tokenizers.train import default_config
 from ar_course.train import (
-    TrainConfig, TrainingError, TrainingInterrupted, read_train_state, state_path_for, train_loop,
+    TrainConfig, TrainingError, TrainingInterrupted, content_digest, read_train_state, state_path_for, train_loop,
 )
 from ar_course.utils import seed_everything
 
@@ -341,17 +341,20 @@ def test_cli_resume_refuses_a_changed_seed_or_batch_size(tmp_path, capsys):
     assert load_checkpoint(out)[1]["extra"]["seed"] == 0 and not state.exists()
 
 
-CONDITIONAL = {"p_uncond": 0.1, "examples": 16}  # --train-images 16: a resume with another subset is refused too
+# --train-images 16: a resume with another subset is refused too, and with other data of the same size (another
+# --tokenizer) through the data's digest
+CONDITIONAL = {"p_uncond": 0.1, "examples": 16, "data": "<digest>"}
 
 
 @pytest.mark.parametrize("what, module, extra, settings", [
     ("ar", "ar_course.raster.train", ["--train-images", "16"], CONDITIONAL),
-    ("var", "ar_course.var.train", ["--train-images", "16"], CONDITIONAL),
+    ("var", "ar_course.var.train", ["--train-images", "16"], {**CONDITIONAL, "tokenizer": "<digest>"}),
     ("maskgit", "ar_course.masked.train", ["--train-images", "16"], {**CONDITIONAL, "schedule": "cosine"}),
-    ("continuous", "ar_course.continuous.train", [], {"p_uncond": 0.1, "examples": 20000}),
+    ("continuous", "ar_course.continuous.train", [], {"p_uncond": 0.1, "examples": 20000, "data": "<digest>"}),
     ("tokenizer", "ar_course.tokenizers.train", [], {"dataset": "mnist", "examples": 20000}),
     ("classifier", "ar_course.metrics", [], {"dataset": "mnist"}),
-    ("lm", "ar_course.transformer.train", [], {}),
+    ("lm", "ar_course.transformer.train", [], {"teacher": None}),
+    ("lm", "ar_course.transformer.train", ["--preset", "draft"], {"teacher": "<digest>"}),  # distils from lm_target
     ("diffusion_lm", "ar_course.diffusion_lm.train", [], {}),
 ])
 def test_every_trainer_gives_train_loop_its_seed_and_global_batch(what, module, extra, settings, tmp_path,
@@ -366,7 +369,54 @@ def test_every_trainer_gives_train_loop_its_seed_and_global_batch(what, module, 
     argv = ["train", what, "--seed", "5", "--batch-size", "8", "--out", str(tmp_path / "m.safetensors"), *extra]
     assert cli_main(argv) == 1
     assert capsys.readouterr().err.endswith("error: stopped before training\n")
-    assert given == [{"seed": 5, "batch_size": 8, **settings}]
+    digests = {k: "<digest>" for k, v in given[0].items() if k in ("data", "tokenizer", "teacher") and v is not None
+               and len(v) == 12 and int(v, 16) >= 0}  # 12 hex digits
+    assert [{**given[0], **digests}] == [{"seed": 5, "batch_size": 8, **settings}]
+
+
+def test_content_digest_tells_data_and_weights_apart():
+    x = torch.arange(12).reshape(3, 4)
+    assert content_digest(x) == content_digest(x.clone()) == content_digest(x.t().contiguous().t())
+    others = [x.float(), x.reshape(4, 3), x + (torch.arange(12).reshape(3, 4) == 7), x[:2]]
+    assert len({content_digest(x), *map(content_digest, others)}) == 5
+    assert content_digest(x, x[:1]) != content_digest(x[:1], x)  # order counts
+    assert content_digest(torch.tensor(1.0, dtype=torch.bfloat16)) != content_digest(torch.tensor(1.0))  # 0-d
+    a, b = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    assert content_digest(a) != content_digest(b)
+    b.load_state_dict(a.state_dict())
+    assert content_digest(a) == content_digest(b)
+    with pytest.raises(TypeError, match="content_digest takes tensors and modules, got list"):
+        content_digest([1, 2])
+
+
+def test_resume_refuses_other_data_of_the_same_size(tmp_path):
+    from ar_course.raster.train import train_ar
+
+    seed_everything(0)
+    tokenizer = VQVAE(default_config("vq"))
+    maps, labels = torch.randint(0, 256, (8, 8, 8)), torch.arange(8) % 2
+    state = tmp_path / "ar.train-state.safetensors"
+    small = dict(steps=2, batch_size=4, n_layer=1, n_embd=16, n_head=2, progress=False, state_path=state)
+    train_ar(tokenizer, maps, labels, **small)  # leaves its final state
+    before = content_digest(maps, labels)
+    other = torch.randint(0, 256, (8, 8, 8))  # what another tokenizer would give: the same number of examples
+    with pytest.raises(TrainingError) as info:
+        train_ar(tokenizer, other, labels, **small, resume=True)
+    assert str(info.value) == _other_settings(state, f"data {before!r} -> {content_digest(other, labels)!r}")
+    train_ar(tokenizer, maps, labels, **small, resume=True)  # the same data: it resumes
+
+
+def test_lm_resume_refuses_another_teacher(tmp_path):
+    from dataclasses import replace
+
+    from ar_course.transformer.train import PRESETS, train_lm
+
+    state, preset = tmp_path / "lm.train-state.safetensors", replace(PRESETS["tiny"], steps=2)
+    teacher = train_lm(preset, seed=1, progress=False)[0]
+    train_lm(preset, seed=0, teacher=teacher, progress=False, state_path=state)  # leaves its final state
+    with pytest.raises(TrainingError) as info:
+        train_lm(preset, seed=0, progress=False, state_path=state, resume=True)  # no teacher now
+    assert str(info.value) == _other_settings(state, f"teacher {content_digest(teacher)!r} -> None")
 
 
 # ---- trainers' options: one-line usage errors before any work --------------------------------------------------

@@ -26,8 +26,8 @@ from ar_course.raster.model import condition_dropout_batches
 from ar_course.tokenizers import VQVAE
 from ar_course.train import (
     MAX_LAYERS, MAX_WIDTH, History, TrainConfig, add_conditional_model_options, add_output_options,
-    check_conditional_model_options, finish_run, format_accuracy, load_tokenizer, prepare_run, train_loop,
-    trainer_main,
+    check_conditional_model_options, content_digest, finish_run, format_accuracy, load_tokenizer, prepare_run,
+    train_loop, trainer_main,
 )
 from ar_course.utils import get_device, seed_everything
 
@@ -86,7 +86,7 @@ def train_continuous(
                                      checkpoint_every=checkpoint_every),
                          progress=progress, desc="continuous AR", state_path=state_path, resume=resume,
                          settings={"seed": seed, "batch_size": batch_size, "p_uncond": p_uncond,
-                                   "examples": int(labels.shape[0])})
+                                   "examples": int(labels.shape[0]), "data": content_digest(tokens, labels)})
     return model.eval(), history
 
 

@@ -28,7 +28,7 @@ from ar_course.raster.model import condition_dropout_batches
 from ar_course.raster.train import SINGLE_SCALE, SINGLE_SCALE_NEEDED, encode_dataset
 from ar_course.train import (
     EVAL_HELP, History, TrainConfig, add_conditional_model_options, add_output_options, check_conditional_model_options,
-    finish_run, format_accuracy, load_tokenizer, prepare_run, train_loop, trainer_main,
+    content_digest, finish_run, format_accuracy, load_tokenizer, prepare_run, train_loop, trainer_main,
 )
 from ar_course.utils import get_device, seed_everything
 
@@ -87,7 +87,8 @@ def train_maskgit(
                                      checkpoint_every=checkpoint_every),
                          progress=progress, desc="MaskGIT", state_path=state_path, resume=resume,
                          settings={"seed": seed, "batch_size": batch_size, "p_uncond": p_uncond,
-                                   "examples": int(labels.shape[0]), "schedule": schedule})
+                                   "examples": int(labels.shape[0]), "schedule": schedule,
+                                   "data": content_digest(token_maps, labels)})
     return model, history
 
 

@@ -24,7 +24,7 @@ from ar_course.raster.model import (
 from ar_course.tokenizers import VQVAE
 from ar_course.train import (
     History, TrainConfig, add_conditional_model_options, add_output_options, check_conditional_model_options,
-    finish_run, format_accuracy, load_tokenizer, prepare_run, train_loop, trainer_main,
+    content_digest, finish_run, format_accuracy, load_tokenizer, prepare_run, train_loop, trainer_main,
 )
 from ar_course.transformer.model import GPT
 from ar_course.utils import get_device, seed_everything
@@ -92,7 +92,7 @@ def train_ar(
                                      checkpoint_every=checkpoint_every),
                          progress=progress, desc="raster AR", state_path=state_path, resume=resume,
                          settings={"seed": seed, "batch_size": batch_size, "p_uncond": p_uncond,
-                                   "examples": int(labels.shape[0])})
+                                   "examples": int(labels.shape[0]), "data": content_digest(token_maps, labels)})
     return model, history
 
 

@@ -35,8 +35,8 @@ from ar_course import checkpoint
 from ar_course.checkpoint import ASSETS, save_checkpoint
 from ar_course.cli import ArgumentParser, device_name, float_in, int_in, nonnegative_int, positive_float, positive_int
 from ar_course.train import (
-    DEVICE_HELP, TrainConfig, add_run_options, checkpoint_option, finish_run, out_help, prepare_run, seed_int,
-    train_loop, trainer_main,
+    DEVICE_HELP, TrainConfig, add_run_options, checkpoint_option, content_digest, finish_run, out_help, prepare_run,
+    seed_int, train_loop, trainer_main,
 )
 from ar_course.transformer.model import GPT, GPTConfig
 from ar_course.utils import check_int, count_parameters, get_device, seed_everything
@@ -162,7 +162,8 @@ def train_lm(
     start = time.perf_counter()
     history = train_loop(model, loss_fn, batches, tc, eval_fn=eval_fn if eval_every else None,
                          progress=progress, desc="train lm", state_path=state_path, resume=resume,
-                         settings={"seed": seed, "batch_size": preset.batch_size})
+                         settings={"seed": seed, "batch_size": preset.batch_size,
+                                   "teacher": content_digest(teacher) if teacher is not None else None})
     seconds = time.perf_counter() - start
     info = {
         "tokenizer": tokenizer,

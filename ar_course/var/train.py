@@ -23,7 +23,7 @@ from ar_course.raster.model import condition_dropout_batches
 from ar_course.tokenizers import VQVAE
 from ar_course.train import (
     History, TrainConfig, add_conditional_model_options, add_output_options, check_conditional_model_options,
-    finish_run, format_accuracy, load_tokenizer, prepare_run, train_loop, trainer_main,
+    content_digest, finish_run, format_accuracy, load_tokenizer, prepare_run, train_loop, trainer_main,
 )
 from ar_course.utils import get_device, seed_everything
 from ar_course.var.functional import flatten_pyramids, unflatten_pyramids
@@ -99,7 +99,8 @@ def train_var(
                                      checkpoint_every=checkpoint_every),
                          progress=progress, desc="VAR", state_path=state_path, resume=resume,
                          settings={"seed": seed, "batch_size": batch_size, "p_uncond": p_uncond,
-                                   "examples": int(labels.shape[0])})
+                                   "examples": int(labels.shape[0]), "data": content_digest(tokens, labels),
+                                   "tokenizer": content_digest(tokenizer)})  # the loss embeds codes with it
     return model, history
 
 
