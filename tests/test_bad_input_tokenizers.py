@@ -144,6 +144,30 @@ def test_vqvae_config_hyper_parameters_are_checked(change, error, match):
         VQVAEConfig(**{**BASE, **change})
 
 
+@pytest.mark.parametrize("change, message", [
+    ({"quantizer": "msvq", "scales": (1, 2, 4), "ema": True}, "ema applies to quantizer 'vq' / 'rvq' only, got "
+                                                             "quantizer='msvq'"),
+    ({"quantizer": "rvq", "l2_norm": True}, "l2_norm applies to quantizer 'vq' only, got quantizer='rvq'"),
+    ({"quantizer": "fsq", "latent_dim": 3, "ema": True}, "ema applies to quantizer 'vq' / 'rvq' only"),
+    ({"quantizer": "lfq", "latent_dim": 8, "l2_norm": True}, "l2_norm applies to quantizer 'vq' only"),
+    ({"quantizer": "vq", "shared_codebook": True}, "shared_codebook applies to quantizer 'rvq' only, got "
+                                                   "quantizer='vq'"),
+    ({"quantizer": "kl", "rotation_trick": True}, "rotation_trick applies to quantizer 'vq' only, got quantizer='kl'"),
+    ({"quantizer": "rvq", "kmeans_init": True}, "kmeans_init applies to quantizer 'vq' only"),
+])
+def test_vqvae_config_refuses_a_switch_its_quantizer_would_ignore(change, message):
+    with pytest.raises(ValueError) as info:
+        VQVAEConfig(**{**BASE, **change})
+    assert str(info.value).startswith(message), info.value
+
+
+def test_switches_reach_the_quantizers_that_implement_them():
+    assert VQVAE(VQVAEConfig(**BASE, ema=True, l2_norm=True)).quantizer.ema  # vq: both
+    assert VQVAE(VQVAEConfig(**BASE, l2_norm=True)).quantizer.l2_norm
+    rvq = VQVAE(VQVAEConfig(**BASE, quantizer="rvq", ema=True, shared_codebook=True)).quantizer
+    assert len(rvq.layers) == 1 and all(layer.ema for layer in rvq.layers)
+
+
 def test_good_configs_keep_their_values():
     c = VQVAEConfig(**BASE, quantizer="msvq", scales=[1, 2, 4], beta=1, ema=False)
     assert c.scales == (1, 2, 4) and c.beta == 1.0

@@ -147,7 +147,7 @@ def test_kl_bad_arguments():
         GaussianBottleneck(2.0)
     with pytest.raises(ValueError, match="kl_weight must be >= 0"):
         GaussianBottleneck(2, kl_weight=-1.0)
-    with pytest.raises(ValueError, match="rotation_trick and kmeans_init apply to quantizer='vq' only"):
+    with pytest.raises(ValueError, match="rotation_trick applies to quantizer 'vq' only, got quantizer='kl'"):
         VQVAEConfig(quantizer="kl", rotation_trick=True)
     with pytest.raises(ValueError, match="expects 8 channels"):
         VQVAE(small_kl_config()).quantizer(torch.zeros(1, 4, 8, 8))

@@ -27,7 +27,7 @@ from ar_course.cli import (
 from ar_course.tokenizers.functional import check_levels
 from ar_course.tokenizers.implicit import LFQ_MAX_DIM
 from ar_course.tokenizers.quantizers import MSVQ_LOSSES
-from ar_course.tokenizers.vqvae import CHECKPOINT_KIND, QUANTIZERS, VQVAE, VQVAEConfig
+from ar_course.tokenizers.vqvae import CHECKPOINT_KIND, QUANTIZERS, SWITCH_QUANTIZERS, VQVAE, VQVAEConfig
 from ar_course.train import (
     DEVICE_HELP, History, TrainConfig, add_run_options, check_batch_size, finish_run, out_help, prepare_run, seed_int,
     train_loop, trainer_main,
@@ -170,8 +170,8 @@ def _levels(text: str) -> tuple[int, ...]:
 OPTION_QUANTIZERS = {
     "num_codes": ("vq", "rvq", "msvq"), "depth": ("rvq",), "scales": ("msvq",), "msvq_loss": ("msvq",),
     "msvq_final_weight": ("msvq",), "dead_code_threshold": ("vq", "rvq", "msvq"),
-    "usage_window": ("vq", "rvq", "msvq"), "ema": ("vq", "rvq"), "l2_norm": ("vq",), "rotation_trick": ("vq",),
-    "kmeans_init": ("vq",), "fsq_levels": ("fsq",), "kl_weight": ("kl",), "lfq_entropy_weight": ("lfq",),
+    "usage_window": ("vq", "rvq", "msvq"), "fsq_levels": ("fsq",), "kl_weight": ("kl",), "lfq_entropy_weight": ("lfq",),
+    **{k: v for k, v in SWITCH_QUANTIZERS.items() if k != "shared_codebook"},  # no option for a shared codebook
 }
 """Options of ``train tokenizer`` that only some quantizers read -> those quantizers (given for another, an option
 would be ignored: it is refused instead)."""

@@ -38,6 +38,10 @@ from ar_course.utils import check_bool, check_image_values, check_int, check_num
 
 QUANTIZERS = ("vq", "rvq", "msvq", "fsq", "lfq", "kl")
 PRETRAINED = ("mnist_vq", "mnist_msvq", "mnist_kl")
+SWITCH_QUANTIZERS = {"ema": ("vq", "rvq"), "l2_norm": ("vq",), "rotation_trick": ("vq",), "kmeans_init": ("vq",),
+                     "shared_codebook": ("rvq",)}
+"""The on/off options of :class:`VQVAEConfig` -> the quantizers that implement them (turned on for another
+quantizer, a switch is refused rather than ignored)."""
 CHECKPOINT_KIND = "tokenizer"
 
 
@@ -53,8 +57,9 @@ class VQVAEConfig:
             ``downsample``, ``width``, ``latent_dim``, ``num_codes`` of vq/rvq/msvq, ``depth``, ``usage_window``,
             ``num_phi``) or ``num_res_blocks < 0``, an unknown ``quantizer``, a ``downsample`` that is not a power
             of two or does not divide ``image_size``, msvq ``scales`` that decrease, leave ``[1, latent_side]`` or
-            do not end at the latent side, fsq levels or an lfq ``latent_dim`` that do not fit, or
-            ``rotation_trick`` / ``kmeans_init`` without ``quantizer="vq"``.
+            do not end at the latent side, fsq levels or an lfq ``latent_dim`` that do not fit, or a switch
+            (``ema``, ``l2_norm``, ``rotation_trick``, ``kmeans_init``, ``shared_codebook``) turned on for a
+            quantizer that lacks it (:data:`SWITCH_QUANTIZERS`).
     """
 
     in_channels: int = 1
@@ -124,8 +129,10 @@ class VQVAEConfig:
             if not 1 <= self.latent_dim <= LFQ_MAX_DIM:
                 raise ValueError(f"lfq needs 1 <= latent_dim <= {LFQ_MAX_DIM}, got {self.latent_dim}")
             self.num_codes = 2**self.latent_dim
-        if (self.rotation_trick or self.kmeans_init) and self.quantizer != "vq":
-            raise ValueError(f"rotation_trick and kmeans_init apply to quantizer='vq' only, got {self.quantizer!r}")
+        for name, quantizers in SWITCH_QUANTIZERS.items():  # a switch turned on where it would be ignored
+            if getattr(self, name) and self.quantizer not in quantizers:
+                raise ValueError(f"{name} applies to quantizer {' / '.join(map(repr, quantizers))} only, got "
+                                 f"quantizer={self.quantizer!r}")
 
     @property
     def latent_side(self) -> int:
