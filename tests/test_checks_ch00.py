@@ -190,6 +190,15 @@ def sample_drops_one_token(logits, temperature=1.0, generator=None):
     return ref.sample_categorical(logits[:, :-1], temperature, generator)
 
 
+def sample_drops_rare_tokens(logits, temperature=1.0, generator=None):
+    """Tokens under 0.1% are never drawn (an implicit cut-off)."""
+    if temperature <= 0:
+        return ref.sample_categorical(logits, temperature, generator)
+    p = torch.softmax(logits / temperature, -1)
+    p = torch.where(p < 1e-3, 0.0, p)
+    return torch.multinomial(p, 1, generator=generator).squeeze(-1)
+
+
 # 0.3 ------------------------------------------------------------------------------------------------------
 
 
@@ -310,6 +319,7 @@ def test_sampling_accepts_another_correct_sampler(right):
     (sample_reseeds_global_rng, "not come from the generator you were given"),
     (sample_own_generator, "not come from the generator you were given"),
     (sample_needs_a_generator, "no generator (generator=None)"),
+    (sample_drops_rare_tokens, "the unlikely tokens are never drawn"),
 ])
 def test_sampling_rejects(wrong, contains):
     assert_fails(ch00.sample_categorical, wrong, contains=contains)

@@ -56,6 +56,10 @@ def mask_top_left(t_q, t_k):
     return torch.ones(t_q, t_k, dtype=torch.bool).tril()
 
 
+def mask_inverted(t_q, t_k):  # True for "blocked", as nn.MultiheadAttention's attn_mask
+    return ~torch.ones(t_q, t_k, dtype=torch.bool).tril(t_k - t_q)
+
+
 def mask_float(t_q, t_k):
     return torch.ones(t_q, t_k).tril(t_k - t_q)
 
@@ -482,7 +486,7 @@ def top_p_ignores_ties(logits, p):
 CASES = {
     "masked_softmax": (ref.masked_softmax, [softmax_no_max_subtraction, softmax_fill_zero, softmax_nan_on_empty_rows,
                                             softmax_max_over_all_entries, softmax_in_place]),
-    "causal_mask": (ref.causal_mask, [mask_strict, mask_top_left, mask_float]),
+    "causal_mask": (ref.causal_mask, [mask_strict, mask_top_left, mask_float, mask_inverted]),
     "attention": (ref.scaled_dot_product_attention,
                   [attention_no_scale, attention_scale_by_d, attention_softmax_over_queries, attention_ignores_mask,
                    attention_unshifted_exp]),
@@ -546,6 +550,7 @@ DIAGNOSES = [
     ("masked_softmax", softmax_max_over_all_entries, "row maximum included the masked entries"),
     ("causal_mask", mask_strict, "off by one"),
     ("causal_mask", mask_top_left, "LAST t_q positions"),
+    ("causal_mask", mask_inverted, "the mask is inverted"),
     ("attention", attention_softmax_over_queries, "softmax over the queries"),
     ("attention", attention_no_scale, "without the scale"),
     ("attention", attention_scale_by_d, "the scale is 1/D"),

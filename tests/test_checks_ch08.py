@@ -814,6 +814,10 @@ def mdlm_over_vocabulary(logits, targets, masked, t):  # divides by V, not by L
     return answers.mdlm_loss(logits, targets, masked, t) * targets.shape[1] / logits.shape[-1]
 
 
+def mdlm_over_length_minus_one(logits, targets, masked, t):  # divides by L - 1
+    return answers.mdlm_loss(logits, targets, masked, t) * targets.shape[1] / (targets.shape[1] - 1)
+
+
 def mdlm_no_grad(logits, targets, masked, t):  # computed under no_grad: nothing to train with
     with torch.no_grad():
         return answers.mdlm_loss(logits, targets, masked, t)
@@ -823,6 +827,7 @@ def test_8_5_other_forms():
     for right in (mdlm_log_softmax_gather, mdlm_logsumexp_float64, mdlm_row_loop, mdlm_nll_loss_einsum):
         assert_passes(ch08.mdlm_loss, right)
     assert_fails(ch08.mdlm_loss, mdlm_over_vocabulary, contains="divided by the vocabulary size V")
+    assert_fails(ch08.mdlm_loss, mdlm_over_length_minus_one, contains="divided by L - 1")  # not blamed on V
     assert_fails(ch08.mdlm_loss, mdlm_no_grad, contains="no gradient flows")
 
 

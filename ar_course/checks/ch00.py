@@ -114,6 +114,9 @@ def _sampling_cases() -> Iterator[tuple[str, torch.Tensor, tuple[float, ...]]]:
     yield "2 rows x 13 tokens with -inf entries", masked, (1.0, 0.7)
     yield "2 rows x 6 tokens, logits around 400", torch.randn(2, 6, generator=g) * 2 + 400, (1.0,)
     yield "1 row x 5 tokens, low temperature", torch.tensor([[2.0, 1.5, 1.0, 0.0, -1.0]]), (0.25,)
+    tail = torch.zeros(1, 200)  # a token at 80%, 5 at 2%, 194 at 0.05% (10% together): cutting off a tail fails
+    tail[0, 0], tail[0, 1:6] = 7.35, 3.66
+    yield "1 row x 200 tokens: one at 80%, five at 2%, a long tail", tail, (1.0,)
 
 
 def _pooled(observed: torch.Tensor, expected: torch.Tensor,
@@ -159,6 +162,12 @@ def _without_last_token(logits: torch.Tensor, temperature: float) -> torch.Tenso
     return torch.cat([probs, torch.zeros_like(probs[:, :1])], dim=-1)
 
 
+def _without_tail(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    probs = torch.softmax(logits.double() / temperature, dim=-1)
+    kept = torch.where(probs < 0.01, 0.0, probs)
+    return kept / kept.sum(-1, keepdim=True)
+
+
 # distributions a plausible wrong sampler draws from, (logits (B, V), temperature) -> (B, V) probabilities; the
 # first whose chi-square test every row passes is named
 SAMPLING_MISTAKES = [
@@ -172,6 +181,8 @@ SAMPLING_MISTAKES = [
             "that always picks the most likely token (the argmax); only temperature 0 is greedy, any other "
             "temperature draws at random"),
     Mistake(_without_last_token, "the last token of the vocabulary is never drawn: an off-by-one leaves it out"),
+    Mistake(_without_tail, "the unlikely tokens are never drawn: a cut-off (a probability threshold, top-k or top-p) "
+                           "removed the tail; plain sampling keeps every token whose probability is above 0"),
 ]
 
 

@@ -100,6 +100,9 @@ def masked_softmax(fn, ref_fn):
 
 
 CAUSAL_MISTAKES = [
+    Mistake(lambda t_q, t_k: ~torch.ones(t_q, t_k, dtype=torch.bool).tril(t_k - t_q),
+            "the mask is inverted: here True must mean 'may attend' (nn.MultiheadAttention's attn_mask uses True "
+            "for 'blocked'; this course's masks do not)"),
     Mistake(lambda t_q, t_k: torch.ones(t_q, t_k, dtype=torch.bool).tril(t_k - t_q - 1),
             "off by one: a query cannot see its own position there, but a token attends to itself (the diagonal "
             "is allowed)"),
@@ -120,7 +123,8 @@ CAUSAL_MISTAKES = [
     "arange(t_q)[:, None] + t_k - t_q",
 ))
 def causal_mask(fn, ref_fn):
-    cases = [Case(f"t_q={a}, t_k={b}", (a, b)) for a, b in [(1, 1), (5, 5), (7, 7), (3, 8), (1, 9), (4, 6)]]
+    cases = [Case(f"t_q={a}, t_k={b}", (a, b)) for a, b in [(5, 5), (1, 1), (7, 7), (3, 8), (1, 9), (4, 6)]]  # (5, 5) first: at
+    # (1, 1) an inverted mask and the off-by-one mask are the same [[False]], and the message would name the wrong one
     compare_cases(fn, ref_fn, cases, mistakes=CAUSAL_MISTAKES)
 
 

@@ -489,7 +489,7 @@ def neighbour_step_map(fn: Callable, ref_fn: Callable) -> None:
 
 def _mdlm_cases() -> Iterator[Case]:
     g = torch.Generator().manual_seed(85)
-    for B, L, V in ((4, 6, 5), (2, 9, 7)):
+    for B, L, V in ((4, 6, 9), (2, 9, 7)):  # V is neither L - 1 nor L + 1: each wrong divisor is told apart
         logits = torch.randn(B, L, V, generator=g)
         targets = torch.randint(0, V, (B, L), generator=g)
         masked = torch.rand(B, L, generator=g) < 0.5
@@ -527,6 +527,10 @@ def _mdlm_over_vocabulary(logits, targets, masked, t):
     return answers.mdlm_loss(logits, targets, masked, t) * targets.shape[1] / logits.shape[-1]
 
 
+def _mdlm_over_length_minus_one(logits, targets, masked, t):
+    return answers.mdlm_loss(logits, targets, masked, t) * targets.shape[1] / (targets.shape[1] - 1)
+
+
 def _mdlm_not_per_token(logits, targets, masked, t):
     return answers.mdlm_loss(logits, targets, masked, t) * targets.shape[1]
 
@@ -547,6 +551,8 @@ MDLM_MISTAKES = [
                               "token of the sequence, so divide by its length L"),
     Mistake(_mdlm_over_vocabulary, "the sum is divided by the vocabulary size V; the bound is in nats per token of "
                                    "the sequence, so divide by its length L"),
+    Mistake(_mdlm_over_length_minus_one, "the sum is divided by L - 1; every one of the L positions is a token of "
+                                         "the sequence, so divide by L"),
     Mistake(_mdlm_not_per_token, "the sum over the sequence is not divided by its length L; the bound is in nats "
                                  "per token"),
     Mistake(_mdlm_batch_mean, "the losses are averaged over the batch; the function returns one loss per "
