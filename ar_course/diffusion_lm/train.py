@@ -95,11 +95,12 @@ def _load_init(model: DiffusionLM, init: str | Path) -> None:
 
 def continued_record(init: str, prior: dict, record: dict) -> dict:
     """The entries a run started from ``init`` (whose checkpoint recorded ``prior``) sets in its ``record``: the
-    checkpoint it started from, the steps before this run (``init_steps``, summed over a chain of runs), and the
-    evaluations of the whole chain, with this run's steps (and ``best_step``) counted after ``init_steps``."""
+    file name of the checkpoint it started from (not its path, which names a folder of the training machine), the
+    steps before this run (``init_steps``, summed over a chain of runs), and the evaluations of the whole chain,
+    with this run's steps (and ``best_step``) counted after ``init_steps``."""
     init_steps = prior.get("init_steps", 0) + prior["steps"]
     best = record["best_step"]
-    return {"init": str(init), "init_steps": init_steps, "best_step": None if best is None else best + init_steps,
+    return {"init": Path(init).name, "init_steps": init_steps, "best_step": None if best is None else best + init_steps,
             "evals": prior.get("evals", []) + [{**e, "step": e["step"] + init_steps} for e in record["evals"]]}
 
 
