@@ -81,6 +81,17 @@ def test_worker_bounds_its_queue_times_out_and_cancels_on_shutdown(tiny):
     assert worker.engine.cache.allocator.num_used == 0 and not worker.engine.has_work
 
 
+@pytest.mark.parametrize("timeout_s, error", [("5", TypeError), (float("nan"), ValueError), (-1.0, ValueError)])
+def test_a_bad_timeout_is_refused_without_taking_a_slot(tiny, timeout_s, error):
+    worker = EngineWorker(Engine(tiny, EngineConfig(num_blocks=16, block_size=4)), max_pending=1)
+    for _ in range(2):  # the slot is not taken, so the second call gets the same error, not QueueFull
+        with pytest.raises(error, match="timeout_s must be a finite number >= 0"):
+            worker.submit([1, 2], 3, timeout_s=timeout_s)
+    assert worker.pending == 0
+    assert _drain(worker.submit([1, 2], 3, timeout_s=5))[1:] == ("end", "length")
+    worker.shutdown()
+
+
 # ------------------------------------------------------------------------------------------------ over HTTP
 
 fastapi = pytest.importorskip("fastapi", reason="the [serve] extra (FastAPI, uvicorn) is not installed")
@@ -144,6 +155,58 @@ def test_bad_requests_get_a_clear_4xx(server, body, says):
     r = httpx.post(f"{url}/v1/completions", json=body, timeout=30)
     assert 400 <= r.status_code < 500, r.text
     assert says in r.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("body, says", [
+    ({"prompt": "a" * 300, "max_tokens": 100}, "300 prompt tokens and 100 new tokens need 399 positions, more than "
+                                               "the model's context of 384 (config.block_size)"),
+    ({"prompt": "hi", "max_tokens": 5, "seed": 2**64}, "seed"),
+])
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_request_that_cannot_run_gets_its_400_streamed_or_not(server, body, says, stream):
+    r = httpx.post(f"{server[0]}/v1/completions", json={**body, "stream": stream}, timeout=30)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["message"].startswith(says) or says in r.json()["error"]["message"], r.text
+
+
+def test_a_huge_prompt_is_refused_before_it_is_tokenized(server, monkeypatch):
+    url, model, tok, _ = server
+    limit = 8 * model.config.block_size  # CHARS_PER_POSITION characters per position of the context
+    monkeypatch.setattr(tok, "encode", lambda text: pytest.fail("a prompt past the limit was tokenized"))
+    r = httpx.post(f"{url}/v1/completions", json={"prompt": "a" * (limit + 1), "max_tokens": 1}, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["message"] == \
+        f"prompt: String should have at most {limit} characters", r.text
+
+
+@pytest.mark.parametrize("field", ["temperature", "top_p", "timeout_s"])
+def test_nan_is_refused_as_not_finite(server, field):
+    body = '{"prompt": "hi", "max_tokens": 2, "%s": NaN}' % field
+    r = httpx.post(f"{server[0]}/v1/completions", content=body, headers={"Content-Type": "application/json"},
+                   timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["message"] == f"{field}: Input should be a finite number"
+
+
+def test_completion_ids_are_unique(server):
+    with httpx.Client(base_url=server[0], timeout=30) as client:  # one after another: each ticket freed in turn
+        ids = [client.post("/v1/completions", json={"prompt": "a", "max_tokens": 1}).json()["id"] for _ in range(20)]
+    assert len(set(ids)) == 20, ids
+
+
+def test_a_client_gone_before_its_whole_answer_is_cancelled(server, monkeypatch):
+    url, engine = server[0], server[3].state.serving["worker"].engine
+    step = engine.step
+    monkeypatch.setattr(engine, "step", lambda: (time.sleep(0.02), step())[1])  # 380 tokens: over 7 s
+    before = httpx.get(f"{url}/health", timeout=10).json()["completed"]["cancelled"]
+    host, port = url.removeprefix("http://").split(":")
+    body = json.dumps({"prompt": "The", "max_tokens": 380, "temperature": 0}).encode()
+    with socket.create_connection((host, int(port))) as s:
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        time.sleep(0.3)  # the request is running; the client hangs up before its answer
+    deadline = time.monotonic() + 30
+    while httpx.get(f"{url}/health", timeout=10).json()["completed"]["cancelled"] == before:
+        assert time.monotonic() < deadline, "the abandoned request was not cancelled"
+        time.sleep(0.05)
 
 
 def test_concurrent_clients_all_answered(server):

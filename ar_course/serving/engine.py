@@ -42,7 +42,7 @@ from typing import Callable
 import torch
 
 from ar_course.sampling import SamplingConfig, check_sampling, sample
-from ar_course.serving.compression import sink_window_evictable, sink_window_visible
+from ar_course.serving.compression import merged_pairs, sink_window_evictable, sink_window_visible
 from ar_course.serving.h2o import ScoringAttention, check_h2o, h2o_evictions
 from ar_course.serving.minicache import fresh_rows
 from ar_course.serving.paged import OutOfBlocks, PagedKVCache, check_text_model, check_tokens
@@ -80,7 +80,7 @@ class EngineConfig:
         check_bool("prefix_caching", self.prefix_caching)
         if self.policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {self.policy!r}")
-        if self.kv_bits not in (None, 8, 4):
+        if self.kv_bits is not None and check_int("kv_bits", self.kv_bits) not in (8, 4):  # 8.0 is a TypeError
             raise ValueError(f"kv_bits must be None, 8 or 4, got {self.kv_bits!r}")
         if self.kv_window is not None:
             check_int("kv_window", self.kv_window, lo=1)
@@ -110,6 +110,20 @@ class EngineConfig:
             raise ValueError(f"max_step_tokens ({self.max_step_tokens}) must be >= max_running ({self.max_running})")
 
 
+def check_merge_from(n_layer: int, merge_from: int | None) -> None:
+    """``ValueError`` unless ``merge_from`` (:attr:`EngineConfig.kv_merge_from`) is None or merges at least one pair
+    of layers ``(a, a + 1)`` of an ``n_layer``-layer model."""
+    if merge_from is not None and not merged_pairs(n_layer, merge_from):
+        raise ValueError(f"kv_merge_from must be < {n_layer - 1} for this {n_layer}-layer model (it merges layers "
+                         f"(a, a + 1) from it on), got {merge_from}")
+
+
+def kv_positions(prompt_tokens: int, max_new_tokens: int) -> int:
+    """Pool positions a request of ``prompt_tokens`` and ``max_new_tokens`` needs at most (the last new token is
+    never fed back)."""
+    return prompt_tokens + max(max_new_tokens - 1, 0)
+
+
 @dataclass
 class Request:
     """One request and what has happened to it; ``tokens`` = prompt + output, ``computed`` of them cached."""
@@ -135,7 +149,7 @@ class Request:
     @property
     def kv_positions(self) -> int:
         """Positions this request needs at most: the last new token is never fed back."""
-        return len(self.prompt) + max(self.max_new_tokens - 1, 0)
+        return kv_positions(len(self.prompt), self.max_new_tokens)
 
 
 @dataclass
@@ -251,6 +265,7 @@ class Engine:
             raise TypeError(f"config must be an EngineConfig, got {type(config).__name__}")
         if max_history is not None:
             max_history = check_int("max_history", max_history, lo=0)
+        check_merge_from(model.config.n_layer, config.kv_merge_from)
         self.model, self.config, self.clock = model, config, clock
         self.cache = PagedKVCache.for_model(model, config.num_blocks, config.block_size, config.kv_bits,
                                             config.kv_merge_from)
@@ -273,22 +288,11 @@ class Engine:
         ``seed`` seeds the request's own generator (sampling is then independent of the batching).
 
         Raises:
-            TypeError: a prompt token, ``max_new_tokens`` or ``seed`` that is not an integer, or ``sampling`` that
-                is not a ``SamplingConfig``.
-            ValueError: a prompt that is empty or not 1-D, a token outside ``[0, vocab_size)``,
-                ``max_new_tokens < 0``, ``seed`` outside ``[-2**63, 2**64 - 1]``, or a request needing more
-                positions than the model's ``config.block_size`` (its context) or than the whole pool holds."""
-        prompt = check_tokens(prompt_ids, self.model.config.vocab_size)
-        max_new_tokens = check_int("max_new_tokens", max_new_tokens, lo=0)
-        self.model.check_room(len(prompt), max_new_tokens)
-        sampling = check_sampling(sampling)
-        if seed is not None:
-            seed = check_seed(seed)
+            TypeError, ValueError: see :meth:`check_request`."""
+        prompt, max_new_tokens, sampling, seed = self.check_request(prompt_ids, max_new_tokens, sampling=sampling,
+                                                                    seed=seed)
         generator = None if seed is None else torch.Generator(device=self.cache.k.device).manual_seed(seed)
         req = Request(self._next_id, prompt, max_new_tokens, sampling, generator, self.clock())
-        if -(-req.kv_positions // self.config.block_size) > self.config.num_blocks:
-            raise ValueError(f"a request of {req.kv_positions} positions can never fit in {self.config.num_blocks} "
-                             f"blocks of {self.config.block_size}")
         self._next_id += 1
         self.requests[req.id] = req
         if max_new_tokens == 0:
@@ -296,6 +300,33 @@ class Engine:
         else:
             self.waiting.append(req)
         return req.id
+
+    def check_request(self, prompt_ids: list[int] | torch.Tensor, max_new_tokens: int, *,
+                      sampling: SamplingConfig = SamplingConfig(temperature=0.0),
+                      seed: int | None = None) -> tuple[list[int], int, SamplingConfig, int | None]:
+        """What :meth:`add_request` checks, without queuing anything (reads no engine state: any thread may call
+        it): returns ``(prompt, max_new_tokens, sampling, seed)`` checked, the prompt as a list of ints. A list
+        longer than the model's context is refused before its tokens are read.
+
+        Raises:
+            TypeError: a prompt token, ``max_new_tokens`` or ``seed`` that is not an integer, or ``sampling`` that
+                is not a ``SamplingConfig``.
+            ValueError: a prompt that is empty or not 1-D, a token outside ``[0, vocab_size)``,
+                ``max_new_tokens < 0``, ``seed`` outside ``[-2**63, 2**64 - 1]``, or a request needing more
+                positions than the model's ``config.block_size`` (its context) or than the whole pool holds."""
+        max_new_tokens = check_int("max_new_tokens", max_new_tokens, lo=0)
+        if isinstance(prompt_ids, list) and len(prompt_ids) > self.model.config.block_size:  # before reading each
+            self.model.check_room(len(prompt_ids), max_new_tokens)
+        prompt = check_tokens(prompt_ids, self.model.config.vocab_size)
+        self.model.check_room(len(prompt), max_new_tokens)
+        sampling = check_sampling(sampling)
+        if seed is not None:
+            seed = check_seed(seed)
+        positions = kv_positions(len(prompt), max_new_tokens)
+        if -(-positions // self.config.block_size) > self.config.num_blocks:
+            raise ValueError(f"a request of {positions} positions can never fit in {self.config.num_blocks} "
+                             f"blocks of {self.config.block_size}")
+        return prompt, max_new_tokens, sampling, seed
 
     def cancel(self, request_id: int) -> None:
         """Stop a waiting or running request (its blocks are freed); a finished one is left as it is.

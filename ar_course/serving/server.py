@@ -7,9 +7,12 @@ true`` the answer is server-sent events, one ``data: {...}`` chunk per token and
 otherwise one JSON object. Field types are strict (``"max_tokens": "5"``, ``5.0`` or ``true`` is refused, so is
 ``"stream": "yes"``). Every bad request gets a 4xx with ``{"error": {"message": ..., "type":
 "invalid_request_error"}}``: a wrong field, body (not JSON, not UTF-8), content type (415), path (404) or method
-(405); a full queue gets 503 (type ``"overloaded"``), and a request in flight when the engine fails 500 (type
-``"server_error"``). The body must be sent as JSON with ``Content-Type: application/json`` (or another
-``application/*+json`` type): any other content type, or none (``curl -d`` alone sends
+(405), a prompt past :data:`CHARS_PER_POSITION` characters per position of the context (refused before it is
+tokenized), or a request that cannot run (too long for the context, a seed out of range: checked before anything
+is queued or streamed); a full queue gets 503 (type ``"overloaded"``), and a request in flight when the engine
+fails 500 (type ``"server_error"``). A client that hangs up before its answer, streamed or whole, has its request
+cancelled (``GET /health`` counts it under ``"cancelled"``). The body must be sent as JSON with ``Content-Type:
+application/json`` (or another ``application/*+json`` type): any other content type, or none (``curl -d`` alone sends
 ``application/x-www-form-urlencoded``), gets the 415 ``send the body as JSON with Content-Type: application/json
 ...`` whatever the body (so a web page cannot post to this server from another origin without a CORS preflight,
 which it does not answer).
@@ -32,12 +35,12 @@ import os
 import re
 import socket
 import time
+import uuid
 from typing import AsyncIterator
 
 from ar_course.checkpoint import CheckpointError
 from ar_course.sampling import SamplingConfig
-from ar_course.serving.compression import merged_pairs
-from ar_course.serving.engine import Engine, EngineConfig
+from ar_course.serving.engine import Engine, EngineConfig, check_merge_from
 from ar_course.serving.paged import PagedKVCache
 from ar_course.serving.worker import EngineWorker, QueueFull, ShuttingDown, Ticket, check_engine
 
@@ -64,18 +67,25 @@ def _is_json(content_type: str | None) -> bool:
     return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
 
 
+CHARS_PER_POSITION = 8
+"""A prompt may hold at most this many characters per position of the model's context: more cannot fit whatever
+the tokenizer (the shipped ones spend one position per character), and is refused before it is tokenized."""
+
+
 def _request_model(pydantic, limit: int):
+    finite = dict(allow_inf_nan=False)  # NaN and inf are refused as not finite, not as out of range
+
     class CompletionRequest(pydantic.BaseModel):
         model_config = pydantic.ConfigDict(extra="forbid", strict=True)  # no "5" or true for an int
-        prompt: str = pydantic.Field(min_length=1)
+        prompt: str = pydantic.Field(min_length=1, max_length=CHARS_PER_POSITION * (limit + 1))
         max_tokens: int = pydantic.Field(16, ge=1, le=limit)
-        temperature: float = pydantic.Field(1.0, ge=0.0, le=10.0)
+        temperature: float = pydantic.Field(1.0, ge=0.0, le=10.0, **finite)
         top_k: int | None = pydantic.Field(None, ge=1)
-        top_p: float | None = pydantic.Field(None, gt=0.0, le=1.0)
+        top_p: float | None = pydantic.Field(None, gt=0.0, le=1.0, **finite)
         seed: int | None = None
         stream: bool = False
         model: str | None = None
-        timeout_s: float | None = pydantic.Field(None, gt=0.0, le=600.0)
+        timeout_s: float | None = pydantic.Field(None, gt=0.0, le=600.0, **finite)
 
     return CompletionRequest
 
@@ -165,19 +175,28 @@ def create_app(engine: Engine, tokenizer, *, model_name: str = "lm_target", max_
                 "completed": worker.completed}
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest):
-        return await _complete(fastapi, state["worker"], tokenizer, body, model_name)
+    async def completions(body: CompletionRequest, request: fastapi.Request):
+        return await _complete(fastapi, state["worker"], tokenizer, body, model_name, request)
 
     return app
 
 
-async def _complete(fastapi, worker: EngineWorker, tokenizer, body, model_name: str):
-    """Submit one completion and answer it, streamed or whole."""
+async def _watch_disconnect(request, worker: EngineWorker, ticket: Ticket) -> None:
+    """Cancel ``ticket`` once the client of ``request`` has gone away (polled every 0.1 s)."""
+    while not await request.is_disconnected():
+        await asyncio.sleep(0.1)
+    worker.cancel(ticket)
+
+
+async def _complete(fastapi, worker: EngineWorker, tokenizer, body, model_name: str, request):
+    """Submit one completion and answer it, streamed or whole. The request is checked in full before it is
+    queued, so a bad one gets its 400 even when it asks for a stream."""
     if body.model is not None and body.model != model_name:
         return _error(fastapi, 404, f"model {body.model!r} is not served here; this server serves {model_name!r}")
     try:
         prompt = tokenizer.encode(body.prompt).tolist()
         sampling = SamplingConfig(temperature=body.temperature, top_k=body.top_k, top_p=body.top_p)
+        worker.engine.check_request(prompt, body.max_tokens, sampling=sampling, seed=body.seed)
     except ValueError as exc:
         return _error(fastapi, 400, str(exc))
     loop, queue = asyncio.get_running_loop(), asyncio.Queue()
@@ -186,7 +205,7 @@ async def _complete(fastapi, worker: EngineWorker, tokenizer, body, model_name: 
                                deliver=lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev))
     except (QueueFull, ShuttingDown) as exc:
         return fastapi.responses.JSONResponse({"error": {"message": str(exc), "type": "overloaded"}}, status_code=503)
-    cid = f"cmpl-{id(ticket):x}"
+    cid = f"cmpl-{uuid.uuid4().hex[:24]}"
     events = _events(ticket, queue, tokenizer, worker)
     if body.stream:
         async def sse():
@@ -201,15 +220,19 @@ async def _complete(fastapi, worker: EngineWorker, tokenizer, body, model_name: 
 
         return fastapi.responses.StreamingResponse(sse(), media_type="text/event-stream")
     tokens, finish = [], None
-    async for kind, value in events:
-        if kind == "error":
-            return _error(fastapi, 400, str(value))
-        if kind == "failed":
-            return _error(fastapi, 500, str(value), "server_error")
-        if kind == "token":
-            tokens.append(value)
-        else:
-            finish = value
+    watcher = asyncio.create_task(_watch_disconnect(request, worker, ticket))  # a client gone: "cancelled"
+    try:
+        async for kind, value in events:
+            if kind == "error":
+                return _error(fastapi, 400, str(value))
+            if kind == "failed":
+                return _error(fastapi, 500, str(value), "server_error")
+            if kind == "token":
+                tokens.append(value)
+            else:
+                finish = value
+    finally:
+        watcher.cancel()
     out = _chunk(cid, model_name, tokenizer.decode(tokens), finish)
     out["usage"] = {"prompt_tokens": len(prompt), "completion_tokens": len(tokens),
                     "total_tokens": len(prompt) + len(tokens)}
@@ -256,10 +279,10 @@ def _memory_bytes() -> int | None:
 def _check_engine_options(parser, args: argparse.Namespace, model, config: EngineConfig) -> None:
     """The options that depend on the loaded model: ``--kv-merge-from`` must merge a pair of its layers, and the
     KV pool (``--num-blocks`` x ``--block-size`` positions) must fit in this machine's memory (usage errors)."""
-    n_layer = model.config.n_layer
-    if config.kv_merge_from is not None and not merged_pairs(n_layer, config.kv_merge_from):
-        parser.error(f"--kv-merge-from must be < {n_layer - 1} for this {n_layer}-layer model (it merges layers "
-                     f"(a, a + 1) from it on), got {config.kv_merge_from}")
+    try:
+        check_merge_from(model.config.n_layer, config.kv_merge_from)
+    except ValueError as exc:
+        parser.error(str(exc).replace("kv_merge_from", "--kv-merge-from", 1))
     per_position = PagedKVCache.for_model(model, 1, 1, config.kv_bits, config.kv_merge_from).bytes_per_block()
     pool, memory = per_position * config.num_blocks * config.block_size, _memory_bytes()
     if memory is not None and pool > memory:
@@ -301,7 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(prog="python -m ar_course serve", description=_DESCRIPTION,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="lm_target",
-                        help="a shipped text model (lm_target, lm_draft) or a path [%(default)s]")
+                        help="a shipped text model (lm_target, lm_draft, lm_small) or a path [%(default)s]")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to listen on (0.0.0.0: every interface) [%(default)s]")
     parser.add_argument("--port", type=int_in(1, 65535), default=8000, help="TCP port [%(default)s]")

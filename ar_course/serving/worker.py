@@ -105,16 +105,20 @@ class EngineWorker:
                sampling: SamplingConfig = SamplingConfig(temperature=0.0), seed: int | None = None,
                timeout_s: float | None = None, deliver: Callable | None = None) -> Ticket:
         """Queue a request, greedy by default like :meth:`Engine.add_request` (checked by the engine when the worker
-        adds it: an invalid one ends at once with ``("error", message)``). Raises :class:`QueueFull` or
-        :class:`ShuttingDown`."""
-        with self._lock:
+        adds it: an invalid one ends at once with ``("error", message)``; :meth:`Engine.check_request` checks it
+        beforehand). ``timeout_s``: this request's deadline in seconds (None: the worker's; 0: already due).
+
+        Raises:
+            QueueFull, ShuttingDown: see their names.
+            TypeError, ValueError: ``timeout_s`` is not a finite number ``>= 0``."""
+        timeout_s = self.timeout_s if timeout_s is None else check_number("timeout_s", timeout_s, lo=0)
+        ticket = Ticket(prompt, max_new_tokens, sampling, seed, time.monotonic() + timeout_s, deliver=deliver)
+        with self._lock:  # the slot is taken last: nothing above can leave it taken
             if not self._accepting:
                 raise ShuttingDown("the server is shutting down")
             if self._pending >= self.max_pending:
                 raise QueueFull(f"{self._pending} requests in flight (max {self.max_pending})")
             self._pending += 1
-        ticket = Ticket(prompt, max_new_tokens, sampling, seed,
-                        time.monotonic() + (self.timeout_s if timeout_s is None else timeout_s), deliver=deliver)
         self._inbox.put(ticket)
         self._wake.set()
         return ticket

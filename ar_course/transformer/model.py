@@ -712,8 +712,9 @@ class GPT(nn.Module):
             raise ValueError("the prompt has no tokens: an unconditional model needs at least one")
         needed = n_prefix + T + max(max_new_tokens - 1, 0)
         if needed > self.config.block_size:
-            raise ValueError(f"{T} prompt tokens and {max_new_tokens} new tokens need {needed} positions, more than "
-                             f"block_size {self.config.block_size}")
+            raise ValueError(f"{T} prompt token{'s' * (T != 1)} and {max_new_tokens} new token"
+                             f"{'s' * (max_new_tokens != 1)} need {needed} positions, more than the model's context "
+                             f"of {self.config.block_size} (config.block_size)")
 
     def _check_forward(self, idx: torch.Tensor, targets: torch.Tensor | None, classes: torch.Tensor | None,
                        cache: KVCache | StaticKVCache | None) -> None:
