@@ -17,6 +17,7 @@ from ar_course.serving import (
     paged_attention, prefix_block_hashes,
 )
 from ar_course.serving.compression import CompressedAttention, kv_bytes_per_token, sink_window_evictable
+from ar_course.serving.trace import summarize
 from ar_course.transformer import GPT, load_pretrained, use_attention
 from serving_fixtures import _one_thread, tiny  # noqa: F401 (pytest fixtures)
 
@@ -393,3 +394,22 @@ def test_prefix_hits_count_reused_blocks(tiny):
         engine.add_request(list(range(1, 11)), 2)  # 10 tokens: 2 full blocks reusable (never the last token's)
     engine.run()
     assert engine.prefix.hits == 2 * 2
+
+
+@pytest.mark.parametrize("caching, waste_fraction", [(True, 72 / 288), (False, 72 / 480)])
+def test_paged_waste_counts_a_shared_prefix_block_once_and_is_never_negative(tiny, caching, waste_fraction):
+    """One request, then three at once on the 32-token prompt it left in the prefix cache (blocks of 8): each
+    sequence leaves 7, 6, 5 slots of its last block empty over its 3 steps, shared or not (0.75 blocks). Counting
+    the shared blocks' positions once per sequence made the waste negative (serving.json: -0.22, -1.75 blocks)."""
+    system = list(range(1, 17)) * 2  # 32 tokens: 4 full blocks
+    engine = Engine(tiny, EngineConfig(num_blocks=64, block_size=8, max_running=4, prefix_caching=caching))
+    engine.add_request(system + [1], 3)
+    engine.run()
+    for i in range(2, 5):
+        engine.add_request(system + [i], 3)
+    engine.run()
+    s = summarize(engine)
+    assert s["paged_waste_fraction"] == pytest.approx(waste_fraction)
+    assert s["paged_waste_blocks_per_sequence"] == pytest.approx(0.75)
+    assert [h.blocks_used for h in engine.history][3:] == ([7] * 3 if caching else [15] * 3)
+    assert [h.slots_empty for h in engine.history] == [7, 6, 5, 21, 18, 15]

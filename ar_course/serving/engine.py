@@ -163,6 +163,7 @@ class StepRecord:
     blocks_used: int
     tokens_stored: int
     kv_bytes: int = 0  # bytes of the blocks in use after the step
+    slots_empty: int = 0  # slots of those blocks that hold no position (PagedKVCache.empty_slots)
 
 
 def admits(need: int, free_blocks: int, in_batch: int, max_running: int, keep_per_sequence: int = 1) -> bool:
@@ -509,4 +510,5 @@ class Engine:
         self.prefill_computed += prefill
         used = self.cache.allocator.num_used
         self.history.append(StepRecord(now, [r.id for r, _ in batch], prefill, decodes, used,
-                                       self.cache.used_tokens(), used * self.bytes_per_block()))
+                                       self.cache.used_tokens(), used * self.bytes_per_block(),
+                                       self.cache.empty_slots()))

@@ -360,6 +360,17 @@ class PagedKVCache:
         """A copy of ``seq``'s block ids (``-1`` for an evicted block); ``ValueError`` for an unknown ``seq``."""
         return list(self._table(seq))
 
+    def empty_slots(self) -> int:
+        """Slots of the blocks in use that hold no position: a block shared by several sequences counts once, with
+        the positions of the sequence that fills it furthest; a block only a prefix cache holds is full."""
+        filled: dict[int, int] = {}  # block id -> slots written
+        for seq, table in self.tables.items():
+            for i, block in enumerate(table):
+                if block >= 0:  # not evicted
+                    written = min(max(self.lengths[seq] - i * self.block_size, 0), self.block_size)
+                    filled[block] = max(filled.get(block, 0), written)
+        return sum(self.block_size - n for n in filled.values())
+
     def used_tokens(self) -> int:
         """Positions held by all sequences, evicted ones not counted (a block shared by several counts once per
         sequence)."""

@@ -92,8 +92,13 @@ def _percentiles(values: list[float]) -> dict[str, float]:
 def summarize(engine: Engine, contiguous_len: int | None = None) -> dict:
     """Serving metrics of everything ``engine`` has run (``replay`` first): output tokens per second over the
     makespan, TTFT and TPOT (p50/p99, seconds), prefill tokens computed, preemptions, and the KV memory per
-    step: positions stored, positions reserved (paged: whole blocks; contiguous: ``contiguous_len`` per
-    running sequence, default the model's ``block_size``), and the fraction of the reserved memory wasted.
+    step: positions stored (per sequence), positions reserved (paged: whole blocks; contiguous: ``contiguous_len``
+    per running sequence, default the model's ``block_size``), and the fraction of the reserved memory wasted.
+
+    Paged waste is the slots of the blocks in use that hold no position (:attr:`StepRecord.slots_empty`), over
+    all their slots, and per sequence in blocks: a block that several sequences share (prefix caching) counts
+    once, as one block of positions, so the waste is never negative. Contiguous waste gives each sequence its own
+    copy of a shared prefix: 1 - positions stored / reserved.
     ``ValueError`` when no request has finished with output tokens yet."""
     reqs = [r for r in engine.requests.values() if r.status == "finished" and r.output]
     if not reqs:
@@ -106,9 +111,9 @@ def summarize(engine: Engine, contiguous_len: int | None = None) -> dict:
     bs = engine.config.block_size
     contiguous_len = contiguous_len or engine.model.config.block_size
     stored = [h.tokens_stored for h in engine.history]
-    paged = [h.blocks_used * bs for h in engine.history]
-    contiguous = [len(h.running) * contiguous_len for h in engine.history]
-    waste = lambda reserved: 1 - sum(stored) / max(sum(reserved), 1)  # noqa: E731
+    paged = sum(h.blocks_used for h in engine.history) * bs
+    empty = sum(h.slots_empty for h in engine.history)
+    contiguous = sum(len(h.running) for h in engine.history) * contiguous_len
     return {
         "requests": len(reqs), "output_tokens": tokens, "seconds": last - first,
         "tokens_per_second": tokens / (last - first), "steps": len(engine.history),
@@ -116,7 +121,7 @@ def summarize(engine: Engine, contiguous_len: int | None = None) -> dict:
         "prefill_tokens_computed": engine.prefill_computed, "preemptions": engine.preemptions,
         "mean_running": sum(len(h.running) for h in engine.history) / max(len(engine.history), 1),
         "kv_positions_stored_mean": sum(stored) / max(len(stored), 1),
-        "paged_waste_fraction": waste(paged), "contiguous_waste_fraction": waste(contiguous),
-        "paged_waste_blocks_per_sequence": (sum(paged) - sum(stored)) / bs / max(sum(len(h.running) for h in
-                                                                                    engine.history), 1),
+        "paged_waste_fraction": empty / max(paged, 1),
+        "contiguous_waste_fraction": 1 - sum(stored) / max(contiguous, 1),
+        "paged_waste_blocks_per_sequence": empty / bs / max(sum(len(h.running) for h in engine.history), 1),
     }
