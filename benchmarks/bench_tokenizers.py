@@ -9,10 +9,14 @@ for the same number of steps; only the quantizer changes. Measured on the 5,000 
 4. for the multi-scale model, PSNR and latent error when decoding from the first 1..6 scales;
 5. the shipped tokenizers (``mnist_vq`` and ``mnist_msvq``, 1,500 steps) on the same digits: 3 and 4 again.
 
+Codebook usage is the fraction of the codes that the held-out digits use: at the end on all of them, during
+training (the plot's curves) on the first :data:`CURVE_IMAGES`, so a curve can end below the final figure.
+
 Usage::
 
     python benchmarks/bench_tokenizers.py              # 6 trainings of 600 steps, tens of minutes on 2 cores
     python benchmarks/bench_tokenizers.py --quick      # a smoke run (few steps, small subsets)
+    python benchmarks/bench_tokenizers.py --plot       # redraw the .png from the existing .json, train nothing
 """
 
 from __future__ import annotations
@@ -35,9 +39,17 @@ from ar_course import metrics  # noqa: E402
 from ar_course.data import load_mnist  # noqa: E402
 from ar_course.files import atomic_write_text, save_figure  # noqa: E402
 from ar_course.tokenizers import load_pretrained  # noqa: E402
-from ar_course.tokenizers.train import default_config, evaluate, train_tokenizer  # noqa: E402
+from ar_course.tokenizers.train import OPTION_QUANTIZERS, default_config, evaluate, train_tokenizer  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
+CURVE_IMAGES = 1000
+"""Held-out digits (the first ones) on which codebook usage is measured during training."""
+
+
+def restarts(config) -> bool:
+    """Whether training ``config`` restarts dead codes: a ``dead_code_threshold > 0`` on a quantizer that reads it
+    (VQ, RVQ, multi-scale VQ; FSQ, LFQ and the continuous ``kl`` have no codebook to restart)."""
+    return config.dead_code_threshold > 0 and config.quantizer in OPTION_QUANTIZERS["dead_code_threshold"]
 
 
 def run(name: str, config, steps: int, train: torch.Tensor, test: torch.Tensor, eval_every: int = 0,
@@ -49,7 +61,7 @@ def run(name: str, config, steps: int, train: torch.Tensor, test: torch.Tensor, 
                                         eval_every=eval_every, progress=False, device="cpu")
     final = evaluate(model, test)
     summary = {"name": name, "quantizer": config.quantizer, "num_codes": config.num_codes,
-               "restart": config.dead_code_threshold > 0, "l2_norm": config.l2_norm, **final,
+               "restart": restarts(config), "l2_norm": config.l2_norm, **final,
                "train_seconds": time.perf_counter() - start,
                "usage_curve": {"steps": history.eval_steps,
                                "fraction_used": [e.get("fraction_used") for e in history.evals]}}  # kl: no codebook
@@ -92,13 +104,17 @@ def plot(results: dict, path: Path) -> None:
     ax.set_ylabel("held-out PSNR (dB)")
     ax.set_title("PSNR per codebook size (VQ, restart)")
     ax = axes[1]
-    for r in results["usage"]:
-        ax.plot(r["usage_curve"]["steps"], [100 * u for u in r["usage_curve"]["fraction_used"]], "o-", label=r["name"])
+    curve_images = results["setup"].get("curve_images", CURVE_IMAGES)  # results before it was recorded: the constant
+    for i, r in enumerate(results["usage"]):
+        steps = r["usage_curve"]["steps"]
+        ax.plot(steps, [100 * u for u in r["usage_curve"]["fraction_used"]], "o-", color=f"C{i}", label=r["name"])
+        ax.plot(steps[-1], 100 * r["fraction_used"], "x", color=f"C{i}", ms=9, mew=2)
+    ax.plot([], [], "kx", ms=9, mew=2, label="at the end, on all held-out digits")
     ax.set_xlabel("training step")
-    ax.set_ylabel("codes used on held-out digits (%)")
+    ax.set_ylabel("codes used by held-out digits (%)")
     ax.set_ylim(0, 105)
-    ax.set_title("codebook usage, 256 codes")
-    ax.legend()
+    ax.set_title(f"codebook usage, 256 codes\n(lines: on the first {curve_images:,} held-out digits)")
+    ax.legend(fontsize=8)
     ax = axes[2]
     pair = results["msvq_vs_vq"]
     ax.bar(["VQ (64 tokens)", "multi-scale (130 tokens)"], [pair["vq_psnr"], pair["msvq_psnr"]], color=["C0", "C1"])
@@ -125,12 +141,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="smoke run: few steps, small data subsets")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--out", type=Path, default=RESULTS / "tokenizers.json")
+    parser.add_argument("--plot", action="store_true", help="only redraw the .png next to --out from that .json")
     args = parser.parse_args(argv)
+    if args.plot:
+        if not args.out.is_file():
+            parser.error(f"--plot redraws an existing result, and {args.out} does not exist: run without --plot first")
+        plot(json.loads(args.out.read_text(encoding="utf-8")), args.out.with_suffix(".png"))
+        print(f"wrote {args.out.with_suffix('.png')} from {args.out}")
+        return 0
     if args.threads:
         torch.set_num_threads(args.threads)
     steps = 20 if args.quick else args.steps
     train, test = load_digits(args.quick)
-    curve = test[:1000]
+    curve = test[:CURVE_IMAGES]
     eval_every = max(steps // 6, 1)
 
     sizes = [run(f"vq K={k} restart", default_config("vq", num_codes=k), steps, train, test, eval_every, curve)[0]
@@ -151,7 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     results = {
         "date": datetime.date.today().isoformat(),
         "setup": {"dataset": "MNIST 32x32 (20k train / 5k held-out test)", "steps": steps, "batch_size": 64,
-                  "seed": 0, "latent": "8x8x16", "quick": args.quick, "torch": torch.__version__,
+                  "seed": 0, "latent": "8x8x16", "quick": args.quick, "test_images": len(test),
+                  "curve_images": len(curve), "torch": torch.__version__,
                   "threads": torch.get_num_threads(), "machine": platform.platform(), "python": sys.version.split()[0]},
         "codebook_sizes": sizes,
         "usage": usage,
