@@ -228,9 +228,10 @@ def test_concurrent_clients_all_answered(server):
     assert health["pending"] == 0 and health["completed"]["length"] >= 6
 
 
-def test_cli_server_shuts_down_gracefully_on_ctrl_c(tmp_path):
-    """``python -m ar_course serve`` on 127.0.0.1: Ctrl-C (SIGINT) while streams are running lets each of them end
-    with a finish reason and [DONE], and the process exits 0."""
+@pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
+def test_cli_server_shuts_down_gracefully_on_ctrl_c(tmp_path, signame):
+    """``python -m ar_course serve`` on 127.0.0.1: Ctrl-C (SIGINT) or SIGTERM while streams are running lets each of
+    them end with a finish reason and [DONE], and the process exits 0."""
     import os
     import signal
     import subprocess
@@ -271,7 +272,7 @@ def test_cli_server_shuts_down_gracefully_on_ctrl_c(tmp_path):
         with ThreadPoolExecutor(3) as pool:
             futures = [pool.submit(stream, i) for i in range(3)]
             assert all(event.wait(30) for event in started)
-            proc.send_signal(signal.SIGINT)
+            proc.send_signal(getattr(signal, signame))
             results = [f.result(timeout=60) for f in futures]
         assert proc.wait(timeout=60) == 0, proc.stderr.read().decode()[-2000:]
     finally:

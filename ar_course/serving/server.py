@@ -16,13 +16,13 @@ application/json`` (or another ``application/*+json`` type): any other content t
 ``application/x-www-form-urlencoded``), gets the 415 ``send the body as JSON with Content-Type: application/json
 ...`` whatever the body (so a web page cannot post to this server from another origin without a CORS preflight,
 which it does not answer).
-Shutdown (Ctrl-C): uvicorn stops accepting connections and lets every request in flight finish (each bounded by
-its timeout), so each gets its last chunk with a finish reason; then the engine's worker waits up to ``--drain``
-seconds for anything left (requests whose client went away) and ends it with ``"cancelled"``. ``GET /health``
-reports the queue. Once the model is loaded and the port listens, one line on stdout says where (``serving
-lm_target on http://127.0.0.1:8000 (POST /v1/completions, GET /health); Ctrl-C stops``); uvicorn's own logs
-(access log included) are off but for warnings. Startup problems are one ``error:`` line: a bad option or
-``--model`` (exit 2), a host and port that cannot be listened on (exit 1).
+Shutdown (Ctrl-C or SIGTERM, exit status 0): uvicorn stops accepting connections and lets every request in flight
+finish (each bounded by its timeout), so each gets its last chunk with a finish reason; then the engine's worker
+waits up to ``--drain`` seconds for anything left (requests whose client went away) and ends it with
+``"cancelled"``. ``GET /health`` reports the queue. Once the model is loaded and the port listens, one line on
+stdout says where (``serving lm_target on http://127.0.0.1:8000 (POST /v1/completions, GET /health); Ctrl-C
+stops``); uvicorn's own logs (access log included) are off but for warnings. Startup problems are one ``error:``
+line: a bad option or ``--model`` (exit 2), a host and port that cannot be listened on (exit 1).
 
 Needs FastAPI and uvicorn (``pip install -e ".[serve]"``); imported only by this command.
 """
@@ -33,6 +33,7 @@ import asyncio
 import json
 import os
 import re
+import signal
 import socket
 import time
 import uuid
@@ -368,10 +369,23 @@ def _run(app, *, host: str, port: int, banner: str) -> None:
             await super().startup(sockets)
             print(banner, flush=True)
 
+    # uvicorn shuts down gracefully on SIGINT and SIGTERM, then raises the signal again for the handler it found:
+    # Ctrl-C becomes a KeyboardInterrupt, and SIGTERM (which would kill the process, status -15) a _Stopped
+    previous = signal.signal(signal.SIGTERM, _stopped)
     try:
         Server(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False)).run()
-    except KeyboardInterrupt:  # the Ctrl-C uvicorn handled, raised again once it has shut down (as uvicorn.run)
+    except (KeyboardInterrupt, _Stopped):
         pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+class _Stopped(Exception):
+    """SIGTERM, raised again by uvicorn once it has shut down."""
+
+
+def _stopped(signum: int, frame) -> None:
+    raise _Stopped
 
 
 def main(argv: list[str] | None = None) -> int:
