@@ -74,7 +74,7 @@ def make_loss(mistake: str | None = None):
             u = torch.rand(B, generator=torch.Generator().manual_seed(0))
         drop = u >= p_uncond if mistake == "upside_down" else u < p_uncond
         drop = drop if mistake == "cpu_draws" else drop.to(classes.device)  # the draws are made on the CPU
-        null = 0 if mistake == "zero" else model.null_class
+        null = {"zero": 0, "last_real": model.null_class - 1, "two": 2}.get(mistake, model.null_class)
         if mistake == "in_place":
             classes[drop] = null
             cls = classes
@@ -122,6 +122,9 @@ def test_training_loss_rejects_a_loss_cut_off_from_the_model():
 def test_training_loss_rejects_wrong_dropout():
     assert_fails(ch03.training_loss, make_loss("upside_down"), contains="probability 1 - p")
     assert_fails(ch03.training_loss, make_loss("zero"), contains="null class")
+    for mistake, real in (("last_real", 4), ("two", 2)):  # another real class: named as itself, not as 0
+        msg = assert_fails(ch03.training_loss, make_loss(mistake), contains=f"a dropped class became {real};")
+        assert "became 0" not in msg
     assert_fails(ch03.training_loss, make_loss("no_dropout"), contains="no class was dropped")
     assert_fails(ch03.training_loss, make_loss("in_place"), contains="changed its argument `classes` in place")
     assert_fails(ch03.training_loss, make_loss("global_rng"), contains="identically seeded generators dropped")

@@ -348,7 +348,19 @@ def loop_ramp_over_s(model, vq, classes, **kw):
                                                                            / len(model.config.scales)), **kw)
 
 
+def loop_guides_positive_cfg_only(model, vq, classes, *, cfg=0.0, **kw):
+    # `if cfg > 0:` instead of cfg != 0: a negative strength (away from the class) is dropped
+    return ch04._loop_with(model, vq, classes, cfg=cfg if cfg > 0 else 0.0, **kw)
+
+
+def test_block_mask_names_an_inverted_mask():
+    msg = assert_fails(ch04.block_causal_mask, lambda scales: ~ref.block_causal_mask(scales),
+                       contains="the mask is inverted")
+    assert "transposed" not in msg
+
+
 def test_sampling_rejects_wrong_answers():
+    assert_fails(ch04.sample_pyramid, loop_guides_positive_cfg_only, contains="cfg -1")
     msg = assert_fails(ch04.sample_pyramid, loop_no_ramp, contains="that guides every scale with the full cfg")
     assert "pyramid" in msg
     msg = assert_fails(ch04.sample_pyramid, loop_scale_convention, contains="reading the strength t as the papers'")

@@ -251,7 +251,14 @@ def batches_no_check(generate_fn, classes, batch_size):
     return torch.cat([generate_fn(c) for c in classes.split(max(batch_size, 1))])
 
 
+def batches_refuses_zero_only(generate_fn, classes, batch_size):
+    if batch_size == 0:
+        raise ValueError("batch_size must be >= 1")
+    return torch.cat([generate_fn(c) for c in classes.split(max(batch_size, 1))])
+
+
 def test_batches_reject_wrong_answers():
+    assert_fails(ch07.generate_in_batches, batches_refuses_zero_only, contains="ValueError for batch_size -1")
     assert_fails(ch07.generate_in_batches, batches_torch_chunk, contains="that is torch.chunk")
     assert_fails(ch07.generate_in_batches, batches_drop_ragged, contains="in order")
     assert_fails(ch07.generate_in_batches, batches_off_by_one, contains="more than batch_size")
@@ -351,6 +358,14 @@ def front_sweep_first_objective(rows, objectives):
     return [r for r in rows if any(r is o for o in out)]
 
 
+def front_deduplicated(rows, objectives):  # keeps the first of equal rows only
+    front = []
+    for b in ref.pareto_front(rows, objectives):
+        if not any(all(b[k] == f[k] for k in objectives) for f in front):
+            front.append(b)
+    return front
+
+
 def front_sorted(rows, objectives):
     k0, s0 = next(iter(objectives.items()))
     return sorted(ref.pareto_front(rows, objectives), key=lambda r: -r[k0] if s0 == "max" else r[k0])
@@ -386,6 +401,8 @@ def test_front_rejects_wrong_answers():
     assert "only when another is strictly better on every objective" in msg
     assert_fails(ch07.pareto_front, front_sweep_first_objective, contains="a sum of objectives is not dominance")
     assert_fails(ch07.pareto_front, front_sorted, contains="order")
+    msg = assert_fails(ch07.pareto_front, front_deduplicated, contains="keeps only the first of rows equal")
+    assert "a sum of objectives" not in msg  # not blamed on the sweep, which gives the same front on that case
     assert_fails(ch07.pareto_front, front_removes_from_rows, contains="changed its argument `rows`")
 
 

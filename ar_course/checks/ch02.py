@@ -123,8 +123,8 @@ CAUSAL_MISTAKES = [
     "arange(t_q)[:, None] + t_k - t_q",
 ))
 def causal_mask(fn, ref_fn):
-    cases = [Case(f"t_q={a}, t_k={b}", (a, b)) for a, b in [(5, 5), (1, 1), (7, 7), (3, 8), (1, 9), (4, 6)]]  # (5, 5) first: at
-    # (1, 1) an inverted mask and the off-by-one mask are the same [[False]], and the message would name the wrong one
+    # (5, 5) first: at (1, 1) an inverted mask and the off-by-one one are both [[False]], and the wrong one is named
+    cases = [Case(f"t_q={a}, t_k={b}", (a, b)) for a, b in [(5, 5), (1, 1), (7, 7), (3, 8), (1, 9), (4, 6)]]
     compare_cases(fn, ref_fn, cases, mistakes=CAUSAL_MISTAKES)
 
 

@@ -55,6 +55,9 @@ def _pyramid(scales: tuple[int, ...], B: int, vocab: int = 19, seed: int = 1) ->
 
 
 MASK_MISTAKES = [
+    Mistake(lambda scales: ~ref.block_causal_mask(scales),
+            "the mask is inverted: here True must mean 'may attend' (nn.MultiheadAttention's attn_mask uses True "
+            "for 'blocked'; this course's masks do not)"),
     Mistake(lambda scales: ref.block_causal_mask(scales).T,
             "the mask is transposed: its rows are the queries and its columns the keys, so entry [i, j] says "
             "whether query i may see key j"),
@@ -434,6 +437,7 @@ def _sampling_cases() -> Iterator[tuple[str, dict]]:
     yield "cfg 2 without the ramp, top_k 5", dict(cfg=2.0, ramp=False, sampling=SamplingConfig(top_k=5))
     yield "cfg 1.5 with the ramp, temperature 0.7, top_p 0.9", dict(
         cfg=1.5, sampling=SamplingConfig(temperature=0.7, top_p=0.9))
+    yield "cfg -1 (guided away from the class) without the ramp", dict(cfg=-1.0, ramp=False)  # cfg != 0, not > 0
 
 
 def _loop_with(model: VAR, vq: MultiScaleVQ, classes: torch.Tensor, *, cfg: float = 0.0,

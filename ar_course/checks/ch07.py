@@ -384,7 +384,8 @@ def generate_in_batches(fn: Callable, ref_fn: Callable) -> None:
                                        f"chunks {want} (each call is one batched forward loop: fewer calls are "
                                        "faster)"), BATCH_MISTAKES, case, got)
         compare_explained(got, expected, BATCH_MISTAKES, case, name="images")
-    _expect_error(fn, (_Recorder(), torch.arange(3), 0), {}, ValueError, "batch_size 0")
+    for bad in (0, -1):  # every batch_size < 1, not just 0
+        _expect_error(fn, (_Recorder(), torch.arange(3), bad), {}, ValueError, f"batch_size {bad}")
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -490,6 +491,14 @@ def _front_strict_in_all(rows, objectives):
     return [b for b in rows if not any(beats_everywhere(a, b) for a in rows)]
 
 
+def _front_deduplicated(rows, objectives):
+    kept = []
+    for r in ref.pareto_front(rows, objectives):
+        if not any(all(r[k] == f[k] for k in objectives) for f in kept):
+            kept.append(r)
+    return kept
+
+
 def _front_sweep_sum(rows, objectives):
     (k0, s0), *rest = objectives.items()
     best, kept = None, []
@@ -509,6 +518,8 @@ FRONT_MISTAKES = [
                                     "on one"),
     Mistake(_front_strict_in_all, "that drops a row only when another is strictly better on every objective; a row "
                                   "beaten on some objectives and tied on the rest is dominated too"),
+    Mistake(_front_deduplicated, "that keeps only the first of rows equal on every objective; equal rows do not "
+                                 "dominate one another, so each of them stays on the front"),
     Mistake(_front_sweep_sum, "that sweeps the rows sorted on the first objective and keeps those that beat the "
                               "best sum of the other objectives so far; a sum of objectives is not dominance, and "
                               "a row no other row beats can still lose on that sum"),
