@@ -89,6 +89,28 @@ def test_grpo_step_on_a_two_token_policy_moves_probability_to_the_rewarded_token
     assert float(expected) > 0.5
 
 
+def test_grpo_objective_adds_the_kl_penalty_and_its_gradient_pulls_the_policy_to_the_reference():
+    """With logp_ref != logp: loss = -mean(surrogate) + kl_coef * mean(k3), and with zero advantages a descent
+    step moves each log-probability towards the reference's (the penalty is added, not subtracted)."""
+    logp_ref = torch.tensor([[-1.0, -2.0, -0.5]], dtype=torch.float64)
+    logp = torch.tensor([[-0.4, -2.5, -0.5]], dtype=torch.float64, requires_grad=True)  # above, below, equal
+    adv = torch.tensor([0.7], dtype=torch.float64)
+    loss, kl = grpo_objective(logp, logp.detach(), logp_ref, adv, clip=0.2, kl_coef=0.3)
+    k3 = k3_kl(logp.detach(), logp_ref).mean()
+    assert float(kl) == pytest.approx(float(k3), rel=1e-12) and float(kl) > 0.05
+    assert float(loss.detach()) == pytest.approx(-0.7 + 0.3 * float(k3), rel=1e-12)  # surrogate: r = 1: r * A = A
+    loss.backward()
+    d = logp_ref - logp.detach()  # d k3 / d logp = 1 - exp(d); the surrogate adds -A / T to every token
+    torch.testing.assert_close(logp.grad, -0.7 / 3 + 0.3 / 3 * (1 - torch.exp(d)))
+    logp_zero = logp.detach().clone().requires_grad_(True)
+    loss0, _ = grpo_objective(logp_zero, logp_zero.detach(), logp_ref, torch.zeros(1, dtype=torch.float64),
+                              clip=0.2, kl_coef=0.3)
+    assert float(loss0.detach()) > 0  # only the penalty is left: positive while the policy is not the reference
+    loss0.backward()
+    g = logp_zero.grad[0]
+    assert g[0] > 0 and g[1] < 0 and g[2] == 0  # descent lowers the first, raises the second, keeps the third
+
+
 def _tiny_policy(seed: int) -> GPT:
     torch.manual_seed(seed)
     return GPT(raster.raster_config(12, (2, 3), n_classes=4, n_layer=1, n_head=2, n_embd=16, dropout=0.2))

@@ -139,10 +139,24 @@ def test_training_quantizer_refuses_non_finite_input(make, name):
 
 
 def test_eval_quantizer_forward_does_not_check_values():
+    """Eval mode reads no values (no host sync): a NaN goes through forward, into its own vector's output and the
+    loss only, and changes no statistic; encode, which reads the values, refuses it."""
+    torch.manual_seed(0)
     q = VectorQuantizer(5, 3, ema=True).eval()
-    z = torch.randn(2, 3, 2, 2)
+    before = {k: v.clone() for k, v in q.state_dict().items()}
+    clean = torch.randn(2, 3, 2, 2)
+    z = clean.clone()
     z[0, 0, 0, 0] = float("nan")
-    q(z)  # no host sync in eval mode: NaN goes through (encode refuses it)
+    out = q(z)  # no error
+    assert torch.isnan(out.z_q[0, 0, 0, 0]) and torch.isnan(out.loss)
+    others = torch.ones(2, 2, 2, dtype=torch.bool)
+    others[0, 0, 0] = False  # every vector but the one holding the NaN: as for the clean input
+    ref = q(clean)
+    assert torch.equal(out.indices[others], ref.indices[others])
+    assert torch.equal(out.z_q.permute(0, 2, 3, 1)[others], ref.z_q.permute(0, 2, 3, 1)[others])
+    assert all(torch.equal(before[k], v) for k, v in q.state_dict().items())
+    with pytest.raises(ValueError, match="z must be finite"):
+        q.encode(z)
 
 
 # -- item 14: index maps of the wrong size -------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import shutil
 
 from pathlib import Path
@@ -106,6 +107,25 @@ def test_a_checkpoint_with_an_unknown_config_key_names_the_file_and_the_key(tmp_
     bad = _rewrite_config(checkpoint.resolve("var_mnist"), tmp_path / "var.safetensors", colour="red")
     with pytest.raises(CheckpointError, match=r"var.safetensors: its 'var' config .*\['colour'\]"):
         load(bad)
+
+
+@pytest.mark.parametrize("change, words", [
+    ("missing", r"Missing key\(s\) in state_dict: [\"']norm_f\.weight"),
+    ("extra", r"Unexpected key\(s\) in state_dict: [\"']head2\.weight"),
+], ids=["missing", "extra"])
+def test_weights_with_a_missing_or_an_extra_key_are_refused(tmp_path, change, words):
+    """load is strict: a state dict without one of the model's tensors (which would keep its random init) or with
+    one the model does not have is a CheckpointError naming the file and the key, not a half-loaded model."""
+    config = GPTConfig(vocab_size=10, block_size=8, n_layer=1, n_head=2, n_embd=8)
+    state = GPT(config).state_dict()
+    if change == "missing":
+        del state["norm_f.weight"]
+    else:
+        state["head2.weight"] = torch.zeros(2, 2)
+    path = save_checkpoint(tmp_path / "lm.safetensors", state, config, kind="lm")
+    with pytest.raises(CheckpointError, match=r"lm\.safetensors does not match the model built from") as info:
+        load(path)
+    assert re.search(words, str(info.value))
 
 
 def test_an_unknown_kind_and_a_registered_one(tmp_path):

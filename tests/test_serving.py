@@ -95,6 +95,24 @@ def test_copy_on_write_never_changes_another_sequence():
     assert cache.allocator.num_free == 8
 
 
+def test_a_fork_sharing_a_partly_filled_block_needs_a_copy_even_for_one_position():
+    """blocks_needed counts the private copy of a shared, partly filled last block for any n >= 1 (a decode step
+    is n = 1), and reserve is refused, changing nothing, when the pool cannot give that copy."""
+    cache = PagedKVCache(n_layer=1, n_head=1, head_dim=2, num_blocks=3, block_size=4)
+    cache.add(0)
+    cache.reserve(0, 6)
+    cache.advance(0, 6)  # blocks [full, 2 of 4 filled]
+    cache.fork(0, 1)
+    assert [cache.blocks_needed(1, n) for n in (0, 1, 2, 3)] == [0, 1, 1, 2]  # 3: the copy and a new block
+    assert cache.blocks_needed(0, 1) == 1  # the source shares the block too
+    cache.add(2)
+    cache.reserve(2, 4)  # takes the last free block
+    tables = {s: list(t) for s, t in cache.tables.items()}
+    with pytest.raises(OutOfBlocks):
+        cache.reserve(1, 1)
+    assert cache.tables == tables and cache.copies == 0 and cache.allocator.num_free == 0
+
+
 def test_allocator_refuses_double_free_and_reserve_is_all_or_nothing():
     a = BlockAllocator(2)
     b = a.allocate()
@@ -135,6 +153,85 @@ def test_engine_greedy_equals_generate_alone(lm, config):
         assert engine.preemptions > 0
     held = len(engine.prefix.blocks) if engine.prefix is not None else 0
     assert engine.cache.allocator.num_used == held
+
+
+def _steps_until_done(engine: Engine, limit: int = 100) -> dict[int, list[int]]:
+    """``engine.run()`` that gives up after ``limit`` steps (a request that is never scheduled would hang run)."""
+    for _ in range(limit):
+        if not engine.has_work:
+            break
+        engine.step()
+    assert not engine.has_work, f"still waiting {[r.id for r in engine.waiting]}, running {engine.running}"
+    return engine.outputs()
+
+
+def test_preemption_takes_the_newest_sequence_and_queues_it_first(tiny):
+    """Pool of 3 blocks of 4: A (3-token prompt) and B (4 tokens) run, D waits (max_running=2). Step 2 gives B
+    the last block; in step 3 A needs one: B, the most recently admitted, is preempted (not A, whose decode
+    triggered it) and goes back to the front of the queue, ahead of D; D does not overtake it."""
+    engine = Engine(tiny, EngineConfig(num_blocks=3, block_size=4, max_running=2, max_step_tokens=16))
+    prompts = {"A": [1, 2, 3], "B": [4, 5, 6, 7], "D": [8, 9]}
+    new = {"A": 6, "B": 6, "D": 2}
+    ids = {k: engine.add_request(p, new[k]) for k, p in prompts.items()}
+    for _ in range(3):
+        engine.step()
+    assert [engine.requests[ids[k]].preemptions for k in "ABD"] == [0, 1, 0]
+    assert engine.history[-1].running == [ids["A"]]
+    assert [r.id for r in engine.waiting] == [ids["B"], ids["D"]]
+    admitted = []
+    while engine.has_work:
+        engine.step()
+        admitted += [r.id for r in engine.running if r.id not in admitted and r.id != ids["A"]]
+    assert admitted[0] == ids["B"]  # readmitted before D
+    out = engine.outputs()
+    for k, p in prompts.items():
+        assert out[ids[k]] == tiny.generate(torch.tensor(p)[None], new[k], sampling=GREEDY)[0, -new[k]:].tolist()
+    assert engine.preemptions == 1 and engine.cache.allocator.num_used == 0
+
+
+class _LazyPrefillEngine(Engine):
+    """An engine that reserves a prompt's blocks chunk by chunk as it is prefilled (vLLM's way) instead of all at
+    admission. Engine itself reserves whole prompts, so only a decode runs short and the victim (the newest
+    sequence) is never already in the step's batch; here a prefill chunk runs short after the newer sequence's
+    decode was scheduled."""
+
+    def _reserve(self, req, n):
+        if req.status == "waiting":  # admission: nothing yet
+            return
+        super()._reserve(req, n)
+
+
+def test_a_victim_already_scheduled_in_the_step_is_taken_out_of_the_batch(tiny):
+    """F (8-token prompt, chunks of 2) then V (1-token prompt, decoding from its first step) in 4 blocks of 2:
+    in step 3 V's decode takes the last block, then F's chunk needs one: V (the newest) is preempted after it was
+    scheduled; the step must run F alone (V's blocks are freed), and both outputs stay those of generate."""
+    engine = _LazyPrefillEngine(tiny, EngineConfig(num_blocks=4, block_size=2, max_running=2, max_step_tokens=3))
+    prompts, new = {"F": [3, 1, 4, 1, 5, 9, 2, 6], "V": [7]}, {"F": 1, "V": 3}
+    ids = {k: engine.add_request(p, new[k]) for k, p in prompts.items()}
+    out = _steps_until_done(engine, 20)
+    assert engine.requests[ids["V"]].preemptions == 1 and engine.preemptions == 1
+    assert [h.running for h in engine.history][:3] == [[ids["V"], ids["F"]]] * 2 + [[ids["F"]]]
+    for k, p in prompts.items():
+        assert out[ids[k]] == tiny.generate(torch.tensor(p)[None], new[k], sampling=GREEDY)[0, -new[k]:].tolist()
+    assert engine.cache.allocator.num_used == 0
+
+
+@pytest.mark.parametrize("length", [8, 12])  # multiples of the block size
+def test_prefix_caching_never_shares_the_block_of_the_last_prompt_token(tiny, length):
+    """The same prompt twice: the second request shares (length - 1) // block_size blocks, never the block that
+    holds its last token (whose logits must be computed), and both get the tokens of the engine without
+    caching."""
+    prompt = [(5 * i + 3) % 17 for i in range(length)]
+    outs, engines = {}, {}
+    for caching in (False, True):
+        engine = Engine(tiny, EngineConfig(num_blocks=16, block_size=4, max_running=1, prefix_caching=caching))
+        ids = [engine.add_request(prompt, 3) for _ in range(2)]
+        out = _steps_until_done(engine)
+        outs[caching], engines[caching] = [out[i] for i in ids], engine
+    assert outs[True] == outs[False] and outs[True][0] == outs[True][1]
+    shared = (length - 1) // 4
+    assert engines[True].prefix.hits == shared
+    assert engines[True].prefill_computed == 2 * length - 4 * shared  # the second request recomputes a block
 
 
 def test_prefix_caching_skips_the_shared_prompt(tiny):

@@ -279,6 +279,46 @@ def test_multiscale_losses_final_and_every_scale():
         MultiScaleVQ(32, 6, loss="final", final_weight=2.0)
 
 
+def _final_loss_grads(beta: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(loss, f_hat, grad of f, grads of the codebook and refinements)`` of a loss="final" MultiScaleVQ's loss
+    alone."""
+    torch.manual_seed(2)
+    m = MultiScaleVQ(16, 4, scales=(1, 2, 4), beta=beta, loss="final")
+    with torch.no_grad():
+        m.quantizer.codebook.normal_()
+    f = torch.randn(2, 4, 4, 4, generator=gen(3), requires_grad=True)
+    out = m(f)
+    out.loss.backward()
+    params = torch.cat([p.grad.flatten() for p in m.parameters() if p.grad is not None])  # codebook, refinements
+    return out.loss.detach(), out.z_q.detach(), f.grad, params
+
+
+def test_multiscale_final_loss_puts_beta_on_the_commitment_and_not_on_the_codebook_term():
+    """beta * |sg[f_hat] - f|^2 + |f_hat - sg[f]|^2: the input's gradient is beta * 2 (f - f_hat) / numel, the
+    codebook's (and the refinements') does not depend on beta; the value is (1 + beta) * mse."""
+    loss, f_hat, f_grad, cb_grad = _final_loss_grads(0.25)
+    f = torch.randn(2, 4, 4, 4, generator=gen(3))
+    torch.testing.assert_close(loss, 1.25 * F.mse_loss(f_hat, f))
+    torch.testing.assert_close(f_grad, 0.25 * 2 * (f - f_hat) / f.numel())
+    loss1, f_hat1, f_grad1, cb_grad1 = _final_loss_grads(1.0)
+    assert torch.equal(f_hat1, f_hat) and cb_grad.abs().sum() > 0
+    torch.testing.assert_close(cb_grad, cb_grad1)  # the codebook/refinement term has weight 1 whatever beta is
+    torch.testing.assert_close(f_grad1, 4 * f_grad)
+
+
+def test_phi_refine_mixes_with_any_ratio():
+    """phi(h) = h * (1 - r) + conv(h) * r for a ratio other than 0.5 (where the two weights are equal) and 0."""
+    torch.manual_seed(0)
+    h = torch.randn(2, 3, 4, 4)
+    for ratio in (0.25, 0.9, 1.0):
+        phi = Phi(3, ratio=ratio)
+        conv = F.conv2d(h, phi.weight, phi.bias, padding=1)
+        expected = h * (1 - ratio) + conv * ratio
+        torch.testing.assert_close(Fq.phi_refine(h, phi.weight, phi.bias, ratio), expected)
+        torch.testing.assert_close(phi(h), expected)
+    torch.testing.assert_close(Fq.phi_refine(h, phi.weight, None, 1.0), F.conv2d(h, phi.weight, padding=1))
+
+
 def make_msvq(scales=(1, 2, 3, 4, 6, 8), dim=5, seed=0):
     torch.manual_seed(seed)
     m = MultiScaleVQ(64, dim, scales=scales)
