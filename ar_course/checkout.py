@@ -2,7 +2,9 @@
 
 The installed package holds the library and the shipped checkpoints, not ``solutions/``, ``notebooks/`` or
 ``benchmarks/``: those live only in a checkout of the repository. The tools take ``--root`` or search upward
-from the current folder, and say so in one line when there is no checkout to find.
+from the current folder, and say so in one line when there is no checkout to find. Notebooks read files of the
+checkout (benchmark results) through :func:`checkout_file`, which also finds the checkout the package was
+installed from in editable mode, so a notebook copied elsewhere still runs.
 """
 
 from __future__ import annotations
@@ -11,6 +13,10 @@ from pathlib import Path
 
 from ar_course.cli import invalid
 from ar_course.project import is_project_root
+
+
+SOURCE = Path(__file__).resolve().parents[1]
+"""The folder above the package: the checkout itself when the package was installed in editable mode."""
 
 
 class CheckoutNotFound(Exception):
@@ -44,3 +50,16 @@ def find_root(marker: str, root: str | Path | None = None) -> Path:
             return folder
     raise CheckoutNotFound(f"no ar-course checkout found from {here} upward (looked for pyproject.toml with "
                            f"{marker}/); pass --root")
+
+
+def checkout_file(*parts: str) -> Path:
+    """The path ``parts`` inside the ar-course checkout (``checkout_file("benchmarks", "results", "var.json")``):
+    the checkout above the current folder, else the one this package was installed from (:data:`SOURCE`). Raises
+    :class:`CheckoutNotFound` with a one-line message when neither holds ``parts[0]``."""
+    here = Path.cwd().resolve()
+    for folder in (here, *here.parents, SOURCE):
+        if is_checkout(folder, parts[0]):
+            return folder.joinpath(*parts)
+    raise CheckoutNotFound(f"{'/'.join(parts)} is part of the ar-course repository, which is neither above "
+                           f"{here} nor where this package is installed from ({SOURCE}): open the notebook inside "
+                           "a checkout of the repository")

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from ar_course import bench
-from ar_course.checkout import CheckoutNotFound, find_root
+from ar_course import checkout
+from ar_course.checkout import CheckoutNotFound, checkout_file, find_root
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,6 +36,22 @@ def test_find_root_searches_upward_and_checks_an_explicit_root(tmp_path, monkeyp
         find_root("solutions")
     assert str(exc.value) == (f"no ar-course checkout found from {tmp_path.resolve()} upward (looked for "
                               "pyproject.toml with solutions/); pass --root")
+
+
+def test_checkout_file_finds_the_checkout_above_or_the_one_installed_from(tmp_path, monkeypatch):
+    """A notebook copied out of the repository still reads the benchmark results of the checkout the package was
+    installed from (editable); without one, one line says what is missing."""
+    monkeypatch.chdir(ROOT / "notebooks")
+    assert checkout_file("benchmarks", "results", "var.json") == ROOT / "benchmarks" / "results" / "var.json"
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(checkout, "SOURCE", ROOT)
+    assert checkout_file("benchmarks", "results", "var.json") == ROOT / "benchmarks" / "results" / "var.json"
+    monkeypatch.setattr(checkout, "SOURCE", tmp_path / "site-packages")  # a plain install: no checkout anywhere
+    with pytest.raises(CheckoutNotFound) as exc:
+        checkout_file("benchmarks", "results", "var.json")
+    assert str(exc.value) == (f"benchmarks/results/var.json is part of the ar-course repository, which is neither "
+                              f"above {tmp_path.resolve()} nor where this package is installed from "
+                              f"({tmp_path / 'site-packages'}): open the notebook inside a checkout of the repository")
 
 
 @pytest.mark.parametrize("args, marker", [(["ar_course.build_notebooks", "--check"], "solutions"),
