@@ -112,6 +112,31 @@ def test_stub_is_not_attempted(capsys):
     assert capsys.readouterr().out.strip() == "Exercise 99.1 not attempted yet"
 
 
+def test_a_function_calling_an_unwritten_exercise_says_which(capsys, tmp_path, monkeypatch):
+    """A learner's 99.1 that calls 98.2's stub (a later exercise built on an earlier one) is attempted: the line
+    names the function it calls, and so does the grade report."""
+    report = tmp_path / "r.jsonl"
+    monkeypatch.setenv(REPORT_ENV, str(report))
+    _, check = make_chapter()
+
+    def helper(x):
+        raise NotImplementedError("Exercise 98.2: helper")
+
+    why = ("your function calls `helper` (Exercise 98.2), which is not written yet: write it first, or call "
+           "checks.ch99.use(helper) instead (the package's until its check passes)")
+    with pytest.raises(NotAttempted) as info:  # strict, as in the tests
+        check(lambda x: helper(x))
+    assert str(info.value) == f"Exercise 99.1 not checked yet: {why}"
+    assert capsys.readouterr().out.strip() == f"Exercise 99.1 not checked yet: {why}"
+    assert json.loads(report.read_text()) == {"exercise": "99.1", "status": "not attempted", "message": why}
+
+    def own_stub(x):  # its own stub, with the label the notebooks give it: plainly not attempted
+        raise NotImplementedError("Exercise 99.1: softmax")
+
+    assert_not_attempted(check, own_stub)
+    assert capsys.readouterr().out.strip() == "Exercise 99.1 not attempted yet"
+
+
 @pytest.mark.parametrize(
     "wrong, fragment",
     [

@@ -45,6 +45,7 @@ import inspect
 import json
 import math
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 from types import CodeType
@@ -581,12 +582,18 @@ class Chapter:
             return
         try:
             ex.check(fn, ex.reference)
-        except NotImplementedError:
-            self._record(ex, NOT_ATTEMPTED, "")
-            print(f"{label} not attempted yet")
+        except NotImplementedError as exc:
+            stub = re.fullmatch(r"Exercise (\d+\.\d+): (\w+)", str(exc))  # the text of a learner notebook's stub
+            why = ""
+            if stub and stub[1] != ex.number:  # attempted, but it calls an exercise not written yet
+                why = (f"your function calls `{stub[2]}` (Exercise {stub[1]}), which is not written yet: write it "
+                       f"first, or call {self.module}.use({stub[2]}) instead (the package's until its check passes)")
+            self._record(ex, NOT_ATTEMPTED, why)
+            print(f"{label} not checked yet: {why}" if why else f"{label} not attempted yet")
             if strict_checks():
-                raise NotAttempted(
-                    f"{label} not attempted yet: replace the `raise NotImplementedError` in its cell") from None
+                raise NotAttempted(f"{label} not checked yet: {why}" if why else
+                                   f"{label} not attempted yet: replace the `raise NotImplementedError` in its cell"
+                                   ) from None
             return
         except CheckFailure as exc:
             self._failures[ex.number] = self._failures.get(ex.number, 0) + 1
