@@ -268,6 +268,7 @@ def test_reference_passes_and_stub_is_not_attempted(check, reference):
 @pytest.mark.parametrize("wrong, contains", [
     (softmax_naive, "size ~1000"),
     (softmax_last_axis_always, "over the last axis whatever dim is given"),
+    (lambda logits, dim=-1: torch.softmax(logits, 0), "over axis 0 whatever dim is given"),
     (softmax_global_max, "maximum of the whole tensor, not of each slice"),
     (softmax_nan_on_empty_rows, "all -inf"),
     (softmax_detached, "no gradient"),

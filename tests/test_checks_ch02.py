@@ -170,6 +170,18 @@ def rms_eps_outside(x, weight, eps=1e-6):
     return x / (x.pow(2).mean(-1, keepdim=True).sqrt() + eps) * weight
 
 
+def softmax_over_queries(scores, mask):  # each column normalised, not each row
+    s = scores.masked_fill(~mask, float("-inf"))
+    m = s.amax(-2, keepdim=True)
+    e = (s - torch.where(torch.isfinite(m), m, 0.0)).exp()
+    t = e.sum(-2, keepdim=True)
+    return e / torch.where(t > 0, t, 1.0)
+
+
+def rms_no_sqrt(x, weight, eps=1e-6):  # the mean square, not its root
+    return x / (x.pow(2).mean(-1, keepdim=True) + eps) * weight
+
+
 def rms_no_weight(x, weight, eps=1e-6):
     return ref.rms_norm(x, None, eps)
 
@@ -548,6 +560,7 @@ DIAGNOSES = [
     ("masked_softmax", softmax_nan_on_empty_rows, "fully masked row came out NaN"),
     ("masked_softmax", softmax_fill_zero, "set to 0 before the softmax"),
     ("masked_softmax", softmax_max_over_all_entries, "row maximum included the masked entries"),
+    ("masked_softmax", softmax_over_queries, "that normalises each column (over axis -2, the queries)"),
     ("causal_mask", mask_strict, "off by one"),
     ("causal_mask", mask_top_left, "LAST t_q positions"),
     ("causal_mask", mask_inverted, "the mask is inverted"),
@@ -568,6 +581,7 @@ DIAGNOSES = [
     ("rms_norm", layer_norm_instead, "that is LayerNorm"),
     ("rms_norm", rms_eps_outside, "outside the square root"),
     ("rms_norm", rms_no_weight, "weight is not applied"),
+    ("rms_norm", rms_no_sqrt, "divides by the mean of squares"),
     ("rms_norm", rms_half_precision_statistics, "overflows to inf"),
     ("rms_norm", rms_stays_float32, "stayed in float32"),
     ("rms_norm", rms_weight_data, "outside autograd"),

@@ -209,6 +209,13 @@ def backend_auto_triton_or_torch(device_type, available, requested="auto"):
     return ref.choose_backend(device_type, available, requested)
 
 
+def test_backend_answered_as_a_numpy_string_is_one_line():
+    import numpy as np
+
+    assert_fails(ch07.choose_backend, lambda *args: np.array(ref.choose_backend(*args)),
+                 contains="returned ndarray() <U")
+
+
 def test_backend_rejects_wrong_answers():
     msg = assert_fails(ch07.choose_backend, backend_simulator_on_cpu, contains="pick triton or numba off cuda")
     assert "'cpu'" in msg

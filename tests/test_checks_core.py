@@ -77,8 +77,9 @@ def test_hint_asked_first_starts_at_the_first_level(capsys):
     chapter.reset()
     chapter.hint("99.1")
     assert "hint 1 of 3" in capsys.readouterr().out
-    with pytest.raises(KeyError, match="99.1 \\(softmax\\)"):
-        chapter.hint("99.2")
+    capsys.readouterr()
+    chapter.hint("99.2")  # a typo in a notebook: one line, no traceback
+    assert capsys.readouterr().out == "'99.2' is not an exercise of chapter 99; known: 99.1 (softmax)\n"
 
 
 @pytest.mark.parametrize("hints", ["a single string", (), ("ok", "")])
@@ -135,6 +136,21 @@ def test_a_function_calling_an_unwritten_exercise_says_which(capsys, tmp_path, m
 
     assert_not_attempted(check, own_stub)
     assert capsys.readouterr().out.strip() == "Exercise 99.1 not attempted yet"
+
+
+def test_an_error_in_the_learners_code_names_its_line_and_none_asks_for_a_return():
+    _, check = make_chapter()
+
+    def typo(x):
+        y = x.exp()
+        return y / y.sum(-1, keepdims=True).undefined
+
+    msg = assert_fails(check, typo, contains="raised AttributeError")
+    line = typo.__code__.co_firstlineno + 2
+    assert f"(line {line}: return y / y.sum(-1, keepdims=True).undefined)" in msg, msg
+    msg = assert_fails(check, lambda x: torch.ones(3) @ x.t)  # raised inside torch: the learner's line is named
+    assert "raised TypeError" in msg and "lambda x: torch.ones(3) @ x.t" in msg, msg
+    assert "got None (does your function end without a return?)" in assert_fails(check, lambda x: None)
 
 
 @pytest.mark.parametrize(

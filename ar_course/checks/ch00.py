@@ -83,6 +83,8 @@ SOFTMAX_MISTAKES = [  # the first that matches is named: a slice of -inf is NaN 
             "hides it in the output, and one fully masked row would then turn every weight NaN in training"),
     Mistake(lambda logits, dim=-1: ref.stable_softmax(logits, -1),
             "that is the softmax over the last axis whatever dim is given; it must run along dim"),
+    Mistake(lambda logits, dim=-1: ref.stable_softmax(logits, 0),
+            "that is the softmax over axis 0 whatever dim is given; it must run along dim (default -1, the last)"),
     Mistake(_softmax_global_max, "that subtracts the maximum of the whole tensor, not of each slice: a slice far "
             "below it underflows to exp(...) = 0 everywhere, and 0 / 0 is NaN"),
 ]

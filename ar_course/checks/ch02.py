@@ -80,6 +80,9 @@ SOFTMAX_MISTAKES = [
             "must get none"),
     Mistake(_softmax_max_over_all, "the row maximum included the masked entries: a masked score far above the kept "
             "ones makes exp underflow to 0 for every kept entry"),
+    Mistake(lambda scores, mask: ref.masked_softmax(scores.mT, mask.expand_as(scores).mT).mT,
+            "that normalises each column (over axis -2, the queries); each row, one query, must sum to 1 over its "
+            "keys, the last axis"),
 ]
 
 
@@ -392,6 +395,9 @@ RMS_MISTAKES = [
     Mistake(lambda x, weight, eps=1e-6: x / (x.pow(2).mean(-1, keepdim=True).sqrt() + eps) * weight,
             "eps is added outside the square root; it goes inside, next to the mean of squares"),
     Mistake(lambda x, weight, eps=1e-6: ref.rms_norm(x, None, eps), "the weight is not applied"),
+    Mistake(lambda x, weight, eps=1e-6: (x.float() / (x.float().pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+            * weight, "that divides by the mean of squares; RMSNorm divides by its square root (the root mean "
+                      "square)"),
     Mistake(lambda x, weight, eps=1e-6: ref.rms_norm(x.float(), weight.float(), eps),
             "the result stayed in float32; a norm returns the dtype it was given"),
     Mistake(lambda x, weight, eps=1e-6: ref.rms_norm(x, weight.detach(), eps),

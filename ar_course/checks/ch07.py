@@ -309,6 +309,9 @@ def choose_backend(fn: Callable, ref_fn: Callable) -> None:
         given = set(available)
         got = call(fn, device, given, requested, where=shown)
         check_unchanged(("available",), (set(available),), (given,), shown)
+        if not isinstance(got, str):  # a numpy string array would make `got != expected` raise
+            raise CheckFailure(f"{shown} returned {describe(got)}; return the back-end's name, a str such as "
+                               f"{expected!r}")
         if got != expected:
             raise explain(CheckFailure(f"{shown} returned {got!r}, expected {expected!r}"), BACKEND_MISTAKES,
                           Case(shown, (device, set(available), requested)), got)

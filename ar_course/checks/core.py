@@ -47,6 +47,9 @@ import math
 import os
 import re
 import sys
+import sysconfig
+import traceback
+from pathlib import Path
 from dataclasses import dataclass, field
 from types import CodeType
 from typing import Any, Callable, Iterable, Sequence
@@ -97,6 +100,11 @@ def describe(x: Any) -> str:
     return repr(x) if len(repr(x)) < 60 else type(x).__name__
 
 
+def _kind(x: Any) -> str:
+    """The type of ``x`` for a "should be ..." message; None also asks whether a ``return`` is missing."""
+    return "None (does your function end without a return?)" if x is None else type(x).__name__
+
+
 def _fmt(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.6g}"
@@ -129,14 +137,14 @@ def compare(
         _compare_tensor(got, expected, name, on, atol, rtol, check_dtype, check_device)
     elif isinstance(expected, (tuple, list)):
         if not isinstance(got, (tuple, list)):
-            raise CheckFailure(f"{name}{on} should be a {type(expected).__name__}, got {type(got).__name__}")
+            raise CheckFailure(f"{name}{on} should be a {type(expected).__name__}, got {_kind(got)}")
         if len(got) != len(expected):
             raise CheckFailure(f"{name}{on} has {len(got)} items, expected {len(expected)}")
         for i, (g, e) in enumerate(zip(got, expected)):
             compare(g, e, name=f"{name}[{i}]", **opts)
     elif isinstance(expected, dict):
         if not isinstance(got, dict):
-            raise CheckFailure(f"{name}{on} should be a dict, got {type(got).__name__}")
+            raise CheckFailure(f"{name}{on} should be a dict, got {_kind(got)}")
         missing = set(expected) - set(got)
         if missing:
             raise CheckFailure(f"{name}{on} is missing keys {sorted(missing)}")
@@ -155,7 +163,7 @@ def _compare_tensor(got: Any, expected: torch.Tensor, name: str, on: str, atol: 
                     check_dtype: bool, check_device: bool) -> None:
     """:func:`compare` for an expected tensor: type, shape, dtype, device, then values."""
     if not isinstance(got, torch.Tensor):
-        raise CheckFailure(f"{name}{on} should be a torch.Tensor, got {type(got).__name__}")
+        raise CheckFailure(f"{name}{on} should be a torch.Tensor, got {_kind(got)}")
     if tuple(got.shape) != tuple(expected.shape):
         raise CheckFailure(f"{name}{on} has shape {tuple(got.shape)}, expected {tuple(expected.shape)}")
     if check_dtype and got.dtype != expected.dtype:
@@ -184,7 +192,7 @@ def _compare_number(got: Any, expected: int | float | np.number, name: str, on: 
     if isinstance(got, torch.Tensor) and got.numel() == 1:
         got = got.item()
     if not isinstance(got, (int, float, np.number)):
-        raise CheckFailure(f"{name}{on} should be a number, got {type(got).__name__}")
+        raise CheckFailure(f"{name}{on} should be a number, got {_kind(got)}")
     if isinstance(expected, (int, np.integer)) and not isinstance(expected, bool):
         # ints are exact (a count, an index, a hash): compared as Python ints, printed in full
         if isinstance(got, (float, np.floating)) and not float(got).is_integer():
@@ -313,8 +321,24 @@ def running(code: CodeType) -> bool:
     return frame is not None
 
 
+_LIBRARIES = tuple(str(Path(p).resolve()) for p in {sysconfig.get_paths()["stdlib"], sysconfig.get_paths()["purelib"],
+                                                   sysconfig.get_paths()["platlib"], Path(__file__).parents[1]})
+"""Folders of code that is not the learner's: Python's own, installed packages, this package."""
+
+
+def _learner_line(tb: Any) -> str:
+    """``" (line N: code)"`` of the deepest frame of the traceback ``tb`` in the learner's own code (a notebook
+    cell numbers its lines from 1), or ``""`` when every frame is library code."""
+    frames = [f for f in traceback.extract_tb(tb) if not str(Path(f.filename).resolve()).startswith(_LIBRARIES)]
+    if not frames:
+        return ""
+    code = (frames[-1].line or "").strip()
+    return f" (line {frames[-1].lineno}{': ' + code if code else ''})"
+
+
 def call(fn: Callable, *args: Any, where: str = "", **kwargs: Any) -> Any:
-    """Call the learner's function; turn an unexpected exception into a one-line :class:`CheckFailure`.
+    """Call the learner's function; turn an unexpected exception into a one-line :class:`CheckFailure` that names
+    the line of the learner's code it came from.
 
     ``NotImplementedError`` passes through (the exercise is not attempted yet)."""
     try:
@@ -329,6 +353,7 @@ def call(fn: Callable, *args: Any, where: str = "", **kwargs: Any) -> Any:
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise CheckFailure(
             f"your function raised {type(exc).__name__}{on} (arguments: {arg_desc}): {msg}"
+            f"{_learner_line(exc.__traceback__.tb_next)}"
         ) from None
 
 
@@ -569,8 +594,13 @@ class Chapter:
 
     def hint(self, exercise: str | Callable) -> None:
         """Print the next hint level of ``exercise`` (``"1.2"`` or the function) not shown yet; the last level,
-        the key line, once every other one has been shown."""
-        ex = self._find(exercise)
+        the key line, once every other one has been shown. An exercise this chapter does not have gets one line
+        naming those it has."""
+        try:
+            ex = self._find(exercise)
+        except KeyError as exc:
+            print(exc.args[0])
+            return
         level = min(self._hints_shown.get(ex.number, 0) + 1, len(ex.hints))
         text = self._next_hint(ex, len(ex.hints))
         print(f"Exercise {ex.number}, hint {level} of {len(ex.hints)}: {text}")
