@@ -298,7 +298,7 @@ TF_MISTAKES = [
     "the inputs are the next inputs of scales 0 .. S-2 concatenated along the sequence (S - 1 of them: the first "
     "scale is predicted from the start token); the targets are every map flattened row-major and "
     "concatenated, coarse to fine",
-    "for k, idx in enumerate(indices): f_hat, nxt = scale_step(vq, f_hat, k, idx.flatten(1)); collect nxt when "
+    "for k, idx in enumerate(indices): f_hat, nxt = step_fn(vq, f_hat, k, idx.flatten(1)); collect nxt when "
     "not None; return torch.cat(inputs, 1), torch.cat([i.flatten(1) for i in indices], 1)",
 ))
 def teacher_forcing_sequence(fn: Callable, ref_fn: Callable) -> None:
@@ -497,7 +497,7 @@ SAMPLING_MISTAKES = [
     "per scale k: logits = model.step(k, x, cls, cache); if cfg != 0: t = var.guidance_strength(cfg, k, S, "
     "ramp=ramp) (cfg * k / (S - 1) with the ramp); logits = (1 + t) * logits[:B] - t * logits[B:]; tokens = "
     "sample(logits, sampling=sampling, generator=generator) (the function `sample`: the name `sampling` is the "
-    "SamplingConfig argument); f_hat, x = scale_step(vq, f_hat, k, tokens), x doubled (torch.cat([x, x])) when "
+    "SamplingConfig argument); f_hat, x = step_fn(vq, f_hat, k, tokens), x doubled (torch.cat([x, x])) when "
     "cfg != 0 and x is not None",
 ))
 def sample_pyramid(fn: Callable, ref_fn: Callable) -> None:

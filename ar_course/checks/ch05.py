@@ -201,7 +201,8 @@ def _compare_random(fn: Callable, ref_fn: Callable, mistakes: list[Mistake] | No
     "accept draft i while u[i] < min(1, p/q); at the first rejection draw the replacement from the residual of "
     "row i (exercise 5.2) and stop; if all L drafts are accepted, add a bonus token drawn from p[L]; make that "
     "one draw with sampling.sample_from_probs and the generator",
-    "n = number of leading accepted drafts; dist = residual_distribution(p[n], q[n]) if n < L else p[L]; "
+    "n = int(prefix_fn(p[None, :L], q[None], draft[None], u[None])[0]) (5.1); dist = residual_fn(p[n], q[n]) (5.2) "
+    "if n < L else p[L]; "
     "return torch.cat([draft[:n], sampling.sample_from_probs(dist, generator).view(1)])",
 ))
 def speculative_round(fn: Callable, ref_fn: Callable) -> None:
@@ -213,7 +214,7 @@ def speculative_round(fn: Callable, ref_fn: Callable) -> None:
     "the next round's draft",
     "run the speculative round (it returns m tokens); the rows p[m:] the round did not use become the next "
     "draft's distributions, and one sample_from_probs draw from them its tokens (nothing is carried when m = L + 1)",
-    "accepted = speculative_round(p, q, draft, u, generator); m = len(accepted); carry_q = p[m:]; carry = "
+    "accepted = round_fn(p, q, draft, u, generator); m = len(accepted); carry_q = p[m:]; carry = "
     "sampling.sample_from_probs(carry_q, generator) if len(carry_q) else draft[:0]; return accepted, carry, "
     "carry_q",
 ))
