@@ -271,6 +271,32 @@ def step_known_score_zero(t, m, lp, s, n, noise=None, scale=0.0):  # a known tok
     return torch.where(m & ~new_mask, s, t), new_mask
 
 
+def step_known_score(fill):  # known positions get a finite confidence: "high", but not out of reach
+    def step(t, m, lp, s, n, noise=None, scale=0.0):
+        conf = lp.gather(-1, s[..., None])[..., 0]
+        if noise is not None:
+            conf = conf + scale * noise
+        chosen = conf.masked_fill(~m, fill).topk(n, dim=-1, largest=False).indices
+        new_mask = torch.zeros_like(m).scatter_(1, chosen, True)
+        return torch.where(m & ~new_mask, s, t), new_mask
+    return step
+
+
+def test_8_3_rejects_a_finite_confidence_for_known_tokens():
+    check = ch08.confidence_step
+    for fill in (0.5, 1.0, 2.0, 3.0, 5.0, 10.0):  # a "high" finite score: large noise lifts the new samples above it
+        message = assert_fails(check, step_known_score(fill), contains="known positions got a finite confidence")
+        assert "a confidence of 0 " not in message  # the message holds for any finite fill, not only 0
+        assert "large noise at weight 4.0" in message
+    assert_passes(check, step_known_score(math.inf))
+    # the case that catches them: every masked score is above 10, and there are known positions to re-mask
+    case = next(c for c in ch08._step_cases() if "large noise" in c.name)
+    tokens, mask, log_probs, sampled, n_masked, noise, scale = case.args
+    scores = log_probs.gather(-1, sampled[..., None])[..., 0] + scale * noise
+    assert 3.0 <= scale <= 4.5 and float(scores[mask].min()) > 10
+    assert bool(((~mask).sum(1) >= n_masked).all())
+
+
 def step_sorted(t, m, lp, s, n, noise=None, scale=0.0):  # right: ranks from a sort, noise folded in by dividing
     conf = lp.gather(-1, s[..., None])[..., 0]
     if noise is not None and scale > 0:
@@ -291,7 +317,7 @@ def test_8_3():
     assert_fails(check, step_overwrites_known, contains="revealed at an earlier step never changes")
     assert_fails(check, step_in_place, contains="changed its argument `tokens` in place")
     assert_fails(check, step_mask_in_place, contains="changed its argument `mask` in place")
-    assert_fails(check, step_known_score_zero, contains="a confidence of 0")
+    assert_fails(check, step_known_score_zero, contains="known positions got a finite confidence")
     assert_fails(check, step_fills_remasked, contains="the positions masked again at this step got their samples")
     assert_passes(check, step_sorted)
 
@@ -375,6 +401,28 @@ def order_relaxed(h, w, neighbours=NAR):  # right, computed another way: relax e
     return step
 
 
+def order_visited_by(key):  # the right rule, but the positions visited in another order than raster order
+    def step_map(h, w, neighbours=NAR):
+        if any(not (di < 0 or (di == 0 and dj < 0)) for di, dj in neighbours):
+            raise ValueError("offset not earlier in raster order")
+        step = torch.zeros(h, w, dtype=torch.long)
+        for i, j in sorted(((i, j) for i in range(h) for j in range(w)), key=key):
+            known = [int(step[i + di, j + dj]) for di, dj in neighbours if 0 <= i + di < h and 0 <= j + dj < w]
+            step[i, j] = 1 + max(known) if known else 0
+        return step
+    return step_map
+
+
+def test_8_4_names_any_order_other_than_raster():
+    check = ch08.neighbour_step_map
+    for key in (lambda p: (p[0] + p[1], p[0]),  # along anti-diagonals (the upper-and-left order itself)
+                lambda p: (-p[0], -p[1]),  # raster order backwards
+                lambda p: (p[1], p[0])):  # column by column
+        message = assert_fails(check, order_visited_by(key), contains="not visited in raster order")
+        assert "up and to the right is read before its own pass is known" in message
+    assert_passes(check, order_visited_by(lambda p: p))  # raster order itself
+
+
 def test_8_4():
     check = ch08.neighbour_step_map
     assert_passes(check, answers.neighbour_step_map)
@@ -383,6 +431,7 @@ def test_8_4():
     assert_fails(check, order_int32)
     assert_fails(check, order_always_diagonal, contains="whatever neighbours are given")
     assert_fails(check, order_column_major, contains="column by column")
+    assert_fails(check, order_column_major, contains="not visited in raster order")
     assert_fails(check, order_earliest_neighbour, contains="the earliest neighbour")
     assert_fails(check, order_negative_index, contains="negative index")
     assert_fails(check, order_backwards, contains="applied backwards")
@@ -893,6 +942,20 @@ def schedule_per_block_size(length, block_size, steps):  # steps // block_size p
 
 def schedule_inclusive_end(length, block_size, steps):  # end is the last index of the block, not one past it
     return [(a, b - 1, t, s) for a, b, t, s in answers.block_schedule(length, block_size, steps)]
+
+
+def schedule_one_pass_short(length, block_size, steps):  # per times on the grid: per - 1 passes per block
+    per = steps // (length // block_size)
+    grid = torch.linspace(1.0, 0.0, per).tolist()
+    return [(a, a + block_size, grid[i], grid[i + 1]) for a in range(0, length, block_size) for i in range(per - 1)]
+
+
+def test_8_7_tells_a_grid_one_pass_short_from_passes_per_block_size():
+    check = ch08.block_schedule
+    message = assert_fails(check, schedule_one_pass_short, contains="one pass too few")
+    assert "steps // block_size" not in message
+    message = assert_fails(check, schedule_per_block_size, contains="steps // block_size passes")
+    assert "one pass too few" not in message
 
 
 def test_8_7_other_forms():

@@ -381,6 +381,22 @@ def sample_linspace_to_one(head, x0, cond, uncond, steps, *, w):  # times i / (s
     return x
 
 
+def sample_skips_negative_guidance(head, x0, cond, uncond, steps, *, w):  # w <= 0 taken as plain sampling
+    x = x0
+    for i in range(steps):
+        t = torch.full((len(x),), i / steps)
+        x = x + (head(x, t, cond) if w <= 0 else _guided(head, x, t, cond, uncond, w)) / steps
+    return x
+
+
+def test_10_6_tells_skipped_negative_guidance_from_swapped_velocities():
+    check = ch10.guided_euler_sample
+    message = assert_fails(check, sample_skips_negative_guidance, contains="skipped for a negative w")
+    assert "swapped" not in message and "w = -1" in message
+    message = assert_fails(check, sample_swapped, contains="the two velocities are swapped")
+    assert "skipped" not in message
+
+
 def test_10_6():
     check = ch10.guided_euler_sample
     assert_passes(check, answers.guided_euler_sample)

@@ -325,6 +325,29 @@ def update_with(old="rollout", zero_grad=True, clip_norm=True, steps=None, retur
     return update
 
 
+def update_returns_pairs(policy, optimizer, rollout, clip=0.2, kl_coef=0.05, inner_steps=2):  # [(loss, kl), ...]
+    out = []
+    for _ in range(inner_steps):
+        logp = token_log_probs(policy, rollout["maps"], rollout["classes"])
+        loss, kl = grpo_objective(logp, rollout["logp_old"], rollout["logp_ref"], rollout["advantages"], clip, kl_coef)
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
+        optimizer.step()
+        out.append((loss, kl))
+    return out
+
+
+def test_11_5_names_what_the_update_returned_in_place_of_a_float():
+    check = ch11.grpo_update
+    message = assert_fails(check, update_returns_pairs, contains="returned tuple[Tensor() float32 cpu, Tensor() "
+                                                                 "float32 cpu] among its losses")
+    assert "return Python floats" in message and "several values where one step's loss goes" in message
+    message = assert_fails(check, update_with(returns="tensor"), contains="returned Tensor() float32 cpu among")
+    assert "a tensor kept in the list keeps its step's graph alive" in message and "several" not in message
+    assert_fails(check, lambda *args: [int(x) for x in answers.grpo_update(*args)], contains="(an int) among")
+
+
 def test_11_5():
     check = ch11.grpo_update
     assert_passes(check, answers.grpo_update)
@@ -366,6 +389,59 @@ def cca_shifted_negatives(policy, reference, maps, classes, negatives, beta=0.02
 def cca_no_grad(policy, reference, maps, classes, negatives, beta=0.02, lam=1.0):
     with torch.no_grad():
         return cca_batch_loss(policy, reference, maps, classes, negatives, beta, lam)
+
+
+def cca_unreduced(policy, reference, maps, classes, negatives, beta=0.02, lam=1.0):  # the batch mean forgotten
+    m, c = torch.cat([maps, maps]), torch.cat([classes, negatives])
+    with torch.no_grad():
+        ref = token_log_probs(reference, m, c).sum(1)
+    pos, neg = (token_log_probs(policy, m, c).sum(1) - ref).chunk(2)
+    return -F.logsigmoid(beta * pos) - lam * F.logsigmoid(-beta * neg), pos, neg
+
+
+def test_11_6_checks_what_the_loss_returns_before_using_it():
+    check = ch11.cca_loss
+    for wrong, says in (
+            (cca_unreduced, "the loss on input 'tiny models 0, 6 maps, beta 0.5, lam 1' is a Tensor(6,) float32 cpu; "
+                            "it should be one number, a 0-d tensor"),
+            (lambda *args: (cca_batch_loss(*args)[0], None, None), "logratio_pos on input 'tiny models 0, 6 maps, "
+                                                                   "beta 0.5, lam 1' is None; it should be a (6,) "
+                                                                   "tensor"),
+            (lambda *args: (*cca_batch_loss(*args)[:2], cca_batch_loss(*args)[2][:, None]),
+             "logratio_neg on input 'tiny models 0, 6 maps, beta 0.5, lam 1' is Tensor(6, 1) float32 cpu"),
+            (lambda *args: (float(cca_batch_loss(*args)[0].detach()), *cca_batch_loss(*args)[1:]),
+             "it should be a 0-d tensor that carries the gradient back")):
+        message = assert_fails(check, wrong, contains=says)
+        assert "your function raised" not in message  # the check's own code never trips over the output
+
+
+def cca_raises(policy, reference, maps, classes, negatives, beta=0.02, lam=1.0):
+    raise RuntimeError("not written yet")
+
+
+def rollout_int32_classes(policy, reference, reward_fn, group_size, generator):
+    classes = torch.arange(policy.config.n_classes, dtype=torch.int32).repeat_interleave(group_size)
+    with torch.no_grad():
+        raster.generate_tokens(policy.eval(), classes, policy.config.grid, generator=generator)
+
+
+def update_raises(policy, optimizer, rollout, clip=0.2, kl_coef=0.05, inner_steps=2):
+    return [rollout["no such key"]]
+
+
+def test_11_4_to_11_6_name_the_learners_arguments_when_it_raises():
+    # the wrappers' own case numbers (a seed, a size) are not the arguments the learner's function got
+    message = assert_fails(ch11.grpo_rollout, rollout_int32_classes, contains="raised ValueError on input 'tiny policy "
+                                                                              "in eval mode, G = 4' (arguments: GPT, "
+                                                                              "GPT, reward_fn(maps, classes), 4, "
+                                                                              "Generator(seed 0))")
+    assert "(line " in message  # the learner's line is still named
+    assert_fails(ch11.grpo_update, update_raises, contains="raised KeyError on input 'tiny policy, SGD lr 1, clip 0.2, "
+                                                           "kl_coef 0.05, 2 inner steps' (arguments: GPT, SGD, dict, "
+                                                           "0.2, 0.05, 2)")
+    assert_fails(ch11.cca_loss, cca_raises, contains="raised RuntimeError on input 'tiny models 0, 6 maps, beta 0.5, "
+                                                     "lam 1' (arguments: GPT, GPT, Tensor(6, 3, 4) int64 cpu, "
+                                                     "Tensor(6,) int64 cpu, Tensor(6,) int64 cpu, 0.5, 1): not written")
 
 
 def test_11_6():

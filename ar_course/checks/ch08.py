@@ -8,15 +8,15 @@ sides of the reveal probability and at it, a mask id that is not the largest, on
 float or a float64 tensor for the schedule), and names the usual mistakes: a schedule that counts revealed tokens
 instead of masked ones; training masks rounded the wrong way, empty, with one count for the whole batch, the same
 positions in every row, the first positions or a run of neighbours; re-masking the most confident tokens or known ones
-(also through a finite confidence of 0), a step that writes into its inputs; a step map that ignores the neighbourhood,
-visits it column by column, waits for the earliest neighbour only or reads outside the map through a negative index; for
-text, an MDLM loss without its 1/t weight, averaged over the masked tokens or taken as the log of a softmax, a reveal
-probability that is not conditioned on being masked, a block schedule whose time runs once over the whole sequence,
-rises, or stops short of 0; also counts that change with the draws, re-masked positions given samples, the noise at
-full weight, tokens revealed earlier masked again. The
-training masks are random: their check holds the counts exactly, and which positions are hidden only to what a uniform
-choice gives over 10,000 rows (and that they change with the generator's seed), so any correct way of drawing them
-passes."""
+(also through a finite confidence, 0 or any other, that large noise lifts the new samples above), a step that writes
+into its inputs; a step map that ignores the neighbourhood, visits it in another order than raster order (column by
+column, say), waits for the earliest neighbour only or reads outside the map through a negative index; for text, an MDLM
+loss without its 1/t weight, averaged over the masked tokens or taken as the log of a softmax, a reveal probability that
+is not conditioned on being masked, a block schedule whose time runs once over the whole sequence, rises, stops short of
+0 or has one pass too few; also counts that change with the draws, re-masked positions given samples, the noise at full
+weight, tokens revealed earlier masked again. The training masks are random: their check holds the counts exactly, and
+which positions are hidden only to what a uniform choice gives over 10,000 rows (and that they change with the
+generator's seed), so any correct way of drawing them passes."""
 
 from __future__ import annotations
 
@@ -284,6 +284,7 @@ def _step_cases() -> Iterator[Case]:
     yield _step_case("(3, 16) map, keep 5 masked, noise 2.0", g, 3, 16, 7, 0.5, 5, 2.0)
     yield _step_case("(2, 12) map, keep 1 masked, noise 0.5", g, 2, 12, 4, 0.0, 1, 0.5)
     yield _step_case("last step: keep 0 masked", g, 2, 8, 5, 0.4, 0, 1.0)
+    yield _high_noise_case(torch.Generator().manual_seed(831))  # its own draws: the other cases' stay as they were
     yield _confident_case(g)
     # the masked positions hold id 0, not the largest id: a still-masked position keeps what `tokens` holds there
     yield _step_case("(2, 8) map whose mask id is 0, keep 2 masked, noise 1.0", g, 2, 8, 5, 0.3, 2, 1.0, mask_id=0)
@@ -301,6 +302,21 @@ def _confident_case(g: torch.Generator) -> Case:
     noise = -torch.log(-torch.log(0.5 + 0.5 * torch.rand(b, n, generator=g)))  # Gumbel draws above 0.36
     return Case("(2, 10) map, confident samples, positive noise 2.0, keep 3 masked",
                 (tokens, mask, torch.log_softmax(logits, dim=-1), sampled, n_masked, noise, 2.0))
+
+
+def _high_noise_case(g: torch.Generator) -> Case:
+    # confident samples with large Gumbel draws (above 2.97) at weight 4: every masked score is above 10, so a known
+    # position given any finite confidence up to 10 (3, 5, 10...) is re-masked in place of a new sample
+    b, n, v, n_masked = 2, 10, 6, 3
+    mask = torch.rand(b, n, generator=g) < 0.5
+    mask[:, : n_masked + 2] = True
+    mask[:, -n_masked:] = False  # as many known positions as stay masked, at least
+    tokens = torch.randint(0, v, (b, n), generator=g).masked_fill(mask, MASK)
+    sampled = torch.randint(0, v, (b, n), generator=g)
+    logits = torch.randn(b, n, v, generator=g) + 8 * torch.nn.functional.one_hot(sampled, v)
+    noise = -torch.log(-torch.log(0.95 + 0.05 * torch.rand(b, n, generator=g)))  # Gumbel draws above 2.97
+    return Case("(2, 10) map, confident samples, large noise at weight 4.0 (every masked score above 10), keep 3 "
+                "masked", (tokens, mask, torch.log_softmax(logits, dim=-1), sampled, n_masked, noise, 4.0))
 
 
 def _step_with(conf_fn: Callable, largest: bool = False, protect: bool = True, known: float = math.inf
@@ -350,9 +366,10 @@ STEP_MISTAKES = [
                                               "the least confident"),
     Mistake(_step_with(_noisy, protect=False), "a known token was re-masked; give known positions infinite "
                                                "confidence so that only newly sampled ones can be re-masked"),
-    Mistake(_step_with(_noisy, known=0.0), "a known token was re-masked: a confidence of 0 (the log-probability of a "
-                                           "certain token) is not out of reach, since a sample's log-probability "
-                                           "plus positive noise can exceed it"),
+    Mistake(_step_with(_noisy, known=0.0), "a known token was re-masked: known positions got a finite confidence "
+                                           "(0, the log-probability of a certain token, or any other number), and "
+                                           "a sample's log-probability plus positive noise can rise above any "
+                                           "finite number"),
     Mistake(_step_with(lambda c, noise, s: c), "the Gumbel noise is left out; add noise_scale * noise to the "
                                                "log-probabilities"),
     Mistake(_step_with(lambda c, noise, s: c.exp() + s * noise if noise is not None else c.exp()),
@@ -444,8 +461,9 @@ def _map_of_an_earlier_call(h, w, neighbours=NAR):
 ORDER_MISTAKES = [
     Mistake(_map_diagonal, "that is i + j, the map of the upper and left neighbours, whatever neighbours are "
                            "given; other neighbourhoods give other maps"),
-    Mistake(_map_by(_columns), "the positions are visited column by column, so a neighbour up and to the right is "
-                               "read before its own pass is known"),
+    Mistake(_map_by(_columns), "the positions are not visited in raster order (row by row, each left to right) but "
+                               "in another one (column by column, along anti-diagonals, backwards...), so a "
+                               "neighbour up and to the right is read before its own pass is known"),
     Mistake(_map_by(_rows, pick=min), "1 + the earliest neighbour's pass: a token must wait for all of its "
                                       "neighbours, the latest included"),
     Mistake(_map_by(_rows, wrap=True), "a neighbour outside the map was read through a negative index (step[-1] "
@@ -703,8 +721,10 @@ def _told_apart(failure: CheckFailure, fn: Callable) -> CheckFailure:
 
 
 def _schedule_cases() -> Iterator[Case]:
-    yield Case("length 8, blocks of 4, 4 steps", (8, 4, 4))
+    # first a case where passes per block counted as steps // block_size (4) or as per - 1 (1) differ from per (2)
+    # and from each other; with blocks of 4 and 4 steps both give 1, and the first failure could not tell them apart
     yield Case("length 8, blocks of 2, 8 steps", (8, 2, 8))
+    yield Case("length 8, blocks of 4, 4 steps", (8, 4, 4))
     yield Case("length 6, one block (full diffusion), 3 steps", (6, 6, 3))
     yield Case("length 4, blocks of 1 (AR order), 4 steps", (4, 1, 4))
     yield Case("length 12, blocks of 3, 12 steps", (12, 3, 12))
@@ -732,6 +752,12 @@ def _schedule_short_of_zero(length, block_size, steps):
     per = steps // (length // block_size)
     grid = [1 - i / (per + 1) for i in range(per + 1)]
     return [(a, a + block_size, grid[i], grid[i + 1]) for a in range(0, length, block_size) for i in range(per)]
+
+
+def _schedule_one_pass_short(length, block_size, steps):
+    per = steps // (length // block_size)
+    grid = torch.linspace(1.0, 0.0, per).tolist()
+    return [(a, a + block_size, grid[i], grid[i + 1]) for a in range(0, length, block_size) for i in range(per - 1)]
 
 
 def _schedule_time_rising(length, block_size, steps):
@@ -763,6 +789,9 @@ SCHEDULE_MISTAKES = [
                                      "x[start:end]"),
     Mistake(_schedule_per_block_size, "each block got steps // block_size passes; the steps are shared among the "
                                       "blocks, steps // n_blocks each"),
+    Mistake(_schedule_one_pass_short, "each block got one pass too few: a grid of n times from 1 to 0 bounds "
+                                      "n - 1 passes, so a block's steps // n_blocks passes need steps // n_blocks "
+                                      "+ 1 times"),
 ]
 
 

@@ -8,10 +8,11 @@ guidance strengths 0 and -1), values and, where the exercise is about them, grad
 rounding without a straight-through gradient, a grid shifted for even levels, a reversed or truncated mixed radix,
 swapped or NaN entropies, the straight-through estimator in place of the rotation, times broadcast along the channels, a
 reversed flow, a velocity read off the path, a loss summed over channels, Euler steps evaluated at the wrong times or
-counted by a float range, guidance mixed the wrong way round or applied to the conditions. Rules are checked beyond the
-values: no gradient reaches the code in the rotation trick, which leaves the caller's code attached to its codebook, the
-flow-matching loss sends its gradient to the velocity's parameters, and the guided sampler leaves its x0 as it was and
-runs the head once per step, on the doubled batch (the conditional rows alone at w = 0)."""
+counted by a float range, guidance mixed the wrong way round, skipped for a negative strength or applied to the
+conditions. Rules are checked beyond the values: no gradient reaches the code in the rotation trick, which leaves the
+caller's code attached to its codebook, the flow-matching loss sends its gradient to the velocity's parameters, and the
+guided sampler leaves its x0 as it was and runs the head once per step, on the doubled batch (the conditional rows alone
+at w = 0)."""
 
 from __future__ import annotations
 
@@ -568,6 +569,10 @@ SAMPLER_MISTAKES = [
                                                                            steps),
             "the times came from torch.arange(0, 1, 1 / steps): with a float step, rounding can give one time too many "
             "(50 for 49 steps); count the steps with integers, t = i / steps"),
+    Mistake(lambda head, x0, cond, uncond, steps, *, w: _euler(
+        _mixed(head, cond, uncond, w, lambda v_c, v_u, w: v_c if w < 0 else _cfg(v_c, v_u, w)), x0, steps),
+        "guidance was skipped for a negative w (the conditional velocity alone): (1 + w) v_c - w v_u holds for every "
+        "w, and only w = 0 leaves the conditional velocity; at w = -1 it is the null class's own"),
     Mistake(lambda head, x0, cond, uncond, steps, *, w: _euler(
         _mixed(head, cond, uncond, w, lambda v_c, v_u, w: _cfg(v_u, v_c, w)), x0, steps),
         "the two velocities are swapped: guidance extrapolates from the null class's velocity through the class's"),

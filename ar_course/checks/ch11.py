@@ -23,7 +23,7 @@ from ar_course.align.cca import cca_batch_loss
 from ar_course.align.grpo import ROLLOUT_KEYS, grpo_objective, grpo_rollout as library_rollout
 from ar_course.align.model import token_log_probs as ref_token_log_probs
 from ar_course.checks.core import (Case, Chapter, CheckFailure, Mistake, call, check_unchanged, clone_args, compare,
-                                   compare_cases, explain)
+                                   compare_cases, describe, explain)
 from ar_course.checks.reference import ch11 as answers
 from ar_course.transformer.model import GPT
 
@@ -361,23 +361,47 @@ def _toy_reward(maps: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
     return maps.float().mean((1, 2)) / 11 + (maps == classes[:, None, None]).float().mean((1, 2))
 
 
+class _Reward:
+    """:func:`_toy_reward` as the argument a rollout gets: a function of (maps, classes) that a message names."""
+
+    def __call__(self, maps: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+        return _toy_reward(maps, classes)
+
+    def __repr__(self) -> str:
+        return "reward_fn(maps, classes)"
+
+
+class _Generator(torch.Generator):
+    """A CPU generator that a message names by its seed."""
+
+    def __repr__(self) -> str:
+        return f"Generator(seed {self.initial_seed()})"
+
+
+def _named(name: str, *args) -> Case:
+    """A case of a check that runs the learner's function inside a wrapper (11.4 to 11.6): ``args`` are the wrapper's
+    (a seed, sizes...); the wrapper also gets the case's name, to name it when the learner's function, called with its
+    real arguments through :func:`call`, raises or returns something of the wrong kind."""
+    return Case(name, args, {"case": name})
+
+
 def _rolled(fn: Callable) -> Callable:
     """``fn`` as a rollout (policy, reference, reward_fn, group_size, generator) run on fresh tiny models."""
 
-    def run(seed: int, group_size: int, train: bool):
+    def run(seed: int, group_size: int, train: bool, case: str = ""):
         policy, reference = _tiny_model(seed, dropout=0.3).train(train), _tiny_model(seed + 50)
-        out = fn(policy, reference, _toy_reward, group_size, torch.Generator().manual_seed(seed))
+        out = call(fn, policy, reference, _Reward(), group_size, _Generator().manual_seed(seed), where=case)
         if not isinstance(out, dict):
-            raise CheckFailure(f"the rollout should be a dict with keys {', '.join(ROLLOUT_KEYS)}, got "
-                               f"{type(out).__name__}")
+            raise CheckFailure(f"the rollout on input {case!r} should be a dict with keys {', '.join(ROLLOUT_KEYS)}, "
+                               f"got {type(out).__name__}")
         return {**{k: out[k] for k in ROLLOUT_KEYS if k in out}, "policy in train mode after": policy.training}
 
     return run
 
 
 def _rollout_cases() -> Iterator[Case]:
-    yield Case("tiny policy in eval mode, G = 4", (0, 4, False))
-    yield Case("tiny policy with dropout, arriving in train mode, G = 3", (1, 3, True))
+    yield _named("tiny policy in eval mode, G = 4", 0, 4, False)
+    yield _named("tiny policy with dropout, arriving in train mode, G = 3", 1, 3, True)
 
 
 def _rollout_with(sample_in_train=False, keep_eval=False, ref_model=True, grouped=True, layout="interleave",
@@ -439,7 +463,7 @@ ROLLOUT_MISTAKES = [
 ))
 def grpo_rollout(fn: Callable, ref_fn: Callable) -> None:
     compare_cases(_rolled(fn), _rolled(ref_fn), _rollout_cases(), mistakes=ROLLOUT_MISTAKES)
-    out = call(fn, _tiny_model(2), _tiny_model(3), _toy_reward, 2, torch.Generator().manual_seed(2),
+    out = call(fn, _tiny_model(2), _tiny_model(3), _Reward(), 2, _Generator().manual_seed(2),
                where="tiny policy 2, G = 2")
     for key in ("advantages", "logp_old", "logp_ref"):
         if out[key].requires_grad:
@@ -460,31 +484,47 @@ def _updated(fn: Callable) -> Callable:
     """``fn`` as an update (policy, optimizer, rollout, clip, kl_coef, inner_steps) of a fresh tiny policy with SGD
     on a rollout of the reference: the losses it returns and the weights it leaves."""
 
-    def run(seed: int, ref_scale: float, lr: float, clip: float, kl_coef: float, inner_steps: int):
+    def run(seed: int, ref_scale: float, lr: float, clip: float, kl_coef: float, inner_steps: int, case: str = ""):
         policy, reference = _tiny_model(seed), _tiny_model(seed + 50, scale=ref_scale)
         rollout = library_rollout(policy, reference, _toy_reward, 4, torch.Generator().manual_seed(seed))
         optimizer = torch.optim.SGD(policy.parameters(), lr=lr)
         kept = clone_args((rollout,))
-        losses = fn(policy, optimizer, rollout, clip, kl_coef, inner_steps)
-        check_unchanged(("rollout",), kept, (rollout,), f"tiny policy {seed}",
+        losses = call(fn, policy, optimizer, rollout, clip, kl_coef, inner_steps, where=case)
+        check_unchanged(("rollout",), kept, (rollout,), case,
                         why="the rollout's numbers stay fixed for every inner step and for the caller's logs")
         if not isinstance(losses, (list, tuple)):
-            raise CheckFailure(f"the update should return a list of the inner steps' losses, got "
+            raise CheckFailure(f"the update on input {case!r} should return a list of the inner steps' losses, got "
                                f"{type(losses).__name__}")
-        if not all(isinstance(x, float) for x in losses):
-            wrong = next(type(x).__name__ for x in losses if not isinstance(x, float))
-            raise CheckFailure(f"the update returned a {wrong} among its losses; return Python floats (loss.item()): "
-                               "a tensor kept in the list keeps its step's graph alive")
+        wrong = next((x for x in losses if not isinstance(x, float)), None)
+        if wrong is not None:
+            raise CheckFailure(_not_a_loss(wrong, case))
         return {"losses": [float(x) for x in losses],
                 "weights after the update": torch.cat([p.detach().flatten() for p in policy.parameters()])}
 
     return run
 
 
+def _not_a_loss(item, case: str) -> str:
+    """The failure for ``item``, something other than a Python float in the list of losses an update returned."""
+    kind = type(item).__name__
+    if item is None or isinstance(item, (torch.Tensor, tuple, list)):
+        what = describe(item)
+    elif isinstance(item, dict):
+        what = f"a dict with keys {list(item)}"
+    else:
+        what = f"{describe(item)} ({'an' if kind[0] in 'aeiou' else 'a'} {kind})"
+    parts = list(item.values()) if isinstance(item, dict) else list(item) if isinstance(item, (tuple, list)) else []
+    several = ", several values where one step's loss goes" if parts else ""
+    graph = ": a tensor kept in the list keeps its step's graph alive" if any(
+        isinstance(p, torch.Tensor) and p.requires_grad for p in [item, *parts]) else ""
+    return (f"the update on input {case!r} returned {what} among its losses{several}; return Python floats, one per "
+            f"inner step, each that step's loss (loss.item()){graph}")
+
+
 def _update_cases() -> Iterator[Case]:
-    yield Case("tiny policy, SGD lr 1, clip 0.2, kl_coef 0.05, 2 inner steps", (0, 1.0, 1.0, 0.2, 0.05, 2))
-    yield Case("a reference far from the policy, SGD lr 1, clip 0.1, kl_coef 2, 3 inner steps",
-               (1, 5.0, 1.0, 0.1, 2.0, 3))
+    yield _named("tiny policy, SGD lr 1, clip 0.2, kl_coef 0.05, 2 inner steps", 0, 1.0, 1.0, 0.2, 0.05, 2)
+    yield _named("a reference far from the policy, SGD lr 1, clip 0.1, kl_coef 2, 3 inner steps",
+                 1, 5.0, 1.0, 0.1, 2.0, 3)
 
 
 def _update_with(old_each_step=False, zero_grad=True, clip_norm=True, old_is_ref=False, keep_kl=False):
@@ -547,20 +587,22 @@ def _cca_run(fn: Callable) -> Callable:
     """``fn`` as a CCA loss (policy, reference, maps, classes, negatives, beta, lam) on fresh tiny models: the loss,
     the log-ratios, and the gradient of the loss to the policy's weights."""
 
-    def run(seed: int, ref_scale: float, batch: int, beta: float, lam: float):
+    def run(seed: int, ref_scale: float, batch: int, beta: float, lam: float, case: str = ""):
         g = torch.Generator().manual_seed(seed + 116)
         policy, reference = _tiny_model(seed), _tiny_model(seed + 50, scale=ref_scale)
         maps, classes = torch.randint(0, 12, (batch, 3, 4), generator=g), torch.randint(0, 5, (batch,), generator=g)
         negatives = (classes + torch.randint(1, 5, (batch,), generator=g)) % 5
         kept = clone_args((maps, classes, negatives))
-        out = fn(policy, reference, maps, classes, negatives, beta, lam)
-        check_unchanged(("maps", "classes", "negatives"), kept, (maps, classes, negatives), f"tiny models {seed}")
+        out = call(fn, policy, reference, maps, classes, negatives, beta, lam, where=case)
+        check_unchanged(("maps", "classes", "negatives"), kept, (maps, classes, negatives), case)
         if not (isinstance(out, (tuple, list)) and len(out) == 3):
-            raise CheckFailure("cca_loss should return (loss, logratio_pos, logratio_neg)")
+            raise CheckFailure(f"cca_loss should return (loss, logratio_pos, logratio_neg); on input {case!r} it "
+                               f"returned {describe(out)}")
         loss, pos, neg = out
-        if not isinstance(loss, torch.Tensor) or not loss.requires_grad:
-            raise CheckFailure("no gradient reaches the policy's weights through the loss (computed under "
-                               "torch.no_grad(), or detached?): CCA trains through it")
+        _check_cca_outputs(loss, pos, neg, batch, case)
+        if not loss.requires_grad:
+            raise CheckFailure(f"no gradient reaches the policy's weights through the loss on input {case!r} (computed "
+                               "under torch.no_grad(), or detached?): CCA trains through it")
         grads = torch.autograd.grad(loss, list(policy.parameters()), allow_unused=True)
         flat = torch.cat([(torch.zeros_like(p) if gr is None else gr).flatten()
                           for p, gr in zip(policy.parameters(), grads)])
@@ -570,10 +612,25 @@ def _cca_run(fn: Callable) -> Callable:
     return run
 
 
+def _check_cca_outputs(loss, pos, neg, batch: int, case: str) -> None:
+    """Fail, in one line, when what a CCA loss returned on ``case`` (``batch`` maps) is not a 0-d loss tensor and two
+    ``(batch,)`` tensors of log-ratios."""
+    if not isinstance(loss, torch.Tensor):
+        raise CheckFailure(f"the loss on input {case!r} is {describe(loss)}; it should be a 0-d tensor that carries "
+                           "the gradient back to the policy's weights (CCA trains through it)")
+    if loss.ndim != 0:
+        raise CheckFailure(f"the loss on input {case!r} is a {describe(loss)}; it should be one number, a 0-d tensor: "
+                           "each pair's term averaged over the batch (mean over the maps)")
+    for name, ratio in (("logratio_pos", pos), ("logratio_neg", neg)):
+        if not isinstance(ratio, torch.Tensor) or tuple(ratio.shape) != (batch,):
+            raise CheckFailure(f"{name} on input {case!r} is {describe(ratio)}; it should be a ({batch},) tensor, one "
+                               "log-ratio (policy minus reference, summed over the tokens) per map")
+
+
 def _cca_cases() -> Iterator[Case]:
-    yield Case("tiny models 0, 6 maps, beta 0.5, lam 1", (0, 1.0, 6, 0.5, 1.0))
-    yield Case("tiny models 1, 4 maps, beta 0.2, lam 3", (1, 1.0, 4, 0.2, 3.0))
-    yield Case("a reference far from the policy, 5 maps, beta 40 (scores in the hundreds)", (2, 3.0, 5, 40.0, 1.0))
+    yield _named("tiny models 0, 6 maps, beta 0.5, lam 1", 0, 1.0, 6, 0.5, 1.0)
+    yield _named("tiny models 1, 4 maps, beta 0.2, lam 3", 1, 1.0, 4, 0.2, 3.0)
+    yield _named("a reference far from the policy, 5 maps, beta 40 (scores in the hundreds)", 2, 3.0, 5, 40.0, 1.0)
 
 
 def _cca_with(per_token=False, neg_sign=-1.0, lam_used=True, stable=True, reversed_ratio=False, use_negatives=True):
