@@ -453,12 +453,13 @@ ROLLOUT_MISTAKES = [
     "mode, which numbers need gradients later and which must stay fixed?",
     "classes = arange(n_classes).repeat_interleave(group_size); in eval mode and under torch.no_grad(), one "
     "raster.generate_tokens(policy, classes, policy.config.grid, generator=generator), then the reward, your "
-    "group_advantages with the classes as the groups, and token_log_probs under the policy and the reference",
+    "advantages (adv_fn, 11.2) with the classes as the groups, and the log-probabilities (logp_fn, 11.1) under the "
+    "policy and the reference",
     "was = policy.training; policy.eval(); with torch.no_grad(): classes = torch.arange(policy.config.n_classes, "
     "device=next(policy.parameters()).device).repeat_interleave(group_size); maps = raster.generate_tokens(policy, "
     "classes, policy.config.grid, generator=generator); "
-    "rewards = reward_fn(maps, classes); advantages = group_advantages(rewards, classes); logp_old = "
-    "token_log_probs(policy, maps, classes); logp_ref = token_log_probs(reference, maps, classes); "
+    "rewards = reward_fn(maps, classes); advantages = adv_fn(rewards, classes); logp_old = "
+    "logp_fn(policy, maps, classes); logp_ref = logp_fn(reference, maps, classes); "
     "policy.train(was); return the six in a dict",
 ))
 def grpo_rollout(fn: Callable, ref_fn: Callable) -> None:
@@ -567,11 +568,11 @@ UPDATE_MISTAKES = [
     "every inner step asks the current policy again (with gradients) how likely the sampled maps are, and "
     "compares with numbers that stay fixed for the whole rollout; what changes between inner steps, and what "
     "must not carry over?",
-    "for each inner step: logp = token_log_probs(policy, maps, classes); loss, kl = grpo_loss(logp, "
+    "for each inner step: logp = logp_fn(policy, maps, classes); loss, kl = loss_fn(logp, "
     "rollout['logp_old'], rollout['logp_ref'], rollout['advantages'], clip, kl_coef); zero the gradients, "
     "backward, clip the norm to 1, step; keep float(loss.detach())",
-    "losses = []; for _ in range(inner_steps): logp = token_log_probs(policy, rollout['maps'], rollout['classes']); "
-    "loss, _ = grpo_loss(logp, rollout['logp_old'], rollout['logp_ref'], rollout['advantages'], clip, kl_coef); "
+    "losses = []; for _ in range(inner_steps): logp = logp_fn(policy, rollout['maps'], rollout['classes']); "
+    "loss, _ = loss_fn(logp, rollout['logp_old'], rollout['logp_ref'], rollout['advantages'], clip, kl_coef); "
     "optimizer.zero_grad(); loss.backward(); torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0); "
     "optimizer.step(); losses.append(float(loss.detach())); return losses",
 ))
@@ -675,7 +676,7 @@ CCA_MISTAKES = [
     "neg))",
     "F = torch.nn.functional; m, c = torch.cat([maps, maps]), torch.cat([classes, negatives]); "
     "with torch.no_grad(): ref = "
-    "token_log_probs(reference, m, c).sum(1); pos, neg = (token_log_probs(policy, m, c).sum(1) - ref).chunk(2); "
+    "logp_fn(reference, m, c).sum(1); pos, neg = (logp_fn(policy, m, c).sum(1) - ref).chunk(2); "
     "return -F.logsigmoid(beta * pos).mean() - lam * F.logsigmoid(-beta * neg).mean(), pos, neg",
 ))
 def cca_loss(fn: Callable, ref_fn: Callable) -> None:
