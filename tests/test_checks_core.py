@@ -138,6 +138,15 @@ def test_a_function_calling_an_unwritten_exercise_says_which(capsys, tmp_path, m
     assert capsys.readouterr().out.strip() == "Exercise 99.1 not attempted yet"
 
 
+def test_a_tuple_named_by_its_items_names_the_item_that_differs():
+    with pytest.raises(CheckFailure) as info:
+        compare((1, 2.0), (8, 2.0), where="alpha=0.8", name="(gamma, speedup)")
+    assert str(info.value) == "gamma (item 0 of the returned tuple) on input 'alpha=0.8' is 1, expected 8"
+    with pytest.raises(CheckFailure) as info:  # a plain name: indexed
+        compare([1.0, 5.0], [1.0, 3.0], name="losses")
+    assert str(info.value).startswith("losses[1] is 5")
+
+
 def test_an_error_in_the_learners_code_names_its_line_and_none_asks_for_a_return():
     _, check = make_chapter()
 

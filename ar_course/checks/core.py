@@ -140,8 +140,10 @@ def compare(
             raise CheckFailure(f"{name}{on} should be a {type(expected).__name__}, got {_kind(got)}")
         if len(got) != len(expected):
             raise CheckFailure(f"{name}{on} has {len(got)} items, expected {len(expected)}")
-        for i, (g, e) in enumerate(zip(got, expected)):
-            compare(g, e, name=f"{name}[{i}]", **opts)
+        parts = name[1:-1].split(", ") if name.startswith("(") and name.endswith(")") else []
+        for i, (g, e) in enumerate(zip(got, expected)):  # a name "(gamma, speedup)" names each item
+            item = f"{parts[i]} (item {i} of the returned tuple)" if len(parts) == len(expected) else f"{name}[{i}]"
+            compare(g, e, name=item, **opts)
     elif isinstance(expected, dict):
         if not isinstance(got, dict):
             raise CheckFailure(f"{name}{on} should be a dict, got {_kind(got)}")
