@@ -175,6 +175,28 @@ def test_cca_step_updates_on_cca_batch_loss():
     assert float(cca_batch_loss(policy, reference, maps, classes, negatives, 0.5, 2.0)[0].detach()) < float(loss)
 
 
+@pytest.mark.parametrize("beta", [50.0, 0.01])
+def test_cca_step_clips_the_gradient_norm_to_one(beta):
+    """An SGD step moves the weights by ``lr`` times the gradient scaled to norm 1 when its norm is larger (a
+    large ``beta``), and by the plain gradient when it is smaller."""
+    policy, reference = _tiny_policy(0).eval(), _tiny_policy(1).eval()
+    g = torch.Generator().manual_seed(0)
+    maps, classes = torch.randint(0, 12, (5, 2, 3), generator=g), torch.randint(0, 4, (5,), generator=g)
+    negatives = wrong_classes(classes, 4, g)
+    params = list(policy.parameters())
+    loss = cca_batch_loss(policy, reference, maps, classes, negatives, beta, 1.0)[0]
+    grads = [torch.zeros_like(p) if gr is None else gr
+             for p, gr in zip(params, torch.autograd.grad(loss, params, allow_unused=True))]
+    norm = float(torch.sqrt(sum((gr.double() ** 2).sum() for gr in grads)))
+    assert (norm > 1) == (beta > 1)  # the two cases: above and below the clipping norm
+    before = [p.detach().clone() for p in params]
+    cca_step(policy, reference, maps, classes, negatives, torch.optim.SGD(params, lr=0.1),
+             CCAConfig(beta=beta, lam=1.0))
+    scale = min(1.0, 1.0 / (norm + 1e-6))  # torch's clip_grad_norm_ coefficient for max_norm 1
+    for b, p, gr in zip(before, params, grads):
+        torch.testing.assert_close(b - p.detach(), 0.1 * scale * gr, rtol=1e-4, atol=1e-7)
+
+
 def test_cca_loss_matches_its_formula_and_pushes_positives_up_negatives_down():
     pos = torch.tensor([1.0, -3.0, 10.0], requires_grad=True)
     neg = torch.tensor([2.0, 0.0, -5.0], requires_grad=True)

@@ -69,6 +69,18 @@ def test_generator_refuses_models_that_do_not_fit(tok, mstok, build, error, matc
         build(tok, mstok)
 
 
+def test_more_neighbours_than_other_codes_is_refused_before_any_work(tok, monkeypatch):
+    gen = Generator(ar_model=raster(), ar_tokenizer=tok)  # 5 codes: each has at most 4 other codes
+    monkeypatch.setattr(gen.strategies["ar", "jacobi"], "run",
+                        lambda *args, **kwargs: pytest.fail("generation started before neighbors was checked"))
+    for delta in (0.0, 0.3):  # checked even where relaxed acceptance does not use it
+        with pytest.raises(ValueError, match=r"^neighbors must be an integer in \[0, 4\], got 5$"):
+            gen.generate([0], method="ar", speculative="jacobi", relaxed_delta=delta, neighbors=5)
+    monkeypatch.undo()
+    out = gen.generate([0], method="ar", speculative="jacobi", relaxed_delta=0.3, neighbors=4, seed=0)
+    assert out.images.shape == (1, 1, 32, 32)
+
+
 @pytest.mark.parametrize("device", ["gpu", "cuda:x", "nonsense"])
 def test_an_unknown_device_is_a_value_error(device):
     with pytest.raises(ValueError, match=f"unknown device '{device}'"):

@@ -80,6 +80,16 @@ def test_aliases_paths_and_unknown_names():
         load("ar_mnist", kind="var")
 
 
+def test_a_missing_file_name_with_a_suffix_is_a_missing_path_not_an_unknown_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for missing in ("foo.safetensors", Path("foo")):  # a suffix, or a Path: meant as a file here
+        with pytest.raises(CheckpointError) as info:
+            checkpoint.resolve(missing)
+        assert str(info.value) == f"no checkpoint at {missing}"
+    with pytest.raises(CheckpointError, match="^unknown checkpoint name 'foo': not a file, and the shipped ones"):
+        checkpoint.resolve("foo")
+
+
 @pytest.mark.parametrize("cls", CONFIGS)
 def test_one_strict_config_rule(cls):
     default = cls()
@@ -231,6 +241,14 @@ def test_an_older_record_relative_to_the_current_folder_still_loads(tmp_path, mo
     _project(Path("proj"), tokenizer_record="proj/tok.safetensors")  # as trainers recorded --tokenizer before
     assert recorded_tokenizer("proj/ar.safetensors") == Path("proj/tok.safetensors")
     assert isinstance(load_with_tokenizer("proj/ar.safetensors")[1], VQVAE)
+
+
+def test_the_tokenizer_beside_the_checkpoint_wins_over_one_of_the_same_name_here(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _project(Path("proj"))  # records "tok.safetensors": proj/tok.safetensors, the VQ tokenizer
+    shutil.copyfile(checkpoint.resolve("mnist_msvq"), "tok.safetensors")  # another tokenizer of that name here
+    assert recorded_tokenizer("proj/ar.safetensors") == Path("proj/tok.safetensors")
+    assert load_with_tokenizer("proj/ar.safetensors")[1].config.quantizer == "vq"
 
 
 def test_a_missing_recorded_tokenizer_names_the_checkpoint_and_the_record(tmp_path, monkeypatch):

@@ -34,3 +34,29 @@ def test_grid_tiles_images_with_padding():
     assert grid.shape == (2 * 5 + 1, 2 * 6 + 1, 3)
     assert grid[1, 1, 0] == 0.0 and grid[1, 7, 0] == 0.5 and grid[6, 1, 0] == 1.0 and grid[0, 0, 0] == 0.25
     assert grid[6, 7, 0] == 0.25  # the empty fourth cell keeps the padding value
+
+
+def _expected_grid(images: torch.Tensor, ncol: int, pad: int, pad_value: float) -> np.ndarray:
+    """The grid built cell by cell: ``ncol`` columns, each image at its own ``(H, W)`` step."""
+    n, c, h, w = images.shape
+    nrows = -(-n // ncol)
+    grid = np.full((nrows * (h + pad) + pad, ncol * (w + pad) + pad, c), pad_value, np.float32)
+    for i in range(n):
+        top, left = pad + (i // ncol) * (h + pad), pad + (i % ncol) * (w + pad)
+        grid[top : top + h, left : left + w] = images[i].permute(1, 2, 0).numpy()
+    return grid
+
+
+@pytest.mark.parametrize("h, w", [(2, 5), (5, 2)])
+def test_grid_of_non_square_images_steps_by_their_own_width_and_height(h, w):
+    images = torch.rand(5, 1, h, w, generator=torch.Generator().manual_seed(h))
+    grid = to_grid(images, nrow=3, pad=1, pad_value=0.5)
+    assert grid.shape == (2 * (h + 1) + 1, 3 * (w + 1) + 1, 1)
+    np.testing.assert_array_equal(grid, _expected_grid(images, 3, 1, 0.5))
+
+
+def test_grid_of_fewer_images_than_nrow_has_no_empty_columns():
+    images = torch.stack([torch.full((1, 3, 4), v) for v in (0.0, 1.0)])
+    grid = to_grid(images, nrow=8, pad=2, pad_value=0.25)
+    assert grid.shape == (3 + 2 * 2, 2 * (4 + 2) + 2, 1)  # one row of two cells, not eight
+    np.testing.assert_array_equal(grid, _expected_grid(images, 2, 2, 0.25))

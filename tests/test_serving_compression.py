@@ -85,6 +85,27 @@ def test_h2o_keeps_budget_entries_and_equals_full_attention_within_budget():
         h2o_attention(q, k, v, budget=4, recent=4)
 
 
+@pytest.mark.parametrize("budget, recent", [(2, 0), (2, 1), (4, 1), (4, 3), (5, 2)])
+def test_h2o_protects_exactly_the_recent_newest_keys(budget, recent):
+    """The first eviction comes at query ``i = budget``; the key ``i - recent`` is the newest one outside the
+    ``recent`` protected ones. Give it the least attention: it is the one evicted, so query ``budget + 1`` sees
+    every key but it (had ``recent + 1`` keys been protected, an older key would go instead)."""
+    from ar_course.serving.compression import h2o_attention
+
+    T, low = budget + 2, budget - recent
+    q = torch.ones(1, 1, T, 1)
+    k = torch.zeros(1, 1, T, 1)
+    k[..., low, 0] = -10.0  # scores 0 everywhere but -10 for the key at the boundary
+    v = torch.arange(1.0, T + 1).reshape(1, 1, T, 1) ** 2  # a distinct value per key
+    out = h2o_attention(q, k, v, budget=budget, recent=recent)
+    full = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    torch.testing.assert_close(out[..., :-1, :], full[..., :-1, :])  # query budget evicts after attending
+    seen = torch.ones(T, dtype=torch.bool)
+    seen[low] = False
+    expected = torch.nn.functional.scaled_dot_product_attention(q[..., -1:, :], k[..., seen, :], v[..., seen, :])
+    torch.testing.assert_close(out[..., -1:, :], expected)
+
+
 def test_int4_codes_pack_two_per_byte_and_the_pool_round_trip_is_within_half_a_step():
     from ar_course.serving.compression import pack_int4, pool_dequantize, pool_quantize, unpack_int4
 

@@ -17,6 +17,7 @@ from ar_course.sampling import GREEDY, SamplingConfig
 from ar_course.system import PRETRAINED, GenerationRequest, GenerationStats, Generator
 from ar_course.transformer.model import SelfAttention, attention_function, sdpa_attention, use_attention
 from ar_course.var import functional as var_ref
+from ar_course.var import sample_pyramid
 
 
 @pytest.fixture(scope="module")
@@ -329,6 +330,50 @@ def test_relaxed_jacobi_sampling_runs_and_reports_acceptance(gen):
     assert out.images.shape == (1, 1, 32, 32)
     assert 0 <= out.stats.acceptance_rate <= 1 and sum(out.stats.accepted_hist) == out.stats.forward_passes
     assert exact.stats.forward_passes <= 64
+
+
+def _tokens_made(stats: GenerationStats) -> int:
+    """Tokens a speculative call produced: each round adds its accepted drafts and one more."""
+    return sum((k + 1) * rounds for k, rounds in enumerate(stats.accepted_hist))
+
+
+def test_draft_gamma_sets_the_drafts_proposed_per_round(gen):
+    none = gen.generate([2], method="ar", speculative="draft", gamma=0, seed=0)
+    # no drafts: one target pass per token, no draft pass, every round accepts nothing
+    assert none.stats.draft_passes == 0 and none.stats.forward_passes == 64 and none.stats.accepted_hist == [64]
+    two = gen.generate([2], method="ar", speculative="draft", gamma=2, seed=0)
+    assert 0 < two.stats.draft_passes <= 2 * two.stats.forward_passes and len(two.stats.accepted_hist) <= 3
+    assert _tokens_made(two.stats) == 64 and sum(two.stats.accepted_hist) == two.stats.forward_passes
+
+
+def test_jacobi_window_sets_the_drafts_of_each_pass(gen):
+    zero = gen.generate([2], method="ar", speculative="jacobi", window=0, sampling=GREEDY, seed=0)
+    assert zero.stats.forward_passes == 64 and zero.stats.accepted_hist == [64]  # plain decoding, a token a pass
+    two = gen.generate([2], method="ar", speculative="jacobi", window=2, sampling=GREEDY, seed=0)
+    assert two.stats.forward_passes < 64 and len(two.stats.accepted_hist) <= 3 and _tokens_made(two.stats) == 64
+    torch.testing.assert_close(two.images, zero.images, atol=1e-5, rtol=0)  # greedy: the same tokens
+
+
+def test_var_ramp_false_guides_every_scale_at_the_full_strength(gen):
+    classes = [3, 7]
+    flat = gen.generate(classes, method="var", cfg=2.0, ramp=False, seed=0)
+    ramped = gen.generate(classes, method="var", cfg=2.0, seed=0)
+    assert not torch.allclose(flat.images, ramped.images)
+    with torch.no_grad():
+        pyramid = sample_pyramid(gen.var, gen.var_tokenizer.quantizer, torch.tensor(classes), cfg=2.0, ramp=False,
+                                 generator=torch.Generator().manual_seed(0))
+        expected = gen.var_tokenizer.decode_from_indices(pyramid)
+    torch.testing.assert_close(flat.images, expected)
+
+
+def test_relaxed_jacobi_borrows_from_the_requested_number_of_neighbours(gen):
+    exact = gen.generate([5], method="ar", speculative="jacobi", seed=0)
+    # no neighbours to borrow from: the relaxed target is the exact one, so the same draws and tokens
+    alone = gen.generate([5], method="ar", speculative="jacobi", relaxed_delta=0.5, neighbors=0, seed=0)
+    assert torch.equal(alone.images, exact.images) and alone.stats.accepted_hist == exact.stats.accepted_hist
+    many = gen.generate([5], method="ar", speculative="jacobi", relaxed_delta=0.5, neighbors=50, seed=0)
+    assert many.stats.acceptance_rate > exact.stats.acceptance_rate
+    assert many.stats.forward_passes < exact.stats.forward_passes
 
 
 @pytest.mark.slow

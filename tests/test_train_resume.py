@@ -2,6 +2,7 @@
 uninterrupted run, and the trainers' options are checked before any work."""
 
 import importlib
+import math
 import os
 import signal
 import subprocess
@@ -17,7 +18,8 @@ from ar_course.cli import main as cli_main
 from ar_course.tokenizers import VQVAE
 from ar_course.tokenizers.train import default_config
 from ar_course.train import (
-    TrainConfig, TrainingError, TrainingInterrupted, content_digest, read_train_state, state_path_for, train_loop,
+    TrainConfig, TrainingError, TrainingInterrupted, content_digest, lr_at, read_train_state, state_path_for,
+    train_loop,
 )
 from ar_course.utils import seed_everything
 
@@ -417,6 +419,31 @@ def test_lm_resume_refuses_another_teacher(tmp_path):
     with pytest.raises(TrainingError) as info:
         train_lm(preset, seed=0, progress=False, state_path=state, resume=True)  # no teacher now
     assert str(info.value) == _other_settings(state, f"teacher {content_digest(teacher)!r} -> None")
+
+
+# ---- the learning-rate schedule: linear warmup, then cosine down to min_lr_ratio * lr -----------------------
+
+
+def _cosine(progress: float) -> float:
+    """The cosine factor, from 1 at ``progress`` 0 down to 0 at 1."""
+    return 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def test_lr_warms_up_linearly_then_decays_by_cosine_to_its_floor():
+    config = TrainConfig(steps=10, lr=2.0, warmup=2, min_lr_ratio=0.1)
+    top, floor = 2.0, 0.2
+    assert lr_at(0, config) == pytest.approx(1.0, rel=1e-12)  # lr * 1 / warmup: the first step already moves
+    assert lr_at(1, config) == pytest.approx(top, rel=1e-12)  # warmup - 1: the full rate
+    assert lr_at(2, config) == pytest.approx(top, rel=1e-12)  # warmup: the cosine starts at its top
+    assert lr_at(6, config) == pytest.approx(1.1, rel=1e-12)  # half-way through the 8 decay steps: the mean
+    # the last step (9): 7 of the 8 decay steps done; the floor is reached at step 10 = steps, and kept
+    assert lr_at(9, config) == pytest.approx(floor + (top - floor) * _cosine(7 / 8), rel=1e-12)
+    assert lr_at(10, config) == pytest.approx(floor, rel=1e-12) and lr_at(100, config) == pytest.approx(floor)
+    decay = [lr_at(step, config) for step in range(2, 11)]
+    assert all(a > b for a, b in zip(decay, decay[1:]))
+    no_warmup = TrainConfig(steps=4, lr=1.0, warmup=0, min_lr_ratio=0.0)  # the cosine from step 0, down to 0
+    assert [lr_at(step, no_warmup) for step in range(5)] == pytest.approx(
+        [1.0, _cosine(0.25), 0.5, _cosine(0.75), 0.0], abs=1e-12)
 
 
 # ---- trainers' options: one-line usage errors before any work --------------------------------------------------
