@@ -8,13 +8,13 @@ Usage::
 
 Resuming: with ``state_path`` the loop writes a training state every ``config.checkpoint_every`` steps, at the
 end, and when SIGTERM or SIGINT arrives (it finishes the current step, writes the state and raises
-:class:`TrainingInterrupted`). The file (safetensors, written atomically) holds the model's weights and
-buffers (in their own dtype), the optimizer state, the step, the history, torch's random state, the schedule
-(:class:`TrainConfig`) and the run's ``settings`` (what else shapes the run: the trainers give their seed,
-global batch size and a :func:`content_digest` of their data and of any model they learn from); ``resume=True`` refuses a state whose schedule or settings differ, loads it and
-fast-forwards ``batches`` by drawing the batches already trained on, so every random draw of a run must come
-from the batch stream (rebuilt from its seed) or from torch's global generator: then a resumed run ends with
-the weights of an uninterrupted one.
+:class:`TrainingInterrupted`). The file (safetensors, written atomically) holds the model's weights and buffers
+(in their own dtype), the optimizer state, the step, the history, torch's random state, the schedule
+(:class:`TrainConfig`) and the run's ``settings`` (what else shapes the run: the trainers give their seed, global
+batch size and a :func:`content_digest` of their data and of any model they learn from); ``resume=True`` refuses a
+state whose schedule or settings differ, loads it and fast-forwards ``batches`` by drawing the batches already
+trained on, so every random draw of a run must come from the batch stream (rebuilt from its seed) or from torch's
+global generator: then a resumed run ends with the weights of an uninterrupted one.
 
 The second half of this module is the command-line contract the trainers share: argparse value types,
 ``--resume`` / ``--checkpoint-every``, checking ``--out`` before any work, and :func:`trainer_main`.
@@ -139,7 +139,9 @@ class TrainingInterrupted(TrainingError):
 
 
 def lr_at(step: int, config: TrainConfig) -> float:
-    """Linear warmup for ``warmup`` steps, then cosine decay to ``min_lr_ratio * lr``."""
+    """The learning rate of step ``step`` (0-based): linear warmup over the first ``warmup`` steps (``lr / warmup``
+    at step 0, ``lr`` at step ``warmup - 1``), then cosine decay that reaches ``min_lr_ratio * lr`` at step
+    ``steps`` (one past the last step trained, which therefore runs a little above the floor)."""
     if step < config.warmup:
         return config.lr * (step + 1) / config.warmup
     progress = (step - config.warmup) / max(1, config.steps - config.warmup)
