@@ -80,6 +80,8 @@ def test_hint_asked_first_starts_at_the_first_level(capsys):
     capsys.readouterr()
     chapter.hint("99.2")  # a typo in a notebook: one line, no traceback
     assert capsys.readouterr().out == "'99.2' is not an exercise of chapter 99; known: 99.1 (softmax)\n"
+    chapter.hint(99.1)  # the quotes forgotten
+    assert capsys.readouterr().out == "99.1 is a number: name the exercise as a string, checks.ch99.hint('99.1')\n"
 
 
 @pytest.mark.parametrize("hints", ["a single string", (), ("ok", "")])

@@ -267,10 +267,12 @@ def test_json_content_types_are_read_and_validated_as_strictly(client, content_t
 def test_serve_help_is_plain_text_naming_the_endpoints_fields_and_defaults(capsys):
     import pydantic
 
-    from ar_course.serving.server import _request_model, build_parser
+    from ar_course.serving.server import CHARS_PER_POSITION, _request_model, build_parser
 
     assert cli.main(["serve", "--help"]) == 0
     out = capsys.readouterr().out
+    assert f"at most {CHARS_PER_POSITION} characters per position of the\n" in out  # the limit the server applies
+    assert "Ctrl-C or SIGTERM stops it" in out
     assert "``" not in out and "POST /v1/completions takes a JSON object (Content-Type: application/json)" in out
     assert "GET /health" in out
     assert "curl http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json'" in out

@@ -175,7 +175,8 @@ def test_a_huge_prompt_is_refused_before_it_is_tokenized(server, monkeypatch):
     monkeypatch.setattr(tok, "encode", lambda text: pytest.fail("a prompt past the limit was tokenized"))
     r = httpx.post(f"{url}/v1/completions", json={"prompt": "a" * (limit + 1), "max_tokens": 1}, timeout=30)
     assert r.status_code == 400 and r.json()["error"]["message"] == \
-        f"prompt: String should have at most {limit} characters", r.text
+        f"prompt: at most {limit} characters (8 per position of the model's context of {model.config.block_size}), " \
+        f"got {limit + 1}", r.text
 
 
 @pytest.mark.parametrize("field", ["temperature", "top_p", "timeout_s"])
@@ -226,6 +227,37 @@ def test_concurrent_clients_all_answered(server):
     assert results == [200] * 6
     health = httpx.get(f"{url}/health", timeout=10).json()
     assert health["pending"] == 0 and health["completed"]["length"] >= 6
+
+
+def test_the_server_runs_in_a_thread_other_than_the_main_one():
+    """Only the main thread may set a signal handler: serving from another (a notebook's background thread) must
+    not try (ValueError: signal only works in main thread)."""
+    from ar_course.serving.server import _run, create_app
+
+    model, tok = load_pretrained("lm_draft")
+    app = create_app(Engine(model, EngineConfig(num_blocks=16, block_size=16)), tok, model_name="lm_draft")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    errors = []
+
+    def serve():
+        try:
+            _run(app, host="127.0.0.1", port=port, banner="up")
+        except BaseException as exc:  # noqa: BLE001 - the failure this test looks for
+            errors.append(exc)
+
+    threading.Thread(target=serve, daemon=True).start()
+    deadline = time.monotonic() + 60
+    while not errors and time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    assert not errors, errors
+    assert httpx.post(f"http://127.0.0.1:{port}/v1/completions", json={"prompt": "a", "max_tokens": 2},
+                      timeout=30).status_code == 200
 
 
 @pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])

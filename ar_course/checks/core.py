@@ -13,7 +13,9 @@ Calling the registered check with the learner's function prints exactly one line
 
 * ``Exercise 1.1 passed``
 * ``Exercise 1.1 failed: <what differed, on which input>[; <diagnosis>]. Hint: <hint>``
-* ``Exercise 1.1 not attempted yet`` (the function is still a ``raise NotImplementedError`` stub).
+* ``Exercise 1.1 not attempted yet`` (the function is still a ``raise NotImplementedError`` stub);
+* ``Exercise 1.2 not checked yet: your function calls `vq_lookup` (Exercise 1.1), which is not written yet: ...``
+  (the function runs into another exercise's stub).
 
 **Run All.** By default a check only prints its line and records its verdict (``chapter.results``; it returns
 nothing, so a check cell shows just its line), so a learner notebook runs to its end: ``chapter.use(fn)`` hands
@@ -578,6 +580,8 @@ class Chapter:
 
     def _find(self, exercise: str | Callable) -> Exercise:
         """The exercise with this number (``"1.2"``) or of this function (by name)."""
+        if isinstance(exercise, (int, float)) and not isinstance(exercise, bool):  # hint(5.1): quotes forgotten
+            raise KeyError(f"{exercise!r} is a number: name the exercise as a string, {self.module}.hint('{exercise}')")
         key = exercise if isinstance(exercise, str) else getattr(exercise, "__name__", None)
         for ex in self.exercises.values():
             if key in (ex.number, ex.name):

@@ -35,6 +35,7 @@ import os
 import re
 import signal
 import socket
+import threading
 import time
 import uuid
 from typing import AsyncIterator
@@ -153,6 +154,10 @@ def create_app(engine: Engine, tokenizer, *, model_name: str = "lm_target", max_
             at = first["loc"][-1]
             return _error(fastapi, 400, f"body is not valid JSON: {first['ctx']['error']} (at character {at})")
         where = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or "body"
+        if where == "prompt" and first.get("type") == "string_too_long":  # say where the limit comes from
+            return _error(fastapi, 400, f"prompt: at most {first['ctx']['max_length']} characters "
+                                        f"({CHARS_PER_POSITION} per position of the model's context of {limit + 1}), "
+                                        f"got {len(first['input'])}")
         return _error(fastapi, 400, f"{where}: {first.get('msg', 'invalid value')}")
 
     @app.exception_handler(HTTPException)
@@ -294,10 +299,11 @@ def _check_engine_options(parser, args: argparse.Namespace, model, config: Engin
 _DESCRIPTION = """\
 Serve a text model over HTTP: OpenAI-style completions, whole or streamed.
 Once the model is loaded and the port listens, it prints one line saying where;
-Ctrl-C stops it (the requests in flight end first).
+Ctrl-C or SIGTERM stops it (the requests in flight end first) with exit status 0.
 
 POST /v1/completions takes a JSON object (Content-Type: application/json):
-  prompt       string, required
+  prompt       string, required, at most 8 characters per position of the
+               model's context (the shipped models: one position per character)
   max_tokens   integer, 1 to the model's context - 1 [16]
   temperature  number in [0, 10], 0 = greedy [1.0]
   top_k        integer >= 1 (default: no top-k)
@@ -371,13 +377,16 @@ def _run(app, *, host: str, port: int, banner: str) -> None:
 
     # uvicorn shuts down gracefully on SIGINT and SIGTERM, then raises the signal again for the handler it found:
     # Ctrl-C becomes a KeyboardInterrupt, and SIGTERM (which would kill the process, status -15) a _Stopped
-    previous = signal.signal(signal.SIGTERM, _stopped)
+    # (only the main thread may set a handler; elsewhere uvicorn installs none either)
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _stopped) if main else None
     try:
         Server(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False)).run()
     except (KeyboardInterrupt, _Stopped):
         pass
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if main:
+            signal.signal(signal.SIGTERM, previous)
 
 
 class _Stopped(Exception):
