@@ -28,6 +28,7 @@ import glob
 import importlib
 import json
 import os
+import re
 import tempfile
 import textwrap
 import time
@@ -168,7 +169,7 @@ def _error_line(cell: nbformat.NotebookNode) -> str | None:
     its message (the type alone without one); ``None`` when it raised none."""
     for out in cell.get("outputs", []):
         if out.get("output_type") == "error":
-            message = first_line(str(out.get("evalue", "")))
+            message = re.sub(r"\([^()]*\.py, (line \d+)\)", r"(\1)", first_line(str(out.get("evalue", ""))))
             return f"{out.get('ename')}: {message}" if message else str(out.get("ename"))
     return None
 

@@ -215,6 +215,13 @@ def test_frechet_hand_written_passes_and_mistakes_fail():
     assert_fails(ch03.frechet_distance, lambda a, b: frechet(a, b, elementwise=True),
                  contains="entrywise product s_a * s_b")
 
+    def no_root(a, b):  # 2 tr(S_a S_b): can come out negative
+        x, y = a.double().numpy(), b.double().numpy()
+        s_a, s_b = np.cov(x, rowvar=False), np.cov(y, rowvar=False)
+        return float(((x.mean(0) - y.mean(0)) ** 2).sum() + np.trace(s_a) + np.trace(s_b) - 2 * np.trace(s_a @ s_b))
+
+    assert_fails(ch03.frechet_distance, no_root, contains="the square root is missing")
+
     def root_of_each_entry(a, b):
         a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
         s_a, s_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)

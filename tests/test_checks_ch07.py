@@ -133,6 +133,14 @@ def weights_ramp_over_s(w, method, num_steps, ramp=True):  # an off-by-one ramp:
     return [(1 + w * k / num_steps, -w * k / num_steps) for k in range(num_steps)]
 
 
+def test_messages_show_no_object_address_and_no_negative_zero():
+    msg = assert_fails(ch07.generate_in_batches, lambda fn, classes, bs: torch.cat(*[fn(c) for c in classes.split(bs)],
+                                                                                   dim=0))
+    assert "(arguments: generate_fn, Tensor(23,) int64 cpu, 5)" in msg and " at 0x" not in msg, msg
+    msg = assert_fails(ch07.guidance_weights, weights_ramp_from_first_step)
+    assert "-0)" not in msg and "expected (1, 0)" in msg, msg
+
+
 def test_guidance_rejects_wrong_answers():
     msg = assert_fails(ch07.guidance_weights, weights_w_as_scale, contains="ar, 64 tokens")
     assert "a strength t is the scale s = 1 + t" in msg

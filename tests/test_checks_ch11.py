@@ -110,6 +110,21 @@ def adv_batch(rewards, groups, eps=1e-4):
     return (rewards - rewards.mean()) / (rewards.std(unbiased=False) + eps)
 
 
+def adv_batch_default_std(rewards, groups, eps=1e-4):  # the first thing one writes: torch's unbiased std
+    return (rewards - rewards.mean()) / (rewards.std() + eps)
+
+
+def loss_ratio_inverted(logp, logp_old, logp_ref, adv, clip, kl_coef):  # pi_old / pi
+    r, a = torch.exp(logp_old - logp), adv[:, None]
+    return -torch.minimum(r * a, r.clamp(1 - clip, 1 + clip) * a).mean() + kl_coef * _k3(logp, logp_ref).mean(), \
+        _k3(logp, logp_ref).mean().detach()
+
+
+def test_11_2_and_11_3_name_the_first_forms_a_learner_writes():
+    assert_fails(ch11.group_advantages, adv_batch_default_std, contains="normalises over the whole batch at once")
+    assert_fails(ch11.grpo_loss, loss_ratio_inverted, contains="the ratio is inverted")
+
+
 def adv_loop(rewards, groups, eps=1e-4, unbiased=False, add_eps=True):
     out = torch.zeros_like(rewards)
     for gid in groups.unique():

@@ -123,7 +123,7 @@ def test_grader_lists_every_exercise_of_the_chapter_and_each_ones_own_error(tmp_
         ("0.1", "stable_softmax", "not run"), ("0.2", "sample_categorical", "not attempted"),
         ("0.3", "cross_entropy_from_logits", "not run")]
     assert rows[0]["detail"] == "its exercise cell is missing or no longer starts with '# Exercise 0.1: stable_softmax'"
-    assert re.fullmatch(rf"its exercise cell raised SyntaxError: incomplete input \(\S+\.py, line \d+\) "
+    assert re.fullmatch(rf"its exercise cell raised SyntaxError: incomplete input \(line \d+\) "  # no temporary file
                         rf"\(cell {syntax_cell}\)", rows[2]["detail"]), rows[2]["detail"]
 
 

@@ -404,12 +404,16 @@ def _frechet_cases() -> Iterator[Case]:
 
 
 def _frechet_variant(a: torch.Tensor, b: torch.Tensor, *, ddof: int = 1, elementwise: bool = False,
-                     separate: bool = False, entrywise_product: bool = False, mean_term: bool = True) -> float:
+                     separate: bool = False, entrywise_product: bool = False, no_root: bool = False,
+                     mean_term: bool = True) -> float:
     """The Frechet distance with one thing changed: biased covariances, an elementwise square root, the
-    product of the two covariances' square roots, the root of their entrywise product, or no mean term."""
+    product of the two covariances' square roots, the root of their entrywise product, no square root at all, or
+    no mean term."""
     x, y = a.double().numpy(), b.double().numpy()
     s_a, s_b = np.cov(x, rowvar=False, ddof=ddof), np.cov(y, rowvar=False, ddof=ddof)
-    if entrywise_product:
+    if no_root:
+        root = s_a @ s_b
+    elif entrywise_product:
         root = np.sqrt(np.abs(s_a * s_b))  # its trace only sees the diagonals, sum sqrt(var_a * var_b)
     elif separate:
         root = linalg.sqrtm(s_a).real @ linalg.sqrtm(s_b).real
@@ -430,6 +434,9 @@ FRECHET_MISTAKES = [
     Mistake(lambda a, b: _frechet_variant(a, b, separate=True),
             "that multiplies the square roots of S_a and S_b; the formula takes the square root of their product "
             "(two covariances rarely commute, so the two differ)"),
+    Mistake(lambda a, b: _frechet_variant(a, b, no_root=True),
+            "the square root is missing: the formula has 2 tr((S_a S_b)^(1/2)), not 2 tr(S_a S_b) (without the root "
+            "the 'distance' can even come out negative)"),
     Mistake(lambda a, b: _frechet_variant(a, b, mean_term=False),
             "the term ||mu_a - mu_b||^2 is missing: that compares only the covariances, so two sets that differ by "
             "a shift would be at distance 0"),

@@ -218,8 +218,8 @@ def guidance_weights(fn: Callable, ref_fn: Callable) -> None:
         if bool(bad.any()):
             k = int(bad.any(dim=1).nonzero()[0])
             failure = CheckFailure(f"on input {case.name!r}, step {k} has (a_cond, a_uncond) = "
-                                   f"({got_t[k, 0]:.6g}, {got_t[k, 1]:.6g}), expected ({expected[k, 0]:.6g}, "
-                                   f"{expected[k, 1]:.6g})")
+                                   f"({got_t[k, 0]:.6g}, {got_t[k, 1]:.6g}), expected ({expected[k, 0] + 0.0:.6g}, "
+                                   f"{expected[k, 1] + 0.0:.6g})")  # + 0.0: -0.0 prints as 0
             raise explain(failure, GUIDANCE_MISTAKES, case, got_t.tolist(), atol=1e-6, rtol=1e-6)
     _expect_error(fn, (1.0, "raster", 4), {}, ValueError, "an unknown method 'raster'")
 
@@ -328,6 +328,9 @@ class _Recorder:
 
     def __init__(self) -> None:
         self.calls: list[torch.Tensor] = []
+
+    def __repr__(self) -> str:  # how a failure message lists it among the arguments
+        return "generate_fn"
 
     def __call__(self, chunk: torch.Tensor) -> torch.Tensor:
         self.calls.append(chunk.detach().clone())

@@ -229,8 +229,9 @@ def _adv_group_by_group(rewards, groups, eps=1e-4):
 ADV_MISTAKES = [
     Mistake(_adv_blocks, "that reads the groups as consecutive, equal blocks of the batch; a sample's group is "
                          "its id in groups, wherever it sits"),
-    Mistake(lambda r, gr, eps=1e-4: (r - r.mean()) / (r.std(unbiased=False) + eps),
-            "that normalises over the whole batch at once; each group is its own baseline"),
+    *[Mistake(lambda r, gr, eps=1e-4, unbiased=unbiased: (r - r.mean()) / (r.std(unbiased=unbiased) + eps),
+              "that normalises over the whole batch at once; each group is its own baseline")
+      for unbiased in (False, True)],  # r.std() is torch's unbiased one
     Mistake(lambda r, gr, eps=1e-4: _adv_per_group(r, gr, eps, unbiased=True),
             "that divides by the unbiased standard deviation (torch.std's default); use the population one"),
     Mistake(lambda r, gr, eps=1e-4: _adv_per_group(r, gr, eps, add_eps=False),
@@ -307,6 +308,9 @@ def _loss_tokens_broadcast(logp, logp_old, logp_ref, adv, clip, kl_coef):
 
 
 LOSS_MISTAKES = [
+    Mistake(_loss_with(surrogate=lambda r, a, clip: torch.minimum(a / r, (1 / r).clamp(1 - clip, 1 + clip) * a)),
+            "the ratio is inverted: it is pi / pi_old = exp(logp - logp_old), the new policy over the one that "
+            "sampled"),
     Mistake(_loss_with(surrogate=lambda r, a, clip: r.clamp(1 - clip, 1 + clip) * a),
             "that is the clipped term alone: without the minimum with the unclipped term, a ratio that moved the "
             "wrong way is clipped too and its gradient lost"),

@@ -99,6 +99,8 @@ def describe(x: Any) -> str:
         return f"{type(x).__name__}[{inner}]"
     if isinstance(x, float):
         return f"{x:.6g}"
+    if type(x).__repr__ is object.__repr__:  # "<... object at 0x...>": an address that changes every run
+        return type(x).__name__
     return repr(x) if len(repr(x)) < 60 else type(x).__name__
 
 
