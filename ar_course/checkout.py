@@ -12,11 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ar_course.cli import invalid
-from ar_course.project import is_project_root
-
-
-SOURCE = Path(__file__).resolve().parents[1]
-"""The folder above the package: the checkout itself when the package was installed in editable mode."""
+from ar_course.project import SOURCE, is_project_root
 
 
 class CheckoutNotFound(Exception):
@@ -35,6 +31,11 @@ def root_path(text: str) -> Path:
     return Path(text)
 
 
+def _first_checkout(folders: tuple[Path, ...], marker: str) -> Path | None:
+    """The first of ``folders`` that :func:`is_checkout` with ``marker``, or None."""
+    return next((folder for folder in folders if is_checkout(folder, marker)), None)
+
+
 def find_root(marker: str, root: str | Path | None = None) -> Path:
     """The checkout to work on: ``root`` when given (checked), else the first folder from the current one upward
     that :func:`is_checkout`. Raises :class:`CheckoutNotFound` with a one-line message otherwise."""
@@ -45,9 +46,9 @@ def find_root(marker: str, root: str | Path | None = None) -> Path:
                                    f"{marker}/)")
         return folder
     here = Path.cwd().resolve()
-    for folder in (here, *here.parents):
-        if is_checkout(folder, marker):
-            return folder
+    found = _first_checkout((here, *here.parents), marker)
+    if found is not None:
+        return found
     raise CheckoutNotFound(f"no ar-course checkout found from {here} upward (looked for pyproject.toml with "
                            f"{marker}/); pass --root")
 
@@ -57,9 +58,9 @@ def checkout_file(*parts: str) -> Path:
     the checkout above the current folder, else the one this package was installed from (:data:`SOURCE`). Raises
     :class:`CheckoutNotFound` with a one-line message when neither holds ``parts[0]``."""
     here = Path.cwd().resolve()
-    for folder in (here, *here.parents, SOURCE):
-        if is_checkout(folder, parts[0]):
-            return folder.joinpath(*parts)
+    found = _first_checkout((here, *here.parents, SOURCE), parts[0])
+    if found is not None:
+        return found.joinpath(*parts)
     raise CheckoutNotFound(f"{'/'.join(parts)} is part of the ar-course repository, which is neither above "
                            f"{here} nor where this package is installed from ({SOURCE}): open the notebook inside "
                            "a checkout of the repository")

@@ -10,6 +10,10 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+SOURCE = Path(__file__).resolve().parents[1]
+"""The folder above the package: the checkout itself when ``ar_course`` runs from one (or an editable install of
+one), ``site-packages`` for a plain install."""
+
 _PROJECT_NAME = re.compile(r'^name\s*=\s*"ar-course"\s*$', re.MULTILINE)
 
 

@@ -46,7 +46,7 @@ from ar_course.checkpoint import (
 )
 from ar_course.cli import device_name, int_in, nonnegative_int, positive_float, positive_int, probability
 from ar_course.files import check_output_path
-from ar_course.project import is_project_root
+from ar_course.project import SOURCE, is_project_root
 from ar_course.utils import check_int, check_number
 
 STATE_KIND = "train-state"
@@ -646,7 +646,7 @@ def is_source_checkout() -> bool:
     ``pyproject.toml``), where a trainer's default ``--out`` regenerates a shipped checkpoint in
     ``ar_course/assets/``; ``False`` for an installed package (site-packages), whose shipped files it must not
     replace."""
-    return is_project_root(ASSETS.parent.parent)
+    return is_project_root(SOURCE)
 
 
 def out_help(default: str) -> str:
