@@ -161,3 +161,14 @@ def test_gather_kv_checks_its_table_and_pool(pool: object, table: object, length
 def test_worker_checks_its_queue_options(options, error, match):
     with pytest.raises(error, match=match):
         EngineWorker(Engine(_gpt(), CONFIG), **options)
+
+
+def test_block_tables_of_a_narrow_integer_dtype_index_like_int64():
+    """A uint8 block table is ids, not a mask (torch would read it as one); int8/int16 index at all (audit 23)."""
+    torch.manual_seed(0)
+    pool, q = torch.randn(4, 2, 1, 3), torch.randn(2, 1, 3)  # (blocks, block_size, H, D), (B, H, D)
+    table, lengths = torch.tensor([[3, 1], [0, 2]]), torch.tensor([4, 3])
+    want = paged_attention(q, pool, pool, table, lengths)
+    for dtype in (torch.uint8, torch.int8, torch.int16):
+        torch.testing.assert_close(gather_kv(pool, table[0].to(dtype), 3), gather_kv(pool, table[0], 3))
+        torch.testing.assert_close(paged_attention(q, pool, pool, table.to(dtype), lengths), want)

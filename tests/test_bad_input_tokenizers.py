@@ -278,3 +278,28 @@ def test_training_vqvae_names_non_finite_latents(monkeypatch):
     monkeypatch.setattr(tok, "encode", lambda x: encode(x) * float("nan"))
     with pytest.raises(ValueError, match="z must be finite"):
         tok(torch.rand(2, 1, 8, 8))
+
+
+# -- narrow integer token maps (audit 23): a 256-code map stored as uint8 decodes like the int64 one --------------
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int8, torch.int16, torch.int32])
+@pytest.mark.parametrize("quantizer", ["vq", "rvq", "msvq"])
+def test_decode_takes_any_integer_dtype(quantizer, dtype):
+    codes = 256 if dtype == torch.uint8 else 100  # every id fits the dtype; uint8 up to 255, the top id
+    tok = _tok(quantizer=quantizer, num_codes=codes, **({"scales": (1, 2, 4)} if quantizer == "msvq" else {}))
+    ids = tok.encode_to_indices(torch.rand(2, 1, 8, 8))
+    maps = ids if quantizer == "msvq" else [ids]
+    maps[-1][(0,) * maps[-1].ndim] = codes - 1
+    narrow = [m.to(dtype) for m in maps] if quantizer == "msvq" else maps[0].to(dtype)
+    torch.testing.assert_close(tok.decode_from_indices(narrow), tok.decode_from_indices(ids), rtol=0, atol=0)
+
+
+def test_a_uint8_id_past_the_codebook_is_named_as_it_is():
+    with pytest.raises(ValueError, match=r"indices must lie in \[0, 99\], got 200"):
+        VectorQuantizer(100, 4).decode(torch.full((1, 2, 2), 200, dtype=torch.uint8))
+    with pytest.raises(ValueError, match=r"must lie in \[0, 254\], got 255"):
+        Fq.embed_indices(torch.full((1, 1, 1), 255, dtype=torch.uint8), torch.randn(255, 2))
+    top = Fq.embed_indices(  # 256 codes: the bound does not wrap to 0 in uint8 and flag every id
+        torch.full((1, 1, 1), 255, dtype=torch.uint8), torch.eye(256))  # (1, 256, 1, 1)
+    torch.testing.assert_close(top[0, :, 0, 0], torch.eye(256)[255])

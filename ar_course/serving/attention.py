@@ -37,7 +37,7 @@ def gather_kv(pool: torch.Tensor, block_table: torch.Tensor, length: int) -> tor
     check_ids("block_table", block_table, pool.shape[0], ("n_blocks",), dtype=None, allow_empty=True)
     if length > block_table.numel() * pool.shape[1]:
         raise ValueError(f"length {length} exceeds the {block_table.numel()} blocks of the table")
-    blocks = pool[block_table]  # (n_blocks, block_size, H, D)
+    blocks = pool[block_table.long()]  # (n_blocks, block_size, H, D); a uint8 index would be a mask
     return blocks.flatten(0, 1)[:length]  # (length, H, D)
 
 
@@ -73,8 +73,9 @@ def paged_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
     bs = k_pool.shape[1]
     if bool((lengths < 1).any()) or bool((lengths > block_tables.shape[1] * bs).any()):
         raise ValueError("every length must be in [1, max_blocks * block_size]")
-    k = k_pool[block_tables].flatten(1, 2)  # (B, max_blocks * bs, H, D)
-    v = v_pool[block_tables].flatten(1, 2)  # (B, max_blocks * bs, H, D)
+    tables = block_tables.long()  # any integer dtype (torch reads a uint8 index as a mask)
+    k = k_pool[tables].flatten(1, 2)  # (B, max_blocks * bs, H, D)
+    v = v_pool[tables].flatten(1, 2)  # (B, max_blocks * bs, H, D)
     scores = torch.einsum("bhd,bthd->bht", q, k) / math.sqrt(D)  # (B, H, T_max)
     valid = torch.arange(k.shape[1], device=q.device)[None, :] < lengths[:, None].to(q.device)  # (B, T_max)
     scores = scores.masked_fill(~valid[:, None, :], float("-inf"))

@@ -323,8 +323,9 @@ def embed_indices(indices: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor
 
 
 def _embed_indices(indices: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
-    """:func:`embed_indices` on indices known to be valid (no values read)."""
-    return codebook[indices].permute(0, 3, 1, 2)  # (B, s, s, C) -> (B, C, s, s)
+    """:func:`embed_indices` on indices known to be valid (no values read; any integer dtype: torch indexes
+    with int64, and would read a uint8 tensor as a mask)."""
+    return codebook[indices.long()].permute(0, 3, 1, 2)  # (B, s, s, C) -> (B, C, s, s)
 
 
 def multiscale_encode(

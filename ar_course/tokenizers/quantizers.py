@@ -165,7 +165,7 @@ class VectorQuantizer(nn.Module):
         """Feature map ``(B, D, h, w)`` of a non-empty integer index map ``(B, h, w)`` of codes in
         ``[0, num_codes)`` (``ValueError`` otherwise; ``TypeError`` for a non-tensor)."""
         check_ids("indices", indices, self.num_codes, ("B", "h", "w"), dtype=None)
-        return self.codes()[indices].permute(0, 3, 1, 2)  # (B, h, w, D) -> (B, D, h, w)
+        return Fq._embed_indices(indices, self.codes())  # (B, D, h, w)
 
     # -- training -----------------------------------------------------------------------------------------
     def forward(self, z: torch.Tensor) -> QuantizerOutput:
