@@ -267,8 +267,12 @@ def check_image_values(name: str, x: torch.Tensor, data_range: float = 1.0) -> t
     ``data_range`` outside it pass (decoder outputs overshoot a little), a range like 0..255 (for
     ``data_range = 1``) or [-1, 1] does not. One min/max read (one host sync on CUDA).
 
+    An empty ``x`` passes (callers that need images refuse an empty batch themselves).
+
     Raises ``ValueError``: ``images must be finite, got nan`` (as :func:`check_finite`) or ``images must be in
     [0, 1], got values in [0.00, 254.95] (divide 0..255 images by 255)``."""
+    if x.numel() == 0:
+        return x
     lo, hi = torch.stack([x.amin(), x.amax()]).tolist()
     if not (math.isfinite(lo) and math.isfinite(hi)):
         check_finite(name, x)  # raises, naming the first bad value

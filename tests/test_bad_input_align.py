@@ -111,6 +111,12 @@ def test_rewards_refuse_bad_images(reward, images, message):
         reward(images, CLASSES)
 
 
+@pytest.mark.parametrize("reward", [class_probability, brightness])
+def test_rewards_refuse_an_empty_batch(reward):  # was a RuntimeError from amin() inside torch
+    with pytest.raises(ValueError, match=r"images is an empty batch \(0, 1, 32, 32\)"):
+        reward(torch.rand(0, 1, 32, 32), torch.zeros(0, dtype=torch.long))
+
+
 def test_brightness_good_images_unchanged():
     images = _images(0.5)
     assert torch.equal(brightness(images, CLASSES), images.clamp(0, 1).flatten(1).mean(dim=1))
@@ -235,6 +241,8 @@ def test_train_grpo_config_type(policy):
      "clip must be a finite number > 0"),
     (lambda: cca_loss(torch.zeros(2), torch.zeros(2), beta=float("nan")), ValueError, "beta must be a finite"),
     (lambda: cca_loss(torch.zeros(2), torch.zeros(2), lam=-1.0), ValueError, "lam must be a finite number >= 0"),
+    (lambda: cca_loss(torch.zeros(0), torch.zeros(0)), ValueError, r"of one size B >= 1, got \(0,\)"),  # was nan
+    (lambda: group_advantages(torch.zeros(0, 4)), ValueError, r"N >= 1 groups .*got \(0, 4\)"),
     (lambda: wrong_classes([0, 1], 3, torch.Generator()), TypeError, "classes must be a"),
     (lambda: wrong_classes(torch.tensor([0.0, 1.0]), 3, torch.Generator()), ValueError, "classes must be a"),
 ])

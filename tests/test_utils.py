@@ -31,3 +31,12 @@ def test_chunks_in_order_with_a_shorter_last_one():
 def test_bad_arguments(classes, batch_size, error):
     with pytest.raises(error):
         generate_in_batches(lambda chunk: chunk, classes, batch_size)
+
+
+def test_check_image_values_passes_an_empty_tensor():  # torch's amin() of no elements is a RuntimeError
+    from ar_course.utils import check_image_values
+
+    empty = torch.rand(0, 1, 4, 4)
+    assert check_image_values("images", empty) is empty
+    with pytest.raises(ValueError, match=r"images must be in \[0, 1\]"):
+        check_image_values("images", torch.full((1, 1, 2, 2), 255.0))

@@ -32,13 +32,13 @@ def group_advantages(rewards: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
 
     Raises:
         TypeError: ``rewards`` not a tensor, or ``eps`` not a number.
-        ValueError: ``rewards`` not a float ``(N, G)`` tensor with ``G >= 2``, or ``eps`` not a finite number
+        ValueError: ``rewards`` not a float ``(N, G)`` tensor with ``N >= 1`` and ``G >= 2``, or ``eps`` not a finite number
             ``> 0`` (``0`` would turn a group of equal rewards into ``0 / 0``).
     """
     _check_tensor("rewards", rewards)
     eps = check_number("eps", eps, lo=0, lo_open=True)
-    if rewards.ndim != 2 or rewards.shape[1] < 2:
-        raise ValueError(f"rewards must be (N, G) with G >= 2 samples per group, got {tuple(rewards.shape)}")
+    if rewards.ndim != 2 or rewards.shape[1] < 2 or rewards.shape[0] == 0:
+        raise ValueError(f"rewards must be (N, G) with N >= 1 groups of G >= 2 samples, got {tuple(rewards.shape)}")
     mean = rewards.mean(dim=1, keepdim=True)  # (N, 1)
     std = rewards.std(dim=1, keepdim=True, unbiased=False)  # (N, 1)
     return (rewards - mean) / (std + eps)
@@ -87,8 +87,8 @@ def cca_loss(
     ``logratio_neg`` ``(B,)``: the same for images paired with a wrong class. Raising the first and lowering
     the second makes the model's conditional look like the guided one of its reference, with no sampling."""
     _check_tensor("logratio_pos", logratio_pos), _check_tensor("logratio_neg", logratio_neg)
-    if logratio_pos.ndim != 1 or logratio_pos.shape != logratio_neg.shape:
-        raise ValueError(f"logratio_pos and logratio_neg must be (B,) of one size, got "
+    if logratio_pos.ndim != 1 or logratio_pos.shape != logratio_neg.shape or logratio_pos.numel() == 0:
+        raise ValueError(f"logratio_pos and logratio_neg must be (B,) of one size B >= 1, got "
                          f"{tuple(logratio_pos.shape)}, {tuple(logratio_neg.shape)}")
     beta, lam = check_number("beta", beta, lo=0, lo_open=True), check_number("lam", lam, lo=0)
     return -F.logsigmoid(beta * logratio_pos).mean() - lam * F.logsigmoid(-beta * logratio_neg).mean()

@@ -29,6 +29,8 @@ def _check(images: torch.Tensor, classes: torch.Tensor) -> None:
                          f"{tuple(classes.shape)}")
     if not images.is_floating_point():
         raise ValueError(f"images must be a floating-point tensor with values in [0, 1], got {images.dtype}")
+    if images.shape[0] == 0:
+        raise ValueError(f"images is an empty batch {tuple(images.shape)}")
     check_image_values("images", images)
 
 
@@ -38,9 +40,10 @@ def class_probability(images: torch.Tensor, classes: torch.Tensor, dataset: str 
 
     Raises:
         TypeError: ``images`` or ``classes`` is not a tensor.
-        ValueError: shapes other than ``(B, C, S, S)`` and ``(B,)``, ``images`` not floating-point, not
-            finite or not in [0, 1] (0..255 or [-1, 1] images), an unknown ``dataset``, or ``classes`` not long
-            or not a class of the classifier (the null class of a class-conditional model is none).
+        ValueError: shapes other than ``(B, C, S, S)`` and ``(B,)``, an empty batch, ``images`` not
+            floating-point, not finite or not in [0, 1] (0..255 or [-1, 1] images), an unknown ``dataset``, or
+            ``classes`` not long or not a class of the classifier (the null class of a class-conditional model is
+            none).
     """
     _check(images, classes)
     model = metrics.load_classifier(dataset, images.device)
@@ -55,8 +58,8 @@ def brightness(images: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
 
     Raises:
         TypeError: ``images`` or ``classes`` is not a tensor.
-        ValueError: shapes other than ``(B, C, S, S)`` and ``(B,)``, or ``images`` not floating-point, not
-            finite or not in [0, 1].
+        ValueError: shapes other than ``(B, C, S, S)`` and ``(B,)``, an empty batch, or ``images`` not
+            floating-point, not finite or not in [0, 1].
     """
     _check(images, classes)
     return images.clamp(0, 1).flatten(1).mean(dim=1)
