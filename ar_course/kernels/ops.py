@@ -292,7 +292,10 @@ def _check_float(name: str, x: torch.Tensor) -> None:
 def vq_nearest(z: torch.Tensor, codebook: torch.Tensor, backend: str = "auto") -> torch.Tensor:
     """Index of the nearest code (squared Euclidean distance) for every vector; ties go to the lowest index.
 
-    z (..., D), codebook (K, D) on the same device -> int64 indices of shape z.shape[:-1].
+    z (..., D), codebook (K, D) on the same device -> int64 indices of shape z.shape[:-1]. Every back-end, torch's
+    included, computes the distances in float32 so that they agree: float64 input is rounded first, and codes
+    closer together than float32 resolves may be told apart differently from a float64 ``torch.cdist``
+    (:func:`ar_course.tokenizers.functional.vq_lookup` keeps the input's dtype).
 
     Like ``torch.cdist(z, codebook).argmin(-1)``, which it replaces, it does not scan its inputs for NaN or
     infinity (that would cost a pass over ``z`` and a host sync): the index of a non-finite vector, or next to
