@@ -333,13 +333,21 @@ def _navigation(pages: Sequence[Page], i: int) -> str:
     return " · ".join(links)
 
 
+_NOTEBOOK_LINK = re.compile(r"\]\(([\w.-]+)\.ipynb(#[^)\s]*)?\)")
+"""A Markdown link to a notebook beside this one, ``](03_x.ipynb#guidance)``: its page is ``03_x.html``."""
+
+
 def render_page(nb: NotebookNode, title: str, navigation: str = "") -> str:
     """One notebook as a self-contained HTML page (nbconvert's ``lab`` template; figures embedded as data
-    URIs; widgets static), with ``navigation`` (Markdown) above the first cell and below the last."""
+    URIs; widgets static), with ``navigation`` (Markdown) above the first cell and below the last. Links to
+    a sibling notebook (``03_x.ipynb#anchor``) point at its page (``03_x.html#anchor``)."""
     from nbconvert import HTMLExporter
 
     nb = nbformat.from_dict(nb)  # a copy: the caller's notebook is left as it was
     static_widgets(nb)
+    for cell in nb.cells:
+        if cell.cell_type == "markdown":
+            cell.source = _NOTEBOOK_LINK.sub(r"](\1.html\2)", cell.source)
     if navigation:
         nb.cells.insert(0, nbformat.v4.new_markdown_cell(navigation))
         nb.cells.append(nbformat.v4.new_markdown_cell(navigation))
@@ -485,9 +493,9 @@ def _cmd_build(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     if args.no_execute:
         copies = [args.executed / s.name for s in sources]
-        missing = [c.name for c in copies if not c.is_file()]
-        if missing:
-            raise SiteError(f"no executed copy of {', '.join(missing)} in {args.executed} (drop --no-execute)")
+        stale = [c.name for s, c in zip(sources, copies) if not is_current(s, c)]
+        if stale:
+            raise SiteError(f"no current executed copy of {', '.join(stale)} in {args.executed} (drop --no-execute)")
     else:
         copies = ensure_executed(sources, args.executed, cell_timeout=args.cell_timeout)
     build_site(copies, args.out)
@@ -523,7 +531,7 @@ def main(argv: Iterable[str] | None = None) -> int:
     bd.add_argument("--solutions", type=Path, default=None, help="default: ROOT/solutions")
     bd.add_argument("--executed", type=Path, default=None, help="default: ROOT/build/executed")
     bd.add_argument("--out", type=Path, default=None, help="default: ROOT/build/site")
-    bd.add_argument("--no-execute", action="store_true", help="fail instead of executing a missing copy")
+    bd.add_argument("--no-execute", action="store_true", help="fail instead of executing a missing or stale copy")
     bd.add_argument("--cell-timeout", type=int_in(1, MAX_CELL_TIMEOUT), default=CELL_TIMEOUT,
                     help=f"seconds per cell (default {CELL_TIMEOUT})")
     fg = sub.add_parser("figures", help="every figure of the executed solutions -> docs/figures/ (committed)")

@@ -137,11 +137,13 @@ def test_build_reuses_current_executed_copies_and_never_runs_them_again(tmp_path
 
     source.write_text(source.read_text().replace("hi", "changed"))  # another version of the notebook
     assert not site.is_current(source, tmp_path / "executed" / source.name)
-    assert site.main([*args, "--no-execute"]) == 0  # --no-execute only needs a copy to exist
+    capsys.readouterr()
+    want = [f"error: no current executed copy of 05_x.ipynb in {tmp_path / 'executed'} (drop --no-execute)"]
+    assert site.main([*args, "--no-execute"]) == 1  # a stale copy is not built from (it was, silently)
+    assert capsys.readouterr().err.strip().splitlines() == want
     (tmp_path / "executed" / source.name).unlink()
     assert site.main([*args, "--no-execute"]) == 1
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err == [f"error: no executed copy of 05_x.ipynb in {tmp_path / 'executed'} (drop --no-execute)"]
+    assert capsys.readouterr().err.strip().splitlines() == want
 
 
 @pytest.mark.timeout(600)
@@ -254,3 +256,14 @@ def test_every_image_the_readme_shows_is_in_the_repository():
     assert images, "the README shows no figure"
     missing = [path for path in images if not (ROOT / path).is_file()]
     assert not missing, f"README.md shows images that are not in the repository: {missing}"
+
+
+def test_links_to_a_sibling_notebook_point_at_its_page(tmp_path):
+    """``03_x.ipynb#guidance`` works in JupyterLab; the site has no notebooks, so it links ``03_x.html#guidance``."""
+    nb = _executed_chapter("04 · Four")
+    nb.cells.insert(1, new_markdown_cell("See [guidance](03_x.ipynb#guidance), [all of 03](03_x.ipynb) and "
+                                         "[the paper](https://example.org/a.ipynb)."))
+    page = site.render_page(nb, "04 · Four")
+    assert 'href="03_x.html#guidance"' in page and 'href="03_x.html"' in page
+    assert 'href="https://example.org/a.ipynb"' in page and ".ipynb#" not in page
+    assert "03_x.ipynb" in nb.cells[1].source  # the caller's notebook is left as it was
