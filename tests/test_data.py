@@ -243,3 +243,22 @@ def test_image_batches_cover_each_pass_and_reshuffle():
         next(image_batches(images, labels[:9], batch_size=5))
     with pytest.raises(ValueError):
         next(image_batches(images, labels, batch_size=11))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--source", "{tmp}/missing"], "--source {tmp}/missing does not exist"),
+    (["--source", "{tmp}/notes.txt"], "notes.txt is neither a folder, a zip/wheel nor a tar archive"),
+    (["--source", "{tmp}"], "no idx file for ['t10k-images', 't10k-labels', 'train-images', 'train-labels']"),
+    (["--n-train", "15"], "--n-train must be a multiple of 10 in [10, 60000] (the split's size), got 15"),
+    (["--n-test", "0"], "--n-test must be a multiple of 10 in [10, 10000] (the split's size), got 0"),
+])
+def test_extract_script_names_bad_input_in_one_line(tmp_path, capsys, args, message):
+    """Bad input is ``error: ...`` with status 2, before any download (it was a traceback)."""
+    (tmp_path / "notes.txt").write_text("not mnist")
+    argv = [a.format(tmp=tmp_path) for a in args] + ["--out", str(tmp_path / "out.npz")]
+    with pytest.raises(SystemExit) as stop:
+        _extract_script().main(argv)
+    assert stop.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # argparse's usage line, then the error
+    assert last.startswith("extract_mnist.py: error: ") and last.endswith(message.format(tmp=tmp_path))
+    assert not (tmp_path / "out.npz").exists()
