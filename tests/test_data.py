@@ -248,7 +248,7 @@ def test_image_batches_cover_each_pass_and_reshuffle():
 @pytest.mark.parametrize("args, message", [
     (["--source", "{tmp}/missing"], "--source {tmp}/missing does not exist"),
     (["--source", "{tmp}/notes.txt"], "notes.txt is neither a folder, a zip/wheel nor a tar archive"),
-    (["--source", "{tmp}"], "no idx file for ['t10k-images', 't10k-labels', 'train-images', 'train-labels']"),
+    (["--source", "{tmp}"], "no idx file for ['t10k-images', 't10k-labels', 'train-images', 'train-labels'] in {tmp}"),
     (["--n-train", "15"], "--n-train must be a multiple of 10 in [10, 60000] (the split's size), got 15"),
     (["--n-test", "0"], "--n-test must be a multiple of 10 in [10, 10000] (the split's size), got 0"),
 ])
