@@ -258,10 +258,21 @@ def _widget_pieces(model_id: str, states: Mapping[str, Any], seen: set[str]) -> 
         labels = state.get("_options_labels")
         if labels is not None and isinstance(state.get("index"), int) and 0 <= state["index"] < len(labels):
             value = labels[state["index"]]
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) and state.get("readout_format"):
+            value = _readout(value, str(state["readout_format"]))
         label = html.escape(str(state.get("description", "")))
         return [_Html(f'<span class="ar-static-control">{label} <b>{html.escape(str(value))}</b> '
                       f"<small>(interactive in JupyterLab)</small></span>")]
     return []
+
+
+def _readout(value: float, spec: str) -> str:
+    """A slider's value as JupyterLab shows it: its ``readout_format`` (a d3-format spec such as ``.3g``, which
+    Python's format reads the same for the common cases); the plain value where Python cannot read the spec."""
+    try:
+        return format(value, spec)
+    except ValueError:
+        return str(value)
 
 
 def static_widgets(nb: NotebookNode) -> NotebookNode:

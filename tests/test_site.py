@@ -267,3 +267,17 @@ def test_links_to_a_sibling_notebook_point_at_its_page(tmp_path):
     assert 'href="03_x.html#guidance"' in page and 'href="03_x.html"' in page
     assert 'href="https://example.org/a.ipynb"' in page and ".ipynb#" not in page
     assert "03_x.ipynb" in nb.cells[1].source  # the caller's notebook is left as it was
+
+
+@pytest.mark.parametrize("model, value, fmt, shown", [
+    ("FloatLogSliderModel", 0.1007035646656845, ".3g", "0.101"),  # chapter 05's draft cost, as JupyterLab shows it
+    ("FloatSliderModel", 0.5, ".2f", "0.50"),
+    ("IntSliderModel", 5, "d", "5"),
+    ("FloatSliderModel", 0.25, ".2~f", "0.25"),  # a d3 spec Python cannot read: the plain value
+])
+def test_a_static_slider_shows_its_readout_format(model, value, fmt, shown):
+    nb = _executed_chapter("x")
+    nb.metadata["widgets"][STATE]["state"]["slider"] = _widget(model, value=value, readout_format=fmt,
+                                                                description="c")
+    site.static_widgets(nb)
+    assert f"c <b>{shown}</b>" in str(nb.cells[2].outputs)
