@@ -398,10 +398,15 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.table:
         path = args.out / "gpu.json"
-        if not path.is_file():
+        if not path.is_file():  # the table's input: a missing or unreadable file is bad input (status 2)
             print(f"error: no GPU report at {path}: run `make gpu-report` on a CUDA machine first", file=sys.stderr)
-            return 1
-        print(render_table(json.loads(path.read_text())), end="")
+            return 2
+        try:
+            table = render_table(json.loads(path.read_text()))
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            print(f"error: {path} is not a GPU report ({type(exc).__name__}: {exc})", file=sys.stderr)
+            return 2
+        print(table, end="")
         return 0
     reason = no_gpu_reason()
     if reason is not None:

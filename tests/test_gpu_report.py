@@ -56,8 +56,14 @@ def test_table_and_files_from_a_synthetic_report(report, tmp_path, capsys):
     assert "- system: timed out: cut off" in table
     assert report.main(["--table", "--out", str(tmp_path)]) == 0
     assert capsys.readouterr().out == table
-    assert report.main(["--table", "--out", str(tmp_path / "none")]) == 1
+    assert report.main(["--table", "--out", str(tmp_path / "none")]) == 2
     assert capsys.readouterr().err.startswith("error: no GPU report at")
+    for text, why in (("{not json", "JSONDecodeError"), ('{"date": "2000-01-01"}', "KeyError: 'device'")):
+        (tmp_path / "bad").mkdir(exist_ok=True)
+        (tmp_path / "bad" / "gpu.json").write_text(text)
+        assert report.main(["--table", "--out", str(tmp_path / "bad")]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {tmp_path / 'bad' / 'gpu.json'} is not a GPU report ({why}") and err.count("\n") == 1
 
 
 def test_without_cuda_the_report_stops_with_one_line(report, monkeypatch, capsys, tmp_path):
