@@ -1,6 +1,7 @@
 """Chapter 08 (images): the bidirectional GPT option, MaskGIT's schedule, loss and decoding, the neighbour order."""
 
 import math
+from fractions import Fraction
 
 import pytest
 import torch
@@ -140,6 +141,20 @@ def test_masked_after_reveals_at_least_one_per_step_and_ends_at_zero(schedule, s
 def test_masked_after_follows_the_schedule():
     assert M.masked_after(4, 64, "linear") == [48, 32, 16, 0]
     assert M.masked_after(4, 64, "cosine") == [math.floor(64 * math.cos(math.pi / 2 * t / 4)) for t in (1, 2, 3)] + [0]
+
+
+def test_masked_after_floors_whole_numbers_to_themselves():
+    """``n * gamma`` at a whole number is that number: float32 rounding made 64 cos(pi/3) 31 at K = 12 (audit 23)."""
+    assert M.masked_after(12, 64)[7] == 32 and M.masked_after(5, 10, "linear") == [8, 6, 4, 2, 0]
+    for n in range(1, 97):
+        for steps in range(1, n + 1):
+            for schedule, gamma in (("linear", lambda r: 1 - r), ("square", lambda r: 1 - r * r)):
+                exact = [math.floor(n * gamma(Fraction(t + 1, steps))) for t in range(steps - 1)]
+                left, want = n, []
+                for t, target in enumerate([*exact, 0]):  # the schedule's rules, in exact arithmetic
+                    left = max(min(target, left - 1), steps - 1 - t)
+                    want.append(left)
+                assert M.masked_after(steps, n, schedule) == want, (schedule, n, steps)
 
 
 @pytest.mark.parametrize("schedule", M.SCHEDULES)

@@ -42,6 +42,11 @@ def mask_ratio(r: torch.Tensor | float, schedule: str = "cosine") -> torch.Tenso
     r = torch.as_tensor(r, dtype=torch.float32)
     if r.numel() and (not torch.isfinite(r).all() or r.min() < 0 or r.max() > 1):
         raise ValueError("r must lie in [0, 1]")
+    return _gamma(r, schedule)
+
+
+def _gamma(r: torch.Tensor, schedule: str) -> torch.Tensor:
+    """:func:`mask_ratio` on checked ``r``, in ``r``'s dtype."""
     if schedule == "cosine":
         return torch.cos(0.5 * math.pi * r).clamp(0.0, 1.0)  # cos(pi/2) is 6e-17, not 0: clamp keeps it in range
     if schedule == "linear":
@@ -119,13 +124,15 @@ def masked_after(steps: int, n: int, schedule: str = "cosine") -> list[int]:
 
     Step ``t`` (0-based) leaves ``floor(n * gamma((t + 1) / steps))`` masked, but at least one fewer than before
     (every step reveals at least one token) and at least ``steps - 1 - t`` (one for each step still to come),
-    and 0 after the last step. ``1 <= steps <= n``."""
+    and 0 after the last step. ``1 <= steps <= n``. Where ``n * gamma`` is a whole number (``64 cos(pi / 3)``
+    is 32) the floor is that number, not one below it as rounding error would make it."""
     n = check_int("n", n, lo=1)
     steps = check_int("steps", steps, lo=1, hi=n)
-    gammas = mask_ratio(torch.arange(1, steps + 1, dtype=torch.float64) / steps, schedule)  # (K,)
+    _check_schedule(schedule)
+    gammas = _gamma(torch.arange(1, steps + 1, dtype=torch.float64) / steps, schedule).tolist()  # K floats
     out, left = [], n
-    for t in range(steps):
-        target = 0 if t == steps - 1 else int(math.floor(n * float(gammas[t])))
+    for t in range(steps):  # float64 puts n * gamma within ~1e-16 n of its value: 1e-9 lifts 31.999...9 to 32
+        target = 0 if t == steps - 1 else math.floor(n * gammas[t] + 1e-9)
         left = min(target, left - 1)  # reveal at least one; the budget keeps every later step one to reveal
         left = max(left, steps - 1 - t)
         out.append(left)
