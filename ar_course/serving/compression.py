@@ -110,7 +110,9 @@ def sink_window_visible(q_pos: torch.Tensor, k_pos: torch.Tensor, sinks: int, wi
     """Which keys a sinks + window cache keeps for a query: key position ``j`` is visible to query position
     ``i`` when it is a sink (``j < sinks``) or among the last ``window - sinks`` positions up to ``i``
     (``j > i - (window - sinks)``); causality is the caller's. Broadcasts ``q_pos``, ``k_pos`` (long).
-    ``ValueError`` unless ``0 <= sinks < window``."""
+    ``ValueError`` unless ``0 <= sinks < window``. Unlike StreamingLLM, which renumbers positions within the
+    cache, keys keep their original positions: the cache's memory is bounded, the sequence's length is not
+    extended past the model's context."""
     if not 0 <= sinks < window:
         raise ValueError(f"need 0 <= sinks < window, got sinks={sinks}, window={window}")
     return (k_pos < sinks) | (k_pos > q_pos - (window - sinks))

@@ -264,7 +264,8 @@ def relaxed_target(p: torch.Tensor, tokens: torch.Tensor, neighbors: torch.Tenso
     For row ``x = tokens[...]`` with neighbour set ``N = neighbors[x]`` and neighbour mass ``S = p[N].sum()``
     the moved mass is ``m = min(delta, S)``: ``p[x] += m`` and every neighbour is scaled by ``1 - m / S``.
     The result is a distribution at total-variation distance ``m <= delta`` from ``p``; ``delta = 0``
-    returns ``p``.
+    returns ``p``. The bound is per relaxed target: the target depends on the drafted token, so the tokens a
+    relaxed round outputs can be further than ``delta`` from ``p``.
 
     Args:
         p: ``(..., V)``. tokens: ``(...)`` long. neighbors: ``(V, k)`` long (no token its own neighbour).
