@@ -11,9 +11,11 @@ One loader for every model the library trains::
 A checkpoint records its ``kind`` (``"tokenizer"``, ``"lm"``, ``"raster_ar"``, ``"var"``, ``"maskgit"``,
 ``"classifier"``, ``"diffusion_lm"``, ``"continuous_ar"``), and :data:`KINDS` maps each kind to its model class
 and config dataclass; :func:`load` rebuilds the model with ``Model(config_from_dict(Config, stored_config))`` and
-loads the weights strictly (float16 files load into float32 modules). :func:`register_kind` adds a kind of your
-own (the built-in kinds cannot be replaced). Every config dataclass follows one rule, :func:`config_from_dict`: a
-missing key takes the field's default, an unknown key is a ``ValueError`` naming it.
+loads the weights strictly into a module of torch's default dtype (float32 unless changed): a float16, bfloat16
+or float64 file is cast to it, so call ``.to(dtype)`` on the loaded model to work in another.
+:func:`register_kind` adds a kind of your own (the built-in kinds cannot be replaced). Every config dataclass
+follows one rule, :func:`config_from_dict`: a missing key takes the field's default, an unknown key is a
+``ValueError`` naming it.
 
 Shipped checkpoints live in :data:`ASSETS` (inside the installed package); their names are the file names
 without ``.safetensors``; the tokenizers are also known by the short names that checkpoints record
@@ -395,7 +397,7 @@ def _load(path: Path, device: str | torch.device, kind: str | None) -> tuple[tor
     state, meta = load_checkpoint(path, device="cpu")
     model = _build(path, meta, kind)
     try:
-        model.load_state_dict(state, strict=True)  # copies (and upcasts float16) into the model's parameters
+        model.load_state_dict(state, strict=True)  # copies (and casts) into the model's default-dtype parameters
     except RuntimeError as exc:
         raise CheckpointError(f"{path} does not match the model built from its config: {exc}") from None
     return model.to(device).eval(), meta
