@@ -42,6 +42,13 @@ def test_log_probs_token_out_of_range(policy, maps, fn, where):
         fn(policy, bad, CLASSES)
 
 
+@pytest.mark.parametrize("fn", [token_log_probs, sequence_log_probs])
+def test_log_probs_name_the_argument_of_a_wrong_dtype(policy, maps, fn):  # to_raster's 'token_map' spoke first
+    with pytest.raises(ValueError, match=r"^token_maps must be a \(B, h, w\) long tensor, got \(2, 2, 2\) "
+                                         r"torch.int32$"):
+        fn(policy, maps.int(), CLASSES)
+
+
 def test_log_probs_good_maps_unchanged(policy, maps):
     logp = token_log_probs(policy, maps, CLASSES)
     assert logp.shape == (2, 4) and torch.isfinite(logp).all()

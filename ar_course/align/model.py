@@ -23,10 +23,9 @@ def token_log_probs(model: GPT, token_maps: torch.Tensor, classes: torch.Tensor)
             (:func:`~ar_course.raster.model.check_model_grid`), a token of it (the last one too, which is only
             a target) outside ``[0, vocab_size)``, or as :meth:`GPT.forward` (classes).
     """
-    seq = to_raster(token_maps)  # (B, L)
-    check_model_grid(model, "token_maps", token_maps.shape)
-    inputs, targets = make_training_pairs(seq)  # (B, L - 1), (B, L)
     check_ids("token_maps", token_maps, model.config.vocab_size, ("B", "h", "w"))  # the last token is no input
+    check_model_grid(model, "token_maps", token_maps.shape)
+    inputs, targets = make_training_pairs(to_raster(token_maps))  # (B, L - 1), (B, L)
     logits, _ = model(inputs, classes=classes)  # (B, L, V)
     logp = torch.log_softmax(logits.float(), dim=-1)  # (B, L, V)
     return logp.gather(-1, targets[..., None]).squeeze(-1)  # (B, L)
