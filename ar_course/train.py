@@ -11,7 +11,8 @@ end, and when SIGTERM or SIGINT arrives (it finishes the current step, writes th
 :class:`TrainingInterrupted`). The file (safetensors, written atomically) holds the model's weights and buffers
 (in their own dtype), the optimizer state, the step, the history, torch's random state, the schedule
 (:class:`TrainConfig`) and the run's ``settings`` (what else shapes the run: the trainers give their seed, global
-batch size and a :func:`content_digest` of their data and of any model they learn from); ``resume=True`` refuses a
+batch size and a :func:`content_digest` of their data and of any model they learn from; the loop adds the model's
+config dataclass, ``model.config``, where it has one); ``resume=True`` refuses a
 state whose schedule or settings differ, loads it and fast-forwards ``batches`` by drawing the batches already
 trained on, so every random draw of a run must come from the batch stream (rebuilt from its seed) or from torch's
 global generator: then a resumed run ends with the weights of an uninterrupted one.
@@ -31,6 +32,7 @@ import math
 import signal
 import sys
 import threading
+import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -112,6 +114,9 @@ class History:
     evals: list[dict[str, float]] = field(default_factory=list)
     best_step: int | None = None  # with ``TrainConfig.keep_best``: the evaluation whose weights the run ended with
     best_value: float | None = None
+    # wall-clock seconds in the loop (steps, evaluations, state writes), summed over the processes of a resumed run;
+    # not compared: a resumed run equals an uninterrupted one in everything else
+    seconds: float = field(default=0.0, compare=False)
 
     def smoothed(self, window: int = 20) -> list[float]:
         """Running mean of the training loss over ``window`` steps (an integer >= 1, else TypeError or
@@ -296,8 +301,10 @@ def read_train_state(path: str | Path, config: TrainConfig,
                      settings: dict[str, Any] | None = None) -> tuple[dict[str, torch.Tensor], dict]:
     """The tensors and metadata of a state written by :func:`save_train_state`; :class:`TrainingError`
     when it is missing, damaged, or was written with a different schedule than ``config`` or other run
-    ``settings`` (one line naming each change, ``seed 0 -> 7``; a setting only one side has shows ``None``). A
-    state written before states recorded settings has none to compare, and is accepted.
+    ``settings`` (one line naming each change, ``seed 0 -> 7``; a setting only one side has shows ``None``; the
+    model's config, which :func:`train_loop` adds as ``settings["model"]``, field by field: ``n_embd 16 -> 32``,
+    where both sides have one). A state written before states recorded settings (or the model's config) has none
+    to compare, and is accepted.
 
     Raises:
         TypeError, ValueError: ``settings`` that :func:`train_loop` refuses.
@@ -318,7 +325,11 @@ def read_train_state(path: str | Path, config: TrainConfig,
     changed = [f"{k} {then[k]!r} -> {now[k]!r}" for k in _SCHEDULE_FIELDS if then[k] != now[k]]
     stored = meta["extra"].get("settings", settings)  # older states recorded none: nothing to compare
     changed += [f"{k} {stored.get(k)!r} -> {settings.get(k)!r}" for k in {**settings, **stored}
-                if stored.get(k) != settings.get(k)]
+                if k != "model" and stored.get(k) != settings.get(k)]
+    then_model, now_model = stored.get("model"), settings.get("model")  # compared where both sides have one
+    if then_model is not None and now_model is not None:  # (an older state, or a caller without the model)
+        changed += [f"{k} {then_model.get(k)!r} -> {now_model.get(k)!r}" for k in {**now_model, **then_model}
+                    if then_model.get(k) != now_model.get(k)]  # the model's config, field by field
     if changed:
         raise TrainingError(f"the training state at {path} comes from a run with other settings "
                             f"({', '.join(changed)}); resume with the options of that run")
@@ -340,7 +351,9 @@ def _restore(tensors: dict[str, torch.Tensor], meta: dict, model: torch.nn.Modul
         model.load_state_dict(weights, strict=True)
         optimizer.load_state_dict({"state": state, "param_groups": extra["param_groups"]})
     except (RuntimeError, ValueError, KeyError) as exc:
-        raise TrainingError(f"the training state at {path} does not fit this model: {exc}") from None
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]  # torch: a header, one per key
+        detail = lines[-1] if len(lines) <= 2 else f"{lines[1]} (and {len(lines) - 2} more)"
+        raise TrainingError(f"the training state at {path} does not fit this model: {detail}") from None
     torch.set_rng_state(tensors["rng/cpu"])
     if "rng/cuda" in tensors and torch.cuda.is_available():
         torch.cuda.set_rng_state(tensors["rng/cuda"])
@@ -462,6 +475,8 @@ def train_loop(
     if not 0.0 <= config.ema < 1.0:
         raise TrainingError(f"ema is the decay of the weight average, in [0, 1); got {config.ema}")
     settings = _run_settings(settings)
+    if dataclasses.is_dataclass(getattr(model, "config", None)) and "model" not in settings:
+        settings = {**settings, "model": _run_settings(dataclasses.asdict(model.config))}  # resume compares it
     opt = optimizer or torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad],
         lr=config.lr, weight_decay=config.weight_decay, betas=config.betas,
@@ -476,6 +491,7 @@ def train_loop(
     model.train()
     bar = tqdm(range(start, config.steps), desc=desc, disable=not progress, mininterval=1.0, initial=start,
                total=config.steps)
+    clock, seconds_before = time.perf_counter(), history.seconds
     with _StopSignals(enabled=state_path is not None) as signals:
         for step in bar:
             for group in opt.param_groups:
@@ -511,6 +527,7 @@ def train_loop(
                     best = _track_best(config, history, metrics, done, model, best)
                 model.train()
             periodic = config.checkpoint_every and done % config.checkpoint_every == 0
+            history.seconds = seconds_before + time.perf_counter() - clock
             if state_path is not None and (stops or periodic or done == config.steps):
                 save_train_state(state_path, model, opt, done, history, config, best, average and average.state,
                                  settings)

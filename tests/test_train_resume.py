@@ -314,6 +314,78 @@ def test_resume_accepts_a_state_from_before_settings_were_recorded(tmp_path):
         assert torch.equal(a, b), key
 
 
+def _tiny_tokenizer_run(state: Path, resume: bool = False, interrupt_at: int | None = None,
+                        **change) -> tuple[VQVAE, object]:
+    """6 steps of a tiny VQ tokenizer (``change``: its config) that stops itself at batch ``interrupt_at``."""
+    seed_everything(0)
+    model = VQVAE(default_config("vq", **{"num_codes": 8, "width": 4, "latent_dim": 4, **change}))
+    images = torch.rand(8, 1, 32, 32, generator=torch.Generator().manual_seed(1))
+
+    def batches():
+        for i in range(100):
+            if i == interrupt_at:
+                os.kill(os.getpid(), signal.SIGTERM)
+            yield images
+
+    history = train_loop(model, lambda m, x: m(x).loss, batches(), TrainConfig(steps=6, lr=1e-2, warmup=1),
+                         progress=False, state_path=state, resume=resume, settings=RUN)
+    return model, history
+
+
+def test_resume_refuses_another_model_config_field_by_field(tmp_path):
+    """The model's config is part of the run: a changed loss weight resumed silently, and the checkpoint then
+    recorded only the new value; a changed width printed torch's twelve-line size-mismatch dump (audit 23)."""
+    state = tmp_path / "tok.train-state.safetensors"
+    with pytest.raises(TrainingInterrupted):
+        _tiny_tokenizer_run(state, interrupt_at=3)
+    assert load_checkpoint(state)[1]["extra"]["settings"]["model"]["beta"] == 0.25
+    for change, named in (({"beta": 0.5}, "beta 0.25 -> 0.5"), ({"latent_dim": 8, "width": 8},
+                                                                  "width 4 -> 8, latent_dim 4 -> 8")):
+        with pytest.raises(TrainingError) as info:
+            _tiny_tokenizer_run(state, resume=True, **change)
+        assert str(info.value) == _other_settings(state, named)
+    _, history = _tiny_tokenizer_run(state, resume=True)  # the same config: it resumes
+    assert history.steps == list(range(6))
+
+
+def test_resume_accepts_a_state_from_before_the_model_config_was_recorded(tmp_path):
+    state = tmp_path / "tok.train-state.safetensors"
+    with pytest.raises(TrainingInterrupted):
+        _tiny_tokenizer_run(state, interrupt_at=3)
+    tensors, meta = load_checkpoint(state)
+    del meta["extra"]["settings"]["model"]  # what the previous version wrote
+    save_checkpoint(state, tensors, meta["config"], kind=meta["kind"], **meta["extra"])
+    _, history = _tiny_tokenizer_run(state, resume=True)
+    assert history.steps == list(range(6))
+
+
+def test_a_state_that_does_not_fit_a_model_without_a_config_is_one_line(tmp_path):
+    state = tmp_path / "lin.train-state.safetensors"
+    with pytest.raises(TrainingInterrupted):
+        _keep_best_run(state, keep_best="", interrupt_at=5, settings=RUN)
+    tensors, meta = load_checkpoint(state)
+    tensors = {k: torch.cat([v, v], dim=-1) if k.startswith("model/") else v for k, v in tensors.items()}
+    save_checkpoint(state, tensors, meta["config"], kind=meta["kind"], **meta["extra"])  # a wider model's weights
+    with pytest.raises(TrainingError) as info:
+        _keep_best_run(state, resume=True, keep_best="", settings=RUN)
+    message = str(info.value)
+    assert "\n" not in message and message.startswith(f"the training state at {state} does not fit this model: ")
+    assert "size mismatch for " in message and "(and 1 more)" in message, message
+
+
+def test_train_seconds_add_up_over_a_resumed_run(tmp_path, monkeypatch):
+    state = tmp_path / "lin.train-state.safetensors"
+    ticks = iter(range(0, 10_000, 10))  # every perf_counter call: 10 s later
+    monkeypatch.setattr("ar_course.train.time.perf_counter", lambda: float(next(ticks)))
+    _, straight, _ = _keep_best_run(keep_best="", settings=RUN)
+    with pytest.raises(TrainingInterrupted):
+        _keep_best_run(state, keep_best="", interrupt_at=5, settings=RUN)
+    first = load_checkpoint(state)[1]["extra"]["history"]["seconds"]
+    _, resumed, _ = _keep_best_run(state, resume=True, keep_best="", settings=RUN)
+    assert straight.seconds == 12 * 10 and first == 6 * 10  # one clock read per step; stopped after 6 steps
+    assert resumed.seconds == first + 6 * 10 == straight.seconds and resumed == straight  # seconds not compared
+
+
 @pytest.mark.parametrize("settings, error, message", [
     ([("seed", 0)], TypeError, "settings must be a dict of the run's settings (such as seed and batch_size), got list"),
     ({"seed": torch.tensor(0)}, TypeError, "settings must hold numbers, strings, bools, None and lists of them: "

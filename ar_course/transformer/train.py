@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -159,16 +158,14 @@ def train_lm(
     tc = TrainConfig(steps=preset.steps, lr=preset.lr, warmup=min(100, preset.steps // 10),
                      eval_every=eval_every, checkpoint_every=checkpoint_every,
                      keep_best="val_loss" if keep_best else "", ema=preset.ema)
-    start = time.perf_counter()
     history = train_loop(model, loss_fn, batches, tc, eval_fn=eval_fn if eval_every else None,
                          progress=progress, desc="train lm", state_path=state_path, resume=resume,
                          settings={"seed": seed, "batch_size": preset.batch_size,
                                    "teacher": content_digest(teacher) if teacher is not None else None})
-    seconds = time.perf_counter() - start
     info = {
         "tokenizer": tokenizer,
         "history": history,
-        "train_seconds": seconds,
+        "train_seconds": history.seconds,  # every process of a resumed run
         "tokens_seen": preset.steps * preset.batch_size * preset.seq_len,
         "val_ids": val_ids,
     }
