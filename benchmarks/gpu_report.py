@@ -134,13 +134,15 @@ def tests_command() -> list[str]:
     shim = ("import numpy, sys, pytest\n"
             "if not hasattr(numpy, 'row_stack'): numpy.row_stack = numpy.vstack\n"
             "sys.exit(pytest.main(sys.argv[1:]))")
-    return [sys.executable, "-c", shim, "-m", "gpu", "-v", "-rfE", "-p", "no:cacheprovider", *gpu_test_files()]
+    return [sys.executable, "-c", shim, "-m", "gpu", "-v", "-rfE", "-p", "no:cacheprovider",
+            "--continue-on-collection-errors", *gpu_test_files()]  # a file that cannot import stops no other
 
 
 def read_pytest(output: str) -> dict:
     """Counts and failures from ``pytest -v -rfE`` output, a run cut off included (its finished tests):
-    ``{"passed", "failed", "skipped", "failures": ["file::test: message", ...]}`` (errors count as failures;
-    the message comes from the short summary, which a cut-off run lacks)."""
+    ``{"passed", "failed", "skipped", "failures": ["file::test: message", ...]}`` (errors count as failures, a
+    file that could not be collected as one failure, ``tests/x.py: ModuleNotFoundError: ...``; the message comes
+    from the short summary, which a cut-off run lacks)."""
     counts = {"passed": 0, "failed": 0, "skipped": 0}
     outcomes = {"PASSED": "passed", "FAILED": "failed", "ERROR": "failed", "SKIPPED": "skipped", "XFAIL": "skipped"}
     failures: dict[str, str] = {}
@@ -151,6 +153,9 @@ def read_pytest(output: str) -> dict:
             if outcomes[words[1]] == "failed":
                 failures.setdefault(words[0], "")
         elif len(words) >= 2 and words[0] in ("FAILED", "ERROR") and "::" in words[1]:  # "FAILED file::test - msg"
+            failures[words[1]] = line.split(" - ", 1)[1] if " - " in line else ""
+        elif len(words) >= 2 and words[0] == "ERROR" and words[1].endswith(".py"):  # "ERROR file.py - msg": its
+            counts["failed"] += words[1] not in failures  # tests never ran (an import error at collection)
             failures[words[1]] = line.split(" - ", 1)[1] if " - " in line else ""
     return {**counts, "failures": [f"{test}: {msg}" if msg else test for test, msg in failures.items()]}
 

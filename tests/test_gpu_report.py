@@ -2,6 +2,7 @@
 synthetic gpu.json, the one-line error without a GPU, the time budget (parts skipped or cut off, system rows
 skipped), and reading pytest's output. The report itself runs on a GPU (`make gpu-report`)."""
 
+import ast
 import importlib.util
 import json
 import sys
@@ -10,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_report.py"
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "gpu_report.py"
 
 SYNTHETIC = {  # made-up numbers in the shape the report writes: nothing here was measured
     "device": "Example GPU", "date": "2000-01-01", "versions": {"torch": "0.0"}, "budget_s": 290.0,
@@ -141,6 +143,45 @@ def test_pytest_output_is_counted_even_when_cut_off(report):
                                            "failures": ["tests/a.py::test_two"]}
     files = report.gpu_test_files()
     assert "tests/test_graphs_gpu.py" in files and "tests/test_gpu_report.py" not in files
+    uncollected = complete + "\nERROR tests/c.py - ModuleNotFoundError: No module named 'hypothesis'"
+    assert report.read_pytest(uncollected)["failed"] == 3  # a file whose tests never ran is one failure
+    assert report.read_pytest(uncollected)["failures"][-1] == "tests/c.py: ModuleNotFoundError: No module named " \
+                                                              "'hypothesis'"
+    assert "--continue-on-collection-errors" in report.tests_command()
+
+
+DEVICE_PACKAGES = {"pytest", "torch", "numpy", "triton", "numba", "matplotlib", "safetensors", "tqdm", "ar_course"}
+"""What the lent GPU machine has besides the standard library (its README): no hypothesis, Jupyter or scipy."""
+
+
+def _module_imports(path: Path) -> set[str]:
+    """The top-level names a test module imports when it is collected (module level, not inside functions)."""
+    names = set()
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.Import):
+            names |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def test_the_gpu_test_files_import_only_what_the_gpu_machine_has(report):
+    """A GPU test file that imports hypothesis (test_serving.py did) fails to collect there, and its tests
+    never run: the report then counted nothing (audit 23). Local helper modules are followed."""
+    tests = ROOT / "tests"
+    todo = [ROOT / f for f in report.gpu_test_files()] + [tests / "conftest.py", ROOT / "conftest.py"]
+    seen, missing = set(), {}
+    while todo:
+        path = todo.pop()
+        if path in seen or not path.is_file():
+            continue
+        seen.add(path)
+        for name in _module_imports(path):
+            if (tests / f"{name}.py").is_file():
+                todo.append(tests / f"{name}.py")  # a helper module of the tests: what it imports counts too
+            elif name not in sys.stdlib_module_names and name not in DEVICE_PACKAGES:
+                missing.setdefault(path.name, set()).add(name)
+    assert not missing, missing
 
 
 def test_kernel_sections_are_written_as_they_finish(report, monkeypatch, tmp_path):

@@ -19,7 +19,7 @@ from ar_course.serving import (
 from ar_course.serving.compression import CompressedAttention, kv_bytes_per_token, sink_window_evictable
 from ar_course.serving.trace import summarize
 from ar_course.transformer import GPT, load_pretrained, use_attention
-from serving_fixtures import _one_thread, tiny  # noqa: F401 (pytest fixtures)
+from serving_fixtures import _one_thread, seeded_outputs_one_at_a_time_and_batched, tiny  # noqa: F401 (fixtures)
 
 GREEDY = SamplingConfig(temperature=0.0)
 
@@ -249,20 +249,8 @@ def test_prefix_caching_skips_the_shared_prompt(tiny):
     assert results == [tiny.generate(torch.tensor(p)[None], 3, sampling=GREEDY)[0, -3:].tolist() for p in prompts]
 
 
-def _seeded_outputs_one_at_a_time_and_batched(model: GPT) -> list[list[list[int]]]:
-    """Four seeded, sampled requests run with at most 1 and 4 sequences per batch: the outputs of each run."""
-    s = SamplingConfig(temperature=1.0, top_k=5)
-    outs = []
-    for running in (1, 4):
-        engine = Engine(model, EngineConfig(num_blocks=32, block_size=4, max_running=running))
-        ids = [engine.add_request([1, 2, i], 6, sampling=s, seed=i) for i in range(4)]
-        out = engine.run()
-        outs.append([out[i] for i in ids])
-    return outs
-
-
 def test_sampled_outputs_do_not_depend_on_the_batch(tiny):
-    alone, batched = _seeded_outputs_one_at_a_time_and_batched(tiny)
+    alone, batched = seeded_outputs_one_at_a_time_and_batched(tiny)
     assert alone == batched
 
 
@@ -369,16 +357,6 @@ def _steps(records) -> list[tuple]:
     """What step records say but for the clock's readings (two engines read it at other times)."""
     return [(r.running, r.prefill_tokens, r.decode_tokens, r.blocks_used, r.tokens_stored, r.kv_bytes)
             for r in records]
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_seeded_requests_sample_on_a_cuda_engine_whatever_the_batch(tiny):
-    """A request's seed makes a generator on the engine's device (a CPU generator cannot draw CUDA numbers)."""
-    model = GPT(tiny.config).to("cuda").eval()
-    model.load_state_dict(tiny.state_dict())
-    alone, batched = _seeded_outputs_one_at_a_time_and_batched(model)
-    assert alone == batched and all(len(o) == 6 for o in alone)
 
 
 def test_int8_pool_engine_equals_generate_through_the_same_quantization(lm):
