@@ -5,7 +5,8 @@ Measures, in one run on one machine:
 * forward passes per image (counted with a hook: one per token, 64 for an 8x8 map) and positions computed,
   with and without the KV cache;
 * seconds per image at several batch sizes, guided (doubled batch) and unguided, with and without the KV
-  cache, and that the cache does not change the tokens;
+  cache, and whether the cache changes the tokens (``same_tokens_*``: float rounding can flip a near-tie, so
+  a large batch may differ in a map or two);
 * class accuracy (shipped classifier) and Frechet distance to real test digits at several guidance strengths
   w (``quality_by_cfg``; results before the package's convention was w recorded ``quality_by_scale`` by the
   scale s = 1 + w), next to the real-vs-real baseline at the same n.

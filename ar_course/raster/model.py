@@ -186,7 +186,8 @@ def generate_tokens(
     """Sample token maps ``(B, rows, cols)`` for ``classes`` ``(B,)`` with classifier-free guidance of strength
     ``cfg = w`` (``0``: plain conditional sampling; see :func:`~ar_course.sampling.cfg_mix`).
 
-    ``use_cache=False`` recomputes the whole prefix at every step (the slow reference path, same tokens);
+    ``use_cache=False`` recomputes the whole prefix at every step (the slow reference path: the same tokens up
+    to float rounding, which can flip a near-tie between two tokens and so change the rest of that map);
     ``cache`` picks the KV cache (``"dynamic"``, ``"static"`` or a :class:`StaticKVCache` to reuse) and
     ``forward`` replaces the model's forward pass at every step (both as in :meth:`GPT.generate`).
 
