@@ -4,13 +4,15 @@ The CUDA-graph replay of these steps is checked in test_graphs_gpu.py."""
 
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 
 from ar_course import checkpoint, raster, var
 from ar_course.sampling import GREEDY, SamplingConfig
 from ar_course.speculative import sjd_generate, speculative_generate
 from ar_course.system import GenerationRequest, Generator
 from ar_course.transformer import GPT, GPTConfig
-from ar_course.transformer.model import StaticKVCache
+from ar_course.kernels import masks
+from ar_course.transformer.model import KernelAttention, StaticKVCache, sdpa_attention, use_attention
 
 SAMPLINGS = {"greedy": GREEDY, "seeded": SamplingConfig(temperature=1.0, top_k=20)}
 
@@ -206,3 +208,33 @@ def test_a_graph_step_that_cannot_capture_warns_once_and_runs_eagerly():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert torch.equal(step(torch.ones(3)), torch.full((3,), 2.0))
+
+
+class _HostReads(TorchFunctionMode):
+    """Records every read of a tensor's value back on the host (what breaks a CUDA-graph capture)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") in ("__bool__", "__int__", "__float__", "__index__", "item", "tolist"):
+            self.reads.append(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("attention", [sdpa_attention, KernelAttention("auto"), KernelAttention("torch")])
+def test_a_static_cache_decode_step_reads_nothing_back_where_values_cannot_be_read(monkeypatch, attention):
+    """What a CUDA-graph capture needs of the step: kernels="auto" read the static cache's dense mask back in
+    every layer (checking that it was a prefix mask), so its decode step could never be captured (audit 23).
+    Here "no reads allowed" is what a capture or a torch.compile trace would say."""
+    monkeypatch.setattr(masks, "values_readable", lambda device: False)
+    model = small_gpt("rope")
+    cache = model.make_cache(2, static=True)
+    with torch.no_grad(), use_attention(attention):
+        want, _ = model(torch.tensor([[1, 2, 3]] * 2), classes=torch.tensor([0, 1]), cache=model.make_cache(2))
+        model.decode_step(torch.tensor([[1, 2]] * 2), torch.tensor([0, 1]), cache)  # the class token and a prompt
+        with _HostReads() as host:
+            got, _ = model.decode_step(torch.tensor([[3]] * 2), None, cache)  # one new token
+    assert host.reads == []
+    torch.testing.assert_close(got[:, -1], want[:, -1], atol=1e-5, rtol=0)

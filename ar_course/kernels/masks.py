@@ -12,7 +12,9 @@ boolean matrix; they take a :class:`PrefixMask`, one of
 
 A dense boolean mask (True = may attend) whose rows are prefixes converts to lengths too, but checking
 that takes a pass over the mask and a host sync: pass ``"causal"`` or a :class:`BlockCausal` where you can.
-Any other dense mask only runs on the torch backend.
+Any other dense mask only runs on the torch backend. Inside a CUDA-graph capture or a ``torch.compile`` trace,
+where reading a value back would break the graph, a dense mask is not checked: it is taken to be a prefix
+mask (the static KV cache's masks are) and its lengths are counted on the device.
 """
 
 from __future__ import annotations
@@ -107,10 +109,19 @@ def prefix_to_dense(kv_len: torch.Tensor, t_k: int) -> torch.Tensor:
     return torch.arange(t_k, device=kv_len.device)[None, :] < kv_len.to(torch.long)[:, None]
 
 
+def values_readable(device: torch.device) -> bool:
+    """Whether reading values of tensors on ``device`` back on the host is allowed: not inside a
+    ``torch.compile`` trace, nor inside a CUDA-graph capture on a CUDA ``device`` (a host sync breaks it)."""
+    if torch.compiler.is_compiling():
+        return False
+    return not (torch.device(device).type == "cuda" and torch.cuda.is_current_stream_capturing())
+
+
 def _dense_to_prefix(mask: torch.Tensor) -> torch.Tensor | None:
-    """(T_q, T_k) bool -> (T_q,) int32 prefix lengths, or None when some row is not a prefix (a host sync)."""
+    """(T_q, T_k) bool -> (T_q,) int32 prefix lengths, or None when some row is not a prefix (a host sync;
+    where values cannot be read, the rows are taken to be prefixes unchecked)."""
     kv_len = mask.sum(-1)
-    if bool((prefix_to_dense(kv_len, mask.shape[-1]) == mask).all()):
+    if not values_readable(mask.device) or bool((prefix_to_dense(kv_len, mask.shape[-1]) == mask).all()):
         return kv_len.to(torch.int32)
     return None
 
@@ -164,5 +175,5 @@ def _check_dense(mask: torch.Tensor, t_q: int, t_k: int) -> None:
         raise ValueError(f"a dense mask must be a bool tensor (True = may attend), got dtype {mask.dtype}")
     if tuple(mask.shape) != (t_q, t_k):
         raise ValueError(f"a dense mask must have shape (T_q, T_k) = {(t_q, t_k)}, got {tuple(mask.shape)}")
-    if not bool(mask.any(-1).all()):
+    if values_readable(mask.device) and not bool(mask.any(-1).all()):
         raise ValueError("every query must be allowed to see at least one key (a mask row is all False)")

@@ -45,7 +45,7 @@ from ar_course.utils import check_number
 from . import env
 from .calibrate import Calibrator, default_cache_path
 from .launch import pow2_at_least
-from .masks import MaskSpec, PrefixMask, dense_mask, prefix_mask
+from .masks import MaskSpec, PrefixMask, dense_mask, prefix_mask, values_readable
 from .precision import compute_dtype
 from .reference import vq_nearest_reference
 
@@ -242,7 +242,7 @@ def _dispatch(op: str, backend: str, chosen: str, device: torch.device, kernels:
         return _ran(op, "torch", plain(), _FAILED[key])
     decided = chosen
     if CALIBRATOR.measures(device):
-        if torch.compiler.is_compiling() or _capturing(device):
+        if not values_readable(device):  # inside a torch.compile trace or a CUDA-graph capture: nothing timed
             decided = CALIBRATOR.lookup(key) or "torch"
         else:
             try:
@@ -266,10 +266,6 @@ def _fall_back(op: str, kernel: str, key: str, exc: BaseException, plain: Callab
     warnings.warn(f"{op}: the {kernel} kernel failed ({what}); torch answers this kind of call from now on",
                   RuntimeWarning, stacklevel=4)
     return _ran(op, "torch", plain(), _FAILED[key])
-
-
-def _capturing(device: torch.device) -> bool:
-    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 def _module(name: str) -> ModuleType:
