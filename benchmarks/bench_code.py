@@ -3,6 +3,7 @@ and the functions longer than 60 lines.
 
     python benchmarks/bench_code.py --label before   # e.g. before a refactor
     python benchmarks/bench_code.py --label after    # after it: code.json then holds both, with their commits
+    python benchmarks/bench_code.py --out /tmp/code  # read and write code.json there: the committed one stays
 
 Each import is timed in a fresh interpreter (best of ``--repeats``), so nothing is cached between runs but the
 operating system's file cache (one untimed import warms it). Writes ``benchmarks/results/code.json`` and
@@ -111,8 +112,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--label", default="current", help="name of this measurement in code.json [current]")
     parser.add_argument("--repeats", type=int, default=5, help="timed imports per module [5]")
+    parser.add_argument("--out", type=Path, default=RESULTS,
+                        help="folder for code.json and code.png, created if missing [benchmarks/results]")
     args = parser.parse_args(argv)
-    out = RESULTS / "code.json"
+    out = args.out / "code.json"
     data = json.loads(out.read_text()) if out.is_file() else {}
     runs = data.get("runs", {})
     runs[args.label] = {"commit": git_commit(), "date": dt.date.today().isoformat(),
@@ -120,9 +123,9 @@ def main(argv: list[str] | None = None) -> int:
                         "imports": [time_import(m, args.repeats) for m in MODULES],
                         "long_functions": long_functions(ROOT / "ar_course")}
     data = {"date": dt.date.today().isoformat(), "runs": runs, "summary": summary(runs)}
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out, json.dumps(data, indent=1) + "\n")
-    plot(runs, RESULTS / "code.png")
+    plot(runs, args.out / "code.png")
     for row in data["summary"]:
         print(f"{row['what']}: {row['measured']}")
     return 0

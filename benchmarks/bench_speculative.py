@@ -17,6 +17,7 @@ Writes ``benchmarks/results/speculative.json`` (with a ``summary`` of the headli
 targets) and ``speculative.png``::
 
     python benchmarks/bench_speculative.py               # --threads 1 by default
+    python benchmarks/bench_speculative.py --out /tmp/spec   # write there: the committed result stays
 """
 
 from __future__ import annotations
@@ -244,12 +245,14 @@ def main() -> None:
     ap.add_argument("--per-class", type=int, default=10)
     ap.add_argument("--window", type=int, default=16)
     ap.add_argument("--neighbors", type=int, default=8)
+    ap.add_argument("--out", type=Path, default=RESULTS,
+                    help="folder for speculative.json and .png, created if missing [benchmarks/results]")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     load_before = os.getloadavg()  # 1, 5, 15 minute load averages: other work on the machine skews timings
     text = bench_text(args.new_tokens, args.gammas, args.temperatures, args.seeds, args.repeats)
     images = bench_images(args.deltas, args.per_class, args.window, args.neighbors)
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)
     summary = summarize(text, images)
     for row in summary:
         print(f"{'met' if row['met'] else 'NOT met'}: {row['what']}: {row['measured']} (target {row['target']})")
@@ -257,9 +260,9 @@ def main() -> None:
               "threads": args.threads, "torch": torch.__version__,
               "load_average": {"before": load_before, "after": os.getloadavg()},
               "summary": summary, "text": text, "images": images}
-    atomic_write_text(RESULTS / "speculative.json", json.dumps(result, indent=2))
-    plot(text, images, RESULTS / "speculative.png")
-    print(f"wrote {RESULTS / 'speculative.json'} and speculative.png")
+    atomic_write_text(args.out / "speculative.json", json.dumps(result, indent=2))
+    plot(text, images, args.out / "speculative.png")
+    print(f"wrote {args.out / 'speculative.json'} and speculative.png")
 
 
 if __name__ == "__main__":

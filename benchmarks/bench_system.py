@@ -15,6 +15,7 @@ Writes ``benchmarks/results/system.json`` and ``system.png``::
     python benchmarks/bench_system.py                 # ~10 min on a 2-core CPU
     python benchmarks/bench_system.py --per-class 5   # a quick look
     python benchmarks/bench_system.py --gpu-only      # on a GPU machine: add the GPU half
+    python benchmarks/bench_system.py --out /tmp/sys  # write (and --gpu-only: merge into) system.json there
 """
 
 from __future__ import annotations
@@ -268,10 +269,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads [2]")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--gpu-only", action="store_true",
-                   help="measure only the GPU section and merge it into the existing results/system.json")
+                   help="measure only the GPU section and merge it into the existing system.json in --out")
+    p.add_argument("--out", type=Path, default=RESULTS,
+                   help="folder for system.json and system.png, created if missing [benchmarks/results]")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    path = RESULTS / "system.json"
+    path = args.out / "system.json"
     if args.gpu_only:
         if not path.is_file():
             p.error(f"--gpu-only merges into {path}, which does not exist: run without it first")
@@ -288,9 +291,9 @@ def main(argv: list[str] | None = None) -> int:
                   "cpu": platform.processor() or platform.machine(), "threads": args.threads,
                   "torch": torch.__version__, "configs": rows, "batch_sweep": sweep, "gpu": gpu,
                   "components": component_rows(), "summary": summarize(rows, sweep, gpu)}
-    RESULTS.mkdir(exist_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps(result, indent=2))
-    save_figure(plot(result["configs"], result["batch_sweep"]), RESULTS / "system.png", dpi=120)
+    save_figure(plot(result["configs"], result["batch_sweep"]), args.out / "system.png", dpi=120)
     for row in result["summary"]:
         print(f"- {row['what']}: {row['measured']} (target {row['target']}, met {row['met']})")
     return 0

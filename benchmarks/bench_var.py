@@ -8,6 +8,7 @@ Writes ``benchmarks/results/var.json`` and ``var.png``::
 
     python benchmarks/bench_var.py                 # --threads 1 (stable on a busy CPU), timings again at 2
     python benchmarks/bench_var.py --per-class 100 --batch-size 100
+    python benchmarks/bench_var.py --out /tmp/var     # write there: the committed result stays as it is
 """
 
 from __future__ import annotations
@@ -49,6 +50,8 @@ def main(argv: list[str] | None = None) -> int:
                         "main timings [1]")
     parser.add_argument("--timing-threads", type=int, nargs="*", default=[2],
                         help="further thread counts at which the batch sizes are timed again [2]")
+    parser.add_argument("--out", type=Path, default=RESULTS,
+                        help="folder for var.json and var.png, created if missing [benchmarks/results]")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     var_model, var_tok = load_pretrained()
@@ -93,9 +96,9 @@ def main(argv: list[str] | None = None) -> int:
               "threads": args.threads,
               "torch": torch.__version__, "var_params": var_model.num_params(), "rows": rows,
               "var_guidance_sweep": sweep, "summary": summary}
-    RESULTS.mkdir(exist_ok=True)
-    atomic_write_text(RESULTS / "var.json", json.dumps(result, indent=2))
-    save_figure(plot_comparison(rows), RESULTS / "var.png", dpi=120)
+    args.out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(args.out / "var.json", json.dumps(result, indent=2))
+    save_figure(plot_comparison(rows), args.out / "var.png", dpi=120)
     for r in sweep + rows:
         print(f"{r['name']:<12} passes {r['forward_passes']:>3}  {r['seconds_per_batch']:.3f} s/batch  "
               f"acc {r['class_accuracy']:.3f}  FD {r['frechet_distance']:.2f}")
