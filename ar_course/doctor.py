@@ -44,12 +44,13 @@ if not torch.cuda.is_available():
 import triton, triton.language as tl
 @triton.jit
 def add(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    m = offs < n
-    tl.store(out_ptr + offs, tl.load(x_ptr + offs, mask=m) * 2, mask=m)
+    for start in range(0, n, BLOCK):  # a loop over a runtime scalar, as the course's kernels have
+        offs = start + tl.arange(0, BLOCK)
+        m = offs < n
+        tl.store(out_ptr + offs, tl.load(x_ptr + offs, mask=m) * 2, mask=m)
 dev = "cuda" if torch.cuda.is_available() else "cpu"
 x = torch.arange(37, dtype=torch.float32, device=dev); out = torch.empty_like(x)
-add[(2,)](x, out, 37, BLOCK=32)
+add[(1,)](x, out, 37, BLOCK=32)
 assert torch.allclose(out, 2 * x)
 print("ok", triton.__version__)
 """
@@ -126,6 +127,9 @@ def _kernel_checks() -> list[Finding]:
         found.append(combination)
     if _version("triton"):
         ok, detail = _probe(_TRITON_PROBE)
+        if not ok and "0-dimensional arrays" in detail:  # triton < 3.7's interpreter reads a scalar numpy can't
+            detail += f" (triton {_version('triton')}'s interpreter with numpy {_version('numpy')}: pip install " \
+                      "'triton>=3.7')"
         found.append(Finding(OK if ok else WARN, "triton",
                              detail if ok else f"installed but the probe failed: {detail}"))
     else:
@@ -170,6 +174,8 @@ def run_checks() -> list[Finding]:
         else:
             found.append(Finding(WARN, "jupyter kernel", "no python3 kernel: install ipykernel (pip install -e "
                                  "'.[course]')"))
+    except ImportError:
+        found.append(Finding(FAIL, "jupyter", "not installed (pip install -e '.[course]')"))
     except Exception as exc:  # noqa: BLE001
         found.append(Finding(FAIL, "jupyter", f"jupyter_client unusable: {exc}"))
     try:

@@ -73,3 +73,33 @@ def test_doctor_reports_the_numpy_numba_cuda_combination(monkeypatch, numpy_vers
     assert (finding and finding.status) == status
     if status == "FAIL":
         assert "fix: pip install 'numpy<2.5'" in finding.detail and "row_stack" in finding.detail
+
+
+def test_doctor_names_a_triton_interpreter_that_cannot_run_the_kernels(monkeypatch):
+    """triton 3.6's interpreter with numpy >= 2.4 fails on every loop over a runtime scalar, which each course
+    kernel has; the probe had none and said OK (audit 23). Its kernel now loops, and the failure names the fix."""
+    assert "range(0, n, BLOCK)" in doctor._TRITON_PROBE
+    monkeypatch.setattr(doctor, "_version", lambda module: {"numba": None, "triton": "3.6.0", "numpy": "2.4.6"}.get(
+        module))
+    monkeypatch.setattr(doctor, "_distribution_version", lambda name: None)
+    monkeypatch.setattr(doctor, "_probe", lambda code, timeout=120: (False, "triton.runtime.errors.InterpreterError: "
+                        "TypeError('only 0-dimensional arrays can be converted to Python scalars')"))
+    triton = next(f for f in doctor._kernel_checks() if f.name == "triton")
+    assert triton.status == doctor.WARN and triton.detail.endswith(
+        "(triton 3.6.0's interpreter with numpy 2.4.6: pip install 'triton>=3.7')")
+
+
+def test_doctor_says_jupyter_is_not_installed_like_the_other_packages(monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_jupyter(name, *args, **kwargs):
+        if name.startswith("jupyter_client"):
+            raise ModuleNotFoundError("No module named 'jupyter_client'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(doctor, "_kernel_checks", lambda: [])
+    monkeypatch.setattr(builtins, "__import__", no_jupyter)
+    jupyter = next(f for f in doctor.run_checks() if f.name == "jupyter")
+    assert (jupyter.status, jupyter.detail) == (doctor.FAIL, "not installed (pip install -e '.[course]')")
