@@ -212,6 +212,10 @@ def test_every_eager_configuration_is_measured_and_profiled_on_cpu(report):
     gen = Generator.from_pretrained("mnist", device="cpu")
     eager = {name: options for name, options in report.CONFIGS.items() if not options.get("graphs")}
     assert len(eager) == len(report.CONFIGS) // 2
+    pairs = list(report.CONFIGS.items())  # a torch row, then its auto row: a budget cut leaves pairs to compare
+    for (torch_name, torch_options), (auto_name, auto_options) in zip(pairs[::2], pairs[1::2]):
+        assert torch_options == {**auto_options, "kernels": "torch"} and auto_options["kernels"] == "auto"
+        assert auto_name == torch_name.replace("torch", "auto")
     for name, options in eager.items():
         row = report.measure_one(gen, torch.arange(2) % 10, options)
         assert "profile_error" not in row, (name, row)
