@@ -28,6 +28,7 @@ import argparse
 import datetime as dt
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -97,11 +98,17 @@ def run_part(name: str, command: list[str], seconds: float) -> tuple[dict, str]:
         return {"status": "skipped", "seconds": 0.0,
                 "note": f"skipped: {seconds:.0f} s of the {TOTAL_S:.0f} s budget left for {name}"}, ""
     start = time.monotonic()
+    # a session of its own: a part cut off is killed with every process it started (a test's subprocess, compile
+    # workers), which would otherwise keep the GPU busy and hold the output pipes open past the budget
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=_env(),
+                            start_new_session=True)
     try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=seconds, cwd=ROOT, env=_env())
-        status, output = ("ok" if done.returncode == 0 else "failed"), done.stdout + done.stderr
-    except subprocess.TimeoutExpired as exc:
-        status, output = "timed out", _text(exc.stdout) + _text(exc.stderr)
+        stdout, stderr = proc.communicate(timeout=seconds)
+        status, output = ("ok" if proc.returncode == 0 else "failed"), stdout + stderr
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        status, output = "timed out", _text(stdout) + _text(stderr)
     out = {"status": status, "seconds": round(time.monotonic() - start, 1)}
     if status == "timed out":
         out["note"] = f"cut off after its {seconds:.0f} s share of the budget; what it finished is kept"

@@ -6,6 +6,7 @@ import ast
 import importlib.util
 import json
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -104,6 +105,27 @@ def test_a_part_that_overruns_is_cut_off_and_a_failing_one_noted(report, monkeyp
     assert status["status"] == "timed out" and status["seconds"] < 25 and "cut off" in status["note"]
     status, _ = report.run_part("kernels", [sys.executable, "-c", "raise SystemExit('boom')"], 20.0)
     assert status["status"] == "failed" and status["note"] == "exited with an error: boom"
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads /proc (Linux)")
+def test_a_part_cut_off_takes_the_processes_it_started_with_it(report, monkeypatch, tmp_path):
+    """A part's child process (a test's subprocess) holds the output pipes: killing only the part kept the report
+    waiting for the child, past the budget, and left it running on the GPU."""
+    monkeypatch.setattr(report, "MIN_PART_S", 0.0)
+    pid_file = tmp_path / "child.pid"
+    spawn = ("import subprocess, sys, time; child = subprocess.Popen([sys.executable, '-c', 'import time; "
+             f"time.sleep(60)']); open({str(pid_file)!r}, 'w').write(str(child.pid)); print('started', flush=True); "
+             "time.sleep(60)")
+    start = time.monotonic()
+    status, output = report.run_part("tests", [sys.executable, "-c", spawn], 3.0)
+    assert status["status"] == "timed out" and time.monotonic() - start < 30 and "started" in output
+    status_file = Path(f"/proc/{int(pid_file.read_text())}/status")
+    for _ in range(50):  # the kill is delivered at once; give the kernel a moment to reap
+        if not status_file.exists() or "\tZ" in status_file.read_text():  # gone, or a zombie nobody reaped yet
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError(f"the part's child is still running: {status_file.read_text()[:200]}")
 
 
 def test_system_measurements_past_the_budget_are_skipped_with_a_note(report, monkeypatch, tmp_path):
