@@ -182,7 +182,7 @@ def test_sampler_rejects_no_cache_no_null_unmixed_halves_and_the_scale_conventio
     assert_fails(ch03.sample_tokens, make_sampler("no_cache"), contains="KV cache")
     assert_fails(ch03.sample_tokens, make_sampler("no_null"), contains="tokens of w = 0, with no guidance")
     assert_fails(ch03.sample_tokens, make_sampler("unmixed"), contains="each half was sampled from its own logits")
-    assert_fails(ch03.sample_tokens, make_sampler("scale"), contains="the papers' scale")
+    assert_fails(ch03.sample_tokens, make_sampler("scale"), contains="LlamaGen's scale")
 
 
 def test_sampler_rejects_the_library_loop_and_a_temperature_applied_twice():

@@ -363,7 +363,7 @@ def test_sampling_rejects_wrong_answers():
     assert_fails(ch04.sample_pyramid, loop_guides_positive_cfg_only, contains="cfg -1")
     msg = assert_fails(ch04.sample_pyramid, loop_no_ramp, contains="that guides every scale with the full cfg")
     assert "pyramid" in msg
-    msg = assert_fails(ch04.sample_pyramid, loop_scale_convention, contains="reading the strength t as the papers'")
+    msg = assert_fails(ch04.sample_pyramid, loop_scale_convention, contains="reading the strength t as LlamaGen's scale")
     assert "pyramid" in msg
     assert_fails(ch04.sample_pyramid, loop_halves_swapped, contains="the halves are swapped")
     assert_fails(ch04.sample_pyramid, loop_ramp_over_s, contains="the ramp cfg * k / S never reaches cfg")

@@ -317,7 +317,7 @@ def _loop_with(mix: str):
 
 SAMPLER_MISTAKES = [
     # u + s (c - u) with s = w is (1 + (w - 1)) c - (w - 1) u: the reference at w - 1
-    Mistake(_with_cfg(lambda w: w - 1), "that reads w as the papers' scale s = 1 + w (uncond + w * (cond - uncond)); "
+    Mistake(_with_cfg(lambda w: w - 1), "that reads w as LlamaGen's scale s = 1 + w (uncond + w * (cond - uncond)); "
                                         "here w = 0 must give the conditional logits exactly"),
     # (1 + w) u - w c is the reference at -1 - w
     Mistake(_with_cfg(lambda w: -1 - w), "the halves are swapped: rows 0..B-1 carry the classes (cond), rows B..2B-1 "

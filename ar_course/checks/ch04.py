@@ -476,7 +476,7 @@ SAMPLING_MISTAKES = [
             "that guides every scale with the full cfg; with the ramp the strength grows from 0 at the first scale "
             "to cfg at the last"),
     Mistake(partial(_loop_with, mix=lambda cond, uncond, t: uncond + t * (cond - uncond)),
-            "that mixes uncond + t * (cond - uncond), reading the strength t as the papers' scale s; strength t "
+            "that mixes uncond + t * (cond - uncond), reading the strength t as LlamaGen's scale s; strength t "
             "gives (1 + t) * cond - t * uncond, so t = 0 is the conditional model"),
     Mistake(partial(_loop_with, mix=lambda cond, uncond, t: (1 + t) * uncond - t * cond),
             "the halves are swapped: rows 0..B-1 carry the classes (cond), rows B..2B-1 the null class (uncond)"),

@@ -82,7 +82,7 @@ def _pipeline_with(model: VAR, tokenizer: VQVAE, classes: torch.Tensor, *, cfg: 
 
 PIPELINE_MISTAKES = [
     Mistake(lambda *args, **kwargs: _pipeline_with(*args, **kwargs, cfg_plus_one=True),
-            "that samples with cfg + 1, the papers' scale s = 1 + w of uncond + s * (cond - uncond); "
+            "that samples with cfg + 1, LlamaGen's scale s = 1 + w of uncond + s * (cond - uncond); "
             "sample_pyramid's cfg is the strength w itself, and 0 means no guidance"),
     Mistake(lambda *args, **kwargs: _pipeline_with(*args, **kwargs, ramp=False),
             "that turns VAR's ramp off (ramp=False), so every scale gets the full cfg; the pipeline keeps the ramp, "
