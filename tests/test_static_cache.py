@@ -238,3 +238,41 @@ def test_a_static_cache_decode_step_reads_nothing_back_where_values_cannot_be_re
             got, _ = model.decode_step(torch.tensor([[3]] * 2), None, cache)  # one new token
     assert host.reads == []
     torch.testing.assert_close(got[:, -1], want[:, -1], atol=1e-5, rtol=0)
+
+
+class _FakeGraph:
+    """A CUDA graph on CPU for bookkeeping tests: capturing runs the pass once, replaying runs no Python."""
+
+    def replay(self) -> None:
+        pass
+
+
+def test_a_graph_step_reports_the_kernels_of_one_pass_at_every_call(monkeypatch):
+    """A replay runs no kernel entry point, so warm graphs=True calls reported "attention: none"; the first call
+    counted the two warm-up passes too. Each call now reports the capture pass's record once (audit 23)."""
+    from contextlib import nullcontext
+
+    from ar_course.kernels import ops, record_dispatch
+    from ar_course.transformer.graphs import CUDAGraphStep
+
+    stream = type("Stream", (), {"wait_stream": lambda self, other: None})
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", _FakeGraph)
+    monkeypatch.setattr(torch.cuda, "graph", lambda graph: nullcontext())
+    monkeypatch.setattr(torch.cuda, "Stream", stream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: nullcontext())
+    monkeypatch.setattr(torch.cuda, "current_stream", stream)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    passes = []
+
+    def step(x):
+        passes.append(1)
+        return ops._ran("flash_attention", "triton", x * 2)
+
+    graphed = CUDAGraphStep(step, warmup=2)
+    with record_dispatch() as first:
+        graphed(torch.ones(2))
+    with record_dispatch() as warm:
+        graphed(torch.ones(2))
+    assert len(passes) == 3 and graphed.graphs == 1  # two warm-ups and the capture, then replays only
+    assert first.summary() == warm.summary() == {"flash_attention": "triton", "fallbacks": []}
+    assert first.calls["flash_attention"]["triton"] == warm.calls["flash_attention"]["triton"] == 1

@@ -99,6 +99,18 @@ def record_dispatch() -> Iterator[DispatchRecord]:
         _RECORD.reset(token)
 
 
+def note_dispatch(record: DispatchRecord) -> None:
+    """Add what ``record`` collected to the enclosing :func:`record_dispatch` block, if any: a CUDA-graph replay
+    runs the kernels its capture recorded without running their Python entry points, so the graph step reports
+    the capture's record at every replay."""
+    current = _RECORD.get()
+    if current is None:
+        return
+    for op, counts in record.calls.items():
+        current.calls.setdefault(op, Counter()).update(counts)
+    current.fallbacks.extend(f for f in record.fallbacks if f not in current.fallbacks)
+
+
 def _ran(op: str, backend: str, out: torch.Tensor, fallback: str | None = None) -> torch.Tensor:
     """Note that ``backend`` computed ``op`` (and why a kernel did not, if one was meant to); returns ``out``."""
     record = _RECORD.get()

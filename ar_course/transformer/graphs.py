@@ -29,11 +29,15 @@ class _Captured:
     inputs: list[torch.Tensor]
     output: Any
     keep: list[Any]
+    dispatched: Any  # the kernels.DispatchRecord of the capture pass: what every replay runs
 
     def replay(self, tensors: list[torch.Tensor]) -> Any:
+        from ar_course.kernels.ops import note_dispatch  # only here, on a CUDA machine: no environment defaults
+
         for static, new in zip(self.inputs, tensors):
             static.copy_(new)
         self.graph.replay()
+        note_dispatch(self.dispatched)  # the replay runs no entry point: report what the capture recorded
         return self.output
 
 
@@ -112,7 +116,10 @@ class CUDAGraphStep:
         return captured.replay(_tensors(args, kwargs))
 
     def _capture(self, args: tuple, kwargs: dict) -> _Captured:
-        """Warm ``fn`` up on static copies of the tensor arguments, restore the caches, capture one graph."""
+        """Warm ``fn`` up on static copies of the tensor arguments, restore the caches, capture one graph. What
+        the kernel entry points report is kept from the capture pass only (the warm-up passes are not steps)."""
+        from ar_course.kernels.ops import record_dispatch
+
         start = time.perf_counter()
         caches = [a for a in (*args, *kwargs.values()) if isinstance(a, StaticKVCache)]
         saved = [c.pos.clone() for c in caches]
@@ -122,17 +129,17 @@ class CUDAGraphStep:
                                   enabled=torch.is_autocast_enabled("cuda"), cache_enabled=False)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side), autocast:
+        with torch.cuda.stream(side), autocast, record_dispatch():
             for _ in range(self.warmup):
                 self.fn(*s_args, **s_kwargs)
         torch.cuda.current_stream().wait_stream(side)
         for cache, pos in zip(caches, saved):
             cache.rollback(pos)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph), autocast:
+        with torch.cuda.graph(graph), autocast, record_dispatch() as dispatched:
             output = self.fn(*s_args, **s_kwargs)
         for cache, pos in zip(caches, saved):  # capturing records the kernels without running them
             cache.rollback(pos)
         torch.cuda.synchronize()
         self.capture_seconds += time.perf_counter() - start
-        return _Captured(graph, inputs, output, caches)
+        return _Captured(graph, inputs, output, caches, dispatched)
