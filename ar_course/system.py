@@ -174,7 +174,9 @@ class GenerationRequest:
         precision: ``"auto"`` (bfloat16 autocast on CUDA, float32 on CPU) or a dtype name for autocast.
         cache: the KV cache of the sampling loops: ``"dynamic"`` (lengths are Python ints, the plain path) or
             ``"static"`` (:class:`~ar_course.transformer.model.StaticKVCache`: preallocated, positions and the
-            mask of unused positions computed on the device, so a step never waits for the host); ``None``:
+            mask of unused positions computed on the device, so that with torch attention a step never waits
+            for the host; kernel attention checks that dense mask on the host in each layer, except inside a
+            graph capture, where it is trusted); ``None``:
             ``"static"`` with ``graphs``, else ``"dynamic"`` (the stored request holds the name). Same tokens
             up to float rounding.
         graphs: replay the decode step (VAR's per-scale pass, the raster model's step) from CUDA graphs

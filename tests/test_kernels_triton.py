@@ -319,3 +319,35 @@ def test_kernels_compile_for_a_hopper_gpu_with_mixed_dtypes(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     configurations = int(res.stdout.split("configurations")[-1])
     assert configurations >= 3 and res.stdout.count("compiled") == 4 + configurations + 2
+
+
+def test_threads_can_launch_simulated_kernels_at_once():
+    """Triton's interpreter and numba's CUDA simulator keep process-wide state: two threads launching at once
+    failed ('Did you forget to add @triton.jit', "'Thread' object has no attribute 'blockIdx'"). Simulated
+    launches now take turns; each thread gets its own right answer (audit 23)."""
+    import threading
+
+    g = gen(0)
+    inputs = [tuple(torch.randn(1, 2, 16, 8, generator=g) for _ in range(3)) for _ in range(4)]
+    backends = ["triton", "numba", "triton", "numba"] if env.CUDA_SIMULATOR else ["triton"] * 4
+    want = [K.flash_attention(q, k, v, "causal", backend="torch") for q, k, v in inputs]
+    got, errors = {}, {}
+    start = threading.Barrier(len(inputs))
+
+    def work(i: int) -> None:
+        q, k, v = inputs[i]
+        start.wait()
+        try:
+            for _ in range(2):
+                got[i] = K.flash_attention(q, k, v, "causal", backend=backends[i])
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors[i] = repr(exc)[:300]
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(inputs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == {}
+    for i, w in enumerate(want):
+        torch.testing.assert_close(got[i], w, atol=1e-5, rtol=1e-5)

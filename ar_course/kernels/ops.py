@@ -30,6 +30,7 @@ import contextvars
 import importlib
 import math
 import numbers
+import threading
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
@@ -248,7 +249,8 @@ def _dispatch(op: str, backend: str, chosen: str, device: torch.device, kernels:
     if chosen not in kernels:
         return _ran(op, "torch", plain())
     if backend != "auto":
-        return _ran(op, chosen, kernels[chosen]())
+        with _one_at_a_time(chosen):
+            return _ran(op, chosen, kernels[chosen]())
     key = "|".join(map(str, (op, chosen, _device_name(device), *bucket)))
     if key in _FAILED:
         return _ran(op, "torch", plain(), _FAILED[key])
@@ -264,10 +266,23 @@ def _dispatch(op: str, backend: str, chosen: str, device: torch.device, kernels:
     if decided == "torch":
         return _ran(op, "torch", plain())
     try:
-        out = kernels[chosen]()
+        with _one_at_a_time(chosen):
+            out = kernels[chosen]()
     except Exception as exc:  # noqa: BLE001 - any kernel failure: torch still gives the answer
         return _fall_back(op, chosen, key, exc, plain)
     return _ran(op, chosen, out)
+
+
+_SIMULATED = threading.RLock()
+"""Held while a kernel runs in numba's CUDA simulator or Triton's interpreter: both keep process-wide state
+(the simulated thread's block index, the interpreter's current program), so two threads launching kernels at
+once would fail. Compiled kernels (a GPU, numba's CPU kernel) run side by side."""
+
+
+def _one_at_a_time(backend: str) -> contextlib.AbstractContextManager:
+    """The lock of simulated launches for ``backend`` where it is simulated, else nothing to hold."""
+    simulated = (backend == "numba" and env.CUDA_SIMULATOR) or (backend == "triton" and env.triton_interpreted())
+    return _SIMULATED if simulated else contextlib.nullcontext()
 
 
 def _fall_back(op: str, kernel: str, key: str, exc: BaseException, plain: Callable[[], torch.Tensor]) -> torch.Tensor:
