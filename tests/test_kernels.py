@@ -462,9 +462,12 @@ def test_calibration_keeps_a_kernel_only_when_it_is_faster_by_the_margin(tmp_pat
     assert second.choices()["small"] == {"backend": "triton", "seconds": {"triton": 0.5, "torch": 1.0}}
     sections = json.loads(path.read_text())
     assert list(sections) == [software_section()] and "torch " in software_section()
+    assert "numba-cuda " in software_section()  # a numba-cuda upgrade measures the numba kernels again
 
 
-@pytest.mark.parametrize("section", [["triton"], {"k": "triton"}, {"k": {}}, {"k": {"backend": "triton"}}, 7])
+@pytest.mark.parametrize("section", [["triton"], {"k": "triton"}, {"k": {}}, {"k": {"backend": "triton"}}, 7,
+                                     {"k": {"backend": "cuda-magic", "seconds": {"triton": 1.0, "torch": 2.0}}},
+                                     {"k": {"backend": "numba", "seconds": {"triton": 1.0, "torch": 2.0}}}])
 def test_calibration_measures_again_past_a_malformed_cache_file(tmp_path, section):
     """A cache file that is JSON but not what this version writes (edited by hand, another version) counts as
     no decision: the call is measured again and the file rewritten, never an AttributeError inside dispatch."""

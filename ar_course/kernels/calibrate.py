@@ -15,6 +15,7 @@ torch, so ``"auto"`` there follows a fixed rule (see ``ops.select_backend``).
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import json
 import os
 import threading
@@ -57,7 +58,7 @@ def default_cache_path() -> Path:
 
 @lru_cache(maxsize=1)
 def software_section() -> str:
-    """The cache file's section for this software: torch and Triton versions, kernels' source digest."""
+    """The cache file's section for this software: torch, Triton and numba-cuda versions, kernels' source digest."""
     sources = sorted(Path(__file__).parent.glob("*.py"))
     digest = hashlib.sha256(b"".join(p.read_bytes() for p in sources)).hexdigest()[:12]
     triton = "none"
@@ -65,7 +66,11 @@ def software_section() -> str:
         import triton as _triton
 
         triton = _triton.__version__
-    return f"torch {torch.__version__}, triton {triton}, kernels {digest}"
+    try:
+        numba_cuda = importlib.metadata.version("numba-cuda")
+    except importlib.metadata.PackageNotFoundError:
+        numba_cuda = "none"
+    return f"torch {torch.__version__}, triton {triton}, numba-cuda {numba_cuda}, kernels {digest}"
 
 
 class Calibrator:
@@ -136,11 +141,11 @@ class Calibrator:
 
 
 def _valid_choices(section: object) -> dict[str, dict]:
-    """The well-formed decisions of a cache file's section (``key -> {"backend": str, "seconds": {...}}``); any
-    other entry, or a section that is not a mapping (a file edited by hand or by another version), is dropped, so
-    its kind of call is measured again."""
+    """The well-formed decisions of a cache file's section (``key -> {"backend": str, "seconds": {...}}``, the
+    back-end one of the two measured); any other entry, or a section that is not a mapping (a file edited by hand
+    or by another version), is dropped, so its kind of call is measured again."""
     if not isinstance(section, dict):
         return {}
     return {key: choice for key, choice in section.items()
-            if isinstance(choice, dict) and isinstance(choice.get("backend"), str)
-            and isinstance(choice.get("seconds"), dict)}
+            if isinstance(choice, dict) and isinstance(choice.get("seconds"), dict)
+            and isinstance(choice.get("backend"), str) and choice["backend"] in choice["seconds"]}
