@@ -197,6 +197,32 @@ def test_use_returns_reference_until_passed(capsys):
     assert chapter.use(softmax) is ref_softmax
 
 
+def test_a_function_whose_check_fails_again_is_no_longer_used(monkeypatch):
+    """A function that passed and then fails its check (same object, now giving wrong answers) is forgotten:
+    later cells fall back to the reference instead of building on it."""
+    monkeypatch.setenv(STRICT_ENV, "0")
+    chapter = Chapter(99, "test chapter")
+
+    def double(x):
+        return 2 * x
+
+    @chapter.exercise("99.1", reference=double, hints=("h1", "h2"), name="double")
+    def check_double(fn, ref):
+        compare_cases(fn, ref, [Case("one", (torch.tensor([1.0]),))])
+
+    offset = [0.0]
+
+    def mine(x):
+        return 2 * x + offset[0]
+
+    mine.__name__ = "double"
+    check_double(mine)
+    assert chapter.passed("double") is mine
+    offset[0] = 1.0  # the same function object now gives wrong answers
+    check_double(mine)
+    assert chapter.results["99.1"] == "failed" and chapter.passed("double") is double
+
+
 def test_use_unknown_name():
     chapter, _ = make_chapter()
     with pytest.raises(KeyError):
@@ -283,6 +309,11 @@ def test_compare_structures():
         compare(2.5, 3)
     with pytest.raises(CheckFailure, match="differs at 1 of 3"):
         compare(torch.tensor([1, 2, 3]), torch.tensor([1, 5, 3]))
+
+
+def test_compare_counts_nan_equal_to_nan_in_tensors():
+    """A learner's correct NaN (e.g. of a fully masked row) matches the reference's NaN."""
+    compare(torch.tensor([1.0, float("nan")]), torch.tensor([1.0, float("nan")]))
 
 
 def test_compare_matches_ints_exactly_and_prints_them_in_full():

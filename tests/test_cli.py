@@ -9,12 +9,14 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import nbformat
 import pytest
+import torch
 from PIL import Image
 
-from ar_course import cli, doctor
+from ar_course import cli, doctor, generate
 from ar_course.checkpoint import resolve
 from ar_course.system import PRETRAINED, Generator
 from cli_helpers import error_line, grid_size, one_torch_thread, patch_loading, run
@@ -275,6 +277,20 @@ def test_generate_option_combinations(capsys, tmp_path, loads, args, message):
     assert status == 2 and error_line(err) == f"error: {message}" and loads == []
 
 
+def test_generate_aligned_models_default_to_no_guidance():
+    """--ar-model grpo/cca (and --var-model cca) sample without guidance unless --cfg is given."""
+    args = generate.build_parser().parse_args(["--out", "x.png", "--method", "ar", "--ar-model", "grpo"])
+    generate._check_options(args)
+    assert args.cfg == 0.0
+
+
+def test_generate_request_lists_the_classes_row_by_row_so_each_grid_column_is_one_class():
+    """The request repeats the class list once per row (3 7 3 7, not 3 3 7 7), so each column of the grid is
+    one class."""
+    args = generate.build_parser().parse_args(["--out", "x.png", "--classes", "3", "7", "--per-class", "2"])
+    assert generate._request(args, [3, 7]).classes.tolist() == [3, 7, 3, 7]
+
+
 def test_generate_bad_checkpoint_is_a_usage_error(capsys, tmp_path):
     bad = tmp_path / "var.safetensors"
     bad.write_bytes(b"\0" * 64)
@@ -345,6 +361,19 @@ def test_generate_writes_png_and_strict_json_atomically(capsys, tmp_path, loads)
     assert sorted(p.name for p in out.parent.iterdir()) == ["grid.png", "stats.json"]  # no temporary files
 
 
+def test_generate_png_has_one_column_per_class(capsys, tmp_path, monkeypatch):
+    """The grid has as many columns as classes, not as --per-class samples (a fake generator: no models run)."""
+    images = torch.rand(6, 1, 4, 4)
+    stats = SimpleNamespace(as_dict=lambda: {}, summary=lambda: "")
+    fake = SimpleNamespace(var=object(), ar=None, ar_draft=None, num_classes=10,
+                           run=lambda request: SimpleNamespace(images=images, stats=stats))
+    patch_loading(monkeypatch, fake)
+    out = tmp_path / "g.png"
+    status, _, err = run(capsys, "generate", "--out", out, "--classes", "3", "7", "--per-class", "3", "--zoom", "1")
+    assert status == 0 and err == ""
+    assert out.read_bytes() == generate.png_bytes(images, 2, 1)
+
+
 def test_generate_failure_while_working_leaves_nothing(capsys, tmp_path, loads, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("out of memory")
@@ -356,8 +385,6 @@ def test_generate_failure_while_working_leaves_nothing(capsys, tmp_path, loads, 
 
 
 def test_generate_interrupted_while_writing_leaves_nothing(capsys, tmp_path, loads, monkeypatch):
-    from ar_course import generate
-
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 

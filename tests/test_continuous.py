@@ -1,6 +1,6 @@
 """Chapter 10's continuous tokens: the KL-regularised autoencoder, flow matching and its Euler sampler (a
 statistical test on a 1-D toy with the exact velocity field), the continuous AR model (cache vs plain path,
-seeded determinism, guidance), and clear errors for bad arguments."""
+seeded determinism, guidance), the shipped model's recorded loss, and clear errors for bad arguments."""
 
 import math
 
@@ -189,6 +189,19 @@ def test_loss_is_a_finite_scalar_with_gradients():
     assert model.head.out.weight.grad is not None and model.inp.weight.grad is not None
 
 
+def test_the_loss_conditions_token_i_on_the_class_and_tokens_before_i_only():
+    """The velocity head's condition at position i is built from the class and tokens < i; a shift by one
+    would let each token see itself."""
+    model, classes = tiny_model(), torch.tensor([0, 3])
+    tokens = torch.randn(2, 6, 3)
+    seen = []
+    forward = model.head.forward
+    model.head.forward = lambda x_t, t, cond: (seen.append(cond), forward(x_t, t, cond))[1]
+    model.loss(tokens, classes, generator=torch.Generator().manual_seed(0))
+    want = model.conditions(tokens[:, :-1], classes).reshape(-1, 16)
+    torch.testing.assert_close(seen[0], want)
+
+
 def test_cached_sampling_equals_the_plain_path():
     model = tiny_model()
     classes = torch.tensor([0, 3, 4])
@@ -224,6 +237,18 @@ def test_guidance_at_w_zero_is_conditional_and_changes_samples_otherwise():
     torch.testing.assert_close(same_guided, same_cond, atol=1e-5, rtol=1e-5)
 
 
+def test_guided_sampling_integrates_cond_plus_w_times_cond_minus_uncond():
+    """Guidance follows ``(1 + w) v(cond) - w v(uncond)``: the class's and the null class's conditions must not
+    be swapped."""
+    model, classes, w = tiny_model(), torch.tensor([1, 2]), 2.0
+    model.head.forward = lambda x, t, cond: cond[:, :3]  # a velocity that only reads the condition
+    first = generate_tokens(model, classes, steps=1, temperature=0.0, cfg=w)[:, 0]  # from 0, one Euler step
+    empty = torch.zeros(2, 0, 3)
+    cond = model.conditions(empty, classes)[:, -1, :3]
+    uncond = model.conditions(empty, torch.full_like(classes, model.null_class))[:, -1, :3]
+    torch.testing.assert_close(first, (1 + w) * cond - w * uncond)
+
+
 def test_token_map_round_trip():
     x = torch.randn(2, 4, 8, 8)
     tokens = map_to_tokens(x)
@@ -246,6 +271,21 @@ def test_continuous_ar_bad_arguments():
         model.loss(torch.zeros(2, 5, 3), torch.tensor([0, 1]))
     with pytest.raises(ValueError, match="divisible by n_head"):
         ContinuousARConfig(n_embd=10, n_head=4)
+
+
+def test_the_shipped_model_keeps_its_recorded_test_loss():
+    """The velocity head's time features, its ``1 + scale`` modulation and its use of t cannot be told apart on
+    tiny random models; a change to any of them breaks the shipped model, whose test loss would jump."""
+    from ar_course.continuous.model import load_pretrained, pretrained_info
+    from ar_course.continuous.train import encode_dataset
+    from ar_course.data.mnist import load_mnist
+
+    model, tok = load_pretrained()
+    images, labels = load_mnist("test", size=32)
+    with torch.no_grad():
+        tokens = encode_dataset(tok, images[:200])  # (200, 64, 4)
+        loss = float(model.loss(tokens, labels[:200], generator=torch.Generator().manual_seed(0)))
+    assert loss < 1.3 * pretrained_info()["test_loss"], loss
 
 
 def test_train_continuous_cli_errors(capsys):

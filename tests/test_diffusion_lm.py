@@ -13,7 +13,7 @@ from ar_course.diffusion_lm import DiffusionLM, DiffusionLMConfig
 from ar_course.diffusion_lm import functional as F
 from ar_course.diffusion_lm.train import main as train_main
 from ar_course.sampling import SamplingConfig
-from ar_course.transformer import GPT, GPTConfig, count_forward_passes
+from ar_course.transformer import GPT, GPTConfig, KVCache, count_forward_passes
 
 GREEDY = SamplingConfig(temperature=0.0)
 
@@ -142,6 +142,22 @@ def test_nll_bound_takes_a_text_and_cuts_it_into_windows():
     assert model.nll_bound(text, generator=g()) == model.nll_bound(text[:8].view(2, 4), generator=g())
 
 
+def test_nll_bound_leaves_a_training_model_in_training_mode():
+    """The bound evaluates in eval mode but must hand the model back as it found it, dropout on."""
+    model = tiny().train()
+    model.nll_bound(torch.randint(0, 3, (2, 4)), samples=1)
+    assert model.training
+
+
+def test_nll_bound_averages_over_the_samples():
+    """Two samples give the mean of the two one-sample bounds, not their sum."""
+    model, ids = tiny(), torch.randint(0, 3, (3, 4), generator=torch.Generator().manual_seed(1))
+    two = model.nll_bound(ids, samples=2, generator=torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(0)  # the same draws, one sample at a time
+    one_by_one = (model.nll_bound(ids, samples=1, generator=g) + model.nll_bound(ids, samples=1, generator=g)) / 2
+    assert two == pytest.approx(one_by_one, abs=1e-5)
+
+
 # -- generation ----------------------------------------------------------------------------------------------
 
 
@@ -181,6 +197,15 @@ def test_cached_block_wise_generation_agrees_with_the_uncached_path(block_size, 
     b = model.generate(3, 8, generator=torch.Generator().manual_seed(5), use_cache=False, **kw)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     assert (a[0] < model.config.vocab_size).all()  # no mask left, never a mask proposed
+
+
+def test_logits_take_a_pass_that_fills_the_cache_to_its_end():
+    """A pass that exactly fills the KV cache fits; only one past its end is refused."""
+    model = tiny()
+    c = model.gpt.config
+    cache = KVCache(c.n_layer, 1, c.n_head, 4, c.head_dim)
+    out = model.logits(torch.tensor([[0, 1, 2, 3]]), torch.arange(4), cache=cache)
+    assert out.shape == (1, 4, 4)
 
 
 @pytest.mark.parametrize("use_cache", [True, False])

@@ -10,6 +10,7 @@ import nbformat
 import pytest
 
 from ar_course import build_notebooks as bn
+from ar_course import grade
 from ar_course.checks.core import STRICT_ENV
 from ar_course.grade import GradeResult, Row, chapter_exercises, format_table, grade_notebook, main
 from fixtures.make_fixtures import solution_notebook
@@ -22,6 +23,11 @@ def _write(tmp_path, nb, name="nb.ipynb"):
     path = tmp_path / name
     nbformat.write(nb, path)
     return path
+
+
+def _tagged_cell(kind: str, source: str, tag: str):
+    make = nbformat.v4.new_code_cell if kind == "code" else nbformat.v4.new_markdown_cell
+    return make(source, metadata={"tags": [tag]})
 
 
 @pytest.mark.parametrize("strict", ["0", "1"], ids=["learner", "strict"])
@@ -68,6 +74,43 @@ def test_grader_cli_exit_codes(tmp_path):
     missing = subprocess.run([sys.executable, "-m", "ar_course", "grade", str(tmp_path / "nope.ipynb")],
                              capture_output=True, text=True)
     assert missing.returncode == 2 and "no such notebook" in missing.stderr
+
+
+def test_exit_status_is_one_when_any_notebook_fails(tmp_path, monkeypatch):
+    """A failing notebook followed by a passing one still exits 1: the status is not only the last one's."""
+    paths = [tmp_path / "a.ipynb", tmp_path / "b.ipynb"]
+    results = {str(paths[0]): "failed", str(paths[1]): "passed"}
+    monkeypatch.setattr(grade, "read_notebook", lambda p: None)
+    monkeypatch.setattr(grade, "notebook_exercises", lambda nb, p: [("1.1", "a")])
+    monkeypatch.setattr(grade, "grade_notebook", lambda p, **kw: GradeResult([Row("1.1", "a", results[str(p)])],
+                                                                             None, 0.0))
+    assert main([str(p) for p in paths]) == 1
+
+
+def test_the_last_verdict_of_an_exercise_wins(tmp_path):
+    """A learner who fixes a function and reruns its check is graded on the rerun, not on the first, failed, run."""
+    report = tmp_path / "r.jsonl"
+    report.write_text("\n".join(json.dumps({"exercise": "1.1", "status": s, "message": ""})
+                                for s in ("failed", "passed")) + "\n")
+    verdicts, malformed, _ = grade._read_report(report)
+    assert verdicts["1.1"]["status"] == "passed" and malformed == []
+
+
+def test_check_cells_belong_to_the_exercise_cell_before_them():
+    """Each exercise owns the check cells up to the next exercise cell, so a "not run" reason names the
+    exercise's own check cell, not another's."""
+    nb = nbformat.v4.new_notebook(cells=[_tagged_cell("code", "# Exercise 1.1: a\n", "exercise"),
+                                         _tagged_cell("code", "check(a)", "check"),
+                                         _tagged_cell("code", "# Exercise 1.2: b\n", "exercise")])
+    own = grade._own_cells(grade.graded_cells(nb))
+    assert own == {"1.1": (0, [1]), "1.2": (2, [])}
+
+
+def test_markdown_cells_are_never_graded_cells():
+    """Only code cells run: a Markdown cell carrying a grading tag is not a graded cell."""
+    nb = nbformat.v4.new_notebook(cells=[_tagged_cell("markdown", "# Exercise 1.1: a", "exercise"),
+                                         _tagged_cell("code", "x = 1", "setup")])
+    assert [i for i, _ in grade.graded_cells(nb)] == [1]
 
 
 def test_format_table_wraps_a_long_reason_under_the_result_column():
@@ -146,3 +189,10 @@ def test_chapter_exercises_come_from_the_chapters_checks_in_number_order():
     assert chapter_exercises([("5.6", "jacobi_verify")]) == ch05
     assert chapter_exercises([("5.2", "mine"), ("5.9", "extra")]) == ch05 + [("5.9", "extra")]
     assert chapter_exercises([("90.2", "b"), ("90.1", "a")]) == [("90.2", "b"), ("90.1", "a")]
+
+
+def test_rows_follow_the_number_order_past_nine():
+    """Exercises sort by number, not as text: chapter 01's 1.10 and 1.11 come after 1.9, not before 1.2."""
+    numbers = [n for n, _ in chapter_exercises([("1.1", "any")])]
+    assert "1.11" in numbers
+    assert numbers == sorted(numbers, key=lambda n: tuple(int(p) for p in n.split(".")))

@@ -11,6 +11,7 @@ from ar_course import masked
 from ar_course.masked import functional as M
 from ar_course.masked.model import MaskGIT, maskgit_config, maskgit_loss
 from ar_course.raster import orders
+from ar_course.sampling import SamplingConfig, process_logits, sample
 from ar_course.transformer.model import GPT, GPTConfig
 
 
@@ -298,6 +299,23 @@ def test_generate_is_deterministic_under_a_seed():
     assert torch.equal(run(0, sampling=GREEDY, noise=0.0), run(1, sampling=GREEDY, noise=0.0))  # no randomness left
 
 
+def test_confidence_is_the_log_probability_under_the_sampling_config():
+    """Tokens are kept by their log-probability after temperature and top-k, the distribution they were drawn
+    from, not by the raw logits."""
+    model, classes = tiny(), torch.tensor([0, 3])
+    sampling = SamplingConfig(temperature=3.0, top_k=3)
+    trace: list[torch.Tensor] = []
+    model.generate(classes, steps=2, sampling=sampling, noise=0.0, generator=torch.Generator().manual_seed(0),
+                   trace=trace)
+    tokens = torch.full((2, 12), model.mask_id)
+    logits = model.map_logits(tokens, classes)
+    sampled = sample(logits, sampling=sampling, generator=torch.Generator().manual_seed(0))
+    log_probs = F.log_softmax(process_logits(logits, sampling=sampling), dim=-1)
+    expected, _ = M.confidence_step(tokens, tokens == model.mask_id, log_probs, sampled,
+                                    M.masked_after(2, 12, "cosine")[0])
+    assert torch.equal(trace[0], expected)
+
+
 def test_neighbour_order_takes_2n_minus_1_passes_and_respects_dependencies():
     steps = M.neighbour_steps(8, 8)
     assert len(steps) == 15 == orders.num_steps("neighbour", 8, 8)
@@ -327,6 +345,19 @@ def test_generate_images_of_both_orders():
         assert images.shape == (3, 1, 32, 32)
         assert torch.equal(images, masked.generate_images(model, tok, torch.tensor([0, 1, 2]), steps=4, order=order,
                                                           seed=0))
+
+
+def test_generate_images_passes_noise_on():
+    """``generate_images(noise=...)`` reaches the sampler: the same tokens as ``generate`` with that noise."""
+    from ar_course.tokenizers import VQVAE, VQVAEConfig
+
+    model, classes = tiny(grid=(2, 2)), torch.tensor([0, 1, 4])
+    tok = VQVAE(VQVAEConfig(image_size=8, downsample=4, width=4, latent_dim=4, num_codes=12)).eval()
+    tok.decode_from_indices = lambda maps: maps.flatten(1).float()  # see the tokens
+    for noise in (0.0, 50.0):
+        got = masked.generate_images(model, tok, classes, steps=2, noise=noise, seed=0)
+        want = model.generate(classes, steps=2, noise=noise, generator=torch.Generator().manual_seed(0))
+        assert torch.equal(got, want.flatten(1).float()), noise
 
 
 # -- bad arguments ----------------------------------------------------------------------------------------------

@@ -102,6 +102,13 @@ def test_condition_dropout():
         F_r.condition_dropout(classes, 1.5, 10)
 
 
+def test_condition_dropout_batches_drops_every_class_at_p_one():
+    """The trainer's batch stream must apply the dropout, not only validate ``p_uncond``."""
+    batches = iter([(torch.zeros(3, 4), torch.tensor([0, 1, 2]))])
+    (_, classes), = list(M.condition_dropout_batches(batches, 1.0, null_class=10))
+    assert classes.tolist() == [10, 10, 10]
+
+
 # ---- guidance and sampling --------------------------------------------------------------------------------
 
 
@@ -212,6 +219,15 @@ def test_neighbour_order_steps_and_dependencies():
     assert torch.equal(raster.flatten(), torch.arange(12))
     with pytest.raises(ValueError, match="order"):
         orders.num_steps("spiral", 4, 4)
+
+
+def test_random_order_is_drawn_from_the_generator():
+    """The random order depends on the generator passed in only, not on the global random state."""
+    torch.manual_seed(1)
+    a = orders.schedule("random", 4, 4, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(2)
+    b = orders.schedule("random", 4, 4, generator=torch.Generator().manual_seed(0))
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
 
 
 # ---- images, trainer, checkpoint ----------------------------------------------------------------------------

@@ -5,6 +5,7 @@ the batching, chunking, preemption or prefix caching."""
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -13,11 +14,11 @@ from hypothesis import strategies as st
 
 from ar_course.sampling import SamplingConfig
 from ar_course.serving import (
-    BlockAllocator, Engine, EngineConfig, OutOfBlocks, PagedKVCache, gather_kv, packed_forward,
+    BlockAllocator, Engine, EngineConfig, OutOfBlocks, PagedKVCache, PrefixCache, gather_kv, packed_forward,
     paged_attention, prefix_block_hashes,
 )
 from ar_course.serving.compression import CompressedAttention, kv_bytes_per_token, sink_window_evictable
-from ar_course.serving.trace import summarize
+from ar_course.serving.trace import make_trace, summarize
 from ar_course.transformer import GPT, load_pretrained, use_attention
 from serving_fixtures import _one_thread, seeded_outputs_one_at_a_time_and_batched, tiny  # noqa: F401 (fixtures)
 
@@ -126,12 +127,82 @@ def test_allocator_refuses_double_free_and_reserve_is_all_or_nothing():
     assert cache.tables[0] == [] and cache.allocator.num_free == 2
 
 
+def _small_cache(num_blocks: int = 4) -> PagedKVCache:
+    return PagedKVCache(n_layer=1, n_head=1, head_dim=2, num_blocks=num_blocks, block_size=2)
+
+
+def test_used_tokens_leaves_out_evicted_blocks():
+    """Positions of an evicted block no longer hold keys and values, so they are not counted as used."""
+    cache = _small_cache()
+    cache.add(0)
+    cache.reserve(0, 6)
+    cache.advance(0, 6)
+    assert cache.evict(0, [0]) == 1
+    assert cache.used_tokens() == 4
+
+
+def test_a_free_block_cannot_be_shared():
+    """Sharing a free block would hand it out twice: once shared, once by the next allocation."""
+    alloc = BlockAllocator(2)
+    with pytest.raises(ValueError, match="free or evicted"):
+        alloc.share(0)
+
+
+def test_advance_past_the_reserved_room_is_refused():
+    """A sequence cannot grow past the blocks its table holds."""
+    cache = _small_cache()
+    cache.add(0)
+    cache.reserve(0, 2)
+    with pytest.raises(ValueError, match="no room"):
+        cache.advance(0, 3)
+
+
 def test_prefix_hashes_chain_over_everything_before():
     a = prefix_block_hashes([1, 2, 3, 4, 5, 6, 7], 3)
     b = prefix_block_hashes([9, 2, 3, 4, 5, 6], 3)
     assert len(a) == 2 and len(b) == 2
     assert a[1] != b[1]  # same tokens in block 1, different prefix
     assert prefix_block_hashes([1, 2, 3, 4, 5, 6, 8], 3) == a
+
+
+def test_prefix_cache_evicts_the_least_recently_matched_block_first():
+    """A match refreshes the block's place in the LRU order, so the block matched last is evicted last."""
+    cache = _small_cache()
+    prefixes = PrefixCache(cache)
+    for seq, tokens in ((0, [1, 2]), (1, [3, 4])):
+        cache.add(seq)
+        cache.reserve(seq, 2)
+        cache.advance(seq, 2)
+        prefixes.insert(tokens, cache.block_table(seq), 2)
+        cache.free(seq)
+    prefixes.match([1, 2], limit=1)  # [1, 2] is now the most recently used
+    assert prefixes.evict(1) == 1
+    assert prefixes.match([1, 2], limit=1) != [] and prefixes.match([3, 4], limit=1) == []
+
+
+def _prefix_cache_with_two_blocks() -> tuple[PagedKVCache, PrefixCache]:
+    cache = _small_cache()
+    prefixes = PrefixCache(cache)
+    cache.add(0)
+    cache.reserve(0, 4)
+    cache.advance(0, 4)
+    prefixes.insert([1, 2, 3, 4], cache.block_table(0), 4)  # two full blocks, each also held by sequence 0
+    return cache, prefixes
+
+
+def test_evictable_counts_only_blocks_no_sequence_holds():
+    """A cached block that a running sequence still holds cannot be freed by eviction, so it is not evictable."""
+    cache, prefixes = _prefix_cache_with_two_blocks()
+    assert prefixes.evictable() == 0
+    cache.free(0)
+    assert prefixes.evictable() == 2
+
+
+def test_evict_frees_exactly_the_blocks_asked_for():
+    """Eviction stops at the number of blocks asked for, not one block later."""
+    cache, prefixes = _prefix_cache_with_two_blocks()
+    cache.free(0)
+    assert prefixes.evict(1) == 1 and prefixes.evictable() == 1
 
 
 @pytest.mark.parametrize("config", [
@@ -488,3 +559,32 @@ def test_paged_waste_counts_a_shared_prefix_block_once_and_is_never_negative(tin
     assert s["paged_waste_blocks_per_sequence"] == pytest.approx(0.75)
     assert [h.blocks_used for h in engine.history][3:] == ([7] * 3 if caching else [15] * 3)
     assert [h.slots_empty for h in engine.history] == [7, 6, 5, 21, 18, 15]
+
+
+def _summarized_engine() -> SimpleNamespace:
+    """What summarize reads of an engine: one request that arrived at 0 and got 3 tokens at 1, 2 and 4 s."""
+    req = SimpleNamespace(status="finished", output=[5, 6, 7], arrival=0.0, token_times=[1.0, 2.0, 4.0])
+    step = SimpleNamespace(tokens_stored=10, blocks_used=3, slots_empty=2, running=[0])
+    return SimpleNamespace(requests={0: req}, history=[step], prefill_computed=4, preemptions=0,
+                           config=SimpleNamespace(block_size=4), model=SimpleNamespace(config=SimpleNamespace(
+                               block_size=64)))
+
+
+def test_summarize_ttft_and_tpot():
+    """Time to first token runs to the first token, and time per output token divides by the gaps between
+    tokens, not by the number of tokens."""
+    s = summarize(_summarized_engine())
+    assert s["ttft_s"]["p50"] == pytest.approx(1.0)
+    assert s["tpot_s"]["p50"] == pytest.approx(1.5)  # (4 - 1) s over 2 gaps
+
+
+def test_summarize_uses_the_contiguous_length_it_is_given():
+    """The contiguous-cache baseline reserves the length passed in, not the model's context."""
+    assert summarize(_summarized_engine(), contiguous_len=20)["contiguous_waste_fraction"] == pytest.approx(0.5)
+
+
+def test_trace_requests_fit_in_max_len():
+    """Outputs are clipped to half of max_len and prompts to what is left, so a request always fits."""
+    text = torch.arange(2000) % 50
+    trace = make_trace(text, 20, output_median=1000, prompt_median=1000, sigma=0.0, max_len=64)
+    assert all(len(r.prompt) + r.max_new_tokens <= 64 for r in trace)

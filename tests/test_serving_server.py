@@ -140,6 +140,13 @@ def test_completion_whole_and_streamed_equal_generate(server):
     assert chunks[-1]["choices"][0]["finish_reason"] == "length"
 
 
+def test_usage_counts_prompt_and_completion_tokens(server):
+    """``total_tokens`` is the prompt's tokens plus the completion's, as in OpenAI's usage field."""
+    r = httpx.post(f"{server[0]}/v1/completions", json={"prompt": "The for", "max_tokens": 3, "temperature": 0},
+                   timeout=30)
+    assert r.json()["usage"] == {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10}
+
+
 @pytest.mark.parametrize("body, says", [
     ({"prompt": "", "max_tokens": 5}, "prompt"),
     ({"prompt": "hi", "max_tokens": 0}, "max_tokens"),
@@ -155,6 +162,14 @@ def test_bad_requests_get_a_clear_4xx(server, body, says):
     r = httpx.post(f"{url}/v1/completions", json=body, timeout=30)
     assert 400 <= r.status_code < 500, r.text
     assert says in r.json()["error"]["message"]
+
+
+def test_max_tokens_is_at_most_the_context_minus_one(server):
+    """The bound the --help gives, ``max_tokens`` at most the context - 1, is enforced even when a one-token
+    prompt would still fit."""
+    limit = server[1].config.block_size - 1
+    r = httpx.post(f"{server[0]}/v1/completions", json={"prompt": "T", "max_tokens": limit + 1}, timeout=30)
+    assert r.status_code == 400 and "max_tokens" in r.json()["error"]["message"]
 
 
 @pytest.mark.parametrize("body, says", [
@@ -208,6 +223,35 @@ def test_a_client_gone_before_its_whole_answer_is_cancelled(server, monkeypatch)
     while httpx.get(f"{url}/health", timeout=10).json()["completed"]["cancelled"] == before:
         assert time.monotonic() < deadline, "the abandoned request was not cancelled"
         time.sleep(0.05)
+
+
+def test_a_streaming_client_gone_midway_is_cancelled(server, monkeypatch):
+    """A streamed request whose client hangs up after the first tokens is cancelled, not run to its end."""
+    url, engine = server[0], server[3].state.serving["worker"].engine
+    step = engine.step
+    monkeypatch.setattr(engine, "step", lambda: (time.sleep(0.02), step())[1])
+    before = httpx.get(f"{url}/health", timeout=10).json()["completed"]["cancelled"]
+    host, port = url.removeprefix("http://").split(":")
+    body = json.dumps({"prompt": "The", "max_tokens": 380, "temperature": 0, "stream": True}).encode()
+    with socket.create_connection((host, int(port))) as s:
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        s.recv(256)  # the stream has started; the client hangs up
+    deadline = time.monotonic() + 20
+    while httpx.get(f"{url}/health", timeout=10).json()["completed"]["cancelled"] == before:
+        assert time.monotonic() < deadline, "the abandoned stream was not cancelled"
+        time.sleep(0.05)
+
+
+def test_an_engine_failure_mid_stream_is_a_server_error(server, monkeypatch):
+    """An engine failure after a stream has started is the server's fault: a ``server_error``, not an
+    ``invalid_request_error``."""
+    engine = server[3].state.serving["worker"].engine
+    monkeypatch.setattr(engine, "step", lambda: (_ for _ in ()).throw(RuntimeError("device lost")))
+    with httpx.stream("POST", f"{server[0]}/v1/completions", timeout=30,
+                      json={"prompt": "The", "max_tokens": 5, "stream": True}) as r:
+        first = next(line for line in r.iter_lines() if line.startswith("data: "))
+    assert json.loads(first.removeprefix("data: "))["error"]["type"] == "server_error"
 
 
 def test_concurrent_clients_all_answered(server):

@@ -15,6 +15,7 @@ import pytest
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook, new_output
 
 from ar_course import site
+from ar_course.checks.core import STRICT_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
 VIEW, STATE = site.WIDGET_VIEW, site.WIDGET_STATE
@@ -146,7 +147,6 @@ def test_build_reuses_current_executed_copies_and_never_runs_them_again(tmp_path
     assert capsys.readouterr().err.strip().splitlines() == want
 
 
-@pytest.mark.timeout(600)
 def _kernel_children() -> set[int]:
     """Pids of this process's children that are Jupyter kernels (Linux /proc; empty elsewhere)."""
     found = set()
@@ -161,6 +161,7 @@ def _kernel_children() -> set[int]:
     return found
 
 
+@pytest.mark.timeout(600)  # starts two kernels: slow on a busy machine
 def test_execute_notebook_keeps_figures_and_names_the_failing_cell(tmp_path, monkeypatch):
     monkeypatch.setenv("MPLBACKEND", "Agg")  # as CI sets it: the kernel must still draw inline figures
     good = _solution(tmp_path, "good.ipynb", "import matplotlib.pyplot as plt\nplt.plot([0, 1])\nplt.show()")
@@ -183,6 +184,19 @@ def test_execute_notebook_keeps_figures_and_names_the_failing_cell(tmp_path, mon
     assert "raise ValueError('deliberate')" in err.value.details and "Traceback" in err.value.details
     assert not (tmp_path / "executed" / "bad.ipynb").exists(), "a failed run leaves no (stale) copy"
     assert _kernel_children() == before, "a failed run's kernel was left running"
+
+
+def test_lenient_kernels_get_no_strict_checks():
+    """Only ``strict_checks=True`` sets strict checks in the kernel's environment; a lenient run must not."""
+    assert STRICT_ENV not in site.kernel_environment(strict_checks=False, base={})
+    assert site.kernel_environment(strict_checks=True, base={})[STRICT_ENV] == "1"
+
+
+def test_an_nbval_marker_on_the_third_line_is_read():
+    """A ``# NBVAL_SKIP`` marker below a cell's first line still marks the cell to be skipped."""
+    nb = new_notebook(cells=[new_code_cell("import time\n\n# NBVAL_SKIP\ntime.sleep(9)")])
+    site._apply_nbval_markers(nb)
+    assert "skip-execution" in nb.cells[0].metadata["tags"]
 
 
 def test_site_cli_errors_are_one_line(tmp_path, capsys):
@@ -267,6 +281,13 @@ def test_links_to_a_sibling_notebook_point_at_its_page(tmp_path):
     assert 'href="03_x.html#guidance"' in page and 'href="03_x.html"' in page
     assert 'href="https://example.org/a.ipynb"' in page and ".ipynb#" not in page
     assert "03_x.ipynb" in nb.cells[1].source  # the caller's notebook is left as it was
+
+
+def test_the_first_page_has_no_previous_link():
+    """Chapter 00's page links forward only; it does not wrap around "back" to the last chapter."""
+    pages = [site.Page(Path(f"{i}.ipynb"), f"{i}.html", f"Chapter {i}") for i in range(3)]
+    nav = site._navigation(pages, 0)
+    assert "←" not in nav and "2.html" not in nav and "1.html" in nav
 
 
 @pytest.mark.parametrize("model, value, fmt, shown", [

@@ -411,6 +411,22 @@ def test_block_size_is_enforced():
         model(torch.zeros(1, 4))
 
 
+def test_generate_fills_the_context_exactly():
+    """The last new token is never fed back, so 3 prompt tokens and 6 new ones fit a context of 8."""
+    model = make_model(block_size=8)
+    out = model.generate(torch.tensor([[1, 2, 3]]), 6, sampling=GREEDY)  # 3 + 5 fed positions = block_size
+    assert out.shape == (1, 9)
+
+
+def test_a_cache_of_another_dtype_is_refused():
+    """A KV cache whose dtype is not the model's is refused with a clear error, not mixed into attention."""
+    model = make_model()
+    c = model.config
+    cache = KVCache(c.n_layer, 1, c.n_head, c.block_size, c.head_dim, dtype=torch.float64)
+    with pytest.raises(ValueError, match="cache holds"):
+        model(torch.tensor([[1, 2]]), cache=cache)
+
+
 # ----------------------------------------------------------------------------------------------------
 # class conditioning (chapter 03) and 2D rotary positions
 

@@ -1,5 +1,6 @@
 """Tests of ar_course.var: sequence layout, block-causal mask, teacher forcing vs cached generation, guidance,
-inpainting, reproducibility, checkpoints. All on tiny randomly initialised models (no shipped weights needed)."""
+inpainting, reproducibility, checkpoints. All on tiny randomly initialised models, but for one check that the
+shipped model keeps its recorded test loss."""
 
 from __future__ import annotations
 
@@ -174,6 +175,15 @@ def test_loss_and_backward():
     assert model.pos_emb.grad is not None and model.word_embed.weight.grad.abs().sum() > 0
 
 
+def test_a_fresh_adaptive_head_norm_is_the_plain_rms_norm():
+    """adaLN-zero: the head's modulation starts as the identity, ``x * (1 + 0) + 0``, not as ``x * 0``."""
+    torch.manual_seed(0)
+    model = VAR(VARConfig(vocab_size=VOCAB, latent_dim=DIM, scales=SCALES, n_classes=4, n_layer=1, n_head=2,
+                          n_embd=16)).eval()
+    x, cond = torch.randn(2, 5, 16), torch.randn(2, 16)
+    torch.testing.assert_close(model.head_norm(x, cond), model.head_norm.norm(x))
+
+
 def test_bad_inputs_raise():
     model = _model()
     with pytest.raises(ValueError, match="inputs"):
@@ -186,6 +196,14 @@ def test_bad_inputs_raise():
         VARConfig(scales=(2, 1))
     with pytest.raises(ValueError):
         VARConfig(cond="cross")
+
+
+def test_a_tokenizer_of_another_latent_size_is_refused_with_a_value_error():
+    """A tokenizer whose codes are not the model's latent size would otherwise fail deep inside the pass."""
+    torch.manual_seed(0)
+    vq = MultiScaleVQ(VOCAB, DIM + 1, scales=SCALES, num_phi=2).eval()
+    with pytest.raises(ValueError, match="does not match the model"):
+        _model().generate(vq, torch.tensor([0, 1]))
 
 
 # -- generation --------------------------------------------------------------------------------------------
@@ -238,6 +256,16 @@ def test_guidance_zero_is_conditional_sampling():
     assert torch.equal(ramped[0], plain[0])
 
 
+def test_a_reused_static_cache_is_reset_between_calls():
+    """A static cache handed in again must start empty, or the second call writes past its end."""
+    vq, model, classes = _vq(), _model(), torch.tensor([0, 2])
+    kv = model.make_cache(2, static=True)
+    first = sample_pyramid(model, vq, classes, sampling=GREEDY, cache=kv)
+    again = sample_pyramid(model, vq, classes, sampling=GREEDY, cache=kv)
+    fresh = sample_pyramid(model, vq, classes, sampling=GREEDY)
+    assert all(torch.equal(a, b) and torch.equal(a, c) for a, b, c in zip(first, again, fresh))
+
+
 def test_guidance_formula_and_ramp():
     cond, uncond = torch.randn(3, 7), torch.randn(3, 7)
     torch.testing.assert_close(cfg_mix(cond, uncond, 0.0), cond)
@@ -246,6 +274,21 @@ def test_guidance_formula_and_ramp():
     assert [guidance_strength(3.0, k, 4, ramp=False) for k in range(4)] == [3.0] * 4
     with pytest.raises(ValueError):
         guidance_strength(1.0, 4, 4)
+
+
+def test_guided_sampling_pushes_towards_the_conditional_logits():
+    """Guidance samples from ``(1 + w) cond - w uncond``: with the two halves swapped it would push away from
+    the class."""
+    vq, model = _vq(), _model()
+
+    def run(h, cond, start, mask, cache):  # conditional rows favour code 0, null-class rows code 1
+        logits = torch.zeros(h.shape[0], h.shape[1], VOCAB)
+        logits[: h.shape[0] // 2, :, 0] = 1.0
+        logits[h.shape[0] // 2:, :, 1] = 1.0
+        return logits
+
+    pyr = sample_pyramid(model, vq, torch.tensor([0, 2]), cfg=2.0, ramp=False, sampling=GREEDY, run=run)
+    assert all(bool((p == 0).all()) for p in pyr)  # code 0 wins at every scale
 
 
 def test_inpainting_keeps_known_tokens_at_every_scale():
@@ -272,6 +315,13 @@ def test_scale_masks_threshold():
     assert m[0].tolist() == [[[True]]]  # 60% of the area is known
     with pytest.raises(ValueError):
         scale_masks(mask.long(), (1, 2, 5))
+
+
+def test_scale_masks_count_a_token_known_when_exactly_half_its_area_is():
+    """The documented threshold is "at least half" of a coarse token's area known, not more than half."""
+    mask = torch.zeros(1, 2, 2, dtype=torch.bool)
+    mask[0, 0] = True  # 2 of the 4 finest tokens known
+    assert scale_masks(mask, (1, 2))[0].tolist() == [[[True]]]
 
 
 # -- checkpoints -------------------------------------------------------------------------------------------
@@ -343,3 +393,20 @@ def test_interleaved_timing_calls_each_function_in_turn_and_keeps_the_best():
     best = best_seconds_interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, repeats=3)
     assert calls == ["a", "b"] * 4  # a warm-up call of each, then one of each per repeat
     assert set(best) == {"a", "b"} and all(0 <= t < 1 for t in best.values())
+
+
+# -- the shipped model -------------------------------------------------------------------------------------
+
+
+def test_the_shipped_var_keeps_its_recorded_test_loss():
+    """The adaptive norms' ``1 + scale`` (head and blocks) cannot be told from ``scale`` on tiny random models;
+    the shipped weights can: their test loss would jump."""
+    from ar_course.data import load_mnist
+    from ar_course.var.model import load_pretrained, pretrained_info
+    from ar_course.var.train import encode_pyramids
+
+    model, tok = load_pretrained()
+    images, labels = load_mnist("test", size=32)
+    with torch.no_grad():
+        loss, _ = model.loss(tok.quantizer, encode_pyramids(tok, images[:100]), labels[:100])
+    assert float(loss) < 1.1 * pretrained_info()["test_loss"], float(loss)
