@@ -336,6 +336,18 @@ def read_train_state(path: str | Path, config: TrainConfig,
     return tensors, meta
 
 
+def _model_settings(model: torch.nn.Module) -> dict[str, Any]:
+    """``{"model": config}`` for a model whose ``config`` is a dataclass of JSON values (every model of the
+    library), else ``{}`` (a model of your own: nothing to compare)."""
+    config = getattr(model, "config", None)
+    if not dataclasses.is_dataclass(config) or isinstance(config, type):
+        return {}
+    try:
+        return {"model": _run_settings(dataclasses.asdict(config))}
+    except (TypeError, ValueError):  # a value JSON cannot hold (a dtype, a path): not compared
+        return {}
+
+
 def _restore(tensors: dict[str, torch.Tensor], meta: dict, model: torch.nn.Module,
              optimizer: torch.optim.Optimizer, path: Path) -> History:
     """Load a state read by :func:`read_train_state` into ``model``, ``optimizer`` and torch's generators
@@ -475,8 +487,8 @@ def train_loop(
     if not 0.0 <= config.ema < 1.0:
         raise TrainingError(f"ema is the decay of the weight average, in [0, 1); got {config.ema}")
     settings = _run_settings(settings)
-    if dataclasses.is_dataclass(getattr(model, "config", None)) and "model" not in settings:
-        settings = {**settings, "model": _run_settings(dataclasses.asdict(model.config))}  # resume compares it
+    if "model" not in settings:
+        settings = {**settings, **_model_settings(model)}  # resume compares the model's config too
     opt = optimizer or torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad],
         lr=config.lr, weight_decay=config.weight_decay, betas=config.betas,

@@ -559,3 +559,20 @@ def test_trainers_print_the_accuracy_by_guidance_as_percentages():
 
     assert format_accuracy({"0.0": 0.0949999988079071, "1.0": 0.9, "2.0": 1.0}) == (
         "w=0.0: 9.5%, w=1.0: 90.0%, w=2.0: 100.0%")
+
+
+def test_a_model_config_json_cannot_hold_is_not_compared(tmp_path):
+    """A model of your own whose config holds a dtype still trains and resumes (its config is just not compared)."""
+    from dataclasses import dataclass
+
+    @dataclass
+    class Config:
+        dtype: torch.dtype = torch.float32
+
+    state = tmp_path / "lin.train-state.safetensors"
+    model = torch.nn.Linear(2, 1)
+    model.config = Config()
+    x = torch.randn(4, 2)
+    config = TrainConfig(steps=3, lr=1e-2, warmup=1)
+    train_loop(model, lambda m, b: m(b).pow(2).mean(), iter([x] * 10), config, progress=False, state_path=state)
+    assert "model" not in load_checkpoint(state)[1]["extra"]["settings"]
