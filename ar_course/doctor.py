@@ -174,8 +174,10 @@ def run_checks() -> list[Finding]:
         else:
             found.append(Finding(WARN, "jupyter kernel", "no python3 kernel: install ipykernel (pip install -e "
                                  "'.[course]')"))
-    except ImportError:
-        found.append(Finding(FAIL, "jupyter", "not installed (pip install -e '.[course]')"))
+    except ModuleNotFoundError as exc:
+        missing = exc.name == "jupyter_client"  # else a dependency of it is broken: say which
+        found.append(Finding(FAIL, "jupyter", "not installed (pip install -e '.[course]')" if missing
+                             else f"jupyter_client unusable: {exc}"))
     except Exception as exc:  # noqa: BLE001
         found.append(Finding(FAIL, "jupyter", f"jupyter_client unusable: {exc}"))
     try:

@@ -324,12 +324,14 @@ def read_train_state(path: str | Path, config: TrainConfig,
     then = {**json.loads(json.dumps(dataclasses.asdict(TrainConfig()))), **meta["config"]}  # older states: defaults
     changed = [f"{k} {then[k]!r} -> {now[k]!r}" for k in _SCHEDULE_FIELDS if then[k] != now[k]]
     stored = meta["extra"].get("settings", settings)  # older states recorded none: nothing to compare
+    then_model, now_model = stored.get("model"), settings.get("model")
+    by_field = isinstance(then_model, dict) and isinstance(now_model, dict)  # the model's config, field by field
+    skip_model = by_field or then_model is None or now_model is None  # (an older state, a caller without it)
     changed += [f"{k} {stored.get(k)!r} -> {settings.get(k)!r}" for k in {**settings, **stored}
-                if k != "model" and stored.get(k) != settings.get(k)]
-    then_model, now_model = stored.get("model"), settings.get("model")  # compared where both sides have one
-    if then_model is not None and now_model is not None:  # (an older state, or a caller without the model)
+                if stored.get(k) != settings.get(k) and not (k == "model" and skip_model)]
+    if by_field:
         changed += [f"{k} {then_model.get(k)!r} -> {now_model.get(k)!r}" for k in {**now_model, **then_model}
-                    if then_model.get(k) != now_model.get(k)]  # the model's config, field by field
+                    if then_model.get(k) != now_model.get(k)]
     if changed:
         raise TrainingError(f"the training state at {path} comes from a run with other settings "
                             f"({', '.join(changed)}); resume with the options of that run")

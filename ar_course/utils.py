@@ -252,10 +252,10 @@ def check_ids(
         raise ValueError(f"{what}, got {tuple(x.shape)} {x.dtype}")
     if x.numel() == 0 and not allow_empty:
         raise ValueError(f"{name} is empty (shape {tuple(x.shape)})")
-    wide = x if x.dtype in (torch.int32, torch.int64) else x.long()  # uint8 would wrap 256 to 0 in `>= high`
+    wide = x if x.dtype == torch.int64 else x.long()  # a narrower type wraps `high` (uint8: 256 is 0)
     bad = (wide < 0) | (wide >= high)
     if ignore is not None:
-        bad &= x != ignore
+        bad &= wide != ignore
     if bool(bad.any()):
         allowed = f" (or {ignore})" if ignore is not None else ""
         raise ValueError(f"{name} must lie in [0, {high - 1}]{allowed}, got {int(wide[bad][0])}")

@@ -109,6 +109,9 @@ def run_part(name: str, command: list[str], seconds: float) -> tuple[dict, str]:
         os.killpg(proc.pid, signal.SIGKILL)
         stdout, stderr = proc.communicate()
         status, output = "timed out", _text(stdout) + _text(stderr)
+    except BaseException:  # Ctrl-C or a signal reaches only the report: its part, in a session of its own, goes too
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
     out = {"status": status, "seconds": round(time.monotonic() - start, 1)}
     if status == "timed out":
         out["note"] = f"cut off after its {seconds:.0f} s share of the budget; what it finished is kept"
@@ -154,6 +157,8 @@ def read_pytest(output: str) -> dict:
     counts = {"passed": 0, "failed": 0, "skipped": 0}
     outcomes = {"PASSED": "passed", "FAILED": "failed", "ERROR": "failed", "SKIPPED": "skipped", "XFAIL": "skipped"}
     failures: dict[str, str] = {}
+    collection_errors: dict[str, str] = {}  # file -> its exception, from the ERRORS section
+    collecting = ""
     for line in output.splitlines():
         words = line.split()
         if len(words) >= 2 and "::" in words[0] and words[1] in outcomes:  # "file::test PASSED [ 50%]"
@@ -162,9 +167,13 @@ def read_pytest(output: str) -> dict:
                 failures.setdefault(words[0], "")
         elif len(words) >= 2 and words[0] in ("FAILED", "ERROR") and "::" in words[1]:  # "FAILED file::test - msg"
             failures[words[1]] = line.split(" - ", 1)[1] if " - " in line else ""
-        elif len(words) >= 2 and words[0] == "ERROR" and words[1].endswith(".py"):  # "ERROR file.py - msg": its
+        elif len(words) >= 2 and words[0] == "ERROR" and words[1].endswith(".py"):  # "ERROR file.py[ - msg]": its
             counts["failed"] += words[1] not in failures  # tests never ran (an import error at collection)
-            failures[words[1]] = line.split(" - ", 1)[1] if " - " in line else ""
+            failures[words[1]] = line.split(" - ", 1)[1] if " - " in line else collection_errors.get(words[1], "")
+        elif line.startswith("_") and "ERROR collecting" in line:  # "____ ERROR collecting tests/x.py ____"
+            collecting = line.split("ERROR collecting", 1)[1].strip(" _")
+        elif collecting and line.startswith("E   ") and collecting not in collection_errors:
+            collection_errors[collecting] = line[4:].strip()  # the first "E   ..." line: the exception
     return {**counts, "failures": [f"{test}: {msg}" if msg else test for test, msg in failures.items()]}
 
 

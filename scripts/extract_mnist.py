@@ -150,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     for name, n, size in (("--n-train", args.n_train, 60_000), ("--n-test", args.n_test, 10_000)):
         if n < 10 or n % 10 or n > size:  # bad input is one line before anything is downloaded
             parser.error(f"{name} must be a multiple of 10 in [10, {size}] (the split's size), got {n}")
+    if args.seed < 0:
+        parser.error(f"--seed must be >= 0, got {args.seed}")
     if args.source is not None and not args.source.exists():
         parser.error(f"--source {args.source} does not exist")
 

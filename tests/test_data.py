@@ -251,6 +251,7 @@ def test_image_batches_cover_each_pass_and_reshuffle():
     (["--source", "{tmp}"], "no idx file for ['t10k-images', 't10k-labels', 'train-images', 'train-labels'] in {tmp}"),
     (["--n-train", "15"], "--n-train must be a multiple of 10 in [10, 60000] (the split's size), got 15"),
     (["--n-test", "0"], "--n-test must be a multiple of 10 in [10, 10000] (the split's size), got 0"),
+    (["--seed", "-1"], "--seed must be >= 0, got -1"),
 ])
 def test_extract_script_names_bad_input_in_one_line(tmp_path, capsys, args, message):
     """Bad input is ``error: ...`` with status 2, before any download (it was a traceback)."""

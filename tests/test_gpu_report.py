@@ -108,6 +108,32 @@ def test_a_part_that_overruns_is_cut_off_and_a_failing_one_noted(report, monkeyp
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads /proc (Linux)")
+def test_a_part_interrupted_by_ctrl_c_goes_with_the_report(report, monkeypatch, tmp_path):
+    """The part runs in a session of its own, so Ctrl-C reaches only the report: it must take the part along."""
+    monkeypatch.setattr(report, "MIN_PART_S", 0.0)
+    started = []
+    real_popen = report.subprocess.Popen
+
+    class Interrupted(real_popen):  # the part starts, then Ctrl-C arrives while the report waits on it
+        def communicate(self, *args, **kwargs):
+            if not started:
+                started.append(self.pid)
+                raise KeyboardInterrupt
+            return super().communicate(*args, **kwargs)
+
+    monkeypatch.setattr(report.subprocess, "Popen", Interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        report.run_part("tests", [sys.executable, "-c", "import time; time.sleep(60)"], 30.0)
+    status_file = Path(f"/proc/{started[0]}/status")
+    for _ in range(50):
+        if not status_file.exists() or "\tZ" in status_file.read_text():
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError("the part outlived the interrupted report")
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads /proc (Linux)")
 def test_a_part_cut_off_takes_the_processes_it_started_with_it(report, monkeypatch, tmp_path):
     """A part's child process (a test's subprocess) holds the output pipes: killing only the part kept the report
     waiting for the child, past the budget, and left it running on the GPU."""
@@ -169,6 +195,18 @@ def test_pytest_output_is_counted_even_when_cut_off(report):
     assert report.read_pytest(uncollected)["failed"] == 3  # a file whose tests never ran is one failure
     assert report.read_pytest(uncollected)["failures"][-1] == "tests/c.py: ModuleNotFoundError: No module named " \
                                                               "'hypothesis'"
+    missing_module = "\n".join([  # pytest prints the reason of an import error only in its ERRORS section
+        "==================================== ERRORS ====================================",
+        "_______________________ ERROR collecting tests/d.py _______________________",
+        "ImportError while importing test module '/x/tests/d.py'.",
+        "tests/d.py:1: in <module>",
+        "    import hypothesis",
+        "E   ModuleNotFoundError: No module named 'hypothesis'",
+        "=========================== short test summary info ============================",
+        "ERROR tests/d.py",
+    ])
+    assert report.read_pytest(missing_module) == {"passed": 0, "failed": 1, "skipped": 0, "failures": [
+        "tests/d.py: ModuleNotFoundError: No module named 'hypothesis'"]}
     assert "--continue-on-collection-errors" in report.tests_command()
 
 

@@ -89,17 +89,21 @@ def test_doctor_names_a_triton_interpreter_that_cannot_run_the_kernels(monkeypat
         "(triton 3.6.0's interpreter with numpy 2.4.6: pip install 'triton>=3.7')")
 
 
-def test_doctor_says_jupyter_is_not_installed_like_the_other_packages(monkeypatch):
+@pytest.mark.parametrize("missing, detail", [
+    ("jupyter_client", "not installed (pip install -e '.[course]')"),
+    ("zmq", "jupyter_client unusable: No module named 'zmq'"),  # a broken dependency is named, not "not installed"
+])
+def test_doctor_says_whether_jupyter_is_missing_or_broken(monkeypatch, missing, detail):
     import builtins
 
     real_import = builtins.__import__
 
-    def no_jupyter(name, *args, **kwargs):
+    def without(name, *args, **kwargs):
         if name.startswith("jupyter_client"):
-            raise ModuleNotFoundError("No module named 'jupyter_client'")
+            raise ModuleNotFoundError(f"No module named {missing!r}", name=missing)
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(doctor, "_kernel_checks", lambda: [])
-    monkeypatch.setattr(builtins, "__import__", no_jupyter)
+    monkeypatch.setattr(builtins, "__import__", without)
     jupyter = next(f for f in doctor.run_checks() if f.name == "jupyter")
-    assert (jupyter.status, jupyter.detail) == (doctor.FAIL, "not installed (pip install -e '.[course]')")
+    assert (jupyter.status, jupyter.detail) == (doctor.FAIL, detail)

@@ -576,3 +576,14 @@ def test_a_model_config_json_cannot_hold_is_not_compared(tmp_path):
     config = TrainConfig(steps=3, lr=1e-2, warmup=1)
     train_loop(model, lambda m, b: m(b).pow(2).mean(), iter([x] * 10), config, progress=False, state_path=state)
     assert "model" not in load_checkpoint(state)[1]["extra"]["settings"]
+
+
+def test_a_setting_named_model_that_is_not_a_config_is_compared_as_a_value(tmp_path):
+    state = tmp_path / "lin.train-state.safetensors"
+    with pytest.raises(TrainingInterrupted):
+        _keep_best_run(state, keep_best="", interrupt_at=5, settings={"model": "small"})
+    with pytest.raises(TrainingError) as info:
+        _keep_best_run(state, resume=True, keep_best="", settings={"model": "large"})
+    assert str(info.value) == _other_settings(state, "model 'small' -> 'large'")
+    _, history, _ = _keep_best_run(state, resume=True, keep_best="", settings={"model": "small"})  # was a TypeError
+    assert history.steps == list(range(12))
