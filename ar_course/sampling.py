@@ -301,9 +301,10 @@ def cfg_mix(cond_logits: torch.Tensor, uncond_logits: torch.Tensor, w: float) ->
     ``w = 0`` gives the conditional logits exactly, ``w > 0`` moves away from the unconditional prediction
     (``cond + w * (cond - uncond)``), ``w = -1`` gives the unconditional logits. This ``w`` is the one of the
     classifier-free guidance paper; in the "guidance scale" convention of LlamaGen and later AR image models,
-    ``uncond + s * (cond - uncond)``, it is ``s = 1 + w``. Shapes ``(..., V)``; ``w``: a finite number. Half-precision logits (a model under
-    autocast) are mixed and returned in float32: bfloat16 keeps 8 bits, and ``(1 + w) * cond`` less ``w * uncond``
-    would lose most of them. Values are not checked here (the sampler checks what it is given)."""
+    ``uncond + s * (cond - uncond)``, it is ``s = 1 + w``. Shapes ``(..., V)``; ``w``: a finite number.
+    Half-precision logits (a model under autocast) are mixed and returned in float32: bfloat16 keeps 8 bits, and
+    ``(1 + w) * cond`` less ``w * uncond`` would lose most of them. Values are not checked here (the sampler
+    checks what it is given)."""
     _check_shape(cond_logits, "cond_logits")
     _check_shape(uncond_logits, "uncond_logits")
     w = check_number("w", w)

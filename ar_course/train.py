@@ -322,20 +322,26 @@ def read_train_state(path: str | Path, config: TrainConfig,
         raise TrainingError(f"{path} is not a training state (it holds a {meta['kind']!r} checkpoint)")
     now = json.loads(json.dumps(dataclasses.asdict(config)))  # tuples as JSON lists, like the stored config
     then = {**json.loads(json.dumps(dataclasses.asdict(TrainConfig()))), **meta["config"]}  # older states: defaults
-    changed = [f"{k} {then[k]!r} -> {now[k]!r}" for k in _SCHEDULE_FIELDS if then[k] != now[k]]
+    changed = _changes(then, now, _SCHEDULE_FIELDS)
     stored = meta["extra"].get("settings", settings)  # older states recorded none: nothing to compare
     then_model, now_model = stored.get("model"), settings.get("model")
     by_field = isinstance(then_model, dict) and isinstance(now_model, dict)  # the model's config, field by field
-    skip_model = by_field or then_model is None or now_model is None  # (an older state, a caller without it)
-    changed += [f"{k} {stored.get(k)!r} -> {settings.get(k)!r}" for k in {**settings, **stored}
-                if stored.get(k) != settings.get(k) and not (k == "model" and skip_model)]
+    if by_field or then_model is None or now_model is None:  # (or an older state, a caller without the model)
+        stored, settings = ({k: v for k, v in d.items() if k != "model"} for d in (stored, settings))
+    changed += _changes(stored, settings)
     if by_field:
-        changed += [f"{k} {then_model.get(k)!r} -> {now_model.get(k)!r}" for k in {**now_model, **then_model}
-                    if then_model.get(k) != now_model.get(k)]
+        changed += _changes(then_model, now_model)
     if changed:
         raise TrainingError(f"the training state at {path} comes from a run with other settings "
                             f"({', '.join(changed)}); resume with the options of that run")
     return tensors, meta
+
+
+def _changes(then: dict[str, Any], now: dict[str, Any], keys: Iterable[str] | None = None) -> list[str]:
+    """``"key old -> new"`` for each of ``keys`` (default: every key of either side) whose values differ; a key
+    one side lacks shows ``None`` there."""
+    return [f"{k} {then.get(k)!r} -> {now.get(k)!r}" for k in ({**now, **then} if keys is None else keys)
+            if then.get(k) != now.get(k)]
 
 
 def _model_settings(model: torch.nn.Module) -> dict[str, Any]:

@@ -32,8 +32,8 @@ def group_advantages(rewards: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
 
     Raises:
         TypeError: ``rewards`` not a tensor, or ``eps`` not a number.
-        ValueError: ``rewards`` not a float ``(N, G)`` tensor with ``N >= 1`` and ``G >= 2``, or ``eps`` not a finite number
-            ``> 0`` (``0`` would turn a group of equal rewards into ``0 / 0``).
+        ValueError: ``rewards`` not a float ``(N, G)`` tensor with ``N >= 1`` and ``G >= 2``, or ``eps`` not a
+            finite number ``> 0`` (``0`` would turn a group of equal rewards into ``0 / 0``).
     """
     _check_tensor("rewards", rewards)
     eps = check_number("eps", eps, lo=0, lo_open=True)
