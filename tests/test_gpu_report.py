@@ -107,6 +107,17 @@ def test_a_part_that_overruns_is_cut_off_and_a_failing_one_noted(report, monkeyp
     assert status["status"] == "failed" and status["note"] == "exited with an error: boom"
 
 
+def _ended(pid: int) -> bool:
+    """Whether process ``pid`` is gone (or a zombie nobody reaped yet) within 5 s: a kill is delivered at once,
+    the kernel may take a moment to reap (Linux /proc)."""
+    status_file = Path(f"/proc/{pid}/status")
+    for _ in range(50):
+        if not status_file.exists() or "\tZ" in status_file.read_text():
+            return True
+        time.sleep(0.1)
+    return False
+
+
 @pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads /proc (Linux)")
 def test_a_part_interrupted_by_ctrl_c_goes_with_the_report(report, monkeypatch, tmp_path):
     """The part runs in a session of its own, so Ctrl-C reaches only the report: it must take the part along."""
@@ -124,13 +135,7 @@ def test_a_part_interrupted_by_ctrl_c_goes_with_the_report(report, monkeypatch, 
     monkeypatch.setattr(report.subprocess, "Popen", Interrupted)
     with pytest.raises(KeyboardInterrupt):
         report.run_part("tests", [sys.executable, "-c", "import time; time.sleep(60)"], 30.0)
-    status_file = Path(f"/proc/{started[0]}/status")
-    for _ in range(50):
-        if not status_file.exists() or "\tZ" in status_file.read_text():
-            break
-        time.sleep(0.1)
-    else:
-        raise AssertionError("the part outlived the interrupted report")
+    assert _ended(started[0]), "the part outlived the interrupted report"
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads /proc (Linux)")
@@ -145,13 +150,7 @@ def test_a_part_cut_off_takes_the_processes_it_started_with_it(report, monkeypat
     start = time.monotonic()
     status, output = report.run_part("tests", [sys.executable, "-c", spawn], 3.0)
     assert status["status"] == "timed out" and time.monotonic() - start < 30 and "started" in output
-    status_file = Path(f"/proc/{int(pid_file.read_text())}/status")
-    for _ in range(50):  # the kill is delivered at once; give the kernel a moment to reap
-        if not status_file.exists() or "\tZ" in status_file.read_text():  # gone, or a zombie nobody reaped yet
-            break
-        time.sleep(0.1)
-    else:
-        raise AssertionError(f"the part's child is still running: {status_file.read_text()[:200]}")
+    assert _ended(int(pid_file.read_text())), "the part's child is still running"
 
 
 def test_system_measurements_past_the_budget_are_skipped_with_a_note(report, monkeypatch, tmp_path):
