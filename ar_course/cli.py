@@ -21,7 +21,7 @@ import math
 import os
 import re
 import sys
-from typing import Callable
+from typing import Callable, NoReturn
 
 # what -> (module with main(argv) -> int, or "module:function", one-line description)
 TRAINERS: dict[str, tuple[str, str]] = {
@@ -67,7 +67,7 @@ class ArgumentParser(argparse.ArgumentParser):
     A value refused by a ``type=`` helper of this module reads ``--cfg must be ...`` rather than argparse's
     ``argument --cfg: must be ...``."""
 
-    def error(self, message: str):  # type: ignore[override]
+    def error(self, message: str) -> NoReturn:  # type: ignore[override]
         """Print ``message`` as one ``error:`` line on stderr and exit with status 2 (``SystemExit``); under
         torchrun, a process of rank other than 0 exits with status 2 without printing."""
         if os.environ.get("RANK", "0") != "0":  # under torchrun every process parses: rank 0 alone speaks

@@ -15,7 +15,10 @@ import contextlib
 import os
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Any, Iterator
+
+if TYPE_CHECKING:
+    import matplotlib.figure
 
 
 def check_output_path(path: str | Path, suffix: str | tuple[str, ...] | None = None, what: str = "output") -> Path:
@@ -100,7 +103,7 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def save_figure(fig, path: str | Path, **savefig_kwargs) -> Path:
+def save_figure(fig: "matplotlib.figure.Figure", path: str | Path, **savefig_kwargs: Any) -> Path:
     """Save a matplotlib figure to ``path`` through :func:`atomic_path` (the format from the suffix, ``.png``
     when there is none); ``savefig_kwargs`` go to ``fig.savefig`` (e.g. ``dpi=110``). Returns ``path``."""
     path = _file_path(path, "figure")

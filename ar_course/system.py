@@ -28,7 +28,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterator, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -591,7 +591,7 @@ class Generator:
         """Number of classes of the models (the null class not counted): valid classes are ``0 .. num_classes - 1``."""
         return self.var.config.n_classes if self.var is not None else self.ar.config.n_classes
 
-    def generate(self, classes: torch.Tensor | Sequence[int], **options) -> Generation:
+    def generate(self, classes: torch.Tensor | Sequence[int], **options: Any) -> Generation:
         """Images of ``classes`` ``(B,)`` (ints in ``[0, num_classes)``): :meth:`run` of
         ``GenerationRequest(classes, **options)``.
 

@@ -141,6 +141,8 @@ class FlowHead(nn.Module):
         self.out = nn.Linear(width, token_dim)
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """Velocity ``(N, token_dim)`` of ``x_t`` ``(N, token_dim)`` at times ``t`` ``(N,)`` under ``cond``
+        ``(N, cond_dim)`` or ``(1, cond_dim)``."""
         D, C = self.inp.in_features, self.cond.in_features
         if not isinstance(x_t, torch.Tensor) or x_t.ndim != 2 or x_t.shape[1] != D:
             got = tuple(x_t.shape) if isinstance(x_t, torch.Tensor) else type(x_t).__name__

@@ -185,7 +185,10 @@ class CompressedAttention:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
         check_int("group", self.group, lo=1)
 
-    def __call__(self, q, k, v, mask, causal, dropout_p=0.0):
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, causal: bool,
+                 dropout_p: float = 0.0) -> torch.Tensor:
+        """Attention of ``q`` ``(B, H, T, D)`` over ``k``, ``v`` ``(B, H, T, D)`` (a full pass: ``mask`` must be None)
+        with this compression applied; returns ``(B, H, T, D)``."""
         T = q.shape[2]
         if mask is not None or q.shape[2] != k.shape[2]:
             raise ValueError("CompressedAttention evaluates full causal passes only (no cache, no extra mask)")

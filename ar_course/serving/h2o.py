@@ -43,7 +43,10 @@ class ScoringAttention:
     scores: torch.Tensor
     key_index: torch.Tensor
 
-    def __call__(self, q, k, v, mask, causal, dropout_p=0.0):
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, causal: bool,
+                 dropout_p: float = 0.0) -> torch.Tensor:
+        """``softmax(q k^T / sqrt(D)) v`` under ``mask`` ``(T, T_k)`` for ``q`` ``(B, H, T, D)`` and ``k``, ``v``
+        ``(B, H, T_k, D)``, adding each key's received probability to :attr:`scores`; returns ``(B, H, T, D)``."""
         if mask is None or causal:
             raise ValueError("ScoringAttention needs the full mask (it holds the causal rule) and causal=False")
         p = ref.masked_softmax(q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1]), mask)  # (B, H, T, T_k)

@@ -38,13 +38,18 @@ import socket
 import threading
 import time
 import uuid
-from typing import AsyncIterator
+from typing import TYPE_CHECKING, AsyncIterator
 
 from ar_course.checkpoint import CheckpointError
 from ar_course.sampling import SamplingConfig
 from ar_course.serving.engine import Engine, EngineConfig, check_merge_from
 from ar_course.serving.paged import PagedKVCache
 from ar_course.serving.worker import EngineWorker, QueueFull, ShuttingDown, Ticket, check_engine
+
+if TYPE_CHECKING:
+    import fastapi
+
+    from ar_course.data.text import CharTokenizer
 
 
 def _fastapi():
@@ -110,8 +115,8 @@ async def _events(ticket: Ticket, queue: asyncio.Queue, tokenizer, worker: Engin
             worker.cancel(ticket)
 
 
-def create_app(engine: Engine, tokenizer, *, model_name: str = "lm_target", max_pending: int = 64,
-               timeout_s: float = 60.0, drain_s: float = 10.0):
+def create_app(engine: Engine, tokenizer: "CharTokenizer", *, model_name: str = "lm_target", max_pending: int = 64,
+               timeout_s: float = 60.0, drain_s: float = 10.0) -> "fastapi.FastAPI":
     """The FastAPI app serving ``engine`` (its worker starts with the app and drains on shutdown).
 
     ``tokenizer``: what encodes a prompt (``encode(str)`` -> 1-D tensor of ids) and decodes tokens (``decode(list)``

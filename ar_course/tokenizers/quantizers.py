@@ -373,6 +373,7 @@ class Phi(nn.Conv2d):
         self.ratio = ratio
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
+        """``h`` ``(B, dim, s, s)`` -> refined ``(B, dim, s, s)``."""
         return Fq.phi_refine(h, self.weight, self.bias, self.ratio)
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -49,7 +50,7 @@ MAX_LATENT_DIM = 1024
 """Largest ``--latent-dim``: channels per latent position."""
 
 
-def default_config(quantizer: str = "vq", dataset: str = "mnist", **overrides) -> VQVAEConfig:
+def default_config(quantizer: str = "vq", dataset: str = "mnist", **overrides: Any) -> VQVAEConfig:
     """The configuration of the shipped tokenizers: 32x32 images, downsample 4 (8x8 latents), 256 codes of
     16 dimensions, dead-code restart; ``overrides`` replace any field. Unless ``latent_dim`` is given, FSQ gets one
     channel per level, LFQ :data:`LFQ_DEFAULT_DIM` channels and the continuous ``kl`` :data:`KL_DEFAULT_DIM`."""

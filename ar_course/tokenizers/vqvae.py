@@ -155,6 +155,7 @@ class ResBlock(nn.Module):
         self.conv2 = nn.Conv2d(channels, channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, channels, h, w)`` -> ``(B, channels, h, w)``."""
         return x + self.conv2(F.silu(self.conv1(F.silu(x))))
 
 
@@ -175,6 +176,7 @@ class Encoder(nn.Module):
         self.net = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Images ``(B, C, S, S)`` in [0, 1] -> latents (shapes in the class docstring)."""
         return self.net(x * 2 - 1)
 
 
@@ -195,6 +197,7 @@ class Decoder(nn.Module):
         self.net = nn.Sequential(*layers)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
+        """Latents ``(B, latent_dim, s, s)`` -> images ``(B, C, s*f, s*f)``."""
         return self.net(z)
 
 

@@ -99,7 +99,9 @@ class CUDAGraphStep:
         """How many graphs have been captured."""
         return len(self._graphs)
 
-    def __call__(self, *args, **kwargs) -> Any:
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """``fn(*args, **kwargs)`` by replaying the graph captured for this call's signature (shapes, dtypes,
+        devices, other arguments, autocast and attention in effect: :func:`_signature`), captured at its first call."""
         if self.failure is not None:
             return self.fn(*args, **kwargs)
         key = _signature(args, kwargs)

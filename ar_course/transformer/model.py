@@ -401,6 +401,7 @@ class KernelAttention:
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, causal: bool,
                  dropout_p: float = 0.0) -> torch.Tensor:
+        """Attention as :data:`AttentionFn` says, on the kernels where the rules above allow."""
         if dropout_p > 0 or (mask is not None and mask.ndim != 2):
             return plain_attention(q, k, v, mask, causal, dropout_p)
         from ar_course import kernels  # imported on first use: it picks the simulator/interpreter defaults
@@ -517,6 +518,7 @@ class MLP(nn.Module):
         self.proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(..., C)`` -> ``(..., C)``."""
         return self.proj(F.gelu(self.fc(x)))
 
 
@@ -531,6 +533,7 @@ class SwiGLU(nn.Module):
         self.proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(..., C)`` -> ``(..., C)``."""
         return self.proj(F.silu(self.gate(x)) * self.up(x))
 
 

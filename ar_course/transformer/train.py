@@ -214,7 +214,7 @@ def apply_text_trainer_options(parser: argparse.ArgumentParser, args: argparse.N
     return preset
 
 
-def run_record(args: argparse.Namespace, preset, model: torch.nn.Module, info: dict) -> dict:
+def run_record(args: argparse.Namespace, preset: LMPreset, model: torch.nn.Module, info: dict) -> dict:
     """What every text-model checkpoint records of its run: vocabulary, preset, seed, schedule, characters seen,
     training time, the mean of the last 50 training losses, parameters and the evaluations along the way."""
     history = info["history"]

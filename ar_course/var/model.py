@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -307,7 +307,7 @@ class VAR(nn.Module):
         return ref.var_loss(self(inputs, classes), targets, self.config.scales)
 
     @torch.no_grad()
-    def generate(self, vq: MultiScaleVQ, classes: torch.Tensor, **options) -> list[torch.Tensor]:
+    def generate(self, vq: MultiScaleVQ, classes: torch.Tensor, **options: Any) -> list[torch.Tensor]:
         """A token pyramid (one ``(B, s_k, s_k)`` map per scale) for ``classes`` ``(B,)``: :func:`sample_pyramid`
         with the same keyword ``options`` (``sampling``, ``cfg``, ``ramp``, ``generator``, ``known``...)."""
         return sample_pyramid(self, vq, classes, **options)
@@ -487,7 +487,7 @@ def generate_images(
     return generate_in_batches(images_of, classes.to(device), batch_size)  # (B, C, S, S)
 
 
-def save_pretrained(model: VAR, path: str | Path, **extra) -> Path:
+def save_pretrained(model: VAR, path: str | Path, **extra: Any) -> Path:
     """Write ``model`` as a float16 safetensors checkpoint with its config and ``extra`` metadata (load it with
     :func:`ar_course.checkpoint.load`)."""
     state = {k: v.half() for k, v in model.state_dict().items()}
