@@ -43,8 +43,11 @@ def test_var_logits_with_kernel_attention_match_sdpa(gen):
 
 
 def test_compiled_generation_matches_eager_on_cuda(gen):
+    """The default kernels ("auto") on both sides: a compiled step looks up the back-ends the eager run measured,
+    so both sample from the same attention. (Eager torch against compiled Triton, whose dot runs in TF32, could
+    flip a sampled token now and then, and one flip changes the image.)"""
     for method in ("var", "ar"):
-        eager = gen.generate(list(range(10)), method=method, seed=3, precision="float32", kernels="torch")
+        eager = gen.generate(list(range(10)), method=method, seed=3, precision="float32")
         compiled = gen.generate(list(range(10)), method=method, seed=3, precision="float32", compile=True)
         torch.testing.assert_close(compiled.images, eager.images, atol=1e-3, rtol=0)
         assert compiled.stats.backends["compiled"] == "torch.compile"
