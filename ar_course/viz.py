@@ -26,10 +26,14 @@ def show_images(
 
     Raises as :func:`ar_course.images.to_grid` (checked before any figure is made): ``TypeError`` for a
     non-tensor or a non-integer ``nrow``; ``ValueError`` for integer images (divide uint8 images by 255), a range
-    that looks like 0..255 or [-1, 1], ``C`` not 1 or 3 (channels last), an empty batch or ``nrow < 1``."""
+    that looks like 0..255 or [-1, 1], ``C`` not 1 or 3 (channels last), an empty batch or ``nrow < 1``; and
+    ``ValueError`` for ``row_labels`` that do not give one label per grid row."""
     grid = to_grid(images, nrow=nrow)
+    rows = int(np.ceil(images.shape[0] / min(nrow, images.shape[0])))
+    if row_labels is not None and len(row_labels) != rows:
+        raise ValueError(f"row_labels must have one label per row ({rows} row{'s' * (rows != 1)}), "
+                         f"got {len(row_labels)}")
     if ax is None:
-        rows = int(np.ceil(images.shape[0] / min(nrow, images.shape[0])))
         fig, ax = plt.subplots(figsize=(min(12, 1.1 * min(nrow, images.shape[0])), 1.1 * rows + 0.4))
     else:
         fig = ax.figure
@@ -53,7 +57,16 @@ def plot_losses(
     """Plot named curves on one axis (e.g. ``{"train": history.smoothed(), "val": vals}``); returns the figure.
 
     ``steps``: the x values of a curve by name (default ``0, 1, ...``); ``logy``: a log-scale y axis; ``ax``: draw
-    on these axes (default: a new figure)."""
+    on these axes (default: a new figure).
+
+    Raises ``ValueError`` for an empty ``curves`` or a ``steps[name]`` whose length is not that of
+    ``curves[name]`` (checked before any figure is made)."""
+    if not curves:
+        raise ValueError("curves is empty: pass at least one named curve, e.g. {'train': losses}")
+    for name, ys in curves.items():
+        if steps and name in steps and len(steps[name]) != len(ys):
+            raise ValueError(f"steps[{name!r}] must have one x value per point of curves[{name!r}] ({len(ys)}), "
+                             f"got {len(steps[name])}")
     if ax is None:
         fig, ax = plt.subplots(figsize=(6, 3.5))
     else:

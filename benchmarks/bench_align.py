@@ -198,9 +198,10 @@ def plot(result: dict, path: Path) -> None:
             ax.plot([r["cfg"] for r in var_base], [r[key] for r in var_base], "s--", color="black", label="VAR")
             r = next(r for r in result["var_quality"] if r["model"] == "cca")
             ax.plot([0], [r[key]], "P", ms=13, color="C3", label="VAR + CCA (w = 0)")
+        if key == "frechet":  # before the legend, so that the line has an entry
+            ax.axhline(result["real_vs_real"]["frechet"], color="green", ls="--", label="real vs real")
         ax.set(xlabel="guidance strength w", ylabel=key, title=f"{key}, n = {result['n_eval']}")
         ax.legend()
-    axes[0, 1].axhline(result["real_vs_real"]["frechet"], color="green", ls="--", label="real vs real")
     bs = [s["batch"] for s in speed]
     for key, label in (("base_guided", f"base, w = {result['comparison']['base_best']['cfg']:g}"),
                        ("grpo_unguided", "GRPO, w = 0"), ("cca_unguided", "CCA, w = 0")):

@@ -98,10 +98,12 @@ def plot(runs: dict, path: Path) -> None:
     width = 0.8 / max(1, len(runs))
     for i, (label, run) in enumerate(runs.items()):
         secs = [next(r["seconds"] for r in run["imports"] if r["module"] == m) for m in MODULES]
-        ax.bar([j + i * width for j in range(len(MODULES))], secs, width, label=f"{label} ({run['commit']})")
+        bars = ax.bar([j + i * width for j in range(len(MODULES))], secs, width, label=f"{label} ({run['commit']})")
+        ax.bar_label(bars, [f"{s:.3f} s" for s in secs], fontsize=6, padding=1)  # a 0.000 s bar is invisible
     ax.set_xticks([j + width * (len(runs) - 1) / 2 for j in range(len(MODULES))])
     ax.set_xticklabels([m.replace("ar_course.", ".") for m in MODULES], fontsize=8)
     ax.set_ylabel("import time (s, best of runs)")
+    ax.margins(y=0.15)  # room for the labels above the bars
     ax.set_title("Import time in a fresh interpreter")
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -36,6 +36,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import NullFormatter  # noqa: E402
 import torch  # noqa: E402
 
 from ar_course import checkpoint  # noqa: E402
@@ -200,6 +201,10 @@ def plot(result: dict, path: Path) -> None:
     axes[0].set(xscale="log", xlabel="denoising passes", ylabel="nats/char under lm_target",
                 title="sample NLL (lower: closer to the corpus)")
     axes[1].set(xscale="log", xlabel="denoising passes", ylabel="nats", title="unigram entropy of the samples")
+    passes = sorted({r["steps"] for r in result["samples"]})
+    for ax in axes[:2]:  # ticks at the measured pass counts, plain numbers (log-axis labels ran together)
+        ax.set_xticks(passes, [str(p) for p in passes])
+        ax.xaxis.set_minor_formatter(NullFormatter())
     axes[2].set(xscale="log", xlabel="chars / s (CPU, KV cache)", ylabel="nats/char under lm_target",
                 title=f"quality vs speed ({result['threads']} thread(s))")
     axes[0].legend(fontsize=7)

@@ -114,14 +114,17 @@ def plot(results: dict, path: Path) -> None:
     names = [r["name"] for r in rows]
     ax = axes[0]
     colors = ["C2" if r["quantizer"] == "kl" else "C0" for r in rows]
-    ax.barh(names, [r["psnr"] for r in rows], color=colors)
+    # dots, not bars: the axis does not start at 0 dB, where bar lengths would exaggerate the differences
+    ax.scatter([r["psnr"] for r in rows], range(len(rows)), s=50, color=colors, zorder=3)
     for i, r in enumerate(rows):
-        used = f"{r['fraction_used']:.0%} used, " if r.get("fraction_used") is not None else ""
-        ax.text(r["psnr"] - 0.2, i, f"{used}{r['bits_per_image']:.0f} bits", va="center", ha="right", fontsize=7,
-                color="white")
+        used = f", {r['fraction_used']:.0%} used" if r.get("fraction_used") is not None else ""
+        ax.annotate(f"{r['psnr']:.2f} dB{used}, {r['bits_per_image']:.0f} bits", (r["psnr"], i),
+                    textcoords="offset points", xytext=(7, 0), va="center", fontsize=7)
+    ax.set_yticks(range(len(rows)), names)
     ax.invert_yaxis()
-    ax.set_xlabel("held-out PSNR (dB)")
-    ax.set_xlim(min(r["psnr"] for r in rows) - 6, max(r["psnr"] for r in rows) + 0.5)
+    ax.grid(axis="x", alpha=0.3)
+    ax.set_xlabel("held-out PSNR (dB; axis not from 0)")
+    ax.set_xlim(min(r["psnr"] for r in rows) - 0.5, max(r["psnr"] for r in rows) + 5)
     ax.set_title(f"reconstruction, {results['setup']['steps']} steps each")
     ax = axes[1]
     for r in rows:

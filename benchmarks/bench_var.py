@@ -9,6 +9,7 @@ Writes ``benchmarks/results/var.json`` and ``var.png``::
     python benchmarks/bench_var.py                 # --threads 1 (stable on a busy CPU), timings again at 2
     python benchmarks/bench_var.py --per-class 100 --batch-size 100
     python benchmarks/bench_var.py --out /tmp/var     # write there: the committed result stays as it is
+    python benchmarks/bench_var.py --replot           # redraw var.png from the existing var.json, measure nothing
 """
 
 from __future__ import annotations
@@ -34,6 +35,13 @@ from ar_course.var.compare import (  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+def plot(result: dict, path: Path) -> None:
+    """The comparison's bar charts of ``result["rows"]``; the seconds were measured on the CPU (where
+    :func:`main` loads both models) unless the rows say otherwise (results before they recorded a device)."""
+    rows = result["rows"]
+    save_figure(plot_comparison(rows, device=None if all("device" in r for r in rows) else "cpu"), path, dpi=120)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--per-class", type=int, default=50, help="samples per class for accuracy and distance")
@@ -52,7 +60,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="further thread counts at which the batch sizes are timed again [2]")
     parser.add_argument("--out", type=Path, default=RESULTS,
                         help="folder for var.json and var.png, created if missing [benchmarks/results]")
+    parser.add_argument("--replot", action="store_true", help="only redraw var.png in --out from the var.json there")
     args = parser.parse_args(argv)
+    if args.replot:
+        if not (args.out / "var.json").is_file():
+            parser.error(f"--replot redraws an existing result, and {args.out / 'var.json'} does not exist: "
+                         "run without --replot first")
+        plot(json.loads((args.out / "var.json").read_text(encoding="utf-8")), args.out / "var.png")
+        print(f"wrote {args.out / 'var.png'} from {args.out / 'var.json'}")
+        return 0
     torch.set_num_threads(args.threads)
     var_model, var_tok = load_pretrained()
 
@@ -98,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
               "var_guidance_sweep": sweep, "summary": summary}
     args.out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.out / "var.json", json.dumps(result, indent=2))
-    save_figure(plot_comparison(rows), args.out / "var.png", dpi=120)
+    plot(result, args.out / "var.png")
     for r in sweep + rows:
         print(f"{r['name']:<12} passes {r['forward_passes']:>3}  {r['seconds_per_batch']:.3f} s/batch  "
               f"acc {r['class_accuracy']:.3f}  FD {r['frechet_distance']:.2f}")

@@ -63,6 +63,13 @@ CASES = {
     "to_grid numpy": (lambda: images.to_grid(IMG.numpy()), TypeError, r"images must be a float tensor"),
     "show_images uint8": (lambda: viz.show_images((IMG * 255).to(torch.uint8)), ValueError, r"divide uint8"),
     "show_images nrow 0": (lambda: viz.show_images(IMG, nrow=0), ValueError, r"nrow must be an integer >= 1"),
+    "show_images 4 row_labels, 2 rows": (lambda: viz.show_images(IMG, nrow=2, row_labels=list("abcd")), ValueError,
+                                         r"row_labels must have one label per row \(2 rows\), got 4"),
+    "show_images 1 row_label, 2 rows": (lambda: viz.show_images(IMG, nrow=2, row_labels=["a"]), ValueError,
+                                        r"row_labels must have one label per row \(2 rows\), got 1"),
+    "plot_losses steps too short": (lambda: viz.plot_losses({"a": [1, 2, 3]}, steps={"a": [0, 10]}), ValueError,
+                                    r"steps\['a'\] must have one x value per point of curves\['a'\] \(3\), got 2"),
+    "plot_losses no curves": (lambda: viz.plot_losses({}), ValueError, r"curves is empty"),
     # 6: condition dropout
     "raster_loss dropout bad class": (lambda: raster_loss(AR, MAPS, torch.tensor([0, 99]), p_uncond=1.0),
                                       ValueError, r"classes must lie in \[0, 3\], got 99"),
@@ -160,6 +167,17 @@ def test_metrics_accept_other_float_dtypes(dtype):  # finding 1: cast to the cla
     assert torch.allclose(metrics.classifier_features(images.to(dtype)), feats, atol=0.05 if dtype == torch.float16
                           else 1e-5)
     assert metrics.classify(images.to(dtype)).shape == (4,)
+
+
+def test_show_images_row_labels_one_per_row_label_each_row():
+    fig = viz.show_images(IMG[:3], nrow=2, row_labels=["top", "bottom"])  # 3 images, 2 per row: 2 rows
+    assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == ["top", "bottom"]
+    assert viz.show_images(IMG, nrow=8, row_labels=["one row"]).axes[0].get_ylim()[0] < IMG.shape[-2] + 4
+
+
+def test_plot_losses_with_steps_of_the_right_length_plots_them():
+    fig = viz.plot_losses({"train": [3.0, 2.0, 1.0], "val": [2.5, 1.5]}, steps={"val": [0, 2]})
+    assert [list(line.get_xdata()) for line in fig.axes[0].lines] == [[0, 1, 2], [0, 2]]
 
 
 def test_codebook_usage_of_a_pyramid_counts_every_map():  # finding 12

@@ -278,3 +278,116 @@ def test_serving_compression_panel_names_each_point_in_a_legend_not_in_overlappi
     labels = [t.get_text() for t in ax.get_legend().get_texts()]
     assert len(labels) == len(rows) and labels[0] == "none: 0.25, +1.0%"
     assert "h2o_blocks 48: 0.36, +2.1%" in labels and "minicache from 6: 0.38, +2.3%" in labels
+
+
+# -- the plots (figures audit, session 24): drawn from a result dict, nothing measured -----------------------------
+
+RESULTS = BENCHMARKS / "results"
+
+
+def committed(name: str) -> dict:
+    """A committed result, read only (its plot is redrawn into ``tmp_path``)."""
+    return json.loads((RESULTS / f"{name}.json").read_text(encoding="utf-8"))
+
+
+def captured(module, monkeypatch) -> list:
+    """The figures ``module.plot`` makes, kept open: its ``save_figure`` or ``plt.close`` records them."""
+    import matplotlib.pyplot as plt
+
+    figures = []
+    if hasattr(module, "save_figure"):
+        monkeypatch.setattr(module, "save_figure", lambda fig, path, **kw: figures.append(fig))
+    monkeypatch.setattr(plt, "close", lambda fig=None: figures.append(fig))
+    return figures
+
+
+def test_align_frechet_legend_names_the_real_vs_real_line(bench_script, tmp_path, monkeypatch):
+    """The green real-vs-real line was drawn after ``ax.legend()``: no entry in the Frechet panel's legend."""
+    module = bench_script("align")
+    figures = captured(module, monkeypatch)
+    module.plot(committed("align"), tmp_path / "align.png")
+    labels = [t.get_text() for t in figures[0].axes[1].get_legend().get_texts()]
+    assert "real vs real" in labels
+
+
+def test_tokenizers_msvq_panel_is_a_dot_plot_with_its_values_written(bench_script, tmp_path, monkeypatch):
+    """Bars from 24.2 - 3 dB made 25.1 vs 24.2 dB look 2:1: dots on an axis that says it is not from 0."""
+    module = bench_script("tokenizers")
+    figures = captured(module, monkeypatch)
+    module.plot(json.loads(usage_result(tmp_path).read_text()), tmp_path / "x.png")
+    ax = figures[0].axes[2]
+    assert not ax.patches and ax.get_ylim()[0] > 0  # no bars; the axis does not start at 0
+    assert [t.get_text() for t in ax.texts] == ["25.10 dB", "24.20 dB"]
+    assert "not from 0" in ax.get_ylabel()
+
+
+def test_tokens_reconstruction_panel_is_a_dot_plot_with_every_value_written(bench_script, tmp_path, monkeypatch):
+    module = bench_script("tokens")
+    figures = captured(module, monkeypatch)
+    result = committed("tokens")
+    module.plot(result, tmp_path / "tokens.png")
+    ax = figures[0].axes[0]
+    rows = result["reconstruction"]
+    assert not ax.patches and ax.get_xlim()[0] > 0
+    assert [t.get_text().split(" dB")[0] for t in ax.texts] == [f"{r['psnr']:.2f}" for r in rows]
+
+
+def test_log_axes_tick_the_measured_values_with_plain_labels(bench_script, tmp_path):
+    """Matplotlib's log-axis labels ran together ("3x10^4 4x10^4", "3.05x10^0"): ticks at the data, plain text."""
+    import matplotlib.pyplot as plt
+
+    module = bench_script("diffusion_lm")
+    result = committed("diffusion_lm")
+    module.plot(result, tmp_path / "diffusion_lm.png")
+    fig = plt.gcf()
+    passes = sorted({r["steps"] for r in result["samples"]})
+    for ax in fig.axes[:2]:
+        assert [t.get_text() for t in ax.get_xticklabels()] == [str(p) for p in passes]
+        assert not any(t.get_text() for t in ax.get_xticklabels(minor=True))
+    plt.close(fig)
+    study = {"params": [17456, 32584, 55136], "test_loss": [3.08, 2.97, 2.87], "intercept": 2.0, "slope": -0.06,
+             "correlation": -0.999}  # made up
+    ax = bench_script("var_scaling").plot(study).axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["17k", "33k", "55k"]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["3.08", "2.97", "2.87"]
+    assert not any(t.get_text() for t in ax.get_yticklabels(minor=True) + ax.get_xticklabels(minor=True))
+
+
+def test_code_plot_writes_the_value_on_every_bar_even_a_zero(bench_script, tmp_path, monkeypatch):
+    """``import ar_course`` after the refactor takes 0.000 s: a bar of zero height, which looked unmeasured."""
+    module = bench_script("code")
+    figures = captured(module, monkeypatch)
+    imports = lambda secs: [{"module": m, "seconds": s} for m, s in zip(module.MODULES, secs)]  # noqa: E731
+    runs = {"before": {"commit": "a", "imports": imports([1.2, 1.1, 1.0, 1.1, 1.1, 1.7])},
+            "after": {"commit": "b", "imports": imports([0.0, 1.0, 0.98, 1.0, 1.0, 1.09])}}  # made up
+    module.plot(runs, tmp_path / "code.png")
+    texts = [t.get_text() for t in figures[0].axes[0].texts]
+    assert len(texts) == 12 and "0.000 s" in texts and "1.700 s" in texts
+
+
+def var_result(tmp_path: Path, device: str | None = None) -> Path:
+    """A made-up var.json (not measurements), written before the rows recorded a device unless ``device``."""
+    row = lambda name, passes, secs: {"name": name, "forward_passes": passes, "batch_size": 1,  # noqa: E731
+                                      "seconds_per_batch": secs, "class_accuracy": 0.97, "frechet_distance": 3.0,
+                                      **({"device": device} if device else {})}
+    (tmp_path / "var.json").write_text(json.dumps({"rows": [row("VAR", 6, 0.01), row("raster AR", 64, 0.08)]}))
+    return tmp_path / "var.json"
+
+
+@pytest.mark.parametrize("device, title", [(None, "seconds per batch (cpu)"), ("cuda", "seconds per batch (cuda)")])
+def test_var_replot_redraws_the_png_from_the_json_and_names_the_device(bench_script, tmp_path, monkeypatch, device,
+                                                                       title):
+    module = bench_script("var")
+    path = var_result(tmp_path, device)
+    before = path.read_text()
+    assert module.main(["--replot", "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "var.png").stat().st_size > 0 and path.read_text() == before
+    figures = captured(module, monkeypatch)
+    module.plot(json.loads(before), tmp_path / "again.png")
+    assert figures[0].axes[1].get_title() == title
+
+
+def test_var_replot_without_a_json_says_so(bench_script, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        bench_script("var").main(["--replot", "--out", str(tmp_path)])
+    assert exit_.value.code == 2 and "var.json does not exist: run without --replot first" in capsys.readouterr().err

@@ -384,6 +384,20 @@ def test_compare_generators_counts_passes():
     (row,) = rows
     assert row["forward_passes"] == 4 and row["batch_size"] == 10 and 0 <= row["class_accuracy"] <= 1
     assert row["seconds_per_batch"] > 0 and math.isfinite(row["frechet_distance"])
+    assert row["device"] == "cpu"  # where the seconds were measured: the comparison's plot names it
+
+
+@pytest.mark.parametrize("devices, device, title", [
+    (["cpu", "cpu"], None, "seconds per batch (cpu)"), (["cuda", "cuda"], None, "seconds per batch (cuda)"),
+    ([None, None], None, "seconds per batch"), (["cpu", "cuda"], None, "seconds per batch"),
+    ([None, None], "mps", "seconds per batch (mps)")])
+def test_plot_comparison_names_the_device_of_its_timings_not_always_the_cpu(devices, device, title):
+    from ar_course.var.compare import plot_comparison
+
+    rows = [{"name": f"m{i}", "forward_passes": 6, "seconds_per_batch": 0.01, "class_accuracy": 0.9,
+             "frechet_distance": 3.0, **({"device": d} if d else {})} for i, d in enumerate(devices)]  # made up
+    fig = plot_comparison(rows, device=device)
+    assert fig.axes[1].get_title() == title
 
 
 def test_interleaved_timing_calls_each_function_in_turn_and_keeps_the_best():

@@ -1,5 +1,6 @@
-"""VAR next to the chapter 03 raster-order model: forward passes, CPU wall-clock per batch, class accuracy and
-Frechet distance, measured the same way for both. Used by the chapter 04 notebook and ``benchmarks/bench_var.py``.
+"""VAR next to the chapter 03 raster-order model: forward passes, wall-clock per batch (on the models' device),
+class accuracy and Frechet distance, measured the same way for both. Used by the chapter 04 notebook and
+``benchmarks/bench_var.py``.
 
     rows = compare_generators({"VAR": var_sampler(model, tok, cfg=2.0),
                                "raster AR": raster_sampler(ar, ar_tok, cfg=1.0)}, per_class=50)
@@ -87,7 +88,8 @@ def compare_generators(
     """One row per sampler: ``forward_passes`` and ``seconds_per_batch`` (best of ``repeats``) for a batch of
     ``timing_batch`` images of mixed classes, ``images_per_second``, and the ``class_accuracy`` and
     ``frechet_distance`` of ``per_class * n_classes`` samples (generated in chunks of ``batch_size``) against as
-    many held-out MNIST test images (or ``reference``).
+    many held-out MNIST test images (or ``reference``), and the ``device`` the sampler's model is on (``"cpu"``,
+    ``"cuda"``: where the seconds were measured).
 
     On a CPU the time per batch depends on the batch size: small batches pay mostly a fixed cost per forward
     pass (VAR's advantage), large ones pay per token processed (VAR processes 130 tokens per digit, raster
@@ -103,16 +105,24 @@ def compare_generators(
         secs = seconds_per_batch(lambda: sampler.sample(batch, seed), repeats)
         seeds = itertools.count(seed)  # chunk i is sampled with seed + i
         images = generate_in_batches(lambda chunk: sampler.sample(chunk, next(seeds)), classes, batch_size)
-        rows.append({"name": name, "forward_passes": passes, "batch_size": int(batch.numel()),
+        device = next(sampler.model.parameters(), torch.empty(0)).device.type
+        rows.append({"name": name, "device": device, "forward_passes": passes, "batch_size": int(batch.numel()),
                      "seconds_per_batch": secs, "images_per_second": batch.numel() / secs,
                      "class_accuracy": metrics.class_accuracy(images.cpu(), classes),
                      "frechet_distance": metrics.frechet_distance(images.cpu(), reference.cpu()), "n": n})
     return rows
 
 
-def plot_comparison(rows: list[dict]) -> plt.Figure:
-    """Bar charts of forward passes, seconds per batch, class accuracy and Frechet distance."""
-    keys = [("forward_passes", "forward passes per batch"), ("seconds_per_batch", "CPU seconds per batch"),
+def plot_comparison(rows: list[dict], device: str | None = None) -> plt.Figure:
+    """Bar charts of forward passes, seconds per batch, class accuracy and Frechet distance.
+
+    ``device`` (e.g. ``"cpu"``, ``"cuda"``) names where the seconds were measured in that panel's title; default:
+    the rows' ``device`` (:func:`compare_generators` records it) when every row has the same one, else none."""
+    if device is None:
+        devices = {r.get("device") for r in rows}
+        device = devices.pop() if len(devices) == 1 else None
+    seconds = f"seconds per batch ({device})" if device else "seconds per batch"
+    keys = [("forward_passes", "forward passes per batch"), ("seconds_per_batch", seconds),
             ("class_accuracy", "class accuracy"), ("frechet_distance", "Frechet distance (lower is better)")]
     fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 3))
     names = [r["name"] for r in rows]
