@@ -45,6 +45,7 @@ import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
+from torch.overrides import TorchFunctionMode
 
 from ar_course.files import _file_path, atomic_write_bytes
 from ar_course.utils import check_finite, get_device
@@ -193,7 +194,8 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
     Returns ``(state_dict, {"config": dict, "kind": str, "extra": dict})``.
 
     Raises:
-        CheckpointError: the file is missing, corrupted or truncated.
+        CheckpointError: the file is missing, corrupted or truncated, or its ``config`` or ``extra`` metadata
+            is not a JSON object.
         TypeError: ``path`` is not a str or path, or ``device`` not a str or ``torch.device``.
         ValueError, RuntimeError: a ``device`` torch does not know (``"gpu"``) or that this machine lacks,
             from :func:`~ar_course.utils.get_device`, before the file is read.
@@ -215,6 +217,10 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
         }
     except (SafetensorError, json.JSONDecodeError, OSError, ValueError) as exc:
         raise CheckpointError(f"{path} is not a valid ar_course checkpoint (corrupted or truncated?): {exc}") from None
+    for key in ("config", "extra"):
+        if not isinstance(meta[key], dict):
+            raise CheckpointError(f"{path} is not a valid ar_course checkpoint: its {key!r} metadata must be a JSON "
+                                  f"object, got a {type(meta[key]).__name__}")
     return state, meta
 
 
@@ -364,8 +370,66 @@ def _import(target: type | str, kind: str) -> type:
                               f"{exc})") from None
 
 
-def _build(path: Path, meta: dict, kind: str | None) -> torch.nn.Module:
-    """The (untrained) model a checkpoint's metadata describes."""
+class _ShapesOnly(TorchFunctionMode):
+    """Inside ``torch.device("meta")``: the weight initialisers (``torch.nn.init``, ``Tensor.normal_``...) do nothing
+    to a meta tensor, which holds no values, so that a model is built on meta in a fraction of its real build."""
+
+    _INIT = frozenset({getattr(torch.nn.init, name) for name in dir(torch.nn.init)
+                       if name.endswith("_") and not name.startswith("_")}
+                      | {torch.Tensor.normal_, torch.Tensor.uniform_, torch.Tensor.zero_, torch.Tensor.fill_})
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in self._INIT:
+            tensor = args[0] if args else kwargs.get("tensor")
+            if isinstance(tensor, torch.Tensor) and tensor.is_meta:
+                return tensor
+        return func(*args, **kwargs)
+
+
+def state_dict_problems(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> list[str]:
+    """What keeps ``state`` from loading strictly into a module whose state dict is ``expected`` (tensors on any
+    device, ``"meta"`` included: only names, shapes and dtypes are read), one line per tensor, in torch's words:
+    a missing or unexpected key, a size mismatch, or a tensor that is not floating-point (an integer, bool or
+    complex one) for a floating-point parameter. Empty when it loads; :func:`first_and_more` says it in one line."""
+    problems = [f'Missing key(s) in state_dict: "{k}"' for k in expected if k not in state]
+    problems += [f'Unexpected key(s) in state_dict: "{k}"' for k in state if k not in expected]
+    for key, want in expected.items():
+        got = state.get(key)
+        if got is None:
+            continue
+        if got.shape != want.shape:
+            problems.append(f"size mismatch for {key}: copying a param with shape {got.shape} from checkpoint, the "
+                            f"shape in current model is {want.shape}.")
+        elif want.is_floating_point() and not got.is_floating_point():
+            problems.append(f"dtype mismatch for {key}: the checkpoint holds {got.dtype}, the model a "
+                            f"floating-point {want.dtype}")
+    return problems
+
+
+def first_and_more(problems: list[str]) -> str:
+    """The first of ``problems`` (not empty), with ``(and N more)`` when there are others: one short line however
+    many there are."""
+    return problems[0] if len(problems) == 1 else f"{problems[0]} (and {len(problems) - 1} more)"
+
+
+def load_error_problems(exc: BaseException) -> list[str]:
+    """The lines of a ``load_state_dict`` error (torch: a header, then one line per tensor), the header dropped
+    where there are others: for :func:`first_and_more`."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[1:] or lines
+
+
+def _one_line(exc: BaseException, limit: int = 200) -> str:
+    """``exc`` as ``Type: message``, its first line cut to ``limit`` characters."""
+    text = (str(exc).splitlines() or [""])[0]
+    return f"{type(exc).__name__}: {text[:limit]}{'...' if len(text) > limit else ''}"
+
+
+def _build(path: Path, meta: dict, kind: str | None, state: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """The (untrained) model a checkpoint's metadata describes, once ``state`` is known to fit it: the model is
+    first built on the ``"meta"`` device (no memory, no initialisation) and its tensors' names, shapes and dtypes
+    compared with ``state``'s, so that a config describing a huge model is refused before anything is allocated."""
     if kind is not None and meta["kind"] != kind:
         raise CheckpointError(f"{path} holds a {meta['kind']!r} checkpoint, expected {kind!r}")
     if meta["kind"] not in KINDS:
@@ -376,9 +440,25 @@ def _build(path: Path, meta: dict, kind: str | None) -> torch.nn.Module:
         raise CheckpointError(f"checkpoint kind {meta['kind']!r}: its config {KINDS[meta['kind']][1]!r} is not a "
                               f"dataclass")
     try:
-        return model_cls(config_from_dict(config_cls, meta["config"]))
+        config = config_from_dict(config_cls, meta["config"])
+        try:
+            with torch.device("meta"), _ShapesOnly():
+                expected = model_cls(config).state_dict()
+        except (TypeError, ValueError):
+            raise
+        except Exception:  # a model of your own that cannot be built on meta: checked by load_state_dict
+            expected = None
+        if expected is not None and (problems := state_dict_problems(expected, state)):
+            raise CheckpointError(f"{path} does not match the model built from its config: "
+                                  f"{first_and_more(problems)}")
+        return model_cls(config)
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"{path}: its {meta['kind']!r} config does not build a model: {exc}") from None
+    except (RuntimeError, MemoryError) as exc:
+        if isinstance(exc, CheckpointError):
+            raise
+        raise CheckpointError(f"{path}: the model its {meta['kind']!r} config describes cannot be built "
+                              f"({_one_line(exc)})") from None
 
 
 def _device(device: str | torch.device) -> torch.device:
@@ -392,14 +472,28 @@ def _device(device: str | torch.device) -> torch.device:
     return get_device(device)
 
 
+def _check_finite_weights(path: Path, state: dict[str, torch.Tensor]) -> None:
+    """:class:`CheckpointError` naming ``path`` and the first floating-point tensor of ``state`` that holds NaN or
+    inf (as :func:`save_checkpoint` refuses to write)."""
+    for key, value in state.items():
+        if value.is_floating_point():
+            try:
+                check_finite(key, value)
+            except ValueError as exc:
+                raise CheckpointError(f"{path} holds weights that are not finite (a run that diverged?): {exc}") \
+                    from None
+
+
 def _load(path: Path, device: str | torch.device, kind: str | None) -> tuple[torch.nn.Module, dict]:
     device = _device(device)
     state, meta = load_checkpoint(path, device="cpu")
-    model = _build(path, meta, kind)
+    model = _build(path, meta, kind, state)
+    _check_finite_weights(path, state)
     try:
         model.load_state_dict(state, strict=True)  # copies (and casts) into the model's default-dtype parameters
     except RuntimeError as exc:
-        raise CheckpointError(f"{path} does not match the model built from its config: {exc}") from None
+        raise CheckpointError(f"{path} does not match the model built from its config: "
+                              f"{first_and_more(load_error_problems(exc))}") from None
     return model.to(device).eval(), meta
 
 
@@ -408,7 +502,10 @@ def load(name_or_path: str | Path, device: str | torch.device = "cpu", *, kind: 
     eval mode (call ``.train()`` to train it further). With ``kind``, a checkpoint of another kind is refused.
 
     Raises :class:`CheckpointError` naming the file: missing, corrupted, of the wrong or an unknown kind, a
-    config with unknown keys, or weights that do not fit the model its config builds; ``ValueError`` for a
+    config with unknown keys or describing a model too big to build, weights that do not fit the model its config
+    builds (names, shapes, or an integer, bool or complex tensor for a floating-point parameter: the first
+    mismatch and how many more, checked on the ``"meta"`` device before the model is allocated), or weights holding
+    NaN or inf (the tensor is named); ``ValueError`` for a
     device torch does not know (``"gpu"``), ``RuntimeError`` for ``"cuda"`` on a machine without CUDA (both
     from :func:`~ar_course.utils.get_device`, before the file is read)."""
     return _load(resolve(name_or_path), device, kind)[0]
@@ -422,8 +519,9 @@ def load_with_tokenizer(
     Image models (``"var"``, ``"raster_ar"``, ``"maskgit"``, ``"continuous_ar"``) record their tokenizer's name
     or path (relative to the checkpoint's folder, :func:`recorded_tokenizer`): it is loaded with :func:`load` on
     ``device``. Language models (``"lm"``, ``"diffusion_lm"``) record their vocabulary: a
-    :class:`~ar_course.data.CharTokenizer`. A checkpoint that records neither (a tokenizer, a classifier), or a
-    tokenizer file that is not there, raises :class:`CheckpointError`; a bad ``device`` raises as in
+    :class:`~ar_course.data.CharTokenizer`. A checkpoint that records neither (a tokenizer, a classifier), a
+    vocabulary that is not a str of as many distinct characters as the model's ``vocab_size``, or a tokenizer file
+    that is not there, raises :class:`CheckpointError` naming the file; a bad ``device`` raises as in
     :func:`load`."""
     path = resolve(name_or_path)
     model, meta = _load(path, device, kind)  # checks the device before reading the file
@@ -431,7 +529,13 @@ def load_with_tokenizer(
     if meta["kind"] in ("lm", "diffusion_lm") and "vocab" in extra:
         from ar_course.data.text import CharTokenizer
 
-        return model, CharTokenizer(extra["vocab"])
+        vocab, size = extra["vocab"], model.config.vocab_size
+        if not isinstance(vocab, str) or len(set(vocab)) != len(vocab) or len(vocab) != size:
+            got = (f"{len(vocab)} characters" + (" (some repeated)" if len(set(vocab)) != len(vocab) else "")
+                   if isinstance(vocab, str) else type(vocab).__name__)
+            raise CheckpointError(f"{path} records a vocabulary that does not fit its model: expected a str of "
+                                  f"{size} distinct characters (the model's vocab_size), got {got}")
+        return model, CharTokenizer(vocab)
     if "tokenizer" not in extra:
         raise CheckpointError(f"{path} holds a {meta['kind']!r} checkpoint that records no tokenizer")
     return model, load(_tokenizer_file(path, extra["tokenizer"]), device, kind="tokenizer")

@@ -67,7 +67,8 @@ def _file_path(path: object, what: str) -> Path:
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on normal exit it is renamed to ``path`` (atomic on POSIX and
-    Windows), on an exception it is removed and ``path`` is left as it was. Creates missing parent folders.
+    Windows), on an exception it is removed and ``path`` is left as it was. Creates missing parent folders. A new
+    file gets an ordinary file's mode (``0o666`` less the umask); a file replaced keeps its own mode.
 
     Raises ``TypeError`` for a ``path`` that is not a ``str`` or :class:`os.PathLike` and ``ValueError`` for an
     empty path or one that names a folder, before anything is written."""
@@ -76,7 +77,11 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
-    os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes it private; give it an ordinary file's mode
+    try:  # replacing a file keeps its mode (a private 0600 file stays private)
+        mode = path.stat().st_mode & 0o7777
+    except OSError:  # a new file: mkstemp makes it private; give it an ordinary file's mode
+        mode = 0o666 & ~_umask()
+    os.chmod(tmp_path, mode)
     try:
         yield tmp_path
         os.replace(tmp_path, path)

@@ -489,9 +489,10 @@ class Generator:
     Raises:
         TypeError: a model or tokenizer of another class (``Generator(ar_model, ar_tokenizer)`` passes them as
             ``var_model, var_tokenizer``: name them).
-        ValueError: a model without its tokenizer or none at all, a tokenizer whose codes, scales or grid do not
-            fit its model, a raster model or draft that is not causal and class-conditional, a VAR and a raster
-            model of different numbers of classes, or a draft of other classes or without ``ar_model``.
+        ValueError: a model without its tokenizer or none at all, a tokenizer whose quantizer, codes, scales or
+            grid do not fit its model (``var_model does not fit var_tokenizer: ...``), a raster model or draft
+            that is not causal and class-conditional, a VAR and a raster model of different numbers of classes, or
+            a draft of other classes or without ``ar_model``.
     """
 
     def __init__(
@@ -508,7 +509,10 @@ class Generator:
             raise ValueError("a Generator needs a VAR model or a raster AR model")
         if var_model is not None:
             _check_models("var_model", var_model, var.VAR, "var_tokenizer", var_tokenizer)
-            var.check_tokenizer(var_tokenizer.quantizer, var_model.config)
+            try:
+                var.check_tokenizer(var_tokenizer.quantizer, var_model.config)
+            except (TypeError, ValueError) as exc:  # a VQVAE of another quantizer: it does not fit, like the rest
+                raise ValueError(f"var_model does not fit var_tokenizer: {exc}") from None
         if ar_model is not None:
             _check_models("ar_model", ar_model, GPT, "ar_tokenizer", ar_tokenizer)
             _check_raster_pair("ar_model", ar_model, ar_tokenizer)

@@ -44,7 +44,8 @@ from tqdm.auto import tqdm
 
 from ar_course import distributed as ddp
 from ar_course.checkpoint import (
-    ASSETS, CheckpointError, NonFiniteWeightsError, load, load_checkpoint, save_checkpoint,
+    ASSETS, CheckpointError, NonFiniteWeightsError, first_and_more, load, load_checkpoint, load_error_problems,
+    save_checkpoint, state_dict_problems,
 )
 from ar_course.cli import device_name, int_in, nonnegative_int, positive_float, positive_int, probability
 from ar_course.files import check_output_path
@@ -304,7 +305,9 @@ def read_train_state(path: str | Path, config: TrainConfig,
     ``settings`` (one line naming each change, ``seed 0 -> 7``; a setting only one side has shows ``None``; the
     model's config, which :func:`train_loop` adds as ``settings["model"]``, field by field: ``n_embd 16 -> 32``,
     where both sides have one). A state written before states recorded settings (or the model's config) has none
-    to compare, and is accepted.
+    to compare, and is accepted. A state whose contents are not what :func:`save_train_state` writes (a step that
+    is not an int in ``0..config.steps``, a missing or malformed optimizer state, history, settings or ``rng/cpu``)
+    is a :class:`TrainingError` naming the file and the field.
 
     Raises:
         TypeError, ValueError: ``settings`` that :func:`train_loop` refuses.
@@ -320,6 +323,7 @@ def read_train_state(path: str | Path, config: TrainConfig,
         raise TrainingError(str(exc)) from None
     if meta["kind"] != STATE_KIND:
         raise TrainingError(f"{path} is not a training state (it holds a {meta['kind']!r} checkpoint)")
+    _check_state(path, tensors, meta["extra"], config)
     now = json.loads(json.dumps(dataclasses.asdict(config)))  # tuples as JSON lists, like the stored config
     then = {**json.loads(json.dumps(dataclasses.asdict(TrainConfig()))), **meta["config"]}  # older states: defaults
     changed = _changes(then, now, _SCHEDULE_FIELDS)
@@ -335,6 +339,35 @@ def read_train_state(path: str | Path, config: TrainConfig,
         raise TrainingError(f"the training state at {path} comes from a run with other settings "
                             f"({', '.join(changed)}); resume with the options of that run")
     return tensors, meta
+
+
+def _check_state(path: Path, tensors: dict[str, torch.Tensor], extra: dict[str, Any], config: TrainConfig) -> None:
+    """:class:`TrainingError` naming ``path`` unless the state's metadata and generator state are what
+    :func:`save_train_state` writes, ``step`` an int in ``0..config.steps`` (checked before any batch is replayed)."""
+    def bad(what: str) -> TrainingError:
+        return TrainingError(f"the training state at {path} is damaged: {what}")
+
+    step = extra.get("step")
+    if not isinstance(step, int) or isinstance(step, bool):
+        raise bad(f"step must be an int, got {step!r:.80}" if "step" in extra else "it records no step")
+    if not 0 <= step <= config.steps:
+        raise bad(f"step must be in 0..{config.steps} (the run's steps), got {step}")
+    for key, kind in (("optimizer_scalars", dict), ("param_groups", list), ("history", dict)):
+        if not isinstance(extra.get(key), kind):
+            raise bad(f"{key} must be a JSON {'object' if kind is dict else 'array'}, got {extra.get(key)!r:.80}")
+    if not all(isinstance(v, dict) and k.isdigit() for k, v in extra["optimizer_scalars"].items()):
+        raise bad("optimizer_scalars must map parameter numbers to objects")
+    if not all(isinstance(group, dict) for group in extra["param_groups"]):
+        raise bad("param_groups must be a list of objects")
+    unknown = sorted(set(extra["history"]) - {f.name for f in dataclasses.fields(History)})
+    if unknown:
+        raise bad(f"history has unknown field(s) {unknown}")
+    if not isinstance(extra.get("settings", {}), dict):
+        raise bad(f"settings must be a JSON object, got {extra['settings']!r:.80}")
+    rng, expected = tensors.get("rng/cpu"), torch.get_rng_state()
+    if rng is None or rng.dtype != expected.dtype or rng.shape != expected.shape:
+        got = "none" if rng is None else f"{rng.dtype} of shape {tuple(rng.shape)}"
+        raise bad(f"rng/cpu must be a {expected.dtype} tensor of shape {tuple(expected.shape)}, got {got}")
 
 
 def _changes(then: dict[str, Any], now: dict[str, Any], keys: Iterable[str] | None = None) -> list[str]:
@@ -367,13 +400,16 @@ def _restore(tensors: dict[str, torch.Tensor], meta: dict, model: torch.nn.Modul
         if key.startswith("optimizer/"):
             _, i, name = key.split("/", 2)
             state.setdefault(int(i), {})[name] = value
-    try:
-        model.load_state_dict(weights, strict=True)
-        optimizer.load_state_dict({"state": state, "param_groups": extra["param_groups"]})
-    except (RuntimeError, ValueError, KeyError) as exc:
-        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]  # torch: a header, one per key
-        detail = lines[-1] if len(lines) <= 2 else f"{lines[1]} (and {len(lines) - 2} more)"
-        raise TrainingError(f"the training state at {path} does not fit this model: {detail}") from None
+    problems = state_dict_problems(model.state_dict(), weights)
+    if not problems:
+        try:
+            model.load_state_dict(weights, strict=True)
+            optimizer.load_state_dict({"state": state, "param_groups": extra["param_groups"]})
+        except (RuntimeError, ValueError, KeyError) as exc:
+            problems = load_error_problems(exc)
+    if problems:
+        raise TrainingError(f"the training state at {path} does not fit this model: "
+                            f"{first_and_more(problems)}") from None
     torch.set_rng_state(tensors["rng/cpu"])
     if "rng/cuda" in tensors and torch.cuda.is_available():
         torch.cuda.set_rng_state(tensors["rng/cuda"])

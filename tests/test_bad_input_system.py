@@ -115,3 +115,30 @@ def test_class_accuracy_takes_any_integer_labels():
     images = torch.rand(3, 1, 32, 32)
     labels = metrics.classify(images)
     assert metrics.class_accuracy(images, labels.int()) == 1.0
+
+
+def test_a_var_model_with_a_single_scale_tokenizer_does_not_fit(tok, tmp_path, capsys):
+    """A VQVAE of another quantizer is a pair that does not fit (ValueError), and a VAR checkpoint recording one
+    is a usage error naming the file, as any other mismatch (not a TypeError, exit 1)."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from ar_course.checkpoint import ASSETS
+    from ar_course.cli import main as cli_main
+
+    var_model = VAR(VARConfig(vocab_size=5, latent_dim=4, scales=(1, 2, 4), n_classes=3, n_layer=1, n_head=2,
+                              n_embd=16)).eval()
+    with pytest.raises(ValueError, match="^var_model does not fit var_tokenizer: vq must be a MultiScaleVQ, got "
+                                         "VectorQuantizer$"):
+        Generator(var_model, tok)
+    path = tmp_path / "var.safetensors"
+    with safe_open(str(ASSETS / "var_mnist.safetensors"), framework="pt") as f:
+        raw, state = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    save_file(state, str(path), metadata={**raw, "extra": json.dumps({**json.loads(raw["extra"]),
+                                                                      "tokenizer": "mnist_vq"})})
+    assert cli_main(["generate", "--out", str(tmp_path / "g.png"), "--var-checkpoint", str(path),
+                     "--device", "cpu"]) == 2
+    assert capsys.readouterr().err == f"error: {path}: var_model does not fit var_tokenizer: vq must be a " \
+                                      f"MultiScaleVQ, got VectorQuantizer\n"

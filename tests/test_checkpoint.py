@@ -283,3 +283,91 @@ def test_train_ar_records_its_tokenizer_relative_to_out_and_says_when_accuracy_w
     assert checkpoint.info("runs/ar.safetensors")["tokenizer"] == "tok.safetensors"
     monkeypatch.chdir(tmp_path / "runs")
     assert isinstance(load_with_tokenizer("ar.safetensors")[1], VQVAE)
+
+
+# ------------------------------------------------------------------------------------ hostile checkpoint files
+
+def _tiny_lm(tmp_path: Path, vocab: object = "abcdefgh", changes: dict | None = None,
+             tensors: dict | None = None, **metadata: str) -> Path:
+    """A tiny 'lm' checkpoint recording ``vocab``, its config fields changed by ``changes``, its tensors replaced
+    by ``tensors`` and its raw metadata by ``metadata``: what a crafted file may hold."""
+    model = GPT(GPTConfig(vocab_size=8, block_size=8, n_layer=1, n_head=2, n_embd=8))
+    path = save_checkpoint(tmp_path / "lm.safetensors", model, model.config, kind="lm", vocab=vocab)
+    with safe_open(str(path), framework="pt") as f:
+        raw, state = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    raw["config"] = json.dumps({**json.loads(raw["config"]), **(changes or {})})
+    save_file({**state, **(tensors or {})}, str(path), metadata={**raw, **metadata})
+    return path
+
+
+@pytest.mark.parametrize("vocab, says", [
+    ("abcde", "got 5 characters"), ("abcdefgha", "got 9 characters (some repeated)"), (["ab", "c"], "got list"),
+    (5, "got int"),
+])
+def test_a_vocabulary_that_does_not_fit_the_model_is_refused(tmp_path, vocab, says):
+    """Else the server loads it and every completion fails (a token id past the vocabulary)."""
+    path = _tiny_lm(tmp_path, vocab)
+    with pytest.raises(CheckpointError) as info:
+        load_with_tokenizer(path)
+    assert str(info.value) == f"{path} records a vocabulary that does not fit its model: expected a str of 8 " \
+                              f"distinct characters (the model's vocab_size), {says}"
+    assert load_with_tokenizer(_tiny_lm(tmp_path, "hgfedcba"))[1].vocab_size == 8  # any order of 8 characters
+
+
+@pytest.mark.parametrize("config, says", [
+    ({"n_layer": 300}, ' does not match the model built from its config: Missing key(s) in state_dict: '
+                       '"blocks.1.norm1.weight" (and 2092 more)'),
+    ({"vocab_size": 10**12}, " does not match the model built from its config: size mismatch for wte.weight: "
+                             "copying a param with shape torch.Size([8, 8]) from checkpoint, the shape in current "
+                             "model is torch.Size([1000000000000, 8]). (and 1 more)"),
+    ({"n_embd": 10**12}, ": the model its 'lm' config describes cannot be built"),
+])
+def test_a_config_describing_a_huge_model_is_one_short_error_before_it_is_allocated(tmp_path, config, says):
+    """The weights are compared with a model built on the meta device: no memory, one line whatever the count."""
+    path = _tiny_lm(tmp_path, changes=config)
+    with pytest.raises(CheckpointError) as info:
+        load(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}{says}") and "\n" not in message and len(message) < 400, message[:1000]
+
+
+def test_weights_of_the_wrong_shapes_are_one_line_naming_the_first(tmp_path):
+    state = {k: v[:1].clone() for k, v in GPT(GPTConfig(vocab_size=8, block_size=8, n_layer=1, n_head=2, n_embd=8))
+             .state_dict().items()}
+    path = _tiny_lm(tmp_path, tensors=state)
+    with pytest.raises(CheckpointError) as info:
+        load(path)
+    assert str(info.value) == f"{path} does not match the model built from its config: size mismatch for " \
+                              "wte.weight: copying a param with shape torch.Size([1, 8]) from checkpoint, the shape " \
+                              "in current model is torch.Size([8, 8]). (and 9 more)"
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.bool, torch.complex64])
+def test_weights_that_are_not_floating_point_are_refused(tmp_path, dtype):
+    path = _tiny_lm(tmp_path, tensors={"norm_f.weight": torch.ones(8, dtype=dtype)})
+    with pytest.raises(CheckpointError) as info:
+        load(path)
+    assert str(info.value) == f"{path} does not match the model built from its config: dtype mismatch for " \
+                              f"norm_f.weight: the checkpoint holds {dtype}, the model a floating-point torch.float32"
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_weights_that_are_not_finite_are_refused_as_save_checkpoint_refuses_them(tmp_path, bad):
+    path = _tiny_lm(tmp_path, tensors={"norm_f.weight": torch.tensor([1.0] * 7 + [bad])})
+    with pytest.raises(CheckpointError) as info:
+        load(path)
+    assert str(info.value) == f"{path} holds weights that are not finite (a run that diverged?): norm_f.weight " \
+                              f"must be finite, got {bad}"
+    big = _tiny_lm(tmp_path, tensors={"norm_f.weight": torch.full((8,), 6e4, dtype=torch.float16)})
+    load(big)  # finite values whose norm overflows float16 still load
+
+
+@pytest.mark.parametrize("key", ["config", "extra"])
+@pytest.mark.parametrize("value", ["[1]", "5", '"text"', "null"])
+def test_config_and_extra_metadata_must_be_json_objects(tmp_path, key, value):
+    path = _tiny_lm(tmp_path, **{key: value})
+    for call in (checkpoint.info, load_with_tokenizer):
+        with pytest.raises(CheckpointError) as info:
+            call(path)
+        assert str(info.value) == f"{path} is not a valid ar_course checkpoint: its {key!r} metadata must be a " \
+                                  f"JSON object, got a {type(json.loads(value)).__name__}"

@@ -263,3 +263,44 @@ def test_extract_script_names_bad_input_in_one_line(tmp_path, capsys, args, mess
     last = capsys.readouterr().err.strip().splitlines()[-1]  # argparse's usage line, then the error
     assert last.startswith("extract_mnist.py: error: ") and last.endswith(message.format(tmp=tmp_path))
     assert not (tmp_path / "out.npz").exists()
+
+
+def _npz(**arrays) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("content, says", [
+    (lambda data: data[: len(data) // 2], "is not a readable .npz archive (empty, truncated or damaged: BadZipFile"),
+    (lambda data: b"", "is not a readable .npz archive (empty, truncated or damaged: EOFError"),
+    (lambda data: b"version https://git-lfs.github.com/spec/v1\noid sha256:abc\nsize 123\n",
+     "is a git-lfs pointer, not the data: fetch it with `git lfs pull`"),
+    (lambda data: _npz(test_images=np.zeros((5000, 28, 28), np.uint8)), "has no array 'train_images'"),
+    (lambda data: _npz(train_images=np.array([object()], dtype=object), train_labels=np.zeros(1)),
+     "is not a readable .npz archive (empty, truncated or damaged: ValueError: Object arrays cannot be loaded"),
+    (lambda data: _npz(train_images=np.zeros((3, 5)), train_labels=np.zeros(3, np.uint8)),
+     "holds train_images of float64 (3, 5), expected uint8 (20000, 28, 28)"),
+    (lambda data: _npz(train_images=np.zeros((20000, 28, 28), np.uint8), train_labels=np.zeros(20000, np.int64)),
+     "holds train_labels of int64 (20000,), expected uint8 (20000,)"),
+    (lambda data: _npz(train_images=np.zeros((20000, 28, 28), np.uint8), train_labels=np.full(20000, 99, np.uint8)),
+     "holds train_labels outside 0..9 (up to 99)"),
+    (lambda data: _npz(train_images=np.zeros((20000, 28, 28), np.uint8), train_labels=np.zeros(20000, np.uint8)),
+     "is not the shipped file: its SHA-256 is "),
+])
+def test_a_damaged_mnist_file_is_one_line_naming_it(tmp_path, monkeypatch, content, says):
+    from ar_course.data import mnist
+
+    path = tmp_path / "mnist_subset.npz"
+    path.write_bytes(content(MNIST_PATH.read_bytes()))
+    monkeypatch.setattr(mnist, "MNIST_PATH", path)
+    mnist._arrays.cache_clear()
+    try:
+        with pytest.raises(RuntimeError) as info:
+            mnist.load_mnist("train")
+    finally:
+        mnist._arrays.cache_clear()
+    message = str(info.value)
+    assert message.startswith(f"the MNIST subset {path} {says}") and "\n" not in message, message

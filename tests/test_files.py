@@ -103,3 +103,16 @@ def test_save_figure_writes_in_place_and_keeps_old_file_on_failure(tmp_path):
     assert [p.name for p in out.parent.iterdir()] == ["a.png"]  # no temporary file left behind
     save_figure(_Figure(b"<svg/>"), tmp_path / "b.svg")
     assert (tmp_path / "b.svg").read_bytes() == b"<svg/>"
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX file modes")
+@pytest.mark.parametrize("mode", [0o600, 0o640, 0o444])
+def test_replacing_a_file_keeps_its_mode(tmp_path, mode):
+    """A private file (0600) replaced by an atomic write must not become readable by others (0644)."""
+    path = tmp_path / "secret.txt"
+    path.write_text("old")
+    path.chmod(mode)
+    atomic_write_text(path, "new")
+    assert path.read_text() == "new" and path.stat().st_mode & 0o777 == mode
+    save_checkpoint(path, {"w": torch.ones(2)}, {})
+    assert path.stat().st_mode & 0o777 == mode

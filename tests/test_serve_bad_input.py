@@ -169,6 +169,67 @@ def test_tiny_sampling_values_over_http_answer_the_greedy_text(client, extra: di
     assert r.json()["choices"][0]["text"] == expected
 
 
+def test_a_body_past_the_limit_gets_a_413_before_it_is_read(client):
+    """Refused by its Content-Length, and a chunked body (no Content-Length) once it passes the limit."""
+    from ar_course.serving.server import max_body_bytes
+
+    c, model, _ = client
+    limit = max_body_bytes(model.config.block_size - 1)
+    longest = {"prompt": "\U0001F600" * (8 * model.config.block_size), "max_tokens": 1}  # 12 bytes each in JSON
+    import json
+
+    assert len(json.dumps(longest)) <= limit  # the largest valid body fits
+    r = c.post("/v1/completions", content=b"{}", headers={"content-type": "application/json",
+                                                          "content-length": str(10**9)})
+    assert r.status_code == 413 and r.json()["error"]["type"] == "invalid_request_error", r.text
+    assert r.json()["error"]["message"] == f"request body too large: at most {limit} bytes for this model's " \
+                                           f"context, got Content-Length {10**9}"
+
+    def chunks():
+        yield b'{"prompt": "'
+        for _ in range(limit // 1000 + 1):
+            yield b"a" * 1000
+        yield b'"}'
+
+    r = c.post("/v1/completions", content=chunks(), headers={"content-type": "application/json"})
+    assert r.status_code == 413, r.text
+    assert r.json() == {"error": {"message": f"request body too large: at most {limit} bytes for this model's "
+                                             f"context, got more than {limit} bytes", "type": "invalid_request_error"}}
+    ok = c.post("/v1/completions", content=b'{"prompt": "hi", "max_tokens": 2}',
+                headers={"content-type": "application/json"})
+    assert ok.status_code == 200, ok.text
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_completion_that_cannot_be_decoded_is_a_json_error_not_a_text_500(stream: bool):
+    """A tokenizer that fails on a token (a vocabulary smaller than the model's) answers the documented JSON 500, or
+    an error event and [DONE] in a stream: never a bare text page or an empty stream."""
+    from fastapi.testclient import TestClient
+
+    from ar_course.serving.server import create_app
+    from ar_course.transformer import load_pretrained
+
+    model, tok = load_pretrained("lm_draft")
+
+    class Broken:
+        encode = staticmethod(tok.encode)
+
+        @staticmethod
+        def decode(ids):
+            raise ValueError("id 90 is outside the vocabulary")
+
+    app = create_app(Engine(model, EngineConfig(num_blocks=16, block_size=16, max_running=2)), Broken(),
+                     model_name="lm_draft", max_pending=4, timeout_s=30.0)
+    with TestClient(app, raise_server_exceptions=False) as c:
+        r = c.post("/v1/completions", json={"prompt": "The", "max_tokens": 2, "stream": stream})
+    says = "cannot decode the completion (ValueError: id 90 is outside the vocabulary)"
+    if not stream:
+        assert r.status_code == 500 and r.json() == {"error": {"message": says, "type": "server_error"}}, r.text
+    else:
+        assert r.status_code == 200 and r.text == f'data: {{"error": {{"message": "{says}", "type": ' \
+                                                  f'"server_error"}}}}\n\ndata: [DONE]\n\n', r.text
+
+
 # ------------------------------------------------------------------------------------------ the command line
 
 
@@ -210,6 +271,24 @@ def test_a_bad_model_file_is_a_usage_error(monkeypatch, capsys, tmp_path: Path):
     path.write_text("not a checkpoint")
     status, err = _serve(monkeypatch, capsys, ["--port", str(_free_port()), "--model", str(path)])
     assert status == 2 and "not a valid ar_course checkpoint" in err and "--debug" not in err, err
+
+
+def test_a_model_whose_vocabulary_does_not_fit_is_refused_at_start(monkeypatch, capsys, tmp_path: Path):
+    """Else it serves, and every completion fails on a token id past the vocabulary."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from ar_course.checkpoint import ASSETS
+
+    path = tmp_path / "lm.safetensors"
+    with safe_open(str(ASSETS / "lm_draft.safetensors"), framework="pt") as f:
+        raw, state = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    save_file(state, str(path), metadata={**raw, "extra": json.dumps({**json.loads(raw["extra"]), "vocab": "abcde"})})
+    status, err = _serve(monkeypatch, capsys, ["--port", str(_free_port()), "--model", str(path)])
+    assert status == 2 and err == f"error: {path} records a vocabulary that does not fit its model: expected a str " \
+                                  f"of 96 distinct characters (the model's vocab_size), got 5 characters\n", err
 
 
 def test_a_port_in_use_is_one_error_line(monkeypatch, capsys):

@@ -587,3 +587,41 @@ def test_a_setting_named_model_that_is_not_a_config_is_compared_as_a_value(tmp_p
     assert str(info.value) == _other_settings(state, "model 'small' -> 'large'")
     _, history, _ = _keep_best_run(state, resume=True, keep_best="", settings={"model": "small"})  # was a TypeError
     assert history.steps == list(range(12))
+
+
+def _tamper(tensors: dict, extra: dict, change: str) -> None:
+    """What a hand-edited or damaged state file may hold instead of what save_train_state wrote."""
+    history, scalars = extra["history"], extra["optimizer_scalars"]
+    {"step_huge": lambda: extra.update(step=10**12), "step_over": lambda: extra.update(step=13),
+     "step_neg": lambda: extra.update(step=-5), "step_str": lambda: extra.update(step="abc"),
+     "step_bool": lambda: extra.update(step=True), "no_step": lambda: extra.pop("step"),
+     "no_opt": lambda: extra.pop("optimizer_scalars"), "opt_list": lambda: extra.update(optimizer_scalars=[1]),
+     "opt_key": lambda: extra.update(optimizer_scalars={"x": scalars.get("0", {})}),
+     "groups": lambda: extra.update(param_groups={"lr": 1}), "hist": lambda: history.update(bogus=1),
+     "settings": lambda: extra.update(settings=[1]), "no_rng": lambda: tensors.pop("rng/cpu"),
+     "rng_short": lambda: tensors.update({"rng/cpu": torch.zeros(3, dtype=torch.uint8)})}[change]()
+
+
+@pytest.mark.parametrize("change, says", [
+    ("step_huge", "step must be in 0..12 (the run's steps), got 1000000000000"),
+    ("step_over", "step must be in 0..12 (the run's steps), got 13"),
+    ("step_neg", "step must be in 0..12 (the run's steps), got -5"),
+    ("step_str", "step must be an int, got 'abc'"), ("step_bool", "step must be an int, got True"),
+    ("no_step", "it records no step"), ("no_opt", "optimizer_scalars must be a JSON object, got None"),
+    ("opt_list", "optimizer_scalars must be a JSON object, got [1]"),
+    ("opt_key", "optimizer_scalars must map parameter numbers to objects"),
+    ("groups", "param_groups must be a JSON array, got {'lr': 1}"),
+    ("hist", "history has unknown field(s) ['bogus']"), ("settings", "settings must be a JSON object, got [1]"),
+    ("no_rng", "rng/cpu must be a torch.uint8 tensor of shape (5056,), got none"),
+    ("rng_short", "rng/cpu must be a torch.uint8 tensor of shape (5056,), got torch.uint8 of shape (3,)"),
+])
+def test_a_damaged_state_is_one_training_error_naming_the_file_before_any_batch_is_replayed(tmp_path, change, says):
+    state = tmp_path / "lin.train-state.safetensors"
+    with pytest.raises(TrainingInterrupted):
+        _keep_best_run(state, keep_best="", interrupt_at=5, settings=RUN)
+    tensors, meta = load_checkpoint(state)
+    _tamper(tensors, meta["extra"], change)
+    save_checkpoint(state, tensors, meta["config"], kind=meta["kind"], **meta["extra"])
+    with pytest.raises(TrainingError) as info:
+        _keep_best_run(state, resume=True, keep_best="", settings=RUN)
+    assert str(info.value) == f"the training state at {state} is damaged: {says}"

@@ -15,7 +15,11 @@ cancelled (``GET /health`` counts it under ``"cancelled"``). The body must be se
 application/json`` (or another ``application/*+json`` type): any other content type, or none (``curl -d`` alone sends
 ``application/x-www-form-urlencoded``), gets the 415 ``send the body as JSON with Content-Type: application/json
 ...`` whatever the body (so a web page cannot post to this server from another origin without a CORS preflight,
-which it does not answer).
+which it does not answer). A body longer than :func:`max_body_bytes` (12 bytes per character of the longest prompt,
+the most JSON can spend on one, plus 4 KiB for the other fields: a few tens of kB) gets a 413 before it is read
+or parsed, whether it announces its length (``Content-Length``) or is streamed (chunked: refused once that many bytes
+have arrived). A completion that fails unexpectedly (say, a token the tokenizer cannot decode) gets the 500 JSON
+error, or an error event in a stream, never a bare text page.
 Shutdown (Ctrl-C or SIGTERM, exit status 0): uvicorn stops accepting connections and lets every request in flight
 finish (each bounded by its timeout), so each gets its last chunk with a finish reason; then the engine's worker
 waits up to ``--drain`` seconds for anything left (requests whose client went away) and ends it with
@@ -77,6 +81,46 @@ def _is_json(content_type: str | None) -> bool:
 CHARS_PER_POSITION = 8
 """A prompt may hold at most this many characters per position of the model's context: more cannot fit whatever
 the tokenizer (the shipped ones spend one position per character), and is refused before it is tokenized."""
+
+
+def max_body_bytes(limit: int) -> int:
+    """The largest request body the server reads for a model of ``limit + 1`` positions of context: 12 bytes (a
+    JSON escape of a character beyond the BMP, ``\\ud83d\\ude00``) per character of the longest prompt
+    (:data:`CHARS_PER_POSITION` per position), plus 4 KiB for the other fields."""
+    return 12 * CHARS_PER_POSITION * (limit + 1) + 4096
+
+
+class _BodyLimit:
+    """ASGI middleware: a request body of more than ``max_bytes`` gets the 413 JSON error, before it is read when its
+    ``Content-Length`` says so, else as soon as that many bytes of it have arrived."""
+
+    def __init__(self, app, max_bytes: int, fastapi) -> None:
+        self.app, self.max_bytes, self.fastapi = app, max_bytes, fastapi
+
+    def _message(self, got: str) -> str:
+        return f"request body too large: at most {self.max_bytes} bytes for this model's context, got {got}"
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        from starlette.exceptions import HTTPException
+
+        length = dict(scope.get("headers") or ()).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
+            got = f"Content-Length {length.decode('latin-1')[:40]}"
+            return await _error(self.fastapi, 413, self._message(got))(scope, receive, send)
+        received = 0
+
+        async def limited():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:  # FastAPI re-raises an HTTPException: the app's 413 JSON error
+                    raise HTTPException(413, self._message(f"more than {self.max_bytes} bytes"))
+            return message
+
+        await self.app(scope, limited, send)
 
 
 def _request_model(pydantic, limit: int):
@@ -146,6 +190,7 @@ def create_app(engine: Engine, tokenizer: "CharTokenizer", *, model_name: str = 
 
     app = fastapi.FastAPI(title="ar-course serving", lifespan=lifespan)
     app.state.serving = state
+    app.add_middleware(_BodyLimit, max_bytes=max_body_bytes(limit), fastapi=fastapi)
 
     @app.exception_handler(fastapi.exceptions.RequestValidationError)
     async def invalid(request, exc):
@@ -192,6 +237,11 @@ def create_app(engine: Engine, tokenizer: "CharTokenizer", *, model_name: str = 
     return app
 
 
+def _failure(exc: Exception) -> str:
+    """The message of an unexpected failure while answering: ``cannot decode the completion (ValueError: ...)``."""
+    return f"cannot decode the completion ({type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]})"
+
+
 async def _watch_disconnect(request, worker: EngineWorker, ticket: Ticket) -> None:
     """Cancel ``ticket`` once the client of ``request`` has gone away (polled every 0.1 s)."""
     while not await request.is_disconnected():
@@ -225,7 +275,12 @@ async def _complete(fastapi, worker: EngineWorker, tokenizer, body, model_name: 
                     error = {"message": value, "type": "invalid_request_error" if kind == "error" else "server_error"}
                     yield f"data: {json.dumps({'error': error})}\n\n"
                     break
-                text, finish = (tokenizer.decode([value]), None) if kind == "token" else ("", value)
+                try:
+                    text, finish = (tokenizer.decode([value]), None) if kind == "token" else ("", value)
+                except Exception as exc:  # noqa: BLE001 - an error event, never a stream cut short
+                    error = {"message": _failure(exc), "type": "server_error"}
+                    yield f"data: {json.dumps({'error': error})}\n\n"
+                    break
                 yield f"data: {json.dumps(_chunk(cid, model_name, text, finish))}\n\n"
             yield "data: [DONE]\n\n"
 
@@ -244,7 +299,11 @@ async def _complete(fastapi, worker: EngineWorker, tokenizer, body, model_name: 
                 finish = value
     finally:
         watcher.cancel()
-    out = _chunk(cid, model_name, tokenizer.decode(tokens), finish)
+    try:
+        text = tokenizer.decode(tokens)
+    except Exception as exc:  # noqa: BLE001 - the documented JSON 500, never a bare text page
+        return _error(fastapi, 500, _failure(exc), "server_error")
+    out = _chunk(cid, model_name, text, finish)
     out["usage"] = {"prompt_tokens": len(prompt), "completion_tokens": len(tokens),
                     "total_tokens": len(prompt) + len(tokens)}
     return out
