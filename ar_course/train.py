@@ -443,6 +443,29 @@ def _next_batch(batches: Iterator[Any], step: int, steps: int) -> Any:
                          f"steps={steps} batches (an endless stream such as text_batches or image_batches)") from None
 
 
+@contextmanager
+def _diverged_weights_named(model: torch.nn.Module, step: int) -> Iterator[None]:
+    """An error raised by the forward pass of ``step`` becomes the divergence :class:`TrainingError` when the
+    previous steps left NaN or inf in the weights (a finite loss whose update overflowed: a model's own input check,
+    ``z must be finite``, would otherwise speak first); other errors pass as they are. Reads the weights only after
+    an error."""
+    try:
+        yield
+    except Exception as exc:
+        bad = nonfinite_parameter(model)
+        if bad is None:
+            raise
+        failure = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}"
+        raise TrainingError(f"training diverged: the weights hold NaN or inf after step {step} ({bad} first; step "
+                            f"{step + 1} failed: {failure}) ({DIVERGED_HINT})") from None
+
+
+def nonfinite_parameter(model: torch.nn.Module) -> str | None:
+    """The name of ``model``'s first parameter holding NaN or inf, None when all are finite (a host sync per
+    parameter: for after an error, or once per step of a small model)."""
+    return next((name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())), None)
+
+
 def _check_loss(loss: object) -> None:
     """A one-line error unless ``loss`` (what ``loss_fn`` returned) is a 0-d tensor that requires grad; reads
     only its type and shape (no host sync)."""
@@ -552,7 +575,8 @@ def train_loop(
         for step in bar:
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, config)
-            with ddp.global_batch_draws():  # random numbers the loss draws: the global batch's (ddp.draw_rows)
+            # random numbers the loss draws: the global batch's (ddp.draw_rows)
+            with ddp.global_batch_draws(), _diverged_weights_named(model, step):
                 loss = train_model(ddp.shard_batch(_next_batch(batches, step, config.steps)))
             _check_loss(loss)
             opt.zero_grad(set_to_none=True)

@@ -4,6 +4,7 @@ uninterrupted run, and the trainers' options are checked before any work."""
 import importlib
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -22,6 +23,7 @@ from ar_course.train import (
     train_loop,
 )
 from ar_course.utils import seed_everything
+from cli_helpers import one_torch_thread, run
 
 # ---- (a) atomic checkpoint writes ----------------------------------------------------------------------------
 
@@ -625,3 +627,28 @@ def test_a_damaged_state_is_one_training_error_naming_the_file_before_any_batch_
     with pytest.raises(TrainingError) as info:
         _keep_best_run(state, resume=True, keep_best="", settings=RUN)
     assert str(info.value) == f"the training state at {state} is damaged: {says}"
+
+
+def test_a_run_whose_update_overflows_the_weights_says_it_diverged_not_what_the_model_checked(capsys, tmp_path):
+    """lr 10: a finite loss whose update leaves NaN in the encoder; the next forward pass fails in the quantizer's
+    own input check (``z must be finite``), which the loop reports as the divergence it is."""
+    with one_torch_thread():
+        status, out, err = run(capsys, "train", "tokenizer", "--steps", "20", "--batch-size", "8", "--lr", "10",
+                               "--out", tmp_path / "t.safetensors")
+    assert status == 1 and out == ""
+    line = err.strip().splitlines()[-1]  # after the progress bar
+    assert re.match(r"error: training diverged: the weights hold NaN or inf after step \d+ \(\S+ first; step \d+ "
+                    r"failed: ValueError: z must be finite, got nan\) \(rerun with a lower --lr\)$", line), line
+    assert not (tmp_path / "t.safetensors").exists()
+
+
+def test_an_error_with_finite_weights_is_not_called_divergence():
+    model = torch.nn.Linear(2, 1)
+
+    def loss_fn(m, batch):
+        if batch == 2:
+            raise ValueError("batch 2 is bad")
+        return m(torch.ones(1, 2)).sum()
+
+    with pytest.raises(ValueError, match="^batch 2 is bad$"):
+        train_loop(model, loss_fn, iter(range(10)), TrainConfig(steps=5, lr=1e-3, warmup=0), progress=False)
