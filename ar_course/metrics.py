@@ -247,7 +247,8 @@ def frechet_distance_gaussians(mu1: torch.Tensor | np.ndarray, cov1: torch.Tenso
     ``cov1^(1/2) cov2 cov1^(1/2)`` (same eigenvalues as ``cov1 cov2``), which stays real and handles singular
     covariances. ``method="sqrtm"`` is the usual FID code path: ``scipy.linalg.sqrtm(cov1 @ cov2)``, retried
     with ``1e-6`` added to the diagonals when not finite, and its small imaginary part dropped (it needs SciPy,
-    ``pip install ar-course[course]``; ``"eigh"`` needs only NumPy).
+    ``pip install ar-course[course]``; ``"eigh"`` needs only NumPy). Never negative: rounding can take the formula
+    a little below 0 for equal distributions (``-8e-07`` for a set against itself), and a distance is clamped at 0.
 
     Raises:
         ValueError: shapes that do not fit, a value that is NaN or infinite, or an unknown ``method``.
@@ -277,7 +278,7 @@ def frechet_distance_gaussians(mu1: torch.Tensor | np.ndarray, cov1: torch.Tenso
     else:
         raise ValueError(f"method must be 'eigh' or 'sqrtm', got {method!r}")
     diff = mu1 - mu2
-    return float(diff @ diff + np.trace(cov1) + np.trace(cov2) - 2 * trace_sqrt)
+    return max(0.0, float(diff @ diff + np.trace(cov1) + np.trace(cov2) - 2 * trace_sqrt))  # rounding: never < 0
 
 
 def gaussian_fit(features: torch.Tensor | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -301,7 +302,8 @@ def frechet_distance_from_features(feats_a: torch.Tensor | np.ndarray, feats_b: 
                                    method: str = "eigh") -> float:
     """Frechet distance between Gaussians fitted to ``feats_a`` ``(N, F)`` and ``feats_b`` ``(M, F)``.
 
-    Use N, M well above F (the covariance needs them); the estimate shrinks towards its limit as ~1/N.
+    Use N, M well above F (the covariance needs them); the estimate shrinks towards its limit as ~1/N. Never
+    negative (clamped at 0 as :func:`frechet_distance_gaussians` says).
 
     Raises:
         ValueError: features not ``(N, F)`` with ``N >= 2``, of different ``F``, or holding NaN or infinity.
@@ -315,7 +317,8 @@ def frechet_distance_from_features(feats_a: torch.Tensor | np.ndarray, feats_b: 
 
 def frechet_distance(images_a: torch.Tensor, images_b: torch.Tensor, dataset: str = "mnist") -> float:
     """FID-style distance between two image sets ``(N, C, H, W)`` and ``(M, C, H, W)`` in [0, 1], on the
-    ``dataset`` classifier's features. Compare only at equal sizes and with :func:`data_baseline`.
+    ``dataset`` classifier's features. Compare only at equal sizes and with :func:`data_baseline`. Never negative:
+    a set against itself gives 0, not rounding's ``-8e-07`` (clamped as in :func:`frechet_distance_gaussians`).
 
     Raises ``ValueError`` for a set of fewer than 2 images (a covariance needs two), and as
     :func:`classifier_features` for images it refuses."""

@@ -24,7 +24,10 @@ Input rules (checked; see :mod:`ar_course.utils` for which error is raised when)
   ``top_p``: ``None`` or a number in ``(0, 1]``; all checked when a :class:`SamplingConfig` is made, even
   where greedy ignores them. Every such config works on every valid row: a temperature so small that
   ``logits / temperature`` overflows float32 (``1e-40``) gives the greedy token (ties shared), and a tiny
-  ``top_p`` (``1e-46``) keeps the most likely token.
+  ``top_p`` (``1e-46``) keeps the most likely token. A temperature too large for the logits' dtype (``1e39``
+  overflows float32 to inf) flattens the distribution over the tokens above ``-inf``, which stay excluded.
+* float64 logits are tempered in float64 and then made float32; a row whose values do not fit float32
+  (``1e300``) is first moved so that its largest value is 0 (the same softmax), so finite float64 logits work.
 * So the sampler never returns an id outside ``[0, V)``, and its distributions never hold NaN.
 """
 
@@ -133,20 +136,34 @@ def _check_rows(logits: torch.Tensor) -> None:
     row = int(bad.flatten().nonzero()[0])
     raw = logits.reshape(-1, logits.shape[-1])[row]  # (V,)
     where = f"logits row {row} (of {bad.numel()})"
+    # float16 holds nothing above 65504: a model run in it that overflows gives inf, then NaN
+    hint = " (float16 logits: the model may have overflowed float16; run it in float32 or bfloat16)" \
+        if logits.dtype == torch.float16 else ""
     if bool(torch.isnan(raw).any()):
-        raise ValueError(f"{where} contains NaN")
+        raise ValueError(f"{where} contains NaN{hint}")
     if bool(torch.isposinf(raw).any()):
-        raise ValueError(f"{where} contains +inf (a logit must be a real number, or -inf for an excluded token)")
+        raise ValueError(f"{where} contains +inf (a logit must be a real number, or -inf for an excluded token){hint}")
     raise ValueError(f"{where} is all -inf: no token can be drawn")
 
 
+def _divide(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``logits / temperature`` (a number ``> 0``) with ``-inf`` kept at ``-inf``: a finite temperature above the
+    largest number of the logits' dtype (``1e39`` for float32, ``1e5`` for float16) rounds to inf in the division,
+    and ``-inf / inf`` would be NaN; the finite logits then become 0 (a flat distribution over them)."""
+    out = logits / temperature
+    if logits.is_floating_point() and temperature > torch.finfo(logits.dtype).max:
+        out = torch.where(torch.isneginf(logits), logits, out)  # (..., V)
+    return out
+
+
 def _temper_shifted(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """``logits / temperature`` up to a constant per row (the same softmax) for valid float32 rows where a tiny
-    ``temperature`` overflows the plain division: each row's largest logit is moved to 0 first, so it stays 0 and
-    the others fall towards ``-inf``, never NaN or ``+inf``. A temperature below float32's smallest normal number
-    (which float32 would round towards 0) divides as that number: both are far below any gap between logits."""
+    """``logits / temperature`` up to a constant per row (the same softmax) for valid float32 or float64 rows
+    where a tiny ``temperature`` overflows the plain division: each row's largest logit is moved to 0 first, so it
+    stays 0 and the others fall towards ``-inf``, never NaN or ``+inf``. A temperature below the dtype's smallest
+    normal number (which it would round towards 0) divides as that number: both are far below any gap between
+    logits."""
     shifted = logits - logits.amax(dim=-1, keepdim=True)  # (..., V), row max exactly 0
-    return shifted / max(temperature, torch.finfo(torch.float32).tiny)
+    return _divide(shifted, max(temperature, torch.finfo(logits.dtype).tiny))
 
 
 def greedy(logits: torch.Tensor) -> torch.Tensor:
@@ -159,12 +176,14 @@ def greedy(logits: torch.Tensor) -> torch.Tensor:
 
 
 def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """``logits / temperature`` (a finite ``temperature > 0``); below 1 sharpens, above 1 flattens.
+    """``logits / temperature`` (a finite ``temperature > 0``); below 1 sharpens, above 1 flattens. ``-inf``
+    stays ``-inf`` even where the temperature is too large for the logits' dtype (``1e39`` in float32: the finite
+    logits become 0).
 
     Values are not checked here (:func:`process_logits` checks the result)."""
     _check_shape(logits)
     temperature = check_number("temperature", temperature, lo=0, lo_open=True)
-    return logits / temperature
+    return _divide(logits, temperature)
 
 
 def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
@@ -208,19 +227,25 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
 
 def process_logits(logits: torch.Tensor, *, sampling: SamplingConfig = SamplingConfig()) -> torch.Tensor:
     """Temperature, then top-k, then top-p. Greedy (``temperature == 0``): every logit but the argmax becomes
-    ``-inf``. ``(..., V)`` real -> ``(..., V)`` float32.
+    ``-inf``. ``(..., V)`` real -> ``(..., V)`` float32 (float64 logits are tempered in float64 first, and a row
+    that does not fit float32 is moved to a largest value of 0: the same softmax).
 
     Raises ``TypeError``/``ValueError`` for input breaking the module's rules (see its docstring)."""
     sampling = check_sampling(sampling)
     _check_shape(logits)
-    logits = logits.float()
     if sampling.greedy:
-        best = greedy(logits)[..., None]  # (..., 1)
-        return torch.full_like(logits, NEG_INF).scatter(-1, best, 0.0)
+        best = greedy(logits)[..., None]  # (..., 1), on the logits' own values (1e300 in float64 is fine)
+        return torch.full(logits.shape, NEG_INF, dtype=torch.float32, device=logits.device).scatter(-1, best, 0.0)
+    given, logits = logits, logits if logits.dtype == torch.float64 else logits.float()
     tempered = apply_temperature(logits, sampling.temperature)
-    if not _rows_ok(tempered):  # bad logits, or a temperature so small that the division overflowed float32
-        _check_rows(logits)
+    if not _rows_ok(tempered):  # bad logits, or a temperature so small that the division overflowed
+        _check_rows(given)
         tempered = _temper_shifted(logits, sampling.temperature)
+    if tempered.dtype == torch.float64:
+        narrowed = tempered.float()
+        if not _rows_ok(narrowed):  # valid float64 rows beyond float32's range (1e300): move each max to 0
+            narrowed = (tempered - tempered.amax(dim=-1, keepdim=True)).float()
+        tempered = narrowed
     logits = tempered  # valid rows: the filters below keep at least one token of each
     if sampling.top_k is not None:
         logits = top_k_filter(logits, sampling.top_k)

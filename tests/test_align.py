@@ -16,6 +16,7 @@ from ar_course.align import (
     group_advantages, grpo_objective, grpo_rollout, grpo_update, k3_kl, sequence_log_probs, token_log_probs,
     train_cca, train_grpo, wrong_classes,
 )
+from ar_course.train import TrainingError
 from ar_course.transformer.model import GPT
 
 
@@ -269,6 +270,55 @@ def test_grpo_and_cca_training_are_deterministic_under_their_seed():
     cca = [train_cca(*_tiny_pair(), maps, labels, CCAConfig(steps=3, batch_size=4), progress=False).loss
            for _ in range(2)]
     assert cca[0] == cca[1]
+
+
+
+def _finite(model: torch.nn.Module) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+def test_grpo_training_that_diverges_stops_with_train_loops_message():
+    """lr 10: the second inner update of step 1 meets a loss of inf, whose gradient would make every weight NaN
+    (the run then failed at step 2 with 'logits row 0 (of 20) contains NaN'). It stops before that update;
+    lr 1e6 keeps the losses finite but its first update overflows the weights."""
+    _, tokenizer = raster.load_pretrained()
+    config = GRPOConfig(steps=4, group_size=2, lr=10.0, eval_every=0, eval_per_class=0)
+    policy, reference = _tiny_pair()
+    with pytest.raises(TrainingError, match=r"^training diverged: the loss is inf at step 1 \(rerun with a lower "
+                                            r"--lr\)$"):
+        train_grpo(policy, reference, tokenizer, config, progress=False)
+    assert _finite(policy)  # the update of the inf loss was not taken
+    with pytest.raises(TrainingError, match=r"^training diverged: the weights hold NaN or inf after step 1 \(\S+ "
+                                            r"first\) \(rerun with a lower --lr\)$"):
+        train_grpo(*_tiny_pair(), tokenizer, GRPOConfig(steps=4, group_size=2, lr=1e6, eval_every=0,
+                                                        eval_per_class=0), progress=False)
+    policy, reference = _tiny_pair()  # grpo_update alone names its inner step
+    rollout = grpo_rollout(policy, reference, lambda maps, classes: maps.float().mean((1, 2)), 2,
+                           torch.Generator().manual_seed(0))
+    with pytest.raises(TrainingError, match=r"^training diverged: the loss is inf at inner step 2 \(rerun with a "
+                                            r"lower --lr\)$"):
+        grpo_update(policy, torch.optim.AdamW(policy.parameters(), lr=10.0, betas=(0.9, 0.99)), rollout, 0.2, 0.05,
+                    inner_steps=2)
+    assert _finite(policy)
+
+
+def test_cca_training_that_diverges_stops_at_the_first_loss_that_is_not_finite():
+    """lr 1e3: the loss is NaN at step 3; the run went on to step 6 and returned NaN curves and weights."""
+    maps, labels = torch.randint(0, 256, (20, 8, 8), generator=torch.Generator().manual_seed(0)), torch.arange(20) % 10
+    with pytest.raises(TrainingError, match=r"^training diverged: the loss is nan at step 3 \(rerun with a lower "
+                                            r"--lr\)$"):
+        train_cca(*_tiny_pair(), maps, labels, CCAConfig(steps=6, batch_size=4, lr=1e3), progress=False)
+
+
+def test_train_grpo_cli_that_diverges_exits_as_train_loop_does(tmp_path, capsys):
+    from ar_course.cli import main as cli_main
+
+    out = tmp_path / "g.safetensors"
+    assert cli_main(["train", "grpo", "--steps", "4", "--group-size", "2", "--lr", "10", "--eval-per-class", "0",
+                     "--eval-every", "0", "--out", str(out)]) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == \
+        "error: training diverged: the loss is inf at step 1 (rerun with a lower --lr)"
+    assert not out.exists()
 
 
 def test_train_clis_write_raster_checkpoints_that_the_common_loader_and_generator_read(tmp_path, capsys):

@@ -256,3 +256,27 @@ def test_train_grpo_config_type(policy):
 def test_loss_pieces_name_their_bad_argument(call, error, match):
     with pytest.raises(error, match=match):
         call()
+
+
+# -- rewards that are NaN or inf: refused, not turned into NaN advantages and weights ----------------------------
+
+@pytest.mark.parametrize("bad", [NAN, INF, -INF])
+def test_grpo_rollout_refuses_rewards_that_are_not_finite(policy, bad):
+    def reward(maps, classes):  # (B,), the fourth one bad
+        out = torch.rand(maps.shape[0], generator=torch.Generator().manual_seed(0))
+        out[3] = bad
+        return out
+
+    with pytest.raises(ValueError, match=rf"^reward_fn returned {bad} for sample 3 \(of 6\): rewards must be finite "
+                                         rf"numbers$"):
+        grpo_rollout(policy, copy.deepcopy(policy), reward, 2, torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("bad", [NAN, INF, -INF])
+def test_group_advantages_refuses_rewards_that_are_not_finite(bad):
+    rewards = torch.rand(3, 4, generator=torch.Generator().manual_seed(0))
+    rewards[1, 2] = bad
+    with pytest.raises(ValueError, match=rf"^rewards must be finite numbers, got {bad} at group 1, sample 2$"):
+        group_advantages(rewards)
+    rewards[1, 2] = 1e30  # large but finite: still advantages
+    assert torch.isfinite(group_advantages(rewards)).all()

@@ -3,6 +3,7 @@ statistical test on a 1-D toy with the exact velocity field), the continuous AR 
 seeded determinism, guidance), the shipped model's recorded loss, and clear errors for bad arguments."""
 
 import math
+import re
 
 import pytest
 import torch
@@ -272,6 +273,28 @@ def test_continuous_ar_bad_arguments():
     with pytest.raises(ValueError, match="divisible by n_head"):
         ContinuousARConfig(n_embd=10, n_head=4)
 
+
+
+@pytest.mark.parametrize("temperature, cfg", [(1e20, 0.0), (1e39, 0.0), (1.0, 1e30), (0.0, 1e38)])
+def test_sampling_that_overflows_raises_instead_of_returning_nan_tokens(temperature, cfg):
+    """A finite temperature or cfg too large for float32 gave all-NaN tokens (and images) without a word; the
+    discrete samplers refuse NaN logits, and this one refuses NaN tokens alike."""
+    values = re.escape(f"temperature={temperature:g} or cfg={cfg:g}")
+    with pytest.raises(ValueError, match=rf"^sampled token \d \(of 6\) of sample 0 is NaN or inf: {values} "
+                                         rf"overflows the model's float32 numbers \(lower it\), or the model's "
+                                         rf"weights are not finite$"):
+        generate_tokens(tiny_model(), torch.tensor([0, 1]), steps=2, temperature=temperature, cfg=cfg)
+    assert torch.isfinite(generate_tokens(tiny_model(), torch.tensor([0, 1]), steps=2, temperature=1e12,
+                                          cfg=1e10)).all()  # large but within float32: still tokens
+
+
+def test_sampling_a_model_with_nan_weights_raises():
+    model = tiny_model()
+    with torch.no_grad():
+        model.head.out.bias[1] = float("nan")  # a diverged run's weights
+    with pytest.raises(ValueError, match=r"^sampled token 0 \(of 6\) of sample 0 is NaN or inf: .* or the model's "
+                                         r"weights are not finite$"):
+        generate_tokens(model, torch.tensor([0, 1]), steps=2)
 
 def test_the_shipped_model_keeps_its_recorded_test_loss():
     """The velocity head's time features, its ``1 + scale`` modulation and its use of t cannot be told apart on

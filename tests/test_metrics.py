@@ -38,6 +38,21 @@ def test_identical_features_give_zero(method):
     assert abs(frechet_distance_from_features(feats, feats, method=method)) < 1e-6
 
 
+
+@pytest.mark.parametrize("method", ["eigh", "sqrtm"])
+def test_a_set_against_itself_is_at_distance_zero_never_below(method):
+    """Rounding took the formula below 0 (-7.9e-07 for 4 images against themselves, -1e-13 for these
+    features); a distance is clamped at 0."""
+    feats = torch.randn(40, 6, generator=torch.Generator().manual_seed(5)).double() * 3
+    assert frechet_distance_from_features(feats, feats, method=method) == 0.0
+    mu, cov = feats.mean(0), torch.cov(feats.T)
+    assert frechet_distance_gaussians(mu, cov, mu, cov, method=method) >= 0.0
+
+
+def test_frechet_distance_of_images_against_themselves_is_zero():
+    images = torch.rand(4, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    assert frechet_distance(images, images) == 0.0
+
 @pytest.mark.parametrize("method", ["eigh", "sqrtm"])
 def test_gaussians_diagonal_closed_form(method):
     g = torch.Generator().manual_seed(1)

@@ -179,3 +179,52 @@ def test_cfg_mix_of_half_logits_is_computed_in_float32(dtype):
     assert mixed.dtype == torch.float32
     assert torch.equal(mixed, 3 * cond.float() - 2 * uncond.float())
     assert sampling.cfg_mix(cond.double(), uncond.double(), 2.0).dtype == torch.float64
+
+
+# -- temperatures too large for the logits' dtype, float64 logits beyond float32 ---------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_a_finite_temperature_too_large_for_the_dtype_keeps_excluded_tokens_excluded(dtype):
+    """1e39 is a finite temperature (SamplingConfig accepts it) that float32 rounds to inf: -inf / inf was NaN,
+    so the probabilities were NaN and the drawn id was V. Excluded tokens stay excluded, the rest become flat."""
+    config = SamplingConfig(temperature=1e39)
+    one_allowed = torch.tensor([[NEG_INF, NEG_INF, 2.0, NEG_INF]], dtype=dtype)
+    assert torch.equal(sampling.probs(one_allowed, sampling=config), torch.tensor([[0.0, 0.0, 1.0, 0.0]]))
+    for seed in range(5):
+        assert sampling.sample(one_allowed, sampling=config, generator=torch.Generator().manual_seed(seed)).item() == 2
+    tempered = sampling.apply_temperature(one_allowed, 1e39)
+    assert tempered.dtype == dtype and torch.equal(tempered.float(), torch.tensor([[NEG_INF, NEG_INF, 0.0, NEG_INF]]))
+    two_allowed = torch.tensor([[0.0, 1.0, NEG_INF]], dtype=dtype)
+    assert torch.equal(sampling.probs(two_allowed, sampling=SamplingConfig(temperature=1e300, top_k=2)),
+                       torch.tensor([[0.5, 0.5, 0.0]]))
+    ids = sampling.sample(two_allowed.expand(200, 3), sampling=config, generator=torch.Generator().manual_seed(0))
+    assert set(ids.tolist()) == {0, 1}
+
+
+def test_float64_logits_beyond_float32_are_sampled_not_refused():
+    """A finite float64 logit of 1e300 overflowed the cast to float32 and was refused as +inf."""
+    logits = torch.tensor([[1e300, 0.0, 1.0], [-1e300, -2e300, 5.0], [NEG_INF, -1e300, -1e300 - 1e290]],
+                          dtype=torch.float64)
+    assert sampling.greedy(logits).tolist() == [0, 2, 1]
+    assert torch.equal(sampling.probs(logits), torch.tensor([[1.0, 0, 0], [0, 0, 1.0], [0, 1.0, 0]]))
+    assert sampling.sample(logits, generator=torch.Generator().manual_seed(0)).tolist() == [0, 2, 1]
+    assert torch.equal(sampling.process_logits(logits, sampling=GREEDY),
+                       torch.tensor([[0.0, NEG_INF, NEG_INF], [NEG_INF, NEG_INF, 0.0], [NEG_INF, 0.0, NEG_INF]]))
+    # tempered in float64 first: 1e300 at temperature 1e300 is a logit of 1, not 0 after a shift
+    got = sampling.probs(torch.tensor([[1e300, 0.0]], dtype=torch.float64), sampling=SamplingConfig(temperature=1e300))
+    torch.testing.assert_close(got, torch.softmax(torch.tensor([[1.0, 0.0]]), -1))
+    small = torch.randn(3, 9, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    config = SamplingConfig(temperature=0.7, top_k=5)
+    torch.testing.assert_close(sampling.probs(small, sampling=config), sampling.probs(small.float(), sampling=config))
+
+
+def test_nan_or_inf_in_float16_logits_hints_at_the_precision():
+    for bad in (float("nan"), float("inf")):
+        logits = torch.tensor([[bad, 1.0]], dtype=torch.float16)
+        for call in (sampling.greedy, sampling.sample, sampling.probs):
+            with pytest.raises(ValueError, match=r"^logits row 0 \(of 1\) contains .*overflowed float16; run it in "
+                                                 r"float32 or bfloat16\)$"):
+                call(logits)
+    with pytest.raises(ValueError, match=r"^logits row 0 \(of 1\) contains NaN$"):  # float32: no hint
+        sampling.sample(torch.tensor([[float("nan"), 1.0]]))

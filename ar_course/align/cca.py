@@ -16,6 +16,7 @@ flattened token pyramids ``(N, L)`` and ``log_probs=var_log_probs(tokenizer.quan
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -26,6 +27,7 @@ from tqdm.auto import tqdm
 from ar_course.align.functional import cca_loss
 from ar_course.align.model import pyramid_log_probs, sequence_log_probs
 from ar_course.tokenizers import MultiScaleVQ
+from ar_course.train import DIVERGED_HINT, TrainingError
 from ar_course.utils import check_ids, check_int, check_number, check_seed
 from ar_course.var.functional import unflatten_pyramids
 
@@ -134,13 +136,16 @@ def train_cca(policy: nn.Module, reference: nn.Module, token_maps: torch.Tensor,
     """Fine-tune ``policy`` in place with CCA against the frozen ``reference`` on data ``token_maps``
     ``(N, h, w)`` (raster; with ``log_probs=var_log_probs(vq)``, VAR pyramids ``(N, L)``; with any ``log_probs``
     other than the default, ``(N, L)``) with ``labels`` ``(N,)``, from ``config.seed``; returns the curves and
-    leaves ``policy`` in eval mode.
+    leaves ``policy`` in eval mode. A run that diverges stops at the first loss that is NaN or inf, as
+    :func:`~ar_course.train.train_loop` does.
 
     Raises:
         TypeError: ``token_maps`` or ``labels`` not a tensor, or ``config`` not a :class:`CCAConfig`.
         ValueError: ``token_maps`` or ``labels`` of the wrong shape, no data (``N = 0``), ``labels`` not long or
             not a class of ``policy`` in ``[0, n_classes)``, or a ``policy`` with fewer than 2 classes (an
             unconditional model: CCA contrasts each class with a wrong one).
+        TrainingError: a loss that is NaN or inf (:class:`~ar_course.train.TrainingError`, ``training diverged:
+            the loss is nan at step 3 (rerun with a lower --lr)``).
     """
     if not isinstance(config, CCAConfig):
         raise TypeError(f"config must be a CCAConfig, got {type(config).__name__}")
@@ -171,5 +176,7 @@ def train_cca(policy: nn.Module, reference: nn.Module, token_maps: torch.Tensor,
         loss, pos, neg = cca_step(policy, reference, token_maps[idx].to(device), classes.to(device),
                                   negatives.to(device), optimizer, config, log_probs)
         log.step.append(step), log.loss.append(loss), log.logratio_pos.append(pos), log.logratio_neg.append(neg)
+        if not math.isfinite(loss):  # NaN or inf: every later step and the weights are ruined
+            raise TrainingError(f"training diverged: the loss is {loss} at step {step + 1} ({DIVERGED_HINT})")
     policy.eval()
     return log

@@ -32,13 +32,19 @@ def group_advantages(rewards: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
 
     Raises:
         TypeError: ``rewards`` not a tensor, or ``eps`` not a number.
-        ValueError: ``rewards`` not a float ``(N, G)`` tensor with ``N >= 1`` and ``G >= 2``, or ``eps`` not a
-            finite number ``> 0`` (``0`` would turn a group of equal rewards into ``0 / 0``).
+        ValueError: ``rewards`` not a float ``(N, G)`` tensor with ``N >= 1`` and ``G >= 2``, a reward that is
+            NaN or inf (its whole group's advantages would be NaN; one host sync), or ``eps`` not a finite number
+            ``> 0`` (``0`` would turn a group of equal rewards into ``0 / 0``).
     """
     _check_tensor("rewards", rewards)
     eps = check_number("eps", eps, lo=0, lo_open=True)
     if rewards.ndim != 2 or rewards.shape[1] < 2 or rewards.shape[0] == 0:
         raise ValueError(f"rewards must be (N, G) with N >= 1 groups of G >= 2 samples, got {tuple(rewards.shape)}")
+    finite = torch.isfinite(rewards)  # (N, G)
+    if not bool(finite.all()):
+        group, sample = (int(i) for i in (~finite).nonzero()[0])
+        raise ValueError(f"rewards must be finite numbers, got {float(rewards[group, sample])} at group {group}, "
+                         f"sample {sample}")
     mean = rewards.mean(dim=1, keepdim=True)  # (N, 1)
     std = rewards.std(dim=1, keepdim=True, unbiased=False)  # (N, 1)
     return (rewards - mean) / (std + eps)

@@ -15,6 +15,7 @@ and a reward on decoded images::
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -27,6 +28,7 @@ from ar_course.align.model import token_log_probs
 from ar_course.align.rewards import REWARDS, Reward
 from ar_course.raster.model import generate_images, generate_tokens
 from ar_course.tokenizers import VQVAE
+from ar_course.train import DIVERGED_HINT, TrainingError, nonfinite_parameter
 from ar_course.transformer.model import GPT
 from ar_course.utils import check_int, check_number, check_seed
 
@@ -117,6 +119,15 @@ def _objective(
     return -clipped_surrogate(logp, logp_old, advantages, clip).mean() + kl_coef * kl, kl.detach()
 
 
+class _LossDiverged(TrainingError):
+    """The :class:`~ar_course.train.TrainingError` of :func:`grpo_update` for a loss that is NaN or inf (raised
+    before that inner step changes the weights); :func:`train_grpo` says at which of its steps."""
+
+    def __init__(self, loss: float, inner_step: int) -> None:
+        super().__init__(f"training diverged: the loss is {loss} at inner step {inner_step} ({DIVERGED_HINT})")
+        self.loss = loss
+
+
 ROLLOUT_KEYS = ("classes", "maps", "rewards", "advantages", "logp_old", "logp_ref")
 """The keys of a :func:`grpo_rollout` dict, in order."""
 
@@ -135,7 +146,8 @@ def grpo_rollout(
 
     Raises:
         TypeError: ``group_size`` not an integer.
-        ValueError: ``group_size < 2``, or rewards that are not one float per sample.
+        ValueError: ``group_size < 2``, or rewards that are not one finite float per sample (NaN or inf
+            would make every advantage of its group NaN).
     """
     group_size = check_int("group_size", group_size, lo=2)
     device = next(policy.parameters()).device
@@ -151,6 +163,11 @@ def grpo_rollout(
             raise ValueError(f"reward_fn must return a float tensor of shape {tuple(classes.shape)} (one reward "
                              f"per sample), got {getattr(rewards, 'dtype', type(rewards).__name__)} "
                              f"{tuple(getattr(rewards, 'shape', ()))}")
+        finite = torch.isfinite(rewards)  # (N * G,)
+        if not bool(finite.all()):
+            bad = int((~finite).nonzero()[0])
+            raise ValueError(f"reward_fn returned {float(rewards[bad])} for sample {bad} (of {rewards.numel()}): "
+                             f"rewards must be finite numbers")
         adv = group_advantages(rewards.view(n_classes, group_size)).flatten()  # (N, G) -> (N * G,)
         logp_old = token_log_probs(policy, maps, classes)  # (N * G, T)
         logp_ref = token_log_probs(reference, maps, classes)  # (N * G, T)
@@ -172,6 +189,8 @@ def grpo_update(
         ValueError: ``inner_steps < 1``, ``kl_coef`` not a finite number ``>= 0``, a ``rollout`` that lacks a key
             of :func:`grpo_rollout`'s (``rewards`` aside, which is not used), or as :func:`grpo_objective` and
             :func:`token_log_probs`.
+        TrainingError: a loss that is NaN or inf (:class:`~ar_course.train.TrainingError`, ``training diverged:
+            the loss is inf at inner step 2 (rerun with a lower --lr)``), before its step changes the weights.
     """
     inner_steps = check_int("inner_steps", inner_steps, lo=1)
     kl_coef = _check_kl_coef(kl_coef)
@@ -182,11 +201,14 @@ def grpo_update(
     for _ in range(inner_steps):
         logp = token_log_probs(policy, rollout["maps"], rollout["classes"])  # (B, T)
         loss, kl = _objective(logp, rollout["logp_old"], rollout["logp_ref"], rollout["advantages"], clip, kl_coef)
+        value = float(loss.detach())
+        if not math.isfinite(value):  # its gradient would turn every weight NaN
+            raise _LossDiverged(value, len(steps) + 1)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
         optimizer.step()
-        steps.append((float(loss.detach()), float(kl)))
+        steps.append((value, float(kl)))
     return steps
 
 
@@ -196,7 +218,7 @@ def grpo_step(
 ) -> tuple[float, float]:
     """One GRPO step: :func:`grpo_rollout` scored by ``reward_fn`` on the decoded images, then
     :func:`grpo_update` in train mode. Returns ``(mean reward, mean KL before the first update)``; the policy
-    is left in eval mode."""
+    is left in eval mode. Raises as those two (a NaN or inf loss: :class:`~ar_course.train.TrainingError`)."""
 
     def reward_of_maps(maps: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
         return reward_fn(tokenizer.decode_from_indices(maps), classes)  # (B,)
@@ -223,8 +245,14 @@ def train_grpo(
     curves. With ``config.eval_every > 0`` the class accuracy is measured before the first step, every
     ``eval_every`` steps and at the end.
 
+    A run that diverges stops at the step where it does, as :func:`~ar_course.train.train_loop` does.
+
     Raises:
         TypeError: ``config`` is not a :class:`GRPOConfig`.
+        ValueError: as :func:`grpo_rollout` (a reward that is NaN or inf).
+        TrainingError: the run diverged (:class:`~ar_course.train.TrainingError`): a loss that is NaN or inf
+            (``training diverged: the loss is inf at step 3 (rerun with a lower --lr)``, raised before that
+            update) or weights that hold NaN or inf after a step.
     """
     if not isinstance(config, GRPOConfig):
         raise TypeError(f"config must be a GRPOConfig, got {type(config).__name__}")
@@ -243,7 +271,14 @@ def train_grpo(
     maybe_eval(0)
     bar = tqdm(range(config.steps), desc=f"GRPO ({config.reward})", disable=not progress)
     for step in bar:
-        reward, kl = grpo_step(policy, reference, tokenizer, optimizer, config, reward_fn, generator)
+        try:
+            reward, kl = grpo_step(policy, reference, tokenizer, optimizer, config, reward_fn, generator)
+        except _LossDiverged as exc:  # train_loop's message, naming this step
+            raise TrainingError(f"training diverged: the loss is {exc.loss} at step {step + 1} "
+                                f"({DIVERGED_HINT})") from None
+        if (bad := nonfinite_parameter(policy)) is not None:  # a finite loss whose update overflowed
+            raise TrainingError(f"training diverged: the weights hold NaN or inf after step {step + 1} ({bad} "
+                                f"first) ({DIVERGED_HINT})")
         log.step.append(step), log.reward.append(reward), log.kl.append(kl)
         bar.set_postfix(reward=f"{reward:.3f}", kl=f"{kl:.4f}")
         maybe_eval(step + 1)

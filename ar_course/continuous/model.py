@@ -310,9 +310,11 @@ def generate_tokens(
     ``use_cache=False`` recomputes the whole prefix at every position (the plain path, same tokens).
 
     Raises ``ValueError`` for ``classes`` that are not a non-empty ``(B,)`` long tensor in ``[0, n_classes]``,
-    ``steps < 1``, a negative or non-finite ``temperature`` or a non-finite ``cfg``; ``TypeError`` for
-    non-numbers, ``classes`` that are not a tensor, a ``model`` that is not a :class:`ContinuousAR` or a
-    ``use_cache`` that is not a bool."""
+    ``steps < 1``, a negative or non-finite ``temperature`` or a non-finite ``cfg``, and for sampled tokens that
+    come out NaN or inf (a finite ``temperature`` or ``cfg`` too large for the model's numbers, such as
+    ``temperature=1e20`` or ``cfg=1e30``, or a model whose weights are not finite: as the discrete samplers refuse
+    NaN logits; one host sync per call); ``TypeError`` for non-numbers, ``classes`` that are not a tensor, a
+    ``model`` that is not a :class:`ContinuousAR` or a ``use_cache`` that is not a bool."""
     _check_model(model)
     c = model.config
     check_ids("classes", classes, c.n_classes + 1, ("B",))
@@ -339,7 +341,21 @@ def generate_tokens(
         if i + 1 < c.seq_len:
             cond = (model._conditions(x[:, None, :], None, cache) if use_cache
                     else model._conditions(seq, ys, None))[:, -1]  # (nb, C)
+    _check_finite_tokens(seq[:B], temperature, cfg)
     return seq[:B]  # (B, L, D)
+
+
+def _check_finite_tokens(tokens: torch.Tensor, temperature: float, cfg: float) -> None:
+    """``ValueError`` naming the first sample and position whose token ``tokens`` ``(B, L, D)`` holds NaN or inf
+    (one host sync)."""
+    finite = torch.isfinite(tokens).all(dim=-1)  # (B, L)
+    if bool(finite.all()):
+        return
+    sample, position = (int(i) for i in (~finite).nonzero()[0])
+    dtype = str(tokens.dtype).removeprefix("torch.")
+    raise ValueError(f"sampled token {position} (of {tokens.shape[1]}) of sample {sample} is NaN or inf: "
+                     f"temperature={temperature:g} or cfg={cfg:g} overflows the model's {dtype} numbers (lower "
+                     f"it), or the model's weights are not finite")
 
 
 def tokens_to_map(tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
