@@ -51,8 +51,8 @@ from ar_course import distributed as ddp
 from ar_course.checkpoint import save_checkpoint
 from ar_course.cli import ArgumentParser, device_name, positive_float, positive_int
 from ar_course.train import (
-    DEVICE_HELP, History, TrainConfig, add_run_options, check_batch_size, finish_run, out_help, prepare_run, seed_int,
-    train_loop, trainer_main,
+    DEVICE_HELP, History, TrainConfig, add_run_options, apply_process_options, check_batch_size, finish_run, out_help,
+    prepare_run, seed_int, train_loop, trainer_main,
 )
 from ar_course.utils import (
     check_finite, check_ids, check_image_values, check_int, check_number, check_seed, get_device, seed_everything,
@@ -584,9 +584,10 @@ def train_main(argv: list[str] | None = None) -> int:
     check_batch_size(parser, args.batch_size, args.dataset)
     out = args.out or checkpoint_path(args.dataset)
     state_path = prepare_run(parser, out, args.resume, args.batch_size)
+    progress = apply_process_options(args)
     model, accuracy, history = train_classifier(args.dataset, args.steps, args.seed, args.batch_size, lr=args.lr,
                                        device=get_device(args.device), checkpoint_every=args.checkpoint_every,
-                                       state_path=state_path, resume=args.resume)
+                                       state_path=state_path, resume=args.resume, progress=progress)
     if not ddp.is_main_process():
         return 0
     out = save_checkpoint(out, model, model.config, kind="classifier", dataset=args.dataset, steps=args.steps,

@@ -18,7 +18,8 @@ trained on, so every random draw of a run must come from the batch stream (rebui
 global generator: then a resumed run ends with the weights of an uninterrupted one.
 
 The second half of this module is the command-line contract the trainers share: argparse value types,
-``--resume`` / ``--checkpoint-every``, checking ``--out`` before any work, and :func:`trainer_main`.
+``--threads`` / ``--no-progress``, ``--resume`` / ``--checkpoint-every``, checking ``--out`` before any work, and
+:func:`trainer_main`.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import functools
 import hashlib
 import json
 import math
+import os
 import signal
 import sys
 import threading
@@ -623,8 +625,31 @@ def train_loop(
 # The command-line contract of ``python -m ar_course train <what>``
 
 
+MAX_THREADS = 4 * (os.cpu_count() or 1)
+"""Largest ``--threads``: four per CPU (thousands of threads make OpenMP fail, or crash)."""
+
+
+def add_process_options(parser: argparse.ArgumentParser) -> None:
+    """``--threads`` and ``--no-progress``, the options of every trainer, whatever its loop (:func:`train_loop`, or
+    its own for ``train grpo`` and ``train cca``); :func:`apply_process_options` applies them."""
+    parser.add_argument("--threads", type=int_in(1, MAX_THREADS), default=None,
+                        help=f"torch CPU threads, at most {MAX_THREADS} (default: torch's choice; 1 is faster on a "
+                             "busy machine)")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def apply_process_options(args: argparse.Namespace) -> bool:
+    """Apply ``--threads`` (torch's CPU threads for the rest of the process; without it, torch's choice stays) and
+    return whether to show a progress bar (the ``progress`` of the trainer's loop: not ``--no-progress``)."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return not args.no_progress
+
+
 def add_run_options(parser: argparse.ArgumentParser) -> None:
-    """``--resume`` and ``--checkpoint-every``, the options every trainer shares with :func:`train_loop`."""
+    """The options every trainer shares with :func:`train_loop`: :func:`add_process_options` (``--threads``,
+    ``--no-progress``), ``--resume`` and ``--checkpoint-every``."""
+    add_process_options(parser)
     parser.add_argument("--resume", action="store_true",
                         help=f"continue an interrupted run from its training state (the --out path with "
                              f"{STATE_SUFFIX!r} for '.safetensors'); use the options of that run")

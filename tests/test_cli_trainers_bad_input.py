@@ -3,6 +3,8 @@ files, found before any data is loaded; exit 1 for a run that diverged, which wr
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -103,6 +105,25 @@ def test_train_tokenizer_refuses_a_batch_it_could_never_draw():
 ])
 def test_option_values_are_checked_when_parsed(capsys, tmp_path, argv, message):
     assert message in refused(capsys, tmp_path, *argv)
+
+
+THREADS_HELP = (r"--threads THREADS torch CPU threads, at most (\d+) \(default: torch's choice; 1 is faster on a busy "
+                r"machine\)")
+
+
+@pytest.mark.parametrize("what", list(cli.TRAINERS))
+def test_every_trainer_takes_threads_and_no_progress_with_the_same_help(capsys, what):
+    status, out, _ = run(capsys, "train", what, "--help")
+    help_text = " ".join(out.split())
+    assert status == 0
+    assert re.search(THREADS_HELP, help_text) and "--no-progress hide the progress bar" in help_text, help_text
+
+
+@pytest.mark.parametrize("what", list(cli.TRAINERS))
+def test_threads_0_is_a_one_line_usage_error_for_every_trainer(capsys, tmp_path, what):
+    line = refused(capsys, tmp_path, what, "--no-progress", "--threads", "0")
+    assert re.fullmatch(rf"error: --threads must be an integer in \[1, \d+\], got 0 \(see python -m ar_course "
+                        rf"train {what} --help\)", line), line
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")

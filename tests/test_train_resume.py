@@ -450,6 +450,56 @@ def test_every_trainer_gives_train_loop_its_seed_and_global_batch(what, module, 
     assert [{**given[0], **digests}] == [{"seed": 5, "batch_size": 8, **settings}]
 
 
+# ---- --threads and --no-progress: every trainer, the same options and the same effect --------------------------
+
+PROCESS_RUNS = [  # (what, the module whose loop the trainer calls, that loop's name, the options of a small run)
+    ("tokenizer", "ar_course.tokenizers.train", "train_loop", ["--batch-size", "8"]),
+    ("lm", "ar_course.transformer.train", "train_loop", ["--preset", "tiny", "--batch-size", "8"]),
+    ("classifier", "ar_course.metrics", "train_loop", ["--batch-size", "8"]),
+    ("ar", "ar_course.raster.train", "train_loop", ["--batch-size", "8", "--train-images", "16"]),
+    ("var", "ar_course.var.train", "train_loop", ["--batch-size", "8", "--train-images", "16"]),
+    ("maskgit", "ar_course.masked.train", "train_loop", ["--batch-size", "8", "--train-images", "16"]),
+    ("diffusion_lm", "ar_course.diffusion_lm.train", "train_loop", ["--batch-size", "8"]),
+    ("continuous", "ar_course.continuous.train", "train_loop", ["--batch-size", "8"]),
+    ("grpo", "ar_course.align.train", "train_grpo", ["--group-size", "2"]),
+    ("cca", "ar_course.align.train", "train_cca", ["--batch-size", "8", "--train-images", "16"]),
+]
+
+
+@pytest.mark.parametrize("what, module, loop, extra", PROCESS_RUNS)
+def test_every_trainer_hands_no_progress_and_threads_to_its_loop(what, module, loop, extra, tmp_path, monkeypatch,
+                                                                 capsys):
+    given = []
+
+    def stop(*args, progress=True, **kwargs):
+        given.append((progress, torch.get_num_threads()))
+        raise TrainingError("stopped before training")
+
+    trainer = importlib.import_module(module)
+    monkeypatch.setattr(trainer, loop, stop)
+    if hasattr(trainer, "load_mnist"):  # its first 16 digits: encoding all of them takes seconds (continuous)
+        load = trainer.load_mnist
+        monkeypatch.setattr(trainer, "load_mnist", lambda *a, **k: tuple(t[:16] for t in load(*a, **k)))
+    argv = ["train", what, "--steps", "1", "--out", str(tmp_path / "m.safetensors"), *extra]
+    with one_torch_thread():  # --threads sets torch's threads for the process: the helper restores them
+        assert cli_main(argv) == 1  # the defaults: a progress bar, torch's threads (1 here)
+        assert cli_main([*argv, "--no-progress", "--threads", "2"]) == 1
+    assert capsys.readouterr().err.endswith("error: stopped before training\n")
+    assert given == [(True, 1), (False, 2)]
+
+
+def test_a_real_run_with_no_progress_shows_no_progress_bar(tmp_path, capsys):
+    out = tmp_path / "classifier.safetensors"
+    with one_torch_thread():
+        torch.set_num_threads(2)
+        status, stdout, err = run(capsys, "train", "classifier", "--steps", "2", "--batch-size", "2", "--no-progress",
+                                  "--threads", "1", "--out", out)
+        threads = torch.get_num_threads()
+    assert status == 0 and out.is_file() and threads == 1
+    assert stdout.startswith("mnist: held-out accuracy ")
+    assert "classifier/mnist" not in err and "it/s" not in err and "%|" not in err, err  # tqdm's bar and rate
+
+
 def test_content_digest_tells_data_and_weights_apart():
     x = torch.arange(12).reshape(3, 4)
     assert content_digest(x) == content_digest(x.clone()) == content_digest(x.t().contiguous().t())

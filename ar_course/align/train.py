@@ -25,8 +25,8 @@ from ar_course.cli import (
 )
 from ar_course.files import check_output_path
 from ar_course.train import (
-    DEVICE_HELP, NOT_MEASURED, check_batch_size, checkpoint_option, out_help, per_class_int, refuse_installed_assets,
-    seed_int, trainer_main,
+    DEVICE_HELP, NOT_MEASURED, add_process_options, apply_process_options, check_batch_size, checkpoint_option,
+    out_help, per_class_int, refuse_installed_assets, seed_int, trainer_main,
 )
 from ar_course.utils import get_device
 
@@ -42,12 +42,15 @@ of its best guidance)."""
 
 def _common(parser: ArgumentParser, out: Path | None, base: str | None = "ar_mnist", what: str = "raster",
             shipped: str | None = None) -> None:
-    """``--base``, ``--seed``, ``--device``, ``--out`` (``None`` defaults: set by the trainer from ``--model``)."""
+    """``--base``, ``--seed``, ``--device``, ``--out`` (``None`` defaults: set by the trainer from ``--model``) and the
+    process options of every trainer (:func:`~ar_course.train.add_process_options`: ``--threads``,
+    ``--no-progress``)."""
     parser.add_argument("--base", default=base, help=f"{what} checkpoint to start from (name or path)")
     parser.add_argument("--seed", type=seed_int, default=0)
     parser.add_argument("--device", type=device_name, default=None, help=DEVICE_HELP)
     parser.add_argument("--out", type=Path, default=out,
                         help=out_help(f"the shipped {shipped or out.name}"))
+    add_process_options(parser)
 
 
 def _load(args: argparse.Namespace, parser: ArgumentParser, kind: str = raster.CHECKPOINT_KIND):
@@ -119,7 +122,7 @@ def grpo_main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         parser.error(str(exc))
     policy, reference, tokenizer, _ = _load(args, parser)
-    log = train_grpo(policy, reference, tokenizer, config)
+    log = train_grpo(policy, reference, tokenizer, config, progress=apply_process_options(args))
     _save(args, policy, checkpoint.recorded_tokenizer(args.base), "grpo", config, log.as_dict(),
           args.eval_per_class, tokenizer)
     return 0
@@ -160,6 +163,7 @@ def cca_main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         parser.error(str(exc))
     policy, reference, tokenizer, _ = _load(args, parser, kind)
+    progress = apply_process_options(args)
     from ar_course.data import load_mnist
 
     images, labels = load_mnist("train", size=32)
@@ -169,12 +173,12 @@ def cca_main(argv: list[str] | None = None) -> int:
 
         tokens = flatten_pyramids(encode_pyramids(tokenizer, images[:args.train_images]))  # (N, L)
         log = train_cca(policy, reference, tokens, labels[:args.train_images], config,
-                        log_probs=var_log_probs(tokenizer.quantizer))
+                        log_probs=var_log_probs(tokenizer.quantizer), progress=progress)
     else:
         from ar_course.raster.train import encode_dataset
 
         maps = encode_dataset(tokenizer, images[:args.train_images])  # (N, 8, 8)
-        log = train_cca(policy, reference, maps, labels[:args.train_images], config)
+        log = train_cca(policy, reference, maps, labels[:args.train_images], config, progress=progress)
     _save(args, policy, checkpoint.recorded_tokenizer(args.base), "cca", config, log.as_dict(),
           args.eval_per_class, tokenizer, kind)
     return 0

@@ -26,8 +26,8 @@ from ar_course.raster.model import condition_dropout_batches
 from ar_course.tokenizers import VQVAE
 from ar_course.train import (
     MAX_LAYERS, MAX_WIDTH, History, TrainConfig, add_conditional_model_options, add_output_options,
-    check_conditional_model_options, content_digest, finish_run, format_accuracy, load_tokenizer, prepare_run,
-    train_loop, trainer_main,
+    apply_process_options, check_conditional_model_options, content_digest, finish_run, format_accuracy,
+    load_tokenizer, prepare_run, train_loop, trainer_main,
 )
 from ar_course.utils import get_device, seed_everything
 
@@ -111,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     device = get_device(args.device)
     tokenizer = load_tokenizer(parser, args.tokenizer, device, ("kl",), "a continuous ('kl')")
     state_path = prepare_run(parser, args.out, args.resume, args.batch_size)
+    progress = apply_process_options(args)
     images, labels = load_mnist("train", size=32)
     tokens = encode_dataset(tokenizer, images)  # (N, 64, D)
     side = tokenizer.config.latent_side
@@ -121,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     model, history = train_continuous(tokens, labels, config, steps=args.steps, seed=args.seed,
                                       batch_size=args.batch_size, lr=args.lr, p_uncond=args.p_uncond,
                                       device=device, checkpoint_every=args.checkpoint_every,
-                                      state_path=state_path, resume=args.resume)
+                                      state_path=state_path, resume=args.resume, progress=progress)
     if not ddp.is_main_process():
         return 0
     test_images, test_labels = load_mnist("test", size=32)

@@ -23,8 +23,9 @@ from ar_course.raster.model import (
 )
 from ar_course.tokenizers import VQVAE
 from ar_course.train import (
-    History, TrainConfig, add_conditional_model_options, add_output_options, check_conditional_model_options,
-    content_digest, finish_run, format_accuracy, load_tokenizer, prepare_run, train_loop, trainer_main,
+    History, TrainConfig, add_conditional_model_options, add_output_options, apply_process_options,
+    check_conditional_model_options, content_digest, finish_run, format_accuracy, load_tokenizer, prepare_run,
+    train_loop, trainer_main,
 )
 from ar_course.transformer.model import GPT
 from ar_course.utils import get_device, seed_everything
@@ -108,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     check_conditional_model_options(parser, args)
     state_path = prepare_run(parser, args.out, args.resume, args.batch_size)
+    progress = apply_process_options(args)
     device = get_device(args.device)
     tokenizer = load_tokenizer(parser, args.tokenizer, device, SINGLE_SCALE, SINGLE_SCALE_NEEDED)
     images, labels = load_mnist("train", size=32)
@@ -116,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     model, history = train_ar(tokenizer, token_maps, labels, steps=args.steps, seed=args.seed,
                               batch_size=args.batch_size, lr=args.lr, p_uncond=args.p_uncond,
                               n_layer=args.n_layer, n_embd=args.n_embd, n_head=args.n_head, device=device,
-                              checkpoint_every=args.checkpoint_every, state_path=state_path, resume=args.resume)
+                              checkpoint_every=args.checkpoint_every, state_path=state_path, resume=args.resume,
+                              progress=progress)
     if not ddp.is_main_process():
         return 0
     test_images, test_labels = load_mnist("test", size=32)

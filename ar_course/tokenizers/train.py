@@ -30,8 +30,8 @@ from ar_course.tokenizers.implicit import LFQ_MAX_DIM
 from ar_course.tokenizers.quantizers import MSVQ_LOSSES
 from ar_course.tokenizers.vqvae import CHECKPOINT_KIND, QUANTIZERS, SWITCH_QUANTIZERS, VQVAE, VQVAEConfig
 from ar_course.train import (
-    DEVICE_HELP, History, TrainConfig, add_run_options, check_batch_size, finish_run, out_help, prepare_run, seed_int,
-    train_loop, trainer_main,
+    DEVICE_HELP, History, TrainConfig, add_run_options, apply_process_options, check_batch_size, finish_run, out_help,
+    prepare_run, seed_int, train_loop, trainer_main,
 )
 from ar_course.utils import check_int, get_device, seed_everything
 
@@ -255,9 +255,10 @@ def main(argv: list[str] | None = None) -> int:
     check_batch_size(parser, args.batch_size, args.dataset)
     out = args.out or ASSETS / f"tokenizer_{args.dataset}_{args.quantizer}.safetensors"
     state_path = prepare_run(parser, out, args.resume, args.batch_size)
+    progress = apply_process_options(args)
     model, result, history = train_tokenizer(config, args.dataset, args.steps, args.seed, args.batch_size, args.lr,
                                               device=args.device, checkpoint_every=args.checkpoint_every,
-                                              state_path=state_path, resume=args.resume)
+                                              state_path=state_path, resume=args.resume, progress=progress)
     if not ddp.is_main_process():
         return 0
     save_checkpoint(out, model, config, kind=CHECKPOINT_KIND, dataset=args.dataset, steps=args.steps,

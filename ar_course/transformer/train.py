@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -32,17 +31,15 @@ import torch.nn.functional as F
 from ar_course import distributed as ddp
 from ar_course import checkpoint
 from ar_course.checkpoint import ASSETS, save_checkpoint
-from ar_course.cli import ArgumentParser, device_name, float_in, int_in, nonnegative_int, positive_float, positive_int
+from ar_course.cli import ArgumentParser, device_name, float_in, nonnegative_int, positive_float, positive_int
 from ar_course.train import (
-    DEVICE_HELP, TrainConfig, add_run_options, checkpoint_option, content_digest, finish_run, out_help, prepare_run,
-    seed_int, train_loop, trainer_main,
+    DEVICE_HELP, TrainConfig, add_run_options, apply_process_options, checkpoint_option, content_digest, finish_run,
+    out_help, prepare_run, seed_int, train_loop, trainer_main,
 )
 from ar_course.transformer.model import GPT, GPTConfig
 from ar_course.utils import check_int, count_parameters, get_device, seed_everything
 
 KIND = "lm"
-MAX_THREADS = 4 * (os.cpu_count() or 1)
-"""Largest ``--threads``: four per CPU (thousands of threads make OpenMP fail, or crash)."""
 
 
 @dataclass
@@ -175,7 +172,8 @@ def train_lm(
 def add_text_trainer_options(parser: argparse.ArgumentParser, *, measure: str) -> None:
     """The options the text-model trainers (``train lm``, ``train diffusion_lm``) share after their own:
     ``--float32``, ``--eval-every`` (the ``measure`` every N steps), ``--keep-best``, ``--ema``, ``--device``,
-    ``--threads``, ``--no-progress`` and the run options (:func:`~ar_course.train.add_run_options`)."""
+    and the run options (:func:`~ar_course.train.add_run_options`: ``--threads``, ``--no-progress``, ``--resume``,
+    ``--checkpoint-every``)."""
     parser.add_argument("--float32", action="store_true", help="store float32 weights (default: float16)")
     parser.add_argument("--eval-every", type=nonnegative_int, default=0,
                         help=f"{measure} every N steps (0: at the end)")
@@ -186,10 +184,6 @@ def add_text_trainer_options(parser: argparse.ArgumentParser, *, measure: str) -
                         help="evaluate and save a moving average of the weights with this decay (0: the last "
                              "weights; default: the preset's)")
     parser.add_argument("--device", type=device_name, default=None, help=DEVICE_HELP)
-    parser.add_argument("--threads", type=int_in(1, MAX_THREADS), default=None,
-                        help=f"torch CPU threads, at most {MAX_THREADS} (default: torch's choice; 1 is faster on a "
-                             "busy machine)")
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     add_run_options(parser)
 
 
@@ -201,8 +195,7 @@ def apply_text_trainer_options(parser: argparse.ArgumentParser, args: argparse.N
     training text has: a usage error."""
     if args.keep_best and not args.eval_every:
         parser.error("--keep-best needs --eval-every N: the evaluations it chooses from")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    apply_process_options(args)
     overrides = {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "ema": args.ema}
     preset = replace(presets[args.preset], **{k: v for k, v in overrides.items() if v is not None})
     from ar_course.data import load_text_dataset

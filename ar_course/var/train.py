@@ -22,8 +22,9 @@ from ar_course.data import image_batches, load_mnist, make_shapes
 from ar_course.raster.model import condition_dropout_batches
 from ar_course.tokenizers import VQVAE
 from ar_course.train import (
-    History, TrainConfig, add_conditional_model_options, add_output_options, check_conditional_model_options,
-    content_digest, finish_run, format_accuracy, load_tokenizer, prepare_run, train_loop, trainer_main,
+    History, TrainConfig, add_conditional_model_options, add_output_options, apply_process_options,
+    check_conditional_model_options, content_digest, finish_run, format_accuracy, load_tokenizer, prepare_run,
+    train_loop, trainer_main,
 )
 from ar_course.utils import get_device, seed_everything
 from ar_course.var.functional import flatten_pyramids, unflatten_pyramids
@@ -121,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     check_conditional_model_options(parser, args, args.dataset)
     state_path = prepare_run(parser, args.out, args.resume, args.batch_size)
+    progress = apply_process_options(args)
     if args.tokenizer is None:
         if args.dataset != "mnist":
             parser.error(f"--dataset {args.dataset} needs --tokenizer PATH (train one with: python -m ar_course "
@@ -137,7 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     tokens = flatten_pyramids(encode_pyramids(tokenizer, images))  # (N, L)
     model, history = train_var(tokenizer, tokens, labels, config, steps=args.steps, seed=args.seed,
                                batch_size=args.batch_size, lr=args.lr, p_uncond=args.p_uncond, device=device,
-                               checkpoint_every=args.checkpoint_every, state_path=state_path, resume=args.resume)
+                               checkpoint_every=args.checkpoint_every, state_path=state_path, resume=args.resume,
+                               progress=progress)
     if not ddp.is_main_process():
         return 0
     test_images, test_labels = load_dataset(args.dataset, "test")
