@@ -304,3 +304,20 @@ def test_load_tokenizer_by_path(tmp_path):
     loaded = load(path, kind="tokenizer")
     x = torch.rand(2, 1, 32, 32)
     assert torch.equal(loaded.encode_to_indices(x), tok.encode_to_indices(x))
+
+
+def test_a_training_subset_that_misses_a_class_still_conditions_on_every_class():
+    """``train ar --train-images 4`` saw labels 0..6 only, built a 7-class model, then failed scoring the test set
+    ("classes must lie in [0, 6], got 9"): the trainers take the dataset's class count."""
+    from ar_course.masked.train import train_maskgit
+
+    tok = tiny_tokenizer()
+    maps = encode_dataset(tok, torch.rand(4, 1, 32, 32))
+    labels = torch.tensor([5, 0, 4, 1])
+    small = dict(steps=1, batch_size=2, n_layer=1, n_embd=16, n_head=2, progress=False)
+    for train in (train_ar, train_maskgit):
+        assert train(tok, maps, labels, **small)[0].config.n_classes == 6  # default: the largest label + 1
+        model = train(tok, maps, labels, **small, n_classes=10)[0]
+        assert model.config.n_classes == 10
+        with pytest.raises(ValueError, match=r"^labels must lie in \[0, 4\] \(n_classes=5\), got 5$"):
+            train(tok, maps, labels, **small, n_classes=5)

@@ -25,7 +25,7 @@ from ar_course.masked.model import (
     CHECKPOINT_KIND, DEFAULT_NOISE, PRETRAINED_PATH, MaskGIT, generate_images, maskgit_config, maskgit_loss,
 )
 from ar_course.raster.model import condition_dropout_batches
-from ar_course.raster.train import SINGLE_SCALE, SINGLE_SCALE_NEEDED, encode_dataset
+from ar_course.raster.train import SINGLE_SCALE, SINGLE_SCALE_NEEDED, class_count, encode_dataset
 from ar_course.train import (
     EVAL_HELP, History, TrainConfig, add_conditional_model_options, add_output_options, apply_process_options,
     check_conditional_model_options, content_digest, finish_run, format_accuracy, load_tokenizer, prepare_run,
@@ -65,14 +65,15 @@ def train_maskgit(
     checkpoint_every: int = TrainConfig.checkpoint_every,
     state_path: Path | None = None,
     resume: bool = False,
+    n_classes: int | None = None,
 ) -> tuple[MaskGIT, History]:
     """Train a class-conditional MaskGIT on ``token_maps`` ``(N, h, w)`` with ``labels`` ``(N,)`` from ``seed``.
 
-    Class dropout (``p_uncond``) and the masks are drawn in the batch stream. Returns the model (eval mode) and
-    the loss history."""
+    Class dropout (``p_uncond``) and the masks are drawn in the batch stream. ``n_classes``: as
+    :func:`~ar_course.raster.train.train_ar`. Returns the model (eval mode) and the loss history."""
     g = seed_everything(seed)
     h, w = token_maps.shape[1:]
-    config = maskgit_config(tokenizer.config.num_codes, (h, w), n_classes=int(labels.max()) + 1,
+    config = maskgit_config(tokenizer.config.num_codes, (h, w), n_classes=class_count(labels, n_classes),
                             n_layer=n_layer, n_head=n_head, n_embd=n_embd)
     model = MaskGIT(config).to(device)
     batches = masked_batches(condition_dropout_batches(image_batches(token_maps, labels, batch_size, generator=g),
@@ -116,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
                                    batch_size=args.batch_size, lr=args.lr, p_uncond=args.p_uncond,
                                    schedule=args.schedule, n_layer=args.n_layer, n_embd=args.n_embd,
                                    n_head=args.n_head, device=device, checkpoint_every=args.checkpoint_every,
-                                   state_path=state_path, resume=args.resume, progress=progress)
+                                   state_path=state_path, resume=args.resume, progress=progress,
+                                   n_classes=metrics.DATASETS["mnist"][1])
     if not ddp.is_main_process():
         return 0
     test_images, test_labels = load_mnist("test", size=32)

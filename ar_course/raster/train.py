@@ -28,7 +28,7 @@ from ar_course.train import (
     train_loop, trainer_main,
 )
 from ar_course.transformer.model import GPT
-from ar_course.utils import get_device, seed_everything
+from ar_course.utils import check_int, get_device, seed_everything
 
 EVAL_CFGS = (0.0, 1.0, 2.0, 3.0)
 """Guidance strengths ``w`` at which the trainer records the class accuracy (``accuracy_by_cfg``)."""
@@ -70,15 +70,18 @@ def train_ar(
     checkpoint_every: int = TrainConfig.checkpoint_every,
     state_path: Path | None = None,
     resume: bool = False,
+    n_classes: int | None = None,
 ) -> tuple[GPT, History]:
     """Train a class-conditional GPT on ``token_maps`` ``(N, h, w)`` with ``labels`` ``(N,)`` from ``seed``.
 
     ``batch_size`` is the global batch (split across processes under ``torchrun``); the condition dropout
     is drawn in the batch stream. ``checkpoint_every`` / ``state_path`` / ``resume``: see
-    :func:`~ar_course.train.train_loop`. Returns the model (eval mode) and the loss history."""
+    :func:`~ar_course.train.train_loop`. ``n_classes``: the classes the model conditions on (default: the largest
+    label + 1; give the dataset's count when ``labels`` is a subset that may miss a class). Returns the model (eval
+    mode) and the loss history."""
     g = seed_everything(seed)
     h, w = token_maps.shape[1:]
-    config = raster_config(tokenizer.config.num_codes, (h, w), n_classes=int(labels.max()) + 1,
+    config = raster_config(tokenizer.config.num_codes, (h, w), n_classes=class_count(labels, n_classes),
                            n_layer=n_layer, n_head=n_head, n_embd=n_embd)
     model = GPT(config).to(device)
     batches = condition_dropout_batches(image_batches(token_maps, labels, batch_size, generator=g), p_uncond,
@@ -95,6 +98,17 @@ def train_ar(
                          settings={"seed": seed, "batch_size": batch_size, "p_uncond": p_uncond,
                                    "examples": int(labels.shape[0]), "data": content_digest(token_maps, labels)})
     return model, history
+
+
+def class_count(labels: torch.Tensor, n_classes: int | None) -> int:
+    """``n_classes``, or the largest label + 1 when it is None; ``ValueError`` for a label outside
+    ``0..n_classes - 1``."""
+    top = int(labels.max()) + 1
+    if n_classes is None:
+        return top
+    if top > check_int("n_classes", n_classes, lo=1):
+        raise ValueError(f"labels must lie in [0, {n_classes - 1}] (n_classes={n_classes}), got {top - 1}")
+    return n_classes
 
 
 @trainer_main
@@ -119,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
                               batch_size=args.batch_size, lr=args.lr, p_uncond=args.p_uncond,
                               n_layer=args.n_layer, n_embd=args.n_embd, n_head=args.n_head, device=device,
                               checkpoint_every=args.checkpoint_every, state_path=state_path, resume=args.resume,
-                              progress=progress)
+                              progress=progress, n_classes=metrics.DATASETS["mnist"][1])
     if not ddp.is_main_process():
         return 0
     test_images, test_labels = load_mnist("test", size=32)
