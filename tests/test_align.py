@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 from ar_course import checkpoint, raster
 from ar_course.align import (
     CCAConfig, GRPOConfig, brightness, cca_batch_loss, cca_loss, cca_step, class_probability, clipped_surrogate,
-    group_advantages, grpo_objective, grpo_rollout, grpo_update, k3_kl, sequence_log_probs, token_log_probs,
-    train_cca, train_grpo, wrong_classes,
+    group_advantages, grpo_objective, grpo_rollout, grpo_step, grpo_update, k3_kl, sequence_log_probs,
+    token_log_probs, train_cca, train_grpo, wrong_classes,
 )
 from ar_course.train import TrainingError
 from ar_course.transformer.model import GPT
@@ -112,9 +112,13 @@ def test_grpo_objective_adds_the_kl_penalty_and_its_gradient_pulls_the_policy_to
     assert g[0] > 0 and g[1] < 0 and g[2] == 0  # descent lowers the first, raises the second, keeps the third
 
 
-def _tiny_policy(seed: int) -> GPT:
+def _tiny_policy(seed: int, dropout: float = 0.2, scale: float = 1.0) -> GPT:
     torch.manual_seed(seed)
-    return GPT(raster.raster_config(12, (2, 3), n_classes=4, n_layer=1, n_head=2, n_embd=16, dropout=0.2))
+    model = GPT(raster.raster_config(12, (2, 3), n_classes=4, n_layer=1, n_head=2, n_embd=16, dropout=dropout))
+    with torch.no_grad():  # scale > 1: a sharper model (a reference far from the policy)
+        for p in model.parameters():
+            p.mul_(scale)
+    return model
 
 
 def test_grpo_rollout_samples_groups_by_class_without_gradients_and_restores_the_mode():
@@ -158,6 +162,61 @@ def test_grpo_update_takes_inner_steps_against_the_fixed_rollout():
                     {k: v for k, v in rollout.items() if k != "logp_ref"}, inner_steps=1)
     with pytest.raises(ValueError, match="inner_steps"):
         grpo_update(policy, torch.optim.SGD(policy.parameters(), lr=0.5), rollout, inner_steps=0)
+
+
+def _two_part_reward(maps, classes):
+    return maps.float().mean((1, 2)) / 11 + (maps == classes[:, None, None]).float().mean((1, 2))
+
+
+def test_grpo_update_zeroes_and_clips_the_gradient_every_inner_step():
+    """grpo_update is exactly the documented loop: gradients zeroed before every inner step (not accumulated) and
+    their norm clipped to 1 before the optimizer step; here the norm is above 1, so the clipping matters."""
+    policy, reference = _tiny_policy(0, dropout=0.0).eval(), _tiny_policy(1, dropout=0.0, scale=3.0).eval()
+    rollout = grpo_rollout(policy, reference, _two_part_reward, 4, torch.Generator().manual_seed(0))
+    mine = copy.deepcopy(policy)
+    opt = torch.optim.SGD(mine.parameters(), lr=1.0)
+    norms = []
+    for _ in range(3):
+        logp = token_log_probs(mine, rollout["maps"], rollout["classes"])
+        loss, _ = grpo_objective(logp, rollout["logp_old"], rollout["logp_ref"], rollout["advantages"], 0.2, 2.0)
+        opt.zero_grad()
+        loss.backward()
+        norms.append(float(torch.nn.utils.clip_grad_norm_(mine.parameters(), 1.0)))
+        opt.step()
+    assert max(norms) > 1  # the clipping matters here
+    grpo_update(policy, torch.optim.SGD(policy.parameters(), lr=1.0), rollout, 0.2, 2.0, inner_steps=3)
+    for a, b in zip(policy.parameters(), mine.parameters()):
+        torch.testing.assert_close(a, b)
+
+
+class _IdentityTokenizer:
+    """Decodes a token map to itself as a float image (grpo_step only calls decode_from_indices)."""
+
+    def decode_from_indices(self, maps):
+        return maps.float()
+
+
+def test_grpo_step_returns_the_kl_before_the_first_update_and_leaves_eval_mode():
+    """grpo_step reports the mean reward of its rollout and the KL measured before the first inner update (not
+    after the last), and gives the policy back in eval mode after training it in train mode."""
+    policy, reference = _tiny_policy(0, dropout=0.0).eval(), _tiny_policy(1, dropout=0.0, scale=3.0).eval()
+    config = GRPOConfig(group_size=4, inner_steps=3, kl_coef=2.0, lr=0.5, eval_every=0)
+    expected = grpo_rollout(copy.deepcopy(policy), reference, _two_part_reward, 4, torch.Generator().manual_seed(5))
+    kl_before = float(k3_kl(expected["logp_old"], expected["logp_ref"]).mean())
+    reward, kl = grpo_step(policy, reference, _IdentityTokenizer(), torch.optim.SGD(policy.parameters(), lr=0.5),
+                           config, _two_part_reward, torch.Generator().manual_seed(5))
+    assert reward == float(expected["rewards"].mean())
+    assert abs(kl - kl_before) < 1e-6
+    assert not policy.training
+
+
+def test_train_grpo_evaluates_at_the_end_when_steps_is_no_multiple_of_eval_every(monkeypatch):
+    """With eval_every=2 and 5 steps the accuracy is measured at steps 0, 2, 4 and at the end (5)."""
+    monkeypatch.setattr("ar_course.align.grpo.grpo_step", lambda *args: (0.5, 0.0))
+    monkeypatch.setattr("ar_course.align.grpo.evaluate", lambda *args, **kwargs: (0.25, 0.1))
+    log = train_grpo(_tiny_policy(0), _tiny_policy(1), None, GRPOConfig(steps=5, eval_every=2, eval_per_class=1),
+                     progress=False)
+    assert log.eval_step == [0, 2, 4, 5] and log.step == [0, 1, 2, 3, 4]
 
 
 def test_cca_step_updates_on_cca_batch_loss():
@@ -223,6 +282,15 @@ def test_token_log_probs_agree_with_the_raster_token_losses():
     logp = token_log_probs(model, maps, classes)
     assert torch.allclose(logp, -raster.token_losses(model, maps, classes).flatten(1), atol=1e-5)
     assert torch.allclose(sequence_log_probs(model, maps, classes), logp.sum(1))
+
+
+def test_token_log_probs_refuses_a_map_of_another_grid_with_as_many_tokens():
+    """A (B, 3, 2) map has as many tokens as the model's (2, 3) grid: without the grid check it would be scored
+    silently as if transposed."""
+    model = _tiny_policy(0).eval()
+    assert token_log_probs(model, torch.zeros(1, 2, 3, dtype=torch.long), torch.tensor([1])).shape == (1, 6)
+    with pytest.raises(ValueError, match=r"token_maps must match the model's 2x3 grid, got \(1, 3, 2\)"):
+        token_log_probs(model, torch.zeros(1, 3, 2, dtype=torch.long), torch.tensor([1]))
 
 
 def test_rewards():

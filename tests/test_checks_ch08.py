@@ -78,6 +78,17 @@ def test_8_1():
     assert_fails(check, ratio_float_passthrough, contains="should be a torch.Tensor")
 
 
+def ratio_rounded_pi(r, schedule="cosine"):  # pi / 2 rounded to 1.57: gamma(1) = 8e-4, not 0
+    r = torch.as_tensor(r, dtype=torch.float32)
+    return torch.cos(1.57 * r) if schedule == "cosine" else M.mask_ratio(r, schedule)
+
+
+def test_8_1_rejects_pi_over_2_rounded_to_1_57():
+    """8.1's tolerance is tight enough for a cosine with pi/2 written as 1.57: the end of sampling would not be
+    'everything revealed'."""
+    assert_fails(ch08.mask_ratio, ratio_rounded_pi)
+
+
 # 8.2 ------------------------------------------------------------------------------------------------------
 
 
@@ -198,6 +209,27 @@ def test_8_2_leaves_the_global_generator_as_it_was():
     state = torch.random.get_rng_state()
     assert_passes(ch08.training_mask, M.training_mask)
     assert torch.equal(torch.random.get_rng_state(), state)
+
+
+def mask_biased_to_first_positions(r, n, schedule="cosine", generator=None):
+    # a uniform score plus a small ramp: early positions are hidden more often (about 40% vs 30% for n = 10)
+    scores = torch.rand(len(r), n, generator=generator) + 0.2 * torch.arange(n) / n
+    return _hide_lowest(scores, _count(r, n, schedule))
+
+
+def mask_reusing_every_eighth_row(r, n, schedule="cosine", generator=None):
+    # every 8th row reuses the mask of the row before it (12.5% repeats, chance is 1/120 for 3 of 10)
+    scores = torch.rand(len(r), n, generator=generator)
+    keep = torch.arange(len(r))
+    keep[8::8] -= 1
+    return _hide_lowest(scores[keep], _count(r, n, schedule))
+
+
+def test_8_2_names_unequal_positions_and_repeated_rows():
+    """8.2's statistical tests are tight enough for small defects: positions hidden about 40% vs 30% of the time,
+    and one row in eight repeating the row before it (far above chance, far below every other row)."""
+    assert_fails(ch08.training_mask, mask_biased_to_first_positions, contains="not equally likely")
+    assert_fails(ch08.training_mask, mask_reusing_every_eighth_row, contains="not drawn independently")
 
 
 def test_training_mask_is_the_random_mask_draw_given_r():

@@ -522,6 +522,18 @@ def test_10_3_other_styles():
     assert_fails(ch10.lfq_entropy_terms, entropy_no_grad, contains="carries no gradient back to z")
 
 
+def entropy_coarse_clamp(z, temperature=0.01):  # log clamped at 1e-3; with 2^16 codes every q is ~1.5e-5
+    p = torch.softmax(-(z[:, None] - _sign_codes(z)[None]).pow(2).sum(-1) / temperature, 1)
+    q = p.mean(0)
+    return -(p * p.clamp_min(1e-3).log()).sum(1).mean(), -(q * q.clamp_min(1e-3).log()).sum()
+
+
+def test_10_3_rejects_an_entropy_with_a_coarse_log_clamp():
+    """10.3's tolerance is tight enough for an entropy whose log is clamped too coarsely (the codebook entropy of
+    LFQ's 2^16 codes is then badly biased)."""
+    assert_fails(ch10.lfq_entropy_terms, entropy_coarse_clamp)
+
+
 def rotation_by_matrix(z, z_q):  # R built as a (N, D, D) matrix
     with torch.no_grad():
         u, q = z / z.norm(dim=1, keepdim=True), z_q / z_q.norm(dim=1, keepdim=True)
@@ -575,6 +587,23 @@ def loss_einsum_sum_over_count(velocity, x1, x0, t):
 def test_10_5_other_styles():
     for right in (loss_lerp_mse, loss_view_mean_of_means, loss_einsum_sum_over_count):
         assert_passes(ch10.flow_matching_loss, right)
+
+
+def loss_value_rewrapped(velocity, x1, x0, t):  # the right value in a fresh leaf: no gradient to the weights
+    return answers.flow_matching_loss(velocity, x1, x0, t).detach().requires_grad_()
+
+
+def loss_half_gradient(velocity, x1, x0, t):  # the right value, half the gradient
+    tt = t[:, None]
+    err = velocity((1 - tt) * x0 + tt * x1, t) - (x1 - x0)
+    return (err * err.detach()).mean()
+
+
+def test_10_5_compares_the_gradient_to_the_weights():
+    """10.5 compares the gradient that reaches the velocity's weights with the reference's, not only the loss
+    value: the right value with half the gradient, or with none, fails."""
+    assert_fails(ch10.flow_matching_loss, loss_half_gradient, contains="gradient")
+    assert_fails(ch10.flow_matching_loss, loss_value_rewrapped)
 
 
 def sample_repeat_and_slices(head, x0, cond, uncond, steps, *, w):  # times from a linspace; rows by repeat and slices

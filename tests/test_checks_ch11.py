@@ -314,6 +314,18 @@ def test_11_4():
     assert_fails(check, lambda *args: list(library_rollout(*args).values()), contains="should be a dict")
 
 
+def rollout_reference_with_grad(policy, reference, reward_fn, group_size, generator):
+    out = library_rollout(policy, reference, reward_fn, group_size, generator)
+    out["logp_ref"] = token_log_probs(reference, out["maps"], out["classes"])  # same values, scored with autograd on
+    return out
+
+
+def test_11_4_rejects_logp_ref_that_carries_a_gradient():
+    """11.4 rejects a rollout whose logp_ref carries a gradient (the reference scored outside torch.no_grad()),
+    not only one whose logp_old does."""
+    assert_fails(ch11.grpo_rollout, rollout_reference_with_grad, contains="logp_ref carries a gradient")
+
+
 # 11.5 ------------------------------------------------------------------------------------------------------
 
 

@@ -123,6 +123,37 @@ def test_kl_training_mode_samples_and_the_kl_is_zero_at_the_prior():
     assert torch.equal(bottleneck.eval()(h).z_q, torch.zeros(1, 2, 3, 3))
 
 
+def test_kl_training_sample_uses_the_standard_deviation():
+    """A training-mode sample is mean + eps * exp(logvar / 2): scaled by the standard deviation (3 here), not by
+    the variance."""
+    bottleneck = GaussianBottleneck(2).train()
+    mean, logvar = torch.randn(3, 2, 4, 4), torch.full((3, 2, 4, 4), 2 * math.log(3.0))  # std 3
+    torch.manual_seed(0)
+    z = bottleneck(torch.cat([mean, logvar], 1)).z_q
+    torch.manual_seed(0)
+    eps = torch.randn_like(mean)
+    torch.testing.assert_close(z, mean + 3 * eps)
+
+
+def test_kl_log_variances_are_clamped_before_use():
+    """The log-variances are clamped to [-30, 20] before the sample and the KL use them: the loss stays finite."""
+    bottleneck = GaussianBottleneck(1).eval()
+    mean, logvar = torch.zeros(1, 1, 1, 2), torch.tensor([[[[100.0, -100.0]]]])
+    _, clamped = bottleneck.split(torch.cat([mean, logvar], 1))
+    assert clamped.flatten().tolist() == [20.0, -30.0]
+    loss = bottleneck(torch.cat([mean, logvar], 1)).loss
+    expected = bottleneck.kl_weight * gaussian_kl(mean, torch.tensor([[[[20.0, -30.0]]]])).mean()
+    assert torch.isfinite(loss) and torch.allclose(loss, expected)
+
+
+def test_kl_indices_are_the_standardised_means_in_training_mode_too():
+    """The tokens (indices) are the standardised means, not the standardised sample, in training mode as well."""
+    bottleneck = GaussianBottleneck(2).train()
+    h = torch.randn(2, 4, 3, 3, generator=torch.Generator().manual_seed(0))
+    out = bottleneck(h)
+    torch.testing.assert_close(out.indices, bottleneck.normalize(h[:, :2]))
+
+
 def test_calibration_standardises_the_tokens_and_decode_inverts_encode():
     g = torch.Generator().manual_seed(3)
     bottleneck = GaussianBottleneck(3)
@@ -133,6 +164,16 @@ def test_calibration_standardises_the_tokens_and_decode_inverts_encode():
     torch.testing.assert_close(flat.mean(0), torch.zeros(3), atol=1e-5, rtol=0)
     torch.testing.assert_close(flat.std(0), torch.ones(3), atol=1e-5, rtol=0)
     torch.testing.assert_close(bottleneck.decode(tokens), h[:, :3])
+
+
+def test_kl_calibration_keeps_a_constant_channel_finite():
+    """A channel whose means do not spread gets the floor scale 1e-6, not 0: its tokens stay finite."""
+    bottleneck = GaussianBottleneck(2)
+    h = torch.randn(4, 4, 2, 2, generator=torch.Generator().manual_seed(0))
+    h[:, 1] = 0.5  # the second channel's means are all 0.5: no spread
+    bottleneck.calibrate(h)
+    assert float(bottleneck.scale[1]) == pytest.approx(1e-6, rel=1e-6)
+    assert torch.isfinite(bottleneck.encode(h)).all()
 
 
 def test_kl_evaluate_reports_psnr_without_codebook_usage():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import math
 import re
 import struct
 
@@ -148,6 +149,19 @@ def test_make_shapes_draws_the_same_scenes_at_every_size():
     assert (torch.nn.functional.avg_pool2d(big, 2) - small).abs().mean() < 0.02
 
 
+def test_make_shapes_anti_aliases_the_outline_over_one_pixel():
+    """Each outline is anti-aliased over about one pixel whatever the shape's radius: a circle has about one
+    partly covered pixel per pixel of circumference (a ramp measured in radii would be 3 to 5 times too sharp)."""
+    images, labels = make_shapes(40, size=32, seed=0)
+    strongest = images.max(1).values  # (n, S, S): colour 1, background <= 0.15
+    edge = ((strongest > 0.2) & (strongest < 0.95)).float().sum((1, 2))  # partly covered pixels
+    inside = (strongest >= 0.95).float().sum((1, 2))
+    circles = labels == SHAPE_NAMES.index("circle")
+    radius_px = (inside[circles] / math.pi).sqrt()
+    ratio = edge[circles] / (2 * math.pi * radius_px)  # partly covered pixels per pixel of circumference
+    assert 0.6 < float(ratio.mean()) < 1.4, ratio
+
+
 @pytest.mark.parametrize("kwargs", [{"n": 0}, {"n": 4, "size": 4}])
 def test_make_shapes_rejects_bad_arguments(kwargs):
     with pytest.raises(ValueError):
@@ -243,6 +257,32 @@ def test_image_batches_cover_each_pass_and_reshuffle():
         next(image_batches(images, labels[:9], batch_size=5))
     with pytest.raises(ValueError):
         next(image_batches(images, labels, batch_size=11))
+
+
+def test_image_batches_takes_the_whole_set_as_one_batch():
+    """batch_size may equal the number of images (documented: 'between 1 and the number of images'); each batch
+    is then a full shuffled pass."""
+    images, labels = torch.arange(6.0).view(6, 1, 1, 1), torch.arange(6)
+    batches = image_batches(images, labels, batch_size=6, generator=torch.Generator().manual_seed(0))
+    x, y = next(batches)
+    assert x.shape == (6, 1, 1, 1) and sorted(y.tolist()) == list(range(6))
+    assert torch.equal(x.flatten().long(), y)
+
+
+class _GeneratorOnCuda(torch.Generator):
+    """A generator that says it lives on a GPU (a real one needs CUDA; the batches draw on the CPU)."""
+
+    @property
+    def device(self):
+        return torch.device("cuda", 0)
+
+
+def test_batches_refuse_a_generator_that_is_not_on_the_cpu():
+    """Both batchers draw on the CPU and refuse a generator on another device with a one-line error."""
+    with pytest.raises(ValueError, match="generator must be a CPU torch.Generator, got one on cuda:0"):
+        image_batches(torch.zeros(4, 1, 2, 2), torch.zeros(4), 2, generator=_GeneratorOnCuda())
+    with pytest.raises(ValueError, match="CPU torch.Generator"):
+        text_batches(torch.arange(10), 3, 2, generator=_GeneratorOnCuda())
 
 
 @pytest.mark.parametrize("args, message", [

@@ -29,6 +29,11 @@ def test_check_output_path_suffix_and_empty(tmp_path):
         check_output_path("")
 
 
+def test_check_output_path_accepts_an_upper_case_suffix(tmp_path):
+    """The extension is compared case-insensitively: IMG.PNG is a .png file."""
+    assert check_output_path(tmp_path / "IMG.PNG", suffix=".png") == tmp_path / "IMG.PNG"
+
+
 @pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root can write into read-only folders")
 def test_check_output_path_read_only_folder(tmp_path):
     ro = tmp_path / "ro"
@@ -103,6 +108,19 @@ def test_save_figure_writes_in_place_and_keeps_old_file_on_failure(tmp_path):
     assert [p.name for p in out.parent.iterdir()] == ["a.png"]  # no temporary file left behind
     save_figure(_Figure(b"<svg/>"), tmp_path / "b.svg")
     assert (tmp_path / "b.svg").read_bytes() == b"<svg/>"
+
+
+def test_save_figure_writes_the_format_of_the_suffix(tmp_path):
+    """A real matplotlib figure saved as .pdf is a PDF, as .svg an SVG, and with no suffix a PNG."""
+    import matplotlib.pyplot as plt
+
+    fig, _ = plt.subplots()
+    try:
+        assert save_figure(fig, tmp_path / "plot.pdf").read_bytes()[:4] == b"%PDF"
+        assert save_figure(fig, tmp_path / "plot.svg").read_text(encoding="utf-8").lstrip().startswith("<?xml")
+        assert save_figure(fig, tmp_path / "plot").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    finally:
+        plt.close(fig)
 
 
 @pytest.mark.skipif(os.name != "posix", reason="POSIX file modes")

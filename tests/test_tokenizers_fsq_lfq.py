@@ -184,6 +184,32 @@ def test_lfq_bad_options_raise():
         VQVAEConfig(quantizer="lfq", latent_dim=20)
 
 
+def test_lfq_commitment_term_sends_its_gradient_to_z():
+    """The commitment term pulls the encoder's z toward its (detached) sign code: the gradient is
+    2 * beta * (z - code) / numel, with nothing flowing through the code."""
+    q = LFQ(4, beta=0.25, entropy_weight=0.0).train()
+    z = torch.randn(2, 4, 3, 3, generator=gen(0), requires_grad=True)
+    q(z).loss.backward()
+    code = torch.where(z > 0, 1.0, -1.0)
+    torch.testing.assert_close(z.grad, 2 * 0.25 * (z.detach() - code) / z.numel())
+
+
+def test_lfq_eval_loss_is_the_commitment_term_alone():
+    """In eval mode the loss has no entropy terms, whatever entropy_weight is."""
+    q = LFQ(4, beta=0.25, entropy_weight=0.1).eval()
+    z = torch.randn(2, 4, 3, 3, generator=gen(0))
+    code = torch.where(z > 0, 1.0, -1.0)
+    torch.testing.assert_close(q(z).loss, 0.25 * (z - code).pow(2).mean())
+
+
+def test_lfq_encode_refuses_a_nan_map():
+    """LFQ.encode checks its input: a NaN in the map is a ValueError, not a code read off its sign."""
+    z = torch.randn(1, 4, 2, 2, generator=gen(0))
+    z[0, 1, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="finite"):
+        LFQ(4).encode(z)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # the rotation trick
 

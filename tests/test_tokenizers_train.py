@@ -36,6 +36,38 @@ def test_training_is_deterministic_under_its_seed():
         assert torch.equal(a, b), name
 
 
+def _images(n=6):
+    return torch.rand(n, 1, 32, 32, generator=torch.Generator().manual_seed(0))
+
+
+def test_evaluate_runs_in_eval_mode_and_restores_train_mode():
+    """evaluate measures in eval mode (no sampling noise, no EMA or usage update) and gives the model back in the
+    mode it came in (it runs in the middle of training with eval_every)."""
+    torch.manual_seed(0)
+    model = VQVAE(tok_train.default_config("vq", ema=True)).train()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    first = tok_train.evaluate(model, _images())
+    assert model.training  # given back in train mode
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())  # no EMA / usage update
+    assert tok_train.evaluate(model.eval(), _images()) == first
+
+
+def test_training_batches_are_always_full(monkeypatch):
+    """The training batches are always full: the last partial chunk of each shuffled pass (10 images, batch 4)
+    is skipped."""
+    seen = []
+
+    def fake_loop(model, loss_fn, batches, config, **kwargs):
+        seen.extend(next(batches).shape[0] for _ in range(7))
+        raise StopIteration
+
+    monkeypatch.setattr(tok_train, "train_loop", fake_loop)
+    with pytest.raises(StopIteration):
+        tok_train.train_tokenizer(tok_train.default_config("vq"), steps=1, batch_size=4, device="cpu",
+                                  progress=False, train_images=_images(10), test_images=_images(2))
+    assert seen == [4] * 7
+
+
 @pytest.mark.parametrize("name, tokens", [("mnist_vq", 64), ("mnist_msvq", 130)])
 def test_shipped_tokenizers(name, tokens):
     if not pretrained_path(name).is_file():

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from ar_course.checkpoint import load, save_checkpoint
 from ar_course.checks.reference import ch02 as answers
 from ar_course.sampling import GREEDY, SamplingConfig
-from ar_course.transformer import GPT, Block, GPTConfig, KVCache, RMSNorm
+from ar_course.transformer import GPT, Block, GPTConfig, KVCache, RMSNorm, count_forward_passes
 from ar_course.transformer import functional as ref
 from ar_course.transformer import model as M
 
@@ -533,3 +533,12 @@ def test_forward_at_positions_mask_and_cache_equals_forward():
     torch.testing.assert_close(model.lm_head(h), full[:, 5:], atol=1e-5, rtol=1e-4)
     alone = torch.eye(9, dtype=torch.bool)  # each token sees only itself
     assert not torch.allclose(model.lm_head(model.forward_at(idx, torch.arange(9), alone)), full)
+
+
+def test_count_forward_passes_leaves_no_hook_behind():
+    """count_forward_passes removes its counting hook when done: no hook piles up on the model across calls."""
+    model = make_model()
+    x = torch.zeros(1, 3, dtype=torch.long)
+    assert count_forward_passes(model, lambda: (model(x), model(x))) == 2
+    assert count_forward_passes(model, lambda: model(x)) == 1
+    assert len(model.blocks[0]._forward_pre_hooks) == 0

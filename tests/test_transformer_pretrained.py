@@ -37,6 +37,12 @@ def test_trainer_help_works(capsys):
     assert "--preset" in capsys.readouterr().out
 
 
+def test_checkpoint_info_leaves_out_the_kind_and_the_vocabulary():
+    """checkpoint_info gives what the trainer recorded, without the kind and the vocabulary (its docstring)."""
+    info = checkpoint_info("lm_target")
+    assert "kind" not in info and "vocab" not in info and "config" in info
+
+
 def test_unknown_checkpoint_name_is_a_clear_error():
     with pytest.raises(CheckpointError, match="lm_target"):
         load_pretrained("lm_nonexistent")
