@@ -125,6 +125,21 @@ def test_rope_scores_depend_only_on_offsets():
     assert math.isclose(float(rotated.norm()), float(q.norm()), rel_tol=1e-5)
 
 
+def test_rope_angles_are_computed_in_float64_so_large_positions_stay_exact():
+    """At position 100,000 a float32 product of position and frequency is off by up to 4e-3 rad; the angles are
+    computed in float64 and only the cosines and sines rounded to float32."""
+    cos, sin = ref.rope_angles(torch.tensor([100_000]), 8)
+    want = 100_000.0 * 10000.0 ** (-torch.arange(0, 8, 2, dtype=torch.float64) / 8)  # (4,)
+    torch.testing.assert_close(cos[0], torch.cos(want).float(), atol=1e-6, rtol=0)
+    torch.testing.assert_close(sin[0], torch.sin(want).float(), atol=1e-6, rtol=0)
+
+
+def test_apply_rope_keeps_the_input_dtype():
+    cos, sin = ref.rope_angles(torch.arange(3), 8)
+    for dtype in (torch.float16, torch.bfloat16, torch.float64):
+        assert ref.apply_rope(torch.randn(1, 3, 8).to(dtype), cos, sin).dtype == dtype
+
+
 def test_rope_2d_scores_depend_only_on_row_and_column_offsets():
     g = torch.Generator().manual_seed(1)
     q, k = torch.randn(16, generator=g), torch.randn(16, generator=g)
