@@ -28,6 +28,15 @@ def _fresh_check_history():
             module.chapter.reset()
 
 
+@pytest.fixture(autouse=True)
+def _close_figures():
+    """Each test's matplotlib figures are closed after it (pyplot keeps every figure open otherwise, and warns
+    past 20), without importing matplotlib into tests that never used it."""
+    yield
+    if "matplotlib.pyplot" in sys.modules:
+        sys.modules["matplotlib.pyplot"].close("all")
+
+
 def pytest_sessionfinish(session):
     """An xdist worker hands its fuzz case counts to the controller, which prints the summary."""
     if hasattr(session.config, "workeroutput"):
