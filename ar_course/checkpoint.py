@@ -372,7 +372,7 @@ def _import(target: type | str, kind: str) -> type:
 
 class _ShapesOnly(TorchFunctionMode):
     """Inside ``torch.device("meta")``: the weight initialisers (``torch.nn.init``, ``Tensor.normal_``...) do nothing
-    to a meta tensor, which holds no values, so that a model is built on meta in a fraction of its real build."""
+    to a meta tensor, which holds no values (for a large model, the initialisers dominate its build)."""
 
     _INIT = frozenset({getattr(torch.nn.init, name) for name in dir(torch.nn.init)
                        if name.endswith("_") and not name.startswith("_")}
@@ -429,7 +429,10 @@ def _one_line(exc: BaseException, limit: int = 200) -> str:
 def _build(path: Path, meta: dict, kind: str | None, state: dict[str, torch.Tensor]) -> torch.nn.Module:
     """The (untrained) model a checkpoint's metadata describes, once ``state`` is known to fit it: the model is
     first built on the ``"meta"`` device (no memory, no initialisation) and its tensors' names, shapes and dtypes
-    compared with ``state``'s, so that a config describing a huge model is refused before anything is allocated."""
+    compared with ``state``'s, so that a config whose weights would not match the file (a huge width or
+    vocabulary, say) is refused before the real model is allocated. Sizes that only non-persistent buffers hold
+    (e.g. a rotary table of ``block_size`` positions) are not in the file to compare: a build that then fails to
+    allocate is a :class:`CheckpointError` too, after the attempt."""
     if kind is not None and meta["kind"] != kind:
         raise CheckpointError(f"{path} holds a {meta['kind']!r} checkpoint, expected {kind!r}")
     if meta["kind"] not in KINDS:

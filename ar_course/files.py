@@ -81,9 +81,9 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         mode = path.stat().st_mode & 0o7777
     except OSError:  # a new file: mkstemp makes it private; give it an ordinary file's mode
         mode = 0o666 & ~_umask()
-    os.chmod(tmp_path, mode)
     try:
         yield tmp_path
+        os.chmod(tmp_path, mode)  # once written: a read-only mode must not stop the writing
         os.replace(tmp_path, path)
     except BaseException:
         tmp_path.unlink(missing_ok=True)

@@ -278,7 +278,8 @@ def frechet_distance_gaussians(mu1: torch.Tensor | np.ndarray, cov1: torch.Tenso
     else:
         raise ValueError(f"method must be 'eigh' or 'sqrtm', got {method!r}")
     diff = mu1 - mu2
-    return max(0.0, float(diff @ diff + np.trace(cov1) + np.trace(cov2) - 2 * trace_sqrt))  # rounding: never < 0
+    distance = float(diff @ diff + np.trace(cov1) + np.trace(cov2) - 2 * trace_sqrt)
+    return 0.0 if distance < 0 else distance  # rounding: never < 0 (NaN stays NaN: max(0.0, nan) would be 0.0)
 
 
 def gaussian_fit(features: torch.Tensor | np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -325,7 +325,7 @@ def read_train_state(path: str | Path, config: TrainConfig,
         raise TrainingError(str(exc)) from None
     if meta["kind"] != STATE_KIND:
         raise TrainingError(f"{path} is not a training state (it holds a {meta['kind']!r} checkpoint)")
-    _check_state(path, tensors, meta["extra"], config)
+    _check_state(path, tensors, meta, config)
     now = json.loads(json.dumps(dataclasses.asdict(config)))  # tuples as JSON lists, like the stored config
     then = {**json.loads(json.dumps(dataclasses.asdict(TrainConfig()))), **meta["config"]}  # older states: defaults
     changed = _changes(then, now, _SCHEDULE_FIELDS)
@@ -343,17 +343,20 @@ def read_train_state(path: str | Path, config: TrainConfig,
     return tensors, meta
 
 
-def _check_state(path: Path, tensors: dict[str, torch.Tensor], extra: dict[str, Any], config: TrainConfig) -> None:
+def _check_state(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any], config: TrainConfig) -> None:
     """:class:`TrainingError` naming ``path`` unless the state's metadata and generator state are what
-    :func:`save_train_state` writes, ``step`` an int in ``0..config.steps`` (checked before any batch is replayed)."""
+    :func:`save_train_state` writes, ``step`` an int in ``0..steps`` of the run that wrote it (checked before any
+    batch is replayed; a run resumed with other ``steps`` is told so by the settings comparison)."""
+    extra = meta["extra"]
     def bad(what: str) -> TrainingError:
         return TrainingError(f"the training state at {path} is damaged: {what}")
 
     step = extra.get("step")
     if not isinstance(step, int) or isinstance(step, bool):
         raise bad(f"step must be an int, got {step!r:.80}" if "step" in extra else "it records no step")
-    if not 0 <= step <= config.steps:
-        raise bad(f"step must be in 0..{config.steps} (the run's steps), got {step}")
+    steps = meta["config"].get("steps", config.steps)  # the run that wrote it (older states: this run's)
+    if isinstance(steps, int) and not 0 <= step <= steps:
+        raise bad(f"step must be in 0..{steps} (the steps of the run that wrote it), got {step}")
     for key, kind in (("optimizer_scalars", dict), ("param_groups", list), ("history", dict)):
         if not isinstance(extra.get(key), kind):
             raise bad(f"{key} must be a JSON {'object' if kind is dict else 'array'}, got {extra.get(key)!r:.80}")

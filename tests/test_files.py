@@ -134,3 +134,16 @@ def test_replacing_a_file_keeps_its_mode(tmp_path, mode):
     assert path.read_text() == "new" and path.stat().st_mode & 0o777 == mode
     save_checkpoint(path, {"w": torch.ones(2)}, {})
     assert path.stat().st_mode & 0o777 == mode
+
+
+
+def test_a_read_only_file_is_replaced_and_stays_read_only(tmp_path):
+    """The mode is copied once the temporary file is written: copied before, a 0444 mode made the temporary file
+    unwritable for anyone but root (a PermissionError naming a hidden temporary path)."""
+    path = tmp_path / "f.txt"
+    path.write_text("old")
+    os.chmod(path, 0o444)
+    with atomic_path(path) as tmp:
+        assert os.stat(tmp).st_mode & 0o200  # the owner may write it, whatever the file it replaces allows
+        tmp.write_text("new")
+    assert path.read_text() == "new" and os.stat(path).st_mode & 0o777 == 0o444

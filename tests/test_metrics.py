@@ -47,6 +47,9 @@ def test_a_set_against_itself_is_at_distance_zero_never_below(method):
     assert frechet_distance_from_features(feats, feats, method=method) == 0.0
     mu, cov = feats.mean(0), torch.cov(feats.T)
     assert frechet_distance_gaussians(mu, cov, mu, cov, method=method) >= 0.0
+    huge = torch.eye(2, dtype=torch.float64) * 1e308  # finite, but the formula overflows: NaN, never a perfect 0
+    with np.errstate(over="ignore", invalid="ignore"):
+        assert math.isnan(frechet_distance_gaussians(torch.zeros(2), huge, torch.ones(2), huge, method=method))
 
 
 def test_frechet_distance_of_images_against_themselves_is_zero():
@@ -161,8 +164,10 @@ def test_psnr_bad_inputs():
 
 
 def test_codebook_usage_by_hand():
-    assert codebook_usage(torch.tensor([0, 1, 2, 3]), 4) == {"fraction_used": 1.0, "num_used": 4, "perplexity": pytest.approx(4.0)}
-    assert codebook_usage(torch.tensor([[0, 0], [1, 1]]), 8) == {"fraction_used": 0.25, "num_used": 2, "perplexity": pytest.approx(2.0)}
+    assert codebook_usage(torch.tensor([0, 1, 2, 3]), 4) == {"fraction_used": 1.0, "num_used": 4,
+                                                             "perplexity": pytest.approx(4.0)}
+    assert codebook_usage(torch.tensor([[0, 0], [1, 1]]), 8) == {"fraction_used": 0.25, "num_used": 2,
+                                                                 "perplexity": pytest.approx(2.0)}
     assert codebook_usage(torch.full((5,), 7), 8)["perplexity"] == pytest.approx(1.0)
     p = np.array([0.75, 0.25])
     assert codebook_usage(torch.tensor([0, 0, 0, 1]), 2)["perplexity"] == pytest.approx(np.exp(-(p * np.log(p)).sum()))

@@ -184,6 +184,10 @@ def test_a_body_past_the_limit_gets_a_413_before_it_is_read(client):
     assert r.status_code == 413 and r.json()["error"]["type"] == "invalid_request_error", r.text
     assert r.json()["error"]["message"] == f"request body too large: at most {limit} bytes for this model's " \
                                            f"context, got Content-Length {10**9}"
+    r = c.post("/v1/completions", content=b"{}", headers={"content-type": "application/json",
+                                                          "content-length": "abc"})
+    assert r.status_code == 400, r.text  # not "too large"
+    assert r.json()["error"]["message"] == "Content-Length must be a number of bytes, got 'abc'"
 
     def chunks():
         yield b'{"prompt": "'

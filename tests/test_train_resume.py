@@ -655,9 +655,9 @@ def _tamper(tensors: dict, extra: dict, change: str) -> None:
 
 
 @pytest.mark.parametrize("change, says", [
-    ("step_huge", "step must be in 0..12 (the run's steps), got 1000000000000"),
-    ("step_over", "step must be in 0..12 (the run's steps), got 13"),
-    ("step_neg", "step must be in 0..12 (the run's steps), got -5"),
+    ("step_huge", "step must be in 0..12 (the steps of the run that wrote it), got 1000000000000"),
+    ("step_over", "step must be in 0..12 (the steps of the run that wrote it), got 13"),
+    ("step_neg", "step must be in 0..12 (the steps of the run that wrote it), got -5"),
     ("step_str", "step must be an int, got 'abc'"), ("step_bool", "step must be an int, got True"),
     ("no_step", "it records no step"), ("no_opt", "optimizer_scalars must be a JSON object, got None"),
     ("opt_list", "optimizer_scalars must be a JSON object, got [1]"),
@@ -702,3 +702,13 @@ def test_an_error_with_finite_weights_is_not_called_divergence():
 
     with pytest.raises(ValueError, match="^batch 2 is bad$"):
         train_loop(model, loss_fn, iter(range(10)), TrainConfig(steps=5, lr=1e-3, warmup=0), progress=False)
+
+
+def test_a_state_further_along_than_a_shorter_new_run_is_other_settings_not_damage(tmp_path):
+    """Step 5 of a 12-step run, resumed with --steps 3: the state is sound, the run's options are not its own."""
+    state = tmp_path / "lin.train-state.safetensors"
+    with pytest.raises(TrainingInterrupted):
+        _keep_best_run(state, keep_best="", interrupt_at=5, settings=RUN)
+    with pytest.raises(TrainingError) as info:
+        read_train_state(state, TrainConfig(steps=3, lr=1e-2, warmup=2, eval_every=2), RUN)
+    assert str(info.value) == _other_settings(state, "steps 12 -> 3")

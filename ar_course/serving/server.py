@@ -106,8 +106,11 @@ class _BodyLimit:
         from starlette.exceptions import HTTPException
 
         length = dict(scope.get("headers") or ()).get(b"content-length")
-        if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
-            got = f"Content-Length {length.decode('latin-1')[:40]}"
+        if length is not None and not length.isdigit():
+            message = f"Content-Length must be a number of bytes, got {length.decode('latin-1')[:40]!r}"
+            return await _error(self.fastapi, 400, message)(scope, receive, send)
+        if length is not None and int(length) > self.max_bytes:
+            got = f"Content-Length {length.decode('latin-1')}"
             return await _error(self.fastapi, 413, self._message(got))(scope, receive, send)
         received = 0
 
