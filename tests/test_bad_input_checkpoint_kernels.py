@@ -237,6 +237,23 @@ def test_softmax_and_vq_nearest_refuse_an_empty_last_axis():
     assert K.softmax(torch.zeros(0, 3)).shape == (0, 3)  # no rows is still fine
 
 
+def test_vq_nearest_refuses_an_empty_codebook_in_one_line():
+    """A codebook of no codes (K = 0) is refused by name, not left to fail inside torch."""
+    with pytest.raises(ValueError, match=r"^codebook must be \(K, D\) with K >= 1 and D >= 1, got shape \(0, 4\)"):
+        K.vq_nearest(torch.randn(3, 4), torch.empty(0, 4))
+
+
+@pytest.mark.parametrize("op", ["flash", "decode"])
+def test_attention_refuses_a_zero_scale(op):
+    """scale=0 would weight every key equally, silently: the scale must be > 0."""
+    q, k, v = _qkv()
+    with pytest.raises(ValueError, match=r"^scale must be a finite number > 0, got 0.0"):
+        if op == "flash":
+            K.flash_attention(q, k, v, scale=0.0)
+        else:
+            K.decode_attention(q[:, :, 0], k, v, 2, scale=0.0)
+
+
 @pytest.mark.parametrize("lengths, error, match", [
     ((1.5, 2), TypeError, r"^BlockCausal lengths\[0\] must be an integer, got 1.5"),
     ((1, True), TypeError, r"^BlockCausal lengths\[1\] must be an integer, got True"),
@@ -337,6 +354,12 @@ def test_numba_cpu_needs_numba_but_not_numba_cuda(monkeypatch):
     assert K.select_backend("vq_nearest", "cpu", large=True) == "numba_cpu"
 
 
+def test_numba_cpu_is_refused_for_cuda_tensors():
+    with pytest.raises(RuntimeError, match=r"^vq_nearest: backend 'numba_cpu' is not available: numba_cpu runs on "
+                                           r"CPU tensors only$"):
+        K.select_backend("vq_nearest", "cuda", "numba_cpu")
+
+
 _Q, _CACHE = torch.randn(2, 3, 4), torch.randn(2, 3, 5, 4)
 
 
@@ -364,3 +387,13 @@ def test_kernel_entry_points_still_refuse_integer_tensors_and_lengths_of_the_wro
         K.decode_attention(_Q, _CACHE, _CACHE, np.array([1, 2]))
     with pytest.raises(ValueError, match=r"^length must be an int or a \(B,\) = \(2,\) integer tensor, got tensor"):
         K.decode_attention(_Q, _CACHE, _CACHE, torch.tensor([1.0, 2.0]))
+
+
+@pytest.mark.parametrize("length, error, match", [
+    (True, TypeError, r"^length must be an int or a \(B,\) = \(2,\) integer tensor, got bool$"),
+    (torch.tensor([3, 6]), ValueError, r"^every length must be in 1\.\.T_max=5, got \[3, 6\]$"),
+], ids=["bool", "past-T_max"])
+def test_decode_attention_refuses_a_bool_or_a_length_tensor_past_t_max(length, error, match):
+    """A bool is no length (True would read as 1), and a (B,) length tensor may not pass T_max by even one."""
+    with pytest.raises(error, match=match):
+        K.decode_attention(_Q, _CACHE, _CACHE, length)

@@ -1,11 +1,15 @@
 """ar_course.kernels on CPU: numba.cuda kernels in the CUDA simulator, the numba CPU search, the masks, the
 sanitizer and the torch-facing wrappers, each against plain torch on random inputs with odd sizes."""
 
+import hashlib
 import json
 import math
 import os
 import subprocess
 import sys
+import types
+from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,10 +20,12 @@ from ar_course.kernels import cuda_attention as ka
 from ar_course.kernels import cuda_basic as kb
 from ar_course.kernels import cuda_softmax as ks
 from ar_course.kernels import cuda_vq as kv
-from ar_course.kernels import env
-from ar_course.kernels.calibrate import software_section
+from ar_course.kernels import calibrate, cpu_vq, env, masks, ops
+from ar_course.kernels.calibrate import Calibrator, default_cache_path, software_section
 from ar_course.kernels.cpu_vq import vq_nearest_cpu
+from ar_course.kernels.launch import as_kernel_array, cdiv, float32_input, pow2_at_least
 from ar_course.kernels.masks import BlockCausal, dense_mask, prefix_lengths
+from ar_course.kernels.precision import compute_dtype
 from ar_course.kernels.sanitizer import SanitizerError, sanitize
 from ar_course.transformer.functional import causal_mask
 from numba import cuda, float32
@@ -77,6 +83,30 @@ def test_a_user_setting_is_kept():
     assert res.stdout.split() == ["0", "False"], res.stderr
 
 
+@pytest.mark.parametrize("value", ["true", "On", "yes"])
+def test_triton_interpret_accepts_the_usual_true_words(monkeypatch, value):
+    """TRITON_INTERPRET=true / On / yes turns the interpreter on, not only TRITON_INTERPRET=1."""
+    monkeypatch.setenv("TRITON_INTERPRET", value)
+    assert env.triton_interpreted()
+
+
+def test_describe_says_numba_is_unusable_where_numba_cuda_cannot_run(monkeypatch):
+    """numba installed, no simulator and no usable GPU: describe() must say "unusable", never "GPU"."""
+    monkeypatch.setattr(env, "NUMBA_INSTALLED", True)
+    monkeypatch.setattr(env, "CUDA_SIMULATOR", False)
+    monkeypatch.setattr(env, "NUMBA_CUDA_USABLE", False)
+    assert "numba.cuda kernels: unusable" in env.describe()
+
+
+def test_installed_is_false_for_a_module_without_a_spec(monkeypatch):
+    """A module in sys.modules whose __spec__ is None makes find_spec raise ValueError: _installed says
+    "not installed" instead of failing the import of ar_course.kernels."""
+    fake = types.ModuleType("ar_course_fake_pkg")
+    fake.__spec__ = None
+    monkeypatch.setitem(sys.modules, "ar_course_fake_pkg", fake)
+    assert env._installed("ar_course_fake_pkg") is False
+
+
 # masks --------------------------------------------------------------------------------------------------
 
 
@@ -100,8 +130,10 @@ def test_prefix_lengths_of_every_mask_kind():
 
 @pytest.mark.parametrize("mask, t_q, t_k, fragment", [
     ("causal", 5, 3, "no more queries than keys"),
+    ("causal", 5, 4, "no more queries than keys"),  # one query too many is refused as well
     ("diagonal", 3, 3, "unknown mask"),
     (BlockCausal((2, 2)), 5, 5, "covers 4"),
+    (BlockCausal((1, 3)), 4, 5, "covers 4 positions, but T_q=4, T_k=5"),  # block-causal needs T_q == T_k
     (torch.ones(3, 3), 3, 3, "bool"),
     (torch.ones(3, 4, dtype=torch.bool), 3, 3, "shape"),
     (torch.eye(3, dtype=torch.bool), 3, 3, "not a prefix"),
@@ -115,6 +147,26 @@ def test_bad_masks_raise(mask, t_q, t_k, fragment):
 def test_block_causal_needs_positive_lengths():
     with pytest.raises(ValueError, match="positive"):
         BlockCausal((2, 0))
+
+
+def test_block_causal_kv_len_is_int32_block_ends():
+    """The kernels take int32 prefix lengths: each query sees up to the end of its own block."""
+    kv = BlockCausal((1, 4, 2)).kv_len()
+    assert kv.dtype == torch.int32 and kv.tolist() == [1, 5, 5, 5, 5, 7, 7]
+
+
+def test_values_are_not_readable_inside_a_compile_trace(monkeypatch):
+    """Inside a torch.compile trace no tensor value may be read back on the host, even on the CPU."""
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert masks.values_readable(torch.device("cpu")) is False
+
+
+def test_a_dense_mask_is_taken_unchecked_where_values_cannot_be_read(monkeypatch):
+    """Where values cannot be read (a capture, a compile trace), a dense mask's rows are taken to be prefixes
+    without the host sync that would check them."""
+    monkeypatch.setattr(masks, "values_readable", lambda device: False)
+    mask = torch.tensor([[True, False, True], [True, True, False]])  # not prefixes: nobody may look
+    assert masks._dense_to_prefix(mask).tolist() == [2, 2]
 
 
 # numba.cuda kernels in the simulator --------------------------------------------------------------------
@@ -381,8 +433,6 @@ def test_softmax_wrapper_paths_agree():
 
 
 def test_a_failing_kernel_falls_back_to_torch_under_auto(monkeypatch):
-    from ar_course.kernels import cpu_vq, ops
-
     def broken(z, codebook):
         raise RuntimeError("no compiler here")
 
@@ -418,8 +468,6 @@ def test_the_record_names_what_ran_per_op_with_call_counts():
 
 
 def test_kernels_are_forward_only_so_auto_takes_torch_for_gradients(monkeypatch):
-    from ar_course.kernels import ops
-
     rule = ops.backend_rule  # as if numba could win here
     monkeypatch.setattr(ops, "backend_rule", lambda op, device_type, why_not, backend="auto", large=False:
                         "numba" if backend == "auto" else rule(op, device_type, why_not, backend, large))
@@ -433,6 +481,83 @@ def test_kernels_are_forward_only_so_auto_takes_torch_for_gradients(monkeypatch)
     assert q.grad is not None
 
 
+def test_under_no_grad_auto_may_take_a_kernel_for_inputs_that_require_grad(monkeypatch):
+    """Only a gradient that will flow back sends "auto" to torch: under torch.no_grad (inference on a trained
+    model's parameters) the kernel may still run."""
+    monkeypatch.setattr(ops, "backend_rule", lambda *a, **k: "numba")
+    x = torch.randn(2, 3, requires_grad=True)
+    with torch.no_grad():
+        assert ops._select_forward_only("softmax", torch.device("cpu"), "auto", x) == "numba"
+    assert ops._select_forward_only("softmax", torch.device("cpu"), "auto", x) == "torch"
+
+
+@needs_sim
+def test_a_forced_backend_is_kept_even_when_a_gradient_is_needed():
+    """Only "auto" switches to torch for gradients; a backend the caller forces is used as asked."""
+    x = torch.randn(2, 3, requires_grad=True)
+    assert ops._select_forward_only("softmax", torch.device("cpu"), "numba", x) == "numba"
+
+
+@needs_sim
+def test_simulated_numba_launches_hold_the_simulation_lock():
+    """numba's CUDA simulator keeps process-wide state, so its launches are serialised by the shared lock."""
+    assert ops._one_at_a_time("numba") is ops._SIMULATED
+
+
+def test_auto_on_a_gpu_prefers_triton_then_numba_then_torch():
+    """On CUDA, "auto" takes the first usable of Triton, numba, torch, in that order."""
+    assert ops.backend_rule("flash_attention", "cuda", lambda b: None) == "triton"
+    assert ops.backend_rule("softmax", "cuda", lambda b: None if b != "triton" else "no triton") == "numba"
+    assert ops.backend_rule("softmax", "cuda", lambda b: None if b == "torch" else "no") == "torch"
+
+
+def test_numba_cpu_takes_vq_nearest_from_exactly_cpu_vq_min_pairs():
+    """vq_nearest counts as large (numba_cpu under "auto") from CPU_VQ_MIN_PAIRS (rows x codes) pairs on."""
+    pytest.importorskip("numba")
+    z, c = torch.randn(ops.CPU_VQ_MIN_PAIRS // 256, 4), torch.randn(256, 4)  # exactly CPU_VQ_MIN_PAIRS pairs
+    with K.record_dispatch() as ran:
+        K.vq_nearest(z, c)
+        K.vq_nearest(z[:-1], c)
+    assert ran.backend("vq_nearest") == "numba_cpu x1, torch x1"
+
+
+def test_vq_nearest_torch_path_computes_in_float32_like_the_kernels():
+    """The torch path rounds float64 input to float32 as the kernels do, so every backend breaks ties alike."""
+    codebook = torch.tensor([[1.0], [1.0 + 1e-12]], dtype=torch.float64)  # one float32 value
+    z = torch.tensor([[2.0]], dtype=torch.float64)  # nearer the second code in float64
+    assert K.vq_nearest(z, codebook, backend="torch").item() == 0  # float32: a tie, the lowest index
+
+
+def test_causal_attention_with_fewer_queries_than_keys_on_the_torch_path():
+    """With T_q < T_k the queries are the last T_q positions (bottom-right causal mask), not SDPA's is_causal
+    (top-left), on the torch path too."""
+    q, k, v = torch.randn(1, 2, 3, 8), torch.randn(1, 2, 7, 8), torch.randn(1, 2, 7, 8)
+    torch.testing.assert_close(K.flash_attention(q, k, v, "causal", backend="torch"),
+                               K.attention_reference(q, k, v, "causal"), atol=1e-5, rtol=1e-5)
+
+
+def test_a_failed_kernel_is_listed_once_per_record_however_many_calls(monkeypatch):
+    """A kernel that failed is named once in a record's fallbacks, however many calls fell back to torch."""
+    monkeypatch.setattr(cpu_vq, "vq_nearest_cpu", lambda z, c: (_ for _ in ()).throw(RuntimeError("no compiler")))
+    monkeypatch.setattr(ops, "_FAILED", {})
+    z, c = torch.randn(400, 4), torch.randn(300, 4)  # large enough for numba_cpu under "auto"
+    with K.record_dispatch() as ran, pytest.warns(RuntimeWarning, match="numba_cpu kernel failed"):
+        for _ in range(3):
+            K.vq_nearest(z, c)
+    assert ran.summary() == {"vq_nearest": "torch",
+                             "fallbacks": ["numba_cpu vq_nearest: RuntimeError: no compiler (used torch)"]}
+
+
+def test_note_dispatch_lists_a_fallback_once_however_many_replays():
+    """Each CUDA-graph replay adds the captured record's calls, but its fallbacks only once."""
+    captured = ops.DispatchRecord(calls={"softmax": Counter(torch=1)}, fallbacks=["triton softmax: E (used torch)"])
+    with K.record_dispatch() as outer:
+        for _ in range(3):  # three CUDA-graph replays of one captured step
+            ops.note_dispatch(captured)
+    assert outer.summary() == {"softmax": "torch", "fallbacks": ["triton softmax: E (used torch)"]}
+    assert outer.calls["softmax"]["torch"] == 3
+
+
 # measured dispatch ---------------------------------------------------------------------------------------
 
 
@@ -442,8 +567,20 @@ def fake_timer(*seconds: float):
     return lambda fn: next(times)
 
 
+@pytest.fixture
+def measured(monkeypatch):
+    """"auto" treats the CPU like a GPU whose candidate is Triton, and the timer says torch is faster (the
+    kernel never runs): every kind of call is measured once, up to 8 of them, each one calibrator entry."""
+    rule = ops.backend_rule
+    monkeypatch.setattr(ops, "backend_rule", lambda op, device_type, why_not, backend="auto", large=False:
+                        "triton" if backend == "auto" else rule(op, device_type, why_not, backend, large))
+    monkeypatch.setattr(ops, "_FAILED", {})
+    calibrator = Calibrator(timer=fake_timer(*[1.0, 2.0] * 8), path=None, device_types=("cpu",))
+    monkeypatch.setattr(ops, "CALIBRATOR", calibrator)
+    return calibrator
+
+
 def test_calibration_keeps_a_kernel_only_when_it_is_faster_by_the_margin(tmp_path):
-    from ar_course.kernels.calibrate import Calibrator
     from ar_course.kernels.ops import auto_choice
 
     def choose(key, torch_s, kernel_s, calibrator=None):
@@ -465,14 +602,39 @@ def test_calibration_keeps_a_kernel_only_when_it_is_faster_by_the_margin(tmp_pat
     assert "numba-cuda " in software_section()  # a numba-cuda upgrade measures the numba kernels again
 
 
+def test_each_kind_of_call_is_measured_separately(measured):
+    """The calibration key holds the op's size bucket: another D, mask kind, even or ragged lengths, or dtype is
+    another kind of call, measured for itself."""
+    z = torch.randn(40, 4)
+    K.vq_nearest(z, torch.randn(8, 4))
+    K.vq_nearest(torch.randn(40, 8), torch.randn(8, 8))  # another D
+    q = torch.randn(1, 2, 8, 16)
+    K.flash_attention(q, q, q)
+    K.flash_attention(q, q, q, "causal")  # another mask kind
+    cache = torch.randn(2, 2, 8, 16)
+    K.decode_attention(q[:, :, 0].expand(2, 2, 16), cache, cache, 8)
+    K.decode_attention(q[:, :, 0].expand(2, 2, 16), cache, cache, torch.tensor([8, 8]))  # ragged lengths
+    K.softmax(torch.randn(3, 5))
+    K.softmax(torch.randn(3, 5, dtype=torch.float64))  # another dtype
+    keys = list(measured.choices())
+    assert len(keys) == 8, keys  # no bucket at all would give 4
+
+
+def test_where_nothing_can_be_timed_an_undecided_call_runs_torch(measured, monkeypatch):
+    """Inside a CUDA-graph capture or a compile trace nothing can be timed: a kind of call not decided yet runs
+    torch, never the unmeasured kernel, and records no decision."""
+    monkeypatch.setattr(ops, "values_readable", lambda device: False)
+    with K.record_dispatch() as ran:
+        K.softmax(torch.randn(3, 5))
+    assert ran.summary() == {"softmax": "torch", "fallbacks": []} and measured.choices() == {}
+
+
 @pytest.mark.parametrize("section", [["triton"], {"k": "triton"}, {"k": {}}, {"k": {"backend": "triton"}}, 7,
                                      {"k": {"backend": "cuda-magic", "seconds": {"triton": 1.0, "torch": 2.0}}},
                                      {"k": {"backend": "numba", "seconds": {"triton": 1.0, "torch": 2.0}}}])
 def test_calibration_measures_again_past_a_malformed_cache_file(tmp_path, section):
     """A cache file that is JSON but not what this version writes (edited by hand, another version) counts as
     no decision: the call is measured again and the file rewritten, never an AttributeError inside dispatch."""
-    from ar_course.kernels.calibrate import Calibrator
-
     path = tmp_path / "choices.json"
     path.write_text(json.dumps({software_section(): section}))
     calibrator = Calibrator(timer=fake_timer(), path=path)
@@ -482,11 +644,84 @@ def test_calibration_measures_again_past_a_malformed_cache_file(tmp_path, sectio
 
 
 def test_calibration_without_a_writable_cache_keeps_its_decisions_in_memory(tmp_path):
-    from ar_course.kernels.calibrate import Calibrator
-
     blocker = tmp_path / "file"
     blocker.write_text("")
     calibrator = Calibrator(timer=fake_timer(), path=blocker / "choices.json")  # a file where a folder must be
     with pytest.warns(RuntimeWarning, match="for this process only"):
         assert calibrator.decide("k", "triton", 1.0, 2.0) == "triton"
     assert calibrator.lookup("k") == "triton" and calibrator.path is None
+
+
+def test_the_default_cache_follows_xdg_cache_home(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert default_cache_path() == tmp_path / "ar_course" / "kernel_choices.json"
+
+
+def test_the_section_digest_covers_the_kernels_source():
+    """The cache section's digest hashes the kernels' source, not only their file names: an edited kernel is
+    measured again."""
+    sources = sorted(Path(calibrate.__file__).parent.glob("*.py"))
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in sources)).hexdigest()[:12]
+    assert software_section().endswith(f"kernels {digest}")
+
+
+def test_a_half_written_cache_file_is_measured_again(tmp_path):
+    """A cache file that is not valid JSON (a half-written save) counts as no decision, never an error."""
+    path = tmp_path / "choices.json"
+    path.write_text('{"torch 2.')
+    calibrator = Calibrator(timer=lambda fn: 1.0, path=path)
+    assert calibrator.lookup("k") is None
+    assert calibrator.decide("k", "triton", 1.0, 2.0) == "triton"
+    assert Calibrator(path=path).lookup("k") == "triton"
+
+
+def test_two_processes_sharing_the_cache_file_keep_each_others_decisions(tmp_path):
+    """Saving merges with what the file holds now: a decision another process wrote meanwhile is kept."""
+    path = tmp_path / "choices.json"
+    a, b = Calibrator(path=path), Calibrator(path=path)
+    assert a.lookup("x") is None and b.lookup("y") is None  # both loaded the (empty) file
+    b.decide("y", "triton", 1.0, 2.0)
+    a.decide("x", "triton", 1.0, 2.0)
+    fresh = Calibrator(path=path)
+    assert fresh.lookup("x") == "triton" and fresh.lookup("y") == "triton"
+
+
+# launch helpers, precision and the reference -------------------------------------------------------------
+
+
+def test_cdiv_is_ceiling_division():
+    assert [cdiv(a, 32) for a in (1, 31, 32, 33, 64, 65)] == [1, 1, 1, 2, 2, 3]
+
+
+def test_pow2_at_least_keeps_powers_of_two():
+    assert [pow2_at_least(n) for n in (0, 1, 2, 3, 4, 5, 64, 65)] == [1, 1, 2, 4, 4, 8, 64, 128]
+
+
+def test_float32_input_checks_axes():
+    """A kernel input with the wrong number of axes is refused before launch; the right one becomes float32."""
+    with pytest.raises(ValueError, match="z must be 2-D"):
+        float32_input(torch.ones(3), 2, "z")
+    assert float32_input(torch.ones(2, 3, dtype=torch.float64), 2, "z").dtype == torch.float32
+
+
+def test_kernel_arrays_must_be_contiguous():
+    """A non-contiguous tensor is refused: a kernel would index its memory as if it were contiguous."""
+    with pytest.raises(ValueError, match="contiguous"):
+        as_kernel_array(torch.ones(4, 4).t())
+
+
+def test_compute_dtype_promotes_and_rounds_float64_to_float32():
+    """The kernels compute in the promoted dtype of all their inputs, with float64 rounded to float32."""
+    f16, bf16, f32, f64 = (torch.ones(1, dtype=d)
+                           for d in (torch.float16, torch.bfloat16, torch.float32, torch.float64))
+    assert compute_dtype(f64, f64) == torch.float32
+    assert compute_dtype(bf16, f32, f32) == torch.float32
+    assert compute_dtype(f16, bf16) == torch.float32
+    assert compute_dtype(f16, f16) == torch.float16
+
+
+def test_attention_reference_uses_its_scale():
+    """The reference takes a scale other than 1/sqrt(D) (checked without the simulator's kernels)."""
+    q, k, v = torch.randn(1, 1, 4, 8), torch.randn(1, 1, 4, 8), torch.randn(1, 1, 4, 8)
+    want = torch.softmax(q @ k.transpose(-2, -1) * 0.1, -1) @ v
+    torch.testing.assert_close(K.attention_reference(q, k, v, scale=0.1), want)

@@ -2,6 +2,10 @@
 raster AR, VAR's per-scale pass, speculative decoding with rollbacks, the Generator's options, bad input.
 The CUDA-graph replay of these steps is checked in test_graphs_gpu.py."""
 
+import warnings
+from contextlib import nullcontext
+from itertools import count
+
 import pytest
 import torch
 from torch.overrides import TorchFunctionMode
@@ -10,8 +14,9 @@ from ar_course import checkpoint, raster, var
 from ar_course.sampling import GREEDY, SamplingConfig
 from ar_course.speculative import sjd_generate, speculative_generate
 from ar_course.system import GenerationRequest, Generator
-from ar_course.transformer import GPT, GPTConfig
-from ar_course.kernels import masks
+from ar_course.transformer import GPT, GPTConfig, graphs
+from ar_course.kernels import masks, ops, record_dispatch
+from ar_course.transformer.graphs import CUDAGraphStep, _replace_tensors, _signature, _tensors
 from ar_course.transformer.model import KernelAttention, StaticKVCache, sdpa_attention, use_attention
 
 SAMPLINGS = {"greedy": GREEDY, "seeded": SamplingConfig(temperature=1.0, top_k=20)}
@@ -68,6 +73,23 @@ def test_static_cache_masks_positions_past_its_length_on_the_device():
     assert cache.length == 1
     cache.rollback(torch.tensor(4))
     assert cache.length == 4
+
+
+def test_static_cache_advance_past_max_len_is_refused():
+    with pytest.raises(ValueError, match=r"^advance n must be an integer in \[0, 4\], got 5"):
+        StaticKVCache(1, 1, 1, 4, 2).advance(5)
+
+
+def test_static_cache_changes_pos_in_place_for_captured_graphs():
+    """A captured CUDA graph reads the cache's length from one device tensor: rollback (to an int or a tensor)
+    and reset write into that tensor instead of replacing it."""
+    cache = StaticKVCache(1, 1, 1, 8, 2)
+    pos = cache.pos  # what a captured graph reads
+    cache.advance(5)
+    cache.rollback(torch.tensor(3))
+    assert cache.pos is pos and int(pos) == 3
+    cache.reset()
+    assert cache.pos is pos and int(pos) == 0
 
 
 @pytest.mark.parametrize("sampling", SAMPLINGS.values(), ids=SAMPLINGS.keys())
@@ -180,8 +202,6 @@ def test_bad_static_caches_are_refused(models):
 
 def test_graph_signatures_separate_shapes_and_caches():
     """What a captured graph is specialised to (the capture itself needs CUDA: test_graphs_gpu.py)."""
-    from ar_course.transformer.graphs import _replace_tensors, _signature, _tensors
-
     a, b = StaticKVCache(1, 2, 1, 8, 2), StaticKVCache(1, 2, 1, 8, 2)
     x = torch.zeros(2, 1, dtype=torch.long)
     key = _signature((x,), {"classes": None, "cache": a})
@@ -195,16 +215,38 @@ def test_graph_signatures_separate_shapes_and_caches():
     assert [t.shape for t in _tensors((x, 3), {"y": y, "cache": a})] == [x.shape, y.shape]
 
 
+def test_a_graph_signature_includes_dtypes():
+    assert _signature((torch.zeros(2),), {}) != _signature((torch.zeros(2, dtype=torch.float64),), {})
+
+
+def test_a_graph_signature_includes_autocast(monkeypatch):
+    """A graph captured without autocast must not be replayed under autocast (nor the other way round)."""
+    x = torch.zeros(2, 1)
+    plain = _signature((x,), {})
+    monkeypatch.setattr(torch, "is_autocast_enabled", lambda *device: True)
+    assert _signature((x,), {}) != plain
+
+
+def test_a_graph_signature_includes_the_attention_in_effect():
+    """A graph captured with one attention (use_attention) must not be replayed under another."""
+    x = torch.zeros(2, 1)
+    plain = _signature((x,), {})
+    with use_attention(KernelAttention("torch")):
+        assert _signature((x,), {}) != plain
+
+
+def test_keyword_tensors_are_taken_in_name_order():
+    """_tensors lists keyword tensors sorted by name, the order _replace_tensors writes them back in."""
+    a, b = torch.zeros(1), torch.zeros(2)
+    assert [t.shape for t in _tensors((), {"b": b, "a": a})] == [a.shape, b.shape]
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the fallback where no capture can work")
 def test_a_graph_step_that_cannot_capture_warns_once_and_runs_eagerly():
-    from ar_course.transformer.graphs import CUDAGraphStep
-
     step = CUDAGraphStep(lambda x: x * 2)
     with pytest.warns(RuntimeWarning, match="CUDA graph capture failed, running eagerly"):
         assert torch.equal(step(torch.ones(2)), torch.full((2,), 2.0))
     assert step.failure and step.graphs == 0 and step.capture_seconds == 0
-    import warnings
-
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert torch.equal(step(torch.ones(3)), torch.full((3,), 2.0))
@@ -247,14 +289,9 @@ class _FakeGraph:
         pass
 
 
-def test_a_graph_step_reports_the_kernels_of_one_pass_at_every_call(monkeypatch):
-    """A replay runs no kernel entry point, so warm graphs=True calls reported "attention: none"; the first call
-    counted the two warm-up passes too. Each call now reports the capture pass's record once (audit 23)."""
-    from contextlib import nullcontext
-
-    from ar_course.kernels import ops, record_dispatch
-    from ar_course.transformer.graphs import CUDAGraphStep
-
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    """CUDA graphs on CPU for bookkeeping tests (_FakeGraph, streams that do nothing)."""
     stream = type("Stream", (), {"wait_stream": lambda self, other: None})
     monkeypatch.setattr(torch.cuda, "CUDAGraph", _FakeGraph)
     monkeypatch.setattr(torch.cuda, "graph", lambda graph: nullcontext())
@@ -262,6 +299,11 @@ def test_a_graph_step_reports_the_kernels_of_one_pass_at_every_call(monkeypatch)
     monkeypatch.setattr(torch.cuda, "stream", lambda s: nullcontext())
     monkeypatch.setattr(torch.cuda, "current_stream", stream)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+
+
+def test_a_graph_step_reports_the_kernels_of_one_pass_at_every_call(fake_cuda):
+    """A replay runs no kernel entry point, so warm graphs=True calls reported "attention: none"; the first call
+    counted the two warm-up passes too. Each call now reports the capture pass's record once (audit 23)."""
     passes = []
 
     def step(x):
@@ -276,3 +318,13 @@ def test_a_graph_step_reports_the_kernels_of_one_pass_at_every_call(monkeypatch)
     assert len(passes) == 3 and graphed.graphs == 1  # two warm-ups and the capture, then replays only
     assert first.summary() == warm.summary() == {"flash_attention": "triton", "fallbacks": []}
     assert first.calls["flash_attention"]["triton"] == warm.calls["flash_attention"]["triton"] == 1
+
+
+def test_capture_seconds_sums_every_capture(fake_cuda, monkeypatch):
+    """capture_seconds is the time of every capture so far (one per signature), not the last one's."""
+    clock = count()
+    monkeypatch.setattr(graphs.time, "perf_counter", lambda: float(next(clock)))
+    step = CUDAGraphStep(lambda x: x * 2, warmup=1)
+    step(torch.ones(2))
+    step(torch.ones(3))  # a second signature: a second capture
+    assert step.graphs == 2 and step.capture_seconds == 2.0
