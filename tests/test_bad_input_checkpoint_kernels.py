@@ -237,6 +237,12 @@ def test_softmax_and_vq_nearest_refuse_an_empty_last_axis():
     assert K.softmax(torch.zeros(0, 3)).shape == (0, 3)  # no rows is still fine
 
 
+def test_softmax_refuses_a_scalar_with_value_error():
+    """A 0-d tensor has no last axis: one ValueError naming the shape, not an IndexError from inside."""
+    with pytest.raises(ValueError, match=r"^x must be \(\.\.\., C\) with C >= 1, got shape \(\)"):
+        K.softmax(torch.tensor(1.0))
+
+
 def test_vq_nearest_refuses_an_empty_codebook_in_one_line():
     """A codebook of no codes (K = 0) is refused by name, not left to fail inside torch."""
     with pytest.raises(ValueError, match=r"^codebook must be \(K, D\) with K >= 1 and D >= 1, got shape \(0, 4\)"):

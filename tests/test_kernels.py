@@ -23,7 +23,7 @@ from ar_course.kernels import cuda_vq as kv
 from ar_course.kernels import calibrate, cpu_vq, env, masks, ops
 from ar_course.kernels.calibrate import Calibrator, default_cache_path, software_section
 from ar_course.kernels.cpu_vq import vq_nearest_cpu
-from ar_course.kernels.launch import as_kernel_array, cdiv, float32_input, pow2_at_least
+from ar_course.kernels.launch import as_kernel_array, cdiv, float32_input, launch, pow2_at_least
 from ar_course.kernels.masks import BlockCausal, dense_mask, prefix_lengths
 from ar_course.kernels.precision import compute_dtype
 from ar_course.kernels.sanitizer import SanitizerError, sanitize
@@ -536,6 +536,19 @@ def test_causal_attention_with_fewer_queries_than_keys_on_the_torch_path():
                                K.attention_reference(q, k, v, "causal"), atol=1e-5, rtol=1e-5)
 
 
+def test_torch_attention_of_mixed_dtypes_returns_the_query_dtype():
+    """Half queries over a float32 cache (autocast's mix): the torch path computes in float32 and returns the
+    queries' dtype, as the kernels and the docstring promise, in both attention entry points."""
+    g = gen(0)
+    q = torch.randn(1, 2, 3, 8, generator=g).half()
+    k, v = torch.randn(1, 2, 5, 8, generator=g), torch.randn(1, 2, 5, 8, generator=g)
+    for mask in (None, "causal"):
+        out = K.flash_attention(q, k, v, mask, backend="torch")
+        assert out.dtype == torch.float16
+        torch.testing.assert_close(out.float(), K.attention_reference(q.float(), k, v, mask), atol=2e-3, rtol=0)
+    assert K.decode_attention(q[:, :, 0], k, v, 4, backend="torch").dtype == torch.float16
+
+
 def test_a_failed_kernel_is_listed_once_per_record_however_many_calls(monkeypatch):
     """A kernel that failed is named once in a record's fallbacks, however many calls fell back to torch."""
     monkeypatch.setattr(cpu_vq, "vq_nearest_cpu", lambda z, c: (_ for _ in ()).throw(RuntimeError("no compiler")))
@@ -704,6 +717,18 @@ def test_float32_input_checks_axes():
     assert float32_input(torch.ones(2, 3, dtype=torch.float64), 2, "z").dtype == torch.float32
 
 
+@pytest.mark.skipif(not env.NUMBA_CUDA_USABLE, reason="launch needs numba.cuda (a GPU or the simulator)")
+def test_a_grid_without_blocks_launches_nothing():
+    """An empty input gives a grid with no blocks: launch returns without launching (a GPU refuses such a launch)."""
+
+    class Kernel:
+        def __getitem__(self, config):
+            raise AssertionError(f"launched with {config}")
+
+    launch(Kernel(), (0,), (32,), torch.zeros(0))
+    launch(Kernel(), (2, 0), (32, 4), torch.zeros(0, 3))
+
+
 def test_kernel_arrays_must_be_contiguous():
     """A non-contiguous tensor is refused: a kernel would index its memory as if it were contiguous."""
     with pytest.raises(ValueError, match="contiguous"):
@@ -718,6 +743,16 @@ def test_compute_dtype_promotes_and_rounds_float64_to_float32():
     assert compute_dtype(bf16, f32, f32) == torch.float32
     assert compute_dtype(f16, bf16) == torch.float32
     assert compute_dtype(f16, f16) == torch.float16
+
+
+def test_compute_dtype_follows_autocast_only_for_a_half_dtype():
+    """Under autocast the products run in its half dtype; an autocast set to a dtype that is not half (float32,
+    which torch.set_autocast_dtype allows) is ignored and the inputs' promoted dtype is used."""
+    f16, f32 = torch.ones(1, dtype=torch.float16), torch.ones(1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert compute_dtype(f32, f32) == torch.bfloat16
+        torch.set_autocast_dtype("cpu", torch.float32)  # restored when the autocast block exits
+        assert torch.is_autocast_enabled("cpu") and compute_dtype(f16, f16) == torch.float16
 
 
 def test_attention_reference_uses_its_scale():

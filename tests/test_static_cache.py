@@ -80,6 +80,14 @@ def test_static_cache_advance_past_max_len_is_refused():
         StaticKVCache(1, 1, 1, 4, 2).advance(5)
 
 
+def test_a_half_precision_static_cache_takes_float32_keys_and_values():
+    """A float16 cache written by a float32 model (or autocast's mix) casts both keys and values to its dtype."""
+    cache = StaticKVCache(1, 1, 1, 4, 2, dtype=torch.float16)
+    k_all, v_all = cache.append(0, torch.full((1, 1, 2, 2), 1.5), torch.full((1, 1, 2, 2), 2.5))
+    assert k_all.dtype == v_all.dtype == torch.float16
+    assert k_all[0, 0, :, 0].tolist() == [1.5, 1.5, 0, 0] and v_all[0, 0, :, 0].tolist() == [2.5, 2.5, 0, 0]
+
+
 def test_static_cache_changes_pos_in_place_for_captured_graphs():
     """A captured CUDA graph reads the cache's length from one device tensor: rollback (to an int or a tensor)
     and reset write into that tensor instead of replacing it."""

@@ -52,6 +52,15 @@ def test_causal_mask_structure_and_offset():
         ref.causal_mask(5, 3)
 
 
+def test_plain_attention_scales_by_the_query_head_size_when_values_are_wider():
+    """The scores are divided by sqrt of the q/k head size D, also when the values have another width D_v."""
+    g = torch.Generator().manual_seed(2)
+    q, k, v = torch.randn(1, 3, 4, generator=g), torch.randn(1, 5, 4, generator=g), torch.randn(1, 5, 9, generator=g)
+    want = torch.softmax(q @ k.transpose(-2, -1) / 2.0, -1) @ v
+    torch.testing.assert_close(ref.scaled_dot_product_attention(q, k, v), want)
+    torch.testing.assert_close(ref.scaled_dot_product_attention(q, k, v), F.scaled_dot_product_attention(q, k, v))
+
+
 def test_plain_attention_equals_sdpa():
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 3, 7, 8, generator=g) for _ in range(3))
@@ -153,6 +162,16 @@ def test_rope_2d_scores_depend_only_on_row_and_column_offsets():
     assert not math.isclose(score((2, 3), (1, 1)), score((3, 2), (1, 1)), abs_tol=1e-3)
     with pytest.raises(ValueError, match="divisible by 4"):
         ref.rope_2d_angles(torch.tensor([0]), torch.tensor([0]), 6)
+
+
+def test_rope_2d_rotates_the_first_half_of_the_pairs_with_the_row():
+    """Row first, then column: the first dim // 4 pairs turn with the row index, the rest with the column, so a
+    checkpoint trained with this layout reads its token map the right way round."""
+    cos, sin = ref.rope_2d_angles(torch.tensor([3]), torch.tensor([0]), 16)  # row 3, column 0
+    row_cos, row_sin = ref.rope_angles(torch.tensor([3]), 8)
+    torch.testing.assert_close(cos[:, :4], row_cos)
+    torch.testing.assert_close(sin[:, :4], row_sin)
+    assert torch.equal(cos[:, 4:], torch.ones(1, 4)) and torch.equal(sin[:, 4:], torch.zeros(1, 4))
 
 
 def test_cached_attention_writes_cache_and_matches_full_attention():
