@@ -175,6 +175,23 @@ def test_show_images_row_labels_one_per_row_label_each_row():
     assert viz.show_images(IMG, nrow=8, row_labels=["one row"]).axes[0].get_ylim()[0] < IMG.shape[-2] + 4
 
 
+def test_show_images_draws_grayscale_on_a_fixed_0_1_scale_with_its_title():
+    """A single-channel batch is drawn in gray, with 0 black and 1 white whatever the batch's own range (a dark
+    batch stays dark), under the title given."""
+    fig = viz.show_images(IMG * 0.2, nrow=4, title="samples")
+    ax = fig.axes[0]
+    assert ax.images[0].get_cmap().name == "gray" and ax.images[0].get_clim() == (0, 1)
+    assert ax.get_title() == "samples"
+    rgb = viz.show_images(IMG.repeat(1, 3, 1, 1) * 0.2, nrow=4).axes[0]
+    assert rgb.images[0].get_clim() == (0, 1) and rgb.get_title() == ""
+
+
+def test_plot_losses_log_scale_only_when_asked():
+    """logy=True puts the loss axis on a log scale (losses that fall by orders of magnitude); the default is linear."""
+    assert viz.plot_losses({"train": [3.0, 2.0, 1.0]}, logy=True).axes[0].get_yscale() == "log"
+    assert viz.plot_losses({"train": [3.0, 2.0, 1.0]}).axes[0].get_yscale() == "linear"
+
+
 def test_plot_losses_with_steps_of_the_right_length_plots_them():
     fig = viz.plot_losses({"train": [3.0, 2.0, 1.0], "val": [2.5, 1.5]}, steps={"val": [0, 2]})
     assert [list(line.get_xdata()) for line in fig.axes[0].lines] == [[0, 1, 2], [0, 2]]

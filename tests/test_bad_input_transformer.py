@@ -263,6 +263,20 @@ def test_evaluate_lm_checks_max_windows(gpt, max_windows, error, match):
     assert evaluate_lm(gpt, ids, 4, max_windows=3) == evaluate_lm(gpt, ids, 4, max_windows=np.int64(3))
 
 
+def test_evaluate_lm_leaves_the_model_in_the_mode_it_found():
+    """Evaluating during training (it switches to eval mode to score) hands the model back in training mode, so
+    dropout keeps working for the next steps; a model in eval mode stays in eval mode."""
+    from ar_course.transformer.train import evaluate_lm
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**SMALL))
+    ids = torch.arange(40) % 10
+    for training in (True, False):
+        model.train(training)
+        evaluate_lm(model, ids, 4)
+        assert all(m.training == training for m in model.modules())
+
+
 @pytest.mark.parametrize("cache", [KVCache, StaticKVCache])
 def test_a_cache_reads_its_device_name_as_get_device_does(cache):
     """A device name torch cannot read is the package's one-line ValueError, not torch's list of device types."""

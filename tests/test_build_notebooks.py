@@ -64,6 +64,30 @@ def test_build_and_check_round_trip(tmp_path):
     assert bn.build(sols, nbs, check=True) == ["stale.ipynb"]
 
 
+def test_build_deletes_notebooks_that_have_no_solution_and_check_only_lists_them(tmp_path):
+    """A learner notebook whose solution notebook was removed is deleted by a build; --check leaves it in place."""
+    sols, nbs = tmp_path / "solutions", tmp_path / "notebooks"
+    sols.mkdir()
+    nbformat.write(solution_notebook(), sols / "90_fixture.ipynb")
+    bn.build(sols, nbs)
+    (nbs / "stale.ipynb").write_text("{}")
+    assert bn.build(sols, nbs, check=True) == ["stale.ipynb"] and (nbs / "stale.ipynb").exists()
+    assert bn.build(sols, nbs) == ["stale.ipynb"] and not (nbs / "stale.ipynb").exists()
+    assert sorted(p.name for p in nbs.iterdir()) == ["90_fixture.ipynb"]
+
+
+def test_learner_notebook_drops_saved_widget_state():
+    """Widget state saved in a solution notebook (large, and stale without its outputs) is not copied into the
+    learner notebook; the rest of the notebook metadata is kept."""
+    sol = solution_notebook()
+    sol.metadata["widgets"] = {"application/vnd.jupyter.widget-state+json": {"state": {"abc": {}}}}
+    sol.metadata["language_info"] = {"name": "python"}
+    learner = bn.learner_notebook(sol)
+    assert "widgets" not in learner.metadata and "widgets" not in bn.render(learner)
+    assert learner.metadata["language_info"] == {"name": "python"}
+    assert "widgets" in sol.metadata  # the input is untouched
+
+
 def test_notebooks_use_the_default_python3_kernel():
     """Any Jupyter with ipykernel opens them: no kernel to register (`make lab` starts the venv's Jupyter, whose
     python3 kernel is the venv's Python)."""

@@ -67,3 +67,16 @@ def test_tools_outside_a_checkout_fail_in_one_line_and_work_with_root(tmp_path, 
 
 def test_bench_lists_the_checkouts_benchmarks():
     assert {"kernels", "var", "system"} <= set(bench.available(ROOT))
+
+
+def test_a_project_folder_without_the_needed_folder_is_not_taken_for_the_checkout(tmp_path, monkeypatch):
+    """A folder with the ar-course pyproject.toml but without solutions/ (or benchmarks/) is not the checkout a
+    tool needs: --root there is refused, and the search for a benchmark file goes on to the checkout that has it."""
+    (tmp_path / "pyproject.toml").write_text((ROOT / "pyproject.toml").read_text(encoding="utf-8"), encoding="utf-8")
+    (tmp_path / "solutions").mkdir()
+    assert find_root("solutions", tmp_path) == tmp_path.resolve()
+    with pytest.raises(CheckoutNotFound, match="looked for pyproject.toml with benchmarks/"):
+        find_root("benchmarks", tmp_path)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(checkout, "SOURCE", ROOT)
+    assert checkout_file("benchmarks", "results", "var.json") == ROOT / "benchmarks" / "results" / "var.json"

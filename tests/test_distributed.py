@@ -103,3 +103,44 @@ def test_sync_batch_norm_alone_is_batch_norm():
     torch.testing.assert_close(synced(x), plain(x), rtol=0, atol=0)
     torch.testing.assert_close(synced.running_var, plain.running_var, rtol=0, atol=0)
     assert synced.state_dict().keys() == plain.state_dict().keys()
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_sync_batch_norm_over_two_processes_matches_batch_norm_on_the_global_batch(monkeypatch, momentum):
+    """Two processes holding the same half batch x (simulated: every all_reduce doubles its tensor) must compute
+    what BatchNorm2d computes on the global batch [x; x]: the same outputs, running mean and unbiased running
+    variance (momentum 0.1 or the cumulative average), and the same gradient for x -- which needs the other
+    process's gradient summed in through the cross-process sums."""
+    monkeypatch.setattr(ddp, "is_distributed", lambda: True)
+    monkeypatch.setattr(ddp, "world_size", lambda: 2)
+    monkeypatch.setattr(ddp.dist, "all_reduce", lambda t: t.mul_(2))
+    torch.manual_seed(0)
+    plain, synced = torch.nn.BatchNorm2d(3, momentum=momentum), ddp.SyncBatchNorm2d(3, momentum=momentum)
+    with torch.no_grad():
+        plain.weight.copy_(torch.tensor([0.5, 1.0, 2.0])), plain.bias.copy_(torch.tensor([0.1, -0.2, 0.3]))
+    synced.load_state_dict(plain.state_dict())
+    w = torch.randn(2, 3, 2, 3)
+    for step in range(2):
+        x = (torch.randn(2, 3, 2, 3) * (step + 1) + step).requires_grad_()
+        xx = torch.cat([x.detach(), x.detach()]).requires_grad_()
+        out, ref = synced(x), plain(xx)
+        torch.testing.assert_close(out, ref[:2])
+        (out * w).sum().backward()
+        (ref * torch.cat([w, w])).sum().backward()
+        torch.testing.assert_close(x.grad, xx.grad[:2])
+        torch.testing.assert_close(synced.running_mean, plain.running_mean)
+        torch.testing.assert_close(synced.running_var, plain.running_var)
+
+
+def test_shard_batch_gives_each_process_its_contiguous_slice(monkeypatch):
+    """Under 2 processes, rank r trains on rows [r*n/2, (r+1)*n/2) of every global batch tensor -- the rows whose
+    random numbers draw_rows gives it -- and a batch that does not divide is refused."""
+    monkeypatch.setattr(ddp, "world_size", lambda: 2)
+    monkeypatch.setattr(ddp, "rank", lambda: 1)
+    x = torch.arange(6)
+    images, labels = ddp.shard_batch((x.view(6, 1), {"y": x}))
+    assert images.flatten().tolist() == [3, 4, 5] and labels["y"].tolist() == [3, 4, 5]
+    with ddp.global_batch_draws():
+        assert ddp.draw_rows(lambda n: torch.arange(n), 3).tolist() == [3, 4, 5]
+    with pytest.raises(ValueError, match="not divisible by the world size 2"):
+        ddp.shard_batch(torch.arange(5))

@@ -3,6 +3,7 @@ test command, and the Makefile provides both README commands (installing every e
 dependencies are the four it needs, and ``doctor`` catches a numpy that numba-cuda cannot compile with."""
 
 import re
+import sys
 import tomllib
 from pathlib import Path
 
@@ -107,3 +108,33 @@ def test_doctor_says_whether_jupyter_is_missing_or_broken(monkeypatch, missing, 
     monkeypatch.setattr(builtins, "__import__", without)
     jupyter = next(f for f in doctor.run_checks() if f.name == "jupyter")
     assert (jupyter.status, jupyter.detail) == (doctor.FAIL, detail)
+
+
+def test_doctor_exits_1_only_when_a_requirement_fails(monkeypatch, capsys):
+    """A FAIL finding makes `doctor` exit 1 and count it; WARN findings alone still exit 0."""
+    findings = [doctor.Finding(doctor.OK, "python", "3.11"), doctor.Finding(doctor.WARN, "triton", "not installed")]
+    monkeypatch.setattr(doctor, "run_checks", lambda: list(findings))
+    assert doctor.main([]) == 0 and capsys.readouterr().out.rstrip().endswith("all requirements met")
+    findings.append(doctor.Finding(doctor.FAIL, "numba", "not installed"))
+    assert doctor.main([]) == 1 and capsys.readouterr().out.rstrip().endswith("1 blocking problem(s)")
+
+
+def test_doctor_fails_without_numba_or_a_working_simulator_and_only_warns_for_optional_parts(monkeypatch):
+    """numba and its CUDA simulator block chapter 06 (FAIL); a missing ipywidgets only warns; the C++ compiler
+    named by $CXX is the one reported."""
+    real = doctor._version
+    monkeypatch.setattr(doctor, "_distribution_version", lambda name: None)
+    monkeypatch.setattr(doctor, "_version", lambda m: None if m in ("numba", "triton") else real(m))
+    numba = next(f for f in doctor._kernel_checks() if f.name == "numba")
+    assert numba.status == doctor.FAIL and "pip install -e '.[kernels]'" in numba.detail
+    monkeypatch.setattr(doctor, "_version", lambda m: "0.61" if m == "numba" else None if m == "triton" else real(m))
+    monkeypatch.setattr(doctor, "_probe", lambda code, timeout=120: (False, "AssertionError"))
+    sim = next(f for f in doctor._kernel_checks() if f.name == "numba CUDA simulator")
+    assert (sim.status, sim.detail) == (doctor.FAIL, "numba 0.61: AssertionError")
+
+    monkeypatch.setattr(doctor, "_version", lambda m: None if m == "ipywidgets" else real(m))
+    monkeypatch.setattr(doctor, "_kernel_checks", lambda: [])
+    monkeypatch.setenv("CXX", sys.executable)  # an executable, as a compiler named by $CXX would be
+    found = {f.name: f for f in doctor.run_checks()}
+    assert found["ipywidgets"].status == doctor.WARN and "pip install -e '.[course]'" in found["ipywidgets"].detail
+    assert found["C++ compiler"].status == doctor.OK and found["C++ compiler"].detail.startswith(sys.executable)
