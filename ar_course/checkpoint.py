@@ -47,6 +47,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 from torch.overrides import TorchFunctionMode
 
+from ar_course.cli import exception_line
 from ar_course.files import _file_path, atomic_write_bytes
 from ar_course.utils import check_finite, get_device
 
@@ -178,12 +179,10 @@ def save_checkpoint(
     state = _state_dict(model)
     metadata = {"config": _json("config", _to_dict(config)), "kind": kind, "extra": _json("extra", extra)}
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
-    for k, v in tensors.items():
-        try:
-            if v.is_floating_point():
-                check_finite(k, v)
-        except ValueError as exc:
-            raise NonFiniteWeightsError(f"{exc}; nothing was written to {path}") from None
+    try:
+        _check_finite_tensors(tensors)
+    except ValueError as exc:
+        raise NonFiniteWeightsError(f"{exc}; nothing was written to {path}") from None
     atomic_write_bytes(path, save(tensors, metadata=metadata))  # save_file would make the file private (0600)
     return path
 
@@ -420,12 +419,6 @@ def load_error_problems(exc: BaseException) -> list[str]:
     return lines[1:] or lines
 
 
-def _one_line(exc: BaseException, limit: int = 200) -> str:
-    """``exc`` as ``Type: message``, its first line cut to ``limit`` characters."""
-    text = (str(exc).splitlines() or [""])[0]
-    return f"{type(exc).__name__}: {text[:limit]}{'...' if len(text) > limit else ''}"
-
-
 def _build(path: Path, meta: dict, kind: str | None, state: dict[str, torch.Tensor]) -> torch.nn.Module:
     """The (untrained) model a checkpoint's metadata describes, once ``state`` is known to fit it: the model is
     first built on the ``"meta"`` device (no memory, no initialisation) and its tensors' names, shapes and dtypes
@@ -461,7 +454,7 @@ def _build(path: Path, meta: dict, kind: str | None, state: dict[str, torch.Tens
         if isinstance(exc, CheckpointError):
             raise
         raise CheckpointError(f"{path}: the model its {meta['kind']!r} config describes cannot be built "
-                              f"({_one_line(exc)})") from None
+                              f"({exception_line(exc)})") from None
 
 
 def _device(device: str | torch.device) -> torch.device:
@@ -475,23 +468,22 @@ def _device(device: str | torch.device) -> torch.device:
     return get_device(device)
 
 
-def _check_finite_weights(path: Path, state: dict[str, torch.Tensor]) -> None:
-    """:class:`CheckpointError` naming ``path`` and the first floating-point tensor of ``state`` that holds NaN or
-    inf (as :func:`save_checkpoint` refuses to write)."""
-    for key, value in state.items():
+def _check_finite_tensors(tensors: dict[str, torch.Tensor]) -> None:
+    """``ValueError`` naming the first floating-point tensor of ``tensors`` that holds NaN or inf (``w must be
+    finite, got nan``): what :func:`save_checkpoint` refuses to write and :func:`load` to read."""
+    for key, value in tensors.items():
         if value.is_floating_point():
-            try:
-                check_finite(key, value)
-            except ValueError as exc:
-                raise CheckpointError(f"{path} holds weights that are not finite (a run that diverged?): {exc}") \
-                    from None
+            check_finite(key, value)
 
 
 def _load(path: Path, device: str | torch.device, kind: str | None) -> tuple[torch.nn.Module, dict]:
     device = _device(device)
     state, meta = load_checkpoint(path, device="cpu")
     model = _build(path, meta, kind, state)
-    _check_finite_weights(path, state)
+    try:
+        _check_finite_tensors(state)
+    except ValueError as exc:
+        raise CheckpointError(f"{path} holds weights that are not finite (a run that diverged?): {exc}") from None
     try:
         model.load_state_dict(state, strict=True)  # copies (and casts) into the model's default-dtype parameters
     except RuntimeError as exc:

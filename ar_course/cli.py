@@ -271,6 +271,13 @@ def first_line(text: str) -> str:
     return next((line.strip() for line in text.splitlines() if line.strip()), "")
 
 
+def exception_line(exc: BaseException, limit: int = 200) -> str:
+    """``exc`` as ``Type: message`` on one line: the first line of its message, cut to ``limit`` characters
+    (``...`` marks a cut)."""
+    text = first_line(str(exc))
+    return f"{type(exc).__name__}: {text[:limit]}{'...' if len(text) > limit else ''}"
+
+
 def _describe(exc: BaseException) -> str:
     """One line for an unexpected exception: its message, after its type's name unless that adds nothing."""
     message = first_line(str(exc))

@@ -49,7 +49,9 @@ from ar_course.checkpoint import (
     ASSETS, CheckpointError, NonFiniteWeightsError, first_and_more, load, load_checkpoint, load_error_problems,
     save_checkpoint, state_dict_problems,
 )
-from ar_course.cli import device_name, int_in, nonnegative_int, positive_float, positive_int, probability
+from ar_course.cli import (
+    device_name, exception_line, int_in, nonnegative_int, positive_float, positive_int, probability,
+)
 from ar_course.files import check_output_path
 from ar_course.project import SOURCE, is_project_root
 from ar_course.utils import check_int, check_number
@@ -460,7 +462,7 @@ def _diverged_weights_named(model: torch.nn.Module, step: int) -> Iterator[None]
         bad = nonfinite_parameter(model)
         if bad is None:
             raise
-        failure = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}"
+        failure = exception_line(exc)
         raise TrainingError(f"training diverged: the weights hold NaN or inf after step {step} ({bad} first; step "
                             f"{step + 1} failed: {failure}) ({DIVERGED_HINT})") from None
 

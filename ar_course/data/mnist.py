@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ar_course.cli import exception_line
 from ar_course.utils import get_device
 
 MNIST_PATH = Path(__file__).with_name("mnist_subset.npz")
@@ -63,9 +64,7 @@ def _checked(data: bytes, split: str) -> tuple[np.ndarray, np.ndarray]:
                 raise bad(f"has no array {missing[0]!r} (it holds {sorted(npz.files)})")
             images, labels = npz[f"{split}_images"], npz[f"{split}_labels"]
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
-        first = (str(exc).splitlines() or [""])[0][:200]
-        raise bad(f"is not a readable .npz archive (empty, truncated or damaged: {type(exc).__name__}: "
-                  f"{first})") from None
+        raise bad(f"is not a readable .npz archive (empty, truncated or damaged: {exception_line(exc)})") from None
     if images.dtype != np.uint8 or images.shape != (n, 28, 28):
         raise bad(f"holds {split}_images of {images.dtype} {images.shape}, expected uint8 {(n, 28, 28)}")
     if labels.dtype != np.uint8 or labels.shape != (n,):

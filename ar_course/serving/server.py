@@ -45,6 +45,7 @@ import uuid
 from typing import TYPE_CHECKING, AsyncIterator
 
 from ar_course.checkpoint import CheckpointError
+from ar_course.cli import exception_line
 from ar_course.sampling import SamplingConfig
 from ar_course.serving.engine import Engine, EngineConfig, check_merge_from
 from ar_course.serving.paged import PagedKVCache
@@ -242,7 +243,7 @@ def create_app(engine: Engine, tokenizer: "CharTokenizer", *, model_name: str = 
 
 def _failure(exc: Exception) -> str:
     """The message of an unexpected failure while answering: ``cannot decode the completion (ValueError: ...)``."""
-    return f"cannot decode the completion ({type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]})"
+    return f"cannot decode the completion ({exception_line(exc)})"
 
 
 async def _watch_disconnect(request, worker: EngineWorker, ticket: Ticket) -> None:
