@@ -41,6 +41,7 @@ from typing import Callable, Iterator
 import torch
 import torch.nn.functional as F
 
+from ar_course.cli import exception_line
 from ar_course.utils import check_number
 
 from . import env
@@ -287,8 +288,7 @@ def _one_at_a_time(backend: str) -> contextlib.AbstractContextManager:
 
 def _fall_back(op: str, kernel: str, key: str, exc: BaseException, plain: Callable[[], torch.Tensor]) -> torch.Tensor:
     """Answer with torch after ``kernel`` raised ``exc``; warn once and keep ``key`` on torch from now on."""
-    text = str(exc).strip()
-    what = f"{type(exc).__name__}: {text.splitlines()[0][:200] if text else ''}"
+    what = exception_line(exc)
     _FAILED[key] = f"{kernel} {op}: {what} (used torch)"
     warnings.warn(f"{op}: the {kernel} kernel failed ({what}); torch answers this kind of call from now on",
                   RuntimeWarning, stacklevel=4)

@@ -17,6 +17,7 @@ from typing import Any, Callable, Hashable
 
 import torch
 
+from ar_course.cli import exception_line
 from ar_course.transformer.model import _ATTENTION, StaticKVCache
 
 
@@ -110,7 +111,7 @@ class CUDAGraphStep:
             try:
                 captured = self._capture(args, kwargs)
             except Exception as exc:  # noqa: BLE001 -- any failed capture (torch's, a kernel library's) runs eagerly
-                self.failure = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                self.failure = exception_line(exc)
                 warnings.warn(f"CUDA graph capture failed, running eagerly: {self.failure}", RuntimeWarning,
                               stacklevel=2)
                 return self.fn(*args, **kwargs)
