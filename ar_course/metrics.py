@@ -282,17 +282,9 @@ def frechet_distance_gaussians(mu1: torch.Tensor | np.ndarray, cov1: torch.Tenso
     return 0.0 if distance < 0 else distance  # rounding: never < 0 (NaN stays NaN: max(0.0, nan) would be 0.0)
 
 
-def gaussian_fit(features: torch.Tensor | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Mean ``(F,)`` and unbiased covariance ``(F, F)`` (float64) of ``features`` ``(N, F)``, N >= 2.
-
-    Raises:
-        ValueError: not ``(N, F)`` with ``N >= 2``, or a value that is NaN or infinite.
-    """
-    return _gaussian_fit("features", features)
-
-
 def _gaussian_fit(name: str, features: torch.Tensor | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`gaussian_fit` naming ``features`` ``name`` in its messages."""
+    """Mean ``(F,)`` and unbiased covariance ``(F, F)`` (float64) of ``features`` ``(N, F)``, N >= 2; ``ValueError``
+    naming the argument ``name`` unless it is ``(N, F)`` with ``N >= 2``, every value finite."""
     feats = _as_float64(name, features)
     if feats.ndim != 2 or feats.shape[0] < 2:
         raise ValueError(f"{name} must have shape (N, F) with N >= 2, got {feats.shape}")

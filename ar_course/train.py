@@ -835,10 +835,11 @@ def finish_run(state: Path) -> None:
         state.unlink(missing_ok=True)
 
 
-def trainer_main(main: Callable[[list[str] | None], int]) -> Callable[[list[str] | None], int]:
-    """Decorate a trainer's ``main(argv)``: a :class:`TrainingError` becomes one line ``error: ...`` on
-    stderr (from rank 0) and exit status 1; an interruption says how to continue, and weights that
-    :func:`~ar_course.checkpoint.save_checkpoint` refuses (NaN or inf) say that the run diverged."""
+def trainer_main(main: Callable[[list[str] | None], int]) -> Callable[..., int]:
+    """Decorate a trainer's ``main(argv)`` (the result's ``argv`` defaults to None: ``sys.argv``): a
+    :class:`TrainingError` becomes one line ``error: ...`` on stderr (from rank 0) and exit status 1; an
+    interruption says how to continue, and weights that :func:`~ar_course.checkpoint.save_checkpoint` refuses
+    (NaN or inf) say that the run diverged."""
 
     @functools.wraps(main)
     def run(argv: list[str] | None = None) -> int:

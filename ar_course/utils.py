@@ -44,9 +44,9 @@ def seed_everything(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def get_device(prefer: str | None = None) -> torch.device:
-    """``cuda`` when a CUDA GPU is present, else ``cpu``. ``prefer`` (or ``AR_COURSE_DEVICE``) overrides, unless
-    it is ``"auto"``.
+def get_device(prefer: str | torch.device | None = None) -> torch.device:
+    """``cuda`` when a CUDA GPU is present, else ``cpu``. ``prefer`` (a name or a ``torch.device``; else
+    ``AR_COURSE_DEVICE``) overrides, unless it is ``"auto"``.
 
     Raises:
         ValueError: ``prefer`` is not a device torch knows (``"gpu"``...).

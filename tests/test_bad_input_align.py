@@ -12,7 +12,7 @@ from ar_course.align import (CCAConfig, GRPOConfig, brightness, cca_loss, class_
                              grpo_objective, grpo_rollout, grpo_update, group_advantages, sequence_log_probs,
                              token_log_probs, train_cca, train_grpo, wrong_classes)
 from ar_course.raster import raster_config
-from ar_course.transformer import GPT
+from ar_course.transformer import GPT, GPTConfig
 
 NAN, INF = float("nan"), float("inf")
 
@@ -235,6 +235,19 @@ def test_train_cca_still_trains(policy, maps):
     p = copy.deepcopy(policy)
     log = train_cca(p, copy.deepcopy(policy), maps, CLASSES, CCA_SMALL, progress=False)
     assert len(log.loss) == 1
+
+
+@pytest.mark.parametrize("run", [
+    lambda p: train_grpo(p, copy.deepcopy(p), None, GRPOConfig(steps=1, eval_every=1), progress=False),
+    lambda p: grpo_rollout(p, copy.deepcopy(p), lambda m, c: torch.rand(m.shape[0]), 2, torch.Generator()),
+], ids=["train_grpo", "grpo_rollout"])
+def test_grpo_needs_a_policy_with_a_grid(run):
+    """A class-conditional GPT without a grid (GPTConfig's default) is named as the problem, before any sampling
+    (it used to fail inside with "grid must be (rows, cols), got None", an argument the user never passed)."""
+    torch.manual_seed(0)
+    no_grid = GPT(GPTConfig(vocab_size=5, block_size=5, n_layer=1, n_head=2, n_embd=16, n_classes=3))
+    with pytest.raises(ValueError, match=r"policy must be a raster model with a grid .*config.grid=None"):
+        run(no_grid)
 
 
 def test_train_grpo_config_type(policy):

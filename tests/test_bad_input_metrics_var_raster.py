@@ -13,6 +13,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from ar_course import images, metrics, viz  # noqa: E402
+from ar_course.masked import MaskGIT, maskgit_config  # noqa: E402
 from ar_course.raster import condition_dropout, raster_config, raster_loss  # noqa: E402
 from ar_course.raster import generate_images as raster_images  # noqa: E402
 from ar_course.tokenizers import VQVAE, VQVAEConfig  # noqa: E402
@@ -30,6 +31,7 @@ MS = VQVAE(VQVAEConfig(**BASE, quantizer="msvq", scales=SCALES)).eval()
 VAR_KW = dict(vocab_size=5, latent_dim=3, scales=SCALES, n_classes=3, n_layer=1, n_head=2, n_embd=16)
 VARM = VAR(VARConfig(**VAR_KW)).eval()
 AR = GPT(raster_config(5, grid=(4, 4), n_classes=3, n_layer=1, n_head=2, n_embd=16)).eval()
+BIDIR = MaskGIT(maskgit_config(5, (4, 4), n_classes=3, n_layer=1, n_head=2, n_embd=16)).eval()
 UNCOND = GPT(GPTConfig(vocab_size=5, block_size=17, n_layer=1, n_head=2, n_embd=16)).eval()
 PYR = [torch.randint(0, 5, (2, s, s)) for s in SCALES]
 MAPS = torch.randint(0, 5, (2, 4, 4))
@@ -144,6 +146,10 @@ CASES = {
                                     r"known_mask must be a \(B, 4, 4\) bool tensor or a list"),
     "raster_loss unconditional": (lambda: raster_loss(UNCOND, MAPS, None), ValueError,
                                   r"model must be a class-conditional GPT .*n_classes = 0"),
+    # a MaskGIT (causal=False) passed to the raster sampler said "got multiple values for argument 'classes'"
+    "raster generate bidirectional": (lambda: raster_images(BIDIR, TOK, CLS), ValueError,
+                                      r"raster AR needs a causal model .*causal=False"),
+    "raster_loss bidirectional": (lambda: raster_loss(BIDIR, MAPS, CLS), ValueError, r"needs a causal model"),
     "load_classifier gpu": (lambda: metrics.load_classifier("mnist", device="gpu"), ValueError,
                             r"unknown device 'gpu'"),
     "classify dataset list": (lambda: metrics.classify(IMG, dataset=["mnist"]), TypeError,

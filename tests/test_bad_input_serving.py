@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from ar_course.serving import Engine, EngineConfig, gather_kv, paged_attention
+from ar_course.serving.compression import heldout_nll
 from ar_course.serving.h2o import h2o_decode
 from ar_course.serving.minicache import merged_generate
 from ar_course.serving.server import create_app
@@ -49,6 +50,8 @@ def test_engine_refuses_a_model_it_cannot_serve(make: Callable, error: type, mat
 @pytest.mark.parametrize("plain_path", [
     pytest.param(lambda m: h2o_decode(m, [1, 2], 3, 8, 2, 4), id="h2o_decode"),
     pytest.param(lambda m: merged_generate(m, [1, 2], 3, 0), id="merged_generate"),
+    # a bidirectional model's next-token NLL sees the token it predicts: it used to be measured
+    pytest.param(lambda m: heldout_nll(m, torch.tensor([[1, 2, 3]])), id="heldout_nll"),
 ])
 def test_plain_paths_refuse_the_same_models(plain_path: Callable, make: Callable, error: type, match: str):
     with pytest.raises(error, match=match):

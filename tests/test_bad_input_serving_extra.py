@@ -150,6 +150,11 @@ LOWER_PRIORITY_CASES = [
                  id="fake_quantize_kv group 0"),
     pytest.param(lambda: CompressedAttention("int8", group=0), ValueError, "group must be an integer >= 1",
                  id="CompressedAttention group 0"),
+    # a bidirectional pass was answered with causal attention, and dropout was ignored
+    pytest.param(lambda: CompressedAttention("sink_window")(X, X, X, None, causal=False), ValueError,
+                 "full causal passes only .*causal=False", id="CompressedAttention bidirectional"),
+    pytest.param(lambda: CompressedAttention("int8")(X, X, X, None, causal=True, dropout_p=0.1), ValueError,
+                 "full causal passes only .*dropout_p=0.1", id="CompressedAttention dropout"),
     pytest.param(lambda: kv_bytes_per_token(TINY.config, "sink_window", 0), ValueError,
                  "context must be an integer >= 1, got 0", id="kv_bytes context 0"),
     pytest.param(lambda: kv_bytes_per_token(TINY.config, "sink_window", -5), ValueError,

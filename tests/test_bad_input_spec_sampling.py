@@ -26,10 +26,10 @@ NB = codebook_neighbors(torch.randn(V, 3, generator=_g), 2)  # (V, 2)
 SELF = torch.arange(V)[:, None].repeat(1, 2)  # every token its own neighbour
 
 
-def _gpt() -> GPT:
+def _gpt(causal: bool = True) -> GPT:
     with torch.random.fork_rng():
         torch.manual_seed(0)
-        return GPT(GPTConfig(vocab_size=V, block_size=16, n_layer=1, n_head=1, n_embd=8)).eval()
+        return GPT(GPTConfig(vocab_size=V, block_size=16, n_layer=1, n_head=1, n_embd=8, causal=causal)).eval()
 
 
 # -- findings 15, 16: tokens, drafts and neighbours are checked at entry -----------------------------------
@@ -74,6 +74,14 @@ SPEC_CASES = [
                  "target must be a GPT .*got NoneType", id="speculative target None"),
     pytest.param(lambda: sjd_generate("m", 3, prefix=torch.tensor([[1]])), TypeError, "model must be a GPT .*got str",
                  id="sjd model string"),
+    # a bidirectional GPT (a MaskGIT, a diffusion LM) cannot propose or verify left to right: it used to run
+    pytest.param(lambda: speculative_generate(_gpt(), _gpt(causal=False), torch.tensor([[1]]), 3), ValueError,
+                 "speculative decoding's draft needs a causal model .*; this one has "
+                 "causal=False", id="speculative bidirectional draft"),
+    pytest.param(lambda: speculative_generate(_gpt(causal=False), _gpt(), torch.tensor([[1]]), 3), ValueError,
+                 "speculative decoding's target .* needs a causal model", id="speculative bidirectional target"),
+    pytest.param(lambda: sjd_generate(_gpt(causal=False), 3, prefix=torch.tensor([[1]])), ValueError,
+                 "speculative decoding's model .* needs a causal model", id="sjd bidirectional"),
     # findings 23-27: the analytic model and codebook_neighbors
     pytest.param(lambda: expected_speedup(0.8, 4, float("nan")), ValueError, "c must be a finite number >= 0",
                  id="speedup c nan"),

@@ -588,3 +588,12 @@ def test_trace_requests_fit_in_max_len():
     text = torch.arange(2000) % 50
     trace = make_trace(text, 20, output_median=1000, prompt_median=1000, sigma=0.0, max_len=64)
     assert all(len(r.prompt) + r.max_new_tokens <= 64 for r in trace)
+
+
+def test_engines_made_without_a_config_do_not_share_one(tiny):  # noqa: F811
+    """Each engine made with the default config gets its own: changing one engine's settings leaves the next
+    engine's defaults as they are."""
+    first = Engine(tiny)
+    first.config.max_running = 1
+    second = Engine(tiny)
+    assert second.config is not first.config and second.config == EngineConfig()

@@ -264,6 +264,16 @@ def test_sdpa_and_plain_gpt_agree(pos):
         assert torch.allclose(fast(chunk, cache=cf)[0], plain(chunk, cache=cp)[0], atol=1e-5)
 
 
+def test_set_attention_changes_only_the_model_it_is_given():
+    """Two models built from one GPTConfig: switching one of them leaves the other's config (what its checkpoint
+    records) as it runs, and the shared config object as it was."""
+    config = GPTConfig(vocab_size=11, block_size=8, n_layer=1, n_head=2, n_embd=16)
+    a, b = GPT(config), GPT(config)
+    M.set_attention(a, "plain")
+    assert a.config.attn == "plain" and b.config.attn == "sdpa" and config.attn == "sdpa"
+    assert {m.attention for m in b.modules() if isinstance(m, M.SelfAttention)} == {M.sdpa_attention}
+
+
 def test_use_attention_overrides_every_layer_for_the_block_only():
     """The override reaches every layer, gives the same numbers as set_attention, and leaves the model as it was."""
     model = make_model()

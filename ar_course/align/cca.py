@@ -131,11 +131,12 @@ def cca_step(policy: nn.Module, reference: nn.Module, maps: torch.Tensor, classe
 
 
 def train_cca(policy: nn.Module, reference: nn.Module, token_maps: torch.Tensor, labels: torch.Tensor,
-              config: CCAConfig = CCAConfig(), progress: bool = True,
+              config: CCAConfig | None = None, progress: bool = True,
               log_probs: LogProbs = sequence_log_probs) -> CCALog:
     """Fine-tune ``policy`` in place with CCA against the frozen ``reference`` on data ``token_maps``
     ``(N, h, w)`` (raster; with ``log_probs=var_log_probs(vq)``, VAR pyramids ``(N, L)``; with any ``log_probs``
-    other than the default, ``(N, L)``) with ``labels`` ``(N,)``, from ``config.seed``; returns the curves and
+    other than the default, ``(N, L)``) with ``labels`` ``(N,)``, from ``config.seed`` (``config`` None: a
+    :class:`CCAConfig` of its defaults); returns the curves and
     leaves ``policy`` in eval mode. A run that diverges stops at the first loss that is NaN or inf, as
     :func:`~ar_course.train.train_loop` does.
 
@@ -147,6 +148,7 @@ def train_cca(policy: nn.Module, reference: nn.Module, token_maps: torch.Tensor,
         TrainingError: a loss that is NaN or inf (:class:`~ar_course.train.TrainingError`, ``training diverged:
             the loss is nan at step 3 (rerun with a lower --lr)``).
     """
+    config = CCAConfig() if config is None else config
     if not isinstance(config, CCAConfig):
         raise TypeError(f"config must be a CCAConfig, got {type(config).__name__}")
     for name, x in (("token_maps", token_maps), ("labels", labels)):

@@ -132,6 +132,13 @@ ROLLOUT_KEYS = ("classes", "maps", "rewards", "advantages", "logp_old", "logp_re
 """The keys of a :func:`grpo_rollout` dict, in order."""
 
 
+def _check_grid(policy: GPT) -> None:
+    """``ValueError`` unless ``policy`` has a ``config.grid``: the shape of the maps GRPO samples from it."""
+    if policy.config.grid is None:
+        raise ValueError("policy must be a raster model with a grid (raster_config(..., grid=(rows, cols))): GRPO "
+                         "samples maps of that shape, and this one has config.grid=None")
+
+
 def grpo_rollout(
     policy: GPT, reference: GPT, reward_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], group_size: int,
     generator: torch.Generator,
@@ -146,10 +153,12 @@ def grpo_rollout(
 
     Raises:
         TypeError: ``group_size`` not an integer.
-        ValueError: ``group_size < 2``, or rewards that are not one finite float per sample (NaN or inf
-            would make every advantage of its group NaN).
+        ValueError: ``group_size < 2``, a ``policy`` without a ``config.grid`` (the map shape it samples), or
+            rewards that are not one finite float per sample (NaN or inf would make every advantage of its group
+            NaN).
     """
     group_size = check_int("group_size", group_size, lo=2)
+    _check_grid(policy)
     device = next(policy.parameters()).device
     n_classes = policy.config.n_classes
     classes = torch.arange(n_classes, device=device).repeat_interleave(group_size)  # (N * G,)
@@ -239,23 +248,25 @@ def evaluate(model: GPT, tokenizer: VQVAE, per_class: int, seed: int = 1234) -> 
 
 
 def train_grpo(
-    policy: GPT, reference: GPT, tokenizer: VQVAE, config: GRPOConfig = GRPOConfig(), progress: bool = True,
+    policy: GPT, reference: GPT, tokenizer: VQVAE, config: GRPOConfig | None = None, progress: bool = True,
 ) -> GRPOLog:
-    """Fine-tune ``policy`` in place with GRPO against the frozen ``reference`` from ``config.seed``; returns the
-    curves. With ``config.eval_every > 0`` the class accuracy is measured before the first step, every
-    ``eval_every`` steps and at the end.
+    """Fine-tune ``policy`` in place with GRPO against the frozen ``reference`` from ``config.seed`` (``config``
+    None: a :class:`GRPOConfig` of its defaults); returns the curves. With ``config.eval_every > 0`` the class
+    accuracy is measured before the first step, every ``eval_every`` steps and at the end.
 
     A run that diverges stops at the step where it does, as :func:`~ar_course.train.train_loop` does.
 
     Raises:
         TypeError: ``config`` is not a :class:`GRPOConfig`.
-        ValueError: as :func:`grpo_rollout` (a reward that is NaN or inf).
+        ValueError: as :func:`grpo_rollout` (a policy without a grid, a reward that is NaN or inf).
         TrainingError: the run diverged (:class:`~ar_course.train.TrainingError`): a loss that is NaN or inf
             (``training diverged: the loss is inf at step 3 (rerun with a lower --lr)``, raised before that
             update) or weights that hold NaN or inf after a step.
     """
+    config = GRPOConfig() if config is None else config
     if not isinstance(config, GRPOConfig):
         raise TypeError(f"config must be a GRPOConfig, got {type(config).__name__}")
+    _check_grid(policy)
     device = next(policy.parameters()).device
     torch.manual_seed(config.seed)
     generator = torch.Generator(device=device).manual_seed(config.seed)

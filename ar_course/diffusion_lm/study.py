@@ -50,14 +50,16 @@ class StudyConfig:
         return max(1, round(self.budget / (self.batch_size * self.length)))
 
 
-def data_constrained(config: StudyConfig = StudyConfig(), progress: bool = True) -> dict:
+def data_constrained(config: StudyConfig | None = None, progress: bool = True) -> dict:
     """Train an AR GPT and a full-sequence masked diffusion LM of the same shape on the first ``config.budget``
-    training characters for ``config.epochs`` epochs (same windows, same steps).
+    training characters for ``config.epochs`` epochs (same windows, same steps); ``config`` None: a
+    :class:`StudyConfig` of its defaults.
 
     Returns ``{"config", "steps", "steps_per_epoch", "epochs": [...], "ar": [val NLL...], "diffusion": [val
     bound...], "seconds": {...}, "params": {...}}`` (nats/char at each evaluated epoch)."""
     from ar_course.data import load_text_dataset, text_batches
 
+    config = StudyConfig() if config is None else config
     tokenizer, train_ids, val_ids = load_text_dataset()
     unique = train_ids[: config.budget]
     val = val_ids[: config.val_windows * config.length + 1]

@@ -24,7 +24,7 @@ from ar_course import checkpoint
 from ar_course.raster.functional import condition_dropout, from_raster, make_training_pairs, to_raster
 from ar_course.sampling import SamplingConfig
 from ar_course.tokenizers import VQVAE
-from ar_course.transformer.model import GPT, GPTConfig, StaticKVCache
+from ar_course.transformer.model import GPT, GPTConfig, StaticKVCache, check_causal
 from ar_course.utils import check_grid, check_ids, check_int, check_number, check_seed, generate_in_batches
 
 PRETRAINED_PATH = checkpoint.ASSETS / "ar_mnist.safetensors"
@@ -63,7 +63,8 @@ def _check_model(model: GPT) -> None:
 
     Raises:
         TypeError: ``model`` is not a GPT (the tokenizer passed first, say).
-        ValueError: a GPT without classes (``n_classes = 0``): the class token fills position 0 of every sequence.
+        ValueError: a GPT without classes (``n_classes = 0``): the class token fills position 0 of every sequence;
+            or a bidirectional one (``causal=False``, a MaskGIT): raster AR predicts each token from those before.
     """
     if not isinstance(getattr(model, "_orig_mod", model), GPT):
         hint = " (pass the model first, then the tokenizer)" if isinstance(model, VQVAE) else ""
@@ -71,6 +72,7 @@ def _check_model(model: GPT) -> None:
     if model.config.n_classes < 1:
         raise ValueError("model must be a class-conditional GPT (raster_config(..., n_classes >= 1)), got one with "
                          "n_classes = 0: the class token fills position 0 of every sequence")
+    check_causal(model, "raster AR")
 
 
 def check_model_grid(model: GPT, name: str, shape: tuple[int, ...]) -> None:
@@ -193,8 +195,9 @@ def generate_tokens(
 
     Raises ``ValueError`` for ``classes`` that are not a non-empty ``(B,)`` long tensor in ``[0, n_classes]``,
     a ``grid`` that is not two sides ``>= 1`` or differs from the grid of a ``pos="rope2d"`` model
-    (:func:`check_model_grid`), a GPT without classes (``n_classes = 0``), and as :meth:`GPT.generate` for the
-    rest; ``TypeError`` for arguments of the wrong type (a ``model`` that is not a GPT, a non-tensor ``classes``)."""
+    (:func:`check_model_grid`), a GPT without classes (``n_classes = 0``) or a bidirectional one (a MaskGIT),
+    and as :meth:`GPT.generate` for the rest; ``TypeError`` for arguments of the wrong type (a ``model`` that is
+    not a GPT, a non-tensor ``classes``)."""
     _check_model(model)
     check_ids("classes", classes, model.config.n_classes + 1, ("B",))
     rows, cols = check_grid("grid", grid)

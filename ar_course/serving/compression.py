@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from ar_course.transformer.model import GPTConfig, use_attention
+from ar_course.transformer.model import GPT, GPTConfig, use_attention
 from ar_course.utils import check_int
 
 METHODS = ("none", "int8", "int4", "int2", "int8_pool", "int4_pool", "sink_window", "h2o", "minicache")
@@ -187,11 +187,13 @@ class CompressedAttention:
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, causal: bool,
                  dropout_p: float = 0.0) -> torch.Tensor:
-        """Attention of ``q`` ``(B, H, T, D)`` over ``k``, ``v`` ``(B, H, T, D)`` (a full pass: ``mask`` must be None)
-        with this compression applied; returns ``(B, H, T, D)``."""
+        """Attention of ``q`` ``(B, H, T, D)`` over ``k``, ``v`` ``(B, H, T, D)`` (a full causal pass without dropout:
+        ``mask`` None, ``causal`` True, ``dropout_p`` 0) with this compression applied; returns ``(B, H, T, D)``."""
         T = q.shape[2]
-        if mask is not None or q.shape[2] != k.shape[2]:
-            raise ValueError("CompressedAttention evaluates full causal passes only (no cache, no extra mask)")
+        if mask is not None or q.shape[2] != k.shape[2] or not causal or dropout_p:
+            raise ValueError("CompressedAttention evaluates full causal passes only (no cache, no extra mask, no "
+                             f"dropout), got mask={None if mask is None else 'a tensor'}, {T} queries over "
+                             f"{k.shape[2]} keys, causal={causal}, dropout_p={dropout_p}")
         keep = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()  # (T, T)
         if self.method in QUANT_BITS:
             return self._quantized(q, k, v, QUANT_BITS[self.method])
@@ -313,11 +315,15 @@ def kv_bytes_per_token(config: GPTConfig, method: str, context: int, *, bits_flo
 
 
 @torch.no_grad()
-def heldout_nll(model: torch.nn.Module, windows: torch.Tensor, attention: CompressedAttention | None = None
+def heldout_nll(model: GPT, windows: torch.Tensor, attention: CompressedAttention | None = None
                 ) -> float:
     """Mean next-token NLL (nats/token) of ``model`` on ``windows`` ``(N, T+1)`` long, every layer attending
-    through ``attention`` (None: the model's own attention). ``TypeError`` unless ``windows`` is a tensor,
-    ``ValueError`` unless it is a non-empty ``(N, T+1)`` tensor with ``T >= 1``."""
+    through ``attention`` (None: the model's own attention). ``TypeError`` unless ``model`` is a GPT and ``windows``
+    a tensor; ``ValueError`` for a class-conditional or bidirectional model (as the engine) and unless ``windows`` is
+    a non-empty ``(N, T+1)`` tensor with ``T >= 1``."""
+    from ar_course.serving.paged import check_text_model  # paged imports this module
+
+    check_text_model(model)
     if not isinstance(windows, torch.Tensor):
         raise TypeError(f"windows must be a (N, T+1) tensor of token ids, got {type(windows).__name__}")
     if windows.ndim != 2 or windows.shape[0] == 0 or windows.shape[1] < 2:

@@ -251,7 +251,8 @@ class Engine:
     request until :meth:`release` forgets an ended one. A long-running server bounds the first and releases
     (:class:`~ar_course.serving.worker.EngineWorker` does both).
 
-    ``model`` must be a text model: a causal GPT with no class token (:func:`~.paged.check_text_model`).
+    ``model`` must be a text model: a causal GPT with no class token (:func:`~.paged.check_text_model`);
+    ``config`` None: an :class:`EngineConfig` of its defaults, a new one for each engine.
 
     Raises:
         TypeError: ``model`` is not a GPT, ``config`` is not an :class:`EngineConfig`, or ``max_history`` is
@@ -259,9 +260,10 @@ class Engine:
         ValueError: ``model`` is class-conditional (``n_classes > 0``: the engine feeds no class token) or
             bidirectional (``causal=False``), or ``max_history < 0``."""
 
-    def __init__(self, model: torch.nn.Module, config: EngineConfig = EngineConfig(),
+    def __init__(self, model: torch.nn.Module, config: EngineConfig | None = None,
                  clock: Callable[[], float] = time.perf_counter, *, max_history: int | None = None):
         model = check_text_model(model)
+        config = EngineConfig() if config is None else config  # a new default for each engine
         if not isinstance(config, EngineConfig):
             raise TypeError(f"config must be an EngineConfig, got {type(config).__name__}")
         if max_history is not None:

@@ -27,7 +27,7 @@ from typing import Sequence
 import torch
 
 from ar_course.serving.compression import merge_pair, merged_pairs, pool_dequantize, pool_quantize
-from ar_course.transformer.model import GPT
+from ar_course.transformer.model import GPT, check_causal
 from ar_course.utils import check_int
 
 
@@ -44,9 +44,7 @@ def check_text_model(model: object) -> GPT:
     if model.config.n_classes > 0:
         raise ValueError(f"serving feeds no class token and needs an unconditional model; this one has n_classes="
                          f"{model.config.n_classes} (sample it with model.generate(..., classes=...))")
-    if not model.config.causal:
-        raise ValueError("serving samples left to right and needs a causal model; this one has causal=False "
-                         "(decode a bidirectional model with ar_course.masked)")
+    check_causal(model, "serving")
     return model
 
 

@@ -150,7 +150,7 @@ def _chunk(cid: str, model: str, text: str, finish: str | None) -> dict:
             "choices": [{"index": 0, "text": text, "finish_reason": finish}]}
 
 
-async def _events(ticket: Ticket, queue: asyncio.Queue, tokenizer, worker: EngineWorker) -> AsyncIterator[tuple]:
+async def _events(ticket: Ticket, queue: asyncio.Queue, worker: EngineWorker) -> AsyncIterator[tuple]:
     """``(kind, value)`` of ``ticket`` as they arrive; cancels the request if the consumer stops early."""
     ended = False
     try:
@@ -271,7 +271,7 @@ async def _complete(fastapi, worker: EngineWorker, tokenizer, body, model_name: 
     except (QueueFull, ShuttingDown) as exc:
         return fastapi.responses.JSONResponse({"error": {"message": str(exc), "type": "overloaded"}}, status_code=503)
     cid = f"cmpl-{uuid.uuid4().hex[:24]}"
-    events = _events(ticket, queue, tokenizer, worker)
+    events = _events(ticket, queue, worker)
     if body.stream:
         async def sse():
             async for kind, value in events:

@@ -25,7 +25,7 @@ from ar_course.sampling import (
     SamplingConfig, cfg_mix, check_cfg, check_sampling, greedy, probs, sample_from_probs,
 )
 from ar_course.speculative.functional import _jacobi, _relax, _round, check_neighbors, rollback_caches
-from ar_course.transformer.model import GPT, KVCache, StaticKVCache, check_cache
+from ar_course.transformer.model import GPT, KVCache, StaticKVCache, check_cache, check_causal
 from ar_course.utils import check_ids, check_int, check_number
 
 
@@ -108,10 +108,11 @@ class _Guided:
 
 def _check_models(**models: object) -> None:
     """``TypeError`` naming the first of ``models`` that is not a :class:`~ar_course.transformer.GPT` (a
-    checkpoint name, a VAR...)."""
+    checkpoint name, a VAR...), ``ValueError`` for the first that is bidirectional (``causal=False``)."""
     for name, m in models.items():
         if not isinstance(m, GPT):
             raise TypeError(f"{name} must be a GPT (ar_course.transformer.GPT), got {type(m).__name__}")
+        check_causal(m, f"speculative decoding's {name}")
 
 
 def _check_inputs(models: tuple[GPT, ...], prefix: torch.Tensor, classes: torch.Tensor | None, cfg: float,
@@ -181,9 +182,9 @@ def speculative_generate(
     Raises:
         TypeError: ``target`` or ``draft`` not a GPT, a number of the wrong type (``gamma=2.5``...),
             ``sampling`` not a ``SamplingConfig``, or a non-tensor ``prefix`` or ``classes``.
-        ValueError: ``prefix``/``classes`` of the wrong shape, dtype or range, ``gamma`` or ``max_new_tokens``
-            ``< 0``, a non-finite ``cfg``, models of different vocabularies or classes, more positions than a
-            ``block_size``, or an unknown ``cache``.
+        ValueError: a bidirectional model (``causal=False``), ``prefix``/``classes`` of the wrong shape, dtype or
+            range, ``gamma`` or ``max_new_tokens`` ``< 0``, a non-finite ``cfg``, models of different vocabularies
+            or classes, more positions than a ``block_size``, or an unknown ``cache``.
     """
     _check_models(target=target, draft=draft)
     max_new_tokens, gamma = check_int("max_new_tokens", max_new_tokens, lo=0), check_int("gamma", gamma, lo=0)
@@ -272,8 +273,8 @@ def sjd_generate(
     Raises:
         TypeError: ``model`` not a GPT, a number of the wrong type (``window=2.5``, ``delta="0.1"``...),
             ``sampling`` not a ``SamplingConfig``, or a non-tensor ``prefix`` or ``classes``.
-        ValueError: ``prefix``/``classes``/``neighbors`` of the wrong shape, dtype or range (or ``neighbors``
-            listing a token as its own neighbour), ``n_tokens`` or
+        ValueError: a bidirectional ``model`` (``causal=False``), ``prefix``/``classes``/``neighbors`` of the
+            wrong shape, dtype or range (or ``neighbors`` listing a token as its own neighbour), ``n_tokens`` or
             ``window`` ``< 0``, ``delta`` not finite or ``< 0`` (or ``> 0`` without ``neighbors``), a non-finite
             ``cfg``, more positions than ``block_size``, or an unknown ``cache``.
     """

@@ -28,7 +28,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, is_dataclass, replace
 from typing import Callable, Iterator
 
 import torch
@@ -582,6 +582,14 @@ class Block(nn.Module):
         return x + gate2 * self.drop(self.mlp(self.norm2(x) * (1 + scale2) + shift2))
 
 
+def check_causal(model: "GPT", what: str) -> None:
+    """``ValueError`` unless ``model`` (a :class:`GPT`) is causal: ``what`` (``"serving"``...) predicts each token
+    from those before it, which a bidirectional model (``config.causal`` False: MaskGIT, a diffusion LM) does not."""
+    if not model.config.causal:
+        raise ValueError(f"{what} needs a causal model (each token predicted from those before it); this one has "
+                         "causal=False (decode a bidirectional model with ar_course.masked)")
+
+
 def check_cache(cache: object, batch_size: int, max_len: int) -> None:
     """``ValueError`` unless ``cache`` is one of :data:`CACHE_KINDS` or a :class:`StaticKVCache` of
     ``batch_size`` rows and ``max_len`` positions (one a sampling loop can reset and reuse)."""
@@ -609,7 +617,8 @@ def set_attention(model: nn.Module, impl: str, backend: str = "auto") -> None:
     """Switch every attention layer of ``model`` (a GPT, a VAR, ...) to ``impl`` (one of
     :data:`ATTENTION_IMPLS`) for good; with ``"kernels"``, ``backend`` picks the :mod:`ar_course.kernels` backend
     (``"auto"``, ``"torch"``, ``"triton"``, ``"numba"``). The weights are untouched; ``model.config.attn`` (when
-    the model has a config with that field) becomes ``impl`` too, so a saved checkpoint records the setting.
+    the model has a config with that field) becomes ``impl`` too, so a saved checkpoint records the setting; the
+    model gets a changed copy of its config, leaving other models built from the same config as they are.
     To change attention for one call only, without touching a model that others may be using, use
     :func:`use_attention`.
 
@@ -621,8 +630,8 @@ def set_attention(model: nn.Module, impl: str, backend: str = "auto") -> None:
         if isinstance(module, SelfAttention):
             module.attention = attend
     config = getattr(model, "config", None)
-    if hasattr(config, "attn"):
-        config.attn = impl
+    if hasattr(config, "attn") and is_dataclass(config):
+        model.config = replace(config, attn=impl)  # a copy: other models built from the same config keep theirs
 
 
 class GPT(nn.Module):
@@ -923,9 +932,7 @@ class GPT(nn.Module):
                 classes, an unknown ``cache`` (or a StaticKVCache of another size, or not as ``make_cache`` builds
                 it: see :meth:`forward`), or a static cache with ``use_cache=False``.
         """
-        if not self.config.causal:
-            raise ValueError("generate samples left to right and needs a causal model; this one has causal=False "
-                             "(decode a bidirectional model with ar_course.masked)")
+        check_causal(self, "generate")
         sampling, cfg = check_sampling(sampling), check_cfg(cfg)
         max_new_tokens = check_int("max_new_tokens", max_new_tokens, lo=0)
         use_cache = check_bool("use_cache", use_cache)
