@@ -261,6 +261,10 @@ def _dispatch(argv: list[str]) -> int:
         extra = EXTRAS.get(command)
         if extra is None or (exc.name or "").split(".")[0] == "ar_course":
             raise
+        if any(arg in ("-h", "--help") for arg in rest):  # the help a user asks for, with what to install first
+            print(f"usage: {PROG} {command} ...\n\n{COMMANDS[command][1]}\n\nIts options are listed once the "
+                  f"{extra!r} extra is installed: pip install -e '.[{extra}]' in the course's folder")
+            return 0
         raise SystemExit(f"{command} needs the {extra!r} extra, which is not installed ({exc}): "
                          f"pip install -e '.[{extra}]' in the course's folder") from None  # status 1
     return int(mod.main(rest) or 0)

@@ -100,6 +100,24 @@ def _major_minor(version: str) -> tuple[int, int]:
     return (int(m.group(1)), int(m.group(2))) if m else (0, 0)
 
 
+OLDEST = {"torch": (2, 4)}
+"""The oldest version of a module the library works with (pyproject.toml's bound): torch 2.4 brought
+``torch.is_autocast_enabled(device_type)``, which the kernels read."""
+
+
+def module_finding(module: str, version: str | None, blocking: bool, extra: str) -> Finding:
+    """OK for an installed ``module`` of ``version``; FAIL (WARN when not ``blocking``) when it is missing (None)
+    or older than :data:`OLDEST` allows, with what to install (the ``extra`` that brings it, if any)."""
+    if version is None:
+        missing = "not installed" + (f" (pip install -e '.[{extra}]')" if extra else "")
+        return Finding(FAIL if blocking else WARN, module, missing)
+    oldest = OLDEST.get(module)
+    if oldest is not None and version != "installed" and _major_minor(version) < oldest:
+        need = ".".join(map(str, oldest))
+        return Finding(FAIL if blocking else WARN, module, f"{version} (need {need}+: pip install '{module}>={need}')")
+    return Finding(OK, module, version)
+
+
 def numpy_numba_cuda() -> Finding | None:
     """FAIL when numba-cuda is installed with a numpy it cannot compile kernels with; None without numba-cuda."""
     numba_cuda, numpy_v = _distribution_version("numba-cuda"), _distribution_version("numpy")
@@ -147,9 +165,7 @@ def run_checks() -> list[Finding]:
     for mod, blocking, extra in [("numpy", True, ""), ("torch", True, ""), ("safetensors", True, ""),
                                  ("tqdm", True, ""), ("matplotlib", True, "course"), ("scipy", True, "course"),
                                  ("ipywidgets", False, "course"), ("nbclient", True, "course")]:
-        v = _version(mod)
-        missing = "not installed" + (f" (pip install -e '.[{extra}]')" if extra else "")
-        found.append(Finding(OK if v else (FAIL if blocking else WARN), mod, v or missing))
+        found.append(module_finding(mod, _version(mod), blocking, extra))
     torch_v = _version("torch")
     if torch_v:
         import torch

@@ -29,6 +29,7 @@ import importlib
 import json
 import os
 import re
+import sys
 import tempfile
 import textwrap
 import time
@@ -114,16 +115,38 @@ def kernel_manager(kernel_name: str = CURRENT_ENV) -> AsyncKernelManager:
     never came and the run waited for its full timeout; the missed wake-up :class:`_WatchfulChannel` guards
     against looks the same.) Windows has no IPC sockets and keeps plain TCP on localhost."""
     client = f"{__name__}._WatchfulKernelClient"
-    if os.name == "nt":
+    prefix = None if os.name == "nt" else _ipc_prefix()
+    if prefix is None:
         return AsyncKernelManager(kernel_name=kernel_name, kernel_spec_manager=_CurrentEnvSpecs(),
                                   client_class=client)
-    sockets = Path(tempfile.gettempdir()) / f"ar-course-kernels-{os.getuid()}"
-    sockets.mkdir(mode=0o700, exist_ok=True)
-    # a prefix of its own per kernel: jupyter_client numbers IPC sockets from 1 up, so two processes starting
-    # kernels at once (pytest-xdist) would otherwise bind the same paths and cross their messages
-    prefix = sockets / f"kernel-{os.getpid()}-{uuid.uuid4().hex[:12]}"
     return AsyncKernelManager(kernel_name=kernel_name, kernel_spec_manager=_CurrentEnvSpecs(), transport="ipc",
                               ip=str(prefix), client_class=client)
+
+
+IPC_PATH_MAX = 107
+"""Bytes of a Unix socket's path on Linux (``sun_path`` less its final NUL); macOS allows 103."""
+
+
+def _ipc_prefix() -> Path | None:
+    """Where a kernel's IPC sockets go: ``ar-course-kernels-UID/kernel-PID-RANDOM`` in the temporary directory,
+    else in ``/tmp`` when that path is too long for a socket (with the ``-N`` jupyter_client adds) or not UTF-8
+    (a non-ASCII TMPDIR under ``LC_ALL=C``), or when its folder cannot be made; None (use TCP) if neither works.
+    Each kernel has a prefix of its own: jupyter_client numbers IPC sockets from 1 up, so two processes starting
+    kernels at once (pytest-xdist) would otherwise bind the same paths and cross their messages."""
+    limit = (103 if sys.platform == "darwin" else IPC_PATH_MAX) - len("-99")
+    for base in dict.fromkeys((tempfile.gettempdir(), "/tmp")):
+        prefix = Path(base) / f"ar-course-kernels-{os.getuid()}" / f"kernel-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+        try:
+            if len(str(prefix).encode("utf-8")) > limit:
+                continue
+        except UnicodeEncodeError:  # bytes the locale could not decode: zmq cannot name the socket
+            continue
+        try:
+            prefix.parent.mkdir(mode=0o700, exist_ok=True)
+        except OSError:
+            continue
+        return prefix
+    return None
 
 
 @dataclass

@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="folder for code.json and code.png, created if missing [benchmarks/results]")
     args = parser.parse_args(argv)
     out = args.out / "code.json"
-    data = json.loads(out.read_text()) if out.is_file() else {}
+    data = json.loads(out.read_text(encoding="utf-8")) if out.is_file() else {}
     runs = data.get("runs", {})
     runs[args.label] = {"commit": git_commit(), "date": dt.date.today().isoformat(),
                         "machine": f"{platform.machine()} {platform.system()}, python {platform.python_version()}",

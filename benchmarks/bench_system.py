@@ -110,7 +110,7 @@ def component_rows() -> list[dict]:
     for name in COMPONENT_BENCHES:
         path = RESULTS / f"{name}.json"
         if path.is_file():
-            summary = json.loads(path.read_text()).get("summary")
+            summary = json.loads(path.read_text(encoding="utf-8")).get("summary")
             if isinstance(summary, list):
                 rows += [{"bench": name, **row} for row in summary]
     return rows
@@ -281,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
         gpu = gpu_section(args.repeats, args.seed)
         if not gpu["measured"]:
             p.error(f"--gpu-only: {gpu['reason']}")
-        result = merge_gpu(json.loads(path.read_text()), gpu)
+        result = merge_gpu(json.loads(path.read_text(encoding="utf-8")), gpu)
     else:
         gen = Generator.from_pretrained("mnist", device="cpu")
         rows = measure_configs(gen, args.per_class, args.timing_batch, args.repeats, args.seed)

@@ -137,7 +137,7 @@ def _env() -> dict[str, str]:
 def gpu_test_files() -> list[str]:
     """The test files with GPU tests (collecting only them keeps the course's notebook tests out)."""
     return sorted(str(p.relative_to(ROOT)) for p in (ROOT / "tests").glob("test_*.py")
-                  if "mark.gpu" in p.read_text())
+                  if "mark.gpu" in p.read_text(encoding="utf-8"))
 
 
 def tests_command() -> list[str]:
@@ -404,7 +404,7 @@ def run_report(out_dir: Path, total_s: float = TOTAL_S) -> dict:
             if name == "tests":
                 report["tests"] = read_pytest(output) if status["status"] != "skipped" else {}
             else:
-                report[name] = json.loads(result.read_text())[name] if result.is_file() else {}
+                report[name] = json.loads(result.read_text(encoding="utf-8"))[name] if result.is_file() else {}
             print(f"{name}: {status['status']} in {status['seconds']:.0f} s", flush=True)
     write_report(report, out_dir)
     return report
@@ -424,7 +424,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: no GPU report at {path}: run `make gpu-report` on a CUDA machine first", file=sys.stderr)
             return 2
         try:
-            table = render_table(json.loads(path.read_text()))
+            table = render_table(json.loads(path.read_text(encoding="utf-8")))
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             print(f"error: {path} is not a GPU report ({type(exc).__name__}: {exc})", file=sys.stderr)
             return 2

@@ -62,7 +62,7 @@ def problems(source: str) -> list[str]:
 
 @pytest.mark.parametrize("path", LIBRARY_FILES, ids=lambda p: module_name(p))
 def test_public_functions_have_type_hints_and_docstrings(path):
-    assert problems(path.read_text()) == []
+    assert problems(path.read_text(encoding="utf-8")) == []
 
 
 def test_the_rule_finds_what_it_should():

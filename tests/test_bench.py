@@ -239,7 +239,7 @@ def test_tokenizers_usage_plot_says_the_curves_count_fewer_digits_than_the_final
     (all held-out digits): the panel marks both and says which is which."""
     module, figures = bench_script("tokenizers"), []
     monkeypatch.setattr(module, "save_figure", lambda fig, path, **kw: figures.append(fig))
-    module.plot(json.loads(usage_result(tmp_path).read_text()), tmp_path / "x.png")
+    module.plot(json.loads(usage_result(tmp_path).read_text(encoding="utf-8")), tmp_path / "x.png")
     ax = figures[0].axes[1]
     assert "first 1,000 held-out digits" in ax.get_title()
     ends = [(float(line.get_xdata()[0]), float(line.get_ydata()[0])) for line in ax.lines if line.get_marker() == "x"
@@ -250,9 +250,9 @@ def test_tokenizers_usage_plot_says_the_curves_count_fewer_digits_than_the_final
 
 def test_tokenizers_plot_option_redraws_the_png_from_the_json_alone(bench_script, tmp_path, capsys):
     module, path = bench_script("tokenizers"), usage_result(tmp_path)
-    before = path.read_text()
+    before = path.read_text(encoding="utf-8")
     assert module.main(["--plot", "--out", str(path)]) == 0
-    assert path.with_suffix(".png").stat().st_size > 0 and path.read_text() == before
+    assert path.with_suffix(".png").stat().st_size > 0 and path.read_text(encoding="utf-8") == before
     with pytest.raises(SystemExit) as exit_:
         module.main(["--plot", "--out", str(tmp_path / "none.json")])
     assert exit_.value.code == 2 and "none.json does not exist: run without --plot first" in capsys.readouterr().err
@@ -314,7 +314,7 @@ def test_tokenizers_msvq_panel_is_a_dot_plot_with_its_values_written(bench_scrip
     """Bars from 24.2 - 3 dB made 25.1 vs 24.2 dB look 2:1: dots on an axis that says it is not from 0."""
     module = bench_script("tokenizers")
     figures = captured(module, monkeypatch)
-    module.plot(json.loads(usage_result(tmp_path).read_text()), tmp_path / "x.png")
+    module.plot(json.loads(usage_result(tmp_path).read_text(encoding="utf-8")), tmp_path / "x.png")
     ax = figures[0].axes[2]
     assert not ax.patches and ax.get_ylim()[0] > 0  # no bars; the axis does not start at 0
     assert [t.get_text() for t in ax.texts] == ["25.10 dB", "24.20 dB"]
@@ -379,9 +379,9 @@ def test_var_replot_redraws_the_png_from_the_json_and_names_the_device(bench_scr
                                                                        title):
     module = bench_script("var")
     path = var_result(tmp_path, device)
-    before = path.read_text()
+    before = path.read_text(encoding="utf-8")
     assert module.main(["--replot", "--out", str(tmp_path)]) == 0
-    assert (tmp_path / "var.png").stat().st_size > 0 and path.read_text() == before
+    assert (tmp_path / "var.png").stat().st_size > 0 and path.read_text(encoding="utf-8") == before
     figures = captured(module, monkeypatch)
     module.plot(json.loads(before), tmp_path / "again.png")
     assert figures[0].axes[1].get_title() == title

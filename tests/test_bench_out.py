@@ -52,10 +52,10 @@ def test_bench_code_writes_its_json_and_png_into_a_new_out_folder(bench_code, tm
     out = tmp_path / "new" / "folder"
     assert bench_code.main(["--out", str(out), "--label", "mine"]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["code.json", "code.png"]
-    assert list(json.loads((out / "code.json").read_text())["runs"]) == ["mine"]
+    assert list(json.loads((out / "code.json").read_text(encoding="utf-8"))["runs"]) == ["mine"]
     assert not committed.exists()
     assert bench_code.main(["--out", str(out), "--label", "again"]) == 0  # merges with the code.json there
-    assert list(json.loads((out / "code.json").read_text())["runs"]) == ["mine", "again"]
+    assert list(json.loads((out / "code.json").read_text(encoding="utf-8"))["runs"]) == ["mine", "again"]
 
 
 def test_bench_code_without_out_writes_to_the_results_folder_as_before(bench_code, tmp_path, monkeypatch):

@@ -131,7 +131,8 @@ def test_a_function_calling_an_unwritten_exercise_says_which(capsys, tmp_path, m
         check(lambda x: helper(x))
     assert str(info.value) == f"Exercise 99.1 not checked yet: {why}"
     assert capsys.readouterr().out.strip() == f"Exercise 99.1 not checked yet: {why}"
-    assert json.loads(report.read_text()) == {"exercise": "99.1", "status": "not attempted", "message": why}
+    assert json.loads(report.read_text(encoding="utf-8")) == {"exercise": "99.1", "status": "not attempted",
+                                                              "message": why}
 
     def own_stub(x):  # its own stub, with the label the notebooks give it: plainly not attempted
         raise NotImplementedError("Exercise 99.1: softmax")
@@ -247,7 +248,7 @@ def test_outside_strict_mode_a_check_prints_records_and_returns_nothing(tmp_path
     assert capsys.readouterr().out.strip().startswith("Exercise 99.1 failed: output on input 'large logits'")
     assert check(5) is None
     assert check(ref_softmax) is None
-    recs = [json.loads(line) for line in report.read_text().splitlines()]
+    recs = [json.loads(line) for line in report.read_text(encoding="utf-8").splitlines()]
     assert [r["status"] for r in recs] == ["not attempted", "failed", "failed", "passed"]
 
 
@@ -260,7 +261,7 @@ def test_report_file(tmp_path, monkeypatch):
         check(lambda x: x)
     with pytest.raises(NotAttempted):
         check(lambda x: (_ for _ in ()).throw(NotImplementedError()))
-    recs = [json.loads(line) for line in report.read_text().splitlines()]
+    recs = [json.loads(line) for line in report.read_text(encoding="utf-8").splitlines()]
     assert [r["status"] for r in recs] == ["passed", "failed", "not attempted"]
     assert all(r["exercise"] == "99.1" for r in recs)
 
@@ -364,7 +365,7 @@ def test_the_readme_chapter_table_counts_each_chapters_exercises():
     import importlib
     import re
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
     rows = dict(re.findall(r"^\| (\d\d) \| `\d\d_\w+` \|.*?\| done \((\d+) exercises?\)", readme, re.M))
     assert sorted(rows) == [f"{n:02d}" for n in range(12)]
     for number, count in rows.items():

@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -120,15 +121,19 @@ def test_an_unexpected_error_is_one_line_with_status_1(capsys, monkeypatch):
     assert status == 1 and error_line(err) == "error: KeyError: 'x' (rerun with --debug for the traceback)"
 
 
-@pytest.mark.parametrize("args", [["grade", "notebooks/00_tour.ipynb"], ["grade", "--help"]])
-def test_a_command_whose_extra_is_missing_says_which_extra(capsys, monkeypatch, args):
-    """Without the course extra (Jupyter), grade names the extra to install, in one line with status 1."""
+def test_a_command_whose_extra_is_missing_says_which_extra(capsys, monkeypatch):
+    """Without the course extra (Jupyter), grade names the extra to install, in one line with status 1; its
+    --help says what the command does and what to install to see its options, with status 0."""
     monkeypatch.delitem(sys.modules, "ar_course.grade", raising=False)
     monkeypatch.setitem(sys.modules, "ipykernel", None)  # import ipykernel now fails as if it were not installed
-    status, _, err = run(capsys, *args)
+    status, _, err = run(capsys, "grade", "notebooks/00_tour.ipynb")
     assert status == 1 and error_line(err).startswith("error: grade needs the 'course' extra, which is not installed "
                                                       "(import of ipykernel halted")
     assert error_line(err).endswith("pip install -e '.[course]' in the course's folder")
+    status, out, err = run(capsys, "grade", "--help")
+    assert status == 0 and err == "" and out.startswith("usage: python -m ar_course grade ...")
+    assert "execute a notebook's exercises" in out and out.rstrip().endswith("pip install -e '.[course]' in the "
+                                                                             "course's folder")
 
 
 def test_ctrl_c_is_status_130(capsys, monkeypatch):
@@ -356,7 +361,7 @@ def test_generate_writes_png_and_strict_json_atomically(capsys, tmp_path, loads)
     def refuse(constant):
         raise AssertionError(f"{constant} is not JSON")
 
-    data = json.loads(stats.read_text(), parse_constant=refuse)
+    data = json.loads(stats.read_text(encoding="utf-8"), parse_constant=refuse)
     assert data["images"] == 4 and data["method"] == "ar" and data["acceptance_rate"] is None
     assert sorted(p.name for p in out.parent.iterdir()) == ["grid.png", "stats.json"]  # no temporary files
 
@@ -484,7 +489,7 @@ def test_issue15_grade_prints_no_kernel_warning_and_writes_json(tmp_path):
     # exited, shutting down" (the kernel was left running)
     assert res.stderr == ""
     assert "3/3 exercises passed" in res.stdout
-    result = json.loads((tmp_path / "out" / "result.json").read_text())
+    result = json.loads((tmp_path / "out" / "result.json").read_text(encoding="utf-8"))
     assert [r["status"] for r in result[str(path)]] == ["passed"] * 3
 
 
@@ -495,6 +500,17 @@ def test_doctor_reports_and_passes_here():
     res = run_process("doctor")
     assert "numba CUDA simulator" in res.stdout and "torch" in res.stdout
     assert res.returncode == 0, res.stdout
+
+
+def test_doctor_fails_a_torch_older_than_the_library_needs():
+    """torch 2.3 lacks torch.is_autocast_enabled(device_type), which the kernels read: FAIL with the fix."""
+    assert doctor.module_finding("torch", "2.3.1", True, "") == doctor.Finding(
+        "FAIL", "torch", "2.3.1 (need 2.4+: pip install 'torch>=2.4')")
+    assert doctor.module_finding("torch", "2.4.0+cpu", True, "").status == "OK"
+    assert doctor.module_finding("ipywidgets", None, False, "course") == doctor.Finding(
+        "WARN", "ipywidgets", "not installed (pip install -e '.[course]')")
+    bound = re.search(r'"torch>=(\d+)\.(\d+)"', (ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+    assert (int(bound.group(1)), int(bound.group(2))) == doctor.OLDEST["torch"]  # doctor and pyproject agree
 
 
 def test_bench_table_and_bad_name(capsys):
@@ -509,8 +525,8 @@ def test_bench_table_and_bad_name(capsys):
 
 
 def test_make_lab_serves_on_localhost_with_its_token():
-    make = (ROOT / "Makefile").read_text()
+    make = (ROOT / "Makefile").read_text(encoding="utf-8")
     recipe = make.split("\nlab:", 1)[1].split("\n\n", 1)[0]
     assert "jupyter lab" in recipe and "--ServerApp.ip=127.0.0.1" in recipe and "--allow-root" in recipe
     assert "token" not in recipe and "0.0.0.0" not in recipe  # the token stays on; nothing opens it up
-    assert "ssh -L 8888:localhost:8888" in (ROOT / "README.md").read_text()
+    assert "ssh -L 8888:localhost:8888" in (ROOT / "README.md").read_text(encoding="utf-8")

@@ -86,7 +86,7 @@ def test_grade_skips_a_malformed_report_line_and_still_prints_the_table(capsys, 
     lines = out.splitlines()
     assert next(x for x in lines if x.startswith("90.1")).split()[-1] == "passed"
     assert row in next(x for x in lines if x.startswith("90.2"))
-    assert [r["status"] for r in json.loads(out_json.read_text())[str(tmp_path / "nb.ipynb")]] == [
+    assert [r["status"] for r in json.loads(out_json.read_text(encoding="utf-8"))[str(tmp_path / "nb.ipynb")]] == [
         "passed", "not run", "not run"]
 
 
@@ -137,7 +137,7 @@ def test_bench_runs_and_prints_a_benchmark_named_twice_once(capsys, tmp_path):
     status, out, err = run(capsys, "bench", "--root", root, "--table", "code", "code")
     assert status == 0 and err == "" and out.count("[code] w") == 1
     status, out, err = run(capsys, "bench", "--root", root, "code", "code")
-    assert status == 0 and err == "" and out.count("[code] w") == 1 and count.read_text() == "x"
+    assert status == 0 and err == "" and out.count("[code] w") == 1 and count.read_text(encoding="utf-8") == "x"
     assert "named twice runs once" in " ".join(run(capsys, "bench", "--help")[1].split())
 
 

@@ -25,7 +25,7 @@ from ar_course.data.mnist import MNIST_PATH
 def test_shipped_npz_matches_its_checksum_everywhere_it_is_written():
     digest = hashlib.sha256(MNIST_PATH.read_bytes()).hexdigest()
     assert digest == MNIST_SHA256
-    readme = (MNIST_PATH.parent / "README.md").read_text()
+    readme = (MNIST_PATH.parent / "README.md").read_text(encoding="utf-8")
     assert re.findall(r"`([0-9a-f]{64})`", readme) == [digest]
     assert MNIST_PATH.stat().st_size < 5_000_000
 

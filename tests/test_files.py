@@ -60,13 +60,13 @@ def test_atomic_path_keeps_old_file_on_failure(tmp_path):
         with atomic_path(out) as tmp:
             tmp.write_text("half")
             raise RuntimeError("boom")
-    assert out.read_text() == "old"
+    assert out.read_text(encoding="utf-8") == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.txt"]  # no temporary file left behind
 
 
 def test_atomic_write_text_replaces_with_ordinary_mode(tmp_path):
     out = atomic_write_text(tmp_path / "sub" / "out.txt", "new")
-    assert out.read_text() == "new"
+    assert out.read_text(encoding="utf-8") == "new"
     mask = os.umask(0)
     os.umask(mask)
     assert out.stat().st_mode & 0o777 == 0o666 & ~mask
@@ -131,7 +131,7 @@ def test_replacing_a_file_keeps_its_mode(tmp_path, mode):
     path.write_text("old")
     path.chmod(mode)
     atomic_write_text(path, "new")
-    assert path.read_text() == "new" and path.stat().st_mode & 0o777 == mode
+    assert path.read_text(encoding="utf-8") == "new" and path.stat().st_mode & 0o777 == mode
     save_checkpoint(path, {"w": torch.ones(2)}, {})
     assert path.stat().st_mode & 0o777 == mode
 
@@ -146,4 +146,4 @@ def test_a_read_only_file_is_replaced_and_stays_read_only(tmp_path):
     with atomic_path(path) as tmp:
         assert os.stat(tmp).st_mode & 0o200  # the owner may write it, whatever the file it replaces allows
         tmp.write_text("new")
-    assert path.read_text() == "new" and os.stat(path).st_mode & 0o777 == 0o444
+    assert path.read_text(encoding="utf-8") == "new" and os.stat(path).st_mode & 0o777 == 0o444

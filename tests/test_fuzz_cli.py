@@ -192,7 +192,7 @@ def test_fuzz_generate(capsys, loads, base, case):
     with Image.open(_resolve(folder, case["out"])) as img:
         assert img.format == "PNG" and img.size == grid_size(n_classes, per_class, zoom)
     if case["stats"] is not None:
-        stats = json.loads(_resolve(folder, case["stats"]).read_text(), parse_constant=pytest.fail)
+        stats = json.loads(_resolve(folder, case["stats"]).read_text(encoding="utf-8"), parse_constant=pytest.fail)
         assert stats["images"] == n_classes * per_class
     expected = {case["out"], *([case["stats"]] if case["stats"] else [])}
     assert written == sorted({"file", *expected}), written

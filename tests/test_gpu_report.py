@@ -45,7 +45,7 @@ def report():
 
 def test_table_and_files_from_a_synthetic_report(report, tmp_path, capsys):
     report.write_report(SYNTHETIC, tmp_path)
-    assert json.loads((tmp_path / "gpu.json").read_text()) == SYNTHETIC
+    assert json.loads((tmp_path / "gpu.json").read_text(encoding="utf-8")) == SYNTHETIC
     assert (tmp_path / "gpu.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["gpu.json", "gpu.png"]  # no temporary file left
     table = report.render_table(SYNTHETIC)
@@ -112,7 +112,7 @@ def _ended(pid: int) -> bool:
     the kernel may take a moment to reap (Linux /proc)."""
     status_file = Path(f"/proc/{pid}/status")
     for _ in range(50):
-        if not status_file.exists() or "\tZ" in status_file.read_text():
+        if not status_file.exists() or "\tZ" in status_file.read_text(encoding="utf-8"):
             return True
         time.sleep(0.1)
     return False
@@ -150,7 +150,7 @@ def test_a_part_cut_off_takes_the_processes_it_started_with_it(report, monkeypat
     start = time.monotonic()
     status, output = report.run_part("tests", [sys.executable, "-c", spawn], 3.0)
     assert status["status"] == "timed out" and time.monotonic() - start < 30 and "started" in output
-    assert _ended(int(pid_file.read_text())), "the part's child is still running"
+    assert _ended(int(pid_file.read_text(encoding="utf-8"))), "the part's child is still running"
 
 
 def test_system_measurements_past_the_budget_are_skipped_with_a_note(report, monkeypatch, tmp_path):
@@ -166,7 +166,7 @@ def test_system_measurements_past_the_budget_are_skipped_with_a_note(report, mon
     monkeypatch.setattr(report, "measure_one", fake_measure)
     out = tmp_path / "system.json"
     report.measure_system(out, 100.0, batches=(64, 256), clock=lambda: now[0])
-    system = json.loads(out.read_text())["system"]
+    system = json.loads(out.read_text(encoding="utf-8"))["system"]
     measured = [(r["config"], r["batch"]) for r in system["rows"]]
     assert measured[:2] == [("VAR, torch, eager", 64), ("VAR, torch, eager", 256)]
     assert len(measured) == 7  # 100 s: a measurement starts while more than 3 x 10 + 5 s are left
@@ -216,7 +216,7 @@ DEVICE_PACKAGES = {"pytest", "torch", "numpy", "triton", "numba", "matplotlib", 
 def _module_imports(path: Path) -> set[str]:
     """The top-level names a test module imports when it is collected (module level, not inside functions)."""
     names = set()
-    for node in ast.parse(path.read_text()).body:
+    for node in ast.parse(path.read_text(encoding="utf-8")).body:
         if isinstance(node, ast.Import):
             names |= {alias.name.split(".")[0] for alias in node.names}
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
@@ -257,7 +257,7 @@ def test_kernel_sections_are_written_as_they_finish(report, monkeypatch, tmp_pat
     out = tmp_path / "kernels.json"
     with pytest.raises(KeyboardInterrupt):
         report.measure_kernels(out)
-    assert json.loads(out.read_text()) == {"kernels": {"device": "x", "matmul_bf16_tflops": 2.0,
+    assert json.loads(out.read_text(encoding="utf-8")) == {"kernels": {"device": "x", "matmul_bf16_tflops": 2.0,
                                                        "copy_bandwidth_gbs": 3.0,
                                                        "flash_attention": [{"T": 1, "ceiling": 2.0}]}}
 

@@ -161,7 +161,7 @@ def test_grader_lists_every_exercise_of_the_chapter_and_each_ones_own_error(tmp_
     report = tmp_path / "grades.json"
     assert main([str(_write(tmp_path, nb)), "--json", str(report)]) == 1
     assert "0/3 exercises passed" in capsys.readouterr().out
-    rows = json.loads(report.read_text())[str(tmp_path / "nb.ipynb")]
+    rows = json.loads(report.read_text(encoding="utf-8"))[str(tmp_path / "nb.ipynb")]
     assert [(r["exercise"], r["name"], r["status"]) for r in rows] == [
         ("0.1", "stable_softmax", "not run"), ("0.2", "sample_categorical", "not attempted"),
         ("0.3", "cross_entropy_from_logits", "not run")]

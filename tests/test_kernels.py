@@ -610,7 +610,7 @@ def test_calibration_keeps_a_kernel_only_when_it_is_faster_by_the_margin(tmp_pat
     second = Calibrator(timer=fake_timer(), path=path)  # a new process: decided without timing anything
     assert choose("small", 0, 0, second) == "triton" and choose("large", 0, 0, second) == "torch"
     assert second.choices()["small"] == {"backend": "triton", "seconds": {"triton": 0.5, "torch": 1.0}}
-    sections = json.loads(path.read_text())
+    sections = json.loads(path.read_text(encoding="utf-8"))
     assert list(sections) == [software_section()] and "torch " in software_section()
     assert "numba-cuda " in software_section()  # a numba-cuda upgrade measures the numba kernels again
 

@@ -72,7 +72,8 @@ def test_the_course_layer_exists_and_the_library_is_the_rest():
 @pytest.mark.parametrize("path", library_files(), ids=lambda p: module_name(p))
 def test_library_module_does_not_import_the_course_layer(path):
     module = module_name(path)
-    found = {n for n in named_modules(path.read_text(), module, path.name == "__init__.py") if in_course_layer(n)}
+    source = path.read_text(encoding="utf-8")
+    found = {n for n in named_modules(source, module, path.name == "__init__.py") if in_course_layer(n)}
     assert found <= {c for m, c in NAMED_ON_USE if m == module}, f"{module} imports the course layer: {found}"
 
 

@@ -4,6 +4,7 @@ cells. (The full solution notebooks also run top to bottom in `make test`: tests
 
 import asyncio
 import os
+import tempfile
 import time
 from pathlib import Path
 from queue import Empty
@@ -18,7 +19,7 @@ from ar_course.build_notebooks import KERNELSPEC, exercise_label
 from ar_course.checks.core import STRICT_ENV
 from ar_course.site import CELL_TIMEOUT
 from ar_course.grade import (
-    POLL_SLICE, _WatchfulChannel, _WatchfulKernelClient, format_table, grade_notebook, kernel_manager,
+    POLL_SLICE, _ipc_prefix, _WatchfulChannel, _WatchfulKernelClient, format_table, grade_notebook, kernel_manager,
 )
 from fixtures.make_fixtures import solution_notebook
 
@@ -41,6 +42,23 @@ def test_a_failing_check_stops_a_solution_run():
     client = NotebookClient(nb, km=kernel_manager(), timeout=120, allow_errors=False)
     with pytest.raises(CellExecutionError, match="Exercise 90.1 failed"):
         client.execute()
+
+
+@pytest.mark.timeout(300)
+def test_a_kernel_starts_under_a_temporary_directory_too_long_for_a_socket(monkeypatch, tmp_path):
+    """A TMPDIR whose socket paths pass the 107-byte limit (or are not UTF-8) puts the kernel's sockets in /tmp:
+    grading used to end in "ZMQError: File name too long" and the kernel's traceback."""
+    long = tmp_path / ("l" * 80)
+    long.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(long))
+    prefix = _ipc_prefix()
+    assert prefix is not None and prefix.parent.parent == Path("/tmp")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "\udcc3\udcbc"))  # LC_ALL=C's view of "ü"
+    assert _ipc_prefix().parent.parent == Path("/tmp")
+    monkeypatch.setattr(tempfile, "tempdir", str(long))
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("print(6 * 7)")])
+    NotebookClient(nb, km=kernel_manager(), timeout=120).execute()
+    assert nb.cells[0].outputs[0]["text"] == "42\n"
 
 
 def test_the_kernel_client_looks_again_for_a_message_it_was_not_woken_for(monkeypatch):

@@ -4,8 +4,12 @@ dependencies are the four it needs, and ``doctor`` catches a numpy that numba-cu
 
 import re
 import sys
-import tomllib
 from pathlib import Path
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # the dev extra brings tomli before Python 3.11
+    import tomli as tomllib
 
 import pytest
 
@@ -19,7 +23,7 @@ def _norm(req: str) -> str:
 
 
 def _pyproject_requirements() -> set[str]:
-    meta = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    meta = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
     reqs = list(meta["dependencies"])
     for extra in meta["optional-dependencies"].values():
         reqs += extra
@@ -27,7 +31,7 @@ def _pyproject_requirements() -> set[str]:
 
 
 def _environment_requirements() -> set[str]:
-    lines = (ROOT / "environment.yml").read_text().splitlines()
+    lines = (ROOT / "environment.yml").read_text(encoding="utf-8").splitlines()
     start = next(i for i, line in enumerate(lines) if line.strip() == "- pip:")
     reqs = set()
     for line in lines[start + 1 :]:
@@ -43,18 +47,18 @@ def test_environment_yml_matches_pyproject():
 
 
 def test_ci_runs_the_readme_test_command():
-    readme = (ROOT / "README.md").read_text()
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
     assert "make test" in readme and "make lab" in readme
-    assert "make test" in (ROOT / ".ci" / "run").read_text()
+    assert "make test" in (ROOT / ".ci" / "run").read_text(encoding="utf-8")
 
 
 def test_makefile_has_both_commands():
-    make = (ROOT / "Makefile").read_text()
+    make = (ROOT / "Makefile").read_text(encoding="utf-8")
     assert re.search(r"^lab:", make, re.M) and re.search(r"^test:", make, re.M)
 
 
 def test_core_dependencies_and_extras():
-    meta = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    meta = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
     names = lambda reqs: {re.split(r"[<>=;\s]", r, maxsplit=1)[0].lower() for r in reqs}  # noqa: E731
     assert names(meta["dependencies"]) == {"torch", "numpy", "safetensors", "tqdm"}
     extras = meta["optional-dependencies"]
@@ -62,8 +66,9 @@ def test_core_dependencies_and_extras():
     assert names(extras["course"]) == {"jupyterlab", "ipykernel", "ipywidgets", "nbclient", "nbformat", "matplotlib",
                                        "scipy"}
     assert names(extras["triton"]) == {"triton"}
-    assert '".[$(EXTRAS)]"' in (ROOT / "Makefile").read_text()
-    assert re.search(r"^EXTRAS \?= course,kernels,triton,serve,dev$", (ROOT / "Makefile").read_text(), re.M)
+    assert '".[$(EXTRAS)]"' in (ROOT / "Makefile").read_text(encoding="utf-8")
+    makefile = (ROOT / "Makefile").read_text(encoding="utf-8")
+    assert re.search(r"^EXTRAS \?= course,kernels,triton,serve,dev$", makefile, re.M)
 
 
 @pytest.mark.parametrize("numpy_version, status", [("2.4.3", "OK"), ("2.5.0", "FAIL"), ("3.0.1", "FAIL"), (None, None)])

@@ -19,7 +19,7 @@ from checks_helpers import assert_fails, assert_passes
 from cli_helpers import grid_size, one_torch_thread, run
 
 ROOT = Path(__file__).resolve().parents[1]
-README = (ROOT / "README.md").read_text()
+README = (ROOT / "README.md").read_text(encoding="utf-8")
 SHAPE = re.compile(r"#\s*\((\d+(?:,\s*\d+)*)\)(\s+in \[0, 1\])?")
 
 
@@ -102,7 +102,7 @@ def test_a_readme_generate_command_writes_its_grid(capsys, tmp_path, argv):
 def test_contributing_check_module_sketch_runs_and_its_check_judges():
     """CONTRIBUTING.md's sketch of a check module, run as written: its check passes the reference and rejects the
     mistake it lists with that mistake's diagnosis."""
-    block = python_blocks((ROOT / "CONTRIBUTING.md").read_text())[0]
+    block = python_blocks((ROOT / "CONTRIBUTING.md").read_text(encoding="utf-8"))[0]
     namespace: dict = {}
     exec(compile(block, "<CONTRIBUTING>", "exec"), namespace)
     check = namespace["vq_lookup"]

@@ -79,11 +79,11 @@ def test_build_site_embeds_every_figure_and_indexes_the_chapters(tmp_path):
     written = site.build_site(paths, tmp_path / "site", log=lambda _: None)
     assert [p.name for p in written] == ["index.html", "00_first.html", "01_second.html"]
 
-    index = (tmp_path / "site" / "index.html").read_text()
+    index = (tmp_path / "site" / "index.html").read_text(encoding="utf-8")
     assert re.search(r'<a href="00_first.html">00 · The first chapter</a>', index)
     assert '<a href="01_second.html">01 · The second one</a>' in index
 
-    page = (tmp_path / "site" / "00_first.html").read_text()
+    page = (tmp_path / "site" / "00_first.html").read_text(encoding="utf-8")
     images = re.findall(r'<img[^>]*src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
     assert len(images) == 2, "the plot and the interact's figure, embedded"
     assert {base64.b64decode(i)[:8] for i in images} == {b"\x89PNG\r\n\x1a\n"}
@@ -136,7 +136,7 @@ def test_build_reuses_current_executed_copies_and_never_runs_them_again(tmp_path
     assert site.main(args) == 0
     assert (tmp_path / "site" / "05_x.html").is_file() and (tmp_path / "site" / "index.html").is_file()
 
-    source.write_text(source.read_text().replace("hi", "changed"))  # another version of the notebook
+    source.write_text(source.read_text(encoding="utf-8").replace("hi", "changed"))  # another version of the notebook
     assert not site.is_current(source, tmp_path / "executed" / source.name)
     capsys.readouterr()
     want = [f"error: no current executed copy of 05_x.ipynb in {tmp_path / 'executed'} (drop --no-execute)"]
@@ -152,7 +152,8 @@ def _kernel_children() -> set[int]:
     found = set()
     for status in Path("/proc").glob("[0-9]*/status"):
         try:
-            ppid = int(next(line for line in status.read_text().splitlines() if line.startswith("PPid:")).split()[1])
+            lines = status.read_text(encoding="utf-8").splitlines()
+            ppid = int(next(line for line in lines if line.startswith("PPid:")).split()[1])
             cmdline = (status.parent / "cmdline").read_bytes()
         except (OSError, StopIteration, ValueError):
             continue
@@ -219,12 +220,12 @@ def test_site_cli_errors_are_one_line(tmp_path, capsys):
 
 
 def test_make_site_and_ci_use_the_executed_copies():
-    make = (ROOT / "Makefile").read_text()
+    make = (ROOT / "Makefile").read_text(encoding="utf-8")
     assert re.search(r"^site: .*\n\t\$\(PY\) -m ar_course\.site build", make, re.M)
     assert "tests/run_solutions.py" in make and "--nbval" not in make  # solutions run once, copies kept
-    ci = (ROOT / ".ci" / "run").read_text()
+    ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
     assert ci.index("make test") < ci.index("make site")
-    assert "/build/" in (ROOT / ".gitignore").read_text().splitlines()
+    assert "/build/" in (ROOT / ".gitignore").read_text(encoding="utf-8").splitlines()
 
 
 def test_gallery_copies_every_figure_under_its_section_and_drops_stale_ones(tmp_path):
@@ -239,7 +240,7 @@ def test_gallery_copies_every_figure_under_its_section_and_drops_stale_ones(tmp_
     pngs = sorted(p.name for p in (out / "01_vq").iterdir())
     assert pngs == ["figure-01.png", "figure-02.png"]  # the plot and the interact's figure; the stale one gone
     assert (out / "01_vq" / "figure-02.png").read_bytes() == base64.b64decode(_png(4, 4))
-    page = (out / "README.md").read_text()
+    page = (out / "README.md").read_text(encoding="utf-8")
     assert paths[0] == out / "README.md"
     assert page.index("## 01 · Vector quantization") < page.index("](01_vq/figure-01.png)")
     assert page.index("](01_vq/figure-01.png)") < page.index("### 2. The **codebook** explorer")
@@ -249,7 +250,7 @@ def test_gallery_copies_every_figure_under_its_section_and_drops_stale_ones(tmp_
 
 def test_figures_command_needs_current_executed_copies(tmp_path, capsys):
     (tmp_path / "solutions").mkdir()
-    (tmp_path / "pyproject.toml").write_text((ROOT / "pyproject.toml").read_text())
+    (tmp_path / "pyproject.toml").write_text((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
     nbformat.write(_executed_chapter("x"), tmp_path / "solutions" / "00_x.ipynb")
     assert site.main(["figures", "--root", str(tmp_path)]) == 1
     err = capsys.readouterr().err.strip()
@@ -258,7 +259,7 @@ def test_figures_command_needs_current_executed_copies(tmp_path, capsys):
 
 
 def test_the_committed_gallery_shows_every_chapter():
-    page = (ROOT / "docs" / "figures" / "README.md").read_text()
+    page = (ROOT / "docs" / "figures" / "README.md").read_text(encoding="utf-8")
     for source in sorted((ROOT / "solutions").glob("*.ipynb")):
         figures = sorted((ROOT / "docs" / "figures" / source.stem).glob("figure-*.png"))
         assert figures, f"no figures of {source.name} in docs/figures (make test && make figures)"
@@ -266,7 +267,7 @@ def test_the_committed_gallery_shows_every_chapter():
 
 
 def test_every_image_the_readme_shows_is_in_the_repository():
-    images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", (ROOT / "README.md").read_text())
+    images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", (ROOT / "README.md").read_text(encoding="utf-8"))
     assert images, "the README shows no figure"
     missing = [path for path in images if not (ROOT / path).is_file()]
     assert not missing, f"README.md shows images that are not in the repository: {missing}"

@@ -473,7 +473,7 @@ def test_cli_generate_writes_a_png_grid_of_the_requested_classes(tmp_path):
         assert img.format == "PNG"
         # 3 columns and 2 rows of 32-px digits with 2-px padding, zoomed 2x
         assert img.size == (2 * (3 * 34 + 2), 2 * (2 * 34 + 2))
-    stats = json.loads((tmp_path / "stats.json").read_text())
+    stats = json.loads((tmp_path / "stats.json").read_text(encoding="utf-8"))
     assert stats["images"] == 6 and stats["method"] == "var"
     assert "6 images by var" in res.stdout
 

@@ -122,7 +122,7 @@ class Calibrator:
         if self.path is None or not self.path.is_file():
             return {}
         try:
-            data = json.loads(self.path.read_text())
+            data = json.loads(self.path.read_text(encoding="utf-8"))
         except (OSError, ValueError):  # unreadable or half-written by an older version: measure again
             return {}
         return data if isinstance(data, dict) else {}
