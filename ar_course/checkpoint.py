@@ -49,7 +49,7 @@ from torch.overrides import TorchFunctionMode
 
 from ar_course.cli import exception_line
 from ar_course.files import _file_path, atomic_write_bytes
-from ar_course.utils import check_finite, get_device
+from ar_course.utils import check_finite, get_device, kept_random_state
 
 ASSETS: Path = Path(__file__).resolve().parent / "assets"
 """The folder of the shipped checkpoints, inside the package (installed with it)."""
@@ -447,7 +447,8 @@ def _build(path: Path, meta: dict, kind: str | None, state: dict[str, torch.Tens
         if expected is not None and (problems := state_dict_problems(expected, state)):
             raise CheckpointError(f"{path} does not match the model built from its config: "
                                   f"{first_and_more(problems)}")
-        return model_cls(config)
+        with kept_random_state():  # the initial weights, about to be replaced, draw nothing of the caller's
+            return model_cls(config)
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"{path}: its {meta['kind']!r} config does not build a model: {exc}") from None
     except (RuntimeError, MemoryError) as exc:

@@ -55,7 +55,8 @@ from ar_course.train import (
     prepare_run, seed_int, train_loop, trainer_main,
 )
 from ar_course.utils import (
-    check_finite, check_ids, check_image_values, check_int, check_number, check_seed, get_device, seed_everything,
+    check_finite, check_ids, check_image_values, check_int, check_number, check_seed, get_device, kept_random_state,
+    seed_everything,
 )
 
 DATASETS = {"mnist": (1, 10), "shapes": (3, 4)}  # name -> (in_channels, num_classes)
@@ -514,6 +515,7 @@ def _random_shift(images: torch.Tensor, max_shift: int, generator: torch.Generat
                   rows, cols]
 
 
+@kept_random_state()
 def train_classifier(dataset: str = "mnist", steps: int = 1500, seed: int = 0, batch_size: int = 128,
                      progress: bool = True, lr: float = 3e-3, device: torch.device | str = "cpu",
                      checkpoint_every: int = TrainConfig.checkpoint_every, state_path: Path | None = None,
@@ -523,7 +525,8 @@ def train_classifier(dataset: str = "mnist", steps: int = 1500, seed: int = 0, b
     ``torchrun``). ``checkpoint_every`` / ``state_path`` / ``resume``: see :func:`~ar_course.train.train_loop`.
 
     Returns the model (eval mode), its accuracy on :func:`held_out_set` (``None`` on processes other than
-    rank 0, which alone evaluates) and the training history."""
+    rank 0, which alone evaluates) and the training history.
+    The caller's global random generators are left as they were (:func:`~ar_course.utils.kept_random_state`)."""
     from ar_course.data import image_batches, load_mnist, make_shapes
 
     channels, num_classes = _check_dataset(dataset)

@@ -295,7 +295,7 @@ def _check_distributions(flat: torch.Tensor, total: torch.Tensor) -> None:
 def _draw(cdf: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     """Inverse-CDF draws from the running sums ``cdf`` ``(N, V)`` of valid float32 distributions -> ``(N,)`` long."""
     total = cdf[:, -1:]  # (N, 1)
-    u = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device) * total  # (N, 1)
+    u = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device, dtype=torch.float32) * total  # (N, 1)
     u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))  # u < total even after rounding
     # the first token whose running sum exceeds u; a zero-probability token never raises the running sum
     return torch.searchsorted(cdf, u, right=True)[:, 0]  # (N,)

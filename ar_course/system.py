@@ -638,7 +638,11 @@ class Generator:
         if request.graphs and device.type != "cuda":
             raise ValueError(f"graphs=True needs the models on a CUDA device, this Generator is on {device}")
         attention = _attention_for("torch" if request.compile else request.kernels, device)
-        from ar_course.kernels import record_dispatch  # ar_course.kernels is imported by now (_attention_for)
+        recording: contextlib.AbstractContextManager = contextlib.nullcontext()
+        if attention is not sdpa_attention:  # what the kernel entry points run is recorded (and reported)
+            from ar_course.kernels import record_dispatch  # ar_course.kernels is imported by now (_attention_for)
+
+            recording = record_dispatch()
 
         precision = _resolve_precision(request.precision, device)
         generator = torch.Generator(device=device).manual_seed(request.seed) if request.seed is not None else None
@@ -653,7 +657,7 @@ class Generator:
             bar.update(chunk.numel())
             return out
 
-        with bar, use_attention(attention), _autocast(device, precision), record_dispatch() as dispatched:
+        with bar, use_attention(attention), _autocast(device, precision), recording as dispatched:
             _sync(device)
             start = time.perf_counter()
             # speculative decoding runs one image at a time
@@ -725,18 +729,21 @@ def _compiled_report(request: GenerationRequest, tally: Tally) -> str:
 
 def _attention_for(kernels: str, device: torch.device) -> AttentionFn:
     """The attention function of a call: torch's SDPA where no kernel may run on ``device`` for ``kernels``,
-    else the kernel entry points with ``kernels`` as their backend (they record what really ran)."""
+    else the kernel entry points with ``kernels`` as their backend (they record what really ran). ``"torch"``
+    leaves :mod:`ar_course.kernels` unimported (and the simulators' environment variables unset)."""
+    if kernels == "torch":
+        return sdpa_attention
     from ar_course.kernels import select_backend  # imported on use: it sets the simulator defaults
 
     may_run = {select_backend(op, device, kernels) for op in ("flash_attention", "decode_attention")}
     return sdpa_attention if may_run == {"torch"} else KernelAttention(kernels)
 
 
-def _attention_report(attention: AttentionFn, dispatched: DispatchRecord) -> dict[str, str | list[str]]:
+def _attention_report(attention: AttentionFn, dispatched: DispatchRecord | None) -> dict[str, str | list[str]]:
     """What computed attention in one call: torch's SDPA for every call when the models ran
-    :func:`~ar_course.transformer.model.sdpa_attention`, else what the kernel entry points recorded they ran
-    (``"none"`` for an op never called), and why any kernel fell back to torch."""
-    if attention is sdpa_attention:
+    :func:`~ar_course.transformer.model.sdpa_attention` (nothing recorded: ``dispatched`` None), else what the kernel
+    entry points recorded they ran (``"none"`` for an op never called), and why any kernel fell back to torch."""
+    if attention is sdpa_attention or dispatched is None:
         return {"attention": "torch", "decode_attention": "torch", "fallbacks": []}
     ran = dispatched.summary("flash_attention", "decode_attention")
     return {"attention": ran["flash_attention"], "decode_attention": ran["decode_attention"],
@@ -752,9 +759,11 @@ def _resolve_precision(precision: str, device: torch.device) -> str:
 
 @contextlib.contextmanager
 def _autocast(device: torch.device, precision: str) -> Iterator[None]:
-    """Mixed precision for the matmuls (weights, KV caches and sampling stay float32)."""
+    """Mixed precision for the matmuls (weights, KV caches and sampling stay float32); ``"float32"`` turns off any
+    autocast the caller has entered, so the precision asked for is the one that runs (and is reported)."""
     if precision == "float32":
-        yield
+        with torch.autocast(device.type, enabled=False):
+            yield
         return
     with torch.autocast(device.type, dtype=getattr(torch, precision)):
         yield

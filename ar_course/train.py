@@ -503,6 +503,7 @@ def _track_best(config: TrainConfig, history: History, metrics: dict[str, float]
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
+@torch.enable_grad()
 def train_loop(
     model: torch.nn.Module,
     loss_fn: Callable[[torch.nn.Module, Any], torch.Tensor],
@@ -537,7 +538,8 @@ def train_loop(
     ``model`` itself. The recorded loss is averaged over processes; only rank 0 shows progress, evaluates
     (the other processes' history has no evals) and writes the state. All processes stop at the same step
     when a signal reaches any of them; with ``keep_best`` only rank 0 ends with the best weights. ``model`` is
-    updated in place either way.
+    updated in place either way, and left in eval mode. Gradients are on for the run, even inside a caller's
+    ``torch.no_grad()``.
 
     Raises:
         TypeError: ``config`` is not a :class:`TrainConfig`, ``batches`` is not iterable, ``settings`` is not

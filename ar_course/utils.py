@@ -26,6 +26,22 @@ import numpy as np
 import torch
 
 
+@contextmanager
+def kept_random_state() -> Iterator[None]:
+    """Give back the global random generators as they were once the block ends: Python's, NumPy's, torch's on the
+    CPU and on every CUDA device already in use. A block that seeds them (a trainer's :func:`seed_everything`) or
+    draws from them (a model's random initialisation) leaves the caller's random numbers where they were. Also a
+    decorator: ``@kept_random_state()``."""
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=devices):
+        try:
+            yield
+        finally:
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
+
+
 def seed_everything(seed: int) -> torch.Generator:
     """Seed Python, NumPy and torch (CPU and CUDA); return a CPU ``torch.Generator`` seeded the same.
 

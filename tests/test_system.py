@@ -3,6 +3,7 @@
 import importlib.util
 import itertools
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -406,6 +407,30 @@ def test_bfloat16_precision_runs_on_cpu(gen):
     out = gen.generate([0, 1], method="var", precision="bfloat16", seed=0)
     assert out.images.dtype == torch.float32 and out.stats.precision == "bfloat16"
     assert torch.isfinite(out.images).all()
+
+
+def test_float32_precision_runs_in_float32_under_the_callers_autocast(gen):
+    """precision="float32" is what runs even inside a caller's bfloat16 autocast (it used to run, unreported, in
+    bfloat16: the images of a precision="bfloat16" call)."""
+    plain = gen.generate([0, 1], method="var", precision="float32", seed=0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = gen.generate([0, 1], method="var", precision="float32", seed=0)
+    assert inside.stats.precision == "float32"
+    torch.testing.assert_close(inside.images, plain.images, atol=0, rtol=0)
+
+
+def test_torch_attention_leaves_the_kernels_package_unimported():
+    """kernels="torch" never imports ar_course.kernels, which sets the simulators' environment variables (seen by
+    every process started afterwards) on a machine without a GPU."""
+    code = ("import os, sys; from ar_course.system import Generator; "
+            "g = Generator.from_pretrained('mnist', device='cpu'); "
+            "out = g.generate([0], method='var', kernels='torch', seed=0); "
+            "print('ar_course.kernels' in sys.modules, os.environ.get('NUMBA_ENABLE_CUDASIM'), "
+            "out.stats.backends['attention'])")
+    env = {k: v for k, v in os.environ.items() if k not in ("NUMBA_ENABLE_CUDASIM", "TRITON_INTERPRET")}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split() == ["False", "None", "torch"]
 
 
 @pytest.mark.parametrize("kwargs, message", [

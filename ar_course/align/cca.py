@@ -28,7 +28,7 @@ from ar_course.align.functional import cca_loss
 from ar_course.align.model import pyramid_log_probs, sequence_log_probs
 from ar_course.tokenizers import MultiScaleVQ
 from ar_course.train import DIVERGED_HINT, TrainingError
-from ar_course.utils import check_ids, check_int, check_number, check_seed
+from ar_course.utils import check_ids, check_int, check_number, check_seed, kept_random_state
 from ar_course.var.functional import unflatten_pyramids
 
 LogProbs = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -130,6 +130,8 @@ def cca_step(policy: nn.Module, reference: nn.Module, maps: torch.Tensor, classe
     return float(loss.detach()), float(pos.detach().mean()), float(neg.detach().mean())
 
 
+@kept_random_state()
+@torch.enable_grad()
 def train_cca(policy: nn.Module, reference: nn.Module, token_maps: torch.Tensor, labels: torch.Tensor,
               config: CCAConfig | None = None, progress: bool = True,
               log_probs: LogProbs = sequence_log_probs) -> CCALog:
@@ -147,6 +149,10 @@ def train_cca(policy: nn.Module, reference: nn.Module, token_maps: torch.Tensor,
             unconditional model: CCA contrasts each class with a wrong one).
         TrainingError: a loss that is NaN or inf (:class:`~ar_course.train.TrainingError`, ``training diverged:
             the loss is nan at step 3 (rerun with a lower --lr)``).
+
+    Runs with gradients on, even inside a caller's ``torch.no_grad()``; the caller's global random generators are
+    left as they were (:func:`~ar_course.utils.kept_random_state`); ``reference`` is left frozen (eval mode, no
+    gradients), ``policy`` in eval mode.
     """
     config = CCAConfig() if config is None else config
     if not isinstance(config, CCAConfig):

@@ -30,7 +30,7 @@ from ar_course.raster.model import generate_images, generate_tokens
 from ar_course.tokenizers import VQVAE
 from ar_course.train import DIVERGED_HINT, TrainingError, nonfinite_parameter
 from ar_course.transformer.model import GPT
-from ar_course.utils import check_int, check_number, check_seed
+from ar_course.utils import check_int, check_number, check_seed, kept_random_state
 
 
 def _check_kl_coef(kl_coef: object) -> float:
@@ -247,6 +247,8 @@ def evaluate(model: GPT, tokenizer: VQVAE, per_class: int, seed: int = 1234) -> 
     return metrics.class_accuracy(images, classes), float(images.mean())
 
 
+@kept_random_state()
+@torch.enable_grad()
 def train_grpo(
     policy: GPT, reference: GPT, tokenizer: VQVAE, config: GRPOConfig | None = None, progress: bool = True,
 ) -> GRPOLog:
@@ -262,6 +264,10 @@ def train_grpo(
         TrainingError: the run diverged (:class:`~ar_course.train.TrainingError`): a loss that is NaN or inf
             (``training diverged: the loss is inf at step 3 (rerun with a lower --lr)``, raised before that
             update) or weights that hold NaN or inf after a step.
+
+    Runs with gradients on, even inside a caller's ``torch.no_grad()``; the caller's global random generators are
+    left as they were (:func:`~ar_course.utils.kept_random_state`); ``reference`` is left frozen (eval mode, no
+    gradients), ``policy`` in eval mode.
     """
     config = GRPOConfig() if config is None else config
     if not isinstance(config, GRPOConfig):

@@ -59,6 +59,8 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 import torch
 
+from ar_course.utils import kept_random_state
+
 REPORT_ENV = "AR_COURSE_GRADE_REPORT"
 STRICT_ENV = "AR_COURSE_STRICT_CHECKS"
 
@@ -619,7 +621,8 @@ class Chapter:
             self._fail(ex, f"expected a function, got {type(fn).__name__}")
             return
         try:
-            ex.check(fn, ex.reference)
+            with kept_random_state():  # a check's seeds and draws leave the learner's random numbers alone
+                ex.check(fn, ex.reference)
         except NotImplementedError as exc:
             stub = re.fullmatch(r"Exercise (\d+\.\d+): (\w+)", str(exc))  # the text of a learner notebook's stub
             why = ""

@@ -29,7 +29,7 @@ from ar_course.train import (
     apply_process_options, check_conditional_model_options, content_digest, finish_run, format_accuracy,
     load_tokenizer, prepare_run, train_loop, trainer_main,
 )
-from ar_course.utils import get_device, seed_everything
+from ar_course.utils import get_device, kept_random_state, seed_everything
 
 TOKENIZER = "tokenizer_mnist_kl"
 EVAL_CFGS = (0.0, 1.0, 2.0)
@@ -55,6 +55,7 @@ def class_accuracy_at(model: ContinuousAR, tokenizer: VQVAE, cfg: float, per_cla
     return metrics.class_accuracy(images.cpu(), classes)
 
 
+@kept_random_state()
 def train_continuous(
     tokens: torch.Tensor,
     labels: torch.Tensor,
@@ -71,7 +72,8 @@ def train_continuous(
     resume: bool = False,
 ) -> tuple[ContinuousAR, History]:
     """Train a :class:`ContinuousAR` on raster-order ``tokens`` ``(N, L, D)`` with ``labels`` ``(N,)`` from
-    ``seed``; the condition dropout is drawn in the batch stream. Returns the model (eval mode) and its history."""
+    ``seed``; the condition dropout is drawn in the batch stream. Returns the model (eval mode) and its history.
+    The caller's global random generators are left as they were (:func:`~ar_course.utils.kept_random_state`)."""
     g = seed_everything(seed)
     model = ContinuousAR(config).to(device)
     batches = condition_dropout_batches(image_batches(tokens, labels, batch_size, generator=g), p_uncond,

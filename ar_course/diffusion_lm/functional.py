@@ -88,7 +88,7 @@ def mask_tokens(ids: torch.Tensor, t: torch.Tensor, mask_id: int, schedule: str 
                          f"{tuple(keep.shape)}")
     keep = keep.expand(ids.shape)  # (B, L)
     if noise is None:
-        noise = torch.rand(ids.shape, generator=generator, device=ids.device)  # (B, L)
+        noise = torch.rand(ids.shape, generator=generator, device=ids.device, dtype=torch.float32)  # (B, L)
     elif not isinstance(noise, torch.Tensor):
         raise TypeError(f"noise must be a tensor or None, got {type(noise).__name__}")
     elif noise.shape != ids.shape:
@@ -168,7 +168,7 @@ def denoise_step(x: torch.Tensor, proposal: torch.Tensor, t: float, s: float, ma
             raise ValueError(f"{name} must have the shape of x {tuple(x.shape)}, got {tuple(a.shape)}")
     p = unmask_probability(torch.tensor(t, dtype=torch.float64), torch.tensor(s, dtype=torch.float64), schedule)
     if u is None:
-        u = torch.rand(x.shape, generator=generator, device=x.device)  # (B, L)
+        u = torch.rand(x.shape, generator=generator, device=x.device, dtype=torch.float32)  # (B, L)
     reveal = (x == mask_id) & (u < p.to(x.device))
     return torch.where(reveal, proposal, x)
 

@@ -197,13 +197,14 @@ class DiffusionLM(nn.Module):
 
         def times(rows: int) -> torch.Tensor:  # (rows, L) in (0, 1]: one time per block, evenly spread over all
             n = rows * (L // b)
-            u = torch.rand((), generator=generator, device=ids.device)
+            u = torch.rand((), generator=generator, device=ids.device, dtype=torch.float32)
             t = (u + torch.arange(n, device=ids.device) / n) % 1.0  # (rows * n_blocks,)
             return (1.0 - t).view(rows, L // b).repeat_interleave(b, dim=1)  # (rows, L)
 
         # under torchrun, in training: the global batch's draws, this process's rows (ddp.draw_rows)
         t = ddp.draw_rows(times, B)  # (B, L)
-        noise = ddp.draw_rows(lambda rows: torch.rand((rows, L), generator=generator, device=ids.device), B)
+        noise = ddp.draw_rows(lambda rows: torch.rand((rows, L), generator=generator, device=ids.device,
+                                                   dtype=torch.float32), B)  # (B, L)
         x_t, masked = F.mask_tokens(ids, t, self.mask_id, self.config.schedule, noise=noise)
         logits = self._denoiser_logits(x_t, ids, b)  # (B, L, V+1)
         return F._masked_nll(logits, ids, masked, F.loss_weight(t, self.config.schedule)) / L  # (B,)

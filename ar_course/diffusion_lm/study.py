@@ -19,7 +19,7 @@ from ar_course.diffusion_lm.train import diffusion_batches, evaluate_bound
 from ar_course.train import TrainConfig, train_loop
 from ar_course.transformer.model import GPT, GPTConfig
 from ar_course.transformer.train import evaluate_lm
-from ar_course.utils import check_int, seed_everything
+from ar_course.utils import check_int, kept_random_state, seed_everything
 
 
 @dataclass
@@ -50,13 +50,15 @@ class StudyConfig:
         return max(1, round(self.budget / (self.batch_size * self.length)))
 
 
+@kept_random_state()
 def data_constrained(config: StudyConfig | None = None, progress: bool = True) -> dict:
     """Train an AR GPT and a full-sequence masked diffusion LM of the same shape on the first ``config.budget``
     training characters for ``config.epochs`` epochs (same windows, same steps); ``config`` None: a
     :class:`StudyConfig` of its defaults.
 
     Returns ``{"config", "steps", "steps_per_epoch", "epochs": [...], "ar": [val NLL...], "diffusion": [val
-    bound...], "seconds": {...}, "params": {...}}`` (nats/char at each evaluated epoch)."""
+    bound...], "seconds": {...}, "params": {...}}`` (nats/char at each evaluated epoch).
+    The caller's global random generators are left as they were (:func:`~ar_course.utils.kept_random_state`)."""
     from ar_course.data import load_text_dataset, text_batches
 
     config = StudyConfig() if config is None else config

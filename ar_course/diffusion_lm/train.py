@@ -42,7 +42,7 @@ from ar_course.transformer.train import PRESETS as LM_PRESETS
 from ar_course.transformer.train import (
     add_text_trainer_options, apply_text_trainer_options, round_to_half, run_record, save_text_model,
 )
-from ar_course.utils import get_device, seed_everything
+from ar_course.utils import get_device, kept_random_state, seed_everything
 
 KIND = "diffusion_lm"
 
@@ -115,6 +115,7 @@ def evaluate_bound(model: DiffusionLM, ids: torch.Tensor, max_windows: int = 64,
                            generator=torch.Generator().manual_seed(seed))
 
 
+@kept_random_state()
 def train_diffusion_lm(
     preset: DiffusionPreset,
     seed: int = 0,
@@ -135,7 +136,8 @@ def train_diffusion_lm(
     time, the characters seen and the validation ids. ``keep_best``: end with the weights of the evaluation
     (every ``eval_every`` steps) with the lowest bound. ``init``: start from the weights of a ``diffusion_lm``
     checkpoint of the preset's shape (a second schedule after a first run); ``train_block_sizes``: the block
-    sizes batches draw from, in place of the preset's."""
+    sizes batches draw from, in place of the preset's.
+    The caller's global random generators are left as they were (:func:`~ar_course.utils.kept_random_state`)."""
     from ar_course.data import load_text_dataset
 
     tokenizer, corpus_train, corpus_val = load_text_dataset()

@@ -61,7 +61,7 @@ def random_mask(batch: int, n: int, schedule: str = "cosine", generator: torch.G
     numbers are drawn on the CPU from ``generator`` (``batch`` for ``r``, then ``batch * n`` for the positions)
     and moved to ``device``."""
     batch, n = check_int("batch", batch, lo=1), check_int("n", n, lo=1)
-    r = torch.rand(batch, generator=generator)  # (B,)
+    r = torch.rand(batch, generator=generator, dtype=torch.float32)  # (B,)
     return training_mask(r, n, schedule, generator).to(device)  # (B, N)
 
 
@@ -81,7 +81,7 @@ def training_mask(r: torch.Tensor, n: int, schedule: str = "cosine", generator: 
         raise ValueError(f"r must be a (B,) tensor of progresses in [0, 1], got shape {tuple(r.shape)}")
     n = check_int("n", n, lo=1)
     count = torch.ceil(mask_ratio(r.cpu(), schedule) * n).long().clamp(1, n)  # (B,)
-    scores = torch.rand(r.shape[0], n, generator=generator)  # (B, n)
+    scores = torch.rand(r.shape[0], n, generator=generator, dtype=torch.float32)  # (B, n)
     rank = scores.argsort(dim=1).argsort(dim=1)  # (B, n): the rank of each position's score in its row
     return (rank < count[:, None]).to(r.device)  # (B, n)
 
@@ -142,7 +142,7 @@ def masked_after(steps: int, n: int, schedule: str = "cosine") -> list[int]:
 def gumbel_noise(shape: tuple[int, ...], generator: torch.Generator | None = None,
                  device: torch.device | str | None = None) -> torch.Tensor:
     """Standard Gumbel noise ``-log(-log(u))`` of ``shape``, ``u`` uniform drawn from ``generator`` on ``device``."""
-    u = torch.rand(shape, generator=generator, device=device).clamp(1e-20, 1.0 - 1e-7)
+    u = torch.rand(shape, generator=generator, device=device, dtype=torch.float32).clamp(1e-20, 1.0 - 1e-7)
     return -torch.log(-torch.log(u))
 
 

@@ -31,7 +31,7 @@ from ar_course.train import (
     check_conditional_model_options, content_digest, finish_run, format_accuracy, load_tokenizer, prepare_run,
     train_loop, trainer_main,
 )
-from ar_course.utils import get_device, seed_everything
+from ar_course.utils import get_device, kept_random_state, seed_everything
 
 EVAL_CFGS = (0.0, 1.0, 2.0)
 """Guidance strengths ``w`` at which the trainer records the class accuracy of 8-step samples."""
@@ -47,6 +47,7 @@ def masked_batches(batches: Iterator[tuple[torch.Tensor, torch.Tensor]], schedul
         yield maps, classes, random_mask(maps.shape[0], maps[0].numel(), schedule, generator)
 
 
+@kept_random_state()
 def train_maskgit(
     tokenizer: torch.nn.Module,
     token_maps: torch.Tensor,
@@ -70,7 +71,8 @@ def train_maskgit(
     """Train a class-conditional MaskGIT on ``token_maps`` ``(N, h, w)`` with ``labels`` ``(N,)`` from ``seed``.
 
     Class dropout (``p_uncond``) and the masks are drawn in the batch stream. ``n_classes``: as
-    :func:`~ar_course.raster.train.train_ar`. Returns the model (eval mode) and the loss history."""
+    :func:`~ar_course.raster.train.train_ar`. Returns the model (eval mode) and the loss history.
+    The caller's global random generators are left as they were (:func:`~ar_course.utils.kept_random_state`)."""
     g = seed_everything(seed)
     h, w = token_maps.shape[1:]
     config = maskgit_config(tokenizer.config.num_codes, (h, w), n_classes=class_count(labels, n_classes),

@@ -66,5 +66,5 @@ def condition_dropout(
     null_class = check_int("null_class", null_class, lo=0)
     check_ids("classes", classes, null_class + 1, ("B",))
     p = check_number("p", p, 0, 1)
-    drop = torch.rand(classes.shape[0], generator=generator) < p  # (B,)
+    drop = torch.rand(classes.shape[0], generator=generator, dtype=torch.float32) < p  # (B,)
     return torch.where(drop.to(classes.device), torch.full_like(classes, null_class), classes)

@@ -28,7 +28,7 @@ from ar_course.train import (
     train_loop, trainer_main,
 )
 from ar_course.transformer.model import GPT
-from ar_course.utils import check_int, get_device, seed_everything
+from ar_course.utils import check_int, get_device, kept_random_state, seed_everything
 
 EVAL_CFGS = (0.0, 1.0, 2.0, 3.0)
 """Guidance strengths ``w`` at which the trainer records the class accuracy (``accuracy_by_cfg``)."""
@@ -53,6 +53,7 @@ def class_accuracy_at(model: GPT, tokenizer: VQVAE, cfg: float, per_class: int =
     return metrics.class_accuracy(images.cpu(), classes)
 
 
+@kept_random_state()
 def train_ar(
     tokenizer: VQVAE,
     token_maps: torch.Tensor,
@@ -78,7 +79,8 @@ def train_ar(
     is drawn in the batch stream. ``checkpoint_every`` / ``state_path`` / ``resume``: see
     :func:`~ar_course.train.train_loop`. ``n_classes``: the classes the model conditions on (default: the largest
     label + 1; give the dataset's count when ``labels`` is a subset that may miss a class). Returns the model (eval
-    mode) and the loss history."""
+    mode) and the loss history.
+    The caller's global random generators are left as they were (:func:`~ar_course.utils.kept_random_state`)."""
     g = seed_everything(seed)
     h, w = token_maps.shape[1:]
     config = raster_config(tokenizer.config.num_codes, (h, w), n_classes=class_count(labels, n_classes),

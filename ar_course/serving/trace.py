@@ -51,8 +51,8 @@ def make_trace(text_ids: torch.Tensor, n: int, *, seed: int = 0, rate: float = 2
     prefix = list(shared_prefix or [])
     out, t = [], 0.0
     for _ in range(n):
-        t += float(torch.empty(()).exponential_(rate, generator=g))
-        p, o = (torch.randn(2, generator=g) * sigma).exp().tolist()
+        t += float(torch.empty((), dtype=torch.float32).exponential_(rate, generator=g))
+        p, o = (torch.randn(2, generator=g, dtype=torch.float32) * sigma).exp().tolist()
         n_out = max(1, min(int(round(output_median * o)), max_len // 2))
         n_prompt = max(1, min(int(round(prompt_median * p)), max_len - n_out - len(prefix)))
         if len(text_ids) <= n_prompt:

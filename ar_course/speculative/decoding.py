@@ -235,7 +235,7 @@ def _verify(logits: torch.Tensor, q_rows: list[torch.Tensor], drafts: torch.Tens
         return m, best[m]
     p = probs(logits, sampling=sampling)  # (g + 1, V)
     q = torch.stack(q_rows) if q_rows else p[:0]  # (g, V)
-    u = torch.rand(g, generator=generator, device=p.device)
+    u = torch.rand(g, generator=generator, device=p.device, dtype=torch.float32)
     new = _round(p, q, drafts, u, generator)  # (m + 1,): m accepted drafts + 1 (speculative_round, unchecked)
     return new.shape[0] - 1, new[-1]
 
@@ -297,7 +297,7 @@ def sjd_generate(
         p = probs(logits, sampling=sampling)  # (L + 1, V)
         if delta > 0:
             p = torch.cat([_relax(p[:L], draft, neighbors, delta), p[L:]])  # relaxed_target, unchecked
-        u = torch.rand(L, generator=generator, device=p.device)
+        u = torch.rand(L, generator=generator, device=p.device, dtype=torch.float32)
         new, carry, carry_q = _jacobi(p, q, draft, u, generator)  # jacobi_verify, unchecked
         seq = torch.cat([seq, new[None]], dim=1)
         stats.record(new.shape[0] - 1, new.shape[0], L)

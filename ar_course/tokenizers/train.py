@@ -33,7 +33,7 @@ from ar_course.train import (
     DEVICE_HELP, History, TrainConfig, add_run_options, apply_process_options, check_batch_size, finish_run, out_help,
     prepare_run, seed_int, train_loop, trainer_main,
 )
-from ar_course.utils import check_int, get_device, seed_everything
+from ar_course.utils import check_int, get_device, kept_random_state, seed_everything
 
 DATASETS = ("mnist", "shapes")
 LFQ_DEFAULT_DIM = 8
@@ -104,6 +104,7 @@ def evaluate(model: VQVAE, images: torch.Tensor, batch_size: int = 500) -> dict[
     return result | {"fraction_used": usage["fraction_used"], "perplexity": usage["perplexity"]}
 
 
+@kept_random_state()
 def train_tokenizer(
     config: VQVAEConfig,
     dataset: str = "mnist",
@@ -130,6 +131,8 @@ def train_tokenizer(
 
     Raises:
         ValueError: ``batch_size`` is not in [1, the number of training images] (no batch could be drawn).
+
+    The caller's global random generators are left as they were (:func:`~ar_course.utils.kept_random_state`).
     """
     generator = seed_everything(seed)
     device = torch.device(device) if device is not None else get_device()

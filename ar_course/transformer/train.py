@@ -37,7 +37,7 @@ from ar_course.train import (
     out_help, prepare_run, seed_int, train_loop, trainer_main,
 )
 from ar_course.transformer.model import GPT, GPTConfig
-from ar_course.utils import check_int, count_parameters, get_device, seed_everything
+from ar_course.utils import check_int, count_parameters, get_device, kept_random_state, seed_everything
 
 KIND = "lm"
 
@@ -120,6 +120,7 @@ def round_to_half(model: torch.nn.Module) -> None:
             p.copy_(p.half().float())
 
 
+@kept_random_state()
 def train_lm(
     preset: LMPreset,
     seed: int = 0,
@@ -137,7 +138,8 @@ def train_lm(
     ``preset.batch_size`` is the global batch (split across processes under ``torchrun``). ``keep_best``: end
     with the weights of the evaluation (every ``eval_every`` steps) with the lowest validation loss.
     ``checkpoint_every`` / ``state_path`` / ``resume``: see :func:`~ar_course.train.train_loop`. ``info``
-    holds the tokenizer, the loss history, the training time, the tokens seen and the validation token ids."""
+    holds the tokenizer, the loss history, the training time, the tokens seen and the validation token ids.
+    The caller's global random generators are left as they were (:func:`~ar_course.utils.kept_random_state`)."""
     from ar_course.data import load_text_dataset, text_batches
 
     tokenizer, train_ids, val_ids = load_text_dataset()

@@ -26,7 +26,7 @@ from ar_course.train import (
     check_conditional_model_options, content_digest, finish_run, format_accuracy, load_tokenizer, prepare_run,
     train_loop, trainer_main,
 )
-from ar_course.utils import get_device, seed_everything
+from ar_course.utils import get_device, kept_random_state, seed_everything
 from ar_course.var.functional import flatten_pyramids, unflatten_pyramids
 from ar_course.var.model import PRETRAINED_PATH, VAR, VARConfig, generate_images, save_pretrained
 
@@ -63,6 +63,7 @@ def class_accuracy_at(model: VAR, tokenizer: VQVAE, cfg: float, per_class: int =
     return metrics.class_accuracy(images.cpu(), classes, dataset)
 
 
+@kept_random_state()
 def train_var(
     tokenizer: VQVAE,
     tokens: torch.Tensor,
@@ -83,7 +84,8 @@ def train_var(
 
     ``batch_size`` is the global batch (split across processes under ``torchrun``); the condition dropout
     is drawn in the batch stream. ``checkpoint_every`` / ``state_path`` / ``resume``: see
-    :func:`~ar_course.train.train_loop`. Returns the model (eval mode) and the loss history."""
+    :func:`~ar_course.train.train_loop`. Returns the model (eval mode) and the loss history.
+    The caller's global random generators are left as they were (:func:`~ar_course.utils.kept_random_state`)."""
     g = seed_everything(seed)
     model = VAR(config).to(device)
     vq = tokenizer.quantizer
