@@ -193,16 +193,17 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
     Returns ``(state_dict, {"config": dict, "kind": str, "extra": dict})``.
 
     Raises:
-        CheckpointError: the file is missing, corrupted or truncated, or its ``config`` or ``extra`` metadata
-            is not a JSON object.
+        CheckpointError: the file is missing (``no checkpoint at PATH``; a folder: ``PATH is a folder``), corrupted
+            or truncated, or its ``config`` or ``extra`` metadata is not a JSON object.
         TypeError: ``path`` is not a str or path, or ``device`` not a str or ``torch.device``.
         ValueError, RuntimeError: a ``device`` torch does not know (``"gpu"``) or that this machine lacks,
             from :func:`~ar_course.utils.get_device`, before the file is read.
     """
     path = _path_arg("path", path)
     device = _device(device)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
+    if not path.is_file():  # as resolve() says it
+        raise CheckpointError(f"{path} is a folder, expected a .safetensors file" if path.is_dir()
+                              else f"no checkpoint at {path}")
     try:
         state = load_file(str(path), device=str(device))
         from safetensors import safe_open

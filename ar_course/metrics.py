@@ -40,6 +40,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -217,6 +218,17 @@ def class_accuracy(images: torch.Tensor, labels: torch.Tensor, dataset: str = "m
     _check_images(images, channels)
     check_ids("labels", labels, num_classes, (images.shape[0],), dtype=None)
     return float((classify(images, dataset).cpu() == labels.cpu()).float().mean())
+
+
+@torch.no_grad()
+def generated_class_accuracy(generate: Callable[[torch.Tensor], torch.Tensor], n_classes: int, per_class: int,
+                             dataset: str = "mnist") -> tuple[float, torch.Tensor]:
+    """How often the classifier of ``dataset`` recognises the class a model was asked for: ``generate(classes)``
+    makes images ``(N, C, 32, 32)`` for ``classes`` ``(N,)``, ``per_class`` of each of the ``n_classes`` in turn.
+    Returns ``(accuracy, images on the CPU)``; raises as :func:`class_accuracy`."""
+    classes = torch.arange(n_classes).repeat_interleave(per_class)  # (n_classes * per_class,)
+    images = generate(classes).cpu()  # (N, C, 32, 32)
+    return class_accuracy(images, classes, dataset), images
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -459,6 +471,22 @@ def codebook_usage(indices: torch.Tensor | list[torch.Tensor], num_codes: int) -
 # Data sets, noise floor and training
 
 
+def dataset_split(dataset: str, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images ``(N, C, 32, 32)`` in [0, 1] and labels ``(N,)`` of an image set of :data:`DATASETS`: ``"train"``
+    (MNIST's 20,000, or the 20,000 shapes of :data:`SHAPES_TRAIN`) or ``"test"`` (:func:`held_out_set`).
+    ``ValueError`` for an unknown ``dataset`` or ``split``."""
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    if split == "test":
+        return held_out_set(dataset)
+    from ar_course.data import load_mnist, make_shapes
+
+    _check_dataset(dataset)
+    if dataset == "mnist":
+        return load_mnist("train", size=32)
+    return make_shapes(SHAPES_TRAIN[0], size=32, seed=SHAPES_TRAIN[1])
+
+
 def held_out_set(dataset: str = "mnist") -> tuple[torch.Tensor, torch.Tensor]:
     """Real held-out images ``(N, C, 32, 32)`` and labels ``(N,)`` the classifier never trained on:
     the MNIST test split (5,000) or 5,000 shapes drawn with a seed other than the training one."""
@@ -527,14 +555,11 @@ def train_classifier(dataset: str = "mnist", steps: int = 1500, seed: int = 0, b
     Returns the model (eval mode), its accuracy on :func:`held_out_set` (``None`` on processes other than
     rank 0, which alone evaluates) and the training history.
     The caller's global random generators are left as they were (:func:`~ar_course.utils.kept_random_state`)."""
-    from ar_course.data import image_batches, load_mnist, make_shapes
+    from ar_course.data import image_batches
 
     channels, num_classes = _check_dataset(dataset)
     g = seed_everything(seed)
-    if dataset == "mnist":
-        images, labels = load_mnist("train", size=32)
-    else:
-        images, labels = make_shapes(SHAPES_TRAIN[0], size=32, seed=SHAPES_TRAIN[1])
+    images, labels = dataset_split(dataset, "train")
     config = ClassifierConfig(in_channels=channels, num_classes=num_classes)
     model = Classifier(config).to(device)
     shift = MAX_SHIFT[dataset]

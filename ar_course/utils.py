@@ -18,7 +18,6 @@ import numbers
 import operator
 import os
 import random
-import time
 from contextlib import contextmanager
 from typing import Callable, Iterator, Sequence
 
@@ -90,21 +89,6 @@ def get_device(prefer: str | torch.device | None = None) -> torch.device:
 def count_parameters(model: torch.nn.Module) -> int:
     """Number of trainable parameters."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
-@contextmanager
-def timer() -> Iterator[dict]:
-    """``with timer() as t: ...`` then ``t["seconds"]``; synchronises CUDA so GPU work is counted."""
-    out: dict = {}
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    try:
-        yield out
-    finally:
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        out["seconds"] = time.perf_counter() - start
 
 
 def generate_in_batches(

@@ -150,6 +150,17 @@ LOWER_PRIORITY_CASES = [
                  id="fake_quantize_kv group 0"),
     pytest.param(lambda: CompressedAttention("int8", group=0), ValueError, "group must be an integer >= 1",
                  id="CompressedAttention group 0"),
+    # the other fields are checked when made, naming the field (they failed on the first call, or named "budget")
+    pytest.param(lambda: CompressedAttention("h2o", recent="x"), TypeError, r"recent must be an integer in \[0, 95\]",
+                 id="CompressedAttention recent string"),
+    pytest.param(lambda: CompressedAttention("h2o", window=-3), ValueError, "window must be an integer >= 1, got -3",
+                 id="CompressedAttention window negative"),
+    pytest.param(lambda: CompressedAttention("h2o", window=10, recent=10), ValueError,
+                 r"recent must be an integer in \[0, 9\], got 10", id="CompressedAttention recent = window"),
+    pytest.param(lambda: CompressedAttention("sink_window", sinks=96), ValueError,
+                 r"sinks must be an integer in \[0, 95\], got 96", id="CompressedAttention sinks = window"),
+    pytest.param(lambda: CompressedAttention("minicache", merge_from=-1), ValueError,
+                 "merge_from must be an integer >= 0, got -1", id="CompressedAttention merge_from negative"),
     # a bidirectional pass was answered with causal attention, and dropout was ignored
     pytest.param(lambda: CompressedAttention("sink_window")(X, X, X, None, causal=False), ValueError,
                  "full causal passes only .*causal=False", id="CompressedAttention bidirectional"),

@@ -88,6 +88,11 @@ def test_a_missing_file_name_with_a_suffix_is_a_missing_path_not_an_unknown_name
         assert str(info.value) == f"no checkpoint at {missing}"
     with pytest.raises(CheckpointError, match="^unknown checkpoint name 'foo': not a file, and the shipped ones"):
         checkpoint.resolve("foo")
+    for read in (checkpoint.resolve, checkpoint.load_checkpoint):  # the two say the same (load_checkpoint said
+        with pytest.raises(CheckpointError, match=r"^no checkpoint at foo\.safetensors$"):  # "checkpoint not found")
+            read("foo.safetensors")
+        with pytest.raises(CheckpointError, match=r"is a folder, expected a \.safetensors file$"):
+            read(tmp_path)
 
 
 @pytest.mark.parametrize("cls", CONFIGS)

@@ -24,9 +24,9 @@ def no_data_loading(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the training data was loaded before the bad input was refused")
 
-    for module in ("ar_course.raster.train", "ar_course.var.train", "ar_course.masked.train",
-                   "ar_course.continuous.train"):
+    for module in ("ar_course.raster.train", "ar_course.masked.train", "ar_course.continuous.train"):
         monkeypatch.setattr(f"{module}.load_mnist", refuse)
+    monkeypatch.setattr("ar_course.metrics.dataset_split", refuse)  # train var's (and train tokenizer's) data
     monkeypatch.setattr("ar_course.tokenizers.train.load_images", refuse)
     monkeypatch.setattr("ar_course.metrics.train_classifier", refuse)
     monkeypatch.setattr(data, "make_shapes", refuse)

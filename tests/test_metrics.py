@@ -258,3 +258,29 @@ def test_train_main_writes_a_loadable_checkpoint(tmp_path, capsys):
     assert metrics.train_main(["--dataset", "mnist", "--steps", "2", "--out", str(out)]) == 0
     _, meta = load_checkpoint(out)
     assert meta["kind"] == "classifier" and meta["extra"]["steps"] == 2
+
+
+def test_dataset_split_is_the_training_or_the_held_out_set():
+    """The one loader of the image sets the trainers use: the test split is held_out_set, the training split
+    is another set (shapes: another seed), and anything else is refused in one line."""
+    train, labels = metrics.dataset_split("shapes", "train")
+    test = metrics.held_out_set("shapes")
+    assert train.shape == (20_000, 3, 32, 32) and labels.shape == (20_000,)
+    assert all(torch.equal(a, b) for a, b in zip(metrics.dataset_split("shapes", "test"), test))
+    assert not torch.equal(train[:5], test[0][:5])
+    with pytest.raises(ValueError, match="^split must be 'train' or 'test', got 'val'$"):
+        metrics.dataset_split("mnist", "val")
+    with pytest.raises(ValueError, match="cifar"):
+        metrics.dataset_split("cifar", "train")
+
+
+def test_generated_class_accuracy_asks_for_each_class_in_turn():
+    asked = []
+
+    def generate(classes):
+        asked.append(classes.clone())
+        return metrics.held_out_set("mnist")[0][: len(classes)]  # real digits, whatever was asked
+
+    accuracy, images = metrics.generated_class_accuracy(generate, 10, 3)
+    assert torch.equal(asked[0], torch.arange(10).repeat_interleave(3)) and images.shape == (30, 1, 32, 32)
+    assert accuracy == metrics.class_accuracy(images, asked[0])

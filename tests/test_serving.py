@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from ar_course.sampling import SamplingConfig
@@ -18,7 +18,7 @@ from ar_course.serving import (
     paged_attention, prefix_block_hashes,
 )
 from ar_course.serving.compression import CompressedAttention, kv_bytes_per_token, sink_window_evictable
-from ar_course.serving.trace import make_trace, summarize
+from ar_course.serving.trace import make_trace, replay, summarize
 from ar_course.transformer import GPT, load_pretrained, use_attention
 from serving_fixtures import _one_thread, seeded_outputs_one_at_a_time_and_batched, tiny  # noqa: F401 (fixtures)
 
@@ -346,6 +346,10 @@ def _generate_alone(model, prompt, n, compression):
 
 @settings(max_examples=25, deadline=None, derandomize=True, database=None,  # the same cases every run
           suppress_health_check=[HealthCheck.function_scoped_fixture])
+# prefix caching on, whatever the derandomized draws hold: prompts of one length share their tokens, so later
+# requests reuse cached blocks; a tight pool makes the engine preempt and evict cached prefixes
+@example([(8, 3, "run"), (8, 2, "step"), (10, 4, "cancel"), (8, 0, "run"), (10, 5, "run")], 20, True, "none")
+@example([(12, 9, "step"), (12, 9, "run"), (6, 9, "cancel"), (12, 9, "run")], 11, True, "none")
 @given(st.lists(st.tuples(st.integers(1, 12), st.integers(0, 9), st.sampled_from(["run", "cancel", "step"])),
                 min_size=1, max_size=8),
        st.integers(11, 24), st.booleans(), st.sampled_from(sorted(TINY_COMPRESSION)))
@@ -597,3 +601,34 @@ def test_engines_made_without_a_config_do_not_share_one(tiny):  # noqa: F811
     first.config.max_running = 1
     second = Engine(tiny)
     assert second.config is not first.config and second.config == EngineConfig()
+
+
+@pytest.mark.parametrize("realtime", [True, False])
+def test_replay_adds_each_request_at_its_arrival_and_runs_them_all(tiny, realtime):  # noqa: F811
+    """Requests join when the engine's clock passes their arrival (realtime) or all at the start, each runs to
+    its max_new_tokens, and the returned ids map to the trace's requests."""
+    ticks = iter(range(10**6))
+    engine = Engine(tiny, EngineConfig(num_blocks=32, block_size=4, max_running=4, max_step_tokens=32),
+                    clock=lambda: float(next(ticks)))  # one second per reading of the clock
+    trace = make_trace(torch.arange(500) % tiny.config.vocab_size, 3, rate=0.1, prompt_median=4, output_median=3,
+                       max_len=16)
+    ids = replay(engine, trace, realtime=realtime)
+    assert sorted(ids) == sorted(engine.requests) and sorted(ids.values(), key=id) == sorted(trace, key=id)
+    starts = set()  # the clock's reading when the replay started, as each request's arrival implies it
+    for rid, request in ids.items():
+        done = engine.requests[rid]
+        assert done.status == "finished" and len(done.output) == request.max_new_tokens
+        assert done.prompt == request.prompt
+        starts.add(round(done.arrival - request.arrival if realtime else done.arrival, 9))
+    assert len(starts) == 1 and len({r.arrival for r in trace}) == 3  # three arrival times, one start
+
+
+@pytest.mark.parametrize("trace, realtime, match", [
+    ([1, 2], True, "trace must be a list of TraceRequest .*got a list holding int"),
+    (None, True, "trace must be a list of TraceRequest .*got NoneType"),
+    ([], 1, r"realtime must be True or False, got 1 \(int\)"),
+])
+def test_replay_refuses_what_is_not_a_trace(tiny, trace, realtime, match):  # noqa: F811
+    """It used to fail inside with "AttributeError: 'int' object has no attribute 'arrival'"."""
+    with pytest.raises(TypeError, match=match):
+        replay(Engine(tiny), trace, realtime=realtime)

@@ -239,12 +239,12 @@ def grpo_step(
     return float(rollout["rewards"].mean()), steps[0][1]
 
 
-@torch.no_grad()
 def evaluate(model: GPT, tokenizer: VQVAE, per_class: int, seed: int = 1234) -> tuple[float, float]:
     """``(class accuracy, mean brightness)`` of ``per_class`` samples per class at guidance 0 (fixed seed)."""
-    classes = torch.arange(model.config.n_classes).repeat_interleave(per_class)  # (n_classes * per_class,)
-    images = generate_images(model, tokenizer, classes, seed=seed).cpu()
-    return metrics.class_accuracy(images, classes), float(images.mean())
+    accuracy, images = metrics.generated_class_accuracy(
+        lambda classes: generate_images(model, tokenizer, classes, seed=seed),
+        model.config.n_classes, per_class)
+    return accuracy, float(images.mean())
 
 
 @kept_random_state()

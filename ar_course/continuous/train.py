@@ -46,13 +46,12 @@ def encode_dataset(tokenizer: VQVAE, images: torch.Tensor, batch_size: int = 100
     return map_to_tokens(raster_train.encode_dataset(tokenizer, images, batch_size))  # (N, h * w, D)
 
 
-@torch.no_grad()
 def class_accuracy_at(model: ContinuousAR, tokenizer: VQVAE, cfg: float, per_class: int = 20, steps: int = 16,
                       seed: int = 0) -> float:
     """Class accuracy (shipped classifier) of ``per_class`` samples per class at guidance strength ``cfg = w``."""
-    classes = torch.arange(model.config.n_classes).repeat_interleave(per_class)  # (n_classes * per_class,)
-    images = generate_images(model, tokenizer, classes, steps=steps, cfg=cfg, seed=seed)
-    return metrics.class_accuracy(images.cpu(), classes)
+    return metrics.generated_class_accuracy(
+        lambda classes: generate_images(model, tokenizer, classes, steps=steps, cfg=cfg, seed=seed),
+        model.config.n_classes, per_class)[0]
 
 
 @kept_random_state()

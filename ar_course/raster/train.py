@@ -44,13 +44,11 @@ def encode_dataset(tokenizer: VQVAE, images: torch.Tensor, batch_size: int = 100
     return torch.cat([tokenizer.encode_to_indices(chunk.to(device)).cpu() for chunk in images.split(batch_size)])
 
 
-@torch.no_grad()
-def class_accuracy_at(model: GPT, tokenizer: VQVAE, cfg: float, per_class: int = 20, seed: int = 0,
-                      n_classes: int = 10) -> float:
+def class_accuracy_at(model: GPT, tokenizer: VQVAE, cfg: float, per_class: int = 20, seed: int = 0) -> float:
     """Class accuracy (shipped classifier) of ``per_class`` samples per class at guidance strength ``cfg = w``."""
-    classes = torch.arange(n_classes).repeat_interleave(per_class)  # (n_classes * per_class,)
-    images = generate_images(model, tokenizer, classes, cfg=cfg, seed=seed)
-    return metrics.class_accuracy(images.cpu(), classes)
+    return metrics.generated_class_accuracy(
+        lambda classes: generate_images(model, tokenizer, classes, cfg=cfg, seed=seed),
+        model.config.n_classes, per_class)[0]
 
 
 @kept_random_state()

@@ -165,7 +165,8 @@ class CompressedAttention:
     """:data:`~ar_course.transformer.AttentionFn` of a causal full pass as seen through a compressed cache.
 
     ``method`` in :data:`METHODS`; ``group`` for quantization (the bits come from the method's name);
-    ``sinks``/``window`` for ``sink_window``; ``window``/``recent`` for ``h2o``; ``merge_from`` for
+    ``sinks``/``window`` for ``sink_window`` (``0 <= sinks < window``); ``window``/``recent`` for ``h2o``
+    (``0 <= recent < window``), all checked when made; ``merge_from`` for
     ``minicache``, which also needs the merged cache of an exact pass first (:meth:`record`, as
     :func:`heldout_nll` does). The layers are counted as the function is called, so one instance serves one
     forward pass at a time (:meth:`reset` between passes)."""
@@ -184,6 +185,11 @@ class CompressedAttention:
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
         check_int("group", self.group, lo=1)
+        window = check_int("window", self.window, lo=1)
+        # the methods that use them need 0 <= sinks < window (sink_window), 0 <= recent < window (h2o's budget)
+        check_int("sinks", self.sinks, lo=0, hi=window - 1 if self.method == "sink_window" else None)
+        check_int("recent", self.recent, lo=0, hi=window - 1 if self.method == "h2o" else None)
+        check_int("merge_from", self.merge_from, lo=0)
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, causal: bool,
                  dropout_p: float = 0.0) -> torch.Tensor:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from ar_course.serving.engine import Engine
-from ar_course.utils import check_int, check_number, check_seed
+from ar_course.utils import check_bool, check_int, check_number, check_seed
 
 
 @dataclass(frozen=True)
@@ -65,7 +65,22 @@ def make_trace(text_ids: torch.Tensor, n: int, *, seed: int = 0, rate: float = 2
 
 def replay(engine: Engine, trace: list[TraceRequest], *, realtime: bool = True) -> dict[int, TraceRequest]:
     """Run ``trace`` through ``engine``: each request is added once the engine's clock passes its arrival
-    (``realtime=False``: all at once, at the start). Returns ``{request id: trace request}``."""
+    (``realtime=False``: all at once, at the start). Returns ``{request id: trace request}``.
+
+    Raises:
+        TypeError: ``engine`` is not an :class:`Engine`, ``trace`` not a list of :class:`TraceRequest` (what
+            :func:`make_trace` returns), or ``realtime`` not a bool.
+    """
+    if not isinstance(engine, Engine):
+        raise TypeError(f"engine must be an Engine, got {type(engine).__name__}")
+    if not isinstance(trace, (list, tuple)) or not all(isinstance(r, TraceRequest) for r in trace):
+        if isinstance(trace, (list, tuple)):
+            stray = next(r for r in trace if not isinstance(r, TraceRequest))
+            found = f"a {type(trace).__name__} holding {type(stray).__name__}"
+        else:
+            found = type(trace).__name__
+        raise TypeError(f"trace must be a list of TraceRequest (make_trace makes one), got {found}")
+    realtime = check_bool("realtime", realtime)
     pending = sorted(trace, key=lambda r: r.arrival) if realtime else list(trace)
     start, ids, i = engine.clock(), {}, 0
     while i < len(pending) or engine.has_work:

@@ -69,17 +69,9 @@ def default_config(quantizer: str = "vq", dataset: str = "mnist", **overrides: A
 
 
 def load_images(dataset: str, split: str) -> torch.Tensor:
-    """Images ``(N, C, 32, 32)`` in [0, 1]: MNIST (20k train / 5k test) or the coloured shapes."""
-    from ar_course.data import load_mnist, make_shapes
-
-    if dataset not in DATASETS or split not in ("train", "test"):
-        raise ValueError(f"unknown dataset/split {dataset!r}/{split!r}")
-    if dataset == "mnist":
-        return load_mnist(split, size=32)[0]
-    if split == "test":
-        return metrics.held_out_set("shapes")[0]
-    n, seed = metrics.SHAPES_TRAIN
-    return make_shapes(n, size=32, seed=seed)[0]
+    """The images ``(N, C, 32, 32)`` in [0, 1] of :func:`~ar_course.metrics.dataset_split` (MNIST, 20k train / 5k
+    test, or the coloured shapes), without their labels."""
+    return metrics.dataset_split(dataset, split)[0]
 
 
 @torch.no_grad()

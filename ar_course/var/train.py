@@ -18,7 +18,7 @@ from ar_course import distributed as ddp
 from ar_course import metrics
 from ar_course.checkpoint import tokenizer_reference
 from ar_course.cli import ArgumentParser
-from ar_course.data import image_batches, load_mnist, make_shapes
+from ar_course.data import image_batches
 from ar_course.raster.model import condition_dropout_batches
 from ar_course.tokenizers import VQVAE
 from ar_course.train import (
@@ -34,18 +34,6 @@ EVAL_CFGS = (0.0, 1.0, 2.0, 4.0)
 TOKENIZER = "mnist_msvq"
 
 
-def load_dataset(dataset: str, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Images ``(N, C, 32, 32)`` in [0, 1] and labels ``(N,)``: MNIST or the coloured shapes, train or test."""
-    if dataset not in metrics.DATASETS or split not in ("train", "test"):
-        raise ValueError(f"unknown dataset/split {dataset!r}/{split!r}")
-    if dataset == "mnist":
-        return load_mnist(split, size=32)
-    if split == "test":
-        return metrics.held_out_set("shapes")
-    n, seed = metrics.SHAPES_TRAIN
-    return make_shapes(n, size=32, seed=seed)
-
-
 @torch.no_grad()
 def encode_pyramids(tokenizer: VQVAE, images: torch.Tensor, batch_size: int = 1000) -> list[torch.Tensor]:
     """Token pyramids of ``images`` ``(N, C, S, S)``: one ``(N, s_k, s_k)`` long map per scale (on the CPU)."""
@@ -54,13 +42,12 @@ def encode_pyramids(tokenizer: VQVAE, images: torch.Tensor, batch_size: int = 10
     return [torch.cat([c[k] for c in chunks]).cpu() for k in range(len(chunks[0]))]
 
 
-@torch.no_grad()
 def class_accuracy_at(model: VAR, tokenizer: VQVAE, cfg: float, per_class: int = 20, seed: int = 0,
                       dataset: str = "mnist") -> float:
     """Class accuracy (shipped classifier of ``dataset``) of ``per_class`` samples per class at guidance ``cfg``."""
-    classes = torch.arange(model.config.n_classes).repeat_interleave(per_class)  # (n_classes * per_class,)
-    images = generate_images(model, tokenizer, classes, cfg=cfg, seed=seed)
-    return metrics.class_accuracy(images.cpu(), classes, dataset)
+    return metrics.generated_class_accuracy(
+        lambda classes: generate_images(model, tokenizer, classes, cfg=cfg, seed=seed),
+        model.config.n_classes, per_class, dataset)[0]
 
 
 @kept_random_state()
@@ -136,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     tc = tokenizer.config
     config = VARConfig(vocab_size=tc.num_codes, latent_dim=tc.latent_dim, scales=tc.scales, n_classes=n_classes,
                        n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd, cond=args.cond)
-    images, labels = load_dataset(args.dataset, "train")
+    images, labels = metrics.dataset_split(args.dataset, "train")
     images, labels = images[:args.train_images], labels[:args.train_images]
     tokens = flatten_pyramids(encode_pyramids(tokenizer, images))  # (N, L)
     model, history = train_var(tokenizer, tokens, labels, config, steps=args.steps, seed=args.seed,
@@ -145,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
                                progress=progress)
     if not ddp.is_main_process():
         return 0
-    test_images, test_labels = load_dataset(args.dataset, "test")
+    test_images, test_labels = metrics.dataset_split(args.dataset, "test")
     test_pyr = [p.to(device) for p in encode_pyramids(tokenizer, test_images[:1000])]
     with torch.no_grad():
         test_loss, per_scale = model.loss(tokenizer.quantizer, test_pyr, test_labels[:1000].to(device))
