@@ -604,7 +604,8 @@ def train_loop(
                 raise TrainingError(f"training diverged: the loss is {history.loss[-1]} at step {step + 1} "
                                     f"({DIVERGED_HINT})")
             if step % config.log_every == 0:
-                bar.set_postfix(loss=f"{history.smoothed()[-1]:.4f}")
+                recent = history.loss[-20:]  # history.smoothed()[-1], without the whole curve at every log
+                bar.set_postfix(loss=f"{sum(recent) / len(recent):.4f}")
             done = step + 1
             if eval_fn is not None and ddp.is_main_process() and (
                     (config.eval_every and done % config.eval_every == 0) or done == config.steps):
