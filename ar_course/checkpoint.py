@@ -467,6 +467,9 @@ def _device(device: str | torch.device) -> torch.device:
                         f"({type(device).__name__})")
     if isinstance(device, str) and not device.strip():  # get_device would read "" as "auto"
         raise ValueError(f"device is empty: use 'cpu', 'cuda', 'cuda:N' or 'auto', got {device!r}")
+    if isinstance(device, str) and _is_shipped_name(device):  # load_pretrained("ar_mnist_cca"): device comes first
+        raise ValueError(f"device {device!r} is a checkpoint name, not a device: pass it as path={device!r} "
+                         "(the loaders of the packages take the device first)")
     return get_device(device)
 
 

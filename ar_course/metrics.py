@@ -561,6 +561,7 @@ def train_classifier(dataset: str = "mnist", steps: int = 1500, seed: int = 0, b
     g = seed_everything(seed)
     images, labels = dataset_split(dataset, "train")
     config = ClassifierConfig(in_channels=channels, num_classes=num_classes)
+    device = get_device(device)  # "auto", "cuda:1"...; an unknown or missing device in one line
     model = Classifier(config).to(device)
     shift = MAX_SHIFT[dataset]
 

@@ -1,9 +1,11 @@
 """Turning logits into tokens: greedy, temperature, top-k, top-p (nucleus), their composition, and
 classifier-free guidance.
 
-One sampling convention everywhere: a :class:`SamplingConfig` ``(temperature, top_k, top_p)``, passed
-keyword-only as ``sampling=``. One guidance convention everywhere: a strength ``w`` (``cfg=`` in the samplers),
-neutral at 0, mixing the logits as ``(1 + w) * cond - w * uncond`` (:func:`cfg_mix`).
+One sampling convention for every sampler of tokens from logits: a :class:`SamplingConfig` ``(temperature,
+top_k, top_p)``, passed keyword-only as ``sampling=`` (continuous tokens, drawn by a flow-matching head rather
+than from logits, take only a ``temperature``: top-k and top-p have no meaning there). One guidance convention
+everywhere: a strength ``w`` (``cfg=`` in the samplers), neutral at 0, mixing the logits as
+``(1 + w) * cond - w * uncond`` (:func:`cfg_mix`).
 
 Every function works on batched logits ``(..., V)`` (usually ``(B, V)``). Filters return logits with
 ``-inf`` at excluded tokens, so they compose and a softmax afterwards gives the renormalised distribution.

@@ -228,3 +228,51 @@ def test_history_smoothed_past_its_window():
     h.loss = [float(i) for i in range(30)]
     expected = [sum(h.loss[max(0, i - 19):i + 1]) / (i + 1 - max(0, i - 19)) for i in range(30)]
     assert h.smoothed() == pytest.approx(expected)
+
+
+# -- the package loaders and trainers read devices and checkpoint names as the rest of the library does ----------
+
+def test_trainers_read_device_names_like_the_loaders():
+    """A device torch does not know is one line naming it (train_ar said "Expected one of cpu, cuda, ipu, ..."),
+    and "auto" is a device here too."""
+    from ar_course.raster.train import train_ar
+    from ar_course.tokenizers import VQVAE
+
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        tok = VQVAE(VQVAEConfig(image_size=32, downsample=4, width=4, latent_dim=4, num_codes=16)).eval()
+    maps = torch.randint(0, 16, (8, 8, 8), generator=torch.Generator().manual_seed(0))
+    labels = torch.arange(8) % 10
+    kw = dict(steps=1, batch_size=8, n_layer=1, n_embd=16, n_head=2, progress=False)
+    with pytest.raises(ValueError, match="^unknown device 'gpu': use 'cpu', 'cuda', 'cuda:N' or 'auto'$"):
+        train_ar(tok, maps, labels, device="gpu", **kw)
+    with pytest.raises(ValueError, match="^unknown device 'gpu'"):
+        metrics.train_classifier(steps=1, device="gpu", progress=False)
+    model, _ = train_ar(tok, maps, labels, device="auto", **kw)
+    assert next(model.parameters()).device.type == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def test_package_loaders_take_shipped_names_as_path_and_say_when_one_is_passed_as_device():
+    from ar_course import raster, var
+
+    model, _ = raster.load_pretrained(path="ar_mnist_cca")  # a name: was "no checkpoint at ar_mnist_cca"
+    assert raster.pretrained_info("ar_mnist_cca")["method"] == "cca" and model.config.n_classes == 10
+    assert var.pretrained_info("var_mnist_cca") == checkpoint.info("var_mnist_cca")
+    with pytest.raises(ValueError, match="^device 'ar_mnist_cca' is a checkpoint name, not a device: pass it as "
+                                         "path='ar_mnist_cca'"):
+        raster.load_pretrained("ar_mnist_cca")
+
+
+def test_raster_generate_tokens_takes_the_models_grid_by_default():
+    from ar_course.raster import generate_tokens, raster_config
+
+    torch.manual_seed(0)
+    model = GPT(raster_config(5, grid=(2, 3), n_classes=3, n_layer=1, n_head=2, n_embd=16)).eval()
+    classes = torch.tensor([0, 2])
+    default = generate_tokens(model, classes, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(default, generate_tokens(model, classes, (2, 3), generator=torch.Generator().manual_seed(1)))
+    assert default.shape == (2, 2, 3)
+    no_grid = GPT(GPTConfig(vocab_size=5, block_size=8, n_layer=1, n_head=2, n_embd=16, n_classes=3)).eval()
+    with pytest.raises(ValueError, match="^grid is needed: this model has no config.grid"):
+        generate_tokens(no_grid, classes)
+    assert generate_tokens(no_grid, classes, (1, 7)).shape == (2, 1, 7)

@@ -79,9 +79,9 @@ SPEC_CASES = [
                  "speculative decoding's draft needs a causal model .*; this one has "
                  "causal=False", id="speculative bidirectional draft"),
     pytest.param(lambda: speculative_generate(_gpt(causal=False), _gpt(), torch.tensor([[1]]), 3), ValueError,
-                 "speculative decoding's target .* needs a causal model", id="speculative bidirectional target"),
+                 "speculative decoding's target needs a causal model", id="speculative bidirectional target"),
     pytest.param(lambda: sjd_generate(_gpt(causal=False), 3, prefix=torch.tensor([[1]])), ValueError,
-                 "speculative decoding's model .* needs a causal model", id="sjd bidirectional"),
+                 "speculative decoding's model needs a causal model", id="sjd bidirectional"),
     # findings 23-27: the analytic model and codebook_neighbors
     pytest.param(lambda: expected_speedup(0.8, 4, float("nan")), ValueError, "c must be a finite number >= 0",
                  id="speedup c nan"),

@@ -392,7 +392,8 @@ def generate_images(
 ) -> torch.Tensor:
     """Images ``(B, C, S, S)`` in [0, 1] of ``classes`` ``(B,)``: :func:`generate_tokens`, then the continuous
     tokenizer's decoder. ``seed`` seeds one generator for the whole call (``None``: torch's global one); work runs
-    in chunks of ``batch_size`` classes (samples depend on the chunking).
+    in chunks of ``batch_size`` classes (samples depend on the chunking). The default ``cfg=0`` samples without
+    guidance (the shipped model's accuracy by guidance strength is in its :func:`pretrained_info`).
 
     Raises as :func:`generate_tokens`, and ``TypeError`` for a ``tokenizer`` that is not a :class:`VQVAE`,
     ``ValueError`` for one that is not continuous (``'kl'``) or whose latent map (side, channels) does not match
@@ -420,13 +421,13 @@ def generate_images(
 
 def load_pretrained(device: torch.device | str = "cpu", path: str | Path | None = None
                     ) -> tuple[ContinuousAR, VQVAE]:
-    """The shipped MNIST model (or the checkpoint at ``path``) and its continuous tokenizer: ``(model, tokenizer)``,
-    both in eval mode (:func:`ar_course.checkpoint.load_with_tokenizer`)."""
-    return checkpoint.load_with_tokenizer(PRETRAINED_PATH if path is None else Path(path), device,
+    """The shipped MNIST model (or ``path``: a file or a shipped checkpoint name) and its continuous tokenizer:
+    ``(model, tokenizer)``, both in eval mode (:func:`ar_course.checkpoint.load_with_tokenizer`)."""
+    return checkpoint.load_with_tokenizer(PRETRAINED_PATH if path is None else path, device,
                                           kind=CHECKPOINT_KIND)
 
 
 def pretrained_info(path: str | Path | None = None) -> dict:
     """What the trainer recorded with the checkpoint: steps, seed, losses, class accuracy by guidance strength...
     (:func:`ar_course.checkpoint.info`)."""
-    return checkpoint.info(PRETRAINED_PATH if path is None else Path(path))
+    return checkpoint.info(PRETRAINED_PATH if path is None else path)

@@ -74,6 +74,7 @@ def train_continuous(
     ``seed``; the condition dropout is drawn in the batch stream. Returns the model (eval mode) and its history.
     The caller's global random generators are left as they were (:func:`~ar_course.utils.kept_random_state`)."""
     g = seed_everything(seed)
+    device = get_device(device)  # "auto", "cuda:1"...; an unknown or missing device in one line
     model = ContinuousAR(config).to(device)
     batches = condition_dropout_batches(image_batches(tokens, labels, batch_size, generator=g), p_uncond,
                                         model.null_class, g)

@@ -150,6 +150,7 @@ def train_diffusion_lm(
     model = DiffusionLM(config)
     if init is not None:
         _load_init(model, init)
+    device = get_device(device)  # "auto", "cuda:1"...; an unknown or missing device in one line
     model = model.to(device)
     batches = diffusion_batches(train_ids, config.length, preset.batch_size, config.train_block_sizes, seed, device)
     loss_fn = lambda m, batch: m(batch[0], block_size=batch[1]).mean()  # noqa: E731

@@ -251,7 +251,9 @@ def generate_images(
 
     ``order``: ``"confidence"`` (:meth:`MaskGIT.generate` in ``steps`` passes) or ``"neighbour"``
     (:meth:`MaskGIT.generate_in_order` over the anti-diagonals; ``steps`` is ignored). ``seed`` seeds one
-    generator for the whole call (``None``: torch's global one); work runs in chunks of ``batch_size``.
+    generator for the whole call (``None``: torch's global one); work runs in chunks of ``batch_size``. The
+    default ``cfg=0`` samples without guidance (the shipped model's accuracy by guidance strength is in its
+    :func:`pretrained_info`).
 
     Raises as :meth:`MaskGIT.generate`, and ``TypeError`` for a ``model`` that is not a :class:`MaskGIT` or a
     ``tokenizer`` that is not a :class:`~ar_course.tokenizers.VQVAE`, ``ValueError`` for an unknown ``order`` or
@@ -291,12 +293,12 @@ def _check_tokenizer(tokenizer: VQVAE, model: MaskGIT) -> None:
 
 def load_pretrained(device: torch.device | str = "cpu", path: str | Path | None = None
                     ) -> tuple[MaskGIT, torch.nn.Module]:
-    """The shipped MNIST MaskGIT (or the checkpoint at ``path``) and its tokenizer: ``(model, tokenizer)``, in
-    eval mode."""
-    return checkpoint.load_with_tokenizer(PRETRAINED_PATH if path is None else Path(path), device,
+    """The shipped MNIST MaskGIT (or ``path``: a file or a shipped checkpoint name) and its tokenizer:
+    ``(model, tokenizer)``, in eval mode."""
+    return checkpoint.load_with_tokenizer(PRETRAINED_PATH if path is None else path, device,
                                           kind=CHECKPOINT_KIND)
 
 
 def pretrained_info(path: str | Path | None = None) -> dict:
     """What the trainer recorded with the checkpoint (steps, seed, losses, accuracy...)."""
-    return checkpoint.info(PRETRAINED_PATH if path is None else Path(path))
+    return checkpoint.info(PRETRAINED_PATH if path is None else path)

@@ -77,6 +77,7 @@ def train_maskgit(
     h, w = token_maps.shape[1:]
     config = maskgit_config(tokenizer.config.num_codes, (h, w), n_classes=class_count(labels, n_classes),
                             n_layer=n_layer, n_head=n_head, n_embd=n_embd)
+    device = get_device(device)  # "auto", "cuda:1"...; an unknown or missing device in one line
     model = MaskGIT(config).to(device)
     batches = masked_batches(condition_dropout_batches(image_batches(token_maps, labels, batch_size, generator=g),
                                                        p_uncond, model.null_class, g), schedule, g)

@@ -176,7 +176,7 @@ def token_losses(model: GPT, token_maps: torch.Tensor, classes: torch.Tensor) ->
 def generate_tokens(
     model: GPT,
     classes: torch.Tensor,
-    grid: tuple[int, int],
+    grid: tuple[int, int] | None = None,
     *,
     sampling: SamplingConfig = SamplingConfig(),
     cfg: float = 0.0,
@@ -186,7 +186,8 @@ def generate_tokens(
     forward: Callable[..., tuple[torch.Tensor, torch.Tensor | None]] | None = None,
 ) -> torch.Tensor:
     """Sample token maps ``(B, rows, cols)`` for ``classes`` ``(B,)`` with classifier-free guidance of strength
-    ``cfg = w`` (``0``: plain conditional sampling; see :func:`~ar_course.sampling.cfg_mix`).
+    ``cfg = w`` (``0``: plain conditional sampling; see :func:`~ar_course.sampling.cfg_mix`). ``grid``: the map's
+    ``(rows, cols)``; ``None`` takes the model's ``config.grid`` (a model without one needs it given).
 
     ``use_cache=False`` recomputes the whole prefix at every step (the slow reference path: the same tokens up
     to float rounding, which can flip a near-tie between two tokens and so change the rest of that map);
@@ -200,6 +201,10 @@ def generate_tokens(
     not a GPT, a non-tensor ``classes``)."""
     _check_model(model)
     check_ids("classes", classes, model.config.n_classes + 1, ("B",))
+    if grid is None:
+        if model.config.grid is None:
+            raise ValueError("grid is needed: this model has no config.grid to take the map's (rows, cols) from")
+        grid = model.config.grid
     rows, cols = check_grid("grid", grid)
     check_model_grid(model, "grid", (rows, cols))
     start = torch.zeros(classes.shape[0], 0, dtype=torch.long, device=classes.device)  # (B, 0)
@@ -226,7 +231,11 @@ def generate_images(
 
     ``seed`` seeds one generator (on the model's device) for the whole call; ``None`` uses torch's global
     generator. Work runs in chunks of ``batch_size`` classes, and the samples depend on the chunking, so
-    keep ``batch_size`` fixed when comparing runs. Raises as :func:`generate_tokens` and :func:`check_tokenizer`
+    keep ``batch_size`` fixed when comparing runs. The default ``cfg=0`` samples without guidance: the shipped
+    ``ar_mnist`` is best at ``cfg=1`` (``ar_course.system.DEFAULT_CFG``, what :class:`~ar_course.system.Generator`
+    uses; ``ar_mnist_cca`` is aligned to sample at 0).
+
+    Raises as :func:`generate_tokens` and :func:`check_tokenizer`
     (a ``tokenizer`` that is not a :class:`VQVAE` of the model's codes and grid), for a ``model`` that is not a
     GPT (``TypeError``, e.g. the arguments swapped), and for a ``seed`` or ``batch_size`` that is not an integer
     (``TypeError``) or a ``batch_size < 1`` (``ValueError``)."""
@@ -247,11 +256,12 @@ def generate_images(
 
 
 def load_pretrained(device: torch.device | str = "cpu", path: str | Path | None = None) -> tuple[GPT, VQVAE]:
-    """The shipped MNIST model (or the checkpoint at ``path``) and the tokenizer it was trained on:
-    ``(model, tokenizer)``, both in eval mode (:func:`ar_course.checkpoint.load_with_tokenizer`).
+    """The shipped MNIST model (or ``path``: a file, or a shipped name such as ``"ar_mnist_cca"``) and the
+    tokenizer it was trained on: ``(model, tokenizer)``, both in eval mode
+    (:func:`ar_course.checkpoint.load_with_tokenizer`).
 
     Weights are stored in float16 and loaded into float32 modules."""
-    return checkpoint.load_with_tokenizer(PRETRAINED_PATH if path is None else Path(path), device,
+    return checkpoint.load_with_tokenizer(PRETRAINED_PATH if path is None else path, device,
                                           kind=CHECKPOINT_KIND)
 
 
@@ -262,7 +272,7 @@ def pretrained_info(path: str | Path | None = None) -> dict:
     Checkpoints trained before the guidance convention was ``w`` (the shipped ``ar_mnist`` among them) recorded
     ``accuracy_by_scale`` by the scale ``s = 1 + w``; their ``accuracy_by_cfg`` is derived from it (the recorded
     field stays as it was)."""
-    info = checkpoint.info(PRETRAINED_PATH if path is None else Path(path))
+    info = checkpoint.info(PRETRAINED_PATH if path is None else path)
     if "accuracy_by_cfg" not in info and "accuracy_by_scale" in info:
         info["accuracy_by_cfg"] = {str(float(s) - 1): acc for s, acc in info["accuracy_by_scale"].items()}
     return info

@@ -83,6 +83,7 @@ def train_ar(
     h, w = token_maps.shape[1:]
     config = raster_config(tokenizer.config.num_codes, (h, w), n_classes=class_count(labels, n_classes),
                            n_layer=n_layer, n_head=n_head, n_embd=n_embd)
+    device = get_device(device)  # "auto", "cuda:1"...; an unknown or missing device in one line
     model = GPT(config).to(device)
     batches = condition_dropout_batches(image_batches(token_maps, labels, batch_size, generator=g), p_uncond,
                                         model.null_class, g)

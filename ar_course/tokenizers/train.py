@@ -127,7 +127,7 @@ def train_tokenizer(
     The caller's global random generators are left as they were (:func:`~ar_course.utils.kept_random_state`).
     """
     generator = seed_everything(seed)
-    device = torch.device(device) if device is not None else get_device()
+    device = get_device(device)  # None or "auto": a GPU when there is one; an unknown device in one line
     train_images = load_images(dataset, "train") if train_images is None else train_images
     test_images = load_images(dataset, "test") if test_images is None else test_images
     check_int("batch_size", batch_size, 1, train_images.shape[0])

@@ -353,7 +353,10 @@ class VQVAE(nn.Module):
 
 
 def pretrained_path(name: str) -> Path:
-    """Where the shipped tokenizer ``name`` (one of :data:`PRETRAINED`) lives."""
+    """Where the shipped tokenizer ``name`` (one of :data:`PRETRAINED`, or the checkpoint name
+    :func:`ar_course.checkpoint.available` lists for it, ``"tokenizer_mnist_vq"``) lives."""
+    if isinstance(name, str) and name.removeprefix("tokenizer_") in PRETRAINED:
+        name = name.removeprefix("tokenizer_")
     if name not in PRETRAINED:
         raise ValueError(f"unknown pretrained tokenizer {name!r}; choose from {PRETRAINED}")
     return checkpoint.ASSETS / f"{checkpoint.ALIASES.get(name, f'tokenizer_{name}')}.safetensors"

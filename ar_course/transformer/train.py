@@ -145,6 +145,7 @@ def train_lm(
     tokenizer, train_ids, val_ids = load_text_dataset()
     seed_everything(seed)
     config = replace(preset.model, vocab_size=tokenizer.vocab_size)
+    device = get_device(device)  # "auto", "cuda:1"...; an unknown or missing device in one line
     model = GPT(config).to(device)
     gen = torch.Generator().manual_seed(seed + 1)
     batches: Iterator = text_batches(train_ids, preset.seq_len, preset.batch_size, generator=gen, device=device)

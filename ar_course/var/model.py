@@ -465,7 +465,11 @@ def generate_images(
     rounding), decode.
 
     ``seed`` seeds one generator for the whole call (``None``: torch's global one); work runs in chunks of
-    ``batch_size``, and samples depend on the chunking. Raises as :func:`sample_pyramid`, for a ``tokenizer``
+    ``batch_size``, and samples depend on the chunking. The default ``cfg=0`` samples without guidance: the
+    shipped ``var_mnist`` is best at ``cfg=2`` (``ar_course.system.DEFAULT_CFG``, what
+    :class:`~ar_course.system.Generator` uses; ``var_mnist_cca`` is aligned to sample at 0).
+
+    Raises as :func:`sample_pyramid`, for a ``tokenizer``
     that is not a :class:`VQVAE` (``TypeError``; its ``.quantizer`` goes to :func:`sample_pyramid`), and for a
     ``seed`` or ``batch_size`` that is not an integer (``TypeError``) or a ``batch_size < 1`` (``ValueError``),
     and for a ``model`` that is not a :class:`VAR` (``TypeError``)."""
@@ -495,13 +499,13 @@ def save_pretrained(model: VAR, path: str | Path, **extra: Any) -> Path:
 
 
 def load_pretrained(device: torch.device | str = "cpu", path: str | Path | None = None) -> tuple[VAR, VQVAE]:
-    """The shipped MNIST VAR (or the checkpoint at ``path``) and the tokenizer it was trained on
+    """The shipped MNIST VAR (or ``path``: a file or a shipped checkpoint name) and the tokenizer it was trained on
     (``mnist_msvq``): ``(model, tokenizer)``, both in eval mode (:func:`ar_course.checkpoint.load_with_tokenizer`)."""
-    return checkpoint.load_with_tokenizer(PRETRAINED_PATH if path is None else Path(path), device,
+    return checkpoint.load_with_tokenizer(PRETRAINED_PATH if path is None else path, device,
                                           kind=CHECKPOINT_KIND)
 
 
 def pretrained_info(path: str | Path | None = None) -> dict:
     """What the trainer recorded with the checkpoint: steps, seed, losses, accuracy per guidance scale...
     (:func:`ar_course.checkpoint.info`)."""
-    return checkpoint.info(PRETRAINED_PATH if path is None else Path(path))
+    return checkpoint.info(PRETRAINED_PATH if path is None else path)

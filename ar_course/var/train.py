@@ -74,6 +74,7 @@ def train_var(
     :func:`~ar_course.train.train_loop`. Returns the model (eval mode) and the loss history.
     The caller's global random generators are left as they were (:func:`~ar_course.utils.kept_random_state`)."""
     g = seed_everything(seed)
+    device = get_device(device)  # "auto", "cuda:1"...; an unknown or missing device in one line
     model = VAR(config).to(device)
     vq = tokenizer.quantizer
     batches = condition_dropout_batches(image_batches(tokens, labels, batch_size, generator=g), p_uncond,
