@@ -50,7 +50,7 @@ CASES = [
      ValueError, r"^schedule must be one of \('linear', 'cosine'\), got 'cosinus'$"),
     ("mask_tokens noise", lambda: DF.mask_tokens(torch.zeros(2, 4, dtype=torch.long), 0.5, 4,
                                                  noise=torch.rand(2, 3)),
-     ValueError, r"^noise must have the shape of ids \(2, 4\), got \(2, 3\)$"),
+     ValueError, r"^noise must be a float tensor of the shape of ids \(2, 4\) .*, got \(2, 3\) torch.float32$"),
     ("StudyConfig budget", lambda: StudyConfig(budget=10), ValueError,
      r"^budget \(10\) must hold at least two windows of 64 characters$"),
     ("EngineConfig step tokens", lambda: EngineConfig(max_running=8, max_step_tokens=4), ValueError,
@@ -276,3 +276,87 @@ def test_raster_generate_tokens_takes_the_models_grid_by_default():
     with pytest.raises(ValueError, match="^grid is needed: this model has no config.grid"):
         generate_tokens(no_grid, classes)
     assert generate_tokens(no_grid, classes, (1, 7)).shape == (2, 1, 7)
+
+
+# -- a seed where a torch.Generator goes, and values a function used to take silently -------------------------
+
+def _continuous_model():
+    from ar_course.continuous import ContinuousAR, ContinuousARConfig
+
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return ContinuousAR(ContinuousARConfig(token_dim=2, grid=(2, 2), n_classes=3, n_layer=1, n_head=2,
+                                               n_embd=16)).eval()
+
+
+def _generator_cases():
+    from ar_course.align import wrong_classes
+    from ar_course.continuous import flow_matching_loss, generate_tokens
+    from ar_course.masked.functional import gumbel_noise, random_mask, training_mask
+    from ar_course.raster import condition_dropout
+
+    ids = torch.zeros(2, 4, dtype=torch.long)
+    return {
+        "continuous.generate_tokens": lambda g: generate_tokens(_continuous_model(), torch.tensor([0]), generator=g),
+        "flow_matching_loss": lambda g: flow_matching_loss(lambda x, t: x, torch.zeros(3, 2), generator=g),
+        "wrong_classes": lambda g: wrong_classes(torch.tensor([0, 1]), 3, g),
+        "random_mask": lambda g: random_mask(2, 4, generator=g),
+        "training_mask": lambda g: training_mask(torch.rand(2), 4, generator=g),
+        "gumbel_noise": lambda g: gumbel_noise((2, 3), generator=g),
+        "condition_dropout": lambda g: condition_dropout(torch.tensor([0, 1]), 0.5, 3, generator=g),
+        "mask_tokens": lambda g: DF.mask_tokens(ids, 0.5, 9, generator=g),
+        "denoise_step": lambda g: DF.denoise_step(torch.full((1, 4), 9), torch.zeros(1, 4, dtype=torch.long), 0.5,
+                                                  0.25, 9, generator=g),
+    }
+
+
+@pytest.mark.parametrize("name", list(_generator_cases()))
+def test_a_seed_where_the_generator_goes_is_one_line(name):
+    """torch's own message was 4-6 lines (``randn() received an invalid combination of arguments``)."""
+    call = _generator_cases()[name]
+    call(torch.Generator().manual_seed(0))  # a generator works
+    with pytest.raises(TypeError, match=r"^generator must be a torch.Generator or None, got int \(make one with"):
+        call(0)
+
+
+@pytest.mark.parametrize("call, error, match", [
+    # mask_id 5.7 became 5, True became 1 and -1 was written into the ids
+    (lambda: DF.mask_tokens(torch.zeros(2, 4, dtype=torch.long), 0.5, 5.7), TypeError, "^mask_id must be an integer"),
+    (lambda: DF.mask_tokens(torch.zeros(2, 4, dtype=torch.long), 0.5, -1), ValueError,
+     "^mask_id must be an integer >= 0, got -1$"),
+    (lambda: DF.mask_tokens(torch.zeros(2, 4, dtype=torch.long), 0.5, 9, noise=torch.zeros(2, 4, dtype=torch.long)),
+     ValueError, r"^noise must be a float tensor of the shape of ids \(2, 4\)"),
+    (lambda: DF.alpha(torch.tensor([True, False])), ValueError, "^t must be a floating-point tensor of times"),
+    (lambda: __import__("ar_course.continuous", fromlist=["x"]).flow_matching_pair(
+        torch.zeros(2, 3, dtype=torch.bool), torch.zeros(2, 3), torch.zeros(2)), ValueError,
+     "^x0 must be a floating-point tensor, got torch.bool$"),
+    (lambda: __import__("ar_course.masked.functional", fromlist=["x"]).neighbour_steps(2, 2.5), TypeError,
+     r"^w must be an integer, got 2.5 \(float\)$"),
+    (lambda: __import__("ar_course.align", fromlist=["x"]).sequence_log_probs(None, torch.zeros(1, 2, 2,
+     dtype=torch.long), torch.tensor([0])), TypeError, "^model must be a class-conditional GPT .*got NoneType$"),
+])
+def test_values_once_taken_silently_are_refused(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
+
+P3 = torch.softmax(torch.randn(3, 5, generator=torch.Generator().manual_seed(0)), -1)  # (L + 1, V), L = 2
+DRAFT = torch.tensor([1, 2])
+
+
+@pytest.mark.parametrize("u, q, match", [
+    (torch.tensor([float("nan"), 0.5]), P3[:2], r"^u must hold uniform numbers in \[0, 1\), got nan$"),
+    (torch.tensor([2.0, 0.5]), P3[:2], r"^u must hold uniform numbers in \[0, 1\), got 2.0$"),
+    (torch.tensor([0, 0]), P3[:2], r"^u must be a floating-point tensor of uniform numbers in \[0, 1\), got "),
+    (torch.tensor([0.1, 0.5]), torch.full((2, 5), float("nan")), "^q must be finite, got nan$"),
+    (torch.tensor([0.1, 0.5]), P3[:2] > 0.1, "^q must be a floating-point tensor"),
+])
+def test_speculative_verification_refuses_what_would_reject_every_draft_silently(u, q, match):
+    """A NaN (or 2.0) uniform number or a NaN draft probability rejected the drafts without an error."""
+    from ar_course.speculative import accepted_prefix, jacobi_verify, speculative_round
+
+    for call in (lambda: speculative_round(P3, q, DRAFT, u), lambda: jacobi_verify(P3, q, DRAFT, u),
+                 lambda: accepted_prefix(P3[None, :2], q[None], DRAFT[None], u[None])):
+        with pytest.raises(ValueError, match=match):
+            call()
+    assert speculative_round(P3, P3[:2], DRAFT, torch.tensor([0.0, 0.999])).shape[0] >= 1  # valid still runs

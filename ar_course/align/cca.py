@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from ar_course.align.functional import cca_loss
 from ar_course.align.model import pyramid_log_probs, sequence_log_probs
+from ar_course.sampling import check_generator
 from ar_course.tokenizers import MultiScaleVQ
 from ar_course.train import DIVERGED_HINT, TrainingError
 from ar_course.utils import check_ids, check_int, check_number, check_seed, kept_random_state
@@ -84,6 +85,7 @@ def wrong_classes(classes: torch.Tensor, n_classes: int, generator: torch.Genera
     Raises ``TypeError`` for a non-integer ``n_classes`` or ``classes`` that is not a tensor, ``ValueError`` for
     ``n_classes < 2`` (no other class) or ``classes`` not ``(B,)`` long (values are not read: no host sync)."""
     n_classes = check_int("n_classes", n_classes, lo=2)
+    check_generator(generator)
     if not isinstance(classes, torch.Tensor):
         raise TypeError(f"classes must be a (B,) long tensor, got {type(classes).__name__}")
     if classes.ndim != 1 or classes.dtype != torch.long:

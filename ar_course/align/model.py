@@ -19,10 +19,13 @@ def token_log_probs(model: GPT, token_maps: torch.Tensor, classes: torch.Tensor)
     ``classes`` ``(B,)``, in raster order (one causal forward pass, with gradients if ``model`` has them).
 
     Raises:
+        TypeError: ``model`` is not a GPT.
         ValueError: ``token_maps`` not a ``(B, h, w)`` long tensor on the grid of a ``pos="rope2d"`` model
             (:func:`~ar_course.raster.model.check_model_grid`), a token of it (the last one too, which is only
             a target) outside ``[0, vocab_size)``, or as :meth:`GPT.forward` (classes).
     """
+    if not isinstance(getattr(model, "_orig_mod", model), GPT):
+        raise TypeError(f"model must be a class-conditional GPT (a raster model), got {type(model).__name__}")
     check_ids("token_maps", token_maps, model.config.vocab_size, ("B", "h", "w"))  # the last token is no input
     check_model_grid(model, "token_maps", token_maps.shape)
     inputs, targets = make_training_pairs(to_raster(token_maps))  # (B, L - 1), (B, L)

@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-from ar_course.sampling import cfg_mix
+from ar_course.sampling import cfg_mix, check_generator
 from ar_course.utils import check_int
 
 
@@ -24,6 +24,9 @@ def _check_pair(x0: torch.Tensor, x1: torch.Tensor, t: torch.Tensor) -> None:
         raise ValueError(f"x0 and x1 must be (N, D) of one shape, got {tuple(x0.shape)} and {tuple(x1.shape)}")
     if t.shape != x1.shape[:1]:
         raise ValueError(f"t must be (N,) = ({x1.shape[0]},), got {tuple(t.shape)}")
+    for name, value in (("x0", x0), ("x1", x1), ("t", t)):
+        if not value.is_floating_point():
+            raise ValueError(f"{name} must be a floating-point tensor, got {value.dtype}")
 
 
 def _check_velocity(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -62,6 +65,7 @@ def flow_matching_loss(
         raise TypeError(f"x1 must be a (N, D) tensor, got {type(x1).__name__}")
     if x1.ndim != 2 or not x1.is_floating_point() or x1.numel() == 0:
         raise ValueError(f"x1 must be a non-empty float (N, D) tensor, got {tuple(x1.shape)} {x1.dtype}")
+    check_generator(generator)
     if noise is None:
         x0 = torch.randn(x1.shape, generator=generator, device=x1.device, dtype=x1.dtype)  # (N, D)
         t = torch.rand(x1.shape[0], generator=generator, device=x1.device, dtype=x1.dtype)  # (N,)

@@ -28,6 +28,7 @@ from ar_course import checkpoint
 from ar_course import distributed as ddp
 from ar_course.continuous.functional import euler_sample, flow_matching_loss, guided_velocity
 from ar_course.raster.model import raster_config
+from ar_course.sampling import check_generator
 from ar_course.tokenizers import VQVAE
 from ar_course.transformer.model import Block, GPTConfig, KVCache, RMSNorm, Rotary, check_cache_layout
 from ar_course.utils import (
@@ -320,6 +321,7 @@ def generate_tokens(
     check_ids("classes", classes, c.n_classes + 1, ("B",))
     steps, temperature, cfg = _check_sampling(steps, temperature, cfg)
     use_cache = check_bool("use_cache", use_cache)
+    check_generator(generator)
     B = classes.shape[0]
     guided = cfg != 0
     ys = torch.cat([classes, torch.full_like(classes, model.null_class)]) if guided else classes  # (B or 2B,)

@@ -19,6 +19,7 @@ import math
 
 import torch
 
+from ar_course.sampling import check_generator
 from ar_course.utils import check_ids, check_int, check_number
 
 SCHEDULES = ("linear", "cosine")
@@ -30,9 +31,14 @@ def _check_schedule(schedule: str) -> None:
 
 
 def _time(t: torch.Tensor | float, lo_open: bool = False) -> torch.Tensor | float:
-    """``t`` as it is when a tensor (its values are not read: no host sync), else as a float in ``[0, 1]``
-    (``(0, 1]`` with ``lo_open``): ``TypeError`` for a non-number, ``ValueError`` for one out of range."""
-    return t if isinstance(t, torch.Tensor) else check_number("t", t, lo=0, hi=1, lo_open=lo_open)
+    """``t`` as it is when a floating-point tensor (its values are not read: no host sync), else as a float in
+    ``[0, 1]`` (``(0, 1]`` with ``lo_open``): ``TypeError`` for a non-number, ``ValueError`` for one out of range or
+    a tensor of another dtype (a bool or integer ``t`` is a mistake: times are fractions)."""
+    if isinstance(t, torch.Tensor):
+        if not t.is_floating_point():
+            raise ValueError(f"t must be a floating-point tensor of times in [0, 1], got {t.dtype}")
+        return t
+    return check_number("t", t, lo=0, hi=1, lo_open=lo_open)
 
 
 def alpha(t: torch.Tensor | float, schedule: str = "linear") -> torch.Tensor | float:
@@ -70,13 +76,17 @@ def mask_tokens(ids: torch.Tensor, t: torch.Tensor, mask_id: int, schedule: str 
     ``t`` may also be one number in ``[0, 1]`` for every token. Returns ``(x_t (B, L) long, masked (B, L) bool)``.
 
     Raises:
-        TypeError: ``ids`` is not a tensor, ``t`` neither a tensor nor a number, ``noise`` neither a tensor nor None.
-        ValueError: ``ids`` not a ``(B, L)`` integer tensor, a tensor ``t`` that does not broadcast to ``(B, L)``, a
-            number ``t`` outside ``[0, 1]``, an unknown ``schedule`` or a ``noise`` of another shape."""
+        TypeError: ``ids`` is not a tensor, ``t`` neither a tensor nor a number, ``noise`` neither a tensor nor
+            None, ``mask_id`` not an integer, ``generator`` not a ``torch.Generator`` or None.
+        ValueError: ``ids`` not a ``(B, L)`` integer tensor, a tensor ``t`` that is not floating-point or does not
+            broadcast to ``(B, L)``, a number ``t`` outside ``[0, 1]``, an unknown ``schedule``, a ``mask_id < 0``
+            or a ``noise`` of another shape or not floating-point."""
     if not isinstance(ids, torch.Tensor):
         raise TypeError(f"ids must be a (B, L) integer tensor, got {type(ids).__name__}")
     if ids.ndim != 2 or ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
         raise ValueError(f"ids must be a (B, L) integer tensor, got {tuple(ids.shape)} {ids.dtype}")
+    mask_id = check_int("mask_id", mask_id, lo=0)
+    check_generator(generator)
     keep = alpha(t, schedule)
     keep = keep if isinstance(keep, torch.Tensor) else torch.tensor(keep, device=ids.device)
     try:
@@ -91,8 +101,9 @@ def mask_tokens(ids: torch.Tensor, t: torch.Tensor, mask_id: int, schedule: str 
         noise = torch.rand(ids.shape, generator=generator, device=ids.device, dtype=torch.float32)  # (B, L)
     elif not isinstance(noise, torch.Tensor):
         raise TypeError(f"noise must be a tensor or None, got {type(noise).__name__}")
-    elif noise.shape != ids.shape:
-        raise ValueError(f"noise must have the shape of ids {tuple(ids.shape)}, got {tuple(noise.shape)}")
+    elif noise.shape != ids.shape or not noise.is_floating_point():
+        raise ValueError(f"noise must be a float tensor of the shape of ids {tuple(ids.shape)} (uniform numbers in "
+                         f"[0, 1)), got {tuple(noise.shape)} {noise.dtype}")
     masked = noise >= keep
     return torch.where(masked, torch.full_like(ids, mask_id), ids), masked
 
@@ -157,6 +168,7 @@ def denoise_step(x: torch.Tensor, proposal: torch.Tensor, t: float, s: float, ma
     s = check_number("s", s, lo=0, hi=1)
     if not s < t:
         raise ValueError(f"s must be < t (a reverse step goes from time t down to s), got t={t}, s={s}")
+    check_generator(generator)
     check_int("mask_id", mask_id)
     for name, a in (("x", x), ("proposal", proposal), ("u", u)):
         if not isinstance(a, torch.Tensor) and not (name == "u" and a is None):  # only u may be None

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ar_course.raster import orders
+from ar_course.sampling import check_generator
 from ar_course.utils import check_ids, check_int, check_number
 
 SCHEDULES = ("cosine", "linear", "square")
@@ -61,6 +62,7 @@ def random_mask(batch: int, n: int, schedule: str = "cosine", generator: torch.G
     numbers are drawn on the CPU from ``generator`` (``batch`` for ``r``, then ``batch * n`` for the positions)
     and moved to ``device``."""
     batch, n = check_int("batch", batch, lo=1), check_int("n", n, lo=1)
+    check_generator(generator)
     r = torch.rand(batch, generator=generator, dtype=torch.float32)  # (B,)
     return training_mask(r, n, schedule, generator).to(device)  # (B, N)
 
@@ -80,6 +82,7 @@ def training_mask(r: torch.Tensor, n: int, schedule: str = "cosine", generator: 
     if r.ndim != 1:
         raise ValueError(f"r must be a (B,) tensor of progresses in [0, 1], got shape {tuple(r.shape)}")
     n = check_int("n", n, lo=1)
+    check_generator(generator)
     count = torch.ceil(mask_ratio(r.cpu(), schedule) * n).long().clamp(1, n)  # (B,)
     scores = torch.rand(r.shape[0], n, generator=generator, dtype=torch.float32)  # (B, n)
     rank = scores.argsort(dim=1).argsort(dim=1)  # (B, n): the rank of each position's score in its row
@@ -142,6 +145,7 @@ def masked_after(steps: int, n: int, schedule: str = "cosine") -> list[int]:
 def gumbel_noise(shape: tuple[int, ...], generator: torch.Generator | None = None,
                  device: torch.device | str | None = None) -> torch.Tensor:
     """Standard Gumbel noise ``-log(-log(u))`` of ``shape``, ``u`` uniform drawn from ``generator`` on ``device``."""
+    check_generator(generator)
     u = torch.rand(shape, generator=generator, device=device, dtype=torch.float32).clamp(1e-20, 1.0 - 1e-7)
     return -torch.log(-torch.log(u))
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from ar_course.sampling import check_generator
 from ar_course.utils import check_ids, check_int, check_number
 
 
@@ -66,5 +67,6 @@ def condition_dropout(
     null_class = check_int("null_class", null_class, lo=0)
     check_ids("classes", classes, null_class + 1, ("B",))
     p = check_number("p", p, 0, 1)
+    check_generator(generator)
     drop = torch.rand(classes.shape[0], generator=generator, dtype=torch.float32) < p  # (B,)
     return torch.where(drop.to(classes.device), torch.full_like(classes, null_class), classes)

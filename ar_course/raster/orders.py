@@ -14,10 +14,14 @@ from __future__ import annotations
 
 import torch
 
+from ar_course.utils import check_int
+
 ORDERS = ("raster", "random", "neighbour")
 
 
 def _check_grid(h: int, w: int) -> None:
+    """``TypeError`` unless ``h`` and ``w`` are integers, ``ValueError`` unless the map is at least 1x1."""
+    h, w = check_int("h", h), check_int("w", w)
     if h < 1 or w < 1:
         raise ValueError(f"the token map must be at least 1x1, got {h}x{w}")
 

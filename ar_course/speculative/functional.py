@@ -43,6 +43,19 @@ def _check_dist(name: str, x: torch.Tensor) -> None:
         raise ValueError(f"{name} must be a floating-point tensor (..., V), got {x.dtype} {tuple(x.shape)}")
 
 
+def _check_verification(p: torch.Tensor, q: torch.Tensor, u: torch.Tensor) -> None:
+    """The values a verification reads (one host sync on CUDA; the loops check theirs once at entry): ``p`` and
+    ``q`` floating-point and finite (a NaN ratio would reject every draft), ``u`` uniform numbers: floating-point,
+    in ``[0, 1)`` (a NaN or a 2.0 would reject silently)."""
+    _check_dist("q", q)
+    check_finite("p", p), check_finite("q", q)
+    if not u.is_floating_point():
+        raise ValueError(f"u must be a floating-point tensor of uniform numbers in [0, 1), got {u.dtype}")
+    outside = ~((u >= 0) & (u < 1))  # NaN too
+    if bool(outside.any()):
+        raise ValueError(f"u must hold uniform numbers in [0, 1), got {float(u[outside][0])}")
+
+
 def _check_token_ids(name: str, x: torch.Tensor, V: int) -> None:
     """``x``: a long tensor (any shape, maybe empty) of ids in ``[0, V)`` (one host sync on CUDA)."""
     check_ids(name, x, V, tuple(x.shape), allow_empty=True)
@@ -108,13 +121,15 @@ def accepted_prefix(p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor, u: t
         drafts: ``(B, L)`` long. u: ``(B, L)`` uniform numbers in ``[0, 1)``.
 
     Raises:
-        TypeError, ValueError: as :func:`acceptance_probability`, or shapes other than the above.
+        TypeError, ValueError: as :func:`acceptance_probability`, or shapes other than the above; ``p`` or ``q``
+            holding NaN or inf, ``q`` not floating point, ``u`` not floating point or outside ``[0, 1)``.
     """
     _check_tensors(p=p, q=q, drafts=drafts, u=u)
     if p.dim() != 3 or drafts.shape != p.shape[:2] or u.shape != drafts.shape:
         raise ValueError(f"expected p and q (B, L, V), drafts and u (B, L); got p {tuple(p.shape)}, "
                          f"drafts {tuple(drafts.shape)}, u {tuple(u.shape)}")
     _check_acceptance(p, q, drafts, "drafts")
+    _check_verification(p, q, u)
     return _accepted(p, q, drafts, u)
 
 
@@ -164,8 +179,9 @@ def speculative_round(
 
     Raises:
         TypeError: an argument that is not a tensor.
-        ValueError: shapes other than the above, ``p`` not floating point, ``draft`` not long or outside
-            ``[0, V)``; rows of ``p`` that are not distributions (:func:`ar_course.sampling.sample_from_probs`).
+        ValueError: shapes other than the above, ``p`` or ``q`` not floating point or holding NaN or inf,
+            ``draft`` not long or outside ``[0, V)``, ``u`` not floating point or outside ``[0, 1)``; rows of
+            ``p`` that are not distributions (:func:`ar_course.sampling.sample_from_probs`).
     """
     _check_round(p, q, draft, u)
     return _round(p, q, draft, u, generator)
@@ -180,6 +196,7 @@ def _check_round(p: torch.Tensor, q: torch.Tensor, draft: torch.Tensor, u: torch
                          f"q {tuple(q.shape)}, draft {tuple(draft.shape)}, u {tuple(u.shape)}")
     _check_dist("p", p)
     _check_token_ids("draft", draft, p.shape[1])
+    _check_verification(p, q, u)
 
 
 def _round(p: torch.Tensor, q: torch.Tensor, draft: torch.Tensor, u: torch.Tensor,
