@@ -12,8 +12,10 @@ import torch
 from ar_course import checkpoint, continuous, masked
 from ar_course.generate import png_bytes
 from ar_course.serving import Engine, EngineConfig
+from ar_course.serving import admits, paged_attention, slot_mapping
 from ar_course.serving.compression import (
-    CompressedAttention, fake_quantize_kv, heldout_nll, kv_bytes_per_token, pool_quantize, quantize,
+    CompressedAttention, fake_quantize_kv, h2o_attention, heldout_nll, kv_bytes_per_token, merge_pair,
+    pool_dequantize, pool_quantize, quantize, sink_window_evictable, sink_window_mask,
 )
 from ar_course.serving.h2o import h2o_decode, h2o_heldout_nll
 from ar_course.serving.minicache import merged_generate
@@ -144,6 +146,9 @@ def _engine_with_nothing_run() -> Engine:
 
 
 IMAGES = torch.linspace(0, 1, 64).view(4, 1, 4, 4)
+TABLE = torch.tensor([2, 0])  # 2 blocks: positions 0..3 with block_size 2
+CODES, STATS = pool_quantize(torch.linspace(-1, 1, 24).view(3, 8), 8)
+POOL = torch.linspace(-1, 1, 48).view(4, 2, 2, 3)
 
 LOWER_PRIORITY_CASES = [
     pytest.param(lambda: fake_quantize_kv(X, X, 8, 0), ValueError, "group must be an integer >= 1, got 0",
@@ -175,6 +180,82 @@ LOWER_PRIORITY_CASES = [
     pytest.param(lambda: quantize(X, 2.5, dim=3), TypeError, "bits must be an integer", id="quantize bits 2.5"),
     pytest.param(lambda: pool_quantize(torch.ones(2, 5), 4), ValueError, "last dimension must be even, got 5",
                  id="pool_quantize odd D"),
+    # fuzz 2025 findings 2-3: slot_mapping and the compression helpers checked nothing (IndexError, AttributeError,
+    # torch errors, or garbage returned)
+    pytest.param(lambda: slot_mapping(TABLE, torch.tensor([5]), 2), ValueError,
+                 r"positions must lie in \[0, 3\], got 5", id="slot_mapping position past the table"),
+    pytest.param(lambda: slot_mapping(TABLE, torch.tensor([-1]), 2), ValueError,
+                 r"positions must lie in \[0, 3\], got -1", id="slot_mapping negative position"),
+    pytest.param(lambda: slot_mapping(TABLE, torch.arange(3), 0), ValueError,
+                 "block_size must be an integer >= 1, got 0", id="slot_mapping block_size 0"),
+    pytest.param(lambda: slot_mapping(TABLE, torch.arange(3), -2), ValueError,
+                 "block_size must be an integer >= 1, got -2", id="slot_mapping block_size negative"),
+    pytest.param(lambda: slot_mapping(TABLE, torch.arange(3), 2.0), TypeError,
+                 r"block_size must be an integer >= 1, got 2.0 \(float\)", id="slot_mapping block_size float"),
+    pytest.param(lambda: slot_mapping(TABLE, torch.arange(3.0), 2), ValueError,
+                 r"positions must be a \(n,\) integer tensor, got \(3,\) torch.float32",
+                 id="slot_mapping float positions"),
+    pytest.param(lambda: slot_mapping(None, torch.arange(3), 2), TypeError,
+                 r"block_table must be a \(n_blocks,\) integer tensor, got NoneType", id="slot_mapping table None"),
+    pytest.param(lambda: quantize(None, 4, -1), TypeError, "x must be a real .* tensor, got NoneType",
+                 id="quantize x None"),
+    pytest.param(lambda: quantize(torch.ones(2, 8, dtype=torch.bool), 4, -1), ValueError,
+                 r"x must be a real .* tensor, got \(2, 8\) torch.bool", id="quantize x bool"),
+    pytest.param(lambda: quantize(torch.ones(2, 8), 4, 5), ValueError, r"dim must be an integer in \[-2, 1\], got 5",
+                 id="quantize dim out of range"),
+    pytest.param(lambda: fake_quantize_kv(None, X, 4, 4), TypeError,
+                 r"k must be a \(B, H, T, D\) real .* tensor, got NoneType", id="fake_quantize_kv k None"),
+    pytest.param(lambda: fake_quantize_kv(X, X[0], 4, 4), ValueError,
+                 r"v must be a \(B, H, T, D\) real .* tensor, got \(2, 5, 4\)", id="fake_quantize_kv v 3-D"),
+    pytest.param(lambda: pool_quantize(None, 8), TypeError, r"x must be a \(..., D\) real .* tensor, got NoneType",
+                 id="pool_quantize x None"),
+    pytest.param(lambda: pool_dequantize(CODES, STATS, "x", torch.float32), TypeError,
+                 "bits must be an integer, got 'x'", id="pool_dequantize bits string"),
+    pytest.param(lambda: pool_dequantize(CODES, STATS, 8, int), TypeError, "dtype must be a torch.dtype, got <class",
+                 id="pool_dequantize dtype int"),
+    pytest.param(lambda: pool_dequantize(None, STATS, 8, torch.float32), TypeError,
+                 r"codes must be a \(..., D or D // 2\) integer tensor, got NoneType", id="pool_dequantize codes None"),
+    pytest.param(lambda: pool_dequantize(CODES, STATS[:2], 8, torch.float32), ValueError,
+                 r"stats must be a \(..., 2\) tensor with codes' leading dimensions \(3,\), got shape \(2, 2\)",
+                 id="pool_dequantize stats rows"),
+    pytest.param(lambda: merge_pair(None, X), TypeError, r"xa must be a \(..., D\) floating-point tensor, got NoneType",
+                 id="merge_pair xa None"),
+    pytest.param(lambda: merge_pair(X.long(), X), ValueError,
+                 r"xa must be a \(..., D\) floating-point tensor, got \(1, 2, 5, 4\) torch.int64",
+                 id="merge_pair xa long"),
+    pytest.param(lambda: merge_pair(X, X[0]), ValueError, "xa and xb must have the same shape",
+                 id="merge_pair shapes differ"),
+    pytest.param(lambda: h2o_attention(X.long(), X, X, 4, 2), ValueError,
+                 r"q must be a \(B, H, T, D\) floating-point tensor, got \(1, 2, 5, 4\) torch.int64", id="h2o q long"),
+    pytest.param(lambda: h2o_attention(None, X, X, 4, 2), TypeError,
+                 r"q must be a \(B, H, T, D\) floating-point tensor, got NoneType", id="h2o q None"),
+    pytest.param(lambda: h2o_attention(X, X.double(), X, 4, 2), ValueError,
+                 r"k must be a \(B, H, T, D\) tensor like q .*torch.float64", id="h2o k double"),
+    pytest.param(lambda: h2o_attention(X, X, X, 4, "2"), TypeError, "recent must be an integer, got '2'",
+                 id="h2o recent string"),
+    pytest.param(lambda: sink_window_mask(None, 2, 3), TypeError, "T must be an integer >= 0, got None",
+                 id="sink_window_mask T None"),
+    pytest.param(lambda: sink_window_mask(-1, 2, 3), ValueError, "T must be an integer >= 0, got -1",
+                 id="sink_window_mask T negative"),
+    pytest.param(lambda: sink_window_mask(2.5, 2, 3), TypeError, r"T must be an integer >= 0, got 2.5 \(float\)",
+                 id="sink_window_mask T float"),
+    pytest.param(lambda: sink_window_mask(4, 1.5, 3), TypeError, r"sinks must be an integer, got 1.5 \(float\)",
+                 id="sink_window_mask sinks float"),
+    pytest.param(lambda: sink_window_evictable(20, 2, 4, 0), ValueError, "block_size must be an integer >= 1, got 0",
+                 id="sink_window_evictable block_size 0"),
+    pytest.param(lambda: sink_window_evictable(-5, 2, 4, 4), ValueError, "length must be an integer >= 0, got -5",
+                 id="sink_window_evictable length negative"),
+    pytest.param(lambda: sink_window_evictable(20, 4, 2, 4), ValueError, "need 0 <= sinks < window, got sinks=4",
+                 id="sink_window_evictable sinks >= window"),
+    pytest.param(lambda: admits(-5, 5, 1, 4), ValueError, "need must be an integer >= 0, got -5", id="admits need < 0"),
+    pytest.param(lambda: admits(2, 5, 1, "x"), TypeError, "max_running must be an integer >= 1, got 'x'",
+                 id="admits max_running string"),
+    pytest.param(lambda: paged_attention(torch.ones(2, 2, 3, dtype=torch.long), POOL, POOL,
+                                         torch.tensor([[0, 1], [2, 3]]), torch.tensor([3, 2])), ValueError,
+                 r"q must be a \(B, H, D\) floating-point tensor, got torch.int64", id="paged_attention q long"),
+    pytest.param(lambda: paged_attention(POOL[:2, 0], POOL.double(), POOL, torch.tensor([[0, 1], [2, 3]]),
+                                         torch.tensor([3, 2])), ValueError,
+                 "k_pool must have q's dtype torch.float32, got torch.float64", id="paged_attention k_pool double"),
     pytest.param(lambda: BlockAllocator(10).release(-1), ValueError, r"block must be an integer in \[0, 9\]",
                  id="release -1"),
     pytest.param(lambda: BlockAllocator(10).release(10), ValueError, r"block must be an integer in \[0, 9\]",
@@ -217,6 +298,8 @@ def test_lower_priority_bad_input(call: Callable, error: type, match: str) -> No
 
 
 def test_valid_inputs_unchanged() -> None:
+    assert slot_mapping(TABLE, torch.arange(4), 2).tolist() == [4, 5, 0, 1]
+    assert admits(0, 0, 0, 1) and not admits(2, 5, 4, 4)
     assert len(prefix_block_hashes([1, 2, 3, 4, 5], 2)) == 2
     assert png_bytes(IMAGES, 2, 1).startswith(b"\x89PNG")
     assert kv_bytes_per_token(TINY.config, "sink_window", 64, window=16) == kv_bytes_per_token(

@@ -53,17 +53,23 @@ def paged_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
 
     Raises:
         TypeError: an argument that is not a tensor.
-        ValueError: ``q`` is not ``(B, H, D)``; the pools are not ``(num_blocks, block_size, H, D)`` with ``q``'s
-            ``H, D``; ``block_tables`` is not a ``(B, max_blocks)`` integer tensor of ids in ``[0, num_blocks)``;
-            ``lengths`` is not ``(B,)`` with values in ``[1, max_blocks * block_size]``."""
+        ValueError: ``q`` is not a floating-point ``(B, H, D)`` tensor; the pools are not
+            ``(num_blocks, block_size, H, D)`` with ``q``'s ``H, D`` and dtype; ``block_tables`` is not a
+            ``(B, max_blocks)`` integer tensor of ids in ``[0, num_blocks)``; ``lengths`` is not ``(B,)`` with
+            values in ``[1, max_blocks * block_size]``."""
     for name, x in (("q", q), ("lengths", lengths)):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{name} must be a tensor, got {type(x).__name__}")
     if q.ndim != 3:
         raise ValueError(f"q must be a (B, H, D) tensor, got shape {tuple(q.shape)}")
+    if not q.is_floating_point():
+        raise ValueError(f"q must be a (B, H, D) floating-point tensor, got {q.dtype}")
     B, H, D = q.shape
     _check_pool("k_pool", k_pool, (H, D))
     _check_pool("v_pool", v_pool, (H, D))
+    for name, pool in (("k_pool", k_pool), ("v_pool", v_pool)):
+        if pool.dtype != q.dtype:
+            raise ValueError(f"{name} must have q's dtype {q.dtype}, got {pool.dtype}")
     if v_pool.shape != k_pool.shape:
         raise ValueError(f"k_pool and v_pool must have the same shape, got {tuple(k_pool.shape)} and "
                          f"{tuple(v_pool.shape)}")

@@ -44,11 +44,44 @@ QUANT_BITS = {"int8": 8, "int4": 4, "int2": 2}
 POOL_BITS = {"int8_pool": 8, "int4_pool": 4}
 
 
+def _check_tensor(name: str, x: object, shape: str = "", ndim: int | None = None, *, floating: bool = False
+                  ) -> torch.Tensor:
+    """``x`` if it is a tensor of ``ndim`` dimensions (None: any) of real numbers: floating-point when
+    ``floating``, else integer or floating-point (bool and complex are refused). ``shape`` is for the message.
+
+    Raises:
+        TypeError: ``x`` is not a tensor (``k must be a (B, H, T, D) ... tensor, got NoneType``).
+        ValueError: its dtype or number of dimensions is wrong (``..., got (2, 8) torch.bool``)."""
+    kind = "floating-point" if floating else "real (integer or floating-point)"
+    what = f"{name} must be a {shape + ' ' if shape else ''}{kind} tensor"
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{what}, got {type(x).__name__}")
+    wrong_dtype = not x.is_floating_point() if floating else (x.dtype == torch.bool or x.is_complex())
+    if wrong_dtype or (ndim is not None and x.ndim != ndim):
+        raise ValueError(f"{what}, got {tuple(x.shape)} {x.dtype}")
+    return x
+
+
+def _check_sinks_window(sinks: object, window: object) -> None:
+    """``sinks``, ``window``: integers with ``0 <= sinks < window`` (``TypeError`` / ``ValueError``)."""
+    check_int("sinks", sinks)
+    check_int("window", window)
+    if not 0 <= sinks < window:
+        raise ValueError(f"need 0 <= sinks < window, got sinks={sinks}, window={window}")
+
+
 def quantize(x: torch.Tensor, bits: int, dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Asymmetric min-max quantization of ``x`` with one ``(scale, minimum)`` per slice along ``dim``
     (the statistics are taken over ``dim``). Returns ``(codes uint8 like x, scale, minimum)``, the last two
-    with ``dim`` kept as size 1; codes are in ``[0, 2**bits - 1]``. ``bits``: an integer in ``[1, 8]``."""
+    with ``dim`` kept as size 1; codes are in ``[0, 2**bits - 1]``. ``bits``: an integer in ``[1, 8]``.
+
+    Raises:
+        TypeError: ``x`` is not a tensor, or ``bits`` / ``dim`` is not an integer.
+        ValueError: ``x`` is a bool or complex tensor, ``bits`` is outside ``[1, 8]``, or ``dim`` is not one of
+            ``x``'s dimensions (``dim must be an integer in [-2, 1], got 5``)."""
+    _check_tensor("x", x)
     bits = check_int("bits", bits, lo=1, hi=8)
+    check_int("dim", dim, lo=-max(x.ndim, 1), hi=max(x.ndim, 1) - 1)
     lo, hi = x.amin(dim, keepdim=True), x.amax(dim, keepdim=True)
     scale = (hi - lo).clamp_min(1e-8) / (2 ** bits - 1)
     codes = ((x - lo) / scale).round().clamp(0, 2 ** bits - 1).to(torch.uint8)
@@ -63,7 +96,15 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor) -> to
 def fake_quantize_kv(k: torch.Tensor, v: torch.Tensor, bits: int, group: int) -> tuple[torch.Tensor, torch.Tensor]:
     """KIVI's layout on ``k, v`` ``(B, H, T, D)``: keys per channel over groups of ``group`` tokens, values per
     token, both quantized and dequantized. A last, unfinished group is returned quantized too (callers decide
-    who may see it). Returns ``(k_hat, v_hat)`` ``(B, H, T, D)``. ``group``: an integer ``>= 1``."""
+    who may see it). Returns ``(k_hat, v_hat)`` ``(B, H, T, D)``. ``group``: an integer ``>= 1``.
+
+    Raises:
+        TypeError: ``k`` or ``v`` is not a tensor, or ``bits`` / ``group`` is not an integer.
+        ValueError: ``k`` or ``v`` is not a 4-D real (integer or floating-point) tensor, ``bits`` is outside
+            ``[1, 8]`` or ``group < 1``."""
+    _check_tensor("k", k, "(B, H, T, D)", 4)
+    _check_tensor("v", v, "(B, H, T, D)", 4)
+    check_int("bits", bits, lo=1, hi=8)
     group = check_int("group", group, lo=1)
     B, H, T, D = k.shape
     pad = -T % group
@@ -86,7 +127,15 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
 
 def pool_quantize(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``x`` ``(..., D)`` as the paged pool stores it: ``bits``-bit codes per row over ``D`` (int4: packed by
-    :func:`pack_int4`) and the row's ``(scale, minimum)`` in float16 ``(..., 2)`` (int4: ``D`` even)."""
+    :func:`pack_int4`) and the row's ``(scale, minimum)`` in float16 ``(..., 2)`` (int4: ``D`` even).
+
+    Raises:
+        TypeError: ``x`` is not a tensor or ``bits`` is not an integer.
+        ValueError: ``x`` is a 0-d, bool or complex tensor, ``bits`` is not 4 or 8, or ``D`` is odd with 4 bits."""
+    x = _check_tensor("x", x, "(..., D)")
+    if x.ndim == 0:
+        raise ValueError(f"x must be a (..., D) real (integer or floating-point) tensor, got () {x.dtype}")
+    bits = check_int("bits", bits)
     if bits not in (4, 8):
         raise ValueError(f"the pool stores 8- or 4-bit codes, got bits={bits!r}")
     if bits == 4 and x.shape[-1] % 2:
@@ -96,7 +145,27 @@ def pool_quantize(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tenso
 
 
 def pool_dequantize(codes: torch.Tensor, stats: torch.Tensor, bits: int, dtype: torch.dtype) -> torch.Tensor:
-    """Back from :func:`pool_quantize`: ``(..., D)`` in ``dtype``."""
+    """Back from :func:`pool_quantize`: ``(..., D)`` in ``dtype``.
+
+    Raises:
+        TypeError: ``codes`` or ``stats`` is not a tensor, ``bits`` is not an integer or ``dtype`` not a
+            ``torch.dtype``.
+        ValueError: ``codes`` is not an integer tensor of at least one dimension, ``stats`` is not a floating-point
+            tensor of shape ``codes.shape[:-1] + (2,)``, or ``bits`` is not 4 or 8."""
+    what = "codes must be a (..., D or D // 2) integer tensor"
+    if not isinstance(codes, torch.Tensor):
+        raise TypeError(f"{what}, got {type(codes).__name__}")
+    if codes.ndim == 0 or codes.is_floating_point() or codes.is_complex() or codes.dtype == torch.bool:
+        raise ValueError(f"{what}, got {tuple(codes.shape)} {codes.dtype}")
+    _check_tensor("stats", stats, "(..., 2)", floating=True)
+    if stats.shape != (*codes.shape[:-1], 2):
+        raise ValueError(f"stats must be a (..., 2) tensor with codes' leading dimensions {tuple(codes.shape[:-1])}, "
+                         f"got shape {tuple(stats.shape)}")
+    bits = check_int("bits", bits)
+    if bits not in (4, 8):
+        raise ValueError(f"the pool stores 8- or 4-bit codes, got bits={bits!r}")
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(f"dtype must be a torch.dtype, got {dtype!r} ({type(dtype).__name__})")
     s = stats.to(dtype)  # (..., 2)
     return dequantize(unpack_int4(codes) if bits == 4 else codes, s[..., :1], s[..., 1:])
 
@@ -112,16 +181,22 @@ def sink_window_visible(q_pos: torch.Tensor, k_pos: torch.Tensor, sinks: int, wi
     (``j > i - (window - sinks)``); causality is the caller's. Broadcasts ``q_pos``, ``k_pos`` (long).
     ``ValueError`` unless ``0 <= sinks < window``. Unlike StreamingLLM, which renumbers positions within the
     cache, keys keep their original positions: the cache's memory is bounded, the sequence's length is not
-    extended past the model's context."""
-    if not 0 <= sinks < window:
-        raise ValueError(f"need 0 <= sinks < window, got sinks={sinks}, window={window}")
+    extended past the model's context. ``TypeError`` when ``sinks`` or ``window`` is not an integer."""
+    _check_sinks_window(sinks, window)
     return (k_pos < sinks) | (k_pos > q_pos - (window - sinks))
 
 
 def sink_window_evictable(length: int, sinks: int, window: int, block_size: int) -> range:
     """Block indices of a sequence of ``length`` positions that no later query (position ``>= length``) can see
     under :func:`sink_window_visible`: every position of the block is past the sinks and before
-    ``length - window + sinks + 1``. The engine frees them."""
+    ``length - window + sinks + 1``. The engine frees them.
+
+    Raises:
+        TypeError: an argument that is not an integer.
+        ValueError: ``length < 0``, ``block_size < 1``, or not ``0 <= sinks < window``."""
+    check_int("length", length, lo=0)
+    check_int("block_size", block_size, lo=1)
+    _check_sinks_window(sinks, window)
     first = -(-sinks // block_size)  # the first block without a sink
     end = max(length - window + sinks + 1, 0) // block_size  # blocks wholly before the first visible position
     return range(first, max(first, end))
@@ -129,7 +204,13 @@ def sink_window_evictable(length: int, sinks: int, window: int, block_size: int)
 
 def sink_window_mask(T: int, sinks: int, window: int, device: torch.device | str | None = None) -> torch.Tensor:
     """Bool ``(T, T)``: query ``i`` may see key ``j <= i`` kept by :func:`sink_window_visible`: a cache of
-    ``window`` entries."""
+    ``window`` entries.
+
+    Raises:
+        TypeError: ``T``, ``sinks`` or ``window`` is not an integer.
+        ValueError: ``T < 0``, or not ``0 <= sinks < window``."""
+    T = check_int("T", T, lo=0)
+    _check_sinks_window(sinks, window)
     i = torch.arange(T, device=device)[:, None]
     j = torch.arange(T, device=device)[None, :]
     return (j <= i) & sink_window_visible(i, j, sinks, window)
@@ -139,7 +220,21 @@ def h2o_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, budget: int
     """Causal attention of ``q, k, v`` ``(B, H, T, D)`` through an H2O cache of ``budget`` entries per head:
     query ``i`` sees the keys still cached after the earlier steps, plus its own; then, if the cache holds more
     than ``budget``, the key outside the ``recent`` newest with the least accumulated attention is evicted.
-    Returns ``(B, H, T, D)``. ``ValueError`` unless ``0 <= recent < budget``."""
+    Returns ``(B, H, T, D)``.
+
+    Raises:
+        TypeError: ``q``, ``k`` or ``v`` is not a tensor, or ``budget`` / ``recent`` is not an integer.
+        ValueError: ``q`` is not a 4-D floating-point tensor, ``k`` or ``v`` is not of ``q``'s shape and dtype, or
+            not ``0 <= recent < budget``."""
+    _check_tensor("q", q, "(B, H, T, D)", 4, floating=True)
+    for name, x in (("k", k), ("v", v)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a (B, H, T, D) tensor like q, got {type(x).__name__}")
+        if x.shape != q.shape or x.dtype != q.dtype:
+            raise ValueError(f"{name} must be a (B, H, T, D) tensor like q {tuple(q.shape)} {q.dtype}, got "
+                             f"{tuple(x.shape)} {x.dtype}")
+    check_int("budget", budget)
+    check_int("recent", recent)
     if not 0 <= recent < budget:
         raise ValueError(f"need 0 <= recent < budget, got recent={recent}, budget={budget}")
     B, H, T, D = q.shape
@@ -260,7 +355,17 @@ class CompressedAttention:
 def merge_pair(xa: torch.Tensor, xb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """MiniCache's merge of two layers' vectors ``xa, xb`` ``(..., D)`` (keys or values of the same tokens and
     heads): the shared direction ``normalize(normalize(xa) + normalize(xb))`` ``(..., D)`` and each layer's own
-    norm ``(...)``; ``direction * norm_a[..., None]`` stands for ``xa``. Returns ``(direction, norm_a, norm_b)``."""
+    norm ``(...)``; ``direction * norm_a[..., None]`` stands for ``xa``. Returns ``(direction, norm_a, norm_b)``.
+
+    Raises:
+        TypeError: ``xa`` or ``xb`` is not a tensor.
+        ValueError: either is a 0-d or not a floating-point tensor, or their shapes differ."""
+    for name, x in (("xa", xa), ("xb", xb)):
+        _check_tensor(name, x, "(..., D)", floating=True)
+        if x.ndim == 0:
+            raise ValueError(f"{name} must be a (..., D) floating-point tensor, got () {x.dtype}")
+    if xa.shape != xb.shape:
+        raise ValueError(f"xa and xb must have the same shape, got {tuple(xa.shape)} and {tuple(xb.shape)}")
     direction = F.normalize(F.normalize(xa, dim=-1) + F.normalize(xb, dim=-1), dim=-1)  # (..., D)
     return direction, xa.norm(dim=-1), xb.norm(dim=-1)
 

@@ -169,7 +169,15 @@ class StepRecord:
 def admits(need: int, free_blocks: int, in_batch: int, max_running: int, keep_per_sequence: int = 1) -> bool:
     """The admission rule: a request needing ``need`` blocks joins a batch of ``in_batch`` sequences when the
     batch is below ``max_running`` and ``need`` fits in ``free_blocks`` minus ``keep_per_sequence`` blocks kept
-    for the next token of every sequence already in the batch (0 when their memory is reserved up front)."""
+    for the next token of every sequence already in the batch (0 when their memory is reserved up front).
+
+    Raises:
+        TypeError: an argument that is not an integer.
+        ValueError: ``need``, ``free_blocks``, ``in_batch`` or ``keep_per_sequence`` is negative, or
+            ``max_running < 1``."""
+    need, free_blocks = check_int("need", need, lo=0), check_int("free_blocks", free_blocks, lo=0)
+    in_batch, max_running = check_int("in_batch", in_batch, lo=0), check_int("max_running", max_running, lo=1)
+    keep_per_sequence = check_int("keep_per_sequence", keep_per_sequence, lo=0)
     return in_batch < max_running and need <= free_blocks - keep_per_sequence * in_batch
 
 

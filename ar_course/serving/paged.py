@@ -28,7 +28,7 @@ import torch
 
 from ar_course.serving.compression import merge_pair, merged_pairs, pool_dequantize, pool_quantize
 from ar_course.transformer.model import GPT, check_causal
-from ar_course.utils import check_int
+from ar_course.utils import check_ids, check_int
 
 
 def check_text_model(model: object) -> GPT:
@@ -70,7 +70,26 @@ def check_tokens(ids: object, vocab_size: int, name: str = "prompt_ids", token: 
 def slot_mapping(block_table: torch.Tensor, positions: torch.Tensor, block_size: int) -> torch.Tensor:
     """Pool slots of sequence ``positions`` ``(n,)`` long through ``block_table`` ``(n_blocks,)`` long: position
     ``p`` is at offset ``p % block_size`` of block ``block_table[p // block_size]``, so its slot is
-    ``block_table[p // block_size] * block_size + p % block_size``. Returns ``(n,)`` long."""
+    ``block_table[p // block_size] * block_size + p % block_size``. Returns ``(n,)`` long.
+
+    Raises:
+        TypeError: ``block_size`` is not an integer, or ``block_table`` / ``positions`` is not a tensor.
+        ValueError: ``block_size < 1``; ``block_table`` or ``positions`` is not a 1-D integer tensor; a position
+            outside ``[0, n_blocks * block_size)``, the positions the table holds (one read of the positions' values:
+            :meth:`PagedKVCache.slots_at`, the engine's per-step path, checks its own and skips these checks)."""
+    block_size = check_int("block_size", block_size, lo=1)
+    what = "block_table must be a (n_blocks,) integer tensor"
+    if not isinstance(block_table, torch.Tensor):
+        raise TypeError(f"{what}, got {type(block_table).__name__}")
+    if block_table.ndim != 1 or block_table.is_floating_point() or block_table.is_complex() \
+            or block_table.dtype == torch.bool:
+        raise ValueError(f"{what}, got {tuple(block_table.shape)} {block_table.dtype}")
+    check_ids("positions", positions, block_table.numel() * block_size, ("n",), dtype=None, allow_empty=True)
+    return _slot_mapping(block_table, positions, block_size)
+
+
+def _slot_mapping(block_table: torch.Tensor, positions: torch.Tensor, block_size: int) -> torch.Tensor:
+    """:func:`slot_mapping` without its checks (the engine's per-step path, whose callers checked the input)."""
     return block_table[positions // block_size] * block_size + positions % block_size
 
 
@@ -269,7 +288,7 @@ class PagedKVCache:
                              f"reserve them first")
         if positions.numel() and bool((table[positions // self.block_size] < 0).any()):
             raise ValueError(f"some positions of sequence {seq} are in evicted blocks")
-        return slot_mapping(table, positions, self.block_size).to(self.k.device)
+        return _slot_mapping(table, positions, self.block_size).to(self.k.device)
 
     def live_positions(self, seq: int, end: int) -> torch.Tensor:
         """Positions ``< end`` of ``seq`` whose block is not evicted: ``(n,)`` long, ascending."""
