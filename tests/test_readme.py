@@ -109,3 +109,19 @@ def test_contributing_check_module_sketch_runs_and_its_check_judges():
     assert_passes(check, namespace["ref"].vq_lookup)
     assert_fails(check, lambda z, codebook: (z @ codebook.t()).argmax(1), contains="largest dot product z.e")
     assert_fails(check, lambda z, codebook: torch.cdist(z, codebook).argmax(1))
+
+
+def test_the_trainer_table_names_functions_that_return_what_it_says():
+    """Each row of "Reuse the modules"' trainer table: the function exists where it says, its first arguments
+    are the ones listed, and its return annotation names the model class the row gives."""
+    import importlib
+    import inspect
+
+    rows = re.findall(r"^\| `([\w.]+)\(([^)]*)\)` \| [^|]+ \| `?\(?(\w+)", README, flags=re.M)
+    assert len(rows) == 10
+    for path, args, returned in rows:
+        module, _, name = f"ar_course.{path}".rpartition(".")
+        fn = getattr(importlib.import_module(module), name)
+        listed = [a.strip() for a in args.split(",") if a.strip() not in ("", "...")]
+        assert list(inspect.signature(fn).parameters)[:len(listed)] == listed, path
+        assert returned in str(inspect.signature(fn).return_annotation), (path, returned)
