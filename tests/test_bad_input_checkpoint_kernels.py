@@ -243,10 +243,11 @@ def test_softmax_refuses_a_scalar_with_value_error():
         K.softmax(torch.tensor(1.0))
 
 
-def test_vq_nearest_refuses_an_empty_codebook_in_one_line():
+@pytest.mark.parametrize("vq_nearest", [K.vq_nearest, K.vq_nearest_reference], ids=["vq_nearest", "reference"])
+def test_vq_nearest_refuses_an_empty_codebook_in_one_line(vq_nearest):
     """A codebook of no codes (K = 0) is refused by name, not left to fail inside torch."""
     with pytest.raises(ValueError, match=r"^codebook must be \(K, D\) with K >= 1 and D >= 1, got shape \(0, 4\)"):
-        K.vq_nearest(torch.randn(3, 4), torch.empty(0, 4))
+        vq_nearest(torch.randn(3, 4), torch.empty(0, 4))
 
 
 @pytest.mark.parametrize("op", ["flash", "decode"])
@@ -376,6 +377,9 @@ _Q, _CACHE = torch.randn(2, 3, 4), torch.randn(2, 3, 5, 4)
     (lambda: K.decode_attention(_Q.numpy(), _CACHE, _CACHE, 1), "q"),
     (lambda: K.decode_attention(_Q, _CACHE, _CACHE.numpy(), 1), "v_cache"),
     (lambda: K.softmax(np.zeros((2, 3), np.float32)), "x"),
+    (lambda: K.attention_reference(_qkv()[0], _qkv()[1].numpy(), _qkv()[2]), "k"),
+    (lambda: K.decode_attention_reference(_Q, _CACHE, _CACHE.numpy(), 1), "v_cache"),
+    (lambda: K.vq_nearest_reference(torch.zeros(4, 8), np.zeros((3, 8), np.float32)), "codebook"),
 ])
 def test_kernel_entry_points_refuse_numpy_arrays_with_a_type_error(call, match):
     with pytest.raises(TypeError, match=rf"^{match} must be a floating-point torch.Tensor, got ndarray$"):
@@ -385,6 +389,8 @@ def test_kernel_entry_points_refuse_numpy_arrays_with_a_type_error(call, match):
 def test_kernel_entry_points_still_refuse_integer_tensors_and_lengths_of_the_wrong_kind_apart():
     with pytest.raises(ValueError, match=r"^z must be a floating-point torch.Tensor, got torch.int32$"):
         K.vq_nearest(torch.zeros(4, 8, dtype=torch.int32), torch.zeros(3, 8))
+    with pytest.raises(ValueError, match=r"^k must be a floating-point torch.Tensor, got torch.int64$"):
+        K.attention_reference(_qkv()[0], _qkv()[1].long(), _qkv()[2])
     with pytest.raises(ValueError, match=r"^k_cache must be \(B, H, T, D\), got shape \(2, 3, 4\)$"):
         K.decode_attention(_Q, _Q, _CACHE, 1)
     with pytest.raises(TypeError, match=r"^length must be an int or a \(B,\) = \(2,\) integer tensor, got float$"):
@@ -399,7 +405,8 @@ def test_kernel_entry_points_still_refuse_integer_tensors_and_lengths_of_the_wro
     (True, TypeError, r"^length must be an int or a \(B,\) = \(2,\) integer tensor, got bool$"),
     (torch.tensor([3, 6]), ValueError, r"^every length must be in 1\.\.T_max=5, got \[3, 6\]$"),
 ], ids=["bool", "past-T_max"])
-def test_decode_attention_refuses_a_bool_or_a_length_tensor_past_t_max(length, error, match):
+@pytest.mark.parametrize("decode", [K.decode_attention, K.decode_attention_reference], ids=["op", "reference"])
+def test_decode_attention_refuses_a_bool_or_a_length_tensor_past_t_max(decode, length, error, match):
     """A bool is no length (True would read as 1), and a (B,) length tensor may not pass T_max by even one."""
     with pytest.raises(error, match=match):
-        K.decode_attention(_Q, _CACHE, _CACHE, length)
+        decode(_Q, _CACHE, _CACHE, length)

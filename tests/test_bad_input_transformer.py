@@ -12,9 +12,11 @@ import pytest
 import torch
 
 from ar_course import sampling
+from ar_course.data import CharTokenizer, normalise_text
 from ar_course.transformer import GPT, GPTConfig, KVCache, StaticKVCache
 from ar_course.transformer import functional as F
 from ar_course.transformer import model as M
+from ar_course.var import embed_levels_positions, scale_masks
 
 SMALL = dict(vocab_size=10, block_size=8, n_layer=1, n_head=2, n_embd=8)
 
@@ -192,6 +194,9 @@ def test_known_kernel_backends_are_taken():
 
 # -- F19: the plain reference functions -----------------------------------------------------------------------
 
+_Q = torch.randn(1, 2, 3, 4, generator=torch.Generator().manual_seed(0))  # (B, H, T, D)
+_ATTN_MSG = r"must be a floating-point \(B, H, T, D\) torch.Tensor, got"
+
 
 @pytest.mark.parametrize("call, error, match", [
     (lambda: F.rms_norm(torch.full((1, 4), 1e-3), eps=-1.0), ValueError, r"eps must be a finite number > 0, got -1.0"),
@@ -214,6 +219,32 @@ def test_known_kernel_backends_are_taken():
     (lambda: F.split_heads(torch.zeros(1, 2, 4), 0), ValueError, r"n_head must be an integer >= 1, got 0"),
     (lambda: F.split_heads(torch.zeros(1, 2, 4), 2.0), TypeError, r"n_head must be an integer >= 1, got 2.0"),
     (lambda: F.split_heads(torch.zeros(1, 2, 4), 3), ValueError, r"channels \(4\) must be divisible"),
+    (lambda: M.plain_attention(_Q, _Q.long(), _Q, None, True), ValueError,
+     rf"^k {_ATTN_MSG} shape \(1, 2, 3, 4\) torch.int64$"),
+    (lambda: M.plain_attention(_Q, _Q, _Q, None, True, math.nan), ValueError,
+     r"^dropout_p must be a finite number in \[0, 1\], got nan$"),
+    (lambda: M.plain_attention(None, _Q, _Q, None, True), TypeError, rf"^q {_ATTN_MSG} NoneType$"),
+    (lambda: M.plain_attention(_Q, _Q[0], _Q, None, True), ValueError,
+     rf"^k {_ATTN_MSG} shape \(2, 3, 4\) torch.float32$"),
+    (lambda: M.plain_attention(_Q, _Q, _Q, None, "no"), TypeError, r"^causal must be True or False, got 'no' \(str\)$"),
+    (lambda: M.plain_attention(_Q, _Q, _Q, [[True] * 3] * 3, False), TypeError,
+     r"^mask must be None or a bool torch.Tensor \(True = may attend\), got list$"),
+    (lambda: M.RMSNorm(-1), ValueError, r"^dim must be an integer >= 1, got -1$"),
+    (lambda: M.RMSNorm(None), TypeError, r"^dim must be an integer >= 1, got None \(NoneType\)$"),
+    (lambda: M.Rotary(8, -1), ValueError, r"^max_len must be an integer >= 1, got -1$"),
+    (lambda: M.Rotary(8, 2.5), TypeError, r"^max_len must be an integer >= 1, got 2.5 \(float\)$"),
+    (lambda: GPT(GPTConfig(**SMALL)).check_room(2.5, 1), TypeError, r"^T must be an integer >= 0, got 2.5 \(float\)$"),
+    (lambda: GPT(GPTConfig(**SMALL)).check_room(-3, 1), ValueError, r"^T must be an integer >= 0, got -3$"),
+    (lambda: GPT(GPTConfig(**SMALL)).check_room("x", 1), TypeError, r"^T must be an integer >= 0, got 'x' \(str\)$"),
+    (lambda: KVCache(10**12, 1, 1, 4, 2), ValueError,
+     r"^a KV cache of n_layer=1000000000000 x \(1, 1, 4, 2\) torch.float32 needs .+ GiB, more than the .+ GiB of "
+     r"memory of cpu$"),
+    (lambda: normalise_text(None), TypeError, r"^text must be a str, got NoneType$"),
+    (lambda: CharTokenizer(None), TypeError, r"^chars must be a str or an iterable of str, got NoneType$"),
+    (lambda: CharTokenizer([1, 2]), TypeError, r"^chars must be a str or an iterable of str, got an item 1 \(int\)$"),
+    (lambda: embed_levels_positions(None, torch.randn(3, 4), torch.randn(14, 4), (1, 2, 3)), TypeError,
+     r"^x must be a torch.Tensor, got NoneType$"),
+    (lambda: scale_masks(None, (1, 2, 3)), TypeError, r"^mask must be a \(B, 3, 3\) bool torch.Tensor, got NoneType$"),
 ])
 def test_reference_functions_refuse(call, error, match):
     with pytest.raises(error, match=match):
@@ -232,6 +263,8 @@ def test_reference_functions_still_compute():
     assert torch.equal(cos[:, 0], cos[:, 1]) and torch.equal(sin[:, 0], sin[:, 1]) and not sin[1:].eq(0).any()
     p = F.masked_softmax(torch.tensor([[0.0, -math.inf, 1.0]]), torch.tensor([[True, True, False]]))
     assert torch.equal(p, torch.tensor([[1.0, 0.0, 0.0]]))
+    assert torch.equal(M.plain_attention(_Q, _Q, _Q, None, np.bool_(True)), M.plain_attention(_Q, _Q, _Q, None, True))
+    assert CharTokenizer(["b", "a"]).chars == CharTokenizer("ab").chars == "ab" and normalise_text("a\tb") == "a    b"
 
 
 # -- F22: GPTConfig.causal as a NumPy bool --------------------------------------------------------------------

@@ -30,7 +30,11 @@ def normalise_text(text: str) -> str:
 
     Typographic quotes become straight quotes, en and em dashes become ``-`` and ``--``, ``...`` replaces the
     ellipsis, tabs become four spaces and ``\\r\\n`` becomes ``\\n``; accented letters lose their accents
-    (NFKD decomposition); any other character outside the alphabet is dropped."""
+    (NFKD decomposition); any other character outside the alphabet is dropped.
+
+    Raises ``TypeError`` when ``text`` is not a str."""
+    if not isinstance(text, str):
+        raise TypeError(f"text must be a str, got {type(text).__name__}")
     text = text.replace("\r\n", "\n").translate(_TYPOGRAPHY)
     text = unicodedata.normalize("NFKD", text)
     return "".join(ch for ch in text if ch in _ALPHABET_SET)
@@ -43,9 +47,21 @@ def load_text() -> str:
 
 
 class CharTokenizer:
-    """Maps each character of a fixed alphabet to its index in that alphabet (sorted by code point)."""
+    """Maps each character of a fixed alphabet to its index in that alphabet (sorted by code point).
+
+    ``chars``: a str, or any other iterable of str (a list, a tuple, a set). ``TypeError`` for anything else
+    (``None``, a list of ints, bytes), ``ValueError`` for no characters at all."""
 
     def __init__(self, chars: str | Sequence[str]):
+        if not isinstance(chars, str):
+            what = "chars must be a str or an iterable of str"
+            try:
+                chars = list(chars)
+            except TypeError:
+                raise TypeError(f"{what}, got {type(chars).__name__}") from None
+            bad = [c for c in chars if not isinstance(c, str)]
+            if bad:
+                raise TypeError(f"{what}, got an item {bad[0]!r} ({type(bad[0]).__name__})")
         chars = "".join(sorted(set(chars)))
         if not chars:
             raise ValueError("a tokenizer needs at least one character")

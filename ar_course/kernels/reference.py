@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from .masks import MaskSpec, dense_mask
@@ -15,7 +13,21 @@ def pairwise_sqdist_reference(z: torch.Tensor, codebook: torch.Tensor) -> torch.
 
 
 def vq_nearest_reference(z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
-    """(N,) int64 index of the nearest code for every row of ``z`` (N, D); ties go to the lowest index."""
+    """(N,) int64 index of the nearest code for every row of ``z`` (N, D); ties go to the lowest index.
+
+    Raises ``TypeError`` for inputs that are not torch tensors and ``ValueError`` for a non-float dtype, a
+    ``codebook`` that is not (K, D) with K, D >= 1, a ``z`` that is not (N, D) with the codebook's D, or inputs on
+    two devices (the checks of :func:`~.ops.vq_nearest`)."""
+    from .ops import _check_float  # here: ops imports this module
+
+    _check_float("z", z)
+    _check_float("codebook", codebook)
+    if codebook.ndim != 2 or codebook.shape[0] == 0 or codebook.shape[1] == 0:
+        raise ValueError(f"codebook must be (K, D) with K >= 1 and D >= 1, got shape {tuple(codebook.shape)}")
+    if z.ndim < 2 or z.shape[-1] != codebook.shape[1]:
+        raise ValueError(f"z must be (N, D={codebook.shape[1]}) (the codebook's width), got shape {tuple(z.shape)}")
+    if z.device != codebook.device:
+        raise ValueError(f"z is on {z.device} but the codebook is on {codebook.device}")
     return torch.cdist(z, codebook).argmin(dim=-1)
 
 
@@ -26,8 +38,15 @@ def attention_reference(
 
     ``mask`` is None, ``"causal"``, a :class:`~ar_course.kernels.masks.BlockCausal` or a (T_q, T_k) bool
     tensor with True where attention is allowed.
+
+    Raises as :func:`~.ops.flash_attention` does: ``TypeError`` for q, k, v that are not torch tensors or a
+    ``scale`` that is not a number, ``ValueError`` for bad shapes, dtypes, devices, masks or a ``scale`` that is not
+    a finite number > 0.
     """
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    from .ops import _check_attention, _scale  # here: ops imports this module
+
+    _check_attention(q, k, v)
+    scale = _scale(scale, q.shape[-1])
     scores = (q @ k.transpose(-2, -1)) * scale  # (B, H, T_q, T_k)
     allowed = dense_mask(mask, q.shape[-2], k.shape[-2], q.device)
     if allowed is not None:
@@ -44,12 +63,24 @@ def decode_attention_reference(
 ) -> torch.Tensor:
     """One query per head over the first ``length`` cached keys.
 
-    q (B, H, D); k_cache, v_cache (B, H, T_max, D); ``length`` an int or a (B,) tensor -> (B, H, D).
+    q (B, H, D); k_cache, v_cache (B, H, T_max, D); ``length`` an int or a (B,) integer tensor with
+    1 <= length <= T_max (a tensor's values are read: one host sync on CUDA) -> (B, H, D).
+
+    Raises as :func:`~.ops.decode_attention` does: ``TypeError`` for inputs that are not torch tensors, a
+    ``length`` neither an int nor a tensor, or a ``scale`` that is not a number; ``ValueError`` for bad shapes,
+    dtypes, devices, lengths or a ``scale`` that is not a finite number > 0.
     """
+    from .ops import _check_attention, _check_float, _check_length, _scale  # here: ops imports this module
+
+    _check_float("q", q)
+    if q.ndim != 3:
+        raise ValueError(f"q must be (B, H, D), got shape {tuple(q.shape)}")
+    _check_attention(q[:, :, None, :], k_cache, v_cache, ("k_cache", "v_cache"))
     b, _, t_max, _ = k_cache.shape
+    _check_length(length, b, t_max, q.device)
+    scale = _scale(scale, q.shape[-1])
     lengths = torch.as_tensor(length, device=q.device).expand(b)  # (B,)
     visible = torch.arange(t_max, device=q.device)[None, :] < lengths[:, None]  # (B, T_max)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     scores = (k_cache @ q[..., None]).squeeze(-1) * scale  # (B, H, T_max)
     scores = scores.masked_fill(~visible[:, None, :], float("-inf"))
     v = torch.where(visible[:, None, :, None], v_cache, 0.0)  # whatever lies past `length` is never read

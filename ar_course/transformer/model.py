@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import math
+import os
 from dataclasses import asdict, dataclass, is_dataclass, replace
 from typing import Callable, Iterator
 
@@ -142,6 +143,29 @@ def _kv_buffers(n_layer: int, shape: tuple[int, int, int, int], device: torch.de
     return k, [torch.zeros_like(b) for b in k], k[0].device
 
 
+def _check_kv_memory(n_layer: int, shape: tuple[int, int, int, int], device: torch.device | str | None,
+                     dtype: torch.dtype) -> None:
+    """``ValueError`` before any allocation when the keys and values of ``n_layer`` layers of ``shape`` cannot fit
+    in the memory of ``device`` (the machine's RAM for the CPU, the GPU's for CUDA; other devices are not
+    checked), e.g. ``n_layer=10**12``, which would otherwise allocate small buffers for ever. The sizes and the
+    device name are checked first, as :func:`_kv_buffers` checks them."""
+    for name, n in zip(("n_layer", "batch_size", "n_head", "max_len", "head_dim"), (n_layer, *shape)):
+        check_int(name, n, lo=1)
+    if not isinstance(dtype, torch.dtype):
+        return  # torch.zeros names a bad dtype itself
+    dev = get_device(device) if isinstance(device, str) else torch.device(device or torch.get_default_device())
+    if dev.type == "cpu":
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else None
+    elif dev.type == "cuda" and torch.cuda.is_available():
+        total = torch.cuda.get_device_properties(dev).total_memory
+    else:
+        total = None
+    needed = 2 * n_layer * math.prod(shape) * dtype.itemsize  # keys and values
+    if total is not None and needed > total:
+        raise ValueError(f"a KV cache of n_layer={n_layer} x {tuple(shape)} {dtype} needs {needed / 2**30:.3g} GiB, "
+                         f"more than the {total / 2**30:.3g} GiB of memory of {dev}")
+
+
 class KVCache:
     """Keys and values of every layer, preallocated: ``k[layer]`` is ``(B, H, max_len, D)``.
 
@@ -154,7 +178,8 @@ class KVCache:
         TypeError: a size that is not an integer (also ``n`` of :meth:`advance`, ``length`` of :meth:`rollback`).
         ValueError: a size ``< 1``; :meth:`append` or :meth:`advance` past ``max_len`` (:meth:`advance` also by
             ``n < 0``); :meth:`rollback` to a length outside ``[0, length]``; a device name that is not one
-            (``"gpu"``; read as :func:`~ar_course.utils.get_device` reads it).
+            (``"gpu"``; read as :func:`~ar_course.utils.get_device` reads it); buffers larger than the memory
+            of the CPU or GPU they would live on (checked before allocating: ``n_layer=10**12``).
     """
 
     def __init__(
@@ -167,6 +192,7 @@ class KVCache:
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
     ):
+        _check_kv_memory(n_layer, (batch_size, n_head, max_len, head_dim), device, dtype)
         self.k, self.v, _ = _kv_buffers(n_layer, (batch_size, n_head, max_len, head_dim), device, dtype)
         self.length = 0
 
@@ -302,10 +328,12 @@ class StaticKVCache:
 class RMSNorm(nn.Module):
     """Root-mean-square normalisation over the channel dim; ``affine=False`` for adaptive conditioning.
 
-    ``eps``: a finite number ``> 0`` (``TypeError`` / ``ValueError`` when made otherwise)."""
+    ``dim``: an integer ``>= 1``; ``eps``: a finite number ``> 0`` (``TypeError`` / ``ValueError`` when made
+    otherwise)."""
 
     def __init__(self, dim: int, eps: float = 1e-6, affine: bool = True):
         super().__init__()
+        dim = check_int("dim", dim, lo=1)
         self.eps = check_number("eps", eps, lo=0, lo_open=True)
         self.weight = nn.Parameter(torch.ones(dim)) if affine else None
 
@@ -318,14 +346,17 @@ class Rotary(nn.Module):
     """Rotary-embedding tables for sequence positions ``0 .. max_len-1`` (not saved in checkpoints).
 
     1D: position ``s`` rotates by ``s``. 2D (``grid=(rows, cols)``): the ``n_prefix`` leading tokens (the
-    class token) get angle 0; token ``p = s - n_prefix`` of the map sits at ``(p // cols, p % cols)``."""
+    class token) get angle 0; token ``p = s - n_prefix`` of the map sits at ``(p // cols, p % cols)``.
+
+    ``max_len``: an integer ``>= 1`` (``TypeError`` / ``ValueError: max_len must be an integer >= 1, got -1``
+    when made otherwise)."""
 
     def __init__(
         self, head_dim: int, max_len: int, base: float = 10000.0,
         grid: tuple[int, int] | None = None, n_prefix: int = 0,
     ):
         super().__init__()
-        s = torch.arange(max_len)
+        s = torch.arange(check_int("max_len", max_len, lo=1))
         if grid is None:
             cos, sin = ref.rope_angles(s, head_dim, base)
         else:
@@ -356,11 +387,32 @@ def _with_causal(mask: torch.Tensor | None, causal: bool, t_q: int, t_k: int, de
     return cm if mask is None else mask & cm
 
 
+def _check_attend(q: object, k: object, v: object, mask: object, causal: object, dropout_p: object) -> None:
+    """The entry checks of :func:`plain_attention`: types, dtypes and ranks only (no tensor value is read: no host
+    sync), and none inside a ``torch.compile`` trace (where the model's own checks already ran)."""
+    if torch.compiler.is_compiling():
+        return
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        what = f"{name} must be a floating-point (B, H, T, D) torch.Tensor"
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{what}, got {type(x).__name__}")
+        if not x.is_floating_point() or x.ndim != 4:
+            raise ValueError(f"{what}, got shape {tuple(x.shape)} {x.dtype}")
+    if mask is not None and not isinstance(mask, torch.Tensor):
+        raise TypeError(f"mask must be None or a bool torch.Tensor (True = may attend), got {type(mask).__name__}")
+    check_bool("causal", causal)
+    check_number("dropout_p", dropout_p, 0, 1)
+
+
 def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, causal: bool,
                    dropout_p: float = 0.0) -> torch.Tensor:
     """:data:`AttentionFn` on torch's fused ``F.scaled_dot_product_attention``. A causal pass without cached
     positions uses its ``is_causal`` flag (no mask built); a causal pass after cached ones builds the shifted
-    mask (SDPA's flag assumes the queries start at position 0)."""
+    mask (SDPA's flag assumes the queries start at position 0).
+
+    The fast path: it runs in every layer of every forward pass, so it checks nothing (about 5 us a call, 5% of a
+    batch-1 CPU decoding step); :func:`plain_attention` takes the same arguments and names a bad one.
+    """
     T, T_k = q.shape[2], k.shape[2]
     if mask is None and (not causal or T == T_k):
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=causal)
@@ -371,7 +423,15 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torc
 def plain_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, causal: bool,
                     dropout_p: float = 0.0) -> torch.Tensor:
     """:data:`AttentionFn` written out: ``softmax(q k^T / sqrt(D))`` under the mask, dropout on the weights (as
-    SDPA does), times ``v``. The reference the fused paths are tested against."""
+    SDPA does), times ``v``. The reference the fused paths are tested against.
+
+    Raises:
+        TypeError: ``q``, ``k`` or ``v`` is not a torch.Tensor, ``mask`` neither None nor a tensor, ``causal``
+            not a bool, ``dropout_p`` not a number.
+        ValueError: ``q``, ``k`` or ``v`` is not a floating-point 4-D tensor, or ``dropout_p`` lies outside
+            ``[0, 1]`` (NaN included). Only types, dtypes and ranks are checked: no tensor value is read.
+    """
+    _check_attend(q, k, v, mask, causal, dropout_p)
     mask = _with_causal(mask, causal, q.shape[2], k.shape[2], q.device)
     scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])  # (B, H, T, T_k)
     return F.dropout(ref.masked_softmax(scores, mask), dropout_p) @ v
@@ -718,7 +778,10 @@ class GPT(nn.Module):
 
     def check_room(self, T: int, max_new_tokens: int) -> None:
         """``ValueError`` unless a prompt of ``T`` tokens (the class token aside) can start a sequence, and it and
-        ``max_new_tokens`` new ones fit in ``block_size`` (the last new token is never fed)."""
+        ``max_new_tokens`` new ones fit in ``block_size`` (the last new token is never fed). ``T`` and
+        ``max_new_tokens`` are integers ``>= 0`` (``TypeError`` / ``ValueError`` naming them otherwise)."""
+        T = check_int("T", T, lo=0)
+        max_new_tokens = check_int("max_new_tokens", max_new_tokens, lo=0)
         n_prefix = self.config.n_prefix
         if n_prefix + T == 0:
             raise ValueError("the prompt has no tokens: an unconditional model needs at least one")

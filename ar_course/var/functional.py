@@ -123,7 +123,13 @@ def embed_levels_positions(
 
     ``x``: ``(B, T, C)``; ``level_table``: ``(S, C)``, one row per scale; ``pos_table``: ``(L, C)``, one row per
     sequence position. Returns ``(B, T, C)``. ``start`` lets a generation step embed one scale of a longer
-    sequence."""
+    sequence.
+
+    Raises ``TypeError`` when ``x``, ``level_table`` or ``pos_table`` is not a torch.Tensor, ``ValueError`` for
+    shapes that do not fit."""
+    for name, t in (("x", x), ("level_table", level_table), ("pos_table", pos_table)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if x.ndim != 3:
         raise ValueError(f"x must be (B, T, C), got {tuple(x.shape)}")
     lvl = level_ids(scales, x.device)  # (L,)
@@ -241,8 +247,13 @@ def scale_masks(mask: torch.Tensor, scales: Sequence[int]) -> list[torch.Tensor]
     """A known-region mask at every scale from one at the finest scale.
 
     ``mask``: ``(B, H, H)`` bool, ``True`` = known, ``H = scales[-1]``. A coarse token is known when at least
-    half of the finest-scale area it covers is known. Returns one ``(B, s_k, s_k)`` bool map per scale."""
+    half of the finest-scale area it covers is known. Returns one ``(B, s_k, s_k)`` bool map per scale.
+
+    Raises ``TypeError`` when ``mask`` is not a torch.Tensor, ``ValueError`` when it is not ``(B, H, H)`` bool
+    (and as ``_check_scales`` for bad ``scales``)."""
     scales = _check_scales(scales)
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"mask must be a (B, {scales[-1]}, {scales[-1]}) bool torch.Tensor, got {type(mask).__name__}")
     if mask.ndim != 3 or mask.dtype != torch.bool or tuple(mask.shape[1:]) != (scales[-1], scales[-1]):
         raise ValueError(f"mask must be (B, {scales[-1]}, {scales[-1]}) bool, got {tuple(mask.shape)} {mask.dtype}")
     m = mask[:, None].float()  # (B, 1, H, H)
