@@ -239,6 +239,9 @@ _ATTN_MSG = r"must be a floating-point \(B, H, T, D\) torch.Tensor, got"
     (lambda: KVCache(10**12, 1, 1, 4, 2), ValueError,
      r"^a KV cache of n_layer=1000000000000 x \(1, 1, 4, 2\) torch.float32 needs .+ GiB, more than the .+ GiB of "
      r"memory of cpu$"),
+    (lambda: M.StaticKVCache(10**12, 1, 1, 4, 2), ValueError,
+     r"^a KV cache of n_layer=1000000000000 x \(1, 1, 4, 2\) torch.float32 needs .+ GiB, more than the .+ GiB of "
+     r"memory of cpu$"),
     (lambda: normalise_text(None), TypeError, r"^text must be a str, got NoneType$"),
     (lambda: CharTokenizer(None), TypeError, r"^chars must be a str or an iterable of str, got NoneType$"),
     (lambda: CharTokenizer([1, 2]), TypeError, r"^chars must be a str or an iterable of str, got an item 1 \(int\)$"),

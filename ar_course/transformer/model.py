@@ -134,36 +134,31 @@ def _kv_buffers(n_layer: int, shape: tuple[int, int, int, int], device: torch.de
     """Zeroed key and value buffers of ``shape`` ``(B, H, max_len, D)``, one of each per layer, and their device
     (every size an integer >= 1: ``TypeError`` / ``ValueError`` naming it otherwise; a device name is read as
     :func:`~ar_course.utils.get_device` reads it: ``ValueError`` for ``"gpu"``, ``RuntimeError`` for ``"cuda"``
-    without a GPU)."""
+    without a GPU; ``ValueError`` before any allocation for buffers larger than the memory of the CPU or GPU
+    they would live on, e.g. ``n_layer=10**12``, which would otherwise allocate small buffers for ever)."""
     for name, n in zip(("n_layer", "batch_size", "n_head", "max_len", "head_dim"), (n_layer, *shape)):
         check_int(name, n, lo=1)
     if isinstance(device, str):
         device = get_device(device)
+    if isinstance(dtype, torch.dtype):  # else torch.zeros names the bad dtype itself
+        _check_kv_memory(2 * n_layer * math.prod(shape) * dtype.itemsize, f"n_layer={n_layer} x {tuple(shape)} "
+                         f"{dtype}", torch.device(device or torch.get_default_device()))
     k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
     return k, [torch.zeros_like(b) for b in k], k[0].device
 
 
-def _check_kv_memory(n_layer: int, shape: tuple[int, int, int, int], device: torch.device | str | None,
-                     dtype: torch.dtype) -> None:
-    """``ValueError`` before any allocation when the keys and values of ``n_layer`` layers of ``shape`` cannot fit
-    in the memory of ``device`` (the machine's RAM for the CPU, the GPU's for CUDA; other devices are not
-    checked), e.g. ``n_layer=10**12``, which would otherwise allocate small buffers for ever. The sizes and the
-    device name are checked first, as :func:`_kv_buffers` checks them."""
-    for name, n in zip(("n_layer", "batch_size", "n_head", "max_len", "head_dim"), (n_layer, *shape)):
-        check_int(name, n, lo=1)
-    if not isinstance(dtype, torch.dtype):
-        return  # torch.zeros names a bad dtype itself
-    dev = get_device(device) if isinstance(device, str) else torch.device(device or torch.get_default_device())
-    if dev.type == "cpu":
+def _check_kv_memory(needed: int, what: str, device: torch.device) -> None:
+    """``ValueError`` when a cache of ``needed`` bytes cannot fit in the memory of ``device`` (the machine's RAM
+    for the CPU, the GPU's for CUDA; other devices are not checked)."""
+    if device.type == "cpu":
         total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else None
-    elif dev.type == "cuda" and torch.cuda.is_available():
-        total = torch.cuda.get_device_properties(dev).total_memory
+    elif device.type == "cuda" and torch.cuda.is_available():
+        total = torch.cuda.get_device_properties(device).total_memory
     else:
         total = None
-    needed = 2 * n_layer * math.prod(shape) * dtype.itemsize  # keys and values
     if total is not None and needed > total:
-        raise ValueError(f"a KV cache of n_layer={n_layer} x {tuple(shape)} {dtype} needs {needed / 2**30:.3g} GiB, "
-                         f"more than the {total / 2**30:.3g} GiB of memory of {dev}")
+        raise ValueError(f"a KV cache of {what} needs {needed / 2**30:.3g} GiB, more than the {total / 2**30:.3g} "
+                         f"GiB of memory of {device}")
 
 
 class KVCache:
@@ -192,7 +187,6 @@ class KVCache:
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
     ):
-        _check_kv_memory(n_layer, (batch_size, n_head, max_len, head_dim), device, dtype)
         self.k, self.v, _ = _kv_buffers(n_layer, (batch_size, n_head, max_len, head_dim), device, dtype)
         self.length = 0
 
@@ -251,7 +245,8 @@ class StaticKVCache:
             :meth:`rollback`).
         ValueError: a size ``< 1``; :meth:`advance` by ``n`` outside ``[0, max_len]``; :meth:`rollback` to a
             Python ``length`` outside ``[0, max_len]``. Neither compares with ``pos`` (that would read the device:
-            :meth:`GPT.forward` checks that the new positions fit). A device name as :class:`KVCache`.
+            :meth:`GPT.forward` checks that the new positions fit). A device name, and buffers larger than the
+            device's memory, as :class:`KVCache`.
     """
 
     def __init__(
