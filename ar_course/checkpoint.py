@@ -267,10 +267,14 @@ def resolve(name_or_path: str | Path) -> Path:
 
     Raises :class:`CheckpointError` when neither exists: ``PATH is a folder`` for a folder, ``no checkpoint at
     PATH`` for something that looks like a path (a :class:`Path`, a folder separator, a suffix), else ``unknown
-    checkpoint name ...``; ``TypeError`` for something that is not a str or path, ``ValueError`` for ``""``."""
+    checkpoint name ...``; and when a shipped name is also a file in the current folder (``./NAME`` means the
+    file); ``TypeError`` for something that is not a str or path, ``ValueError`` for ``""``."""
     name_or_path = _path_arg("name_or_path", name_or_path, keep_str=True)
     text = str(name_or_path)
     if isinstance(name_or_path, str) and _is_shipped_name(text):
+        if Path(text).exists():  # a file of yours named like a shipped checkpoint: say which one is meant
+            raise CheckpointError(f"{text!r} is both a shipped checkpoint name and a file in {Path.cwd()}: write "
+                                  f"./{text} (or its full path) for the file")
         return ASSETS / f"{ALIASES.get(text, text)}.safetensors"
     path = Path(name_or_path)
     if path.is_file():

@@ -762,6 +762,9 @@ def _autocast(device: torch.device, precision: str) -> Iterator[None]:
     """Mixed precision for the matmuls (weights, KV caches and sampling stay float32); ``"float32"`` turns off any
     autocast the caller has entered, so the precision asked for is the one that runs (and is reported)."""
     if precision == "float32":
+        if not torch.amp.is_autocast_available(device.type):  # nothing to turn off (MPS before torch 2.5)
+            yield
+            return
         with torch.autocast(device.type, enabled=False):
             yield
         return

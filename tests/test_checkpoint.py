@@ -376,3 +376,15 @@ def test_config_and_extra_metadata_must_be_json_objects(tmp_path, key, value):
             call(path)
         assert str(info.value) == f"{path} is not a valid ar_course checkpoint: its {key!r} metadata must be a " \
                                   f"JSON object, got a {type(json.loads(value)).__name__}"
+
+
+def test_a_file_named_like_a_shipped_checkpoint_is_not_taken_for_it_silently(tmp_path, monkeypatch):
+    """A run saved with --out ar_mnist (no suffix) and loaded by that string used to give the shipped model: the
+    name is now refused as ambiguous, and ./ar_mnist is the file."""
+    monkeypatch.chdir(tmp_path)
+    model = GPT(GPTConfig(vocab_size=8, block_size=8, n_layer=1, n_head=2, n_embd=8))
+    save_checkpoint(tmp_path / "ar_mnist", model, model.config, kind="lm", vocab="abcdefgh")
+    with pytest.raises(CheckpointError, match=r"^'ar_mnist' is both a shipped checkpoint name and a file in .*: "
+                                              r"write \./ar_mnist"):
+        load("ar_mnist")
+    assert load("./ar_mnist").config.vocab_size == 8

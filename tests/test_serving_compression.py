@@ -185,3 +185,12 @@ def test_minicache_nll_equals_plain_when_no_pair_is_merged_and_differs_when_one_
     assert kv_bytes_per_token(model.config, "minicache", 32, merge_from=9) == full
     D, f = model.config.head_dim, 2
     assert full - kv_bytes_per_token(model.config, "minicache", 32, merge_from=1) == 2 * 2 * (2 * D - (D + 2)) * f
+
+
+def test_heldout_nll_takes_a_compiled_model():
+    """The causal/unconditional check looks through torch.compile's wrapper (it refused an OptimizedModule)."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=11, block_size=16, n_layer=1, n_head=2, n_embd=16)).eval()
+    rows = torch.randint(0, 11, (1, 9), generator=torch.Generator().manual_seed(0))
+    compiled = torch.compile(model, backend="eager")
+    assert heldout_nll(compiled, rows) == pytest.approx(heldout_nll(model, rows), rel=1e-6)

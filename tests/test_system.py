@@ -419,6 +419,15 @@ def test_float32_precision_runs_in_float32_under_the_callers_autocast(gen):
     torch.testing.assert_close(inside.images, plain.images, atol=0, rtol=0)
 
 
+def test_float32_precision_runs_where_torch_has_no_autocast(gen, monkeypatch):
+    """On a device without autocast (MPS before torch 2.5) float32 enters none: torch.autocast(..., enabled=False)
+    raises there before it reads `enabled`."""
+    monkeypatch.setattr(torch.amp, "is_autocast_available", lambda device_type: False)
+    monkeypatch.setattr(torch, "autocast", None)  # any use of it now fails
+    out = gen.generate([0], method="var", precision="float32", seed=0)
+    assert out.stats.precision == "float32" and out.images.shape == (1, 1, 32, 32)
+
+
 def test_torch_attention_leaves_the_kernels_package_unimported():
     """kernels="torch" never imports ar_course.kernels, which sets the simulators' environment variables (seen by
     every process started afterwards) on a machine without a GPU."""

@@ -434,7 +434,7 @@ def heldout_nll(model: GPT, windows: torch.Tensor, attention: CompressedAttentio
     a non-empty ``(N, T+1)`` tensor with ``T >= 1``."""
     from ar_course.serving.paged import check_text_model  # paged imports this module
 
-    check_text_model(model)
+    check_text_model(getattr(model, "_orig_mod", model))  # a torch.compile'd GPT is checked as its model
     if not isinstance(windows, torch.Tensor):
         raise TypeError(f"windows must be a (N, T+1) tensor of token ids, got {type(windows).__name__}")
     if windows.ndim != 2 or windows.shape[0] == 0 or windows.shape[1] < 2:
