@@ -123,16 +123,18 @@ class Classifier(nn.Module):
         return self.head(self.features(images))
 
 
-def _check_images(images: torch.Tensor, channels: int) -> None:
+def _check_images(images: torch.Tensor, channels: int, name: str = "images") -> None:
+    """``TypeError`` / ``ValueError`` naming ``name`` unless ``images`` is a float ``(N, channels, 32 or 28, ...)``
+    tensor with ``N >= 1`` (values not read)."""
     if not isinstance(images, torch.Tensor):
-        raise TypeError(f"images must be a floating-point tensor (N, C, H, W) with values in [0, 1], got "
+        raise TypeError(f"{name} must be a floating-point tensor (N, C, H, W) with values in [0, 1], got "
                         f"{type(images).__name__}")
     if not images.is_floating_point():
-        raise ValueError(f"images must be a floating-point tensor (N, C, H, W) with values in [0, 1], got "
+        raise ValueError(f"{name} must be a floating-point tensor (N, C, H, W) with values in [0, 1], got "
                          f"{images.dtype} (divide uint8 images by 255)")
     if (images.ndim != 4 or images.shape[0] == 0 or images.shape[1] != channels
             or tuple(images.shape[2:]) not in ((28, 28), (32, 32))):
-        raise ValueError(f"expected images of shape (N, {channels}, 32, 32) or (N, {channels}, 28, 28) with "
+        raise ValueError(f"expected {name} of shape (N, {channels}, 32, 32) or (N, {channels}, 28, 28) with "
                          f"N >= 1, got {tuple(images.shape)}")
 
 
@@ -328,8 +330,10 @@ def frechet_distance(images_a: torch.Tensor, images_b: torch.Tensor, dataset: st
 
     Raises ``ValueError`` for a set of fewer than 2 images (a covariance needs two), and as
     :func:`classifier_features` for images it refuses."""
+    channels, _ = _check_dataset(dataset)
     for name, images in (("images_a", images_a), ("images_b", images_b)):
-        if isinstance(images, torch.Tensor) and images.ndim == 4 and images.shape[0] < 2:
+        _check_images(images, channels, name)
+        if images.shape[0] < 2:
             raise ValueError(f"{name} must hold at least 2 images (a covariance needs two), got {images.shape[0]}")
     return frechet_distance_from_features(classifier_features(images_a, dataset),
                                           classifier_features(images_b, dataset))

@@ -336,6 +336,7 @@ def cfg_mix(cond_logits: torch.Tensor, uncond_logits: torch.Tensor, w: float) ->
     _check_shape(uncond_logits, "uncond_logits")
     w = check_number("w", w)
     if cond_logits.shape != uncond_logits.shape:
-        raise ValueError(f"shapes differ: {tuple(cond_logits.shape)} vs {tuple(uncond_logits.shape)}")
+        raise ValueError(f"cond_logits and uncond_logits must have one shape, got {tuple(cond_logits.shape)} and "
+                         f"{tuple(uncond_logits.shape)}")
     dtype = torch.promote_types(torch.promote_types(cond_logits.dtype, uncond_logits.dtype), torch.float32)
     return (1 + w) * cond_logits.to(dtype) - w * uncond_logits.to(dtype)

@@ -284,3 +284,11 @@ def test_generated_class_accuracy_asks_for_each_class_in_turn():
     accuracy, images = metrics.generated_class_accuracy(generate, 10, 3)
     assert torch.equal(asked[0], torch.arange(10).repeat_interleave(3)) and images.shape == (30, 1, 32, 32)
     assert accuracy == metrics.class_accuracy(images, asked[0])
+
+
+def test_frechet_distance_names_the_set_that_is_wrong():
+    good = torch.rand(4, 1, 32, 32)
+    with pytest.raises(ValueError, match=r"^expected images_b of shape \(N, 1, 32, 32\) .*got \(4, 3, 32, 32\)$"):
+        metrics.frechet_distance(good, torch.rand(4, 3, 32, 32))
+    with pytest.raises(TypeError, match="^images_a must be a floating-point tensor .*got ndarray$"):
+        metrics.frechet_distance(good.numpy(), good)

@@ -167,7 +167,8 @@ def test_cfg_mix_limits():
     assert torch.allclose(sampling.cfg_mix(cond, uncond, -1.0), uncond, atol=1e-6)
     assert torch.allclose(sampling.cfg_mix(cond, uncond, 2.0), cond + 2 * (cond - uncond), atol=1e-6)
     assert torch.allclose(sampling.cfg_mix(cond, uncond, 2.0), uncond + 3 * (cond - uncond), atol=1e-5)
-    with pytest.raises(ValueError, match="shapes"):
+    with pytest.raises(ValueError, match=r"^cond_logits and uncond_logits must have one shape, "
+                                         r"got \(3, 10\) and \(3, 5\)$"):
         sampling.cfg_mix(cond, uncond[:, :5], 2.0)
 
 
