@@ -312,6 +312,19 @@ def _check_float(name: str, x: torch.Tensor) -> None:
         raise ValueError(f"{name} must be a floating-point torch.Tensor, got {x.dtype}")
 
 
+def _check_vq(z: torch.Tensor, codebook: torch.Tensor) -> None:
+    """The input checks of :func:`vq_nearest` and its reference: float tensors on one device, ``codebook``
+    ``(K, D)`` with ``K, D >= 1``, ``z`` ``(..., D)``."""
+    _check_float("z", z)
+    _check_float("codebook", codebook)
+    if codebook.ndim != 2 or codebook.shape[0] == 0 or codebook.shape[1] == 0:
+        raise ValueError(f"codebook must be (K, D) with K >= 1 and D >= 1, got shape {tuple(codebook.shape)}")
+    if z.ndim < 1 or z.shape[-1] != codebook.shape[1]:
+        raise ValueError(f"z must end in D={codebook.shape[1]} (the codebook's width), got shape {tuple(z.shape)}")
+    if z.device != codebook.device:
+        raise ValueError(f"z is on {z.device} but the codebook is on {codebook.device}")
+
+
 def vq_nearest(z: torch.Tensor, codebook: torch.Tensor, backend: str = "auto") -> torch.Tensor:
     """Index of the nearest code (squared Euclidean distance) for every vector; ties go to the lowest index.
 
@@ -329,14 +342,7 @@ def vq_nearest(z: torch.Tensor, codebook: torch.Tensor, backend: str = "auto") -
     Raises ``TypeError`` for inputs that are not torch tensors, ``ValueError`` for bad dtypes, shapes or
     devices, and ``RuntimeError`` for a forced ``backend`` that cannot run here (:func:`select_backend`).
     """
-    _check_float("z", z)
-    _check_float("codebook", codebook)
-    if codebook.ndim != 2 or codebook.shape[0] == 0 or codebook.shape[1] == 0:
-        raise ValueError(f"codebook must be (K, D) with K >= 1 and D >= 1, got shape {tuple(codebook.shape)}")
-    if z.ndim < 1 or z.shape[-1] != codebook.shape[1]:
-        raise ValueError(f"z must end in D={codebook.shape[1]} (the codebook's width), got shape {tuple(z.shape)}")
-    if z.device != codebook.device:
-        raise ValueError(f"z is on {z.device} but the codebook is on {codebook.device}")
+    _check_vq(z, codebook)
     flat = z.reshape(-1, z.shape[-1])  # (N, D)
     large = flat.shape[0] * codebook.shape[0] >= CPU_VQ_MIN_PAIRS
     chosen = select_backend("vq_nearest", z.device, backend, large)

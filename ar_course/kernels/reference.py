@@ -13,22 +13,16 @@ def pairwise_sqdist_reference(z: torch.Tensor, codebook: torch.Tensor) -> torch.
 
 
 def vq_nearest_reference(z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
-    """(N,) int64 index of the nearest code for every row of ``z`` (N, D); ties go to the lowest index.
+    """``(...)`` int64 index of the nearest code for every vector of ``z`` ``(..., D)``; ties go to the lowest index.
 
     Raises ``TypeError`` for inputs that are not torch tensors and ``ValueError`` for a non-float dtype, a
-    ``codebook`` that is not (K, D) with K, D >= 1, a ``z`` that is not (N, D) with the codebook's D, or inputs on
+    ``codebook`` that is not (K, D) with K, D >= 1, a ``z`` that does not end in the codebook's D, or inputs on
     two devices (the checks of :func:`~.ops.vq_nearest`)."""
-    from .ops import _check_float  # here: ops imports this module
+    from .ops import _check_vq  # here: ops imports this module
 
-    _check_float("z", z)
-    _check_float("codebook", codebook)
-    if codebook.ndim != 2 or codebook.shape[0] == 0 or codebook.shape[1] == 0:
-        raise ValueError(f"codebook must be (K, D) with K >= 1 and D >= 1, got shape {tuple(codebook.shape)}")
-    if z.ndim < 2 or z.shape[-1] != codebook.shape[1]:
-        raise ValueError(f"z must be (N, D={codebook.shape[1]}) (the codebook's width), got shape {tuple(z.shape)}")
-    if z.device != codebook.device:
-        raise ValueError(f"z is on {z.device} but the codebook is on {codebook.device}")
-    return torch.cdist(z, codebook).argmin(dim=-1)
+    _check_vq(z, codebook)
+    flat = z.reshape(-1, z.shape[-1])  # (N, D)
+    return torch.cdist(flat, codebook).argmin(dim=-1).reshape(z.shape[:-1])
 
 
 def attention_reference(
