@@ -272,7 +272,7 @@ def resolve(name_or_path: str | Path) -> Path:
     name_or_path = _path_arg("name_or_path", name_or_path, keep_str=True)
     text = str(name_or_path)
     if isinstance(name_or_path, str) and _is_shipped_name(text):
-        if Path(text).exists():  # a file of yours named like a shipped checkpoint: say which one is meant
+        if Path(text).is_file():  # a file of yours named like a shipped checkpoint: say which one is meant
             raise CheckpointError(f"{text!r} is both a shipped checkpoint name and a file in {Path.cwd()}: write "
                                   f"./{text} (or its full path) for the file")
         return ASSETS / f"{ALIASES.get(text, text)}.safetensors"

@@ -388,3 +388,10 @@ def test_a_file_named_like_a_shipped_checkpoint_is_not_taken_for_it_silently(tmp
                                               r"write \./ar_mnist"):
         load("ar_mnist")
     assert load("./ar_mnist").config.vocab_size == 8
+
+
+def test_a_folder_named_like_a_shipped_checkpoint_does_not_shadow_it(tmp_path, monkeypatch):
+    """Run from ar_course/, the package folder diffusion_lm/ is no checkpoint: the shipped name still loads."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "diffusion_lm").mkdir()
+    assert checkpoint.resolve("diffusion_lm") == checkpoint.ASSETS / "diffusion_lm.safetensors"
