@@ -49,7 +49,7 @@ from .calibrate import Calibrator, default_cache_path
 from .launch import pow2_at_least
 from .masks import MaskSpec, PrefixMask, dense_mask, prefix_mask, values_readable
 from .precision import compute_dtype
-from .reference import vq_nearest_reference
+from .reference import _nearest_rows
 
 BACKENDS = ("auto", "torch", "numba", "numba_cpu", "triton")
 OPS = ("vq_nearest", "flash_attention", "decode_attention", "softmax")
@@ -350,7 +350,7 @@ def vq_nearest(z: torch.Tensor, codebook: torch.Tensor, backend: str = "auto") -
         "numba_cpu": lambda: _module("cpu_vq").vq_nearest_cpu(flat, codebook),
         "numba": lambda: _module("cuda_vq").vq_nearest_numba(flat, codebook),
         "triton": lambda: _triton().vq_nearest_triton(flat, codebook),
-    }, lambda: vq_nearest_reference(flat.float(), codebook.float()),
+    }, lambda: _nearest_rows(flat.float(), codebook.float()),
         (pow2_at_least(flat.shape[0]), pow2_at_least(codebook.shape[0]), codebook.shape[1]))
     return idx.reshape(z.shape[:-1])
 

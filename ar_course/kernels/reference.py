@@ -21,8 +21,13 @@ def vq_nearest_reference(z: torch.Tensor, codebook: torch.Tensor) -> torch.Tenso
     from .ops import _check_vq  # here: ops imports this module
 
     _check_vq(z, codebook)
-    flat = z.reshape(-1, z.shape[-1])  # (N, D)
-    return torch.cdist(flat, codebook).argmin(dim=-1).reshape(z.shape[:-1])
+    return _nearest_rows(z.reshape(-1, z.shape[-1]), codebook).reshape(z.shape[:-1])  # (N, D) -> (N,) -> (...)
+
+
+def _nearest_rows(flat: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    """:func:`vq_nearest_reference` of checked rows ``flat`` ``(N, D)``: ``(N,)`` (what ``vq_nearest``'s torch
+    path runs, having checked its input once)."""
+    return torch.cdist(flat, codebook).argmin(dim=-1)
 
 
 def attention_reference(

@@ -44,20 +44,23 @@ QUANT_BITS = {"int8": 8, "int4": 4, "int2": 2}
 POOL_BITS = {"int8_pool": 8, "int4_pool": 4}
 
 
-def _check_tensor(name: str, x: object, shape: str = "", ndim: int | None = None, *, floating: bool = False
-                  ) -> torch.Tensor:
-    """``x`` if it is a tensor of ``ndim`` dimensions (None: any) of real numbers: floating-point when
-    ``floating``, else integer or floating-point (bool and complex are refused). ``shape`` is for the message.
+def _check_tensor(name: str, x: object, shape: str = "", ndim: int | None = None, *, kind: str = "real",
+                  min_ndim: int = 0) -> torch.Tensor:
+    """``x`` if it is a tensor of ``ndim`` dimensions (None: any, at least ``min_ndim``) of ``kind`` numbers:
+    ``"floating"`` (floating-point), ``"integer"`` (not bool) or ``"real"`` (either; bool and complex are refused).
+    ``shape`` is for the message.
 
     Raises:
         TypeError: ``x`` is not a tensor (``k must be a (B, H, T, D) ... tensor, got NoneType``).
         ValueError: its dtype or number of dimensions is wrong (``..., got (2, 8) torch.bool``)."""
-    kind = "floating-point" if floating else "real (integer or floating-point)"
-    what = f"{name} must be a {shape + ' ' if shape else ''}{kind} tensor"
+    kinds = {"floating": "floating-point", "integer": "integer", "real": "real (integer or floating-point)"}
+    what = f"{name} must be a {shape + ' ' if shape else ''}{kinds[kind]} tensor"
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{what}, got {type(x).__name__}")
-    wrong_dtype = not x.is_floating_point() if floating else (x.dtype == torch.bool or x.is_complex())
-    if wrong_dtype or (ndim is not None and x.ndim != ndim):
+    integer = not (x.is_floating_point() or x.is_complex() or x.dtype == torch.bool)
+    wrong_dtype = {"floating": not x.is_floating_point(), "integer": not integer,
+                   "real": not (integer or x.is_floating_point())}[kind]
+    if wrong_dtype or (ndim is not None and x.ndim != ndim) or x.ndim < min_ndim:
         raise ValueError(f"{what}, got {tuple(x.shape)} {x.dtype}")
     return x
 
@@ -132,9 +135,7 @@ def pool_quantize(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tenso
     Raises:
         TypeError: ``x`` is not a tensor or ``bits`` is not an integer.
         ValueError: ``x`` is a 0-d, bool or complex tensor, ``bits`` is not 4 or 8, or ``D`` is odd with 4 bits."""
-    x = _check_tensor("x", x, "(..., D)")
-    if x.ndim == 0:
-        raise ValueError(f"x must be a (..., D) real (integer or floating-point) tensor, got () {x.dtype}")
+    _check_tensor("x", x, "(..., D)", min_ndim=1)
     bits = check_int("bits", bits)
     if bits not in (4, 8):
         raise ValueError(f"the pool stores 8- or 4-bit codes, got bits={bits!r}")
@@ -152,12 +153,8 @@ def pool_dequantize(codes: torch.Tensor, stats: torch.Tensor, bits: int, dtype: 
             ``torch.dtype``.
         ValueError: ``codes`` is not an integer tensor of at least one dimension, ``stats`` is not a floating-point
             tensor of shape ``codes.shape[:-1] + (2,)``, or ``bits`` is not 4 or 8."""
-    what = "codes must be a (..., D or D // 2) integer tensor"
-    if not isinstance(codes, torch.Tensor):
-        raise TypeError(f"{what}, got {type(codes).__name__}")
-    if codes.ndim == 0 or codes.is_floating_point() or codes.is_complex() or codes.dtype == torch.bool:
-        raise ValueError(f"{what}, got {tuple(codes.shape)} {codes.dtype}")
-    _check_tensor("stats", stats, "(..., 2)", floating=True)
+    _check_tensor("codes", codes, "(..., D or D // 2)", kind="integer", min_ndim=1)
+    _check_tensor("stats", stats, "(..., 2)", kind="floating")
     if stats.shape != (*codes.shape[:-1], 2):
         raise ValueError(f"stats must be a (..., 2) tensor with codes' leading dimensions {tuple(codes.shape[:-1])}, "
                          f"got shape {tuple(stats.shape)}")
@@ -226,7 +223,7 @@ def h2o_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, budget: int
         TypeError: ``q``, ``k`` or ``v`` is not a tensor, or ``budget`` / ``recent`` is not an integer.
         ValueError: ``q`` is not a 4-D floating-point tensor, ``k`` or ``v`` is not of ``q``'s shape and dtype, or
             not ``0 <= recent < budget``."""
-    _check_tensor("q", q, "(B, H, T, D)", 4, floating=True)
+    _check_tensor("q", q, "(B, H, T, D)", 4, kind="floating")
     for name, x in (("k", k), ("v", v)):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{name} must be a (B, H, T, D) tensor like q, got {type(x).__name__}")
@@ -361,9 +358,7 @@ def merge_pair(xa: torch.Tensor, xb: torch.Tensor) -> tuple[torch.Tensor, torch.
         TypeError: ``xa`` or ``xb`` is not a tensor.
         ValueError: either is a 0-d or not a floating-point tensor, or their shapes differ."""
     for name, x in (("xa", xa), ("xb", xb)):
-        _check_tensor(name, x, "(..., D)", floating=True)
-        if x.ndim == 0:
-            raise ValueError(f"{name} must be a (..., D) floating-point tensor, got () {x.dtype}")
+        _check_tensor(name, x, "(..., D)", kind="floating", min_ndim=1)
     if xa.shape != xb.shape:
         raise ValueError(f"xa and xb must have the same shape, got {tuple(xa.shape)} and {tuple(xb.shape)}")
     direction = F.normalize(F.normalize(xa, dim=-1) + F.normalize(xb, dim=-1), dim=-1)  # (..., D)

@@ -26,7 +26,7 @@ from typing import Sequence
 
 import torch
 
-from ar_course.serving.compression import merge_pair, merged_pairs, pool_dequantize, pool_quantize
+from ar_course.serving.compression import _check_tensor, merge_pair, merged_pairs, pool_dequantize, pool_quantize
 from ar_course.transformer.model import GPT, check_causal
 from ar_course.utils import check_ids, check_int
 
@@ -78,12 +78,7 @@ def slot_mapping(block_table: torch.Tensor, positions: torch.Tensor, block_size:
             outside ``[0, n_blocks * block_size)``, the positions the table holds (one read of the positions' values:
             :meth:`PagedKVCache.slots_at`, the engine's per-step path, checks its own and skips these checks)."""
     block_size = check_int("block_size", block_size, lo=1)
-    what = "block_table must be a (n_blocks,) integer tensor"
-    if not isinstance(block_table, torch.Tensor):
-        raise TypeError(f"{what}, got {type(block_table).__name__}")
-    if block_table.ndim != 1 or block_table.is_floating_point() or block_table.is_complex() \
-            or block_table.dtype == torch.bool:
-        raise ValueError(f"{what}, got {tuple(block_table.shape)} {block_table.dtype}")
+    _check_tensor("block_table", block_table, "(n_blocks,)", 1, kind="integer")
     check_ids("positions", positions, block_table.numel() * block_size, ("n",), dtype=None, allow_empty=True)
     return _slot_mapping(block_table, positions, block_size)
 

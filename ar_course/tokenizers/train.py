@@ -35,7 +35,7 @@ from ar_course.train import (
 )
 from ar_course.utils import check_int, get_device, kept_random_state, seed_everything
 
-DATASETS = ("mnist", "shapes")
+DATASETS = tuple(metrics.DATASETS)  # the image sets dataset_split loads: ("mnist", "shapes")
 LFQ_DEFAULT_DIM = 8
 """``--latent-dim`` of an LFQ tokenizer unless given: 2^8 = 256 codes, the size of the VQ codebook."""
 KL_DEFAULT_DIM = 4
