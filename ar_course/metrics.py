@@ -227,7 +227,11 @@ def generated_class_accuracy(generate: Callable[[torch.Tensor], torch.Tensor], n
                              dataset: str = "mnist") -> tuple[float, torch.Tensor]:
     """How often the classifier of ``dataset`` recognises the class a model was asked for: ``generate(classes)``
     makes images ``(N, C, 32, 32)`` for ``classes`` ``(N,)``, ``per_class`` of each of the ``n_classes`` in turn.
-    Returns ``(accuracy, images on the CPU)``; raises as :func:`class_accuracy`."""
+    Returns ``(accuracy, images on the CPU)``; ``TypeError`` / ``ValueError`` for a ``generate`` that is not
+    callable or counts that are not integers ``>= 1``, and as :func:`class_accuracy`."""
+    if not callable(generate):
+        raise TypeError(f"generate must be a function of the classes, got {type(generate).__name__}")
+    n_classes, per_class = check_int("n_classes", n_classes, lo=1), check_int("per_class", per_class, lo=1)
     classes = torch.arange(n_classes).repeat_interleave(per_class)  # (n_classes * per_class,)
     images = generate(classes).cpu()  # (N, C, 32, 32)
     return class_accuracy(images, classes, dataset), images

@@ -292,3 +292,13 @@ def test_frechet_distance_names_the_set_that_is_wrong():
         metrics.frechet_distance(good, torch.rand(4, 3, 32, 32))
     with pytest.raises(TypeError, match="^images_a must be a floating-point tensor .*got ndarray$"):
         metrics.frechet_distance(good.numpy(), good)
+
+
+@pytest.mark.parametrize("args, error, match", [
+    (("not a function", 10, 3), TypeError, "^generate must be a function of the classes, got str$"),
+    ((lambda c: c, 0, 3), ValueError, "^n_classes must be an integer >= 1, got 0$"),
+    ((lambda c: c, 10, 2.5), TypeError, r"^per_class must be an integer >= 1, got 2.5 \(float\)$"),
+])
+def test_generated_class_accuracy_refuses_bad_arguments_in_one_line(args, error, match):
+    with pytest.raises(error, match=match):
+        metrics.generated_class_accuracy(*args)
