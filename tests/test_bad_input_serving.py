@@ -128,6 +128,8 @@ def _paged_args(**changes) -> dict:
     ({"k_pool": torch.randn(NUM_BLOCKS * BS, H, D)}, ValueError, "k_pool must be"),
     ({"lengths": torch.tensor([3, 4, 1])}, ValueError, r"lengths must be \(2,\)"),
     ({"lengths": [3, 4]}, TypeError, "lengths must be a tensor"),
+    ({"lengths": torch.tensor([2.5, 4.0])}, ValueError, "lengths must be an integer tensor"),
+    ({"lengths": torch.tensor([True, True])}, ValueError, "lengths must be an integer tensor"),
 ])
 def test_paged_attention_checks_tables_and_shapes(changes: dict, error: type, match: str):
     with pytest.raises(error, match=match):

@@ -40,3 +40,5 @@ def test_triton_paged_attention_refuses_bad_shapes():
     pool = torch.randn(3, 4, 1, 4)
     with pytest.raises(ValueError, match="length"):
         paged_attention_triton(q, pool, pool, torch.zeros(1, 2, dtype=torch.long), torch.tensor([9]))
+    with pytest.raises(ValueError, match="lengths must be an integer tensor"):
+        paged_attention_triton(q, pool, pool, torch.zeros(1, 2, dtype=torch.long), torch.tensor([2.5]))

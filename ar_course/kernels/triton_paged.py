@@ -63,6 +63,8 @@ def paged_attention_triton(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.
         raise ValueError(f"pools {tuple(k_pool.shape)}, {tuple(v_pool.shape)} do not match q {tuple(q.shape)}")
     if block_tables.shape[0] != B or lengths.shape != (B,):
         raise ValueError(f"block_tables {tuple(block_tables.shape)} and lengths {tuple(lengths.shape)} need {B} rows")
+    if lengths.is_floating_point() or lengths.is_complex() or lengths.dtype == torch.bool:
+        raise ValueError(f"lengths must be an integer tensor, got {lengths.dtype}")
     if bool((lengths < 1).any()) or bool((lengths > block_tables.shape[1] * block_size).any()):
         raise ValueError("every length must be in [1, max_blocks * block_size]")
     out = torch.empty(B, H, D, device=q.device, dtype=torch.float32)

@@ -55,8 +55,8 @@ def paged_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
         TypeError: an argument that is not a tensor.
         ValueError: ``q`` is not a floating-point ``(B, H, D)`` tensor; the pools are not
             ``(num_blocks, block_size, H, D)`` with ``q``'s ``H, D`` and dtype; ``block_tables`` is not a
-            ``(B, max_blocks)`` integer tensor of ids in ``[0, num_blocks)``; ``lengths`` is not ``(B,)`` with
-            values in ``[1, max_blocks * block_size]``."""
+            ``(B, max_blocks)`` integer tensor of ids in ``[0, num_blocks)``; ``lengths`` is not an integer ``(B,)``
+            tensor with values in ``[1, max_blocks * block_size]``."""
     for name, x in (("q", q), ("lengths", lengths)):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{name} must be a tensor, got {type(x).__name__}")
@@ -75,6 +75,9 @@ def paged_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
                          f"{tuple(v_pool.shape)}")
     if lengths.shape != (B,):
         raise ValueError(f"lengths must be ({B},) like q's rows, got shape {tuple(lengths.shape)}")
+    if lengths.is_floating_point() or lengths.is_complex() or lengths.dtype == torch.bool:
+        raise ValueError(f"lengths must be an integer tensor (a length of 2.5 has no meaning), got "
+                         f"{lengths.dtype}")
     check_ids("block_tables", block_tables, k_pool.shape[0], (B, "max_blocks"), dtype=None)
     bs = k_pool.shape[1]
     if bool((lengths < 1).any()) or bool((lengths > block_tables.shape[1] * bs).any()):
