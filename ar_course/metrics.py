@@ -468,10 +468,10 @@ def codebook_usage(indices: torch.Tensor | list[torch.Tensor], num_codes: int) -
     flat = torch.cat([m.flatten().long().cpu() for m in maps])
     if int(flat.min()) < 0 or int(flat.max()) >= num_codes:
         raise ValueError(f"indices must lie in [0, {num_codes}), got [{int(flat.min())}, {int(flat.max())}]")
-    counts = torch.bincount(flat, minlength=num_codes).double()
+    counts = torch.unique(flat, return_counts=True)[1].double()  # (codes used,): no num_codes-long table
     p = counts / counts.sum()
-    entropy = -(p[p > 0] * p[p > 0].log()).sum()
-    used = int((counts > 0).sum())
+    entropy = -(p * p.log()).sum()
+    used = counts.numel()
     return {"fraction_used": used / num_codes, "num_used": used, "perplexity": float(entropy.exp())}
 
 

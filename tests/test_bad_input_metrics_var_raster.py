@@ -4,6 +4,8 @@ silent wrong number or a traceback from inside torch or NumPy); valid inputs of 
 
 from __future__ import annotations
 
+import math
+
 import matplotlib
 
 matplotlib.use("Agg")
@@ -208,6 +210,12 @@ def test_codebook_usage_of_a_pyramid_counts_every_map():  # finding 12
     usage = metrics.codebook_usage(pyramid, 5)
     flat = metrics.codebook_usage(torch.tensor([1, 2, 3, 3, 3]), 5)
     assert usage == flat and usage["num_used"] == 3
+
+
+def test_codebook_usage_of_a_huge_codebook_needs_no_table_of_its_size():  # a 10^12-entry table would not fit
+    usage = metrics.codebook_usage(torch.tensor([0, 1, 1, 4]), 10**12)
+    assert usage["num_used"] == 3 and usage["fraction_used"] == 3 / 10**12
+    assert usage["perplexity"] == pytest.approx(math.exp(-(0.25 * math.log(0.25) * 2 + 0.5 * math.log(0.5))))
 
 
 def test_to_grid_and_psnr_keep_slightly_out_of_range_values():  # decoder outputs overshoot [0, 1] a little
