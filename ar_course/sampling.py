@@ -28,8 +28,9 @@ Input rules (checked; see :mod:`ar_course.utils` for which error is raised when)
   ``logits / temperature`` overflows float32 (``1e-40``) gives the greedy token (ties shared), and a tiny
   ``top_p`` (``1e-46``) keeps the most likely token. A temperature too large for the logits' dtype (``1e39``
   overflows float32 to inf) flattens the distribution over the tokens above ``-inf``, which stay excluded.
-* float64 logits are tempered in float64 and then made float32; a row whose values do not fit float32
-  (``1e300``) is first moved so that its largest value is 0 (the same softmax), so finite float64 logits work.
+* float64 logits are tempered in float64, each row moved so that its largest value is 0 (the same softmax),
+  and then made float32: finite float64 logits work, values beyond float32's range (``1e300``) and a common
+  offset too large for float32 to keep the differences (``1e8 + [0, 0.5, 1]``) included.
 * So the sampler never returns an id outside ``[0, V)``, and its distributions never hold NaN.
 """
 
@@ -229,8 +230,8 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
 
 def process_logits(logits: torch.Tensor, *, sampling: SamplingConfig = SamplingConfig()) -> torch.Tensor:
     """Temperature, then top-k, then top-p. Greedy (``temperature == 0``): every logit but the argmax becomes
-    ``-inf``. ``(..., V)`` real -> ``(..., V)`` float32 (float64 logits are tempered in float64 first, and a row
-    that does not fit float32 is moved to a largest value of 0: the same softmax).
+    ``-inf``. ``(..., V)`` real -> ``(..., V)`` float32 (float64 logits are tempered in float64 first, and each row
+    moved to a largest value of 0 before it becomes float32: the same softmax).
 
     Raises ``TypeError``/``ValueError`` for input breaking the module's rules (see its docstring)."""
     sampling = check_sampling(sampling)
@@ -243,11 +244,8 @@ def process_logits(logits: torch.Tensor, *, sampling: SamplingConfig = SamplingC
     if not _rows_ok(tempered):  # bad logits, or a temperature so small that the division overflowed
         _check_rows(given)
         tempered = _temper_shifted(logits, sampling.temperature)
-    if tempered.dtype == torch.float64:
-        narrowed = tempered.float()
-        if not _rows_ok(narrowed):  # valid float64 rows beyond float32's range (1e300): move each max to 0
-            narrowed = (tempered - tempered.amax(dim=-1, keepdim=True)).float()
-        tempered = narrowed
+    if tempered.dtype == torch.float64:  # valid rows: move each max to 0, then narrow (1e300 fits; an offset
+        tempered = (tempered - tempered.amax(dim=-1, keepdim=True)).float()  # of 1e8 keeps its differences)
     logits = tempered  # valid rows: the filters below keep at least one token of each
     if sampling.top_k is not None:
         logits = top_k_filter(logits, sampling.top_k)

@@ -279,6 +279,15 @@ def test_guidance_at_w_zero_is_conditional_and_changes_samples_otherwise():
     torch.testing.assert_close(same_guided, same_cond, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_guided_sampling_of_a_half_precision_model_stays_in_its_dtype(dtype):
+    """Guidance mixes half-precision velocities in float32; fed back as float32, the next Euler step met the
+    head's half weights: "mat1 and mat2 must have the same dtype"."""
+    model, classes = tiny_model().to(dtype), torch.tensor([0, 2])
+    tokens = generate_tokens(model, classes, steps=3, cfg=1.0, generator=torch.Generator().manual_seed(0))
+    assert tokens.dtype == dtype and tokens.shape == (2, 6, 3) and bool(tokens.float().isfinite().all())
+
+
 def test_guided_sampling_integrates_cond_plus_w_times_cond_minus_uncond():
     """Guidance follows ``(1 + w) v(cond) - w v(uncond)``: the class's and the null class's conditions must not
     be swapped."""

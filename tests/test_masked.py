@@ -11,7 +11,7 @@ from ar_course import masked
 from ar_course.masked import functional as M
 from ar_course.masked.model import MaskGIT, maskgit_config, maskgit_loss
 from ar_course.raster import orders
-from ar_course.sampling import SamplingConfig, process_logits, sample
+from ar_course.sampling import SamplingConfig, sample
 from ar_course.transformer.model import GPT, GPTConfig
 
 
@@ -299,9 +299,10 @@ def test_generate_is_deterministic_under_a_seed():
     assert torch.equal(run(0, sampling=GREEDY, noise=0.0), run(1, sampling=GREEDY, noise=0.0))  # no randomness left
 
 
-def test_confidence_is_the_log_probability_under_the_sampling_config():
-    """Tokens are kept by their log-probability after temperature and top-k, the distribution they were drawn
-    from, not by the raw logits."""
+def test_confidence_is_the_models_log_probability_whatever_the_sampling_config():
+    """Tokens are drawn with temperature and top-k but kept by the model's own log-probability (as MaskGIT does):
+    after a top-k of 1 or a tiny temperature every drawn token has log-probability 0, and the order would be
+    left to ties."""
     model, classes = tiny(), torch.tensor([0, 3])
     sampling = SamplingConfig(temperature=3.0, top_k=3)
     trace: list[torch.Tensor] = []
@@ -310,10 +311,24 @@ def test_confidence_is_the_log_probability_under_the_sampling_config():
     tokens = torch.full((2, 12), model.mask_id)
     logits = model.map_logits(tokens, classes)
     sampled = sample(logits, sampling=sampling, generator=torch.Generator().manual_seed(0))
-    log_probs = F.log_softmax(process_logits(logits, sampling=sampling), dim=-1)
+    log_probs = F.log_softmax(logits, dim=-1)
     expected, _ = M.confidence_step(tokens, tokens == model.mask_id, log_probs, sampled,
                                     M.masked_after(2, 12, "cosine")[0])
     assert torch.equal(trace[0], expected)
+
+
+@pytest.mark.parametrize("sampling", [SamplingConfig(top_k=1), SamplingConfig(temperature=1e-6),
+                                      SamplingConfig(top_p=1e-9)], ids=["top_k=1", "T=1e-6", "top_p=1e-9"])
+def test_sampling_that_always_draws_the_argmax_decodes_as_greedy(sampling):
+    """Without noise, any sampling that draws the most likely token reveals the same positions as greedy (the old
+    confidence under the sampling config tied every position at 0, and the reveal order followed the ties)."""
+    model, classes = tiny(seed=1), torch.tensor([0, 3, 5])
+    greedy: list[torch.Tensor] = []
+    got: list[torch.Tensor] = []
+    model.generate(classes, steps=4, sampling=SamplingConfig(temperature=0), noise=0.0, trace=greedy)
+    model.generate(classes, steps=4, sampling=sampling, noise=0.0, generator=torch.Generator().manual_seed(0),
+                   trace=got)
+    assert all(torch.equal(a, b) for a, b in zip(got, greedy, strict=True))  # every step reveals the same
 
 
 def test_neighbour_order_takes_2n_minus_1_passes_and_respects_dependencies():

@@ -222,6 +222,18 @@ def test_float64_logits_beyond_float32_are_sampled_not_refused():
     torch.testing.assert_close(sampling.probs(small, sampling=config), sampling.probs(small.float(), sampling=config))
 
 
+@pytest.mark.parametrize("offset", [1e8, 1e15])
+def test_float64_logits_with_a_large_common_offset_keep_their_differences(offset):
+    """Narrowed to float32 before the shift, 1e8 + [0, 0.5, 1] became three equal logits (a uniform draw, and
+    top-p kept a token of probability 0)."""
+    logits = torch.tensor([[0.0, 0.5, 1.0]], dtype=torch.float64)
+    exact = torch.softmax(logits.float(), -1)
+    torch.testing.assert_close(sampling.probs(logits + offset), exact)
+    nucleus = SamplingConfig(temperature=0.5, top_p=0.9)
+    torch.testing.assert_close(sampling.probs(logits + offset, sampling=nucleus), sampling.probs(logits, sampling=nucleus))
+    assert sampling.probs(logits + offset, sampling=nucleus)[0, 0] == 0
+
+
 def test_nan_or_inf_in_float16_logits_hints_at_the_precision():
     for bad in (float("nan"), float("inf")):
         logits = torch.tensor([[bad, 1.0]], dtype=torch.float16)

@@ -117,7 +117,8 @@ def guided_velocity(
 
     ``x`` ``(N, D)``, ``t`` ``(N,)``, ``cond`` / ``uncond`` ``(N, C)`` (the conditions of the class and of the null
     class); the head runs once on the doubled batch. ``w = 0`` is the conditional velocity
-    (:func:`~ar_course.sampling.cfg_mix`)."""
+    (:func:`~ar_course.sampling.cfg_mix`, which mixes half precision in float32); returned in the head's dtype,
+    so that a bfloat16 model's next Euler step feeds it bfloat16 again."""
     v = head(torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond, uncond]))  # (2N, D)
     v_cond, v_uncond = v.chunk(2)  # 2 x (N, D)
-    return cfg_mix(v_cond, v_uncond, w)
+    return cfg_mix(v_cond, v_uncond, w).to(v.dtype)

@@ -129,7 +129,8 @@ class MaskGIT(GPT):
 
         Starts from an all-``[MASK]`` map. Each step predicts every position in one pass (guidance of strength
         ``cfg = w``, ``(1 + w) * cond - w * uncond``, in a doubled batch), samples a token for each masked one
-        with ``sampling`` (temperature 0: the most likely), and keeps those whose log-probability plus
+        with ``sampling`` (temperature 0: the most likely), and keeps those whose log-probability under the model
+        (before ``sampling``'s temperature and filters) plus
         ``noise * (1 - (t + 1) / steps)`` times Gumbel noise is highest, re-masking the rest so that
         :func:`~.functional.masked_after` ``(steps, N, schedule)`` stay masked. ``generator`` draws every random
         number (seeded: the same maps). ``forward`` replaces the model's pass (e.g. a wrapper that counts
@@ -153,8 +154,9 @@ class MaskGIT(GPT):
         for t, n_masked in enumerate(counts):
             logits = self._guided_logits(tokens, classes, cfg, forward)  # (B, N, num_codes)
             sampled = sample(logits, sampling=sampling, generator=generator)  # (B, N)
-            log_probs = F.log_softmax(process_logits(logits, sampling=sampling)
-                                      if not sampling.greedy else logits, dim=-1)  # (B, N, num_codes)
+            # confidence: the model's own log-probability (before temperature and filters, which would give
+            # every token log-probability 0 under top_k=1 or a tiny temperature, and leave the order to ties)
+            log_probs = F.log_softmax(logits.float(), dim=-1)  # (B, N, num_codes)
             scale = ref.annealed_noise_scale(noise, t, steps)
             gumbel = ref.gumbel_noise((B, N), generator, tokens.device) if scale > 0 else None
             tokens, mask = ref.confidence_step(tokens, mask, log_probs, sampled, n_masked, gumbel, scale)

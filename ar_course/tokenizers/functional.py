@@ -40,9 +40,11 @@ def vq_lookup(z: torch.Tensor, codebook: torch.Tensor, chunk_size: int = 4096) -
 
     ``z``: ``(N, D)``; ``codebook``: ``(K, D)``. Returns ``(N,)`` int64. Ties go to the lowest index. The
     distances ``|z|^2 - 2 z.e + |e|^2`` are computed for ``chunk_size`` rows at a time, so memory stays at
-    ``chunk_size * K`` floats however large ``N`` is. A ``z`` of another dtype is cast to the codebook's. The
-    values are not read (the quantizers call this in training without a host sync): a row holding NaN gets
-    index 0, so callers that cannot rule NaN out check ``z`` first, as the quantizers' ``encode`` does.
+    ``chunk_size * K`` floats however large ``N`` is. The expansion loses distance gaps smaller than float32's
+    resolution of ``|z|^2``: latents and codes far from the origin compared with their spread can get a farther
+    code (centre them first, or search in float64). A ``z`` of another dtype is cast to the codebook's. The values
+    are not read (the quantizers call this in training without a host sync): a row holding NaN gets index 0, so
+    callers that cannot rule NaN out check ``z`` first, as the quantizers' ``encode`` does.
 
     Raises:
         ValueError: shapes that do not match (``z (N, D)``, ``codebook (K, D)``, ``K >= 1``), ``chunk_size < 1``.
