@@ -230,7 +230,8 @@ def test_float64_logits_with_a_large_common_offset_keep_their_differences(offset
     exact = torch.softmax(logits.float(), -1)
     torch.testing.assert_close(sampling.probs(logits + offset), exact)
     nucleus = SamplingConfig(temperature=0.5, top_p=0.9)
-    torch.testing.assert_close(sampling.probs(logits + offset, sampling=nucleus), sampling.probs(logits, sampling=nucleus))
+    torch.testing.assert_close(sampling.probs(logits + offset, sampling=nucleus),
+                               sampling.probs(logits, sampling=nucleus))
     assert sampling.probs(logits + offset, sampling=nucleus)[0, 0] == 0
 
 

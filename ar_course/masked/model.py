@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from ar_course import checkpoint
 from ar_course.masked import functional as ref
-from ar_course.sampling import SamplingConfig, cfg_mix, check_cfg, check_sampling, process_logits, sample
+from ar_course.sampling import SamplingConfig, cfg_mix, check_cfg, check_sampling, sample
 from ar_course.tokenizers import VQVAE
 from ar_course.transformer.model import GPT, GPTConfig
 from ar_course.utils import check_grid, check_ids, check_int, check_number, check_seed, generate_in_batches
