@@ -22,9 +22,15 @@ import re
 import sys
 from pathlib import Path
 
-import nbformat
-
 from ar_course.checkout import CheckoutNotFound, find_root, root_path
+from ar_course.cli import missing_extra, path_arg
+
+try:
+    import nbformat
+except ModuleNotFoundError as exc:  # a core install: one line for the command, a traceback for an importer
+    if __name__ != "__main__":
+        raise
+    raise SystemExit(f"error: {missing_extra('python -m ar_course.build_notebooks', 'course', exc)}") from None
 
 EXERCISE_RE = re.compile(r"^#\s*Exercise\s+(\d+\.\d+)\s*:\s*(\w+)")
 BEGIN, END = "# BEGIN SOLUTION", "# END SOLUTION"
@@ -131,8 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true", help="only report whether notebooks/ is out of date")
     parser.add_argument("--root", type=root_path, default=None,
                         help="the repository checkout (default: found from the current folder upward)")
-    parser.add_argument("--solutions", type=Path, default=None, help="default: ROOT/solutions")
-    parser.add_argument("--notebooks", type=Path, default=None, help="default: ROOT/notebooks")
+    parser.add_argument("--solutions", type=path_arg, default=None, help="default: ROOT/solutions")
+    parser.add_argument("--notebooks", type=path_arg, default=None, help="default: ROOT/notebooks")
     args = parser.parse_args(argv)
     try:
         if args.solutions is None or args.notebooks is None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ar_course.cli import invalid
+from ar_course.cli import invalid, path_arg
 from ar_course.project import SOURCE, is_project_root
 
 
@@ -28,7 +28,7 @@ def root_path(text: str) -> Path:
     """argparse ``type=`` for ``--root``: a path, not the empty string (which :class:`Path` would read as ``.``)."""
     if not text:
         raise invalid("a folder", text)
-    return Path(text)
+    return path_arg(text)
 
 
 def _first_checkout(folders: tuple[Path, ...], marker: str) -> Path | None:

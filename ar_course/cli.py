@@ -21,6 +21,7 @@ import math
 import os
 import re
 import sys
+from pathlib import Path
 from typing import Callable, NoReturn
 
 # what -> (module with main(argv) -> int, or "module:function", one-line description)
@@ -49,6 +50,12 @@ COMMANDS = {
 
 EXTRAS = {"grade": "course"}
 """The optional dependencies (``pyproject.toml``'s extras) a command imports beyond the library's own."""
+
+
+def missing_extra(command: str, extra: str, exc: ModuleNotFoundError) -> str:
+    """The one line for ``command`` run where the ``extra`` it imports (``exc``: the failed import) is missing."""
+    return f"{command} needs the {extra!r} extra, which is not installed ({exc}): pip install -e '.[{extra}]' in " \
+           f"the course's folder"
 
 PROG = "python -m ar_course"
 DEBUG_FLAG = "--debug"
@@ -93,6 +100,21 @@ def invalid(requirement: str, text: str) -> argparse.ArgumentTypeError:
     shown = text.strip() if _number(text) is not None else repr(text)
     shown = shown if len(shown) <= 40 else shown[:37] + "..."
     return argparse.ArgumentTypeError(f"must be {requirement}, got {shown}")
+
+
+def path_arg(text: str) -> Path:
+    """argparse ``type=`` for a file or folder option: the path with a leading ``~`` expanded as a shell would
+    (``--out=~/x.png`` and a quoted ``'~/x.png'`` reach the program unexpanded: not a folder named ``~`` here)."""
+    return Path(os.path.expanduser(text))
+
+
+def checkpoint_arg(text: str) -> str:
+    """argparse ``type=`` for a checkpoint option: a file or a shipped name (as
+    :func:`ar_course.checkpoint.resolve` reads it: ``var_mnist_cca`` is a name, ``runs/var.safetensors`` a path),
+    a leading ``~`` expanded as :func:`path_arg` does; only the empty text is refused here."""
+    if not text:
+        raise invalid("a checkpoint file or a shipped checkpoint name", text)
+    return os.path.expanduser(text)
 
 
 def finite_float(text: str) -> float:
@@ -265,8 +287,7 @@ def _dispatch(argv: list[str]) -> int:
             print(f"usage: {PROG} {command} ...\n\n{COMMANDS[command][1]}\n\nIts options are listed once the "
                   f"{extra!r} extra is installed: pip install -e '.[{extra}]' in the course's folder")
             return 0
-        raise SystemExit(f"{command} needs the {extra!r} extra, which is not installed ({exc}): "
-                         f"pip install -e '.[{extra}]' in the course's folder") from None  # status 1
+        raise SystemExit(missing_extra(command, extra, exc)) from None  # status 1
     return int(mod.main(rest) or 0)
 
 

@@ -14,14 +14,13 @@ import contextlib
 import json
 import math
 import sys
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from ar_course.checkpoint import CheckpointError
-from ar_course.cli import (ArgumentParser, UsageError, device_name, finite_float, float_in, int_in, invalid,
-                           nonnegative_int, positive_int)
+from ar_course.cli import (ArgumentParser, UsageError, checkpoint_arg, device_name, finite_float, float_in, int_in,
+                           invalid, nonnegative_int, path_arg, positive_int)
 from ar_course.files import atomic_path, check_output_path
 from ar_course.images import encode_png, to_grid
 from ar_course.sampling import SamplingConfig
@@ -52,21 +51,13 @@ def _temperature(text: str) -> float:
     return value
 
 
-def _checkpoint(text: str) -> str:
-    """argparse ``type=``: a checkpoint file or a shipped name (as :func:`ar_course.checkpoint.resolve` reads it:
-    ``var_mnist_cca`` is a name, ``runs/var.safetensors`` a path); only the empty text is refused here."""
-    if not text:
-        raise invalid("a checkpoint file or a shipped checkpoint name", text)
-    return text
-
-
 def build_parser() -> ArgumentParser:
     """The argument parser of ``python -m ar_course generate`` (each option's value is checked as it is parsed;
     combinations are checked after parsing)."""
     p = ArgumentParser(prog="python -m ar_course generate",
                        description="Generate class-conditional images with the course's models and save a PNG grid "
                                    "(one column per class).")
-    p.add_argument("--out", type=Path, required=True, help="PNG file to write")
+    p.add_argument("--out", type=path_arg, required=True, help="PNG file to write")
     p.add_argument("--method", choices=METHODS, default="var", help="next-scale (var) or raster-order (ar) [var]")
     p.add_argument("--classes", type=nonnegative_int, nargs="+", default=None, help="class ids (default: every class)")
     p.add_argument("--per-class", type=int_in(1, MAX_PER_CLASS), default=1,
@@ -97,9 +88,9 @@ def build_parser() -> ArgumentParser:
                         "first call at a batch size captures them)")
     p.add_argument("--seed", type=int_in(0, SEED_RANGE[1]), default=0)
     p.add_argument("--device", type=device_name, default="auto", help="cpu, cuda, cuda:N, mps or auto [auto]")
-    p.add_argument("--var-checkpoint", type=_checkpoint, default=None,
+    p.add_argument("--var-checkpoint", type=checkpoint_arg, default=None,
                    help="a VAR checkpoint instead of the shipped one: a file, or a shipped name (var_mnist_cca)")
-    p.add_argument("--ar-checkpoint", type=_checkpoint, default=None,
+    p.add_argument("--ar-checkpoint", type=checkpoint_arg, default=None,
                    help="a raster AR checkpoint instead of the shipped one: a file, or a shipped name (ar_mnist_grpo)")
     p.add_argument("--ar-model", choices=("base", "grpo", "cca"), default="base",
                    help="which shipped raster model: pre-trained, or aligned by GRPO or CCA (chapter 11; these "
@@ -108,7 +99,8 @@ def build_parser() -> ArgumentParser:
                    help="which shipped VAR model: pre-trained, or aligned by CCA (chapter 11; defaults to --cfg 0, "
                         "no guidance) [base]")
     p.add_argument("--zoom", type=int_in(1, 64), default=2, help="pixel repeat factor of the PNG, 1 to 64 [2]")
-    p.add_argument("--stats-json", type=Path, default=None, help="also write the generation stats to this .json file")
+    p.add_argument("--stats-json", type=path_arg, default=None,
+                   help="also write the generation stats to this .json file")
     return p
 
 

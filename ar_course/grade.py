@@ -52,7 +52,7 @@ from traitlets import Type
 
 from .build_notebooks import exercise_label
 from .checks.core import FAILED, NOT_ATTEMPTED, PASSED, REPORT_ENV
-from .cli import ArgumentParser, UsageError, first_line, float_in
+from .cli import ArgumentParser, UsageError, first_line, float_in, path_arg
 from .files import atomic_write_text, check_output_path
 
 GRADED_TAGS = ("setup", "exercise", "check")
@@ -490,13 +490,13 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m ar_course grade",
         description="Execute a notebook's setup/exercise/check cells and print which exercises pass.",
     )
-    parser.add_argument("notebooks", nargs="+", type=Path,
+    parser.add_argument("notebooks", nargs="+", type=path_arg,
                         help="notebook(s) to grade; one named twice (even by another path) is graded once")
     parser.add_argument("--timeout", type=seconds, default=600.0,
                         help=f"time limit per notebook in seconds, at most {MAX_SECONDS:g} [600]")
     parser.add_argument("--cell-timeout", type=seconds, default=300.0,
                         help=f"time limit per cell in seconds, at most {MAX_SECONDS:g} [300]")
-    parser.add_argument("--json", type=Path, help="also write the results to this .json file")
+    parser.add_argument("--json", type=path_arg, help="also write the results to this .json file")
     args = parser.parse_args(argv)
     unique: dict[str, Path] = {}
     for nb_path in args.notebooks:

@@ -50,7 +50,7 @@ from torch import nn
 from ar_course import checkpoint
 from ar_course import distributed as ddp
 from ar_course.checkpoint import save_checkpoint
-from ar_course.cli import ArgumentParser, device_name, positive_float, positive_int
+from ar_course.cli import ArgumentParser, device_name, path_arg, positive_float, positive_int
 from ar_course.train import (
     DEVICE_HELP, History, TrainConfig, add_run_options, apply_process_options, check_batch_size, finish_run, out_help,
     prepare_run, seed_int, train_loop, trainer_main,
@@ -607,7 +607,7 @@ def train_main(argv: list[str] | None = None) -> int:
                              "[%(default)s]")
     parser.add_argument("--lr", type=positive_float, default=3e-3)
     parser.add_argument("--device", type=device_name, default=None, help=DEVICE_HELP)
-    parser.add_argument("--out", type=Path, default=None,
+    parser.add_argument("--out", type=path_arg, default=None,
                         help=out_help("the shipped ar_course/assets/classifier_<dataset>.safetensors"))
     add_run_options(parser)
     args = parser.parse_args(argv)

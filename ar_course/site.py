@@ -36,11 +36,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-import nbformat
-from nbformat import NotebookNode
-
 from ar_course.checkout import CheckoutNotFound, find_root, root_path
-from ar_course.cli import ArgumentParser, int_in
+from ar_course.cli import ArgumentParser, int_in, missing_extra, path_arg
+
+try:
+    import nbformat
+    from nbformat import NotebookNode
+except ModuleNotFoundError as exc:  # a core install: one line for the command, a traceback for an importer
+    if __name__ != "__main__":
+        raise
+    raise SystemExit(f"error: {missing_extra('python -m ar_course.site', 'course', exc)}") from None
 from ar_course.checks.core import STRICT_ENV
 from ar_course.files import atomic_write_bytes, atomic_write_text
 
@@ -533,22 +538,22 @@ def main(argv: Iterable[str] | None = None) -> int:
     parser = ArgumentParser(prog="python -m ar_course.site", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     ex = sub.add_parser("execute", help="run notebooks top to bottom (errors fail) and write the executed copies")
-    ex.add_argument("notebooks", nargs="+", type=Path)
-    ex.add_argument("--out", type=Path, default=Path("build/executed"), help="default: build/executed")
+    ex.add_argument("notebooks", nargs="+", type=path_arg)
+    ex.add_argument("--out", type=path_arg, default=Path("build/executed"), help="default: build/executed")
     ex.add_argument("--cell-timeout", type=int_in(1, MAX_CELL_TIMEOUT), default=CELL_TIMEOUT,
                     help=f"seconds per cell (default {CELL_TIMEOUT})")
     bd = sub.add_parser("build", help="HTML pages + index from the executed solutions (executing stale ones)")
     bd.add_argument("--root", type=root_path, default=None, help="the checkout (default: found from here upward)")
-    bd.add_argument("--solutions", type=Path, default=None, help="default: ROOT/solutions")
-    bd.add_argument("--executed", type=Path, default=None, help="default: ROOT/build/executed")
-    bd.add_argument("--out", type=Path, default=None, help="default: ROOT/build/site")
+    bd.add_argument("--solutions", type=path_arg, default=None, help="default: ROOT/solutions")
+    bd.add_argument("--executed", type=path_arg, default=None, help="default: ROOT/build/executed")
+    bd.add_argument("--out", type=path_arg, default=None, help="default: ROOT/build/site")
     bd.add_argument("--no-execute", action="store_true", help="fail instead of executing a missing or stale copy")
     bd.add_argument("--cell-timeout", type=int_in(1, MAX_CELL_TIMEOUT), default=CELL_TIMEOUT,
                     help=f"seconds per cell (default {CELL_TIMEOUT})")
     fg = sub.add_parser("figures", help="every figure of the executed solutions -> docs/figures/ (committed)")
     fg.add_argument("--root", type=root_path, default=None, help="the checkout (default: found from here upward)")
-    fg.add_argument("--executed", type=Path, default=None, help="default: ROOT/build/executed")
-    fg.add_argument("--out", type=Path, default=None, help="default: ROOT/docs/figures")
+    fg.add_argument("--executed", type=path_arg, default=None, help="default: ROOT/build/executed")
+    fg.add_argument("--out", type=path_arg, default=None, help="default: ROOT/docs/figures")
     args = parser.parse_args(None if argv is None else list(argv))
     missing = [str(p) for p in getattr(args, "notebooks", []) if not p.is_file()]
     if missing:

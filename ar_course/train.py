@@ -47,10 +47,10 @@ from tqdm.auto import tqdm
 from ar_course import distributed as ddp
 from ar_course.checkpoint import (
     ASSETS, CheckpointError, NonFiniteWeightsError, first_and_more, load, load_checkpoint, load_error_problems,
-    save_checkpoint, state_dict_problems,
+    resolve, save_checkpoint, state_dict_problems,
 )
 from ar_course.cli import (
-    device_name, exception_line, int_in, nonnegative_int, positive_float, positive_int, probability,
+    device_name, exception_line, int_in, nonnegative_int, path_arg, positive_float, positive_int, probability,
 )
 from ar_course.files import check_output_path
 from ar_course.project import SOURCE, is_project_root
@@ -708,7 +708,7 @@ def add_output_options(parser: argparse.ArgumentParser, *, out: Path, train_imag
                             help="train on the first N training images only (default: all)")
     parser.add_argument("--eval-per-class", type=per_class_int, default=20, help=eval_help)
     parser.add_argument("--device", type=device_name, default=None, help=DEVICE_HELP)
-    parser.add_argument("--out", type=Path, default=out, help=out_help(f"the shipped {out.name}"))
+    parser.add_argument("--out", type=path_arg, default=out, help=out_help(f"the shipped {out.name}"))
     add_run_options(parser)
 
 
@@ -795,18 +795,28 @@ def refuse_installed_assets(parser: argparse.ArgumentParser, out: Path) -> None:
         parser.error(f"--out is required: ar_course is installed as a package, and the default would {effect}")
 
 
-def prepare_run(parser: argparse.ArgumentParser, out: Path, resume: bool, batch_size: int | None) -> Path:
-    """Check a trainer's arguments before any work: ``out`` must be a writable ``.safetensors`` path, and outside
+def prepare_run(parser: argparse.ArgumentParser, out: Path, resume: bool, batch_size: int | None,
+                inputs: dict[str, str | Path | None] | None = None) -> Path:
+    """Check a trainer's arguments before any work: ``out`` must be a writable ``.safetensors`` path, outside
     the package's :data:`~ar_course.checkpoint.ASSETS` unless ar_course runs from a source checkout
     (:func:`is_source_checkout`; where the default ``--out`` of every trainer lies, so ``--out`` is required in an
-    installed package), and ``batch_size`` (the global batch) must divide by the number of processes (usage
-    errors, exit 2); with ``resume`` the training state must exist (:class:`TrainingError`). Returns the training
-    state's path."""
+    installed package), and not the file of one of the checkpoints the run reads, ``inputs`` (option -> name or
+    path, e.g. ``{"--tokenizer": args.tokenizer}``: saving would replace it); and ``batch_size`` (the global
+    batch) must divide by the number of processes (usage errors, exit 2); with ``resume`` the training state must
+    exist (:class:`TrainingError`). Returns the training state's path."""
     refuse_installed_assets(parser, out)
     try:
         check_output_path(out, suffix=".safetensors", what="--out")
     except ValueError as exc:
         parser.error(str(exc))
+    for option, name_or_path in (inputs or {}).items():
+        try:
+            source = resolve(name_or_path) if name_or_path is not None else None
+        except CheckpointError:  # loading it reports that, in its own words
+            continue
+        if source is not None and source.resolve() == Path(out).resolve():
+            parser.error(f"--out {out} is the {option} checkpoint this run reads: saving would replace it; choose "
+                         f"another --out")
     if batch_size is not None and batch_size % ddp.world_size():
         parser.error(f"--batch-size {batch_size} (the global batch) must divide by the number of processes "
                      f"({ddp.world_size()})")

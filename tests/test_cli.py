@@ -136,6 +136,18 @@ def test_a_command_whose_extra_is_missing_says_which_extra(capsys, monkeypatch):
                                                                              "course's folder")
 
 
+@pytest.mark.parametrize("module", ["ar_course.site", "ar_course.build_notebooks"])
+def test_course_tools_without_the_course_extra_say_which_extra_in_one_line(module):
+    """``python -m ar_course.site`` (or build_notebooks) on a core install printed a ModuleNotFoundError traceback."""
+    code = (f"import runpy, sys; sys.modules['nbformat'] = None; sys.argv = ['{module}', '--help']; "
+            f"runpy.run_module('{module}', run_name='__main__')")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and done.stdout == ""
+    assert error_line(done.stderr) == (f"error: python -m {module} needs the 'course' extra, which is not installed "
+                                       "(import of nbformat halted; None in sys.modules): pip install -e "
+                                       "'.[course]' in the course's folder")
+
+
 def test_ctrl_c_is_status_130(capsys, monkeypatch):
     _doctor_fails(monkeypatch, KeyboardInterrupt())
     status, _, err = run(capsys, "doctor")
@@ -332,6 +344,22 @@ def test_generate_checkpoint_options_take_shipped_names(capsys, tmp_path):
     status, _, err = run(capsys, "generate", "--out", out, "--var-checkpoint", "")
     assert status == 2 and error_line(err) == ("error: --var-checkpoint must be a checkpoint file or a shipped "
                                                "checkpoint name, got '' (see python -m ar_course generate --help)")
+
+
+def test_a_leading_tilde_in_a_path_option_is_the_home_folder(capsys, tmp_path, monkeypatch):
+    """``--out=~/x.png`` (which bash leaves unexpanded) wrote into a new folder named ``~`` in the current one; a
+    checkpoint option read ``~/...`` the same way."""
+    home, work = tmp_path / "home", tmp_path / "work"
+    home.mkdir(), work.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(work)
+    (home / "var.safetensors").write_bytes(resolve("var_mnist").read_bytes())
+    with one_torch_thread():
+        status, stdout, err = run(capsys, "generate", "--out=~/x.png", "--stats-json", "~/x.json",
+                                  "--var-checkpoint", "~/var.safetensors", "--classes", "1", "--zoom", "1")
+    assert status == 0 and err == "" and f"wrote {home / 'x.png'}" in stdout
+    assert sorted(p.name for p in home.iterdir()) == ["var.safetensors", "x.json", "x.png"]
+    assert list(work.iterdir()) == []
 
 
 def test_generate_checkpoints_of_different_classes_are_a_usage_error(capsys, tmp_path):

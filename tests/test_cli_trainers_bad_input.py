@@ -278,3 +278,21 @@ def test_a_trainer_names_its_out_option_as_generate_does(capsys, tmp_path, what)
     status, _, err = run(capsys, "train", what, "--steps", "1", "--out", tmp_path)
     assert status == 2 and error_line(err) == (f"error: --out {str(tmp_path)!r} is a folder; name a file inside it "
                                                f"(see python -m ar_course train {what} --help)")  # it said "output"
+
+
+@pytest.mark.parametrize("what, option, shipped", [
+    ("ar", "--tokenizer", "tokenizer_mnist_vq"), ("maskgit", "--tokenizer", "tokenizer_mnist_vq"),
+    ("var", "--tokenizer", "tokenizer_mnist_msvq"), ("continuous", "--tokenizer", "tokenizer_mnist_kl"),
+    ("lm", "--teacher", "lm_target"),
+])
+def test_out_that_is_the_runs_own_input_checkpoint_is_refused(capsys, tmp_path, what, option, shipped):
+    """``--out`` naming the file of ``--tokenizer`` (or ``--teacher``) replaced it with the new model, which then
+    recorded itself as its own tokenizer; the file is refused before any work and left as it was."""
+    source = tmp_path / "in.safetensors"
+    source.write_bytes(checkpoint.resolve(shipped).read_bytes())
+    before = source.read_bytes()
+    status, _, err = run(capsys, "train", what, "--steps", "1", option, source, "--out", tmp_path / "." / source.name)
+    assert status == 2
+    assert error_line(err).startswith(f"error: --out {tmp_path / '.' / source.name} is the {option} checkpoint this "
+                                      "run reads: saving would replace it; choose another --out")
+    assert source.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["in.safetensors"]

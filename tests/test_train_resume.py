@@ -427,11 +427,11 @@ CONDITIONAL = {"p_uncond": 0.1, "examples": 16, "data": "<digest>"}
     ("var", "ar_course.var.train", ["--train-images", "16"], {**CONDITIONAL, "tokenizer": "<digest>"}),
     ("maskgit", "ar_course.masked.train", ["--train-images", "16"], {**CONDITIONAL, "schedule": "cosine"}),
     ("continuous", "ar_course.continuous.train", [], {"p_uncond": 0.1, "examples": 20000, "data": "<digest>"}),
-    ("tokenizer", "ar_course.tokenizers.train", [], {"dataset": "mnist", "examples": 20000}),
+    ("tokenizer", "ar_course.tokenizers.train", [], {"dataset": "mnist", "examples": 20000, "data": "<digest>"}),
     ("classifier", "ar_course.metrics", [], {"dataset": "mnist"}),
     ("lm", "ar_course.transformer.train", [], {"teacher": None}),
     ("lm", "ar_course.transformer.train", ["--preset", "draft"], {"teacher": "<digest>"}),  # distils from lm_target
-    ("diffusion_lm", "ar_course.diffusion_lm.train", [], {}),
+    ("diffusion_lm", "ar_course.diffusion_lm.train", [], {"data": "<digest>", "init": None}),
 ])
 def test_every_trainer_gives_train_loop_its_seed_and_global_batch(what, module, extra, settings, tmp_path,
                                                                  monkeypatch, capsys):
@@ -530,6 +530,57 @@ def test_resume_refuses_other_data_of_the_same_size(tmp_path):
         train_ar(tokenizer, other, labels, **small, resume=True)
     assert str(info.value) == _other_settings(state, f"data {before!r} -> {content_digest(other, labels)!r}")
     train_ar(tokenizer, maps, labels, **small, resume=True)  # the same data: it resumes
+
+
+def test_tokenizer_resume_refuses_other_images_of_the_same_count(tmp_path):
+    """The tokenizer trainer recorded only how many images it trained on: a resume on other images was taken."""
+    from ar_course.tokenizers.train import train_tokenizer
+
+    g = torch.Generator().manual_seed(0)
+    images, other = torch.rand(8, 1, 32, 32, generator=g), torch.rand(8, 1, 32, 32, generator=g)
+    state = tmp_path / "tok.train-state.safetensors"
+    small = dict(steps=2, batch_size=4, progress=False, test_images=images[:2], state_path=state, device="cpu")
+    train_tokenizer(default_config("vq"), train_images=images, **small)  # leaves its final state
+    with pytest.raises(TrainingError) as info:
+        train_tokenizer(default_config("vq"), train_images=other, **small, resume=True)
+    assert str(info.value) == _other_settings(
+        state, f"data {content_digest(images)!r} -> {content_digest(other)!r}")
+    train_tokenizer(default_config("vq"), train_images=images, **small, resume=True)  # the same images: it resumes
+
+
+def _tiny_diffusion_preset():
+    from dataclasses import replace
+
+    from ar_course.diffusion_lm.train import PRESETS
+
+    return replace(PRESETS["small"], batch_size=2, steps=2)
+
+
+def test_diffusion_lm_resume_refuses_other_text(tmp_path):
+    """The diffusion LM recorded neither its training text nor the checkpoint it started from."""
+    from ar_course.diffusion_lm.train import train_diffusion_lm
+
+    ids, other = torch.arange(2000) % 90, torch.arange(2000) % 70
+    state, preset = tmp_path / "dlm.train-state.safetensors", _tiny_diffusion_preset()
+    small = dict(progress=False, val_ids=ids[:800], state_path=state)
+    train_diffusion_lm(preset, train_ids=ids, **small)  # leaves its final state
+    with pytest.raises(TrainingError) as info:
+        train_diffusion_lm(preset, train_ids=other, **small, resume=True)
+    assert str(info.value) == _other_settings(state, f"data {content_digest(ids)!r} -> {content_digest(other)!r}")
+
+
+def test_diffusion_lm_resume_refuses_another_starting_checkpoint(tmp_path):
+    from ar_course import checkpoint
+    from ar_course.diffusion_lm.train import train_diffusion_lm
+
+    ids, state, preset = torch.arange(2000) % 90, tmp_path / "dlm.train-state.safetensors", _tiny_diffusion_preset()
+    small = dict(progress=False, train_ids=ids, val_ids=ids[:800], state_path=state)
+    train_diffusion_lm(preset, init="diffusion_lm", **small)  # leaves its final state
+    start = content_digest(checkpoint.load("diffusion_lm"))
+    with pytest.raises(TrainingError) as info:
+        train_diffusion_lm(preset, **small, resume=True)  # without --init: a run from random weights
+    assert str(info.value) == _other_settings(state, f"init {start!r} -> None")
+    train_diffusion_lm(preset, init="diffusion_lm", **small, resume=True)  # the same start: it resumes
 
 
 def test_lm_resume_refuses_another_teacher(tmp_path):

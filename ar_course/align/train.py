@@ -21,7 +21,8 @@ from ar_course.align.cca import CCAConfig, train_cca, var_log_probs
 from ar_course.align.grpo import GRPOConfig, evaluate, train_grpo
 from ar_course.align.rewards import REWARDS
 from ar_course.cli import (
-    ArgumentParser, device_name, int_in, nonnegative_float, nonnegative_int, positive_float, positive_int,
+    ArgumentParser, checkpoint_arg, device_name, int_in, nonnegative_float, nonnegative_int, path_arg, positive_float,
+    positive_int,
 )
 from ar_course.files import check_output_path
 from ar_course.train import (
@@ -45,10 +46,11 @@ def _common(parser: ArgumentParser, out: Path | None, base: str | None = "ar_mni
     """``--base``, ``--seed``, ``--device``, ``--out`` (``None`` defaults: set by the trainer from ``--model``) and the
     process options of every trainer (:func:`~ar_course.train.add_process_options`: ``--threads``,
     ``--no-progress``)."""
-    parser.add_argument("--base", default=base, help=f"{what} checkpoint to start from (name or path)")
+    parser.add_argument("--base", type=checkpoint_arg, default=base,
+                        help=f"{what} checkpoint to start from (name or path)")
     parser.add_argument("--seed", type=seed_int, default=0)
     parser.add_argument("--device", type=device_name, default=None, help=DEVICE_HELP)
-    parser.add_argument("--out", type=Path, default=out,
+    parser.add_argument("--out", type=path_arg, default=out,
                         help=out_help(f"the shipped {shipped or out.name}"))
     add_process_options(parser)
 

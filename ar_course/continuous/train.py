@@ -16,7 +16,7 @@ import torch
 from ar_course import metrics
 from ar_course import distributed as ddp
 from ar_course.checkpoint import save_checkpoint, tokenizer_reference
-from ar_course.cli import ArgumentParser, int_in, positive_int
+from ar_course.cli import ArgumentParser, checkpoint_arg, int_in, positive_int
 from ar_course.continuous.model import (
     CHECKPOINT_KIND, PRETRAINED_PATH, ContinuousAR, ContinuousARConfig, generate_images, map_to_tokens,
 )
@@ -106,13 +106,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--head-repeats", type=int_in(1, MAX_HEAD_REPEATS), default=d.head_repeats,
                         help="flow times drawn per token in training [%(default)s]")
     parser.add_argument("--eval-steps", type=positive_int, default=16, help="head Euler steps for the accuracy")
-    parser.add_argument("--tokenizer", default=TOKENIZER, help="a continuous tokenizer's name or checkpoint path")
+    parser.add_argument("--tokenizer", type=checkpoint_arg, default=TOKENIZER,
+                        help="a continuous tokenizer's name or checkpoint path")
     add_output_options(parser, out=PRETRAINED_PATH, train_images=False)
     args = parser.parse_args(argv)
     check_conditional_model_options(parser, args)
     device = get_device(args.device)
     tokenizer = load_tokenizer(parser, args.tokenizer, device, ("kl",), "a continuous ('kl')")
-    state_path = prepare_run(parser, args.out, args.resume, args.batch_size)
+    state_path = prepare_run(parser, args.out, args.resume, args.batch_size, {"--tokenizer": args.tokenizer})
     progress = apply_process_options(args)
     images, labels = load_mnist("train", size=32)
     tokens = encode_dataset(tokenizer, images)  # (N, 64, D)

@@ -33,10 +33,10 @@ import torch
 from ar_course import distributed as ddp
 from ar_course.checkpoint import ASSETS, load
 from ar_course.checkpoint import info as checkpoint_info
-from ar_course.cli import ArgumentParser, int_list, positive_float, positive_int
+from ar_course.cli import ArgumentParser, checkpoint_arg, int_list, path_arg, positive_float, positive_int
 from ar_course.diffusion_lm.model import DiffusionLM, DiffusionLMConfig
 from ar_course.train import (
-    TrainConfig, checkpoint_option, out_help, prepare_run, seed_int, train_loop, trainer_main,
+    TrainConfig, checkpoint_option, content_digest, out_help, prepare_run, seed_int, train_loop, trainer_main,
 )
 from ar_course.transformer.train import PRESETS as LM_PRESETS
 from ar_course.transformer.train import (
@@ -150,6 +150,7 @@ def train_diffusion_lm(
     model = DiffusionLM(config)
     if init is not None:
         _load_init(model, init)
+    initial = content_digest(model) if init is not None else None  # a resume starts from the same weights
     device = get_device(device)  # "auto", "cuda:1"...; an unknown or missing device in one line
     model = model.to(device)
     batches = diffusion_batches(train_ids, config.length, preset.batch_size, config.train_block_sizes, seed, device)
@@ -159,7 +160,8 @@ def train_diffusion_lm(
                      checkpoint_every=checkpoint_every, keep_best="val_bound" if keep_best else "", ema=preset.ema)
     history = train_loop(model, loss_fn, batches, tc, eval_fn=eval_fn if eval_every else None, progress=progress,
                          desc="train diffusion_lm", state_path=state_path, resume=resume,
-                         settings={"seed": seed, "batch_size": preset.batch_size})
+                         settings={"seed": seed, "batch_size": preset.batch_size, "data": content_digest(train_ids),
+                                   "init": initial})
     info = {"tokenizer": tokenizer, "history": history, "train_seconds": history.seconds,  # every process
             "tokens_seen": preset.steps * preset.batch_size * config.length, "val_ids": val_ids}
     return model, info
@@ -177,9 +179,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="batch of windows (default: the preset's)")
     parser.add_argument("--lr", type=positive_float, default=None, help="peak learning rate (default: the preset's)")
     parser.add_argument("--seed", type=seed_int, default=0, help="random seed (default: 0)")
-    parser.add_argument("--out", type=Path, default=None,
+    parser.add_argument("--out", type=path_arg, default=None,
                         help=out_help("ar_course/assets/diffusion_lm.safetensors"))
-    parser.add_argument("--init", default=None, metavar="CHECKPOINT",
+    parser.add_argument("--init", type=checkpoint_arg, default=None, metavar="CHECKPOINT",
                         help="start from the weights of a diffusion_lm checkpoint (a file or a shipped name) of the "
                              "preset's shape instead of a random init: a second schedule after a first run")
     parser.add_argument("--train-blocks", type=int_list(0), default=None, metavar="B,B,...",

@@ -15,7 +15,7 @@ import torch
 from ar_course import distributed as ddp
 from ar_course import metrics
 from ar_course.checkpoint import save_checkpoint, tokenizer_reference
-from ar_course.cli import ArgumentParser
+from ar_course.cli import ArgumentParser, checkpoint_arg
 from ar_course.data import image_batches, load_mnist
 from ar_course.raster.model import (
     CHECKPOINT_KIND, PRETRAINED_PATH, condition_dropout_batches, generate_images, raster_config,
@@ -119,11 +119,12 @@ def main(argv: list[str] | None = None) -> int:
                             description="Train the class-conditional raster-order AR model on MNIST tokens of the "
                                         "shipped mnist_vq tokenizer.")
     add_conditional_model_options(parser, steps=1500, batch_size=32, lr=3e-3)
-    parser.add_argument("--tokenizer", default="mnist_vq", help="a shipped tokenizer's name or a checkpoint path")
+    parser.add_argument("--tokenizer", type=checkpoint_arg, default="mnist_vq",
+                        help="a shipped tokenizer's name or a checkpoint path")
     add_output_options(parser, out=PRETRAINED_PATH)
     args = parser.parse_args(argv)
     check_conditional_model_options(parser, args)
-    state_path = prepare_run(parser, args.out, args.resume, args.batch_size)
+    state_path = prepare_run(parser, args.out, args.resume, args.batch_size, {"--tokenizer": args.tokenizer})
     progress = apply_process_options(args)
     device = get_device(args.device)
     tokenizer = load_tokenizer(parser, args.tokenizer, device, SINGLE_SCALE, SINGLE_SCALE_NEEDED)

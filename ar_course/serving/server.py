@@ -394,11 +394,11 @@ example:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``python -m ar_course serve`` (each option's value is checked as it is parsed)."""
-    from ar_course.cli import ArgumentParser, float_in, int_in
+    from ar_course.cli import ArgumentParser, checkpoint_arg, float_in, int_in
 
     parser = ArgumentParser(prog="python -m ar_course serve", description=_DESCRIPTION,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="lm_target",
+    parser.add_argument("--model", type=checkpoint_arg, default="lm_target",
                         help="a shipped text model (lm_target, lm_draft, lm_small) or a path [%(default)s]")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to listen on (0.0.0.0: every interface) [%(default)s]")

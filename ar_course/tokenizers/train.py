@@ -23,7 +23,7 @@ from ar_course import distributed as ddp
 from ar_course import metrics
 from ar_course.checkpoint import ASSETS, save_checkpoint
 from ar_course.cli import (
-    ArgumentParser, device_name, int_in, int_list, invalid, nonnegative_float, positive_float, positive_int,
+    ArgumentParser, device_name, int_in, int_list, invalid, nonnegative_float, path_arg, positive_float, positive_int,
 )
 from ar_course.tokenizers.functional import check_levels
 from ar_course.tokenizers.implicit import LFQ_MAX_DIM
@@ -31,7 +31,7 @@ from ar_course.tokenizers.quantizers import MSVQ_LOSSES
 from ar_course.tokenizers.vqvae import CHECKPOINT_KIND, QUANTIZERS, SWITCH_QUANTIZERS, VQVAE, VQVAEConfig
 from ar_course.train import (
     DEVICE_HELP, History, TrainConfig, add_run_options, apply_process_options, check_batch_size, finish_run, out_help,
-    prepare_run, seed_int, train_loop, trainer_main,
+    content_digest, prepare_run, seed_int, train_loop, trainer_main,
 )
 from ar_course.utils import check_int, get_device, kept_random_state, seed_everything
 
@@ -145,7 +145,8 @@ def train_tokenizer(
                     checkpoint_every=checkpoint_every),
         eval_fn=lambda m: evaluate(m, test_images), progress=progress,
         desc=f"tokenizer/{config.quantizer}/{dataset}", state_path=state_path, resume=resume,
-        settings={"seed": seed, "batch_size": batch_size, "dataset": dataset, "examples": int(train_images.shape[0])},
+        settings={"seed": seed, "batch_size": batch_size, "dataset": dataset, "examples": int(train_images.shape[0]),
+                  "data": content_digest(train_images)},
     )
     if config.quantizer == "kl":  # standardise the continuous tokens on training latents
         with torch.no_grad():
@@ -224,7 +225,7 @@ def _parser() -> ArgumentParser:
     parser.add_argument("--lfq-entropy-weight", type=nonnegative_float, default=VQVAEConfig.lfq_entropy_weight,
                         help="lfq: weight of the entropy loss [%(default)s]")
     parser.add_argument("--device", type=device_name, default=None, help=DEVICE_HELP)
-    parser.add_argument("--out", type=Path, default=None,
+    parser.add_argument("--out", type=path_arg, default=None,
                         help=out_help("ar_course/assets/tokenizer_<dataset>_<quantizer>.safetensors"))
     add_run_options(parser)
     return parser

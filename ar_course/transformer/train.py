@@ -31,7 +31,9 @@ import torch.nn.functional as F
 from ar_course import distributed as ddp
 from ar_course import checkpoint
 from ar_course.checkpoint import ASSETS, save_checkpoint
-from ar_course.cli import ArgumentParser, device_name, float_in, nonnegative_int, positive_float, positive_int
+from ar_course.cli import (
+    ArgumentParser, checkpoint_arg, device_name, float_in, nonnegative_int, path_arg, positive_float, positive_int,
+)
 from ar_course.train import (
     DEVICE_HELP, TrainConfig, add_run_options, apply_process_options, checkpoint_option, content_digest, finish_run,
     out_help, prepare_run, seed_int, train_loop, trainer_main,
@@ -247,9 +249,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="global batch of windows, split across processes under torchrun (default: the preset's)")
     parser.add_argument("--lr", type=positive_float, default=None, help="peak learning rate (default: the preset's)")
     parser.add_argument("--seed", type=seed_int, default=0, help="random seed (default: 0)")
-    parser.add_argument("--out", type=Path, default=None,
+    parser.add_argument("--out", type=path_arg, default=None,
                         help=out_help("ar_course/assets/lm_<preset>.safetensors"))
-    parser.add_argument("--teacher", default=None,
+    parser.add_argument("--teacher", type=checkpoint_arg, default=None,
                         help="lm checkpoint to distil from, a shipped name or a path (default: the preset's; 'draft' "
                              "uses lm_target)")
     parser.add_argument("--no-distill", action="store_true", help="train on the data only, even for 'draft'")
@@ -259,9 +261,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--teacher and --no-distill conflict: distil from --teacher, or train on the data only")
     preset = apply_text_trainer_options(parser, args, PRESETS, lambda p: p.seq_len)
     out = args.out or ASSETS / f"lm_{args.preset}.safetensors"
-    state_path = prepare_run(parser, out, args.resume, preset.batch_size)
-    device = get_device(args.device)
     teacher_path = None if args.no_distill else (args.teacher or preset.teacher)
+    state_path = prepare_run(parser, out, args.resume, preset.batch_size, {"--teacher": teacher_path})
+    device = get_device(args.device)
     with checkpoint_option(parser, "--teacher"):
         teacher = checkpoint.load(teacher_path, kind=KIND) if teacher_path else None
 

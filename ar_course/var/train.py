@@ -17,7 +17,7 @@ import torch
 from ar_course import distributed as ddp
 from ar_course import metrics
 from ar_course.checkpoint import tokenizer_reference
-from ar_course.cli import ArgumentParser
+from ar_course.cli import ArgumentParser, checkpoint_arg
 from ar_course.data import image_batches
 from ar_course.raster.model import condition_dropout_batches
 from ar_course.tokenizers import VQVAE
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
                             description="Train VAR (next-scale prediction) on token pyramids of a multi-scale "
                                         "tokenizer (default: MNIST with the shipped mnist_msvq).")
     parser.add_argument("--dataset", choices=tuple(metrics.DATASETS), default="mnist")
-    parser.add_argument("--tokenizer", default=None,
+    parser.add_argument("--tokenizer", type=checkpoint_arg, default=None,
                         help=f"shipped tokenizer name or path of a msvq tokenizer checkpoint trained on the dataset "
                              f"(default for mnist: {TOKENIZER}; required for shapes)")
     add_conditional_model_options(parser, steps=1200, batch_size=48, lr=3e-3, n_embd=64)
@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     add_output_options(parser, out=PRETRAINED_PATH)
     args = parser.parse_args(argv)
     check_conditional_model_options(parser, args, args.dataset)
-    state_path = prepare_run(parser, args.out, args.resume, args.batch_size)
+    state_path = prepare_run(parser, args.out, args.resume, args.batch_size, {"--tokenizer": args.tokenizer})
     progress = apply_process_options(args)
     if args.tokenizer is None:
         if args.dataset != "mnist":
