@@ -24,6 +24,8 @@ help:
 	@echo "make bench  - run the benchmarks (writes benchmarks/results/)"
 	@echo "make gpu-report - on a CUDA machine, from a plain checkout: GPU tests, kernels, system (<= 5 min)"
 	@echo "make doctor - check this machine"
+	@echo "make install - set up .venv only (torch for this machine, the package with every extra)"
+	@echo "make clean-venv - delete .venv (the next make sets it up again)"
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
