@@ -85,7 +85,8 @@ def _probe(code: str, timeout: float = 120) -> tuple[bool, str]:
 
 
 NUMPY_MAX_FOR_NUMBA_CUDA = (2, 5)
-"""numba-cuda 0.30 calls ``numpy.row_stack``, removed in numpy 2.5: the ``kernels`` extra pins ``numpy<2.5``."""
+"""numba-cuda 0.30 calls ``numpy.row_stack``, removed in numpy 2.5: the ``kernels`` extra pins ``numpy<2.5``, and
+:func:`ar_course.kernels.env.restore_numpy_row_stack` puts it back where numpy is newer."""
 
 
 def _distribution_version(name: str) -> str | None:
@@ -119,14 +120,17 @@ def module_finding(module: str, version: str | None, blocking: bool, extra: str)
 
 
 def numpy_numba_cuda() -> Finding | None:
-    """FAIL when numba-cuda is installed with a numpy it cannot compile kernels with; None without numba-cuda."""
+    """WARN when numba-cuda is installed with a numpy that lacks what it calls (the course's kernels still work:
+    :mod:`ar_course.kernels` puts it back); None without numba-cuda."""
     numba_cuda, numpy_v = _distribution_version("numba-cuda"), _distribution_version("numpy")
     if numba_cuda is None or numpy_v is None:
         return None
     if _major_minor(numpy_v) >= NUMPY_MAX_FOR_NUMBA_CUDA:
         limit = ".".join(map(str, NUMPY_MAX_FOR_NUMBA_CUDA))
-        return Finding(FAIL, "numpy + numba-cuda", f"numba-cuda {numba_cuda} cannot compile kernels with numpy "
-                       f"{numpy_v} (numpy.row_stack was removed in {limit}); fix: pip install 'numpy<{limit}'")
+        return Finding(WARN, "numpy + numba-cuda", f"numba-cuda {numba_cuda} calls numpy.row_stack, removed in numpy "
+                       f"{limit} (this is {numpy_v}): importing ar_course.kernels puts it back for the course's "
+                       f"kernels; numba-cuda code of your own needs that import first, or pip install "
+                       f"'numpy<{limit}'")
     return Finding(OK, "numpy + numba-cuda", f"numpy {numpy_v} with numba-cuda {numba_cuda}")
 
 

@@ -5,11 +5,11 @@ every system configuration, in at most five minutes on one CUDA GPU. Writes ``be
     make gpu-report                                  # = PYTHONPATH=. python benchmarks/gpu_report.py
     python benchmarks/gpu_report.py --table          # the README's GPU table (markdown) from gpu.json
 
-Runs from a plain checkout with the machine's own torch / triton / numba (no install step); numba-cuda 0.30
-needs ``numpy.row_stack``, which numpy 2.5 removed, so it is put back (as ``numpy.vstack``) before numba is
-imported. Each part runs in its own process under its share of the time budget (:data:`PARTS`), never more
-than what the report has left; a part that runs out is cut off and noted, and the parts after an exhausted
-budget are skipped with a note:
+Runs from a plain checkout with the machine's own torch / triton / numba (no install step; numba-cuda 0.30
+needs ``numpy.row_stack``, which numpy 2.5 removed: importing ``ar_course.kernels``, as every GPU path does
+before it compiles a kernel, puts it back). Each part runs in its own process under its share of the time
+budget (:data:`PARTS`), never more than what the report has left; a part that runs out is cut off and noted,
+and the parts after an exhausted budget are skipped with a note:
 
 * ``tests``: ``pytest -m gpu`` over the test files that have GPU tests: passed / failed / skipped counts and
   each failure's first line.
@@ -36,11 +36,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
-
-import numpy
-
-if not hasattr(numpy, "row_stack"):  # numba-cuda 0.30 still calls it; numpy 2.5 removed it
-    numpy.row_stack = numpy.vstack
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # a plain checkout: the package and the benchmarks beside this file
@@ -141,11 +136,8 @@ def gpu_test_files() -> list[str]:
 
 
 def tests_command() -> list[str]:
-    """``pytest -m gpu -v`` in a fresh interpreter that first puts ``numpy.row_stack`` back."""
-    shim = ("import numpy, sys, pytest\n"
-            "if not hasattr(numpy, 'row_stack'): numpy.row_stack = numpy.vstack\n"
-            "sys.exit(pytest.main(sys.argv[1:]))")
-    return [sys.executable, "-c", shim, "-m", "gpu", "-v", "-rfE", "-p", "no:cacheprovider",
+    """``pytest -m gpu -v`` in a fresh interpreter."""
+    return [sys.executable, "-m", "pytest", "-m", "gpu", "-v", "-rfE", "-p", "no:cacheprovider",
             "--continue-on-collection-errors", *gpu_test_files()]  # a file that cannot import stops no other
 
 
@@ -267,6 +259,7 @@ def _write_json(path: Path, data: dict) -> None:
 
 def versions() -> dict:
     """The software the report ran on."""
+    import numpy
     import torch
 
     out = {"python": sys.version.split()[0], "torch": torch.__version__, "cuda": torch.version.cuda,

@@ -51,6 +51,22 @@ def set_kernel_defaults() -> bool:
 
 CUDA_AVAILABLE: bool = set_kernel_defaults()
 
+
+def restore_numpy_row_stack() -> bool:
+    """Give numpy back ``row_stack`` (as ``numpy.vstack``, which it was) when it lacks it: numba-cuda 0.30
+    overloads ``numpy.row_stack`` at its CUDA target's first compile and fails on numpy 2.5, which removed it
+    (the GPU machine's numpy; ``pip install 'numpy<2.5'`` is the other fix). Runs when :mod:`ar_course.kernels`
+    is imported, before numba. Returns whether it was missing."""
+    import numpy
+
+    missing = not hasattr(numpy, "row_stack")
+    if missing:
+        numpy.row_stack = numpy.vstack
+    return missing
+
+
+restore_numpy_row_stack()
+
 try:  # after the environment variables are set
     from numba import cuda
     from numba.cuda.core import config as _numba_cuda_config
