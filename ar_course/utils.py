@@ -26,6 +26,18 @@ import torch
 
 
 @contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """``model`` in eval mode for the block (dropout off), given back in the mode it came in even when the block
+    raises (a reward that fails its check, Ctrl-C in an evaluation)."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+@contextmanager
 def kept_random_state() -> Iterator[None]:
     """Give back the global random generators as they were once the block ends: Python's, NumPy's, torch's on the
     CPU and on every CUDA device already in use. A block that seeds them (a trainer's :func:`seed_everything`) or

@@ -4,6 +4,7 @@ the CCA loss, log-probabilities under the raster model, rewards, trainers' deter
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -446,3 +447,33 @@ def test_generate_cli_picks_an_aligned_raster_model(tmp_path, capsys):
     assert pngs[0] == pngs[1] != pngs[2]  # aligned models sample without guidance by default
     assert cli_main(["generate", "--ar-model", "grpo", "--out", str(tmp_path / "v.png")]) == 2
     assert "--method ar" in capsys.readouterr().err
+
+
+# -- paths the package itself never takes: found by mutating the library ---------------------------------------
+
+
+def test_a_rollout_whose_reward_fails_its_check_gives_the_policy_back_in_training_mode():
+    """The documented ValueError for a NaN reward left a training policy in eval mode (dropout off)."""
+    torch.manual_seed(3)
+    policy = GPT(raster.raster_config(16, (2, 2), n_classes=2, n_layer=1, n_head=2, n_embd=16)).train()
+    nan_rewards = lambda maps, classes: torch.full((maps.shape[0],), float("nan"))  # noqa: E731
+    with pytest.raises(ValueError, match="reward_fn returned nan for sample 0"):
+        grpo_rollout(policy, copy.deepcopy(policy), nan_rewards, 2, torch.Generator().manual_seed(0))
+    assert policy.training
+
+
+def test_the_clipped_surrogate_takes_logp_old_as_a_constant():
+    """On the first inner step logp_old is the same tensor as logp: its gradient must still be the advantage (a
+    logp_old that carried gradient would cancel it to 0)."""
+    logp, adv = torch.randn(2, 3, requires_grad=True), torch.tensor([1.0, -2.0])
+    clipped_surrogate(logp, logp, adv).sum().backward()
+    torch.testing.assert_close(logp.grad, adv[:, None].expand(2, 3))
+
+
+def test_cca_trains_on_a_single_example():
+    """Batches draw examples from all of [0, N): with N = 1 the one example (an off-by-one bound crashed)."""
+    torch.manual_seed(3)
+    policy = GPT(raster.raster_config(256, (8, 8), n_layer=1, n_head=2, n_embd=16))
+    maps, labels = torch.randint(0, 256, (1, 8, 8)), torch.tensor([3])
+    log = train_cca(policy, copy.deepcopy(policy), maps, labels, CCAConfig(steps=1, batch_size=2), progress=False)
+    assert len(log.loss) == 1 and math.isfinite(log.loss[0])

@@ -366,3 +366,31 @@ def test_train_continuous_cli_errors(capsys):
     assert status == 2 and "--steps" in error_line(err)
     status, _, err = run(capsys, "train", "continuous", "--tokenizer", "mnist_vq", "--steps", "1")
     assert status == 2 and "a continuous ('kl') one is needed" in error_line(err)
+
+
+def test_flow_matching_loss_draws_its_times_from_the_generator_given():
+    """Seeded with a generator, the loss must not read the global random state (t was drawn from it)."""
+    x1 = torch.randn(16, 4, generator=torch.Generator().manual_seed(0))
+    velocity = lambda x, t: x * t[:, None]  # noqa: E731  (depends on t)
+    torch.manual_seed(0)
+    first = flow_matching_loss(velocity, x1, torch.Generator().manual_seed(3))
+    torch.manual_seed(1)
+    assert torch.equal(flow_matching_loss(velocity, x1, torch.Generator().manual_seed(3)), first)
+
+
+def test_euler_evaluates_the_velocity_at_the_start_of_each_step():
+    """x_{i+1} = x_i + v(x_i, i / steps) / steps: with v = t, four steps from 0 reach (0 + 1 + 2 + 3) / 16."""
+    x = euler_sample(lambda x, t: t[:, None].expand_as(x), torch.zeros(2, 3), steps=4)
+    torch.testing.assert_close(x, torch.full((2, 3), 6 / 16))
+
+
+def test_conditions_with_a_cache_continue_a_prefill_of_several_tokens():
+    """The built-in sampler feeds one token at a time; a cache fed chunks of 3 then 2 tokens must advance by each
+    chunk and give the conditions of one full pass."""
+    model, classes = tiny_model(), torch.tensor([0, 3])
+    tokens = torch.randn(2, 5, 3, generator=torch.Generator().manual_seed(0))
+    cache = model.make_cache(2)
+    first = model.conditions(tokens[:, :3], classes, cache)  # the class token and 3 tokens
+    assert cache.length == 4
+    rest = model.conditions(tokens[:, 3:], None, cache)
+    torch.testing.assert_close(torch.cat([first, rest], 1), model.conditions(tokens, classes))

@@ -338,3 +338,30 @@ def test_the_shipped_text_models_are_what_their_documented_runs_train():
     assert dlm["tokens_seen"] == 28_000 * 16 * dlm["seq_len"] and dlm["seq_len"] == ar["seq_len"] == 64
     steps = [e["step"] for e in dlm["evals"]]
     assert steps == sorted(steps) and 40_000 in steps and steps[-1] == 68_000
+
+
+def test_mask_tokens_masks_where_the_noise_equals_the_kept_probability():
+    """A token is masked when its uniform draw is at least alpha(t): at t = 1 (alpha = 0) a draw of 0 masks."""
+    x, masked = F.mask_tokens(torch.tensor([[1, 2, 3]]), torch.tensor(1.0), 9, noise=torch.zeros(1, 3))
+    assert bool(masked.all()) and bool((x == 9).all())
+
+
+def test_unmask_probability_values_of_both_schedules():
+    """(alpha(s) - alpha(t)) / (1 - alpha(t)): linear alpha = 1 - t gives (t - s) / t."""
+    t, s = torch.tensor(1.0, dtype=torch.float64), torch.tensor(0.5, dtype=torch.float64)
+    assert float(F.unmask_probability(t, s)) == 0.5
+    assert float(F.unmask_probability(torch.tensor(0.8), torch.tensor(0.2))) == pytest.approx(0.75, abs=1e-6)
+    alpha = lambda u: math.cos(u * math.pi / 2)  # noqa: E731  (the cosine schedule)
+    assert float(F.unmask_probability(t, s, "cosine")) == pytest.approx((alpha(0.5) - alpha(1.0)) / (1 - alpha(1.0)))
+
+
+def test_the_training_loss_draws_times_in_0_1_as_one_minus_a_uniform():
+    """The loss of one full-sequence row, rebuilt by hand from the same generator: t = 1 - u lies in (0, 1] (t = u
+    could be 0, whose weight 1/t is infinite)."""
+    model, ids = tiny(length=4), torch.tensor([[0, 1, 2, 1]])
+    got = model(ids, generator=torch.Generator().manual_seed(5))
+    g = torch.Generator().manual_seed(5)
+    t = (1.0 - torch.rand((), generator=g)).expand(1, 4)  # one row, one block
+    x_t, masked = F.mask_tokens(ids, t, model.mask_id, noise=torch.rand((1, 4), generator=g))
+    logits = model.logits(x_t, torch.arange(4))
+    torch.testing.assert_close(got, F.masked_nll(logits, ids, masked, F.loss_weight(t)) / 4)

@@ -632,3 +632,47 @@ def test_replay_refuses_what_is_not_a_trace(tiny, trace, realtime, match):  # no
     """It used to fail inside with "AttributeError: 'int' object has no attribute 'arrival'"."""
     with pytest.raises(TypeError, match=match):
         replay(Engine(tiny), trace, realtime=realtime)
+
+
+# -- paths the engine itself never takes, or takes without a visible effect: found by mutating the library ---------
+
+
+def test_packed_forward_starts_the_scores_of_written_slots_at_zero(tiny):
+    """A freed block reused by a new sequence must not keep the H2O score an earlier sequence gave it."""
+    written = []
+    for stale in (0.0, 5.0):
+        cache = PagedKVCache.for_model(tiny, 4, 4)
+        cache.add(0)
+        cache.reserve(0, 6)
+        scores = torch.full((16,), stale, dtype=torch.float64)
+        with torch.no_grad():
+            packed_forward(tiny, cache, [(0, [1, 2, 3, 4, 5, 6], 0)], scores=scores)
+        written.append(scores[cache.slots(0, 0, 6)])
+    torch.testing.assert_close(written[0], written[1])
+
+
+def test_admission_keeps_a_block_of_headroom_per_running_sequence(tiny):
+    """Two requests of 7 positions (2 blocks each) and a pool of 2 blocks: the second waits instead of being
+    admitted and then preempted (outputs would be the same, the work twice)."""
+    engine = Engine(tiny, EngineConfig(num_blocks=2, block_size=4, max_running=2, max_step_tokens=16))
+    for prompt in ([1, 2, 3, 4], [5, 6, 7, 8]):
+        engine.add_request(prompt, 4)
+    engine.step()
+    assert len(engine.running) == 1
+    engine.run()
+    assert engine.preemptions == 0
+
+
+def test_copy_on_write_of_a_quantized_block_keeps_its_scales():
+    """fork shares a partly filled int8 block; the first write of the fork copies it, scales included."""
+    cache = PagedKVCache(1, 2, 4, 4, 4, kv_bits=8)
+    cache.add(0)
+    cache.reserve(0, 2)
+    k = torch.randn(2, 2, 4, generator=torch.Generator().manual_seed(0))
+    cache.write(0, cache.slots(0, 0, 2), k, -k)
+    cache.advance(0, 2)
+    cache.fork(0, 1)
+    cache.reserve(1, 1)  # sequence 1 writes into the shared block: a private copy
+    assert cache.block_table(1)[0] != cache.block_table(0)[0]
+    for copied, original in zip(cache.read(0, cache.slots(1, 0, 2)), cache.read(0, cache.slots(0, 0, 2))):
+        torch.testing.assert_close(copied, original)

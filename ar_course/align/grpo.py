@@ -30,7 +30,7 @@ from ar_course.raster.model import generate_images, generate_tokens
 from ar_course.tokenizers import VQVAE
 from ar_course.train import DIVERGED_HINT, TrainingError, nonfinite_parameter
 from ar_course.transformer.model import GPT
-from ar_course.utils import check_int, check_number, check_seed, kept_random_state
+from ar_course.utils import check_int, check_number, check_seed, eval_mode, kept_random_state
 
 
 def _check_kl_coef(kl_coef: object) -> float:
@@ -162,9 +162,7 @@ def grpo_rollout(
     device = next(policy.parameters()).device
     n_classes = policy.config.n_classes
     classes = torch.arange(n_classes, device=device).repeat_interleave(group_size)  # (N * G,)
-    was_training = policy.training
-    policy.eval()
-    with torch.no_grad():
+    with eval_mode(policy), torch.no_grad():
         maps = generate_tokens(policy, classes, policy.config.grid, generator=generator)  # (N * G, h, w)
         rewards = reward_fn(maps, classes)  # (N * G,)
         if not (isinstance(rewards, torch.Tensor) and rewards.is_floating_point()
@@ -180,7 +178,6 @@ def grpo_rollout(
         adv = group_advantages(rewards.view(n_classes, group_size)).flatten()  # (N, G) -> (N * G,)
         logp_old = token_log_probs(policy, maps, classes)  # (N * G, T)
         logp_ref = token_log_probs(reference, maps, classes)  # (N * G, T)
-    policy.train(was_training)
     return dict(zip(ROLLOUT_KEYS, (classes, maps, rewards, adv, logp_old, logp_ref)))
 
 

@@ -28,7 +28,7 @@ from ar_course.checkpoint import config_from_dict
 from ar_course.diffusion_lm import functional as F
 from ar_course.sampling import SamplingConfig, check_sampling, sample
 from ar_course.transformer.model import GPT, GPTConfig, KVCache, check_cache_layout
-from ar_course.utils import check_bool, check_ids, check_int
+from ar_course.utils import check_bool, check_ids, check_int, eval_mode
 
 DEFAULT_TRAIN_BLOCK_SIZES = (0, 0, 1, 4, 16)
 
@@ -233,13 +233,11 @@ class DiffusionLM(nn.Module):
         samples = check_int("samples", samples, lo=1)
         batch_size = check_int("batch_size", batch_size, lo=1)
         b = self._block_size(block_size, ids.shape[1])
-        was_training = self.training
-        self.eval()
         total = 0.0
-        for _ in range(samples):
-            for i in range(0, ids.shape[0], batch_size):
-                total += float(self(ids[i : i + batch_size], b, generator).sum())
-        self.train(was_training)
+        with eval_mode(self):
+            for _ in range(samples):
+                for i in range(0, ids.shape[0], batch_size):
+                    total += float(self(ids[i : i + batch_size], b, generator).sum())
         return total / (samples * ids.shape[0])
 
     @torch.no_grad()

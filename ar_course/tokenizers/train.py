@@ -33,7 +33,7 @@ from ar_course.train import (
     DEVICE_HELP, History, TrainConfig, add_run_options, apply_process_options, check_batch_size, finish_run, out_help,
     content_digest, prepare_run, seed_int, train_loop, trainer_main,
 )
-from ar_course.utils import check_int, get_device, kept_random_state, seed_everything
+from ar_course.utils import check_int, eval_mode, get_device, kept_random_state, seed_everything
 
 DATASETS = tuple(metrics.DATASETS)  # the image sets dataset_split loads: ("mnist", "shapes")
 LFQ_DEFAULT_DIM = 8
@@ -79,16 +79,14 @@ def evaluate(model: VQVAE, images: torch.Tensor, batch_size: int = 500) -> dict[
     """Held-out ``psnr`` (dB, mean over images), ``mse``, and the codebook's ``fraction_used`` and
     ``perplexity`` over all the tokens of ``images`` ``(N, C, S, S)`` (not for the continuous ``kl``, which has no
     codebook)."""
-    was_training = model.training
-    model.eval()
     device = next(model.parameters()).device
     recons, tokens = [], []
-    for chunk in images.split(batch_size):
-        idx = model.encode_to_indices(chunk.to(device))
-        recons.append(model.decode_from_indices(idx).cpu())
-        tokens.append(torch.cat([i.flatten() for i in idx]) if isinstance(idx, list) else idx.flatten())
+    with eval_mode(model):
+        for chunk in images.split(batch_size):
+            idx = model.encode_to_indices(chunk.to(device))
+            recons.append(model.decode_from_indices(idx).cpu())
+            tokens.append(torch.cat([i.flatten() for i in idx]) if isinstance(idx, list) else idx.flatten())
     recon = torch.cat(recons)
-    model.train(was_training)
     result = {"psnr": metrics.psnr(recon, images.cpu()), "mse": float((recon - images.cpu()).pow(2).mean())}
     if model.config.quantizer == "kl":
         return result

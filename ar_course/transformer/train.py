@@ -39,7 +39,7 @@ from ar_course.train import (
     out_help, prepare_run, seed_int, train_loop, trainer_main,
 )
 from ar_course.transformer.model import GPT, GPTConfig
-from ar_course.utils import check_int, count_parameters, get_device, kept_random_state, seed_everything
+from ar_course.utils import check_int, count_parameters, eval_mode, get_device, kept_random_state, seed_everything
 
 KIND = "lm"
 
@@ -90,17 +90,15 @@ def evaluate_lm(
     starts = torch.arange(n) * seq_len
     if max_windows is not None and max_windows < n:
         starts = starts[torch.linspace(0, n - 1, max_windows).long()]
-    was_training = model.training
-    model.eval()
     device = next(model.parameters()).device
     total, count = 0.0, 0
-    for i in range(0, len(starts), batch_size):
-        s = starts[i : i + batch_size]
-        win = torch.stack([ids[j : j + seq_len + 1] for j in s.tolist()]).to(device)  # (b, seq_len+1)
-        _, loss = model(win[:, :-1], targets=win[:, 1:])
-        total += float(loss) * len(s)
-        count += len(s)
-    model.train(was_training)
+    with eval_mode(model):
+        for i in range(0, len(starts), batch_size):
+            s = starts[i : i + batch_size]
+            win = torch.stack([ids[j : j + seq_len + 1] for j in s.tolist()]).to(device)  # (b, seq_len+1)
+            _, loss = model(win[:, :-1], targets=win[:, 1:])
+            total += float(loss) * len(s)
+            count += len(s)
     return total / count
 
 
