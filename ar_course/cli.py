@@ -104,7 +104,10 @@ def invalid(requirement: str, text: str) -> argparse.ArgumentTypeError:
 
 def path_arg(text: str) -> Path:
     """argparse ``type=`` for a file or folder option: the path with a leading ``~`` expanded as a shell would
-    (``--out=~/x.png`` and a quoted ``'~/x.png'`` reach the program unexpanded: not a folder named ``~`` here)."""
+    (``--out=~/x.png`` and a quoted ``'~/x.png'`` reach the program unexpanded: not a folder named ``~`` here).
+    The empty text is refused (``Path("")`` would be the current folder: ``--notebooks "$UNSET"``)."""
+    if not text:
+        raise invalid("a path", text)
     return Path(os.path.expanduser(text))
 
 

@@ -251,7 +251,7 @@ def content_digest(*parts: torch.Tensor | torch.nn.Module) -> str:
         for t in tensors:
             t = t.detach().cpu().contiguous()
             digest.update(f"{t.dtype}{tuple(t.shape)};".encode())
-            digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())  # (numel * itemsize,) raw bytes
+            digest.update(t.reshape(-1).view(torch.uint8).numpy())  # (numel * itemsize,) raw bytes, not copied
     return digest.hexdigest()[:12]
 
 
@@ -340,8 +340,11 @@ def read_train_state(path: str | Path, config: TrainConfig,
     if by_field:
         changed += _changes(then_model, now_model)
     if changed:
+        older = any(" not recorded -> " in c for c in changed)  # e.g. a state of an older ar_course
         raise TrainingError(f"the training state at {path} comes from a run with other settings "
-                            f"({', '.join(changed)}); resume with the options of that run")
+                            f"({', '.join(changed)}); resume with the options of that run"
+                            + ("; a state that does not record a setting (one written by an older ar_course) "
+                               "cannot be resumed: start the run again without --resume" if older else ""))
     return tensors, meta
 
 
@@ -379,9 +382,9 @@ def _check_state(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, A
 
 def _changes(then: dict[str, Any], now: dict[str, Any], keys: Iterable[str] | None = None) -> list[str]:
     """``"key old -> new"`` for each of ``keys`` (default: every key of either side) whose values differ; a key
-    one side lacks shows ``None`` there."""
-    return [f"{k} {then.get(k)!r} -> {now.get(k)!r}" for k in ({**now, **then} if keys is None else keys)
-            if then.get(k) != now.get(k)]
+    ``now`` lacks shows ``None`` there, a key ``then`` (the stored state) lacks ``"key not recorded -> new"``."""
+    return [f"{k} {repr(then[k]) if k in then else 'not recorded'} -> {now.get(k)!r}"
+            for k in ({**now, **then} if keys is None else keys) if then.get(k) != now.get(k)]
 
 
 def _model_settings(model: torch.nn.Module) -> dict[str, Any]:
@@ -795,15 +798,13 @@ def refuse_installed_assets(parser: argparse.ArgumentParser, out: Path) -> None:
         parser.error(f"--out is required: ar_course is installed as a package, and the default would {effect}")
 
 
-def prepare_run(parser: argparse.ArgumentParser, out: Path, resume: bool, batch_size: int | None,
-                inputs: dict[str, str | Path | None] | None = None) -> Path:
-    """Check a trainer's arguments before any work: ``out`` must be a writable ``.safetensors`` path, outside
-    the package's :data:`~ar_course.checkpoint.ASSETS` unless ar_course runs from a source checkout
-    (:func:`is_source_checkout`; where the default ``--out`` of every trainer lies, so ``--out`` is required in an
-    installed package), and not the file of one of the checkpoints the run reads, ``inputs`` (option -> name or
-    path, e.g. ``{"--tokenizer": args.tokenizer}``: saving would replace it); and ``batch_size`` (the global
-    batch) must divide by the number of processes (usage errors, exit 2); with ``resume`` the training state must
-    exist (:class:`TrainingError`). Returns the training state's path."""
+def check_out(parser: argparse.ArgumentParser, out: Path, inputs: dict[str, str | Path | None] | None = None
+              ) -> None:
+    """A usage error (exit 2) unless a trainer's ``out`` is a writable ``.safetensors`` path, outside the package's
+    :data:`~ar_course.checkpoint.ASSETS` unless ar_course runs from a source checkout (:func:`is_source_checkout`;
+    where the default ``--out`` of every trainer lies, so ``--out`` is required in an installed package), and not
+    the file of one of the checkpoints the run reads, ``inputs`` (option -> name or path, e.g.
+    ``{"--tokenizer": args.tokenizer}``: saving would replace it)."""
     refuse_installed_assets(parser, out)
     try:
         check_output_path(out, suffix=".safetensors", what="--out")
@@ -815,8 +816,16 @@ def prepare_run(parser: argparse.ArgumentParser, out: Path, resume: bool, batch_
         except CheckpointError:  # loading it reports that, in its own words
             continue
         if source is not None and source.resolve() == Path(out).resolve():
-            parser.error(f"--out {out} is the {option} checkpoint this run reads: saving would replace it; choose "
-                         f"another --out")
+            parser.error(f"--out {str(out)!r} is the {option} checkpoint this run reads: saving would replace it; "
+                         f"choose another --out")
+
+
+def prepare_run(parser: argparse.ArgumentParser, out: Path, resume: bool, batch_size: int | None,
+                inputs: dict[str, str | Path | None] | None = None) -> Path:
+    """Check a trainer's arguments before any work: ``out`` and ``inputs`` as :func:`check_out` says, and
+    ``batch_size`` (the global batch) must divide by the number of processes (usage errors, exit 2); with
+    ``resume`` the training state must exist (:class:`TrainingError`). Returns the training state's path."""
+    check_out(parser, out, inputs)
     if batch_size is not None and batch_size % ddp.world_size():
         parser.error(f"--batch-size {batch_size} (the global batch) must divide by the number of processes "
                      f"({ddp.world_size()})")

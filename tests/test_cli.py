@@ -558,3 +558,16 @@ def test_make_lab_serves_on_localhost_with_its_token():
     assert "jupyter lab" in recipe and "--ServerApp.ip=127.0.0.1" in recipe and "--allow-root" in recipe
     assert "token" not in recipe and "0.0.0.0" not in recipe  # the token stays on; nothing opens it up
     assert "ssh -L 8888:localhost:8888" in (ROOT / "README.md").read_text(encoding="utf-8")
+
+
+def test_an_empty_path_option_is_refused_not_read_as_the_current_folder(capsys, tmp_path, monkeypatch):
+    """``--notebooks ""`` (an unset shell variable) wrote the notebooks into the current folder and deleted the
+    other notebooks there."""
+    from ar_course import build_notebooks
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mine.ipynb").write_text("{}", encoding="utf-8")
+    with pytest.raises(SystemExit) as info:
+        build_notebooks.main(["--notebooks", ""])
+    assert info.value.code == 2 and "--notebooks: must be a path, got ''" in capsys.readouterr().err
+    assert [p.name for p in tmp_path.iterdir()] == ["mine.ipynb"]

@@ -283,7 +283,7 @@ def test_a_trainer_names_its_out_option_as_generate_does(capsys, tmp_path, what)
 @pytest.mark.parametrize("what, option, shipped", [
     ("ar", "--tokenizer", "tokenizer_mnist_vq"), ("maskgit", "--tokenizer", "tokenizer_mnist_vq"),
     ("var", "--tokenizer", "tokenizer_mnist_msvq"), ("continuous", "--tokenizer", "tokenizer_mnist_kl"),
-    ("lm", "--teacher", "lm_target"),
+    ("lm", "--teacher", "lm_target"), ("grpo", "--base", "ar_mnist"), ("cca", "--base", "ar_mnist"),
 ])
 def test_out_that_is_the_runs_own_input_checkpoint_is_refused(capsys, tmp_path, what, option, shipped):
     """``--out`` naming the file of ``--tokenizer`` (or ``--teacher``) replaced it with the new model, which then
@@ -293,6 +293,6 @@ def test_out_that_is_the_runs_own_input_checkpoint_is_refused(capsys, tmp_path, 
     before = source.read_bytes()
     status, _, err = run(capsys, "train", what, "--steps", "1", option, source, "--out", tmp_path / "." / source.name)
     assert status == 2
-    assert error_line(err).startswith(f"error: --out {tmp_path / '.' / source.name} is the {option} checkpoint this "
-                                      "run reads: saving would replace it; choose another --out")
+    assert error_line(err).startswith(f"error: --out {str(tmp_path / '.' / source.name)!r} is the {option} checkpoint "
+                                      "this run reads: saving would replace it; choose another --out")
     assert source.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["in.safetensors"]

@@ -24,10 +24,9 @@ from ar_course.cli import (
     ArgumentParser, checkpoint_arg, device_name, int_in, nonnegative_float, nonnegative_int, path_arg, positive_float,
     positive_int,
 )
-from ar_course.files import check_output_path
 from ar_course.train import (
-    DEVICE_HELP, NOT_MEASURED, add_process_options, apply_process_options, check_batch_size, checkpoint_option,
-    out_help, per_class_int, refuse_installed_assets, seed_int, trainer_main,
+    DEVICE_HELP, NOT_MEASURED, add_process_options, apply_process_options, check_batch_size, check_out,
+    checkpoint_option, out_help, per_class_int, seed_int, trainer_main,
 )
 from ar_course.utils import get_device
 
@@ -56,13 +55,9 @@ def _common(parser: ArgumentParser, out: Path | None, base: str | None = "ar_mni
 
 
 def _load(args: argparse.Namespace, parser: ArgumentParser, kind: str = raster.CHECKPOINT_KIND):
-    """``(policy, reference, tokenizer, device)`` after checking ``--out``; ``--base`` must be of ``kind`` (a
-    usage error)."""
-    refuse_installed_assets(parser, args.out)
-    try:
-        check_output_path(args.out, suffix=".safetensors", what="--out")
-    except ValueError as exc:
-        parser.error(str(exc))
+    """``(policy, reference, tokenizer, device)`` after checking ``--out`` (:func:`~ar_course.train.check_out`: not
+    the ``--base`` file either); ``--base`` must be of ``kind`` (a usage error)."""
+    check_out(parser, args.out, {"--base": args.base})
     device = get_device(args.device)
     with checkpoint_option(parser, "--base"):
         policy, tokenizer = checkpoint.load_with_tokenizer(args.base, device, kind=kind)
