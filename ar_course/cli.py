@@ -51,16 +51,16 @@ COMMANDS = {
 EXTRAS = {"grade": "course"}
 """The optional dependencies (``pyproject.toml``'s extras) a command imports beyond the library's own."""
 
+PROG = "python -m ar_course"
+DEBUG_FLAG = "--debug"
+DEBUG_ENV = "AR_COURSE_DEBUG"
+EXIT_USAGE, EXIT_FAILURE, EXIT_INTERRUPTED = 2, 1, 130
+
 
 def missing_extra(command: str, extra: str, exc: ModuleNotFoundError) -> str:
     """The one line for ``command`` run where the ``extra`` it imports (``exc``: the failed import) is missing."""
     return f"{command} needs the {extra!r} extra, which is not installed ({exc}): pip install -e '.[{extra}]' in " \
            f"the course's folder"
-
-PROG = "python -m ar_course"
-DEBUG_FLAG = "--debug"
-DEBUG_ENV = "AR_COURSE_DEBUG"
-EXIT_USAGE, EXIT_FAILURE, EXIT_INTERRUPTED = 2, 1, 130
 
 
 class UsageError(Exception):

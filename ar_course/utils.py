@@ -26,13 +26,13 @@ import torch
 
 
 @contextmanager
-def eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+def eval_mode(model: torch.nn.Module) -> Iterator[None]:
     """``model`` in eval mode for the block (dropout off), given back in the mode it came in even when the block
     raises (a reward that fails its check, Ctrl-C in an evaluation)."""
     was_training = model.training
     model.eval()
     try:
-        yield model
+        yield
     finally:
         model.train(was_training)
 
