@@ -184,6 +184,23 @@ def int_list(lo: int) -> Callable[[str], tuple[int, ...]]:
     return parse
 
 
+def float_list(lo: float = -math.inf, *, allow_empty: bool = False) -> Callable[[str], tuple[float, ...]]:
+    """argparse ``type=``: comma-separated finite numbers, each ``>= lo`` (any finite number when ``lo`` is -inf),
+    such as ``0,0.5,1``; the empty text is the empty tuple when ``allow_empty``: ``--cfgs must be comma-separated
+    finite numbers, got '0,x'``."""
+    requirement = "comma-separated finite numbers" + ("" if lo == -math.inf else f" >= {lo:g}")
+
+    def parse(text: str) -> tuple[float, ...]:
+        if allow_empty and not text.strip():
+            return ()
+        values = tuple(_number(s) for s in text.split(","))
+        if any(v is None or not math.isfinite(v) or v < lo for v in values):
+            raise invalid(requirement, text)
+        return values  # type: ignore[return-value]  # no None left
+
+    return parse
+
+
 def device_name(text: str) -> str:
     """argparse ``type=``: ``auto`` or a device of this machine: ``cpu``, ``cuda``, ``cuda:N`` (a GPU that is
     there) or ``mps``: ``--device must be auto, cpu, cuda, cuda:N or mps, got 'tpu'``, ``--device must be a device

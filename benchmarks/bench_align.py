@@ -20,7 +20,6 @@ Writes ``benchmarks/results/align.json`` (with a ``summary`` of the chapter's ta
 
 from __future__ import annotations
 
-import argparse
 import copy
 import datetime
 import json
@@ -35,7 +34,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from ar_course import checkpoint, metrics, raster, var  # noqa: E402
+from ar_course import checkpoint, cli, metrics, raster, var  # noqa: E402
 from ar_course.align import GRPOConfig, train_grpo  # noqa: E402
 from ar_course.files import atomic_write_text, save_figure  # noqa: E402
 
@@ -233,26 +232,31 @@ def plot(result: dict, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cfgs", default="0,0.5,1,1.5,2", help="guidance strengths w of the base model")
-    parser.add_argument("--var-cfgs", default="0,1,2,3,4", help="guidance strengths w of the base VAR model")
-    parser.add_argument("--n-eval", type=int, default=500, help="samples per evaluation (and real baseline n)")
-    parser.add_argument("--batches", default="10,50,200,500", help="batch sizes to time (500: generate_images' chunk)")
-    parser.add_argument("--repeats", type=int, default=3, help="best of N timings")
-    parser.add_argument("--hack-kls", default="0,0.2,1", help="KL weights of the reward-hacking runs ('' to skip)")
-    parser.add_argument("--hack-steps", type=int, default=100)
-    parser.add_argument("--hack-lr", type=float, default=3e-4)
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser = cli.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cfgs", type=cli.float_list(), default="0,0.5,1,1.5,2",
+                        help="guidance strengths w of the base model")
+    parser.add_argument("--var-cfgs", type=cli.float_list(), default="0,1,2,3,4",
+                        help="guidance strengths w of the base VAR model")
+    parser.add_argument("--n-eval", type=cli.positive_int, default=500,
+                        help="samples per evaluation (and real baseline n)")
+    parser.add_argument("--batches", type=cli.int_list(1), default="10,50,200,500",
+                        help="batch sizes to time (500: generate_images' chunk)")
+    parser.add_argument("--repeats", type=cli.positive_int, default=3, help="best of N timings")
+    parser.add_argument("--hack-kls", type=cli.float_list(0, allow_empty=True), default="0,0.2,1",
+                        help="KL weights of the reward-hacking runs ('' to skip)")
+    parser.add_argument("--hack-steps", type=cli.positive_int, default=100)
+    parser.add_argument("--hack-lr", type=cli.positive_float, default=3e-4)
+    parser.add_argument("--threads", type=cli.positive_int, default=1, help="torch CPU threads (default 1)")
+    parser.add_argument("--out", type=cli.path_arg, default=RESULTS)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     models, tokenizer = {}, None
     for name, ckpt in MODELS.items():
         models[name], tokenizer = checkpoint.load_with_tokenizer(ckpt, "cpu", kind=raster.CHECKPOINT_KIND)
-    rows = quality(models, tokenizer, [float(w) for w in args.cfgs.split(",")], args.n_eval)
+    rows = quality(models, tokenizer, list(args.cfgs), args.n_eval)
     best_w = max((r for r in rows if r["model"] == "base"), key=lambda r: (r["accuracy"], -r["frechet"]))["cfg"]
     speed = []
-    for b in (int(x) for x in args.batches.split(",")):
+    for b in args.batches:
         speed.append({"batch": b, "base_guided": images_per_second(models["base"], tokenizer, best_w, b, args.repeats),
                       **{f"{n}_unguided": images_per_second(models[n], tokenizer, 0.0, b, args.repeats)
                          for n in ("base", "grpo", "cca")}})
@@ -263,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     var_models, var_tokenizer = {}, None
     for name, ckpt in VAR_MODELS.items():
         var_models[name], var_tokenizer = checkpoint.load_with_tokenizer(ckpt, "cpu", kind=var.CHECKPOINT_KIND)
-    var_rows = quality(var_models, var_tokenizer, [float(w) for w in args.var_cfgs.split(",")], args.n_eval, "var")
+    var_rows = quality(var_models, var_tokenizer, list(args.var_cfgs), args.n_eval, "var")
     var_best_w = max((r for r in var_rows if r["model"] == "base"), key=lambda r: (r["accuracy"], -r["frechet"]))["cfg"]
     var_speed = []
     for b in (s["batch"] for s in speed):
@@ -272,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
                                          for n, how, w in (("base", "guided", var_best_w), ("base", "unguided", 0.0),
                                                            ("cca", "unguided", 0.0))}})
         print(var_speed[-1], flush=True)
-    kls = [float(k) for k in args.hack_kls.split(",") if k.strip()]
+    kls = list(args.hack_kls)
     hack = hacking(models["base"], tokenizer, kls, args.hack_steps, args.hack_lr, per_class=10)
     comparison, summary, var_comparison = summarize(rows, speed, hack, breakdown, var_rows, var_speed)
     result = {

@@ -12,7 +12,6 @@ operating system's file cache (one untimed import warms it). Writes ``benchmarks
 
 from __future__ import annotations
 
-import argparse
 import ast
 import datetime as dt
 import json
@@ -21,6 +20,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from ar_course import cli
 from ar_course.files import atomic_write_text, save_figure
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -111,10 +111,10 @@ def plot(runs: dict, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--label", default="current", help="name of this measurement in code.json [current]")
-    parser.add_argument("--repeats", type=int, default=5, help="timed imports per module [5]")
-    parser.add_argument("--out", type=Path, default=RESULTS,
+    parser.add_argument("--repeats", type=cli.positive_int, default=5, help="timed imports per module [5]")
+    parser.add_argument("--out", type=cli.path_arg, default=RESULTS,
                         help="folder for code.json and code.png, created if missing [benchmarks/results]")
     args = parser.parse_args(argv)
     out = args.out / "code.json"

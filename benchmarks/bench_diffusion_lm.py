@@ -23,7 +23,6 @@ Writes ``benchmarks/results/diffusion_lm.json`` (with a ``summary`` of the chapt
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import math
@@ -39,7 +38,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import NullFormatter  # noqa: E402
 import torch  # noqa: E402
 
-from ar_course import checkpoint  # noqa: E402
+from ar_course import checkpoint, cli  # noqa: E402
 from ar_course.data import load_text_dataset  # noqa: E402
 from ar_course.diffusion_lm.study import StudyConfig, crossing, data_constrained  # noqa: E402
 from ar_course.files import atomic_write_text  # noqa: E402
@@ -78,15 +77,18 @@ def timed(fn, repeats: int) -> tuple[object, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, default=32, help="samples per configuration")
-    parser.add_argument("--bound-windows", type=int, default=256, help="held-out windows for the NLL bound")
-    parser.add_argument("--bound-samples", type=int, default=4, help="noise draws per window for the bound")
-    parser.add_argument("--repeats", type=int, default=2, help="best of N timings")
-    parser.add_argument("--budget", type=int, default=StudyConfig.budget, help="data-constrained: unique characters")
-    parser.add_argument("--epochs", type=int, default=StudyConfig.epochs, help="data-constrained: epochs")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser = cli.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=cli.positive_int, default=32, help="samples per configuration")
+    parser.add_argument("--bound-windows", type=cli.positive_int, default=256,
+                        help="held-out windows for the NLL bound")
+    parser.add_argument("--bound-samples", type=cli.positive_int, default=4,
+                        help="noise draws per window for the bound")
+    parser.add_argument("--repeats", type=cli.positive_int, default=2, help="best of N timings")
+    parser.add_argument("--budget", type=cli.positive_int, default=StudyConfig.budget,
+                        help="data-constrained: unique characters")
+    parser.add_argument("--epochs", type=cli.positive_int, default=StudyConfig.epochs, help="data-constrained: epochs")
+    parser.add_argument("--threads", type=cli.positive_int, default=1, help="torch CPU threads (default 1)")
+    parser.add_argument("--out", type=cli.path_arg, default=RESULTS)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 

@@ -15,7 +15,6 @@ search against cdist + argmin; and for each, what ``backend="auto"`` runs after 
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import json
 import platform
@@ -27,6 +26,7 @@ from typing import Callable
 
 import torch
 
+from ar_course import cli
 from ar_course.files import atomic_write_text, save_figure
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -263,9 +263,9 @@ def plot(results: dict, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--repeats", type=int, default=5, help="timed repeats per CPU measurement")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    parser = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=cli.positive_int, default=5, help="timed repeats per CPU measurement")
+    parser.add_argument("--out", type=cli.path_arg, default=ROOT / "benchmarks" / "results")
     args = parser.parse_args(argv)
     results = {
         "date": dt.date.today().isoformat(),

@@ -13,7 +13,6 @@ Writes ``benchmarks/results/kv_cache.json`` and ``kv_cache.png``::
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import platform
@@ -26,6 +25,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
+from ar_course import cli  # noqa: E402
 from ar_course.sampling import GREEDY, SamplingConfig  # noqa: E402
 from ar_course.files import atomic_write_text, save_figure  # noqa: E402
 from ar_course.transformer import load_pretrained  # noqa: E402
@@ -79,12 +79,12 @@ def step_times(model, prompt: torch.Tensor, new_tokens: int) -> tuple[list[float
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--new-tokens", type=int, default=256)
-    parser.add_argument("--repeats", type=int, default=3, help="best of N timings (default 3)")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
-    parser.add_argument("--device", default=None)
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser = cli.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--new-tokens", type=cli.positive_int, default=256)
+    parser.add_argument("--repeats", type=cli.positive_int, default=3, help="best of N timings (default 3)")
+    parser.add_argument("--threads", type=cli.positive_int, default=1, help="torch CPU threads (default 1)")
+    parser.add_argument("--device", type=cli.device_name, default=None)
+    parser.add_argument("--out", type=cli.path_arg, default=RESULTS)
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)

@@ -20,7 +20,6 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import platform
@@ -33,6 +32,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
+from ar_course import cli  # noqa: E402
 from ar_course.files import atomic_write_text, save_figure  # noqa: E402
 from ar_course.tokenizers import load_pretrained  # noqa: E402
 from ar_course.tokenizers.train import default_config, evaluate  # noqa: E402
@@ -83,11 +83,11 @@ def plot(results: dict, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=1500)
+    parser = cli.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=cli.positive_int, default=1500)
     parser.add_argument("--quick", action="store_true", help="smoke run: few steps, small data subsets")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads [1]")
-    parser.add_argument("--out", type=Path, default=RESULTS / "msvq_loss.json")
+    parser.add_argument("--threads", type=cli.positive_int, default=1, help="torch threads [1]")
+    parser.add_argument("--out", type=cli.path_arg, default=RESULTS / "msvq_loss.json")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     steps = 20 if args.quick else args.steps

@@ -20,7 +20,6 @@ evaluation run per image (``--threads`` threads). Writes ``benchmarks/results/pa
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import platform
@@ -34,7 +33,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from ar_course import masked, metrics, raster, var  # noqa: E402
+from ar_course import cli, masked, metrics, raster, var  # noqa: E402
 from ar_course.speculative import SpecStats, sjd_generate  # noqa: E402
 from ar_course.transformer.counting import count_forward_passes  # noqa: E402
 from ar_course.utils import get_device  # noqa: E402
@@ -70,19 +69,22 @@ def sjd_images(model, tokenizer, classes: torch.Tensor, cfg: float, window: int,
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", default="1,2,4,8,16,64", help="MaskGIT decoding steps K")
-    parser.add_argument("--cfg", type=float, default=None,
+    parser = cli.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=cli.int_list(1), default="1,2,4,8,16,64", help="MaskGIT decoding steps K")
+    parser.add_argument("--cfg", type=cli.finite_float, default=None,
                         help="MaskGIT guidance strength w (default: the best 8-step accuracy of --cfg-sweep)")
-    parser.add_argument("--cfg-sweep", default="0,1,2,3", help="guidance strengths w tried for MaskGIT at 8 steps")
-    parser.add_argument("--raster-cfg", type=float, default=1.0, help="raster AR guidance w (its best accuracy)")
-    parser.add_argument("--var-cfg", type=float, default=2.0, help="VAR guidance w (its best in var.json)")
-    parser.add_argument("--sjd-window", type=int, default=8)
-    parser.add_argument("--maskgit", type=Path, default=None, help="MaskGIT checkpoint (default: the shipped one)")
-    parser.add_argument("--n-eval", type=int, default=500, help="samples per method (and real-vs-real n)")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
-    parser.add_argument("--device", default=None)
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--cfg-sweep", type=cli.float_list(), default="0,1,2,3",
+                        help="guidance strengths w tried for MaskGIT at 8 steps")
+    parser.add_argument("--raster-cfg", type=cli.finite_float, default=1.0,
+                        help="raster AR guidance w (its best accuracy)")
+    parser.add_argument("--var-cfg", type=cli.finite_float, default=2.0, help="VAR guidance w (its best in var.json)")
+    parser.add_argument("--sjd-window", type=cli.positive_int, default=8)
+    parser.add_argument("--maskgit", type=cli.checkpoint_arg, default=None,
+                        help="MaskGIT checkpoint (default: the shipped one)")
+    parser.add_argument("--n-eval", type=cli.positive_int, default=500, help="samples per method (and real-vs-real n)")
+    parser.add_argument("--threads", type=cli.positive_int, default=1, help="torch CPU threads (default 1)")
+    parser.add_argument("--device", type=cli.device_name, default=None)
+    parser.add_argument("--out", type=cli.path_arg, default=RESULTS)
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -96,10 +98,10 @@ def main(argv: list[str] | None = None) -> int:
 
     mg, mg_tok = masked.load_pretrained(device, args.maskgit)
     sweep = [evaluate(f"MaskGIT K=8 w={w:g}", lambda c, w=w: masked.generate_images(mg, mg_tok, c, steps=8, cfg=w),
-                      mg, classes, real, steps=8, cfg=w) for w in (float(x) for x in args.cfg_sweep.split(","))]
+                      mg, classes, real, steps=8, cfg=w) for w in args.cfg_sweep]
     cfg = args.cfg if args.cfg is not None else max(sweep, key=lambda r: (r["accuracy"], -r["frechet"]))["cfg"]
     maskgit = [evaluate(f"MaskGIT K={k}", lambda c, k=k: masked.generate_images(mg, mg_tok, c, steps=k, cfg=cfg),
-                        mg, classes, real, steps=k, cfg=cfg) for k in (int(x) for x in args.steps.split(","))]
+                        mg, classes, real, steps=k, cfg=cfg) for k in args.steps]
     neighbour = evaluate("MaskGIT weights, neighbour order",
                          lambda c: masked.generate_images(mg, mg_tok, c, order="neighbour", cfg=cfg),
                          mg, classes, real, cfg=cfg)

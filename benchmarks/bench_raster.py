@@ -18,7 +18,6 @@ Writes ``benchmarks/results/raster.json`` and ``raster.png``::
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import platform
@@ -31,7 +30,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from ar_course import metrics, raster  # noqa: E402
+from ar_course import cli, metrics, raster  # noqa: E402
 from ar_course.files import atomic_write_text, save_figure  # noqa: E402
 from ar_course.utils import get_device  # noqa: E402
 
@@ -72,15 +71,16 @@ def count_passes(model, use_cache: bool) -> tuple[int, int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batches", default="1,10,50", help="batch sizes to time")
-    parser.add_argument("--cfgs", default="-1,0,0.5,1,2,3",
+    parser = cli.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batches", type=cli.int_list(1), default="1,10,50", help="batch sizes to time")
+    parser.add_argument("--cfgs", type=cli.float_list(), default="-1,0,0.5,1,2,3",
                         help="guidance strengths w to evaluate (0: conditional, -1: unconditional)")
-    parser.add_argument("--n-eval", type=int, default=500, help="samples per guidance strength (and real baseline n)")
-    parser.add_argument("--repeats", type=int, default=2, help="best of N timings")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
-    parser.add_argument("--device", default=None)
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--n-eval", type=cli.positive_int, default=500,
+                        help="samples per guidance strength (and real baseline n)")
+    parser.add_argument("--repeats", type=cli.positive_int, default=2, help="best of N timings")
+    parser.add_argument("--threads", type=cli.positive_int, default=1, help="torch CPU threads (default 1)")
+    parser.add_argument("--device", type=cli.device_name, default=None)
+    parser.add_argument("--out", type=cli.path_arg, default=RESULTS)
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     passes_cached, positions_cached = count_passes(model, True)
     passes_plain, positions_plain = count_passes(model, False)
     timing = []
-    for b in (int(x) for x in args.batches.split(",")):
+    for b in args.batches:
         row = {"batch": b}
         for cfg, tag in ((0.0, "unguided"), (2.0, "guided")):
             t_c, maps_c = timed_tokens(model, b, cfg, True, args.repeats)
@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     real = test_images[torch.randperm(test_images.shape[0], generator=torch.Generator().manual_seed(1))[:n]]
     classes = torch.arange(10).repeat_interleave(n // 10)
     quality = []
-    for w in (float(x) for x in args.cfgs.split(",")):
+    for w in args.cfgs:
         images = raster.generate_images(model, tokenizer, classes, cfg=w, seed=0).cpu()
         quality.append({"cfg": w, "accuracy": metrics.class_accuracy(images, classes),
                         "frechet": metrics.frechet_distance(images, real)})

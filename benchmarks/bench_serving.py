@@ -24,7 +24,6 @@ Writes ``benchmarks/results/serving.json`` and ``serving.png``::
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import platform
@@ -36,6 +35,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
+from ar_course import cli  # noqa: E402
 from ar_course.data.text import load_text_dataset  # noqa: E402
 from ar_course.files import atomic_write_text, save_figure  # noqa: E402
 from ar_course.serving import Engine, EngineConfig  # noqa: E402
@@ -280,18 +280,19 @@ def plot(result: dict, engines: dict, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--requests", type=int, default=48)
-    parser.add_argument("--rate", type=float, default=40.0, help="mean arrivals per second")
-    parser.add_argument("--blocks", type=int, default=96, help="KV pool size in blocks of 16")
-    parser.add_argument("--max-running", type=int, default=16)
-    parser.add_argument("--windows", type=int, default=16, help="held-out windows for the NLL")
-    parser.add_argument("--repeats", type=int, default=3, help="rounds of the batching comparison (median reported)")
-    parser.add_argument("--http-requests", type=int, default=32, help="load test requests (0: skip it)")
-    parser.add_argument("--http-clients", type=int, default=8, help="concurrent load-test clients")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser = cli.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=cli.positive_int, default=48)
+    parser.add_argument("--rate", type=cli.positive_float, default=40.0, help="mean arrivals per second")
+    parser.add_argument("--blocks", type=cli.positive_int, default=96, help="KV pool size in blocks of 16")
+    parser.add_argument("--max-running", type=cli.positive_int, default=16)
+    parser.add_argument("--windows", type=cli.positive_int, default=16, help="held-out windows for the NLL")
+    parser.add_argument("--repeats", type=cli.positive_int, default=3,
+                        help="rounds of the batching comparison (median reported)")
+    parser.add_argument("--http-requests", type=cli.nonnegative_int, default=32, help="load test requests (0: skip it)")
+    parser.add_argument("--http-clients", type=cli.positive_int, default=8, help="concurrent load-test clients")
+    parser.add_argument("--seed", type=cli.nonnegative_int, default=0)
+    parser.add_argument("--threads", type=cli.positive_int, default=1)
+    parser.add_argument("--out", type=cli.path_arg, default=RESULTS)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     model, tok = load_pretrained("lm_target")

@@ -22,7 +22,6 @@ targets) and ``speculative.png``::
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import os
@@ -36,7 +35,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from ar_course import metrics  # noqa: E402
+from ar_course import cli, metrics  # noqa: E402
 from ar_course.data.mnist import load_mnist  # noqa: E402
 from ar_course.files import atomic_write_text, save_figure  # noqa: E402
 from ar_course.raster import PRETRAINED_PATH  # noqa: E402
@@ -234,18 +233,18 @@ def plot(text: dict, images: dict, path: Path) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--new-tokens", type=int, default=256)
-    ap.add_argument("--gammas", type=int, nargs="+", default=[1, 2, 3, 4, 5, 6, 7, 8])
-    ap.add_argument("--temperatures", type=float, nargs="+", default=[1.0, 0.7, 0.0])
-    ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--deltas", type=float, nargs="+", default=[0.0, 0.05, 0.1, 0.2, 0.4])
-    ap.add_argument("--per-class", type=int, default=10)
-    ap.add_argument("--window", type=int, default=16)
-    ap.add_argument("--neighbors", type=int, default=8)
-    ap.add_argument("--out", type=Path, default=RESULTS,
+    ap = cli.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=cli.positive_int, default=1)
+    ap.add_argument("--new-tokens", type=cli.positive_int, default=256)
+    ap.add_argument("--gammas", type=cli.positive_int, nargs="+", default=[1, 2, 3, 4, 5, 6, 7, 8])
+    ap.add_argument("--temperatures", type=cli.nonnegative_float, nargs="+", default=[1.0, 0.7, 0.0])
+    ap.add_argument("--seeds", type=cli.positive_int, default=3)
+    ap.add_argument("--repeats", type=cli.positive_int, default=3)
+    ap.add_argument("--deltas", type=cli.nonnegative_float, nargs="+", default=[0.0, 0.05, 0.1, 0.2, 0.4])
+    ap.add_argument("--per-class", type=cli.positive_int, default=10)
+    ap.add_argument("--window", type=cli.positive_int, default=16)
+    ap.add_argument("--neighbors", type=cli.positive_int, default=8)
+    ap.add_argument("--out", type=cli.path_arg, default=RESULTS,
                     help="folder for speculative.json and .png, created if missing [benchmarks/results]")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)

@@ -20,7 +20,6 @@ Writes ``benchmarks/results/system.json`` and ``system.png``::
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import platform
@@ -34,7 +33,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import NullFormatter, ScalarFormatter  # noqa: E402
 import torch  # noqa: E402
 
-from ar_course import metrics  # noqa: E402
+from ar_course import cli, metrics  # noqa: E402
 from ar_course.files import atomic_write_text, save_figure  # noqa: E402
 from ar_course.system import Generator  # noqa: E402
 
@@ -261,16 +260,17 @@ def summarize(rows: list[dict], sweep: list[dict], gpu: dict) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--per-class", type=int, default=30, help="samples per class for accuracy / Frechet [30]")
-    p.add_argument("--timing-batch", type=int, default=10, help="images per timed call [10]")
-    p.add_argument("--batches", type=int, nargs="+", default=[1, 10, 64], help="batch sizes of the sweep")
-    p.add_argument("--repeats", type=int, default=5, help="timed calls per configuration [5]")
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads [2]")
-    p.add_argument("--seed", type=int, default=0)
+    p = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--per-class", type=cli.positive_int, default=30,
+                   help="samples per class for accuracy / Frechet [30]")
+    p.add_argument("--timing-batch", type=cli.positive_int, default=10, help="images per timed call [10]")
+    p.add_argument("--batches", type=cli.positive_int, nargs="+", default=[1, 10, 64], help="batch sizes of the sweep")
+    p.add_argument("--repeats", type=cli.positive_int, default=5, help="timed calls per configuration [5]")
+    p.add_argument("--threads", type=cli.positive_int, default=2, help="torch CPU threads [2]")
+    p.add_argument("--seed", type=cli.nonnegative_int, default=0)
     p.add_argument("--gpu-only", action="store_true",
                    help="measure only the GPU section and merge it into the existing system.json in --out")
-    p.add_argument("--out", type=Path, default=RESULTS,
+    p.add_argument("--out", type=cli.path_arg, default=RESULTS,
                    help="folder for system.json and system.png, created if missing [benchmarks/results]")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)

@@ -21,7 +21,6 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import platform
@@ -35,7 +34,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from ar_course import metrics  # noqa: E402
+from ar_course import cli, metrics  # noqa: E402
 from ar_course.data import load_mnist  # noqa: E402
 from ar_course.files import atomic_write_text, save_figure  # noqa: E402
 from ar_course.tokenizers import load_pretrained  # noqa: E402
@@ -143,11 +142,11 @@ def plot(results: dict, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=600)
+    parser = cli.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=cli.positive_int, default=600)
     parser.add_argument("--quick", action="store_true", help="smoke run: few steps, small data subsets")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    parser.add_argument("--out", type=Path, default=RESULTS / "tokenizers.json")
+    parser.add_argument("--threads", type=cli.nonnegative_int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--out", type=cli.path_arg, default=RESULTS / "tokenizers.json")
     parser.add_argument("--plot", action="store_true", help="only redraw the .png next to --out from that .json")
     args = parser.parse_args(argv)
     if args.plot:

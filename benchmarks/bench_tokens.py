@@ -18,7 +18,6 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import math
@@ -33,7 +32,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from ar_course import continuous, metrics, raster  # noqa: E402
+from ar_course import cli, continuous, metrics, raster  # noqa: E402
 from ar_course.data import load_mnist  # noqa: E402
 from ar_course.tokenizers.train import default_config, evaluate  # noqa: E402
 from bench_tokenizers import run  # noqa: E402
@@ -181,19 +180,21 @@ def summary_rows(facts: dict, by_name: dict, gen: dict, best: dict) -> list[dict
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=250, help="training steps of every tokenizer [%(default)s]")
-    parser.add_argument("--n-eval", type=int, default=500, help="generated samples per model [%(default)s]")
-    parser.add_argument("--cfg", type=float, default=1.0, help="guidance strength w of both AR models")
-    parser.add_argument("--head-steps", default="1,2,4,8,16,32")
+    parser = cli.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=cli.positive_int, default=250,
+                        help="training steps of every tokenizer [%(default)s]")
+    parser.add_argument("--n-eval", type=cli.positive_int, default=500,
+                        help="generated samples per model [%(default)s]")
+    parser.add_argument("--cfg", type=cli.finite_float, default=1.0, help="guidance strength w of both AR models")
+    parser.add_argument("--head-steps", type=cli.int_list(1), default="1,2,4,8,16,32")
     parser.add_argument("--quick", action="store_true", help="smoke run: few steps, small subsets")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads [%(default)s]")
-    parser.add_argument("--out", type=Path, default=RESULTS / "tokens.json")
+    parser.add_argument("--threads", type=cli.positive_int, default=1, help="torch threads [%(default)s]")
+    parser.add_argument("--out", type=cli.path_arg, default=RESULTS / "tokens.json")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     steps = 10 if args.quick else args.steps
     n_eval = 50 if args.quick else args.n_eval
-    head_steps = [1, 4] if args.quick else [int(s) for s in args.head_steps.split(",")]
+    head_steps = [1, 4] if args.quick else list(args.head_steps)
     train, test = load_mnist("train", size=32)[0], load_mnist("test", size=32)[0]
     if args.quick:
         train, test = train[:2000], test[:200]

@@ -14,7 +14,6 @@ Writes ``benchmarks/results/var.json`` and ``var.png``::
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import platform
@@ -26,6 +25,7 @@ import matplotlib
 matplotlib.use("Agg")
 import torch  # noqa: E402
 
+from ar_course import cli  # noqa: E402
 from ar_course.files import atomic_write_text, save_figure  # noqa: E402
 from ar_course.var import load_pretrained  # noqa: E402
 from ar_course.var.compare import (  # noqa: E402
@@ -43,22 +43,25 @@ def plot(result: dict, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--per-class", type=int, default=50, help="samples per class for accuracy and distance")
-    parser.add_argument("--batch-size", type=int, default=100, help="chunk size when generating the samples")
-    parser.add_argument("--timing-batches", type=int, nargs="+", default=[1, 10, 100],
+    parser = cli.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--per-class", type=cli.positive_int, default=50,
+                        help="samples per class for accuracy and distance")
+    parser.add_argument("--batch-size", type=cli.positive_int, default=100,
+                        help="chunk size when generating the samples")
+    parser.add_argument("--timing-batches", type=cli.positive_int, nargs="+", default=[1, 10, 100],
                         help="batch sizes whose CPU wall-clock is measured")
-    parser.add_argument("--repeats", type=int, default=5, help="timed calls per model and batch size, "
+    parser.add_argument("--repeats", type=cli.positive_int, default=5, help="timed calls per model and batch size, "
                         "interleaved; the best counts [5]")
-    parser.add_argument("--var-cfg", type=float, nargs="+", default=[0.0, 1.0, 2.0, 4.0],
+    parser.add_argument("--var-cfg", type=cli.finite_float, nargs="+", default=[0.0, 1.0, 2.0, 4.0],
                         help="VAR guidance strengths to evaluate (0 = conditional); the best is compared")
-    parser.add_argument("--ar-cfg", type=float, default=None,
+    parser.add_argument("--ar-cfg", type=cli.finite_float, default=None,
                         help="raster guidance strength (0 = conditional); default: its best recorded strength")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads for the quality runs and the "
+    parser.add_argument("--threads", type=cli.positive_int, default=1,
+                        help="torch CPU threads for the quality runs and the "
                         "main timings [1]")
-    parser.add_argument("--timing-threads", type=int, nargs="*", default=[2],
+    parser.add_argument("--timing-threads", type=cli.positive_int, nargs="*", default=[2],
                         help="further thread counts at which the batch sizes are timed again [2]")
-    parser.add_argument("--out", type=Path, default=RESULTS,
+    parser.add_argument("--out", type=cli.path_arg, default=RESULTS,
                         help="folder for var.json and var.png, created if missing [benchmarks/results]")
     parser.add_argument("--replot", action="store_true", help="only redraw var.png in --out from the var.json there")
     args = parser.parse_args(argv)

@@ -13,7 +13,6 @@ Writes ``benchmarks/results/var_scaling.json`` and ``var_scaling.png``::
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import io
 import json
@@ -28,6 +27,7 @@ from matplotlib.ticker import NullFormatter  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from ar_course import cli  # noqa: E402
 from ar_course.files import atomic_write_bytes, atomic_write_text  # noqa: E402
 from ar_course.var import load_pretrained  # noqa: E402
 from ar_course.var.scaling import scaling_study  # noqa: E402
@@ -54,11 +54,12 @@ def plot(study: dict) -> plt.Figure:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--widths", type=int, nargs="+", default=[16, 24, 32, 48, 64], help="model widths (even)")
-    parser.add_argument("--steps", type=int, default=300, help="training steps of every model [300]")
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads [2]")
-    parser.add_argument("--out", type=Path, default=RESULTS,
+    parser = cli.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--widths", type=cli.positive_int, nargs="+", default=[16, 24, 32, 48, 64],
+                        help="model widths (even)")
+    parser.add_argument("--steps", type=cli.positive_int, default=300, help="training steps of every model [300]")
+    parser.add_argument("--threads", type=cli.positive_int, default=2, help="torch CPU threads [2]")
+    parser.add_argument("--out", type=cli.path_arg, default=RESULTS,
                         help="folder for var_scaling.json and .png, created if missing [benchmarks/results]")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)

@@ -40,6 +40,8 @@ from typing import Callable
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # a plain checkout: the package and the benchmarks beside this file
 sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from ar_course import cli  # noqa: E402  (the checkout beside this file)
 RESULTS = ROOT / "benchmarks" / "results"
 TOTAL_S = 290.0
 """The report's time limit in seconds (five minutes, less a margin for starting up and writing)."""
@@ -404,12 +406,13 @@ def run_report(out_dir: Path, total_s: float = TOTAL_S) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--table", action="store_true", help="print the README's GPU table from gpu.json and exit")
-    p.add_argument("--out", type=Path, default=RESULTS, help="folder of gpu.json and gpu.png [benchmarks/results]")
+    p.add_argument("--out", type=cli.path_arg, default=RESULTS,
+                   help="folder of gpu.json and gpu.png [benchmarks/results]")
     p.add_argument("--part", choices=("kernels", "system"), help=argparse.SUPPRESS)  # one part, in its own process
-    p.add_argument("--part-out", type=Path, help=argparse.SUPPRESS)
-    p.add_argument("--seconds", type=float, default=PARTS["system"], help=argparse.SUPPRESS)
+    p.add_argument("--part-out", type=cli.path_arg, help=argparse.SUPPRESS)
+    p.add_argument("--seconds", type=cli.positive_float, default=PARTS["system"], help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.table:
         path = args.out / "gpu.json"
