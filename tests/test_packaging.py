@@ -1,11 +1,14 @@
 """Set-up files agree with each other: environment.yml lists pyproject's dependencies, CI runs the README's
 test command, and the Makefile provides both README commands (installing every extra); the library's core
-dependencies are the four it needs, and ``doctor`` catches a numpy that numba-cuda cannot compile with."""
+dependencies are the four it needs, ``doctor`` catches a numpy that numba-cuda cannot compile with, and the sdist
+holds the package without a partial test suite."""
 
 import os
 import re
+import shutil
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 if sys.version_info >= (3, 11):
@@ -170,3 +173,23 @@ def test_doctor_fails_without_numba_or_a_working_simulator_and_only_warns_for_op
     found = {f.name: f for f in doctor.run_checks()}
     assert found["ipywidgets"].status == doctor.WARN and "pip install -e '.[course]'" in found["ipywidgets"].detail
     assert found["C++ compiler"].status == doctor.OK and found["C++ compiler"].detail.startswith(sys.executable)
+
+
+def test_the_sdist_has_the_package_and_no_half_test_suite(tmp_path):
+    """setuptools puts ``tests/test_*.py`` into an sdist by default, without ``conftest.py``, the helpers or the
+    fixtures they need: ``MANIFEST.in`` leaves the tests out (they run from a checkout), the package stays whole."""
+    src = tmp_path / "src"
+    shutil.copytree(ROOT / "ar_course", src / "ar_course", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(ROOT / "tests", src / "tests", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md", "LICENSE", "MANIFEST.in"):
+        shutil.copy(ROOT / name, src / name)
+    code = "import sys; from setuptools import build_meta; print(build_meta.build_sdist(sys.argv[1]))"
+    res = subprocess.run([sys.executable, "-c", code, str(tmp_path / "dist")], cwd=src, capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    with tarfile.open(tmp_path / "dist" / res.stdout.split()[-1]) as sdist:
+        names = {n.split("/", 1)[1] for n in sdist.getnames() if "/" in n}
+    assert not [n for n in names if n.startswith("tests")]
+    package = {p.relative_to(src).as_posix() for p in (src / "ar_course").rglob("*")
+               if p.is_file() and p.suffix in (".py", ".safetensors", ".npz")}
+    assert package and package <= names, sorted(package - names)
