@@ -11,7 +11,9 @@ processes train exactly like one process on the same global batch (up to floatin
 Random numbers a training loss draws for its examples (masks, noise levels, noise) must be the global batch's
 too: inside :func:`global_batch_draws` (which :func:`~ar_course.train.train_loop` enters around every loss),
 :func:`draw_rows` makes every process draw them for the whole global batch and keep its own rows, so that the
-processes neither repeat one another's numbers nor draw other ones than a single process would.
+processes neither repeat one another's numbers nor draw other ones than a single process would. A loss term
+that is not a mean over examples (LFQ's codebook entropy) sums over the processes there with
+:func:`global_batch_sum`.
 
 What a model computes from batch statistics outside autograd must see the global batch too: the VQ
 codebook's hit counts, EMA updates and dead-code restarts sum and gather across processes
@@ -98,7 +100,8 @@ _GLOBAL_DRAWS = contextvars.ContextVar("ar_course_global_draws", default=False)
 
 @contextlib.contextmanager
 def global_batch_draws() -> Iterator[None]:
-    """While active, :func:`draw_rows` draws for the global batch and slices (a training step's loss)."""
+    """While active (a training step's loss), :func:`draw_rows` draws for the global batch and slices, and
+    :func:`global_batch_sum` sums over the processes."""
     token = _GLOBAL_DRAWS.set(True)
     try:
         yield
@@ -118,6 +121,19 @@ def draw_rows(draw: Callable[[int], torch.Tensor], rows: int, dim: int = 0) -> t
     if w == 1 or not _GLOBAL_DRAWS.get():
         return draw(rows)
     return draw(rows * w).narrow(dim, rank() * rows, rows)  # this process's rows of the global draw
+
+
+def global_batch_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """A loss's sum over this process's examples (``tensor``, any shape) made the global batch's: inside
+    :func:`global_batch_draws` under a process group, the elementwise sum over processes, through which
+    gradients flow (as :class:`SyncBatchNorm2d`'s statistics); else ``tensor`` itself.
+
+    For a loss term that is not a mean over examples (an entropy of the batch's average distribution, say):
+    every process then computes the global batch's term, and DistributedDataParallel's averaging gives each
+    input the gradient one process computes. Every process must call it with the same shape."""
+    if not (is_distributed() and _GLOBAL_DRAWS.get()):
+        return tensor
+    return _SumWithGradient.apply(tensor)
 
 
 def share_of_global_mean(count: torch.Tensor) -> float:

@@ -24,7 +24,10 @@ RUNS: dict[str, list[str]] = {
     "tokenizer_rvq_ema": ["tokenizer", "--quantizer", "rvq", "--depth", "2", "--ema", "--batch-size", "4",
                           *TINY_TOKENIZER],
     "classifier": ["classifier", "--batch-size", "8"],
+    # a loss term over the whole batch, not a mean over examples (the codebook entropy): ddp.global_batch_sum
+    "tokenizer_lfq": ["tokenizer", "--quantizer", "lfq", "--batch-size", "4"],
     # losses that draw random numbers per example (masks, noise levels, noise): ddp.draw_rows
+    "tokenizer_kl": ["tokenizer", "--quantizer", "kl", "--batch-size", "4"],
     "diffusion_lm": ["diffusion_lm", "--batch-size", "4", "--no-progress"],
     "maskgit": ["maskgit", "--batch-size", "4", *TINY_GPT],
     "continuous": ["continuous", "--batch-size", "4", "--n-layer", "1", "--n-embd", "16", "--n-head", "2",

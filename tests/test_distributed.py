@@ -21,10 +21,12 @@ from ddp_worker import RUNS  # noqa: E402
 # Training losses recorded in each checkpoint's metadata (and held-out losses measured after training).
 LOSSES = {"lm": ("train_loss_last50", "val_loss"), "ar": ("final_train_loss", "test_loss"),
           "var": ("final_train_loss", "test_loss"), "tokenizer_msvq": ("final_loss",),
-          "tokenizer_rvq_ema": ("final_loss",), "classifier": ("final_train_loss",),
+          "tokenizer_rvq_ema": ("final_loss",), "tokenizer_lfq": ("final_loss",), "tokenizer_kl": ("final_loss",),
+          "classifier": ("final_train_loss",),
           "diffusion_lm": ("train_loss_last50", "val_bound"), "maskgit": ("final_train_loss", "test_loss"),
           "continuous": ("final_train_loss", "test_loss")}
 KINDS = {"lm": "lm", "ar": "raster_ar", "var": "var", "tokenizer_msvq": "tokenizer", "tokenizer_rvq_ema": "tokenizer",
+         "tokenizer_lfq": "tokenizer", "tokenizer_kl": "tokenizer",
          "classifier": "classifier", "diffusion_lm": "diffusion_lm", "maskgit": "maskgit",
          "continuous": "continuous_ar"}
 ROUNDED = ("lm", "diffusion_lm")  # the text trainers round their losses to 4 places
@@ -93,6 +95,7 @@ def test_helpers_are_identities_alone():
     calls = []
     with ddp.global_batch_draws():
         assert ddp.draw_rows(lambda n: calls.append(n) or x[:n], 4) is not None and calls == [4]
+        assert ddp.global_batch_sum(x) is x
     assert ddp.share_of_global_mean(torch.tensor(7)) == 1.0
 
 

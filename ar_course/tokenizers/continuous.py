@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ar_course import distributed as ddp
 from ar_course.tokenizers.quantizers import QuantizerOutput, _check_map, _flatten
 from ar_course.utils import check_finite, check_int, check_number
 
@@ -53,7 +54,12 @@ class GaussianBottleneck(nn.Module):
         """Encoder output ``h`` ``(B, 2 * dim, h, w)`` -> ``(z_q, indices, loss)`` as the class docstring says
         (``ValueError`` / ``TypeError`` for a map of the wrong shape or dtype; values are not read)."""
         mean, logvar = self.split(h)
-        z = mean + torch.randn_like(mean) * (0.5 * logvar).exp() if self.training else mean
+        if self.training:  # the reparameterised sample; its noise the global batch's under torchrun
+            noise = ddp.draw_rows(lambda n: torch.randn((n, *mean.shape[1:]), dtype=mean.dtype, device=mean.device),
+                                  mean.shape[0])  # (B, dim, h, w)
+            z = mean + noise * (0.5 * logvar).exp()
+        else:
+            z = mean
         loss = self.kl_weight * gaussian_kl(mean, logvar).mean()
         return QuantizerOutput(z, self.normalize(mean.detach()), loss)
 

@@ -559,8 +559,9 @@ def _lfq_indices_to_codes(indices: torch.Tensor, dim: int, dtype: torch.dtype = 
     return bits.to(dtype) * 2 - 1
 
 
-def lfq_entropy_terms(z: torch.Tensor, temperature: float = 0.01,
-                      chunk_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+def lfq_entropy_terms(z: torch.Tensor, temperature: float = 0.01, chunk_size: int = 1024,
+                      batch_sum: Callable[[torch.Tensor], torch.Tensor] | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """LFQ's two entropies of ``p(c | z) = softmax_c(-|z - c|^2 / temperature)`` over the ``2^d`` sign codes.
 
     ``z``: ``(N, d)``. Returns ``(per_sample, codebook)``: the mean over vectors of ``H(p(. | z))`` (low when each
@@ -568,7 +569,8 @@ def lfq_entropy_terms(z: torch.Tensor, temperature: float = 0.01,
     The distance splits over dimensions, so ``p(c | z)`` is a product of ``d`` independent signs with
     ``P(+1) = sigmoid(4 z_i / temperature)`` and the per-sample entropy is a sum of ``d`` binary entropies; the
     batch average does not factorise, so the codebook entropy sums ``N x 2^d`` probabilities, ``chunk_size``
-    vectors at a time. Natural log."""
+    vectors at a time. Natural log. ``batch_sum`` turns this batch's sums (of the probabilities, and the count)
+    into the global batch's under data-parallel training (:func:`ar_course.distributed.global_batch_sum`)."""
     if z.ndim != 2 or z.shape[0] == 0:
         raise ValueError(f"z must be a non-empty (N, d) tensor, got {tuple(z.shape)}")
     temperature = check_number("temperature", temperature, 0, lo_open=True)
@@ -579,10 +581,13 @@ def lfq_entropy_terms(z: torch.Tensor, temperature: float = 0.01,
     per_sample = binary.sum(1).mean()
     d = z.shape[1]
     codes = _lfq_indices_to_codes(torch.arange(2**d, device=z.device), d, z.dtype)  # (2^d, d)
-    avg = z.new_zeros(2**d)
+    total = z.new_zeros(2**d)
     for chunk in z.split(chunk_size):
         # -|z - c|^2 = 2 z.c - |z|^2 - d: the last two terms are the same for every code and cancel in the softmax
-        avg = avg + torch.softmax(2 * chunk @ codes.t() / temperature, dim=1).sum(0)  # (2^d,)
-    avg = avg / z.shape[0]
+        total = total + torch.softmax(2 * chunk @ codes.t() / temperature, dim=1).sum(0)  # (2^d,)
+    count = z.new_tensor(float(z.shape[0]))
+    if batch_sum is not None:
+        total, count = batch_sum(total), batch_sum(count)
+    avg = total / count
     codebook = -(avg * avg.clamp_min(1e-12).log()).sum()
     return per_sample, codebook

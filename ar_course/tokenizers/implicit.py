@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ar_course import distributed as ddp
 from ar_course.tokenizers import functional as Fq
 from ar_course.tokenizers.quantizers import QuantizerOutput, _check_map, _check_training_input, _flatten, _unflatten
 from ar_course.utils import check_finite, check_ids, check_int, check_number
@@ -128,7 +129,7 @@ class LFQ(nn.Module):
         codes = Fq.lfq_quantize(flat)  # (N, dim)
         loss = self.beta * F.mse_loss(flat, codes.detach())
         if self.entropy_weight > 0 and self.training:
-            per_sample, codebook = Fq.lfq_entropy_terms(flat, self.temperature)
+            per_sample, codebook = Fq.lfq_entropy_terms(flat, self.temperature, batch_sum=ddp.global_batch_sum)
             loss = loss + self.entropy_weight * (per_sample - self.diversity * codebook)
             self.last_entropy = {"per_sample": float(per_sample.detach()), "codebook": float(codebook.detach())}
         indices = Fq.lfq_codes_to_indices(codes.detach()).view(b, h, w)
