@@ -133,7 +133,8 @@ def build(solutions: Path, notebooks: Path, check: bool = False) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     """``python -m ar_course.build_notebooks [--check] [--root PATH]``: exit status 0, 1 when ``--check`` finds
     ``notebooks/`` out of date, 2 for a solution notebook that breaks the conventions or no checkout."""
-    parser = argparse.ArgumentParser(prog="python -m ar_course.build_notebooks", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m ar_course.build_notebooks",
+                                     description=(__doc__ or "").split("\n\n")[0])  # no docstring under -OO
     parser.add_argument("--check", action="store_true", help="only report whether notebooks/ is out of date")
     parser.add_argument("--root", type=root_path, default=None,
                         help="the repository checkout (default: found from the current folder upward)")

@@ -535,7 +535,7 @@ def _cmd_figures(args: argparse.Namespace) -> int:
 def main(argv: Iterable[str] | None = None) -> int:
     """``python -m ar_course.site {execute,build,figures}``; one line ``error: ...`` and exit status 1 on failure
     (2 for bad arguments), the failing cell's traceback above it."""
-    parser = ArgumentParser(prog="python -m ar_course.site", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m ar_course.site", description=(__doc__ or "").split("\n\n")[0])  # -OO
     sub = parser.add_subparsers(dest="command", required=True)
     ex = sub.add_parser("execute", help="run notebooks top to bottom (errors fail) and write the executed copies")
     ex.add_argument("notebooks", nargs="+", type=path_arg)

@@ -9,6 +9,7 @@ from typing import Mapping, Sequence
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
+from matplotlib.figure import Figure, SubFigure
 
 from ar_course.images import to_grid
 
@@ -18,7 +19,7 @@ __all__ = ["plot_losses", "show_images", "to_grid"]
 def show_images(
     images: torch.Tensor, nrow: int = 8, title: str | None = None, ax: plt.Axes | None = None,
     row_labels: Sequence[str] | None = None,
-) -> plt.Figure:
+) -> Figure | SubFigure:
     """Show a batch of images (N, C, H, W) in [0, 1] as a grid, ``nrow`` per row; grayscale when C == 1.
 
     ``title`` goes above the grid; ``ax``: draw on these axes (default: a new figure); ``row_labels``: one label
@@ -36,7 +37,7 @@ def show_images(
     if ax is None:
         fig, ax = plt.subplots(figsize=(min(12, 1.1 * min(nrow, images.shape[0])), 1.1 * rows + 0.4))
     else:
-        fig = ax.figure
+        fig = ax.figure  # a SubFigure when ax is in one
     ax.imshow(grid[..., 0] if grid.shape[-1] == 1 else grid, cmap="gray" if grid.shape[-1] == 1 else None,
               vmin=0, vmax=1, interpolation="nearest")
     ax.set_xticks([])
@@ -53,11 +54,12 @@ def show_images(
 def plot_losses(
     curves: Mapping[str, Sequence[float]], title: str = "loss", xlabel: str = "step", ylabel: str = "loss",
     logy: bool = False, ax: plt.Axes | None = None, steps: Mapping[str, Sequence[int]] | None = None,
-) -> plt.Figure:
+) -> Figure | SubFigure:
     """Plot named curves on one axis (e.g. ``{"train": history.smoothed(), "val": vals}``); returns the figure.
 
     ``steps``: the x values of a curve by name (default ``0, 1, ...``); ``logy``: a log-scale y axis; ``ax``: draw
-    on these axes (default: a new figure).
+    on these axes (default: a new figure, laid out tight; the layout of a figure you pass is left to you, so a
+    constrained layout or a subfigure's axes work).
 
     Raises ``ValueError`` for an empty ``curves`` or a ``steps[name]`` whose length is not that of
     ``curves[name]`` (checked before any figure is made)."""
@@ -67,10 +69,11 @@ def plot_losses(
         if steps and name in steps and len(steps[name]) != len(ys):
             raise ValueError(f"steps[{name!r}] must have one x value per point of curves[{name!r}] ({len(ys)}), "
                              f"got {len(steps[name])}")
+    created = ax is None
     if ax is None:
         fig, ax = plt.subplots(figsize=(6, 3.5))
     else:
-        fig = ax.figure
+        fig = ax.figure  # a SubFigure when ax is in one
     for name, ys in curves.items():
         xs = steps[name] if steps and name in steps else range(len(ys))
         ax.plot(list(xs), list(ys), label=name, marker="o" if len(ys) < 20 else None)
@@ -81,5 +84,6 @@ def plot_losses(
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
+    if created:
+        fig.tight_layout()
     return fig

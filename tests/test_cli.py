@@ -571,3 +571,12 @@ def test_an_empty_path_option_is_refused_not_read_as_the_current_folder(capsys, 
         build_notebooks.main(["--notebooks", ""])
     assert info.value.code == 2 and "--notebooks: must be a path, got ''" in capsys.readouterr().err
     assert [p.name for p in tmp_path.iterdir()] == ["mine.ipynb"]
+
+
+@pytest.mark.parametrize("module", ["ar_course", "ar_course.build_notebooks", "ar_course.site"])
+def test_help_works_without_docstrings(module):
+    """``python -OO`` (or PYTHONOPTIMIZE=2) drops docstrings: parsers described by ``__doc__.split(...)`` failed
+    with ``AttributeError: 'NoneType' object has no attribute 'split'``."""
+    res = subprocess.run([sys.executable, "-OO", "-m", module, "--help"], capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 0 and res.stdout.startswith("usage: python -m ") and res.stderr == "", res.stderr

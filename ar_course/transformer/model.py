@@ -887,7 +887,13 @@ class GPT(nn.Module):
         ``idx`` ``(B, T)`` goes at positions ``cache.pos ..``; the class token of ``classes`` ``(B,)`` is
         prepended exactly when ``classes`` is given (the caller knows that the sequence starts; :meth:`forward`
         checks it). Positions, rotary angles and the mask of the positions past the cache's length are all
-        computed from ``cache.pos`` on the device; the cache is advanced by ``T_out``."""
+        computed from ``cache.pos`` on the device; the cache is advanced by ``T_out``.
+
+        Raises:
+            TypeError: no ``cache`` (its default None keeps :meth:`forward`'s signature; a step needs one).
+        """
+        if cache is None:  # a host-side test: no synchronisation, nothing for a graph to capture
+            raise TypeError("decode_step needs a StaticKVCache: cache=model.make_cache(batch, static=True)")
         x = self._embed(idx, classes)  # (B, T_out, C)
         positions = cache.positions(x.shape[1])  # (T_out,)
         x = self._blocks(x, positions, cache.visible(positions, causal=self.config.causal), cache)
