@@ -56,8 +56,8 @@ from ar_course.train import (
     prepare_run, seed_int, train_loop, trainer_main,
 )
 from ar_course.utils import (
-    check_finite, check_ids, check_image_values, check_int, check_number, check_seed, get_device, kept_random_state,
-    seed_everything,
+    check_finite, check_ids, check_image_values, check_int, check_number, check_seed, get_device, is_integer_tensor,
+    kept_random_state, seed_everything,
 )
 
 DATASETS = {"mnist": (1, 10), "shapes": (3, 4)}  # name -> (in_channels, num_classes)
@@ -461,7 +461,7 @@ def codebook_usage(indices: torch.Tensor | list[torch.Tensor], num_codes: int) -
         name = f"indices[{i}]" if isinstance(indices, (list, tuple)) else "indices"
         if not isinstance(m, torch.Tensor):
             raise TypeError(f"{name} must be an integer tensor (or indices a list of them), got {type(m).__name__}")
-        if m.is_floating_point() or m.is_complex() or m.dtype == torch.bool:
+        if not is_integer_tensor(m):
             raise ValueError(f"{name} must be an integer tensor, got {m.dtype}")
     if sum(m.numel() for m in maps) == 0:
         raise ValueError("indices is empty")

@@ -44,7 +44,9 @@ from ar_course.transformer.graphs import CUDAGraphStep
 from ar_course.transformer.model import (
     CACHE_KINDS, GPT, AttentionFn, KernelAttention, StaticKVCache, sdpa_attention, use_attention,
 )
-from ar_course.utils import check_bool, check_ids, check_int, check_number, check_seed, generate_in_batches, get_device
+from ar_course.utils import (
+    check_bool, check_ids, check_int, check_number, check_seed, generate_in_batches, get_device, is_integer_tensor,
+)
 
 if TYPE_CHECKING:
     from ar_course.kernels import DispatchRecord
@@ -280,7 +282,7 @@ def _as_classes(classes: torch.Tensor | Sequence[int]) -> torch.Tensor:
         raise TypeError(f"classes must be a 1-D sequence of ints, got {classes!r} ({exc})") from None
     if classes.ndim == 1 and classes.numel() == 0:
         raise ValueError("classes is empty: ask for at least one class")
-    if classes.ndim != 1 or classes.is_floating_point() or classes.is_complex() or classes.dtype == torch.bool:
+    if classes.ndim != 1 or not is_integer_tensor(classes):
         raise ValueError(f"classes must be a 1-D sequence of ints, got shape {tuple(classes.shape)} "
                          f"{classes.dtype}")
     if classes.dtype == getattr(torch, "uint64", None):  # .long() would wrap 2**63 and up to negative numbers

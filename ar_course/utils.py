@@ -233,6 +233,11 @@ def _shape_text(shape: Sequence[int | str]) -> str:
     return "(" + ", ".join(str(d) for d in shape) + ("," if len(shape) == 1 else "") + ")"
 
 
+def is_integer_tensor(x: torch.Tensor) -> bool:
+    """Whether ``x`` holds integers: an integer dtype (``uint8`` to ``int64``), not bool, float or complex."""
+    return not (x.is_floating_point() or x.is_complex() or x.dtype == torch.bool)
+
+
 def check_ids(
     name: str, x: object, high: int, shape: Sequence[int | str], *, dtype: torch.dtype | None = torch.long,
     allow_empty: bool = False, ignore: int | None = None,
@@ -257,8 +262,7 @@ def check_ids(
     what = f"{name} must be a {_shape_text(shape)} {kind} tensor"
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{what}, got {type(x).__name__}")
-    wrong_dtype = x.dtype != dtype if dtype is not None else (x.is_floating_point() or x.is_complex()
-                                                               or x.dtype == torch.bool)
+    wrong_dtype = x.dtype != dtype if dtype is not None else not is_integer_tensor(x)
     wrong_shape = x.ndim != len(shape) or any(isinstance(d, int) and n != d for n, d in zip(x.shape, shape))
     if wrong_dtype or wrong_shape:
         raise ValueError(f"{what}, got {tuple(x.shape)} {x.dtype}")

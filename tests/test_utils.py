@@ -4,7 +4,9 @@ and the argument checks and counters."""
 import pytest
 import torch
 
-from ar_course.utils import check_ids, check_image_values, check_number, count_parameters, generate_in_batches
+from ar_course.utils import (
+    check_ids, check_image_values, check_number, count_parameters, generate_in_batches, is_integer_tensor,
+)
 
 
 def test_chunks_in_order_with_a_shorter_last_one():
@@ -69,3 +71,10 @@ def test_check_ids_reads_narrow_dtypes_without_wrapping_high():
     with pytest.raises(ValueError, match=r"idx must lie in \[0, 99\], got 200"):
         check_ids("idx", x, 100, ("B", "T"), dtype=None)
     assert check_ids("idx", x.to(torch.int8).abs(), 256, ("B", "T"), dtype=None) is not None
+
+
+def test_is_integer_tensor_takes_every_integer_dtype_and_nothing_else():
+    integers = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+    others = (torch.bool, torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.complex64)
+    assert all(is_integer_tensor(torch.zeros(2, dtype=d)) for d in integers)
+    assert not any(is_integer_tensor(torch.zeros(2, dtype=d)) for d in others)

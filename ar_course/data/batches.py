@@ -10,7 +10,7 @@ from typing import Iterator
 
 import torch
 
-from ar_course.utils import check_int, get_device
+from ar_course.utils import check_int, get_device, is_integer_tensor
 
 
 def _check_generator(generator: object) -> None:
@@ -56,7 +56,7 @@ def text_batches(ids: torch.Tensor, block_size: int, batch_size: int,
     _check_leading("ids", ids, "1-D (N,) integer")
     if ids.ndim != 1:
         raise ValueError(f"ids must be a 1-D tensor of token ids, got shape {tuple(ids.shape)}")
-    if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+    if not is_integer_tensor(ids):
         raise ValueError(f"ids must be a 1-D tensor of integer token ids, got dtype {ids.dtype}")
     block_size = check_int("block_size", block_size, lo=1)
     batch_size = check_int("batch_size", batch_size, lo=1)

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from pydoc_data.topics import topics
 
-from ar_course.utils import check_int, check_number
+from ar_course.utils import check_int, check_number, is_integer_tensor
 
 # Printable ASCII (space to tilde) and newline: 96 characters, in code-point order.
 TEXT_ALPHABET = "\n" + "".join(chr(c) for c in range(32, 127))
@@ -99,7 +99,7 @@ class CharTokenizer:
         """
         if isinstance(ids, (torch.Tensor, np.ndarray)):
             if isinstance(ids, torch.Tensor):
-                integer = not (ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool)
+                integer = is_integer_tensor(ids)
             else:
                 integer = np.issubdtype(ids.dtype, np.integer)
             if ids.ndim != 1 or not integer:

@@ -20,7 +20,7 @@ import math
 import torch
 
 from ar_course.sampling import check_generator
-from ar_course.utils import check_ids, check_int, check_number
+from ar_course.utils import check_ids, check_int, check_number, is_integer_tensor
 
 SCHEDULES = ("linear", "cosine")
 
@@ -83,7 +83,7 @@ def mask_tokens(ids: torch.Tensor, t: torch.Tensor, mask_id: int, schedule: str 
             or a ``noise`` of another shape or not floating-point."""
     if not isinstance(ids, torch.Tensor):
         raise TypeError(f"ids must be a (B, L) integer tensor, got {type(ids).__name__}")
-    if ids.ndim != 2 or ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+    if ids.ndim != 2 or not is_integer_tensor(ids):
         raise ValueError(f"ids must be a (B, L) integer tensor, got {tuple(ids.shape)} {ids.dtype}")
     mask_id = check_int("mask_id", mask_id, lo=0)
     check_generator(generator)
@@ -173,7 +173,7 @@ def denoise_step(x: torch.Tensor, proposal: torch.Tensor, t: float, s: float, ma
     for name, a in (("x", x), ("proposal", proposal), ("u", u)):
         if not isinstance(a, torch.Tensor) and not (name == "u" and a is None):  # only u may be None
             raise TypeError(f"{name} must be a tensor, got {type(a).__name__}")
-    if x.ndim != 2 or x.is_floating_point() or x.is_complex() or x.dtype == torch.bool:
+    if x.ndim != 2 or not is_integer_tensor(x):
         raise ValueError(f"x must be an integer (B, L) tensor, got {tuple(x.shape)} {x.dtype}")
     for name, a in (("proposal", proposal), ("u", u)):
         if a is not None and a.shape != x.shape:

@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from ar_course.cli import exception_line
-from ar_course.utils import check_number
+from ar_course.utils import check_number, is_integer_tensor
 
 from . import env
 from .calibrate import Calibrator, default_cache_path
@@ -458,7 +458,7 @@ def _check_length(length: int | torch.Tensor, b: int, t_max: int, device: torch.
     what = f"length must be an int or a (B,) = ({b},) integer tensor"
     if not isinstance(length, torch.Tensor):
         raise TypeError(f"{what}, got {type(length).__name__}")
-    if (length.is_floating_point() or length.dtype == torch.bool
+    if (not is_integer_tensor(length)
             or length.ndim > 1 or (length.ndim == 1 and length.shape[0] != b)):
         raise ValueError(f"{what}, got {length!r}")
     lengths = length.to(device).expand(b)  # (B,)

@@ -14,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ar_course.utils import is_integer_tensor
+
 from . import env  # noqa: F401  (TRITON_INTERPRET must be decided before the kernels are decorated)
 from .launch import pow2_at_least
 
@@ -63,7 +65,7 @@ def paged_attention_triton(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.
         raise ValueError(f"pools {tuple(k_pool.shape)}, {tuple(v_pool.shape)} do not match q {tuple(q.shape)}")
     if block_tables.shape[0] != B or lengths.shape != (B,):
         raise ValueError(f"block_tables {tuple(block_tables.shape)} and lengths {tuple(lengths.shape)} need {B} rows")
-    if lengths.is_floating_point() or lengths.is_complex() or lengths.dtype == torch.bool:
+    if not is_integer_tensor(lengths):
         raise ValueError(f"lengths must be an integer tensor, got {lengths.dtype}")
     if bool((lengths < 1).any()) or bool((lengths > block_tables.shape[1] * block_size).any()):
         raise ValueError("every length must be in [1, max_blocks * block_size]")

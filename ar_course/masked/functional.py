@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from ar_course.raster import orders
 from ar_course.sampling import check_generator
-from ar_course.utils import check_ids, check_int, check_number
+from ar_course.utils import check_ids, check_int, check_number, is_integer_tensor
 
 SCHEDULES = ("cosine", "linear", "square")
 
@@ -214,7 +214,7 @@ def _check_step(tokens: torch.Tensor, mask: torch.Tensor, log_probs: torch.Tenso
             raise ValueError(f"{name} must be ({B}, {N}) like log_probs (B, N, V), got {tuple(x.shape)}")
     if mask.dtype != torch.bool:
         raise ValueError(f"mask must be a bool tensor, got {mask.dtype}")
-    if tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
+    if not is_integer_tensor(tokens):
         raise ValueError(f"tokens must be an integer tensor, got {tokens.dtype}")
     if sampled.dtype != torch.long:
         raise ValueError(f"sampled must be a long tensor, got {sampled.dtype}")

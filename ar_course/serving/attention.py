@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from ar_course.utils import check_ids, check_int
+from ar_course.utils import check_ids, check_int, is_integer_tensor
 
 
 def _check_pool(name: str, pool: object, heads_dim: tuple[int, int] | None = None) -> None:
@@ -75,7 +75,7 @@ def paged_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
                          f"{tuple(v_pool.shape)}")
     if lengths.shape != (B,):
         raise ValueError(f"lengths must be ({B},) like q's rows, got shape {tuple(lengths.shape)}")
-    if lengths.is_floating_point() or lengths.is_complex() or lengths.dtype == torch.bool:
+    if not is_integer_tensor(lengths):
         raise ValueError(f"lengths must be an integer tensor (a length of 2.5 has no meaning), got "
                          f"{lengths.dtype}")
     check_ids("block_tables", block_tables, k_pool.shape[0], (B, "max_blocks"), dtype=None)

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from ar_course.transformer.model import GPT, GPTConfig, use_attention
-from ar_course.utils import check_int
+from ar_course.utils import check_int, is_integer_tensor
 
 METHODS = ("none", "int8", "int4", "int2", "int8_pool", "int4_pool", "sink_window", "h2o", "minicache")
 QUANT_BITS = {"int8": 8, "int4": 4, "int2": 2}
@@ -57,7 +57,7 @@ def _check_tensor(name: str, x: object, shape: str = "", ndim: int | None = None
     what = f"{name} must be a {shape + ' ' if shape else ''}{kinds[kind]} tensor"
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{what}, got {type(x).__name__}")
-    integer = not (x.is_floating_point() or x.is_complex() or x.dtype == torch.bool)
+    integer = is_integer_tensor(x)
     wrong_dtype = {"floating": not x.is_floating_point(), "integer": not integer,
                    "real": not (integer or x.is_floating_point())}[kind]
     if wrong_dtype or (ndim is not None and x.ndim != ndim) or x.ndim < min_ndim:
