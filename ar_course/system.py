@@ -273,7 +273,8 @@ REQUEST_OPTIONS = tuple(f.name for f in fields(GenerationRequest) if f.name != "
 
 
 def _as_classes(classes: torch.Tensor | Sequence[int]) -> torch.Tensor:
-    """``classes`` as a non-empty ``(B,)`` long tensor (range not checked: see :class:`GenerationRequest`)."""
+    """``classes`` as a non-empty ``(B,)`` long tensor of its own (a copy, never the caller's tensor or array;
+    range not checked: see :class:`GenerationRequest`)."""
     if isinstance(classes, (list, tuple)) and any(isinstance(c, (bool, np.bool_)) for c in classes):
         raise ValueError(f"classes must be a 1-D sequence of ints, got bools in {list(classes)}")
     try:
@@ -290,7 +291,7 @@ def _as_classes(classes: torch.Tensor | Sequence[int]) -> torch.Tensor:
         if bool((wrapped < 0).any()):
             raise ValueError(f"classes must be ints that fit in int64, got {int(wrapped[wrapped < 0][0]) + 2**64}")
         return wrapped
-    return classes.long()
+    return classes.to(torch.long, copy=True)  # the request's own: a buffer the caller refills cannot relabel it
 
 
 # -- strategies: one per way of generating ------------------------------------------------------------------

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 
+import numpy as np
 import pytest
 import torch
 
@@ -88,6 +89,16 @@ def test_a_request_is_checked_once_and_runs_like_generate(gen):
         GenerationRequest([0], sampling={"top_k": 3})
     with pytest.raises(AttributeError):
         request.cfg = 3.0  # frozen: a request cannot change between its check and its run
+
+
+@pytest.mark.parametrize("buffer", [torch.tensor([1, 2]), np.array([1, 2])], ids=["tensor", "numpy"])
+def test_a_request_and_its_generation_keep_their_classes_when_the_callers_buffer_is_refilled(gen, buffer):
+    """The classes were the caller's own tensor (or shared the NumPy array's memory): a service that refills one
+    buffer per request relabelled every earlier Generation and changed a frozen, checked request."""
+    request = GenerationRequest(buffer, method="var")
+    out = gen.generate(buffer, method="var", seed=0)
+    buffer[:] = 7
+    assert request.classes.tolist() == [1, 2] and out.classes.tolist() == [1, 2]
 
 
 def _has_triton() -> bool:

@@ -586,3 +586,31 @@ def test_count_forward_passes_leaves_no_hook_behind():
     assert count_forward_passes(model, lambda: (model(x), model(x))) == 2
     assert count_forward_passes(model, lambda: model(x)) == 1
     assert len(model.blocks[0]._forward_pre_hooks) == 0
+
+
+def test_count_forward_passes_counts_only_its_own_threads_passes():
+    """Another thread using the same model while a count runs was counted too (64 passes alone read 115-136)."""
+    import threading
+
+    model = make_model()
+    x = torch.zeros(1, 3, dtype=torch.long)
+    inside, done = threading.Event(), threading.Event()
+
+    def other_thread() -> None:
+        inside.wait()
+        for _ in range(5):
+            model(x)
+        done.set()
+
+    worker = threading.Thread(target=other_thread)
+    worker.start()
+
+    def two_passes_while_the_other_thread_runs() -> None:
+        model(x)
+        inside.set()
+        done.wait(timeout=60)
+        model(x)
+
+    assert count_forward_passes(model, two_passes_while_the_other_thread_runs) == 2
+    worker.join()
+    assert done.is_set()
