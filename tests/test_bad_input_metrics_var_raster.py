@@ -238,3 +238,40 @@ def test_sample_pyramid_refuses_a_seed_for_its_generator():
     vq = MultiScaleVQ(5, 3, scales=(1, 2))
     with pytest.raises(TypeError, match="generator must be a torch.Generator or None, got int"):
         sample_pyramid(model.eval(), vq, torch.tensor([0, 1]), generator=0)
+
+
+def test_encode_dataset_refuses_a_multiscale_tokenizer_in_one_line():
+    """It called ``.cpu()`` on msvq's list of maps: ``AttributeError: 'list' object has no attribute 'cpu'``."""
+    from ar_course.raster.train import encode_dataset
+    from ar_course.tokenizers.train import default_config
+
+    tok = VQVAE(default_config("msvq", "mnist")).eval()
+    with pytest.raises(ValueError, match=r"^encode_dataset needs a one-map tokenizer, got quantizer='msvq' .*"
+                                         r"encode_pyramids"):
+        encode_dataset(tok, torch.rand(2, 1, 32, 32))
+
+
+def test_plot_losses_on_axes_you_pass_leaves_your_figure_layout_alone():
+    """It called ``tight_layout`` on the axes' figure: an AttributeError on a subfigure's axes, and on a
+    constrained-layout figure a warning and the layout switched to tight."""
+    import warnings
+
+    import matplotlib.pyplot as plt
+
+    fig = plt.figure(layout="constrained")
+    left, _ = fig.subfigures(1, 2)
+    ax = left.subplots()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert viz.plot_losses({"train": [3.0, 2.0]}, ax=ax) is left
+    assert type(fig.get_layout_engine()).__name__ == "ConstrainedLayoutEngine"
+    own = viz.plot_losses({"train": [3.0, 2.0]})  # a figure it makes is laid out tight, as before
+    assert type(own.get_layout_engine()).__name__ == "PlaceHolderLayoutEngine"
+    plt.close("all")
+
+
+def test_decode_step_without_a_cache_is_a_type_error_that_says_how_to_make_one():
+    model = GPT(GPTConfig(vocab_size=5, block_size=8, n_layer=1, n_head=2, n_embd=8))
+    with pytest.raises(TypeError, match=r"^decode_step needs a StaticKVCache: cache=model.make_cache\(batch, "
+                                        r"static=True\)$"):
+        model.decode_step(torch.zeros(1, 1, dtype=torch.long))

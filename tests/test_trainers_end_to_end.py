@@ -14,12 +14,17 @@ import pytest
 import torch
 
 from ar_course import checkpoint
-from ar_course.continuous.model import ContinuousAR
+from ar_course.continuous import train as continuous_train
+from ar_course.continuous.model import ContinuousAR, ContinuousARConfig
+from ar_course.masked import train as masked_train
 from ar_course.metrics import DATASETS
+from ar_course.raster import train as raster_train
 from ar_course.tokenizers import VQVAE
 from ar_course.tokenizers.train import default_config
+from ar_course.train import TrainConfig, lr_at
 from ar_course.transformer import GPT
-from ar_course.var.model import VAR
+from ar_course.var import train as var_train
+from ar_course.var.model import VAR, VARConfig
 from cli_helpers import one_torch_thread, run
 
 PERCENT = r"(\d+(?:\.\d)?)%"
@@ -205,3 +210,42 @@ def test_align_trainers_without_evaluation_record_none(capsys, tmp_path, argv):
     info = checkpoint.info(path)
     assert info["accuracy_cfg0"] is None and info["eval_per_class"] == 0
     assert out.splitlines()[0] == "class accuracy at guidance 0: not measured (--eval-per-class 0)"
+
+
+class _Config(Exception):
+    """Raised by a stand-in train_loop: carries the TrainConfig a trainer built."""
+
+
+def _trainer_schedule(monkeypatch, module, call) -> TrainConfig:
+    """The TrainConfig ``call`` passes to ``module.train_loop`` (nothing trains)."""
+    def caught(model, loss_fn, batches, config, **kwargs):
+        raise _Config(config)
+
+    monkeypatch.setattr(module, "train_loop", caught)
+    with pytest.raises(_Config) as got:
+        call()
+    return got.value.args[0]
+
+
+@pytest.mark.parametrize("steps, warmup", [(60, 20), (2, 0), (300, 100), (1500, 100)])
+def test_a_short_image_run_reaches_its_lr_and_decays_to_the_floor(monkeypatch, steps, warmup):
+    """A fixed 100-step warmup left a 60-step run of the raster, VAR, MaskGIT and continuous trainers at 0.6 lr
+    and never decayed; runs of 300 steps or more (every default and the VAR scaling study) keep 100."""
+    tok = VQVAE(default_config("vq", "mnist", num_codes=16))
+    maps, labels = torch.randint(0, 16, (8, 4, 4)), torch.arange(8) % 2
+    small = {"steps": steps, "batch_size": 4, "progress": False}
+    calls = {
+        raster_train: lambda: raster_train.train_ar(tok, maps, labels, n_layer=1, n_embd=16, n_head=2, **small),
+        masked_train: lambda: masked_train.train_maskgit(tok, maps, labels, n_layer=1, n_embd=16, n_head=2, **small),
+        var_train: lambda: var_train.train_var(
+            tok, torch.randint(0, 16, (8, 5)), labels, VARConfig(vocab_size=16, latent_dim=16, scales=(1, 2),
+                                                                  n_classes=2, n_layer=1, n_head=2, n_embd=16), **small),
+        continuous_train: lambda: continuous_train.train_continuous(
+            torch.randn(8, 4, 4), labels, ContinuousARConfig(grid=(2, 2), n_classes=2, n_layer=1, n_head=2,
+                                                             n_embd=16, head_width=8, head_depth=1), **small),
+    }
+    for module, call in calls.items():
+        config = _trainer_schedule(monkeypatch, module, call)
+        assert (config.steps, config.warmup) == (steps, warmup), module.__name__
+        lrs = [lr_at(s, config) / config.lr for s in range(steps + 1)]
+        assert max(lrs) == 1.0 and lrs[-1] == pytest.approx(config.min_lr_ratio), module.__name__

@@ -25,7 +25,7 @@ from ar_course.tokenizers import VQVAE
 from ar_course.train import (
     History, TrainConfig, add_conditional_model_options, add_output_options, apply_process_options,
     check_conditional_model_options, content_digest, finish_run, format_accuracy, load_tokenizer, prepare_run,
-    train_loop, trainer_main,
+    image_warmup, train_loop, trainer_main,
 )
 from ar_course.transformer.model import GPT
 from ar_course.utils import check_int, get_device, kept_random_state, seed_everything
@@ -39,7 +39,16 @@ SINGLE_SCALE_NEEDED = "a single-scale ('vq', 'fsq' or 'lfq')"
 
 @torch.no_grad()
 def encode_dataset(tokenizer: VQVAE, images: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
-    """Token maps ``(N, h, w)`` long of ``images`` ``(N, C, S, S)``, encoded in chunks on the tokenizer's device."""
+    """Token maps ``(N, h, w)`` long of ``images`` ``(N, C, S, S)``, encoded in chunks on the tokenizer's device
+    (``(N, depth, h, w)`` for a residual VQ, float latents ``(N, D, h, w)`` for the continuous ``kl`` tokenizer).
+
+    Raises:
+        ValueError: a multi-scale (``msvq``) tokenizer, whose tokens are a pyramid of maps, not one map
+            (:func:`ar_course.var.train.encode_pyramids` encodes those).
+    """
+    if tokenizer.config.quantizer == "msvq":
+        raise ValueError("encode_dataset needs a one-map tokenizer, got quantizer='msvq' (a pyramid of maps: "
+                         "ar_course.var.train.encode_pyramids encodes it)")
     device = next(tokenizer.parameters()).device
     return torch.cat([tokenizer.encode_to_indices(chunk.to(device)).cpu() for chunk in images.split(batch_size)])
 
@@ -93,7 +102,7 @@ def train_ar(
         return raster_loss(m, maps.to(device), ys.to(device))
 
     history = train_loop(model, loss_fn, batches,
-                         TrainConfig(steps=steps, lr=lr, warmup=100, weight_decay=0.01,
+                         TrainConfig(steps=steps, lr=lr, warmup=image_warmup(steps), weight_decay=0.01,
                                      checkpoint_every=checkpoint_every),
                          progress=progress, desc="raster AR", state_path=state_path, resume=resume,
                          settings={"seed": seed, "batch_size": batch_size, "p_uncond": p_uncond,

@@ -24,7 +24,7 @@ from ar_course.tokenizers import VQVAE
 from ar_course.train import (
     History, TrainConfig, add_conditional_model_options, add_output_options, apply_process_options,
     check_conditional_model_options, content_digest, finish_run, format_accuracy, load_tokenizer, prepare_run,
-    train_loop, trainer_main,
+    image_warmup, train_loop, trainer_main,
 )
 from ar_course.utils import get_device, kept_random_state, seed_everything
 from ar_course.var.functional import flatten_pyramids, unflatten_pyramids
@@ -86,7 +86,7 @@ def train_var(
         return m.loss(vq, pyramid, ys.to(device))[0]
 
     history = train_loop(model, loss_fn, batches,
-                         TrainConfig(steps=steps, lr=lr, warmup=100, weight_decay=0.01,
+                         TrainConfig(steps=steps, lr=lr, warmup=image_warmup(steps), weight_decay=0.01,
                                      checkpoint_every=checkpoint_every),
                          progress=progress, desc="VAR", state_path=state_path, resume=resume,
                          settings={"seed": seed, "batch_size": batch_size, "p_uncond": p_uncond,
