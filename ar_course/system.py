@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol, Sequence
@@ -184,7 +185,8 @@ class GenerationRequest:
         graphs: replay the decode step (VAR's per-scale pass, the raster model's step) from CUDA graphs
             (:class:`~ar_course.transformer.graphs.CUDAGraphStep`) over a static cache: one graph per scale or
             step shape and chunk size, captured at the first call that needs it (``stats.capture_seconds``) and
-            replayed by later calls. CUDA only; batched generation (``speculative=None``); not with
+            replayed by later calls; the 4 chunk sizes used last keep their cache and graphs (an older size
+            is captured again). CUDA only; batched generation (``speculative=None``); not with
             ``compile``. Calls with graphs on one Generator take turns (they share the graphs' caches).
         compile: run the decode step (VAR's per-scale pass, the raster model's forward) through
             ``torch.compile(dynamic=True)``; attention then runs in torch (``kernels`` must be ``"auto"`` or
@@ -339,13 +341,17 @@ class _DecodeStep:
     ``dynamic`` / ``static``: the eager step over a :class:`~ar_course.transformer.model.KVCache` / a
     :class:`StaticKVCache` (the latter is what :class:`CUDAGraphStep` captures); ``compilable``: the dynamic step
     as ``torch.compile`` takes it; ``model``: whose ``make_cache(rows, static=True)`` makes the caches the graphs
-    write into, kept here, one per number of rows, so calls with graphs take turns."""
+    write into, kept here, one per number of rows, so calls with graphs take turns. At most
+    :attr:`GRAPH_ROW_COUNTS` row counts keep their cache and graphs; the least recently used is dropped (a service
+    answering requests of many sizes would otherwise hold a cache and graphs per size, without bound)."""
+
+    GRAPH_ROW_COUNTS = 4
 
     def __init__(self, model: GPT | var.VAR, dynamic: Callable, static: Callable, compilable: Callable) -> None:
         self.model, self.dynamic, self.static, self.compilable = model, dynamic, static, compilable
         self._compiled: Callable | None = None
         self._graphed: CUDAGraphStep | None = None
-        self._caches: dict[int, StaticKVCache] = {}
+        self._caches: OrderedDict[int, StaticKVCache] = OrderedDict()  # least recently used first
         self._lock = threading.Lock()
 
     @contextlib.contextmanager
@@ -366,10 +372,14 @@ class _DecodeStep:
         with self._lock:
             if self._graphed is None:
                 self._graphed = CUDAGraphStep(self.static)
-            if rows not in self._caches:
-                self._caches[rows] = self.model.make_cache(rows, static=True)
+            cache = self._caches.pop(rows, None)
+            if cache is None:
+                cache = self.model.make_cache(rows, static=True)
+                if len(self._caches) >= self.GRAPH_ROW_COUNTS:
+                    self._graphed.forget(self._caches.popitem(last=False)[1])
+            self._caches[rows] = cache  # the most recently used, last
             before = self._graphed.capture_seconds
-            yield _counted(self._graphed, tally), self._caches[rows]
+            yield _counted(self._graphed, tally), cache
             tally.capture_seconds += self._graphed.capture_seconds - before
             tally.graph_failure = self._graphed.failure
 

@@ -336,3 +336,27 @@ def test_capture_seconds_sums_every_capture(fake_cuda, monkeypatch):
     step(torch.ones(2))
     step(torch.ones(3))  # a second signature: a second capture
     assert step.graphs == 2 and step.capture_seconds == 2.0
+
+
+def test_graphs_keep_the_caches_and_graphs_of_the_last_four_chunk_sizes_only():
+    """Every new chunk size kept a static cache (and its graphs) for the Generator's life: 64 request sizes held
+    1 GiB of caches on the shipped VAR. The least recently used size is dropped with the graphs captured over it
+    (capturing needs CUDA: the graphs here are stand-ins under their real signatures, the request a stand-in for
+    one with graphs=True, which needs CUDA to be made)."""
+    from types import SimpleNamespace
+
+    from ar_course.system import Tally, _DecodeStep
+
+    model = small_gpt("learned")
+    step = _DecodeStep(model, model, model.decode_step, model.forward)
+    request = SimpleNamespace(graphs=True, cache="static", compile=False)
+    x = torch.zeros(1, 1, dtype=torch.long)
+    caches = {}
+    for rows in (2, 4, 6, 8, 4, 10):
+        with step.open(request, Tally(), rows) as (_, cache):
+            caches[rows] = cache
+            step._graphed._graphs[_signature((x,), {"cache": cache})] = f"graph over {rows} rows"
+    assert list(step._caches) == [6, 8, 4, 10]  # 2 was the least recently used (4 was used again)
+    assert step._caches[4] is caches[4]  # a size used again keeps its cache and graphs; 2's graphs are gone
+    assert sorted(step._graphed._graphs.values()) == sorted(f"graph over {r} rows" for r in (4, 6, 8, 10))
+    assert step._graphed.forget(caches[6]) == 1 and step._graphed.forget(caches[6]) == 0

@@ -238,8 +238,9 @@ def test_a_short_image_run_reaches_its_lr_and_decays_to_the_floor(monkeypatch, s
         raster_train: lambda: raster_train.train_ar(tok, maps, labels, n_layer=1, n_embd=16, n_head=2, **small),
         masked_train: lambda: masked_train.train_maskgit(tok, maps, labels, n_layer=1, n_embd=16, n_head=2, **small),
         var_train: lambda: var_train.train_var(
-            tok, torch.randint(0, 16, (8, 5)), labels, VARConfig(vocab_size=16, latent_dim=16, scales=(1, 2),
-                                                                  n_classes=2, n_layer=1, n_head=2, n_embd=16), **small),
+            tok, torch.randint(0, 16, (8, 5)), labels,
+            VARConfig(vocab_size=16, latent_dim=16, scales=(1, 2), n_classes=2, n_layer=1, n_head=2, n_embd=16),
+            **small),
         continuous_train: lambda: continuous_train.train_continuous(
             torch.randn(8, 4, 4), labels, ContinuousARConfig(grid=(2, 2), n_classes=2, n_layer=1, n_head=2,
                                                              n_embd=16, head_width=8, head_depth=1), **small),

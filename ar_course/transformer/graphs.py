@@ -100,6 +100,15 @@ class CUDAGraphStep:
         """How many graphs have been captured."""
         return len(self._graphs)
 
+    def forget(self, obj: object) -> int:
+        """Drop the graphs captured over ``obj`` (an argument such as a cache, by identity), freeing their memory,
+        before ``obj`` itself is dropped (a later object could take its id). Returns how many were dropped."""
+        tag = ("object", id(obj))
+        stale = [k for k in self._graphs if tag in k[0] or any(v == tag for _, v in k[1])]
+        for k in stale:
+            del self._graphs[k]
+        return len(stale)
+
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """``fn(*args, **kwargs)`` by replaying the graph captured for this call's signature (shapes, dtypes,
         devices, other arguments, autocast and attention in effect: :func:`_signature`), captured at its first call."""
