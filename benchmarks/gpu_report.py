@@ -83,9 +83,11 @@ class Budget:
     def left(self) -> float:
         return self.total_s - (self.clock() - self.start)
 
-    def share(self, part_s: float) -> float:
-        """Seconds a part may run: its share, at most what is left (0 when nothing is)."""
-        return max(0.0, min(part_s, self.left()))
+    def share(self, part_s: float, later_s: float = 0.0) -> float:
+        """Seconds a part may run: its share, plus what earlier parts left unused beyond the ``later_s`` the
+        parts after it are due, at most what is left (0 when nothing is)."""
+        left = self.left()
+        return max(0.0, min(left, max(part_s, left - later_s)))
 
 
 def run_part(name: str, command: list[str], seconds: float) -> tuple[dict, str]:
@@ -93,7 +95,7 @@ def run_part(name: str, command: list[str], seconds: float) -> tuple[dict, str]:
     "skipped", "seconds", "note" where not ok}, its output)``; a part cut off leaves what it wrote so far."""
     if seconds < MIN_PART_S:
         return {"status": "skipped", "seconds": 0.0,
-                "note": f"skipped: {seconds:.0f} s of the {TOTAL_S:.0f} s budget left for {name}"}, ""
+                "note": f"{seconds:.0f} s of the {TOTAL_S:.0f} s budget left for {name}"}, ""
     start = time.monotonic()
     # a session of its own: a part cut off is killed with every process it started (a test's subprocess, compile
     # workers), which would otherwise keep the GPU busy and hold the output pipes open past the budget
@@ -173,7 +175,8 @@ def read_pytest(output: str) -> dict:
 
 def measure_kernels(out: Path) -> None:
     """The ``kernels`` part: what ``bench_kernels.bench_gpu`` measures, section by section (the ceilings, then
-    FlashAttention, decode attention, nearest-code search), each written to ``out`` when done."""
+    FlashAttention, decode attention, nearest-code search), each written to ``out`` when done; a section that
+    raises is recorded as ``"<section>_error"`` and the next one runs."""
     import bench_kernels as bk
 
     kernels = bk.gpu_ceilings()
@@ -182,7 +185,10 @@ def measure_kernels(out: Path) -> None:
                 "decode_attention": lambda: bk.bench_decode(kernels["copy_bandwidth_gbs"]),
                 "vq_nearest": bk.bench_vq}
     for name, measure in sections.items():
-        kernels[name] = measure()
+        try:
+            kernels[name] = measure()
+        except Exception as exc:  # noqa: BLE001 -- a section that fails is recorded; the next ones still run
+            kernels[f"{name}_error"] = cli.exception_line(exc)
         _write_json(out, {"kernels": kernels})
 
 
@@ -338,8 +344,8 @@ def render_table(report: dict) -> str:
             lines.append(f"| {r['config']}{fallbacks} | {r['batch']} | {r['images_per_second']:,.0f} | "
                          f"{r['first_call_seconds']:.2f} | {r['capture_seconds']:.2f} | {busy} | {launches} |")
         lines.append("")
-    for note in system.get("skipped", []):
-        lines.append(f"- not measured (time budget): {note}")
+    skipped = [f"- not measured (time budget): {note}" for note in system.get("skipped", [])]
+    lines += skipped + [""] * bool(skipped)
     kernels = report.get("kernels") or {}
     if kernels:
         lines += [f"Ceilings measured in the same run: bf16 matmul {kernels['matmul_bf16_tflops']:.0f} TFLOP/s, "
@@ -350,14 +356,18 @@ def render_table(report: dict) -> str:
                          f"{r['triton_ms']:.3f} ms | SDPA {r['sdpa_ms']:.3f} ms | {r['speed_vs_sdpa']:.2f}x | "
                          f"{r['fraction_of_matmul_peak']:.0%} of matmul |")
         for r in kernels.get("decode_attention", []):
-            lines.append(f"| decode attention ({r['backend']}) | T={r['T']} | {r['ms']:.3f} ms | | | "
-                         f"{r['fraction_of_copy_bandwidth']:.0%} of copy |")
+            lines.append(f"| decode attention ({r['backend']}) | T={r['T']} | " + (
+                f"error: {r['error']} | | | |" if "error" in r else
+                f"{r['ms']:.3f} ms | | | {r['fraction_of_copy_bandwidth']:.0%} of copy |"))
         for r in kernels.get("vq_nearest", []):
             for backend in ("triton", "numba"):
                 if f"{backend}_ms" in r:
                     lines.append(f"| nearest code ({backend}) | N={r['N']} | {r[f'{backend}_ms']:.3f} ms | cdist "
                                  f"{r['cdist_ms']:.3f} ms | {r['cdist_ms'] / r[f'{backend}_ms']:.2f}x | |")
+                elif f"{backend}_error" in r:
+                    lines.append(f"| nearest code ({backend}) | N={r['N']} | error: {r[f'{backend}_error']} | | | |")
         lines.append("")
+        lines += [f"- {key[:-len('_error')]}: failed: {why}" for key, why in kernels.items() if key.endswith("_error")]
     for name, part in (report.get("parts") or {}).items():
         if part.get("status") != "ok":
             lines.append(f"- {name}: {part['status']}: {part.get('note', '')}")
@@ -384,8 +394,8 @@ def run_report(out_dir: Path, total_s: float = TOTAL_S) -> dict:
               "versions": versions(), "budget_s": total_s, "parts": {}}
     me = [sys.executable, str(Path(__file__).resolve())]
     with tempfile.TemporaryDirectory() as tmp:
-        for name, share in PARTS.items():
-            seconds = budget.share(share)
+        for i, (name, share) in enumerate(PARTS.items()):
+            seconds = budget.share(share, later_s=sum(list(PARTS.values())[i + 1:]))
             result = Path(tmp, f"{name}.json")
             command = {"tests": tests_command(),
                        "kernels": [*me, "--part", "kernels", "--part-out", str(result)],

@@ -89,9 +89,9 @@ def test_without_torch_the_report_stops_with_one_line(report, monkeypatch, capsy
 def test_the_budget_gives_each_part_its_share_at_most_what_is_left(report):
     now = [0.0]
     budget = report.Budget(100.0, clock=lambda: now[0])
-    assert budget.share(60.0) == 60.0
+    assert budget.share(60.0, later_s=40.0) == 60.0
     now[0] = 70.0
-    assert budget.left() == 30.0 and budget.share(60.0) == 30.0
+    assert budget.left() == 30.0 and budget.share(60.0, later_s=40.0) == 30.0
     now[0] = 150.0
     assert budget.share(60.0) == 0.0
     status, output = report.run_part("kernels", ["true"], report.MIN_PART_S - 1)
@@ -282,3 +282,52 @@ def test_every_eager_configuration_is_measured_and_profiled_on_cpu(report):
         assert row["gpu_busy_fraction"] == 0.0 and row["launches_per_call"] == 0 and row["gpu_kernels_per_call"] == 0
         assert row["backends"]["attention"] == "torch" and row["precision"] == "float32", (name, row)
         json.dumps(row, allow_nan=False, default=str)  # as _write_json writes it
+
+
+def test_a_kernel_section_that_fails_is_recorded_and_the_next_ones_run(report, monkeypatch, tmp_path):
+    """A section raising (numba-cuda or Triton on the device) lost every later section and the rows already
+    measured; now it is one ``<section>_error`` line and the table says so."""
+    import bench_kernels
+
+    monkeypatch.setattr(bench_kernels, "gpu_ceilings", lambda: {"device": "x", "matmul_bf16_tflops": 2.0,
+                                                                "copy_bandwidth_gbs": 3.0})
+
+    def broken(tflops):
+        raise RuntimeError("tl.dot: both operands must be same dtype\nmore")
+
+    monkeypatch.setattr(bench_kernels, "bench_flash", broken)
+    monkeypatch.setattr(bench_kernels, "bench_decode", lambda gbs: [
+        {"T": 8, "backend": "triton", "ms": 1.0, "fraction_of_copy_bandwidth": 0.5},
+        {"T": 8, "backend": "numba", "error": "NumbaError: no row_stack"}])
+    monkeypatch.setattr(bench_kernels, "bench_vq", lambda: [{"N": 8, "cdist_ms": 3.0, "triton_ms": 1.0,
+                                                             "numba_error": "NumbaError: no row_stack"}])
+    out = tmp_path / "kernels.json"
+    report.measure_kernels(out)
+    kernels = json.loads(out.read_text(encoding="utf-8"))["kernels"]
+    assert kernels["flash_attention_error"] == "RuntimeError: tl.dot: both operands must be same dtype"
+    assert "flash_attention" not in kernels and len(kernels["decode_attention"]) == 2 and kernels["vq_nearest"]
+    table = report.render_table({**SYNTHETIC, "kernels": kernels})
+    assert "- flash_attention: failed: RuntimeError: tl.dot: both operands must be same dtype" in table
+    assert "| decode attention (numba) | T=8 | error: NumbaError: no row_stack | | | |" in table
+    assert "| decode attention (triton) | T=8 | 1.000 ms | | | 50% of copy |" in table
+    assert "| nearest code (numba) | N=8 | error: NumbaError: no row_stack | | | |" in table
+
+
+def test_time_a_part_leaves_unused_goes_to_the_next_parts(report):
+    """The kernels part kept its 60 s share when the tests took 1 s of their 120 s."""
+    now = [0.0]
+    budget = report.Budget(290.0, clock=lambda: now[0])
+    shares = list(report.PARTS.values())  # tests, kernels, system
+    assert budget.share(shares[0], later_s=sum(shares[1:])) == shares[0]
+    now[0] = 1.0  # the tests part ended at once
+    assert budget.share(shares[1], later_s=shares[2]) == 289.0 - shares[2]
+    now[0] = 250.0  # a part that ran long: the next gets what is left, never more
+    assert budget.share(shares[2]) == 40.0
+
+
+def test_the_table_keeps_the_skipped_rows_apart_and_says_skipped_once(report):
+    table = report.render_table(SYNTHETIC)
+    assert "batch 1024\n\nCeilings measured" in table  # a list item, then a paragraph (not part of the item)
+    status, _ = report.run_part("kernels", ["true"], report.MIN_PART_S - 1)
+    table = report.render_table({**SYNTHETIC, "parts": {"kernels": status}})
+    assert "- kernels: skipped: 9 s of the 290 s budget left for kernels" in table

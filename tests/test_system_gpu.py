@@ -19,13 +19,15 @@ def gen():
 
 def test_defaults_on_cuda_run_bfloat16_with_measured_attention_and_no_fallback(gen):
     """kernels="auto" in the bf16 system: whatever the measurements chose, no kernel failed (autocast hands
-    the kernels bf16 queries and a float32 KV cache)."""
+    the kernels bf16 queries and a float32 KV cache). An entry point no pass called reads "none": raster AR over
+    the dynamic cache runs one-token steps only, all of them decode attention."""
     for method, passes in (("var", 6), ("ar", 64)):
         out = gen.generate(list(range(10)), method=method, seed=0)
         assert out.stats.precision == "bfloat16" and out.stats.backends["fallbacks"] == []
-        for op in ("attention", "decode_attention"):
-            ran = [part.split(" x")[0] for part in out.stats.backends[op].split(", ")]
-            assert set(ran) <= {"triton", "numba", "torch"}, out.stats.backends
+        ran = {op: {part.split(" x")[0] for part in out.stats.backends[op].split(", ")}
+               for op in ("attention", "decode_attention")}
+        assert all(r <= {"triton", "numba", "torch", "none"} for r in ran.values()), out.stats.backends
+        assert ran["decode_attention"] != {"none"}, out.stats.backends  # every method decodes one step at a time
         assert out.stats.forward_passes == passes and out.images.shape == (10, 1, 32, 32)
         assert torch.isfinite(out.images).all() and 0 <= float(out.images.min()) <= float(out.images.max()) <= 1
 
