@@ -190,7 +190,8 @@ class GenerationRequest:
             ``compile``. Calls with graphs on one Generator take turns (they share the graphs' caches).
         compile: run the decode step (VAR's per-scale pass, the raster model's forward) through
             ``torch.compile(dynamic=True)``; attention then runs in torch (``kernels`` must be ``"auto"`` or
-            ``"torch"``) and inductor fuses around it. Batched generation only (``speculative=None``). The first
+            ``"torch"``; the trace runs each layer's own function, SDPA in the shipped models) and inductor fuses
+            around it, one graph per step shape. Batched generation only (``speculative=None``). The first
             call compiles (tens of seconds on a CPU; needs a C++ compiler there), later calls reuse it. Same
             tokens as eager up to float rounding; what it gains is measured by ``benchmarks/bench_system.py``
             (the README's full-system rows).

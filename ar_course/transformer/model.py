@@ -489,7 +489,8 @@ _ATTENTION: contextvars.ContextVar[AttentionFn | None] = contextvars.ContextVar(
 def use_attention(attend: AttentionFn) -> Iterator[None]:
     """Inside the block, every :class:`SelfAttention` run in this thread (or task) computes attention with
     ``attend`` instead of its own function; other threads, and the models themselves, are unaffected. An inner
-    block overrides an outer one.
+    block overrides an outer one. A ``torch.compile``d model does not see it (the trace cannot read the context
+    variable): compiled layers run their own function (:func:`set_attention` changes that).
 
     Raises:
         TypeError: ``attend`` is not callable (a name such as ``"plain"``: pass ``attention_function("plain")``),
@@ -541,7 +542,9 @@ class SelfAttention(nn.Module):
             k, v = cache.append(layer, k, v)  # (B, H, past+T, D); a StaticKVCache: (B, H, max_len, D)
         if mask is not None:
             ref.check_mask(mask, q.shape[2], k.shape[2])
-        attend = _ATTENTION.get() or self.attention
+        # a torch.compile trace cannot read a ContextVar (a graph break in every layer, a recompile per layer):
+        # it runs the layer's own function
+        attend = self.attention if torch.compiler.is_compiling() else _ATTENTION.get() or self.attention
         # one new token attends to everything before it: the causal mask is all True
         y = attend(q, k, v, mask, causal and q.shape[2] > 1, self.dropout if self.training else 0.0)  # (B, H, T, D)
         return self.proj(ref.merge_heads(y))  # (B, T, C)
