@@ -347,9 +347,9 @@ def read_train_state(path: str | Path, config: TrainConfig,
     if by_field:
         changed += _changes(then_model, now_model)
     if changed:
-        older = any(" not recorded -> " in c for c in changed)  # e.g. a state of an older ar_course
+        older = any(not recorded for _, recorded in changed)  # e.g. a state of an older ar_course
         raise TrainingError(f"the training state at {path} comes from a run with other settings "
-                            f"({', '.join(changed)}); resume with the options of that run"
+                            f"({', '.join(text for text, _ in changed)}); resume with the options of that run"
                             + ("; a state that does not record a setting (one written by an older ar_course) "
                                "cannot be resumed: start the run again without --resume" if older else ""))
     return tensors, meta
@@ -387,10 +387,12 @@ def _check_state(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, A
         raise bad(f"rng/cpu must be a {expected.dtype} tensor of shape {tuple(expected.shape)}, got {got}")
 
 
-def _changes(then: dict[str, Any], now: dict[str, Any], keys: Iterable[str] | None = None) -> list[str]:
-    """``"key old -> new"`` for each of ``keys`` (default: every key of either side) whose values differ; a key
-    ``now`` lacks shows ``None`` there, a key ``then`` (the stored state) lacks ``"key not recorded -> new"``."""
-    return [f"{k} {repr(then[k]) if k in then else 'not recorded'} -> {now.get(k)!r}"
+def _changes(then: dict[str, Any], now: dict[str, Any], keys: Iterable[str] | None = None
+             ) -> list[tuple[str, bool]]:
+    """``("key old -> new", recorded)`` for each of ``keys`` (default: every key of either side) whose values
+    differ; a key ``now`` lacks shows ``None`` there, a key ``then`` (the stored state) lacks reads
+    ``"key not recorded -> new"`` with ``recorded`` False."""
+    return [(f"{k} {repr(then[k]) if k in then else 'not recorded'} -> {now.get(k)!r}", k in then)
             for k in ({**now, **then} if keys is None else keys) if then.get(k) != now.get(k)]
 
 
