@@ -99,8 +99,8 @@ def run_part(name: str, command: list[str], seconds: float) -> tuple[dict, str]:
     start = time.monotonic()
     # a session of its own: a part cut off is killed with every process it started (a test's subprocess, compile
     # workers), which would otherwise keep the GPU busy and hold the output pipes open past the budget
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=_env(),
-                            start_new_session=True)
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                            env=_env(name), start_new_session=True)
     try:
         stdout, stderr = proc.communicate(timeout=seconds)
         status, output = ("ok" if proc.returncode == 0 else "failed"), stdout + stderr
@@ -124,10 +124,13 @@ def _text(data: bytes | str | None) -> str:
     return data.decode(errors="replace") if isinstance(data, bytes) else (data or "")
 
 
-def _env() -> dict[str, str]:
-    """The environment of a part: the checkout first on ``PYTHONPATH``."""
+def _env(name: str = "") -> dict[str, str]:
+    """The environment of part ``name``: the checkout first on ``PYTHONPATH``; for the tests, Triton kernels on
+    their first configuration (``AR_COURSE_TRITON_AUTOTUNE=0``: they check answers, and autotuning every kind
+    of call they make would take most of their share; the kernels part measures with autotuning)."""
     path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-    return {**os.environ, "PYTHONPATH": path}
+    untuned = {"AR_COURSE_TRITON_AUTOTUNE": "0"} if name == "tests" else {}  # ar_course.kernels.env.AUTOTUNE_ENV
+    return {**os.environ, "PYTHONPATH": path, **untuned}
 
 
 # the parts ------------------------------------------------------------------------------------------------

@@ -331,3 +331,19 @@ def test_the_table_keeps_the_skipped_rows_apart_and_says_skipped_once(report):
     status, _ = report.run_part("kernels", ["true"], report.MIN_PART_S - 1)
     table = report.render_table({**SYNTHETIC, "parts": {"kernels": status}})
     assert "- kernels: skipped: 9 s of the 290 s budget left for kernels" in table
+
+
+def test_the_gpu_tests_run_each_triton_kernel_on_its_first_configuration(report, monkeypatch):
+    """Autotuning every configuration for every kind of call the GPU tests make was most of the tests' share
+    (estimated 115-200 s of 120 s on a cold machine): they check answers, so they run untuned; the kernels part
+    measures with autotuning."""
+    from ar_course.kernels import env
+    from ar_course.kernels import triton_kernels as tk
+
+    assert report._env("tests")[env.AUTOTUNE_ENV] == "0" and env.AUTOTUNE_ENV not in report._env("kernels")
+    monkeypatch.setattr(env, "triton_interpreted", lambda: False)  # as on a GPU
+    configs = ["first", "second", "third"]
+    monkeypatch.delenv(env.AUTOTUNE_ENV, raising=False)
+    assert tk._configs(["interpreted"], configs) == configs
+    monkeypatch.setenv(env.AUTOTUNE_ENV, "0")
+    assert tk._configs(["interpreted"], configs) == ["first"]

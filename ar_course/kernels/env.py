@@ -109,6 +109,18 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
+AUTOTUNE_ENV = "AR_COURSE_TRITON_AUTOTUNE"
+"""``AR_COURSE_TRITON_AUTOTUNE=0`` (read when :mod:`ar_course.kernels.triton_kernels` is imported): on a GPU, each
+Triton kernel runs its first configuration instead of autotuning over all of them. For correctness runs (the
+GPU tests of ``make gpu-report``), where compiling every configuration for every kind of call is most of the
+time; the measurements keep autotuning."""
+
+
+def triton_autotuned() -> bool:
+    """Whether compiled Triton kernels autotune over their configurations (unless ``AR_COURSE_TRITON_AUTOTUNE=0``)."""
+    return os.environ.get(AUTOTUNE_ENV, "1") != "0"
+
+
 def interpret_triton_language() -> int:
     """Make an already imported Triton language usable inside interpreted kernels; returns how many functions
     were rebuilt (0 when Triton is not imported yet, not interpreted, or was imported interpreted).

@@ -92,8 +92,11 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 
 
 def _configs(interpreted: list[triton.Config], gpu: list[triton.Config]) -> list[triton.Config]:
-    """One configuration in the interpreter (autotuning there would only multiply the wait), else ``gpu``."""
-    return interpreted if env.triton_interpreted() else gpu
+    """One configuration in the interpreter (autotuning there would only multiply the wait), else ``gpu``, or
+    its first only under ``AR_COURSE_TRITON_AUTOTUNE=0`` (:data:`~ar_course.kernels.env.AUTOTUNE_ENV`)."""
+    if env.triton_interpreted():
+        return interpreted
+    return gpu if env.triton_autotuned() else gpu[:1]
 
 
 # -- nearest code ------------------------------------------------------------------------------------------
