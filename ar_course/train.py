@@ -337,7 +337,8 @@ def read_train_state(path: str | Path, config: TrainConfig,
     _check_state(path, tensors, meta, config)
     now = json.loads(json.dumps(dataclasses.asdict(config)))  # tuples as JSON lists, like the stored config
     then = {**json.loads(json.dumps(dataclasses.asdict(TrainConfig()))), **meta["config"]}  # older states: defaults
-    changed = _changes(then, now, _SCHEDULE_FIELDS)
+    # with keep_best the evaluations choose the final weights: their interval shapes the result too
+    changed = _changes(then, now, _SCHEDULE_FIELDS + (("eval_every",) if then["keep_best"] or now["keep_best"] else ()))
     stored = meta["extra"].get("settings", settings)  # older states recorded none: nothing to compare
     then_model, now_model = stored.get("model"), settings.get("model")
     by_field = isinstance(then_model, dict) and isinstance(now_model, dict)  # the model's config, field by field

@@ -225,6 +225,10 @@ def test_keep_best_errors_are_one_line(tmp_path):
         _keep_best_run(state, interrupt_at=3)
     with pytest.raises(TrainingError, match=r"other settings \(keep_best 'val' -> ''\)"):
         read_train_state(state, TrainConfig(steps=12, lr=1e-2, warmup=2, eval_every=2, checkpoint_every=0))
+    # the evaluations pick the weights the run ends with: another interval would pick among other weights
+    with pytest.raises(TrainingError, match=r"other settings \(eval_every 2 -> 3\)"):
+        read_train_state(state, TrainConfig(steps=12, lr=1e-2, warmup=2, eval_every=3, checkpoint_every=0,
+                                            keep_best="val"))
 
 
 # ---- ema: a moving average of the weights is what evaluations see and what the run ends with ----------------
