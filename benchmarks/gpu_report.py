@@ -224,6 +224,13 @@ def measure_system(out: Path, seconds: float, batches: tuple[int, ...] = BATCHES
     _write_json(out, {"system": {"rows": rows, "skipped": skipped}})
 
 
+def not_reached(system: dict) -> list[str]:
+    """The configurations and batch sizes a ``system`` part neither measured nor skipped (it ended first)."""
+    done = {f"{r['config']}, batch {r['batch']}" for r in system.get("rows", [])} | set(system.get("skipped", []))
+    return [f"{name}, batch {b} (the part ended first)" for name in CONFIGS for b in BATCHES
+            if f"{name}, batch {b}" not in done]
+
+
 def measure_one(gen, classes, options: dict) -> dict:
     """One configuration at one batch size: a warm-up call (its time and capture time recorded), a timed warm
     call, and a profiled call for the GPU-busy time and the launches."""
@@ -335,17 +342,20 @@ def render_table(report: dict) -> str:
         lines.append("")
     system = report.get("system") or {}
     if system.get("rows"):
-        lines += ["| configuration | batch | images/s | first call (s) | capture (s) | GPU busy | launches/call |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += ["| configuration | batch | images/s | first call (s) | capture (s) | GPU busy | launches/call | "
+                  "attention / decode (precision) |", "|---|---|---|---|---|---|---|---|"]
         for r in system["rows"]:
             if "error" in r:
-                lines.append(f"| {r['config']} | {r['batch']} | error: {r['error']} | | | | |")
+                lines.append(f"| {r['config']} | {r['batch']} | error: {r['error']} | | | | | |")
                 continue
             busy = f"{r['gpu_busy_fraction']:.0%}" if "gpu_busy_fraction" in r else "-"
             launches = f"{r['launches_per_call']:,}" if "launches_per_call" in r else "-"
-            fallbacks = " (fallback)" if r.get("backends", {}).get("fallbacks") else ""
+            backends = r.get("backends", {})
+            fallbacks = " (fallback)" if backends.get("fallbacks") else ""
+            ran = (f"{backends.get('attention', '-')} / {backends.get('decode_attention', '-')} "
+                   f"({r.get('precision', '-')})")  # which kernels ran: graphs route one-token steps elsewhere
             lines.append(f"| {r['config']}{fallbacks} | {r['batch']} | {r['images_per_second']:,.0f} | "
-                         f"{r['first_call_seconds']:.2f} | {r['capture_seconds']:.2f} | {busy} | {launches} |")
+                         f"{r['first_call_seconds']:.2f} | {r['capture_seconds']:.2f} | {busy} | {launches} | {ran} |")
         lines.append("")
     skipped = [f"- not measured (time budget): {note}" for note in system.get("skipped", [])]
     lines += skipped + [""] * bool(skipped)
@@ -413,6 +423,8 @@ def run_report(out_dir: Path, total_s: float = TOTAL_S) -> dict:
                 report["tests"] = read_pytest(output) if status["status"] != "skipped" else {}
             else:
                 report[name] = json.loads(result.read_text(encoding="utf-8"))[name] if result.is_file() else {}
+            if name == "system" and status["status"] != "ok":  # cut off or failed: say which rows never started
+                report["system"]["skipped"] = [*report["system"].get("skipped", []), *not_reached(report["system"])]
             print(f"{name}: {status['status']} in {status['seconds']:.0f} s", flush=True)
     write_report(report, out_dir)
     return report

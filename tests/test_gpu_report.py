@@ -51,7 +51,7 @@ def test_table_and_files_from_a_synthetic_report(report, tmp_path, capsys):
     table = report.render_table(SYNTHETIC)
     assert table.startswith("Measured on Example GPU on 2000-01-01")
     assert "GPU tests: 3 passed, 1 failed, 2 skipped." in table and "tests/t.py::test_x: AssertionError" in table
-    assert "| VAR, torch, graphs | 64 | 1,234 | 1.50 | 0.50 | 50% | 12 |" in table
+    assert "| VAR, torch, graphs | 64 | 1,234 | 1.50 | 0.50 | 50% | 12 | - / - (-) |" in table
     assert "| VAR, auto, eager | 64 | error: RuntimeError: broken |" in table
     assert "not measured (time budget): raster AR, auto, graphs, batch 1024" in table
     assert "| FlashAttention (Triton) causal | T=8 | 2.000 ms | SDPA 1.000 ms | 0.50x | 25% of matmul |" in table
@@ -347,3 +347,33 @@ def test_the_gpu_tests_run_each_triton_kernel_on_its_first_configuration(report,
     assert tk._configs(["interpreted"], configs) == configs
     monkeypatch.setenv(env.AUTOTUNE_ENV, "0")
     assert tk._configs(["interpreted"], configs) == ["first"]
+
+
+def test_the_table_names_the_kernels_that_ran_and_a_cut_off_part_lists_what_it_never_reached(report):
+    row = {**SYNTHETIC["system"]["rows"][0], "precision": "bfloat16",
+           "backends": {"attention": "triton x6", "decode_attention": "none", "fallbacks": []}}
+    table = report.render_table({**SYNTHETIC, "system": {"rows": [row], "skipped": []}})
+    assert "| VAR, torch, graphs | 64 | 1,234 | 1.50 | 0.50 | 50% | 12 | triton x6 / none (bfloat16) |" in table
+    system = {"rows": [{"config": "VAR, torch, eager", "batch": 64}], "skipped": ["VAR, torch, eager, batch 1024"]}
+    missing = report.not_reached(system)
+    assert "VAR, torch, eager, batch 256 (the part ended first)" in missing
+    assert len(missing) == len(report.CONFIGS) * len(report.BATCHES) - 2
+
+
+def test_the_report_lists_the_system_rows_a_cut_off_part_never_started(report, monkeypatch, tmp_path):
+    """run_report with its parts stood in for: the system part is cut off after one row."""
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=0: "Stand-in GPU")
+    monkeypatch.setattr(report, "write_report", lambda rep, out: None)
+
+    def run_part(name, command, seconds):
+        if name == "system":
+            out = Path(command[command.index("--part-out") + 1])
+            out.write_text(json.dumps({"system": {"rows": [{"config": "VAR, torch, eager", "batch": 64,
+                                                            "error": "x"}], "skipped": []}}), encoding="utf-8")
+            return {"status": "timed out", "seconds": seconds, "note": "cut off"}, ""
+        return {"status": "skipped", "seconds": 0.0, "note": "stand-in"}, ""
+
+    monkeypatch.setattr(report, "run_part", run_part)
+    got = report.run_report(tmp_path)
+    assert got["system"]["skipped"][0] == "VAR, torch, eager, batch 256 (the part ended first)"
+    assert len(got["system"]["skipped"]) == len(report.CONFIGS) * len(report.BATCHES) - 1
