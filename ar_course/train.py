@@ -344,6 +344,12 @@ def read_train_state(path: str | Path, config: TrainConfig,
     by_field = isinstance(then_model, dict) and isinstance(now_model, dict)  # the model's config, field by field
     if by_field or then_model is None or now_model is None:  # (or an older state, a caller without the model)
         stored, settings = ({k: v for k, v in d.items() if k != "model"} for d in (stored, settings))
+    foreign = sorted(set(then_model) - set(now_model)) if by_field else []
+    if foreign:  # another kind of model (a VAR's state resumed by the raster trainer): not a list of changes
+        raise TrainingError(f"the training state at {path} was written by a run of another kind of model (its "
+                            f"config has {', '.join(foreign[:4])}{', ...' if len(foreign) > 4 else ''}, which this "
+                            f"run's model has not): resume with the command that wrote it, or give this run "
+                            f"another --out")
     changed += _changes(stored, settings)
     if by_field:
         changed += _changes(then_model, now_model)

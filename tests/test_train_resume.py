@@ -356,6 +356,21 @@ def test_resume_refuses_another_model_config_field_by_field(tmp_path):
     assert history.steps == list(range(6))
 
 
+def test_a_state_of_another_kind_of_model_is_named_as_such_not_listed_change_by_change(tmp_path):
+    """A VAR's state resumed by the raster trainer listed some twenty 'changes', one per config field."""
+    state = tmp_path / "tok.train-state.safetensors"
+    with pytest.raises(TrainingInterrupted):
+        _tiny_tokenizer_run(state, interrupt_at=3)
+    tensors, meta = load_checkpoint(state)
+    meta["extra"]["settings"]["model"].update(block_size=16, n_head=2)  # fields a tokenizer's config lacks
+    save_checkpoint(state, tensors, meta["config"], kind=meta["kind"], **meta["extra"])
+    with pytest.raises(TrainingError) as info:
+        _tiny_tokenizer_run(state, resume=True)
+    assert str(info.value) == (f"the training state at {state} was written by a run of another kind of model (its "
+                               "config has block_size, n_head, which this run's model has not): resume with the command "
+                               "that wrote it, or give this run another --out")
+
+
 def test_resume_accepts_a_state_from_before_the_model_config_was_recorded(tmp_path):
     state = tmp_path / "tok.train-state.safetensors"
     with pytest.raises(TrainingInterrupted):
