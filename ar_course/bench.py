@@ -129,16 +129,24 @@ def _kernels(d: dict) -> list[dict]:
                          f"best {best['triton_tflops']:.0f} TFLOP/s{peak}", ">= 0.8x",
                          worst["speed_vs_sdpa"] >= 0.8))
     ours = [r for r in g["decode_attention"] if r["backend"] != "torch" and "error" not in r]
+    decode_errors = [f"{r['backend']}: {r['error']}" for r in g["decode_attention"] if "error" in r]
     if ours:
         worst = min(ours, key=lambda r: r["fraction_of_copy_bandwidth"])
         rows.append(_row(f"decode attention bandwidth vs measured copy bandwidth{on}",
                          f"lowest {worst['fraction_of_copy_bandwidth']:.0%} ({worst['backend']}, T={worst['T']}, "
                          f"{worst['bandwidth_gbs']:.0f} of {g['copy_bandwidth_gbs']:.0f} GB/s)", ">= 70%",
                          worst["fraction_of_copy_bandwidth"] >= 0.7))
+    elif decode_errors:  # every kernel back-end failed: a failed row, not no row
+        rows.append(_row(f"decode attention bandwidth vs measured copy bandwidth{on}",
+                         f"failed: {decode_errors[0]}", ">= 70%", False))
     speedups = [r["cdist_ms"] / r[k] for r in g["vq_nearest"] for k in r if k.endswith("_ms") and k != "cdist_ms"]
+    vq_errors = [f"{k[:-len('_error')]}: {r[k]}" for r in g["vq_nearest"] for k in r if k.endswith("_error")]
     if speedups:
         rows.append(_row(f"fused nearest-code search vs cdist + argmin{on}",
                          f"{min(speedups):.1f}x to {max(speedups):.1f}x", "faster", min(speedups) > 1))
+    elif vq_errors:
+        rows.append(_row(f"fused nearest-code search vs cdist + argmin{on}", f"failed: {vq_errors[0]}", "faster",
+                         False))
     return rows
 
 

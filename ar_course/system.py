@@ -683,7 +683,7 @@ class Generator:
         if tally.graph_failure is not None:
             backends["fallbacks"] = [*backends["fallbacks"], f"cuda graphs: {tally.graph_failure} (ran eagerly)"]
         stats = _stats(request, str(device), precision, backends, tally, seconds)
-        return Generation(images.float().cpu(), request.classes.cpu(), stats)
+        return Generation(images.float().cpu(), request.classes.to("cpu", copy=True), stats)  # not the request's
 
     def _strategy(self, request: GenerationRequest) -> Strategy:
         """The strategy of ``request``, after checking it against this Generator's models."""

@@ -261,7 +261,7 @@ def plot(results: dict, path: Path) -> None:
         axes[2].axhline(1.0, color="gray", lw=0.8)
         axes[2].set(xlabel="T", ylabel="speed vs SDPA", title="Triton FlashAttention, d=64", xscale="log")
         axes[2].legend()
-        dec = gpu["decode_attention"]
+        dec = [r for r in gpu["decode_attention"] if "error" not in r]  # a back-end that failed has no bar
         axes[3].bar([f"{r['backend']}\nT={r['T']}" for r in dec], [r["fraction_of_copy_bandwidth"] for r in dec])
         axes[3].set(ylabel="fraction of copy bandwidth", title="decode attention")
     fig.suptitle(f"{results['machine']} ({results['date']})", fontsize=9)

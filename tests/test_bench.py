@@ -49,6 +49,24 @@ def test_gpu_rows_check_chapter_06_targets_at_their_worst_case(flash, decode, vq
     assert f"lowest {decode:.0%} (triton" in rows[1]["measured"]
 
 
+def test_a_kernel_target_whose_back_ends_all_failed_is_a_failed_row_not_no_row(tmp_path):
+    """bench_kernels records a back-end that raised as an error row (the GPU report keeps going); the summary
+    dropped such a section and its plot raised KeyError on the row."""
+    failed = gpu(0.9, 0.75, 0.5)
+    failed["decode_attention"] = [{"T": 4096, "backend": b, "error": "RuntimeError: boom"} for b in ("triton", "numba")]
+    failed["vq_nearest"] = [{"N": 65536, "cdist_ms": 1.0, "triton_error": "RuntimeError: boom"}]
+    rows = bench._kernels({"cpu": CPU, "gpu": failed})[1:]
+    assert [(r["measured"], r["met"]) for r in rows[1:]] == [("failed: triton: RuntimeError: boom", False)] * 2
+    spec = importlib.util.spec_from_file_location("bench_kernels_plot", Path(bench.__file__).parents[1]
+                                                  / "benchmarks" / "bench_kernels.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    cpu = {"torch_cdist": {"seconds": 1.0, "peak_extra_mib": 277.0},
+           "numba_cpu": {"seconds": 0.5, "peak_extra_mib": 0.5}}
+    module.plot({"cpu": cpu, "gpu": failed, "machine": "x", "date": "2000-01-01"}, tmp_path / "kernels.png")
+    assert (tmp_path / "kernels.png").is_file()
+
+
 @pytest.mark.parametrize("key, field, best", [("quality_by_scale", "scale", 2.0), ("quality_by_cfg", "cfg", 1.0)])
 def test_raster_rows_name_the_guidance_strength_w_whichever_convention_the_result_recorded(key, field, best):
     """Results written before the guidance convention was w recorded the scale s = 1 + w; both read as w."""

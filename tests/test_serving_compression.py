@@ -194,3 +194,6 @@ def test_heldout_nll_takes_a_compiled_model():
     rows = torch.randint(0, 11, (1, 9), generator=torch.Generator().manual_seed(0))
     compiled = torch.compile(model, backend="eager")
     assert heldout_nll(compiled, rows) == pytest.approx(heldout_nll(model, rows), rel=1e-6)
+    # a compression is applied to it too (a compiled trace does not see use_attention: it measured no compression)
+    window = CompressedAttention("sink_window", sinks=1, window=2)
+    assert heldout_nll(compiled, rows, window) == heldout_nll(model, rows, window) != heldout_nll(model, rows)

@@ -99,6 +99,9 @@ def test_a_request_and_its_generation_keep_their_classes_when_the_callers_buffer
     out = gen.generate(buffer, method="var", seed=0)
     buffer[:] = 7
     assert request.classes.tolist() == [1, 2] and out.classes.tolist() == [1, 2]
+    out = gen.run(request)
+    out.classes[0] = 5  # nor does a Generation share its request's tensor
+    assert request.classes.tolist() == [1, 2]
 
 
 def _has_triton() -> bool:

@@ -435,6 +435,8 @@ def heldout_nll(model: GPT, windows: torch.Tensor, attention: CompressedAttentio
     if windows.ndim != 2 or windows.shape[0] == 0 or windows.shape[1] < 2:
         raise ValueError(f"windows must be a non-empty (N, T+1) tensor of token ids with T >= 1, got shape "
                          f"{tuple(windows.shape)}")
+    if attention is not None:  # a compiled model's trace does not see use_attention: run its eager module
+        model = getattr(model, "_orig_mod", model)
     losses = []
     for row in windows:
         if attention is None:
