@@ -53,7 +53,7 @@ from ar_course.checkpoint import save_checkpoint
 from ar_course.cli import ArgumentParser, device_name, path_arg, positive_float, positive_int
 from ar_course.train import (
     DEVICE_HELP, History, TrainConfig, add_run_options, apply_process_options, check_batch_size, finish_run, out_help,
-    prepare_run, seed_int, train_loop, trainer_main,
+    image_warmup, prepare_run, seed_int, train_loop, trainer_main,
 )
 from ar_course.utils import (
     check_finite, check_ids, check_image_values, check_int, check_number, check_seed, get_device, is_integer_tensor,
@@ -587,7 +587,7 @@ def train_classifier(dataset: str = "mnist", steps: int = 1500, seed: int = 0, b
         return {"accuracy": float((pred == y).float().mean())}
 
     history = train_loop(model, loss_fn, batches(),
-                         TrainConfig(steps=steps, lr=lr, weight_decay=1e-4, warmup=50,
+                         TrainConfig(steps=steps, lr=lr, weight_decay=1e-4, warmup=image_warmup(steps, most=50),
                                      checkpoint_every=checkpoint_every),
                          eval_fn=evaluate, progress=progress, desc=f"classifier/{dataset}", state_path=state_path,
                          resume=resume, settings={"seed": seed, "batch_size": batch_size, "dataset": dataset})

@@ -160,9 +160,9 @@ def lr_at(step: int, config: TrainConfig) -> float:
 
 
 def image_warmup(steps: int, most: int = 100) -> int:
-    """The image trainers' warmup (raster AR, VAR, MaskGIT, continuous AR): ``most`` steps, or a third of a run
-    shorter than ``3 * most``, so that a short run reaches its learning rate and decays to the floor (a fixed
-    100-step warmup left a 60-step run at 0.6 lr, never decayed). Runs of 300 steps or more: 100."""
+    """The image trainers' warmup (raster AR, VAR, MaskGIT, continuous AR: ``most=100``; the classifier: 50):
+    ``most`` steps, or a third of a run shorter than ``3 * most``, so that a short run reaches its learning rate
+    and decays to the floor (a fixed 100-step warmup left a 60-step run at 0.6 lr, never decayed)."""
     return min(most, steps // 3)
 
 

@@ -250,3 +250,15 @@ def test_a_short_image_run_reaches_its_lr_and_decays_to_the_floor(monkeypatch, s
         assert (config.steps, config.warmup) == (steps, warmup), module.__name__
         lrs = [lr_at(s, config) / config.lr for s in range(steps + 1)]
         assert max(lrs) == 1.0 and lrs[-1] == pytest.approx(config.min_lr_ratio), module.__name__
+
+
+@pytest.mark.parametrize("steps, warmup", [(60, 20), (150, 50), (1500, 50)])
+def test_a_short_classifier_run_reaches_its_lr_too(monkeypatch, steps, warmup):
+    """The classifier's fixed 50-step warmup: a 60-step run never reached its lr (150 steps and more: 50)."""
+    from ar_course import metrics
+
+    config = _trainer_schedule(monkeypatch, metrics, lambda: metrics.train_classifier("mnist", steps=steps,
+                                                                                       progress=False))
+    assert (config.steps, config.warmup) == (steps, warmup)
+    lrs = [lr_at(s, config) / config.lr for s in range(steps + 1)]
+    assert max(lrs) == 1.0 and lrs[-1] == pytest.approx(config.min_lr_ratio)
