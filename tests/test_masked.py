@@ -438,3 +438,13 @@ def test_train_maskgit_cli_writes_a_loadable_checkpoint(tmp_path):
     info = masked.pretrained_info(out)
     assert isinstance(model, MaskGIT) and info["schedule"] == "square" and info["steps"] == 2
     assert set(info["accuracy_by_cfg_8_steps"]) == {"0.0", "1.0", "2.0"}
+
+
+def test_map_logits_takes_a_compiled_forward():
+    """``forward or self`` asked the compiled module for its truth value: "MaskGIT does not support len()"."""
+    torch._dynamo.reset()
+    model, classes = tiny(), torch.tensor([0, 3])
+    tokens = torch.full((2, 12), model.mask_id)
+    compiled = torch.compile(model, backend="eager")
+    assert torch.equal(model.map_logits(tokens, classes, forward=compiled), model.map_logits(tokens, classes))
+    torch._dynamo.reset()

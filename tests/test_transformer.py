@@ -616,16 +616,31 @@ def test_count_forward_passes_counts_only_its_own_threads_passes():
     assert done.is_set()
 
 
-def test_a_compiled_forward_has_no_graph_break_under_use_attention():
-    """Reading use_attention's ContextVar broke the graph in every layer (dynamo cannot trace ContextVar.get):
-    Generator(compile=True) recompiled attention per layer until torch's recompile limit, then ran eagerly while
-    its stats said "torch.compile" (shipped VAR, second call: 0.29 s compiled vs 0.06 s eager)."""
+@pytest.mark.parametrize("attn", ["sdpa", "kernels"])
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_a_compiled_forward_has_no_graph_break(attn, cache):
+    """Reading a ContextVar broke the graph in every layer (dynamo cannot trace ContextVar.get): use_attention's,
+    and the kernels' dispatch record (13 breaks per step with attn="kernels"); so did reading a static cache's
+    length before handing the step to decode_step. Generator(compile=True) recompiled per layer until torch's
+    recompile limit, then ran mostly eagerly while its stats said "torch.compile" (shipped VAR, second call:
+    0.29 s compiled vs 0.06 s eager)."""
     from ar_course.transformer.model import sdpa_attention, use_attention
 
     torch._dynamo.reset()
-    model = GPT(GPTConfig(vocab_size=11, block_size=16, n_layer=3, n_head=2, n_embd=16)).eval()
-    x = torch.zeros(2, 5, dtype=torch.long)
+    model = GPT(GPTConfig(vocab_size=11, block_size=16, n_layer=3, n_head=2, n_embd=16, attn=attn)).eval()
+    kv = model.make_cache(2, static=cache == "static")
     with torch.no_grad(), use_attention(sdpa_attention):
-        explained = torch._dynamo.explain(model)(x, cache=model.make_cache(2))
+        model(torch.zeros(2, 5, dtype=torch.long), cache=kv)  # a later step is what the loop repeats
+        explained = torch._dynamo.explain(model)(torch.zeros(2, 1, dtype=torch.long), cache=kv)
     assert explained.graph_break_count == 0, [str(b.reason)[:200] for b in explained.break_reasons]
+    torch._dynamo.reset()
+
+
+def test_generate_takes_a_compiled_forward():
+    """``forward or default`` asked the compiled module for its truth value: "GPT does not support len()"."""
+    torch._dynamo.reset()
+    model = make_model()
+    x = torch.zeros(1, 2, dtype=torch.long)
+    compiled = torch.compile(model, backend="eager")
+    assert torch.equal(model.generate(x, 3, sampling=GREEDY, forward=compiled), model.generate(x, 3, sampling=GREEDY))
     torch._dynamo.reset()

@@ -114,7 +114,10 @@ def note_dispatch(record: DispatchRecord) -> None:
 
 
 def _ran(op: str, backend: str, out: torch.Tensor, fallback: str | None = None) -> torch.Tensor:
-    """Note that ``backend`` computed ``op`` (and why a kernel did not, if one was meant to); returns ``out``."""
+    """Note that ``backend`` computed ``op`` (and why a kernel did not, if one was meant to); returns ``out``.
+    Inside a ``torch.compile`` trace nothing is noted (dynamo cannot read the ContextVar: a graph break per call)."""
+    if torch.compiler.is_compiling():
+        return out
     record = _RECORD.get()
     if record is not None:
         record.calls.setdefault(op, Counter())[backend] += 1

@@ -92,7 +92,7 @@ class MaskGIT(GPT):
         """Logits over the codes (``[MASK]`` excluded) at every map position: ``tokens`` ``(B, N)`` with
         ``[MASK]`` where hidden, ``classes`` ``(B,)`` -> ``(B, N, num_codes)``. One forward pass (``forward``,
         default the model itself)."""
-        logits, _ = (forward or self)(tokens, classes=classes)  # (B, 1 + N, V)
+        logits, _ = (self if forward is None else forward)(tokens, classes=classes)  # (B, 1 + N, V)
         return logits[:, 1:, : self.num_codes]  # (B, N, num_codes): the class token's output is not used
 
     def _guided_logits(self, tokens: torch.Tensor, classes: torch.Tensor, cfg: float, forward: Forward | None

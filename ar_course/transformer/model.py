@@ -865,10 +865,10 @@ class GPT(nn.Module):
         """
         if not torch.compiler.is_compiling():  # a compiled step (Generator(compile=True)) was checked by its caller
             self._check_forward(idx, targets, classes, cache)
+        if isinstance(cache, StaticKVCache):  # before reading its length: int(cache.pos) is a host read
+            return self.decode_step(idx, classes, cache)  # checked: classes come exactly with the class token
         start = cache.length if cache is not None else 0
         class_token = self.wce is not None and start == 0
-        if isinstance(cache, StaticKVCache):
-            return self.decode_step(idx, classes if class_token else None, cache)
         x = self._embed(idx, classes if class_token else None)  # (B, T, C)
         T = x.shape[1]
         # causal, shifted by the cached positions: no mask is built here
@@ -1019,7 +1019,8 @@ class GPT(nn.Module):
         elif classes is not None:
             raise ValueError("classes are only taken by a class-conditional model (n_classes > 0)")
         self.check_room(T, max_new_tokens)
-        forward = forward or (self.decode_step if static else self)
+        # `is not None`, not `or`: a torch.compile'd module has no truth value ("GPT does not support len()")
+        forward = forward if forward is not None else (self.decode_step if static else self)
         return self._decode(idx, max_new_tokens, sampling, cfg, classes, generator, cache if use_cache else None,
                             forward)
 

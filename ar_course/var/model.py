@@ -276,7 +276,7 @@ class VAR(nn.Module):
                 raise ValueError(f"scale {k} needs float inputs ({B}, {end - begin}, {self.config.latent_dim}), "
                                  f"got {got}")
             h = self._embed_inputs(x)  # (B, s_k^2, C)
-        logits = (run or self._run)(h, self.class_emb(classes), begin, None, cache)
+        logits = (self._run if run is None else run)(h, self.class_emb(classes), begin, None, cache)
         cache.advance(end - begin)
         return logits
 
