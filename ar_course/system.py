@@ -311,6 +311,7 @@ class Tally:
     spec: SpecStats = field(default_factory=SpecStats)
     capture_seconds: float = 0.0
     graph_failure: str | None = None
+    compile_failure: str | None = None
 
     def add_speculative(self, stats: SpecStats) -> None:
         """Count one speculative generation: a target pass per round, a draft pass per drafted token."""
@@ -364,11 +365,15 @@ class _DecodeStep:
         forward pass; a hook on a block would sit inside the compiled region)."""
         if not request.graphs:
             fn = self.static if request.cache == "static" else self.dynamic
-            if request.compile:
-                if self._compiled is None:
-                    self._compiled = torch.compile(self.compilable, dynamic=True)
-                fn = self._compiled
-            yield _counted(fn, tally), request.cache
+            if not request.compile:
+                yield _counted(fn, tally), request.cache
+                return
+            if self._compiled is None:
+                self._compiled = torch.compile(self.compilable, dynamic=True)
+            config = torch._dynamo.config  # the limit raises (older torch: no such option), for the whole chunk
+            strict = {"fail_on_recompile_limit_hit": True} if hasattr(config, "fail_on_recompile_limit_hit") else {}
+            with config.patch(**strict):
+                yield _counted(_compiled_or_eager(self._compiled, self.compilable, tally), tally), request.cache
             return
         with self._lock:
             if self._graphed is None:
@@ -383,6 +388,24 @@ class _DecodeStep:
             yield _counted(self._graphed, tally), cache
             tally.capture_seconds += self._graphed.capture_seconds - before
             tally.graph_failure = self._graphed.failure
+
+
+def _compiled_or_eager(compiled: Callable, eager: Callable, tally: Tally) -> Callable:
+    """``compiled``, or ``eager`` from the step where torch.compile would need one more graph than its recompile
+    limit allows (every model and Generator of a process shares the traced function's budget: a third precision
+    or device can reach it): torch would then run the step eagerly in silence; with
+    ``fail_on_recompile_limit_hit`` on (:meth:`_DecodeStep.open`) it raises, and here that is noted in
+    ``tally.compile_failure``, which the stats report."""
+
+    def step(*args, **kwargs):
+        if tally.compile_failure is None:
+            try:
+                return compiled(*args, **kwargs)
+            except torch._dynamo.exc.FailOnRecompileLimitHit:  # raised before the step ran: nothing half done
+                tally.compile_failure = "torch.compile: recompile limit reached"
+        return eager(*args, **kwargs)
+
+    return step
 
 
 def _counted(fn: Callable, tally: Tally) -> Callable:
@@ -682,6 +705,8 @@ class Generator:
         backends = {**_attention_report(attention, dispatched), "compiled": _compiled_report(request, tally)}
         if tally.graph_failure is not None:
             backends["fallbacks"] = [*backends["fallbacks"], f"cuda graphs: {tally.graph_failure} (ran eagerly)"]
+        if tally.compile_failure is not None:
+            backends["fallbacks"] = [*backends["fallbacks"], f"{tally.compile_failure} (ran eagerly)"]
         stats = _stats(request, str(device), precision, backends, tally, seconds)
         return Generation(images.float().cpu(), request.classes.to("cpu", copy=True), stats)  # not the request's
 
@@ -734,11 +759,11 @@ def _stats(request: GenerationRequest, device: str, precision: str, backends: di
 
 
 def _compiled_report(request: GenerationRequest, tally: Tally) -> str:
-    """How the decode step ran: ``"torch.compile"``, ``"cuda graphs"`` or ``"no"`` (eager, a failed capture
-    included)."""
+    """How the decode step ran: ``"torch.compile"``, ``"cuda graphs"`` or ``"no"`` (eager, a failed capture or
+    a compile past torch's recompile limit included)."""
     if request.graphs and tally.graph_failure is None:
         return "cuda graphs"
-    return "torch.compile" if request.compile else "no"
+    return "torch.compile" if request.compile and tally.compile_failure is None else "no"
 
 
 def _attention_for(kernels: str, device: torch.device) -> AttentionFn:

@@ -391,6 +391,26 @@ def test_relaxed_jacobi_borrows_from_the_requested_number_of_neighbours(gen):
     assert many.stats.forward_passes < exact.stats.forward_passes
 
 
+def test_a_compiled_step_past_the_recompile_limit_runs_eagerly_and_says_so(gen, monkeypatch):
+    """Every Generator and model of a process shares a traced function's recompile budget (8 graphs): a third
+    precision reached it, torch ran the step eagerly in silence and the stats said "torch.compile". Here the
+    limit is 1 graph (VAR's first scale and the later ones need 2) and torch.compile traces without inductor."""
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, dynamic=False: real_compile(fn, dynamic=dynamic,
+                                                                                backend="eager"))
+    mine = Generator(gen.var, gen.var_tokenizer, gen.ar, gen.ar_tokenizer)  # its own compiled steps
+    eager = gen.generate([2, 5], method="var", seed=0)
+    torch._dynamo.reset()
+    try:
+        with torch._dynamo.config.patch(recompile_limit=1):
+            out = mine.generate([2, 5], method="var", seed=0, compile=True)
+    finally:
+        torch._dynamo.reset()
+    assert torch.equal(out.images, eager.images) and out.stats.forward_passes == 6
+    assert out.stats.backends["compiled"] == "no"
+    assert out.stats.backends["fallbacks"] == ["torch.compile: recompile limit reached (ran eagerly)"]
+
+
 @pytest.mark.slow
 def test_compiled_decode_step_matches_eager_and_leaves_the_model_alone(gen):
     """torch.compile of VAR's per-scale pass and the raster forward: the same images as eager (the first call
