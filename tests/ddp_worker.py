@@ -23,7 +23,11 @@ RUNS: dict[str, list[str]] = {
     "tokenizer_msvq": ["tokenizer", "--quantizer", "msvq", "--batch-size", "4", *TINY_TOKENIZER],
     "tokenizer_rvq_ema": ["tokenizer", "--quantizer", "rvq", "--depth", "2", "--ema", "--batch-size", "4",
                           *TINY_TOKENIZER],
-    "classifier": ["classifier", "--batch-size", "8"],
+    # Adam turns the last-bit differences of a 2-process reduction (here SyncBatchNorm's sums too) into weight
+    # differences up to the step size where a gradient is nearly zero: at the default lr (3e-3, full from the
+    # first step of a 3-step run) one conv weight of 4608 differed by 6.7e-5. A small lr keeps such rounding under
+    # the 1e-5 the weights are compared at, while a wrong gradient (moving weights by up to 3e-4) still shows.
+    "classifier": ["classifier", "--batch-size", "8", "--lr", "1e-4"],
     # a loss term over the whole batch, not a mean over examples (the codebook entropy): ddp.global_batch_sum
     "tokenizer_lfq": ["tokenizer", "--quantizer", "lfq", "--batch-size", "4"],
     # losses that draw random numbers per example (masks, noise levels, noise): ddp.draw_rows
