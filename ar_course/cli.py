@@ -193,10 +193,13 @@ def float_list(lo: float = -math.inf, *, allow_empty: bool = False) -> Callable[
     def parse(text: str) -> tuple[float, ...]:
         if allow_empty and not text.strip():
             return ()
-        values = tuple(_number(s) for s in text.split(","))
-        if any(v is None or not math.isfinite(v) or v < lo for v in values):
+        try:
+            values = tuple(float(s) for s in text.split(","))
+        except ValueError:
+            raise invalid(requirement, text) from None
+        if any(not math.isfinite(v) or v < lo for v in values):
             raise invalid(requirement, text)
-        return values  # type: ignore[return-value]  # no None left
+        return values
 
     return parse
 

@@ -212,7 +212,7 @@ def measure_system(out: Path, seconds: float, batches: tuple[int, ...] = BATCHES
     for name, options in CONFIGS.items():
         for b in batches:
             if budget.left() < 3 * last + 5:
-                skipped.append(f"{name}, batch {b}")
+                skipped.append(_row_name(name, b))
                 continue
             start = clock()
             try:
@@ -226,9 +226,14 @@ def measure_system(out: Path, seconds: float, batches: tuple[int, ...] = BATCHES
 
 def not_reached(system: dict) -> list[str]:
     """The configurations and batch sizes a ``system`` part neither measured nor skipped (it ended first)."""
-    done = {f"{r['config']}, batch {r['batch']}" for r in system.get("rows", [])} | set(system.get("skipped", []))
-    return [f"{name}, batch {b} (the part ended first)" for name in CONFIGS for b in BATCHES
-            if f"{name}, batch {b}" not in done]
+    done = {_row_name(r["config"], r["batch"]) for r in system.get("rows", [])} | set(system.get("skipped", []))
+    return [f"{_row_name(name, b)} (the part ended first)" for name in CONFIGS for b in BATCHES
+            if _row_name(name, b) not in done]
+
+
+def _row_name(config: str, batch: int) -> str:
+    """How a system row is named where it was not measured: ``"VAR, auto, eager, batch 256"``."""
+    return f"{config}, batch {batch}"
 
 
 def measure_one(gen, classes, options: dict) -> dict:
