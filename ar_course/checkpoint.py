@@ -159,7 +159,7 @@ def save_checkpoint(
     Shared storage (tied weights) is cloned so the file is self-contained. ``extra`` values must be
     JSON-serialisable (e.g. training history summary); NumPy scalars and 0-d tensors are stored as the
     Python numbers they hold. The file appears complete or not at all (written to a temporary file beside
-    ``path``, then renamed). Under ``torchrun`` only rank 0 writes.
+    ``path``, then renamed); equal weights and metadata give equal bytes. Under ``torchrun`` only rank 0 writes.
 
     Raises:
         TypeError: ``path`` is not a str or path, ``model`` is neither a module nor a dict of tensors, ``kind``
@@ -183,8 +183,21 @@ def save_checkpoint(
         _check_finite_tensors(tensors)
     except ValueError as exc:
         raise NonFiniteWeightsError(f"{exc}; nothing was written to {path}") from None
-    atomic_write_bytes(path, save(tensors, metadata=metadata))  # save_file would make the file private (0600)
+    atomic_write_bytes(path, _sorted_metadata(save(tensors, metadata=metadata)))  # save_file: private (0600) files
     return path
+
+
+def _sorted_metadata(blob: bytes) -> bytes:
+    """The safetensors file ``blob`` with its metadata's keys in sorted order, so that equal weights and metadata
+    give equal bytes (safetensors writes the tensors sorted but the metadata in a per-process random order). The
+    layout: an 8-byte little-endian header length, the JSON header padded with spaces to a multiple of 8, the
+    data (whose offsets count from the data's start, so a rewritten header moves nothing)."""
+    n = int.from_bytes(blob[:8], "little")
+    header = json.loads(blob[8:8 + n])
+    header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text + blob[8 + n:]
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[dict, dict]:

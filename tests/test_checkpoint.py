@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 
 from ar_course import checkpoint
 from ar_course.checkpoint import (
-    CheckpointError, config_from_dict, load, load_with_tokenizer, recorded_tokenizer, save_checkpoint,
+    CheckpointError, config_from_dict, load, load_checkpoint, load_with_tokenizer, recorded_tokenizer, save_checkpoint,
     tokenizer_reference,
 )
 from ar_course.continuous import ContinuousAR, ContinuousARConfig
@@ -395,3 +395,19 @@ def test_a_folder_named_like_a_shipped_checkpoint_does_not_shadow_it(tmp_path, m
     monkeypatch.chdir(tmp_path)
     (tmp_path / "diffusion_lm").mkdir()
     assert checkpoint.resolve("diffusion_lm") == checkpoint.ASSETS / "diffusion_lm.safetensors"
+
+
+def test_equal_weights_and_metadata_give_equal_bytes(tmp_path):
+    """safetensors writes its metadata in a random order (a Rust hash map: 5 different files in 20 saves of one
+    state); the checkpoint sorts it, so a rerun that reproduces the weights reproduces the file, and it loads."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=5, block_size=4, n_layer=1, n_head=1, n_embd=8))
+    files = {save_checkpoint(tmp_path / "m.safetensors", model, model.config, kind="lm", note="é").read_bytes()
+             for _ in range(12)}
+    assert len(files) == 1
+    blob = files.pop()
+    header = json.loads(blob[8:8 + int.from_bytes(blob[:8], "little")])
+    assert list(header["__metadata__"]) == ["config", "extra", "kind"]
+    loaded = load(tmp_path / "m.safetensors")
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+    assert load_checkpoint(tmp_path / "m.safetensors")[1]["extra"] == {"note": "é"}
