@@ -43,7 +43,8 @@ from ar_course.speculative import SpecStats, codebook_neighbors, sjd_generate, s
 from ar_course.tokenizers import VQVAE
 from ar_course.transformer.graphs import CUDAGraphStep
 from ar_course.transformer.model import (
-    CACHE_KINDS, GPT, AttentionFn, KernelAttention, StaticKVCache, sdpa_attention, use_attention,
+    CACHE_KINDS, GPT, AttentionFn, KernelAttention, SelfAttention, StaticKVCache, plain_attention, sdpa_attention,
+    use_attention,
 )
 from ar_course.utils import (
     check_bool, check_ids, check_int, check_number, check_seed, generate_in_batches, get_device, is_integer_tensor,
@@ -190,7 +191,8 @@ class GenerationRequest:
             ``compile``. Calls with graphs on one Generator take turns (they share the graphs' caches).
         compile: run the decode step (VAR's per-scale pass, the raster model's forward) through
             ``torch.compile(dynamic=True)``; attention then runs in torch (``kernels`` must be ``"auto"`` or
-            ``"torch"``; the trace runs each layer's own function, SDPA in the shipped models) and inductor fuses
+            ``"torch"``; the trace runs each layer's own function, SDPA in the shipped models, and a model with
+            another in any layer is refused at :meth:`Generator.run`) and inductor fuses
             around it, one graph per step shape. Batched generation only (``speculative=None``). The first
             call compiles (tens of seconds on a CPU; needs a C++ compiler there), later calls reuse it. Same
             tokens as eager up to float rounding; what it gains is measured by ``benchmarks/bench_system.py``
@@ -368,6 +370,7 @@ class _DecodeStep:
             if not request.compile:
                 yield _counted(fn, tally), request.cache
                 return
+            _check_torch_layers(self.model)
             if self._compiled is None:
                 self._compiled = torch.compile(self.compilable, dynamic=True)
             config = torch._dynamo.config  # the limit raises (older torch: no such option), for the whole chunk
@@ -388,6 +391,20 @@ class _DecodeStep:
             yield _counted(self._graphed, tally), cache
             tally.capture_seconds += self._graphed.capture_seconds - before
             tally.graph_failure = self._graphed.failure
+
+
+def _check_torch_layers(model: torch.nn.Module) -> None:
+    """Every attention layer of ``model`` computes attention with torch (its own function is
+    :func:`sdpa_attention` or :func:`plain_attention`): a ``torch.compile`` trace runs the layer's own function,
+    not the call's, and the stats would name torch for whatever ran. ``ValueError`` naming the first other layer."""
+    others = [(name, m.attention) for name, m in model.named_modules()
+              if isinstance(m, SelfAttention) and m.attention not in (sdpa_attention, plain_attention)]
+    if others:
+        name, fn = others[0]
+        raise ValueError(f"compile=True traces each layer's own attention function, and {len(others)} layer(s) of "
+                         f"the {type(model).__name__} run another than torch's (first: {name} runs "
+                         f"{getattr(fn, '__name__', type(fn).__name__)}): set_attention(model, 'sdpa') first, "
+                         "or generate without compile")
 
 
 def _compiled_or_eager(compiled: Callable, eager: Callable, tally: Tally) -> Callable:
@@ -664,9 +681,10 @@ class Generator:
 
         Raises ``ValueError`` before any work for classes outside ``[0, num_classes)``, a method or
         speculative kind whose models this Generator lacks, more ``neighbors`` than the raster model's codebook
-        has other codes (``vocab_size - 1``), or
-        ``graphs=True`` on a Generator that is not on a CUDA device; ``TypeError`` for a ``request`` that is
-        not a :class:`GenerationRequest` (:meth:`generate` takes the options as keywords)."""
+        has other codes (``vocab_size - 1``), ``graphs=True`` on a Generator that is not on a CUDA device, or
+        ``compile=True`` with a layer whose own attention function is not torch's (the trace would run it);
+        ``TypeError`` for a ``request`` that is not a :class:`GenerationRequest` (:meth:`generate` takes the options
+        as keywords)."""
         if not isinstance(request, GenerationRequest):
             raise TypeError(f"request must be a GenerationRequest (or call generate(classes, **options)), got "
                             f"{type(request).__name__}")

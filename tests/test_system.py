@@ -2,6 +2,7 @@
 
 import importlib.util
 import itertools
+import copy
 import json
 import os
 import subprocess
@@ -17,7 +18,7 @@ from ar_course.raster import generate_tokens
 from ar_course.raster.functional import to_raster
 from ar_course.sampling import GREEDY, SamplingConfig
 from ar_course.system import PRETRAINED, GenerationRequest, GenerationStats, Generator
-from ar_course.transformer.model import SelfAttention, attention_function, sdpa_attention, use_attention
+from ar_course.transformer.model import SelfAttention, attention_function, sdpa_attention, set_attention, use_attention
 from ar_course.var import functional as var_ref
 from ar_course.var import sample_pyramid
 
@@ -409,6 +410,17 @@ def test_a_compiled_step_past_the_recompile_limit_runs_eagerly_and_says_so(gen, 
     assert torch.equal(out.images, eager.images) and out.stats.forward_passes == 6
     assert out.stats.backends["compiled"] == "no"
     assert out.stats.backends["fallbacks"] == ["torch.compile: recompile limit reached (ran eagerly)"]
+
+
+def test_compile_refuses_layers_whose_own_attention_is_not_torch(gen):
+    """A compiled trace runs each layer's own attention function, not the call's: with kernels installed on a
+    layer the stats said attention "torch" for what chapter 06's kernels computed. Refused before any work."""
+    mine = Generator(copy.deepcopy(gen.var), gen.var_tokenizer)
+    set_attention(mine.var.blocks[1], "kernels")
+    with pytest.raises(ValueError, match=r"compile=True traces each layer's own attention function, and 1 "
+                                         r"layer\(s\) of the VAR run another than torch's \(first: .*KernelAttention"):
+        mine.generate([2, 5], method="var", seed=0, compile=True)
+    assert mine.generate([2, 5], method="var", seed=0).stats.forward_passes == 6  # eager: the call's attention
 
 
 @pytest.mark.slow
