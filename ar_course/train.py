@@ -68,6 +68,11 @@ DIVERGED_HINT = "rerun with a lower --lr"
 class TrainConfig:
     """The schedule and bookkeeping of :func:`train_loop`, checked when it is made.
 
+    ``weight_decay`` is AdamW's decoupled decay on every trainable parameter, norm gains, biases, embeddings and
+    codebooks included (the image generators' trainers use 0.01, the classifier 1e-4, the others 0). nanoGPT
+    decays only the 2-D matmul weights; for that, pass :func:`train_loop` an ``optimizer`` with two parameter
+    groups.
+
     Raises:
         TypeError: a field of the wrong type (``lr="3e-3"``, ``steps=2.5``, ``keep_best=None``...).
         ValueError: a field out of range: ``steps``, ``log_every`` < 1; ``lr`` <= 0; ``weight_decay``,
@@ -549,7 +554,9 @@ def train_loop(
     ``state_path`` / ``resume``: see the module docstring (``resume`` without a state raises
     :class:`TrainingError`). ``settings``: what else determines the run besides ``config`` (JSON values by
     name, such as ``{"seed": 0, "batch_size": 16}``, the global batch); the state records them, and ``resume``
-    refuses a state written with other values (:func:`read_train_state`).
+    refuses a state written with other values (:func:`read_train_state`). ``optimizer``: one of your own over
+    ``model``'s parameters (its parameter groups keep their weight decay and betas; the schedule sets every
+    group's lr), else AdamW with ``config``'s ``lr``, ``weight_decay`` and ``betas`` over every trainable parameter.
 
     Inside a process group (``torchrun``, see :mod:`ar_course.distributed`) each process trains on its
     contiguous slice of every global batch from ``batches`` (so the global batch size must divide by the

@@ -642,6 +642,23 @@ def test_lr_warms_up_linearly_then_decays_by_cosine_to_its_floor():
         [1.0, _cosine(0.25), 0.5, _cosine(0.75), 0.0], abs=1e-12)
 
 
+def test_a_callers_optimizer_keeps_its_groups_decay_and_gets_the_schedule():
+    """TrainConfig's AdamW decays every parameter; a caller's optimizer with a no-decay group (nanoGPT's split)
+    keeps each group's decay, and every group follows the schedule: one step at lr 2 of a weight decays it to
+    1 - 2 * 0.5 = 0 (zero gradient, so Adam's step is 0) while the no-decay bias stays."""
+    model = torch.nn.Linear(1, 1)
+    with torch.no_grad():
+        model.weight.fill_(1.0), model.bias.fill_(1.0)
+    opt = torch.optim.AdamW([{"params": [model.weight], "weight_decay": 0.5},
+                             {"params": [model.bias], "weight_decay": 0.0}], lr=123.0)
+    config = TrainConfig(steps=1, lr=2.0, warmup=0, grad_clip=None, log_every=1)
+    train_loop(model, lambda m, x: (m(x) * 0).sum(), iter([torch.zeros(1, 1)]), config, optimizer=opt,
+               progress=False)
+    assert [g["lr"] for g in opt.param_groups] == [lr_at(0, config)] * 2 == [2.0] * 2
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.5, 0.0]
+    assert float(model.weight.detach()) == pytest.approx(0.0, abs=1e-12) and float(model.bias.detach()) == 1.0
+
+
 # ---- trainers' options: one-line usage errors before any work --------------------------------------------------
 
 
