@@ -51,6 +51,31 @@ def test_fsq_outputs_lie_on_the_declared_grid(levels):
         assert values.unique().numel() <= L
 
 
+@pytest.mark.parametrize("levels", [(1001,), (2000,), (2, 1024), (1024, 4)])
+def test_fsq_with_more_than_1000_levels_stays_on_its_grid(levels):
+    """The bound's 1e-3 margin let a value round one step past the grid once a level passed 1000: indices
+    -1 or L (refused by decode), or with two channels a carry into the next digit, the index of another code
+    ((1024, 4): the code (1, 0) got index 3072, which decodes to (-1, 0.5))."""
+    fsq = FSQ(levels)
+    z = torch.linspace(-10, 10, 2001).repeat(len(levels), 1).reshape(1, len(levels), 2001, 1)  # far past the bound
+    out = fsq(z)
+    assert 0 <= int(out.indices.min()) and int(out.indices.max()) < fsq.num_codes
+    for i, L in enumerate(levels):
+        top = torch.tensor((L - 1) // 2 / (L // 2))  # the grid's last code, rounded to float32 as z_q is
+        assert float(out.z_q[:, i].min()) == -1.0 and float(out.z_q[:, i].max()) == float(top)
+    assert torch.equal(fsq.decode(out.indices), out.z_q.detach())  # each index names its own code
+
+
+def test_fsq_indices_of_bfloat16_codes_stay_in_range():
+    """bfloat16 holds no odd integer above 256: a digit computed there rounded to L (index out of range). The
+    codes themselves of a level above 256 may alias in bfloat16; the indices are computed in float32."""
+    fsq = FSQ((300,))
+    z = torch.linspace(-10, 10, 4001).reshape(1, 1, 4001, 1)
+    indices = fsq(z.bfloat16()).indices
+    assert int(indices.min()) == 0 and int(indices.max()) == 299
+    torch.testing.assert_close(fsq.decode(indices), fsq(z.bfloat16()).z_q.float(), atol=2 ** -8, rtol=0)
+
+
 @pytest.mark.parametrize("levels", [(3, 4, 5), (8, 6, 5), (2, 3)])
 def test_fsq_every_code_is_reachable_and_round_trips(levels):
     fsq = FSQ(levels)

@@ -477,10 +477,15 @@ def fsq_bound(z: torch.Tensor, levels: Sequence[int], eps: float = 1e-3) -> torc
 def fsq_quantize(z: torch.Tensor, levels: Sequence[int]) -> torch.Tensor:
     """FSQ codes ``(..., d)`` of ``z`` ``(..., d)``: bound, round with a straight-through gradient, and divide
     dimension ``i`` by ``L_i // 2`` so the codes lie in ``[-1, 1]`` on the grid
-    ``{(k - L_i // 2) / (L_i // 2) : k = 0 .. L_i - 1}``."""
-    bounded = fsq_bound(z, levels)  # (..., d)
-    rounded = bounded + (bounded.round() - bounded).detach()  # straight-through rounding
-    width = torch.tensor([l // 2 for l in check_levels(levels)], dtype=z.dtype, device=z.device)  # (d,)
+    ``{(k - L_i // 2) / (L_i // 2) : k = 0 .. L_i - 1}`` (the rounded value is clamped to it)."""
+    lv = check_levels(levels)
+    bounded = fsq_bound(z, lv)  # (..., d)
+    # the bound's eps lets a value round one step past the grid once (L_i - 1) * eps / 2 >= 0.5 (L_i > 1000)
+    lo = torch.tensor([-(n // 2) for n in lv], dtype=z.dtype, device=z.device)  # (d,)
+    hi = torch.tensor([(n - 1) // 2 for n in lv], dtype=z.dtype, device=z.device)  # (d,)
+    on_grid = torch.minimum(torch.maximum(bounded.round(), lo), hi)  # (..., d)
+    rounded = bounded + (on_grid - bounded).detach()  # straight-through rounding
+    width = torch.tensor([n // 2 for n in lv], dtype=z.dtype, device=z.device)  # (d,)
     return rounded / width
 
 
@@ -500,9 +505,12 @@ def fsq_codes_to_indices(codes: torch.Tensor, levels: Sequence[int]) -> torch.Te
 
 
 def _fsq_codes_to_indices(codes: torch.Tensor, lv: tuple[int, ...]) -> torch.Tensor:
-    """:func:`fsq_codes_to_indices` on checked levels, without reading the codes (``FSQ.forward``)."""
-    width = torch.tensor([l // 2 for l in lv], dtype=codes.dtype, device=codes.device)  # (d,)
-    digits = (codes * width + width).round().long()  # (..., d) in [0, L_i)
+    """:func:`fsq_codes_to_indices` on checked levels, without reading the codes (``FSQ.forward``). The digits
+    are computed in float32 (bfloat16 holds no odd integer above 256) and clamped to ``[0, L_i)``."""
+    width = torch.tensor([n // 2 for n in lv], dtype=torch.float32, device=codes.device)  # (d,)
+    top = torch.tensor([n - 1 for n in lv], device=codes.device)  # (d,)
+    digits = (codes.float() * width + width).round().long()  # (..., d)
+    digits = torch.minimum(digits.clamp(min=0), top)  # (..., d) in [0, L_i)
     return (digits * _fsq_basis(lv, codes.device)).sum(-1)
 
 

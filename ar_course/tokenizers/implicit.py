@@ -35,7 +35,8 @@ class FSQ(nn.Module):
 
     ``forward(z)``: ``z`` ``(B, d, h, w)`` -> codes on the grid ``{(k - L_i//2) / (L_i//2)}`` (straight-through
     rounding of :func:`~ar_course.tokenizers.functional.fsq_bound`), indices ``(B, h, w)`` in
-    ``[0, num_codes)`` with ``num_codes = prod(levels)``, and a zero loss."""
+    ``[0, num_codes)`` with ``num_codes = prod(levels)``, and a zero loss. In bfloat16 the codes of a level above
+    256 are not all distinct numbers (neighbouring codes share an index): quantize in float32 there."""
 
     def __init__(self, levels: Sequence[int]) -> None:
         super().__init__()
