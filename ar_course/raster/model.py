@@ -54,7 +54,7 @@ def raster_config(
         raise ValueError(f"pos must be 'rope2d' or 'learned', got {pos!r}")
     rows, cols = check_grid("grid", grid)
     return GPTConfig(vocab_size=vocab_size, block_size=1 + rows * cols, n_layer=n_layer, n_head=n_head,
-                     n_embd=n_embd, pos=pos, grid=(rows, cols) if pos == "rope2d" else None,
+                     n_embd=n_embd, pos=pos, grid=(rows, cols),
                      n_classes=n_classes, dropout=dropout)
 
 
@@ -76,12 +76,18 @@ def _check_model(model: GPT) -> None:
 
 
 def check_model_grid(model: GPT, name: str, shape: tuple[int, ...]) -> None:
-    """``ValueError`` unless maps of ``shape`` ``(..., rows, cols)`` match the grid of a ``pos="rope2d"`` model,
-    whose 2-D rotary angles place token ``p`` at row ``p // cols`` of its ``config.grid`` (other models: only
-    ``block_size`` bounds the map, which the GPT checks). No values read."""
-    grid = model.config.grid
-    if model.config.pos == "rope2d" and tuple(shape[-2:]) != grid:
-        raise ValueError(f"{name} must match the model's {grid[0]}x{grid[1]} grid, got {tuple(shape)}")
+    """``ValueError`` unless maps of ``shape`` ``(..., rows, cols)`` match the model's ``config.grid`` (a
+    ``pos="rope2d"`` model's 2-D rotary angles place token ``p`` at row ``p // cols`` of it; a learned table's
+    positions were learned for it), or, for a model that records no grid (a learned one saved before grids
+    were recorded for them), fill its ``block_size`` after the class token: another map would be read with
+    positions learned for other cells. No values read."""
+    c = model.config
+    rows, cols = tuple(shape[-2:])
+    if c.grid is not None and (rows, cols) != c.grid:
+        raise ValueError(f"{name} must match the model's {c.grid[0]}x{c.grid[1]} grid, got {tuple(shape)}")
+    if c.grid is None and 1 + rows * cols != c.block_size:
+        raise ValueError(f"{name} must fill the model's context after the class token ({c.block_size - 1} tokens), "
+                         f"got {tuple(shape)}")
 
 
 def check_tokenizer(tokenizer: VQVAE, model: GPT) -> int:
@@ -195,9 +201,8 @@ def generate_tokens(
     ``forward`` replaces the model's forward pass at every step (both as in :meth:`GPT.generate`).
 
     Raises ``ValueError`` for ``classes`` that are not a non-empty ``(B,)`` long tensor in ``[0, n_classes]``,
-    a ``grid`` that is not two sides ``>= 1`` or differs from the grid of a ``pos="rope2d"`` model
-    (:func:`check_model_grid`), a GPT without classes (``n_classes = 0``) or a bidirectional one (a MaskGIT),
-    and as :meth:`GPT.generate` for the rest; ``TypeError`` for arguments of the wrong type (a ``model`` that is
+    a ``grid`` that is not two sides ``>= 1`` or does not fit the model (:func:`check_model_grid`), a GPT without
+    classes (``n_classes = 0``) or a bidirectional one (a MaskGIT), and as :meth:`GPT.generate` for the rest; ``TypeError`` for arguments of the wrong type (a ``model`` that is
     not a GPT, a non-tensor ``classes``)."""
     _check_model(model)
     check_ids("classes", classes, model.config.n_classes + 1, ("B",))
