@@ -194,6 +194,11 @@ def test_bad_inputs_raise():
         model.step(1, torch.randn(1, 4, DIM), torch.tensor([0]), model.make_cache(1))
     with pytest.raises(ValueError):
         VARConfig(scales=(2, 1))
+    # one start token predicts the first map: (2, 3, 4) built, then its loss blamed the input's shape and its
+    # sampling failed inside a reshape
+    with pytest.raises(ValueError, match=r"^scales must start at 1 \(the start token predicts the 1x1 first map\), "
+                                         r"got \(2, 3, 4\)$"):
+        VARConfig(scales=(2, 3, 4))
     with pytest.raises(ValueError):
         VARConfig(cond="cross")
 

@@ -45,8 +45,8 @@ class VARConfig:
 
     Raises:
         TypeError: a size, ``n_classes`` or a scale that is not an integer (``2.5``, ``"3"``).
-        ValueError: a size ``< 1``, scales that do not increase, an unknown ``cond``, ``n_classes < 1``, or as
-            :class:`GPTConfig` (``n_embd`` not divisible by ``n_head``...).
+        ValueError: a size ``< 1``, scales that do not increase or do not start at 1, an unknown ``cond``,
+            ``n_classes < 1``, or as :class:`GPTConfig` (``n_embd`` not divisible by ``n_head``...).
     """
 
     vocab_size: int = 256  # codebook size of the tokenizer
@@ -70,6 +70,8 @@ class VARConfig:
         self.scales = tuple(check_int(f"scales[{i}]", s) for i, s in enumerate(self.scales))
         if not self.scales or any(a >= b for a, b in zip(self.scales, self.scales[1:])) or self.scales[0] < 1:
             raise ValueError(f"scales must be increasing sides >= 1, got {self.scales}")
+        if self.scales[0] != 1:  # the start token's one position predicts the first map
+            raise ValueError(f"scales must start at 1 (the start token predicts the 1x1 first map), got {self.scales}")
         if self.cond not in ("ada", "token"):
             raise ValueError(f"cond must be 'ada' or 'token', got {self.cond!r}")
         self.n_classes = check_int("n_classes", self.n_classes)
