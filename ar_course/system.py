@@ -522,9 +522,11 @@ class JacobiStrategy:
         return self.tokenizer.decode_from_indices(from_raster(seq, side, side))  # (1, C, S, S)
 
     def codebook_neighbors(self, k: int) -> torch.Tensor:
-        """``(V, k)`` nearest codes of every code of the tokenizer (computed once per ``k``)."""
+        """``(V, k)`` nearest codes of every code of the tokenizer, as its lookup sees them (a VQ codebook, FSQ's
+        grid, LFQ's sign patterns; computed once per ``k``)."""
         if k not in self._neighbors:
-            self._neighbors[k] = codebook_neighbors(self.tokenizer.quantizer.codebook.detach(), k)
+            codes = self.tokenizer.quantizer.codes().detach()  # (V, d); FSQ and LFQ make theirs on the CPU
+            self._neighbors[k] = codebook_neighbors(codes, k).to(next(self.model.parameters()).device)
         return self._neighbors[k]
 
 

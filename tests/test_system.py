@@ -14,10 +14,12 @@ import pytest
 import torch
 
 from ar_course.checkpoint import CheckpointError, resolve
-from ar_course.raster import generate_tokens
+from ar_course.raster import generate_tokens, raster_config
 from ar_course.raster.functional import to_raster
 from ar_course.sampling import GREEDY, SamplingConfig
 from ar_course.system import PRETRAINED, GenerationRequest, GenerationStats, Generator
+from ar_course.tokenizers import VQVAE, VQVAEConfig
+from ar_course.transformer import GPT
 from ar_course.transformer.model import SelfAttention, attention_function, sdpa_attention, set_attention, use_attention
 from ar_course.var import functional as var_ref
 from ar_course.var import sample_pyramid
@@ -390,6 +392,24 @@ def test_relaxed_jacobi_borrows_from_the_requested_number_of_neighbours(gen):
     many = gen.generate([5], method="ar", speculative="jacobi", relaxed_delta=0.5, neighbors=50, seed=0)
     assert many.stats.acceptance_rate > exact.stats.acceptance_rate
     assert many.stats.forward_passes < exact.stats.forward_passes
+
+
+@pytest.mark.parametrize("quantizer, extra", [("fsq", {"fsq_levels": (2, 3), "latent_dim": 2}),
+                                               ("lfq", {"latent_dim": 3})])
+def test_relaxed_jacobi_finds_neighbours_in_an_implicit_codebook(quantizer, extra):
+    """FSQ and LFQ raster tokenizers are accepted, and relaxed Jacobi read a VQ codebook they do not have
+    (AttributeError); the neighbours are now those of the codes the tokenizer's lookup uses."""
+    torch.manual_seed(0)
+    tok = VQVAE(VQVAEConfig(quantizer=quantizer, image_size=8, downsample=4, width=4, **extra)).eval()
+    model = GPT(raster_config(tok.config.num_codes, (2, 2), n_classes=2, n_layer=1, n_head=1, n_embd=8)).eval()
+    gen = Generator(ar_model=model, ar_tokenizer=tok)
+    out = gen.generate([0, 1], method="ar", speculative="jacobi", window=2, relaxed_delta=0.1, neighbors=2, seed=0)
+    assert out.images.shape == (2, 1, 8, 8) and out.stats.forward_passes >= 2
+    nbrs = gen.strategies[("ar", "jacobi")].codebook_neighbors(2)  # (V, 2): the two nearest other codes
+    codes = tok.quantizer.codes()
+    dist = torch.cdist(codes, codes).fill_diagonal_(float("inf"))
+    nearest = dist.topk(2, largest=False).values  # (V, 2)
+    assert torch.equal(dist.gather(1, nbrs), nearest)
 
 
 def test_a_compiled_step_past_the_recompile_limit_runs_eagerly_and_says_so(gen, monkeypatch):
