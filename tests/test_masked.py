@@ -407,6 +407,8 @@ def test_bad_arguments_give_clear_errors():
         M.masked_cross_entropy(torch.randn(1, 2, 3), torch.zeros(1, 2, dtype=torch.long), torch.zeros(1, 2, dtype=bool))
     with pytest.raises(ValueError, match="causal=False"):
         MaskGIT(GPTConfig(vocab_size=13, block_size=13, n_classes=5, pos="rope2d", grid=(3, 4)))
+    with pytest.raises(ValueError, match=r"^vocab_size must be >= 2 \(at least one code, then \[MASK\]\), got 1$"):
+        MaskGIT(GPTConfig(vocab_size=1, block_size=13, n_classes=5, pos="rope2d", grid=(3, 4), causal=False))
     with pytest.raises(ValueError, match="order must be"):
         masked.generate_images(model, None, cls, order="raster")
 

@@ -70,6 +70,8 @@ class MaskGIT(GPT):
         if config.block_size != 1 + config.grid[0] * config.grid[1]:
             raise ValueError(f"block_size must be 1 + rows * cols = {1 + config.grid[0] * config.grid[1]}, got "
                              f"{config.block_size}")
+        if config.vocab_size < 2:
+            raise ValueError(f"vocab_size must be >= 2 (at least one code, then [MASK]), got {config.vocab_size}")
         super().__init__(config)
 
     @property
