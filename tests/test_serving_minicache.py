@@ -12,7 +12,7 @@ from ar_course.sampling import SamplingConfig
 from ar_course.serving import Engine, EngineConfig, PagedKVCache
 from ar_course.serving.compression import kv_bytes_per_token, merge_pair
 from ar_course.serving.minicache import fresh_rows, merged_generate
-from ar_course.transformer import load_pretrained
+from ar_course.transformer import GPT, GPTConfig, load_pretrained
 from serving_fixtures import _one_thread, tiny  # noqa: F401 (pytest fixtures)
 
 GREEDY = SamplingConfig(temperature=0.0)
@@ -124,6 +124,11 @@ def test_merge_options_are_clear_errors(tiny):
             Engine(tiny, EngineConfig(kv_merge_from=merge_from))
         assert str(e.value) == f"kv_merge_from must be < {n - 1} for this {n}-layer model (it merges layers " \
                                f"(a, a + 1) from it on), got {merge_from}"
+    one_layer = GPT(GPTConfig(vocab_size=5, block_size=8, n_layer=1, n_head=1, n_embd=8))
+    with pytest.raises(ValueError) as e:  # it said "must be < 0"
+        Engine(one_layer, EngineConfig(kv_merge_from=0))
+    assert str(e.value) == "kv_merge_from merges the caches of neighbouring layers: a 1-layer model has none to " \
+                           "merge (use None), got 0"
     with pytest.raises(TypeError, match="kv_bits must be an integer"):  # 8.0 in (8, 4) is True: checked as an int
         EngineConfig(kv_bits=8.0)
     with pytest.raises(ValueError, match="kv_bits"):

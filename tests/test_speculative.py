@@ -261,6 +261,10 @@ def test_speculative_generate_rejects_bad_input():
         speculative_generate(m, tiny_gpt(0, vocab=6), torch.tensor([[1]]), 3)
     with pytest.raises(ValueError):
         speculative_generate(m, m, torch.tensor([[1]]), 40)  # past block_size
+    # whose context is too short is named (here the draft's: 8 positions, the target's 32)
+    with pytest.raises(ValueError, match=r"^draft: 1 prompt token and 12 new tokens need 12 positions, more than "
+                                         r"the model's context of 8 \(config.block_size\)$"):
+        speculative_generate(m, tiny_gpt(0, block_size=8), torch.tensor([[1]]), 12)
 
 
 @pytest.mark.parametrize("cfg", [0.0, 1.5])

@@ -113,6 +113,9 @@ class EngineConfig:
 def check_merge_from(n_layer: int, merge_from: int | None) -> None:
     """``ValueError`` unless ``merge_from`` (:attr:`EngineConfig.kv_merge_from`) is None or merges at least one pair
     of layers ``(a, a + 1)`` of an ``n_layer``-layer model."""
+    if merge_from is not None and n_layer < 2:
+        raise ValueError(f"kv_merge_from merges the caches of neighbouring layers: a {n_layer}-layer model has none "
+                         f"to merge (use None), got {merge_from}")
     if merge_from is not None and not merged_pairs(n_layer, merge_from):
         raise ValueError(f"kv_merge_from must be < {n_layer - 1} for this {n_layer}-layer model (it merges layers "
                          f"(a, a + 1) from it on), got {merge_from}")

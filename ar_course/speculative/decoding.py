@@ -138,8 +138,11 @@ def _check_inputs(models: tuple[GPT, ...], prefix: torch.Tensor, classes: torch.
     cfg = check_cfg(cfg)
     if cfg != 0 and not conditional:
         raise ValueError("classifier-free guidance (cfg != 0) needs class-conditional models")
-    for m in models:
-        m.check_room(prefix.shape[1], new_tokens)
+    for name, m in zip(("target", "draft"), models):
+        try:
+            m.check_room(prefix.shape[1], new_tokens)
+        except ValueError as exc:  # with two models, say whose context is too short
+            raise ValueError(f"{name}: {exc}" if len(models) > 1 else str(exc)) from None
     return cfg
 
 
