@@ -202,8 +202,8 @@ def generate_tokens(
 
     Raises ``ValueError`` for ``classes`` that are not a non-empty ``(B,)`` long tensor in ``[0, n_classes]``,
     a ``grid`` that is not two sides ``>= 1`` or does not fit the model (:func:`check_model_grid`), a GPT without
-    classes (``n_classes = 0``) or a bidirectional one (a MaskGIT), and as :meth:`GPT.generate` for the rest; ``TypeError`` for arguments of the wrong type (a ``model`` that is
-    not a GPT, a non-tensor ``classes``)."""
+    classes (``n_classes = 0``) or a bidirectional one (a MaskGIT), and as :meth:`GPT.generate` for the rest;
+    ``TypeError`` for arguments of the wrong type (a ``model`` that is not a GPT, a non-tensor ``classes``)."""
     _check_model(model)
     check_ids("classes", classes, model.config.n_classes + 1, ("B",))
     if grid is None:
