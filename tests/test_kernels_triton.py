@@ -141,6 +141,19 @@ def test_decode_attention_ignores_the_cache_past_each_length(tk, dtypes, splits)
     torch.testing.assert_close(got.double(), expected, atol=TOL[q.dtype], rtol=TOL[q.dtype])
 
 
+@pytest.mark.parametrize("lengths", [torch.tensor(3, dtype=torch.int32),
+                                     torch.tensor([[3, 0], [8, 0], [1, 0], [5, 0]], dtype=torch.int32)[:, 0]],
+                         ids=["0-d", "strided"])
+def test_decode_attention_reads_lengths_of_any_layout(lengths):
+    """The kernel reads lengths[b] at offset b: a 0-d int32 tensor (expanded to a stride-0 view) or a strided
+    int32 view passed its checks and was read past its storage or at the wrong elements (nan, or 4.8e30)."""
+    q, k_cache, v_cache = decode_inputs(4, 2, 8, 4, DTYPES["fp32"])
+    got = K.decode_attention(q, k_cache, v_cache, lengths, backend="triton")
+    expected = K.decode_attention_reference(q.double(), k_cache.double(), v_cache.double(),
+                                            lengths.expand(4).long())
+    torch.testing.assert_close(got.double(), expected, atol=TOL[q.dtype], rtol=TOL[q.dtype])
+
+
 @pytest.mark.parametrize("length", [1, 33, 64])
 @pytest.mark.parametrize("d", [16, 32, 64])
 def test_decode_attention_with_an_int_length_over_a_cache_slice(tk, d, length):

@@ -300,7 +300,7 @@ def flash_attention_triton(
         return out
     dot_dtype, (q, k, v) = _dot_operands(compute_dtype or default_compute_dtype(q, k, v), q, k, v)
     kind = _MASK_KINDS[mask.kind]
-    kv_len = mask.lengths.to(device=q.device, dtype=torch.int32) if mask.kind == "lengths" else out
+    kv_len = mask.lengths.to(device=q.device, dtype=torch.int32).contiguous() if mask.kind == "lengths" else out
     args = (q, k, v, kv_len, out, scale * LOG2E, t_q, t_k, mask.causal_offset or 0, dim, h, *q.stride()[:3],
             *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], pow2_at_least(t_q), pow2_at_least(t_k))
     meta = {"MASK": kind, "BLOCK_D": _pow2(dim), "EVEN_D": _pow2(dim) == dim, "DOT_DTYPE": dot_dtype}
@@ -437,7 +437,8 @@ def decode_attention_triton(
     q, k_cache, v_cache = _rows(q), _rows(k_cache), _rows(v_cache)
     has_lengths = isinstance(lengths, torch.Tensor)
     n_splits, chunk = decode_splits(b * h, t_max if has_lengths else lengths, q.device, splits)
-    len_arg = lengths.to(device=q.device, dtype=torch.int32) if has_lengths else out
+    # the kernel reads lengths[b] at offset b: a 0-d or strided int32 tensor is not copied by .to, so copy it
+    len_arg = lengths.to(device=q.device, dtype=torch.int32).contiguous() if has_lengths else out
     final = n_splits == 1
     if final:
         m_part = l_part = acc_part = out  # not written
