@@ -333,6 +333,23 @@ def test_cpu_vq_matches_exact_search():
     assert torch.equal(got, exact_nearest(z, c))
 
 
+def test_cpu_vq_compiles_without_a_cache_where_numba_cannot_write_one(monkeypatch):
+    """A read-only install with no writable home: numba's cache=True raised at import ("no locator available"),
+    so numba_cpu could not run at all (checked by hand with a read-only bind mount of the package). The kernel
+    is then compiled in each process instead."""
+    calls = []
+
+    def fake_njit(**options):
+        calls.append(options)
+        if options.get("cache"):
+            raise RuntimeError("cannot cache function '_nearest': no locator available for file 'cpu_vq.py'")
+        return lambda fn: ("compiled", fn)
+
+    monkeypatch.setattr(cpu_vq, "njit", fake_njit)
+    assert cpu_vq._jit(len) == ("compiled", len)
+    assert calls == [{"parallel": True, "fastmath": True, "cache": True}, {"parallel": True, "fastmath": True}]
+
+
 def test_cpu_vq_rejects_bad_input():
     with pytest.raises(ValueError, match="empty"):
         vq_nearest_cpu(torch.randn(3, 2), torch.randn(0, 2))

@@ -8,12 +8,23 @@ vectorises. Extra memory: the K code norms and the N indices, never an N x K mat
 
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 import torch
 from numba import njit, prange
 
 
-@njit(parallel=True, fastmath=True, cache=True)
+def _jit(fn: Callable) -> Callable:
+    """``fn`` compiled once and cached on disk beside the package (or in numba's cache folder); where numba finds
+    nowhere to write (a read-only install and home) it compiles in each process instead of failing to import."""
+    try:
+        return njit(parallel=True, fastmath=True, cache=True)(fn)
+    except RuntimeError:  # "cannot cache function ...: no locator available"
+        return njit(parallel=True, fastmath=True)(fn)
+
+
+@_jit
 def _nearest(z: np.ndarray, codebook: np.ndarray, out: np.ndarray) -> None:  # pragma: no cover - compiled
     n, dim = z.shape
     k = codebook.shape[0]
