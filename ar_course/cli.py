@@ -24,6 +24,8 @@ import sys
 from pathlib import Path
 from typing import Callable, NoReturn
 
+from ar_course.project import install_command
+
 # what -> (module with main(argv) -> int, or "module:function", one-line description)
 TRAINERS: dict[str, tuple[str, str]] = {
     "tokenizer": ("ar_course.tokenizers.train", "VQ / residual VQ / multi-scale VQ tokenizer (chapter 01)"),
@@ -59,8 +61,7 @@ EXIT_USAGE, EXIT_FAILURE, EXIT_INTERRUPTED = 2, 1, 130
 
 def missing_extra(command: str, extra: str, exc: ModuleNotFoundError) -> str:
     """The one line for ``command`` run where the ``extra`` it imports (``exc``: the failed import) is missing."""
-    return f"{command} needs the {extra!r} extra, which is not installed ({exc}): pip install -e '.[{extra}]' in " \
-           f"the course's folder"
+    return f"{command} needs the {extra!r} extra, which is not installed ({exc}): {install_command(extra)}"
 
 
 class UsageError(Exception):
@@ -308,7 +309,7 @@ def _dispatch(argv: list[str]) -> int:
             raise
         if any(arg in ("-h", "--help") for arg in rest):  # the help a user asks for, with what to install first
             print(f"usage: {PROG} {command} ...\n\n{COMMANDS[command][1]}\n\nIts options are listed once the "
-                  f"{extra!r} extra is installed: pip install -e '.[{extra}]' in the course's folder")
+                  f"{extra!r} extra is installed: {install_command(extra)}")
             return 0
         raise SystemExit(missing_extra(command, extra, exc)) from None  # status 1
     return int(mod.main(rest) or 0)

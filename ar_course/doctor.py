@@ -18,6 +18,8 @@ import subprocess
 import sys
 from dataclasses import dataclass
 
+from ar_course.project import install_command
+
 OK, WARN, FAIL = "OK", "WARN", "FAIL"
 
 _SIM_PROBE = """
@@ -110,7 +112,7 @@ def module_finding(module: str, version: str | None, blocking: bool, extra: str)
     """OK for an installed ``module`` of ``version``; FAIL (WARN when not ``blocking``) when it is missing (None)
     or older than :data:`OLDEST` allows, with what to install (the ``extra`` that brings it, if any)."""
     if version is None:
-        missing = "not installed" + (f" (pip install -e '.[{extra}]')" if extra else "")
+        missing = "not installed" + (f" ({install_command(extra)})" if extra else "")
         return Finding(FAIL if blocking else WARN, module, missing)
     oldest = OLDEST.get(module)
     if oldest is not None and version != "installed" and _major_minor(version) < oldest:
@@ -143,7 +145,7 @@ def _kernel_checks() -> list[Finding]:
         found.append(Finding(OK if ok else FAIL, "numba CUDA simulator",
                              f"numba {numba_v}: " + ("works" if ok else detail)))
     else:
-        found.append(Finding(FAIL, "numba", "not installed (chapter 06 needs it: pip install -e '.[kernels]')"))
+        found.append(Finding(FAIL, "numba", f"not installed (chapter 06 needs it: {install_command('kernels')})"))
     combination = numpy_numba_cuda()
     if combination is not None:
         found.append(combination)
@@ -155,7 +157,7 @@ def _kernel_checks() -> list[Finding]:
         found.append(Finding(OK if ok else WARN, "triton",
                              detail if ok else f"installed but the probe failed: {detail}"))
     else:
-        found.append(Finding(WARN, "triton", "not installed (optional: pip install -e '.[triton]' on Linux)"))
+        found.append(Finding(WARN, "triton", f"not installed (optional: {install_command('triton')}, on Linux)"))
     return found
 
 
@@ -192,11 +194,11 @@ def run_checks() -> list[Finding]:
         if "python3" in specs:
             found.append(Finding(OK, "jupyter kernel", f"python3 at {specs['python3']}"))
         else:
-            found.append(Finding(WARN, "jupyter kernel", "no python3 kernel: install ipykernel (pip install -e "
-                                 "'.[course]')"))
+            found.append(Finding(WARN, "jupyter kernel",
+                                 f"no python3 kernel: install ipykernel ({install_command('course')})"))
     except ModuleNotFoundError as exc:
         missing = exc.name == "jupyter_client"  # else a dependency of it is broken: say which
-        found.append(Finding(FAIL, "jupyter", "not installed (pip install -e '.[course]')" if missing
+        found.append(Finding(FAIL, "jupyter", f"not installed ({install_command('course')})" if missing
                              else f"jupyter_client unusable: {exc}"))
     except Exception as exc:  # noqa: BLE001
         found.append(Finding(FAIL, "jupyter", f"jupyter_client unusable: {exc}"))

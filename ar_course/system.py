@@ -788,9 +788,10 @@ def _compiled_report(request: GenerationRequest, tally: Tally) -> str:
 
 def _attention_for(kernels: str, device: torch.device) -> AttentionFn:
     """The attention function of a call: torch's SDPA where no kernel may run on ``device`` for ``kernels``,
-    else the kernel entry points with ``kernels`` as their backend (they record what really ran). ``"torch"``
-    leaves :mod:`ar_course.kernels` unimported (and the simulators' environment variables unset)."""
-    if kernels == "torch":
+    else the kernel entry points with ``kernels`` as their backend (they record what really ran). ``"torch"``,
+    and ``"auto"`` off CUDA (where it always picks torch for attention), leave :mod:`ar_course.kernels` unimported
+    (and the simulators' environment variables unset: every process started afterwards would see them)."""
+    if kernels == "torch" or (kernels == "auto" and device.type != "cuda"):
         return sdpa_attention
     from ar_course.kernels import select_backend  # imported on use: it sets the simulator defaults
 

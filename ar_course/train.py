@@ -53,7 +53,7 @@ from ar_course.cli import (
     device_name, exception_line, int_in, nonnegative_int, path_arg, positive_float, positive_int, probability,
 )
 from ar_course.files import check_output_path
-from ar_course.project import SOURCE, is_project_root
+from ar_course.project import is_source_checkout
 from ar_course.utils import check_int, check_number
 
 STATE_KIND = "train-state"
@@ -795,14 +795,6 @@ def load_tokenizer(parser: argparse.ArgumentParser, name: str, device: torch.dev
 def state_path_for(out: Path) -> Path:
     """Where the training state of a run writing ``out`` lives: ``NAME.train-state.safetensors`` beside it."""
     return out.with_name(out.name.removesuffix(".safetensors") + STATE_SUFFIX)
-
-
-def is_source_checkout() -> bool:
-    """Whether ``ar_course`` runs from a source checkout (the folder above the package holds the ar-course
-    ``pyproject.toml``), where a trainer's default ``--out`` regenerates a shipped checkpoint in
-    ``ar_course/assets/``; ``False`` for an installed package (site-packages), whose shipped files it must not
-    replace."""
-    return is_project_root(SOURCE)
 
 
 def out_help(default: str) -> str:

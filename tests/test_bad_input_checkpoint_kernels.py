@@ -343,11 +343,14 @@ def test_auto_vq_nearest_quietly_takes_torch_without_numba(monkeypatch):
 
 @pytest.mark.parametrize("cuda_only, call, match", [
     (False, lambda: K.vq_nearest(torch.randn(4, 8), torch.randn(3, 8), backend="numba_cpu"),
-     r"^vq_nearest: backend 'numba_cpu' is not available: numba is not installed \(pip install -e '\.\[kernels\]'\)$"),
+     r"^vq_nearest: backend 'numba_cpu' is not available: numba is not installed \(pip install -e "
+     r"'\.\[kernels\]' in the course's folder\)$"),
     (False, lambda: K.flash_attention(*_qkv(), backend="numba"),
-     r"^flash_attention: backend 'numba' is not available: numba is not installed \(pip install -e '\.\[kernels\]'\)$"),
+     r"^flash_attention: backend 'numba' is not available: numba is not installed \(pip install -e "
+     r"'\.\[kernels\]' in the course's folder\)$"),
     (True, lambda: K.softmax(torch.randn(2, 3), backend="numba"),
-     r"^softmax: backend 'numba' is not available: numba-cuda is not installed \(pip install -e '\.\[kernels\]'\)$"),
+     r"^softmax: backend 'numba' is not available: numba-cuda is not installed \(pip install -e '\.\[kernels\]' in the "
+     r"course's folder\)$"),
 ], ids=["numba_cpu-no-numba", "numba-no-numba", "numba-no-numba-cuda"])
 def test_forced_numba_backends_name_the_missing_package_and_the_extra(monkeypatch, cuda_only, call, match):
     _without_numba(monkeypatch, cuda_only)

@@ -536,7 +536,7 @@ def test_doctor_fails_a_torch_older_than_the_library_needs():
         "FAIL", "torch", "2.3.1 (need 2.4+: pip install 'torch>=2.4')")
     assert doctor.module_finding("torch", "2.4.0+cpu", True, "").status == "OK"
     assert doctor.module_finding("ipywidgets", None, False, "course") == doctor.Finding(
-        "WARN", "ipywidgets", "not installed (pip install -e '.[course]')")
+        "WARN", "ipywidgets", "not installed (pip install -e '.[course]' in the course's folder)")
     bound = re.search(r'"torch>=(\d+)\.(\d+)"', (ROOT / "pyproject.toml").read_text(encoding="utf-8"))
     assert (int(bound.group(1)), int(bound.group(2))) == doctor.OLDEST["torch"]  # doctor and pyproject agree
 

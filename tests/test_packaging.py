@@ -3,6 +3,7 @@ test command, and the Makefile provides both README commands (installing every e
 dependencies are the four it needs, ``doctor`` catches a numpy that numba-cuda cannot compile with, and the sdist
 holds the package without a partial test suite."""
 
+import importlib.metadata
 import os
 import re
 import shutil
@@ -17,6 +18,7 @@ else:  # the dev extra brings tomli before Python 3.11
     import tomli as tomllib
 
 import pytest
+import torch
 
 from ar_course import doctor
 
@@ -126,7 +128,7 @@ def test_doctor_names_a_triton_interpreter_that_cannot_run_the_kernels(monkeypat
 
 
 @pytest.mark.parametrize("missing, detail", [
-    ("jupyter_client", "not installed (pip install -e '.[course]')"),
+    ("jupyter_client", "not installed (pip install -e '.[course]' in the course's folder)"),
     ("zmq", "jupyter_client unusable: No module named 'zmq'"),  # a broken dependency is named, not "not installed"
 ])
 def test_doctor_says_whether_jupyter_is_missing_or_broken(monkeypatch, missing, detail):
@@ -193,3 +195,42 @@ def test_the_sdist_has_the_package_and_no_half_test_suite(tmp_path):
     package = {p.relative_to(src).as_posix() for p in (src / "ar_course").rglob("*")
                if p.is_file() and p.suffix in (".py", ".safetensors", ".npz")}
     assert package and package <= names, sorted(package - names)
+
+
+def test_install_hints_fit_a_checkout_and_an_installed_package(monkeypatch):
+    """In the checkout the extra is installed editable from there; in an installed package ``pip install -e
+    '.[kernels]'`` run in a user's own project names that project's extras (pip warns and installs the project),
+    so the hint lists the extra's own requirements from the package's metadata."""
+    from ar_course import project
+    from ar_course.kernels import ops
+
+    assert project.install_command("kernels") == "pip install -e '.[kernels]' in the course's folder"
+    monkeypatch.setattr(project, "is_source_checkout", lambda: False)
+    declared = importlib.metadata.requires("ar-course")
+    kernels = [r.split(";")[0] for r in declared if 'extra == "kernels"' in r]
+    assert kernels and project.install_command("kernels") == "pip install " + " ".join(f"'{r}'" for r in kernels)
+    assert "'numba==0.68.1'" in project.install_command("kernels") and "-e" not in project.install_command("kernels")
+    assert project.install_command("triton").startswith("pip install 'triton==")  # its platform marker dropped
+    assert project.install_command("course,kernels").count("'") == 2 * sum(
+        1 for r in declared if re.search(r'extra == "(course|kernels)"', r))
+    monkeypatch.setattr(ops.env, "NUMBA_CPU_INSTALLED", False)
+    hint = project.install_command("kernels")
+    assert ops._usable("numba_cpu", torch.device("cpu")) == f"numba is not installed ({hint})"
+    monkeypatch.setattr(importlib.metadata, "requires", lambda name: (_ for _ in ()).throw(
+        importlib.metadata.PackageNotFoundError(name)))
+    assert project.install_command("serve") == "pip install 'ar-course[serve]'"  # no metadata: the extra's name
+
+
+def test_the_server_refuses_pydantic_1(monkeypatch):
+    """pydantic 1 ignores the request model's strict, no-extra-fields config: "5" and 5.7 and true were taken as
+    max_tokens and unknown fields passed, with HTTP 200. The serve extra needs pydantic 2; the server says so."""
+    pydantic = pytest.importorskip("pydantic")
+    pytest.importorskip("fastapi")
+    from ar_course.serving import server
+
+    serve = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]["optional-dependencies"]
+    assert "pydantic>=2" in serve["serve"]
+    monkeypatch.setattr(pydantic, "VERSION", "1.10.27")
+    with pytest.raises(RuntimeError, match=r"^serving over HTTP needs pydantic 2 \(its strict request checks\), "
+                                           r"found 1\.10\.27: pip install"):
+        server._fastapi()

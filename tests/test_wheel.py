@@ -31,8 +31,13 @@ loaded = {name: type(checkpoint.load(name)).__name__ for name in checkpoint.avai
 out = Generator.from_pretrained("mnist", device="cpu").generate([0, 7, 9], method="var", seed=0)
 heavy = sorted({m.split(".")[0] for m in sys.modules} & {"matplotlib", "scipy", "numba", "triton", "PIL",
                                                             "nbclient", "ipywidgets", "IPython"})
+kernels_imported = "ar_course.kernels" in sys.modules  # kernels="auto" on a CPU: torch, nothing imported
+from importlib.metadata import metadata
+from ar_course.project import install_command
 print(json.dumps({"loaded": loaded, "shape": list(out.images.shape), "min": float(out.images.min()),
-                  "max": float(out.images.max()), "package": checkpoint.__file__, "heavy": heavy}))
+                  "max": float(out.images.max()), "package": checkpoint.__file__, "heavy": heavy,
+                  "kernels_imported": kernels_imported, "hint": install_command("kernels"),
+                  "license": metadata("ar-course")["License-Expression"]}))
 """
 
 
@@ -79,7 +84,10 @@ def test_wheel_with_core_dependencies_generates_images(tmp_path):
         "var_mnist_cca": "VAR",
         "maskgit_mnist": "MaskGIT", "continuous_ar_mnist": "ContinuousAR", "tokenizer_mnist_kl": "VQVAE"}
     assert result["shape"] == [3, 1, 32, 32] and 0 <= result["min"] <= result["max"] <= 1 and result["max"] > 0.5
-    assert result["heavy"] == []
+    assert result["heavy"] == [] and result["kernels_imported"] is False
+    # outside a checkout the hint names the extra's requirements, not "pip install -e '.[kernels]'"
+    assert result["hint"].startswith("pip install 'numba==") and "-e" not in result["hint"].split()
+    assert result["license"] == "MIT AND CC-BY-SA-3.0"
 
     res = _run([python, "-m", "ar_course", "generate", "--out", "x.png", "--classes", "1", "2", "--zoom", "1"],
                cwd=work)

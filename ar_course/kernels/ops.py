@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from ar_course.cli import exception_line
+from ar_course.project import install_command
 from ar_course.utils import check_number, is_integer_tensor
 
 from . import env
@@ -145,12 +146,12 @@ def _usable(backend: str, device: torch.device) -> str | None:
     if backend == "torch":
         return None
     if backend in ("numba", "numba_cpu") and not env.NUMBA_CPU_INSTALLED:
-        return "numba is not installed (pip install -e '.[kernels]')"
+        return f"numba is not installed ({install_command('kernels')})"
     if backend == "numba_cpu":
         return None if device.type == "cpu" else "numba_cpu runs on CPU tensors only"
     if backend == "numba":
         if not env.NUMBA_INSTALLED:
-            return "numba-cuda is not installed (pip install -e '.[kernels]')"
+            return f"numba-cuda is not installed ({install_command('kernels')})"
         if not env.NUMBA_CUDA_USABLE:
             return "numba.cuda cannot run here (no GPU and the CUDA simulator is off)"
         if env.CUDA_SIMULATOR and device.type != "cpu":
@@ -159,7 +160,7 @@ def _usable(backend: str, device: torch.device) -> str | None:
             return "numba.cuda kernels need CUDA tensors on a GPU machine"
         return None
     if _triton() is None:  # backend == "triton"
-        return "Triton is not installed (pip install -e '.[triton]' on Linux)"
+        return f"Triton is not installed ({install_command('triton')}, on Linux)"
     if env.triton_interpreted() != (device.type == "cpu"):
         return ("Triton's interpreter (TRITON_INTERPRET=1) runs on CPU tensors only" if env.triton_interpreted()
                 else "compiled Triton kernels need CUDA tensors")

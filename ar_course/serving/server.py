@@ -28,7 +28,7 @@ stdout says where (``serving lm_target on http://127.0.0.1:8000 (POST /v1/comple
 stops``); uvicorn's own logs (access log included) are off but for warnings. Startup problems are one ``error:``
 line: a bad option or ``--model`` (exit 2), a host and port that cannot be listened on (exit 1).
 
-Needs FastAPI and uvicorn (``pip install -e ".[serve]"``); imported only by this command.
+Needs FastAPI, uvicorn and pydantic 2 (the ``serve`` extra); imported only by this command.
 """
 
 
@@ -46,6 +46,7 @@ from typing import TYPE_CHECKING, AsyncIterator
 
 from ar_course.checkpoint import CheckpointError
 from ar_course.cli import exception_line
+from ar_course.project import install_command
 from ar_course.sampling import SamplingConfig
 from ar_course.serving.engine import Engine, EngineConfig, check_merge_from
 from ar_course.serving.paged import PagedKVCache
@@ -63,7 +64,10 @@ def _fastapi():
         import pydantic
         import uvicorn
     except ImportError as exc:
-        raise RuntimeError(f"serving over HTTP needs FastAPI and uvicorn: pip install -e '.[serve]' ({exc})") from None
+        raise RuntimeError(f"serving over HTTP needs FastAPI and uvicorn: {install_command('serve')} ({exc})") from None
+    if int(pydantic.VERSION.split(".")[0]) < 2:  # pydantic 1 ignores model_config: bad requests would pass
+        raise RuntimeError(f"serving over HTTP needs pydantic 2 (its strict request checks), found "
+                           f"{pydantic.VERSION}: {install_command('serve')}")
     return fastapi, pydantic, uvicorn
 
 
