@@ -28,11 +28,12 @@ from ar_course.system import KERNELS, METHODS, PRECISIONS, GenerationRequest, Ge
 from ar_course.utils import SEED_RANGE, check_finite, check_int, get_device
 
 MIN_TEMPERATURE = 1e-6
-"""Smallest positive ``--temperature``: around 1e-38 and below, logits / temperature overflow float32 (NaN
-probabilities); anything this small is greedy decoding anyway (``--temperature 0``)."""
+"""Smallest positive ``--temperature``: anything this small is greedy decoding (``--temperature 0``) except that
+exact ties are split at random (the sampler itself handles any temperature > 0 without overflow), so a smaller
+value is more likely a typo than a wish."""
 MIN_TOP_P = 1e-6
-"""Smallest ``--top-p``: a p that rounds to 0 in float32 kept no token at all (NaN probabilities); any p below
-1 / vocabulary size keeps just the most likely token anyway."""
+"""Smallest ``--top-p``: any p below 1 / vocabulary size keeps just the most likely token (the sampler handles any
+p > 0), so a smaller value is more likely a typo."""
 MAX_PER_CLASS = 1000
 """Largest ``--per-class``: 1,000 rows of 32-pixel images already make a PNG over 34,000 pixels tall; a grid of
 millions (a typo) would exhaust memory before anything is written."""
