@@ -55,15 +55,16 @@ def alpha(t: torch.Tensor | float, schedule: str = "linear") -> torch.Tensor | f
 def loss_weight(t: torch.Tensor | float, schedule: str = "linear") -> torch.Tensor | float:
     """The ELBO weight ``w(t) = -alpha'(t) / (1 - alpha(t))`` of the masked cross-entropy at time ``t`` in
     ``(0, 1]`` (a tensor of any shape, or a number), same shape (a float for a number): ``1 / t`` (linear),
-    ``(pi/2) sin(pi t/2) / (1 - cos(pi t/2))`` (cosine)."""
+    ``(pi/2) sin(pi t/2) / (1 - cos(pi t/2))`` (cosine), computed as ``(pi/2) / tan(pi t/4)``, the same by the
+    half-angle identity: ``1 - cos`` cancels to 0 in float32 below ``t`` = 1.5e-4 (an infinite weight) and loses
+    digits above it (7% off at 3e-4)."""
     _check_schedule(schedule)
     t = _time(t, lo_open=True)
     if schedule == "linear":
         return 1.0 / t
-    half = 0.5 * math.pi * t
     if not isinstance(t, torch.Tensor):
-        return 0.5 * math.pi * math.sin(half) / (1.0 - math.cos(half))
-    return 0.5 * math.pi * torch.sin(half) / (1.0 - torch.cos(half))
+        return 0.5 * math.pi / math.tan(0.25 * math.pi * t)
+    return 0.5 * math.pi / torch.tan(0.25 * math.pi * t)
 
 
 def mask_tokens(ids: torch.Tensor, t: torch.Tensor, mask_id: int, schedule: str = "linear",
@@ -136,7 +137,8 @@ def _masked_nll(logits: torch.Tensor, targets: torch.Tensor, masked: torch.Tenso
                 ) -> torch.Tensor:
     """:func:`masked_nll` without the argument checks (the model's passes, whose ids are checked once)."""
     nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")  # (B, L)
-    return (nll * weight * masked).sum(dim=1)  # (B,)
+    # where, not a product with the mask: a huge weight of an unmasked token must not make inf * 0 = nan
+    return torch.where(masked, nll * weight, 0.0).sum(dim=1)  # (B,)
 
 
 def unmask_probability(t: torch.Tensor, s: torch.Tensor, schedule: str = "linear") -> torch.Tensor:
