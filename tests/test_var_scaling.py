@@ -27,8 +27,22 @@ def test_scaling_study_trains_one_model_per_width_and_fits_the_power_law(shipped
     assert again["test_loss"] == study["test_loss"]  # seeded
 
 
-@pytest.mark.parametrize("widths", [[16], [15, 32], [0, 16]])
+@pytest.mark.parametrize("widths", [[16], [15, 32], [0, 16], [8, 8], [8, 8, 16]])
 def test_scaling_study_rejects_bad_widths(shipped, widths):
     model, tokenizer = shipped
     with pytest.raises(ValueError, match="widths"):
         scaling_study(tokenizer, model.config, widths, steps=1, progress=False)
+
+
+@pytest.mark.parametrize("counts, message", [
+    ({"n_test": 9000}, r"^n_test must be an integer in \[1, 5000\], got 9000$"),  # gave the 5000-digit losses
+    ({"n_train": 20001}, r"^n_train must be an integer in \[48, 20000\], got 20001$"),
+    ({"n_train": -19936, "n_test": -4984}, r"^n_train must be an integer in \[48, 20000\]"),  # sliced from the end
+    ({"n_train": 40}, r"^n_train must be an integer in \[48, 20000\], got 40$"),  # named a batch size not its own
+])
+def test_scaling_study_refuses_digit_counts_it_cannot_use(shipped, counts, message):
+    model, tokenizer = shipped
+    with pytest.raises(ValueError, match=message):
+        scaling_study(tokenizer, model.config, [4, 8], steps=1, progress=False, **counts)
+    with pytest.raises(TypeError, match="n_train must be an integer"):
+        scaling_study(tokenizer, model.config, [4, 8], steps=1, n_train=2.5, progress=False)
