@@ -13,7 +13,7 @@ import torch
 from ar_course import checkpoint, metrics
 from ar_course.diffusion_lm import functional as DF
 from ar_course.diffusion_lm.model import DiffusionLM, DiffusionLMConfig
-from ar_course.diffusion_lm.study import StudyConfig
+from ar_course.diffusion_lm.study import StudyConfig, data_constrained
 from ar_course.raster import orders
 from ar_course.serving.compression import kv_bytes_per_token
 from ar_course.serving.engine import EngineConfig
@@ -53,6 +53,12 @@ CASES = [
      ValueError, r"^noise must be a float tensor of the shape of ids \(2, 4\) .*, got \(2, 3\) torch.float32$"),
     ("StudyConfig budget", lambda: StudyConfig(budget=10), ValueError,
      r"^budget \(10\) must hold at least two windows of 64 characters$"),
+    ("StudyConfig lr", lambda: StudyConfig(lr=-1.0), ValueError, r"^lr must be a finite number > 0, got -1.0$"),
+    # a budget past the text: each "epoch" was 2.39 real passes over the 418,530 characters there are
+    ("data_constrained budget", lambda: data_constrained(StudyConfig(budget=1_000_000), progress=False), ValueError,
+     r"^budget \(1000000\) is more than the training text holds \(\d+ characters\)$"),
+    ("data_constrained val", lambda: data_constrained(StudyConfig(val_windows=10 ** 6), progress=False), ValueError,
+     r"^val_windows \* length \+ 1 \(64000001\) is more than the validation text holds \(\d+ characters\)$"),
     ("EngineConfig step tokens", lambda: EngineConfig(max_running=8, max_step_tokens=4), ValueError,
      r"^max_step_tokens \(4\) must be >= max_running \(8\)$"),
     ("kv_bytes_per_token method", lambda: kv_bytes_per_token(GPTConfig(vocab_size=5), "int3", 10), ValueError,

@@ -19,12 +19,13 @@ from ar_course.diffusion_lm.train import diffusion_batches, evaluate_bound
 from ar_course.train import TrainConfig, train_loop
 from ar_course.transformer.model import GPT, GPTConfig
 from ar_course.transformer.train import evaluate_lm
-from ar_course.utils import check_int, kept_random_state, seed_everything
+from ar_course.utils import check_int, check_number, check_seed, kept_random_state, seed_everything
 
 
 @dataclass
 class StudyConfig:
-    """One scaled-down data-constrained run (both models share every field)."""
+    """One scaled-down data-constrained run (both models share every field). ``ValueError`` for a count ``< 1``,
+    ``lr <= 0``, a ``budget`` under two windows or a seed out of range; ``TypeError`` for a non-number."""
 
     budget: int = 8192  # unique training characters
     epochs: int = 150
@@ -41,6 +42,8 @@ class StudyConfig:
     def __post_init__(self) -> None:
         for name in ("budget", "epochs", "length", "batch_size", "eval_every_epochs", "val_windows"):
             check_int(name, getattr(self, name), lo=1)
+        check_number("lr", self.lr, 0, lo_open=True)
+        check_seed(self.seed)
         if self.budget < 2 * self.length:
             raise ValueError(f"budget ({self.budget}) must hold at least two windows of {self.length} characters")
 
@@ -58,11 +61,19 @@ def data_constrained(config: StudyConfig | None = None, progress: bool = True) -
 
     Returns ``{"config", "steps", "steps_per_epoch", "epochs": [...], "ar": [val NLL...], "diffusion": [val
     bound...], "seconds": {...}, "params": {...}}`` (nats/char at each evaluated epoch).
-    The caller's global random generators are left as they were (:func:`~ar_course.utils.kept_random_state`)."""
+    The caller's global random generators are left as they were (:func:`~ar_course.utils.kept_random_state`).
+    ``ValueError`` before any training for a ``budget`` or validation windows longer than the text."""
     from ar_course.data import load_text_dataset, text_batches
 
     config = StudyConfig() if config is None else config
     tokenizer, train_ids, val_ids = load_text_dataset()
+    # a slice past the text would train on fewer characters than the epochs are counted for
+    if config.budget > len(train_ids):
+        raise ValueError(f"budget ({config.budget}) is more than the training text holds ({len(train_ids)} "
+                         "characters)")
+    if config.val_windows * config.length + 1 > len(val_ids):
+        raise ValueError(f"val_windows * length + 1 ({config.val_windows * config.length + 1}) is more than the "
+                         f"validation text holds ({len(val_ids)} characters)")
     unique = train_ids[: config.budget]
     val = val_ids[: config.val_windows * config.length + 1]
     steps = config.steps_per_epoch * config.epochs
