@@ -51,6 +51,7 @@ from ar_course import checkpoint
 from ar_course import distributed as ddp
 from ar_course.checkpoint import save_checkpoint
 from ar_course.cli import ArgumentParser, device_name, path_arg, positive_float, positive_int
+from ar_course.project import install_command
 from ar_course.train import (
     DEVICE_HELP, History, TrainConfig, add_run_options, apply_process_options, check_batch_size, finish_run, out_help,
     image_warmup, prepare_run, seed_int, train_loop, trainer_main,
@@ -250,6 +251,19 @@ def _as_float64(name: str, x: torch.Tensor | np.ndarray) -> np.ndarray:
     return out
 
 
+def _check_covariance(name: str, cov: np.ndarray) -> None:
+    """``ValueError`` naming ``name`` unless ``cov`` is symmetric and positive semi-definite up to rounding
+    (eigenvalues down to ``-1e-6`` of the largest): ``eigh`` reads one triangle only, and a clipped negative
+    eigenvalue would give a distance for a matrix that is no covariance."""
+    scale = max(1.0, float(np.abs(cov).max(initial=0.0)))
+    if not np.allclose(cov, cov.T, rtol=1e-6, atol=1e-9 * scale):
+        raise ValueError(f"{name} must be a symmetric covariance matrix, got one that differs from its transpose "
+                         f"by up to {float(np.abs(cov - cov.T).max()):.3g}")
+    low, high = (float(e) for e in np.linalg.eigvalsh(cov)[[0, -1]]) if cov.size else (0.0, 0.0)
+    if low < -1e-6 * max(1.0, abs(high)):
+        raise ValueError(f"{name} must be positive semi-definite (a covariance), got an eigenvalue of {low:.3g}")
+
+
 def _psd_sqrt(matrix: np.ndarray) -> np.ndarray:
     """Symmetric square root of a symmetric PSD matrix (tiny negative eigenvalues clipped to 0)."""
     vals, vecs = np.linalg.eigh(matrix)
@@ -270,20 +284,28 @@ def frechet_distance_gaussians(mu1: torch.Tensor | np.ndarray, cov1: torch.Tenso
     a little below 0 for equal distributions (``-8e-07`` for a set against itself), and a distance is clamped at 0.
 
     Raises:
-        ValueError: shapes that do not fit, a value that is NaN or infinite, or an unknown ``method``.
+        ValueError: shapes that do not fit, a value that is NaN or infinite, a covariance that is not symmetric
+            or not positive semi-definite (beyond rounding), or an unknown ``method``.
     """
     mu1, cov1, mu2, cov2 = (_as_float64(name, x) for name, x in
                             (("mu1", mu1), ("cov1", cov1), ("mu2", mu2), ("cov2", cov2)))
     if mu1.ndim != 1 or mu1.shape != mu2.shape or cov1.shape != (mu1.size,) * 2 or cov2.shape != cov1.shape:
         raise ValueError(f"expected means (F,) and covariances (F, F) of one size F, got {mu1.shape}, "
                          f"{cov1.shape}, {mu2.shape}, {cov2.shape}")
+    if method not in ("eigh", "sqrtm"):
+        raise ValueError(f"method must be 'eigh' or 'sqrtm', got {method!r}")
+    _check_covariance("cov1", cov1)
+    _check_covariance("cov2", cov2)
     if method == "eigh":
         root1 = _psd_sqrt(cov1)
         eig = np.linalg.eigvalsh(root1 @ cov2 @ root1)
         trace_sqrt = float(np.sqrt(np.clip(eig, 0, None)).sum())
-    elif method == "sqrtm":
-        import scipy.linalg  # imported here: the library's core does not depend on SciPy
-
+    else:  # "sqrtm"
+        try:
+            import scipy.linalg  # imported here: the library's core does not depend on SciPy
+        except ModuleNotFoundError:
+            raise ModuleNotFoundError(f"method='sqrtm' needs SciPy ({install_command('course')}); "
+                                      "method='eigh' needs only NumPy") from None
         covmean = scipy.linalg.sqrtm(cov1 @ cov2)
         if not np.isfinite(covmean).all():
             offset = np.eye(cov1.shape[0]) * 1e-6
@@ -294,8 +316,6 @@ def frechet_distance_gaussians(mu1: torch.Tensor | np.ndarray, cov1: torch.Tenso
                                  f"({np.abs(covmean.imag).max():.3g}); are the covariances PSD?")
             covmean = covmean.real
         trace_sqrt = float(np.trace(covmean))
-    else:
-        raise ValueError(f"method must be 'eigh' or 'sqrtm', got {method!r}")
     diff = mu1 - mu2
     distance = float(diff @ diff + np.trace(cov1) + np.trace(cov2) - 2 * trace_sqrt)
     return 0.0 if distance < 0 else distance  # rounding: never < 0 (NaN stays NaN: max(0.0, nan) would be 0.0)

@@ -97,6 +97,15 @@ def test_frechet_bad_inputs():
         frechet_distance_gaussians(np.zeros(3), np.eye(3), np.zeros(3), np.eye(4))
     with pytest.raises(ValueError, match="method"):
         frechet_distance_gaussians(np.zeros(3), np.eye(3), np.zeros(3), np.eye(3), method="svd")
+    # eigh read one triangle and clipped negative eigenvalues: -I against I and [[1, .9], [0, 1]] were at 0.0
+    for method in ("eigh", "sqrtm"):
+        with pytest.raises(ValueError, match=r"^cov1 must be positive semi-definite \(a covariance\), got an "
+                                             r"eigenvalue of -1$"):
+            frechet_distance_gaussians(np.zeros(2), -np.eye(2), np.zeros(2), np.eye(2), method=method)
+        with pytest.raises(ValueError, match=r"^cov2 must be a symmetric covariance matrix, got one that differs "
+                                             r"from its transpose by up to 0.9$"):
+            frechet_distance_gaussians(np.zeros(2), np.eye(2), np.zeros(2), np.array([[1, .9], [0, 1]]),
+                                       method=method)
     images = torch.rand(3, 1, 32, 32)
     with pytest.raises(ValueError, match=r"^images_a must hold at least 2 images \(a covariance needs two\), got 1$"):
         frechet_distance(images[:1], images[1:])
