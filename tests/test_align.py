@@ -199,7 +199,7 @@ class _IdentityTokenizer:
 
 def test_grpo_step_returns_the_kl_before_the_first_update_and_leaves_eval_mode():
     """grpo_step reports the mean reward of its rollout and the KL measured before the first inner update (not
-    after the last), and gives the policy back in eval mode after training it in train mode."""
+    after the last), and gives the policy back in eval mode."""
     policy, reference = _tiny_policy(0, dropout=0.0).eval(), _tiny_policy(1, dropout=0.0, scale=3.0).eval()
     config = GRPOConfig(group_size=4, inner_steps=3, kl_coef=2.0, lr=0.5, eval_every=0)
     expected = grpo_rollout(copy.deepcopy(policy), reference, _two_part_reward, 4, torch.Generator().manual_seed(5))
@@ -477,3 +477,30 @@ def test_cca_trains_on_a_single_example():
     maps, labels = torch.randint(0, 256, (1, 8, 8)), torch.tensor([3])
     log = train_cca(policy, copy.deepcopy(policy), maps, labels, CCAConfig(steps=1, batch_size=2), progress=False)
     assert len(log.loss) == 1 and math.isfinite(log.loss[0])
+
+
+def test_alignment_updates_run_with_dropout_off(monkeypatch):
+    """With dropout on during the updates, a dropout-0.3 policy was 0.11 nats from its own logp_old before any
+    update (GRPO's clipping acted on noise) and CCA's log-ratios of a policy equal to its reference started at
+    -0.013 / +0.028, not 0. Both now update in eval mode (dropout off), whatever mode the policy arrives in."""
+    policy, reference = _tiny_policy(0, dropout=0.3).train(), _tiny_policy(1, dropout=0.0)
+    first_ratio = []
+    real_update = grpo_update
+
+    def spy(policy, optimizer, rollout, clip, kl_coef, inner_steps):
+        assert not policy.training
+        logp = token_log_probs(policy, rollout["maps"], rollout["classes"])
+        first_ratio.append(float((logp.detach() - rollout["logp_old"]).abs().max()))
+        return real_update(policy, optimizer, rollout, clip, kl_coef, inner_steps)
+
+    monkeypatch.setattr("ar_course.align.grpo.grpo_update", spy)
+    config = GRPOConfig(group_size=2, inner_steps=1, eval_every=0)
+    grpo_step(policy, reference, _IdentityTokenizer(), torch.optim.SGD(policy.parameters(), lr=0.1), config,
+              _two_part_reward, torch.Generator().manual_seed(0))
+    assert first_ratio == [0.0] and not policy.training
+
+    policy = _tiny_policy(2, dropout=0.3).train()
+    g = torch.Generator().manual_seed(0)
+    maps, labels = torch.randint(0, 12, (8, 2, 3), generator=g), torch.randint(0, 4, (8,), generator=g)
+    log = train_cca(policy, copy.deepcopy(policy), maps, labels, CCAConfig(steps=1, batch_size=4), progress=False)
+    assert log.logratio_pos == [0.0] and log.logratio_neg == [0.0] and not policy.training

@@ -141,8 +141,10 @@ def train_cca(policy: nn.Module, reference: nn.Module, token_maps: torch.Tensor,
     ``(N, h, w)`` (raster; with ``log_probs=var_log_probs(vq)``, VAR pyramids ``(N, L)``; with any ``log_probs``
     other than the default, ``(N, L)``) with ``labels`` ``(N,)``, from ``config.seed`` (``config`` None: a
     :class:`CCAConfig` of its defaults); returns the curves and
-    leaves ``policy`` in eval mode. A run that diverges stops at the first loss that is NaN or inf, as
-    :func:`~ar_course.train.train_loop` does.
+    leaves ``policy`` in eval mode. The updates run in eval mode too (dropout off: the log-ratios compare two
+    deterministic passes; with dropout 0.3 a policy equal to its reference started at log-ratios of +-0.03, not
+    0). A run that diverges stops at the first loss that is NaN or inf, as :func:`~ar_course.train.train_loop`
+    does.
 
     Raises:
         TypeError: ``token_maps`` or ``labels`` not a tensor, or ``config`` not a :class:`CCAConfig`.
@@ -178,7 +180,7 @@ def train_cca(policy: nn.Module, reference: nn.Module, token_maps: torch.Tensor,
     reference.requires_grad_(False).eval()
     optimizer = torch.optim.AdamW(policy.parameters(), lr=config.lr, weight_decay=0.0, betas=(0.9, 0.99))
     log = CCALog()
-    policy.train()
+    policy.eval()  # dropout off: at the start the policy's log-ratios against its copy are exactly 0
     for step in tqdm(range(config.steps), desc="CCA", disable=not progress):
         idx = torch.randint(0, token_maps.shape[0], (config.batch_size,), generator=g)  # (B,)
         classes = labels[idx]
