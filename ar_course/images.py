@@ -29,7 +29,8 @@ def to_grid(images: torch.Tensor, nrow: int = 8, pad: int = 2, pad_value: float 
     Raises:
         TypeError: ``images`` is not a tensor, ``nrow`` or ``pad`` not an integer, ``pad_value`` not a number.
         ValueError: not ``(N, C, H, W)`` with ``N >= 1`` and ``C`` in (1, 3) (a channels-last batch, say), integer
-            images (divide uint8 images by 255), values far outside [0, 1] or NaN, ``nrow < 1`` or ``pad < 0``.
+            images (divide uint8 images by 255), values far outside [0, 1] or NaN, ``nrow < 1``, ``pad < 0`` or
+            ``pad_value`` outside [0, 1].
     """
     if not isinstance(images, torch.Tensor):
         raise TypeError(f"images must be a float tensor (N, C, H, W) in [0, 1], got {type(images).__name__}")
@@ -43,7 +44,7 @@ def to_grid(images: torch.Tensor, nrow: int = 8, pad: int = 2, pad_value: float 
     if not images.is_floating_point():
         raise ValueError(f"images must be a float tensor in [0, 1], got {images.dtype} (divide uint8 images by 255)")
     nrow, pad = check_int("nrow", nrow, lo=1), check_int("pad", pad, lo=0)
-    pad_value = check_number("pad_value", pad_value)
+    pad_value = check_number("pad_value", pad_value, lo=0, hi=1)  # the frame is a pixel value too
     check_image_values("images", images)
     x = images.detach().float().cpu().clamp(0, 1)
     n, c, h, w = x.shape

@@ -199,3 +199,17 @@ def test_mask_tokens_takes_one_number_and_names_its_bad_arguments():
     ]:
         with pytest.raises(error, match=match):
             call()
+
+
+def test_the_trainers_helpers_refuse_what_they_cannot_use():
+    """2-D ids reached a view ("shape '[1, 8]' is invalid") and an empty block list torch.randint's 'from'."""
+    from ar_course.diffusion_lm.train import diffusion_batches, evaluate_bound
+
+    model = DiffusionLM(DiffusionLMConfig(vocab_size=5, length=8, n_layer=1, n_head=1, n_embd=8,
+                                          train_block_sizes=(0,)))
+    for ids, got in ((torch.zeros(2, 8, dtype=torch.long), r"\(2, 8\)"), (torch.zeros(7, dtype=torch.long), r"\(7,\)")):
+        with pytest.raises(ValueError, match=r"^ids must be a 1-D tensor of token ids holding at least one window "
+                                             r"of 8, got " + got + "$"):
+            evaluate_bound(model, ids)
+    with pytest.raises(ValueError, match=r"^block_sizes must list at least one block size \(0: the whole window\)$"):
+        next(diffusion_batches(torch.zeros(100, dtype=torch.long), 8, 2, (), 0))

@@ -58,6 +58,9 @@ CASES = {
     "to_grid 0..255": (lambda: images.to_grid(IMG * 255), ValueError, r"images must be in \[0, 1\].*divide"),
     "to_grid [-1, 1]": (lambda: images.to_grid(IMG * 2 - 1), ValueError, r"images must be in \[0, 1\].*\(x \+ 1\)"),
     "to_grid NaN": (lambda: images.to_grid(torch.full_like(IMG, nan)), ValueError, r"images must be finite"),
+    # the frame was not clipped: (grid * 255).astype(uint8) wrapped 2.0 to 254 and -0.2 to 205
+    "to_grid pad_value": (lambda: images.to_grid(IMG, pad_value=2.0), ValueError,
+                          r"^pad_value must be a finite number in \[0, 1\], got 2.0$"),
     "to_grid channels last": (lambda: images.to_grid(torch.rand(2, 8, 8, 3)), ValueError,
                               r"C = 1 or 3 channels first.*permute"),
     "to_grid nrow 0": (lambda: images.to_grid(IMG, nrow=0), ValueError, r"nrow must be an integer >= 1, got 0"),

@@ -204,6 +204,17 @@ def test_decode_refuses_what_is_not_a_1d_sequence_of_ints(ids, error, message):
     _one_line(info)
 
 
+@pytest.mark.parametrize("text, message", [
+    (5, r"^text must be a str, got int$"),  # 'int' object is not iterable
+    (b"ab", r"^text must be a str, got bytes \(decode bytes first: data.decode\('utf-8'\)\)$"),  # "character 97"
+    (["a", "b"], r"^text must be a str, got list$"),
+])
+def test_encode_takes_a_str_only(text, message):
+    with pytest.raises(TypeError, match=message) as info:
+        CharTokenizer("abc").encode(text)
+    _one_line(info)
+
+
 @pytest.mark.parametrize("ids", [[0, 1, 2], (0, 1, 2), range(3), np.array([0, 1, 2]), np.array([0, 1, 2], np.uint8),
                                  torch.tensor([0, 1, 2], dtype=torch.int32), [np.int64(0), torch.tensor(1), 2]])
 def test_decode_accepts_integer_ids(ids):

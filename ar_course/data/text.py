@@ -79,7 +79,11 @@ class CharTokenizer:
         return len(self.chars)
 
     def encode(self, text: str) -> torch.Tensor:
-        """``text`` of length ``T`` -> int64 ids ``(T,)``; ValueError on a character not in the vocabulary."""
+        """``text`` of length ``T`` -> int64 ids ``(T,)``; ``ValueError`` on a character not in the vocabulary,
+        ``TypeError`` for anything but a str (bytes included: decode them first)."""
+        if not isinstance(text, str):
+            hint = " (decode bytes first: data.decode('utf-8'))" if isinstance(text, (bytes, bytearray)) else ""
+            raise TypeError(f"text must be a str, got {type(text).__name__}{hint}")
         try:
             ids = [self._index[ch] for ch in text]
         except KeyError as err:

@@ -72,8 +72,11 @@ def diffusion_batches(ids: torch.Tensor, length: int, batch_size: int, block_siz
     """Endless ``(windows (batch_size, length), block_size)``: the ``x`` windows of
     :func:`~ar_course.data.text_batches` with a generator seeded ``seed + 1`` (the windows chapter 02's trainer
     draws with ``seed``) and a block size drawn from ``block_sizes`` (0 becomes ``length``) with one seeded
-    ``seed + 2``."""
+    ``seed + 2``. ``ValueError`` for ``block_sizes`` that is empty."""
     from ar_course.data import text_batches
+
+    if len(block_sizes) == 0:
+        raise ValueError("block_sizes must list at least one block size (0: the whole window)")
 
     windows = torch.Generator().manual_seed(seed + 1)
     picks = torch.Generator().manual_seed(seed + 2)
@@ -106,8 +109,12 @@ def continued_record(init: str, prior: dict, record: dict) -> dict:
 @torch.no_grad()
 def evaluate_bound(model: DiffusionLM, ids: torch.Tensor, max_windows: int = 64, samples: int = 2,
                    block_size: int | None = None, seed: int = 0) -> float:
-    """The NLL bound (nats/char) on up to ``max_windows`` evenly spaced windows of ``ids`` ``(N,)``; seeded."""
+    """The NLL bound (nats/char) on up to ``max_windows`` evenly spaced windows of ``ids`` ``(N,)``; seeded.
+    ``ValueError`` unless ``ids`` is a 1-D token stream holding at least one window of ``model.config.length``."""
     L = model.config.length
+    if not isinstance(ids, torch.Tensor) or ids.ndim != 1 or len(ids) < L:
+        shape = tuple(ids.shape) if isinstance(ids, torch.Tensor) else type(ids).__name__
+        raise ValueError(f"ids must be a 1-D tensor of token ids holding at least one window of {L}, got {shape}")
     n = len(ids) // L
     rows = torch.linspace(0, n - 1, min(max_windows, n)).long()
     windows = ids[: n * L].view(n, L)[rows]  # (min(max_windows, n), L)
