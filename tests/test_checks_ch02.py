@@ -43,6 +43,19 @@ def softmax_max_over_all_entries(scores, mask):  # the masked entries take part 
     return e / e.sum(-1, keepdim=True).clamp_min(1e-30)
 
 
+def softmax_mask_after_exp(scores, mask):  # shifted by the kept maximum, masked by multiplying after exp
+    m = scores.masked_fill(~mask, float("-inf")).amax(-1, keepdim=True).nan_to_num(neginf=0.0)
+    e = torch.exp(scores - m) * mask
+    return e / e.sum(-1, keepdim=True).clamp_min(1e-30)
+
+
+def softmax_mask_after_exp_guarded(scores, mask):  # as above, dividing a row sum that is not > 0 by 1
+    m = scores.masked_fill(~mask, float("-inf")).amax(-1, keepdim=True).nan_to_num(neginf=0.0)
+    e = torch.exp(scores - m) * mask
+    t = e.sum(-1, keepdim=True)
+    return e / torch.where(t > 0, t, torch.ones_like(t))
+
+
 def softmax_in_place(scores, mask):  # right values, but writes -inf into the caller's scores
     scores.masked_fill_(~mask, float("-inf"))
     return ref.masked_softmax(scores, mask)
@@ -560,6 +573,8 @@ DIAGNOSES = [
     ("masked_softmax", softmax_nan_on_empty_rows, "fully masked row came out NaN"),
     ("masked_softmax", softmax_fill_zero, "set to 0 before the softmax"),
     ("masked_softmax", softmax_max_over_all_entries, "row maximum included the masked entries"),
+    ("masked_softmax", softmax_mask_after_exp, "the mask was applied after exp, by multiplying"),
+    ("masked_softmax", softmax_mask_after_exp_guarded, "the mask was applied after exp, by multiplying"),
     ("masked_softmax", softmax_over_queries, "that normalises each column (over axis -2, the queries)"),
     ("causal_mask", mask_strict, "off by one"),
     ("causal_mask", mask_top_left, "LAST t_q positions"),

@@ -64,6 +64,16 @@ def _softmax_unshifted(scores: torch.Tensor, mask: torch.Tensor, *, guard: bool 
     return e / (torch.where(t > 0, t, 1.0) if guard else t)
 
 
+def _softmax_mask_after_exp(scores: torch.Tensor, mask: torch.Tensor, *, guard: bool = False) -> torch.Tensor:
+    """The row maximum over the kept entries, but the mask applied by multiplying after exp: a masked score far
+    above the kept ones makes exp inf, and inf * 0 is NaN. With ``guard`` a row sum that is not > 0 (NaN here)
+    divides as 1."""
+    m = scores.masked_fill(~mask, float("-inf")).amax(-1, keepdim=True)
+    e = (scores - torch.where(torch.isfinite(m), m, 0.0)).exp() * mask
+    t = e.sum(-1, keepdim=True)
+    return e / (torch.where(t > 0, t, 1.0) if guard else t)
+
+
 def _softmax_max_over_all(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     e = (scores - scores.amax(-1, keepdim=True)).exp() * mask
     t = e.sum(-1, keepdim=True)
@@ -80,6 +90,9 @@ SOFTMAX_MISTAKES = [
             "must get none"),
     Mistake(_softmax_max_over_all, "the row maximum included the masked entries: a masked score far above the kept "
             "ones makes exp underflow to 0 for every kept entry"),
+    *[Mistake(partial(_softmax_mask_after_exp, guard=guard), "the mask was applied after exp, by multiplying: a "
+              "masked score far above the kept ones makes exp inf, and inf * 0 is NaN; fill the masked scores with "
+              "-inf before exp") for guard in (False, True)],
     Mistake(lambda scores, mask: ref.masked_softmax(scores.mT, mask.expand_as(scores).mT).mT,
             "that normalises each column (over axis -2, the queries); each row, one query, must sum to 1 over its "
             "keys, the last axis"),
