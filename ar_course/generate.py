@@ -65,7 +65,7 @@ def build_parser() -> ArgumentParser:
                    help=f"samples of each class: rows of the grid, 1 to {MAX_PER_CLASS} [1]")
     p.add_argument("--cfg", type=float_in(0.0, MAX_CFG), default=None,
                    help="guidance strength w in [0, 1000], logits (1+w) cond - w uncond; 0 = conditional "
-                        "(default: per method)")
+                        "(default: per method, 0 for a model aligned in chapter 11, as its checkpoint records)")
     p.add_argument("--temperature", type=_temperature, default=1.0,
                    help=f"0 = greedy, else >= {MIN_TEMPERATURE:g} [1.0]")
     p.add_argument("--top-k", type=positive_int, default=None, help="keep the k most likely tokens (k >= 1)")
@@ -143,8 +143,6 @@ def _check_options(args: argparse.Namespace) -> None:
     if args.var_model != "base" and (args.method != "var" or args.var_checkpoint):
         raise UsageError(f"--var-model {args.var_model} picks a shipped VAR model: use it with --method var and "
                          "without --var-checkpoint")
-    if (args.ar_model != "base" or args.var_model != "base") and args.cfg is None:
-        args.cfg = 0.0  # the aligned models sample without guidance
     try:
         device = get_device(args.device)
     except RuntimeError as exc:
@@ -197,11 +195,13 @@ def _stats_json(stats: dict) -> str:
     return json.dumps(clean, indent=2, allow_nan=False)
 
 
-def _request(args: argparse.Namespace, classes: list[int]) -> GenerationRequest:
-    """The :class:`GenerationRequest` of the command line: ``--per-class`` rows of ``classes``."""
+def _request(args: argparse.Namespace, classes: list[int], gen: Generator) -> GenerationRequest:
+    """The :class:`GenerationRequest` of the command line: ``--per-class`` rows of ``classes``; without ``--cfg``
+    the Generator's default for the method (0 for a model aligned in chapter 11, whichever flag loaded it)."""
     sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    cfg = gen.default_cfg[args.method] if args.cfg is None else args.cfg
     return GenerationRequest(torch.tensor(classes).repeat(args.per_class), method=args.method, sampling=sampling,
-                             cfg=args.cfg, speculative=args.speculative, relaxed_delta=args.relaxed_delta,
+                             cfg=cfg, speculative=args.speculative, relaxed_delta=args.relaxed_delta,
                              kernels=args.kernels, seed=args.seed, precision=args.precision, compile=args.compile,
                              graphs=args.graphs, progress=sys.stderr.isatty())
 
@@ -216,13 +216,15 @@ def main(argv: list[str] | None = None) -> int:
     classes = _check_against_models(args, gen)
     if args.compile:
         print("compiling the decode step with torch.compile (tens of seconds the first time)...", flush=True)
-    out = gen.run(_request(args, classes))
+    request = _request(args, classes, gen)
+    out = gen.run(request)
     png = png_bytes(out.images, len(classes), args.zoom)
     with contextlib.ExitStack() as stack:  # each written atomically; neither appears if a write fails
         png_tmp = stack.enter_context(atomic_path(args.out))
         png_tmp.write_bytes(png)
         if args.stats_json is not None:
-            stack.enter_context(atomic_path(args.stats_json)).write_text(_stats_json(out.stats.as_dict()))
+            stats = {**out.stats.as_dict(), "cfg": request.cfg}  # the strength used, a default included
+            stack.enter_context(atomic_path(args.stats_json)).write_text(_stats_json(stats))
     print(f"{out.stats.summary()}\nwrote {args.out}")
     return 0
 

@@ -61,11 +61,12 @@ checkpoint names the tokenizer it was trained on)."""
 
 AR_VARIANTS = {"mnist": {"base": "ar_mnist", "grpo": "ar_mnist_grpo", "cca": "ar_mnist_cca"}}
 """Shipped raster models of each set: the pre-trained one and chapter 11's fine-tuned ones (GRPO with the
-classifier reward; condition-contrastive alignment), which sample without guidance (pass ``cfg=0``)."""
+classifier reward; condition-contrastive alignment), which sample without guidance (their Generator's default
+``cfg`` is 0: :data:`ALIGNED_METHODS`)."""
 
 VAR_VARIANTS = {"mnist": {"base": "var_mnist", "cca": "var_mnist_cca"}}
 """Shipped VAR models of each set: the pre-trained one and chapter 11's condition-contrastive aligned one, which
-samples without guidance (pass ``cfg=0``)."""
+samples without guidance (its Generator's default ``cfg`` is 0)."""
 
 METHODS = ("var", "ar")
 SPECULATIVE = (None, "draft", "jacobi")
@@ -74,6 +75,9 @@ PRECISIONS = ("auto", "float32", "bfloat16", "float16")
 DEFAULT_CFG = {"var": 2.0, "ar": 1.0}
 """Guidance strength ``w`` each shipped model was best at (class accuracy 0.99 and 0.98 in their checkpoints'
 evaluations; the raster checkpoint recorded its accuracy by the scale ``s = 1 + w``, best at ``s = 2``)."""
+ALIGNED_METHODS = ("cca", "grpo")
+"""The ``method`` a chapter 11 trainer records in its checkpoint: such a model samples without guidance, so
+:meth:`Generator.from_checkpoints` makes 0 its default strength."""
 
 
 @dataclass
@@ -159,7 +163,8 @@ class GenerationRequest:
             token).
         sampling: temperature, top-k, top-p (:class:`~ar_course.sampling.SamplingConfig`; temperature 0 is greedy).
         cfg: guidance strength ``w >= 0`` (logits ``(1 + w) cond - w uncond``); ``None``: :data:`DEFAULT_CFG`
-            of the method (the stored request holds the number).
+            of the method (the stored request holds the number; :meth:`Generator.generate` passes its own
+            ``default_cfg``, 0 for an aligned model).
         ramp: with ``"var"``, VAR's ramp of the strength from 0 at the first scale to ``cfg`` at the last.
         speculative: with ``method="ar"``: ``"draft"`` (speculative sampling with the draft model, ``gamma``
             drafts per round) or ``"jacobi"`` (Speculative Jacobi Decoding, a window of ``window`` tokens). Both
@@ -538,6 +543,9 @@ class Generator:
         ar_model, ar_tokenizer: a chapter 03 raster-order :class:`~ar_course.transformer.GPT` and its VQ
             tokenizer (optional).
         ar_draft: a smaller raster model over the same tokens, for ``speculative="draft"`` (optional).
+        default_cfg: guidance strengths by method that :meth:`generate` uses when no ``cfg`` is given, over
+            :data:`DEFAULT_CFG` (``{"ar": 0.0}`` for a raster model aligned with CCA or GRPO, which samples without
+            guidance; :meth:`from_checkpoints` reads that from the checkpoints).
 
     ``strategies`` maps ``(method, speculative)`` to the strategy that generates that way with these models.
     Generating never changes the models, so Generators may share them, and threads may share a Generator.
@@ -547,8 +555,9 @@ class Generator:
             ``var_model, var_tokenizer``: name them).
         ValueError: a model without its tokenizer or none at all, a tokenizer whose quantizer, codes, scales or
             grid do not fit its model (``var_model does not fit var_tokenizer: ...``), a raster model or draft
-            that is not causal and class-conditional, a VAR and a raster model of different numbers of classes, or
-            a draft of other classes or without ``ar_model``.
+            that is not causal and class-conditional, a VAR and a raster model of different numbers of classes, a
+            draft of other classes or without ``ar_model``, or a ``default_cfg`` of another method or a strength
+            that is not a finite number ``>= 0``.
     """
 
     def __init__(
@@ -558,9 +567,13 @@ class Generator:
         ar_model: GPT | None = None,
         ar_tokenizer: VQVAE | None = None,
         ar_draft: GPT | None = None,
+        *,
+        default_cfg: dict[str, float] | None = None,
     ) -> None:
         if (var_model is None) != (var_tokenizer is None) or (ar_model is None) != (ar_tokenizer is None):
             raise ValueError("pass each model together with its tokenizer")
+        if ar_draft is not None and ar_model is None:
+            raise ValueError("ar_draft needs the raster model it drafts for (ar_model)")
         if var_model is None and ar_model is None:
             raise ValueError("a Generator needs a VAR model or a raster AR model")
         if var_model is not None:
@@ -576,15 +589,18 @@ class Generator:
             raise ValueError(f"var_model models {var_model.config.n_classes} classes, ar_model "
                              f"{ar_model.config.n_classes}: one Generator's models must share their classes")
         if ar_draft is not None:
-            if ar_model is None:
-                raise ValueError("ar_draft needs the raster model it drafts for (ar_model)")
             _check_models("ar_draft", ar_draft, GPT)
             _check_raster_pair("ar_draft", ar_draft, ar_tokenizer)
             if ar_draft.config.n_classes != ar_model.config.n_classes:
                 raise ValueError(f"ar_draft models {ar_draft.config.n_classes} classes, ar_model "
                                  f"{ar_model.config.n_classes}: the draft must model the raster model's classes")
+        unknown = sorted(set(default_cfg or {}) - set(METHODS))
+        if unknown:
+            raise ValueError(f"default_cfg's keys must be methods {METHODS}, got {unknown}")
         self.var, self.var_tokenizer = var_model, var_tokenizer
         self.ar, self.ar_tokenizer, self.ar_draft = ar_model, ar_tokenizer, ar_draft
+        self.default_cfg = {**DEFAULT_CFG, **{m: check_number(f"default_cfg[{m!r}]", w, lo=0)
+                                              for m, w in (default_cfg or {}).items()}}
         self.strategies: dict[tuple[str, str | None], Strategy] = {}
         if var_model is not None:
             self.strategies["var", None] = VARStrategy(var_model, var_tokenizer)
@@ -620,7 +636,8 @@ class Generator:
         device: str | torch.device = "auto",
     ) -> "Generator":
         """Models from checkpoints: shipped names (:func:`ar_course.checkpoint.available`) or files (safetensors +
-        JSON metadata; tokenizers are found by the name or path each checkpoint records). A missing, corrupted
+        JSON metadata; tokenizers are found by the name or path each checkpoint records). A model whose checkpoint
+        records a chapter 11 alignment (:data:`ALIGNED_METHODS`) gets a default guidance of 0. A missing, corrupted
         or mismatched file, or files whose models do not go together (the ``ValueError`` of the constructor: a VAR
         and a raster model of different classes), raise :class:`~ar_course.checkpoint.CheckpointError` naming
         them."""
@@ -634,8 +651,10 @@ class Generator:
             draft, draft_tok = checkpoint.load_with_tokenizer(draft_path, dev, kind=raster.CHECKPOINT_KIND)
             if ar_tok is not None and draft_tok.config != ar_tok.config:
                 raise CheckpointError(f"{draft_path} was trained on a different tokenizer than {ar_path}")
+        aligned = {method: 0.0 for method, path in (("var", var_path), ("ar", ar_path))
+                   if path is not None and checkpoint.info(path).get("method") in ALIGNED_METHODS}
         try:
-            return cls(var_model, var_tok, ar_model, ar_tok, draft)
+            return cls(var_model, var_tok, ar_model, ar_tok, draft, default_cfg=aligned)
         except ValueError as exc:
             given = ", ".join(str(p) for p in (var_path, ar_path, draft_path) if p is not None)
             raise CheckpointError(f"{given}: {exc}") from None
@@ -656,7 +675,8 @@ class Generator:
         ``GenerationRequest(classes, **options)``.
 
         ``options`` are keywords, all optional: ``method`` (``"var"`` or ``"ar"``), ``sampling``
-        (a :class:`~ar_course.sampling.SamplingConfig`), ``cfg`` (guidance strength ``w``), ``ramp``,
+        (a :class:`~ar_course.sampling.SamplingConfig`), ``cfg`` (guidance strength ``w``; none or ``None``: this
+        Generator's :attr:`default_cfg` of the method, 0 for a CCA or GRPO model), ``ramp``,
         ``speculative`` (``"draft"``, ``"jacobi"``), ``relaxed_delta``, ``gamma``, ``window``, ``neighbors``,
         ``kernels``, ``precision``, ``cache``, ``graphs``, ``compile``, ``seed``, ``batch_size``, ``progress``: see
         :class:`GenerationRequest`.
@@ -674,6 +694,9 @@ class Generator:
                     if set(unknown) & {"temperature", "top_k", "top_p"} else "")
             raise TypeError(f"unknown option(s) {', '.join(unknown)}{hint}; the options are "
                             f"{', '.join(REQUEST_OPTIONS)}")
+        method = options.get("method", "var")
+        if options.get("cfg") is None and isinstance(method, str) and method in self.default_cfg:
+            options = {**options, "cfg": self.default_cfg[method]}
         return self.run(GenerationRequest(classes, **options))
 
     @torch.no_grad()

@@ -63,6 +63,13 @@ def test_a_valid_pair_builds_and_generates(tok, mstok):
      "var_model models 10 classes, ar_model 3: one Generator's models must share their classes"),
     (lambda tok, ms: Generator(VAR(VARConfig(vocab_size=5, latent_dim=4, scales=(1, 2), n_classes=3, n_layer=1,
                                              n_head=2, n_embd=16)), ms), ValueError, "does not match the model"),
+    # a draft alone was told "a Generator needs a VAR model or a raster AR model"
+    (lambda tok, ms: Generator(ar_draft=raster()), ValueError,
+     r"^ar_draft needs the raster model it drafts for \(ar_model\)$"),
+    (lambda tok, ms: Generator(ar_model=raster(), ar_tokenizer=tok, default_cfg={"raster": 0.0}), ValueError,
+     r"^default_cfg's keys must be methods \('var', 'ar'\), got \['raster'\]$"),
+    (lambda tok, ms: Generator(ar_model=raster(), ar_tokenizer=tok, default_cfg={"ar": -1.0}), ValueError,
+     r"^default_cfg\['ar'\] must be a finite number >= 0, got -1.0$"),
 ])
 def test_generator_refuses_models_that_do_not_fit(tok, mstok, build, error, match):
     with pytest.raises(error, match=match):
