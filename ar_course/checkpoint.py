@@ -49,7 +49,7 @@ from torch.overrides import TorchFunctionMode
 
 from ar_course.cli import exception_line
 from ar_course.files import _file_path, atomic_write_bytes
-from ar_course.utils import check_finite, get_device, kept_random_state
+from ar_course.utils import check_finite, content_digest, get_device, kept_random_state
 
 ASSETS: Path = Path(__file__).resolve().parent / "assets"
 """The folder of the shipped checkpoints, inside the package (installed with it)."""
@@ -305,6 +305,15 @@ def _is_shipped_name(text: str) -> bool:
     return ALIASES.get(text, text) in available()
 
 
+def tokenizer_record(model: torch.nn.Module, tokenizer: str | Path, out: str | Path) -> dict[str, str]:
+    """The entries a model checkpoint written to ``out`` records about its tokenizer ``model``, loaded from
+    ``tokenizer`` (a shipped name or a path): ``"tokenizer"``, where to find it (:func:`tokenizer_reference`), and
+    ``"tokenizer_digest"``, a :func:`~ar_course.utils.content_digest` of its weights, which
+    :func:`load_with_tokenizer` compares, so that a tokenizer retrained or replaced at that path since is refused
+    rather than decoding the model's codes with another codebook. Raises as :func:`tokenizer_reference`."""
+    return {"tokenizer": tokenizer_reference(tokenizer, out), "tokenizer_digest": content_digest(model)}
+
+
 def tokenizer_reference(tokenizer: str | Path, out: str | Path) -> str:
     """What a model checkpoint written to ``out`` records as its tokenizer ``tokenizer`` (a shipped name, or the
     path of a tokenizer file as given on a command line, relative to the current folder): a shipped name (a str)
@@ -537,8 +546,9 @@ def load_with_tokenizer(
     or path (relative to the checkpoint's folder, :func:`recorded_tokenizer`): it is loaded with :func:`load` on
     ``device``. Language models (``"lm"``, ``"diffusion_lm"``) record their vocabulary: a
     :class:`~ar_course.data.CharTokenizer`. A checkpoint that records neither (a tokenizer, a classifier), a
-    vocabulary that is not a str of as many distinct characters as the model's ``vocab_size``, or a tokenizer file
-    that is not there, raises :class:`CheckpointError` naming the file; a bad ``device`` raises as in
+    vocabulary that is not a str of as many distinct characters as the model's ``vocab_size``, a tokenizer file
+    that is not there, or one whose weights differ from those the checkpoint recorded (:func:`tokenizer_record`:
+    retrained or replaced since), raises :class:`CheckpointError` naming the file; a bad ``device`` raises as in
     :func:`load`."""
     path = resolve(name_or_path)
     model, meta = _load(path, device, kind)  # checks the device before reading the file
@@ -555,4 +565,10 @@ def load_with_tokenizer(
         return model, CharTokenizer(vocab)
     if "tokenizer" not in extra:
         raise CheckpointError(f"{path} holds a {meta['kind']!r} checkpoint that records no tokenizer")
-    return model, load(_tokenizer_file(path, extra["tokenizer"]), device, kind="tokenizer")
+    source = _tokenizer_file(path, extra["tokenizer"])
+    tokenizer = load(source, device, kind="tokenizer")
+    recorded = extra.get("tokenizer_digest")  # checkpoints written before it was recorded are not checked
+    if recorded is not None and content_digest(tokenizer) != recorded:
+        raise CheckpointError(f"{path} was trained with another tokenizer than the one at {source} (retrained or "
+                              "replaced since: its weights differ from those the model learned codes of)")
+    return model, tokenizer

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import hashlib
 import json
 import math
 import os
@@ -54,7 +53,8 @@ from ar_course.cli import (
 )
 from ar_course.files import check_output_path
 from ar_course.project import is_source_checkout
-from ar_course.utils import check_int, check_number
+# content_digest lives in utils (checkpoint.py records a tokenizer's too); the trainers take it from here
+from ar_course.utils import check_int, check_number, content_digest  # noqa: F401
 
 STATE_KIND = "train-state"
 STATE_SUFFIX = ".train-state.safetensors"
@@ -243,28 +243,6 @@ class WeightAverage:
             yield model
         finally:
             model.load_state_dict(own)
-
-
-def content_digest(*parts: torch.Tensor | torch.nn.Module) -> str:
-    """A short SHA-256 (12 hex digits) of ``parts``' dtypes, shapes and values, to record in a run's ``settings``
-    which data or which model (its ``state_dict`` in order) a run used: a resume on other data is then refused.
-
-    Raises:
-        TypeError: a part is neither a tensor nor a module.
-    """
-    digest = hashlib.sha256()
-    for part in parts:
-        if isinstance(part, torch.nn.Module):
-            tensors = list(part.state_dict().values())
-        elif isinstance(part, torch.Tensor):
-            tensors = [part]
-        else:
-            raise TypeError(f"content_digest takes tensors and modules, got {type(part).__name__}")
-        for t in tensors:
-            t = t.detach().cpu().contiguous()
-            digest.update(f"{t.dtype}{tuple(t.shape)};".encode())
-            digest.update(t.reshape(-1).view(torch.uint8).numpy())  # (numel * itemsize,) raw bytes, not copied
-    return digest.hexdigest()[:12]
 
 
 def _run_settings(settings: dict[str, Any] | None) -> dict[str, Any]:

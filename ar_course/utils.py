@@ -13,6 +13,7 @@ The rule they follow:
 
 from __future__ import annotations
 
+import hashlib
 import math
 import numbers
 import operator
@@ -306,3 +307,25 @@ def check_finite(name: str, x: torch.Tensor) -> torch.Tensor:
     if not bool(finite.all()):
         raise ValueError(f"{name} must be finite, got {float(x.detach()[~finite][0])}")
     return x
+
+
+def content_digest(*parts: torch.Tensor | torch.nn.Module) -> str:
+    """A short SHA-256 (12 hex digits) of ``parts``' dtypes, shapes and values, to record in a run's ``settings``
+    which data or which model (its ``state_dict`` in order) a run used: a resume on other data is then refused.
+
+    Raises:
+        TypeError: a part is neither a tensor nor a module.
+    """
+    digest = hashlib.sha256()
+    for part in parts:
+        if isinstance(part, torch.nn.Module):
+            tensors = list(part.state_dict().values())
+        elif isinstance(part, torch.Tensor):
+            tensors = [part]
+        else:
+            raise TypeError(f"content_digest takes tensors and modules, got {type(part).__name__}")
+        for t in tensors:
+            t = t.detach().cpu().contiguous()
+            digest.update(f"{t.dtype}{tuple(t.shape)};".encode())
+            digest.update(t.reshape(-1).view(torch.uint8).numpy())  # (numel * itemsize,) raw bytes, not copied
+    return digest.hexdigest()[:12]

@@ -27,6 +27,7 @@ from ar_course.masked import MaskGIT
 from ar_course.metrics import Classifier, ClassifierConfig
 from ar_course.tokenizers import VQVAE, VQVAEConfig
 from ar_course.transformer import GPT, GPTConfig, SelfAttention, plain_attention, set_attention
+from ar_course.utils import content_digest
 from ar_course.var import VAR, VARConfig
 
 SHIPPED = {"ar_mnist": ("raster_ar", GPT), "ar_mnist_draft": ("raster_ar", GPT), "ar_mnist_cca": ("raster_ar", GPT),
@@ -286,8 +287,32 @@ def test_train_ar_records_its_tokenizer_relative_to_out_and_says_when_accuracy_w
     assert status == 0, err
     assert "; class accuracy by guidance strength not measured (--eval-per-class 0)\n" in out
     assert checkpoint.info("runs/ar.safetensors")["tokenizer"] == "tok.safetensors"
+    assert checkpoint.info("runs/ar.safetensors")["tokenizer_digest"] == content_digest(load("mnist_vq"))
     monkeypatch.chdir(tmp_path / "runs")
     assert isinstance(load_with_tokenizer("ar.safetensors")[1], VQVAE)
+
+
+def test_a_tokenizer_retrained_or_replaced_since_the_model_was_trained_is_refused(tmp_path, monkeypatch):
+    """A model records its tokenizer's path; a tokenizer retrained to that path (or another found by the older,
+    current-folder rule) decoded the model's codes with another codebook, without an error. The digest of the
+    tokenizer's weights recorded beside the path is compared."""
+    monkeypatch.chdir(tmp_path)
+    Path("proj").mkdir()
+    shutil.copyfile(checkpoint.resolve("mnist_vq"), "proj/tok.safetensors")
+    cfg = GPTConfig(vocab_size=256, block_size=64, n_layer=1, n_head=2, n_embd=32, n_classes=10)
+    record = checkpoint.tokenizer_record(load("proj/tok.safetensors"), "proj/tok.safetensors", "proj/ar.safetensors")
+    assert record == {"tokenizer": "tok.safetensors", "tokenizer_digest": content_digest(load("mnist_vq"))}
+    save_checkpoint("proj/ar.safetensors", GPT(cfg), cfg, kind="raster_ar", **record)
+    assert isinstance(load_with_tokenizer("proj/ar.safetensors")[1], VQVAE)
+    other = load("mnist_vq")
+    with torch.no_grad():
+        other.quantizer.codebook.add_(0.01)  # "retrained": same config and size, other weights
+    save_checkpoint("proj/tok.safetensors", other, other.config, kind="tokenizer")
+    with pytest.raises(CheckpointError) as info:
+        load_with_tokenizer("proj/ar.safetensors")
+    assert str(info.value) == ("proj/ar.safetensors was trained with another tokenizer than the one at "
+                               "proj/tok.safetensors (retrained or replaced since: its weights differ from those the "
+                               "model learned codes of)")
 
 
 # ------------------------------------------------------------------------------------ hostile checkpoint files

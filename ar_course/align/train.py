@@ -79,7 +79,7 @@ def _save(args: argparse.Namespace, policy, tokenizer_name: str | Path, method: 
         accuracy = evaluate(policy, tokenizer, eval_per_class)[0]
     state = {k: v.half() for k, v in policy.state_dict().items()}
     out = checkpoint.save_checkpoint(args.out, state, policy.config, kind=kind,
-                                     tokenizer=checkpoint.tokenizer_reference(tokenizer_name, args.out),
+                                     **checkpoint.tokenizer_record(tokenizer, tokenizer_name, args.out),
                                      base=str(args.base), method=method,
                                      options=dataclasses.asdict(config), curves=curves,
                                      accuracy_cfg0=accuracy, eval_per_class=eval_per_class)

@@ -15,7 +15,7 @@ import torch
 
 from ar_course import metrics
 from ar_course import distributed as ddp
-from ar_course.checkpoint import save_checkpoint, tokenizer_reference
+from ar_course.checkpoint import save_checkpoint, tokenizer_record
 from ar_course.cli import ArgumentParser, checkpoint_arg, int_in, positive_int
 from ar_course.continuous.model import (
     CHECKPOINT_KIND, PRETRAINED_PATH, ContinuousAR, ContinuousARConfig, generate_images, map_to_tokens,
@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     state = {k: v.half() for k, v in model.state_dict().items()}
     tail = history.loss[-50:]
     out = save_checkpoint(args.out, state, config, kind=CHECKPOINT_KIND,
-                          tokenizer=tokenizer_reference(args.tokenizer, args.out), steps=args.steps, seed=args.seed,
+                          **tokenizer_record(tokenizer, args.tokenizer, args.out), steps=args.steps, seed=args.seed,
                           batch_size=args.batch_size, lr=args.lr, p_uncond=args.p_uncond,
                           final_train_loss=sum(tail) / len(tail), test_loss=test_loss, accuracy_by_cfg=accuracy,
                           eval_per_class=args.eval_per_class, eval_steps=args.eval_steps)

@@ -14,7 +14,7 @@ import torch
 
 from ar_course import distributed as ddp
 from ar_course import metrics
-from ar_course.checkpoint import save_checkpoint, tokenizer_reference
+from ar_course.checkpoint import save_checkpoint, tokenizer_record
 from ar_course.cli import ArgumentParser, checkpoint_arg
 from ar_course.data import image_batches, load_mnist
 from ar_course.raster.model import (
@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     state = {k: v.half() for k, v in model.state_dict().items()}
     tail = history.loss[-50:]
     out = save_checkpoint(args.out, state, model.config, kind=CHECKPOINT_KIND,
-                          tokenizer=tokenizer_reference(args.tokenizer, args.out), steps=args.steps, seed=args.seed,
+                          **tokenizer_record(tokenizer, args.tokenizer, args.out), steps=args.steps, seed=args.seed,
                           batch_size=args.batch_size, lr=args.lr, p_uncond=args.p_uncond, train_images=len(labels),
                           final_train_loss=sum(tail) / len(tail), test_loss=test_loss, accuracy_by_cfg=accuracy,
                           eval_per_class=args.eval_per_class)

@@ -16,7 +16,7 @@ import torch
 
 from ar_course import distributed as ddp
 from ar_course import metrics
-from ar_course.checkpoint import tokenizer_reference
+from ar_course.checkpoint import tokenizer_record
 from ar_course.cli import ArgumentParser, checkpoint_arg
 from ar_course.data import image_batches
 from ar_course.raster.model import condition_dropout_batches
@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     accuracy = {str(c): class_accuracy_at(model, tokenizer, c, args.eval_per_class, args.seed, args.dataset)
                 for c in EVAL_CFGS} if args.eval_per_class else {}
     tail = history.loss[-50:]
-    out = save_pretrained(model, args.out, tokenizer=tokenizer_reference(args.tokenizer, args.out),
+    out = save_pretrained(model, args.out, **tokenizer_record(tokenizer, args.tokenizer, args.out),
                           dataset=args.dataset, steps=args.steps, seed=args.seed, batch_size=args.batch_size,
                           lr=args.lr, p_uncond=args.p_uncond, train_images=len(labels),
                           final_train_loss=sum(tail) / len(tail), test_loss=float(test_loss),
