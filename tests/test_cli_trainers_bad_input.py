@@ -185,6 +185,25 @@ def test_bad_input_checkpoints_are_usage_errors(capsys, tmp_path, damaged, argv,
     assert message in line and "--debug" not in line
 
 
+@pytest.mark.parametrize("what", ["grpo", "cca"])
+def test_alignment_of_a_base_of_other_classes_is_refused_before_any_data(capsys, tmp_path, what):
+    """A VAR trained on the shapes set (4 classes, 3 channels) reached CCA's MNIST encoding and failed there:
+    'this VQ-VAE takes 3-channel images, got 1 channels', exit 1, naming neither --base nor the data."""
+    from ar_course.raster import raster_config
+    from ar_course.transformer import GPT
+
+    base_dir = tmp_path / "base"
+    base_dir.mkdir()
+    model = GPT(raster_config(256, (8, 8), n_classes=4, n_layer=1, n_head=2, n_embd=16))
+    base = save_checkpoint(base_dir / "four.safetensors", model, model.config, kind="raster_ar", tokenizer="mnist_vq")
+    out = tmp_path / "out"
+    out.mkdir()
+    line = refused(capsys, out, what, "--base", str(base), "--steps", "1")
+    assert line == (f"error: --base {base} is a model of 4 classes over 1-channel 32-pixel images; python -m "
+                    f"ar_course train {what} fine-tunes on MNIST digits only (10 classes, 1 channel, 32 pixels) (see "
+                    f"python -m ar_course train {what} --help)")
+
+
 # -- an installed package: no --out is a usage error, not a replaced shipped checkpoint ----------------------
 
 

@@ -56,11 +56,19 @@ def _common(parser: ArgumentParser, out: Path | None, base: str | None = "ar_mni
 
 def _load(args: argparse.Namespace, parser: ArgumentParser, kind: str = raster.CHECKPOINT_KIND):
     """``(policy, reference, tokenizer, device)`` after checking ``--out`` (:func:`~ar_course.train.check_out`: not
-    the ``--base`` file either); ``--base`` must be of ``kind`` (a usage error)."""
+    the ``--base`` file either); ``--base`` must be of ``kind`` and a model of MNIST's 10 classes over a tokenizer of
+    32-pixel, 1-channel images, what these trainers fine-tune on (a usage error, before any data is read)."""
     check_out(parser, args.out, {"--base": args.base})
     device = get_device(args.device)
     with checkpoint_option(parser, "--base"):
         policy, tokenizer = checkpoint.load_with_tokenizer(args.base, device, kind=kind)
+    tc = tokenizer.config
+    if policy.config.n_classes != 10 or tc.in_channels != 1 or tc.image_size != 32:
+        recorded = checkpoint.info(args.base).get("dataset")
+        where = f" (the {recorded!r} set)" if recorded else ""
+        parser.error(f"--base {args.base} is a model of {policy.config.n_classes} classes over "
+                     f"{tc.in_channels}-channel {tc.image_size}-pixel images{where}; {parser.prog} fine-tunes on "
+                     "MNIST digits only (10 classes, 1 channel, 32 pixels)")
     return policy, copy.deepcopy(policy), tokenizer, device
 
 
