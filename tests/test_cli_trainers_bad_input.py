@@ -315,3 +315,23 @@ def test_out_that_is_the_runs_own_input_checkpoint_is_refused(capsys, tmp_path, 
     assert error_line(err).startswith(f"error: --out {str(tmp_path / '.' / source.name)!r} is the {option} checkpoint "
                                       "this run reads: saving would replace it; choose another --out")
     assert source.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["in.safetensors"]
+
+
+@pytest.mark.parametrize("config, says", [
+    ({"block_size": 128}, "the teacher's context of 128 positions is shorter than the preset's 384-character windows"),
+    ({"vocab_size": 50, "block_size": 384}, "the teacher models 50 characters, the corpus has 96"),
+])
+def test_a_teacher_that_cannot_read_the_presets_windows_is_refused_before_training(capsys, tmp_path, config, says):
+    """It failed in the first distillation step: 'sequence of 384 positions exceeds block_size 128', exit 1."""
+    from ar_course.data import TEXT_ALPHABET
+    from ar_course.transformer import GPT, GPTConfig
+
+    folder = tmp_path / "teacher"
+    folder.mkdir()
+    model = GPT(GPTConfig(**{"vocab_size": 96, "n_layer": 1, "n_head": 2, "n_embd": 16, **config}))
+    teacher = save_checkpoint(folder / "t.safetensors", model, model.config, kind="lm",
+                              vocab=TEXT_ALPHABET[:model.config.vocab_size])
+    out = tmp_path / "out"
+    out.mkdir()
+    line = refused(capsys, out, "lm", "--preset", "draft", "--teacher", str(teacher), "--steps", "1")
+    assert line == f"error: --teacher {teacher}: {says} (see python -m ar_course train lm --help)"

@@ -102,6 +102,17 @@ def evaluate_lm(
     return total / count
 
 
+def check_teacher(teacher: GPT, seq_len: int, vocab_size: int) -> None:
+    """``ValueError`` unless ``teacher`` reads windows of ``seq_len`` characters (its context is at least that) of
+    the corpus's ``vocab_size`` characters: distillation runs it on the student's training windows."""
+    c = teacher.config
+    if c.block_size < seq_len:
+        raise ValueError(f"the teacher's context of {c.block_size} positions is shorter than the preset's "
+                         f"{seq_len}-character windows")
+    if c.vocab_size != vocab_size:
+        raise ValueError(f"the teacher models {c.vocab_size} characters, the corpus has {vocab_size}")
+
+
 def distill_loss(student: GPT, teacher: GPT, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Cross-entropy of the student against the teacher's next-token probabilities on ``x`` ``(B, T)``.
 
@@ -139,10 +150,13 @@ def train_lm(
     with the weights of the evaluation (every ``eval_every`` steps) with the lowest validation loss.
     ``checkpoint_every`` / ``state_path`` / ``resume``: see :func:`~ar_course.train.train_loop`. ``info``
     holds the tokenizer, the loss history, the training time, the tokens seen and the validation token ids.
-    The caller's global random generators are left as they were (:func:`~ar_course.utils.kept_random_state`)."""
+    The caller's global random generators are left as they were (:func:`~ar_course.utils.kept_random_state`).
+    ``ValueError`` before training for a ``teacher`` that does not fit (:func:`check_teacher`)."""
     from ar_course.data import load_text_dataset, text_batches
 
     tokenizer, train_ids, val_ids = load_text_dataset()
+    if teacher is not None:
+        check_teacher(teacher, preset.seq_len, tokenizer.vocab_size)
     seed_everything(seed)
     config = replace(preset.model, vocab_size=tokenizer.vocab_size)
     device = get_device(device)  # "auto", "cuda:1"...; an unknown or missing device in one line
@@ -264,6 +278,13 @@ def main(argv: list[str] | None = None) -> int:
     device = get_device(args.device)
     with checkpoint_option(parser, "--teacher"):
         teacher = checkpoint.load(teacher_path, kind=KIND) if teacher_path else None
+    if teacher is not None:
+        from ar_course.data import TEXT_ALPHABET
+
+        try:  # before the corpus is read and the student built, not in the first distillation step
+            check_teacher(teacher, preset.seq_len, len(TEXT_ALPHABET))
+        except ValueError as exc:
+            parser.error(f"--teacher {teacher_path}: {exc}")
 
     model, info = train_lm(preset, args.seed, device, teacher, not args.no_progress, args.eval_every,
                            checkpoint_every=args.checkpoint_every, state_path=state_path, resume=args.resume,
