@@ -68,6 +68,11 @@ VAR_VARIANTS = {"mnist": {"base": "var_mnist", "cca": "var_mnist_cca"}}
 """Shipped VAR models of each set: the pre-trained one and chapter 11's condition-contrastive aligned one, which
 samples without guidance (its Generator's default ``cfg`` is 0)."""
 
+AUTO_KERNEL_DEVICES = ("cuda",)
+"""Device types where ``kernels="auto"`` may run a chapter 06 attention kernel
+(:func:`ar_course.kernels.ops.backend_rule`); elsewhere it is torch's SDPA without importing
+:mod:`ar_course.kernels`."""
+
 METHODS = ("var", "ar")
 SPECULATIVE = (None, "draft", "jacobi")
 KERNELS = ("auto", "torch", "triton", "numba")
@@ -814,7 +819,7 @@ def _attention_for(kernels: str, device: torch.device) -> AttentionFn:
     else the kernel entry points with ``kernels`` as their backend (they record what really ran). ``"torch"``,
     and ``"auto"`` off CUDA (where it always picks torch for attention), leave :mod:`ar_course.kernels` unimported
     (and the simulators' environment variables unset: every process started afterwards would see them)."""
-    if kernels == "torch" or (kernels == "auto" and device.type != "cuda"):
+    if kernels == "torch" or (kernels == "auto" and device.type not in AUTO_KERNEL_DEVICES):
         return sdpa_attention
     from ar_course.kernels import select_backend  # imported on use: it sets the simulator defaults
 

@@ -143,7 +143,7 @@ def test_guidance_changes_samples():
 def test_a_learned_position_model_refuses_maps_of_another_grid():
     """A learned table's positions belong to its grid's cells: a 4x4 model sampled 2x2 maps from the first
     four cells of its top row, and a tokenizer of 2x2 maps took them for whole images, without an error.
-    Refused now as for rope2d, and for a model saved before learned models recorded their grid, by count."""
+    raster_config records the grid of a learned model too, and it is refused as for rope2d."""
     model = tiny_model(pos="learned", grid=(4, 4))
     assert model.config.grid == (4, 4)
     with pytest.raises(ValueError, match=r"grid must match the model's 4x4 grid, got \(2, 2\)"):
@@ -153,11 +153,7 @@ def test_a_learned_position_model_refuses_maps_of_another_grid():
     small = VQVAE(VQVAEConfig(num_codes=11, image_size=8, downsample=4, width=8, latent_dim=4))  # 2x2 maps
     with pytest.raises(ValueError, match="tokenizer maps must match the model's 4x4 grid, got \\(2, 2\\)"):
         M.check_tokenizer(small, model)
-    model.config.grid = None  # as saved before: only the count can be checked
-    with pytest.raises(ValueError, match=r"grid must fill the model's context after the class token \(16 tokens\), "
-                                         r"got \(2, 2\)"):
-        M.generate_tokens(model, torch.tensor([1]), (2, 2))
-    assert M.generate_tokens(model, torch.tensor([1]), (2, 8)).shape == (1, 2, 8)
+    assert M.generate_tokens(model, torch.tensor([1]), (4, 4)).shape == (1, 4, 4)
 
 
 @pytest.mark.parametrize("pos", ["rope2d", "learned"])

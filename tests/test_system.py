@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from ar_course import system
 from ar_course.checkpoint import CheckpointError, resolve
 from ar_course.raster import generate_tokens, raster_config
 from ar_course.raster.functional import to_raster
@@ -145,6 +146,7 @@ def auto_tries_triton(monkeypatch):
                         else rule(op, device_type, why_not, backend, large))
     monkeypatch.setattr(ops, "_FAILED", {})
     monkeypatch.setattr(triton_kernels, "flash_attention_triton", stand_in)
+    monkeypatch.setattr(system, "AUTO_KERNEL_DEVICES", ("cuda", "cpu"))  # as the rule above now says for the CPU
 
     def install(torch_seconds: float, kernel_seconds: float) -> None:
         times = itertools.cycle([torch_seconds, kernel_seconds])
@@ -492,6 +494,16 @@ def test_float32_precision_runs_where_torch_has_no_autocast(gen, monkeypatch):
     monkeypatch.setattr(torch, "autocast", None)  # any use of it now fails
     out = gen.generate([0], method="var", precision="float32", seed=0)
     assert out.stats.precision == "float32" and out.images.shape == (1, 1, 32, 32)
+
+
+def test_auto_kernel_devices_are_where_the_backend_rule_may_pick_an_attention_kernel():
+    """system.AUTO_KERNEL_DEVICES lets kernels="auto" skip importing ar_course.kernels elsewhere: it must hold every
+    device type where backend_rule's "auto" can pick a kernel for attention, when every back-end could run."""
+    from ar_course.kernels.ops import backend_rule
+
+    for device_type in ("cuda", "cpu", "mps", "xpu"):
+        picks = {backend_rule(op, device_type, lambda backend: None) for op in ("flash_attention", "decode_attention")}
+        assert (picks != {"torch"}) == (device_type in system.AUTO_KERNEL_DEVICES), (device_type, picks)
 
 
 @pytest.mark.parametrize("kernels", ["torch", "auto"])

@@ -76,18 +76,14 @@ def _check_model(model: GPT) -> None:
 
 
 def check_model_grid(model: GPT, name: str, shape: tuple[int, ...]) -> None:
-    """``ValueError`` unless maps of ``shape`` ``(..., rows, cols)`` match the model's ``config.grid`` (a
-    ``pos="rope2d"`` model's 2-D rotary angles place token ``p`` at row ``p // cols`` of it; a learned table's
-    positions were learned for it), or, for a model that records no grid (a learned one saved before grids
-    were recorded for them), fill its ``block_size`` after the class token: another map would be read with
-    positions learned for other cells. No values read."""
-    c = model.config
-    rows, cols = tuple(shape[-2:])
-    if c.grid is not None and (rows, cols) != c.grid:
-        raise ValueError(f"{name} must match the model's {c.grid[0]}x{c.grid[1]} grid, got {tuple(shape)}")
-    if c.grid is None and 1 + rows * cols != c.block_size:
-        raise ValueError(f"{name} must fill the model's context after the class token ({c.block_size - 1} tokens), "
-                         f"got {tuple(shape)}")
+    """``ValueError`` unless maps of ``shape`` ``(..., rows, cols)`` match the model's ``config.grid`` when it
+    records one (:func:`raster_config` does): a ``pos="rope2d"`` model's 2-D rotary angles place token ``p`` at
+    row ``p // cols`` of it, and a learned table's positions were learned for its cells. A model without a grid
+    (1-D positions, or a learned one saved before grids were recorded for them) takes any map its ``block_size``
+    holds, which the GPT checks. No values read."""
+    grid = model.config.grid
+    if grid is not None and tuple(shape[-2:]) != grid:
+        raise ValueError(f"{name} must match the model's {grid[0]}x{grid[1]} grid, got {tuple(shape)}")
 
 
 def check_tokenizer(tokenizer: VQVAE, model: GPT) -> int:
