@@ -251,16 +251,28 @@ def _as_float64(name: str, x: torch.Tensor | np.ndarray) -> np.ndarray:
     return out
 
 
-def _check_covariance(name: str, cov: np.ndarray) -> None:
-    """``ValueError`` naming ``name`` unless ``cov`` is symmetric and positive semi-definite up to rounding
-    (eigenvalues down to ``-1e-6`` of the largest): ``eigh`` reads one triangle only, and a clipped negative
+def _rounding(x: torch.Tensor | np.ndarray) -> float:
+    """The relative rounding a covariance given in ``x``'s precision may carry: 1e-6 in float64, 1e-2 in a lower
+    precision (a float32 E[x x^T] - m m^T of 2048 features, mean 5, had an eigenvalue of -1.1e-3 of its
+    largest). Far below what a matrix that is no covariance shows (-I: -1)."""
+    if isinstance(x, torch.Tensor):
+        low = x.is_floating_point() and torch.finfo(x.dtype).eps > torch.finfo(torch.float64).eps
+    else:
+        dtype = np.asarray(x).dtype
+        low = np.issubdtype(dtype, np.floating) and np.finfo(dtype).eps > np.finfo(np.float64).eps
+    return 1e-2 if low else 1e-6
+
+
+def _check_covariance(name: str, cov: np.ndarray, rounding: float) -> None:
+    """``ValueError`` naming ``name`` unless ``cov`` is symmetric and positive semi-definite up to ``rounding``
+    (relative to its largest entry and eigenvalue): ``eigh`` reads one triangle only, and a clipped negative
     eigenvalue would give a distance for a matrix that is no covariance."""
     scale = max(1.0, float(np.abs(cov).max(initial=0.0)))
-    if not np.allclose(cov, cov.T, rtol=1e-6, atol=1e-9 * scale):
+    if not np.allclose(cov, cov.T, rtol=rounding, atol=rounding * 1e-3 * scale):
         raise ValueError(f"{name} must be a symmetric covariance matrix, got one that differs from its transpose "
                          f"by up to {float(np.abs(cov - cov.T).max()):.3g}")
     low, high = (float(e) for e in np.linalg.eigvalsh(cov)[[0, -1]]) if cov.size else (0.0, 0.0)
-    if low < -1e-6 * max(1.0, abs(high)):
+    if low < -rounding * max(1.0, abs(high)):
         raise ValueError(f"{name} must be positive semi-definite (a covariance), got an eigenvalue of {low:.3g}")
 
 
@@ -287,6 +299,7 @@ def frechet_distance_gaussians(mu1: torch.Tensor | np.ndarray, cov1: torch.Tenso
         ValueError: shapes that do not fit, a value that is NaN or infinite, a covariance that is not symmetric
             or not positive semi-definite (beyond rounding), or an unknown ``method``.
     """
+    rounding = {"cov1": _rounding(cov1), "cov2": _rounding(cov2)}
     mu1, cov1, mu2, cov2 = (_as_float64(name, x) for name, x in
                             (("mu1", mu1), ("cov1", cov1), ("mu2", mu2), ("cov2", cov2)))
     if mu1.ndim != 1 or mu1.shape != mu2.shape or cov1.shape != (mu1.size,) * 2 or cov2.shape != cov1.shape:
@@ -294,8 +307,8 @@ def frechet_distance_gaussians(mu1: torch.Tensor | np.ndarray, cov1: torch.Tenso
                          f"{cov1.shape}, {mu2.shape}, {cov2.shape}")
     if method not in ("eigh", "sqrtm"):
         raise ValueError(f"method must be 'eigh' or 'sqrtm', got {method!r}")
-    _check_covariance("cov1", cov1)
-    _check_covariance("cov2", cov2)
+    _check_covariance("cov1", cov1, rounding["cov1"])
+    _check_covariance("cov2", cov2, rounding["cov2"])
     if method == "eigh":
         root1 = _psd_sqrt(cov1)
         eig = np.linalg.eigvalsh(root1 @ cov2 @ root1)

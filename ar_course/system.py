@@ -27,7 +27,7 @@ import contextlib
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol, Sequence
 
@@ -168,8 +168,8 @@ class GenerationRequest:
             token).
         sampling: temperature, top-k, top-p (:class:`~ar_course.sampling.SamplingConfig`; temperature 0 is greedy).
         cfg: guidance strength ``w >= 0`` (logits ``(1 + w) cond - w uncond``); ``None``: :data:`DEFAULT_CFG`
-            of the method (the stored request holds the number; :meth:`Generator.generate` passes its own
-            ``default_cfg``, 0 for an aligned model).
+            of the method (the stored request holds the number, and ``cfg_defaulted`` is True: :meth:`Generator.run`
+            then uses that Generator's ``default_cfg``, 0 for an aligned model).
         ramp: with ``"var"``, VAR's ramp of the strength from 0 at the first scale to ``cfg`` at the last.
         speculative: with ``method="ar"``: ``"draft"`` (speculative sampling with the draft model, ``gamma``
             drafts per round) or ``"jacobi"`` (Speculative Jacobi Decoding, a window of ``window`` tokens). Both
@@ -240,6 +240,7 @@ class GenerationRequest:
     seed: int | None = 0
     batch_size: int = 500
     progress: bool = False
+    cfg_defaulted: bool = field(init=False, repr=False)  # cfg was None: Generator.run uses its default_cfg
 
     def __post_init__(self) -> None:
         checked = {
@@ -254,6 +255,7 @@ class GenerationRequest:
         for name, value in checked.items():
             object.__setattr__(self, name, value)
         self._check_choices()
+        object.__setattr__(self, "cfg_defaulted", self.cfg is None)
         cfg = DEFAULT_CFG[self.method] if self.cfg is None else check_number("cfg", self.cfg, lo=0)
         object.__setattr__(self, "cfg", cfg)
         if self.cache is None:
@@ -283,7 +285,7 @@ class GenerationRequest:
                              f"cache={self.cache!r}")
 
 
-REQUEST_OPTIONS = tuple(f.name for f in fields(GenerationRequest) if f.name != "classes")
+REQUEST_OPTIONS = tuple(f.name for f in fields(GenerationRequest) if f.init and f.name != "classes")
 """The keyword options of :meth:`Generator.generate` (the fields of :class:`GenerationRequest`)."""
 
 
@@ -412,9 +414,9 @@ def _check_torch_layers(model: torch.nn.Module) -> None:
     if others:
         name, fn = others[0]
         raise ValueError(f"compile=True traces each layer's own attention function, and {len(others)} layer(s) of "
-                         f"the {type(model).__name__} run another than torch's (first: {name} runs "
-                         f"{getattr(fn, '__name__', type(fn).__name__)}): set_attention(model, 'sdpa') first, "
-                         "or generate without compile")
+                         f"the {type(model).__name__} run one other than sdpa_attention or plain_attention (first: "
+                         f"{name} runs {getattr(fn, '__name__', type(fn).__name__)}): set_attention(model, 'sdpa') "
+                         "first, or generate without compile")
 
 
 def _compiled_or_eager(compiled: Callable, eager: Callable, tally: Tally) -> Callable:
@@ -681,7 +683,8 @@ class Generator:
 
         ``options`` are keywords, all optional: ``method`` (``"var"`` or ``"ar"``), ``sampling``
         (a :class:`~ar_course.sampling.SamplingConfig`), ``cfg`` (guidance strength ``w``; none or ``None``: this
-        Generator's :attr:`default_cfg` of the method, 0 for a CCA or GRPO model), ``ramp``,
+        Generator's :attr:`default_cfg` of the method, 0 for a CCA or GRPO model, as :meth:`run` applies it),
+        ``ramp``,
         ``speculative`` (``"draft"``, ``"jacobi"``), ``relaxed_delta``, ``gamma``, ``window``, ``neighbors``,
         ``kernels``, ``precision``, ``cache``, ``graphs``, ``compile``, ``seed``, ``batch_size``, ``progress``: see
         :class:`GenerationRequest`.
@@ -699,15 +702,13 @@ class Generator:
                     if set(unknown) & {"temperature", "top_k", "top_p"} else "")
             raise TypeError(f"unknown option(s) {', '.join(unknown)}{hint}; the options are "
                             f"{', '.join(REQUEST_OPTIONS)}")
-        method = options.get("method", "var")
-        if options.get("cfg") is None and isinstance(method, str) and method in self.default_cfg:
-            options = {**options, "cfg": self.default_cfg[method]}
         return self.run(GenerationRequest(classes, **options))
 
     @torch.no_grad()
     def run(self, request: GenerationRequest) -> Generation:
         """Carry out ``request``: its strategy generates the images chunk by chunk, with the call's attention
-        function (:func:`~ar_course.transformer.model.use_attention`), autocast and seeded generator.
+        function (:func:`~ar_course.transformer.model.use_attention`), autocast and seeded generator. A request
+        made without ``cfg`` runs at this Generator's :attr:`default_cfg` for its method (0 for an aligned model).
 
         Raises ``ValueError`` before any work for classes outside ``[0, num_classes)``, a method or
         speculative kind whose models this Generator lacks, more ``neighbors`` than the raster model's codebook
@@ -718,6 +719,8 @@ class Generator:
         if not isinstance(request, GenerationRequest):
             raise TypeError(f"request must be a GenerationRequest (or call generate(classes, **options)), got "
                             f"{type(request).__name__}")
+        if request.cfg_defaulted and request.cfg != self.default_cfg[request.method]:  # 0 for an aligned model
+            request = replace(request, cfg=self.default_cfg[request.method])
         strategy = self._strategy(request)
         device, n = self.device, int(request.classes.numel())
         if request.graphs and device.type != "cuda":

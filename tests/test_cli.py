@@ -19,7 +19,7 @@ from PIL import Image
 
 from ar_course import cli, doctor, generate
 from ar_course.checkpoint import resolve
-from ar_course.system import DEFAULT_CFG, PRETRAINED, Generator
+from ar_course.system import DEFAULT_CFG, PRETRAINED, GenerationRequest, Generator
 from cli_helpers import error_line, grid_size, one_torch_thread, patch_loading, run
 from fixtures.make_fixtures import solution_notebook
 
@@ -308,9 +308,14 @@ def test_generate_aligned_models_default_to_no_guidance_however_they_are_loaded(
     assert generate._request(args, [3], by_name).cfg == 0.0
     args = generate.build_parser().parse_args(["--out", "x.png", "--method", "ar", "--cfg", "1.5"])
     assert generate._request(args, [3], by_name).cfg == 1.5  # a strength given is kept
-    with one_torch_thread():  # the Python API takes the same default
-        alone = by_name.generate([3], method="ar", seed=0)
-        assert torch.equal(alone.images, by_name.generate([3], method="ar", seed=0, cfg=0).images)
+    with one_torch_thread():  # the Python API takes the same default, through generate() and run(request)
+        unguided = by_name.generate([3], method="ar", seed=0, cfg=0).images
+        assert torch.equal(by_name.generate([3], method="ar", seed=0).images, unguided)
+        request = GenerationRequest([3], method="ar", seed=0)
+        assert request.cfg_defaulted and request.cfg == 1.0  # DEFAULT_CFG until a Generator runs it
+        assert torch.equal(by_name.run(request).images, unguided)
+        guided = GenerationRequest([3], method="ar", seed=0, cfg=1.0)
+        assert not guided.cfg_defaulted and not torch.equal(by_name.run(guided).images, unguided)
 
 
 def test_generate_request_lists_the_classes_row_by_row_so_each_grid_column_is_one_class():

@@ -335,3 +335,20 @@ def test_a_teacher_that_cannot_read_the_presets_windows_is_refused_before_traini
     out.mkdir()
     line = refused(capsys, out, "lm", "--preset", "draft", "--teacher", str(teacher), "--steps", "1")
     assert line == f"error: --teacher {teacher}: {says} (see python -m ar_course train lm --help)"
+
+
+def test_var_refuses_a_tokenizer_whose_scales_do_not_start_at_1(capsys, tmp_path):
+    """It failed after loading with VARConfig's 'scales must start at 1 ..., got (2, 4, 8)', exit 1, naming
+    scales the user never passed to train var."""
+    from ar_course.tokenizers import VQVAE, VQVAEConfig
+
+    folder = tmp_path / "tok"
+    folder.mkdir()
+    tok = VQVAE(VQVAEConfig(quantizer="msvq", scales=(2, 4, 8), num_codes=16, latent_dim=4, width=8))
+    path = save_checkpoint(folder / "ms248.safetensors", tok, tok.config, kind="tokenizer")
+    out = tmp_path / "out"
+    out.mkdir()
+    line = refused(capsys, out, "var", "--tokenizer", str(path), "--steps", "1")
+    assert line == (f"error: --tokenizer {path} has scales 2,4,8: VAR's start token predicts a 1x1 first map, so "
+                    "they must start at 1 (train the tokenizer with --scales 1,...) (see python -m ar_course train "
+                    "var --help)")

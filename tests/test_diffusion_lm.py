@@ -89,7 +89,11 @@ def test_masked_nll_ignores_the_weight_of_unmasked_tokens_even_an_infinite_one()
     logits = torch.zeros(1, 3, 4)
     targets, masked = torch.tensor([[0, 1, 2]]), torch.tensor([[True, False, True]])
     weight = torch.tensor([[1.0, float("inf"), 2.0]])  # inf * 0 made the row nan
-    assert torch.equal(F.masked_nll(logits, targets, masked, weight), torch.tensor([3 * math.log(4)]))
+    logits.requires_grad_(True)
+    loss = F.masked_nll(logits, targets, masked, weight)
+    assert torch.equal(loss.detach(), torch.tensor([3 * math.log(4)]))
+    loss.sum().backward()
+    assert torch.isfinite(logits.grad).all() and torch.equal(logits.grad[0, 1], torch.zeros(4))
 
 
 def test_denoise_step_only_reveals_masks_and_reveals_all_at_time_zero():

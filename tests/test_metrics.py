@@ -106,6 +106,17 @@ def test_frechet_bad_inputs():
                                              r"from its transpose by up to 0.9$"):
             frechet_distance_gaussians(np.zeros(2), np.eye(2), np.zeros(2), np.array([[1, .9], [0, 1]]),
                                        method=method)
+        with pytest.raises(ValueError, match="cov1 must be positive semi-definite"):  # in float32 too
+            frechet_distance_gaussians(torch.zeros(2), -torch.eye(2), torch.zeros(2), torch.eye(2), method=method)
+    # float32 covariances carry float32 rounding: a streamed E[x x^T] - m m^T of 512 features (mean 5) has
+    # eigenvalues down to -2e-4 of its largest, and is a covariance all the same
+    x = torch.randn(100, 512, generator=torch.Generator().manual_seed(0)) * 0.5 + 5
+    m = x.mean(0)
+    cov = x.T @ x / 100 - torch.outer(m, m)
+    assert float(torch.linalg.eigvalsh(cov.double())[0]) < -1e-4
+    exact = frechet_distance_gaussians(m.double(), torch.cov(x.double().T, correction=0), torch.zeros(512),
+                                       torch.eye(512))
+    assert frechet_distance_gaussians(m, cov, torch.zeros(512), torch.eye(512)) == pytest.approx(exact, rel=1e-3)
     images = torch.rand(3, 1, 32, 32)
     with pytest.raises(ValueError, match=r"^images_a must hold at least 2 images \(a covariance needs two\), got 1$"):
         frechet_distance(images[:1], images[1:])

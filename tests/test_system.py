@@ -440,7 +440,8 @@ def test_compile_refuses_layers_whose_own_attention_is_not_torch(gen):
     mine = Generator(copy.deepcopy(gen.var), gen.var_tokenizer)
     set_attention(mine.var.blocks[1], "kernels")
     with pytest.raises(ValueError, match=r"compile=True traces each layer's own attention function, and 1 "
-                                         r"layer\(s\) of the VAR run another than torch's \(first: .*KernelAttention"):
+                                         r"layer\(s\) of the VAR run one other than sdpa_attention or "
+                                         r"plain_attention \(first: .*KernelAttention"):
         mine.generate([2, 5], method="var", seed=0, compile=True)
     assert mine.generate([2, 5], method="var", seed=0).stats.forward_passes == 6  # eager: the call's attention
 

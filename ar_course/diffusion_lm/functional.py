@@ -137,8 +137,9 @@ def _masked_nll(logits: torch.Tensor, targets: torch.Tensor, masked: torch.Tenso
                 ) -> torch.Tensor:
     """:func:`masked_nll` without the argument checks (the model's passes, whose ids are checked once)."""
     nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")  # (B, L)
-    # where, not a product with the mask: a huge weight of an unmasked token must not make inf * 0 = nan
-    return torch.where(masked, nll * weight, 0.0).sum(dim=1)  # (B,)
+    # the weights of unmasked tokens are dropped, not multiplied by 0: an infinite one would make inf * 0 = nan,
+    # in the value and in the gradient
+    return (nll * torch.where(masked, weight, 0.0)).sum(dim=1)  # (B,)
 
 
 def unmask_probability(t: torch.Tensor, s: torch.Tensor, schedule: str = "linear") -> torch.Tensor:

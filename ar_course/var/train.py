@@ -122,6 +122,9 @@ def main(argv: list[str] | None = None) -> int:
     channels, n_classes = metrics.DATASETS[args.dataset]
     tokenizer = load_tokenizer(parser, args.tokenizer, device, ("msvq",), "a multi-scale ('msvq')", channels)
     tc = tokenizer.config
+    if tc.scales[0] != 1:  # VARConfig's rule, said of the option that brought the scales
+        parser.error(f"--tokenizer {args.tokenizer} has scales {','.join(map(str, tc.scales))}: VAR's start token "
+                     "predicts a 1x1 first map, so they must start at 1 (train the tokenizer with --scales 1,...)")
     config = VARConfig(vocab_size=tc.num_codes, latent_dim=tc.latent_dim, scales=tc.scales, n_classes=n_classes,
                        n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd, cond=args.cond)
     images, labels = metrics.dataset_split(args.dataset, "train")
