@@ -46,8 +46,11 @@ def install_command(extras: str) -> str:
         declared = importlib.metadata.requires("ar-course") or []
     except importlib.metadata.PackageNotFoundError:  # run from a copy of the package without its metadata
         declared = []
-    requirements = [r.split(";")[0].strip() for r in declared
-                    if (m := _EXTRA_MARKER.search(r.partition(";")[2])) and m.group(1) in wanted]
+    requirements = []
+    for entry in declared:  # "numba==0.68.1; extra == \"kernels\""
+        requirement, _, marker = entry.partition(";")
+        if (m := _EXTRA_MARKER.search(marker)) and m.group(1) in wanted:
+            requirements.append(requirement.strip())
     if not requirements:
         return f"pip install 'ar-course[{extras}]'"
     return "pip install " + " ".join(f"'{r}'" for r in requirements)

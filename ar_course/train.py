@@ -11,8 +11,8 @@ end, and when SIGTERM or SIGINT arrives (it finishes the current step, writes th
 :class:`TrainingInterrupted`). The file (safetensors, written atomically) holds the model's weights and buffers
 (in their own dtype), the optimizer state, the step, the history, torch's random state, the schedule
 (:class:`TrainConfig`) and the run's ``settings`` (what else shapes the run: the trainers give their seed, global
-batch size and a :func:`content_digest` of their data and of any model they learn from; the loop adds the model's
-config dataclass, ``model.config``, where it has one); ``resume=True`` refuses a
+batch size and a :func:`~ar_course.utils.content_digest` of their data and of any model they learn from; the
+loop adds the model's config dataclass, ``model.config``, where it has one); ``resume=True`` refuses a
 state whose schedule or settings differ, loads it and fast-forwards ``batches`` by drawing the batches already
 trained on, so every random draw of a run must come from the batch stream (rebuilt from its seed) or from torch's
 global generator: then a resumed run ends with the weights of an uninterrupted one.
@@ -53,8 +53,7 @@ from ar_course.cli import (
 )
 from ar_course.files import check_output_path
 from ar_course.project import is_source_checkout
-# content_digest lives in utils (checkpoint.py records a tokenizer's too); the trainers take it from here
-from ar_course.utils import check_int, check_number, content_digest  # noqa: F401
+from ar_course.utils import check_int, check_number
 
 STATE_KIND = "train-state"
 STATE_SUFFIX = ".train-state.safetensors"

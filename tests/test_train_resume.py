@@ -19,10 +19,9 @@ from ar_course.cli import main as cli_main
 from ar_course.tokenizers import VQVAE
 from ar_course.tokenizers.train import default_config
 from ar_course.train import (
-    TrainConfig, TrainingError, TrainingInterrupted, content_digest, lr_at, read_train_state, state_path_for,
-    train_loop,
+    TrainConfig, TrainingError, TrainingInterrupted, lr_at, read_train_state, state_path_for, train_loop,
 )
-from ar_course.utils import seed_everything
+from ar_course.utils import content_digest, seed_everything
 from cli_helpers import one_torch_thread, run
 
 # ---- (a) atomic checkpoint writes ----------------------------------------------------------------------------

@@ -26,10 +26,10 @@ from ar_course.raster.model import condition_dropout_batches
 from ar_course.tokenizers import VQVAE
 from ar_course.train import (
     MAX_LAYERS, MAX_WIDTH, History, TrainConfig, add_conditional_model_options, add_output_options,
-    apply_process_options, check_conditional_model_options, content_digest, finish_run, format_accuracy,
-    image_warmup, load_tokenizer, prepare_run, train_loop, trainer_main,
+    apply_process_options, check_conditional_model_options, finish_run, format_accuracy, image_warmup, load_tokenizer,
+    prepare_run, train_loop, trainer_main,
 )
-from ar_course.utils import get_device, kept_random_state, seed_everything
+from ar_course.utils import content_digest, get_device, kept_random_state, seed_everything
 
 TOKENIZER = "tokenizer_mnist_kl"
 EVAL_CFGS = (0.0, 1.0, 2.0)

@@ -36,13 +36,13 @@ from ar_course.checkpoint import info as checkpoint_info
 from ar_course.cli import ArgumentParser, checkpoint_arg, int_list, path_arg, positive_float, positive_int
 from ar_course.diffusion_lm.model import DiffusionLM, DiffusionLMConfig
 from ar_course.train import (
-    TrainConfig, checkpoint_option, content_digest, out_help, prepare_run, seed_int, train_loop, trainer_main,
+    TrainConfig, checkpoint_option, out_help, prepare_run, seed_int, train_loop, trainer_main,
 )
 from ar_course.transformer.train import PRESETS as LM_PRESETS
 from ar_course.transformer.train import (
     add_text_trainer_options, apply_text_trainer_options, round_to_half, run_record, save_text_model,
 )
-from ar_course.utils import get_device, kept_random_state, seed_everything
+from ar_course.utils import content_digest, get_device, kept_random_state, seed_everything
 
 KIND = "diffusion_lm"
 

@@ -28,10 +28,10 @@ from ar_course.raster.model import condition_dropout_batches
 from ar_course.raster.train import SINGLE_SCALE, SINGLE_SCALE_NEEDED, class_count, encode_dataset
 from ar_course.train import (
     EVAL_HELP, History, TrainConfig, add_conditional_model_options, add_output_options, apply_process_options,
-    check_conditional_model_options, content_digest, finish_run, format_accuracy, load_tokenizer, prepare_run,
-    image_warmup, train_loop, trainer_main,
+    check_conditional_model_options, finish_run, format_accuracy, load_tokenizer, prepare_run, image_warmup, train_loop,
+    trainer_main,
 )
-from ar_course.utils import get_device, kept_random_state, seed_everything
+from ar_course.utils import content_digest, get_device, kept_random_state, seed_everything
 
 EVAL_CFGS = (0.0, 1.0, 2.0)
 """Guidance strengths ``w`` at which the trainer records the class accuracy of 8-step samples."""

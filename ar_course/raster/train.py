@@ -24,11 +24,11 @@ from ar_course.raster.model import (
 from ar_course.tokenizers import VQVAE
 from ar_course.train import (
     History, TrainConfig, add_conditional_model_options, add_output_options, apply_process_options,
-    check_conditional_model_options, content_digest, finish_run, format_accuracy, load_tokenizer, prepare_run,
-    image_warmup, train_loop, trainer_main,
+    check_conditional_model_options, finish_run, format_accuracy, load_tokenizer, prepare_run, image_warmup, train_loop,
+    trainer_main,
 )
 from ar_course.transformer.model import GPT
-from ar_course.utils import check_int, get_device, kept_random_state, seed_everything
+from ar_course.utils import check_int, content_digest, get_device, kept_random_state, seed_everything
 
 EVAL_CFGS = (0.0, 1.0, 2.0, 3.0)
 """Guidance strengths ``w`` at which the trainer records the class accuracy (``accuracy_by_cfg``)."""

@@ -483,7 +483,7 @@ def fsq_quantize(z: torch.Tensor, levels: Sequence[int]) -> torch.Tensor:
     # the bound's eps lets a value round one step past the grid once (L_i - 1) * eps / 2 >= 0.5 (L_i > 1000)
     lo = torch.tensor([-(n // 2) for n in lv], dtype=z.dtype, device=z.device)  # (d,)
     hi = torch.tensor([(n - 1) // 2 for n in lv], dtype=z.dtype, device=z.device)  # (d,)
-    on_grid = torch.minimum(torch.maximum(bounded.round(), lo), hi)  # (..., d)
+    on_grid = bounded.round().clamp(lo, hi)  # (..., d)
     rounded = bounded + (on_grid - bounded).detach()  # straight-through rounding
     width = torch.tensor([n // 2 for n in lv], dtype=z.dtype, device=z.device)  # (d,)
     return rounded / width
@@ -510,7 +510,7 @@ def _fsq_codes_to_indices(codes: torch.Tensor, lv: tuple[int, ...]) -> torch.Ten
     width = torch.tensor([n // 2 for n in lv], dtype=torch.float32, device=codes.device)  # (d,)
     top = torch.tensor([n - 1 for n in lv], device=codes.device)  # (d,)
     digits = (codes.float() * width + width).round().long()  # (..., d)
-    digits = torch.minimum(digits.clamp(min=0), top)  # (..., d) in [0, L_i)
+    digits = digits.clamp(min=0).minimum(top)  # (..., d) in [0, L_i)
     return (digits * _fsq_basis(lv, codes.device)).sum(-1)
 
 

@@ -31,9 +31,9 @@ from ar_course.tokenizers.quantizers import MSVQ_LOSSES
 from ar_course.tokenizers.vqvae import CHECKPOINT_KIND, QUANTIZERS, SWITCH_QUANTIZERS, VQVAE, VQVAEConfig
 from ar_course.train import (
     DEVICE_HELP, History, TrainConfig, add_run_options, apply_process_options, check_batch_size, finish_run, out_help,
-    content_digest, prepare_run, seed_int, train_loop, trainer_main,
+    prepare_run, seed_int, train_loop, trainer_main,
 )
-from ar_course.utils import check_int, eval_mode, get_device, kept_random_state, seed_everything
+from ar_course.utils import check_int, content_digest, eval_mode, get_device, kept_random_state, seed_everything
 
 DATASETS = tuple(metrics.DATASETS)  # the image sets dataset_split loads: ("mnist", "shapes")
 LFQ_DEFAULT_DIM = 8

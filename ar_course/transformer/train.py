@@ -35,11 +35,13 @@ from ar_course.cli import (
     ArgumentParser, checkpoint_arg, device_name, float_in, nonnegative_int, path_arg, positive_float, positive_int,
 )
 from ar_course.train import (
-    DEVICE_HELP, TrainConfig, add_run_options, apply_process_options, checkpoint_option, content_digest, finish_run,
-    out_help, prepare_run, seed_int, train_loop, trainer_main,
+    DEVICE_HELP, TrainConfig, add_run_options, apply_process_options, checkpoint_option, finish_run, out_help,
+    prepare_run, seed_int, train_loop, trainer_main,
 )
 from ar_course.transformer.model import GPT, GPTConfig
-from ar_course.utils import check_int, count_parameters, eval_mode, get_device, kept_random_state, seed_everything
+from ar_course.utils import (
+    check_int, content_digest, count_parameters, eval_mode, get_device, kept_random_state, seed_everything,
+)
 
 KIND = "lm"
 

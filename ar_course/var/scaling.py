@@ -49,7 +49,7 @@ def scaling_study(
     digits): a larger count would silently use fewer digits; ``TypeError`` for a count or width that is not an
     integer."""
     widths = [check_int(f"widths[{i}]", w) for i, w in enumerate(widths)]
-    if len(set(widths)) < 2 or len(set(widths)) != len(widths) or any(w < 2 or w % 2 for w in widths):
+    if len(widths) < 2 or len(set(widths)) != len(widths) or any(w < 2 or w % 2 for w in widths):
         raise ValueError(f"widths must list at least two different even widths >= 2 (2 heads each), got {widths}")
     device = next(tokenizer.parameters()).device
     train_images, train_labels = load_mnist("train", size=32)

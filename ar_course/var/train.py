@@ -23,10 +23,10 @@ from ar_course.raster.model import condition_dropout_batches
 from ar_course.tokenizers import VQVAE
 from ar_course.train import (
     History, TrainConfig, add_conditional_model_options, add_output_options, apply_process_options,
-    check_conditional_model_options, content_digest, finish_run, format_accuracy, load_tokenizer, prepare_run,
-    image_warmup, train_loop, trainer_main,
+    check_conditional_model_options, finish_run, format_accuracy, load_tokenizer, prepare_run, image_warmup, train_loop,
+    trainer_main,
 )
-from ar_course.utils import get_device, kept_random_state, seed_everything
+from ar_course.utils import content_digest, get_device, kept_random_state, seed_everything
 from ar_course.var.functional import flatten_pyramids, unflatten_pyramids
 from ar_course.var.model import PRETRAINED_PATH, VAR, VARConfig, generate_images, save_pretrained
 
