@@ -22,7 +22,7 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Callable, NoReturn
+from typing import Any, Callable, NoReturn
 
 from ar_course.project import install_command
 
@@ -54,6 +54,7 @@ EXTRAS = {"grade": "course"}
 """The optional dependencies (``pyproject.toml``'s extras) a command imports beyond the library's own."""
 
 PROG = "python -m ar_course"
+"""How the command line is named in usage lines, unless it runs as the ``ar-course`` script (:func:`prog`)."""
 DEBUG_FLAG = "--debug"
 DEBUG_ENV = "AR_COURSE_DEBUG"
 EXIT_USAGE, EXIT_FAILURE, EXIT_INTERRUPTED = 2, 1, 130
@@ -62,6 +63,14 @@ EXIT_USAGE, EXIT_FAILURE, EXIT_INTERRUPTED = 2, 1, 130
 def missing_extra(command: str, extra: str, exc: ModuleNotFoundError) -> str:
     """The one line for ``command`` run where the ``extra`` it imports (``exc``: the failed import) is missing."""
     return f"{command} needs the {extra!r} extra, which is not installed ({exc}): {install_command(extra)}"
+
+
+def prog(command: str = "") -> str:
+    """The command line's name as the user typed it, followed by ``command`` when given: ``ar-course generate``
+    when run as the ``ar-course`` console script, else ``python -m ar_course generate``."""
+    name = os.path.basename(sys.argv[0]) if sys.argv else ""
+    base = "ar-course" if os.path.splitext(name)[0] in ("ar-course", "ar-course-script") else PROG
+    return f"{base} {command}" if command else base
 
 
 class UsageError(Exception):
@@ -74,6 +83,13 @@ class ArgumentParser(argparse.ArgumentParser):
 
     A value refused by a ``type=`` helper of this module reads ``--cfg must be ...`` rather than argparse's
     ``argument --cfg: must be ...``."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        """As argparse's, with a ``prog`` of ``python -m ar_course ...`` renamed by :func:`prog`."""
+        name = kwargs.get("prog")
+        if isinstance(name, str) and (name == PROG or name.startswith(PROG + " ")):
+            kwargs["prog"] = prog(name[len(PROG):].strip())
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:  # type: ignore[override]
         """Print ``message`` as one ``error:`` line on stderr and exit with status 2 (``SystemExit``); under
@@ -258,8 +274,8 @@ def _train(argv: list[str]) -> int:
     trainers = _available_trainers()
     listing = "\n".join(f"  {k:<12} {d}" for k, (_, d) in trainers.items())
     if not argv or argv[0] in ("-h", "--help"):
-        print(f"usage: {PROG} train WHAT [options]\n\nWHAT is one of:\n{listing}\n\n"
-              f"{PROG} train WHAT --help lists its options.")
+        print(f"usage: {prog()} train WHAT [options]\n\nWHAT is one of:\n{listing}\n\n"
+              f"{prog()} train WHAT --help lists its options.")
         if argv:
             return 0
         raise UsageError(f"train needs WHAT to train, one of: {', '.join(trainers)}")
@@ -282,7 +298,7 @@ def _dispatch(argv: list[str]) -> int:
     parser = ArgumentParser(
         prog=PROG,
         description="Autoregressive generation from scratch: the course's command line.",
-        epilog=f"Run `{PROG} COMMAND --help` for a command's options; add {DEBUG_FLAG} to any command to see "
+        epilog=f"Run `{prog()} COMMAND --help` for a command's options; add {DEBUG_FLAG} to any command to see "
                "the traceback of an error.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -300,7 +316,7 @@ def _dispatch(argv: list[str]) -> int:
         return _train(rest)
     if command not in COMMANDS:
         raise UsageError(f"unknown command {command!r}; choose from: {', '.join([*COMMANDS, 'train'])} "
-                         f"(see {PROG} --help)")
+                         f"(see {prog()} --help)")
     try:
         mod = importlib.import_module(COMMANDS[command][0])
     except ModuleNotFoundError as exc:
@@ -308,7 +324,7 @@ def _dispatch(argv: list[str]) -> int:
         if extra is None or (exc.name or "").split(".")[0] == "ar_course":
             raise
         if any(arg in ("-h", "--help") for arg in rest):  # the help a user asks for, with what to install first
-            print(f"usage: {PROG} {command} ...\n\n{COMMANDS[command][1]}\n\nIts options are listed once the "
+            print(f"usage: {prog()} {command} ...\n\n{COMMANDS[command][1]}\n\nIts options are listed once the "
                   f"{extra!r} extra is installed: {install_command(extra)}")
             return 0
         raise SystemExit(missing_extra(command, extra, exc)) from None  # status 1

@@ -95,6 +95,28 @@ def test_every_command_answers_an_unknown_option_with_one_line(capsys, command):
     assert error_line(err).endswith(f"(see python -m ar_course {command} --help)")
 
 
+def test_usage_lines_name_the_console_script_when_run_as_it(capsys, monkeypatch):
+    """Run as ``ar-course``, the usage and error lines name ``ar-course``, not ``python -m ar_course``."""
+    monkeypatch.setattr(sys, "argv", [str(Path("bin") / "ar-course")])
+    status, _, err = run(capsys, "generate", "--no-such-option")
+    assert status == 2 and error_line(err).endswith("(see ar-course generate --help)")
+    status, out, _ = run(capsys, "train")
+    assert status == 2 and out.startswith("usage: ar-course train WHAT")
+    status, out, _ = run(capsys, "train", "var", "--help")
+    assert status == 0 and out.startswith("usage: ar-course train var")
+    monkeypatch.setattr(sys, "argv", [str(Path("ar_course") / "__main__.py")])
+    status, _, err = run(capsys, "frobnicate")
+    assert status == 2 and error_line(err).endswith("(see python -m ar_course --help)")
+
+
+def test_the_installed_console_script_names_itself():
+    script = Path(sys.executable).with_name("ar-course")
+    if not script.exists():
+        pytest.skip("the ar-course script is not installed beside this Python (a plain checkout)")
+    res = subprocess.run([str(script), "doctor", "--help"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and res.stdout.startswith("usage: ar-course doctor"), res.stdout + res.stderr
+
+
 @pytest.mark.parametrize("command", ["grade", "doctor", "generate", "bench", "serve"])
 def test_subcommand_help(capsys, command):
     status, out, err = run(capsys, command, "--help")
