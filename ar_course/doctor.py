@@ -1,9 +1,9 @@
 """``python -m ar_course doctor``: check that this machine can run the course.
 
 Prints one line per requirement, ``OK``, ``WARN`` (optional, the course still runs) or ``FAIL`` (blocks the
-course), and exits 1 when any FAIL is found. The library alone needs torch, numpy, safetensors and tqdm; the
-course also needs the ``course`` and ``kernels`` extras (``pip install -e '.[course,kernels]'``, which
-``make lab`` installs), and Triton (``triton`` extra) is optional.
+course), and exits 1 when any FAIL is found. The library alone needs torch, numpy, safetensors and tqdm
+(``doctor --library`` checks only those); the course also needs the ``course`` and ``kernels`` extras
+(``pip install -e '.[course,kernels]'``, which ``make lab`` installs), and Triton (``triton`` extra) is optional.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import platform
 import shutil
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ar_course.project import install_command
 
@@ -60,11 +60,13 @@ print("ok", triton.__version__)
 
 @dataclass
 class Finding:
-    """One line of the report: ``status`` (``OK``, ``WARN`` or ``FAIL``), what was checked, and what was found."""
+    """One line of the report: ``status`` (``OK``, ``WARN`` or ``FAIL``), what was checked, what was found, and
+    whether the library needs it or only the course (``part``: ``"library"`` or ``"course"``)."""
 
     status: str
     name: str
     detail: str
+    part: str = "library"
 
 
 def _version(module: str) -> str | None:
@@ -146,9 +148,6 @@ def _kernel_checks() -> list[Finding]:
                              f"numba {numba_v}: " + ("works" if ok else detail)))
     else:
         found.append(Finding(FAIL, "numba", f"not installed (chapter 06 needs it: {install_command('kernels')})"))
-    combination = numpy_numba_cuda()
-    if combination is not None:
-        found.append(combination)
     if _version("triton"):
         ok, detail = _probe(_TRITON_PROBE)
         if not ok and "0-dimensional arrays" in detail:  # triton < 3.7's interpreter reads a scalar numpy can't
@@ -161,19 +160,17 @@ def _kernel_checks() -> list[Finding]:
     return found
 
 
-def run_checks() -> list[Finding]:
-    """Every requirement of the course, checked in order."""
+def library_checks() -> list[Finding]:
+    """What the library needs: Python, its four dependencies, the device, a C++ compiler for ``torch.compile``,
+    numpy with numba-cuda where that is installed, and the shipped data."""
     found: list[Finding] = []
     py = sys.version_info
     py_ok = py >= (3, 10)
     found.append(Finding(OK if py_ok else FAIL, "python",
                          platform.python_version() + ("" if py_ok else " (need 3.10+)")))
-    for mod, blocking, extra in [("numpy", True, ""), ("torch", True, ""), ("safetensors", True, ""),
-                                 ("tqdm", True, ""), ("matplotlib", True, "course"), ("scipy", True, "course"),
-                                 ("ipywidgets", False, "course"), ("nbclient", True, "course")]:
-        found.append(module_finding(mod, _version(mod), blocking, extra))
-    torch_v = _version("torch")
-    if torch_v:
+    for mod in ("numpy", "torch", "safetensors", "tqdm"):
+        found.append(module_finding(mod, _version(mod), True, ""))
+    if _version("torch"):
         import torch
 
         if torch.cuda.is_available():
@@ -186,6 +183,24 @@ def run_checks() -> list[Finding]:
         else:
             found.append(Finding(WARN, "C++ compiler", "none found: `generate --compile` needs one on CPU "
                                  "(everything else runs without)"))
+    combination = numpy_numba_cuda()
+    if combination is not None:
+        found.append(combination)
+    try:
+        from ar_course.data import load_mnist
+
+        imgs, _ = load_mnist("test")
+        found.append(Finding(OK, "data", f"MNIST subset loads ({imgs.shape[0]} test images)"))
+    except Exception as exc:  # noqa: BLE001
+        found.append(Finding(FAIL, "data", f"MNIST subset does not load: {exc}"))
+    return found
+
+
+def course_checks() -> list[Finding]:
+    """What the notebooks need beyond the library: the ``course`` extra's modules, the chapter 06 kernels' numba
+    simulator (and Triton, optional), and a Jupyter kernel."""
+    found = [module_finding(mod, _version(mod), blocking, "course")
+             for mod, blocking in [("matplotlib", True), ("scipy", True), ("ipywidgets", False), ("nbclient", True)]]
     found += _kernel_checks()
     try:
         from jupyter_client.kernelspec import KernelSpecManager
@@ -202,29 +217,38 @@ def run_checks() -> list[Finding]:
                              else f"jupyter_client unusable: {exc}"))
     except Exception as exc:  # noqa: BLE001
         found.append(Finding(FAIL, "jupyter", f"jupyter_client unusable: {exc}"))
-    try:
-        from ar_course.data import load_mnist
+    return [replace(f, part="course") for f in found]
 
-        imgs, _ = load_mnist("test")
-        found.append(Finding(OK, "data", f"MNIST subset loads ({imgs.shape[0]} test images)"))
-    except Exception as exc:  # noqa: BLE001
-        found.append(Finding(FAIL, "data", f"MNIST subset does not load: {exc}"))
-    return found
+
+def run_checks(library_only: bool = False) -> list[Finding]:
+    """Every requirement of the course, checked in order: the library's, then (unless ``library_only``) the
+    course's."""
+    return library_checks() + ([] if library_only else course_checks())
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m ar_course doctor``: print every finding and a summary line; exit status 1 when any is ``FAIL``,
-    else 0."""
+    """``python -m ar_course doctor [--library]``: print every finding and a summary line; exit status 1 when any
+    is ``FAIL``, else 0. With ``--library``, only what the library needs is checked."""
     from ar_course.cli import ArgumentParser
 
-    ArgumentParser(prog="python -m ar_course doctor",
-                   description="Check that this machine can run the course: one line per requirement, OK, WARN "
-                               "(optional, the course still runs) or FAIL (blocks the course); exit status 1 when "
-                               "any FAIL is found.").parse_args(argv)
-    findings = run_checks()
+    parser = ArgumentParser(prog="python -m ar_course doctor",
+                            description="Check that this machine can run the course: one line per requirement, OK, "
+                                        "WARN (optional, the course still runs) or FAIL (blocks the course); exit "
+                                        "status 1 when any FAIL is found.")
+    parser.add_argument("--library", action="store_true",
+                        help="check only what the ar_course library needs (no notebooks, Jupyter or chapter 06 "
+                             "simulators)")
+    args = parser.parse_args(argv)
+    findings = run_checks(library_only=args.library)
     width = max(len(f.name) for f in findings)
     for f in findings:
         print(f"{f.status:<4}  {f.name:<{width}}  {f.detail}")
     n_fail = sum(f.status == FAIL for f in findings)
-    print(f"\n{'all requirements met' if not n_fail else f'{n_fail} blocking problem(s)'}")
+    if not n_fail:
+        print(f"\nall {'library ' if args.library else ''}requirements met")
+    elif not any(f.status == FAIL and f.part == "library" for f in findings):
+        print(f"\n{n_fail} blocking problem(s) for the course; the library alone has what it needs "
+              f"(doctor --library checks only that)")
+    else:
+        print(f"\n{n_fail} blocking problem(s)")
     return 1 if n_fail else 0

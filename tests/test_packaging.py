@@ -143,17 +143,38 @@ def test_doctor_says_whether_jupyter_is_missing_or_broken(monkeypatch, missing, 
 
     monkeypatch.setattr(doctor, "_kernel_checks", lambda: [])
     monkeypatch.setattr(builtins, "__import__", without)
-    jupyter = next(f for f in doctor.run_checks() if f.name == "jupyter")
+    jupyter = next(f for f in doctor.course_checks() if f.name == "jupyter")
     assert (jupyter.status, jupyter.detail) == (doctor.FAIL, detail)
 
 
 def test_doctor_exits_1_only_when_a_requirement_fails(monkeypatch, capsys):
     """A FAIL finding makes `doctor` exit 1 and count it; WARN findings alone still exit 0."""
     findings = [doctor.Finding(doctor.OK, "python", "3.11"), doctor.Finding(doctor.WARN, "triton", "not installed")]
-    monkeypatch.setattr(doctor, "run_checks", lambda: list(findings))
+    monkeypatch.setattr(doctor, "run_checks", lambda library_only=False: list(findings))
     assert doctor.main([]) == 0 and capsys.readouterr().out.rstrip().endswith("all requirements met")
-    findings.append(doctor.Finding(doctor.FAIL, "numba", "not installed"))
-    assert doctor.main([]) == 1 and capsys.readouterr().out.rstrip().endswith("1 blocking problem(s)")
+    findings.append(doctor.Finding(doctor.FAIL, "numba", "not installed", part="course"))
+    assert doctor.main([]) == 1 and capsys.readouterr().out.rstrip().endswith(
+        "1 blocking problem(s) for the course; the library alone has what it needs (doctor --library checks only that)")
+    findings.append(doctor.Finding(doctor.FAIL, "torch", "not installed"))
+    assert doctor.main([]) == 1 and capsys.readouterr().out.rstrip().endswith("\n2 blocking problem(s)")
+
+
+def test_doctor_library_checks_only_what_the_library_needs(monkeypatch, capsys):
+    """A library-only install (no course or kernels extra) passes ``doctor --library``: the notebooks' modules,
+    numba's simulator and Jupyter are not checked; the full check still fails for them, naming the extra."""
+    real = doctor._version
+    course_modules = ("matplotlib", "scipy", "ipywidgets", "nbclient", "numba", "triton", "jupyter_client")
+    monkeypatch.setattr(doctor, "_version", lambda m: None if m in course_modules else real(m))
+    monkeypatch.setattr(doctor, "_distribution_version", lambda name: None)
+    assert doctor.main(["--library"]) == 0
+    out = capsys.readouterr().out
+    assert out.rstrip().endswith("all library requirements met")
+    assert {line.split()[1] for line in out.splitlines()[:-2]} == {"python", "numpy", "torch", "safetensors", "tqdm",
+                                                                  "CUDA", "C++", "data"}
+    assert doctor.main([]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL  matplotlib" in out and "pip install -e '.[course]'" in out
+    assert out.rstrip().endswith("the library alone has what it needs (doctor --library checks only that)")
 
 
 def test_doctor_fails_without_numba_or_a_working_simulator_and_only_warns_for_optional_parts(monkeypatch):
