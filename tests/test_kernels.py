@@ -28,6 +28,7 @@ from ar_course.kernels.masks import BlockCausal, dense_mask, prefix_lengths
 from ar_course.kernels.precision import compute_dtype
 from ar_course.kernels.sanitizer import SanitizerError, sanitize
 from ar_course.transformer.functional import causal_mask
+from ar_course.transformer.model import GPT, GPTConfig, set_attention
 from numba import cuda, float32
 
 needs_sim = pytest.mark.skipif(not env.CUDA_SIMULATOR, reason="runs numba.cuda kernels in the CUDA simulator")
@@ -509,10 +510,29 @@ def test_under_no_grad_auto_may_take_a_kernel_for_inputs_that_require_grad(monke
 
 
 @needs_sim
-def test_a_forced_backend_is_kept_even_when_a_gradient_is_needed():
-    """Only "auto" switches to torch for gradients; a backend the caller forces is used as asked."""
+def test_a_forced_kernel_backend_refuses_inputs_that_need_a_gradient():
+    """"auto" switches to torch for gradients; a forced kernel backend raises (its output carried no gradient,
+    so a model trained with set_attention(model, "kernels", "numba") never updated its qkv and norm weights), and
+    is used as asked under no_grad or for inputs that need none (audit 29)."""
     x = torch.randn(2, 3, requires_grad=True)
-    assert ops._select_forward_only("softmax", torch.device("cpu"), "numba", x) == "numba"
+    cpu = torch.device("cpu")
+    assert ops._select_forward_only("softmax", cpu, "auto", x) == "torch"
+    assert ops._select_forward_only("softmax", cpu, "torch", x) == "torch"
+    with pytest.raises(ValueError, match=r"^softmax: the numba kernels have no backward pass, and an input "
+                                         r"requires grad; use backend='auto' or 'torch' to train"):
+        K.softmax(x, backend="numba")
+    with torch.no_grad():
+        assert ops._select_forward_only("softmax", cpu, "numba", x) == "numba"
+    assert ops._select_forward_only("softmax", cpu, "numba", x.detach()) == "numba"
+
+    model = GPT(GPTConfig(vocab_size=11, block_size=8, n_layer=1, n_head=2, n_embd=16))
+    set_attention(model, "kernels", "numba")
+    idx = torch.randint(0, 11, (2, 8))
+    with pytest.raises(ValueError, match="flash_attention: the numba kernels have no backward pass"):
+        model(idx, idx)
+    set_attention(model, "kernels", "auto")  # auto trains on torch: every weight gets a gradient
+    model(idx, idx)[1].backward()
+    assert all(p.grad is not None for p in model.parameters())
 
 
 @needs_sim

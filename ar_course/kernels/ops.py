@@ -14,7 +14,8 @@ persist in a cache file). On a CPU tensor the simulator and interpreter are teac
 than torch, so ``"auto"`` takes torch, except for ``vq_nearest`` on large inputs, where the numba CPU search
 is faster and needs no N x K buffer (``benchmarks/bench_kernels.py`` measures it). Without numba and Triton
 (optional extras) ``"auto"`` quietly takes torch everywhere. Kernels have no
-backward pass, so ``"auto"`` takes torch when a gradient is needed. If a kernel that ``"auto"`` tries fails
+backward pass, so ``"auto"`` takes torch when a gradient is needed, and a forced kernel backend raises
+``ValueError`` then (its output would silently carry no gradient). If a kernel that ``"auto"`` tries fails
 (say it cannot compile), a warning says so, torch answers, and that kind of call stays on torch in this
 process; a forced backend raises instead.
 
@@ -387,9 +388,21 @@ def _needs_grad(*xs: torch.Tensor) -> bool:
 
 def _select_forward_only(op: str, device: torch.device, backend: str, *inputs: torch.Tensor) -> str:
     """:func:`select_backend`, except that ``"auto"`` takes torch when a gradient must flow back through
-    ``inputs``: the kernels have no backward pass."""
+    ``inputs``: the kernels have no backward pass.
+
+    Raises:
+        ValueError: a kernel backend is forced while a gradient must flow back through ``inputs`` (its output
+            would silently carry none: the weights before this call would never learn).
+    """
     chosen = select_backend(op, device, backend)
-    return "torch" if backend == "auto" and _needs_grad(*inputs) else chosen
+    if not _needs_grad(*inputs):
+        return chosen
+    if backend == "auto":
+        return "torch"
+    if chosen != "torch":
+        raise ValueError(f"{op}: the {chosen} kernels have no backward pass, and an input requires grad; use "
+                         f"backend='auto' or 'torch' to train, or call it under torch.no_grad()")
+    return chosen
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs) -> torch.Tensor:
@@ -420,9 +433,9 @@ def flash_attention(
     :class:`~ar_course.kernels.masks.BlockCausal` (VAR), or a (T_q, T_k) bool tensor (True = may attend).
     Kernels handle masks whose rows are prefixes (all of the above but an arbitrary bool tensor); with
     ``backend="auto"`` any other mask runs on torch. ``scale`` defaults to 1/sqrt(D). Raises ``ValueError``
-    for bad shapes, dtypes, masks or scale (``TypeError`` for q, k, v that are not torch tensors or a scale
-    that is not a number), and
-    ``RuntimeError`` for a forced ``backend`` that cannot run here (:func:`select_backend`).
+    for bad shapes, dtypes, masks or scale, or a forced kernel ``backend`` while q, k or v requires grad (the
+    kernels have no backward pass), ``TypeError`` for q, k, v that are not torch tensors or a scale that is not
+    a number, and ``RuntimeError`` for a forced ``backend`` that cannot run here (:func:`select_backend`).
     """
     _check_attention(q, k, v)
     t_q, t_k = q.shape[2], k.shape[2]
@@ -486,10 +499,10 @@ def decode_attention(
     q (B, H, D); k_cache, v_cache (B, H, T_max, D), any mix of float32 / float16 / bfloat16; ``length`` an
     int or a (B,) integer tensor with 1 <= length <= T_max (an int costs no host sync). Returns (B, H, D) in
     q's dtype. The kernels split the keys into chunks, summarise each chunk in parallel and combine the
-    summaries (split-K / flash decoding). Raises ``ValueError`` for bad shapes, dtypes, lengths or scale
-    (``TypeError`` for inputs that are not torch tensors, a ``length`` neither an int nor a tensor, or a scale
-    that is not a number), and ``RuntimeError`` for a forced ``backend`` that cannot
-    run here (:func:`select_backend`).
+    summaries (split-K / flash decoding). Raises ``ValueError`` for bad shapes, dtypes, lengths or scale, or a
+    forced kernel ``backend`` while an input requires grad (``TypeError`` for inputs that are not torch
+    tensors, a ``length`` neither an int nor a tensor, or a scale that is not a number), and ``RuntimeError``
+    for a forced ``backend`` that cannot run here (:func:`select_backend`).
     """
     _check_float("q", q)
     if q.ndim != 3:
@@ -525,7 +538,7 @@ def decode_attention(
 def softmax(x: torch.Tensor, backend: str = "auto") -> torch.Tensor:
     """Softmax over the last axis of x (..., C), same shape and dtype, with the online-softmax kernels.
     Raises ``TypeError`` for an ``x`` that is not a torch.Tensor, ``ValueError`` for a non-float ``x``, a 0-d
-    one or one with ``C = 0``."""
+    one, one with ``C = 0``, or a forced kernel ``backend`` while ``x`` requires grad."""
     _check_float("x", x)
     if x.ndim < 1 or x.shape[-1] == 0:
         raise ValueError(f"x must be (..., C) with C >= 1, got shape {tuple(x.shape)}")
