@@ -293,6 +293,50 @@ def softmax_three_passes(x, out):  # right numbers: a pass for the max, one for 
         out[row, c] = math.exp(x[row, c] - m) / row_sum[0]
 
 
+def _softmax_tree_variant(branch: bool):
+    """Right, and a tree, written as learners do (audit 29): the merge reads both maxima twice
+    (``branch=False``: ``mm = max(a, b)`` then ``exp(a - mm)``, 6 shared reads a round, the row's (m, s) read for
+    each element written) or branches on the larger one (up to 7 a round); 6 log2(32) + 2 shared reads were too few."""
+
+    @cuda.jit
+    def kernel(x, out):
+        row_max = cuda.shared.array(THREADS, float32)
+        row_sum = cuda.shared.array(THREADS, float32)
+        t = cuda.threadIdx.x
+        row = cuda.blockIdx.x
+        m = float32(LOWEST)
+        s = float32(0.0)
+        for c in range(t, x.shape[1], THREADS):
+            v = x[row, c]
+            if v > m:
+                s = s * math.exp(m - v)
+                m = v
+            s += math.exp(v - m)
+        row_max[t] = m
+        row_sum[t] = s
+        cuda.syncthreads()
+        stride = THREADS // 2
+        while stride > 0:
+            if t < stride:
+                if branch:
+                    if row_max[t + stride] > row_max[t]:
+                        row_sum[t] = row_sum[t] * math.exp(row_max[t] - row_max[t + stride]) + row_sum[t + stride]
+                        row_max[t] = row_max[t + stride]
+                    else:
+                        row_sum[t] = row_sum[t] + row_sum[t + stride] * math.exp(row_max[t + stride] - row_max[t])
+                else:
+                    mm = max(row_max[t], row_max[t + stride])
+                    row_sum[t] = (row_sum[t] * math.exp(row_max[t] - mm)
+                                  + row_sum[t + stride] * math.exp(row_max[t + stride] - mm))
+                    row_max[t] = mm
+            cuda.syncthreads()
+            stride //= 2
+        for c in range(t, x.shape[1], THREADS):
+            out[row, c] = math.exp(x[row, c] - row_max[0]) / row_sum[0]
+
+    return kernel
+
+
 @cuda.jit
 def softmax_serial_merge(x, out):  # right numbers: thread 0 merges the 32 pairs one after another
     row_max = cuda.shared.array(THREADS, float32)
@@ -1256,6 +1300,8 @@ def test_reference_passes(name):
     ("matmul_kernel", matmul_transposed_b_tile),
     ("softmax_kernel", softmax_neg_inf_guarded),
     ("softmax_kernel", softmax_interleaved_tree),
+    ("softmax_kernel", _softmax_tree_variant(branch=False)),
+    ("softmax_kernel", _softmax_tree_variant(branch=True)),
     ("vq_nearest_kernel", vq_first_code_start),
     ("vq_nearest_kernel", vq_big_start_float64),
     ("vq_nearest_kernel", vq_cached_row),

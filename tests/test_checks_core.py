@@ -435,6 +435,8 @@ def test_check_off_cpu_fails_only_a_device_mismatch():
     check_off_cpu(lambda x, vs: x + vs[0], case)  # follows its inputs (a list of tensors moves too)
     check_off_cpu(lambda x, vs: x + torch.zeros(3, device=x.device), case)
     check_off_cpu(lambda x, vs: x.sum().item(), case)  # no data on meta: not the learner's fault
+    # a 0-d CPU tensor as masked_fill's value moves along on a GPU; only the meta device refuses it (audit 29)
+    check_off_cpu(lambda x, vs: x.masked_fill(x > 0, -torch.tensor(float("inf"))), case)
     with pytest.raises(CheckFailure, match="on input 'a \\(4, 3\\) input' moved off the CPU .* mixed devices"):
         check_off_cpu(lambda x, vs: x + torch.zeros(3), case)
     with pytest.raises(CheckFailure, match="mixed devices"):

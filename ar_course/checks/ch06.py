@@ -22,7 +22,8 @@ MemoryTraffic`, as GPU-Puzzles counts reads) and hold it to what the lesson need
   kernel reads ``K`` of each);
 * 6.5 online softmax: each thread reads each element of its slice of the row twice at most, once for the
   running (max, sum) and once to write (``2 ceil(C / THREADS)``; three passes read it three times), and at most
-  ``6 log2(THREADS) + 2`` shared values (a tree merge, not thread 0 merging every pair);
+  ``8 log2(THREADS) + 2 ceil(C / THREADS)`` shared values (a tree merge, then the row's max and sum for each
+  element written; not thread 0 merging every pair);
 * 6.6 fused nearest code: each thread writes ``out`` once and keeps no local array as long as the codebook
   (no distance per code: N x K numbers in all);
 * 6.7 FlashAttention: the blocks allocate shared memory for a BLOCK_N x D tile of ``k`` and one of ``v``, and
@@ -467,13 +468,14 @@ SOFTMAX_MISTAKES = (  # a max started at 0 first: on logits all below 0 it gives
 ))
 def softmax_kernel(fn: Callable, ref: Callable) -> None:
     rng = np.random.default_rng(65)
-    merge = 6 * int(math.log2(THREADS)) + 2  # a tree: a few shared reads per round, then (m, s) of the row
     for rows, cols, scale, shift in [(7, 45, 3.0, 0.0), (4, 5, 1.0, 0.0), (3, 70, 60.0, 0.0), (2, 40, 2.0, -200.0)]:
         where = f"{rows}x{cols} logits of scale {scale:g}" + (f", all near {shift:g}" if shift else "") + \
             f", one block of {THREADS} per row"
         x = _rand(rng, rows, cols, scale=scale) + np.float32(shift)
         out = _buffer((rows, cols))
         traffic = _launch(fn, (rows,), (THREADS,), (x, out), where)
+        # a tree: up to 8 shared reads per round, then the row's (m, s) once per element written
+        merge = 8 * int(math.log2(THREADS)) + 2 * cdiv(cols, THREADS)
 
         def run(kernel: Any) -> torch.Tensor:
             out = _buffer((rows, cols))
@@ -487,7 +489,8 @@ def softmax_kernel(fn: Callable, ref: Callable) -> None:
                  "its slice twice: once to update the running (max, sum) together, once to write the output; a "
                  "separate pass for the max, or a thread reading the whole row, reads more")
         _at_most(traffic, SHARED_READ, None, merge, where, "one thread merging every pair of the block one after "
-                 "another leaves the others idle; a tree merges pairs in parallel, as the block sum of 6.3 does")
+                 "another leaves the others idle; a tree merges pairs in parallel, as the block sum of 6.3 does "
+                 "(a tree that reads more re-reads shared values it could keep in a local variable)")
 
 
 # --------------------------------------------------------------------------------------------------------
