@@ -247,3 +247,27 @@ def test_make_shapes_accepts_numpy_integers_and_a_cpu_device():
     a, la = make_shapes(np.int64(3), 8, seed=np.int64(2), device="cpu")
     b, lb = make_shapes(3, 8, seed=2)
     assert torch.equal(a, b) and torch.equal(la, lb)
+
+
+def test_image_trainers_refuse_labels_outside_the_classes_before_training():
+    """A label equal to ``config.n_classes`` is the null class: train_var and train_continuous trained every image
+    of it as the unconditional class, without an error (audit 29); a negative label reached the first step."""
+    from ar_course.continuous.model import ContinuousARConfig
+    from ar_course.continuous.train import train_continuous
+    from ar_course.raster.train import class_count
+    from ar_course.var.model import VARConfig
+    from ar_course.var.train import train_var
+
+    labels = torch.tensor([0, 1, 2, 3, 4])
+    with pytest.raises(ValueError, match=r"^labels must lie in \[0, 3\], got 4$"):
+        train_var(None, torch.zeros(5, 30, dtype=torch.long), labels, VARConfig(n_classes=4), steps=1,
+                  progress=False)
+    with pytest.raises(ValueError, match=r"^labels must lie in \[0, 3\], got 4$"):
+        train_continuous(torch.zeros(5, 16, 4), labels, ContinuousARConfig(token_dim=4, n_classes=4), steps=1,
+                         progress=False)
+    with pytest.raises(ValueError, match=r"^labels must be a \(5,\) long tensor"):
+        train_var(None, torch.zeros(5, 30, dtype=torch.long), labels.float(), VARConfig(n_classes=5), steps=1,
+                  progress=False)
+    with pytest.raises(ValueError, match=r"^labels must be class ids >= 0, got -1$"):
+        class_count(torch.tensor([-1, 0, 3]), None)
+    assert class_count(labels, None) == 5 and class_count(labels, 7) == 7

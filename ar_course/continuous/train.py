@@ -29,7 +29,7 @@ from ar_course.train import (
     apply_process_options, check_conditional_model_options, finish_run, format_accuracy, image_warmup, load_tokenizer,
     prepare_run, train_loop, trainer_main,
 )
-from ar_course.utils import content_digest, get_device, kept_random_state, seed_everything
+from ar_course.utils import check_ids, content_digest, get_device, kept_random_state, seed_everything
 
 TOKENIZER = "tokenizer_mnist_kl"
 EVAL_CFGS = (0.0, 1.0, 2.0)
@@ -72,7 +72,9 @@ def train_continuous(
 ) -> tuple[ContinuousAR, History]:
     """Train a :class:`ContinuousAR` on raster-order ``tokens`` ``(N, L, D)`` with ``labels`` ``(N,)`` from
     ``seed``; the condition dropout is drawn in the batch stream. Returns the model (eval mode) and its history.
-    The caller's global random generators are left as they were (:func:`~ar_course.utils.kept_random_state`)."""
+    The caller's global random generators are left as they were (:func:`~ar_course.utils.kept_random_state`).
+    Raises ``ValueError`` for labels outside ``[0, config.n_classes)`` (the id ``n_classes`` is the null class)."""
+    check_ids("labels", labels, config.n_classes, (len(tokens),))  # the id n_classes is the null class
     g = seed_everything(seed)
     device = get_device(device)  # "auto", "cuda:1"...; an unknown or missing device in one line
     model = ContinuousAR(config).to(device)

@@ -113,6 +113,8 @@ def train_ar(
 def class_count(labels: torch.Tensor, n_classes: int | None) -> int:
     """``n_classes``, or the largest label + 1 when it is None; ``ValueError`` for a label outside
     ``0..n_classes - 1``."""
+    if int(labels.min()) < 0:
+        raise ValueError(f"labels must be class ids >= 0, got {int(labels.min())}")
     top = int(labels.max()) + 1
     if n_classes is None:
         return top

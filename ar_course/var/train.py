@@ -26,7 +26,7 @@ from ar_course.train import (
     check_conditional_model_options, finish_run, format_accuracy, load_tokenizer, prepare_run, image_warmup, train_loop,
     trainer_main,
 )
-from ar_course.utils import content_digest, get_device, kept_random_state, seed_everything
+from ar_course.utils import check_ids, content_digest, get_device, kept_random_state, seed_everything
 from ar_course.var.functional import flatten_pyramids, unflatten_pyramids
 from ar_course.var.model import PRETRAINED_PATH, VAR, VARConfig, generate_images, save_pretrained
 
@@ -72,7 +72,9 @@ def train_var(
     ``batch_size`` is the global batch (split across processes under ``torchrun``); the condition dropout
     is drawn in the batch stream. ``checkpoint_every`` / ``state_path`` / ``resume``: see
     :func:`~ar_course.train.train_loop`. Returns the model (eval mode) and the loss history.
-    The caller's global random generators are left as they were (:func:`~ar_course.utils.kept_random_state`)."""
+    The caller's global random generators are left as they were (:func:`~ar_course.utils.kept_random_state`).
+    Raises ``ValueError`` for labels outside ``[0, config.n_classes)`` (the id ``n_classes`` is the null class)."""
+    check_ids("labels", labels, config.n_classes, (len(tokens),))  # the id n_classes is the null class
     g = seed_everything(seed)
     device = get_device(device)  # "auto", "cuda:1"...; an unknown or missing device in one line
     model = VAR(config).to(device)
