@@ -331,6 +331,29 @@ def test_init_continues_from_a_checkpoint_and_records_the_chain(tmp_path):
     assert third["config"]["train_block_sizes"] == [0, 0, 1, 4, 16]  # the preset's again, unless given
 
 
+def test_own_text_trains_with_its_own_tokenizer_and_validation_ids():
+    """A tokenizer of your own sets the vocabulary and comes back in info; without it, own ids had the course's
+    96-character vocabulary and tokenizer, and were evaluated on the course corpus (audit 29)."""
+    from dataclasses import replace
+
+    from ar_course.diffusion_lm.train import PRESETS, train_diffusion_lm
+
+    text = "caf\u00e9 na\u00efve \u00c5ngstr\u00f6m, co\u00f6perate; " * 120
+    tok = CharTokenizer.from_text(text)
+    ids = tok.encode(text)
+    preset = replace(PRESETS["small"], batch_size=2, steps=2)
+    model, info = train_diffusion_lm(preset, progress=False, eval_every=1, train_ids=ids[:2000],
+                                     val_ids=ids[2000:], tokenizer=tok)
+    assert info["tokenizer"] is tok and model.config.vocab_size == tok.vocab_size < 96
+    assert info["val_ids"] is not None and len(info["history"].evals) == 2
+    with pytest.raises(ValueError, match="tokenizer is for text of your own: give train_ids"):
+        train_diffusion_lm(preset, progress=False, tokenizer=tok)
+    with pytest.raises(ValueError, match="eval_every and keep_best evaluate on val_ids"):
+        train_diffusion_lm(preset, progress=False, eval_every=1, train_ids=ids)
+    with pytest.raises(ValueError, match=r"train_ids must lie in \[0, 1\]"):
+        train_diffusion_lm(preset, progress=False, train_ids=ids, tokenizer=CharTokenizer.from_text("ab"))
+
+
 def test_init_refuses_another_kind_or_shape(tmp_path, capsys):
     from ar_course.checkpoint import save_checkpoint
 

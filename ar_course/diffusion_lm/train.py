@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import torch
 
@@ -42,7 +42,10 @@ from ar_course.transformer.train import PRESETS as LM_PRESETS
 from ar_course.transformer.train import (
     add_text_trainer_options, apply_text_trainer_options, round_to_half, run_record, save_text_model,
 )
-from ar_course.utils import content_digest, get_device, kept_random_state, seed_everything
+from ar_course.utils import check_ids, content_digest, get_device, kept_random_state, seed_everything
+
+if TYPE_CHECKING:  # ar_course.data is imported where it is used
+    from ar_course.data import CharTokenizer
 
 KIND = "diffusion_lm"
 
@@ -137,6 +140,7 @@ def train_diffusion_lm(
     keep_best: bool = False,
     init: str | Path | None = None,
     train_block_sizes: tuple[int, ...] | None = None,
+    tokenizer: CharTokenizer | None = None,
 ) -> tuple[DiffusionLM, dict]:
     """Train a :class:`DiffusionLM` with ``preset`` on the text corpus (or on ``train_ids`` ``(N,)``); return
     ``(model, info)`` with the tokenizer, the loss history (evals: the NLL bound on ``val_ids``), the training
@@ -144,12 +148,28 @@ def train_diffusion_lm(
     (every ``eval_every`` steps) with the lowest bound. ``init``: start from the weights of a ``diffusion_lm``
     checkpoint of the preset's shape (a second schedule after a first run); ``train_block_sizes``: the block
     sizes batches draw from, in place of the preset's.
+
+    Text of your own: ``tokenizer`` (e.g. ``CharTokenizer.from_text(text)``) sets the vocabulary, and
+    ``train_ids`` / ``val_ids`` are its ids (without ``tokenizer``, ids of the course's alphabet,
+    :func:`~ar_course.data.load_text_dataset`). The course corpus's validation split is the default of
+    ``val_ids`` only when ``train_ids`` is not given. Raises ``ValueError`` for a ``tokenizer`` without
+    ``train_ids``, ids outside its vocabulary, or ``eval_every`` / ``keep_best`` with ``train_ids`` but no
+    ``val_ids``.
     The caller's global random generators are left as they were (:func:`~ar_course.utils.kept_random_state`)."""
     from ar_course.data import load_text_dataset
 
-    tokenizer, corpus_train, corpus_val = load_text_dataset()
-    train_ids = corpus_train if train_ids is None else train_ids
-    val_ids = corpus_val if val_ids is None else val_ids
+    if tokenizer is not None and train_ids is None:
+        raise ValueError("tokenizer is for text of your own: give train_ids (and val_ids) encoded with it")
+    if train_ids is None:
+        tokenizer, train_ids, corpus_val = load_text_dataset()
+        val_ids = corpus_val if val_ids is None else val_ids
+    elif tokenizer is None:
+        tokenizer = load_text_dataset()[0]
+    if (eval_every or keep_best) and val_ids is None:
+        raise ValueError("eval_every and keep_best evaluate on val_ids: give val_ids with your own train_ids")
+    for name, ids in (("train_ids", train_ids), ("val_ids", val_ids)):
+        if ids is not None:
+            check_ids(name, ids, tokenizer.vocab_size, ("N",))
     seed_everything(seed)
     config = replace(preset.model, vocab_size=tokenizer.vocab_size)
     if train_block_sizes is not None:
