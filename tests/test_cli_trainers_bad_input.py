@@ -78,6 +78,21 @@ def test_train_tokenizer_refuses_a_batch_it_could_never_draw():
                         test_images=images)
 
 
+def test_train_tokenizer_needs_test_images_like_its_own_train_images():
+    """Own train_images without test_images were scored on MNIST's test split (or failed after every step for
+    28x28 images); an array reached an internal function's error (audit 29)."""
+    images = torch.rand(8, 3, 32, 32)
+    run = dict(steps=1, batch_size=4, device="cpu", progress=False)
+    with pytest.raises(ValueError, match=r"^train_images of your own need test_images too .* the default is mnist's "
+                                         r"test split\)$"):
+        train_tokenizer(default_config(), train_images=images, **run)
+    with pytest.raises(ValueError, match=r"^test_images must be images like train_images \(3, 32, 32\), got "
+                                         r"\(1, 32, 32\)$"):
+        train_tokenizer(default_config(), train_images=images, test_images=torch.rand(2, 1, 32, 32), **run)
+    with pytest.raises(TypeError, match=r"^train_images must be a \(N, C, H, W\) float tensor, got ndarray$"):
+        train_tokenizer(default_config(), train_images=images.numpy(), test_images=images, **run)
+
+
 # -- items 3, 5, 14, 16, 17: option values checked when parsed ----------------------------------------------
 
 

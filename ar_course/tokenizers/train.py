@@ -113,21 +113,33 @@ def train_tokenizer(
 ) -> tuple[VQVAE, dict[str, float], History]:
     """Train a :class:`VQVAE` from ``seed``; return it (eval mode), its held-out metrics and the history.
 
-    ``train_images`` / ``test_images`` default to the ``dataset``'s train and test splits; ``eval_every``
+    ``train_images`` / ``test_images`` ``(N, C, H, W)`` float in [0, 1] default to the ``dataset``'s train and
+    test splits (images of your own need both: the metrics are measured on ``test_images``); ``eval_every``
     adds held-out evaluations during training (``history.eval_steps`` / ``history.evals``). ``batch_size``
     is the global batch (split across processes under ``torchrun``, where only rank 0 evaluates: the
     metrics are ``{}`` elsewhere). ``checkpoint_every`` / ``state_path`` / ``resume``: see
     :func:`~ar_course.train.train_loop`.
 
     Raises:
-        ValueError: ``batch_size`` is not in [1, the number of training images] (no batch could be drawn).
+        ValueError: ``batch_size`` is not in [1, the number of training images] (no batch could be drawn);
+            ``train_images`` without ``test_images``, or test images of another shape than the training ones.
+        TypeError: ``train_images`` or ``test_images`` is not a tensor.
 
     The caller's global random generators are left as they were (:func:`~ar_course.utils.kept_random_state`).
     """
     generator = seed_everything(seed)
     device = get_device(device)  # None or "auto": a GPU when there is one; an unknown device in one line
+    for name, given in (("train_images", train_images), ("test_images", test_images)):
+        if given is not None and not isinstance(given, torch.Tensor):
+            raise TypeError(f"{name} must be a (N, C, H, W) float tensor, got {type(given).__name__}")
+    if train_images is not None and test_images is None:
+        raise ValueError("train_images of your own need test_images too (held-out images like them: the metrics "
+                         f"are measured on them; the default is {dataset}'s test split)")
     train_images = load_images(dataset, "train") if train_images is None else train_images
     test_images = load_images(dataset, "test") if test_images is None else test_images
+    if test_images.shape[1:] != train_images.shape[1:]:
+        raise ValueError(f"test_images must be images like train_images {tuple(train_images.shape[1:])}, got "
+                         f"{tuple(test_images.shape[1:])}")
     check_int("batch_size", batch_size, 1, train_images.shape[0])
     model = VQVAE(config).to(device)
 
