@@ -754,10 +754,11 @@ def checkpoint_option(parser: argparse.ArgumentParser, option: str) -> Iterator[
 
 
 def load_tokenizer(parser: argparse.ArgumentParser, name: str, device: torch.device, quantizers: tuple[str, ...],
-                   needed: str, channels: int = 1) -> torch.nn.Module:
+                   needed: str, channels: int = 1, image_size: int = 32) -> torch.nn.Module:
     """The tokenizer ``--tokenizer name`` on ``device``; a usage error (exit 2) when it is not a tokenizer
     checkpoint, its quantizer is not one of ``quantizers`` (``needed`` describes them: ``"a multi-scale
-    ('msvq')"``) or it takes images of other than ``channels`` channels."""
+    ('msvq')"``) or it takes images of other than ``channels`` channels and ``image_size`` pixels a side (the
+    trainers' images are 32x32)."""
     with checkpoint_option(parser, "--tokenizer"):
         tokenizer = load(name, device, kind="tokenizer")
     config = tokenizer.config
@@ -766,6 +767,9 @@ def load_tokenizer(parser: argparse.ArgumentParser, name: str, device: torch.dev
     if config.in_channels != channels:
         parser.error(f"--tokenizer {name} takes {config.in_channels}-channel images but the training images have "
                      f"{channels}")
+    if config.image_size != image_size:
+        parser.error(f"--tokenizer {name} takes {config.image_size}x{config.image_size} images but the training "
+                     f"images are {image_size}x{image_size}")
     return tokenizer
 
 

@@ -352,6 +352,25 @@ def test_a_teacher_that_cannot_read_the_presets_windows_is_refused_before_traini
     assert line == f"error: --teacher {teacher}: {says} (see python -m ar_course train lm --help)"
 
 
+@pytest.mark.parametrize("what, quantizer", [("ar", "vq"), ("maskgit", "vq"), ("var", "msvq"),
+                                             ("continuous", "kl")])
+def test_a_tokenizer_of_another_image_size_is_a_usage_error(capsys, tmp_path, what, quantizer):
+    """A 16x16 tokenizer failed after loading with 'this VQ-VAE takes 16x16 images, got 32x32', exit 1, naming
+    no option (audit 29)."""
+    from ar_course.tokenizers import VQVAE, VQVAEConfig
+
+    folder = tmp_path / "tok"
+    folder.mkdir()
+    scales = (1, 2, 4) if quantizer == "msvq" else VQVAEConfig.scales
+    tok = VQVAE(VQVAEConfig(quantizer=quantizer, image_size=16, scales=scales, num_codes=16, latent_dim=4, width=8))
+    path = save_checkpoint(folder / "tok16.safetensors", tok, tok.config, kind="tokenizer")
+    out = tmp_path / "out"
+    out.mkdir()
+    line = refused(capsys, out, what, "--tokenizer", str(path), "--steps", "1")
+    assert line == (f"error: --tokenizer {path} takes 16x16 images but the training images are 32x32 (see python -m "
+                    f"ar_course train {what} --help)")
+
+
 def test_var_refuses_a_tokenizer_whose_scales_do_not_start_at_1(capsys, tmp_path):
     """It failed after loading with VARConfig's 'scales must start at 1 ..., got (2, 4, 8)', exit 1, naming
     scales the user never passed to train var."""
