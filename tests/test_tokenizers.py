@@ -208,6 +208,26 @@ def test_dead_code_restart_in_module_and_usage_window():
     assert vq.usage() == pytest.approx({"fraction_used": 1 / 8, "perplexity": 1.0})
 
 
+def test_a_restart_in_forward_leaves_the_l2_codebook_gradient_of_that_forward():
+    """With l2_norm, a restart at a window's end rewrote the codebook after normalize had kept it for backward:
+    the gradient of codes hit in that batch and restarted was taken at their new vectors (off by 1.6e-2 with
+    threshold 3; audit 29). The gradient is now the one of the loss the forward computed."""
+    def step(threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+        torch.manual_seed(0)
+        vq = VectorQuantizer(6, 3, l2_norm=True, dead_code_threshold=threshold, usage_window=1).double()
+        with torch.no_grad():
+            vq.codebook.normal_()
+        before = vq.codebook.detach().clone()
+        torch.manual_seed(1)
+        vq(torch.randn(1, 3, 3, 3, dtype=torch.float64)).loss.backward()
+        return vq.codebook.grad, (vq.codebook.detach() != before).any(1)
+
+    grad, restarted = step(3.0)
+    reference, none = step(0.0)  # the same forward without restarts
+    assert restarted.sum() >= 2 and not none.any()
+    assert torch.allclose(grad, reference, rtol=0, atol=1e-12)
+
+
 def test_l2_normalised_codes():
     torch.manual_seed(0)
     vq = VectorQuantizer(16, 4, l2_norm=True)

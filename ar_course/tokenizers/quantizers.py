@@ -145,7 +145,11 @@ class VectorQuantizer(nn.Module):
     # -- lookup -------------------------------------------------------------------------------------------
     def codes(self) -> torch.Tensor:
         """The code vectors as the lookup sees them ``(K, D)`` (unit length with ``l2_norm``)."""
-        return F.normalize(self.codebook, dim=1) if self.l2_norm else self.codebook
+        if not self.l2_norm:
+            return self.codebook
+        # in training, normalise a copy: a dead-code restart later in the same forward rewrites the codebook in
+        # place, and the backward of normalize must see the vectors it normalised
+        return F.normalize(self.codebook.clone() if self.training else self.codebook, dim=1)
 
     def lookup(self, flat: torch.Tensor) -> torch.Tensor:
         """Nearest-code indices ``(N,)`` of vectors ``(N, D)`` (normalised first with ``l2_norm``)."""
