@@ -271,3 +271,19 @@ def test_image_trainers_refuse_labels_outside_the_classes_before_training():
     with pytest.raises(ValueError, match=r"^labels must be class ids >= 0, got -1$"):
         class_count(torch.tensor([-1, 0, 3]), None)
     assert class_count(labels, None) == 5 and class_count(labels, 7) == 7
+
+
+@pytest.mark.parametrize("trainer", ["ar", "maskgit"])
+def test_token_map_trainers_name_their_token_maps(trainer):
+    """An array of token maps was refused as 'images must be a (N, ...) tensor' (audit 29); codes beyond the
+    tokenizer's reached the first step."""
+    from ar_course.checkpoint import load
+    from ar_course.masked.train import train_maskgit
+    from ar_course.raster.train import train_ar
+
+    train = train_ar if trainer == "ar" else train_maskgit
+    tok, labels = load("mnist_vq"), torch.zeros(4, dtype=torch.long)
+    with pytest.raises(TypeError, match=r"^token_maps must be a \(N, h, w\) long tensor, got ndarray$"):
+        train(tok, np.zeros((4, 8, 8), dtype=np.int64), labels, steps=1, progress=False)
+    with pytest.raises(ValueError, match=r"^token_maps must lie in \[0, 255\], got 256$"):
+        train(tok, torch.full((4, 8, 8), 256), labels, steps=1, progress=False)

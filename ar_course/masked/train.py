@@ -31,7 +31,7 @@ from ar_course.train import (
     check_conditional_model_options, finish_run, format_accuracy, load_tokenizer, prepare_run, image_warmup, train_loop,
     trainer_main,
 )
-from ar_course.utils import content_digest, get_device, kept_random_state, seed_everything
+from ar_course.utils import check_ids, content_digest, get_device, kept_random_state, seed_everything
 
 EVAL_CFGS = (0.0, 1.0, 2.0)
 """Guidance strengths ``w`` at which the trainer records the class accuracy of 8-step samples."""
@@ -73,6 +73,7 @@ def train_maskgit(
     Class dropout (``p_uncond``) and the masks are drawn in the batch stream. ``n_classes``: as
     :func:`~ar_course.raster.train.train_ar`. Returns the model (eval mode) and the loss history.
     The caller's global random generators are left as they were (:func:`~ar_course.utils.kept_random_state`)."""
+    check_ids("token_maps", token_maps, tokenizer.config.num_codes, ("N", "h", "w"))
     g = seed_everything(seed)
     h, w = token_maps.shape[1:]
     config = maskgit_config(tokenizer.config.num_codes, (h, w), n_classes=class_count(labels, n_classes),

@@ -28,7 +28,7 @@ from ar_course.train import (
     trainer_main,
 )
 from ar_course.transformer.model import GPT
-from ar_course.utils import check_int, content_digest, get_device, kept_random_state, seed_everything
+from ar_course.utils import check_ids, check_int, content_digest, get_device, kept_random_state, seed_everything
 
 EVAL_CFGS = (0.0, 1.0, 2.0, 3.0)
 """Guidance strengths ``w`` at which the trainer records the class accuracy (``accuracy_by_cfg``)."""
@@ -88,6 +88,7 @@ def train_ar(
     label + 1; give the dataset's count when ``labels`` is a subset that may miss a class). Returns the model (eval
     mode) and the loss history.
     The caller's global random generators are left as they were (:func:`~ar_course.utils.kept_random_state`)."""
+    check_ids("token_maps", token_maps, tokenizer.config.num_codes, ("N", "h", "w"))
     g = seed_everything(seed)
     h, w = token_maps.shape[1:]
     config = raster_config(tokenizer.config.num_codes, (h, w), n_classes=class_count(labels, n_classes),
