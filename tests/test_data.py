@@ -182,6 +182,7 @@ def test_corpus_is_large_and_uses_the_fixed_alphabet():
 def test_normalise_text():
     messy = "\u201cna\u00efve\u201d \u2014 caf\u00e9\u2026\tx\r\n\u2603"
     assert normalise_text(messy) == '"naive" -- cafe...    x\n'
+    assert normalise_text("one\rtwo\r\nthree") == "one\ntwo\nthree"  # a lone \r joined the lines (audit 29)
 
 
 def test_tokenizer_round_trips_the_whole_corpus():

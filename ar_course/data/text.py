@@ -29,13 +29,13 @@ def normalise_text(text: str) -> str:
     """Map ``text`` onto ``TEXT_ALPHABET``.
 
     Typographic quotes become straight quotes, en and em dashes become ``-`` and ``--``, ``...`` replaces the
-    ellipsis, tabs become four spaces and ``\\r\\n`` becomes ``\\n``; accented letters lose their accents
-    (NFKD decomposition); any other character outside the alphabet is dropped.
+    ellipsis, tabs become four spaces, and ``\\r\\n`` and a lone ``\\r`` become ``\\n``; accented letters lose their
+    accents (NFKD decomposition); any other character outside the alphabet is dropped.
 
     Raises ``TypeError`` when ``text`` is not a str."""
     if not isinstance(text, str):
         raise TypeError(f"text must be a str, got {type(text).__name__}")
-    text = text.replace("\r\n", "\n").translate(_TYPOGRAPHY)
+    text = text.replace("\r\n", "\n").replace("\r", "\n").translate(_TYPOGRAPHY)  # Windows, old Mac line ends
     text = unicodedata.normalize("NFKD", text)
     return "".join(ch for ch in text if ch in _ALPHABET_SET)
 
