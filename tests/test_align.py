@@ -35,6 +35,8 @@ def test_advantages_have_zero_mean_per_group_and_order_like_rewards(n, g, seed):
 
 def test_advantages_are_zero_for_equal_rewards_and_reject_bad_shapes():
     assert torch.equal(group_advantages(torch.full((2, 4), 0.3)), torch.zeros(2, 4))
+    # 0.9 seven times has a float32 mean an ulp off: (0.9 - mean) / eps was 6e-4, not 0 (audit 29)
+    assert torch.equal(group_advantages(torch.tensor([[0.9] * 7, [0.123] * 7])), torch.zeros(2, 7))
     with pytest.raises(ValueError, match="G >= 2"):
         group_advantages(torch.rand(5))
     with pytest.raises(ValueError, match="G >= 2"):

@@ -47,7 +47,9 @@ def group_advantages(rewards: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
                          f"sample {sample}")
     mean = rewards.mean(dim=1, keepdim=True)  # (N, 1)
     std = rewards.std(dim=1, keepdim=True, unbiased=False)  # (N, 1)
-    return (rewards - mean) / (std + eps)
+    tied = rewards.amax(dim=1, keepdim=True) == rewards.amin(dim=1, keepdim=True)  # (N, 1)
+    # equal rewards: exactly 0 (the rounded mean of 0.9s differs from 0.9 by an ulp, ~6e-4 after dividing by eps)
+    return torch.where(tied, 0.0, (rewards - mean) / (std + eps))
 
 
 def clipped_surrogate(
