@@ -107,3 +107,27 @@ def test_unknown_pretrained_name():
     with pytest.raises(ValueError, match="mnist_vq"):
         load_pretrained("imagenet")
     assert PRETRAINED == ("mnist_vq", "mnist_msvq", "mnist_kl")
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_evaluate_counts_residual_levels_in_their_own_codebooks(shared):
+    """rvq's levels have a codebook each (unless shared): evaluate pooled their codes into one count, so a
+    trained tokenizer reported 100% usage where its levels used 74% (audit 29). It now averages the levels as
+    ResidualVQ.usage does; a shared codebook is counted once, as before."""
+    from dataclasses import replace
+
+    from ar_course.metrics import codebook_usage
+
+    torch.manual_seed(0)
+    model = VQVAE(replace(tok_train.default_config("rvq", num_codes=16, width=8), shared_codebook=shared)).eval()
+    images = _images()
+    got = tok_train.evaluate(model, images, batch_size=3)
+    with torch.no_grad():
+        idx = model.encode_to_indices(images)  # (N, depth, h, w)
+    levels = [codebook_usage(idx[:, d], 16) for d in range(idx.shape[1])]
+    pooled = codebook_usage(idx, 16)
+    want = pooled if shared else {k: sum(s[k] for s in levels) / len(levels) for k in ("fraction_used", "perplexity")}
+    assert got["fraction_used"] == pytest.approx(want["fraction_used"])
+    assert got["perplexity"] == pytest.approx(want["perplexity"])
+    if not shared:
+        assert want["perplexity"] < pooled["perplexity"]  # the pooled count mixes the levels' codes

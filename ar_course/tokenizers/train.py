@@ -78,20 +78,26 @@ def load_images(dataset: str, split: str) -> torch.Tensor:
 def evaluate(model: VQVAE, images: torch.Tensor, batch_size: int = 500) -> dict[str, float]:
     """Held-out ``psnr`` (dB, mean over images), ``mse``, and the codebook's ``fraction_used`` and
     ``perplexity`` over all the tokens of ``images`` ``(N, C, S, S)`` (not for the continuous ``kl``, which has no
-    codebook)."""
+    codebook). An ``rvq`` with a codebook per level reports the mean over levels, as
+    :meth:`~ar_course.tokenizers.quantizers.ResidualVQ.usage` does (code 5 of two levels is two vectors)."""
     device = next(model.parameters()).device
+    per_level = model.config.quantizer == "rvq" and not model.config.shared_codebook
     recons, tokens = [], []
     with eval_mode(model):
         for chunk in images.split(batch_size):
             idx = model.encode_to_indices(chunk.to(device))
             recons.append(model.decode_from_indices(idx).cpu())
-            tokens.append(torch.cat([i.flatten() for i in idx]) if isinstance(idx, list) else idx.flatten())
+            if per_level:  # (B, depth, h, w) -> (depth, B * h * w)
+                tokens.append(idx.transpose(0, 1).flatten(1).cpu())
+            else:
+                tokens.append(torch.cat([i.flatten() for i in idx]) if isinstance(idx, list) else idx.flatten())
     recon = torch.cat(recons)
     result = {"psnr": metrics.psnr(recon, images.cpu()), "mse": float((recon - images.cpu()).pow(2).mean())}
     if model.config.quantizer == "kl":
         return result
-    usage = metrics.codebook_usage(torch.cat(tokens).cpu(), model.config.num_codes)
-    return result | {"fraction_used": usage["fraction_used"], "perplexity": usage["perplexity"]}
+    codes = torch.cat(tokens, dim=-1).cpu()  # (T,), or (depth, T) per level
+    stats = [metrics.codebook_usage(level, model.config.num_codes) for level in (codes if per_level else [codes])]
+    return result | {key: sum(s[key] for s in stats) / len(stats) for key in ("fraction_used", "perplexity")}
 
 
 @kept_random_state()
