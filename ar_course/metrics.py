@@ -405,7 +405,8 @@ def precision_recall(feats_real: torch.Tensor, feats_fake: torch.Tensor, k: int 
     Each set's manifold is the union of balls around its points with radius the distance to the point's
     k-th nearest neighbour in the same set. Precision: fraction of fake points inside the real manifold.
     Recall: fraction of real points inside the fake manifold. A set against itself gives (1.0, 1.0); two
-    disjoint real sets give less (about 0.88 for MNIST features, k = 3), see :func:`data_baseline`.
+    disjoint real sets give less (about 0.88 for MNIST features, k = 3), see :func:`data_baseline`. Distances
+    are computed in float32, or in float64 when either set is float64.
 
     Raises:
         TypeError: features that are not tensors, ``k`` or ``chunk`` not an integer.
@@ -426,7 +427,8 @@ def precision_recall(feats_real: torch.Tensor, feats_fake: torch.Tensor, k: int 
                          f"{feats_real.shape[0]} and {feats_fake.shape[0]}")
     check_finite("feats_real", feats_real)
     check_finite("feats_fake", feats_fake)
-    real, fake = feats_real.detach().float(), feats_fake.detach().float().to(feats_real.device)
+    dtype = torch.float64 if torch.float64 in (feats_real.dtype, feats_fake.dtype) else torch.float32
+    real, fake = feats_real.detach().to(dtype), feats_fake.detach().to(feats_real.device, dtype)
     precision = _fraction_inside(fake, real, _kth_neighbour_radius(real, k, chunk), chunk)
     recall = _fraction_inside(real, fake, _kth_neighbour_radius(fake, k, chunk), chunk)
     return precision, recall

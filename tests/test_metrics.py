@@ -145,6 +145,16 @@ def test_precision_recall_far_and_partial():
     assert precision == 1.0 and recall < 0.05
 
 
+def test_precision_recall_keeps_float64_features_in_float64():
+    """float64 features of a narrow spread far from 0 were cast to float32, whose rounding merged the points:
+    (1.0, 1.0) where the answer is below (audit 29). The same features centred (which float32 resolves) agree."""
+    g = torch.Generator().manual_seed(5)
+    real, fake = (torch.randn(200, 4, generator=g, dtype=torch.float64) * 1e-3 for _ in range(2))
+    centred = precision_recall(real, fake)
+    assert centred != (1.0, 1.0)
+    assert precision_recall(real + 1e5, fake + 1e5) == centred
+
+
 def test_precision_recall_bad_inputs():
     with pytest.raises(ValueError, match="features"):
         precision_recall(torch.randn(10, 3), torch.randn(10, 4))
