@@ -127,7 +127,7 @@ def test_subcommand_help(capsys, command):
 
 
 def _doctor_fails(monkeypatch, exc):
-    def run_checks():
+    def run_checks(library_only=False):
         raise exc
 
     monkeypatch.setattr(doctor, "run_checks", run_checks)
