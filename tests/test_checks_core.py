@@ -436,7 +436,16 @@ def test_check_off_cpu_fails_only_a_device_mismatch():
     check_off_cpu(lambda x, vs: x + torch.zeros(3, device=x.device), case)
     check_off_cpu(lambda x, vs: x.sum().item(), case)  # no data on meta: not the learner's fault
     # a 0-d CPU tensor as masked_fill's value moves along on a GPU; only the meta device refuses it (audit 29)
-    check_off_cpu(lambda x, vs: x.masked_fill(x > 0, -torch.tensor(float("inf"))), case)
+    inf = torch.tensor(float("inf"))
+    check_off_cpu(lambda x, vs: x.masked_fill(x > 0, -inf), case)
+    check_off_cpu(lambda x, vs: x.clone().masked_fill_(x > 0, inf), case)
+    check_off_cpu(lambda x, vs: torch.masked_fill(x, x > 0, value=inf), case)
+    cpu_mask = torch.ones(4, 3, dtype=torch.bool)  # ... but a mask or a filled tensor made on the CPU is named
+    for mixed in (lambda x, vs: x.masked_fill(cpu_mask, -inf),
+                  lambda x, vs: torch.zeros(4, 3).masked_fill(x > 0, x.max()),
+                  lambda x, vs: x.masked_fill(x > 0, -inf) + torch.arange(3)):
+        with pytest.raises(CheckFailure, match="mixed devices"):
+            check_off_cpu(mixed, case)
     with pytest.raises(CheckFailure, match="on input 'a \\(4, 3\\) input' moved off the CPU .* mixed devices"):
         check_off_cpu(lambda x, vs: x + torch.zeros(3), case)
     with pytest.raises(CheckFailure, match="mixed devices"):
