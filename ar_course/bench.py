@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from ar_course.checkout import CheckoutNotFound, find_root, root_path
-from ar_course.cli import ArgumentParser, UsageError
+from ar_course.cli import ArgumentParser, UsageError, prog
 
 
 def available(root: Path | None = None) -> dict[str, Path]:
@@ -200,7 +200,7 @@ def _summary(name: str, path: Path, data: object) -> list:
     else the rows :data:`SUMMARIZERS` derive from it. ``ValueError`` naming the file and what is wrong when it
     holds neither."""
     def wrong(why: str) -> ValueError:
-        return ValueError(f"benchmark result {path} {why}; rerun: python -m ar_course bench {name}")
+        return ValueError(f"benchmark result {path} {why}; rerun: {prog('bench')} {name}")
 
     if not isinstance(data, dict):
         raise wrong(f"is a JSON {type(data).__name__}, not an object")
@@ -229,7 +229,7 @@ def summary_rows(names: list[str], root: Path) -> list[dict]:
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ValueError(f"benchmark result {path} is not valid JSON ({exc}); rerun: python -m ar_course bench "
+            raise ValueError(f"benchmark result {path} is not valid JSON ({exc}); rerun: {prog('bench')} "
                              f"{name}") from None
         for row in _summary(name, path, data):
             if not isinstance(row, dict):

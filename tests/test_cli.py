@@ -104,6 +104,8 @@ def test_usage_lines_name_the_console_script_when_run_as_it(capsys, monkeypatch)
     assert status == 2 and out.startswith("usage: ar-course train WHAT")
     status, out, _ = run(capsys, "train", "var", "--help")
     assert status == 0 and out.startswith("usage: ar-course train var")
+    status, _, err = run(capsys, "train", "var", "--dataset", "shapes", "--steps", "1")  # a command in the message
+    assert status == 2 and "(train one with: ar-course train tokenizer --quantizer msvq" in error_line(err)
     monkeypatch.setattr(sys, "argv", [str(Path("ar_course") / "__main__.py")])
     status, _, err = run(capsys, "frobnicate")
     assert status == 2 and error_line(err).endswith("(see python -m ar_course --help)")

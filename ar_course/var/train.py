@@ -17,7 +17,7 @@ import torch
 from ar_course import distributed as ddp
 from ar_course import metrics
 from ar_course.checkpoint import tokenizer_record
-from ar_course.cli import ArgumentParser, checkpoint_arg
+from ar_course.cli import ArgumentParser, checkpoint_arg, prog
 from ar_course.data import image_batches
 from ar_course.raster.model import condition_dropout_batches
 from ar_course.tokenizers import VQVAE
@@ -117,8 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     progress = apply_process_options(args)
     if args.tokenizer is None:
         if args.dataset != "mnist":
-            parser.error(f"--dataset {args.dataset} needs --tokenizer PATH (train one with: python -m ar_course "
-                         f"train tokenizer --quantizer msvq --dataset {args.dataset} --out PATH)")
+            parser.error(f"--dataset {args.dataset} needs --tokenizer PATH (train one with: "
+                         f"{prog('train tokenizer')} --quantizer msvq --dataset {args.dataset} --out PATH)")
         args.tokenizer = TOKENIZER
     device = get_device(args.device)
     channels, n_classes = metrics.DATASETS[args.dataset]
