@@ -9,15 +9,23 @@ For every ``solutions/NN_topic.ipynb``:
 * the kernel is set to :data:`KERNELSPEC`, the default ``python3`` kernel that ipykernel gives every Jupyter
   (the Python that Jupyter itself runs in), so a notebook opens without registering a kernel of its own.
 
+``notebooks/`` is where learners work, so a build never destroys their work: ``notebooks/.generated.json``
+(:data:`MANIFEST`) records a digest of each notebook as written, and a notebook that differs from it (run,
+edited, or saved by Jupyter since) is kept, named, and replaced only with ``--force``; a notebook of the
+learner's own (never generated) is left alone.
+
 Usage (from anywhere inside a checkout of the repository, or with ``--root PATH``)::
 
-    python -m ar_course.build_notebooks            # write notebooks/
+    python -m ar_course.build_notebooks            # write notebooks/ (exit 2 naming any it kept)
+    python -m ar_course.build_notebooks --force    # replace notebooks with changes of yours too
     python -m ar_course.build_notebooks --check    # exit 1 if notebooks/ is out of date
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import re
 import sys
 from pathlib import Path
@@ -37,8 +45,36 @@ BEGIN, END = "# BEGIN SOLUTION", "# END SOLUTION"
 KERNELSPEC = {"name": "python3", "display_name": "Python 3 (ipykernel)", "language": "python"}
 
 
+MANIFEST = ".generated.json"
+"""The file in ``notebooks/`` that maps each generated notebook's name to the SHA-256 of the text written."""
+
+
 class BuildError(ValueError):
     """A solution notebook breaks the authoring conventions."""
+
+
+class ChangedNotebooks(Exception):
+    """Learner notebooks that differ from what the last build wrote, so a build kept them (``names``)."""
+
+    def __init__(self, folder: Path, names: list[str]) -> None:
+        self.names = names
+        super().__init__(f"kept {len(names)} notebook(s) in {folder} that changed since they were generated (your "
+                         f"work: run, edited or saved): {', '.join(names)}; copy them elsewhere, then run again "
+                         "with --force to replace them")
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _read_manifest(notebooks: Path) -> dict[str, str]:
+    """The recorded digests (empty when there is no manifest or it cannot be read)."""
+    try:
+        data = json.loads((notebooks / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return {k: v for k, v in data.items() if isinstance(k, str) and isinstance(v, str)} if isinstance(data, dict) \
+        else {}
 
 
 def exercise_label(source: str) -> tuple[str, str] | None:
@@ -107,35 +143,71 @@ def render(nb: nbformat.NotebookNode) -> str:
     return nbformat.writes(nb, version=4) + "\n"
 
 
-def build(solutions: Path, notebooks: Path, check: bool = False) -> list[str]:
-    """Write (or with ``check`` compare) every learner notebook, and delete the notebooks in ``notebooks`` that
-    have no solution (with ``check``, only list them); return the names that were stale or extra."""
+def build(solutions: Path, notebooks: Path, check: bool = False, force: bool = False) -> list[str]:
+    """Write (or with ``check`` compare) every learner notebook and :data:`MANIFEST`, and delete the generated
+    notebooks in ``notebooks`` that no longer have a solution (with ``check``, only list them); return the names
+    that were stale or extra.
+
+    A notebook whose text differs from the digest the manifest recorded (the learner's work) is neither replaced
+    nor deleted unless ``force``: the others are written, then :class:`ChangedNotebooks` names the kept ones. A
+    notebook the manifest does not list and no solution has (the learner's own) is left alone and not listed."""
     stale: list[str] = []
+    kept: list[str] = []
+    recorded = _read_manifest(notebooks)
+    manifest: dict[str, str] = {}
     sources = sorted(solutions.glob("*.ipynb"))
     expected_names = {p.name for p in sources}
+
+    def changed(path: Path) -> bool:
+        return _digest(path.read_text(encoding="utf-8")) != recorded.get(path.name)
+
     for path in sources:
         nb = nbformat.read(path, as_version=4)
         text = render(learner_notebook(nb, path.name))
+        manifest[path.name] = _digest(text)
         target = notebooks / path.name
-        if not target.exists() or target.read_text(encoding="utf-8") != text:
-            stale.append(path.name)
-            if not check:
-                notebooks.mkdir(parents=True, exist_ok=True)
-                target.write_text(text, encoding="utf-8")
+        if target.exists() and target.read_text(encoding="utf-8") == text:
+            continue
+        stale.append(path.name)
+        if check:
+            continue
+        if target.exists() and changed(target) and not force:
+            kept.append(path.name)
+            manifest[path.name] = recorded.get(path.name, "")  # still not what it was generated as
+            continue
+        notebooks.mkdir(parents=True, exist_ok=True)
+        target.write_text(text, encoding="utf-8")
     for extra in sorted(notebooks.glob("*.ipynb")):
-        if extra.name not in expected_names:
-            stale.append(extra.name)
-            if not check:
-                extra.unlink()
+        if extra.name in expected_names or extra.name not in recorded:
+            continue  # a solution's notebook, or one of the learner's own
+        stale.append(extra.name)
+        if check:
+            continue
+        if changed(extra) and not force:
+            kept.append(extra.name)
+            manifest[extra.name] = recorded[extra.name]
+        else:
+            extra.unlink()
+    if check and recorded != manifest:
+        stale.append(MANIFEST)
+    if not check and (stale or recorded != manifest):
+        notebooks.mkdir(parents=True, exist_ok=True)
+        (notebooks / MANIFEST).write_text(json.dumps({k: v for k, v in sorted(manifest.items()) if v}, indent=1)
+                                          + "\n", encoding="utf-8")
+    if kept:
+        raise ChangedNotebooks(notebooks, kept)
     return stale
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m ar_course.build_notebooks [--check] [--root PATH]``: exit status 0, 1 when ``--check`` finds
-    ``notebooks/`` out of date, 2 for a solution notebook that breaks the conventions or no checkout."""
+    """``python -m ar_course.build_notebooks [--check] [--force] [--root PATH]``: exit status 0, 1 when ``--check``
+    finds ``notebooks/`` out of date, 2 for a solution notebook that breaks the conventions, no checkout, or
+    notebooks kept because they hold changes of the learner's (:class:`ChangedNotebooks`)."""
     parser = argparse.ArgumentParser(prog="python -m ar_course.build_notebooks",
                                      description=(__doc__ or "").split("\n\n")[0])  # no docstring under -OO
     parser.add_argument("--check", action="store_true", help="only report whether notebooks/ is out of date")
+    parser.add_argument("--force", action="store_true",
+                        help="also replace (or delete) notebooks that changed since they were generated: your work")
     parser.add_argument("--root", type=root_path, default=None,
                         help="the repository checkout (default: found from the current folder upward)")
     parser.add_argument("--solutions", type=path_arg, default=None, help="default: ROOT/solutions")
@@ -146,8 +218,8 @@ def main(argv: list[str] | None = None) -> int:
             root = find_root("solutions", args.root)
             args.solutions = args.solutions or root / "solutions"
             args.notebooks = args.notebooks or root / "notebooks"
-        stale = build(args.solutions, args.notebooks, check=args.check)
-    except (BuildError, CheckoutNotFound) as exc:
+        stale = build(args.solutions, args.notebooks, check=args.check, force=args.force)
+    except (BuildError, CheckoutNotFound, ChangedNotebooks) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.check:

@@ -57,23 +57,59 @@ def test_build_and_check_round_trip(tmp_path):
     sols, nbs = tmp_path / "solutions", tmp_path / "notebooks"
     sols.mkdir()
     nbformat.write(solution_notebook(), sols / "90_fixture.ipynb")
-    assert bn.build(sols, nbs, check=True) == ["90_fixture.ipynb"]
+    assert bn.build(sols, nbs, check=True) == ["90_fixture.ipynb", bn.MANIFEST]
     assert bn.build(sols, nbs) == ["90_fixture.ipynb"]
     assert bn.build(sols, nbs, check=True) == []
-    (nbs / "stale.ipynb").write_text("{}")
-    assert bn.build(sols, nbs, check=True) == ["stale.ipynb"]
+    (nbs / bn.MANIFEST).unlink()  # the notebooks as they were, without the record of what was generated
+    assert bn.build(sols, nbs, check=True) == [bn.MANIFEST]
+    assert bn.build(sols, nbs) == [] and bn.build(sols, nbs, check=True) == []
 
 
-def test_build_deletes_notebooks_that_have_no_solution_and_check_only_lists_them(tmp_path):
-    """A learner notebook whose solution notebook was removed is deleted by a build; --check leaves it in place."""
+def _built(tmp_path):
     sols, nbs = tmp_path / "solutions", tmp_path / "notebooks"
     sols.mkdir()
     nbformat.write(solution_notebook(), sols / "90_fixture.ipynb")
+    nbformat.write(solution_notebook(), sols / "91_other.ipynb")
     bn.build(sols, nbs)
-    (nbs / "stale.ipynb").write_text("{}")
-    assert bn.build(sols, nbs, check=True) == ["stale.ipynb"] and (nbs / "stale.ipynb").exists()
-    assert bn.build(sols, nbs) == ["stale.ipynb"] and not (nbs / "stale.ipynb").exists()
-    assert sorted(p.name for p in nbs.iterdir()) == ["90_fixture.ipynb"]
+    return sols, nbs
+
+
+def test_build_deletes_generated_notebooks_that_have_no_solution_and_check_only_lists_them(tmp_path):
+    """A learner notebook whose solution notebook was removed is deleted by a build; --check leaves it in place."""
+    sols, nbs = _built(tmp_path)
+    (sols / "91_other.ipynb").unlink()
+    assert bn.build(sols, nbs, check=True) == ["91_other.ipynb", bn.MANIFEST] and (nbs / "91_other.ipynb").exists()
+    assert bn.build(sols, nbs) == ["91_other.ipynb"] and not (nbs / "91_other.ipynb").exists()
+    assert sorted(p.name for p in nbs.iterdir()) == [bn.MANIFEST, "90_fixture.ipynb"]
+    assert bn.build(sols, nbs, check=True) == []
+
+
+def test_build_never_replaces_or_deletes_the_learners_work_without_force(tmp_path, capsys):
+    """notebooks/ is where learners work: a build overwrote their edited and executed notebooks with fresh stubs,
+    and deleted notebooks of their own (audit 29). Now a notebook changed since it was generated is kept and
+    named (exit 2), the others are still written, and --force replaces it; a notebook of their own stays."""
+    sols, nbs = _built(tmp_path)
+    mine, own = nbs / "90_fixture.ipynb", nbs / "my_experiments.ipynb"
+    work = mine.read_text(encoding="utf-8").replace("raise NotImplementedError", "return 42  # mine\n    raise")
+    mine.write_text(work, encoding="utf-8")
+    own.write_text("{}", encoding="utf-8")
+    changed = solution_notebook()
+    changed.cells[0].source += "\n\nA new paragraph."  # the course moved on: both notebooks are stale
+    nbformat.write(changed, sols / "90_fixture.ipynb")
+    nbformat.write(changed, sols / "91_other.ipynb")
+    with pytest.raises(bn.ChangedNotebooks, match=r"^kept 1 notebook\(s\) in .* \(your work: run, edited or "
+                                                  r"saved\): 90_fixture.ipynb; copy them elsewhere, then run again "
+                                                  r"with --force to replace them$"):
+        bn.build(sols, nbs)
+    assert mine.read_text(encoding="utf-8") == work and own.read_text(encoding="utf-8") == "{}"
+    assert "A new paragraph." in (nbs / "91_other.ipynb").read_text(encoding="utf-8")  # the untouched one moved on
+    with pytest.raises(bn.ChangedNotebooks):  # still kept on the next build: the record is not overwritten
+        bn.build(sols, nbs)
+    assert bn.main(["--solutions", str(sols), "--notebooks", str(nbs)]) == 2
+    assert "90_fixture.ipynb; copy them elsewhere" in capsys.readouterr().err
+    assert bn.build(sols, nbs, force=True) == ["90_fixture.ipynb"]
+    assert "A new paragraph." in mine.read_text(encoding="utf-8") and own.exists()
+    assert bn.build(sols, nbs, check=True) == []
 
 
 def test_learner_notebook_drops_saved_widget_state():
