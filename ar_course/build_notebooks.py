@@ -72,9 +72,10 @@ def _read_manifest(notebooks: Path) -> dict[str, str]:
     try:
         data = json.loads((notebooks / MANIFEST).read_text(encoding="utf-8"))
     except (OSError, ValueError):
+        data = None
+    if not isinstance(data, dict):
         return {}
-    return {k: v for k, v in data.items() if isinstance(k, str) and isinstance(v, str)} if isinstance(data, dict) \
-        else {}
+    return {name: digest for name, digest in data.items() if isinstance(digest, str)}  # JSON keys are str
 
 
 def exercise_label(source: str) -> tuple[str, str] | None:
