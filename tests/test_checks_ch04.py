@@ -432,15 +432,32 @@ def embed_by_loop(x, level_table, pos_table, scales, start=0) -> torch.Tensor:
 
 
 def embed_by_f_embedding(x, level_table, pos_table, scales, start=0) -> torch.Tensor:
-    ends = torch.tensor([s * s for s in scales]).cumsum(0)
-    p = torch.arange(start, start + x.shape[1])
+    ends = torch.tensor([s * s for s in scales], device=x.device).cumsum(0)
+    p = torch.arange(start, start + x.shape[1], device=x.device)
     return x + F.embedding(p, pos_table) + F.embedding(torch.bucketize(p, ends, right=True), level_table)
 
 
 def embed_in_float64(x, level_table, pos_table, scales, start=0) -> torch.Tensor:
     sl = slice(start, start + x.shape[1])
-    extra = pos_table[sl].double() + level_table.index_select(0, ref.level_ids(scales)[sl]).double()
+    extra = pos_table[sl].double() + level_table.index_select(0, ref.level_ids(scales, x.device)[sl]).double()
     return (x.double() + extra).float()
+
+
+def embed_by_f_embedding_of_cpu_ids(x, level_table, pos_table, scales, start=0) -> torch.Tensor:
+    p = torch.arange(start, start + x.shape[1])  # on the CPU: F.embedding of a GPU table refuses it
+    return x + F.embedding(ref.level_ids(scales)[p], level_table) + F.embedding(p, pos_table)
+
+
+def embed_index_select_of_cpu_ids(x, level_table, pos_table, scales, start=0) -> torch.Tensor:
+    sl = slice(start, start + x.shape[1])
+    return x + pos_table[sl] + level_table.index_select(0, ref.level_ids(scales)[sl])
+
+
+def test_4_2_names_ids_left_on_the_cpu():
+    """F.embedding and index_select of CPU ids run on the meta device but not on a GPU (audit 30): named."""
+    for wrong in (embed_by_f_embedding_of_cpu_ids, embed_index_select_of_cpu_ids):
+        assert_fails(ch04.embed_levels_positions, wrong, contains="mixed devices (Expected all tensors to be on the "
+                                                                   "same device")
 
 
 def embed_with_int32_levels(x, level_table, pos_table, scales, start=0) -> torch.Tensor:

@@ -205,6 +205,18 @@ def test_8_2():
     assert_fails(check, mask_rows_in_pairs, contains="not drawn independently")
 
 
+def mask_left_on_the_cpu(r, n, schedule="cosine", generator=None):  # the hint's key line without .to(r.device)
+    count = torch.ceil(M.mask_ratio(r.cpu(), schedule) * n).long().clamp(1, n)
+    return torch.rand(r.shape[0], n, generator=generator).argsort(1).argsort(1) < count[:, None]
+
+
+def test_8_2_returns_the_mask_on_rs_device():
+    """The text promises the mask on r's device: with r on the meta device (standing in for a GPU, its values still
+    readable through .cpu()), a mask computed and left on the CPU is named; the reference's .to(r.device) passes."""
+    assert_fails(ch08.training_mask, mask_left_on_the_cpu, contains="returned a tensor on the cpu device")
+    assert_passes(ch08.training_mask, M.training_mask)
+
+
 def test_8_2_leaves_the_global_generator_as_it_was():
     state = torch.random.get_rng_state()
     assert_passes(ch08.training_mask, M.training_mask)

@@ -2,6 +2,7 @@
 stubs as not attempted, and `use` falls back to the reference; hints come in levels, diagnoses name known
 mistakes, and outside strict mode a check only prints (Run All)."""
 
+import functools
 import json
 
 from pathlib import Path
@@ -450,6 +451,54 @@ def test_check_off_cpu_fails_only_a_device_mismatch():
         check_off_cpu(lambda x, vs: x + torch.zeros(3), case)
     with pytest.raises(CheckFailure, match="mixed devices"):
         check_off_cpu(lambda x, vs: torch.zeros(4).index_add_(0, torch.arange(4, device=x.device), x[:, 0]), case)
+
+
+def test_check_off_cpu_reads_inputs_back_and_follows_the_result():
+    """As on a GPU, an input copied back to the host (.cpu(), .tolist(), .item(), float()) has its values, so the
+    function runs on; with result_follows a result left on the CPU is named, one moved back to the input's device
+    passes, and without it nothing is said of the result."""
+    case = Case("a (4,) input", (torch.tensor([0.5, 1.0, 2.0, 3.0]),))
+    seen = []
+
+    def copies_back(x):
+        seen.append((x.cpu().sum().item(), x.tolist(), x.cpu()[0].item(), float(x.to("cpu")[1])))
+        return (x.cpu() * 2).to(x.device)
+
+    check_off_cpu(copies_back, case, result_follows=True)
+    assert seen == [(6.5, [0.5, 1.0, 2.0, 3.0], 0.5, 1.0)]
+    check_off_cpu(lambda x: x.to(torch.float64) + 1, case, result_follows=True)  # .to(dtype) stays on its device
+    left = (lambda x: x.cpu() * 2, lambda x: (x + 1, x.cpu()), lambda x: [torch.zeros(4)])
+    for fn in left:
+        check_off_cpu(fn, case)
+        with pytest.raises(CheckFailure, match="'a \\(4,\\) input' .* returned a tensor on the cpu device: the result "
+                                               "must be on its inputs' device"):
+            check_off_cpu(fn, case, result_follows=True)
+    with pytest.raises(CheckFailure, match="mixed devices"):  # a value read back, then mixed with the input
+        check_off_cpu(lambda x: x + x.cpu(), case)
+    check_off_cpu(lambda x: (x + 1).cpu(), case, result_follows=True)  # a computed tensor has no values: not judged
+
+
+def test_check_off_cpu_refuses_what_a_gpu_refuses_and_takes_what_it_takes():
+    """The meta device alone takes CPU operands in F.embedding, index_select, gather, a matrix product (audit 30);
+    a GPU does not, so neither does the check. Indexing an input with CPU indices, copies and 0-d CPU tensors are
+    fine on a GPU and here; tensors bound into a functools.partial move off the CPU with the rest."""
+    case = Case("a (4, 3) input", (torch.randn(4, 3),))
+    ids = torch.tensor([0, 2])
+    for mixed in (lambda x: torch.nn.functional.embedding(ids, x), lambda x: x.index_select(0, ids),
+                  lambda x: x.gather(0, torch.zeros(1, 3, dtype=torch.long)), lambda x: x @ torch.ones(3),
+                  lambda x: torch.einsum("ij,j->i", x, torch.ones(3)), lambda x: torch.ones(2, 4) @ x,
+                  lambda x: torch.cat([x, torch.zeros(1, 3)])):
+        with pytest.raises(CheckFailure, match="mixed devices"):
+            check_off_cpu(mixed, case)
+    for fine in (lambda x: x[ids], lambda x: x[torch.tensor([True, False, True, False])],
+                 lambda x: x.clone().index_put_((ids,), torch.zeros(3, device=x.device)),
+                 lambda x: x * torch.tensor(2.0), lambda x: torch.where(x > 0, x, torch.tensor(0.0)),
+                 lambda x: torch.zeros(4, 3, device=x.device).copy_(torch.ones(4, 3)),
+                 lambda x: x.to(torch.float64) + torch.ones(3, dtype=torch.float64, device=x.device)):
+        check_off_cpu(fine, case, result_follows=True)
+    weight = torch.randn(3, 3)
+    bound = functools.partial(lambda x, w: x @ w, w=weight)
+    check_off_cpu(lambda x, f: f(x), Case("a (4, 3) input, a bound weight", (torch.randn(4, 3), bound)))
 
 
 def test_compare_cases_off_cpu_runs_the_first_case_off_the_cpu():

@@ -25,7 +25,8 @@ from typing import Callable, Iterator
 
 import torch
 
-from ar_course.checks.core import Case, Chapter, CheckFailure, Mistake, call, compare_cases, describe
+from ar_course.checks.core import (Case, Chapter, CheckFailure, Mistake, call, check_off_cpu, compare_cases,
+                                   describe)
 from ar_course.checks.reference import ch08 as answers
 from ar_course.masked import functional as ref
 
@@ -243,6 +244,10 @@ def training_mask(fn: Callable, ref_fn: Callable) -> None:
     if problem:
         raise CheckFailure(f"on input {name!r}, {problem}")
     _check_draws_vary(fn)
+    # the notebook trains on DEVICE with a CPU generator: the mask must come back on r's device
+    check_off_cpu(fn, Case("4 random r, n = 16, cosine", (torch.rand(4, generator=torch.Generator().manual_seed(5)),
+                                                          16, "cosine", torch.Generator().manual_seed(0))),
+                  result_follows=True)
 
 
 def _check_draws_vary(fn: Callable) -> None:

@@ -54,7 +54,7 @@ import traceback
 from pathlib import Path
 from dataclasses import dataclass, field
 from types import CodeType
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -276,11 +276,36 @@ def _parameter_names(fn: Callable, n: int) -> list[str]:
 _DEVICE_ERRORS = ("is not on the expected device", "same device")
 
 
-class _ScalarsFollowMeta(torch.overrides.TorchFunctionMode):
-    """Moves a 0-d CPU tensor given as ``masked_fill``'s value onto the meta device when the filled tensor is
-    there, as a GPU accepts it (the meta device alone refuses it); every other device mix still fails."""
+def _tensors_in(x: Any) -> Iterator[torch.Tensor]:
+    """The tensors in ``x``, inside lists, tuples and dicts too."""
+    if isinstance(x, torch.Tensor):
+        yield x
+    elif isinstance(x, (list, tuple)):
+        for item in x:
+            yield from _tensors_in(item)
+    elif isinstance(x, dict):
+        for item in x.values():
+            yield from _tensors_in(item)
+
+
+class _MetaAsGPU(torch.overrides.TorchFunctionMode):
+    """Makes the meta device behave like a GPU for :func:`check_off_cpu`. The meta device alone lets a few
+    operations mix in CPU tensors (``F.embedding`` of CPU ids, ``index_select``, ``gather``, a matrix product with
+    a CPU operand) that a GPU refuses: here any operation whose tensors mix the meta device with a CPU tensor of
+    one dimension or more fails as on a GPU, but for what a GPU allows: indexing a meta tensor with CPU indices,
+    and copies between devices. A 0-d CPU tensor mixes in anywhere, as on a GPU (``masked_fill``'s value too,
+    which the meta device alone refuses). An input copied back to the host (``.cpu()``, ``.to("cpu")``,
+    ``.tolist()``, ``.item()``, ``.numpy()``) gives its real values, which the meta device does not hold."""
 
     FILLS = (torch.Tensor.masked_fill, torch.Tensor.masked_fill_, torch.masked_fill)
+    COPIES_OUT = (torch.Tensor.cpu, torch.Tensor.to, torch.Tensor.tolist, torch.Tensor.item, torch.Tensor.numpy,
+                  torch.Tensor.__float__, torch.Tensor.__int__, torch.Tensor.__index__, torch.Tensor.__bool__)
+    INDEXING = (torch.Tensor.__getitem__, torch.Tensor.__setitem__, torch.Tensor.index_put_, torch.Tensor.index_put)
+    MIX_ALLOWED = (*COPIES_OUT, torch.Tensor.copy_)
+
+    def __init__(self, values: dict[int, torch.Tensor]) -> None:
+        super().__init__()
+        self.values = values  # id of an input moved to meta -> its CPU tensor
 
     def __torch_function__(self, func: Callable, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = dict(kwargs or {})
@@ -288,34 +313,56 @@ class _ScalarsFollowMeta(torch.overrides.TorchFunctionMode):
         def cpu_scalar(value: object) -> bool:
             return isinstance(value, torch.Tensor) and value.ndim == 0 and value.device.type == "cpu"
 
-        if func in self.FILLS and args and isinstance(args[0], torch.Tensor) and args[0].device.type == "meta":
+        on_meta = bool(args) and isinstance(args[0], torch.Tensor) and args[0].device.type == "meta"
+        if func in self.FILLS and on_meta:
             if len(args) > 2 and cpu_scalar(args[2]):
                 args = (*args[:2], args[2].to("meta"), *args[3:])
             elif cpu_scalar(kwargs.get("value")):
                 kwargs["value"] = kwargs["value"].to("meta")
-        return func(*args, **kwargs)
+        if func not in self.MIX_ALLOWED and not (func in self.INDEXING and on_meta):
+            devices = {t.device.type for t in _tensors_in((args, kwargs)) if t.ndim > 0 or t.device.type != "cpu"}
+            if {"meta", "cpu"} <= devices:
+                name = getattr(func, "__name__", str(func))
+                raise RuntimeError(f"Expected all tensors to be on the same device, but {name} got tensors on meta "
+                                   "and cpu")
+        try:
+            return func(*args, **kwargs)
+        except (NotImplementedError, RuntimeError, TypeError):  # no data on meta; a known input has, as on a GPU
+            if func in self.COPIES_OUT and args and id(args[0]) in self.values:
+                return func(self.values[id(args[0])], *args[1:], **kwargs)
+            raise
 
 
-def _on_meta(arg: Any) -> Any:
-    """``arg`` moved to the meta device (a module is copied first; lists and tuples item by item); anything else
-    as it is."""
+def _on_meta(arg: Any, values: dict[int, torch.Tensor]) -> Any:
+    """``arg`` moved to the meta device (a module is copied first; lists and tuples item by item), each moved
+    tensor's CPU values recorded in ``values`` by its id; anything else as it is."""
     if isinstance(arg, torch.Tensor):
-        return arg.detach().to("meta")
+        moved = arg.detach().to("meta")
+        values[id(moved)] = arg.detach()
+        return moved
     if isinstance(arg, torch.nn.Module):
         return copy.deepcopy(arg).to("meta")
     if type(arg) in (list, tuple):
-        return type(arg)(_on_meta(a) for a in arg)
+        return type(arg)(_on_meta(a, values) for a in arg)
+    if isinstance(arg, functools.partial):  # a function with tensors bound to it (a refinement conv's weights)
+        return functools.partial(arg.func, *(_on_meta(a, values) for a in arg.args),
+                                 **{k: _on_meta(v, values) for k, v in arg.keywords.items()})
     return arg
 
 
-def check_off_cpu(fn: Callable, case: Case) -> None:
+def check_off_cpu(fn: Callable, case: Case, result_follows: bool = False) -> None:
     """Run ``fn`` on ``case`` with its tensors and modules on the meta device, which stands in for a GPU (tensors
-    with shapes and a device but no values): fail when ``fn`` mixes in a tensor it made on the CPU. Any other
-    error is ignored, since the meta device lacks a few operations (``.item()``, ``bincount``...); a check calls
-    it once its values have passed."""
+    with shapes and a device but no values; an input copied back with ``.cpu()`` or ``.tolist()`` gives its
+    values): fail when ``fn`` mixes in a tensor it made on the CPU, or, with ``result_follows``, when a tensor it
+    returns (alone or in a tuple/list) is not on its inputs' device. Any other error is ignored, since the meta
+    device lacks a few operations (``.item()`` of a computed tensor, ``bincount``...); a check calls it once its
+    values have passed."""
+    values: dict[int, torch.Tensor] = {}
+    args = tuple(_on_meta(a, values) for a in case.args)
+    kwargs = {k: _on_meta(v, values) for k, v in case.kwargs.items()}
     try:
-        with torch.no_grad(), _ScalarsFollowMeta():
-            fn(*(_on_meta(a) for a in case.args), **{k: _on_meta(v) for k, v in case.kwargs.items()})
+        with torch.no_grad(), _MetaAsGPU(values):
+            out = fn(*args, **kwargs)
     except Exception as exc:  # noqa: BLE001 - only a device mismatch is the learner's
         text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         if any(marker in text for marker in _DEVICE_ERRORS):
@@ -324,6 +371,14 @@ def check_off_cpu(fn: Callable, case: Case) -> None:
                 f"function mixed devices ({text}): a tensor it creates (torch.arange, torch.zeros, a mask...) "
                 "stays on the CPU while its inputs are elsewhere, so it would fail on a GPU: create it with "
                 "device=<an input>.device") from None
+        return
+    outs = out if isinstance(out, (tuple, list)) else (out,)
+    stray = [o for o in outs if isinstance(o, torch.Tensor) and o.device.type != "meta"]
+    if result_follows and stray:
+        raise CheckFailure(
+            f"on input {case.name!r} moved off the CPU (to the meta device, which stands in for a GPU) your function "
+            f"returned a tensor on the {stray[0].device.type} device: the result must be on its inputs' device, or "
+            "the caller's next step mixes devices on a GPU; move it there at the end, e.g. .to(<an input>.device)")
 
 
 def check_draws_follow_generator(failure: CheckFailure, got: Any, again: Any) -> None:
@@ -478,7 +533,7 @@ def compare_cases(
     off_cpu: bool = False,
 ) -> None:
     """Run ``fn`` and ``ref`` on every case and :func:`compare` their outputs; with ``off_cpu``, once they all
-    agree, run ``fn`` on the first case off the CPU (:func:`check_off_cpu`).
+    agree, run ``fn`` on the first case off the CPU (:func:`check_off_cpu`; its result must follow its inputs).
 
     ``fn`` must leave its arguments as they were (:func:`check_unchanged` runs after each call, before the
     outputs are compared): ``keep`` names the positional arguments, ``None`` for one the function is meant to
@@ -509,7 +564,7 @@ def compare_cases(
             raise explain(exc, mistakes, case, got, atol=tol, rtol=rtol, check_dtype=check_dtype, got_args=a_fn,
                           grad_wrt=grad_wrt, weights=weights) from None
     if off_cpu and first is not None:
-        check_off_cpu(fn, first)
+        check_off_cpu(fn, first, result_follows=True)
 
 
 def _first_tensor(x: Any) -> torch.Tensor:
