@@ -38,6 +38,7 @@ The classifiers are trained by ``python -m ar_course train classifier --dataset 
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -452,7 +453,8 @@ def psnr(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0, reduction: s
         TypeError: ``x`` or ``y`` is not a tensor, or ``data_range`` not a number.
         ValueError: shapes that differ or are not images, an empty batch, integer images (divide uint8 images
             by 255), a NaN or infinite value, values far outside ``[0, data_range]`` (0..255 images with
-            ``data_range = 1``), ``data_range <= 0`` or an unknown ``reduction``.
+            ``data_range = 1``), ``[0, 1]`` images with ``data_range >= 10`` (every value at most 1.5, not all
+            0), ``data_range <= 0`` or an unknown ``reduction``.
     """
     for name, images in (("x", x), ("y", y)):
         if not isinstance(images, torch.Tensor):
@@ -471,6 +473,12 @@ def psnr(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0, reduction: s
         raise ValueError(f"x and y are empty (shape {tuple(x.shape)})")
     for name, images in (("x", x), ("y", y)):
         check_image_values(name, images, data_range)
+    if data_range >= 10:  # [0, 1] images scored as 0..255 would come out 20 log10(data_range) dB too high
+        hi = float(torch.maximum(x.amax(), y.amax()))
+        if 0 < hi <= 1.5:
+            raise ValueError(f"x and y hold values only up to {hi:.2f}, far below data_range={data_range:g}: images "
+                             f"in [0, 1] take data_range=1 (with {data_range:g} the PSNR would be "
+                             f"{20 * math.log10(data_range):.1f} dB too high)")
     if x.ndim == 3:
         x, y = x[None], y[None]  # (1, C, H, W)
     mse = (x.double() - y.double()).pow(2).flatten(1).mean(dim=1)  # (N,)

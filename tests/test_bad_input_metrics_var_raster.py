@@ -47,6 +47,9 @@ CASES = {
     "psnr uint8": (lambda: metrics.psnr((A * 255).to(torch.uint8), (B * 255).to(torch.uint8)), ValueError,
                    r"x must be a float tensor.*divide uint8 images by 255"),
     "psnr 0..255": (lambda: metrics.psnr(A * 255, B), ValueError, r"x must be in \[0, 1\], got values in .*255"),
+    "psnr [0, 1] as 0..255": (lambda: metrics.psnr(A, B, data_range=255), ValueError,
+                              r"x and y hold values only up to \d\.\d\d, far below data_range=255: images in \[0, 1\] "
+                              r"take data_range=1 \(with 255 the PSNR would be 48\.1 dB too high\)"),
     "psnr NaN": (lambda: metrics.psnr(torch.full_like(A, nan), B), ValueError, r"x must be finite, got nan"),
     "psnr empty": (lambda: metrics.psnr(torch.zeros(0, 1, 4, 4), torch.zeros(0, 1, 4, 4)), ValueError,
                    r"x and y are empty"),
@@ -226,6 +229,14 @@ def test_to_grid_and_psnr_keep_slightly_out_of_range_values():  # decoder output
     grid = images.to_grid(x, nrow=2)
     assert grid.min() >= 0 and grid.max() <= 1
     assert metrics.psnr(x, x.clamp(0, 1)) > 0
+
+
+def test_psnr_takes_dark_or_black_0_255_images():  # only images that all stay within [0, 1.5] are refused
+    dark = torch.rand(2, 1, 4, 4, generator=torch.Generator().manual_seed(0)) * 3  # 0..255 images, values up to 3
+    assert metrics.psnr(dark, dark.flip(0), data_range=255) > 0
+    black = torch.zeros(2, 1, 4, 4)
+    assert metrics.psnr(black, black, data_range=255) == math.inf
+    assert metrics.psnr(dark / 3, dark.flip(0) / 3, data_range=2) > 0  # a small data_range is left as given
 
 
 def test_unflatten_round_trip_still_works():
