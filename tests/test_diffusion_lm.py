@@ -419,3 +419,20 @@ def test_the_training_loss_draws_times_in_0_1_as_one_minus_a_uniform():
     x_t, masked = F.mask_tokens(ids, t, model.mask_id, noise=torch.rand((1, 4), generator=g))
     logits = model.logits(x_t, torch.arange(4))
     torch.testing.assert_close(got, F.masked_nll(logits, ids, masked, F.loss_weight(t)) / 4)
+
+
+def test_load_pretrained_is_the_shipped_checkpoint_and_refuses_other_kinds():
+    """diffusion_lm.load_pretrained as each image package has one (audit 30): the shipped checkpoint, in eval mode,
+    with its character tokenizer; another kind of checkpoint is named."""
+    from ar_course import checkpoint
+    from ar_course.checkpoint import CheckpointError
+    from ar_course.data import CharTokenizer
+    from ar_course.diffusion_lm import load_pretrained
+
+    model, tok = load_pretrained()
+    want, want_tok = checkpoint.load_with_tokenizer("diffusion_lm", kind="diffusion_lm")
+    assert isinstance(model, DiffusionLM) and not model.training and isinstance(tok, CharTokenizer)
+    assert tok.chars == want_tok.chars
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), want.state_dict().values()))
+    with pytest.raises(CheckpointError, match="holds a 'lm' checkpoint, expected 'diffusion_lm'"):
+        load_pretrained(path="lm_small")

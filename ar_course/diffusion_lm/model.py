@@ -12,6 +12,7 @@ more id, the mask token (``mask_id = vocab_size``). Its output never proposes th
   :meth:`DiffusionLM.exact_nll_bound` sums it over every masking pattern (tiny sequences only).
 * :meth:`DiffusionLM.generate`: ``steps`` denoising passes, over the whole sequence or block by block with the
   finished blocks in a KV cache (``use_cache=False`` recomputes them every pass: the plain path, same tokens).
+* :func:`load_pretrained`: the shipped ``diffusion_lm`` (``train diffusion_lm``) and its tokenizer.
 """
 
 from __future__ import annotations
@@ -19,18 +20,22 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 
+from ar_course import checkpoint
 from ar_course import distributed as ddp
 from ar_course.checkpoint import config_from_dict
+from ar_course.data import CharTokenizer
 from ar_course.diffusion_lm import functional as F
 from ar_course.sampling import SamplingConfig, check_sampling, sample
 from ar_course.transformer.model import GPT, GPTConfig, KVCache, check_cache_layout
 from ar_course.utils import check_bool, check_ids, check_int, eval_mode
 
 DEFAULT_TRAIN_BLOCK_SIZES = (0, 0, 1, 4, 16)
+PRETRAINED_NAME = "diffusion_lm"  # ar_course/assets/diffusion_lm.safetensors
 
 
 @dataclass
@@ -337,3 +342,11 @@ class DiffusionLM(nn.Module):
         logits = self._logits(x[:, start - b : end], prev, mask, cache)[:, b:]  # (n, b, V+1)
         cache.advance(b)  # keep the clean block's keys; the new block's are rewritten by its next pass
         return logits
+
+
+def load_pretrained(device: torch.device | str = "cpu", path: str | Path | None = None
+                    ) -> tuple[DiffusionLM, CharTokenizer]:
+    """The shipped diffusion LM (or ``path``: a file or a shipped checkpoint name written by ``train
+    diffusion_lm``) and its character tokenizer: ``(model, tokenizer)``, the model in eval mode
+    (:func:`ar_course.checkpoint.load_with_tokenizer`)."""
+    return checkpoint.load_with_tokenizer(PRETRAINED_NAME if path is None else path, device, kind="diffusion_lm")
