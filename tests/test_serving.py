@@ -676,3 +676,46 @@ def test_copy_on_write_of_a_quantized_block_keeps_its_scales():
     assert cache.block_table(1)[0] != cache.block_table(0)[0]
     for copied, original in zip(cache.read(0, cache.slots(1, 0, 2)), cache.read(0, cache.slots(0, 0, 2))):
         torch.testing.assert_close(copied, original)
+
+
+def _run_interrupted(model, prompts, new, target, k, after=False):
+    """Greedy requests through an engine whose ``target`` (an ``(object, attribute name)``) raises
+    KeyboardInterrupt on its ``k``-th call (``after``: once it has run), then run again to the end as a learner
+    re-running the cell would: the outputs and the pool's free blocks."""
+    engine = Engine(model, EngineConfig(num_blocks=64, block_size=4, max_running=4, max_step_tokens=16))
+    ids = [engine.add_request(p, n, sampling=GREEDY) for p, n in zip(prompts, new)]
+    obj, name = target(engine)
+    original, calls = getattr(obj, name), [0]
+
+    def interrupting(*args, **kwargs):
+        calls[0] += 1
+        out = original(*args, **kwargs) if after or calls[0] != k else None
+        if calls[0] == k:
+            raise KeyboardInterrupt
+        return out
+
+    setattr(obj, name, interrupting)
+    with pytest.raises(KeyboardInterrupt):
+        engine.run()
+    setattr(obj, name, original)
+    out = engine.run()
+    return [out[i] for i in ids], engine.cache.allocator.num_free
+
+
+@pytest.mark.parametrize("where, k, after", [("sample", 2, False), ("sample", 11, False), ("advance", 5, True),
+                                             ("record", 4, False), ("evict", 6, False)])
+def test_an_engine_step_interrupted_part_way_goes_on_as_if_it_had_not_been(tiny, where, k, after):
+    """Ctrl-C inside a step (audit 30): a request moved on without its token was never scheduled again (run()
+    spun forever), one holding all its tokens got one more. Now the tokens are drawn before any request moves on
+    and the next step repairs the rest: the outputs equal an uninterrupted run, every block comes back."""
+    import ar_course.serving.engine as engine_module
+
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, tiny.config.vocab_size, (n,), generator=g).tolist() for n in (5, 9, 3, 12)]
+    new = [6, 4, 8, 5]
+    want = [tiny.generate(torch.tensor([p]), n, sampling=GREEDY)[0, len(p):].tolist() for p, n in zip(prompts, new)]
+    targets = {"sample": lambda e: (engine_module, "sample"), "advance": lambda e: (e.cache, "advance"),
+               "record": lambda e: (e, "_record"), "evict": lambda e: (e, "_evict")}
+    outputs, free = _run_interrupted(tiny, prompts, new, targets[where], k, after)
+    assert outputs == want
+    assert free == 64

@@ -396,7 +396,11 @@ class Engine:
     @torch.no_grad()
     def step(self) -> list[tuple[int, int]]:
         """One scheduler iteration (see the module docstring). Returns the ``(request id, new token)`` pairs
-        sampled in it, in batch order."""
+        sampled in it, in batch order.
+
+        A step that raised part way (Ctrl-C, an error while sampling) leaves the engine able to go on: the tokens
+        are drawn before any request moves on, and the next step first repairs what is left half done."""
+        self._recover()
         self._admit()
         batch = self._schedule()
         if not batch:
@@ -405,15 +409,16 @@ class Engine:
         decodes = sum(1 for r, n in batch if r.output and r.computed == len(r.tokens) - 1)
         logits = packed_forward(self.model, self.cache, chunks, self._sinks_window, self.scores)  # (len(batch), V)
         now, events = self.clock(), []
-        for (req, n), row in zip(batch, logits):
+        drawn = [int(sample(row[None], sampling=req.sampling, generator=req.generator)[0])
+                 if req.computed + n == len(req.tokens) else None  # None: a prefill chunk short of the prompt's end
+                 for (req, n), row in zip(batch, logits)]
+        for (req, n), token in zip(batch, drawn):
             self.cache.advance(req.id, n)
             req.computed += n
-            if req.computed < len(req.tokens):
-                continue  # a prefill chunk that does not reach the end of the prompt
-            token = int(sample(row[None], sampling=req.sampling, generator=req.generator)[0])
-            req.output.append(token)
-            req.token_times.append(now)
-            events.append((req.id, token))
+            if token is not None:
+                req.output.append(token)
+                req.token_times.append(now)
+                events.append((req.id, token))
         self._evict(batch)
         self._record(now, batch, decodes)
         for req, _ in batch:
@@ -422,6 +427,16 @@ class Engine:
             if len(req.output) >= req.max_new_tokens:
                 self._finish(req, "finished")
         return events
+
+    def _recover(self) -> None:
+        """Undo what a step that raised after its forward pass left half done: a request moved on without its
+        token drawn steps back one position (computed again, its token drawn), its cache length follows, and a
+        request holding all its tokens is finished. Nothing to do after a step that completed."""
+        for req in list(self.running):
+            req.computed = min(req.computed, len(req.tokens) - 1)
+            self.cache.lengths[req.id] = req.computed
+            if len(req.output) >= req.max_new_tokens:
+                self._finish(req, "finished")
 
     @property
     def _sinks_window(self) -> tuple[int, int] | None:
