@@ -218,7 +218,10 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
         raise CheckpointError(f"{path} is a folder, expected a .safetensors file" if path.is_dir()
                               else f"no checkpoint at {path}")
     try:
-        state = load_file(str(path), device=str(device))
+        # safetensors reads onto "cpu" or "cuda[:N]" only: cpu:0 is the CPU, meta and mps are moved to after
+        state = load_file(str(path), device=str(device) if device.type == "cuda" else "cpu")
+        if device.type not in ("cpu", "cuda"):
+            state = {name: tensor.to(device) for name, tensor in state.items()}
         from safetensors import safe_open
 
         with safe_open(str(path), framework="pt") as f:

@@ -267,11 +267,16 @@ def sample_from_probs(p: torch.Tensor, generator: torch.Generator | None = None)
     of ``p`` (``torch.multinomial`` draws ``V`` exponentials per row instead, ~30x slower on CPU for
     ``V = 256``). Zero-probability tokens are never drawn.
 
-    Raises ``ValueError`` unless every row holds finite numbers ``>= 0`` with a positive, finite total
-    (one host sync on CUDA); ``TypeError`` for a ``generator`` that is not a ``torch.Generator`` or ``None``."""
+    The draw is made in float32; float64 rows are first divided by their largest entry, so weights of any
+    scale (1e-50 or 1e300) are taken. Raises ``ValueError`` unless every row holds finite numbers ``>= 0`` with a
+    positive, finite total (one host sync on CUDA); ``TypeError`` for a ``generator`` that is not a
+    ``torch.Generator`` or ``None``."""
     check_generator(generator)
     _check_shape(p, "p")
-    flat = p.reshape(-1, p.shape[-1]).float()  # (N, V)
+    flat = p.reshape(-1, p.shape[-1])  # (N, V)
+    if flat.dtype == torch.float64:  # rows like 1e-50 or 1e300 leave float32's range: each scaled by its largest
+        flat = flat / flat.amax(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
+    flat = flat.float()
     cdf = flat.cumsum(dim=-1)  # (N, V)
     _check_distributions(flat, cdf[:, -1])
     return _draw(cdf, generator).view(p.shape[:-1])  # (...)

@@ -47,7 +47,8 @@ from ar_course.transformer.model import (
     use_attention,
 )
 from ar_course.utils import (
-    check_bool, check_ids, check_int, check_number, check_seed, generate_in_batches, get_device, is_integer_tensor,
+    check_bool, check_ids, check_int, check_number, check_same_device, check_seed, generate_in_batches, get_device,
+    is_integer_tensor,
 )
 
 if TYPE_CHECKING:
@@ -589,6 +590,7 @@ class Generator:
                 var.check_tokenizer(var_tokenizer.quantizer, var_model.config)
             except (TypeError, ValueError) as exc:  # a VQVAE of another quantizer: it does not fit, like the rest
                 raise ValueError(f"var_model does not fit var_tokenizer: {exc}") from None
+            check_same_device("var_tokenizer", var_tokenizer, var_model, "var_model")
         if ar_model is not None:
             _check_models("ar_model", ar_model, GPT, "ar_tokenizer", ar_tokenizer)
             _check_raster_pair("ar_model", ar_model, ar_tokenizer)

@@ -680,7 +680,7 @@ seed_int = int_in(0, MAX_SEED)
 """argparse ``type=`` of every trainer's ``--seed``."""
 per_class_int = int_in(0, MAX_PER_CLASS)
 """argparse ``type=`` of ``--eval-per-class``."""
-DEVICE_HELP = "cpu, cuda, cuda:N, mps or auto [auto: cuda when there is a GPU]"
+DEVICE_HELP = "cpu, cuda, cuda:N, mps or auto [auto: $AR_COURSE_DEVICE if set, else cuda when there is a GPU]"
 
 
 def add_conditional_model_options(parser: argparse.ArgumentParser, *, steps: int, batch_size: int, lr: float,

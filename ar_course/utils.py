@@ -72,31 +72,43 @@ def seed_everything(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+DEVICE_ENV = "AR_COURSE_DEVICE"
+
+
 def get_device(prefer: str | torch.device | None = None) -> torch.device:
-    """``cuda`` when a CUDA GPU is present, else ``cpu``. ``prefer`` (a name or a ``torch.device``; else
-    ``AR_COURSE_DEVICE``) overrides, unless it is ``"auto"``.
+    """The device ``prefer`` names (a name or a ``torch.device``). Without one (``None`` or ``"auto"``): the
+    device the environment variable ``AR_COURSE_DEVICE`` names when it is set (and not ``auto``), else ``cuda``
+    when a CUDA GPU is present, else ``cpu``.
 
     Raises:
-        ValueError: ``prefer`` is not a device torch knows (``"gpu"``...).
+        TypeError: ``prefer`` is neither a str, a ``torch.device`` nor None (``0``: write ``"cuda:0"``).
+        ValueError: ``prefer`` (or ``AR_COURSE_DEVICE``) is not a device torch knows (``"gpu"``...).
         RuntimeError: a CUDA or MPS device is asked for on a machine without one, or ``cuda:N`` past the
-            machine's GPUs (``"meta"``, torch's device without data, is always allowed).
+            machine's GPUs (``"meta"``, torch's device without data, is always allowed); the message names
+            ``AR_COURSE_DEVICE`` when the choice came from it.
     """
-    choice = prefer or os.environ.get("AR_COURSE_DEVICE")
-    if choice and choice != "auto":
-        try:
-            dev = torch.device(choice)
-        except (RuntimeError, TypeError):
-            raise ValueError(f"unknown device {choice!r}: use 'cpu', 'cuda', 'cuda:N' or 'auto'") from None
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError(f"device {choice!r} requested but CUDA is not available")
-        if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-            count = torch.cuda.device_count()
-            raise RuntimeError(f"device {choice!r} requested but this machine has {count} CUDA device"
-                               f"{'' if count == 1 else 's'} (cuda:0..cuda:{count - 1})")
-        if dev.type == "mps" and not torch.backends.mps.is_available():
-            raise RuntimeError(f"device {choice!r} requested but MPS (Apple GPU) is not available")
-        return dev
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if prefer is not None and not isinstance(prefer, (str, torch.device)):
+        raise TypeError(f"device must be a name such as 'cpu' or 'cuda:0', a torch.device or None, got "
+                        f"{type(prefer).__name__} {prefer!r}")
+    from_env = prefer is None or prefer == "auto"
+    choice = os.environ.get(DEVICE_ENV, "auto") if from_env else prefer
+    if choice == "auto" or (from_env and not choice):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    asked = f"device {choice!r} requested{f' by {DEVICE_ENV}' if from_env else ''}"
+    try:
+        dev = torch.device(choice)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device {choice!r}{f' in {DEVICE_ENV}' if from_env else ''}: use 'cpu', "
+                         "'cuda', 'cuda:N' or 'auto'") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"{asked} but CUDA is not available")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        count = torch.cuda.device_count()
+        raise RuntimeError(f"{asked} but this machine has {count} CUDA device{'' if count == 1 else 's'} "
+                           f"(cuda:0..cuda:{count - 1})")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise RuntimeError(f"{asked} but MPS (Apple GPU) is not available")
+    return dev
 
 
 def count_parameters(model: torch.nn.Module) -> int:
@@ -237,6 +249,34 @@ def _shape_text(shape: Sequence[int | str]) -> str:
 def is_integer_tensor(x: torch.Tensor) -> bool:
     """Whether ``x`` holds integers: an integer dtype (``uint8`` to ``int64``), not bool, float or complex."""
     return not (x.is_floating_point() or x.is_complex() or x.dtype == torch.bool)
+
+
+def check_same_device(name: str, x: torch.Tensor | torch.nn.Module, model: torch.nn.Module,
+                      model_name: str = "the model") -> None:
+    """``ValueError`` unless ``x`` (a tensor, or a module's parameters) is on ``model``'s device, which torch would
+    otherwise refuse deep inside a layer: ``classes are on cpu, the model on cuda:0: move them with
+    .to('cuda:0')``. A module without parameters, or anything else (for the caller's own checks), passes."""
+    def device_of(m: object) -> torch.device | None:
+        if isinstance(m, torch.Tensor):
+            return m.device
+        p = next(m.parameters(), None) if isinstance(m, torch.nn.Module) else None
+        return None if p is None else p.device
+
+    here, there = device_of(x), device_of(model)
+    if here is not None and there is not None and here != there:
+        raise ValueError(f"{name} {'are' if name.endswith('s') else 'is'} on {here}, {model_name} on {there}: move "
+                         f"{'them' if name.endswith('s') else 'it'} with .to({str(there)!r})")
+
+
+def check_fits(name: str, value: int, tensor_name: str, x: torch.Tensor) -> int:
+    """``value`` if the integer tensor ``x`` can hold it, else ``ValueError`` (torch would wrap it into ``x``'s
+    dtype: 256 compares equal to a uint8 0): ``mask_id=256 does not fit the dtype of ids, torch.uint8 (0..255):
+    pass ids.long()``."""
+    info = torch.iinfo(x.dtype)
+    if not info.min <= value <= info.max:
+        raise ValueError(f"{name}={value} does not fit the dtype of {tensor_name}, {x.dtype} ({info.min}.."
+                         f"{info.max}): pass {tensor_name}.long()")
+    return value
 
 
 def check_ids(

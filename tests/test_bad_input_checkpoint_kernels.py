@@ -413,3 +413,33 @@ def test_decode_attention_refuses_a_bool_or_a_length_tensor_past_t_max(decode, l
     """A bool is no length (True would read as 1), and a (B,) length tensor may not pass T_max by even one."""
     with pytest.raises(error, match=match):
         decode(_Q, _CACHE, _CACHE, length)
+
+
+def test_get_device_reads_ar_course_device_only_without_a_device_and_names_it(monkeypatch):
+    """AR_COURSE_DEVICE is the default (None or "auto"), an explicit device overrides it, and its errors name it
+    (audit 30: the CLI said "device 'cuda' requested" of a run that named no device; 0, torch's cuda:0, meant auto)."""
+    monkeypatch.setenv("AR_COURSE_DEVICE", "meta")
+    assert get_device() == get_device("auto") == torch.device("meta")
+    assert get_device("cpu") == torch.device("cpu")
+    monkeypatch.setenv("AR_COURSE_DEVICE", "auto")
+    assert get_device() == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    monkeypatch.setenv("AR_COURSE_DEVICE", "gpu")
+    with pytest.raises(ValueError, match=r"^unknown device 'gpu' in AR_COURSE_DEVICE: use 'cpu', 'cuda'"):
+        get_device("auto")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("AR_COURSE_DEVICE", "cuda")
+    with pytest.raises(RuntimeError, match=r"^device 'cuda' requested by AR_COURSE_DEVICE but CUDA is not available$"):
+        get_device()
+    for number in (0, 1, 0.0):
+        with pytest.raises(TypeError, match=r"^device must be a name such as 'cpu' or 'cuda:0', a torch.device"):
+            get_device(number)
+
+
+@pytest.mark.parametrize("device", ["cpu:0", torch.device("cpu", 0), "meta"])
+def test_load_checkpoint_onto_any_device_get_device_takes(tmp_path, device):
+    """safetensors reads onto cpu or cuda only: cpu:0 and meta were blamed on the file (audit 30)."""
+    path = tmp_path / "m.safetensors"
+    checkpoint.save_checkpoint(path, torch.nn.Linear(2, 3), {"n": 2}, kind="test")
+    state, meta = checkpoint.load_checkpoint(path, device)
+    assert meta["kind"] == "test" and sorted(state) == ["bias", "weight"]
+    assert {t.device.type for t in state.values()} == {torch.device(device).type}

@@ -61,13 +61,13 @@ def clipped_surrogate(
     ``logp_old`` ``(B, T)``: those of the policy that sampled them (no gradient); ``advantages`` ``(B,)``:
     one per sequence, shared by its tokens. With the ratio ``r = exp(logp - logp_old)`` the objective is
     ``min(r * A, clip(r, 1 - clip, 1 + clip) * A)``: once the ratio has moved past the clip range in the
-    direction the advantage favours, its gradient is zero."""
+    direction the advantage favours, its gradient is zero. Half-precision log-probabilities are taken in float32."""
     _check_tensor("logp", logp), _check_tensor("logp_old", logp_old), _check_tensor("advantages", advantages)
     if logp.shape != logp_old.shape or logp.ndim != 2 or advantages.shape != logp.shape[:1]:
         raise ValueError(f"expected logp, logp_old (B, T) and advantages (B,), got {tuple(logp.shape)}, "
                          f"{tuple(logp_old.shape)}, {tuple(advantages.shape)}")
     clip = check_number("clip", clip, lo=0, lo_open=True)
-    ratio = torch.exp(logp - logp_old.detach())  # (B, T)
+    ratio = torch.exp(_at_least_float32(logp) - _at_least_float32(logp_old.detach()))  # (B, T)
     adv = advantages.detach()[:, None]  # (B, 1)
     return torch.minimum(ratio * adv, ratio.clamp(1 - clip, 1 + clip) * adv)
 
@@ -77,12 +77,18 @@ def k3_kl(logp: torch.Tensor, logp_ref: torch.Tensor) -> torch.Tensor:
 
     With ``d = logp_ref - logp`` (log-probabilities of tokens sampled from the policy) it is
     ``exp(d) - d - 1``: never negative, zero where the two models agree, and its mean over samples from the
-    policy is the KL divergence (an unbiased estimate with a lower variance than ``-d``)."""
+    policy is the KL divergence (an unbiased estimate with a lower variance than ``-d``). Half-precision
+    log-probabilities are taken in float32 (the result too): in bfloat16 ``exp(d) - d - 1`` cancels away."""
     _check_tensor("logp", logp), _check_tensor("logp_ref", logp_ref)
     if logp.shape != logp_ref.shape:
         raise ValueError(f"logp and logp_ref must have one shape, got {tuple(logp.shape)}, {tuple(logp_ref.shape)}")
-    d = logp_ref.detach() - logp
+    d = _at_least_float32(logp_ref.detach()) - _at_least_float32(logp)  # bf16 would lose most of k3 for small d
     return torch.exp(d) - d - 1
+
+
+def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in float32 when it is in half precision (float64 stays)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 def cca_loss(

@@ -20,7 +20,7 @@ import math
 import torch
 
 from ar_course.sampling import check_generator
-from ar_course.utils import check_ids, check_int, check_number, is_integer_tensor
+from ar_course.utils import check_fits, check_ids, check_int, check_number, is_integer_tensor
 
 SCHEDULES = ("linear", "cosine")
 
@@ -81,12 +81,13 @@ def mask_tokens(ids: torch.Tensor, t: torch.Tensor, mask_id: int, schedule: str 
             None, ``mask_id`` not an integer, ``generator`` not a ``torch.Generator`` or None.
         ValueError: ``ids`` not a ``(B, L)`` integer tensor, a tensor ``t`` that is not floating-point or does not
             broadcast to ``(B, L)``, a number ``t`` outside ``[0, 1]``, an unknown ``schedule``, a ``mask_id < 0``
-            or a ``noise`` of another shape or not floating-point."""
+            or one that ``ids``' dtype cannot hold (256 in uint8), or a ``noise`` of another shape or not
+            floating-point."""
     if not isinstance(ids, torch.Tensor):
         raise TypeError(f"ids must be a (B, L) integer tensor, got {type(ids).__name__}")
     if ids.ndim != 2 or not is_integer_tensor(ids):
         raise ValueError(f"ids must be a (B, L) integer tensor, got {tuple(ids.shape)} {ids.dtype}")
-    mask_id = check_int("mask_id", mask_id, lo=0)
+    mask_id = check_fits("mask_id", check_int("mask_id", mask_id, lo=0), "ids", ids)
     check_generator(generator)
     keep = alpha(t, schedule)
     keep = keep if isinstance(keep, torch.Tensor) else torch.tensor(keep, device=ids.device)
@@ -163,8 +164,9 @@ def denoise_step(x: torch.Tensor, proposal: torch.Tensor, t: float, s: float, ma
 
     Raises:
         TypeError: ``x``, ``proposal`` or ``u`` not a tensor, ``t`` or ``s`` not a number, ``mask_id`` not an int.
-        ValueError: ``x`` not an integer ``(B, L)`` tensor, ``proposal`` or ``u`` of another shape, an unknown
-            ``schedule``, or times not ``0 <= s < t <= 1`` (a step that reveals nothing, or goes backwards).
+        ValueError: ``x`` not an integer ``(B, L)`` tensor, a ``mask_id`` its dtype cannot hold (256 in uint8),
+            ``proposal`` or ``u`` of another shape, an unknown ``schedule``, or times not ``0 <= s < t <= 1`` (a
+            step that reveals nothing, or goes backwards).
     """
     _check_schedule(schedule)
     t = check_number("t", t, lo=0, hi=1)
@@ -178,6 +180,7 @@ def denoise_step(x: torch.Tensor, proposal: torch.Tensor, t: float, s: float, ma
             raise TypeError(f"{name} must be a tensor, got {type(a).__name__}")
     if x.ndim != 2 or not is_integer_tensor(x):
         raise ValueError(f"x must be an integer (B, L) tensor, got {tuple(x.shape)} {x.dtype}")
+    check_fits("mask_id", mask_id, "x", x)
     for name, a in (("proposal", proposal), ("u", u)):
         if a is not None and a.shape != x.shape:
             raise ValueError(f"{name} must have the shape of x {tuple(x.shape)}, got {tuple(a.shape)}")

@@ -27,7 +27,8 @@ from ar_course.masked import functional as ref
 from ar_course.sampling import SamplingConfig, cfg_mix, check_cfg, check_sampling, sample
 from ar_course.tokenizers import VQVAE
 from ar_course.transformer.model import GPT, GPTConfig
-from ar_course.utils import check_grid, check_ids, check_int, check_number, check_seed, generate_in_batches
+from ar_course.utils import (check_grid, check_ids, check_int, check_number, check_same_device, check_seed,
+                              generate_in_batches)
 
 PRETRAINED_PATH = checkpoint.ASSETS / "maskgit_mnist.safetensors"
 CHECKPOINT_KIND = "maskgit"
@@ -108,9 +109,8 @@ class MaskGIT(GPT):
         return cfg_mix(both[:B], both[B:], cfg)  # (B, N, V)
 
     def _check_generate(self, classes: torch.Tensor, sampling: SamplingConfig, cfg: float) -> tuple:
+        check_same_device("classes", classes, self)
         check_ids("classes", classes, self.config.n_classes + 1, ("B",))
-        if classes.device != self.wte.weight.device:
-            raise ValueError(f"classes are on {classes.device}, the model on {self.wte.weight.device}")
         return check_sampling(sampling), check_cfg(cfg)
 
     @torch.no_grad()
@@ -293,6 +293,7 @@ def _check_tokenizer(tokenizer: VQVAE, model: MaskGIT) -> None:
         raise ValueError(f"the tokenizer ({c.quantizer!r}, {side}x{side} maps of {c.num_codes} codes) does not match "
                          f"the model ({model.grid[0]}x{model.grid[1]} maps of {model.num_codes} codes, decoded by a "
                          f"'vq', 'fsq' or 'lfq' tokenizer)")
+    check_same_device("the tokenizer", tokenizer, model)
 
 
 def load_pretrained(device: torch.device | str = "cpu", path: str | Path | None = None

@@ -25,7 +25,8 @@ from ar_course.raster.functional import condition_dropout, from_raster, make_tra
 from ar_course.sampling import SamplingConfig
 from ar_course.tokenizers import VQVAE
 from ar_course.transformer.model import GPT, GPTConfig, StaticKVCache, check_causal
-from ar_course.utils import check_grid, check_ids, check_int, check_number, check_seed, generate_in_batches
+from ar_course.utils import (check_grid, check_ids, check_int, check_number, check_same_device, check_seed,
+                              generate_in_batches)
 
 PRETRAINED_PATH = checkpoint.ASSETS / "ar_mnist.safetensors"
 CHECKPOINT_KIND = "raster_ar"
@@ -93,7 +94,8 @@ def check_tokenizer(tokenizer: VQVAE, model: GPT) -> int:
 
     Raises:
         TypeError: ``tokenizer`` is not a :class:`VQVAE` (its ``.quantizer``, say).
-        ValueError: another kind of quantizer, another number of codes, or maps of another size.
+        ValueError: another kind of quantizer, another number of codes, maps of another size, or a tokenizer on
+            another device than the model.
     """
     if not isinstance(tokenizer, VQVAE):
         raise TypeError(f"tokenizer must be a VQVAE, got {type(tokenizer).__name__}")
@@ -105,6 +107,7 @@ def check_tokenizer(tokenizer: VQVAE, model: GPT) -> int:
         raise ValueError(f"tokenizer has {tc.num_codes} codes but the model a vocabulary of {c.vocab_size}")
     side = tc.latent_side
     check_model_grid(model, "tokenizer maps", (side, side))
+    check_same_device("the tokenizer", tokenizer, model)
     return side
 
 

@@ -80,7 +80,7 @@ def paged_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
                          f"{lengths.dtype}")
     check_ids("block_tables", block_tables, k_pool.shape[0], (B, "max_blocks"), dtype=None)
     bs = k_pool.shape[1]
-    if bool((lengths < 1).any()) or bool((lengths > block_tables.shape[1] * bs).any()):
+    if bool((lengths.long() < 1).any()) or bool((lengths.long() > block_tables.shape[1] * bs).any()):  # uint8: 256 is 0
         raise ValueError("every length must be in [1, max_blocks * block_size]")
     tables = block_tables.long()  # any integer dtype (torch reads a uint8 index as a mask)
     k = k_pool[tables].flatten(1, 2)  # (B, max_blocks * bs, H, D)

@@ -85,6 +85,7 @@ def quantize(x: torch.Tensor, bits: int, dim: int) -> tuple[torch.Tensor, torch.
     _check_tensor("x", x)
     bits = check_int("bits", bits, lo=1, hi=8)
     check_int("dim", dim, lo=-max(x.ndim, 1), hi=max(x.ndim, 1) - 1)
+    x = x if x.is_floating_point() else x.float()  # int8's hi - lo would wrap
     lo, hi = x.amin(dim, keepdim=True), x.amax(dim, keepdim=True)
     scale = (hi - lo).clamp_min(1e-8) / (2 ** bits - 1)
     codes = ((x - lo) / scale).round().clamp(0, 2 ** bits - 1).to(torch.uint8)
@@ -180,6 +181,7 @@ def sink_window_visible(q_pos: torch.Tensor, k_pos: torch.Tensor, sinks: int, wi
     cache, keys keep their original positions: the cache's memory is bounded, the sequence's length is not
     extended past the model's context. ``TypeError`` when ``sinks`` or ``window`` is not an integer."""
     _check_sinks_window(sinks, window)
+    q_pos, k_pos = q_pos.long(), k_pos.long()  # uint8 positions would wrap below 0
     return (k_pos < sinks) | (k_pos > q_pos - (window - sinks))
 
 

@@ -70,7 +70,8 @@ def check_tokens(ids: object, vocab_size: int, name: str = "prompt_ids", token: 
 def slot_mapping(block_table: torch.Tensor, positions: torch.Tensor, block_size: int) -> torch.Tensor:
     """Pool slots of sequence ``positions`` ``(n,)`` long through ``block_table`` ``(n_blocks,)`` long: position
     ``p`` is at offset ``p % block_size`` of block ``block_table[p // block_size]``, so its slot is
-    ``block_table[p // block_size] * block_size + p % block_size``. Returns ``(n,)`` long.
+    ``block_table[p // block_size] * block_size + p % block_size``. Returns ``(n,)`` long (for any integer
+    dtype of the inputs).
 
     Raises:
         TypeError: ``block_size`` is not an integer, or ``block_table`` / ``positions`` is not a tensor.
@@ -85,7 +86,8 @@ def slot_mapping(block_table: torch.Tensor, positions: torch.Tensor, block_size:
 
 def _slot_mapping(block_table: torch.Tensor, positions: torch.Tensor, block_size: int) -> torch.Tensor:
     """:func:`slot_mapping` without its checks (the engine's per-step path, whose callers checked the input)."""
-    return block_table[positions // block_size] * block_size + positions % block_size
+    table, pos = block_table.long(), positions.long()  # any integer dtype: a uint8 product would wrap at 256
+    return table[pos // block_size] * block_size + pos % block_size
 
 
 class OutOfBlocks(RuntimeError):

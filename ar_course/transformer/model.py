@@ -39,7 +39,8 @@ import torch.nn.functional as F
 from ar_course.checkpoint import config_from_dict
 from ar_course.sampling import SamplingConfig, cfg_mix, check_cfg, check_generator, check_sampling, sample
 from ar_course.transformer import functional as ref
-from ar_course.utils import check_bool, check_grid, check_ids, check_int, check_number, get_device
+from ar_course.utils import (check_bool, check_grid, check_ids, check_int, check_number, check_same_device,
+                              get_device)
 
 ATTENTION_IMPLS = ("sdpa", "plain", "kernels")
 CACHE_KINDS = ("dynamic", "static")
@@ -764,6 +765,7 @@ class GPT(nn.Module):
 
     def _check_idx(self, idx: torch.Tensor) -> None:
         """``idx`` is a ``(B, T)`` long tensor of ids in ``[0, vocab_size)`` with ``B >= 1`` (``T`` may be 0)."""
+        check_same_device("idx", idx, self)  # before check_ids reads the values
         check_ids("idx", idx, self.config.vocab_size, ("B", "T"), allow_empty=True)
         if idx.shape[0] == 0:
             raise ValueError(f"idx is an empty batch {tuple(idx.shape)}: pass at least one sequence")
@@ -772,6 +774,7 @@ class GPT(nn.Module):
         """``classes`` is a ``(B,)`` long tensor in ``[0, n_classes]`` (``n_classes`` = the null class)."""
         if classes is None:
             raise ValueError(f"this model is class-conditional: pass classes of shape ({B},)")
+        check_same_device("classes", classes, self)
         check_ids("classes", classes, self.config.n_classes + 1, (B,))
 
     def check_room(self, T: int, max_new_tokens: int) -> None:

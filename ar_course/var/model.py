@@ -32,7 +32,8 @@ from ar_course.raster.functional import condition_dropout
 from ar_course.sampling import SamplingConfig, cfg_mix, check_cfg, check_generator, check_sampling, sample
 from ar_course.tokenizers import VQVAE, MultiScaleVQ
 from ar_course.transformer.model import Block, GPTConfig, KVCache, RMSNorm, StaticKVCache, check_cache
-from ar_course.utils import check_bool, check_ids, check_int, check_number, check_seed, generate_in_batches
+from ar_course.utils import (check_bool, check_ids, check_int, check_number, check_same_device, check_seed,
+                              generate_in_batches)
 from ar_course.var import functional as ref
 
 PRETRAINED_PATH = checkpoint.ASSETS / "var_mnist.safetensors"
@@ -178,8 +179,11 @@ class VAR(nn.Module):
         kind = StaticKVCache if static else KVCache
         return kind(c.n_layer, batch_size, c.n_head, c.num_tokens, c.n_embd // c.n_head, p.device, p.dtype)
 
-    def _check_classes(self, classes: torch.Tensor, B: int | str = "B") -> None:
-        """``classes``: a non-empty ``(B,)`` long tensor in ``[0, n_classes]`` (``n_classes`` = the null class)."""
+    def _check_classes(self, classes: torch.Tensor, B: int | str = "B", on_device: bool = True) -> None:
+        """``classes``: a non-empty ``(B,)`` long tensor in ``[0, n_classes]`` (``n_classes`` = the null class), on
+        the model's device unless ``on_device`` is False (a caller that moves them)."""
+        if on_device:
+            check_same_device("classes", classes, self)
         check_ids("classes", classes, self.null_class + 1, (B,))
 
     def _run(self, x: torch.Tensor, cond: torch.Tensor, start: int, mask: torch.Tensor | None,
@@ -476,10 +480,11 @@ def generate_images(
     ``seed`` or ``batch_size`` that is not an integer (``TypeError``) or a ``batch_size < 1`` (``ValueError``),
     and for a ``model`` that is not a :class:`VAR` (``TypeError``)."""
     _check_model(model)
-    model._check_classes(classes)
+    model._check_classes(classes, on_device=False)  # moved to the model's device below
     if not isinstance(tokenizer, VQVAE):
         raise TypeError(f"tokenizer must be a VQVAE, got {type(tokenizer).__name__}")
     check_tokenizer(tokenizer.quantizer, model.config)
+    check_same_device("the tokenizer", tokenizer, model)
     batch_size = check_int("batch_size", batch_size, lo=1)
     seed = None if seed is None else check_seed(seed)
     device = next(model.parameters()).device
