@@ -32,6 +32,7 @@ from pathlib import Path
 
 from ar_course.checkout import CheckoutNotFound, find_root, root_path
 from ar_course.cli import missing_extra, path_arg
+from ar_course.files import atomic_write_text
 
 try:
     import nbformat
@@ -177,7 +178,7 @@ def build(solutions: Path, notebooks: Path, check: bool = False, force: bool = F
             manifest[path.name] = recorded.get(path.name, "")  # still not what it was generated as
             continue
         notebooks.mkdir(parents=True, exist_ok=True)
-        target.write_text(text, encoding="utf-8")
+        atomic_write_text(target, text)  # a build cut short leaves the old notebook, not half of the new one
     for extra in sorted(notebooks.glob("*.ipynb")):
         if extra.name in expected_names or extra.name not in recorded:
             continue  # a solution's notebook, or one of the learner's own
@@ -193,8 +194,8 @@ def build(solutions: Path, notebooks: Path, check: bool = False, force: bool = F
         stale.append(MANIFEST)
     if not check and (stale or recorded != manifest):
         notebooks.mkdir(parents=True, exist_ok=True)
-        (notebooks / MANIFEST).write_text(json.dumps({k: v for k, v in sorted(manifest.items()) if v}, indent=1)
-                                          + "\n", encoding="utf-8")
+        atomic_write_text(notebooks / MANIFEST, json.dumps({k: v for k, v in sorted(manifest.items()) if v}, indent=1)
+                          + "\n")
     if kept:
         raise ChangedNotebooks(notebooks, kept)
     return stale

@@ -445,6 +445,9 @@ def _run_cells(cells: list[tuple[int, nbformat.NotebookNode]], metadata: dict, f
                 except DeadKernelError:
                     crashed_at = f"kernel died in cell {orig}"
                     break
+                except KeyboardInterrupt:  # Ctrl-C: as after a timeout, no ZMQError traceback on the way out
+                    client.shutdown_kernel = "immediate"
+                    raise
                 err = _error_line(cell)
                 if err:
                     errors[orig] = err

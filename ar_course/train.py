@@ -583,52 +583,57 @@ def train_loop(
     bar = tqdm(range(start, config.steps), desc=desc, disable=not progress, mininterval=1.0, initial=start,
                total=config.steps)
     clock, seconds_before = time.perf_counter(), history.seconds
-    with _StopSignals(enabled=state_path is not None) as signals:
-        for step in bar:
-            for group in opt.param_groups:
-                group["lr"] = lr_at(step, config)
-            # random numbers the loss draws: the global batch's (ddp.draw_rows)
-            with ddp.global_batch_draws(), _diverged_weights_named(model, step):
-                loss = train_model(ddp.shard_batch(_next_batch(batches, step, config.steps)))
-            _check_loss(loss)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if config.grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-            opt.step()
-            if average is not None:
-                average.update(model, step)
-            # one reduction: the mean loss over processes, and whether any process was asked to stop
-            stop = loss.new_tensor(float(signals.received is not None), dtype=torch.float64)
-            loss_sum, stops = ddp.sum_across_processes(torch.stack([loss.detach().double(), stop])).tolist()
-            history.steps.append(step)
-            history.loss.append(loss_sum / ddp.world_size())
-            if not math.isfinite(history.loss[-1]):  # NaN or inf: every later step and the weights are ruined
-                raise TrainingError(f"training diverged: the loss is {history.loss[-1]} at step {step + 1} "
-                                    f"({DIVERGED_HINT})")
-            if step % config.log_every == 0:
-                recent = history.loss[-20:]  # history.smoothed()[-1], without the whole curve at every log
-                bar.set_postfix(loss=f"{sum(recent) / len(recent):.4f}")
-            done = step + 1
-            if eval_fn is not None and ddp.is_main_process() and (
-                    (config.eval_every and done % config.eval_every == 0) or done == config.steps):
-                model.eval()
-                with torch.no_grad(), average.applied(model) if average else nullcontext():
-                    metrics = eval_fn(model)
-                    history.eval_steps.append(done)
-                    history.evals.append(metrics)
-                    best = _track_best(config, history, metrics, done, model, best)
-                model.train()
-            periodic = config.checkpoint_every and done % config.checkpoint_every == 0
-            history.seconds = seconds_before + time.perf_counter() - clock
-            if state_path is not None and (stops or periodic or done == config.steps):
-                save_train_state(state_path, model, opt, done, history, config, best, average and average.state,
-                                 settings)
-            if stops:
-                raise TrainingInterrupted(done, Path(state_path))
+    try:
+        with _StopSignals(enabled=state_path is not None) as signals:
+            for step in bar:
+                for group in opt.param_groups:
+                    group["lr"] = lr_at(step, config)
+                # random numbers the loss draws: the global batch's (ddp.draw_rows)
+                with ddp.global_batch_draws(), _diverged_weights_named(model, step):
+                    loss = train_model(ddp.shard_batch(_next_batch(batches, step, config.steps)))
+                _check_loss(loss)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if config.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+                opt.step()
+                if average is not None:
+                    average.update(model, step)
+                # one reduction: the mean loss over processes, and whether any process was asked to stop
+                stop = loss.new_tensor(float(signals.received is not None), dtype=torch.float64)
+                loss_sum, stops = ddp.sum_across_processes(torch.stack([loss.detach().double(), stop])).tolist()
+                history.steps.append(step)
+                history.loss.append(loss_sum / ddp.world_size())
+                if not math.isfinite(history.loss[-1]):  # NaN or inf: every later step and the weights are lost
+                    raise TrainingError(f"training diverged: the loss is {history.loss[-1]} at step {step + 1} "
+                                        f"({DIVERGED_HINT})")
+                if step % config.log_every == 0:
+                    recent = history.loss[-20:]  # history.smoothed()[-1], without the whole curve at every log
+                    bar.set_postfix(loss=f"{sum(recent) / len(recent):.4f}")
+                done = step + 1
+                if eval_fn is not None and ddp.is_main_process() and (
+                        (config.eval_every and done % config.eval_every == 0) or done == config.steps):
+                    model.eval()
+                    with torch.no_grad(), average.applied(model) if average else nullcontext():
+                        metrics = eval_fn(model)
+                        history.eval_steps.append(done)
+                        history.evals.append(metrics)
+                        best = _track_best(config, history, metrics, done, model, best)
+                    model.train()
+                periodic = config.checkpoint_every and done % config.checkpoint_every == 0
+                history.seconds = seconds_before + time.perf_counter() - clock
+                if state_path is not None and (stops or periodic or done == config.steps):
+                    save_train_state(state_path, model, opt, done, history, config, best, average and average.state,
+                                     settings)
+                if stops:
+                    raise TrainingInterrupted(done, Path(state_path))
+            # a signal after the last step's check (during the last evaluation or write): the state is complete
+            if signals.received is not None:
+                raise TrainingInterrupted(config.steps, Path(state_path))
+    finally:
+        model.eval()  # an interrupted or failed run too
     if best is not None or average is not None:
         model.load_state_dict(best if best is not None else average.state)
-    model.eval()
     return history
 
 

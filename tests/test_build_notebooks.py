@@ -112,6 +112,31 @@ def test_build_never_replaces_or_deletes_the_learners_work_without_force(tmp_pat
     assert bn.build(sols, nbs, check=True) == []
 
 
+
+def test_a_build_cut_short_leaves_whole_notebooks_and_record(tmp_path, monkeypatch):
+    """Ctrl-C while a build wrote a notebook left half of it, which the next build then kept as "your work"
+    (audit 30). The notebooks and the manifest are written through a temporary file and a rename: cut short
+    before the rename, the old files are whole, nothing temporary is left, and the next build simply runs."""
+    import ar_course.files as files
+
+    sols, nbs = _built(tmp_path)
+    before = {p.name: p.read_text(encoding="utf-8") for p in nbs.iterdir()}
+    changed = solution_notebook()
+    changed.cells[0].source += "\n\nA new paragraph."
+    nbformat.write(changed, sols / "90_fixture.ipynb")
+
+    def interrupted(src, dst):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(files.os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        bn.build(sols, nbs)
+    monkeypatch.undo()
+    assert {p.name: p.read_text(encoding="utf-8") for p in nbs.iterdir()} == before  # no half file, no .tmp
+    assert bn.build(sols, nbs) == ["90_fixture.ipynb"]
+    assert "A new paragraph." in (nbs / "90_fixture.ipynb").read_text(encoding="utf-8")
+
+
 def test_learner_notebook_drops_saved_widget_state():
     """Widget state saved in a solution notebook (large, and stale without its outputs) is not copied into the
     learner notebook; the rest of the notebook metadata is kept."""

@@ -196,3 +196,31 @@ def test_rows_follow_the_number_order_past_nine():
     numbers = [n for n, _ in chapter_exercises([("1.1", "any")])]
     assert "1.11" in numbers
     assert numbers == sorted(numbers, key=lambda n: tuple(int(p) for p in n.split(".")))
+
+
+def test_ctrl_c_on_the_grader_is_one_line_and_exit_130(tmp_path):
+    """Ctrl-C (SIGINT to the grader's process group, as a terminal sends it) while a cell runs: the grader said
+    `error: interrupted` after a 20-line ZMQError traceback from shutting the kernel down gracefully (audit 30);
+    now it kills the kernel as after a timeout: one line, exit 130."""
+    import os
+    import signal
+    import time
+
+    marker = tmp_path / "cell-started"
+    nb = solution_notebook()
+    nb.cells[2].source = (f"# Exercise 90.1: double\nimport time\nopen({str(marker)!r}, 'w').close()\n"
+                          "time.sleep(120)\ndef double(x):\n    return 2 * x")
+    path = _write(tmp_path, nb, "slow.ipynb")
+    proc = subprocess.Popen([sys.executable, "-m", "ar_course", "grade", str(path)], start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert marker.exists(), "the slow cell never started"
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert (proc.returncode, err.strip().splitlines()) == (130, ["error: interrupted"])

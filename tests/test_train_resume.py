@@ -800,3 +800,61 @@ def test_a_state_further_along_than_a_shorter_new_run_is_other_settings_not_dama
     with pytest.raises(TrainingError) as info:
         read_train_state(state, TrainConfig(steps=3, lr=1e-2, warmup=2, eval_every=2), RUN)
     assert str(info.value) == _other_settings(state, "steps 12 -> 3")
+
+
+
+def _signalled_in_eval_run(state_path: Path | None, signal_at_eval: int | None, dropout: float = 0.0,
+                           fail_at: int | None = None, made: list | None = None) -> object:
+    """6 steps of a small model (appended to ``made``), evaluated every 3 steps; SIGINT reaches the process inside
+    evaluation number ``signal_at_eval`` (1 or 2; 2 is the last), and the loss raises at step ``fail_at``."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Dropout(dropout), torch.nn.Linear(8, 1))
+    if made is not None:
+        made.append(model)
+    x = torch.randn(16, 3, generator=torch.Generator().manual_seed(1))
+    evals, steps = [0], [0]
+
+    def eval_fn(m):
+        evals[0] += 1
+        if evals[0] == signal_at_eval:
+            os.kill(os.getpid(), signal.SIGINT)
+        return {"val": float(m(x).pow(2).mean())}
+
+    def loss_fn(m, batch):
+        steps[0] += 1
+        if steps[0] == fail_at:
+            raise RuntimeError("a failing loss")
+        return m(batch).pow(2).mean()
+
+    config = TrainConfig(steps=6, lr=1e-2, warmup=1, eval_every=3, checkpoint_every=0)
+    return train_loop(model, loss_fn, iter([x] * 100), config, eval_fn=eval_fn, progress=False,
+                      state_path=state_path)
+
+
+def test_a_signal_during_the_last_evaluation_still_stops_the_run(tmp_path):
+    """SIGINT inside the final evaluation came after the last step's check and was dropped (audit 30): the run
+    returned as if nothing had been pressed. Now it raises TrainingInterrupted at the last step, whose state is
+    complete; a signal during an earlier evaluation (after step 3) stops at the next step's check, as before."""
+    state = tmp_path / "m.train-state.safetensors"
+    before = signal.getsignal(signal.SIGINT)
+    with pytest.raises(TrainingInterrupted) as info:
+        _signalled_in_eval_run(state, signal_at_eval=2)
+    assert info.value.step == 6 and signal.getsignal(signal.SIGINT) is before
+    assert load_checkpoint(state)[1]["extra"]["step"] == 6
+    with pytest.raises(TrainingInterrupted) as info:
+        _signalled_in_eval_run(tmp_path / "other.train-state.safetensors", signal_at_eval=1)
+    assert info.value.step == 4
+
+
+def test_an_interrupted_or_failed_run_leaves_the_model_in_eval_mode(tmp_path):
+    """The docstring's "left in eval mode" held only for a run that returned (audit 30): with dropout, two
+    forward passes of an interrupted model differed."""
+    made: list = []
+    with pytest.raises(TrainingInterrupted):
+        _signalled_in_eval_run(tmp_path / "a.train-state.safetensors", signal_at_eval=1, dropout=0.3, made=made)
+    with pytest.raises(RuntimeError, match="a failing loss"):
+        _signalled_in_eval_run(None, signal_at_eval=None, dropout=0.3, fail_at=4, made=made)
+    _signalled_in_eval_run(None, signal_at_eval=None, dropout=0.3, made=made)
+    assert [m.training for m in made] == [False, False, False]
+    x = torch.randn(4, 3)
+    assert torch.equal(made[0](x), made[0](x))  # no dropout
