@@ -7,10 +7,11 @@ chapters' trainers).
 
 Errors: whatever goes wrong, the command prints one line ``error: ...`` on stderr and exits with 2 for bad
 input (arguments, input files: :class:`UsageError` and argparse errors) or 1 for a failure while working;
-Ctrl-C exits 130. ``--debug`` anywhere on the command line (or ``AR_COURSE_DEBUG=1``) shows the traceback
-instead. A command's parser is an :class:`ArgumentParser`; its options check their values with the ``type=``
-helpers here (:func:`finite_float`, :func:`float_in`, :func:`int_in`...), so a bad number is refused before any
-work with ``error: --cfg must be a finite number in [0, 1000], got nan``.
+Ctrl-C exits 130 (a trainer with a training state writes it and exits 1 with the ``--resume`` line instead).
+``--debug`` anywhere on the command line (or ``AR_COURSE_DEBUG=1``) shows the traceback instead. A command's
+parser is an :class:`ArgumentParser`; its options check their values with the ``type=`` helpers here
+(:func:`finite_float`, :func:`float_in`, :func:`int_in`...), so a bad number is refused before any work with
+``error: --cfg must be a finite number in [0, 1000], got nan``.
 """
 
 from __future__ import annotations
