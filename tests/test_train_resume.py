@@ -449,8 +449,8 @@ CONDITIONAL = {"p_uncond": 0.1, "examples": 16, "data": "<digest>"}
     ("continuous", "ar_course.continuous.train", [], {"p_uncond": 0.1, "examples": 20000, "data": "<digest>"}),
     ("tokenizer", "ar_course.tokenizers.train", [], {"dataset": "mnist", "examples": 20000, "data": "<digest>"}),
     ("classifier", "ar_course.metrics", [], {"dataset": "mnist"}),
-    ("lm", "ar_course.transformer.train", [], {"teacher": None}),
-    ("lm", "ar_course.transformer.train", ["--preset", "draft"], {"teacher": "<digest>"}),  # distils from lm_target
+    ("lm", "ar_course.transformer.train", [], {"data": "<digest>", "teacher": None}),
+    ("lm", "ar_course.transformer.train", ["--preset", "draft"], {"data": "<digest>", "teacher": "<digest>"}),
     ("diffusion_lm", "ar_course.diffusion_lm.train", [], {"data": "<digest>", "init": None}),
 ])
 def test_every_trainer_gives_train_loop_its_seed_and_global_batch(what, module, extra, settings, tmp_path,

@@ -644,3 +644,29 @@ def test_generate_takes_a_compiled_forward():
     compiled = torch.compile(model, backend="eager")
     assert torch.equal(model.generate(x, 3, sampling=GREEDY, forward=compiled), model.generate(x, 3, sampling=GREEDY))
     torch._dynamo.reset()
+
+
+def test_train_lm_on_text_of_ones_own():
+    """train_lm takes train_ids / val_ids of a tokenizer of one's own, as train_diffusion_lm does (audit 30: it
+    trained on the course corpus only); the same one-line errors, and without them the course corpus as before."""
+    from dataclasses import replace
+
+    from ar_course.data import CharTokenizer, load_text_dataset
+    from ar_course.transformer.train import PRESETS, train_lm
+
+    text = "caf\u00e9 na\u00efve \u00c5ngstr\u00f6m, co\u00f6perate; " * 120
+    tok = CharTokenizer.from_text(text)
+    ids = tok.encode(text)
+    preset = replace(PRESETS["tiny"], steps=2, batch_size=2)
+    model, info = train_lm(preset, progress=False, eval_every=1, train_ids=ids[:2000], val_ids=ids[2000:],
+                           tokenizer=tok)
+    assert info["tokenizer"] is tok and model.config.vocab_size == tok.vocab_size < 96
+    assert torch.equal(info["val_ids"], ids[2000:]) and len(info["history"].evals) == 2
+    with pytest.raises(ValueError, match="tokenizer is for text of your own: give train_ids"):
+        train_lm(preset, progress=False, tokenizer=tok)
+    with pytest.raises(ValueError, match="eval_every and keep_best evaluate on val_ids"):
+        train_lm(preset, progress=False, keep_best=True, train_ids=ids)
+    with pytest.raises(ValueError, match=r"train_ids must lie in \[0, 1\]"):
+        train_lm(preset, progress=False, train_ids=ids, tokenizer=CharTokenizer.from_text("ab"))
+    _, corpus = train_lm(preset, progress=False)
+    assert corpus["tokenizer"].vocab_size == 96 and torch.equal(corpus["val_ids"], load_text_dataset()[2])

@@ -7,7 +7,8 @@ text comes from the Python standard library. See ``README.md`` in this folder fo
 from ar_course.data.batches import image_batches, text_batches
 from ar_course.data.mnist import MNIST_SHA256, load_mnist
 from ar_course.data.shapes import SHAPE_NAMES, make_shapes
-from ar_course.data.text import TEXT_ALPHABET, CharTokenizer, load_text, load_text_dataset, normalise_text
+from ar_course.data.text import (TEXT_ALPHABET, CharTokenizer, load_text, load_text_dataset, normalise_text,
+                                 text_training_data)
 
 __all__ = [
     "CharTokenizer",
@@ -21,4 +22,5 @@ __all__ = [
     "make_shapes",
     "normalise_text",
     "text_batches",
+    "text_training_data",
 ]

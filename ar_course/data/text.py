@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from pydoc_data.topics import topics
 
-from ar_course.utils import check_int, check_number, is_integer_tensor
+from ar_course.utils import check_ids, check_int, check_number, is_integer_tensor
 
 # Printable ASCII (space to tilde) and newline: 96 characters, in code-point order.
 TEXT_ALPHABET = "\n" + "".join(chr(c) for c in range(32, 127))
@@ -144,3 +144,32 @@ def load_text_dataset(val_fraction: float = 0.1) -> tuple[CharTokenizer, torch.T
     tokenizer = CharTokenizer(TEXT_ALPHABET)
     ids = tokenizer.encode(text)  # (T,)
     return tokenizer, ids[: len(ids) - n_val], ids[len(ids) - n_val:]
+
+
+def text_training_data(train_ids: torch.Tensor | None = None, val_ids: torch.Tensor | None = None,
+                       tokenizer: CharTokenizer | None = None, *, evaluates: bool = False,
+                       ) -> tuple[CharTokenizer, torch.Tensor, torch.Tensor | None]:
+    """The vocabulary and ids a text trainer trains and evaluates on: ``(tokenizer, train_ids (N,), val_ids
+    (M,) or None)``.
+
+    Without ``train_ids``: the course corpus (:func:`load_text_dataset`), whose validation split is the default
+    of ``val_ids``. Text of your own: ``train_ids`` / ``val_ids`` are ids of ``tokenizer`` (e.g.
+    ``CharTokenizer.from_text(text)``; without one, of the course's alphabet), and ``val_ids`` has no default.
+
+    Raises:
+        ValueError: a ``tokenizer`` without ``train_ids``, ids that are not a 1-D integer tensor of ids inside the
+            vocabulary, or ``evaluates`` (the run measures on ``val_ids``) with ``train_ids`` but no ``val_ids``.
+    """
+    if tokenizer is not None and train_ids is None:
+        raise ValueError("tokenizer is for text of your own: give train_ids (and val_ids) encoded with it")
+    if train_ids is None:
+        tokenizer, train_ids, corpus_val = load_text_dataset()
+        val_ids = corpus_val if val_ids is None else val_ids
+    elif tokenizer is None:
+        tokenizer = CharTokenizer(TEXT_ALPHABET)
+    if evaluates and val_ids is None:
+        raise ValueError("eval_every and keep_best evaluate on val_ids: give val_ids with your own train_ids")
+    for name, ids in (("train_ids", train_ids), ("val_ids", val_ids)):
+        if ids is not None:
+            check_ids(name, ids, tokenizer.vocab_size, ("N",))
+    return tokenizer, train_ids, val_ids

@@ -42,7 +42,7 @@ from ar_course.transformer.train import PRESETS as LM_PRESETS
 from ar_course.transformer.train import (
     add_text_trainer_options, apply_text_trainer_options, round_to_half, run_record, save_text_model,
 )
-from ar_course.utils import check_ids, content_digest, get_device, kept_random_state, seed_everything
+from ar_course.utils import content_digest, get_device, kept_random_state, seed_everything
 
 if TYPE_CHECKING:  # ar_course.data is imported where it is used
     from ar_course.data import CharTokenizer
@@ -150,26 +150,14 @@ def train_diffusion_lm(
     sizes batches draw from, in place of the preset's.
 
     Text of your own: ``tokenizer`` (e.g. ``CharTokenizer.from_text(text)``) sets the vocabulary, and
-    ``train_ids`` / ``val_ids`` are its ids (without ``tokenizer``, ids of the course's alphabet,
-    :func:`~ar_course.data.load_text_dataset`). The course corpus's validation split is the default of
-    ``val_ids`` only when ``train_ids`` is not given. Raises ``ValueError`` for a ``tokenizer`` without
-    ``train_ids``, ids outside its vocabulary, or ``eval_every`` / ``keep_best`` with ``train_ids`` but no
-    ``val_ids``.
+    ``train_ids`` / ``val_ids`` are its ids (:func:`~ar_course.data.text_training_data`, whose ``ValueError``
+    it raises: a ``tokenizer`` without ``train_ids``, ids outside its vocabulary, or ``eval_every`` /
+    ``keep_best`` with ``train_ids`` but no ``val_ids``).
     The caller's global random generators are left as they were (:func:`~ar_course.utils.kept_random_state`)."""
-    from ar_course.data import load_text_dataset
+    from ar_course.data import text_training_data
 
-    if tokenizer is not None and train_ids is None:
-        raise ValueError("tokenizer is for text of your own: give train_ids (and val_ids) encoded with it")
-    if train_ids is None:
-        tokenizer, train_ids, corpus_val = load_text_dataset()
-        val_ids = corpus_val if val_ids is None else val_ids
-    elif tokenizer is None:
-        tokenizer = load_text_dataset()[0]
-    if (eval_every or keep_best) and val_ids is None:
-        raise ValueError("eval_every and keep_best evaluate on val_ids: give val_ids with your own train_ids")
-    for name, ids in (("train_ids", train_ids), ("val_ids", val_ids)):
-        if ids is not None:
-            check_ids(name, ids, tokenizer.vocab_size, ("N",))
+    tokenizer, train_ids, val_ids = text_training_data(train_ids, val_ids, tokenizer,
+                                                       evaluates=bool(eval_every or keep_best))
     seed_everything(seed)
     config = replace(preset.model, vocab_size=tokenizer.vocab_size)
     if train_block_sizes is not None:

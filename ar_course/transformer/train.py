@@ -23,7 +23,7 @@ import argparse
 import json
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +42,9 @@ from ar_course.transformer.model import GPT, GPTConfig
 from ar_course.utils import (
     check_int, content_digest, count_parameters, eval_mode, get_device, kept_random_state, seed_everything,
 )
+
+if TYPE_CHECKING:  # ar_course.data is imported where it is used
+    from ar_course.data import CharTokenizer
 
 KIND = "lm"
 
@@ -145,18 +148,25 @@ def train_lm(
     state_path: Path | None = None,
     resume: bool = False,
     keep_best: bool = False,
+    train_ids: torch.Tensor | None = None,
+    val_ids: torch.Tensor | None = None,
+    tokenizer: CharTokenizer | None = None,
 ) -> tuple[GPT, dict]:
-    """Train a character-level GPT with ``preset`` on the text corpus; return ``(model, info)``.
+    """Train a character-level GPT with ``preset`` on the text corpus (or on ``train_ids`` ``(N,)``); return
+    ``(model, info)``.
 
     ``preset.batch_size`` is the global batch (split across processes under ``torchrun``). ``keep_best``: end
     with the weights of the evaluation (every ``eval_every`` steps) with the lowest validation loss.
     ``checkpoint_every`` / ``state_path`` / ``resume``: see :func:`~ar_course.train.train_loop`. ``info``
     holds the tokenizer, the loss history, the training time, the tokens seen and the validation token ids.
     The caller's global random generators are left as they were (:func:`~ar_course.utils.kept_random_state`).
+    Text of your own: ``tokenizer`` (e.g. ``CharTokenizer.from_text(text)``) sets the vocabulary, ``train_ids`` /
+    ``val_ids`` are its ids (:func:`~ar_course.data.text_training_data`, whose ``ValueError`` it raises).
     ``ValueError`` before training for a ``teacher`` that does not fit (:func:`check_teacher`)."""
-    from ar_course.data import load_text_dataset, text_batches
+    from ar_course.data import text_batches, text_training_data
 
-    tokenizer, train_ids, val_ids = load_text_dataset()
+    tokenizer, train_ids, val_ids = text_training_data(train_ids, val_ids, tokenizer,
+                                                       evaluates=bool(eval_every or keep_best))
     if teacher is not None:
         check_teacher(teacher, preset.seq_len, tokenizer.vocab_size)
     seed_everything(seed)
@@ -176,7 +186,7 @@ def train_lm(
                      keep_best="val_loss" if keep_best else "", ema=preset.ema)
     history = train_loop(model, loss_fn, batches, tc, eval_fn=eval_fn if eval_every else None,
                          progress=progress, desc="train lm", state_path=state_path, resume=resume,
-                         settings={"seed": seed, "batch_size": preset.batch_size,
+                         settings={"seed": seed, "batch_size": preset.batch_size, "data": content_digest(train_ids),
                                    "teacher": content_digest(teacher) if teacher is not None else None})
     info = {
         "tokenizer": tokenizer,
