@@ -251,6 +251,12 @@ def is_integer_tensor(x: torch.Tensor) -> bool:
     return not (x.is_floating_point() or x.is_complex() or x.dtype == torch.bool)
 
 
+def at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in float32 when it is in half precision (or an integer tensor), else as it is: float32 stays (no
+    copy) and float64 keeps its precision. Where a sum, a softmax or a cancellation needs more than 8 bits."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def check_same_device(name: str, x: torch.Tensor | torch.nn.Module, model: torch.nn.Module,
                       model_name: str = "the model") -> None:
     """``ValueError`` unless ``x`` (a tensor, or a module's parameters) is on ``model``'s device, which torch would

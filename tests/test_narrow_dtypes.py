@@ -116,3 +116,34 @@ def test_sample_from_probs_takes_float64_weights_of_any_scale(scale):
     with pytest.raises(ValueError, match="is not a distribution"):  # a zero row is still refused
         sampling.sample_from_probs(torch.zeros(1, 2, dtype=torch.float64))
 
+
+
+def test_float64_inputs_keep_their_precision_through_norms_losses_and_log_probs():
+    """rms_norm, var_loss and token_log_probs computed float64 inputs in float32 (audit 29): errors of 1e-7
+    where float64 gives 1e-16. Half precision still goes up to float32, and float32 is unchanged."""
+    from ar_course import raster
+    from ar_course.align.model import token_log_probs
+    from ar_course.transformer.functional import rms_norm
+    from ar_course.var.functional import var_loss
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 16, dtype=torch.float64, generator=g) * 3
+    exact = x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+    assert rms_norm(x).dtype == torch.float64 and float((rms_norm(x) - exact).abs().max()) < 1e-14
+    assert torch.equal(rms_norm(x.float()), (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True)
+                                                                        + 1e-6)))
+    assert rms_norm(x.bfloat16()).dtype == torch.bfloat16
+    logits = torch.randn(2, 5, 7, dtype=torch.float64, generator=g)  # scales (1, 2): 5 tokens
+    targets = torch.randint(0, 7, (2, 5), generator=g)
+    want = -logits.log_softmax(-1).gather(-1, targets[..., None]).mean()
+    loss, _ = var_loss(logits, targets, (1, 2))
+    assert loss.dtype == torch.float64 and abs(float(loss - want)) < 1e-14
+    assert var_loss(logits.bfloat16(), targets, (1, 2))[0].dtype == torch.float32
+    model, _ = raster.load_pretrained()
+    model = model.double()
+    maps, classes = torch.randint(0, model.config.vocab_size, (2, 8, 8), generator=g), torch.tensor([1, 2])
+    with torch.no_grad():
+        logp = token_log_probs(model, maps, classes)
+        logits = model(maps.flatten(1)[:, :-1], classes=classes)[0]  # (2, 64, V): the class token predicts the first
+    full = logits.log_softmax(-1).gather(-1, maps.flatten(1)[..., None])[..., 0]
+    assert logp.dtype == torch.float64 and float((logp - full).abs().max()) < 1e-12

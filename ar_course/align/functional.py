@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ar_course.utils import check_number
+from ar_course.utils import at_least_float32, check_number
 
 
 def _check_tensor(name: str, x: object) -> torch.Tensor:
@@ -67,7 +67,7 @@ def clipped_surrogate(
         raise ValueError(f"expected logp, logp_old (B, T) and advantages (B,), got {tuple(logp.shape)}, "
                          f"{tuple(logp_old.shape)}, {tuple(advantages.shape)}")
     clip = check_number("clip", clip, lo=0, lo_open=True)
-    ratio = torch.exp(_at_least_float32(logp) - _at_least_float32(logp_old.detach()))  # (B, T)
+    ratio = torch.exp(at_least_float32(logp) - at_least_float32(logp_old.detach()))  # (B, T)
     adv = advantages.detach()[:, None]  # (B, 1)
     return torch.minimum(ratio * adv, ratio.clamp(1 - clip, 1 + clip) * adv)
 
@@ -82,13 +82,9 @@ def k3_kl(logp: torch.Tensor, logp_ref: torch.Tensor) -> torch.Tensor:
     _check_tensor("logp", logp), _check_tensor("logp_ref", logp_ref)
     if logp.shape != logp_ref.shape:
         raise ValueError(f"logp and logp_ref must have one shape, got {tuple(logp.shape)}, {tuple(logp_ref.shape)}")
-    d = _at_least_float32(logp_ref.detach()) - _at_least_float32(logp)  # bf16 would lose most of k3 for small d
+    d = at_least_float32(logp_ref.detach()) - at_least_float32(logp)  # bf16 would lose most of k3 for small d
     return torch.exp(d) - d - 1
 
-
-def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
-    """``x`` in float32 when it is in half precision (float64 stays)."""
-    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 def cca_loss(

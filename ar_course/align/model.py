@@ -9,14 +9,15 @@ from ar_course.raster.functional import make_training_pairs, to_raster
 from ar_course.raster.model import check_model_grid
 from ar_course.tokenizers import MultiScaleVQ
 from ar_course.transformer.model import GPT
-from ar_course.utils import check_ids
+from ar_course.utils import at_least_float32, check_ids
 from ar_course.var import functional as var_ref
 from ar_course.var.model import VAR, check_pyramid, check_tokenizer
 
 
 def token_log_probs(model: GPT, token_maps: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
     """``(B, h * w)``: the log-probability of every token of ``token_maps`` ``(B, h, w)`` under ``model`` given
-    ``classes`` ``(B,)``, in raster order (one causal forward pass, with gradients if ``model`` has them).
+    ``classes`` ``(B,)``, in raster order (one causal forward pass, with gradients if ``model`` has them), in
+    float32 at least (a float64 model's in float64).
 
     Raises:
         TypeError: ``model`` is not a GPT.
@@ -30,7 +31,7 @@ def token_log_probs(model: GPT, token_maps: torch.Tensor, classes: torch.Tensor)
     check_model_grid(model, "token_maps", token_maps.shape)
     inputs, targets = make_training_pairs(to_raster(token_maps))  # (B, L - 1), (B, L)
     logits, _ = model(inputs, classes=classes)  # (B, L, V)
-    logp = torch.log_softmax(logits.float(), dim=-1)  # (B, L, V)
+    logp = torch.log_softmax(at_least_float32(logits), dim=-1)  # (B, L, V)
     return logp.gather(-1, targets[..., None]).squeeze(-1)  # (B, L)
 
 
@@ -53,7 +54,7 @@ def pyramid_token_log_probs(model: VAR, vq: MultiScaleVQ, pyramid: list[torch.Te
     check_pyramid("pyramid", pyramid, model.config)
     with torch.no_grad():
         inputs, targets = var_ref.teacher_forcing_sequence(vq, pyramid)  # (B, L - 1, D), (B, L)
-    logp = torch.log_softmax(model(inputs, classes).float(), dim=-1)  # (B, L, V)
+    logp = torch.log_softmax(at_least_float32(model(inputs, classes)), dim=-1)  # (B, L, V)
     return logp.gather(-1, targets[..., None]).squeeze(-1)  # (B, L)
 
 

@@ -17,7 +17,7 @@ import math
 
 import torch
 
-from ar_course.utils import check_int, check_number
+from ar_course.utils import at_least_float32, check_int, check_number
 
 
 def _check_bool_mask(mask: torch.Tensor) -> None:
@@ -131,13 +131,13 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None = None, eps: float = 1
     """Root-mean-square normalisation over the last dim: ``x / sqrt(mean(x^2) + eps) * weight``.
 
     ``x``: ``(..., C)``; ``weight``: ``(C,)`` or ``None``. Unlike LayerNorm there is no mean subtraction
-    and no bias. The statistics are computed in float32 whatever the dtype of ``x`` (in float16, ``x^2``
-    overflows from ``|x| > 256`` and underflows below about ``1e-4``), and the normalised ``x`` is cast back
-    to its dtype before the weight is applied, as Llama does.
+    and no bias. The statistics are computed in float32 at least (float64 for float64 ``x``; in float16,
+    ``x^2`` overflows from ``|x| > 256`` and underflows below about ``1e-4``), and the normalised ``x`` is cast
+    back to its dtype before the weight is applied, as Llama does.
 
     ``eps``: a finite number ``> 0`` (``TypeError`` / ``ValueError`` otherwise: ``eps <= 0`` can divide by 0)."""
     eps = _check_eps(eps)
-    xf = x.float()  # no copy when x is float32
+    xf = at_least_float32(x)  # no copy when x is float32
     out = (xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + eps)).to(x.dtype)
     return out if weight is None else out * weight
 

@@ -24,7 +24,7 @@ import torch
 
 from ar_course.tokenizers import VQVAE, MultiScaleVQ
 from ar_course.tokenizers import functional as Fq
-from ar_course.utils import check_bool, check_ids, check_int, check_number
+from ar_course.utils import at_least_float32, check_bool, check_ids, check_int, check_number
 
 
 def _check_scales(scales: Sequence[int]) -> tuple[int, ...]:
@@ -205,8 +205,8 @@ def var_loss(logits: torch.Tensor, targets: torch.Tensor, scales: Sequence[int])
     """Cross-entropy of VAR's predictions.
 
     ``logits``: ``(B, L, V)``, ``targets``: ``(B, L)`` long. Returns the mean over all ``B * L`` tokens (every
-    token counts once, as in VAR's training, so the fine scales dominate) and the mean per scale ``(S,)``.
-    Checking the targets costs one host sync on CUDA.
+    token counts once, as in VAR's training, so the fine scales dominate) and the mean per scale ``(S,)``, in
+    float32 at least (float64 logits keep their precision). Checking the targets costs one host sync on CUDA.
 
     Raises:
         TypeError: ``logits`` or ``targets`` is not a tensor.
@@ -220,7 +220,8 @@ def var_loss(logits: torch.Tensor, targets: torch.Tensor, scales: Sequence[int])
     if logits.ndim != 3 or logits.shape[1] != L or not logits.is_floating_point():
         raise ValueError(f"logits must be a float (B, {L}, V) tensor, got {tuple(logits.shape)} {logits.dtype}")
     check_ids("targets", targets, logits.shape[2], (logits.shape[0], L))
-    nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none")
+    nll = torch.nn.functional.cross_entropy(at_least_float32(logits.flatten(0, 1)), targets.flatten(),
+                                            reduction="none")
     nll = nll.view(targets.shape)  # (B, L)
     per_scale = torch.stack([nll[:, b:e].mean() for b, e in bounds])  # (S,)
     return nll.mean(), per_scale
