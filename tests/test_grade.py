@@ -211,8 +211,10 @@ def test_ctrl_c_on_the_grader_is_one_line_and_exit_130(tmp_path):
     nb.cells[2].source = (f"# Exercise 90.1: double\nimport time\nopen({str(marker)!r}, 'w').close()\n"
                           "time.sleep(120)\ndef double(x):\n    return 2 * x")
     path = _write(tmp_path, nb, "slow.ipynb")
+    # a pytest-xdist worker ignores SIGINT and its children would inherit that: give the grader the default back
     proc = subprocess.Popen([sys.executable, "-m", "ar_course", "grade", str(path)], start_new_session=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 120
         while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
