@@ -494,7 +494,12 @@ def test_check_off_cpu_refuses_what_a_gpu_refuses_and_takes_what_it_takes():
                  lambda x: x.clone().index_put_((ids,), torch.zeros(3, device=x.device)),
                  lambda x: x * torch.tensor(2.0), lambda x: torch.where(x > 0, x, torch.tensor(0.0)),
                  lambda x: torch.zeros(4, 3, device=x.device).copy_(torch.ones(4, 3)),
-                 lambda x: x.to(torch.float64) + torch.ones(3, dtype=torch.float64, device=x.device)):
+                 lambda x: x.to(torch.float64) + torch.ones(3, dtype=torch.float64, device=x.device),
+                 # a dtype or shape taken from the other tensor (diff review 30: type_as is RoPE's usual idiom)
+                 lambda x: x * torch.arange(3).type_as(x), lambda x: x + x.new_tensor(torch.ones(3)),
+                 lambda x: torch.ones(12).view_as(x).to(x.device) + x,
+                 lambda x: torch.ones(3).expand_as(x).to(x.device) * x,
+                 lambda x: torch.ones(12).reshape_as(x).to(x.device) - x):
         check_off_cpu(fine, case, result_follows=True)
     weight = torch.randn(3, 3)
     bound = functools.partial(lambda x, w: x @ w, w=weight)

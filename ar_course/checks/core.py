@@ -293,15 +293,18 @@ class _MetaAsGPU(torch.overrides.TorchFunctionMode):
     operations mix in CPU tensors (``F.embedding`` of CPU ids, ``index_select``, ``gather``, a matrix product with
     a CPU operand) that a GPU refuses: here any operation whose tensors mix the meta device with a CPU tensor of
     one dimension or more fails as on a GPU, but for what a GPU allows: indexing a meta tensor with CPU indices,
-    and copies between devices. A 0-d CPU tensor mixes in anywhere, as on a GPU (``masked_fill``'s value too,
-    which the meta device alone refuses). An input copied back to the host (``.cpu()``, ``.to("cpu")``,
-    ``.tolist()``, ``.item()``, ``.numpy()``) gives its real values, which the meta device does not hold."""
+    copies between devices, and reading another tensor's dtype or shape (``type_as``, ``view_as``...). A 0-d
+    CPU tensor mixes in anywhere, as on a GPU (``masked_fill``'s value too, which the meta device alone refuses).
+    An input copied back to the host (``.cpu()``, ``.to("cpu")``, ``.tolist()``, ``.item()``, ``.numpy()``)
+    gives its real values, which the meta device does not hold."""
 
     FILLS = (torch.Tensor.masked_fill, torch.Tensor.masked_fill_, torch.masked_fill)
     COPIES_OUT = (torch.Tensor.cpu, torch.Tensor.to, torch.Tensor.tolist, torch.Tensor.item, torch.Tensor.numpy,
                   torch.Tensor.__float__, torch.Tensor.__int__, torch.Tensor.__index__, torch.Tensor.__bool__)
     INDEXING = (torch.Tensor.__getitem__, torch.Tensor.__setitem__, torch.Tensor.index_put_, torch.Tensor.index_put)
-    MIX_ALLOWED = (*COPIES_OUT, torch.Tensor.copy_)
+    # a GPU takes these with a CPU tensor too: copies, a dtype or shape read from the other tensor
+    MIX_ALLOWED = (*COPIES_OUT, torch.Tensor.copy_, torch.Tensor.type_as, torch.Tensor.new_tensor,
+                   torch.Tensor.view_as, torch.Tensor.expand_as, torch.Tensor.reshape_as)
 
     def __init__(self, values: dict[int, torch.Tensor]) -> None:
         super().__init__()
