@@ -678,11 +678,12 @@ def test_copy_on_write_of_a_quantized_block_keeps_its_scales():
         torch.testing.assert_close(copied, original)
 
 
-def _run_interrupted(model, prompts, new, target, k, after=False):
+def _run_interrupted(model, prompts, new, target, k, after=False, **config):
     """Greedy requests through an engine whose ``target`` (an ``(object, attribute name)``) raises
     KeyboardInterrupt on its ``k``-th call (``after``: once it has run), then run again to the end as a learner
-    re-running the cell would: the outputs and the pool's free blocks."""
-    engine = Engine(model, EngineConfig(num_blocks=64, block_size=4, max_running=4, max_step_tokens=16))
+    re-running the cell would: the outputs and the pool's free blocks. ``config``: EngineConfig's fields."""
+    engine = Engine(model, EngineConfig(**{"num_blocks": 64, "block_size": 4, "max_running": 4,
+                                           "max_step_tokens": 16, **config}))
     ids = [engine.add_request(p, n, sampling=GREEDY) for p, n in zip(prompts, new)]
     obj, name = target(engine)
     original, calls = getattr(obj, name), [0]
@@ -719,3 +720,17 @@ def test_an_engine_step_interrupted_part_way_goes_on_as_if_it_had_not_been(tiny,
     outputs, free = _run_interrupted(tiny, prompts, new, targets[where], k, after)
     assert outputs == want
     assert free == 64
+
+
+def test_an_interrupted_step_still_makes_its_h2o_evictions():
+    """With H2O what a request attends to depends on when blocks are evicted: a step cut short before its
+    evictions changed the tokens after it (diff review 30); the next step now makes them first."""
+    model = load_pretrained("lm_draft")[0]
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(40, 80, (n,), generator=g).tolist() for n in (5, 9, 9, 3, 14)]
+    h2o = {"kv_h2o_budget": 16, "kv_h2o_recent": 8, "max_running": 16, "max_step_tokens": 256}
+    engine = Engine(model, EngineConfig(num_blocks=64, block_size=4, **h2o))
+    ids = [engine.add_request(p, 12, sampling=GREEDY) for p in prompts]
+    want = engine.run()
+    outputs, free = _run_interrupted(model, prompts, [12] * 5, lambda e: (e, "_evict"), 4, **h2o)
+    assert outputs == [want[i] for i in ids] and free == 64

@@ -293,6 +293,7 @@ class Engine:
         self.prefill_computed = 0  # prompt (and recomputed) tokens run through the model
         self.preemptions = 0
         self._next_id = 0
+        self._unfinished: list[tuple[Request, int]] | None = None  # the batch of a step that has not returned
 
     # ---------------------------------------------------------------------------------------------- requests
 
@@ -407,6 +408,7 @@ class Engine:
             return []
         chunks = [(r.id, r.tokens[r.computed:r.computed + n], r.computed) for r, n in batch]
         decodes = sum(1 for r, n in batch if r.output and r.computed == len(r.tokens) - 1)
+        self._unfinished = batch
         logits = packed_forward(self.model, self.cache, chunks, self._sinks_window, self.scores)  # (len(batch), V)
         now, events = self.clock(), []
         drawn = [int(sample(row[None], sampling=req.sampling, generator=req.generator)[0])
@@ -426,15 +428,22 @@ class Engine:
                 self.prefix.insert(req.tokens, self.cache.tables[req.id], req.computed)
             if len(req.output) >= req.max_new_tokens:
                 self._finish(req, "finished")
+        self._unfinished = None
         return events
 
     def _recover(self) -> None:
-        """Undo what a step that raised after its forward pass left half done: a request moved on without its
-        token drawn steps back one position (computed again, its token drawn), its cache length follows, and a
-        request holding all its tokens is finished. Nothing to do after a step that completed."""
-        for req in list(self.running):
+        """Finish what a step that raised part way left undone: a request moved on without its token drawn steps
+        back one position (computed again, its token drawn), its cache length follows, the evictions of the
+        step are made (they are idempotent), and a request holding all its tokens is finished. Nothing to do
+        after a step that returned."""
+        if self._unfinished is None:
+            return
+        batch, self._unfinished = [(r, n) for r, n in self._unfinished if r in self.running], None
+        for req, _ in batch:
             req.computed = min(req.computed, len(req.tokens) - 1)
             self.cache.lengths[req.id] = req.computed
+        self._evict(batch)
+        for req, _ in batch:
             if len(req.output) >= req.max_new_tokens:
                 self._finish(req, "finished")
 
