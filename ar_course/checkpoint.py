@@ -494,7 +494,7 @@ def _device(device: str | torch.device) -> torch.device:
     if not isinstance(device, (str, torch.device)):
         raise TypeError(f"device must be a str or torch.device such as 'cpu', 'cuda' or 'auto', got {device!r} "
                         f"({type(device).__name__})")
-    if isinstance(device, str) and not device.strip():  # get_device would read "" as "auto"
+    if isinstance(device, str) and not device.strip():  # a clearer line than get_device's "unknown device"
         raise ValueError(f"device is empty: use 'cpu', 'cuda', 'cuda:N' or 'auto', got {device!r}")
     if isinstance(device, str) and _is_shipped_name(device):  # load_pretrained("ar_mnist_cca"): device comes first
         raise ValueError(f"device {device!r} is a checkpoint name, not a device: pass it as path={device!r} "

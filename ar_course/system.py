@@ -33,7 +33,6 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol, Sequence
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from ar_course import checkpoint, raster, var
 from ar_course.checkpoint import CheckpointError
@@ -48,7 +47,7 @@ from ar_course.transformer.model import (
 )
 from ar_course.utils import (
     check_bool, check_ids, check_int, check_number, check_same_device, check_seed, generate_in_batches, get_device,
-    is_integer_tensor,
+    is_integer_tensor, progress_bar,
 )
 
 if TYPE_CHECKING:
@@ -622,9 +621,10 @@ class Generator:
     @classmethod
     def from_pretrained(cls, name: str = "mnist", device: str | torch.device = "auto", *,
                         ar: str = "base", var: str = "base") -> "Generator":
-        """The shipped models of ``name`` (:data:`PRETRAINED`) on ``device`` (``"auto"``: CUDA if present), with
-        the raster model ``ar`` of :data:`AR_VARIANTS` (``"base"``, or chapter 11's ``"grpo"`` / ``"cca"``) and
-        the VAR model ``var`` of :data:`VAR_VARIANTS` (``"base"`` or chapter 11's ``"cca"``).
+        """The shipped models of ``name`` (:data:`PRETRAINED`) on ``device`` (``"auto"``: ``AR_COURSE_DEVICE``,
+        else CUDA if present), with the raster model ``ar`` of :data:`AR_VARIANTS` (``"base"``, or chapter 11's
+        ``"grpo"`` / ``"cca"``) and the VAR model ``var`` of :data:`VAR_VARIANTS` (``"base"`` or chapter 11's
+        ``"cca"``).
 
         Raises ``ValueError`` for an unknown ``name``, ``ar`` or ``var``, and as :meth:`from_checkpoints`."""
         if name not in PRETRAINED:
@@ -737,7 +737,7 @@ class Generator:
         precision = _resolve_precision(request.precision, device)
         generator = torch.Generator(device=device).manual_seed(request.seed) if request.seed is not None else None
         tally = Tally()
-        bar = tqdm(total=n, desc=strategy.label, unit="img", disable=not request.progress)
+        bar = progress_bar(total=n, desc=strategy.label, unit="img", disable=not request.progress)
 
         def images_of(chunk: torch.Tensor) -> torch.Tensor:
             """One chunk's images ``(b, C, S, S)``; every image of the chunk waits for all of its passes."""

@@ -41,7 +41,6 @@ from types import FrameType
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
-from tqdm.auto import tqdm
 
 from ar_course import distributed as ddp
 from ar_course.checkpoint import (
@@ -53,7 +52,7 @@ from ar_course.cli import (
 )
 from ar_course.files import check_output_path
 from ar_course.project import is_source_checkout
-from ar_course.utils import check_int, check_number
+from ar_course.utils import check_int, check_number, progress_bar
 
 STATE_KIND = "train-state"
 STATE_SUFFIX = ".train-state.safetensors"
@@ -580,7 +579,7 @@ def train_loop(
         train_model = torch.nn.parallel.DistributedDataParallel(train_model)
         progress = progress and ddp.is_main_process()
     model.train()
-    bar = tqdm(range(start, config.steps), desc=desc, disable=not progress, mininterval=1.0, initial=start,
+    bar = progress_bar(range(start, config.steps), desc=desc, disable=not progress, mininterval=1.0, initial=start,
                total=config.steps)
     clock, seconds_before = time.perf_counter(), history.seconds
     try:

@@ -14,6 +14,7 @@ The rule they follow:
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import math
 import numbers
 import operator
@@ -24,6 +25,7 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
+import tqdm.std
 
 
 @contextmanager
@@ -53,6 +55,25 @@ def kept_random_state() -> Iterator[None]:
             random.setstate(python_state)
             np.random.set_state(numpy_state)
 
+
+
+def progress_bar_class(widgets: bool | None = None) -> type:
+    """The progress bar every long loop of the package uses: tqdm's notebook widget bar in Jupyter when
+    ipywidgets is installed (``widgets``: None to look), else its text bar. ``tqdm.auto`` alone warns "IProgress
+    not found" in a kernel without ipywidgets, as a library-only install is."""
+    if widgets is None:
+        try:
+            widgets = importlib.util.find_spec("ipywidgets") is not None
+        except (ImportError, ValueError):  # a module entry of None (blocked) or a broken package
+            widgets = False
+    if not widgets:
+        return tqdm.std.tqdm
+    from tqdm.auto import tqdm as auto  # imported only here: importing tqdm.auto is what warns without ipywidgets
+
+    return auto
+
+
+progress_bar = progress_bar_class()
 
 def seed_everything(seed: int) -> torch.Generator:
     """Seed Python, NumPy and torch (CPU and CUDA); return a CPU ``torch.Generator`` seeded the same.

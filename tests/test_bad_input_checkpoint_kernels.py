@@ -4,7 +4,10 @@ pathlib, json, safetensors or torch, and never a silently wrong value."""
 
 from __future__ import annotations
 
+import os
 import random
+import subprocess
+import sys
 import warnings
 
 import numpy as np
@@ -443,3 +446,28 @@ def test_load_checkpoint_onto_any_device_get_device_takes(tmp_path, device):
     state, meta = checkpoint.load_checkpoint(path, device)
     assert meta["kind"] == "test" and sorted(state) == ["bias", "weight"]
     assert {t.device.type for t in state.values()} == {torch.device(device).type}
+
+
+def test_the_calibrators_cache_warning_points_at_the_callers_line_and_says_what_to_do(tmp_path, monkeypatch):
+    """It pointed inside ar_course/kernels/ops.py, and its advice ("name a file inside it") fit a CLI --out, not
+    a cache path the user never chose (audit 30)."""
+    from ar_course.kernels import ops
+
+    monkeypatch.setattr(ops, "CALIBRATOR", Calibrator(timer=lambda fn: (fn(), 1.0)[1], path=tmp_path,
+                                                      device_types=("cpu",)))
+    z, codebook = torch.randn(4096, 8), torch.randn(512, 8)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        K.vq_nearest(z, codebook)  # the caller's line
+    mine = [w for w in seen if "cannot keep kernel choices" in str(w.message)]
+    assert len(mine) == 1 and mine[0].filename == __file__
+    assert "set XDG_CACHE_HOME to a writable folder" in str(mine[0].message)
+
+
+def test_the_numba_import_order_warning_points_at_the_users_import(tmp_path):
+    script = tmp_path / "mine.py"
+    script.write_text("import warnings\nwarnings.simplefilter('always')\nfrom numba import cuda\n"
+                      "import ar_course.kernels\n", encoding="utf-8")
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
+    err = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env).stderr
+    assert f"{script}:4: UserWarning: numba.cuda was imported before ar_course.kernels" in err

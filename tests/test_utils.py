@@ -78,3 +78,20 @@ def test_is_integer_tensor_takes_every_integer_dtype_and_nothing_else():
     others = (torch.bool, torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.complex64)
     assert all(is_integer_tensor(torch.zeros(2, dtype=d)) for d in integers)
     assert not any(is_integer_tensor(torch.zeros(2, dtype=d)) for d in others)
+
+
+def test_progress_bars_are_widgets_only_with_ipywidgets(monkeypatch):
+    """tqdm.auto in a Jupyter kernel without ipywidgets (a library-only install) warned "IProgress not found" on
+    import of ar_course.system or ar_course.train (audit 30): the text bar is used there instead."""
+    import importlib.util
+
+    import tqdm.auto
+    import tqdm.std
+
+    from ar_course import system, train, utils
+
+    assert utils.progress_bar_class(widgets=True) is tqdm.auto.tqdm
+    assert utils.progress_bar_class(widgets=False) is tqdm.std.tqdm
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ipywidgets" else object())
+    assert utils.progress_bar_class() is tqdm.std.tqdm
+    assert train.progress_bar is system.progress_bar is utils.progress_bar

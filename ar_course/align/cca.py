@@ -22,14 +22,13 @@ from typing import Callable
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ar_course.align.functional import cca_loss
 from ar_course.align.model import pyramid_log_probs, sequence_log_probs
 from ar_course.sampling import check_generator
 from ar_course.tokenizers import MultiScaleVQ
 from ar_course.train import DIVERGED_HINT, TrainingError
-from ar_course.utils import check_ids, check_int, check_number, check_seed, kept_random_state
+from ar_course.utils import check_ids, check_int, check_number, check_seed, kept_random_state, progress_bar
 from ar_course.var.functional import unflatten_pyramids
 
 LogProbs = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -181,7 +180,7 @@ def train_cca(policy: nn.Module, reference: nn.Module, token_maps: torch.Tensor,
     optimizer = torch.optim.AdamW(policy.parameters(), lr=config.lr, weight_decay=0.0, betas=(0.9, 0.99))
     log = CCALog()
     policy.eval()  # dropout off: at the start the policy's log-ratios against its copy are exactly 0
-    for step in tqdm(range(config.steps), desc="CCA", disable=not progress):
+    for step in progress_bar(range(config.steps), desc="CCA", disable=not progress):
         idx = torch.randint(0, token_maps.shape[0], (config.batch_size,), generator=g)  # (B,)
         classes = labels[idx]
         negatives = wrong_classes(classes, n_classes, g)

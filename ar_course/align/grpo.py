@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
-from tqdm.auto import tqdm
 
 from ar_course import metrics
 from ar_course.align.functional import clipped_surrogate, group_advantages, k3_kl
@@ -30,7 +29,7 @@ from ar_course.raster.model import generate_images, generate_tokens
 from ar_course.tokenizers import VQVAE
 from ar_course.train import DIVERGED_HINT, TrainingError, nonfinite_parameter
 from ar_course.transformer.model import GPT
-from ar_course.utils import check_int, check_number, check_seed, eval_mode, kept_random_state
+from ar_course.utils import check_int, check_number, check_seed, eval_mode, kept_random_state, progress_bar
 
 
 def _check_kl_coef(kl_coef: object) -> float:
@@ -285,7 +284,7 @@ def train_grpo(
             log.eval_step.append(done), log.accuracy.append(acc), log.brightness.append(bright)
 
     maybe_eval(0)
-    bar = tqdm(range(config.steps), desc=f"GRPO ({config.reward})", disable=not progress)
+    bar = progress_bar(range(config.steps), desc=f"GRPO ({config.reward})", disable=not progress)
     for step in bar:
         try:
             reward, kl = grpo_step(policy, reference, tokenizer, optimizer, config, reward_fn, generator)

@@ -135,8 +135,10 @@ class Calibrator:
         try:
             atomic_write_text(self.path, json.dumps(data, indent=1, sort_keys=True) + "\n")
         except (OSError, ValueError) as exc:  # ValueError: the path names a folder
-            warnings.warn(f"cannot keep kernel choices in {self.path} ({exc}); they last for this process only",
-                          RuntimeWarning, stacklevel=3)
+            # stacklevel: _save <- decide <- auto_choice <- _dispatch <- the op <- its caller
+            warnings.warn(f"cannot keep kernel choices in {self.path} ({type(exc).__name__}: {exc}); they last for "
+                          "this process only (free that path, or set XDG_CACHE_HOME to a writable folder)",
+                          RuntimeWarning, stacklevel=6)
             self.path = None
 
 

@@ -86,7 +86,7 @@ NUMBA_CUDA_USABLE: bool = CUDA_SIMULATOR or (NUMBA_INSTALLED and CUDA_AVAILABLE 
 if NUMBA_INSTALLED and not NUMBA_CUDA_USABLE and os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
     warnings.warn("numba.cuda was imported before ar_course.kernels without NUMBA_ENABLE_CUDASIM=1, so the "
                   "CUDA simulator is off; set the variable before importing numba to use the kernels.",
-                  stacklevel=2)
+                  stacklevel=3)  # the line importing ar_course.kernels (import machinery frames are skipped)
 
 
 def _installed(package: str) -> bool:
@@ -164,7 +164,7 @@ if TRITON_INSTALLED:
     except Exception as exc:  # noqa: BLE001 - Triton's internals changed: say what to do instead
         warnings.warn(f"Triton was imported before ar_course.kernels without TRITON_INTERPRET=1 and its language "
                       f"could not be switched to the interpreter ({type(exc).__name__}: {exc}); set "
-                      "TRITON_INTERPRET=1 before importing torch to run the Triton kernels on CPU.", stacklevel=2)
+                      "TRITON_INTERPRET=1 before importing torch to run the Triton kernels on CPU.", stacklevel=3)
 
 
 def describe() -> str:

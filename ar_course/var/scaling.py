@@ -12,13 +12,12 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from ar_course.data import load_mnist
 from ar_course.tokenizers import VQVAE
 from ar_course.var.model import VARConfig
 from ar_course.var.functional import flatten_pyramids
-from ar_course.utils import check_int
+from ar_course.utils import check_int, progress_bar
 from ar_course.var.train import encode_pyramids, train_var
 
 BATCH_SIZE = 48
@@ -59,7 +58,7 @@ def scaling_study(
     train_tokens = flatten_pyramids(encode_pyramids(tokenizer, train_images[:n_train]))  # (n_train, L)
     test_pyramid = [m.to(device) for m in encode_pyramids(tokenizer, test_images[:n_test])]  # (n_test, s, s) per scale
     params, losses = [], []
-    for width in tqdm(widths, desc="VAR sizes", disable=not progress):
+    for width in progress_bar(widths, desc="VAR sizes", disable=not progress):
         config = VARConfig(vocab_size=base.vocab_size, latent_dim=base.latent_dim, scales=base.scales,
                            n_layer=2, n_head=2, n_embd=width)
         model, _ = train_var(tokenizer, train_tokens, train_labels[:n_train], config, steps=steps, seed=seed,
