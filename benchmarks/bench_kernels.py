@@ -34,15 +34,16 @@ N, K, D = 65_536, 1_024, 32
 
 _MEMORY_PROBE = """
 import re, sys, torch
+from pathlib import Path
 from ar_course.kernels.cpu_vq import vq_nearest_cpu
 def hwm_kib():
-    return int(re.search(r"VmHWM:\\s+(\\d+)", open("/proc/self/status").read()).group(1))
+    return int(re.search(r"VmHWM:\\s+(\\d+)", Path("/proc/self/status").read_text()).group(1))
 g = torch.Generator().manual_seed(0)
 z, c = torch.randn({n}, {d}, generator=g), torch.randn({k}, {d}, generator=g)
 run = {{"numba_cpu": lambda: vq_nearest_cpu(z, c),
        "torch_cdist": lambda: torch.cdist(z, c).argmin(1)}}[sys.argv[1]]
 vq_nearest_cpu(z[:10], c[:10]); torch.cdist(z[:10], c[:10]).argmin(1)  # compile and warm up, small
-open("/proc/self/clear_refs", "w").write("5")  # reset the high-water mark
+Path("/proc/self/clear_refs").write_text("5")  # reset the high-water mark
 before = hwm_kib()
 run()
 print(hwm_kib() - before)
