@@ -56,7 +56,6 @@ def kept_random_state() -> Iterator[None]:
             np.random.set_state(numpy_state)
 
 
-
 def progress_bar_class(widgets: bool | None = None) -> type:
     """The progress bar every long loop of the package uses: tqdm's notebook widget bar in Jupyter when
     ipywidgets is installed (``widgets``: None to look), else its text bar. ``tqdm.auto`` alone warns "IProgress
@@ -74,6 +73,7 @@ def progress_bar_class(widgets: bool | None = None) -> type:
 
 
 progress_bar = progress_bar_class()
+
 
 def seed_everything(seed: int) -> torch.Generator:
     """Seed Python, NumPy and torch (CPU and CUDA); return a CPU ``torch.Generator`` seeded the same.

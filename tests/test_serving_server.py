@@ -354,6 +354,7 @@ def test_cli_server_shuts_down_gracefully_on_ctrl_c(tmp_path, signame):
     finally:
         if proc.poll() is None:
             proc.kill()
+        proc.communicate(timeout=60)  # reaps it and closes its pipes (ResourceWarnings otherwise, audit 30)
     for lines in results:
         assert lines[-1] == "[DONE]"
         assert json.loads(lines[-2])["choices"][0]["finish_reason"] in ("length", "cancelled")
