@@ -9,13 +9,14 @@ import copy
 import pytest
 import torch
 
-from ar_course import masked, raster, var
+from ar_course import continuous, masked, raster, var
 from ar_course.system import Generator
 
 
 @pytest.fixture(scope="module")
 def shipped():
-    return {"raster": raster.load_pretrained(), "var": var.load_pretrained(), "masked": masked.load_pretrained()}
+    return {"raster": raster.load_pretrained(), "var": var.load_pretrained(), "masked": masked.load_pretrained(),
+            "continuous": continuous.load_pretrained()}
 
 
 def on_meta(module):
@@ -37,12 +38,14 @@ def test_ids_and_classes_on_another_device_than_the_model(shipped):
         var.sample_pyramid(on_meta(vq_var), shipped["var"][1].quantizer, classes)
     with pytest.raises(ValueError, match=r"^classes are on cpu, the model on meta"):
         on_meta(shipped["masked"][0]).generate(classes)
+    with pytest.raises(ValueError, match=r"^classes are on cpu, the model on meta"):
+        continuous.generate_tokens(on_meta(shipped["continuous"][0]), classes)
 
 
 def test_a_tokenizer_on_another_device_than_the_model(shipped):
     classes = torch.tensor([3])
     for name, generate in (("raster", raster.generate_images), ("var", var.generate_images),
-                           ("masked", masked.generate_images)):
+                           ("masked", masked.generate_images), ("continuous", continuous.generate_images)):
         model, tokenizer = shipped[name]
         with pytest.raises(ValueError, match=r"^the tokenizer is on meta, the model on cpu: move it with "
                                              r".to\('cpu'\)$"):

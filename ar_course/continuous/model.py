@@ -32,7 +32,7 @@ from ar_course.sampling import check_generator
 from ar_course.tokenizers import VQVAE
 from ar_course.transformer.model import Block, GPTConfig, KVCache, RMSNorm, Rotary, check_cache_layout
 from ar_course.utils import (
-    check_bool, check_grid, check_ids, check_int, check_number, check_seed, generate_in_batches,
+    check_bool, check_grid, check_ids, check_int, check_number, check_same_device, check_seed, generate_in_batches,
 )
 
 PRETRAINED_PATH = checkpoint.ASSETS / "continuous_ar_mnist.safetensors"
@@ -310,14 +310,15 @@ def generate_tokens(
     batch).
     ``use_cache=False`` recomputes the whole prefix at every position (the plain path, same tokens).
 
-    Raises ``ValueError`` for ``classes`` that are not a non-empty ``(B,)`` long tensor in ``[0, n_classes]``,
-    ``steps < 1``, a negative or non-finite ``temperature`` or a non-finite ``cfg``, and for sampled tokens that
-    come out NaN or inf (a finite ``temperature`` or ``cfg`` too large for the model's numbers, such as
-    ``temperature=1e20`` or ``cfg=1e30``, or a model whose weights are not finite: as the discrete samplers refuse
-    NaN logits; one host sync per call); ``TypeError`` for non-numbers, ``classes`` that are not a tensor, a
-    ``model`` that is not a :class:`ContinuousAR` or a ``use_cache`` that is not a bool."""
+    Raises ``ValueError`` for ``classes`` that are not a non-empty ``(B,)`` long tensor in ``[0, n_classes]`` on
+    the model's device, ``steps < 1``, a negative or non-finite ``temperature`` or a non-finite ``cfg``, and for
+    sampled tokens that come out NaN or inf (a finite ``temperature`` or ``cfg`` too large for the model's
+    numbers, such as ``temperature=1e20`` or ``cfg=1e30``, or a model whose weights are not finite: as the
+    discrete samplers refuse NaN logits; one host sync per call); ``TypeError`` for non-numbers, ``classes`` that
+    are not a tensor, a ``model`` that is not a :class:`ContinuousAR` or a ``use_cache`` that is not a bool."""
     _check_model(model)
     c = model.config
+    check_same_device("classes", classes, model)
     check_ids("classes", classes, c.n_classes + 1, ("B",))
     steps, temperature, cfg = _check_sampling(steps, temperature, cfg)
     use_cache = check_bool("use_cache", use_cache)
@@ -411,6 +412,7 @@ def generate_images(
         raise ValueError(f"the tokenizer ({tc.quantizer!r}, {tc.latent_side}x{tc.latent_side} latents of "
                          f"{tc.latent_dim} channels) does not match the model ({c.grid[0]}x{c.grid[1]} tokens of "
                          f"{c.token_dim} channels, decoded by a continuous 'kl' tokenizer)")
+    check_same_device("the tokenizer", tokenizer, model)
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
 

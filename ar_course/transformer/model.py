@@ -859,8 +859,9 @@ class GPT(nn.Module):
 
         Raises:
             TypeError: ``idx``, ``targets`` or ``classes`` is not a tensor.
-            ValueError: a wrong shape or dtype, an empty batch, ids outside ``[0, vocab_size)`` (targets: or
-                -100, and not all of them -100: the mean loss would be NaN), classes outside ``[0, n_classes]``,
+            ValueError: a wrong shape or dtype, ids or classes on another device than the model, an empty batch,
+                ids outside ``[0, vocab_size)`` (targets: or -100, and not all of them -100: the mean loss would be
+                NaN), classes outside ``[0, n_classes]``,
                 classes where none are taken, nothing to run (no token and no class token), a cache that is not a
                 :class:`KVCache` or :class:`StaticKVCache`, or is of another batch size, or of other layers, heads,
                 head size, dtype or device than ``make_cache`` gives, more positions than ``block_size`` (or than a

@@ -207,7 +207,8 @@ class VAR(nn.Module):
 
         Raises:
             TypeError: ``classes`` is not a tensor.
-            ValueError: ``classes`` not a non-empty ``(B,)`` long tensor in ``[0, n_classes]`` (one host sync).
+            ValueError: ``classes`` not a non-empty ``(B,)`` long tensor in ``[0, n_classes]`` on the model's device
+                (one host sync).
         """
         self._check_classes(classes)
         return self._start_token(classes)
@@ -356,9 +357,10 @@ def sample_pyramid(
         TypeError: ``model`` is not a :class:`VAR`, ``vq`` not a :class:`MultiScaleVQ`, ``sampling`` not a
             ``SamplingConfig``, ``generator`` not a ``torch.Generator`` (a seed), ``known`` not a list,
             ``known_mask`` neither a tensor nor a list, or a number or flag of the wrong type.
-        ValueError: ``classes`` not a non-empty ``(B,)`` long tensor in ``[0, n_classes]``, a tokenizer whose
-            scales, codebook or latent size differ from the model's, a non-finite ``cfg``, an unknown ``cache``
-            (or a StaticKVCache of another size), or inpainting maps of the wrong number, shape, dtype or range."""
+        ValueError: ``classes`` not a non-empty ``(B,)`` long tensor in ``[0, n_classes]`` on the model's device,
+            a tokenizer whose scales, codebook or latent size differ from the model's, a non-finite ``cfg``, an
+            unknown ``cache`` (or a StaticKVCache of another size), or inpainting maps of the wrong number, shape,
+            dtype or range."""
     _check_model(model)
     c = model.config
     check_tokenizer(vq, c)
