@@ -478,6 +478,7 @@ def test_check_off_cpu_reads_inputs_back_and_follows_the_result():
     check_off_cpu(lambda x: (x + 1).cpu(), case, result_follows=True)  # a computed tensor has no values: not judged
 
 
+@pytest.mark.filterwarnings("ignore:To copy construct from a tensor")  # new_tensor(tensor), on purpose
 def test_check_off_cpu_refuses_what_a_gpu_refuses_and_takes_what_it_takes():
     """The meta device alone takes CPU operands in F.embedding, index_select, gather, a matrix product (audit 30);
     a GPU does not, so neither does the check. Indexing an input with CPU indices, copies and 0-d CPU tensors are
